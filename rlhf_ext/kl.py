@@ -1,0 +1,158 @@
+"""KL estimators and KL controllers (plugins), plus a callback that drives TRL trainers' `beta`.
+
+Estimators act per sampled token with r = π/π_ref (Schulman, "Approximating KL divergence"):
+  k1 = log r,   k2 = ½ (log r)²,   k3 = (r⁻¹ − 1) + log r.
+
+Controllers see one KL number per PPO iteration (the batch mean of the per-sequence KL, in nats) and set β.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import TrainerCallback
+
+from .registry import build, register
+
+
+# ----------------------------------------------------------------------------------------------- estimators
+class KLEstimator:
+    name = "base"
+
+    def __call__(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        """Per-token KL estimate. logp, ref_logp: [B, T] log-probs of the sampled tokens → [B, T]."""
+        raise NotImplementedError
+
+
+@register("kl_estimator", "k1")
+class K1(KLEstimator):
+    def __call__(self, logp, ref_logp):
+        return logp - ref_logp  # log r: unbiased, high variance, can be negative
+
+
+@register("kl_estimator", "k2")
+class K2(KLEstimator):
+    def __call__(self, logp, ref_logp):
+        return 0.5 * (logp - ref_logp) ** 2  # ½(log r)²: low variance, biased, ≥ 0
+
+
+@register("kl_estimator", "k3")
+class K3(KLEstimator):
+    def __call__(self, logp, ref_logp):
+        log_r = logp - ref_logp
+        return torch.expm1(-log_r) + log_r  # (r⁻¹ − 1) + log r: unbiased and ≥ 0
+
+
+# ---------------------------------------------------------------------------------------------- controllers
+class KLController:
+    """β for the per-token KL penalty. `enforce` controllers also make the trainer keep KL ≤ target."""
+
+    name = "base"
+    enforce = False
+
+    def __init__(self, init_beta: float = 0.05, target: float | None = None):
+        if not math.isfinite(init_beta) or init_beta < 0:
+            raise ValueError(f"init_beta must be a finite number ≥ 0, got {init_beta}.")
+        if target is not None and (not math.isfinite(target) or target <= 0):
+            raise ValueError(f"The KL target δ must be > 0 (nats per sequence), got {target}. Set `kl_target` > 0.")
+        self.beta = float(init_beta)
+        self.target = target
+
+    def update(self, kl: float, n_steps: int = 1) -> float:
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, type(None)))}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+@register("kl_controller", "fixed")
+class FixedKL(KLController):
+    """β constant."""
+
+
+@register("kl_controller", "adaptive")
+class AdaptiveKL(KLController):
+    """Ziegler et al. (2019): e = clip(KL/target − 1, ±0.2); β ← β·(1 + e·n_steps/horizon)."""
+
+    def __init__(self, init_beta: float = 0.05, target: float = 6.0, horizon: int = 10000):
+        super().__init__(init_beta, target)
+        if target is None:
+            raise ValueError("The adaptive KL controller needs `kl_target`.")
+        self.horizon = horizon
+
+    def update(self, kl, n_steps=1):
+        e = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + e * n_steps / self.horizon
+        return self.beta
+
+
+@register("kl_controller", "lagrangian")
+class LagrangianKL(KLController):
+    """Dual ascent on β for max E[r] s.t. KL ≤ δ, in PID form (Stooke et al. 2020).
+
+    I ← max(0, I + k_i·(KL − δ));  β = clip(I + k_p·e + k_d·(e − e_prev), 0, β_max).
+    With k_p = k_d = 0 this is plain dual ascent: β ← max(0, β + η·(KL − δ)).
+    """
+
+    def __init__(self, init_beta=0.05, target=4.0, lr=0.02, kp=0.0, kd=0.0, beta_max=10.0):
+        super().__init__(init_beta, target)
+        if target is None:
+            raise ValueError("The lagrangian KL controller needs `kl_target` (δ).")
+        self.lr, self.kp, self.kd, self.beta_max = lr, kp, kd, beta_max
+        self.integral, self.prev_error = float(init_beta), 0.0
+
+    def update(self, kl, n_steps=1):
+        e = kl - self.target
+        self.integral = max(0.0, self.integral + self.lr * e)
+        self.beta = min(max(self.integral + self.kp * e + self.kd * (e - self.prev_error), 0.0), self.beta_max)
+        self.prev_error = e
+        return self.beta
+
+
+@register("kl_controller", "hard")
+class HardKL(LagrangianKL):
+    """Lagrangian β plus per-update enforcement: an update leaving batch KL > δ is backtracked (θ_old + α·Δθ,
+    α = ½, ¼, …) and the remaining epochs are skipped; if no α fits, θ_old is restored."""
+
+    enforce = True
+
+    def __init__(self, init_beta=0.05, target=4.0, lr=0.02, kp=0.0, kd=0.0, beta_max=10.0,
+                 backtrack_factor=0.5, max_backtracks=6):
+        super().__init__(init_beta, target, lr, kp, kd, beta_max)
+        if not 0 < backtrack_factor < 1:
+            raise ValueError(f"backtrack_factor must lie in (0, 1), got {backtrack_factor}.")
+        self.backtrack_factor, self.max_backtracks = backtrack_factor, max_backtracks
+
+    def accept(self, kl: float) -> bool:
+        return kl <= self.target
+
+
+def build_controller(name: str, init_beta: float, target: float | None, **kwargs) -> KLController:
+    if name != "fixed" and target is None:
+        raise ValueError(f"KL controller {name!r} needs `kl_target` (δ, nats per sequence).")
+    kw = dict(init_beta=init_beta, **kwargs)
+    if name != "fixed":
+        kw["target"] = target
+    return build("kl_controller", name, **kw)
+
+
+class KLControllerCallback(TrainerCallback):
+    """Drive `trainer.beta` of TRL's GRPOTrainer / RLOOTrainer with any KL controller.
+
+    Reads the logged `kl` (TRL logs a per-token mean, so set the controller target in those units) and writes
+    the new β back. β is kept ≥ `min_beta` > 0 because TRL skips the reference pass entirely when β == 0.
+    """
+
+    def __init__(self, controller: KLController, trainer=None, min_beta: float = 1e-6):
+        self.controller, self.trainer, self.min_beta = controller, trainer, min_beta
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "kl" not in logs or self.trainer is None:
+            return
+        beta = max(self.controller.update(float(logs["kl"]), n_steps=1), self.min_beta)
+        self.trainer.beta = beta
+        logs["kl_controller/beta"] = beta

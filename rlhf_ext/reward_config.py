@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import RewardConfig
+
+
+@dataclass
+class RewardEnsembleConfig(RewardConfig):
+    r"""
+    Configuration for [`RewardEnsembleTrainer`]: TRL's [`~trl.RewardConfig`] plus ensembles, a length
+    de-correlation penalty and normalisation statistics.
+
+    Parameters (in addition to TRL's):
+        ensemble_size (`int`, defaults to `1`): number of ensemble members K. K=1 is a plain reward model.
+        ensemble_mode (`str`, defaults to `"heads"`): `"heads"` = K score heads on one trunk/adapter (cheap:
+            one forward scores every member); `"adapters"` = K LoRA adapters, each with its own head, on one
+            frozen base (more diverse; needs LoRA).
+        bootstrap (`bool`, defaults to `True`): give each member Poisson(1) bootstrap weights over the training
+            pairs so members see different data (only when K > 1).
+        length_decorrelation_coef (`float`, defaults to `0.0`): ODIN-style penalty λ·|corr(reward, length)| on
+            each batch, against the length bias of human (or simulated) labellers.
+        normalization_samples (`int`, defaults to `512`): pairs scored at the end of training to record each
+            member's mean/std (BT rewards are shift-invariant; the PPO ensemble normalises with these).
+
+    > Defaults that differ from TRL's `RewardConfig`:
+    > - `bf16`: `None` → on only where CUDA supports bf16 (TRL turns it on unconditionally, which on CPU
+    >   silently trains in bf16 autocast).
+    > - `gradient_checkpointing`: `False` (our models are small LoRA trunks; turn it on for 7B).
+    """
+
+    ensemble_size: int = field(default=1, metadata={"help": "Number of ensemble members K (≥ 1)."})
+    ensemble_mode: str = field(
+        default="heads",
+        metadata={"help": "'heads' (K score heads on one trunk) or 'adapters' (K LoRA adapters + heads on one base)."},
+    )
+    bootstrap: bool = field(
+        default=True, metadata={"help": "Poisson(1) bootstrap weights per member over training pairs (K > 1)."}
+    )
+    length_decorrelation_coef: float = field(
+        default=0.0, metadata={"help": "λ for the ODIN-style penalty λ·|corr(reward, response length)| per batch."}
+    )
+    normalization_samples: int = field(
+        default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. None = on only where CUDA supports bf16."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory (turn on for 7B models)."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if not isinstance(self.ensemble_size, int) or self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be an integer ≥ 1, got {self.ensemble_size!r}. Use 1 for a plain reward model.")
+        if self.ensemble_mode not in ("heads", "adapters"):
+            raise ValueError(f"Unknown ensemble_mode {self.ensemble_mode!r}; use 'heads' or 'adapters'.")
+        if self.length_decorrelation_coef < 0:
+            raise ValueError(f"length_decorrelation_coef must be ≥ 0, got {self.length_decorrelation_coef}.")
+        super().__post_init__()

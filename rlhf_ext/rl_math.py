@@ -1,0 +1,127 @@
+"""RLHF math as small pure functions (CleanRL style: one line per equation, shapes in the docstring).
+
+Conventions: `mask` is a float/bool tensor, 1 on real response tokens and 0 on padding. Every statistic is
+a masked mean — nothing is ever averaged over padding (the negative-entropy bug of TRL #6121).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is 1. x, mask: same shape."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1) if unbiased and n > 1 else var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean)/std over masked positions; padding positions come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(token). logits: [B, T, V], tokens: [B, T] → [B, T]."""
+    return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) − Σ softmax(z)·z. logits: [B, T, V] → [B, T]."""
+    p = logits.softmax(-1)
+    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+
+
+def full_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π‖π_ref) per state over the whole vocabulary. logp, ref_logp: [B, T, V] log-softmax → [B, T]."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens.
+
+    rewards, values, mask: [B, T] (right-padded responses). Returns (advantages, returns), both [B, T], 0 on padding.
+    δ_t = r_t + γ V_{t+1} − V_t ;  A_t = δ_t + γλ A_{t+1}  (V and A are 0 after the last real token).
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_eps: float):
+    """Clipped surrogate. All [B, T]. Returns (loss, clipfrac, approx_kl) as masked means.
+
+    ρ = exp(log π_θ − log π_old);  L = −E[min(ρA, clip(ρ, 1−ε, 1+ε)A)]
+    """
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.max(pg1, pg2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg2 > pg1).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimator of KL(π_old‖π_θ)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, clip_eps: float):
+    """Clipped value loss ½·max((V−R)², (clip(V, V_old±ε_v) − R)²). All [B, T]. Returns (loss, clipfrac)."""
+    v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    vf1, vf2 = (values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((vf2 > vf1).float(), mask)
+    return loss, clipfrac
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 − Var[R − V]/Var[R] over masked positions (1 = perfect critic, ≤ 0 = useless)."""
+    var_r = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley–Terry: −log σ(r_w − r_l − m), elementwise. r_*: [...]; margin broadcasts."""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Differentiable Pearson correlation of two 1-D tensors (0 when either is constant)."""
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
+    return (x * y).sum() / denom if denom > 0 else x.sum() * 0
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row (works for left and right padding). [B, T] → [B]."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(-1)

@@ -1,0 +1,175 @@
+"""Reward shaping plugins against length and repetition hacking.
+
+A shaper maps sequence scores [B] to shaped scores [B] given the responses' lengths, EOS flags and token
+ids. Additive shapers also work alone as TRL `reward_funcs` (see `as_reward_func`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .registry import build, register
+
+
+@dataclass
+class ResponseInfo:
+    """What shapers may look at. lengths: [B] response tokens; has_eos: [B] bool; ids: B lists of token ids."""
+
+    lengths: torch.Tensor
+    has_eos: torch.Tensor
+    ids: list
+
+    @classmethod
+    def from_ids(cls, ids: list, eos_token_id: int | None = None):
+        ids = [list(map(int, x)) for x in ids]
+        has_eos = [eos_token_id is not None and len(x) > 0 and x[-1] == eos_token_id for x in ids]
+        return cls(torch.tensor([len(x) for x in ids], dtype=torch.float), torch.tensor(has_eos), ids)
+
+
+class Shaper:
+    name = "base"
+    additive = True  # penalty independent of the score → usable alone as a TRL reward function
+
+    def __call__(self, scores: torch.Tensor, info: ResponseInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@register("shaper", "linear")
+class LinearLength(Shaper):
+    """r − α·max(0, L − L₀): charge every token past a free budget L₀."""
+
+    def __init__(self, alpha: float = 0.01, free_tokens: int = 0):
+        self.alpha, self.free_tokens = alpha, free_tokens
+
+    def __call__(self, scores, info):
+        return scores - self.alpha * (info.lengths - self.free_tokens).clamp(min=0)
+
+
+@register("shaper", "target")
+class TargetLength(Shaper):
+    """r − α·|L − L*|: pull lengths towards a target."""
+
+    def __init__(self, alpha: float = 0.01, target_length: int = 32):
+        self.alpha, self.target_length = alpha, target_length
+
+    def __call__(self, scores, info):
+        return scores - self.alpha * (info.lengths - self.target_length).abs()
+
+
+@register("shaper", "overlong")
+class Overlong(Shaper):
+    """DAPO eq. 13: 0 if L ≤ L_max − L_c; ((L_max − L_c) − L)/L_c if L ≤ L_max; −1 beyond (times `coef`)."""
+
+    def __init__(self, max_length: int = 48, cache_length: int = 16, coef: float = 1.0):
+        if not 0 < cache_length <= max_length:
+            raise ValueError(f"overlong needs 0 < cache_length ≤ max_length, got {cache_length}, {max_length}.")
+        self.max_length, self.cache_length, self.coef = max_length, cache_length, coef
+
+    def __call__(self, scores, info):
+        L, soft = info.lengths, self.max_length - self.cache_length
+        penalty = torch.where(L <= soft, torch.zeros_like(L), (soft - L) / self.cache_length)
+        penalty = torch.where(L > self.max_length, torch.full_like(L, -1.0), penalty)
+        return scores + self.coef * penalty
+
+
+@register("shaper", "debias")
+class LengthDebias(Shaper):
+    """Remove the reward–length regression slope: r − b·(L − L̄), b = Cov(r, L)/Var(L).
+
+    b is an exponential moving average over batches (`momentum`) so one odd batch cannot flip the sign.
+    """
+
+    additive = False
+
+    def __init__(self, momentum: float = 0.9):
+        self.momentum, self.slope, self.mean_length = momentum, None, None
+
+    def __call__(self, scores, info):
+        L = info.lengths.to(scores.dtype)
+        if L.numel() > 1 and L.var() > 0:
+            b = ((scores - scores.mean()) * (L - L.mean())).mean() / L.var(unbiased=False)
+            m = self.momentum if self.slope is not None else 0.0
+            self.slope = float(m * (self.slope or 0.0) + (1 - m) * b)
+            self.mean_length = float(m * (self.mean_length or 0.0) + (1 - m) * L.mean())
+        if self.slope is None:
+            return scores
+        return scores - self.slope * (L - self.mean_length)
+
+    def state_dict(self):
+        return {"slope": self.slope, "mean_length": self.mean_length}
+
+    def load_state_dict(self, state):
+        self.slope, self.mean_length = state.get("slope"), state.get("mean_length")
+
+
+@register("shaper", "missing_eos")
+class MissingEOS(Shaper):
+    """r − p for responses that hit the length limit without EOS (truncated answers)."""
+
+    def __init__(self, penalty: float = 1.0):
+        self.penalty = penalty
+
+    def __call__(self, scores, info):
+        return scores - self.penalty * (~info.has_eos).to(scores.dtype)
+
+
+def repeated_ngram_fraction(ids: list, n: int = 3) -> float:
+    """1 − unique/total n-grams: 0 for fresh text, → 1 for "The answer is yes. The answer is yes. …"."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@register("shaper", "repetition")
+class Repetition(Shaper):
+    """r − α·(repeated n-gram fraction)."""
+
+    def __init__(self, alpha: float = 1.0, n: int = 3):
+        self.alpha, self.n = alpha, n
+
+    def __call__(self, scores, info):
+        frac = torch.tensor([repeated_ngram_fraction(x, self.n) for x in info.ids], dtype=scores.dtype)
+        return scores - self.alpha * frac
+
+
+def build_shapers(specs) -> list[Shaper]:
+    """From config: a list of names or {"name": ..., **kwargs} dicts (YAML friendly)."""
+    out = []
+    for spec in specs or []:
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        spec = dict(spec)
+        out.append(build("shaper", spec.pop("name"), **spec))
+    return out
+
+
+def apply_shapers(shapers, scores: torch.Tensor, info: ResponseInfo) -> torch.Tensor:
+    for s in shapers:
+        scores = s(scores, info)
+    return scores
+
+
+def as_reward_func(shaper: Shaper, tokenizer=None):
+    """Wrap an additive shaper as a TRL reward function: returns only its penalty term for each completion."""
+    if not shaper.additive:
+        raise ValueError(
+            f"Shaper {shaper.name!r} depends on the reward itself; wrap your reward in `RewardPipeline(..., "
+            f"shapers=[...])` instead of passing it alone as a reward function."
+        )
+
+    def reward_func(prompts=None, completions=None, completion_ids=None, **kwargs):
+        if completion_ids is None:
+            raise ValueError("This reward function needs `completion_ids` (TRL passes them to reward functions).")
+        eos = getattr(tokenizer, "eos_token_id", None)
+        info = ResponseInfo.from_ids(completion_ids, eos)
+        return shaper(torch.zeros(len(completion_ids)), info).tolist()
+
+    reward_func.__name__ = f"shaper_{shaper.name}"
+    return reward_func
