@@ -149,3 +149,34 @@ class RewardPipeline:
     def load_state_dict(self, state):
         for s, st in zip(self.shapers, state.get("shapers", [])):
             s.load_state_dict(st)
+
+
+class ExternalRewardModel:
+    """A full reward model with its own tokenizer (e.g. a Hub `AutoModelForSequenceClassification`).
+
+    Completions are decoded text, re-rendered in this model's format and re-tokenised (its vocabulary may differ
+    from the policy's).
+    """
+
+    def __init__(self, model, tokenizer, name: str = "external", mean: float = 0.0, std: float = 1.0,
+                 batch_size: int = 16):
+        from .models import ensure_pad_token
+
+        self.model, self.tokenizer = model.eval(), ensure_pad_token(tokenizer)
+        self.names, self.batch_size = [name], batch_size
+        self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
+
+    @torch.no_grad()
+    def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
+        from .reward_model import pad_right, reward_input_ids
+
+        prompts = prompts if prompts is not None else [None] * len(completions)
+        seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(seqs), self.batch_size):
+            ids, mask = pad_right(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id, device)
+            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, :1].float().cpu())
+        return torch.cat(out)
+
+    __call__ = score_completions

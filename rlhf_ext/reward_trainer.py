@@ -166,6 +166,10 @@ class RewardEnsembleTrainer(RewardTrainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None, **kwargs)
         if self.member_adapters:
             self._mark_members_trainable()
+        if self.load_in_4bit:  # TRL casts QLoRA adapters to bf16; our heads pool fp32 hidden states, keep fp32
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         self._eval_buffer = defaultdict(list)
         self.normalization: dict | None = None
         self.is_conversational = is_conversational(next(iter(train_dataset)))

@@ -45,22 +45,23 @@ if str(REPO_ROOT) not in sys.path:
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt material. Subjects are noun phrases that fit every template; they lean neutral / negative (complaints,
 # delays, bad weather, mundane chores) so the base policy's mean VADER compound sits well below its ~0.65 on open
-# prompts and a sentiment-RLHF run has room to move it up. Every template asks for one or two sentences so the
-# 135M model usually stops (emits <|im_end|>) well before the 48-token budget.
+# prompts and a sentiment-RLHF run has room to move it up. Every template asks for one short sentence (most add
+# "Keep it under 15 words."): in pilots that put the EOS rate (<|im_end|> before the 48-token budget) near 90%;
+# looser wordings ("one-sentence diary entry", "two-sentence email") ended only ~50% of the time.
 # ----------------------------------------------------------------------------------------------------------------
 TEMPLATES = [
-    "Write a one-sentence review of {s}.",
-    "Describe {s} in one sentence.",
-    "Write a short text message to a friend about {s}.",
-    "Write a short text message to a neighbour about {s}.",
-    "In one or two sentences, tell me how you feel about {s}.",
-    "Write a one-sentence diary entry about {s}.",
-    "Write a one-sentence social media post about {s}.",
-    "Write a two-sentence email to a coworker about {s}.",
-    "Give a one-sentence summary of {s}.",
-    "Write a one-sentence complaint about {s}.",
-    "Write a one-line comment about {s}.",
-    "Write a one-sentence update for your family group chat about {s}.",
+    "Sum up {s} in one short sentence.",
+    "In one short sentence, tell me how you feel about {s}.",
+    "Write a one-sentence review of {s}. Keep it under 15 words.",
+    "Write a one-line comment about {s}. Keep it under 15 words.",
+    "Describe {s} in one short sentence.",
+    "Write a one-line text message to a friend about {s}. Keep it under 15 words.",
+    "Write a one-line text message to a neighbour about {s}. Keep it under 15 words.",
+    "Write a one-line social media post about {s}. Keep it under 15 words.",
+    "Write a one-sentence complaint about {s}. Keep it under 15 words.",
+    "What do you think of {s}? Answer in one short sentence.",
+    "Write a short, one-sentence note about {s}. Keep it under 15 words.",
+    "Write a one-sentence text to your partner about {s}. Keep it under 15 words.",
 ]
 
 SUBJECTS_NEGATIVE = [
@@ -214,41 +215,95 @@ def load_policy(name: str):
     return tok, model, source
 
 
-def generate(tok, model, prompts, args, seed_offset: int, bar):
-    """Sample `args.samples_per_prompt` responses per prompt. Returns a list (per prompt) of lists of dicts."""
+def _sample(logits, temperature: float, top_p: float, top_k: int):
+    """One ancestral-sampling step with the same semantics as HF `generate` (temperature -> top-k -> top-p)."""
     import torch
+
+    logits = logits.float() / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    # inverse-CDF draw: same distribution as torch.multinomial, ~20x cheaper over a 49k vocabulary on CPU
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def _cache_rows(cache, fn):
+    """Apply a batch-dimension op (repeat / select rows) to every layer of a StaticCache, in place."""
+    for layer in cache.layers:
+        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+        layer.batch_size = layer.keys.shape[0]
+
+
+def generate(tok, model, prompts, args, seed_offset: int, bar):
+    """Sample `args.samples_per_prompt` responses per prompt. Returns a list (per prompt) of lists of dicts.
+
+    A plain KV-cache sampling loop rather than `model.generate`, for CPU speed only: each batch of prompts is
+    prefilled once and its cache repeated for the k samples (generate would prefill every copy), and rows that
+    have emitted `<|im_end|>` are dropped from the batch. Left padding + attention mask + mask-derived position
+    ids, exactly as `generate` does; the sampling distribution is the same (temperature, top-k, top-p).
+    """
+    import torch
+    from transformers import StaticCache
 
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     if eos_id is None or eos_id == tok.unk_token_id:
         eos_id = tok.eos_token_id
-    flat = [(i, j) for i in range(len(prompts)) for j in range(args.samples_per_prompt)]
-    out = [[None] * args.samples_per_prompt for _ in prompts]
-    for b, start in enumerate(range(0, len(flat), args.batch_size)):
-        chunk = flat[start : start + args.batch_size]
+    k = args.samples_per_prompt
+    per_batch = max(1, args.batch_size // k)  # prompts per batch; batch_size counts sequences
+    out = [[None] * k for _ in prompts]
+    for b, start in enumerate(range(0, len(prompts), per_batch)):
+        idx = list(range(start, min(start + per_batch, len(prompts))))
         texts = [
             tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True)
-            for i, _ in chunk
+            for i in idx
         ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        attn = enc["attention_mask"]
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
         torch.manual_seed(args.seed * 1_000_003 + seed_offset + b)  # per batch: a batch's samples do not depend on earlier ones
         with torch.no_grad():
-            gen = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                do_sample=True,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens,
-                eos_token_id=eos_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        new = gen[:, enc["input_ids"].shape[1] :].tolist()
-        for (i, j), ids in zip(chunk, new):
-            ended = eos_id in ids
-            ids = ids[: ids.index(eos_id)] if ended else ids
-            out[i][j] = {"text": tok.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids), "eos": ended}
-        bar.update(len(chunk))
+            # Static (preallocated) cache: a DynamicCache re-concatenates every layer's keys/values each step,
+            # which costs more than the matmuls on CPU at these batch sizes.
+            cache = StaticCache(config=model.config, max_cache_len=attn.shape[1] + args.max_new_tokens)
+            o = model(input_ids=enc["input_ids"], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+            logits = o.logits[:, -1]
+            _cache_rows(cache, lambda t: t.repeat_interleave(k, 0))
+            logits = logits.repeat_interleave(k, 0)
+            attn = attn.repeat_interleave(k, 0)
+            next_pos = pos[:, -1:].repeat_interleave(k, 0) + 1
+            rows = [(i, j) for i in idx for j in range(k)]  # the (prompt, sample) each live row belongs to
+            toks = {r: [] for r in rows}
+            ended = set()
+            for step in range(args.max_new_tokens):
+                nxt = _sample(logits, args.temperature, args.top_p, args.top_k)
+                for r, t in zip(rows, nxt.tolist()):
+                    if t == eos_id:
+                        ended.add(r)
+                    else:
+                        toks[r].append(t)
+                keep = [n for n, r in enumerate(rows) if r not in ended]
+                if not keep or step == args.max_new_tokens - 1:
+                    break
+                if len(keep) < len(rows):  # drop finished rows from the batch (and the cache)
+                    sel = torch.tensor(keep)
+                    _cache_rows(cache, lambda t: t[sel])
+                    nxt, attn, next_pos = nxt[sel], attn[sel], next_pos[sel]
+                    rows = [rows[n] for n in keep]
+                attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=-1)
+                o = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
+                logits = o.logits[:, -1]
+                next_pos = next_pos + 1
+        for (i, j), ids in toks.items():
+            out[i][j] = {"text": tok.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids), "eos": (i, j) in ended}
+        bar.update(len(idx) * k)
     return out
 
 
@@ -376,10 +431,13 @@ Preference rows: `{{"prompt": [user turn], "chosen": [{{"role": "assistant", ...
 2. **Responses.** For every prompt, {p['samples_per_prompt']} responses from SmolLM2-135M-Instruct (fp32, CPU, 1 thread)
    with the model's chat template (`add_generation_prompt=True`, which inserts SmolLM2's default system prompt),
    `do_sample=True, temperature={p['temperature']}, top_p={p['top_p']}, top_k={p['top_k']}` (pure ancestral sampling),
-   `max_new_tokens={p['max_new_tokens']}`, batches of {p['batch_size']} with left padding and attention masks
-   (pad == eos == `<|im_end|>`; padding is never found by token id). A response ends at the first generated
-   `<|im_end|>`; responses that hit the token budget are kept as they are (truncated).
-   `torch.manual_seed` is set per batch, so the data are reproducible on the same software stack.
+   `max_new_tokens={p['max_new_tokens']}`, batches of {p['batch_size']} sequences ({p['batch_size'] // p['samples_per_prompt']} prompts x {p['samples_per_prompt']} samples)
+   with left padding and attention masks (pad == eos == `<|im_end|>`; padding is never found by token id).
+   Sampling uses a plain KV-cache loop (same distribution as `model.generate`; each prompt is prefilled once and
+   finished rows leave the batch, for CPU speed; with greedy decoding it reproduces `generate` token for token).
+   A response ends at the first generated `<|im_end|>`; responses that hit the token budget are kept as they
+   are (truncated mid-sentence). `torch.manual_seed` is set per batch, so the data are reproducible on the same
+   software stack and hardware.
 3. **Pairs.** {p['pairs_per_prompt']} of the {math.comb(p['samples_per_prompt'], 2)} possible pairs per prompt (chosen at random);
    pairs with an empty response or two identical responses are skipped.
 4. **Simulated annotator.** For a pair (a, b) with VADER compounds g and word counts w:
@@ -458,7 +516,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0, help="0 disables top-k (pure sampling)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=96,
+                    help="sequences per batch (= prompts per batch x samples per prompt); 96 is fastest on 1 CPU thread")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-card", action="store_true", help="do not write README.md")
     args = ap.parse_args(argv)

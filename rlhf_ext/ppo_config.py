@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    r"""
+    Configuration for [`PPOTrainer`] (PPO with a hard KL constraint, reward shaping and reward ensembles).
+
+    One *iteration* = `per_device_train_batch_size` prompts → rollout → `num_ppo_epochs` × `num_mini_batches`
+    optimizer steps. `max_steps` counts iterations.
+
+    > Defaults that differ from TRL's online trainers (GRPO/RLOO) and TRL 1.12's PPO:
+    > - `learning_rate`: `1e-4` (LoRA adapters; TRL PPO's 3e-6 was for full fine-tuning).
+    > - `kl_controller`: `"hard"` with `kl_target=4.0` nats/sequence; TRL only had a fixed/adaptive penalty.
+    > - `stop_on_eos`: `True` (TRL 1.12 PPO generated to the full length unless `stop_token` was set).
+    > - `bf16`: `None` → on only where CUDA supports bf16; `gradient_checkpointing`: `False`.
+    > - `logging_steps`: `1`; `save_strategy`: `"steps"` with `save_steps=50`; `report_to`: `"none"`.
+    """
+
+    # rollout
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are handled by `prompt_overflow`."})
+    prompt_overflow: str = field(default="error", metadata={"help": "'error' (stop, naming the rows), 'drop' (skip them, with a warning) or 'truncate' (keep the last tokens)."})
+    max_completion_length: int = field(default=48, metadata={"help": "Maximum generated tokens per response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also applied to the log-probs PPO trains on)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling. Below 1 the sampling distribution differs from π; keep 1 for exact PPO."})
+    stop_on_eos: bool = field(default=True, metadata={"help": "Stop each response at the tokenizer's EOS."})
+    # PPO
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Optimisation epochs over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per epoch."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip ε."})
+    clip_range_value: float = field(default=0.2, metadata={"help": "Value clip ε_v."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value-loss coefficient."})
+    ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount γ."})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch (masked)."})
+    critic: str = field(default="shared", metadata={"help": "'shared' (value head on the policy trunk: one forward) or 'separate' (own LoRA adapter + head on the same base)."})
+    # KL
+    kl_controller: str = field(default="hard", metadata={"help": "KL controller plugin: fixed, adaptive, lagrangian, hard (or a registered name)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator for the reward penalty: k1, k2, k3."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "Initial β."})
+    kl_target: float | None = field(default=4.0, metadata={"help": "δ: target / hard bound on KL(π‖π_ref), nats per sequence (summed over response tokens, mean over the batch)."})
+    log_kl_after_update: bool = field(default=False, metadata={"help": "Also measure the exact post-update KL when the controller does not enforce (one extra no-grad forward)."})
+    kl_controller_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra controller arguments, e.g. {'lr': 0.02} or {'horizon': 10000}."})
+    # rewards
+    aggregation: str = field(default="mean", metadata={"help": "Ensemble aggregation plugin: mean, min, uwo, median, weighted."})
+    aggregation_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "e.g. {'lam': 1.0} for uwo, {'weights': [...]} for weighted."})
+    shapers: list[Any] | str | None = field(default=None, metadata={"help": "Reward shapers, e.g. [{'name': 'linear', 'alpha': 0.02, 'free_tokens': 24}, 'missing_eos']."})
+    nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf (counted in rewards/dropped) or 'error'."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model artifact to load as members on the shared base (recipes)."})
+    model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
+    # overridden TrainingArguments defaults
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N iterations."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N iterations."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = only where CUDA supports it."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "trackio, tensorboard, wandb, …"})
+
+    def __post_init__(self):
+        import json
+
+        import torch
+
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, json.loads(v))
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"kl_target (δ) must be > 0 nats, got {self.kl_target}. It bounds KL(π‖π_ref); use e.g. 4.0.")
+        if self.kl_controller != "fixed" and self.kl_target is None:
+            raise ValueError(f"kl_controller={self.kl_controller!r} needs kl_target (δ > 0).")
+        if self.critic not in ("shared", "separate"):
+            raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}.")
+        if self.prompt_overflow not in ("error", "drop", "truncate"):
+            raise ValueError(f"prompt_overflow must be 'error', 'drop' or 'truncate', got {self.prompt_overflow!r}.")
+        if self.nonfinite_rewards not in ("drop", "error"):
+            raise ValueError(f"nonfinite_rewards must be 'drop' or 'error', got {self.nonfinite_rewards!r}.")
+        if self.per_device_train_batch_size % self.num_mini_batches:
+            raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches}).")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        super().__post_init__()

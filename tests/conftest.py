@@ -1,0 +1,60 @@
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from rlhf_ext.testing import save_tiny_model, tiny_tokenizer  # noqa: E402
+
+# Random tiny models produce denormal floats, which make CPU matmuls ~40x slower on this hardware.
+# Tiny matmuls also lose to thread hand-offs: one thread is faster here.
+torch.set_flush_denormal(True)
+torch.set_num_threads(1)
+
+POS = "good great nice love happy wonderful excellent fun best".split()
+NEG = "bad awful terrible hate sad boring worst poor".split()
+FILL = "the movie was it and very so".split()
+
+
+def preference_rows(n, seed, conversational=True, margin=False):
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = f"write a short review of the {r.choice(['movie', 'book', 'song', 'film'])} ."
+        c = " ".join(r.choice(FILL) for _ in range(r.randint(1, 3))) + " " + r.choice(POS) + " ."
+        rj = " ".join(r.choice(FILL) for _ in range(r.randint(1, 3))) + " " + r.choice(NEG) + " ."
+        if conversational:
+            row = {"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                   "rejected": [{"role": "assistant", "content": rj}]}
+        else:
+            row = {"prompt": p + " ", "chosen": c, "rejected": rj}
+        if margin:
+            row["margin"] = 0.5
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory, tok):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tok)
+
+
+@pytest.fixture
+def pref_data():
+    return Dataset.from_list(preference_rows(192, 0)), Dataset.from_list(preference_rows(64, 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)

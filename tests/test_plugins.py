@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+import rlhf_ext  # noqa: F401  (registers built-ins)
+from rlhf_ext.ensemble import RewardPipeline
+from rlhf_ext.kl import build_controller
+from rlhf_ext.registry import available, build, get, register
+from rlhf_ext.shaping import ResponseInfo, as_reward_func, repeated_ngram_fraction
+
+
+def test_unknown_plugin_lists_valid_names():
+    with pytest.raises(ValueError, match="Valid names: .*adaptive.*fixed.*hard.*lagrangian"):
+        get("kl_controller", "nope")
+    with pytest.raises(ValueError, match="Unknown plugin point"):
+        get("nope", "mean")
+
+
+def test_register_custom_plugin_and_builtins_present():
+    @register("aggregation", "test_max")
+    class Max:
+        def __call__(self, r):
+            return r.max(-1).values
+
+    assert "test_max" in available("aggregation")
+    assert build("aggregation", "test_max")(torch.tensor([[1.0, 3.0]])).item() == 3.0
+    assert {"mean", "min", "uwo", "median", "weighted"} <= set(available("aggregation"))
+    assert {"linear", "target", "overlong", "debias", "missing_eos", "repetition"} <= set(available("shaper"))
+
+
+def test_aggregations():
+    r = torch.tensor([[1.0, 2.0, 6.0]])
+    assert build("aggregation", "mean")(r).item() == 3.0
+    assert build("aggregation", "min")(r).item() == 1.0
+    assert build("aggregation", "median")(r).item() == 2.0
+    assert build("aggregation", "uwo", lam=0.5)(r).item() == pytest.approx(3.0 - 0.5 * r.var(unbiased=False).item())
+    assert build("aggregation", "weighted", weights=[1, 0, 1])(r).item() == 3.5
+
+
+def info(lengths, eos=None, ids=None):
+    L = torch.tensor(lengths, dtype=torch.float)
+    return ResponseInfo(L, torch.tensor(eos if eos is not None else [True] * len(lengths)), ids or [[1] * n for n in lengths])
+
+
+def test_length_shapers():
+    s = torch.zeros(3)
+    assert build("shaper", "linear", alpha=0.1, free_tokens=10)(s, info([5, 10, 20])).tolist() == pytest.approx([0, 0, -1.0])
+    assert build("shaper", "target", alpha=0.1, target_length=10)(s, info([5, 10, 20])).tolist() == pytest.approx([-0.5, 0, -1.0])
+    out = build("shaper", "overlong", max_length=20, cache_length=10)(torch.zeros(4), info([5, 15, 20, 25]))
+    assert out.tolist() == pytest.approx([0.0, -0.5, -1.0, -1.0])
+    assert build("shaper", "missing_eos", penalty=2.0)(torch.zeros(2), info([3, 3], eos=[True, False])).tolist() == [0, -2]
+
+
+def test_debias_removes_length_slope():
+    L = torch.arange(1.0, 11.0)
+    scores = 0.5 * L + 1.0
+    out = build("shaper", "debias", momentum=0.0)(scores, info(L.int().tolist()))
+    assert torch.allclose(out, torch.full_like(out, out.mean()), atol=1e-5)
+
+
+def test_repetition_penalty_catches_loops():
+    loop = [1, 2, 3, 4] * 6
+    assert repeated_ngram_fraction(loop, 3) > 0.8 and repeated_ngram_fraction(list(range(20)), 3) == 0.0
+    out = build("shaper", "repetition", alpha=1.0)(torch.zeros(2), info([24, 20], ids=[loop, list(range(20))]))
+    assert out[0] < -0.8 and out[1] == 0.0
+
+
+def test_controllers():
+    lag = build_controller("lagrangian", 0.1, 2.0, lr=0.05)
+    b0 = lag.beta
+    assert lag.update(5.0) > b0  # KL above δ → β up
+    b1 = lag.beta
+    assert lag.update(0.5) < b1  # below → β down
+    ad = build_controller("adaptive", 0.1, 2.0, horizon=100)
+    assert ad.update(4.0, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    fixed = build_controller("fixed", 0.1, None)
+    assert fixed.update(100.0) == 0.1
+    with pytest.raises(ValueError, match="must be > 0"):
+        build_controller("hard", 0.1, 0.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        build_controller("hard", 0.1, -1.0)
+    state = lag.state_dict()
+    lag2 = build_controller("lagrangian", 0.1, 2.0, lr=0.05)
+    lag2.load_state_dict(state)
+    assert lag2.beta == lag.beta and lag2.integral == lag.integral
+
+
+def test_pipeline_nonfinite_drop_and_error():
+    def bad(prompts, completions, completion_ids, **kw):
+        return [1.0, math.nan, 2.0]
+
+    p = RewardPipeline([bad], nonfinite="drop")
+    scores, valid, _, _ = p.score(["a"] * 3, ["x"] * 3, [[1], [1], [1]])
+    assert valid.tolist() == [True, False, True] and torch.isfinite(scores).all()
+    assert p(prompts=["a"] * 3, completions=["x"] * 3, completion_ids=[[1]] * 3)[1] is None
+    with pytest.raises(ValueError, match=r"bad.*non-finite.*nonfinite_rewards"):
+        RewardPipeline([bad], nonfinite="error").score(["a"] * 3, ["x"] * 3, [[1], [1], [1]])
+
+
+def test_shaper_as_trl_reward_func():
+    f = as_reward_func(build("shaper", "linear", alpha=0.5, free_tokens=1))
+    assert f(prompts=["p", "p"], completions=["a", "b"], completion_ids=[[1], [1, 2, 3]]) == [0.0, -1.0]
+    with pytest.raises(ValueError, match="RewardPipeline"):
+        as_reward_func(build("shaper", "debias"))
+
+
+def test_entry_point_plugins_load_only_when_named(monkeypatch):
+    import rlhf_ext.registry as reg
+
+    loaded = []
+
+    class EP:
+        name = "aggregation.from_ep"
+
+        def load(self):
+            loaded.append(1)
+
+            class FromEP:
+                def __call__(self, r):
+                    return r.sum(-1)
+
+            return FromEP
+
+    monkeypatch.setattr(reg, "entry_points", lambda group: [EP()] if group == reg.ENTRY_POINT_GROUP else [])
+    with pytest.raises(ValueError):
+        get("aggregation", "other_name")
+    assert loaded == []
+    assert build("aggregation", "from_ep")(torch.tensor([[1.0, 2.0]])).item() == 3.0 and loaded == [1]

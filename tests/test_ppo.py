@@ -1,0 +1,205 @@
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer
+from rlhf_ext.testing import tiny_causal_lm
+
+from .conftest import preference_rows
+
+SUBJECTS = "movie book song film food place day night".split()
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+
+
+def prompts(n=32, conversational=True):
+    ps = [f"write a short review of the {SUBJECTS[i % len(SUBJECTS)]} ." for i in range(n)]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in ps] if conversational else ps})
+
+
+def good_counter(tok):
+    target = tok.convert_tokens_to_ids("good")
+
+    def count_good(prompts, completions, completion_ids, **kw):
+        return [10.0 * sum(t == target for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    return count_good
+
+
+def make(tmp_path, tok, reward=None, data=None, model=None, callbacks=None, **kw):
+    base = dict(per_device_train_batch_size=16, max_steps=4, learning_rate=3e-2, max_completion_length=8,
+                kl_controller="fixed", init_kl_coef=0.01, use_cpu=True, save_strategy="no", disable_tqdm=True,
+                logging_steps=1000, seed=0)
+    base.update(kw)
+    args = PPOConfig(str(tmp_path / "ppo"), **base)
+    return PPOTrainer(model or tiny_causal_lm(tok), reward_funcs=reward or good_counter(tok), args=args,
+                      train_dataset=data or prompts(), processing_class=tok, peft_config=LoraConfig(**LORA), callbacks=callbacks)
+
+
+def test_ppo_raises_reward(tmp_path, tok):
+    hist = make(tmp_path, tok, max_steps=14).train()
+    first = sum(h["objective/scores"] for h in hist[:3]) / 3
+    last = sum(h["objective/scores"] for h in hist[-3:]) / 3
+    assert last > first + 1.0, (first, last)
+    for key in ("policy/entropy", "policy/clipfrac", "policy/approx_kl", "val/explained_variance", "loss/value",
+                "response/eos_rate", "response/length_mean", "objective/kl", "objective/beta"):
+        assert all(math.isfinite(h[key]) for h in hist), key
+    assert all(h["policy/entropy"] >= 0 for h in hist)  # masked means: never negative from padding
+
+
+def test_hard_kl_holds_where_fixed_breaks(tmp_path, tok):
+    delta = 1.0
+    fixed = make(tmp_path, tok, max_steps=8, learning_rate=5e-2, kl_controller="fixed", kl_target=delta,
+                 log_kl_after_update=True)
+    kls = [h["kl/after_update"] for h in fixed.train()]
+    assert max(kls) > delta, kls  # the learning rate is large enough to break the bound
+    hard = make(tmp_path, tok, max_steps=8, learning_rate=5e-2, kl_controller="hard", kl_target=delta)
+    hist = hard.train()
+    assert all(h["kl/after_update"] <= delta + 1e-6 for h in hist), [h["kl/after_update"] for h in hist]
+    assert sum(h["kl/backtracks"] + h["kl/restored"] for h in hist) > 0
+
+
+def test_lagrangian_beta_follows_kl(tmp_path, tok):
+    tr = make(tmp_path, tok, max_steps=6, learning_rate=5e-2, kl_controller="lagrangian", kl_target=0.05,
+              kl_controller_kwargs={"lr": 0.05})
+    hist = tr.train()
+    for h, nxt in zip(hist, hist[1:]):
+        if h["objective/kl"] > 0.05:
+            assert nxt["objective/beta"] > h["objective/beta"]
+        elif h["objective/kl"] < 0.05 and h["objective/beta"] > 0:
+            assert nxt["objective/beta"] < h["objective/beta"]
+
+
+def _params(tr):
+    return {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad} | {
+        f"vh.{n}": p.detach().clone() for n, p in tr.value_head.named_parameters()}
+
+
+def test_resume_is_exact(tmp_path, tok):
+    torch.manual_seed(0)
+    full = make(tmp_path / "a", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian", kl_target=0.5)
+    hist_full = full.train()
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):  # simulates a run killed after iteration 2
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 2
+
+    torch.manual_seed(0)
+    half = make(tmp_path / "b", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian",
+                kl_target=0.5, callbacks=[StopAt()], save_strategy="steps", save_steps=2)
+    assert len(half.train()) == 2
+    ckpt = str(tmp_path / "b" / "ppo" / "checkpoint-2")
+    torch.manual_seed(123)  # a different process state: the checkpoint must restore everything
+    resumed = make(tmp_path / "b", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian", kl_target=0.5)
+    hist_resumed = resumed.train(resume_from_checkpoint=ckpt)
+    a, b = _params(full), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    for key in ("objective/scores", "objective/kl", "objective/beta", "loss/policy"):
+        assert hist_resumed[-1][key] == pytest.approx(hist_full[-1][key], rel=1e-4, abs=1e-6)
+
+
+def test_checkpoint_is_complete_and_atomic(tmp_path, tok):
+    tr = make(tmp_path, tok, max_steps=2, save_strategy="steps", save_steps=1, critic="separate")
+    tr.train()
+    ck = tmp_path / "ppo" / "checkpoint-2"
+    for f in ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors",
+              "adapters/policy/adapter_model.safetensors", "adapters/critic/adapter_model.safetensors"):
+        assert (ck / f).is_file(), f
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ppo").iterdir())
+
+
+def test_save_model_saves_policy_adapter_only(tmp_path, tok):
+    tr = make(tmp_path, tok, max_steps=1, critic="separate")
+    tr.train()
+    out = tmp_path / "policy"
+    tr.save_model(str(out))
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert any(f.endswith("adapter_model.safetensors") for f in files)
+    assert not any("critic" in f or "value_head" in f for f in files)
+    assert (out / "README.md").is_file()
+    merged = tmp_path / "merged"
+    tr.save_model(str(merged), merge=True)
+    assert (merged / "model.safetensors").is_file()
+
+
+def test_4bit_ppo_iteration(tmp_path, tok, tiny_path):
+    from rlhf_ext.models import load_model
+
+    model = load_model(tiny_path, "causal", load_in_4bit=True)
+    tr = make(tmp_path, tok, model=model, max_steps=1)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    hist = tr.train()
+    assert math.isfinite(hist[0]["loss/policy"])
+    assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters() if n in before)
+
+
+def test_reward_artifact_members_share_the_policy_base(tmp_path, tok, tiny_path):
+    rm_args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", max_steps=3,
+                                   per_device_train_batch_size=8, report_to="none", save_strategy="no",
+                                   use_cpu=True, disable_tqdm=True, normalization_samples=16)
+    rm = RewardEnsembleTrainer(tiny_path, args=rm_args, train_dataset=Dataset.from_list(preference_rows(32, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rm.train()
+    rm.save_model(str(tmp_path / "rm"))
+    from rlhf_ext.models import load_model
+    from rlhf_ext import load_reward_model
+
+    policy_base = load_model(tiny_path, "causal")
+    n_base = sum(p.numel() for p in policy_base.parameters())
+    tr = make(tmp_path, tok, reward=[str(tmp_path / "rm")], model=policy_base, max_steps=1, aggregation="uwo",
+              aggregation_kwargs={"lam": 0.5})
+    tr.model_name = tiny_path
+    n_all = sum(p.numel() for p in tr.model.parameters())
+    assert n_all < n_base * 1.5  # members are adapters, not model copies
+    hist = tr.train()
+    assert "rewards/member_0_raw" in hist[0] and "rewards/ensemble_std" in hist[0]
+    # hosted members score exactly like the standalone artifact
+    alone = load_reward_model(tmp_path / "rm")
+    rows = Dataset.from_list(preference_rows(4, 5))
+    hosted = tr.rewards.members[0]
+    assert torch.allclose(hosted.score_texts(rows["prompt"], rows["chosen"]),
+                          alone.score_texts(rows["prompt"], rows["chosen"]), atol=1e-5)
+
+
+def test_bad_inputs(tmp_path, tok):
+    bad = Dataset.from_dict({"prompt": ["write a review .", "   "] + ["the movie ."] * 20})
+    with pytest.raises(ValueError, match="Prompt 1 is empty"):
+        make(tmp_path, tok, data=bad)
+    long = Dataset.from_dict({"prompt": ["the " * 40] + ["the movie ."] * 20})
+    with pytest.raises(ValueError, match="max_prompt_length.*prompt_overflow"):
+        make(tmp_path, tok, data=long, max_prompt_length=16, per_device_train_batch_size=4)
+    with pytest.warns(UserWarning, match="dropped"):
+        tr = make(tmp_path, tok, data=long, max_prompt_length=16, prompt_overflow="drop", per_device_train_batch_size=4)
+    assert len(tr.prompts) == 20
+    tr = make(tmp_path, tok, data=long, max_prompt_length=16, prompt_overflow="truncate", per_device_train_batch_size=4)
+    assert max(len(ids) for _, ids in tr.prompts) == 16
+    with pytest.raises(ValueError, match="kl_target.*> 0"):
+        make(tmp_path, tok, kl_target=0.0, kl_controller="hard")
+    with pytest.raises(ValueError, match="Valid names"):
+        make(tmp_path, tok, kl_controller="trust_region")
+    with pytest.raises(ValueError, match="Valid names"):
+        make(tmp_path, tok, aggregation="mode")
+    with pytest.raises(ValueError, match="'prompt' column"):
+        make(tmp_path, tok, data=Dataset.from_dict({"text": ["a"] * 20}))
+
+
+def test_nan_rewards_dropped_or_stopped(tmp_path, tok):
+    def flaky(prompts, completions, completion_ids, **kw):
+        return [float("nan") if i % 4 == 0 else 1.0 for i in range(len(prompts))]
+
+    hist = make(tmp_path, tok, reward=flaky, max_steps=1).train()
+    assert hist[0]["rewards/dropped_nonfinite"] == 4 and math.isfinite(hist[0]["loss/policy"])
+    with pytest.raises(ValueError, match="non-finite"):
+        make(tmp_path, tok, reward=flaky, max_steps=1, nonfinite_rewards="error").train()
+
+
+def test_text_prompts_and_separate_critic(tmp_path, tok):
+    hist = make(tmp_path, tok, data=prompts(conversational=False), critic="separate", max_steps=2,
+                shapers=["missing_eos", {"name": "linear", "alpha": 0.01}, "repetition"]).train()
+    assert len(hist) == 2 and all(math.isfinite(h["loss/value"]) for h in hist)

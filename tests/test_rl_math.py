@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from rlhf_ext import rl_math as F
+from rlhf_ext.registry import build
+
+
+def test_masked_mean_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, -50.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert F.masked_mean(x, m).item() == pytest.approx(2.0)
+
+
+def test_gae_matches_hand_computation():
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.6, 0.7]])
+    m = torch.ones(1, 3)
+    g, lam = 0.9, 0.8
+    d2 = 1.0 - 0.7
+    d1 = 0.0 + g * 0.7 - 0.6
+    d0 = 0.0 + g * 0.6 - 0.5
+    a2 = d2
+    a1 = d1 + g * lam * a2
+    a0 = d0 + g * lam * a1
+    adv, ret = F.gae(r, v, m, g, lam)
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2]]))
+    assert torch.allclose(ret, adv + v)
+
+
+def test_gae_stops_at_padding():
+    r = torch.tensor([[0.0, 1.0, 9.0]])
+    v = torch.tensor([[0.2, 0.3, 5.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, _ = F.gae(r, v, m, 1.0, 1.0)
+    assert adv[0, 2] == 0 and adv[0, 1].item() == pytest.approx(1.0 - 0.3)
+    assert adv[0, 0].item() == pytest.approx(0.3 - 0.2 + (1.0 - 0.3))
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, clipfrac, approx_kl = F.policy_loss(new, old, adv, torch.ones(1, 2), 0.2)
+    # token 1: min(1.5*1, 1.2*1) = 1.2 ; token 2: min(0.5*-1, 0.8*-1) = -0.8
+    assert loss.item() == pytest.approx(-(1.2 - 0.8) / 2)
+    assert clipfrac.item() == pytest.approx(1.0)
+    expected_kl = ((0.5 - math.log(1.5)) + (-0.5 - math.log(0.5))) / 2
+    assert approx_kl.item() == pytest.approx(expected_kl, rel=1e-5)
+
+
+def test_value_loss_clipping():
+    v_old, v, R = torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.tensor([[2.0]])
+    loss, clipfrac = F.value_loss(v, v_old, R, torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(0.5 * max((1 - 2) ** 2, (0.2 - 2) ** 2))
+    assert clipfrac.item() == 1.0
+
+
+def test_kl_estimators():
+    lp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    log_r = math.log(2.0)
+    assert build("kl_estimator", "k1")(lp, ref).item() == pytest.approx(log_r)
+    assert build("kl_estimator", "k2")(lp, ref).item() == pytest.approx(0.5 * log_r**2)
+    assert build("kl_estimator", "k3")(lp, ref).item() == pytest.approx((0.5 - 1) + log_r)
+
+
+def test_full_kl_and_entropy():
+    p = torch.tensor([[[0.5, 0.5]]]).log()
+    q = torch.tensor([[[0.25, 0.75]]]).log()
+    assert F.full_kl(p, q).item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75))
+    assert F.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_bt_loss_known_numbers():
+    loss = F.bt_loss(torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([0.5]))
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
+
+
+def test_last_token_index_both_paddings():
+    m = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    assert F.last_token_index(m).tolist() == [2, 1]
