@@ -156,3 +156,5 @@ class KLControllerCallback(TrainerCallback):
         beta = max(self.controller.update(float(logs["kl"]), n_steps=1), self.min_beta)
         self.trainer.beta = beta
         logs["kl_controller/beta"] = beta
+        if state.log_history:  # Trainer appended a copy of `logs` before calling us
+            state.log_history[-1]["kl_controller/beta"] = beta

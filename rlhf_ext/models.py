@@ -53,17 +53,25 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     steps = ["tokenizer", "weights (dequantise)", "save safetensors"]
-    with tqdm(total=len(steps), desc=f"Converting {gguf_path.name} once", unit="step") as bar:
-        bar.set_postfix_str(steps[0])
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        bar.update()
-        bar.set_postfix_str(steps[1])
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        bar.update()
-        bar.set_postfix_str(steps[2])
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        bar.update()
+    try:
+        with tqdm(total=len(steps), desc=f"Converting {gguf_path.name} once", unit="step") as bar:
+            bar.set_postfix_str(steps[0])
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            bar.update()
+            bar.set_postfix_str(steps[1])
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            bar.update()
+            bar.set_postfix_str(steps[2])
+            # The weights are already dequantised to fp32; drop the GGUF "quantizer" that blocks saving.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            bar.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, out_dir)  # atomic: a killed conversion never leaves a half-written model behind
     except OSError:  # another process won the race

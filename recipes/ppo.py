@@ -1,0 +1,38 @@
+"""PPO with a hard KL constraint, reward shaping and reward ensembles on one shared base (rlhf_ext.PPOTrainer).
+
+    accelerate launch recipes/ppo.py --config recipes/configs/ppo_smollm2_sentiment.yaml
+
+Rewards come from `reward_model_path` (an artifact of recipes/reward_modeling.py, attached to the policy's base
+as adapters when both use the same base model). `dataset_name`: Hub id or a folder of `<config>_<split>.jsonl`.
+"""
+
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from rlhf_ext import PPOConfig, PPOTrainer
+from rlhf_ext.data import load_split
+
+
+def main(script_args, training_args, model_args):
+    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    if model_args.dtype not in (None, "auto"):
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    if not training_args.reward_model_path:
+        raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py).")
+    trainer = PPOTrainer(
+        model=model_args.model_name_or_path or "smollm2-135m-instruct",
+        reward_funcs=[],
+        args=training_args,
+        train_dataset=train,
+        peft_config=get_peft_config(model_args),
+        load_in_4bit=model_args.load_in_4bit,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

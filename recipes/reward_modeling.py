@@ -1,0 +1,45 @@
+"""Bradley–Terry reward modelling with ensembles (rlhf_ext.RewardEnsembleTrainer).
+
+    accelerate launch recipes/reward_modeling.py --config recipes/configs/reward_smollm2_sentiment.yaml
+
+Any TRL `ModelConfig` field works (`load_in_4bit`, `use_peft`, `lora_r`, `lora_target_modules`, …) as do all
+`RewardEnsembleConfig` fields (`ensemble_size`, `ensemble_mode`, `length_decorrelation_coef`, …).
+`dataset_name` may be a Hub id or a local folder holding `<dataset_config>_<split>.jsonl` files.
+"""
+
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
+from rlhf_ext.data import load_split
+
+
+def main(script_args, training_args, model_args):
+    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
+        test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
+    except (FileNotFoundError, ValueError):
+        test = None
+    if model_args.dtype not in (None, "auto"):
+        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    trainer = RewardEnsembleTrainer(
+        model_args.model_name_or_path or "smollm2-135m-instruct",
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        peft_config=get_peft_config(model_args),
+        load_in_4bit=model_args.load_in_4bit,
+    )
+    trainer.train()
+    if test is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, RewardEnsembleConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

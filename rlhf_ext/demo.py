@@ -1,0 +1,168 @@
+"""The main job, offline on the embedded default: reward ensemble → PPO (hard KL + length penalty + uwo) →
+held-out report (gold VADER sentiment before/after, KL vs δ, lengths) and a plot.
+
+    rlhf-ext demo [--iterations 20] [--output-dir outputs/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import SHIPPED, load_split
+
+MODEL = "smollm2-135m-instruct"
+
+
+def vader_judge():
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as e:
+        raise ImportError("The demo's gold judge needs VADER: pip install vaderSentiment") from e
+    analyzer = SentimentIntensityAnalyzer()
+
+    def gold_vader(prompts=None, completions=None, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+    return gold_vader
+
+
+def train_reward(out: Path, data: Path, args) -> dict:
+    from peft import LoraConfig
+
+    from .reward_config import RewardEnsembleConfig
+    from .reward_trainer import RewardEnsembleTrainer
+
+    cfg = RewardEnsembleConfig(
+        str(out), ensemble_size=args.ensemble_size, ensemble_mode="heads", num_train_epochs=1,
+        per_device_train_batch_size=16, per_device_eval_batch_size=32, learning_rate=3e-4, max_length=256,
+        length_decorrelation_coef=args.length_decorrelation, logging_steps=8, save_strategy="no",
+        eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=args.seed,
+    )
+    trainer = RewardEnsembleTrainer(
+        MODEL, args=cfg, train_dataset=load_split(str(data), "train", "preferences"),
+        eval_dataset=load_split(str(data), "test", "preferences"),
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(str(out))
+    return metrics
+
+
+def run_ppo(out: Path, data: Path, reward_path: Path, args):
+    from peft import LoraConfig
+
+    from .ppo_config import PPOConfig
+    from .ppo_trainer import PPOTrainer
+
+    gold = vader_judge()
+    cfg = PPOConfig(
+        str(out), kl_controller="hard", kl_target=args.kl_target, init_kl_coef=0.05, aggregation="uwo",
+        aggregation_kwargs={"lam": 1.0}, shapers=[{"name": "linear", "alpha": args.length_alpha, "free_tokens": 24},
+                                                  {"name": "missing_eos", "penalty": 1.0}],
+        per_device_train_batch_size=16, max_completion_length=48, temperature=1.0, num_ppo_epochs=4,
+        learning_rate=args.learning_rate, max_steps=args.iterations, save_steps=max(1, args.iterations // 2),
+        use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=1,
+    )
+    trainer = PPOTrainer(
+        MODEL, reward_funcs=[str(reward_path)], args=cfg, train_dataset=load_split(str(data), "train", "prompts"),
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        audit_funcs=[gold],
+    )
+    test = load_split(str(data), "test", "prompts")
+    torch.manual_seed(args.seed)
+    before = trainer.evaluate_policy(test, {"gold": gold}, adapters=False)
+    history = trainer.train()
+    torch.manual_seed(args.seed)
+    after = trainer.evaluate_policy(test, {"gold": gold})
+    trainer.save_model(str(out / "policy"))
+    return trainer, history, before, after
+
+
+def plot(history, before, after, kl_target, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = range(1, len(history) + 1)
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(it, [h["objective/scores"] for h in history], label="proxy (ensemble uwo, shaped)")
+    ax[0].plot(it, [h.get("audit/gold_vader", float("nan")) for h in history], label="gold (VADER)")
+    ax[0].set_title("reward per iteration (train rollouts)")
+    ax[0].legend()
+    ax[1].plot(it, [h.get("kl/after_update", float("nan")) for h in history], label="KL after update (exact)")
+    ax[1].plot(it, [h["objective/kl"] for h in history], label="rollout KL (k1)", alpha=0.6)
+    ax[1].axhline(kl_target, color="r", ls="--", label="δ")
+    ax[1].set_title("KL(π‖π_ref), nats / sequence")
+    ax[1].legend()
+    labels = ["gold VADER", "length / 48", "KL / δ"]
+    b = [before["gold_mean"], before["length_mean"] / 48, before["kl_mean"] / kl_target]
+    a = [after["gold_mean"], after["length_mean"] / 48, after["kl_mean"] / kl_target]
+    x = torch.arange(3).float()
+    ax[2].bar(x - 0.2, b, 0.4, label="before")
+    ax[2].bar(x + 0.2, a, 0.4, label="after")
+    ax[2].set_xticks(x.tolist(), labels)
+    ax[2].set_title("held-out prompts")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="rlhf-ext demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output-dir", default="outputs/demo")
+    ap.add_argument("--data-dir", default=str(SHIPPED / "sentiment"))
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--ensemble-size", type=int, default=3)
+    ap.add_argument("--kl-target", type=float, default=4.0)
+    ap.add_argument("--length-alpha", type=float, default=0.02)
+    ap.add_argument("--length-decorrelation", type=float, default=0.0)
+    ap.add_argument("--learning-rate", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-reward", action="store_true", help="skip stage 1 if the reward artifact exists")
+    args = ap.parse_args(argv)
+    out, data = Path(args.output_dir), Path(args.data_dir)
+    t0 = time.time()
+    reward_path = out / "reward"
+    print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, LoRA) on {data}/preferences_train.jsonl")
+    if args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file():
+        rm = json.loads((out / "reward_metrics.json").read_text()) if (out / "reward_metrics.json").is_file() else {}
+    else:
+        rm = train_reward(reward_path, data, args)
+        (out / "reward_metrics.json").write_text(json.dumps(rm, indent=2))
+    t1 = time.time()
+    print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, {args.iterations} iterations")
+    trainer, history, before, after = run_ppo(out / "ppo", data, reward_path, args)
+    t2 = time.time()
+    plot(history, before, after, args.kl_target, out / "demo.png")
+    kl_after = [h.get("kl/after_update", float("nan")) for h in history]
+    summary = {
+        "reward_model": {k: rm.get(f"eval_{k}") for k in ("accuracy_ensemble", "accuracy_member_0", "ece",
+                                                           "length_pearson", "ensemble_disagreement")},
+        "heldout_before": {k: before[k] for k in ("gold_mean", "length_mean", "eos_mean", "kl_mean")},
+        "heldout_after": {k: after[k] for k in ("gold_mean", "length_mean", "eos_mean", "kl_mean")},
+        "kl_target": args.kl_target, "max_train_kl_after_update": max(kl_after),
+        "minutes": {"reward": (t1 - t0) / 60, "ppo": (t2 - t1) / 60, "total": (t2 - t0) / 60},
+        "examples_after": after["samples"]["texts"][:5],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n=== rlhf_ext demo: results on held-out prompts ===")
+    print(f"reward model: held-out pairwise accuracy {summary['reward_model']['accuracy_ensemble']:.3f}, "
+          f"reward-length Pearson {summary['reward_model']['length_pearson']:.3f}")
+    print(f"gold (VADER compound)  before {before['gold_mean']:+.3f}  after {after['gold_mean']:+.3f}")
+    print(f"mean length (tokens)   before {before['length_mean']:.1f}  after {after['length_mean']:.1f}")
+    print(f"KL(π‖π_ref) held-out   {after['kl_mean']:.3f} nats/seq  (δ = {args.kl_target}); "
+          f"max over training iterations {max(kl_after):.3f}")
+    print(f"time: {summary['minutes']['total']:.1f} min   plot: {out / 'demo.png'}   summary: {out / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
