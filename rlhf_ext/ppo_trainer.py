@@ -118,8 +118,7 @@ class PPOTrainer(Trainer):
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 raise ValueError("`model` is already a PeftModel; drop `peft_config` or pass the base model.")
-            model.peft_config[POLICY] = model.peft_config[model.active_adapter]  # alias the user's adapter name
-            self.policy_adapter = model.active_adapter
+            self.policy_adapter = model.active_adapter  # the user's adapter is the policy
         else:
             if is_quantized(model):
                 from peft import prepare_model_for_kbit_training
@@ -130,7 +129,6 @@ class PPOTrainer(Trainer):
             peft_config.task_type = "CAUSAL_LM"
             model = get_peft_model(model, peft_config, adapter_name=POLICY)
             self.policy_adapter = POLICY
-        model.peft_config.pop(POLICY, None) if self.policy_adapter != POLICY else None
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
             model.enable_input_require_grads()
@@ -412,7 +410,7 @@ class PPOTrainer(Trainer):
                 for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
                                ("policy/entropy", entropy)):
-                    acc.setdefault(k, []).append(float(val))
+                    acc.setdefault(k, []).append(float(val.detach()))
             if stopped:
                 break
             if self.kl_ctl.enforce and (mb > 1 or epoch == args.num_ppo_epochs - 1):

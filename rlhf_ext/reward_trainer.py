@@ -77,6 +77,13 @@ def _masked_pool_forward(self, input_ids=None, attention_mask=None, inputs_embed
     return SequenceClassifierOutputWithPast(logits=self.score(pool_last(hidden, attention_mask)))
 
 
+def _head_std(model) -> float:
+    # Small enough that K random heads start near 0 (large trunk activations would otherwise give each member a
+    # big random offset to unlearn), large enough that members start different.
+    cfg = model.config
+    return cfg.initializer_range / cfg.hidden_size**0.5
+
+
 def _expected_calibration_error(p: torch.Tensor, n_bins: int = 10) -> float:
     """ECE of P(chosen ≻ rejected) = σ(Δr) when the label is always "chosen"."""
     conf = torch.maximum(p, 1 - p)
@@ -140,7 +147,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         if K > 1 and mode == "heads":
             model.score = nn.Linear(hidden, K, bias=False, dtype=model.score.weight.dtype,
                                     device=model.score.weight.device)
-            model.score.weight.data.normal_(0.0, model.config.initializer_range)  # rows differ: members differ
+            model.score.weight.data.normal_(0.0, _head_std(model))  # rows differ: members differ
         model.forward = types.MethodType(_masked_pool_forward, model)
 
         self.member_adapters: list[str] = []
@@ -193,7 +200,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             else:
                 model.add_adapter(name, peft_config)
             head = model.get_base_model().score.modules_to_save[name]
-            head.weight.data.normal_(0.0, model.config.initializer_range)  # each member its own head init
+            head.weight.data.normal_(0.0, _head_std(model))  # each member its own head init
         self.member_adapters = names
         return model
 
