@@ -243,10 +243,10 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         model = get_peft_model(base, LoraConfig(**spec["lora_config"]), adapter_name=adapter_prefix + first)
         adapters, owns = attach_adapters(model, path, spec, prefix=adapter_prefix), True
         model.eval()
+    saved_names = spec["adapters"]  # names in the artifact; `adapters` are the names on the host model
     spec = {**spec, "adapters": adapters}
     heads = nn.ModuleDict()
-    for host, a in zip(adapters, spec.get("source_adapters", spec["adapters"]) if mode == "full" else
-                       read_spec(path)["adapters"]):
+    for host, a in zip(adapters, saved_names):
         w = heads_state[f"{a}.weight"]
         lin = nn.Linear(w.shape[1], w.shape[0], bias=f"{a}.bias" in heads_state)
         lin.weight.data.copy_(w)
