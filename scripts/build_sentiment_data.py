@@ -21,7 +21,7 @@ followed by flipping the label with probability `label_noise`. `length_bias > 0`
 
 Usage:
     python scripts/build_sentiment_data.py --out data/sentiment
-    python scripts/build_sentiment_data.py --out /tmp/pilot --n-train-prompts 32 --n-test-prompts 0   # pilot
+    python scripts/build_sentiment_data.py --out outputs/pilot --n-train-prompts 32 --n-test-prompts 0   # pilot
 """
 
 from __future__ import annotations
