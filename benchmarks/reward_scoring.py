@@ -19,7 +19,7 @@ from torch import nn
 
 from _common import baseline_prompts, median, peak_rss_mib, unique_params
 from rlhf_ext.models import load_model, load_tokenizer
-from rlhf_ext.reward_model import RewardEnsemble, pad_right, reward_input_ids
+from rlhf_ext.reward_model import RewardEnsemble, pad_ids, reward_input_ids
 
 
 def build(base, mode: str, K: int, hidden: int) -> RewardEnsemble:
@@ -56,7 +56,7 @@ def main():
     seqs = [reward_input_ids(tok, [{"role": "user", "content": p}],
                              [{"role": "assistant", "content": "It is a wonderful film with a great cast and a moving story."}])
             for p in prompts]
-    ids, mask = pad_right(seqs, tok.pad_token_id)
+    ids, mask = pad_ids(seqs, tok.pad_token_id)
     print(f"inputs: {ids.shape[0]} sequences x {ids.shape[1]} tokens; torch threads {torch.get_num_threads()}")
     rss0 = peak_rss_mib()
     base = make_base()

@@ -168,14 +168,14 @@ class ExternalRewardModel:
 
     @torch.no_grad()
     def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
-        from .reward_model import pad_right, reward_input_ids
+        from .reward_model import pad_ids, reward_input_ids
 
         prompts = prompts if prompts is not None else [None] * len(completions)
         seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(seqs), self.batch_size):
-            ids, mask = pad_right(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id, device)
+            ids, mask = pad_ids(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id, device=device)
             out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, :1].float().cpu())
         return torch.cat(out)
 

@@ -27,7 +27,7 @@ from .kl import build_controller
 from .models import ensure_pad_token, is_quantized, load_model, load_tokenizer, trunk_of
 from .ppo_config import PPOConfig
 from .registry import build
-from .reward_model import RewardEnsemble, load_reward_model, read_spec
+from .reward_model import RewardEnsemble, load_reward_model, message_text, pad_ids, read_spec
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -41,7 +41,7 @@ def tokenize_prompts(dataset, tokenizer, args: PPOConfig):
         )
     rows, too_long = [], []
     for i, prompt in enumerate(dataset["prompt"]):
-        text = " ".join(m.get("content") or "" for m in prompt) if isinstance(prompt, list) else prompt
+        text = message_text(prompt)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
         if isinstance(prompt, list):
@@ -65,16 +65,6 @@ def tokenize_prompts(dataset, tokenizer, args: PPOConfig):
     if len(rows) < args.per_device_train_batch_size:
         raise ValueError(f"Only {len(rows)} usable prompts for a batch of {args.per_device_train_batch_size}.")
     return rows
-
-
-def left_pad(seqs, pad_id):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -260,7 +250,7 @@ class PPOTrainer(Trainer):
         """Sample one response per prompt with the policy adapter. batch: list of (prompt, ids)."""
         args, tok, peft = self.args, self.tokenizer, self.model
         device = self.args.device
-        p_ids, p_mask = left_pad([ids for _, ids in batch], tok.pad_token_id)
+        p_ids, p_mask = pad_ids([ids for _, ids in batch], tok.pad_token_id, side="left")
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         peft.eval()
         t0 = time.perf_counter()

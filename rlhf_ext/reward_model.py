@@ -53,14 +53,21 @@ def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
     return tokenizer(text=text)["input_ids"]
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device=None):
+def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", device=None):
+    """Pad token-id lists to one tensor; returns (ids, attention_mask), both [B, T]."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+        span = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
     return ids.to(device), mask.to(device)
+
+
+def message_text(value) -> str:
+    """The text of a plain string or of a list of chat messages (for emptiness checks)."""
+    return " ".join(m.get("content") or "" for m in value) if isinstance(value, list) else value
 
 
 def _write_atomic(write, path: Path):
@@ -129,7 +136,7 @@ class RewardEnsemble(nn.Module):
         device = next(self.heads.parameters()).device
         out = []
         for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_right(seqs[i : i + batch_size], self.tokenizer.pad_token_id, device)
+            ids, mask = pad_ids(seqs[i : i + batch_size], self.tokenizer.pad_token_id, device=device)
             out.append(self.score_ids(ids, mask))
         return torch.cat(out).cpu()
 

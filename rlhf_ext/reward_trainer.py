@@ -16,7 +16,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from .models import ensure_pad_token, load_model, load_tokenizer, trunk_of
 from .reward_config import RewardEnsembleConfig
-from .reward_model import pool_last, save_reward_artifact
+from .reward_model import message_text, pool_last, save_reward_artifact
 from .rl_math import bt_loss, pearson
 
 
@@ -37,7 +37,7 @@ def validate_preference_dataset(dataset, name: str = "train_dataset") -> None:
     for i, row in enumerate(dataset):
         for col in ("chosen", "rejected"):
             v = row[col]
-            text = " ".join(m.get("content") or "" for m in v) if isinstance(v, list) else v
+            text = message_text(v)
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
         if "margin" in row and (row["margin"] is None or not math.isfinite(float(row["margin"]))):

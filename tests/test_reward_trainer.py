@@ -4,7 +4,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
-from rlhf_ext.reward_model import pad_right, reward_input_ids
+from rlhf_ext.reward_model import pad_ids, reward_input_ids
 
 from .conftest import preference_rows
 
@@ -61,7 +61,7 @@ def test_ensemble_members_differ_and_reload_identically(tmp_path, tiny_path, tok
     assert (scores[:, 0] - scores[:, 1]).abs().max() > 1e-4 and (scores[:, 1] - scores[:, 2]).abs().max() > 1e-4
     # the training-time model gives the same numbers
     seqs = [reward_input_ids(tok, p, c) for p, c in zip(rows["prompt"], rows["chosen"])]
-    ids, mask = pad_right(seqs, tok.pad_token_id)
+    ids, mask = pad_ids(seqs, tok.pad_token_id)
     tr.model.eval()
     with torch.no_grad():
         direct = tr._member_rewards(tr.model, {"input_ids": ids, "attention_mask": mask})
