@@ -2,7 +2,8 @@
 
     python benchmarks/ppo_throughput.py                       # ours: 8 prompts x 32 tokens, 4 epochs, 1 minibatch
     python benchmarks/ppo_throughput.py --baseline            # + TRL 1.12 PPO in its own venv, same run, ratios
-    python benchmarks/ppo_throughput.py --prompts 16 --epochs 1   # the budget matched to TRL 1.16 RLOO 8x2
+    python benchmarks/ppo_throughput.py --prompts 16 --epochs 1 --rloo   # + TRL 1.16 RLOO 8x2, matched budget
+    python benchmarks/ppo_throughput.py --lora-layers 8       # LoRA on the top 8 layers: frozen-prefix cache on
 
 Configuration (as shared/baselines): SmolLM2-135M-Instruct fp32, LoRA r=16 (alpha 32) on q_proj/v_proj, every
 response exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
@@ -38,12 +39,15 @@ def run_ours(args) -> dict:
 
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
+    n_layers = 30 if "smollm2" in args.model.lower() else None
+    layers = list(range(n_layers - args.lora_layers, n_layers)) if args.lora_layers else None
     hidden = 576 if "smollm2" in args.model.lower() else None
     rm_dir = Path(tempfile.mkdtemp(prefix="rm_bench_"))
     head = nn.Linear(hidden, 1)
     save_reward_artifact(rm_dir, {"base_model": args.model, "mode": "heads", "ensemble_size": 1, "members": ["rm"],
                                   "adapters": ["reward"], "lora_config": {"r": 16, "lora_alpha": 32,
-                                  "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}},
+                                  "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
+                                  "layers_to_transform": layers}},
                          {"reward": {"weight": head.weight, "bias": head.bias}}, {"reward": {}}, tok)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in baseline_prompts(64)]})
     cfg = PPOConfig(tempfile.mkdtemp(prefix="ppo_bench_"), per_device_train_batch_size=args.prompts,
@@ -52,7 +56,8 @@ def run_ours(args) -> dict:
                     save_strategy="no", use_cpu=True, seed=0, logging_steps=10**6, disable_tqdm=True,
                     critic=args.critic)
     tr = PPOTrainer(args.model, reward_funcs=[str(rm_dir)], args=cfg, train_dataset=data, processing_class=tok,
-                    peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+                    peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           layers_to_transform=layers))
     hist = tr.train()
     it = [h["time/iteration_s"] for h in hist]
     gen = [h["time/generate_s"] for h in hist]
@@ -95,7 +100,9 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--kl-controller", default="fixed", help="fixed (the baseline's penalty) or hard (+1 KL forward)")
     ap.add_argument("--critic", default="shared")
+    ap.add_argument("--lora-layers", type=int, default=0, help="LoRA on the top N layers only (0 = all, as the baseline)")
     ap.add_argument("--baseline", action="store_true", help="also run TRL 1.12 PPO (own venv) and print ratios")
+    ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv)")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,21 +115,26 @@ def main():
     model_dir = resolve_model_path(args.model)
     common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters)]
     ours = sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
-                args.kl_controller, "--critic", args.critic] + common)
+                args.kl_controller, "--critic", args.critic, "--lora-layers", str(args.lora_layers)] + common)
     rows = {"rlhf_ext": ours}
     if args.baseline:
         py = ensure_baseline_venv()
         rows["trl 1.12 PPO"] = sub([str(py), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir] + common)
+    if args.rloo:
+        rows["trl 1.16 RLOO"] = sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
+                                     "--iters", str(args.iters)])
     print(f"\n{args.prompts} prompts x 32 tokens, {args.epochs} PPO epochs, 1 minibatch, {args.iters} iterations "
-          f"(median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}")
+          f"(median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}, "
+          f"LoRA layers={'top ' + str(args.lora_layers) if args.lora_layers else 'all'}")
     print(f"{'trainer':14s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
     for name, r in rows.items():
         print(f"{name:14s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
               f"{r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
-    if args.baseline:
-        b = rows["trl 1.12 PPO"]
-        print(f"ratios (ours / TRL 1.12): tok/s {ours['tok_per_s'] / b['tok_per_s']:.2f}x, "
-              f"peak RSS {ours['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
+    for name in ("trl 1.12 PPO", "trl 1.16 RLOO"):
+        if name in rows:
+            b = rows[name]
+            print(f"ratios (ours / {name}): tok/s {ours['tok_per_s'] / b['tok_per_s']:.2f}x, "
+                  f"peak RSS {ours['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,10 @@ def vader_judge():
     return gold_vader
 
 
-def lora(args):
+def lora():
     from peft import LoraConfig
 
-    # LoRA on the top layers only: backprop then stops there, which roughly halves CPU time per update.
-    layers = list(range(30 - args.lora_layers, 30)) if args.lora_layers else None
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      layers_to_transform=layers)
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
 def train_reward(out: Path, data: Path, args) -> dict:
@@ -46,7 +43,9 @@ def train_reward(out: Path, data: Path, args) -> dict:
     from .reward_trainer import RewardEnsembleTrainer
 
     cfg = RewardEnsembleConfig(
-        str(out), ensemble_size=args.ensemble_size, ensemble_mode="heads", num_train_epochs=1,
+        str(out), ensemble_size=args.ensemble_size, ensemble_mode="heads", num_train_epochs=args.reward_epochs,
+        # LoRA on the top layers + the frozen-prefix cache: epochs after the first run only those layers
+        lora_top_layers=args.lora_layers, cache_frozen_layers=True,
         per_device_train_batch_size=16, per_device_eval_batch_size=32, learning_rate=args.reward_lr, max_length=160,
         length_decorrelation_coef=args.length_decorrelation, logging_steps=8, save_strategy="no",
         eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=args.seed,
@@ -55,7 +54,7 @@ def train_reward(out: Path, data: Path, args) -> dict:
     trainer = RewardEnsembleTrainer(
         MODEL, args=cfg, train_dataset=load_split(str(data), "train", "preferences"),
         eval_dataset=load_split(str(data), "test", "preferences"),
-        peft_config=lora(args),
+        peft_config=lora(),
     )
     trainer.train()
     metrics = trainer.evaluate()
@@ -74,11 +73,11 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
                                                   {"name": "missing_eos", "penalty": 1.0}],
         per_device_train_batch_size=args.batch_size, max_completion_length=48, temperature=1.0, num_ppo_epochs=4,
         learning_rate=args.learning_rate, max_steps=args.iterations, save_steps=max(1, args.iterations // 2),
-        use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=1,
+        use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=1, lora_top_layers=args.lora_layers,
     )
     trainer = PPOTrainer(
         MODEL, reward_funcs=[str(reward_path)], args=cfg, train_dataset=load_split(str(data), "train", "prompts"),
-        peft_config=lora(args),
+        peft_config=lora(),
         audit_funcs=[gold],
     )
     test = load_split(str(data), "test", "prompts")
@@ -126,7 +125,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="rlhf-ext demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default="outputs/demo")
     ap.add_argument("--data-dir", default=str(SHIPPED / "sentiment"))
-    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after report")
     ap.add_argument("--ensemble-size", type=int, default=3)
     ap.add_argument("--kl-target", type=float, default=4.0)
@@ -136,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per PPO iteration")
     ap.add_argument("--reward-lr", type=float, default=1e-3)
+    ap.add_argument("--reward-epochs", type=float, default=1)
     ap.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N of 30 layers (0 = all)")
     ap.add_argument("--reuse-reward", action="store_true", help="skip stage 1 if the reward artifact exists")
     args = ap.parse_args(argv)

@@ -39,6 +39,8 @@ class PPOConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount γ."})
     lam: float = field(default=0.95, metadata={"help": "GAE λ."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages over the batch (masked)."})
+    lora_top_layers: int = field(default=0, metadata={"help": "LoRA on the last N decoder layers only (0 = every layer). With the frozen-prefix cache, passes and backward then run through those N layers only."})
+    cache_frozen_layers: bool = field(default=True, metadata={"help": "When LoRA sits on the top layers only (`layers_to_transform`), run the layers below once per rollout and share them across the reference, policy, critic and KL passes (exact; checked at start-up, off where the architecture does not allow it)."})
     critic: str = field(default="shared", metadata={"help": "'shared' (value head on the policy trunk: one forward) or 'separate' (own LoRA adapter + head on the same base)."})
     # KL
     kl_controller: str = field(default="hard", metadata={"help": "KL controller plugin: fixed, adaptive, lagrangian, hard (or a registered name)."})

@@ -1,8 +1,9 @@
 """PPO on one shared base: policy (LoRA), reference (adapters off), critic and reward members.
 
 One iteration, top to bottom (see `_iteration`):
-  rollout (generate) → score (ref log-probs, rewards → normalise → aggregate → shape) → per-token KL penalty
-  → GAE → epochs × minibatches of clipped policy + value loss → KL enforcement (hard mode) → β update → log.
+  rollout (generate) → score (rewards → normalise → aggregate → shape; frozen-prefix cache; ref log-probs)
+  → per-token KL penalty → GAE → epochs × minibatches of clipped policy + value loss → KL enforcement (hard mode)
+  → β update → log. The math lives in `rl_math.py`; the KL controllers in `kl.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .models import ensure_pad_token, is_quantized, load_model, load_tokenizer, 
 from .ppo_config import PPOConfig
 from .registry import build
 from .reward_model import RewardEnsemble, load_reward_model, message_text, pad_ids, read_spec
+from .split_trunk import SplitTrunk, lowest_adapted_layer, restrict_to_top_layers
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -117,6 +119,7 @@ class PPOTrainer(Trainer):
             peft_config = peft_config or LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
             peft_config.task_type = "CAUSAL_LM"
+            restrict_to_top_layers(peft_config, model, args.lora_top_layers)
             model = get_peft_model(model, peft_config, adapter_name=POLICY)
             self.policy_adapter = POLICY
         if args.gradient_checkpointing:
@@ -147,6 +150,16 @@ class PPOTrainer(Trainer):
         self.kl_estimator = build("kl_estimator", args.kl_estimator)
         # Audit judges (e.g. a gold reward) are logged next to the proxy to spot hacking; they never train.
         self.audit_funcs = {getattr(f, "__name__", f"audit_{i}"): f for i, f in enumerate(audit_funcs or [])}
+
+        # Frozen-prefix cache: layers below every trained adapter run once per rollout, not once per pass
+        self.split = None
+        trained = [self.policy_adapter] + ([CRITIC] if args.critic == "separate" else [])
+        k = lowest_adapted_layer(model, trained) if args.cache_frozen_layers else None
+        if k:
+            split = SplitTrunk(trunk_of(model), k)
+            vocab = model.get_base_model().config.get_text_config().vocab_size
+            with torch.no_grad(), model.disable_adapter():
+                self.split = split if split.verify(vocab, next(model.parameters()).device) else None
 
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
         self.args = args  # read by _set_trainable before Trainer.__init__ sets it
@@ -196,54 +209,87 @@ class PPOTrainer(Trainer):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and f".{self.policy_adapter}." in n]
 
     # -- forward passes ----------------------------------------------------------------------------------------
-    def _forward(self, ids, mask, n_resp, adapter=None, values=True):
-        """Logits/temperature and values for the response positions. ids, mask: [B, P+R] → [B, R, V], [B, R]."""
+    def _forward(self, ids, mask, n_resp, adapter=None, values=True, h_low=None):
+        """Logits/temperature and values for the response positions. ids, mask: [B, P+R] → [B, R, V], [B, R].
+
+        adapter: None (policy), "ref" (adapters off) or CRITIC (separate critic: values only, logits None).
+        h_low: the cached hidden state entering the lowest adapted layer ([B, P+R, H]); only the layers above run.
+        """
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # same positions as generate() uses for left-padded prompts
         peft = self.model
-        trunk = trunk_of(peft)
-        lm_head = peft.get_base_model().get_output_embeddings()
+
+        def hidden():
+            if h_low is not None:
+                return self.split.upper(h_low, mask, pos)
+            return trunk_of(peft)(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+
         with self.accelerator.autocast():
             if adapter == "ref":
                 with peft.disable_adapter():
-                    h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+                    h = hidden()
+            elif adapter == CRITIC:
+                peft.base_model.set_adapter(CRITIC)
+                try:
+                    h = hidden()
+                finally:
+                    peft.base_model.set_adapter(self.policy_adapter)
+                    self._set_trainable(peft)  # set_adapter flips requires_grad; restore ours
+                return None, self.value_head(h[:, -n_resp - 1 : -1].float()).squeeze(-1)
             else:
-                h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+                h = hidden()
             h = h[:, -n_resp - 1 : -1]  # states that predict each response token
-            logits = lm_head(h).float() / self.args.temperature
+            # lm_head is linear: scaling its input by 1/T equals scaling the logits, without a [B, R, V] copy
+            logits = peft.get_base_model().get_output_embeddings()(h / self.args.temperature).float()
         v = None
         if values and self.args.critic == "shared" and adapter != "ref":
             v = self.value_head(h.float()).squeeze(-1)
         return logits, v
 
-    def _values_separate(self, ids, mask, n_resp):
-        peft = self.model
-        peft.base_model.set_adapter(CRITIC)
-        try:
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with self.accelerator.autocast():
-                h = trunk_of(peft)(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            return self.value_head(h[:, -n_resp - 1 : -1].float()).squeeze(-1)
-        finally:
-            peft.base_model.set_adapter(self.policy_adapter)
-            self._set_trainable(peft)
+    @torch.no_grad()
+    def _lower(self, ids, mask):
+        """The frozen-prefix cache: hidden state entering the lowest adapted layer, or None when disabled."""
+        if self.split is None:
+            return None
+        with self.accelerator.autocast():
+            return self.split.lower(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
 
-    def _policy_values(self, ids, mask, n_resp):
+    def _policy_values(self, ids, mask, n_resp, h_low=None):
         """(logits, values) under the current policy and critic."""
-        logits, v = self._forward(ids, mask, n_resp)
+        logits, v = self._forward(ids, mask, n_resp, h_low=h_low)
         if self.args.critic == "separate":
-            v = self._values_separate(ids, mask, n_resp)
+            v = self._forward(ids, mask, n_resp, adapter=CRITIC, h_low=h_low)[1]
         return logits, v
 
     # -- rollout -----------------------------------------------------------------------------------------------
     def _next_prompts(self):
-        B = self.args.per_device_train_batch_size
-        if self.data_pos + B > len(self.prompts):
+        """This process's share of the next global batch (same order on every process, disjoint slices)."""
+        B, world, rank = self.args.per_device_train_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        if self.data_pos + B * world > len(self.prompts):
             self.data_epoch, self.data_pos = self.data_epoch + 1, 0
         g = torch.Generator().manual_seed(self.args.seed + self.data_epoch)
         order = torch.randperm(len(self.prompts), generator=g).tolist()
-        batch = [self.prompts[i] for i in order[self.data_pos : self.data_pos + B]]
-        self.data_pos += B
+        start = self.data_pos + rank * B
+        batch = [self.prompts[i] for i in order[start : start + B]]
+        self.data_pos += B * world
         return batch
+
+    def _mean_over_processes(self, x: float) -> float:
+        """Every process must take the same KL decisions, or their adapters drift apart."""
+        if self.accelerator.num_processes == 1:
+            return x
+        return float(self.accelerator.reduce(torch.tensor(x, device=self.args.device), reduction="mean"))
+
+    def _sync_grads(self):
+        """Data parallel by hand: only LoRA + value head train, so all-reduce their gradients (the trainer calls
+        the trunk directly, not through a DDP wrapper)."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.trainable_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.accelerator.num_processes
 
     @torch.no_grad()
     def _generate(self, batch):
@@ -286,15 +332,15 @@ class PPOTrainer(Trainer):
         audit = {name: fn(prompts=prompts, completions=g["completions"], completion_ids=g["completion_ids"])
                  for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
 
+        h_low = self._lower(ids, mask)  # shared by the reference pass, every epoch, the critic and KL checks
         with self.accelerator.autocast():
-            ref_logits, _ = self._forward(ids, mask, R, adapter="ref", values=False)
-        ref_lp_full = ref_logits.log_softmax(-1)
-        ref_logp = torch.gather(ref_lp_full, 2, resp.unsqueeze(-1)).squeeze(-1)
+            ref_logits, _ = self._forward(ids, mask, R, adapter="ref", values=False, h_low=h_low)
+        ref_logp = F.logprobs_from_logits(ref_logits, resp)
         out = dict(ids=ids, mask=mask, resp=resp, r_mask=r_mask.float() * valid.to(device)[:, None].float(),
                    ref_logp=ref_logp, scores=scores.to(device), valid=valid, raw=raw, norm=norm, has_eos=has_eos,
-                   texts=texts, prompts=prompts, t_gen=t_gen, R=R, audit=audit)
+                   texts=texts, prompts=prompts, t_gen=t_gen, R=R, audit=audit, h_low=h_low)
         if self.kl_ctl.enforce or self.args.log_kl_after_update:
-            out["ref_lp_full"] = ref_lp_full
+            out["ref_lp_full"] = ref_logits.log_softmax(-1)  # exact KL checks need the whole distribution
         return out
 
     def _rewards_and_advantages(self, ro, old_logp, old_values):
@@ -314,11 +360,11 @@ class PPOTrainer(Trainer):
     def _batch_kl(self, ro, logits=None) -> float:
         """Exact KL(π‖π_ref) per visited state (full vocabulary), summed over the response, mean over sequences."""
         if logits is None:
-            logits, _ = self._forward(ro["ids"], ro["mask"], ro["R"], values=False)
+            logits, _ = self._forward(ro["ids"], ro["mask"], ro["R"], values=False, h_low=ro["h_low"])
         kl = F.full_kl(logits.log_softmax(-1), ro["ref_lp_full"])  # [B, R]
         m = ro["r_mask"]
         n = (m.sum(1) > 0).float()
-        return float(((kl * m).sum(1) * n).sum() / n.sum().clamp(min=1))
+        return self._mean_over_processes(float(((kl * m).sum(1) * n).sum() / n.sum().clamp(min=1)))
 
     @torch.no_grad()
     def _enforce_kl(self, ro, before: list[torch.Tensor], kl: float, stats: dict) -> float:
@@ -360,12 +406,12 @@ class PPOTrainer(Trainer):
         args, stats = self.args, {"kl/backtracks": 0, "kl/restored": 0, "kl/shrunk": 0}
         t0 = time.perf_counter()
         ro = self._rollout(self._next_prompts())
-        ids, mask, resp, m, R = ro["ids"], ro["mask"], ro["resp"], ro["r_mask"], ro["R"]
+        ids, mask, resp, m, R, h_low = ro["ids"], ro["mask"], ro["resp"], ro["r_mask"], ro["R"], ro["h_low"]
         B, mb = ids.shape[0], args.num_mini_batches
         self.model.train()
         if mb > 1:  # old log-probs/values need their own pass; with one minibatch epoch 1's forward gives them
             with torch.no_grad():
-                logits, v = self._policy_values(ids, mask, R)
+                logits, v = self._policy_values(ids, mask, R, h_low)
                 old_logp, old_values = F.logprobs_from_logits(logits, resp), v
                 kl_t, adv, returns = self._rewards_and_advantages(ro, old_logp, old_values)
         acc: dict[str, list] = {}
@@ -373,7 +419,7 @@ class PPOTrainer(Trainer):
         for epoch in range(args.num_ppo_epochs):
             before = [p.detach().clone() for _, p in self._policy_params()] if self.kl_ctl.enforce else None
             for idx in torch.randperm(B).split(B // mb) if mb > 1 else [torch.arange(B)]:
-                logits, values = self._policy_values(ids[idx], mask[idx], R)
+                logits, values = self._policy_values(ids[idx], mask[idx], R, None if h_low is None else h_low[idx])
                 logp = F.logprobs_from_logits(logits, resp[idx])
                 if mb == 1 and epoch == 0:  # θ = θ_old here: reuse this forward as the rollout pass
                     old_logp, old_values = logp.detach(), values.detach()
@@ -392,6 +438,7 @@ class PPOTrainer(Trainer):
                 entropy = F.masked_mean(F.entropy_from_logits(logits.detach() if args.ent_coef == 0 else logits), mi)
                 loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy  # PPO objective (CleanRL form)
                 self.accelerator.backward(loss)
+                self._sync_grads()
                 if args.max_grad_norm:
                     self.accelerator.clip_grad_norm_(self.trainable_parameters(), args.max_grad_norm)
                 self.optimizer.step()
@@ -419,7 +466,8 @@ class PPOTrainer(Trainer):
         valid_rows = (m.sum(1) > 0).float()
         kl_seq = float((kl_t.sum(1) * valid_rows).sum() / valid_rows.sum().clamp(min=1))
         beta_used = self.kl_ctl.beta
-        self.kl_ctl.update(kl_seq, n_steps=B)
+        kl_seq = self._mean_over_processes(kl_seq)
+        self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
         lengths = ro["r_mask"].sum(1)[ro["valid"].to(m.device)]
         dt = time.perf_counter() - t0
         metrics = {k: sum(v) / len(v) for k, v in acc.items()}
@@ -457,8 +505,9 @@ class PPOTrainer(Trainer):
             else:
                 with self.model.disable_adapter():
                     g = self._generate(batch)
-            lp = self._forward(g["ids"], g["mask"], g["R"], values=False)[0].log_softmax(-1)
-            ref = self._forward(g["ids"], g["mask"], g["R"], adapter="ref", values=False)[0].log_softmax(-1)
+            h_low = self._lower(g["ids"], g["mask"])
+            lp = self._forward(g["ids"], g["mask"], g["R"], values=False, h_low=h_low)[0].log_softmax(-1)
+            ref = self._forward(g["ids"], g["mask"], g["R"], adapter="ref", values=False, h_low=h_low)[0].log_softmax(-1)
             out["kl"] += (F.full_kl(lp, ref) * g["r_mask"]).sum(1).tolist()
             out["length"] += g["r_mask"].sum(1).tolist()
             out["eos"] += g["has_eos"].float().tolist()
@@ -472,7 +521,7 @@ class PPOTrainer(Trainer):
     def _total_iterations(self) -> int:
         if self.args.max_steps and self.args.max_steps > 0:
             return int(self.args.max_steps)
-        per_epoch = len(self.prompts) // self.args.per_device_train_batch_size
+        per_epoch = len(self.prompts) // (self.args.per_device_train_batch_size * self.accelerator.num_processes)
         return max(1, int(math.ceil(self.args.num_train_epochs * per_epoch)))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -487,6 +536,8 @@ class PPOTrainer(Trainer):
                 if resume_from_checkpoint is None:
                     raise ValueError(f"No checkpoint found in {args.output_dir} to resume from.")
             self._load_checkpoint(resume_from_checkpoint)
+        if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
+            torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         while self.iteration < total and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
@@ -499,7 +550,9 @@ class PPOTrainer(Trainer):
             if args.logging_steps and self.iteration % int(args.logging_steps) == 0:
                 self.log(metrics)
             if args.save_strategy == "steps" and args.save_steps and self.iteration % int(args.save_steps) == 0:
-                self.save_checkpoint()
+                if self.accelerator.is_main_process:  # adapters are identical on every process
+                    self.save_checkpoint()
+                self.accelerator.wait_for_everyone()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return self._metrics_history
 

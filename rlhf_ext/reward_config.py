@@ -20,6 +20,8 @@ class RewardEnsembleConfig(RewardConfig):
             pairs so members see different data (only when K > 1).
         length_decorrelation_coef (`float`, defaults to `0.0`): ODIN-style penalty λ·|corr(reward, length)| on
             each batch, against the length bias of human (or simulated) labellers.
+        cache_frozen_layers (`bool`, defaults to `False`): with LoRA on the top layers only, cache the frozen
+            lower layers' output per text, so epochs after the first run the top layers only.
         normalization_samples (`int`, defaults to `512`): pairs scored at the end of training to record each
             member's mean/std (BT rewards are shift-invariant; the PPO ensemble normalises with these).
 
@@ -39,6 +41,13 @@ class RewardEnsembleConfig(RewardConfig):
     )
     length_decorrelation_coef: float = field(
         default=0.0, metadata={"help": "λ for the ODIN-style penalty λ·|corr(reward, response length)| per batch."}
+    )
+    lora_top_layers: int = field(default=0, metadata={"help": "LoRA on the last N decoder layers only (0 = every layer). With the frozen-prefix cache, passes and backward then run through those N layers only."})
+    cache_frozen_layers: bool = field(
+        default=False,
+        metadata={"help": "With LoRA on the top layers only (`layers_to_transform`), compute the layers below once "
+                  "per text and reuse them in later epochs and evaluation (exact; costs T·H floats of CPU memory "
+                  "per cached text)."},
     )
     normalization_samples: int = field(
         default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}

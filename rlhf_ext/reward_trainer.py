@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from .models import ensure_pad_token, load_model, load_tokenizer, trunk_of
 from .reward_config import RewardEnsembleConfig
 from .reward_model import message_text, pool_last, save_reward_artifact
 from .rl_math import bt_loss, pearson
+from .split_trunk import PrefixCache, SplitTrunk, lowest_adapted_layer, restrict_to_top_layers
 
 
 # ------------------------------------------------------------------------------------------- data checks
@@ -72,8 +75,12 @@ def _masked_pool_forward(self, input_ids=None, attention_mask=None, inputs_embed
     if attention_mask is None:
         ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
         attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-    hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                             **kwargs).last_hidden_state
+    cache = getattr(self, "_prefix_cache", None)
+    if cache is not None and inputs_embeds is None:  # frozen lower layers: computed once per text
+        hidden = cache(input_ids, attention_mask)
+    else:
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                 **kwargs).last_hidden_state
     return SequenceClassifierOutputWithPast(logits=self.score(pool_last(hidden, attention_mask)))
 
 
@@ -177,6 +184,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             for p in self.model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+        self.prefix_cache = self._build_prefix_cache() if args.cache_frozen_layers else None
         self._eval_buffer = defaultdict(list)
         self.normalization: dict | None = None
         self.is_conversational = is_conversational(next(iter(train_dataset)))
@@ -186,6 +194,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         from peft import get_peft_model
 
         peft_config.task_type = "SEQ_CLS"  # puts `score` in modules_to_save: each adapter owns its head
+        restrict_to_top_layers(peft_config, model, args.lora_top_layers)
         self.lora_config = {k: v for k, v in peft_config.to_dict().items()
                             if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
                                      "use_dora", "fan_in_fan_out", "init_lora_weights", "layers_to_transform")}
@@ -203,6 +212,21 @@ class RewardEnsembleTrainer(RewardTrainer):
             head.weight.data.normal_(0.0, _head_std(model))  # each member its own head init
         self.member_adapters = names
         return model
+
+    def _build_prefix_cache(self):
+        k = lowest_adapted_layer(self.model, self.member_adapters) if self.member_adapters else None
+        if not k:
+            warnings.warn("cache_frozen_layers needs LoRA on the top layers only (`layers_to_transform`); it is off.")
+            return None
+        hf = self.model.get_base_model()
+        split = SplitTrunk(trunk_of(hf), k)
+        with torch.no_grad(), self.model.disable_adapter():
+            ok = split.verify(hf.config.vocab_size, next(hf.parameters()).device)
+        self._mark_members_trainable()  # leaving disable_adapter() re-freezes the inactive members
+        if not ok:
+            return None
+        hf._prefix_cache = PrefixCache(split)
+        return hf._prefix_cache
 
     def _mark_members_trainable(self):
         for n, p in self.model.named_parameters():
@@ -344,6 +368,10 @@ class RewardEnsembleTrainer(RewardTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
+            # Trainer pickles the arguments to training_args.bin; keep the folder pickle-free (JSON instead)
+            out = Path(output_dir or self.args.output_dir)
+            (out / "training_args.bin").unlink(missing_ok=True)
+            (out / "training_args.json").write_text(self.args.to_json_string())
             if self.normalization is None:
                 self.compute_normalization()
             self.export_artifact(output_dir or self.args.output_dir)

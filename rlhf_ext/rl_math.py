@@ -39,12 +39,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(token). logits: [B, T, V], tokens: [B, T] → [B, T]."""
-    return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """log π(token) = z_token − logsumexp(z). logits: [B, T, V], tokens: [B, T] → [B, T].
+
+    Never materialises log_softmax: autograd keeps no extra [B, T, V] tensor (the largest one in a PPO step)."""
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) − Σ softmax(z)·z. logits: [B, T, V] → [B, T]."""
+    """H = logsumexp(z) − Σ softmax(z)·z. logits: [B, T, V] → [B, T]. One row at a time: temporaries stay [T, V]."""
     p = logits.softmax(-1)
     return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
 

@@ -203,3 +203,67 @@ def test_text_prompts_and_separate_critic(tmp_path, tok):
     hist = make(tmp_path, tok, data=prompts(conversational=False), critic="separate", max_steps=2,
                 shapers=["missing_eos", {"name": "linear", "alpha": 0.01}, "repetition"]).train()
     assert len(hist) == 2 and all(math.isfinite(h["loss/value"]) for h in hist)
+
+
+@pytest.mark.parametrize("critic,kl_controller,four_bit", [("shared", "hard", False), ("separate", "fixed", False),
+                                                         ("shared", "fixed", True)])
+def test_frozen_prefix_cache_is_exact(tmp_path, tok, critic, kl_controller, four_bit):
+    """LoRA on the top layers only: caching the lower layers changes nothing but the cost."""
+    from rlhf_ext.models import load_model
+    from rlhf_ext.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "deep", tok, num_layers=4)
+    top = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    runs = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        args = PPOConfig(str(tmp_path / f"ppo{cache}"), per_device_train_batch_size=8, max_steps=2, learning_rate=3e-2,
+                         max_completion_length=8, kl_controller=kl_controller, kl_target=0.5, use_cpu=True,
+                         save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0, critic=critic,
+                         cache_frozen_layers=cache, lora_top_layers=2)
+        tr = PPOTrainer(load_model(path, "causal", load_in_4bit=four_bit), reward_funcs=good_counter(tok), args=args,
+                        train_dataset=prompts(), processing_class=tok, peft_config=top)
+        assert (tr.split is not None) == cache and (not cache or tr.split.k == 2)
+        runs.append((tr.train(), _params(tr)))
+    (h_a, p_a), (h_b, p_b) = runs
+    for k in p_a:
+        assert torch.allclose(p_a[k], p_b[k], atol=1e-5), k
+    for key in ("loss/policy", "loss/value", "objective/kl"):
+        assert h_a[-1][key] == pytest.approx(h_b[-1][key], rel=1e-4, abs=1e-6)
+
+
+def test_frozen_prefix_cache_falls_back_where_not_exact(tmp_path, tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=1, max_completion_length=6,
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, kl_controller="fixed")
+    with pytest.warns(UserWarning, match="Frozen-prefix cache disabled"):  # GPT-2 adds position embeddings
+        tr = PPOTrainer(gpt2, reward_funcs=good_counter(tok), args=args, train_dataset=prompts(), processing_class=tok,
+                        peft_config=LoraConfig(r=4, target_modules=["c_attn"], layers_to_transform=[2],
+                                               fan_in_fan_out=True))
+    assert tr.split is None
+    assert math.isfinite(tr.train()[0]["loss/policy"])
+
+
+def test_two_process_data_parallel(tmp_path):
+    """torch.distributed.run with 2 CPU processes: different prompts per process, identical adapters after training."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(root / "tests" / "ddp_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert not set(ranks[0]["first_batch"]) & set(ranks[1]["first_batch"])  # disjoint shares of the batch
+    for out in ranks:
+        assert out["changed"] > 0 and out["max_diff_between_ranks"] < 1e-6
+        assert all(kl <= 0.5 + 1e-6 for kl in out["kl_after"])
+    assert ranks[0]["kl_after"] == ranks[1]["kl_after"]  # one global KL decision

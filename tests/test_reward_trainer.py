@@ -54,6 +54,7 @@ def test_ensemble_members_differ_and_reload_identically(tmp_path, tiny_path, tok
     tr.train()
     out = tmp_path / "artifact"
     tr.save_model(str(out))
+    assert not [f for f in out.rglob("*") if f.suffix in (".bin", ".pt", ".pkl")]  # safetensors + JSON only
     ens = load_reward_model(out)
     rows = pref_data[1].select(range(8))
     scores = ens.score_texts(rows["prompt"], rows["chosen"])
@@ -124,3 +125,32 @@ def test_adapters_mode_requires_lora(tmp_path, tiny_path, tok, pref_data):
 def test_missing_artifact_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an rlhf_ext reward-model artifact"):
         load_reward_model(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["heads", "adapters"])
+def test_frozen_prefix_cache_is_exact(tmp_path, tok, pref_data, mode):
+    """LoRA on the top layer only: epochs reuse the cached lower layers and train exactly as without the cache."""
+    from rlhf_ext.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "deep", tok, num_layers=3)
+    runs = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        args = make_args(tmp_path / str(cache), ensemble_size=2, ensemble_mode=mode, num_train_epochs=2,
+                         lora_top_layers=1, cache_frozen_layers=cache)
+        tr = RewardEnsembleTrainer(path, args=args, train_dataset=pref_data[0], eval_dataset=pref_data[1],
+                                   processing_class=tok, peft_config=LoraConfig(**LORA))
+        assert (tr.prefix_cache is not None) == cache
+        tr.train()
+        runs.append((tr.evaluate(), {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}))
+    (m_a, p_a), (m_b, p_b) = runs
+    assert all("layers.2." in n or "score" in n for n in p_a)  # LoRA sits on the last layer only
+    for n in p_a:
+        assert torch.allclose(p_a[n], p_b[n], atol=1e-5), n
+    assert m_a["eval_accuracy_ensemble"] == m_b["eval_accuracy_ensemble"]
+
+
+def test_lora_top_layers_validated(tmp_path, tiny_path, tok, pref_data):
+    with pytest.raises(ValueError, match="lora_top_layers=5 but the model has 2 layers"):
+        RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, lora_top_layers=5), train_dataset=pref_data[0],
+                              processing_class=tok, peft_config=LoraConfig(**LORA))
