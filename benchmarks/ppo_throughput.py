@@ -3,7 +3,7 @@
     python benchmarks/ppo_throughput.py                       # ours: 8 prompts x 32 tokens, 4 epochs, 1 minibatch
     python benchmarks/ppo_throughput.py --baseline            # + TRL 1.12 PPO in its own venv, same run, ratios
     python benchmarks/ppo_throughput.py --prompts 16 --epochs 1 --rloo   # + TRL 1.16 RLOO 8x2, matched budget
-    python benchmarks/ppo_throughput.py --lora-layers 8       # LoRA on the top 8 layers: frozen-prefix cache on
+    python benchmarks/ppo_throughput.py --lora-layers 0,8 --baseline   # also LoRA on the top 8 layers (cache on)
 
 Configuration (as shared/baselines): SmolLM2-135M-Instruct fp32, LoRA r=16 (alpha 32) on q_proj/v_proj, every
 response exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
@@ -40,7 +40,8 @@ def run_ours(args) -> dict:
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     n_layers = 30 if "smollm2" in args.model.lower() else None
-    layers = list(range(n_layers - args.lora_layers, n_layers)) if args.lora_layers else None
+    top = int(args.lora_layers)
+    layers = list(range(n_layers - top, n_layers)) if top else None
     hidden = 576 if "smollm2" in args.model.lower() else None
     rm_dir = Path(tempfile.mkdtemp(prefix="rm_bench_"))
     head = nn.Linear(hidden, 1)
@@ -100,7 +101,8 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--kl-controller", default="fixed", help="fixed (the baseline's penalty) or hard (+1 KL forward)")
     ap.add_argument("--critic", default="shared")
-    ap.add_argument("--lora-layers", type=int, default=0, help="LoRA on the top N layers only (0 = all, as the baseline)")
+    ap.add_argument("--lora-layers", default="0",
+                    help="LoRA on the top N layers only (0 = all, as the baseline); a list such as 0,8 runs each")
     ap.add_argument("--baseline", action="store_true", help="also run TRL 1.12 PPO (own venv) and print ratios")
     ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv)")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
@@ -114,9 +116,12 @@ def main():
 
     model_dir = resolve_model_path(args.model)
     common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters)]
-    ours = sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
-                args.kl_controller, "--critic", args.critic, "--lora-layers", str(args.lora_layers)] + common)
-    rows = {"rlhf_ext": ours}
+    rows = {}
+    for n in [int(x) for x in str(args.lora_layers).split(",")]:
+        name = f"ours ({'top ' + str(n) if n else 'all'} layers)"
+        rows[name] = sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
+                          args.kl_controller, "--critic", args.critic, "--lora-layers", str(n)] + common)
+    ours_rows = list(rows)
     if args.baseline:
         py = ensure_baseline_venv()
         rows["trl 1.12 PPO"] = sub([str(py), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir] + common)
@@ -124,17 +129,16 @@ def main():
         rows["trl 1.16 RLOO"] = sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
                                      "--iters", str(args.iters)])
     print(f"\n{args.prompts} prompts x 32 tokens, {args.epochs} PPO epochs, 1 minibatch, {args.iters} iterations "
-          f"(median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}, "
-          f"LoRA layers={'top ' + str(args.lora_layers) if args.lora_layers else 'all'}")
-    print(f"{'trainer':14s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
+          f"(median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}")
+    print(f"{'trainer':22s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
     for name, r in rows.items():
-        print(f"{name:14s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
+        print(f"{name:22s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
               f"{r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
-    for name in ("trl 1.12 PPO", "trl 1.16 RLOO"):
-        if name in rows:
-            b = rows[name]
-            print(f"ratios (ours / {name}): tok/s {ours['tok_per_s'] / b['tok_per_s']:.2f}x, "
-                  f"peak RSS {ours['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
+    for base in ("trl 1.12 PPO", "trl 1.16 RLOO"):
+        for name in ours_rows if base in rows else []:
+            b, o = rows[base], rows[name]
+            print(f"ratios {name} / {base}: tok/s {o['tok_per_s'] / b['tok_per_s']:.2f}x, "
+                  f"peak RSS {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The main job, offline on the embedded default: reward ensemble → PPO (hard KL + length penalty + uwo) →
 held-out report (gold VADER sentiment before/after, KL vs δ, lengths) and a plot.
 
-    rlhf-ext demo [--iterations 20] [--output-dir outputs/demo]
+    rlhf-ext demo [--iterations 16] [--output-dir outputs/demo]
 """
 
 from __future__ import annotations
@@ -125,11 +125,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="rlhf-ext demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default="outputs/demo")
     ap.add_argument("--data-dir", default=str(SHIPPED / "sentiment"))
-    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--iterations", type=int, default=16)
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after report")
     ap.add_argument("--ensemble-size", type=int, default=3)
     ap.add_argument("--kl-target", type=float, default=4.0)
-    ap.add_argument("--length-alpha", type=float, default=0.02)
+    ap.add_argument("--length-alpha", type=float, default=0.05)
     ap.add_argument("--length-decorrelation", type=float, default=0.0)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
