@@ -41,3 +41,43 @@ def unique_params(*modules) -> int:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def step_timer(times: list):
+    """A TrainerCallback appending each optimizer step's wall time (s) to `times` and printing it."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, *args, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
+            print(f"ITER {len(times)}: {times[-1]:.2f}s", flush=True)
+
+    return StepTimer()
+
+
+def timed(fn, times: list):
+    """Wrap `fn` so each call's wall time (s) is appended to `times`."""
+    import time
+
+    def wrapper(*args, **kw):
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        times.append(time.perf_counter() - t)
+        return out
+
+    return wrapper
+
+
+def summary(iter_times, gen_times, tokens_per_iter: int, *modules) -> dict:
+    """The result row every benchmark worker writes: medians over iterations 2..N, peak RSS, resident params."""
+    med = median(iter_times[1:])
+    return {"iter_s": med, "first_iter_s": iter_times[0], "generate_s": median(gen_times[1:]),
+            "tok_per_s": tokens_per_iter / med, "peak_rss_mib": peak_rss_mib(),
+            "params_resident_m": unique_params(*modules) / 1e6}

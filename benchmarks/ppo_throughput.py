@@ -32,7 +32,7 @@ def run_ours(args) -> dict:
     from peft import LoraConfig
     from torch import nn
 
-    from _common import baseline_prompts, median, peak_rss_mib, unique_params
+    from _common import baseline_prompts, summary
     from rlhf_ext import PPOConfig, PPOTrainer
     from rlhf_ext.models import load_tokenizer
     from rlhf_ext.reward_model import save_reward_artifact
@@ -65,9 +65,7 @@ def run_ours(args) -> dict:
     toks = args.prompts * 32
     for i, (a, b) in enumerate(zip(it, gen), 1):
         print(f"ITER {i}: {a:.2f}s (generate {b:.2f}s) {toks / a:.1f} tok/s", flush=True)
-    return {"iter_s": median(it[1:]), "first_iter_s": it[0], "generate_s": median(gen[1:]),
-            "tok_per_s": toks / median(it[1:]), "peak_rss_mib": peak_rss_mib(),
-            "params_resident_m": unique_params(tr.model, tr.value_head) / 1e6,
+    return {**summary(it, gen, toks, tr.model, tr.value_head),
             "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6}
 
 

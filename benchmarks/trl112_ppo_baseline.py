@@ -5,10 +5,8 @@ reward models are full `AutoModelForSequenceClassification` copies of the same c
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,10 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import trl.experimental.ppo.ppo_trainer as ppo_mod  # noqa: E402
-from _common import baseline_prompts, peak_rss_mib, unique_params  # noqa: E402
+from _common import baseline_prompts, step_timer, summary, timed  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 
@@ -43,28 +41,8 @@ def main():
     ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
            for p in baseline_prompts(64)]
     ids = [x["input_ids"] if not isinstance(x, list) else x for x in ids]
-    gen_times = []
-    orig = ppo_mod.batch_generation
-
-    def timed(*args, **kw):
-        t = time.perf_counter()
-        out = orig(*args, **kw)
-        gen_times.append(time.perf_counter() - t)
-        return out
-
-    ppo_mod.batch_generation = timed
-    iter_times = []
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *args, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *args, **kw):
-            now = time.perf_counter()
-            iter_times.append(now - self.t)
-            self.t = now
-            print(f"ITER {len(iter_times)}: {iter_times[-1]:.2f}s", flush=True)
-
+    iter_times, gen_times = [], []
+    ppo_mod.batch_generation = timed(ppo_mod.batch_generation, gen_times)
     cfg = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.prompts, gradient_accumulation_steps=1,
                     num_mini_batches=1, num_ppo_epochs=a.epochs, response_length=32, total_episodes=a.prompts * a.iters,
                     local_rollout_forward_batch_size=a.prompts, num_sample_generations=0, stop_token=None, bf16=False,
@@ -73,15 +51,10 @@ def main():
     tr = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
                     train_dataset=Dataset.from_dict({"input_ids": ids}), value_model=value,
                     peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-                    callbacks=[Timer()])
+                    callbacks=[step_timer(iter_times)])
     tr.train()
-    toks = a.prompts * 32
-    med = statistics.median(iter_times[1:])
-    res = {"iter_s": med, "first_iter_s": iter_times[0], "generate_s": statistics.median(gen_times[1:]),
-           "tok_per_s": toks / med, "peak_rss_mib": peak_rss_mib(),
-           "params_resident_m": unique_params(tr.model, reward) / 1e6}
     with open(a.json_out, "w") as f:
-        json.dump(res, f)
+        json.dump(summary(iter_times, gen_times, a.prompts * 32, tr.model, reward), f)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ reward = a full `AutoModelForSequenceClassification` copy with a random head, on
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -17,10 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 from trl import RLOOConfig, RLOOTrainer  # noqa: E402
 
-from _common import baseline_prompts, peak_rss_mib, unique_params  # noqa: E402
+from _common import baseline_prompts, step_timer, summary, timed  # noqa: E402
 
 
 def main():
@@ -39,16 +37,6 @@ def main():
     reward.eval()
     iter_times, gen_times = [], []
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *args, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *args, **kw):
-            now = time.perf_counter()
-            iter_times.append(now - self.t)
-            self.t = now
-            print(f"ITER {len(iter_times)}: {iter_times[-1]:.2f}s", flush=True)
-
     n = a.prompts * 2
     cfg = RLOOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n, gradient_accumulation_steps=1,
                      num_generations=2, max_completion_length=32, num_iterations=1, beta=0.05, max_steps=a.iters,
@@ -57,23 +45,11 @@ def main():
     tr = RLOOTrainer(model=policy, reward_funcs=reward, args=cfg, processing_class=tok,
                      train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in baseline_prompts(64)]}),
                      peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-                     callbacks=[Timer()])
-    orig = tr._generate
-
-    def timed(*args, **kw):
-        t = time.perf_counter()
-        out = orig(*args, **kw)
-        gen_times.append(time.perf_counter() - t)
-        return out
-
-    tr._generate = timed
+                     callbacks=[step_timer(iter_times)])
+    tr._generate = timed(tr._generate, gen_times)
     tr.train()
-    med = statistics.median(iter_times[1:])
-    res = {"iter_s": med, "first_iter_s": iter_times[0], "generate_s": statistics.median(gen_times[1:]),
-           "tok_per_s": n * 32 / med, "peak_rss_mib": peak_rss_mib(),
-           "params_resident_m": unique_params(tr.model, reward) / 1e6}
     with open(a.json_out, "w") as f:
-        json.dump(res, f)
+        json.dump(summary(iter_times, gen_times, n * 32, tr.model, reward), f)
 
 
 if __name__ == "__main__":

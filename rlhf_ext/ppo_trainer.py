@@ -29,7 +29,7 @@ from .models import ensure_pad_token, is_quantized, load_model, load_tokenizer, 
 from .ppo_config import PPOConfig
 from .registry import build
 from .reward_model import RewardEnsemble, load_reward_model, message_text, pad_ids, read_spec
-from .split_trunk import SplitTrunk, lowest_adapted_layer, restrict_to_top_layers
+from .split_trunk import frozen_prefix_split, positions, restrict_to_top_layers
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -152,14 +152,8 @@ class PPOTrainer(Trainer):
         self.audit_funcs = {getattr(f, "__name__", f"audit_{i}"): f for i, f in enumerate(audit_funcs or [])}
 
         # Frozen-prefix cache: layers below every trained adapter run once per rollout, not once per pass
-        self.split = None
         trained = [self.policy_adapter] + ([CRITIC] if args.critic == "separate" else [])
-        k = lowest_adapted_layer(model, trained) if args.cache_frozen_layers else None
-        if k:
-            split = SplitTrunk(trunk_of(model), k)
-            vocab = model.get_base_model().config.get_text_config().vocab_size
-            with torch.no_grad(), model.disable_adapter():
-                self.split = split if split.verify(vocab, next(model.parameters()).device) else None
+        self.split = frozen_prefix_split(model, trained) if args.cache_frozen_layers else None
 
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
         self.args = args  # read by _set_trainable before Trainer.__init__ sets it
@@ -215,7 +209,7 @@ class PPOTrainer(Trainer):
         adapter: None (policy), "ref" (adapters off) or CRITIC (separate critic: values only, logits None).
         h_low: the cached hidden state entering the lowest adapted layer ([B, P+R, H]); only the layers above run.
         """
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # same positions as generate() uses for left-padded prompts
+        pos = positions(mask)  # same positions as generate() uses for left-padded prompts
         peft = self.model
 
         def hidden():
@@ -251,7 +245,7 @@ class PPOTrainer(Trainer):
         if self.split is None:
             return None
         with self.accelerator.autocast():
-            return self.split.lower(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+            return self.split.lower(ids, mask, positions(mask))
 
     def _policy_values(self, ids, mask, n_resp, h_low=None):
         """(logits, values) under the current policy and critic."""

@@ -20,7 +20,7 @@ from .models import ensure_pad_token, load_model, load_tokenizer, trunk_of
 from .reward_config import RewardEnsembleConfig
 from .reward_model import message_text, pool_last, save_reward_artifact
 from .rl_math import bt_loss, pearson
-from .split_trunk import PrefixCache, SplitTrunk, lowest_adapted_layer, restrict_to_top_layers
+from .split_trunk import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 
 
 # ------------------------------------------------------------------------------------------- data checks
@@ -214,18 +214,15 @@ class RewardEnsembleTrainer(RewardTrainer):
         return model
 
     def _build_prefix_cache(self):
-        k = lowest_adapted_layer(self.model, self.member_adapters) if self.member_adapters else None
-        if not k:
-            warnings.warn("cache_frozen_layers needs LoRA on the top layers only (`layers_to_transform`); it is off.")
+        if not self.member_adapters:
+            warnings.warn("cache_frozen_layers needs LoRA on the top layers only (`lora_top_layers`); it is off.")
+            return None
+        split = frozen_prefix_split(self.model, self.member_adapters, warn_unlayered=True)
+        self._mark_members_trainable()  # leaving disable_adapter() re-freezes the inactive members
+        if split is None:
             return None
         hf = self.model.get_base_model()
-        split = SplitTrunk(trunk_of(hf), k)
-        with torch.no_grad(), self.model.disable_adapter():
-            ok = split.verify(hf.config.vocab_size, next(hf.parameters()).device)
-        self._mark_members_trainable()  # leaving disable_adapter() re-freezes the inactive members
-        if not ok:
-            return None
-        hf._prefix_cache = PrefixCache(split)
+        hf._prefix_cache = PrefixCache(split)  # read by the patched forward
         return hf._prefix_cache
 
     def _mark_members_trainable(self):

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .models import trunk_of
+
 _LAYER_LISTS = ("layers", "h", "blocks")
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -32,6 +34,27 @@ def lowest_adapted_layer(peft_model, adapters) -> int | None:
             return 0
         lowest = int(m.group(1)) if lowest is None else min(lowest, int(m.group(1)))
     return lowest
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from an attention mask (left or right padding), as `generate()` uses. [B, T] → [B, T]."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def frozen_prefix_split(peft_model, adapters, warn_unlayered: bool = False) -> "SplitTrunk | None":
+    """A verified SplitTrunk below the lowest layer any of `adapters` touches, or None (nothing to cache, or the
+    architecture does not allow it). Verification runs with adapters disabled; callers restore requires_grad."""
+    k = lowest_adapted_layer(peft_model, adapters)
+    if not k:
+        if warn_unlayered:
+            warnings.warn("cache_frozen_layers needs LoRA on the top layers only (`lora_top_layers` or "
+                          "`layers_to_transform`); it is off.")
+        return None
+    hf = peft_model.get_base_model()
+    split = SplitTrunk(trunk_of(hf), k)
+    with peft_model.disable_adapter():
+        ok = split.verify(hf.config.get_text_config().vocab_size, next(hf.parameters()).device)
+    return split if ok else None
 
 
 def restrict_to_top_layers(peft_config, model, n: int | None):
@@ -99,7 +122,7 @@ class SplitTrunk:
         ids = torch.randint(0, vocab_size, (2, 9), generator=g).to(device)
         mask = torch.ones_like(ids)
         mask[1, :3] = 0
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = positions(mask)
         try:
             full = self.trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
             split = self.upper(self.lower(ids, mask, pos), mask, pos)
@@ -126,10 +149,8 @@ class PrefixCache:
 
     def __call__(self, input_ids, attention_mask) -> torch.Tensor:
         """Final hidden states. input_ids, attention_mask: [B, T] → [B, T, H]."""
-        lens = attention_mask.sum(1)
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        right_padded = bool((attention_mask.cumsum(-1) == pos + 1).logical_or(attention_mask == 0).all()) and bool(
-            (attention_mask[:, 0] == 1).all())
+        lens, pos = attention_mask.sum(1), positions(attention_mask)
+        right_padded = bool((attention_mask[:, 0] == 1).all() and (attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
         if not right_padded:
             return self.split.upper(self.split.lower(input_ids, attention_mask, pos), attention_mask, pos)
         keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lens)]
