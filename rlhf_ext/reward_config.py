@@ -18,6 +18,9 @@ class RewardEnsembleConfig(RewardConfig):
             frozen base (more diverse; needs LoRA).
         bootstrap (`bool`, defaults to `True`): give each member Poisson(1) bootstrap weights over the training
             pairs so members see different data (only when K > 1).
+        pooling (`str`, defaults to `"last"`): what the score heads read: `"last"` = the hidden state of the last
+            attended token (TRL's choice), `"mean"` = the mean over attended tokens (properties spread over the
+            words of a response, such as sentiment, reach the head directly instead of through one token).
         length_decorrelation_coef (`float`, defaults to `0.0`): ODIN-style penalty λ·|corr(reward, length)| on
             each batch, against the length bias of human (or simulated) labellers.
         cache_frozen_layers (`bool`, defaults to `False`): with LoRA on the top layers only, cache the frozen
@@ -38,6 +41,11 @@ class RewardEnsembleConfig(RewardConfig):
     )
     bootstrap: bool = field(
         default=True, metadata={"help": "Poisson(1) bootstrap weights per member over training pairs (K > 1)."}
+    )
+    pooling: str = field(
+        default="last",
+        metadata={"help": "What the score heads read: 'last' (last attended token, TRL's choice) or 'mean' (mean "
+                  "over attended tokens)."},
     )
     length_decorrelation_coef: float = field(
         default=0.0, metadata={"help": "λ for the ODIN-style penalty λ·|corr(reward, response length)| per batch."}
@@ -68,6 +76,8 @@ class RewardEnsembleConfig(RewardConfig):
             raise ValueError(f"ensemble_size must be an integer ≥ 1, got {self.ensemble_size!r}. Use 1 for a plain reward model.")
         if self.ensemble_mode not in ("heads", "adapters"):
             raise ValueError(f"Unknown ensemble_mode {self.ensemble_mode!r}; use 'heads' or 'adapters'.")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token) or 'mean'.")
         if self.length_decorrelation_coef < 0:
             raise ValueError(f"length_decorrelation_coef must be ≥ 0, got {self.length_decorrelation_coef}.")
         super().__post_init__()

@@ -42,6 +42,15 @@ def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
 
 
+def pool_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean hidden state over attended tokens (padding side irrelevant). hidden: [B, T, H], mask: [B, T] → [B, H]."""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+POOLING = {"last": pool_last, "mean": pool_mean}
+
+
 def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
     """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS)."""
     if isinstance(completion, list):  # conversational
@@ -94,6 +103,7 @@ class RewardEnsemble(nn.Module):
         self.register_buffer("mean", torch.tensor(norm.get("mean", [0.0] * K), dtype=torch.float), persistent=False)
         self.register_buffer("std", torch.tensor(norm.get("std", [1.0] * K), dtype=torch.float), persistent=False)
         self.max_length = spec.get("max_length")
+        self.pool = POOLING[spec.get("pooling", "last")]
 
     # -- scoring -------------------------------------------------------------------------------------------
     def _hidden(self, input_ids, attention_mask, adapter_names=None):
@@ -111,18 +121,18 @@ class RewardEnsemble(nn.Module):
         try:
             mode, B = self.spec["mode"], input_ids.shape[0]
             if mode == "full":
-                pooled = pool_last(self._hidden(input_ids, attention_mask), attention_mask)
+                pooled = self.pool(self._hidden(input_ids, attention_mask), attention_mask)
                 return self.heads["full"](pooled.float())
             if mode == "heads":
                 (adapter,) = self.adapters[:1]
                 with _active_adapter(self.model, adapter):
-                    pooled = pool_last(self._hidden(input_ids, attention_mask), attention_mask)
+                    pooled = self.pool(self._hidden(input_ids, attention_mask), attention_mask)
                 return self.heads[adapter](pooled.float())
             # adapters: one mixed batch, every row repeated once per member adapter
             K = len(self.adapters)
             ids, mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)
             names = [a for a in self.adapters for _ in range(B)]
-            pooled = pool_last(self._hidden(ids, mask, adapter_names=names), mask).float()
+            pooled = self.pool(self._hidden(ids, mask, adapter_names=names), mask).float()
             return torch.cat([self.heads[a](pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)], -1)
         finally:
             self.model.train(was_training)
@@ -202,16 +212,28 @@ def read_spec(path) -> dict:
     return spec
 
 
+def lora_config_of(spec: dict, model):
+    """The artifact's LoraConfig for `model` (artifacts written before `layers_pattern` was recorded get it here)."""
+    from peft import LoraConfig
+
+    from .split_trunk import layer_list_name
+
+    cfg = dict(spec["lora_config"])
+    if cfg.get("layers_to_transform") is not None and not cfg.get("layers_pattern"):
+        cfg["layers_pattern"] = layer_list_name(model)
+    return LoraConfig(**cfg)
+
+
 def attach_adapters(peft_model, path, spec, prefix: str = "") -> list[str]:
     """Add the artifact's LoRA adapters to an existing PeftModel (frozen); returns their names on the host."""
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     names = []
     key_prefix = trunk_key_prefix(peft_model)
     for a in spec["adapters"]:
         host_name = prefix + a
         if host_name not in peft_model.peft_config:
-            peft_model.add_adapter(host_name, LoraConfig(**spec["lora_config"]))
+            peft_model.add_adapter(host_name, lora_config_of(spec, peft_model))
         state = load_file(str(Path(path) / "adapters" / f"{a}.safetensors"))
         res = set_peft_model_state_dict(peft_model, {key_prefix + k: v for k, v in state.items()}, adapter_name=host_name)
         missing = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
@@ -228,7 +250,7 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
                       adapter_prefix: str = "", device=None) -> RewardEnsemble:
     """Load a reward-model artifact. With `base_model` (a PeftModel on the same base), members are attached to it
     as extra adapters — no second copy of the base. Otherwise the trunk is loaded from the recorded base model."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     path = Path(path)
     spec = read_spec(path)
@@ -247,7 +269,7 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
                           load_in_4bit=spec.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit)
         first = spec["adapters"][0]
-        model = get_peft_model(base, LoraConfig(**spec["lora_config"]), adapter_name=adapter_prefix + first)
+        model = get_peft_model(base, lora_config_of(spec, base), adapter_name=adapter_prefix + first)
         adapters, owns = attach_adapters(model, path, spec, prefix=adapter_prefix), True
         model.eval()
     saved_names = spec["adapters"]  # names in the artifact; `adapters` are the names on the host model

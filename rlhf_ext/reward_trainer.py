@@ -18,7 +18,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from .models import ensure_pad_token, load_model, load_tokenizer, trunk_of
 from .reward_config import RewardEnsembleConfig
-from .reward_model import message_text, pool_last, save_reward_artifact
+from .reward_model import POOLING, message_text, save_reward_artifact
 from .rl_math import bt_loss, pearson
 from .split_trunk import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 
@@ -68,8 +68,8 @@ class EnsemblePreferenceCollator(DataCollatorForPreference):
 
 
 def _masked_pool_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-    """Sequence-classification forward that pools the last *attended* token (attention mask), never the last
-    non-pad id: with pad == EOS (SmolLM2) the id-based pooling of transformers skips the final EOS."""
+    """Sequence-classification forward that pools by attention mask (`last` attended token, or `mean`), never by
+    the last non-pad id: with pad == EOS (SmolLM2) the id-based pooling of transformers skips the final EOS."""
     for k in ("labels", "return_dict", "output_attentions", "output_hidden_states"):
         kwargs.pop(k, None)
     if attention_mask is None:
@@ -81,7 +81,7 @@ def _masked_pool_forward(self, input_ids=None, attention_mask=None, inputs_embed
     else:
         hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                  **kwargs).last_hidden_state
-    return SequenceClassifierOutputWithPast(logits=self.score(pool_last(hidden, attention_mask)))
+    return SequenceClassifierOutputWithPast(logits=self.score(POOLING[self._reward_pooling](hidden, attention_mask)))
 
 
 def _head_std(model) -> float:
@@ -155,6 +155,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             model.score = nn.Linear(hidden, K, bias=False, dtype=model.score.weight.dtype,
                                     device=model.score.weight.device)
             model.score.weight.data.normal_(0.0, _head_std(model))  # rows differ: members differ
+        model._reward_pooling = args.pooling
         model.forward = types.MethodType(_masked_pool_forward, model)
 
         self.member_adapters: list[str] = []
@@ -197,7 +198,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         restrict_to_top_layers(peft_config, model, args.lora_top_layers)
         self.lora_config = {k: v for k, v in peft_config.to_dict().items()
                             if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
-                                     "use_dora", "fan_in_fan_out", "init_lora_weights", "layers_to_transform")}
+                                     "use_dora", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
+                                     "layers_pattern")}
         if isinstance(self.lora_config.get("target_modules"), set):
             self.lora_config["target_modules"] = sorted(self.lora_config["target_modules"])
         names = ["reward"] if args.ensemble_mode == "heads" or args.ensemble_size == 1 else [
@@ -338,6 +340,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "") if not self.load_in_4bit else "float32",
             "conversational": self.is_conversational,
             "max_length": self.args.max_length,
+            "pooling": self.args.pooling,
             "training": {"length_decorrelation_coef": self.args.length_decorrelation_coef,
                          "bootstrap": self.args.bootstrap, "seed": self.args.seed},
         }

@@ -64,7 +64,19 @@ def restrict_to_top_layers(peft_config, model, n: int | None):
         if not 0 < n <= total:
             raise ValueError(f"lora_top_layers={n} but the model has {total} layers; use 1…{total} (or 0 for all).")
         peft_config.layers_to_transform = list(range(total - n, total))
+    if peft_config.layers_to_transform is not None and not peft_config.layers_pattern:
+        # Without a pattern PEFT needs a dot before the layer list ("model.layers.3."), so the adapter would not
+        # load onto a bare trunk ("layers.3.") — the reward artifact's standalone path.
+        peft_config.layers_pattern = layer_list_name(model)
     return peft_config
+
+
+def layer_list_name(model) -> str | None:
+    """Attribute name of the decoder-layer list ("layers" for Llama, "h" for GPT-2), or None."""
+    from .models import trunk_of
+
+    trunk = trunk_of(model)
+    return next((a for a in _LAYER_LISTS if isinstance(getattr(trunk, a, None), nn.ModuleList)), None)
 
 
 class SplitTrunk:

@@ -459,7 +459,9 @@ Preference rows: `{{"prompt": [user turn], "chosen": [{{"role": "assistant", ...
    A response ends at the first generated `<|im_end|>`; responses that hit the token budget are kept as they
    are (truncated mid-sentence). `torch.manual_seed` is set per batch, so the data are reproducible on the same
    software stack and hardware (a rerun with 32 prompts reproduced the first 64 pairs byte for byte, both with the
-   GGUF loaded in memory and with the safetensors folder from `rlhf_ext.models.resolve_model_path`).
+   GGUF loaded in memory and with the safetensors folder from `rlhf_ext.models.resolve_model_path`). On another
+   machine with the same package versions the prompts and pair choices were identical but only 58 of the first 512
+   pairs were: floating-point differences between CPUs change sampled tokens, and one changed token changes the rest.
 3. **Pairs.** {p['pairs_per_prompt']} of the {math.comb(p['samples_per_prompt'], 2)} possible pairs per prompt (chosen at random);
    pairs with an empty response or two identical responses are skipped.
 4. **Simulated annotator.** For a pair (a, b) with VADER compounds g and word counts w:
@@ -535,8 +537,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--n-train-prompts", type=int, default=256)
-    ap.add_argument("--n-test-prompts", type=int, default=64)
+    ap.add_argument("--n-train-prompts", type=int, default=768)
+    ap.add_argument("--n-test-prompts", type=int, default=192)
     ap.add_argument("--test-subject-frac", type=float, default=0.2, help="fraction of subjects reserved for test")
     ap.add_argument("--samples-per-prompt", type=int, default=3)
     ap.add_argument("--pairs-per-prompt", type=int, default=2)

@@ -1,10 +1,12 @@
+import json
+
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
-from rlhf_ext.reward_model import pad_ids, reward_input_ids
+from rlhf_ext.reward_model import pad_ids, pool_last, pool_mean, reward_input_ids
 
 from .conftest import preference_rows
 
@@ -46,9 +48,13 @@ def test_training_lifts_heldout_accuracy(tmp_path, tiny_path, tok, conversationa
         assert key in after
 
 
-@pytest.mark.parametrize("mode,peft", [("heads", False), ("heads", True), ("adapters", True)])
-def test_ensemble_members_differ_and_reload_identically(tmp_path, tiny_path, tok, pref_data, mode, peft):
-    args = make_args(tmp_path, ensemble_size=3, ensemble_mode=mode, num_train_epochs=1)
+@pytest.mark.parametrize("mode,peft,top,pooling", [("heads", False, 0, "last"), ("heads", True, 0, "last"),
+                                                   ("adapters", True, 0, "last"), ("heads", True, 1, "last"),
+                                                   ("adapters", True, 1, "mean"), ("heads", False, 0, "mean")])
+def test_ensemble_members_differ_and_reload_identically(tmp_path, tiny_path, tok, pref_data, mode, peft, top, pooling):
+    """Reload in a fresh process's way (base from the recorded path); `top`: LoRA on the last layer(s) only."""
+    args = make_args(tmp_path, ensemble_size=3, ensemble_mode=mode, num_train_epochs=1, lora_top_layers=top,
+                     pooling=pooling)
     tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=pref_data[0], eval_dataset=pref_data[1],
                                processing_class=tok, peft_config=LoraConfig(**LORA) if peft else None)
     tr.train()
@@ -68,6 +74,12 @@ def test_ensemble_members_differ_and_reload_identically(tmp_path, tiny_path, tok
         direct = tr._member_rewards(tr.model, {"input_ids": ids, "attention_mask": mask})
     assert torch.allclose(scores, direct, atol=1e-5)
     assert len(ens.mean) == 3 and (ens.std > 0).all()
+    if top:  # artifacts written without `layers_pattern` (earlier versions) still load onto the bare trunk
+        spec_file = out / "rlhf_ext_reward.json"
+        spec = json.loads(spec_file.read_text())
+        assert spec["lora_config"].pop("layers_pattern") == "layers"
+        spec_file.write_text(json.dumps(spec))
+        assert torch.allclose(load_reward_model(out).score_texts(rows["prompt"], rows["chosen"]), scores, atol=1e-5)
 
 
 def test_length_decorrelation_penalty_lowers_correlation(tmp_path, tiny_path, tok):
@@ -114,6 +126,8 @@ def test_bad_config(tmp_path):
         make_args(tmp_path, ensemble_size=0)
     with pytest.raises(ValueError, match="Unknown ensemble_mode 'bagging'"):
         make_args(tmp_path, ensemble_mode="bagging")
+    with pytest.raises(ValueError, match="Unknown pooling 'max'; use 'last'"):
+        make_args(tmp_path, pooling="max")
 
 
 def test_adapters_mode_requires_lora(tmp_path, tiny_path, tok, pref_data):
@@ -154,3 +168,15 @@ def test_lora_top_layers_validated(tmp_path, tiny_path, tok, pref_data):
     with pytest.raises(ValueError, match="lora_top_layers=5 but the model has 2 layers"):
         RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, lora_top_layers=5), train_dataset=pref_data[0],
                               processing_class=tok, peft_config=LoraConfig(**LORA))
+
+
+def test_pooling_ignores_padding_side():
+    h = torch.randn(2, 5, 3)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    h_left = h.clone()
+    h_left[0, 2:] = h[0, :3]  # the same three tokens, left-padded
+    for pool in (pool_last, pool_mean):
+        assert torch.allclose(pool(h, right), pool(h_left, left))
+    assert torch.allclose(pool_mean(h, right)[0], h[0, :3].mean(0))
+    assert torch.allclose(pool_last(h, right)[0], h[0, 2])
