@@ -49,6 +49,16 @@ def tiny_path(tmp_path_factory, tok):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tok)
 
 
+# 4-bit tests: on CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights at the first no-grad forward in eval
+# mode, which needs in_features ≥ the 64-element quantisation block; hidden 32 would crash there.
+FOUR_BIT_HIDDEN = 64
+
+
+@pytest.fixture(scope="session")
+def tiny4_path(tmp_path_factory, tok):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny4") / "model", tok, hidden_size=FOUR_BIT_HIDDEN)
+
+
 @pytest.fixture
 def pref_data():
     return Dataset.from_list(preference_rows(192, 0)), Dataset.from_list(preference_rows(64, 1))

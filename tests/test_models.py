@@ -19,8 +19,8 @@ def test_local_folder_loads_every_kind(tiny_path):
         models.load_model(tiny_path, "vision")
 
 
-def test_4bit_nf4_double_quant(tiny_path):
-    m = models.load_model(tiny_path, "causal", load_in_4bit=True)
+def test_4bit_nf4_double_quant(tiny4_path):
+    m = models.load_model(tiny4_path, "causal", load_in_4bit=True)
     assert m.is_loaded_in_4bit and models.is_quantized(m)
     qc = m.config.quantization_config
     assert qc.bnb_4bit_quant_type == "nf4" and qc.bnb_4bit_use_double_quant

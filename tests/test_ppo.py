@@ -9,7 +9,7 @@ from peft import LoraConfig
 from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.testing import tiny_causal_lm
 
-from .conftest import preference_rows
+from .conftest import FOUR_BIT_HIDDEN, preference_rows
 
 SUBJECTS = "movie book song film food place day night".split()
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
@@ -128,10 +128,10 @@ def test_save_model_saves_policy_adapter_only(tmp_path, tok):
     assert (merged / "model.safetensors").is_file()
 
 
-def test_4bit_ppo_iteration(tmp_path, tok, tiny_path):
+def test_4bit_ppo_iteration(tmp_path, tok, tiny4_path):
     from rlhf_ext.models import load_model
 
-    model = load_model(tiny_path, "causal", load_in_4bit=True)
+    model = load_model(tiny4_path, "causal", load_in_4bit=True)
     tr = make(tmp_path, tok, model=model, max_steps=1)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
     hist = tr.train()
@@ -212,7 +212,7 @@ def test_frozen_prefix_cache_is_exact(tmp_path, tok, critic, kl_controller, four
     from rlhf_ext.models import load_model
     from rlhf_ext.testing import save_tiny_model
 
-    path = save_tiny_model(tmp_path / "deep", tok, num_layers=4)
+    path = save_tiny_model(tmp_path / "deep", tok, num_layers=4, hidden_size=FOUR_BIT_HIDDEN if four_bit else 32)
     top = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     runs = []
     for cache in (True, False):

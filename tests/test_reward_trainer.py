@@ -99,8 +99,8 @@ def test_length_decorrelation_penalty_lowers_correlation(tmp_path, tiny_path, to
     assert corr[2.0] < corr[0.0]
 
 
-def test_4bit_lora_path_trains(tmp_path, tiny_path, tok, pref_data):
-    tr = RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, num_train_epochs=1, max_steps=4),
+def test_4bit_lora_path_trains(tmp_path, tiny4_path, tok, pref_data):
+    tr = RewardEnsembleTrainer(tiny4_path, args=make_args(tmp_path, num_train_epochs=1, max_steps=4),
                                train_dataset=pref_data[0], processing_class=tok, peft_config=LoraConfig(**LORA),
                                load_in_4bit=True)
     assert getattr(tr.model.get_base_model(), "is_loaded_in_4bit", False)
