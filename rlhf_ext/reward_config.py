@@ -76,7 +76,9 @@ class RewardEnsembleConfig(RewardConfig):
             raise ValueError(f"ensemble_size must be an integer ≥ 1, got {self.ensemble_size!r}. Use 1 for a plain reward model.")
         if self.ensemble_mode not in ("heads", "adapters"):
             raise ValueError(f"Unknown ensemble_mode {self.ensemble_mode!r}; use 'heads' or 'adapters'.")
-        if self.pooling not in ("last", "mean"):
+        from .reward_model import POOLING
+
+        if self.pooling not in POOLING:
             raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token) or 'mean'.")
         if self.length_decorrelation_coef < 0:
             raise ValueError(f"length_decorrelation_coef must be ≥ 0, got {self.length_decorrelation_coef}.")

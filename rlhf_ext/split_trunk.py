@@ -72,9 +72,7 @@ def restrict_to_top_layers(peft_config, model, n: int | None):
 
 
 def layer_list_name(model) -> str | None:
-    """Attribute name of the decoder-layer list ("layers" for Llama, "h" for GPT-2), or None."""
-    from .models import trunk_of
-
+    """Attribute name of the decoder-layer list ("layers" for Llama, "h" for GPT-2) of a model or trunk, or None."""
     trunk = trunk_of(model)
     return next((a for a in _LAYER_LISTS if isinstance(getattr(trunk, a, None), nn.ModuleList)), None)
 
@@ -88,7 +86,7 @@ class SplitTrunk:
 
     def __init__(self, trunk: nn.Module, k: int):
         self.trunk, self.k = trunk, k
-        self.layers_attr = next((a for a in _LAYER_LISTS if isinstance(getattr(trunk, a, None), nn.ModuleList)), None)
+        self.layers_attr = layer_list_name(trunk)
         self.norm_attr = next((a for a in _FINAL_NORMS if isinstance(getattr(trunk, a, None), nn.Module)), None)
         if self.layers_attr is None or self.norm_attr is None:
             raise ValueError(f"{type(trunk).__name__} has no recognisable layer list / final norm.")
