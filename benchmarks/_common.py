@@ -81,3 +81,26 @@ def summary(iter_times, gen_times, tokens_per_iter: int, *modules) -> dict:
     return {"iter_s": med, "first_iter_s": iter_times[0], "generate_s": median(gen_times[1:]),
             "tok_per_s": tokens_per_iter / med, "peak_rss_mib": peak_rss_mib(),
             "params_resident_m": unique_params(*modules) / 1e6}
+
+
+def random_reward_artifact(out, model_name: str, tok, layers=None):
+    """A reward artifact with a random head (LoRA q/v, optionally on `layers` only): what PPO scores with when only
+    its cost matters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from rlhf_ext.models import load_model
+    from rlhf_ext.reward.artifact import save_reward_artifact
+    from rlhf_ext.reward.ensemble import RewardEnsemble
+
+    lora = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
+            "layers_to_transform": layers, "layers_pattern": "layers" if layers else None}
+    trunk = load_model(model_name, "trunk")
+    torch.manual_seed(0)
+    peft = get_peft_model(trunk, LoraConfig(**lora), adapter_name="reward")
+    heads = nn.ModuleDict({"reward": nn.Linear(trunk.config.hidden_size, 1)})
+    spec = {"base_model": model_name, "mode": "heads", "ensemble_size": 1, "members": ["rm"], "adapters": ["reward"],
+            "lora_config": lora}
+    save_reward_artifact(out, RewardEnsemble(peft, tok, spec, heads), spec, tok)
+    return str(out)

@@ -30,26 +30,17 @@ def run_ours(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from torch import nn
-
     from _common import baseline_prompts, summary
     from rlhf_ext import PPOConfig, PPOTrainer
     from rlhf_ext.models import load_tokenizer
-    from rlhf_ext.reward_model import save_reward_artifact
+    from _common import random_reward_artifact
 
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     n_layers = 30 if "smollm2" in args.model.lower() else None
     top = int(args.lora_layers)
     layers = list(range(n_layers - top, n_layers)) if top else None
-    hidden = 576 if "smollm2" in args.model.lower() else None
-    rm_dir = Path(tempfile.mkdtemp(prefix="rm_bench_"))
-    head = nn.Linear(hidden, 1)
-    save_reward_artifact(rm_dir, {"base_model": args.model, "mode": "heads", "ensemble_size": 1, "members": ["rm"],
-                                  "adapters": ["reward"], "lora_config": {"r": 16, "lora_alpha": 32,
-                                  "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
-                                  "layers_to_transform": layers}},
-                         {"reward": {"weight": head.weight, "bias": head.bias}}, {"reward": {}}, tok)
+    rm_dir = random_reward_artifact(Path(tempfile.mkdtemp(prefix="rm_bench_")), args.model, tok, layers)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in baseline_prompts(64)]})
     cfg = PPOConfig(tempfile.mkdtemp(prefix="ppo_bench_"), per_device_train_batch_size=args.prompts,
                     max_completion_length=32, stop_on_eos=False, temperature=0.7, num_ppo_epochs=args.epochs,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ext.reward_model import load_reward_model
+from rlhf_ext.reward.artifact import load_reward_model
 from rlhf_ext.rl_math import pearson
 
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from _common import baseline_prompts, median, peak_rss_mib, unique_params
 from rlhf_ext.models import load_model, load_tokenizer
-from rlhf_ext.reward_model import RewardEnsemble, pad_ids, reward_input_ids
+from rlhf_ext.data import pad_ids
+from rlhf_ext.reward.ensemble import RewardEnsemble, reward_input_ids
 
 
 def build(base, mode: str, K: int, hidden: int) -> RewardEnsemble:

@@ -1,26 +1,27 @@
-"""rlhf_ext: PPO-based RLHF on the current Hugging Face stack, safe against reward hacking."""
+"""rlhf_ext: PPO-based RLHF on the current Hugging Face stack, safe against reward hacking.
 
-__version__ = "0.1.0"
+Layers: `ppo/` (PPOConfig, PPOTrainer, the model passes), `reward/` (the ensemble trainer, artifact and reward
+pipeline), `plugins/` (KL controllers and guard, estimators, aggregations, shapers), and shared helpers at the top
+(`models`, `adapters`, `prefix_cache`, `rl_math`, `integrity`, `data`). Names are imported lazily, so
+`import rlhf_ext` (and the CLI) starts without loading torch or transformers.
+"""
 
-from . import ensemble, kl, shaping  # noqa: F401  (registers the built-in plugins)
-from .ensemble import RewardPipeline
-from .kl import KLControllerCallback, build_controller
-from .models import load_model, load_tokenizer, resolve_model_path
-from .registry import available, build, get, register
-from .reward_config import RewardEnsembleConfig
-from .reward_model import RewardEnsemble, load_reward_model
-from .reward_trainer import RewardEnsembleTrainer
+__version__ = "0.2.0"
 
-__all__ = [
-    "RewardEnsembleConfig", "RewardEnsembleTrainer", "RewardEnsemble", "load_reward_model", "RewardPipeline",
-    "KLControllerCallback", "build_controller", "load_model", "load_tokenizer", "resolve_model_path",
-    "register", "get", "build", "available",
-]
+_EXPORTS = {
+    "PPOConfig": "ppo.config", "PPOTrainer": "ppo.trainer",
+    "RewardEnsembleConfig": "reward.config", "RewardEnsembleTrainer": "reward.trainer",
+    "RewardEnsemble": "reward.ensemble", "load_reward_model": "reward.artifact", "RewardPipeline": "reward.pipeline",
+    "KLControllerCallback": "plugins.kl", "build_controller": "plugins.kl",
+    "load_model": "models", "load_tokenizer": "models", "resolve_model_path": "models",
+    "register": "registry", "get": "registry", "build": "registry", "available": "registry",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):  # the PPO trainer pulls in more of transformers: import it lazily
-    if name in ("PPOConfig", "PPOTrainer"):
-        from . import ppo_config, ppo_trainer
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rlhf_ext' has no attribute {name!r}")
+    import importlib
 
-        return {"PPOConfig": ppo_config.PPOConfig, "PPOTrainer": ppo_trainer.PPOTrainer}[name]
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

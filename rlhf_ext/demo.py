@@ -39,8 +39,8 @@ def lora():
 
 
 def train_reward(out: Path, data: Path, args) -> dict:
-    from .reward_config import RewardEnsembleConfig
-    from .reward_trainer import RewardEnsembleTrainer
+    from .reward.config import RewardEnsembleConfig
+    from .reward.trainer import RewardEnsembleTrainer
 
     cfg = RewardEnsembleConfig(
         str(out), ensemble_size=args.ensemble_size, ensemble_mode="heads", num_train_epochs=args.reward_epochs,
@@ -63,8 +63,8 @@ def train_reward(out: Path, data: Path, args) -> dict:
 
 
 def run_ppo(out: Path, data: Path, reward_path: Path, args):
-    from .ppo_config import PPOConfig
-    from .ppo_trainer import PPOTrainer
+    from .ppo.config import PPOConfig
+    from .ppo.trainer import PPOTrainer
 
     gold = vader_judge()
     cfg = PPOConfig(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -79,8 +80,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the embedded default and `.gguf` files to a safetensors folder; pass hub ids and folders through."""
+    """Map the embedded default and `.gguf` files to a safetensors folder; pass hub ids and folders through.
+
+    A name that is neither an existing folder, the embedded default nor shaped like a Hub id (`org/name`) fails
+    here with the three possibilities spelled out, instead of deep inside transformers."""
     key = str(name_or_path).lower()
     if key in EMBEDDED_MODELS:
         package, filename = EMBEDDED_MODELS[key]
@@ -90,6 +97,16 @@ def resolve_model_path(name_or_path: str) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist.")
         return str(convert_gguf(path, cache_dir() / "models" / path.stem))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"No model at {name!r}: not an existing folder, not a Hub id of the form 'org/name', and not the "
+            f"embedded default ({', '.join(EMBEDDED_MODELS)}). Check the path (relative paths are resolved from "
+            f"the current directory, {os.getcwd()})."
+        )
     return str(name_or_path)
 
 
@@ -135,6 +152,9 @@ def load_model(
     if kind not in classes:
         raise ValueError(f"Unknown model kind {kind!r}; use one of {sorted(classes)}.")
     path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is a folder but holds no model (no config.json). Point to the folder that "
+                                f"save_pretrained() wrote.")
     init = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
     if revision:
         init["revision"] = revision
@@ -143,7 +163,15 @@ def load_model(
     qc = quantization_config(load_in_4bit, dtype)
     if qc is not None:
         init["quantization_config"] = qc
-    return classes[kind].from_pretrained(path, **init)
+    try:
+        model = classes[kind].from_pretrained(path, **init)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        raise OSError(f"Could not load {name_or_path!r}: it is not a local folder or the embedded default "
+                      f"({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). Without network "
+                      f"access, pass a local folder.") from e
+    return keep_4bit_trainable(model) if qc is not None else model
 
 
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
@@ -152,22 +180,6 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     path = resolve_model_path(name_or_path)
     extra = {"revision": revision} if revision else {}
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra, **kwargs)
-
-
-def load_from_model_config(model_args, kind: str = "causal", **kwargs):
-    """Load with TRL's `ModelConfig` (dtype, load_in_4bit, revision, attn_implementation, trust_remote_code)."""
-    if getattr(model_args, "load_in_8bit", False):
-        raise ValueError("8-bit loading is not supported; use `load_in_4bit: true` (NF4) instead.")
-    return load_model(
-        model_args.model_name_or_path or DEFAULT_MODEL,
-        kind,
-        dtype=model_args.dtype,
-        load_in_4bit=model_args.load_in_4bit,
-        revision=model_args.model_revision if model_args.model_revision != "main" else None,
-        trust_remote_code=model_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        **kwargs,
-    )
 
 
 def ensure_pad_token(tokenizer):
@@ -183,6 +195,59 @@ def trunk_of(model):
     return hf.base_model if hasattr(hf, "base_model_prefix") and hasattr(hf, hf.base_model_prefix) else hf
 
 
+def keep_4bit_trainable(model):
+    """Keep bitsandbytes' 4-bit layers in the layout that has a backward pass.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's NF4 weight for a faster inference kernel at the
+    first forward in eval mode whose input needs no gradient (e.g. `generate`), and that kernel has no backward:
+    from then on gradients stop at every 4-bit layer without an error. Turning the repacking off keeps one
+    layout for sampling and training; layers already repacked are converted back. On GPUs this changes nothing.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return model
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            qs = getattr(m.weight, "quant_state", None)
+            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+    return model
+
+
 def is_quantized(model) -> bool:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False))
+
+
+def base_reference(name_or_path) -> str:
+    """How an artifact records its base model so it loads from anywhere: the embedded default's name, a Hub id as
+    given, or a local path made absolute (a relative path would only work from the directory it was typed in)."""
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED_MODELS:
+        return name.lower()
+    path = Path(name).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        for key in EMBEDDED_MODELS:  # the embedded default's converted folder is the embedded default
+            if resolved == (cache_dir() / "models" / key).resolve():
+                return key
+        return str(resolved)
+    return name
+
+
+def model_fingerprint(model) -> str:
+    """A short hash identifying a base model's weights however it was named or loaded (fp32, bf16 or 4-bit): the
+    architecture's shape plus the first rows of the input embeddings (never quantised), rounded to bf16."""
+    import hashlib
+    import json
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = hf.config.get_text_config()
+    shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    emb = hf.get_input_embeddings()
+    weight = getattr(emb, "base_layer", emb).weight  # under a LoRA-wrapped embedding, the frozen original
+    rows = weight[:64].detach().to("cpu", torch.bfloat16).float().numpy().tobytes()
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode() + rows).hexdigest()[:16]

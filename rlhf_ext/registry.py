@@ -38,8 +38,13 @@ def _load_entry_point(point: str, name: str) -> bool:
     return False
 
 
+def _builtins():
+    from . import plugins  # noqa: F401  (built-ins register themselves on import)
+
+
 def get(point: str, name: str) -> type:
     """The plugin class named `name` at `point`; unknown names raise with the list of valid names."""
+    _builtins()
     if point not in _REGISTRY:
         raise ValueError(f"Unknown plugin point {point!r}; valid points: {', '.join(POINTS)}.")
     if name not in _REGISTRY[point] and not _load_entry_point(point, name):
@@ -61,4 +66,5 @@ def build(point: str, name: str, **kwargs):
 
 
 def available(point: str) -> list[str]:
+    _builtins()
     return sorted(_REGISTRY[point])

@@ -10,10 +10,6 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of `x` over positions where `mask` is 1. x, mask: same shape."""
     mask = mask.to(x.dtype)
@@ -36,19 +32,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if not shift_mean:
         out = out + mean
     return out * mask
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(token) = z_token − logsumexp(z). logits: [B, T, V], tokens: [B, T] → [B, T].
-
-    Never materialises log_softmax: autograd keeps no extra [B, T, V] tensor (the largest one in a PPO step)."""
-    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) − Σ softmax(z)·z. logits: [B, T, V] → [B, T]. One row at a time: temporaries stay [T, V]."""
-    p = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
 
 
 def full_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import rlhf_ext  # noqa: F401  (registers built-ins)
-from rlhf_ext.ensemble import RewardPipeline
-from rlhf_ext.kl import build_controller
+from rlhf_ext.reward.pipeline import RewardPipeline
+from rlhf_ext.plugins.kl import build_controller
 from rlhf_ext.registry import available, build, get, register
-from rlhf_ext.shaping import ResponseInfo, as_reward_func, repeated_ngram_fraction
+from rlhf_ext.plugins.shaping import ResponseInfo, as_reward_func, repeated_ngram_fraction
 
 
 def test_unknown_plugin_lists_valid_names():

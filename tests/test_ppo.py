@@ -21,12 +21,13 @@ def prompts(n=32, conversational=True):
 
 
 def good_counter(tok):
-    target = tok.convert_tokens_to_ids("good")
+    """A dense, learnable reward: 10 × the fraction of positive words in the response."""
+    pos = set(tok.convert_tokens_to_ids("good great nice love happy wonderful excellent fun best".split()))
 
-    def count_good(prompts, completions, completion_ids, **kw):
-        return [10.0 * sum(t == target for t in ids) / max(1, len(ids)) for ids in completion_ids]
+    def positive_words(prompts, completions, completion_ids, **kw):
+        return [10.0 * sum(t in pos for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
-    return count_good
+    return positive_words
 
 
 def make(tmp_path, tok, reward=None, data=None, model=None, callbacks=None, **kw):
@@ -40,7 +41,7 @@ def make(tmp_path, tok, reward=None, data=None, model=None, callbacks=None, **kw
 
 
 def test_ppo_raises_reward(tmp_path, tok):
-    hist = make(tmp_path, tok, max_steps=14).train()
+    hist = make(tmp_path, tok, max_steps=10).train()
     first = sum(h["objective/scores"] for h in hist[:3]) / 3
     last = sum(h["objective/scores"] for h in hist[-3:]) / 3
     assert last > first + 1.0, (first, last)
@@ -75,7 +76,7 @@ def test_lagrangian_beta_follows_kl(tmp_path, tok):
 
 def _params(tr):
     return {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad} | {
-        f"vh.{n}": p.detach().clone() for n, p in tr.value_head.named_parameters()}
+        f"vh.{n}": p.detach().clone() for n, p in tr.policy.value_head.named_parameters()}
 
 
 def test_resume_is_exact(tmp_path, tok):
@@ -114,18 +115,34 @@ def test_checkpoint_is_complete_and_atomic(tmp_path, tok):
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ppo").iterdir())
 
 
-def test_save_model_saves_policy_adapter_only(tmp_path, tok):
-    tr = make(tmp_path, tok, max_steps=1, critic="separate")
+def test_save_model_writes_a_standard_peft_adapter(tmp_path, tok, tiny_path):
+    """save_model(dir): `PeftModel.from_pretrained(base, dir)` gives the trained policy; the critic sits aside."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ext.models import load_model
+
+    tr = make(tmp_path, tok, model=load_model(tiny_path, "causal"), max_steps=1, critic="separate")
+    tr.model_name = tiny_path
     tr.train()
     out = tmp_path / "policy"
     tr.save_model(str(out))
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert any(f.endswith("adapter_model.safetensors") for f in files)
-    assert not any("critic" in f or "value_head" in f for f in files)
-    assert (out / "README.md").is_file()
+    top = {p.name for p in out.iterdir() if p.is_file()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "manifest.json"} <= top
+    assert (out / "critic" / "value_head.safetensors").is_file()
+    assert (out / "critic" / "critic" / "adapter_model.safetensors").is_file()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), str(out)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = tr.policy.logits(ids, torch.ones_like(ids), 4) * tr.args.temperature
+        got = loaded(input_ids=ids).logits[:, :-1]
+    assert torch.allclose(want, got, atol=1e-5)
     merged = tmp_path / "merged"
     tr.save_model(str(merged), merge=True)
     assert (merged / "model.safetensors").is_file()
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits[:, :-1]
+    assert torch.allclose(want, got, atol=1e-4)
 
 
 def test_4bit_ppo_iteration(tmp_path, tok, tiny4_path):
@@ -223,7 +240,7 @@ def test_frozen_prefix_cache_is_exact(tmp_path, tok, critic, kl_controller, four
                          cache_frozen_layers=cache, lora_top_layers=2)
         tr = PPOTrainer(load_model(path, "causal", load_in_4bit=four_bit), reward_funcs=good_counter(tok), args=args,
                         train_dataset=prompts(), processing_class=tok, peft_config=top)
-        assert (tr.split is not None) == cache and (not cache or tr.split.k == 2)
+        assert (tr.policy.split is not None) == cache and (not cache or tr.policy.split.k == 2)
         runs.append((tr.train(), _params(tr)))
     (h_a, p_a), (h_b, p_b) = runs
     for k in p_a:
@@ -244,7 +261,7 @@ def test_frozen_prefix_cache_falls_back_where_not_exact(tmp_path, tok):
         tr = PPOTrainer(gpt2, reward_funcs=good_counter(tok), args=args, train_dataset=prompts(), processing_class=tok,
                         peft_config=LoraConfig(r=4, target_modules=["c_attn"], layers_to_transform=[2],
                                                fan_in_fan_out=True))
-    assert tr.split is None
+    assert tr.policy.split is None
     assert math.isfinite(tr.train()[0]["loss/policy"])
 
 

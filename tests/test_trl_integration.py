@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 
 from rlhf_ext import KLControllerCallback, RewardPipeline, build, build_controller
-from rlhf_ext.shaping import as_reward_func
+from rlhf_ext.plugins.shaping import as_reward_func
 from rlhf_ext.testing import tiny_causal_lm
 
 

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import build, register
+from ..registry import build, register
 
 
 @dataclass
 class ResponseInfo:
-    """What shapers may look at. lengths: [B] response tokens; has_eos: [B] bool; ids: B lists of token ids."""
+    """What shapers may look at. lengths: [B] response tokens *excluding* a final EOS (the content the reader sees;
+    an answer that ends properly is not charged for its stop token); has_eos: [B] bool; ids: B lists of token ids
+    (EOS included when present)."""
 
     lengths: torch.Tensor
     has_eos: torch.Tensor
@@ -25,7 +27,8 @@ class ResponseInfo:
     def from_ids(cls, ids: list, eos_token_id: int | None = None):
         ids = [list(map(int, x)) for x in ids]
         has_eos = [eos_token_id is not None and len(x) > 0 and x[-1] == eos_token_id for x in ids]
-        return cls(torch.tensor([len(x) for x in ids], dtype=torch.float), torch.tensor(has_eos), ids)
+        lengths = [len(x) - int(e) for x, e in zip(ids, has_eos)]
+        return cls(torch.tensor(lengths, dtype=torch.float), torch.tensor(has_eos), ids)
 
 
 class Shaper:

@@ -76,7 +76,7 @@ class RewardEnsembleConfig(RewardConfig):
             raise ValueError(f"ensemble_size must be an integer ≥ 1, got {self.ensemble_size!r}. Use 1 for a plain reward model.")
         if self.ensemble_mode not in ("heads", "adapters"):
             raise ValueError(f"Unknown ensemble_mode {self.ensemble_mode!r}; use 'heads' or 'adapters'.")
-        from .reward_model import POOLING
+        from .ensemble import POOLING
 
         if self.pooling not in POOLING:
             raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token) or 'mean'.")

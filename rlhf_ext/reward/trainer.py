@@ -1,9 +1,14 @@
-"""Bradley–Terry reward modelling with cheap ensembles, on top of `trl.RewardTrainer`."""
+"""Bradley–Terry reward modelling with cheap ensembles, on top of `trl.RewardTrainer`.
+
+The trainer's model is a `RewardEnsemble` (trunk → pool → heads): the same module, and so the same scoring path,
+that PPO and everything else use after training. TRL's RewardTrainer keeps doing what it does well (data
+preparation, collation, the Trainer loop, logging); the loss is ours: Bradley–Terry per member with bootstrap
+weights, plus an optional length de-correlation penalty.
+"""
 
 from __future__ import annotations
 
 import math
-import types
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,24 +16,29 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers import TrainerCallback
 from trl import RewardTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from .models import ensure_pad_token, load_model, load_tokenizer, trunk_of
-from .reward_config import RewardEnsembleConfig
-from .reward_model import POOLING, message_text, save_reward_artifact
-from .rl_math import bt_loss, pearson
-from .split_trunk import PrefixCache, frozen_prefix_split, restrict_to_top_layers
+from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable
+from ..data import message_text
+from ..models import base_reference, ensure_pad_token, is_quantized, load_model, load_tokenizer, model_fingerprint, trunk_of
+from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
+from ..rl_math import bt_loss, pearson
+from .artifact import save_reward_artifact
+from .config import RewardEnsembleConfig
+from .ensemble import RewardEnsemble
 
 
 # ------------------------------------------------------------------------------------------- data checks
-def validate_preference_dataset(dataset, name: str = "train_dataset") -> None:
-    """Fail early, naming the row and the fix, instead of deep inside tokenisation."""
+def validate_preference_dataset(dataset, name: str = "train_dataset"):
+    """Fail early, naming the row and the fix, instead of deep inside tokenisation. Pairs whose chosen and
+    rejected responses are identical carry no preference (the loss is log 2 whatever the model does): they are
+    dropped with a counted warning. Returns the dataset to train on."""
     cols = set(dataset.column_names)
     if {"chosen_ids", "rejected_ids"} <= cols:
-        return
+        return dataset
     missing = {"chosen", "rejected"} - cols
     if missing:
         raise ValueError(
@@ -37,14 +47,24 @@ def validate_preference_dataset(dataset, name: str = "train_dataset") -> None:
         )
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
+    ties = []
     for i, row in enumerate(dataset):
         for col in ("chosen", "rejected"):
-            v = row[col]
-            text = message_text(v)
+            text = message_text(row[col])
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
         if "margin" in row and (row["margin"] is None or not math.isfinite(float(row["margin"]))):
             raise ValueError(f"{name} row {i}: margin {row['margin']!r} is not a finite number. Fix or drop the row.")
+        if row["chosen"] == row["rejected"]:
+            ties.append(i)
+    if ties:
+        if len(ties) == len(dataset):
+            raise ValueError(f"Every pair of {name} has chosen == rejected: there is no preference to learn.")
+        warnings.warn(f"{name}: dropped {len(ties)} pair(s) whose chosen and rejected responses are identical (first: "
+                      f"row {ties[0]}); they carry no preference.", stacklevel=3)
+        keep = sorted(set(range(len(dataset))) - set(ties))
+        dataset = dataset.select(keep)
+    return dataset
 
 
 @dataclass
@@ -67,28 +87,10 @@ class EnsemblePreferenceCollator(DataCollatorForPreference):
         return out
 
 
-def _masked_pool_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-    """Sequence-classification forward that pools by attention mask (`last` attended token, or `mean`), never by
-    the last non-pad id: with pad == EOS (SmolLM2) the id-based pooling of transformers skips the final EOS."""
-    for k in ("labels", "return_dict", "output_attentions", "output_hidden_states"):
-        kwargs.pop(k, None)
-    if attention_mask is None:
-        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-    cache = getattr(self, "_prefix_cache", None)
-    if cache is not None and inputs_embeds is None:  # frozen lower layers: computed once per text
-        hidden = cache(input_ids, attention_mask)
-    else:
-        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                 **kwargs).last_hidden_state
-    return SequenceClassifierOutputWithPast(logits=self.score(POOLING[self._reward_pooling](hidden, attention_mask)))
-
-
-def _head_std(model) -> float:
+def _head_std(config) -> float:
     # Small enough that K random heads start near 0 (large trunk activations would otherwise give each member a
     # big random offset to unlearn), large enough that members start different.
-    cfg = model.config
-    return cfg.initializer_range / cfg.hidden_size**0.5
+    return getattr(config, "initializer_range", 0.02) / config.hidden_size**0.5
 
 
 def _expected_calibration_error(p: torch.Tensor, n_bins: int = 10) -> float:
@@ -104,12 +106,24 @@ def _expected_calibration_error(p: torch.Tensor, n_bins: int = 10) -> float:
     return ece
 
 
+class _GradientReachCheck(TrainerCallback):
+    """At the first optimizer step: every member's LoRA-B matrix and head got gradient, or stop with the cause."""
+
+    def __init__(self, params, quantized):
+        self.params, self.quantized, self.done = params, quantized, False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.done:
+            self.done = True
+            check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
+
+
 class RewardEnsembleTrainer(RewardTrainer):
     """`trl.RewardTrainer` that trains K Bradley–Terry members in one run and saves one loadable artifact.
 
     Call shape is TRL's: `RewardEnsembleTrainer(model, args=RewardEnsembleConfig(...), train_dataset=...,
     eval_dataset=..., processing_class=..., peft_config=...)`. `model` may be a hub id, a local folder, a
-    `.gguf` file, the embedded default name, or an instantiated `AutoModelForSequenceClassification`.
+    `.gguf` file, the embedded default name, or an instantiated transformers model (its trunk is used).
     """
 
     _tag_names = ["trl", "reward-trainer", "rlhf_ext"]
@@ -123,9 +137,9 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise TypeError("`args` must be a RewardEnsembleConfig (a subclass of trl.RewardConfig).")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL preference format: chosen/rejected[/prompt]).")
-        validate_preference_dataset(train_dataset)
+        train_dataset = validate_preference_dataset(train_dataset)
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
-            validate_preference_dataset(eval_dataset, "eval_dataset")
+            eval_dataset = validate_preference_dataset(eval_dataset, "eval_dataset")
         K, mode = args.ensemble_size, args.ensemble_mode
         if mode == "adapters" and K > 1 and peft_config is None:
             raise ValueError(
@@ -133,7 +147,7 @@ class RewardEnsembleTrainer(RewardTrainer):
                 "`peft_config=LoraConfig(...)` (recipes: `use_peft: true`), or use ensemble_mode='heads'."
             )
 
-        # Model: a sequence classifier whose head has K outputs and pools by attention mask
+        # Trunk (the transformer body, no LM head) of the base model
         torch.manual_seed(args.seed)
         self.base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self.load_in_4bit = load_in_4bit or quantization_config is not None
@@ -144,58 +158,63 @@ class RewardEnsembleTrainer(RewardTrainer):
                 init["quantization_config"] = quantization_config
             if processing_class is None:
                 processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code)
-            model = load_model(model, "seq_cls", num_labels=1, load_in_4bit=load_in_4bit and quantization_config is None,
-                               **init)
+            trunk = load_model(model, "trunk", load_in_4bit=load_in_4bit and quantization_config is None, **init)
+        else:
+            trunk = trunk_of(model)
         if processing_class is None:
             processing_class = load_tokenizer(self.base_model_name)
         ensure_pad_token(processing_class)
-        model.config.pad_token_id = processing_class.pad_token_id
-        hidden = model.score.in_features
-        if K > 1 and mode == "heads":
-            model.score = nn.Linear(hidden, K, bias=False, dtype=model.score.weight.dtype,
-                                    device=model.score.weight.device)
-            model.score.weight.data.normal_(0.0, _head_std(model))  # rows differ: members differ
-        model._reward_pooling = args.pooling
-        model.forward = types.MethodType(_masked_pool_forward, model)
+        trunk.config.num_labels = 1  # TRL's reward-model check; our heads carry the K outputs
+        self.fingerprint = model_fingerprint(trunk)
 
-        self.member_adapters: list[str] = []
+        # Members: adapters (or the full trunk) + their score heads, as one RewardEnsemble
         if peft_config is not None:
-            model = self._wrap_peft(model, peft_config, args)
-            peft_config = None  # already applied
+            trunk = self._wrap_peft(trunk, peft_config, args)
+            adapter_names = list(trunk.peft_config)
+            ens_mode = "heads" if mode == "heads" or K == 1 else "adapters"
+        else:
+            adapter_names, ens_mode = ["full"], "full"
+        hidden, std = trunk.config.hidden_size, _head_std(trunk.config)
+        device = next(trunk.parameters()).device
+        heads = nn.ModuleDict()
+        for k, a in enumerate(adapter_names):
+            torch.manual_seed(args.seed + 2000 + k)  # each member its own head init
+            heads[a] = nn.Linear(hidden, K if ens_mode != "adapters" else 1, bias=False, device=device)
+            nn.init.normal_(heads[a].weight, 0.0, std)
+        spec = {"mode": ens_mode, "adapters": adapter_names, "members": [f"member_{k}" for k in range(K)],
+                "pooling": args.pooling, "max_length": args.max_length}
+        ens = RewardEnsemble(trunk, processing_class, spec, heads)
+        self.member_adapters = adapter_names if ens_mode != "full" else []
+        self._set_trainable(ens)
 
         # Per-member bootstrap weights over training pairs (Poisson(1) ≈ resampling with replacement)
-        n_members = K
         if "pair_id" not in train_dataset.column_names:
             train_dataset = train_dataset.add_column("pair_id", list(range(len(train_dataset))))
         g = torch.Generator().manual_seed(args.seed + 1)
         if K > 1 and args.bootstrap:
-            self.bootstrap_weights = torch.poisson(torch.ones(n_members, len(train_dataset)), generator=g)
+            self.bootstrap_weights = torch.poisson(torch.ones(K, len(train_dataset)), generator=g)
         else:
-            self.bootstrap_weights = torch.ones(n_members, len(train_dataset))
+            self.bootstrap_weights = torch.ones(K, len(train_dataset))
 
         if data_collator is None:
-            pad_id = processing_class.pad_token_id
-            data_collator = EnsemblePreferenceCollator(pad_token_id=pad_id, pad_to_multiple_of=args.pad_to_multiple_of)
+            data_collator = EnsemblePreferenceCollator(pad_token_id=processing_class.pad_token_id,
+                                                       pad_to_multiple_of=args.pad_to_multiple_of)
         self._raw_reference = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, dict) else train_dataset
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None, **kwargs)
-        if self.member_adapters:
-            self._mark_members_trainable()
-        if self.load_in_4bit:  # TRL casts QLoRA adapters to bf16; our heads pool fp32 hidden states, keep fp32
-            for p in self.model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        self.prefix_cache = self._build_prefix_cache() if args.cache_frozen_layers else None
+        check = _GradientReachCheck(self._reach_params(ens), is_quantized(trunk))
+        super().__init__(model=ens, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None,
+                         callbacks=[*(kwargs.pop("callbacks", None) or []), check], **kwargs)
+        self.prefix_cache = self._build_prefix_cache(ens) if args.cache_frozen_layers else None
         self._eval_buffer = defaultdict(list)
         self.normalization: dict | None = None
         self.is_conversational = is_conversational(next(iter(train_dataset)))
 
     # -- model setup -----------------------------------------------------------------------------------------
-    def _wrap_peft(self, model, peft_config, args):
+    def _wrap_peft(self, trunk, peft_config, args):
         from peft import get_peft_model
 
-        peft_config.task_type = "SEQ_CLS"  # puts `score` in modules_to_save: each adapter owns its head
-        restrict_to_top_layers(peft_config, model, args.lora_top_layers)
+        peft_config.task_type = None  # a bare trunk: our heads, not PEFT's modules_to_save, score
+        restrict_to_top_layers(peft_config, trunk, args.lora_top_layers)
         self.lora_config = {k: v for k, v in peft_config.to_dict().items()
                             if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
                                      "use_dora", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
@@ -207,48 +226,40 @@ class RewardEnsembleTrainer(RewardTrainer):
         for k, name in enumerate(names):
             torch.manual_seed(args.seed + 1000 * k)  # different LoRA-A init per member
             if k == 0:
-                model = get_peft_model(model, peft_config, adapter_name=name)
+                trunk = get_peft_model(trunk, peft_config, adapter_name=name)
             else:
-                model.add_adapter(name, peft_config)
-            head = model.get_base_model().score.modules_to_save[name]
-            head.weight.data.normal_(0.0, _head_std(model))  # each member its own head init
-        self.member_adapters = names
-        return model
+                trunk.add_adapter(name, peft_config)
+        return trunk
 
-    def _build_prefix_cache(self):
+    def _set_trainable(self, ens):
+        if self.member_adapters:
+            set_trainable(ens.model, self.member_adapters)
+            if is_quantized(ens.model):  # keep LoRA math in fp32 on a 4-bit base (TRL would cast to bf16)
+                for p in ens.model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.float()
+        else:
+            ens.model.requires_grad_(True)
+        ens.heads.requires_grad_(True)
+
+    def _reach_params(self, ens) -> dict:
+        params = first_step_grad_params(ens.model, self.member_adapters) if self.member_adapters else {}
+        return params | {f"heads.{n}": p for n, p in ens.heads.named_parameters()}
+
+    def _build_prefix_cache(self, ens):
         if not self.member_adapters:
             warnings.warn("cache_frozen_layers needs LoRA on the top layers only (`lora_top_layers`); it is off.")
             return None
-        split = frozen_prefix_split(self.model, self.member_adapters, warn_unlayered=True)
-        self._mark_members_trainable()  # leaving disable_adapter() re-freezes the inactive members
+        split = frozen_prefix_split(ens.model, self.member_adapters, warn_unlayered=True)
         if split is None:
             return None
-        hf = self.model.get_base_model()
-        hf._prefix_cache = PrefixCache(split)  # read by the patched forward
-        return hf._prefix_cache
-
-    def _mark_members_trainable(self):
-        for n, p in self.model.named_parameters():
-            if any(f".{a}." in n for a in self.member_adapters) and ("lora_" in n or "modules_to_save" in n):
-                p.requires_grad_(True)
-
-    def _member_rewards(self, model, inputs) -> torch.Tensor:
-        """[2B, K] rewards (chosen rows first). Adapter members run one forward each."""
-        kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        if len(self.member_adapters) <= 1:
-            return model(**kw).logits.float()
-        peft = self.accelerator.unwrap_model(model)
-        out = []
-        for a in self.member_adapters:
-            peft.base_model.set_adapter(a)
-            self._mark_members_trainable()  # set_adapter freezes the others; the optimizer owns all of them
-            out.append(model(**kw).logits.float())
-        return torch.cat(out, -1)
+        ens.prefix_cache = PrefixCache(split)
+        return ens.prefix_cache
 
     # -- loss ------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        rewards = self._member_rewards(model, inputs)  # [2B, K]
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).float()  # [2B, K]
         r_chosen, r_rejected = rewards.chunk(2)  # [B, K] each
         margin = inputs.get("margin")
         per_pair = bt_loss(r_chosen, r_rejected, None if margin is None else margin.unsqueeze(-1))  # [B, K]
@@ -306,18 +317,19 @@ class RewardEnsembleTrainer(RewardTrainer):
         dataset = self._prepare_dataset(dataset if dataset is not None else self._raw_reference,
                                         self.processing_class, self.args, "reference")
         n = min(len(dataset), max_pairs or self.args.normalization_samples)
-        model = self.model
-        model.eval()
+        ens = self.accelerator.unwrap_model(self.model)
         chunks = []
         bs = self.args.per_device_eval_batch_size
         cols = [c for c in dataset.column_names if c in ("chosen_ids", "rejected_ids")]
         rows = dataset.select(range(n)).select_columns(cols)
         for i in range(0, n, bs):
             batch = self.data_collator([rows[j] for j in range(i, min(n, i + bs))])
-            batch = {k: v.to(self.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            chunks.append(self._member_rewards(model, batch).cpu())
+            chunks.append(ens.score_ids(batch["input_ids"].to(self.args.device),
+                                        batch["attention_mask"].to(self.args.device)).cpu())
         r = torch.cat(chunks)
         self.normalization = {"mean": r.mean(0).tolist(), "std": r.std(0).clamp(min=1e-6).tolist(), "n": int(r.shape[0])}
+        ens.mean.copy_(torch.tensor(self.normalization["mean"]))
+        ens.std.copy_(torch.tensor(self.normalization["std"]))
         return self.normalization
 
     def train(self, *args, **kwargs):
@@ -326,52 +338,68 @@ class RewardEnsembleTrainer(RewardTrainer):
         return out
 
     def artifact_spec(self) -> dict:
-        K, mode = self.args.ensemble_size, self.args.ensemble_mode
-        peft = bool(self.member_adapters)
+        ens = self.accelerator.unwrap_model(self.model)
+        trunk = trunk_of(ens.model)
         return {
-            "base_model": self.base_model_name,
-            "mode": ("heads" if mode == "heads" or K == 1 else "adapters") if peft else "full",
-            "ensemble_size": K,
-            "members": [f"member_{k}" for k in range(K)],
-            "adapters": list(self.member_adapters) if peft else ["full"],
+            **ens.spec,
+            "base_model": base_reference(self.base_model_name) if self.base_model_name else None,
+            "base_model_display": self.base_model_name,
+            "base_fingerprint": self.fingerprint,
+            "ensemble_size": self.args.ensemble_size,
             "lora_config": getattr(self, "lora_config", None),
             "normalization": self.normalization,
             "load_in_4bit": bool(self.load_in_4bit),
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "") if not self.load_in_4bit else "float32",
+            "dtype": "float32" if self.load_in_4bit else str(next(trunk.parameters()).dtype).replace("torch.", ""),
             "conversational": self.is_conversational,
-            "max_length": self.args.max_length,
-            "pooling": self.args.pooling,
             "training": {"length_decorrelation_coef": self.args.length_decorrelation_coef,
-                         "bootstrap": self.args.bootstrap, "seed": self.args.seed},
+                         "bootstrap": self.args.bootstrap, "seed": self.args.seed,
+                         "epochs": self.args.num_train_epochs, "learning_rate": self.args.learning_rate},
         }
 
-    def export_artifact(self, output_dir: str) -> None:
-        from peft import get_peft_model_state_dict
-
-        model = self.accelerator.unwrap_model(self.model)
-        heads, adapters, trunk = {}, {}, None
-        if self.member_adapters:
-            from .reward_model import trunk_key_prefix
-
-            prefix = trunk_key_prefix(model)
-            score = model.get_base_model().score
-            for a in self.member_adapters:
-                sd = get_peft_model_state_dict(model, adapter_name=a)
-                adapters[a] = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and "lora_" in k}
-                head = score.modules_to_save[a]
-                heads[a] = {"weight": head.weight} | ({"bias": head.bias} if head.bias is not None else {})
-        else:
-            trunk = trunk_of(model)
-            heads["full"] = {"weight": model.score.weight} | ({"bias": model.score.bias} if model.score.bias is not None else {})
-        save_reward_artifact(output_dir, self.artifact_spec(), heads, adapters, self.processing_class, trunk)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            # Trainer pickles the arguments to training_args.bin; keep the folder pickle-free (JSON instead)
-            out = Path(output_dir or self.args.output_dir)
-            (out / "training_args.bin").unlink(missing_ok=True)
-            (out / "training_args.json").write_text(self.args.to_json_string())
-            if self.normalization is None:
-                self.compute_normalization()
-            self.export_artifact(output_dir or self.args.output_dir)
+        """Write the artifact (adapters + heads + normalisation + tokenizer + card + manifest). No pickles: the
+        training arguments go to training_args.json."""
+        if not self.args.should_save:
+            return
+        out = Path(output_dir or self.args.output_dir)
+        if self.normalization is None:
+            self.compute_normalization()
+        spec = self.artifact_spec()
+        save_reward_artifact(out, self.accelerator.unwrap_model(self.model), spec, self.processing_class,
+                             card=_reward_card(spec, self.state.log_history))
+        (out / "training_args.json").write_text(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Trainer's resume, for our artifact-shaped checkpoints (adapters + heads, verified by the manifest)."""
+        from peft import set_peft_model_state_dict
+
+        from ..integrity import load_safetensors, verify_manifest
+        from .artifact import _REBUILD, read_spec, trunk_key_prefix
+
+        ens, path = self.accelerator.unwrap_model(self.model), Path(resume_from_checkpoint)
+        spec = read_spec(path)
+        verify_manifest(path, "Resume from an earlier checkpoint-N folder.", required=("heads.safetensors",))
+        heads = load_safetensors(path / "heads.safetensors", _REBUILD + ".")
+        for a, head in ens.heads.items():
+            head.load_state_dict({k[len(a) + 1 :]: v for k, v in heads.items() if k.startswith(a + ".")})
+        if spec["mode"] == "full":
+            trunk = trunk_of(ens.model)
+            trunk.load_state_dict(load_safetensors(path / "trunk" / "model.safetensors", _REBUILD + "."))
+        else:
+            prefix = trunk_key_prefix(ens.model)
+            for a in ens.adapters:
+                state = load_safetensors(path / "adapters" / f"{a}.safetensors", _REBUILD + ".")
+                set_peft_model_state_dict(ens.model, {prefix + k: v for k, v in state.items()}, adapter_name=a)
+        self._set_trainable(ens)
+
+
+def _reward_card(spec: dict, history: list[dict]) -> str:
+    evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evals.items()) if isinstance(v, (int, float)))
+    return (f"---\nlibrary_name: rlhf_ext\nbase_model: {spec.get('base_model_display') or spec.get('base_model')}\n"
+            f"tags: [rlhf_ext, reward-model, trl]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
+            f"K = {spec['ensemble_size']} members, mode `{spec['mode']}`, pooling `{spec.get('pooling', 'last')}`, "
+            f"length de-correlation {spec['training']['length_decorrelation_coef']}.\n\n"
+            f"```python\nfrom rlhf_ext import load_reward_model\nrm = load_reward_model(\"<this folder or repo id>\")\n"
+            f"scores = rm.score_texts(prompts, completions, normalize=True)  # [N, K]\n```\n\n"
+            + (f"| metric | value |\n|---|---|\n{metrics}\n" if metrics else ""))

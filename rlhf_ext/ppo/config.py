@@ -42,6 +42,7 @@ class PPOConfig(TrainingArguments):
     lora_top_layers: int = field(default=0, metadata={"help": "LoRA on the last N decoder layers only (0 = every layer). With the frozen-prefix cache, passes and backward then run through those N layers only."})
     cache_frozen_layers: bool = field(default=True, metadata={"help": "When LoRA sits on the top layers only (`layers_to_transform`), run the layers below once per rollout and share them across the reference, policy, critic and KL passes (exact; checked at start-up, off where the architecture does not allow it)."})
     critic: str = field(default="shared", metadata={"help": "'shared' (value head on the policy trunk: one forward) or 'separate' (own LoRA adapter + head on the same base)."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Run every PPO pass without dropout (TRL's default for its trainers). Ratios, values and the KL guard are then exact; with False, training passes keep the model's dropout and the KL guard still measures in eval mode."})
     # KL
     kl_controller: str = field(default="hard", metadata={"help": "KL controller plugin: fixed, adaptive, lagrangian, hard (or a registered name)."})
     kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator for the reward penalty: k1, k2, k3."})
@@ -53,7 +54,8 @@ class PPOConfig(TrainingArguments):
     aggregation: str = field(default="mean", metadata={"help": "Ensemble aggregation plugin: mean, min, uwo, median, weighted."})
     aggregation_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "e.g. {'lam': 1.0} for uwo, {'weights': [...]} for weighted."})
     shapers: list[Any] | str | None = field(default=None, metadata={"help": "Reward shapers, e.g. [{'name': 'linear', 'alpha': 0.02, 'free_tokens': 24}, 'missing_eos']."})
-    nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf (counted in rewards/dropped) or 'error'."})
+    nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf/None (counted in rewards/dropped_nonfinite, warned once; an error if a whole batch is dropped) or 'error'."})
+    callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions: 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model artifact to load as members on the shared base (recipes)."})
     model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
@@ -83,6 +85,8 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}.")
         if self.prompt_overflow not in ("error", "drop", "truncate"):
             raise ValueError(f"prompt_overflow must be 'error', 'drop' or 'truncate', got {self.prompt_overflow!r}.")
+        if self.callable_normalization not in ("auto", "running", "none"):
+            raise ValueError(f"callable_normalization must be 'auto', 'running' or 'none', got {self.callable_normalization!r}.")
         if self.nonfinite_rewards not in ("drop", "error"):
             raise ValueError(f"nonfinite_rewards must be 'drop' or 'error', got {self.nonfinite_rewards!r}.")
         if self.per_device_train_batch_size % self.num_mini_batches:

@@ -1,4 +1,5 @@
-"""Frozen-prefix cache: run the layers below the lowest adapted layer once per rollout.
+"""Frozen-prefix cache: run the layers below the lowest adapted layer once per rollout (PPO) or once per text
+(reward-model epochs).
 
 When every trained adapter (policy, critic) sits on the top layers only (LoRA `layers_to_transform`), the hidden
 state entering the first adapted layer is the same for the reference pass, every PPO epoch, the critic and each
@@ -23,11 +24,17 @@ _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
 def lowest_adapted_layer(peft_model, adapters) -> int | None:
-    """Index of the lowest decoder layer holding LoRA weights of any of `adapters`; None if not layered."""
+    """Index of the lowest decoder layer holding weights of any of `adapters`; None if not layered, 0 when an
+    adapted module sits below the layer stack (embeddings). Adapters on the LM head (above the stack) don't count."""
+    from .adapters import adapted_modules
+
+    adapted = {n: m for a in adapters for n, m in adapted_modules(peft_model, a).items()}
+    hf = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    above = [m for m in (hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None,
+                         getattr(hf, "score", None)) if m is not None]  # LM head / reward head: above the stack
     lowest = None
-    for name, module in peft_model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict) or not any(a in lora_a for a in adapters):
+    for name, module in adapted.items():
+        if any(module is m for m in above):
             continue
         m = _LAYER_INDEX.search(name + ".")
         if m is None:  # an adapted module outside the layer stack (e.g. embeddings): nothing to cache
@@ -41,9 +48,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def frozen_prefix_split(peft_model, adapters, warn_unlayered: bool = False) -> "SplitTrunk | None":
+def frozen_prefix_split(peft_model, adapters, warn_unlayered: bool = False, whole_model: bool = False,
+                        train_mode: bool = True) -> "SplitTrunk | None":
     """A verified SplitTrunk below the lowest layer any of `adapters` touches, or None (nothing to cache, or the
-    architecture does not allow it). Verification runs with adapters disabled; callers restore requires_grad."""
+    architecture does not allow it). Verification runs with adapters disabled and compares the trunk's output, or
+    with `whole_model` the model's own logits (LM head, soft-capping and all). `train_mode`: verify with dropout
+    as training will run it. requires_grad is left as it was."""
     k = lowest_adapted_layer(peft_model, adapters)
     if not k:
         if warn_unlayered:
@@ -52,8 +62,11 @@ def frozen_prefix_split(peft_model, adapters, warn_unlayered: bool = False) -> "
         return None
     hf = peft_model.get_base_model()
     split = SplitTrunk(trunk_of(hf), k)
-    with peft_model.disable_adapter():
-        ok = split.verify(hf.config.get_text_config().vocab_size, next(hf.parameters()).device)
+    from .adapters import adapters_disabled
+
+    with adapters_disabled(peft_model):
+        ok = split.verify(hf.config.get_text_config().vocab_size, next(hf.parameters()).device,
+                          model=peft_model if whole_model else None, train_mode=train_mode)
     return split if ok else None
 
 
@@ -102,6 +115,14 @@ class SplitTrunk:
             setattr(self.trunk, self.layers_attr, all_layers)
             setattr(self.trunk, self.norm_attr, final_norm)
 
+    @contextmanager
+    def upper_only(self):
+        """Inside, the trunk runs layers [k, n) + final norm: feed the cached state as `inputs_embeds`, through
+        the trunk or through the whole model (whose LM head then runs as usual)."""
+        layers = getattr(self.trunk, self.layers_attr)
+        with self._only(layers[self.k :], getattr(self.trunk, self.norm_attr)):
+            yield
+
     @torch.no_grad()
     def lower(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """Hidden state entering layer k. [B, T] ids → [B, T, H]."""
@@ -112,30 +133,39 @@ class SplitTrunk:
 
     def upper(self, hidden, attention_mask, position_ids) -> torch.Tensor:
         """Final hidden states from the cached state. [B, T, H] → [B, T, H]."""
-        layers = getattr(self.trunk, self.layers_attr)
-        with self._only(layers[self.k :], getattr(self.trunk, self.norm_attr)):
+        with self.upper_only():
             return self.trunk(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
 
     @torch.no_grad()
-    def verify(self, vocab_size: int, device, atol: float = 1e-4) -> bool:
-        """lower → upper equals the full forward on a left-padded random batch (a dry run, adapters as they are)."""
-        was_training = self.trunk.training
-        self.trunk.train()  # dropout below k would make a cached state inexact: train mode exposes it
+    def verify(self, vocab_size: int, device, atol: float = 1e-4, model=None, train_mode: bool = True) -> bool:
+        """lower → upper equals the full forward on a left-padded random batch (a dry run, adapters as they are).
+        `model`: compare that model's logits instead of the trunk's hidden states."""
+        root = model if model is not None else self.trunk
+        states = [(m, m.training) for m in root.modules()]
+        root.train(train_mode)  # dropout below k would make a cached state inexact: train mode exposes it
         try:
-            return self._verify(vocab_size, device, atol)
+            return self._verify(vocab_size, device, atol, model)
         finally:
-            self.trunk.train(was_training)
+            for m, t in states:
+                m.training = t
 
-    def _verify(self, vocab_size, device, atol) -> bool:
+    def _verify(self, vocab_size, device, atol, model) -> bool:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab_size, (2, 9), generator=g).to(device)
         mask = torch.ones_like(ids)
         mask[1, :3] = 0
         pos = positions(mask)
         try:
-            full = self.trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-            split = self.upper(self.lower(ids, mask, pos), mask, pos)
+            if model is None:
+                full = self.trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                split = self.upper(self.lower(ids, mask, pos), mask, pos)
+            else:
+                kw = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+                full = model(input_ids=ids, **kw).logits
+                h_low = self.lower(ids, mask, pos)
+                with self.upper_only():
+                    split = model(inputs_embeds=h_low, **kw).logits
         except Exception as e:  # noqa: BLE001 — any failure means "not this architecture"
             warnings.warn(f"Frozen-prefix cache disabled: split forward failed on {type(self.trunk).__name__} ({e}).")
             return False

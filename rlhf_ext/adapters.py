@@ -1,0 +1,163 @@
+"""Adapters on one shared base, through PEFT's own bookkeeping: which parameters belong to an adapter, which
+train, which adapter is active, and the checks that training really reaches them.
+
+Every trainer decides trainability here, in one place. Parameter names are never matched by substring: PEFT
+names embedding LoRA weights `lora_embedding_A.<adapter>` (no trailing dot) and DoRA adds a magnitude vector, so
+the adapter's own `adapter_layer_names` are the only reliable list.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# The weights whose gradient is non-zero from the first step on, when training reaches the layer: LoRA's B
+# matrices start at zero, so dL/dA = 0 at step one, while dL/dB = (dL/dy)·(A x)ᵀ ≠ 0.
+_FIRST_STEP_GRAD = ("lora_B", "lora_embedding_B")
+
+
+def _tuner_modules(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for name, module in model.named_modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            yield name, module
+
+
+def adapter_parameters(model, adapter: str) -> dict[str, nn.Parameter]:
+    """Every parameter that belongs to `adapter` (LoRA A/B, embedding LoRA, DoRA magnitudes, modules_to_save copies),
+    by full name. Taken from each PEFT layer's `adapter_layer_names`, so new adapter types are covered by PEFT."""
+    from operator import attrgetter
+
+    out = {}
+    for mname, module in _tuner_modules(model):
+        for layer_name in module.adapter_layer_names:
+            try:
+                holder = attrgetter(layer_name)(module)
+            except AttributeError:
+                continue
+            if adapter not in holder:
+                continue
+            part = holder[adapter]
+            params = [("", part)] if isinstance(part, nn.Parameter) else part.named_parameters()
+            for pname, p in params:
+                out[".".join(x for x in (mname, layer_name, adapter, pname) if x)] = p
+    return out
+
+
+def adapted_modules(model, adapter: str) -> dict[str, nn.Module]:
+    """The PEFT layers (LoRA-wrapped linears/embeddings, modules_to_save wrappers) that hold `adapter`, by name."""
+    from operator import attrgetter
+
+    out = {}
+    for mname, module in _tuner_modules(model):
+        for layer_name in module.adapter_layer_names:
+            try:
+                if adapter in attrgetter(layer_name)(module):
+                    out[mname] = module
+            except AttributeError:
+                continue
+    return out
+
+
+def set_trainable(model, adapters) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze exactly the parameters of `adapters`. Returns them (optimizer order)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for a in adapters:
+        for p in adapter_parameters(model, a).values():
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        raise ValueError(f"Adapter(s) {list(adapters)} have no parameters on this model; check the PEFT config's "
+                         f"target_modules (they matched no module?).")
+    return params
+
+
+@contextmanager
+def active_adapter(model, name: str):
+    """Run with adapter `name` active, leaving requires_grad as it was.
+
+    Not `trl.trainer.utils.use_adapter`: PEFT's `set_adapter` (which it calls) unfreezes the activated adapter and
+    freezes every other one, so after it the critic or a reward member would silently stop training."""
+    prev = model.active_adapter
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.base_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.base_model.set_adapter(prev)
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+@contextmanager
+def adapters_disabled(model):
+    """π_ref: every adapter off, on the whole model (embeddings and LM head included), requires_grad untouched.
+
+    Not PEFT's bare `disable_adapter()`: leaving it re-runs `set_adapter(active)`, which freezes every inactive
+    adapter — the critic and each reward member would silently stop training after the first reference pass."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+@contextmanager
+def dropout_off(model: nn.Module):
+    """Eval mode for every module (no dropout anywhere: nn.Dropout, LoRA dropout, functional attention dropout),
+    except the flag that lets gradient checkpointing run: transformers checkpoints a decoder layer only when that
+    layer's own `training` is True, and the layer's children (attention, MLP, dropout) stay in eval mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False):
+            m.training = True
+    try:
+        yield
+    finally:
+        for m, t in states:
+            m.training = t
+
+
+def first_step_grad_params(model, adapters) -> dict[str, nn.Parameter]:
+    """The parameters of `adapters` that must have a non-zero gradient after the first backward pass."""
+    return {n: p for a in adapters for n, p in adapter_parameters(model, a).items()
+            if p.requires_grad and any(f".{k}." in f".{n}." for k in _FIRST_STEP_GRAD)}
+
+
+def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quantized: bool = False) -> None:
+    """Raise if some adapter matrix got no gradient at the first optimizer step (training would silently do
+    nothing there). Call between backward and optimizer.step."""
+    dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
+    if not dead:
+        return
+    cause = ("a 4-bit base whose layers have no backward kernel (bitsandbytes' CPU inference layout: "
+             "rlhf_ext.models.keep_4bit_trainable(model) keeps the trainable layout)" if quantized else
+             "a detached graph (gradient checkpointing with use_reentrant=True and no input gradients, or a custom "
+             "forward under torch.no_grad)")
+    raise RuntimeError(
+        f"{trainer}: {len(dead)} of {len(params)} adapter matrices received no gradient at the first optimizer "
+        f"step, so they would never train: {', '.join(dead[:6])}{' …' if len(dead) > 6 else ''}. Likely cause: "
+        f"{cause}. If these modules are deliberately outside the loss, drop them from the LoRA target_modules."
+    )
+
+
+@torch.no_grad()
+def max_logit_gap_to_reference(model, input_ids, attention_mask) -> float:
+    """max |logits with the active adapter − logits with adapters disabled| on a batch, in eval mode."""
+    with dropout_off(model):
+        a = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        with adapters_disabled(model):
+            b = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    m = attention_mask.bool()
+    return float((a[m] - b[m]).abs().max())

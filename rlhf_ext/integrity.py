@@ -1,0 +1,133 @@
+"""Files that survive a crash and say when they are broken: atomic folders, checksum manifests, named errors.
+
+A folder (checkpoint, reward artifact, saved policy) is written under `<name>.tmp` and renamed into place, so a
+killed run leaves the old folder or the new one, never half of one. Its `manifest.json` (written last) lists the
+SHA-256 and size of every file; loading verifies them, so a truncated file *or* bytes overwritten behind an intact
+header is reported by name instead of loading silently or failing deep inside safetensors/JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class CorruptFileError(RuntimeError):
+    """A file of a checkpoint or artifact is missing, truncated or altered."""
+
+    def __init__(self, path, problem: str, fix: str):
+        self.path = Path(path)
+        super().__init__(f"{path}: {problem}. {fix}")
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder, extra: dict | None = None) -> dict:
+    """Record size + SHA-256 of every file under `folder` (except the manifest itself) in `manifest.json`."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+    manifest = {"files": files, **(extra or {})}
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(folder, fix: str, required: tuple[str, ...] = ()) -> bool:
+    """Check every file listed in the manifest (and every `required` one). Returns False when there is no manifest
+    (folders written before manifests existed); raises CorruptFileError naming the first bad file."""
+    folder = Path(folder)
+    for name in required:
+        if not (folder / name).is_file():
+            raise CorruptFileError(folder / name, "missing", fix)
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        return False
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CorruptFileError(mf, f"unreadable manifest ({e})", fix) from None
+    for name, rec in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise CorruptFileError(p, "missing (listed in the manifest)", fix)
+        if p.stat().st_size != rec["bytes"]:
+            raise CorruptFileError(p, f"truncated or resized ({p.stat().st_size} bytes, manifest says {rec['bytes']})", fix)
+        if sha256(p) != rec["sha256"]:
+            raise CorruptFileError(p, "content differs from its checksum in the manifest (altered or damaged)", fix)
+    return True
+
+
+def write_text_atomic(path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(final, manifest_extra: dict | None = None):
+    """Yield a temporary folder; on success write its manifest and move it into place.
+
+    A new `final` appears by one rename (all or nothing). An existing `final` (e.g. an output_dir that also holds
+    checkpoints) keeps its other contents: its old manifest is removed first, the new files replace the old ones,
+    and the new manifest lands last — a crash in between leaves a folder whose manifest check fails by name."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        write_manifest(tmp, manifest_extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    (final / MANIFEST).unlink(missing_ok=True)
+    for item in tmp.iterdir():
+        if item.name == MANIFEST:
+            continue
+        dest = final / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    os.replace(tmp / MANIFEST, final / MANIFEST)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path, fix: str) -> dict:
+    """json.loads with the file named in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(path, "missing", fix)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(path, f"not valid JSON ({e})", fix) from None
+
+
+def load_safetensors(path, fix: str) -> dict:
+    """safetensors.torch.load_file with the file named in the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(path, "missing", fix)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(path, f"not a readable safetensors file ({e})", fix) from None

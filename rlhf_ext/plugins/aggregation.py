@@ -1,0 +1,65 @@
+"""Reward aggregation plugins: K normalised member rewards → one score per sample.
+
+Members must be normalised first (Bradley–Terry rewards are shift-invariant): only then do `min`, `uwo` and the
+ensemble variance mean anything. See `rlhf_ext.reward.pipeline.RewardPipeline`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import register
+
+
+class Aggregator:
+    name = "base"
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        """r: [B, K] normalised member rewards → [B]."""
+        raise NotImplementedError
+
+
+@register("aggregation", "mean")
+class Mean(Aggregator):
+    def __call__(self, r):
+        return r.mean(-1)
+
+
+@register("aggregation", "min")
+class WorstCase(Aggregator):
+    """WCO (Coste et al. 2023): min_i r_i."""
+
+    def __call__(self, r):
+        return r.min(-1).values
+
+
+@register("aggregation", "uwo")
+class UncertaintyWeighted(Aggregator):
+    """UWO (Coste et al. 2023): mean_i r_i − λ·var_i r_i."""
+
+    def __init__(self, lam: float = 1.0):
+        self.lam = lam
+
+    def __call__(self, r):
+        var = r.var(-1, unbiased=False) if r.shape[-1] > 1 else torch.zeros_like(r[..., 0])
+        return r.mean(-1) - self.lam * var
+
+
+@register("aggregation", "median")
+class Median(Aggregator):
+    def __call__(self, r):
+        return r.median(-1).values if r.shape[-1] % 2 else r.sort(-1).values[..., r.shape[-1] // 2 - 1 : r.shape[-1] // 2 + 1].mean(-1)
+
+
+@register("aggregation", "weighted")
+class Weighted(Aggregator):
+    def __init__(self, weights: list[float]):
+        self.weights = torch.tensor(weights, dtype=torch.float)
+        if (self.weights < 0).any() or self.weights.sum() <= 0:
+            raise ValueError(f"weighted aggregation needs non-negative weights with a positive sum, got {weights}.")
+
+    def __call__(self, r):
+        if r.shape[-1] != len(self.weights):
+            raise ValueError(f"weighted aggregation has {len(self.weights)} weights for {r.shape[-1]} members.")
+        w = self.weights.to(r)
+        return (r * w).sum(-1) / w.sum()

@@ -1,0 +1,223 @@
+"""The model side of PPO: one PeftModel whose adapters are the policy (trained), the critic (optional, trained) and
+the reward members (frozen); the reference π_ref is the same model with every adapter disabled.
+
+`PolicyAndValue` runs every pass a PPO iteration needs — sampling, the training forward, the reference and the
+exact-KL measurements — so that they all agree:
+  * log-probs come from the model's own forward (its LM head, biases, logit soft-capping, LoRA on `lm_head`
+    included), only for the response positions (`logits_to_keep`), then divided by the temperature T — the very
+    distribution `generate` samples from (checked at start-up);
+  * every pass runs without dropout (`adapters.dropout_off`), so ratios, values and the KL guard are exact;
+  * the reference disables adapters on the whole model, embeddings and LM head included;
+  * with LoRA on the top layers only, the layers below run once per rollout (`prefix_cache.SplitTrunk`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import rl_math as F
+from ..adapters import active_adapter, adapters_disabled, dropout_off
+from ..data import pad_ids
+from ..models import trunk_of
+from ..prefix_cache import positions
+
+POLICY, CRITIC = "policy", "critic"
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and what PPO needs about them. B sequences, P prompt + R response positions.
+
+    ids, mask:        [B, P+R]  left-padded prompt + right-padded response; attention mask (never found by pad id)
+    resp:             [B, R]    response tokens (pad after the first EOS)
+    resp_mask:        [B, R]    1 on response tokens up to and including the first EOS
+    loss_mask:        [B, R]    resp_mask of samples whose reward is valid (dropped rewards never reach the loss)
+    has_eos, valid:   [B]       bool
+    lengths:          [B]       response tokens excluding a final EOS
+    scores:           [B]       shaped, aggregated reward (0 where invalid)
+    raw, norm:        [B, K]    member rewards before / after normalisation
+    ref_logprobs:     [B, R]    log π_ref of the sampled tokens
+    ref_logprobs_full:[B, R, V] log π_ref over the vocabulary (exact KL; None when nothing measures it)
+    h_low:            [B, P+R, H] hidden state entering the lowest adapted layer (frozen-prefix cache) or None
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    resp: torch.Tensor
+    resp_mask: torch.Tensor
+    has_eos: torch.Tensor
+    lengths: torch.Tensor
+    prompts: list
+    completions: list
+    completion_ids: list
+    texts: list
+    gen_seconds: float
+    scores: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    ref_logprobs_full: torch.Tensor | None = None
+    h_low: torch.Tensor | None = None
+    audit: dict = field(default_factory=dict)
+
+    @property
+    def R(self) -> int:
+        return self.resp.shape[1]
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.resp_mask * self.valid.to(self.resp_mask)[:, None]
+
+
+class PolicyAndValue(nn.Module):
+    """Policy + value on one PeftModel. `forward` is the one training pass (gradients flow); the rest are no-grad.
+
+    critic: "shared" (value head on the policy's last hidden states: one pass gives both) or "separate" (the critic
+    adapter + value head, one more pass through the trained layers).
+    """
+
+    def __init__(self, peft, value_head: nn.Module, critic: str, temperature: float, exact_training: bool = True):
+        super().__init__()
+        self.peft, self.value_head = peft, value_head
+        self.critic, self.temperature, self.exact_training = critic, temperature, exact_training
+        self.split = None  # SplitTrunk when the frozen-prefix cache is on
+        base = peft.get_base_model()
+        self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    # -- passes ---------------------------------------------------------------------------------------------------
+    def _mode(self, training: bool):
+        """Dropout off for every pass, except training passes when the user kept dropout (`disable_dropout=False`)."""
+        return nullcontext() if training and not self.exact_training else dropout_off(self.peft)
+
+    def _lm(self, ids, mask, n_resp, h_low, want_hidden: bool):
+        """The model's own forward → (logits/T, last hidden states) at the R states that predict the response."""
+        captured = {}
+        hook = None
+        if want_hidden:  # the LM head's input is the final hidden state, whatever the architecture calls it
+            head = self.peft.get_base_model().get_output_embeddings()
+            hook = head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+        kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        if self._keep_logits:
+            kw["logits_to_keep"] = n_resp + 1
+        try:
+            if h_low is None:
+                out = self.peft(input_ids=ids, **kw)
+            else:
+                with self.split.upper_only():
+                    out = self.peft(inputs_embeds=h_low, **kw)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = out.logits[:, -n_resp - 1 : -1].float() / self.temperature
+        h = captured["h"][:, -n_resp - 1 : -1] if want_hidden else None
+        return logits, h
+
+    def _critic_hidden(self, ids, mask, n_resp, h_low):
+        trunk, pos = trunk_of(self.peft), positions(mask)
+        with active_adapter(self.peft, CRITIC):
+            if h_low is None:
+                h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            else:
+                with self.split.upper_only():
+                    h = trunk(inputs_embeds=h_low, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        return h[:, -n_resp - 1 : -1]
+
+    def forward(self, ids, mask, n_resp: int, h_low=None):
+        """The training pass. ids, mask: [B, P+R] → logits/T [B, R, V], values [B, R]."""
+        with self._mode(training=True):
+            logits, h = self._lm(ids, mask, n_resp, h_low, want_hidden=self.critic == "shared")
+            if self.critic == "separate":
+                h = self._critic_hidden(ids, mask, n_resp, h_low)
+        return logits, self.value_head(h.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def logits(self, ids, mask, n_resp: int, h_low=None, reference: bool = False) -> torch.Tensor:
+        """π (or π_ref with `reference`) logits/T at the response states, eval mode. → [B, R, V]"""
+        with self._mode(training=False), (adapters_disabled(self.peft) if reference else nullcontext()):
+            return self._lm(ids, mask, n_resp, h_low, want_hidden=False)[0]
+
+    @torch.no_grad()
+    def lower(self, ids, mask):
+        """The frozen-prefix cache: hidden state entering the lowest adapted layer, or None when disabled."""
+        if self.split is None:
+            return None
+        with self._mode(training=False):
+            return self.split.lower(ids, mask, positions(mask))
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def generation_kwargs(self, tokenizer, max_new_tokens, top_p, stop_on_eos) -> dict:
+        """Pure ancestral sampling from softmax(z/T): every logits processor a model's generation_config might add
+        (top-k 50, repetition penalty, minimum length, …) is switched off, so `generate` samples exactly π."""
+        return dict(do_sample=True, temperature=self.temperature, top_p=top_p, top_k=0, min_length=0,
+                    min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
+                    suppress_tokens=None, begin_suppress_tokens=None, typical_p=1.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id if stop_on_eos else None)
+
+    @torch.no_grad()
+    def generate(self, batch, tokenizer, max_new_tokens: int, top_p: float = 1.0, stop_on_eos: bool = True,
+                 reference: bool = False) -> Rollout:
+        """Sample one response per prompt. batch: list of (prompt, token ids). `reference`: sample from π_ref."""
+        device = next(self.value_head.parameters()).device
+        p_ids, p_mask = pad_ids([ids for _, ids in batch], tokenizer.pad_token_id, side="left", device=device)
+        t0 = time.perf_counter()
+        with dropout_off(self.peft), (adapters_disabled(self.peft) if reference else nullcontext()):
+            gen = self.peft.generate(input_ids=p_ids, attention_mask=p_mask,
+                                     **self.generation_kwargs(tokenizer, max_new_tokens, top_p, stop_on_eos))
+        gen_seconds = time.perf_counter() - t0
+        resp = gen[:, p_ids.shape[1]:]
+        if resp.shape[1] == 0:
+            resp = torch.full((len(batch), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
+        # Response mask from the first EOS (inclusive), never from pad ids: pad == EOS for SmolLM2
+        is_eos = resp == tokenizer.eos_token_id if stop_on_eos else torch.zeros_like(resp, dtype=torch.bool)
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(resp[:, 0], resp.shape[1]))
+        resp_mask = (torch.arange(resp.shape[1], device=device)[None] <= first[:, None]).float()
+        has_eos = is_eos.any(1)
+        resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, tokenizer.pad_token_id))
+        n = resp_mask.sum(1).long()
+        completion_ids = [resp[i, : int(n[i])].tolist() for i in range(len(batch))]
+        texts = tokenizer.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, has_eos.tolist())],
+                                       skip_special_tokens=True)
+        prompts = [p for p, _ in batch]
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+        return Rollout(ids=torch.cat([p_ids, resp], 1), mask=torch.cat([p_mask, resp_mask.long()], 1), resp=resp,
+                       resp_mask=resp_mask, has_eos=has_eos, lengths=(n - has_eos.long()).float(), prompts=prompts,
+                       completions=completions, completion_ids=completion_ids, texts=texts, gen_seconds=gen_seconds)
+
+    # -- exact KL -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def sequence_kl(logits, ref_logprobs_full, resp_mask) -> torch.Tensor:
+        """Exact KL(π‖π_ref) per sequence: Σ over response states of the full-vocabulary KL. → [B]"""
+        return (F.full_kl(logits.log_softmax(-1), ref_logprobs_full) * resp_mask).sum(1)
+
+    @torch.no_grad()
+    def start_up_checks(self, tokenizer, prompts_ids: list[list[int]], top_p: float) -> dict:
+        """What the guarantees rest on, measured on two real prompts: the policy starts at π_ref, and `generate`
+        samples from exactly the distribution PPO trains (model's forward / T). Returns the measured gaps."""
+        batch = [(None, ids) for ids in prompts_ids[:2]]
+        device = next(self.value_head.parameters()).device
+        ids, mask = pad_ids([b for _, b in batch], tokenizer.pad_token_id, side="left", device=device)
+        pol = self.logits(ids, mask, ids.shape[1] - 1)
+        ref = self.logits(ids, mask, ids.shape[1] - 1, reference=True)
+        m = mask[:, 1:].bool()
+        out = {"init_vs_reference": float((pol[m] - ref[m]).abs().max())}
+        if top_p >= 1.0:
+            kw = self.generation_kwargs(tokenizer, 4, 1.0, False)
+            with dropout_off(self.peft):
+                g = self.peft.generate(input_ids=ids, attention_mask=mask, output_scores=True,
+                                       return_dict_in_generate=True, **kw)
+            scores = torch.stack(g.scores, 1).float().log_softmax(-1)  # what was sampled from, per step
+            full_mask = torch.cat([mask, torch.ones_like(g.sequences[:, ids.shape[1]:])], 1)
+            mine = self.logits(g.sequences, full_mask, scores.shape[1]).log_softmax(-1)
+            finite = torch.isfinite(scores) & torch.isfinite(mine)
+            gap = (scores - mine).abs()[finite].max() if finite.any() else torch.tensor(0.0)
+            out["sampling_vs_training"] = float(gap)
+            out["sampling_masked_tokens"] = int((~torch.isfinite(scores)).sum())
+        return out

@@ -1,0 +1,700 @@
+"""PPO on one shared base: policy (LoRA), reference (adapters off), critic and reward members.
+
+One iteration (`_iteration`), top to bottom:
+  rollout: sample (policy.py) → rewards (members → normalise → aggregate → shape) → reference log-probs
+  → old log-probs and values (θ_old) → per-token KL penalty + GAE → epochs × minibatches of clipped policy +
+  value loss → KL guard (hard mode, plugins/kl.py) → β update → metrics.
+The math is in `rl_math.py`, the model passes in `policy.py`, the controllers and the guard in `plugins/kl.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from .. import rl_math as F
+from ..adapters import adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable
+from ..data import message_text
+from ..integrity import (CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest,
+                         write_text_atomic)
+from ..models import base_reference, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model, load_tokenizer
+from ..plugins.kl import build_controller
+from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
+from ..registry import build
+from ..reward.artifact import load_reward_model, read_spec, same_base
+from ..reward.ensemble import RewardEnsemble
+from ..reward.pipeline import ExternalRewardModel, RewardPipeline
+from .config import PPOConfig
+from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
+
+CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------- data
+def tokenize_prompts(dataset, tokenizer, args: PPOConfig, min_rows: int | None = None):
+    """TRL prompt-only data (text or conversational) → list of (prompt, token ids). Bad rows raise or drop."""
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"The PPO dataset needs a 'prompt' column (TRL prompt-only format); it has {dataset.column_names}."
+        )
+    rows, too_long = [], []
+    for i, prompt in enumerate(dataset["prompt"]):
+        text = message_text(prompt)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(text=prompt)["input_ids"]
+        if len(ids) > args.max_prompt_length:
+            too_long.append((i, len(ids)))
+            if args.prompt_overflow == "drop":
+                continue
+            if args.prompt_overflow == "truncate":
+                ids = ids[-args.max_prompt_length :]
+        rows.append((prompt, list(ids)))
+    if too_long:
+        msg = (f"{len(too_long)} prompt(s) exceed max_prompt_length={args.max_prompt_length} tokens (first: row "
+               f"{too_long[0][0]} with {too_long[0][1]} tokens).")
+        if args.prompt_overflow == "error":
+            raise ValueError(msg + " Raise `max_prompt_length`, or set `prompt_overflow` to 'drop' or 'truncate'.")
+        warnings.warn(msg + f" prompt_overflow={args.prompt_overflow!r}: they were {args.prompt_overflow}ped."
+                      if args.prompt_overflow == "drop" else msg + " They were truncated on the left.")
+    need = args.per_device_train_batch_size if min_rows is None else min_rows
+    if len(rows) < need:
+        raise ValueError(f"Only {len(rows)} usable prompts for a batch of {need}.")
+    return rows
+
+
+class _ForwardMemo:
+    """The last full-batch training forward, valid while the parameters are unchanged (same `version`).
+
+    With one minibatch, the θ_old pass of the rollout *is* epoch 1's training forward, and the forward that
+    measures the KL after an epoch *is* the next epoch's training forward: computed once (with gradients), read
+    twice, instead of a branch in the loop."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def put(self, version: int, value):
+        self.key, self.value = version, value
+
+    def take(self, version: int):
+        if self.key != version:
+            return None
+        value, self.key, self.value = self.value, None, None
+        return value
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class PPOTrainer(Trainer):
+    """PPO for the current HF stack; call shape mirrors TRL's GRPO/RLOO trainers.
+
+    Args:
+        model: hub id, local folder, `.gguf`, the embedded default name, a causal LM, or a `PeftModel`.
+        reward_funcs: one or a list of: reward-model artifact path / `RewardEnsemble` (members attached to the
+            policy's base as adapters when it matches), an `ExternalRewardModel`, or a Python callable with TRL's
+            `reward_funcs` signature.
+        args: `PPOConfig`.  train_dataset: TRL prompt-only dataset.  processing_class: tokenizer.
+        peft_config: LoRA config for the policy (and the separate critic); default LoRA r=16 on attention
+            projections when `model` is not already a `PeftModel`.
+        audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
+            the proxy reward to spot reward hacking; never used in the loss.
+    """
+
+    def __init__(self, model, reward_funcs, args: PPOConfig | None = None, train_dataset=None,
+                 processing_class=None, peft_config=None, callbacks: list[TrainerCallback] | None = None,
+                 load_in_4bit: bool = False, audit_funcs=None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        args = args or PPOConfig("ppo-output")
+        if not isinstance(args, PPOConfig):
+            raise TypeError("`args` must be a rlhf_ext.PPOConfig.")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
+        torch.manual_seed(args.seed)
+
+        # Policy = LoRA adapter on the frozen base; reference = the same base with adapters disabled
+        self.model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        if isinstance(model, str):
+            if processing_class is None:
+                processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code)
+            model = load_model(model, "causal", load_in_4bit=load_in_4bit, trust_remote_code=args.trust_remote_code,
+                               **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
+        self.tokenizer = ensure_pad_token(processing_class)
+        keep_4bit_trainable(model)  # bitsandbytes' CPU inference layout has no backward
+        if isinstance(model, PeftModel):
+            if peft_config is not None:
+                raise ValueError("`model` is already a PeftModel; drop `peft_config` or pass the base model.")
+            self.policy_adapter = model.active_adapter  # the user's adapter is the policy
+        else:
+            if is_quantized(model):
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+            peft_config = peft_config or LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            peft_config.task_type = "CAUSAL_LM"
+            restrict_to_top_layers(peft_config, model, args.lora_top_layers)
+            model = get_peft_model(model, peft_config, adapter_name=POLICY)
+            self.policy_adapter = POLICY
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            model.enable_input_require_grads()
+        self.quantized = is_quantized(model)
+
+        # Critic: value head on the policy trunk (shared, default) or its own adapter on the same base
+        hidden = model.get_base_model().config.get_text_config().hidden_size
+        if args.critic == "separate":
+            torch.manual_seed(args.seed + 1)
+            model.add_adapter(CRITIC, _critic_config(model, model.peft_config[self.policy_adapter]))
+        value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(value_head.bias)
+        value_head.to(next(model.parameters()).device)
+        self.trained_adapters = [self.policy_adapter] + ([CRITIC] if args.critic == "separate" else [])
+        self.policy = PolicyAndValue(model, value_head, args.critic, args.temperature,
+                                     exact_training=args.disable_dropout)
+
+        # Rewards: members → normalise → aggregate → shape
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if args.reward_model_path:
+            reward_funcs = [args.reward_model_path, *reward_funcs]
+        if not reward_funcs:
+            raise ValueError("Pass at least one reward: `reward_funcs=` a reward-model path, model or callable.")
+        members = [self._reward_member(r, model) for r in reward_funcs]
+        self.rewards = RewardPipeline(members, args.aggregation, args.aggregation_kwargs, args.shapers,
+                                      args.nonfinite_rewards, eos_token_id=self.tokenizer.eos_token_id,
+                                      callable_normalization=args.callable_normalization)
+        self.kl_ctl = build_controller(args.kl_controller, args.init_kl_coef, args.kl_target,
+                                       **(args.kl_controller_kwargs or {}))
+        self.kl_estimator = build("kl_estimator", args.kl_estimator)
+        # Audit judges (e.g. a gold reward) are logged next to the proxy to spot hacking; they never train.
+        self.audit_funcs = {getattr(f, "__name__", f"audit_{i}"): f for i, f in enumerate(audit_funcs or [])}
+
+        # Trainable: exactly the policy (+ critic) adapter parameters, decided by PEFT, plus the value head
+        self._set_trainable()
+        policy_params = adapter_parameters(model, self.policy_adapter)
+        self._guard_params = [p for p in policy_params.values() if p.requires_grad]
+        self._reach = first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter])
+
+        # Frozen-prefix cache: layers below every trained adapter run once per rollout, not once per pass
+        if args.cache_frozen_layers:
+            self.policy.split = frozen_prefix_split(model, self.trained_adapters, whole_model=True,
+                                                    train_mode=not args.disable_dropout)
+        self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
+        self._fit_positions(model, args)
+        self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p)
+        self._check_startup(args)
+        self.kl_guard = self.kl_ctl.guard(self._guard_params, self._guard_params) if self.kl_ctl.enforce else None
+
+        self.args = args
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=self.tokenizer,
+                         callbacks=callbacks)
+        self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
+        self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
+        self._metrics_history: list[dict] = []
+        self._memo, self._reach_checked = _ForwardMemo(), False
+
+    # -- setup helpers -----------------------------------------------------------------------------------------
+    def _reward_member(self, r, model):
+        from transformers import PreTrainedModel
+
+        if isinstance(r, (str, os.PathLike)):
+            spec = read_spec(r)
+            if spec["mode"] != "full" and same_base(spec, model, self.model_name):
+                return load_reward_model(r, base_model=model, tokenizer=None, adapter_prefix="rm_")
+            warnings.warn(f"Reward model {r} was trained on {spec.get('base_model')!r}, not on this policy's base "
+                          f"({self.model_name!r}): loading it as a separate model.")
+            return load_reward_model(r)
+        if isinstance(r, PreTrainedModel):
+            return ExternalRewardModel(r, load_tokenizer(r.config._name_or_path))
+        if isinstance(r, RewardEnsemble) or callable(r) or hasattr(r, "score_completions"):
+            return r
+        raise TypeError(f"Unsupported reward {type(r).__name__}: use a path, RewardEnsemble, model or callable.")
+
+    def _set_trainable(self):
+        set_trainable(self.policy.peft, self.trained_adapters)
+        if self.quantized:  # keep LoRA math in fp32 on a 4-bit base
+            for p in self.policy.peft.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        self.policy.value_head.requires_grad_(True)
+
+    def _fit_positions(self, model, args):
+        """Prompt + completion must fit the model's positions: clip the completion length, or refuse."""
+        limit = getattr(model.get_base_model().config.get_text_config(), "max_position_embeddings", None)
+        longest = max(len(ids) for _, ids in self.prompts)
+        if not limit or longest + args.max_completion_length <= limit:
+            return
+        if longest >= limit:
+            raise ValueError(f"A prompt has {longest} tokens but the model has only {limit} positions. Lower "
+                             f"`max_prompt_length` with prompt_overflow='truncate' (or 'drop').")
+        warnings.warn(f"max_completion_length={args.max_completion_length} + the longest prompt ({longest} tokens) "
+                      f"exceeds the model's {limit} positions: max_completion_length clipped to {limit - longest}.")
+        args.max_completion_length = limit - longest
+
+    def _check_startup(self, args):
+        s = self.startup
+        if s["init_vs_reference"] > 1e-4:
+            msg = (f"The policy adapter does not start at the reference: max |logit(π_θ0) − logit(π_ref)| = "
+                   f"{s['init_vs_reference']:.3g}. The reference is the base with adapters disabled, so either the "
+                   f"adapter was already trained (merge it into the base with merge_and_unload() and pass the merged "
+                   f"model) or its initialisation rewrites the base (PiSSA/OLoRA/LoftQ init_lora_weights; use "
+                   f"init_lora_weights=True).")
+            if self.kl_ctl.enforce:
+                raise ValueError(msg + " The hard KL constraint needs π_θ0 = π_ref.")
+            warnings.warn(msg)
+        if s.get("sampling_vs_training", 0.0) > 1e-3 or s.get("sampling_masked_tokens", 0):
+            raise ValueError(
+                f"generate() samples from a different distribution than the one PPO trains (max |Δ log p| = "
+                f"{s['sampling_vs_training']:.3g}, {s['sampling_masked_tokens']} tokens masked). The model's "
+                f"generation config or architecture adds logits processing that the training forward does not "
+                f"reproduce; PPO's ratios and the KL guard would be wrong. Please report the architecture.")
+        if args.top_p < 1.0:
+            warnings.warn(f"top_p={args.top_p} < 1: responses are sampled from a truncated distribution, not π; PPO "
+                          f"ratios and KL refer to the untruncated π. Use top_p=1 for exact PPO.")
+
+    def trainable_parameters(self):
+        return [p for p in self.policy.peft.parameters() if p.requires_grad] + list(self.policy.value_head.parameters())
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+            self.optimizer = cls(self.trainable_parameters(), **kwargs)
+        return self.optimizer
+
+    # -- rollout -----------------------------------------------------------------------------------------------
+    def _next_prompts(self):
+        """This process's share of the next global batch (same order on every process, disjoint slices)."""
+        B, world, rank = self.args.per_device_train_batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        if self.data_pos + B * world > len(self.prompts):
+            self.data_epoch, self.data_pos = self.data_epoch + 1, 0
+        g = torch.Generator().manual_seed(self.args.seed + self.data_epoch)
+        order = torch.randperm(len(self.prompts), generator=g).tolist()
+        start = self.data_pos + rank * B
+        batch = [self.prompts[i] for i in order[start : start + B]]
+        self.data_pos += B * world
+        return batch
+
+    def _mean_over_processes(self, x: float) -> float:
+        """Every process must take the same KL decisions, or their adapters drift apart."""
+        if self.accelerator.num_processes == 1:
+            return x
+        return float(self.accelerator.reduce(torch.tensor(x, device=self.args.device), reduction="mean"))
+
+    def _sync_grads(self):
+        """Data parallel by hand: only LoRA + value head train, so all-reduce their gradients."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.trainable_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.accelerator.num_processes
+
+    @torch.no_grad()
+    def _rollout(self, batch) -> Rollout:
+        """Sample, then score: rewards (members → aggregate → shape), audits, reference log-probs."""
+        args = self.args
+        ro = self.policy.generate(batch, self.tokenizer, args.max_completion_length, args.top_p, args.stop_on_eos)
+        scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
+                                                            has_eos=ro.has_eos.cpu())
+        ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
+        ro.audit = {name: list(fn(prompts=ro.prompts, completions=ro.completions, completion_ids=ro.completion_ids))
+                    for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
+        ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
+        ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
+        ro.ref_logprobs = selective_log_softmax(ref_logits, ro.resp)
+        if self.kl_guard is not None or args.log_kl_after_update:
+            ro.ref_logprobs_full = ref_logits.log_softmax(-1)  # exact KL checks need the whole distribution
+        return ro
+
+    def _advantages(self, ro: Rollout, old_logp, old_values):
+        """Per-token reward −β·kl_t, plus the sequence score at the last response token; then GAE."""
+        m = ro.loss_mask
+        kl_t = self.kl_estimator(old_logp, ro.ref_logprobs) * m  # [B, R]
+        rewards = -self.kl_ctl.beta * kl_t
+        last = (ro.resp_mask.sum(1) - 1).clamp(min=0).long()
+        rewards[torch.arange(len(last)), last] += ro.scores * ro.valid.to(m)
+        adv, returns = F.gae(rewards * m, old_values, m, self.args.gamma, self.args.lam)
+        if self.args.whiten_advantages:
+            adv = F.masked_whiten(adv, m)
+        return kl_t, adv, returns
+
+    # -- passes, memoised ----------------------------------------------------------------------------------------
+    def _memo_ok(self) -> bool:
+        return self.args.num_mini_batches == 1 and self.args.disable_dropout
+
+    def _train_forward(self, ro: Rollout, idx=None):
+        """(logits, values) with gradients for the rows `idx` (None = all), from the memo when it holds them."""
+        if idx is None:
+            hit = self._memo.take(self.version)
+            if hit is not None:
+                return hit
+            return self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+        return self.policy(ro.ids[idx], ro.mask[idx], ro.R, None if ro.h_low is None else ro.h_low[idx])
+
+    def _measure(self, ro: Rollout, logits=None) -> float:
+        """The batch KL the guard bounds (contract in plugins/kl.py:KLGuard), mean over processes."""
+        if logits is None:
+            logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low)
+        kl = self.policy.sequence_kl(logits.detach(), ro.ref_logprobs_full, ro.resp_mask)
+        return self._mean_over_processes(float(kl.mean()))
+
+    def _measure_for_next_epoch(self, ro: Rollout, more_epochs: bool) -> float:
+        """KL after an epoch. When the next epoch's training forward is the same computation, run it now (with
+        gradients), measure from it and leave it in the memo for that epoch."""
+        if more_epochs and self._memo_ok():
+            out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+            self._memo.put(self.version, out)
+            return self._measure(ro, out[0])
+        return self._measure(ro)
+
+    # -- one optimizer step, never letting NaN reach the adapters ---------------------------------------------------
+    def _step(self, loss, stats) -> bool:
+        self.accelerator.backward(loss)
+        self._sync_grads()
+        params = self.trainable_parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
+            stats["train/skipped_nonfinite_steps"] += 1
+            return False
+        if not self._reach_checked:
+            self._reach_checked = True
+            check_gradients_reached(self._reach, "PPOTrainer", self.quantized)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        return True
+
+    # -- one PPO iteration ------------------------------------------------------------------------------------
+    def _iteration(self):
+        args, stats, acc = self.args, Counter(), {}
+        t0 = time.perf_counter()
+
+        # 1. rollout: sample, score, reference
+        ro = self.rollout = self._rollout(self._next_prompts())
+        B, m = ro.ids.shape[0], ro.loss_mask
+
+        # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
+        if self._memo_ok():
+            out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+            self._memo.put(self.version, out)
+        else:
+            with torch.no_grad():
+                out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+        old_logp, old_values = selective_log_softmax(out[0].detach(), ro.resp), out[1].detach()
+        if self.kl_guard is not None:
+            stats["kl/before_update"] = self._measure(ro, out[0])
+
+        # 3. rewards with the KL penalty → advantages
+        kl_t, adv, returns = self._advantages(ro, old_logp, old_values)
+
+        # 4. epochs × minibatches, each epoch guarded
+        for epoch in range(args.num_ppo_epochs):
+            before = self.kl_guard.snapshot() if self.kl_guard is not None else None
+            minibatches = [None] if args.num_mini_batches == 1 else torch.randperm(B).split(B // args.num_mini_batches)
+            for idx in minibatches:
+                logits, values = self._train_forward(ro, idx)
+                sel = slice(None) if idx is None else idx
+                mi = m[sel]
+                logp = selective_log_softmax(logits, ro.resp[sel])
+                pg_loss, clipfrac, approx_kl = F.policy_loss(logp, old_logp[sel], adv[sel], mi, args.clip_range)
+                vf_loss, vf_clipfrac = F.value_loss(values, old_values[sel], returns[sel], mi, args.clip_range_value)
+                with torch.set_grad_enabled(args.ent_coef != 0):
+                    entropy = F.masked_mean(entropy_from_logits(logits), mi)
+                loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy  # PPO objective (CleanRL form)
+                self._step(loss, stats)
+                for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
+                               ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
+                               ("policy/entropy", entropy)):
+                    acc.setdefault(k, []).append(float(val.detach()))
+            if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
+                kl = self._measure_for_next_epoch(ro, more_epochs=epoch < args.num_ppo_epochs - 1)
+                if not self.kl_guard.feasible(kl):
+                    self._memo.put(-1, None)
+                    kl = self.kl_guard.enforce(before, kl, lambda: self._measure(ro), stats)
+                    self.version += 1
+                    stats["kl/after_update"] = kl
+                    break
+                stats["kl/after_update"] = kl
+        self._memo.put(-1, None)
+        if self.kl_guard is None and args.log_kl_after_update:
+            stats["kl/after_update"] = self._measure(ro)
+
+        # 6. the KL controller sees the rollout's sequence KL (estimator on sampled tokens, mean over sequences)
+        valid_rows = (m.sum(1) > 0).float()
+        kl_seq = self._mean_over_processes(float((kl_t.sum(1) * valid_rows).sum() / valid_rows.sum().clamp(min=1)))
+        beta_used = self.kl_ctl.beta
+        self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
+        return self._iteration_metrics(ro, acc, stats, kl_seq, beta_used, old_values, returns, time.perf_counter() - t0)
+
+    def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
+        m, valid = ro.loss_mask, ro.valid.cpu()
+        metrics = {k: sum(v) / len(v) for k, v in acc.items()}
+        for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "train/skipped_nonfinite_steps"):
+            stats.setdefault(k, 0)
+        metrics.update({
+            "objective/kl": kl_seq, "objective/beta": beta_used, "objective/scores": float(ro.scores[ro.valid].mean()),
+            "val/explained_variance": F.explained_variance(old_values, returns, m),
+            "val/mean": float(F.masked_mean(old_values, m)),
+            "response/length_mean": float(ro.lengths.float().mean()),
+            "response/eos_rate": float(ro.has_eos.float().mean()),
+            "rewards/dropped_nonfinite": int((~valid).sum()),
+            "time/iteration_s": seconds, "time/generate_s": ro.gen_seconds,
+            "time/tokens_per_s": float(ro.resp_mask.sum()) / seconds,
+            **{k: float(v) for k, v in stats.items()},
+        })
+        for j, name in enumerate(self.rewards.member_names):
+            metrics[f"rewards/{name}_raw"] = float(ro.raw[:, j][valid].mean())
+        for name, vals in ro.audit.items():
+            metrics[f"audit/{name}"] = sum(vals) / len(vals)
+        if ro.norm.shape[1] > 1:
+            metrics["rewards/ensemble_std"] = float(ro.norm[valid].std(-1).mean())
+        if stats["train/skipped_nonfinite_steps"]:
+            warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
+                          f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "
+                          f"{float(ro.scores.abs().max()):.3g}); the adapters were not touched.")
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_policy(self, dataset, judges=None, batch_size: int | None = None, adapters: bool = True) -> dict:
+        """Sample responses for held-out prompts; report judge scores, lengths (tokens, EOS excluded), EOS rate
+        and the exact KL(π‖π_ref) per sequence. `adapters=False` evaluates the reference policy itself."""
+        rows = tokenize_prompts(dataset, self.tokenizer, self.args, min_rows=1)
+        bs = batch_size or self.args.per_device_train_batch_size
+        judges = judges or {}
+        out = {"kl": [], "length": [], "eos": [], "texts": [], "prompts": [], **{k: [] for k in judges}}
+        for i in range(0, len(rows), bs):
+            g = self.policy.generate(rows[i : i + bs], self.tokenizer, self.args.max_completion_length, self.args.top_p,
+                                     self.args.stop_on_eos, reference=not adapters)
+            h_low = self.policy.lower(g.ids, g.mask)
+            ref = self.policy.logits(g.ids, g.mask, g.R, h_low, reference=True).log_softmax(-1)
+            out["kl"] += self.policy.sequence_kl(self.policy.logits(g.ids, g.mask, g.R, h_low), ref, g.resp_mask).tolist()
+            out["length"] += g.lengths.tolist()
+            out["eos"] += g.has_eos.float().tolist()
+            out["texts"] += g.texts
+            out["prompts"] += g.prompts
+            for k, fn in judges.items():
+                out[k] += list(fn(prompts=g.prompts, completions=g.completions, completion_ids=g.completion_ids))
+        summary = {f"{k}_mean": sum(v) / len(v) for k, v in out.items() if k not in ("texts", "prompts")}
+        return {**summary, "samples": out}
+
+    # -- training loop -----------------------------------------------------------------------------------------
+    def _total_iterations(self) -> int:
+        if self.args.max_steps and self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        per_epoch = len(self.prompts) // (self.args.per_device_train_batch_size * self.accelerator.num_processes)
+        return max(1, int(math.ceil(self.args.num_train_epochs * per_epoch)))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        args = self.args
+        total = self._total_iterations()
+        self.create_optimizer_and_scheduler(num_training_steps=total * args.num_ppo_epochs * args.num_mini_batches)
+        self.state.max_steps, self.state.global_step = total, 0
+        self.state.logging_steps, self.state.save_steps = args.logging_steps, args.save_steps
+        if resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = newest_complete_checkpoint(args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No complete checkpoint found in {args.output_dir} to resume from.")
+            self._load_checkpoint(resume_from_checkpoint)
+        if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
+            torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        while self.iteration < total and not self.control.should_training_stop:
+            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+            metrics = self._iteration()
+            self.iteration += 1
+            self.state.global_step = self.iteration
+            self.state.epoch = self.data_epoch + self.data_pos / max(1, len(self.prompts))
+            self._metrics_history.append(metrics)
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if args.logging_steps and self.iteration % int(args.logging_steps) == 0:
+                self.log(metrics)
+            if args.save_strategy == "steps" and args.save_steps and self.iteration % int(args.save_steps) == 0:
+                if self.accelerator.is_main_process:  # adapters are identical on every process
+                    self.save_checkpoint()
+                self.accelerator.wait_for_everyone()
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return self._metrics_history
+
+    # -- checkpoints: atomic, checksummed, complete (adapters, value head, optimizer, controller, RNG, data) -------
+    def save_checkpoint(self, output_dir: str | None = None) -> str:
+        from safetensors.torch import save_file
+
+        final = Path(output_dir or Path(self.args.output_dir) / f"checkpoint-{self.iteration}")
+        with atomic_folder(final) as tmp:
+            self.policy.peft.save_pretrained(tmp / "adapters", selected_adapters=self.trained_adapters,
+                                             safe_serialization=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
+            save_file({str(i): a.detach().cpu().contiguous() for i, a in enumerate(self.kl_guard.anchor)}
+                      if self.kl_guard is not None else {}, str(tmp / "anchor.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            state = {"iteration": self.iteration, "data_epoch": self.data_epoch, "data_pos": self.data_pos,
+                     "version": self.version, "kl_controller": self.kl_ctl.state_dict(),
+                     "rewards": self.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
+                     "metrics": self._metrics_history}
+            (tmp / "ppo_state.json").write_text(json.dumps(state))
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        return str(final)
+
+    def _load_checkpoint(self, path):
+        from peft import set_peft_model_state_dict
+
+        path = Path(path)
+        fix = ("Resume from an earlier checkpoint-N folder of the same output_dir, or pass "
+               "resume_from_checkpoint=True to take the newest complete one.")
+        required = CHECKPOINT_FILES + tuple(
+            f"adapters/{a if a != 'default' else ''}/adapter_model.safetensors".replace("//", "/")
+            for a in self.trained_adapters)
+        verify_manifest(path, fix, required=required)
+        for a in self.trained_adapters:
+            sub = path / "adapters" / (a if a != "default" else "")
+            set_peft_model_state_dict(self.policy.peft, load_safetensors(sub / "adapter_model.safetensors", fix),
+                                      adapter_name=a)
+        self._set_trainable()
+        self.policy.value_head.load_state_dict(load_safetensors(path / "value_head.safetensors", fix))
+        if self.kl_guard is not None:
+            anchor = load_safetensors(path / "anchor.safetensors", fix)
+            if len(anchor) == len(self.kl_guard.anchor):
+                self.kl_guard.anchor = [anchor[str(i)] for i in range(len(anchor))]
+        try:
+            opt = torch.load(path / "optimizer.pt", weights_only=True)
+        except Exception as e:  # noqa: BLE001 — a damaged pickle-free torch file: name it
+            raise CorruptFileError(path / "optimizer.pt", f"unreadable ({e})", fix) from None
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.lr_scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(load_safetensors(path / "rng.safetensors", fix)["torch_rng"])
+        state = read_json(path / "ppo_state.json", fix)
+        self.iteration, self.data_epoch, self.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
+        self.version = state.get("version", 0)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.rewards.load_state_dict(state["rewards"])
+        random.setstate(_untuple(state["python_rng"]))
+        self._metrics_history = state["metrics"]
+        self._reach_checked = True  # checked in the run that wrote the checkpoint
+        self.state.global_step = self.iteration
+
+    # -- saving the policy (never the critic wrapper) ----------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, merge: bool = False):
+        """Save the policy where `PeftModel.from_pretrained(base, output_dir)` finds it: a standard PEFT adapter at
+        `output_dir` (or, with `merge=True`, merged full weights), the tokenizer and a model card. The value head
+        (and the critic adapter) go to `output_dir/critic/`, out of the way of loaders."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out = Path(output_dir or self.args.output_dir)
+        peft = self.policy.peft
+        with atomic_folder(out) as tmp:
+            if merge:
+                if self.quantized:
+                    raise ValueError("Cannot merge LoRA into a 4-bit base; save the adapter (merge=False) or reload "
+                                     "the base in bf16/fp32, load the adapter and merge there.")
+                import copy
+
+                merged = copy.deepcopy(peft)
+                _untie_output_embeddings(merged.get_base_model())  # else merging an lm_head LoRA edits the inputs too
+                merged.base_model.set_adapter(self.policy_adapter)
+                merged.merge_and_unload(adapter_names=[self.policy_adapter]).save_pretrained(tmp, safe_serialization=True)
+            else:
+                cfg = copy_config(peft.peft_config[self.policy_adapter], base_reference(self.model_name or ""))
+                cfg.save_pretrained(tmp)
+                state = get_peft_model_state_dict(peft, adapter_name=self.policy_adapter)
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+            (tmp / "critic").mkdir()
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      str(tmp / "critic" / "value_head.safetensors"))
+            if self.args.critic == "separate":
+                peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(self._model_card())
+
+    def _model_card(self) -> str:
+        last = self._metrics_history[-1] if self._metrics_history else {}
+        base = base_reference(self.model_name) if self.model_name else "unknown"
+        return (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [rlhf_ext, ppo, trl, rlhf]\n---\n\n"
+                f"# PPO policy trained with rlhf_ext\n\nBase model: `{base}`. KL controller: "
+                f"`{self.args.kl_controller}` (δ = {self.args.kl_target}), aggregation `{self.args.aggregation}`, "
+                f"shapers `{self.args.shapers}`.\n\nIterations: {self.iteration}. Last logged KL: "
+                f"{last.get('objective/kl', float('nan')):.3f} nats/sequence.\n\n```python\n"
+                f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+                f"policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), \"<this folder>\")\n```\n"
+                f"The value head is in `critic/value_head.safetensors`.\n")
+
+
+def _untie_output_embeddings(hf):
+    """Give the LM head its own copy of tied embedding weights (and say so in the config)."""
+    cfg = hf.config.get_text_config()
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return
+    head = hf.get_output_embeddings()
+    layer = getattr(head, "base_layer", head)
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    cfg.tie_word_embeddings = False
+    hf.config.tie_word_embeddings = False
+
+
+def _critic_config(model, policy_cfg):
+    """The policy's LoRA config without the LM head: the critic reads hidden states, never logits."""
+    import copy
+
+    cfg = copy.deepcopy(policy_cfg)
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    head_name = next((n.rsplit(".", 1)[-1] for n, m in base.named_modules() if m is head), None)
+    if isinstance(cfg.target_modules, (list, set, tuple)) and head_name in cfg.target_modules:
+        cfg.target_modules = [t for t in cfg.target_modules if t != head_name]
+    return cfg
+
+
+def copy_config(cfg, base_model: str):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.base_model_name_or_path = base_model
+    cfg.inference_mode = True
+    return cfg
+
+
+def newest_complete_checkpoint(output_dir) -> str | None:
+    """The newest `checkpoint-N` whose manifest verifies; damaged ones are skipped with a warning."""
+    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in folders:
+        try:
+            if verify_manifest(p, "", required=CHECKPOINT_FILES):
+                return str(p)
+            warnings.warn(f"{p} has no manifest (written by an older rlhf_ext, or incomplete): skipped.")
+        except CorruptFileError as e:
+            warnings.warn(f"Skipping damaged checkpoint {p}: {e}")
+    return None
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _untuple(x):
+    return tuple(_untuple(v) for v in x) if isinstance(x, list) else x

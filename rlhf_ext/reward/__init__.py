@@ -1,0 +1,1 @@
+"""Reward modelling: the ensemble trainer, the artifact it writes, and the pipeline that scores rollouts."""

@@ -1,0 +1,139 @@
+"""`RewardEnsemble`: K reward members on one base — trunk → pool → head, the one scoring path used by the reward
+trainer (it is the trainer's model) and by everything that scores afterwards (PPO, benchmarks, the review page).
+
+Members live in one of three layouts (`spec["mode"]`):
+  "full"      no LoRA: the whole trunk trains; `heads["full"]` has K outputs;
+  "heads"     one LoRA adapter, `heads[adapter]` has K outputs: one trunk pass scores every member;
+  "adapters"  K LoRA adapters, each with a 1-output head: in training one pass per member, at inference one
+              mixed-adapter batch (PEFT `adapter_names`, eval mode).
+Hosted on the PPO policy's PeftModel (`load_reward_model(path, base_model=policy)`), the adapters are extra adapters
+of the policy's base: no second copy of the model. The artifact format lives in `artifact.py`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from ..adapters import active_adapter, dropout_off
+from ..data import pad_ids
+from ..models import trunk_of
+from ..rl_math import last_token_index
+
+
+def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of the last attended token. hidden: [B, T, H], mask: [B, T] → [B, H]."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
+
+def pool_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean hidden state over attended tokens (padding side irrelevant). hidden: [B, T, H], mask: [B, T] → [B, H]."""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+POOLING = {"last": pool_last, "mean": pool_mean}
+MODES = ("full", "heads", "adapters")
+
+
+def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
+    """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS)."""
+    if isinstance(completion, list):  # conversational
+        messages = (prompt or []) + completion
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    text = (prompt or "") + completion
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return tokenizer(text=text)["input_ids"]
+
+
+class RewardEnsemble(nn.Module):
+    """K reward members hosted on one base: `forward(input_ids, attention_mask)` → raw rewards [B, K].
+
+    `mean`/`std` are the per-member normalisation statistics recorded at training time (BT rewards are
+    shift-invariant, so raw member scores are not comparable until normalised). `prefix_cache` (a
+    `prefix_cache.PrefixCache`) replaces the frozen lower layers by a per-text cache when set.
+    """
+
+    def __init__(self, model, tokenizer, spec: dict, heads: nn.ModuleDict, owns_base: bool = True):
+        super().__init__()
+        if spec["mode"] not in MODES:
+            raise ValueError(f"Unknown reward ensemble mode {spec['mode']!r}; expected one of {MODES}.")
+        if owns_base:
+            self.model = model
+        else:  # hosted on someone else's model (the PPO policy): keep it out of our parameters and state_dict
+            self.__dict__["model"] = model
+        self.tokenizer, self.spec, self.heads, self.owns_base = tokenizer, spec, heads, owns_base
+        self.adapters = list(spec["adapters"])  # adapter names on the host model, in column order
+        self.names = spec["members"]
+        norm = spec.get("normalization") or {}
+        K = len(self.names)
+        self.register_buffer("mean", torch.tensor(norm.get("mean", [0.0] * K), dtype=torch.float), persistent=False)
+        self.register_buffer("std", torch.tensor(norm.get("std", [1.0] * K), dtype=torch.float), persistent=False)
+        self.max_length = spec.get("max_length")
+        self.pool = POOLING[spec.get("pooling", "last")]
+        self.prefix_cache = None
+
+    @property
+    def config(self):
+        return trunk_of(self.model).config
+
+    def add_model_tags(self, tags):  # Trainer tags the model card of the model it trains
+        trunk = trunk_of(self.model)
+        if hasattr(trunk, "add_model_tags"):
+            trunk.add_model_tags(tags)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    # -- the scoring path ---------------------------------------------------------------------------------------
+    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """Final hidden states of the trunk with the currently active adapter. [B, T] → [B, T, H]."""
+        if self.prefix_cache is not None:
+            return self.prefix_cache(input_ids, attention_mask)
+        return trunk_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def _member(self, adapter, input_ids, attention_mask) -> torch.Tensor:
+        ctx = nullcontext() if self.spec["mode"] == "full" else active_adapter(self.model, adapter)
+        with ctx:
+            h = self.hidden(input_ids, attention_mask)
+        return self.heads[adapter](self.pool(h, attention_mask).float())
+
+    def forward(self, input_ids, attention_mask, **unused) -> torch.Tensor:
+        """Raw member rewards. input_ids, attention_mask: [B, T] (any padding side) → [B, K]."""
+        if self.spec["mode"] != "adapters":
+            return self._member(self.adapters[0], input_ids, attention_mask)
+        if self.model.training or self.prefix_cache is not None:  # PEFT mixes adapters in one batch in eval only
+            return torch.cat([self._member(a, input_ids, attention_mask) for a in self.adapters], -1)
+        K, B = len(self.adapters), input_ids.shape[0]
+        ids, mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)
+        with self.model._enable_peft_forward_hooks(adapter_names=[a for a in self.adapters for _ in range(B)]):
+            pooled = self.pool(self.hidden(ids, mask), mask).float()
+        return torch.cat([self.heads[a](pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)], -1)
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`forward` in eval mode (no dropout), whatever mode the model was in. → [B, K]"""
+        with dropout_off(self.model):
+            return self(input_ids, attention_mask)
+
+    def score_completions(self, prompts, completions, completion_ids=None, batch_size: int = 16, **kwargs):
+        """Member interface of `RewardPipeline` (TRL's reward_funcs arguments) → raw rewards [B, K] on the CPU."""
+        prompts = prompts if prompts is not None else [None] * len(completions)
+        seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        if self.max_length:
+            seqs = [s[-self.max_length :] for s in seqs]
+        device = next(self.heads.parameters()).device
+        out = []
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = pad_ids(seqs[i : i + batch_size], self.tokenizer.pad_token_id, device=device)
+            out.append(self.score_ids(ids, mask))
+        return torch.cat(out).cpu()
+
+    def score_texts(self, prompts, completions, normalize: bool = False) -> torch.Tensor:
+        r = self.score_completions(prompts, completions)
+        return (r - self.mean) / self.std.clamp(min=1e-6) if normalize else r

@@ -1,0 +1,209 @@
+"""The reward pipeline: members → per-member normalisation → aggregation → shapers.
+
+Bradley–Terry rewards are shift-invariant, so each reward-model member is normalised with statistics recorded on
+a reference set at training time; Python callables have no such record, so by default they are normalised with a
+running mean/std whenever they are mixed with other members (see `callable_normalization`). Only after that do
+`min`, `uwo` and the ensemble variance mean anything. `RewardPipeline` is used by our PPO trainer and is also a
+valid `reward_funcs` entry for TRL's GRPOTrainer / RLOOTrainer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..plugins.shaping import ResponseInfo, apply_shapers, build_shapers
+from ..registry import build
+
+CALLABLE_NORMALIZATION = ("auto", "running", "none")
+
+
+class CallableMember:
+    """A Python reward function with TRL's signature: f(prompts, completions, completion_ids, **kw) → list[float].
+
+    `normalize="running"` centres and scales its scores with the mean/std of every finite score it has returned so
+    far (Welford; saved with the trainer's checkpoint); `"none"` passes them through.
+    """
+
+    def __init__(self, fn, name: str | None = None, normalize: str = "none"):
+        if normalize not in ("running", "none"):
+            raise ValueError(f"normalize must be 'running' or 'none', got {normalize!r}.")
+        self.fn, self.names, self.normalize = fn, [name or getattr(fn, "__name__", "callable")], normalize
+        self.count, self.running_mean, self.m2 = 0, 0.0, 0.0
+
+    def score_completions(self, prompts, completions, completion_ids, **kwargs) -> torch.Tensor:
+        """→ [B, 1] raw scores (NaN where the function returned None)."""
+        out = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        n = len(completions)
+        if isinstance(out, torch.Tensor):
+            out = out.detach().flatten().tolist()
+        if not hasattr(out, "__len__") or isinstance(out, (str, bytes)):
+            raise TypeError(f"Reward function {self.names[0]!r} returned {type(out).__name__} {out!r:.60}; it must "
+                            f"return a list of {n} floats (one per completion; None marks a missing score).")
+        if len(out) != n:
+            raise ValueError(f"Reward function {self.names[0]!r} returned {len(out)} scores for {n} completions; it "
+                             f"must return exactly one score per completion.")
+        try:
+            vals = [math.nan if v is None else float(v) for v in out]
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"Reward function {self.names[0]!r} returned a non-number among its scores ({e}); "
+                            f"return floats, or None for a missing score.") from None
+        r = torch.tensor(vals, dtype=torch.float).unsqueeze(-1)
+        if self.normalize == "running":
+            for v in r[torch.isfinite(r)].tolist():  # Welford: exact running mean and variance
+                self.count += 1
+                d = v - self.running_mean
+                self.running_mean += d / self.count
+                self.m2 += d * (v - self.running_mean)
+        return r
+
+    __call__ = score_completions
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor([self.running_mean if self.normalize == "running" else 0.0])
+
+    @property
+    def std(self) -> torch.Tensor:
+        if self.normalize != "running" or self.count < 2:
+            return torch.tensor([1.0])
+        return torch.tensor([max(math.sqrt(self.m2 / (self.count - 1)), 1e-6)])
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.running_mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.running_mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def as_member(obj, normalize: str = "none"):
+    """Wrap a reward source as a member: a RewardEnsemble / external model (has `score_completions`) or a callable."""
+    if hasattr(obj, "score_completions"):
+        return obj
+    if callable(obj):
+        return CallableMember(obj, normalize=normalize)
+    raise TypeError(
+        f"A reward member must be a reward-model artifact (rlhf_ext.load_reward_model), an ExternalRewardModel "
+        f"or a callable with TRL's reward_funcs signature; got {type(obj).__name__}."
+    )
+
+
+class RewardPipeline:
+    """members → per-member normalisation → aggregation → shapers.
+
+    nonfinite: "drop" marks samples with a NaN/inf/None member reward invalid (they never reach the loss; a warning
+    with counts on the first occurrence, an error if a whole batch is dropped); "error" stops at once, naming the
+    member.
+    callable_normalization: "auto" (running mean/std for Python callables when there is more than one member
+    column, raw scores when a callable is the only reward), "running" or "none".
+    """
+
+    def __init__(self, members, aggregation="mean", aggregation_kwargs=None, shapers=None, nonfinite="drop",
+                 eos_token_id: int | None = None, callable_normalization: str = "auto"):
+        if nonfinite not in ("drop", "error"):
+            raise ValueError(f"nonfinite must be 'drop' or 'error', got {nonfinite!r}.")
+        if callable_normalization not in CALLABLE_NORMALIZATION:
+            raise ValueError(f"callable_normalization must be one of {CALLABLE_NORMALIZATION}, got "
+                             f"{callable_normalization!r}.")
+        members = members if isinstance(members, (list, tuple)) else [members]
+        if not members:
+            raise ValueError("RewardPipeline needs at least one reward member.")
+        columns = sum(len(getattr(m, "names", [None])) for m in members)
+        norm = {"auto": "running" if columns > 1 else "none"}.get(callable_normalization, callable_normalization)
+        self.members = [as_member(m, norm) for m in members]
+        self.aggregator = (build("aggregation", aggregation, **(aggregation_kwargs or {}))
+                           if isinstance(aggregation, str) else aggregation)
+        self.shapers = build_shapers(shapers) if shapers and not hasattr(shapers[0], "additive") else list(shapers or [])
+        self.nonfinite, self.eos_token_id = nonfinite, eos_token_id
+        self.member_names = [n for m in self.members for n in m.names]
+        self.dropped_total, self._warned = 0, False
+        self.__name__ = f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
+
+    def score(self, prompts, completions, completion_ids, has_eos=None, **kwargs):
+        """Returns (scores [B], valid [B] bool, raw [B, K], normalised [B, K])."""
+        raw = torch.cat([m.score_completions(prompts, completions, completion_ids, **kwargs).float()
+                         for m in self.members], -1)
+        mean = torch.cat([m.mean for m in self.members]).float()
+        std = torch.cat([m.std for m in self.members]).float().clamp(min=1e-6)
+        norm = (raw - mean) / std
+        valid = torch.isfinite(norm).all(-1)
+        if not valid.all():
+            self._handle_nonfinite(norm, valid)
+        safe = torch.where(valid.unsqueeze(-1), norm, torch.zeros_like(norm))
+        agg = self.aggregator(safe)
+        info = ResponseInfo.from_ids(completion_ids, self.eos_token_id)
+        if has_eos is not None:
+            info.has_eos = torch.as_tensor(has_eos, dtype=torch.bool)
+        scores = apply_shapers(self.shapers, agg, info)
+        return torch.where(valid, scores, torch.zeros_like(scores)), valid, raw, norm
+
+    def _handle_nonfinite(self, norm, valid):
+        bad = [n for n, ok in zip(self.member_names, torch.isfinite(norm).all(0)) if not ok]
+        n_bad, B = int((~valid).sum()), len(valid)
+        if self.nonfinite == "error":
+            raise ValueError(
+                f"Reward member(s) {bad} returned non-finite rewards (NaN/inf/None) for {n_bad} of {B} sample(s). "
+                f"Fix the reward function, or set `nonfinite_rewards: drop` to drop such samples and count them."
+            )
+        if n_bad == B:
+            raise ValueError(
+                f"Every sample of the batch ({B}) got a non-finite reward from {bad}: nothing is left to train on. "
+                f"Check the reward function (it returns NaN/inf/None for everything)."
+            )
+        self.dropped_total += n_bad
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"Reward member(s) {bad} returned non-finite rewards for {n_bad} of {B} samples; they are "
+                          f"dropped from the loss (nonfinite_rewards='drop') and counted in rewards/dropped_nonfinite. "
+                          f"This warning is shown once.", stacklevel=3)
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs):
+        """TRL `reward_funcs` signature. Dropped samples come back as None (TRL treats them as missing)."""
+        scores, valid, _, _ = self.score(prompts, completions, completion_ids, **kwargs)
+        return [float(s) if v else None for s, v in zip(scores, valid)]
+
+    def state_dict(self):
+        return {"shapers": [s.state_dict() for s in self.shapers],
+                "members": [m.state_dict() if hasattr(m, "state_dict") and isinstance(m, CallableMember) else None
+                            for m in self.members]}
+
+    def load_state_dict(self, state):
+        for s, st in zip(self.shapers, state.get("shapers", [])):
+            s.load_state_dict(st)
+        for m, st in zip(self.members, state.get("members", [])):
+            if st is not None:
+                m.load_state_dict(st)
+
+
+class ExternalRewardModel:
+    """A full reward model with its own tokenizer (e.g. a Hub `AutoModelForSequenceClassification`).
+
+    Completions are decoded text, re-rendered in this model's format and re-tokenised (its vocabulary may differ
+    from the policy's).
+    """
+
+    def __init__(self, model, tokenizer, name: str = "external", mean: float = 0.0, std: float = 1.0,
+                 batch_size: int = 16):
+        from ..models import ensure_pad_token
+
+        self.model, self.tokenizer = model.eval(), ensure_pad_token(tokenizer)
+        self.names, self.batch_size = [name], batch_size
+        self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
+
+    @torch.no_grad()
+    def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
+        from ..data import pad_ids
+        from .ensemble import reward_input_ids
+
+        prompts = prompts if prompts is not None else [None] * len(completions)
+        seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(seqs), self.batch_size):
+            ids, mask = pad_ids(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id, device=device)
+            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, :1].float().cpu())
+        return torch.cat(out)
+
+    __call__ = score_completions
