@@ -56,7 +56,7 @@ def run_ours(args) -> dict:
     toks = args.prompts * 32
     for i, (a, b) in enumerate(zip(it, gen), 1):
         print(f"ITER {i}: {a:.2f}s (generate {b:.2f}s) {toks / a:.1f} tok/s", flush=True)
-    return {**summary(it, gen, toks, tr.model, tr.value_head),
+    return {**summary(it, gen, toks, tr.model, tr.policy.value_head),
             "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6}
 
 

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# The weights whose gradient is non-zero from the first step on, when training reaches the layer: LoRA's B
-# matrices start at zero, so dL/dA = 0 at step one, while dL/dB = (dL/dy)·(A x)ᵀ ≠ 0.
-_FIRST_STEP_GRAD = ("lora_B", "lora_embedding_B")
+# LoRA pairs (A, B): ΔW = B·A. The gradient of one factor is the other factor times dL/dy, so a factor whose partner
+# is non-zero must receive gradient as soon as training reaches the layer. At PEFT's init B = 0 for linears (check B)
+# and A = 0 for embeddings (check A); an adapter resumed from training has both non-zero (check both).
+_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
 
 
 def _tuner_modules(model):
@@ -130,9 +131,19 @@ def dropout_off(model: nn.Module):
 
 
 def first_step_grad_params(model, adapters) -> dict[str, nn.Parameter]:
-    """The parameters of `adapters` that must have a non-zero gradient after the first backward pass."""
-    return {n: p for a in adapters for n, p in adapter_parameters(model, a).items()
-            if p.requires_grad and any(f".{k}." in f".{n}." for k in _FIRST_STEP_GRAD)}
+    """The parameters of `adapters` that must have a non-zero gradient after the first backward pass: each LoRA
+    factor whose partner factor is non-zero."""
+    out = {}
+    for a in adapters:
+        params = adapter_parameters(model, a)
+        for n, p in params.items():
+            for x, y in _PAIRS:
+                for mine, other in ((x, y), (y, x)):
+                    if f".{mine}.{a}" in f"{n}." and p.requires_grad:
+                        partner = params.get(n.replace(f".{mine}.{a}", f".{other}.{a}"))
+                        if partner is not None and bool(torch.any(partner != 0)):
+                            out[n] = p
+    return out
 
 
 def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quantized: bool = False) -> None:

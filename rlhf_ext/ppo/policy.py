@@ -194,8 +194,10 @@ class PolicyAndValue(nn.Module):
     # -- exact KL -----------------------------------------------------------------------------------------------
     @staticmethod
     def sequence_kl(logits, ref_logprobs_full, resp_mask) -> torch.Tensor:
-        """Exact KL(π‖π_ref) per sequence: Σ over response states of the full-vocabulary KL. → [B]"""
-        return (F.full_kl(logits.log_softmax(-1), ref_logprobs_full) * resp_mask).sum(1)
+        """Exact KL(π‖π_ref) per sequence: Σ over response states of the full-vocabulary KL, in float64 (the sum of
+        many small terms is what the guard compares with δ). → [B]"""
+        kl = F.full_kl(logits.double().log_softmax(-1), ref_logprobs_full.double())
+        return (kl * resp_mask.double()).sum(1)
 
     @torch.no_grad()
     def start_up_checks(self, tokenizer, prompts_ids: list[list[int]], top_p: float) -> dict:
@@ -208,7 +210,7 @@ class PolicyAndValue(nn.Module):
         ref = self.logits(ids, mask, ids.shape[1] - 1, reference=True)
         m = mask[:, 1:].bool()
         out = {"init_vs_reference": float((pol[m] - ref[m]).abs().max())}
-        if top_p >= 1.0:
+        if top_p >= 1.0 and torch.isfinite(pol[m]).all():
             kw = self.generation_kwargs(tokenizer, 4, 1.0, False)
             with dropout_off(self.peft):
                 g = self.peft.generate(input_ids=ids, attention_mask=mask, output_scores=True,

@@ -249,6 +249,11 @@ class PPOTrainer(Trainer):
 
     def _check_startup(self, args):
         s = self.startup
+        if not math.isfinite(s["init_vs_reference"]):
+            raise ValueError(
+                "The policy adapter's forward is not finite at initialisation (NaN/inf logits). With DoRA this happens "
+                "on a weight with an all-zero row — e.g. a tied LM head whose padding embedding is zero — because DoRA "
+                "divides by the row norms. Drop the LM head from target_modules, or use plain LoRA (use_dora=False).")
         if s["init_vs_reference"] > 1e-4:
             msg = (f"The policy adapter does not start at the reference: max |logit(π_θ0) − logit(π_ref)| = "
                    f"{s['init_vs_reference']:.3g}. The reference is the base with adapters disabled, so either the "
