@@ -1,0 +1,201 @@
+"""Bad input is loud, names what was wrong and how to fix it, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model, models
+from rlhf_ext.integrity import CorruptFileError
+
+from .conftest import preference_rows
+from .test_ppo import make, prompts
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["./no/such/model", "/definitely/not/here", "no such model!"])
+def test_model_path_that_does_not_exist(name):
+    with pytest.raises(FileNotFoundError, match="No model at .*not an existing folder.*Hub id.*embedded default"):
+        models.load_model(name)
+
+
+def test_folder_without_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        models.load_model(str(tmp_path))
+
+
+def test_hub_id_offline_says_why(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not a local folder or the embedded default.*Hub id failed"):
+        models.load_model("someone/not-downloaded")
+
+
+# -- reward functions --------------------------------------------------------------------------------------------
+def _short(prompts, completions, completion_ids, **kw):
+    return [1.0] * (len(completions) - 1)
+
+
+def _scalar(prompts, completions, completion_ids, **kw):
+    return 1.0
+
+
+def _words(prompts, completions, completion_ids, **kw):
+    return ["good"] * len(completions)
+
+
+@pytest.mark.parametrize("fn,match", [(_short, "'_short' returned 15 scores for 16 completions"),
+                                      (_scalar, "'_scalar' returned float .*list of 16 floats"),
+                                      (_words, "'_words' returned a non-number")])
+def test_reward_function_returning_the_wrong_thing(tmp_path, tok, fn, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make(tmp_path, tok, reward=fn, max_steps=1).train()
+
+
+def test_nonfinite_rewards_warn_once_with_counts_and_stop_when_nothing_is_left(tmp_path, tok):
+    def some_none(prompts, completions, completion_ids, **kw):
+        return [None if i % 4 == 0 else 1.0 for i in range(len(completions))]
+
+    with pytest.warns(UserWarning, match="non-finite rewards for 4 of 16 samples.*shown once") as rec:
+        hist = make(tmp_path, tok, reward=some_none, max_steps=2).train()
+    assert sum("non-finite rewards" in str(w.message) for w in rec) == 1
+    assert all(h["rewards/dropped_nonfinite"] == 4 and math.isfinite(h["loss/policy"]) for h in hist)
+
+    def all_nan(prompts, completions, completion_ids, **kw):
+        return [math.nan] * len(completions)
+
+    with pytest.raises(ValueError, match="Every sample of the batch .* non-finite"):
+        make(tmp_path, tok, reward=all_nan, max_steps=1).train()
+
+
+# -- data and sizes --------------------------------------------------------------------------------------------
+def test_identical_chosen_and_rejected_pairs_are_dropped_and_counted(tmp_path, tiny_path, tok):
+    rows = preference_rows(16, 0)
+    for r in rows[:3]:
+        r["rejected"] = r["chosen"]
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=1, report_to="none", save_strategy="no",
+                                use_cpu=True, disable_tqdm=True, per_device_train_batch_size=4)
+    with pytest.warns(UserWarning, match="dropped 3 pair\\(s\\) whose chosen and rejected responses are identical"):
+        tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert len(tr.train_dataset) == 13
+    same = [dict(r, rejected=r["chosen"]) for r in rows]
+    with pytest.raises(ValueError, match="no preference to learn"):
+        RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(same), processing_class=tok)
+
+
+def test_prompt_plus_completion_past_the_model_positions(tmp_path, tok):
+    from rlhf_ext.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(tok, max_position_embeddings=24)
+    with pytest.warns(UserWarning, match="exceeds the model's 24 positions: max_completion_length clipped"):
+        tr = make(tmp_path, tok, model=model, max_completion_length=32, max_steps=1)
+    longest = max(len(ids) for _, ids in tr.prompts)
+    assert tr.args.max_completion_length == 24 - longest
+    tr.train()
+    long = Dataset.from_dict({"prompt": ["the " * 30] * 20})
+    with pytest.raises(ValueError, match="only 24 positions.*max_prompt_length"):
+        make(tmp_path, tok, model=tiny_causal_lm(tok, max_position_embeddings=24), data=long, max_prompt_length=64,
+             per_device_train_batch_size=4)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+def _two_checkpoints(tmp_path, tok):
+    tr = make(tmp_path, tok, max_steps=2, save_strategy="steps", save_steps=1, kl_controller="hard", kl_target=1.0)
+    tr.train()
+    return tmp_path / "ppo"
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    data[-5:] = bytes(255 - b for b in data[-5:])  # the header stays intact, the weights change
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["ppo_state.json", "adapters/policy/adapter_model.safetensors", "rng.safetensors",
+                                  "value_head.safetensors", "optimizer.pt"])
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes])
+def test_damaged_checkpoint_file_is_named_and_resume_falls_back(tmp_path, tok, name, damage):
+    out = _two_checkpoints(tmp_path, tok)
+    damage(out / "checkpoint-2" / name)
+    tr = make(tmp_path, tok, max_steps=3, kl_controller="hard", kl_target=1.0)
+    with pytest.raises(CorruptFileError, match=f"checkpoint-2/{name}.*(truncated|differs from its checksum)"):
+        tr.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    tr = make(tmp_path, tok, max_steps=3, kl_controller="hard", kl_target=1.0)
+    with pytest.warns(UserWarning, match="Skipping damaged checkpoint .*checkpoint-2"):
+        hist = tr.train(resume_from_checkpoint=True)
+    assert len(hist) == 3 and tr.iteration == 3  # resumed from checkpoint-1: iterations 2 and 3 ran again
+
+
+def test_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, tok, monkeypatch):
+    out = _two_checkpoints(tmp_path, tok)
+    tr = make(tmp_path, tok, max_steps=3, kl_controller="hard", kl_target=1.0)
+    tr.train(resume_from_checkpoint=True)
+    import rlhf_ext.ppo.trainer as T
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(T.torch, "save", die)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save_checkpoint()
+    assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-3.tmp").exists()
+    assert T.newest_complete_checkpoint(out).endswith("checkpoint-2")
+
+
+# -- reward artifacts -------------------------------------------------------------------------------------------
+@pytest.fixture
+def artifact(tmp_path, tiny_path, tok):
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=2, report_to="none", save_strategy="no",
+                                use_cpu=True, disable_tqdm=True, per_device_train_batch_size=8,
+                                normalization_samples=8)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(16, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    tr.train()
+    tr.save_model(str(tmp_path / "rm"))
+    return tmp_path / "rm"
+
+
+def test_artifact_without_tokenizer(artifact):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (artifact / f).unlink()
+    (artifact / "manifest.json").unlink()
+    with pytest.raises(CorruptFileError, match="tokenizer.json: missing .*Rebuild the artifact.*or pass tokenizer="):
+        load_reward_model(artifact)
+
+
+def test_artifact_with_broken_json(artifact):
+    (artifact / "rlhf_ext_reward.json").write_text("{ not json")
+    with pytest.raises(CorruptFileError, match="rlhf_ext_reward.json: not valid JSON.*Rebuild the artifact"):
+        load_reward_model(artifact)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bytes])
+def test_artifact_with_damaged_weights(artifact, damage):
+    damage(artifact / "adapters" / "reward.safetensors")
+    with pytest.raises(CorruptFileError, match="adapters/reward.safetensors: .*Rebuild the artifact"):
+        load_reward_model(artifact)
+    (artifact / "manifest.json").unlink()  # without a manifest, a truncated file is still named
+    if damage is _truncate:
+        with pytest.raises(CorruptFileError, match="adapters/reward.safetensors: not a readable safetensors"):
+            load_reward_model(artifact)
+
+
+def test_artifact_loads_from_another_directory(artifact, tmp_path, monkeypatch):
+    moved = tmp_path / "elsewhere" / "rm"
+    shutil.copytree(artifact, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    spec = json.loads((moved / "rlhf_ext_reward.json").read_text())
+    assert spec["base_model"].startswith("/") and spec["base_fingerprint"]
+    rm = load_reward_model("rm")
+    assert rm.score_texts(["a"], ["good movie"]).shape == (1, 1)
+    assert torch.isfinite(rm.score_texts(["a"], ["good movie"], normalize=True)).all()

@@ -1,0 +1,138 @@
+"""What the PPO core promises beside the KL bound: every adapter it trains learns, log-probs are the sampling
+distribution, controllers recover, rewards are comparable across members."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from rlhf_ext import PPOConfig, PPOTrainer
+from rlhf_ext.models import load_model
+from rlhf_ext.plugins.kl import build_controller
+from rlhf_ext.plugins.shaping import ResponseInfo
+from rlhf_ext.reward.pipeline import RewardPipeline
+
+from .test_ppo import good_counter, make, prompts
+
+
+def _lora_factors(tr, kind):
+    return {n: p.detach().clone() for n, p in tr.policy.peft.named_parameters() if kind in n and ".policy" in n}
+
+
+def test_embedding_lora_trains(tmp_path, tok):
+    """PEFT names embedding LoRA `lora_embedding_A.<adapter>` (no trailing dot): it used to stay frozen."""
+    tr = make(tmp_path, tok, max_steps=2)
+    tr = PPOTrainer(tr.policy.peft.get_base_model().__class__(tr.policy.peft.get_base_model().config), good_counter(tok),
+                    args=tr.args, train_dataset=prompts(), processing_class=tok,
+                    peft_config=LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    before = _lora_factors(tr, "lora_embedding")
+    assert before and all(p.requires_grad for n, p in tr.policy.peft.named_parameters() if "lora_embedding" in n and ".policy" in n)
+    tr.train()
+    after = _lora_factors(tr, "lora_embedding")
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_4bit_ppo_trains_every_adapter_below_4bit_layers(tmp_path, tok, tiny4_path):
+    """LoRA on q/v only (every one of them sits on a 4-bit linear), after generate() has run in eval mode: every
+    LoRA-B must leave zero. On AVX512-BF16 CPUs this used to fail silently (bitsandbytes repacked the weights)."""
+    model = load_model(tiny4_path, "causal", load_in_4bit=True)
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=2, learning_rate=3e-2,
+                     max_completion_length=6, kl_controller="fixed", use_cpu=True, save_strategy="no",
+                     disable_tqdm=True, logging_steps=1000)
+    tr = PPOTrainer(model, good_counter(tok), args=args, train_dataset=prompts(), processing_class=tok,
+                    peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    import bitsandbytes as bnb
+
+    adapted = [m for n, m in tr.policy.peft.named_modules() if n.endswith(("q_proj", "v_proj")) and hasattr(m, "lora_B")]
+    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in adapted)
+    before = _lora_factors(tr, "lora_B")
+    assert len(before) == 4 and all(float(p.abs().max()) == 0 for p in before.values())
+    tr.train()
+    after = _lora_factors(tr, "lora_B")
+    assert all(float(after[n].abs().max()) > 0 for n in before), [n for n in before if float(after[n].abs().max()) == 0]
+
+
+def test_gradient_reach_check_names_dead_modules(tmp_path, tok):
+    """A layer whose output is cut from the graph (what a backward-less 4-bit kernel does) stops training: the first
+    optimizer step raises, naming the adapter matrices that got no gradient."""
+    tr = make(tmp_path, tok, max_steps=1)
+    layer = tr.policy.peft.get_base_model().model.layers[0].self_attn.v_proj
+    layer.register_forward_hook(lambda m, i, o: o.detach())
+    with pytest.raises(RuntimeError, match=r"received no gradient at the first optimizer step.*layers\.0\.self_attn\.v_proj\.lora_B"):
+        tr.train()
+
+
+def test_logprobs_match_sampling_with_logit_softcapping(tmp_path, tok):
+    """Gemma-2 soft-caps its logits inside the model's forward; computing log-probs from the LM head directly used
+    to differ from what generate() sampled by up to 14 nats. Now the start-up check measures the gap, and an
+    independent comparison with generate's own scores agrees."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5,
+                       max_position_embeddings=128, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       bos_token_id=None)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits well outside ±0.5: the soft-cap matters
+    tr = make(tmp_path, tok, model=model, max_steps=1, temperature=0.7)
+    assert tr.startup["sampling_vs_training"] < 1e-4
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        g = tr.policy.peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), output_scores=True,
+                                    return_dict_in_generate=True,
+                                    **tr.policy.generation_kwargs(tok, 5, 1.0, stop_on_eos=False))
+        sampled = torch.stack(g.scores, 1).log_softmax(-1)
+        mine = tr.policy.logits(g.sequences, torch.ones_like(g.sequences), 5).log_softmax(-1)
+    assert (sampled - mine).abs().max() < 1e-4
+    tr.train()
+
+
+def test_eos_may_be_the_first_token(tmp_path, tok):
+    """No min_new_tokens: masking EOS at step 0 while the log-probs don't would make sampling ≠ π."""
+    tr = make(tmp_path, tok, max_steps=1)
+    assert tr.policy.generation_kwargs(tok, 8, 1.0, True)["min_new_tokens"] is None
+    with torch.no_grad():  # make EOS the likeliest first token
+        tr.policy.peft.get_base_model().lm_head.weight[tok.eos_token_id] *= 0
+        tr.policy.peft.get_base_model().lm_head.weight[tok.eos_token_id] += 5 * tr.policy.peft.get_base_model().model.norm.weight
+    ro = tr._rollout(tr._next_prompts())
+    empty = [i for i, c in enumerate(ro.completion_ids) if c == [tok.eos_token_id]]
+    assert empty and all(ro.lengths[i] == 0 and ro.has_eos[i] for i in empty)
+
+
+def test_lagrangian_anti_windup():
+    """10 iterations at KL 1000 (δ 1), then KL 0: β must leave β_max at once and keep falling."""
+    ctl = build_controller("lagrangian", 0.05, 1.0, lr=0.02, beta_max=10.0)
+    for _ in range(10):
+        ctl.update(1000.0)
+    assert ctl.beta == 10.0
+    betas = [ctl.update(0.0) for _ in range(5)]
+    assert betas[0] < 10.0 and all(b2 < b1 for b1, b2 in zip(betas, betas[1:]))
+    assert ctl.integral <= ctl.beta_max
+
+
+def test_callable_members_are_normalised_when_mixed():
+    """A callable with scores in [0, 10] beside a member whose scores are ~0.01: mixing raw scales would let the
+    callable dominate min/uwo. 'auto' normalises callables with a running mean/std when there are several columns."""
+    big = lambda prompts, completions, completion_ids, **kw: [float(len(c) % 11) for c in completions]  # noqa: E731
+    small = lambda prompts, completions, completion_ids, **kw: [0.01 * (len(c) % 3) for c in completions]  # noqa: E731
+    comps = [f"x{'y' * i}" for i in range(40)]
+    ids = [[1] * (i + 1) for i in range(40)]
+    pipe = RewardPipeline([big, small], aggregation="uwo", aggregation_kwargs={"lam": 1.0})
+    _, _, raw, norm = pipe.score(None, comps, ids)
+    assert norm.std(0).min() > 0.5 and norm.std(0).max() < 1.5  # both columns on the unit scale
+    assert abs(float(norm[:, 0].mean())) < 0.5
+    alone = RewardPipeline([big])
+    _, _, raw, norm = alone.score(None, comps, ids)
+    assert torch.equal(raw, norm)  # a lone callable keeps its scale (as in TRL)
+    state = pipe.state_dict()
+    fresh = RewardPipeline([big, small], aggregation="uwo")
+    fresh.load_state_dict(state)
+    assert fresh.members[0].running_mean == pipe.members[0].running_mean
+
+
+def test_length_shapers_count_content_tokens_not_eos():
+    info = ResponseInfo.from_ids([[5, 6, 2], [5, 6, 7]], eos_token_id=2)
+    assert info.lengths.tolist() == [2.0, 3.0] and info.has_eos.tolist() == [True, False]
