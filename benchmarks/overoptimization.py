@@ -94,7 +94,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(iterations=3, eval_every=1, transfer_every=3, batch=8, max_tokens=8, heldout=8, transfer=8,
                     lr=3e-2, lora_layers=1, epochs=2)
-    return dict(iterations=40, eval_every=5, transfer_every=10, batch=8, max_tokens=48, heldout=48, transfer=40,
+    return dict(iterations=40, eval_every=5, transfer_every=20, batch=8, max_tokens=48, heldout=32, transfer=40,
                 lr=2e-3, lora_layers=8, epochs=4)
 
 
@@ -134,7 +134,10 @@ def evaluate(policy, tok, rows, gold, vader, proxy, max_tokens, seed=1234, batch
 
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
-    out = {k: [] for k in ("gold", "vader", "proxy", "kl", "length", "eos", "rep4", "texts")}
+    from rlhf_ext.sentiment import _analyzer, completion_text, sentence_sentiment
+
+    analyzer = _analyzer()
+    out = {k: [] for k in ("gold", "sentiment", "vader", "proxy", "kl", "length", "eos", "rep4", "texts")}
     try:
         for i in range(0, len(rows), batch):
             g = policy.generate(rows[i : i + batch], tok, max_tokens)
@@ -144,6 +147,7 @@ def evaluate(policy, tok, rows, gold, vader, proxy, max_tokens, seed=1234, batch
             kw = dict(prompts=g.prompts, completions=g.completions, completion_ids=g.completion_ids)
             out["gold"] += gold(**kw)
             out["vader"] += vader(**kw)
+            out["sentiment"] += [sentence_sentiment(completion_text(c), analyzer) for c in g.completions]
             out["proxy"] += proxy.score_texts(g.prompts, g.completions, normalize=True).mean(-1).tolist()
             out["length"] += g.lengths.tolist()
             out["eos"] += g.has_eos.float().tolist()
@@ -194,7 +198,7 @@ class Run:
              **evaluate(policy, tok, heldout, gold, vader, proxy, st["max_tokens"])}
         if iteration % st["transfer_every"] == 0:
             t = evaluate(policy, tok, transfer, gold, vader, proxy, st["max_tokens"])
-            p["transfer"] = {k: t[k] for k in ("gold", "vader", "kl", "length", "eos", "gold_se", "samples")}
+            p["transfer"] = {k: t[k] for k in ("gold", "sentiment", "vader", "kl", "length", "eos", "gold_se", "samples")}
         self.record["points"] = [q for q in self.record["points"] if q["iteration"] < iteration] + [p]
         print(f"[{self.name} s{self.seed}] it {iteration:3d}  gold {p['gold']:+.3f}  vader {p['vader']:+.3f}  "
               f"proxy {p['proxy']:+.2f}  KL {max(p['kl'], 0.0):.2f}  len {p['length']:.1f}  eos {p['eos']:.2f}"

@@ -94,6 +94,8 @@ def main():
                     help="LoRA on the top N layers only (0 = all, as the baseline); a list such as 0,8 runs each")
     ap.add_argument("--baseline", action="store_true", help="also run TRL 1.12 PPO (own venv) and print ratios")
     ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv)")
+    ap.add_argument("--other-tree", help="also run `ours` from another checkout of rlhf_ext (e.g. a git worktree of an "
+                                         "earlier commit), in the same invocation: before/after ratios")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -110,6 +112,15 @@ def main():
         name = f"ours ({'top ' + str(n) if n else 'all'} layers)"
         rows[name] = sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
                           args.kl_controller, "--critic", args.critic, "--lora-layers", str(n)] + common)
+    if args.other_tree:
+        other = Path(args.other_tree).resolve()
+        rev = subprocess.run(["git", "-C", str(other), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip() or other.name
+        for n in [int(x) for x in str(args.lora_layers).split(",")]:
+            rows[f"ours@{rev} ({'top ' + str(n) if n else 'all'})"] = sub(
+                [sys.executable, str(other / "benchmarks" / "ppo_throughput.py"), "--worker", "ours", "--model",
+                 args.model, "--kl-controller", args.kl_controller, "--critic", args.critic, "--lora-layers", str(n)]
+                + common, env={**os.environ, "PYTHONPATH": str(other)})
     ours_rows = list(rows)
     if args.baseline:
         py = ensure_baseline_venv()
