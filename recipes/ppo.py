@@ -9,10 +9,13 @@ as adapters when both use the same base model). `dataset_name`: Hub id or a fold
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from rlhf_ext import PPOConfig, PPOTrainer
-from rlhf_ext.data import load_split
+from rlhf_ext.data import load_split, resolve_data_path
 
 
-def main(script_args, training_args, model_args):
+def main(script_args, training_args, model_args, config_file=None):
+    script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
+    if training_args.reward_model_path:
+        training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
     train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
     if model_args.dtype not in (None, "auto"):
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
@@ -34,5 +37,8 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    import sys
+
     parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
+    main(*parser.parse_args_and_config(), config_file=config_file)

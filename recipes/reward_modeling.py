@@ -10,11 +10,13 @@ Any TRL `ModelConfig` field works (`load_in_4bit`, `use_peft`, `lora_r`, `lora_t
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
-from rlhf_ext.data import load_split
+from rlhf_ext.data import load_split, resolve_data_path, with_extra_preferences
 
 
-def main(script_args, training_args, model_args):
+def main(script_args, training_args, model_args, config_file=None):
+    script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
     train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    train = with_extra_preferences(train, training_args.extra_preferences)
     try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
         test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
     except (FileNotFoundError, ValueError):
@@ -41,5 +43,8 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
+    import sys
+
     parser = TrlParser((ScriptArguments, RewardEnsembleConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
+    main(*parser.parse_args_and_config(), config_file=config_file)

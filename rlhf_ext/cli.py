@@ -1,42 +1,81 @@
-"""`rlhf-ext` command line: demo, recipes and plugin listing."""
+"""`rlhf-ext` command line. Each command imports what it needs when it runs, so `rlhf-ext --help` starts fast.
+
+    rlhf-ext demo | reward | ppo | review | report | plan | plugins | convert
+"""
 
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
-from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+COMMANDS = {
+    "demo": "the end-to-end job on the embedded model: reward ensemble → PPO → held-out report",
+    "reward": "run the reward-modelling recipe (pass --config FILE; --help for every option)",
+    "ppo": "run the PPO recipe (pass --config FILE; --help for every option)",
+    "review": "open the review page for OUTPUT_DIR/review (flagged samples → preference pairs)",
+    "report": "write OUTPUT_DIR/report/index.html: curves, alarms and top samples of a PPO run",
+    "plan": "print a GPU memory plan for a model (reads its config only)",
+    "plugins": "list registered plugins",
+    "convert": "convert the embedded model (or a .gguf) to safetensors once",
+}
+
+
+def _recipe(name: str, rest):
+    import runpy
+
+    from .recipes import recipe_path
+
+    script = recipe_path(name)
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def _plugins(rest):
+    from .registry import POINTS, available
+
+    for point in POINTS:
+        print(f"{point:15s} {', '.join(available(point)) or '-'}")
+
+
+def _convert(rest):
+    from .models import DEFAULT_MODEL, resolve_model_path
+
+    print(resolve_model_path(rest[0] if rest else DEFAULT_MODEL))
+
+
+def _lazy(module: str, func: str = "main"):
+    def run(rest):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), func)(rest)
+
+    return run
+
+
+HANDLERS = {
+    "demo": _lazy(".demo"),
+    "reward": lambda rest: _recipe("reward_modeling", rest),
+    "ppo": lambda rest: _recipe("ppo", rest),
+    "review": _lazy(".monitor.review"),
+    "report": _lazy(".monitor.report"),
+    "plan": _lazy(".plan"),
+    "plugins": _plugins,
+    "convert": _convert,
+}
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="rlhf-ext", description="PPO-based RLHF on current TRL.")
-    ap.add_argument("command", choices=["demo", "reward", "ppo", "plugins", "convert"],
-                    help="demo: the end-to-end job; reward/ppo: run a recipe (pass --config FILE); "
-                         "plugins: list registered plugins; convert: convert the embedded model once")
-    args, rest = ap.parse_known_args(argv[:1])
-    rest = argv[1:]
-    if args.command == "demo":
-        from .demo import main as demo
-
-        demo(rest)
-    elif args.command in ("reward", "ppo"):
-        script = RECIPES / ("reward_modeling.py" if args.command == "reward" else "ppo.py")
-        sys.argv = [str(script), *rest]
-        runpy.run_path(str(script), run_name="__main__")
-    elif args.command == "plugins":
-        import rlhf_ext  # noqa: F401
-        from .registry import POINTS, available
-
-        for point in POINTS:
-            print(f"{point:15s} {', '.join(available(point)) or '-'}")
-    elif args.command == "convert":
-        from .models import DEFAULT_MODEL, resolve_model_path
-
-        print(resolve_model_path(rest[0] if rest else DEFAULT_MODEL))
+    ap = argparse.ArgumentParser(prog="rlhf-ext", description="PPO-based RLHF on current TRL, safe against reward hacking.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="commands:\n" + "\n".join(f"  {k:9s} {v}" for k, v in COMMANDS.items()))
+    ap.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of: " + ", ".join(COMMANDS))
+    if not argv or argv[0] in ("-h", "--help"):
+        ap.print_help()
+        return 0 if argv else 2
+    args = ap.parse_args(argv[:1])
+    return HANDLERS[args.command](argv[1:])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

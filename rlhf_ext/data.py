@@ -7,7 +7,30 @@ from pathlib import Path
 
 import torch
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data"
+
+
+def shipped_dir() -> Path:
+    """The shipped datasets: top-level `data/` in the repository, the package `rlhf_ext.datasets` when installed."""
+    try:
+        from . import datasets as shipped  # a wheel, or an editable install (package-dir mapping)
+
+        return Path(shipped.__file__).resolve().parent
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "data"
+
+
+SHIPPED = shipped_dir()
+
+
+def resolve_data_path(name: str, config_file: str | None = None) -> str:
+    """A dataset name from a recipe config: `shipped:<name>` (the package's data), a path relative to the current
+    directory or, failing that, to the config file's folder, or a Hub id (returned unchanged)."""
+    if name.startswith("shipped:"):
+        return str(SHIPPED / name.split(":", 1)[1])
+    if Path(name).exists() or config_file is None:
+        return name
+    beside = Path(config_file).resolve().parent / name
+    return str(beside) if beside.exists() else name
 
 
 def load_split(name_or_path: str, split: str, kind: str | None = None):
@@ -40,3 +63,35 @@ def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", device=None
 def message_text(value) -> str:
     """The text of a plain string or of a list of chat messages (for emptiness checks)."""
     return " ".join(m.get("content") or "" for m in value) if isinstance(value, list) else value
+
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "margin")
+
+
+def with_extra_preferences(dataset, files):
+    """`dataset` plus the rows of each JSONL file in `files` (TRL preference format), on their shared columns
+    (prompt/chosen/rejected[/margin]); extra columns such as provenance are dropped. A missing or empty file is an
+    error naming it."""
+    from datasets import concatenate_datasets, load_dataset
+
+    if not files:
+        return dataset
+    parts = [dataset]
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"extra_preferences: no file {f}. Decisions from the review page are in "
+                                    f"OUTPUT_DIR/review/preferences.jsonl (written after the first decision).")
+        extra = load_dataset("json", data_files=str(f), split="train")
+        if len(extra) == 0:
+            raise ValueError(f"extra_preferences: {f} holds no preference pairs yet.")
+        parts.append(extra)
+    cols = [c for c in PREFERENCE_COLUMNS if all(c in p.column_names for p in parts)]
+    missing = {"chosen", "rejected"} - set(cols)
+    if missing:
+        raise ValueError(f"extra_preferences: every file needs {sorted(missing)} columns (TRL preference format).")
+    parts = [p.select_columns(cols) for p in parts]
+    if "prompt" in cols:  # conversational and text prompts cannot be mixed in one dataset
+        kinds = {type(p[0]["prompt"]).__name__ for p in parts}
+        if len(kinds) > 1:
+            raise ValueError(f"extra_preferences mixes text and conversational prompts ({sorted(kinds)}).")
+    return concatenate_datasets([p.cast(parts[0].features) for p in parts])

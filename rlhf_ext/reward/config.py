@@ -57,6 +57,11 @@ class RewardEnsembleConfig(RewardConfig):
                   "per text and reuse them in later epochs and evaluation (exact; costs T·H floats of CPU memory "
                   "per cached text)."},
     )
+    extra_preferences: list[str] | None = field(
+        default=None,
+        metadata={"help": "More preference files (JSONL in TRL's format) to train on beside the dataset, e.g. the pairs "
+                  "people picked on the review page: OUTPUT_DIR/review/preferences.jsonl."},
+    )
     normalization_samples: int = field(
         default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}
     )

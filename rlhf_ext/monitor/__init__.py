@@ -1,0 +1,1 @@
+"""Reward-hacking monitor, review queue and page, run report."""

@@ -1,0 +1,127 @@
+"""The review queue: flagged samples waiting for a person, the person's decisions, and the preference pairs they
+become. Three files in `OUTPUT_DIR/review/`, all JSON Lines:
+
+queue.jsonl (appended by the trainer's monitor; one record per pair)::
+
+    {"id": "it12-3", "iteration": 12, "created": "2026-11-27T08:00:00Z", "detectors": ["length_drift"],
+     "prompt": <the dataset's prompt: text, or a list of chat messages>,
+     "flagged":   {"completion": <text, or [{"role": "assistant", "content": ...}]>, "text": "...",
+                   "length": 48, "eos": false, "kl": 3.2, "score": 1.7, "rewards": {"member_0": 0.41, ...},
+                   "audit": {"gold": -0.8}},
+     "reference": {... the same fields for a sample of the reference policy on the same prompt; kl 0 ...}}
+
+decisions.jsonl (appended by the review page; the log of every click, undo included)::
+
+    {"id": "it12-3", "decision": "flagged" | "reference" | "both_bad" | "skip" | "undo", "time": "...",
+     "reviewer": null}
+
+preferences.jsonl (rewritten atomically after every decision): TRL's preference format, one row per pair where a
+response was picked — `{"prompt", "chosen", "rejected", "source": {...provenance...}}` — ready for
+`rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl`.
+
+Every append is one `write` of a whole line followed by fsync: a killed trainer or server loses at most the line it
+was writing, and readers skip a torn last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ..integrity import write_text_atomic
+
+DECISIONS = ("flagged", "reference", "both_bad", "skip")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete, parseable line (a torn last line from a killed writer is skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class ReviewQueue:
+    """`OUTPUT_DIR/review/`: add flagged pairs (trainer), decide and undo (review page), export preferences."""
+
+    def __init__(self, output_dir):
+        self.dir = Path(output_dir) / "review"
+        self.queue_path = self.dir / "queue.jsonl"
+        self.decisions_path = self.dir / "decisions.jsonl"
+        self.preferences_path = self.dir / "preferences.jsonl"
+
+    # -- trainer side
+    def add(self, record: dict) -> None:
+        for key in ("id", "prompt", "flagged", "reference"):
+            if key not in record:
+                raise ValueError(f"A review record needs {key!r}.")
+        append_jsonl(self.queue_path, {"created": now(), **record})
+
+    # -- review side
+    def records(self) -> list[dict]:
+        return read_jsonl(self.queue_path)
+
+    def decisions(self) -> dict[str, dict]:
+        """The effective decision per id (the last event; an "undo" makes the pair pending again)."""
+        state = {}
+        for ev in read_jsonl(self.decisions_path):
+            if ev.get("decision") == "undo":
+                state.pop(ev["id"], None)
+            else:
+                state[ev["id"]] = ev
+        return state
+
+    def pending(self) -> list[dict]:
+        decided = self.decisions()
+        return [r for r in self.records() if r["id"] not in decided]
+
+    def decide(self, pair_id: str, decision: str, reviewer: str | None = None) -> None:
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}.")
+        if pair_id not in {r["id"] for r in self.records()}:
+            raise KeyError(f"No pair {pair_id!r} in {self.queue_path}.")
+        append_jsonl(self.decisions_path, {"id": pair_id, "decision": decision, "time": now(), "reviewer": reviewer})
+        self.export_preferences()
+
+    def undo(self, pair_id: str) -> None:
+        append_jsonl(self.decisions_path, {"id": pair_id, "decision": "undo", "time": now(), "reviewer": None})
+        self.export_preferences()
+
+    def export_preferences(self) -> Path:
+        """Rewrite preferences.jsonl from the queue and the effective decisions (atomic)."""
+        by_id = {r["id"]: r for r in self.records()}
+        rows = []
+        for pid, ev in self.decisions().items():
+            rec = by_id.get(pid)
+            if rec is None or ev["decision"] not in ("flagged", "reference"):
+                continue
+            win, lose = ("flagged", "reference") if ev["decision"] == "flagged" else ("reference", "flagged")
+            rows.append({"prompt": rec["prompt"], "chosen": rec[win]["completion"], "rejected": rec[lose]["completion"],
+                         "source": {"queue_id": pid, "iteration": rec.get("iteration"), "decision": ev["decision"],
+                                    "detectors": rec.get("detectors", []), "time": ev["time"],
+                                    "reviewer": ev.get("reviewer")}})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.preferences_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return self.preferences_path

@@ -1,0 +1,1 @@
+"""Config shapes of common models for `rlhf-ext plan` offline (architecture fields only, no weights)."""
