@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "rlhf_ext.plugins"
-POINTS = ("kl_controller", "kl_estimator", "aggregation", "shaper")
+POINTS = ("kl_controller", "kl_estimator", "aggregation", "shaper", "detector")
 _REGISTRY: dict[str, dict[str, type]] = {p: {} for p in POINTS}
 
 

@@ -42,8 +42,12 @@ def now() -> str:
 def append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            # a writer was killed mid-line: end that torn line, or this record would be glued onto it and lost too
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -84,14 +88,25 @@ class ReviewQueue:
         return read_jsonl(self.queue_path)
 
     def decisions(self) -> dict[str, dict]:
-        """The effective decision per id (the last event; an "undo" makes the pair pending again)."""
+        """The effective decision per id (the last event; an "undo" makes the pair pending again), oldest first:
+        a re-decided pair moves to the end, so the last entry is the one a plain "undo" takes back."""
         state = {}
         for ev in read_jsonl(self.decisions_path):
-            if ev.get("decision") == "undo":
-                state.pop(ev["id"], None)
-            else:
+            state.pop(ev["id"], None)
+            if ev.get("decision") != "undo":
                 state[ev["id"]] = ev
         return state
+
+    def last_decision(self) -> dict | None:
+        """The most recent decision still in effect (what "undo" without an id takes back), or None."""
+        return next(reversed(self.decisions().values()), None)
+
+    def progress(self) -> dict:
+        """Counts for the review page: pairs in the queue, decided (skip included), pending, preference rows."""
+        ids = {r["id"] for r in self.records()}
+        decided = {pid: ev for pid, ev in self.decisions().items() if pid in ids}
+        picked = sum(ev["decision"] in ("flagged", "reference") for ev in decided.values())
+        return {"total": len(ids), "decided": len(decided), "pending": len(ids) - len(decided), "preferences": picked}
 
     def pending(self) -> list[dict]:
         decided = self.decisions()

@@ -1,3 +1,4 @@
-"""Built-in plugins, registered on import: KL estimators and controllers, reward aggregations, shapers."""
+"""Built-in plugins, registered on import: KL estimators and controllers, reward aggregations, shapers,
+reward-hacking detectors."""
 
-from . import aggregation, kl, shaping  # noqa: F401
+from . import aggregation, detectors, kl, shaping  # noqa: F401

@@ -57,6 +57,12 @@ class PPOConfig(TrainingArguments):
     nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf/None (counted in rewards/dropped_nonfinite, warned once; an error if a whole batch is dropped) or 'error'."})
     callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions: 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model artifact to load as members on the shared base (recipes)."})
+    # monitoring
+    monitor: bool = field(default=True, metadata={"help": "Run the reward-hacking monitor after every iteration (monitor/* metrics, OUTPUT_DIR/monitor/, review queue)."})
+    monitor_detectors: list[Any] | str | None = field(default=None, metadata={"help": "Detectors: names or {'name', 'threshold', 'action': log|queue|halt} dicts; None = every built-in with its default threshold and action (`rlhf-ext plugins`)."})
+    monitor_max_queue: int = field(default=2, metadata={"help": "Pairs sent to the review queue per firing of a 'queue' detector."})
+    monitor_cooldown: int = field(default=5, metadata={"help": "Iterations between two queue actions of the same detector."})
+    log_completions: bool = field(default=False, metadata={"help": "Print a table of prompts, completions and rewards every logging step (as TRL's online trainers do)."})
     model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
     # overridden TrainingArguments defaults
@@ -73,7 +79,7 @@ class PPOConfig(TrainingArguments):
 
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
-        for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers"):
+        for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers", "monitor_detectors"):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, json.loads(v))

@@ -202,6 +202,13 @@ class PPOTrainer(Trainer):
         self.kl_guard = self.kl_ctl.guard(self._guard_params, self._guard_params) if self.kl_ctl.enforce else None
 
         self.args = args
+        self.monitor = None
+        if args.monitor:  # reward-hacking detectors after every iteration (monitor/monitor.py)
+            from ..monitor.monitor import RewardHackingMonitor, build_detectors
+
+            self.monitor = RewardHackingMonitor(self, build_detectors(args.monitor_detectors), args.monitor_max_queue,
+                                                args.monitor_cooldown)
+            callbacks = [self.monitor, *(callbacks or [])]
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=self.tokenizer,
                          callbacks=callbacks)
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
@@ -560,7 +567,7 @@ class PPOTrainer(Trainer):
             state = {"iteration": self.iteration, "data_epoch": self.data_epoch, "data_pos": self.data_pos,
                      "version": self.version, "kl_controller": self.kl_ctl.state_dict(),
                      "rewards": self.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
-                     "metrics": self._metrics_history}
+                     "monitor": self.monitor.state_dict() if self.monitor else None, "metrics": self._metrics_history}
             (tmp / "ppo_state.json").write_text(json.dumps(state))
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return str(final)
@@ -597,6 +604,8 @@ class PPOTrainer(Trainer):
         self.version = state.get("version", 0)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.rewards.load_state_dict(state["rewards"])
+        if self.monitor is not None and state.get("monitor"):
+            self.monitor.load_state_dict(state["monitor"])
         random.setstate(_untuple(state["python_rng"]))
         self._metrics_history = state["metrics"]
         self._reach_checked = True  # checked in the run that wrote the checkpoint

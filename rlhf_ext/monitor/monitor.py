@@ -1,0 +1,196 @@
+"""The reward-hacking monitor: a TrainerCallback that runs the detectors after every PPO iteration.
+
+On by default (`PPOConfig.monitor`). Every iteration it adds `monitor/<detector>` statistics and
+`monitor/<detector>_alarm` flags to the iteration's metrics (so `report_to` — trackio, tensorboard, wandb — shows
+them), and appends to `OUTPUT_DIR/monitor/`:
+
+    run.json        the run's settings (δ, controller, aggregation, shapers, detectors), written at the start
+    metrics.jsonl   every iteration's metrics
+    alarms.jsonl    every firing: iteration, detector, value, threshold, action
+    samples.jsonl   a few samples per iteration (highest reward first) for the report's table
+
+A detector whose action is "queue" sends its most suspicious samples to the review queue (`monitor/queue.py`) beside
+a sample of the reference policy for the same prompt; "halt" saves a checkpoint, stops, and says how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..plugins.detectors import DEFAULT_DETECTORS, Observation
+from ..registry import build
+from .queue import ReviewQueue, append_jsonl
+
+
+def build_detectors(specs) -> list:
+    """From config: names or {"name": ..., "threshold": ..., "action": ...} dicts; None → every built-in."""
+    out = []
+    for spec in DEFAULT_DETECTORS if specs is None else specs:
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        out.append(build("detector", spec.pop("name"), **spec))
+    return out
+
+
+class RewardHackingMonitor(TrainerCallback):
+    def __init__(self, trainer, detectors, max_queue: int = 2, cooldown: int = 5, samples_per_iteration: int = 3):
+        self.trainer, self.detectors = trainer, detectors
+        self.max_queue, self.cooldown, self.samples_per_iteration = max_queue, cooldown, samples_per_iteration
+        self.dir = Path(trainer.args.output_dir) / "monitor"
+        self.queue = ReviewQueue(trainer.args.output_dir)
+        self.reference: dict = {}
+        self.last_queued: dict[str, int] = {}
+        self.halted_by: str | None = None
+
+    # -- state (saved in PPO checkpoints) -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"reference": self.reference, "last_queued": self.last_queued,
+                "detectors": {d.name: d.state_dict() for d in self.detectors}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference, self.last_queued = state.get("reference", {}), state.get("last_queued", {})
+        for d in self.detectors:
+            if d.name in state.get("detectors", {}):
+                d.load_state_dict(state["detectors"][d.name])
+
+    @property
+    def writes(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    # -- the reference policy's length and EOS rate: what "drift" is measured against ----------------------------
+    @torch.no_grad()
+    def _measure_reference(self):
+        tr = self.trainer
+        rng = torch.get_rng_state()  # sampling here must not change the training run's random stream
+        torch.manual_seed(tr.args.seed + 7919)
+        try:
+            batch = tr.prompts[: tr.args.per_device_train_batch_size]
+            g = tr.policy.generate(batch, tr.tokenizer, tr.args.max_completion_length, tr.args.top_p,
+                                   tr.args.stop_on_eos, reference=True)
+        finally:
+            torch.set_rng_state(rng)
+        self.reference = {"length": float(g.lengths.mean()), "eos": float(g.has_eos.float().mean()), "n": len(batch)}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.reference:
+            self._measure_reference()
+        if self.writes:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            a = self.trainer.args
+            run = {"kl_controller": a.kl_controller, "kl_target": a.kl_target, "init_kl_coef": a.init_kl_coef,
+                   "aggregation": a.aggregation, "shapers": a.shapers, "members": self.trainer.rewards.member_names,
+                   "audits": list(self.trainer.audit_funcs), "reference": self.reference,
+                   "detectors": [{"name": d.name, "threshold": d.threshold, "action": d.action,
+                                  "direction": d.direction} for d in self.detectors]}
+            (self.dir / "run.json").write_text(json.dumps(run, indent=1))
+
+    # -- every iteration --------------------------------------------------------------------------------------
+    def on_step_end(self, args, state, control, **kwargs):
+        tr, ro = self.trainer, self.trainer.rollout
+        metrics = tr._metrics_history[-1]
+        obs = Observation(iteration=tr.iteration, lengths=ro.lengths.cpu(), has_eos=ro.has_eos.cpu(), texts=ro.texts,
+                          ids=ro.completion_ids, scores=ro.scores.cpu(), norm=ro.norm.cpu(), valid=ro.valid.cpu(),
+                          audit=ro.audit, metrics=metrics, reference=self.reference)
+        for d in self.detectors:
+            value, fired = d.update(obs)
+            if value is not None:
+                metrics[f"monitor/{d.name}"] = value
+            metrics[f"monitor/{d.name}_alarm"] = int(fired)
+            if fired:
+                self._act(d, obs, control)
+        if self.writes:
+            append_jsonl(self.dir / "metrics.jsonl", {"iteration": tr.iteration, **_plain(metrics)})
+            order = torch.argsort(ro.scores.cpu(), descending=True)[: self.samples_per_iteration].tolist()
+            for i in order:
+                append_jsonl(self.dir / "samples.jsonl", {
+                    "iteration": tr.iteration, "prompt": _prompt_text(ro.prompts[i]), "text": ro.texts[i],
+                    "score": float(ro.scores[i]), "length": int(ro.lengths[i]), "eos": bool(ro.has_eos[i]),
+                    "audit": {k: float(v[i]) for k, v in ro.audit.items()}})
+        if tr.args.log_completions and args.logging_steps and tr.iteration % int(args.logging_steps) == 0:
+            from trl.trainer.utils import print_prompt_completions_sample
+
+            print_prompt_completions_sample([_prompt_text(p) for p in ro.prompts], ro.texts,
+                                            {"score": ro.scores.cpu().tolist(), **ro.audit}, None, tr.iteration, 4)
+
+    def _act(self, d, obs, control):
+        tr = self.trainer
+        record = {"iteration": tr.iteration, "detector": d.name, "value": d.value, "threshold": d.threshold,
+                  "direction": d.direction, "action": d.action}
+        if self.writes:
+            append_jsonl(self.dir / "alarms.jsonl", record)
+        if d.action == "queue" and tr.iteration - self.last_queued.get(d.name, -10**9) >= self.cooldown:
+            self.last_queued[d.name] = tr.iteration
+            self._queue(d, obs)
+        elif d.action == "halt" and not control.should_training_stop:
+            path = tr.save_checkpoint() if self.writes else None
+            control.should_training_stop = True
+            self.halted_by = d.name
+            warnings.warn(
+                f"Reward-hacking monitor halted training at iteration {tr.iteration}: {d.describe()}. Checkpoint: "
+                f"{path}. Look at the samples (rlhf-ext report {tr.args.output_dir}; rlhf-ext review "
+                f"{tr.args.output_dir}), change what lets the policy exploit the reward (a length penalty, a larger "
+                f"β or smaller δ, a retrained reward model), then resume with "
+                f"trainer.train(resume_from_checkpoint=True) — recipes: --resume_from_checkpoint true. To silence "
+                f"this detector set its action to 'log' in monitor_detectors.", stacklevel=2)
+
+    @torch.no_grad()
+    def _queue(self, d, obs):
+        """The detector's most suspicious samples, each beside a reference-policy sample for the same prompt."""
+        tr, ro = self.trainer, self.trainer.rollout
+        picked, seen = [], set()
+        for i in d.suspicious(obs, 4 * self.max_queue):
+            key = json.dumps(ro.prompts[i], sort_keys=True, default=str)
+            if bool(ro.valid[i]) and key not in seen:
+                picked.append(i)
+                seen.add(key)
+            if len(picked) == self.max_queue:
+                break
+        if not picked or not self.writes:
+            return
+        rng = torch.get_rng_state()
+        try:
+            batch = [(ro.prompts[i], ro.ids[i, : ro.ids.shape[1] - ro.R][ro.mask[i, : ro.ids.shape[1] - ro.R].bool()].tolist())
+                     for i in picked]
+            ref = tr.policy.generate(batch, tr.tokenizer, tr.args.max_completion_length, tr.args.top_p,
+                                     tr.args.stop_on_eos, reference=True)
+        finally:
+            torch.set_rng_state(rng)
+        saved = tr.rewards.state_dict()  # scoring for display must not move running statistics (debias, callables)
+        ref_scores, _, ref_raw, _ = tr.rewards.score(ref.prompts, ref.completions, ref.completion_ids,
+                                                     has_eos=ref.has_eos.cpu())
+        tr.rewards.load_state_dict(saved)
+        ref_audit = {k: list(fn(prompts=ref.prompts, completions=ref.completions, completion_ids=ref.completion_ids))
+                     for k, fn in tr.audit_funcs.items()}
+        rows = torch.tensor(picked)
+        logits = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows])
+        ref_lp = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows],
+                                  reference=True).log_softmax(-1)
+        kls = tr.policy.sequence_kl(logits, ref_lp, ro.resp_mask[rows]).tolist()
+        names = tr.rewards.member_names
+        for j, i in enumerate(picked):
+            self.queue.add({
+                "id": f"it{tr.iteration}-{d.name}-{j}", "iteration": tr.iteration, "detectors": [d.name],
+                "prompt": ro.prompts[i],
+                "flagged": _side(ro.completions[i], ro.texts[i], ro.lengths[i], ro.has_eos[i], kls[j], ro.scores[i],
+                                 ro.raw[i], names, {k: v[i] for k, v in ro.audit.items()}),
+                "reference": _side(ref.completions[j], ref.texts[j], ref.lengths[j], ref.has_eos[j], 0.0, ref_scores[j],
+                                   ref_raw[j], names, {k: v[j] for k, v in ref_audit.items()}),
+            })
+
+
+def _side(completion, text, length, eos, kl, score, raw, names, audit) -> dict:
+    return {"completion": completion, "text": text, "length": int(length), "eos": bool(eos), "kl": float(kl),
+            "score": float(score), "rewards": {n: float(r) for n, r in zip(names, raw.tolist())},
+            "audit": {k: float(v) for k, v in audit.items()}}
+
+
+def _prompt_text(p) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in p) if isinstance(p, list) else p
+
+
+def _plain(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}

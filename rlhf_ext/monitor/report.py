@@ -1,0 +1,158 @@
+"""`rlhf-ext report OUTPUT_DIR`: one self-contained HTML page (PNGs embedded, also written beside it) from what the
+monitor recorded in OUTPUT_DIR/monitor/: proxy vs audit reward, KL vs δ with β and the guard's backtracks, length
+and EOS rate, ensemble disagreement, the monitor's alarms on the same time axis, and the top-reward samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+from pathlib import Path
+
+from .queue import read_jsonl
+
+PANELS = ("rewards", "kl", "length", "disagreement")
+
+
+def load_run(output_dir) -> dict:
+    mon = Path(output_dir) / "monitor"
+    if not (mon / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{mon / 'metrics.jsonl'} does not exist: the report reads what the PPO trainer's "
+                                f"monitor writes (PPOConfig(monitor=True), the default). Point to a PPO output_dir.")
+    run = json.loads((mon / "run.json").read_text()) if (mon / "run.json").is_file() else {}
+    return {"run": run, "metrics": read_jsonl(mon / "metrics.jsonl"), "alarms": read_jsonl(mon / "alarms.jsonl"),
+            "samples": read_jsonl(mon / "samples.jsonl"), "queue": read_jsonl(Path(output_dir) / "review" / "queue.jsonl")}
+
+
+def _series(metrics, key):
+    pts = [(m["iteration"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _alarm_lines(ax, alarms):
+    for a in alarms:
+        ax.axvline(a["iteration"], color="red", alpha=0.25, lw=1)
+
+
+def make_plots(data, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, alarms, run = data["metrics"], data["alarms"], data["run"]
+    paths = {}
+
+    def panel(name, draw):
+        fig, ax = plt.subplots(figsize=(7.5, 3.4))
+        draw(ax)
+        _alarm_lines(ax, alarms)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=100)
+        plt.close(fig)
+
+    def rewards(ax):
+        ax.plot(*_series(m, "objective/scores"), label="proxy (shaped, aggregated)")
+        for k in sorted({k for r in m for k in r if k.startswith("audit/")}):
+            ax.plot(*_series(m, k), label=k)
+        ax.set_title("proxy reward vs audit (train rollouts); red lines: monitor alarms")
+
+    def kl(ax):
+        ax.plot(*_series(m, "objective/kl"), label="rollout KL (estimator)")
+        if any("kl/after_update" in r for r in m):
+            ax.plot(*_series(m, "kl/after_update"), label="exact KL after update")
+        if run.get("kl_target") and run.get("kl_controller") != "fixed":
+            ax.axhline(run["kl_target"], color="k", ls="--", lw=1, label=f"δ = {run['kl_target']}")
+        xs, bt = _series(m, "kl/backtracks")
+        for x, b in zip(xs, bt):
+            if b:
+                ax.axvline(x, color="orange", alpha=0.3, lw=2)
+        ax2 = ax.twinx()
+        ax2.plot(*_series(m, "objective/beta"), color="gray", ls=":", label="β")
+        ax2.set_ylabel("β", color="gray")
+        ax.set_ylabel("nats / sequence")
+        ax.set_title("KL(π‖π_ref) vs δ; β dotted; orange: guard backtracked")
+
+    def length(ax):
+        ax.plot(*_series(m, "response/length_mean"), label="mean length (tokens)")
+        ref = run.get("reference", {}).get("length")
+        if ref:
+            ax.axhline(ref, color="k", ls="--", lw=1, label="reference policy")
+        ax2 = ax.twinx()
+        ax2.plot(*_series(m, "response/eos_rate"), color="green", ls=":", label="EOS rate")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("EOS rate", color="green")
+        ax.set_title("response length and EOS rate")
+
+    def disagreement(ax):
+        if any("rewards/ensemble_std" in r for r in m):
+            ax.plot(*_series(m, "rewards/ensemble_std"), label="ensemble std (normalised members)")
+        for k in sorted({k for r in m for k in r if k.startswith("monitor/") and not k.endswith("_alarm")}):
+            ax.plot(*_series(m, k), lw=1, label=k.split("/", 1)[1])
+        ax.set_title("ensemble disagreement and detector statistics")
+
+    for name, fn in zip(PANELS, (rewards, kl, length, disagreement)):
+        panel(name, fn)
+    return paths
+
+
+def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
+    data = load_run(output_dir)
+    out = Path(out_dir or Path(output_dir) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(data, out)
+    run, m = data["run"], data["metrics"]
+    last = m[-1] if m else {}
+    esc = html.escape
+    imgs = "".join(f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                   f"</figure>" for n, p in plots.items())
+    alarm_rows = "".join(f"<tr><td>{a['iteration']}</td><td>{esc(a['detector'])}</td><td>{a['value']:.3g}</td>"
+                         f"<td>{'>' if a.get('direction', 'above') == 'above' else '<'} {a['threshold']:g}</td>"
+                         f"<td>{esc(a['action'])}</td></tr>" for a in data["alarms"])
+    samples = sorted(data["samples"], key=lambda s: s["score"], reverse=True)[:top]
+    sample_rows = "".join(
+        f"<tr><td>{s['iteration']}</td><td>{s['score']:.3f}</td><td>"
+        + esc(", ".join(f"{k} {v:.2f}" for k, v in s.get("audit", {}).items())) + f"</td><td>{s['length']}</td>"
+        f"<td>{'yes' if s['eos'] else 'no'}</td><td class=p>{esc(s['prompt'][-200:])}</td><td>{esc(s['text'])}</td></tr>"
+        for s in samples)
+    summary = {"iterations": len(m), "kl_controller": run.get("kl_controller"), "δ": run.get("kl_target"),
+               "aggregation": run.get("aggregation"), "shapers": run.get("shapers"), "members": run.get("members"),
+               "last proxy": last.get("objective/scores"), "last KL": last.get("objective/kl"),
+               "last length": last.get("response/length_mean"), "alarms": len(data["alarms"]),
+               "pairs queued for review": len(data["queue"])}
+    summary_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(_fmt(v))}</td></tr>" for k, v in summary.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rlhf_ext run report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:24px;max-width:1500px}}figure{{display:inline-block;margin:4px}}
+img{{max-width:720px}}table{{border-collapse:collapse;margin:8px 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
+vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:320px}}</style></head><body>
+<h1>rlhf_ext run report</h1><p>{esc(str(Path(output_dir).resolve()))}</p>
+<table>{summary_rows}</table>{imgs}
+<h2>Monitor alarms ({len(data['alarms'])})</h2><table><tr><th>iteration</th><th>detector</th><th>value</th>
+<th>threshold</th><th>action</th></tr>{alarm_rows}</table>
+<h2>Top-reward samples</h2><p>The highest proxy rewards of the run: reward hacking shows up here first.</p>
+<table><tr><th>iteration</th><th>proxy</th><th>audit</th><th>tokens</th><th>ended</th><th>prompt</th><th>response</th></tr>
+{sample_rows}</table>
+<p>Review flagged pairs: <code>rlhf-ext review {esc(str(output_dir))}</code></p></body></html>"""
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="rlhf-ext report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("output_dir", help="a PPO run's output_dir (holds monitor/)")
+    ap.add_argument("--out", help="where to write (default OUTPUT_DIR/report)")
+    args = ap.parse_args(argv)
+    path = write_report(args.output_dir, args.out)
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,255 @@
+"""`rlhf-ext review OUTPUT_DIR`: a local web page where a person judges the samples the monitor flagged.
+
+Workflow:
+
+1. A PPO run with the monitor on appends suspicious samples to `OUTPUT_DIR/review/queue.jsonl`: each record pairs
+   a flagged policy response with a reference-policy response to the same prompt (format: `monitor/queue.py`).
+2. `rlhf-ext review OUTPUT_DIR` serves a page on 127.0.0.1 that shows one pair at a time, the two responses side by
+   side in a random left/right order (so neither the position nor the label biases the reviewer). The reviewer
+   picks the better one, marks both bad, or skips; every click is appended to `decisions.jsonl` (fsync'd) and
+   `preferences.jsonl` is rewritten, so closing the browser or killing the server loses at most the pair on screen.
+   The page polls, so pairs a running trainer appends show up without a reload.
+3. `rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl` trains the next reward model on them.
+
+HTTP API (JSON): `GET /api/state[?prefer=ID]` the next pending pairs, counts and the last decision;
+`POST /api/decide {"id", "decision"}` with decision in flagged/reference/both_bad/skip; `POST /api/undo {"id"?}`.
+
+The server is the standard library's, bound to 127.0.0.1 only. The page holds model output and the API writes
+files, so it also refuses requests for a foreign Host (DNS rebinding) and POSTs from a foreign Origin (CSRF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import webbrowser
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from .queue import DECISIONS, ReviewQueue
+
+STATIC = Path(__file__).parent / "static"
+FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/review.js": ("review.js", "text/javascript; charset=utf-8"),
+         "/review.css": ("review.css", "text/css; charset=utf-8")}
+MAX_BODY = 64 * 1024
+PENDING_SHOWN = 3  # the page shows one pair; a few more let it say what comes next without another request
+# No inline scripts or styles and nothing from elsewhere: even if a sample slipped into the DOM as markup, it
+# could not run.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+NO_QUEUE = ("No review queue at {path}.\nThe queue is filled by a PPO run with the monitor on: it appends flagged "
+            "samples to OUTPUT_DIR/review/queue.jsonl. Pass that run's OUTPUT_DIR.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ReviewServer(ThreadingHTTPServer):
+    """The HTTP server plus what the handlers share: the queue, the reviewer's name and a write lock."""
+
+    daemon_threads = True  # a browser's open connection must not keep Ctrl-C from exiting
+
+    def __init__(self, output_dir, port: int = 0, reviewer: str | None = None):
+        super().__init__(("127.0.0.1", port), Handler)
+        self.queue = ReviewQueue(output_dir)
+        self.reviewer = reviewer
+        # decide/undo each append and then rewrite preferences.jsonl via one shared temporary file: one at a time
+        self.lock = threading.Lock()
+        self.port = self.server_address[1]
+        self.allowed_hosts = {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
+        if self.port == 80:  # browsers leave the default port out of Host
+            self.allowed_hosts |= {"127.0.0.1", "localhost"}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def state(self, prefer: str | None = None) -> dict:
+        q = self.queue
+        pending = q.pending()
+        # the pair on screen (or the one just undone) stays first, whatever else was decided meanwhile
+        pending.sort(key=lambda r: r["id"] != prefer)
+        return {"pending": pending[:PENDING_SHOWN], "counts": q.progress(), "last": q.last_decision(),
+                "preferences_path": str(q.preferences_path), "reviewer": self.reviewer}
+
+    def decide(self, body: dict) -> dict:
+        pair_id, decision = body.get("id"), body.get("decision")
+        if not isinstance(pair_id, str) or not pair_id:
+            raise ApiError(HTTPStatus.BAD_REQUEST, 'decide needs "id": the pair\'s id (a string).')
+        if decision not in DECISIONS:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f'"decision" must be one of {", ".join(DECISIONS)}; got {decision!r}.')
+        with self.lock:
+            if pair_id not in {r["id"] for r in self.queue.records()}:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"No pair {pair_id!r} in the queue.")
+            # a second tab (or a double click) must not silently overwrite a decision: undo first
+            if pair_id in self.queue.decisions():
+                raise ApiError(HTTPStatus.CONFLICT, f"Pair {pair_id!r} is already decided; undo it to change it.")
+            self.queue.decide(pair_id, decision, reviewer=self.reviewer)
+        return self.state()
+
+    def undo(self, body: dict) -> dict:
+        pair_id = body.get("id")
+        if pair_id is not None and not isinstance(pair_id, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"id" must be a string (or left out to undo the last decision).')
+        with self.lock:
+            decided = self.queue.decisions()
+            if pair_id is None:
+                last = self.queue.last_decision()
+                if last is None:
+                    raise ApiError(HTTPStatus.CONFLICT, "Nothing to undo.")
+                pair_id = last["id"]
+            elif pair_id not in decided:
+                raise ApiError(HTTPStatus.CONFLICT, f"Pair {pair_id!r} has no decision to undo.")
+            self.queue.undo(pair_id)
+        return {**self.state(prefer=pair_id), "undone": pair_id}
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ReviewServer
+    server_version = "rlhf-ext-review"
+
+    def do_GET(self):
+        self._handle(self._get)
+
+    def do_POST(self):
+        self._handle(self._post)
+
+    def _handle(self, route):
+        try:
+            self._check_host()
+            route()
+        except ApiError as e:
+            self._json({"error": str(e)}, e.status)
+        except Exception as e:  # one bad request must not take the page down; say what happened
+            self.log_error("%s %s failed: %r", self.command, self.path, e)
+            self._json({"error": f"Internal error: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _check_host(self):
+        if self.headers.get("Host", "").lower() not in self.server.allowed_hosts:
+            raise ApiError(HTTPStatus.FORBIDDEN, "Unexpected Host header: open the page at " + self.server.url)
+
+    def _get(self):
+        url = urlsplit(self.path)
+        if url.path == "/api/state":
+            prefer = parse_qs(url.query).get("prefer", [None])[0]
+            return self._json(self.server.state(prefer))
+        if url.path == "/favicon.ico":  # keeps the browser console free of a 404
+            return self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
+        if url.path not in FILES:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"No such page: {url.path}")
+        name, ctype = FILES[url.path]
+        self._send(HTTPStatus.OK, (STATIC / name).read_bytes(), ctype)
+
+    def _post(self):
+        routes = {"/api/decide": self.server.decide, "/api/undo": self.server.undo}
+        path = urlsplit(self.path).path
+        if path not in routes:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"No such endpoint: POST {path}")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != "http://" + self.headers["Host"].lower():
+            raise ApiError(HTTPStatus.FORBIDDEN, f"Requests from {origin} are not allowed.")
+        self._json(routes[path](self._read_json()))
+
+    def _read_json(self) -> dict:
+        # JSON only: a cross-site form post cannot send this type without a CORS preflight, which we never grant
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the request body as application/json.")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "A Content-Length header is required.") from None
+        if not 0 <= length <= MAX_BODY:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is limited to {MAX_BODY} bytes.")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"The request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
+        return body
+
+    def _json(self, obj, status=HTTPStatus.OK):
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+
+    def _send(self, status, data: bytes, ctype: str):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", CSP)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        pass  # the page polls every few seconds; a line per request would bury the URL and real errors
+
+    def log_error(self, format, *args):
+        sys.stderr.write("review: " + (format % args) + "\n")
+
+
+def check_queue(output_dir) -> ReviewQueue:
+    q = ReviewQueue(output_dir)
+    if not q.queue_path.is_file():
+        raise FileNotFoundError(NO_QUEUE.format(path=q.queue_path))
+    return q
+
+
+def serve(output_dir, port: int = 0, reviewer: str | None = None):
+    """Start the review server in a background thread; returns `(server, url)`. Stop it with `server.shutdown()`
+    and `server.server_close()`. Port 0 picks a free port."""
+    check_queue(output_dir)
+    server = ReviewServer(output_dir, port, reviewer)
+    # a short poll interval: shutdown() waits for the loop to notice, and tests start and stop many servers
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="rlhf-ext-review", daemon=True).start()
+    return server, server.url
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf-ext review", description=__doc__.split("\n\n")[0],
+                                 epilog="Files: OUTPUT_DIR/review/{queue,decisions,preferences}.jsonl")
+    ap.add_argument("output_dir", help="the PPO run's output_dir (its review/queue.jsonl is read)")
+    ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
+    ap.add_argument("--no-browser", action="store_true", help="print the URL only, do not open a browser")
+    ap.add_argument("--reviewer", default=None, help="name recorded with each decision")
+    args = ap.parse_args(argv)
+    try:
+        queue = check_queue(args.output_dir)
+        server = ReviewServer(args.output_dir, args.port, args.reviewer)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"Cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
+        return 2
+    p = queue.progress()
+    print(f"Reviewing {queue.queue_path}: {p['pending']} of {p['total']} pairs pending.")
+    print(f"Review page: {server.url}   (Ctrl-C to stop; every decision is saved as you click)", flush=True)
+    if not args.no_browser:
+        try:
+            webbrowser.open(server.url)
+        except Exception:  # no browser on this machine: the printed URL is enough
+            pass
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    p = queue.progress()
+    print(f"\nStopped. {p['decided']} of {p['total']} pairs reviewed; {p['preferences']} preference pairs in "
+          f"{queue.preferences_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

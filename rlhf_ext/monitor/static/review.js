@@ -1,0 +1,200 @@
+// The review page. Everything from the queue is model output, so it only ever enters the DOM as textContent.
+"use strict";
+
+const POLL_MS = 3000; // a running trainer keeps appending pairs; this is how soon they show up
+const KEYS = {
+  "1": "left", ArrowLeft: "left", "2": "right", ArrowRight: "right",
+  b: "both_bad", B: "both_bad", s: "skip", S: "skip", u: "undo", U: "undo",
+};
+const LAST_LABEL = {
+  flagged: "picked the flagged response", reference: "picked the reference response",
+  both_bad: "both bad", skip: "skipped",
+};
+
+const sidesById = new Map(); // pair id -> [left side, right side]; kept so an undone pair comes back unchanged
+let current = null; // the pair on screen
+let lastDecision = null;
+let busy = false;
+let generation = 0; // bumped by every click, so a poll that started before it cannot paint stale state
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+async function api(path, body) {
+  const init = body === undefined ? { cache: "no-store" } : {
+    method: "POST", cache: "no-store",
+    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  const res = await fetch(path, init);
+  let data;
+  try { data = await res.json(); } catch { data = { error: `HTTP ${res.status}` }; }
+  if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
+  return data;
+}
+
+// Random left/right per pair: a reviewer who tends to favour one side (or the label) must not bias the data.
+function sidesFor(id) {
+  if (!sidesById.has(id)) {
+    sidesById.set(id, Math.random() < 0.5 ? ["flagged", "reference"] : ["reference", "flagged"]);
+  }
+  return sidesById.get(id);
+}
+
+function asText(value) {
+  if (typeof value === "string") return value;
+  if (Array.isArray(value)) return value.map((m) => (m && typeof m === "object" ? m.content ?? "" : String(m))).join("\n\n");
+  return value == null ? "" : JSON.stringify(value);
+}
+
+function fmt(v) {
+  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(3);
+  if (v == null) return "–";
+  return typeof v === "object" ? JSON.stringify(v) : String(v);
+}
+
+function renderPrompt(prompt) {
+  const box = $("prompt");
+  box.replaceChildren();
+  if (!Array.isArray(prompt)) {
+    box.append(el("div", "content", asText(prompt)));
+    return;
+  }
+  for (const m of prompt) {
+    const msg = el("div", "message");
+    msg.append(el("span", "role", m && m.role ? m.role : "?"), el("div", "content", asText(m && m.content)));
+    box.append(msg);
+  }
+}
+
+function renderResponse(article, side, resp) {
+  article.dataset.side = side; // for tests and debugging only: nothing visible says which side is flagged
+  article.querySelector(".text").textContent = typeof resp.text === "string" ? resp.text : asText(resp.completion);
+  const length = resp.length == null ? "? tokens" : `${resp.length} tokens`;
+  const ending = resp.eos === true ? "ended (EOS)" : resp.eos === false ? "cut off (no EOS)" : "end unknown";
+  const facts = article.querySelector(".facts");
+  facts.textContent = `${length} · ${ending}`;
+  facts.classList.toggle("cut", resp.eos === false);
+
+  const rows = [["shaped score", resp.score], ["KL to reference", resp.kl]];
+  for (const [k, v] of Object.entries(resp.rewards || {})) rows.push([`reward ${k}`, v]);
+  for (const [k, v] of Object.entries(resp.audit || {})) rows.push([`audit ${k}`, v]);
+  const body = article.querySelector(".scores tbody");
+  body.replaceChildren(...rows.map(([k, v]) => {
+    const tr = el("tr");
+    tr.append(el("th", "", k), el("td", "", fmt(v)));
+    return tr;
+  }));
+  article.querySelector("details").open = false;
+}
+
+function renderPair(pair) {
+  current = pair;
+  const [left, right] = sidesFor(pair.id);
+  $("pair").dataset.id = pair.id;
+  $("pair-id").textContent = pair.id;
+  $("pair-iteration").textContent = pair.iteration == null ? "" : `iteration ${pair.iteration}`;
+  $("pair-detectors").replaceChildren(...(pair.detectors || []).map((d) => el("span", "tag", d)));
+  renderPrompt(pair.prompt);
+  renderResponse($("left"), left, pair[left]);
+  renderResponse($("right"), right, pair[right]);
+  window.scrollTo(0, 0);
+}
+
+function render(state) {
+  const c = state.counts;
+  $("progress").textContent =
+    `${c.decided} of ${c.total} reviewed · ${c.pending} pending · ${c.preferences} preference pairs`;
+  lastDecision = state.last;
+  $("btn-undo").disabled = !lastDecision;
+  $("last").textContent = lastDecision
+    ? `Last: ${lastDecision.id} — ${LAST_LABEL[lastDecision.decision] || lastDecision.decision}` : "";
+
+  const next = state.pending[0];
+  $("pair").hidden = !next;
+  $("empty").hidden = !!next;
+  document.body.dataset.view = next ? "pair" : "empty";
+  if (!next) {
+    current = null;
+    $("empty-message").textContent =
+      `Queue empty — ${c.preferences} preference pairs written to ${state.preferences_path}`;
+    $("empty-path").textContent = state.preferences_path;
+  } else if (!current || current.id !== next.id) {
+    renderPair(next); // a poll that finds the same pair leaves it alone (sides, open details, scroll)
+  }
+}
+
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+async function refresh() {
+  const gen = generation;
+  const prefer = current ? `?prefer=${encodeURIComponent(current.id)}` : "";
+  try {
+    const state = await api(`/api/state${prefer}`);
+    if (gen === generation && !busy) {
+      render(state);
+      showError("");
+    }
+  } catch (e) {
+    showError(`Cannot reach the review server (${e.message}). Decisions so far are saved.`);
+  }
+}
+
+function setBusy(on) {
+  busy = on;
+  document.body.classList.toggle("busy", on);
+  for (const b of document.querySelectorAll("button")) b.disabled = on || (b.id === "btn-undo" && !lastDecision);
+}
+
+async function act(action) {
+  if (busy) return;
+  let request;
+  if (action === "undo") {
+    if (!lastDecision) return;
+    request = ["/api/undo", {}];
+  } else {
+    if (!current) return;
+    const [left, right] = sidesFor(current.id);
+    const decision = action === "left" ? left : action === "right" ? right : action;
+    request = ["/api/decide", { id: current.id, decision }];
+  }
+  generation += 1;
+  setBusy(true);
+  try {
+    const state = await api(...request);
+    if (action === "undo") current = null; // the undone pair comes back first; paint it even if it was on screen
+    setBusy(false);
+    render(state);
+    showError("");
+  } catch (e) {
+    setBusy(false);
+    showError(e.message);
+    refresh(); // e.g. another tab decided this pair already: show what is pending now
+  }
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return; // a held key must not decide several pairs
+  if (e.target instanceof Element && e.target.closest("input, textarea, select, [contenteditable]")) return;
+  const action = KEYS[e.key];
+  if (!action) return;
+  e.preventDefault();
+  act(action);
+});
+
+document.addEventListener("click", (e) => {
+  const button = e.target instanceof Element ? e.target.closest("button[data-action]") : null;
+  if (button) act(button.dataset.action);
+});
+
+document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+setInterval(() => { if (!document.hidden && !busy) refresh(); }, POLL_MS);
+refresh();

@@ -1,0 +1,131 @@
+"""The reward-hacking monitor: detectors fire on a hacking run and stay quiet on a mitigated one; queue sends
+pairs to review; halt stops with a checkpoint that resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf_ext.monitor.queue import ReviewQueue
+from rlhf_ext.plugins.detectors import Observation
+from rlhf_ext.registry import build
+
+from .test_ppo import make
+
+
+def longer_is_better(prompts, completions, completion_ids, **kw):
+    """A length-biased proxy: pays for tokens, and most for never stopping."""
+    return [0.5 * len(ids) for ids in completion_ids]
+
+
+def eos_prone_model(tok):
+    """A tiny model whose reference answers end after ~4 tokens: room for a length-hacking policy to drift."""
+    from rlhf_ext.testing import tiny_causal_lm
+
+    m = tiny_causal_lm(tok)
+    with torch.no_grad():
+        w = m.model.norm.weight
+        m.lm_head.weight[tok.eos_token_id] = 3.2 * w / w.norm()
+    return m
+
+
+def gold(prompts, completions, completion_ids, **kw):
+    return [1.0 - 0.1 * len(ids) for ids in completion_ids]  # what the user wanted: short answers
+
+
+def _obs(lengths, eos, scores=None, norm=None, audit=None, metrics=None, reference=None):
+    n = len(lengths)
+    return Observation(iteration=1, lengths=torch.tensor(lengths, dtype=torch.float), has_eos=torch.tensor(eos),
+                       texts=["x"] * n, ids=[[1, 2, 3]] * n,
+                       scores=torch.tensor(scores if scores is not None else [0.0] * n),
+                       norm=torch.tensor(norm if norm is not None else [[0.0]] * n), valid=torch.ones(n, dtype=torch.bool),
+                       audit=audit or {}, metrics=metrics or {}, reference=reference or {})
+
+
+def test_detectors_on_hand_made_observations():
+    ref = {"length": 10.0, "eos": 0.9}
+    d = build("detector", "length_drift", smoothing=0.0)
+    assert d.update(_obs([12, 12], [True, True], reference=ref)) == (pytest.approx(1.2), False)
+    assert d.update(_obs([20, 20], [True, True], reference=ref))[1]
+    e = build("detector", "eos_collapse", smoothing=0.0)
+    assert e.update(_obs([5, 5], [False, False], reference=ref))[1] and e.suspicious(_obs([5, 9], [True, False]), 1) == [1]
+    r = build("detector", "repetition", smoothing=0.0)
+    loop = _obs([8], [True])
+    loop.ids = [[5, 6, 7, 8] * 6]
+    assert r.update(loop)[1]
+    c = build("detector", "length_correlation", smoothing=0.0)
+    assert c.update(_obs([1, 2, 3, 4], [True] * 4, scores=[1.0, 2.0, 3.0, 4.0]))[1]
+    p = build("detector", "proxy_vs_audit", window=3)
+    fired = [p.update(_obs([1, 1], [True] * 2, scores=[s, s], audit={"gold": [-s, -s]}))[1] for s in (1.0, 2.0, 3.0)]
+    assert fired == [False, False, True]
+    k = build("detector", "kl_backtracking", window=2)
+    assert k.update(_obs([1], [True], metrics={"kl/backtracks": 2}))[1]
+    with pytest.raises(ValueError, match="action must be one of"):
+        build("detector", "length_drift", action="email")
+
+
+def test_length_alarm_fires_on_a_hacking_run_and_queues_pairs(tmp_path, tok):
+    tr = make(tmp_path, tok, model=eos_prone_model(tok), reward=longer_is_better, max_steps=8, learning_rate=5e-2,
+              max_completion_length=12, monitor_detectors=[{"name": "length_drift", "threshold": 1.3}, "eos_collapse",
+                                 {"name": "proxy_vs_audit", "window": 3}], monitor_cooldown=1)
+    tr.audit_funcs = {"gold": gold}
+    hist = tr.train()
+    assert tr.monitor.reference["length"] > 0
+    alarms = [h["monitor/length_drift_alarm"] for h in hist]
+    assert any(alarms), [round(h.get("monitor/length_drift", 0), 2) for h in hist]
+    first = alarms.index(1) + 1
+    out = tmp_path / "ppo"
+    fired = [json.loads(x) for x in (out / "monitor" / "alarms.jsonl").read_text().splitlines()]
+    assert {"length_drift"} <= {a["detector"] for a in fired} and min(a["iteration"] for a in fired) <= first
+    queue = ReviewQueue(out).records()
+    assert queue and all(r["flagged"]["length"] >= r["reference"]["length"] for r in queue if "length_drift" in r["detectors"])
+    rec = queue[0]
+    assert {"completion", "text", "length", "eos", "kl", "score", "rewards", "audit"} <= set(rec["flagged"])
+    assert rec["reference"]["kl"] == 0.0 and rec["flagged"]["kl"] > 0
+    assert len((out / "monitor" / "metrics.jsonl").read_text().splitlines()) == 8
+    assert (out / "monitor" / "run.json").is_file() and (out / "monitor" / "samples.jsonl").is_file()
+
+
+def test_mitigated_run_stays_quiet(tmp_path, tok):
+    """Same reward, but a length penalty that outweighs it: the policy does not drift, no length alarm."""
+    tr = make(tmp_path, tok, model=eos_prone_model(tok), reward=longer_is_better, max_steps=8, learning_rate=5e-2,
+              max_completion_length=12, shapers=[{"name": "linear", "alpha": 2.0}], monitor_detectors=[{"name": "length_drift", "threshold": 1.3}])
+    hist = tr.train()
+    assert not any(h["monitor/length_drift_alarm"] for h in hist), [h["monitor/length_drift"] for h in hist]
+
+
+def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
+    kw = dict(reward=longer_is_better, max_steps=8, learning_rate=5e-2, max_completion_length=12,
+              monitor_detectors=[{"name": "length_drift", "threshold": 1.3, "action": "halt"}])
+    tr = make(tmp_path, tok, model=eos_prone_model(tok), **kw)
+    with pytest.warns(UserWarning, match="monitor halted training.*length_drift.*resume_from_checkpoint=True"):
+        hist = tr.train()
+    assert len(hist) < 8 and tr.monitor.halted_by == "length_drift"
+    ckpt = tmp_path / "ppo" / f"checkpoint-{len(hist)}"
+    assert (ckpt / "manifest.json").is_file()
+    state = json.loads((ckpt / "ppo_state.json").read_text())
+    assert state["monitor"]["detectors"]["length_drift"]["value"] > 1.3
+    kw["monitor_detectors"] = [{"name": "length_drift", "threshold": 1.3, "action": "log"}]  # the user's decision
+    resumed = make(tmp_path, tok, model=eos_prone_model(tok), **kw)
+    hist2 = resumed.train(resume_from_checkpoint=True)
+    assert len(hist2) == 8 and resumed.monitor.reference == tr.monitor.reference
+
+
+def test_run_report(tmp_path, tok):
+    from rlhf_ext.cli import main as cli
+
+    tr = make(tmp_path, tok, model=eos_prone_model(tok), reward=longer_is_better, max_steps=6, learning_rate=5e-2,
+              max_completion_length=12, kl_controller="hard", kl_target=2.0,
+              monitor_detectors=[{"name": "length_drift", "threshold": 1.3}])
+    tr.train()
+    assert cli(["report", str(tmp_path / "ppo")]) == 0
+    out = tmp_path / "ppo" / "report"
+    page = (out / "index.html").read_text()
+    for name in ("rewards", "kl", "length", "disagreement"):
+        assert (out / f"{name}.png").stat().st_size > 5000
+    assert page.count("data:image/png;base64,") == 4 and "Top-reward samples" in page and "length_drift" in page
+    assert "<script" not in page.lower()  # sample text is escaped, never markup
+    with pytest.raises(FileNotFoundError, match="monitor/metrics.jsonl does not exist"):
+        cli(["report", str(tmp_path)])

@@ -1,0 +1,285 @@
+"""The review queue and the review server, without a browser (the page itself: test_review_browser.py)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from datasets import Dataset
+
+from rlhf_ext.monitor.queue import ReviewQueue
+from rlhf_ext.monitor.review import MAX_BODY, main, serve
+
+from .conftest import FILL, POS, preference_rows
+
+
+def make_pair(pid, flagged_text, reference_text, prompt="write a short review of the movie .", conversational=True,
+              iteration=3):
+    """A queue record as the trainer's monitor writes it."""
+    def response(text, kl, eos):
+        completion = [{"role": "assistant", "content": text}] if conversational else text
+        return {"completion": completion, "text": text, "length": len(text.split()), "eos": eos, "kl": kl,
+                "score": 1.5 if kl else 0.2, "rewards": {"member_0": 0.9 if kl else 0.1, "member_1": 0.7},
+                "audit": {"gold": -0.5 if kl else 0.4}}
+
+    return {"id": pid, "iteration": iteration, "detectors": ["length_drift"],
+            "prompt": [{"role": "user", "content": prompt}] if conversational else prompt + " ",
+            "flagged": response(flagged_text, 3.2, False), "reference": response(reference_text, 0.0, True)}
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- ReviewQueue
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_decide_undo_export_round_trip(tmp_path, conversational):
+    q = ReviewQueue(tmp_path)
+    for i in range(4):
+        q.add(make_pair(f"p{i}", f"great great great {i}", f"the movie was fine {i} .", conversational=conversational))
+    q.decide("p0", "flagged", reviewer="ann")
+    q.decide("p1", "reference")
+    q.decide("p2", "both_bad")
+    q.decide("p3", "skip")
+    assert q.pending() == []
+    rows = read_lines(q.preferences_path)
+    assert [r["source"]["queue_id"] for r in rows] == ["p0", "p1"]  # both_bad and skip give no row
+    p0, p1 = (q.records()[i] for i in (0, 1))
+    assert rows[0]["prompt"] == p0["prompt"] and rows[0]["chosen"] == p0["flagged"]["completion"]
+    assert rows[0]["rejected"] == p0["reference"]["completion"]
+    assert rows[1]["chosen"] == p1["reference"]["completion"] and rows[1]["rejected"] == p1["flagged"]["completion"]
+    assert rows[0]["source"]["reviewer"] == "ann" and rows[0]["source"]["decision"] == "flagged"
+    if conversational:
+        assert rows[0]["chosen"] == [{"role": "assistant", "content": "great great great 0"}]
+    else:
+        assert rows[0]["prompt"] == "write a short review of the movie . " and rows[0]["chosen"] == "great great great 0"
+    assert q.progress() == {"total": 4, "decided": 4, "pending": 0, "preferences": 2}
+
+    q.undo("p0")
+    assert [r["id"] for r in q.pending()] == ["p0"]
+    assert [r["source"]["queue_id"] for r in read_lines(q.preferences_path)] == ["p1"]
+    assert [e["decision"] for e in read_lines(q.decisions_path)] == ["flagged", "reference", "both_bad", "skip", "undo"]
+    assert q.progress() == {"total": 4, "decided": 3, "pending": 1, "preferences": 1}
+
+
+def test_last_decision_is_the_most_recent_in_effect(tmp_path):
+    q = ReviewQueue(tmp_path)
+    for i in range(3):
+        q.add(make_pair(f"p{i}", "a", "b"))
+    assert q.last_decision() is None
+    q.decide("p0", "flagged")
+    q.decide("p1", "skip")
+    q.undo("p0")
+    q.decide("p0", "reference")  # re-decided after p1: now the last
+    assert q.last_decision()["id"] == "p0" and q.last_decision()["decision"] == "reference"
+    q.undo("p0")
+    assert q.last_decision()["id"] == "p1"
+
+
+def test_torn_last_line_is_skipped(tmp_path):
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("p0", "a", "b"))
+    q.add(make_pair("p1", "c", "d"))
+    with open(q.queue_path, "a") as f:  # a trainer killed mid-write
+        f.write(json.dumps(make_pair("p2", "e", "f"))[:40])
+    with open(q.decisions_path, "a") as f:
+        f.write('{"id": "p0", "decis')
+    assert [r["id"] for r in q.records()] == ["p0", "p1"]
+    assert [r["id"] for r in q.pending()] == ["p0", "p1"]
+    q.decide("p1", "reference")
+    assert q.progress() == {"total": 2, "decided": 1, "pending": 1, "preferences": 1}
+
+
+# -- the HTTP server
+
+
+@pytest.fixture
+def served(tmp_path):
+    q = ReviewQueue(tmp_path)
+    for i in range(3):
+        q.add(make_pair(f"p{i}", f"flagged {i}", f"reference {i}"))
+    server, url = serve(tmp_path, reviewer="bob")
+    yield q, url
+    server.shutdown()
+    server.server_close()
+
+
+def call(url, path, body=None, headers=None, raw=None):
+    """(status, JSON body) of a GET (body None) or a JSON POST."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    hdrs.update(headers or {})
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=hdrs, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as res:
+            return res.status, json.loads(res.read())
+    except urllib.error.HTTPError as e:
+        assert e.headers.get_content_type() == "application/json"
+        return e.code, json.loads(e.read())
+
+
+def test_api_state_decide_undo(served):
+    q, url = served
+    assert url.startswith("http://127.0.0.1:")
+    status, state = call(url, "/api/state")
+    assert status == 200
+    assert [p["id"] for p in state["pending"]] == ["p0", "p1", "p2"]
+    assert state["counts"] == {"total": 3, "decided": 0, "pending": 3, "preferences": 0}
+    assert state["last"] is None and state["preferences_path"] == str(q.preferences_path)
+    assert state["pending"][0]["flagged"]["rewards"] == {"member_0": 0.9, "member_1": 0.7}
+
+    status, state = call(url, "/api/decide", {"id": "p0", "decision": "reference"})
+    assert status == 200 and [p["id"] for p in state["pending"]] == ["p1", "p2"]
+    assert state["last"]["id"] == "p0" and state["last"]["reviewer"] == "bob"
+    status, state = call(url, "/api/decide", {"id": "p1", "decision": "both_bad"})
+    assert state["counts"] == {"total": 3, "decided": 2, "pending": 1, "preferences": 1}
+    assert call(url, "/api/decide", {"id": "p1", "decision": "flagged"})[0] == 409  # decided already: undo first
+
+    status, state = call(url, "/api/undo", {})  # the most recent decision: p1
+    assert status == 200 and state["undone"] == "p1" and [p["id"] for p in state["pending"]] == ["p1", "p2"]
+    status, state = call(url, "/api/undo", {"id": "p0"})
+    assert state["undone"] == "p0" and state["pending"][0]["id"] == "p0"  # the undone pair comes back first
+    assert call(url, "/api/state?prefer=p2")[1]["pending"][0]["id"] == "p2"
+    assert call(url, "/api/undo", {})[0] == 409  # nothing left to undo
+    assert [(e["id"], e["decision"]) for e in read_lines(q.decisions_path)] == [
+        ("p0", "reference"), ("p1", "both_bad"), ("p1", "undo"), ("p0", "undo")]
+    assert read_lines(q.preferences_path) == []
+
+
+@pytest.mark.parametrize("body,status", [({"id": "p0", "decision": "left"}, 400), ({"decision": "skip"}, 400),
+                                         ({"id": "nope", "decision": "skip"}, 404), (["p0"], 400)])
+def test_api_rejects_bad_decisions_with_json(served, body, status):
+    q, url = served
+    code, answer = call(url, "/api/decide", body)
+    assert code == status and isinstance(answer["error"], str) and answer["error"]
+    assert not q.decisions_path.exists()
+
+
+def test_api_rejects_bad_requests(served):
+    q, url = served
+    assert call(url, "/api/decide", raw=b"{not json")[0] == 400
+    assert call(url, "/api/decide", raw=b"x" * (MAX_BODY + 1))[0] == 413
+    code, answer = call(url, "/api/decide", raw=b'{"id": "p0", "decision": "skip"}', headers={"Content-Type": "text/plain"})
+    assert code == 415 and "application/json" in answer["error"]
+    assert call(url, "/api/nothing", {})[0] == 404
+    assert call(url, "/etc/passwd")[0] == 404
+    assert call(url, "/../queue.jsonl")[0] == 404
+    assert not q.decisions_path.exists()
+
+
+def test_wrong_host_is_rejected(served):
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends its own name as Host."""
+    q, url = served
+    port = url.rsplit(":", 1)[1].strip("/")
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1:1", "localhost"):
+        code, answer = call(url, "/api/state", headers={"Host": host})
+        assert code == 403 and "Host" in answer["error"]
+        assert call(url, "/api/decide", {"id": "p0", "decision": "skip"}, headers={"Host": host})[0] == 403
+    assert call(url, "/api/state", headers={"Host": f"localhost:{port}"})[0] == 200
+    assert not q.decisions_path.exists()
+
+
+def test_foreign_origin_post_is_rejected(served):
+    q, url = served
+    port = url.rsplit(":", 1)[1].strip("/")
+    for origin in ("http://evil.example", f"http://localhost:{port}", "null", f"https://127.0.0.1:{port}"):
+        code, answer = call(url, "/api/decide", {"id": "p0", "decision": "skip"}, headers={"Origin": origin})
+        assert code == 403 and origin in answer["error"]
+    assert not q.decisions_path.exists()
+    assert call(url, "/api/decide", {"id": "p0", "decision": "skip"}, headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+
+
+def test_page_and_static_files(served):
+    _, url = served
+    with urllib.request.urlopen(url, timeout=10) as res:
+        html = res.read().decode()
+        assert res.headers.get_content_type() == "text/html"
+        assert "script-src 'self'" in res.headers["Content-Security-Policy"]
+    assert '<script src="/review.js"' in html and "http" not in html.replace("http-equiv", "")  # nothing from elsewhere
+    for path in ("/review.js", "/review.css"):
+        with urllib.request.urlopen(url + path.lstrip("/"), timeout=10) as res:
+            assert res.status == 200 and res.read()
+    js = (urllib.request.urlopen(url + "review.js", timeout=10)).read().decode()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js  # samples only ever go in as textContent
+
+
+def test_cli_without_queue_says_how_it_gets_filled(tmp_path, capsys):
+    assert main([str(tmp_path), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert "queue.jsonl" in err and "monitor" in err
+    with pytest.raises(FileNotFoundError, match="monitor"):
+        serve(tmp_path)
+
+
+def test_cli_serves_until_ctrl_c(tmp_path):
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("p0", "a", "b"))
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ext.cli", "review", str(tmp_path), "--no-browser",
+                             "--reviewer", "cli"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = lines[1].split("Review page: ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert call(url, "/api/decide", {"id": "p0", "decision": "flagged"})[1]["counts"]["preferences"] == 1
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Stopped. 1 of 1 pairs reviewed; 1 preference pairs" in out and "Traceback" not in err
+    assert read_lines(q.preferences_path)[0]["source"]["reviewer"] == "cli"
+
+
+# -- the preferences train the next reward model
+
+
+def hacked_pairs(n, seed):
+    """The reviewed pattern: a plain answer that says "fine" beats a padded run of praise words. The original data
+    always prefers the praise word, so a reward model trained on it alone gets these backwards."""
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        fill = " ".join(r.choice(FILL) for _ in range(r.randint(1, 3)))
+        praise = " ".join([r.choice(POS)] * r.randint(3, 5))
+        out.append((f"h{seed}-{i}", f"{fill} {praise} .", f"{fill} fine ."))
+    return out
+
+
+def test_reviewed_preferences_teach_the_reward_model(tmp_path, tiny_path, tok):
+    from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
+    from rlhf_ext.data import with_extra_preferences
+
+    q = ReviewQueue(tmp_path / "run")
+    for pid, flagged, reference in hacked_pairs(48, seed=0):
+        q.add(make_pair(pid, flagged, reference, prompt="write a short review of the film ."))
+    for i, pair in enumerate(q.records()):
+        q.decide(pair["id"], "reference" if i % 8 else ("both_bad", "skip")[i // 8 % 2])  # 6 pairs give no row
+    assert len(read_lines(q.preferences_path)) == 42
+
+    original = Dataset.from_list(preference_rows(128, 0))
+    heldout = Dataset.from_list([{"prompt": [{"role": "user", "content": "write a short review of the film ."}],
+                                  "chosen": [{"role": "assistant", "content": ref}],
+                                  "rejected": [{"role": "assistant", "content": flagged}]}
+                                 for _, flagged, ref in hacked_pairs(32, seed=1)])
+
+    def heldout_accuracy(train, name):
+        args = RewardEnsembleConfig(str(tmp_path / name), num_train_epochs=3, per_device_train_batch_size=16,
+                                    learning_rate=5e-3, report_to="none", save_strategy="no", eval_strategy="no",
+                                    use_cpu=True, disable_tqdm=True, logging_steps=1000, normalization_samples=32,
+                                    seed=0)
+        tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=train, processing_class=tok)
+        tr.train()
+        return tr.evaluate(heldout)["eval_accuracy_ensemble"]
+
+    without = heldout_accuracy(original, "rm_without")
+    with_review = heldout_accuracy(with_extra_preferences(original, [q.preferences_path]), "rm_with")
+    assert without <= 0.5, "the original data alone should prefer the padded praise"
+    assert with_review >= 0.9 and with_review > without
