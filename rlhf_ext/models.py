@@ -251,3 +251,10 @@ def model_fingerprint(model) -> str:
     weight = getattr(emb, "base_layer", emb).weight  # under a LoRA-wrapped embedding, the frozen original
     rows = weight[:64].detach().to("cpu", torch.bfloat16).float().numpy().tobytes()
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode() + rows).hexdigest()[:16]
+
+
+def loadable_reference(name_or_path) -> str:
+    """What `from_pretrained` can load: a Hub id as given, else the resolved local folder made absolute (the
+    embedded default's converted safetensors folder included)."""
+    path = Path(resolve_model_path(str(name_or_path))).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)

@@ -15,7 +15,7 @@ from datasets import Dataset
 from rlhf_ext.monitor.queue import ReviewQueue
 from rlhf_ext.monitor.review import MAX_BODY, main, serve
 
-from .conftest import FILL, POS, preference_rows
+from .conftest import FILL, NEG, POS, preference_rows
 
 
 def make_pair(pid, flagged_text, reference_text, prompt="write a short review of the movie .", conversational=True,
@@ -242,14 +242,15 @@ def test_cli_serves_until_ctrl_c(tmp_path):
 
 
 def hacked_pairs(n, seed):
-    """The reviewed pattern: a plain answer that says "fine" beats a padded run of praise words. The original data
-    always prefers the praise word, so a reward model trained on it alone gets these backwards."""
+    """(id, flagged, reference) in the reviewed pattern: an honest mixed answer ("... boring but fine .") beats a
+    padded run of praise. The original data always prefers praise over criticism, so a reward model trained on it
+    alone gets these backwards: the hack a reviewer is there to catch."""
     r = random.Random(seed)
     out = []
     for i in range(n):
         fill = " ".join(r.choice(FILL) for _ in range(r.randint(1, 3)))
         praise = " ".join([r.choice(POS)] * r.randint(3, 5))
-        out.append((f"h{seed}-{i}", f"{fill} {praise} .", f"{fill} fine ."))
+        out.append((f"h{seed}-{i}", f"{fill} {praise} .", f"{fill} {r.choice(NEG)} but fine ."))
     return out
 
 
@@ -258,28 +259,29 @@ def test_reviewed_preferences_teach_the_reward_model(tmp_path, tiny_path, tok):
     from rlhf_ext.data import with_extra_preferences
 
     q = ReviewQueue(tmp_path / "run")
-    for pid, flagged, reference in hacked_pairs(48, seed=0):
+    for pid, flagged, reference in hacked_pairs(72, seed=0):
         q.add(make_pair(pid, flagged, reference, prompt="write a short review of the film ."))
-    for i, pair in enumerate(q.records()):
-        q.decide(pair["id"], "reference" if i % 8 else ("both_bad", "skip")[i // 8 % 2])  # 6 pairs give no row
-    assert len(read_lines(q.preferences_path)) == 42
+    for i, pair in enumerate(q.records()):  # the reviewer prefers the reference; every 9th pair gives no row
+        q.decide(pair["id"], ("both_bad", "skip")[i // 9 % 2] if i % 9 == 0 else "reference")
+    assert len(read_lines(q.preferences_path)) == 64
 
     original = Dataset.from_list(preference_rows(128, 0))
-    heldout = Dataset.from_list([{"prompt": [{"role": "user", "content": "write a short review of the film ."}],
-                                  "chosen": [{"role": "assistant", "content": ref}],
-                                  "rejected": [{"role": "assistant", "content": flagged}]}
-                                 for _, flagged, ref in hacked_pairs(32, seed=1)])
+    heldout = {"reviewed": Dataset.from_list([  # the same pattern, pairs the reward model never saw
+        {"prompt": [{"role": "user", "content": "write a short review of the film ."}],
+         "chosen": [{"role": "assistant", "content": reference}], "rejected": [{"role": "assistant", "content": flagged}]}
+        for _, flagged, reference in hacked_pairs(32, seed=1)]),
+        "original": Dataset.from_list(preference_rows(64, 1))}
 
-    def heldout_accuracy(train, name):
-        args = RewardEnsembleConfig(str(tmp_path / name), num_train_epochs=3, per_device_train_batch_size=16,
+    def accuracy(train, name):
+        args = RewardEnsembleConfig(str(tmp_path / name), num_train_epochs=5, per_device_train_batch_size=16,
                                     learning_rate=5e-3, report_to="none", save_strategy="no", eval_strategy="no",
-                                    use_cpu=True, disable_tqdm=True, logging_steps=1000, normalization_samples=32,
-                                    seed=0)
+                                    use_cpu=True, disable_tqdm=True, logging_steps=1000, normalization_samples=32)
         tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=train, processing_class=tok)
         tr.train()
-        return tr.evaluate(heldout)["eval_accuracy_ensemble"]
+        return {k: tr.evaluate(d)["eval_accuracy_ensemble"] for k, d in heldout.items()}
 
-    without = heldout_accuracy(original, "rm_without")
-    with_review = heldout_accuracy(with_extra_preferences(original, [q.preferences_path]), "rm_with")
-    assert without <= 0.5, "the original data alone should prefer the padded praise"
-    assert with_review >= 0.9 and with_review > without
+    without = accuracy(original, "rm_without")
+    with_review = accuracy(with_extra_preferences(original, [q.preferences_path]), "rm_with")
+    assert without["reviewed"] <= 0.25, "trained on the original data alone, the reward model should favour the praise"
+    assert with_review["reviewed"] >= 0.9
+    assert with_review["original"] >= 0.9 and without["original"] >= 0.9  # the original task is kept

@@ -28,7 +28,8 @@ from ..adapters import adapter_parameters, check_gradients_reached, first_step_g
 from ..data import message_text
 from ..integrity import (CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest,
                          write_text_atomic)
-from ..models import base_reference, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model, load_tokenizer
+from ..models import (base_reference, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model,
+                      load_tokenizer, loadable_reference)
 from ..plugins.kl import build_controller
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..registry import build
@@ -213,6 +214,7 @@ class PPOTrainer(Trainer):
                          callbacks=callbacks)
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
+        self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self._metrics_history: list[dict] = []
         self._memo, self._reach_checked = _ForwardMemo(), False
 
@@ -508,6 +510,8 @@ class PPOTrainer(Trainer):
             for k, fn in judges.items():
                 out[k] += list(fn(prompts=g.prompts, completions=g.completions, completion_ids=g.completion_ids))
         summary = {f"{k}_mean": sum(v) / len(v) for k, v in out.items() if k not in ("texts", "prompts")}
+        if adapters:
+            self.heldout = summary  # for the model card
         return {**summary, "samples": out}
 
     # -- training loop -----------------------------------------------------------------------------------------
@@ -633,7 +637,8 @@ class PPOTrainer(Trainer):
                 merged.base_model.set_adapter(self.policy_adapter)
                 merged.merge_and_unload(adapter_names=[self.policy_adapter]).save_pretrained(tmp, safe_serialization=True)
             else:
-                cfg = copy_config(peft.peft_config[self.policy_adapter], base_reference(self.model_name or ""))
+                cfg = copy_config(peft.peft_config[self.policy_adapter],
+                                  loadable_reference(self.model_name) if self.model_name else None)
                 cfg.save_pretrained(tmp)
                 state = get_peft_model_state_dict(peft, adapter_name=self.policy_adapter)
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
@@ -645,17 +650,44 @@ class PPOTrainer(Trainer):
             self.tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(self._model_card())
 
+    def push_to_hub(self, commit_message: str | None = "Upload PPO policy with rlhf_ext", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, repo_id: str | None = None,
+                    critic: bool = False, **kwargs) -> str:
+        """Upload the policy adapter + tokenizer + model card (what `save_model` writes) to `repo_id` (default
+        `args.hub_model_id`); `critic=True` also uploads `critic/` (value head, critic adapter)."""
+        import shutil
+        import tempfile
+
+        from ..hub import push_folder
+
+        repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "policy"
+            self.save_model(str(folder))
+            if not critic:
+                shutil.rmtree(folder / "critic")
+            return push_folder(folder, repo_id, private=self.args.hub_private_repo, token=token or self.args.hub_token,
+                               revision=revision, commit_message=commit_message or "Upload PPO policy with rlhf_ext")
+
     def _model_card(self) -> str:
-        last = self._metrics_history[-1] if self._metrics_history else {}
+        a, last = self.args, (self._metrics_history[-1] if self._metrics_history else {})
         base = base_reference(self.model_name) if self.model_name else "unknown"
-        return (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [rlhf_ext, ppo, trl, rlhf]\n---\n\n"
-                f"# PPO policy trained with rlhf_ext\n\nBase model: `{base}`. KL controller: "
-                f"`{self.args.kl_controller}` (δ = {self.args.kl_target}), aggregation `{self.args.aggregation}`, "
-                f"shapers `{self.args.shapers}`.\n\nIterations: {self.iteration}. Last logged KL: "
-                f"{last.get('objective/kl', float('nan')):.3f} nats/sequence.\n\n```python\n"
-                f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                f"policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), \"<this folder>\")\n```\n"
-                f"The value head is in `critic/value_head.safetensors`.\n")
+        final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
+                                      "response/eos_rate") if k in last}
+        final.update({k: v for k, v in last.items() if k.startswith("audit/")})
+        metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in final.items())
+        heldout = "\n".join(f"| {k} | {v:.4g} |" for k, v in (self.heldout or {}).items())
+        return (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
+                f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
+                f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
+                f"| reward members | {', '.join(self.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
+                f"| shapers | `{a.shapers}` |\n| iterations | {self.iteration} × {a.per_device_train_batch_size} prompts |\n\n"
+                + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
+                + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
+                + "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+                f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
+                f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"
+                f"The value head (and a separate critic adapter, if any) is in `critic/`.\n")
 
 
 def _untie_output_embeddings(hf):

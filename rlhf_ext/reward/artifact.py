@@ -123,12 +123,16 @@ def attach_adapters(peft_model, path, spec, prefix: str = "") -> list[str]:
 
 def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load_in_4bit=None,
                       adapter_prefix: str = "", device=None) -> RewardEnsemble:
-    """Load a reward-model artifact. With `base_model` (a PeftModel on the same base), members are attached to it
+    """Load a reward-model artifact (a folder, or a Hub repo id "user/repo"). With `base_model` (a PeftModel on the same base), members are attached to it
     as extra adapters — no second copy of the base. Otherwise the trunk is loaded from the recorded base model.
 
     Every file is checked against the artifact's manifest first: a truncated or altered file is named."""
     from peft import PeftModel, get_peft_model
 
+    from ..hub import download, looks_like_repo_id
+
+    if looks_like_repo_id(str(path)) and not Path(path).exists():
+        path = download(str(path))  # "user/repo" on the Hub: the same artifact folder
     path = Path(path)
     spec = read_spec(path)
     verify_manifest(path, _REBUILD + ".", required=("heads.safetensors",))

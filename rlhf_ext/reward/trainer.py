@@ -369,6 +369,21 @@ class RewardEnsembleTrainer(RewardTrainer):
                              card=_reward_card(spec, self.state.log_history))
         (out / "training_args.json").write_text(self.args.to_json_string())
 
+    def push_to_hub(self, commit_message: str | None = "Upload reward ensemble with rlhf_ext", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, repo_id: str | None = None, **kwargs) -> str:
+        """Upload the artifact (what `save_model` writes) to `repo_id` (default: `args.hub_model_id`);
+        `load_reward_model(repo_id)` loads it back."""
+        import tempfile
+
+        from ..hub import push_folder
+
+        repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_model(str(Path(tmp) / "artifact"))
+            return push_folder(Path(tmp) / "artifact", repo_id, private=self.args.hub_private_repo,
+                               token=token or self.args.hub_token, revision=revision,
+                               commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Trainer's resume, for our artifact-shaped checkpoints (adapters + heads, verified by the manifest)."""
         from peft import set_peft_model_state_dict

@@ -1,0 +1,37 @@
+"""Hugging Face Hub I/O for what rlhf_ext writes: push a saved folder (policy adapter, reward ensemble) with its
+model card, and fetch a repo so `load_reward_model("user/repo")` works like a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def looks_like_repo_id(name: str) -> bool:
+    from .models import _HUB_ID
+
+    s = str(name)
+    return not Path(s).expanduser().exists() and "/" in s and s.count("/") == 1 and bool(_HUB_ID.match(s)) \
+        and not s.startswith((".", "/", "~"))
+
+
+def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str = "Upload with rlhf_ext") -> str:
+    """Create `repo_id` if needed and upload every file of `folder` in one commit. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             revision=revision, repo_type="model")
+    return str(getattr(info, "commit_url", info))
+
+
+def download(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """A local snapshot of a model repo (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token))
+    except Exception as e:  # noqa: BLE001 — offline, missing repo, auth: say which and how
+        raise OSError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
+                      f"network access, pass the local folder the artifact was saved to.") from e

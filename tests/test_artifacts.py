@@ -1,0 +1,150 @@
+"""What rlhf_ext writes loads anywhere: a standard PEFT adapter, reward artifacts from any directory or the Hub,
+the same base recognised however it is named, and a wheel whose CLI works outside the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
+from rlhf_ext.models import load_model
+
+from .conftest import preference_rows
+from .test_ppo import make
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """huggingface_hub's create_repo/upload_folder/snapshot_download, intercepted: uploads land in a local store."""
+    import huggingface_hub
+
+    store = tmp_path / "hub"
+
+    def create_repo(self, repo_id, **kw):
+        (store / repo_id).mkdir(parents=True, exist_ok=True)
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        shutil.copytree(folder_path, store / repo_id, dirs_exist_ok=True)
+        return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+    def snapshot_download(repo_id, **kw):
+        if not (store / repo_id).is_dir():
+            raise FileNotFoundError(repo_id)
+        return str(store / repo_id)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return store
+
+
+def _reward(tmp_path, tiny_path, tok, base=None):
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", max_steps=3,
+                                per_device_train_batch_size=8, report_to="none", save_strategy="no", use_cpu=True,
+                                disable_tqdm=True, normalization_samples=16, hub_model_id="someone/rm")
+    tr = RewardEnsembleTrainer(base or tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(32, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    tr.train()
+    return tr
+
+
+def test_reward_ensemble_round_trips_through_the_hub(tmp_path, tiny_path, tok, fake_hub):
+    tr = _reward(tmp_path, tiny_path, tok)
+    url = tr.push_to_hub()
+    assert "someone/rm" in url
+    staged = fake_hub / "someone" / "rm"
+    assert {"rlhf_ext_reward.json", "heads.safetensors", "manifest.json", "README.md"} <= {p.name for p in staged.iterdir()}
+    assert "load_reward_model" in (staged / "README.md").read_text()
+    rows = Dataset.from_list(preference_rows(4, 7))
+    local = tmp_path / "local"
+    tr.save_model(str(local))
+    want = load_reward_model(local).score_texts(rows["prompt"], rows["chosen"])
+    got = load_reward_model("someone/rm").score_texts(rows["prompt"], rows["chosen"])
+    assert torch.allclose(want, got, atol=1e-6)
+    with pytest.raises(OSError, match="Could not fetch 'someone/missing'"):
+        load_reward_model("someone/missing")
+
+
+def test_policy_round_trips_through_the_hub_with_a_model_card(tmp_path, tok, tiny_path, fake_hub):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tr = make(tmp_path, tok, model=load_model(tiny_path, "causal"), max_steps=2, kl_controller="hard", kl_target=1.0,
+              hub_model_id="someone/policy")
+    tr.model_name = tiny_path
+    tr.train()
+    tr.evaluate_policy(Dataset.from_dict({"prompt": ["write a short review of the movie ."] * 4}))
+    tr.push_to_hub()
+    staged = fake_hub / "someone" / "policy"
+    card = (staged / "README.md").read_text()
+    assert "δ = 1.0" in card and "Held-out evaluation" in card and "PeftModel.from_pretrained" in card
+    assert not (staged / "critic").exists()  # the critic only with critic=True
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = tr.policy.logits(ids, torch.ones_like(ids), 4) * tr.args.temperature
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), str(staged)).eval()
+        got = loaded(input_ids=ids).logits[:, :-1]
+        direct = AutoModelForCausalLM.from_pretrained(str(staged)).eval()  # transformers' own PEFT integration
+        got2 = direct(input_ids=ids).logits[:, :-1]
+    assert torch.allclose(want, got, atol=1e-5) and torch.allclose(want, got2, atol=1e-5)
+    tr.push_to_hub(repo_id="someone/policy-critic", critic=True)
+    assert (fake_hub / "someone" / "policy-critic" / "critic" / "value_head.safetensors").is_file()
+
+
+def test_ppo_recognises_the_reward_models_base_however_named(tmp_path, tiny_path, tok, monkeypatch):
+    """Reward model trained from a relative path in one directory; PPO loads the base by its absolute path from
+    another: the members still become adapters on the policy's base (no second model copy)."""
+    monkeypatch.chdir(Path(tiny_path).parent)
+    tr = _reward(tmp_path, tiny_path, tok, base=os.path.relpath(tiny_path))
+    tr.save_model(str(tmp_path / "rm"))
+    monkeypatch.chdir(tmp_path)
+    policy_base = load_model(str(Path(tiny_path).resolve()), "causal")
+    n_base = sum(p.numel() for p in policy_base.parameters())
+    ppo = make(tmp_path, tok, reward=[str(tmp_path / "rm")], model=policy_base, max_steps=1)
+    assert sum(p.numel() for p in ppo.model.parameters()) < 1.5 * n_base
+    assert ppo.rewards.members[0].owns_base is False
+
+
+def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
+    """Build the wheel, install it (no deps: they come from this venv) into a fresh venv, run the CLI elsewhere."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(dist)], check=True, capture_output=True)
+    wheel = next(dist.glob("rlhf_ext-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
+    (site / "deps.pth").write_text(deps + "\n")  # dependencies only; the editable rlhf_ext's .pth is not read here
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+                    "-q", str(wheel)], check=True, capture_output=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    py, cli = str(venv / "bin" / "python"), str(venv / "bin" / "rlhf-ext")
+
+    def run(*cmd):
+        r = subprocess.run(list(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    where = run(py, "-c", "import rlhf_ext, rlhf_ext.data as d, rlhf_ext.recipes as r; print(rlhf_ext.__file__); "
+                          "print(d.SHIPPED); print(r.config_path('ppo_smollm2_sentiment'))").split()
+    assert all(str(venv) in w for w in where), where
+    assert Path(where[1], "sentiment", "prompts_train.jsonl").is_file() and Path(where[2]).is_file()
+    t = time.perf_counter()
+    assert "commands:" in run(cli, "--help")
+    assert time.perf_counter() - t < 2.0
+    assert "kl_controller" in run(cli, "plugins") and "detector" in run(cli, "plugins")
+    assert "--kl_target" in run(cli, "ppo", "--help") and "--ensemble_size" in run(cli, "reward", "--help")
