@@ -70,9 +70,13 @@ def verify_manifest(folder, fix: str, required: tuple[str, ...] = ()) -> bool:
 
 
 def write_text_atomic(path, text: str) -> None:
+    """Write to a private temporary file, fsync, rename: readers see the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{id(text):x}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

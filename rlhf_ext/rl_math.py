@@ -25,13 +25,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var * n / (n - 1) if unbiased and n > 1 else var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − mean)/std over masked positions; padding positions come back as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum=None) -> torch.Tensor:
+    """(x − mean)/std over masked positions (unbiased variance); padding comes back as 0. x, mask: [B, T].
+
+    `reduce_sum` (e.g. an all-reduce over processes) turns the local sums into global ones, so data-parallel
+    processes whiten with the statistics of the whole batch."""
+    mask = mask.to(x.dtype)
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if reduce_sum is not None:
+        stats = reduce_sum(stats)
+    n = stats[2].clamp(min=1)
+    mean = stats[0] / n
+    var = (stats[1] / n - mean**2).clamp(min=0) * (n / (n - 1) if n > 1 else 1.0)
+    return (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8) * mask
 
 
 def full_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,7 @@ class PPOTrainer(Trainer):
             callbacks = [self.monitor, *(callbacks or [])]
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=self.tokenizer,
                          callbacks=callbacks)
+        self.train_policy = self._prepare_data_parallel()
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
@@ -310,17 +311,27 @@ class PPOTrainer(Trainer):
             return x
         return float(self.accelerator.reduce(torch.tensor(x, device=self.args.device), reduction="mean"))
 
-    def _sync_grads(self):
-        """Data parallel by hand: only LoRA + value head train, so all-reduce their gradients."""
+    def _prepare_data_parallel(self):
+        """The trainable part (policy and critic adapters, value head) through `accelerator.prepare`: DDP averages
+        the gradients. The frozen base is identical on every process, so DDP is told to leave it alone (no
+        broadcast of a multi-GB 4-bit base, no buckets for it)."""
         if self.accelerator.num_processes == 1:
-            return
-        import torch.distributed as dist
+            return self.policy
+        from accelerate.utils import DistributedType
 
-        for p in self.trainable_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.accelerator.num_processes
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED or self.is_fsdp_enabled:
+            raise ValueError(
+                "PPOTrainer runs data parallel through DDP (accelerate's multi_gpu / cpu_2proc configs); DeepSpeed and "
+                "FSDP are not supported here: only LoRA adapters and a value head train, so ZeRO/FSDP sharding saves "
+                "little (their optimizer states are a few hundred MB even at 7B), and the hard-KL guard edits the "
+                "parameters in place between steps. Use recipes/accelerate_configs/multi_gpu.yaml. (The reward "
+                "trainer, a standard Trainer, does run under recipes/accelerate_configs/deepspeed_zero2.yaml.)")
+        frozen = [n for n, p in self.policy.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.policy, frozen)
+        return self.accelerator.prepare_model(self.policy)
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.accelerator.num_processes == 1 else self.accelerator.reduce(x.clone(), reduction="sum")
 
     @torch.no_grad()
     def _rollout(self, batch) -> Rollout:
@@ -348,7 +359,7 @@ class PPOTrainer(Trainer):
         rewards[torch.arange(len(last)), last] += ro.scores * ro.valid.to(m)
         adv, returns = F.gae(rewards * m, old_values, m, self.args.gamma, self.args.lam)
         if self.args.whiten_advantages:
-            adv = F.masked_whiten(adv, m)
+            adv = F.masked_whiten(adv, m, reduce_sum=self._global_sum)  # whole-batch statistics under DDP
         return kl_t, adv, returns
 
     # -- passes, memoised ----------------------------------------------------------------------------------------
@@ -361,8 +372,8 @@ class PPOTrainer(Trainer):
             hit = self._memo.take(self.version)
             if hit is not None:
                 return hit
-            return self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
-        return self.policy(ro.ids[idx], ro.mask[idx], ro.R, None if ro.h_low is None else ro.h_low[idx])
+            return self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
+        return self.train_policy(ro.ids[idx], ro.mask[idx], ro.R, None if ro.h_low is None else ro.h_low[idx])
 
     def _measure(self, ro: Rollout, logits=None) -> float:
         """The batch KL the guard bounds (contract in plugins/kl.py:KLGuard), mean over processes."""
@@ -373,17 +384,26 @@ class PPOTrainer(Trainer):
 
     def _measure_for_next_epoch(self, ro: Rollout, more_epochs: bool) -> float:
         """KL after an epoch. When the next epoch's training forward is the same computation, run it now (with
-        gradients), measure from it and leave it in the memo for that epoch."""
-        if more_epochs and self._memo_ok():
-            out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+        gradients), measure from it and leave it in the memo for that epoch. Not under DDP: a forward through DDP
+        must be followed by its backward, and the guard may stop before that epoch runs."""
+        if more_epochs and self._memo_ok() and self.accelerator.num_processes == 1:
+            out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
             self._memo.put(self.version, out)
             return self._measure(ro, out[0])
         return self._measure(ro)
 
+    def _token_share(self, mask) -> float:
+        """DDP averages per-process gradients; scaling each process's token-mean loss by its share of the tokens
+        (× processes) makes that average the gradient of the token mean over every process's batch."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            return 1.0
+        n = mask.sum().detach().double()
+        return float(n * world / self._global_sum(n).clamp(min=1))
+
     # -- one optimizer step, never letting NaN reach the adapters ---------------------------------------------------
     def _step(self, loss, stats) -> bool:
-        self.accelerator.backward(loss)
-        self._sync_grads()
+        self.accelerator.backward(loss)  # under DDP the gradients arrive averaged over processes
         params = self.trainable_parameters()
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
         if not (torch.isfinite(loss) and torch.isfinite(norm)):
@@ -410,7 +430,7 @@ class PPOTrainer(Trainer):
 
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
         if self._memo_ok():
-            out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+            out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
             self._memo.put(self.version, out)
         else:
             with torch.no_grad():
@@ -436,7 +456,7 @@ class PPOTrainer(Trainer):
                 with torch.set_grad_enabled(args.ent_coef != 0):
                     entropy = F.masked_mean(entropy_from_logits(logits), mi)
                 loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy  # PPO objective (CleanRL form)
-                self._step(loss, stats)
+                self._step(loss * self._token_share(mi), stats)
                 for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
                                ("policy/entropy", entropy)):
@@ -463,7 +483,7 @@ class PPOTrainer(Trainer):
 
     def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
         m, valid = ro.loss_mask, ro.valid.cpu()
-        metrics = {k: sum(v) / len(v) for k, v in acc.items()}
+        metrics = {k: self._mean_over_processes(sum(v) / len(v)) for k, v in acc.items()}
         for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "train/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
         metrics.update({

@@ -256,6 +256,13 @@ class RewardEnsembleTrainer(RewardTrainer):
         ens.prefix_cache = PrefixCache(split)
         return ens.prefix_cache
 
+    def _set_signature_columns_if_needed(self):
+        # TRL keeps only chosen_ids/rejected_ids/margin; without pair_id the bootstrap weights would never apply
+        # (every member would see the same data).
+        super()._set_signature_columns_if_needed()
+        if "pair_id" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "pair_id"]
+
     # -- loss ------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

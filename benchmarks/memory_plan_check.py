@@ -1,0 +1,127 @@
+"""Does `rlhf-ext plan` predict what PPO really holds? Measured peak memory vs the plan, on CPU.
+
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py              # every configuration (≈ 5 min, 1 thread)
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only mid-256,smollm2-135m
+
+Each configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style model,
+SmolLM2-135M's shape), fp32, on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer (hard KL
+controller, responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as
+scripts/gpu_check.py. Measured = peak RSS (VmHWM, reset just before the model is built) minus the RSS at that point
+(imports, one tiny warm-up iteration of the same architecture, the tokenizer and the prompts
+already there). Planned = `rlhf_ext.plan.estimate(..., device="cpu")`, i.e. what
+torch allocates at the peak, no allocator slack. The plan must agree within ±20 % for the mid and SmolLM2 sizes;
+the tiny Llama is dominated by fixed costs (libraries' first-use buffers, Python objects), listed for reference.
+
+glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit above
+the live tensors; the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and go back to mmap),
+so RSS follows what torch holds — the CPU analogue of torch.cuda.max_memory_allocated. `--default-malloc` measures
+without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "scripts"))
+
+
+def llama(vocab, hidden, inter, layers, heads, kv, tied=True):
+    return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+                max_position_embeddings=1024)
+
+
+GPT2_SMALL = dict(model_type="gpt2", vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=256)
+RUN = dict(batch=8, prompt_length=32, completion_length=32, ppo_epochs=3, minibatches=1)
+# name → (shape or shipped shape name, run options, counts towards the ±20 % criterion)
+CONFIGS = {
+    "tiny-llama": (llama(1024, 64, 176, 2, 4, 2), dict(RUN, batch=4, prompt_length=16, completion_length=16), False),
+    "mid-256": (llama(8192, 256, 688, 4, 4, 2), RUN, True),
+    "mid-512": (llama(16384, 512, 1376, 8, 8, 4), RUN, True),
+    "mid-384-vocab50k": (llama(50304, 384, 1024, 6, 6, 2, tied=False), dict(RUN, completion_length=48), True),
+    "gpt2-style-256": (GPT2_SMALL, RUN, True),
+    "mid-512-mb2-ckpt": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, minibatches=2, gradient_checkpointing=True), True),
+    "mid-512-fixed-kl": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, kl_controller="fixed"), True),
+    "mid-512-fixed-kl-P128": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, kl_controller="fixed", prompt_length=128),
+                              True),
+    "smollm2-135m": ("SmolLM2-135M-Instruct", RUN, True),
+    "smollm2-135m-top8": ("SmolLM2-135M-Instruct", dict(RUN, lora_top_layers=8), True),
+}
+
+
+def worker(name: str, iterations: int) -> dict:
+    from gpu_check import plan_for, run_case
+
+    from rlhf_ext.plan import load_shape
+
+    shape_spec, opts, _ = CONFIGS[name]
+    shape = load_shape(shape_spec) if isinstance(shape_spec, str) else shape_spec
+    # Warm-up: one tiny iteration of the same architecture, so that lazily imported modules (the model class,
+    # Trainer, generation) and the libraries' first-use buffers are part of the baseline, not of the measurement.
+    tiny = dict(GPT2_SMALL if shape["model_type"] == "gpt2" else llama(1024, 64, 176, 2, 4, 2),
+                vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    run_case(tiny, precision="fp32", device="cpu", iterations=1, batch=2, prompt_length=4, completion_length=4,
+             ppo_epochs=2, minibatches=1, gradient_checkpointing=opts.get("gradient_checkpointing", False))
+    res = run_case(shape, precision="fp32", device="cpu", iterations=iterations, measure="rss", **opts)
+    plan = plan_for(shape, "fp32", "cpu", **opts)
+    return {"name": name, "measured": res["peak_rss_delta"], "planned": plan["peak_allocated"],
+            "peak_phase": plan["peak_phase"], "phases": {k: v["total"] for k, v in plan["phases"].items()},
+            "parts": plan["phases"][plan["peak_phase"]]["parts"], "iteration_s": res["iterations"][-1]["iteration_s"],
+            "kl_after_update": [i["kl_after_update"] for i in res["iterations"]]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help="comma list of: " + ", ".join(CONFIGS))
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap threshold dynamic")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        Path(args.json_out).write_text(json.dumps(worker(args.worker, args.iterations)))
+        return 0
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if not args.default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    rows = []
+    for name in names:
+        out = tempfile.mktemp(suffix=".json")
+        r = subprocess.run([sys.executable, __file__, "--worker", name, "--iterations", str(args.iterations),
+                            "--json-out", out], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{name}: worker failed\n{r.stderr[-3000:]}", flush=True)
+            continue
+        row = json.loads(Path(out).read_text())
+        rows.append(row)
+        print(f"{name:20s} measured {row['measured'] / 2**20:8.1f} MiB  planned {row['planned'] / 2**20:8.1f} MiB  "
+              f"ratio {row['measured'] / row['planned']:.3f}  (peak phase: {row['peak_phase']})", flush=True)
+    print(f"\n{'configuration':20s} {'measured MiB':>12s} {'planned MiB':>12s} {'ratio':>6s}  {'within ±20%':>11s}  "
+          f"peak phase; largest parts at the peak (MiB)")
+    ok = True
+    for row in rows:
+        ratio = row["measured"] / row["planned"]
+        judged = CONFIGS[row["name"]][2]
+        good = abs(ratio - 1) <= 0.2
+        ok &= good or not judged
+        parts = sorted(row["parts"].items(), key=lambda kv: -kv[1])[:4]
+        print(f"{row['name']:20s} {row['measured'] / 2**20:12.1f} {row['planned'] / 2**20:12.1f} {ratio:6.3f}  "
+              f"{('yes' if good else 'NO') if judged else '(n/a)':>11s}  {row['peak_phase']}; "
+              + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in parts))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

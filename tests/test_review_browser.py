@@ -1,0 +1,158 @@
+"""The review page in a real browser: Playwright (Python package only) driving Debian's Chromium.
+
+Needs `/usr/bin/chromium` (`apt-get install -y chromium`) and `pip install playwright`; never `playwright install`,
+which downloads browsers. Missing pieces fail the test with those commands; `RLHF_EXT_SKIP_BROWSER=1` skips it.
+`RLHF_EXT_SCREENSHOTS=1` also saves benchmarks/results/screenshots/review_page.png (for the README).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from rlhf_ext.monitor.queue import ReviewQueue
+from rlhf_ext.monitor.review import serve
+
+from .test_review import make_pair, read_lines
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+INSTALL = ("apt-get install -y chromium   (Debian's browser at /usr/bin/chromium)\n"
+           "  .venv/bin/pip install playwright==1.65.2   (the Python package only; do not run `playwright install`)\n"
+           "or set RLHF_EXT_SKIP_BROWSER=1 to skip this test.")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "screenshots" / "review_page.png"
+XSS = '<img src=x onerror="document.title=\'pwned\'"><b>great</b> great great great great'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if os.environ.get("RLHF_EXT_SKIP_BROWSER") == "1":
+        pytest.skip("RLHF_EXT_SKIP_BROWSER=1")
+    missing = [] if Path(CHROMIUM).exists() else [f"no browser at {CHROMIUM}"]
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("the playwright package is not installed")
+    if missing:
+        pytest.fail(f"The review-page browser test needs Chromium and Playwright: {'; '.join(missing)}. Install:\n  "
+                    + INSTALL, pytrace=False)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def sample_queue(output_dir) -> ReviewQueue:
+    q = ReviewQueue(output_dir)
+    q.add(make_pair("it12-0", "This movie is great! Great great great. The best, the best, the best movie ever: great "
+                    "acting, great story, great music, great great great great great great great great",
+                    "A slow but rewarding film. The story takes a while to get going, but the last act is moving "
+                    "and the lead performance is excellent.", prompt="Write a short review of the movie Arrival.",
+                    iteration=12))
+    q.add(make_pair("it12-1", XSS, "It was fine.", prompt="Review <i>this</i> book.", conversational=False))
+    q.add(make_pair("it13-0", "good good good good", "bad bad", iteration=13))
+    q.add(make_pair("it13-1", "wonderful wonderful wonderful", "a nice song .", iteration=13))
+    q.add(make_pair("it14-0", "best best best best", "an okay day .", iteration=14))
+    return q
+
+
+def test_review_page_end_to_end(tmp_path, browser):
+    q = sample_queue(tmp_path)
+    recs = {r["id"]: r for r in q.records()}
+    server, url = serve(tmp_path, reviewer="e2e")
+    page = browser.new_page(viewport={"width": 1280, "height": 680})
+    problems = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    page.on("request", lambda r: None if r.url.startswith(url) else problems.append(f"request to {r.url}"))
+    # Alternate the shuffle so both left/right mappings are exercised; the test still reads the order from the DOM.
+    page.add_init_script("(() => { let i = 0; Math.random = () => (i++ % 2 ? 0.75 : 0.25); })()")
+    try:
+        page.goto(url)
+        sides = {}
+
+        def show(pid):
+            page.wait_for_selector(f'#pair[data-id="{pid}"]', state="visible", timeout=10_000)
+            sides[pid] = (page.get_attribute("#left", "data-side"), page.get_attribute("#right", "data-side"))
+            assert sorted(sides[pid]) == ["flagged", "reference"]
+            return sides[pid]
+
+        # it12-0: what is on screen; then the left button
+        left, right = show("it12-0")
+        assert page.text_content("#progress").startswith("0 of 5 reviewed")
+        assert page.text_content("#prompt .role") == "user"
+        assert page.text_content("#prompt .content") == "Write a short review of the movie Arrival."
+        assert page.text_content("#left .text") == recs["it12-0"][left]["text"]
+        assert page.text_content("#right .text") == recs["it12-0"][right]["text"]
+        assert "cut off (no EOS)" in page.text_content(f"#{'left' if left == 'flagged' else 'right'} .facts")
+        assert page.text_content(f"#{'left' if left == 'reference' else 'right'} .facts").endswith("ended (EOS)")
+        assert not page.is_visible("#left .scores")  # folded by default
+        page.click("#left summary")
+        assert "reward member_0" in page.text_content("#left .scores")
+        assert "1 ←" in page.text_content("body") and "u undo" in page.text_content(".shortcuts")
+        if os.environ.get("RLHF_EXT_SCREENSHOTS") == "1":
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        page.click("#btn-left")
+        expected = [("it12-0", left)]
+
+        # it12-1: model output full of markup stays text; then key 2
+        left, right = show("it12-1")
+        assert page.text_content(f"#{'left' if left == 'flagged' else 'right'} .text") == XSS
+        assert page.query_selector("#pair img, #pair b, #prompt i") is None and page.title() != "pwned"
+        assert page.text_content("#prompt") == "Review <i>this</i> book. "
+        page.keyboard.press("2")
+        expected.append(("it12-1", right))
+
+        show("it13-0")
+        page.keyboard.press("b")
+        expected.append(("it13-0", "both_bad"))
+
+        # it13-1: ← , then undo with u: the same pair comes back with the same sides, then →
+        left, right = show("it13-1")
+        page.keyboard.press("ArrowLeft")
+        show("it14-0")
+        assert page.text_content("#progress").startswith("4 of 5 reviewed")
+        page.keyboard.press("u")
+        assert show("it13-1") == (left, right)
+        page.wait_for_function("document.querySelector('#progress').textContent.startsWith('3 of 5 reviewed')")
+        page.keyboard.press("ArrowRight")
+        expected += [("it13-1", left), ("it13-1", "undo"), ("it13-1", right)]
+
+        show("it14-0")
+        page.click("#btn-skip")
+        expected.append(("it14-0", "skip"))
+
+        page.wait_for_selector("#empty", state="visible")
+        assert page.text_content("#empty-message") == \
+            f"Queue empty — 3 preference pairs written to {q.preferences_path}"
+        assert page.text_content("#progress").startswith("5 of 5 reviewed")
+        assert {s for s in sides.values()} == {("flagged", "reference"), ("reference", "flagged")}
+
+        # on disk: every click in order, and the picked responses as TRL preference rows
+        log = read_lines(q.decisions_path)
+        assert [(e["id"], e["decision"]) for e in log] == expected
+        assert {e["reviewer"] for e in log if e["decision"] != "undo"} == {"e2e"}
+        picked = [(pid, d) for pid, d in expected if d in ("flagged", "reference")]
+        final = {pid: d for pid, d in picked}  # it13-1: the decision after the undo
+        rows = read_lines(q.preferences_path)
+        assert [(r["source"]["queue_id"], r["source"]["decision"]) for r in rows] == list(final.items())
+        for row in rows:
+            rec, win = recs[row["source"]["queue_id"]], row["source"]["decision"]
+            lose = "reference" if win == "flagged" else "flagged"
+            assert (row["prompt"], row["chosen"], row["rejected"]) == \
+                (rec["prompt"], rec[win]["completion"], rec[lose]["completion"])
+        assert rows[0]["chosen"] == [{"role": "assistant", "content": recs["it12-0"][expected[0][1]]["text"]}]
+        assert json.loads(q.preferences_path.read_text().splitlines()[1])["prompt"] == "Review <i>this</i> book. "
+
+        # a running trainer appends another pair: the page picks it up by polling, without a reload
+        q.add(make_pair("it15-0", "late late late", "on time .", iteration=15))
+        show("it15-0")
+        assert page.text_content("#progress").startswith("5 of 6 reviewed")
+        assert problems == []
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
