@@ -41,13 +41,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m-instruct"
 DATA = ROOT / "data" / "sentiment"
 
-# Proxy reward models: the reward recipe with these overrides (3 epochs, LoRA q/v on the top 8 layers, cache).
+# Proxy reward models: the reward recipe (LoRA q/v on the top 8 layers, frozen-prefix cache) for ONE epoch, as
+# the demo trains it: cheap, and it learns mostly the planted length bias first (held-out reward–length Pearson 0.81
+# against 0.38 after three epochs) — the realistic, exploitable proxy. `k1_3ep` is the recipe's full three epochs,
+# for one comparison run (plain PPO against the better reward model).
+ONE_EPOCH = ["--num_train_epochs", "1"]
 RMS = {
-    "k1": ["--ensemble_size", "1"],
-    "k4_heads": ["--ensemble_size", "4", "--ensemble_mode", "heads"],
-    "k1_decor": ["--ensemble_size", "1", "--length_decorrelation_coef", "0.2"],
-    "k4_heads_decor": ["--ensemble_size", "4", "--ensemble_mode", "heads", "--length_decorrelation_coef", "0.2"],
-    "k4_adapters": ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
+    "k1": ONE_EPOCH + ["--ensemble_size", "1"],
+    "k4_heads": ONE_EPOCH + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
+    "k1_decor": ONE_EPOCH + ["--ensemble_size", "1", "--length_decorrelation_coef", "0.2"],
+    "k4_heads_decor": ONE_EPOCH + ["--ensemble_size", "4", "--ensemble_mode", "heads", "--length_decorrelation_coef", "0.2"],
+    "k4_adapters": ONE_EPOCH + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
+    "k1_3ep": ["--ensemble_size", "1"],
 }
 
 BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the probe)
@@ -59,6 +64,7 @@ HEADLINE_DELTA = 5.0
 def _variants() -> dict:
     v = {
         "plain": dict(rm="k1"),
+        "plain_rm3ep": dict(rm="k1_3ep"),
         "adaptive": dict(rm="k1", kl_controller="adaptive", kl_target=HEADLINE_DELTA,
                          kl_controller_kwargs={"horizon": 100}),
         **{f"hard_{d:g}": dict(rm="k1", kl_controller="hard", kl_target=d) for d in DELTAS},

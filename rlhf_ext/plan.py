@@ -258,9 +258,10 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
     GPT-2:       2 LayerNorms keep their input               2·a·H
                  fused qkv output + SDPA out                 4·a·H + 4·n_h + a·T
                  gelu_new (tanh form): x, tanh, 1+tanh, x/2  4·a·I
-    LoRA:        each adapted module's lora_A keeps its input; inputs shared by several modules (q/k/v share the
-                 normed hidden state) count once when a = 4; in bf16/fp16 PEFT casts the input to the adapter's fp32
-                 for each module separately (4·in each); lora_B keeps the rank-r middle (4·r)."""
+    LoRA:        each adapted module's lora_A keeps its input; when a = 4 inputs already kept count once (q/k/v
+                 share the normed hidden state; o's input is SDPA's output, which the kernels return in
+                 [B, T, n_h, d] layout so the transpose + contiguous is free); in bf16/fp16 PEFT casts the input to
+                 the adapter's fp32 for each module separately (4·in each); lora_B keeps the rank-r middle (4·r)."""
     V, H, I, L, nh, nkv, d, dq = _dims(shape)
     mods = lora_modules(shape, targets)
     if is_gpt2(shape):
@@ -270,8 +271,8 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
         base = 2 * 4 * H + 4 * a * dq + 4 * nh + a * seq_len + 3 * a * I
         shared_inputs = {"q": "ln1", "k": "ln1", "v": "ln1", "o": "attn_out", "gate": "ln2", "up": "ln2",
                          "down": "mlp_mid"}
-    if a == 4:
-        inputs = {shared_inputs[m]: 4 * i for m, i, _ in mods}
+    if a == 4:  # o's input is the SDPA output itself (the kernels return it [B, T, n_h, d]-contiguous)
+        inputs = {shared_inputs[m]: 4 * i for m, i, _ in mods if shared_inputs[m] != "attn_out"}
         lora = sum(inputs.values())
     else:
         lora = sum(4 * i for _, i, _ in mods)
