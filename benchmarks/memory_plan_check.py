@@ -53,6 +53,12 @@ CONFIGS = {
     "mid-512-fixed-kl": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, kl_controller="fixed"), True),
     "mid-512-fixed-kl-P128": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, kl_controller="fixed", prompt_length=128),
                               True),
+    "wide-1024-vocab2k-fixed-kl": (llama(2048, 1024, 2816, 4, 16, 4), dict(RUN, kl_controller="fixed", prompt_length=96),
+                                   True),
+    "mid-512-nf4": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, precision="4bit"), True),
+    "mha-512-long-gen": (llama(2048, 512, 1376, 8, 8, 8), dict(batch=16, prompt_length=16, completion_length=192,
+                                                                ppo_epochs=2, minibatches=4, lora_top_layers=1,
+                                                                gradient_checkpointing=True, kl_controller="fixed"), True),
     "smollm2-135m": ("SmolLM2-135M-Instruct", RUN, True),
     "smollm2-135m-top8": ("SmolLM2-135M-Instruct", dict(RUN, lora_top_layers=8), True),
 }
@@ -64,6 +70,8 @@ def worker(name: str, iterations: int) -> dict:
     from rlhf_ext.plan import load_shape
 
     shape_spec, opts, _ = CONFIGS[name]
+    opts = dict(opts)
+    precision = opts.pop("precision", "fp32")
     shape = load_shape(shape_spec) if isinstance(shape_spec, str) else shape_spec
     # Warm-up: one tiny iteration of the same architecture, so that lazily imported modules (the model class,
     # Trainer, generation) and the libraries' first-use buffers are part of the baseline, not of the measurement.
@@ -71,8 +79,8 @@ def worker(name: str, iterations: int) -> dict:
                 vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     run_case(tiny, precision="fp32", device="cpu", iterations=1, batch=2, prompt_length=4, completion_length=4,
              ppo_epochs=2, minibatches=1, gradient_checkpointing=opts.get("gradient_checkpointing", False))
-    res = run_case(shape, precision="fp32", device="cpu", iterations=iterations, measure="rss", **opts)
-    plan = plan_for(shape, "fp32", "cpu", **opts)
+    res = run_case(shape, precision=precision, device="cpu", iterations=iterations, measure="rss", **opts)
+    plan = plan_for(shape, precision, "cpu", **opts)
     return {"name": name, "measured": res["peak_rss_delta"], "planned": plan["peak_allocated"],
             "peak_phase": plan["peak_phase"], "phases": {k: v["total"] for k, v in plan["phases"].items()},
             "parts": plan["phases"][plan["peak_phase"]]["parts"], "iteration_s": res["iterations"][-1]["iteration_s"],

@@ -6,7 +6,13 @@ pipeline), `plugins/` (KL controllers and guard, estimators, aggregations, shape
 `import rlhf_ext` (and the CLI) starts without loading torch or transformers.
 """
 
+import logging
+
 __version__ = "0.2.0"
+
+# On AVX512-BF16 CPUs bitsandbytes logs at import that an optional Hub kernel for its CPU *inference* layout is
+# missing. rlhf_ext never uses that layout (it has no backward; see models.keep_4bit_trainable): noise, silenced.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "PPOConfig": "ppo.config", "PPOTrainer": "ppo.trainer",

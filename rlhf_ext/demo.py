@@ -14,22 +14,10 @@ from pathlib import Path
 import torch
 
 from .data import SHIPPED, load_split
+from .sentiment import gold_judge, vader_judge
 
 MODEL = "smollm2-135m-instruct"
-
-
-def vader_judge():
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError as e:
-        raise ImportError("The demo's gold judge needs VADER: pip install vaderSentiment") from e
-    analyzer = SentimentIntensityAnalyzer()
-
-    def gold_vader(prompts=None, completions=None, **kwargs):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [analyzer.polarity_scores(t)["compound"] for t in texts]
-
-    return gold_vader
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "overoptimization.json"
 
 
 def lora():
@@ -66,7 +54,7 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
     from .ppo.config import PPOConfig
     from .ppo.trainer import PPOTrainer
 
-    gold = vader_judge()
+    vader = vader_judge()
     cfg = PPOConfig(
         str(out), kl_controller="hard", kl_target=args.kl_target, init_kl_coef=0.05, aggregation="uwo",
         aggregation_kwargs={"lam": 1.0}, shapers=[{"name": "linear", "alpha": args.length_alpha, "free_tokens": 24},
@@ -78,15 +66,17 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
     trainer = PPOTrainer(
         MODEL, reward_funcs=[str(reward_path)], args=cfg, train_dataset=load_split(str(data), "train", "prompts"),
         peft_config=lora(),
-        audit_funcs=[gold],
+        audit_funcs=[vader],
     )
+    gold = gold_judge(trainer.tokenizer.eos_token_id)
+    judges = {"gold": gold, "vader": vader}
     test = load_split(str(data), "test", "prompts")
     test = test.select(range(min(len(test), args.eval_prompts)))
     torch.manual_seed(args.seed)
-    before = trainer.evaluate_policy(test, {"gold": gold}, adapters=False, batch_size=16)
+    before = trainer.evaluate_policy(test, judges, adapters=False, batch_size=16)
     history = trainer.train()
     torch.manual_seed(args.seed)
-    after = trainer.evaluate_policy(test, {"gold": gold}, batch_size=16)
+    after = trainer.evaluate_policy(test, judges, batch_size=16)
     trainer.save_model(str(out / "policy"))
     return trainer, history, before, after
 
@@ -100,7 +90,7 @@ def plot(history, before, after, kl_target, path: Path):
     it = range(1, len(history) + 1)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     ax[0].plot(it, [h["objective/scores"] for h in history], label="proxy (ensemble uwo, shaped)")
-    ax[0].plot(it, [h.get("audit/gold_vader", float("nan")) for h in history], label="gold (VADER)")
+    ax[0].plot(it, [h.get("audit/gold_vader", float("nan")) for h in history], label="raw VADER (audit)")
     ax[0].set_title("reward per iteration (train rollouts)")
     ax[0].legend()
     ax[1].plot(it, [h.get("kl/after_update", float("nan")) for h in history], label="KL after update (exact)")
@@ -108,7 +98,7 @@ def plot(history, before, after, kl_target, path: Path):
     ax[1].axhline(kl_target, color="r", ls="--", label="δ")
     ax[1].set_title("KL(π‖π_ref), nats / sequence")
     ax[1].legend()
-    labels = ["gold VADER", "length / 48", "KL / δ"]
+    labels = ["gold", "length / 48", "KL / δ"]
     b = [before["gold_mean"], before["length_mean"] / 48, before["kl_mean"] / kl_target]
     a = [after["gold_mean"], after["length_mean"] / 48, after["kl_mean"] / kl_target]
     x = torch.arange(3).float()
@@ -157,22 +147,43 @@ def main(argv=None):
     summary = {
         "reward_model": {k: rm.get(f"eval_{k}") for k in ("accuracy_ensemble", "accuracy_member_0", "ece",
                                                            "length_pearson", "ensemble_disagreement")},
-        "heldout_before": {k: before[k] for k in ("gold_mean", "length_mean", "eos_mean", "kl_mean")},
-        "heldout_after": {k: after[k] for k in ("gold_mean", "length_mean", "eos_mean", "kl_mean")},
+        "heldout_before": {k: before[k] for k in ("gold_mean", "vader_mean", "length_mean", "eos_mean", "kl_mean")},
+        "heldout_after": {k: after[k] for k in ("gold_mean", "vader_mean", "length_mean", "eos_mean", "kl_mean")},
         "kl_target": args.kl_target, "max_train_kl_after_update": max(kl_after),
         "minutes": {"reward": (t1 - t0) / 60, "ppo": (t2 - t1) / 60, "total": (t2 - t0) / 60},
         "examples_after": after["samples"]["texts"][:5],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from .monitor.report import write_report
+
+    report = write_report(out / "ppo")
     print("\n=== rlhf_ext demo: results on held-out prompts ===")
     print(f"reward model: held-out pairwise accuracy {summary['reward_model']['accuracy_ensemble']:.3f}, "
           f"reward-length Pearson {summary['reward_model']['length_pearson']:.3f}")
-    print(f"gold (VADER compound)  before {before['gold_mean']:+.3f}  after {after['gold_mean']:+.3f}")
-    print(f"mean length (tokens)   before {before['length_mean']:.1f}  after {after['length_mean']:.1f}")
+    print(f"gold (length-robust)   before {before['gold_mean']:+.3f}  after {after['gold_mean']:+.3f}")
+    print(f"raw VADER compound     before {before['vader_mean']:+.3f}  after {after['vader_mean']:+.3f}")
+    print(f"mean length (tokens)   before {before['length_mean']:.1f}  after {after['length_mean']:.1f}   "
+          f"EOS rate {before['eos_mean']:.2f} → {after['eos_mean']:.2f}")
     print(f"KL(π‖π_ref) held-out   {after['kl_mean']:.3f} nats/seq  (δ = {args.kl_target}); "
           f"max over training iterations {max(kl_after):.3f}")
+    print_benchmark_reference()
     print(f"time: {summary['minutes']['total']:.1f} min   plot: {out / 'demo.png'}   summary: {out / 'summary.json'}")
+    print(f"run report: {report}   review flagged samples: rlhf-ext review {out / 'ppo'}")
     return summary
+
+
+def print_benchmark_reference(path: Path = BENCHMARK):
+    """Plain PPO beside the mitigated configuration, from the reward-hacking benchmark's committed results."""
+    if not path.is_file():
+        print("(plain-PPO reference: run `python benchmarks/overoptimization.py` for the benchmark's numbers)")
+        return
+    rows = json.loads(path.read_text())["summary"]
+    print(f"reward-hacking benchmark ({path.name}; same task, held-out gold, mean over seeds):")
+    for name, label in (("plain", "plain PPO (K=1, fixed β, no shaping)"), ("all", "recommended configuration")):
+        r = rows.get(name)
+        if r:
+            print(f"  {label:38s} best gold {r['best_gold']:+.3f} at KL {r['kl_at_best']:.1f}; final gold "
+                  f"{r['final_gold']:+.3f}, length {r['final_length']:.1f}, EOS rate {r['final_eos']:.2f}")
 
 
 if __name__ == "__main__":
