@@ -100,7 +100,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(iterations=3, eval_every=1, transfer_every=3, batch=8, max_tokens=8, heldout=8, transfer=8,
                     lr=3e-2, lora_layers=1, epochs=2)
-    return dict(iterations=40, eval_every=5, transfer_every=20, batch=8, max_tokens=48, heldout=32, transfer=40,
+    return dict(iterations=30, eval_every=5, transfer_every=15, batch=8, max_tokens=48, heldout=32, transfer=40,
                 lr=2e-3, lora_layers=8, epochs=4)
 
 
@@ -420,23 +420,54 @@ def run_queue(args, keys):
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    while True:
+        ran = _run_pass(args, keys)
+        pending = [k for k in keys if not _done(Path(args.workdir), k)]
+        if not pending or not args.wait:
+            return
+        if not ran:
+            time.sleep(60)  # the remaining runs wait for a reward model or are held by another worker
+
+
+def _done(workdir: Path, key: str) -> bool:
+    name, seed = key.split(":")
+    rec = workdir / "runs" / f"{name}__s{seed}.json"
+    return rec.is_file() and bool(json.loads(rec.read_text()).get("done"))
+
+
+_WAITING: set = set()
+
+
+def rm_ready(workdir: Path, name: str) -> bool:
+    """An artifact is complete once its manifest (written last) is there; older ones have none, only the spec."""
+    d = workdir / "rms" / name
+    return (d / "manifest.json").is_file() or ((d / "rlhf_ext_reward.json").is_file() and
+                                               not d.with_name(d.name + ".tmp").exists() and
+                                               (d / "heads.safetensors").is_file())
+
+
+def _run_pass(args, keys) -> bool:
     st = settings(args.quick)
     workdir = Path(args.workdir)
+    ran = False
     for key in keys:
         name, seed = key.split(":")
-        rec = workdir / "runs" / f"{name}__s{seed}.json"
-        if rec.is_file() and json.loads(rec.read_text()).get("done"):
+        if _done(workdir, key):
             continue
         rm = VARIANTS[name]["rm"]
-        if rm and not args.quick and not (workdir / "rms" / rm / "rlhf_ext_reward.json").is_file():
-            print(f"[{key}] waiting for reward model {rm} (python benchmarks/overoptimization.py rms)", flush=True)
+        if rm and not args.quick and not rm_ready(workdir, rm):
+            if key not in _WAITING:
+                _WAITING.add(key)
+                print(f"[{key}] waiting for reward model {rm} (python benchmarks/overoptimization.py rms)", flush=True)
             continue
         if not claim(workdir, key):
             continue
         try:
             Run(name, int(seed), args, st).execute()
+            ran = True
         finally:
             release(workdir, key)
+    return ran
 
 
 def schedule(args) -> list[str]:
@@ -606,6 +637,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 3 iterations: a smoke test")
     ap.add_argument("--partial", action="store_true", help="report unfinished runs too")
+    ap.add_argument("--wait", action="store_true", help="keep polling until every scheduled run is done (runs wait "
+                                                         "for their reward models to be trained)")
     args = ap.parse_args(argv)
     if args.quick:
         import tempfile
@@ -629,7 +662,8 @@ def main(argv=None):
         keys = schedule(args)
         if args.workers > 1:
             cmd = [sys.executable, __file__, "run", "--workdir", args.workdir, "--runs", ",".join(keys),
-                   "--threads", str(args.threads or 1)] + (["--quick"] if args.quick else [])
+                   "--threads", str(args.threads or 1)] + (["--quick"] if args.quick else []) + \
+                  (["--wait"] if args.wait else [])
             procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
             if any(p.wait() for p in procs):
                 sys.exit("a worker failed; rerun the same command to resume")
