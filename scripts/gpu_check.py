@@ -338,7 +338,7 @@ def summarize(name: str, shape_name: str, precision: str, opts: dict, res: dict,
         "quantized": res["quantized"], "build_s": res["build_s"],
         "iteration_s": med("iteration_s"), "tokens_per_s": med("tokens_per_s"),
         "generation_share": med("generate_s") / med("iteration_s"),
-        "kl_after_update": kls, "kl_ok": all(k is not None and math.isfinite(k) and k <= delta + 1e-6 for k in kls),
+        "kl_after_update": kls, "kl_backtracks": sum(i["kl_backtracks"] or 0 for i in its), "kl_ok": all(k is not None and math.isfinite(k) and k <= delta + 1e-6 for k in kls),
         "measured_peak_gib": None if measured is None else measured / 2**30,
         "measured_kind": "torch.cuda.max_memory_allocated" if device != "cpu" else "peak RSS delta (VmHWM)",
         "planned_peak_allocated_gib": plan["peak_allocated"] / 2**30, "planned_peak_gib": plan["peak"] / 2**30,
@@ -357,7 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--cpu", action="store_true", help="tiny sizes on CPU (the test suite runs this)")
     ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per case (default 3 GPU, 2 CPU)")
-    ap.add_argument("--delta", type=float, default=1.0, help="δ: the hard KL bound, nats/sequence")
+    ap.add_argument("--delta", type=float, default=None, help="δ: the hard KL bound, nats/sequence (default 1.0 on "
+                    "GPU; 0.1 on CPU, where the large learning rate makes the guard backtrack)")
     ap.add_argument("--learning-rate", type=float, default=None, help="default 1e-4 (GPU), 3e-2 (CPU: engage the guard)")
     ap.add_argument("--only", default=None, help="comma list of case names (e.g. gpt2,7B) or precisions (bf16,4bit)")
     ap.add_argument("--budget-s", type=float, default=420, help="start no new case after this many seconds")
@@ -386,6 +387,7 @@ def main(argv=None) -> int:
     have_bnb = "bitsandbytes" in deps["versions"]
     iterations = args.iterations or (2 if args.cpu else 3)
     lr = args.learning_rate or (3e-2 if args.cpu else 1e-4)
+    args.delta = args.delta or (0.1 if args.cpu else 1.0)
     only = set(args.only.split(",")) if args.only else None
     result = {"status": "ok", "mode": device, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "versions": deps["versions"], "python": platform.python_version(), "delta": args.delta,

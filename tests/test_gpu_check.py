@@ -1,0 +1,79 @@
+"""scripts/gpu_check.py must not rot before a GPU shows up: its --cpu mode runs the same code path (models built
+from shapes, the synthetic tokenizer, PPOTrainer with the hard KL controller, the plan's prediction) at tiny sizes."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "cpu_check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_cpu_mode_json_shape_and_kl_bound(cpu_run):
+    data, stdout = cpu_run
+    assert data["status"] == "ok" and data["mode"] == "cpu"
+    delta = data["delta"]
+    assert delta == pytest.approx(0.1)
+    names = [c["name"] for c in data["cases"]]
+    assert {"tiny-gpt2-fp32", "tiny-llama-fp32"} <= set(names) and any(n.endswith("4bit") for n in names)
+    ran = [c for c in data["cases"] if c["status"] == "ok"]
+    assert len(ran) >= 2
+    for c in ran:
+        for key in ("tokens_per_s", "iteration_s", "generation_share", "measured_peak_gib",
+                    "planned_peak_allocated_gib", "planned_peak_gib", "ratio"):
+            assert isinstance(c[key], float) and math.isfinite(c[key]) and c[key] > 0, (c["name"], key, c[key])
+        assert 0 < c["generation_share"] < 1
+        assert len(c["iterations"]) == data["iterations_per_case"] == len(c["kl_after_update"])
+        assert c["kl_ok"] and all(k <= delta + 1e-6 for k in c["kl_after_update"]), c["kl_after_update"]
+        assert c["planned_peak_phase"] in ("generation", "reward scoring", "reference pass", "training step",
+                                           "exact-KL check")
+    assert sum(c["kl_backtracks"] for c in ran) > 0  # the guard really had to act to keep KL ≤ δ
+    four = next(c for c in data["cases"] if c["name"].endswith("4bit"))
+    if four["status"] == "ok":
+        assert four["quantized"] is True
+    else:
+        assert four["status"].startswith("skipped")
+    assert "tok/s" in stdout and "tiny-llama-fp32" in stdout
+
+
+def test_missing_dependencies_are_named_with_the_fix(tmp_path, monkeypatch, capsys):
+    gc = _module()
+    monkeypatch.setitem(gc.DEPENDENCIES, "no_such_module_xyz", ("no-such-module-xyz==1.0", "a test", True))
+    out = tmp_path / "missing.json"
+    assert gc.main(["--cpu", "--out", str(out)]) == 3
+    printed = capsys.readouterr().out
+    assert "no_such_module_xyz" in printed and "pip download --no-deps -d shared/wheels" in printed
+    assert "--install-wheels" in printed
+    assert json.loads(out.read_text())["status"] == "missing dependencies"
+
+
+def test_synthetic_tokenizer_decodes_every_id():
+    gc = _module()
+    tok = gc.synthetic_tokenizer(5000)
+    assert len(tok) == 5000 and tok.pad_token_id == tok.eos_token_id
+    text = tok.decode(list(range(4, 5000)))
+    assert text.split()[-1] == "w4999"
+    assert len(tok(text=" ".join(gc.prompts(1, 17, 5000)))["input_ids"]) == 17
