@@ -55,6 +55,8 @@ CONFIGS = {
                               True),
     "wide-1024-vocab2k-fixed-kl": (llama(2048, 1024, 2816, 4, 16, 4), dict(RUN, kl_controller="fixed", prompt_length=96),
                                    True),
+    "mid-512-ckpt-fixed-kl-P128": (llama(16384, 512, 1376, 8, 8, 4),
+                                   dict(RUN, kl_controller="fixed", prompt_length=128, gradient_checkpointing=True), True),
     "mid-512-nf4": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, precision="4bit"), True),
     "mha-512-long-gen": (llama(2048, 512, 1376, 8, 8, 8), dict(batch=16, prompt_length=16, completion_length=192,
                                                                 ppo_epochs=2, minibatches=4, lora_top_layers=1,

@@ -298,16 +298,19 @@ def training_activation_bytes(shape: dict, rows: int, seq_len: int, *, targets, 
     return int(rows * seq_len * per_token * (2 if critic == "separate" else 1))
 
 
-def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int) -> int:
+def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int,
+                             load_in_4bit: bool = False) -> int:
     """What the backward adds on top of the saved activations, at its worst: the larger of
     - the gradient reaching the logits (selective_log_softmax's gather + per-row logsumexp, accumulated into one
       [rows, R, V] fp32 tensor): 4·rows·R·V, at the start, when every activation is still alive;
     - the top layer's MLP backward, whose input gradients (3 of width I; 4 for GPT-2's gelu) exist before the
       saved tensors they replace are released: m·a·I per token.
     Further down, each layer's transients are offset by the activations already released above it. (Measured on
-    CPU: 0.9–1.0 × this bound.)"""
-    mlp = (4 if is_gpt2(shape) else 3) * a * shape["intermediate_size"] * rows * seq_len
-    return int(max(4 * rows * resp_len * shape["vocab_size"], mlp))
+    CPU: 0.9–1.0 × this bound.) On a 4-bit base, + the weight bitsandbytes dequantises to bf16 for the input
+    gradient (2·H·I for the largest)."""
+    H, I = shape["hidden_size"], shape["intermediate_size"]
+    mlp = (4 if is_gpt2(shape) else 3) * a * I * rows * seq_len
+    return int(max(4 * rows * resp_len * shape["vocab_size"], mlp) + (2 * H * I if load_in_4bit else 0))
 
 
 def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, load_in_4bit: bool = False,
@@ -466,12 +469,15 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
             moment("training step", **held, activations=act(B), policy_logits=logit,
                    working_set=forward_logits_bytes(B, R, V, a))
         moment("training step", **held, activations=act(B), policy_logits=live * logit,
-               working_set=backward_transient_bytes(shape, B, T, R, a=a))
+               working_set=backward_transient_bytes(shape, B, T, R, a=a, load_in_4bit=load_in_4bit))
         if exact:  # kl/before_update on the θ_old forward, then after each epoch on the next epoch's forward
             moment("exact-KL check", **held, activations=act(B), policy_logits=logit, exact_kl=kl_tmp)
             if E >= 2:
                 moment("exact-KL check", **held, activations=act(B), policy_logits=(3 if E >= 3 else 2) * logit,
                        exact_kl=kl_tmp)
+            # after the last epoch (and in the guard's backtracking): a no-grad forward, then its KL
+            moment("exact-KL check", **held, policy_logits=(1 if E == 1 else 2) * logit,
+                   working_set=max(nograd(B, T), forward_logits_bytes(B, R, V, a)))
             moment("exact-KL check", **held, policy_logits=(2 if E == 1 else 3) * logit, exact_kl=kl_tmp)
     else:
         # θ_old pass without gradients over the whole batch (its logits stay in `out`), then minibatches of b rows
@@ -480,7 +486,7 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         moment("training step", **held, policy_logits=logit + mb_logits, activations=act(b),
                working_set=forward_logits_bytes(b, R, V, a))
         moment("training step", **held, policy_logits=logit + mb_logits, activations=act(b),
-               working_set=backward_transient_bytes(shape, b, T, R, a=a))
+               working_set=backward_transient_bytes(shape, b, T, R, a=a, load_in_4bit=load_in_4bit))
         if exact:  # on `out`'s logits, then after each epoch a no-grad full-batch forward
             moment("exact-KL check", **held, policy_logits=logit, exact_kl=kl_tmp)
             moment("exact-KL check", **held, policy_logits=logit + mb_logits,
@@ -596,6 +602,14 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     lines.append("")
     lines.append(f"peak: {est['peak'] / GiB:.2f} GiB ({est['peak_allocated'] / GiB:.2f} GiB allocated by torch + "
                  f"{est['overhead'] / GiB:.2f} GiB overhead) in the {est['peak_phase']} phase")
+    biggest = max(at_peak, key=at_peak.get)
+    if biggest == "exact_kl":
+        lines.append("note: the exact-KL check dominates — PolicyAndValue.sequence_kl holds 5 float64 [B,R,V] tensors "
+                     "for the whole batch at once (minibatches do not shrink it); lower --batch or "
+                     "--completion-length, or use a controller other than hard (no exact KL)")
+    elif biggest == "activations" and not o["gradient_checkpointing"]:
+        lines.append("note: activations dominate — --gradient-checkpointing, more --minibatches or --lora-top-layers "
+                     "shrink them")
     if gpu_bytes:
         fit = "fits" if est["peak"] <= gpu_bytes else "does NOT fit"
         lines.append(f"on {gpu_bytes / GiB:.0f} GiB: {fit}; largest batch that fits: {best}"
