@@ -266,9 +266,19 @@ class Run:
             self._point(0, tr.policy, tok, heldout, transfer, proxy, gold, vader)
             self.save()
             tr.train()
+        self._finish()
+
+    def _finish(self):
+        """Keep what the monitor and the review queue wrote (alarms into the record; the folders for the report),
+        drop the checkpoints."""
+        from rlhf_ext.monitor.queue import read_jsonl
+
+        self.record["alarms"] = read_jsonl(self.dir / "monitor" / "alarms.jsonl")
+        self.record["queued_pairs"] = len(read_jsonl(self.dir / "review" / "queue.jsonl"))
         self.record["done"] = True
         self.save()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for p in list(self.dir.glob("checkpoint*")):
+            shutil.rmtree(p, ignore_errors=True)
 
     # -- TRL 1.16's RLOO / GRPO with the same reward pipeline, same budget (completions), same LoRA
     def _execute_trl(self):
@@ -323,9 +333,7 @@ class Run:
             self._point(0, policy, tok, heldout, transfer, proxy, gold, vader)
             self.save()
             tr.train()
-        self.record["done"] = True
-        self.save()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._finish()
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -520,7 +528,10 @@ def summarize(records) -> dict:
                 "gain": gain, "oracle_fraction": gain / o_gain if o_gain and o_gain > 0 else float("nan"),
                 "transfer_start": tr_pts[0]["transfer"]["gold"] if tr_pts else float("nan"),
                 "transfer_end": tr_pts[-1]["transfer"]["gold"] if tr_pts else float("nan"),
-                "minutes": r["train_seconds"] / 60})
+                "minutes": r["train_seconds"] / 60,
+                "length_alarm_at": min((a["iteration"] for a in r.get("alarms", []) if a["detector"] == "length_drift"),
+                                       default=float("nan")),
+                "alarms": float(len(r.get("alarms", [])))})
         agg = {}
         for k in per_seed[0]:
             vals = [s[k] for s in per_seed]
@@ -534,8 +545,8 @@ def summarize(records) -> dict:
 def markdown_table(rows) -> str:
     order = [n for n in VARIANTS if n in rows]
     lines = ["| variant | seeds | best held-out gold | KL at best | final gold | drop peak→end | final length | "
-             "final EOS rate | gain / oracle's at that KL | transfer gold start → end | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final EOS rate | gain / oracle's at that KL | transfer gold start → end | first length alarm | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pm(r, k, fmt):
         s = format(r[k], fmt)
@@ -546,7 +557,9 @@ def markdown_table(rows) -> str:
         lines.append(f"| {n} | {r['seeds']} | {pm(r, 'best_gold', '+.3f')} | {pm(r, 'kl_at_best', '.1f')} | "
                      f"{pm(r, 'final_gold', '+.3f')} | {pm(r, 'drop', '.3f')} | {pm(r, 'final_length', '.1f')} | "
                      f"{r['final_eos']:.2f} | {r['oracle_fraction']:.2f} | "
-                     f"{r['transfer_start']:+.3f} → {r['transfer_end']:+.3f} | {r['minutes']:.0f} |")
+                     f"{r['transfer_start']:+.3f} → {r['transfer_end']:+.3f} | "
+                     f"{'—' if math.isnan(r['length_alarm_at']) else 'it ' + format(r['length_alarm_at'], '.0f')} | "
+                     f"{r['minutes']:.0f} |")
     return "\n".join(lines)
 
 

@@ -20,10 +20,13 @@ Dependencies. rlhf_ext imports `trl` and `datasets`; the 4-bit cases need `bitsa
 network that has torch, transformers, peft and accelerate can get the rest from wheels carried in the repository
 folder (shared/wheels/, which travels with the working tree):
 
-    # on a machine with network, once (pure-Python wheels + the manylinux bitsandbytes wheel, ≈ 70 MB):
-    pip download --no-deps -d shared/wheels trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 \\
-        dill multiprocess xxhash
-    # add pyarrow / pandas / fsspec / huggingface-hub wheels too if the GPU machine lacks them (the script says so)
+    # on a machine with network, once; match the GPU machine's Python (the script prints the exact command
+    # for its own Python and platform when something is missing):
+    pip download --no-deps -d shared/wheels --only-binary=:all: --python-version 3.11 \\
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \\
+        trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 'dill>=0.3.0,<0.4.2' 'multiprocess<0.70.20' xxhash
+    # + 'pyarrow>=24' pandas fsspec psutil jinja2 if that machine lacks them (pyarrow ≈ 40 MB and bitsandbytes
+    # ≈ 60–70 MB are the large ones; trl, datasets and the rest are < 1 MB each)
     # on the GPU machine:
     python scripts/gpu_check.py --install-wheels shared/wheels --out gpu_check.json
     #   (= pip install --no-deps shared/wheels/*.whl, then the check)
@@ -62,9 +65,18 @@ DEPENDENCIES = {
     "accelerate": ("accelerate>=1.15", "transformers.Trainer", True),
     "trl": ("trl==1.16.0", "rlhf_ext (PPOTrainer imports trl.trainer.utils)", True),
     "datasets": ("datasets==5.2.0", "rlhf_ext (prompt datasets)", True),
+    # what trl 1.16 / datasets 5.2 import in turn (often absent from a bare torch image)
+    "pyarrow": ("pyarrow>=24", "datasets", True),
+    "pandas": ("pandas", "datasets, trl", True),
+    "dill": ("dill>=0.3.0,<0.4.2", "datasets", True),
+    "multiprocess": ("multiprocess<0.70.20", "datasets", True),
+    "xxhash": ("xxhash", "datasets", True),
+    "fsspec": ("fsspec>=2023.1.0,<=2026.9.0", "datasets", True),
+    "huggingface_hub": ("huggingface-hub>=1.31,<3", "datasets, transformers", True),
+    "psutil": ("psutil", "trl", True),
+    "jinja2": ("jinja2", "trl, chat templates", True),
     "bitsandbytes": ("bitsandbytes==0.50.2", "the 4-bit cases only", False),
 }
-
 # GPU cases: (name, shipped shape, batch, prompt tokens, completion tokens, precisions)
 GPU_CASES = [
     ("gpt2", "gpt2", 32, 64, 128, ("bf16",)),
@@ -93,8 +105,9 @@ def check_dependencies() -> dict:
             m = importlib.import_module(mod)
             versions[mod] = getattr(m, "__version__", "?")
         except ModuleNotFoundError as e:
-            if e.name and e.name.split(".")[0] != mod:
-                missing.append((e.name.split(".")[0], e.name.split(".")[0], f"needed by {mod}", required))
+            dep = (e.name or "").split(".")[0]
+            if dep and dep != mod and dep not in DEPENDENCIES:
+                missing.append((dep, dep, f"needed by {mod}", required))
             missing.append((mod, req, why, required))
         except Exception as e:  # noqa: BLE001 — e.g. bitsandbytes without a usable CUDA binary
             missing.append((mod, req, f"{why} (import failed: {type(e).__name__}: {str(e)[:120]})", required))
@@ -102,11 +115,13 @@ def check_dependencies() -> dict:
 
 
 def explain_missing(missing) -> str:
-    reqs = " ".join(req for _, req, _, _ in missing)
+    reqs = " ".join(f"'{req}'" for _, req, _, _ in dict.fromkeys(missing))
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
     lines = ["Missing Python packages:"]
-    lines += [f"  {mod:14s} {'required' if req_ else 'optional'}: {why}" for mod, _, why, req_ in missing]
+    lines += [f"  {mod:16s} {'required' if req_ else 'optional'}: {why}" for mod, _, why, req_ in missing]
     lines += ["Provide them as wheels carried in the repository folder (no network needed on this machine):",
-              f"  (elsewhere)  pip download --no-deps -d shared/wheels {reqs}",
+              f"  (elsewhere)  pip download --no-deps -d shared/wheels --only-binary=:all: --python-version {py} "
+              f"--platform manylinux_2_28_{platform.machine()} --platform manylinux2014_{platform.machine()} {reqs}",
               "  (here)       python scripts/gpu_check.py --install-wheels shared/wheels ...",
               "               (which runs: pip install --no-deps shared/wheels/*.whl)"]
     return "\n".join(lines)
