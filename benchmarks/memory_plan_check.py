@@ -1,21 +1,23 @@
 """Does `rlhf-ext plan` predict what PPO really holds? Measured peak memory vs the plan, on CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py              # every configuration (≈ 5 min, 1 thread)
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py              # every configuration (≈ 12 min, 1 thread)
     OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only mid-256,smollm2-135m
 
-Each configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style model,
-SmolLM2-135M's shape), fp32, on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer (hard KL
-controller, responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as
-scripts/gpu_check.py. Measured = peak RSS (VmHWM, reset just before the model is built) minus the RSS at that point
-(imports, one tiny warm-up iteration of the same architecture, the tokenizer and the prompts
-already there). Planned = `rlhf_ext.plan.estimate(..., device="cpu")`, i.e. what
-torch allocates at the peak, no allocator slack. The plan must agree within ±20 % for the mid and SmolLM2 sizes;
-the tiny Llama is dominated by fixed costs (libraries' first-use buffers, Python objects), listed for reference.
+Each PPO configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style
+model, an NF4 base, SmolLM2-135M's shape), on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer
+(responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as scripts/gpu_check.py. They are
+chosen so that each phase of the plan is the peak somewhere: the exact-KL check (hard controller), the training step
+(fixed controller, with and without gradient checkpointing, a wide MLP), generation (long completions, MHA, top-layer
+LoRA) and, on its own, reward scoring (4 LoRA reward adapters in one mixed batch).
+Measured = peak RSS (VmHWM, reset just before the model is built) minus the RSS at that point (imports, one tiny
+warm-up iteration of the same architecture, the tokenizer and the prompts already there). Planned =
+`rlhf_ext.plan.estimate(..., device="cpu")`: what torch allocates at the peak, no allocator slack. The plan must
+agree within ±20 % for the mid and SmolLM2 sizes; the tiny Llama is dominated by fixed costs, listed for reference.
 
-glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit above
-the live tensors; the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and go back to mmap),
-so RSS follows what torch holds — the CPU analogue of torch.cuda.max_memory_allocated. `--default-malloc` measures
-without it.
+glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit far above
+the live tensors (1.6–2× here); the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and go back
+to mmap), so RSS follows what torch holds — the CPU analogue of torch.cuda.max_memory_allocated. `--default-malloc`
+measures without it.
 """
 
 from __future__ import annotations
@@ -53,16 +55,66 @@ CONFIGS = {
     "mid-512-fixed-kl": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, kl_controller="fixed"), True),
     "mid-512-fixed-kl-P128": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, kl_controller="fixed", prompt_length=128),
                               True),
-    "wide-1024-vocab2k-fixed-kl": (llama(2048, 1024, 2816, 4, 16, 4), dict(RUN, kl_controller="fixed", prompt_length=96),
-                                   True),
+    "wide-1024-vocab2k-fixed-kl": (llama(2048, 1024, 2816, 4, 16, 4),
+                                   dict(RUN, kl_controller="fixed", prompt_length=96), True),
     "mid-512-ckpt-fixed-kl-P128": (llama(16384, 512, 1376, 8, 8, 4),
-                                   dict(RUN, kl_controller="fixed", prompt_length=128, gradient_checkpointing=True), True),
+                                   dict(RUN, kl_controller="fixed", prompt_length=128, gradient_checkpointing=True),
+                                   True),
     "mid-512-nf4": (llama(16384, 512, 1376, 8, 8, 4), dict(RUN, precision="4bit"), True),
-    "mha-512-long-gen": (llama(2048, 512, 1376, 8, 8, 8), dict(batch=16, prompt_length=16, completion_length=192,
-                                                                ppo_epochs=2, minibatches=4, lora_top_layers=1,
-                                                                gradient_checkpointing=True, kl_controller="fixed"), True),
+    "mha-512-long-gen": (llama(2048, 512, 1376, 8, 8, 8),
+                         dict(batch=16, prompt_length=16, completion_length=192, ppo_epochs=2, minibatches=4,
+                              lora_top_layers=1, gradient_checkpointing=True, kl_controller="fixed"), True),
     "smollm2-135m": ("SmolLM2-135M-Instruct", RUN, True),
     "smollm2-135m-top8": ("SmolLM2-135M-Instruct", dict(RUN, lora_top_layers=8), True),
+}
+
+
+def scoring_worker(name: str) -> dict:
+    """Reward scoring on the shared base alone: K LoRA adapters + heads scoring 16 texts in one mixed-adapter batch
+    (RewardEnsemble.score_ids, the path PPO's RewardPipeline takes), no grad. Planned: `reward_scoring_bytes`."""
+    import gc
+
+    import torch
+    from gpu_check import hf_config, reset_peak_rss, rss_bytes, synthetic_tokenizer
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import AutoModel
+
+    from rlhf_ext.plan import reward_scoring_bytes
+    from rlhf_ext.reward.ensemble import RewardEnsemble
+
+    shape, opts, _ = SCORING[name]
+    K, rows, T = opts["ensemble"], opts["batch"], opts["seq_len"]
+    torch.set_flush_denormal(True)
+    tok = synthetic_tokenizer(shape["vocab_size"])
+    ids = torch.randint(4, shape["vocab_size"], (rows, T))
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+
+    def build():
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        peft = get_peft_model(AutoModel.from_config(hf_config(shape, tok)), lora, adapter_name="rm0")
+        for k in range(1, K):
+            peft.add_adapter(f"rm{k}", lora)
+        spec = {"mode": "adapters", "adapters": [f"rm{k}" for k in range(K)], "members": [f"m{k}" for k in range(K)]}
+        return RewardEnsemble(peft, tok, spec, nn.ModuleDict({f"rm{k}": nn.Linear(shape["hidden_size"], 1)
+                                                              for k in range(K)}))
+
+    build().score_ids(ids[:2, :8], mask[:2, :8])  # warm-up: lazy imports, first-use buffers
+    ens = build()
+    gc.collect()
+    reset_peak_rss()
+    base = rss_bytes()
+    ens.score_ids(ids, mask)
+    measured = rss_bytes("VmHWM") - base
+    planned = reward_scoring_bytes(shape, rows, T, K, "adapters", a=4)
+    return {"name": name, "measured": measured, "planned": planned, "peak_phase": "reward scoring",
+            "phases": {"reward scoring": planned}, "parts": {"reward_scoring": planned}}
+
+# Reward scoring alone (the PPO configurations above score with a Python function): the no-grad working set of a
+# mixed-adapter batch, measured around RewardEnsemble.score_ids with the model already built.
+SCORING = {
+    "scoring-4-adapters-mid-512": (llama(16384, 512, 1376, 8, 8, 4), dict(ensemble=4, batch=16, seq_len=128), True),
 }
 
 
@@ -71,6 +123,8 @@ def worker(name: str, iterations: int) -> dict:
 
     from rlhf_ext.plan import load_shape
 
+    if name in SCORING:
+        return scoring_worker(name)
     shape_spec, opts, _ = CONFIGS[name]
     opts = dict(opts)
     precision = opts.pop("precision", "fp32")
@@ -91,7 +145,7 @@ def worker(name: str, iterations: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None, help="comma list of: " + ", ".join(CONFIGS))
+    ap.add_argument("--only", default=None, help="comma list of: " + ", ".join([*CONFIGS, *SCORING]))
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap threshold dynamic")
     ap.add_argument("--json-out", default=None)
@@ -100,7 +154,7 @@ def main():
     if args.worker:
         Path(args.json_out).write_text(json.dumps(worker(args.worker, args.iterations)))
         return 0
-    names = args.only.split(",") if args.only else list(CONFIGS)
+    names = args.only.split(",") if args.only else [*CONFIGS, *SCORING]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not args.default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -121,7 +175,7 @@ def main():
     ok = True
     for row in rows:
         ratio = row["measured"] / row["planned"]
-        judged = CONFIGS[row["name"]][2]
+        judged = {**CONFIGS, **SCORING}[row["name"]][2]
         good = abs(ratio - 1) <= 0.2
         ok &= good or not judged
         parts = sorted(row["parts"].items(), key=lambda kv: -kv[1])[:4]

@@ -463,7 +463,9 @@ def _run_pass(args, keys) -> bool:
         if _done(workdir, key):
             continue
         rm = VARIANTS[name]["rm"]
-        if rm and not args.quick and not rm_ready(workdir, rm):
+        need = [r for r in (rm, "k1") if r]  # k1 is also every run's proxy yardstick at evaluation
+        if not args.quick and not all(rm_ready(workdir, r) for r in need):
+            rm = next(r for r in need if not rm_ready(workdir, r))
             if key not in _WAITING:
                 _WAITING.add(key)
                 print(f"[{key}] waiting for reward model {rm} (python benchmarks/overoptimization.py rms)", flush=True)

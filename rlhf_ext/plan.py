@@ -80,8 +80,8 @@ def shape_from_config(cfg) -> dict:
     layers = first("num_hidden_layers", "n_layer")
     vocab = first("vocab_size")
     if None in (hidden, heads, layers, vocab):
-        raise PlanError(f"The config lacks architecture fields (hidden_size / num_attention_heads / num_hidden_layers / "
-                        f"vocab_size): found keys {sorted(cfg)[:20]}…")
+        raise PlanError(f"The config lacks architecture fields (hidden_size / num_attention_heads / "
+                        f"num_hidden_layers / vocab_size): found keys {sorted(cfg)[:20]}…")
     shape = {
         "model_type": cfg.get("model_type", "llama"),
         "vocab_size": int(vocab),
@@ -100,14 +100,15 @@ def shape_from_config(cfg) -> dict:
 
 
 def load_shape(model: str) -> dict:
-    """`model` → shape: a shipped name (case-insensitive; also a Hub id or the embedded default whose last part is
-    one), a folder holding config.json, a config.json path, or a Hub id through `AutoConfig` (network needed)."""
+    """`model` → shape: an existing folder holding config.json or a config.json path; else a shipped name
+    (case-insensitive; also a Hub id or the embedded default whose last part is one); else a Hub id through
+    `AutoConfig` (network needed)."""
     shipped = shipped_shapes()
+    path = Path(model).expanduser()
     by_key = {k.lower(): k for k in shipped}
     key = str(model).rstrip("/").split("/")[-1].lower()
-    if key in by_key:
+    if key in by_key and not path.exists():
         return shape_from_config(shipped[by_key[key]])
-    path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PlanError(f"{path} is a folder without config.json.")
@@ -150,9 +151,9 @@ def parameter_counts(shape: dict) -> dict:
     """Parameters by kind.
 
     embeddings = V·H (+ n_positions·H learned positions for GPT-2); lm_head = V·H unless tied;
-    linear (the decoder layers' matrices, what 4-bit quantises) = L·(H·d_q + 2·H·n_kv·d + d_q·H + m·H·I), m = 3 for
-    gated MLPs (Llama, Mistral, Qwen2), 2 for GPT-2; other = norms (2·H per layer + H, doubled for LayerNorm's
-    bias) + biases (Qwen2: q, k, v; GPT-2: every linear)."""
+    linear (the decoder layers' matrices, what 4-bit quantises) = L·(H·d_q + 2·H·n_kv·d + d_q·H + m·H·I),
+    m = 3 for gated MLPs (Llama, Mistral, Qwen2), 2 for GPT-2; other = norms (2·H per layer + H, doubled for
+    LayerNorm's bias) + biases (Qwen2: q, k, v; GPT-2: every linear)."""
     V, H, I, L, nh, nkv, d, dq = _dims(shape)
     gpt2 = is_gpt2(shape)
     embeddings = V * H + (gpt2 and (shape.get("max_position_embeddings") or 1024) * H)
@@ -316,7 +317,8 @@ def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int
 def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, load_in_4bit: bool = False,
                             dtype: str = "bf16") -> int:
     """Largest transient of a no-grad forward over rows·T tokens (one layer at a time; nothing is kept):
-    residual + normed input (2·a·H) + the larger of the MLP (SiLU(gate), up, their product: 3·a·I; GPT-2 4·a·I)
+    the embedding output (the model's forward keeps it as `inputs_embeds` to the end), residual and normed input
+    (3·a·H) + the larger of the MLP (SiLU(gate), up, their product: 3·a·I; GPT-2 4·a·I)
     and the attention (q, k, v, RoPE'd q and k, k and v repeated, output and its contiguous copy:
     a·(6·d_q + 3·n_kv·d)), + PEFT's fp32 copy of the LoRA input in bf16 (4·H), + the attention mask: a bool and a
     converted a-byte bias [rows, T, T] (rows·T²·(1 + a)). On a 4-bit base, + the largest weight dequantised to bf16
@@ -324,7 +326,7 @@ def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, loa
     V, H, I, L, nh, nkv, d, dq = _dims(shape)
     mlp = (4 if is_gpt2(shape) else 3) * I
     attn = 6 * dq + 3 * nkv * d
-    per_token = a * (2 * H + max(mlp, attn)) + (4 * H if a != 4 else 0)
+    per_token = a * (3 * H + max(mlp, attn)) + (4 * H if a != 4 else 0)
     dequant = 2 * H * I if load_in_4bit else 0
     return int(rows * seq_len * per_token + rows * seq_len * seq_len * (1 + a) + dequant)
 
@@ -418,7 +420,8 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
     # static: weights, trained state, reward members
     weights = base_weight_bytes(shape, dtype, load_in_4bit)
     n_policy = lora_parameter_count(shape, lora_r, targets, L_t)
-    n_critic = lora_parameter_count(shape, lora_r, [t for t in targets if t != "lm_head"], L_t) if critic == "separate" else 0
+    critic_targets = [t for t in targets if t != "lm_head"]  # the critic reads hidden states, never logits
+    n_critic = lora_parameter_count(shape, lora_r, critic_targets, L_t) if critic == "separate" else 0
     n_value_head = H + 1
     trained = trainable_bytes(n_policy + n_critic + n_value_head, n_policy if exact else 0)
     rewards = reward_member_bytes(shape, ensemble, ensemble_mode, lora_r, targets)
@@ -548,7 +551,8 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     o, c, w, p = est["options"], est["components"], est["weights"], est["params"]
     a = est["activation_bytes"]
     prec = f"4-bit NF4 (compute {o['dtype']})" if o["load_in_4bit"] else o["dtype"]
-    layers = f"top {o['lora_top_layers']} layers" if o["lora_top_layers"] else f"all {shape['num_hidden_layers']} layers"
+    layers = (f"top {o['lora_top_layers']} layers" if o["lora_top_layers"]
+              else f"all {shape['num_hidden_layers']} layers")
     rewards = (f"{o['ensemble']} reward member(s), {o['ensemble_mode']} mode" if o["ensemble"]
                else "Python reward functions only")
     lines = [
@@ -565,21 +569,24 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     if o["load_in_4bit"]:
         wnote = (f"{_fmt_params(p['linear'])} 4-bit ({(w['quantized'] + w['quant_constants']) / GiB:.2f} GiB incl. "
                  f"{w['quant_constants'] / GiB:.2f} quant constants) + {_fmt_params(p['total'] - p['linear'])} fp32 "
-                 f"({w['unquantized'] / GiB:.2f} GiB: embeddings, LM head, norms; upcast by prepare_model_for_kbit_training)")
+                 f"({w['unquantized'] / GiB:.2f} GiB: embeddings, LM head, norms; upcast by "
+                 f"prepare_model_for_kbit_training)")
     else:
         wnote = f"{_fmt_params(p['total'])} params × {DTYPE_BYTES[o['dtype']]} B"
     n_tr = p["lora_policy"] + p["lora_critic"] + p["value_head"]
     rows = [
         ("base weights", "base_weights", wnote),
         ("LoRA + value head + grads + AdamW (+ KL guard)", "trainable",
-         f"{_fmt_params(n_tr)} trained params × 16 B" + (f" + 2 fp32 copies of the policy adapter" if est["trained"]["kl_guard"] else "")),
+         f"{_fmt_params(n_tr)} trained params × 16 B"
+         + (" + 2 fp32 copies of the policy adapter" if est["trained"]["kl_guard"] else "")),
         ("reward members (adapters/heads)", "reward_members", rewards),
         ("reward scoring (transient)", "reward_scoring", "no-grad mixed batch" if o["ensemble"] else "-"),
         ("KV cache (generation)", "kv_cache", f"B × (P+R) × {shape['num_hidden_layers']} layers × 2 × "
                                               f"{shape['num_key_value_heads']} KV heads, {a} B"),
         ("activations (training forward)", "activations",
          f"{'with' if o['gradient_checkpointing'] else 'without'} checkpointing; with: "
-         f"{est['activations_checkpointing'] / GiB:.2f} GiB, without: {est['activations_no_checkpointing'] / GiB:.2f} GiB"
+         f"{est['activations_checkpointing'] / GiB:.2f} GiB, without: "
+         f"{est['activations_no_checkpointing'] / GiB:.2f} GiB"
          f" ({o['batch'] // o['minibatches']} rows)"),
         ("policy logits [B,R,V] fp32 (each)", "policy_logits", "z/T at the response positions; up to 3 alive at once"),
         ("reference log-softmax [B,R,V] fp32 (kept)", "reference_logsoftmax", "for the exact KL (hard controller)"),
@@ -594,18 +601,19 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
                  f"transients of the peak phase; the previous Rollout's reference log-softmax")
     oh = "CUDA context 0.5 GiB + 10 % allocator slack" if o["device"] != "cpu" else "CPU: none counted"
     lines.append(f"{'CUDA context + allocator overhead':46s} {_gib(est['overhead'])} {_gib(est['overhead'])}  {oh}")
-    lines += ["", f"{'phase':20s} {'GiB':>8s}"]
+    lines += ["", f"{'phase (incl. overhead)':22s} {'GiB':>8s}"]
     for ph in PHASES:
         if ph in est["phases"]:
             mark = "   <- peak" if ph == est["peak_phase"] else ""
-            lines.append(f"{ph:20s} {_gib(est['phases'][ph]['total'] + est['overhead'])}{mark}")
+            total = est["phases"][ph]["total"]
+            lines.append(f"{ph:22s} {_gib(total + overhead_bytes(total, o['device']))}{mark}")
     lines.append("")
     lines.append(f"peak: {est['peak'] / GiB:.2f} GiB ({est['peak_allocated'] / GiB:.2f} GiB allocated by torch + "
                  f"{est['overhead'] / GiB:.2f} GiB overhead) in the {est['peak_phase']} phase")
     biggest = max(at_peak, key=at_peak.get)
     if biggest == "exact_kl":
-        lines.append("note: the exact-KL check dominates — PolicyAndValue.sequence_kl holds 5 float64 [B,R,V] tensors "
-                     "for the whole batch at once (minibatches do not shrink it); lower --batch or "
+        lines.append("note: the exact-KL check dominates — PolicyAndValue.sequence_kl holds 5 float64 [B,R,V] "
+                     "tensors for the whole batch at once (minibatches do not shrink it); lower --batch or "
                      "--completion-length, or use a controller other than hard (no exact KL)")
     elif biggest == "activations" and not o["gradient_checkpointing"]:
         lines.append("note: activations dominate — --gradient-checkpointing, more --minibatches or --lora-top-layers "
@@ -626,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory", type=float, default=24.0, help="GPU memory in GiB")
     ap.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (bitsandbytes)")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="base / compute dtype")
-    ap.add_argument("--batch", type=int, default=None, help="prompts per iteration (default: the largest that fits)")
+    ap.add_argument("--batch", type=int, default=None, help="prompts per iteration (omit: the largest that fits)")
     ap.add_argument("--prompt-length", type=int, default=256, help="longest prompt, tokens")
     ap.add_argument("--completion-length", type=int, default=48, help="max_completion_length")
     ap.add_argument("--minibatches", type=int, default=1, help="num_mini_batches")

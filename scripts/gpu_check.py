@@ -1,7 +1,7 @@
 """A prepared GPU check: PPO iterations of rlhf_ext's PPOTrainer on random-initialised models of real shapes.
 
-    python scripts/gpu_check.py --out gpu_check.json            # on one GPU (≈ 3–5 min on an H100, ≤ 8 min)
-    python scripts/gpu_check.py --cpu --out cpu_check.json      # the same code path, tiny sizes, CPU, < 1 min
+    python scripts/gpu_check.py --out gpu_check.json            # one GPU; estimated 3–5 min on an H100 (≤ 8)
+    python scripts/gpu_check.py --cpu --out cpu_check.json      # the same code path, tiny sizes, CPU, ≈ 15 s
 
 For each case — a gpt2-shaped, a SmolLM2-1.7B-shaped (1.7 B) and a Qwen2.5-7B-shaped model, in bf16, and 4-bit NF4
 when bitsandbytes imports — it builds the model from the shape in `rlhf_ext/plan_shapes/` with random weights (no
@@ -13,8 +13,10 @@ few PPO iterations (hard KL controller, responses of exactly `completion_length`
   peak torch.cuda.max_memory_allocated (and reserved) over the iterations, the plan's prediction for the same
   configuration (`rlhf_ext.plan.estimate`) and measured / planned, and `kl/after_update ≤ δ` on every iteration.
 
-Everything goes to one JSON file (--out); the console gets a table. A case that fails (OOM, missing kernel) is
-recorded with its error and the next one runs; cases stop being started once --budget-s is spent.
+Each case runs in a fresh subprocess (its peak memory is its own; an OOM or a crash stays there). Everything goes
+to one JSON file (--out, rewritten after every case); the console gets a table. A case that fails is recorded with
+its error and the next one runs; no case starts once --budget-s is spent. On the lent GPU machine (`run` tool):
+`python scripts/gpu_check.py --install-wheels shared/wheels --out $OUT/gpu_check.json`, timeout_s ≈ 560.
 
 Dependencies. rlhf_ext imports `trl` and `datasets`; the 4-bit cases need `bitsandbytes`. A GPU machine without
 network that has torch, transformers, peft and accelerate can get the rest from wheels carried in the repository
@@ -161,9 +163,9 @@ def hf_config(shape: dict, tokenizer):
 
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     if shape["model_type"] == "gpt2":
-        return GPT2Config(vocab_size=shape["vocab_size"], n_embd=shape["hidden_size"], n_layer=shape["num_hidden_layers"],
-                          n_head=shape["num_attention_heads"], n_inner=shape["intermediate_size"],
-                          n_positions=shape["max_position_embeddings"],
+        return GPT2Config(vocab_size=shape["vocab_size"], n_embd=shape["hidden_size"],
+                          n_layer=shape["num_hidden_layers"], n_head=shape["num_attention_heads"],
+                          n_inner=shape["intermediate_size"], n_positions=shape["max_position_embeddings"],
                           tie_word_embeddings=shape["tie_word_embeddings"], **ids)
     extra = {"head_dim": shape["head_dim"]} if shape.get("head_dim") else {}
     if shape["model_type"] == "mistral":
@@ -299,7 +301,8 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
                     kl_target=kl_target, learning_rate=learning_rate, max_steps=iterations, save_strategy="no",
                     logging_steps=10**6, disable_tqdm=True, report_to="none", seed=seed,
                     use_cpu=device == "cpu", bf16=precision in ("bf16", "4bit") and device != "cpu",
-                    fp16=precision == "fp16", gradient_checkpointing=gradient_checkpointing, lora_top_layers=lora_top_layers)
+                    fp16=precision == "fp16", gradient_checkpointing=gradient_checkpointing,
+                    lora_top_layers=lora_top_layers)
     base_rss = None
     if measure == "rss":
         gc.collect()
@@ -316,9 +319,10 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
         torch.cuda.reset_peak_memory_stats()
     hist = trainer.train()
     out = {"build_s": build_s, "quantized": bool(trainer.quantized), "iterations": [
-        {"iteration_s": h["time/iteration_s"], "generate_s": h["time/generate_s"], "tokens_per_s": h["time/tokens_per_s"],
-         "kl_before_update": h.get("kl/before_update"), "kl_after_update": h.get("kl/after_update"),
-         "kl_backtracks": h.get("kl/backtracks", 0), "objective_kl": h["objective/kl"], "score": h["objective/scores"]}
+        {"iteration_s": h["time/iteration_s"], "generate_s": h["time/generate_s"],
+         "tokens_per_s": h["time/tokens_per_s"], "kl_before_update": h.get("kl/before_update"),
+         "kl_after_update": h.get("kl/after_update"), "kl_backtracks": h.get("kl/backtracks", 0),
+         "objective_kl": h["objective/kl"], "score": h["objective/scores"]}
         for h in hist]}
     if measure == "cuda":
         torch.cuda.synchronize()
@@ -353,7 +357,8 @@ def summarize(name: str, shape_name: str, precision: str, opts: dict, res: dict,
         "quantized": res["quantized"], "build_s": res["build_s"],
         "iteration_s": med("iteration_s"), "tokens_per_s": med("tokens_per_s"),
         "generation_share": med("generate_s") / med("iteration_s"),
-        "kl_after_update": kls, "kl_backtracks": sum(i["kl_backtracks"] or 0 for i in its), "kl_ok": all(k is not None and math.isfinite(k) and k <= delta + 1e-6 for k in kls),
+        "kl_after_update": kls, "kl_backtracks": sum(i["kl_backtracks"] or 0 for i in its),
+        "kl_ok": all(k is not None and math.isfinite(k) and k <= delta + 1e-6 for k in kls),
         "measured_peak_gib": None if measured is None else measured / 2**30,
         "measured_kind": "torch.cuda.max_memory_allocated" if device != "cpu" else "peak RSS delta (VmHWM)",
         "planned_peak_allocated_gib": plan["peak_allocated"] / 2**30, "planned_peak_gib": plan["peak"] / 2**30,
@@ -366,6 +371,30 @@ def summarize(name: str, shape_name: str, precision: str, opts: dict, res: dict,
     return row
 
 
+def run_one(case: str, args) -> dict:
+    """One case (name-precision) in this process: build, train, measure, plan → a summary row."""
+    import torch
+
+    from rlhf_ext.plan import load_shape
+
+    device = "cpu" if args.cpu else "cuda"
+    name, shape_name, batch, P, R, _ = next(c for c in (CPU_CASES if args.cpu else GPU_CASES)
+                                            if case.startswith(c[0] + "-"))
+    precision = case[len(name) + 1:]
+    shape = TINY[shape_name] if shape_name in TINY else load_shape(shape_name)
+    opts = dict(batch=batch, prompt_length=P, completion_length=R, ppo_epochs=2 if args.cpu else 4)
+    try:
+        res = run_case(shape, precision=precision, device=device, iterations=args.iterations, kl_target=args.delta,
+                       learning_rate=args.learning_rate, measure="cuda" if device == "cuda" else "rss", **opts)
+        plan = plan_for(shape, precision, device, **opts)
+        return summarize(case, shape_name, precision, opts, res, plan, args.delta, device)
+    except Exception as e:  # noqa: BLE001 — record it (OOM, kernel) for the table
+        row = {"name": case, "status": f"error: {type(e).__name__}: {str(e)[:300]}", **opts}
+        if device == "cuda":
+            row["measured_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,11 +403,23 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=None, help="PPO iterations per case (default 3 GPU, 2 CPU)")
     ap.add_argument("--delta", type=float, default=None, help="δ: the hard KL bound, nats/sequence (default 1.0 on "
                     "GPU; 0.1 on CPU, where the large learning rate makes the guard backtrack)")
-    ap.add_argument("--learning-rate", type=float, default=None, help="default 1e-4 (GPU), 3e-2 (CPU: engage the guard)")
+    ap.add_argument("--learning-rate", type=float, default=None,
+                    help="default 1e-4 (GPU), 3e-2 (CPU: engage the guard)")
     ap.add_argument("--only", default=None, help="comma list of case names (e.g. gpt2,7B) or precisions (bf16,4bit)")
     ap.add_argument("--budget-s", type=float, default=420, help="start no new case after this many seconds")
     ap.add_argument("--install-wheels", default=None, help="pip install --no-deps FOLDER/*.whl first")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                    help="each case in a fresh subprocess (default: on GPU; off with --cpu, where the tiny cases run "
+                         "in this process)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.iterations = args.iterations or (2 if args.cpu else 3)
+    args.learning_rate = args.learning_rate or (3e-2 if args.cpu else 1e-4)
+    args.delta = args.delta or (0.1 if args.cpu else 1.0)
+    args.isolate = (not args.cpu) if args.isolate is None else args.isolate
+    if args.worker:  # one case, in a fresh process (the parent's loop below)
+        Path(args.out).write_text(json.dumps(run_one(args.worker, args)))
+        return 0
 
     t0 = time.perf_counter()
     if args.install_wheels:
@@ -393,49 +434,56 @@ def main(argv=None) -> int:
         return 3
     import torch
 
-    from rlhf_ext.plan import load_shape
-
     device = "cpu" if args.cpu else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("No CUDA device: run with --cpu for the CPU smoke test.", flush=True)
         return 4
     have_bnb = "bitsandbytes" in deps["versions"]
-    iterations = args.iterations or (2 if args.cpu else 3)
-    lr = args.learning_rate or (3e-2 if args.cpu else 1e-4)
-    args.delta = args.delta or (0.1 if args.cpu else 1.0)
     only = set(args.only.split(",")) if args.only else None
-    result = {"status": "ok", "mode": device, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "versions": deps["versions"], "python": platform.python_version(), "delta": args.delta,
-              "learning_rate": lr, "iterations_per_case": iterations, "missing_optional": deps["missing"], "cases": []}
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
+    result = {"status": "ok", "mode": device, "device": name, "versions": deps["versions"],
+              "python": platform.python_version(), "delta": args.delta, "learning_rate": args.learning_rate,
+              "iterations_per_case": args.iterations, "missing_optional": deps["missing"], "cases": []}
     if device == "cuda":
         result["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    cases = CPU_CASES if args.cpu else GPU_CASES
-    for name, shape_name, batch, P, R, precisions in cases:
-        shape = TINY[shape_name] if shape_name in TINY else load_shape(shape_name)
+    else:
+        result["note"] = ("CPU mode checks the code path, not the memory model: at these tiny sizes the RSS delta is "
+                          "fixed costs (lazy imports, first-use buffers). benchmarks/memory_plan_check.py validates the "
+                          "plan on CPU.")
+    flags = ["--iterations", str(args.iterations), "--delta", str(args.delta), "--learning-rate",
+             str(args.learning_rate)] + (["--cpu"] if args.cpu else [])
+    for name, shape_name, batch, P, R, precisions in CPU_CASES if args.cpu else GPU_CASES:
         for precision in precisions:
             case = f"{name}-{precision}"
             if only and not ({name, precision, case} & only):
                 continue
-            opts = dict(batch=batch, prompt_length=P, completion_length=R, ppo_epochs=2 if args.cpu else 4)
+            opts = dict(batch=batch, prompt_length=P, completion_length=R)
             if precision == "4bit" and not have_bnb:
                 result["cases"].append({"name": case, "status": "skipped: bitsandbytes not importable", **opts})
                 continue
-            if time.perf_counter() - t0 > args.budget_s:
+            left = args.budget_s - (time.perf_counter() - t0)
+            if left <= 0:
                 result["cases"].append({"name": case, "status": "skipped: time budget spent", **opts})
                 continue
             print(f"== {case}: {shape_name}, batch {batch}, {P}+{R} tokens", flush=True)
+            if not args.isolate:
+                row = run_one(case, args)
+                result["cases"].append(row)
+                continue
+            # a fresh process per case: its peak memory is its own, and an OOM or a crash stays there
+            row_file = Path(args.out).with_suffix(f".{case}.json")
             try:
-                res = run_case(shape, precision=precision, device=device, iterations=iterations, kl_target=args.delta,
-                               learning_rate=lr, measure="cuda" if device == "cuda" else "rss", **opts)
-                plan = plan_for(shape, precision, device, **opts)
-                row = summarize(case, shape_name, precision, opts, res, plan, args.delta, device)
-            except Exception as e:  # noqa: BLE001 — record it (OOM, kernel) and go on with the next case
-                row = {"name": case, "status": f"error: {type(e).__name__}: {str(e)[:300]}", **opts}
-                if device == "cuda":
-                    row["measured_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                r = subprocess.run([sys.executable, __file__, "--worker", case, "--out", str(row_file), *flags],
+                                   capture_output=True, text=True, timeout=left + 180)
+                if r.returncode == 0 and row_file.is_file():
+                    row = json.loads(row_file.read_text())
+                else:
+                    row = {"name": case, "status": f"error: worker exited {r.returncode}: {r.stderr[-600:]}", **opts}
+            except subprocess.TimeoutExpired:
+                row = {"name": case, "status": "error: timed out", **opts}
+            row_file.unlink(missing_ok=True)
+            if row["status"] != "ok":
+                print(f"   {row['status']}", flush=True)
             result["cases"].append(row)
             Path(args.out).write_text(json.dumps(result, indent=2))  # partial results survive a kill
     result["wall_s"] = time.perf_counter() - t0
@@ -445,14 +493,15 @@ def main(argv=None) -> int:
           f"{'KL≤δ':>5s}  status")
     for r in result["cases"]:
         if r["status"] != "ok":
-            print(f"{r['name']:14s} {'':48s}  {r['status']}")
+            print(f"{r['name']:14s} {'':48s}  {r['status'][:200]}")
             continue
         print(f"{r['name']:14s} {r['tokens_per_s']:8.1f} {r['iteration_s']:7.2f} {100 * r['generation_share']:6.1f} "
               f"{r['measured_peak_gib']:9.3f} {r['planned_peak_allocated_gib']:9.3f} {r['ratio']:6.2f} "
               f"{'yes' if r['kl_ok'] else 'NO':>5s}  ok")
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
     bad = [r for r in result["cases"] if r["status"] == "ok" and not r["kl_ok"]]
-    return 1 if bad else 0
+    errors = [r for r in result["cases"] if r["status"].startswith("error")]
+    return 1 if bad or errors else 0
 
 
 if __name__ == "__main__":

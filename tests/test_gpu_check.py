@@ -59,6 +59,18 @@ def test_cpu_mode_json_shape_and_kl_bound(cpu_run):
     assert "tok/s" in stdout and "tiny-llama-fp32" in stdout
 
 
+def test_isolated_worker_subprocess(tmp_path):
+    """The GPU mode's wrapper: each case in a fresh `--worker` process, its row read back."""
+    out = tmp_path / "iso.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--isolate", "--only", "tiny-llama-fp32", "--out",
+                        str(out)], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["cases"]] == ["tiny-llama-fp32"] and data["cases"][0]["kl_ok"]
+    assert not list(tmp_path.glob("iso.*.json"))  # the per-case files are cleaned up
+
+
 def test_missing_dependencies_are_named_with_the_fix(tmp_path, monkeypatch, capsys):
     gc = _module()
     monkeypatch.setitem(gc.DEPENDENCIES, "no_such_module_xyz", ("no-such-module-xyz==1.0", "a test", True))

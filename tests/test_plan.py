@@ -28,9 +28,10 @@ def _model(shape):
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if shape["model_type"] == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_embd=shape["hidden_size"],
-                                          n_layer=shape["num_hidden_layers"], n_head=shape["num_attention_heads"],
-                                          n_inner=shape["intermediate_size"], n_positions=shape["max_position_embeddings"]))
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=shape["vocab_size"], n_embd=shape["hidden_size"], n_layer=shape["num_hidden_layers"],
+            n_head=shape["num_attention_heads"], n_inner=shape["intermediate_size"],
+            n_positions=shape["max_position_embeddings"]))
     fields = {k: v for k, v in shape.items() if k != "model_type"}
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(shape["model_type"], **fields))
 
@@ -94,7 +95,8 @@ def test_weight_bytes_by_precision_hand_computed():
 @pytest.mark.parametrize("name", ["SmolLM2-1.7B-Instruct", "Qwen2.5-7B-Instruct", "Mistral-7B-Instruct-v0.3"])
 def test_4bit_below_bf16_below_fp32(name):
     s = plan.load_shape(name)
-    w4, w16, w32 = (plan.base_weight_bytes(s, d, q)["total"] for d, q in (("bf16", True), ("bf16", False), ("fp32", False)))
+    w4, w16, w32 = (plan.base_weight_bytes(s, d, q)["total"]
+                    for d, q in (("bf16", True), ("bf16", False), ("fp32", False)))
     assert w4 < w16 < w32
     assert w4 < 0.6 * w16  # the embeddings and LM head stay fp32, so not 4×
 
