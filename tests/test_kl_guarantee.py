@@ -63,6 +63,7 @@ CASES = {
     "all-linear, DoRA": ("all-linear", {"use_dora": True}, {}, {}, "positive", False),
     "dropout in LoRA and base": (ATTN, {"lora_dropout": 0.5}, {"attention_dropout": 0.3}, {}, "positive", False),
     "dropout kept in training passes": (ATTN, {"lora_dropout": 0.5}, {"attention_dropout": 0.3}, {"disable_dropout": False}, "positive", False),
+    "gradient checkpointing, dropout in the base": (ATTN, {}, {"attention_dropout": 0.3}, {"gradient_checkpointing": True}, "positive", False),
     "prefix cache, separate critic, 4 minibatches": (ATTN, {"layers_to_transform": [1]}, {}, {"critic": "separate", "num_mini_batches": 4}, "positive", False),
     "prefix cache, T=0.7, rewards x1e6": (ATTN, {"layers_to_transform": [1]}, {}, {"temperature": 0.7}, "scaled", False),
     "DoRA, separate critic, constant reward": (ATTN + ["down_proj"], {"use_dora": True}, {}, {"critic": "separate"}, "constant", False),

@@ -136,3 +136,23 @@ def test_callable_members_are_normalised_when_mixed():
 def test_length_shapers_count_content_tokens_not_eos():
     info = ResponseInfo.from_ids([[5, 6, 2], [5, 6, 7]], eos_token_id=2)
     assert info.lengths.tolist() == [2.0, 3.0] and info.has_eos.tolist() == [True, False]
+
+
+def test_gradient_checkpointing_is_active_in_dropout_free_passes(tmp_path, tok):
+    """Every pass runs in eval mode (no dropout), yet checkpointing — which transformers gates on `training` — must
+    still recompute the decoder layers in the backward pass."""
+    tr = make(tmp_path, tok, max_steps=1, gradient_checkpointing=True)
+    layer = tr.policy.peft.get_base_model().model.layers[0]
+    calls, mlp_forward = [], layer.mlp.forward
+
+    def counted(*a, **k):  # (module hooks do not fire on the recomputation; a wrapped forward does)
+        calls.append(layer.self_attn.training or layer.mlp.training)
+        return mlp_forward(*a, **k)
+
+    layer.mlp.forward = counted
+    ro = tr._rollout(tr._next_prompts())
+    calls.clear()
+    logits, values = tr.policy(ro.ids, ro.mask, ro.R)
+    (logits.logsumexp(-1).mean() + values.mean()).backward()
+    assert len(calls) == 2  # forward, then the recomputation during backward
+    assert not any(calls)  # and inside the layer everything ran in eval mode: no dropout
