@@ -112,22 +112,36 @@ def adapters_disabled(model):
 
 
 @contextmanager
-def dropout_off(model: nn.Module):
-    """Eval mode for every module (no dropout anywhere: nn.Dropout, LoRA dropout, functional attention dropout),
-    except the flag that lets gradient checkpointing run: transformers checkpoints a decoder layer only when that
-    layer's own `training` is True, and the layer's children (attention, MLP, dropout) stay in eval mode."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+def eval_mode(model: nn.Module):
+    """Every module in eval mode (no dropout, no other train-only behaviour) for passes without a backward —
+    sampling, reference, KL measurements, scoring — then each module's mode restored."""
     states = [(m, m.training) for m in model.modules()]
     model.eval()
-    for m in model.modules():
-        if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False):
-            m.training = True
     try:
         yield
     finally:
         for m, t in states:
             m.training = t
+
+
+def zero_dropout(model: nn.Module) -> nn.Module:
+    """Switch dropout off for good, in any mode: every nn.Dropout (LoRA's included) gets p = 0, and every float
+    attribute named like a dropout rate (Llama's `attention_dropout`, OPT's `dropout`, …) and config field is set to
+    0. Training passes then compute exactly what eval-mode passes compute (checked at start-up by the PPO trainer),
+    while staying in train mode so gradient checkpointing, which transformers gates on `training`, still works —
+    and recomputes the same function in the backward pass."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name.lower() and isinstance(value, float) and value > 0:
+                setattr(m, name, 0.0)
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            for name, value in cfg.to_dict().items():
+                if "dropout" in name.lower() and isinstance(value, float) and value > 0:
+                    setattr(cfg, name, 0.0)
+    return model
 
 
 def first_step_grad_params(model, adapters) -> dict[str, nn.Parameter]:
@@ -166,7 +180,7 @@ def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quant
 @torch.no_grad()
 def max_logit_gap_to_reference(model, input_ids, attention_mask) -> float:
     """max |logits with the active adapter − logits with adapters disabled| on a batch, in eval mode."""
-    with dropout_off(model):
+    with eval_mode(model):
         a = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         with adapters_disabled(model):
             b = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()

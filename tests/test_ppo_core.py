@@ -138,10 +138,13 @@ def test_length_shapers_count_content_tokens_not_eos():
     assert info.lengths.tolist() == [2.0, 3.0] and info.has_eos.tolist() == [True, False]
 
 
-def test_gradient_checkpointing_is_active_in_dropout_free_passes(tmp_path, tok):
-    """Every pass runs in eval mode (no dropout), yet checkpointing — which transformers gates on `training` — must
-    still recompute the decoder layers in the backward pass."""
-    tr = make(tmp_path, tok, max_steps=1, gradient_checkpointing=True)
+def test_gradient_checkpointing_recomputes_the_same_dropout_free_function(tmp_path, tok):
+    """With dropout in the base config and in LoRA, disable_dropout zeroes every rate, training passes stay in train
+    mode, and checkpointing — which transformers gates on `training` — recomputes the decoder layers in the backward
+    pass in the same mode as the forward."""
+    from rlhf_ext.testing import tiny_causal_lm
+
+    tr = make(tmp_path, tok, model=tiny_causal_lm(tok, attention_dropout=0.3), max_steps=1, gradient_checkpointing=True)
     layer = tr.policy.peft.get_base_model().model.layers[0]
     calls, mlp_forward = [], layer.mlp.forward
 
@@ -154,5 +157,30 @@ def test_gradient_checkpointing_is_active_in_dropout_free_passes(tmp_path, tok):
     calls.clear()
     logits, values = tr.policy(ro.ids, ro.mask, ro.R)
     (logits.logsumexp(-1).mean() + values.mean()).backward()
-    assert len(calls) == 2  # forward, then the recomputation during backward
-    assert not any(calls)  # and inside the layer everything ran in eval mode: no dropout
+    assert len(calls) == 2 and calls[0] == calls[1]  # forward, then the recomputation in the same mode
+    assert layer.self_attn.attention_dropout == 0.0
+    assert all(m.p == 0.0 for m in tr.policy.peft.modules() if isinstance(m, torch.nn.Dropout))
+    assert tr.startup["train_vs_eval"] == 0.0
+
+
+def test_train_only_behaviour_that_cannot_be_switched_off_is_refused(tmp_path, tok):
+    """Noise the trainer does not know how to switch off (here: jitter in training mode, as MoE routers have) would
+    make ratios and the KL guard inexact: refused at start-up, unless the user keeps it knowingly."""
+    from torch import nn
+
+    from rlhf_ext.testing import tiny_causal_lm
+
+    class Jitter(nn.Module):
+        def forward(self, x):
+            return x + 0.1 * torch.randn_like(x) if self.training else x
+
+    def jittery():
+        m = tiny_causal_lm(tok)
+        m.model.norm = nn.Sequential(m.model.norm, Jitter())
+        return m
+
+    with pytest.raises(ValueError, match="different logits in training mode than in eval mode"):
+        make(tmp_path, tok, model=jittery(), max_steps=1)
+    hist = make(tmp_path, tok, model=jittery(), max_steps=1, disable_dropout=False, kl_controller="hard",
+                kl_target=1.0).train()
+    assert hist[0]["kl/after_update"] <= 1.0

@@ -6,7 +6,8 @@ exact-KL measurements — so that they all agree:
   * log-probs come from the model's own forward (its LM head, biases, logit soft-capping, LoRA on `lm_head`
     included), only for the response positions (`logits_to_keep`), then divided by the temperature T — the very
     distribution `generate` samples from (checked at start-up);
-  * every pass runs without dropout (`adapters.dropout_off`), so ratios, values and the KL guard are exact;
+  * no dropout (`adapters.zero_dropout`, default): training passes equal eval-mode passes, so ratios, values and
+    the KL guard are exact; passes without a backward run in eval mode (`adapters.eval_mode`);
   * the reference disables adapters on the whole model, embeddings and LM head included;
   * with LoRA on the top layers only, the layers below run once per rollout (`prefix_cache.SplitTrunk`).
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import rl_math as F
-from ..adapters import active_adapter, adapters_disabled, dropout_off
+from ..adapters import active_adapter, adapters_disabled, eval_mode
 from ..data import pad_ids
 from ..models import trunk_of
 from ..prefix_cache import positions
@@ -93,8 +94,12 @@ class PolicyAndValue(nn.Module):
 
     # -- passes ---------------------------------------------------------------------------------------------------
     def _mode(self, training: bool):
-        """Dropout off for every pass, except training passes when the user kept dropout (`disable_dropout=False`)."""
-        return nullcontext() if training and not self.exact_training else dropout_off(self.peft)
+        """Training passes run in train mode (and leave the model there, so gradient checkpointing recomputes the
+        same function in the backward pass); the others in eval mode."""
+        if training:
+            self.peft.train()
+            return nullcontext()
+        return eval_mode(self.peft)
 
     def _lm(self, ids, mask, n_resp, h_low, want_hidden: bool):
         """The model's own forward → (logits/T, last hidden states) at the R states that predict the response."""
@@ -168,7 +173,7 @@ class PolicyAndValue(nn.Module):
         device = next(self.value_head.parameters()).device
         p_ids, p_mask = pad_ids([ids for _, ids in batch], tokenizer.pad_token_id, side="left", device=device)
         t0 = time.perf_counter()
-        with dropout_off(self.peft), (adapters_disabled(self.peft) if reference else nullcontext()):
+        with eval_mode(self.peft), (adapters_disabled(self.peft) if reference else nullcontext()):
             gen = self.peft.generate(input_ids=p_ids, attention_mask=p_mask,
                                      **self.generation_kwargs(tokenizer, max_new_tokens, top_p, stop_on_eos))
         gen_seconds = time.perf_counter() - t0
@@ -210,9 +215,17 @@ class PolicyAndValue(nn.Module):
         ref = self.logits(ids, mask, ids.shape[1] - 1, reference=True)
         m = mask[:, 1:].bool()
         out = {"init_vs_reference": float((pol[m] - ref[m]).abs().max())}
+        states = [(mod, mod.training) for mod in self.peft.modules()]
+        self.peft.train()  # what training passes compute: equal to eval mode once dropout is off
+        try:
+            trained = self._lm(ids, mask, ids.shape[1] - 1, None, want_hidden=False)[0]
+        finally:
+            for mod, t in states:
+                mod.training = t
+        out["train_vs_eval"] = float((trained[m] - pol[m]).abs().max())
         if top_p >= 1.0 and torch.isfinite(pol[m]).all():
             kw = self.generation_kwargs(tokenizer, 4, 1.0, False)
-            with dropout_off(self.peft):
+            with eval_mode(self.peft):
                 g = self.peft.generate(input_ids=ids, attention_mask=mask, output_scores=True,
                                        return_dict_in_generate=True, **kw)
             scores = torch.stack(g.scores, 1).float().log_softmax(-1)  # what was sampled from, per step

@@ -24,7 +24,8 @@ from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from .. import rl_math as F
-from ..adapters import adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable
+from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
+                        zero_dropout)
 from ..data import message_text
 from ..integrity import (CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest,
                          write_text_atomic)
@@ -162,6 +163,8 @@ class PPOTrainer(Trainer):
         if args.critic == "separate":
             torch.manual_seed(args.seed + 1)
             model.add_adapter(CRITIC, _critic_config(model, model.peft_config[self.policy_adapter]))
+        if args.disable_dropout:  # after every adapter exists: LoRA's own dropout modules included
+            zero_dropout(model)
         value_head = nn.Linear(hidden, 1)
         nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(value_head.bias)
@@ -273,6 +276,13 @@ class PPOTrainer(Trainer):
             if self.kl_ctl.enforce:
                 raise ValueError(msg + " The hard KL constraint needs π_θ0 = π_ref.")
             warnings.warn(msg)
+        if args.disable_dropout and not s["train_vs_eval"] <= 1e-5:
+            raise ValueError(
+                f"With dropout disabled, the model still computes different logits in training mode than in eval mode "
+                f"(max |Δ| = {s['train_vs_eval']:.3g}): it has train-only behaviour rlhf_ext could not switch off (a "
+                f"dropout it does not recognise, router noise in a mixture of experts, …). PPO's ratios and the KL "
+                f"guard would be inexact. Switch it off in the model's config, or set disable_dropout=False (training "
+                f"passes keep it; the KL guard still measures in eval mode).")
         if s.get("sampling_vs_training", 0.0) > 1e-3 or s.get("sampling_masked_tokens", 0):
             raise ValueError(
                 f"generate() samples from a different distribution than the one PPO trains (max |Δ log p| = "

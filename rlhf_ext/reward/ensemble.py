@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..adapters import active_adapter, dropout_off
+from ..adapters import active_adapter, eval_mode
 from ..data import pad_ids
 from ..models import trunk_of
 from ..rl_math import last_token_index
@@ -118,7 +118,7 @@ class RewardEnsemble(nn.Module):
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`forward` in eval mode (no dropout), whatever mode the model was in. → [B, K]"""
-        with dropout_off(self.model):
+        with eval_mode(self.model):
             return self(input_ids, attention_mask)
 
     def score_completions(self, prompts, completions, completion_ids=None, batch_size: int = 16, **kwargs):

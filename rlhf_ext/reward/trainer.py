@@ -21,7 +21,7 @@ from trl import RewardTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable
+from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, zero_dropout
 from ..data import message_text
 from ..models import base_reference, ensure_pad_token, is_quantized, load_model, load_tokenizer, model_fingerprint, trunk_of
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
@@ -174,6 +174,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             ens_mode = "heads" if mode == "heads" or K == 1 else "adapters"
         else:
             adapter_names, ens_mode = ["full"], "full"
+        if args.disable_dropout:  # TRL's flag; TRL zeroes nn.Dropout only, not functional attention dropout
+            zero_dropout(trunk)
         hidden, std = trunk.config.hidden_size, _head_std(trunk.config)
         device = next(trunk.parameters()).device
         heads = nn.ModuleDict()
