@@ -14,10 +14,10 @@ warm-up iteration of the same architecture, the tokenizer and the prompts alread
 `rlhf_ext.plan.estimate(..., device="cpu")`: what torch allocates at the peak, no allocator slack. The plan must
 agree within ±20 % for the mid and SmolLM2 sizes; the tiny Llama is dominated by fixed costs, listed for reference.
 
-glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit far above
-the live tensors (1.6–2× here); the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and go back
-to mmap), so RSS follows what torch holds — the CPU analogue of torch.cuda.max_memory_allocated. `--default-malloc`
-measures without it.
+glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit far
+above the live tensors (1.5–2× here); the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and
+go back to mmap), so RSS follows what torch holds — the CPU analogue of torch.cuda.max_memory_allocated.
+`--default-malloc` measures without it.
 """
 
 from __future__ import annotations

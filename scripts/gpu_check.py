@@ -387,12 +387,31 @@ def run_one(case: str, args) -> dict:
         res = run_case(shape, precision=precision, device=device, iterations=args.iterations, kl_target=args.delta,
                        learning_rate=args.learning_rate, measure="cuda" if device == "cuda" else "rss", **opts)
         plan = plan_for(shape, precision, device, **opts)
-        return summarize(case, shape_name, precision, opts, res, plan, args.delta, device)
+        row = summarize(case, shape_name, precision, opts, res, plan, args.delta, device)
+        if device == "cuda":
+            row["device"] = torch.cuda.get_device_name()
+            row["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return row
     except Exception as e:  # noqa: BLE001 — record it (OOM, kernel) for the table
         row = {"name": case, "status": f"error: {type(e).__name__}: {str(e)[:300]}", **opts}
         if device == "cuda":
             row["measured_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return row
+
+
+def run_isolated(case: str, args, flags: list[str], opts: dict, timeout: float) -> dict:
+    """`run_one` in a fresh `--worker` subprocess; its row, or an error row with the end of its stderr."""
+    row_file = Path(args.out).with_suffix(f".{case}.json")
+    try:
+        r = subprocess.run([sys.executable, __file__, "--worker", case, "--out", str(row_file), *flags],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 and row_file.is_file():
+            return json.loads(row_file.read_text())
+        return {"name": case, "status": f"error: worker exited {r.returncode}: {r.stderr[-600:]}", **opts}
+    except subprocess.TimeoutExpired:
+        return {"name": case, "status": "error: timed out", **opts}
+    finally:
+        row_file.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
@@ -440,16 +459,14 @@ def main(argv=None) -> int:
         return 4
     have_bnb = "bitsandbytes" in deps["versions"]
     only = set(args.only.split(",")) if args.only else None
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
-    result = {"status": "ok", "mode": device, "device": name, "versions": deps["versions"],
+    # the parent never touches the GPU (no CUDA context of its own next to the workers'); they report the device
+    result = {"status": "ok", "mode": device, "device": platform.processor() or "cpu", "versions": deps["versions"],
               "python": platform.python_version(), "delta": args.delta, "learning_rate": args.learning_rate,
               "iterations_per_case": args.iterations, "missing_optional": deps["missing"], "cases": []}
-    if device == "cuda":
-        result["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    else:
-        result["note"] = ("CPU mode checks the code path, not the memory model: at these tiny sizes the RSS delta is "
-                          "fixed costs (lazy imports, first-use buffers). benchmarks/memory_plan_check.py validates the "
-                          "plan on CPU.")
+    if device == "cpu":
+        result["note"] = ("CPU mode checks the code path, not the memory model: at these tiny sizes the RSS delta "
+                          "is fixed costs (lazy imports, first-use buffers). benchmarks/memory_plan_check.py "
+                          "validates the plan on CPU.")
     flags = ["--iterations", str(args.iterations), "--delta", str(args.delta), "--learning-rate",
              str(args.learning_rate)] + (["--cpu"] if args.cpu else [])
     for name, shape_name, batch, P, R, precisions in CPU_CASES if args.cpu else GPU_CASES:
@@ -466,24 +483,14 @@ def main(argv=None) -> int:
                 result["cases"].append({"name": case, "status": "skipped: time budget spent", **opts})
                 continue
             print(f"== {case}: {shape_name}, batch {batch}, {P}+{R} tokens", flush=True)
-            if not args.isolate:
+            if args.isolate:  # a fresh process per case: its peak memory is its own, an OOM or a crash stays there
+                row = run_isolated(case, args, flags, opts, timeout=left + 180)
+            else:
                 row = run_one(case, args)
-                result["cases"].append(row)
-                continue
-            # a fresh process per case: its peak memory is its own, and an OOM or a crash stays there
-            row_file = Path(args.out).with_suffix(f".{case}.json")
-            try:
-                r = subprocess.run([sys.executable, __file__, "--worker", case, "--out", str(row_file), *flags],
-                                   capture_output=True, text=True, timeout=left + 180)
-                if r.returncode == 0 and row_file.is_file():
-                    row = json.loads(row_file.read_text())
-                else:
-                    row = {"name": case, "status": f"error: worker exited {r.returncode}: {r.stderr[-600:]}", **opts}
-            except subprocess.TimeoutExpired:
-                row = {"name": case, "status": "error: timed out", **opts}
-            row_file.unlink(missing_ok=True)
             if row["status"] != "ok":
                 print(f"   {row['status']}", flush=True)
+            if "device" in row:
+                result["device"], result["gpu_memory_gib"] = row.pop("device"), row.pop("gpu_memory_gib")
             result["cases"].append(row)
             Path(args.out).write_text(json.dumps(result, indent=2))  # partial results survive a kill
     result["wall_s"] = time.perf_counter() - t0

@@ -138,16 +138,18 @@ def test_small_formulas_hand_computed():
 @pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
 def test_activation_formula_matches_saved_tensors(kind, dtype):
     """What autograd really saves in our training forward (saved_tensors_hooks, unique storages, parameters
-    excluded) against `training_activation_bytes`."""
+    excluded) against `training_activation_bytes`; dropout zeroed as PPOTrainer does (GPT-2's config has 0.1)."""
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
+    from rlhf_ext.adapters import zero_dropout
     from rlhf_ext.ppo.policy import PolicyAndValue
 
     shape = TINY if kind == "llama" else dict(TINY, model_type="gpt2", num_key_value_heads=4)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind == "llama" else ["c_attn", "attn.c_proj"]
     peft = get_peft_model(_model(shape).to(dtype), LoraConfig(r=16, lora_alpha=32, target_modules=targets,
                                                               lora_dropout=0.0, task_type="CAUSAL_LM"))
+    zero_dropout(peft)
     pv = PolicyAndValue(peft, nn.Linear(64, 1), "shared", 1.0)
     params = {p.untyped_storage().data_ptr() for p in list(peft.parameters()) + list(pv.value_head.parameters())}
     B, T, R = 3, 40, 8
