@@ -200,9 +200,13 @@ class PolicyAndValue(nn.Module):
     @staticmethod
     def sequence_kl(logits, ref_logprobs_full, resp_mask) -> torch.Tensor:
         """Exact KL(π‖π_ref) per sequence: Σ over response states of the full-vocabulary KL, in float64 (the sum of
-        many small terms is what the guard compares with δ). → [B]"""
-        kl = F.full_kl(logits.double().log_softmax(-1), ref_logprobs_full.double())
-        return (kl * resp_mask.double()).sum(1)
+        many small terms is what the guard compares with δ), one sequence at a time so the float64 temporaries are
+        [R, V], not [B, R, V] (at 7B scale the difference is several GB). → [B]"""
+        out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+        for b in range(logits.shape[0]):
+            kl = F.full_kl(logits[b].double().log_softmax(-1), ref_logprobs_full[b].double())
+            out[b] = (kl * resp_mask[b].double()).sum()
+        return out
 
     @torch.no_grad()
     def start_up_checks(self, tokenizer, prompts_ids: list[list[int]], top_p: float) -> dict:

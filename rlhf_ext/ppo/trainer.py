@@ -434,7 +434,8 @@ class PPOTrainer(Trainer):
         args, stats, acc = self.args, Counter(), {}
         t0 = time.perf_counter()
 
-        # 1. rollout: sample, score, reference
+        # 1. rollout: sample, score, reference (the previous rollout's tensors are released first)
+        self.rollout = None
         ro = self.rollout = self._rollout(self._next_prompts())
         B, m = ro.ids.shape[0], ro.loss_mask
 
@@ -448,6 +449,7 @@ class PPOTrainer(Trainer):
         old_logp, old_values = selective_log_softmax(out[0].detach(), ro.resp), out[1].detach()
         if self.kl_guard is not None:
             stats["kl/before_update"] = self._measure(ro, out[0])
+        del out  # the memo holds it until epoch 1 takes it; no longer than that
 
         # 3. rewards with the KL penalty → advantages
         kl_t, adv, returns = self._advantages(ro, old_logp, old_values)
@@ -471,6 +473,7 @@ class PPOTrainer(Trainer):
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
                                ("policy/entropy", entropy)):
                     acc.setdefault(k, []).append(float(val.detach()))
+                del logits, values, logp, loss  # [B, R, V] each: free before the next forward
             if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
                 kl = self._measure_for_next_epoch(ro, more_epochs=epoch < args.num_ppo_epochs - 1)
                 if not self.kl_guard.feasible(kl):
