@@ -530,6 +530,9 @@ def summarize(records) -> dict:
                 "gain": gain, "oracle_fraction": gain / o_gain if o_gain and o_gain > 0 else float("nan"),
                 "transfer_start": tr_pts[0]["transfer"]["gold"] if tr_pts else float("nan"),
                 "transfer_end": tr_pts[-1]["transfer"]["gold"] if tr_pts else float("nan"),
+                "transfer_sentiment_start": tr_pts[0]["transfer"].get("sentiment", float("nan")) if tr_pts else float("nan"),
+                "transfer_sentiment_end": tr_pts[-1]["transfer"].get("sentiment", float("nan")) if tr_pts else float("nan"),
+                "transfer_eos_end": tr_pts[-1]["transfer"]["eos"] if tr_pts else float("nan"),
                 "minutes": r["train_seconds"] / 60,
                 "length_alarm_at": min((a["iteration"] for a in r.get("alarms", []) if a["detector"] == "length_drift"),
                                        default=float("nan")),
@@ -547,8 +550,9 @@ def summarize(records) -> dict:
 def markdown_table(rows) -> str:
     order = [n for n in VARIANTS if n in rows]
     lines = ["| variant | seeds | best held-out gold | KL at best | final gold | drop peak→end | final length | "
-             "final EOS rate | gain / oracle's at that KL | transfer gold start → end | first length alarm | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final EOS rate | gain / oracle's at that KL | transfer gold start → end | transfer sentiment start → end | "
+             "first length alarm | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pm(r, k, fmt):
         s = format(r[k], fmt)
@@ -560,6 +564,7 @@ def markdown_table(rows) -> str:
                      f"{pm(r, 'final_gold', '+.3f')} | {pm(r, 'drop', '.3f')} | {pm(r, 'final_length', '.1f')} | "
                      f"{r['final_eos']:.2f} | {r['oracle_fraction']:.2f} | "
                      f"{r['transfer_start']:+.3f} → {r['transfer_end']:+.3f} | "
+                     f"{r['transfer_sentiment_start']:+.3f} → {r['transfer_sentiment_end']:+.3f} | "
                      f"{'—' if math.isnan(r['length_alarm_at']) else 'it ' + format(r['length_alarm_at'], '.0f')} | "
                      f"{r['minutes']:.0f} |")
     return "\n".join(lines)
