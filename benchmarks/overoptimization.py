@@ -200,11 +200,23 @@ class Run:
 
     def _point(self, iteration, policy, tok, heldout, transfer, proxy, gold, vader):
         st = self.st
-        p = {"iteration": iteration, "train_seconds": self.record["train_seconds"],
-             **evaluate(policy, tok, heldout, gold, vader, proxy, st["max_tokens"])}
-        if iteration % st["transfer_every"] == 0:
-            t = evaluate(policy, tok, transfer, gold, vader, proxy, st["max_tokens"])
-            p["transfer"] = {k: t[k] for k in ("gold", "sentiment", "vader", "kl", "length", "eos", "gold_se", "samples")}
+        # Iteration 0 is the reference policy itself (checked at start-up: π_θ0 = π_ref) evaluated with the same seed
+        # for every variant, so it is computed once per settings and reused.
+        cache = Path(self.args.workdir) / f"reference_point_{'quick' if self.args.quick else 'full'}.json"
+        if iteration == 0 and cache.is_file() and json.loads(cache.read_text())["settings"] == st:
+            p = {**json.loads(cache.read_text())["point"], "train_seconds": 0.0}
+        else:
+            p = {"iteration": iteration, "train_seconds": self.record["train_seconds"],
+                 **evaluate(policy, tok, heldout, gold, vader, proxy, st["max_tokens"])}
+            if iteration % st["transfer_every"] == 0:
+                t = evaluate(policy, tok, transfer, gold, vader, proxy, st["max_tokens"])
+                p["transfer"] = {k: t[k] for k in ("gold", "sentiment", "vader", "kl", "length", "eos", "gold_se",
+                                                   "samples")}
+            if iteration == 0:
+                from rlhf_ext.integrity import write_text_atomic
+
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(cache, json.dumps({"settings": st, "point": p}))
         self.record["points"] = [q for q in self.record["points"] if q["iteration"] < iteration] + [p]
         print(f"[{self.name} s{self.seed}] it {iteration:3d}  gold {p['gold']:+.3f}  vader {p['vader']:+.3f}  "
               f"proxy {p['proxy']:+.2f}  KL {max(p['kl'], 0.0):.2f}  len {p['length']:.1f}  eos {p['eos']:.2f}"
