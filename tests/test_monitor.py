@@ -129,3 +129,23 @@ def test_run_report(tmp_path, tok):
     assert "<script" not in page.lower()  # sample text is escaped, never markup
     with pytest.raises(FileNotFoundError, match="monitor/metrics.jsonl does not exist"):
         cli(["report", str(tmp_path)])
+
+
+def test_resume_keeps_monitor_logs_exact(tmp_path, tok):
+    """Killed after iteration 3 with a checkpoint at 2: the resumed run redoes iteration 3, and the monitor's logs
+    hold each iteration once."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 3
+
+    kw = dict(model=None, reward=longer_is_better, max_steps=5, max_completion_length=12, save_strategy="steps",
+              save_steps=2, monitor_detectors=["length_drift"])
+    make(tmp_path, tok, **{**kw, "model": eos_prone_model(tok)}, callbacks=[StopAt()]).train()
+    out = tmp_path / "ppo"
+    its = [json.loads(x)["iteration"] for x in (out / "monitor" / "metrics.jsonl").read_text().splitlines()]
+    assert its == [1, 2, 3]
+    make(tmp_path, tok, **{**kw, "model": eos_prone_model(tok)}).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    its = [json.loads(x)["iteration"] for x in (out / "monitor" / "metrics.jsonl").read_text().splitlines()]
+    assert its == [1, 2, 3, 4, 5]

@@ -52,6 +52,7 @@ class RewardHackingMonitor(TrainerCallback):
                 "detectors": {d.name: d.state_dict() for d in self.detectors}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.resumed_at = self.trainer.iteration  # set by the trainer before this is called
         self.reference, self.last_queued = state.get("reference", {}), state.get("last_queued", {})
         for d in self.detectors:
             if d.name in state.get("detectors", {}):
@@ -78,6 +79,8 @@ class RewardHackingMonitor(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.reference:
             self._measure_reference()
+        if self.writes and getattr(self, "resumed_at", None) is not None:
+            self._truncate_logs(self.resumed_at)
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
             a = self.trainer.args
@@ -87,6 +90,17 @@ class RewardHackingMonitor(TrainerCallback):
                    "detectors": [{"name": d.name, "threshold": d.threshold, "action": d.action,
                                   "direction": d.direction} for d in self.detectors]}
             (self.dir / "run.json").write_text(json.dumps(run, indent=1))
+
+    def _truncate_logs(self, iteration: int):
+        """A resumed run repeats the iterations after its checkpoint: drop what the killed run logged for them."""
+        from ..integrity import write_text_atomic
+        from .queue import read_jsonl
+
+        for name in ("metrics.jsonl", "alarms.jsonl", "samples.jsonl"):
+            path = self.dir / name
+            if path.is_file():
+                keep = [r for r in read_jsonl(path) if r.get("iteration", 0) <= iteration]
+                write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
     # -- every iteration --------------------------------------------------------------------------------------
     def on_step_end(self, args, state, control, **kwargs):
