@@ -397,8 +397,10 @@ def train_quick_rms(workdir: Path, model_path: str):
     rows = [{"prompt": [{"role": "user", "content": "write a short review of the movie ."}],
              "chosen": [{"role": "assistant", "content": f"the movie was {r.choice(pos)} ."}],
              "rejected": [{"role": "assistant", "content": f"the movie was {r.choice(neg)} ."}]} for _ in range(64)]
-    for name, extra in (("k1", {}), ("k4_heads", {"ensemble_size": 4}), ("k4_heads_decor", {"ensemble_size": 4,
-                        "length_decorrelation_coef": 0.2})):
+    for name, extra in (("k1", {}), ("k4_heads", {"ensemble_size": 4}),
+                        ("k4_heads_decor", {"ensemble_size": 4, "length_decorrelation_coef": 0.2}),
+                        ("k4_adapters", {"ensemble_size": 4, "ensemble_mode": "adapters"}),
+                        ("k1_decor", {"length_decorrelation_coef": 0.2}), ("k1_3ep", {})):
         out = workdir / "rms" / name
         if (out / "rlhf_ext_reward.json").is_file():
             continue
