@@ -98,6 +98,9 @@ class _ForwardMemo:
         value, self.key, self.value = self.value, None, None
         return value
 
+    def clear(self):
+        self.key, self.value = None, None
+
 
 # ----------------------------------------------------------------------------------------------- trainer
 class PPOTrainer(Trainer):
@@ -477,13 +480,13 @@ class PPOTrainer(Trainer):
             if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
                 kl = self._measure_for_next_epoch(ro, more_epochs=epoch < args.num_ppo_epochs - 1)
                 if not self.kl_guard.feasible(kl):
-                    self._memo.put(-1, None)
+                    self._memo.clear()
                     kl = self.kl_guard.enforce(before, kl, lambda: self._measure(ro), stats)
                     self.version += 1
                     stats["kl/after_update"] = kl
                     break
                 stats["kl/after_update"] = kl
-        self._memo.put(-1, None)
+        self._memo.clear()
         if self.kl_guard is None and args.log_kl_after_update:
             stats["kl/after_update"] = self._measure(ro)
 
