@@ -118,6 +118,99 @@ SCORING = {
 }
 
 
+class PhaseMeter:
+    """Peak RSS per phase of the plan, in one run: at every phase boundary VmHWM is read (the peak since the last
+    boundary, charged to the phase that was running) and reset. Boundaries are the trainer's own calls, wrapped in
+    this worker process only:
+
+      generation      PolicyAndValue.generate in PPOTrainer._rollout
+      reward scoring  RewardPipeline.score in _rollout
+      reference pass  PolicyAndValue.lower / .logits(reference=True) to the end of _rollout (the log-softmax too)
+      training step   the rest of PPOTrainer._iteration: θ_old and training forwards, losses, backward, steps
+      exact-KL check  PolicyAndValue.sequence_kl and the no-grad forward before it (.logits) inside _iteration
+      monitor         RewardHackingMonitor._queue (only when a 'queue' detector fires), everything inside it
+      setup / between model build, start-up checks, the monitor's reference measurement; the rest of the loop
+    """
+
+    ROLLOUT = {"generate": "generation", "score": "reward scoring", "lower": "reference pass"}
+
+    def __init__(self):
+        self.base, self.label, self.peaks = None, "setup", {}
+
+    def start(self, base_rss: int) -> None:
+        from gpu_check import reset_peak_rss
+
+        self.base = base_rss
+        reset_peak_rss()
+
+    def mark(self, label: str) -> None:
+        from gpu_check import reset_peak_rss, rss_bytes
+
+        if self.base is not None:
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), rss_bytes("VmHWM") - self.base)
+            reset_peak_rss()
+        self.label = label
+
+    def _wrap(self, owner, name, label_of, restore: bool, static: bool = False):
+        import functools
+
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def wrapped(*args, **kwargs):
+            prev = self.label
+            new = prev if prev == "monitor" else label_of(prev, args, kwargs)
+            if new != prev:
+                self.mark(new)
+            try:
+                return f(*args, **kwargs)
+            finally:
+                if restore and self.label != prev:
+                    self.mark(prev)
+
+        setattr(owner, name, staticmethod(wrapped) if static else wrapped)
+
+    def install(self) -> None:
+        from rlhf_ext.monitor.monitor import RewardHackingMonitor
+        from rlhf_ext.ppo.policy import PolicyAndValue
+        from rlhf_ext.ppo.trainer import PPOTrainer
+        from rlhf_ext.reward.pipeline import RewardPipeline
+
+        in_iteration = lambda prev: prev not in ("setup", "between iterations")  # noqa: E731
+        self._wrap(PPOTrainer, "_iteration", lambda *_: "training step", restore=False)
+        self._wrap(PPOTrainer, "_rollout", lambda *_: "generation", restore=False)
+        self._wrap(PolicyAndValue, "generate", lambda p, a, k: "generation" if in_iteration(p) else p, restore=False)
+        self._wrap(RewardPipeline, "score", lambda p, a, k: "reward scoring" if in_iteration(p) else p, restore=False)
+        self._wrap(PolicyAndValue, "lower", lambda p, a, k: "reference pass" if in_iteration(p) else p, restore=False)
+        self._wrap(PolicyAndValue, "logits",
+                   lambda p, a, k: p if not in_iteration(p) else "reference pass" if k.get("reference") else
+                   "exact-KL check", restore=False)
+        self._wrap(PolicyAndValue, "forward", lambda p, a, k: "training step" if in_iteration(p) else p, restore=False)
+        self._wrap(PolicyAndValue, "sequence_kl", lambda p, a, k: "exact-KL check" if in_iteration(p) else p,
+                   restore=True, static=True)
+        self._wrap(RewardHackingMonitor, "_queue", lambda *_: "monitor", restore=True)
+        # after _rollout the iteration goes on in "training step"; after _iteration, "between iterations"
+        rollout, iteration = PPOTrainer._rollout, PPOTrainer._iteration
+
+        def _rollout(trainer, *a, **k):
+            try:
+                return rollout(trainer, *a, **k)
+            finally:
+                self.mark("training step")
+
+        def _iteration(trainer, *a, **k):
+            try:
+                return iteration(trainer, *a, **k)
+            finally:
+                self.mark("between iterations")
+
+        PPOTrainer._rollout, PPOTrainer._iteration = _rollout, _iteration
+
+    def finish(self) -> dict:
+        self.mark("end")
+        return dict(self.peaks)
+
+
 def worker(name: str, iterations: int) -> dict:
     from gpu_check import plan_for, run_case
 
@@ -135,10 +228,15 @@ def worker(name: str, iterations: int) -> dict:
                 vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     run_case(tiny, precision="fp32", device="cpu", iterations=1, batch=2, prompt_length=4, completion_length=4,
              ppo_epochs=2, minibatches=1, gradient_checkpointing=opts.get("gradient_checkpointing", False))
-    res = run_case(shape, precision=precision, device="cpu", iterations=iterations, measure="rss", **opts)
+    meter = PhaseMeter()
+    meter.install()
+    res = run_case(shape, precision=precision, device="cpu", iterations=iterations, measure="rss",
+                   on_baseline=meter.start, **opts)
+    measured_phases = meter.finish()  # the meter resets VmHWM: the whole-run peak is the largest phase's
     plan = plan_for(shape, precision, "cpu", **opts)
-    return {"name": name, "measured": res["peak_rss_delta"], "planned": plan["peak_allocated"],
-            "peak_phase": plan["peak_phase"], "phases": {k: v["total"] for k, v in plan["phases"].items()},
+    return {"name": name, "measured": max(measured_phases.values()), "planned": plan["peak_allocated"],
+            "peak_phase": plan["peak_phase"], "measured_peak_phase": max(measured_phases, key=measured_phases.get),
+            "phases": {k: v["total"] for k, v in plan["phases"].items()}, "measured_phases": measured_phases,
             "parts": plan["phases"][plan["peak_phase"]]["parts"], "iteration_s": res["iterations"][-1]["iteration_s"],
             "kl_after_update": [i["kl_after_update"] for i in res["iterations"]]}
 
@@ -169,7 +267,8 @@ def main():
         row = json.loads(Path(out).read_text())
         rows.append(row)
         print(f"{name:20s} measured {row['measured'] / 2**20:8.1f} MiB  planned {row['planned'] / 2**20:8.1f} MiB  "
-              f"ratio {row['measured'] / row['planned']:.3f}  (peak phase: {row['peak_phase']})", flush=True)
+              f"ratio {row['measured'] / row['planned']:.3f}  (peak phase: {row['peak_phase']}; measured: "
+              f"{row.get('measured_peak_phase', row['peak_phase'])})", flush=True)
     print(f"\n{'configuration':20s} {'measured MiB':>12s} {'planned MiB':>12s} {'ratio':>6s}  {'within ±20%':>11s}  "
           f"peak phase; largest parts at the peak (MiB)")
     ok = True
@@ -182,6 +281,18 @@ def main():
         print(f"{row['name']:20s} {row['measured'] / 2**20:12.1f} {row['planned'] / 2**20:12.1f} {ratio:6.3f}  "
               f"{('yes' if good else 'NO') if judged else '(n/a)':>11s}  {row['peak_phase']}; "
               + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in parts))
+    # each phase on its own: its measured peak (PhaseMeter) against the plan's phase total
+    phase_names = ["generation", "reward scoring", "reference pass", "training step", "exact-KL check", "monitor"]
+    print(f"\nper phase, measured / planned (MiB; '-' = not run, e.g. the monitor's review queue when no detector "
+          f"fired):\n{'configuration':20s} " + " ".join(f"{p:>20s}" for p in phase_names))
+    for row in rows:
+        if "measured_phases" not in row:
+            continue
+        cells = []
+        for p in phase_names:
+            m, pl = row["measured_phases"].get(p), row["phases"].get(p)
+            cells.append(f"{m / 2**20:6.0f}/{pl / 2**20:<6.0f}{m / pl:6.2f}" if m and pl else f"{'-':>20s}")
+        print(f"{row['name']:20s} " + " ".join(f"{c:>20s}" for c in cells))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
     return 0 if ok else 1

@@ -8,18 +8,23 @@
 No weights are read: a local folder's (or a path's) config.json, `transformers.AutoConfig` for Hub ids (online
 only), or a shape shipped in `rlhf_ext/plan_shapes/*.json`.
 
-What the plan counts is what the trainer holds (ppo/trainer.py, ppo/policy.py), phase by phase, in steady state
-(iteration ≥ 2, so the previous rollout — kept on the trainer for monitors — is still alive while the next one is
-sampled). Notation: B prompts per iteration, P prompt and R completion tokens (T = P + R), V vocabulary, H hidden,
-I MLP width, L layers (L_t of them trained: all, or the top `--lora-top-layers`), n_h / n_kv attention / KV heads of
-size d, a = bytes of an activation (2 in bf16/fp16; 4 in fp32 *and on a 4-bit base*, whose non-quantised parts PEFT's
-`prepare_model_for_kbit_training` upcasts to fp32, so the hidden states, the KV cache and the logits are fp32 too).
+What the plan counts is what the trainer holds (ppo/trainer.py, ppo/policy.py, monitor/monitor.py), phase by
+phase; every iteration is alike (the previous rollout is released before the next one is sampled). Notation: B prompts
+per iteration, b = B / minibatches rows per training forward, P prompt and R completion tokens (T = P + R), V
+vocabulary, H hidden, I MLP width, L layers (L_t of them trained: all, or the top `--lora-top-layers`), n_h / n_kv
+attention / KV heads of size d, a = bytes of an activation (2 in bf16/fp16; 4 in fp32 *and on a 4-bit base*, whose
+non-quantised parts PEFT's `prepare_model_for_kbit_training` upcasts to fp32, so the hidden states, the KV cache and
+the logits are fp32 too). "logits" = one [B, R, V] fp32 tensor (4·B·R·V).
 
-  generation     weights + trainable state + previous rollout (4·B·R·V reference log-softmax) + KV cache + prefill
+  generation     weights + trainable state + KV cache + prefill (nothing of the previous rollout is alive)
   reward scoring weights + … + K reward members scoring min(16, B) texts (× K in adapters mode, one mixed batch)
   reference pass the reference's logits at the response positions, z/T in fp32, and their full log-softmax [B, R, V]
-  training step  saved activations of the training forward + the policy's fp32 logits + the backward's transients
-  exact-KL check (hard controller) Σ_v p (log p − log p_ref) in float64 over [B, R, V]: 5 float64 copies at once
+  training step  saved activations of the training forward + ONE policy logits tensor (each step's are freed before
+                 the next forward; with one minibatch the θ_old forward is epoch 1's and is freed by it) + the
+                 backward's transients (the logits' gradient, twice its size at once)
+  exact-KL check (hard controller) Σ_v p (log p − log p_ref) in float64, one sequence at a time: 5 × [R, V] float64
+  monitor        between iterations, while this iteration's rollout is still alive: the reward-hacking monitor's
+                 review queue samples, scores and measures the KL of ≤ `monitor_max_queue` (2) prompts
 
 Each formula is a small function below, with its derivation in the docstring; `estimate()` puts them together and
 returns bytes per component and per phase, `largest_batch()` searches the batch. The numbers were checked against
@@ -47,7 +52,7 @@ REWARD_SCORING_BATCH = 16  # RewardEnsemble.score_completions(batch_size=16)
 TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                   "down_proj": "down", "c_attn": "qkv", "c_fc": "up", "c_proj": "o"}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
-PHASES = ("generation", "reward scoring", "reference pass", "training step", "exact-KL check")
+PHASES = ("generation", "reward scoring", "reference pass", "training step", "exact-KL check", "monitor")
 SHAPES_DIR = Path(__file__).resolve().parent / "plan_shapes"
 
 
@@ -301,17 +306,27 @@ def training_activation_bytes(shape: dict, rows: int, seq_len: int, *, targets, 
 
 def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int,
                              load_in_4bit: bool = False) -> int:
-    """What the backward adds on top of the saved activations, at its worst: the larger of
-    - the gradient reaching the logits (selective_log_softmax's gather + per-row logsumexp, accumulated into one
-      [rows, R, V] fp32 tensor): 4·rows·R·V, at the start, when every activation is still alive;
+    """What the backward adds on top of the saved activations and the policy logits, at its worst: the larger of
+    - the logits' gradient, twice its size at once: 8·rows·R·V. On CPU (and without TRL's triton kernel) it arrives
+      in two [rows, R, V] fp32 halves, selective_log_softmax's gather and its per-row logsumexp (stacked by
+      UnbindBackward from per-row gradients), summed into the logits' buffer; with the kernel it is one tensor, but
+      the division by the temperature (z/T) then makes a second one while the first is alive. Measured on CPU (fp32,
+      benchmarks/memory_plan_check.py): 2.0–2.1 × 4·rows·R·V above the logits themselves.
     - the top layer's MLP backward, whose input gradients (3 of width I; 4 for GPT-2's gelu) exist before the
       saved tensors they replace are released: m·a·I per token.
-    Further down, each layer's transients are offset by the activations already released above it. (Measured on
-    CPU: 0.9–1.0 × this bound.) On a 4-bit base, + the weight bitsandbytes dequantises to bf16 for the input
-    gradient (2·H·I for the largest)."""
+    Further down, each layer's transients are offset by the activations already released above it. On a 4-bit base,
+    + the weight bitsandbytes dequantises to bf16 for the input gradient (2·H·I for the largest)."""
     H, I = shape["hidden_size"], shape["intermediate_size"]
     mlp = (4 if is_gpt2(shape) else 3) * a * I * rows * seq_len
-    return int(max(4 * rows * resp_len * shape["vocab_size"], mlp) + (2 * H * I if load_in_4bit else 0))
+    return int(max(8 * rows * resp_len * shape["vocab_size"], mlp) + (2 * H * I if load_in_4bit else 0))
+
+
+def loss_transient_bytes(rows: int, resp_len: int, vocab: int) -> int:
+    """Between the training forward and its backward, the PPO loss: TRL's `entropy_from_logits` (a statistic, no
+    grad at ent_coef = 0) works through 128 rows of [rows·R, V] at a time — log_softmax, exp and their product, fp32:
+    12·min(128, rows·R)·V. (selective_log_softmax's per-row logsumexp temporaries are smaller; TRL's triton kernel on
+    GPU makes both [rows, R]-sized, so this is an upper bound there.)"""
+    return int(12 * min(128, rows * resp_len) * vocab)
 
 
 def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, load_in_4bit: bool = False,
@@ -343,10 +358,11 @@ def logits_bytes(rows: int, resp_len: int, vocab: int) -> int:
     return int(4 * rows * resp_len * vocab)
 
 
-def exact_kl_bytes(batch: int, resp_len: int, vocab: int) -> int:
-    """`PolicyAndValue.sequence_kl` in float64 over the whole batch: log_softmax(z.double()), ref.double(), p = exp,
-    log p − log p_ref and their product are alive together: 5 · 8·B·R·V = 40·B·R·V bytes."""
-    return int(40 * batch * resp_len * vocab)
+def exact_kl_bytes(resp_len: int, vocab: int) -> int:
+    """`PolicyAndValue.sequence_kl` works one sequence at a time in float64: log_softmax(z[b].double()), ref[b].double(),
+    p = exp, log p − log p_ref and their product are alive together: 5 · 8·R·V = 40·R·V bytes, whatever the batch
+    (the [B] result is negligible)."""
+    return int(40 * resp_len * vocab)
 
 
 def forward_logits_bytes(rows: int, resp_len: int, vocab: int, logit_bytes: int) -> int:
@@ -388,8 +404,13 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
              minibatches: int = 1, ppo_epochs: int = 4, dtype: str = "bf16", load_in_4bit: bool = False,
              lora_r: int = 16, lora_targets=("q", "k", "v", "o"), lora_top_layers: int = 0,
              gradient_checkpointing: bool = False, critic: str = "shared", ensemble: int = 0,
-             ensemble_mode: str = "heads", kl_controller: str = "hard", device: str = "cuda") -> dict:
+             ensemble_mode: str = "heads", kl_controller: str = "hard", monitor_max_queue: int = 2,
+             device: str = "cuda") -> dict:
     """Peak memory of a PPO iteration: bytes per component, per phase, the peak phase and the overhead.
+
+    Each phase is the largest of its "moments" — what is alive at one point of PPOTrainer._iteration (or of the
+    monitor's review queue after it), read off the code; `monitor_max_queue` = PPOConfig.monitor_max_queue (0: no
+    monitor, or no detector with the 'queue' action).
 
     Returns {"components": {name: bytes}, "phases": {phase: {"total": bytes, "parts": {name: bytes}}},
     "peak_phase", "peak_allocated" (what torch allocates at the peak; compare with torch.cuda.max_memory_allocated
@@ -427,10 +448,9 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
     rewards = reward_member_bytes(shape, ensemble, ensemble_mode, lora_r, targets)
 
     # per-rollout tensors
-    logit = logits_bytes(B, R, V)
-    ref_full = logit if exact else 0
-    h_low = B * T * H * a if cache else 0
-    prev_rollout = ref_full + h_low  # the previous iteration's Rollout (self.rollout) until the new one is assigned
+    logit = logits_bytes(B, R, V)  # one [B, R, V] fp32 policy logits tensor (z/T)
+    ref_full = logit if exact else 0  # Rollout.ref_logprobs_full, alive from the reference pass to the next rollout
+    h_low = B * T * H * a if cache else 0  # Rollout.h_low
     act = lambda rows: training_activation_bytes(shape, rows, T, targets=targets, r=lora_r, a=a,  # noqa: E731
                                                  trained_layers=L_t, checkpointing=gradient_checkpointing,
                                                  critic=critic)
@@ -439,8 +459,11 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
     act_ckpt = training_activation_bytes(shape, b, T, targets=targets, r=lora_r, a=a, trained_layers=L_t,
                                          checkpointing=True, critic=critic)
     nograd = lambda rows, t: inference_working_bytes(shape, rows, t, a=a, load_in_4bit=load_in_4bit)  # noqa: E731
+    fwd = lambda rows: forward_logits_bytes(rows, R, V, a)  # noqa: E731
+    backward = lambda rows: backward_transient_bytes(shape, rows, T, R, a=a, load_in_4bit=load_in_4bit)  # noqa: E731
+    gen_ws = lambda rows: max(nograd(rows, P), 2 * L * nkv * d * T * rows * a // L) + 16 * rows * V  # noqa: E731
     kv = kv_cache_bytes(shape, B, T, a)
-    kl_tmp = exact_kl_bytes(B, R, V) if exact else 0
+    kl_tmp = exact_kl_bytes(R, V) if exact else 0
 
     phases: dict[str, dict] = {}
 
@@ -451,50 +474,59 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
             phases[phase] = {"total": total, "parts": parts}
 
     common = dict(base_weights=weights["total"], trainable=trained["total"], reward_members=rewards)
-    # 1. sampling: KV cache of B × (P + R) + the prefill's working set + per-step sampling logits (fp32, ×4 copies)
-    moment("generation", **common, previous_rollout=prev_rollout, kv_cache=kv,
-           working_set=max(nograd(B, P), 2 * L * nkv * d * T * B * a // L) + 16 * B * V)
+    # 1. sampling (`self.rollout = None` first: nothing of the previous rollout is alive): KV cache of B × (P + R)
+    #    + the prefill's working set + per-step sampling logits (fp32, ×4 copies)
+    moment("generation", **common, kv_cache=kv, working_set=gen_ws(B))
     # 2. rewards from members on the shared base (Python callables: nothing)
-    moment("reward scoring", **common, previous_rollout=prev_rollout,
+    moment("reward scoring", **common,
            reward_scoring=reward_scoring_bytes(shape, B, T, ensemble, ensemble_mode, a=a, load_in_4bit=load_in_4bit))
-    # 3. reference pass (+ the frozen-prefix cache's lower pass): logits → z/T → full log-softmax
-    moment("reference pass", **common, previous_rollout=prev_rollout, prefix_cache=h_low, working_set=nograd(B, T))
-    moment("reference pass", **common, previous_rollout=prev_rollout, prefix_cache=h_low,
-           working_set=forward_logits_bytes(B, R, V, a))
-    moment("reference pass", **common, previous_rollout=prev_rollout, prefix_cache=h_low, policy_logits=logit,
-           reference_logsoftmax=ref_full)
+    # 3. reference pass (+ the frozen-prefix cache's lower pass): logits → z/T → full log-softmax (ref_logits is
+    #    freed when _rollout returns)
+    moment("reference pass", **common, prefix_cache=h_low, working_set=nograd(B, T))
+    moment("reference pass", **common, prefix_cache=h_low, working_set=fwd(B))
+    moment("reference pass", **common, prefix_cache=h_low, policy_logits=logit, reference_logsoftmax=ref_full)
     held = dict(**common, prefix_cache=h_low, reference_logsoftmax=ref_full)
+    no_grad_forward = max(nograd(B, T), fwd(B))  # a no-grad full-batch forward of the policy, up to its logits
     if memo:
-        # θ_old forward with gradients = epoch 1's training forward (memo); `out` keeps its logits all iteration
-        moment("training step", **held, activations=act(B), working_set=forward_logits_bytes(B, R, V, a))
-        live = 1 if E == 1 else 2  # from epoch 2 on, `logits` is that epoch's while `out` still holds epoch 1's
-        if E >= 2:
-            moment("training step", **held, activations=act(B), policy_logits=logit,
-                   working_set=forward_logits_bytes(B, R, V, a))
-        moment("training step", **held, activations=act(B), policy_logits=live * logit,
-               working_set=backward_transient_bytes(shape, B, T, R, a=a, load_in_4bit=load_in_4bit))
+        # θ_old forward with gradients = epoch 1's training forward (memo; `del out` leaves the memo the only
+        # holder, and epoch 1 takes it). After each epoch but the last, the forward that measures the KL is the next
+        # epoch's, memoised the same way. Each step's logits are deleted before the next forward: one alive at a time.
+        moment("training step", **held, activations=act(B), working_set=fwd(B))
+        moment("training step", **held, activations=act(B), policy_logits=logit,
+               working_set=loss_transient_bytes(B, R, V))
+        moment("training step", **held, activations=act(B), policy_logits=logit, working_set=backward(B))
         if exact:  # kl/before_update on the θ_old forward, then after each epoch on the next epoch's forward
             moment("exact-KL check", **held, activations=act(B), policy_logits=logit, exact_kl=kl_tmp)
-            if E >= 2:
-                moment("exact-KL check", **held, activations=act(B), policy_logits=(3 if E >= 3 else 2) * logit,
-                       exact_kl=kl_tmp)
-            # after the last epoch (and in the guard's backtracking): a no-grad forward, then its KL
-            moment("exact-KL check", **held, policy_logits=(1 if E == 1 else 2) * logit,
-                   working_set=max(nograd(B, T), forward_logits_bytes(B, R, V, a)))
-            moment("exact-KL check", **held, policy_logits=(2 if E == 1 else 3) * logit, exact_kl=kl_tmp)
     else:
-        # θ_old pass without gradients over the whole batch (its logits stay in `out`), then minibatches of b rows
-        moment("training step", **held, working_set=max(nograd(B, T), forward_logits_bytes(B, R, V, a)))
-        mb_logits = logits_bytes(b, R, V)
-        moment("training step", **held, policy_logits=logit + mb_logits, activations=act(b),
-               working_set=forward_logits_bytes(b, R, V, a))
-        moment("training step", **held, policy_logits=logit + mb_logits, activations=act(b),
-               working_set=backward_transient_bytes(shape, b, T, R, a=a, load_in_4bit=load_in_4bit))
-        if exact:  # on `out`'s logits, then after each epoch a no-grad full-batch forward
+        # θ_old pass without gradients over the whole batch; `del out` frees its logits once old_logp (and
+        # kl/before_update) are taken; then minibatches of b rows, each step's logits deleted before the next forward
+        moment("training step", **held, working_set=no_grad_forward)
+        mb_logit = logits_bytes(b, R, V)
+        h_rows = b * T * H * a if cache else 0  # ro.h_low[idx]: the minibatch's rows of the prefix cache, copied
+        moment("training step", **held, activations=act(b), working_set=fwd(b) + h_rows)
+        moment("training step", **held, activations=act(b), policy_logits=mb_logit,
+               working_set=loss_transient_bytes(b, R, V) + h_rows)
+        moment("training step", **held, activations=act(b), policy_logits=mb_logit, working_set=backward(b) + h_rows)
+        if exact:  # kl/before_update on `out`'s logits
             moment("exact-KL check", **held, policy_logits=logit, exact_kl=kl_tmp)
-            moment("exact-KL check", **held, policy_logits=logit + mb_logits,
-                   working_set=max(nograd(B, T), forward_logits_bytes(B, R, V, a)))
-            moment("exact-KL check", **held, policy_logits=2 * logit + mb_logits, exact_kl=kl_tmp)
+    if exact:  # after the last epoch (every epoch without the memo), and in the guard's backtracking: a no-grad
+        # full-batch forward, then the KL on its logits
+        moment("exact-KL check", **held, working_set=no_grad_forward)
+        moment("exact-KL check", **held, policy_logits=logit, exact_kl=kl_tmp)
+    # 6. between iterations the monitor's review queue (when a 'queue' detector fires): self.rollout (its reference
+    #    log-softmax and prefix cache) is alive while q ≤ monitor_max_queue prompts are sampled from π_ref, scored,
+    #    and their KL measured — the policy's and the reference's logits of q rows, then sequence_kl
+    q = min(monitor_max_queue, B)
+    if q > 0:
+        rollout = dict(**common, prefix_cache=h_low, reference_logsoftmax=ref_full)
+        h_q = q * T * H * a if cache else 0  # ro.h_low[rows], copied for each of the two forwards
+        moment("monitor", **rollout, kv_cache=kv_cache_bytes(shape, q, T, a), working_set=gen_ws(q))
+        moment("monitor", **rollout, working_set=reward_scoring_bytes(shape, q, T, ensemble, ensemble_mode, a=a,
+                                                                       load_in_4bit=load_in_4bit))
+        moment("monitor", **rollout, working_set=max(nograd(q, T), fwd(q)) + h_q)
+        moment("monitor", **rollout, policy_logits=logits_bytes(q, R, V), working_set=fwd(q) + h_q)
+        moment("monitor", **rollout, policy_logits=3 * logits_bytes(q, R, V))
+        moment("monitor", **rollout, policy_logits=2 * logits_bytes(q, R, V), exact_kl=exact_kl_bytes(R, V))
 
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
     peak_allocated = phases[peak_phase]["total"]
@@ -517,7 +549,8 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         "options": dict(batch=B, prompt_length=P, completion_length=R, minibatches=M, ppo_epochs=E, dtype=dtype,
                         load_in_4bit=load_in_4bit, lora_r=lora_r, lora_targets=list(targets),
                         lora_top_layers=top, gradient_checkpointing=gradient_checkpointing, critic=critic,
-                        ensemble=ensemble, ensemble_mode=ensemble_mode, kl_controller=kl_controller, device=device),
+                        ensemble=ensemble, ensemble_mode=ensemble_mode, kl_controller=kl_controller,
+                        monitor_max_queue=monitor_max_queue, device=device),
     }
 
 
@@ -588,17 +621,19 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
          f"{est['activations_checkpointing'] / GiB:.2f} GiB, without: "
          f"{est['activations_no_checkpointing'] / GiB:.2f} GiB"
          f" ({o['batch'] // o['minibatches']} rows)"),
-        ("policy logits [B,R,V] fp32 (each)", "policy_logits", "z/T at the response positions; up to 3 alive at once"),
+        ("policy logits [B,R,V] fp32", "policy_logits", "z/T at the response positions; one alive at a time (b rows "
+                                                         "in a minibatch step)"),
         ("reference log-softmax [B,R,V] fp32 (kept)", "reference_logsoftmax", "for the exact KL (hard controller)"),
-        ("exact-KL float64 temporaries", "exact_kl", "5 × [B,R,V] float64 in PolicyAndValue.sequence_kl"),
+        ("exact-KL float64 temporaries", "exact_kl", "5 × [R,V] float64, one sequence at a time "
+                                                     "(PolicyAndValue.sequence_kl)"),
         ("frozen-prefix cache", "prefix_cache", "hidden state below the adapted layers, [B,P+R,H]"),
     ]
     for label, key, note in rows:
         held = at_peak.get(key, 0) if key != "policy_logits" else at_peak.get("policy_logits", 0)
         lines.append(f"{label:46s} {_gib(c[key])} {_gib(held) if held else '       -'}  {note}")
-    ws = at_peak.get("working_set", 0) + at_peak.get("previous_rollout", 0)
-    lines.append(f"{'working set + previous rollout (at the peak)':46s} {'':8s} {_gib(ws) if ws else '       -'}  "
-                 f"transients of the peak phase; the previous Rollout's reference log-softmax")
+    ws = at_peak.get("working_set", 0)
+    lines.append(f"{'working set (at the peak)':46s} {'':8s} {_gib(ws) if ws else '       -'}  "
+                 f"transients of the peak moment: a forward's logits, the backward's logit gradient, …")
     oh = "CUDA context 0.5 GiB + 10 % allocator slack" if o["device"] != "cpu" else "CPU: none counted"
     lines.append(f"{'CUDA context + allocator overhead':46s} {_gib(est['overhead'])} {_gib(est['overhead'])}  {oh}")
     lines += ["", f"{'phase (incl. overhead)':22s} {'GiB':>8s}"]
@@ -612,9 +647,16 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
                  f"{est['overhead'] / GiB:.2f} GiB overhead) in the {est['peak_phase']} phase")
     biggest = max(at_peak, key=at_peak.get)
     if biggest == "exact_kl":
-        lines.append("note: the exact-KL check dominates — PolicyAndValue.sequence_kl holds 5 float64 [B,R,V] "
-                     "tensors for the whole batch at once (minibatches do not shrink it); lower --batch or "
-                     "--completion-length, or use a controller other than hard (no exact KL)")
+        lines.append("note: the exact-KL check's float64 temporaries dominate — PolicyAndValue.sequence_kl holds 5 "
+                     "float64 [R,V] tensors of one sequence; lower --completion-length, or use a controller other "
+                     "than hard (no exact KL)")
+    elif est["peak_phase"] == "exact-KL check" and o["minibatches"] > 1:
+        lines.append("note: the exact-KL check is the peak — the full batch's [B,R,V] logits (no-grad θ_old pass, "
+                     "KL measurements) outgrow a minibatch's training step; a controller other than hard avoids "
+                     "the reference log-softmax and these measurements")
+    elif est["peak_phase"] == "monitor":
+        lines.append("note: the monitor's review queue is the peak (between iterations, with the rollout alive); "
+                     "--monitor-max-queue 0 plans without it (PPOConfig.monitor_max_queue / monitor=False)")
     elif biggest == "activations" and not o["gradient_checkpointing"]:
         lines.append("note: activations dominate — --gradient-checkpointing, more --minibatches or --lora-top-layers "
                      "shrink them")
@@ -648,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-top-layers", type=int, default=0, help="LoRA on the top N layers only (0: all)")
     ap.add_argument("--kl-controller", default="hard", help="hard keeps the reference log-softmax and measures the "
                     "exact KL; other controllers do neither")
+    ap.add_argument("--monitor-max-queue", type=int, default=2, help="PPOConfig.monitor_max_queue: prompts the "
+                    "reward-hacking monitor samples and measures for its review queue (0: monitor off)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
@@ -662,7 +706,8 @@ def main(argv=None) -> int:
                        load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_targets=args.lora_targets,
                        lora_top_layers=args.lora_top_layers, gradient_checkpointing=args.gradient_checkpointing,
                        critic=args.critic, ensemble=args.ensemble, ensemble_mode=args.ensemble_mode,
-                       kl_controller=args.kl_controller, device=args.device)
+                       kl_controller=args.kl_controller, monitor_max_queue=args.monitor_max_queue,
+                       device=args.device)
         gpu = args.gpu_memory * GiB if args.gpu_memory else None
         best = largest_batch(shape, gpu, **options) if gpu else None
         batch = args.batch or max(best or 0, args.minibatches)

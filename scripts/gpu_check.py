@@ -278,11 +278,12 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
              iterations: int = 3, ppo_epochs: int = 4, minibatches: int = 1, kl_target: float = 1.0,
              learning_rate: float = 1e-4, lora_r: int = 16, targets=("q", "k", "v", "o"), lora_top_layers: int = 0,
              gradient_checkpointing: bool = False, kl_controller: str = "hard", seed: int = 0,
-             measure: str | None = None) -> dict:
+             measure: str | None = None, on_baseline=None) -> dict:
     """Build the model, run `iterations` PPO iterations, return timings, memory and KL per iteration.
 
     measure: "cuda" (max_memory_allocated after the model and trainer are built), "rss" (CPU: peak RSS minus the
-    RSS before the model is built; the tokenizer and prompts are built first) or None."""
+    RSS before the model is built; the tokenizer and prompts are built first) or None. on_baseline(base_rss): called
+    once that baseline is taken (benchmarks/memory_plan_check.py's per-phase meter)."""
     import tempfile
 
     import torch
@@ -308,6 +309,8 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
         gc.collect()
         reset_peak_rss()
         base_rss = rss_bytes("VmRSS")
+        if on_baseline is not None:
+            on_baseline(base_rss)
     t_build = time.perf_counter()
     model = random_model(shape, tok, precision, device, seed)
     trainer = PPOTrainer(model, reward_funcs=sevens, args=cfg, train_dataset=data, processing_class=tok,

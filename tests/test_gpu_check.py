@@ -49,7 +49,7 @@ def test_cpu_mode_json_shape_and_kl_bound(cpu_run):
         assert len(c["iterations"]) == data["iterations_per_case"] == len(c["kl_after_update"])
         assert c["kl_ok"] and all(k <= delta + 1e-6 for k in c["kl_after_update"]), c["kl_after_update"]
         assert c["planned_peak_phase"] in ("generation", "reward scoring", "reference pass", "training step",
-                                           "exact-KL check")
+                                           "exact-KL check", "monitor")
     assert sum(c["kl_backtracks"] for c in ran) > 0  # the guard really had to act to keep KL ≤ δ
     four = next(c for c in data["cases"] if c["name"].endswith("4bit"))
     if four["status"] == "ok":

@@ -129,7 +129,12 @@ def test_small_formulas_hand_computed():
     # 2 (K, V) · 2 layers · 2 KV heads · 16 head dim · 40 tokens · 3 sequences · 2 bytes
     assert plan.kv_cache_bytes(TINY, 3, 40, 2) == 2 * 2 * 2 * 16 * 40 * 3 * 2
     assert plan.logits_bytes(3, 5, 1000) == 4 * 3 * 5 * 1000
-    assert plan.exact_kl_bytes(3, 5, 1000) == 40 * 3 * 5 * 1000
+    assert plan.exact_kl_bytes(5, 1000) == 40 * 5 * 1000  # one sequence's [R, V] float64 temporaries, × 5
+    # the logits' gradient, two [rows, R, V] fp32 at once, vs the top MLP's input gradients (3 · a · I per token)
+    assert plan.backward_transient_bytes(TINY, 3, 40, 5, a=4) == max(8 * 3 * 5 * 1000, 3 * 4 * 256 * 3 * 40)
+    assert plan.backward_transient_bytes(TINY, 3, 40, 30, a=4) == 8 * 3 * 30 * 1000
+    assert plan.loss_transient_bytes(3, 5, 1000) == 12 * 15 * 1000
+    assert plan.loss_transient_bytes(64, 5, 1000) == 12 * 128 * 1000
     assert plan.trainable_bytes(1000, 600)["total"] == 16 * 1000 + 8 * 600
     assert plan.overhead_bytes(10 * GiB, "cpu") == 0
     assert plan.overhead_bytes(10 * GiB, "cuda") == int(0.5 * GiB + 1 * GiB)
@@ -190,6 +195,7 @@ def test_estimate_phases_and_options():
     assert all(v >= 0 for v in est["components"].values())
     fixed = plan.estimate(s, batch=8, prompt_length=128, completion_length=128, kl_controller="fixed")
     assert "exact-KL check" not in fixed["phases"] and fixed["components"]["reference_logsoftmax"] == 0
+    assert "monitor" in fixed["phases"]  # the monitor's review queue measures the exact KL of its 2 prompts anyway
     sep = plan.estimate(s, batch=8, prompt_length=128, completion_length=128, critic="separate")
     assert sep["components"]["activations"] == 2 * est["components"]["activations"]
     assert sep["components"]["trainable"] > est["components"]["trainable"]
@@ -202,6 +208,54 @@ def test_estimate_phases_and_options():
     assert top["components"]["prefix_cache"] > 0
     with pytest.raises(plan.PlanError):
         plan.estimate(s, batch=6, minibatches=4)
+
+
+def test_moments_follow_the_trainer_hand_computed():
+    """The phases of a TINY plan, moment by moment, from what PPOTrainer._iteration holds (one minibatch, hard KL,
+    fp32 on CPU): every iteration alike, one policy logits tensor alive at a time, the exact KL one sequence at a
+    time."""
+    B, P, R, V = 4, 24, 16, 1000
+    est = plan.estimate(TINY, batch=B, prompt_length=P, completion_length=R, dtype="fp32", device="cpu")
+    T, w = P + R, plan.base_weight_bytes(TINY, "fp32")["total"]
+    n_pol = plan.lora_parameter_count(TINY, 16, "q,k,v,o")
+    common = w + plan.trainable_bytes(n_pol + 65, n_pol)["total"]
+    logit = 4 * B * R * V
+    act = plan.training_activation_bytes(TINY, B, T, targets="q,k,v,o", r=16, a=4, trained_layers=2,
+                                         checkpointing=False)
+    nograd = plan.inference_working_bytes(TINY, B, T, a=4)
+    fwd = plan.forward_logits_bytes(B, R, V, 4)
+    ph = {k: v["total"] for k, v in est["phases"].items()}
+    # generation: nothing of the previous rollout (its reference log-softmax) is alive any more
+    assert "reference_logsoftmax" not in est["phases"]["generation"]["parts"]
+    assert ph["generation"] == common + plan.kv_cache_bytes(TINY, B, T, 4) + max(
+        plan.inference_working_bytes(TINY, B, P, a=4), 2 * 2 * 32 * T * B * 4 // 2) + 16 * B * V
+    assert ph["reference pass"] == common + max(nograd, fwd, 2 * logit)
+    # training step: the reference log-softmax (kept) + activations + ONE logits tensor + the backward's gradient
+    assert ph["training step"] == common + logit + act + max(fwd, logit + plan.loss_transient_bytes(B, R, V),
+                                                              logit + 8 * B * R * V)
+    assert ph["exact-KL check"] == common + logit + max(act + logit + 40 * R * V, max(nograd, fwd))
+    # monitor: the rollout's reference log-softmax + 2 rows' logits (policy, reference) + one sequence's KL
+    assert ph["monitor"] >= common + logit + 2 * 4 * 2 * R * V + 40 * R * V
+    assert "monitor" not in plan.estimate(TINY, batch=B, monitor_max_queue=0)["phases"]
+
+
+def test_epochs_do_not_add_logits_and_minibatches_free_the_full_batch():
+    """Each step's logits are deleted before the next forward (the memo's θ_old forward too): the number of PPO
+    epochs changes nothing; with minibatches, the full batch's logits (the θ_old pass) are gone before the first
+    minibatch forward, and the exact KL's temporaries do not grow with the batch."""
+    s = plan.load_shape("SmolLM2-1.7B-Instruct")
+    kw = dict(batch=8, prompt_length=128, completion_length=128, gradient_checkpointing=True)
+    peaks = {e: plan.estimate(s, ppo_epochs=e, **kw)["phases"] for e in (1, 2, 4)}
+    assert peaks[1] == peaks[2] == peaks[4]
+    mb = plan.estimate(s, minibatches=4, **kw)
+    parts = mb["phases"]["training step"]["parts"]
+    assert parts.get("policy_logits", 0) <= plan.logits_bytes(2, 128, s["vocab_size"])
+    assert plan.estimate(s, **{**kw, "batch": 32})["components"]["exact_kl"] == mb["components"]["exact_kl"] == \
+        plan.exact_kl_bytes(128, s["vocab_size"])
+    # the hard controller adds the reference log-softmax from the reference pass to the end of the iteration only
+    hard, fixed = plan.estimate(s, **kw), plan.estimate(s, kl_controller="fixed", **kw)
+    assert hard["phases"]["generation"]["total"] - fixed["phases"]["generation"]["total"] == \
+        hard["trained"]["kl_guard"]
 
 
 def test_largest_batch_search():
@@ -223,7 +277,7 @@ def test_cli_prints_a_table(capsys):
     assert cli(["plan", "--model", "gpt2", "--batch", "8", "--completion-length", "64"]) == 0
     out = capsys.readouterr().out
     for line in ("base weights", "KV cache", "activations", "reference log-softmax", "exact-KL", "CUDA context",
-                 "<- peak", "largest batch that fits"):
+                 "monitor", "<- peak", "largest batch that fits"):
         assert line in out, line
     assert plan.main(["--model", "Qwen2.5-7B-Instruct", "--load-in-4bit", "--gradient-checkpointing", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -234,11 +288,13 @@ def test_cli_prints_a_table(capsys):
 # ------------------------------------------------------------------------------------------------ measured
 def test_measured_peak_matches_plan_on_cpu(tmp_path):
     """One PPO run of benchmarks/memory_plan_check.py's 'mid-256' configuration (random 4-layer Llama, hidden 256,
-    vocabulary 8192, 8 prompts × (32 + 32) tokens, hard KL, 3 PPO epochs, one iteration: its peak, the exact-KL check,
-does not involve the previous rollout) in a fresh process: peak RSS over the
-    baseline vs the plan. Tolerance ±15 %: the plan counts tensors only, and at a ~165 MiB peak the rest — Python
-    objects, glibc's heap for the < 64 KiB allocations, ~1–5 MiB of first-use buffers — moves RSS by a few MiB
-    (measured 0.99–1.00 here, and 0.96–1.04 across benchmarks/memory_plan_check.py's configurations)."""
+    vocabulary 8192, 8 prompts × (32 + 32) tokens, hard KL, 3 PPO epochs, one iteration) in a fresh process: peak RSS
+    over the baseline vs the plan, for the whole run (its peak: the training step's backward) and phase by phase
+    (PhaseMeter). Tolerance ±15 %: the plan counts tensors only, and at a ~85 MiB peak the rest — Python objects,
+    glibc's heap for the < 64 KiB allocations, ~1–5 MiB of first-use buffers — moves RSS by a few MiB (measured
+    1.00–1.01 here, and 0.95–1.03 across benchmarks/memory_plan_check.py's configurations). The exact-KL check is
+    the regression test for PolicyAndValue.sequence_kl working one sequence at a time: with [B, R, V] float64
+    temporaries it would measure ≈ 1.9 × its plan."""
     out = tmp_path / "row.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--worker", "mid-256",
@@ -247,3 +303,7 @@ does not involve the previous rollout) in a fresh process: peak RSS over the
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(out.read_text())
     assert row["measured"] / row["planned"] == pytest.approx(1.0, abs=0.15), row
+    assert row["measured_peak_phase"] == row["peak_phase"] == "training step", row
+    for phase in ("reference pass", "training step", "exact-KL check"):
+        ratio = row["measured_phases"][phase] / row["phases"][phase]
+        assert ratio == pytest.approx(1.0, abs=0.15), (phase, ratio, row)

@@ -22,8 +22,10 @@ def load_run(output_dir) -> dict:
         raise FileNotFoundError(f"{mon / 'metrics.jsonl'} does not exist: the report reads what the PPO trainer's "
                                 f"monitor writes (PPOConfig(monitor=True), the default). Point to a PPO output_dir.")
     run = json.loads((mon / "run.json").read_text()) if (mon / "run.json").is_file() else {}
-    return {"run": run, "metrics": read_jsonl(mon / "metrics.jsonl"), "alarms": read_jsonl(mon / "alarms.jsonl"),
-            "samples": read_jsonl(mon / "samples.jsonl"), "queue": read_jsonl(Path(output_dir) / "review" / "queue.jsonl")}
+    return {"run": run, "metrics": _dedupe(read_jsonl(mon / "metrics.jsonl")),
+            "alarms": _dedupe(read_jsonl(mon / "alarms.jsonl"), key=lambda a: (a["iteration"], a["detector"])),
+            "samples": _dedupe(read_jsonl(mon / "samples.jsonl"), key=lambda s: (s["iteration"], s["text"])),
+            "queue": read_jsonl(Path(output_dir) / "review" / "queue.jsonl")}
 
 
 def _series(metrics, key):
@@ -31,9 +33,25 @@ def _series(metrics, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _alarm_lines(ax, alarms):
-    for a in alarms:
-        ax.axvline(a["iteration"], color="red", alpha=0.25, lw=1)
+def _dedupe(rows: list[dict], key=lambda r: r.get("iteration")) -> list[dict]:
+    """The last record per key, in order (logs written before resumed runs truncated them may repeat iterations)."""
+    out = {}
+    for r in rows:
+        out[key(r)] = r
+    return sorted(out.values(), key=lambda r: (r.get("iteration", 0)))
+
+
+def _alarm_marks(ax, alarms):
+    """Each detector's first firing as a labelled vertical line; later firings as ticks along the top."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("Set1")
+    for i, name in enumerate(sorted({a["detector"] for a in alarms})):
+        its = sorted({a["iteration"] for a in alarms if a["detector"] == name})
+        c = colors(i % 9)
+        ax.axvline(its[0], color=c, ls="--", lw=1.2, alpha=0.8, label=f"alarm: {name} (first at {its[0]})")
+        ax.plot(its, [1.0 - 0.03 * i] * len(its), "v", color=c, ms=4, transform=ax.get_xaxis_transform(),
+                clip_on=False)
 
 
 def make_plots(data, out: Path) -> dict[str, Path]:
@@ -46,13 +64,13 @@ def make_plots(data, out: Path) -> dict[str, Path]:
     paths = {}
 
     def panel(name, draw):
-        fig, ax = plt.subplots(figsize=(7.5, 3.4))
+        fig, ax = plt.subplots(figsize=(7.5, 3.6))
         draw(ax)
-        _alarm_lines(ax, alarms)
+        _alarm_marks(ax, alarms)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=100)
@@ -62,7 +80,7 @@ def make_plots(data, out: Path) -> dict[str, Path]:
         ax.plot(*_series(m, "objective/scores"), label="proxy (shaped, aggregated)")
         for k in sorted({k for r in m for k in r if k.startswith("audit/")}):
             ax.plot(*_series(m, k), label=k)
-        ax.set_title("proxy reward vs audit (train rollouts); red lines: monitor alarms")
+        ax.set_title("proxy reward vs audit (train rollouts); dashed: first alarm per detector")
 
     def kl(ax):
         ax.plot(*_series(m, "objective/kl"), label="rollout KL (estimator)")
@@ -130,7 +148,7 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
     summary_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(_fmt(v))}</td></tr>" for k, v in summary.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rlhf_ext run report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px;max-width:1500px}}figure{{display:inline-block;margin:4px}}
-img{{max-width:720px}}table{{border-collapse:collapse;margin:8px 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
+figure{{width:48%;min-width:600px}}img{{width:100%}}table{{border-collapse:collapse;margin:8px 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
 vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:320px}}</style></head><body>
 <h1>rlhf_ext run report</h1><p>{esc(str(Path(output_dir).resolve()))}</p>
 <table>{summary_rows}</table>{imgs}
