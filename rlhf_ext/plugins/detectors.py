@@ -220,12 +220,15 @@ class EOSCollapse(Detector):
 
     direction = "below"
 
-    def __init__(self, threshold: float = 0.5, action: str = "queue", **kw):
+    def __init__(self, threshold: float = 0.5, action: str = "queue", min_reference: float = 0.2, **kw):
         super().__init__(threshold, action, **kw)
+        self.min_reference = min_reference
 
     def statistic(self, obs):
         ref = obs.reference.get("eos")
-        return float(obs.has_eos.float().mean()) / max(ref, 1e-3) if ref is not None else None
+        if ref is None or ref < self.min_reference:  # the reference itself rarely ends: nothing to collapse
+            return None
+        return float(obs.has_eos.float().mean()) / ref
 
     def suspicious(self, obs, n):
         order = torch.argsort(obs.has_eos.float() - 1e-3 * obs.lengths.float())
