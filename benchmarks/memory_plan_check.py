@@ -5,14 +5,21 @@
 
 Each PPO configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style
 model, an NF4 base, SmolLM2-135M's shape), on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer
-(responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as scripts/gpu_check.py. They are
-chosen so that each phase of the plan is the peak somewhere: the exact-KL check (hard controller), the training step
-(fixed controller, with and without gradient checkpointing, a wide MLP), generation (long completions, MHA, top-layer
-LoRA) and, on its own, reward scoring (4 LoRA reward adapters in one mixed batch).
+(responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as scripts/gpu_check.py. They vary
+what the plan's phases depend on: the hard controller (exact KL, the reference log-softmax kept) or a fixed one,
+one minibatch (the memoised θ_old forward) or two, gradient checkpointing, long prompts, a wide MLP, an NF4 base,
+long completions with MHA and top-layer LoRA (generation is the peak there; the training step everywhere else since
+the trainer frees each step's logits and computes the exact KL one sequence at a time), and, on its own, reward
+scoring (4 LoRA reward adapters in one mixed batch).
 Measured = peak RSS (VmHWM, reset just before the model is built) minus the RSS at that point (imports, one tiny
 warm-up iteration of the same architecture, the tokenizer and the prompts already there). Planned =
 `rlhf_ext.plan.estimate(..., device="cpu")`: what torch allocates at the peak, no allocator slack. The plan must
 agree within ±20 % for the mid and SmolLM2 sizes; the tiny Llama is dominated by fixed costs, listed for reference.
+Each phase is also measured on its own (`PhaseMeter`: VmHWM read and reset at the trainer's phase boundaries) and
+printed against the plan's phase total, so the phases that are not the peak (the exact-KL check, the reference
+pass, the monitor's review queue, …) are checked too. The prompts all have exactly P tokens, so batches carry no
+padding: SDPA then takes native GQA without a mask, and the training forward saves up to ~9 % less (GQA models)
+than the plan's activations, which assume padded batches (the usual case).
 
 glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit far
 above the live tensors (1.5–2× here); the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and

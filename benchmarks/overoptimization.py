@@ -124,7 +124,7 @@ def versions() -> dict:
 def prompt_rows(dataset, tok, n):
     from types import SimpleNamespace
 
-    from rlhf_ext.ppo.trainer import tokenize_prompts
+    from rlhf_ext.data import tokenize_prompts
 
     # not a PPOConfig: building TrainingArguments mid-run resets accelerate's state under a live trainer
     cfg = SimpleNamespace(max_prompt_length=512, prompt_overflow="error", per_device_train_batch_size=1)

@@ -3,6 +3,7 @@ token-id lists, and the text of a plain or conversational field."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,3 +96,40 @@ def with_extra_preferences(dataset, files):
         if len(kinds) > 1:
             raise ValueError(f"extra_preferences mixes text and conversational prompts ({sorted(kinds)}).")
     return concatenate_datasets([p.cast(parts[0].features) for p in parts])
+
+
+def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None):
+    """TRL prompt-only data (text or conversational) → list of (prompt, token ids), chat template applied as TRL
+    does. `args` supplies max_prompt_length, prompt_overflow and per_device_train_batch_size (a PPOConfig). Bad rows
+    raise or drop."""
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"The PPO dataset needs a 'prompt' column (TRL prompt-only format); it has {dataset.column_names}."
+        )
+    rows, too_long = [], []
+    for i, prompt in enumerate(dataset["prompt"]):
+        text = message_text(prompt)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(text=prompt)["input_ids"]
+        if len(ids) > args.max_prompt_length:
+            too_long.append((i, len(ids)))
+            if args.prompt_overflow == "drop":
+                continue
+            if args.prompt_overflow == "truncate":
+                ids = ids[-args.max_prompt_length :]
+        rows.append((prompt, list(ids)))
+    if too_long:
+        msg = (f"{len(too_long)} prompt(s) exceed max_prompt_length={args.max_prompt_length} tokens (first: row "
+               f"{too_long[0][0]} with {too_long[0][1]} tokens).")
+        if args.prompt_overflow == "error":
+            raise ValueError(msg + " Raise `max_prompt_length`, or set `prompt_overflow` to 'drop' or 'truncate'.")
+        warnings.warn(msg + f" prompt_overflow={args.prompt_overflow!r}: they were {args.prompt_overflow}ped."
+                      if args.prompt_overflow == "drop" else msg + " They were truncated on the left.")
+    need = args.per_device_train_batch_size if min_rows is None else min_rows
+    if len(rows) < need:
+        raise ValueError(f"Only {len(rows)} usable prompts for a batch of {need}.")
+    return rows

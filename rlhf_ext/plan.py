@@ -359,9 +359,9 @@ def logits_bytes(rows: int, resp_len: int, vocab: int) -> int:
 
 
 def exact_kl_bytes(resp_len: int, vocab: int) -> int:
-    """`PolicyAndValue.sequence_kl` works one sequence at a time in float64: log_softmax(z[b].double()), ref[b].double(),
-    p = exp, log p − log p_ref and their product are alive together: 5 · 8·R·V = 40·R·V bytes, whatever the batch
-    (the [B] result is negligible)."""
+    """`PolicyAndValue.sequence_kl` works one sequence at a time in float64: log_softmax(z[b].double()),
+    ref[b].double(), p = exp, log p − log p_ref and their product are alive together: 5 · 8·R·V = 40·R·V bytes,
+    whatever the batch (the [B] result is negligible)."""
     return int(40 * resp_len * vocab)
 
 

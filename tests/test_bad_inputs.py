@@ -15,7 +15,7 @@ from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_mo
 from rlhf_ext.integrity import CorruptFileError
 
 from .conftest import preference_rows
-from .test_ppo import make, prompts
+from .test_ppo import make
 
 
 # -- models -----------------------------------------------------------------------------------------------------

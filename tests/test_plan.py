@@ -292,7 +292,7 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path):
     over the baseline vs the plan, for the whole run (its peak: the training step's backward) and phase by phase
     (PhaseMeter). Tolerance ±15 %: the plan counts tensors only, and at a ~85 MiB peak the rest — Python objects,
     glibc's heap for the < 64 KiB allocations, ~1–5 MiB of first-use buffers — moves RSS by a few MiB (measured
-    1.00–1.01 here, and 0.95–1.03 across benchmarks/memory_plan_check.py's configurations). The exact-KL check is
+    1.00–1.01 here, and 0.94–1.03 across benchmarks/memory_plan_check.py's configurations). The exact-KL check is
     the regression test for PolicyAndValue.sequence_kl working one sequence at a time: with [B, R, V] float64
     temporaries it would measure ≈ 1.9 × its plan."""
     out = tmp_path / "row.json"

@@ -1,7 +1,6 @@
 """The review queue and the review server, without a browser (the page itself: test_review_browser.py)."""
 
 import json
-import os
 import random
 import signal
 import subprocess

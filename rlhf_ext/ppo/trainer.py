@@ -9,10 +9,8 @@ The math is in `rl_math.py`, the model passes in `policy.py`, the controllers an
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import time
 import warnings
 from collections import Counter
@@ -26,57 +24,20 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         zero_dropout)
-from ..data import message_text
-from ..integrity import (CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest,
-                         write_text_atomic)
-from ..models import (base_reference, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model,
-                      load_tokenizer, loadable_reference)
+from ..data import tokenize_prompts
+from ..models import ensure_pad_token, is_quantized, keep_4bit_trainable, load_model, load_tokenizer
 from ..plugins.kl import build_controller
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..registry import build
 from ..reward.artifact import load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline
+from .checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from .config import PPOConfig
+from .export import push_policy, save_policy
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 
-CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
 
-
-# ------------------------------------------------------------------------------------------------- data
-def tokenize_prompts(dataset, tokenizer, args: PPOConfig, min_rows: int | None = None):
-    """TRL prompt-only data (text or conversational) → list of (prompt, token ids). Bad rows raise or drop."""
-    if "prompt" not in dataset.column_names:
-        raise ValueError(
-            f"The PPO dataset needs a 'prompt' column (TRL prompt-only format); it has {dataset.column_names}."
-        )
-    rows, too_long = [], []
-    for i, prompt in enumerate(dataset["prompt"]):
-        text = message_text(prompt)
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(text=prompt)["input_ids"]
-        if len(ids) > args.max_prompt_length:
-            too_long.append((i, len(ids)))
-            if args.prompt_overflow == "drop":
-                continue
-            if args.prompt_overflow == "truncate":
-                ids = ids[-args.max_prompt_length :]
-        rows.append((prompt, list(ids)))
-    if too_long:
-        msg = (f"{len(too_long)} prompt(s) exceed max_prompt_length={args.max_prompt_length} tokens (first: row "
-               f"{too_long[0][0]} with {too_long[0][1]} tokens).")
-        if args.prompt_overflow == "error":
-            raise ValueError(msg + " Raise `max_prompt_length`, or set `prompt_overflow` to 'drop' or 'truncate'.")
-        warnings.warn(msg + f" prompt_overflow={args.prompt_overflow!r}: they were {args.prompt_overflow}ped."
-                      if args.prompt_overflow == "drop" else msg + " They were truncated on the left.")
-    need = args.per_device_train_batch_size if min_rows is None else min_rows
-    if len(rows) < need:
-        raise ValueError(f"Only {len(rows)} usable prompts for a batch of {need}.")
-    return rows
 
 
 class _ForwardMemo:
@@ -589,153 +550,25 @@ class PPOTrainer(Trainer):
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return self._metrics_history
 
-    # -- checkpoints: atomic, checksummed, complete (adapters, value head, optimizer, controller, RNG, data) -------
+    # -- checkpoints (checkpoint.py) and the policy leaving the trainer (export.py) -----------------------------------
     def save_checkpoint(self, output_dir: str | None = None) -> str:
-        from safetensors.torch import save_file
-
-        final = Path(output_dir or Path(self.args.output_dir) / f"checkpoint-{self.iteration}")
-        with atomic_folder(final) as tmp:
-            self.policy.peft.save_pretrained(tmp / "adapters", selected_adapters=self.trained_adapters,
-                                             safe_serialization=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
-            save_file({str(i): a.detach().cpu().contiguous() for i, a in enumerate(self.kl_guard.anchor)}
-                      if self.kl_guard is not None else {}, str(tmp / "anchor.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            state = {"iteration": self.iteration, "data_epoch": self.data_epoch, "data_pos": self.data_pos,
-                     "version": self.version, "kl_controller": self.kl_ctl.state_dict(),
-                     "rewards": self.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
-                     "monitor": self.monitor.state_dict() if self.monitor else None, "metrics": self._metrics_history}
-            (tmp / "ppo_state.json").write_text(json.dumps(state))
+        path = write_checkpoint(self, Path(output_dir or Path(self.args.output_dir) / f"checkpoint-{self.iteration}"))
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        return str(final)
+        return path
 
     def _load_checkpoint(self, path):
-        from peft import set_peft_model_state_dict
+        read_checkpoint(self, path)
 
-        path = Path(path)
-        fix = ("Resume from an earlier checkpoint-N folder of the same output_dir, or pass "
-               "resume_from_checkpoint=True to take the newest complete one.")
-        required = CHECKPOINT_FILES + tuple(
-            f"adapters/{a if a != 'default' else ''}/adapter_model.safetensors".replace("//", "/")
-            for a in self.trained_adapters)
-        verify_manifest(path, fix, required=required)
-        for a in self.trained_adapters:
-            sub = path / "adapters" / (a if a != "default" else "")
-            set_peft_model_state_dict(self.policy.peft, load_safetensors(sub / "adapter_model.safetensors", fix),
-                                      adapter_name=a)
-        self._set_trainable()
-        self.policy.value_head.load_state_dict(load_safetensors(path / "value_head.safetensors", fix))
-        if self.kl_guard is not None:
-            anchor = load_safetensors(path / "anchor.safetensors", fix)
-            if len(anchor) == len(self.kl_guard.anchor):
-                self.kl_guard.anchor = [anchor[str(i)] for i in range(len(anchor))]
-        try:
-            opt = torch.load(path / "optimizer.pt", weights_only=True)
-        except Exception as e:  # noqa: BLE001 — a damaged pickle-free torch file: name it
-            raise CorruptFileError(path / "optimizer.pt", f"unreadable ({e})", fix) from None
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.lr_scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(load_safetensors(path / "rng.safetensors", fix)["torch_rng"])
-        state = read_json(path / "ppo_state.json", fix)
-        self.iteration, self.data_epoch, self.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
-        self.version = state.get("version", 0)
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.rewards.load_state_dict(state["rewards"])
-        if self.monitor is not None and state.get("monitor"):
-            self.monitor.load_state_dict(state["monitor"])
-        random.setstate(_untuple(state["python_rng"]))
-        self._metrics_history = state["metrics"]
-        self._reach_checked = True  # checked in the run that wrote the checkpoint
-        self.state.global_step = self.iteration
-
-    # -- saving the policy (never the critic wrapper) ----------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, merge: bool = False):
-        """Save the policy where `PeftModel.from_pretrained(base, output_dir)` finds it: a standard PEFT adapter at
-        `output_dir` (or, with `merge=True`, merged full weights), the tokenizer and a model card. The value head
-        (and the critic adapter) go to `output_dir/critic/`, out of the way of loaders."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
+        """A standard PEFT adapter at `output_dir` (`merge=True`: merged weights) + tokenizer + model card; the value
+        head and critic adapter in `output_dir/critic/`."""
+        save_policy(self, Path(output_dir or self.args.output_dir), merge=merge)
 
-        out = Path(output_dir or self.args.output_dir)
-        peft = self.policy.peft
-        with atomic_folder(out) as tmp:
-            if merge:
-                if self.quantized:
-                    raise ValueError("Cannot merge LoRA into a 4-bit base; save the adapter (merge=False) or reload "
-                                     "the base in bf16/fp32, load the adapter and merge there.")
-                import copy
-
-                merged = copy.deepcopy(peft)
-                _untie_output_embeddings(merged.get_base_model())  # else merging an lm_head LoRA edits the inputs too
-                merged.base_model.set_adapter(self.policy_adapter)
-                merged.merge_and_unload(adapter_names=[self.policy_adapter]).save_pretrained(tmp, safe_serialization=True)
-            else:
-                cfg = copy_config(peft.peft_config[self.policy_adapter],
-                                  loadable_reference(self.model_name) if self.model_name else None)
-                cfg.save_pretrained(tmp)
-                state = get_peft_model_state_dict(peft, adapter_name=self.policy_adapter)
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-            (tmp / "critic").mkdir()
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(tmp / "critic" / "value_head.safetensors"))
-            if self.args.critic == "separate":
-                peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(self._model_card())
-
-    def push_to_hub(self, commit_message: str | None = "Upload PPO policy with rlhf_ext", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, repo_id: str | None = None,
-                    critic: bool = False, **kwargs) -> str:
-        """Upload the policy adapter + tokenizer + model card (what `save_model` writes) to `repo_id` (default
-        `args.hub_model_id`); `critic=True` also uploads `critic/` (value head, critic adapter)."""
-        import shutil
-        import tempfile
-
-        from ..hub import push_folder
-
+    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, repo_id: str | None = None, critic: bool = False, **kwargs) -> str:
+        """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`); `critic=True` adds `critic/`."""
         repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "policy"
-            self.save_model(str(folder))
-            if not critic:
-                shutil.rmtree(folder / "critic")
-            return push_folder(folder, repo_id, private=self.args.hub_private_repo, token=token or self.args.hub_token,
-                               revision=revision, commit_message=commit_message or "Upload PPO policy with rlhf_ext")
-
-    def _model_card(self) -> str:
-        a, last = self.args, (self._metrics_history[-1] if self._metrics_history else {})
-        base = base_reference(self.model_name) if self.model_name else "unknown"
-        final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
-                                      "response/eos_rate") if k in last}
-        final.update({k: v for k, v in last.items() if k.startswith("audit/")})
-        metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in final.items())
-        heldout = "\n".join(f"| {k} | {v:.4g} |" for k, v in (self.heldout or {}).items())
-        return (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
-                f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
-                f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
-                f"| reward members | {', '.join(self.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
-                f"| shapers | `{a.shapers}` |\n| iterations | {self.iteration} × {a.per_device_train_batch_size} prompts |\n\n"
-                + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
-                + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
-                + "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
-                f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"
-                f"The value head (and a separate critic adapter, if any) is in `critic/`.\n")
-
-
-def _untie_output_embeddings(hf):
-    """Give the LM head its own copy of tied embedding weights (and say so in the config)."""
-    cfg = hf.config.get_text_config()
-    if not getattr(cfg, "tie_word_embeddings", False):
-        return
-    head = hf.get_output_embeddings()
-    layer = getattr(head, "base_layer", head)
-    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-    cfg.tie_word_embeddings = False
-    hf.config.tie_word_embeddings = False
+        return push_policy(self, repo_id, critic=critic, token=token, revision=revision, commit_message=commit_message)
 
 
 def _critic_config(model, policy_cfg):
@@ -751,32 +584,3 @@ def _critic_config(model, policy_cfg):
     return cfg
 
 
-def copy_config(cfg, base_model: str):
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    cfg.base_model_name_or_path = base_model
-    cfg.inference_mode = True
-    return cfg
-
-
-def newest_complete_checkpoint(output_dir) -> str | None:
-    """The newest `checkpoint-N` whose manifest verifies; damaged ones are skipped with a warning."""
-    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for p in folders:
-        try:
-            if verify_manifest(p, "", required=CHECKPOINT_FILES):
-                return str(p)
-            warnings.warn(f"{p} has no manifest (written by an older rlhf_ext, or incomplete): skipped.")
-        except CorruptFileError as e:
-            warnings.warn(f"Skipping damaged checkpoint {p}: {e}")
-    return None
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _untuple(x):
-    return tuple(_untuple(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,101 @@
+"""PPO checkpoints: atomic, checksummed and complete — policy and critic adapters, value head, the KL guard's
+anchor, optimizer and scheduler, controller, reward-pipeline and monitor state, RNG and data position — so a killed
+run resumes exactly where it stopped. `resume_from_checkpoint=True` takes the newest checkpoint that verifies."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest
+
+CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
+
+
+def write_checkpoint(tr, final) -> str:
+    """Everything a run needs to continue exactly, in one atomic, checksummed folder."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(final) as tmp:
+        tr.policy.peft.save_pretrained(tmp / "adapters", selected_adapters=tr.trained_adapters,
+                                         safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.policy.value_head.state_dict().items()},
+                  str(tmp / "value_head.safetensors"))
+        save_file({str(i): a.detach().cpu().contiguous() for i, a in enumerate(tr.kl_guard.anchor)}
+                  if tr.kl_guard is not None else {}, str(tmp / "anchor.safetensors"))
+        torch.save({"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        state = {"iteration": tr.iteration, "data_epoch": tr.data_epoch, "data_pos": tr.data_pos,
+                 "version": tr.version, "kl_controller": tr.kl_ctl.state_dict(),
+                 "rewards": tr.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
+                 "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history}
+        (tmp / "ppo_state.json").write_text(json.dumps(state))
+    return str(final)
+
+def read_checkpoint(tr, path) -> None:
+    """Restore `tr` from a checkpoint folder, every file verified against the manifest first (a damaged file is
+    named)."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    fix = ("Resume from an earlier checkpoint-N folder of the same output_dir, or pass "
+           "resume_from_checkpoint=True to take the newest complete one.")
+    required = CHECKPOINT_FILES + tuple(
+        f"adapters/{a if a != 'default' else ''}/adapter_model.safetensors".replace("//", "/")
+        for a in tr.trained_adapters)
+    verify_manifest(path, fix, required=required)
+    for a in tr.trained_adapters:
+        sub = path / "adapters" / (a if a != "default" else "")
+        set_peft_model_state_dict(tr.policy.peft, load_safetensors(sub / "adapter_model.safetensors", fix),
+                                  adapter_name=a)
+    tr._set_trainable()
+    tr.policy.value_head.load_state_dict(load_safetensors(path / "value_head.safetensors", fix))
+    if tr.kl_guard is not None:
+        anchor = load_safetensors(path / "anchor.safetensors", fix)
+        if len(anchor) == len(tr.kl_guard.anchor):
+            tr.kl_guard.anchor = [anchor[str(i)] for i in range(len(anchor))]
+    try:
+        opt = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — a damaged pickle-free torch file: name it
+        raise CorruptFileError(path / "optimizer.pt", f"unreadable ({e})", fix) from None
+    tr.optimizer.load_state_dict(opt["optimizer"])
+    tr.lr_scheduler.load_state_dict(opt["scheduler"])
+    torch.set_rng_state(load_safetensors(path / "rng.safetensors", fix)["torch_rng"])
+    state = read_json(path / "ppo_state.json", fix)
+    tr.iteration, tr.data_epoch, tr.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
+    tr.version = state.get("version", 0)
+    tr.kl_ctl.load_state_dict(state["kl_controller"])
+    tr.rewards.load_state_dict(state["rewards"])
+    if tr.monitor is not None and state.get("monitor"):
+        tr.monitor.load_state_dict(state["monitor"])
+    random.setstate(_untuple(state["python_rng"]))
+    tr._metrics_history = state["metrics"]
+    tr._reach_checked = True  # checked in the run that wrote the checkpoint
+    tr.state.global_step = tr.iteration
+
+
+def newest_complete_checkpoint(output_dir) -> str | None:
+    """The newest `checkpoint-N` whose manifest verifies; damaged ones are skipped with a warning."""
+    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in folders:
+        try:
+            if verify_manifest(p, "", required=CHECKPOINT_FILES):
+                return str(p)
+            warnings.warn(f"{p} has no manifest (written by an older rlhf_ext, or incomplete): skipped.")
+        except CorruptFileError as e:
+            warnings.warn(f"Skipping damaged checkpoint {p}: {e}")
+    return None
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _untuple(x):
+    return tuple(_untuple(v) for v in x) if isinstance(x, list) else x

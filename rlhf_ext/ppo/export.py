@@ -1,0 +1,107 @@
+"""The trained policy, leaving the trainer: a standard PEFT adapter (or merged weights) with tokenizer and model
+card, the value head and critic adapter beside it under `critic/`, and the same folder pushed to the Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..integrity import atomic_folder
+from ..models import base_reference, loadable_reference
+from .policy import CRITIC
+
+
+def save_policy(tr, out, merge: bool = False) -> None:
+    """Save the policy where `PeftModel.from_pretrained(base, out)` finds it: a standard PEFT adapter at `out` (or,
+    with `merge=True`, merged full weights), the tokenizer and a model card. The value head (and the critic adapter)
+    go to `out/critic/`, out of the way of loaders."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft = tr.policy.peft
+    with atomic_folder(out) as tmp:
+        if merge:
+            if tr.quantized:
+                raise ValueError("Cannot merge LoRA into a 4-bit base; save the adapter (merge=False) or reload "
+                                 "the base in bf16/fp32, load the adapter and merge there.")
+            import copy
+
+            merged = copy.deepcopy(peft)
+            _untie_output_embeddings(merged.get_base_model())  # else merging an lm_head LoRA edits the inputs too
+            merged.base_model.set_adapter(tr.policy_adapter)
+            merged.merge_and_unload(adapter_names=[tr.policy_adapter]).save_pretrained(tmp, safe_serialization=True)
+        else:
+            cfg = copy_config(peft.peft_config[tr.policy_adapter],
+                              loadable_reference(tr.model_name) if tr.model_name else None)
+            cfg.save_pretrained(tmp)
+            state = get_peft_model_state_dict(peft, adapter_name=tr.policy_adapter)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "critic").mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.policy.value_head.state_dict().items()},
+                  str(tmp / "critic" / "value_head.safetensors"))
+        if tr.args.critic == "separate":
+            peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
+        tr.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(tr))
+
+
+def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=None,
+                commit_message: str | None = None) -> str:
+    """Upload what `save_policy` writes to `repo_id`; `critic=True` also uploads `critic/` (value head, critic
+    adapter)."""
+    import shutil
+    import tempfile
+
+    from ..hub import push_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "policy"
+        save_policy(tr, folder)
+        if not critic:
+            shutil.rmtree(folder / "critic")
+        return push_folder(folder, repo_id, private=tr.args.hub_private_repo, token=token or tr.args.hub_token,
+                           revision=revision, commit_message=commit_message or "Upload PPO policy with rlhf_ext")
+
+
+def model_card(tr) -> str:
+    a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
+    base = base_reference(tr.model_name) if tr.model_name else "unknown"
+    final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
+                                  "response/eos_rate") if k in last}
+    final.update({k: v for k, v in last.items() if k.startswith("audit/")})
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in final.items())
+    heldout = "\n".join(f"| {k} | {v:.4g} |" for k, v in (tr.heldout or {}).items())
+    return (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
+            f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
+            f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
+            f"| reward members | {', '.join(tr.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
+            f"| shapers | `{a.shapers}` |\n| iterations | {tr.iteration} × {a.per_device_train_batch_size} prompts |\n\n"
+            + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
+            + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
+            + "```python\nfrom peft import PeftModel\nfrom rlhf_ext.models import load_model  # hub ids, folders, "
+            "rlhf_ext's embedded models\n"
+            f"base = load_model(\"{base}\", \"causal\")\n"
+            f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"
+            f"The value head (and a separate critic adapter, if any) is in `critic/`.\n")
+
+
+def _untie_output_embeddings(hf):
+    """Give the LM head its own copy of tied embedding weights (and say so in the config)."""
+    cfg = hf.config.get_text_config()
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return
+    head = hf.get_output_embeddings()
+    layer = getattr(head, "base_layer", head)
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    cfg.tie_word_embeddings = False
+    hf.config.tie_word_embeddings = False
+
+
+def copy_config(cfg, base_model: str):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.base_model_name_or_path = base_model
+    cfg.inference_mode = True
+    return cfg
