@@ -77,8 +77,9 @@ CONFIGS = {
 
 
 def scoring_worker(name: str) -> dict:
-    """Reward scoring on the shared base alone: K LoRA adapters + heads scoring 16 texts in one mixed-adapter batch
-    (RewardEnsemble.score_ids, the path PPO's RewardPipeline takes), no grad. Planned: `reward_scoring_bytes`."""
+    """Reward scoring on the shared base alone: K LoRA adapters + heads scoring 16 texts through
+    RewardEnsemble.score_sequences (the path PPO's RewardPipeline takes: mixed-adapter batches of ≤ 16 rows), no grad.
+    Planned: `reward_scoring_bytes`."""
     import gc
 
     import torch
@@ -107,19 +108,19 @@ def scoring_worker(name: str) -> dict:
         return RewardEnsemble(peft, tok, spec, nn.ModuleDict({f"rm{k}": nn.Linear(shape["hidden_size"], 1)
                                                               for k in range(K)}))
 
-    build().score_ids(ids[:2, :8], mask[:2, :8])  # warm-up: lazy imports, first-use buffers
+    build().score_sequences([[5, 6, 7], [5, 6]])  # warm-up: lazy imports (trl's pad), first-use buffers
     ens = build()
     gc.collect()
     reset_peak_rss()
     base = rss_bytes()
-    ens.score_ids(ids, mask)
+    ens.score_sequences([row[m.bool()].tolist() for row, m in zip(ids, mask)])
     measured = rss_bytes("VmHWM") - base
     planned = reward_scoring_bytes(shape, rows, T, K, "adapters", a=4)
     return {"name": name, "measured": measured, "planned": planned, "peak_phase": "reward scoring",
             "phases": {"reward scoring": planned}, "parts": {"reward_scoring": planned}}
 
 # Reward scoring alone (the PPO configurations above score with a Python function): the no-grad working set of a
-# mixed-adapter batch, measured around RewardEnsemble.score_ids with the model already built.
+# mixed-adapter batches, measured around RewardEnsemble.score_sequences with the model already built.
 SCORING = {
     "scoring-4-adapters-mid-512": (llama(16384, 512, 1376, 8, 8, 4), dict(ensemble=4, batch=16, seq_len=128), True),
 }

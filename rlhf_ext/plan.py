@@ -383,12 +383,16 @@ def reward_member_bytes(shape: dict, ensemble: int, mode: str, r: int, targets) 
 
 def reward_scoring_bytes(shape: dict, batch: int, seq_len: int, ensemble: int, mode: str, *, a: int,
                          load_in_4bit: bool = False) -> int:
-    """Scoring min(16, B) texts of ≈ P + R tokens with K members, no grad: one mixed-adapter batch of 16·K rows in
-    'adapters' mode (PEFT adapter_names), 16 rows in 'heads' mode; the working set of that forward + the final
-    hidden states kept for pooling (rows·T·a·H)."""
+    """Scoring texts of ≈ P + R tokens with K members, no grad, in forwards of at most 16 rows
+    (RewardEnsemble.score_completions): min(16, B) texts in 'heads' mode; in 'adapters' mode min(16 // K, B) texts
+    × K members in one mixed-adapter batch (PEFT adapter_names); the working set of that forward + the final hidden
+    states kept for pooling (rows·T·a·H)."""
     if ensemble <= 0:
         return 0
-    rows = min(REWARD_SCORING_BATCH, batch) * (ensemble if mode == "adapters" else 1)
+    if mode == "adapters":
+        rows = min(max(1, REWARD_SCORING_BATCH // ensemble), batch) * ensemble
+    else:
+        rows = min(REWARD_SCORING_BATCH, batch)
     return (inference_working_bytes(shape, rows, seq_len, a=a, load_in_4bit=load_in_4bit)
             + int(rows * seq_len * a * shape["hidden_size"]))
 

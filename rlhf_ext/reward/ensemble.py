@@ -124,10 +124,18 @@ class RewardEnsemble(nn.Module):
     def score_completions(self, prompts, completions, completion_ids=None, batch_size: int = 16, **kwargs):
         """Member interface of `RewardPipeline` (TRL's reward_funcs arguments) → raw rewards [B, K] on the CPU."""
         prompts = prompts if prompts is not None else [None] * len(completions)
-        seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        return self.score_sequences([reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)],
+                                    batch_size)
+
+    def score_sequences(self, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """Raw rewards [B, K] (CPU) of token-id lists, in forwards of at most `batch_size` rows: in "adapters" mode
+        each text is one row per member, so batch_size // K texts go through at a time (a 7B base with K=4 would
+        otherwise run 64-row batches)."""
         if self.max_length:
             seqs = [s[-self.max_length :] for s in seqs]
         device = next(self.heads.parameters()).device
+        if self.spec["mode"] == "adapters":
+            batch_size = max(1, batch_size // len(self.adapters))
         out = []
         for i in range(0, len(seqs), batch_size):
             ids, mask = pad_ids(seqs[i : i + batch_size], self.tokenizer.pad_token_id, device=device)
