@@ -227,8 +227,8 @@ def test_cli_serves_until_ctrl_c(tmp_path):
         url = lines[1].split("Review page: ", 1)[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         assert call(url, "/api/decide", {"id": "p0", "decision": "flagged"})[1]["counts"]["preferences"] == 1
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        proc.send_signal(signal.SIGTERM)  # (SIGINT too; a background shell may have set it to "ignore")
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

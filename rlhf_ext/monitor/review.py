@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import webbrowser
@@ -232,13 +233,20 @@ def main(argv=None) -> int:
         print(f"Cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
         return 2
     p = queue.progress()
-    print(f"Reviewing {queue.queue_path}: {p['pending']} of {p['total']} pairs pending.")
+    print(f"Reviewing {queue.queue_path}: {p['pending']} of {p['total']} pairs pending.", flush=True)
     print(f"Review page: {server.url}   (Ctrl-C to stop; every decision is saved as you click)", flush=True)
     if not args.no_browser:
         try:
             webbrowser.open(server.url)
         except Exception:  # no browser on this machine: the printed URL is enough
             pass
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C or a `kill` (SIGTERM) both end the server cleanly — also when started from a shell that set SIGINT to
+    # "ignore" for background jobs, which Python would otherwise inherit.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
