@@ -46,13 +46,14 @@ DATA = ROOT / "data" / "sentiment"
 # against 0.38 after three epochs) — the realistic, exploitable proxy. `k1_3ep` is the recipe's full three epochs,
 # for one comparison run (plain PPO against the better reward model).
 ONE_EPOCH = ["--num_train_epochs", "1"]
+NO_DECOR, DECOR = ["--length_decorrelation_coef", "0.0"], ["--length_decorrelation_coef", "0.2"]
 RMS = {
-    "k1": ONE_EPOCH + ["--ensemble_size", "1"],
-    "k4_heads": ONE_EPOCH + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
-    "k1_decor": ONE_EPOCH + ["--ensemble_size", "1", "--length_decorrelation_coef", "0.2"],
-    "k4_heads_decor": ONE_EPOCH + ["--ensemble_size", "4", "--ensemble_mode", "heads", "--length_decorrelation_coef", "0.2"],
-    "k4_adapters": ONE_EPOCH + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
-    "k1_3ep": ["--ensemble_size", "1"],
+    "k1": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "1"],
+    "k4_heads": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
+    "k1_decor": ONE_EPOCH + DECOR + ["--ensemble_size", "1"],
+    "k4_heads_decor": ONE_EPOCH + DECOR + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
+    "k4_adapters": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
+    "k1_3ep": ["--num_train_epochs", "3"] + NO_DECOR + ["--ensemble_size", "1"],
 }
 
 BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the probe)

@@ -1,6 +1,10 @@
 """The main job, offline on the embedded default: reward ensemble → PPO (hard KL + length penalty + uwo) →
 held-out report (gold VADER sentiment before/after, KL vs δ, lengths) and a plot.
 
+The defaults are the reward-hacking benchmark's recommended configuration (`all` in
+benchmarks/overoptimization.py): K=4 reward heads trained with length de-correlation 0.2, uwo aggregation,
+hard KL δ=5 (β starts at 0.01), a linear length penalty and a missing-EOS penalty.
+
     rlhf-ext demo [--iterations 16] [--output-dir outputs/demo]
 """
 
@@ -56,7 +60,7 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
 
     vader = vader_judge()
     cfg = PPOConfig(
-        str(out), kl_controller="hard", kl_target=args.kl_target, init_kl_coef=0.05, aggregation="uwo",
+        str(out), kl_controller="hard", kl_target=args.kl_target, init_kl_coef=args.beta, aggregation="uwo",
         aggregation_kwargs={"lam": 1.0}, shapers=[{"name": "linear", "alpha": args.length_alpha, "free_tokens": 24},
                                                   {"name": "missing_eos", "penalty": 1.0}],
         per_device_train_batch_size=args.batch_size, max_completion_length=48, temperature=1.0, num_ppo_epochs=4,
@@ -117,10 +121,11 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=str(SHIPPED / "sentiment"))
     ap.add_argument("--iterations", type=int, default=16)
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after report")
-    ap.add_argument("--ensemble-size", type=int, default=3)
-    ap.add_argument("--kl-target", type=float, default=4.0)
+    ap.add_argument("--ensemble-size", type=int, default=4)
+    ap.add_argument("--kl-target", type=float, default=5.0)
+    ap.add_argument("--beta", type=float, default=0.01, help="initial KL penalty coefficient (the hard controller adapts it)")
     ap.add_argument("--length-alpha", type=float, default=0.05)
-    ap.add_argument("--length-decorrelation", type=float, default=0.0)
+    ap.add_argument("--length-decorrelation", type=float, default=0.2)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per PPO iteration")
@@ -132,7 +137,8 @@ def main(argv=None):
     out, data = Path(args.output_dir), Path(args.data_dir)
     t0 = time.time()
     reward_path = out / "reward"
-    print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, LoRA) on {data}/preferences_train.jsonl")
+    print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, LoRA, length de-correlation "
+          f"{args.length_decorrelation}) on {data}/preferences_train.jsonl")
     if args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file():
         rm = json.loads((out / "reward_metrics.json").read_text()) if (out / "reward_metrics.json").is_file() else {}
     else:
