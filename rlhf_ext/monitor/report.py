@@ -150,7 +150,7 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
 <style>body{{font-family:system-ui,sans-serif;margin:24px;max-width:1500px}}figure{{display:inline-block;margin:4px}}
 figure{{width:48%;min-width:600px}}img{{width:100%}}table{{border-collapse:collapse;margin:8px 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
 vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:320px}}</style></head><body>
-<h1>rlhf_ext run report</h1><p>{esc(str(Path(output_dir).resolve()))}</p>
+<h1>rlhf_ext run report</h1><p>{esc(str(output_dir))}</p>
 <table>{summary_rows}</table>{imgs}
 <h2>Monitor alarms ({len(data['alarms'])})</h2><table><tr><th>iteration</th><th>detector</th><th>value</th>
 <th>threshold</th><th>action</th></tr>{alarm_rows}</table>
