@@ -554,8 +554,8 @@ def summarize(records) -> dict:
                 "alarms": float(len(r.get("alarms", [])))})
         agg = {}
         for k in per_seed[0]:
-            vals = [s[k] for s in per_seed]
-            agg[k] = statistics.mean(vals)
+            vals = [s[k] for s in per_seed if not math.isnan(s[k])]  # e.g. a seed whose length alarm never fired
+            agg[k] = statistics.mean(vals) if vals else float("nan")
             agg[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         agg["seeds"] = len(per_seed)
         rows[name] = agg
@@ -571,7 +571,7 @@ def markdown_table(rows) -> str:
 
     def pm(r, k, fmt):
         s = format(r[k], fmt)
-        return s + (f" ± {format(r[k + '_std'], fmt)}" if r["seeds"] > 1 else "")
+        return s + (f" ± {format(r[k + '_std'], fmt.lstrip('+'))}" if r["seeds"] > 1 else "")
 
     for n in order:
         r = rows[n]
