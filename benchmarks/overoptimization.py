@@ -542,6 +542,7 @@ def summarize(records) -> dict:
                 "best_gold": best["gold"], "best_iteration": best["iteration"], "kl_at_best": best["kl"],
                 "final_gold": end["gold"], "drop": best["gold"] - end["gold"], "final_length": end["length"],
                 "final_eos": end["eos"], "final_kl": end["kl"], "final_vader": end["vader"],
+                "final_sentiment": end["sentiment"],
                 "gain": gain, "oracle_fraction": gain / o_gain if o_gain and o_gain > 0 else float("nan"),
                 "transfer_start": tr_pts[0]["transfer"]["gold"] if tr_pts else float("nan"),
                 "transfer_end": tr_pts[-1]["transfer"]["gold"] if tr_pts else float("nan"),
@@ -565,9 +566,9 @@ def summarize(records) -> dict:
 def markdown_table(rows) -> str:
     order = [n for n in VARIANTS if n in rows]
     lines = ["| variant | seeds | best held-out gold | KL at best | final gold | drop peak→end | final length | "
-             "final EOS rate | gain / oracle's at that KL | transfer gold start → end | transfer sentiment start → end | "
-             "first length alarm | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final EOS rate | final sentiment (no EOS term) | final raw VADER | gain / oracle's at that KL | "
+             "transfer gold start → end | transfer sentiment start → end | first length alarm | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pm(r, k, fmt):
         s = format(r[k], fmt)
@@ -577,7 +578,8 @@ def markdown_table(rows) -> str:
         r = rows[n]
         lines.append(f"| {n} | {r['seeds']} | {pm(r, 'best_gold', '+.3f')} | {pm(r, 'kl_at_best', '.1f')} | "
                      f"{pm(r, 'final_gold', '+.3f')} | {pm(r, 'drop', '.3f')} | {pm(r, 'final_length', '.1f')} | "
-                     f"{r['final_eos']:.2f} | {r['oracle_fraction']:.2f} | "
+                     f"{r['final_eos']:.2f} | {pm(r, 'final_sentiment', '+.3f')} | {r['final_vader']:+.3f} | "
+                     f"{r['oracle_fraction']:.2f} | "
                      f"{r['transfer_start']:+.3f} → {r['transfer_end']:+.3f} | "
                      f"{r['transfer_sentiment_start']:+.3f} → {r['transfer_sentiment_end']:+.3f} | "
                      f"{'—' if math.isnan(r['length_alarm_at']) else 'it ' + format(r['length_alarm_at'], '.0f')} | "

@@ -183,13 +183,15 @@ def print_benchmark_reference(path: Path = BENCHMARK):
     if not path.is_file():
         print("(plain-PPO reference: run `python benchmarks/overoptimization.py` for the benchmark's numbers)")
         return
-    rows = json.loads(path.read_text())["summary"]
+    bench = json.loads(path.read_text())
+    rows, iterations = bench["summary"], bench.get("settings", {}).get("iterations", "?")
     print(f"reward-hacking benchmark ({path.name}; same task, held-out gold, mean over seeds):")
     for name, label in (("plain", "plain PPO (K=1, fixed β, no shaping)"), ("all", "recommended configuration")):
         r = rows.get(name)
         if r:
-            print(f"  {label:38s} best gold {r['best_gold']:+.3f} at KL {r['kl_at_best']:.1f}; final gold "
-                  f"{r['final_gold']:+.3f}, length {r['final_length']:.1f}, EOS rate {r['final_eos']:.2f}")
+            print(f"  {label:38s} gold {r['best_gold'] - r['gain']:+.3f} at start, best {r['best_gold']:+.3f} (KL "
+                  f"{r['kl_at_best']:.1f}), final {r['final_gold']:+.3f}; final length {r['final_length']:.1f}, EOS rate "
+                  f"{r['final_eos']:.2f}  [{r['seeds']} seed{'s' * (r['seeds'] != 1)}, {iterations} iterations]")
 
 
 if __name__ == "__main__":

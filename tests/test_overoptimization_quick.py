@@ -33,3 +33,21 @@ def test_quick_mode_writes_a_complete_finite_report(tmp_path):
         for k in ("best_gold", "kl_at_best", "final_gold", "final_length", "drop", "minutes"):
             assert math.isfinite(row[k]), k
     assert out.with_suffix(".png").stat().st_size > 10000 and "| plain |" in out.with_suffix(".md").read_text()
+    for k in ("final_sentiment", "final_vader"):
+        assert math.isfinite(data["summary"]["plain"][k]), k
+
+    # `make demo` prints plain PPO beside the recommended configuration from this very JSON
+    import contextlib
+    import io
+
+    from rlhf_ext.demo import print_benchmark_reference
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_benchmark_reference(out)
+        print_benchmark_reference(tmp_path / "missing.json")
+    printed = buf.getvalue()
+    plain, rec = data["summary"]["plain"], data["summary"]["all"]
+    assert f"final {plain['final_gold']:+.3f}" in printed and f"final {rec['final_gold']:+.3f}" in printed
+    assert "[1 seed, 3 iterations]" in printed
+    assert "run `python benchmarks/overoptimization.py`" in printed  # no JSON: says how to make one
