@@ -11,7 +11,7 @@ reward models trained on its labels (which carry a planted length bias and 10 % 
 of `rlhf_ext.sentiment` (per-sentence VADER − truncation − repetition), held-out prompts never trained on, and
 40 open-ended "transfer" prompts written independently of the templates. Every run samples the same number of
 responses (iterations × 8) of at most 48 tokens; evaluation uses the same seed for every variant (common random
-numbers), so differences between variants are not sampling noise of the evaluation.
+numbers), which lowers — not removes — the evaluation noise between variants (standard error of one point 0.05–0.1).
 
 Each run writes `<workdir>/runs/<variant>__s<seed>.json` after every evaluation and keeps a checkpoint beside it:
 a killed run resumes where it stopped. `report` gathers every finished run into
