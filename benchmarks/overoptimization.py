@@ -76,6 +76,8 @@ def _variants() -> dict:
         "len_overlong": dict(rm="k1", shapers=[{"name": "overlong", "max_length": 48, "cache_length": 16}]),
         "debias": dict(rm="k1", shapers=[{"name": "debias", "momentum": 0.9}]),
         "decor": dict(rm="k1_decor"),
+        # ablation of `all`: its two shapers alone, on the plain reward model with the fixed β
+        "len_eos": dict(rm="k1", shapers=[LINEAR, {"name": "missing_eos", "penalty": 1.0}]),
         "all": dict(rm="k4_heads_decor", aggregation="uwo", aggregation_kwargs={"lam": 1.0}, kl_controller="hard",
                     kl_target=HEADLINE_DELTA, shapers=[LINEAR, {"name": "missing_eos", "penalty": 1.0}]),
         "oracle": dict(rm=None),  # PPO on the gold itself: the upper bound
