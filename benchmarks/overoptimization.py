@@ -572,6 +572,9 @@ def markdown_table(rows) -> str:
              "transfer gold start → end | transfer sentiment start → end | first length alarm | train min |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
+    def alarm(name, at):  # TRL's trainers have no monitor
+        return "n/a" if VARIANTS[name]["trainer"] != "ppo" else "—" if math.isnan(at) else f"it {at:.0f}"
+
     def pm(r, k, fmt):
         s = format(r[k], fmt)
         return s + (f" ± {format(r[k + '_std'], fmt.lstrip('+'))}" if r["seeds"] > 1 else "")
@@ -584,7 +587,7 @@ def markdown_table(rows) -> str:
                      f"{r['oracle_fraction']:.2f} | "
                      f"{r['transfer_start']:+.3f} → {r['transfer_end']:+.3f} | "
                      f"{r['transfer_sentiment_start']:+.3f} → {r['transfer_sentiment_end']:+.3f} | "
-                     f"{'—' if math.isnan(r['length_alarm_at']) else 'it ' + format(r['length_alarm_at'], '.0f')} | "
+                     f"{alarm(n, r['length_alarm_at'])} | "
                      f"{r['minutes']:.0f} |")
     return "\n".join(lines)
 
