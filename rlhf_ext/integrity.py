@@ -123,6 +123,13 @@ def read_json(path, fix: str) -> dict:
         raise CorruptFileError(path, f"not valid JSON ({e})", fix) from None
 
 
+def save_tensors(tensors: dict, path) -> None:
+    """safetensors.torch.save_file of detached, contiguous CPU copies (what save_file insists on)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
 def load_safetensors(path, fix: str) -> dict:
     """safetensors.torch.load_file with the file named in the error."""
     from safetensors import SafetensorError

@@ -11,31 +11,29 @@ from pathlib import Path
 
 import torch
 
-from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest
+from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
 
 CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
 
 
 def write_checkpoint(tr, final) -> str:
     """Everything a run needs to continue exactly, in one atomic, checksummed folder."""
-    from safetensors.torch import save_file
-
     with atomic_folder(final) as tmp:
         tr.policy.peft.save_pretrained(tmp / "adapters", selected_adapters=tr.trained_adapters,
                                          safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tr.policy.value_head.state_dict().items()},
-                  str(tmp / "value_head.safetensors"))
-        save_file({str(i): a.detach().cpu().contiguous() for i, a in enumerate(tr.kl_guard.anchor)}
-                  if tr.kl_guard is not None else {}, str(tmp / "anchor.safetensors"))
+        save_tensors(tr.policy.value_head.state_dict(), tmp / "value_head.safetensors")
+        save_tensors({str(i): a for i, a in enumerate(tr.kl_guard.anchor)} if tr.kl_guard is not None else {},
+                     tmp / "anchor.safetensors")
         torch.save({"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_tensors({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
         state = {"iteration": tr.iteration, "data_epoch": tr.data_epoch, "data_pos": tr.data_pos,
                  "version": tr.version, "kl_controller": tr.kl_ctl.state_dict(),
                  "rewards": tr.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
                  "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history}
         (tmp / "ppo_state.json").write_text(json.dumps(state))
     return str(final)
+
 
 def read_checkpoint(tr, path) -> None:
     """Restore `tr` from a checkpoint folder, every file verified against the manifest first (a damaged file is

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..integrity import atomic_folder
+from ..integrity import atomic_folder, save_tensors
 from ..models import base_reference, loadable_reference
 from .policy import CRITIC
 
@@ -17,7 +17,6 @@ def save_policy(tr, out, merge: bool = False) -> None:
     with `merge=True`, merged full weights), the tokenizer and a model card. The value head (and the critic adapter)
     go to `out/critic/`, out of the way of loaders."""
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     peft = tr.policy.peft
     with atomic_folder(out) as tmp:
@@ -36,10 +35,9 @@ def save_policy(tr, out, merge: bool = False) -> None:
                               loadable_reference(tr.model_name) if tr.model_name else None)
             cfg.save_pretrained(tmp)
             state = get_peft_model_state_dict(peft, adapter_name=tr.policy_adapter)
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+            save_tensors(state, tmp / "adapter_model.safetensors")
         (tmp / "critic").mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in tr.policy.value_head.state_dict().items()},
-                  str(tmp / "critic" / "value_head.safetensors"))
+        save_tensors(tr.policy.value_head.state_dict(), tmp / "critic" / "value_head.safetensors")
         if tr.args.critic == "separate":
             peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
         tr.tokenizer.save_pretrained(tmp)

@@ -38,8 +38,6 @@ from .export import push_policy, save_policy
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 
 
-
-
 class _ForwardMemo:
     """The last full-batch training forward, valid while the parameters are unchanged (same `version`).
 
@@ -582,5 +580,3 @@ def _critic_config(model, policy_cfg):
     if isinstance(cfg.target_modules, (list, set, tuple)) and head_name in cfg.target_modules:
         cfg.target_modules = [t for t in cfg.target_modules if t != head_name]
     return cfg
-
-
