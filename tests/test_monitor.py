@@ -49,6 +49,17 @@ def test_detectors_on_hand_made_observations():
     d = build("detector", "length_drift", smoothing=0.0)
     assert d.update(_obs([12, 12], [True, True], reference=ref)) == (pytest.approx(1.2), False)
     assert d.update(_obs([20, 20], [True, True], reference=ref))[1]
+    # a cap under 1.5× the reference length (48 vs 33 tokens): answers pinned at the cap still fire, at 0.9 × cap
+    capped = build("detector", "length_drift", smoothing=0.0)
+    assert capped.update(_obs([42, 42], [True, True], reference={"length": 33.0, "cap": 48}))[1] is False
+    assert capped.update(_obs([48, 47], [False, False], reference={"length": 33.0, "cap": 48}))[1]
+    assert "1.31" in capped.describe()
+    roomy = build("detector", "length_drift", smoothing=0.0)  # a roomy cap keeps the configured threshold
+    assert not roomy.update(_obs([14, 14], [True, True], reference={"length": 10.0, "cap": 200}))[1]
+    full = build("detector", "length_drift", smoothing=0.0)  # reference already at the cap: no false alarm
+    assert not full.update(_obs([48, 48], [True, True], reference={"length": 47.0, "cap": 48}))[1]
+    with pytest.raises(ValueError, match="cap_fraction"):
+        build("detector", "length_drift", cap_fraction=0.0)
     e = build("detector", "eos_collapse", smoothing=0.0)
     assert e.update(_obs([5, 5], [False, False], reference=ref))[1] and e.suspicious(_obs([5, 9], [True, False]), 1) == [1]
     r = build("detector", "repetition", smoothing=0.0)

@@ -74,7 +74,8 @@ class RewardHackingMonitor(TrainerCallback):
                                    tr.args.stop_on_eos, reference=True)
         finally:
             torch.set_rng_state(rng)
-        self.reference = {"length": float(g.lengths.mean()), "eos": float(g.has_eos.float().mean()), "n": len(batch)}
+        self.reference = {"length": float(g.lengths.mean()), "eos": float(g.has_eos.float().mean()), "n": len(batch),
+                          "cap": int(tr.args.max_completion_length)}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.reference:
@@ -132,7 +133,7 @@ class RewardHackingMonitor(TrainerCallback):
 
     def _act(self, d, obs, control):
         tr = self.trainer
-        record = {"iteration": tr.iteration, "detector": d.name, "value": d.value, "threshold": d.threshold,
+        record = {"iteration": tr.iteration, "detector": d.name, "value": d.value, "threshold": d.limit,
                   "direction": d.direction, "action": d.action}
         if self.writes:
             append_jsonl(self.dir / "alarms.jsonl", record)

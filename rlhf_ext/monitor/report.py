@@ -132,7 +132,7 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
     imgs = "".join(f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                    f"</figure>" for n, p in plots.items())
     alarm_rows = "".join(f"<tr><td>{a['iteration']}</td><td>{esc(a['detector'])}</td><td>{a['value']:.3g}</td>"
-                         f"<td>{'>' if a.get('direction', 'above') == 'above' else '<'} {a['threshold']:g}</td>"
+                         f"<td>{'>' if a.get('direction', 'above') == 'above' else '<'} {a['threshold']:.3g}</td>"
                          f"<td>{esc(a['action'])}</td></tr>" for a in data["alarms"])
     samples = sorted(data["samples"], key=lambda s: s["score"], reverse=True)[:top]
     sample_rows = "".join(

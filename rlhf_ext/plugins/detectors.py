@@ -53,10 +53,14 @@ class Detector:
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}.")
         self.threshold, self.action, self.smoothing, self.warmup = float(threshold), action, smoothing, warmup
-        self.value, self.seen = None, 0
+        self.value, self.seen, self.limit = None, 0, float(threshold)
 
     def statistic(self, obs: Observation) -> float | None:
         raise NotImplementedError
+
+    def effective_threshold(self, obs: Observation) -> float:
+        """The threshold this iteration is judged against (default: the configured one)."""
+        return self.threshold
 
     def suspicious(self, obs: Observation, n: int) -> list[int]:
         """Indices of the n samples that best show the problem (default: highest shaped reward)."""
@@ -68,11 +72,12 @@ class Detector:
             return self.value, False
         self.value = x if self.value is None else self.smoothing * self.value + (1 - self.smoothing) * x
         self.seen += 1
-        fired = self.value > self.threshold if self.direction == "above" else self.value < self.threshold
+        self.limit = self.effective_threshold(obs)
+        fired = self.value > self.limit if self.direction == "above" else self.value < self.limit
         return self.value, bool(fired and self.seen >= self.warmup)
 
     def describe(self) -> str:
-        return f"{self.name} = {self.value:.3g} {'>' if self.direction == 'above' else '<'} {self.threshold:g}"
+        return f"{self.name} = {self.value:.3g} {'>' if self.direction == 'above' else '<'} {self.limit:.3g}"
 
     def state_dict(self) -> dict:
         return {"value": self.value, "seen": self.seen}
@@ -84,14 +89,25 @@ class Detector:
 @register("detector", "length_drift")
 class LengthDrift(Detector):
     """Mean response length relative to the reference policy's (1.0 = same); fires above `threshold` (default 1.5:
-    50 % longer). Suspicious samples: the longest."""
+    50 % longer). When the completion cap leaves no room for that ratio (cap < threshold × reference length), it
+    fires instead once the mean length reaches `cap_fraction` of the cap: answers pinned at the limit are the drift
+    the ratio cannot show (never below 1.1× the reference). Suspicious samples: the longest."""
 
-    def __init__(self, threshold: float = 1.5, action: str = "queue", **kw):
+    def __init__(self, threshold: float = 1.5, action: str = "queue", cap_fraction: float = 0.9, **kw):
         super().__init__(threshold, action, **kw)
+        if not 0 < cap_fraction <= 1:
+            raise ValueError(f"length_drift's cap_fraction must lie in (0, 1], got {cap_fraction}.")
+        self.cap_fraction = cap_fraction
 
     def statistic(self, obs):
         ref = obs.reference.get("length")
         return float(obs.lengths.float().mean()) / max(ref, 1.0) if ref is not None else None
+
+    def effective_threshold(self, obs):
+        ref, cap = obs.reference.get("length"), obs.reference.get("cap")
+        if ref is None or cap is None:
+            return self.threshold
+        return min(self.threshold, max(self.cap_fraction * cap / max(ref, 1.0), 1.1))
 
     def suspicious(self, obs, n):
         return torch.argsort(obs.lengths.float(), descending=True)[:n].tolist()
