@@ -159,7 +159,9 @@ class PhaseMeter:
             reset_peak_rss()
         self.label = label
 
-    def _wrap(self, owner, name, label_of, restore: bool, static: bool = False):
+    def _wrap(self, owner, name, label_of, restore: bool, static: bool = False, after: str | None = None):
+        """Wrap owner.name: mark label_of(previous label, args, kwargs) on entry; on exit mark `after` when given,
+        else the previous label again when `restore`."""
         import functools
 
         f = getattr(owner, name)
@@ -173,7 +175,9 @@ class PhaseMeter:
             try:
                 return f(*args, **kwargs)
             finally:
-                if restore and self.label != prev:
+                if after is not None:
+                    self.mark(after)
+                elif restore and self.label != prev:
                     self.mark(prev)
 
         setattr(owner, name, staticmethod(wrapped) if static else wrapped)
@@ -185,8 +189,9 @@ class PhaseMeter:
         from rlhf_ext.reward.pipeline import RewardPipeline
 
         in_iteration = lambda prev: prev not in ("setup", "between iterations")  # noqa: E731
-        self._wrap(PPOTrainer, "_iteration", lambda *_: "training step", restore=False)
-        self._wrap(PPOTrainer, "_rollout", lambda *_: "generation", restore=False)
+        # after _rollout the iteration goes on in "training step"; after _iteration, "between iterations"
+        self._wrap(PPOTrainer, "_iteration", lambda *_: "training step", restore=False, after="between iterations")
+        self._wrap(PPOTrainer, "_rollout", lambda *_: "generation", restore=False, after="training step")
         self._wrap(PolicyAndValue, "generate", lambda p, a, k: "generation" if in_iteration(p) else p, restore=False)
         self._wrap(RewardPipeline, "score", lambda p, a, k: "reward scoring" if in_iteration(p) else p, restore=False)
         self._wrap(PolicyAndValue, "lower", lambda p, a, k: "reference pass" if in_iteration(p) else p, restore=False)
@@ -197,22 +202,6 @@ class PhaseMeter:
         self._wrap(PolicyAndValue, "sequence_kl", lambda p, a, k: "exact-KL check" if in_iteration(p) else p,
                    restore=True, static=True)
         self._wrap(RewardHackingMonitor, "_queue", lambda *_: "monitor", restore=True)
-        # after _rollout the iteration goes on in "training step"; after _iteration, "between iterations"
-        rollout, iteration = PPOTrainer._rollout, PPOTrainer._iteration
-
-        def _rollout(trainer, *a, **k):
-            try:
-                return rollout(trainer, *a, **k)
-            finally:
-                self.mark("training step")
-
-        def _iteration(trainer, *a, **k):
-            try:
-                return iteration(trainer, *a, **k)
-            finally:
-                self.mark("between iterations")
-
-        PPOTrainer._rollout, PPOTrainer._iteration = _rollout, _iteration
 
     def finish(self) -> dict:
         self.mark("end")

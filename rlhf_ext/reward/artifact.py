@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, verify_manifest
+from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
 from ..models import base_reference, ensure_pad_token, load_model, load_tokenizer, model_fingerprint, trunk_of
 from .ensemble import RewardEnsemble
 
@@ -47,18 +46,16 @@ def save_reward_artifact(out_dir, ens: RewardEnsemble, spec: dict, tokenizer, ca
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
         (tmp / "adapters").mkdir()
-        flat = {f"{a}.{k}": v.detach().float().cpu().contiguous() for a, head in ens.heads.items()
-                for k, v in head.state_dict().items()}
-        save_file(flat, str(tmp / "heads.safetensors"))
+        save_tensors({f"{a}.{k}": v.float() for a, head in ens.heads.items() for k, v in head.state_dict().items()},
+                     tmp / "heads.safetensors")
         if spec["mode"] == "full":
             trunk_of(ens.model).save_pretrained(tmp / "trunk", safe_serialization=True)
         else:
             prefix = trunk_key_prefix(ens.model)
             for a in ens.adapters:
                 sd = get_peft_model_state_dict(ens.model, adapter_name=a)
-                state = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items()
-                         if k.startswith(prefix) and "lora_" in k}
-                save_file(state, str(tmp / "adapters" / f"{a}.safetensors"))
+                save_tensors({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and "lora_" in k},
+                             tmp / "adapters" / f"{a}.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card:
