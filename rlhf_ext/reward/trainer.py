@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from trl import RewardTrainer
 from trl.data_utils import is_conversational
@@ -331,7 +332,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         bs = self.args.per_device_eval_batch_size
         cols = [c for c in dataset.column_names if c in ("chosen_ids", "rejected_ids")]
         rows = dataset.select(range(n)).select_columns(cols)
-        for i in range(0, n, bs):
+        steps = tqdm(range(0, n, bs), desc="Reward normalisation", leave=False,
+                     disable=self.args.disable_tqdm or not self.is_world_process_zero())
+        for i in steps:  # K trunk passes per pair for adapter ensembles: minutes on a CPU, so a progress bar
             batch = self.data_collator([rows[j] for j in range(i, min(n, i + bs))])
             chunks.append(ens.score_ids(batch["input_ids"].to(self.args.device),
                                         batch["attention_mask"].to(self.args.device)).cpu())
