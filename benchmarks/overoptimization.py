@@ -99,12 +99,18 @@ HEADLINE = ("plain", "all", f"hard_{HEADLINE_DELTA:g}")
 
 
 # ----------------------------------------------------------------------------------------------- settings
-def settings(quick: bool) -> dict:
+def settings(quick: bool, prompts: str = "templates") -> dict:
     if quick:
-        return dict(iterations=3, eval_every=1, transfer_every=3, batch=8, max_tokens=8, heldout=8, transfer=8,
-                    lr=3e-2, lora_layers=1, epochs=2)
-    return dict(iterations=30, eval_every=5, transfer_every=15, batch=8, max_tokens=48, heldout=32, transfer=40,
-                lr=2e-3, lora_layers=8, epochs=4)
+        st = dict(iterations=3, eval_every=1, transfer_every=3, batch=8, max_tokens=8, heldout=8, transfer=8,
+                  lr=3e-2, lora_layers=1, epochs=2)
+    else:
+        st = dict(iterations=30, eval_every=5, transfer_every=15, batch=8, max_tokens=48, heldout=32, transfer=40,
+                  lr=2e-3, lora_layers=8, epochs=4)
+    if prompts == "wide":
+        # Open-ended questions rarely end within the 48-token training budget, even for the base model; a larger
+        # evaluation budget on the transfer prompts lets their gold measure sentiment rather than truncation.
+        st.update(prompts="wide", transfer_tokens=2 * st["max_tokens"])
+    return st
 
 
 def machine_line() -> str:
@@ -199,7 +205,7 @@ class Run:
         return gold_judge(tok.eos_token_id), vader_judge()
 
     def _rm_path(self, name):
-        return str(Path(self.args.workdir) / "rms" / name)
+        return str(rm_dir(self.args) / name)
 
     def _point(self, iteration, policy, tok, heldout, transfer, proxy, gold, vader):
         st = self.st
@@ -212,7 +218,7 @@ class Run:
             p = {"iteration": iteration, "train_seconds": self.record["train_seconds"],
                  **evaluate(policy, tok, heldout, gold, vader, proxy, st["max_tokens"])}
             if iteration % st["transfer_every"] == 0:
-                t = evaluate(policy, tok, transfer, gold, vader, proxy, st["max_tokens"])
+                t = evaluate(policy, tok, transfer, gold, vader, proxy, st.get("transfer_tokens", st["max_tokens"]))
                 p["transfer"] = {k: t[k] for k in ("gold", "sentiment", "vader", "kl", "length", "eos", "gold_se",
                                                    "samples")}
             if iteration == 0:
@@ -352,19 +358,28 @@ class Run:
 
 
 # ----------------------------------------------------------------------------------------------- tasks
-def real_task():
+def real_task(prompts: str = "templates"):
+    """`templates`: the one-sentence templated prompts. `wide`: those plus the open-ended family (train: 768 + 512
+    shuffled together; held-out: templated and open test prompts alternating); the transfer prompts stay unseen."""
+    from datasets import concatenate_datasets, interleave_datasets
     from peft import LoraConfig
 
     from rlhf_ext.data import load_split
     from rlhf_ext.models import load_model, load_tokenizer
 
+    def split(name):
+        return load_split(str(DATA), name, "prompts")
+
+    train, heldout = split("train"), split("test")
+    if prompts == "wide":
+        train = concatenate_datasets([train, split("train_open")]).shuffle(seed=0)
+        heldout = interleave_datasets([heldout, split("test_open")])
     tok = load_tokenizer(MODEL)
-    return (load_model(MODEL, "causal"), tok, load_split(str(DATA), "train", "prompts"),
-            load_split(str(DATA), "test", "prompts"), load_split(str(DATA), "transfer", "prompts"),
+    return (load_model(MODEL, "causal"), tok, train, heldout, split("transfer"),
             lambda: LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
 
 
-def quick_task(model_path):
+def quick_task(model_path, prompts: str = "templates"):
     def task():
         from datasets import Dataset
         from peft import LoraConfig
@@ -379,7 +394,13 @@ def quick_task(model_path):
             return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the "
                                                    f"{subjects[(i + off) % 8]} ."}] for i in range(n)]})
 
-        return (load_model(model_path, "causal"), tok, ds(32, 0), ds(8, 3), ds(8, 5),
+        train = ds(32, 0)
+        if prompts == "wide":  # the same wiring as the real task's, on tiny data
+            from datasets import concatenate_datasets
+
+            train = concatenate_datasets([train, Dataset.from_dict(
+                {"prompt": [[{"role": "user", "content": f"what about the {w} ?"}] for w in subjects]})]).shuffle(seed=0)
+        return (load_model(model_path, "causal"), tok, train, ds(8, 3), ds(8, 5),
                 lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
     return task
@@ -463,17 +484,21 @@ def _done(workdir: Path, key: str) -> bool:
 _WAITING: set = set()
 
 
-def rm_ready(workdir: Path, name: str) -> bool:
+def rm_dir(args) -> Path:
+    return Path(args.rm_dir) if getattr(args, "rm_dir", None) else Path(args.workdir) / "rms"
+
+
+def rm_ready(rms: Path, name: str) -> bool:
     """An artifact is complete once its manifest (written last) is there; older ones have none, only the spec."""
-    d = workdir / "rms" / name
+    d = rms / name
     return (d / "manifest.json").is_file() or ((d / "rlhf_ext_reward.json").is_file() and
                                                not d.with_name(d.name + ".tmp").exists() and
                                                (d / "heads.safetensors").is_file())
 
 
 def _run_pass(args, keys) -> bool:
-    st = settings(args.quick)
-    workdir = Path(args.workdir)
+    st = settings(args.quick, args.prompts)
+    workdir, rms = Path(args.workdir), rm_dir(args)
     ran = False
     for key in keys:
         name, seed = key.split(":")
@@ -481,8 +506,8 @@ def _run_pass(args, keys) -> bool:
             continue
         rm = VARIANTS[name]["rm"]
         need = [r for r in (rm, "k1") if r]  # k1 is also every run's proxy yardstick at evaluation
-        if not args.quick and not all(rm_ready(workdir, r) for r in need):
-            rm = next(r for r in need if not rm_ready(workdir, r))
+        if not args.quick and not all(rm_ready(rms, r) for r in need):
+            rm = next(r for r in need if not rm_ready(rms, r))
             if key not in _WAITING:
                 _WAITING.add(key)
                 print(f"[{key}] waiting for reward model {rm} (python benchmarks/overoptimization.py rms)", flush=True)
@@ -643,7 +668,7 @@ def report(args):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join(["python", "benchmarks/overoptimization.py", *sys.argv[1:]]),
-               "versions": versions(), "machine": machine_line(), "settings": settings(args.quick),
+               "versions": versions(), "machine": machine_line(), "settings": settings(args.quick, args.prompts),
                "gold": "rlhf_ext.sentiment.gold_score: mean per-sentence VADER compound − 1·[no EOS] − "
                        "repeated-4-gram fraction", "summary": rows, "runs": records}
     out.write_text(json.dumps(payload, indent=1))
@@ -657,7 +682,7 @@ def report(args):
 
 # ----------------------------------------------------------------------------------------------- main
 def train_rms(args):
-    workdir = Path(args.workdir) / "rms"
+    workdir = rm_dir(args)
     for name, extra in RMS.items():
         out = workdir / name
         if (out / "rlhf_ext_reward.json").is_file():
@@ -672,8 +697,13 @@ def train_rms(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", nargs="?", default="all", choices=["rms", "run", "report", "all"])
-    ap.add_argument("--workdir", default=str(ROOT / "outputs" / "overopt"))
-    ap.add_argument("--out", default=str(RESULTS / "overoptimization.json"))
+    ap.add_argument("--prompts", default="templates", choices=["templates", "wide"],
+                    help="training prompts: the one-sentence templates, or those plus the open-ended family "
+                         "(then the transfer prompts are evaluated with twice the token budget)")
+    ap.add_argument("--workdir", default=None, help="default: outputs/overopt (outputs/overopt_wide with --prompts wide)")
+    ap.add_argument("--rm-dir", default=None, help="proxy reward models (default: <workdir>/rms); `--prompts wide` "
+                                                   "can reuse the templates run's: --rm-dir outputs/overopt/rms")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/overoptimization[_wide].json")
     ap.add_argument("--runs", default="", help="comma-separated variant:seed keys (default: the full schedule)")
     ap.add_argument("--workers", type=int, default=1, help="parallel worker processes sharing the run queue")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
@@ -682,28 +712,32 @@ def main(argv=None):
     ap.add_argument("--wait", action="store_true", help="keep polling until every scheduled run is done (runs wait "
                                                          "for their reward models to be trained)")
     args = ap.parse_args(argv)
+    wide = args.prompts == "wide"
+    args.workdir = args.workdir or str(ROOT / "outputs" / ("overopt_wide" if wide else "overopt"))
+    args.out = args.out or str(RESULTS / f"overoptimization{'_wide' if wide else ''}.json")
     if args.quick:
         import tempfile
 
         from rlhf_ext.testing import save_tiny_model, tiny_tokenizer
 
-        if args.workdir == str(ROOT / "outputs" / "overopt"):
+        if args.workdir.startswith(str(ROOT / "outputs" / "overopt")):
             args.workdir = tempfile.mkdtemp(prefix="overopt_quick_")
-        if args.out == str(RESULTS / "overoptimization.json"):
+        if args.out.startswith(str(RESULTS / "overoptimization")):
             args.out = str(Path(args.workdir) / "overoptimization.json")
         args.model_path = str(Path(args.workdir) / "tiny")
         if not (Path(args.model_path) / "config.json").is_file():
             save_tiny_model(args.model_path, tiny_tokenizer(), num_layers=2)
         train_quick_rms(Path(args.workdir), args.model_path)
-        args.task = quick_task(args.model_path)
+        args.task = quick_task(args.model_path, args.prompts)
     else:
-        args.task = real_task
+        args.task = lambda: real_task(args.prompts)
     if args.stage in ("rms",) and not args.quick:
         return train_rms(args)
     if args.stage in ("run", "all"):
         keys = schedule(args)
         if args.workers > 1:
             cmd = [sys.executable, __file__, "run", "--workdir", args.workdir, "--runs", ",".join(keys),
+                   "--prompts", args.prompts] + (["--rm-dir", args.rm_dir] if args.rm_dir else []) + [
                    "--threads", str(args.threads or 1)] + (["--quick"] if args.quick else []) + \
                   (["--wait"] if args.wait else [])
             procs = [subprocess.Popen(cmd) for _ in range(args.workers)]

