@@ -51,3 +51,20 @@ def test_quick_mode_writes_a_complete_finite_report(tmp_path):
     assert f"final {plain['final_gold']:+.3f}" in printed and f"final {rec['final_gold']:+.3f}" in printed
     assert "[1 seed, 3 iterations]" in printed
     assert "run `python benchmarks/overoptimization.py`" in printed  # no JSON: says how to make one
+
+
+def test_quick_mode_with_wide_prompts_evaluates_transfer_at_twice_the_budget(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import overoptimization as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "wide.json"
+    bench.main(["--quick", "--prompts", "wide", "--runs", "plain:0", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    data = json.loads(out.read_text())
+    st = data["settings"]
+    assert st["prompts"] == "wide" and st["transfer_tokens"] == 2 * st["max_tokens"]
+    (run,) = data["runs"]
+    assert run["done"] and run["settings"] == st
+    # the tiny random model never ends: held-out answers stop at the training budget, transfer ones run past it
+    assert run["points"][0]["length"] <= st["max_tokens"] < run["points"][0]["transfer"]["length"] <= st["transfer_tokens"]
