@@ -6,6 +6,11 @@ mitigation rlhf_ext offers, on the same budget (the Gao et al. 2022 / Coste et a
     python benchmarks/overoptimization.py report                # JSON + plot + markdown table from finished runs
     python benchmarks/overoptimization.py --quick               # tiny model, ~1 minute: the smoke test (CI)
 
+    # wider training prompts (templates + the open-ended family), same proxies; results in overoptimization_wide.*
+    python benchmarks/overoptimization.py run --prompts wide --rm-dir outputs/overopt/rms --workers 2 \
+        --runs plain:0,all:0,plain:1,all:1,plain:2,all:2
+    python benchmarks/overoptimization.py report --prompts wide
+
 Setting: SmolLM2-135M-Instruct policy (LoRA r=16 on q/v of the top 8 layers), the shipped sentiment task, proxy
 reward models trained on its labels (which carry a planted length bias and 10 % label noise), the length-robust gold
 of `rlhf_ext.sentiment` (per-sentence VADER − truncation − repetition), held-out prompts never trained on, and
