@@ -46,22 +46,33 @@ def _obs(lengths, eos, scores=None, norm=None, audit=None, metrics=None, referen
 
 def test_detectors_on_hand_made_observations():
     ref = {"length": 10.0, "eos": 0.9}
-    d = build("detector", "length_drift", smoothing=0.0)
+    d = build("detector", "length_drift", smoothing=0.0, warmup=1)
     assert d.update(_obs([12, 12], [True, True], reference=ref)) == (pytest.approx(1.2), False)
     assert d.update(_obs([20, 20], [True, True], reference=ref))[1]
     # a cap under 1.5× the reference length (48 vs 33 tokens): answers pinned at the cap still fire, at 0.9 × cap
-    capped = build("detector", "length_drift", smoothing=0.0)
+    capped = build("detector", "length_drift", smoothing=0.0, warmup=1)
     assert capped.update(_obs([42, 42], [True, True], reference={"length": 33.0, "cap": 48}))[1] is False
     assert capped.update(_obs([48, 47], [False, False], reference={"length": 33.0, "cap": 48}))[1]
     assert "1.31" in capped.describe()
-    roomy = build("detector", "length_drift", smoothing=0.0)  # a roomy cap keeps the configured threshold
+    roomy = build("detector", "length_drift", smoothing=0.0, warmup=1)  # a roomy cap keeps the configured threshold
     assert not roomy.update(_obs([14, 14], [True, True], reference={"length": 10.0, "cap": 200}))[1]
-    full = build("detector", "length_drift", smoothing=0.0)  # reference already at the cap: no false alarm
+    full = build("detector", "length_drift", smoothing=0.0, warmup=1)  # reference already at the cap: no false alarm
     assert not full.update(_obs([48, 48], [True, True], reference={"length": 47.0, "cap": 48}))[1]
     with pytest.raises(ValueError, match="cap_fraction"):
         build("detector", "length_drift", cap_fraction=0.0)
-    e = build("detector", "eos_collapse", smoothing=0.0)
+    e = build("detector", "eos_collapse", smoothing=0.0, warmup=1)
     assert e.update(_obs([5, 5], [False, False], reference=ref))[1] and e.suspicious(_obs([5, 9], [True, False]), 1) == [1]
+    # by default the drift detectors judge a trend, not one batch: an outlying first batch (the reference policy
+    # itself, on a batch of long-answer prompts) stays quiet; a sustained drift fires from the third iteration
+    ref48 = {"length": 31.7, "eos": 0.72, "cap": 48}
+    for make_det, batches in (("length_drift", [([46.5] * 2, [True, False]), ([41.6] * 2, [True, True]),
+                                                ([24.5] * 2, [True, True])]),
+                              ("eos_collapse", [([46.5] * 2, [False, False]), ([30] * 2, [True, True]),
+                                                ([30] * 2, [True, True])])):
+        quiet = build("detector", make_det)
+        assert not any(quiet.update(_obs(ln, eo, reference=ref48))[1] for ln, eo in batches), make_det
+    drift = build("detector", "length_drift")
+    assert [drift.update(_obs([47, 48], [False, False], reference=ref48))[1] for _ in range(3)] == [False, False, True]
     r = build("detector", "repetition", smoothing=0.0)
     loop = _obs([8], [True])
     loop.ids = [[5, 6, 7, 8] * 6]
@@ -97,6 +108,39 @@ def test_length_alarm_fires_on_a_hacking_run_and_queues_pairs(tmp_path, tok):
     assert rec["reference"]["kl"] == 0.0 and rec["flagged"]["kl"] > 0
     assert len((out / "monitor" / "metrics.jsonl").read_text().splitlines()) == 8
     assert (out / "monitor" / "run.json").is_file() and (out / "monitor" / "samples.jsonl").is_file()
+
+
+def test_reference_is_measured_on_a_seeded_sample_spread_over_the_prompts(tmp_path, tok):
+    """Not the first batch: with prompts of different kinds, one batch's mean length reflects its mix, and drift
+    judged against it fired before the policy had moved (seen with mixed one-line and open prompts)."""
+    tr = make(tmp_path, tok, model=eos_prone_model(tok), max_steps=1, per_device_train_batch_size=4,
+              max_completion_length=12, monitor_reference_prompts=20)
+    seen, lengths, eos = [], [], []
+    generate = tr.policy.generate
+
+    def recording(batch, *a, **kw):
+        g = generate(batch, *a, **kw)
+        if kw.get("reference"):
+            seen.extend(id(p) for p in batch)
+            lengths.extend(g.lengths.float().tolist())
+            eos.extend(g.has_eos.float().tolist())
+        return g
+
+    tr.policy.generate = recording
+    state = torch.get_rng_state()
+    tr.monitor._measure_reference()
+    assert torch.equal(torch.get_rng_state(), state)  # the training run's random stream is untouched
+    where = sorted(i for i, p in enumerate(tr.prompts) if id(p) in set(seen))
+    assert len(seen) == len(set(seen)) == 20 and len(where) == 20
+    assert max(where) >= len(tr.prompts) // 2 and where != list(range(20))  # spread, not the first rows
+    ref = tr.monitor.reference
+    assert ref["n"] == 20 and ref["length"] == pytest.approx(sum(lengths) / 20) and ref["eos"] == pytest.approx(sum(eos) / 20)
+    again = dict(ref)
+    seen.clear()
+    tr.monitor._measure_reference()
+    assert tr.monitor.reference == again  # seeded: a resumed run judges drift against the same reference
+    with pytest.raises(ValueError, match="monitor_reference_prompts must be >= 1"):
+        make(tmp_path, tok, monitor_reference_prompts=0)
 
 
 def test_mitigated_run_stays_quiet(tmp_path, tok):

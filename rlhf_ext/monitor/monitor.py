@@ -16,6 +16,7 @@ a sample of the reference policy for the same prompt; "halt" saves a checkpoint,
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -66,15 +67,24 @@ class RewardHackingMonitor(TrainerCallback):
     @torch.no_grad()
     def _measure_reference(self):
         tr = self.trainer
+        # A random sample of the training prompts, not the first batch: with prompts of different kinds (one-line
+        # requests beside open questions) one batch's mean length says more about its mix than about the policy,
+        # and drift against it fires before the policy has moved.
+        n = min(tr.args.monitor_reference_prompts, len(tr.prompts))
+        pick = random.Random(tr.args.seed + 7919).sample(range(len(tr.prompts)), n)
+        step = tr.args.per_device_train_batch_size
         rng = torch.get_rng_state()  # sampling here must not change the training run's random stream
         torch.manual_seed(tr.args.seed + 7919)
+        lengths, eos = [], []
         try:
-            batch = tr.prompts[: tr.args.per_device_train_batch_size]
-            g = tr.policy.generate(batch, tr.tokenizer, tr.args.max_completion_length, tr.args.top_p,
-                                   tr.args.stop_on_eos, reference=True)
+            for i in range(0, n, step):
+                g = tr.policy.generate([tr.prompts[j] for j in pick[i : i + step]], tr.tokenizer,
+                                       tr.args.max_completion_length, tr.args.top_p, tr.args.stop_on_eos, reference=True)
+                lengths += g.lengths.float().tolist()
+                eos += g.has_eos.float().tolist()
         finally:
             torch.set_rng_state(rng)
-        self.reference = {"length": float(g.lengths.mean()), "eos": float(g.has_eos.float().mean()), "n": len(batch),
+        self.reference = {"length": sum(lengths) / n, "eos": sum(eos) / n, "n": n,
                           "cap": int(tr.args.max_completion_length)}
 
     def on_train_begin(self, args, state, control, **kwargs):

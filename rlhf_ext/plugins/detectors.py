@@ -86,6 +86,13 @@ class Detector:
         self.value, self.seen = state.get("value"), state.get("seen", 0)
 
 
+# Length and EOS drift compare one batch's mean with the reference policy's: with prompts of different kinds a single
+# batch can sit far from it before the policy has moved (a batch of open questions among one-line requests: 1.76×
+# the reference length at iteration 1). Drift is a trend, so these two judge the smoothed value from the third
+# iteration on.
+DRIFT_WARMUP = 3
+
+
 @register("detector", "length_drift")
 class LengthDrift(Detector):
     """Mean response length relative to the reference policy's (1.0 = same); fires above `threshold` (default 1.5:
@@ -94,6 +101,7 @@ class LengthDrift(Detector):
     the ratio cannot show (never below 1.1× the reference). Suspicious samples: the longest."""
 
     def __init__(self, threshold: float = 1.5, action: str = "queue", cap_fraction: float = 0.9, **kw):
+        kw.setdefault("warmup", DRIFT_WARMUP)
         super().__init__(threshold, action, **kw)
         if not 0 < cap_fraction <= 1:
             raise ValueError(f"length_drift's cap_fraction must lie in (0, 1], got {cap_fraction}.")
@@ -237,6 +245,7 @@ class EOSCollapse(Detector):
     direction = "below"
 
     def __init__(self, threshold: float = 0.5, action: str = "queue", min_reference: float = 0.2, **kw):
+        kw.setdefault("warmup", DRIFT_WARMUP)
         super().__init__(threshold, action, **kw)
         self.min_reference = min_reference
 

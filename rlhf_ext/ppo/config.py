@@ -62,6 +62,7 @@ class PPOConfig(TrainingArguments):
     monitor_detectors: list[Any] | str | None = field(default=None, metadata={"help": "Detectors: names or {'name', 'threshold', 'action': log|queue|halt} dicts; None = every built-in with its default threshold and action (`rlhf-ext plugins`)."})
     monitor_max_queue: int = field(default=2, metadata={"help": "Pairs sent to the review queue per firing of a 'queue' detector."})
     monitor_cooldown: int = field(default=5, metadata={"help": "Iterations between two queue actions of the same detector."})
+    monitor_reference_prompts: int = field(default=64, metadata={"help": "Training prompts (drawn at random, seeded) on which the reference policy's length and EOS rate are measured once at the start: what length/EOS drift is judged against. One batch is too few when prompts differ in kind (short-answer and open questions mixed)."})
     log_completions: bool = field(default=False, metadata={"help": "Print a table of prompts, completions and rewards every logging step (as TRL's online trainers do)."})
     model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
@@ -99,4 +100,7 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches}).")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.monitor_reference_prompts < 1:
+            raise ValueError(f"monitor_reference_prompts must be >= 1, got {self.monitor_reference_prompts}; "
+                             f"it is how many prompts the reference policy's length and EOS rate are measured on.")
         super().__post_init__()

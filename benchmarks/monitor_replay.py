@@ -1,0 +1,91 @@
+"""Replay the monitor's length and EOS detectors on finished reward-hacking benchmark runs.
+
+Each benchmark run logs its per-iteration mean response length and EOS rate, and the reference its monitor used
+(`monitor/run.json`). This script feeds the logged series through `length_drift` and `eos_collapse` twice: as the
+run's monitor judged it (its logged reference; `--as-run-warmup`, 1 before drift warmup existed), and as the monitor
+judges it now (the reference measured exactly as `PPOTrainer` does at the start of a run, on
+`monitor_reference_prompts` seeded-random training prompts, and the detectors' default settings). Prints which
+iterations would alarm; a replay of the "as run" column that disagrees with the logged alarms would show the replay
+is not faithful.
+
+    python benchmarks/monitor_replay.py --prompts wide --runs plain:0,all:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def reference(prompts: str, seed: int, n: int) -> dict:
+    import torch
+
+    import overoptimization as bench
+    from rlhf_ext import PPOConfig, PPOTrainer
+    from rlhf_ext.sentiment import gold_judge
+
+    model, tok, train, _, _, lora = bench.real_task(prompts)
+    st = bench.settings(False, prompts)
+    cfg = PPOConfig("/tmp/monitor_replay", per_device_train_batch_size=st["batch"], max_completion_length=st["max_tokens"],
+                    seed=seed, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
+                    disable_tqdm=True, lora_top_layers=st["lora_layers"], max_prompt_length=512,
+                    monitor_reference_prompts=n)
+    tr = PPOTrainer(model, reward_funcs=[gold_judge(tok.eos_token_id)], args=cfg, train_dataset=train,
+                    processing_class=tok, peft_config=lora())
+    tr.monitor._measure_reference()
+    return tr.monitor.reference
+
+
+def replay(record: dict, ref: dict, **detector_kw) -> dict:
+    import torch
+
+    from rlhf_ext.plugins.detectors import Observation
+    from rlhf_ext.registry import build
+
+    dets = {name: build("detector", name, **detector_kw) for name in ("length_drift", "eos_collapse")}
+    fired = {name: [] for name in dets}
+    for it, row in enumerate(record["train"], start=1):
+        obs = Observation(iteration=it, lengths=torch.tensor([row["response/length_mean"]]),
+                          has_eos=torch.tensor([row["response/eos_rate"]]), texts=["x"], ids=[[1]],
+                          scores=torch.zeros(1), norm=torch.zeros(1, 1), valid=torch.ones(1, dtype=torch.bool),
+                          audit={}, metrics={}, reference=ref)
+        for name, d in dets.items():
+            if d.update(obs)[1]:
+                fired[name].append(it)
+    return fired
+
+
+def _fmt(fired: dict) -> str:
+    return "  ".join(f"{d}: {v[:5] if v else '—'}{' …' if len(v) > 5 else ''}" for d, v in fired.items())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", default="templates", choices=["templates", "wide"])
+    ap.add_argument("--workdir", default=None, help="default: outputs/overopt (outputs/overopt_wide with --prompts wide)")
+    ap.add_argument("--runs", required=True, help="comma-separated variant:seed keys")
+    ap.add_argument("--reference-prompts", type=int, default=64, help="monitor_reference_prompts for 'now'")
+    ap.add_argument("--as-run-warmup", type=int, default=1)
+    args = ap.parse_args(argv)
+    workdir = Path(args.workdir or ROOT / "outputs" / ("overopt_wide" if args.prompts == "wide" else "overopt"))
+    for key in args.runs.split(","):
+        name, seed = key.split(":")
+        record = json.loads((workdir / "runs" / f"{name}__s{seed}.json").read_text())
+        logged = json.loads((workdir / "runs" / f"{name}__s{seed}" / "monitor" / "run.json").read_text())["reference"]
+        logged_alarms = {d: sorted({a["iteration"] for a in record.get("alarms", []) if a["detector"] == d})
+                         for d in ("length_drift", "eos_collapse")}
+        now = reference(args.prompts, int(seed), args.reference_prompts)
+        print(f"{key}\n  logged   ref {logged['n']:3d} prompts: length {logged['length']:5.1f} EOS {logged['eos']:.2f} | "
+              f"{_fmt(logged_alarms)}\n  as run (replayed)                          | "
+              f"{_fmt(replay(record, logged, warmup=args.as_run_warmup))}\n"
+              f"  now      ref {now['n']:3d} prompts: length {now['length']:5.1f} EOS {now['eos']:.2f} | "
+              f"{_fmt(replay(record, now))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
