@@ -11,12 +11,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_mode_writes_a_complete_finite_report(tmp_path):
+def _bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import overoptimization as bench
+        import overoptimization
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return overoptimization
+
+
+def test_quick_mode_writes_a_complete_finite_report(tmp_path):
+    bench = _bench()
     out = tmp_path / "result.json"
     bench.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)])
     data = json.loads(out.read_text())
@@ -54,11 +59,7 @@ def test_quick_mode_writes_a_complete_finite_report(tmp_path):
 
 
 def test_quick_mode_with_wide_prompts_evaluates_transfer_at_twice_the_budget(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import overoptimization as bench
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench = _bench()
     out = tmp_path / "wide.json"
     bench.main(["--quick", "--prompts", "wide", "--runs", "plain:0", "--workdir", str(tmp_path / "w"), "--out", str(out)])
     data = json.loads(out.read_text())
