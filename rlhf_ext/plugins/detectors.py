@@ -46,13 +46,15 @@ class Detector:
 
     name = "base"
     direction = "above"
+    default_warmup = 1  # observations before the detector may fire
 
-    def __init__(self, threshold: float, action: str = "log", smoothing: float = 0.5, warmup: int = 1):
+    def __init__(self, threshold: float, action: str = "log", smoothing: float = 0.5, warmup: int | None = None):
         if action not in ACTIONS:
             raise ValueError(f"Detector action must be one of {ACTIONS}, got {action!r}.")
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}.")
-        self.threshold, self.action, self.smoothing, self.warmup = float(threshold), action, smoothing, warmup
+        self.threshold, self.action, self.smoothing = float(threshold), action, smoothing
+        self.warmup = self.default_warmup if warmup is None else warmup
         self.value, self.seen, self.limit = None, 0, float(threshold)
 
     def statistic(self, obs: Observation) -> float | None:
@@ -89,8 +91,7 @@ class Detector:
 # Length and EOS drift compare one batch's mean with the reference policy's: with prompts of different kinds a single
 # batch can sit far from it before the policy has moved (a batch of open questions among one-line requests: 1.76×
 # the reference length at iteration 1). Drift is a trend, so these two judge the smoothed value from the third
-# iteration on.
-DRIFT_WARMUP = 3
+# iteration on (`default_warmup = 3`).
 
 
 @register("detector", "length_drift")
@@ -100,8 +101,9 @@ class LengthDrift(Detector):
     fires instead once the mean length reaches `cap_fraction` of the cap: answers pinned at the limit are the drift
     the ratio cannot show (never below 1.1× the reference). Suspicious samples: the longest."""
 
+    default_warmup = 3
+
     def __init__(self, threshold: float = 1.5, action: str = "queue", cap_fraction: float = 0.9, **kw):
-        kw.setdefault("warmup", DRIFT_WARMUP)
         super().__init__(threshold, action, **kw)
         if not 0 < cap_fraction <= 1:
             raise ValueError(f"length_drift's cap_fraction must lie in (0, 1], got {cap_fraction}.")
@@ -243,9 +245,9 @@ class EOSCollapse(Detector):
     `threshold` (default 0.5: half as many answers end). Suspicious samples: those that did not end."""
 
     direction = "below"
+    default_warmup = 3
 
     def __init__(self, threshold: float = 0.5, action: str = "queue", min_reference: float = 0.2, **kw):
-        kw.setdefault("warmup", DRIFT_WARMUP)
         super().__init__(threshold, action, **kw)
         self.min_reference = min_reference
 
