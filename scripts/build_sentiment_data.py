@@ -237,15 +237,8 @@ def build_open_prompts(seed: int, n_train: int, n_test: int, test_subject_frac: 
     k = round(len(pool) * test_subject_frac)
     test_subj, train_subj = pool[:k], pool[k:]
 
-    def make(subjects, n, tag):
-        combos = [t.format(s=s) for s, t in itertools.product(subjects, OPEN_TEMPLATES)]
-        if n > len(combos):
-            raise ValueError(f"Asked for {n} open-ended prompts but only {len(combos)} combinations exist; "
-                             f"lower --n-open-train-prompts / --n-open-test-prompts.")
-        random.Random(f"{seed}-open-{tag}").shuffle(combos)
-        return combos[:n]
-
-    train, test = make(train_subj, n_train, "train"), make(test_subj, n_test, "test")
+    train = _combine(OPEN_TEMPLATES, train_subj, n_train, random.Random(f"{seed}-open-train"), "--n-open-train-prompts")
+    test = _combine(OPEN_TEMPLATES, test_subj, n_test, random.Random(f"{seed}-open-test"), "--n-open-test-prompts")
     assert not set(train) & set(test)
     return train, test, sorted(train_subj), sorted(test_subj)
 
@@ -260,6 +253,20 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def _combine(templates, subjects, n: int, rng: random.Random, flag: str = "--n-train-prompts / --n-test-prompts"):
+    """The first n of the shuffled template x subject combinations."""
+    combos = [t.format(s=s) for s, t in itertools.product(subjects, templates)]
+    if n > len(combos):
+        raise ValueError(f"Asked for {n} prompts but only {len(combos)} template x subject combinations exist; "
+                         f"lower {flag}.")
+    rng.shuffle(combos)
+    return combos[:n]
+
+
+def _command(argv) -> str:
+    return "python scripts/build_sentiment_data.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def build_prompts(seed: int, n_train: int, n_test: int, test_subject_frac: float):
     """Deterministic templates x subjects, with train/test on disjoint subjects (stratified by lean)."""
     rng = random.Random(seed)
@@ -271,15 +278,8 @@ def build_prompts(seed: int, n_train: int, n_test: int, test_subject_frac: float
         test_subj += pool[:k]
         train_subj += pool[k:]
 
-    def make(subjects, n, split_rng):
-        combos = [t.format(s=s) for s, t in itertools.product(subjects, TEMPLATES)]
-        if n > len(combos):
-            raise ValueError(f"Asked for {n} prompts but only {len(combos)} template x subject combinations exist.")
-        split_rng.shuffle(combos)
-        return combos[:n]
-
-    train = make(train_subj, n_train, random.Random(f"{seed}-train"))
-    test = make(test_subj, n_test, random.Random(f"{seed}-test"))
+    train = _combine(TEMPLATES, train_subj, n_train, random.Random(f"{seed}-train"))
+    test = _combine(TEMPLATES, test_subj, n_test, random.Random(f"{seed}-test"))
     assert not set(train) & set(test)
     return train, test, sorted(train_subj), sorted(test_subj)
 
@@ -718,8 +718,7 @@ def main(argv=None):
                      f"run the full build first (without --open-prompts-only).")
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
         meta["open"] = write_open_prompts(out, args)
-        meta["open"]["command"] = "python scripts/build_sentiment_data.py " + (
-            " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
+        meta["open"]["command"] = _command(argv)
         write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         if not args.no_card:
             write_atomic(out / "README.md", data_card(meta))
@@ -768,10 +767,9 @@ def main(argv=None):
         write_atomic(out / f"preferences_{name}.jsonl", jsonl(pairs[name]))
 
     open_meta = write_open_prompts(out, args)
-    cmd_args = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
     meta = {
         "description": "Positive-sentiment RLHF demo data: SmolLM2-135M-Instruct responses, VADER gold, simulated annotator.",
-        "command": f"python scripts/build_sentiment_data.py {cmd_args}".strip(),
+        "command": _command(argv).strip(),
         "params": {k: v for k, v in vars(args).items() if k not in ("out", "no_card", "card_only")},
         "annotator": {
             "formula": "P(a>b) = sigmoid((gold_a - gold_b)/tau + length_bias*(words_a - words_b)/10); flip w.p. label_noise",
