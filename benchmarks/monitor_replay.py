@@ -14,6 +14,7 @@ is not faithful.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+@functools.lru_cache(maxsize=None)  # runs of one seed share it: measured once (model load + n prompts)
 def reference(prompts: str, seed: int, n: int) -> dict:
     import torch
 

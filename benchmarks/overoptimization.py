@@ -490,7 +490,7 @@ _WAITING: set = set()
 
 
 def rm_dir(args) -> Path:
-    return Path(args.rm_dir) if getattr(args, "rm_dir", None) else Path(args.workdir) / "rms"
+    return Path(args.rm_dir) if args.rm_dir else Path(args.workdir) / "rms"
 
 
 def rm_ready(rms: Path, name: str) -> bool:
