@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py              # every configuration (≈ 12 min, 1 thread)
     OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only mid-256,smollm2-135m
 
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only smollm2-135m,smollm2-135m-bf16,smollm2-135m-autocast,smollm2-135m-bf16-autocast
+
 Each PPO configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style
 model, an NF4 base, SmolLM2-135M's shape), on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer
 (responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as scripts/gpu_check.py. They vary
@@ -10,7 +12,12 @@ what the plan's phases depend on: the hard controller (exact KL, the reference l
 one minibatch (the memoised θ_old forward) or two, gradient checkpointing, long prompts, a wide MLP, an NF4 base,
 long completions with MHA and top-layer LoRA (generation is the peak there; the training step everywhere else since
 the trainer frees each step's logits and computes the exact KL one sequence at a time), and, on its own, reward
-scoring (4 LoRA reward adapters in one mixed batch).
+scoring (4 LoRA reward adapters in one mixed batch). Four of them (mid-256, mid-512-mb2-ckpt, smollm2-135m and its
+top-8 placement) also run in the other precisions, suffixed: `-bf16` (bf16 weights, no autocast), `-autocast`
+(fp32 weights, PPOConfig(bf16=True): every pass under bf16 autocast) and `-bf16-autocast` (bf16 weights and
+autocast, what a GPU user runs); the plan is `estimate(dtype=…, bf16=…)` with the trainer's dtype semantics.
+CPU-only effect the plan counts for device="cpu" (`lm_head_cpu_bf16_copy_bytes`): in bf16, the LM head on
+`logits_to_keep`'s non-contiguous slice copies its weight once per row.
 Measured = peak RSS (VmHWM, reset just before the model is built) minus the RSS at that point (imports, one tiny
 warm-up iteration of the same architecture, the tokenizer and the prompts already there). Planned =
 `rlhf_ext.plan.estimate(..., device="cpu")`: what torch allocates at the peak, no allocator slack. The plan must
@@ -74,6 +81,16 @@ CONFIGS = {
     "smollm2-135m": ("SmolLM2-135M-Instruct", RUN, True),
     "smollm2-135m-top8": ("SmolLM2-135M-Instruct", dict(RUN, lora_top_layers=8), True),
 }
+# The same runs in the other precisions (PRECISIONS): bf16 weights; fp32 weights under bf16 autocast
+# (PPOConfig(bf16=True)); bf16 weights under bf16 autocast (what a GPU user runs).
+for _name, _precision in [(n, p) for n in ("mid-256", "mid-512-mb2-ckpt", "smollm2-135m", "smollm2-135m-top8")
+                          for p in ("bf16", "autocast", "bf16-autocast")]:
+    _shape, _opts, _judged = CONFIGS[_name]
+    CONFIGS[f"{_name}-{_precision}"] = (_shape, dict(_opts, precision=_precision), _judged)
+# precision → (the weights' dtype as the trainer is given it, PPOConfig(bf16=…), 4-bit)
+PRECISIONS = {"fp32": ("float32", False, False), "bf16": ("bfloat16", False, False),
+              "autocast": ("float32", True, False), "bf16-autocast": ("bfloat16", True, False),
+              "4bit": (None, False, True)}
 
 
 def scoring_worker(name: str) -> dict:
@@ -208,31 +225,52 @@ class PhaseMeter:
         return dict(self.peaks)
 
 
-def worker(name: str, iterations: int) -> dict:
-    from gpu_check import plan_for, run_case
+def bf16_autocast_config():
+    """run_case (scripts/gpu_check.py) sets PPOConfig(bf16=…) on GPU only; for the autocast precisions on CPU this
+    worker process swaps in a PPOConfig with bf16=True (autocast around every pass, as on a GPU)."""
+    import rlhf_ext
 
-    from rlhf_ext.plan import load_shape
+    base = rlhf_ext.PPOConfig
+
+    class BF16Config(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "bf16": True})
+
+    rlhf_ext.PPOConfig = BF16Config
+
+
+def worker(name: str, iterations: int) -> dict:
+    from gpu_check import run_case
+
+    from rlhf_ext.plan import estimate, load_shape
 
     if name in SCORING:
         return scoring_worker(name)
     shape_spec, opts, _ = CONFIGS[name]
     opts = dict(opts)
     precision = opts.pop("precision", "fp32")
+    dtype, autocast, four_bit = PRECISIONS[precision]
+    model_precision = "4bit" if four_bit else {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    if autocast:
+        bf16_autocast_config()
     shape = load_shape(shape_spec) if isinstance(shape_spec, str) else shape_spec
-    # Warm-up: one tiny iteration of the same architecture, so that lazily imported modules (the model class,
-    # Trainer, generation) and the libraries' first-use buffers are part of the baseline, not of the measurement.
+    # Warm-up: one tiny iteration of the same architecture and precision, so that lazily imported modules (the model
+    # class, Trainer, generation, autocast's kernels) and the libraries' first-use buffers are part of the baseline,
+    # not of the measurement.
     tiny = dict(GPT2_SMALL if shape["model_type"] == "gpt2" else llama(1024, 64, 176, 2, 4, 2),
                 vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    run_case(tiny, precision="fp32", device="cpu", iterations=1, batch=2, prompt_length=4, completion_length=4,
-             ppo_epochs=2, minibatches=1, gradient_checkpointing=opts.get("gradient_checkpointing", False))
+    run_case(tiny, precision="fp32" if four_bit else model_precision, device="cpu", iterations=1, batch=2,
+             prompt_length=4, completion_length=4, ppo_epochs=2, minibatches=1,
+             gradient_checkpointing=opts.get("gradient_checkpointing", False))
     meter = PhaseMeter()
     meter.install()
-    res = run_case(shape, precision=precision, device="cpu", iterations=iterations, measure="rss",
+    res = run_case(shape, precision=model_precision, device="cpu", iterations=iterations, measure="rss",
                    on_baseline=meter.start, **opts)
     measured_phases = meter.finish()  # the meter resets VmHWM: the whole-run peak is the largest phase's
-    plan = plan_for(shape, precision, "cpu", **opts)
-    return {"name": name, "measured": max(measured_phases.values()), "planned": plan["peak_allocated"],
-            "peak_phase": plan["peak_phase"], "measured_peak_phase": max(measured_phases, key=measured_phases.get),
+    plan = estimate(shape, dtype=dtype, bf16=autocast, load_in_4bit=four_bit, device="cpu", **opts)
+    return {"name": name, "precision": precision, "measured": max(measured_phases.values()),
+            "planned": plan["peak_allocated"], "peak_phase": plan["peak_phase"],
+            "measured_peak_phase": max(measured_phases, key=measured_phases.get),
             "phases": {k: v["total"] for k, v in plan["phases"].items()}, "measured_phases": measured_phases,
             "parts": plan["phases"][plan["peak_phase"]]["parts"], "iteration_s": res["iterations"][-1]["iteration_s"],
             "kl_after_update": [i["kl_after_update"] for i in res["iterations"]]}

@@ -550,6 +550,21 @@ def gao_fit(points):
     return float(alpha), float(beta)
 
 
+def strict_json(obj) -> str:
+    """JSON that strict parsers (browsers, jq) accept: NaN/inf (a column with no value, e.g. "gain / oracle's"
+    where the oracle gained nothing) become null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=1, allow_nan=False)
+
+
 def summarize(records) -> dict:
     """Per variant: mean ± std over seeds of the best held-out gold, its KL, final length, peak-to-end drop."""
     import statistics
@@ -676,7 +691,7 @@ def report(args):
                "versions": versions(), "machine": machine_line(), "settings": settings(args.quick, args.prompts),
                "gold": "rlhf_ext.sentiment.gold_score: mean per-sentence VADER compound − 1·[no EOS] − "
                        "repeated-4-gram fraction", "summary": rows, "runs": records}
-    out.write_text(json.dumps(payload, indent=1))
+    out.write_text(strict_json(payload))
     table = markdown_table(rows)
     out.with_suffix(".md").write_text(table + "\n")
     plot(records, out.with_suffix(".png"))

@@ -1,15 +1,24 @@
-"""PPO throughput and memory: rlhf_ext vs TRL 1.12's PPO (the last TRL release with PPO).
+"""PPO throughput and memory: rlhf_ext vs TRL 1.12's PPO (the last TRL release with PPO), in fp32 and bf16.
 
     python benchmarks/ppo_throughput.py                       # ours: 8 prompts x 32 tokens, 4 epochs, 1 minibatch
     python benchmarks/ppo_throughput.py --baseline            # + TRL 1.12 PPO in its own venv, same run, ratios
     python benchmarks/ppo_throughput.py --prompts 16 --epochs 1 --rloo   # + TRL 1.16 RLOO 8x2, matched budget
     python benchmarks/ppo_throughput.py --lora-layers 0,8 --baseline   # also LoRA on the top 8 layers (cache on)
+    python benchmarks/ppo_throughput.py --lora-layers 0,8 --baseline --precision fp32,bf16   # both precisions
+    python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --iters 2 --completion-length 8  # smoke
 
-Configuration (as shared/baselines): SmolLM2-135M-Instruct fp32, LoRA r=16 (alpha 32) on q_proj/v_proj, every
-response exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
+Configuration (as shared/baselines): SmolLM2-135M-Instruct, LoRA r=16 (alpha 32) on q_proj/v_proj, every response
+exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
+Precision (`--precision`, a comma list; default fp32):
+  fp32  weights loaded in float32, no autocast — both trainers (shared/baselines' setting).
+  bf16  weights loaded in bfloat16, as a GPU user loads them, and bf16=True (autocast) — both trainers: ours through
+        PPOConfig(model_init_kwargs={"dtype": "bfloat16"}, bf16=True); TRL 1.12's policy, value and reward models
+        from_pretrained(dtype=torch.bfloat16) and its PPOConfig(bf16=True).
 Ours keeps everything on one base: reference = adapters off, value head on the policy trunk, and the reward
 member (an untrained LoRA adapter + head: speed only, like the baseline's random-head reward model).
-Each configuration runs in a fresh subprocess so peak RSS is its own.
+Each configuration runs in a fresh subprocess so peak RSS is its own. The goals printed at the end: on the
+all-layer configuration (TRL's own), ≥ 3× TRL 1.12's tokens/s at equal precision, peak RSS ≤ 0.45× TRL's, and
+iteration time ≤ 2× generation time.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BASELINE_VENV = HERE.parent / ".bench-venvs" / "trl112"
+PRECISIONS = ("fp32", "bf16")
+GOALS = {"tok_per_s_ratio": 3.0, "peak_rss_ratio": 0.45, "iter_over_generate": 2.0}
 
 
 def run_ours(args) -> dict:
@@ -42,22 +53,26 @@ def run_ours(args) -> dict:
     layers = list(range(n_layers - top, n_layers)) if top else None
     rm_dir = random_reward_artifact(Path(tempfile.mkdtemp(prefix="rm_bench_")), args.model, tok, layers)
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in baseline_prompts(64)]})
+    bf16 = args.precision == "bf16"
     cfg = PPOConfig(tempfile.mkdtemp(prefix="ppo_bench_"), per_device_train_batch_size=args.prompts,
-                    max_completion_length=32, stop_on_eos=False, temperature=0.7, num_ppo_epochs=args.epochs,
-                    num_mini_batches=1, kl_controller=args.kl_controller, kl_target=4.0, max_steps=args.iters,
-                    save_strategy="no", use_cpu=True, seed=0, logging_steps=10**6, disable_tqdm=True,
-                    critic=args.critic)
+                    max_completion_length=args.completion_length, stop_on_eos=False, temperature=0.7,
+                    num_ppo_epochs=args.epochs, num_mini_batches=1, kl_controller=args.kl_controller, kl_target=4.0,
+                    max_steps=args.iters, save_strategy="no", use_cpu=True, seed=0, logging_steps=10**6,
+                    disable_tqdm=True, critic=args.critic, bf16=bf16,
+                    model_init_kwargs={"dtype": "bfloat16"} if bf16 else None)
     tr = PPOTrainer(args.model, reward_funcs=[str(rm_dir)], args=cfg, train_dataset=data, processing_class=tok,
                     peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                            layers_to_transform=layers))
+    base_dtype = str(next(tr.policy.peft.get_base_model().parameters()).dtype).replace("torch.", "")
+    print(f"ours: base weights {base_dtype}, autocast {tr.policy.autocast}, compute {tr.compute_dtype}", flush=True)
     hist = tr.train()
     it = [h["time/iteration_s"] for h in hist]
     gen = [h["time/generate_s"] for h in hist]
-    toks = args.prompts * 32
+    toks = args.prompts * args.completion_length
     for i, (a, b) in enumerate(zip(it, gen), 1):
         print(f"ITER {i}: {a:.2f}s (generate {b:.2f}s) {toks / a:.1f} tok/s", flush=True)
     return {**summary(it, gen, toks, tr.model, tr.policy.value_head),
-            "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6}
+            "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6, "base_dtype": base_dtype}
 
 
 def ensure_baseline_venv() -> Path:
@@ -82,63 +97,110 @@ def sub(cmd, env=None) -> dict:
     return json.loads(Path(out).read_text())
 
 
+def layers_label(n: int) -> str:
+    return f"top {n} layers" if n else "all layers"
+
+
+def print_table(rows: list[dict], args) -> None:
+    print(f"\n{args.prompts} prompts x {args.completion_length} tokens, {args.epochs} PPO epochs, 1 minibatch, "
+          f"{args.iters} iterations (median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}")
+    print(f"{'trainer':28s} {'precision':>9s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'iter/gen':>8s} "
+          f"{'peak RSS MiB':>12s} {'params M':>9s}")
+    for r in rows:
+        print(f"{r['name']:28s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
+              f"{r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """Each `ours` row against the baseline of the same precision; the goals on the all-layer configuration."""
+    for base_name in ("trl 1.12 PPO", "trl 1.16 RLOO"):
+        for base in [r for r in rows if r["name"] == base_name]:
+            for o in [r for r in rows if r["kind"] == "ours" and r["precision"] == base["precision"]]:
+                tok = o["tok_per_s"] / base["tok_per_s"]
+                rss = o["peak_rss_mib"] / base["peak_rss_mib"]
+                line = (f"ratios {o['name']} / {base_name} ({base['precision']}): tok/s {tok:.2f}x, peak RSS "
+                        f"{rss:.2f}x, iteration / generation {o['iter_s'] / o['generate_s']:.2f}")
+                if base_name == "trl 1.12 PPO" and o["layers"] == 0 and o["tree"] == "this":
+                    met = [f"tok/s ≥ {GOALS['tok_per_s_ratio']}x: {'met' if tok >= GOALS['tok_per_s_ratio'] else 'NOT met'}",
+                           f"peak RSS ≤ {GOALS['peak_rss_ratio']}x: "
+                           f"{'met' if rss <= GOALS['peak_rss_ratio'] else 'NOT met'}",
+                           f"iteration ≤ {GOALS['iter_over_generate']}x generation: "
+                           f"{'met' if o['iter_s'] <= GOALS['iter_over_generate'] * o['generate_s'] else 'NOT met'}"]
+                    line += "   goals (all layers): " + "; ".join(met)
+                print(line)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--completion-length", type=int, default=32, help="tokens per response (every response is "
+                    "exactly this long); 32 as shared/baselines, fewer for a smoke run")
     ap.add_argument("--kl-controller", default="fixed", help="fixed (the baseline's penalty) or hard (+1 KL forward)")
     ap.add_argument("--critic", default="shared")
     ap.add_argument("--lora-layers", default="0",
                     help="LoRA on the top N layers only (0 = all, as the baseline); a list such as 0,8 runs each")
+    ap.add_argument("--precision", default="fp32",
+                    help="comma list of fp32 (float32 weights) and bf16 (bfloat16 weights + bf16=True autocast); "
+                         "every trainer runs in each")
     ap.add_argument("--baseline", action="store_true", help="also run TRL 1.12 PPO (own venv) and print ratios")
-    ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv)")
+    ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv; fp32)")
     ap.add_argument("--other-tree", help="also run `ours` from another checkout of rlhf_ext (e.g. a git worktree of an "
                                          "earlier commit), in the same invocation: before/after ratios")
+    ap.add_argument("--json-out", help="(workers) where to write the row; (main) where to write every row")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
-    ap.add_argument("--json-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         res = run_ours(args) if args.worker == "ours" else None
         Path(args.json_out).write_text(json.dumps(res))
         return
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise SystemExit(f"--precision: unknown {bad}; use a comma list of {', '.join(PRECISIONS)}")
     from rlhf_ext.models import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
-    common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters)]
-    rows = {}
-    for n in [int(x) for x in str(args.lora_layers).split(",")]:
-        name = f"ours ({'top ' + str(n) if n else 'all'} layers)"
-        rows[name] = sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
-                          args.kl_controller, "--critic", args.critic, "--lora-layers", str(n)] + common)
-    if args.other_tree:
-        other = Path(args.other_tree).resolve()
-        rev = subprocess.run(["git", "-C", str(other), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip() or other.name
-        for n in [int(x) for x in str(args.lora_layers).split(",")]:
-            rows[f"ours@{rev} ({'top ' + str(n) if n else 'all'})"] = sub(
-                [sys.executable, str(other / "benchmarks" / "ppo_throughput.py"), "--worker", "ours", "--model",
-                 args.model, "--kl-controller", args.kl_controller, "--critic", args.critic, "--lora-layers", str(n)]
-                + common, env={**os.environ, "PYTHONPATH": str(other)})
-    ours_rows = list(rows)
-    if args.baseline:
-        py = ensure_baseline_venv()
-        rows["trl 1.12 PPO"] = sub([str(py), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir] + common)
-    if args.rloo:
-        rows["trl 1.16 RLOO"] = sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
-                                     "--iters", str(args.iters)])
-    print(f"\n{args.prompts} prompts x 32 tokens, {args.epochs} PPO epochs, 1 minibatch, {args.iters} iterations "
-          f"(median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}")
-    print(f"{'trainer':22s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
-    for name, r in rows.items():
-        print(f"{name:22s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
-              f"{r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
-    for base in ("trl 1.12 PPO", "trl 1.16 RLOO"):
-        for name in ours_rows if base in rows else []:
-            b, o = rows[base], rows[name]
-            print(f"ratios {name} / {base}: tok/s {o['tok_per_s'] / b['tok_per_s']:.2f}x, "
-                  f"peak RSS {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}x")
+    common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters),
+              "--completion-length", str(args.completion_length)]
+    layer_counts = [int(x) for x in str(args.lora_layers).split(",")]
+    rows: list[dict] = []
+
+    def add(result: dict, **meta) -> None:
+        rows.append({**result, **meta})
+
+    for precision in precisions:
+        for n in layer_counts:
+            add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
+                     args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision", precision]
+                    + common),
+                name=f"ours ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree="this")
+        if args.other_tree:
+            other = Path(args.other_tree).resolve()
+            rev = subprocess.run(["git", "-C", str(other), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip() or other.name
+            for n in layer_counts:  # an older checkout may lack --precision / --completion-length: fp32, 32 only
+                extra = (["--precision", precision, "--completion-length", str(args.completion_length)]
+                         if (precision != "fp32" or args.completion_length != 32) else [])
+                add(sub([sys.executable, str(other / "benchmarks" / "ppo_throughput.py"), "--worker", "ours",
+                         "--model", args.model, "--kl-controller", args.kl_controller, "--critic", args.critic,
+                         "--lora-layers", str(n), "--prompts", str(args.prompts), "--epochs", str(args.epochs),
+                         "--iters", str(args.iters)] + extra, env={**os.environ, "PYTHONPATH": str(other)}),
+                    name=f"ours@{rev} ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree=rev)
+        if args.baseline:
+            py = ensure_baseline_venv()
+            add(sub([str(py), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision]
+                    + common), name="trl 1.12 PPO", kind="baseline", precision=precision, layers=0, tree="")
+        if args.rloo and precision == "fp32":
+            add(sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
+                     "--iters", str(args.iters)]), name="trl 1.16 RLOO", kind="baseline", precision="fp32",
+                layers=0, tree="")
+    print_table(rows, args)
+    print_ratios(rows)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ Rewards come from `reward_model_path` (an artifact of recipes/reward_modeling.py
 as adapters when both use the same base model). `dataset_name`: Hub id or a folder of `<config>_<split>.jsonl`.
 """
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import load_split, resolve_data_path
+from rlhf_ext.recipes import lora_config
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -26,7 +27,7 @@ def main(script_args, training_args, model_args, config_file=None):
         reward_funcs=[],
         args=training_args,
         train_dataset=train,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args),
         load_in_4bit=model_args.load_in_4bit,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -7,16 +7,16 @@ Any TRL `ModelConfig` field works (`load_in_4bit`, `use_peft`, `lora_r`, `lora_t
 `dataset_name` may be a Hub id or a local folder holding `<dataset_config>_<split>.jsonl` files.
 """
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
-from rlhf_ext.data import load_split, resolve_data_path, with_extra_preferences
+from rlhf_ext.data import load_split, resolve_data_path
+from rlhf_ext.recipes import lora_config
 
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
     train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
-    train = with_extra_preferences(train, training_args.extra_preferences)
     try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
         test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
     except (FileNotFoundError, ValueError):
@@ -28,7 +28,7 @@ def main(script_args, training_args, model_args, config_file=None):
         args=training_args,
         train_dataset=train,
         eval_dataset=test,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args),
         load_in_4bit=model_args.load_in_4bit,
     )
     trainer.train()

@@ -20,27 +20,39 @@ COMMANDS = {
 }
 
 
-def _recipe(name: str, rest):
+def _recipe(name: str, rest) -> int:
     import runpy
 
     from .recipes import recipe_path
 
     script = recipe_path(name)
+    if not rest:  # every option could come from the command line, but nobody means to run with none of them
+        print(f"usage: rlhf-ext {name.split('_')[0]} --config FILE.yaml [--option value ...]\n"
+              f"The recipe needs a configuration: a YAML such as the ones in recipes/configs/ (see "
+              f"`rlhf-ext {name.split('_')[0]} --help` for every option).", file=sys.stderr)
+        return 2
     sys.argv = [str(script), *rest]
     runpy.run_path(str(script), run_name="__main__")
+    return 0
 
 
-def _plugins(rest):
+def _plugins(rest) -> int:
     from .registry import POINTS, available
 
     for point in POINTS:
         print(f"{point:15s} {', '.join(available(point)) or '-'}")
+    return 0
 
 
-def _convert(rest):
+def _convert(rest) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf-ext convert", description=COMMANDS["convert"])
+    ap.add_argument("model", nargs="?", default=None, help="a .gguf file or the embedded default's name "
+                    "(default: smollm2-135m-instruct); prints the converted safetensors folder")
+    args = ap.parse_args(rest)
     from .models import DEFAULT_MODEL, resolve_model_path
 
-    print(resolve_model_path(rest[0] if rest else DEFAULT_MODEL))
+    print(resolve_model_path(args.model or DEFAULT_MODEL))
+    return 0
 
 
 def _lazy(module: str, func: str = "main"):
@@ -64,7 +76,9 @@ HANDLERS = {
 }
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Run one command; returns its exit status (0 on success). A command's own return value is never passed to
+    `sys.exit` as such: `demo` returns its summary, which would print to stderr and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="rlhf-ext", description="PPO-based RLHF on current TRL, safe against reward hacking.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,7 +88,8 @@ def main(argv=None):
         ap.print_help()
         return 0 if argv else 2
     args = ap.parse_args(argv[:1])
-    return HANDLERS[args.command](argv[1:])
+    rc = HANDLERS[args.command](argv[1:])
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", device=None
     return ids.to(device), mask.to(device)
 
 
+def model_pad_id(tokenizer, model) -> int:
+    """The id padded positions hold when they reach `model`: the tokenizer's pad token when the embedding has it,
+    else EOS, else 0. Padding is tracked by attention masks, never by id, so any in-range id is exact; a `[PAD]`
+    added to the tokenizer without resizing the model (as TRL's PPO examples do) must not be embedded."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None and 0 <= candidate < rows:
+            return int(candidate)
+    return 0
+
+
 def message_text(value) -> str:
     """The text of a plain string or of a list of chat messages (for emptiness checks)."""
     return " ".join(m.get("content") or "" for m in value) if isinstance(value, list) else value
@@ -102,19 +113,25 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None):
     """TRL prompt-only data (text or conversational) → list of (prompt, token ids), chat template applied as TRL
     does. `args` supplies max_prompt_length, prompt_overflow and per_device_train_batch_size (a PPOConfig). Bad rows
     raise or drop."""
-    if "prompt" not in dataset.column_names:
-        raise ValueError(
-            f"The PPO dataset needs a 'prompt' column (TRL prompt-only format); it has {dataset.column_names}."
-        )
+    columns = dataset.column_names
+    if "prompt" in columns:
+        source = ((i, p, None) for i, p in enumerate(dataset["prompt"]))
+    elif "input_ids" in columns:  # TRL 1.12 PPO's format: token ids; the rewards get the decoded text
+        source = ((i, tokenizer.decode(ids), list(ids)) for i, ids in enumerate(dataset["input_ids"]))
+    else:
+        raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
+                         f"1.12's PPO took it; it has {columns}.")
     rows, too_long = [], []
-    for i, prompt in enumerate(dataset["prompt"]):
+    for i, prompt, ids in source:
         text = message_text(prompt)
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise ValueError(f"Prompt {i} is a {type(prompt).__name__} ({prompt!r:.60}), not text: a prompt is a string "
+                             f"or a list of chat messages.")
+        if not text.strip():
             raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(text=prompt)["input_ids"]
+        if ids is None:
+            ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+                   ["input_ids"] if isinstance(prompt, list) else tokenizer(text=prompt)["input_ids"])
         if len(ids) > args.max_prompt_length:
             too_long.append((i, len(ids)))
             if args.prompt_overflow == "drop":

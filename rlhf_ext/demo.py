@@ -15,11 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from .data import SHIPPED, load_split
-from .sentiment import gold_judge, vader_judge
-
 MODEL = "smollm2-135m-instruct"
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "overoptimization.json"
 
@@ -31,6 +26,10 @@ def lora():
 
 
 def train_reward(out: Path, data: Path, args) -> dict:
+    import torch
+
+    from .data import load_split
+
     from .reward.config import RewardEnsembleConfig
     from .reward.trainer import RewardEnsembleTrainer
 
@@ -55,6 +54,11 @@ def train_reward(out: Path, data: Path, args) -> dict:
 
 
 def run_ppo(out: Path, data: Path, reward_path: Path, args):
+    import torch
+
+    from .data import load_split
+    from .sentiment import gold_judge, vader_judge
+
     from .ppo.config import PPOConfig
     from .ppo.trainer import PPOTrainer
 
@@ -86,6 +90,8 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
 
 
 def plot(history, before, after, kl_target, path: Path):
+    import torch
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +124,8 @@ def plot(history, before, after, kl_target, path: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="rlhf-ext demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default="outputs/demo")
-    ap.add_argument("--data-dir", default=str(SHIPPED / "sentiment"))
+    ap.add_argument("--data-dir", default=None, help="folder of preferences_*.jsonl / prompts_*.jsonl (default: the "
+                    "shipped sentiment data)")
     ap.add_argument("--iterations", type=int, default=16)
     ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after report")
     ap.add_argument("--ensemble-size", type=int, default=4)
@@ -134,7 +141,9 @@ def main(argv=None):
     ap.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N of 30 layers (0 = all)")
     ap.add_argument("--reuse-reward", action="store_true", help="skip stage 1 if the reward artifact exists")
     args = ap.parse_args(argv)
-    out, data = Path(args.output_dir), Path(args.data_dir)
+    from .data import SHIPPED
+
+    out, data = Path(args.output_dir), Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"
     t0 = time.time()
     reward_path = out / "reward"
     print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, LoRA, length de-correlation "

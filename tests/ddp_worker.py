@@ -2,7 +2,10 @@
 processes (recipes/accelerate_configs/cpu_2proc.yaml): PPO or reward training on the same global batch, split
 across the processes. Writes what each rank saw and the trained parameters.
 
-    python tests/ddp_worker.py OUT_DIR {ppo|reward} GLOBAL_BATCH [BASE_MODEL_DIR (reward)]
+    python tests/ddp_worker.py OUT_DIR {ppo|reward|precision|monitor} GLOBAL_BATCH [BASE_MODEL_DIR (reward)]
+
+`precision` (launched with --mixed_precision bf16): the policy untouched (lr 0) must read KL exactly 0, then the hard
+KL guard (lr 0.1) checked against the independent oracle on each rank's own batch; no parameters are saved.
 """
 
 import json
@@ -23,6 +26,90 @@ out, mode, global_batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 tok = tiny_tokenizer()
 SUBJECTS = "movie book song film food place day night".split()
 
+if mode == "precision":
+    from transformers import TrainerCallback
+
+    from rlhf_ext.testing import tiny_causal_lm
+    from tests.kl_oracle import exact_batch_kl
+
+    class Oracle(TrainerCallback):
+        def __init__(self):
+            self.trainer, self.exact = None, []
+
+        def on_step_end(self, args, state, control, **kw):
+            tr = self.trainer
+            self.exact.append(exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature,
+                                             autocast=torch.bfloat16 if tr.args.mixed_precision == "bf16" else None))
+
+    data = Dataset.from_dict({"prompt": [f"write a {a} review of the {s} ." for a in ("short", "long", "good", "bad")
+                              for s in SUBJECTS]})
+    info = {}
+    for phase, lr in (("still", 0.0), ("guarded", 0.1)):
+        args = PPOConfig(str(out / phase), per_device_train_batch_size=4, max_steps=2, learning_rate=lr,
+                         num_ppo_epochs=8, max_completion_length=6, kl_controller="hard", kl_target=0.1,
+                         init_kl_coef=0.0, use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1000,
+                         seed=0, monitor=False)
+        oracle = Oracle()
+        tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=lambda completion_ids, **kw: [float(len(c)) for c in
+                                                                                       completion_ids],
+                        args=args, train_dataset=data, processing_class=tok, callbacks=[oracle],
+                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        oracle.trainer = tr
+        hist = tr.train()
+        info[phase] = {"mixed_precision": args.mixed_precision, "compute_dtype": tr.startup["compute_dtype"],
+                       "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
+                       **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")}}
+    rank, world = tr.accelerator.process_index, args.world_size
+    (out / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))
+    sys.exit(0)
+
+if mode == "monitor":
+    # A detector that sees how many samples it is shown: 8 for the whole batch, 4 for one rank's share. It halts
+    # above 6 — so it fires only if the monitor observes the global batch, and then on every rank at once.
+    from rlhf_ext.plugins.detectors import Detector
+    from rlhf_ext.registry import register
+    from rlhf_ext.testing import tiny_causal_lm
+
+    @register("detector", "batch_seen")
+    class BatchSeen(Detector):
+        def statistic(self, obs):
+            return float(len(obs.texts))
+
+    data = Dataset.from_dict({"prompt": [f"write a {a} review of the {s} ." for a in ("short", "long", "good", "bad")
+                              for s in SUBJECTS]})
+    args = PPOConfig(str(out / "run"), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+                     max_completion_length=6, kl_controller="fixed", use_cpu=True, save_strategy="no",
+                     disable_tqdm=True, logging_steps=1000, seed=0, monitor_reference_prompts=8,
+                     monitor_detectors=[{"name": "batch_seen", "threshold": 6, "action": "halt", "warmup": 2}])
+    local = []
+
+    def length(completion_ids, **kw):  # different on the two ranks' halves: their local means differ
+        return [float(len(c)) + (5.0 if "short" in str(p) else 0.0) for c, p in zip(completion_ids, kw["prompts"])]
+
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=length, args=args, train_dataset=data, processing_class=tok,
+                    peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        from transformers import TrainerCallback
+
+        class Local(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                ro = tr.rollout
+                local.append({"scores": float(ro.scores[ro.valid].sum()), "n": int(ro.valid.sum()),
+                              "length": float(ro.lengths.float().mean())})
+
+        tr.add_callback(Local())
+        hist = tr.train()
+    rank, world = tr.accelerator.process_index, args.world_size
+    info = {"iterations": len(hist), "halted_by": tr.monitor.halted_by, "local": local,
+            "logged": [{k: h[k] for k in ("objective/scores", "response/length_mean", "monitor/batch_seen")}
+                       for h in hist],
+            "checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*"))}
+    (out / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))
+    sys.exit(0)
+
 if mode == "ppo":
     # Greedy responses: the same tokens whichever process (and batch layout) generates them, so one process with
     # the whole batch and two processes with half each can be compared update for update.
@@ -37,7 +124,7 @@ if mode == "ppo":
 
     data = Dataset.from_dict({"prompt": [f"write a {a} review of the {s} ." for a in ("short", "long", "good", "bad")
                               for s in SUBJECTS]})  # 32 distinct prompts of one token length: no padding differences
-    args = PPOConfig(str(out / "run"), per_device_train_batch_size=0, max_steps=3, learning_rate=3e-2,
+    args = PPOConfig(str(out / "run"), per_device_train_batch_size=1, max_steps=3, learning_rate=3e-2,
                      max_completion_length=6, kl_controller="hard", kl_target=0.005, use_cpu=True, save_strategy="no",
                      disable_tqdm=True, logging_steps=1000, seed=0, monitor=False)
     world = args.world_size

@@ -3,7 +3,8 @@
 Per sequence, without padding, attention masks or position ids: the prompt tokens (attention mask 1) followed by
 the sampled response (up to and including its EOS), through the model's own forward in eval mode (no dropout);
 π_ref is the same model under PEFT's `disable_adapter()` on the whole model. log-softmax of logits/T in float64,
-summed over the response states, averaged over sequences.
+summed over the response states, averaged over sequences. `autocast`: the precision the policy is defined in (a bf16
+run's π is its bf16 forward), applied here with torch's own autocast around the plain forward.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 
 @torch.no_grad()
-def exact_batch_kl(peft_model, rollout, temperature: float) -> float:
+def exact_batch_kl(peft_model, rollout, temperature: float, autocast: torch.dtype | None = None) -> float:
     states = [(m, m.training) for m in peft_model.modules()]
     flags = [(p, p.requires_grad) for p in peft_model.parameters()]
     peft_model.eval()
+    ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     try:
         kls = []
         P = rollout.ids.shape[1] - rollout.R
@@ -24,9 +26,12 @@ def exact_batch_kl(peft_model, rollout, temperature: float) -> float:
             resp = torch.tensor(rollout.completion_ids[b], dtype=torch.long, device=prompt.device)
             seq = torch.cat([prompt, resp])[None]
             start = len(prompt) - 1
-            pi = (peft_model(input_ids=seq).logits[0, start : start + len(resp)].double() / temperature).log_softmax(-1)
-            with peft_model.disable_adapter():
-                ref = (peft_model(input_ids=seq).logits[0, start : start + len(resp)].double() / temperature).log_softmax(-1)
+            with ctx:
+                pi_logits = peft_model(input_ids=seq).logits
+                with peft_model.disable_adapter():
+                    ref_logits = peft_model(input_ids=seq).logits
+            pi = (pi_logits[0, start : start + len(resp)].double() / temperature).log_softmax(-1)
+            ref = (ref_logits[0, start : start + len(resp)].double() / temperature).log_softmax(-1)
             kls.append(float((pi.exp() * (pi - ref)).sum()))
         return sum(kls) / len(kls)
     finally:

@@ -148,3 +148,31 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
     assert time.perf_counter() - t < 2.0
     assert "kl_controller" in run(cli, "plugins") and "detector" in run(cli, "plugins")
     assert "--kl_target" in run(cli, "ppo", "--help") and "--ensemble_size" in run(cli, "reward", "--help")
+
+
+def test_saved_policy_names_the_embedded_base_by_hub_id_and_is_world_readable(tmp_path, monkeypatch):
+    """The adapter_config records `HuggingFaceTB/SmolLM2-135M-Instruct`, not this machine's conversion cache, so the
+    folder loads anywhere; every file is written with the same permissions (heads and weights were 0600)."""
+    import json
+    import os
+
+    from datasets import Dataset
+
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    monkeypatch.setenv("RLHF_EXT_TINY_MODELS", "1")
+    monkeypatch.setenv("RLHF_EXT_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        tr = PPOTrainer("smollm2-135m-instruct", reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                        args=PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1,
+                                       max_completion_length=4, use_cpu=True, save_strategy="no", monitor=False),
+                        train_dataset=Dataset.from_dict({"prompt": ["hello there ."] * 4}))
+        tr.save_model(str(tmp_path / "policy"))
+    finally:
+        os.umask(old)
+    cfg = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    modes = {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "policy").rglob("*")
+             if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes

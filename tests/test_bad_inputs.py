@@ -199,3 +199,75 @@ def test_artifact_loads_from_another_directory(artifact, tmp_path, monkeypatch):
     rm = load_reward_model("rm")
     assert rm.score_texts(["a"], ["good movie"]).shape == (1, 1)
     assert torch.isfinite(rm.score_texts(["a"], ["good movie"], normalize=True)).all()
+
+
+# -- PPOConfig: numbers that used to train silently wrong or crash deep inside ------------------------------------------
+@pytest.mark.parametrize("kw, says", [
+    ({"max_completion_length": 0}, "max_completion_length must be ≥ 1"),
+    ({"max_completion_length": -5}, "max_completion_length must be ≥ 1"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number"),
+    ({"num_mini_batches": 0}, "num_mini_batches must be ≥ 1"),
+    ({"num_ppo_epochs": 0}, "num_ppo_epochs must be ≥ 1"),
+    ({"clip_range": -0.2}, "clip_range .* must be > 0"),
+    ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
+    ({"lam": -0.1}, r"lam must be in \[0, 1\]"),
+    ({"vf_coef": -1.0}, "vf_coef must be a finite number ≥ 0"),
+    ({"gradient_accumulation_steps": 4}, "does not accumulate.*num_mini_batches"),
+    ({"bf16": False, "fp16": False, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+], ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
+def test_ppo_config_refuses_numbers_that_cannot_train(tmp_path, kw, says):
+    from rlhf_ext import PPOConfig
+
+    with pytest.raises(ValueError, match=says):
+        PPOConfig(str(tmp_path), use_cpu=True, **kw)
+
+
+@pytest.mark.parametrize("prompt", [0, 3.5, {"text": "hi"}])
+def test_prompt_that_is_not_text_says_so(tmp_path, tok, prompt):
+    from rlhf_ext import PPOConfig, PPOTrainer
+    from rlhf_ext.testing import tiny_causal_lm
+
+    data = Dataset.from_dict({"prompt": [prompt] * 8}) if not isinstance(prompt, dict) else Dataset.from_list(
+        [{"prompt": prompt}] * 8)
+    with pytest.raises(ValueError, match="Prompt 0 is a .*not text"):
+        PPOTrainer(tiny_causal_lm(tok), reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                   args=PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=8), train_dataset=data,
+                   processing_class=tok)
+
+
+def test_uwo_with_one_member_is_refused(tmp_path, tok):
+    with pytest.raises(ValueError, match="aggregation='uwo' combines several reward members, but there is only 1"):
+        make(tmp_path, tok, max_steps=1, aggregation="uwo")
+
+
+def test_output_dir_that_is_a_file_or_read_only(tmp_path, tok):
+    (tmp_path / "ppo").write_text("x")  # make() writes to tmp_path / "ppo"
+    with pytest.raises(ValueError, match="is a file; it must be a folder"):
+        make(tmp_path, tok, max_steps=1)
+    assert (tmp_path / "ppo").read_text() == "x"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
+            with pytest.raises(ValueError, match="is not writable.*nothing has been trained yet"):
+                make(ro / "sub", tok, max_steps=1)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_save_model_onto_a_file_names_it(tmp_path, tok):
+    tr = make(tmp_path, tok, max_steps=1)
+    target = tmp_path / "policy.bin"
+    target.write_text("keep me")
+    with pytest.raises(NotADirectoryError, match="it is a file"):
+        tr.save_model(str(target))
+    assert target.read_text() == "keep me"  # nothing lost
+
+
+def test_reward_artifact_without_manifest_warns(artifact, tmp_path):
+    copy = tmp_path / "no_manifest"
+    shutil.copytree(artifact, copy)
+    (copy / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="no manifest.json.*could not be checked"):
+        load_reward_model(str(copy))

@@ -18,16 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-def _run(out, mode, *extra, world):
+def _launch(out, mode, *extra, world, port=0, launch_flags=()):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     worker = [str(ROOT / "tests" / "ddp_worker.py"), str(out), mode, "8", *extra]
     if world == 1:
         cmd = [sys.executable, *worker]
     else:
         cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "recipes/accelerate_configs/cpu_2proc.yaml"),
-               "--main_process_port", str(29640 + (mode == "reward")), *worker]
+               "--main_process_port", str(29640 + port), *launch_flags, *worker]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _run(out, mode, *extra, world):
+    _launch(out, mode, *extra, world=world, port=int(mode == "reward"))
     return [(json.loads((out / f"info_w{world}_r{i}.json").read_text()),
              load_file(str(out / f"params_w{world}_r{i}.safetensors"))) for i in range(world)]
 
@@ -61,3 +65,43 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path, tok, mod
     moved = max(float(v.abs().max()) for k, v in p1.items() if "lora_B" in k)
     assert moved > 1e-3
     _close(pa, p1, 1e-4 * max(1.0, moved))
+
+
+def test_bf16_under_ddp_is_one_precision(tmp_path):
+    """`mixed_precision: bf16` from the launcher (as recipes/accelerate_configs/multi_gpu.yaml sets it), 2 processes:
+    every pass runs in bf16, so with the policy untouched every KL reads exactly 0 (before: objective/kl 3.4e-4, the
+    training forward alone under autocast), and the hard KL bound holds against the independent oracle (in bf16)
+    on the union of both ranks' batches."""
+    _launch(tmp_path, "precision", world=2, port=2, launch_flags=("--mixed_precision", "bf16"))
+    ranks = [json.loads((tmp_path / f"info_w2_r{i}.json").read_text()) for i in range(2)]
+    for info in ranks:
+        still, guarded = info["still"], info["guarded"]
+        assert still["mixed_precision"] == "bf16" and still["compute_dtype"] == "bfloat16"
+        assert still["startup_kl"] <= 1e-9
+        assert all(k == 0.0 for k in still["objective/kl"])
+        assert all(0.0 <= k <= 1e-9 for k in still["kl/before_update"] + still["kl/after_update"])
+        assert all(abs(e) <= 1e-9 for e in still["exact"])
+        assert all(k <= 0.1 for k in guarded["kl/after_update"])
+    a, b = ranks[0]["guarded"], ranks[1]["guarded"]
+    assert a["kl/after_update"] == b["kl/after_update"]  # one decision for both ranks
+    for it, logged in enumerate(a["kl/after_update"]):
+        exact = (a["exact"][it] + b["exact"][it]) / 2  # the guard bounds the mean over the global batch
+        assert exact <= 0.1 + 1e-4 and abs(exact - logged) <= 1e-4 + 1e-3 * exact, (it, exact, logged)
+    assert max(a["kl/after_update"]) > 0.02  # the policy did move
+
+
+def test_monitor_decides_once_for_all_ranks(tmp_path):
+    """Detectors see the whole batch (gathered from both processes), so a halt stops every rank at the same
+    iteration with one checkpoint written — before, a halt taken on one rank's data stopped that rank alone and the
+    other crashed in gloo. Logged metrics are means over the whole batch, not rank 0's."""
+    _launch(tmp_path, "monitor", world=2, port=3)
+    a, b = [json.loads((tmp_path / f"info_w2_r{i}.json").read_text()) for i in range(2)]
+    assert a["halted_by"] == b["halted_by"] == "batch_seen"
+    assert a["iterations"] == b["iterations"] == 2  # warmup 2: the first iteration it may fire
+    assert a["checkpoints"] == b["checkpoints"] == ["checkpoint-2"]
+    assert a["logged"] == b["logged"]
+    for it, logged in enumerate(a["logged"]):
+        assert logged["monitor/batch_seen"] > 6  # it saw 8 samples (smoothed), not 4
+        la, lb = a["local"][it], b["local"][it]
+        assert logged["objective/scores"] == pytest.approx((la["scores"] + lb["scores"]) / (la["n"] + lb["n"]))
+        assert logged["response/length_mean"] == pytest.approx((la["length"] + lb["length"]) / 2)

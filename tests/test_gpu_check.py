@@ -51,6 +51,9 @@ def test_cpu_mode_json_shape_and_kl_bound(cpu_run):
         assert c["planned_peak_phase"] in ("generation", "reward scoring", "reference pass", "training step",
                                            "exact-KL check", "monitor")
     assert sum(c["kl_backtracks"] for c in ran) > 0  # the guard really had to act to keep KL ≤ δ
+    dtypes = {c["name"]: c.get("compute_dtype") for c in ran}
+    assert dtypes.get("tiny-llama-bf16") == "bfloat16" and dtypes["tiny-llama-fp32"] == "float32"
+    assert any(c["name"] == "tiny-llama-4bit-gc" and c["gradient_checkpointing"] for c in ran)
     four = next(c for c in data["cases"] if c["name"].endswith("4bit"))
     if four["status"] == "ok":
         assert four["quantized"] is True

@@ -51,3 +51,50 @@ def test_embedded_gguf_converts_once_to_safetensors():
     tok = models.load_tokenizer("smollm2-135m-instruct")
     assert tok.eos_token == "<|im_end|>" and tok.chat_template
     assert models.resolve_model_path("smollm2-135m-instruct") == path
+
+
+def test_4bit_inference_layout_is_refused_exactly(tmp_path, tok, monkeypatch):
+    """If a 4-bit layer ends up in bitsandbytes' CPU inference layout anyway (a future release, another code path),
+    PPO stops at start-up naming the layers — even with LoRA only on o_proj, where the first-step gradient check
+    would pass on wrong gradients. Forced here with bitsandbytes' own repacking function."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    import rlhf_ext.ppo.trainer as ppo_trainer
+    from rlhf_ext import PPOConfig, PPOTrainer, models
+    from rlhf_ext.testing import save_tiny_model
+
+    from .conftest import FOUR_BIT_HIDDEN
+
+    def repack(layer):
+        layer.weight.data, layer.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state)
+
+    model = models.load_model(save_tiny_model(tmp_path / "m", tok, hidden_size=FOUR_BIT_HIDDEN), load_in_4bit=True)
+    layer = model.model.layers[0].self_attn.q_proj
+    repack(layer)
+    models.assert_trainable_4bit_layout(models.keep_4bit_trainable(model), "test")  # converted back: fine
+    repack(layer)
+    monkeypatch.setattr(ppo_trainer, "keep_4bit_trainable", lambda m: m)  # a path that forgets to convert back
+    with pytest.raises(RuntimeError, match="repacked into bitsandbytes' CPU inference layout.*q_proj"):
+        PPOTrainer(model, reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                   args=PPOConfig(str(tmp_path / "o"), per_device_train_batch_size=2, use_cpu=True, monitor=False),
+                   train_dataset=Dataset.from_dict({"prompt": ["hello there ."] * 2}), processing_class=tok,
+                   peft_config=LoraConfig(r=4, target_modules=["o_proj"]))
+
+
+def test_missing_private_bitsandbytes_function_fails_loudly(tmp_path, tok, monkeypatch):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from rlhf_ext import models
+    from rlhf_ext.testing import save_tiny_model
+
+    from .conftest import FOUR_BIT_HIDDEN
+
+    model = models.load_model(save_tiny_model(tmp_path / "m", tok, hidden_size=FOUR_BIT_HIDDEN), load_in_4bit=True)
+    layer = model.model.layers[0].mlp.down_proj
+    layer.weight.data, layer.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state)
+    monkeypatch.delattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse")
+    with pytest.raises(RuntimeError, match="no longer offers the conversion back"):
+        models.keep_4bit_trainable(model)

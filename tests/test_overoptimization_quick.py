@@ -69,3 +69,15 @@ def test_quick_mode_with_wide_prompts_evaluates_transfer_at_twice_the_budget(tmp
     assert run["done"] and run["settings"] == st
     # the tiny random model never ends: held-out answers stop at the training budget, transfer ones run past it
     assert run["points"][0]["length"] <= st["max_tokens"] < run["points"][0]["transfer"]["length"] <= st["transfer_tokens"]
+
+
+def test_committed_results_are_strict_json():
+    """Browsers and jq reject NaN: the committed results parse with a strict parser (no NaN/Infinity constants)."""
+    import json
+    from pathlib import Path
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json")):
+        json.loads(path.read_text(), parse_constant=refuse)

@@ -140,10 +140,15 @@ def test_small_formulas_hand_computed():
     assert plan.overhead_bytes(10 * GiB, "cuda") == int(0.5 * GiB + 1 * GiB)
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
-def test_activation_formula_matches_saved_tensors(kind, dtype):
+@pytest.mark.parametrize("kind,dtype,autocast", [
+    ("llama", torch.float32, False), ("llama", torch.bfloat16, False), ("gpt2", torch.float32, False),
+    ("llama", torch.float32, True), ("llama", torch.bfloat16, True), ("gpt2", torch.float32, True),
+], ids=["llama-fp32", "llama-bf16", "gpt2-fp32", "llama-fp32-autocast", "llama-bf16-autocast", "gpt2-fp32-autocast"])
+def test_activation_formula_matches_saved_tensors(kind, dtype, autocast):
     """What autograd really saves in our training forward (saved_tensors_hooks, unique storages, parameters
-    excluded) against `training_activation_bytes`; dropout zeroed as PPOTrainer does (GPT-2's config has 0.1)."""
+    excluded) against `training_activation_bytes` (+ `autocast_weight_copy_bytes` under bf16 autocast over fp32
+    weights: the bf16 casts of the frozen weights, kept for the input gradients); dropout zeroed as PPOTrainer does
+    (GPT-2's config has 0.1). Autocast as PPOConfig(bf16=True) runs it: PolicyAndValue(autocast=torch.bfloat16)."""
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
@@ -155,7 +160,7 @@ def test_activation_formula_matches_saved_tensors(kind, dtype):
     peft = get_peft_model(_model(shape).to(dtype), LoraConfig(r=16, lora_alpha=32, target_modules=targets,
                                                               lora_dropout=0.0, task_type="CAUSAL_LM"))
     zero_dropout(peft)
-    pv = PolicyAndValue(peft, nn.Linear(64, 1), "shared", 1.0)
+    pv = PolicyAndValue(peft, nn.Linear(64, 1), "shared", 1.0, autocast=torch.bfloat16 if autocast else None)
     params = {p.untyped_storage().data_ptr() for p in list(peft.parameters()) + list(pv.value_head.parameters())}
     B, T, R = 3, 40, 8
     ids = torch.randint(0, 1000, (B, T))
@@ -171,9 +176,11 @@ def test_activation_formula_matches_saved_tensors(kind, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pv(ids, mask, R)
-    a = 4 if dtype == torch.float32 else 2
-    planned = plan.training_activation_bytes(shape, B, T, targets="q,k,v,o", r=16, a=a, trained_layers=2,
-                                             checkpointing=False)
+    prec = plan.precision_of("float32" if dtype == torch.float32 else "bfloat16", bf16=autocast)
+    planned = plan.training_activation_bytes(shape, B, T, targets="q,k,v,o", r=16, a=prec.a, h=prec.h,
+                                             autocast=prec.autocast, trained_layers=2, checkpointing=False)
+    if prec.weight_copies:
+        planned += plan.autocast_weight_copy_bytes(shape, targets="q,k,v,o", trained_layers=2, checkpointing=False)
     assert sum(saved.values()) == pytest.approx(planned, rel=0.08)
 
 
@@ -286,18 +293,22 @@ def test_cli_prints_a_table(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ measured
-def test_measured_peak_matches_plan_on_cpu(tmp_path):
+@pytest.mark.parametrize("config", ["mid-256", "mid-256-autocast", "mid-256-bf16-autocast"])
+def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     """One PPO run of benchmarks/memory_plan_check.py's 'mid-256' configuration (random 4-layer Llama, hidden 256,
     vocabulary 8192, 8 prompts × (32 + 32) tokens, hard KL, 3 PPO epochs, one iteration) in a fresh process: peak RSS
     over the baseline vs the plan, for the whole run (its peak: the training step's backward) and phase by phase
-    (PhaseMeter). Tolerance ±15 %: the plan counts tensors only, and at a ~85 MiB peak the rest — Python objects,
-    glibc's heap for the < 64 KiB allocations, ~1–5 MiB of first-use buffers — moves RSS by a few MiB (measured
-    1.00–1.01 here, and 0.94–1.03 across benchmarks/memory_plan_check.py's configurations). The exact-KL check is
-    the regression test for PolicyAndValue.sequence_kl working one sequence at a time: with [B, R, V] float64
-    temporaries it would measure ≈ 1.9 × its plan."""
+    (PhaseMeter). In fp32, under bf16 autocast over fp32 weights (PPOConfig(bf16=True): the training forward's bf16
+    weight casts, fp32 residual stream and keys) and with bf16 weights under autocast (a GPU user's setting; on CPU
+    the LM head's per-row weight copy, `lm_head_cpu_bf16_copy_bytes`). Tolerance ±15 %: the plan counts tensors
+    only, and at a ~85 MiB peak the rest — Python objects, glibc's heap for the < 64 KiB allocations, ~1–5 MiB of
+    first-use buffers — moves RSS by a few MiB (measured 0.97–1.03 here, and 0.94–1.03 across
+    benchmarks/memory_plan_check.py's configurations). The exact-KL check is the regression test for
+    PolicyAndValue.sequence_kl working one sequence at a time: with [B, R, V] float64 temporaries it would measure
+    ≈ 1.9 × its plan."""
     out = tmp_path / "row.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--worker", "mid-256",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--worker", config,
                         "--iterations", "1", "--json-out", str(out)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -307,3 +318,118 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path):
     for phase in ("reference pass", "training step", "exact-KL check"):
         ratio = row["measured_phases"][phase] / row["phases"][phase]
         assert ratio == pytest.approx(1.0, abs=0.15), (phase, ratio, row)
+
+
+# ------------------------------------------------------------------------------------------------ precision, DDP, models
+def test_dtype_follows_the_trainer_rule(tmp_path):
+    """The plan's weights are what the trainer loads: no dtype → float32 (rlhf_ext.models loads float32 whatever the
+    checkpoint holds), "auto" → the checkpoint's dtype, else the given one — checked against load_model itself on a
+    tiny bf16 checkpoint, and on the CLI's default."""
+    from rlhf_ext.models import load_model
+
+    model = _model(TINY).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    shape = plan.load_shape(str(tmp_path))
+    assert shape["torch_dtype"] == "bfloat16"
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    for dtype in (None, "auto", "float32", "bfloat16"):
+        loaded = load_model(str(tmp_path), dtype=dtype)
+        assert plan.weight_dtype(dtype, shape) == names[next(loaded.parameters()).dtype], dtype
+    assert plan.weight_dtype("auto", plan.load_shape("Qwen2.5-7B-Instruct")) == "bf16"  # its config's torch_dtype
+    assert plan.weight_dtype("auto", plan.load_shape("gpt2")) == "fp32"  # none recorded: float32 checkpoint
+    s = plan.load_shape("SmolLM2-1.7B-Instruct")
+    kw = dict(batch=8, prompt_length=128, completion_length=64)
+    assert plan.estimate(s, **kw)["weights"] == plan.estimate(s, dtype="float32", **kw)["weights"]
+    assert plan.estimate(s, **kw)["weights"]["total"] == 2 * plan.estimate(s, dtype="bfloat16", **kw)["weights"]["total"]
+    with pytest.raises(plan.PlanError):
+        plan.estimate(s, dtype="int8", **kw)
+
+
+def test_cli_default_dtype_is_the_trainers(capsys):
+    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["options"]["dtype"] == "fp32" and data["precision"]["weights"] == "fp32"
+    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "no --dtype: float32" in out and "fp32 weights" in out
+    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4", "--dtype", "auto", "--bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "--dtype auto: the checkpoint's bf16" in out and "bf16 autocast" in out
+
+
+def test_bf16_autocast_over_fp32_weights():
+    """--bf16 without --dtype: fp32 weights, bf16 matmul outputs, fp32 residual stream and keys, and the training
+    forward's bf16 weight casts; with bf16 weights the casts are gone and the weights halve."""
+    s = plan.load_shape("SmolLM2-1.7B-Instruct")
+    kw = dict(batch=8, prompt_length=128, completion_length=64)
+    fp32, mixed, bf16 = (plan.estimate(s, **kw), plan.estimate(s, bf16=True, **kw),
+                         plan.estimate(s, dtype="bfloat16", bf16=True, **kw))
+    V, H, I, L, nh, nkv, d, dq = plan._dims(s)
+    assert mixed["components"]["base_weights"] == fp32["components"]["base_weights"]
+    assert mixed["components"]["activations"] < fp32["components"]["activations"]
+    assert mixed["components"]["kv_cache"] == L * nkv * d * 192 * 8 * (4 + 2)  # keys fp32 (RoPE), values bf16
+    assert bf16["components"]["kv_cache"] == L * nkv * d * 192 * 8 * (2 + 2)
+    per_layer = H * dq + 2 * H * nkv * d + dq * H + 3 * H * I
+    skipped = H * dq + 2 * H * nkv * d  # the lowest layer's q/k/v read the embedding output: no input gradient
+    assert mixed["components"]["weight_copies"] == 2 * (L * per_layer - skipped + V * H)
+    assert bf16["components"]["weight_copies"] == fp32["components"]["weight_copies"] == 0
+    ckpt = plan.estimate(s, bf16=True, gradient_checkpointing=True, **kw)
+    assert ckpt["components"]["weight_copies"] == 2 * (per_layer + V * H)  # one recomputed layer at a time
+    assert mixed["phases"]["training step"]["parts"]["weight_copies"] > 0
+    q4 = plan.estimate(s, dtype="bfloat16", bf16=True, load_in_4bit=True, **kw)
+    assert q4["precision"]["a"] == 4 and q4["components"]["weight_copies"] == 0  # 4-bit: fp32 upper bound
+
+
+def test_num_processes_is_per_process():
+    """Under DDP every process holds the whole plan for its own batch: the same phases, + DDP's gradient buckets
+    (one fp32 copy of the trained parameters); the global batch is batch × processes."""
+    s = plan.load_shape("SmolLM2-135M-Instruct")
+    kw = dict(batch=8, prompt_length=64, completion_length=32)
+    one, four = plan.estimate(s, **kw), plan.estimate(s, num_processes=4, **kw)
+    n_trained = four["params"]["lora_policy"] + four["params"]["value_head"]
+    assert four["trained"]["ddp_buckets"] == 4 * n_trained and one["trained"]["ddp_buckets"] == 0
+    for ph in one["phases"]:
+        assert four["phases"][ph]["total"] - one["phases"][ph]["total"] == 4 * n_trained, ph
+    assert (four["per_process"], four["num_processes"], four["global_batch"]) == (True, 4, 32)
+    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "8", "--num-processes", "4"]) == 0
+
+
+def test_cli_states_per_process(capsys):
+    assert plan.main(["--model", "gpt2", "--batch", "8", "--num-processes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PER PROCESS (per GPU)" in out and "global batch 8 × 4 = 32" in out and "GiB per process" in out
+    assert plan.main(["--model", "gpt2", "--batch", "8"]) == 0
+    assert "per process (per GPU)" in capsys.readouterr().out
+
+
+def test_separate_reward_and_audit_models_add_their_weights_and_scoring(capsys):
+    """A reward model loaded as a second model (a 'full'-mode artifact or another base) and an audit model: each
+    adds its trunk's weights (no LM head) to every phase, and its scoring forward (16 texts at a time) to the
+    reward-scoring phase and the monitor's review queue."""
+    s = plan.load_shape("SmolLM2-1.7B-Instruct")
+    kw = dict(batch=32, prompt_length=128, completion_length=64)
+    base = plan.estimate(s, **kw)
+    rm = plan.ScoringModel.parse("Qwen2.5-3B-Instruct@bfloat16")
+    n = plan.parameter_counts(rm.shape)
+    assert rm.dtype == "bf16" and rm.weight_bytes() == 2 * (n["total"] - n["lm_head"])
+    assert plan.ScoringModel.parse("Qwen2.5-3B-Instruct").weight_bytes() == 2 * rm.weight_bytes()  # default float32
+    audit = plan.ScoringModel.parse({"shape": TINY, "dtype": "float32", "name": "gold"}, role="audit")
+    assert audit.weight_bytes() == 4 * plan.parameter_counts(TINY)["total"]  # tied: the embedding counted once
+    both = plan.estimate(s, separate_reward_models=[rm], audit_models=[audit], **kw)
+    added = rm.weight_bytes() + audit.weight_bytes()
+    assert both["components"]["separate_models"] == added
+    for ph in base["phases"]:
+        assert both["phases"][ph]["total"] >= base["phases"][ph]["total"] + added, ph
+    scoring = both["phases"]["reward scoring"]["parts"]
+    assert scoring["reward_scoring"] == rm.scoring_bytes(32, 192) > audit.scoring_bytes(32, 192) > 0
+    assert rm.scoring_bytes(32, 192) == rm.scoring_bytes(16, 192)  # 16 texts at a time, whatever the batch
+    only_audit = plan.estimate(s, audit_models=["Qwen2.5-3B-Instruct@bfloat16"], **kw)
+    assert only_audit["phases"] == plan.estimate(s, separate_reward_models=["Qwen2.5-3B-Instruct@bfloat16"],
+                                                 **kw)["phases"]  # same accounting
+    assert plan.main(["--model", "SmolLM2-1.7B-Instruct", "--batch", "8", "--separate-reward-model",
+                      "Qwen2.5-3B-Instruct@bfloat16", "--audit-model", "SmolLM2-135M-Instruct@nf4"]) == 0
+    out = capsys.readouterr().out
+    assert "separate reward model: Qwen2.5-3B-Instruct (bf16" in out
+    assert "audit model: SmolLM2-135M-Instruct (nf4" in out and "every rollout" in out
+    assert "separate reward / audit models (weights)" in out
+    assert plan.main(["--model", "gpt2", "--audit-model", "no-such-org/no-such-model@bfloat16"]) == 2

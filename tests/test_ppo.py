@@ -248,17 +248,25 @@ def test_frozen_prefix_cache_is_exact(tmp_path, tok, critic, kl_controller, four
         assert h_a[-1][key] == pytest.approx(h_b[-1][key], rel=1e-4, abs=1e-6)
 
 
-def test_frozen_prefix_cache_falls_back_where_not_exact(tmp_path, tok):
+def test_frozen_prefix_cache_is_exact_on_gpt2(tmp_path, tok):
+    """GPT-2 adds learned position embeddings before its first layer: the split must not add them twice. Before, the
+    cache was switched off for GPT-2; now the layers below LoRA run once per rollout and the split's logits equal the
+    full forward's (tests/test_architectures.py covers every family; the fallback with a reason, there too)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf_ext.data import pad_ids
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=128,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=1, max_completion_length=6,
                      use_cpu=True, save_strategy="no", disable_tqdm=True, kl_controller="fixed")
-    with pytest.warns(UserWarning, match="Frozen-prefix cache disabled"):  # GPT-2 adds position embeddings
-        tr = PPOTrainer(gpt2, reward_funcs=good_counter(tok), args=args, train_dataset=prompts(), processing_class=tok,
-                        peft_config=LoraConfig(r=4, target_modules=["c_attn"], layers_to_transform=[2],
-                                               fan_in_fan_out=True))
-    assert tr.policy.split is None
+    tr = PPOTrainer(gpt2, reward_funcs=good_counter(tok), args=args, train_dataset=prompts(), processing_class=tok,
+                    peft_config=LoraConfig(r=4, target_modules=["c_attn"], layers_to_transform=[2],
+                                           fan_in_fan_out=True))
+    assert tr.policy.split is not None
+    ids, mask = pad_ids([i for _, i in tr.prompts[:3]], tr.policy.pad_id, side="left")
+    full = tr.policy.logits(ids, mask, 4)
+    cached = tr.policy.logits(ids, mask, 4, tr.policy.lower(ids, mask))
+    assert torch.allclose(full, cached, atol=1e-5)
     assert math.isfinite(tr.train()[0]["loss/policy"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig
 
 from rlhf_ext import PPOConfig, PPOTrainer
@@ -184,3 +185,91 @@ def test_train_only_behaviour_that_cannot_be_switched_off_is_refused(tmp_path, t
     hist = make(tmp_path, tok, model=jittery(), max_steps=1, disable_dropout=False, kl_controller="hard",
                 kl_target=1.0).train()
     assert hist[0]["kl/after_update"] <= 1.0
+
+
+def test_theta_old_is_the_policy_not_a_dropout_draw(tmp_path, tok):
+    """disable_dropout=False keeps dropout in the training passes, but θ_old (and the reference) are the policy
+    itself, in eval mode: with the policy untouched (lr 0) the KL penalty reads exactly 0 (before: 0.0098, two θ_old
+    passes differing by up to 0.048 in log-prob)."""
+
+    from rlhf_ext.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(tok, attention_dropout=0.3)
+    args = PPOConfig(str(tmp_path / "o"), per_device_train_batch_size=8, max_steps=2, max_completion_length=6,
+                     learning_rate=0.0, disable_dropout=False, kl_controller="fixed", init_kl_coef=0.1,
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, monitor=False)
+    data = Dataset.from_dict({"prompt": [f"write a short review of the {w} ." for w in "movie book song film".split() * 2]})
+    tr = PPOTrainer(model, reward_funcs=lambda completions, **k: [1.0] * len(completions), args=args,
+                    train_dataset=data, processing_class=tok,
+                    peft_config=LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    hist = tr.train()
+    assert all(h["objective/kl"] == 0.0 for h in hist)
+
+
+@pytest.mark.parametrize("minibatches", [1, 4])
+def test_exact_kl_measurement_is_chunked_by_minibatch_rows(tmp_path, tok, monkeypatch, minibatches):
+    """The guard's KL measurement never materialises full-batch [B, R, V] logits when training uses minibatches,
+    and the chunked value equals the one-shot value."""
+    from rlhf_ext.ppo.policy import PolicyAndValue
+
+    tr = make(tmp_path, tok, max_steps=1, kl_controller="hard", kl_target=0.5, num_mini_batches=minibatches)
+    tr.train()
+    ro, seen = tr.rollout, []
+    plain = PolicyAndValue.logits
+
+    def spy(self, ids, *a, **k):
+        seen.append(ids.shape[0])
+        return plain(self, ids, *a, **k)
+
+    monkeypatch.setattr(PolicyAndValue, "logits", spy)
+    chunked = tr._measure(ro)
+    whole = float(tr.policy.sequence_kl(plain(tr.policy, ro.ids, ro.mask, ro.R, ro.h_low), ro.ref_logprobs_full,
+                                        ro.resp_mask).mean())
+    assert seen == [ro.ids.shape[0] // minibatches] * minibatches
+    assert abs(chunked - whole) <= 1e-6 * max(1.0, whole)
+
+
+def _reward_form_gradient(estimator, logits, ref_logp):
+    """E_{a~π}[−k(a) ∇log π(a)] in exact expectation over a categorical π = softmax(logits): what a per-token
+    penalty reward −k contributes to the policy gradient."""
+    logp = logits.log_softmax(-1)
+    k = estimator(logp.detach(), ref_logp)  # the penalty for each action, as a (detached) reward
+    surrogate = (logp.exp().detach() * (-k) * logp).sum()
+    return torch.autograd.grad(surrogate, logits)[0]
+
+
+def test_only_k1_as_a_reward_has_the_gradient_of_the_kl():
+    """Independent computation: the exact gradient of −KL(π‖π_ref) on a categorical, by autograd; k1's reward-form
+    gradient equals it, k2's and k3's do not — which is why the penalty uses k1 whatever kl_estimator says."""
+    from rlhf_ext.registry import build
+
+    g = torch.Generator().manual_seed(0)
+    worst = {}
+    for _ in range(20):
+        logits = (torch.randn(50, generator=g) * 2).requires_grad_()
+        ref_logp = (torch.randn(50, generator=g) * 2).log_softmax(-1)
+        logp = logits.log_softmax(-1)
+        true = torch.autograd.grad(-(logp.exp() * (logp - ref_logp)).sum(), logits)[0]
+        for name in ("k1", "k2", "k3"):
+            got = _reward_form_gradient(build("kl_estimator", name), logits, ref_logp)
+            cos = float(torch.nn.functional.cosine_similarity(got, true, dim=0))
+            worst[name] = min(worst.get(name, 1.0), cos)
+            if name == "k1":
+                assert torch.allclose(got, true, atol=1e-5)
+    assert worst["k1"] > 0.9999 and worst["k2"] < 0.9 and worst["k3"] < 0.9
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_penalty_is_k1_whatever_the_logged_estimator(tmp_path, tok, estimator):
+    tr = make(tmp_path, tok, max_steps=1, kl_estimator=estimator, init_kl_coef=0.5)
+    tr.train()
+    ro = tr.rollout
+    old = torch.randn_like(ro.ref_logprobs) * 0.1 + ro.ref_logprobs
+    values = torch.zeros_like(old)
+    kl_t, adv, returns = tr._advantages(ro, old, values)
+    from rlhf_ext.registry import build
+
+    tr.kl_estimator = build("kl_estimator", "k1")
+    _, adv_k1, returns_k1 = tr._advantages(ro, old, values)
+    assert torch.allclose(returns, returns_k1)  # same rewards: the penalty did not change with the estimator
+    assert not torch.allclose(kl_t, (old - ro.ref_logprobs) * ro.loss_mask)  # but the logged KL is the estimator's

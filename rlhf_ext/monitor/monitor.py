@@ -114,19 +114,41 @@ class RewardHackingMonitor(TrainerCallback):
                 write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
     # -- every iteration --------------------------------------------------------------------------------------
+    def _observe(self, metrics) -> tuple[Observation, Observation]:
+        """(global, local) observations of this iteration. Under data parallelism each process holds its own share
+        of the batch; detectors see all of it (gathered), so every process takes the same decision (a halt on one
+        rank alone left the others waiting in a collective). `local`: this process's share, for the review queue."""
+        tr, ro = self.trainer, self.trainer.rollout
+        local = Observation(iteration=tr.iteration, lengths=ro.lengths.cpu(), has_eos=ro.has_eos.cpu(),
+                            texts=ro.texts, ids=ro.completion_ids, scores=ro.scores.cpu(), norm=ro.norm.cpu(),
+                            valid=ro.valid.cpu(), audit=ro.audit, metrics=metrics, reference=self.reference)
+        acc = tr.accelerator
+        if acc.num_processes == 1:
+            return local, local
+        from accelerate.utils import gather_object
+
+        def cat(t):
+            return acc.gather(t.to(tr.args.device)).cpu()
+
+        every = gather_object([{"texts": ro.texts, "ids": ro.completion_ids, "audit": ro.audit}])
+        glob = Observation(iteration=tr.iteration, lengths=cat(ro.lengths.float()), has_eos=cat(ro.has_eos),
+                           texts=[t for e in every for t in e["texts"]], ids=[i for e in every for i in e["ids"]],
+                           scores=cat(ro.scores.float()), norm=cat(ro.norm.float()), valid=cat(ro.valid),
+                           audit={k: [v for e in every for v in e["audit"][k]] for k in ro.audit},
+                           metrics=metrics, reference=self.reference)
+        return glob, local
+
     def on_step_end(self, args, state, control, **kwargs):
         tr, ro = self.trainer, self.trainer.rollout
         metrics = tr._metrics_history[-1]
-        obs = Observation(iteration=tr.iteration, lengths=ro.lengths.cpu(), has_eos=ro.has_eos.cpu(), texts=ro.texts,
-                          ids=ro.completion_ids, scores=ro.scores.cpu(), norm=ro.norm.cpu(), valid=ro.valid.cpu(),
-                          audit=ro.audit, metrics=metrics, reference=self.reference)
+        obs, local = self._observe(metrics)
         for d in self.detectors:
             value, fired = d.update(obs)
             if value is not None:
                 metrics[f"monitor/{d.name}"] = value
             metrics[f"monitor/{d.name}_alarm"] = int(fired)
             if fired:
-                self._act(d, obs, control)
+                self._act(d, local, control)
         if self.writes:
             append_jsonl(self.dir / "metrics.jsonl", {"iteration": tr.iteration, **_plain(metrics)})
             order = torch.argsort(ro.scores.cpu(), descending=True)[: self.samples_per_iteration].tolist()
@@ -150,8 +172,9 @@ class RewardHackingMonitor(TrainerCallback):
         if d.action == "queue" and tr.iteration - self.last_queued.get(d.name, -10**9) >= self.cooldown:
             self.last_queued[d.name] = tr.iteration
             self._queue(d, obs)
-        elif d.action == "halt" and not control.should_training_stop:
-            path = tr.save_checkpoint() if self.writes else None
+        elif d.action == "halt" and not control.should_training_stop:  # every process decides this together
+            path = tr.save_checkpoint() if self.writes else None  # the adapters are identical on every process
+            tr.accelerator.wait_for_everyone()  # nobody leaves before the checkpoint is on disk
             control.should_training_stop = True
             self.halted_by = d.name
             warnings.warn(

@@ -55,7 +55,11 @@ def _alarm_marks(ax, alarms):
 
 
 def make_plots(data, out: Path) -> dict[str, Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("The run report draws its curves with matplotlib, which is not installed. Install it with "
+                          "`pip install matplotlib` (or `pip install 'rlhf_ext[demo]'`).") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

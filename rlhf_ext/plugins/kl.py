@@ -3,6 +3,10 @@ trainers' `beta`.
 
 Estimators act per sampled token with r = π/π_ref (Schulman, "Approximating KL divergence"):
   k1 = log r,   k2 = ½ (log r)²,   k3 = (r⁻¹ − 1) + log r.
+They estimate the KL's *value* (logged as objective/kl, fed to the controllers). As a per-token *reward* only k1 has
+the right gradient: E_π[k1 · ∇log π] = ∇KL(π‖π_ref) exactly, while k2's and k3's reward-form gradients point
+elsewhere (exact expectation on random categoricals: mean cosine with ∇KL 0.90 for k2, 0.54 for k3; computed in
+tests/test_ppo_core.py) — so the PPO penalty −β·kl_t always uses k1.
 
 Controllers see one KL number per PPO iteration (the batch mean of the per-sequence KL, in nats) and set β.
 """
@@ -12,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import TrainerCallback
 
 from ..registry import build, register
 
@@ -150,12 +153,17 @@ class KLGuard:
     (PiSSA/OLoRA-style initialisations that rewrite the base, or an already-trained adapter). It is a statement
     about the rollout batch: KL on unseen prompts is measured (`evaluate_policy`), not bounded.
 
-    **Mechanism** (`enforce`, called with the measured KL of the update just made):
-      1. backtrack along the step: θ_b + α(θ − θ_b), α = f, f², … (TRPO-style line search), θ_b the parameters
-         before the update;
-      2. restore θ_b by copying (never b + 0·(a − b), which is NaN when the update was NaN);
-      3. shrink towards the anchor θ_0 (the adapter's initial state, = π_ref): θ_0 + c(θ_b − θ_0), c = f, f², …,
-         and finally c = 0, which is π_ref exactly (KL 0), so the loop always ends feasible.
+    **Mechanism** (`enforce`, called with the measured KL of the update just made, and the KL before it when known):
+      1. along the step, θ_b + α(θ − θ_b) with θ_b the parameters before the update: when θ_b was feasible on this
+         batch, KL(α) runs from KL(θ_b) ≤ δ to KL(θ) > δ, smoothly and (in practice) monotonically, so α is
+         searched by a safeguarded bisection (guesses from a quadratic model) until KL lands in [0.9 δ, δ] — keeping
+         most of the update (halving α blindly, then restoring, used to end at 16 % of δ after 8 measurements);
+      2. when θ_b itself is above δ on this batch (a fresh batch can find it there; known from `kl_before`, so no
+         measurement is wasted on the step), or the update is not finite: restore θ_b by copying (never
+         b + 0·(a − b), which is NaN when the update was NaN), then bisect c in θ_0 + c(θ_b − θ_0) towards the
+         anchor θ_0 (the adapter's initial state, = π_ref, KL 0), first guess c = √(0.95 δ / KL(θ_b));
+      3. a bisection that finds no feasible point in its budget ends at its feasible end: θ_b (step) or θ_0 (anchor,
+         KL 0 exactly), so the loop always ends feasible.
     A measured KL that is NaN/inf counts as a violation.
     """
 
@@ -178,35 +186,68 @@ class KLGuard:
         for p, b, t in zip(self.params, base, towards or base):
             p.copy_(b if scale == 0.0 or towards is None else b + scale * (t - b))
 
+    def _bisect(self, base, towards, kl_lo: float, kl_hi: float, measure, stats: dict, key: str,
+                steps: int) -> tuple[float, float]:
+        """θ = base + s(towards − base), KL(0) = kl_lo ≤ δ < KL(1) = kl_hi: the largest s found with KL ≤ δ, stopping
+        as soon as KL ∈ [0.9 δ, δ]. Each guess interpolates the bracket with KL linear in s² (exact near the
+        reference, where KL is quadratic in the parameters). Safeguards, for KL that saturates along a large step (the
+        model is then far off): after one guess above δ the next is at most the midpoint, after two at most a fifth
+        of the way, and every guess stays inside the bracket's middle 80 %. Leaves the parameters at the best point;
+        returns (s, KL)."""
+        lo, hi, best = (0.0, kl_lo), (1.0, kl_hi), (0.0, kl_lo)
+        target, misses = 0.95 * self.delta, 0
+        for _ in range(steps):
+            (s_lo, k_lo), (s_hi, k_hi) = lo, hi
+            if math.isfinite(k_hi) and k_hi > k_lo:
+                s2 = s_lo ** 2 + (target - k_lo) * (s_hi ** 2 - s_lo ** 2) / (k_hi - k_lo)
+                s = math.sqrt(max(s2, 0.0))
+            else:
+                s = (s_lo + s_hi) / 2
+            if misses:
+                s = min(s, s_lo + (0.5 if misses == 1 else 0.2) * (s_hi - s_lo))
+            margin = 0.1 * (s_hi - s_lo)
+            s = min(max(s, s_lo + margin), s_hi - margin)
+            self._set(base, towards, s)
+            stats[key] = stats.get(key, 0) + 1
+            kl = measure()
+            if self.feasible(kl):
+                lo = best = (s, kl)
+                misses = 0
+                if kl >= 0.9 * self.delta:
+                    return best
+            else:
+                hi = (s, kl)
+                misses += 1
+        self._set(base, towards, best[0])  # the best feasible point measured (s = 0: base, copied exactly)
+        return best
+
     @torch.no_grad()
-    def enforce(self, before: list[torch.Tensor], kl: float, measure, stats: dict) -> float:
-        """Bring the parameters back to KL ≤ δ. `measure()` → the batch KL at the current parameters."""
+    def enforce(self, before: list[torch.Tensor], kl: float, measure, stats: dict, kl_before: float | None = None) -> float:
+        """Bring the parameters back to KL ≤ δ. `measure()` → the batch KL at the current parameters; `kl_before`: the
+        batch KL at `before`, when it was measured (saves a measurement and skips a search that cannot help)."""
         if self.feasible(kl):
             return kl
         after = self.snapshot()
-        if all(torch.isfinite(a).all() for a in after):
-            alpha = 1.0
-            for _ in range(self.max_backtracks):  # 1. line search along the step
-                alpha *= self.f
-                self._set(before, after, alpha)
-                stats["kl/backtracks"] = stats.get("kl/backtracks", 0) + 1
-                kl = measure()
-                if self.feasible(kl):
-                    return kl
-        self._set(before)  # 2. the parameters before the update, copied
-        stats["kl/restored"] = stats.get("kl/restored", 0) + 1
-        kl = measure()
-        c = 1.0
-        for step in range(self.max_shrinks + 1):  # 3. towards π_ref; the last candidate (c = 0) is π_ref itself
-            if self.feasible(kl):
-                return kl
-            c = c * self.f if step < self.max_shrinks else 0.0
-            self._set(self.anchor, before, c)
-            stats["kl/shrunk"] = stats.get("kl/shrunk", 0) + 1
+        step_ok = all(torch.isfinite(a).all() for a in after)
+        if kl_before is None or not step_ok:
+            self._set(before)  # restore θ_b by copying, and see where it stands on this batch
+            stats["kl/restored"] = stats.get("kl/restored", 0) + 1
+            kl_before = measure()
+            if self.feasible(kl_before) and not step_ok:
+                return kl_before
+        if self.feasible(kl_before):  # 1. bisect along the step
+            s, kl = self._bisect(before, after, kl_before, kl, measure, stats, "kl/backtracks", self.max_backtracks)
+            if s == 0.0:
+                stats["kl/restored"] = stats.get("kl/restored", 0) + 1
+            return kl
+        # 2. θ_b is outside δ on this batch: bisect towards the anchor (π_ref, KL 0)
+        s, kl = self._bisect(self.anchor, before, 0.0, kl_before, measure, stats, "kl/shrunk", self.max_shrinks)
+        if s == 0.0:  # ended at the anchor itself: it must be π_ref
+            stats["kl/shrunk"] += 1
             kl = measure()
-        if not self.feasible(kl):
-            raise RuntimeError(f"KL guard: the anchor (adapter at its initial state) measured KL {kl} > δ "
-                               f"{self.delta}; it should be π_ref exactly. Please report this with your PEFT config.")
+            if not self.feasible(kl):
+                raise RuntimeError(f"KL guard: the anchor (adapter at its initial state) measured KL {kl} > δ "
+                                   f"{self.delta}; it should be π_ref exactly. Please report this with your PEFT config.")
         return kl
 
 
@@ -219,21 +260,9 @@ def build_controller(name: str, init_beta: float, target: float | None, **kwargs
     return build("kl_controller", name, **kw)
 
 
-class KLControllerCallback(TrainerCallback):
-    """Drive `trainer.beta` of TRL's GRPOTrainer / RLOOTrainer with any KL controller.
+def __getattr__(name):  # KLControllerCallback lives in kl_callback.py: listing plugins must not import transformers
+    if name == "KLControllerCallback":
+        from .kl_callback import KLControllerCallback
 
-    Reads the logged `kl` (TRL logs a per-token mean, so set the controller target in those units) and writes
-    the new β back. β is kept ≥ `min_beta` > 0 because TRL skips the reference pass entirely when β == 0.
-    """
-
-    def __init__(self, controller: KLController, trainer=None, min_beta: float = 1e-6):
-        self.controller, self.trainer, self.min_beta = controller, trainer, min_beta
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "kl" not in logs or self.trainer is None:
-            return
-        beta = max(self.controller.update(float(logs["kl"]), n_steps=1), self.min_beta)
-        self.trainer.beta = beta
-        logs["kl_controller/beta"] = beta
-        if state.log_history:  # Trainer appended a copy of `logs` before calling us
-            state.log_history[-1]["kl_controller/beta"] = beta
+        return KLControllerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

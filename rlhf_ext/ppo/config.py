@@ -18,7 +18,11 @@ class PPOConfig(TrainingArguments):
     > - `learning_rate`: `1e-4` (LoRA adapters; TRL PPO's 3e-6 was for full fine-tuning).
     > - `kl_controller`: `"hard"` with `kl_target=4.0` nats/sequence; TRL only had a fixed/adaptive penalty.
     > - `stop_on_eos`: `True` (TRL 1.12 PPO generated to the full length unless `stop_token` was set).
-    > - `bf16`: `None` → on only where CUDA supports bf16; `gradient_checkpointing`: `False`.
+    > - `bf16`: `None` → on only where CUDA supports bf16; when on, *every* pass (sampling, reference, θ_old,
+    >   training, KL) runs under one bf16 autocast, in one process and under DDP. fp16 is refused (use bf16).
+    > - `gradient_checkpointing`: `False`. `gradient_accumulation_steps` > 1 is refused (raise `num_mini_batches`).
+    > - Default LoRA (no `peft_config`): r=16 on PEFT's own target modules for the architecture (q/v projections for
+    >   Llama-family models, `c_attn` for GPT-2, `query_key_value` for GPT-NeoX, …; rlhf_ext/architectures.py).
     > - `logging_steps`: `1`; `save_strategy`: `"steps"` with `save_steps=50`; `report_to`: `"none"`.
     """
 
@@ -45,7 +49,7 @@ class PPOConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={"help": "Run every PPO pass without dropout (TRL's default for its trainers). Ratios, values and the KL guard are then exact; with False, training passes keep the model's dropout and the KL guard still measures in eval mode."})
     # KL
     kl_controller: str = field(default="hard", metadata={"help": "KL controller plugin: fixed, adaptive, lagrangian, hard (or a registered name)."})
-    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator for the reward penalty: k1, k2, k3."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator for the logged objective/kl and the KL controller: k1, k2, k3. The reward penalty −β·KL always uses k1, the only one whose reward-form gradient is ∇KL."})
     init_kl_coef: float = field(default=0.05, metadata={"help": "Initial β."})
     kl_target: float | None = field(default=4.0, metadata={"help": "δ: target / hard bound on KL(π‖π_ref), nats per sequence (summed over response tokens, mean over the batch)."})
     log_kl_after_update: bool = field(default=False, metadata={"help": "Also measure the exact post-update KL when the controller does not enforce (one extra no-grad forward)."})
@@ -66,6 +70,15 @@ class PPOConfig(TrainingArguments):
     log_completions: bool = field(default=False, metadata={"help": "Print a table of prompts, completions and rewards every logging step (as TRL's online trainers do)."})
     model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
+    # TRL 1.12 PPOConfig names, accepted so a migrated script runs (README: "Coming from TRL 1.12"); each maps to ours
+    kl_coef: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `init_kl_coef` (its penalty was fixed: add kl_controller='fixed' to keep that)."})
+    cliprange: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `clip_range`."})
+    cliprange_value: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `clip_range_value`."})
+    response_length: int | None = field(default=None, metadata={"help": "TRL 1.12 name for `max_completion_length`."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "TRL 1.12: subtract this from the score of responses without EOS = our `missing_eos` shaper with that penalty."})
+    total_episodes: int | None = field(default=None, metadata={"help": "TRL 1.12: prompts to train on in total; sets `max_steps` = total_episodes / (per_device_train_batch_size × processes)."})
+    stop_token: str | None = field(default=None, metadata={"help": "TRL 1.12: 'eos' stops responses at EOS = `stop_on_eos=True` (our default)."})
+
     # overridden TrainingArguments defaults
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N iterations."})
@@ -78,6 +91,7 @@ class PPOConfig(TrainingArguments):
 
         import torch
 
+        self._apply_trl112_names()
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers", "monitor_detectors"):
@@ -96,6 +110,7 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"callable_normalization must be 'auto', 'running' or 'none', got {self.callable_normalization!r}.")
         if self.nonfinite_rewards not in ("drop", "error"):
             raise ValueError(f"nonfinite_rewards must be 'drop' or 'error', got {self.nonfinite_rewards!r}.")
+        self._check_ranges()
         if self.per_device_train_batch_size % self.num_mini_batches:
             raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches}).")
         if self.temperature <= 0:
@@ -104,3 +119,62 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"monitor_reference_prompts must be >= 1, got {self.monitor_reference_prompts}; "
                              f"it is how many prompts the reference policy's length and EOS rate are measured on.")
         super().__post_init__()
+
+    def _apply_trl112_names(self):
+        """Map TRL 1.12 PPOConfig names onto ours (a FutureWarning names the new one); conflicting values are refused."""
+        import warnings
+
+        for old, new in (("kl_coef", "init_kl_coef"), ("cliprange", "clip_range"),
+                         ("cliprange_value", "clip_range_value"), ("response_length", "max_completion_length")):
+            value = getattr(self, old)
+            if value is None:
+                continue
+            default = type(self).__dataclass_fields__[new].default
+            if getattr(self, new) not in (default, value):
+                raise ValueError(f"Both `{old}` (TRL 1.12's name) and `{new}` are set, to different values; keep `{new}`.")
+            setattr(self, new, value)
+            warnings.warn(f"`{old}` is TRL 1.12's name; rlhf_ext calls it `{new}`.", FutureWarning, stacklevel=3)
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(f"stop_token={self.stop_token!r}: rlhf_ext stops responses at the tokenizer's EOS "
+                             f"(stop_on_eos=True); to stop at another token, set it as the tokenizer's eos_token.")
+        if self.missing_eos_penalty is not None:
+            shapers = self.shapers if isinstance(self.shapers, list) else ([] if self.shapers is None else None)
+            if shapers is None:
+                raise ValueError("Set `missing_eos_penalty` or a `shapers` JSON string, not both (use a list).")
+            self.shapers = [*shapers, {"name": "missing_eos", "penalty": float(self.missing_eos_penalty)}]
+        if self.total_episodes is not None:
+            if self.max_steps and self.max_steps > 0:
+                raise ValueError("Set `total_episodes` (TRL 1.12) or `max_steps` (iterations), not both.")
+            per_iteration = self.per_device_train_batch_size * max(1, int(__import__("os").environ.get("WORLD_SIZE", 1)))
+            self.max_steps = max(1, self.total_episodes // max(1, per_iteration))
+
+    def _check_ranges(self):
+        """Numbers that would train silently wrong (or crash deep inside) are refused here, with the fix."""
+        import math
+
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.max_completion_length >= 1, f"max_completion_length must be ≥ 1 token, got {self.max_completion_length}.")
+        need(self.max_prompt_length >= 1, f"max_prompt_length must be ≥ 1 token, got {self.max_prompt_length}.")
+        need(self.num_ppo_epochs >= 1, f"num_ppo_epochs must be ≥ 1, got {self.num_ppo_epochs}: with 0 nothing trains.")
+        need(self.num_mini_batches >= 1, f"num_mini_batches must be ≥ 1, got {self.num_mini_batches}.")
+        need(self.per_device_train_batch_size >= 1,
+             f"per_device_train_batch_size (prompts per iteration per process) must be ≥ 1, got "
+             f"{self.per_device_train_batch_size}.")
+        need(math.isfinite(self.learning_rate) and self.learning_rate >= 0,
+             f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}.")
+        need(self.clip_range > 0, f"clip_range (PPO's ε) must be > 0, got {self.clip_range}; 0.2 is usual.")
+        need(self.clip_range_value > 0, f"clip_range_value must be > 0, got {self.clip_range_value}; 0.2 is usual.")
+        for name in ("gamma", "lam"):
+            v = getattr(self, name)
+            need(0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v} (γ = 1, λ = 0.95 are the usual PPO-for-LMs values).")
+        for name in ("vf_coef", "ent_coef", "init_kl_coef"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"{name} must be a finite number ≥ 0, got {v}.")
+        need(self.top_p > 0 and self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+        need(self.gradient_accumulation_steps == 1,
+             f"gradient_accumulation_steps={self.gradient_accumulation_steps}: PPOTrainer takes one optimizer step per "
+             f"minibatch and does not accumulate. For smaller training forwards, raise num_mini_batches (more, smaller "
+             f"steps per epoch) or lower per_device_train_batch_size.")

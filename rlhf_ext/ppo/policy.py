@@ -26,6 +26,7 @@ from .. import rl_math as F
 from ..adapters import active_adapter, adapters_disabled, eval_mode
 from ..data import pad_ids
 from ..models import trunk_of
+from ..precision import SAME_PASS_KL_TOLERANCE, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
 
 POLICY, CRITIC = "policy", "critic"
@@ -84,13 +85,29 @@ class PolicyAndValue(nn.Module):
     adapter + value head, one more pass through the trained layers).
     """
 
-    def __init__(self, peft, value_head: nn.Module, critic: str, temperature: float, exact_training: bool = True):
+    def __init__(self, peft, value_head: nn.Module, critic: str, temperature: float, exact_training: bool = True,
+                 autocast: torch.dtype | None = None, pad_id: int = 0):
         super().__init__()
         self.peft, self.value_head = peft, value_head
         self.critic, self.temperature, self.exact_training = critic, temperature, exact_training
+        self.autocast = autocast  # one precision context for every pass (precision.py)
+        self.pad_id = pad_id  # an id inside the embedding: what padded positions hold when they reach the model
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
         base = peft.get_base_model()
         self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.value_head.parameters()).device
+
+    def precision(self):
+        """The precision context every pass runs in: sampling, θ_old, training, reference, critic, KL."""
+        return precision_context(self.device, self.autocast)
+
+    def _inputs(self, ids, mask):
+        """Padded positions hold `pad_id`: a tokenizer's pad token may lie outside the embedding (TRL's PPO examples
+        add `[PAD]` without resizing); masked positions never influence attended ones, so any in-range id is exact."""
+        return ids.masked_fill(~mask.bool(), self.pad_id)
 
     # -- passes ---------------------------------------------------------------------------------------------------
     def _mode(self, training: bool):
@@ -112,11 +129,12 @@ class PolicyAndValue(nn.Module):
         if self._keep_logits:
             kw["logits_to_keep"] = n_resp + 1
         try:
-            if h_low is None:
-                out = self.peft(input_ids=ids, **kw)
-            else:
-                with self.split.upper_only():
-                    out = self.peft(inputs_embeds=h_low, **kw)
+            with self.precision():
+                if h_low is None:
+                    out = self.peft(input_ids=self._inputs(ids, mask), **kw)
+                else:
+                    with self.split.upper_only():
+                        out = self.peft(inputs_embeds=h_low, **kw)
         finally:
             if hook is not None:
                 hook.remove()
@@ -126,21 +144,23 @@ class PolicyAndValue(nn.Module):
 
     def _critic_hidden(self, ids, mask, n_resp, h_low):
         trunk, pos = trunk_of(self.peft), positions(mask)
-        with active_adapter(self.peft, CRITIC):
+        with active_adapter(self.peft, CRITIC), self.precision():
             if h_low is None:
-                h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                h = trunk(input_ids=self._inputs(ids, mask), attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
             else:
                 with self.split.upper_only():
                     h = trunk(inputs_embeds=h_low, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         return h[:, -n_resp - 1 : -1]
 
-    def forward(self, ids, mask, n_resp: int, h_low=None):
-        """The training pass. ids, mask: [B, P+R] → logits/T [B, R, V], values [B, R]."""
-        with self._mode(training=True):
+    def forward(self, ids, mask, n_resp: int, h_low=None, training: bool = True):
+        """The training pass (`training=False`: the same pass in eval mode, for θ_old when dropout is kept in
+        training). ids, mask: [B, P+R] → logits/T [B, R, V], values [B, R]."""
+        with self._mode(training=training):
             logits, h = self._lm(ids, mask, n_resp, h_low, want_hidden=self.critic == "shared")
             if self.critic == "separate":
                 h = self._critic_hidden(ids, mask, n_resp, h_low)
-        return logits, self.value_head(h.float()).squeeze(-1)
+        with full_precision(h.device):  # the value head stays fp32 whatever the trunk ran in
+            return logits, self.value_head(h.float()).squeeze(-1)
 
     @torch.no_grad()
     def logits(self, ids, mask, n_resp: int, h_low=None, reference: bool = False) -> torch.Tensor:
@@ -153,8 +173,8 @@ class PolicyAndValue(nn.Module):
         """The frozen-prefix cache: hidden state entering the lowest adapted layer, or None when disabled."""
         if self.split is None:
             return None
-        with self._mode(training=False):
-            return self.split.lower(ids, mask, positions(mask))
+        with self._mode(training=False), self.precision():
+            return self.split.lower(self._inputs(ids, mask), mask, positions(mask))
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def generation_kwargs(self, tokenizer, max_new_tokens, top_p, stop_on_eos) -> dict:
@@ -163,29 +183,29 @@ class PolicyAndValue(nn.Module):
         return dict(do_sample=True, temperature=self.temperature, top_p=top_p, top_k=0, min_length=0,
                     min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
                     suppress_tokens=None, begin_suppress_tokens=None, typical_p=1.0, epsilon_cutoff=0.0,
-                    eta_cutoff=0.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                    eta_cutoff=0.0, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                     eos_token_id=tokenizer.eos_token_id if stop_on_eos else None)
 
     @torch.no_grad()
     def generate(self, batch, tokenizer, max_new_tokens: int, top_p: float = 1.0, stop_on_eos: bool = True,
                  reference: bool = False) -> Rollout:
         """Sample one response per prompt. batch: list of (prompt, token ids). `reference`: sample from π_ref."""
-        device = next(self.value_head.parameters()).device
-        p_ids, p_mask = pad_ids([ids for _, ids in batch], tokenizer.pad_token_id, side="left", device=device)
+        device = self.device
+        p_ids, p_mask = pad_ids([ids for _, ids in batch], self.pad_id, side="left", device=device)
         t0 = time.perf_counter()
-        with eval_mode(self.peft), (adapters_disabled(self.peft) if reference else nullcontext()):
+        with eval_mode(self.peft), (adapters_disabled(self.peft) if reference else nullcontext()), self.precision():
             gen = self.peft.generate(input_ids=p_ids, attention_mask=p_mask,
                                      **self.generation_kwargs(tokenizer, max_new_tokens, top_p, stop_on_eos))
         gen_seconds = time.perf_counter() - t0
         resp = gen[:, p_ids.shape[1]:]
         if resp.shape[1] == 0:
-            resp = torch.full((len(batch), 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            resp = torch.full((len(batch), 1), self.pad_id, dtype=torch.long, device=device)
         # Response mask from the first EOS (inclusive), never from pad ids: pad == EOS for SmolLM2
         is_eos = resp == tokenizer.eos_token_id if stop_on_eos else torch.zeros_like(resp, dtype=torch.bool)
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(resp[:, 0], resp.shape[1]))
         resp_mask = (torch.arange(resp.shape[1], device=device)[None] <= first[:, None]).float()
         has_eos = is_eos.any(1)
-        resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, tokenizer.pad_token_id))
+        resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, self.pad_id))
         n = resp_mask.sum(1).long()
         completion_ids = [resp[i, : int(n[i])].tolist() for i in range(len(batch))]
         texts = tokenizer.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, has_eos.tolist())],
@@ -201,42 +221,67 @@ class PolicyAndValue(nn.Module):
     def sequence_kl(logits, ref_logprobs_full, resp_mask) -> torch.Tensor:
         """Exact KL(π‖π_ref) per sequence: Σ over response states of the full-vocabulary KL, in float64 (the sum of
         many small terms is what the guard compares with δ), one sequence at a time so the float64 temporaries are
-        [R, V], not [B, R, V] (at 7B scale the difference is several GB). → [B]"""
+        [R, V], not [B, R, V] (at 7B scale the difference is several GB). Both distributions are normalised in
+        float64 (a float32 log-softmax is not normalised to float64 precision, which made KL(π_θ0‖π_ref) read
+        slightly negative). → [B]"""
         out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
         for b in range(logits.shape[0]):
-            kl = F.full_kl(logits[b].double().log_softmax(-1), ref_logprobs_full[b].double())
+            kl = F.full_kl(logits[b].double().log_softmax(-1), ref_logprobs_full[b].double().log_softmax(-1))
             out[b] = (kl * resp_mask[b].double()).sum()
         return out
 
-    @torch.no_grad()
-    def start_up_checks(self, tokenizer, prompts_ids: list[list[int]], top_p: float) -> dict:
-        """What the guarantees rest on, measured on two real prompts: the policy starts at π_ref, and `generate`
-        samples from exactly the distribution PPO trains (model's forward / T). Returns the measured gaps."""
-        batch = [(None, ids) for ids in prompts_ids[:2]]
-        device = next(self.value_head.parameters()).device
-        ids, mask = pad_ids([b for _, b in batch], tokenizer.pad_token_id, side="left", device=device)
-        pol = self.logits(ids, mask, ids.shape[1] - 1)
-        ref = self.logits(ids, mask, ids.shape[1] - 1, reference=True)
-        m = mask[:, 1:].bool()
-        out = {"init_vs_reference": float((pol[m] - ref[m]).abs().max())}
+    def _checked_pass(self, ids, mask, n_resp):
+        """What the start-up check compares: the training forward, with gradients as θ_old's first pass runs it
+        (exact training), or the eval-mode pass the KL guard measures in when dropout is kept in training."""
+        if not self.exact_training:
+            return self.logits(ids, mask, n_resp)
         states = [(mod, mod.training) for mod in self.peft.modules()]
-        self.peft.train()  # what training passes compute: equal to eval mode once dropout is off
         try:
-            trained = self._lm(ids, mask, ids.shape[1] - 1, None, want_hidden=False)[0]
+            with torch.enable_grad():
+                return self(ids, mask, n_resp)[0].detach()
         finally:
             for mod, t in states:
                 mod.training = t
+
+    @torch.no_grad()
+    def start_up_checks(self, tokenizer, prompts_ids: list[list[int]], top_p: float,
+                        compute_dtype: torch.dtype = torch.float32) -> dict:
+        """What the guarantees rest on, measured on two real prompts, in the precision training will use:
+          init_vs_reference     max |logit| gap, policy at θ₀ against the reference (adapters off);
+          train_vs_eval         max |logit| gap, the training pass against the eval-mode pass;
+          training_vs_reference KL(training pass at θ₀ ‖ reference), nats per sequence — the KL the guard and the
+                                penalty see before any update: zero, since both are the same full forward;
+          sampling_vs_training  mean per-token KL(what `generate` sampled from ‖ the training pass): rounding only
+                                (KV-cache decoding vs a full forward), bounded by `sampling_tolerance(dtype)`.
+        The training pass is this module's forward: under DDP the wrapper adds nothing to it (the precision
+        context is inside; accelerate's autocast, when on, wraps this very forward with the same dtype)."""
+        batch = [(None, ids) for ids in prompts_ids[:2]]
+        ids, mask = pad_ids([b for _, b in batch], self.pad_id, side="left", device=self.device)
+        n = ids.shape[1] - 1
+        pol = self.logits(ids, mask, n)
+        ref = self.logits(ids, mask, n, reference=True)
+        m = mask[:, 1:].bool()
+        out = {"compute_dtype": str(compute_dtype).replace("torch.", ""),
+               "init_vs_reference": float((pol[m] - ref[m]).abs().max())}
+        trained = self._checked_pass(ids, mask, n)
         out["train_vs_eval"] = float((trained[m] - pol[m]).abs().max())
+        kl = self.sequence_kl(trained, ref.log_softmax(-1), m.float())
+        out["training_vs_reference"] = float(kl.abs().max())
+        out["training_vs_reference_tolerance"] = SAME_PASS_KL_TOLERANCE
         if top_p >= 1.0 and torch.isfinite(pol[m]).all():
-            kw = self.generation_kwargs(tokenizer, 4, 1.0, False)
-            with eval_mode(self.peft):
+            kw = self.generation_kwargs(tokenizer, 8, 1.0, False)
+            with eval_mode(self.peft), self.precision():
                 g = self.peft.generate(input_ids=ids, attention_mask=mask, output_scores=True,
                                        return_dict_in_generate=True, **kw)
-            scores = torch.stack(g.scores, 1).float().log_softmax(-1)  # what was sampled from, per step
+            scores = torch.stack(g.scores, 1).double().log_softmax(-1)  # what was sampled from, per step
             full_mask = torch.cat([mask, torch.ones_like(g.sequences[:, ids.shape[1]:])], 1)
-            mine = self.logits(g.sequences, full_mask, scores.shape[1]).log_softmax(-1)
+            mine = self._checked_pass(g.sequences, full_mask, scores.shape[1]).double().log_softmax(-1)
             finite = torch.isfinite(scores) & torch.isfinite(mine)
             gap = (scores - mine).abs()[finite].max() if finite.any() else torch.tensor(0.0)
-            out["sampling_vs_training"] = float(gap)
+            p = scores.exp()
+            per_token = torch.where(finite, p * (scores - mine), torch.zeros_like(p)).sum(-1)
+            out["sampling_vs_training"] = float(per_token.mean())
+            out["sampling_vs_training_max_dlogp"] = float(gap)
+            out["sampling_vs_training_tolerance"] = sampling_tolerance(compute_dtype)
             out["sampling_masked_tokens"] = int((~torch.isfinite(scores)).sum())
         return out

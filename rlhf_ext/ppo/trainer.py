@@ -24,9 +24,12 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         zero_dropout)
-from ..data import tokenize_prompts
-from ..models import ensure_pad_token, is_quantized, keep_4bit_trainable, load_model, load_tokenizer
+from ..data import model_pad_id, tokenize_prompts
+from ..integrity import ensure_writable_dir
+from ..models import (assert_trainable_4bit_layout, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model,
+                      load_tokenizer)
 from ..plugins.kl import build_controller
+from ..precision import autocast_dtype, compute_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..registry import build
 from ..reward.artifact import load_reward_model, read_spec, same_base
@@ -36,6 +39,7 @@ from .checkpoint import newest_complete_checkpoint, read_checkpoint, write_check
 from .config import PPOConfig
 from .export import push_policy, save_policy
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
+from .trl112 import from_trl112_arguments
 
 
 class _ForwardMemo:
@@ -75,18 +79,26 @@ class PPOTrainer(Trainer):
             projections when `model` is not already a `PeftModel`.
         audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
             the proxy reward to spot reward hacking; never used in the loss.
+        reward_model, eval_dataset: TRL 1.12's names (a sequence-classification reward model joins `reward_funcs`;
+            `eval_dataset` is kept for `evaluate_policy`). `ref_model`, `value_model`, `data_collator` and
+            `optimizers` exist only to say what replaced them (README: "Coming from TRL 1.12").
     """
 
-    def __init__(self, model, reward_funcs, args: PPOConfig | None = None, train_dataset=None,
+    def __init__(self, model, reward_funcs=None, args: PPOConfig | None = None, train_dataset=None,
                  processing_class=None, peft_config=None, callbacks: list[TrainerCallback] | None = None,
-                 load_in_4bit: bool = False, audit_funcs=None):
-        from peft import LoraConfig, PeftModel, get_peft_model
+                 load_in_4bit: bool = False, audit_funcs=None, *, reward_model=None, eval_dataset=None,
+                 ref_model=None, value_model=None, data_collator=None, optimizers=(None, None)):
+        from peft import PeftModel, get_peft_model
 
+        from ..architectures import final_hidden_size, resolve_lora_config
+
+        reward_funcs = from_trl112_arguments(reward_funcs, reward_model, ref_model, value_model, data_collator, optimizers)
         args = args or PPOConfig("ppo-output")
         if not isinstance(args, PPOConfig):
             raise TypeError("`args` must be a rlhf_ext.PPOConfig.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
+        ensure_writable_dir(args.output_dir)
         torch.manual_seed(args.seed)
 
         # Policy = LoRA adapter on the frozen base; reference = the same base with adapters disabled
@@ -109,19 +121,20 @@ class PPOTrainer(Trainer):
                 from peft import prepare_model_for_kbit_training
 
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-            peft_config = peft_config or LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            peft_config = resolve_lora_config(peft_config, model, r=16, lora_alpha=32, lora_dropout=0.0)
             peft_config.task_type = "CAUSAL_LM"
             restrict_to_top_layers(peft_config, model, args.lora_top_layers)
             model = get_peft_model(model, peft_config, adapter_name=POLICY)
             self.policy_adapter = POLICY
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        if args.gradient_checkpointing:  # the Trainer enables it again with these same kwargs (see below)
+            if not args.activation_checkpointing_kwargs:
+                args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
             model.enable_input_require_grads()
         self.quantized = is_quantized(model)
 
         # Critic: value head on the policy trunk (shared, default) or its own adapter on the same base
-        hidden = model.get_base_model().config.get_text_config().hidden_size
+        hidden = final_hidden_size(model)  # what the LM head reads (OPT-350m projects it: not hidden_size)
         if args.critic == "separate":
             torch.manual_seed(args.seed + 1)
             model.add_adapter(CRITIC, _critic_config(model, model.peft_config[self.policy_adapter]))
@@ -132,16 +145,24 @@ class PPOTrainer(Trainer):
         nn.init.zeros_(value_head.bias)
         value_head.to(next(model.parameters()).device)
         self.trained_adapters = [self.policy_adapter] + ([CRITIC] if args.critic == "separate" else [])
+        # One precision for every pass: what accelerate will run the training forward in (bf16 flag or launcher)
+        autocast = autocast_dtype(args.mixed_precision)
+        self.compute_dtype = compute_dtype(model, autocast)
         self.policy = PolicyAndValue(model, value_head, args.critic, args.temperature,
-                                     exact_training=args.disable_dropout)
+                                     exact_training=args.disable_dropout, autocast=autocast,
+                                     pad_id=model_pad_id(self.tokenizer, model))
 
         # Rewards: members → normalise → aggregate → shape
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if args.reward_model_path:
             reward_funcs = [args.reward_model_path, *reward_funcs]
         if not reward_funcs:
             raise ValueError("Pass at least one reward: `reward_funcs=` a reward-model path, model or callable.")
         members = [self._reward_member(r, model) for r in reward_funcs]
+        n_members = sum(len(getattr(m, "names", None) or [0]) for m in members)
+        if n_members < 2 and args.aggregation in ("min", "uwo", "median"):
+            raise ValueError(f"aggregation={args.aggregation!r} combines several reward members, but there is only "
+                             f"{n_members}: it would silently be the plain reward. Use aggregation='mean', or give "
+                             f"more members (a reward artifact trained with ensemble_size ≥ 2, or several reward_funcs).")
         self.rewards = RewardPipeline(members, args.aggregation, args.aggregation_kwargs, args.shapers,
                                       args.nonfinite_rewards, eos_token_id=self.tokenizer.eos_token_id,
                                       callable_normalization=args.callable_normalization)
@@ -159,11 +180,15 @@ class PPOTrainer(Trainer):
 
         # Frozen-prefix cache: layers below every trained adapter run once per rollout, not once per pass
         if args.cache_frozen_layers:
-            self.policy.split = frozen_prefix_split(model, self.trained_adapters, whole_model=True,
-                                                    train_mode=not args.disable_dropout)
+            with self.policy.precision():  # verified in the precision it will run in
+                self.policy.split = frozen_prefix_split(model, self.trained_adapters, whole_model=True,
+                                                        train_mode=not args.disable_dropout)
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
+        self._check_token_ids(model)
         self._fit_positions(model, args)
-        self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p)
+        self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
+                                                   self.compute_dtype)
+        assert_trainable_4bit_layout(model, "PPOTrainer")  # after the check's generate(): 4-bit layers still train
         self._check_startup(args)
         self.kl_guard = self.kl_ctl.guard(self._guard_params, self._guard_params) if self.kl_ctl.enforce else None
 
@@ -177,12 +202,19 @@ class PPOTrainer(Trainer):
             callbacks = [self.monitor, *(callbacks or [])]
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=self.tokenizer,
                          callbacks=callbacks)
+        if args.gradient_checkpointing:
+            from ..reward.ensemble import replay_with_adapter_state
+
+            # Recompute each checkpointed layer with the adapter state of its forward pass: the separate critic's
+            # forward runs under its own adapter, its backward after the policy's is active again.
+            replay_with_adapter_state(model, bool(args.activation_checkpointing_kwargs.get("use_reentrant", True)))
         self.train_policy = self._prepare_data_parallel()
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self._metrics_history: list[dict] = []
         self._memo, self._reach_checked = _ForwardMemo(), False
+        self.eval_dataset = eval_dataset
 
     # -- setup helpers -----------------------------------------------------------------------------------------
     def _reward_member(self, r, model):
@@ -192,14 +224,28 @@ class PPOTrainer(Trainer):
             spec = read_spec(r)
             if spec["mode"] != "full" and same_base(spec, model, self.model_name):
                 return load_reward_model(r, base_model=model, tokenizer=None, adapter_prefix="rm_")
-            warnings.warn(f"Reward model {r} was trained on {spec.get('base_model')!r}, not on this policy's base "
-                          f"({self.model_name!r}): loading it as a separate model.")
+            why = ("it was trained in full mode (its own trunk, no adapters to attach)" if spec["mode"] == "full" else
+                   f"it was trained on {spec.get('base_model')!r}, a different base from this policy's "
+                   f"({self.model_name!r})")
+            warnings.warn(f"Reward model {r}: {why}; loading it as a separate model (its own copy in memory).")
             return load_reward_model(r)
         if isinstance(r, PreTrainedModel):
-            return ExternalRewardModel(r, load_tokenizer(r.config._name_or_path))
+            return ExternalRewardModel(r, self._reward_tokenizer(r))
         if isinstance(r, RewardEnsemble) or callable(r) or hasattr(r, "score_completions"):
             return r
         raise TypeError(f"Unsupported reward {type(r).__name__}: use a path, RewardEnsemble, model or callable.")
+
+    def _reward_tokenizer(self, r):
+        """A reward model's own tokenizer from where it was loaded; else (built in code, or offline) the policy's, as
+        TRL 1.12 used it, when it fits the model's vocabulary."""
+        try:
+            return load_tokenizer(r.config._name_or_path)
+        except (OSError, ValueError, FileNotFoundError) as e:
+            if len(self.tokenizer) <= r.get_input_embeddings().weight.shape[0] + 1:  # +1: a [PAD] added unresized
+                return self.tokenizer
+            raise ValueError(f"Could not load the tokenizer of reward model {r.config._name_or_path!r} ({e}), and the "
+                             f"policy's tokenizer does not fit its vocabulary. Pass "
+                             f"rlhf_ext.reward.pipeline.ExternalRewardModel(model, its_tokenizer) instead.") from e
 
     def _set_trainable(self):
         set_trainable(self.policy.peft, self.trained_adapters)
@@ -208,6 +254,18 @@ class PPOTrainer(Trainer):
                 if p.requires_grad:
                     p.data = p.data.float()
         self.policy.value_head.requires_grad_(True)
+
+    def _check_token_ids(self, model):
+        """A prompt token outside the embedding (tokens added to the tokenizer without resizing) cannot be embedded;
+        padding is never a problem (padded positions get an in-range id, `PolicyAndValue._inputs`)."""
+        rows = model.get_input_embeddings().weight.shape[0]
+        bad = next(((i, t) for i, (_, ids) in enumerate(self.prompts) for t in ids if t >= rows), None)
+        if bad is not None:
+            raise ValueError(
+                f"Prompt {bad[0]} contains token id {bad[1]}, but the model's embedding has only {rows} rows: the "
+                f"tokenizer has tokens the model does not (added with add_special_tokens/add_tokens?). Call "
+                f"model.resize_token_embeddings(len(tokenizer)) before passing the model, or stop adding the token. "
+                f"(A pad token added without resizing is fine: padding never reaches the embedding.)")
 
     def _fit_positions(self, model, args):
         """Prompt + completion must fit the model's positions: clip the completion length, or refuse."""
@@ -245,12 +303,24 @@ class PPOTrainer(Trainer):
                 f"dropout it does not recognise, router noise in a mixture of experts, …). PPO's ratios and the KL "
                 f"guard would be inexact. Switch it off in the model's config, or set disable_dropout=False (training "
                 f"passes keep it; the KL guard still measures in eval mode).")
-        if s.get("sampling_vs_training", 0.0) > 1e-3 or s.get("sampling_masked_tokens", 0):
+        if not s["training_vs_reference"] <= s["training_vs_reference_tolerance"]:
             raise ValueError(
-                f"generate() samples from a different distribution than the one PPO trains (max |Δ log p| = "
-                f"{s['sampling_vs_training']:.3g}, {s['sampling_masked_tokens']} tokens masked). The model's "
-                f"generation config or architecture adds logits processing that the training forward does not "
-                f"reproduce; PPO's ratios and the KL guard would be wrong. Please report the architecture.")
+                f"At initialisation the training pass and the reference disagree: KL(π_θ0‖π_ref) = "
+                f"{s['training_vs_reference']:.3g} nats per sequence (allowed {s['training_vs_reference_tolerance']:g}) "
+                f"in {s['compute_dtype']}. Both are the same full forward, so something runs differently in training: "
+                f"a module with train-only behaviour, or a precision context applied to one pass only. PPO's KL "
+                f"penalty and the hard-KL guard would be wrong from the first iteration.")
+        tol = s.get("sampling_vs_training_tolerance")
+        if tol is not None and (not s["sampling_vs_training"] <= tol or s.get("sampling_masked_tokens", 0)):
+            raise ValueError(
+                f"generate() samples from a different distribution than the one PPO trains: mean per-token "
+                f"KL(sampling‖training) = {s['sampling_vs_training']:.3g} (max |Δ log p| "
+                f"{s['sampling_vs_training_max_dlogp']:.3g}, {s['sampling_masked_tokens']} tokens masked), above the "
+                f"{tol:g} that {s['compute_dtype']} rounding explains (KV-cache decoding vs a full forward; see "
+                f"rlhf_ext/precision.py). Something processes the logits in generate() that the training forward does "
+                f"not reproduce — a generation_config setting rlhf_ext does not know, or the architecture's own "
+                f"sampling code. PPO's ratios would refer to the wrong distribution. Check model.generation_config; "
+                f"if it is clean, please report the architecture ({type(self.policy.peft.get_base_model()).__name__}).")
         if args.top_p < 1.0:
             warnings.warn(f"top_p={args.top_p} < 1: responses are sampled from a truncated distribution, not π; PPO "
                           f"ratios and KL refer to the untruncated π. Use top_p=1 for exact PPO.")
@@ -310,8 +380,11 @@ class PPOTrainer(Trainer):
         """Sample, then score: rewards (members → aggregate → shape), audits, reference log-probs."""
         args = self.args
         ro = self.policy.generate(batch, self.tokenizer, args.max_completion_length, args.top_p, args.stop_on_eos)
-        scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
-                                                            has_eos=ro.has_eos.cpu())
+        if self.quantized and self.iteration == 0:
+            assert_trainable_4bit_layout(self.policy.peft, "PPOTrainer")
+        with self.policy.precision():  # reward members on the shared base run in the policy's precision too
+            scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
+                                                                has_eos=ro.has_eos.cpu())
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
         ro.audit = {name: list(fn(prompts=ro.prompts, completions=ro.completions, completion_ids=ro.completion_ids))
                     for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
@@ -323,10 +396,13 @@ class PPOTrainer(Trainer):
         return ro
 
     def _advantages(self, ro: Rollout, old_logp, old_values):
-        """Per-token reward −β·kl_t, plus the sequence score at the last response token; then GAE."""
+        """Per-token reward −β·k1_t, plus the sequence score at the last response token; then GAE. Returns the
+        configured estimator's per-token KL (what is logged and what the controller sees) beside them: as a reward
+        only k1 has the gradient of the KL (plugins/kl.py)."""
         m = ro.loss_mask
+        k1_t = (old_logp - ro.ref_logprobs) * m  # [B, R]
         kl_t = self.kl_estimator(old_logp, ro.ref_logprobs) * m  # [B, R]
-        rewards = -self.kl_ctl.beta * kl_t
+        rewards = -self.kl_ctl.beta * k1_t
         last = (ro.resp_mask.sum(1) - 1).clamp(min=0).long()
         rewards[torch.arange(len(last)), last] += ro.scores * ro.valid.to(m)
         adv, returns = F.gae(rewards * m, old_values, m, self.args.gamma, self.args.lam)
@@ -348,10 +424,20 @@ class PPOTrainer(Trainer):
         return self.train_policy(ro.ids[idx], ro.mask[idx], ro.R, None if ro.h_low is None else ro.h_low[idx])
 
     def _measure(self, ro: Rollout, logits=None) -> float:
-        """The batch KL the guard bounds (contract in plugins/kl.py:KLGuard), mean over processes."""
-        if logits is None:
-            logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low)
-        kl = self.policy.sequence_kl(logits.detach(), ro.ref_logprobs_full, ro.resp_mask)
+        """The batch KL the guard bounds (contract in plugins/kl.py:KLGuard), mean over processes. Without `logits`
+        the policy's are computed a minibatch of rows at a time: [B/num_mini_batches, R, V] alive at once, never the
+        whole batch's (the training forward's size, which is what the memory plan budgets)."""
+        if logits is not None:
+            kl = self.policy.sequence_kl(logits.detach(), ro.ref_logprobs_full, ro.resp_mask)
+        else:
+            B = ro.ids.shape[0]
+            rows, parts = max(1, B // self.args.num_mini_batches), []
+            for i in range(0, B, rows):
+                sl = slice(i, i + rows)
+                part = self.policy.logits(ro.ids[sl], ro.mask[sl], ro.R, None if ro.h_low is None else ro.h_low[sl])
+                parts.append(self.policy.sequence_kl(part, ro.ref_logprobs_full[sl], ro.resp_mask[sl]))
+                del part
+            kl = torch.cat(parts)
         return self._mean_over_processes(float(kl.mean()))
 
     def _measure_for_next_epoch(self, ro: Rollout, more_epochs: bool) -> float:
@@ -405,9 +491,9 @@ class PPOTrainer(Trainer):
         if self._memo_ok():
             out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
             self._memo.put(self.version, out)
-        else:
+        else:  # eval mode: with dropout kept in training, θ_old is still the policy itself, not one dropout draw
             with torch.no_grad():
-                out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low)
+                out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low, training=False)
         old_logp, old_values = selective_log_softmax(out[0].detach(), ro.resp), out[1].detach()
         if self.kl_guard is not None:
             stats["kl/before_update"] = self._measure(ro, out[0])
@@ -417,6 +503,7 @@ class PPOTrainer(Trainer):
         kl_t, adv, returns = self._advantages(ro, old_logp, old_values)
 
         # 4. epochs × minibatches, each epoch guarded
+        kl_before = stats.get("kl/before_update")  # KL at the parameters each epoch starts from (guard's search)
         for epoch in range(args.num_ppo_epochs):
             before = self.kl_guard.snapshot() if self.kl_guard is not None else None
             minibatches = [None] if args.num_mini_batches == 1 else torch.randperm(B).split(B // args.num_mini_batches)
@@ -440,11 +527,11 @@ class PPOTrainer(Trainer):
                 kl = self._measure_for_next_epoch(ro, more_epochs=epoch < args.num_ppo_epochs - 1)
                 if not self.kl_guard.feasible(kl):
                     self._memo.clear()
-                    kl = self.kl_guard.enforce(before, kl, lambda: self._measure(ro), stats)
+                    kl = self.kl_guard.enforce(before, kl, lambda: self._measure(ro), stats, kl_before=kl_before)
                     self.version += 1
                     stats["kl/after_update"] = kl
                     break
-                stats["kl/after_update"] = kl
+                stats["kl/after_update"] = kl_before = kl  # the next epoch starts from these parameters
         self._memo.clear()
         if self.kl_guard is None and args.log_kl_after_update:
             stats["kl/after_update"] = self._measure(ro)
@@ -456,28 +543,45 @@ class PPOTrainer(Trainer):
         self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
         return self._iteration_metrics(ro, acc, stats, kl_seq, beta_used, old_values, returns, time.perf_counter() - t0)
 
+    def _sums(self, *pairs) -> list[float]:
+        """Σ values and Σ weights over every process (one reduction): global means, not rank 0's."""
+        flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).sum() for pair in pairs for x in pair])
+        flat = self._global_sum(flat.to(self.args.device)).cpu()
+        return [float(flat[i] / flat[i + 1]) if flat[i + 1] > 0 else float("nan") for i in range(0, len(flat), 2)]
+
     def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
+        """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
         m, valid = ro.loss_mask, ro.valid.cpu()
         metrics = {k: self._mean_over_processes(sum(v) / len(v)) for k, v in acc.items()}
         for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "train/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
+        v, r, vf, ones = old_values.double() * m, returns.double() * m, valid.double(), torch.ones(len(valid))
+        raw = ro.raw.double().cpu()
+        audit = {k: torch.tensor(vals, dtype=torch.float64) for k, vals in ro.audit.items()}
+        K = ro.norm.shape[1]
+        spread = ro.norm[valid].std(-1).double().sum() if K > 1 else torch.tensor(0.0)
+        means = self._sums(
+            (ro.scores.double().cpu() * vf, vf), (v, m), (r, m), (r ** 2, m), ((r - v) ** 2, m), (r - v, m),
+            (ro.lengths.double().cpu(), ones), (ro.has_eos.double().cpu(), ones),
+            *((raw[:, j] * vf, vf) for j in range(K)), *((a, torch.ones(len(a))) for a in audit.values()), (spread, vf))
+        scores, v_mean, r_mean, r2, res2, res, length, eos = means[:8]
+        dropped = int(self._global_sum(torch.tensor(float((~valid).sum()), device=self.args.device)))
+        var_r, var_res = r2 - r_mean ** 2, res2 - res ** 2
         metrics.update({
-            "objective/kl": kl_seq, "objective/beta": beta_used, "objective/scores": float(ro.scores[ro.valid].mean()),
-            "val/explained_variance": F.explained_variance(old_values, returns, m),
-            "val/mean": float(F.masked_mean(old_values, m)),
-            "response/length_mean": float(ro.lengths.float().mean()),
-            "response/eos_rate": float(ro.has_eos.float().mean()),
-            "rewards/dropped_nonfinite": int((~valid).sum()),
+            "objective/kl": kl_seq, "objective/beta": beta_used, "objective/scores": scores,
+            "val/explained_variance": 1 - var_res / var_r if var_r > 0 else float("nan"),
+            "val/mean": v_mean, "response/length_mean": length, "response/eos_rate": eos,
+            "rewards/dropped_nonfinite": dropped,
             "time/iteration_s": seconds, "time/generate_s": ro.gen_seconds,
-            "time/tokens_per_s": float(ro.resp_mask.sum()) / seconds,
+            "time/tokens_per_s": float(ro.resp_mask.sum()) * self.accelerator.num_processes / seconds,
             **{k: float(v) for k, v in stats.items()},
         })
         for j, name in enumerate(self.rewards.member_names):
-            metrics[f"rewards/{name}_raw"] = float(ro.raw[:, j][valid].mean())
-        for name, vals in ro.audit.items():
-            metrics[f"audit/{name}"] = sum(vals) / len(vals)
-        if ro.norm.shape[1] > 1:
-            metrics["rewards/ensemble_std"] = float(ro.norm[valid].std(-1).mean())
+            metrics[f"rewards/{name}_raw"] = means[8 + j]
+        for i, name in enumerate(audit):
+            metrics[f"audit/{name}"] = means[8 + K + i]
+        if K > 1:
+            metrics["rewards/ensemble_std"] = means[-1]
         if stats["train/skipped_nonfinite_steps"]:
             warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
                           f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "

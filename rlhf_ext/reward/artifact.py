@@ -132,7 +132,12 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         path = download(str(path))  # "user/repo" on the Hub: the same artifact folder
     path = Path(path)
     spec = read_spec(path)
-    verify_manifest(path, _REBUILD + ".", required=("heads.safetensors",))
+    if not verify_manifest(path, _REBUILD + ".", required=("heads.safetensors",)):
+        import warnings
+
+        warnings.warn(f"Reward model {path} has no manifest.json, so its files could not be checked for damage or "
+                      f"tampering before loading. Re-save it with RewardEnsembleTrainer.save_model() (or "
+                      f"rlhf_ext.integrity.write_manifest(folder)) to add one.", stacklevel=2)
     if tokenizer is None:
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             raise CorruptFileError(path / "tokenizer.json", "missing (the artifact has no tokenizer files)",

@@ -25,6 +25,8 @@ class RewardEnsembleConfig(RewardConfig):
             each batch, against the length bias of human (or simulated) labellers.
         cache_frozen_layers (`bool`, defaults to `False`): with LoRA on the top layers only, cache the frozen
             lower layers' output per text, so epochs after the first run the top layers only.
+        extra_preferences (`list[str]`, *optional*): more preference files (JSONL, TRL's format) added to the
+            training set by the trainer, e.g. OUTPUT_DIR/review/preferences.jsonl; a missing or empty file is an error.
         normalization_samples (`int`, defaults to `512`): pairs scored at the end of training to record each
             member's mean/std (BT rewards are shift-invariant; the PPO ensemble normalises with these).
 
@@ -59,8 +61,9 @@ class RewardEnsembleConfig(RewardConfig):
     )
     extra_preferences: list[str] | None = field(
         default=None,
-        metadata={"help": "More preference files (JSONL in TRL's format) to train on beside the dataset, e.g. the pairs "
-                  "people picked on the review page: OUTPUT_DIR/review/preferences.jsonl."},
+        metadata={"help": "More preference files (JSONL in TRL's format) the trainer adds to the training set, e.g. the "
+                  "pairs people picked on the review page: OUTPUT_DIR/review/preferences.jsonl. A missing or empty "
+                  "file is an error."},
     )
     normalization_samples: int = field(
         default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}
@@ -81,6 +84,12 @@ class RewardEnsembleConfig(RewardConfig):
             raise ValueError(f"ensemble_size must be an integer ≥ 1, got {self.ensemble_size!r}. Use 1 for a plain reward model.")
         if self.ensemble_mode not in ("heads", "adapters"):
             raise ValueError(f"Unknown ensemble_mode {self.ensemble_mode!r}; use 'heads' or 'adapters'.")
+        if self.ensemble_mode == "adapters" and self.ensemble_size == 1:
+            import warnings
+
+            warnings.warn("ensemble_mode='adapters' with ensemble_size=1 trains one LoRA adapter and one head, exactly "
+                          "as ensemble_mode='heads' does; set ensemble_size > 1 for an ensemble of adapters.",
+                          stacklevel=3)
         from .ensemble import POOLING
 
         if self.pooling not in POOLING:

@@ -38,6 +38,50 @@ POOLING = {"last": pool_last, "mean": pool_mean}
 MODES = ("full", "heads", "adapters")
 
 
+def replay_with_adapter_state(model: nn.Module, reentrant: bool) -> None:
+    """After `activation_checkpointing_enable` on `model` (a transformers model, PEFT-wrapped or not): make every
+    checkpointed layer's backward-pass recomputation run with the PEFT adapter state of its forward pass (see
+    `_replay_with_adapter_state`). Needed wherever one forward runs under a non-default adapter and trains it
+    (reward members in "adapters" mode, a separate PPO critic). Idempotent."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None:
+            module._gradient_checkpointing_func = _replay_with_adapter_state(func, module, reentrant)
+
+
+def _replay_with_adapter_state(checkpoint_func, layer: nn.Module, reentrant: bool):
+    """Wrap a layer's checkpoint function so the backward-pass recomputation sees the PEFT adapter state (active
+    adapter, adapters disabled) of the forward pass, and, with reentrant checkpointing, so gradients reach the
+    layer's adapters when its input needs no gradient (reentrant checkpointing returns a result without gradient
+    then). Without the first part a member trained under `active_adapter(model, k)` would be recomputed with another
+    adapter and receive wrong gradients, silently."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inner = getattr(checkpoint_func, "__wrapped_checkpoint__", checkpoint_func)  # never wrap twice
+    tuners = [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+
+    def checkpointed(function, *args, **kwargs):
+        state = [(m, m._active_adapter, m._disable_adapters) for m in tuners]
+
+        def replay(*a, **k):
+            now = [(m, m._active_adapter, m._disable_adapters) for m in tuners]
+            for m, active, disabled in state:
+                m._active_adapter, m._disable_adapters = active, disabled
+            try:
+                return function(*a, **k)
+            finally:
+                for m, active, disabled in now:
+                    m._active_adapter, m._disable_adapters = active, disabled
+
+        if (reentrant and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor)
+                and args[0].is_floating_point() and not args[0].requires_grad):
+            args = (args[0].detach().requires_grad_(True), *args[1:])
+        return inner(replay, *args, **kwargs)
+
+    checkpointed.__wrapped_checkpoint__ = inner
+    return checkpointed
+
+
 def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
     """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS)."""
     if isinstance(completion, list):  # conversational
@@ -57,8 +101,9 @@ class RewardEnsemble(nn.Module):
     `prefix_cache.PrefixCache`) replaces the frozen lower layers by a per-text cache when set.
     """
 
-    def __init__(self, model, tokenizer, spec: dict, heads: nn.ModuleDict, owns_base: bool = True):
+    def __init__(self, model, tokenizer, spec: dict, heads: nn.ModuleDict, owns_base: bool = True, config=None):
         super().__init__()
+        self._config = config  # the trainer's view of the config (num_labels=1), so the trunk's is never edited
         if spec["mode"] not in MODES:
             raise ValueError(f"Unknown reward ensemble mode {spec['mode']!r}; expected one of {MODES}.")
         if owns_base:
@@ -75,20 +120,57 @@ class RewardEnsemble(nn.Module):
         self.max_length = spec.get("max_length")
         self.pool = POOLING[spec.get("pooling", "last")]
         self.prefix_cache = None
+        self.model_tags = list(spec.get("tags") or [])  # what the trainers add for the model card (as transformers')
 
     @property
     def config(self):
-        return trunk_of(self.model).config
+        return self._config if self._config is not None else trunk_of(self.model).config
 
     def add_model_tags(self, tags):  # Trainer tags the model card of the model it trains
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        self.model_tags = [*self.model_tags, *(t for t in tags if t not in self.model_tags)]
         trunk = trunk_of(self.model)
         if hasattr(trunk, "add_model_tags"):
             trunk.add_model_tags(tags)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        if hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
+    # -- activation (gradient) checkpointing: transformers' Trainer calls these on the model it trains -------------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Checkpoint the trunk's decoder layers. Arguments as `PreTrainedModel.activation_checkpointing_enable`
+        (`every_n_layers`, `offload`, and any other keyword of the installed transformers), forwarded to the trunk;
+        `activation_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint` (`use_reentrant`, …).
+
+        Each layer's recomputation in the backward pass runs with the adapter that was active in its forward pass
+        (in "adapters" mode member k's layers are replayed with adapter k, not with whichever adapter is active
+        when the backward runs), and with reentrant checkpointing a layer input that needs no gradient (the cached
+        frozen prefix, a frozen embedding) is made to need one, so gradients reach the adapters inside."""
+        trunk = trunk_of(self.model)
+        enable = getattr(trunk, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        else:  # transformers before the activation_checkpointing_* names
+            trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        ckpt_kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        reentrant = ckpt_kwargs.get("use_reentrant", True)  # torch.utils.checkpoint's default
+        replay_with_adapter_state(trunk, reentrant)
+        if reentrant and not getattr(trunk, "_require_grads_hooks", None) and not hasattr(trunk, "_require_grads_hook"):
+            trunk.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Deprecated transformers name of `activation_checkpointing_enable` (same arguments)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        trunk = trunk_of(self.model)
+        disable = getattr(trunk, "activation_checkpointing_disable", None) or trunk.gradient_checkpointing_disable
+        disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in trunk_of(self.model).modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
     # -- the scoring path ---------------------------------------------------------------------------------------
     def hidden(self, input_ids, attention_mask) -> torch.Tensor:

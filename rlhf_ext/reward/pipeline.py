@@ -188,9 +188,19 @@ class ExternalRewardModel:
                  batch_size: int = 16):
         from ..models import ensure_pad_token
 
+        from ..data import model_pad_id
+
         self.model, self.tokenizer = model.eval(), ensure_pad_token(tokenizer)
         self.names, self.batch_size = [name], batch_size
         self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
+        # Sequence-classification models pool at the last token that is not `config.pad_token_id`, so padding must
+        # carry that id; a tokenizer pad outside the embedding (`[PAD]` added without resizing) must never be used.
+        cfg = getattr(model, "config", None)
+        rows = model.get_input_embeddings().weight.shape[0]
+        own = getattr(cfg, "pad_token_id", None)
+        self.pad_id = own if own is not None and 0 <= own < rows else model_pad_id(self.tokenizer, model)
+        if cfg is not None and own is None:
+            cfg.pad_token_id = self.pad_id  # transformers' pooling refuses batches without one
 
     @torch.no_grad()
     def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
@@ -202,7 +212,7 @@ class ExternalRewardModel:
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(seqs), self.batch_size):
-            ids, mask = pad_ids(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id, device=device)
+            ids, mask = pad_ids(seqs[i : i + self.batch_size], self.pad_id, device=device)
             out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, :1].float().cpu())
         return torch.cat(out)
 

@@ -8,54 +8,100 @@ weights, plus an optional length de-correlation penalty.
 
 from __future__ import annotations
 
+import bisect
+import copy
+import hashlib
+import logging
 import math
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import accumulate, islice
 from pathlib import Path
 
 import torch
+from datasets import Dataset, IterableDataset
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
-from trl.data_utils import is_conversational
+from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
+from trl.trainer.utils import global_then_local_main_first
 
+from ..architectures import final_hidden_size
 from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, zero_dropout
 from ..data import message_text
-from ..models import base_reference, ensure_pad_token, is_quantized, load_model, load_tokenizer, model_fingerprint, trunk_of
+from ..integrity import ensure_writable_dir
+from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
+                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..rl_math import bt_loss, pearson
 from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
 from .ensemble import RewardEnsemble
 
+logger = logging.getLogger(__name__)
+
+_TOKENISED = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"})  # TRL's, and its legacy names
+_STREAM_PEEK = 64  # rows of a streaming dataset read at start-up for the length check
+
 
 # ------------------------------------------------------------------------------------------- data checks
+def _check_text(value, name: str, i: int, col: str) -> None:
+    """A preference field must be text or a list of chat messages; chosen/rejected must not be blank."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        text = message_text(value)
+    else:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} row {i}: '{col}' is a {type(value).__name__} ({shown}), not text. TRL's preference "
+                         f"format needs a string, or a list of chat messages ({{'role': ..., 'content': ...}}); convert "
+                         f"the column or drop the row.")
+    if col != "prompt" and not text.strip():
+        raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
+
+
+def _check_row(row: dict, i: int, name: str) -> None:
+    for col in ("prompt", "chosen", "rejected"):
+        if col in row:
+            _check_text(row[col], name, i, col)
+    if "margin" in row:
+        m = row["margin"]
+        if m is None or isinstance(m, (str, bytes)) or not math.isfinite(float(m)):
+            raise ValueError(f"{name} row {i}: margin {m!r} is not a finite number. Fix or drop the row.")
+
+
 def validate_preference_dataset(dataset, name: str = "train_dataset"):
     """Fail early, naming the row and the fix, instead of deep inside tokenisation. Pairs whose chosen and
     rejected responses are identical carry no preference (the loss is log 2 whatever the model does): they are
-    dropped with a counted warning. Returns the dataset to train on."""
-    cols = set(dataset.column_names)
-    if {"chosen_ids", "rejected_ids"} <= cols:
+    dropped with a counted warning. Returns the dataset to train on.
+
+    A streaming `IterableDataset` is checked as it is read: its first row at once, every row when it streams by
+    (a bad row stops training naming its index), ties dropped with a warning at the first one (they cannot be
+    counted in advance)."""
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise TypeError(f"`{name}` must be a `Dataset` or `IterableDataset`, got `{type(dataset).__name__}`.")
+    cols = set(get_dataset_column_names(dataset))
+    if any(pair <= cols for pair in _TOKENISED):  # pre-tokenised: TRL renames the legacy columns (FutureWarning)
         return dataset
     missing = {"chosen", "rejected"} - cols
     if missing:
         raise ValueError(
             f"{name} is missing column(s) {sorted(missing)}; it has {sorted(cols)}. Reward modelling needs TRL's "
-            f"preference format: 'chosen' and 'rejected' (and optionally 'prompt', 'margin')."
+            f"preference format: 'chosen' and 'rejected' (and optionally 'prompt', 'margin'), or pre-tokenised "
+            f"'chosen_ids' and 'rejected_ids'."
         )
+    if isinstance(dataset, IterableDataset):
+        return _validate_streaming(dataset, name)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
     ties = []
     for i, row in enumerate(dataset):
-        for col in ("chosen", "rejected"):
-            text = message_text(row[col])
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
-        if "margin" in row and (row["margin"] is None or not math.isfinite(float(row["margin"]))):
-            raise ValueError(f"{name} row {i}: margin {row['margin']!r} is not a finite number. Fix or drop the row.")
+        _check_row(row, i, name)
         if row["chosen"] == row["rejected"]:
             ties.append(i)
     if ties:
@@ -66,6 +112,102 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
         keep = sorted(set(range(len(dataset))) - set(ties))
         dataset = dataset.select(keep)
     return dataset
+
+
+def _validate_streaming(dataset: IterableDataset, name: str) -> IterableDataset:
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError(f"{name} is empty.")
+    _check_row(first, 0, name)
+    warned = []
+
+    def check(row, i):
+        _check_row(row, i, name)
+        return row
+
+    def not_a_tie(row, i):
+        if row["chosen"] != row["rejected"]:
+            return True
+        if not warned:
+            warned.append(i)
+            warnings.warn(f"{name}: dropping pairs whose chosen and rejected responses are identical as they stream "
+                          f"by (first: row {i}); they carry no preference. A streaming dataset cannot count them in "
+                          f"advance.", stacklevel=2)
+        return False
+
+    return dataset.map(check, with_indices=True).filter(not_a_tie, with_indices=True)
+
+
+def _add_extra_preferences(train_dataset, files):
+    """`RewardEnsembleConfig.extra_preferences` applied to the training set (a missing or empty file is an error
+    naming it). A training set that already ends with exactly those rows (a script that called
+    `rlhf_ext.data.with_extra_preferences` itself, as the recipe once did) is used as it is, with a warning."""
+    from ..data import with_extra_preferences
+
+    if isinstance(train_dataset, IterableDataset):
+        raise ValueError("extra_preferences needs a sized train_dataset (a datasets.Dataset): a streaming "
+                         "IterableDataset cannot be concatenated with the preference files. Load the stream into a "
+                         "Dataset, or add the files' rows to the stream yourself and leave extra_preferences unset.")
+    combined = with_extra_preferences(train_dataset, files)
+    n = len(combined) - len(train_dataset)
+    if 0 < n <= len(train_dataset):
+        cols = [c for c in ("prompt", "chosen", "rejected") if c in combined.column_names]
+        tail = train_dataset.select(range(len(train_dataset) - n, len(train_dataset))).select_columns(cols)
+        if tail.to_list() == combined.select(range(len(train_dataset), len(combined))).select_columns(cols).to_list():
+            warnings.warn(f"extra_preferences: train_dataset already ends with the {n} pair(s) of {list(files)} (added "
+                          f"by rlhf_ext.data.with_extra_preferences); they are not added a second time.", stacklevel=3)
+            return train_dataset
+    return combined
+
+
+def _pair_lengths(dataset) -> tuple[list[int], bool]:
+    """Tokens of each pair (the longer of chosen and rejected): all of a Dataset (complete=True), or the first
+    rows of a stream."""
+    if isinstance(dataset, Dataset):
+        import pyarrow.compute as pc
+
+        out = []
+        for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+            out.extend(pc.max_element_wise(pc.list_value_length(batch["chosen_ids"]),
+                                           pc.list_value_length(batch["rejected_ids"])).to_pylist())
+        return out, True
+    rows = list(islice(iter(dataset), _STREAM_PEEK))
+    return [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in rows], False
+
+
+def _check_lengths(dataset, limit: int, name: str) -> None:
+    """`max_length` that filters out every pair is an error naming the shortest; one that drops most is a warning."""
+    lengths, complete = _pair_lengths(dataset)
+    n, dropped = len(lengths), sum(length > limit for length in lengths)
+    if not n or not dropped:
+        return
+    which = f"{n} pairs" if complete else f"first {n} pairs (a streaming dataset: only those were read)"
+    if dropped == n:
+        raise ValueError(
+            f"max_length={limit} drops all {which} of {name}: the shortest pair is {min(lengths)} tokens (the longer of "
+            f"chosen and rejected, prompt and chat template included). Set max_length to at least {min(lengths)}, or to "
+            f"None to keep every pair.")
+    if 2 * dropped > n:
+        warnings.warn(
+            f"max_length={limit} drops {dropped} of the {which} of {name} (longer than {limit} tokens, prompt and chat "
+            f"template included; the longest is {max(lengths)}); {n - dropped} remain. Raise max_length to keep more.",
+            stacklevel=4)
+
+
+_POISSON1_CDF = list(accumulate(math.exp(-1) / math.factorial(n) for n in range(24)))
+
+
+def hashed_bootstrap_weights(pair_ids: torch.Tensor, members: int, seed: int) -> torch.Tensor:
+    """Poisson(1) bootstrap weights [B, members] drawn per pair from a seeded hash of its id: the same pair gets the
+    same weights in every epoch and on every process, without a table over the whole dataset (streaming data)."""
+    out = []
+    for i in pair_ids.tolist():
+        row = []
+        for k in range(members):
+            h = hashlib.blake2b(f"{seed}:{k}:{int(i)}".encode(), digest_size=8).digest()
+            row.append(float(bisect.bisect_right(_POISSON1_CDF, int.from_bytes(h, "little") / 2.0**64)))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float).reshape(len(out), members)
 
 
 @dataclass
@@ -107,6 +249,79 @@ def _expected_calibration_error(p: torch.Tensor, n_bins: int = 10) -> float:
     return ece
 
 
+# ------------------------------------------------------------------------------------------- model inputs
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _is_seq_cls(model) -> bool:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(hf).__name__.endswith("ForSequenceClassification")
+
+
+def score_head_of(model, adapter: str | None = None) -> nn.Linear | None:
+    """The score head (an nn.Linear) of a sequence-classification model, seen through PEFT (a `modules_to_save` copy
+    of `adapter` when there is one); None for any other model or head shape."""
+    if not _is_seq_cls(model):
+        return None
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier"):
+        head = getattr(hf, name, None)
+        if head is None:
+            continue
+        if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # PEFT's ModulesToSaveWrapper
+            head = head.modules_to_save[adapter] if adapter in head.modules_to_save else head.original_module
+        return head if isinstance(head, nn.Linear) else None
+    return None
+
+
+def _head_weights(head: nn.Linear):
+    """(weight [1, H], bias [1] or None) of a score head in fp32 (dequantised if bitsandbytes quantised it)."""
+    w = head.weight
+    if hasattr(w, "quant_state") and w.quant_state is not None:
+        import bitsandbytes as bnb
+
+        w = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    bias = head.bias.detach().float().cpu() if head.bias is not None else None
+    return w.detach().float().cpu().reshape(head.out_features, -1), bias
+
+
+def _checkpoint_num_labels(name_or_path: str, trust_remote_code: bool) -> int | None:
+    """num_labels of a sequence-classification checkpoint (by its config's `architectures`); None for any other
+    checkpoint or when the config cannot be read here (loading then reports the problem)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - not readable as a transformers config: load_model names the problem
+        return None
+    if any(str(a).endswith("ForSequenceClassification") for a in (getattr(cfg, "architectures", None) or [])):
+        return int(cfg.num_labels)
+    return None
+
+
+def _is_template_file(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith((".jinja", ".j2"))
+
+
+def _apply_chat_template_path(trunk, tokenizer, path: str) -> list[int]:
+    """TRL's `chat_template_path`, applied to the trunk: a `.jinja`/`.j2` file sets the template; a tokenizer or model
+    folder (or Hub id) is cloned with `trl.clone_chat_template` (its added tokens, EOS, and the embedding resized to
+    a multiple of 64). Returns the added token ids."""
+    if _is_template_file(path):
+        with open(path, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+        return []
+    from trl.chat_template_utils import clone_chat_template
+
+    _, _, added = clone_chat_template(trunk, tokenizer, path)
+    return added
+
+
 class _GradientReachCheck(TrainerCallback):
     """At the first optimizer step: every member's LoRA-B matrix and head got gradient, or stop with the cause."""
 
@@ -119,12 +334,26 @@ class _GradientReachCheck(TrainerCallback):
             check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
 
 
+def _lora_config_dict(peft_config) -> dict:
+    """The LoRA fields an artifact records (what `artifact.lora_config_of` rebuilds on a bare trunk)."""
+    cfg = {k: v for k, v in peft_config.to_dict().items()
+           if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
+                    "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern")}
+    if isinstance(cfg.get("target_modules"), set):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    return cfg
+
+
 class RewardEnsembleTrainer(RewardTrainer):
     """`trl.RewardTrainer` that trains K Bradley–Terry members in one run and saves one loadable artifact.
 
     Call shape is TRL's: `RewardEnsembleTrainer(model, args=RewardEnsembleConfig(...), train_dataset=...,
-    eval_dataset=..., processing_class=..., peft_config=...)`. `model` may be a hub id, a local folder, a
-    `.gguf` file, the embedded default name, or an instantiated transformers model (its trunk is used).
+    eval_dataset=..., processing_class=..., peft_config=..., compute_metrics=...)`. `model` may be a hub id, a local
+    folder, a `.gguf` file, the embedded default name, an instantiated transformers model (its trunk is used), or a
+    `peft.PeftModel` (its LoRA adapter is the member: only the adapter and the score heads train). A
+    sequence-classification checkpoint with `num_labels=1` (a trained reward model) keeps its score head: it is the
+    head of K=1, and the K heads of an ensemble start from it. Datasets may be `datasets.Dataset` or streaming
+    `IterableDataset` (then `max_steps` is required, as in TRL).
     """
 
     _tag_names = ["trl", "reward-trainer", "rlhf_ext"]
@@ -138,17 +367,29 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise TypeError("`args` must be a RewardEnsembleConfig (a subclass of trl.RewardConfig).")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL preference format: chosen/rejected[/prompt]).")
+        ensure_writable_dir(args.output_dir)  # before any training depends on it
+        if args.extra_preferences:
+            train_dataset = _add_extra_preferences(train_dataset, args.extra_preferences)
         train_dataset = validate_preference_dataset(train_dataset)
-        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: validate_preference_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
             eval_dataset = validate_preference_dataset(eval_dataset, "eval_dataset")
         K, mode = args.ensemble_size, args.ensemble_mode
-        if mode == "adapters" and K > 1 and peft_config is None:
+        peft_host = _is_peft_model(model)
+        if peft_host and peft_config is not None:
+            raise ValueError(
+                "You passed a `PeftModel` instance together with a `peft_config` to the trainer (as in TRL, this is "
+                "refused). Either pass the PeftModel alone (its adapter is trained), or merge and unload its adapter, "
+                "save the base model, and pass that base model with the new `peft_config`."
+            )
+        if mode == "adapters" and K > 1 and peft_config is None and not peft_host:
             raise ValueError(
                 "ensemble_mode='adapters' trains K LoRA adapters on one frozen base and needs a LoRA config: pass "
                 "`peft_config=LoraConfig(...)` (recipes: `use_peft: true`), or use ensemble_mode='heads'."
             )
 
-        # Trunk (the transformer body, no LM head) of the base model
+        # The model: a trunk (the transformer body, no LM head), and the trained score head when it has one
         torch.manual_seed(args.seed)
         self.base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self.load_in_4bit = load_in_4bit or quantization_config is not None
@@ -159,56 +400,129 @@ class RewardEnsembleTrainer(RewardTrainer):
                 init["quantization_config"] = quantization_config
             if processing_class is None:
                 processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code)
-            trunk = load_model(model, "trunk", load_in_4bit=load_in_4bit and quantization_config is None, **init)
+            labels = _checkpoint_num_labels(model, args.trust_remote_code)
+            if labels not in (None, 1):
+                logger.warning("%s is a sequence-classification checkpoint with num_labels=%d; a reward model has one "
+                               "output, so its score head is not used (new heads are trained).", model, labels)
+            source = load_model(model, "seq_cls" if labels == 1 else "trunk",
+                                load_in_4bit=load_in_4bit and quantization_config is None, **init)
         else:
-            trunk = trunk_of(model)
+            if _is_seq_cls(model) and getattr(model.config, "num_labels", None) != 1:
+                raise ValueError(
+                    f"The model has `num_labels={model.config.num_labels}`, but reward models require `num_labels=1` "
+                    "to output a single scalar reward per sequence (as in trl.RewardTrainer). Instantiate it with "
+                    "`num_labels=1`, or pass the causal LM (or its folder): RewardEnsembleTrainer builds its own heads."
+                )
+            if is_quantized(model):
+                keep_4bit_trainable(model)  # bitsandbytes' CPU inference layout has no backward
+            source = model
+        trunk = trunk_of(source)
         if processing_class is None:
             processing_class = load_tokenizer(self.base_model_name)
         ensure_pad_token(processing_class)
-        trunk.config.num_labels = 1  # TRL's reward-model check; our heads carry the K outputs
-        self.fingerprint = model_fingerprint(trunk)
+        self.fingerprint = model_fingerprint(trunk)  # of the base as saved (before a chat template resizes it)
+        added = _apply_chat_template_path(trunk, processing_class, args.chat_template_path) \
+            if args.chat_template_path is not None else []
+        head = score_head_of(source, source.active_adapter if peft_host else None)
+        head_init = _head_weights(head) if head is not None else None
+        if head_init is not None and getattr(source.config, "pad_token_id", None) == processing_class.eos_token_id:
+            warnings.warn(
+                f"The sequence-classification checkpoint has pad_token_id == the EOS id ({processing_class.eos_token_id}). "
+                f"transformers scores the last token that is not padding, so its head was trained on the token before "
+                f"the final EOS; RewardEnsembleTrainer's heads read the last attended token (the EOS itself), so its "
+                f"scores shift until training adapts the head. A checkpoint whose pad token differs from EOS keeps "
+                f"them exactly.", stacklevel=2)
 
         # Members: adapters (or the full trunk) + their score heads, as one RewardEnsemble
-        if peft_config is not None:
-            trunk = self._wrap_peft(trunk, peft_config, args)
-            adapter_names = list(trunk.peft_config)
+        if peft_host:
+            body, (adapter_names, ens_mode) = source, self._members_on_peft_model(source, args)
+        elif peft_config is not None:
+            body = self._wrap_peft(trunk, peft_config, args)
+            adapter_names = list(body.peft_config)
             ens_mode = "heads" if mode == "heads" or K == 1 else "adapters"
         else:
-            adapter_names, ens_mode = ["full"], "full"
+            body, adapter_names, ens_mode = trunk, ["full"], "full"
+        new_tokens = [t for t in processing_class.convert_ids_to_tokens(added) if not t.startswith("<extra_id_")]
+        if new_tokens and ens_mode != "full":
+            warnings.warn(
+                f"chat_template_path added {len(new_tokens)} token(s) to the vocabulary ({', '.join(new_tokens[:4])}"
+                f"{' …' if len(new_tokens) > 4 else ''}). With LoRA their embeddings stay as initialised, and the saved "
+                f"artifact, which loads the base model from {self.base_model_name!r}, will not have them. Train without "
+                f"peft_config (the whole trunk is saved), or add the tokens to the base model and save it first.",
+                stacklevel=2)
         if args.disable_dropout:  # TRL's flag; TRL zeroes nn.Dropout only, not functional attention dropout
             zero_dropout(trunk)
-        hidden, std = trunk.config.hidden_size, _head_std(trunk.config)
+        hidden, std = final_hidden_size(body), _head_std(trunk.config)  # OPT-350m: not hidden_size
+        if head_init is not None and head_init[0].shape[1] != hidden:
+            logger.warning("The checkpoint's score head reads %d features but the trunk gives %d; it is not used.",
+                           head_init[0].shape[1], hidden)
+            head_init = None
         device = next(trunk.parameters()).device
         heads = nn.ModuleDict()
         for k, a in enumerate(adapter_names):
             torch.manual_seed(args.seed + 2000 + k)  # each member its own head init
-            heads[a] = nn.Linear(hidden, K if ens_mode != "adapters" else 1, bias=False, device=device)
+            outputs = K if ens_mode != "adapters" else 1
+            heads[a] = nn.Linear(hidden, outputs, bias=head_init is not None and head_init[1] is not None, device=device)
             nn.init.normal_(heads[a].weight, 0.0, std)
+            if head_init is not None:
+                w, b = (t.to(device) if t is not None else None for t in head_init)
+                with torch.no_grad():
+                    if K == 1:
+                        heads[a].weight.copy_(w)
+                    else:  # the trained head plus each member's own small perturbation: members start different
+                        heads[a].weight.add_(w.expand(outputs, -1))
+                    if b is not None:
+                        heads[a].bias.copy_(b.expand(outputs))
+        self.head_init = "random" if head_init is None else "checkpoint" if K == 1 else "checkpoint+noise"
+        if head_init is not None:
+            logger.info("Score head%s: %s.", "s" if K > 1 else "",
+                        "the checkpoint's trained head, kept" if K == 1 else
+                        f"the checkpoint's trained head + N(0, {std:.2g}) per member, for each of the {K} members")
         spec = {"mode": ens_mode, "adapters": adapter_names, "members": [f"member_{k}" for k in range(K)],
                 "pooling": args.pooling, "max_length": args.max_length}
-        ens = RewardEnsemble(trunk, processing_class, spec, heads)
+        config = copy.deepcopy(trunk.config)  # the trainer's view: one score per sequence (TRL checks num_labels=1)
+        config.num_labels = 1
+        ens = RewardEnsemble(body, processing_class, spec, heads, config=config)
         self.member_adapters = adapter_names if ens_mode != "full" else []
         self._set_trainable(ens)
 
         # Per-member bootstrap weights over training pairs (Poisson(1) ≈ resampling with replacement)
-        if "pair_id" not in train_dataset.column_names:
-            train_dataset = train_dataset.add_column("pair_id", list(range(len(train_dataset))))
         g = torch.Generator().manual_seed(args.seed + 1)
-        if K > 1 and args.bootstrap:
-            self.bootstrap_weights = torch.poisson(torch.ones(K, len(train_dataset)), generator=g)
+        if isinstance(train_dataset, IterableDataset):
+            if "pair_id" not in get_dataset_column_names(train_dataset):
+                train_dataset = train_dataset.map(lambda row, i: {"pair_id": i}, with_indices=True)
+            self.bootstrap_weights = None  # no length: drawn per pair from a hash of its id (hashed_bootstrap_weights)
         else:
-            self.bootstrap_weights = torch.ones(K, len(train_dataset))
+            if "pair_id" not in train_dataset.column_names:
+                train_dataset = train_dataset.add_column("pair_id", list(range(len(train_dataset))))
+            if K > 1 and args.bootstrap:
+                self.bootstrap_weights = torch.poisson(torch.ones(K, len(train_dataset)), generator=g)
+            else:
+                self.bootstrap_weights = torch.ones(K, len(train_dataset))
 
         if data_collator is None:
             data_collator = EnsemblePreferenceCollator(pad_token_id=processing_class.pad_token_id,
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
         self._raw_reference = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, dict) else train_dataset
-        check = _GradientReachCheck(self._reach_params(ens), is_quantized(trunk))
-        super().__init__(model=ens, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None,
-                         callbacks=[*(kwargs.pop("callbacks", None) or []), check], **kwargs)
+        self.quantized = is_quantized(body)
+        check = _GradientReachCheck(self._reach_params(ens), self.quantized)
+        if args.gradient_checkpointing and args.ddp_find_unused_parameters is None:
+            # What transformers does for its own models (ours is not a PreTrainedModel): DDP's unused-parameter
+            # search breaks (reentrant) checkpointing, and every member's parameters take part in every step.
+            args.ddp_find_unused_parameters = False
+        template = args.chat_template_path
+        if template is not None and not _is_template_file(template):
+            args.chat_template_path = None  # cloned onto the trunk above; TRL would clone onto our wrapper again
+        try:
+            super().__init__(model=ens, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None,
+                             callbacks=[*(kwargs.pop("callbacks", None) or []), check], **kwargs)
+        finally:
+            args.chat_template_path = template
         self.prefix_cache = self._build_prefix_cache(ens) if args.cache_frozen_layers else None
         self._eval_buffer = defaultdict(list)
+        self._eval_prefix = "eval"
+        self._check_4bit_layout = self.quantized  # at the first training step, and after every no-grad pass
         self.normalization: dict | None = None
         self.is_conversational = is_conversational(next(iter(train_dataset)))
 
@@ -216,14 +530,12 @@ class RewardEnsembleTrainer(RewardTrainer):
     def _wrap_peft(self, trunk, peft_config, args):
         from peft import get_peft_model
 
+        from ..architectures import resolve_lora_config
+
+        peft_config = resolve_lora_config(peft_config, trunk)  # target_modules=None: per-architecture default
         peft_config.task_type = None  # a bare trunk: our heads, not PEFT's modules_to_save, score
         restrict_to_top_layers(peft_config, trunk, args.lora_top_layers)
-        self.lora_config = {k: v for k, v in peft_config.to_dict().items()
-                            if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
-                                     "use_dora", "fan_in_fan_out", "init_lora_weights", "layers_to_transform",
-                                     "layers_pattern")}
-        if isinstance(self.lora_config.get("target_modules"), set):
-            self.lora_config["target_modules"] = sorted(self.lora_config["target_modules"])
+        self.lora_config = _lora_config_dict(peft_config)
         names = ["reward"] if args.ensemble_mode == "heads" or args.ensemble_size == 1 else [
             f"reward_{k}" for k in range(args.ensemble_size)]
         for k, name in enumerate(names):
@@ -234,9 +546,50 @@ class RewardEnsembleTrainer(RewardTrainer):
                 trunk.add_adapter(name, peft_config)
         return trunk
 
+    def _members_on_peft_model(self, host, args):
+        """A PeftModel passed as `model`: its active LoRA adapter is member 0 and trains on (the base stays frozen,
+        as in TRL). In "adapters" mode with K > 1 the other members are new adapters with its LoRA config (each its
+        own LoRA-A init), starting from its weights when it has been trained."""
+        from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+        from ..adapters import adapter_parameters
+
+        name = host.active_adapter
+        cfg = host.peft_config[name]
+        if not isinstance(cfg, LoraConfig):
+            raise ValueError(f"The PeftModel's adapter {name!r} is a {type(cfg).__name__}; RewardEnsembleTrainer trains "
+                             f"LoRA adapters (members are saved as LoRA weights). Merge it into the base model and "
+                             f"pass a LoraConfig as peft_config instead.")
+        if args.lora_top_layers:
+            raise ValueError(f"lora_top_layers={args.lora_top_layers} places the LoRA layers the trainer creates from "
+                             f"`peft_config`; the PeftModel you passed already has its adapter {name!r}. Leave "
+                             f"lora_top_layers at 0, or pass the base model with peft_config=LoraConfig(...).")
+        self.lora_config = _lora_config_dict(cfg)
+        names = [name]
+        K = args.ensemble_size
+        if args.ensemble_mode == "adapters" and K > 1:
+            trained = any(bool(torch.any(p != 0)) for n, p in adapter_parameters(host, name).items() if "lora_B" in n)
+            state = get_peft_model_state_dict(host, adapter_name=name) if trained else None
+            for k in range(1, K):
+                new = f"reward_{k}"
+                while new in host.peft_config:
+                    new += "_"
+                torch.manual_seed(args.seed + 1000 * k)
+                host.add_adapter(new, copy.deepcopy(cfg))
+                if state is not None:
+                    set_peft_model_state_dict(host, state, adapter_name=new)
+                names.append(new)
+            logger.info("Members: the PeftModel's adapter %r and %d new adapter(s) with its LoRA config%s.", name, K - 1,
+                        ", starting from its weights" if trained else "")
+        return names, "heads" if args.ensemble_mode == "heads" or K == 1 else "adapters"
+
     def _set_trainable(self, ens):
         if self.member_adapters:
             set_trainable(ens.model, self.member_adapters)
+            inside = {id(p) for p in trunk_of(ens.model).parameters()}
+            for p in ens.model.parameters():  # a PeftModel's own LM/score head copies: our heads score instead
+                if id(p) not in inside:
+                    p.requires_grad_(False)
             if is_quantized(ens.model):  # keep LoRA math in fp32 on a 4-bit base (TRL would cast to bf16)
                 for p in ens.model.parameters():
                     if p.requires_grad:
@@ -259,6 +612,21 @@ class RewardEnsembleTrainer(RewardTrainer):
         ens.prefix_cache = PrefixCache(split)
         return ens.prefix_cache
 
+    # -- data ------------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's preparation (tokenise, rename legacy columns), then its `max_length` filter with counts: no pair
+        left is an error naming the shortest pair; most pairs dropped is a warning (TRL drops them silently)."""
+        if args.max_length is None or dataset_name == "reference":
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        unfiltered = copy.copy(args)
+        unfiltered.max_length = None
+        dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
+        limit = args.max_length
+        _check_lengths(dataset, limit, dataset_name)
+        kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        with global_then_local_main_first():
+            return dataset.filter(lambda e: len(e["chosen_ids"]) <= limit and len(e["rejected_ids"]) <= limit, **kwargs)
+
     def _set_signature_columns_if_needed(self):
         # TRL keeps only chosen_ids/rejected_ids/margin; without pair_id the bootstrap weights would never apply
         # (every member would see the same data).
@@ -267,31 +635,51 @@ class RewardEnsembleTrainer(RewardTrainer):
             self._signature_columns = [*self._signature_columns, "pair_id"]
 
     # -- loss ------------------------------------------------------------------------------------------------
+    def _member_weights(self, inputs, like: torch.Tensor) -> torch.Tensor:
+        """Bootstrap weights [B, K] of the batch's pairs (training only; ones otherwise)."""
+        K = like.shape[1]
+        if not self.model.training or "pair_id" not in inputs:
+            return torch.ones_like(like)
+        ids = inputs["pair_id"].cpu()
+        if self.bootstrap_weights is not None:
+            return self.bootstrap_weights[:, ids].T.to(like)
+        if K > 1 and self.args.bootstrap:  # streaming: no table over the dataset
+            return hashed_bootstrap_weights(ids, K, self.args.seed + 1).to(like)
+        return torch.ones_like(like)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).float()  # [2B, K]
         r_chosen, r_rejected = rewards.chunk(2)  # [B, K] each
         margin = inputs.get("margin")
         per_pair = bt_loss(r_chosen, r_rejected, None if margin is None else margin.unsqueeze(-1))  # [B, K]
-        if mode == "train" and "pair_id" in inputs:
-            w = self.bootstrap_weights[:, inputs["pair_id"].cpu()].T.to(per_pair)  # [B, K]
-        else:
-            w = torch.ones_like(per_pair)
-        loss = ((per_pair * w).sum(0) / w.sum(0).clamp(min=1e-6)).mean()  # mean over members of BT loss
+        w = self._member_weights(inputs, per_pair)
+        norm = w.sum(0).clamp(min=1e-6)
+        loss = ((per_pair * w).sum(0) / norm).mean()  # mean over members of BT loss
         if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * (rewards**2).mean()
+            # TRL's term (Eisenstein et al. 2023, eq. 2): the pair's summed reward → 0. It centres rewards without
+            # pulling chosen and rejected together (Σ r² per response would also shrink the margin).
+            centre = (r_chosen + r_rejected) ** 2
+            loss = loss + self.args.center_rewards_coefficient * ((centre * w).sum(0) / norm).mean()
         lengths = inputs["response_length"].to(rewards)
         corr = torch.stack([pearson(rewards[:, k], lengths) for k in range(rewards.shape[1])])
         if self.args.length_decorrelation_coef > 0:
             loss = loss + self.args.length_decorrelation_coef * corr.abs().mean()  # ODIN-style de-correlation
 
+        if mode == "train":  # TRL's token count
+            self._total_train_tokens += (self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                                         // self._tp_size)
         with torch.no_grad():
             gather = self.accelerator.gather_for_metrics
             delta = (r_chosen - r_rejected).detach()
             m = self._metrics[mode]
+            m["num_tokens"] = [self._total_train_tokens]
+            everything = self.accelerator.gather(rewards.detach())
+            m["min_reward"].append(everything.min().item())
+            m["mean_reward"].append(everything.mean().item())
+            m["max_reward"].append(everything.max().item())
             m["accuracy"].append(gather((delta.mean(-1) > 0).float().mean()).mean().item())
             m["margin"].append(gather(delta.mean()).mean().item())
-            m["mean_reward"].append(gather(rewards.detach().mean()).mean().item())
             m["length_corr"].append(gather(corr.detach().mean()).mean().item())
             if rewards.shape[1] > 1:
                 m["ensemble_std"].append(gather(rewards.detach().std(-1).mean()).mean().item())
@@ -300,11 +688,34 @@ class RewardEnsembleTrainer(RewardTrainer):
                 b["delta"].append(gather(delta).cpu())
                 b["rewards"].append(gather(rewards.detach()).cpu())
                 b["lengths"].append(gather(lengths).cpu())
-        return (loss, rewards) if return_outputs else loss
+        # as a model output, so `compute_metrics` gets the rewards [2N, K] as predictions (TRL: [2N, 1])
+        return (loss, SequenceClassifierOutput(logits=rewards)) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        if self._check_4bit_layout:  # the first step, and the first after each eval/no-grad pass
+            assert_trainable_4bit_layout(self.accelerator.unwrap_model(self.model), "RewardEnsembleTrainer")
+            self._check_4bit_layout = False
+        return super().training_step(*args, **kwargs)
+
+    def _after_no_grad_pass(self):
+        """A 4-bit layer repacked into bitsandbytes' CPU inference layout (no backward) by an eval forward is refused
+        at once, and the next training step checks again."""
+        if self.quantized:
+            assert_trainable_4bit_layout(self.accelerator.unwrap_model(self.model), "RewardEnsembleTrainer")
+            self._check_4bit_layout = True
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        prefix, self._eval_prefix = self._eval_prefix, metric_key_prefix  # a dict of eval sets: eval_<name>_*
+        try:
+            out = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = prefix
+        self._after_no_grad_pass()
+        return out
 
     def log(self, logs, start_time=None):
         if self._eval_buffer and not self.model.training and self._eval_buffer.get("delta"):
-            logs.update({f"eval_{k}": v for k, v in self._eval_summary().items()})
+            logs.update({f"{self._eval_prefix}_{k}": v for k, v in self._eval_summary().items()})
             self._eval_buffer.clear()
         super().log(logs, start_time)
 
@@ -323,21 +734,34 @@ class RewardEnsembleTrainer(RewardTrainer):
     # -- normalisation + artifact ----------------------------------------------------------------------------
     @torch.no_grad()
     def compute_normalization(self, dataset=None, max_pairs: int | None = None) -> dict:
-        """Per-member mean/std of rewards on a reference set (chosen and rejected responses)."""
+        """Per-member mean/std of rewards on a reference set (chosen and rejected responses): the first
+        `normalization_samples` pairs of the eval set (else the training set), a stream included."""
         dataset = self._prepare_dataset(dataset if dataset is not None else self._raw_reference,
                                         self.processing_class, self.args, "reference")
-        n = min(len(dataset), max_pairs or self.args.normalization_samples)
+        limit = max_pairs or self.args.normalization_samples
+        if isinstance(dataset, Dataset):
+            n = min(len(dataset), limit)
+            cols = [c for c in dataset.column_names if c in ("chosen_ids", "rejected_ids")]
+            rows = dataset.select(range(n)).select_columns(cols)
+            source = (rows[j] for j in range(n))
+        else:
+            n = None
+            source = ({"chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]} for e in islice(dataset, limit))
         ens = self.accelerator.unwrap_model(self.model)
         chunks = []
         bs = self.args.per_device_eval_batch_size
-        cols = [c for c in dataset.column_names if c in ("chosen_ids", "rejected_ids")]
-        rows = dataset.select(range(n)).select_columns(cols)
-        steps = tqdm(range(0, n, bs), desc="Reward normalisation", leave=False,
-                     disable=self.args.disable_tqdm or not self.is_world_process_zero())
-        for i in steps:  # K trunk passes per pair for adapter ensembles: minutes on a CPU, so a progress bar
-            batch = self.data_collator([rows[j] for j in range(i, min(n, i + bs))])
+        bar = tqdm(total=n, desc="Reward normalisation", leave=False,
+                   disable=self.args.disable_tqdm or not self.is_world_process_zero())
+        while batch_rows := list(islice(source, bs)):  # K trunk passes per pair for adapter ensembles: a progress bar
+            batch = self.data_collator(batch_rows)
             chunks.append(ens.score_ids(batch["input_ids"].to(self.args.device),
                                         batch["attention_mask"].to(self.args.device)).cpu())
+            bar.update(len(batch_rows))
+        bar.close()
+        if not chunks:
+            raise ValueError("The reference set for the reward normalisation statistics is empty (no pair within "
+                             f"max_length={self.args.max_length}); pass compute_normalization(dataset) a non-empty one.")
+        self._after_no_grad_pass()
         r = torch.cat(chunks)
         self.normalization = {"mean": r.mean(0).tolist(), "std": r.std(0).clamp(min=1e-6).tolist(), "n": int(r.shape[0])}
         ens.mean.copy_(torch.tensor(self.normalization["mean"]))
@@ -363,19 +787,21 @@ class RewardEnsembleTrainer(RewardTrainer):
             "load_in_4bit": bool(self.load_in_4bit),
             "dtype": "float32" if self.load_in_4bit else str(next(trunk.parameters()).dtype).replace("torch.", ""),
             "conversational": self.is_conversational,
+            "tags": list(ens.model_tags),
             "training": {"length_decorrelation_coef": self.args.length_decorrelation_coef,
                          "bootstrap": self.args.bootstrap, "seed": self.args.seed,
-                         "epochs": self.args.num_train_epochs, "learning_rate": self.args.learning_rate},
+                         "epochs": self.args.num_train_epochs, "learning_rate": self.args.learning_rate,
+                         "head_init": self.head_init},
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Write the artifact (adapters + heads + normalisation + tokenizer + card + manifest). No pickles: the
         training arguments go to training_args.json."""
+        if self.normalization is None:  # on every process: preparing the reference set synchronises them
+            self.compute_normalization()  # (a mid-training checkpoint under DDP deadlocked when only rank 0 did)
         if not self.args.should_save:
             return
         out = Path(output_dir or self.args.output_dir)
-        if self.normalization is None:
-            self.compute_normalization()
         spec = self.artifact_spec()
         save_reward_artifact(out, self.accelerator.unwrap_model(self.model), spec, self.processing_class,
                              card=_reward_card(spec, self.state.log_history))
@@ -423,8 +849,9 @@ class RewardEnsembleTrainer(RewardTrainer):
 def _reward_card(spec: dict, history: list[dict]) -> str:
     evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evals.items()) if isinstance(v, (int, float)))
+    tags = list(dict.fromkeys(["rlhf_ext", "reward-model", "trl", *spec.get("tags", [])]))  # + the trainers' tags
     return (f"---\nlibrary_name: rlhf_ext\nbase_model: {spec.get('base_model_display') or spec.get('base_model')}\n"
-            f"tags: [rlhf_ext, reward-model, trl]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
+            f"tags: [{', '.join(tags)}]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
             f"K = {spec['ensemble_size']} members, mode `{spec['mode']}`, pooling `{spec.get('pooling', 'last')}`, "
             f"length de-correlation {spec['training']['length_decorrelation_coef']}.\n\n"
             f"```python\nfrom rlhf_ext import load_reward_model\nrm = load_reward_model(\"<this folder or repo id>\")\n"

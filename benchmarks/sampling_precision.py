@@ -1,0 +1,78 @@
+"""How far `generate()` (incremental decoding with a KV cache) is from the training forward, per precision.
+
+    python benchmarks/sampling_precision.py                  # SmolLM2-135M-Instruct, 4 prompts x 32 tokens
+    python benchmarks/sampling_precision.py --model ./my-model --tokens 64
+
+The two compute the same distribution in a different order of operations, so they differ by rounding only; this
+measures how much, in the precisions PPOTrainer runs in, beside two kinds of logits processing the start-up check
+must still catch (a repetition penalty of 1.1; sampling at T = 1 while training at T = 0.95). The tolerances in
+`rlhf_ext/precision.py` (SAMPLING_KL_TOLERANCE) come from this table. Prints one row per setting:
+mean and max per-token KL(generate ‖ training forward), max |Δ log p| (all tokens, and tokens with p > 1e-3),
+max total variation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+
+from rlhf_ext.models import load_model, load_tokenizer
+
+
+def measure(model, enc, pad_id, tokens, ctx, extra=None, train_temperature=1.0) -> dict:
+    with torch.no_grad(), ctx():
+        g = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                           output_scores=True, return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=None,
+                           **(extra or {}))
+        sampled = torch.stack(g.scores, 1).double().log_softmax(-1)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(g.sequences[:, enc["input_ids"].shape[1]:])], 1)
+        out = model(input_ids=g.sequences, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        R = sampled.shape[1]
+        trained = (out.logits[:, -R - 1 : -1].double() / train_temperature).log_softmax(-1)
+    p = sampled.exp()
+    gap = (sampled - trained).abs()
+    kl = (p * (sampled - trained)).sum(-1)
+    return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "max_dlogp": float(gap.max()),
+            "max_dlogp_p>1e-3": float(gap[p > 1e-3].max()),
+            "max_tv": float(0.5 * (p - trained.exp()).abs().sum(-1).max())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    tok = load_tokenizer(args.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    questions = ["Write a short review of a movie.", "Tell me about your day.", "What is a good book?",
+                 "Describe the sea."]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             if tok.chat_template else q for q in questions]
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    settings = [("fp32", {}, nullcontext), ("fp32 weights + bf16 autocast", {}, bf16),
+                ("bf16 weights", {"dtype": "bfloat16"}, nullcontext),
+                ("4-bit NF4, bf16 compute", {"load_in_4bit": True, "dtype": "bfloat16"}, nullcontext)]
+    print("| setting | mean KL / token | max KL / token | max abs dlogp | max abs dlogp (p > 1e-3) | max TV | s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, load_kw, ctx in settings:
+        model = load_model(args.model, **load_kw).eval()
+        rows = [(name, {}, 1.0)]
+        if name == "fp32":
+            rows += [("fp32, repetition penalty 1.1 in generate", {"repetition_penalty": 1.1}, 1.0),
+                     ("fp32, trained at T = 0.95, sampled at T = 1", {}, 0.95)]
+        for label, extra, t_train in rows:
+            t0 = time.perf_counter()
+            r = measure(model, enc, tok.pad_token_id, args.tokens, ctx, extra, t_train)
+            print(f"| {label} | {r['mean_kl']:.2g} | {r['max_kl']:.2g} | {r['max_dlogp']:.3g} | "
+                  f"{r['max_dlogp_p>1e-3']:.3g} | {r['max_tv']:.3g} | {time.perf_counter() - t0:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Per-architecture defaults and start-up refusals: which modules the default LoRA adapts, and which models rlhf_ext
+cannot train at all (refused before any work, naming the architecture and the fix).
+
+Default LoRA targets come from PEFT's own table (`peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_
+MAPPING`: query + value projections, `c_attn` for GPT-2, `query_key_value` for GPT-NeoX, …), so a model PEFT knows gets
+what PEFT would pick. For a model type PEFT does not list (Phi-3, OLMo 2, SmolLM3, Qwen3-MoE in peft 0.21), the same
+convention is applied to the attention projections found in the model's layer stack: query + value when they are
+separate, the fused projection when they are not (`qkv_proj`, `Wqkv`, …), else every attention projection. The tested
+architectures and what works on each: README "Supported architectures" (`python scripts/support_table.py`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+# Separate query/value projections as families name them, most common first; fused q/k/v projections.
+_QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
+_FUSED_QKV = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack", "qkv", "in_proj")
+_ATTENTION = re.compile(r"(?:^|\.)(?:self_attn|self_attention|attention|attn|mixer)(?:\.|$)", re.I)
+_IN_LAYER_STACK = re.compile(r"\.(?:layers|h|blocks|block|layer)\.\d+\.")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A model rlhf_ext refuses at start-up; the message names the architecture and what to do instead."""
+
+
+def _hf(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def architecture_name(model) -> str:
+    """`Gemma3ForCausalLM (model_type 'gemma3_text')`: how refusals name a model."""
+    hf = _hf(model)
+    return f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', '?')!r})"
+
+
+def _lora_layer_types() -> tuple[type, ...]:
+    """Module classes PEFT's LoRA can wrap as a projection (bitsandbytes' 4/8-bit linears subclass nn.Linear)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def _leaf_names(model, types) -> dict[str, list[str]]:
+    """Last name component → full names, for modules of `types`."""
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, types) and name:
+            out.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return out
+
+
+def default_lora_target_modules(model) -> list[str]:
+    """The LoRA `target_modules` rlhf_ext uses when none are given, for this model's architecture.
+
+    PEFT's mapping for the model type (the text model's type for multimodal configs) when every name in it exists in
+    the model; otherwise the attention projections of the layer stack: query + value (separate), the fused q/k/v
+    projection, or all of them. In a multimodal model (Gemma 3 4B+, …) only the language model's modules: full names
+    when the vision tower has modules of the same name. Raises `UnsupportedArchitectureError` naming the architecture
+    when nothing fits — pass `target_modules` explicitly then."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    hf = _hf(model)
+    cfg = hf.config
+    types = [getattr(cfg, "model_type", None)]
+    if hasattr(cfg, "get_text_config"):
+        types.append(getattr(cfg.get_text_config(), "model_type", None))
+    present = _leaf_names(hf, _lora_layer_types())
+    for t in types:
+        mapped = PEFT_DEFAULTS.get(t)
+        if mapped and all(name in present for name in mapped):
+            return _within_language_model(hf, list(mapped), present)
+
+    # Not in PEFT's table (or its names are not in this model): the attention projections inside the layer stack
+    attention = {leaf: names for leaf, names in present.items()
+                 if any(_IN_LAYER_STACK.search("." + n + ".") and _ATTENTION.search(n.rsplit(".", 1)[0]) for n in names)}
+    for q, v in _QUERY_VALUE:
+        if q in attention and v in attention:
+            return _within_language_model(hf, [q, v], present)
+    fused = [f for f in _FUSED_QKV if f in attention]
+    if fused:
+        return _within_language_model(hf, fused[:1], present)
+    if attention:
+        return _within_language_model(hf, sorted(attention), present)
+    raise UnsupportedArchitectureError(
+        f"rlhf_ext has no default LoRA target modules for {architecture_name(hf)}: PEFT's table has no entry for it "
+        f"and no attention projection (nn.Linear / Conv1D under an attention module of the decoder layers) was found. "
+        f"Pass `peft_config=LoraConfig(target_modules=[...])` naming the modules to adapt (e.g. "
+        f"target_modules='all-linear')."
+    )
+
+
+def _language_model_prefix(hf) -> str | None:
+    """Name of the text model inside a multimodal model (`model.language_model` for Gemma 3 4B+), else None."""
+    cfg = hf.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if text is cfg:
+        return None
+    return next((n for n, m in hf.named_modules() if n and getattr(m, "config", None) is text), None)
+
+
+def _within_language_model(hf, leaves: list[str], present: dict[str, list[str]]) -> list[str]:
+    """`leaves` as PEFT matches them (name suffixes), unless the model also has them outside its language model (a
+    vision tower's q_proj, …): then the full names inside the language model. LoRA on a tower that text-only RLHF
+    never runs would get no gradient (and trip the trainers' gradient check)."""
+    prefix = _language_model_prefix(hf)
+    if prefix is None:
+        return leaves
+    names = [n for leaf in leaves for n in present[leaf]]
+    if all(n.startswith(prefix + ".") for n in names):
+        return leaves
+    return sorted(n for n in names if n.startswith(prefix + "."))
+
+
+def check_supported(model) -> None:
+    """Refuse, before any work, models rlhf_ext cannot train as a causal-LM policy or reward trunk."""
+    hf = _hf(model)
+    cfg = getattr(hf, "config", None)
+    if cfg is None:
+        raise UnsupportedArchitectureError(f"{type(hf).__name__} has no transformers config; rlhf_ext trains "
+                                           f"transformers models (AutoModelForCausalLM or its trunk).")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{architecture_name(hf)} is an encoder-decoder model; rlhf_ext's PPO and reward models need a "
+            f"decoder-only causal LM (AutoModelForCausalLM). Use a decoder-only checkpoint.")
+
+
+def resolve_lora_config(peft_config, model, **defaults):
+    """The LoRA config a trainer uses: `peft_config` with its `target_modules` filled in when it has none, or a new
+    `LoraConfig(**defaults)` on `default_lora_target_modules(model)`. Refuses unsupported architectures first."""
+    from peft import LoraConfig
+
+    check_supported(model)
+    if peft_config is None:
+        return LoraConfig(**defaults, target_modules=default_lora_target_modules(model))
+    if getattr(peft_config, "target_modules", "n/a") is None and not getattr(peft_config, "target_parameters", None):
+        peft_config.target_modules = default_lora_target_modules(model)
+    return peft_config
+
+
+def final_hidden_size(model) -> int:
+    """Width of the trunk's final hidden states — what the LM head, a value head or a reward head reads. That is
+    `hidden_size` except where the trunk projects its output (OPT-350m: `project_out` to `word_embed_proj_dim`)."""
+    hf = _hf(model)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    width = getattr(head, "in_features", None)
+    if width:
+        return int(width)
+    for name, module in hf.named_modules():
+        if name.rsplit(".", 1)[-1] == "project_out" and isinstance(module, nn.Linear):
+            return int(module.out_features)
+    return int(hf.config.get_text_config().hidden_size)

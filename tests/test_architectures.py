@@ -1,0 +1,391 @@
+"""The architectures people bring: every family in `rlhf_ext.testing.ARCHITECTURES` (tiny, random, built from
+transformers' own config classes, no network) through the whole library —
+
+  * default LoRA targets resolve per architecture from PEFT's own table (fallback: the attention projections);
+  * the reward trainer trains K=2 heads and K=2 adapters (loss finite, every LoRA-B and head moves), the latter with
+    the frozen-prefix cache, whose scores equal the uncached ones;
+  * PPO, default LoRA on the top layer, runs 2 iterations under the hard KL controller: the exact KL of each
+    iteration's batch by the independent oracle (kl_oracle.py) is ≤ δ, and the policy did move;
+  * the frozen-prefix cache is on and exact (cached logits = full-forward logits) — or off with a reason;
+  * the saved policy reloads with plain PEFT to the same logits (1e-5);
+  * 4-bit NF4 (bitsandbytes on the CPU) loads from a saved folder and trains one PPO iteration within δ.
+
+Unsupported models are refused at start-up with a message naming the architecture and the fix.
+`python scripts/support_table.py` runs this file and prints the README's support table from the outcomes (each test
+records what it saw with `record_property`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer
+from rlhf_ext.architectures import UnsupportedArchitectureError, default_lora_target_modules
+from rlhf_ext.data import pad_ids
+from rlhf_ext.models import load_model
+from rlhf_ext.prefix_cache import positions
+from rlhf_ext.testing import ARCHITECTURES, save_tiny_model_for, tiny_model_for
+
+from .conftest import FOUR_BIT_HIDDEN, preference_rows
+from .kl_oracle import exact_batch_kl
+
+ARCHS = list(ARCHITECTURES)
+DELTA = 0.02
+# What the default LoRA must adapt: PEFT's table where it has the model type, the fallback where it has not.
+EXPECTED_TARGETS = {
+    "llama3": ["q_proj", "v_proj"], "qwen2.5": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "qwen3-moe": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gemma3": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt-neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"], "opt-350m": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
+}
+# Cells known not to work yet: (arch, test) -> reason (shown as xfail, and in the support table).
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+
+
+def _xfail_known(arch: str, test: str):
+    reason = KNOWN_FAILURES.get((arch, test))
+    if reason:
+        pytest.xfail(reason)
+
+
+def positive(tok):
+    pos = set(tok.convert_tokens_to_ids("good great nice love happy wonderful excellent fun best".split()))
+
+    def positive_words(prompts, completions, completion_ids, **kw):
+        return [10.0 * sum(t in pos for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    return positive_words
+
+
+def prompt_data(n=8):
+    subjects = "movie book song film food place day night".split()
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the {subjects[i % 8]} ."}]
+                                         for i in range(n)]})
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tok):
+    """arch -> a saved tiny model folder (fp32, hidden 32), made on first use."""
+    root, made = tmp_path_factory.mktemp("archs"), {}
+
+    def get(arch, hidden=32):
+        key = (arch, hidden)
+        if key not in made:
+            made[key] = save_tiny_model_for(root / f"{arch}-{hidden}", arch, tok, hidden_size=hidden)
+        return made[key]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ default LoRA targets
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_lora_targets(arch, tok, record_property):
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model = tiny_model_for(arch, tok)
+    targets = default_lora_target_modules(model)
+    record_property("targets", targets)
+    record_property("config_class", type(model.config).__name__)
+    assert targets == EXPECTED_TARGETS[arch]
+    mapped = PEFT_DEFAULTS.get(model.config.model_type)
+    if mapped is not None:  # PEFT knows the type: exactly its choice
+        assert targets == list(mapped)
+    from rlhf_ext.models import trunk_of
+
+    assert default_lora_target_modules(trunk_of(model)) == targets  # the reward trunk resolves the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GPT-2: PEFT switches fan_in_fan_out on for Conv1D itself
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    lora_layers = [n for n, m in peft.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers} == set(targets)
+    assert len(lora_layers) == len(targets) * model.config.get_text_config().num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------------------ reward models
+def _reward_trainer(tmp_path, tok, arch, mode, top):
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode=mode, max_steps=2,
+                                per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
+                                save_strategy="no", eval_strategy="no", use_cpu=True, disable_tqdm=True,
+                                logging_steps=1, normalization_samples=8, lora_top_layers=top,
+                                cache_frozen_layers=bool(top), seed=0)
+    data = Dataset.from_list(preference_rows(16, 0))
+    # target_modules=None: the trainer resolves the architecture's default (architectures.resolve_lora_config)
+    return RewardEnsembleTrainer(tiny_model_for(arch, tok), args=args, train_dataset=data, processing_class=tok,
+                                 peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+
+
+@pytest.mark.parametrize("mode", ["heads", "adapters"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reward_ensemble_trains(arch, mode, tmp_path, tok):
+    """K=2 heads on one adapter (every layer), or K=2 adapters on the top layer with the frozen-prefix cache."""
+    _xfail_known(arch, f"reward_{mode}")
+    top = 1 if mode == "adapters" else 0
+    tr = _reward_trainer(tmp_path, tok, arch, mode, top)
+    params = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    lora_b = [n for n in params if "lora_B" in n]
+    n_layers = tr.model.config.get_text_config().num_hidden_layers
+    adapters = 2 if mode == "adapters" else 1
+    assert len(lora_b) == adapters * len(EXPECTED_TARGETS[arch]) * (1 if top else n_layers)
+    tr.train()
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(v) for v in losses)
+    after = dict(tr.model.named_parameters())
+    unmoved = [n for n in params if ("lora_B" in n or n.startswith("heads.")) and torch.equal(params[n], after[n])]
+    assert not unmoved, unmoved
+    # the two members score differently
+    seqs = [tok.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True, return_dict=True)["input_ids"]
+            for r in preference_rows(4, 1)]
+    ids, mask = pad_ids(seqs, tok.pad_token_id)
+    scores = tr.model.score_ids(ids, mask)
+    assert scores.shape == (4, 2) and torch.isfinite(scores).all() and (scores[:, 0] - scores[:, 1]).abs().max() > 0
+    if top:  # the frozen-prefix cache is on and scores exactly like the full forward
+        assert tr.prefix_cache is not None, "frozen-prefix cache switched itself off"
+        cache, tr.model.prefix_cache = tr.model.prefix_cache, None
+        full = tr.model.score_ids(ids, mask)
+        tr.model.prefix_cache = cache
+        assert torch.allclose(scores, full, atol=1e-5), float((scores - full).abs().max())
+
+
+# ------------------------------------------------------------------------------------------------------------ PPO
+class _Oracle:
+    def __init__(self):
+        self.trainer, self.rows = None, []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        oracle = self
+
+        class OracleCheck(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                tr = oracle.trainer
+                oracle.rows.append((exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature),
+                                    tr._metrics_history[-1]))
+
+        return OracleCheck()
+
+
+def _ppo(tmp_path, tok, path, four_bit=False, iterations=2):
+    oracle = _Oracle()
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=iterations, learning_rate=0.1,
+                     num_ppo_epochs=4, max_completion_length=6, kl_controller="hard", kl_target=DELTA,
+                     init_kl_coef=0.0, use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=10**6,
+                     seed=0, lora_top_layers=1, monitor=False)
+    model = load_model(path, "causal", load_in_4bit=four_bit)
+    # peft_config=None: the trainer's default LoRA (r=16) on the architecture's default targets, top layer only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = PPOTrainer(model, reward_funcs=positive(tok), args=args, train_dataset=prompt_data(),
+                        processing_class=tok, callbacks=[oracle.callback()])
+    tr.cache_warning = next((str(w.message) for w in caught if "Frozen-prefix cache" in str(w.message)), None)
+    oracle.trainer = tr
+    tr.model_name = path
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    tr.train()
+    return tr, oracle.rows, before
+
+
+_PPO_RUNS: dict = {}
+
+
+def ppo_run(arch, tmp_path_factory, tok, folders):
+    """One PPO run per architecture, shared by the PPO, prefix-cache and reload tests (an exception is re-raised in
+    each of them)."""
+    if arch not in _PPO_RUNS:
+        try:
+            _PPO_RUNS[arch] = _ppo(tmp_path_factory.mktemp(f"ppo-{arch}"), tok, folders(arch))
+        except Exception as e:  # noqa: BLE001 — every cell that needs the run reports it
+            _PPO_RUNS[arch] = e
+    run = _PPO_RUNS[arch]
+    if isinstance(run, Exception):
+        raise run
+    return run
+
+
+def _check_kl(rows, iterations):
+    assert len(rows) == iterations
+    for it, (exact, logged) in enumerate(rows, 1):
+        assert exact <= DELTA + 1e-6, f"iteration {it}: exact KL {exact:.6g} > δ {DELTA}"
+        assert abs(logged["kl/after_update"] - exact) <= 1e-6 + 1e-5 * exact, (it, logged["kl/after_update"], exact)
+        assert math.isfinite(logged["loss/policy"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ppo_hard_kl(arch, tmp_path_factory, tok, folders, record_property):
+    _xfail_known(arch, "ppo")
+    tr, rows, before = ppo_run(arch, tmp_path_factory, tok, folders)
+    _check_kl(rows, 2)
+    record_property("max_kl", max(e for e, _ in rows))
+    assert max(e for e, _ in rows) > 0.2 * DELTA  # the policy moved, and the guard had to act to keep it inside δ
+    assert sum(r["kl/backtracks"] + r["kl/restored"] + r["kl/shrunk"] for _, r in rows) > 0
+    moved = [n for n, p in tr.model.named_parameters() if n in before and "lora_B" in n and not torch.equal(before[n], p)]
+    assert moved and all(".1." in n for n in moved)  # the top layer only (lora_top_layers=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cache_exact(arch, tmp_path_factory, tok, folders, record_property):
+    """LoRA on the top layer: the cache is on, and the cached pass gives the full forward's logits (trained adapter
+    active, left-padded batch, eval mode)."""
+    _xfail_known(arch, "prefix_cache")
+    tr, _, _ = ppo_run(arch, tmp_path_factory, tok, folders)
+    split = tr.policy.split
+    record_property("prefix_cache", "exact" if split is not None else "off")
+    assert split is not None and split.k == 1, tr.cache_warning or "frozen-prefix cache off"
+    ro = tr.rollout
+    pol = tr.policy
+    cached = pol.logits(ro.ids, ro.mask, ro.R, pol.lower(ro.ids, ro.mask))
+    full = pol.logits(ro.ids, ro.mask, ro.R, None)
+    ref_cached = pol.logits(ro.ids, ro.mask, ro.R, pol.lower(ro.ids, ro.mask), reference=True)
+    ref_full = pol.logits(ro.ids, ro.mask, ro.R, None, reference=True)
+    m = ro.resp_mask.bool()
+    assert (full[m] - ref_full[m]).abs().max() > 1e-4  # the trained adapter matters on this batch
+    assert torch.allclose(cached[m], full[m], atol=1e-5), float((cached[m] - full[m]).abs().max())
+    assert torch.allclose(ref_cached[m], ref_full[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_policy_reloads_with_plain_peft(arch, tmp_path_factory, tok, folders, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _xfail_known(arch, "reload")
+    tr, _, _ = ppo_run(arch, tmp_path_factory, tok, folders)
+    out = tmp_path / "policy"
+    tr.save_model(str(out))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folders(arch)), str(out)).eval()
+    ro = tr.rollout
+    with torch.no_grad():
+        want = tr.policy.logits(ro.ids, ro.mask, ro.R) * tr.args.temperature
+        got = loaded(input_ids=ro.ids, attention_mask=ro.mask, position_ids=positions(ro.mask)).logits
+        got = got[:, -ro.R - 1 : -1].float()
+    m = ro.resp_mask.bool()
+    assert torch.allclose(want[m], got[m], atol=1e-5), float((want[m] - got[m]).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------------- 4-bit
+@pytest.mark.parametrize("arch", ARCHS)
+def test_4bit_ppo(arch, tmp_path, tok, folders):
+    """NF4 base from a saved folder: the default targets sit on 4-bit layers, one PPO iteration stays within δ
+    (independent oracle) and every LoRA-B on them moves."""
+    import bitsandbytes as bnb
+
+    _xfail_known(arch, "4bit")
+    # every quantised linear ≥ 64 inputs (bitsandbytes' CPU block; OPT-350m's project_in reads hidden / 2)
+    hidden = 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN
+    tr, rows, before = _ppo(tmp_path, tok, folders(arch, hidden), four_bit=True, iterations=1)
+    adapted = [m for n, m in tr.policy.peft.named_modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
+    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in adapted)
+    _check_kl(rows, 1)
+    lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
+    unmoved = [n for n, p in tr.model.named_parameters() if n in lora_b and torch.equal(before[n], p)]
+    assert lora_b and not unmoved, unmoved
+
+
+# ---------------------------------------------------------------------------------------------- refused at start-up
+def test_encoder_decoder_is_refused_at_start_up(tmp_path, tok):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_heads=4, decoder_start_token_id=tok.pad_token_id))
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
+                     save_strategy="no", disable_tqdm=True)
+    with pytest.raises(UnsupportedArchitectureError, match=r"T5ForConditionalGeneration \(model_type 't5'\) is an "
+                                                           r"encoder-decoder model.*decoder-only"):
+        PPOTrainer(t5, reward_funcs=positive(tok), args=args, train_dataset=prompt_data(), processing_class=tok)
+
+
+def test_no_default_targets_is_refused_naming_the_architecture(tmp_path, tok):
+    """A model type PEFT does not list and whose attention projections cannot be found: refused at start-up, with the
+    architecture and `target_modules` in the message (and it trains once they are given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class OddConfig(LlamaConfig):
+        model_type = "odd_llama"
+
+    model = LlamaForCausalLM(OddConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id, bos_token_id=None))
+    for layer in model.model.layers:  # rename the attention block: nothing recognisable is left
+        layer.mixing = layer.self_attn
+        del layer.self_attn
+    with pytest.raises(UnsupportedArchitectureError, match=r"LlamaForCausalLM \(model_type 'odd_llama'\).*"
+                                                           r"target_modules"):
+        default_lora_target_modules(model)
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", use_cpu=True,
+                                report_to="none", save_strategy="no")
+    with pytest.raises(UnsupportedArchitectureError, match="odd_llama"):
+        RewardEnsembleTrainer(model, args=args, train_dataset=Dataset.from_list(preference_rows(4, 0)),
+                              processing_class=tok, peft_config=LoraConfig(r=4))
+
+
+def test_moe_router_jitter_is_refused_at_start_up_and_switched_off_from_the_config(tmp_path, tok):
+    """Qwen3-MoE's router is deterministic (it passes above). Mixtral's `router_jitter_noise` multiplies the router
+    input by noise in training mode only: PPO's ratios and KL guard would be inexact, so the start-up check refuses it
+    and says to switch it off in the config — which `from_pretrained(..., router_jitter_noise=0.0)` does."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        router_jitter_noise=0.1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        bos_token_id=None)
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "mixtral")
+    args = dict(per_device_train_batch_size=4, max_steps=1, max_completion_length=4, use_cpu=True,
+                save_strategy="no", disable_tqdm=True, kl_controller="hard", kl_target=DELTA, monitor=False)
+    with pytest.raises(ValueError, match="router noise in a mixture of experts.*Switch it off in the model's config"):
+        PPOTrainer(load_model(str(tmp_path / "mixtral"), "causal"), reward_funcs=positive(tok),
+                   args=PPOConfig(str(tmp_path / "a"), **args), train_dataset=prompt_data(), processing_class=tok)
+    model = load_model(str(tmp_path / "mixtral"), "causal", router_jitter_noise=0.0)
+    tr = PPOTrainer(model, reward_funcs=positive(tok), args=PPOConfig(str(tmp_path / "b"), **args),
+                    train_dataset=prompt_data(), processing_class=tok)
+    assert tr.startup["train_vs_eval"] == 0.0
+    assert math.isfinite(tr.train()[0]["loss/policy"])
+
+
+def test_prefix_cache_off_with_a_reason_where_inexact(tmp_path, tok):
+    """Dropout kept below the adapted layer (reward trainer, disable_dropout=False, GPT-2's 0.1 dropouts): a cached
+    state could not reproduce a training pass, so the cache is off, with the reason in a warning."""
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="heads", max_steps=1,
+                                per_device_train_batch_size=8, report_to="none", save_strategy="no", use_cpu=True,
+                                disable_tqdm=True, normalization_samples=8, lora_top_layers=1,
+                                cache_frozen_layers=True, disable_dropout=False)
+    with pytest.warns(UserWarning, match="Frozen-prefix cache disabled: split forward differs"):
+        tr = RewardEnsembleTrainer(tiny_model_for("gpt2", tok), args=args, processing_class=tok,
+                                   train_dataset=Dataset.from_list(preference_rows(16, 0)), peft_config=LoraConfig(r=4))
+    assert tr.prefix_cache is None
+
+
+def test_multimodal_gemma3_adapts_the_language_model_only(tmp_path, tok):
+    """Gemma 3 4B+ loads as Gemma3ForConditionalGeneration (vision tower + language model). Its vision tower has
+    q_proj/v_proj too; LoRA there would never get a gradient from text-only RLHF (the trainers' gradient check stops
+    on it). The default targets are the language model's, by full name, and every LoRA-B trains."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    from rlhf_ext.testing import tiny_arch_config
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=tiny_arch_config("gemma3", tok).to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+        image_token_index=3, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    targets = default_lora_target_modules(model)
+    assert targets and all(".language_model.layers." in t and t.endswith(("q_proj", "v_proj")) for t in targets)
+    assert len(targets) == 2 * 2  # q and v in each of the 2 text layers; none in the vision tower
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
+                     max_completion_length=4, use_cpu=True, save_strategy="no", disable_tqdm=True,
+                     kl_controller="hard", kl_target=DELTA, monitor=False)
+    tr = PPOTrainer(model, reward_funcs=positive(tok), args=args, train_dataset=prompt_data(), processing_class=tok)
+    lora_b = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_B" in n}
+    assert len(lora_b) == 4 and not any("vision_tower" in n for n in lora_b)
+    tr.train()  # the gradient check passes: every adapter matrix is in the loss
+    assert all(not torch.equal(lora_b[n], p) for n, p in tr.model.named_parameters() if n in lora_b)

@@ -1,0 +1,115 @@
+"""Coming from TRL 1.12's PPO: its example script (trl/examples/scripts/ppo/ppo.py, shape kept line for line), changed
+only in the import and the lines the README's migration table names, trains. Models are tiny and built in code
+(saved to folders so `from_pretrained` runs as in the script); no network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+
+from rlhf_ext.testing import save_tiny_model, tiny_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from transformers import LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("trl112")
+    tok = tiny_tokenizer()
+    sft = save_tiny_model(root / "sft", tok)
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return {"sft": sft, "rm": str(root / "rm"), "out": str(root / "out")}
+
+
+def test_trl112_ppo_script_migrated_by_the_table(folders):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_ext import PPOConfig, PPOTrainer  # table: was `from trl.experimental.ppo import PPOConfig, PPOTrainer`
+
+    training_args = PPOConfig(
+        output_dir=folders["out"], per_device_train_batch_size=4, num_ppo_epochs=2, num_mini_batches=1,
+        learning_rate=3e-3, total_episodes=8, response_length=8, kl_coef=0.05, cliprange=0.2, cliprange_value=0.2,
+        stop_token="eos", missing_eos_penalty=1.0, use_cpu=True, save_strategy="no", report_to="none",
+        disable_tqdm=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folders["sft"], padding_side="left")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # as TRL's example: never resized
+    value_model = AutoModelForSequenceClassification.from_pretrained(folders["rm"], num_labels=1)  # noqa: F841
+    reward_model = AutoModelForSequenceClassification.from_pretrained(folders["rm"], num_labels=1)
+    policy = AutoModelForCausalLM.from_pretrained(folders["sft"])
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    ref_policy = None  # noqa: F841  (with peft_config TRL 1.12 took None too)
+
+    dataset = Dataset.from_dict({"prompt": [f"write a short review of the {w} ." for w in
+                                            "movie book song film food place day night".split() * 2]})
+    eval_dataset = dataset.select(range(4))
+
+    def prepare_dataset(dataset, tokenizer):
+        def tokenize(element):
+            outputs = tokenizer(element["prompt"], padding=False)
+            return {"input_ids": outputs["input_ids"]}
+
+        return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+
+    train_dataset = prepare_dataset(dataset, tokenizer)
+    eval_dataset = prepare_dataset(eval_dataset, tokenizer)
+
+    trainer = PPOTrainer(
+        args=training_args,
+        processing_class=tokenizer,
+        model=policy,
+        # ref_model=ref_policy,       table: delete (the reference is the base with adapters off)
+        reward_model=reward_model,
+        # value_model=value_model,    table: delete (the critic is a value head on the policy)
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.policy.peft.named_parameters() if "lora_B" in n}
+    hist = trainer.train()
+    trainer.save_model(training_args.output_dir)
+
+    assert len(hist) == 2  # total_episodes 8 / 4 prompts per iteration
+    assert training_args.max_completion_length == 8 and training_args.clip_range == 0.2
+    assert training_args.init_kl_coef == 0.05
+    assert {"name": "missing_eos", "penalty": 1.0} in training_args.shapers
+    assert all(torch.isfinite(torch.tensor(h["objective/scores"])) for h in hist)
+    moved = [n for n, p in trainer.policy.peft.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert len(moved) == len(before)  # every LoRA-B of the policy trained
+    assert trainer.eval_dataset is eval_dataset
+    base = AutoModelForCausalLM.from_pretrained(folders["sft"])
+    assert isinstance(PeftModel.from_pretrained(base, training_args.output_dir), PeftModel)
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"ref_model": "copy"}, "`ref_model` is not used: the reference policy is the policy's own base"),
+    ({"value_model": "copy"}, "`value_model` is not used: the critic is a value head"),
+    ({"data_collator": lambda x: x}, "`data_collator` is not used"),
+    ({"optimizers": ("adam", None)}, "`optimizers` is not supported"),
+])
+def test_trl112_arguments_without_a_counterpart_say_what_replaced_them(folders, kw, says, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    kw = {k: (AutoModelForCausalLM.from_pretrained(folders["sft"]) if v == "copy" else v) for k, v in kw.items()}
+    with pytest.raises(ValueError, match=says):
+        PPOTrainer(model=folders["sft"], reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                   args=PPOConfig(str(tmp_path), use_cpu=True), train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
+                   **kw)
+
+
+def test_trl112_config_names_conflicting_with_ours_are_refused(tmp_path):
+    from rlhf_ext import PPOConfig
+
+    with pytest.warns(FutureWarning, match="`cliprange` is TRL 1.12's name"):
+        assert PPOConfig(str(tmp_path), cliprange=0.3).clip_range == 0.3
+    with pytest.raises(ValueError, match="Both `response_length`.*keep `max_completion_length`"):
+        PPOConfig(str(tmp_path), response_length=10, max_completion_length=20)
+    with pytest.raises(ValueError, match="stop_token='<stop>'.*eos_token"):
+        PPOConfig(str(tmp_path), stop_token="<stop>")
