@@ -1,9 +1,8 @@
 """Does `rlhf-ext plan` predict what PPO really holds? Measured peak memory vs the plan, on CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py              # every configuration (≈ 12 min, 1 thread)
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py              # every configuration (≈ 35 min, 1 thread)
     OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only mid-256,smollm2-135m
-
-    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only smollm2-135m,smollm2-135m-bf16,smollm2-135m-autocast,smollm2-135m-bf16-autocast
+    OMP_NUM_THREADS=1 python benchmarks/memory_plan_check.py --only mid-256-bf16,mid-256-autocast,mid-256-bf16-autocast
 
 Each PPO configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style
 model, an NF4 base, SmolLM2-135M's shape), on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer

@@ -121,7 +121,8 @@ def print_ratios(rows: list[dict]) -> None:
                 line = (f"ratios {o['name']} / {base_name} ({base['precision']}): tok/s {tok:.2f}x, peak RSS "
                         f"{rss:.2f}x, iteration / generation {o['iter_s'] / o['generate_s']:.2f}")
                 if base_name == "trl 1.12 PPO" and o["layers"] == 0 and o["tree"] == "this":
-                    met = [f"tok/s ≥ {GOALS['tok_per_s_ratio']}x: {'met' if tok >= GOALS['tok_per_s_ratio'] else 'NOT met'}",
+                    met = [f"tok/s ≥ {GOALS['tok_per_s_ratio']}x: "
+                           f"{'met' if tok >= GOALS['tok_per_s_ratio'] else 'NOT met'}",
                            f"peak RSS ≤ {GOALS['peak_rss_ratio']}x: "
                            f"{'met' if rss <= GOALS['peak_rss_ratio'] else 'NOT met'}",
                            f"iteration ≤ {GOALS['iter_over_generate']}x generation: "

@@ -93,6 +93,8 @@ def with_extra_preferences(dataset, files):
         if not Path(f).is_file():
             raise FileNotFoundError(f"extra_preferences: no file {f}. Decisions from the review page are in "
                                     f"OUTPUT_DIR/review/preferences.jsonl (written after the first decision).")
+        if not Path(f).read_text().strip():  # `datasets` cannot even open an empty JSON file
+            raise ValueError(f"extra_preferences: {f} holds no preference pairs yet.")
         extra = load_dataset("json", data_files=str(f), split="train")
         if len(extra) == 0:
             raise ValueError(f"extra_preferences: {f} holds no preference pairs yet.")

@@ -200,7 +200,15 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
 
     path = resolve_model_path(name_or_path)
     extra = {"revision": revision} if revision else {}
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        raise OSError(f"Could not load the tokenizer of {name_or_path!r}: it is not a local folder or the embedded "
+                      f"default ({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). Without "
+                      f"network access, pass a local folder (set HF_HUB_OFFLINE=1 to fail at once instead of "
+                      f"retrying).") from e
 
 
 def ensure_pad_token(tokenizer):

@@ -300,7 +300,8 @@ def weight_dtype(dtype, shape: dict | None = None) -> str:
         recorded = (shape or {}).get("torch_dtype") or (shape or {}).get("dtype")
         return DTYPE_NAMES.get(str(recorded).replace("torch.", ""), "fp32")
     if name not in DTYPE_NAMES:
-        raise PlanError(f"dtype must be one of auto, float32, bfloat16, float16 (or fp32 / bf16 / fp16), got {dtype!r}.")
+        raise PlanError(f"dtype must be one of auto, float32, bfloat16, float16 (or fp32 / bf16 / fp16), "
+                        f"got {dtype!r}.")
     return DTYPE_NAMES[name]
 
 
@@ -492,8 +493,8 @@ def autocast_weight_copy_bytes(shape: dict, *, targets, trained_layers: int, che
     Without checkpointing: 2 B × every linear weight of the trained layers whose input needs a gradient — in the
     lowest trained layer, the modules up to the first adapted one read an input that needs none (the embedding
     output or the frozen-prefix cache: q/k/v's normed input always; o's input too when none of q/k/v is adapted; …)
-    — and the LM head (V·H, tied or not). A separate critic's pass through the trained layers casts and keeps them again (× 2,
-    LM head once). With gradient checkpointing, one layer's casts at a time (the layer recomputed in the backward;
+    — and the LM head (V·H, tied or not). A separate critic's pass through the trained layers casts and keeps them
+    again (× 2, LM head once). With gradient checkpointing, one layer's casts at a time (the layer recomputed in the backward;
     `enable_input_require_grads` makes every input need a gradient) + the LM head's."""
     V, H, *_ = _dims(shape)
     weights = _linear_weights(shape)
@@ -791,7 +792,8 @@ def _reference_pass(run: _Run, common: dict) -> list[dict]:
 
 
 def _rollout_held(run: _Run, common: dict) -> dict:
-    """What stays alive through the training step: the rollout's prefix cache and reference log-softmax."""
+    """What stays alive from the reference pass to the next rollout (training step, KL checks, the monitor): the
+    rollout's prefix cache and reference log-softmax."""
     return dict(**common, prefix_cache=run.prefix_cache(run.B), reference_logsoftmax=run.reference_logsoftmax())
 
 
@@ -840,7 +842,7 @@ def _monitor(run: _Run, common: dict) -> list[dict]:
     q = min(run.monitor_max_queue, run.B)
     if q <= 0:
         return []
-    rollout = dict(**common, prefix_cache=run.prefix_cache(run.B), reference_logsoftmax=run.reference_logsoftmax())
+    rollout = _rollout_held(run, common)
     h_q = run.prefix_cache(q)
     lq = run.logits(q)
     fwd = run.forward_logits(q)

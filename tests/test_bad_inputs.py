@@ -271,3 +271,82 @@ def test_reward_artifact_without_manifest_warns(artifact, tmp_path):
     (copy / "manifest.json").unlink()
     with pytest.warns(UserWarning, match="no manifest.json.*could not be checked"):
         load_reward_model(str(copy))
+
+
+def test_hub_id_offline_tokenizer_says_why(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="(?s)tokenizer of .someone/not-downloaded.*Hub id failed.*local folder"):
+        models.load_tokenizer("someone/not-downloaded")
+
+
+# -- RewardEnsembleTrainer: bad input refused at start-up, naming what and how to fix it ---------------------------
+def _rm_args(tmp_path, **kw):
+    return RewardEnsembleConfig(str(tmp_path / "rm"), **{"max_steps": 1, "report_to": "none", "save_strategy": "no",
+                                                          "use_cpu": True, "disable_tqdm": True, "normalization_samples": 8,
+                                                          "per_device_train_batch_size": 8, **kw})
+
+
+@pytest.mark.parametrize("col", ["chosen", "rejected", "prompt"])
+@pytest.mark.parametrize("conversational", [True, False])
+def test_reward_preference_value_that_is_not_text_says_so(tmp_path, tiny_path, tok, col, conversational):
+    rows = preference_rows(8, 0, conversational)
+    for r in rows:
+        r[col] = 3
+    with pytest.raises(ValueError, match=f"train_dataset row 0: '{col}' is a int \\(3\\), not text"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=Dataset.from_list(rows),
+                              processing_class=tok)
+
+
+def _pair_tokens(tok, rows):
+    return [max(len(tok.apply_chat_template(r["prompt"] + r[c])["input_ids"]) for c in ("chosen", "rejected"))
+            for r in rows]
+
+
+def test_reward_max_length_below_every_pair(tmp_path, tiny_path, tok):
+    rows = preference_rows(16, 0)
+    shortest = min(_pair_tokens(tok, rows))
+    with pytest.raises(ValueError, match=f"max_length=8 drops all 16 pairs of train_dataset: the shortest pair is "
+                                         f"{shortest} tokens.*at least {shortest}"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path, max_length=8), train_dataset=Dataset.from_list(rows),
+                              processing_class=tok)
+    long = [dict(r, chosen=[{"role": "assistant", "content": "good " * 40}]) for r in preference_rows(8, 5)]
+    with pytest.raises(ValueError, match="drops all 8 pairs of eval_dataset"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path, max_length=max(_pair_tokens(tok, rows))),
+                              train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(long),
+                              processing_class=tok)
+
+
+def test_reward_max_length_that_drops_most_pairs_warns_with_counts(tmp_path, tiny_path, tok):
+    rows = preference_rows(32, 0)
+    lengths = sorted(_pair_tokens(tok, rows))
+    limit = lengths[5]
+    kept = sum(n <= limit for n in lengths)
+    with pytest.warns(UserWarning, match=f"max_length={limit} drops {32 - kept} of the 32 pairs of train_dataset .*"
+                                         f"the longest is {lengths[-1]}\\); {kept} remain"):
+        tr = RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path, max_length=limit),
+                                   train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert len(tr.train_dataset) == kept < 16
+
+
+def test_reward_output_dir_that_is_a_file_or_read_only(tmp_path, tiny_path, tok):
+    import os
+
+    data = Dataset.from_list(preference_rows(8, 0))
+    (tmp_path / "rm").write_text("x")
+    with pytest.raises(ValueError, match="output_dir=.*rm' is a file; it must be a folder"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=data, processing_class=tok)
+    assert (tmp_path / "rm").read_text() == "x"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores permissions
+            with pytest.raises(ValueError, match="is not writable.*nothing has been trained yet"):
+                RewardEnsembleTrainer(tiny_path, args=_rm_args(ro / "sub"), train_dataset=data, processing_class=tok)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_reward_one_member_adapters_mode_warns(tmp_path):
+    with pytest.warns(UserWarning, match="ensemble_mode='adapters' with ensemble_size=1 .*exactly as ensemble_mode='heads'"):
+        RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_mode="adapters", ensemble_size=1, use_cpu=True)

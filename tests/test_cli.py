@@ -49,3 +49,30 @@ def test_a_command_that_returns_a_summary_exits_0(monkeypatch):
 
 def test_version_is_single_sourced():
     assert version("rlhf_ext") == rlhf_ext.__version__
+
+
+def test_report_without_matplotlib_names_the_install(monkeypatch, tmp_path):
+    import builtins
+
+    from rlhf_ext.monitor import report
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        report.make_plots({"metrics": [], "alarms": [], "run": {}}, tmp_path)
+
+
+def test_push_offline_says_nothing_was_lost(monkeypatch, tmp_path):
+    from rlhf_ext.hub import push_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(OSError, match="Could not upload .* Nothing local was changed or lost.*token"):
+        push_folder(tmp_path, "someone/repo", token="hf_fake")
+    assert (tmp_path / "f.txt").read_text() == "x"

@@ -10,7 +10,6 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
-from rlhf_ext.data import with_extra_preferences
 from rlhf_ext.models import load_model
 from rlhf_ext.monitor.queue import ReviewQueue
 
@@ -22,8 +21,7 @@ def _reward_model(out, base, tok, data, extra=None):
     args = RewardEnsembleConfig(str(out), ensemble_size=2, max_steps=12, per_device_train_batch_size=16,
                                 learning_rate=5e-3, report_to="none", save_strategy="no", use_cpu=True,
                                 disable_tqdm=True, normalization_samples=32, extra_preferences=extra)
-    train = with_extra_preferences(data, extra)
-    tr = RewardEnsembleTrainer(base, args=args, train_dataset=train, processing_class=tok,
+    tr = RewardEnsembleTrainer(base, args=args, train_dataset=data, processing_class=tok,  # + extra_preferences
                                peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     tr.train()
     tr.save_model(str(out))

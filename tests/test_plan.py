@@ -320,7 +320,7 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
         assert ratio == pytest.approx(1.0, abs=0.15), (phase, ratio, row)
 
 
-# ------------------------------------------------------------------------------------------------ precision, DDP, models
+# ---------------------------------------------------------------------------------------- precision, DDP, models
 def test_dtype_follows_the_trainer_rule(tmp_path):
     """The plan's weights are what the trainer loads: no dtype → float32 (rlhf_ext.models loads float32 whatever the
     checkpoint holds), "auto" → the checkpoint's dtype, else the given one — checked against load_model itself on a
@@ -340,7 +340,8 @@ def test_dtype_follows_the_trainer_rule(tmp_path):
     s = plan.load_shape("SmolLM2-1.7B-Instruct")
     kw = dict(batch=8, prompt_length=128, completion_length=64)
     assert plan.estimate(s, **kw)["weights"] == plan.estimate(s, dtype="float32", **kw)["weights"]
-    assert plan.estimate(s, **kw)["weights"]["total"] == 2 * plan.estimate(s, dtype="bfloat16", **kw)["weights"]["total"]
+    bf16 = plan.estimate(s, dtype="bfloat16", **kw)
+    assert plan.estimate(s, **kw)["weights"]["total"] == 2 * bf16["weights"]["total"]
     with pytest.raises(plan.PlanError):
         plan.estimate(s, dtype="int8", **kw)
 

@@ -185,3 +185,264 @@ def test_pooling_ignores_padding_side():
         assert torch.allclose(pool(h, right), pool(h_left, left))
     assert torch.allclose(pool_mean(h, right)[0], h[0, :3].mean(0))
     assert torch.allclose(pool_last(h, right)[0], h[0, 2])
+
+
+# ---------------------------------------------------------------- behaviours kept from trl.RewardTrainer
+def _quick(tmp_path, **kw):
+    return make_args(tmp_path, **{"max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                                  "normalization_samples": 8, **kw})
+
+
+def _seq_cls(tok, seed=0, score=None):
+    """A tiny LlamaForSequenceClassification (num_labels=1); `score` sets its head to a fixed value (a trained RM)."""
+    from transformers import LlamaForSequenceClassification
+
+    from rlhf_ext.testing import tiny_config
+
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))
+    if score is not None:
+        with torch.no_grad():
+            model.score.weight.copy_(score * torch.randn_like(model.score.weight))
+    return model
+
+
+def _distinct_pad_tok():
+    """The tiny tokenizer with a pad token that is not its EOS (transformers' seq-cls pooling then reads the EOS)."""
+    from rlhf_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+@pytest.mark.parametrize("mode,K", [("heads", 1), ("adapters", 2)])
+def test_peft_model_trains_its_adapter_and_leaves_the_base_untouched(tmp_path, tok, mode, K):
+    from peft import get_peft_model
+
+    path = str(tmp_path / "sc")
+    _seq_cls(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    from transformers import AutoModelForSequenceClassification
+
+    pm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(path),
+                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    data = Dataset.from_list(preference_rows(16, 0))
+    tr = RewardEnsembleTrainer(pm, args=_quick(tmp_path, ensemble_size=K, ensemble_mode=mode), train_dataset=data,
+                               processing_class=tok)
+    assert tr.model.adapters[0] == "default" and len(tr.model.adapters) == (1 if mode == "heads" else K)
+    tr.train()
+    after = dict(pm.named_parameters())
+    lora = [n for n in before if ".lora_" in n and ".default." in n]
+    assert lora and all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    base = [n for n in before if "lora_" not in n]
+    assert base and all(torch.equal(before[n], after[n]) for n in base), [n for n in base if not torch.equal(before[n], after[n])]
+    tr.save_model(str(tmp_path / "art"))  # adapters relative to the trunk: reloads on the bare base
+    rows = data.select(range(4))
+    assert torch.allclose(load_reward_model(tmp_path / "art").score_texts(rows["prompt"], rows["chosen"]),
+                          tr.model.score_texts(rows["prompt"], rows["chosen"]), atol=1e-5)
+
+
+def test_peft_model_with_peft_config_is_refused_as_in_trl(tmp_path, tok, tiny_path):
+    from peft import get_peft_model
+
+    pm = get_peft_model(_seq_cls(tok), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="PeftModel.*together with a `peft_config`"):
+        RewardEnsembleTrainer(pm, args=_quick(tmp_path), train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                              processing_class=tok, peft_config=LoraConfig(r=4))
+
+
+def _stream(rows):
+    from datasets import IterableDataset
+
+    def gen():
+        yield from rows
+
+    return IterableDataset.from_generator(gen)
+
+
+def test_streaming_train_and_eval(tmp_path, tiny_path, tok):
+    from rlhf_ext.reward.trainer import hashed_bootstrap_weights
+
+    args = _quick(tmp_path, ensemble_size=2)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=_stream(preference_rows(16, 0)),
+                               eval_dataset=_stream(preference_rows(8, 1)), processing_class=tok)
+    assert tr.bootstrap_weights is None  # no table over a stream: per pair, from a hash of its id
+    w = hashed_bootstrap_weights(torch.arange(400), 2, 1)
+    assert torch.equal(w, hashed_bootstrap_weights(torch.arange(400), 2, 1)) and w.shape == (400, 2)
+    assert abs(w.mean().item() - 1) < 0.15 and (w == 0).any() and (w >= 2).any() and not torch.equal(w[:, 0], w[:, 1])
+    seen = []
+    orig = tr._member_weights
+    tr._member_weights = lambda inputs, like: seen.append(orig(inputs, like)) or seen[-1]
+    tr.train()
+    assert any((s != 1).any() for s in seen)  # the bootstrap applied
+    assert tr.normalization["n"] == 16 and "eval_accuracy_ensemble" in tr.evaluate()
+    with pytest.raises(ValueError, match="extra_preferences needs a sized train_dataset"):
+        RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, extra_preferences=["x.jsonl"]),
+                              train_dataset=_stream(preference_rows(8, 0)), processing_class=tok)
+    bad = preference_rows(8, 0)
+    bad[5]["chosen"] = 7
+    with pytest.raises(ValueError, match="row 5: 'chosen' is a int"):  # rows are checked as they stream by (here: at
+        RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path), train_dataset=_stream(bad),  # the start-up length peek)
+                              processing_class=tok)
+
+
+@pytest.mark.parametrize("source", ["folder", "jinja"])
+def test_chat_template_path_from_a_tokenizer_folder_or_a_jinja_file(tmp_path, tiny_path, tok, source):
+    from rlhf_ext.testing import tiny_tokenizer
+
+    donor = tiny_tokenizer()
+    donor.chat_template = "{% for m in messages %}{{ m['role'] + ' : ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    donor.save_pretrained(tmp_path / "donor")
+    path = tmp_path / "donor" if source == "folder" else tmp_path / "t.jinja"
+    if source == "jinja":
+        path.write_text(donor.chat_template)
+    mine = tiny_tokenizer()
+    tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, chat_template_path=str(path)),
+                               train_dataset=Dataset.from_list(preference_rows(16, 0)), processing_class=mine,
+                               peft_config=LoraConfig(**LORA))
+    assert mine.chat_template == donor.chat_template and tr.args.chat_template_path == str(path)
+    row = preference_rows(1, 0)[0]
+    assert tr.train_dataset[0]["chosen_ids"] == mine.apply_chat_template(row["prompt"] + row["chosen"])["input_ids"]
+    tr.train()
+
+
+def test_legacy_pretokenised_columns_are_renamed_with_a_future_warning(tmp_path, tiny_path, tok):
+    rows = [{"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],
+             "rejected_input_ids": tok(r["prompt"] + r["rejected"])["input_ids"]}
+            for r in preference_rows(16, 0, conversational=False)]
+    with pytest.warns(FutureWarning, match="will not be supported in v1"):
+        tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path), train_dataset=Dataset.from_list(rows),
+                                   processing_class=tok)
+    assert {"chosen_ids", "rejected_ids"} <= set(tr.train_dataset.column_names)
+    assert tr.train_dataset[0]["chosen_ids"] == rows[0]["chosen_input_ids"]
+    tr.train()
+
+
+def test_model_tags_reach_the_model_and_the_card(tmp_path, tiny_path, tok):
+    tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path), train_dataset=Dataset.from_list(preference_rows(16, 0)),
+                               processing_class=tok)
+    assert {"trl", "reward-trainer", "rlhf_ext"} <= set(tr.model.model_tags)
+    tr.train()
+    tr.save_model(str(tmp_path / "art"))
+    card = (tmp_path / "art" / "README.md").read_text()
+    assert all(t in card.split("---")[1] for t in ("trl", "reward-trainer", "rlhf_ext"))
+    assert "reward-trainer" in load_reward_model(tmp_path / "art").model_tags
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("as_path", [True, False])
+def test_trained_sequence_classification_head_is_kept(tmp_path, K, as_path, caplog):
+    """A trained RM (seq-cls, num_labels=1) continues from its own head: K=1 scores exactly what it scored; an
+    ensemble's heads start from it (plus a small per-member perturbation). The caller's config is not edited."""
+    import logging
+
+    tok = _distinct_pad_tok()
+    rm = _seq_cls(tok, score=10.0)
+    path = str(tmp_path / "rm")
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    data = Dataset.from_list(preference_rows(16, 0))
+    with caplog.at_level(logging.INFO, logger="rlhf_ext.reward.trainer"):
+        tr = RewardEnsembleTrainer(path if as_path else rm, args=_quick(tmp_path, ensemble_size=K), train_dataset=data,
+                                   processing_class=tok)
+    assert tr.head_init == ("checkpoint" if K == 1 else "checkpoint+noise")
+    assert "trained head" in caplog.text
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        expected = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [8, 1]
+        ours = tr.model.score_ids(batch["input_ids"], batch["attention_mask"])  # [8, K]
+    assert expected.abs().mean() > 2  # far from a fresh head's ≈ 0
+    if K == 1:
+        assert torch.allclose(ours, expected, atol=1e-4)
+    else:
+        assert torch.allclose(ours.mean(-1, keepdim=True), expected, atol=0.5) and (ours.std(-1) > 0).all()
+
+
+def test_model_config_is_not_edited(tmp_path, tok):
+    from rlhf_ext.testing import tiny_causal_lm
+
+    lm = tiny_causal_lm(tok)
+    labels = dict(lm.config.id2label)
+    tr = RewardEnsembleTrainer(lm, args=_quick(tmp_path), train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                               processing_class=tok)
+    assert lm.config.num_labels == len(labels) == 2 and lm.config.id2label == labels
+    assert tr.model.config.num_labels == 1 and tr.model.config is not lm.config
+
+
+def test_seq_cls_with_pad_equal_to_eos_warns_that_the_scoring_position_differs(tmp_path, tok):
+    with pytest.warns(UserWarning, match="pad_token_id == the EOS id.*token before the final EOS"):
+        RewardEnsembleTrainer(_seq_cls(tok, score=1.0), args=_quick(tmp_path),
+                              train_dataset=Dataset.from_list(preference_rows(8, 0)), processing_class=tok)
+
+
+def test_center_rewards_is_trls_summed_pair_term(tmp_path, tiny_path, tok, pref_data):
+    tr = RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, center_rewards_coefficient=0.7),
+                               train_dataset=pref_data[0], processing_class=tok)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        tr.model.heads["full"].weight.mul_(200)  # rewards of order 1, so the two forms differ clearly
+    tr.model.eval()
+    with torch.no_grad():
+        loss = tr.compute_loss(tr.model, dict(batch))
+        r = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[:, 0]
+    rc, rr = r[:4], r[4:]
+    expected = -torch.nn.functional.logsigmoid(rc - rr).mean() + 0.7 * ((rc + rr) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(loss.item() - (expected - 0.7 * ((rc + rr) ** 2).mean() + 0.7 * (r**2).mean()).item()) > 1e-3
+
+
+def test_extra_preferences_are_applied_by_the_trainer(tmp_path, tiny_path, tok):
+    extra = tmp_path / "review.jsonl"
+    rows = preference_rows(5, 9)
+    extra.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = Dataset.from_list(preference_rows(16, 0))
+    tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, extra_preferences=[str(extra)]), train_dataset=data,
+                               processing_class=tok)
+    assert len(tr.train_dataset) == 21 and tr.train_dataset[20]["chosen"][-1] == rows[4]["chosen"][-1]
+    from rlhf_ext.data import with_extra_preferences
+
+    with pytest.warns(UserWarning, match="already ends with the 5 pair.*not added a second time"):
+        tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, extra_preferences=[str(extra)]),
+                                   train_dataset=with_extra_preferences(data, [str(extra)]), processing_class=tok)
+    assert len(tr.train_dataset) == 21
+    with pytest.raises(FileNotFoundError, match="extra_preferences: no file .*missing.jsonl"):
+        RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, extra_preferences=[str(tmp_path / "missing.jsonl")]),
+                              train_dataset=data, processing_class=tok)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl holds no preference pairs"):
+        RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, extra_preferences=[str(tmp_path / "empty.jsonl")]),
+                              train_dataset=data, processing_class=tok)
+
+
+def test_recipe_does_not_add_extra_preferences_itself():
+    import inspect
+
+    import recipes.reward_modeling as recipe
+
+    assert "with_extra_preferences" not in inspect.getsource(recipe)
+
+
+@pytest.mark.parametrize("as_instance", [False, True])
+def test_4bit_layout_is_checked_after_no_grad_passes_and_at_the_first_step(tmp_path, tiny4_path, tok, pref_data,
+                                                                           as_instance):
+    from rlhf_ext.models import load_model
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    model = load_model(tiny4_path, "causal", load_in_4bit=True) if as_instance else tiny4_path
+    tr = RewardEnsembleTrainer(model, args=_quick(tmp_path), train_dataset=pref_data[0].select(range(16)),
+                               processing_class=tok, peft_config=LoraConfig(**LORA), load_in_4bit=not as_instance)
+    assert tr.quantized
+    tr.train()  # the layout is checked at the first step and after the normalisation pass: fine
+    layer = tr.model.model.get_base_model().layers[0].self_attn.q_proj
+
+    def repack():
+        layer.weight.data, layer.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state)
+
+    repack()  # as if something re-enabled bitsandbytes' CPU inference layout
+    with pytest.raises(RuntimeError, match="RewardEnsembleTrainer: 1 4-bit layer.*inference layout.*q_proj"):
+        tr.compute_normalization(max_pairs=4)
+    with pytest.raises(RuntimeError, match="RewardEnsembleTrainer: 1 4-bit layer.*q_proj"):
+        tr.train()

@@ -148,6 +148,9 @@ def _add_extra_preferences(train_dataset, files):
         raise ValueError("extra_preferences needs a sized train_dataset (a datasets.Dataset): a streaming "
                          "IterableDataset cannot be concatenated with the preference files. Load the stream into a "
                          "Dataset, or add the files' rows to the stream yourself and leave extra_preferences unset.")
+    for f in files:  # an empty file: `datasets` fails inside its JSON reader (StopIteration) before data.py can say so
+        if Path(f).is_file() and not Path(f).read_text(encoding="utf-8").strip():
+            raise ValueError(f"extra_preferences: {f} holds no preference pairs yet (the file is empty).")
     combined = with_extra_preferences(train_dataset, files)
     n = len(combined) - len(train_dataset)
     if 0 < n <= len(train_dataset):
@@ -417,6 +420,7 @@ class RewardEnsembleTrainer(RewardTrainer):
                 keep_4bit_trainable(model)  # bitsandbytes' CPU inference layout has no backward
             source = model
         trunk = trunk_of(source)
+        self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
         if processing_class is None:
             processing_class = load_tokenizer(self.base_model_name)
         ensure_pad_token(processing_class)
@@ -453,6 +457,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         if args.disable_dropout:  # TRL's flag; TRL zeroes nn.Dropout only, not functional attention dropout
             zero_dropout(trunk)
         hidden, std = final_hidden_size(body), _head_std(trunk.config)  # OPT-350m: not hidden_size
+        if head_init is not None and args.pooling != "last":
+            logger.warning("The checkpoint's score head was trained on the last token; pooling=%r feeds it something "
+                           "else, so its scores start elsewhere.", args.pooling)
         if head_init is not None and head_init[0].shape[1] != hidden:
             logger.warning("The checkpoint's score head reads %d features but the trunk gives %d; it is not used.",
                            head_init[0].shape[1], hidden)
@@ -504,7 +511,6 @@ class RewardEnsembleTrainer(RewardTrainer):
             data_collator = EnsemblePreferenceCollator(pad_token_id=processing_class.pad_token_id,
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
         self._raw_reference = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, dict) else train_dataset
-        self.quantized = is_quantized(body)
         check = _GradientReachCheck(self._reach_params(ens), self.quantized)
         if args.gradient_checkpointing and args.ddp_find_unused_parameters is None:
             # What transformers does for its own models (ours is not a PreTrainedModel): DDP's unused-parameter
@@ -590,7 +596,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             for p in ens.model.parameters():  # a PeftModel's own LM/score head copies: our heads score instead
                 if id(p) not in inside:
                     p.requires_grad_(False)
-            if is_quantized(ens.model):  # keep LoRA math in fp32 on a 4-bit base (TRL would cast to bf16)
+            if self.quantized:  # keep LoRA math in fp32 on a 4-bit base (TRL would cast to bf16)
                 for p in ens.model.parameters():
                     if p.requires_grad:
                         p.data = p.data.float()
@@ -622,7 +628,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         unfiltered.max_length = None
         dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
         limit = args.max_length
-        _check_lengths(dataset, limit, dataset_name)
+        label = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
+        _check_lengths(dataset, limit, label)
         kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
         with global_then_local_main_first():
             return dataset.filter(lambda e: len(e["chosen_ids"]) <= limit and len(e["rejected_ids"]) <= limit, **kwargs)
