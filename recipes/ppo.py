@@ -18,7 +18,7 @@ def main(script_args, training_args, model_args, config_file=None):
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
     train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
-    if model_args.dtype not in (None, "auto"):
+    if model_args.dtype is not None:  # "auto" too: the checkpoint's own dtype, as TRL loads it
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
     if not training_args.reward_model_path:
         raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py).")

@@ -21,7 +21,7 @@ def main(script_args, training_args, model_args, config_file=None):
         test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
     except (FileNotFoundError, ValueError):
         test = None
-    if model_args.dtype not in (None, "auto"):
+    if model_args.dtype is not None:  # "auto" too: the checkpoint's own dtype, as TRL loads it
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
     trainer = RewardEnsembleTrainer(
         model_args.model_name_or_path or "smollm2-135m-instruct",

@@ -366,8 +366,9 @@ def plan_for(shape: dict, precision: str, device: str, **kw) -> dict:
     from rlhf_ext.plan import estimate
 
     dtype = precision if precision in ("fp32", "bf16", "fp16") else ("fp32" if device == "cpu" else "bf16")
-    return estimate(shape, dtype=dtype, load_in_4bit=precision == "4bit", device="cpu" if device == "cpu" else "cuda",
-                    **kw)
+    autocast = precision == "bf16" or (precision == "4bit" and device != "cpu")  # as run_case sets PPOConfig.bf16
+    return estimate(shape, dtype=dtype, bf16=autocast, load_in_4bit=precision == "4bit",
+                    device="cpu" if device == "cpu" else "cuda", **kw)
 
 
 def summarize(name: str, shape_name: str, precision: str, opts: dict, res: dict, plan: dict, delta: float,
