@@ -1161,7 +1161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for name in ("gpu_memory", "batch", "prompt_length", "completion_length", "minibatches", "ppo_epochs"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0, got {value}.")
     try:
         shape = load_shape(args.model)
         options = dict(prompt_length=args.prompt_length, completion_length=args.completion_length,

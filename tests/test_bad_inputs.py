@@ -350,3 +350,17 @@ def test_reward_output_dir_that_is_a_file_or_read_only(tmp_path, tiny_path, tok)
 def test_reward_one_member_adapters_mode_warns(tmp_path):
     with pytest.warns(UserWarning, match="ensemble_mode='adapters' with ensemble_size=1 .*exactly as ensemble_mode='heads'"):
         RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_mode="adapters", ensemble_size=1, use_cpu=True)
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_plan_refuses_gpu_memory_that_is_not_positive(value, capsys):
+    from rlhf_ext.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "gpt2", "--gpu-memory", value])
+    assert e.value.code == 2 and "--gpu-memory must be > 0" in capsys.readouterr().err
+
+
+def test_reward_config_refuses_nan_learning_rate(tmp_path):
+    with pytest.raises(ValueError, match="learning_rate must be a finite number"):
+        RewardEnsembleConfig(str(tmp_path), learning_rate=float("nan"))

@@ -288,26 +288,6 @@ def test_streaming_train_and_eval(tmp_path, tiny_path, tok):
                               processing_class=tok)
 
 
-@pytest.mark.parametrize("source", ["folder", "jinja"])
-def test_chat_template_path_from_a_tokenizer_folder_or_a_jinja_file(tmp_path, tiny_path, tok, source):
-    from rlhf_ext.testing import tiny_tokenizer
-
-    donor = tiny_tokenizer()
-    donor.chat_template = "{% for m in messages %}{{ m['role'] + ' : ' + m['content'] + '<|im_end|>' }}{% endfor %}"
-    donor.save_pretrained(tmp_path / "donor")
-    path = tmp_path / "donor" if source == "folder" else tmp_path / "t.jinja"
-    if source == "jinja":
-        path.write_text(donor.chat_template)
-    mine = tiny_tokenizer()
-    tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, chat_template_path=str(path)),
-                               train_dataset=Dataset.from_list(preference_rows(16, 0)), processing_class=mine,
-                               peft_config=LoraConfig(**LORA))
-    assert mine.chat_template == donor.chat_template and tr.args.chat_template_path == str(path)
-    row = preference_rows(1, 0)[0]
-    assert tr.train_dataset[0]["chosen_ids"] == mine.apply_chat_template(row["prompt"] + row["chosen"])["input_ids"]
-    tr.train()
-
-
 def test_legacy_pretokenised_columns_are_renamed_with_a_future_warning(tmp_path, tiny_path, tok):
     rows = [{"chosen_input_ids": tok(r["prompt"] + r["chosen"])["input_ids"],
              "rejected_input_ids": tok(r["prompt"] + r["rejected"])["input_ids"]}

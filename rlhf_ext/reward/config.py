@@ -76,6 +76,10 @@ class RewardEnsembleConfig(RewardConfig):
     )
 
     def __post_init__(self):
+        import math
+
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}.")
         if self.bf16 is None:
             import torch
 
