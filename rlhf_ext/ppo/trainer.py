@@ -4,7 +4,8 @@ One iteration (`_iteration`), top to bottom:
   rollout: sample (policy.py) → rewards (members → normalise → aggregate → shape) → reference log-probs
   → old log-probs and values (θ_old) → per-token KL penalty + GAE → epochs × minibatches of clipped policy +
   value loss → KL guard (hard mode, plugins/kl.py) → β update → metrics.
-The math is in `rl_math.py`, the model passes in `policy.py`, the controllers and the guard in `plugins/kl.py`.
+The math is in `rl_math.py`, the model passes in `policy.py` (all in one precision context: `precision.py`), the
+controllers and the guard in `plugins/kl.py`; TRL 1.12 argument names in `trl112.py`.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class PPOTrainer(Trainer):
             policy's base as adapters when it matches), an `ExternalRewardModel`, or a Python callable with TRL's
             `reward_funcs` signature.
         args: `PPOConfig`.  train_dataset: TRL prompt-only dataset.  processing_class: tokenizer.
-        peft_config: LoRA config for the policy (and the separate critic); default LoRA r=16 on attention
-            projections when `model` is not already a `PeftModel`.
+        peft_config: LoRA config for the policy (and the separate critic); default LoRA r=16 on PEFT's target modules
+            for the architecture (`architectures.py`) when `model` is not already a `PeftModel`.
         audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
             the proxy reward to spot reward hacking; never used in the loss.
         reward_model, eval_dataset: TRL 1.12's names (a sequence-classification reward model joins `reward_funcs`;
