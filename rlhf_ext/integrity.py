@@ -96,9 +96,7 @@ def atomic_folder(final, manifest_extra: dict | None = None):
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for f in tmp.rglob("*"):  # safetensors (ours and save_pretrained's) writes 0600: the folder gets one mode
-            if f.is_file():
-                _default_permissions(f)
+        _default_permissions(tmp)  # safetensors (ours and save_pretrained's) writes 0600: the folder gets one mode
         write_manifest(tmp, manifest_extra)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,15 +132,16 @@ def save_tensors(tensors: dict, path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    _default_permissions(path)
 
 
-def _default_permissions(path) -> None:
-    """rw-r--r-- under the usual umask, like every other file we write (safetensors writes through a private 0600
-    temporary file, which a shared model folder should not inherit)."""
+def _default_permissions(folder) -> None:
+    """Every file under `folder` rw-r--r-- under the usual umask, like every other file we write (safetensors writes
+    0600, which a shared model folder should not inherit). `atomic_folder` applies it to everything it saves."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def load_safetensors(path, fix: str) -> dict:

@@ -122,6 +122,7 @@ class PPOConfig(TrainingArguments):
 
     def _apply_trl112_names(self):
         """Map TRL 1.12 PPOConfig names onto ours (a FutureWarning names the new one); conflicting values are refused."""
+        import os
         import warnings
 
         for old, new in (("kl_coef", "init_kl_coef"), ("cliprange", "clip_range"),
@@ -145,7 +146,8 @@ class PPOConfig(TrainingArguments):
         if self.total_episodes is not None:
             if self.max_steps and self.max_steps > 0:
                 raise ValueError("Set `total_episodes` (TRL 1.12) or `max_steps` (iterations), not both.")
-            per_iteration = self.per_device_train_batch_size * max(1, int(__import__("os").environ.get("WORLD_SIZE", 1)))
+            # WORLD_SIZE: set by accelerate/torchrun; TrainingArguments' world_size is not ready before its post_init
+            per_iteration = self.per_device_train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", 1)))
             self.max_steps = max(1, self.total_episodes // max(1, per_iteration))
 
     def _check_ranges(self):

@@ -241,7 +241,7 @@ class PPOTrainer(Trainer):
         TRL 1.12 used it, when it fits the model's vocabulary."""
         try:
             return load_tokenizer(r.config._name_or_path)
-        except (OSError, ValueError, FileNotFoundError) as e:
+        except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
             if len(self.tokenizer) <= r.get_input_embeddings().weight.shape[0] + 1:  # +1: a [PAD] added unresized
                 return self.tokenizer
             raise ValueError(f"Could not load the tokenizer of reward model {r.config._name_or_path!r} ({e}), and the "
@@ -544,11 +544,13 @@ class PPOTrainer(Trainer):
         self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
         return self._iteration_metrics(ro, acc, stats, kl_seq, beta_used, old_values, returns, time.perf_counter() - t0)
 
-    def _sums(self, *pairs) -> list[float]:
-        """Σ values and Σ weights over every process (one reduction): global means, not rank 0's."""
-        flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).sum() for pair in pairs for x in pair])
+    def _global_means(self, parts: dict) -> dict:
+        """{name: (values, weights)} → {name: Σ values / Σ weights over every process}, in one reduction: global
+        means, not rank 0's."""
+        flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).sum() for pair in parts.values() for x in pair])
         flat = self._global_sum(flat.to(self.args.device)).cpu()
-        return [float(flat[i] / flat[i + 1]) if flat[i + 1] > 0 else float("nan") for i in range(0, len(flat), 2)]
+        return {name: float(flat[2 * i] / flat[2 * i + 1]) if flat[2 * i + 1] > 0 else float("nan")
+                for i, name in enumerate(parts)}
 
     def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
         """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
@@ -557,32 +559,28 @@ class PPOTrainer(Trainer):
         for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "train/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
         v, r, vf, ones = old_values.double() * m, returns.double() * m, valid.double(), torch.ones(len(valid))
-        raw = ro.raw.double().cpu()
-        audit = {k: torch.tensor(vals, dtype=torch.float64) for k, vals in ro.audit.items()}
-        K = ro.norm.shape[1]
-        spread = ro.norm[valid].std(-1).double().sum() if K > 1 else torch.tensor(0.0)
-        means = self._sums(
-            (ro.scores.double().cpu() * vf, vf), (v, m), (r, m), (r ** 2, m), ((r - v) ** 2, m), (r - v, m),
-            (ro.lengths.double().cpu(), ones), (ro.has_eos.double().cpu(), ones),
-            *((raw[:, j] * vf, vf) for j in range(K)), *((a, torch.ones(len(a))) for a in audit.values()), (spread, vf))
-        scores, v_mean, r_mean, r2, res2, res, length, eos = means[:8]
+        raw, K = ro.raw.double().cpu(), ro.norm.shape[1]
+        parts = {"scores": (ro.scores.double().cpu() * vf, vf), "v": (v, m), "r": (r, m), "r2": (r ** 2, m),
+                 "res": (r - v, m), "res2": ((r - v) ** 2, m), "length": (ro.lengths.double().cpu(), ones),
+                 "eos": (ro.has_eos.double().cpu(), ones),
+                 **{f"rewards/{name}_raw": (raw[:, j] * vf, vf) for j, name in enumerate(self.rewards.member_names)},
+                 **{f"audit/{name}": (torch.tensor(vals, dtype=torch.float64), torch.ones(len(vals)))
+                    for name, vals in ro.audit.items()}}
+        if K > 1:
+            parts["rewards/ensemble_std"] = (ro.norm[valid].std(-1).double().sum(), vf)
+        g = self._global_means(parts)
         dropped = int(self._global_sum(torch.tensor(float((~valid).sum()), device=self.args.device)))
-        var_r, var_res = r2 - r_mean ** 2, res2 - res ** 2
+        var_r, var_res = g["r2"] - g["r"] ** 2, g["res2"] - g["res"] ** 2  # E[x²] − E[x]² over the global batch
         metrics.update({
-            "objective/kl": kl_seq, "objective/beta": beta_used, "objective/scores": scores,
-            "val/explained_variance": 1 - var_res / var_r if var_r > 0 else float("nan"),
-            "val/mean": v_mean, "response/length_mean": length, "response/eos_rate": eos,
+            "objective/kl": kl_seq, "objective/beta": beta_used, "objective/scores": g["scores"],
+            "val/explained_variance": 1 - var_res / var_r if var_r > 0 else float("nan"),  # 1 − Var[R−V]/Var[R]
+            "val/mean": g["v"], "response/length_mean": g["length"], "response/eos_rate": g["eos"],
             "rewards/dropped_nonfinite": dropped,
             "time/iteration_s": seconds, "time/generate_s": ro.gen_seconds,
             "time/tokens_per_s": float(ro.resp_mask.sum()) * self.accelerator.num_processes / seconds,
             **{k: float(v) for k, v in stats.items()},
         })
-        for j, name in enumerate(self.rewards.member_names):
-            metrics[f"rewards/{name}_raw"] = means[8 + j]
-        for i, name in enumerate(audit):
-            metrics[f"audit/{name}"] = means[8 + K + i]
-        if K > 1:
-            metrics["rewards/ensemble_std"] = means[-1]
+        metrics.update({k: val for k, val in g.items() if k.startswith(("rewards/", "audit/"))})
         if stats["train/skipped_nonfinite_steps"]:
             warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
                           f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "
