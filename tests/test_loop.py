@@ -44,7 +44,8 @@ def test_train_alarm_review_retrain_resume(tmp_path, tok):
     args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=16, max_steps=4, learning_rate=5e-2,
                      max_completion_length=12, kl_controller="fixed", init_kl_coef=0.0, use_cpu=True,
                      save_strategy="steps", save_steps=2, disable_tqdm=True, logging_steps=1000, seed=0,
-                     monitor_detectors=[{"name": "length_correlation", "threshold": 0.3, "action": "queue"}],
+                     # the loop is under test, not the alarm's noise gate (test_detector_rates): 16 samples, z = 0
+                     monitor_detectors=[{"name": "length_correlation", "threshold": 0.3, "action": "queue", "z": 0}],
                      monitor_cooldown=1)
     ppo = PPOTrainer(load_model(base, "causal"), reward_funcs=[str(rm1)], args=args, train_dataset=prompts,
                      processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

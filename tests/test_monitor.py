@@ -56,8 +56,17 @@ def test_detectors_on_hand_made_observations():
     assert "1.31" in capped.describe()
     roomy = build("detector", "length_drift", smoothing=0.0, warmup=1)  # a roomy cap keeps the configured threshold
     assert not roomy.update(_obs([14, 14], [True, True], reference={"length": 10.0, "cap": 200}))[1]
-    full = build("detector", "length_drift", smoothing=0.0, warmup=1)  # reference already at the cap: no false alarm
-    assert not full.update(_obs([48, 48], [True, True], reference={"length": 47.0, "cap": 48}))[1]
+    # reference near the cap: two answers at the cap are within its noise (47 ± 3 tokens) …
+    near = {"length": 47.0, "length_sd": 3.0, "n": 64, "cap": 48}
+    full = build("detector", "length_drift", smoothing=0.0, warmup=1)
+    assert not full.update(_obs([48, 48], [True, True], reference=near))[1]
+    # … but a reference above cap / 1.1 (44 of 48 tokens: the old 1.1× floor was out of reach) still shows drift:
+    # 64 answers pinned at the cap, half-way from 44 to 48 and 3 standard errors past the reference
+    high = {"length": 44.0, "length_sd": 4.0, "n": 64, "cap": 48}
+    pinned = build("detector", "length_drift", smoothing=0.0, warmup=1)
+    assert not pinned.update(_obs([45] * 64, [True] * 64, reference=high))[1]
+    assert pinned.update(_obs([48] * 64, [False] * 64, reference=high))[1]
+    assert build("detector", "length_drift").update(_obs([48], [False], reference={**high, "length": 48.0}))[0] is None
     with pytest.raises(ValueError, match="cap_fraction"):
         build("detector", "length_drift", cap_fraction=0.0)
     e = build("detector", "eos_collapse", smoothing=0.0, warmup=1)
@@ -77,13 +86,33 @@ def test_detectors_on_hand_made_observations():
     loop = _obs([8], [True])
     loop.ids = [[5, 6, 7, 8] * 6]
     assert r.update(loop)[1]
+    # relative to the reference: a task whose reference answers repeat as much (lists, code) does not alarm
+    listy = build("detector", "repetition", smoothing=0.0)
+    loop.reference = {"repetition_4": 0.8, "repetition_4_sd": 0.1, "n": 64}  # 21 4-grams, 4 distinct: 17/21 repeat
+    assert listy.update(loop) == (pytest.approx(17 / 21 - 0.8), False)
+    # a few low-EOS batches are noise when the reference ends a quarter of its answers; a long collapse is not
+    e = build("detector", "eos_collapse")
+    low = {"eos": 0.25, "n": 64}
+    assert not any(e.update(_obs([5] * 8, [False] * 8, reference=low))[1] for _ in range(4))
+    e = build("detector", "eos_collapse")
+    assert [e.update(_obs([5] * 64, [False] * 64, reference=low))[1] for _ in range(3)] == [False, False, True]
+    # reward ∝ length: fires on 16 samples; on 4, r = 1 is within 3 standard errors (≈ 1/√3 each) of no correlation
     c = build("detector", "length_correlation", smoothing=0.0)
-    assert c.update(_obs([1, 2, 3, 4], [True] * 4, scores=[1.0, 2.0, 3.0, 4.0]))[1]
-    p = build("detector", "proxy_vs_audit", window=3)
-    fired = [p.update(_obs([1, 1], [True] * 2, scores=[s, s], audit={"gold": [-s, -s]}))[1] for s in (1.0, 2.0, 3.0)]
-    assert fired == [False, False, True]
-    k = build("detector", "kl_backtracking", window=2)
-    assert k.update(_obs([1], [True], metrics={"kl/backtracks": 2}))[1]
+    assert c.update(_obs(list(range(16)), [True] * 16, scores=[float(i) for i in range(16)]))[1]
+    assert build("detector", "length_correlation", smoothing=0.0).update(
+        _obs([1, 2, 3, 4], [True] * 4, scores=[1.0, 2.0, 3.0, 4.0])) == (pytest.approx(1.0), False)
+    # proxy up, audit down by 1.5 per-sample standard deviations: fires once the recent window is full
+    p = build("detector", "proxy_vs_audit", window=2)
+    fired = [p.update(_obs([1] * 4, [True] * 4, scores=[s] * 4, audit={"gold": [-s - 1, -s + 1] * 2}))[1]
+             for s in (0.0, 0.0, 1.5, 3.0)]
+    assert fired == [False, False, False, True] and p.value > 3
+    # the same rise with a flat audit, or the audit falling while the proxy falls too, stays at 0
+    for proxy, audit in (((0.0, 0.0, 1.5, 3.0), (0.0,) * 4), ((0.0, 0.0, -1.5, -3.0), (0.0, 0.0, -1.5, -3.0))):
+        q = build("detector", "proxy_vs_audit", window=2)
+        assert [q.update(_obs([1] * 4, [True] * 4, scores=[s] * 4, audit={"gold": [a - 1, a + 1] * 2}))[0]
+                for s, a in zip(proxy, audit)] == [0.0] * 4
+    k = build("detector", "kl_backtracking", window=2)  # judged on full windows: one early backtrack is not a trend
+    assert [k.update(_obs([1], [True], metrics={"kl/backtracks": 2}))[1] for _ in range(2)] == [False, True]
     with pytest.raises(ValueError, match="action must be one of"):
         build("detector", "length_drift", action="email")
 

@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..plugins.detectors import DEFAULT_DETECTORS, Observation
+from ..plugins.shaping import repeated_ngram_fraction
 from ..registry import build
 from .queue import ReviewQueue, append_jsonl
 
@@ -35,6 +36,21 @@ def build_detectors(specs) -> list:
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         out.append(build("detector", spec.pop("name"), **spec))
     return out
+
+
+def reference_statistics(lengths: list, eos: list, ids: list, cap: int, ngram_sizes=()) -> dict:
+    """What the detectors compare a run against: the reference policy's mean length, EOS rate and repeated-n-gram
+    fractions, with the standard deviations the detectors' noise gates need."""
+
+    def mean_sd(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
+
+    (length, length_sd), (eos_rate, _) = mean_sd(lengths), mean_sd(eos)
+    ref = {"length": length, "length_sd": length_sd, "eos": eos_rate, "n": len(lengths), "cap": cap}
+    for k in sorted(set(ngram_sizes) | {4}):
+        ref[f"repetition_{k}"], ref[f"repetition_{k}_sd"] = mean_sd([repeated_ngram_fraction(x, k) for x in ids])
+    return ref
 
 
 class RewardHackingMonitor(TrainerCallback):
@@ -75,17 +91,18 @@ class RewardHackingMonitor(TrainerCallback):
         step = tr.args.per_device_train_batch_size
         rng = torch.get_rng_state()  # sampling here must not change the training run's random stream
         torch.manual_seed(tr.args.seed + 7919)
-        lengths, eos = [], []
+        lengths, eos, ids = [], [], []
         try:
             for i in range(0, n, step):
                 g = tr.policy.generate([tr.prompts[j] for j in pick[i : i + step]], tr.tokenizer,
                                        tr.args.max_completion_length, tr.args.top_p, tr.args.stop_on_eos, reference=True)
                 lengths += g.lengths.float().tolist()
                 eos += g.has_eos.float().tolist()
+                ids += g.completion_ids
         finally:
             torch.set_rng_state(rng)
-        self.reference = {"length": sum(lengths) / n, "eos": sum(eos) / n, "n": n,
-                          "cap": int(tr.args.max_completion_length)}
+        self.reference = reference_statistics(lengths, eos, ids, int(tr.args.max_completion_length),
+                                              {getattr(d, "n", 4) for d in self.detectors if d.name == "repetition"})
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.reference:

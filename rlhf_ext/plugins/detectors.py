@@ -6,8 +6,15 @@ crosses its threshold. The statistic is logged every iteration (`monitor/<name>`
 detector's `action`: "log" (an alarm in the logs), "queue" (its most suspicious samples go to the review queue beside
 a reference-policy sample for the same prompt), or "halt" (checkpoint, stop, say what fired and how to resume).
 
-Thresholds are relative to the *reference policy* where that makes sense (its response length and EOS rate are
-measured once at the start of training on the same prompts), so they carry over between tasks.
+Thresholds are relative to the *reference policy* where that makes sense (its response length, EOS rate and
+repetition are measured once at the start of training on the same prompts), so they carry over between tasks.
+
+A threshold alone fires on noise: with 8 samples a batch, a reference that ends 25 % of its answers shows a "halved"
+EOS rate in a third of batches. So each detector that knows its statistic's sampling noise (`null`) also requires the
+smoothed statistic to sit `z` standard errors beyond its no-hacking value, counting the noise of this run's smoothed
+batches (exact for an exponential moving average of independent batches) and of the reference's own measurement.
+False-alarm rates on simulated runs without hacking, and detection delays on the benchmark's hacking runs, are
+measured by `benchmarks/detector_rates.py` (README, "Monitor: false alarms and delays").
 """
 
 from __future__ import annotations
@@ -48,14 +55,18 @@ class Detector:
     direction = "above"
     default_warmup = 1  # observations before the detector may fire
 
-    def __init__(self, threshold: float, action: str = "log", smoothing: float = 0.5, warmup: int | None = None):
+    def __init__(self, threshold: float, action: str = "log", smoothing: float = 0.5, warmup: int | None = None,
+                 z: float = 3.0):
         if action not in ACTIONS:
             raise ValueError(f"Detector action must be one of {ACTIONS}, got {action!r}.")
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}.")
-        self.threshold, self.action, self.smoothing = float(threshold), action, smoothing
+        if not z >= 0:
+            raise ValueError(f"z (standard errors beyond the no-hacking value) must be ≥ 0, got {z}.")
+        self.threshold, self.action, self.smoothing, self.z = float(threshold), action, smoothing, float(z)
         self.warmup = self.default_warmup if warmup is None else warmup
         self.value, self.seen, self.limit = None, 0, float(threshold)
+        self.weight2 = 0.0  # Σ wᵢ² of the moving average's weights: its variance is weight2 × one batch's
 
     def statistic(self, obs: Observation) -> float | None:
         raise NotImplementedError
@@ -63,6 +74,19 @@ class Detector:
     def effective_threshold(self, obs: Observation) -> float:
         """The threshold this iteration is judged against (default: the configured one)."""
         return self.threshold
+
+    def null(self, obs: Observation) -> tuple[float, float, float] | None:
+        """(the statistic's value without hacking, the standard error of one batch's statistic, the standard error of
+        the reference it is measured against), or None when the noise is unknown (no gate)."""
+        return None
+
+    def _beyond_noise(self, obs: Observation) -> bool:
+        null = self.null(obs)
+        if null is None:
+            return True
+        centre, se_batch, se_ref = null
+        margin = self.z * math.sqrt(self.weight2 * se_batch**2 + se_ref**2)
+        return self.value > centre + margin if self.direction == "above" else self.value < centre - margin
 
     def suspicious(self, obs: Observation, n: int) -> list[int]:
         """Indices of the n samples that best show the problem (default: highest shaped reward)."""
@@ -72,20 +96,30 @@ class Detector:
         x = self.statistic(obs)
         if x is None or not math.isfinite(x):
             return self.value, False
-        self.value = x if self.value is None else self.smoothing * self.value + (1 - self.smoothing) * x
+        a = 0.0 if self.value is None else self.smoothing
+        self.value = x if self.value is None else a * self.value + (1 - a) * x
+        self.weight2 = a**2 * self.weight2 + (1 - a) ** 2
         self.seen += 1
         self.limit = self.effective_threshold(obs)
         fired = self.value > self.limit if self.direction == "above" else self.value < self.limit
-        return self.value, bool(fired and self.seen >= self.warmup)
+        return self.value, bool(fired and self.seen >= self.warmup and self._beyond_noise(obs))
 
     def describe(self) -> str:
         return f"{self.name} = {self.value:.3g} {'>' if self.direction == 'above' else '<'} {self.limit:.3g}"
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "seen": self.seen}
+        return {"value": self.value, "seen": self.seen, "weight2": self.weight2}
 
     def load_state_dict(self, state: dict) -> None:
         self.value, self.seen = state.get("value"), state.get("seen", 0)
+        self.weight2 = state.get("weight2", 1.0 if self.value is not None else 0.0)
+
+
+def _ratio_null(sd: float | None, ref: float, batch: int, n_ref: int | None):
+    """Null of a batch mean divided by the reference's mean: 1 ± sd/ref/√batch, the reference ± sd/ref/√n_ref."""
+    if sd is None or not ref > 0 or not n_ref or batch < 1:
+        return None
+    return 1.0, sd / ref / math.sqrt(batch), sd / ref / math.sqrt(n_ref)
 
 
 # Length and EOS drift compare one batch's mean with the reference policy's: with prompts of different kinds a single
@@ -98,8 +132,9 @@ class Detector:
 class LengthDrift(Detector):
     """Mean response length relative to the reference policy's (1.0 = same); fires above `threshold` (default 1.5:
     50 % longer). When the completion cap leaves no room for that ratio (cap < threshold × reference length), it
-    fires instead once the mean length reaches `cap_fraction` of the cap: answers pinned at the limit are the drift
-    the ratio cannot show (never below 1.1× the reference). Suspicious samples: the longest."""
+    fires instead once the mean length reaches `cap_fraction` of the cap, or half-way from the reference's length to
+    the cap if that is further: answers pinned at the limit are the drift the ratio cannot show. Stands down (None)
+    when the reference already sits at the cap. Suspicious samples: the longest."""
 
     default_warmup = 3
 
@@ -110,14 +145,21 @@ class LengthDrift(Detector):
         self.cap_fraction = cap_fraction
 
     def statistic(self, obs):
-        ref = obs.reference.get("length")
-        return float(obs.lengths.float().mean()) / max(ref, 1.0) if ref is not None else None
+        ref, cap = obs.reference.get("length"), obs.reference.get("cap")
+        if ref is None or (cap is not None and ref >= cap):
+            return None
+        return float(obs.lengths.float().mean()) / max(ref, 1.0)
 
     def effective_threshold(self, obs):
         ref, cap = obs.reference.get("length"), obs.reference.get("cap")
         if ref is None or cap is None:
             return self.threshold
-        return min(self.threshold, max(self.cap_fraction * cap / max(ref, 1.0), 1.1))
+        room = cap / max(ref, 1.0)  # the largest ratio the cap allows
+        return min(self.threshold, max(self.cap_fraction * room, (1 + room) / 2))
+
+    def null(self, obs):
+        r = obs.reference
+        return _ratio_null(r.get("length_sd"), max(r.get("length", 0.0), 1.0), len(obs.lengths), r.get("n"))
 
     def suspicious(self, obs, n):
         return torch.argsort(obs.lengths.float(), descending=True)[:n].tolist()
@@ -125,7 +167,9 @@ class LengthDrift(Detector):
 
 @register("detector", "repetition")
 class RepetitionDetector(Detector):
-    """Mean repeated-n-gram fraction of the responses' tokens (0 fresh, → 1 loops); fires above `threshold`."""
+    """Mean repeated-n-gram fraction of the responses' tokens (0 fresh, → 1 loops) *above the reference policy's*
+    (lists and code repeat by nature); fires when the excess passes `threshold` (0.2: a fifth more of the tokens sit
+    in repeated n-grams). Without a measured reference the excess is over 0."""
 
     def __init__(self, threshold: float = 0.2, action: str = "queue", n: int = 4, **kw):
         super().__init__(threshold, action, **kw)
@@ -136,7 +180,13 @@ class RepetitionDetector(Detector):
 
     def statistic(self, obs):
         f = self._frac(obs)
-        return sum(f) / len(f) if f else None
+        return sum(f) / len(f) - obs.reference.get(f"repetition_{self.n}", 0.0) if f else None
+
+    def null(self, obs):
+        r, sd = obs.reference, obs.reference.get(f"repetition_{self.n}_sd")
+        if sd is None or not r.get("n") or not obs.ids:
+            return None
+        return 0.0, sd / math.sqrt(len(obs.ids)), sd / math.sqrt(r["n"])
 
     def suspicious(self, obs, n):
         return torch.argsort(torch.tensor(self._frac(obs)), descending=True)[:n].tolist()
@@ -165,7 +215,16 @@ class EnsembleDisagreement(Detector):
         if self.base_n < self.baseline_iterations:
             self.base_sum, self.base_n = self.base_sum + x, self.base_n + 1
             self.baseline = self.base_sum / self.base_n
+        self._sd = float(s.std()) if s.numel() > 1 else None
         return x / max(self.baseline, 1e-6)
+
+    def null(self, obs):
+        sd = getattr(self, "_sd", None)
+        if sd is None or self.base_n < self.baseline_iterations:
+            return None
+        b = max(self.baseline, 1e-6)
+        batch = int(obs.valid.sum())
+        return 1.0, sd / b / math.sqrt(batch), sd / b / math.sqrt(batch * self.base_n)
 
     def suspicious(self, obs, n):
         s = self._std(obs)
@@ -184,29 +243,46 @@ class EnsembleDisagreement(Detector):
 
 @register("detector", "proxy_vs_audit")
 class ProxyVsAudit(Detector):
-    """The proxy reward rising while an audit reward (e.g. a gold judge in `audit_funcs`) falls: over the last
-    `window` iterations, the statistic is −corr(iteration, audit) when corr(iteration, proxy) > 0, else 0; fires
-    above `threshold`. Suspicious samples: high proxy, low audit. Needs `audit_funcs`."""
+    """The proxy reward rising while an audit reward (e.g. a gold judge in `audit_funcs`) falls. The first `window`
+    iterations are the baseline; after that, the statistic compares the last `window` iterations with it: the audit's
+    drop in units of its own standard error, z = (audit_base − audit_recent) / √(s²_base/n_base + s²_recent/n_recent)
+    from the per-sample audit scores, when the proxy's mean rose over the same span (else 0). Fires above `threshold`
+    (3.0 standard errors) once the drop is also at least `min_effect` of the audit's per-sample standard deviation
+    (a large batch makes tiny drops "significant"). A correlation of a few batch means, blind to effect size, alarmed
+    in 71 % of simulated 30-iteration runs without hacking. Suspicious samples: high proxy, low audit. Needs
+    `audit_funcs`."""
 
-    def __init__(self, threshold: float = 0.6, action: str = "queue", window: int = 6, audit: str | None = None, **kw):
+    def __init__(self, threshold: float = 3.0, action: str = "queue", window: int = 4, audit: str | None = None,
+                 min_effect: float = 0.2, **kw):
         kw.setdefault("smoothing", 0.0)
         super().__init__(threshold, action, **kw)
-        self.window, self.audit, self.proxy_hist, self.audit_hist = window, audit, [], []
+        if window < 1:
+            raise ValueError(f"proxy_vs_audit's window must be ≥ 1 iteration, got {window}.")
+        self.window, self.audit, self.min_effect = window, audit, min_effect
+        self.batches: list = []  # per iteration: [proxy mean, audit Σx, audit Σx², audit count]
 
     def _audit_name(self, obs):
         return self.audit or next(iter(obs.audit), None)
 
     def statistic(self, obs):
         name = self._audit_name(obs)
-        if name is None:
+        if name is None or not obs.valid.any():
             return None
-        self.proxy_hist = (self.proxy_hist + [float(obs.scores[obs.valid].mean())])[-self.window :]
-        self.audit_hist = (self.audit_hist + [sum(obs.audit[name]) / len(obs.audit[name])])[-self.window :]
-        if len(self.proxy_hist) < self.window:
+        a = torch.tensor(obs.audit[name], dtype=torch.float64)
+        self.batches.append([float(obs.scores[obs.valid].mean()), float(a.sum()), float(a.pow(2).sum()), a.numel()])
+        # keep the baseline and the recent window only
+        self.batches = self.batches[: self.window] + self.batches[self.window :][-self.window :]
+        if len(self.batches) < 2 * self.window:
             return 0.0
-        t = torch.arange(self.window, dtype=torch.float)
-        c_proxy, c_audit = _corr(t, torch.tensor(self.proxy_hist)), _corr(t, torch.tensor(self.audit_hist))
-        return max(0.0, -c_audit) if c_proxy > 0 else 0.0
+        base, recent = _pool(self.batches[: self.window]), _pool(self.batches[-self.window :])
+        if recent["proxy"] <= base["proxy"]:
+            return 0.0
+        drop = base["mean"] - recent["mean"]
+        se = math.sqrt(base["var"] / base["n"] + recent["var"] / recent["n"])
+        sd = math.sqrt((base["var"] + recent["var"]) / 2)
+        if drop < self.min_effect * sd:
+            return 0.0
+        return drop / max(se, 1e-12)
 
     def suspicious(self, obs, n):
         name = self._audit_name(obs)
@@ -214,11 +290,19 @@ class ProxyVsAudit(Detector):
         return torch.argsort(gap, descending=True)[:n].tolist()
 
     def state_dict(self):
-        return {**super().state_dict(), "proxy_hist": self.proxy_hist, "audit_hist": self.audit_hist}
+        return {**super().state_dict(), "batches": self.batches}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.proxy_hist, self.audit_hist = state.get("proxy_hist", []), state.get("audit_hist", [])
+        self.batches = state.get("batches", [])
+
+
+def _pool(batches) -> dict:
+    """Mean proxy, and the audit's mean, sample variance and count, over several iterations' batches."""
+    n = sum(b[3] for b in batches)
+    mean = sum(b[1] for b in batches) / n
+    var = max(sum(b[2] for b in batches) / n - mean**2, 0.0) * n / max(n - 1, 1)
+    return {"proxy": sum(b[0] for b in batches) / len(batches), "mean": mean, "var": var, "n": n}
 
 
 @register("detector", "length_correlation")
@@ -234,6 +318,10 @@ class RewardLengthCorrelation(Detector):
         if int(v.sum()) < 3:
             return None
         return float(_corr(obs.lengths[v].float(), obs.scores[v].float()))
+
+    def null(self, obs):
+        b = int(obs.valid.sum())  # Pearson r of b independent pairs: mean 0, standard deviation ≈ 1/√(b − 1)
+        return (0.0, 1 / math.sqrt(b - 1), 0.0) if b >= 3 else None
 
     def suspicious(self, obs, n):
         return LengthDrift.suspicious(self, obs, n)
@@ -257,6 +345,10 @@ class EOSCollapse(Detector):
             return None
         return float(obs.has_eos.float().mean()) / ref
 
+    def null(self, obs):
+        p = obs.reference.get("eos")
+        return _ratio_null(math.sqrt(p * (1 - p)), p, len(obs.has_eos), obs.reference.get("n")) if p else None
+
     def suspicious(self, obs, n):
         order = torch.argsort(obs.has_eos.float() - 1e-3 * obs.lengths.float())
         return order[:n].tolist()
@@ -265,10 +357,13 @@ class EOSCollapse(Detector):
 @register("detector", "kl_backtracking")
 class KLBacktracking(Detector):
     """Fraction of the last `window` iterations in which the hard-KL guard had to backtrack, restore or shrink;
-    fires above `threshold` (the policy keeps pushing against δ: β or δ needs attention)."""
+    fires above `threshold` (the policy keeps pushing against δ: β or δ needs attention), judged on full windows
+    only. With a guard acting at random in one iteration of ten, 3 of 5 happened in 20 % of 30-iteration runs; 5 of
+    8 in under 1 %."""
 
-    def __init__(self, threshold: float = 0.5, action: str = "log", window: int = 5, **kw):
+    def __init__(self, threshold: float = 0.5, action: str = "log", window: int = 8, **kw):
         kw.setdefault("smoothing", 0.0)
+        kw.setdefault("warmup", window)
         super().__init__(threshold, action, **kw)
         self.window, self.hist = window, []
 

@@ -44,11 +44,8 @@ from .trl112 import from_trl112_arguments
 
 
 class _ForwardMemo:
-    """The last full-batch training forward, valid while the parameters are unchanged (same `version`).
-
-    With one minibatch, the θ_old pass of the rollout *is* epoch 1's training forward, and the forward that
-    measures the KL after an epoch *is* the next epoch's training forward: computed once (with gradients), read
-    twice, instead of a branch in the loop."""
+    """The last full-batch training forward, valid while the parameters are unchanged (same `version`); taken once.
+    When a forward is kept: `PPOTrainer._reusable`."""
 
     def __init__(self):
         self.key, self.value = None, None
@@ -411,9 +408,25 @@ class PPOTrainer(Trainer):
             adv = F.masked_whiten(adv, m, reduce_sum=self._global_sum)  # whole-batch statistics under DDP
         return kl_t, adv, returns
 
-    # -- passes, memoised ----------------------------------------------------------------------------------------
-    def _memo_ok(self) -> bool:
-        return self.args.num_mini_batches == 1 and self.args.disable_dropout
+    # -- passes: one full-batch forward serves two steps where they need the same one --------------------------------
+    def _reusable(self, between_epochs: bool = False) -> bool:
+        """With one minibatch and no dropout, the θ_old pass of the rollout *is* epoch 1's training forward, and the
+        pass that measures the KL after an epoch *is* the next epoch's: each is computed once (with gradients) and
+        kept in the memo until the training step takes it. Between epochs not under DDP: a forward through DDP must
+        be followed by its backward, and the guard may stop before that epoch runs."""
+        one_forward = self.args.num_mini_batches == 1 and self.args.disable_dropout
+        return one_forward and not (between_epochs and self.accelerator.num_processes > 1)
+
+    def _full_forward(self, ro: Rollout, between_epochs: bool = False):
+        """(logits, values) of the whole batch at the current parameters, kept for the next training step when
+        `_reusable`; otherwise in eval mode without gradients (with dropout on in training, θ_old is still the policy
+        itself, not one dropout draw)."""
+        if self._reusable(between_epochs):
+            out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
+            self._memo.put(self.version, out)
+            return out
+        with torch.no_grad():
+            return self.policy(ro.ids, ro.mask, ro.R, ro.h_low, training=False)
 
     def _train_forward(self, ro: Rollout, idx=None):
         """(logits, values) with gradients for the rows `idx` (None = all), from the memo when it holds them."""
@@ -441,14 +454,10 @@ class PPOTrainer(Trainer):
             kl = torch.cat(parts)
         return self._mean_over_processes(float(kl.mean()))
 
-    def _measure_for_next_epoch(self, ro: Rollout, more_epochs: bool) -> float:
-        """KL after an epoch. When the next epoch's training forward is the same computation, run it now (with
-        gradients), measure from it and leave it in the memo for that epoch. Not under DDP: a forward through DDP
-        must be followed by its backward, and the guard may stop before that epoch runs."""
-        if more_epochs and self._memo_ok() and self.accelerator.num_processes == 1:
-            out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
-            self._memo.put(self.version, out)
-            return self._measure(ro, out[0])
+    def _measure_after_epoch(self, ro: Rollout, last_epoch: bool) -> float:
+        """KL after an epoch: from the next epoch's training forward when it can be reused, else measured alone."""
+        if not last_epoch and self._reusable(between_epochs=True):
+            return self._measure(ro, self._full_forward(ro, between_epochs=True)[0])
         return self._measure(ro)
 
     def _token_share(self, mask) -> float:
@@ -489,12 +498,7 @@ class PPOTrainer(Trainer):
         B, m = ro.ids.shape[0], ro.loss_mask
 
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
-        if self._memo_ok():
-            out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
-            self._memo.put(self.version, out)
-        else:  # eval mode: with dropout kept in training, θ_old is still the policy itself, not one dropout draw
-            with torch.no_grad():
-                out = self.policy(ro.ids, ro.mask, ro.R, ro.h_low, training=False)
+        out = self._full_forward(ro)
         old_logp, old_values = selective_log_softmax(out[0].detach(), ro.resp), out[1].detach()
         if self.kl_guard is not None:
             stats["kl/before_update"] = self._measure(ro, out[0])
@@ -525,7 +529,7 @@ class PPOTrainer(Trainer):
                     acc.setdefault(k, []).append(float(val.detach()))
                 del logits, values, logp, loss  # [B, R, V] each: free before the next forward
             if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
-                kl = self._measure_for_next_epoch(ro, more_epochs=epoch < args.num_ppo_epochs - 1)
+                kl = self._measure_after_epoch(ro, last_epoch=epoch == args.num_ppo_epochs - 1)
                 if not self.kl_guard.feasible(kl):
                     self._memo.clear()
                     kl = self.kl_guard.enforce(before, kl, lambda: self._measure(ro), stats, kl_before=kl_before)

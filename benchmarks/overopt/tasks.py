@@ -1,0 +1,112 @@
+"""The tasks a run trains on and the proxy reward models it optimises: `real_task` (SmolLM2 on the shipped sentiment
+data, templated or wide prompts), `quick_task` (a tiny random model on a handful of prompts, for `--quick`),
+`train_rms` (the real proxies, one `recipes/reward_modeling.py` run each), `train_quick_rms` (tiny proxies in the
+same artifact format) and `rm_dir` (where the proxies live)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .variants import DATA, MODEL, RMS, ROOT
+
+
+def rm_dir(args) -> Path:
+    return Path(args.rm_dir) if args.rm_dir else Path(args.workdir) / "rms"
+
+
+def real_task(prompts: str = "templates"):
+    """`templates`: the one-sentence templated prompts. `wide`: those plus the open-ended family (train: 768 + 512
+    shuffled together; held-out: templated and open test prompts alternating); the transfer prompts stay unseen."""
+    from datasets import concatenate_datasets, interleave_datasets
+    from peft import LoraConfig
+
+    from rlhf_ext.data import load_split
+    from rlhf_ext.models import load_model, load_tokenizer
+
+    def split(name):
+        return load_split(str(DATA), name, "prompts")
+
+    train, heldout = split("train"), split("test")
+    if prompts == "wide":
+        train = concatenate_datasets([train, split("train_open")]).shuffle(seed=0)
+        heldout = interleave_datasets([heldout, split("test_open")])
+    tok = load_tokenizer(MODEL)
+    return (load_model(MODEL, "causal"), tok, train, heldout, split("transfer"),
+            lambda: LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+
+
+def quick_task(model_path, prompts: str = "templates"):
+    def task():
+        from datasets import Dataset
+        from peft import LoraConfig
+
+        from rlhf_ext.models import load_model
+        from rlhf_ext.testing import tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        subjects = "movie book song film food place day night".split()
+
+        def ds(n, off):
+            return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the "
+                                                   f"{subjects[(i + off) % 8]} ."}] for i in range(n)]})
+
+        train = ds(32, 0)
+        if prompts == "wide":  # the same wiring as the real task's, on tiny data
+            from datasets import concatenate_datasets
+
+            train = concatenate_datasets([train, Dataset.from_dict(
+                {"prompt": [[{"role": "user", "content": f"what about the {w} ?"}] for w in subjects]})]).shuffle(seed=0)
+        return (load_model(model_path, "causal"), tok, train, ds(8, 3), ds(8, 5),
+                lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    return task
+
+
+def train_quick_rms(workdir: Path, model_path: str):
+    """Tiny reward models in seconds, for --quick: the same artifact format as the real ones."""
+    import random
+
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
+    from rlhf_ext.testing import tiny_tokenizer
+
+    tok, r = tiny_tokenizer(), random.Random(0)
+    pos, neg = "good great nice love happy".split(), "bad awful terrible sad boring".split()
+    rows = [{"prompt": [{"role": "user", "content": "write a short review of the movie ."}],
+             "chosen": [{"role": "assistant", "content": f"the movie was {r.choice(pos)} ."}],
+             "rejected": [{"role": "assistant", "content": f"the movie was {r.choice(neg)} ."}]} for _ in range(64)]
+    for name, extra in (("k1", {}), ("k4_heads", {"ensemble_size": 4}),
+                        ("k4_heads_decor", {"ensemble_size": 4, "length_decorrelation_coef": 0.2}),
+                        ("k4_adapters", {"ensemble_size": 4, "ensemble_mode": "adapters"}),
+                        ("k1_decor", {"length_decorrelation_coef": 0.2}), ("k1_3ep", {})):
+        out = workdir / "rms" / name
+        if (out / "rlhf_ext_reward.json").is_file():
+            continue
+        args = RewardEnsembleConfig(str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
+                                    report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                    normalization_samples=32, **extra)
+        tr = RewardEnsembleTrainer(model_path, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                   peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        tr.train()
+        tr.save_model(str(out))
+
+
+def train_rms(args):
+    workdir = rm_dir(args)
+    names = args.rms.split(",") if args.rms else list(RMS)
+    unknown = [n for n in names if n not in RMS]
+    if unknown:
+        sys.exit(f"unknown reward model(s) {unknown}; choose from {list(RMS)}")
+    for name in names:
+        extra, out = RMS[name], workdir / name
+        if (out / "rlhf_ext_reward.json").is_file():
+            print(f"{name}: exists")
+            continue
+        cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
+               str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *extra]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)

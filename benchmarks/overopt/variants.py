@@ -1,0 +1,91 @@
+"""What the benchmark compares and on what budget: the paths and model it uses, the recipes of the proxy reward
+models (`RMS`), the fixed KL coefficient and shaping settings, every variant (`VARIANTS`: plain PPO, each
+mitigation, the gold oracle and TRL's RLOO/GRPO), the priority order in which runs are scheduled (`SCHEDULE`,
+`schedule`) and the per-run training/evaluation settings (`settings`, full or `--quick`, templated or wide prompts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "smollm2-135m-instruct"
+DATA = ROOT / "data" / "sentiment"
+
+# Proxy reward models: the reward recipe (LoRA q/v on the top 8 layers, frozen-prefix cache) for ONE epoch, as
+# the demo trains it: cheap, and it learns mostly the planted length bias first (held-out reward–length Pearson 0.81
+# against 0.38 after three epochs) — the realistic, exploitable proxy. `k1_3ep` is the recipe's full three epochs,
+# for one comparison run (plain PPO against the better reward model).
+ONE_EPOCH = ["--num_train_epochs", "1"]
+NO_DECOR, DECOR = ["--length_decorrelation_coef", "0.0"], ["--length_decorrelation_coef", "0.2"]
+RMS = {
+    "k1": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "1"],
+    "k4_heads": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
+    "k1_decor": ONE_EPOCH + DECOR + ["--ensemble_size", "1"],
+    "k4_heads_decor": ONE_EPOCH + DECOR + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
+    "k4_adapters": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
+    "k1_3ep": ["--num_train_epochs", "3"] + NO_DECOR + ["--ensemble_size", "1"],
+}
+
+BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the issue's probe)
+LINEAR = {"name": "linear", "alpha": 0.05, "free_tokens": 24}
+DELTAS = (2.0, 5.0, 10.0, 20.0)  # hard-KL sweep, spanning the KL plain PPO reaches
+HEADLINE_DELTA = 5.0
+
+
+def _variants() -> dict:
+    v = {
+        "plain": dict(rm="k1"),
+        "plain_rm3ep": dict(rm="k1_3ep"),
+        "adaptive": dict(rm="k1", kl_controller="adaptive", kl_target=HEADLINE_DELTA,
+                         kl_controller_kwargs={"horizon": 100}),
+        **{f"hard_{d:g}": dict(rm="k1", kl_controller="hard", kl_target=d) for d in DELTAS},
+        **{f"ens_{m}_{a}": dict(rm=f"k4_{m}", aggregation=a, aggregation_kwargs={"lam": 1.0} if a == "uwo" else None)
+           for m in ("heads", "adapters") for a in ("mean", "min", "uwo")},
+        "len_linear": dict(rm="k1", shapers=[LINEAR]),
+        "len_target": dict(rm="k1", shapers=[{"name": "target", "alpha": 0.05, "target_length": 20}]),
+        "len_overlong": dict(rm="k1", shapers=[{"name": "overlong", "max_length": 48, "cache_length": 16}]),
+        "debias": dict(rm="k1", shapers=[{"name": "debias", "momentum": 0.9}]),
+        "decor": dict(rm="k1_decor"),
+        # ablation of `all`: its two shapers alone, on the plain reward model with the fixed β
+        "len_eos": dict(rm="k1", shapers=[LINEAR, {"name": "missing_eos", "penalty": 1.0}]),
+        "all": dict(rm="k4_heads_decor", aggregation="uwo", aggregation_kwargs={"lam": 1.0}, kl_controller="hard",
+                    kl_target=HEADLINE_DELTA, shapers=[LINEAR, {"name": "missing_eos", "penalty": 1.0}]),
+        "oracle": dict(rm=None),  # PPO on the gold itself: the upper bound
+        "trl_rloo": dict(rm="k1", trainer="rloo"),
+        "trl_grpo": dict(rm="k1", trainer="grpo"),
+    }
+    for spec in v.values():
+        spec.setdefault("kl_controller", "fixed")
+        spec.setdefault("trainer", "ppo")
+    return v
+
+
+VARIANTS = _variants()
+# Priority order (first runs first): the headline comparison, then the sweep, then the rest, then extra seeds.
+SCHEDULE = (["plain:0", "all:0", "oracle:0", f"hard_{HEADLINE_DELTA:g}:0", "plain:1", "all:1", "plain:2", "all:2"]
+            + [f"{n}:0" for n in VARIANTS if n not in ("plain", "all", "oracle", f"hard_{HEADLINE_DELTA:g}")]
+            + [f"hard_{HEADLINE_DELTA:g}:1", f"hard_{HEADLINE_DELTA:g}:2"])
+HEADLINE = ("plain", "all", f"hard_{HEADLINE_DELTA:g}")
+
+
+def settings(quick: bool, prompts: str = "templates") -> dict:
+    if quick:
+        st = dict(iterations=3, eval_every=1, transfer_every=3, batch=8, max_tokens=8, heldout=8, transfer=8,
+                  lr=3e-2, lora_layers=1, epochs=2)
+    else:
+        st = dict(iterations=30, eval_every=5, transfer_every=15, batch=8, max_tokens=48, heldout=32, transfer=40,
+                  lr=2e-3, lora_layers=8, epochs=4)
+    if prompts == "wide":
+        # Open-ended questions rarely end within the 48-token training budget, even for the base model; a larger
+        # evaluation budget on the transfer prompts lets their gold measure sentiment rather than truncation.
+        st.update(prompts="wide", transfer_tokens=2 * st["max_tokens"])
+    return st
+
+
+def schedule(args) -> list[str]:
+    if args.runs:
+        return args.runs.split(",")
+    if args.quick:
+        return ["plain:0", "hard_5:0", "ens_heads_uwo:0", "all:0", "oracle:0", "trl_rloo:0"]
+    return SCHEDULE
