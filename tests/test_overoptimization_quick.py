@@ -81,3 +81,24 @@ def test_committed_results_are_strict_json():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json")):
         json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_quick_human_loop_reviews_through_the_server_retrains_and_resumes(tmp_path):
+    """The loop variant end to end: the monitor queues pairs, the simulated reviewer decides them through the review
+    server's API, the proxy is retrained on them, PPO resumes from the round's checkpoint to the full budget."""
+    bench = _bench()
+    out = tmp_path / "loop.json"
+    bench.main(["--quick", "--runs", "plain_loop:0", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["done"] and [p["iteration"] for p in run["points"]] == [0, 1, 2, 3]
+    loop = run["loop"]
+    assert loop["labels"] == 8 and [r["labels"] for r in loop["rounds"]] == [4, 4]
+    assert [r["iteration"] for r in loop["rounds"]] == [1, 2]
+    review = tmp_path / "w" / "runs" / "plain_loop__s0" / "review"
+    decisions = [json.loads(x) for x in (review / "decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) == 8 and all(d["reviewer"].startswith("simulated (error 0.1") for d in decisions)
+    prefs = (review / "preferences.jsonl").read_text().splitlines()
+    assert len(prefs) == 8  # every decision a preference pair (no skips, no "both bad")
+    for r in loop["rounds"]:
+        args = json.loads((review.parent / r["rm"] / "training_args.json").read_text())
+        assert args["extra_preferences"] == [str(review / "preferences.jsonl")]

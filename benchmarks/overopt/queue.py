@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from .loop import LoopRun
 from .runners import Run
 from .tasks import rm_dir
 from .variants import VARIANTS, settings
@@ -88,7 +89,7 @@ def _run_pass(args, keys) -> bool:
         if not claim(workdir, key):
             continue
         try:
-            Run(name, int(seed), args, st).execute()
+            (LoopRun if "loop" in VARIANTS[name] else Run)(name, int(seed), args, st).execute()
             ran = True
         finally:
             release(workdir, key)

@@ -72,9 +72,10 @@ class Run:
         (self._execute_trl if self.spec["trainer"] != "ppo" else self._execute_ppo)()
 
     # -- our PPO
-    def _execute_ppo(self):
+    def _ppo_trainer(self, reward: str | None = None, **config):
+        """The variant's PPOTrainer (reward: a reward-model path instead of the variant's proxy) and what evaluation
+        needs: (trainer, tokenizer, gold, vader, proxy yardstick, held-out rows, transfer rows)."""
         import torch
-        from transformers import TrainerCallback
 
         from rlhf_ext import PPOConfig, PPOTrainer
         from rlhf_ext.reward.artifact import load_reward_model
@@ -89,13 +90,39 @@ class Run:
                         max_completion_length=st["max_tokens"], num_ppo_epochs=st["epochs"], learning_rate=st["lr"],
                         max_steps=st["iterations"], save_strategy="no", use_cpu=not torch.cuda.is_available(),
                         seed=self.seed, logging_steps=10**6, disable_tqdm=True, report_to="none",
-                        lora_top_layers=st["lora_layers"], max_prompt_length=512)
-        rewards = [self._rm_path(spec["rm"])] if spec["rm"] else [gold]
+                        lora_top_layers=st["lora_layers"], max_prompt_length=512, **config)
+        rewards = [reward] if reward else [self._rm_path(spec["rm"])] if spec["rm"] else [gold]
         tr = PPOTrainer(model, reward_funcs=rewards, args=cfg, train_dataset=train, processing_class=tok,
                         peft_config=lora(), audit_funcs=[gold])
         proxy = load_reward_model(self._rm_path("k1"))
         heldout, transfer = prompt_rows(heldout_ds, tok, st["heldout"]), prompt_rows(transfer_ds, tok, st["transfer"])
-        run = self
+        return tr, tok, gold, vader, proxy, heldout, transfer
+
+    def _execute_ppo(self):
+        tr, tok, gold, vader, proxy, heldout, transfer = self._ppo_trainer()
+        tr.add_callback(self._eval_callback(tr, tok, gold, vader, proxy, heldout, transfer))
+        ckpt = self.dir / "checkpoint"
+        if (ckpt / "manifest.json").is_file():
+            self._resume(tr, ckpt)
+        else:
+            self.record["points"], self.record["train"], self.record["train_seconds"] = [], [], 0.0
+            self._point(0, tr.policy, tok, heldout, transfer, proxy, gold, vader)
+            self.save()
+            tr.train()
+        self._finish()
+
+    def _resume(self, tr, ckpt):
+        done_it = json.loads((ckpt / "ppo_state.json").read_text())["iteration"]
+        self.record["points"] = [q for q in self.record["points"] if q["iteration"] <= done_it]
+        self.record["train"] = self.record["train"][:done_it]
+        print(f"[{self.name} s{self.seed}] resuming from iteration {done_it}", flush=True)
+        tr.train(resume_from_checkpoint=str(ckpt))
+
+    def _eval_callback(self, tr, tok, gold, vader, proxy, heldout, transfer):
+        """Logs each iteration into the record; evaluates, checkpoints and saves the record every `eval_every`."""
+        from transformers import TrainerCallback
+
+        st, run = self.st, self
 
         class EvalAndCheckpoint(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
@@ -109,20 +136,7 @@ class Run:
                     tr.save_checkpoint(str(run.dir / "checkpoint"))
                     run.save()
 
-        tr.add_callback(EvalAndCheckpoint())
-        ckpt = self.dir / "checkpoint"
-        if (ckpt / "manifest.json").is_file():
-            done_it = json.loads((ckpt / "ppo_state.json").read_text())["iteration"]
-            self.record["points"] = [q for q in self.record["points"] if q["iteration"] <= done_it]
-            self.record["train"] = self.record["train"][:done_it]
-            print(f"[{self.name} s{self.seed}] resuming from iteration {done_it}", flush=True)
-            tr.train(resume_from_checkpoint=str(ckpt))
-        else:
-            self.record["points"], self.record["train"], self.record["train_seconds"] = [], [], 0.0
-            self._point(0, tr.policy, tok, heldout, transfer, proxy, gold, vader)
-            self.save()
-            tr.train()
-        self._finish()
+        return EvalAndCheckpoint()
 
     def _finish(self):
         """Keep what the monitor and the review queue wrote (alarms into the record; the folders for the report),

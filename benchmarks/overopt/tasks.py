@@ -1,7 +1,8 @@
 """The tasks a run trains on and the proxy reward models it optimises: `real_task` (SmolLM2 on the shipped sentiment
 data, templated or wide prompts), `quick_task` (a tiny random model on a handful of prompts, for `--quick`),
 `train_rms` (the real proxies, one `recipes/reward_modeling.py` run each), `train_quick_rms` (tiny proxies in the
-same artifact format) and `rm_dir` (where the proxies live)."""
+same artifact format), `retrain_rm` (a proxy again, with reviewed pairs added: the human loop) and `rm_dir` (where
+the proxies live)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,14 @@ def quick_task(model_path, prompts: str = "templates"):
     return task
 
 
-def train_quick_rms(workdir: Path, model_path: str):
-    """Tiny reward models in seconds, for --quick: the same artifact format as the real ones."""
+QUICK_RMS = {"k1": {}, "k4_heads": {"ensemble_size": 4},
+             "k4_heads_decor": {"ensemble_size": 4, "length_decorrelation_coef": 0.2},
+             "k4_adapters": {"ensemble_size": 4, "ensemble_mode": "adapters"},
+             "k1_decor": {"length_decorrelation_coef": 0.2}, "k1_3ep": {}}
+
+
+def train_quick_rm(out: Path, model_path: str, extra: dict, extra_preferences: list[str] | None = None):
+    """One tiny reward model in seconds, for --quick: the same artifact format as the real ones."""
     import random
 
     from datasets import Dataset
@@ -79,20 +86,35 @@ def train_quick_rms(workdir: Path, model_path: str):
     rows = [{"prompt": [{"role": "user", "content": "write a short review of the movie ."}],
              "chosen": [{"role": "assistant", "content": f"the movie was {r.choice(pos)} ."}],
              "rejected": [{"role": "assistant", "content": f"the movie was {r.choice(neg)} ."}]} for _ in range(64)]
-    for name, extra in (("k1", {}), ("k4_heads", {"ensemble_size": 4}),
-                        ("k4_heads_decor", {"ensemble_size": 4, "length_decorrelation_coef": 0.2}),
-                        ("k4_adapters", {"ensemble_size": 4, "ensemble_mode": "adapters"}),
-                        ("k1_decor", {"length_decorrelation_coef": 0.2}), ("k1_3ep", {})):
+    args = RewardEnsembleConfig(str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
+                                report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                normalization_samples=32, extra_preferences=extra_preferences, **extra)
+    tr = RewardEnsembleTrainer(model_path, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    tr.train()
+    tr.save_model(str(out))
+
+
+def train_quick_rms(workdir: Path, model_path: str):
+    for name, extra in QUICK_RMS.items():
         out = workdir / "rms" / name
-        if (out / "rlhf_ext_reward.json").is_file():
-            continue
-        args = RewardEnsembleConfig(str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
-                                    report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                                    normalization_samples=32, **extra)
-        tr = RewardEnsembleTrainer(model_path, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                                   peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-        tr.train()
-        tr.save_model(str(out))
+        if not (out / "rlhf_ext_reward.json").is_file():
+            train_quick_rm(out, model_path, extra)
+
+
+def retrain_rm(args, name: str, out: Path, extra_preferences: list[str]) -> Path:
+    """The proxy `name` trained again exactly as before, with the reviewed pairs added (`extra_preferences`)."""
+    if (out / "manifest.json").is_file():
+        return out
+    if args.quick:
+        train_quick_rm(out, args.model_path, QUICK_RMS[name], extra_preferences)
+        return out
+    cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
+           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *RMS[name],
+           "--extra_preferences", *extra_preferences]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
 
 
 def train_rms(args):

@@ -31,6 +31,8 @@ BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the
 LINEAR = {"name": "linear", "alpha": 0.05, "free_tokens": 24}
 DELTAS = (2.0, 5.0, 10.0, 20.0)  # hard-KL sweep, spanning the KL plain PPO reaches
 HEADLINE_DELTA = 5.0
+# the human loop's defaults: 10 % of decisions flipped, 64 labels in all, retrain every 16, the monitor's order
+LOOP = {"error": 0.1, "budget": 64, "per_round": 16, "order": "queue"}
 
 
 def _variants() -> dict:
@@ -52,9 +54,15 @@ def _variants() -> dict:
         "all": dict(rm="k4_heads_decor", aggregation="uwo", aggregation_kwargs={"lam": 1.0}, kl_controller="hard",
                     kl_target=HEADLINE_DELTA, shapers=[LINEAR, {"name": "missing_eos", "penalty": 1.0}]),
         "oracle": dict(rm=None),  # PPO on the gold itself: the upper bound
+        # the human loop (loop.py): a simulated reviewer labels queued pairs by the gold, the proxy is retrained
+        "plain_loop": dict(rm="k1", loop=LOOP),
+        "plain_loop_margin": dict(rm="k1", loop={**LOOP, "order": "proxy_margin"}),
+        **{f"plain_loop_b{b}": dict(rm="k1", loop={**LOOP, "budget": b}) for b in (16, 32, 128)},
+        **{f"plain_loop_e{round(100 * e)}": dict(rm="k1", loop={**LOOP, "error": e}) for e in (0.0, 0.25)},
         "trl_rloo": dict(rm="k1", trainer="rloo"),
         "trl_grpo": dict(rm="k1", trainer="grpo"),
     }
+    v["all_loop"] = {**v["all"], "loop": LOOP}
     for spec in v.values():
         spec.setdefault("kl_controller", "fixed")
         spec.setdefault("trainer", "ppo")
@@ -64,7 +72,8 @@ def _variants() -> dict:
 VARIANTS = _variants()
 # Priority order (first runs first): the headline comparison, then the sweep, then the rest, then extra seeds.
 SCHEDULE = (["plain:0", "all:0", "oracle:0", f"hard_{HEADLINE_DELTA:g}:0", "plain:1", "all:1", "plain:2", "all:2"]
-            + [f"{n}:0" for n in VARIANTS if n not in ("plain", "all", "oracle", f"hard_{HEADLINE_DELTA:g}")]
+            + [f"{n}:0" for n in VARIANTS if n not in ("plain", "all", "oracle", f"hard_{HEADLINE_DELTA:g}")
+               and "loop" not in VARIANTS[n]]  # the loop variants run on request (--runs): each retrains proxies
             + [f"hard_{HEADLINE_DELTA:g}:1", f"hard_{HEADLINE_DELTA:g}:2"])
 HEADLINE = ("plain", "all", f"hard_{HEADLINE_DELTA:g}")
 

@@ -1,0 +1,79 @@
+"""The human-in-the-loop variants: PPO with the monitor queueing pairs, a simulated reviewer labelling them through
+the review server, the proxy retrained with the reviewed pairs, PPO resumed with it.
+
+A round: PPO runs until the review queue holds `per_round` pending pairs (or as many labels as the budget has left);
+the run checkpoints *at that iteration* and stops; the reviewer labels them (`reviewer.py`); the variant's proxy is
+retrained from scratch, as it was trained first, on its data plus every pair reviewed so far (`extra_preferences`);
+PPO resumes from that checkpoint with the new reward model. Resuming at the alarm, not before it, keeps the sample
+budget the same as every other variant's and keeps the policy the reviewer judged: the new reward model is asked to
+pull back the policy it was shown. Rounds stop when the label budget is spent. The record gains `loop`: labels used,
+decisions flipped, and per round the iteration, labels and wall-clock seconds of review + retraining.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .reviewer import SimulatedReviewer
+from .runners import Run
+from .tasks import retrain_rm
+
+# --quick: a detector that fires every iteration, so the wiring (queue → reviewer → retrain → resume) is what runs,
+# whatever a tiny random model does
+QUICK_DETECTORS = [{"name": "length_correlation", "threshold": -1.0, "action": "queue", "z": 0, "warmup": 1}]
+
+
+class LoopRun(Run):
+    def _execute_ppo(self):
+        from transformers import TrainerCallback
+
+        loop, st = self.spec["loop"], self.st
+        if self.args.quick:  # 3 iterations of 8 samples: two rounds of 4 labels
+            loop = {**loop, "per_round": 4, "budget": 8}
+        rec = self.record.setdefault("loop", {"labels": 0, "flipped": 0, "rounds": []})
+        reviewer = SimulatedReviewer(self.dir, loop["error"], self.seed, loop["order"])
+        run = self
+
+        class StopForReview(TrainerCallback):
+            """After the monitor has queued (it runs first): enough pending pairs → checkpoint here and stop."""
+
+            stopped = False
+
+            def on_step_end(self, args, state, control, **kw):
+                left = loop["budget"] - rec["labels"]
+                pending = len(tr.monitor.queue.pending())
+                if left > 0 and pending >= min(loop["per_round"], left) and tr.iteration < st["iterations"]:
+                    tr.save_checkpoint(str(run.dir / "checkpoint"))
+                    run.save()
+                    control.should_training_stop = self.stopped = True
+
+        while True:
+            reward = str(self.dir / rec["rounds"][-1]["rm"]) if rec["rounds"] else None
+            extra = {"monitor_detectors": QUICK_DETECTORS} if self.args.quick else {}
+            tr, tok, gold, vader, proxy, heldout, transfer = self._ppo_trainer(
+                reward, monitor_max_queue=st["batch"], monitor_cooldown=1, **extra)
+            tr.add_callback(self._eval_callback(tr, tok, gold, vader, proxy, heldout, transfer))
+            stop = StopForReview()
+            tr.add_callback(stop)
+            ckpt = self.dir / "checkpoint"
+            if (ckpt / "manifest.json").is_file():
+                self._resume(tr, ckpt)
+            else:
+                self.record["points"], self.record["train"], self.record["train_seconds"] = [], [], 0.0
+                self._point(0, tr.policy, tok, heldout, transfer, proxy, gold, vader)
+                self.save()
+                tr.train()
+            if not stop.stopped:
+                break
+            t0, flipped = time.perf_counter(), reviewer.flipped
+            labels = reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]))
+            name = f"rm_round{len(rec['rounds']) + 1}"
+            retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(tr.monitor.queue.preferences_path)])
+            rec["labels"] += labels
+            rec["flipped"] += reviewer.flipped - flipped
+            rec["rounds"].append({"iteration": tr.iteration, "labels": labels, "rm": name,
+                                  "seconds": time.perf_counter() - t0})
+            print(f"[{self.name} s{self.seed}] round {len(rec['rounds'])} at iteration {tr.iteration}: {labels} "
+                  f"labels ({rec['labels']} of {loop['budget']}), reward model retrained", flush=True)
+            self.save()
+        self._finish()
