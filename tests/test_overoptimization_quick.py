@@ -102,3 +102,37 @@ def test_quick_human_loop_reviews_through_the_server_retrains_and_resumes(tmp_pa
     for r in loop["rounds"]:
         args = json.loads((review.parent / r["rm"] / "training_args.json").read_text())
         assert args["extra_preferences"] == [str(review / "preferences.jsonl")]
+
+
+def test_noisy_gold_pairs_are_relabelled_by_the_gold_with_the_stated_noise(tmp_path):
+    """The noisy-proxy scenario's data, checked against the shipped pairs' own gold scores."""
+    _bench()
+    from overopt.tasks import noisy_gold_data
+
+    out = noisy_gold_data(tmp_path / "ng", pairs=200, noise=0.25, seed=3)
+    train = [json.loads(x) for x in (out / "preferences_train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (out / "preferences_test.jsonl").read_text().splitlines()]
+    assert len(train) == 200 and sum(r["flipped"] for r in train) == 50
+    for r in train + test:  # chosen has the higher gold exactly when the label was not flipped
+        assert (r["gold_chosen"] > r["gold_rejected"]) != r["flipped"]
+    assert not any(r["flipped"] for r in test) and len(test) > 300
+    shipped = {(json.dumps(r["prompt"]), frozenset((json.dumps(r["chosen"]), json.dumps(r["rejected"]))))
+               for r in map(json.loads, (ROOT / "data" / "sentiment" / "preferences_train.jsonl").read_text().splitlines())}
+    assert all((json.dumps(r["prompt"]), frozenset((json.dumps(r["chosen"]), json.dumps(r["rejected"])))) in shipped
+               for r in train)
+    again = noisy_gold_data(tmp_path / "ng2", pairs=200, noise=0.25, seed=3)
+    assert (again / "preferences_train.jsonl").read_text() == (out / "preferences_train.jsonl").read_text()
+
+
+def test_quick_noisy_proxy_scenario_runs_with_its_own_proxy_axis(tmp_path):
+    bench = _bench()
+    out = tmp_path / "noisy.json"
+    bench.main(["--quick", "--runs", "noisy_plain:0,noisy_ens_adapters_min:0", "--workdir", str(tmp_path / "w"),
+                "--out", str(out)])
+    runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"noisy_plain", "noisy_ens_adapters_min"} and all(r["done"] for r in runs.values())
+    assert runs["noisy_ens_adapters_min"]["spec"]["rm"] == "gn_k4_adapters"
+    assert all(r["spec"]["yardstick"] == "gn_k1" for r in runs.values())
+    # the scenario's longer budget applies to full runs only; --quick keeps its 3 iterations
+    assert bench.VARIANTS["noisy_plain"]["settings"]["iterations"] == 60
+    assert [p["iteration"] for p in runs["noisy_plain"]["points"]] == [0, 1, 2, 3]

@@ -79,7 +79,7 @@ def _run_pass(args, keys) -> bool:
         if _done(workdir, key):
             continue
         rm = VARIANTS[name]["rm"]
-        need = [r for r in (rm, "k1") if r]  # k1 is also every run's proxy yardstick at evaluation
+        need = [r for r in (rm, VARIANTS[name].get("yardstick", "k1")) if r]  # also the proxy axis at evaluation
         if not args.quick and not all(rm_ready(rms, r) for r in need):
             rm = next(r for r in need if not rm_ready(rms, r))
             if key not in _WAITING:

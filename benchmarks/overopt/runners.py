@@ -19,8 +19,10 @@ class Run:
     """One (variant, seed): builds the trainer, evaluates every `eval_every` iterations, checkpoints, resumes."""
 
     def __init__(self, name, seed, args, st):
-        self.name, self.seed, self.args, self.st = name, seed, args, st
         self.spec = VARIANTS[name]
+        if not args.quick:  # a variant may ask for more budget (e.g. the noisy-proxy scenario's longer runs)
+            st = {**st, **self.spec.get("settings", {})}
+        self.name, self.seed, self.args, self.st = name, seed, args, st
         self.dir = Path(args.workdir) / "runs" / f"{name}__s{seed}"
         self.record_path = Path(args.workdir) / "runs" / f"{name}__s{seed}.json"
         self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {
@@ -94,7 +96,7 @@ class Run:
         rewards = [reward] if reward else [self._rm_path(spec["rm"])] if spec["rm"] else [gold]
         tr = PPOTrainer(model, reward_funcs=rewards, args=cfg, train_dataset=train, processing_class=tok,
                         peft_config=lora(), audit_funcs=[gold])
-        proxy = load_reward_model(self._rm_path("k1"))
+        proxy = load_reward_model(self._rm_path(self.spec.get("yardstick", "k1")))
         heldout, transfer = prompt_rows(heldout_ds, tok, st["heldout"]), prompt_rows(transfer_ds, tok, st["transfer"])
         return tr, tok, gold, vader, proxy, heldout, transfer
 
@@ -169,7 +171,7 @@ class Run:
         trl_tok = copy.deepcopy(tok)
         if "<|endoftext|>" in trl_tok.get_vocab() and trl_tok.pad_token == trl_tok.eos_token:
             trl_tok.pad_token = "<|endoftext|>"  # TRL finds completion ends by pad/EOS ids: keep them apart
-        proxy = load_reward_model(self._rm_path("k1"))
+        proxy = load_reward_model(self._rm_path(self.spec.get("yardstick", "k1")))
         pipeline = RewardPipeline([load_reward_model(self._rm_path(spec["rm"]))], eos_token_id=tok.eos_token_id)
         Config, Trainer = (RLOOConfig, RLOOTrainer) if spec["trainer"] == "rloo" else (GRPOConfig, GRPOTrainer)
         cfg = Config(str(self.dir), per_device_train_batch_size=st["batch"], num_generations=2,

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .variants import DATA, MODEL, RMS, ROOT
+from .variants import DATA, MODEL, NOISY, NOISY_DATA, RMS, ROOT
 
 
 def rm_dir(args) -> Path:
@@ -65,10 +65,44 @@ def quick_task(model_path, prompts: str = "templates"):
     return task
 
 
+def noisy_gold_data(out: Path, pairs: int, noise: float, seed: int) -> Path:
+    """The shipped preference pairs relabelled by the gold (chosen = the higher gold score: no planted length bias),
+    `pairs` of them drawn at random with a `noise` share of their labels flipped (`flipped` in each row); the test
+    split relabelled without noise, to measure the proxies' gold accuracy. Pairs with equal gold are left out."""
+    import json
+    import random
+
+    from rlhf_ext.integrity import write_text_atomic
+
+    def relabel(row, flip):
+        better = row["gold_chosen"] > row["gold_rejected"]
+        if better == flip:
+            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"], "gold_chosen": row["gold_rejected"],
+                   "gold_rejected": row["gold_chosen"], "len_chosen": row["len_rejected"],
+                   "len_rejected": row["len_chosen"]}
+        return {**row, "flipped": flip}
+
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        rows = [json.loads(x) for x in (DATA / f"preferences_{split}.jsonl").read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if r["gold_chosen"] != r["gold_rejected"]]
+        if split == "train":
+            rows = rng.sample(rows, pairs)
+            flips = set(rng.sample(range(pairs), round(noise * pairs)))
+        else:
+            flips = set()
+        write_text_atomic(out / f"preferences_{split}.jsonl", "".join(
+            json.dumps(relabel(r, i in flips), ensure_ascii=False) + "\n" for i, r in enumerate(rows)))
+    return out
+
+
 QUICK_RMS = {"k1": {}, "k4_heads": {"ensemble_size": 4},
              "k4_heads_decor": {"ensemble_size": 4, "length_decorrelation_coef": 0.2},
              "k4_adapters": {"ensemble_size": 4, "ensemble_mode": "adapters"},
-             "k1_decor": {"length_decorrelation_coef": 0.2}, "k1_3ep": {}}
+             "k1_decor": {"length_decorrelation_coef": 0.2}, "k1_3ep": {},
+             "gn_k1": {}, "gn_k4_heads": {"ensemble_size": 4},
+             "gn_k4_adapters": {"ensemble_size": 4, "ensemble_mode": "adapters"}}
 
 
 def train_quick_rm(out: Path, model_path: str, extra: dict, extra_preferences: list[str] | None = None):
@@ -109,8 +143,9 @@ def retrain_rm(args, name: str, out: Path, extra_preferences: list[str]) -> Path
     if args.quick:
         train_quick_rm(out, args.model_path, QUICK_RMS[name], extra_preferences)
         return out
+    recipe = [str(rm_dir(args) / "noisy_gold_data") if a == NOISY_DATA else a for a in RMS[name]]
     cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
-           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *RMS[name],
+           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *recipe,
            "--extra_preferences", *extra_preferences]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -125,6 +160,9 @@ def train_rms(args):
         sys.exit(f"unknown reward model(s) {unknown}; choose from {list(RMS)}")
     for name in names:
         extra, out = RMS[name], workdir / name
+        if NOISY_DATA in extra:
+            data = noisy_gold_data(workdir / "noisy_gold_data", **NOISY)
+            extra = [str(data) if a == NOISY_DATA else a for a in extra]
         if (out / "rlhf_ext_reward.json").is_file():
             print(f"{name}: exists")
             continue

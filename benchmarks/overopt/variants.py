@@ -26,6 +26,18 @@ RMS = {
     "k4_adapters": ONE_EPOCH + NO_DECOR + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
     "k1_3ep": ["--num_train_epochs", "3"] + NO_DECOR + ["--ensemble_size", "1"],
 }
+# The failure ensembles exist for (Coste et al. 2023): proxies whose errors come from noise and limited data, not from
+# a bias every member shares — the shipped pairs relabelled by the gold, a quarter of the labels flipped, 384 pairs
+# (`tasks.noisy_gold_data`, written beside the proxies; NOISY_DATA stands for its folder), three epochs.
+NOISY = {"pairs": 384, "noise": 0.25, "seed": 0}
+NOISY_DATA = "{noisy_gold_data}"
+_NOISY_RECIPE = ["--num_train_epochs", "3", "--dataset_name", NOISY_DATA] + NO_DECOR
+RMS.update({
+    "gn_k1": _NOISY_RECIPE + ["--ensemble_size", "1"],
+    "gn_k4_heads": _NOISY_RECIPE + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
+    "gn_k4_adapters": _NOISY_RECIPE + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
+})
+NOISY_SETTINGS = {"iterations": 60, "transfer_every": 30}  # long enough for plain PPO to peak and fall
 
 BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the probe)
 LINEAR = {"name": "linear", "alpha": 0.05, "free_tokens": 24}
@@ -63,6 +75,14 @@ def _variants() -> dict:
         "trl_grpo": dict(rm="k1", trainer="grpo"),
     }
     v["all_loop"] = {**v["all"], "loop": LOOP}
+    noisy = dict(settings=NOISY_SETTINGS, yardstick="gn_k1")  # the proxy axis: the run's own kind of proxy
+    v.update({
+        "noisy_plain": dict(rm="gn_k1", **noisy),
+        f"noisy_hard_{HEADLINE_DELTA:g}": dict(rm="gn_k1", kl_controller="hard", kl_target=HEADLINE_DELTA, **noisy),
+        **{f"noisy_ens_{m}_{a}": dict(rm=f"gn_k4_{m}", aggregation=a, **noisy,
+                                      aggregation_kwargs={"lam": 1.0} if a == "uwo" else None)
+           for m in ("heads", "adapters") for a in ("mean", "min", "uwo")},
+    })
     for spec in v.values():
         spec.setdefault("kl_controller", "fixed")
         spec.setdefault("trainer", "ppo")
@@ -73,7 +93,7 @@ VARIANTS = _variants()
 # Priority order (first runs first): the headline comparison, then the sweep, then the rest, then extra seeds.
 SCHEDULE = (["plain:0", "all:0", "oracle:0", f"hard_{HEADLINE_DELTA:g}:0", "plain:1", "all:1", "plain:2", "all:2"]
             + [f"{n}:0" for n in VARIANTS if n not in ("plain", "all", "oracle", f"hard_{HEADLINE_DELTA:g}")
-               and "loop" not in VARIANTS[n]]  # the loop variants run on request (--runs): each retrains proxies
+               and "loop" not in VARIANTS[n] and "settings" not in VARIANTS[n]]  # on request (--runs)
             + [f"hard_{HEADLINE_DELTA:g}:1", f"hard_{HEADLINE_DELTA:g}:2"])
 HEADLINE = ("plain", "all", f"hard_{HEADLINE_DELTA:g}")
 
