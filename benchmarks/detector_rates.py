@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 ITERATIONS, REF_N = 30, 64
 REGIMES = {  # name: (EOS rate, ended-answer length mean, its sd, cap)
     "benchmark": (0.81, 24.0, 9.0, 48),
@@ -167,25 +168,16 @@ def print_null(now: dict, other: dict | None):
 # --------------------------------------------------------------------------------------------- replay (delays)
 def replay(run: dict, ref: dict, heldout: int) -> dict:
     """First firing of each replayable detector on one logged run; the audit's spread from held-out points."""
-    import torch
+    from monitor_replay import logged_observation
 
-    from rlhf_ext.plugins.detectors import Observation
     from rlhf_ext.registry import build
 
-    b = run["settings"]["batch"]
     dets = {n: build("detector", n) for n in ("length_drift", "eos_collapse", "proxy_vs_audit")}
     first = {n: None for n in dets}
     points = sorted(run["points"], key=lambda p: p["iteration"])
     for it, row in enumerate(run["train"], start=1):
         sd = [p for p in points if p["iteration"] < it][-1]["gold_se"] * math.sqrt(heldout)
-        a = sd * math.sqrt((b - 1) / b)  # ±a around the mean: sample standard deviation sd
-        m = row["audit/gold"]
-        k = round(row["response/eos_rate"] * b)
-        obs = Observation(iteration=it, lengths=torch.full((b,), row["response/length_mean"]),
-                          has_eos=torch.arange(b) < k, texts=[""] * b, ids=[[0]] * b,
-                          scores=torch.full((b,), row["objective/scores"]), norm=torch.zeros(b, 1),
-                          valid=torch.ones(b, dtype=torch.bool),
-                          audit={"gold": [m + a * (-1) ** i for i in range(b)]}, metrics={}, reference=ref)
+        obs = logged_observation(row, it, run["settings"]["batch"], ref, audit_sd=sd)
         for n, d in dets.items():
             if d.update(obs)[1] and first[n] is None:
                 first[n] = it
@@ -195,7 +187,6 @@ def replay(run: dict, ref: dict, heldout: int) -> dict:
 
 
 def delays(results: Path, variants: list[str]) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from monitor_replay import reference
 
     data = json.loads(results.read_text())

@@ -43,19 +43,31 @@ def reference(prompts: str, seed: int, n: int) -> dict:
     return tr.monitor.reference
 
 
-def replay(record: dict, ref: dict, **detector_kw) -> dict:
+def logged_observation(row: dict, iteration: int, batch: int, reference: dict, audit_sd: float = 0.0):
+    """One iteration as the detectors saw it, rebuilt from the benchmark's logged means: `batch` samples whose mean
+    length, EOS rate, proxy score and gold audit are the logged ones (the audit spread ±audit_sd, as a sample standard
+    deviation). The batch size matters: the detectors judge a mean against its noise."""
     import torch
 
     from rlhf_ext.plugins.detectors import Observation
+
+    a = audit_sd * ((batch - 1) / batch) ** 0.5
+    k = round(row["response/eos_rate"] * batch)
+    return Observation(iteration=iteration, lengths=torch.full((batch,), row["response/length_mean"]),
+                       has_eos=torch.arange(batch) < k, texts=[""] * batch, ids=[[0]] * batch,
+                       scores=torch.full((batch,), row["objective/scores"]), norm=torch.zeros(batch, 1),
+                       valid=torch.ones(batch, dtype=torch.bool),
+                       audit={"gold": [row["audit/gold"] + a * (-1) ** i for i in range(batch)]}, metrics={},
+                       reference=reference)
+
+
+def replay(record: dict, ref: dict, **detector_kw) -> dict:
     from rlhf_ext.registry import build
 
     dets = {name: build("detector", name, **detector_kw) for name in ("length_drift", "eos_collapse")}
     fired = {name: [] for name in dets}
     for it, row in enumerate(record["train"], start=1):
-        obs = Observation(iteration=it, lengths=torch.tensor([row["response/length_mean"]]),
-                          has_eos=torch.tensor([row["response/eos_rate"]]), texts=["x"], ids=[[1]],
-                          scores=torch.zeros(1), norm=torch.zeros(1, 1), valid=torch.ones(1, dtype=torch.bool),
-                          audit={}, metrics={}, reference=ref)
+        obs = logged_observation(row, it, record["settings"]["batch"], ref)
         for name, d in dets.items():
             if d.update(obs)[1]:
                 fired[name].append(it)
