@@ -14,7 +14,7 @@ EOS rate in a third of batches. So each detector that knows its statistic's samp
 smoothed statistic to sit `z` standard errors beyond its no-hacking value, counting the noise of this run's smoothed
 batches (exact for an exponential moving average of independent batches) and of the reference's own measurement.
 False-alarm rates on simulated runs without hacking, and detection delays on the benchmark's hacking runs, are
-measured by `benchmarks/detector_rates.py` (README, "Monitor: false alarms and delays").
+measured by `benchmarks/detector_rates.py` (README, "False alarms and detection delays").
 """
 
 from __future__ import annotations
@@ -201,6 +201,7 @@ class EnsembleDisagreement(Detector):
     def __init__(self, threshold: float = 1.5, action: str = "log", baseline_iterations: int = 3, **kw):
         super().__init__(threshold, action, **kw)
         self.baseline_iterations, self.baseline, self.base_sum, self.base_n = baseline_iterations, None, 0.0, 0
+        self._sd = None  # spread of the per-sample stds in the last batch: the noise of their mean
 
     def _std(self, obs):
         if obs.norm.shape[1] < 2 or not obs.valid.any():
@@ -219,7 +220,7 @@ class EnsembleDisagreement(Detector):
         return x / max(self.baseline, 1e-6)
 
     def null(self, obs):
-        sd = getattr(self, "_sd", None)
+        sd = self._sd
         if sd is None or self.base_n < self.baseline_iterations:
             return None
         b = max(self.baseline, 1e-6)
@@ -249,8 +250,8 @@ class ProxyVsAudit(Detector):
     from the per-sample audit scores, when the proxy's mean rose over the same span (else 0). Fires above `threshold`
     (3.0 standard errors) once the drop is also at least `min_effect` of the audit's per-sample standard deviation
     (a large batch makes tiny drops "significant"). A correlation of a few batch means, blind to effect size, alarmed
-    in 71 % of simulated 30-iteration runs without hacking. Suspicious samples: high proxy, low audit. Needs
-    `audit_funcs`."""
+    in 82–93 % of simulated 30-iteration runs without hacking (benchmarks/detector_rates.py). Suspicious samples: high
+    proxy, low audit. Needs `audit_funcs`."""
 
     def __init__(self, threshold: float = 3.0, action: str = "queue", window: int = 4, audit: str | None = None,
                  min_effect: float = 0.2, **kw):
