@@ -55,14 +55,7 @@ class LoopRun(Run):
             tr.add_callback(self._eval_callback(tr, tok, gold, vader, proxy, heldout, transfer))
             stop = StopForReview()
             tr.add_callback(stop)
-            ckpt = self.dir / "checkpoint"
-            if (ckpt / "manifest.json").is_file():
-                self._resume(tr, ckpt)
-            else:
-                self.record["points"], self.record["train"], self.record["train_seconds"] = [], [], 0.0
-                self._point(0, tr.policy, tok, heldout, transfer, proxy, gold, vader)
-                self.save()
-                tr.train()
+            self._train(tr, tok, gold, vader, proxy, heldout, transfer)
             if not stop.stopped:
                 break
             t0, flipped = time.perf_counter(), reviewer.flipped

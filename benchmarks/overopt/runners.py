@@ -103,22 +103,23 @@ class Run:
     def _execute_ppo(self):
         tr, tok, gold, vader, proxy, heldout, transfer = self._ppo_trainer()
         tr.add_callback(self._eval_callback(tr, tok, gold, vader, proxy, heldout, transfer))
+        self._train(tr, tok, gold, vader, proxy, heldout, transfer)
+        self._finish()
+
+    def _train(self, tr, tok, gold, vader, proxy, heldout, transfer):
+        """Train from the run's checkpoint when there is one (the record cut back to it), else from iteration 0."""
         ckpt = self.dir / "checkpoint"
         if (ckpt / "manifest.json").is_file():
-            self._resume(tr, ckpt)
+            done_it = json.loads((ckpt / "ppo_state.json").read_text())["iteration"]
+            self.record["points"] = [q for q in self.record["points"] if q["iteration"] <= done_it]
+            self.record["train"] = self.record["train"][:done_it]
+            print(f"[{self.name} s{self.seed}] resuming from iteration {done_it}", flush=True)
+            tr.train(resume_from_checkpoint=str(ckpt))
         else:
             self.record["points"], self.record["train"], self.record["train_seconds"] = [], [], 0.0
             self._point(0, tr.policy, tok, heldout, transfer, proxy, gold, vader)
             self.save()
             tr.train()
-        self._finish()
-
-    def _resume(self, tr, ckpt):
-        done_it = json.loads((ckpt / "ppo_state.json").read_text())["iteration"]
-        self.record["points"] = [q for q in self.record["points"] if q["iteration"] <= done_it]
-        self.record["train"] = self.record["train"][:done_it]
-        print(f"[{self.name} s{self.seed}] resuming from iteration {done_it}", flush=True)
-        tr.train(resume_from_checkpoint=str(ckpt))
 
     def _eval_callback(self, tr, tok, gold, vader, proxy, heldout, transfer):
         """Logs each iteration into the record; evaluates, checkpoints and saves the record every `eval_every`."""
