@@ -31,7 +31,7 @@ class SimulatedReviewer:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
         self.output_dir, self.error, self.order, self.audit = Path(output_dir), error, order, audit
         self.rng = random.Random(seed)
-        self.labels = self.flipped = 0
+        self.flipped = 0  # decisions flipped so far (the loop's record keeps the labels)
 
     def _ranked(self, pending: list[dict]) -> list[dict]:
         if self.order == "queue":
@@ -66,5 +66,4 @@ class SimulatedReviewer:
         finally:
             server.shutdown()
             server.server_close()
-        self.labels += done
         return done

@@ -136,19 +136,27 @@ def train_quick_rms(workdir: Path, model_path: str):
             train_quick_rm(out, model_path, extra)
 
 
+def _run_recipe(rms: Path, name: str, out: Path, *more: str):
+    """`recipes/reward_modeling.py` with the proxy `name`'s settings (its noisy-gold data written first if it uses
+    it), into `out`; `more`: extra command-line arguments."""
+    recipe = RMS[name]
+    if NOISY_DATA in recipe:
+        data = noisy_gold_data(rms / "noisy_gold_data", **NOISY)
+        recipe = [str(data) if a == NOISY_DATA else a for a in recipe]
+    cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
+           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *recipe, *more]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
 def retrain_rm(args, name: str, out: Path, extra_preferences: list[str]) -> Path:
     """The proxy `name` trained again exactly as before, with the reviewed pairs added (`extra_preferences`)."""
     if (out / "manifest.json").is_file():
         return out
     if args.quick:
         train_quick_rm(out, args.model_path, QUICK_RMS[name], extra_preferences)
-        return out
-    recipe = [str(rm_dir(args) / "noisy_gold_data") if a == NOISY_DATA else a for a in RMS[name]]
-    cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
-           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *recipe,
-           "--extra_preferences", *extra_preferences]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    else:
+        _run_recipe(rm_dir(args), name, out, "--extra_preferences", *extra_preferences)
     return out
 
 
@@ -159,14 +167,7 @@ def train_rms(args):
     if unknown:
         sys.exit(f"unknown reward model(s) {unknown}; choose from {list(RMS)}")
     for name in names:
-        extra, out = RMS[name], workdir / name
-        if NOISY_DATA in extra:
-            data = noisy_gold_data(workdir / "noisy_gold_data", **NOISY)
-            extra = [str(data) if a == NOISY_DATA else a for a in extra]
-        if (out / "rlhf_ext_reward.json").is_file():
+        if (workdir / name / "rlhf_ext_reward.json").is_file():
             print(f"{name}: exists")
             continue
-        cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
-               str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *extra]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        _run_recipe(workdir, name, workdir / name)
