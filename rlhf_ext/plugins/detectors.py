@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..registry import register
+from ..rl_math import pearson
 from .shaping import repeated_ngram_fraction
 
 ACTIONS = ("log", "queue", "halt")
@@ -318,7 +319,7 @@ class RewardLengthCorrelation(Detector):
         v = obs.valid
         if int(v.sum()) < 3:
             return None
-        return float(_corr(obs.lengths[v].float(), obs.scores[v].float()))
+        return float(pearson(obs.lengths[v].float(), obs.scores[v].float()))
 
     def null(self, obs):
         b = int(obs.valid.sum())  # Pearson r of b independent pairs: mean 0, standard deviation ≈ 1/√(b − 1)
@@ -382,12 +383,6 @@ class KLBacktracking(Detector):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.hist = state.get("hist", [])
-
-
-def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
-    d = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())
-    return float((x * y).sum()) / d if d > 0 else 0.0
 
 
 DEFAULT_DETECTORS = ["length_drift", "repetition", "disagreement", "proxy_vs_audit", "length_correlation",
