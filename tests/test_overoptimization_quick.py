@@ -99,9 +99,11 @@ def test_quick_human_loop_reviews_through_the_server_retrains_and_resumes(tmp_pa
     assert len(decisions) == 8 and all(d["reviewer"].startswith("simulated (error 0.1") for d in decisions)
     prefs = (review / "preferences.jsonl").read_text().splitlines()
     assert len(prefs) == 8  # every decision a preference pair (no skips, no "both bad")
-    for r in loop["rounds"]:
+    starts = [str(tmp_path / "w" / "rms" / "k1"), str(review.parent / "rm_round1")]  # each round fine-tunes the last
+    for r, start in zip(loop["rounds"], starts):
         args = json.loads((review.parent / r["rm"] / "training_args.json").read_text())
         assert args["extra_preferences"] == [str(review / "preferences.jsonl")]
+        assert args["init_reward_model"] == start and args["extra_preferences_weight"] == 16
 
 
 def test_noisy_gold_pairs_are_relabelled_by_the_gold_with_the_stated_noise(tmp_path):

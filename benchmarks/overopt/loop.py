@@ -2,9 +2,10 @@
 the review server, the proxy retrained with the reviewed pairs, PPO resumed with it.
 
 A round: PPO runs until the review queue holds `per_round` pending pairs (or as many labels as the budget has left);
-the run checkpoints *at that iteration* and stops; the reviewer labels them (`reviewer.py`); the variant's proxy is
-retrained from scratch, as it was trained first, on its data plus every pair reviewed so far (`extra_preferences`);
-PPO resumes from that checkpoint with the new reward model. Resuming at the alarm, not before it, keeps the sample
+the run checkpoints *at that iteration* and stops; the reviewer labels them (`reviewer.py`); the reward model the run
+used is fine-tuned on the variant's proxy data plus every pair reviewed so far, weighted (`tasks.FINETUNE`; with
+`retrain: scratch` the proxy is trained again from scratch as it was first, the pairs added once); PPO resumes from
+that checkpoint with the new reward model. Resuming at the alarm, not before it, keeps the sample
 budget the same as every other variant's and keeps the policy the reviewer judged: the new reward model is asked to
 pull back the policy it was shown. Rounds stop when the label budget is spent. The record gains `loop`: labels used,
 decisions flipped, and per round the iteration, labels and wall-clock seconds of review + retraining.
@@ -16,7 +17,7 @@ import time
 
 from .reviewer import SimulatedReviewer
 from .runners import Run
-from .tasks import retrain_rm
+from .tasks import retrain_rm, rm_dir
 
 # --quick: a detector that fires every iteration, so the wiring (queue → reviewer → retrain → resume) is what runs,
 # whatever a tiny random model does
@@ -61,7 +62,10 @@ class LoopRun(Run):
             t0, flipped = time.perf_counter(), reviewer.flipped
             labels = reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]))
             name = f"rm_round{len(rec['rounds']) + 1}"
-            retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(tr.monitor.queue.preferences_path)])
+            init = None
+            if loop.get("retrain", "scratch") == "finetune":  # from the reward model this run used until now
+                init = self.dir / rec["rounds"][-1]["rm"] if rec["rounds"] else rm_dir(self.args) / self.spec["rm"]
+            retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(tr.monitor.queue.preferences_path)], init)
             rec["labels"] += labels
             rec["flipped"] += reviewer.flipped - flipped
             rec["rounds"].append({"iteration": tr.iteration, "labels": labels, "rm": name,

@@ -120,9 +120,10 @@ def train_quick_rm(out: Path, model_path: str, extra: dict, extra_preferences: l
     rows = [{"prompt": [{"role": "user", "content": "write a short review of the movie ."}],
              "chosen": [{"role": "assistant", "content": f"the movie was {r.choice(pos)} ."}],
              "rejected": [{"role": "assistant", "content": f"the movie was {r.choice(neg)} ."}]} for _ in range(64)]
-    args = RewardEnsembleConfig(str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-3,
-                                report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                                normalization_samples=32, extra_preferences=extra_preferences, **extra)
+    extra = {"max_steps": 8, "normalization_samples": 32, **extra}
+    args = RewardEnsembleConfig(str(out), per_device_train_batch_size=8, learning_rate=5e-3, report_to="none",
+                                save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                extra_preferences=extra_preferences, **extra)
     tr = RewardEnsembleTrainer(model_path, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     tr.train()
@@ -149,14 +150,25 @@ def _run_recipe(rms: Path, name: str, out: Path, *more: str):
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def retrain_rm(args, name: str, out: Path, extra_preferences: list[str]) -> Path:
-    """The proxy `name` trained again exactly as before, with the reviewed pairs added (`extra_preferences`)."""
+# The loop's fine-tune: the proxy's own recipe, started from the reward model the run used, for 32 steps of 16 pairs
+# (a third of the 1536 original pairs' epoch) with every reviewed pair counted 16 times — 64 reviewed pairs then
+# make 40 % of what it sees. Checked offline on the first loop run's 64 reviewed pairs: on 32 queued pairs nobody
+# reviewed, the proxy sided with the gold in 0.31 of them before and 0.94 after (0.34 after a from-scratch retrain);
+# held-out gold accuracy 0.572 → 0.540.
+FINETUNE = {"extra_preferences_weight": 16, "max_steps": 32, "normalization_samples": 256}
+
+
+def retrain_rm(args, name: str, out: Path, extra_preferences: list[str], init: Path | None = None) -> Path:
+    """The proxy `name` again with the reviewed pairs (`extra_preferences`): fine-tuned from `init` (the reward
+    model the run used; `FINETUNE`), or, with `init` None, trained from scratch exactly as before."""
     if (out / "manifest.json").is_file():
         return out
+    more = dict(FINETUNE, init_reward_model=str(init)) if init is not None else {}
     if args.quick:
-        train_quick_rm(out, args.model_path, QUICK_RMS[name], extra_preferences)
+        train_quick_rm(out, args.model_path, {**QUICK_RMS[name], **more}, extra_preferences)
     else:
-        _run_recipe(rm_dir(args), name, out, "--extra_preferences", *extra_preferences)
+        flags = [x for k, v in more.items() for x in (f"--{k}", str(v))]
+        _run_recipe(rm_dir(args), name, out, "--extra_preferences", *extra_preferences, *flags)
     return out
 
 

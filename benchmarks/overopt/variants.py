@@ -43,8 +43,11 @@ BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the
 LINEAR = {"name": "linear", "alpha": 0.05, "free_tokens": 24}
 DELTAS = (2.0, 5.0, 10.0, 20.0)  # hard-KL sweep, spanning the KL plain PPO reaches
 HEADLINE_DELTA = 5.0
-# the human loop's defaults: 10 % of decisions flipped, 64 labels in all, retrain every 16, the monitor's order
-LOOP = {"error": 0.1, "budget": 64, "per_round": 16, "order": "queue"}
+# the human loop's defaults: 10 % of decisions flipped, 64 labels in all, retrain every 16, the monitor's order, the
+# proxy fine-tuned on its data plus the reviewed pairs (each 16 times) for a third of an epoch (`tasks.FINETUNE`);
+# "scratch" trains it again as it was first trained, the reviewed pairs added once (16 among 1536 pairs: they
+# barely move it — the first measured loop run)
+LOOP = {"error": 0.1, "budget": 64, "per_round": 16, "order": "queue", "retrain": "finetune"}
 
 
 def _variants() -> dict:
@@ -69,6 +72,7 @@ def _variants() -> dict:
         # the human loop (loop.py): a simulated reviewer labels queued pairs by the gold, the proxy is retrained
         "plain_loop": dict(rm="k1", loop=LOOP),
         "plain_loop_margin": dict(rm="k1", loop={**LOOP, "order": "proxy_margin"}),
+        "plain_loop_scratch": dict(rm="k1", loop={**LOOP, "retrain": "scratch"}),
         **{f"plain_loop_b{b}": dict(rm="k1", loop={**LOOP, "budget": b}) for b in (16, 32, 128)},
         **{f"plain_loop_e{round(100 * e)}": dict(rm="k1", loop={**LOOP, "error": e}) for e in (0.0, 0.25)},
         "trl_rloo": dict(rm="k1", trainer="rloo"),

@@ -27,6 +27,11 @@ class RewardEnsembleConfig(RewardConfig):
             lower layers' output per text, so epochs after the first run the top layers only.
         extra_preferences (`list[str]`, *optional*): more preference files (JSONL, TRL's format) added to the
             training set by the trainer, e.g. OUTPUT_DIR/review/preferences.jsonl; a missing or empty file is an error.
+        extra_preferences_weight (`int`, defaults to `1`): each extra pair enters the training set this many times.
+            A few dozen reviewed pairs among thousands of original ones barely move a reward model otherwise.
+        init_reward_model (`str`, *optional*): a saved rlhf_ext reward model (same base, members and LoRA settings)
+            whose adapters and heads training starts from — e.g. the reward model a PPO run used, fine-tuned on the
+            pairs reviewed during that run instead of trained again from scratch.
         normalization_samples (`int`, defaults to `512`): pairs scored at the end of training to record each
             member's mean/std (BT rewards are shift-invariant; the PPO ensemble normalises with these).
 
@@ -65,6 +70,17 @@ class RewardEnsembleConfig(RewardConfig):
                   "pairs people picked on the review page: OUTPUT_DIR/review/preferences.jsonl. A missing or empty "
                   "file is an error."},
     )
+    extra_preferences_weight: int = field(
+        default=1,
+        metadata={"help": "How many times each extra preference pair enters the training set (≥ 1): a few dozen "
+                  "reviewed pairs among thousands barely move a reward model at weight 1."},
+    )
+    init_reward_model: str | None = field(
+        default=None,
+        metadata={"help": "A saved rlhf_ext reward model (folder) to start training from: its adapters and heads are "
+                  "loaded first (same base, ensemble_size, ensemble_mode and LoRA settings). Use it to fine-tune the "
+                  "reward model a PPO run used on the pairs reviewed during the run."},
+    )
     normalization_samples: int = field(
         default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}
     )
@@ -98,6 +114,8 @@ class RewardEnsembleConfig(RewardConfig):
 
         if self.pooling not in POOLING:
             raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token) or 'mean'.")
+        if not isinstance(self.extra_preferences_weight, int) or self.extra_preferences_weight < 1:
+            raise ValueError(f"extra_preferences_weight must be an integer ≥ 1, got {self.extra_preferences_weight!r}.")
         if self.length_decorrelation_coef < 0:
             raise ValueError(f"length_decorrelation_coef must be ≥ 0, got {self.length_decorrelation_coef}.")
         super().__post_init__()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import copy
 import hashlib
+import json
 import logging
 import math
 import os
@@ -138,10 +139,10 @@ def _validate_streaming(dataset: IterableDataset, name: str) -> IterableDataset:
     return dataset.map(check, with_indices=True).filter(not_a_tie, with_indices=True)
 
 
-def _add_extra_preferences(train_dataset, files):
-    """`RewardEnsembleConfig.extra_preferences` applied to the training set (a missing or empty file is an error
-    naming it). A training set that already ends with exactly those rows (a script that called
-    `rlhf_ext.data.with_extra_preferences` itself, as the recipe once did) is used as it is, with a warning."""
+def _add_extra_preferences(train_dataset, files, weight: int = 1):
+    """`RewardEnsembleConfig.extra_preferences` applied to the training set, each extra row `weight` times (a missing
+    or empty file is an error naming it). A training set that already ends with exactly those rows (a script that
+    called `rlhf_ext.data.with_extra_preferences` itself, as the recipe once did) is used as it is, with a warning."""
     from ..data import with_extra_preferences
 
     if isinstance(train_dataset, IterableDataset):
@@ -160,6 +161,11 @@ def _add_extra_preferences(train_dataset, files):
             warnings.warn(f"extra_preferences: train_dataset already ends with the {n} pair(s) of {list(files)} (added "
                           f"by rlhf_ext.data.with_extra_preferences); they are not added a second time.", stacklevel=3)
             return train_dataset
+    if weight > 1:
+        from datasets import concatenate_datasets
+
+        extra = combined.select(range(len(train_dataset), len(combined)))
+        combined = concatenate_datasets([combined] + [extra] * (weight - 1))
     return combined
 
 
@@ -372,7 +378,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise ValueError("`train_dataset` is required (TRL preference format: chosen/rejected[/prompt]).")
         ensure_writable_dir(args.output_dir)  # before any training depends on it
         if args.extra_preferences:
-            train_dataset = _add_extra_preferences(train_dataset, args.extra_preferences)
+            train_dataset = _add_extra_preferences(train_dataset, args.extra_preferences, args.extra_preferences_weight)
         train_dataset = validate_preference_dataset(train_dataset)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: validate_preference_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
@@ -775,8 +781,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         ens.std.copy_(torch.tensor(self.normalization["std"]))
         return self.normalization
 
-    def train(self, *args, **kwargs):
-        out = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
+            self._init_from(self.args.init_reward_model)
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
         self.compute_normalization()
         return out
 
@@ -828,6 +836,21 @@ class RewardEnsembleTrainer(RewardTrainer):
             return push_folder(Path(tmp) / "artifact", repo_id, private=self.args.hub_private_repo,
                                token=token or self.args.hub_token, revision=revision,
                                commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
+
+    def _init_from(self, path) -> None:
+        """`init_reward_model`: start from a saved reward model's adapters and heads, refused (naming the
+        difference) unless its base, members and LoRA settings are this trainer's."""
+        from .artifact import read_spec
+
+        spec, mine = read_spec(Path(path)), json.loads(json.dumps(self.artifact_spec(), default=str))
+        for key in ("mode", "members", "adapters", "lora_config", "base_fingerprint"):
+            if spec.get(key) != mine.get(key):
+                raise ValueError(
+                    f"init_reward_model: {path} has {key} = {spec.get(key)!r}, this trainer {mine.get(key)!r}. Start "
+                    f"from a reward model trained with the same base model, ensemble_size/ensemble_mode and LoRA "
+                    f"settings, or leave init_reward_model unset to train from scratch.")
+        self._load_from_checkpoint(str(path))
+        self.normalization = None  # recomputed after training, on the new weights
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Trainer's resume, for our artifact-shaped checkpoints (adapters + heads, verified by the manifest)."""
