@@ -70,6 +70,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 3 iterations: a smoke test")
     ap.add_argument("--partial", action="store_true", help="report unfinished runs too")
+    ap.add_argument("--compare", action="append", metavar="RESULTS.json:VARIANT[,VARIANT…]",
+                    help="`report`: add those variants' runs from an earlier report (e.g. the benchmark's plain and "
+                         "all beside the human-loop runs)")
     ap.add_argument("--wait", action="store_true", help="keep polling until every scheduled run is done (runs wait "
                                                          "for their reward models to be trained)")
     args = ap.parse_args(argv)

@@ -1,5 +1,6 @@
 """The main job, offline on the embedded default: reward ensemble → PPO (hard KL + length penalty + uwo) →
-held-out report (gold VADER sentiment before/after, KL vs δ, lengths) and a plot.
+report before/after on held-out prompts and on transfer prompts never trained on (gold, per-sentence sentiment, raw
+VADER, length, EOS rate, distinct-2, repetition, KL vs δ) and a plot.
 
 The defaults are the reward-hacking benchmark's recommended configuration (`all` in
 benchmarks/overoptimization.py): K=4 reward heads trained with length de-correlation 0.2, uwo aggregation,
@@ -57,7 +58,7 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
     import torch
 
     from .data import load_split
-    from .sentiment import gold_judge, vader_judge
+    from .sentiment import distinct_n, gold_judge, repetition_judge, sentiment_judge, vader_judge
 
     from .ppo.config import PPOConfig
     from .ppo.trainer import PPOTrainer
@@ -76,15 +77,23 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
         peft_config=lora(),
         audit_funcs=[vader],
     )
-    gold = gold_judge(trainer.tokenizer.eos_token_id)
-    judges = {"gold": gold, "vader": vader}
-    test = load_split(str(data), "test", "prompts")
-    test = test.select(range(min(len(test), args.eval_prompts)))
-    torch.manual_seed(args.seed)
-    before = trainer.evaluate_policy(test, judges, adapters=False, batch_size=16)
+    judges = {"gold": gold_judge(trainer.tokenizer.eos_token_id), "sentiment": sentiment_judge(), "vader": vader,
+              "rep4": repetition_judge(4)}
+    # held-out prompts of the training family, and the transfer prompts (other topics and phrasings, never trained on)
+    splits = {"heldout": load_split(str(data), "test", "prompts"), "transfer": load_split(str(data), "transfer", "prompts")}
+    splits = {k: v.select(range(min(len(v), args.eval_prompts))) for k, v in splits.items()}
+
+    def measure(adapters):
+        res = {}
+        for name, ds in splits.items():
+            torch.manual_seed(args.seed)  # the same draws before and after
+            r = trainer.evaluate_policy(ds, judges, adapters=adapters, batch_size=16)
+            res[name] = {**r, "distinct2_mean": distinct_n(r["samples"]["texts"], 2)}
+        return res
+
+    before = measure(adapters=False)
     history = trainer.train()
-    torch.manual_seed(args.seed)
-    after = trainer.evaluate_policy(test, judges, batch_size=16)
+    after = measure(adapters=True)
     trainer.save_model(str(out / "policy"))
     return trainer, history, before, after
 
@@ -109,6 +118,7 @@ def plot(history, before, after, kl_target, path: Path):
     ax[1].set_title("KL(π‖π_ref), nats / sequence")
     ax[1].legend()
     labels = ["gold", "length / 48", "KL / δ"]
+    before, after = before["heldout"], after["heldout"]
     b = [before["gold_mean"], before["length_mean"] / 48, before["kl_mean"] / kl_target]
     a = [after["gold_mean"], after["length_mean"] / 48, after["kl_mean"] / kl_target]
     x = torch.arange(3).float()
@@ -127,7 +137,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="folder of preferences_*.jsonl / prompts_*.jsonl (default: the "
                     "shipped sentiment data)")
     ap.add_argument("--iterations", type=int, default=16)
-    ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the before/after report")
+    ap.add_argument("--eval-prompts", type=int, default=32, help="prompts per split (held-out, transfer) for the "
+                    "before/after report")
     ap.add_argument("--ensemble-size", type=int, default=4)
     ap.add_argument("--kl-target", type=float, default=5.0)
     ap.add_argument("--beta", type=float, default=0.01, help="initial KL penalty coefficient (the hard controller adapts it)")
@@ -162,11 +173,12 @@ def main(argv=None):
     summary = {
         "reward_model": {k: rm.get(f"eval_{k}") for k in ("accuracy_ensemble", "accuracy_member_0", "ece",
                                                            "length_pearson", "ensemble_disagreement")},
-        "heldout_before": {k: before[k] for k in ("gold_mean", "vader_mean", "length_mean", "eos_mean", "kl_mean")},
-        "heldout_after": {k: after[k] for k in ("gold_mean", "vader_mean", "length_mean", "eos_mean", "kl_mean")},
+        **{f"{split}_{when}": {k: res[split][f"{k}_mean"] for k, _ in MEASURES}
+           for when, res in (("before", before), ("after", after)) for split in ("heldout", "transfer")},
         "kl_target": args.kl_target, "max_train_kl_after_update": max(kl_after),
         "minutes": {"reward": (t1 - t0) / 60, "ppo": (t2 - t1) / 60, "total": (t2 - t0) / 60},
-        "examples_after": after["samples"]["texts"][:5],
+        "examples_after": after["heldout"]["samples"]["texts"][:5],
+        "transfer_examples_after": after["transfer"]["samples"]["texts"][:5],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from .monitor.report import write_report
@@ -175,16 +187,30 @@ def main(argv=None):
     print("\n=== rlhf_ext demo: results on held-out prompts ===")
     print(f"reward model: held-out pairwise accuracy {summary['reward_model']['accuracy_ensemble']:.3f}, "
           f"reward-length Pearson {summary['reward_model']['length_pearson']:.3f}")
-    print(f"gold (length-robust)   before {before['gold_mean']:+.3f}  after {after['gold_mean']:+.3f}")
-    print(f"raw VADER compound     before {before['vader_mean']:+.3f}  after {after['vader_mean']:+.3f}")
-    print(f"mean length (tokens)   before {before['length_mean']:.1f}  after {after['length_mean']:.1f}   "
-          f"EOS rate {before['eos_mean']:.2f} → {after['eos_mean']:.2f}")
-    print(f"KL(π‖π_ref) held-out   {after['kl_mean']:.3f} nats/seq  (δ = {args.kl_target}); "
+    print(results_table(summary))
+    print(f"KL(π‖π_ref) held-out   {after['heldout']['kl_mean']:.3f} nats/seq  (δ = {args.kl_target}); "
           f"max over training iterations {max(kl_after):.3f}")
     print_benchmark_reference()
     print(f"time: {summary['minutes']['total']:.1f} min   plot: {out / 'demo.png'}   summary: {out / 'summary.json'}")
     print(f"run report: {report}   review flagged samples: rlhf-ext review {out / 'ppo'}")
     return summary
+
+
+# what the demo reports, before and after, on held-out and transfer prompts: (key, label)
+MEASURES = (("gold", "gold (length-robust)"), ("sentiment", "per-sentence sentiment"), ("vader", "raw VADER compound"),
+            ("length", "mean length (tokens)"), ("eos", "EOS rate"), ("distinct2", "distinct-2"),
+            ("rep4", "repeated-4-gram share"), ("kl", "KL(π‖π_ref), nats/seq"))
+
+
+def results_table(summary: dict) -> str:
+    """Before → after on the held-out prompts and on the transfer prompts, one row per measure."""
+    lines = [f"{'':24s}{'held-out prompts':>22s}{'transfer prompts':>24s}",
+             f"{'':24s}{'before':>10s}{'after':>12s}{'before':>12s}{'after':>12s}"]
+    for key, label in MEASURES:
+        cells = [summary[f"{split}_{when}"][key] for split in ("heldout", "transfer") for when in ("before", "after")]
+        lines.append(f"{label:24s}" + "".join(f"{v:>+10.3f}  " if key in ("gold", "sentiment", "vader")
+                                               else f"{v:>10.2f}  " for v in cells))
+    return "\n".join(lines)
 
 
 def print_benchmark_reference(path: Path = BENCHMARK):

@@ -66,6 +66,25 @@ def gold_judge(eos_token_id: int | None):
     return gold
 
 
+def sentiment_judge():
+    """The gold's sentiment term alone: mean VADER compound per sentence (no EOS or repetition term)."""
+    analyzer = _analyzer()
+
+    def sentiment(prompts=None, completions=None, **kwargs):
+        return [sentence_sentiment(completion_text(c), analyzer) for c in completions]
+
+    return sentiment
+
+
+def repetition_judge(n: int = 4):
+    """1 − unique/total word n-grams of a response (0 fresh, → 1 loops), the gold's repetition term."""
+
+    def repetition(prompts=None, completions=None, **kwargs):
+        return [repeated_ngram_fraction(completion_text(c).split(), n) for c in completions]
+
+    return repetition
+
+
 def distinct_n(texts, n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over a set of responses (1 = all different, → 0 = one phrase)."""
     grams = [tuple(w[i : i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]

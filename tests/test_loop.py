@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -72,3 +74,54 @@ def test_train_alarm_review_retrain_resume(tmp_path, tok):
     hist = resumed.train(resume_from_checkpoint=True)
     assert resumed.iteration == 6 and len(hist) == 6
     assert hist[-1]["rewards/member_0_raw"] != hist[3]["rewards/member_0_raw"]  # scored by the new reward model
+
+
+def _length_biased(n, seed):
+    return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"] + " and the movie was very very so good",
+                               "rejected": r["rejected"]} for r in preference_rows(n, seed, conversational=False)])
+
+
+def _fine_tune(out, base, tok, data, **kw):
+    args = RewardEnsembleConfig(str(out), **{"ensemble_size": 2, "max_steps": 8, "per_device_train_batch_size": 16,
+                                             "learning_rate": 5e-3, "report_to": "none", "save_strategy": "no",
+                                             "use_cpu": True, "disable_tqdm": True, "normalization_samples": 32, **kw})
+    tr = RewardEnsembleTrainer(base, args=args, train_dataset=data, processing_class=tok,
+                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    return tr
+
+
+def test_reviewed_pairs_fine_tune_the_reward_model_the_run_used(tmp_path, tok, tiny_path):
+    """The loop's retrain: `init_reward_model` starts from the saved reward model exactly (at learning rate 0 its
+    scores come back unchanged), `extra_preferences_weight` repeats the reviewed pairs, and the fine-tune turns the
+    reward model toward them; a reward model of another shape is refused, naming what differs."""
+    data = _length_biased(96, 0)
+    rm1 = _reward_model(tmp_path / "rm1", tiny_path, tok, data)
+    reviewed = [{"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]} for r in data.select(range(8))]
+    prefs = tmp_path / "preferences.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in reviewed))
+
+    def margins(path):
+        ens = load_reward_model(path)
+        s = lambda key: ens.score_texts([r["prompt"] for r in reviewed], [r[key] for r in reviewed]).mean(-1)
+        return (s("chosen") - s("rejected")).mean().item(), ens.score_texts(["a "], ["good ."])
+
+    before, probe = margins(rm1)
+    assert before < 0  # the length-biased model prefers the long answers the reviewer rejected
+
+    same = _fine_tune(tmp_path / "same", tiny_path, tok, data, learning_rate=0.0, init_reward_model=str(rm1))
+    same.train()
+    same.save_model()
+    torch.testing.assert_close(margins(tmp_path / "same")[1], probe)  # raw scores: identical weights
+
+    tr = _fine_tune(tmp_path / "ft", tiny_path, tok, data, init_reward_model=str(rm1), max_steps=12,
+                    extra_preferences=[str(prefs)], extra_preferences_weight=16)
+    assert len(tr.train_dataset) == 96 + 16 * 8
+    tr.train()
+    tr.save_model()
+    after, _ = margins(tmp_path / "ft")
+    assert after > 0 > before, (before, after)  # now it sides with the reviewer
+
+    with pytest.raises(ValueError, match="members.*ensemble_size/ensemble_mode"):
+        _fine_tune(tmp_path / "k1", tiny_path, tok, data, ensemble_size=1, init_reward_model=str(rm1)).train()
+    with pytest.raises(ValueError, match="extra_preferences_weight must be an integer ≥ 1"):
+        RewardEnsembleConfig(str(tmp_path / "x"), extra_preferences_weight=0)

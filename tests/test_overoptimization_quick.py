@@ -91,6 +91,8 @@ def test_quick_human_loop_reviews_through_the_server_retrains_and_resumes(tmp_pa
     bench.main(["--quick", "--runs", "plain_loop:0", "--workdir", str(tmp_path / "w"), "--out", str(out)])
     (run,) = json.loads(out.read_text())["runs"]
     assert run["done"] and [p["iteration"] for p in run["points"]] == [0, 1, 2, 3]
+    table = out.with_suffix(".md").read_text().split("The human loop:")[1]
+    assert "| plain_loop | 1 |" in table and "| 8 (" in table  # the loop's table: labels and rounds beside the axes
     loop = run["loop"]
     assert loop["labels"] == 8 and [r["labels"] for r in loop["rounds"]] == [4, 4]
     assert [r["iteration"] for r in loop["rounds"]] == [1, 2]

@@ -94,15 +94,49 @@ def summarize(records) -> dict:
                 "minutes": r["train_seconds"] / 60,
                 "length_alarm_at": min((a["iteration"] for a in r.get("alarms", []) if a["detector"] == "length_drift"),
                                        default=float("nan")),
-                "alarms": float(len(r.get("alarms", [])))})
+                "alarms": float(len(r.get("alarms", []))),
+                **_loop_fields(r)})
         agg = {}
-        for k in per_seed[0]:
-            vals = [s[k] for s in per_seed if not math.isnan(s[k])]  # e.g. a seed whose length alarm never fired
+        for k in {k: None for s in per_seed for k in s}:
+            vals = [s[k] for s in per_seed if k in s and not math.isnan(s[k])]  # e.g. a seed whose length alarm never fired
             agg[k] = statistics.mean(vals) if vals else float("nan")
             agg[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         agg["seeds"] = len(per_seed)
         rows[name] = agg
     return rows
+
+
+def _loop_fields(r) -> dict:
+    """The human loop's cost: labels, flipped decisions, rounds, review + retraining minutes per round (NaN for a run
+    without the loop, so a mean over seeds skips it)."""
+    loop = r.get("loop")
+    if not loop:
+        return {}
+    rounds = loop["rounds"]
+    return {"labels": float(loop["labels"]), "flipped": float(loop["flipped"]), "rounds": float(len(rounds)),
+            "first_round_at": float(rounds[0]["iteration"]) if rounds else float("nan"),
+            "round_minutes": sum(x["seconds"] for x in rounds) / 60 / len(rounds) if rounds else float("nan")}
+
+
+def loop_table(rows) -> str:
+    """The human loop against the runs without it: the benchmark's axes, then what the loop cost."""
+    order = [n for n in VARIANTS if n in rows and ("loop" in VARIANTS[n] or n in ("plain", "all"))]
+    lines = ["| variant | seeds | final gold | best gold | final sentiment (no EOS term) | final length | final EOS | "
+             "final KL | transfer gold end | transfer sentiment end | labels (flipped) | rounds (first at it) | "
+             "review + retrain min / round | train min |", "|" + "---|" * 14]
+    for n in order:
+        r = rows[n]
+
+        def pm(k, fmt):
+            return format(r[k], fmt) + (f" ± {format(r[k + '_std'], fmt.lstrip('+'))}" if r["seeds"] > 1 else "")
+
+        cost = (f"{r['labels']:.0f} ({r['flipped']:.1f}) | {r['rounds']:.1f} (it {r['first_round_at']:.0f}) | "
+                f"{r['round_minutes']:.1f}") if "labels" in r else "— | — | —"
+        lines.append(f"| {n} | {r['seeds']} | {pm('final_gold', '+.3f')} | {pm('best_gold', '+.3f')} | "
+                     f"{pm('final_sentiment', '+.3f')} | {pm('final_length', '.1f')} | {pm('final_eos', '.2f')} | "
+                     f"{pm('final_kl', '.1f')} | {pm('transfer_end', '+.3f')} | {pm('transfer_sentiment_end', '+.3f')} | "
+                     f"{cost} | {r['minutes']:.0f} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows) -> str:
@@ -177,6 +211,9 @@ def report(args):
     workdir = Path(args.workdir)
     records = [json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*.json"))]
     records = [r for r in records if r["points"] and (r.get("done") or args.partial)]
+    for spec in args.compare or []:  # "results.json:plain,all": finished runs of another report, side by side
+        path, _, names = spec.rpartition(":")
+        records += [r for r in json.loads(Path(path).read_text())["runs"] if r["variant"] in names.split(",")]
     if not records:
         sys.exit(f"No finished runs in {workdir / 'runs'}; run `python benchmarks/overoptimization.py run` first.")
     rows = summarize(records)
@@ -188,6 +225,8 @@ def report(args):
                        "repeated-4-gram fraction", "summary": rows, "runs": records}
     out.write_text(strict_json(payload))
     table = markdown_table(rows)
+    if any(r.get("loop") for r in records):
+        table += "\n\nThe human loop:\n\n" + loop_table(rows)
     out.with_suffix(".md").write_text(table + "\n")
     plot(records, out.with_suffix(".png"))
     print(table)
