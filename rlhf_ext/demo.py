@@ -160,7 +160,9 @@ def main(argv=None):
     print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, LoRA, length de-correlation "
           f"{args.length_decorrelation}) on {data}/preferences_train.jsonl")
     if args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file():
-        rm = json.loads((out / "reward_metrics.json").read_text()) if (out / "reward_metrics.json").is_file() else {}
+        # its held-out metrics: the demo's own record, or the reward recipe's (an artifact trained by the recipe)
+        saved = [f for f in (out / "reward_metrics.json", reward_path / "eval_results.json") if f.is_file()]
+        rm = json.loads(saved[0].read_text()) if saved else {}
     else:
         rm = train_reward(reward_path, data, args)
         (out / "reward_metrics.json").write_text(json.dumps(rm, indent=2))
@@ -185,8 +187,9 @@ def main(argv=None):
 
     report = write_report(out / "ppo")
     print("\n=== rlhf_ext demo: results on held-out prompts ===")
-    print(f"reward model: held-out pairwise accuracy {summary['reward_model']['accuracy_ensemble']:.3f}, "
-          f"reward-length Pearson {summary['reward_model']['length_pearson']:.3f}")
+    rm_row = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary["reward_model"].items()}
+    print(f"reward model: held-out pairwise accuracy {rm_row['accuracy_ensemble']}, "
+          f"reward-length Pearson {rm_row['length_pearson']}")
     print(results_table(summary))
     print(f"KL(π‖π_ref) held-out   {after['heldout']['kl_mean']:.3f} nats/seq  (δ = {args.kl_target}); "
           f"max over training iterations {max(kl_after):.3f}")

@@ -1,6 +1,6 @@
 """The report from finished runs: per variant, mean ± std over seeds of the best held-out gold, its KL, the final
-length, the peak-to-end drop and the gain as a fraction of the oracle's Gao-fit gain at the same distance
-(`summarize`, `gao_fit`); written as strict JSON with the command, versions and machine line (`report`), a
+length, the peak-to-end drop, transfer and the monitor's first alarm (`summarize`; the oracle — PPO on the gold —
+is no upper bound at this budget, so no "fraction of the oracle's gain" is reported; `gao_fit` draws the curves); written as strict JSON with the command, versions and machine line (`report`), a
 markdown table (`markdown_table`) and a three-panel plot (`plot`)."""
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def gao_fit(points):
 
 
 def strict_json(obj) -> str:
-    """JSON that strict parsers (browsers, jq) accept: NaN/inf (a column with no value, e.g. "gain / oracle's"
-    where the oracle gained nothing) become null."""
+    """JSON that strict parsers (browsers, jq) accept: NaN/inf (a column with no value, e.g. the first length alarm of
+    a run that raised none) become null."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -67,8 +67,6 @@ def summarize(records) -> dict:
     by_variant = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
-    oracle = by_variant.get("oracle", [None])[0]
-    ofit = gao_fit(oracle["points"]) if oracle else None
     rows = {}
     for name, runs in by_variant.items():
         per_seed = []
@@ -77,15 +75,13 @@ def summarize(records) -> dict:
             best = max(pts, key=lambda p: p["gold"])
             end = pts[-1]
             gain = best["gold"] - pts[0]["gold"]
-            d = best["sqrt_kl"]
-            o_gain = ofit[0] * d - ofit[1] * d * math.log(d) if ofit and d > 1e-3 else float("nan")
             tr_pts = [p for p in pts if "transfer" in p]
             per_seed.append({
                 "best_gold": best["gold"], "best_iteration": best["iteration"], "kl_at_best": best["kl"],
                 "final_gold": end["gold"], "drop": best["gold"] - end["gold"], "final_length": end["length"],
                 "final_eos": end["eos"], "final_kl": end["kl"], "final_vader": end["vader"],
                 "final_sentiment": end["sentiment"],
-                "gain": gain, "oracle_fraction": gain / o_gain if o_gain and o_gain > 0 else float("nan"),
+                "gain": gain,
                 "transfer_start": tr_pts[0]["transfer"]["gold"] if tr_pts else float("nan"),
                 "transfer_end": tr_pts[-1]["transfer"]["gold"] if tr_pts else float("nan"),
                 "transfer_sentiment_start": tr_pts[0]["transfer"].get("sentiment", float("nan")) if tr_pts else float("nan"),
@@ -142,9 +138,9 @@ def loop_table(rows) -> str:
 def markdown_table(rows) -> str:
     order = [n for n in VARIANTS if n in rows]
     lines = ["| variant | seeds | best held-out gold | KL at best | final gold | drop peak→end | final length | "
-             "final EOS rate | final sentiment (no EOS term) | final raw VADER | gain / oracle's at that KL | "
+             "final EOS rate | final sentiment (no EOS term) | final raw VADER | "
              "transfer gold start → end | transfer sentiment start → end | first length alarm | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|" + "---|" * 14]
 
     def alarm(name, at):  # TRL's trainers have no monitor
         return "n/a" if VARIANTS[name]["trainer"] != "ppo" else "—" if math.isnan(at) else f"it {at:.0f}"
@@ -158,7 +154,6 @@ def markdown_table(rows) -> str:
         lines.append(f"| {n} | {r['seeds']} | {pm(r, 'best_gold', '+.3f')} | {pm(r, 'kl_at_best', '.1f')} | "
                      f"{pm(r, 'final_gold', '+.3f')} | {pm(r, 'drop', '.3f')} | {pm(r, 'final_length', '.1f')} | "
                      f"{r['final_eos']:.2f} | {pm(r, 'final_sentiment', '+.3f')} | {r['final_vader']:+.3f} | "
-                     f"{r['oracle_fraction']:.2f} | "
                      f"{r['transfer_start']:+.3f} → {r['transfer_end']:+.3f} | "
                      f"{r['transfer_sentiment_start']:+.3f} → {r['transfer_sentiment_end']:+.3f} | "
                      f"{alarm(n, r['length_alarm_at'])} | "
