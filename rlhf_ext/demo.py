@@ -186,7 +186,7 @@ def main(argv=None):
     from .monitor.report import write_report
 
     report = write_report(out / "ppo")
-    print("\n=== rlhf_ext demo: results on held-out prompts ===")
+    print("\n=== rlhf_ext demo: before → after PPO, on held-out and on transfer prompts ===")
     rm_row = {k: "n/a" if v is None else f"{v:.3f}" for k, v in summary["reward_model"].items()}
     print(f"reward model: held-out pairwise accuracy {rm_row['accuracy_ensemble']}, "
           f"reward-length Pearson {rm_row['length_pearson']}")

@@ -51,6 +51,11 @@ class LoopRun(Run):
         while True:
             reward = str(self.dir / rec["rounds"][-1]["rm"]) if rec["rounds"] else None
             extra = {"monitor_detectors": QUICK_DETECTORS} if self.args.quick else {}
+            if loop.get("queue_on") and not self.args.quick:  # every built-in detector, these switched to "queue"
+                from rlhf_ext.plugins.detectors import DEFAULT_DETECTORS
+
+                extra = {"monitor_detectors": [{"name": d, **({"action": "queue"} if d in loop["queue_on"] else {})}
+                                               for d in DEFAULT_DETECTORS]}
             tr, tok, gold, vader, proxy, heldout, transfer = self._ppo_trainer(
                 reward, monitor_max_queue=st["batch"], monitor_cooldown=1, **extra)
             tr.add_callback(self._eval_callback(tr, tok, gold, vader, proxy, heldout, transfer))

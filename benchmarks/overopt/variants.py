@@ -73,6 +73,9 @@ def _variants() -> dict:
         "plain_loop": dict(rm="k1", loop=LOOP),
         "plain_loop_margin": dict(rm="k1", loop={**LOOP, "order": "proxy_margin"}),
         "plain_loop_scratch": dict(rm="k1", loop={**LOOP, "retrain": "scratch"}),
+        # the reward–length correlation alarm (log-only by default) queues too: on plain PPO it fires at iterations
+        # 2–3, five or more before the length/EOS alarms, while most answers still end
+        "plain_loop_early": dict(rm="k1", loop={**LOOP, "queue_on": ["length_correlation"]}),
         **{f"plain_loop_b{b}": dict(rm="k1", loop={**LOOP, "budget": b}) for b in (16, 32, 128)},
         **{f"plain_loop_e{round(100 * e)}": dict(rm="k1", loop={**LOOP, "error": e}) for e in (0.0, 0.25)},
         "trl_rloo": dict(rm="k1", trainer="rloo"),
