@@ -125,3 +125,5 @@ def test_reviewed_pairs_fine_tune_the_reward_model_the_run_used(tmp_path, tok, t
         _fine_tune(tmp_path / "k1", tiny_path, tok, data, ensemble_size=1, init_reward_model=str(rm1)).train()
     with pytest.raises(ValueError, match="extra_preferences_weight must be an integer ≥ 1"):
         RewardEnsembleConfig(str(tmp_path / "x"), extra_preferences_weight=0)
+    with pytest.raises(FileNotFoundError, match="init_reward_model: .* is not a saved rlhf_ext reward model"):
+        RewardEnsembleConfig(str(tmp_path / "x"), init_reward_model=str(tmp_path / "nowhere"))

@@ -116,6 +116,14 @@ class RewardEnsembleConfig(RewardConfig):
             raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token) or 'mean'.")
         if not isinstance(self.extra_preferences_weight, int) or self.extra_preferences_weight < 1:
             raise ValueError(f"extra_preferences_weight must be an integer ≥ 1, got {self.extra_preferences_weight!r}.")
+        if self.init_reward_model is not None:
+            from pathlib import Path
+
+            if not (Path(self.init_reward_model) / "rlhf_ext_reward.json").is_file():
+                raise FileNotFoundError(
+                    f"init_reward_model: {self.init_reward_model} is not a saved rlhf_ext reward model (no "
+                    f"rlhf_ext_reward.json there). Pass the output_dir of a RewardEnsembleTrainer / "
+                    f"recipes/reward_modeling.py run, or leave init_reward_model unset to train from scratch.")
         if self.length_decorrelation_coef < 0:
             raise ValueError(f"length_decorrelation_coef must be ≥ 0, got {self.length_decorrelation_coef}.")
         super().__post_init__()
