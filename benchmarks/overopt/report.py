@@ -1,7 +1,8 @@
 """The report from finished runs: per variant, mean ± std over seeds of the best held-out gold, its KL, the final
-length, the peak-to-end drop, transfer and the monitor's first alarm (`summarize`; the oracle — PPO on the gold —
-is no upper bound at this budget, so no "fraction of the oracle's gain" is reported; `gao_fit` draws the curves); written as strict JSON with the command, versions and machine line (`report`), a
-markdown table (`markdown_table`) and a three-panel plot (`plot`)."""
+length, the peak-to-end drop, transfer, the monitor's first alarm and the human loop's cost (`summarize`; the oracle
+— PPO on the gold — is no upper bound at this budget, so no "fraction of the oracle's gain" is reported; `gao_fit`
+draws the curves); written as strict JSON with the command, versions and machine line (`report`), markdown tables
+(`markdown_table`, `loop_table`) and a three-panel plot (`plot`)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def summarize(records) -> dict:
                 **_loop_fields(r)})
         agg = {}
         for k in {k: None for s in per_seed for k in s}:
-            vals = [s[k] for s in per_seed if k in s and not math.isnan(s[k])]  # e.g. a seed whose length alarm never fired
+            # skipped: a seed whose length alarm never fired (NaN), a run without the loop's fields
+            vals = [s[k] for s in per_seed if k in s and not math.isnan(s[k])]
             agg[k] = statistics.mean(vals) if vals else float("nan")
             agg[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         agg["seeds"] = len(per_seed)
@@ -103,8 +105,8 @@ def summarize(records) -> dict:
 
 
 def _loop_fields(r) -> dict:
-    """The human loop's cost: labels, flipped decisions, rounds, review + retraining minutes per round (NaN for a run
-    without the loop, so a mean over seeds skips it)."""
+    """The human loop's cost: labels, flipped decisions, rounds, review + retraining minutes per round (none for a
+    run without the loop)."""
     loop = r.get("loop")
     if not loop:
         return {}
