@@ -140,3 +140,26 @@ def test_quick_noisy_proxy_scenario_runs_with_its_own_proxy_axis(tmp_path):
     # the scenario's longer budget applies to full runs only; --quick keeps its 3 iterations
     assert bench.VARIANTS["noisy_plain"]["settings"]["iterations"] == 60
     assert [p["iteration"] for p in runs["noisy_plain"]["points"]] == [0, 1, 2, 3]
+
+
+def test_quick_loop_with_a_pool_labels_the_pairs_its_order_ranks_first(tmp_path):
+    """`plain_loop_margin`: a round waits for a pool of pending pairs (6 in --quick) and labels 4 of them — the ones
+    where the proxy prefers the flagged response to the reference's by the widest margin, recomputed here from the
+    scores the monitor recorded, round by round."""
+    bench = _bench()
+    out = tmp_path / "margin.json"
+    bench.main(["--quick", "--runs", "plain_loop_margin:0", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    rounds = run["loop"]["rounds"]
+    assert run["done"] and rounds and all(r["labels"] == 4 for r in rounds)
+    review = tmp_path / "w" / "runs" / "plain_loop_margin__s0" / "review"
+    queue = [json.loads(x) for x in (review / "queue.jsonl").read_text().splitlines()]
+    decided = [json.loads(x)["id"] for x in (review / "decisions.jsonl").read_text().splitlines()]
+    done = set()
+    for k, r in enumerate(rounds):
+        pool = [q for q in queue if q["iteration"] <= r["iteration"] and q["id"] not in done]
+        assert len(pool) >= 6  # the pool, not just the 4 it labels
+        widest = sorted(pool, key=lambda q: q["flagged"]["score"] - q["reference"]["score"], reverse=True)
+        labelled = decided[4 * k : 4 * k + 4]
+        assert set(labelled) == {q["id"] for q in widest[:4]}
+        done |= set(labelled)

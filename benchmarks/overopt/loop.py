@@ -1,7 +1,8 @@
 """The human-in-the-loop variants: PPO with the monitor queueing pairs, a simulated reviewer labelling them through
 the review server, the proxy retrained with the reviewed pairs, PPO resumed with it.
 
-A round: PPO runs until the review queue holds `per_round` pending pairs (or as many labels as the budget has left);
+A round: PPO runs until the review queue holds `per_round` pending pairs (or as many labels as the budget has left;
+with a `pool`, at least that many, of which the reviewer's order picks the ones it labels);
 the run checkpoints *at that iteration* and stops; the reviewer labels them (`reviewer.py`); the reward model the run
 used is fine-tuned on the variant's proxy data plus every pair reviewed so far, weighted (`tasks.FINETUNE`; with
 `retrain: scratch` the proxy is trained again from scratch as it was first, the pairs added once); PPO resumes from
@@ -29,8 +30,8 @@ class LoopRun(Run):
         from transformers import TrainerCallback
 
         loop, st = self.spec["loop"], self.st
-        if self.args.quick:  # 3 iterations of 8 samples: two rounds of 4 labels
-            loop = {**loop, "per_round": 4, "budget": 8}
+        if self.args.quick:  # 3 iterations of 8 samples: two rounds of 4 labels (from 6 pending with a pool)
+            loop = {**loop, "per_round": 4, "budget": 8, **({"pool": 6} if "pool" in loop else {})}
         rec = self.record.setdefault("loop", {"labels": 0, "flipped": 0, "rounds": []})
         reviewer = SimulatedReviewer(self.dir, loop["error"], self.seed, loop["order"])
         run = self
@@ -42,8 +43,10 @@ class LoopRun(Run):
 
             def on_step_end(self, args, state, control, **kw):
                 left = loop["budget"] - rec["labels"]
+                need = min(loop["per_round"], left)
                 pending = len(tr.monitor.queue.pending())
-                if left > 0 and pending >= min(loop["per_round"], left) and tr.iteration < st["iterations"]:
+                # with a pool, the reviewer's order picks `need` of at least `pool` pending pairs
+                if left > 0 and pending >= max(need, loop.get("pool", 0)) and tr.iteration < st["iterations"]:
                     tr.save_checkpoint(str(run.dir / "checkpoint"))
                     run.save()
                     control.should_training_stop = self.stopped = True

@@ -71,7 +71,9 @@ def _variants() -> dict:
         "oracle": dict(rm=None),  # PPO on the gold itself: the upper bound
         # the human loop (loop.py): a simulated reviewer labels queued pairs by the gold, the proxy is retrained
         "plain_loop": dict(rm="k1", loop=LOOP),
-        "plain_loop_margin": dict(rm="k1", loop={**LOOP, "order": "proxy_margin"}),
+        # the queue's order only matters when a round chooses: 16 labels from a pool of 32 pending pairs, each order
+        "plain_loop_pool": dict(rm="k1", loop={**LOOP, "pool": 32}),
+        "plain_loop_margin": dict(rm="k1", loop={**LOOP, "pool": 32, "order": "proxy_margin"}),
         "plain_loop_scratch": dict(rm="k1", loop={**LOOP, "retrain": "scratch"}),
         # the reward–length correlation alarm (log-only by default) queues too: on plain PPO it fires at iterations
         # 2–3, five or more before the length/EOS alarms, while most answers still end
