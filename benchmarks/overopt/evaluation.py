@@ -27,9 +27,9 @@ def evaluate(policy, tok, rows, gold, vader, proxy, max_tokens, seed=1234, batch
 
     rng = torch.get_rng_state()
     torch.manual_seed(seed)
-    from rlhf_ext.sentiment import _analyzer, completion_text, sentence_sentiment
+    from rlhf_ext.sentiment import sentiment_judge
 
-    analyzer = _analyzer()
+    sentiment = sentiment_judge()
     out = {k: [] for k in ("gold", "sentiment", "vader", "proxy", "kl", "length", "eos", "rep4", "texts")}
     try:
         for i in range(0, len(rows), batch):
@@ -40,7 +40,7 @@ def evaluate(policy, tok, rows, gold, vader, proxy, max_tokens, seed=1234, batch
             kw = dict(prompts=g.prompts, completions=g.completions, completion_ids=g.completion_ids)
             out["gold"] += gold(**kw)
             out["vader"] += vader(**kw)
-            out["sentiment"] += [sentence_sentiment(completion_text(c), analyzer) for c in g.completions]
+            out["sentiment"] += sentiment(**kw)
             out["proxy"] += proxy.score_texts(g.prompts, g.completions, normalize=True).mean(-1).tolist()
             out["length"] += g.lengths.tolist()
             out["eos"] += g.has_eos.float().tolist()
