@@ -2,9 +2,11 @@
 report before/after on held-out prompts and on transfer prompts never trained on (gold, per-sentence sentiment, raw
 VADER, length, EOS rate, distinct-2, repetition, KL vs δ) and a plot.
 
-The defaults are the reward-hacking benchmark's recommended configuration (`all` in
-benchmarks/overoptimization.py): K=4 reward heads trained with length de-correlation 0.2, uwo aggregation,
-hard KL δ=5 (β starts at 0.01), a linear length penalty and a missing-EOS penalty.
+PPO's defaults are the reward-hacking benchmark's recommended configuration (`all` in
+benchmarks/overoptimization.py): uwo aggregation, hard KL δ=5 (β starts at 0.01), a linear length penalty and a
+missing-EOS penalty. The reward model is K=4 heads with length de-correlation 0.2, trained on the frozen base
+(`heads_only`, response pooling): unlike the benchmark's LoRA-tuned proxies, it tracks per-sentence sentiment on the
+policy's own answers, transfer prompts included (README, demo section).
 
     rlhf-ext demo [--iterations 16] [--output-dir outputs/demo]
 """
@@ -36,8 +38,10 @@ def train_reward(out: Path, data: Path, args) -> dict:
 
     cfg = RewardEnsembleConfig(
         str(out), ensemble_size=args.ensemble_size, ensemble_mode="heads", num_train_epochs=args.reward_epochs,
-        # LoRA on the top layers + the frozen-prefix cache: epochs after the first run only those layers
-        lora_top_layers=args.lora_layers, cache_frozen_layers=True,
+        heads_only=args.reward_heads_only, pooling=args.reward_pooling, weight_decay=0.1 if args.reward_heads_only else 0.0,
+        # LoRA on the top layers + the frozen-prefix cache: epochs after the first run only those layers (heads only:
+        # the adapter stays at zero, so one layer is enough and every layer below it is computed once per text)
+        lora_top_layers=1 if args.reward_heads_only else args.lora_layers, cache_frozen_layers=True,
         per_device_train_batch_size=16, per_device_eval_batch_size=32, learning_rate=args.reward_lr, max_length=160,
         length_decorrelation_coef=args.length_decorrelation, logging_steps=8, save_strategy="no",
         eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=args.seed,
@@ -81,7 +85,9 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
               "rep4": repetition_judge(4)}
     # held-out prompts of the training family, and the transfer prompts (other topics and phrasings, never trained on)
     splits = {"heldout": load_split(str(data), "test", "prompts"), "transfer": load_split(str(data), "transfer", "prompts")}
-    splits = {k: v.select(range(min(len(v), args.eval_prompts))) for k, v in splits.items()}
+    # each prompt sampled eval_samples times, so a change can be told from sampling noise (paired_change)
+    splits = {k: v.select([i for i in range(min(len(v), args.eval_prompts)) for _ in range(args.eval_samples)])
+              for k, v in splits.items()}
 
     def measure(adapters):
         res = {}
@@ -137,8 +143,9 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="folder of preferences_*.jsonl / prompts_*.jsonl (default: the "
                     "shipped sentiment data)")
     ap.add_argument("--iterations", type=int, default=16)
-    ap.add_argument("--eval-prompts", type=int, default=32, help="prompts per split (held-out, transfer) for the "
+    ap.add_argument("--eval-prompts", type=int, default=40, help="prompts per split (held-out, transfer) for the "
                     "before/after report")
+    ap.add_argument("--eval-samples", type=int, default=2, help="samples per prompt in the before/after report")
     ap.add_argument("--ensemble-size", type=int, default=4)
     ap.add_argument("--kl-target", type=float, default=5.0)
     ap.add_argument("--beta", type=float, default=0.01, help="initial KL penalty coefficient (the hard controller adapts it)")
@@ -147,8 +154,12 @@ def main(argv=None):
     ap.add_argument("--learning-rate", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per PPO iteration")
-    ap.add_argument("--reward-lr", type=float, default=1e-3)
-    ap.add_argument("--reward-epochs", type=float, default=1)
+    ap.add_argument("--reward-heads-only", action=argparse.BooleanOptionalAction, default=True,
+                    help="train the reward heads on the frozen base model (a linear probe; --no-reward-heads-only: "
+                    "LoRA on the top --lora-layers layers, as the benchmark's proxies)")
+    ap.add_argument("--reward-pooling", choices=("response", "mean", "last"), default="response")
+    ap.add_argument("--reward-lr", type=float, default=3e-3)
+    ap.add_argument("--reward-epochs", type=float, default=3)
     ap.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N of 30 layers (0 = all)")
     ap.add_argument("--reuse-reward", action="store_true", help="skip stage 1 if the reward artifact exists")
     args = ap.parse_args(argv)
@@ -157,8 +168,9 @@ def main(argv=None):
     out, data = Path(args.output_dir), Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"
     t0 = time.time()
     reward_path = out / "reward"
-    print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, LoRA, length de-correlation "
-          f"{args.length_decorrelation}) on {data}/preferences_train.jsonl")
+    trunk = "frozen base (heads only)" if args.reward_heads_only else f"LoRA on the top {args.lora_layers} layers"
+    print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, {trunk}, {args.reward_pooling} pooling, length "
+          f"de-correlation {args.length_decorrelation}) on {data}/preferences_train.jsonl")
     if args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file():
         # its held-out metrics: the demo's own record, or the reward recipe's (an artifact trained by the recipe)
         saved = [f for f in (out / "reward_metrics.json", reward_path / "eval_results.json") if f.is_file()]
@@ -179,8 +191,12 @@ def main(argv=None):
            for when, res in (("before", before), ("after", after)) for split in ("heldout", "transfer")},
         "kl_target": args.kl_target, "max_train_kl_after_update": max(kl_after),
         "minutes": {"reward": (t1 - t0) / 60, "ppo": (t2 - t1) / 60, "total": (t2 - t0) / 60},
-        "examples_after": after["heldout"]["samples"]["texts"][:5],
-        "transfer_examples_after": after["transfer"]["samples"]["texts"][:5],
+        # after − before per measure, ± its standard error over prompts (paired: the same prompts, before and after)
+        "change": {split: {k: paired_change(before[split], after[split], k) for k in CHANGE_KEYS}
+                   for split in ("heldout", "transfer")},
+        "eval": {"prompts": args.eval_prompts, "samples_per_prompt": args.eval_samples},
+        "examples_after": after["heldout"]["samples"]["texts"][:: args.eval_samples][:5],
+        "transfer_examples_after": after["transfer"]["samples"]["texts"][:: args.eval_samples][:5],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from .monitor.report import write_report
@@ -191,6 +207,7 @@ def main(argv=None):
     print(f"reward model: held-out pairwise accuracy {rm_row['accuracy_ensemble']}, "
           f"reward-length Pearson {rm_row['length_pearson']}")
     print(results_table(summary))
+    print(change_lines(summary))
     print(f"KL(π‖π_ref) held-out   {after['heldout']['kl_mean']:.3f} nats/seq  (δ = {args.kl_target}); "
           f"max over training iterations {max(kl_after):.3f}")
     print_benchmark_reference()
@@ -203,6 +220,37 @@ def main(argv=None):
 MEASURES = (("gold", "gold (length-robust)"), ("sentiment", "per-sentence sentiment"), ("vader", "raw VADER compound"),
             ("length", "mean length (tokens)"), ("eos", "EOS rate"), ("distinct2", "distinct-2"),
             ("rep4", "repeated-4-gram share"), ("kl", "KL(π‖π_ref), nats/seq"))
+
+
+CHANGE_KEYS = ("gold", "sentiment", "vader", "length", "eos", "rep4")
+
+
+def change_lines(summary: dict) -> str:
+    """after − before ± standard error over prompts, for the measures that are scored per sample."""
+    lines = [f"{'change (after − before)':24s}{'held-out':>22s}{'transfer':>24s}   (± SE over prompts)"]
+    for key, label in MEASURES:
+        if key in CHANGE_KEYS:
+            cells = [summary["change"][split][key] for split in ("heldout", "transfer")]
+            lines.append(f"{label:24s}" + "".join(f"{m:>+14.3f} ± {se:.3f}  " for m, se in cells))
+    return "\n".join(lines)
+
+
+def paired_change(before: dict, after: dict, key: str) -> tuple[float, float]:
+    """Mean change of judge `key` from `before` to `after` (`evaluate_policy` samples on the same prompts) and its
+    standard error over prompts: per prompt, the mean over its samples after minus before; the prompts are the
+    independent units (samples of one prompt are correlated)."""
+    import statistics
+
+    def per_prompt(samples):
+        groups: dict[str, list[float]] = {}
+        for p, v in zip(samples["prompts"], samples[key]):
+            groups.setdefault(str(p), []).append(v)
+        return {p: sum(v) / len(v) for p, v in groups.items()}
+
+    b, a = per_prompt(before["samples"]), per_prompt(after["samples"])
+    diffs = [a[p] - b[p] for p in b if p in a]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return sum(diffs) / len(diffs), se
 
 
 def results_table(summary: dict) -> str:

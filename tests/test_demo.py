@@ -37,3 +37,21 @@ def test_results_table_puts_transfer_beside_heldout():
         row = lines[2 + i]
         assert row.startswith(label)
         assert [float(x) for x in row[len(label):].split()] == [10 * i + j for j in range(4)]
+
+
+def test_paired_change_averages_per_prompt_and_takes_the_standard_error_over_prompts():
+    from rlhf_ext.demo import change_lines, paired_change
+
+    # prompt a: 2 samples before (0, 1) → 0.5, after (1, 1) → 1.0: +0.5; b: before (0.2, 0.2), after (0.0, 0.4): 0.0;
+    # c: before (1, 1), after (0, 0): −1.0 (sample order differs between the two runs)
+    before = {"samples": {"prompts": ["a", "a", "b", "b", "c", "c"], "sentiment": [0, 1, 0.2, 0.2, 1, 1]}}
+    after = {"samples": {"prompts": ["b", "a", "c", "a", "b", "c"], "sentiment": [0.0, 1, 0, 1, 0.4, 0]}}
+    mean, se = paired_change(before, after, "sentiment")
+    diffs = [0.5, 0.0, -1.0]
+    m = sum(diffs) / 3
+    assert mean == pytest.approx(m)
+    assert se == pytest.approx((sum((d - m) ** 2 for d in diffs) / 2) ** 0.5 / 3 ** 0.5)
+    summary = {"change": {s: {k: (0.125, 0.05) for k in ("gold", "sentiment", "vader", "length", "eos", "rep4")}
+                          for s in ("heldout", "transfer")}}
+    row = [line for line in change_lines(summary).splitlines() if line.startswith("per-sentence sentiment")][0]
+    assert row.count("+0.125 ± 0.050") == 2

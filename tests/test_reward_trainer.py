@@ -426,3 +426,82 @@ def test_4bit_layout_is_checked_after_no_grad_passes_and_at_the_first_step(tmp_p
         tr.compute_normalization(max_pairs=4)
     with pytest.raises(RuntimeError, match="RewardEnsembleTrainer: 1 4-bit layer.*q_proj"):
         tr.train()
+
+
+@pytest.mark.parametrize("peft,pooling", [(True, "mean"), (False, "mean"), (True, "response")])
+def test_heads_only_trains_the_heads_and_nothing_below(tmp_path, tiny_path, tok, peft, pooling):
+    """heads_only: a linear probe. The heads move and learn the task; every trunk and adapter weight stays as it
+    started (LoRA B stays 0, so the scores equal a plain base-model forward through the heads); the saved model
+    reloads to the same scores."""
+    train = Dataset.from_list(preference_rows(256, 0, True))
+    test = Dataset.from_list(preference_rows(64, 1, True))
+    args = make_args(tmp_path, num_train_epochs=3, learning_rate=2e-2, ensemble_size=2, heads_only=True,
+                     pooling=pooling)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=train, eval_dataset=test, processing_class=tok,
+                               peft_config=LoraConfig(**LORA) if peft else None)
+    below = {n: p.detach().clone() for n, p in tr.model.model.named_parameters()}
+    heads = {n: p.detach().clone() for n, p in tr.model.heads.named_parameters()}
+    assert not [n for n, p in tr.model.model.named_parameters() if p.requires_grad]
+    before = tr.evaluate()["eval_accuracy_ensemble"]
+    tr.train()
+    after = tr.evaluate()["eval_accuracy_ensemble"]
+    assert after > before and after >= 0.75
+    assert all(torch.equal(p, below[n]) for n, p in tr.model.model.named_parameters())
+    assert all(not torch.equal(p, heads[n]) for n, p in tr.model.heads.named_parameters())
+    if peft:
+        assert all(torch.all(p == 0) for n, p in tr.model.model.named_parameters() if "lora_B" in n)
+    # the trunk is the base model: the heads over a plain base forward, mean-pooled, give the ensemble's scores
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(tiny_path).eval()
+    rows = [test[i] for i in range(8)]
+    seqs = [reward_input_ids(tok, r["prompt"], r["chosen"]) for r in rows]
+    ids, mask = pad_ids(seqs, tok.pad_token_id)
+    # the pooled tokens, counted independently: all of them, or those after the prompt + generation prompt
+    prompt_len = [len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]) for r in rows]
+    pooled = mask.clone()
+    if pooling == "response":
+        for i, n in enumerate(prompt_len):
+            pooled[i, :n] = 0
+    with torch.no_grad():
+        h = pool_mean(base(input_ids=ids, attention_mask=mask).last_hidden_state, pooled)
+        expected = torch.cat([tr.model.heads[a](h) for a in tr.model.adapters], -1)
+    assert torch.allclose(tr.model.score_ids(ids, mask), expected, atol=1e-5)
+    tr.save_model(str(tmp_path / "rm"))
+    again = load_reward_model(str(tmp_path / "rm"))
+    assert torch.allclose(again.score_ids(ids, mask), expected, atol=1e-5)
+
+
+def test_response_mask_keeps_the_tokens_after_the_last_assistant_header(tok):
+    from rlhf_ext.reward.ensemble import assistant_header_ids, response_mask
+
+    header = assistant_header_ids(tok)
+    assert header and tok.convert_ids_to_tokens(header)[0] == "<|im_start|>"
+    one = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "nice day"}]
+    two = one + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "very good indeed"}]
+    rows = [tok.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"] for m in (one, two)]
+    rows.append(tok("plain text, no template").input_ids)
+    starts = [len(tok.apply_chat_template(m[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+                  ["input_ids"]) for m in (one, two)] + [0]
+    for side in ("right", "left"):
+        ids, mask = pad_ids(rows, tok.pad_token_id, side=side)
+        got = response_mask(ids, mask, header)
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            kept = ids[i][got[i].bool()].tolist()
+            assert kept == row[start:], (side, i)
+
+
+def test_response_pooling_needs_a_chat_template(tmp_path, tiny_path, tok, pref_data):
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, pooling="response"), train_dataset=pref_data[0],
+                              processing_class=plain)
+
+
+def test_heads_only_refuses_adapter_members(tmp_path):
+    with pytest.raises(ValueError, match="ensemble_mode='heads'"):
+        make_args(tmp_path, heads_only=True, ensemble_mode="adapters", ensemble_size=3)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .variants import DATA, MODEL, NOISY, NOISY_DATA, RMS, ROOT
+from .variants import DATA, LORA_PROXY, MODEL, NOISY, NOISY_DATA, RMS, ROOT
 
 
 def rm_dir(args) -> Path:
@@ -145,7 +145,8 @@ def _run_recipe(rms: Path, name: str, out: Path, *more: str):
         data = noisy_gold_data(rms / "noisy_gold_data", **NOISY)
         recipe = [str(data) if a == NOISY_DATA else a for a in recipe]
     cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
-           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *recipe, *more]
+           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *LORA_PROXY,
+           *recipe, *more]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

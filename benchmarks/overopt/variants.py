@@ -12,10 +12,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m-instruct"
 DATA = ROOT / "data" / "sentiment"
 
-# Proxy reward models: the reward recipe (LoRA q/v on the top 8 layers, frozen-prefix cache) for ONE epoch, as
-# the demo trains it: cheap, and it learns mostly the planted length bias first (held-out reward–length Pearson 0.81
-# against 0.38 after three epochs) — the realistic, exploitable proxy. `k1_3ep` is the recipe's full three epochs,
-# for one comparison run (plain PPO against the better reward model).
+# Proxy reward models: the reward recipe with a LoRA-tuned trunk (LoRA q/v on the top 8 layers, last-token pooling,
+# frozen-prefix cache) for ONE epoch, as the demo trained it until it moved to heads-only reward models: cheap, and
+# it learns mostly the planted length bias first (held-out reward–length Pearson 0.81 against 0.38 after three
+# epochs) — the realistic, exploitable proxy. `k1_3ep` is three epochs, for one comparison run (plain PPO against
+# the better reward model). LORA_PROXY pins those settings over the recipe YAML's, so the proxies stay the ones the
+# committed results were measured with whatever the shipped recipe recommends.
+LORA_PROXY = ["--heads_only", "false", "--pooling", "last", "--lora_top_layers", "8", "--learning_rate", "1e-3",
+              "--weight_decay", "0.0", "--max_length", "256"]
 ONE_EPOCH = ["--num_train_epochs", "1"]
 NO_DECOR, DECOR = ["--length_decorrelation_coef", "0.0"], ["--length_decorrelation_coef", "0.2"]
 RMS = {

@@ -20,7 +20,11 @@ class RewardEnsembleConfig(RewardConfig):
             pairs so members see different data (only when K > 1).
         pooling (`str`, defaults to `"last"`): what the score heads read: `"last"` = the hidden state of the last
             attended token (TRL's choice), `"mean"` = the mean over attended tokens (properties spread over the
-            words of a response, such as sentiment, reach the head directly instead of through one token).
+            words of a response, such as sentiment, reach the head directly instead of through one token),
+            `"response"` = the mean over the tokens after the last assistant header of the chat template (the
+            response alone; rows without the header: every attended token).
+        heads_only (`bool`, defaults to `False`): train the score heads only, on the frozen base model (LoRA
+            adapters, if any, stay at their zero start): a linear probe of the base model's features.
         length_decorrelation_coef (`float`, defaults to `0.0`): ODIN-style penalty λ·|corr(reward, length)| on
             each batch, against the length bias of human (or simulated) labellers.
         cache_frozen_layers (`bool`, defaults to `False`): with LoRA on the top layers only, cache the frozen
@@ -51,8 +55,18 @@ class RewardEnsembleConfig(RewardConfig):
     )
     pooling: str = field(
         default="last",
-        metadata={"help": "What the score heads read: 'last' (last attended token, TRL's choice) or 'mean' (mean "
-                  "over attended tokens)."},
+        metadata={"help": "What the score heads read: 'last' (last attended token, TRL's choice), 'mean' (mean "
+                  "over attended tokens) or 'response' (mean over the tokens after the chat template's assistant "
+                  "header: the response, without the prompt's)."},
+    )
+    heads_only: bool = field(
+        default=False,
+        metadata={"help": "Train the score heads only: the base model stays frozen, and so do the LoRA adapters, at "
+                  "their initialisation (LoRA B = 0, so the trunk computes exactly the base model). The reward is then "
+                  "a linear probe of the base model's features: it cannot fit the labels' noise through the trunk, "
+                  "and on the shipped sentiment task it tracks the gold on new text far better than a LoRA-tuned "
+                  "trunk (see the README's demo section). Use with ensemble_mode='heads', pooling='response' (or 'mean') and "
+                  "weight_decay for the heads."},
     )
     length_decorrelation_coef: float = field(
         default=0.0, metadata={"help": "λ for the ODIN-style penalty λ·|corr(reward, response length)| per batch."}
@@ -113,7 +127,12 @@ class RewardEnsembleConfig(RewardConfig):
         from .ensemble import POOLING
 
         if self.pooling not in POOLING:
-            raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token) or 'mean'.")
+            raise ValueError(f"Unknown pooling {self.pooling!r}; use 'last' (last attended token), 'mean' (every "
+                             f"attended token) or 'response' (the tokens after the chat template's assistant header).")
+        if self.heads_only and self.ensemble_mode == "adapters" and self.ensemble_size > 1:
+            raise ValueError("heads_only=True freezes the LoRA adapters at their (identical, zero) start, so "
+                             "ensemble_mode='adapters' members would differ only by their heads: use "
+                             "ensemble_mode='heads' (K heads on the frozen base).")
         if not isinstance(self.extra_preferences_weight, int) or self.extra_preferences_weight < 1:
             raise ValueError(f"extra_preferences_weight must be an integer ≥ 1, got {self.extra_preferences_weight!r}.")
         if self.init_reward_model is not None:

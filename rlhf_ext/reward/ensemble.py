@@ -34,7 +34,34 @@ def pool_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-POOLING = {"last": pool_last, "mean": pool_mean}
+def assistant_header_ids(tokenizer) -> list[int]:
+    """The tokens a chat template puts before an assistant turn (`add_generation_prompt`), e.g. SmolLM2's
+    `<|im_start|>assistant\\n`; [] without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    turn = [{"role": "user", "content": "x"}]
+    without, with_ = (tokenizer.apply_chat_template(turn, tokenize=True, add_generation_prompt=g, return_dict=True)
+                      ["input_ids"] for g in (False, True))
+    return list(with_[len(without):]) if with_[: len(without)] == without else []
+
+
+def response_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, header: list[int]) -> torch.Tensor:
+    """The attended tokens after the last assistant header in each row (the response and its end-of-turn tokens);
+    a row without the header keeps all its attended tokens. [B, T] → [B, T] (mask's dtype)."""
+    B, T = input_ids.shape
+    L = len(header)
+    if not L or T < L:
+        return attention_mask
+    windows = input_ids.unfold(1, L, 1)  # [B, T-L+1, L]
+    hit = (windows == torch.tensor(header, device=input_ids.device)).all(-1) & attention_mask.unfold(1, L, 1).bool().all(-1)
+    ends = torch.arange(L - 1, T, device=input_ids.device).expand(B, -1)
+    last = torch.where(hit, ends, torch.full_like(ends, -1)).max(-1).values  # [B]; -1: no header in the row
+    after = torch.arange(T, device=input_ids.device)[None, :] > last[:, None]
+    return (attention_mask.bool() & after).to(attention_mask.dtype)
+
+
+# "response" is the mean over the response: pool_mean over response_mask, applied by RewardEnsemble (needs the ids)
+POOLING = {"last": pool_last, "mean": pool_mean, "response": pool_mean}
 MODES = ("full", "heads", "adapters")
 
 
@@ -119,6 +146,11 @@ class RewardEnsemble(nn.Module):
         self.register_buffer("std", torch.tensor(norm.get("std", [1.0] * K), dtype=torch.float), persistent=False)
         self.max_length = spec.get("max_length")
         self.pool = POOLING[spec.get("pooling", "last")]
+        self.header = assistant_header_ids(tokenizer) if spec.get("pooling") == "response" else []
+        if spec.get("pooling") == "response" and not self.header:
+            raise ValueError("pooling='response' pools the tokens after the chat template's assistant header, and this "
+                             "tokenizer has no chat template (or its template adds no header for a generation "
+                             "prompt). Use pooling='mean' (every attended token) or 'last'.")
         self.prefix_cache = None
         self.model_tags = list(spec.get("tags") or [])  # what the trainers add for the model card (as transformers')
 
@@ -183,7 +215,11 @@ class RewardEnsemble(nn.Module):
         ctx = nullcontext() if self.spec["mode"] == "full" else active_adapter(self.model, adapter)
         with ctx:
             h = self.hidden(input_ids, attention_mask)
-        return self.heads[adapter](self.pool(h, attention_mask).float())
+        return self.heads[adapter](self._pool(h, input_ids, attention_mask))
+
+    def _pool(self, hidden, input_ids, attention_mask) -> torch.Tensor:
+        mask = response_mask(input_ids, attention_mask, self.header) if self.header else attention_mask
+        return self.pool(hidden, mask).float()
 
     def forward(self, input_ids, attention_mask, **unused) -> torch.Tensor:
         """Raw member rewards. input_ids, attention_mask: [B, T] (any padding side) → [B, K]."""
@@ -194,7 +230,7 @@ class RewardEnsemble(nn.Module):
         K, B = len(self.adapters), input_ids.shape[0]
         ids, mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)
         with self.model._enable_peft_forward_hooks(adapter_names=[a for a in self.adapters for _ in range(B)]):
-            pooled = self.pool(self.hidden(ids, mask), mask).float()
+            pooled = self._pool(self.hidden(ids, mask), ids, mask)
         return torch.cat([self.heads[a](pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)], -1)
 
     @torch.no_grad()

@@ -497,6 +497,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         config.num_labels = 1
         ens = RewardEnsemble(body, processing_class, spec, heads, config=config)
         self.member_adapters = adapter_names if ens_mode != "full" else []
+        self.heads_only = args.heads_only
         self._set_trainable(ens)
 
         # Per-member bootstrap weights over training pairs (Poisson(1) ≈ resampling with replacement)
@@ -596,7 +597,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         return names, "heads" if args.ensemble_mode == "heads" or K == 1 else "adapters"
 
     def _set_trainable(self, ens):
-        if self.member_adapters:
+        if self.heads_only:  # a linear probe: nothing below the heads moves
+            ens.model.requires_grad_(False)
+        elif self.member_adapters:
             set_trainable(ens.model, self.member_adapters)
             inside = {id(p) for p in trunk_of(ens.model).parameters()}
             for p in ens.model.parameters():  # a PeftModel's own LM/score head copies: our heads score instead
