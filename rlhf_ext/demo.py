@@ -163,6 +163,9 @@ def main(argv=None):
     ap.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N of 30 layers (0 = all)")
     ap.add_argument("--reuse-reward", action="store_true", help="skip stage 1 if the reward artifact exists")
     args = ap.parse_args(argv)
+    for flag in ("eval_prompts", "eval_samples", "iterations"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
     from .data import SHIPPED
 
     out, data = Path(args.output_dir), Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"

@@ -55,3 +55,13 @@ def test_paired_change_averages_per_prompt_and_takes_the_standard_error_over_pro
                           for s in ("heldout", "transfer")}}
     row = [line for line in change_lines(summary).splitlines() if line.startswith("per-sentence sentiment")][0]
     assert row.count("+0.125 ± 0.050") == 2
+
+
+@pytest.mark.parametrize("flag", ["--eval-samples", "--eval-prompts", "--iterations"])
+def test_demo_refuses_counts_below_one_before_any_work(flag, capsys, tmp_path):
+    from rlhf_ext.demo import main
+
+    with pytest.raises(SystemExit) as e:
+        main([flag, "0", "--output-dir", str(tmp_path / "demo")])
+    assert e.value.code == 2 and f"{flag} must be ≥ 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
