@@ -66,7 +66,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"
     samples = policy_samples(resolve_model_path(args.model), data, args.prompts, args.samples, args.seed)
     analyzer = _analyzer()
@@ -79,8 +78,8 @@ def main(argv=None):
         print(f"\n{split}: {len(s['texts'])} answers, per-sentence sentiment {sentiment.mean():+.3f}, "
               f"{words.mean():.1f} words, EOS rate {sum(s['ended']) / len(s['ended']):.2f}")
         print(f"  {'reward model':48s} {'r(sentiment)':>12s} {'r(gold)':>8s} {'r(words)':>9s}")
+        completions = [[{"role": "assistant", "content": t}] for t in s["texts"]]
         for path, rm in rms.items():
-            completions = [[{"role": "assistant", "content": t}] for t in s["texts"]]
             r = rm.score_texts(s["prompts"], completions, normalize=True).mean(-1)
             row = {"r_sentiment": pearson(r, sentiment).item(), "r_gold": pearson(r, gold).item(),
                    "r_words": pearson(r, words).item()}
