@@ -87,7 +87,9 @@ def _variants() -> dict:
         "trl_rloo": dict(rm="k1", trainer="rloo"),
         "trl_grpo": dict(rm="k1", trainer="grpo"),
     }
-    v["all_loop"] = {**v["all"], "loop": LOOP}
+    # `all` + the loop on the early alarm (the loop that helped plain PPO): does the KL bound hold what the
+    # reviewed pairs win, once the alarm goes quiet?
+    v["all_loop"] = {**v["all"], "loop": {**LOOP, "queue_on": ["length_correlation"]}}
     noisy = dict(settings=NOISY_SETTINGS, yardstick="gn_k1")  # the proxy axis: the run's own kind of proxy
     v.update({
         "noisy_plain": dict(rm="gn_k1", **noisy),
