@@ -44,14 +44,11 @@ def run_ours(args) -> dict:
     from _common import baseline_prompts, summary
     from rlhf_ext import PPOConfig, PPOTrainer
     from rlhf_ext.models import load_tokenizer
-    from _common import random_reward_artifact
 
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
-    n_layers = 30 if "smollm2" in args.model.lower() else None
-    top = int(args.lora_layers)
-    layers = list(range(n_layers - top, n_layers)) if top else None
-    rm_dir = random_reward_artifact(Path(tempfile.mkdtemp(prefix="rm_bench_")), args.model, tok, layers)
+    layers = top_layers(args.model, int(args.lora_layers))
+    rm_dir = args.rm_dir or reward_artifact(args.model, int(args.lora_layers))
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in baseline_prompts(64)]})
     bf16 = args.precision == "bf16"
     cfg = PPOConfig(tempfile.mkdtemp(prefix="ppo_bench_"), per_device_train_batch_size=args.prompts,
@@ -73,6 +70,22 @@ def run_ours(args) -> dict:
         print(f"ITER {i}: {a:.2f}s (generate {b:.2f}s) {toks / a:.1f} tok/s", flush=True)
     return {**summary(it, gen, toks, tr.model, tr.policy.value_head),
             "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6, "base_dtype": base_dtype}
+
+
+def top_layers(model: str, top: int) -> list[int] | None:
+    n_layers = 30 if "smollm2" in model.lower() else None
+    return list(range(n_layers - top, n_layers)) if top else None
+
+
+def reward_artifact(model: str, top: int) -> str:
+    """The random-head reward artifact `ours` scores with. Built by the parent, not in the measured worker: it is a
+    file a user already has from the reward trainer, and building it loads an fp32 trunk that would otherwise count
+    in the worker's peak RSS (and leave its freed pages in the worker's heap)."""
+    from _common import random_reward_artifact
+    from rlhf_ext.models import load_tokenizer
+
+    out = Path(tempfile.mkdtemp(prefix="rm_bench_"))
+    return str(random_reward_artifact(out, model, load_tokenizer(model), top_layers(model, top)))
 
 
 def ensure_baseline_venv() -> Path:
@@ -152,6 +165,7 @@ def main():
                                          "earlier commit), in the same invocation: before/after ratios")
     ap.add_argument("--json-out", help="(workers) where to write the row; (main) where to write every row")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
+    ap.add_argument("--rm-dir", help=argparse.SUPPRESS)  # (worker) the reward artifact the parent built
     args = ap.parse_args()
     if args.worker:
         res = run_ours(args) if args.worker == "ours" else None
@@ -168,6 +182,7 @@ def main():
               "--completion-length", str(args.completion_length)]
     layer_counts = [int(x) for x in str(args.lora_layers).split(",")]
     rows: list[dict] = []
+    rm_dirs = {n: reward_artifact(args.model, n) for n in layer_counts}
 
     def add(result: dict, **meta) -> None:
         rows.append({**result, **meta})
@@ -175,8 +190,8 @@ def main():
     for precision in precisions:
         for n in layer_counts:
             add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
-                     args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision", precision]
-                    + common),
+                     args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision", precision,
+                     "--rm-dir", rm_dirs[n]] + common),
                 name=f"ours ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree="this")
         if args.other_tree:
             other = Path(args.other_tree).resolve()

@@ -78,7 +78,7 @@ def test_every_pass_runs_in_one_precision(tmp_path, tok, tiny_path, bf16):
 def test_the_lm_head_gets_a_contiguous_input(tmp_path, tok, tiny_path):
     """`logits_to_keep` slices the final hidden states; on a strided 3-D input torch's matmul expands the LM head's
     weight per row ([B, V, H]: 432 MiB per forward at 135M in CPU bf16, the largest block of our bf16 peak), so every
-    scoring pass hands the head a contiguous input — and the logits are the ones of the plain slice."""
+    pass hands the head a contiguous input (generate()'s prefill slices too) — and the logits are the plain slice's."""
     tr = trainer(tmp_path, tok, load_model(tiny_path), bf16=True)
     head = tr.policy.peft.get_base_model().get_output_embeddings()
     seen = []
@@ -87,8 +87,10 @@ def test_the_lm_head_gets_a_contiguous_input(tmp_path, tok, tiny_path):
     R = 3
     got = {"training": tr.train_policy(ids, mask, R)[0], "theta_old": tr.policy(ids, mask, R)[0],
            "reference": tr.policy.logits(ids, mask, R, reference=True), "kl_measure": tr.policy.logits(ids, mask, R)}
-    spy.remove()
     assert len(seen) == len(got) and all(n == R + 1 < ids.shape[1] and contiguous for n, contiguous in seen)
+    tr.policy.generate(tr.prompts[:2], tok, 4)
+    spy.remove()
+    assert len(seen) > len(got) and all(contiguous for _, contiguous in seen)
     with torch.no_grad(), tr.policy.precision():  # independent: the model's whole-sequence logits, sliced here
         full = tr.policy.peft(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
     want = full[:, -R - 1 : -1].float() / tr.args.temperature

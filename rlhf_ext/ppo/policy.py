@@ -78,6 +78,15 @@ class Rollout:
         return self.resp_mask * self.valid.to(self.resp_mask)[:, None]
 
 
+def _contiguous_input(module, args):
+    """The LM head's input made contiguous. `logits_to_keep` hands it a strided slice of the final hidden states (in
+    the training passes and in generate()'s prefill); on a strided 3-D input torch's matmul cannot fold the batch and
+    expands the head's weight per row — on CPU in bf16 a [B, V, H] copy, 432 MiB at 135M and batch 8, and slower."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 class PolicyAndValue(nn.Module):
     """Policy + value on one PeftModel. `forward` is the one training pass (gradients flow); the rest are no-grad.
 
@@ -95,6 +104,7 @@ class PolicyAndValue(nn.Module):
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
         base = peft.get_base_model()
         self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        base.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
 
     @property
     def device(self) -> torch.device:
@@ -121,16 +131,10 @@ class PolicyAndValue(nn.Module):
     def _lm(self, ids, mask, n_resp, h_low, want_hidden: bool):
         """The model's own forward → (logits/T, last hidden states) at the R states that predict the response."""
         captured = {}
-
-        def head_input(module, args):
-            # The LM head's input is the final hidden state, whatever the architecture calls it. `logits_to_keep`
-            # hands it a strided slice; made contiguous, because on a strided 3-D input torch's matmul expands the
-            # head's weight per row (CPU bf16: a [B, V, H] copy, 432 MiB per forward at 135M, and slower).
-            h = args[0].contiguous()
-            captured["h"] = h
-            return (h, *args[1:])
-
-        hook = self.peft.get_base_model().get_output_embeddings().register_forward_pre_hook(head_input)
+        hook = None
+        if want_hidden:  # the LM head's input is the final hidden state, whatever the architecture calls it
+            head = self.peft.get_base_model().get_output_embeddings()
+            hook = head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
         kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
         if self._keep_logits:
             kw["logits_to_keep"] = n_resp + 1
@@ -142,7 +146,8 @@ class PolicyAndValue(nn.Module):
                     with self.split.upper_only():
                         out = self.peft(inputs_embeds=h_low, **kw)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         logits = out.logits[:, -n_resp - 1 : -1].float() / self.temperature
         h = captured["h"][:, -n_resp - 1 : -1] if want_hidden else None
         return logits, h
