@@ -68,8 +68,13 @@ def run_ours(args) -> dict:
     toks = args.prompts * args.completion_length
     for i, (a, b) in enumerate(zip(it, gen), 1):
         print(f"ITER {i}: {a:.2f}s (generate {b:.2f}s) {toks / a:.1f} tok/s", flush=True)
+    from statistics import median
+
     return {**summary(it, gen, toks, tr.model, tr.policy.value_head),
-            "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6, "base_dtype": base_dtype}
+            "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6, "base_dtype": base_dtype,
+            # where the rest goes: scoring + reference after sampling, then θ_old + the epochs (medians, 2..N)
+            "score_ref_s": median(h["time/rollout_s"] - h["time/generate_s"] for h in hist[1:]),
+            "update_s": median(h["time/update_s"] for h in hist[1:])}
 
 
 def top_layers(model: str, top: int) -> list[int] | None:
@@ -117,11 +122,12 @@ def layers_label(n: int) -> str:
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{args.prompts} prompts x {args.completion_length} tokens, {args.epochs} PPO epochs, 1 minibatch, "
           f"{args.iters} iterations (median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}")
-    print(f"{'trainer':28s} {'precision':>9s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'iter/gen':>8s} "
-          f"{'peak RSS MiB':>12s} {'params M':>9s}")
+    print(f"{'trainer':28s} {'precision':>9s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'score+ref s':>11s} "
+          f"{'update s':>8s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
     for r in rows:
+        split = (f"{r['score_ref_s']:11.2f} {r['update_s']:8.2f}" if "update_s" in r else f"{'—':>11s} {'—':>8s}")
         print(f"{r['name']:28s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
-              f"{r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
+              f"{split} {r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
 
 
 def print_ratios(rows: list[dict]) -> None:

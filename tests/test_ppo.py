@@ -48,6 +48,9 @@ def test_ppo_raises_reward(tmp_path, tok):
                 "response/eos_rate", "response/length_mean", "objective/kl", "objective/beta"):
         assert all(math.isfinite(h[key]) for h in hist), key
     assert all(h["policy/entropy"] >= 0 for h in hist)  # masked means: never negative from padding
+    for h in hist:  # where an iteration's time goes: sampling within the rollout, the rollout and the update within it
+        assert 0 < h["time/generate_s"] <= h["time/rollout_s"] and h["time/update_s"] > 0
+        assert h["time/rollout_s"] + h["time/update_s"] <= h["time/iteration_s"]
 
 
 def test_hard_kl_holds_where_fixed_breaks(tmp_path, tok):

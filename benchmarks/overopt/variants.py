@@ -52,6 +52,7 @@ HEADLINE_DELTA = 5.0
 # "scratch" trains it again as it was first trained, the reviewed pairs added once (16 among 1536 pairs: they
 # barely move it — the first measured loop run)
 LOOP = {"error": 0.1, "budget": 64, "per_round": 16, "order": "queue", "retrain": "finetune"}
+EARLY_LOOP = {**LOOP, "queue_on": ["length_correlation"]}  # the reward–length correlation alarm queues too
 
 
 def _variants() -> dict:
@@ -84,15 +85,17 @@ def _variants() -> dict:
         "plain_loop_scratch": dict(rm="k1", loop={**LOOP, "retrain": "scratch"}),
         # the reward–length correlation alarm (log-only by default) queues too: on plain PPO it fires at iterations
         # 2–3, five or more before the length/EOS alarms, while most answers still end
-        "plain_loop_early": dict(rm="k1", loop={**LOOP, "queue_on": ["length_correlation"]}),
-        **{f"plain_loop_b{b}": dict(rm="k1", loop={**LOOP, "budget": b}) for b in (16, 32, 128)},
-        **{f"plain_loop_e{round(100 * e)}": dict(rm="k1", loop={**LOOP, "error": e}) for e in (0.0, 0.25)},
+        "plain_loop_early": dict(rm="k1", loop=EARLY_LOOP),
+        # the budget and reviewer-error axes, on the early-alarm loop (the one that recovers every seed)
+        **{f"plain_loop_early_b{b}": dict(rm="k1", loop={**EARLY_LOOP, "budget": b}) for b in (16, 32, 128)},
+        **{f"plain_loop_early_e{round(100 * e)}": dict(rm="k1", loop={**EARLY_LOOP, "error": e})
+           for e in (0.0, 0.25)},
         "trl_rloo": dict(rm="k1", trainer="rloo"),
         "trl_grpo": dict(rm="k1", trainer="grpo"),
     }
     # `all` + the loop on the early alarm (the loop that helped plain PPO): does the KL bound hold what the
     # reviewed pairs win, once the alarm goes quiet?
-    v["all_loop"] = {**v["all"], "loop": {**LOOP, "queue_on": ["length_correlation"]}}
+    v["all_loop"] = {**v["all"], "loop": EARLY_LOOP}
     noisy = dict(settings=NOISY_SETTINGS, yardstick="gn_k1")  # the proxy axis: the run's own kind of proxy
     v.update({
         "noisy_plain": dict(rm="gn_k1", **noisy),

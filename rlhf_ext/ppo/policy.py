@@ -104,7 +104,9 @@ class PolicyAndValue(nn.Module):
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
         base = peft.get_base_model()
         self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
-        base.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
+        head = base.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
 
     @property
     def device(self) -> torch.device:

@@ -496,6 +496,7 @@ class PPOTrainer(Trainer):
         self.rollout = None
         ro = self.rollout = self._rollout(self._next_prompts())
         B, m = ro.ids.shape[0], ro.loss_mask
+        stats["time/rollout_s"] = time.perf_counter() - t0  # sampling, scoring, reference
 
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
         out = self._full_forward(ro)
@@ -540,6 +541,7 @@ class PPOTrainer(Trainer):
         self._memo.clear()
         if self.kl_guard is None and args.log_kl_after_update:
             stats["kl/after_update"] = self._measure(ro)
+        stats["time/update_s"] = time.perf_counter() - t0 - stats["time/rollout_s"]  # θ_old, epochs, guard
 
         # 6. the KL controller sees the rollout's sequence KL (estimator on sampled tokens, mean over sequences)
         valid_rows = (m.sum(1) > 0).float()
