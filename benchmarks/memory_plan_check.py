@@ -15,8 +15,8 @@ scoring (4 LoRA reward adapters in one mixed batch). Four of them (mid-256, mid-
 top-8 placement) also run in the other precisions, suffixed: `-bf16` (bf16 weights, no autocast), `-autocast`
 (fp32 weights, PPOConfig(bf16=True): every pass under bf16 autocast) and `-bf16-autocast` (bf16 weights and
 autocast, what a GPU user runs); the plan is `estimate(dtype=…, bf16=…)` with the trainer's dtype semantics.
-CPU-only effect the plan counts for device="cpu" (`lm_head_cpu_bf16_copy_bytes`): in bf16, the LM head on
-`logits_to_keep`'s non-contiguous slice copies its weight once per row.
+(The plan once counted a CPU-only bf16 effect: the LM head on `logits_to_keep`'s non-contiguous slice copied its
+weight once per row. The policy now hands the head a contiguous input, so the copy is gone from both.)
 Measured = peak RSS (VmHWM, reset just before the model is built) minus the RSS at that point (imports, one tiny
 warm-up iteration of the same architecture, the tokenizer and the prompts already there). Planned =
 `rlhf_ext.plan.estimate(..., device="cpu")`: what torch allocates at the peak, no allocator slack. The plan must

@@ -515,11 +515,12 @@ def autocast_weight_copy_bytes(shape: dict, *, targets, trained_layers: int, che
 def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int,
                              load_in_4bit: bool = False) -> int:
     """What the backward adds on top of the saved activations and the policy logits, at its worst: the larger of
-    - the logits' gradient, twice its size at once: 8·rows·R·V. On CPU (and without TRL's triton kernel) it arrives
-      in two [rows, R, V] fp32 halves, selective_log_softmax's gather and its per-row logsumexp (stacked by
-      UnbindBackward from per-row gradients), summed into the logits' buffer; with the kernel it is one tensor, but
-      the division by the temperature (z/T) then makes a second one while the first is alive. Measured on CPU (fp32,
-      benchmarks/memory_plan_check.py): 2.0–2.1 × 4·rows·R·V above the logits themselves.
+    - the logits' gradient, twice its size at once: 8·rows·R·V. `rl_math.token_logprobs` builds it in one
+      [rows, R, V] fp32 buffer, in place; the division by the temperature (z/T) then makes a second one while the
+      first is alive (under autocast the cast back to 16 bits comes after the first is released). Before that function
+      (TRL's selective_log_softmax: a gather and per-row logsumexp gradients, summed) CPU measurements read
+      2.0–2.1 × 4·rows·R·V above the logits themselves (fp32, benchmarks/memory_plan_check.py), so this stays a
+      bound.
     - the top layer's MLP backward, whose input gradients (3 of width I; 4 for GPT-2's gelu) exist before the
       saved tensors they replace are released: m·a·I per token.
     Further down, each layer's transients are offset by the activations already released above it. On a 4-bit base,
@@ -532,8 +533,8 @@ def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int
 def loss_transient_bytes(rows: int, resp_len: int, vocab: int) -> int:
     """Between the training forward and its backward, the PPO loss: TRL's `entropy_from_logits` (a statistic, no
     grad at ent_coef = 0) works through 128 rows of [rows·R, V] at a time — log_softmax, exp and their product, fp32:
-    12·min(128, rows·R)·V. (selective_log_softmax's per-row logsumexp temporaries are smaller; TRL's triton kernel on
-    GPU makes both [rows, R]-sized, so this is an upper bound there.)"""
+    12·min(128, rows·R)·V. (`token_logprobs`' logsumexp temporaries, 32 rows of V, are smaller; TRL's triton kernel
+    on GPU makes the entropy's [rows, R]-sized, so this is an upper bound there.)"""
     return int(12 * min(128, rows * resp_len) * vocab)
 
 
@@ -587,15 +588,6 @@ def forward_logits_bytes(rows: int, resp_len: int, vocab: int, logit_bytes: int,
     head's bf16 cast (`head_cast`: 2·V·H under autocast over fp32 weights), freed before the fp32 copy."""
     full = rows * vocab * (logit_bytes * (resp_len + 1) + 4 * resp_len * (2 if logit_bytes == 2 else 1))
     return int(max(full, rows * vocab * logit_bytes * (resp_len + 1) + head_cast))
-
-
-def lm_head_cpu_bf16_copy_bytes(rows: int, hidden: int, vocab: int) -> int:
-    """CPU only, 16-bit: the LM head runs on a non-contiguous slice of the hidden states (`logits_to_keep`:
-    [rows, R+1, H] of [rows, T, H]; generate's prefill keeps 1 position). `torch.matmul` does not fold a
-    non-contiguous batch when the weight needs no gradient; it expands the weight to [rows, H, V] for bmm, and the
-    CPU bf16 bmm (oneDNN) copies that expansion contiguous: 2·rows·H·V bytes for the duration of the matmul
-    (measured: 32 MiB for 8 rows × 256 × 8192; fp32 and CUDA's batched GEMM take the stride-0 batch without a copy)."""
-    return int(2 * rows * hidden * vocab)
 
 
 def reward_member_bytes(shape: dict, ensemble: int, mode: str, r: int, targets) -> int:
@@ -693,12 +685,9 @@ class _Run:
 
     def head_transient(self, rows: int) -> int:
         """What the LM head's matmul adds beside its logits: under autocast over fp32 weights its bf16 cast
-        (2·V·H); on CPU in bf16, `lm_head_cpu_bf16_copy_bytes`."""
-        if self.prec.weight_copies:
-            return 2 * self.V * self.H
-        if self.device == "cpu" and self.prec.a == 2 and not self.quantized:
-            return lm_head_cpu_bf16_copy_bytes(rows, self.H, self.V)
-        return 0
+        (2·V·H). (Its input arrives contiguous — `policy._contiguous_input` — so torch's matmul folds the batch
+        instead of expanding the weight per row, which on CPU in bf16 was a 2·rows·H·V copy.)"""
+        return 2 * self.V * self.H if self.prec.weight_copies else 0
 
     def forward_logits(self, rows: int) -> int:
         return forward_logits_bytes(rows, self.R, self.V, self.prec.a, self.head_transient(rows))
@@ -707,14 +696,8 @@ class _Run:
         return max(self.nograd(rows, self.T), self.forward_logits(rows))
 
     def backward(self, rows: int) -> int:
-        """The backward's transients; on CPU in bf16 the LM head's input gradient is a bmm against the same expanded
-        weight, copied again (`lm_head_cpu_bf16_copy_bytes`) beside the logits' bf16 gradient (the fp32 halves are
-        summed and converted by then)."""
-        transient = backward_transient_bytes(self.shape, rows, self.T, self.R, a=self.prec.a,
-                                             load_in_4bit=self.quantized)
-        if self.prec.weight_copies or not self.head_transient(rows):
-            return transient
-        return max(transient, self.prec.a * rows * (self.R + 1) * self.V + self.head_transient(rows))
+        """The backward's transients (`backward_transient_bytes`)."""
+        return backward_transient_bytes(self.shape, rows, self.T, self.R, a=self.prec.a, load_in_4bit=self.quantized)
 
     def kv_cache(self, rows: int) -> int:
         return kv_cache_bytes(self.shape, rows, self.T, self.prec.a, k_bytes=self.prec.k_cache)

@@ -299,8 +299,8 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     vocabulary 8192, 8 prompts × (32 + 32) tokens, hard KL, 3 PPO epochs, one iteration) in a fresh process: peak RSS
     over the baseline vs the plan, for the whole run (its peak: the training step's backward) and phase by phase
     (PhaseMeter). In fp32, under bf16 autocast over fp32 weights (PPOConfig(bf16=True): the training forward's bf16
-    weight casts, fp32 residual stream and keys) and with bf16 weights under autocast (a GPU user's setting; on CPU
-    the LM head's per-row weight copy, `lm_head_cpu_bf16_copy_bytes`). Tolerance ±15 %: the plan counts tensors
+    weight casts, fp32 residual stream and keys) and with bf16 weights under autocast (a GPU user's setting).
+    Tolerance ±15 %: the plan counts tensors
     only, and at a ~85 MiB peak the rest — Python objects, glibc's heap for the < 64 KiB allocations, ~1–5 MiB of
     first-use buffers — moves RSS by a few MiB (measured 0.97–1.03 here, and 0.94–1.03 across
     benchmarks/memory_plan_check.py's configurations). The exact-KL check is the regression test for

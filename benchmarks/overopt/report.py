@@ -128,8 +128,11 @@ def loop_table(rows) -> str:
         def pm(k, fmt):
             return format(r[k], fmt) + (f" ± {format(r[k + '_std'], fmt.lstrip('+'))}" if r["seeds"] > 1 else "")
 
-        cost = (f"{r['labels']:.0f} ({r['flipped']:.1f}) | {r['rounds']:.1f} (it {r['first_round_at']:.0f}) | "
-                f"{r['round_minutes']:.1f}") if "labels" in r else "— | — | —"
+        cost = "— | — | —"
+        if "labels" in r:  # a loop run whose alarms never queued has no first round and no round time
+            first = f"it {r['first_round_at']:.0f}" if math.isfinite(r["first_round_at"]) else "none"
+            per = f"{r['round_minutes']:.1f}" if math.isfinite(r["round_minutes"]) else "—"
+            cost = f"{r['labels']:.0f} ({r['flipped']:.1f}) | {r['rounds']:.1f} ({first}) | {per}"
         lines.append(f"| {n} | {r['seeds']} | {pm('final_gold', '+.3f')} | {pm('best_gold', '+.3f')} | "
                      f"{pm('final_sentiment', '+.3f')} | {pm('final_length', '.1f')} | {pm('final_eos', '.2f')} | "
                      f"{pm('final_kl', '.1f')} | {pm('transfer_end', '+.3f')} | {pm('transfer_sentiment_end', '+.3f')} | "
