@@ -515,12 +515,13 @@ def autocast_weight_copy_bytes(shape: dict, *, targets, trained_layers: int, che
 def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int,
                              load_in_4bit: bool = False) -> int:
     """What the backward adds on top of the saved activations and the policy logits, at its worst: the larger of
-    - the logits' gradient, twice its size at once: 8·rows·R·V. `rl_math.token_logprobs` builds it in one
-      [rows, R, V] fp32 buffer, in place; the division by the temperature (z/T) then makes a second one while the
-      first is alive (under autocast the cast back to 16 bits comes after the first is released). Before that function
-      (TRL's selective_log_softmax: a gather and per-row logsumexp gradients, summed) CPU measurements read
-      2.0–2.1 × 4·rows·R·V above the logits themselves (fp32, benchmarks/memory_plan_check.py), so this stays a
-      bound.
+    - the logits' gradient, twice its size at once: 8·rows·R·V. On CPU (and without TRL's triton kernel) it arrives
+      in two [rows, R, V] fp32 halves, selective_log_softmax's gather and its per-row logsumexp (stacked by
+      UnbindBackward from per-row gradients), summed into the logits' buffer; with the kernel it is one tensor, but
+      the division by the temperature (z/T) then makes a second one while the first is alive. Measured on CPU (fp32,
+      benchmarks/memory_plan_check.py): 2.0–2.1 × 4·rows·R·V above the logits themselves. (A hand-written
+      one-buffer backward for the log-probs was tried and measured no lower in the trainer: 822.9 against 824.1 MiB
+      for smollm2-135m in bf16, 1224.8 against 1225.2 in fp32.)
     - the top layer's MLP backward, whose input gradients (3 of width I; 4 for GPT-2's gelu) exist before the
       saved tensors they replace are released: m·a·I per token.
     Further down, each layer's transients are offset by the activations already released above it. On a 4-bit base,
@@ -533,8 +534,8 @@ def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int
 def loss_transient_bytes(rows: int, resp_len: int, vocab: int) -> int:
     """Between the training forward and its backward, the PPO loss: TRL's `entropy_from_logits` (a statistic, no
     grad at ent_coef = 0) works through 128 rows of [rows·R, V] at a time — log_softmax, exp and their product, fp32:
-    12·min(128, rows·R)·V. (`token_logprobs`' logsumexp temporaries, 32 rows of V, are smaller; TRL's triton kernel
-    on GPU makes the entropy's [rows, R]-sized, so this is an upper bound there.)"""
+    12·min(128, rows·R)·V. (selective_log_softmax's per-row logsumexp temporaries are smaller; TRL's triton kernel on
+    GPU makes both [rows, R]-sized, so this is an upper bound there.)"""
     return int(12 * min(128, rows * resp_len) * vocab)
 
 

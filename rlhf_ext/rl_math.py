@@ -40,36 +40,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum=None) -> torch
     return (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8) * mask
 
 
-class _TokenLogProbs(torch.autograd.Function):
-    """log softmax(z)[y] with a hand-written backward: its gradient g·(onehot(y) − softmax(z)) is built in one
-    [..., V] buffer, in place. Autograd through log_softmax → gather (or TRL's logsumexp form) builds it from two
-    to three tensors of that size, alive at once — the largest block of the backward on a big vocabulary."""
-
-    @staticmethod
-    def forward(ctx, logits, index):
-        flat = logits.reshape(-1, logits.shape[-1])
-        lse = torch.cat([torch.logsumexp(rows, -1) for rows in flat.split(_LSE_ROWS)]).view(index.shape)
-        ctx.save_for_backward(logits, index, lse)
-        return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        logits, index, lse = ctx.saved_tensors
-        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))  # −g·softmax(z)
-        return grad.scatter_add_(-1, index.unsqueeze(-1), g.unsqueeze(-1)), None  # + g at y
-
-
-_LSE_ROWS = 32  # rows of [V] per logsumexp: its exp temporary stays [32, V], never [..., V]
-
-
-def token_logprobs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log π(y_t) = z_t[y_t] − logsumexp(z_t). logits: [..., V] fp32/fp64, index: [...] long → [...].
-    Same values as `logits.log_softmax(-1).gather(-1, index[..., None])[..., 0]`; what differs is the backward's
-    memory (one [..., V] gradient buffer)."""
-    return _TokenLogProbs.apply(logits, index)
-
-
 def full_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Exact KL(π‖π_ref) per state over the whole vocabulary. logp, ref_logp: [B, T, V] log-softmax → [B, T]."""
     return (logp.exp() * (logp - ref_logp)).sum(-1)

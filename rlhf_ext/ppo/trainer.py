@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from trl.trainer.utils import entropy_from_logits
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
@@ -388,7 +388,7 @@ class PPOTrainer(Trainer):
                     for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
-        ro.ref_logprobs = F.token_logprobs(ref_logits, ro.resp)
+        ro.ref_logprobs = selective_log_softmax(ref_logits, ro.resp)
         if self.kl_guard is not None or args.log_kl_after_update:
             ro.ref_logprobs_full = ref_logits.log_softmax(-1)  # exact KL checks need the whole distribution
         return ro
@@ -500,7 +500,7 @@ class PPOTrainer(Trainer):
 
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
         out = self._full_forward(ro)
-        old_logp, old_values = F.token_logprobs(out[0].detach(), ro.resp), out[1].detach()
+        old_logp, old_values = selective_log_softmax(out[0].detach(), ro.resp), out[1].detach()
         if self.kl_guard is not None:
             stats["kl/before_update"] = self._measure(ro, out[0])
         del out  # the memo holds it until epoch 1 takes it; no longer than that
@@ -517,7 +517,7 @@ class PPOTrainer(Trainer):
                 logits, values = self._train_forward(ro, idx)
                 sel = slice(None) if idx is None else idx
                 mi = m[sel]
-                logp = F.token_logprobs(logits, ro.resp[sel])
+                logp = selective_log_softmax(logits, ro.resp[sel])
                 pg_loss, clipfrac, approx_kl = F.policy_loss(logp, old_logp[sel], adv[sel], mi, args.clip_range)
                 vf_loss, vf_clipfrac = F.value_loss(values, old_values[sel], returns[sel], mi, args.clip_range_value)
                 with torch.set_grad_enabled(args.ent_coef != 0):
