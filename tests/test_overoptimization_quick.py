@@ -4,6 +4,8 @@ report, plot) on a tiny model in seconds, so the benchmark cannot rot."""
 from __future__ import annotations
 
 import json
+
+import pytest
 import math
 import sys
 from pathlib import Path
@@ -163,3 +165,26 @@ def test_quick_loop_with_a_pool_labels_the_pairs_its_order_ranks_first(tmp_path)
         labelled = decided[4 * k : 4 * k + 4]
         assert set(labelled) == {q["id"] for q in widest[:4]}
         done |= set(labelled)
+
+
+@pytest.mark.parametrize("error", [0.0, 0.1, 0.25, 1 / 3, 1.0])
+def test_exact_reviewer_flips_the_stated_share_and_a_resumed_one_continues(tmp_path, error):
+    """flips="exact": after every n decisions, ⌊n·e⌋ or ⌈n·e⌉ of them flipped (counted here from the decisions
+    themselves, against a reference answer the reviewer cannot see); a reviewer rebuilt after k decisions (a resumed
+    run) flips the same ones as one that never stopped. The Bernoulli default can flip none of 32 at 10 %."""
+    _bench()  # imports the benchmark's `overopt` package
+    from overopt.reviewer import SimulatedReviewer
+
+    rec = {"flagged": {"audit": {"gold": 1.0}}, "reference": {"audit": {"gold": 0.0}}}  # right answer: "flagged"
+    for seed in range(4):
+        whole = SimulatedReviewer(tmp_path, error, seed, flips="exact")
+        wrong = [whole._decision(rec) != "flagged" for _ in range(64)]
+        for n in range(1, 65):
+            assert math.floor(n * error) <= sum(wrong[:n]) <= math.ceil(n * error), (seed, n)
+        for k in (5, 16, 33):
+            resumed = SimulatedReviewer(tmp_path, error, seed, flips="exact", decided=k)
+            assert [resumed._decision(rec) != "flagged" for _ in range(64 - k)] == wrong[k:]
+    bernoulli = SimulatedReviewer(tmp_path, 0.1, 0)
+    assert sum(bernoulli._decision(rec) != "flagged" for _ in range(32)) == 0  # why "exact" exists
+    with pytest.raises(ValueError, match="flips must be one of"):
+        SimulatedReviewer(tmp_path, 0.1, 0, flips="sometimes")

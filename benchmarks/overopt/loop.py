@@ -33,7 +33,8 @@ class LoopRun(Run):
         if self.args.quick:  # 3 iterations of 8 samples: two rounds of 4 labels (from 6 pending with a pool)
             loop = {**loop, "per_round": 4, "budget": 8, **({"pool": 6} if "pool" in loop else {})}
         rec = self.record.setdefault("loop", {"labels": 0, "flipped": 0, "rounds": []})
-        reviewer = SimulatedReviewer(self.dir, loop["error"], self.seed, loop["order"])
+        reviewer = SimulatedReviewer(self.dir, loop["error"], self.seed, loop["order"], flips=loop.get("flips", "random"),
+                                     decided=rec["labels"])
         run = self
 
         class StopForReview(TrainerCallback):

@@ -3,11 +3,16 @@ takes the path their clicks take — the review server's HTTP API (`POST /api/de
 same `preferences.jsonl` a person's would.
 
 It decides each pair by the gold score the monitor recorded on both sides (the audit), flipping a stated share of
-its decisions (`error`, drawn with a seeded generator; a tie goes to the reference policy's answer: when the gold
-cannot tell them apart, the labels should not move the policy), and labels at most `budget` pairs a round. Which pending
+its decisions (`error`; a tie goes to the reference policy's answer: when the gold cannot tell them apart, the labels
+should not move the policy), and labels at most `budget` pairs a round. Which pending
 pairs it labels first is the queue's lever (`order`): `queue` (the order the monitor queued them: its detectors'
 most suspicious samples first) or `proxy_margin` (the pairs where the proxy prefers the flagged response to the
 reference's by the widest margin: where the proxy is most confidently wrong, if it is wrong).
+
+Which decisions are flipped (`flips`): "random" draws each one with probability `error` from a seeded generator —
+over the 16–64 decisions of a run the realised share varies widely (at error 0.1: 0/32, 6/32 and 5/64 for seeds 0, 1
+and 2; at 0.25, seed 0 flips none of its first 16); "exact" flips every (1/error)-th decision from a seeded offset,
+so after n decisions exactly ⌊n·error⌋ or ⌈n·error⌉ are flipped — what an axis over the error rate needs.
 """
 
 from __future__ import annotations
@@ -20,18 +25,29 @@ from pathlib import Path
 from rlhf_ext.monitor.queue import ReviewQueue
 
 ORDERS = ("queue", "proxy_margin")
+FLIPS = ("random", "exact")
 
 
 class SimulatedReviewer:
     def __init__(self, output_dir: str | Path, error: float = 0.1, seed: int = 0, order: str = "queue",
-                 audit: str = "gold"):
+                 audit: str = "gold", flips: str = "random", decided: int = 0):
         if not 0 <= error <= 1:
             raise ValueError(f"error (share of flipped decisions) must lie in [0, 1], got {error}.")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-        self.output_dir, self.error, self.order, self.audit = Path(output_dir), error, order, audit
+        if flips not in FLIPS:
+            raise ValueError(f"flips must be one of {FLIPS}, got {flips!r}.")
+        self.output_dir, self.error, self.order, self.audit, self.flips = Path(output_dir), error, order, audit, flips
         self.rng = random.Random(seed)
+        self.offset = self.rng.random() if flips == "exact" else 0.0
+        self.decided = decided  # decisions made so far in this run (a resumed run continues the exact pattern)
         self.flipped = 0  # decisions flipped so far (the loop's record keeps the labels)
+
+    def _flip(self) -> bool:
+        k, self.decided = self.decided, self.decided + 1
+        if self.flips == "exact":  # the k-th decision is flipped when ⌊k·e + u⌋ steps up
+            return int((k + 1) * self.error + self.offset) > int(k * self.error + self.offset)
+        return self.rng.random() < self.error
 
     def _ranked(self, pending: list[dict]) -> list[dict]:
         if self.order == "queue":
@@ -41,7 +57,7 @@ class SimulatedReviewer:
     def _decision(self, rec: dict) -> str:
         flagged, reference = rec["flagged"]["audit"][self.audit], rec["reference"]["audit"][self.audit]
         right = "flagged" if flagged > reference else "reference"  # a tie keeps the reference policy's answer
-        if self.rng.random() < self.error:
+        if self._flip():
             self.flipped += 1
             return "reference" if right == "flagged" else "flagged"
         return right

@@ -88,7 +88,9 @@ def _variants() -> dict:
         "plain_loop_early": dict(rm="k1", loop=EARLY_LOOP),
         # the budget and reviewer-error axes, on the early-alarm loop (the one that recovers every seed)
         **{f"plain_loop_early_b{b}": dict(rm="k1", loop={**EARLY_LOOP, "budget": b}) for b in (16, 32, 128)},
-        **{f"plain_loop_early_e{round(100 * e)}": dict(rm="k1", loop={**EARLY_LOOP, "error": e})
+        # (exact flips: the stated share of decisions, not Bernoulli draws, whose realised share over 16–64 labels
+        # varies 0–19 % at 10 % — reviewer.py)
+        **{f"plain_loop_early_e{round(100 * e)}": dict(rm="k1", loop={**EARLY_LOOP, "error": e, "flips": "exact"})
            for e in (0.0, 0.25)},
         "trl_rloo": dict(rm="k1", trainer="rloo"),
         "trl_grpo": dict(rm="k1", trainer="grpo"),
