@@ -8,7 +8,9 @@ across the processes. Writes what each rank saw and the trained parameters.
 KL guard (lr 0.1) checked against the independent oracle on each rank's own batch; no parameters are saved.
 """
 
+import atexit
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +26,16 @@ from rlhf_ext.testing import tiny_tokenizer
 torch.set_num_threads(1)
 out, mode, global_batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 tok = tiny_tokenizer()
+
+
+@atexit.register  # registered first, so it runs last: after the trainers' own exit handlers
+def _process_group_at_exit():
+    if "RANK" in os.environ:
+        import torch.distributed as dist
+
+        (out / f"exit_r{os.environ['RANK']}.json").write_text(json.dumps({"initialized": dist.is_initialized()}))
+
+
 SUBJECTS = "movie book song film food place day night".split()
 
 if mode == "precision":

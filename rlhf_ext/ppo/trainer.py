@@ -26,6 +26,7 @@ from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         zero_dropout)
 from ..data import model_pad_id, tokenize_prompts
+from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model,
                       load_tokenizer)
@@ -200,6 +201,7 @@ class PPOTrainer(Trainer):
             callbacks = [self.monitor, *(callbacks or [])]
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=self.tokenizer,
                          callbacks=callbacks)
+        close_process_group_at_exit()
         if args.gradient_checkpointing:
             from ..reward.ensemble import replay_with_adapter_state
 

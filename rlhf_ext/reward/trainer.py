@@ -35,6 +35,7 @@ from trl.trainer.utils import global_then_local_main_first
 from ..architectures import final_hidden_size
 from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, zero_dropout
 from ..data import message_text
+from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of)
@@ -532,6 +533,7 @@ class RewardEnsembleTrainer(RewardTrainer):
                              callbacks=[*(kwargs.pop("callbacks", None) or []), check], **kwargs)
         finally:
             args.chat_template_path = template
+        close_process_group_at_exit()
         self.prefix_cache = self._build_prefix_cache(ens) if args.cache_frozen_layers else None
         self._eval_buffer = defaultdict(list)
         self._eval_prefix = "eval"
