@@ -188,3 +188,38 @@ def test_exact_reviewer_flips_the_stated_share_and_a_resumed_one_continues(tmp_p
     assert sum(bernoulli._decision(rec) != "flagged" for _ in range(32)) == 0  # why "exact" exists
     with pytest.raises(ValueError, match="flips must be one of"):
         SimulatedReviewer(tmp_path, 0.1, 0, flips="sometimes")
+
+
+def test_quick_demo_configuration_runs_on_the_demo_reward_model(tmp_path):
+    """`all_probe` is `all` with the demo's reward model (K=4 heads on the frozen base), `plain_probe` that reward model
+    unmitigated: both run end to end, each on the proxy it names."""
+    bench = _bench()
+    out = tmp_path / "probe.json"
+    bench.main(["--quick", "--runs", "all_probe:0,plain_probe:0", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"all_probe", "plain_probe"} and all(r["done"] for r in runs.values())
+    assert runs["all_probe"]["spec"]["rm"] == runs["plain_probe"]["spec"]["rm"] == "probe"
+    assert {k: v for k, v in runs["all_probe"]["spec"].items() if k != "rm"} == \
+        {k: v for k, v in bench.VARIANTS["all"].items() if k != "rm"}
+    spec = json.loads((tmp_path / "w" / "rms" / "probe" / "rlhf_ext_reward.json").read_text())
+    assert spec["ensemble_size"] == 4
+
+
+def test_the_demo_proxy_is_trained_by_the_shipped_recipe_alone(tmp_path, monkeypatch):
+    """The LoRA proxies pin their settings over the recipe YAML's; the demo's reward model must not (it is the shipped
+    recipe as a user runs it: heads only, response pooling)."""
+    _bench()
+    from overopt import tasks
+
+    cmds = []
+    monkeypatch.setattr(tasks.subprocess, "run", lambda cmd, **kw: cmds.append(cmd))
+    tasks._run_recipe(tmp_path, "probe", tmp_path / "probe")
+    tasks._run_recipe(tmp_path, "k1", tmp_path / "k1")
+    probe, k1 = cmds
+    assert "--heads_only" not in probe and "--pooling" not in probe and "--lora_top_layers" not in probe
+    assert probe[-2:] == ["--output_dir", str(tmp_path / "probe")]
+    assert k1[k1.index("--heads_only") + 1] == "false"
+    import yaml
+
+    shipped = yaml.safe_load((ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml").read_text())
+    assert shipped["heads_only"] is True and shipped["pooling"] == "response" and shipped["ensemble_size"] == 4

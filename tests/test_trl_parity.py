@@ -304,8 +304,16 @@ def test_tags(tmp_path, sc_path):
     assert "trl" in front and "reward-trainer" in front
 
 
-def test_dtype(tmp_path, sc_path):
-    """model_init_kwargs dtype: the model loads in it in both. Intentional: our score heads stay fp32."""
+def test_dtype(tmp_path, sc_path, monkeypatch):
+    """model_init_kwargs dtype: the model loads in it in both. Intentional: our score heads stay fp32. Ours loads
+    the model itself, so TRL must not be told a loaded model came with model_init_kwargs ("will be ignored")."""
+    import trl.trainer.reward_trainer as trl_rt
+
+    warned = []
+    monkeypatch.setattr(trl_rt.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
+    ours = make(TRAINERS[1], tmp_path, sc_path, data(), model_init_kwargs={"dtype": torch.bfloat16})
+    assert not [w for w in warned if "model_init_kwargs" in w], warned
+    assert ours.args.model_init_kwargs == {"dtype": torch.bfloat16}  # the user's config is left as given
     trl_tr, ours = pair(tmp_path, sc_path, data(), model_init_kwargs={"dtype": torch.bfloat16})
     assert {p.dtype for p in trl_tr.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in ours.model.model.parameters()} == {torch.bfloat16}

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .variants import DATA, LORA_PROXY, MODEL, NOISY, NOISY_DATA, RMS, ROOT
+from .variants import DATA, LORA_PROXY, MODEL, NOISY, NOISY_DATA, RMS, ROOT, SHIPPED_RECIPE
 
 
 def rm_dir(args) -> Path:
@@ -102,7 +102,8 @@ QUICK_RMS = {"k1": {}, "k4_heads": {"ensemble_size": 4},
              "k4_adapters": {"ensemble_size": 4, "ensemble_mode": "adapters"},
              "k1_decor": {"length_decorrelation_coef": 0.2}, "k1_3ep": {},
              "gn_k1": {}, "gn_k4_heads": {"ensemble_size": 4},
-             "gn_k4_adapters": {"ensemble_size": 4, "ensemble_mode": "adapters"}}
+             "gn_k4_adapters": {"ensemble_size": 4, "ensemble_mode": "adapters"},
+             "probe": {"ensemble_size": 4, "length_decorrelation_coef": 0.2, "heads_only": True}}
 
 
 def train_quick_rm(out: Path, model_path: str, extra: dict, extra_preferences: list[str] | None = None):
@@ -145,8 +146,8 @@ def _run_recipe(rms: Path, name: str, out: Path, *more: str):
         data = noisy_gold_data(rms / "noisy_gold_data", **NOISY)
         recipe = [str(data) if a == NOISY_DATA else a for a in recipe]
     cmd = [sys.executable, str(ROOT / "recipes" / "reward_modeling.py"), "--config",
-           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out), *LORA_PROXY,
-           *recipe, *more]
+           str(ROOT / "recipes" / "configs" / "reward_smollm2_sentiment.yaml"), "--output_dir", str(out),
+           *([] if name in SHIPPED_RECIPE else LORA_PROXY), *recipe, *more]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

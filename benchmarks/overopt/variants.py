@@ -41,6 +41,12 @@ RMS.update({
     "gn_k4_heads": _NOISY_RECIPE + ["--ensemble_size", "4", "--ensemble_mode", "heads"],
     "gn_k4_adapters": _NOISY_RECIPE + ["--ensemble_size", "4", "--ensemble_mode", "adapters"],
 })
+# The demo's reward model (issue: does the shipped configuration improve the task?): the shipped reward recipe as it
+# is — K=4 heads on the frozen base (a linear probe of its features), response pooling, length de-correlation 0.2,
+# three epochs — without LORA_PROXY's pins. It tracks per-sentence sentiment on the policy's own samples at r ≈ 0.5
+# where the LoRA-tuned proxies read ≈ 0.15 (README, demo section).
+RMS["probe"] = []
+SHIPPED_RECIPE = {"probe"}  # proxies trained by the shipped YAML alone
 NOISY_SETTINGS = {"iterations": 60, "transfer_every": 30}  # long enough for plain PPO to peak and fall
 
 BETA = 0.01  # small enough that plain PPO over-optimises within the budget (the issue's probe)
@@ -98,6 +104,10 @@ def _variants() -> dict:
     # `all` + the loop on the early alarm (the loop that helped plain PPO): does the KL bound hold what the
     # reviewed pairs win, once the alarm goes quiet?
     v["all_loop"] = {**v["all"], "loop": EARLY_LOOP}
+    # the demo's configuration on the benchmark: `all` with the demo's reward model, and that reward model without
+    # any mitigation (is the probe itself hackable?)
+    v["all_probe"] = {**v["all"], "rm": "probe"}
+    v["plain_probe"] = dict(rm="probe")
     noisy = dict(settings=NOISY_SETTINGS, yardstick="gn_k1")  # the proxy axis: the run's own kind of proxy
     v.update({
         "noisy_plain": dict(rm="gn_k1", **noisy),

@@ -524,15 +524,17 @@ class RewardEnsembleTrainer(RewardTrainer):
             # What transformers does for its own models (ours is not a PreTrainedModel): DDP's unused-parameter
             # search breaks (reentrant) checkpointing, and every member's parameters take part in every step.
             args.ddp_find_unused_parameters = False
-        template = args.chat_template_path
+        template, init_kwargs = args.chat_template_path, args.model_init_kwargs
         if template is not None and not _is_template_file(template):
             args.chat_template_path = None  # cloned onto the trunk above; TRL would clone onto our wrapper again
+        # used above to load the model; TRL, handed the loaded ensemble, would warn that they are ignored
+        args.model_init_kwargs = None
         try:
             super().__init__(model=ens, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None,
                              callbacks=[*(kwargs.pop("callbacks", None) or []), check], **kwargs)
         finally:
-            args.chat_template_path = template
+            args.chat_template_path, args.model_init_kwargs = template, init_kwargs
         close_process_group_at_exit()
         self.prefix_cache = self._build_prefix_cache(ens) if args.cache_frozen_layers else None
         self._eval_buffer = defaultdict(list)
