@@ -195,7 +195,8 @@ def main(argv=None):
         "kl_target": args.kl_target, "max_train_kl_after_update": max(kl_after),
         "minutes": {"reward": (t1 - t0) / 60, "ppo": (t2 - t1) / 60, "total": (t2 - t0) / 60},
         # after − before per measure, ± its standard error over prompts (paired: the same prompts, before and after)
-        "change": {split: {k: paired_change(before[split], after[split], k) for k in CHANGE_KEYS}
+        "change": {split: {**{k: paired_change(before[split], after[split], k) for k in CHANGE_KEYS},
+                           "distinct2": distinct_change(before[split]["samples"], after[split]["samples"])}
                    for split in ("heldout", "transfer")},
         "eval": {"prompts": args.eval_prompts, "samples_per_prompt": args.eval_samples},
         "examples_after": after["heldout"]["samples"]["texts"][:: args.eval_samples][:5],
@@ -232,7 +233,7 @@ def change_lines(summary: dict) -> str:
     """after − before ± standard error over prompts, for the measures that are scored per sample."""
     lines = [f"{'change (after − before)':24s}{'held-out':>22s}{'transfer':>24s}   (± SE over prompts)"]
     for key, label in MEASURES:
-        if key in CHANGE_KEYS:
+        if key in summary["change"]["heldout"]:
             cells = [summary["change"][split][key] for split in ("heldout", "transfer")]
             lines.append(f"{label:24s}" + "".join(f"{m:>+14.3f} ± {se:.3f}  " for m, se in cells))
     return "\n".join(lines)
@@ -254,6 +255,32 @@ def paired_change(before: dict, after: dict, key: str) -> tuple[float, float]:
     diffs = [a[p] - b[p] for p in b if p in a]
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     return sum(diffs) / len(diffs), se
+
+
+def distinct_change(before: dict, after: dict, n: int = 2, draws: int = 400, seed: int = 0) -> tuple[float, float]:
+    """Change of distinct-n (a corpus measure: no per-sample score to average) from `before` to `after`, and its
+    standard error by a paired bootstrap over prompts: each draw resamples the prompts with replacement and recomputes
+    distinct-n of both runs' answers to the same draw (every sample of a drawn prompt)."""
+    import random
+    import statistics
+
+    from .sentiment import distinct_n
+
+    def by_prompt(samples):
+        groups: dict[str, list[str]] = {}
+        for p, t in zip(samples["prompts"], samples["texts"]):
+            groups.setdefault(str(p), []).append(t)
+        return groups
+
+    b, a = by_prompt(before), by_prompt(after)
+    keys = [p for p in b if p in a]
+
+    def change(ks):
+        return distinct_n([t for k in ks for t in a[k]], n) - distinct_n([t for k in ks for t in b[k]], n)
+
+    rng = random.Random(seed)
+    boot = [change(rng.choices(keys, k=len(keys))) for _ in range(draws)]
+    return change(keys), statistics.stdev(boot) if len(keys) > 1 else float("nan")
 
 
 def results_table(summary: dict) -> str:

@@ -65,3 +65,31 @@ def test_demo_refuses_counts_below_one_before_any_work(flag, capsys, tmp_path):
         main([flag, "0", "--output-dir", str(tmp_path / "demo")])
     assert e.value.code == 2 and f"{flag} must be ≥ 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_distinct_change_is_the_corpus_difference_with_a_paired_bootstrap_error():
+    from rlhf_ext.demo import distinct_change
+    from rlhf_ext.sentiment import distinct_n
+
+    import random
+
+    r = random.Random(1)
+    vocab = [f"w{i}" for i in range(5000)]
+
+    def run(k, q):  # each answer a stock phrase with probability q, else 8 random words (distinct-2 ≈ 1 − q)
+        prompts = [f"p{i}" for i in range(k) for _ in range(2)]
+        return {"prompts": prompts, "texts": ["have a nice day ahead" if r.random() < q
+                                              else " ".join(r.choices(vocab, k=8)) for _ in prompts]}
+
+    before, after = run(40, 0.1), run(40, 0.5)  # after: more stock phrases, fewer distinct bigrams
+    mean, se = distinct_change(before, after)
+    assert mean == pytest.approx(distinct_n(after["texts"]) - distinct_n(before["texts"]))
+    assert mean < -3 * se < 0  # a real drop, told from the noise
+    assert distinct_change(before, before) == (0.0, 0.0)  # the same answers: no change, no spread
+    # four times the prompts (independent draws of the same process): the error shrinks about twofold
+    _, se4 = distinct_change(run(160, 0.1), run(160, 0.5))
+    assert 0.3 < se4 / se < 0.75
+    row = [line for line in __import__("rlhf_ext.demo", fromlist=["x"]).change_lines(
+        {"change": {s: {"distinct2": (mean, se)} for s in ("heldout", "transfer")}}).splitlines()
+        if line.startswith("distinct-2")]
+    assert row and row[0].count(f"{mean:+.3f} ± {se:.3f}") == 2
