@@ -65,7 +65,8 @@ def main(argv=None):
                                                    "can reuse the templates run's: --rm-dir outputs/overopt/rms")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/overoptimization[_wide].json")
     ap.add_argument("--rms", default="", help="`rms` stage: comma-separated proxies to train (default: all of them)")
-    ap.add_argument("--runs", default="", help="comma-separated variant:seed keys (default: the full schedule)")
+    ap.add_argument("--runs", default="", help="comma-separated variant:seed keys (`run`: default the full schedule; "
+                    "`report`: only these of the workdir's runs)")
     ap.add_argument("--workers", type=int, default=1, help="parallel worker processes sharing the run queue")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 3 iterations: a smoke test")

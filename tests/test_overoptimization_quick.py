@@ -203,6 +203,11 @@ def test_quick_demo_configuration_runs_on_the_demo_reward_model(tmp_path):
         {k: v for k, v in bench.VARIANTS["all"].items() if k != "rm"}
     spec = json.loads((tmp_path / "w" / "rms" / "probe" / "rlhf_ext_reward.json").read_text())
     assert spec["ensemble_size"] == 4
+    # `report --runs`: one scenario's runs of a shared workdir, beside runs of another report
+    only = tmp_path / "only.json"
+    bench.main(["report", "--quick", "--workdir", str(tmp_path / "w"), "--runs", "all_probe:0", "--out", str(only),
+                "--compare", f"{out}:plain_probe"])
+    assert sorted(r["variant"] for r in json.loads(only.read_text())["runs"]) == ["all_probe", "plain_probe"]
 
 
 def test_the_demo_proxy_is_trained_by_the_shipped_recipe_alone(tmp_path, monkeypatch):

@@ -211,6 +211,9 @@ def report(args):
     workdir = Path(args.workdir)
     records = [json.loads(p.read_text()) for p in sorted((workdir / "runs").glob("*.json"))]
     records = [r for r in records if r["points"] and (r.get("done") or args.partial)]
+    if args.runs:  # a report of some runs of a workdir (e.g. one scenario beside the benchmark's own runs)
+        wanted = set(args.runs.split(","))
+        records = [r for r in records if f"{r['variant']}:{r['seed']}" in wanted]
     for spec in args.compare or []:  # "results.json:plain,all": finished runs of another report, side by side
         path, _, names = spec.rpartition(":")
         records += [r for r in json.loads(Path(path).read_text())["runs"] if r["variant"] in names.split(",")]
