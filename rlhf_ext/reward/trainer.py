@@ -527,8 +527,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         template, init_kwargs = args.chat_template_path, args.model_init_kwargs
         if template is not None and not _is_template_file(template):
             args.chat_template_path = None  # cloned onto the trunk above; TRL would clone onto our wrapper again
-        # used above to load the model; TRL, handed the loaded ensemble, would warn that they are ignored
-        args.model_init_kwargs = None
+        if isinstance(model, str):  # used above to load it; TRL, handed the ensemble, would warn they were ignored
+            args.model_init_kwargs = None
         try:
             super().__init__(model=ens, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None,
