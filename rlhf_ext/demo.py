@@ -239,6 +239,14 @@ def change_lines(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _by_prompt(samples: dict, key: str) -> dict[str, list]:
+    """`evaluate_policy` samples' `key` column grouped by prompt (a prompt's samples are not independent)."""
+    groups: dict[str, list] = {}
+    for p, v in zip(samples["prompts"], samples[key]):
+        groups.setdefault(str(p), []).append(v)
+    return groups
+
+
 def paired_change(before: dict, after: dict, key: str) -> tuple[float, float]:
     """Mean change of judge `key` from `before` to `after` (`evaluate_policy` samples on the same prompts) and its
     standard error over prompts: per prompt, the mean over its samples after minus before; the prompts are the
@@ -246,10 +254,7 @@ def paired_change(before: dict, after: dict, key: str) -> tuple[float, float]:
     import statistics
 
     def per_prompt(samples):
-        groups: dict[str, list[float]] = {}
-        for p, v in zip(samples["prompts"], samples[key]):
-            groups.setdefault(str(p), []).append(v)
-        return {p: sum(v) / len(v) for p, v in groups.items()}
+        return {p: sum(v) / len(v) for p, v in _by_prompt(samples, key).items()}
 
     b, a = per_prompt(before["samples"]), per_prompt(after["samples"])
     diffs = [a[p] - b[p] for p in b if p in a]
@@ -266,13 +271,7 @@ def distinct_change(before: dict, after: dict, n: int = 2, draws: int = 400, see
 
     from .sentiment import distinct_n
 
-    def by_prompt(samples):
-        groups: dict[str, list[str]] = {}
-        for p, t in zip(samples["prompts"], samples["texts"]):
-            groups.setdefault(str(p), []).append(t)
-        return groups
-
-    b, a = by_prompt(before), by_prompt(after)
+    b, a = _by_prompt(before, "texts"), _by_prompt(after, "texts")
     keys = [p for p in b if p in a]
 
     def change(ks):

@@ -5,8 +5,9 @@ finished and wrote its results, and `accelerate launch` then reports the whole j
 drops its last finished collective a moment after the Python side returned from it; when that moment falls inside
 interpreter finalization, releasing the collective's tensors needs the GIL, Python ends the thread with
 `pthread_exit`, and the forced unwind through a C++ destructor calls `std::terminate` (pytorch/pytorch#190489;
-it failed this project's CI once; here 3 of 24 rounds of tests/gloo_exit_worker.py aborted without the close). `destroy_process_group()` alone does not prevent it while a
-DDP model still holds the group: the worker threads live on until the group is freed.
+it failed this project's CI once; here 3 of 24 rounds of tests/gloo_exit_worker.py aborted without the close).
+`destroy_process_group()` alone does not prevent it while a DDP model still holds the group: the worker threads
+live on until the group is freed.
 
 So the trainers register, for the end of the interpreter: destroy the default group (what torch asks every script to
 do), then wait, with the GIL released, until every gloo worker thread is idle — everything it drops is then dropped

@@ -68,7 +68,7 @@ def test_demo_refuses_counts_below_one_before_any_work(flag, capsys, tmp_path):
 
 
 def test_distinct_change_is_the_corpus_difference_with_a_paired_bootstrap_error():
-    from rlhf_ext.demo import distinct_change
+    from rlhf_ext.demo import change_lines, distinct_change
     from rlhf_ext.sentiment import distinct_n
 
     import random
@@ -89,7 +89,6 @@ def test_distinct_change_is_the_corpus_difference_with_a_paired_bootstrap_error(
     # four times the prompts (independent draws of the same process): the error shrinks about twofold
     _, se4 = distinct_change(run(160, 0.1), run(160, 0.5))
     assert 0.3 < se4 / se < 0.75
-    row = [line for line in __import__("rlhf_ext.demo", fromlist=["x"]).change_lines(
-        {"change": {s: {"distinct2": (mean, se)} for s in ("heldout", "transfer")}}).splitlines()
-        if line.startswith("distinct-2")]
+    lines = change_lines({"change": {s: {"distinct2": (mean, se)} for s in ("heldout", "transfer")}}).splitlines()
+    row = [line for line in lines if line.startswith("distinct-2")]
     assert row and row[0].count(f"{mean:+.3f} ± {se:.3f}") == 2
