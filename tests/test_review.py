@@ -152,6 +152,35 @@ def test_api_state_decide_undo(served):
     assert read_lines(q.preferences_path) == []
 
 
+def test_proxy_margin_order_shows_the_most_confidently_preferred_flagged_answer_first(tmp_path):
+    """`order="proxy_margin"`: pending pairs by score(flagged) − score(reference), widest first, ties in queue order;
+    decided pairs drop out and the rest keep that order. The default stays the queue's."""
+    q = ReviewQueue(tmp_path)
+    margins = {"a": 0.5, "b": 2.0, "c": -1.0, "d": 2.0, "e": 0.0}  # b and d tie: b was queued first
+    for pid, m in margins.items():
+        pair = make_pair(pid, f"flagged {pid}", f"reference {pid}")
+        pair["reference"]["score"] = 0.25
+        pair["flagged"]["score"] = 0.25 + m
+        q.add(pair)
+    assert [r["id"] for r in q.pending()] == ["a", "b", "c", "d", "e"]
+    assert [r["id"] for r in q.pending("proxy_margin")] == ["b", "d", "a", "e", "c"]
+    server, url = serve(tmp_path, reviewer="bob", order="proxy_margin")
+    try:
+        status, state = call(url, "/api/state")
+        assert state["order"] == "proxy_margin" and [p["id"] for p in state["pending"]] == ["b", "d", "a"]
+        _, state = call(url, "/api/decide", {"id": "b", "decision": "reference"})
+        assert [p["id"] for p in state["pending"]] == ["d", "a", "e"]
+        _, state = call(url, "/api/undo", {"id": "b"})
+        assert [p["id"] for p in state["pending"]] == ["b", "d", "a"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="review order must be one of queue, proxy_margin; got 'newest'"):
+        q.pending("newest")
+    with pytest.raises(ValueError, match="review order must be one of"):
+        serve(tmp_path, order="newest")
+
+
 @pytest.mark.parametrize("body,status", [({"id": "p0", "decision": "left"}, 400), ({"decision": "skip"}, 400),
                                          ({"id": "nope", "decision": "skip"}, 404), (["p0"], 400)])
 def test_api_rejects_bad_decisions_with_json(served, body, status):
@@ -221,11 +250,12 @@ def test_cli_serves_until_ctrl_c(tmp_path):
     q = ReviewQueue(tmp_path)
     q.add(make_pair("p0", "a", "b"))
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ext.cli", "review", str(tmp_path), "--no-browser",
-                             "--reviewer", "cli"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--reviewer", "cli", "--order", "proxy_margin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         url = lines[1].split("Review page: ", 1)[1].split()[0]
-        assert url.startswith("http://127.0.0.1:")
+        assert url.startswith("http://127.0.0.1:") and "proxy_margin first" in lines[0]
+        assert call(url, "/api/state")[1]["order"] == "proxy_margin"
         assert call(url, "/api/decide", {"id": "p0", "decision": "flagged"})[1]["counts"]["preferences"] == 1
         proc.send_signal(signal.SIGTERM)  # (SIGINT too; a background shell may have set it to "ignore")
         out, err = proc.communicate(timeout=60)

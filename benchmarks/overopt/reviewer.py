@@ -9,6 +9,9 @@ pairs it labels first is the queue's lever (`order`): `queue` (the order the mon
 most suspicious samples first) or `proxy_margin` (the pairs where the proxy prefers the flagged response to the
 reference's by the widest margin: where the proxy is most confidently wrong, if it is wrong).
 
+The ranking is the review server's own (`rlhf-ext review --order`): the simulated reviewer labels the pair the page
+would show first, then asks for the next.
+
 Which decisions are flipped (`flips`): "random" draws each one with probability `error` from a seeded generator —
 over the 16–64 decisions of a run the realised share varies widely (at error 0.1: 0/32, 6/32 and 5/64 for seeds 0, 1
 and 2; at 0.25, seed 0 flips none of its first 16); "exact" flips every (1/error)-th decision from a seeded offset,
@@ -22,9 +25,8 @@ import random
 import urllib.request
 from pathlib import Path
 
-from rlhf_ext.monitor.queue import ReviewQueue
+from rlhf_ext.monitor.queue import check_order
 
-ORDERS = ("queue", "proxy_margin")
 FLIPS = ("random", "exact")
 
 
@@ -33,8 +35,7 @@ class SimulatedReviewer:
                  audit: str = "gold", flips: str = "random", decided: int = 0):
         if not 0 <= error <= 1:
             raise ValueError(f"error (share of flipped decisions) must lie in [0, 1], got {error}.")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
+        check_order(order)
         if flips not in FLIPS:
             raise ValueError(f"flips must be one of {FLIPS}, got {flips!r}.")
         self.output_dir, self.error, self.order, self.audit, self.flips = Path(output_dir), error, order, audit, flips
@@ -49,11 +50,6 @@ class SimulatedReviewer:
             return int((k + 1) * self.error + self.offset) > int(k * self.error + self.offset)
         return self.rng.random() < self.error
 
-    def _ranked(self, pending: list[dict]) -> list[dict]:
-        if self.order == "queue":
-            return pending
-        return sorted(pending, key=lambda r: r["reference"]["score"] - r["flagged"]["score"])
-
     def _decision(self, rec: dict) -> str:
         flagged, reference = rec["flagged"]["audit"][self.audit], rec["reference"]["audit"][self.audit]
         right = "flagged" if flagged > reference else "reference"  # a tie keeps the reference policy's answer
@@ -63,23 +59,29 @@ class SimulatedReviewer:
         return right
 
     def review(self, budget: int) -> int:
-        """Label up to `budget` pending pairs through the review server; returns how many were labelled."""
+        """Label up to `budget` pending pairs through the review server, each time the pair its page would show
+        first (the server's `order`); returns how many were labelled."""
         from rlhf_ext.monitor.review import serve
 
-        server, url = serve(self.output_dir, reviewer=f"simulated (error {self.error:g}, {self.order})")
+        server, url = serve(self.output_dir, reviewer=f"simulated (error {self.error:g}, {self.order})", order=self.order)
         done = 0
         try:
-            for rec in self._ranked(ReviewQueue(self.output_dir).pending()):
-                if done >= budget:
+            while done < budget:
+                pending = _call(url + "api/state")["pending"]
+                if not pending:
                     break
-                decision = self._decision(rec)
-                req = urllib.request.Request(url + "api/decide", method="POST",
-                                             data=json.dumps({"id": rec["id"], "decision": decision}).encode(),
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    json.loads(resp.read())
+                _call(url + "api/decide", {"id": pending[0]["id"], "decision": self._decision(pending[0])})
                 done += 1
         finally:
             server.shutdown()
             server.server_close()
         return done
+
+
+def _call(url: str, body: dict | None = None) -> dict:
+    """GET (body None) or POST JSON, as the review page does; → the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={} if body is None else {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())

@@ -33,6 +33,22 @@ from pathlib import Path
 from ..integrity import write_text_atomic
 
 DECISIONS = ("flagged", "reference", "both_bad", "skip")
+# The order pending pairs are shown in. "queue": as the monitor queued them (each alarm's most suspicious samples
+# first). "proxy_margin": the pairs where the reward prefers the flagged response to the reference's by the widest
+# margin first — where the proxy is most confidently wrong if the person finds it wrong, so a small label budget
+# corrects the most. Measured on the reward-hacking benchmark: README, "The human loop".
+ORDERS = ("queue", "proxy_margin")
+
+
+def check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"review order must be one of {', '.join(ORDERS)}; got {order!r}.")
+    return order
+
+
+def proxy_margin(record: dict) -> float:
+    """How much the reward prefers the flagged response: score(flagged) − score(reference)."""
+    return record["flagged"]["score"] - record["reference"]["score"]
 
 
 def now() -> str:
@@ -108,9 +124,14 @@ class ReviewQueue:
         picked = sum(ev["decision"] in ("flagged", "reference") for ev in decided.values())
         return {"total": len(ids), "decided": len(decided), "pending": len(ids) - len(decided), "preferences": picked}
 
-    def pending(self) -> list[dict]:
+    def pending(self, order: str = "queue") -> list[dict]:
+        """The undecided pairs, in review order (`ORDERS`); ties keep the queue's order."""
+        check_order(order)
         decided = self.decisions()
-        return [r for r in self.records() if r["id"] not in decided]
+        out = [r for r in self.records() if r["id"] not in decided]
+        if order == "proxy_margin":
+            out.sort(key=proxy_margin, reverse=True)
+        return out
 
     def decide(self, pair_id: str, decision: str, reviewer: str | None = None) -> None:
         if decision not in DECISIONS:

@@ -11,6 +11,9 @@ Workflow:
    The page polls, so pairs a running trainer appends show up without a reload.
 3. `rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl` trains the next reward model on them.
 
+Pending pairs come in queue order, or with `--order proxy_margin` the pairs where the reward prefers the flagged
+response by the widest margin first (`queue.ORDERS`).
+
 HTTP API (JSON): `GET /api/state[?prefer=ID]` the next pending pairs, counts and the last decision;
 `POST /api/decide {"id", "decision"}` with decision in flagged/reference/both_bad/skip; `POST /api/undo {"id"?}`.
 
@@ -31,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .queue import DECISIONS, ReviewQueue
+from .queue import DECISIONS, ORDERS, ReviewQueue, check_order
 
 STATIC = Path(__file__).parent / "static"
 FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/review.js": ("review.js", "text/javascript; charset=utf-8"),
@@ -57,7 +60,8 @@ class ReviewServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a browser's open connection must not keep Ctrl-C from exiting
 
-    def __init__(self, output_dir, port: int = 0, reviewer: str | None = None):
+    def __init__(self, output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue"):
+        self.order = check_order(order)  # before binding: a bad order must not leave a port open
         super().__init__(("127.0.0.1", port), Handler)
         self.queue = ReviewQueue(output_dir)
         self.reviewer = reviewer
@@ -74,11 +78,11 @@ class ReviewServer(ThreadingHTTPServer):
 
     def state(self, prefer: str | None = None) -> dict:
         q = self.queue
-        pending = q.pending()
+        pending = q.pending(self.order)
         # the pair on screen (or the one just undone) stays first, whatever else was decided meanwhile
         pending.sort(key=lambda r: r["id"] != prefer)
         return {"pending": pending[:PENDING_SHOWN], "counts": q.progress(), "last": q.last_decision(),
-                "preferences_path": str(q.preferences_path), "reviewer": self.reviewer}
+                "preferences_path": str(q.preferences_path), "reviewer": self.reviewer, "order": self.order}
 
     def decide(self, body: dict) -> dict:
         pair_id, decision = body.get("id"), body.get("decision")
@@ -205,11 +209,11 @@ def check_queue(output_dir) -> ReviewQueue:
     return q
 
 
-def serve(output_dir, port: int = 0, reviewer: str | None = None):
+def serve(output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue"):
     """Start the review server in a background thread; returns `(server, url)`. Stop it with `server.shutdown()`
-    and `server.server_close()`. Port 0 picks a free port."""
+    and `server.server_close()`. Port 0 picks a free port; `order`: which pending pair comes first (`ORDERS`)."""
     check_queue(output_dir)
-    server = ReviewServer(output_dir, port, reviewer)
+    server = ReviewServer(output_dir, port, reviewer, order)
     # a short poll interval: shutdown() waits for the loop to notice, and tests start and stop many servers
     threading.Thread(target=server.serve_forever, args=(0.1,), name="rlhf-ext-review", daemon=True).start()
     return server, server.url
@@ -222,10 +226,14 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
     ap.add_argument("--no-browser", action="store_true", help="print the URL only, do not open a browser")
     ap.add_argument("--reviewer", default=None, help="name recorded with each decision")
+    ap.add_argument("--order", choices=ORDERS, default="queue",
+                    help="which pending pair comes first: queue (as the monitor queued them) or proxy_margin (the "
+                         "pairs where the reward prefers the flagged response by the widest margin: with few labels "
+                         "to give, these correct the reward model the most)")
     args = ap.parse_args(argv)
     try:
         queue = check_queue(args.output_dir)
-        server = ReviewServer(args.output_dir, args.port, args.reviewer)
+        server = ReviewServer(args.output_dir, args.port, args.reviewer, args.order)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2
@@ -233,7 +241,8 @@ def main(argv=None) -> int:
         print(f"Cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
         return 2
     p = queue.progress()
-    print(f"Reviewing {queue.queue_path}: {p['pending']} of {p['total']} pairs pending.", flush=True)
+    first = "" if args.order == "queue" else f", {args.order} first"
+    print(f"Reviewing {queue.queue_path}: {p['pending']} of {p['total']} pairs pending{first}.", flush=True)
     print(f"Review page: {server.url}   (Ctrl-C to stop; every decision is saved as you click)", flush=True)
     if not args.no_browser:
         try:
