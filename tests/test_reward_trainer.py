@@ -263,7 +263,7 @@ def _stream(rows):
 
 
 def test_streaming_train_and_eval(tmp_path, tiny_path, tok):
-    from rlhf_ext.reward.trainer import hashed_bootstrap_weights
+    from rlhf_ext.reward.preference_data import hashed_bootstrap_weights
 
     args = _quick(tmp_path, ensemble_size=2)
     tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=_stream(preference_rows(16, 0)),

@@ -1,0 +1,211 @@
+"""The reward trainer's data: preference rows checked before TRL tokenises them (errors name the row and the fix),
+reviewed pairs added from `extra_preferences`, the `max_length` check, and what the ensemble's loss needs beside TRL's
+batch — per-pair bootstrap weights and response lengths."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from itertools import accumulate, islice
+from pathlib import Path
+
+import torch
+from datasets import Dataset, IterableDataset
+from trl.data_utils import get_dataset_column_names
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from ..data import message_text
+
+_TOKENISED = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"})  # TRL's, and its legacy names
+_STREAM_PEEK = 64  # rows of a streaming dataset read at start-up for the length check
+
+
+def _check_text(value, name: str, i: int, col: str) -> None:
+    """A preference field must be text or a list of chat messages; chosen/rejected must not be blank."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        text = message_text(value)
+    else:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} row {i}: '{col}' is a {type(value).__name__} ({shown}), not text. TRL's preference "
+                         f"format needs a string, or a list of chat messages ({{'role': ..., 'content': ...}}); convert "
+                         f"the column or drop the row.")
+    if col != "prompt" and not text.strip():
+        raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
+
+
+def _check_row(row: dict, i: int, name: str) -> None:
+    for col in ("prompt", "chosen", "rejected"):
+        if col in row:
+            _check_text(row[col], name, i, col)
+    if "margin" in row:
+        m = row["margin"]
+        if m is None or isinstance(m, (str, bytes)) or not math.isfinite(float(m)):
+            raise ValueError(f"{name} row {i}: margin {m!r} is not a finite number. Fix or drop the row.")
+
+
+def validate_preference_dataset(dataset, name: str = "train_dataset"):
+    """Fail early, naming the row and the fix, instead of deep inside tokenisation. Pairs whose chosen and
+    rejected responses are identical carry no preference (the loss is log 2 whatever the model does): they are
+    dropped with a counted warning. Returns the dataset to train on.
+
+    A streaming `IterableDataset` is checked as it is read: its first row at once, every row when it streams by
+    (a bad row stops training naming its index), ties dropped with a warning at the first one (they cannot be
+    counted in advance)."""
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise TypeError(f"`{name}` must be a `Dataset` or `IterableDataset`, got `{type(dataset).__name__}`.")
+    cols = set(get_dataset_column_names(dataset))
+    if any(pair <= cols for pair in _TOKENISED):  # pre-tokenised: TRL renames the legacy columns (FutureWarning)
+        return dataset
+    missing = {"chosen", "rejected"} - cols
+    if missing:
+        raise ValueError(
+            f"{name} is missing column(s) {sorted(missing)}; it has {sorted(cols)}. Reward modelling needs TRL's "
+            f"preference format: 'chosen' and 'rejected' (and optionally 'prompt', 'margin'), or pre-tokenised "
+            f"'chosen_ids' and 'rejected_ids'."
+        )
+    if isinstance(dataset, IterableDataset):
+        return _validate_streaming(dataset, name)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty.")
+    ties = []
+    for i, row in enumerate(dataset):
+        _check_row(row, i, name)
+        if row["chosen"] == row["rejected"]:
+            ties.append(i)
+    if ties:
+        if len(ties) == len(dataset):
+            raise ValueError(f"Every pair of {name} has chosen == rejected: there is no preference to learn.")
+        warnings.warn(f"{name}: dropped {len(ties)} pair(s) whose chosen and rejected responses are identical (first: "
+                      f"row {ties[0]}); they carry no preference.", stacklevel=3)
+        keep = sorted(set(range(len(dataset))) - set(ties))
+        dataset = dataset.select(keep)
+    return dataset
+
+
+def _validate_streaming(dataset: IterableDataset, name: str) -> IterableDataset:
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError(f"{name} is empty.")
+    _check_row(first, 0, name)
+    warned = []
+
+    def check(row, i):
+        _check_row(row, i, name)
+        return row
+
+    def not_a_tie(row, i):
+        if row["chosen"] != row["rejected"]:
+            return True
+        if not warned:
+            warned.append(i)
+            warnings.warn(f"{name}: dropping pairs whose chosen and rejected responses are identical as they stream "
+                          f"by (first: row {i}); they carry no preference. A streaming dataset cannot count them in "
+                          f"advance.", stacklevel=2)
+        return False
+
+    return dataset.map(check, with_indices=True).filter(not_a_tie, with_indices=True)
+
+
+def add_extra_preferences(train_dataset, files, weight: int = 1):
+    """`RewardEnsembleConfig.extra_preferences` applied to the training set, each extra row `weight` times (a missing
+    or empty file is an error naming it). A training set that already ends with exactly those rows (a script that
+    called `rlhf_ext.data.with_extra_preferences` itself, as the recipe once did) is used as it is, with a warning."""
+    from ..data import with_extra_preferences
+
+    if isinstance(train_dataset, IterableDataset):
+        raise ValueError("extra_preferences needs a sized train_dataset (a datasets.Dataset): a streaming "
+                         "IterableDataset cannot be concatenated with the preference files. Load the stream into a "
+                         "Dataset, or add the files' rows to the stream yourself and leave extra_preferences unset.")
+    for f in files:  # an empty file: `datasets` fails inside its JSON reader (StopIteration) before data.py can say so
+        if Path(f).is_file() and not Path(f).read_text(encoding="utf-8").strip():
+            raise ValueError(f"extra_preferences: {f} holds no preference pairs yet (the file is empty).")
+    combined = with_extra_preferences(train_dataset, files)
+    n = len(combined) - len(train_dataset)
+    if 0 < n <= len(train_dataset):
+        cols = [c for c in ("prompt", "chosen", "rejected") if c in combined.column_names]
+        tail = train_dataset.select(range(len(train_dataset) - n, len(train_dataset))).select_columns(cols)
+        if tail.to_list() == combined.select(range(len(train_dataset), len(combined))).select_columns(cols).to_list():
+            warnings.warn(f"extra_preferences: train_dataset already ends with the {n} pair(s) of {list(files)} (added "
+                          f"by rlhf_ext.data.with_extra_preferences); they are not added a second time.", stacklevel=3)
+            return train_dataset
+    if weight > 1:
+        from datasets import concatenate_datasets
+
+        extra = combined.select(range(len(train_dataset), len(combined)))
+        combined = concatenate_datasets([combined] + [extra] * (weight - 1))
+    return combined
+
+
+def _pair_lengths(dataset) -> tuple[list[int], bool]:
+    """Tokens of each pair (the longer of chosen and rejected): all of a Dataset (complete=True), or the first
+    rows of a stream."""
+    if isinstance(dataset, Dataset):
+        import pyarrow.compute as pc
+
+        out = []
+        for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+            out.extend(pc.max_element_wise(pc.list_value_length(batch["chosen_ids"]),
+                                           pc.list_value_length(batch["rejected_ids"])).to_pylist())
+        return out, True
+    rows = list(islice(iter(dataset), _STREAM_PEEK))
+    return [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in rows], False
+
+
+def check_lengths(dataset, limit: int, name: str) -> None:
+    """`max_length` that filters out every pair is an error naming the shortest; one that drops most is a warning."""
+    lengths, complete = _pair_lengths(dataset)
+    n, dropped = len(lengths), sum(length > limit for length in lengths)
+    if not n or not dropped:
+        return
+    which = f"{n} pairs" if complete else f"first {n} pairs (a streaming dataset: only those were read)"
+    if dropped == n:
+        raise ValueError(
+            f"max_length={limit} drops all {which} of {name}: the shortest pair is {min(lengths)} tokens (the longer of "
+            f"chosen and rejected, prompt and chat template included). Set max_length to at least {min(lengths)}, or to "
+            f"None to keep every pair.")
+    if 2 * dropped > n:
+        warnings.warn(
+            f"max_length={limit} drops {dropped} of the {which} of {name} (longer than {limit} tokens, prompt and chat "
+            f"template included; the longest is {max(lengths)}); {n - dropped} remain. Raise max_length to keep more.",
+            stacklevel=4)
+
+
+_POISSON1_CDF = list(accumulate(math.exp(-1) / math.factorial(n) for n in range(24)))
+
+
+def hashed_bootstrap_weights(pair_ids: torch.Tensor, members: int, seed: int) -> torch.Tensor:
+    """Poisson(1) bootstrap weights [B, members] drawn per pair from a seeded hash of its id: the same pair gets the
+    same weights in every epoch and on every process, without a table over the whole dataset (streaming data)."""
+    out = []
+    for i in pair_ids.tolist():
+        row = []
+        for k in range(members):
+            h = hashlib.blake2b(f"{seed}:{k}:{int(i)}".encode(), digest_size=8).digest()
+            row.append(float(bisect.bisect_right(_POISSON1_CDF, int.from_bytes(h, "little") / 2.0**64)))
+        out.append(row)
+    return torch.tensor(out, dtype=torch.float).reshape(len(out), members)
+
+
+@dataclass
+class EnsemblePreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator + the pair index (for bootstrap weights) and response lengths."""
+
+    def torch_call(self, examples):
+        out = super().torch_call(examples)
+        if "pair_id" in examples[0]:
+            out["pair_id"] = torch.tensor([e["pair_id"] for e in examples])
+        # response length = tokens after the prefix chosen and rejected share (their prompt)
+        lens = []
+        for e in examples:
+            c, r = e["chosen_ids"], e["rejected_ids"]
+            n = 0
+            while n < min(len(c), len(r)) and c[n] == r[n]:
+                n += 1
+            lens.append((len(c) - n, len(r) - n))
+        out["response_length"] = torch.tensor([a for a, _ in lens] + [b for _, b in lens], dtype=torch.float)
+        return out
