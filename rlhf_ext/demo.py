@@ -8,7 +8,7 @@ missing-EOS penalty. The reward model is K=4 heads with length de-correlation 0.
 (`heads_only`, response pooling): unlike the benchmark's LoRA-tuned proxies, it tracks per-sentence sentiment on the
 policy's own answers, transfer prompts included (README, demo section).
 
-    rlhf-ext demo [--iterations 16] [--output-dir outputs/demo]
+    rlhf-ext demo [--iterations 16] [--output-dir outputs/demo] [--resume]
 """
 
 from __future__ import annotations
@@ -98,10 +98,27 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
         return res
 
     before = measure(adapters=False)
-    history = trainer.train()
+    resumed = resume_point(out, args.resume)
+    history = trainer.train(resume_from_checkpoint=resumed)
     after = measure(adapters=True)
     trainer.save_model(str(out / "policy"))
-    return trainer, history, before, after
+    return trainer, history, before, after, resumed
+
+
+def resume_point(ppo_dir: Path, resume: bool) -> str | None:
+    """The newest complete checkpoint of `ppo_dir` when `resume` (a killed demo continues from it; a finished one
+    trains no further and is only evaluated again), else None — saying so when a checkpoint is left unused."""
+    from .ppo.checkpoint import newest_complete_checkpoint
+
+    found = newest_complete_checkpoint(ppo_dir) if ppo_dir.is_dir() else None
+    if resume:
+        print(f"      resuming PPO from {found}" if found else f"      --resume: no complete checkpoint in {ppo_dir}; "
+              f"PPO starts from the beginning")
+        return found
+    if found:
+        print(f"      {ppo_dir} holds {Path(found).name} from an earlier run: training again from the beginning "
+              f"(--resume would continue from it)")
+    return None
 
 
 def plot(history, before, after, kl_target, path: Path):
@@ -162,7 +179,11 @@ def main(argv=None):
     ap.add_argument("--reward-epochs", type=float, default=3)
     ap.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N of 30 layers (0 = all)")
     ap.add_argument("--reuse-reward", action="store_true", help="skip stage 1 if the reward artifact exists")
+    ap.add_argument("--resume", action="store_true", help="continue PPO from the newest complete checkpoint in "
+                    "OUTPUT_DIR/ppo (a killed demo picks up where it stopped; a finished one is evaluated again) and "
+                    "reuse the reward model if it is there; same options as the run that wrote it")
     args = ap.parse_args(argv)
+    args.reuse_reward = args.reuse_reward or args.resume
     for flag in ("eval_prompts", "eval_samples", "iterations"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
@@ -183,7 +204,7 @@ def main(argv=None):
         (out / "reward_metrics.json").write_text(json.dumps(rm, indent=2))
     t1 = time.time()
     print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, {args.iterations} iterations")
-    trainer, history, before, after = run_ppo(out / "ppo", data, reward_path, args)
+    trainer, history, before, after, resumed = run_ppo(out / "ppo", data, reward_path, args)
     t2 = time.time()
     plot(history, before, after, args.kl_target, out / "demo.png")
     kl_after = [h.get("kl/after_update", float("nan")) for h in history]
@@ -199,6 +220,7 @@ def main(argv=None):
                            "distinct2": distinct_change(before[split]["samples"], after[split]["samples"])}
                    for split in ("heldout", "transfer")},
         "eval": {"prompts": args.eval_prompts, "samples_per_prompt": args.eval_samples},
+        "resumed_from": resumed and Path(resumed).name,  # then "minutes" count only what this run did
         "examples_after": after["heldout"]["samples"]["texts"][:: args.eval_samples][:5],
         "transfer_examples_after": after["transfer"]["samples"]["texts"][:: args.eval_samples][:5],
     }

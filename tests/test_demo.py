@@ -92,3 +92,45 @@ def test_distinct_change_is_the_corpus_difference_with_a_paired_bootstrap_error(
     lines = change_lines({"change": {s: {"distinct2": (mean, se)} for s in ("heldout", "transfer")}}).splitlines()
     row = [line for line in lines if line.startswith("distinct-2")]
     assert row and row[0].count(f"{mean:+.3f} ± {se:.3f}") == 2
+
+
+def _tiny_demo_data(dest):
+    """The shipped sentiment data, cut to a few rows per file (same files, same format)."""
+    from rlhf_ext.data import SHIPPED
+
+    dest.mkdir()
+    for name, n in (("preferences_train", 32), ("preferences_test", 16), ("prompts_train", 16), ("prompts_test", 4),
+                    ("prompts_transfer", 4)):
+        lines = (SHIPPED / "sentiment" / f"{name}.jsonl").read_text().splitlines()[:n]
+        (dest / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def test_demo_end_to_end_and_a_resumed_run_only_evaluates_again(tmp_path, tiny_path, monkeypatch, capsys):
+    """`rlhf-ext demo` on a tiny model of the same family: reward ensemble → PPO → before/after report with transfer
+    beside held-out and a standard error per change. `--resume` on the finished run trains nothing more (the history
+    comes back from the checkpoint) and, with the same seeded draws, reports the same policy's numbers exactly."""
+    from rlhf_ext import demo
+
+    monkeypatch.setattr(demo, "MODEL", tiny_path)
+    argv = ["--output-dir", str(tmp_path / "demo"), "--data-dir", str(_tiny_demo_data(tmp_path / "data")),
+            "--iterations", "2", "--eval-prompts", "3", "--eval-samples", "2", "--batch-size", "4",
+            "--lora-layers", "1", "--reward-epochs", "1", "--ensemble-size", "2"]
+    first = demo.main(argv)
+    printed = capsys.readouterr().out
+    assert "transfer" in printed and "± SE over prompts" in printed and "distinct-2" in printed
+    assert first["resumed_from"] is None
+    for split in ("heldout", "transfer"):
+        assert set(first["change"][split]) == {"gold", "sentiment", "vader", "length", "eos", "rep4", "distinct2"}
+        assert all(len(v) == 2 for v in first["change"][split].values())
+    assert (tmp_path / "demo" / "ppo" / "checkpoint-2").is_dir() and (tmp_path / "demo" / "ppo" / "policy").is_dir()
+
+    again = demo.main(argv + ["--resume"])
+    printed = capsys.readouterr().out
+    assert "resuming PPO from" in printed and again["resumed_from"] == "checkpoint-2"
+    for key in ("heldout_before", "heldout_after", "transfer_before", "transfer_after", "change",
+                "max_train_kl_after_update", "reward_model"):
+        assert again[key] == first[key], key
+
+    demo.main(argv)  # without --resume: trains again, and says what it left unused
+    assert "holds checkpoint-2 from an earlier run" in capsys.readouterr().out
