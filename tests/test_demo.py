@@ -117,7 +117,8 @@ def test_demo_end_to_end_and_a_resumed_run_only_evaluates_again(tmp_path, tiny_p
             "--iterations", "2", "--eval-prompts", "3", "--eval-samples", "2", "--batch-size", "4",
             "--lora-layers", "1", "--reward-epochs", "1", "--ensemble-size", "2"]
     first = demo.main(argv)
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
+    assert "Evaluating the reference" in bars and "Evaluating the policy" in bars  # the long parts show progress
     assert "transfer" in printed and "± SE over prompts" in printed and "distinct-2" in printed
     assert first["resumed_from"] is None
     for split in ("heldout", "transfer"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
@@ -603,7 +604,9 @@ class PPOTrainer(Trainer):
         bs = batch_size or self.args.per_device_train_batch_size
         judges = judges or {}
         out = {"kl": [], "length": [], "eos": [], "texts": [], "prompts": [], **{k: [] for k in judges}}
-        for i in range(0, len(rows), bs):
+        batches = tqdm(range(0, len(rows), bs), desc="Evaluating " + ("the policy" if adapters else "the reference"),
+                       unit="batch", leave=False, disable=self.args.disable_tqdm or not self.is_world_process_zero())
+        for i in batches:
             g = self.policy.generate(rows[i : i + bs], self.tokenizer, self.args.max_completion_length, self.args.top_p,
                                      self.args.stop_on_eos, reference=not adapters)
             h_low = self.policy.lower(g.ids, g.mask)
