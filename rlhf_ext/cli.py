@@ -70,7 +70,7 @@ HANDLERS = {
     "ppo": lambda rest: _recipe("ppo", rest),
     "review": _lazy(".monitor.review"),
     "report": _lazy(".monitor.report"),
-    "plan": _lazy(".plan"),
+    "plan": _lazy(".plan_cli"),
     "plugins": _plugins,
     "convert": _convert,
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ext import plan
+from rlhf_ext import plan, plan_cli
 from rlhf_ext.plan import GiB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +60,10 @@ def test_load_shape_by_hub_id_folder_and_config(tmp_path):
 
 def test_unknown_model_lists_shipped_shapes(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert plan.main(["--model", "no-such-org/no-such-model-xyz"]) == 2
+    assert plan_cli.main(["--model", "no-such-org/no-such-model-xyz"]) == 2
     err = capsys.readouterr().err
     assert "no-such-model-xyz" in err and all(name in err for name in SHIPPED)
-    assert plan.main(["--model", "./missing-folder"]) == 2
+    assert plan_cli.main(["--model", "./missing-folder"]) == 2
     assert "Mistral-7B-Instruct-v0.3" in capsys.readouterr().err
 
 
@@ -286,7 +286,7 @@ def test_cli_prints_a_table(capsys):
     for line in ("base weights", "KV cache", "activations", "reference log-softmax", "exact-KL", "CUDA context",
                  "monitor", "<- peak", "largest batch that fits"):
         assert line in out, line
-    assert plan.main(["--model", "Qwen2.5-7B-Instruct", "--load-in-4bit", "--gradient-checkpointing", "--json"]) == 0
+    assert plan_cli.main(["--model", "Qwen2.5-7B-Instruct", "--load-in-4bit", "--gradient-checkpointing", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["largest_batch"] >= 1 and data["fits"] is True
     assert data["options"]["batch"] == data["largest_batch"]
@@ -351,13 +351,13 @@ def test_dtype_follows_the_trainer_rule(tmp_path):
 
 
 def test_cli_default_dtype_is_the_trainers(capsys):
-    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4", "--json"]) == 0
+    assert plan_cli.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["options"]["dtype"] == "fp32" and data["precision"]["weights"] == "fp32"
-    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4"]) == 0
+    assert plan_cli.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert "no --dtype: float32" in out and "fp32 weights" in out
-    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4", "--dtype", "auto", "--bf16"]) == 0
+    assert plan_cli.main(["--model", "SmolLM2-135M-Instruct", "--batch", "4", "--dtype", "auto", "--bf16"]) == 0
     out = capsys.readouterr().out
     assert "--dtype auto: the checkpoint's bf16" in out and "bf16 autocast" in out
 
@@ -396,14 +396,14 @@ def test_num_processes_is_per_process():
     for ph in one["phases"]:
         assert four["phases"][ph]["total"] - one["phases"][ph]["total"] == 4 * n_trained, ph
     assert (four["per_process"], four["num_processes"], four["global_batch"]) == (True, 4, 32)
-    assert plan.main(["--model", "SmolLM2-135M-Instruct", "--batch", "8", "--num-processes", "4"]) == 0
+    assert plan_cli.main(["--model", "SmolLM2-135M-Instruct", "--batch", "8", "--num-processes", "4"]) == 0
 
 
 def test_cli_states_per_process(capsys):
-    assert plan.main(["--model", "gpt2", "--batch", "8", "--num-processes", "4"]) == 0
+    assert plan_cli.main(["--model", "gpt2", "--batch", "8", "--num-processes", "4"]) == 0
     out = capsys.readouterr().out
     assert "PER PROCESS (per GPU)" in out and "global batch 8 × 4 = 32" in out and "GiB per process" in out
-    assert plan.main(["--model", "gpt2", "--batch", "8"]) == 0
+    assert plan_cli.main(["--model", "gpt2", "--batch", "8"]) == 0
     assert "per process (per GPU)" in capsys.readouterr().out
 
 
@@ -431,10 +431,10 @@ def test_separate_reward_and_audit_models_add_their_weights_and_scoring(capsys):
     only_audit = plan.estimate(s, audit_models=["Qwen2.5-3B-Instruct@bfloat16"], **kw)
     assert only_audit["phases"] == plan.estimate(s, separate_reward_models=["Qwen2.5-3B-Instruct@bfloat16"],
                                                  **kw)["phases"]  # same accounting
-    assert plan.main(["--model", "SmolLM2-1.7B-Instruct", "--batch", "8", "--separate-reward-model",
+    assert plan_cli.main(["--model", "SmolLM2-1.7B-Instruct", "--batch", "8", "--separate-reward-model",
                       "Qwen2.5-3B-Instruct@bfloat16", "--audit-model", "SmolLM2-135M-Instruct@nf4"]) == 0
     out = capsys.readouterr().out
     assert "separate reward model: Qwen2.5-3B-Instruct (bf16" in out
     assert "audit model: SmolLM2-135M-Instruct (nf4" in out and "every rollout" in out
     assert "separate reward / audit models (weights)" in out
-    assert plan.main(["--model", "gpt2", "--audit-model", "no-such-org/no-such-model@bfloat16"]) == 2
+    assert plan_cli.main(["--model", "gpt2", "--audit-model", "no-such-org/no-such-model@bfloat16"]) == 2
