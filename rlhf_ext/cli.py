@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 COMMANDS = {
@@ -88,7 +89,11 @@ def main(argv=None) -> int:
         ap.print_help()
         return 0 if argv else 2
     args = ap.parse_args(argv[:1])
-    rc = HANDLERS[args.command](argv[1:])
+    try:
+        rc = HANDLERS[args.command](argv[1:])
+    except BrokenPipeError:  # `rlhf-ext plan … | head`: the reader stopped early, which is not a failure
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     return rc if isinstance(rc, int) else 0
 
 

@@ -76,3 +76,12 @@ def test_push_offline_says_nothing_was_lost(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="Could not upload .* Nothing local was changed or lost.*token"):
         push_folder(tmp_path, "someone/repo", token="hf_fake")
     assert (tmp_path / "f.txt").read_text() == "x"
+
+
+def test_a_reader_that_stops_early_is_not_a_failure():
+    """`rlhf-ext plan … | head -1`: the pipe closes before the plan is printed; exit 0, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ext.cli", "plan", "--model", "gpt2", "--batch", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the plan is printed (the import alone takes longer)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
