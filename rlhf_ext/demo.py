@@ -110,7 +110,7 @@ def resume_point(ppo_dir: Path, resume: bool) -> str | None:
     trains no further and is only evaluated again), else None — saying so when a checkpoint is left unused."""
     from .ppo.checkpoint import newest_complete_checkpoint
 
-    found = newest_complete_checkpoint(ppo_dir) if ppo_dir.is_dir() else None
+    found = newest_complete_checkpoint(ppo_dir)  # None for a folder that does not exist yet
     if resume:
         print(f"      resuming PPO from {found}" if found else f"      --resume: no complete checkpoint in {ppo_dir}; "
               f"PPO starts from the beginning")

@@ -66,11 +66,10 @@ class SimulatedReviewer:
         server, url = serve(self.output_dir, reviewer=f"simulated (error {self.error:g}, {self.order})", order=self.order)
         done = 0
         try:
-            while done < budget:
-                pending = _call(url + "api/state")["pending"]
-                if not pending:
-                    break
-                _call(url + "api/decide", {"id": pending[0]["id"], "decision": self._decision(pending[0])})
+            state = _call(url + "api/state")
+            while done < budget and state["pending"]:
+                rec = state["pending"][0]
+                state = _call(url + "api/decide", {"id": rec["id"], "decision": self._decision(rec)})  # → next state
                 done += 1
         finally:
             server.shutdown()

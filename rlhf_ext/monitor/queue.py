@@ -35,8 +35,8 @@ from ..integrity import write_text_atomic
 DECISIONS = ("flagged", "reference", "both_bad", "skip")
 # The order pending pairs are shown in. "queue": as the monitor queued them (each alarm's most suspicious samples
 # first). "proxy_margin": the pairs where the reward prefers the flagged response to the reference's by the widest
-# margin first — where the proxy is most confidently wrong if the person finds it wrong, so a small label budget
-# corrects the most. Measured on the reward-hacking benchmark: README, "The human loop".
+# margin first — where the proxy is most confidently wrong if the person finds it wrong. On the reward-hacking
+# benchmark it did no better than the queue's order over three seeds (README, "The queue's order").
 ORDERS = ("queue", "proxy_margin")
 
 

@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reviewer", default=None, help="name recorded with each decision")
     ap.add_argument("--order", choices=ORDERS, default="queue",
                     help="which pending pair comes first: queue (as the monitor queued them) or proxy_margin (the "
-                         "pairs where the reward prefers the flagged response by the widest margin: with few labels "
-                         "to give, these correct the reward model the most)")
+                         "pairs where the reward prefers the flagged response by the widest margin: where it is most "
+                         "confidently wrong, if you disagree with it)")
     args = ap.parse_args(argv)
     try:
         queue = check_queue(args.output_dir)
