@@ -8,6 +8,7 @@ the adapter's own `adapter_layer_names` are the only reliable list.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -17,6 +18,16 @@ from torch import nn
 # is non-zero must receive gradient as soon as training reaches the layer. At PEFT's init B = 0 for linears (check B)
 # and A = 0 for embeddings (check A); an adapter resumed from training has both non-zero (check both).
 _PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+
+
+def wrap_with_peft(model, config, adapter_name: str):
+    """`peft.get_peft_model`, without the FutureWarning it raises on transformers 5 (PEFT reads the deprecated
+    `is_gradient_checkpointing` alias on every wrap): noise a user can do nothing about, printed on every run."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def _tuner_modules(model):

@@ -25,7 +25,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
-                        zero_dropout)
+                        wrap_with_peft, zero_dropout)
 from ..data import model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
@@ -88,7 +88,7 @@ class PPOTrainer(Trainer):
                  processing_class=None, peft_config=None, callbacks: list[TrainerCallback] | None = None,
                  load_in_4bit: bool = False, audit_funcs=None, *, reward_model=None, eval_dataset=None,
                  ref_model=None, value_model=None, data_collator=None, optimizers=(None, None)):
-        from peft import PeftModel, get_peft_model
+        from peft import PeftModel
 
         from ..architectures import final_hidden_size, resolve_lora_config
 
@@ -124,7 +124,7 @@ class PPOTrainer(Trainer):
             peft_config = resolve_lora_config(peft_config, model, r=16, lora_alpha=32, lora_dropout=0.0)
             peft_config.task_type = "CAUSAL_LM"
             restrict_to_top_layers(peft_config, model, args.lora_top_layers)
-            model = get_peft_model(model, peft_config, adapter_name=POLICY)
+            model = wrap_with_peft(model, peft_config, POLICY)
             self.policy_adapter = POLICY
         if args.gradient_checkpointing:  # the Trainer enables it again with these same kwargs (see below)
             if not args.activation_checkpointing_kwargs:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters import wrap_with_peft
 from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
 from ..models import base_reference, ensure_pad_token, load_model, load_tokenizer, model_fingerprint, trunk_of
 from .ensemble import RewardEnsemble
@@ -124,7 +125,7 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
     as extra adapters — no second copy of the base. Otherwise the trunk is loaded from the recorded base model.
 
     Every file is checked against the artifact's manifest first: a truncated or altered file is named."""
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     from ..hub import download, looks_like_repo_id
 
@@ -158,7 +159,7 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
                           load_in_4bit=spec.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit)
         first = spec["adapters"][0]
-        model = get_peft_model(base, lora_config_of(spec, base), adapter_name=adapter_prefix + first)
+        model = wrap_with_peft(base, lora_config_of(spec, base), adapter_prefix + first)
         adapters, owns = attach_adapters(model, path, spec, prefix=adapter_prefix), True
         model.eval()
     heads = nn.ModuleDict()

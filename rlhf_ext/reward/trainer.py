@@ -28,7 +28,7 @@ from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..architectures import final_hidden_size
-from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, zero_dropout
+from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
@@ -350,8 +350,6 @@ class RewardEnsembleTrainer(RewardTrainer):
 
     # -- model setup -----------------------------------------------------------------------------------------
     def _wrap_peft(self, trunk, peft_config, args):
-        from peft import get_peft_model
-
         from ..architectures import resolve_lora_config
 
         peft_config = resolve_lora_config(peft_config, trunk)  # target_modules=None: per-architecture default
@@ -363,7 +361,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         for k, name in enumerate(names):
             torch.manual_seed(args.seed + 1000 * k)  # different LoRA-A init per member
             if k == 0:
-                trunk = get_peft_model(trunk, peft_config, adapter_name=name)
+                trunk = wrap_with_peft(trunk, peft_config, name)
             else:
                 trunk.add_adapter(name, peft_config)
         return trunk
