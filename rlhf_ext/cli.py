@@ -71,7 +71,7 @@ HANDLERS = {
     "ppo": lambda rest: _recipe("ppo", rest),
     "review": _lazy(".monitor.review"),
     "report": _lazy(".monitor.report"),
-    "plan": _lazy(".plan_cli"),
+    "plan": _lazy(".plan.cli"),
     "plugins": _plugins,
     "convert": _convert,
 }

@@ -142,12 +142,18 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
     where = run(py, "-c", "import rlhf_ext, rlhf_ext.data as d, rlhf_ext.recipes as r; print(rlhf_ext.__file__); "
                           "print(d.SHIPPED); print(r.config_path('ppo_smollm2_sentiment'))").split()
     assert all(str(venv) in w for w in where), where
+    # every subpackage of the source tree is in the wheel (this venv's editable install would otherwise serve a
+    # missing one from the repository, and the CLI would work here and nowhere else)
+    subpackages = sorted("rlhf_ext." + p.parent.name for p in (ROOT / "rlhf_ext").glob("*/__init__.py"))
+    found = run(py, "-c", f"import importlib; [print(importlib.import_module(m).__file__) for m in {subpackages!r}]")
+    assert all(str(venv) in f for f in found.split()), found
     assert Path(where[1], "sentiment", "prompts_train.jsonl").is_file() and Path(where[2]).is_file()
     t = time.perf_counter()
     assert "commands:" in run(cli, "--help")
     assert time.perf_counter() - t < 2.0
     assert "kl_controller" in run(cli, "plugins") and "detector" in run(cli, "plugins")
     assert "--kl_target" in run(cli, "ppo", "--help") and "--ensemble_size" in run(cli, "reward", "--help")
+    assert "peak" in run(cli, "plan", "--model", "gpt2", "--batch", "8")  # the plan package and its shipped shapes
 
 
 def test_saved_policy_names_the_embedded_base_by_hub_id_and_is_world_readable(tmp_path, monkeypatch):

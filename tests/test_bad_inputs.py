@@ -354,7 +354,7 @@ def test_reward_one_member_adapters_mode_warns(tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_plan_refuses_gpu_memory_that_is_not_positive(value, capsys):
-    from rlhf_ext.plan_cli import main
+    from rlhf_ext.plan.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["--model", "gpt2", "--gpu-memory", value])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ext import plan, plan_cli
+from rlhf_ext import plan
+from rlhf_ext.plan import cli as plan_cli
 from rlhf_ext.plan import GiB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,7 +370,7 @@ def test_bf16_autocast_over_fp32_weights():
     kw = dict(batch=8, prompt_length=128, completion_length=64)
     fp32, mixed, bf16 = (plan.estimate(s, **kw), plan.estimate(s, bf16=True, **kw),
                          plan.estimate(s, dtype="bfloat16", bf16=True, **kw))
-    V, H, I, L, nh, nkv, d, dq = plan._dims(s)
+    V, H, I, L, nh, nkv, d, dq = plan.model_dims(s)
     assert mixed["components"]["base_weights"] == fp32["components"]["base_weights"]
     assert mixed["components"]["activations"] < fp32["components"]["activations"]
     assert mixed["components"]["kv_cache"] == L * nkv * d * 192 * 8 * (4 + 2)  # keys fp32 (RoPE), values bf16

@@ -1,5 +1,5 @@
 """`rlhf-ext plan`: the memory plan (`rlhf_ext.plan`) on the command line — options, the printed table and notes, or
-JSON. What is counted and why: the docstring of `rlhf_ext/plan.py`.
+JSON. What is counted and why: the docstring of `rlhf_ext/plan/__init__.py`.
 
     rlhf-ext plan --model Qwen2.5-7B-Instruct --load-in-4bit --dtype bfloat16 --bf16 --gpu-memory 24 --batch 16 \\
                   --prompt-length 512 --completion-length 256 --minibatches 4 --gradient-checkpointing
@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .plan import (DTYPE_BYTES, DTYPE_CHOICES, PHASES, REWARD_SCORING_BATCH, GiB, PlanError, ScoringModel, estimate,
+from . import (DTYPE_BYTES, DTYPE_CHOICES, PHASES, REWARD_SCORING_BATCH, GiB, PlanError, ScoringModel, estimate,
                    largest_batch, load_shape, overhead_bytes, shipped_shapes)
 
 

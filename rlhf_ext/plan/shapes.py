@@ -1,0 +1,118 @@
+"""Model shapes for the memory plan: the architecture fields it needs, from a shipped `plan_shapes/*.json`, a local
+folder or config.json, or (online) `AutoConfig`; the dtype names and the NF4 storage cost the formulas share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+GiB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# --dtype / model_init_kwargs["dtype"] / ModelConfig.dtype spellings → the plan's short names
+DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+# NF4 with double quantisation (rlhf_ext.models.quantization_config): 4 bits per weight + one uint8 absmax per
+# 64-weight block + one fp32 absmax-of-absmax per 256 blocks (+ two small code books, ignored).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_CONSTANT_BYTES_PER_PARAM = NF4_BYTES_PER_PARAM - 0.5
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings")
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "plan_shapes"
+
+
+class PlanError(ValueError):
+    """A model the plan cannot read (unknown name, offline Hub id, malformed config)."""
+
+
+# ------------------------------------------------------------------------------------------------------ shapes
+def shipped_shapes() -> dict[str, dict]:
+    """Name → shape of every `plan_shapes/*.json` (architecture fields + hub_id + source)."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(SHAPES_DIR.glob("*.json"))}
+
+
+def shape_from_config(cfg) -> dict:
+    """The architecture fields the plan needs, from a config.json dict or a transformers config (GPT-2 names —
+    n_embd, n_layer, n_head, n_inner, n_positions — included; multimodal configs via their text config)."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    cfg = dict(cfg)
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+
+    def first(*names, default=None):
+        return next((cfg[n] for n in names if cfg.get(n) is not None), default)
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head")
+    layers = first("num_hidden_layers", "n_layer")
+    vocab = first("vocab_size")
+    if None in (hidden, heads, layers, vocab):
+        raise PlanError(f"The config lacks architecture fields (hidden_size / num_attention_heads / "
+                        f"num_hidden_layers / vocab_size): found keys {sorted(cfg)[:20]}…")
+    shape = {
+        "model_type": cfg.get("model_type", "llama"),
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(first("intermediate_size", "n_inner", default=4 * hidden)),
+        "num_hidden_layers": int(layers),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(first("num_key_value_heads", default=heads)),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+        "max_position_embeddings": first("max_position_embeddings", "n_positions"),
+    }
+    for extra in ("head_dim", "name", "hub_id", "source", "attention_bias"):
+        if cfg.get(extra) is not None:
+            shape[extra] = cfg[extra]
+    for extra in ("torch_dtype", "dtype"):  # the checkpoint's dtype: what --dtype auto loads
+        if cfg.get(extra) is not None:
+            shape["torch_dtype"] = str(cfg[extra]).replace("torch.", "")
+    return shape
+
+
+def load_shape(model: str) -> dict:
+    """`model` → shape: an existing folder holding config.json or a config.json path; else a shipped name
+    (case-insensitive; also a Hub id or the embedded default whose last part is one); else a Hub id through
+    `AutoConfig` (network needed)."""
+    shipped = shipped_shapes()
+    path = Path(model).expanduser()
+    by_key = {k.lower(): k for k in shipped}
+    key = str(model).rstrip("/").split("/")[-1].lower()
+    if key in by_key and not path.exists():
+        return shape_from_config(shipped[by_key[key]])
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PlanError(f"{path} is a folder without config.json.")
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not valid JSON ({e}).") from None
+        return {**shape_from_config(cfg), "name": cfg.get("_name_or_path") or path.parent.name, "source": str(path)}
+    names = ", ".join(shipped)
+    if str(model).startswith((".", "/", "~")) or str(model).endswith(".json"):
+        raise PlanError(f"No model config at {model!r}. Pass a folder with config.json, a config.json, a Hub id, or "
+                        f"one of the shipped shapes: {names}.")
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 — offline, gated, misspelt: say which and what works offline
+        raise PlanError(f"Could not read the config of {model!r} from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}). Offline, pass a local folder / config.json, or one of the "
+                        f"shipped shapes: {names}.") from None
+    return {**shape_from_config(cfg), "name": model, "source": f"AutoConfig.from_pretrained({model!r})"}
+
+
+def model_dims(shape: dict) -> tuple[int, int, int, int, int, int, int, int]:
+    """(V, H, I, L, n_h, n_kv, d, d_q = n_h·d)."""
+    H, nh = shape["hidden_size"], shape["num_attention_heads"]
+    d = shape.get("head_dim") or H // nh
+    return (shape["vocab_size"], H, shape["intermediate_size"], shape["num_hidden_layers"], nh,
+            shape["num_key_value_heads"], d, nh * d)
+
+
+def is_gpt2(shape: dict) -> bool:
+    return shape.get("model_type") == "gpt2"
