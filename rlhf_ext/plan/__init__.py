@@ -51,8 +51,9 @@ batch × N, and each process adds DDP's gradient buckets (one fp32 copy of the t
 The package: `shapes.py` reads a model's shape; `sizes.py` holds the formulas, each a small function with its
 derivation in the docstring; `estimate.py` builds the static components (`_static`) and each phase's moments (one
 function per phase, named after the pass it models), and `estimate()` returns bytes per component and per phase;
-`largest_batch()` searches the batch; `cli.py` is `rlhf-ext plan`. The numbers were checked against measured peaks on CPU in fp32, bf16 weights and bf16 autocast (benchmarks/memory_plan_check.py) and, when a GPU is
-available, scripts/gpu_check.py.
+`largest_batch()` searches the batch; `cli.py` is `rlhf-ext plan`. The numbers were checked against measured peaks
+on CPU in fp32, bf16 weights and bf16 autocast (benchmarks/memory_plan_check.py) and, when a GPU is available,
+scripts/gpu_check.py.
 """
 
 from .shapes import (GiB, DTYPE_BYTES, DTYPE_NAMES, DTYPE_CHOICES, NF4_BYTES_PER_PARAM, NF4_CONSTANT_BYTES_PER_PARAM,
