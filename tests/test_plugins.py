@@ -26,7 +26,7 @@ def test_register_custom_plugin_and_builtins_present():
     assert "test_max" in available("aggregation")
     assert build("aggregation", "test_max")(torch.tensor([[1.0, 3.0]])).item() == 3.0
     assert {"mean", "min", "uwo", "median", "weighted"} <= set(available("aggregation"))
-    assert {"linear", "target", "overlong", "debias", "missing_eos", "repetition"} <= set(available("shaper"))
+    assert {"linear", "target", "overlong", "debias", "missing_eos", "repetition", "batch_novelty"} <= set(available("shaper"))
 
 
 def test_aggregations():
@@ -64,6 +64,36 @@ def test_repetition_penalty_catches_loops():
     assert repeated_ngram_fraction(loop, 3) > 0.8 and repeated_ngram_fraction(list(range(20)), 3) == 0.0
     out = build("shaper", "repetition", alpha=1.0)(torch.zeros(2), info([24, 20], ids=[loop, list(range(20))]))
     assert out[0] < -0.8 and out[1] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_novelty_charges_the_wording_other_answers_share(seed):
+    """Against a pairwise count: each response's share of distinct n-grams found in some other response's content."""
+    g = torch.Generator().manual_seed(seed)
+    B, n, alpha, eos = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)), 0.7, 99
+    ids = [torch.randint(0, 5, (int(torch.randint(0, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(B)]
+    ids = [x + [eos] if i % 2 else x for i, x in enumerate(ids)]  # every other answer ended: its EOS is not content
+    out = build("shaper", "batch_novelty", alpha=alpha, n=n)(torch.ones(B), ResponseInfo.from_ids(ids, eos))
+
+    content = [x[:-1] if x and x[-1] == eos else x for x in ids]
+    for i, x in enumerate(content):
+        own = {tuple(x[k : k + n]) for k in range(len(x) - n + 1)}
+        others = [{tuple(y[k : k + n]) for k in range(len(y) - n + 1)} for j, y in enumerate(content) if j != i]
+        shared = sum(any(t in o for o in others) for t in own) / len(own) if own else 0.0
+        assert out[i].item() == pytest.approx(1.0 - alpha * shared)
+
+
+def test_batch_novelty_cases_and_reward_func():
+    stock = [7, 8, 9]  # the same opening in every answer
+    fresh = [[*stock, 1, 2], [*stock, 3, 4], [5, 6, 10, 11, 12]]
+    out = build("shaper", "batch_novelty", alpha=1.0, n=2)(torch.zeros(3), info([5, 5, 5], ids=fresh))
+    assert out.tolist() == pytest.approx([-0.5, -0.5, 0.0])  # 2 of 4 bigrams shared; the third answer shares none
+    alone = build("shaper", "batch_novelty")(torch.zeros(1), info([5], ids=[[1, 1, 1, 1, 1]]))
+    assert alone.item() == 0.0  # repetition within one answer is the `repetition` shaper's business
+    func = as_reward_func(build("shaper", "batch_novelty", alpha=1.0, n=2))
+    assert func(completion_ids=fresh) == pytest.approx([-0.5, -0.5, 0.0])
+    with pytest.raises(ValueError, match="alpha ≥ 0 and n ≥ 1"):
+        build("shaper", "batch_novelty", n=0)
 
 
 def test_controllers():

@@ -142,6 +142,38 @@ class Repetition(Shaper):
         return scores - self.alpha * frac
 
 
+def shared_ngram_fractions(ids: list, n: int = 2) -> list[float]:
+    """For each response, the share of its distinct n-grams that another response of the same batch also uses.
+
+    ids: B lists of content token ids. [B] floats in [0, 1]: 0 for wording no other answer shares, 1 when every
+    n-gram also appears elsewhere (every answer opening "What a wonderful …"); a response with no n-gram scores 0."""
+    grams = [set(tuple(x[i : i + n]) for i in range(len(x) - n + 1)) for x in ids]
+    users: dict[tuple, int] = {}  # n-gram → how many responses use it
+    for g in grams:
+        for t in g:
+            users[t] = users.get(t, 0) + 1
+    return [sum(users[t] > 1 for t in g) / len(g) if g else 0.0 for g in grams]
+
+
+@register("shaper", "batch_novelty")
+class BatchNovelty(Shaper):
+    """r − α·(share of the response's n-grams that other responses in the batch also use).
+
+    Against the policy settling on one stock phrasing for every prompt, which a per-response repetition penalty
+    cannot see: each answer may be fresh on its own while the corpus loses diversity (distinct-n falls). Only the
+    content counts (the final EOS is left out); under DDP each process compares within its own batch."""
+
+    def __init__(self, alpha: float = 0.5, n: int = 2):
+        if alpha < 0 or n < 1:
+            raise ValueError(f"batch_novelty needs alpha ≥ 0 and n ≥ 1, got alpha={alpha}, n={n}.")
+        self.alpha, self.n = alpha, n
+
+    def __call__(self, scores, info):
+        content = [x[: int(L)] for x, L in zip(info.ids, info.lengths.tolist())]
+        shared = torch.tensor(shared_ngram_fractions(content, self.n), dtype=scores.dtype)
+        return scores - self.alpha * shared
+
+
 def build_shapers(specs) -> list[Shaper]:
     """From config: a list of names or {"name": ..., **kwargs} dicts (YAML friendly)."""
     out = []
