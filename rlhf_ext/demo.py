@@ -223,6 +223,7 @@ def main(argv=None):
                            "distinct2": distinct_change(before[split]["samples"], after[split]["samples"])}
                    for split in ("heldout", "transfer")},
         "eval": {"prompts": args.eval_prompts, "samples_per_prompt": args.eval_samples},
+        "options": {k: v for k, v in vars(args).items() if k not in ("output_dir", "data_dir", "resume")},
         "resumed_from": resumed and Path(resumed).name,  # then "minutes" count only what this run did
         "examples_after": after["heldout"]["samples"]["texts"][:: args.eval_samples][:5],
         "transfer_examples_after": after["transfer"]["samples"]["texts"][:: args.eval_samples][:5],
