@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from .plugins.shaping import repeated_ngram_fraction
+from .plugins.shaping import ngrams, repeated_ngram_fraction
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -87,5 +87,5 @@ def repetition_judge(n: int = 4):
 
 def distinct_n(texts, n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over a set of responses (1 = all different, → 0 = one phrase)."""
-    grams = [tuple(w[i : i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    grams = [g for t in texts for g in ngrams(t.split(), n)]
     return len(set(grams)) / len(grams) if grams else 0.0

@@ -124,9 +124,14 @@ class MissingEOS(Shaper):
         return scores - self.penalty * (~info.has_eos).to(scores.dtype)
 
 
+def ngrams(seq, n: int) -> list[tuple]:
+    """The n-grams of a sequence (token ids or words), in order, repeats kept."""
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+
 def repeated_ngram_fraction(ids: list, n: int = 3) -> float:
     """1 − unique/total n-grams: 0 for fresh text, → 1 for "The answer is yes. The answer is yes. …"."""
-    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    grams = ngrams(ids, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -147,7 +152,7 @@ def shared_ngram_fractions(ids: list, n: int = 2) -> list[float]:
 
     ids: B lists of content token ids. [B] floats in [0, 1]: 0 for wording no other answer shares, 1 when every
     n-gram also appears elsewhere (every answer opening "What a wonderful …"); a response with no n-gram scores 0."""
-    grams = [set(tuple(x[i : i + n]) for i in range(len(x) - n + 1)) for x in ids]
+    grams = [set(ngrams(x, n)) for x in ids]
     users: dict[tuple, int] = {}  # n-gram → how many responses use it
     for g in grams:
         for t in g:
