@@ -233,3 +233,17 @@ def test_resume_keeps_monitor_logs_exact(tmp_path, tok):
     make(tmp_path, tok, **{**kw, "model": eos_prone_model(tok)}).train(resume_from_checkpoint=str(out / "checkpoint-2"))
     its = [json.loads(x)["iteration"] for x in (out / "monitor" / "metrics.jsonl").read_text().splitlines()]
     assert its == [1, 2, 3, 4, 5]
+
+
+def test_progress_bars_show_on_the_main_process_only_and_obey_disable_tqdm():
+    from types import SimpleNamespace
+
+    from rlhf_ext.progress import progress
+
+    def trainer(disable_tqdm, main):
+        return SimpleNamespace(args=SimpleNamespace(disable_tqdm=disable_tqdm), is_world_process_zero=lambda: main)
+
+    assert not progress(trainer(False, True), range(3)).disable
+    assert progress(trainer(True, True), range(3)).disable
+    assert progress(trainer(False, False), range(3)).disable  # N processes would draw N bars over each other
+    assert list(progress(trainer(True, False), range(3))) == [0, 1, 2]

@@ -21,11 +21,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..plugins.detectors import DEFAULT_DETECTORS, Observation
 from ..plugins.shaping import repeated_ngram_fraction
+from ..progress import progress
 from ..registry import build
 from .queue import ReviewQueue, append_jsonl
 
@@ -94,8 +94,8 @@ class RewardHackingMonitor(TrainerCallback):
         torch.manual_seed(tr.args.seed + 7919)
         lengths, eos, ids = [], [], []
         try:
-            for i in tqdm(range(0, n, step), desc="Monitor: the reference policy's length and EOS rate", unit="batch",
-                          leave=False, disable=tr.args.disable_tqdm or not tr.is_world_process_zero()):
+            for i in progress(tr, range(0, n, step), desc="Monitor: the reference policy's length and EOS rate",
+                              unit="batch", leave=False):
                 g = tr.policy.generate([tr.prompts[j] for j in pick[i : i + step]], tr.tokenizer,
                                        tr.args.max_completion_length, tr.args.top_p, tr.args.stop_on_eos, reference=True)
                 lengths += g.lengths.float().tolist()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
@@ -34,6 +33,7 @@ from ..models import (assert_trainable_4bit_layout, ensure_pad_token, is_quantiz
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype, compute_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
+from ..progress import progress
 from ..registry import build
 from ..reward.artifact import load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
@@ -604,8 +604,8 @@ class PPOTrainer(Trainer):
         bs = batch_size or self.args.per_device_train_batch_size
         judges = judges or {}
         out = {"kl": [], "length": [], "eos": [], "texts": [], "prompts": [], **{k: [] for k in judges}}
-        batches = tqdm(range(0, len(rows), bs), desc="Evaluating " + ("the policy" if adapters else "the reference"),
-                       unit="batch", leave=False, disable=self.args.disable_tqdm or not self.is_world_process_zero())
+        batches = progress(self, range(0, len(rows), bs), unit="batch", leave=False,
+                           desc="Evaluating " + ("the policy" if adapters else "the reference"))
         for i in batches:
             g = self.policy.generate(rows[i : i + bs], self.tokenizer, self.args.max_completion_length, self.args.top_p,
                                      self.args.stop_on_eos, reference=not adapters)

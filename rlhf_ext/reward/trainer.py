@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
@@ -34,6 +33,7 @@ from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
+from ..progress import progress
 from ..rl_math import bt_loss, pearson
 from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
@@ -573,8 +573,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         ens = self.accelerator.unwrap_model(self.model)
         chunks = []
         bs = self.args.per_device_eval_batch_size
-        bar = tqdm(total=n, desc="Reward normalisation", leave=False,
-                   disable=self.args.disable_tqdm or not self.is_world_process_zero())
+        bar = progress(self, total=n, desc="Reward normalisation", leave=False)
         while batch_rows := list(islice(source, bs)):  # K trunk passes per pair for adapter ensembles: a progress bar
             batch = self.data_collator(batch_rows)
             chunks.append(ens.score_ids(batch["input_ids"].to(self.args.device),
