@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15  # the slowest tests, so a slow suite says where its time goes
 
 demo: install
 	$(BIN)/rlhf-ext demo
