@@ -6,6 +6,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# Test workers: one per core (2 on the CI machine). Each test file runs whole in one worker, so module and session
+# fixtures (the recipes' shared reward artifact, the two-process tests' ports) stay in one process.
+WORKERS ?= 2
 
 .PHONY: demo test install bench-reward bench-ppo clean
 
@@ -20,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: install
-	$(BIN)/python -m pytest tests --durations=15  # the slowest tests, so a slow suite says where its time goes
+	$(BIN)/python -m pytest tests -n $(WORKERS) --dist loadfile --durations=15  # the slowest tests, so a slow suite says where its time goes
 
 demo: install
 	$(BIN)/rlhf-ext demo
