@@ -71,7 +71,7 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
     cfg = PPOConfig(
         str(out), kl_controller="hard", kl_target=args.kl_target, init_kl_coef=args.beta, aggregation="uwo",
         aggregation_kwargs={"lam": 1.0}, shapers=[{"name": "linear", "alpha": args.length_alpha, "free_tokens": 24},
-                                                  {"name": "missing_eos", "penalty": 1.0}]
+                                                  {"name": "missing_eos", "penalty": args.eos_penalty}]
         + ([{"name": "batch_novelty", "alpha": args.novelty_alpha}] if args.novelty_alpha else []),
         per_device_train_batch_size=args.batch_size, max_completion_length=48, temperature=1.0, num_ppo_epochs=4,
         learning_rate=args.learning_rate, max_steps=args.iterations, save_steps=max(1, args.iterations // 2),
@@ -168,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--kl-target", type=float, default=5.0)
     ap.add_argument("--beta", type=float, default=0.01, help="initial KL penalty coefficient (the hard controller adapts it)")
     ap.add_argument("--length-alpha", type=float, default=0.05)
+    ap.add_argument("--eos-penalty", type=float, default=1.0, help="the missing_eos shaper's charge for an answer "
+                    "that does not end within the token budget (0 = off)")
     ap.add_argument("--novelty-alpha", type=float, default=0.0, help="the batch_novelty shaper's α: charge the share "
                     "of an answer's token pairs that other answers in the batch use too (0 = off)")
     ap.add_argument("--length-decorrelation", type=float, default=0.2)

@@ -3,6 +3,8 @@ transfer prompts side by side."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlhf_ext.demo import MEASURES, results_table
@@ -115,12 +117,15 @@ def test_demo_end_to_end_and_a_resumed_run_only_evaluates_again(tmp_path, tiny_p
     monkeypatch.setattr(demo, "MODEL", tiny_path)
     argv = ["--output-dir", str(tmp_path / "demo"), "--data-dir", str(_tiny_demo_data(tmp_path / "data")),
             "--iterations", "2", "--eval-prompts", "3", "--eval-samples", "2", "--batch-size", "4",
-            "--lora-layers", "1", "--reward-epochs", "1", "--ensemble-size", "2", "--novelty-alpha", "0.5"]
+            "--lora-layers", "1", "--reward-epochs", "1", "--ensemble-size", "2", "--novelty-alpha", "0.5",
+            "--eos-penalty", "0.5"]
     first = demo.main(argv)
     printed, bars = capsys.readouterr()
     assert "Evaluating the reference" in bars and "Evaluating the policy" in bars  # the long parts show progress
     assert "transfer" in printed and "± SE over prompts" in printed and "distinct-2" in printed
     assert first["resumed_from"] is None and first["options"]["novelty_alpha"] == 0.5  # the summary says how it ran
+    shapers = json.loads((tmp_path / "demo" / "ppo" / "monitor" / "run.json").read_text())["shapers"]
+    assert {"name": "missing_eos", "penalty": 0.5} in shapers  # the flag reaches the shaper PPO ran with
     for split in ("heldout", "transfer"):
         assert set(first["change"][split]) == {"gold", "sentiment", "vader", "length", "eos", "rep4", "distinct2"}
         assert all(len(v) == 2 for v in first["change"][split].values())
