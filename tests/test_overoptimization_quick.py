@@ -3,6 +3,7 @@ report, plot) on a tiny model in seconds, so the benchmark cannot rot."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -13,13 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
+def _bench(module: str = "overoptimization"):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import overoptimization
+        return importlib.import_module(module)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return overoptimization
 
 
 def test_quick_mode_writes_a_complete_finite_report(tmp_path):
@@ -128,6 +128,23 @@ def test_noisy_gold_pairs_are_relabelled_by_the_gold_with_the_stated_noise(tmp_p
                for r in train)
     again = noisy_gold_data(tmp_path / "ng2", pairs=200, noise=0.25, seed=3)
     assert (again / "preferences_train.jsonl").read_text() == (out / "preferences_train.jsonl").read_text()
+
+
+def test_pairs_relabelled_by_sentiment_keep_their_columns_and_the_stated_noise(tmp_path):
+    """benchmarks/relabel_by_sentiment.py: chosen = the answer with the higher per-sentence sentiment (test split
+    always, train split but for about `noise` of the pairs), and the paired columns travel with their answers."""
+    from rlhf_ext.sentiment import _analyzer, completion_text, sentence_sentiment
+
+    _bench("relabel_by_sentiment").main([str(tmp_path / "gl"), "--noise", "0.25"])
+    analyzer = _analyzer()
+    assert (tmp_path / "gl" / "prompts_transfer.jsonl").is_file()  # a complete --data-dir for the demo
+    for split in ("train", "test"):
+        rows = [json.loads(x) for x in (tmp_path / "gl" / f"preferences_{split}.jsonl").read_text().splitlines()]
+        right = [sentence_sentiment(completion_text(r["chosen"]), analyzer)
+                 > sentence_sentiment(completion_text(r["rejected"]), analyzer) for r in rows]
+        wrong = 1 - sum(right) / len(rows)
+        assert (0.20 < wrong < 0.30) if split == "train" else wrong == 0, (split, wrong)
+        assert all(r["len_chosen"] == len(completion_text(r["chosen"]).split()) for r in rows)
 
 
 def test_quick_noisy_proxy_scenario_runs_with_its_own_proxy_axis(tmp_path):

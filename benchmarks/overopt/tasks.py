@@ -65,6 +65,16 @@ def quick_task(model_path, prompts: str = "templates"):
     return task
 
 
+def swap_pair(row: dict) -> dict:
+    """The pair the other way round: chosen ↔ rejected, and every `<x>_chosen` ↔ `<x>_rejected` column with them."""
+    out = dict(row)
+    for key in row:
+        if key == "chosen" or key.endswith("_chosen"):
+            other = key[: -len("chosen")] + "rejected"
+            out[key], out[other] = row[other], row[key]
+    return out
+
+
 def noisy_gold_data(out: Path, pairs: int, noise: float, seed: int) -> Path:
     """The shipped preference pairs relabelled by the gold (chosen = the higher gold score: no planted length bias),
     `pairs` of them drawn at random with a `noise` share of their labels flipped (`flipped` in each row); the test
@@ -76,11 +86,7 @@ def noisy_gold_data(out: Path, pairs: int, noise: float, seed: int) -> Path:
 
     def relabel(row, flip):
         better = row["gold_chosen"] > row["gold_rejected"]
-        if better == flip:
-            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"], "gold_chosen": row["gold_rejected"],
-                   "gold_rejected": row["gold_chosen"], "len_chosen": row["len_rejected"],
-                   "len_rejected": row["len_chosen"]}
-        return {**row, "flipped": flip}
+        return {**(swap_pair(row) if better == flip else row), "flipped": flip}
 
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
