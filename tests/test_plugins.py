@@ -52,6 +52,17 @@ def test_length_shapers():
     assert build("shaper", "missing_eos", penalty=2.0)(torch.zeros(2), info([3, 3], eos=[True, False])).tolist() == [0, -2]
 
 
+@pytest.mark.parametrize("name,kwargs", [("linear", {"alpha": -0.05}), ("linear", {"free_tokens": -1}),
+                                         ("target", {"alpha": -0.1}), ("overlong", {"coef": -1.0}),
+                                         ("missing_eos", {"penalty": -1.0}), ("repetition", {"alpha": -1.0}),
+                                         ("batch_novelty", {"alpha": -0.5})])
+def test_a_negative_charge_is_refused_with_the_fix(name, kwargs):
+    """A negative charge would pay the policy for what the shaper charges (long, unended, repeated answers)."""
+    with pytest.raises(ValueError, match=rf"{next(iter(kwargs))}=-.*≥ 0"):
+        build("shaper", name, **kwargs)
+    build("shaper", name, **{k: 0 for k in kwargs})  # 0 switches it off, and is accepted
+
+
 def test_debias_removes_length_slope():
     L = torch.arange(1.0, 11.0)
     scores = 0.5 * L + 1.0
@@ -92,7 +103,7 @@ def test_batch_novelty_cases_and_reward_func():
     assert alone.item() == 0.0  # repetition within one answer is the `repetition` shaper's business
     func = as_reward_func(build("shaper", "batch_novelty", alpha=1.0, n=2))
     assert func(completion_ids=fresh) == pytest.approx([-0.5, -0.5, 0.0])
-    with pytest.raises(ValueError, match="alpha ≥ 0 and n ≥ 1"):
+    with pytest.raises(ValueError, match="n ≥ 1"):
         build("shaper", "batch_novelty", n=0)
 
 

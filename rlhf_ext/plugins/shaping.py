@@ -45,11 +45,20 @@ class Shaper:
         pass
 
 
+def _charges(shaper: str, **coefs) -> None:
+    """A shaper's charges are ≥ 0: a negative one would pay for what the shaper exists to charge."""
+    bad = {k: v for k, v in coefs.items() if v < 0}
+    if bad:
+        raise ValueError(f"The {shaper!r} shaper's {', '.join(f'{k}={v}' for k, v in bad.items())} is negative, which "
+                         f"would reward what it charges; give a value ≥ 0 (0 switches it off).")
+
+
 @register("shaper", "linear")
 class LinearLength(Shaper):
     """r − α·max(0, L − L₀): charge every token past a free budget L₀."""
 
     def __init__(self, alpha: float = 0.01, free_tokens: int = 0):
+        _charges("linear", alpha=alpha, free_tokens=free_tokens)
         self.alpha, self.free_tokens = alpha, free_tokens
 
     def __call__(self, scores, info):
@@ -61,6 +70,7 @@ class TargetLength(Shaper):
     """r − α·|L − L*|: pull lengths towards a target."""
 
     def __init__(self, alpha: float = 0.01, target_length: int = 32):
+        _charges("target", alpha=alpha, target_length=target_length)
         self.alpha, self.target_length = alpha, target_length
 
     def __call__(self, scores, info):
@@ -74,6 +84,7 @@ class Overlong(Shaper):
     def __init__(self, max_length: int = 48, cache_length: int = 16, coef: float = 1.0):
         if not 0 < cache_length <= max_length:
             raise ValueError(f"overlong needs 0 < cache_length ≤ max_length, got {cache_length}, {max_length}.")
+        _charges("overlong", coef=coef)
         self.max_length, self.cache_length, self.coef = max_length, cache_length, coef
 
     def __call__(self, scores, info):
@@ -118,6 +129,7 @@ class MissingEOS(Shaper):
     """r − p for responses that hit the length limit without EOS (truncated answers)."""
 
     def __init__(self, penalty: float = 1.0):
+        _charges("missing_eos", penalty=penalty)
         self.penalty = penalty
 
     def __call__(self, scores, info):
@@ -140,6 +152,9 @@ class Repetition(Shaper):
     """r − α·(repeated n-gram fraction)."""
 
     def __init__(self, alpha: float = 1.0, n: int = 3):
+        _charges("repetition", alpha=alpha)
+        if n < 1:
+            raise ValueError(f"repetition needs n ≥ 1 (the n-gram length), got n={n}.")
         self.alpha, self.n = alpha, n
 
     def __call__(self, scores, info):
@@ -169,8 +184,9 @@ class BatchNovelty(Shaper):
     content counts (the final EOS is left out); under DDP each process compares within its own batch."""
 
     def __init__(self, alpha: float = 0.5, n: int = 2):
-        if alpha < 0 or n < 1:
-            raise ValueError(f"batch_novelty needs alpha ≥ 0 and n ≥ 1, got alpha={alpha}, n={n}.")
+        _charges("batch_novelty", alpha=alpha)
+        if n < 1:
+            raise ValueError(f"batch_novelty needs n ≥ 1 (the n-gram length), got n={n}.")
         self.alpha, self.n = alpha, n
 
     def __call__(self, scores, info):
