@@ -44,8 +44,8 @@ def main(argv=None):
             chosen, rejected = (sentence_sentiment(completion_text(row[k]), analyzer) for k in ("chosen", "rejected"))
             if chosen == rejected:
                 continue
-            agreed += chosen > rejected
             keep = chosen > rejected
+            agreed += keep
             if split == "train" and rng.random() < args.noise:
                 keep = not keep
             rows.append(json.dumps(row if keep else swap_pair(row), ensure_ascii=False))

@@ -45,12 +45,14 @@ class Shaper:
         pass
 
 
-def _charges(shaper: str, **coefs) -> None:
-    """A shaper's charges are ≥ 0: a negative one would pay for what the shaper exists to charge."""
-    bad = {k: v for k, v in coefs.items() if v < 0}
+def _charges(shaper: str, **values) -> None:
+    """A shaper's charges and lengths are ≥ 0: a negative charge would pay for what the shaper exists to charge, and a
+    negative length budget or target has no meaning."""
+    bad = {k: v for k, v in values.items() if v < 0}
     if bad:
-        raise ValueError(f"The {shaper!r} shaper's {', '.join(f'{k}={v}' for k, v in bad.items())} is negative, which "
-                         f"would reward what it charges; give a value ≥ 0 (0 switches it off).")
+        raise ValueError(f"The {shaper!r} shaper's {', '.join(f'{k}={v}' for k, v in bad.items())} is negative (a "
+                         f"negative charge would reward what the shaper charges); give a value ≥ 0 (a charge of 0 "
+                         f"switches it off).")
 
 
 @register("shaper", "linear")
