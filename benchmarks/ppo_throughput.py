@@ -37,11 +37,12 @@ PRECISIONS = ("fp32", "bf16")
 GOALS = {"tok_per_s_ratio": 3.0, "peak_rss_ratio": 0.45, "iter_over_generate": 2.0}
 
 
-def run_ours(args) -> dict:
+def build_ours(args):
+    """Our PPOTrainer as this benchmark configures it (also used by ppo_floor.py)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from _common import baseline_prompts, summary
+    from _common import baseline_prompts
     from rlhf_ext import PPOConfig, PPOTrainer
     from rlhf_ext.models import load_tokenizer
 
@@ -60,6 +61,13 @@ def run_ours(args) -> dict:
     tr = PPOTrainer(args.model, reward_funcs=[str(rm_dir)], args=cfg, train_dataset=data, processing_class=tok,
                     peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                            layers_to_transform=layers))
+    return tr
+
+
+def run_ours(args) -> dict:
+    from _common import summary
+
+    tr = build_ours(args)
     base_dtype = str(next(tr.policy.peft.get_base_model().parameters()).dtype).replace("torch.", "")
     print(f"ours: base weights {base_dtype}, autocast {tr.policy.autocast}, compute {tr.compute_dtype}", flush=True)
     hist = tr.train()

@@ -1,0 +1,112 @@
+"""How short can a PPO iteration be on this machine? A floor under `iteration / generation` (ppo_throughput's goal).
+
+    python benchmarks/ppo_floor.py                    # the ppo_throughput configuration, LoRA on all layers, fp32
+    python benchmarks/ppo_floor.py --lora-layers 8    # LoRA on the top 8 layers
+
+Everything after sampling is dense matmuls whose count is fixed by the algorithm, not by the implementation:
+
+    reference forward (adapters off)                 F_layers + F_head
+    reward member forward (its adapter, no LM head)  F_layers
+    each PPO epoch: forward + backward               2 (F_layers + F_head)   (θ_old is epoch 1's forward)
+
+F_layers = 2 × (matmul weights of the decoder, LoRA included) × B·T tokens + attention (QKᵀ, AV: 4·T·d per token and
+layer); F_head = 2 · hidden · vocab × B·(R+1) (`logits_to_keep`). The backward of a frozen matmul still computes its
+input gradient (the same FLOPs as its forward): the adapters below need it. Divided by the best rate this CPU
+reaches (measured here: the model's matmul shapes, a 1024³ product, our own passes), that is the least time the work
+after sampling can take, whatever the code; generation is measured with the trainer's own `generate`. The script also times our real forward and
+forward + backward, to show how close to that rate they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import _common  # noqa: F401  (offline env, flush denormals)
+from ppo_throughput import build_ours
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Median wall time (s) of `repeat` calls after one warm-up."""
+    fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def matmul_rate(m: int, k: int, n: int) -> float:
+    """GFLOP/s of one fp32 [m, k] × [k, n] product on this CPU."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / timed(lambda: a @ b, repeat=5) / 1e9
+
+
+def decoder_flops(model, tokens: int, seq_len: int) -> float:
+    """Forward FLOPs of the decoder layers on `tokens` positions of length-`seq_len` sequences."""
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    weights = sum(m.weight.numel() for m in base.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head)
+    cfg = base.config
+    attn_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    return 2 * weights * tokens + 4 * seq_len * attn_width * cfg.num_hidden_layers * tokens
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--completion-length", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lora-layers", default="0", help="LoRA on the top N layers only (0 = all)")
+    args = ap.parse_args()
+    args.iters, args.kl_controller, args.critic, args.precision, args.rm_dir = 1, "fixed", "shared", "fp32", None
+    tr = build_ours(args)
+    pol, a = tr.policy, tr.args
+
+    batch = tr._next_prompts()
+    gen_s = timed(lambda: pol.generate(batch, tr.tokenizer, a.max_completion_length, a.top_p, a.stop_on_eos))
+    ro = pol.generate(batch, tr.tokenizer, a.max_completion_length, a.top_p, a.stop_on_eos)
+    B, T = ro.ids.shape
+    R = ro.R
+    fwd_s = timed(lambda: pol.logits(ro.ids, ro.mask, R))
+
+    def forward_backward():
+        logits, values = tr.train_policy(ro.ids, ro.mask, R, None)
+        (logits.log_softmax(-1).mean() + values.mean()).backward()
+        tr.optimizer.zero_grad(set_to_none=True) if tr.optimizer else None
+
+    fb_s = timed(forward_backward)
+
+    cfg = pol.peft.get_base_model().config
+    f_layers = decoder_flops(pol.peft, B * T, T)
+    f_head = 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
+    after = (f_layers + f_head) + f_layers + args.epochs * 2 * (f_layers + f_head)
+    # the best rate seen anywhere: the model's two largest shapes, a large square product, our own passes
+    peak = max(matmul_rate(B * T, cfg.hidden_size, cfg.intermediate_size),
+               matmul_rate(B * (R + 1), cfg.hidden_size, cfg.vocab_size), matmul_rate(1024, 1024, 1024),
+               (f_layers + f_head) / fwd_s / 1e9, 2 * (f_layers + f_head) / fb_s / 1e9)
+    floor_after = after / peak / 1e9
+    real_after = 2 * fwd_s + args.epochs * fb_s  # reference + reward ≈ two forwards
+
+    print(f"\n{args.model}, LoRA on {'all' if args.lora_layers == '0' else 'the top ' + args.lora_layers} layers, "
+          f"fp32, {torch.get_num_threads()} threads; batch {B} × {T} tokens ({R} response), {args.epochs} epochs")
+    print(f"generation (the trainer's generate, median of 3)          {gen_s:7.2f} s")
+    print(f"best fp32 rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
+    print(f"one forward: {(f_layers + f_head) / 1e9:6.1f} GFLOP in {fwd_s:.2f} s = {(f_layers + f_head) / fwd_s / 1e9:5.1f} GFLOP/s; "
+          f"forward + backward: {2 * (f_layers + f_head) / 1e9:6.1f} GFLOP in {fb_s:.2f} s = "
+          f"{2 * (f_layers + f_head) / fb_s / 1e9:5.1f} GFLOP/s")
+    print(f"after sampling: {after / 1e9:.0f} GFLOP (reference + reward forwards, {args.epochs} × forward + backward)")
+    print(f"  at the best matmul rate (floor)                           {floor_after:7.2f} s  → iteration / generation "
+          f"≥ {(gen_s + floor_after) / gen_s:.2f}")
+    print(f"  at our measured pass times                                {real_after:7.2f} s  → iteration / generation "
+          f"≈ {(gen_s + real_after) / gen_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
