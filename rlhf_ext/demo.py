@@ -175,7 +175,8 @@ def main(argv=None):
     ap.add_argument("--length-decorrelation", type=float, default=0.2)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts per PPO iteration")
+    ap.add_argument("--batch-size", type=int, default=32, help="prompts per PPO iteration (at 8 the batch-to-batch "
+                    "reward noise hides the sentiment signal: README, demo section)")
     ap.add_argument("--reward-heads-only", action=argparse.BooleanOptionalAction, default=True,
                     help="train the reward heads on the frozen base model (a linear probe; --no-reward-heads-only: "
                     "LoRA on the top --lora-layers layers, as the benchmark's proxies)")
