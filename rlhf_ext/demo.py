@@ -190,7 +190,7 @@ def main(argv=None):
                     "reuse the reward model if it is there; same options as the run that wrote it")
     args = ap.parse_args(argv)
     args.reuse_reward = args.reuse_reward or args.resume
-    for flag in ("eval_prompts", "eval_samples", "iterations"):
+    for flag in ("eval_prompts", "eval_samples", "iterations", "batch_size"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
     from .data import SHIPPED
@@ -209,7 +209,7 @@ def main(argv=None):
         rm = train_reward(reward_path, data, args)
         (out / "reward_metrics.json").write_text(json.dumps(rm, indent=2))
     t1 = time.time()
-    print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, {args.iterations} iterations")
+    print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, {args.iterations} iterations of {args.batch_size} prompts")
     trainer, history, before, after, resumed = run_ppo(out / "ppo", data, reward_path, args)
     t2 = time.time()
     plot(history, before, after, args.kl_target, out / "demo.png")

@@ -59,7 +59,7 @@ def test_paired_change_averages_per_prompt_and_takes_the_standard_error_over_pro
     assert row.count("+0.125 ± 0.050") == 2
 
 
-@pytest.mark.parametrize("flag", ["--eval-samples", "--eval-prompts", "--iterations"])
+@pytest.mark.parametrize("flag", ["--eval-samples", "--eval-prompts", "--iterations", "--batch-size"])
 def test_demo_refuses_counts_below_one_before_any_work(flag, capsys, tmp_path):
     from rlhf_ext.demo import main
 
