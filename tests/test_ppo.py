@@ -107,6 +107,22 @@ def test_resume_is_exact(tmp_path, tok):
         assert hist_resumed[-1][key] == pytest.approx(hist_full[-1][key], rel=1e-4, abs=1e-6)
 
 
+def test_resume_with_other_trajectory_settings_warns_naming_each(tmp_path, tok):
+    """Like transformers' Trainer for its batch size: a resume with other settings continues, but says it is not the
+    checkpoint's run continued (a changed default, e.g. the demo's batch, would otherwise pass unnoticed)."""
+    import warnings
+
+    make(tmp_path, tok, max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=4).train()
+    ckpt = str(tmp_path / "ppo" / "checkpoint-2")
+    with pytest.warns(UserWarning, match=r"per_device_train_batch_size: 4 in the checkpoint, 2 now; "
+                                          r"num_ppo_epochs: 4 in the checkpoint, 2 now.*exact continuation"):
+        make(tmp_path, tok, max_steps=3, per_device_train_batch_size=2, num_ppo_epochs=2).train(resume_from_checkpoint=ckpt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Resuming from")
+        hist = make(tmp_path, tok, max_steps=3, per_device_train_batch_size=4).train(resume_from_checkpoint=ckpt)
+    assert len(hist) == 3
+
+
 def test_checkpoint_is_complete_and_atomic(tmp_path, tok):
     tr = make(tmp_path, tok, max_steps=2, save_strategy="steps", save_steps=1, critic="separate")
     tr.train()

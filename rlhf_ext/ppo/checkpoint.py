@@ -14,6 +14,23 @@ import torch
 from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
 
 CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
+# What shapes the trajectory: resumed with other values, a run continues, but not as the run that wrote the checkpoint
+# (warned on resume, as transformers' Trainer warns for its batch size; a changed default must not pass unnoticed)
+TRAJECTORY_SETTINGS = ("per_device_train_batch_size", "num_ppo_epochs", "num_mini_batches", "max_completion_length",
+                       "learning_rate", "kl_controller", "kl_target")
+
+
+def _trajectory_settings(tr) -> dict:
+    return {k: getattr(tr.args, k) for k in TRAJECTORY_SETTINGS} | {"num_processes": tr.accelerator.num_processes}
+
+
+def _warn_if_settings_changed(path, saved: dict | None, now: dict) -> None:
+    changed = [f"{k}: {saved[k]!r} in the checkpoint, {v!r} now" for k, v in now.items()
+               if saved and k in saved and saved[k] != v]
+    if changed:
+        warnings.warn(f"Resuming from {path} with other settings than the run that wrote it ({'; '.join(changed)}). "
+                      "Training continues with the new values, so it is not that run continued; pass the "
+                      "checkpoint's values for an exact continuation.", UserWarning, stacklevel=3)
 
 
 def write_checkpoint(tr, final) -> str:
@@ -30,7 +47,8 @@ def write_checkpoint(tr, final) -> str:
         state = {"iteration": tr.iteration, "data_epoch": tr.data_epoch, "data_pos": tr.data_pos,
                  "version": tr.version, "kl_controller": tr.kl_ctl.state_dict(),
                  "rewards": tr.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
-                 "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history}
+                 "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history,
+                 "settings": _trajectory_settings(tr)}
         (tmp / "ppo_state.json").write_text(json.dumps(state))
     return str(final)
 
@@ -65,6 +83,7 @@ def read_checkpoint(tr, path) -> None:
     tr.lr_scheduler.load_state_dict(opt["scheduler"])
     torch.set_rng_state(load_safetensors(path / "rng.safetensors", fix)["torch_rng"])
     state = read_json(path / "ppo_state.json", fix)
+    _warn_if_settings_changed(path, state.get("settings"), _trajectory_settings(tr))
     tr.iteration, tr.data_epoch, tr.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
     tr.version = state.get("version", 0)
     tr.kl_ctl.load_state_dict(state["kl_controller"])
