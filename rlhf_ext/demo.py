@@ -209,7 +209,8 @@ def main(argv=None):
         rm = train_reward(reward_path, data, args)
         (out / "reward_metrics.json").write_text(json.dumps(rm, indent=2))
     t1 = time.time()
-    print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, {args.iterations} iterations of {args.batch_size} prompts")
+    print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, "
+          f"{args.iterations} iterations of {args.batch_size} prompts")
     trainer, history, before, after, resumed = run_ppo(out / "ppo", data, reward_path, args)
     t2 = time.time()
     plot(history, before, after, args.kl_target, out / "demo.png")
