@@ -52,7 +52,8 @@ def decoder_flops(model, tokens: int, seq_len: int) -> float:
     weights = sum(m.weight.numel() for m in base.modules()
                   if isinstance(m, torch.nn.Linear) and m is not head)
     cfg = base.config
-    attn_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # None in some configs
+    attn_width = cfg.num_attention_heads * head_dim
     return 2 * weights * tokens + 4 * seq_len * attn_width * cfg.num_hidden_layers * tokens
 
 
@@ -100,9 +101,9 @@ def main():
           f"fp32, {torch.get_num_threads()} threads; batch {B} × {T} tokens ({R} response), {args.epochs} epochs")
     print(f"generation (the trainer's generate, median of 3)          {gen_s:7.2f} s")
     print(f"best fp32 rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
-    print(f"one forward: {(f_layers + f_head) / 1e9:6.1f} GFLOP in {fwd_s:.2f} s = {(f_layers + f_head) / fwd_s / 1e9:5.1f} GFLOP/s; "
-          f"forward + backward: {2 * (f_layers + f_head) / 1e9:6.1f} GFLOP in {fb_s:.2f} s = "
-          f"{2 * (f_layers + f_head) / fb_s / 1e9:5.1f} GFLOP/s")
+    fwd = (f_layers + f_head) / 1e9
+    print(f"one forward: {fwd:6.1f} GFLOP in {fwd_s:.2f} s = {fwd / fwd_s:5.1f} GFLOP/s; "
+          f"forward + backward: {2 * fwd:6.1f} GFLOP in {fb_s:.2f} s = {2 * fwd / fb_s:5.1f} GFLOP/s")
     print(f"after sampling: {after / 1e9:.0f} GFLOP (reference + reward forwards, {args.epochs} × forward + backward)")
     print(f"  at the best matmul rate (floor)                           {floor_after:7.2f} s  → iteration / generation "
           f"≥ {(gen_s + floor_after) / gen_s:.2f}")
