@@ -22,7 +22,7 @@ import _common  # noqa: F401  (offline settings)
 from overopt.tasks import swap_pair
 
 from rlhf_ext.data import SHIPPED
-from rlhf_ext.sentiment import _analyzer, completion_text, sentence_sentiment
+from rlhf_ext.sentiment import sentiment_judge
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not 0 <= args.noise <= 1:
         ap.error(f"--noise is a probability in [0, 1], got {args.noise}")
-    src, analyzer, rng = SHIPPED / "sentiment", _analyzer(), random.Random(args.seed)
+    src, sentiment, rng = SHIPPED / "sentiment", sentiment_judge(), random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     for f in src.glob("prompts_*.jsonl"):
         shutil.copy(f, args.out / f.name)
@@ -41,7 +41,7 @@ def main(argv=None):
         rows, agreed = [], 0
         for line in (src / f"preferences_{split}.jsonl").read_text().splitlines():
             row = json.loads(line)
-            chosen, rejected = (sentence_sentiment(completion_text(row[k]), analyzer) for k in ("chosen", "rejected"))
+            chosen, rejected = sentiment(completions=[row["chosen"], row["rejected"]])
             if chosen == rejected:
                 continue
             keep = chosen > rejected

@@ -21,6 +21,21 @@ NEG = "bad awful terrible hate sad boring worst poor".split()
 FILL = "the movie was it and very so".split()
 
 
+def benchmark_module(name: str):
+    """Import a script of benchmarks/ (which imports its siblings as top-level modules) without leaving that folder
+    on sys.path."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 def preference_rows(n, seed, conversational=True, margin=False):
     r = random.Random(seed)
     rows = []

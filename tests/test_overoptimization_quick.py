@@ -3,23 +3,19 @@ report, plot) on a tiny model in seconds, so the benchmark cannot rot."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 import math
-import sys
 from pathlib import Path
+
+from .conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(module: str = "overoptimization"):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return benchmark_module(module)
 
 
 def test_quick_mode_writes_a_complete_finite_report(tmp_path):
@@ -133,15 +129,15 @@ def test_noisy_gold_pairs_are_relabelled_by_the_gold_with_the_stated_noise(tmp_p
 def test_pairs_relabelled_by_sentiment_keep_their_columns_and_the_stated_noise(tmp_path):
     """benchmarks/relabel_by_sentiment.py: chosen = the answer with the higher per-sentence sentiment (test split
     always, train split but for about `noise` of the pairs), and the paired columns travel with their answers."""
-    from rlhf_ext.sentiment import _analyzer, completion_text, sentence_sentiment
+    from rlhf_ext.sentiment import completion_text, sentiment_judge
 
     _bench("relabel_by_sentiment").main([str(tmp_path / "gl"), "--noise", "0.25"])
-    analyzer = _analyzer()
+    sentiment = sentiment_judge()
     assert (tmp_path / "gl" / "prompts_transfer.jsonl").is_file()  # a complete --data-dir for the demo
     for split in ("train", "test"):
         rows = [json.loads(x) for x in (tmp_path / "gl" / f"preferences_{split}.jsonl").read_text().splitlines()]
-        right = [sentence_sentiment(completion_text(r["chosen"]), analyzer)
-                 > sentence_sentiment(completion_text(r["rejected"]), analyzer) for r in rows]
+        right = [c > r for c, r in zip(sentiment(completions=[r["chosen"] for r in rows]),
+                                       sentiment(completions=[r["rejected"] for r in rows]))]
         wrong = 1 - sum(right) / len(rows)
         assert (0.20 < wrong < 0.30) if split == "train" else wrong == 0, (split, wrong)
         assert all(r["len_chosen"] == len(completion_text(r["chosen"]).split()) for r in rows)

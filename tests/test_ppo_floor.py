@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -13,15 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rlhf_ext.testing import tiny_causal_lm
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _floor():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module("ppo_floor")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+from .conftest import benchmark_module
 
 
 @pytest.mark.parametrize("B,T,R", [(2, 10, 3), (3, 17, 8), (1, 40, 1)])
@@ -33,5 +21,5 @@ def test_decoder_and_head_flops_match_torchs_counter(B, T, R):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         peft(input_ids=ids, logits_to_keep=R + 1)
     cfg = model.config
-    ours = _floor().decoder_flops(peft, B * T, T) + 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
+    ours = benchmark_module("ppo_floor").decoder_flops(peft, B * T, T) + 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
     assert ours == pytest.approx(counter.get_total_flops(), rel=1e-3)
