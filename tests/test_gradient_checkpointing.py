@@ -174,3 +174,39 @@ def test_ppo_checkpointing_matches_plain_training(tmp_path, tok, tiny4_path, fou
         assert torch.allclose(after[n], ref_after[n], atol=1e-5), n
     for key in ("loss/policy", "loss/value"):
         assert hist[-1][key] == pytest.approx(ref_hist[-1][key], rel=1e-4, abs=1e-6)
+
+
+def test_reward_config_checkpointing_off_by_default_without_a_deprecation_warning(tmp_path, recwarn):
+    """TRL's RewardConfig turns the deprecated `gradient_checkpointing` on, so every config printed transformers'
+    "`gradient_checkpointing` is deprecated" warning, asked for or not. Ours: off and silent by default; the old name
+    still works (and warns, as transformers does); the new name works without a warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        default = RewardEnsembleConfig(str(tmp_path), use_cpu=True)
+        new = RewardEnsembleConfig(str(tmp_path), use_cpu=True, activation_checkpointing=True)
+    assert default.activation_checkpointing is False and default.gradient_checkpointing is False
+    assert new.activation_checkpointing is True and new.gradient_checkpointing is True
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        old = RewardEnsembleConfig(str(tmp_path), use_cpu=True, gradient_checkpointing=True)
+    assert old.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("recipe", ["reward_7b_qlora", "ppo_7b_qlora"])
+def test_7b_recipes_turn_checkpointing_on_under_its_current_name(recipe, recwarn):
+    from pathlib import Path
+
+    import yaml
+
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    from rlhf_ext import PPOConfig
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{recipe}.yaml"
+    config = RewardEnsembleConfig if recipe.startswith("reward") else PPOConfig
+    parser = TrlParser((ScriptArguments, config, ModelConfig))
+    cfg = yaml.safe_load(path.read_text())
+    args = parser.parse_dict({**cfg, "use_cpu": True, "bf16": False})[1]
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # what the trainers read
+    assert not [w for w in recwarn if "gradient_checkpointing` is deprecated" in str(w.message)]

@@ -42,7 +42,7 @@ class RewardEnsembleConfig(RewardConfig):
     > Defaults that differ from TRL's `RewardConfig`:
     > - `bf16`: `None` → on only where CUDA supports bf16 (TRL turns it on unconditionally, which on CPU
     >   silently trains in bf16 autocast).
-    > - `gradient_checkpointing`: `False` (our models are small LoRA trunks; turn it on for 7B).
+    > - `activation_checkpointing` (`gradient_checkpointing`): off (our models are small LoRA trunks; turn it on for 7B).
     """
 
     ensemble_size: int = field(default=1, metadata={"help": "Number of ensemble members K (≥ 1)."})
@@ -101,8 +101,11 @@ class RewardEnsembleConfig(RewardConfig):
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision. None = on only where CUDA supports bf16."}
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Trade compute for memory (turn on for 7B models)."}
+    # transformers 5 renamed it `activation_checkpointing` (None = off); TRL's RewardConfig turns the old name on,
+    # which would also print transformers' deprecation warning on every config a user builds without asking for it
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Older name of `activation_checkpointing`: trade compute for memory (turn "
+                                        "it on for 7B models). Off by default."}
     )
 
     def __post_init__(self):
