@@ -291,7 +291,8 @@ class PolicyAndValue(nn.Module):
             finite = torch.isfinite(scores) & torch.isfinite(mine)
             gap = (scores - mine).abs()[finite].max() if finite.any() else torch.tensor(0.0)
             p = scores.exp()
-            per_token = torch.where(finite, p * (scores - mine), torch.zeros_like(p)).sum(-1)
+            # a KL is ≥ 0, but two distributions equal up to rounding can sum to −1e-17: report that as 0
+            per_token = torch.where(finite, p * (scores - mine), torch.zeros_like(p)).sum(-1).clamp(min=0)
             out["sampling_vs_training"] = float(per_token.mean())
             out["sampling_vs_training_max_dlogp"] = float(gap)
             out["sampling_vs_training_tolerance"] = sampling_tolerance(compute_dtype)
