@@ -74,7 +74,7 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
                                                   {"name": "missing_eos", "penalty": args.eos_penalty}]
         + ([{"name": "batch_novelty", "alpha": args.novelty_alpha}] if args.novelty_alpha else []),
         per_device_train_batch_size=args.batch_size, max_completion_length=48, temperature=1.0, num_ppo_epochs=4,
-        learning_rate=args.learning_rate, max_steps=args.iterations, save_steps=max(1, args.iterations // 2),
+        learning_rate=args.learning_rate, value_head_init=args.value_head_init, max_steps=args.iterations, save_steps=max(1, args.iterations // 2),
         use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=1, lora_top_layers=args.lora_layers,
     )
     trainer = PPOTrainer(
@@ -174,6 +174,8 @@ def main(argv=None):
                     "of an answer's token pairs that other answers in the batch use too (0 = off)")
     ap.add_argument("--length-decorrelation", type=float, default=0.2)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
+    ap.add_argument("--value-head-init", choices=("normal", "zeros"), default="normal", help="how the critic's "
+                    "value head starts (PPOConfig.value_head_init)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32, help="prompts per PPO iteration (at 8 the batch-to-batch "
                     "reward noise hides the sentiment signal: README, demo section)")

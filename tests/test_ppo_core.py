@@ -273,3 +273,17 @@ def test_penalty_is_k1_whatever_the_logged_estimator(tmp_path, tok, estimator):
     _, adv_k1, returns_k1 = tr._advantages(ro, old, values)
     assert torch.allclose(returns, returns_k1)  # same rewards: the penalty did not change with the estimator
     assert not torch.allclose(kl_t, (old - ro.ref_logprobs) * ro.loss_mask)  # but the logged KL is the estimator's
+
+
+def test_zero_initialised_value_head_starts_as_no_baseline_and_learns(tmp_path, tok):
+    """`value_head_init="zeros"`: V ≡ 0 in the first iteration — the critic's explained variance is exactly 0 (the
+    advantage is the plain return), not below it as with a random head — and the value head trains from there."""
+    tr = make(tmp_path / "zeros", tok, max_steps=3, value_head_init="zeros")
+    assert float(tr.policy.value_head.weight.abs().max()) == 0
+    hist = tr.train()
+    assert hist[0]["val/mean"] == 0.0 and hist[0]["val/explained_variance"] == 0.0
+    assert float(tr.policy.value_head.weight.abs().max()) > 0
+    first = make(tmp_path / "normal", tok, max_steps=1).train()[0]
+    assert first["val/mean"] != 0.0 and first["val/explained_variance"] != 0.0  # the default: a random head
+    with pytest.raises(ValueError, match="value_head_init must be 'normal' or 'zeros'"):
+        PPOConfig(str(tmp_path / "bad"), use_cpu=True, value_head_init="zero")

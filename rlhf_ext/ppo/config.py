@@ -46,6 +46,7 @@ class PPOConfig(TrainingArguments):
     lora_top_layers: int = field(default=0, metadata={"help": "LoRA on the last N decoder layers only (0 = every layer). With the frozen-prefix cache, passes and backward then run through those N layers only."})
     cache_frozen_layers: bool = field(default=True, metadata={"help": "When LoRA sits on the top layers only (`layers_to_transform`), run the layers below once per rollout and share them across the reference, policy, critic and KL passes (exact; checked at start-up, off where the architecture does not allow it)."})
     critic: str = field(default="shared", metadata={"help": "'shared' (value head on the policy trunk: one forward) or 'separate' (own LoRA adapter + head on the same base)."})
+    value_head_init: str = field(default="normal", metadata={"help": "How the new value head starts: 'normal' (weights N(0, 1/(H+1))) or 'zeros' (V ≡ 0: the advantage starts as the plain return, and the critic only helps as it learns; a random head starts as noise, val/explained_variance well below 0)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Run every PPO pass without dropout (TRL's default for its trainers). Ratios, values and the KL guard are then exact; with False, training passes keep the model's dropout and the KL guard still measures in eval mode."})
     # KL
     kl_controller: str = field(default="hard", metadata={"help": "KL controller plugin: fixed, adaptive, lagrangian, hard (or a registered name)."})
@@ -104,6 +105,8 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"kl_controller={self.kl_controller!r} needs kl_target (δ > 0).")
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}.")
+        if self.value_head_init not in ("normal", "zeros"):
+            raise ValueError(f"value_head_init must be 'normal' or 'zeros', got {self.value_head_init!r}.")
         if self.prompt_overflow not in ("error", "drop", "truncate"):
             raise ValueError(f"prompt_overflow must be 'error', 'drop' or 'truncate', got {self.prompt_overflow!r}.")
         if self.callable_normalization not in ("auto", "running", "none"):

@@ -141,7 +141,10 @@ class PPOTrainer(Trainer):
         if args.disable_dropout:  # after every adapter exists: LoRA's own dropout modules included
             zero_dropout(model)
         value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
+        if args.value_head_init == "zeros":  # V ≡ 0 at first: no baseline rather than a random one
+            nn.init.zeros_(value_head.weight)
+        else:
+            nn.init.normal_(value_head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(value_head.bias)
         value_head.to(next(model.parameters()).device)
         self.trained_adapters = [self.policy_adapter] + ([CRITIC] if args.critic == "separate" else [])
