@@ -74,7 +74,8 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
                                                   {"name": "missing_eos", "penalty": args.eos_penalty}]
         + ([{"name": "batch_novelty", "alpha": args.novelty_alpha}] if args.novelty_alpha else []),
         per_device_train_batch_size=args.batch_size, max_completion_length=48, temperature=1.0, num_ppo_epochs=4,
-        learning_rate=args.learning_rate, value_head_init=args.value_head_init, max_steps=args.iterations, save_steps=max(1, args.iterations // 2),
+        learning_rate=args.learning_rate, value_head_init=args.value_head_init, max_steps=args.iterations,
+        save_steps=max(1, args.iterations // 2),
         use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=1, lora_top_layers=args.lora_layers,
     )
     trainer = PPOTrainer(
