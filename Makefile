@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: install
-	$(BIN)/python -m pytest tests -n $(WORKERS) --dist loadfile --durations=15  # the slowest tests, so a slow suite says where its time goes
+	$(BIN)/python -m pytest tests -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15  # the slowest tests, so a slow suite says where its time goes
 
 demo: install
 	$(BIN)/rlhf-ext demo

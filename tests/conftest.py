@@ -54,6 +54,21 @@ def preference_rows(n, seed, conversational=True, margin=False):
     return rows
 
 
+# `make test` hands whole files to the workers (--dist loadfile) in collection order (--no-loadscope-reorder; xdist's
+# default order, most tests first, starts the few-test files that take minutes last, and one worker then runs them
+# alone at the end). So the files that take minutes come first, the longest first; the many short ones fill in.
+LONG_FILES = ("test_recipes", "test_data_parallel", "test_overoptimization_quick", "test_plan", "test_readme",
+              "test_artifacts", "test_gpu_check", "test_demo")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.stem
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -148,9 +147,12 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
     found = run(py, "-c", f"import importlib; [print(importlib.import_module(m).__file__) for m in {subpackages!r}]")
     assert all(str(venv) in f for f in found.split()), found
     assert Path(where[1], "sentiment", "prompts_train.jsonl").is_file() and Path(where[2]).is_file()
-    t = time.perf_counter()
     assert "commands:" in run(cli, "--help")
-    assert time.perf_counter() - t < 2.0
+    # `--help` starts fast because it loads no ML library (what it imports, not a timing: that flakes on a busy CI)
+    loaded = run(py, "-c", "import contextlib, io, sys\nfrom rlhf_ext.cli import main\n"
+                           "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
+                           "print(sorted({'torch', 'transformers', 'trl', 'peft'} & set(sys.modules)))")
+    assert loaded.strip() == "[]", f"`rlhf-ext --help` imported {loaded.strip()}"
     assert "kl_controller" in run(cli, "plugins") and "detector" in run(cli, "plugins")
     assert "--kl_target" in run(cli, "ppo", "--help") and "--ensemble_size" in run(cli, "reward", "--help")
     assert "peak" in run(cli, "plan", "--model", "gpt2", "--batch", "8")  # the plan package and its shipped shapes
