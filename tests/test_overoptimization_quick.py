@@ -180,6 +180,38 @@ def test_quick_loop_with_a_pool_labels_the_pairs_its_order_ranks_first(tmp_path)
         done |= set(labelled)
 
 
+def test_a_loop_killed_between_review_and_retrain_finishes_that_round_on_resume(tmp_path, monkeypatch):
+    """Killed after a round's labels were given, before its reward model was retrained: the rerun retrains with
+    those labels before PPO resumes, so the record counts every label once and the run ends as an unbroken one."""
+    bench = _bench()
+    import overopt.loop
+
+    real, calls = overopt.loop.retrain_rm, []
+
+    def killed_in_round_2(*a, **k):
+        calls.append(a[2].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a kill leaves: round 2's decisions on disk, no rm_round2, no record of it
+        return real(*a, **k)
+
+    work, out = tmp_path / "w", tmp_path / "loop.json"
+    argv = ["--quick", "--runs", "plain_loop:0", "--workdir", str(work), "--out", str(out)]
+    monkeypatch.setattr(overopt.loop, "retrain_rm", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    runs = work / "runs"
+    assert len((runs / "plain_loop__s0" / "review" / "decisions.jsonl").read_text().splitlines()) == 8
+    assert len(json.loads((runs / "plain_loop__s0.json").read_text())["loop"]["rounds"]) == 1
+    bench.main(argv)  # the rerun (retrain_rm still counts its calls)
+    (run,) = json.loads(out.read_text())["runs"]
+    loop = run["loop"]
+    assert run["done"] and loop["labels"] == 8 and [r["labels"] for r in loop["rounds"]] == [4, 4]
+    assert [r["iteration"] for r in loop["rounds"]] == [1, 2] and loop["rounds"][1]["resumed"]
+    assert calls == ["rm_round1", "rm_round2", "rm_round2"]  # round 2 retrained once on resume, no third round
+    assert len((runs / "plain_loop__s0" / "review" / "decisions.jsonl").read_text().splitlines()) == 8
+    assert [p["iteration"] for p in run["points"]] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("error", [0.0, 0.1, 0.25, 1 / 3, 1.0])
 def test_exact_reviewer_flips_the_stated_share_and_a_resumed_one_continues(tmp_path, error):
     """flips="exact": after every n decisions, ⌊n·e⌋ or ⌈n·e⌉ of them flipped (counted here from the decisions
@@ -196,6 +228,11 @@ def test_exact_reviewer_flips_the_stated_share_and_a_resumed_one_continues(tmp_p
             assert math.floor(n * error) <= sum(wrong[:n]) <= math.ceil(n * error), (seed, n)
         for k in (5, 16, 33):
             resumed = SimulatedReviewer(tmp_path, error, seed, flips="exact", decided=k)
+            assert [resumed._decision(rec) != "flagged" for _ in range(64 - k)] == wrong[k:]
+        bernoulli = SimulatedReviewer(tmp_path, error, seed)  # the default draws resume the same way
+        wrong = [bernoulli._decision(rec) != "flagged" for _ in range(64)]
+        for k in (5, 16, 33):
+            resumed = SimulatedReviewer(tmp_path, error, seed, decided=k)
             assert [resumed._decision(rec) != "flagged" for _ in range(64 - k)] == wrong[k:]
     bernoulli = SimulatedReviewer(tmp_path, 0.1, 0)
     assert sum(bernoulli._decision(rec) != "flagged" for _ in range(32)) == 0  # why "exact" exists

@@ -14,6 +14,7 @@ decisions flipped, and per round the iteration, labels and wall-clock seconds of
 
 from __future__ import annotations
 
+import json
 import time
 
 from .reviewer import SimulatedReviewer
@@ -36,6 +37,7 @@ class LoopRun(Run):
         reviewer = SimulatedReviewer(self.dir, loop["error"], self.seed, loop["order"], flips=loop.get("flips", "random"),
                                      decided=rec["labels"])
         run = self
+        self._finish_interrupted_round(rec, reviewer, loop)
 
         class StopForReview(TrainerCallback):
             """After the monitor has queued (it runs first): enough pending pairs → checkpoint here and stop."""
@@ -71,15 +73,39 @@ class LoopRun(Run):
             t0, flipped = time.perf_counter(), reviewer.flipped
             labels = reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]))
             name = f"rm_round{len(rec['rounds']) + 1}"
-            init = None
-            if loop.get("retrain", "scratch") == "finetune":  # from the reward model this run used until now
-                init = self.dir / rec["rounds"][-1]["rm"] if rec["rounds"] else rm_dir(self.args) / self.spec["rm"]
-            retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(tr.monitor.queue.preferences_path)], init)
-            rec["labels"] += labels
-            rec["flipped"] += reviewer.flipped - flipped
-            rec["rounds"].append({"iteration": tr.iteration, "labels": labels, "rm": name,
-                                  "seconds": time.perf_counter() - t0})
-            print(f"[{self.name} s{self.seed}] round {len(rec['rounds'])} at iteration {tr.iteration}: {labels} "
-                  f"labels ({rec['labels']} of {loop['budget']}), reward model retrained", flush=True)
-            self.save()
+            retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(tr.monitor.queue.preferences_path)],
+                       self._init_rm(rec, loop))
+            self._end_round(rec, loop, tr.iteration, labels, reviewer.flipped - flipped, name, time.perf_counter() - t0)
         self._finish()
+
+    def _init_rm(self, rec, loop):
+        """`retrain: finetune` starts from the reward model the run used until now; `scratch` from nothing (None)."""
+        if loop.get("retrain", "scratch") != "finetune":
+            return None
+        return self.dir / rec["rounds"][-1]["rm"] if rec["rounds"] else rm_dir(self.args) / self.spec["rm"]
+
+    def _end_round(self, rec, loop, iteration, labels, flipped, name, seconds, **note):
+        rec["labels"] += labels
+        rec["flipped"] += flipped
+        rec["rounds"].append({"iteration": iteration, "labels": labels, "rm": name, "seconds": seconds, **note})
+        print(f"[{self.name} s{self.seed}] round {len(rec['rounds'])} at iteration {iteration}: {labels} "
+              f"labels ({rec['labels']} of {loop['budget']}), reward model retrained", flush=True)
+        self.save()
+
+    def _finish_interrupted_round(self, rec, reviewer, loop):
+        """A process killed between a round's review and the end of its retrain left decisions the record does not
+        count: retrain with them now, before PPO resumes from the round's checkpoint (else PPO would go on with the
+        old reward model and the next round would spend labels the budget already spent)."""
+        from rlhf_ext.monitor.queue import read_jsonl
+
+        decided = len(read_jsonl(self.dir / "review" / "decisions.jsonl"))
+        if decided <= rec["labels"]:
+            return
+        labels, t0 = decided - rec["labels"], time.perf_counter()
+        flipped = reviewer.replay(labels)
+        iteration = json.loads((self.dir / "checkpoint" / "ppo_state.json").read_text())["iteration"]
+        name = f"rm_round{len(rec['rounds']) + 1}"
+        retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(self.dir / "review" / "preferences.jsonl")],
+                   self._init_rm(rec, loop))
+        # the review's seconds were lost with the process: this round's seconds are the retrain's alone
+        self._end_round(rec, loop, iteration, labels, flipped, name, time.perf_counter() - t0, resumed=True)

@@ -41,8 +41,13 @@ class SimulatedReviewer:
         self.output_dir, self.error, self.order, self.audit, self.flips = Path(output_dir), error, order, audit, flips
         self.rng = random.Random(seed)
         self.offset = self.rng.random() if flips == "exact" else 0.0
-        self.decided = decided  # decisions made so far in this run (a resumed run continues the exact pattern)
-        self.flipped = 0  # decisions flipped so far (the loop's record keeps the labels)
+        self.decided = 0
+        self.replay(decided)  # a resumed run continues the pattern an uninterrupted one would have drawn
+        self.flipped = 0  # decisions flipped by this object's `review` calls (the loop's record keeps the labels)
+
+    def replay(self, n: int) -> int:
+        """Draw the flips of `n` decisions already made (an earlier process made them); → how many were flipped."""
+        return sum(self._flip() for _ in range(n))
 
     def _flip(self) -> bool:
         k, self.decided = self.decided, self.decided + 1
