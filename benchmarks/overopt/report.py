@@ -106,14 +106,14 @@ def summarize(records) -> dict:
 
 def _loop_fields(r) -> dict:
     """The human loop's cost: labels, flipped decisions, rounds, review + retraining minutes per round (none for a
-    run without the loop)."""
+    run without the loop; a round's `paused_seconds`, written by hand when its processes were stopped, not counted)."""
     loop = r.get("loop")
     if not loop:
         return {}
     rounds = loop["rounds"]
     return {"labels": float(loop["labels"]), "flipped": float(loop["flipped"]), "rounds": float(len(rounds)),
             "first_round_at": float(rounds[0]["iteration"]) if rounds else float("nan"),
-            "round_minutes": sum(x["seconds"] for x in rounds) / 60 / len(rounds) if rounds else float("nan")}
+            "round_minutes": sum(x["seconds"] - x.get("paused_seconds", 0) for x in rounds) / 60 / len(rounds) if rounds else float("nan")}
 
 
 def loop_table(rows) -> str:
