@@ -180,34 +180,47 @@ def test_quick_loop_with_a_pool_labels_the_pairs_its_order_ranks_first(tmp_path)
         done |= set(labelled)
 
 
-def test_a_loop_killed_between_review_and_retrain_finishes_that_round_on_resume(tmp_path, monkeypatch):
-    """Killed after a round's labels were given, before its reward model was retrained: the rerun retrains with
-    those labels before PPO resumes, so the record counts every label once and the run ends as an unbroken one."""
+@pytest.mark.parametrize("killed", ["before the retrain", "mid-review"])
+def test_a_loop_killed_in_a_round_finishes_that_round_on_resume(tmp_path, monkeypatch, killed):
+    """Killed after some or all of a round's labels were given, before its reward model was retrained: the rerun
+    finishes the review and retrains before PPO resumes, so the record counts every label once, each round spends
+    its full share, and the run ends as an unbroken one."""
     bench = _bench()
     import overopt.loop
+    import overopt.reviewer
 
-    real, calls = overopt.loop.retrain_rm, []
+    real_rm, real_call, calls, decides = overopt.loop.retrain_rm, overopt.reviewer._call, [], []
 
-    def killed_in_round_2(*a, **k):
+    def retrain(*a, **k):
         calls.append(a[2].name)
-        if len(calls) == 2:
+        if killed == "before the retrain" and len(calls) == 2:
             raise KeyboardInterrupt  # what a kill leaves: round 2's decisions on disk, no rm_round2, no record of it
-        return real(*a, **k)
+        return real_rm(*a, **k)
+
+    def call(url, body=None):
+        if body is not None:
+            decides.append(body["id"])
+            if killed == "mid-review" and len(decides) == 6:  # round 2's second label: one of its four given
+                raise KeyboardInterrupt
+        return real_call(url, body)
 
     work, out = tmp_path / "w", tmp_path / "loop.json"
     argv = ["--quick", "--runs", "plain_loop:0", "--workdir", str(work), "--out", str(out)]
-    monkeypatch.setattr(overopt.loop, "retrain_rm", killed_in_round_2)
+    monkeypatch.setattr(overopt.loop, "retrain_rm", retrain)
+    monkeypatch.setattr(overopt.reviewer, "_call", call)
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv)
     runs = work / "runs"
-    assert len((runs / "plain_loop__s0" / "review" / "decisions.jsonl").read_text().splitlines()) == 8
+    given = 8 if killed == "before the retrain" else 5
+    assert len((runs / "plain_loop__s0" / "review" / "decisions.jsonl").read_text().splitlines()) == given
     assert len(json.loads((runs / "plain_loop__s0.json").read_text())["loop"]["rounds"]) == 1
-    bench.main(argv)  # the rerun (retrain_rm still counts its calls)
+    bench.main(argv)  # the rerun (the patches still count, but no longer kill)
     (run,) = json.loads(out.read_text())["runs"]
     loop = run["loop"]
     assert run["done"] and loop["labels"] == 8 and [r["labels"] for r in loop["rounds"]] == [4, 4]
     assert [r["iteration"] for r in loop["rounds"]] == [1, 2] and loop["rounds"][1]["resumed"]
-    assert calls == ["rm_round1", "rm_round2", "rm_round2"]  # round 2 retrained once on resume, no third round
+    # round 2 retrained once on resume (killed mid-review: its first retrain never started), no third round
+    assert calls == ["rm_round1", "rm_round2", "rm_round2"][: 3 if killed == "before the retrain" else 2]
     assert len((runs / "plain_loop__s0" / "review" / "decisions.jsonl").read_text().splitlines()) == 8
     assert [p["iteration"] for p in run["points"]] == [0, 1, 2, 3]
 

@@ -93,16 +93,17 @@ class LoopRun(Run):
         self.save()
 
     def _finish_interrupted_round(self, rec, reviewer, loop):
-        """A process killed between a round's review and the end of its retrain left decisions the record does not
-        count: retrain with them now, before PPO resumes from the round's checkpoint (else PPO would go on with the
-        old reward model and the next round would spend labels the budget already spent)."""
+        """A process killed during a round's review or before the end of its retrain left decisions the record does
+        not count: finish the review, retrain, and only then let PPO resume from the round's checkpoint (else PPO
+        would go on with the old reward model and the next round would spend labels the budget already spent)."""
         from rlhf_ext.monitor.queue import read_jsonl
 
-        decided = len(read_jsonl(self.dir / "review" / "decisions.jsonl"))
-        if decided <= rec["labels"]:
+        given = len(read_jsonl(self.dir / "review" / "decisions.jsonl")) - rec["labels"]
+        if given <= 0:
             return
-        labels, t0 = decided - rec["labels"], time.perf_counter()
-        flipped = reviewer.replay(labels)
+        t0, flipped = time.perf_counter(), reviewer.replay(given)
+        more = reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]) - given)  # killed mid-review
+        labels, flipped = given + more, flipped + reviewer.flipped
         iteration = json.loads((self.dir / "checkpoint" / "ppo_state.json").read_text())["iteration"]
         name = f"rm_round{len(rec['rounds']) + 1}"
         retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(self.dir / "review" / "preferences.jsonl")],
