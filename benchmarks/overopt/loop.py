@@ -70,43 +70,39 @@ class LoopRun(Run):
             self._train(tr, tok, gold, vader, proxy, heldout, transfer)
             if not stop.stopped:
                 break
-            t0, flipped = time.perf_counter(), reviewer.flipped
-            labels = reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]))
-            name = f"rm_round{len(rec['rounds']) + 1}"
-            retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(tr.monitor.queue.preferences_path)],
-                       self._init_rm(rec, loop))
-            self._end_round(rec, loop, tr.iteration, labels, reviewer.flipped - flipped, name, time.perf_counter() - t0)
+            self._round(rec, reviewer, loop, tr.iteration)
         self._finish()
 
-    def _init_rm(self, rec, loop):
-        """`retrain: finetune` starts from the reward model the run used until now; `scratch` from nothing (None)."""
-        if loop.get("retrain", "scratch") != "finetune":
-            return None
-        return self.dir / rec["rounds"][-1]["rm"] if rec["rounds"] else rm_dir(self.args) / self.spec["rm"]
+    def _round(self, rec, reviewer, loop, iteration, given=0, **note):
+        """One round after PPO stopped for review: label the round's share (of which `given` were labelled before a
+        kill), fine-tune or retrain the reward model on every reviewed pair, record the round."""
+        from rlhf_ext.monitor.queue import ReviewQueue
 
-    def _end_round(self, rec, loop, iteration, labels, flipped, name, seconds, **note):
+        t0, before = time.perf_counter(), reviewer.flipped
+        flipped = reviewer.replay(given)
+        labels = given + reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]) - given)
+        flipped += reviewer.flipped - before
+        name = f"rm_round{len(rec['rounds']) + 1}"
+        init = None
+        if loop.get("retrain", "scratch") == "finetune":  # from the reward model this run used until now
+            init = self.dir / rec["rounds"][-1]["rm"] if rec["rounds"] else rm_dir(self.args) / self.spec["rm"]
+        retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(ReviewQueue(self.dir).preferences_path)], init)
         rec["labels"] += labels
         rec["flipped"] += flipped
-        rec["rounds"].append({"iteration": iteration, "labels": labels, "rm": name, "seconds": seconds, **note})
+        rec["rounds"].append({"iteration": iteration, "labels": labels, "rm": name,
+                              "seconds": time.perf_counter() - t0, **note})
         print(f"[{self.name} s{self.seed}] round {len(rec['rounds'])} at iteration {iteration}: {labels} "
               f"labels ({rec['labels']} of {loop['budget']}), reward model retrained", flush=True)
         self.save()
 
     def _finish_interrupted_round(self, rec, reviewer, loop):
         """A process killed during a round's review or before the end of its retrain left decisions the record does
-        not count: finish the review, retrain, and only then let PPO resume from the round's checkpoint (else PPO
-        would go on with the old reward model and the next round would spend labels the budget already spent)."""
-        from rlhf_ext.monitor.queue import read_jsonl
+        not count: finish that round (its seconds then lack what the killed process spent) before PPO resumes from
+        the round's checkpoint (else PPO would go on with the old reward model and the next round would spend
+        labels the budget already spent)."""
+        from rlhf_ext.monitor.queue import ReviewQueue
 
-        given = len(read_jsonl(self.dir / "review" / "decisions.jsonl")) - rec["labels"]
-        if given <= 0:
-            return
-        t0, flipped = time.perf_counter(), reviewer.replay(given)
-        more = reviewer.review(min(loop["per_round"], loop["budget"] - rec["labels"]) - given)  # killed mid-review
-        labels, flipped = given + more, flipped + reviewer.flipped
-        iteration = json.loads((self.dir / "checkpoint" / "ppo_state.json").read_text())["iteration"]
-        name = f"rm_round{len(rec['rounds']) + 1}"
-        retrain_rm(self.args, self.spec["rm"], self.dir / name, [str(self.dir / "review" / "preferences.jsonl")],
-                   self._init_rm(rec, loop))
-        # the review's seconds were lost with the process: this round's seconds are the retrain's alone
-        self._end_round(rec, loop, iteration, labels, flipped, name, time.perf_counter() - t0, resumed=True)
+        given = len(ReviewQueue(self.dir).decisions()) - rec["labels"]
+        if given > 0:
+            iteration = json.loads((self.dir / "checkpoint" / "ppo_state.json").read_text())["iteration"]
+            self._round(rec, reviewer, loop, iteration, given, resumed=True)

@@ -111,9 +111,10 @@ def _loop_fields(r) -> dict:
     if not loop:
         return {}
     rounds = loop["rounds"]
+    seconds = [x["seconds"] - x.get("paused_seconds", 0) for x in rounds]
     return {"labels": float(loop["labels"]), "flipped": float(loop["flipped"]), "rounds": float(len(rounds)),
             "first_round_at": float(rounds[0]["iteration"]) if rounds else float("nan"),
-            "round_minutes": sum(x["seconds"] - x.get("paused_seconds", 0) for x in rounds) / 60 / len(rounds) if rounds else float("nan")}
+            "round_minutes": sum(seconds) / 60 / len(rounds) if rounds else float("nan")}
 
 
 def loop_table(rows) -> str:
