@@ -31,6 +31,12 @@ glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up
 above the live tensors (1.5–2× here); the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and
 go back to mmap), so RSS follows what torch holds — the CPU analogue of torch.cuda.max_memory_allocated.
 `--default-malloc` measures without it.
+
+On a CPU with native bf16 (AVX512-BF16 / AMX), oneDNN JIT-compiles and caches a kernel per bf16 matmul shape: code
+and caches, not tensors, which grow with every new shape a phase brings — mid-256 under bf16 autocast measured
+116 MiB at its peak against the plan's 84 (phases 15–34 MiB above their plans), and 85.4 with oneDNN capped below
+its bf16 ISA. The workers cap it (ONEDNN_MAX_CPU_ISA=AVX512_CORE, a maximum: nothing changes on a CPU without
+AVX512-BF16), like the mmap threshold, so RSS follows what torch holds; `--native-isa` measures without the cap.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MEASURE_TENSORS_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}  # no native bf16 JIT kernels in RSS (docstring)
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 
@@ -280,6 +287,8 @@ def main():
     ap.add_argument("--only", default=None, help="comma list of: " + ", ".join([*CONFIGS, *SCORING]))
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's mmap threshold dynamic")
+    ap.add_argument("--native-isa", action="store_true", help="let oneDNN use its native bf16 kernels (AVX512-BF16 / "
+                    "AMX), whose per-shape JIT code and caches then count in RSS")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -290,6 +299,8 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not args.default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if not args.native_isa:
+        env.update(MEASURE_TENSORS_ENV)
     rows = []
     for name in names:
         out = tempfile.mktemp(suffix=".json")

@@ -308,7 +308,9 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     PolicyAndValue.sequence_kl working one sequence at a time: with [B, R, V] float64 temporaries it would measure
     ≈ 1.9 × its plan."""
     out = tmp_path / "row.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    # as the check's own workers: tensors ≥ 64 KiB from mmap, and on a CPU with native bf16 no per-shape oneDNN JIT
+    # kernels (code, not tensors: +14–34 MiB here on AVX512-BF16, none on AVX2 / AVX-512 without BF16)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", ONEDNN_MAX_CPU_ISA="AVX512_CORE")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--worker", config,
                         "--iterations", "1", "--json-out", str(out)], env=env, capture_output=True, text=True,
                        timeout=600)

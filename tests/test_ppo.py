@@ -53,6 +53,36 @@ def test_ppo_raises_reward(tmp_path, tok):
         assert h["time/rollout_s"] + h["time/update_s"] <= h["time/iteration_s"]
 
 
+def _lora_params(tr):
+    return {n: p.detach().clone() for n, p in tr.policy.peft.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.5])
+def test_logged_entropy_is_the_policys_and_the_bonus_trains_only_when_asked(tmp_path, tok, ent_coef):
+    """`policy/entropy` is the masked mean entropy of π over the response tokens — with ent_coef = 0 a statistic
+    measured after the backward, otherwise a loss term — checked against a float64 computation from the policy's
+    own logits (lr 0: the policy stays at θ_old)."""
+    tr = make(tmp_path, tok, max_steps=1, num_ppo_epochs=1, learning_rate=0.0, ent_coef=ent_coef)
+    h = tr.train()[0]
+    ro = tr.rollout
+    logp = tr.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low).double().log_softmax(-1)
+    per_token = -(logp.exp() * logp).sum(-1)
+    m = ro.loss_mask.double()
+    expected = float((per_token * m).sum() / m.sum())
+    assert h["policy/entropy"] == pytest.approx(expected, rel=1e-4)
+
+    # one step from the same start with and without the bonus: only the bonus's gradient tells them apart
+    moved = {}
+    for c in (0.0, ent_coef):
+        t = make(tmp_path / f"c{c}", tok, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, ent_coef=c)
+        start = _lora_params(t)
+        t.train()
+        moved[c] = {n: p - start[n] for n, p in _lora_params(t).items()}
+    assert all(bool(d.abs().max() > 0) for n, d in moved[0.0].items() if "lora_B" in n)  # B gets a gradient at B = 0
+    differs = max(float((moved[ent_coef][n] - moved[0.0][n]).abs().max()) for n in moved[0.0])
+    assert (differs > 0) == (ent_coef != 0), differs
+
+
 def test_hard_kl_holds_where_fixed_breaks(tmp_path, tok):
     delta = 1.0
     fixed = make(tmp_path, tok, max_steps=8, learning_rate=5e-2, kl_controller="fixed", kl_target=delta,

@@ -267,8 +267,10 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
                  once (q/k/v share the normed hidden state; o's input is SDPA's output, which the kernels return in
                  [B, T, n_h, d] layout so the transpose + contiguous is free), and in bf16/fp16 PEFT casts the input
                  to the adapter's fp32 for each module separately (4·in each); lora_B keeps the rank-r middle (4·r).
-                 Under autocast lora_A's matmul casts its input to bf16 for each module (a·in each) and the rank-r
-                 middle is bf16 (a·r).
+                 Under autocast the rank-r middle is bf16 (a·r), and lora_A's input: over fp32 weights, the matmul
+                 casts it to bf16 for each module (a·in each); over 16-bit weights it is the layer's own input (the
+                 policy skips PEFT's fp32 cast, which autocast would undo: `PolicyAndValue.precision`), kept once
+                 per shared input as without autocast.
     `h` (default a): bytes of the residual stream (the weights' dtype; fp32 under autocast over fp32 weights)."""
     V, H, I, L, nh, nkv, d, dq = model_dims(shape)
     h = a if h is None else h
@@ -280,14 +282,14 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
         base = 2 * 4 * H + 4 * a * dq + 4 * nh + a * seq_len + 3 * a * I
         shared_inputs = {"q": "ln1", "k": "ln1", "v": "ln1", "o": "attn_out", "gate": "ln2", "up": "ln2",
                          "down": "mlp_mid"}
-    if autocast:
+    if autocast and h != a:
         return base + sum(a * (i + r) for _, i, _ in mods)
-    if a == 4:  # o's input is the SDPA output itself (the kernels return it [B, T, n_h, d]-contiguous)
-        inputs = {shared_inputs[m]: 4 * i for m, i, _ in mods if shared_inputs[m] != "attn_out"}
+    if h == a and (a == 4 or autocast):  # o's input is the SDPA output itself (the kernels return it [B, T, n_h, d]-contiguous)
+        inputs = {shared_inputs[m]: a * i for m, i, _ in mods if shared_inputs[m] != "attn_out"}
         lora = sum(inputs.values())
     else:
         lora = sum(4 * i for _, i, _ in mods)
-    lora += sum(4 * r for _ in mods)
+    lora += sum((a if autocast else 4) * r for _ in mods)
     return base + lora
 
 
@@ -382,8 +384,9 @@ def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, loa
     (3·h·H) + the larger of the MLP (SiLU(gate), up, their product: 3·a·I; GPT-2 4·a·I)
     and the attention (q, k, v, RoPE'd q and k, k and v repeated, output and its contiguous copy:
     a·(6·d_q + 3·n_kv·d); the RoPE'd q and k take the hidden state's dtype: + (h − a)·(d_q + n_kv·d)), + PEFT's fp32
-    copy of the LoRA input when the hidden state is 16-bit (4·H) and, under autocast, its cast back to bf16 for
-    lora_A (a·H; + a·H more for the base layer's cast of an fp32 input), + the attention mask: a bool and a
+    copy of the LoRA input when the hidden state is 16-bit without autocast (4·H; under autocast the policy skips it,
+    `PolicyAndValue.precision`), or under autocast over fp32 weights the bf16 casts of the input for lora_A and for
+    the base layer (2·a·H), + the attention mask: a bool and a
     converted a-byte bias [rows, T, T] (rows·T²·(1 + a)). On a 4-bit base, + the largest weight dequantised to bf16
     (2·H·I); under autocast over fp32 weights (`weight_cast`), + its bf16 cast (2·H·I)."""
     V, H, I, L, nh, nkv, d, dq = model_dims(shape)
@@ -391,7 +394,7 @@ def inference_working_bytes(shape: dict, rows: int, seq_len: int, *, a: int, loa
     mlp = (4 if is_gpt2(shape) else 3) * I
     attn = 6 * dq + 3 * nkv * d
     rope = 0 if is_gpt2(shape) else (h - a) * (dq + nkv * d)
-    lora = (4 * H if h != 4 else 0) + (a * H if autocast else 0) + (a * H if autocast and h != a else 0)
+    lora = (2 * a * H if h != a else 0) if autocast else (4 * H if h != 4 else 0)
     per_token = 3 * h * H + max(a * mlp, a * attn + rope) + lora
     dequant = 2 * H * I if (load_in_4bit or weight_cast) else 0
     return int(rows * seq_len * per_token + rows * seq_len * seq_len * (1 + a) + dequant)
