@@ -97,6 +97,39 @@ def test_the_lm_head_gets_a_contiguous_input(tmp_path, tok, tiny_path):
     torch.testing.assert_close(got["kl_measure"], want, rtol=0, atol=2e-2)
 
 
+def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, tiny_path, monkeypatch):
+    """bf16 weights + fp32 adapters under autocast: PEFT casts each LoRA layer's bf16 input to fp32 and autocast casts
+    it back to bf16 for lora_A's matmul, whose backward then keeps that second copy. The policy skips the round trip
+    (`PolicyAndValue.precision`): the training forward's logits, values and every adapter gradient are bit-identical
+    to the round trip's, and autograd keeps less."""
+    from rlhf_ext.precision import precision_context
+
+    tr = trainer(tmp_path, tok, load_model(tiny_path, dtype="bfloat16"), bf16=True)
+    ids, mask = _batch(tr)
+    trained = [p for p in tr.policy.parameters() if p.requires_grad]
+
+    def run():
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, values = tr.train_policy(ids, mask, 3)
+        (logits.logsumexp(-1).sum() + values.sum()).backward()
+        grads = [p.grad.clone() for p in trained]
+        tr.policy.zero_grad(set_to_none=True)
+        return logits.detach(), values.detach(), grads, sum(saved.values())
+
+    skipped = run()
+    monkeypatch.setattr(tr.policy, "precision", lambda: precision_context(tr.policy.device, torch.bfloat16))
+    round_trip = run()
+    assert torch.equal(skipped[0], round_trip[0]) and torch.equal(skipped[1], round_trip[1])
+    assert len(skipped[2]) > 0 and all(torch.equal(a, b) for a, b in zip(skipped[2], round_trip[2]))
+    assert skipped[3] < round_trip[3], (skipped[3], round_trip[3])
+
+
 def _batch(tr):
     from rlhf_ext.data import pad_ids
 
