@@ -284,7 +284,7 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
                          "down": "mlp_mid"}
     if autocast and h != a:
         return base + sum(a * (i + r) for _, i, _ in mods)
-    if h == a and (a == 4 or autocast):  # o's input is the SDPA output itself (the kernels return it [B, T, n_h, d]-contiguous)
+    if h == a and (a == 4 or autocast):  # o's input is SDPA's output itself ([B, T, n_h, d]-contiguous already)
         inputs = {shared_inputs[m]: a * i for m, i, _ in mods if shared_inputs[m] != "attn_out"}
         lora = sum(inputs.values())
     else:

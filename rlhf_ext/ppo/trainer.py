@@ -533,11 +533,12 @@ class PPOTrainer(Trainer):
                 logp = selective_log_softmax(logits, ro.resp[sel])
                 pg_loss, clipfrac, approx_kl = F.policy_loss(logp, old_logp[sel], adv[sel], mi, args.clip_range)
                 vf_loss, vf_clipfrac = F.value_loss(values, old_values[sel], returns[sel], mi, args.clip_range_value)
-                # the entropy bonus is a loss term only when ent_coef ≠ 0; otherwise the entropy is a statistic,
-                # measured after the backward has freed the activations (measured before it, it set the CPU peak)
+                # with ent_coef = 0 the entropy is only a statistic, measured after the backward has freed the
+                # activations (measured before it, its temporaries set the CPU peak)
                 entropy = self._entropy(logits, mi) if args.ent_coef else None
-                loss = pg_loss + args.vf_coef * vf_loss  # PPO objective (CleanRL form) ...
-                loss = loss - args.ent_coef * entropy if entropy is not None else loss  # ... − c₂·H[π]
+                loss = pg_loss + args.vf_coef * vf_loss  # PPO objective (CleanRL form): L_clip + c₁·L_V − c₂·H[π]
+                if entropy is not None:
+                    loss = loss - args.ent_coef * entropy
                 self._step(loss * self._token_share(mi), stats)
                 if entropy is None:
                     with torch.no_grad():
