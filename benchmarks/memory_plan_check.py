@@ -50,7 +50,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MEASURE_TENSORS_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}  # no native bf16 JIT kernels in RSS (docstring)
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 
@@ -282,6 +281,17 @@ def worker(name: str, iterations: int) -> dict:
             "kl_after_update": [i["kl_after_update"] for i in res["iterations"]]}
 
 
+def worker_env(default_malloc: bool = False, native_isa: bool = False) -> dict:
+    """The workers' environment, so that RSS follows what torch holds (docstring): tensors ≥ 64 KiB from mmap, and
+    oneDNN capped below its native-bf16 kernels (a maximum: nothing changes on a CPU without AVX512-BF16)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if not default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if not native_isa:
+        env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE"
+    return env
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help="comma list of: " + ", ".join([*CONFIGS, *SCORING]))
@@ -296,11 +306,7 @@ def main():
         Path(args.json_out).write_text(json.dumps(worker(args.worker, args.iterations)))
         return 0
     names = args.only.split(",") if args.only else [*CONFIGS, *SCORING]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    if not args.default_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    if not args.native_isa:
-        env.update(MEASURE_TENSORS_ENV)
+    env = worker_env(args.default_malloc, args.native_isa)
     rows = []
     for name in names:
         out = tempfile.mktemp(suffix=".json")

@@ -294,6 +294,15 @@ def test_cli_prints_a_table(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ measured
+def _memory_plan_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_plan_check", ROOT / "benchmarks" / "memory_plan_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("config", ["mid-256", "mid-256-autocast", "mid-256-bf16-autocast"])
 def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     """One PPO run of benchmarks/memory_plan_check.py's 'mid-256' configuration (random 4-layer Llama, hidden 256,
@@ -308,9 +317,7 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     PolicyAndValue.sequence_kl working one sequence at a time: with [B, R, V] float64 temporaries it would measure
     ≈ 1.9 × its plan."""
     out = tmp_path / "row.json"
-    # as the check's own workers: tensors ≥ 64 KiB from mmap, and on a CPU with native bf16 no per-shape oneDNN JIT
-    # kernels (code, not tensors: +14–34 MiB here on AVX512-BF16, none on AVX2 / AVX-512 without BF16)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+    env = {**_memory_plan_check().worker_env(), "OMP_NUM_THREADS": "1"}  # the check's own workers' environment
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_plan_check.py"), "--worker", config,
                         "--iterations", "1", "--json-out", str(out)], env=env, capture_output=True, text=True,
                        timeout=600)
