@@ -79,8 +79,8 @@ def main():
     fwd_s = timed(lambda: pol.logits(ro.ids, ro.mask, R))
 
     def forward_backward():
-        logits, values = tr.train_policy(ro.ids, ro.mask, R, None)
-        (logits.log_softmax(-1).mean() + values.mean()).backward()
+        logits, values, logp = tr.train_policy(ro.ids, ro.mask, R, None)
+        (logp.mean() + values.mean()).backward()  # the log-probs and values, as the PPO loss reads them
         for p in tr.trainable_parameters():
             p.grad = None
 

@@ -131,9 +131,11 @@ def test_small_formulas_hand_computed():
     assert plan.kv_cache_bytes(TINY, 3, 40, 2) == 2 * 2 * 2 * 16 * 40 * 3 * 2
     assert plan.logits_bytes(3, 5, 1000) == 4 * 3 * 5 * 1000
     assert plan.exact_kl_bytes(5, 1000) == 40 * 5 * 1000  # one sequence's [R, V] float64 temporaries, × 5
-    # the logits' gradient, two [rows, R, V] fp32 at once, vs the top MLP's input gradients (3 · a · I per token)
-    assert plan.backward_transient_bytes(TINY, 3, 40, 5, a=4) == max(8 * 3 * 5 * 1000, 3 * 4 * 256 * 3 * 40)
-    assert plan.backward_transient_bytes(TINY, 3, 40, 30, a=4) == 8 * 3 * 30 * 1000
+    # the logits' gradient — one [rows, R+1, V] buffer in the head's dtype and an fp32 [R, V] row — vs the top MLP's
+    # input gradients (3 · a · I per token)
+    assert plan.backward_transient_bytes(TINY, 3, 40, 5, a=4) == max(4 * 3 * 6 * 1000 + 4 * 5 * 1000,
+                                                                     3 * 4 * 256 * 3 * 40)
+    assert plan.backward_transient_bytes(TINY, 3, 40, 30, a=2) == 2 * 3 * 31 * 1000 + 4 * 30 * 1000
     assert plan.loss_transient_bytes(3, 5, 1000) == 12 * 15 * 1000
     assert plan.loss_transient_bytes(64, 5, 1000) == 12 * 128 * 1000
     assert plan.trainable_bytes(1000, 600)["total"] == 16 * 1000 + 8 * 600
@@ -176,7 +178,8 @@ def test_activation_formula_matches_saved_tensors(kind, dtype, autocast):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        pv(ids, mask, R)
+        logits = pv(ids, mask, R)[0]
+    saved.pop(logits.untyped_storage().data_ptr())  # z/T, kept for the log-probs' backward: the plan's logits_bytes
     prec = plan.precision_of("float32" if dtype == torch.float32 else "bfloat16", bf16=autocast)
     planned = plan.training_activation_bytes(shape, B, T, targets="q,k,v,o", r=16, a=prec.a, h=prec.h,
                                              autocast=prec.autocast, trained_layers=2, checkpointing=False)
@@ -324,7 +327,10 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(out.read_text())
     assert row["measured"] / row["planned"] == pytest.approx(1.0, abs=0.15), row
-    assert row["measured_peak_phase"] == row["peak_phase"] == "training step", row
+    # the peak: the training step; the exact-KL check after it plans within 5 % of it (since the log-probs' backward
+    # holds one gradient buffer, ppo/logprobs.py), and either may measure highest
+    near_peak = {k for k, v in row["phases"].items() if v >= 0.95 * max(row["phases"].values())}
+    assert row["peak_phase"] == "training step" and row["measured_peak_phase"] in near_peak, row
     # Phases of 40–90 MiB: ±15 % or a fixed slack. The slack is 8 MiB, except the bf16-autocast reference pass, which
     # measures 4.3–5.4 MiB above its plan alone and 8.3–8.7 MiB inside the full suite (an under-count not yet
     # explained, recorded on the memory-plan issue): 12 MiB there until it is.

@@ -156,7 +156,7 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_free_function(tmp_pa
     layer.mlp.forward = counted
     ro = tr._rollout(tr._next_prompts())
     calls.clear()
-    logits, values = tr.policy(ro.ids, ro.mask, ro.R)
+    logits, values, _ = tr.policy(ro.ids, ro.mask, ro.R)
     (logits.logsumexp(-1).mean() + values.mean()).backward()
     assert len(calls) == 2 and calls[0] == calls[1]  # forward, then the recomputation in the same mode
     assert layer.self_attn.attention_dropout == 0.0

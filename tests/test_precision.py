@@ -70,8 +70,8 @@ def test_every_pass_runs_in_one_precision(tmp_path, tok, tiny_path, bf16):
         spy.phase = name
         run()
     assert {k: v for k, v in spy.seen.items()} == {k: want for k in passes}
-    logits, values = tr.policy(*_batch(tr), 3)
-    assert logits.dtype == values.dtype == torch.float32  # log-softmax and the value head stay fp32
+    logits, values, logp = tr.policy(*_batch(tr), 3)
+    assert logits.dtype == values.dtype == logp.dtype == torch.float32  # log-softmax and the value head stay fp32
     assert tr.startup["compute_dtype"] == ("bfloat16" if bf16 else "float32")
 
 
@@ -116,7 +116,7 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits, values = tr.train_policy(ids, mask, 3)
+            logits, values, _ = tr.train_policy(ids, mask, 3)
         (logits.logsumexp(-1).sum() + values.sum()).backward()
         grads = [p.grad.clone() for p in trained]
         tr.policy.zero_grad(set_to_none=True)

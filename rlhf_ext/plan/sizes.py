@@ -352,27 +352,27 @@ def autocast_weight_copy_bytes(shape: dict, *, targets, trained_layers: int, che
 def backward_transient_bytes(shape: dict, rows: int, seq_len: int, resp_len: int, *, a: int,
                              load_in_4bit: bool = False) -> int:
     """What the backward adds on top of the saved activations and the policy logits, at its worst: the larger of
-    - the logits' gradient, twice its size at once: 8·rows·R·V. On CPU (and without TRL's triton kernel) it arrives
-      in two [rows, R, V] fp32 halves, selective_log_softmax's gather and its per-row logsumexp (stacked by
-      UnbindBackward from per-row gradients), summed into the logits' buffer; with the kernel it is one tensor, but
-      the division by the temperature (z/T) then makes a second one while the first is alive. Measured on CPU (fp32,
-      benchmarks/memory_plan_check.py): 2.0–2.1 × 4·rows·R·V above the logits themselves. (A hand-written
-      one-buffer backward for the log-probs was tried and measured no lower in the trainer: 822.9 against 824.1 MiB
-      for smollm2-135m in bf16, 1224.8 against 1225.2 in fp32.)
+    - the logits' gradient (`ppo/logprobs.py`): one buffer of the head's output shape and dtype, [rows, R+1, V] of
+      a bytes, filled one sequence at a time through an fp32 [R, V] temporary: a·rows·(R+1)·V + 4·R·V. (Autograd's
+      own chain — TRL's selective_log_softmax, the division by T, the fp32 cast and the slice — held two fp32
+      [rows, R, V] buffers at once, 8·rows·R·V.)
     - the top layer's MLP backward, whose input gradients (3 of width I; 4 for GPT-2's gelu) exist before the
       saved tensors they replace are released: m·a·I per token.
     Further down, each layer's transients are offset by the activations already released above it. On a 4-bit base,
     + the weight bitsandbytes dequantises to bf16 for the input gradient (2·H·I for the largest)."""
     H, I = shape["hidden_size"], shape["intermediate_size"]
     mlp = (4 if is_gpt2(shape) else 3) * a * I * rows * seq_len
-    return int(max(8 * rows * resp_len * shape["vocab_size"], mlp) + (2 * H * I if load_in_4bit else 0))
+    V, R = shape["vocab_size"], resp_len
+    logits_grad = a * rows * (R + 1) * V + 4 * R * V
+    return int(max(logits_grad, mlp) + (2 * H * I if load_in_4bit else 0))
 
 
 def loss_transient_bytes(rows: int, resp_len: int, vocab: int) -> int:
     """Between the training forward and its backward, the PPO loss: TRL's `entropy_from_logits` (a statistic, no
     grad at ent_coef = 0) works through 128 rows of [rows·R, V] at a time — log_softmax, exp and their product, fp32:
-    12·min(128, rows·R)·V. (selective_log_softmax's per-row logsumexp temporaries are smaller; TRL's triton kernel on
-    GPU makes both [rows, R]-sized, so this is an upper bound there.)"""
+    12·min(128, rows·R)·V, an upper bound: the trainer now asks for 16 rows at a time, after the backward when
+    the entropy is only a statistic. (The log-probs' per-sequence logsumexp temporaries, `ppo/logprobs.py`, are
+    smaller.)"""
     return int(12 * min(128, rows * resp_len) * vocab)
 
 
@@ -422,10 +422,11 @@ def exact_kl_bytes(resp_len: int, vocab: int) -> int:
 
 
 def forward_logits_bytes(rows: int, resp_len: int, vocab: int, logit_bytes: int, head_cast: int = 0) -> int:
-    """End of a forward that produces logits: the model's own [rows, R+1, V] logits (a bytes each), their fp32 copy
-    (bf16 only) and z/T (fp32): rows·V·(a·(R+1) + 4·R·(2 if a = 2 else 1)); or, if larger, the logits beside the LM
-    head's bf16 cast (`head_cast`: 2·V·H under autocast over fp32 weights), freed before the fp32 copy."""
-    full = rows * vocab * (logit_bytes * (resp_len + 1) + 4 * resp_len * (2 if logit_bytes == 2 else 1))
+    """End of a forward that produces logits: the model's own [rows, R+1, V] logits (a bytes each), z/T (fp32) and
+    one sequence's fp32 [R, V] temporary (`ppo/logprobs.py` makes z from 16-bit logits and the logsumexp one
+    sequence at a time): rows·V·(a·(R+1) + 4·R) + 4·R·V; or, if larger, the logits beside the LM head's bf16 cast
+    (`head_cast`: 2·V·H under autocast over fp32 weights), freed before z/T is made."""
+    full = rows * vocab * (logit_bytes * (resp_len + 1) + 4 * resp_len) + 4 * resp_len * vocab
     return int(max(full, rows * vocab * logit_bytes * (resp_len + 1) + head_cast))
 
 

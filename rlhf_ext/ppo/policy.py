@@ -29,6 +29,7 @@ from ..data import pad_ids
 from ..models import trunk_of
 from ..precision import SAME_PASS_KL_TOLERANCE, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
+from .logprobs import response_logits, response_logprobs
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -139,8 +140,9 @@ class PolicyAndValue(nn.Module):
             return nullcontext()
         return eval_mode(self.peft)
 
-    def _lm(self, ids, mask, n_resp, h_low, want_hidden: bool):
-        """The model's own forward → (logits/T, last hidden states) at the R states that predict the response."""
+    def _lm(self, ids, mask, n_resp, h_low, want_hidden: bool, want_logprobs: bool = True):
+        """The model's own forward → (logits/T, log-probs of the response tokens ids[:, −R:], last hidden states) at
+        the R states that predict the response (`logprobs.response_logprobs`: one gradient buffer in the backward)."""
         captured = {}
         hook = None
         if want_hidden:  # the LM head's input is the final hidden state, whatever the architecture calls it
@@ -159,9 +161,12 @@ class PolicyAndValue(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
-        logits = out.logits[:, -n_resp - 1 : -1].float() / self.temperature
+        if want_logprobs:
+            logits, logp = response_logprobs(out.logits, self._inputs(ids, mask)[:, -n_resp:], self.temperature)
+        else:
+            logits, logp = response_logits(out.logits, n_resp, self.temperature), None
         h = captured["h"][:, -n_resp - 1 : -1] if want_hidden else None
-        return logits, h
+        return logits, logp, h
 
     def _critic_hidden(self, ids, mask, n_resp, h_low):
         trunk, pos = trunk_of(self.peft), positions(mask)
@@ -175,19 +180,19 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, ids, mask, n_resp: int, h_low=None, training: bool = True):
         """The training pass (`training=False`: the same pass in eval mode, for θ_old when dropout is kept in
-        training). ids, mask: [B, P+R] → logits/T [B, R, V], values [B, R]."""
+        training). ids, mask: [B, P+R] → logits/T [B, R, V], values [B, R], log-probs of ids[:, −R:] [B, R]."""
         with self._mode(training=training):
-            logits, h = self._lm(ids, mask, n_resp, h_low, want_hidden=self.critic == "shared")
+            logits, logp, h = self._lm(ids, mask, n_resp, h_low, want_hidden=self.critic == "shared")
             if self.critic == "separate":
                 h = self._critic_hidden(ids, mask, n_resp, h_low)
         with full_precision(h.device):  # the value head stays fp32 whatever the trunk ran in
-            return logits, self.value_head(h.float()).squeeze(-1)
+            return logits, self.value_head(h.float()).squeeze(-1), logp
 
     @torch.no_grad()
     def logits(self, ids, mask, n_resp: int, h_low=None, reference: bool = False) -> torch.Tensor:
         """π (or π_ref with `reference`) logits/T at the response states, eval mode. → [B, R, V]"""
         with self._mode(training=False), (adapters_disabled(self.peft) if reference else nullcontext()):
-            return self._lm(ids, mask, n_resp, h_low, want_hidden=False)[0]
+            return self._lm(ids, mask, n_resp, h_low, want_hidden=False, want_logprobs=False)[0]
 
     @torch.no_grad()
     def lower(self, ids, mask):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+from trl.trainer.utils import entropy_from_logits
 
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
@@ -41,6 +41,7 @@ from ..reward.pipeline import ExternalRewardModel, RewardPipeline
 from .checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from .config import PPOConfig
 from .export import push_policy, save_policy
+from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .trl112 import from_trl112_arguments
 
@@ -394,7 +395,7 @@ class PPOTrainer(Trainer):
                     for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
-        ro.ref_logprobs = selective_log_softmax(ref_logits, ro.resp)
+        ro.ref_logprobs = token_logprobs(ref_logits, ro.resp)
         if self.kl_guard is not None or args.log_kl_after_update:
             ro.ref_logprobs_full = ref_logits.log_softmax(-1)  # exact KL checks need the whole distribution
         return ro
@@ -424,7 +425,7 @@ class PPOTrainer(Trainer):
         return one_forward and not (between_epochs and self.accelerator.num_processes > 1)
 
     def _full_forward(self, ro: Rollout, between_epochs: bool = False):
-        """(logits, values) of the whole batch at the current parameters, kept for the next training step when
+        """(logits, values, logp) of the whole batch at the current parameters, kept for the next training step when
         `_reusable`; otherwise in eval mode without gradients (with dropout on in training, θ_old is still the policy
         itself, not one dropout draw)."""
         if self._reusable(between_epochs):
@@ -435,7 +436,7 @@ class PPOTrainer(Trainer):
             return self.policy(ro.ids, ro.mask, ro.R, ro.h_low, training=False)
 
     def _train_forward(self, ro: Rollout, idx=None):
-        """(logits, values) with gradients for the rows `idx` (None = all), from the memo when it holds them."""
+        """(logits, values, logp) with gradients for the rows `idx` (None = all), from the memo when it holds them."""
         if idx is None:
             hit = self._memo.take(self.version)
             if hit is not None:
@@ -513,7 +514,7 @@ class PPOTrainer(Trainer):
 
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
         out = self._full_forward(ro)
-        old_logp, old_values = selective_log_softmax(out[0].detach(), ro.resp), out[1].detach()
+        old_values, old_logp = out[1].detach(), out[2].detach()
         if self.kl_guard is not None:
             stats["kl/before_update"] = self._measure(ro, out[0])
         del out  # the memo holds it until epoch 1 takes it; no longer than that
@@ -527,10 +528,9 @@ class PPOTrainer(Trainer):
             before = self.kl_guard.snapshot() if self.kl_guard is not None else None
             minibatches = [None] if args.num_mini_batches == 1 else torch.randperm(B).split(B // args.num_mini_batches)
             for idx in minibatches:
-                logits, values = self._train_forward(ro, idx)
+                logits, values, logp = self._train_forward(ro, idx)
                 sel = slice(None) if idx is None else idx
                 mi = m[sel]
-                logp = selective_log_softmax(logits, ro.resp[sel])
                 pg_loss, clipfrac, approx_kl = F.policy_loss(logp, old_logp[sel], adv[sel], mi, args.clip_range)
                 vf_loss, vf_clipfrac = F.value_loss(values, old_values[sel], returns[sel], mi, args.clip_range_value)
                 # with ent_coef = 0 the entropy is only a statistic, measured after the backward has freed the
