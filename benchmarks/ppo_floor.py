@@ -1,6 +1,8 @@
 """How short can a PPO iteration be on this machine? A floor under `iteration / generation` (ppo_throughput's goal).
 
     python benchmarks/ppo_floor.py     # the ppo_throughput configuration the goal is set on: LoRA on all layers, fp32
+    python benchmarks/ppo_floor.py --precision bf16   # bf16 weights + autocast, as ppo_throughput's bf16 rows; the
+                                                      # rates are then bf16 matmul rates
 
 Everything after sampling is dense matmuls whose count is fixed by the algorithm, not by the implementation:
 
@@ -39,9 +41,9 @@ def timed(fn, repeat: int = 3) -> float:
     return statistics.median(out)
 
 
-def matmul_rate(m: int, k: int, n: int) -> float:
-    """GFLOP/s of one fp32 [m, k] × [k, n] product on this CPU."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of one [m, k] × [k, n] product in `dtype` on this CPU."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     return 2 * m * k * n / timed(lambda: a @ b, repeat=5) / 1e9
 
 
@@ -63,11 +65,12 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--completion-length", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     # all layers: with LoRA on the top layers only, the frozen-prefix cache runs the layers below once per rollout,
     # and the count below (every layer in every pass) would not hold
-    args.lora_layers, args.precision, args.iters, args.kl_controller, args.critic, args.rm_dir = "0", "fp32", 1, "fixed", \
-        "shared", None
+    args.lora_layers, args.iters, args.kl_controller, args.critic, args.rm_dir = "0", 1, "fixed", "shared", None
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     tr = build_ours(args)
     pol, a = tr.policy, tr.args
 
@@ -91,16 +94,16 @@ def main():
     f_head = 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
     after = (f_layers + f_head) + f_layers + args.epochs * 2 * (f_layers + f_head)
     # the best rate seen anywhere: the model's two largest shapes, a large square product, our own passes
-    peak = max(matmul_rate(B * T, cfg.hidden_size, cfg.intermediate_size),
-               matmul_rate(B * (R + 1), cfg.hidden_size, cfg.vocab_size), matmul_rate(1024, 1024, 1024),
+    peak = max(matmul_rate(B * T, cfg.hidden_size, cfg.intermediate_size, dtype),
+               matmul_rate(B * (R + 1), cfg.hidden_size, cfg.vocab_size, dtype), matmul_rate(1024, 1024, 1024, dtype),
                (f_layers + f_head) / fwd_s / 1e9, 2 * (f_layers + f_head) / fb_s / 1e9)
     floor_after = after / peak / 1e9
     real_after = 2 * fwd_s + args.epochs * fb_s  # reference + reward ≈ two forwards
 
     print(f"\n{args.model}, LoRA on all layers, "
-          f"fp32, {torch.get_num_threads()} threads; batch {B} × {T} tokens ({R} response), {args.epochs} epochs")
+          f"{args.precision}, {torch.get_num_threads()} threads; batch {B} × {T} tokens ({R} response), {args.epochs} epochs")
     print(f"generation (the trainer's generate, median of 3)          {gen_s:7.2f} s")
-    print(f"best fp32 rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
+    print(f"best {args.precision} rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
     fwd = (f_layers + f_head) / 1e9
     print(f"one forward: {fwd:6.1f} GFLOP in {fwd_s:.2f} s = {fwd / fwd_s:5.1f} GFLOP/s; "
           f"forward + backward: {2 * fwd:6.1f} GFLOP in {fb_s:.2f} s = {2 * fwd / fb_s:5.1f} GFLOP/s")
