@@ -63,3 +63,23 @@ def test_backward_equals_float64_autograd(dtype, T, spread, shape, extra, throug
     # fp32: rounding of the same math; bf16: the gradient is stored in bf16 (8 bits of mantissa)
     rtol = 1e-5 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("B,R,V", [(1, 1, 5), (2, 15, 40), (3, 16, 40), (2, 37, 300)])
+def test_sequence_kl_in_blocks_changes_no_bit(B, R, V):
+    """PolicyAndValue.sequence_kl works EXACT_KL_STATES response states at a time: equal, bit for bit, to the whole
+    sequence at once, and to torch's kl_div as an independent computation (float64)."""
+    from rlhf_ext.plan.sizes import EXACT_KL_STATES
+    from rlhf_ext.ppo.policy import PolicyAndValue
+
+    assert EXACT_KL_STATES == 16  # the shapes above straddle it
+    g = torch.Generator().manual_seed(R)
+    z, ref = torch.randn(B, R, V, generator=g) * 4, (torch.randn(B, R, V, generator=g) * 4).log_softmax(-1)
+    mask = (torch.rand(B, R, generator=g) > 0.2).float()
+    got = PolicyAndValue.sequence_kl(z, ref, mask)
+    whole = torch.stack([((lp := z[b].double().log_softmax(-1)).exp() * (lp - ref[b].double().log_softmax(-1))).sum(-1)
+                         .mul(mask[b].double()).sum() for b in range(B)])
+    assert torch.equal(got, whole)
+    per_state = torch.nn.functional.kl_div(ref.double().log_softmax(-1), z.double().log_softmax(-1), log_target=True,
+                                           reduction="none").sum(-1)
+    torch.testing.assert_close(got, (per_state * mask.double()).sum(1), rtol=1e-12, atol=1e-12)

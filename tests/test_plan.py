@@ -130,7 +130,8 @@ def test_small_formulas_hand_computed():
     # 2 (K, V) · 2 layers · 2 KV heads · 16 head dim · 40 tokens · 3 sequences · 2 bytes
     assert plan.kv_cache_bytes(TINY, 3, 40, 2) == 2 * 2 * 2 * 16 * 40 * 3 * 2
     assert plan.logits_bytes(3, 5, 1000) == 4 * 3 * 5 * 1000
-    assert plan.exact_kl_bytes(5, 1000) == 40 * 5 * 1000  # one sequence's [R, V] float64 temporaries, × 5
+    assert plan.exact_kl_bytes(5, 1000) == 40 * 5 * 1000  # up to 16 states' [·, V] float64 temporaries, × 5
+    assert plan.exact_kl_bytes(256, 1000) == 40 * 16 * 1000
     # the logits' gradient — one [rows, R+1, V] buffer in the head's dtype and an fp32 [R, V] row — vs the top MLP's
     # input gradients (3 · a · I per token)
     assert plan.backward_transient_bytes(TINY, 3, 40, 5, a=4) == max(4 * 3 * 6 * 1000 + 4 * 5 * 1000,

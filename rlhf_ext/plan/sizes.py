@@ -11,6 +11,7 @@ from .shapes import (DTYPE_BYTES, DTYPE_NAMES, NF4_CONSTANT_BYTES_PER_PARAM, GiB
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation: reserved ≈ 1.1 × allocated at the peak
 REWARD_SCORING_BATCH = 16  # RewardEnsemble.score_completions(batch_size=16), ExternalRewardModel(batch_size=16)
+EXACT_KL_STATES = 16  # response states per float64 block of the exact KL (PolicyAndValue.sequence_kl reads it)
 TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                   "down_proj": "down", "c_attn": "qkv", "c_fc": "up", "c_proj": "o"}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
@@ -415,10 +416,10 @@ def logits_bytes(rows: int, resp_len: int, vocab: int) -> int:
 
 
 def exact_kl_bytes(resp_len: int, vocab: int) -> int:
-    """`PolicyAndValue.sequence_kl` works one sequence at a time in float64: log_softmax(z[b].double()),
-    ref[b].double(), p = exp, log p − log p_ref and their product are alive together: 5 · 8·R·V = 40·R·V bytes,
-    whatever the batch (the [B] result is negligible)."""
-    return int(40 * resp_len * vocab)
+    """`PolicyAndValue.sequence_kl` works EXACT_KL_STATES (16) response states of one sequence at a time in float64:
+    log_softmax(z.double()), ref.double(), p = exp, log p − log p_ref and their product are alive together:
+    5 · 8·min(R, 16)·V = 40·min(R, 16)·V bytes, whatever the batch (the [B] result is negligible)."""
+    return int(40 * min(resp_len, EXACT_KL_STATES) * vocab)
 
 
 def forward_logits_bytes(rows: int, resp_len: int, vocab: int, logit_bytes: int, head_cast: int = 0) -> int:
