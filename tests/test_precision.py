@@ -102,6 +102,9 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
     it back to bf16 for lora_A's matmul, whose backward then keeps that second copy. The policy skips the round trip
     (`PolicyAndValue.precision`): the training forward's logits, values and every adapter gradient are bit-identical
     to the round trip's, and autograd keeps less."""
+    from contextlib import contextmanager
+
+    from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
     from rlhf_ext.precision import precision_context
 
     tr = trainer(tmp_path, tok, load_model(tiny_path, dtype="bfloat16"), bf16=True)
@@ -123,7 +126,14 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
         return logits.detach(), values.detach(), grads, sum(saved.values())
 
     skipped = run()
-    monkeypatch.setattr(tr.policy, "precision", lambda: precision_context(tr.policy.device, torch.bfloat16))
+
+    @contextmanager
+    def with_round_trip():  # the policy's context without the skip (the attention backward as the policy's)
+        with precision_context(tr.policy.device, torch.bfloat16), \
+                cheaper_attention_backward(tr.policy.device, tr.policy.compute_dtype, checkpointing=False):
+            yield
+
+    monkeypatch.setattr(tr.policy, "precision", with_round_trip)
     round_trip = run()
     assert torch.equal(skipped[0], round_trip[0]) and torch.equal(skipped[1], round_trip[1])
     assert len(skipped[2]) > 0 and all(torch.equal(a, b) for a, b in zip(skipped[2], round_trip[2]))

@@ -28,8 +28,9 @@ from ..adapters import active_adapter, adapters_disabled, eval_mode
 from ..data import pad_ids
 from ..models import trunk_of
 from ..plan.sizes import EXACT_KL_STATES
-from ..precision import SAME_PASS_KL_TOLERANCE, full_precision, precision_context, sampling_tolerance
+from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
+from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 
 POLICY, CRITIC = "policy", "critic"
@@ -103,6 +104,7 @@ class PolicyAndValue(nn.Module):
         self.peft, self.value_head = peft, value_head
         self.critic, self.temperature, self.exact_training = critic, temperature, exact_training
         self.autocast = autocast  # one precision context for every pass (precision.py)
+        self.compute_dtype = compute_dtype(peft, autocast)
         self.pad_id = pad_id  # an id inside the embedding: what padded positions hold when they reach the model
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
         base = peft.get_base_model()
@@ -122,10 +124,15 @@ class PolicyAndValue(nn.Module):
         Under autocast, PEFT's cast of a LoRA layer's input to the adapter's (fp32) dtype is skipped: autocast casts
         it straight back to bf16 for the matmul — a bit-exact round trip — and that second copy is what the backward
         kept, one more activation per adapted module beside the base layer's (θ_old's forward kept 38 MiB less for
-        SmolLM2-135M with q/v adapted on all 30 layers, 8 prompts × 32 tokens)."""
+        SmolLM2-135M with q/v adapted on all 30 layers, 8 prompts × 32 tokens). On CPU in 16-bit, attention that needs
+        a gradient keeps torch's forward and gets a cheaper backward (`cpu_attention.py`)."""
         with precision_context(self.device, self.autocast), \
-                disable_input_dtype_casting(self.peft, active=self.autocast is not None):
+                disable_input_dtype_casting(self.peft, active=self.autocast is not None), \
+                cheaper_attention_backward(self.device, self.compute_dtype, self._checkpointing()):
             yield
+
+    def _checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.peft.modules())
 
     def _inputs(self, ids, mask):
         """Padded positions hold `pad_id`: a tokenizer's pad token may lie outside the embedding (TRL's PPO examples

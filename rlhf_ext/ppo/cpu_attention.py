@@ -1,0 +1,90 @@
+"""A cheaper backward for attention on CPU in 16-bit; the forward is torch's own kernel, bit for bit.
+
+On CPU in bf16, the backward of torch's flash-attention kernel costs more than its forward and the math backend's
+forward + backward together (8 sequences × 9 heads × 74 tokens × 64: 6.7 ms against a 1.2 ms forward per layer), a
+quarter of a SmolLM2-135M training step. Choosing another backend for the training passes would change the forward,
+and θ_old, the training pass and the reference must compute one function (the KL is exactly 0 at θ₀). So the
+forward stays `F.scaled_dot_product_attention` with the arguments the model gave it, and only the backward is
+replaced: recomputed from q, k, v one sequence at a time in fp32 (P = softmax(q·kᵀ·s + mask); dV = Pᵀ·dO;
+dS = P ∘ (dO·Vᵀ − rowsum(dO·Vᵀ ∘ P)); dQ = dS·K·s; dK = dSᵀ·Q·s), which saves only q, k, v (flash also keeps its
+output and log-sum-exp) and is more accurate than the bf16 kernel's (tests/test_cpu_attention.py).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_SDPA = F.scaled_dot_product_attention
+_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal: bool, scale, enable_gqa: bool):
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        # detached, as a no-grad pass calls it: the same kernel, the same bits
+        return _SDPA(q.detach(), k.detach(), v.detach(), attn_mask=mask, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, mask = ctx.saved_tensors
+        B, Hq, Tq, D = q.shape
+        Hk, Tk = k.shape[1], k.shape[2]
+        groups = Hq // Hk  # > 1 with enable_gqa: k, v carry the key/value heads only
+        scale = ctx.scale if ctx.scale is not None else 1 / math.sqrt(D)
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq) if ctx.is_causal else None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for b in range(B):  # [heads, T, T] fp32 temporaries, not [B, heads, T, T]
+            qf, kf, vf, go = q[b].float(), k[b].float(), v[b].float(), g[b].float()
+            if groups > 1:
+                kf, vf = kf.repeat_interleave(groups, 0), vf.repeat_interleave(groups, 0)
+            s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
+            if mask is not None:
+                m = mask[b] if mask.shape[0] > 1 else mask[0]
+                s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
+            if causal is not None:
+                s.masked_fill_(~causal, float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num_(0.0)  # a fully masked row attends to nothing: no gradient
+            dvb = torch.matmul(p.transpose(-1, -2), go)
+            dp = torch.matmul(go, vf.transpose(-1, -2))
+            ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
+            dq[b] = torch.matmul(ds, kf).mul_(scale)
+            dkb = torch.matmul(ds.transpose(-1, -2), qf).mul_(scale)
+            if groups > 1:
+                dkb, dvb = dkb.view(Hk, groups, Tk, D).sum(1), dvb.view(Hk, groups, Tk, D).sum(1)
+            dk[b], dv[b] = dkb, dvb
+        return dq, dk, dv, None, None, None, None
+
+
+class _AttentionWithCheaperBackward(TorchFunctionMode):
+    """Routes `F.scaled_dot_product_attention` calls that need a gradient through `_Attention`; every other call,
+    and every other function, goes through untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA and len(args) >= 3:
+            q, k, v = args[:3]
+            kw = {**dict(zip(_SDPA_ARGS, args[3:])), **kwargs}
+            if (set(kw) <= set(_SDPA_ARGS) and not kw.get("dropout_p") and q.dim() == 4 and q.device.type == "cpu"
+                    and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+                mask = kw.get("attn_mask")
+                return _Attention.apply(q, k, v, mask, bool(kw.get("is_causal", False)), kw.get("scale"),
+                                        bool(kw.get("enable_gqa", False)))
+        return func(*args, **kwargs)
+
+
+def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype, checkpointing: bool):
+    """The context a pass runs in: the cheaper backward on CPU in 16-bit when the pass will have one; nothing
+    otherwise. Not with gradient checkpointing: its recomputation in the backward runs outside this context, and must
+    save what the first forward saved."""
+    if (device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and not checkpointing):
+        return _AttentionWithCheaperBackward()
+    return nullcontext()

@@ -1,0 +1,92 @@
+"""ppo/cpu_attention.py: torch's attention forward, bit for bit, with a backward recomputed in fp32 — checked against
+float64 autograd over masks (padding, additive, causal, none), grouped-query attention, explicit scales and both
+16-bit dtypes; and the passes that take it: PPO's training passes on CPU in 16-bit, not fp32, not no-grad passes,
+not under gradient checkpointing."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_ext.models import load_model
+from rlhf_ext.ppo import cpu_attention
+from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
+from rlhf_ext.testing import save_tiny_model
+
+from .test_precision import trainer
+
+MASKS = ["padding", "additive", "causal", "none"]
+CASES = list(itertools.product([torch.bfloat16, torch.float16], MASKS, [False, True], [None, 0.3], [(1, 1, 5), (3, 7, 13)]))
+
+
+def _inputs(dtype, mask_kind, gqa, B, Tq, Tk):
+    g = torch.Generator().manual_seed(Tq * 7 + B)
+    Hq, Hk, D = 4, (2 if gqa else 4), 8
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hk, Tk, D, generator=g).to(dtype) for _ in range(2))
+    kw = {"enable_gqa": gqa}
+    if mask_kind == "padding":  # left padding: the first sequence's first key is masked, its first query sees nothing
+        m = torch.ones(B, 1, Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+        m[0, :, :, 0] = False
+        kw["attn_mask"] = m
+    elif mask_kind == "additive":
+        kw["attn_mask"] = (torch.randn(1, Hq, Tq, Tk, generator=g) * 2).to(dtype)
+    elif mask_kind == "causal":
+        kw["is_causal"] = True
+    return q, k, v, kw, torch.randn(B, Hq, Tq, 8, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,mask_kind,gqa,scale,BTT", CASES)
+def test_forward_is_torch_s_and_backward_equals_float64_autograd(dtype, mask_kind, gqa, scale, BTT):
+    B, Tq, Tk = BTT
+    if mask_kind == "causal":
+        Tk = Tq  # torch's is_causal aligns top-left; the models hand it square attention only
+    q, k, v, kw, go = _inputs(dtype, mask_kind, gqa, B, Tq, Tk)
+    kw["scale"] = scale
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with cheaper_attention_backward(torch.device("cpu"), dtype, checkpointing=False):
+        out = F.scaled_dot_product_attention(*leaves, **kw)
+    assert torch.equal(out.detach(), F.scaled_dot_product_attention(q, k, v, **kw))  # the forward, bit for bit
+    assert out.grad_fn.name().endswith("_AttentionBackward")
+    out.backward(go)
+
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    kw64 = {**kw, **({"attn_mask": kw["attn_mask"].double()} if mask_kind == "additive" else {})}
+    F.scaled_dot_product_attention(*ref, **kw64).backward(go.double())
+    for got, want in zip(leaves, ref):
+        finite = want.grad.nan_to_num(0.0)  # a query that sees no key has no gradient
+        torch.testing.assert_close(got.grad.double(), finite, rtol=2**-7, atol=2**-7 * float(finite.abs().max()))
+
+
+def test_only_passes_that_need_a_gradient_take_it():
+    q, k, v, kw, _ = _inputs(torch.bfloat16, "padding", False, 2, 5, 5)
+    ctx = cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, checkpointing=False)
+    with ctx, torch.no_grad():
+        assert F.scaled_dot_product_attention(q.requires_grad_(), k, v, **kw).grad_fn is None
+    with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, checkpointing=False):
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, **kw)  # dropout: torch's own
+    assert not dropped.grad_fn.name().endswith("_AttentionBackward")
+    for dtype, ckpt in ((torch.float32, False), (torch.bfloat16, True)):  # fp32, or checkpointing: nothing changes
+        assert not isinstance(cheaper_attention_backward(torch.device("cpu"), dtype, ckpt),
+                              cpu_attention._AttentionWithCheaperBackward)
+
+
+@pytest.mark.parametrize("setting", ["bf16 weights", "fp32", "bf16 weights + checkpointing"])
+def test_ppo_training_passes_take_it_on_cpu_in_16_bit(tmp_path, tok, monkeypatch, setting):
+    """A bf16 policy's training pass routes every layer's attention through the cheaper backward (and stays exact:
+    train vs eval 0, KL at θ₀ 0 — the start-up check); fp32 and gradient checkpointing keep torch's."""
+    calls = []
+    real = cpu_attention._Attention.apply
+    monkeypatch.setattr(cpu_attention._Attention, "apply", lambda *a: calls.append(1) or real(*a))
+    model = load_model(save_tiny_model(tmp_path / "m", tok), **({} if setting == "fp32" else {"dtype": "bfloat16"}))
+    tr = trainer(tmp_path, tok, model, gradient_checkpointing="checkpointing" in setting)
+    assert tr.startup["train_vs_eval"] == 0.0 and tr.startup["training_vs_reference"] <= 1e-9
+    calls.clear()
+    ro = tr._rollout(tr._next_prompts())
+    assert not calls  # sampling, scoring and the reference: no gradient
+    logits, values, logp = tr.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
+    (logp.mean() + values.mean()).backward()
+    layers = model.config.num_hidden_layers
+    assert len(calls) == (layers if setting == "bf16 weights" else 0)
+    assert all(torch.isfinite(p.grad).all() for p in tr.trainable_parameters() if p.grad is not None)
