@@ -1,0 +1,81 @@
+"""Attention forward + backward on CPU at one layer of ppo_throughput's shapes: torch's kernel (flash on CPU), SDPA's
+math backend, and torch's forward with rlhf_ext's backward (`rlhf_ext/ppo/cpu_attention.py`).
+
+    python benchmarks/cpu_attention.py                      # 8 sequences × 9 heads × 74 tokens × 64, padded mask
+    python benchmarks/cpu_attention.py --seqs 16 --tokens 256
+
+Prints milliseconds per call (median of --repeat after one warm-up) in fp32 and bf16, and each gradient's largest
+error against float64 autograd on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import _common  # noqa: F401  (offline env, flush denormals)
+from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--tokens", type=int, default=74)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=20)
+    a = ap.parse_args()
+    B, H, T, D = a.seqs, a.heads, a.tokens, a.head_dim
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(B, H, T, D, generator=g) for _ in range(4)]
+    mask = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
+    mask[0, :, :, :3] = False  # the first sequence left-padded by 3
+    mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)
+    print(f"{B} sequences × {H} heads × {T} tokens × {D}, padded causal mask, {torch.get_num_threads()} threads")
+    print(f"{'dtype':8s} {'variant':34s} {'forward ms':>10s} {'fwd + bwd ms':>12s} {'max grad err vs fp64':>21s}")
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, go = (x.to(dtype) for x in base)
+        ref = [x.double().requires_grad_() for x in (q, k, v)]
+        F.scaled_dot_product_attention(*ref, attn_mask=mask).backward(go.double())
+        variants = {"torch (flash on CPU)": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
+                    "math backend": lambda: sdpa_kernel([SDPBackend.MATH]),
+                    "torch forward, rlhf_ext backward": lambda: cheaper_attention_backward(torch.device("cpu"),
+                                                                                          torch.bfloat16, False)}
+        for name, ctx in variants.items():
+            if name.startswith("torch forward") and dtype == torch.float32:
+                continue  # used in 16-bit only
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+
+            def fwd():
+                with ctx(), torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            def fwd_bwd():
+                for x in leaves:
+                    x.grad = None
+                with ctx():
+                    out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+                out.backward(go)
+
+            f_ms, fb_ms = timed(fwd, a.repeat), timed(fwd_bwd, a.repeat)
+            err = max(float((x.grad.double() - r.grad.nan_to_num(0.0)).abs().max()) for x, r in zip(leaves, ref))
+            print(f"{str(dtype).replace('torch.', ''):8s} {name:34s} {f_ms:10.2f} {fb_ms:12.2f} {err:21.2e}")
+
+
+if __name__ == "__main__":
+    main()
