@@ -11,25 +11,14 @@ error against float64 autograd on the same inputs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import _common  # noqa: F401  (offline env, flush denormals)
+from ppo_floor import timed  # median seconds after a warm-up
 from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out) * 1e3
 
 
 def main():
@@ -72,7 +61,7 @@ def main():
                     out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
                 out.backward(go)
 
-            f_ms, fb_ms = timed(fwd, a.repeat), timed(fwd_bwd, a.repeat)
+            f_ms, fb_ms = timed(fwd, a.repeat) * 1e3, timed(fwd_bwd, a.repeat) * 1e3
             err = max(float((x.grad.double() - r.grad.nan_to_num(0.0)).abs().max()) for x, r in zip(leaves, ref))
             print(f"{str(dtype).replace('torch.', ''):8s} {name:34s} {f_ms:10.2f} {fb_ms:12.2f} {err:21.2e}")
 
