@@ -44,7 +44,7 @@ def main():
         variants = {"torch (flash on CPU)": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
                     "math backend": lambda: sdpa_kernel([SDPBackend.MATH]),
                     "torch forward, rlhf_ext backward": lambda: cheaper_attention_backward(torch.device("cpu"),
-                                                                                          torch.bfloat16, False)}
+                                                                                          torch.bfloat16)}
         for name, ctx in variants.items():
             if name.startswith("torch forward") and dtype == torch.float32:
                 continue  # used in 16-bit only

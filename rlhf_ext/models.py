@@ -224,6 +224,11 @@ def trunk_of(model):
     return hf.base_model if hasattr(hf, "base_model_prefix") and hasattr(hf, hf.base_model_prefix) else hf
 
 
+def activation_checkpointing_on(model) -> bool:
+    """Whether any module of `model` (any wrapper: PEFT, a trunk) recomputes its forward in the backward."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _linear4bit_layers(model):
     try:
         import bitsandbytes as bnb

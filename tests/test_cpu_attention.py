@@ -45,7 +45,7 @@ def test_forward_is_torch_s_and_backward_equals_float64_autograd(dtype, mask_kin
     q, k, v, kw, go = _inputs(dtype, mask_kind, gqa, B, Tq, Tk)
     kw["scale"] = scale
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    with cheaper_attention_backward(torch.device("cpu"), dtype, checkpointing=False):
+    with cheaper_attention_backward(torch.device("cpu"), dtype):
         out = F.scaled_dot_product_attention(*leaves, **kw)
     assert torch.equal(out.detach(), F.scaled_dot_product_attention(q, k, v, **kw))  # the forward, bit for bit
     assert out.grad_fn.name().endswith("_AttentionBackward")
@@ -61,15 +61,19 @@ def test_forward_is_torch_s_and_backward_equals_float64_autograd(dtype, mask_kin
 
 def test_only_passes_that_need_a_gradient_take_it():
     q, k, v, kw, _ = _inputs(torch.bfloat16, "padding", False, 2, 5, 5)
-    ctx = cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, checkpointing=False)
+    ctx = cheaper_attention_backward(torch.device("cpu"), torch.bfloat16)
     with ctx, torch.no_grad():
         assert F.scaled_dot_product_attention(q.requires_grad_(), k, v, **kw).grad_fn is None
-    with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, checkpointing=False):
+    with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16):
         dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, **kw)  # dropout: torch's own
     assert not dropped.grad_fn.name().endswith("_AttentionBackward")
-    for dtype, ckpt in ((torch.float32, False), (torch.bfloat16, True)):  # fp32, or checkpointing: nothing changes
-        assert not isinstance(cheaper_attention_backward(torch.device("cpu"), dtype, ckpt),
+    checkpointed = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    checkpointed[0].gradient_checkpointing = True  # as transformers marks a model that recomputes its layers
+    for dtype, model in ((torch.float32, None), (torch.bfloat16, checkpointed)):  # fp32, or checkpointing: nothing
+        assert not isinstance(cheaper_attention_backward(torch.device("cpu"), dtype, model),
                               cpu_attention._AttentionWithCheaperBackward)
+    assert isinstance(cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, torch.nn.Linear(2, 2)),
+                      cpu_attention._AttentionWithCheaperBackward)
 
 
 @pytest.mark.parametrize("setting", ["bf16 weights", "fp32", "bf16 weights + checkpointing"])

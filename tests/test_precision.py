@@ -130,7 +130,7 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
     @contextmanager
     def with_round_trip():  # the policy's context without the skip (the attention backward as the policy's)
         with precision_context(tr.policy.device, torch.bfloat16), \
-                cheaper_attention_backward(tr.policy.device, tr.policy.compute_dtype, checkpointing=False):
+                cheaper_attention_backward(tr.policy.device, tr.policy.compute_dtype, tr.policy.peft):
             yield
 
     monkeypatch.setattr(tr.policy, "precision", with_round_trip)

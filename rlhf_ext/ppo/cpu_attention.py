@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..models import activation_checkpointing_on
+
 _SDPA = F.scaled_dot_product_attention
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -80,11 +82,11 @@ class _AttentionWithCheaperBackward(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype, checkpointing: bool):
+def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype, model: torch.nn.Module | None = None):
     """The context a pass runs in: the cheaper backward on CPU in 16-bit when the pass will have one; nothing
-    otherwise. Not with gradient checkpointing: its recomputation in the backward runs outside this context, and must
-    save what the first forward saved."""
+    otherwise. Not when `model` checkpoints activations: the recomputation in the backward runs outside this context,
+    and must save what the first forward saved. (The module walk for that runs only once the cheap tests pass.)"""
     if (device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
-            and not checkpointing):
+            and not (model is not None and activation_checkpointing_on(model))):
         return _AttentionWithCheaperBackward()
     return nullcontext()

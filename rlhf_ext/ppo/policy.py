@@ -128,11 +128,8 @@ class PolicyAndValue(nn.Module):
         a gradient keeps torch's forward and gets a cheaper backward (`cpu_attention.py`)."""
         with precision_context(self.device, self.autocast), \
                 disable_input_dtype_casting(self.peft, active=self.autocast is not None), \
-                cheaper_attention_backward(self.device, self.compute_dtype, self._checkpointing()):
+                cheaper_attention_backward(self.device, self.compute_dtype, self.peft):
             yield
-
-    def _checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.peft.modules())
 
     def _inputs(self, ids, mask):
         """Padded positions hold `pad_id`: a tokenizer's pad token may lie outside the embedding (TRL's PPO examples
@@ -156,13 +153,14 @@ class PolicyAndValue(nn.Module):
         if want_hidden:  # the LM head's input is the final hidden state, whatever the architecture calls it
             head = self.peft.get_base_model().get_output_embeddings()
             hook = head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+        ids = self._inputs(ids, mask)  # what the model reads, and the response tokens the log-probs are of
         kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
         if self._keep_logits:
             kw["logits_to_keep"] = n_resp + 1
         try:
             with self.precision():
                 if h_low is None:
-                    out = self.peft(input_ids=self._inputs(ids, mask), **kw)
+                    out = self.peft(input_ids=ids, **kw)
                 else:
                     with self.split.upper_only():
                         out = self.peft(inputs_embeds=h_low, **kw)
@@ -170,7 +168,7 @@ class PolicyAndValue(nn.Module):
             if hook is not None:
                 hook.remove()
         if want_logprobs:
-            logits, logp = response_logprobs(out.logits, self._inputs(ids, mask)[:, -n_resp:], self.temperature)
+            logits, logp = response_logprobs(out.logits, ids[:, -n_resp:], self.temperature)
         else:
             logits, logp = response_logits(out.logits, n_resp, self.temperature), None
         h = captured["h"][:, -n_resp - 1 : -1] if want_hidden else None

@@ -31,7 +31,7 @@ from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model,
                       load_tokenizer)
 from ..plugins.kl import build_controller
-from ..precision import autocast_dtype, compute_dtype
+from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..registry import build
@@ -151,10 +151,10 @@ class PPOTrainer(Trainer):
         self.trained_adapters = [self.policy_adapter] + ([CRITIC] if args.critic == "separate" else [])
         # One precision for every pass: what accelerate will run the training forward in (bf16 flag or launcher)
         autocast = autocast_dtype(args.mixed_precision)
-        self.compute_dtype = compute_dtype(model, autocast)
         self.policy = PolicyAndValue(model, value_head, args.critic, args.temperature,
                                      exact_training=args.disable_dropout, autocast=autocast,
                                      pad_id=model_pad_id(self.tokenizer, model))
+        self.compute_dtype = self.policy.compute_dtype  # the dtype its matmuls run in (precision.compute_dtype)
 
         # Rewards: members → normalise → aggregate → shape
         if args.reward_model_path:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapters import active_adapter, eval_mode
 from ..data import pad_ids
-from ..models import trunk_of
+from ..models import activation_checkpointing_on, trunk_of
 from ..rl_math import last_token_index
 
 
@@ -200,7 +200,7 @@ class RewardEnsemble(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in trunk_of(self.model).modules())
+        return activation_checkpointing_on(trunk_of(self.model))
 
     is_gradient_checkpointing = is_activation_checkpointing
 
