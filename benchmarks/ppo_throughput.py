@@ -6,6 +6,7 @@
     python benchmarks/ppo_throughput.py --lora-layers 0,8 --baseline   # also LoRA on the top 8 layers (cache on)
     python benchmarks/ppo_throughput.py --lora-layers 0,8 --baseline --precision fp32,bf16   # both precisions
     python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --iters 2 --completion-length 8  # smoke
+    python benchmarks/ppo_throughput.py --baseline --baseline-kept-memory   # + TRL with ours' malloc setting
 
 Configuration (as shared/baselines): SmolLM2-135M-Instruct, LoRA r=16 (alpha 32) on q_proj/v_proj, every response
 exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
@@ -15,7 +16,9 @@ Precision (`--precision`, a comma list; default fp32):
         PPOConfig(model_init_kwargs={"dtype": "bfloat16"}, bf16=True); TRL 1.12's policy, value and reward models
         from_pretrained(dtype=torch.bfloat16) and its PPOConfig(bf16=True).
 Ours keeps everything on one base: reference = adapters off, value head on the policy trunk, and the reward
-member (an untrained LoRA adapter + head: speed only, like the baseline's random-head reward model).
+member (an untrained LoRA adapter + head: speed only, like the baseline's random-head reward model). On CPU ours
+keeps freed memory in the heap (PPOConfig.cpu_keep_freed_memory, on by default); `--baseline-kept-memory` also runs
+TRL with the same glibc setting, made through the environment.
 Each configuration runs in a fresh subprocess so peak RSS is its own. The goals printed at the end: on the
 all-layer configuration (TRL's own), ≥ 3× TRL 1.12's tokens/s at equal precision, peak RSS ≤ 0.45× TRL's, and
 iteration time ≤ 2× generation time.
@@ -140,7 +143,7 @@ def print_table(rows: list[dict], args) -> None:
 
 def print_ratios(rows: list[dict]) -> None:
     """Each `ours` row against the baseline of the same precision; the goals on the all-layer configuration."""
-    for base_name in ("trl 1.12 PPO", "trl 1.16 RLOO"):
+    for base_name in ("trl 1.12 PPO", "trl 1.12 PPO, kept memory", "trl 1.16 RLOO"):
         for base in [r for r in rows if r["name"] == base_name]:
             for o in [r for r in rows if r["kind"] == "ours" and r["precision"] == base["precision"]]:
                 tok = o["tok_per_s"] / base["tok_per_s"]
@@ -174,6 +177,9 @@ def main():
                     help="comma list of fp32 (float32 weights) and bf16 (bfloat16 weights + bf16=True autocast); "
                          "every trainer runs in each")
     ap.add_argument("--baseline", action="store_true", help="also run TRL 1.12 PPO (own venv) and print ratios")
+    ap.add_argument("--baseline-kept-memory", action="store_true",
+                    help="also run TRL 1.12 PPO with glibc's thresholds raised through the environment as ours raises "
+                         "them in-process (rlhf_ext/cpu_memory.py): how much of the ratio that setting alone explains")
     ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv; fp32)")
     ap.add_argument("--other-tree", help="also run `ours` from another checkout of rlhf_ext (e.g. a git worktree of an "
                                          "earlier commit), in the same invocation: before/after ratios")
@@ -223,6 +229,13 @@ def main():
             py = ensure_baseline_venv()
             add(sub([str(py), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision]
                     + common), name="trl 1.12 PPO", kind="baseline", precision=precision, layers=0, tree="")
+        if args.baseline_kept_memory:
+            from rlhf_ext.cpu_memory import THRESHOLD
+
+            kept = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD)}
+            add(sub([str(ensure_baseline_venv()), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir,
+                     "--precision", precision] + common, env=kept),
+                name="trl 1.12 PPO, kept memory", kind="baseline", precision=precision, layers=0, tree="")
         if args.rloo and precision == "fp32":
             add(sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
                      "--iters", str(args.iters)]), name="trl 1.16 RLOO", kind="baseline", precision="fp32",

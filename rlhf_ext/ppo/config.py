@@ -71,6 +71,7 @@ class PPOConfig(TrainingArguments):
     log_completions: bool = field(default=False, metadata={"help": "Print a table of prompts, completions and rewards every logging step (as TRL's online trainers do)."})
     model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
+    cpu_keep_freed_memory: bool = field(default=True, metadata={"help": "On CPU with glibc: keep freed memory in the process's heap for the next pass instead of handing it back to the kernel and page-faulting it in again (rlhf_ext/cpu_memory.py; the fp32 benchmark's update ran about a fifth faster). Peak RSS does not rise, but RSS stays at its high-water mark until the process ends. MALLOC_* or GLIBC_TUNABLES malloc settings in the environment win. No effect on GPU."})
     # TRL 1.12 PPOConfig names, accepted so a migrated script runs (README: "Coming from TRL 1.12"); each maps to ours
     kl_coef: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `init_kl_coef` (its penalty was fixed: add kl_controller='fixed' to keep that)."})
     cliprange: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `clip_range`."})
