@@ -36,14 +36,14 @@ def keep_freed_memory() -> str:
     glibc (musl, macOS, Windows: nothing to do) or refuses the value."""
     if user_malloc_settings():
         return "user"
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt, version = libc.mallopt, libc.gnu_get_libc_version  # glibc only
-    except (OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
         return "unavailable"
-    del version
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl also has a mallopt, which does nothing
+        return "unavailable"
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; the mmap threshold first, since the trim threshold follows it in glibc's logic
+    # 1 on success; setting either also stops glibc from moving them itself (its dynamic threshold)
     ok = mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1
     return "set" if ok else "unavailable"

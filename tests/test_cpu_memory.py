@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from rlhf_ext.cpu_memory import keep_freed_memory, user_malloc_settings
+from rlhf_ext.cpu_memory import USER_SETTINGS, keep_freed_memory, user_malloc_settings
 
 from .test_precision import trainer
 
@@ -71,7 +71,7 @@ def test_an_explicit_malloc_setting_wins(env):
 
 
 def test_user_settings_are_named(monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=512")  # not a malloc setting
     assert "GLIBC_TUNABLES" not in user_malloc_settings()
@@ -83,8 +83,7 @@ def test_user_settings_are_named(monkeypatch):
 @glibc
 @pytest.mark.parametrize("keep", [True, False])
 def test_ppo_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok, tiny_path, keep, monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
-                 "GLIBC_TUNABLES"):
+    for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     tr = trainer(tmp_path, tok, tiny_path, max_steps=1, cpu_keep_freed_memory=keep)
     assert tr.cpu_memory == ("set" if keep else "off")
