@@ -225,17 +225,16 @@ def main():
                          "--lora-layers", str(n), "--prompts", str(args.prompts), "--epochs", str(args.epochs),
                          "--iters", str(args.iters)] + extra, env={**os.environ, "PYTHONPATH": str(other)}),
                     name=f"ours@{rev} ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree=rev)
+        trl112 = [str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision] + common
         if args.baseline:
-            py = ensure_baseline_venv()
-            add(sub([str(py), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision]
-                    + common), name="trl 1.12 PPO", kind="baseline", precision=precision, layers=0, tree="")
+            add(sub([str(ensure_baseline_venv())] + trl112), name="trl 1.12 PPO", kind="baseline",
+                precision=precision, layers=0, tree="")
         if args.baseline_kept_memory:
             from rlhf_ext.cpu_memory import THRESHOLD
 
             kept = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD)}
-            add(sub([str(ensure_baseline_venv()), str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir,
-                     "--precision", precision] + common, env=kept),
-                name="trl 1.12 PPO, kept memory", kind="baseline", precision=precision, layers=0, tree="")
+            add(sub([str(ensure_baseline_venv())] + trl112, env=kept), name="trl 1.12 PPO, kept memory",
+                kind="baseline", precision=precision, layers=0, tree="")
         if args.rloo and precision == "fp32":
             add(sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
                      "--iters", str(args.iters)]), name="trl 1.16 RLOO", kind="baseline", precision="fp32",
