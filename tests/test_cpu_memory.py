@@ -1,6 +1,6 @@
 """cpu_memory.py: with glibc's thresholds raised, a workload that allocates the same tensors again (as every PPO pass
-does) stops page-faulting them in; an explicit malloc setting in the environment is left alone; PPOTrainer applies it
-on CPU unless told not to."""
+does) stops page-faulting them in; an explicit malloc setting in the environment is left alone; PPOTrainer and
+RewardEnsembleTrainer apply it on CPU unless told not to."""
 
 import json
 import os
@@ -10,8 +10,13 @@ import textwrap
 
 import pytest
 
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.cpu_memory import USER_SETTINGS, keep_freed_memory, user_malloc_settings
 
+from .conftest import preference_rows
 from .test_precision import trainer
 
 # A pass-like workload: tensors from 1 to 48 MiB (the dynamic mmap threshold stops at 32 MiB), each followed by a
@@ -86,4 +91,16 @@ def test_ppo_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok,
     for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     tr = trainer(tmp_path, tok, tiny_path, max_steps=1, cpu_keep_freed_memory=keep)
+    assert tr.cpu_memory == ("set" if keep else "off")
+
+
+@glibc
+@pytest.mark.parametrize("keep", [True, False])
+def test_reward_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok, tiny_path, keep, monkeypatch):
+    for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                                save_strategy="no", use_cpu=True, disable_tqdm=True, cpu_keep_freed_memory=keep)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert tr.cpu_memory == ("set" if keep else "off")

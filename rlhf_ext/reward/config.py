@@ -95,6 +95,14 @@ class RewardEnsembleConfig(RewardConfig):
                   "loaded first (same base, ensemble_size, ensemble_mode and LoRA settings). Use it to fine-tune the "
                   "reward model a PPO run used on the pairs reviewed during the run."},
     )
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "On CPU with glibc: keep freed memory in the process's heap for the next step instead of "
+                  "handing it back to the kernel and page-faulting it in again (rlhf_ext/cpu_memory.py; fp32 steps "
+                  "of SmolLM2-135M took 0.92× the time, bf16 ones about the same: benchmarks/reward_step_time.py). "
+                  "RSS stays at its high-water mark until the process ends. MALLOC_* or GLIBC_TUNABLES malloc settings "
+                  "in the environment win. No effect on GPU."},
+    )
     normalization_samples: int = field(
         default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}
     )
