@@ -200,16 +200,19 @@ def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
 def test_run_report(tmp_path, tok):
     from rlhf_ext.cli import main as cli
 
+    # an alarm in every iteration, whatever this run's samples do (the guard-activity fraction, ≥ 0, against −1):
+    # the report's alarm section is what is checked; whether a hacking run raises one is test_length_alarm_…'s job
     tr = make(tmp_path, tok, model=eos_prone_model(tok), reward=longer_is_better, max_steps=6, learning_rate=5e-2,
               max_completion_length=12, kl_controller="hard", kl_target=2.0,
-              monitor_detectors=[{"name": "length_drift", "threshold": 1.3}])
+              monitor_detectors=[{"name": "length_drift", "threshold": 1.3},
+                                 {"name": "kl_backtracking", "threshold": -1.0, "window": 1}])
     tr.train()
     assert cli(["report", str(tmp_path / "ppo")]) == 0
     out = tmp_path / "ppo" / "report"
     page = (out / "index.html").read_text()
     for name in ("rewards", "kl", "length", "disagreement"):
         assert (out / f"{name}.png").stat().st_size > 5000
-    assert page.count("data:image/png;base64,") == 4 and "Top-reward samples" in page and "length_drift" in page
+    assert page.count("data:image/png;base64,") == 4 and "Top-reward samples" in page and "kl_backtracking" in page
     assert "<script" not in page.lower()  # sample text is escaped, never markup
     with pytest.raises(FileNotFoundError, match="monitor/metrics.jsonl does not exist"):
         cli(["report", str(tmp_path)])

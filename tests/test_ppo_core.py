@@ -223,7 +223,7 @@ def test_exact_kl_measurement_is_chunked_by_minibatch_rows(tmp_path, tok, monkey
 
     monkeypatch.setattr(PolicyAndValue, "logits", spy)
     chunked = tr._measure(ro)
-    whole = float(tr.policy.sequence_kl(plain(tr.policy, ro.ids, ro.mask, ro.R, ro.h_low), ro.ref_logprobs_full,
+    whole = float(tr.policy.sequence_kl(plain(tr.policy, ro.ids, ro.mask, ro.R, ro.h_low), ro.ref_logits_full,
                                         ro.resp_mask).mean())
     assert seen == [ro.ids.shape[0] // minibatches] * minibatches
     assert abs(chunked - whole) <= 1e-6 * max(1.0, whole)

@@ -35,7 +35,7 @@ def evaluate(policy, tok, rows, gold, vader, proxy, max_tokens, seed=1234, batch
         for i in range(0, len(rows), batch):
             g = policy.generate(rows[i : i + batch], tok, max_tokens)
             h_low = policy.lower(g.ids, g.mask)
-            ref = policy.logits(g.ids, g.mask, g.R, h_low, reference=True).log_softmax(-1)
+            ref = policy.logits(g.ids, g.mask, g.R, h_low, reference=True)
             out["kl"] += policy.sequence_kl(policy.logits(g.ids, g.mask, g.R, h_low), ref, g.resp_mask).tolist()
             kw = dict(prompts=g.prompts, completions=g.completions, completion_ids=g.completion_ids)
             out["gold"] += gold(**kw)

@@ -22,8 +22,10 @@ from .runners import Run
 from .tasks import retrain_rm, rm_dir
 
 # --quick: a detector that fires every iteration, so the wiring (queue → reviewer → retrain → resume) is what runs,
-# whatever a tiny random model does
-QUICK_DETECTORS = [{"name": "length_correlation", "threshold": -1.0, "action": "queue", "z": 0, "warmup": 1}]
+# whatever a tiny random model does. The guard-activity fraction is defined every iteration, ≥ 0 > −1, with no noise
+# gate; its suspicious samples are the highest-reward ones. (length_correlation, used before, needs lengths that
+# vary: a tiny model that never samples EOS gives r = 0, which its gate does not pass.)
+QUICK_DETECTORS = [{"name": "kl_backtracking", "threshold": -1.0, "window": 1, "action": "queue"}]
 
 
 class LoopRun(Run):

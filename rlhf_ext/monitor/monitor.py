@@ -234,9 +234,9 @@ class RewardHackingMonitor(TrainerCallback):
                      for k, fn in tr.audit_funcs.items()}
         rows = torch.tensor(picked)
         logits = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows])
-        ref_lp = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows],
-                                  reference=True).log_softmax(-1)
-        kls = tr.policy.sequence_kl(logits, ref_lp, ro.resp_mask[rows]).tolist()
+        ref_z = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows],
+                                 reference=True)
+        kls = tr.policy.sequence_kl(logits, ref_z, ro.resp_mask[rows]).tolist()
         names = tr.rewards.member_names
         for j, i in enumerate(picked):
             self.queue.add({

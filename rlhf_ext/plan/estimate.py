@@ -116,7 +116,7 @@ class _Run:
     def exact_kl(self) -> int:
         return exact_kl_bytes(self.R, self.V) if self.exact else 0
 
-    def reference_logsoftmax(self) -> int:  # Rollout.ref_logprobs_full, from the reference pass to the next rollout
+    def reference_logsoftmax(self) -> int:  # Rollout.ref_logits_full, from the reference pass to the next rollout
         return self.logits(self.B) if self.exact else 0
 
 

@@ -32,6 +32,7 @@ from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, p
 from ..prefix_cache import positions
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
+from .sampling import cpu_decoder
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -49,7 +50,8 @@ class Rollout:
     scores:           [B]       shaped, aggregated reward (0 where invalid)
     raw, norm:        [B, K]    member rewards before / after normalisation
     ref_logprobs:     [B, R]    log π_ref of the sampled tokens
-    ref_logprobs_full:[B, R, V] log π_ref over the vocabulary (exact KL; None when nothing measures it)
+    ref_logits_full:  [B, R, V] the reference's z = logits/T over the vocabulary (exact KL; None when nothing
+                                measures it)
     h_low:            [B, P+R, H] hidden state entering the lowest adapted layer (frozen-prefix cache) or None
     """
 
@@ -69,7 +71,7 @@ class Rollout:
     raw: torch.Tensor | None = None
     norm: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
-    ref_logprobs_full: torch.Tensor | None = None
+    ref_logits_full: torch.Tensor | None = None
     h_low: torch.Tensor | None = None
     audit: dict = field(default_factory=dict)
 
@@ -99,7 +101,7 @@ class PolicyAndValue(nn.Module):
     """
 
     def __init__(self, peft, value_head: nn.Module, critic: str, temperature: float, exact_training: bool = True,
-                 autocast: torch.dtype | None = None, pad_id: int = 0):
+                 autocast: torch.dtype | None = None, pad_id: int = 0, cpu_sampling: bool = True):
         super().__init__()
         self.peft, self.value_head = peft, value_head
         self.critic, self.temperature, self.exact_training = critic, temperature, exact_training
@@ -107,6 +109,7 @@ class PolicyAndValue(nn.Module):
         self.compute_dtype = compute_dtype(peft, autocast)
         self.pad_id = pad_id  # an id inside the embedding: what padded positions hold when they reach the model
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
+        self.cpu_sampling = cpu_sampling  # on CPU, draw tokens without torch.multinomial (sampling.py)
         base = peft.get_base_model()
         self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         head = base.get_output_embeddings()
@@ -211,8 +214,10 @@ class PolicyAndValue(nn.Module):
     # -- sampling -----------------------------------------------------------------------------------------------
     def generation_kwargs(self, tokenizer, max_new_tokens, top_p, stop_on_eos) -> dict:
         """Pure ancestral sampling from softmax(z/T): every logits processor a model's generation_config might add
-        (top-k 50, repetition penalty, minimum length, …) is switched off, so `generate` samples exactly π."""
-        return dict(do_sample=True, temperature=self.temperature, top_p=top_p, top_k=0, min_length=0,
+        (top-k 50, repetition penalty, minimum length, …) is switched off, so `generate` samples exactly π. On CPU the
+        decoding loop draws tokens without torch.multinomial (`sampling.py`)."""
+        loop = cpu_decoder(self.peft) if self.cpu_sampling else {}
+        return dict(**loop, do_sample=True, temperature=self.temperature, top_p=top_p, top_k=0, min_length=0,
                     min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
                     suppress_tokens=None, begin_suppress_tokens=None, typical_p=1.0, epsilon_cutoff=0.0,
                     eta_cutoff=0.0, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
@@ -250,13 +255,15 @@ class PolicyAndValue(nn.Module):
 
     # -- exact KL -----------------------------------------------------------------------------------------------
     @staticmethod
-    def sequence_kl(logits, ref_logprobs_full, resp_mask) -> torch.Tensor:
+    def sequence_kl(logits, ref_logits, resp_mask) -> torch.Tensor:
         """Exact KL(π‖π_ref) per sequence: Σ over response states of the full-vocabulary KL, in float64 (the sum of
         many small terms is what the guard compares with δ), EXACT_KL_STATES (16) response states at a time, so the
         float64 temporaries are [16, V], not [B, R, V] nor [R, V] (at 7B scale, R = 256 and a 152k vocabulary, one
-        sequence's were 1.6 GB). Each state's KL is computed on its own row, so the blocks change no bit. Both
-        distributions are normalised in float64 (a float32 log-softmax is not normalised to float64 precision, which
-        made KL(π_θ0‖π_ref) read slightly negative). → [B]"""
+        sequence's were 1.6 GB). Each state's KL is computed on its own row, so the blocks change no bit. logits and
+        ref_logits: [B, R, V] z = logits/T (or log-probs: any shift per row gives the same result), both normalised
+        here the same way in float64 — so equal inputs give a KL of exactly 0. (A float32 log-softmax is not normalised
+        to float64 precision, which made KL(π_θ0‖π_ref) read slightly negative; normalising an already normalised
+        side again still left ±1e-17.) → [B]"""
         B, R = resp_mask.shape
         out = torch.empty(B, dtype=torch.float64, device=logits.device)
         kl = torch.empty(R, dtype=torch.float64, device=logits.device)
@@ -264,7 +271,7 @@ class PolicyAndValue(nn.Module):
             for r in range(0, R, EXACT_KL_STATES):
                 rows = slice(r, r + EXACT_KL_STATES)
                 kl[rows] = F.full_kl(logits[b, rows].double().log_softmax(-1),
-                                     ref_logprobs_full[b, rows].double().log_softmax(-1))
+                                     ref_logits[b, rows].double().log_softmax(-1))
             out[b] = (kl * resp_mask[b].double()).sum()
         return out
 
@@ -303,7 +310,7 @@ class PolicyAndValue(nn.Module):
                "init_vs_reference": float((pol[m] - ref[m]).abs().max())}
         trained = self._checked_pass(ids, mask, n)
         out["train_vs_eval"] = float((trained[m] - pol[m]).abs().max())
-        kl = self.sequence_kl(trained, ref.log_softmax(-1), m.float())
+        kl = self.sequence_kl(trained, ref, m.float())
         out["training_vs_reference"] = float(kl.abs().max())
         out["training_vs_reference_tolerance"] = SAME_PASS_KL_TOLERANCE
         if top_p >= 1.0 and torch.isfinite(pol[m]).all():

@@ -154,7 +154,7 @@ class PPOTrainer(Trainer):
         autocast = autocast_dtype(args.mixed_precision)
         self.policy = PolicyAndValue(model, value_head, args.critic, args.temperature,
                                      exact_training=args.disable_dropout, autocast=autocast,
-                                     pad_id=model_pad_id(self.tokenizer, model))
+                                     pad_id=model_pad_id(self.tokenizer, model), cpu_sampling=args.cpu_fast_sampling)
         self.compute_dtype = self.policy.compute_dtype  # the dtype its matmuls run in (precision.compute_dtype)
 
         # Rewards: members → normalise → aggregate → shape
@@ -400,7 +400,7 @@ class PPOTrainer(Trainer):
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
         ro.ref_logprobs = token_logprobs(ref_logits, ro.resp)
         if self.kl_guard is not None or args.log_kl_after_update:
-            ro.ref_logprobs_full = ref_logits.log_softmax(-1)  # exact KL checks need the whole distribution
+            ro.ref_logits_full = ref_logits  # exact KL checks need the whole distribution (normalised where used)
         return ro
 
     def _advantages(self, ro: Rollout, old_logp, old_values):
@@ -452,14 +452,14 @@ class PPOTrainer(Trainer):
         the policy's are computed a minibatch of rows at a time: [B/num_mini_batches, R, V] alive at once, never the
         whole batch's (the training forward's size, which is what the memory plan budgets)."""
         if logits is not None:
-            kl = self.policy.sequence_kl(logits.detach(), ro.ref_logprobs_full, ro.resp_mask)
+            kl = self.policy.sequence_kl(logits.detach(), ro.ref_logits_full, ro.resp_mask)
         else:
             B = ro.ids.shape[0]
             rows, parts = max(1, B // self.args.num_mini_batches), []
             for i in range(0, B, rows):
                 sl = slice(i, i + rows)
                 part = self.policy.logits(ro.ids[sl], ro.mask[sl], ro.R, None if ro.h_low is None else ro.h_low[sl])
-                parts.append(self.policy.sequence_kl(part, ro.ref_logprobs_full[sl], ro.resp_mask[sl]))
+                parts.append(self.policy.sequence_kl(part, ro.ref_logits_full[sl], ro.resp_mask[sl]))
                 del part
             kl = torch.cat(parts)
         return self._mean_over_processes(float(kl.mean()))
@@ -629,7 +629,7 @@ class PPOTrainer(Trainer):
             g = self.policy.generate(rows[i : i + bs], self.tokenizer, self.args.max_completion_length, self.args.top_p,
                                      self.args.stop_on_eos, reference=not adapters)
             h_low = self.policy.lower(g.ids, g.mask)
-            ref = self.policy.logits(g.ids, g.mask, g.R, h_low, reference=True).log_softmax(-1)
+            ref = self.policy.logits(g.ids, g.mask, g.R, h_low, reference=True)
             out["kl"] += self.policy.sequence_kl(self.policy.logits(g.ids, g.mask, g.R, h_low), ref, g.resp_mask).tolist()
             out["length"] += g.lengths.tolist()
             out["eos"] += g.has_eos.float().tolist()

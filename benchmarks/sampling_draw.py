@@ -1,0 +1,64 @@
+"""Drawing tokens on CPU: torch.multinomial against `rlhf_ext.ppo.sampling.draw`, then the trainer's whole rollout
+generate() with transformers' loop and with `sampling.decode` (ppo_throughput's configuration).
+
+    python benchmarks/sampling_draw.py                    # 8 rows × SmolLM2's 49,152 tokens; rollouts in fp32 and bf16
+    python benchmarks/sampling_draw.py --rows 8 --vocab 151936 --no-rollout
+
+Prints milliseconds per draw (median of --repeat after a warm-up) and seconds per 32-token rollout (median of 3),
+each with its ratio to transformers' own path in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import _common  # noqa: F401  (offline env, flush denormals)
+from ppo_floor import timed  # median seconds after a warm-up
+from rlhf_ext.ppo.sampling import draw
+
+
+def rollouts(precision: str) -> tuple[float, float]:
+    """Seconds per rollout of the benchmark trainer's generate(): transformers' loop, then `decode`."""
+    from ppo_throughput import build_ours
+    from rlhf_ext.ppo.policy import PolicyAndValue
+
+    args = argparse.Namespace(model="smollm2-135m-instruct", prompts=8, completion_length=32, epochs=4,
+                         precision=precision, lora_layers="0", iters=1, kl_controller="fixed", critic="shared",
+                         rm_dir=None)
+    tr = build_ours(args)
+    pol, batch = tr.policy, tr._next_prompts()
+    ours = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
+    plain = PolicyAndValue.generation_kwargs
+    PolicyAndValue.generation_kwargs = lambda self, *a, **k: {
+        key: v for key, v in plain(self, *a, **k).items() if key != "custom_generate"}
+    try:
+        theirs = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
+    finally:
+        PolicyAndValue.generation_kwargs = plain
+    return theirs, ours
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--no-rollout", action="store_true")
+    a = ap.parse_args()
+    probs = torch.softmax(torch.randn(a.rows, a.vocab, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    multinomial = timed(lambda: torch.multinomial(probs, 1), a.repeat)
+    inverse_cdf = timed(lambda: draw(probs), a.repeat)
+    print(f"{a.rows} rows × {a.vocab} tokens, {torch.get_num_threads()} threads: torch.multinomial "
+          f"{multinomial * 1e3:.2f} ms, draw {inverse_cdf * 1e3:.2f} ms ({multinomial / inverse_cdf:.1f}× faster)")
+    if a.no_rollout:
+        return
+    for precision in ("fp32", "bf16"):
+        theirs, ours = rollouts(precision)
+        print(f"{precision}: 32-token rollout, transformers' loop {theirs:.2f} s, decode {ours:.2f} s "
+              f"(saves {theirs - ours:.2f} s, {1 - ours / theirs:.0%})")
+
+
+if __name__ == "__main__":
+    main()
