@@ -88,6 +88,18 @@ def test_decode_is_transformers_loop_token_for_token(arch, tok, monkeypatch):
         assert ours.sequences[1, ids.shape[1] + 1] == eos and (ours.sequences[1, ids.shape[1] + 2:] == 0).all()
 
 
+def test_decode_without_a_cache_is_transformers_loop_too(tok, monkeypatch):
+    """use_cache=False: every step feeds the whole sequence (`next_sequence_length` None), as transformers does."""
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: draw(probs)[:, None])
+    model = tiny_model_for("llama3", tok, seed=3).eval()
+    ids = torch.randint(5, len(tok), (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = _generate(model, ids, torch.ones_like(ids), None, True, seed=0, use_cache=False)
+        theirs = _generate(model, ids, torch.ones_like(ids), None, False, seed=0, use_cache=False)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.scores, theirs.scores))
+
+
 def test_decode_falls_back_to_transformers_loop_for_greedy_decoding(tok):
     model = tiny_model_for("llama3", tok).eval()
     ids = torch.randint(5, len(tok), (2, 6))
