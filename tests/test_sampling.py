@@ -110,11 +110,20 @@ def test_decode_falls_back_to_transformers_loop_for_greedy_decoding(tok):
     assert torch.equal(ours, theirs)
 
 
-def test_cpu_decoder_is_offered_on_cpu_only(tok, monkeypatch):
+def test_cpu_decoder_is_offered_on_cpu_only_and_where_transformers_helpers_match(tok, monkeypatch):
+    from transformers.generation.utils import GenerationMixin
+
     model = tiny_model_for("llama3", tok)
     assert cpu_decoder(model) == {"custom_generate": decode}
-    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
-    assert cpu_decoder(model) == {}
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+        assert cpu_decoder(model) == {}
+    sampling._helpers_match.cache_clear()
+    with monkeypatch.context() as m:  # transformers 5.2.0's _prefill took no is_first_iteration
+        m.setattr(GenerationMixin, "_prefill", lambda self, input_ids, generation_config, model_kwargs: None)
+        assert cpu_decoder(model) == {}
+        sampling._helpers_match.cache_clear()
+    assert cpu_decoder(model) == {"custom_generate": decode}
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -15,6 +15,7 @@ the same draw (`tests/test_sampling.py`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -75,20 +76,22 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     return input_ids
 
 
-def cpu_decoder(model) -> dict:
-    """{"custom_generate": decode} for `generate` when the model runs on CPU and transformers' helpers are the ones
-    `decode` calls; {} otherwise (transformers' own loop)."""
+@functools.cache
+def _helpers_match() -> bool:
+    """transformers' private generation helpers have the signatures `decode` was written against (5.2x)."""
     from transformers.generation.utils import GenerationMixin
 
-    if model.device.type != "cpu":
-        return {}
     try:
         prefill = inspect.signature(GenerationMixin._prefill).parameters
         prepare = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
         inspect.signature(GenerationMixin._update_model_kwargs_for_generation)
         GenerationMixin._valid_auto_compile_criteria  # noqa: B018
     except (AttributeError, ValueError, TypeError):
-        return {}
-    if "is_first_iteration" not in prefill or "next_sequence_length" not in prepare:
-        return {}
-    return {"custom_generate": decode}
+        return False
+    return "is_first_iteration" in prefill and "next_sequence_length" in prepare
+
+
+def cpu_decoder(model) -> dict:
+    """{"custom_generate": decode} for `generate` when the model runs on CPU and transformers' helpers are the ones
+    `decode` calls; {} otherwise (transformers' own loop)."""
+    return {"custom_generate": decode} if model.device.type == "cpu" and _helpers_match() else {}
