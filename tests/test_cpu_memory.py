@@ -75,9 +75,14 @@ def test_an_explicit_malloc_setting_wins(env):
     assert res["faults"] > 0.9 * res["pages"], res  # every block from a fresh mmap, as asked
 
 
-def test_user_settings_are_named(monkeypatch):
+@pytest.fixture
+def no_malloc_env(monkeypatch):
+    """No malloc setting in the environment (the trainers' own setting decides)."""
     for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
+
+
+def test_user_settings_are_named(monkeypatch, no_malloc_env):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.rtld.optional_static_tls=512")  # not a malloc setting
     assert "GLIBC_TUNABLES" not in user_malloc_settings()
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
@@ -87,18 +92,14 @@ def test_user_settings_are_named(monkeypatch):
 
 @glibc
 @pytest.mark.parametrize("keep", [True, False])
-def test_ppo_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok, tiny_path, keep, monkeypatch):
-    for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
-        monkeypatch.delenv(name, raising=False)
+def test_ppo_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok, tiny_path, keep, no_malloc_env):
     tr = trainer(tmp_path, tok, tiny_path, max_steps=1, cpu_keep_freed_memory=keep)
     assert tr.cpu_memory == ("set" if keep else "off")
 
 
 @glibc
 @pytest.mark.parametrize("keep", [True, False])
-def test_reward_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok, tiny_path, keep, monkeypatch):
-    for name in (*USER_SETTINGS, "GLIBC_TUNABLES"):
-        monkeypatch.delenv(name, raising=False)
+def test_reward_trainer_on_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, tok, tiny_path, keep, no_malloc_env):
     args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=1, per_device_train_batch_size=4, report_to="none",
                                 save_strategy="no", use_cpu=True, disable_tqdm=True, cpu_keep_freed_memory=keep)
     tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(8, 0)),
