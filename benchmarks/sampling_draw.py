@@ -22,7 +22,6 @@ from rlhf_ext.ppo.sampling import draw
 def rollouts(precision: str) -> tuple[float, float]:
     """Seconds per rollout of the benchmark trainer's generate(): transformers' loop, then `decode`."""
     from ppo_throughput import build_ours
-    from rlhf_ext.ppo.policy import PolicyAndValue
 
     args = argparse.Namespace(model="smollm2-135m-instruct", prompts=8, completion_length=32, epochs=4,
                          precision=precision, lora_layers="0", iters=1, kl_controller="fixed", critic="shared",
@@ -30,13 +29,8 @@ def rollouts(precision: str) -> tuple[float, float]:
     tr = build_ours(args)
     pol, batch = tr.policy, tr._next_prompts()
     ours = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
-    plain = PolicyAndValue.generation_kwargs
-    PolicyAndValue.generation_kwargs = lambda self, *a, **k: {
-        key: v for key, v in plain(self, *a, **k).items() if key != "custom_generate"}
-    try:
-        theirs = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
-    finally:
-        PolicyAndValue.generation_kwargs = plain
+    pol.cpu_sampling = False  # what PPOConfig(cpu_fast_sampling=False) sets
+    theirs = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
     return theirs, ours
 
 
