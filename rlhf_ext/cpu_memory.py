@@ -47,3 +47,9 @@ def keep_freed_memory() -> str:
     # 1 on success; setting either also stops glibc from moving them itself (its dynamic threshold)
     ok = mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1
     return "set" if ok else "unavailable"
+
+
+def keep_freed_memory_for(args) -> str:
+    """What a trainer does at start-up with its `args` (PPOConfig or RewardEnsembleConfig): `keep_freed_memory()` on
+    CPU when `args.cpu_keep_freed_memory`, else 'off'."""
+    return keep_freed_memory() if args.cpu_keep_freed_memory and args.device.type == "cpu" else "off"

@@ -25,7 +25,7 @@ from trl.trainer.utils import entropy_from_logits
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
-from ..cpu_memory import keep_freed_memory
+from ..cpu_memory import keep_freed_memory_for
 from ..data import model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
@@ -209,7 +209,7 @@ class PPOTrainer(Trainer):
                          callbacks=callbacks)
         close_process_group_at_exit()
         # on CPU, each pass would otherwise page-fault its activations in again (cpu_memory.py)
-        self.cpu_memory = keep_freed_memory() if args.cpu_keep_freed_memory and args.device.type == "cpu" else "off"
+        self.cpu_memory = keep_freed_memory_for(args)
         if args.gradient_checkpointing:
             from ..reward.ensemble import replay_with_adapter_state
 

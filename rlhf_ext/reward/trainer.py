@@ -28,7 +28,7 @@ from trl.trainer.utils import global_then_local_main_first
 
 from ..architectures import final_hidden_size
 from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
-from ..cpu_memory import keep_freed_memory
+from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
@@ -343,7 +343,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             args.chat_template_path, args.model_init_kwargs = template, init_kwargs
         close_process_group_at_exit()
         # on CPU, each step would otherwise page-fault its activations in again (cpu_memory.py)
-        self.cpu_memory = keep_freed_memory() if args.cpu_keep_freed_memory and args.device.type == "cpu" else "off"
+        self.cpu_memory = keep_freed_memory_for(args)
         self.prefix_cache = self._build_prefix_cache(ens) if args.cache_frozen_layers else None
         self._eval_buffer = defaultdict(list)
         self._eval_prefix = "eval"
