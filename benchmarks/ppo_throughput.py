@@ -161,7 +161,8 @@ def print_ratios(rows: list[dict]) -> None:
                 print(line)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """This benchmark's options; `parser().parse_args([...])` is its configuration for other scripts too."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=8)
@@ -186,7 +187,11 @@ def main():
     ap.add_argument("--json-out", help="(workers) where to write the row; (main) where to write every row")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
     ap.add_argument("--rm-dir", help=argparse.SUPPRESS)  # (worker) the reward artifact the parent built
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     if args.worker:
         res = run_ours(args) if args.worker == "ours" else None
         Path(args.json_out).write_text(json.dumps(res))

@@ -4,13 +4,14 @@ generate() with transformers' loop and with `sampling.decode` (ppo_throughput's 
     python benchmarks/sampling_draw.py                    # 8 rows × SmolLM2's 49,152 tokens; rollouts in fp32 and bf16
     python benchmarks/sampling_draw.py --rows 8 --vocab 151936 --no-rollout
 
-Prints milliseconds per draw (median of --repeat after a warm-up) and seconds per 32-token rollout (median of 3),
-each with its ratio to transformers' own path in the same run.
+Prints milliseconds per draw (median of --repeat after a warm-up) and seconds per 32-token rollout (median of
+--pairs, the two loops alternated), each with its ratio to transformers' own path in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -19,19 +20,23 @@ from ppo_floor import timed  # median seconds after a warm-up
 from rlhf_ext.ppo.sampling import draw
 
 
-def rollouts(precision: str) -> tuple[float, float]:
-    """Seconds per rollout of the benchmark trainer's generate(): transformers' loop, then `decode`."""
-    from ppo_throughput import build_ours
+def rollouts(precision: str, pairs: int) -> tuple[float, float]:
+    """Median seconds per rollout of the benchmark trainer's generate(), transformers' loop and `decode` alternated
+    `pairs` times after a warm-up of each (the machine's drift falls on both alike)."""
+    import time
 
-    args = argparse.Namespace(model="smollm2-135m-instruct", prompts=8, completion_length=32, epochs=4,
-                         precision=precision, lora_layers="0", iters=1, kl_controller="fixed", critic="shared",
-                         rm_dir=None)
-    tr = build_ours(args)
+    from ppo_throughput import build_ours, parser
+
+    tr = build_ours(parser().parse_args(["--precision", precision]))
     pol, batch = tr.policy, tr._next_prompts()
-    ours = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
-    pol.cpu_sampling = False  # what PPOConfig(cpu_fast_sampling=False) sets
-    theirs = timed(lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False))
-    return theirs, ours
+    seconds = {True: [], False: []}
+    for i in range(2 * pairs + 2):
+        pol.cpu_sampling = fast = i % 2 == 0  # False is what PPOConfig(cpu_fast_sampling=False) sets
+        t = time.perf_counter()
+        pol.generate(batch, tr.tokenizer, 32, 1.0, False)
+        if i >= 2:
+            seconds[fast].append(time.perf_counter() - t)
+    return statistics.median(seconds[False]), statistics.median(seconds[True])
 
 
 def main():
@@ -39,6 +44,7 @@ def main():
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--pairs", type=int, default=5, help="rollouts of each loop, alternated")
     ap.add_argument("--no-rollout", action="store_true")
     a = ap.parse_args()
     probs = torch.softmax(torch.randn(a.rows, a.vocab, generator=torch.Generator().manual_seed(0)) * 3, -1)
@@ -49,7 +55,7 @@ def main():
     if a.no_rollout:
         return
     for precision in ("fp32", "bf16"):
-        theirs, ours = rollouts(precision)
+        theirs, ours = rollouts(precision, a.pairs)
         print(f"{precision}: 32-token rollout, transformers' loop {theirs:.2f} s, decode {ours:.2f} s "
               f"(saves {theirs - ours:.2f} s, {1 - ours / theirs:.0%})")
 

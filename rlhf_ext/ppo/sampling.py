@@ -3,7 +3,7 @@
 `torch.multinomial(p, 1)` draws by racing one exponential variate per vocabulary entry: on a 2-core CPU 5.7 ms a
 step for 8 rows × 49,152 tokens, 0.18 s of a 32-token rollout. Inverting the cumulative distribution — a float64
 cumulative sum, one uniform per row, a binary search — draws from the same distribution in 0.29 ms; the benchmark
-trainer's rollout took 0.13–0.20 s less in bf16 and 0.22–0.43 s less in fp32 (`benchmarks/sampling_draw.py`).
+trainer's rollout took 0.17–0.20 s less in bf16 and 0.19–0.20 s less in fp32 (`benchmarks/sampling_draw.py`).
 transformers lets a caller replace its decoding loop (`generate(custom_generate=callable)`), not the draw, so
 `decode` is its `_sample` loop, trimmed to what `PolicyAndValue.generate` asks for (decoder-only,
 ancestral sampling, no streamer) and built on its own helpers for the rest (prefill, cache, input preparation).
