@@ -18,6 +18,9 @@ def main(script_args, training_args, model_args, config_file=None):
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
     train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    evaluation = None  # as TRL's recipes: the test split, sampled on eval_strategy's cadence (eval_* metrics)
+    if training_args.eval_strategy != "no":
+        evaluation = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
     if model_args.dtype is not None:  # "auto" too: the checkpoint's own dtype, as TRL loads it
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
     if not training_args.reward_model_path:
@@ -27,6 +30,7 @@ def main(script_args, training_args, model_args, config_file=None):
         reward_funcs=[],
         args=training_args,
         train_dataset=train,
+        eval_dataset=evaluation,
         peft_config=lora_config(model_args),
         load_in_4bit=model_args.load_in_4bit,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -96,11 +97,28 @@ def read_checkpoint(tr, path) -> None:
     tr.state.global_step = tr.iteration
 
 
+def _numbered_checkpoints(output_dir) -> list[Path]:
+    """The `checkpoint-N` folders in `output_dir`, newest (highest N) first."""
+    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
+    """`save_total_limit`: after `checkpoint-{newest}` is written, delete the oldest checkpoints so that at most
+    `limit` remain — only those numbered below `newest` (what this run passed through): a higher-numbered folder
+    belongs to another run in the same output_dir and is never touched. Returns the removed paths."""
+    if not limit or limit < 1:
+        return []
+    older = [p for p in _numbered_checkpoints(output_dir) if int(p.name.split("-")[-1]) < newest]
+    removed = older[limit - 1:]
+    for p in removed:
+        shutil.rmtree(p)
+    return [str(p) for p in removed]
+
+
 def newest_complete_checkpoint(output_dir) -> str | None:
     """The newest `checkpoint-N` whose manifest verifies; damaged ones are skipped with a warning."""
-    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for p in folders:
+    for p in _numbered_checkpoints(output_dir):
         try:
             if verify_manifest(p, "", required=CHECKPOINT_FILES):
                 return str(p)

@@ -24,6 +24,12 @@ class PPOConfig(TrainingArguments):
     > - Default LoRA (no `peft_config`): r=16 on PEFT's own target modules for the architecture (q/v projections for
     >   Llama-family models, `c_attn` for GPT-2, `query_key_value` for GPT-NeoX, …; rlhf_ext/architectures.py).
     > - `logging_steps`: `1`; `save_strategy`: `"steps"` with `save_steps=50`; `report_to`: `"none"`.
+    >
+    > TrainingArguments are honoured as transformers' Trainer reads them — logging / eval / save strategy and steps
+    > (per iteration; `"epoch"` = a pass over the prompts), `save_total_limit`, `eval_on_start`, `optim`,
+    > `weight_decay` (matrices only), the scheduler and warmup — or refused with the fix: `fp16`,
+    > `gradient_accumulation_steps` > 1, `torch_compile`, `neftune_noise_alpha`, `save_strategy="best"`,
+    > `load_best_model_at_end`.
     """
 
     # rollout
@@ -116,6 +122,7 @@ class PPOConfig(TrainingArguments):
         if self.nonfinite_rewards not in ("drop", "error"):
             raise ValueError(f"nonfinite_rewards must be 'drop' or 'error', got {self.nonfinite_rewards!r}.")
         self._check_ranges()
+        self._check_trainer_arguments()
         if self.per_device_train_batch_size % self.num_mini_batches:
             raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches}).")
         if self.temperature <= 0:
@@ -154,6 +161,22 @@ class PPOConfig(TrainingArguments):
             # WORLD_SIZE: set by accelerate/torchrun; TrainingArguments' world_size is not ready before its post_init
             per_iteration = self.per_device_train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", 1)))
             self.max_steps = max(1, self.total_episodes // max(1, per_iteration))
+
+    def _check_trainer_arguments(self):
+        """transformers' TrainingArguments that PPOTrainer cannot honour are refused, not ignored: a user who asks
+        for them would otherwise believe they ran. The ones it honours are listed in the README ("Python API")."""
+        if self.torch_compile or self.torch_compile_backend or self.torch_compile_mode:
+            raise ValueError("torch_compile is not supported by PPOTrainer: sampling, the reference, θ_old and the "
+                             "training pass run through one eager model, and must compute one function (the KL is "
+                             "exactly 0 at θ₀). Remove torch_compile / torch_compile_backend / torch_compile_mode.")
+        if self.neftune_noise_alpha is not None:
+            raise ValueError(f"neftune_noise_alpha={self.neftune_noise_alpha}: NEFTune adds noise to the embeddings "
+                             f"of training passes (an SFT technique); in PPO the ratios would compare a noisy training "
+                             f"pass with noiseless sampling. Remove neftune_noise_alpha.")
+        if self.save_strategy == "best" or self.load_best_model_at_end:
+            raise ValueError("save_strategy='best' / load_best_model_at_end: PPOTrainer has no evaluation loss to "
+                             "pick a best checkpoint by (higher reward is what reward hacking looks like). Use "
+                             "save_strategy='steps' or 'epoch', with save_total_limit to keep the newest N.")
 
     def _check_ranges(self):
         """Numbers that would train silently wrong (or crash deep inside) are refused here, with the fix."""

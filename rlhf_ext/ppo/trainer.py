@@ -39,12 +39,24 @@ from ..registry import build
 from ..reward.artifact import load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline
-from .checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
+from .checkpoint import newest_complete_checkpoint, read_checkpoint, rotate_checkpoints, write_checkpoint
 from .config import PPOConfig
 from .export import push_policy, save_policy
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .trl112 import from_trl112_arguments
+
+
+def due(strategy, every, iteration: int, total: int, epoch_done: bool) -> bool:
+    """Whether a TrainingArguments cadence (logging / eval / save strategy and its `*_steps`) falls on this
+    iteration: 'steps' every `every` iterations (below 1: that fraction of `total`, as transformers reads it),
+    'epoch' when a pass over the prompts has just ended, 'no' never."""
+    if strategy == "epoch":
+        return epoch_done
+    if strategy != "steps" or not every:
+        return False
+    every = math.ceil(total * every) if every < 1 else int(every)
+    return iteration % every == 0
 
 
 class _ForwardMemo:
@@ -81,9 +93,11 @@ class PPOTrainer(Trainer):
             for the architecture (`architectures.py`) when `model` is not already a `PeftModel`.
         audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
             the proxy reward to spot reward hacking; never used in the loss.
-        reward_model, eval_dataset: TRL 1.12's names (a sequence-classification reward model joins `reward_funcs`;
-            `eval_dataset` is kept for `evaluate_policy`). `ref_model`, `value_model`, `data_collator` and
-            `optimizers` exist only to say what replaced them (README: "Coming from TRL 1.12").
+        eval_dataset: prompts (TRL prompt-only format) `evaluate()` samples the policy on — on `eval_strategy`'s
+            cadence during train(), or when called.
+        reward_model: TRL 1.12's name (a sequence-classification reward model joins `reward_funcs`); `ref_model`,
+            `value_model`, `data_collator` and `optimizers` exist only to say what replaced them (README: "Coming
+            from TRL 1.12").
     """
 
     def __init__(self, model, reward_funcs=None, args: PPOConfig | None = None, train_dataset=None,
@@ -189,6 +203,8 @@ class PPOTrainer(Trainer):
                 self.policy.split = frozen_prefix_split(model, self.trained_adapters, whole_model=True,
                                                         train_mode=not args.disable_dropout)
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
+        if eval_dataset is not None:  # checked now, not at the first evaluation hours into the run
+            tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1)
         self._check_token_ids(model)
         self._fit_positions(model, args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
@@ -205,8 +221,8 @@ class PPOTrainer(Trainer):
             self.monitor = RewardHackingMonitor(self, build_detectors(args.monitor_detectors), args.monitor_max_queue,
                                                 args.monitor_cooldown)
             callbacks = [self.monitor, *(callbacks or [])]
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=self.tokenizer,
-                         callbacks=callbacks)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=self.tokenizer, callbacks=callbacks)
         close_process_group_at_exit()
         # on CPU, each pass would otherwise page-fault its activations in again (cpu_memory.py)
         self.cpu_memory = keep_freed_memory_for(args)
@@ -337,9 +353,17 @@ class PPOTrainer(Trainer):
         return [p for p in self.policy.peft.parameters() if p.requires_grad] + list(self.policy.value_head.parameters())
 
     def create_optimizer(self, model=None):
+        """`optim` with its settings, and `weight_decay` as transformers' Trainer applies it: on matrices (LoRA
+        factors, the value head's weight), never on biases. (It used to be left out: torch's AdamW then decayed every
+        parameter by its own default, 0.01, whatever the config said.)"""
         if self.optimizer is None:
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
-            self.optimizer = cls(self.trainable_parameters(), **kwargs)
+            params, decay = self.trainable_parameters(), self.args.weight_decay
+            groups = [{"params": params, "weight_decay": 0.0}]  # one group when nothing decays: older checkpoints load
+            if decay:
+                groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
+                          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+            self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
     # -- rollout -----------------------------------------------------------------------------------------------
@@ -664,6 +688,8 @@ class PPOTrainer(Trainer):
         if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
             torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start and self.iteration == 0:
+            self.evaluate()
         while self.iteration < total and not self.control.should_training_stop:
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             metrics = self._iteration()
@@ -672,14 +698,43 @@ class PPOTrainer(Trainer):
             self.state.epoch = self.data_epoch + self.data_pos / max(1, len(self.prompts))
             self._metrics_history.append(metrics)
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if args.logging_steps and self.iteration % int(args.logging_steps) == 0:
+            # logging, evaluation, checkpoint: each on its TrainingArguments cadence, in transformers' order
+            epoch_done = self._epoch_done()
+            if due(args.logging_strategy, args.logging_steps, self.iteration, total, epoch_done) or (
+                    args.logging_first_step and self.iteration == 1):
                 self.log(metrics)
-            if args.save_strategy == "steps" and args.save_steps and self.iteration % int(args.save_steps) == 0:
+            if due(args.eval_strategy, args.eval_steps, self.iteration, total, epoch_done):
+                self.evaluate()
+            if due(args.save_strategy, args.save_steps, self.iteration, total, epoch_done):
                 if self.accelerator.is_main_process:  # adapters are identical on every process
                     self.save_checkpoint()
+                    rotate_checkpoints(args.output_dir, self.iteration, args.save_total_limit)
                 self.accelerator.wait_for_everyone()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return self._metrics_history
+
+    def _epoch_done(self) -> bool:
+        """The iteration just run took the last full batch of a pass over the prompts (the next one starts a new
+        data epoch: `_next_prompts`)."""
+        B, world = self.args.per_device_train_batch_size, self.accelerator.num_processes
+        return self.data_pos + B * world > len(self.prompts)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """The policy on `eval_dataset` (default: the one given to the trainer) — exact KL(π‖π_ref), length, EOS rate
+        and every audit judge — logged as `eval_*` (`eval_strategy` calls it during train()). Sampled on a forked
+        RNG: evaluating never changes the training run."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("No eval_dataset: pass one to PPOTrainer(eval_dataset=...) or to evaluate() "
+                             "(TRL prompt-only format, like train_dataset).")
+        device = self.policy.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            summary = self.evaluate_policy(dataset, judges=self.audit_funcs,
+                                           batch_size=self.args.per_device_eval_batch_size)
+        metrics = {f"{metric_key_prefix}_{k.removesuffix('_mean')}": v for k, v in summary.items() if k != "samples"}
+        self.log(dict(metrics))  # a copy: log() adds the epoch to what it is given
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
 
     # -- checkpoints (checkpoint.py) and the policy leaving the trainer (export.py) -----------------------------------
     def save_checkpoint(self, output_dir: str | None = None) -> str:

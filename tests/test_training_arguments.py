@@ -1,0 +1,153 @@
+"""The transformers TrainingArguments a user brings to PPOConfig are honoured — checkpoint, logging and evaluation
+cadence, `save_total_limit` — or refused with the fix; none is silently ignored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from rlhf_ext import PPOConfig
+from rlhf_ext.ppo.checkpoint import newest_complete_checkpoint, rotate_checkpoints
+from rlhf_ext.ppo.trainer import due
+
+from .test_ppo import make, prompts
+
+
+def _checkpoints(tmp_path):
+    return sorted(int(p.name.split("-")[1]) for p in (tmp_path / "ppo").glob("checkpoint-*"))
+
+
+def test_save_strategy_epoch_checkpoints_after_each_pass_over_the_prompts(tmp_path, tok):
+    """32 prompts, 16 per iteration: a pass ends every 2 iterations. It used to write no checkpoint at all."""
+    make(tmp_path, tok, max_steps=5, save_strategy="epoch").train()
+    assert _checkpoints(tmp_path) == [2, 4]
+
+
+def test_save_total_limit_keeps_the_newest_and_never_another_runs(tmp_path, tok):
+    """save_total_limit=2 keeps the two newest of this run (it used to keep every one); a higher-numbered folder
+    left by another run in the same output_dir is not this run's to delete."""
+    other = tmp_path / "ppo" / "checkpoint-9"
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("another run")
+    make(tmp_path, tok, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2).train()
+    assert _checkpoints(tmp_path) == [3, 4, 9]
+    assert (other / "notes.txt").read_text() == "another run"
+    with pytest.warns(UserWarning, match="checkpoint-9"):
+        assert newest_complete_checkpoint(tmp_path / "ppo").endswith("checkpoint-4")  # what is kept still resumes
+
+
+@pytest.mark.parametrize("existing, newest, limit, kept", [
+    ([1, 2, 3, 4], 4, 2, [3, 4]),
+    ([1, 2, 3, 4], 4, 1, [4]),
+    ([1, 2, 3, 4], 4, None, [1, 2, 3, 4]),
+    ([2, 4, 6, 8, 10], 6, 2, [4, 6, 8, 10]),  # 8 and 10: another run's, above the one just written
+    ([5], 5, 3, [5]),
+])
+def test_rotate_checkpoints(tmp_path, existing, newest, limit, kept):
+    for n in existing:
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()  # not numbered: never a candidate
+    removed = rotate_checkpoints(tmp_path, newest, limit)
+    left = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*") if p.name[11:].isdigit())
+    assert left == kept and len(removed) == len(existing) - len(kept)
+    assert (tmp_path / "checkpoint-final").is_dir()
+
+
+@pytest.mark.parametrize("strategy, every, total, expect", [
+    ("steps", 2, 6, [2, 4, 6]),
+    ("steps", 0.5, 6, [3, 6]),  # below 1: a fraction of the run, as transformers reads it
+    ("steps", 0.25, 6, [2, 4, 6]),  # ceil(1.5) = 2
+    ("no", 1, 6, []),
+    ("epoch", 1, 6, [3, 6]),  # the epoch ends after iterations 3 and 6 below
+])
+def test_due(strategy, every, total, expect):
+    epoch_ends = {3, 6}
+    assert [i for i in range(1, total + 1) if due(strategy, every, i, total, i in epoch_ends)] == expect
+
+
+def _train_metrics(tr):
+    return [h for h in tr.state.log_history if "objective/scores" in h]
+
+
+def test_logging_strategy_and_first_step(tmp_path, tok):
+    """logging_strategy='no' used to log every iteration anyway."""
+    tr = make(tmp_path / "a", tok, max_steps=4, logging_strategy="no", logging_steps=1)
+    tr.train()
+    assert _train_metrics(tr) == []
+    tr = make(tmp_path / "b", tok, max_steps=4, logging_strategy="epoch")
+    tr.train()
+    assert [h["step"] for h in _train_metrics(tr)] == [2, 4]
+    tr = make(tmp_path / "c", tok, max_steps=3, logging_steps=2, logging_first_step=True)
+    tr.train()
+    assert [h["step"] for h in _train_metrics(tr)] == [1, 2]
+
+
+def test_eval_strategy_evaluates_without_changing_the_run(tmp_path, tok):
+    """eval_strategy='steps' samples the policy on eval_dataset and logs eval_* (it used to refuse: the dataset never
+    reached transformers' check). At the start the policy is the reference, so the exact KL is 0; evaluating draws
+    on a forked RNG, so the training run is the same one, number for number, as without evaluation."""
+    plain = make(tmp_path / "plain", tok, max_steps=4).train()
+    tr = make(tmp_path / "eval", tok, max_steps=4, eval_strategy="steps", eval_steps=2, eval_on_start=True,
+              eval_dataset=prompts(6))
+    hist = tr.train()
+    evals = [h for h in tr.state.log_history if "eval_kl" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4]
+    assert evals[0]["eval_kl"] == 0.0 and all(h["eval_kl"] > 0 for h in evals[1:])
+    assert all(0 < h["eval_length"] <= 8 and 0 <= h["eval_eos"] <= 1 for h in evals)
+    for key in ("objective/scores", "loss/policy", "objective/kl"):
+        assert [h[key] for h in hist] == [h[key] for h in plain], key
+    assert set(tr.evaluate()) == {"eval_kl", "eval_length", "eval_eos"}
+
+
+def test_evaluate_without_a_dataset_says_what_to_pass(tmp_path, tok):
+    with pytest.raises(ValueError, match=r"No eval_dataset: pass one to PPOTrainer\(eval_dataset=\.\.\.\)"):
+        make(tmp_path, tok, max_steps=1).evaluate()
+
+
+def test_bad_eval_dataset_is_refused_at_start(tmp_path, tok):
+    """Not at the first evaluation, hours into the run."""
+    with pytest.raises(ValueError, match="prompt"):
+        make(tmp_path, tok, max_steps=1, eval_dataset=Dataset.from_dict({"text": ["a", "b"]}))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"torch_compile": True}, r"torch_compile is not supported.*Remove torch_compile"),
+    ({"torch_compile_backend": "inductor"}, r"torch_compile is not supported"),
+    ({"neftune_noise_alpha": 5.0}, r"neftune_noise_alpha=5.0.*Remove neftune_noise_alpha"),
+    ({"save_strategy": "best", "metric_for_best_model": "loss"}, r"save_strategy='best'.*save_total_limit"),
+    ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, r"load_best_model_at_end"),
+])
+def test_training_arguments_ppo_cannot_honour_are_refused(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        PPOConfig(str(tmp_path / "ppo"), use_cpu=True, **kw)
+
+
+def _one_step(tmp_path, tok, weight_decay):
+    tr = make(tmp_path, tok, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, weight_decay=weight_decay)
+    with torch.no_grad():
+        tr.policy.value_head.bias.fill_(0.5)  # non-zero, so decay on it would show
+    start = {n: p.detach().clone() for n, p in _trained(tr)}
+    tr.train()
+    return start, {n: p.detach().clone() for n, p in _trained(tr)}
+
+
+def _trained(tr):
+    return [(n, p) for n, p in tr.policy.peft.named_parameters() if p.requires_grad] + \
+        [(f"value_head.{n}", p) for n, p in tr.policy.value_head.named_parameters()]
+
+
+def test_weight_decay_is_the_configs_on_matrices_only(tmp_path, tok):
+    """One optimizer step from the same parameters and the same gradients: AdamW's decoupled decay makes the run
+    without decay and the run with it differ by exactly lr·wd·θ₀ on every matrix, and not at all on the bias. (The
+    config's weight_decay used to be dropped: torch's AdamW decayed everything by 0.01, 0.0 in the config or not.)"""
+    start, plain = _one_step(tmp_path / "plain", tok, 0.0)
+    start2, decayed = _one_step(tmp_path / "decayed", tok, 0.3)
+    lr, wd = 1e-2, 0.3
+    assert all(torch.equal(start[n], start2[n]) for n in start)
+    matrices = [n for n in start if start[n].ndim >= 2]
+    assert any("lora_A" in n for n in matrices) and "value_head.weight" in matrices
+    for n in start:
+        expected = lr * wd * start[n] if start[n].ndim >= 2 else torch.zeros_like(start[n])
+        torch.testing.assert_close(plain[n] - decayed[n], expected, rtol=1e-3, atol=1e-7, msg=n)
+    assert any(float((plain[n] - decayed[n]).abs().max()) > 1e-5 for n in matrices)
