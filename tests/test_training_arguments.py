@@ -115,6 +115,7 @@ def test_bad_eval_dataset_is_refused_at_start(tmp_path, tok):
     ({"torch_compile": True}, r"torch_compile is not supported.*Remove torch_compile"),
     ({"torch_compile_backend": "inductor"}, r"torch_compile is not supported"),
     ({"neftune_noise_alpha": 5.0}, r"neftune_noise_alpha=5.0.*Remove neftune_noise_alpha"),
+    ({"auto_find_batch_size": True}, r"auto_find_batch_size.*rlhf-ext plan"),
     ({"save_strategy": "best", "metric_for_best_model": "loss"}, r"save_strategy='best'.*save_total_limit"),
     ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, r"load_best_model_at_end"),
 ])

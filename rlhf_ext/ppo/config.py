@@ -28,8 +28,8 @@ class PPOConfig(TrainingArguments):
     > TrainingArguments are honoured as transformers' Trainer reads them — logging / eval / save strategy and steps
     > (per iteration; `"epoch"` = a pass over the prompts), `save_total_limit`, `eval_on_start`, `optim`,
     > `weight_decay` (matrices only), the scheduler and warmup — or refused with the fix: `fp16`,
-    > `gradient_accumulation_steps` > 1, `torch_compile`, `neftune_noise_alpha`, `save_strategy="best"`,
-    > `load_best_model_at_end`.
+    > `gradient_accumulation_steps` > 1, `torch_compile`, `neftune_noise_alpha`, `auto_find_batch_size`,
+    > `save_strategy="best"`, `load_best_model_at_end`.
     """
 
     # rollout
@@ -173,6 +173,10 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"neftune_noise_alpha={self.neftune_noise_alpha}: NEFTune adds noise to the embeddings "
                              f"of training passes (an SFT technique); in PPO the ratios would compare a noisy training "
                              f"pass with noiseless sampling. Remove neftune_noise_alpha.")
+        if self.auto_find_batch_size:
+            raise ValueError("auto_find_batch_size is not supported by PPOTrainer (an out-of-memory retry would "
+                             "redo a rollout with another batch). `rlhf-ext plan` gives the largest batch that fits "
+                             "before the run; set per_device_train_batch_size / num_mini_batches from it.")
         if self.save_strategy == "best" or self.load_best_model_at_end:
             raise ValueError("save_strategy='best' / load_best_model_at_end: PPOTrainer has no evaluation loss to "
                              "pick a best checkpoint by (higher reward is what reward hacking looks like). Use "
