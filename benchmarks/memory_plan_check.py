@@ -7,7 +7,7 @@
 Each PPO configuration — a random-initialised model built from a config (a tiny Llama, mid sizes, a GPT-2-style
 model, an NF4 base, SmolLM2-135M's shape), on CPU — runs `--iterations` real PPO iterations of rlhf_ext's PPOTrainer
 (responses of exactly R tokens) in a fresh subprocess, through the same `run_case` as scripts/gpu_check.py. They vary
-what the plan's phases depend on: the hard controller (exact KL, the reference log-softmax kept) or a fixed one,
+what the plan's phases depend on: the hard controller (exact KL, the reference logits kept) or a fixed one,
 one minibatch (the memoised θ_old forward) or two, gradient checkpointing, long prompts, a wide MLP, an NF4 base,
 long completions with MHA and top-layer LoRA (generation is the peak there; the training step everywhere else since
 the trainer frees each step's logits and computes the exact KL one sequence at a time), and, on its own, reward
@@ -155,7 +155,7 @@ class PhaseMeter:
 
       generation      PolicyAndValue.generate in PPOTrainer._rollout
       reward scoring  RewardPipeline.score in _rollout
-      reference pass  PolicyAndValue.lower / .logits(reference=True) to the end of _rollout (the log-softmax too)
+      reference pass  PolicyAndValue.lower / .logits(reference=True) to the end of _rollout (its token log-probs too)
       training step   the rest of PPOTrainer._iteration: θ_old and training forwards, losses, backward, steps
       exact-KL check  PolicyAndValue.sequence_kl and the no-grad forward before it (.logits) inside _iteration
       monitor         RewardHackingMonitor._queue (only when a 'queue' detector fires), everything inside it

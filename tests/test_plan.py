@@ -206,7 +206,7 @@ def test_estimate_phases_and_options():
     assert est["peak"] == est["peak_allocated"] + est["overhead"]
     assert all(v >= 0 for v in est["components"].values())
     fixed = plan.estimate(s, batch=8, prompt_length=128, completion_length=128, kl_controller="fixed")
-    assert "exact-KL check" not in fixed["phases"] and fixed["components"]["reference_logsoftmax"] == 0
+    assert "exact-KL check" not in fixed["phases"] and fixed["components"]["reference_logits"] == 0
     assert "monitor" in fixed["phases"]  # the monitor's review queue measures the exact KL of its 2 prompts anyway
     sep = plan.estimate(s, batch=8, prompt_length=128, completion_length=128, critic="separate")
     assert sep["components"]["activations"] == 2 * est["components"]["activations"]
@@ -237,16 +237,16 @@ def test_moments_follow_the_trainer_hand_computed():
     nograd = plan.inference_working_bytes(TINY, B, T, a=4)
     fwd = plan.forward_logits_bytes(B, R, V, 4)
     ph = {k: v["total"] for k, v in est["phases"].items()}
-    # generation: nothing of the previous rollout (its reference log-softmax) is alive any more
-    assert "reference_logsoftmax" not in est["phases"]["generation"]["parts"]
+    # generation: nothing of the previous rollout (its reference logits) is alive any more
+    assert "reference_logits" not in est["phases"]["generation"]["parts"]
     assert ph["generation"] == common + plan.kv_cache_bytes(TINY, B, T, 4) + max(
         plan.inference_working_bytes(TINY, B, P, a=4), 2 * 2 * 32 * T * B * 4 // 2) + 16 * B * V
-    assert ph["reference pass"] == common + max(nograd, fwd, 2 * logit)
-    # training step: the reference log-softmax (kept) + activations + ONE logits tensor + the backward's gradient
+    assert ph["reference pass"] == common + max(nograd, fwd, logit)  # z is the tensor the rollout keeps
+    # training step: the reference logits (kept) + activations + ONE logits tensor + the backward's gradient
     assert ph["training step"] == common + logit + act + max(fwd, logit + plan.loss_transient_bytes(B, R, V),
                                                               logit + 8 * B * R * V)
     assert ph["exact-KL check"] == common + logit + max(act + logit + 40 * R * V, max(nograd, fwd))
-    # monitor: the rollout's reference log-softmax + 2 rows' logits (policy, reference) + one sequence's KL
+    # monitor: the rollout's reference logits + 2 rows' logits (policy, reference) + one sequence's KL
     assert ph["monitor"] >= common + logit + 2 * 4 * 2 * R * V + 40 * R * V
     assert "monitor" not in plan.estimate(TINY, batch=B, monitor_max_queue=0)["phases"]
 
@@ -264,7 +264,7 @@ def test_epochs_do_not_add_logits_and_minibatches_free_the_full_batch():
     assert parts.get("policy_logits", 0) <= plan.logits_bytes(2, 128, s["vocab_size"])
     assert plan.estimate(s, **{**kw, "batch": 32})["components"]["exact_kl"] == mb["components"]["exact_kl"] == \
         plan.exact_kl_bytes(128, s["vocab_size"])
-    # the hard controller adds the reference log-softmax from the reference pass to the end of the iteration only
+    # the hard controller adds the reference logits from the reference pass to the end of the iteration only
     hard, fixed = plan.estimate(s, **kw), plan.estimate(s, kl_controller="fixed", **kw)
     assert hard["phases"]["generation"]["total"] - fixed["phases"]["generation"]["total"] == \
         hard["trained"]["kl_guard"]
@@ -288,7 +288,7 @@ def test_cli_prints_a_table(capsys):
 
     assert cli(["plan", "--model", "gpt2", "--batch", "8", "--completion-length", "64"]) == 0
     out = capsys.readouterr().out
-    for line in ("base weights", "KV cache", "activations", "reference log-softmax", "exact-KL", "CUDA context",
+    for line in ("base weights", "KV cache", "activations", "reference logits", "exact-KL", "CUDA context",
                  "monitor", "<- peak", "largest batch that fits"):
         assert line in out, line
     assert plan_cli.main(["--model", "Qwen2.5-7B-Instruct", "--load-in-4bit", "--gradient-checkpointing", "--json"]) == 0

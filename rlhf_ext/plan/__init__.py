@@ -39,7 +39,7 @@ batch × N, and each process adds DDP's gradient buckets (one fp32 copy of the t
   generation     weights + trainable state + KV cache + prefill (nothing of the previous rollout is alive)
   reward scoring weights + … + K reward members scoring min(16, B) texts (× K in adapters mode, one mixed batch),
                  then each separate reward model and each audit model scoring the B texts 16 at a time
-  reference pass the reference's logits at the response positions, z/T in fp32, and their full log-softmax [B, R, V]
+  reference pass the reference's logits at the response positions, z/T [B, R, V] in fp32 (kept for the exact KL)
   training step  saved activations of the training forward + ONE policy logits tensor (each step's are freed before
                  the next forward; with one minibatch the θ_old forward is epoch 1's and is freed by it) + the
                  backward's transients (the logits' gradient, twice its size at once)

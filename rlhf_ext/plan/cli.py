@@ -99,7 +99,7 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
          "autocast over fp32 weights: the trained layers' and the LM head's" if c["weight_copies"] else "-"),
         ("policy logits [B,R,V] fp32", "policy_logits", "z/T at the response positions; one alive at a time (b rows "
                                                          "in a minibatch step)"),
-        ("reference log-softmax [B,R,V] fp32 (kept)", "reference_logsoftmax", "for the exact KL (hard controller)"),
+        ("reference logits z [B,R,V] fp32 (kept)", "reference_logits", "for the exact KL (hard controller)"),
         ("exact-KL float64 temporaries", "exact_kl", "5 × [R,V] float64, one sequence at a time "
                                                      "(PolicyAndValue.sequence_kl)"),
         ("frozen-prefix cache", "prefix_cache", "hidden state below the adapted layers, [B,P+R,H]"),
@@ -133,7 +133,7 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     elif est["peak_phase"] == "exact-KL check" and o["minibatches"] > 1:
         lines.append("note: the exact-KL check is the peak — the full batch's [B,R,V] logits (no-grad θ_old pass, "
                      "KL measurements) outgrow a minibatch's training step; a controller other than hard avoids "
-                     "the reference log-softmax and these measurements")
+                     "the reference logits and these measurements")
     elif est["peak_phase"] == "monitor":
         lines.append("note: the monitor's review queue is the peak (between iterations, with the rollout alive); "
                      "--monitor-max-queue 0 plans without it (PPOConfig.monitor_max_queue / monitor=False)")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-targets", default="q,k,v,o", help="comma list of q,k,v,o,gate,up,down,lm_head")
     ap.add_argument("--lora-top-layers", type=int, default=0, help="LoRA on the top N layers only (0: all)")
-    ap.add_argument("--kl-controller", default="hard", help="hard keeps the reference log-softmax and measures the "
+    ap.add_argument("--kl-controller", default="hard", help="hard keeps the reference logits and measures the "
                     "exact KL; other controllers do neither")
     ap.add_argument("--monitor-max-queue", type=int, default=2, help="PPOConfig.monitor_max_queue: prompts the "
                     "reward-hacking monitor samples and measures for its review queue (0: monitor off)")

@@ -35,7 +35,7 @@ class _Run:
     critic: str
     ensemble: int
     ensemble_mode: str
-    exact: bool  # hard controller: the reference log-softmax is kept and the exact KL measured
+    exact: bool  # hard controller: the reference logits are kept and the exact KL measured
     cache: bool  # frozen-prefix cache
     monitor_max_queue: int
     scorers: list = field(default_factory=list)  # separate reward models, then audit models (ScoringModel)
@@ -116,7 +116,7 @@ class _Run:
     def exact_kl(self) -> int:
         return exact_kl_bytes(self.R, self.V) if self.exact else 0
 
-    def reference_logsoftmax(self) -> int:  # Rollout.ref_logits_full, from the reference pass to the next rollout
+    def reference_logits(self) -> int:  # Rollout.ref_logits_full, from the reference pass to the next rollout
         return self.logits(self.B) if self.exact else 0
 
 
@@ -161,17 +161,19 @@ def _reward_scoring(run: _Run, common: dict) -> list[dict]:
 
 def _reference_pass(run: _Run, common: dict) -> list[dict]:
     """PolicyAndValue.lower (the frozen-prefix cache) and .logits(reference=True): the no-grad forward, its logits →
-    z/T → the full log-softmax (ref_logits is freed when _rollout returns)."""
+    z/T, the tensor the rollout keeps for the exact KL (hard controller; otherwise freed when _rollout returns) —
+    token_logprobs reads it one sequence at a time."""
     held = dict(**common, prefix_cache=run.prefix_cache(run.B))
+    z = {"reference_logits": run.reference_logits()} if run.exact else {"policy_logits": run.logits(run.B)}
     return [dict(held, working_set=run.nograd(run.B, run.T)),
             dict(held, working_set=run.forward_logits(run.B)),
-            dict(held, policy_logits=run.logits(run.B), reference_logsoftmax=run.reference_logsoftmax())]
+            dict(held, **z)]
 
 
 def _rollout_held(run: _Run, common: dict) -> dict:
     """What stays alive from the reference pass to the next rollout (training step, KL checks, the monitor): the
-    rollout's prefix cache and reference log-softmax."""
-    return dict(**common, prefix_cache=run.prefix_cache(run.B), reference_logsoftmax=run.reference_logsoftmax())
+    rollout's prefix cache and reference logits."""
+    return dict(**common, prefix_cache=run.prefix_cache(run.B), reference_logits=run.reference_logits())
 
 
 def _training_step(run: _Run, common: dict) -> list[dict]:
@@ -213,7 +215,7 @@ def _exact_kl_check(run: _Run, common: dict) -> list[dict]:
 
 def _monitor(run: _Run, common: dict) -> list[dict]:
     """Between iterations the monitor's review queue (when a 'queue' detector fires): self.rollout (its reference
-    log-softmax and prefix cache) is alive while q ≤ monitor_max_queue prompts are sampled from π_ref, scored
+    logits and prefix cache) is alive while q ≤ monitor_max_queue prompts are sampled from π_ref, scored
     (rewards, then audits), and their KL measured — the policy's and the reference's logits of q rows (each copying
     its rows of the prefix cache), then sequence_kl."""
     q = min(run.monitor_max_queue, run.B)
@@ -309,7 +311,7 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         "reward_members": static["reward_members"], "separate_models": static["separate_models"],
         "activations": run.activations(run.b), "weight_copies": run.weight_copies(), "kv_cache": run.kv_cache(run.B),
         "reward_scoring": max([run.member_scoring(run.B)] + [m.scoring_bytes(run.B, run.T) for m in scorers]),
-        "policy_logits": run.logits(run.B), "reference_logsoftmax": run.reference_logsoftmax(),
+        "policy_logits": run.logits(run.B), "reference_logits": run.reference_logits(),
         "exact_kl": run.exact_kl(), "prefix_cache": run.prefix_cache(run.B), "overhead": overhead,
     }
     return {

@@ -411,7 +411,7 @@ def kv_cache_bytes(shape: dict, batch: int, seq_len: int, a: int, k_bytes: int |
 
 def logits_bytes(rows: int, resp_len: int, vocab: int) -> int:
     """One [rows, R, V] fp32 tensor: the policy's z/T at the response positions (`policy.py:_lm`, logits_to_keep =
-    R + 1), or the reference's full log-softmax kept for the exact KL: 4·rows·R·V."""
+    R + 1), or the reference's z kept for the exact KL: 4·rows·R·V."""
     return int(4 * rows * resp_len * vocab)
 
 
