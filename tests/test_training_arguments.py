@@ -1,7 +1,9 @@
 """The transformers TrainingArguments a user brings to PPOConfig are honoured — checkpoint, logging and evaluation
-cadence, `save_total_limit` — or refused with the fix; none is silently ignored."""
+cadence, `save_total_limit`, `weight_decay` — or refused with the fix; train() returns what Trainer scripts read."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -152,3 +154,22 @@ def test_weight_decay_is_the_configs_on_matrices_only(tmp_path, tok):
         expected = lr * wd * start[n] if start[n].ndim >= 2 else torch.zeros_like(start[n])
         torch.testing.assert_close(plain[n] - decayed[n], expected, rtol=1e-3, atol=1e-7, msg=n)
     assert any(float((plain[n] - decayed[n]).abs().max()) > 1e-5 for n in matrices)
+
+
+def test_train_returns_what_trainer_scripts_read(tmp_path, tok):
+    """transformers' example scripts read `train_result.metrics` and save them with the state; train() returns the
+    iterations' metrics (a list, as before) with TrainOutput's fields beside them."""
+    tr = make(tmp_path, tok, max_steps=3)
+    out = tr.train()
+    assert len(out) == 3 and out.global_step == 3 and all("objective/scores" in h for h in out)
+    objective = [h["loss/policy"] + tr.args.vf_coef * h["loss/value"] for h in out]
+    assert out.training_loss == pytest.approx(sum(objective) / 3) and out.metrics["train_loss"] == out.training_loss
+    m = out.metrics
+    assert m["train_samples_per_second"] == pytest.approx(3 * 16 / m["train_runtime"], rel=1e-2)
+    assert m["train_steps_per_second"] == pytest.approx(3 / m["train_runtime"], rel=1e-2)
+    tr.log_metrics("train", m)
+    tr.save_metrics("train", m)
+    tr.save_state()
+    saved = json.loads((tmp_path / "ppo" / "train_results.json").read_text())
+    assert saved["train_loss"] == pytest.approx(out.training_loss)
+    assert json.loads((tmp_path / "ppo" / "trainer_state.json").read_text())["global_step"] == 3

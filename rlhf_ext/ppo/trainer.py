@@ -59,6 +59,25 @@ def due(strategy, every, iteration: int, total: int, epoch_done: bool) -> bool:
     return iteration % every == 0
 
 
+class TrainHistory(list):
+    """What `PPOTrainer.train()` returns: every iteration's metrics, in order (a list), with the fields of
+    transformers' `TrainOutput` beside them — `global_step`, `training_loss` (the mean PPO objective,
+    policy loss + vf_coef · value loss, over the iterations) and `metrics` (train_runtime, train_samples_per_second,
+    train_steps_per_second, train_loss, epoch; samples are prompts) — so a script written for `Trainer`
+    (`trainer.log_metrics("train", trainer.train().metrics)`) runs unchanged."""
+
+    def __init__(self, history: list[dict], global_step: int, vf_coef: float, seconds: float, prompts: int,
+                 iterations: int, epoch: float | None):
+        super().__init__(history)
+        losses = [h["loss/policy"] + vf_coef * h["loss/value"] for h in history if "loss/policy" in h]
+        self.global_step = global_step
+        self.training_loss = sum(losses) / len(losses) if losses else float("nan")
+        self.metrics = {"train_runtime": round(seconds, 4),
+                        "train_samples_per_second": round(prompts / seconds, 3) if seconds > 0 else 0.0,
+                        "train_steps_per_second": round(iterations / seconds, 3) if seconds > 0 else 0.0,
+                        "train_loss": self.training_loss, "epoch": epoch}
+
+
 class _ForwardMemo:
     """The last full-batch training forward, valid while the parameters are unchanged (same `version`); taken once.
     When a forward is kept: `PPOTrainer._reusable`."""
@@ -688,6 +707,7 @@ class PPOTrainer(Trainer):
         if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
             torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        start, first = time.perf_counter(), self.iteration
         if args.eval_on_start and self.iteration == 0:
             self.evaluate()
         while self.iteration < total and not self.control.should_training_stop:
@@ -711,7 +731,9 @@ class PPOTrainer(Trainer):
                     rotate_checkpoints(args.output_dir, self.iteration, args.save_total_limit)
                 self.accelerator.wait_for_everyone()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        return self._metrics_history
+        return TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.perf_counter() - start,
+                            (self.iteration - first) * args.per_device_train_batch_size * self.accelerator.num_processes,
+                            self.iteration - first, self.state.epoch)
 
     def _epoch_done(self) -> bool:
         """The iteration just run took the last full batch of a pass over the prompts (the next one starts a new
