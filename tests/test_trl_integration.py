@@ -59,3 +59,35 @@ def test_ensemble_shaper_and_kl_controller_in_trl(tmp_path, tok, trainer_name):
     for h in logged:
         replay.update(h["kl"])
     assert trainer.beta == pytest.approx(max(replay.beta, 1e-6)) and trainer.beta < 0.1
+
+
+def test_ppo_takes_a_trl_reward_model_folder_as_grpo_does(tmp_path, tok, tiny_path, pref_data):
+    """TRL's online trainers take a reward given as a string to be a sequence-classification model (a Hub id, or
+    the folder trl.RewardTrainer saved). PPOTrainer used to refuse it (not an rlhf_ext artifact); now it loads it
+    with num_labels=1 and scores with its own tokenizer — the same run, number for number, as handing PPOTrainer the
+    model instance itself (the TRL 1.12 `reward_model=` path)."""
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from .test_ppo import make
+
+    rm_dir = tmp_path / "trl_rm"
+    rt = RewardTrainer(model=tiny_path, train_dataset=pref_data[0], processing_class=tok,
+                       args=RewardConfig(str(rm_dir), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                                         bf16=False, report_to="none", save_strategy="no",
+                                         gradient_checkpointing=False, disable_tqdm=True))
+    rt.train()
+    rt.save_model(str(rm_dir))
+    by_name = make(tmp_path / "by_name", tok, reward=str(rm_dir), max_steps=2).train()
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
+    by_model = make(tmp_path / "by_model", tok, reward=model, max_steps=2).train()
+    assert [h["objective/scores"] for h in by_name] == [h["objective/scores"] for h in by_model]
+    assert len({h["objective/scores"] for h in by_name}) == 2  # the reward model scores: not a constant
+
+
+def test_ppo_reward_string_that_is_neither_says_what_to_pass(tmp_path, tok):
+    from .test_ppo import make
+
+    with pytest.raises(ValueError, match=r"neither an rlhf_ext reward-model artifact .* nor a sequence-classification "
+                                         r"model.*what trl.RewardTrainer saves"):
+        make(tmp_path, tok, reward=str(tmp_path / "nowhere"), max_steps=1)

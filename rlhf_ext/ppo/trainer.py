@@ -36,7 +36,7 @@ from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..registry import build
-from ..reward.artifact import load_reward_model, read_spec, same_base
+from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline
 from .checkpoint import newest_complete_checkpoint, read_checkpoint, rotate_checkpoints, write_checkpoint
@@ -105,8 +105,9 @@ class PPOTrainer(Trainer):
     Args:
         model: hub id, local folder, `.gguf`, the embedded default name, a causal LM, or a `PeftModel`.
         reward_funcs: one or a list of: reward-model artifact path / `RewardEnsemble` (members attached to the
-            policy's base as adapters when it matches), an `ExternalRewardModel`, or a Python callable with TRL's
-            `reward_funcs` signature.
+            policy's base as adapters when it matches), a sequence-classification model or its Hub id / folder (as
+            TRL's online trainers take it: what `trl.RewardTrainer` saves), an `ExternalRewardModel`, or a Python
+            callable with TRL's `reward_funcs` signature.
         args: `PPOConfig`.  train_dataset: TRL prompt-only dataset.  processing_class: tokenizer.
         peft_config: LoRA config for the policy (and the separate critic); default LoRA r=16 on PEFT's target modules
             for the architecture (`architectures.py`) when `model` is not already a `PeftModel`.
@@ -195,7 +196,7 @@ class PPOTrainer(Trainer):
             reward_funcs = [args.reward_model_path, *reward_funcs]
         if not reward_funcs:
             raise ValueError("Pass at least one reward: `reward_funcs=` a reward-model path, model or callable.")
-        members = [self._reward_member(r, model) for r in reward_funcs]
+        members = [self._reward_member(r, model, args) for r in reward_funcs]
         n_members = sum(len(getattr(m, "names", None) or [0]) for m in members)
         if n_members < 2 and args.aggregation in ("min", "uwo", "median"):
             raise ValueError(f"aggregation={args.aggregation!r} combines several reward members, but there is only "
@@ -260,10 +261,12 @@ class PPOTrainer(Trainer):
         self.eval_dataset = eval_dataset
 
     # -- setup helpers -----------------------------------------------------------------------------------------
-    def _reward_member(self, r, model):
+    def _reward_member(self, r, model, args: PPOConfig):
         from transformers import PreTrainedModel
 
         if isinstance(r, (str, os.PathLike)):
+            if not is_reward_artifact(r):
+                return self._sequence_classifier(str(r), args)
             spec = read_spec(r)
             if spec["mode"] != "full" and same_base(spec, model, self.model_name):
                 return load_reward_model(r, base_model=model, tokenizer=None, adapter_prefix="rm_")
@@ -277,6 +280,23 @@ class PPOTrainer(Trainer):
         if isinstance(r, RewardEnsemble) or callable(r) or hasattr(r, "score_completions"):
             return r
         raise TypeError(f"Unsupported reward {type(r).__name__}: use a path, RewardEnsemble, model or callable.")
+
+    def _sequence_classifier(self, name: str, args: PPOConfig):
+        """What TRL's online trainers take as a reward string, where it is not an rlhf_ext artifact: a
+        sequence-classification model — a Hub id or the folder `trl.RewardTrainer` saved — loaded with
+        num_labels=1 and the policy's `model_init_kwargs`, on the policy's device, scored with its own tokenizer."""
+        try:
+            model = load_model(name, "seq_cls", num_labels=1, trust_remote_code=args.trust_remote_code,
+                               **(args.model_init_kwargs or {}))
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"Reward {name!r} is neither an rlhf_ext reward-model artifact (no {SPEC_FILE}) nor a "
+                f"sequence-classification model transformers can load ({e}). Pass the output_dir of "
+                f"RewardEnsembleTrainer / recipes/reward_modeling.py, the folder or Hub id of a sequence-classification "
+                f"reward model (what trl.RewardTrainer saves), a model, or a callable.") from e
+        if not is_quantized(model):  # a 4-bit model is placed where it was loaded
+            model.to(self.policy.device)
+        return ExternalRewardModel(model, self._reward_tokenizer(model), name=Path(name).name or name)
 
     def _reward_tokenizer(self, r):
         """A reward model's own tokenizer from where it was loaded; else (built in code, or offline) the policy's, as

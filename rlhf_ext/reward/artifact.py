@@ -65,6 +65,11 @@ def save_reward_artifact(out_dir, ens: RewardEnsemble, spec: dict, tokenizer, ca
     return out
 
 
+def is_reward_artifact(path) -> bool:
+    """`path` is a folder written by `RewardEnsembleTrainer.save_model` (it holds the spec file)."""
+    return (Path(path) / SPEC_FILE).is_file()
+
+
 def read_spec(path) -> dict:
     path = Path(path)
     f = path / SPEC_FILE
