@@ -112,9 +112,11 @@ def _params(tr):
         f"vh.{n}": p.detach().clone() for n, p in tr.policy.value_head.named_parameters()}
 
 
-def test_resume_is_exact(tmp_path, tok):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])  # 0.1: the optimizer's two parameter groups (matrices, biases)
+def test_resume_is_exact(tmp_path, tok, weight_decay):
     torch.manual_seed(0)
-    full = make(tmp_path / "a", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian", kl_target=0.5)
+    full = make(tmp_path / "a", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian", kl_target=0.5,
+                weight_decay=weight_decay)
     hist_full = full.train()
     from transformers import TrainerCallback
 
@@ -124,11 +126,12 @@ def test_resume_is_exact(tmp_path, tok):
 
     torch.manual_seed(0)
     half = make(tmp_path / "b", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian",
-                kl_target=0.5, callbacks=[StopAt()], save_strategy="steps", save_steps=2)
+                kl_target=0.5, callbacks=[StopAt()], save_strategy="steps", save_steps=2, weight_decay=weight_decay)
     assert len(half.train()) == 2
     ckpt = str(tmp_path / "b" / "ppo" / "checkpoint-2")
     torch.manual_seed(123)  # a different process state: the checkpoint must restore everything
-    resumed = make(tmp_path / "b", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian", kl_target=0.5)
+    resumed = make(tmp_path / "b", tok, max_steps=4, shapers=[{"name": "debias"}], kl_controller="lagrangian", kl_target=0.5,
+                   weight_decay=weight_decay)
     hist_resumed = resumed.train(resume_from_checkpoint=ckpt)
     a, b = _params(full), _params(resumed)
     assert a.keys() == b.keys()
