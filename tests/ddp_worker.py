@@ -60,17 +60,18 @@ if mode == "precision":
         args = PPOConfig(str(out / phase), per_device_train_batch_size=4, max_steps=2, learning_rate=lr,
                          num_ppo_epochs=8, max_completion_length=6, kl_controller="hard", kl_target=0.1,
                          init_kl_coef=0.0, use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1000,
-                         seed=0, monitor=False)
+                         seed=0, monitor=False, eval_strategy="steps", eval_steps=1, eval_on_start=True)
         oracle = Oracle()
         tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=lambda completion_ids, **kw: [float(len(c)) for c in
                                                                                        completion_ids],
                         args=args, train_dataset=data, processing_class=tok, callbacks=[oracle],
-                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), eval_dataset=data.select(range(10)))
         oracle.trainer = tr
         hist = tr.train()
         info[phase] = {"mixed_precision": args.mixed_precision, "compute_dtype": tr.startup["compute_dtype"],
                        "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
-                       **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")}}
+                       **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")},
+                       "evals": [h for h in tr.state.log_history if "eval_kl" in h]}
     rank, world = tr.accelerator.process_index, args.world_size
     (out / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))
     sys.exit(0)

@@ -73,7 +73,7 @@ def test_bf16_under_ddp_is_one_precision(tmp_path):
     """`mixed_precision: bf16` from the launcher (as recipes/accelerate_configs/multi_gpu.yaml sets it), 2 processes:
     every pass runs in bf16, so with the policy untouched every KL reads exactly 0 (before: objective/kl 3.4e-4, the
     training forward alone under autocast), and the hard KL bound holds against the independent oracle (in bf16)
-    on the union of both ranks' batches."""
+    on the union of both ranks' batches; evaluation gives one number for both ranks."""
     _launch(tmp_path, "precision", world=2, port=2, launch_flags=("--mixed_precision", "bf16"))
     ranks = [json.loads((tmp_path / f"info_w2_r{i}.json").read_text()) for i in range(2)]
     for info in ranks:
@@ -86,6 +86,13 @@ def test_bf16_under_ddp_is_one_precision(tmp_path):
         assert all(k <= 0.1 for k in guarded["kl/after_update"])
     a, b = ranks[0]["guarded"], ranks[1]["guarded"]
     assert a["kl/after_update"] == b["kl/after_update"]  # one decision for both ranks
+    # evaluation (eval_on_start + every iteration, 10 prompts): each rank samples its 5, both log the mean of all 10;
+    # the untouched policy is the reference there too
+    for phase in ("still", "guarded"):
+        evals = [r[phase]["evals"] for r in ranks]
+        assert [e["step"] for e in evals[0]] == [0, 1, 2] and evals[0] == evals[1], evals
+    assert all(e["eval_kl"] == 0.0 for e in ranks[0]["still"]["evals"])
+    assert ranks[0]["guarded"]["evals"][-1]["eval_kl"] > 0
     for it, logged in enumerate(a["kl/after_update"]):
         exact = (a["exact"][it] + b["exact"][it]) / 2  # the guard bounds the mean over the global batch
         assert exact <= 0.1 + 1e-4 and abs(exact - logged) <= 1e-4 + 1e-3 * exact, (it, exact, logged)

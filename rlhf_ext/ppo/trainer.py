@@ -764,16 +764,25 @@ class PPOTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """The policy on `eval_dataset` (default: the one given to the trainer) — exact KL(π‖π_ref), length, EOS rate
         and every audit judge — logged as `eval_*` (`eval_strategy` calls it during train()). Sampled on a forked
-        RNG: evaluating never changes the training run."""
+        RNG: evaluating never changes the training run. Under DDP each process samples its share of the prompts and
+        every rank gets the mean over all of them."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("No eval_dataset: pass one to PPOTrainer(eval_dataset=...) or to evaluate() "
                              "(TRL prompt-only format, like train_dataset).")
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        sharded = world > 1 and hasattr(dataset, "shard") and len(dataset) >= world
+        part = dataset.shard(num_shards=world, index=rank, contiguous=True) if sharded else dataset
         device = self.policy.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            summary = self.evaluate_policy(dataset, judges=self.audit_funcs,
+            summary = self.evaluate_policy(part, judges=self.audit_funcs,
                                            batch_size=self.args.per_device_eval_batch_size)
         metrics = {f"{metric_key_prefix}_{k.removesuffix('_mean')}": v for k, v in summary.items() if k != "samples"}
+        if sharded:  # sums and counts over the processes: the mean of every sample, the same number on every rank
+            keys, n = sorted(metrics), float(len(summary["samples"]["kl"]))
+            t = torch.tensor([n] + [metrics[k] * n for k in keys], dtype=torch.float64, device=self.args.device)
+            t = self.accelerator.reduce(t, reduction="sum")
+            metrics = {k: float(t[i + 1] / t[0]) for i, k in enumerate(keys)}
         self.log(dict(metrics))  # a copy: log() adds the epoch to what it is given
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
