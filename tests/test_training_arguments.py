@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from rlhf_ext import PPOConfig
 from rlhf_ext.ppo.checkpoint import newest_complete_checkpoint, rotate_checkpoints
-from rlhf_ext.ppo.trainer import due
+from rlhf_ext.ppo.schedule import due
 
 from .test_ppo import make, prompts
 

@@ -1,0 +1,37 @@
+"""When train() logs, evaluates and saves — transformers' TrainingArguments cadences, read per PPO iteration — and
+what it returns: the iterations' metrics with `TrainOutput`'s fields beside them."""
+
+from __future__ import annotations
+
+import math
+
+
+def due(strategy, every, iteration: int, total: int, epoch_done: bool) -> bool:
+    """Whether a TrainingArguments cadence (logging / eval / save strategy and its `*_steps`) falls on this
+    iteration: 'steps' every `every` iterations (below 1: that fraction of `total`, as transformers reads it),
+    'epoch' when a pass over the prompts has just ended, 'no' never."""
+    if strategy == "epoch":
+        return epoch_done
+    if strategy != "steps" or not every:
+        return False
+    every = math.ceil(total * every) if every < 1 else int(every)
+    return iteration % every == 0
+
+
+class TrainHistory(list):
+    """What `PPOTrainer.train()` returns: every iteration's metrics, in order (a list), with the fields of
+    transformers' `TrainOutput` beside them — `global_step`, `training_loss` (the mean PPO objective,
+    policy loss + vf_coef · value loss, over the iterations) and `metrics` (train_runtime, train_samples_per_second,
+    train_steps_per_second, train_loss, epoch; samples are prompts) — so a script written for `Trainer`
+    (`trainer.log_metrics("train", trainer.train().metrics)`) runs unchanged."""
+
+    def __init__(self, history: list[dict], global_step: int, vf_coef: float, seconds: float, prompts: int,
+                 iterations: int, epoch: float | None):
+        super().__init__(history)
+        losses = [h["loss/policy"] + vf_coef * h["loss/value"] for h in history if "loss/policy" in h]
+        self.global_step = global_step
+        self.training_loss = sum(losses) / len(losses) if losses else float("nan")
+        self.metrics = {"train_runtime": round(seconds, 4),
+                        "train_samples_per_second": round(prompts / seconds, 3) if seconds > 0 else 0.0,
+                        "train_steps_per_second": round(iterations / seconds, 3) if seconds > 0 else 0.0,
+                        "train_loss": self.training_loss, "epoch": epoch}
