@@ -173,3 +173,26 @@ def test_train_returns_what_trainer_scripts_read(tmp_path, tok):
     saved = json.loads((tmp_path / "ppo" / "train_results.json").read_text())
     assert saved["train_loss"] == pytest.approx(out.training_loss)
     assert json.loads((tmp_path / "ppo" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.parametrize("kw, fix", [
+    ({"beta": 0.04}, r"`beta` → the KL settings: kl_controller='fixed' with init_kl_coef=β"),
+    ({"num_generations": 8}, r"`num_generations` → nothing: PPO samples one response per prompt"),
+    ({"epsilon": 0.2}, r"`epsilon` → clip_range"),
+    ({"reward_weights": [1.0, 0.5]}, r"aggregation='weighted'"),
+    ({"vllm_mode": "colocate"}, r"`vllm_mode` → nothing: sampling runs through the policy's own generate\(\)"),
+])
+def test_grpo_and_rloo_fields_are_refused_with_the_ppo_name(tmp_path, kw, fix):
+    """A script switching from GRPOConfig / RLOOConfig gets what PPOConfig calls it, not a bare TypeError."""
+    with pytest.raises(TypeError, match=fix):
+        PPOConfig(str(tmp_path / "ppo"), use_cpu=True, **kw)
+
+
+def test_every_refused_grpo_field_is_in_the_readme_table():
+    from pathlib import Path
+
+    from rlhf_ext.ppo.config import FROM_GRPO_RLOO
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Coming from GRPO / RLOO")[1].split("###")[0]
+    assert [k for k in FROM_GRPO_RLOO if f"`{k}`" not in table] == []

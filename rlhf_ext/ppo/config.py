@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,3 +213,48 @@ class PPOConfig(TrainingArguments):
              f"gradient_accumulation_steps={self.gradient_accumulation_steps}: PPOTrainer takes one optimizer step per "
              f"minibatch and does not accumulate. For smaller training forwards, raise num_mini_batches (more, smaller "
              f"steps per epoch) or lower per_device_train_batch_size.")
+
+
+# GRPOConfig / RLOOConfig fields a script switching trainers carries over, and what PPOConfig calls or does instead.
+# Refused by name, with the replacement, rather than by Python's bare "unexpected keyword argument".
+_SAMPLES_PI = "nothing: generate() samples exactly π (logits processors off), so the log-probs PPO trains on are exact"
+_NO_VLLM = "nothing: sampling runs through the policy's own generate() on the shared base (no vLLM)"
+FROM_GRPO_RLOO = {
+    "beta": "the KL settings: kl_controller='fixed' with init_kl_coef=β for a fixed penalty, or kl_target=δ for the "
+            "hard bound KL ≤ δ (the default)",
+    "epsilon": "clip_range (PPO's ε)",
+    "epsilon_high": "clip_range (PPO clips symmetrically)",
+    "num_iterations": "num_ppo_epochs (optimisation passes over each rollout batch)",
+    "num_generations": "nothing: PPO samples one response per prompt and learns a critic instead of a group baseline; "
+                       "per_device_train_batch_size is prompts per iteration",
+    "num_generations_eval": "nothing (one response per prompt)",
+    "reward_weights": "aggregation='weighted' with aggregation_kwargs={'weights': [...]}",
+    "scale_rewards": "whiten_advantages (advantages normalised over the batch)",
+    "normalize_advantages": "whiten_advantages",
+    "loss_type": "nothing: the loss is PPO's clipped surrogate plus the value loss",
+    "mask_truncated_completions": "the 'missing_eos' shaper (shapers=['missing_eos'])",
+    "steps_per_generation": "num_mini_batches (optimizer steps per epoch over one rollout)",
+    "generation_batch_size": "num_mini_batches",
+    "repetition_penalty": "the 'repetition' shaper; " + _SAMPLES_PI,
+    "top_k": _SAMPLES_PI,
+    "min_p": _SAMPLES_PI,
+    "generation_kwargs": _SAMPLES_PI,
+    "use_vllm": _NO_VLLM,
+    "sync_ref_model": "nothing: the reference is the base with the adapters off",
+    "ref_model_sync_steps": "nothing: the reference is the base with the adapters off",
+    "ref_model_mixup_alpha": "nothing: the reference is the base with the adapters off",
+}
+_dataclass_init = PPOConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_refusing_grpo_fields(self, *args, **kwargs):
+    foreign = [k for k in kwargs if k in FROM_GRPO_RLOO or k.startswith("vllm_")]
+    if foreign:
+        fixes = "; ".join(f"`{k}` → {FROM_GRPO_RLOO.get(k, _NO_VLLM)}" for k in foreign)
+        raise TypeError(f"PPOConfig got GRPOConfig / RLOOConfig field(s) it does not have: {fixes}. "
+                        f"(README: \"Coming from GRPO / RLOO\".)")
+    _dataclass_init(self, *args, **kwargs)
+
+
+PPOConfig.__init__ = _init_refusing_grpo_fields
