@@ -2,8 +2,9 @@
 
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_smollm2_sentiment.yaml
 
-Rewards come from `reward_model_path` (an artifact of recipes/reward_modeling.py, attached to the policy's base
-as adapters when both use the same base model). `dataset_name`: Hub id or a folder of `<config>_<split>.jsonl`.
+Rewards come from `reward_model_path`: an artifact of recipes/reward_modeling.py (attached to the policy's base as
+adapters when both use the same base model), or a sequence-classification reward model — a Hub id or the folder
+trl.RewardTrainer saved — as TRL's recipes take it. `dataset_name`: Hub id or a folder of `<config>_<split>.jsonl`.
 """
 
 from trl import ModelConfig, ScriptArguments, TrlParser
@@ -24,7 +25,8 @@ def main(script_args, training_args, model_args, config_file=None):
     if model_args.dtype is not None:  # "auto" too: the checkpoint's own dtype, as TRL loads it
         training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
     if not training_args.reward_model_path:
-        raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py).")
+        raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py) or a "
+                         "sequence-classification reward model (Hub id or folder).")
     trainer = PPOTrainer(
         model=model_args.model_name_or_path or "smollm2-135m-instruct",
         reward_funcs=[],

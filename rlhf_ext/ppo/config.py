@@ -68,7 +68,7 @@ class PPOConfig(TrainingArguments):
     shapers: list[Any] | str | None = field(default=None, metadata={"help": "Reward shapers, e.g. [{'name': 'linear', 'alpha': 0.02, 'free_tokens': 24}, 'missing_eos']."})
     nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf/None (counted in rewards/dropped_nonfinite, warned once; an error if a whole batch is dropped) or 'error'."})
     callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions: 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
-    reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model artifact to load as members on the shared base (recipes)."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "Reward model for the recipes: an rlhf_ext artifact (members on the shared base) or a sequence-classification model id / folder (as TRL's reward_funcs strings)."})
     # monitoring
     monitor: bool = field(default=True, metadata={"help": "Run the reward-hacking monitor after every iteration (monitor/* metrics, OUTPUT_DIR/monitor/, review queue)."})
     monitor_detectors: list[Any] | str | None = field(default=None, metadata={"help": "Detectors: names or {'name', 'threshold', 'action': log|queue|halt} dicts; None = every built-in with its default threshold and action (`rlhf-ext plugins`)."})
