@@ -37,9 +37,7 @@ def main(script_args, training_args, model_args, config_file=None):
         load_in_4bit=model_args.load_in_4bit,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    trainer.save_model(training_args.output_dir)  # with push_to_hub, uploaded too
     return trainer
 
 

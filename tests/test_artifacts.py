@@ -32,6 +32,7 @@ def fake_hub(monkeypatch, tmp_path):
 
     def create_repo(self, repo_id, **kw):
         (store / repo_id).mkdir(parents=True, exist_ok=True)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
 
     def upload_folder(self, repo_id, folder_path, **kw):
         shutil.copytree(folder_path, store / repo_id, dirs_exist_ok=True)
@@ -184,3 +185,41 @@ def test_saved_policy_names_the_embedded_base_by_hub_id_and_is_world_readable(tm
     modes = {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "policy").rglob("*")
              if p.is_file()}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_push_to_hub_in_the_config_uploads_as_trainer_does(tmp_path, tok, fake_hub, monkeypatch):
+    """`push_to_hub=True` (hub_strategy every_save, transformers' default): the policy is uploaded at every
+    checkpoint and by save_model(), as `Trainer` does (before: only an explicit push_to_hub() call uploaded). An
+    upload that fails warns and the run goes on: its checkpoint is on disk."""
+    import huggingface_hub
+
+    commits, real = [], huggingface_hub.HfApi.upload_folder
+
+    def counting(self, repo_id, folder_path, **kw):
+        commits.append(kw.get("commit_message"))
+        return real(self, repo_id, folder_path, **kw)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", counting)
+    tr = make(tmp_path / "a", tok, max_steps=2, push_to_hub=True, hub_model_id="someone/live", save_strategy="steps",
+              save_steps=1)
+    tr.train()
+    assert commits == ["Training in progress, iteration 1", "Training in progress, iteration 2"]
+    assert (fake_hub / "someone" / "live" / "adapter_model.safetensors").is_file()
+    tr.save_model(str(tmp_path / "final"))
+    assert commits[-1] == "Model save"
+
+    def down(self, repo_id, folder_path, **kw):
+        raise OSError("the Hub is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", down)
+    tr = make(tmp_path / "b", tok, max_steps=2, push_to_hub=True, hub_model_id="someone/down", save_strategy="steps",
+              save_steps=1)
+    with pytest.warns(UserWarning, match=r"Uploading iteration 1 to the Hub failed .*checkpoint-1 holds the checkpoint"):
+        assert len(tr.train()) == 2
+    assert sorted(p.name for p in (tmp_path / "b" / "ppo").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    end = make(tmp_path / "c", tok, max_steps=2, push_to_hub=True, hub_model_id="someone/end", hub_strategy="end",
+               save_strategy="steps", save_steps=1)
+    commits.clear()
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", counting)
+    end.train()
+    assert commits == []  # hub_strategy='end': only save_model() / push_to_hub() upload

@@ -717,8 +717,10 @@ class PPOTrainer(Trainer):
                 self.evaluate()
             if due(args.save_strategy, args.save_steps, self.iteration, total, epoch_done):
                 if self.accelerator.is_main_process:  # adapters are identical on every process
-                    self.save_checkpoint()
+                    path = self.save_checkpoint()
                     rotate_checkpoints(args.output_dir, self.iteration, args.save_total_limit)
+                    if args.push_to_hub and args.hub_strategy != "end":
+                        self._push_checkpoint(path)
                 self.accelerator.wait_for_everyone()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.perf_counter() - start,
@@ -768,8 +770,20 @@ class PPOTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, merge: bool = False):
         """A standard PEFT adapter at `output_dir` (`merge=True`: merged weights) + tokenizer + model card; the value
-        head and critic adapter in `output_dir/critic/`."""
+        head and critic adapter in `output_dir/critic/`. With `push_to_hub`, uploaded too, as `Trainer.save_model`
+        does (the adapter, merged or not)."""
         save_policy(self, Path(output_dir or self.args.output_dir), merge=merge)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+
+    def _push_checkpoint(self, path: str):
+        """`push_to_hub` with hub_strategy every_save (the default), checkpoint or all_checkpoints: the policy as it is
+        at this checkpoint. A failed upload is a warning, never the end of a long run: the checkpoint is on disk."""
+        try:
+            self.push_to_hub(commit_message=f"Training in progress, iteration {self.iteration}")
+        except Exception as e:  # any network or Hub error
+            warnings.warn(f"Uploading iteration {self.iteration} to the Hub failed ({type(e).__name__}: {e}); "
+                          f"training goes on, and {path} holds the checkpoint.", UserWarning, stacklevel=2)
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
                     revision: str | None = None, repo_id: str | None = None, critic: bool = False, **kwargs) -> str:
