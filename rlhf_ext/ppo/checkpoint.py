@@ -97,10 +97,14 @@ def read_checkpoint(tr, path) -> None:
     tr.state.global_step = tr.iteration
 
 
+def _number(p: Path) -> int:
+    return int(p.name.split("-")[-1])
+
+
 def _numbered_checkpoints(output_dir) -> list[Path]:
     """The `checkpoint-N` folders in `output_dir`, newest (highest N) first."""
     return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+                  key=_number, reverse=True)
 
 
 def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
@@ -109,7 +113,7 @@ def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
     belongs to another run in the same output_dir and is never touched. Returns the removed paths."""
     if not limit or limit < 1:
         return []
-    older = [p for p in _numbered_checkpoints(output_dir) if int(p.name.split("-")[-1]) < newest]
+    older = [p for p in _numbered_checkpoints(output_dir) if _number(p) < newest]
     removed = older[limit - 1:]
     for p in removed:
         shutil.rmtree(p)

@@ -73,7 +73,7 @@ def is_reward_artifact(path) -> bool:
 def read_spec(path) -> dict:
     path = Path(path)
     f = path / SPEC_FILE
-    if not f.is_file():
+    if not is_reward_artifact(path):
         raise FileNotFoundError(
             f"{path} is not an rlhf_ext reward-model artifact ({SPEC_FILE} missing). Train one with "
             f"`recipes/reward_modeling.py` or `RewardEnsembleTrainer`, then pass its output_dir."
