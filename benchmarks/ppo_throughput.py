@@ -7,6 +7,7 @@
     python benchmarks/ppo_throughput.py --lora-layers 0,8 --baseline --precision fp32,bf16   # both precisions
     python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --iters 2 --completion-length 8  # smoke
     python benchmarks/ppo_throughput.py --baseline --baseline-kept-memory   # + TRL with ours' malloc setting
+    python benchmarks/ppo_throughput.py --share-prefix on,off --baseline   # ours with and without prefix sharing
 
 Configuration (as shared/baselines): SmolLM2-135M-Instruct, LoRA r=16 (alpha 32) on q_proj/v_proj, every response
 exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
@@ -19,6 +20,9 @@ Ours keeps everything on one base: reference = adapters off, value head on the p
 member (an untrained LoRA adapter + head: speed only, like the baseline's random-head reward model). On CPU ours
 keeps freed memory in the heap (PPOConfig.cpu_keep_freed_memory, on by default); `--baseline-kept-memory` also runs
 TRL with the same glibc setting, made through the environment.
+The benchmark's prompts are a chat template with SmolLM2's default system prompt, 8 prompts of one instruction
+template per batch: their first 31 of 41 tokens are the same, which ours runs once per pass (PPOConfig.
+share_prompt_prefix, on by default; `--share-prefix off` measures without it, TRL 1.12 has no such thing).
 Each configuration runs in a fresh subprocess so peak RSS is its own. The goals printed at the end: on the
 all-layer configuration (TRL's own), ≥ 3× TRL 1.12's tokens/s at equal precision, peak RSS ≤ 0.45× TRL's, and
 iteration time ≤ 2× generation time.
@@ -59,7 +63,7 @@ def build_ours(args):
                     max_completion_length=args.completion_length, stop_on_eos=False, temperature=0.7,
                     num_ppo_epochs=args.epochs, num_mini_batches=1, kl_controller=args.kl_controller, kl_target=4.0,
                     max_steps=args.iters, save_strategy="no", use_cpu=True, seed=0, logging_steps=10**6,
-                    disable_tqdm=True, critic=args.critic, bf16=bf16,
+                    disable_tqdm=True, critic=args.critic, bf16=bf16, share_prompt_prefix=args.share_prefix == "on",
                     model_init_kwargs={"dtype": "bfloat16"} if bf16 else None)
     tr = PPOTrainer(args.model, reward_funcs=[str(rm_dir)], args=cfg, train_dataset=data, processing_class=tok,
                     peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
@@ -72,7 +76,8 @@ def run_ours(args) -> dict:
 
     tr = build_ours(args)
     base_dtype = str(next(tr.policy.peft.get_base_model().parameters()).dtype).replace("torch.", "")
-    print(f"ours: base weights {base_dtype}, autocast {tr.policy.autocast}, compute {tr.compute_dtype}", flush=True)
+    print(f"ours: base weights {base_dtype}, autocast {tr.policy.autocast}, compute {tr.compute_dtype}, prompt-prefix "
+          f"sharing {tr.startup['shared_prompt_prefix']}", flush=True)
     hist = tr.train()
     it = [h["time/iteration_s"] for h in hist]
     gen = [h["time/generate_s"] for h in hist]
@@ -133,11 +138,11 @@ def layers_label(n: int) -> str:
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{args.prompts} prompts x {args.completion_length} tokens, {args.epochs} PPO epochs, 1 minibatch, "
           f"{args.iters} iterations (median of 2..N); ours: critic={args.critic}, kl_controller={args.kl_controller}")
-    print(f"{'trainer':28s} {'precision':>9s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'score+ref s':>11s} "
+    print(f"{'trainer':34s} {'precision':>9s} {'s/iter':>7s} {'tok/s':>7s} {'gen s':>6s} {'score+ref s':>11s} "
           f"{'update s':>8s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
     for r in rows:
         split = (f"{r['score_ref_s']:11.2f} {r['update_s']:8.2f}" if "update_s" in r else f"{'—':>11s} {'—':>8s}")
-        print(f"{r['name']:28s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
+        print(f"{r['name']:34s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
               f"{split} {r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
 
 
@@ -177,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="fp32",
                     help="comma list of fp32 (float32 weights) and bf16 (bfloat16 weights + bf16=True autocast); "
                          "every trainer runs in each")
+    ap.add_argument("--share-prefix", default="on", help="ours with prompt-prefix sharing: on, off, or on,off (both)")
     ap.add_argument("--baseline", action="store_true", help="also run TRL 1.12 PPO (own venv) and print ratios")
     ap.add_argument("--baseline-kept-memory", action="store_true",
                     help="also run TRL 1.12 PPO with glibc's thresholds raised through the environment as ours raises "
@@ -212,12 +218,17 @@ def main():
     def add(result: dict, **meta) -> None:
         rows.append({**result, **meta})
 
+    sharing = [x.strip() for x in args.share_prefix.split(",")]
+    if not sharing or set(sharing) - {"on", "off"}:
+        raise SystemExit(f"--share-prefix: {args.share_prefix!r}; use on, off or on,off")
     for precision in precisions:
         for n in layer_counts:
-            add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
-                     args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision", precision,
-                     "--rm-dir", rm_dirs[n]] + common),
-                name=f"ours ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree="this")
+            for share in sharing:
+                add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
+                         args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision",
+                         precision, "--rm-dir", rm_dirs[n], "--share-prefix", share] + common),
+                    name=f"ours ({layers_label(n)}{'' if share == 'on' else ', no sharing'})", kind="ours",
+                    precision=precision, layers=n, tree="this" if share == "on" else "this, no sharing")
         if args.other_tree:
             other = Path(args.other_tree).resolve()
             rev = subprocess.run(["git", "-C", str(other), "rev-parse", "--short", "HEAD"], capture_output=True,

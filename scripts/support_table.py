@@ -31,10 +31,11 @@ COLUMNS = {
     "reward K=2 adapters (+ prefix cache)": ("test_reward_ensemble_trains", {"mode": "adapters"}),
     "PPO, hard KL ≤ δ (oracle)": ("test_ppo_hard_kl", {}),
     "frozen-prefix cache": ("test_prefix_cache_exact", {}),
+    "shared prompt prefix": ("test_shared_prompt_prefix_exact", {}),
     "PEFT reload (logits 1e-5)": ("test_policy_reloads_with_plain_peft", {}),
     "4-bit NF4 (CPU)": ("test_4bit_ppo", {}),
 }
-
+EXACTNESS_COLUMNS = {"frozen-prefix cache", "shared prompt prefix"}  # a pass means "on, and exact"
 
 # tests without parameters -> what they show (a bullet under the table)
 CHECKS = {
@@ -107,11 +108,11 @@ def _cell(result, column: str) -> str:
         return "not run"
     outcome, detail, props = result
     if outcome == "passed":
-        return "exact (on)" if column == "frozen-prefix cache" else "✓"
+        return "exact (on)" if column in EXACTNESS_COLUMNS else "✓"
     if column == "check":
         return f"✗ ({outcome}: {detail})" if detail else f"✗ ({outcome})"
     if outcome == "xfail":
-        return f"off: {detail}" if column == "frozen-prefix cache" else f"xfail: {detail}"
+        return f"off: {detail}" if column in EXACTNESS_COLUMNS else f"xfail: {detail}"
     return f"✗ {detail}".replace("|", "\\|")
 
 

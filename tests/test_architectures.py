@@ -7,6 +7,7 @@ transformers' own config classes, no network) through the whole library —
   * PPO, default LoRA on the top layer, runs 2 iterations under the hard KL controller: the exact KL of each
     iteration's batch by the independent oracle (kl_oracle.py) is ≤ δ, and the policy did move;
   * the frozen-prefix cache is on and exact (cached logits = full-forward logits) — or off with a reason;
+  * with LoRA on every layer, the shared prompt prefix is on and exact (logits, values, log-probs, gradients);
   * the saved policy reloads with plain PEFT to the same logits (1e-5);
   * 4-bit NF4 (bitsandbytes on the CPU) loads from a saved folder and trains one PPO iteration within δ.
 
@@ -249,6 +250,16 @@ def test_prefix_cache_exact(arch, tmp_path_factory, tok, folders, record_propert
     assert (full[m] - ref_full[m]).abs().max() > 1e-4  # the trained adapter matters on this batch
     assert torch.allclose(cached[m], full[m], atol=1e-5), float((cached[m] - full[m]).abs().max())
     assert torch.allclose(ref_cached[m], ref_full[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prompt_prefix_exact(arch, tmp_path, tok, record_property):
+    """LoRA on every layer, prompt-prefix sharing on: the shared pass gives the full pass's logits, values, log-probs
+    and gradients on a left-padded batch (`test_shared_prefix.py`)."""
+    from .test_shared_prefix import check_shared_pass_equals_full_pass
+
+    _xfail_known(arch, "shared_prefix")
+    check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -144,6 +144,7 @@ def _ppo_run(tmp_path, tok, model, checkpointing, reentrant=None, critic="shared
                      max_completion_length=6, kl_controller="fixed", init_kl_coef=0.01, use_cpu=True,
                      save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0, critic=critic,
                      gradient_checkpointing=checkpointing,
+                     share_prompt_prefix=False,  # the plain run takes the full pass, as checkpointing does
                      gradient_checkpointing_kwargs=None if reentrant is None else {"use_reentrant": reentrant})
     tr = PPOTrainer(model(), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(), processing_class=tok,
                     peft_config=LoraConfig(**LORA))

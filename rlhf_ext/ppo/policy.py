@@ -9,7 +9,8 @@ exact-KL measurements — so that they all agree:
   * no dropout (`adapters.zero_dropout`, default): training passes equal eval-mode passes, so ratios, values and
     the KL guard are exact; passes without a backward run in eval mode (`adapters.eval_mode`);
   * the reference disables adapters on the whole model, embeddings and LM head included;
-  * with LoRA on the top layers only, the layers below run once per rollout (`prefix_cache.SplitTrunk`).
+  * with LoRA on the top layers only, the layers below run once per rollout (`prefix_cache.SplitTrunk`);
+  * the prompt tokens every row of a batch begins with run once per pass (`shared_prefix.py`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from torch import nn
 from .. import rl_math as F
 from ..adapters import active_adapter, adapters_disabled, eval_mode
 from ..data import pad_ids
-from ..models import trunk_of
+from ..models import activation_checkpointing_on, trunk_of
 from ..plan.sizes import EXACT_KL_STATES
 from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder
+from .shared_prefix import MIN_SHARED_TOKENS, cache_argument, shared_forward, shared_prefix_length, sliding_window
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -109,9 +111,11 @@ class PolicyAndValue(nn.Module):
         self.compute_dtype = compute_dtype(peft, autocast)
         self.pad_id = pad_id  # an id inside the embedding: what padded positions hold when they reach the model
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
+        self.share_prefix = False  # run a batch's shared prompt prefix once per pass (verify_shared_prefix)
         self.cpu_sampling = cpu_sampling  # on CPU, draw tokens without torch.multinomial (sampling.py)
         base = peft.get_base_model()
         self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._cache_kw, self._window = cache_argument(base), sliding_window(base)
         head = base.get_output_embeddings()
         if head is not None:
             head.register_forward_pre_hook(_contiguous_input)
@@ -157,16 +161,15 @@ class PolicyAndValue(nn.Module):
             head = self.peft.get_base_model().get_output_embeddings()
             hook = head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
         ids = self._inputs(ids, mask)  # what the model reads, and the response tokens the log-probs are of
-        kw = dict(attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        if self._keep_logits:
-            kw["logits_to_keep"] = n_resp + 1
+        kw = {"logits_to_keep": n_resp + 1} if self._keep_logits else {}
         try:
             with self.precision():
                 if h_low is None:
-                    out = self.peft(input_ids=ids, **kw)
+                    out = self._batch_forward(self.peft, ids, mask, n_resp, **kw)
                 else:
                     with self.split.upper_only():
-                        out = self.peft(inputs_embeds=h_low, **kw)
+                        out = self.peft(inputs_embeds=h_low, attention_mask=mask, position_ids=positions(mask),
+                                        use_cache=False, **kw)
         finally:
             if hook is not None:
                 hook.remove()
@@ -177,11 +180,20 @@ class PolicyAndValue(nn.Module):
         h = captured["h"][:, -n_resp - 1 : -1] if want_hidden else None
         return logits, logp, h
 
+    def _batch_forward(self, model, ids, mask, n_resp: int, **kw):
+        """`model` (the PeftModel or its trunk) on a padded batch; the prompt prefix its rows share runs once when
+        sharing is on, the batch is long enough to share and fits any sliding window (`shared_prefix.py`)."""
+        n_shared = shared_prefix_length(ids, mask, n_resp) if self.share_prefix else 0
+        if (n_shared >= MIN_SHARED_TOKENS and (self._window is None or ids.shape[1] < self._window)
+                and not activation_checkpointing_on(self.peft)):  # a recomputed layer would append to the cache
+            return shared_forward(model, trunk_of(self.peft), ids, mask, n_shared, self._cache_kw, **kw)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw)
+
     def _critic_hidden(self, ids, mask, n_resp, h_low):
         trunk, pos = trunk_of(self.peft), positions(mask)
         with active_adapter(self.peft, CRITIC), self.precision():
             if h_low is None:
-                h = trunk(input_ids=self._inputs(ids, mask), attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                h = self._batch_forward(trunk, self._inputs(ids, mask), mask, n_resp).last_hidden_state
             else:
                 with self.split.upper_only():
                     h = trunk(inputs_embeds=h_low, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
@@ -210,6 +222,38 @@ class PolicyAndValue(nn.Module):
             return None
         with self._mode(training=False), self.precision():
             return self.split.lower(self._inputs(ids, mask), mask, positions(mask))
+
+    @torch.no_grad()
+    def verify_shared_prefix(self) -> str | None:
+        """Turn prompt-prefix sharing on where this model computes the same distribution with it: on a batch of
+        random tokens whose rows share 10 (suffixes of 1–4 tokens, one response cut short), the mean per-token KL
+        between the shared and the full pass must be rounding (`sampling_tolerance` of the compute dtype).
+        → None when on, else why it stays off. Draws from its own generator: the run's random stream is untouched."""
+        embedding = self.peft.get_base_model().get_input_embeddings()
+        vocab = getattr(embedding, "base_layer", embedding).num_embeddings  # under LoRA on the embedding too
+        g = torch.Generator().manual_seed(0)
+        shared, n_resp = torch.randint(vocab, (MIN_SHARED_TOKENS + 2,), generator=g), 3
+        rows = [torch.cat([shared, torch.randint(vocab, (k + n_resp,), generator=g)]) for k in (1, 2, 4)]
+        ids, mask = pad_ids([r.tolist() for r in rows], self.pad_id, side="left", device=self.device)
+        mask[0, -1] = 0  # a response that ended early
+        if self._window is not None and ids.shape[1] >= self._window:
+            return (f"the model's sliding window ({self._window} tokens) is shorter than any batch worth sharing "
+                    f"(sharing is exact only where no window cuts)")
+        try:
+            self.share_prefix = True
+            shared_pass = self.logits(ids, mask, n_resp).double().log_softmax(-1)
+            self.share_prefix = False
+            full_pass = self.logits(ids, mask, n_resp).double().log_softmax(-1)
+        except Exception as e:  # an architecture whose cache cannot be repeated or attended across
+            self.share_prefix = False
+            return f"{type(self.peft.get_base_model()).__name__} cannot run it ({type(e).__name__}: {e})"
+        m = mask[:, -n_resp:].bool()
+        kl = (full_pass.exp() * (full_pass - shared_pass)).sum(-1)[m].mean()
+        if not kl <= sampling_tolerance(self.compute_dtype):
+            return (f"{type(self.peft.get_base_model()).__name__} gives another distribution with it (mean per-token "
+                    f"KL {float(kl):.3g} against the full pass)")
+        self.share_prefix = True
+        return None
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def generation_kwargs(self, tokenizer, max_new_tokens, top_p, stop_on_eos) -> dict:

@@ -192,6 +192,19 @@ class PPOTrainer(Trainer):
             with self.policy.precision():  # verified in the precision it will run in
                 self.policy.split = frozen_prefix_split(model, self.trained_adapters, whole_model=True,
                                                         train_mode=not args.disable_dropout)
+        # Shared prompt prefix: the tokens a batch's prompts all begin with run once per pass (shared_prefix.py)
+        sharing = "off (share_prompt_prefix=False)"
+        if args.share_prompt_prefix:
+            if self.policy.split is not None:
+                sharing = "off (the frozen-prefix cache runs the shared layers once already)"
+            elif args.gradient_checkpointing:
+                sharing = "off (gradient checkpointing recomputes layers that would append to the shared cache)"
+            else:
+                why = self.policy.verify_shared_prefix()
+                sharing = "on" if why is None else f"off ({why})"
+                if why is not None:
+                    warnings.warn(f"share_prompt_prefix is off: {why}. Training is unaffected, only slower; set "
+                                  f"share_prompt_prefix=False to silence this.")
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
         if eval_dataset is not None:  # checked now, not at the first evaluation hours into the run
             tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1)
@@ -199,6 +212,7 @@ class PPOTrainer(Trainer):
         self._fit_positions(model, args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
                                                    self.compute_dtype)
+        self.startup["shared_prompt_prefix"] = sharing
         assert_trainable_4bit_layout(model, "PPOTrainer")  # after the check's generate(): 4-bit layers still train
         self._check_startup(args)
         self.kl_guard = self.kl_ctl.guard(self._guard_params, self._guard_params) if self.kl_ctl.enforce else None

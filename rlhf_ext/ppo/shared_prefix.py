@@ -1,0 +1,86 @@
+"""Shared prompt prefix: the tokens every sequence of a batch begins with run once per pass, not once per sequence.
+
+Chat templates put the same header before every prompt (SmolLM2's and Qwen2.5's default system prompt), and
+instruction datasets repeat a template; in the benchmark's batch (8 prompts of one template, 32-token responses)
+31 of each 41-token prompt are the same. Every pass after sampling — the reference, θ_old and the training forward,
+the critic, each KL measurement — would read those tokens B times. Here a pass reads them once:
+
+  1. the trunk runs the shared L tokens as one sequence [1, L], keeping its keys and values (the model's cache);
+  2. the cache is repeated to the batch, and the model runs each row's remainder [B, T'] on top of it.
+
+Every query attends to the same tokens at the same positions as in the full pass, so the output is the full
+pass's up to float rounding (batch-1 and batch-B matmuls round differently), and gradients reach the shared
+tokens' activations through their keys and values. All passes of an iteration take the same path, so θ_old, the
+training pass and the reference still compute one function (KL exactly 0 at θ₀).
+
+Layout. Row b of the batch [B, T] holds p_b left pads, the shared L tokens, its own prompt suffix and the response.
+Its remainder is the column slice [p_min + L, T) — the same slice for every row, so responses stay right-aligned —
+with the columns before p_b + L masked: they hold row b's pads and shared tokens, which the cache already holds.
+Position ids are the full pass's. A sliding window counts columns, and the masked columns moved, so sharing is
+used only where the whole batch fits in the window (then no window ever cuts).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..prefix_cache import positions
+
+MIN_SHARED_TOKENS = 8  # below this the extra batch-1 pass costs about what it saves
+
+
+def leading_pads(mask: torch.Tensor) -> torch.Tensor:
+    """Number of masked columns before each row's first token. [B, T] → [B]"""
+    return (mask.cumsum(1) == 0).sum(1)
+
+
+def shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor, n_resp: int) -> int:
+    """How many prompt tokens every row begins with (after its left pads). At most the shortest prompt − 1: the state
+    that predicts the first response token must be in the remainder. ids, mask: [B, T], responses in the last n_resp
+    columns → L"""
+    pads = leading_pads(mask)
+    longest = int((ids.shape[1] - n_resp - pads).min()) - 1
+    if ids.shape[0] < 2 or longest <= 0:
+        return 0
+    cols = pads[:, None] + torch.arange(longest, device=ids.device)
+    tokens = ids.gather(1, cols)
+    same = (tokens == tokens[:1]).all(0) & mask.gather(1, cols).bool().all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def sliding_window(model) -> int | None:
+    """The model's attention window in tokens, if any layer has one (Mistral, Gemma 2/3, …), else None."""
+    cfg = model.config.get_text_config()
+    return getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None) or None
+
+
+def cache_argument(model) -> str:
+    """What the model's forward calls its key/value cache: `cache` (transformers ≥ 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def split_batch(ids: torch.Tensor, mask: torch.Tensor, n_shared: int):
+    """→ (shared ids [1, L], remainder ids [B, T'], attention mask over shared + remainder [B, L + T'], remainder
+    position ids [B, T']) with T' = T − p_min − L."""
+    pads = leading_pads(mask)
+    first, start = int(pads[0]), int(pads.min()) + n_shared
+    rest_mask = mask[:, start:].clone()
+    held = torch.arange(rest_mask.shape[1], device=mask.device)[None] < (pads - int(pads.min()))[:, None]
+    rest_mask[held] = 0  # this row's pads and shared tokens: in the cache already
+    full_mask = torch.cat([mask.new_ones(mask.shape[0], n_shared), rest_mask], 1)
+    return ids[:1, first:first + n_shared], ids[:, start:], full_mask, positions(mask)[:, start:]
+
+
+def shared_forward(model, trunk, ids, mask, n_shared: int, cache_kw: str, **kwargs):
+    """`model` (a causal LM or its trunk) on a left-padded batch whose rows share their first `n_shared` tokens:
+    the shared tokens through `trunk` once, the remainders through `model` on the repeated cache. The output has
+    the full pass's last positions (all of them from T − T' on)."""
+    shared, rest, full_mask, rest_pos = split_batch(ids, mask, n_shared)
+    out = trunk(input_ids=shared, attention_mask=torch.ones_like(shared),
+                position_ids=torch.arange(n_shared, device=ids.device)[None], use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])  # differentiable: the rows' gradients sum into the shared pass
+    return model(input_ids=rest, attention_mask=full_mask, position_ids=rest_pos, use_cache=True,
+                 **{cache_kw: cache}, **kwargs)

@@ -1,0 +1,186 @@
+"""Shared prompt prefix (`rlhf_ext/ppo/shared_prefix.py`): the tokens every row of a batch begins with run once per
+pass. What must hold:
+
+  * the shared length is the longest common prompt prefix after each row's pads, capped so the state predicting the
+    first response token stays in the remainder — checked against a count over Python lists on random batches;
+  * on every architecture of the support table (run from `test_architectures.py`) the shared pass gives the full pass's logits, values, log-probs and
+    gradients (fp32: float rounding), on a left-padded batch with a response cut short, with the trained adapter
+    mattering — and it reads fewer token rows (the embedding's input is counted);
+  * it is off, or not taken, where it cannot be exact: gradient checkpointing, the frozen-prefix cache, a batch
+    longer than a sliding window, `share_prompt_prefix=False`;
+  * a PPO run with it trains as a run without it, number for number up to rounding.
+The hard-KL property matrix (`test_kl_guarantee.py`) runs with it on: its prompts share an 8-token chat header.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from rlhf_ext import PPOConfig, PPOTrainer
+from rlhf_ext.models import load_model
+from rlhf_ext.ppo.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+from rlhf_ext.testing import ARCHITECTURES, save_tiny_model, save_tiny_model_for
+
+
+def _count_shared(ids, mask, n_resp):
+    """The independent count: strip each row's pads, compare the prompts token by token."""
+    rows = [[t for t, m in zip(r[: len(r) - n_resp], mr[: len(mr) - n_resp]) if m] for r, mr in
+            zip(ids.tolist(), mask.tolist())]
+    if len(rows) < 2:
+        return 0
+    n = 0
+    while n < min(map(len, rows)) - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def _batch(rng, B, shared, suffixes, n_resp, vocab=50, cut=True):
+    """Left-padded prompts (a common head of `shared` tokens + suffixes of the given lengths) + n_resp response
+    tokens; the last row's response ends one token early when `cut`."""
+    head = [rng.randrange(vocab) for _ in range(shared)]
+    prompts = [head + [rng.randrange(vocab) for _ in range(k)] for k in suffixes[:B]]
+    P = max(map(len, prompts))
+    ids = torch.zeros(B, P + n_resp, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):P] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    ids[:, P:] = torch.randint(vocab, (B, n_resp), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+    if cut:
+        mask[-1, -1] = 0
+    return ids, mask
+
+
+def test_shared_length_matches_a_count_over_lists():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        B, n_resp = rng.randint(1, 5), rng.randint(1, 4)
+        ids, mask = _batch(rng, B, rng.randint(0, 12), [rng.randint(0, 4) for _ in range(B)], n_resp, vocab=3)
+        got, want = shared_prefix_length(ids, mask, n_resp), _count_shared(ids, mask, n_resp)
+        assert got == want, (ids, mask, n_resp, got, want)
+        seen.add(min(got, 3))
+    assert seen == {0, 1, 2, 3}  # the small vocabulary makes accidental matches past the head, too
+
+
+def _trainer(tmp_path, tok, path, **cfg):
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.05,
+                     num_ppo_epochs=2, max_completion_length=6, use_cpu=True, save_strategy="no", disable_tqdm=True,
+                     logging_steps=10**6, seed=0, monitor=False, **cfg)
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the {w} ."}]
+                                         for w in "movie book song film food place day night".split()]})
+    return PPOTrainer(load_model(path, "causal"), reward_funcs=lambda completion_ids, **kw:
+                      [float(len(c)) for c in completion_ids], args=args, train_dataset=data, processing_class=tok)
+
+
+def _token_rows(model):
+    """Counts the token rows the model's embedding reads (input_ids.numel() per call)."""
+    seen = []
+    emb = model.get_base_model().get_input_embeddings()
+    handle = emb.register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
+    return seen, handle
+
+
+def _pass(policy, ids, mask, n_resp, share: bool):
+    """The training pass with sharing on or off → outputs and the gradient of a loss of all three on every trained
+    parameter."""
+    policy.share_prefix = share
+    params = [p for p in policy.parameters() if p.requires_grad]
+    logits, values, logp = policy(ids, mask, n_resp)
+    m = mask[:, -n_resp:].float()
+    loss = (logp * m).sum() + (values * m).sum() + (logits.float().pow(2).mean(-1) * m).sum() / 100
+    grads = torch.autograd.grad(loss, params)
+    return [t.detach() for t in (logits, values, logp)], grads
+
+
+def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
+    """Run per architecture by `tests/test_architectures.py::test_shared_prompt_prefix_exact` (a support-table
+    column)."""
+    # sliding windows as real models have them (4096+): the tiny support-table models' 4-token window would make
+    # every batch too long to share (tested below)
+    extra = {"sliding_window": 64} if "sliding_window" in ARCHITECTURES[arch][2] else {}
+    tr = _trainer(tmp_path, tok, save_tiny_model_for(tmp_path / arch, arch, tok, **extra))
+    record_property("shared_prefix", tr.startup["shared_prompt_prefix"])
+    assert tr.startup["shared_prompt_prefix"] == "on"
+    pol = tr.policy
+    with torch.no_grad():  # a trained adapter, so that the shared tokens' gradients matter
+        g = torch.Generator().manual_seed(1)
+        for n, p in pol.peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask = _batch(random.Random(1), 3, MIN_SHARED_TOKENS + 3, [1, 3, 2], 4, vocab=len(tok))
+    (lf, vf, pf), gf = _pass(pol, ids, mask, 4, share=False)
+    seen, handle = _token_rows(pol.peft)
+    try:
+        (ls, vs, ps), gs = _pass(pol, ids, mask, 4, share=True)
+    finally:
+        handle.remove()
+    assert sum(seen) < ids.numel()  # the shared tokens were read once: the shared path ran
+    m = mask[:, -4:].bool()
+    with torch.no_grad():
+        ref = pol.logits(ids, mask, 4, reference=True)
+    assert (lf[m] - ref[m]).abs().max() > 1e-2  # the adapter changes this batch's logits
+    assert torch.allclose(ls[m], lf[m], atol=2e-5), float((ls[m] - lf[m]).abs().max())
+    assert torch.allclose(vs[m], vf[m], atol=2e-5) and torch.allclose(ps[m], pf[m], atol=2e-5)
+    for a, b in zip(gs, gf):
+        assert torch.allclose(a, b, atol=1e-5 + 1e-4 * float(b.abs().max())), float((a - b).abs().max())
+    assert sum(float(b.abs().sum()) > 0 for b in gf) >= len(gf) // 2  # the loss reaches the adapters
+
+
+def test_off_where_it_cannot_be_exact(tmp_path, tok):
+    path = save_tiny_model(tmp_path / "m", tok)
+    assert "gradient checkpointing" in _trainer(tmp_path, tok, path, gradient_checkpointing=True).startup[
+        "shared_prompt_prefix"]
+    assert "frozen-prefix cache" in _trainer(tmp_path, tok, path, lora_top_layers=1).startup["shared_prompt_prefix"]
+    assert _trainer(tmp_path, tok, path, share_prompt_prefix=False).startup["shared_prompt_prefix"].startswith("off")
+    # A sliding window shorter than the batch: the full pass runs (the window counts columns, and sharing moves them)
+    win = _trainer(tmp_path, tok, save_tiny_model_for(tmp_path / "mistral", "mistral", tok, sliding_window=24))
+    assert win.startup["shared_prompt_prefix"] == "on"
+    for shared_len, expect_shared in ((MIN_SHARED_TOKENS + 3, True), (MIN_SHARED_TOKENS + 16, False)):
+        ids, mask = _batch(random.Random(2), 3, shared_len, [1, 2, 3], 4, vocab=len(tok))
+        seen, handle = _token_rows(win.policy.peft)
+        try:
+            win.policy.logits(ids, mask, 4)
+        finally:
+            handle.remove()
+        assert (sum(seen) < ids.numel()) == expect_shared, (ids.shape, seen)
+    # Fewer shared tokens than MIN_SHARED_TOKENS: not worth the extra pass
+    ids, mask = _batch(random.Random(3), 3, MIN_SHARED_TOKENS - 1, [2, 2, 2], 3, vocab=len(tok))
+    ids[:, MIN_SHARED_TOKENS - 1] = torch.tensor([5, 6, 7])  # rows differ right after the head
+    seen, handle = _token_rows(win.policy.peft)
+    try:
+        win.policy.logits(ids, mask, 3)
+    finally:
+        handle.remove()
+    assert sum(seen) == ids.numel()
+
+
+def test_window_shorter_than_the_check_turns_it_off(tmp_path, tok):
+    tr = _trainer(tmp_path, tok, save_tiny_model_for(tmp_path / "mistral", "mistral", tok))  # the 4-token window
+    assert tr.startup["shared_prompt_prefix"].startswith("off") and "sliding window" in tr.startup[
+        "shared_prompt_prefix"]
+
+
+def test_ppo_with_sharing_trains_as_without(tmp_path, tok):
+    path = save_tiny_model(tmp_path / "m", tok)
+    runs = {}
+    for share in (True, False):
+        tr = _trainer(tmp_path / str(share), tok, path, share_prompt_prefix=share)
+        seen, handle = _token_rows(tr.policy.peft)
+        hist = tr.train()
+        handle.remove()
+        runs[share] = (hist, sum(seen), {n: p.detach().clone() for n, p in tr.model.named_parameters()
+                                         if p.requires_grad})
+    (h_on, rows_on, p_on), (h_off, rows_off, p_off) = runs[True], runs[False]
+    assert rows_on < rows_off  # sharing read fewer token rows (generation reads the same in both)
+    for a, b in zip(h_on, h_off):
+        assert a["objective/scores"] == b["objective/scores"]  # the same samples
+        for key in ("loss/policy", "loss/value", "objective/kl", "val/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    for n in p_off:
+        assert torch.allclose(p_on[n], p_off[n], atol=1e-5), n
