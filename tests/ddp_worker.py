@@ -53,8 +53,9 @@ if mode == "precision":
             self.exact.append(exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature,
                                              autocast=torch.bfloat16 if tr.args.mixed_precision == "bf16" else None))
 
-    data = Dataset.from_dict({"prompt": [f"write a {a} review of the {s} ." for a in ("short", "long", "good", "bad")
-                              for s in SUBJECTS]})
+    # one header for every prompt (as a system prompt would be): the passes after sampling share it
+    data = Dataset.from_dict({"prompt": [f"write a short review of the movie . write a {a} review of the {s} ."
+                                         for a in ("short", "long", "good", "bad") for s in SUBJECTS]})
     info = {}
     for phase, lr in (("still", 0.0), ("guarded", 0.1)):
         args = PPOConfig(str(out / phase), per_device_train_batch_size=4, max_steps=2, learning_rate=lr,
@@ -69,6 +70,7 @@ if mode == "precision":
         oracle.trainer = tr
         hist = tr.train()
         info[phase] = {"mixed_precision": args.mixed_precision, "compute_dtype": tr.startup["compute_dtype"],
+                       "sharing": tr.startup["shared_prompt_prefix"],
                        "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
                        **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")},
                        "evals": [h for h in tr.state.log_history if "eval_kl" in h]}
