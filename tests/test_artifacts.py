@@ -223,3 +223,27 @@ def test_push_to_hub_in_the_config_uploads_as_trainer_does(tmp_path, tok, fake_h
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", counting)
     end.train()
     assert commits == []  # hub_strategy='end': only save_model() / push_to_hub() upload
+
+
+def test_save_model_merged_with_push_to_hub_uploads_the_merged_weights(tmp_path, tok, tiny_path, fake_hub):
+    """`save_model(merge=True)` with `push_to_hub=True` uploads what it saved — merged weights that load with plain
+    transformers, and a card that says how — not the adapter (before: the adapter went up whatever was saved)."""
+    from transformers import AutoModelForCausalLM
+
+    tr = make(tmp_path, tok, model=load_model(tiny_path, "causal"), max_steps=1, push_to_hub=True,
+              hub_model_id="someone/merged", save_strategy="no", learning_rate=0.05)
+    tr.model_name = tiny_path
+    tr.train()
+    tr.save_model(str(tmp_path / "merged"), merge=True)
+    staged = fake_hub / "someone" / "merged"
+    assert (staged / "model.safetensors").is_file() and not (staged / "adapter_model.safetensors").exists()
+    card = (staged / "README.md").read_text()
+    assert "library_name: transformers" in card and "AutoModelForCausalLM.from_pretrained" in card
+    assert "PeftModel" not in card
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = tr.policy.logits(ids, torch.ones_like(ids), 4) * tr.args.temperature
+        base = AutoModelForCausalLM.from_pretrained(tiny_path)(input_ids=ids).logits[:, :-1]
+        got = AutoModelForCausalLM.from_pretrained(str(staged))(input_ids=ids).logits[:, :-1]
+    assert (want - base).abs().max() > 1e-3  # the policy moved: the merged upload is not the base
+    assert torch.allclose(want, got, atol=1e-4)

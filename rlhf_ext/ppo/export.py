@@ -41,13 +41,13 @@ def save_policy(tr, out, merge: bool = False) -> None:
         if tr.args.critic == "separate":
             peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
         tr.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(tr))
+        (tmp / "README.md").write_text(model_card(tr, merged=merge))
 
 
 def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=None,
-                commit_message: str | None = None) -> str:
-    """Upload what `save_policy` writes to `repo_id`; `critic=True` also uploads `critic/` (value head, critic
-    adapter)."""
+                commit_message: str | None = None, merge: bool = False) -> str:
+    """Upload what `save_policy` writes to `repo_id` (`merge=True`: the merged weights); `critic=True` also uploads
+    `critic/` (value head, critic adapter)."""
     import shutil
     import tempfile
 
@@ -55,14 +55,14 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "policy"
-        save_policy(tr, folder)
+        save_policy(tr, folder, merge=merge)
         if not critic:
             shutil.rmtree(folder / "critic")
         return push_folder(folder, repo_id, private=tr.args.hub_private_repo, token=token or tr.args.hub_token,
                            revision=revision, commit_message=commit_message or "Upload PPO policy with rlhf_ext")
 
 
-def model_card(tr) -> str:
+def model_card(tr, merged: bool = False) -> str:
     a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
     base = base_reference(tr.model_name) if tr.model_name else "unknown"
     final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
@@ -70,18 +70,22 @@ def model_card(tr) -> str:
     final.update({k: v for k, v in last.items() if k.startswith("audit/")})
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in final.items())
     heldout = "\n".join(f"| {k} | {v:.4g} |" for k, v in (tr.heldout or {}).items())
-    return (f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
+    usage = (("```python\nfrom transformers import AutoModelForCausalLM\n\n"
+              "policy = AutoModelForCausalLM.from_pretrained(\"<this folder or repo id>\")  # LoRA merged in\n```\n\n")
+             if merged else
+             ("```python\nfrom peft import PeftModel\nfrom rlhf_ext.models import load_model  # hub ids, folders, "
+              "rlhf_ext's embedded models\n"
+              f"base = load_model(\"{base}\", \"causal\")\n"
+              f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"))
+    return (f"---\nlibrary_name: {'transformers' if merged else 'peft'}\nbase_model: {base}\n"
+            f"tags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
             f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
             f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
             f"| reward members | {', '.join(tr.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
             f"| shapers | `{a.shapers}` |\n| iterations | {tr.iteration} × {a.per_device_train_batch_size} prompts |\n\n"
             + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
             + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
-            + "```python\nfrom peft import PeftModel\nfrom rlhf_ext.models import load_model  # hub ids, folders, "
-            "rlhf_ext's embedded models\n"
-            f"base = load_model(\"{base}\", \"causal\")\n"
-            f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"
-            f"The value head (and a separate critic adapter, if any) is in `critic/`.\n")
+            + usage + "The value head (and a separate critic adapter, if any) is in `critic/`.\n")
 
 
 def _untie_output_embeddings(hf):

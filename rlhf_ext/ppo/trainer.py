@@ -785,10 +785,10 @@ class PPOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, merge: bool = False):
         """A standard PEFT adapter at `output_dir` (`merge=True`: merged weights) + tokenizer + model card; the value
         head and critic adapter in `output_dir/critic/`. With `push_to_hub`, uploaded too, as `Trainer.save_model`
-        does (the adapter, merged or not)."""
+        does (the adapter, or with `merge` the merged weights)."""
         save_policy(self, Path(output_dir or self.args.output_dir), merge=merge)
         if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save")
+            self.push_to_hub(commit_message="Model save", merge=merge)
 
     def _push_checkpoint(self, path: str):
         """`push_to_hub` with hub_strategy every_save (the default), checkpoint or all_checkpoints: the policy as it is
@@ -800,10 +800,13 @@ class PPOTrainer(Trainer):
                           f"training goes on, and {path} holds the checkpoint.", UserWarning, stacklevel=2)
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, repo_id: str | None = None, critic: bool = False, **kwargs) -> str:
-        """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`); `critic=True` adds `critic/`."""
+                    revision: str | None = None, repo_id: str | None = None, critic: bool = False, merge: bool = False,
+                    **kwargs) -> str:
+        """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
+        merged weights; `critic=True` adds `critic/`."""
         repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
-        return push_policy(self, repo_id, critic=critic, token=token, revision=revision, commit_message=commit_message)
+        return push_policy(self, repo_id, critic=critic, token=token, revision=revision, commit_message=commit_message,
+                           merge=merge)
 
 
 def _critic_config(model, policy_cfg):
