@@ -15,15 +15,17 @@ def looks_like_repo_id(name: str) -> bool:
 
 
 def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str = "Upload with rlhf_ext") -> str:
-    """Create `repo_id` if needed and upload every file of `folder` in one commit. Returns the commit URL."""
+                revision: str | None = None, commit_message: str = "Upload with rlhf_ext",
+                path_in_repo: str | None = None) -> str:
+    """Create `repo_id` if needed and upload every file of `folder` in one commit (under `path_in_repo`, else at the
+    root). Returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                 revision=revision, repo_type="model")
+                                 revision=revision, repo_type="model", path_in_repo=path_in_repo)
     except Exception as e:  # noqa: BLE001 — offline, auth, permissions: say which, and that nothing was lost
         raise OSError(f"Could not upload {folder} to the Hugging Face Hub as {repo_id!r} ({type(e).__name__}: {e}). "
                       f"Nothing local was changed or lost; check the network and your token "

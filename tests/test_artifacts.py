@@ -34,8 +34,8 @@ def fake_hub(monkeypatch, tmp_path):
         (store / repo_id).mkdir(parents=True, exist_ok=True)
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, repo_id, folder_path, **kw):
-        shutil.copytree(folder_path, store / repo_id, dirs_exist_ok=True)
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, **kw):
+        shutil.copytree(folder_path, store / repo_id / (path_in_repo or ""), dirs_exist_ok=True)
         return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
     def snapshot_download(repo_id, **kw):
@@ -247,3 +247,24 @@ def test_save_model_merged_with_push_to_hub_uploads_the_merged_weights(tmp_path,
         got = AutoModelForCausalLM.from_pretrained(str(staged))(input_ids=ids).logits[:, :-1]
     assert (want - base).abs().max() > 1e-3  # the policy moved: the merged upload is not the base
     assert torch.allclose(want, got, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
+def test_hub_strategy_checkpoint_uploads_checkpoints_to_resume_from(tmp_path, tok, fake_hub, strategy):
+    """As transformers does: hub_strategy="checkpoint" also uploads the latest checkpoint as `last-checkpoint/`, and
+    "all_checkpoints" every checkpoint under its own name (before: the policy only) — and a run resumes from the
+    uploaded folder."""
+    tr = make(tmp_path / "a", tok, max_steps=2, push_to_hub=True, hub_model_id="someone/ck", hub_strategy=strategy,
+              save_strategy="steps", save_steps=1)
+    first = tr.train()
+    staged = fake_hub / "someone" / "ck"
+    local = tmp_path / "a" / "ppo"
+    assert (staged / "adapter_model.safetensors").is_file()  # the policy, as with every_save
+    names = ["last-checkpoint"] if strategy == "checkpoint" else ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in staged.iterdir() if p.is_dir() and p.name != "critic") == names
+    pushed = staged / names[-1]
+    assert sorted(p.name for p in pushed.rglob("*")) == sorted(p.name for p in (local / "checkpoint-2").rglob("*"))
+    resumed = make(tmp_path / "b", tok, max_steps=3, save_strategy="no")
+    hist = resumed.train(resume_from_checkpoint=str(pushed))
+    assert resumed.iteration == 3 and len(hist) == 3
+    assert [h["loss/policy"] for h in hist[:2]] == [h["loss/policy"] for h in first]  # 1-2 came from the upload

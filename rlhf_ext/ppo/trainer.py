@@ -792,9 +792,19 @@ class PPOTrainer(Trainer):
 
     def _push_checkpoint(self, path: str):
         """`push_to_hub` with hub_strategy every_save (the default), checkpoint or all_checkpoints: the policy as it is
-        at this checkpoint. A failed upload is a warning, never the end of a long run: the checkpoint is on disk."""
+        at this checkpoint; as transformers does, "checkpoint" also uploads the checkpoint folder as
+        `last-checkpoint/` (resume from it) and "all_checkpoints" every checkpoint folder under its own name. A failed
+        upload is a warning, never the end of a long run: the checkpoint is on disk."""
+        from ..hub import push_folder
+
+        strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        message = f"Training in progress, iteration {self.iteration}"
         try:
-            self.push_to_hub(commit_message=f"Training in progress, iteration {self.iteration}")
+            self.push_to_hub(commit_message=message)
+            if strategy in ("checkpoint", "all_checkpoints"):
+                push_folder(path, self._hub_repo_id(), private=self.args.hub_private_repo, token=self.args.hub_token,
+                            commit_message=message + " (checkpoint)",
+                            path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(path).name)
         except Exception as e:  # any network or Hub error
             warnings.warn(f"Uploading iteration {self.iteration} to the Hub failed ({type(e).__name__}: {e}); "
                           f"training goes on, and {path} holds the checkpoint.", UserWarning, stacklevel=2)
@@ -804,9 +814,11 @@ class PPOTrainer(Trainer):
                     **kwargs) -> str:
         """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
         merged weights; `critic=True` adds `critic/`."""
-        repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
-        return push_policy(self, repo_id, critic=critic, token=token, revision=revision, commit_message=commit_message,
-                           merge=merge)
+        return push_policy(self, repo_id or self._hub_repo_id(), critic=critic, token=token, revision=revision,
+                           commit_message=commit_message, merge=merge)
+
+    def _hub_repo_id(self) -> str:
+        return self.args.hub_model_id or Path(self.args.output_dir).name
 
 
 def _critic_config(model, policy_cfg):
