@@ -126,6 +126,20 @@ def test_training_arguments_ppo_cannot_honour_are_refused(tmp_path, kw, match):
         PPOConfig(str(tmp_path / "ppo"), use_cpu=True, **kw)
 
 
+def test_save_only_model_warns_and_checkpoints_still_resume(tmp_path, tok):
+    """save_only_model is not silently half-honoured: a warning says PPO checkpoints keep what resuming needs, and
+    they do (the optimizer state is there, and a second run resumes from it)."""
+    with pytest.warns(UserWarning, match=r"save_only_model=True: PPO checkpoints still hold the optimizer"):
+        tr = make(tmp_path, tok, max_steps=1, save_only_model=True, save_strategy="steps", save_steps=1)
+    tr.train()
+    ck = tmp_path / "ppo" / "checkpoint-1"
+    assert any("optimizer" in p.name for p in ck.iterdir()), sorted(p.name for p in ck.iterdir())
+    with pytest.warns(UserWarning, match="save_only_model"):
+        again = make(tmp_path, tok, max_steps=2, save_only_model=True)
+    again.train(resume_from_checkpoint=str(ck))
+    assert again.iteration == 2
+
+
 def _one_step(tmp_path, tok, weight_decay):
     tr = make(tmp_path, tok, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, weight_decay=weight_decay)
     with torch.no_grad():

@@ -183,6 +183,12 @@ class PPOConfig(TrainingArguments):
             raise ValueError("save_strategy='best' / load_best_model_at_end: PPOTrainer has no evaluation loss to "
                              "pick a best checkpoint by (higher reward is what reward hacking looks like). Use "
                              "save_strategy='steps' or 'epoch', with save_total_limit to keep the newest N.")
+        if self.save_only_model:
+            import warnings
+
+            warnings.warn("save_only_model=True: PPO checkpoints still hold the optimizer, scheduler, KL controller "
+                          "and RNG state (small with LoRA), so that a run resumes exactly; save_model() writes the "
+                          "policy alone. Drop save_only_model to silence this.", UserWarning, stacklevel=3)
 
     def _check_ranges(self):
         """Numbers that would train silently wrong (or crash deep inside) are refused here, with the fix."""
