@@ -166,11 +166,12 @@ def test_window_shorter_than_the_check_turns_it_off(tmp_path, tok):
         "shared_prompt_prefix"]
 
 
-def test_ppo_with_sharing_trains_as_without(tmp_path, tok):
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_ppo_with_sharing_trains_as_without(tmp_path, tok, critic):
     path = save_tiny_model(tmp_path / "m", tok)
     runs = {}
     for share in (True, False):
-        tr = _trainer(tmp_path / str(share), tok, path, share_prompt_prefix=share)
+        tr = _trainer(tmp_path / str(share), tok, path, share_prompt_prefix=share, critic=critic)
         seen, handle = _token_rows(tr.policy.peft)
         hist = tr.train()
         handle.remove()
