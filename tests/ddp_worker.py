@@ -53,8 +53,10 @@ if mode == "precision":
             self.exact.append(exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature,
                                              autocast=torch.bfloat16 if tr.args.mixed_precision == "bf16" else None))
 
-    # one header for every prompt (as a system prompt would be): the passes after sampling share it
-    data = Dataset.from_dict({"prompt": [f"write a short review of the movie . write a {a} review of the {s} ."
+    # one header for every prompt (as a system prompt would be): the passes after sampling share it (26 tokens,
+    # 4 prompts per rank: 78 rows saved per pass)
+    head = "write a short review of the movie . write a short review of the book . write a short review of the song ."
+    data = Dataset.from_dict({"prompt": [f"{head} write a {a} review of the {s} ."
                                          for a in ("short", "long", "good", "bad") for s in SUBJECTS]})
     info = {}
     for phase, lr in (("still", 0.0), ("guarded", 0.1)):

@@ -73,7 +73,7 @@ def test_bf16_under_ddp_is_one_precision(tmp_path):
     """`mixed_precision: bf16` from the launcher (as recipes/accelerate_configs/multi_gpu.yaml sets it), 2 processes:
     every pass runs in bf16, so with the policy untouched every KL reads exactly 0 (before: objective/kl 3.4e-4, the
     training forward alone under autocast), and the hard KL bound holds against the independent oracle (in bf16)
-    on the union of both ranks' batches; evaluation gives one number for both ranks. The prompts share a 10-token
+    on the union of both ranks' batches; evaluation gives one number for both ranks. The prompts share a 26-token
     header, so every pass after sampling runs it once (the shared prompt prefix) on each rank."""
     _launch(tmp_path, "precision", world=2, port=2, launch_flags=("--mixed_precision", "bf16"))
     ranks = [json.loads((tmp_path / f"info_w2_r{i}.json").read_text()) for i in range(2)]

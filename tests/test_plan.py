@@ -332,12 +332,14 @@ def test_measured_peak_matches_plan_on_cpu(tmp_path, config):
     # holds one gradient buffer, ppo/logprobs.py), and either may measure highest
     near_peak = {k for k, v in row["phases"].items() if v >= 0.95 * max(row["phases"].values())}
     assert row["peak_phase"] == "training step" and row["measured_peak_phase"] in near_peak, row
-    # Phases of 40–90 MiB: ±15 % or a fixed slack. The slack is 8 MiB, except the bf16-autocast reference pass, which
-    # measures 4.3–5.4 MiB above its plan alone and 8.3–8.7 MiB inside the full suite (an under-count not yet
-    # explained, recorded on the memory-plan issue): 12 MiB there until it is.
+    # Phases of 40–90 MiB: ±15 % or a fixed slack. The slack is 8 MiB, except the reference pass under autocast, which
+    # measures 4–9 MiB above its plan (bf16 weights: 4.3–5.4 alone, 8.3–8.7 inside the full suite; fp32 weights under
+    # autocast: 6.9 before the shared prompt prefix, 8.4 after): memory that is not tensors — oneDNN's JIT kernels,
+    # made for each new bf16 matmul shape (the shared-prefix check at start-up adds shapes; without oneDNN's primitive
+    # cache, ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, half of its RSS went). 12 MiB there.
     for phase in ("reference pass", "training step", "exact-KL check"):
         measured, planned = row["measured_phases"][phase], row["phases"][phase]
-        slack = 12 if (phase, config) == ("reference pass", "mid-256-bf16-autocast") else 8
+        slack = 12 if phase == "reference pass" and config.endswith("autocast") else 8
         assert abs(measured - planned) <= max(0.15 * planned, slack * 2**20), (phase, measured / planned, row)
 
 

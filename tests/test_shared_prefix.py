@@ -6,10 +6,12 @@ pass. What must hold:
   * on every architecture of the support table (run from `test_architectures.py`) the shared pass gives the full pass's logits, values, log-probs and
     gradients (fp32: float rounding), on a left-padded batch with a response cut short, with the trained adapter
     mattering — and it reads fewer token rows (the embedding's input is counted);
-  * it is off, or not taken, where it cannot be exact: gradient checkpointing, the frozen-prefix cache, a batch
-    longer than a sliding window, `share_prompt_prefix=False`;
+  * it is off, or not taken, where it cannot be exact — gradient checkpointing, the frozen-prefix cache, a batch
+    longer than a sliding window, `share_prompt_prefix=False` — and where it does not pay (fewer than 8 common
+    tokens, or fewer than 64 token rows saved);
   * a PPO run with it trains as a run without it, number for number up to rounding.
-The hard-KL property matrix (`test_kl_guarantee.py`) runs with it on: its prompts share an 8-token chat header.
+The hard-KL property matrix (`test_kl_guarantee.py`) runs with it on: its 16 prompts a batch share an 8-token
+chat header (its 4-minibatch cases, 4 rows a pass, do not share).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from peft import LoraConfig
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.models import load_model
-from rlhf_ext.ppo.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+from rlhf_ext.ppo.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, worth_sharing
 from rlhf_ext.testing import ARCHITECTURES, save_tiny_model, save_tiny_model_for
 
 
@@ -69,10 +71,12 @@ def test_shared_length_matches_a_count_over_lists():
 
 
 def _trainer(tmp_path, tok, path, **cfg):
-    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.05,
+    """8 prompts per iteration that share a 16-token head (chat header + an instruction): worth sharing."""
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=2, learning_rate=0.05,
                      num_ppo_epochs=2, max_completion_length=6, use_cpu=True, save_strategy="no", disable_tqdm=True,
                      logging_steps=10**6, seed=0, monitor=False, **cfg)
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the {w} ."}]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "write a short review of the movie . write a "
+                                                                      f"short review of the {w} ."}]
                                          for w in "movie book song film food place day night".split()]})
     return PPOTrainer(load_model(path, "causal"), reward_funcs=lambda completion_ids, **kw:
                       [float(len(c)) for c in completion_ids], args=args, train_dataset=data, processing_class=tok)
@@ -113,7 +117,7 @@ def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
         for n, p in pol.peft.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ids, mask = _batch(random.Random(1), 3, MIN_SHARED_TOKENS + 3, [1, 3, 2], 4, vocab=len(tok))
+    ids, mask = _batch(random.Random(1), 5, 20, [1, 3, 2, 4, 1], 4, vocab=len(tok))
     (lf, vf, pf), gf = _pass(pol, ids, mask, 4, share=False)
     seen, handle = _token_rows(pol.peft)
     try:
@@ -132,32 +136,34 @@ def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
     assert sum(float(b.abs().sum()) > 0 for b in gf) >= len(gf) // 2  # the loss reaches the adapters
 
 
-def test_off_where_it_cannot_be_exact(tmp_path, tok):
+def _reads_fewer_rows(policy, ids, mask, n_resp) -> bool:
+    seen, handle = _token_rows(policy.peft)
+    try:
+        policy.logits(ids, mask, n_resp)
+    finally:
+        handle.remove()
+    return sum(seen) < ids.numel()
+
+
+def test_off_where_it_cannot_be_exact_or_does_not_pay(tmp_path, tok):
     path = save_tiny_model(tmp_path / "m", tok)
     assert "gradient checkpointing" in _trainer(tmp_path, tok, path, gradient_checkpointing=True).startup[
         "shared_prompt_prefix"]
     assert "frozen-prefix cache" in _trainer(tmp_path, tok, path, lora_top_layers=1).startup["shared_prompt_prefix"]
     assert _trainer(tmp_path, tok, path, share_prompt_prefix=False).startup["shared_prompt_prefix"].startswith("off")
     # A sliding window shorter than the batch: the full pass runs (the window counts columns, and sharing moves them)
-    win = _trainer(tmp_path, tok, save_tiny_model_for(tmp_path / "mistral", "mistral", tok, sliding_window=24))
+    win = _trainer(tmp_path, tok, save_tiny_model_for(tmp_path / "mistral", "mistral", tok, sliding_window=32))
     assert win.startup["shared_prompt_prefix"] == "on"
-    for shared_len, expect_shared in ((MIN_SHARED_TOKENS + 3, True), (MIN_SHARED_TOKENS + 16, False)):
-        ids, mask = _batch(random.Random(2), 3, shared_len, [1, 2, 3], 4, vocab=len(tok))
-        seen, handle = _token_rows(win.policy.peft)
-        try:
-            win.policy.logits(ids, mask, 4)
-        finally:
-            handle.remove()
-        assert (sum(seen) < ids.numel()) == expect_shared, (ids.shape, seen)
-    # Fewer shared tokens than MIN_SHARED_TOKENS: not worth the extra pass
-    ids, mask = _batch(random.Random(3), 3, MIN_SHARED_TOKENS - 1, [2, 2, 2], 3, vocab=len(tok))
-    ids[:, MIN_SHARED_TOKENS - 1] = torch.tensor([5, 6, 7])  # rows differ right after the head
-    seen, handle = _token_rows(win.policy.peft)
-    try:
-        win.policy.logits(ids, mask, 3)
-    finally:
-        handle.remove()
-    assert sum(seen) == ids.numel()
+    rng = random.Random(2)
+    assert _reads_fewer_rows(win.policy, *_batch(rng, 5, 17, [1, 2, 3, 1, 2], 4, vocab=len(tok)), 4)  # 24 < 32
+    assert not _reads_fewer_rows(win.policy, *_batch(rng, 5, 33, [1, 2, 3, 1, 2], 4, vocab=len(tok)), 4)  # 40
+    # Where it does not pay: fewer than MIN_SHARED_TOKENS common tokens, or fewer than MIN_SAVED_ROWS rows saved
+    pol = _trainer(tmp_path, tok, path).policy
+    for rows, head, shares in ((20, MIN_SHARED_TOKENS - 1, False), (3, 20, False), (5, 16, True)):
+        ids, mask = _batch(rng, rows, head, [2] * rows, 3, vocab=len(tok))
+        ids[:, head] = torch.arange(rows) % len(tok)  # the rows part right after the head
+        assert shared_prefix_length(ids, mask, 3) == head
+        assert worth_sharing(rows, head) == shares == _reads_fewer_rows(pol, ids, mask, 3), (rows, head)
 
 
 def test_window_shorter_than_the_check_turns_it_off(tmp_path, tok):
@@ -171,7 +177,8 @@ def test_ppo_with_sharing_trains_as_without(tmp_path, tok, critic):
     path = save_tiny_model(tmp_path / "m", tok)
     runs = {}
     for share in (True, False):
-        tr = _trainer(tmp_path / str(share), tok, path, share_prompt_prefix=share, critic=critic)
+        # SGD: Adam's first step is sign(g), which turns the rounding of a near-zero gradient into a step of ±lr
+        tr = _trainer(tmp_path / str(share), tok, path, share_prompt_prefix=share, critic=critic, optim="sgd")
         seen, handle = _token_rows(tr.policy.peft)
         hist = tr.train()
         handle.remove()
@@ -183,5 +190,6 @@ def test_ppo_with_sharing_trains_as_without(tmp_path, tok, critic):
         assert a["objective/scores"] == b["objective/scores"]  # the same samples
         for key in ("loss/policy", "loss/value", "objective/kl", "val/mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    for n in p_off:
-        assert torch.allclose(p_on[n], p_off[n], atol=1e-5), n
+    assert all(p_on[n].abs().max() > 1e-6 for n in p_on if "lora_B" in n)  # every adapter trained (B starts at 0)
+    for n in p_off:  # the q adapters move least (~3e-5 here): relative agreement, to rounding
+        assert torch.allclose(p_on[n], p_off[n], rtol=1e-3, atol=1e-8), (n, float((p_on[n] - p_off[n]).abs().max()))

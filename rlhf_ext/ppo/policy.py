@@ -34,7 +34,8 @@ from ..prefix_cache import positions
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder
-from .shared_prefix import MIN_SHARED_TOKENS, cache_argument, shared_forward, shared_prefix_length, sliding_window
+from .shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, shared_forward, shared_prefix_length,
+                            sliding_window, worth_sharing)
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -184,7 +185,7 @@ class PolicyAndValue(nn.Module):
         """`model` (the PeftModel or its trunk) on a padded batch; the prompt prefix its rows share runs once when
         sharing is on, the batch is long enough to share and fits any sliding window (`shared_prefix.py`)."""
         n_shared = shared_prefix_length(ids, mask, n_resp) if self.share_prefix else 0
-        if (n_shared >= MIN_SHARED_TOKENS and (self._window is None or ids.shape[1] < self._window)
+        if (worth_sharing(ids.shape[0], n_shared) and (self._window is None or ids.shape[1] < self._window)
                 and not activation_checkpointing_on(self.peft)):  # a recomputed layer would append to the cache
             return shared_forward(model, trunk_of(self.peft), ids, mask, n_shared, self._cache_kw, **kw)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw)
@@ -226,14 +227,16 @@ class PolicyAndValue(nn.Module):
     @torch.no_grad()
     def verify_shared_prefix(self) -> str | None:
         """Turn prompt-prefix sharing on where this model computes the same distribution with it: on a batch of
-        random tokens whose rows share 10 (suffixes of 1–4 tokens, one response cut short), the mean per-token KL
-        between the shared and the full pass must be rounding (`sampling_tolerance` of the compute dtype).
+        random tokens whose 5 rows share a head (suffixes of 1–4 tokens, one response cut short), the mean per-token
+        KL between the shared and the full pass must be rounding (`sampling_tolerance` of the compute dtype).
         → None when on, else why it stays off. Draws from its own generator: the run's random stream is untouched."""
         embedding = self.peft.get_base_model().get_input_embeddings()
         vocab = getattr(embedding, "base_layer", embedding).num_embeddings  # under LoRA on the embedding too
         g = torch.Generator().manual_seed(0)
-        shared, n_resp = torch.randint(vocab, (MIN_SHARED_TOKENS + 2,), generator=g), 3
-        rows = [torch.cat([shared, torch.randint(vocab, (k + n_resp,), generator=g)]) for k in (1, 2, 4)]
+        suffixes = (1, 2, 4, 1, 3)
+        head = max(MIN_SHARED_TOKENS, -(-MIN_SAVED_ROWS // (len(suffixes) - 1)))  # a batch that shares
+        shared, n_resp = torch.randint(vocab, (head,), generator=g), 3
+        rows = [torch.cat([shared, torch.randint(vocab, (k + n_resp,), generator=g)]) for k in suffixes]
         ids, mask = pad_ids([r.tolist() for r in rows], self.pad_id, side="left", device=self.device)
         mask[0, -1] = 0  # a response that ended early
         if self._window is not None and ids.shape[1] >= self._window:
