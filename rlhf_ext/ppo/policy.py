@@ -186,7 +186,7 @@ class PolicyAndValue(nn.Module):
         sharing is on, the batch is long enough to share and fits any sliding window (`shared_prefix.py`)."""
         n_shared = shared_prefix_length(ids, mask, n_resp) if self.share_prefix else 0
         if (worth_sharing(ids.shape[0], n_shared) and (self._window is None or ids.shape[1] < self._window)
-                and not activation_checkpointing_on(self.peft)):  # a recomputed layer would append to the cache
+                and not activation_checkpointing_on(self.peft)):  # checkpointed layers drop a cache (transformers)
             return shared_forward(model, trunk_of(self.peft), ids, mask, n_shared, self._cache_kw, **kw)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw)
 
