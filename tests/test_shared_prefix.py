@@ -70,7 +70,7 @@ def test_shared_length_matches_a_count_over_lists():
     assert seen == {0, 1, 2, 3}  # the small vocabulary makes accidental matches past the head, too
 
 
-def _trainer(tmp_path, tok, path, **cfg):
+def _trainer(tmp_path, tok, path, model=None, **cfg):
     """8 prompts per iteration that share a 16-token head (chat header + an instruction): worth sharing."""
     args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=2, learning_rate=0.05,
                      num_ppo_epochs=2, max_completion_length=6, use_cpu=True, save_strategy="no", disable_tqdm=True,
@@ -78,7 +78,7 @@ def _trainer(tmp_path, tok, path, **cfg):
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "write a short review of the movie . write a "
                                                                       f"short review of the {w} ."}]
                                          for w in "movie book song film food place day night".split()]})
-    return PPOTrainer(load_model(path, "causal"), reward_funcs=lambda completion_ids, **kw:
+    return PPOTrainer(model or load_model(path, "causal"), reward_funcs=lambda completion_ids, **kw:
                       [float(len(c)) for c in completion_ids], args=args, train_dataset=data, processing_class=tok)
 
 
@@ -149,6 +149,9 @@ def test_off_where_it_cannot_be_exact_or_does_not_pay(tmp_path, tok):
     path = save_tiny_model(tmp_path / "m", tok)
     assert "gradient checkpointing" in _trainer(tmp_path, tok, path, gradient_checkpointing=True).startup[
         "shared_prompt_prefix"]
+    checkpointed = load_model(path, "causal")
+    checkpointed.gradient_checkpointing_enable()  # by the user, not through the config: the passes would not share
+    assert "gradient checkpointing" in _trainer(tmp_path, tok, path, model=checkpointed).startup["shared_prompt_prefix"]
     assert "frozen-prefix cache" in _trainer(tmp_path, tok, path, lora_top_layers=1).startup["shared_prompt_prefix"]
     assert _trainer(tmp_path, tok, path, share_prompt_prefix=False).startup["shared_prompt_prefix"].startswith("off")
     # A sliding window shorter than the batch: the full pass runs (the window counts columns, and sharing moves them)

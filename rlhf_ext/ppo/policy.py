@@ -191,13 +191,14 @@ class PolicyAndValue(nn.Module):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw)
 
     def _critic_hidden(self, ids, mask, n_resp, h_low):
-        trunk, pos = trunk_of(self.peft), positions(mask)
+        trunk = trunk_of(self.peft)
         with active_adapter(self.peft, CRITIC), self.precision():
             if h_low is None:
                 h = self._batch_forward(trunk, self._inputs(ids, mask), mask, n_resp).last_hidden_state
             else:
                 with self.split.upper_only():
-                    h = trunk(inputs_embeds=h_low, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                    h = trunk(inputs_embeds=h_low, attention_mask=mask, position_ids=positions(mask),
+                              use_cache=False).last_hidden_state
         return h[:, -n_resp - 1 : -1]
 
     def forward(self, ids, mask, n_resp: int, h_low=None, training: bool = True):

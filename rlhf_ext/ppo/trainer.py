@@ -29,8 +29,8 @@ from ..cpu_memory import keep_freed_memory_for
 from ..data import model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
-from ..models import (assert_trainable_4bit_layout, ensure_pad_token, is_quantized, keep_4bit_trainable, load_model,
-                      load_tokenizer)
+from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
+                      keep_4bit_trainable, load_model, load_tokenizer)
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
@@ -197,8 +197,9 @@ class PPOTrainer(Trainer):
         if args.share_prompt_prefix:
             if self.policy.split is not None:
                 sharing = "off (the frozen-prefix cache runs the shared layers once already)"
-            elif args.gradient_checkpointing:
-                sharing = "off (gradient checkpointing recomputes layers that would append to the shared cache)"
+            elif args.gradient_checkpointing or activation_checkpointing_on(model):
+                sharing = "off (gradient checkpointing: transformers' checkpointed layers drop the key/value cache the " \
+                          "shared tokens are held in)"
             else:
                 why = self.policy.verify_shared_prefix()
                 sharing = "on" if why is None else f"off ({why})"
