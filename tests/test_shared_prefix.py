@@ -6,6 +6,8 @@ pass. What must hold:
   * on every architecture of the support table (run from `test_architectures.py`) the shared pass gives the full pass's logits, values, log-probs and
     gradients (fp32: float rounding), on a left-padded batch with a response cut short, with the trained adapter
     mattering — and it reads fewer token rows (the embedding's input is counted);
+  * sampling shares it too: the head is prefilled once and generate() starts from that cache — the same tokens
+    drawn as without it (fp32, every architecture);
   * it is off, or not taken, where it cannot be exact — gradient checkpointing, the frozen-prefix cache, a batch
     longer than a sliding window, `share_prompt_prefix=False` — and where it does not pay (fewer than 8 common
     tokens, or fewer than 64 token rows saved);
@@ -125,6 +127,8 @@ def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
     finally:
         handle.remove()
     assert sum(seen) < ids.numel()  # the shared tokens were read once: the shared path ran
+    (g_on, rows_on), (g_off, rows_off) = (_sample(pol, tok, ids[:, :-4], mask[:, :-4], 5, share) for share in (1, 0))
+    assert rows_on < rows_off and torch.equal(g_on.resp, g_off.resp)  # sampling from a prefilled head: same draws
     m = mask[:, -4:].bool()
     with torch.no_grad():
         ref = pol.logits(ids, mask, 4, reference=True)
@@ -134,6 +138,19 @@ def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
     for a, b in zip(gs, gf):
         assert torch.allclose(a, b, atol=1e-5 + 1e-4 * float(b.abs().max())), float((a - b).abs().max())
     assert sum(float(b.abs().sum()) > 0 for b in gf) >= len(gf) // 2  # the loss reaches the adapters
+
+
+def _sample(policy, tok, ids, mask, n_new: int, share: bool):
+    """`policy.generate` on the left-padded prompts (ids, mask) with sharing on or off, from one seed → (the rollout,
+    token rows the embedding read)."""
+    policy.share_prefix = bool(share)
+    seen, handle = _token_rows(policy.peft)
+    try:
+        torch.manual_seed(3)
+        g = policy.generate([(None, r[m.bool()].tolist()) for r, m in zip(ids, mask)], tok, n_new, stop_on_eos=False)
+    finally:
+        handle.remove()
+    return g, sum(seen)
 
 
 def _reads_fewer_rows(policy, ids, mask, n_resp) -> bool:
@@ -160,6 +177,12 @@ def test_off_where_it_cannot_be_exact_or_does_not_pay(tmp_path, tok):
     rng = random.Random(2)
     assert _reads_fewer_rows(win.policy, *_batch(rng, 5, 17, [1, 2, 3, 1, 2], 4, vocab=len(tok)), 4)  # 24 < 32
     assert not _reads_fewer_rows(win.policy, *_batch(rng, 5, 33, [1, 2, 3, 1, 2], 4, vocab=len(tok)), 4)  # 40
+    # sampling counts the tokens still to come: 20 prompt + 6 new < 32 shares, 20 + 12 does not
+    ids, mask = _batch(rng, 5, 17, [1, 2, 3, 1, 2], 0, vocab=len(tok), cut=False)
+    for n_new, shares in ((6, True), (12, False)):
+        (_, on), (_, off) = (_sample(win.policy, tok, ids, mask, n_new, share) for share in (1, 0))
+        assert (on < off) == shares, n_new
+    win.policy.share_prefix = True
     # Where it does not pay: fewer than MIN_SHARED_TOKENS common tokens, or fewer than MIN_SAVED_ROWS rows saved
     pol = _trainer(tmp_path, tok, path).policy
     for rows, head, shares in ((20, MIN_SHARED_TOKENS - 1, False), (3, 20, False), (5, 16, True)):
@@ -175,6 +198,30 @@ def test_window_shorter_than_the_check_turns_it_off(tmp_path, tok):
         "shared_prompt_prefix"]
 
 
+def test_start_up_check_catches_sampling_that_departs_from_the_training_pass(tmp_path, tok, monkeypatch):
+    """The start-up check samples from a prefilled head and compares what it sampled from with the training pass: a
+    prefill that held other tokens' keys and values (here: every shared token shifted by one id) turns sharing off,
+    saying why, and the run goes on without it."""
+    from rlhf_ext.ppo import policy as policy_module
+    from rlhf_ext.ppo.shared_prefix import prefilled_prompts
+
+    def wrong_head(trunk, ids, mask, n_shared):
+        g_ids, g_mask, cache = prefilled_prompts(trunk, ids, mask, n_shared)
+        shifted = ids.clone()
+        pads = (mask.cumsum(1) == 0).sum(1)
+        for b in range(ids.shape[0]):
+            shifted[b, pads[b]:pads[b] + n_shared] = (ids[b, pads[b]:pads[b] + n_shared] + 1) % len(tok)
+        return g_ids, g_mask, prefilled_prompts(trunk, shifted, mask, n_shared)[2]
+
+    path = save_tiny_model(tmp_path / "m", tok)
+    assert _trainer(tmp_path / "right", tok, path).startup["shared_prompt_prefix"] == "on"
+    monkeypatch.setattr(policy_module, "prefilled_prompts", wrong_head)
+    with pytest.warns(UserWarning, match="share_prompt_prefix is off: .*does not sample the training pass's"):
+        tr = _trainer(tmp_path / "wrong", tok, path)
+    assert "mean per-token KL" in tr.startup["shared_prompt_prefix"] and not tr.policy.share_prefix
+    assert len(tr.train()) == 2
+
+
 @pytest.mark.parametrize("critic", ["shared", "separate"])
 def test_ppo_with_sharing_trains_as_without(tmp_path, tok, critic):
     path = save_tiny_model(tmp_path / "m", tok)
@@ -188,7 +235,7 @@ def test_ppo_with_sharing_trains_as_without(tmp_path, tok, critic):
         runs[share] = (hist, sum(seen), {n: p.detach().clone() for n, p in tr.model.named_parameters()
                                          if p.requires_grad})
     (h_on, rows_on, p_on), (h_off, rows_off, p_off) = runs[True], runs[False]
-    assert rows_on < rows_off  # sharing read fewer token rows (generation reads the same in both)
+    assert rows_on < rows_off  # sharing read fewer token rows
     for a, b in zip(h_on, h_off):
         assert a["objective/scores"] == b["objective/scores"]  # the same samples
         for key in ("loss/policy", "loss/value", "objective/kl", "val/mean"):

@@ -34,8 +34,8 @@ from ..prefix_cache import positions
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder
-from .shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, shared_forward, shared_prefix_length,
-                            sliding_window, worth_sharing)
+from .shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
+                            shared_prefix_length, sliding_window, worth_sharing)
 
 POLICY, CRITIC = "policy", "critic"
 
@@ -184,11 +184,19 @@ class PolicyAndValue(nn.Module):
     def _batch_forward(self, model, ids, mask, n_resp: int, **kw):
         """`model` (the PeftModel or its trunk) on a padded batch; the prompt prefix its rows share runs once when
         sharing is on, the batch is long enough to share and fits any sliding window (`shared_prefix.py`)."""
-        n_shared = shared_prefix_length(ids, mask, n_resp) if self.share_prefix else 0
-        if (worth_sharing(ids.shape[0], n_shared) and (self._window is None or ids.shape[1] < self._window)
-                and not activation_checkpointing_on(self.peft)):  # checkpointed layers drop a cache (transformers)
+        n_shared = self._n_shared(ids, mask, n_resp)
+        if n_shared:
             return shared_forward(model, trunk_of(self.peft), ids, mask, n_shared, self._cache_kw, **kw)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kw)
+
+    def _n_shared(self, ids, mask, n_resp: int, new_tokens: int = 0) -> int:
+        """How many leading tokens a pass over this batch runs once: its rows' common prompt head where sharing is
+        on, pays, and the batch (with `new_tokens` still to be sampled) fits any sliding window; else 0."""
+        n_shared = shared_prefix_length(ids, mask, n_resp) if self.share_prefix else 0
+        fits = self._window is None or ids.shape[1] + new_tokens < self._window
+        # checkpointed layers drop a cache (transformers)
+        ok = worth_sharing(ids.shape[0], n_shared) and fits and not activation_checkpointing_on(self.peft)
+        return n_shared if ok else 0
 
     def _critic_hidden(self, ids, mask, n_resp, h_low):
         trunk = trunk_of(self.peft)
@@ -257,6 +265,17 @@ class PolicyAndValue(nn.Module):
             return (f"{type(self.peft.get_base_model()).__name__} gives another distribution with it (mean per-token "
                     f"KL {float(kl):.3g} against the full pass)")
         self.share_prefix = True
+        try:  # sampling starts from the prefilled head: what it samples from is the training pass's, to rounding
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                kl, _, _ = self._sampled_vs_training(ids[:, :-n_resp], mask[:, :-n_resp], None, 2)
+        except Exception as e:
+            kl, error = float("nan"), f"{type(e).__name__}: {e}"
+        if not kl <= sampling_tolerance(self.compute_dtype):
+            self.share_prefix = False
+            return (f"{type(self.peft.get_base_model()).__name__}'s generate() does not sample the training pass's "
+                    f"distribution from a prefilled head (" + (error if kl != kl else f"mean per-token KL {kl:.3g}")
+                    + ")")
         return None
 
     # -- sampling -----------------------------------------------------------------------------------------------
@@ -271,6 +290,36 @@ class PolicyAndValue(nn.Module):
                     eta_cutoff=0.0, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                     eos_token_id=tokenizer.eos_token_id if stop_on_eos else None)
 
+    def _sample(self, p_ids, p_mask, generation_kwargs: dict):
+        """`generate` on left-padded prompts [B, P] → (its output, the width of the input it was given: the sampled
+        tokens start there). Where the passes share the rows' common prompt head, so does sampling: that head is
+        prefilled once and generate's prefill runs the rest (`shared_prefix.prefilled_prompts`)."""
+        n_shared = self._n_shared(p_ids, p_mask, 0, generation_kwargs["max_new_tokens"])
+        ids, mask, cache = p_ids, p_mask, {}
+        if n_shared:
+            ids, mask, prefilled = prefilled_prompts(trunk_of(self.peft), p_ids, p_mask, n_shared)
+            cache = {self._cache_kw: prefilled}
+        return self.peft.generate(input_ids=ids, attention_mask=mask, **cache, **generation_kwargs), ids.shape[1]
+
+    def _sampled_vs_training(self, p_ids, p_mask, tokenizer, n_new: int) -> tuple[float, float, int]:
+        """Sample `n_new` tokens after the prompts with their per-step distributions (`output_scores`), then run the
+        training pass on the result → (mean per-token KL(sampled-from ‖ training pass), max |Δ log p|, tokens the
+        sampler gave probability 0)."""
+        kw = {**self.generation_kwargs(tokenizer, n_new, 1.0, False), "output_scores": True,
+              "return_dict_in_generate": True}
+        with eval_mode(self.peft), self.precision():
+            g, width = self._sample(p_ids, p_mask, kw)
+        new = g.sequences[:, width:]
+        scores = torch.stack(g.scores, 1).double().log_softmax(-1)  # what was sampled from, per step
+        full_mask = torch.cat([p_mask, torch.ones_like(new)], 1)
+        mine = self._checked_pass(torch.cat([p_ids, new], 1), full_mask, new.shape[1]).double().log_softmax(-1)
+        finite = torch.isfinite(scores) & torch.isfinite(mine)
+        gap = (scores - mine).abs()[finite].max() if finite.any() else torch.tensor(0.0)
+        p = scores.exp()
+        # a KL is ≥ 0, but two distributions equal up to rounding can sum to −1e-17: report that as 0
+        per_token = torch.where(finite, p * (scores - mine), torch.zeros_like(p)).sum(-1).clamp(min=0)
+        return float(per_token.mean()), float(gap), int((~torch.isfinite(scores)).sum())
+
     @torch.no_grad()
     def generate(self, batch, tokenizer, max_new_tokens: int, top_p: float = 1.0, stop_on_eos: bool = True,
                  reference: bool = False) -> Rollout:
@@ -279,10 +328,10 @@ class PolicyAndValue(nn.Module):
         p_ids, p_mask = pad_ids([ids for _, ids in batch], self.pad_id, side="left", device=device)
         t0 = time.perf_counter()
         with eval_mode(self.peft), (adapters_disabled(self.peft) if reference else nullcontext()), self.precision():
-            gen = self.peft.generate(input_ids=p_ids, attention_mask=p_mask,
-                                     **self.generation_kwargs(tokenizer, max_new_tokens, top_p, stop_on_eos))
+            gen, width = self._sample(p_ids, p_mask, self.generation_kwargs(tokenizer, max_new_tokens, top_p,
+                                                                             stop_on_eos))
+        resp = gen[:, width:]
         gen_seconds = time.perf_counter() - t0
-        resp = gen[:, p_ids.shape[1]:]
         if resp.shape[1] == 0:
             resp = torch.full((len(batch), 1), self.pad_id, dtype=torch.long, device=device)
         # Response mask from the first EOS (inclusive), never from pad ids: pad == EOS for SmolLM2
@@ -362,20 +411,8 @@ class PolicyAndValue(nn.Module):
         out["training_vs_reference"] = float(kl.abs().max())
         out["training_vs_reference_tolerance"] = SAME_PASS_KL_TOLERANCE
         if top_p >= 1.0 and torch.isfinite(pol[m]).all():
-            kw = self.generation_kwargs(tokenizer, 8, 1.0, False)
-            with eval_mode(self.peft), self.precision():
-                g = self.peft.generate(input_ids=ids, attention_mask=mask, output_scores=True,
-                                       return_dict_in_generate=True, **kw)
-            scores = torch.stack(g.scores, 1).double().log_softmax(-1)  # what was sampled from, per step
-            full_mask = torch.cat([mask, torch.ones_like(g.sequences[:, ids.shape[1]:])], 1)
-            mine = self._checked_pass(g.sequences, full_mask, scores.shape[1]).double().log_softmax(-1)
-            finite = torch.isfinite(scores) & torch.isfinite(mine)
-            gap = (scores - mine).abs()[finite].max() if finite.any() else torch.tensor(0.0)
-            p = scores.exp()
-            # a KL is ≥ 0, but two distributions equal up to rounding can sum to −1e-17: report that as 0
-            per_token = torch.where(finite, p * (scores - mine), torch.zeros_like(p)).sum(-1).clamp(min=0)
-            out["sampling_vs_training"] = float(per_token.mean())
-            out["sampling_vs_training_max_dlogp"] = float(gap)
+            kl, gap, masked = self._sampled_vs_training(ids, mask, tokenizer, 8)
+            out["sampling_vs_training"], out["sampling_vs_training_max_dlogp"] = kl, gap
             out["sampling_vs_training_tolerance"] = sampling_tolerance(compute_dtype)
-            out["sampling_masked_tokens"] = int((~torch.isfinite(scores)).sum())
+            out["sampling_masked_tokens"] = masked
         return out

@@ -82,14 +82,31 @@ def split_batch(ids: torch.Tensor, mask: torch.Tensor, n_shared: int):
     return ids[:1, first:first + n_shared], ids[:, start:], full_mask, positions(mask)[:, start:]
 
 
+def shared_cache(trunk, shared: torch.Tensor, n_rows: int):
+    """The key/value cache of the shared tokens [1, L], run once through `trunk`, repeated to `n_rows` rows
+    (differentiable: the rows' gradients sum into the shared pass)."""
+    out = trunk(input_ids=shared, attention_mask=torch.ones_like(shared),
+                position_ids=torch.arange(shared.shape[1], device=shared.device)[None], use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_repeat_interleave(n_rows)
+    return cache
+
+
 def shared_forward(model, trunk, ids, mask, n_shared: int, cache_kw: str, **kwargs):
     """`model` (a causal LM or its trunk) on a left-padded batch whose rows share their first `n_shared` tokens:
     the shared tokens through `trunk` once, the remainders through `model` on the repeated cache. The output has
     the full pass's last positions (all of them from T − T' on)."""
     shared, rest, full_mask, rest_pos = split_batch(ids, mask, n_shared)
-    out = trunk(input_ids=shared, attention_mask=torch.ones_like(shared),
-                position_ids=torch.arange(n_shared, device=ids.device)[None], use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    cache.batch_repeat_interleave(ids.shape[0])  # differentiable: the rows' gradients sum into the shared pass
+    cache = shared_cache(trunk, shared, ids.shape[0])
     return model(input_ids=rest, attention_mask=full_mask, position_ids=rest_pos, use_cache=True,
                  **{cache_kw: cache}, **kwargs)
+
+
+def prefilled_prompts(trunk, ids, mask, n_shared: int):
+    """For `generate`: left-padded prompts [B, T] whose rows share their first `n_shared` tokens, laid out as the
+    shared tokens followed by the remainder columns (`split_batch`) → (input ids [B, L + T'], attention mask
+    [B, L + T'], the cache of the shared tokens). With that cache, generate's prefill runs only the remainders: each
+    prompt token at its full-pass position (the mask's running count), attending to the same tokens."""
+    shared, rest, full_mask, _ = split_batch(ids, mask, n_shared)
+    B = ids.shape[0]
+    return torch.cat([shared.expand(B, -1), rest], 1), full_mask, shared_cache(trunk, shared, B)
