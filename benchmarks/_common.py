@@ -75,6 +75,21 @@ def timed(fn, times: list):
     return wrapper
 
 
+def alternated(set_flag, run, pairs: int) -> tuple[float, float]:
+    """Median seconds of `run()` after `set_flag(True)` and after `set_flag(False)`, the two alternated `pairs` times
+    after a warm-up of each (the machine's drift falls on both alike) → (median with True, median with False)."""
+    import time
+
+    seconds = {True: [], False: []}
+    for i in range(2 * pairs + 2):
+        set_flag(flag := i % 2 == 0)
+        t = time.perf_counter()
+        run()
+        if i >= 2:
+            seconds[flag].append(time.perf_counter() - t)
+    return median(seconds[True]), median(seconds[False])
+
+
 def summary(iter_times, gen_times, tokens_per_iter: int, *modules) -> dict:
     """The result row every benchmark worker writes: medians over iterations 2..N, peak RSS, resident params."""
     med = median(iter_times[1:])

@@ -11,32 +11,24 @@ Prints milliseconds per draw (median of --repeat after a warm-up) and seconds pe
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-import _common  # noqa: F401  (offline env, flush denormals)
+from _common import alternated  # (importing _common also sets the offline env and flushes denormals)
 from ppo_floor import timed  # median seconds after a warm-up
 from rlhf_ext.ppo.sampling import draw
 
 
 def rollouts(precision: str, pairs: int) -> tuple[float, float]:
     """Median seconds per rollout of the benchmark trainer's generate(), transformers' loop and `decode` alternated
-    `pairs` times after a warm-up of each (the machine's drift falls on both alike)."""
-    import time
-
+    `pairs` times after a warm-up of each (the machine's drift falls on both alike) → (transformers', decode's)."""
     from ppo_throughput import build_ours, parser
 
     tr = build_ours(parser().parse_args(["--precision", precision]))
     pol, batch = tr.policy, tr._next_prompts()
-    seconds = {True: [], False: []}
-    for i in range(2 * pairs + 2):
-        pol.cpu_sampling = fast = i % 2 == 0  # False is what PPOConfig(cpu_fast_sampling=False) sets
-        t = time.perf_counter()
-        pol.generate(batch, tr.tokenizer, 32, 1.0, False)
-        if i >= 2:
-            seconds[fast].append(time.perf_counter() - t)
-    return statistics.median(seconds[False]), statistics.median(seconds[True])
+    fast, theirs = alternated(lambda on: setattr(pol, "cpu_sampling", on),  # off: PPOConfig(cpu_fast_sampling=False)
+                              lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False), pairs)
+    return theirs, fast
 
 
 def main():

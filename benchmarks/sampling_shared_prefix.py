@@ -11,12 +11,10 @@ falls on both alike) and whether the fp32 tokens drawn from one seed are the sam
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-import _common  # noqa: F401  (offline env, flush denormals)
+from _common import alternated  # (importing _common also sets the offline env and flushes denormals)
 from ppo_throughput import build_ours, parser
 from rlhf_ext.data import pad_ids
 
@@ -38,14 +36,8 @@ def main():
             torch.manual_seed(5)
             drawn[share] = pol.generate(batch, tr.tokenizer, 32, 1.0, False).resp
         for n_new in (32, 1):
-            seconds = {True: [], False: []}
-            for i in range(2 * a.pairs + 2):
-                pol.share_prefix = share = i % 2 == 0
-                t = time.perf_counter()
-                pol.generate(batch, tr.tokenizer, n_new, 1.0, False)
-                if i >= 2:
-                    seconds[share].append(time.perf_counter() - t)
-            on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
+            on, off = alternated(lambda share: setattr(pol, "share_prefix", share),
+                                 lambda: pol.generate(batch, tr.tokenizer, n_new, 1.0, False), a.pairs)
             print(f"  {n_new:2d} token(s): shared head {on:.3f} s, full prompts {off:.3f} s ({1 - on / off:.0%} less)")
         print(f"  same tokens drawn: {torch.equal(drawn[True], drawn[False])} (expected in fp32; bf16 rounds otherwise)")
 

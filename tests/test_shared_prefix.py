@@ -203,12 +203,12 @@ def test_start_up_check_catches_sampling_that_departs_from_the_training_pass(tmp
     prefill that held other tokens' keys and values (here: every shared token shifted by one id) turns sharing off,
     saying why, and the run goes on without it."""
     from rlhf_ext.ppo import policy as policy_module
-    from rlhf_ext.ppo.shared_prefix import prefilled_prompts
+    from rlhf_ext.ppo.shared_prefix import leading_pads, prefilled_prompts
 
     def wrong_head(trunk, ids, mask, n_shared):
         g_ids, g_mask, cache = prefilled_prompts(trunk, ids, mask, n_shared)
         shifted = ids.clone()
-        pads = (mask.cumsum(1) == 0).sum(1)
+        pads = leading_pads(mask)
         for b in range(ids.shape[0]):
             shifted[b, pads[b]:pads[b] + n_shared] = (ids[b, pads[b]:pads[b] + n_shared] + 1) % len(tok)
         return g_ids, g_mask, prefilled_prompts(trunk, shifted, mask, n_shared)[2]
@@ -220,6 +220,19 @@ def test_start_up_check_catches_sampling_that_departs_from_the_training_pass(tmp
         tr = _trainer(tmp_path / "wrong", tok, path)
     assert "mean per-token KL" in tr.startup["shared_prompt_prefix"] and not tr.policy.share_prefix
     assert len(tr.train()) == 2
+    monkeypatch.undo()
+    # a check that reads NaN (non-finite logits) or fails outright also leaves it off, saying which; only the
+    # sharing check's 5-row batch is affected (the sampling check at start-up samples 2 prompts)
+    original = policy_module.PolicyAndValue._sampled_vs_training
+    for effect, says in ((lambda: (float("nan"), float("nan"), 0), "mean per-token KL nan"),
+                         (lambda: 1 / 0, "ZeroDivisionError: division by zero")):
+        def odd(self, p_ids, *rest, effect=effect):
+            return effect() if p_ids.shape[0] == 5 else original(self, p_ids, *rest)
+
+        monkeypatch.setattr(policy_module.PolicyAndValue, "_sampled_vs_training", odd)
+        with pytest.warns(UserWarning, match="share_prompt_prefix is off"):
+            tr = _trainer(tmp_path / "odd", tok, path)
+        assert says in tr.startup["shared_prompt_prefix"] and not tr.policy.share_prefix
 
 
 @pytest.mark.parametrize("critic", ["shared", "separate"])

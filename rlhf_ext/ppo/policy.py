@@ -259,23 +259,22 @@ class PolicyAndValue(nn.Module):
         except Exception as e:  # an architecture whose cache cannot be repeated or attended across
             self.share_prefix = False
             return f"{type(self.peft.get_base_model()).__name__} cannot run it ({type(e).__name__}: {e})"
-        m = mask[:, -n_resp:].bool()
-        kl = (full_pass.exp() * (full_pass - shared_pass)).sum(-1)[m].mean()
+        kl = F.full_kl(full_pass, shared_pass)[mask[:, -n_resp:].bool()].mean()
         if not kl <= sampling_tolerance(self.compute_dtype):
             return (f"{type(self.peft.get_base_model()).__name__} gives another distribution with it (mean per-token "
                     f"KL {float(kl):.3g} against the full pass)")
         self.share_prefix = True
+        error = None
         try:  # sampling starts from the prefilled head: what it samples from is the training pass's, to rounding
             cuda = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 kl, _, _ = self._sampled_vs_training(ids[:, :-n_resp], mask[:, :-n_resp], None, 2)
         except Exception as e:
-            kl, error = float("nan"), f"{type(e).__name__}: {e}"
-        if not kl <= sampling_tolerance(self.compute_dtype):
+            error = f"{type(e).__name__}: {e}"
+        if error is not None or not kl <= sampling_tolerance(self.compute_dtype):
             self.share_prefix = False
             return (f"{type(self.peft.get_base_model()).__name__}'s generate() does not sample the training pass's "
-                    f"distribution from a prefilled head (" + (error if kl != kl else f"mean per-token KL {kl:.3g}")
-                    + ")")
+                    f"distribution from a prefilled head ({error or f'mean per-token KL {kl:.3g}'})")
         return None
 
     # -- sampling -----------------------------------------------------------------------------------------------
