@@ -8,6 +8,8 @@
     python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --iters 2 --completion-length 8  # smoke
     python benchmarks/ppo_throughput.py --baseline --baseline-kept-memory   # + TRL with ours' malloc setting
     python benchmarks/ppo_throughput.py --share-prefix on,off --baseline   # ours with and without prefix sharing
+    python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --rounds 3   # alternated 3 times: the
+        # spread of the ratio over rounds (the machine's speed drifts between minutes; a ratio is only read within one)
 
 Configuration (as shared/baselines): SmolLM2-135M-Instruct, LoRA r=16 (alpha 32) on q_proj/v_proj, every response
 exactly 32 tokens (no EOS stop), temperature 0.7, seed 0, 6 iterations, median of iterations 2..N.
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 BASELINE_VENV = HERE.parent / ".bench-venvs" / "trl112"
@@ -84,7 +87,6 @@ def run_ours(args) -> dict:
     toks = args.prompts * args.completion_length
     for i, (a, b) in enumerate(zip(it, gen), 1):
         print(f"ITER {i}: {a:.2f}s (generate {b:.2f}s) {toks / a:.1f} tok/s", flush=True)
-    from statistics import median
 
     return {**summary(it, gen, toks, tr.model, tr.policy.value_head),
             "trainable_m": sum(p.numel() for p in tr.trainable_parameters()) / 1e6, "base_dtype": base_dtype,
@@ -142,19 +144,21 @@ def print_table(rows: list[dict], args) -> None:
           f"{'update s':>8s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
     for r in rows:
         split = (f"{r['score_ref_s']:11.2f} {r['update_s']:8.2f}" if "update_s" in r else f"{'—':>11s} {'—':>8s}")
-        print(f"{r['name']:34s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
+        print(f"{r['name'] + round_label(r):34s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
               f"{split} {r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
 
 
 def print_ratios(rows: list[dict]) -> None:
-    """Each `ours` row against the baseline of the same precision; the goals on the all-layer configuration."""
+    """Each `ours` row against the baseline of the same precision and round; the goals on the all-layer
+    configuration."""
     for base_name in ("trl 1.12 PPO", "trl 1.12 PPO, kept memory", "trl 1.16 RLOO"):
         for base in [r for r in rows if r["name"] == base_name]:
-            for o in [r for r in rows if r["kind"] == "ours" and r["precision"] == base["precision"]]:
+            for o in [r for r in rows if r["kind"] == "ours" and r["precision"] == base["precision"]
+                      and r.get("round") == base.get("round")]:
                 tok = o["tok_per_s"] / base["tok_per_s"]
                 rss = o["peak_rss_mib"] / base["peak_rss_mib"]
-                line = (f"ratios {o['name']} / {base_name} ({base['precision']}): tok/s {tok:.2f}x, peak RSS "
-                        f"{rss:.2f}x, iteration / generation {o['iter_s'] / o['generate_s']:.2f}")
+                line = (f"ratios{round_label(o)} {o['name']} / {base_name} ({base['precision']}): tok/s {tok:.2f}x, "
+                        f"peak RSS {rss:.2f}x, iteration / generation {o['iter_s'] / o['generate_s']:.2f}")
                 if base_name == "trl 1.12 PPO" and o["layers"] == 0 and o["tree"] == "this":
                     met = [f"tok/s ≥ {GOALS['tok_per_s_ratio']}x: "
                            f"{'met' if tok >= GOALS['tok_per_s_ratio'] else 'NOT met'}",
@@ -164,6 +168,34 @@ def print_ratios(rows: list[dict]) -> None:
                            f"{'met' if o['iter_s'] <= GOALS['iter_over_generate'] * o['generate_s'] else 'NOT met'}"]
                     line += "   goals (all layers): " + "; ".join(met)
                 print(line)
+
+
+def round_label(row: dict) -> str:
+    return f" [round {row['round']}]" if row.get("round") is not None else ""
+
+
+def ratio_spread(rows: list[dict]) -> list[dict]:
+    """Over rounds, per `ours` configuration and precision: the tokens/s and peak-RSS ratios against TRL 1.12 of each
+    round (both measured minutes apart), their median, least and greatest, and in how many rounds ≥ 3× held."""
+    out = []
+    for o0 in [r for r in rows if r["kind"] == "ours" and r.get("round") == 0]:
+        tok, rss = [], []
+        for o in [r for r in rows if r["kind"] == "ours" and r["name"] == o0["name"]
+                  and r["precision"] == o0["precision"]]:
+            base = [b for b in rows if b["name"] == "trl 1.12 PPO" and b["precision"] == o["precision"]
+                    and b.get("round") == o["round"]]
+            if base:
+                tok.append(o["tok_per_s"] / base[0]["tok_per_s"])
+                rss.append(o["peak_rss_mib"] / base[0]["peak_rss_mib"])
+        if tok:
+            out.append({"name": o0["name"], "precision": o0["precision"], "tok_ratios": tok, "rss_ratios": rss,
+                        "met": sum(t >= GOALS["tok_per_s_ratio"] for t in tok)})
+    for s in out:
+        t = sorted(s["tok_ratios"])
+        print(f"over {len(t)} rounds, {s['name']} / trl 1.12 PPO ({s['precision']}): tok/s median {median(t):.2f}x "
+              f"(least {t[0]:.2f}x, greatest {t[-1]:.2f}x; ≥ {GOALS['tok_per_s_ratio']}x in {s['met']} of {len(t)}), "
+              f"peak RSS ≤ {max(s['rss_ratios']):.2f}x")
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv; fp32)")
     ap.add_argument("--other-tree", help="also run `ours` from another checkout of rlhf_ext (e.g. a git worktree of an "
                                          "earlier commit), in the same invocation: before/after ratios")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every configuration this many times, alternated (ours, TRL, ours, TRL, …), and print "
+                         "each round's ratios and their spread")
     ap.add_argument("--json-out", help="(workers) where to write the row; (main) where to write every row")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
     ap.add_argument("--rm-dir", help=argparse.SUPPRESS)  # (worker) the reward artifact the parent built
@@ -209,6 +244,8 @@ def main():
     from rlhf_ext.models import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be ≥ 1, got {args.rounds}")
     common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters),
               "--completion-length", str(args.completion_length)]
     layer_counts = [int(x) for x in str(args.lora_layers).split(",")]
@@ -216,47 +253,50 @@ def main():
     rm_dirs = {n: reward_artifact(args.model, n) for n in layer_counts}
 
     def add(result: dict, **meta) -> None:
-        rows.append({**result, **meta})
+        rows.append({**result, **meta, "round": rnd if args.rounds > 1 else None})
 
     sharing = [x.strip() for x in args.share_prefix.split(",")]
     if not sharing or set(sharing) - {"on", "off"}:
         raise SystemExit(f"--share-prefix: {args.share_prefix!r}; use on, off or on,off")
-    for precision in precisions:
-        for n in layer_counts:
-            for share in sharing:
-                add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
-                         args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision",
-                         precision, "--rm-dir", rm_dirs[n], "--share-prefix", share] + common),
-                    name=f"ours ({layers_label(n)}{'' if share == 'on' else ', no sharing'})", kind="ours",
-                    precision=precision, layers=n, tree="this" if share == "on" else "this, no sharing")
-        if args.other_tree:
-            other = Path(args.other_tree).resolve()
-            rev = subprocess.run(["git", "-C", str(other), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip() or other.name
-            for n in layer_counts:  # an older checkout may lack --precision / --completion-length: fp32, 32 only
-                extra = (["--precision", precision, "--completion-length", str(args.completion_length)]
-                         if (precision != "fp32" or args.completion_length != 32) else [])
-                add(sub([sys.executable, str(other / "benchmarks" / "ppo_throughput.py"), "--worker", "ours",
-                         "--model", args.model, "--kl-controller", args.kl_controller, "--critic", args.critic,
-                         "--lora-layers", str(n), "--prompts", str(args.prompts), "--epochs", str(args.epochs),
-                         "--iters", str(args.iters)] + extra, env={**os.environ, "PYTHONPATH": str(other)}),
-                    name=f"ours@{rev} ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree=rev)
-        trl112 = [str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision] + common
-        if args.baseline:
-            add(sub([str(ensure_baseline_venv())] + trl112), name="trl 1.12 PPO", kind="baseline",
-                precision=precision, layers=0, tree="")
-        if args.baseline_kept_memory:
-            from rlhf_ext.cpu_memory import THRESHOLD
+    for rnd in range(args.rounds):  # each round runs every configuration once, in the same order
+        for precision in precisions:
+            for n in layer_counts:
+                for share in sharing:
+                    add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
+                             args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision",
+                             precision, "--rm-dir", rm_dirs[n], "--share-prefix", share] + common),
+                        name=f"ours ({layers_label(n)}{'' if share == 'on' else ', no sharing'})", kind="ours",
+                        precision=precision, layers=n, tree="this" if share == "on" else "this, no sharing")
+            if args.other_tree:
+                other = Path(args.other_tree).resolve()
+                rev = subprocess.run(["git", "-C", str(other), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip() or other.name
+                for n in layer_counts:  # an older checkout may lack --precision / --completion-length: fp32, 32 only
+                    extra = (["--precision", precision, "--completion-length", str(args.completion_length)]
+                             if (precision != "fp32" or args.completion_length != 32) else [])
+                    add(sub([sys.executable, str(other / "benchmarks" / "ppo_throughput.py"), "--worker", "ours",
+                             "--model", args.model, "--kl-controller", args.kl_controller, "--critic", args.critic,
+                             "--lora-layers", str(n), "--prompts", str(args.prompts), "--epochs", str(args.epochs),
+                             "--iters", str(args.iters)] + extra, env={**os.environ, "PYTHONPATH": str(other)}),
+                        name=f"ours@{rev} ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree=rev)
+            trl112 = [str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision] + common
+            if args.baseline:
+                add(sub([str(ensure_baseline_venv())] + trl112), name="trl 1.12 PPO", kind="baseline",
+                    precision=precision, layers=0, tree="")
+            if args.baseline_kept_memory:
+                from rlhf_ext.cpu_memory import THRESHOLD
 
-            kept = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD)}
-            add(sub([str(ensure_baseline_venv())] + trl112, env=kept), name="trl 1.12 PPO, kept memory",
-                kind="baseline", precision=precision, layers=0, tree="")
-        if args.rloo and precision == "fp32":
-            add(sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
-                     "--iters", str(args.iters)]), name="trl 1.16 RLOO", kind="baseline", precision="fp32",
-                layers=0, tree="")
+                kept = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD)}
+                add(sub([str(ensure_baseline_venv())] + trl112, env=kept), name="trl 1.12 PPO, kept memory",
+                    kind="baseline", precision=precision, layers=0, tree="")
+            if args.rloo and precision == "fp32":
+                add(sub([sys.executable, str(HERE / "trl116_rloo_baseline.py"), "--model", model_dir,
+                         "--iters", str(args.iters)]), name="trl 1.16 RLOO", kind="baseline", precision="fp32",
+                    layers=0, tree="")
     print_table(rows, args)
     print_ratios(rows)
+    if args.rounds > 1:
+        ratio_spread(rows)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
 

@@ -1,0 +1,110 @@
+"""Where one PPO pass goes: the benchmark trainer's no-gradient forward over a rollout (ppo_throughput's configuration,
+LoRA on all layers), timed per module type, beside the same matmuls run alone.
+
+    python benchmarks/pass_breakdown.py                     # fp32 and bf16
+    python benchmarks/pass_breakdown.py --precision bf16 --repeat 5
+
+For each precision it prints
+  * the forward's seconds (median of --repeat) with and without the timing hooks (the hooks' own cost);
+  * each module type's exclusive time (its own time, its children's subtracted), largest first; `Linear` covers the
+    base layers, LoRA's A and B and PEFT's wrapper around them;
+  * "matmuls alone": every base `nn.Linear` of the model (the LM head at the response rows only, as the pass runs it)
+    applied to random inputs of the pass's row count — what the pass would cost if it were nothing but its matmuls.
+A pass whose time is mostly `Linear`, close to "matmuls alone", is bound by this CPU's matmul rate: what is left to
+gain there is in the kernels, not in the code around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from _common import median  # (importing _common also sets the offline env and flushes denormals)
+from ppo_throughput import build_ours, parser
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def exclusive_times(model: torch.nn.Module, fn, repeat: int) -> tuple[dict, dict, float]:
+    """{module type: exclusive seconds per call of fn}, {type: calls per fn}, seconds per fn with the hooks on."""
+    own, calls, stack = defaultdict(float), defaultdict(int), []
+
+    def pre(module, *_):
+        stack.append([time.perf_counter(), 0.0])
+
+    def post(module, *_):
+        t0, children = stack.pop()
+        dt = time.perf_counter() - t0
+        own[type(module).__name__] += dt - children
+        calls[type(module).__name__] += 1
+        if stack:
+            stack[-1][1] += dt
+
+    hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        fn()
+        own.clear(), calls.clear()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        total = (time.perf_counter() - t0) / repeat
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / repeat for k, v in own.items()}, {k: v // repeat for k, v in calls.items()}, total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precision", default="fp32,bf16")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    for precision in a.precision.split(","):
+        tr = build_ours(parser().parse_args(["--precision", precision]))
+        ro = tr._rollout(tr._next_prompts())
+        pol = tr.policy
+        n_shared = pol._n_shared(ro.ids, ro.mask, ro.R, 0) if pol.share_prefix else 0
+        rows = n_shared + ro.ids.shape[0] * (ro.ids.shape[1] - n_shared) if n_shared else ro.ids.numel()
+
+        @torch.no_grad()
+        def forward():
+            pol(ro.ids, ro.mask, ro.R, ro.h_low, training=False)
+
+        own, calls, with_hooks = exclusive_times(pol, forward, a.repeat)
+        plain = timed(forward, a.repeat)
+        base = pol.peft.get_base_model()
+        head = base.get_output_embeddings()
+        weights = [m.weight for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+        inputs = {(w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+
+        @torch.no_grad()
+        def matmuls():
+            for w in weights:
+                x = inputs[w.shape[1], w.dtype]
+                torch.nn.functional.linear(x[: ro.ids.shape[0] * ro.R] if w is head.weight else x, w)
+
+        alone = timed(matmuls, a.repeat)
+        flops = sum(2 * w.numel() * (ro.ids.shape[0] * ro.R if w is head.weight else rows) for w in weights)
+        print(f"\n{precision}: one no-gradient pass over {ro.ids.shape[0]} × {ro.ids.shape[1]} tokens "
+              f"({rows} token rows: {n_shared} shared prompt tokens run once), {plain * 1e3:.0f} ms "
+              f"({with_hooks * 1e3:.0f} ms with the timing hooks)")
+        for name, s in sorted(own.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"  {name:28s} {s * 1e3:8.1f} ms  {s / with_hooks:5.1%}  {calls[name]:5d} calls")
+        print(f"  matmuls alone ({len(weights)} base linears, {flops / 1e9:.1f} GFLOP): {alone * 1e3:.0f} ms "
+              f"({flops / alone / 1e9:.0f} GFLOP/s) = {alone / plain:.0%} of the pass")
+        del tr, ro, pol
+
+
+if __name__ == "__main__":
+    main()
