@@ -144,7 +144,8 @@ def print_table(rows: list[dict], args) -> None:
           f"{'update s':>8s} {'iter/gen':>8s} {'peak RSS MiB':>12s} {'params M':>9s}")
     for r in rows:
         split = (f"{r['score_ref_s']:11.2f} {r['update_s']:8.2f}" if "update_s" in r else f"{'—':>11s} {'—':>8s}")
-        print(f"{r['name'] + round_label(r):34s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} {r['generate_s']:6.2f} "
+        print(f"{r['name'] + round_label(r):34s} {r['precision']:>9s} {r['iter_s']:7.2f} {r['tok_per_s']:7.1f} "
+              f"{r['generate_s']:6.2f} "
               f"{split} {r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
 
 
@@ -286,7 +287,8 @@ def main():
             if args.baseline_kept_memory:
                 from rlhf_ext.cpu_memory import THRESHOLD
 
-                kept = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD)}
+                kept = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(THRESHOLD),
+                        "MALLOC_TRIM_THRESHOLD_": str(THRESHOLD)}
                 add(sub([str(ensure_baseline_venv())] + trl112, env=kept), name="trl 1.12 PPO, kept memory",
                     kind="baseline", precision=precision, layers=0, tree="")
             if args.rloo and precision == "fp32":
