@@ -22,18 +22,9 @@ from collections import defaultdict
 
 import torch
 
-from _common import median  # (importing _common also sets the offline env and flushes denormals)
-from ppo_throughput import build_ours, parser
-
-
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return median(times)
+import _common  # noqa: F401  (sets the offline env and flushes denormals)
+from ppo_floor import timed  # median seconds after a warm-up
+from ppo_throughput import trainer_at
 
 
 def exclusive_times(model: torch.nn.Module, fn, repeat: int) -> tuple[dict, dict, float]:
@@ -71,7 +62,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     for precision in a.precision.split(","):
-        tr = build_ours(parser().parse_args(["--precision", precision]))
+        tr = trainer_at(precision)
         ro = tr._rollout(tr._next_prompts())
         pol = tr.policy
         n_shared = pol._n_shared(ro.ids, ro.mask, ro.R, 0) if pol.share_prefix else 0

@@ -74,6 +74,11 @@ def build_ours(args):
     return tr
 
 
+def trainer_at(precision: str):
+    """The benchmark's trainer with every other option at its default (for the scripts that time one part of it)."""
+    return build_ours(parser().parse_args(["--precision", precision]))
+
+
 def run_ours(args) -> dict:
     from _common import summary
 

@@ -22,9 +22,9 @@ from rlhf_ext.ppo.sampling import draw
 def rollouts(precision: str, pairs: int) -> tuple[float, float]:
     """Median seconds per rollout of the benchmark trainer's generate(), transformers' loop and `decode` alternated
     `pairs` times after a warm-up of each (the machine's drift falls on both alike) → (transformers', decode's)."""
-    from ppo_throughput import build_ours, parser
+    from ppo_throughput import trainer_at
 
-    tr = build_ours(parser().parse_args(["--precision", precision]))
+    tr = trainer_at(precision)
     pol, batch = tr.policy, tr._next_prompts()
     fast, theirs = alternated(lambda on: setattr(pol, "cpu_sampling", on),  # off: PPOConfig(cpu_fast_sampling=False)
                               lambda: pol.generate(batch, tr.tokenizer, 32, 1.0, False), pairs)

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from _common import alternated  # (importing _common also sets the offline env and flushes denormals)
-from ppo_throughput import build_ours, parser
+from ppo_throughput import trainer_at
 from rlhf_ext.data import pad_ids
 
 
@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=6)
     a = ap.parse_args()
     for precision in a.precision.split(","):
-        tr = build_ours(parser().parse_args(["--precision", precision]))
+        tr = trainer_at(precision)
         pol, batch = tr.policy, tr._next_prompts()
         ids, mask = pad_ids([p for _, p in batch], pol.pad_id, side="left", device=pol.device)
         head = pol._n_shared(ids, mask, 0, 32)
