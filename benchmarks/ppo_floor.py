@@ -30,7 +30,7 @@ import time
 import torch
 
 import _common  # noqa: F401  (offline env, flush denormals)
-from ppo_throughput import build_ours
+from ppo_throughput import build_ours, parser
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -62,6 +62,15 @@ def decoder_flops(model, tokens: int, seq_len: int) -> float:
     return 2 * weights * tokens + 4 * seq_len * attn_width * cfg.num_hidden_layers * tokens
 
 
+def benchmark_args(args: argparse.Namespace) -> argparse.Namespace:
+    """ppo_throughput's configuration with this script's options, every other one at that benchmark's default. LoRA on
+    all layers: on the top layers only the frozen-prefix cache runs the layers below once per rollout, and the count
+    here (every layer in every pass) would not hold."""
+    return parser().parse_args(["--model", args.model, "--prompts", str(args.prompts), "--completion-length",
+                                str(args.completion_length), "--epochs", str(args.epochs), "--precision", args.precision,
+                                "--share-prefix", args.share_prefix, "--lora-layers", "0", "--iters", "1"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -72,11 +81,8 @@ def main():
     ap.add_argument("--share-prefix", choices=["on", "off"], default="on",
                     help="the policy's passes run the rows' common prompt head once (the trainer's default), or not")
     args = ap.parse_args()
-    # all layers: with LoRA on the top layers only, the frozen-prefix cache runs the layers below once per rollout,
-    # and the count below (every layer in every pass) would not hold
-    args.lora_layers, args.iters, args.kl_controller, args.critic, args.rm_dir = "0", 1, "fixed", "shared", None
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    tr = build_ours(args)
+    tr = build_ours(benchmark_args(args))
     pol, a = tr.policy, tr.args
 
     batch = tr._next_prompts()

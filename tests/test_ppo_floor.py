@@ -23,3 +23,20 @@ def test_decoder_and_head_flops_match_torchs_counter(B, T, R):
     cfg = model.config
     ours = benchmark_module("ppo_floor").decoder_flops(peft, B * T, T) + 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
     assert ours == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+def test_floor_builds_the_benchmark_trainer_with_every_option_it_reads():
+    """ppo_floor.py hands ppo_throughput.build_ours a namespace of its own options: every attribute build_ours reads
+    must be there (a missing one broke the script once, when build_ours started reading `share_prefix`)."""
+    import argparse
+    import inspect
+    import re
+
+    floor, throughput = benchmark_module("ppo_floor"), benchmark_module("ppo_throughput")
+    reads = set(re.findall(r"\bargs\.(\w+)", inspect.getsource(throughput.build_ours)))
+    assert {"share_prefix", "precision", "lora_layers", "rm_dir"} <= reads
+    ns = floor.benchmark_args(argparse.Namespace(model="m", prompts=4, completion_length=8, epochs=2, precision="bf16",
+                                                 share_prefix="off"))
+    assert not [name for name in reads if not hasattr(ns, name)]
+    assert (ns.prompts, ns.completion_length, ns.epochs, ns.precision, ns.share_prefix, ns.lora_layers) == (
+        4, 8, 2, "bf16", "off", "0")
