@@ -247,11 +247,11 @@ def main():
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise SystemExit(f"--precision: unknown {bad}; use a comma list of {', '.join(PRECISIONS)}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be ≥ 1, got {args.rounds}")
     from rlhf_ext.models import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be ≥ 1, got {args.rounds}")
     common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters),
               "--completion-length", str(args.completion_length)]
     layer_counts = [int(x) for x in str(args.lora_layers).split(",")]
