@@ -231,7 +231,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every configuration this many times, alternated (ours, TRL, ours, TRL, …), and print "
                          "each round's ratios and their spread")
-    ap.add_argument("--json-out", help="(workers) where to write the row; (main) where to write every row")
+    ap.add_argument("--json-out", help="(workers) where to write the row; (main) where to write every row, "
+                                       "rewritten after each run")
     ap.add_argument("--worker", choices=["ours", "trl112"], help=argparse.SUPPRESS)
     ap.add_argument("--rm-dir", help=argparse.SUPPRESS)  # (worker) the reward artifact the parent built
     return ap
@@ -249,6 +250,7 @@ def main():
         raise SystemExit(f"--precision: unknown {bad}; use a comma list of {', '.join(PRECISIONS)}")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be ≥ 1, got {args.rounds}")
+    from rlhf_ext.integrity import write_text_atomic
     from rlhf_ext.models import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
@@ -260,6 +262,8 @@ def main():
 
     def add(result: dict, **meta) -> None:
         rows.append({**result, **meta, "round": rnd if args.rounds > 1 else None})
+        if args.json_out:  # after every run: a long invocation stopped midway keeps what it measured
+            write_text_atomic(args.json_out, json.dumps(rows, indent=2))
 
     sharing = [x.strip() for x in args.share_prefix.split(",")]
     if not sharing or set(sharing) - {"on", "off"}:
@@ -304,8 +308,6 @@ def main():
     print_ratios(rows)
     if args.rounds > 1:
         ratio_spread(rows)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
