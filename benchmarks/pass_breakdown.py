@@ -8,7 +8,7 @@ For each precision it prints
   * the forward's seconds (median of --repeat) with and without the timing hooks (the hooks' own cost);
   * each module type's exclusive time (its own time, its children's subtracted), largest first; `Linear` covers the
     base layers, LoRA's A and B and PEFT's wrapper around them;
-  * "matmuls alone": every base `nn.Linear` of the model (the LM head at the response rows only, as the pass runs it)
+  * "matmuls alone": every base `nn.Linear` of the model (the LM head at R + 1 positions a row, as the pass runs it)
     applied to random inputs of the pass's row count — what the pass would cost if it were nothing but its matmuls.
 A pass whose time is mostly `Linear`, close to "matmuls alone", is bound by this CPU's matmul rate: what is left to
 gain there is in the kernels, not in the code around them.
@@ -45,7 +45,8 @@ def exclusive_times(model: torch.nn.Module, fn, repeat: int) -> tuple[dict, dict
     hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
         fn()
-        own.clear(), calls.clear()
+        own.clear()
+        calls.clear()
         t0 = time.perf_counter()
         for _ in range(repeat):
             fn()
@@ -77,16 +78,17 @@ def main():
         base = pol.peft.get_base_model()
         head = base.get_output_embeddings()
         weights = [m.weight for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+        head_rows = ro.ids.shape[0] * (ro.R + 1)  # the head runs at `logits_to_keep` = R + 1 positions a row
         inputs = {(w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
 
         @torch.no_grad()
         def matmuls():
             for w in weights:
                 x = inputs[w.shape[1], w.dtype]
-                torch.nn.functional.linear(x[: ro.ids.shape[0] * ro.R] if w is head.weight else x, w)
+                torch.nn.functional.linear(x[:head_rows] if w is head.weight else x, w)
 
         alone = timed(matmuls, a.repeat)
-        flops = sum(2 * w.numel() * (ro.ids.shape[0] * ro.R if w is head.weight else rows) for w in weights)
+        flops = sum(2 * w.numel() * (head_rows if w is head.weight else rows) for w in weights)
         print(f"\n{precision}: one no-gradient pass over {ro.ids.shape[0]} × {ro.ids.shape[1]} tokens "
               f"({rows} token rows: {n_shared} shared prompt tokens run once), {plain * 1e3:.0f} ms "
               f"({with_hooks * 1e3:.0f} ms with the timing hooks)")
