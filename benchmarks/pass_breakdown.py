@@ -66,8 +66,8 @@ def main():
         tr = trainer_at(precision)
         ro = tr._rollout(tr._next_prompts())
         pol = tr.policy
-        n_shared = pol._n_shared(ro.ids, ro.mask, ro.R, 0) if pol.share_prefix else 0
-        rows = n_shared + ro.ids.shape[0] * (ro.ids.shape[1] - n_shared) if n_shared else ro.ids.numel()
+        n_shared = pol._n_shared(ro.ids, ro.mask, ro.R)  # 0 where the pass runs full rows
+        rows = n_shared + ro.ids.shape[0] * (ro.ids.shape[1] - n_shared)
 
         @torch.no_grad()
         def forward():

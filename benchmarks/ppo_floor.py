@@ -112,7 +112,7 @@ def main():
     cfg = pol.peft.get_base_model().config
     S = pol._n_shared(ro.ids, ro.mask, R)  # the common head the reference and training passes run once (0: none)
     f_full = decoder_flops(pol.peft, B * T, T)
-    f_layers = decoder_flops(pol.peft, S, S) + decoder_flops(pol.peft, B * (T - S), T) if S else f_full
+    f_layers = decoder_flops(pol.peft, S, S) + decoder_flops(pol.peft, B * (T - S), T)  # = f_full when S = 0
     f_head = 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
     after = (f_layers + f_head) + f_full + args.epochs * 2 * (f_layers + f_head)
     # the best rate seen anywhere: the model's two largest shapes, a large square product, our own passes
@@ -124,7 +124,7 @@ def main():
 
     print(f"\n{args.model}, LoRA on all layers, {args.precision}, {torch.get_num_threads()} threads; batch {B} × {T} "
           f"tokens ({R} response), {args.epochs} epochs; {S} common prompt tokens run once per policy pass "
-          f"({S + B * (T - S) if S else B * T} token rows; the reward member's {B * T})")
+          f"({S + B * (T - S)} token rows; the reward member's {B * T})")
     print(f"generation (the trainer's generate, median of 3)          {gen_s:7.2f} s")
     print(f"best {args.precision} rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
     fwd = (f_layers + f_head) / 1e9

@@ -154,26 +154,33 @@ def print_table(rows: list[dict], args) -> None:
               f"{split} {r['iter_s'] / r['generate_s']:8.2f} {r['peak_rss_mib']:12.0f} {r['params_resident_m']:9.1f}")
 
 
+def paired(rows: list[dict], base_name: str):
+    """(ours, baseline) for every `ours` row and the `base_name` row of the same precision and round: a ratio is only
+    read between runs of one round."""
+    for base in [r for r in rows if r["name"] == base_name]:
+        for o in [r for r in rows if r["kind"] == "ours" and r["precision"] == base["precision"]
+                  and r.get("round") == base.get("round")]:
+            yield o, base
+
+
 def print_ratios(rows: list[dict]) -> None:
     """Each `ours` row against the baseline of the same precision and round; the goals on the all-layer
     configuration."""
     for base_name in ("trl 1.12 PPO", "trl 1.12 PPO, kept memory", "trl 1.16 RLOO"):
-        for base in [r for r in rows if r["name"] == base_name]:
-            for o in [r for r in rows if r["kind"] == "ours" and r["precision"] == base["precision"]
-                      and r.get("round") == base.get("round")]:
-                tok = o["tok_per_s"] / base["tok_per_s"]
-                rss = o["peak_rss_mib"] / base["peak_rss_mib"]
-                line = (f"ratios{round_label(o)} {o['name']} / {base_name} ({base['precision']}): tok/s {tok:.2f}x, "
-                        f"peak RSS {rss:.2f}x, iteration / generation {o['iter_s'] / o['generate_s']:.2f}")
-                if base_name == "trl 1.12 PPO" and o["layers"] == 0 and o["tree"] == "this":
-                    met = [f"tok/s ≥ {GOALS['tok_per_s_ratio']}x: "
-                           f"{'met' if tok >= GOALS['tok_per_s_ratio'] else 'NOT met'}",
-                           f"peak RSS ≤ {GOALS['peak_rss_ratio']}x: "
-                           f"{'met' if rss <= GOALS['peak_rss_ratio'] else 'NOT met'}",
-                           f"iteration ≤ {GOALS['iter_over_generate']}x generation: "
-                           f"{'met' if o['iter_s'] <= GOALS['iter_over_generate'] * o['generate_s'] else 'NOT met'}"]
-                    line += "   goals (all layers): " + "; ".join(met)
-                print(line)
+        for o, base in paired(rows, base_name):
+            tok = o["tok_per_s"] / base["tok_per_s"]
+            rss = o["peak_rss_mib"] / base["peak_rss_mib"]
+            line = (f"ratios{round_label(o)} {o['name']} / {base_name} ({base['precision']}): tok/s {tok:.2f}x, "
+                    f"peak RSS {rss:.2f}x, iteration / generation {o['iter_s'] / o['generate_s']:.2f}")
+            if base_name == "trl 1.12 PPO" and o["layers"] == 0 and o["tree"] == "this":
+                met = [f"tok/s ≥ {GOALS['tok_per_s_ratio']}x: "
+                       f"{'met' if tok >= GOALS['tok_per_s_ratio'] else 'NOT met'}",
+                       f"peak RSS ≤ {GOALS['peak_rss_ratio']}x: "
+                       f"{'met' if rss <= GOALS['peak_rss_ratio'] else 'NOT met'}",
+                       f"iteration ≤ {GOALS['iter_over_generate']}x generation: "
+                       f"{'met' if o['iter_s'] <= GOALS['iter_over_generate'] * o['generate_s'] else 'NOT met'}"]
+                line += "   goals (all layers): " + "; ".join(met)
+            print(line)
 
 
 def round_label(row: dict) -> str:
@@ -183,19 +190,13 @@ def round_label(row: dict) -> str:
 def ratio_spread(rows: list[dict]) -> list[dict]:
     """Over rounds, per `ours` configuration and precision: the tokens/s and peak-RSS ratios against TRL 1.12 of each
     round (both measured minutes apart), their median, least and greatest, and in how many rounds ≥ 3× held."""
-    out = []
-    for o0 in [r for r in rows if r["kind"] == "ours" and r.get("round") == 0]:
-        tok, rss = [], []
-        for o in [r for r in rows if r["kind"] == "ours" and r["name"] == o0["name"]
-                  and r["precision"] == o0["precision"]]:
-            base = [b for b in rows if b["name"] == "trl 1.12 PPO" and b["precision"] == o["precision"]
-                    and b.get("round") == o["round"]]
-            if base:
-                tok.append(o["tok_per_s"] / base[0]["tok_per_s"])
-                rss.append(o["peak_rss_mib"] / base[0]["peak_rss_mib"])
-        if tok:
-            out.append({"name": o0["name"], "precision": o0["precision"], "tok_ratios": tok, "rss_ratios": rss,
-                        "met": sum(t >= GOALS["tok_per_s_ratio"] for t in tok)})
+    groups: dict[tuple, dict] = {}
+    for o, base in paired(rows, "trl 1.12 PPO"):
+        g = groups.setdefault((o["name"], o["precision"]), {"name": o["name"], "precision": o["precision"],
+                                                           "tok_ratios": [], "rss_ratios": []})
+        g["tok_ratios"].append(o["tok_per_s"] / base["tok_per_s"])
+        g["rss_ratios"].append(o["peak_rss_mib"] / base["peak_rss_mib"])
+    out = [{**g, "met": sum(t >= GOALS["tok_per_s_ratio"] for t in g["tok_ratios"])} for g in groups.values()]
     for s in out:
         t = sorted(s["tok_ratios"])
         print(f"over {len(t)} rounds, {s['name']} / trl 1.12 PPO ({s['precision']}): tok/s median {median(t):.2f}x "

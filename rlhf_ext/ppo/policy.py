@@ -33,7 +33,7 @@ from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, p
 from ..prefix_cache import positions
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
-from .sampling import cpu_decoder
+from .sampling import cpu_decoder, forked_rng
 from .shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
                             shared_prefix_length, sliding_window, worth_sharing)
 
@@ -266,8 +266,7 @@ class PolicyAndValue(nn.Module):
         self.share_prefix = True
         error = None
         try:  # sampling starts from the prefilled head: what it samples from is the training pass's, to rounding
-            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
+            with forked_rng(self.device):
                 kl, _, _ = self._sampled_vs_training(ids[:, :-n_resp], mask[:, :-n_resp], None, 2)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"

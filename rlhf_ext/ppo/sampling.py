@@ -21,6 +21,12 @@ import inspect
 import torch
 
 
+def forked_rng(device: torch.device):
+    """A context whose random draws leave the run's streams (CPU, and `device`'s where it is a GPU) as they were:
+    sampling done to check or to evaluate never changes what training samples next."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `probs` [B, V] (non-negative, rows need not sum to 1) → [B]: the first index whose
     cumulative sum exceeds u · total, u ~ U[0, 1), all in float64. A token of probability 0 is never drawn; invalid

@@ -44,6 +44,7 @@ from .config import PPOConfig
 from .export import push_policy, save_policy
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
+from .sampling import forked_rng
 from .schedule import TrainHistory, due
 from .trl112 import from_trl112_arguments
 
@@ -761,7 +762,7 @@ class PPOTrainer(Trainer):
         sharded = world > 1 and hasattr(dataset, "shard") and len(dataset) >= world
         part = dataset.shard(num_shards=world, index=rank, contiguous=True) if sharded else dataset
         device = self.policy.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        with forked_rng(device):
             summary = self.evaluate_policy(part, judges=self.audit_funcs,
                                            batch_size=self.args.per_device_eval_batch_size)
         metrics = {f"{metric_key_prefix}_{k.removesuffix('_mean')}": v for k, v in summary.items() if k != "samples"}
