@@ -232,6 +232,8 @@ def test_reward_artifact_members_share_the_policy_base(tmp_path, tok, tiny_path,
     alone = load_reward_model(tmp_path / "rm")
     rows = Dataset.from_list(preference_rows(4, 5))
     hosted = tr.rewards.members[0]
+    # hosted on the policy's base, the members share a batch's prompt head when the policy's check turned it on
+    assert hosted.share_prefix == (tr.startup["shared_prompt_prefix"] == "on") and not alone.share_prefix
     assert torch.allclose(hosted.score_texts(rows["prompt"], rows["chosen"]),
                           alone.score_texts(rows["prompt"], rows["chosen"]), atol=1e-5)
     # every PEFT wrap on the way (reward trainer, PPO trainer, standalone artifact) keeps PEFT's deprecation noise out

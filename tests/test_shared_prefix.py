@@ -1,4 +1,4 @@
-"""Shared prompt prefix (`rlhf_ext/ppo/shared_prefix.py`): the tokens every row of a batch begins with run once per
+"""Shared prompt prefix (`rlhf_ext/shared_prefix.py`): the tokens every row of a batch begins with run once per
 pass. What must hold:
 
   * the shared length is the longest common prompt prefix after each row's pads, capped so the state predicting the
@@ -27,7 +27,7 @@ from peft import LoraConfig
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.models import load_model
-from rlhf_ext.ppo.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, worth_sharing
+from rlhf_ext.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, worth_sharing
 from rlhf_ext.testing import ARCHITECTURES, save_tiny_model, save_tiny_model_for
 
 
@@ -203,7 +203,7 @@ def test_start_up_check_catches_sampling_that_departs_from_the_training_pass(tmp
     prefill that held other tokens' keys and values (here: every shared token shifted by one id) turns sharing off,
     saying why, and the run goes on without it."""
     from rlhf_ext.ppo import policy as policy_module
-    from rlhf_ext.ppo.shared_prefix import leading_pads, prefilled_prompts
+    from rlhf_ext.shared_prefix import leading_pads, prefilled_prompts
 
     def wrong_head(trunk, ids, mask, n_shared):
         g_ids, g_mask, cache = prefilled_prompts(trunk, ids, mask, n_shared)
@@ -256,3 +256,82 @@ def test_ppo_with_sharing_trains_as_without(tmp_path, tok, critic):
     assert all(p_on[n].abs().max() > 1e-6 for n in p_on if "lora_B" in n)  # every adapter trained (B starts at 0)
     for n in p_off:  # the q adapters move least (~3e-5 here): relative agreement, to rounding
         assert torch.allclose(p_on[n], p_off[n], rtol=1e-3, atol=1e-8), (n, float((p_on[n] - p_off[n]).abs().max()))
+
+
+def _ensemble(tok, mode: str, pooling: str):
+    """A RewardEnsemble on a tiny Llama with trained-looking adapters: "heads" (one adapter, a 2-output head) or
+    "adapters" (two adapters, a head each)."""
+    from peft import get_peft_model
+    from torch import nn
+
+    from rlhf_ext.reward.ensemble import RewardEnsemble
+    from rlhf_ext.testing import tiny_causal_lm
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    names = ["a"] if mode == "heads" else ["a", "b"]
+    model = get_peft_model(tiny_causal_lm(tok).model, lora, adapter_name="a")
+    for name in names[1:]:
+        model.add_adapter(name, lora)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape) * 0.5)
+    heads = nn.ModuleDict({a: nn.Linear(32, 2 if mode == "heads" else 1) for a in names})
+    spec = {"mode": mode, "members": ["m0", "m1"], "adapters": names, "pooling": pooling}
+    return RewardEnsemble(model, tok, spec, heads).eval()
+
+
+@pytest.mark.parametrize("mode,pooling", [("heads", "last"), ("heads", "response"), ("adapters", "mean")])
+def test_reward_scoring_with_a_shared_head_scores_as_each_text_alone(tok, mode, pooling):
+    """A reward ensemble hosted on the policy's base shares the prompt head in scoring (PPOTrainer turns it on where
+    the policy's start-up check passed). Each text scored alone (one row, no padding, no sharing) is the independent
+    value; the shared batch must match it to rounding, read fewer token rows, and a batch that does not share must
+    take the plain path."""
+    ens = _ensemble(tok, mode, pooling)
+    header = tok.apply_chat_template([{"role": "system", "content": "you are a helpful movie critic . " * 6}],
+                                     tokenize=True, return_dict=True)["input_ids"]
+    rng = random.Random(0)
+    words = [i for i in range(len(tok)) if i not in tok.all_special_ids]
+    seqs = []
+    for k in (3, 7, 1, 5, 2, 6):  # conversations that differ after the system header; right-padded when scored
+        user = [rng.choice(words) for _ in range(k)]
+        seqs.append(tok.apply_chat_template([{"role": "user", "content": tok.decode(user)},
+                                             {"role": "assistant", "content": tok.decode(user[::-1])}],
+                                            tokenize=True, return_dict=True)["input_ids"])
+    seqs = [header + s for s in seqs]
+    alone = torch.cat([ens.score_sequences([s]) for s in seqs])
+    seen, handle = [], trunk_embedding(ens).register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
+    try:
+        ens.share_prefix = False
+        full = ens.score_sequences(seqs)
+        rows_full = sum(seen)
+        ens.share_prefix = True
+        shared = ens.score_sequences(seqs)
+        rows_shared = sum(seen) - rows_full
+        # a 10-token common head: not worth a pass for 6 rows ((6 − 1)·10 < 64 rows saved), though it would be for
+        # the 12 rows of a mixed-adapter batch — which must not share (one shared row cannot carry two adapters)
+        differ = [header[:10] + s[len(header):] for s in seqs]
+        assert not worth_sharing(len(differ), 10) and worth_sharing(2 * len(differ), 10)
+        plain = ens.score_sequences(differ)
+        rows_plain = sum(seen) - rows_full - rows_shared
+    finally:
+        handle.remove()
+    passes = len(ens.adapters) if mode == "adapters" else 1  # "adapters": one mixed batch of K copies, unshared
+    assert rows_full == passes * len(seqs) * max(map(len, seqs))
+    assert rows_plain == passes * len(differ) * max(map(len, differ))  # not worth sharing: the plain padded pass
+    # shared: per member, the head once and every row's columns after it
+    L = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)  # the common head, counted
+    assert L >= len(header)
+    assert rows_shared == passes * (L + len(seqs) * (max(map(len, seqs)) - L))
+    assert torch.allclose(full, alone, atol=1e-5), float((full - alone).abs().max())
+    assert torch.allclose(shared, alone, atol=1e-5), float((shared - alone).abs().max())
+    assert (alone[:, 0] - alone[:, 0].mean()).abs().max() > 1e-3  # the texts score differently: pooling matters
+    differ_alone = torch.cat([ens.score_sequences([s]) for s in differ])
+    assert torch.allclose(plain, differ_alone, atol=1e-5)
+
+
+def trunk_embedding(ens):
+    from rlhf_ext.models import trunk_of
+
+    return trunk_of(ens.model).get_input_embeddings()

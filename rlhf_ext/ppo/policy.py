@@ -34,7 +34,7 @@ from ..prefix_cache import positions
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder, forked_rng
-from .shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
+from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
                             shared_prefix_length, sliding_window, worth_sharing)
 
 POLICY, CRITIC = "policy", "critic"

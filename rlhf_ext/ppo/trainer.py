@@ -207,6 +207,9 @@ class PPOTrainer(Trainer):
                 if why is not None:
                     warnings.warn(f"share_prompt_prefix is off: {why}. Training is unaffected, only slower; set "
                                   f"share_prompt_prefix=False to silence this.")
+        for member in members:  # reward members on the policy's base score in its precision: exact there too
+            if isinstance(member, RewardEnsemble) and member.model is model:
+                member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
         if eval_dataset is not None:  # checked now, not at the first evaluation hours into the run
             tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1)

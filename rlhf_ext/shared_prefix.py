@@ -26,7 +26,7 @@ import inspect
 
 import torch
 
-from ..prefix_cache import positions
+from .prefix_cache import positions
 
 # Shared only where it pays: the extra batch-1 pass has a fixed cost (on CPU in bf16, SmolLM2-135M: 0.054 s for 31
 # tokens, of which ~0.038 s is per pass, not per token — ~75 token rows' worth of the full pass), so a batch shares
@@ -82,14 +82,19 @@ def split_batch(ids: torch.Tensor, mask: torch.Tensor, n_shared: int):
     return ids[:1, first:first + n_shared], ids[:, start:], full_mask, positions(mask)[:, start:]
 
 
-def shared_cache(trunk, shared: torch.Tensor, n_rows: int):
-    """The key/value cache of the shared tokens [1, L], run once through `trunk`, repeated to `n_rows` rows
-    (differentiable: the rows' gradients sum into the shared pass)."""
+def shared_pass(trunk, shared: torch.Tensor, n_rows: int):
+    """The shared tokens [1, L] run once through `trunk` → (their key/value cache repeated to `n_rows` rows, their
+    last hidden states [1, L, H]). Differentiable: the rows' gradients sum into the shared pass."""
     out = trunk(input_ids=shared, attention_mask=torch.ones_like(shared),
                 position_ids=torch.arange(shared.shape[1], device=shared.device)[None], use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_repeat_interleave(n_rows)
-    return cache
+    return cache, out.last_hidden_state
+
+
+def shared_cache(trunk, shared: torch.Tensor, n_rows: int):
+    """The key/value cache of the shared tokens [1, L] (`shared_pass`), repeated to `n_rows` rows."""
+    return shared_pass(trunk, shared, n_rows)[0]
 
 
 def shared_forward(model, trunk, ids, mask, n_shared: int, cache_kw: str, **kwargs):
@@ -110,3 +115,16 @@ def prefilled_prompts(trunk, ids, mask, n_shared: int):
     shared, rest, full_mask, _ = split_batch(ids, mask, n_shared)
     B = ids.shape[0]
     return torch.cat([shared.expand(B, -1), rest], 1), full_mask, shared_cache(trunk, shared, B)
+
+
+def shared_hidden(trunk, ids, mask, n_shared: int, cache_kw: str) -> torch.Tensor:
+    """`trunk`'s last hidden states [B, T, H] of a right-padded batch (every row starts at column 0, as a reward
+    model scores) whose rows share their first `n_shared` tokens: those run once, the rest of each row on their
+    repeated cache, and the shared states are put back in front, so any pooling reads the columns it would have."""
+    if int(leading_pads(mask).max()):
+        raise ValueError("shared_hidden takes right-padded rows (every row's first token in column 0).")
+    shared, rest, full_mask, rest_pos = split_batch(ids, mask, n_shared)
+    cache, h_shared = shared_pass(trunk, shared, ids.shape[0])
+    h_rest = trunk(input_ids=rest, attention_mask=full_mask, position_ids=rest_pos, use_cache=True,
+                   **{cache_kw: cache}).last_hidden_state
+    return torch.cat([h_shared.expand(ids.shape[0], -1, -1), h_rest], 1)
