@@ -7,13 +7,14 @@
 Everything after sampling is dense matmuls whose count is fixed by the algorithm, not by the implementation:
 
     reference forward (adapters off)                 F_layers + F_head
-    reward member forward (its adapter, no LM head)  F_full
+    reward member forward (its adapter, no LM head)  F_layers
     each PPO epoch: forward + backward               2 (F_layers + F_head)   (θ_old is epoch 1's forward)
 
 F_full = 2 × (matmul weights of the decoder, LoRA included) × B·T tokens + attention (QKᵀ, AV: 4·T·d per token and
 layer); F_layers is the same over the token rows the policy's passes run: with the rows' common prompt head shared
 (`PPOConfig.share_prompt_prefix`, on by default; `--share-prefix off` for full passes) that head's S tokens once
-(attending to S keys) and each row's other T − S; the reward member runs full rows.
+(attending to S keys) and each row's other T − S. A reward member hosted on the policy's base shares its batch's head
+too; its rows (its own tokenization of prompt + completion) are counted as the policy's.
 F_head = 2 · hidden · vocab × B·(R+1) (`logits_to_keep`). The backward of a frozen matmul still computes its
 input gradient (the same FLOPs as its forward): the adapters below need it. Divided by the best rate this CPU
 reaches (measured here: the model's matmul shapes, a 1024³ product, our own passes), that is the least time the work
@@ -100,31 +101,21 @@ def main():
 
     fb_s = timed(forward_backward)
 
-    def full_rows_forward():  # as the reward member runs: no shared head
-        on, pol.share_prefix = pol.share_prefix, False
-        try:
-            pol.logits(ro.ids, ro.mask, R)
-        finally:
-            pol.share_prefix = on
-
-    full_s = timed(full_rows_forward)
-
     cfg = pol.peft.get_base_model().config
     S = pol._n_shared(ro.ids, ro.mask, R)  # the common head the reference and training passes run once (0: none)
-    f_full = decoder_flops(pol.peft, B * T, T)
-    f_layers = decoder_flops(pol.peft, S, S) + decoder_flops(pol.peft, B * (T - S), T)  # = f_full when S = 0
+    f_layers = decoder_flops(pol.peft, S, S) + decoder_flops(pol.peft, B * (T - S), T)  # full rows when S = 0
     f_head = 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
-    after = (f_layers + f_head) + f_full + args.epochs * 2 * (f_layers + f_head)
+    after = (f_layers + f_head) + f_layers + args.epochs * 2 * (f_layers + f_head)  # reference, reward, epochs
     # the best rate seen anywhere: the model's two largest shapes, a large square product, our own passes
     peak = max(matmul_rate(B * T, cfg.hidden_size, cfg.intermediate_size, dtype),
                matmul_rate(B * (R + 1), cfg.hidden_size, cfg.vocab_size, dtype), matmul_rate(1024, 1024, 1024, dtype),
-               (f_layers + f_head) / fwd_s / 1e9, (f_full + f_head) / full_s / 1e9, 2 * (f_layers + f_head) / fb_s / 1e9)
+               (f_layers + f_head) / fwd_s / 1e9, 2 * (f_layers + f_head) / fb_s / 1e9)
     floor_after = after / peak / 1e9
-    real_after = fwd_s + full_s + args.epochs * fb_s  # reference, reward (≈ a full-row forward), epochs
+    real_after = 2 * fwd_s + args.epochs * fb_s  # reference, reward (≈ a policy forward), epochs
 
     print(f"\n{args.model}, LoRA on all layers, {args.precision}, {torch.get_num_threads()} threads; batch {B} × {T} "
           f"tokens ({R} response), {args.epochs} epochs; {S} common prompt tokens run once per policy pass "
-          f"({S + B * (T - S)} token rows; the reward member's {B * T})")
+          f"({S + B * (T - S)} token rows, the reward member's alike)")
     print(f"generation (the trainer's generate, median of 3)          {gen_s:7.2f} s")
     print(f"best {args.precision} rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
     fwd = (f_layers + f_head) / 1e9

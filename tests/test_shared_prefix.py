@@ -138,6 +138,7 @@ def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
     for a, b in zip(gs, gf):
         assert torch.allclose(a, b, atol=1e-5 + 1e-4 * float(b.abs().max())), float((a - b).abs().max())
     assert sum(float(b.abs().sum()) > 0 for b in gf) >= len(gf) // 2  # the loss reaches the adapters
+    check_reward_scoring_shares_exactly(pol.peft, tok, tr.policy_adapter)
 
 
 def _sample(policy, tok, ids, mask, n_new: int, share: bool):
@@ -301,22 +302,13 @@ def test_reward_scoring_with_a_shared_head_scores_as_each_text_alone(tok, mode, 
                                             tokenize=True, return_dict=True)["input_ids"])
     seqs = [header + s for s in seqs]
     alone = torch.cat([ens.score_sequences([s]) for s in seqs])
-    seen, handle = [], trunk_embedding(ens).register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
-    try:
-        ens.share_prefix = False
-        full = ens.score_sequences(seqs)
-        rows_full = sum(seen)
-        ens.share_prefix = True
-        shared = ens.score_sequences(seqs)
-        rows_shared = sum(seen) - rows_full
-        # a 10-token common head: not worth a pass for 6 rows ((6 − 1)·10 < 64 rows saved), though it would be for
-        # the 12 rows of a mixed-adapter batch — which must not share (one shared row cannot carry two adapters)
-        differ = [header[:10] + s[len(header):] for s in seqs]
-        assert not worth_sharing(len(differ), 10) and worth_sharing(2 * len(differ), 10)
-        plain = ens.score_sequences(differ)
-        rows_plain = sum(seen) - rows_full - rows_shared
-    finally:
-        handle.remove()
+    full, rows_full = _scored(ens, seqs, share=False)
+    shared, rows_shared = _scored(ens, seqs, share=True)
+    # a 10-token common head: not worth a pass for 6 rows ((6 − 1)·10 < 64 rows saved), though it would be for the 12
+    # rows of a mixed-adapter batch — which must not share (one shared row cannot carry two adapters)
+    differ = [header[:10] + s[len(header):] for s in seqs]
+    assert not worth_sharing(len(differ), 10) and worth_sharing(2 * len(differ), 10)
+    plain, rows_plain = _scored(ens, differ, share=True)
     passes = len(ens.adapters) if mode == "adapters" else 1  # "adapters": one mixed batch of K copies, unshared
     assert rows_full == passes * len(seqs) * max(map(len, seqs))
     assert rows_plain == passes * len(differ) * max(map(len, differ))  # not worth sharing: the plain padded pass
@@ -331,7 +323,36 @@ def test_reward_scoring_with_a_shared_head_scores_as_each_text_alone(tok, mode, 
     assert torch.allclose(plain, differ_alone, atol=1e-5)
 
 
-def trunk_embedding(ens):
+def _scored(ens, seqs, share: bool):
+    """`ens.score_sequences(seqs)` with sharing on or off → (scores, token rows the trunk's embedding read)."""
     from rlhf_ext.models import trunk_of
 
-    return trunk_of(ens.model).get_input_embeddings()
+    seen = []
+    handle = trunk_of(ens.model).get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
+    try:
+        ens.share_prefix = share
+        return ens.score_sequences(seqs), sum(seen)
+    finally:
+        handle.remove()
+
+
+def check_reward_scoring_shares_exactly(peft, tok, adapter: str):
+    """A reward member hosted on this base (the given adapter, a random head) scores a batch whose texts share a
+    24-token head as it scores each text alone, reading fewer token rows (the support table's architectures)."""
+    from torch import nn
+
+    from rlhf_ext.reward.ensemble import RewardEnsemble
+
+    from rlhf_ext.architectures import final_hidden_size
+
+    hidden = final_hidden_size(peft)  # OPT-350m projects its output below hidden_size
+    torch.manual_seed(4)
+    ens = RewardEnsemble(peft, tok, {"mode": "heads", "members": ["m"], "adapters": [adapter]},
+                         nn.ModuleDict({adapter: nn.Linear(hidden, 1)}), owns_base=False)
+    rng = random.Random(5)
+    head = [rng.randrange(len(tok)) for _ in range(24)]
+    seqs = [head + [rng.randrange(len(tok)) for _ in range(k)] for k in (3, 6, 1, 4, 2)]
+    alone = torch.cat([ens.score_sequences([s]) for s in seqs])
+    shared, rows_shared = _scored(ens, seqs, share=True)
+    assert rows_shared < len(seqs) * max(map(len, seqs))  # the shared path ran
+    assert torch.allclose(shared, alone, atol=2e-5), float((shared - alone).abs().max())
