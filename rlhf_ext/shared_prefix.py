@@ -18,6 +18,9 @@ Its remainder is the column slice [p_min + L, T) — the same slice for every ro
 with the columns before p_b + L masked: they hold row b's pads and shared tokens, which the cache already holds.
 Position ids are the full pass's. A sliding window counts columns, and the masked columns moved, so sharing is
 used only where the whole batch fits in the window (then no window ever cuts).
+
+Reward scoring (`RewardEnsemble` hosted on the policy's base) reads right-padded rows and pools over any of their
+columns: `shared_hidden` runs the head once the same way and puts its hidden states back in front of each row's.
 """
 
 from __future__ import annotations

@@ -31,11 +31,11 @@ from ..models import activation_checkpointing_on, trunk_of
 from ..plan.sizes import EXACT_KL_STATES
 from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
+from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
+                             shared_prefix_length, sliding_window, worth_sharing)
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder, forked_rng
-from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
-                            shared_prefix_length, sliding_window, worth_sharing)
 
 POLICY, CRITIC = "policy", "critic"
 

@@ -20,9 +20,9 @@ from torch import nn
 from ..adapters import active_adapter, eval_mode
 from ..data import pad_ids
 from ..models import activation_checkpointing_on, trunk_of
-from ..shared_prefix import (cache_argument, leading_pads, shared_hidden, shared_prefix_length, sliding_window,
-                                 worth_sharing)
 from ..rl_math import last_token_index
+from ..shared_prefix import (cache_argument, leading_pads, shared_hidden, shared_prefix_length, sliding_window,
+                             worth_sharing)
 
 
 def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
