@@ -43,6 +43,15 @@ def worth_sharing(n_rows: int, n_shared: int) -> bool:
     return n_shared >= MIN_SHARED_TOKENS and (n_rows - 1) * n_shared >= MIN_SAVED_ROWS
 
 
+def shared_length(ids: torch.Tensor, mask: torch.Tensor, n_resp: int, window: int | None, new_tokens: int = 0) -> int:
+    """How many leading tokens a pass over this batch runs once: the rows' common prompt head where sharing pays and
+    the batch, with `new_tokens` still to be sampled, fits the model's attention `window` (None: none); else 0."""
+    if window is not None and ids.shape[1] + new_tokens >= window:
+        return 0
+    n_shared = shared_prefix_length(ids, mask, n_resp)
+    return n_shared if worth_sharing(ids.shape[0], n_shared) else 0
+
+
 def leading_pads(mask: torch.Tensor) -> torch.Tensor:
     """Number of masked columns before each row's first token. [B, T] → [B]"""
     return (mask.cumsum(1) == 0).sum(1)

@@ -32,7 +32,7 @@ from ..plan.sizes import EXACT_KL_STATES
 from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
 from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, shared_forward,
-                             shared_prefix_length, sliding_window, worth_sharing)
+                             shared_length, sliding_window)
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder, forked_rng
@@ -192,11 +192,9 @@ class PolicyAndValue(nn.Module):
     def _n_shared(self, ids, mask, n_resp: int, new_tokens: int = 0) -> int:
         """How many leading tokens a pass over this batch runs once: its rows' common prompt head where sharing is
         on, pays, and the batch (with `new_tokens` still to be sampled) fits any sliding window; else 0."""
-        n_shared = shared_prefix_length(ids, mask, n_resp) if self.share_prefix else 0
-        fits = self._window is None or ids.shape[1] + new_tokens < self._window
-        # checkpointed layers drop a cache (transformers)
-        ok = worth_sharing(ids.shape[0], n_shared) and fits and not activation_checkpointing_on(self.peft)
-        return n_shared if ok else 0
+        if not self.share_prefix or activation_checkpointing_on(self.peft):  # checkpointed layers drop a cache
+            return 0
+        return shared_length(ids, mask, n_resp, self._window, new_tokens)
 
     def _critic_hidden(self, ids, mask, n_resp, h_low):
         trunk = trunk_of(self.peft)

@@ -21,8 +21,7 @@ from ..adapters import active_adapter, eval_mode
 from ..data import pad_ids
 from ..models import activation_checkpointing_on, trunk_of
 from ..rl_math import last_token_index
-from ..shared_prefix import (cache_argument, leading_pads, shared_hidden, shared_prefix_length, sliding_window,
-                             worth_sharing)
+from ..shared_prefix import cache_argument, leading_pads, shared_hidden, shared_length, sliding_window
 
 
 def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -210,13 +209,14 @@ class RewardEnsemble(nn.Module):
     is_gradient_checkpointing = is_activation_checkpointing
 
     # -- the scoring path ---------------------------------------------------------------------------------------
-    def hidden(self, input_ids, attention_mask, share: bool = True) -> torch.Tensor:
-        """Final hidden states of the trunk with the currently active adapter. [B, T] → [B, T, H]. `share=False`:
-        never a shared head (a mixed-adapter batch: PEFT gives each row its adapter, a shared pass has one row)."""
+    def hidden(self, input_ids, attention_mask, n_shared: int | None = None) -> torch.Tensor:
+        """Final hidden states of the trunk with the currently active adapter. [B, T] → [B, T, H]. `n_shared`: the
+        leading tokens to run once (None: `_n_shared`'s; 0 for a mixed-adapter batch, where PEFT gives each row its
+        adapter and a shared pass has one row)."""
         if self.prefix_cache is not None:
             return self.prefix_cache(input_ids, attention_mask)
         trunk = trunk_of(self.model)
-        n_shared = self._n_shared(input_ids, attention_mask) if share else 0
+        n_shared = self._n_shared(input_ids, attention_mask) if n_shared is None else n_shared
         if n_shared:
             return shared_hidden(trunk, input_ids, attention_mask, n_shared, cache_argument(trunk))
         return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -226,16 +226,12 @@ class RewardEnsemble(nn.Module):
         common head where sharing is on and pays, without gradients, and no attention window can cut; else 0."""
         if not self.share_prefix or torch.is_grad_enabled() or int(leading_pads(attention_mask).max()):
             return 0
-        window = sliding_window(trunk_of(self.model))
-        if window is not None and input_ids.shape[1] >= window:
-            return 0
-        n_shared = shared_prefix_length(input_ids, attention_mask, 0)
-        return n_shared if worth_sharing(input_ids.shape[0], n_shared) else 0
+        return shared_length(input_ids, attention_mask, 0, sliding_window(trunk_of(self.model)))
 
-    def _member(self, adapter, input_ids, attention_mask) -> torch.Tensor:
+    def _member(self, adapter, input_ids, attention_mask, n_shared: int | None = None) -> torch.Tensor:
         ctx = nullcontext() if self.spec["mode"] == "full" else active_adapter(self.model, adapter)
         with ctx:
-            h = self.hidden(input_ids, attention_mask)
+            h = self.hidden(input_ids, attention_mask, n_shared)
         return self.heads[adapter](self._pool(h, input_ids, attention_mask))
 
     def _pool(self, hidden, input_ids, attention_mask) -> torch.Tensor:
@@ -247,12 +243,13 @@ class RewardEnsemble(nn.Module):
         if self.spec["mode"] != "adapters":
             return self._member(self.adapters[0], input_ids, attention_mask)
         # PEFT mixes adapters in one batch in eval only; a shared head runs once per member, not once per mixed batch
-        if self.model.training or self.prefix_cache is not None or self._n_shared(input_ids, attention_mask):
-            return torch.cat([self._member(a, input_ids, attention_mask) for a in self.adapters], -1)
+        n_shared = self._n_shared(input_ids, attention_mask)
+        if self.model.training or self.prefix_cache is not None or n_shared:
+            return torch.cat([self._member(a, input_ids, attention_mask, n_shared) for a in self.adapters], -1)
         K, B = len(self.adapters), input_ids.shape[0]
         ids, mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)
         with self.model._enable_peft_forward_hooks(adapter_names=[a for a in self.adapters for _ in range(B)]):
-            pooled = self._pool(self.hidden(ids, mask, share=False), ids, mask)
+            pooled = self._pool(self.hidden(ids, mask, n_shared=0), ids, mask)
         return torch.cat([self.heads[a](pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)], -1)
 
     @torch.no_grad()
