@@ -505,3 +505,49 @@ def test_response_pooling_needs_a_chat_template(tmp_path, tiny_path, tok, pref_d
 def test_heads_only_refuses_adapter_members(tmp_path):
     with pytest.raises(ValueError, match="ensemble_mode='heads'"):
         make_args(tmp_path, heads_only=True, ensemble_mode="adapters", ensemble_size=3)
+
+
+def test_normalization_reads_the_first_eval_pairs_within_max_length_tokenized_once(tmp_path, tiny_path, tok):
+    """The normalisation statistics after train(): per-member mean and std of the rewards of the chosen and rejected
+    responses of the first `normalization_samples` eval pairs that fit `max_length` — the eval set as __init__
+    prepared it, not tokenized a second time. Checked against each response scored alone (one unpadded row) from
+    the chat template's own token ids; a dataset handed to compute_normalization() is still prepared."""
+    from trl import RewardTrainer
+
+    train, test = preference_rows(32, 0, True), preference_rows(40, 1, True)
+
+    def ids(row, side):
+        return tok.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)["input_ids"]
+
+    lengths = sorted(max(len(ids(r, "chosen")), len(ids(r, "rejected"))) for r in test)
+    limit = sorted(set(lengths))[-2]  # the longest pairs are dropped: the filter matters
+    kept = [r for r in test if max(len(ids(r, "chosen")), len(ids(r, "rejected"))) <= limit]
+    assert 8 < len(kept) < len(test)
+    tr = RewardEnsembleTrainer(tiny_path, args=_quick(tmp_path, ensemble_size=2, max_length=limit,
+                                                      normalization_samples=8),
+                               train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(test),
+                               processing_class=tok)
+    prepared = []
+    original = RewardTrainer._prepare_dataset
+    RewardTrainer._prepare_dataset = lambda self, *a, **k: prepared.append(a[-1]) or original(self, *a, **k)
+    try:
+        tr.train()
+        assert prepared == []  # the eval set was tokenized once, at __init__
+        ens = tr.accelerator.unwrap_model(tr.model)
+        with torch.no_grad():
+            alone = torch.cat([ens.score_ids(torch.tensor([ids(r, side)]), torch.ones(1, len(ids(r, side)),
+                                                                                        dtype=torch.long))
+                               for r in kept[:8] for side in ("chosen", "rejected")])  # [16, K]
+        assert tr.normalization["n"] == 16
+        assert tr.normalization["mean"] == pytest.approx(alone.mean(0).tolist(), abs=1e-5)
+        assert tr.normalization["std"] == pytest.approx(alone.std(0).tolist(), abs=1e-5)
+        again = tr.compute_normalization(Dataset.from_list(test[::-1]))  # given a raw dataset: prepared, filtered
+        assert prepared == ["reference"] and again["n"] == 16
+        last = [r for r in test[::-1] if r in kept][:8]
+        with torch.no_grad():
+            alone = torch.cat([ens.score_ids(torch.tensor([ids(r, side)]), torch.ones(1, len(ids(r, side)),
+                                                                                        dtype=torch.long))
+                               for r in last for side in ("chosen", "rejected")])
+        assert again["mean"] == pytest.approx(alone.mean(0).tolist(), abs=1e-5)
+    finally:
+        RewardTrainer._prepare_dataset = original

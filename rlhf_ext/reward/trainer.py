@@ -324,7 +324,6 @@ class RewardEnsembleTrainer(RewardTrainer):
         if data_collator is None:
             data_collator = EnsemblePreferenceCollator(pad_token_id=processing_class.pad_token_id,
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
-        self._raw_reference = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, dict) else train_dataset
         check = _GradientReachCheck(self._reach_params(ens), self.quantized)
         if args.gradient_checkpointing and args.ddp_find_unused_parameters is None:
             # What transformers does for its own models (ours is not a PreTrainedModel): DDP's unused-parameter
@@ -562,8 +561,11 @@ class RewardEnsembleTrainer(RewardTrainer):
     def compute_normalization(self, dataset=None, max_pairs: int | None = None) -> dict:
         """Per-member mean/std of rewards on a reference set (chosen and rejected responses): the first
         `normalization_samples` pairs of the eval set (else the training set), a stream included."""
-        dataset = self._prepare_dataset(dataset if dataset is not None else self._raw_reference,
-                                        self.processing_class, self.args, "reference")
+        if dataset is None:  # tokenized and filtered at __init__ (`_prepare_dataset`): not a second time here
+            single_eval = self.eval_dataset is not None and not isinstance(self.eval_dataset, dict)
+            dataset = self.eval_dataset if single_eval else self.train_dataset
+        else:
+            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "reference")
         limit = max_pairs or self.args.normalization_samples
         if isinstance(dataset, Dataset):
             n = min(len(dataset), limit)
