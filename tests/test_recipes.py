@@ -261,14 +261,16 @@ def test_recipe_runs_as_shipped(runs, config):
 def test_ppo_recipe_evaluates_and_rotates_checkpoints(runs):
     """TrainingArguments given on the command line reach the PPO run: `--eval_strategy steps` samples the dataset's
     test split each iteration (eval_* metrics, as TRL's recipes pass `dataset_test_split`), `--save_total_limit 1`
-    keeps only the newest checkpoint."""
+    keeps only the newest checkpoint. (A smaller batch and shorter completions than shipped: what is tested here is
+    the command line reaching the run, and the shipped settings run in test_recipe_runs_as_shipped.)"""
     config = RECIPES / "configs" / "ppo_smollm2_sentiment.yaml"
     rm_config = reward_config_for(config)
     rm = runs.reward(rm_config)
     base = runs.base_for([rm_config, config])
     r = runs.run(config, ["--model_name_or_path", base, "--reward_model_path", str(rm.output_dir),
                           "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps",
-                          "--save_steps", "1", "--save_total_limit", "1", "--output_dir", str(runs.tmp / "out" / "eval")])
+                          "--save_steps", "1", "--save_total_limit", "1", "--per_device_train_batch_size", "8",
+                          "--max_completion_length", "16", "--output_dir", str(runs.tmp / "out" / "eval")])
     evals = [line for line in r.stdout.splitlines() if "'eval_kl'" in line]
     assert len(evals) == 2, r.stdout[-3000:]
     assert sorted(p.name for p in (runs.tmp / "out" / "eval").glob("checkpoint-*")) == ["checkpoint-2"]
