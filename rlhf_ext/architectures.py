@@ -5,7 +5,8 @@ Default LoRA targets come from PEFT's own table (`peft.utils.constants.TRANSFORM
 MAPPING`: query + value projections, `c_attn` for GPT-2, `query_key_value` for GPT-NeoX, …), so a model PEFT knows gets
 what PEFT would pick. For a model type PEFT does not list (Phi-3, OLMo 2, SmolLM3, Qwen3-MoE in peft 0.21), the same
 convention is applied to the attention projections found in the model's layer stack: query + value when they are
-separate, the fused projection when they are not (`qkv_proj`, `Wqkv`, …), else every attention projection. The tested
+separate, the fused projection when they are not (`qkv_proj`, `Wqkv`, …), else every attention projection. Hybrid
+stacks (Qwen3.5, LFM2, Granite 4) also adapt the fused input projection of their other layers' token mixer. The tested
 architectures and what works on each: README "Supported architectures" (`python scripts/support_table.py`).
 """
 
@@ -18,8 +19,12 @@ from torch import nn
 # Separate query/value projections as families name them, most common first; fused q/k/v projections.
 _QUERY_VALUE = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
 _FUSED_QKV = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack", "qkv", "in_proj")
+# The fused input projection of a token mixer that is not attention (linear attention: Qwen3-Next / Qwen3.5's Gated
+# DeltaNet; short convolutions: LFM2; state-space layers), preferred in this order.
+_MIXER_INPUT = ("in_proj_qkvz", "in_proj_qkv", "in_proj")
 _ATTENTION = re.compile(r"(?:^|\.)(?:self_attn|self_attention|attention|attn|mixer)(?:\.|$)", re.I)
 _IN_LAYER_STACK = re.compile(r"\.(?:layers|h|blocks|block|layer)\.\d+\.")
+_LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|block|layer)\.\d+)\.")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -57,9 +62,10 @@ def default_lora_target_modules(model) -> list[str]:
 
     PEFT's mapping for the model type (the text model's type for multimodal configs) when every name in it exists in
     the model; otherwise the attention projections of the layer stack: query + value (separate), the fused q/k/v
-    projection, or all of them. In a multimodal model (Gemma 3 4B+, …) only the language model's modules: full names
-    when the vision tower has modules of the same name. Raises `UnsupportedArchitectureError` naming the architecture
-    when nothing fits — pass `target_modules` explicitly then."""
+    projection, or all of them. In a hybrid stack, the layers without those (linear attention, convolutions) add
+    their token mixer's fused input projection. In a multimodal model (Gemma 3 4B+, …) only the language model's
+    modules: full names when the vision tower has modules of the same name. Raises `UnsupportedArchitectureError`
+    naming the architecture when nothing fits — pass `target_modules` explicitly then."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
     hf = _hf(model)
@@ -71,25 +77,36 @@ def default_lora_target_modules(model) -> list[str]:
     for t in types:
         mapped = PEFT_DEFAULTS.get(t)
         if mapped and all(name in present for name in mapped):
-            return _within_language_model(hf, list(mapped), present)
+            return _within_language_model(hf, list(mapped) + _mixer_inputs(present, list(mapped)), present)
 
     # Not in PEFT's table (or its names are not in this model): the attention projections inside the layer stack
     attention = {leaf: names for leaf, names in present.items()
                  if any(_IN_LAYER_STACK.search("." + n + ".") and _ATTENTION.search(n.rsplit(".", 1)[0]) for n in names)}
-    for q, v in _QUERY_VALUE:
-        if q in attention and v in attention:
-            return _within_language_model(hf, [q, v], present)
-    fused = [f for f in _FUSED_QKV if f in attention]
-    if fused:
-        return _within_language_model(hf, fused[:1], present)
-    if attention:
-        return _within_language_model(hf, sorted(attention), present)
+    chosen = next(([q, v] for q, v in _QUERY_VALUE if q in attention and v in attention), None)
+    chosen = chosen or [f for f in _FUSED_QKV if f in attention][:1] or sorted(attention)
+    if chosen:
+        return _within_language_model(hf, chosen + _mixer_inputs(present, chosen), present)
     raise UnsupportedArchitectureError(
         f"rlhf_ext has no default LoRA target modules for {architecture_name(hf)}: PEFT's table has no entry for it "
         f"and no attention projection (nn.Linear / Conv1D under an attention module of the decoder layers) was found. "
         f"Pass `peft_config=LoraConfig(target_modules=[...])` naming the modules to adapt (e.g. "
         f"target_modules='all-linear')."
     )
+
+
+def _mixer_inputs(present: dict[str, list[str]], chosen: list[str]) -> list[str]:
+    """In a hybrid layer stack (Qwen3.5: three linear-attention layers to one attention layer; LFM2: convolutions),
+    the layers without the `chosen` attention projections would get no adapter: their token mixer's fused input
+    projection (`_MIXER_INPUT`) where every such layer has one, so each layer is adapted as attention layers are."""
+    def layers(names):
+        return {m.group(1) for n in names if (m := _LAYER.match("." + n))}  # "." + : a trunk's names start "layers."
+
+    covered = layers(n for leaf in chosen for n in present[leaf])
+    every = layers(n for names in present.values() for n in names)
+    uncovered = every - covered
+    if not covered or not uncovered:
+        return []
+    return next(([leaf] for leaf in _MIXER_INPUT if leaf in present and uncovered <= layers(present[leaf])), [])
 
 
 def _language_model_prefix(hf) -> str | None:

@@ -221,7 +221,14 @@ def ensure_pad_token(tokenizer):
 def trunk_of(model):
     """The transformer body (e.g. LlamaModel) of a causal/seq-cls/trunk model, seen through a PEFT wrapper."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return hf.base_model if hasattr(hf, "base_model_prefix") and hasattr(hf, hf.base_model_prefix) else hf
+    if hasattr(hf, "base_model_prefix") and hasattr(hf, hf.base_model_prefix):
+        return hf.base_model
+    # a prefix that names no attribute (Llama4ForCausalLM: "language_model", its body is `.model`): the one
+    # transformers model among the children; a body itself (LlamaModel) has none
+    from transformers import PreTrainedModel
+
+    inner = [m for _, m in hf.named_children() if isinstance(m, PreTrainedModel)]
+    return inner[0] if len(inner) == 1 else hf
 
 
 def activation_checkpointing_on(model) -> bool:

@@ -77,6 +77,14 @@ def sliding_window(model) -> int | None:
     return getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None) or None
 
 
+def recurrent_layer_types(model) -> list[str]:
+    """The layer types of a hybrid stack whose cache is a running state rather than keys and values (Qwen3.5's
+    "linear_attention", LFM2's "conv", Granite 4's "mamba"). Such a state would run through the masked columns between
+    the shared head and a row's remainder (`split_batch`), so sharing is never exact there."""
+    types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    return sorted({t for t in types if t == "linear_attention" or "attention" not in t})
+
+
 def cache_argument(model) -> str:
     """What the model's forward calls its key/value cache: `cache` (transformers ≥ 5.2x) or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

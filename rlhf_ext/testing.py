@@ -117,6 +117,30 @@ ARCHITECTURES = {
     "opt-350m": ("OPTConfig", "OPTForCausalLM", dict(word_embed_proj_dim=16, do_layer_norm_before=False, init_std=0.2)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict()),  # post-norms, q/k norms
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2)),  # a NoPE layer
+    # attention sinks, a mixture of experts, sliding and full attention alternating
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 8, "rope_theta": 150000.0})),  # YaRN, as released
+    # Llama 4's text model: chunked attention, a routed + shared expert; its body is `.model` under the prefix
+    # "language_model"
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64)),
+    # multi-head latent attention (low-rank q and kv projections, a decoupled rotary part); dense first layer, then
+    # routed experts
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4,
+        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16, n_group=1,
+        topk_group=1)),
+    # hybrids: layers whose token mixer keeps a running state instead of keys and values
+    "qwen3.5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(  # Gated DeltaNet linear attention + attention
+        head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention"])),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # short convolutions
+    "granite4": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(  # Mamba 2 layers
+        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8, mamba_d_head=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, num_local_experts=0, shared_intermediate_size=64)),
 }
 
 
@@ -147,6 +171,9 @@ def tiny_arch_config(arch: str, tokenizer=None, hidden_size: int = 32, num_layer
         cfg["head_dim"] = hidden_size // 4
         if "query_pre_attn_scalar" in extra:
             cfg["query_pre_attn_scalar"] = hidden_size // 4
+    if "mamba_d_head" in extra:  # Mamba's heads span its inner width, expand × hidden
+        cfg["mamba_d_head"] = extra["mamba_expand"] * hidden_size // extra["mamba_n_heads"]
+        cfg["shared_intermediate_size"] = 2 * hidden_size
     if "word_embed_proj_dim" in extra:
         cfg["word_embed_proj_dim"] = hidden_size // 2
     if "layer_types" in extra:
@@ -162,6 +189,10 @@ def tiny_model_for(arch: str, tokenizer=None, seed: int = 0, **kw):
     config = tiny_arch_config(arch, tokenizer, **kw)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHITECTURES[arch][1])(config)
+    embedding = model.get_input_embeddings()
+    if getattr(embedding, "padding_idx", None) is not None:  # a checkpoint's EOS / pad row is trained, not the zeros
+        with torch.no_grad():  # of a fresh init (a recurrent layer gated by its input then outputs zeros there)
+            embedding.weight[embedding.padding_idx].normal_(0.0, getattr(config, "initializer_range", 0.02))
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.bos_token_id = None

@@ -23,7 +23,10 @@ START, END = "<!-- SUPPORT:START -->", "<!-- SUPPORT:END -->"
 
 FAMILY = {"llama3": "Llama 3", "qwen2.5": "Qwen2.5", "qwen3": "Qwen3", "qwen3-moe": "Qwen3-MoE", "mistral": "Mistral",
           "gemma2": "Gemma 2", "gemma3": "Gemma 3 (text)", "phi3": "Phi-3", "gpt2": "GPT-2", "gpt-neox": "GPT-NeoX / Pythia",
-          "opt": "OPT", "opt-350m": "OPT-350m (project_in/out)", "olmo2": "OLMo 2", "smollm3": "SmolLM3"}
+          "opt": "OPT", "opt-350m": "OPT-350m (project_in/out)", "olmo2": "OLMo 2", "smollm3": "SmolLM3",
+          "gpt-oss": "gpt-oss (sinks, MoE)", "llama4": "Llama 4 (text)", "deepseek-v3": "DeepSeek-V3 (latent attention)",
+          "qwen3.5": "Qwen3.5 (linear attention hybrid)", "lfm2": "LFM2 (convolution hybrid)",
+          "granite4": "Granite 4 (Mamba hybrid)"}
 
 # column -> (test function, extra parameter values that select the cell)
 COLUMNS = {
@@ -35,7 +38,8 @@ COLUMNS = {
     "PEFT reload (logits 1e-5)": ("test_policy_reloads_with_plain_peft", {}),
     "4-bit NF4 (CPU)": ("test_4bit_ppo", {}),
 }
-EXACTNESS_COLUMNS = {"frozen-prefix cache", "shared prompt prefix"}  # a pass means "on, and exact"
+# a pass means "on, and exact" — or, where the test recorded "off (reason)", off for that reason, which it checked
+EXACTNESS_COLUMNS = {"frozen-prefix cache": "prefix_cache", "shared prompt prefix": "shared_prefix"}
 
 # tests without parameters -> what they show (a bullet under the table)
 CHECKS = {
@@ -108,6 +112,9 @@ def _cell(result, column: str) -> str:
         return "not run"
     outcome, detail, props = result
     if outcome == "passed":
+        state = str(props.get(EXACTNESS_COLUMNS.get(column), ""))
+        if state.startswith("off ("):  # "off (<model> has …: <why>)" → "off: <model> has …"
+            return "off: " + state.removeprefix("off (").split(":")[0]
         return "exact (on)" if column in EXACTNESS_COLUMNS else "✓"
     if column == "check":
         return f"✗ ({outcome}: {detail})" if detail else f"✗ ({outcome})"

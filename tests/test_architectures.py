@@ -19,6 +19,7 @@ records what it saw with `record_property`).
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -44,6 +45,11 @@ EXPECTED_TARGETS = {
     "qwen3-moe": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
     "gemma3": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt-neox": ["query_key_value"],
     "opt": ["q_proj", "v_proj"], "opt-350m": ["q_proj", "v_proj"], "olmo2": ["q_proj", "v_proj"], "smollm3": ["q_proj", "v_proj"],
+    "gpt-oss": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "deepseek-v3": ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"],  # latent attention: all
+    # hybrids: attention layers' q/v, the other layers' fused mixer input (linear attention, convolution, Mamba)
+    "qwen3.5": ["q_proj", "v_proj", "in_proj_qkv"], "lfm2": ["q_proj", "v_proj", "in_proj"],
+    "granite4": ["q_proj", "v_proj", "in_proj"],
 }
 # Cells known not to work yet: (arch, test) -> reason (shown as xfail, and in the support table).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
@@ -102,12 +108,28 @@ def test_default_lora_targets(arch, tok, record_property):
     from rlhf_ext.models import trunk_of
 
     assert default_lora_target_modules(trunk_of(model)) == targets  # the reward trunk resolves the same
+    expected = _modules_named(model, targets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GPT-2: PEFT switches fan_in_fan_out on for Conv1D itself
         peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
     lora_layers = [n for n, m in peft.named_modules() if isinstance(m, BaseTunerLayer)]
     assert {n.rsplit(".", 1)[-1] for n in lora_layers} == set(targets)
-    assert len(lora_layers) == len(targets) * model.config.get_text_config().num_hidden_layers
+    assert len(lora_layers) == len(expected)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    assert {_layer_index(n) for n in lora_layers} == set(range(n_layers))  # every layer adapted, hybrids included
+
+
+def _modules_named(model, leaves, layers=None) -> list[str]:
+    """Names of `model`'s linear / Conv1D modules whose last name is in `leaves` (in decoder layers `layers`: all)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+            and n.rsplit(".", 1)[-1] in leaves and (layers is None or _layer_index(n) in layers)]
+
+
+def _layer_index(name: str) -> int | None:
+    found = re.search(r"\.(?:layers|h)\.(\d+)\.", "." + name)
+    return int(found.group(1)) if found else None
 
 
 # ------------------------------------------------------------------------------------------------ reward models
@@ -134,7 +156,9 @@ def test_reward_ensemble_trains(arch, mode, tmp_path, tok):
     lora_b = [n for n in params if "lora_B" in n]
     n_layers = tr.model.config.get_text_config().num_hidden_layers
     adapters = 2 if mode == "adapters" else 1
-    assert len(lora_b) == adapters * len(EXPECTED_TARGETS[arch]) * (1 if top else n_layers)
+    adapted = _modules_named(tiny_model_for(arch, tok), EXPECTED_TARGETS[arch],
+                             range(n_layers - top, n_layers) if top else None)
+    assert adapted and len(lora_b) == adapters * len(adapted)
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert losses and all(math.isfinite(v) for v in losses)
