@@ -13,6 +13,7 @@ architectures and what works on each: README "Supported architectures" (`python 
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -154,7 +155,28 @@ def resolve_lora_config(peft_config, model, **defaults):
         return LoraConfig(**defaults, target_modules=default_lora_target_modules(model))
     if getattr(peft_config, "target_modules", "n/a") is None and not getattr(peft_config, "target_parameters", None):
         peft_config.target_modules = default_lora_target_modules(model)
+    elif getattr(peft_config, "layers_to_transform", None) is None:
+        hint = unadapted_layers_hint(model, getattr(peft_config, "target_modules", None))
+        if hint:
+            warnings.warn(hint, UserWarning, stacklevel=3)
     return peft_config
+
+
+def unadapted_layers_hint(model, target_modules) -> str | None:
+    """Where explicit `target_modules` (names, as recipes list them) leave a hybrid's non-attention layers without an
+    adapter — `[q_proj, k_proj, v_proj, o_proj]` on Qwen3.5 adapts one layer in four —, what to add; else None."""
+    if not isinstance(target_modules, (list, tuple, set)):
+        return None  # "all-linear" or a regular expression: what it matches is the user's choice
+    hf = _hf(model)
+    present = _leaf_names(hf, _lora_layer_types())
+    named = [t for t in target_modules if t in present]
+    missing = _mixer_inputs(present, named) if named else []
+    if not missing:
+        return None
+    return (f"LoRA target_modules {sorted(target_modules)} leave the layers of {architecture_name(hf)} whose token "
+            f"mixer is not attention (linear attention, convolution or state space) without an adapter. Add "
+            f"{missing[0]!r} to target_modules to adapt every layer, as rlhf_ext's default targets do (or leave "
+            f"target_modules unset for those defaults); ignore this if it is intended.")
 
 
 def final_hidden_size(model) -> int:

@@ -137,6 +137,10 @@ ARCHITECTURES = {
     "qwen3.5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(  # Gated DeltaNet linear attention + attention
         head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
         layer_types=["linear_attention", "full_attention"])),
+    "qwen3.5-moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(  # the same, with routed + shared experts
+        head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["linear_attention", "full_attention"])),
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # short convolutions
     "granite4": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(  # Mamba 2 layers
         layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8, mamba_d_head=16,

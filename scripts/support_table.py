@@ -25,7 +25,8 @@ FAMILY = {"llama3": "Llama 3", "qwen2.5": "Qwen2.5", "qwen3": "Qwen3", "qwen3-mo
           "gemma2": "Gemma 2", "gemma3": "Gemma 3 (text)", "phi3": "Phi-3", "gpt2": "GPT-2", "gpt-neox": "GPT-NeoX / Pythia",
           "opt": "OPT", "opt-350m": "OPT-350m (project_in/out)", "olmo2": "OLMo 2", "smollm3": "SmolLM3",
           "gpt-oss": "gpt-oss (sinks, MoE)", "llama4": "Llama 4 (text)", "deepseek-v3": "DeepSeek-V3 (latent attention)",
-          "qwen3.5": "Qwen3.5 (linear attention hybrid)", "lfm2": "LFM2 (convolution hybrid)",
+          "qwen3.5": "Qwen3.5 (linear attention hybrid)", "qwen3.5-moe": "Qwen3.5-MoE (hybrid, experts)",
+          "lfm2": "LFM2 (convolution hybrid)",
           "granite4": "Granite 4 (Mamba hybrid)"}
 
 # column -> (test function, extra parameter values that select the cell)
@@ -55,6 +56,14 @@ CHECKS = {
     "test_no_default_targets_is_refused_naming_the_architecture":
         "A model type PEFT does not list and whose attention projections cannot be found is refused at start-up, "
         "naming the architecture and asking for `target_modules`.",
+    "test_explicit_targets_that_skip_a_hybrids_layers_warn_with_the_fix":
+        "Explicit attention-only `target_modules` on a hybrid (the 7B recipes' q/k/v/o on Qwen3.5 adapt one layer in "
+        "four) warn at start-up, naming the module to add (`in_proj_qkv`, `in_proj`); lists that reach every layer, "
+        "`all-linear` and dense models do not.",
+    "test_qwen3_5_as_released_loads_as_its_language_model_and_trains":
+        "Qwen3.5 as released (`Qwen3_5ForConditionalGeneration`: vision tower + hybrid language model, one composite "
+        "config) loads through `load_model` as its language model alone, with the released model's text logits; "
+        "PPO trains within δ.",
     "test_prefix_cache_off_with_a_reason_where_inexact":
         "The frozen-prefix cache switches itself off, with a warning giving the reason, where it would be inexact "
         "(dropout kept below the adapted layers).",

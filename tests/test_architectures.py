@@ -48,7 +48,8 @@ EXPECTED_TARGETS = {
     "gpt-oss": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
     "deepseek-v3": ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"],  # latent attention: all
     # hybrids: attention layers' q/v, the other layers' fused mixer input (linear attention, convolution, Mamba)
-    "qwen3.5": ["q_proj", "v_proj", "in_proj_qkv"], "lfm2": ["q_proj", "v_proj", "in_proj"],
+    "qwen3.5": ["q_proj", "v_proj", "in_proj_qkv"], "qwen3.5-moe": ["q_proj", "v_proj", "in_proj_qkv"],
+    "lfm2": ["q_proj", "v_proj", "in_proj"],
     "granite4": ["q_proj", "v_proj", "in_proj"],
 }
 # Cells known not to work yet: (arch, test) -> reason (shown as xfail, and in the support table).
@@ -361,6 +362,34 @@ def test_no_default_targets_is_refused_naming_the_architecture(tmp_path, tok):
                               processing_class=tok, peft_config=LoraConfig(r=4))
 
 
+def test_explicit_targets_that_skip_a_hybrids_layers_warn_with_the_fix(tmp_path, tok):
+    """Attention-only target_modules (the 7B recipes' q/k/v/o) on Qwen3.5 adapt one layer in four: the trainers warn,
+    naming the module to add. Target lists that reach every layer (with the mixer input, or the MLP), "all-linear",
+    the default targets and a dense model do not warn; whatever is asked is what gets adapted."""
+    from rlhf_ext.architectures import resolve_lora_config
+
+    def hints(arch, targets):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            cfg = resolve_lora_config(LoraConfig(r=4, target_modules=targets), tiny_model_for(arch, tok))
+        return [str(w.message) for w in seen if "LoRA target_modules" in str(w.message)], cfg
+
+    for arch, leaf in (("qwen3.5", "in_proj_qkv"), ("lfm2", "in_proj"), ("granite4", "in_proj")):
+        found, cfg = hints(arch, ["q_proj", "k_proj", "v_proj", "o_proj"])
+        assert len(found) == 1 and f"Add '{leaf}' to target_modules" in found[0] and arch.split(".")[0][:4] in \
+            found[0].lower(), found
+        assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # not changed behind the user
+    for arch, targets in (("qwen3.5", ["q_proj", "v_proj", "in_proj_qkv"]), ("qwen3.5", ["q_proj", "gate_proj"]),
+                          ("qwen3.5", "all-linear"), ("qwen3.5", None), ("llama3", ["q_proj", "v_proj"])):
+        assert hints(arch, targets)[0] == [], (arch, targets)
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=1, use_cpu=True, report_to="none",
+                                save_strategy="no")
+    with pytest.warns(UserWarning, match="Qwen3_5.*qwen3_5_text.*Add 'in_proj_qkv'"):  # the reward trunk
+        RewardEnsembleTrainer(tiny_model_for("qwen3.5", tok), args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list(preference_rows(4, 0)),
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
 def test_moe_router_jitter_is_refused_at_start_up_and_switched_off_from_the_config(tmp_path, tok):
     """Qwen3-MoE's router is deterministic (it passes above). Mixtral's `router_jitter_noise` multiplies the router
     input by noise in training mode only: PPO's ratios and KL guard would be inexact, so the start-up check refuses it
@@ -424,3 +453,32 @@ def test_multimodal_gemma3_adapts_the_language_model_only(tmp_path, tok):
     assert len(lora_b) == 4 and not any("vision_tower" in n for n in lora_b)
     tr.train()  # the gradient check passes: every adapter matrix is in the loss
     assert all(not torch.equal(lora_b[n], p) for n, p in tr.model.named_parameters() if n in lora_b)
+
+
+def test_qwen3_5_as_released_loads_as_its_language_model_and_trains(tmp_path, tok):
+    """Qwen3.5 checkpoints are released as Qwen3_5ForConditionalGeneration: a vision tower and the hybrid language
+    model under one composite config. `load_model` (AutoModelForCausalLM) reads the language model alone — the same
+    text logits as the released model —, the default LoRA adapts every one of its layers, and PPO stays within δ
+    (independent oracle) with every LoRA-B moving."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from rlhf_ext.testing import tiny_arch_config
+
+    torch.manual_seed(0)
+    released = Qwen3_5ForConditionalGeneration(Qwen3_5Config(
+        text_config=tiny_arch_config("qwen3.5", tok).to_dict(),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=4, temporal_patch_size=1, spatial_merge_size=1))).eval()
+    released.save_pretrained(tmp_path / "released")
+    tok.save_pretrained(tmp_path / "released")
+    model = load_model(str(tmp_path / "released"), "causal")
+    assert type(model).__name__ == "Qwen3_5ForCausalLM"
+    ids = torch.tensor([tok.apply_chat_template(prompt_data(1)[0]["prompt"], tokenize=True, return_dict=True,
+                                                add_generation_prompt=True)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, released(input_ids=ids).logits, atol=1e-5)
+    assert default_lora_target_modules(model) == ["q_proj", "v_proj", "in_proj_qkv"]
+    tr, rows, before = _ppo(tmp_path, tok, str(tmp_path / "released"), iterations=1)
+    _check_kl(rows, 1)
+    lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
+    assert lora_b and all(not torch.equal(before[n], p) for n, p in tr.model.named_parameters() if n in lora_b)
