@@ -78,9 +78,10 @@ def sliding_window(model) -> int | None:
 
 
 def recurrent_layer_types(model) -> list[str]:
-    """The layer types of a hybrid stack whose cache is a running state rather than keys and values (Qwen3.5's
-    "linear_attention", LFM2's "conv", Granite 4's "mamba"). Such a state would run through the masked columns between
-    the shared head and a row's remainder (`split_batch`), so sharing is never exact there."""
+    """The layer types of a hybrid stack whose cache is a running state rather than keys and values ("linear_attention":
+    transformers' name for Qwen3.5's Gated DeltaNet and Granite 4's Mamba layers alike; LFM2's "conv"; any other type
+    that is not attention). Such a state would run through the masked columns between the shared head and a row's
+    remainder (`split_batch`), so sharing is never exact there."""
     types = getattr(model.config.get_text_config(), "layer_types", None) or []
     return sorted({t for t in types if t == "linear_attention" or "attention" not in t})
 
