@@ -18,13 +18,14 @@ from transformers import TrainerCallback
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.models import load_model
-from rlhf_ext.testing import save_tiny_model
+from rlhf_ext.testing import save_tiny_model, save_tiny_model_for
 
 from .conftest import FOUR_BIT_HIDDEN
 from .kl_oracle import exact_batch_kl
 
 DELTA = 0.1
 ATTN = ["q_proj", "v_proj"]
+HYBRID_TARGETS = ["q_proj", "v_proj", "in_proj_qkv"]
 
 
 def positive(tok, scale=10.0):
@@ -77,6 +78,9 @@ CASES = {
     "bf16 autocast, attention": (ATTN, {}, {}, {"bf16": True}, "positive", False),
     "bf16 weights, prefix cache, separate critic": (ATTN, {"layers_to_transform": [1]}, {}, {"bf16": True, "model_dtype": "bfloat16", "critic": "separate"}, "positive", False),
     "bf16, 4-bit base (the 7B QLoRA recipe's settings), all-linear": ("all-linear", {}, {}, {"bf16": True, "model_dtype": "bfloat16", "gradient_checkpointing": True}, "positive", True),
+    # a hybrid: Gated DeltaNet linear attention (chunked in the training pass, recurrent while sampling) + attention;
+    # learning rate 1.0, since at 0.1–0.3 its KL stays inside δ by itself and the guard would not be exercised
+    "bf16 weights, Qwen3.5 hybrid, its default targets": (HYBRID_TARGETS, {}, {"arch": "qwen3.5"}, {"bf16": True, "model_dtype": "bfloat16", "learning_rate": 1.0}, "positive", False),
 }
 # The oracle's forward is unpadded and one sequence at a time; the trainer's is a padded batch. In fp32 the two agree
 # to float rounding; in bf16 the matmuls' blocking differs with the batch shape, so they agree to bf16 rounding.
@@ -99,7 +103,10 @@ class OracleCheck(TrainerCallback):
 def run_case(tmp_path, tok, targets, lora_kw, model_kw, cfg_kw, reward, four_bit, iterations=3):
     hidden = FOUR_BIT_HIDDEN if four_bit else 32
     cfg_kw = dict(cfg_kw)
-    path = save_tiny_model(tmp_path / "m", tok, hidden_size=hidden, **model_kw)
+    model_kw = dict(model_kw)
+    arch = model_kw.pop("arch", None)  # a support-table architecture (rlhf_ext.testing.ARCHITECTURES), else Llama
+    path = (save_tiny_model_for(tmp_path / "m", arch, tok, hidden_size=hidden, **model_kw) if arch else
+            save_tiny_model(tmp_path / "m", tok, hidden_size=hidden, **model_kw))
     model = load_model(path, "causal", load_in_4bit=four_bit, dtype=cfg_kw.pop("model_dtype", None))
     rewards = {"positive": positive(tok), "scaled": positive(tok, 1e7), "constant": constant, "flaky": flaky(tok),
                "huge": huge}[reward]
