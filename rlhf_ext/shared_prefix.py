@@ -29,6 +29,7 @@ import inspect
 
 import torch
 
+from .layer_types import recurrent_layer_types
 from .prefix_cache import positions
 
 # Shared only where it pays: the extra batch-1 pass has a fixed cost (on CPU in bf16, SmolLM2-135M: 0.054 s for 31
@@ -77,13 +78,11 @@ def sliding_window(model) -> int | None:
     return getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None) or None
 
 
-def recurrent_layer_types(model) -> list[str]:
-    """The layer types of a hybrid stack whose cache is a running state rather than keys and values ("linear_attention":
-    transformers' name for Qwen3.5's Gated DeltaNet and Granite 4's Mamba layers alike; LFM2's "conv"; any other type
-    that is not attention). Such a state would run through the masked columns between the shared head and a row's
-    remainder (`split_batch`), so sharing is never exact there."""
-    types = getattr(model.config.get_text_config(), "layer_types", None) or []
-    return sorted({t for t in types if t == "linear_attention" or "attention" not in t})
+def recurrent_layers(model) -> list[str]:
+    """The model's layer types whose cache is a running state rather than keys and values (`layer_types.py`). Such a
+    state would run through the masked columns between the shared head and a row's remainder (`split_batch`), so
+    sharing is never exact there."""
+    return recurrent_layer_types(getattr(model.config.get_text_config(), "layer_types", None))
 
 
 def cache_argument(model) -> str:

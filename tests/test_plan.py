@@ -297,6 +297,23 @@ def test_cli_prints_a_table(capsys):
     assert data["options"]["batch"] == data["largest_batch"]
 
 
+@pytest.mark.parametrize("arch,recurrent", [("qwen3.5", "linear_attention"), ("lfm2", "conv"), ("llama3", None)])
+def test_cli_says_where_a_hybrid_is_approximated(tmp_path, capsys, arch, recurrent):
+    """A hybrid's config (layer_types with recurrent layers) gets a note naming how many layers the plan models as
+    attention although they are not; a dense model none. Counted here from the config's own layer_types."""
+    from rlhf_ext.testing import tiny_arch_config
+
+    cfg = tiny_arch_config(arch, num_layers=8)
+    cfg.save_pretrained(tmp_path)
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "recurrent" in line]
+    if recurrent is None:
+        assert notes == []
+    else:
+        n = sum(t == recurrent for t in cfg.layer_types)
+        assert n == 4 and len(notes) == 1 and notes[0].startswith(f"note: {n} of the 8 layers are recurrent ({recurrent})")
+
+
 # ------------------------------------------------------------------------------------------------ measured
 def _memory_plan_check():
     import importlib.util

@@ -13,8 +13,9 @@ import argparse
 import json
 import sys
 
+from ..layer_types import recurrent_layer_types
 from . import (DTYPE_BYTES, DTYPE_CHOICES, PHASES, REWARD_SCORING_BATCH, GiB, PlanError, ScoringModel, estimate,
-                   largest_batch, load_shape, overhead_bytes, shipped_shapes)
+               largest_batch, load_shape, overhead_bytes, shipped_shapes)
 
 
 def _gib(x: float) -> str:
@@ -140,6 +141,12 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     elif biggest == "activations" and not o["gradient_checkpointing"]:
         lines.append("note: activations dominate — --gradient-checkpointing, more --minibatches or --lora-top-layers "
                      "shrink them")
+    recurrent = recurrent_layer_types(shape.get("layer_types"))
+    if recurrent:
+        n = sum(t in recurrent for t in shape["layer_types"])
+        lines.append(f"note: {n} of the {len(shape['layer_types'])} layers are recurrent ({', '.join(recurrent)}): "
+                     f"the plan counts every layer as an attention layer (its KV cache, parameters, LoRA targets and "
+                     f"activations), an approximation for this hybrid — check the peak with a short run")
     if c["weight_copies"] and not o["load_in_4bit"]:
         lines.append(f"note: bf16 autocast over {o['dtype']} weights keeps {c['weight_copies'] / GiB:.2f} GiB of bf16 "
                      f"weight casts in the training forward on top of the {o['dtype']} weights; --dtype bfloat16 "

@@ -62,7 +62,7 @@ def shape_from_config(cfg) -> dict:
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True)),
         "max_position_embeddings": first("max_position_embeddings", "n_positions"),
     }
-    for extra in ("head_dim", "name", "hub_id", "source", "attention_bias"):
+    for extra in ("head_dim", "name", "hub_id", "source", "attention_bias", "layer_types"):
         if cfg.get(extra) is not None:
             shape[extra] = cfg[extra]
     for extra in ("torch_dtype", "dtype"):  # the checkpoint's dtype: what --dtype auto loads

@@ -31,8 +31,8 @@ from ..models import activation_checkpointing_on, trunk_of
 from ..plan.sizes import EXACT_KL_STATES
 from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
-from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts,
-                             recurrent_layer_types, shared_forward, shared_length, sliding_window)
+from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, recurrent_layers,
+                             shared_forward, shared_length, sliding_window)
 from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder, forked_rng
@@ -246,7 +246,7 @@ class PolicyAndValue(nn.Module):
         rows = [torch.cat([shared, torch.randint(vocab, (k + n_resp,), generator=g)]) for k in suffixes]
         ids, mask = pad_ids([r.tolist() for r in rows], self.pad_id, side="left", device=self.device)
         mask[0, -1] = 0  # a response that ended early
-        recurrent = recurrent_layer_types(self.peft.get_base_model())
+        recurrent = recurrent_layers(self.peft.get_base_model())
         if recurrent:
             return (f"{type(self.peft.get_base_model()).__name__} has recurrent layers ({', '.join(recurrent)}): their "
                     f"state would run through the masked columns between the shared head and each row's remainder")
