@@ -114,15 +114,18 @@ class _Stop(Exception):
 
 
 class _Skip(nn.Module):
-    """Stands in for a layer below k during the upper pass: returns the cached state, whatever it is given.
+    """Stands in for a layer below k during the upper pass: returns the cached state, whatever it is given, in the
+    form the real layers return (a tensor, or a tuple whose first item the stack reads: Falcon-H1).
     Attributes the stack's forward reads off its layers (e.g. an attention type) come from the layer it replaces."""
 
-    def __init__(self, state: dict, original: nn.Module):
+    def __init__(self, state: dict, original: nn.Module, tuple_length: int | None = None):
         super().__init__()
         self.__dict__["_state"], self.__dict__["_original"] = state, original
+        self.__dict__["_tuple_length"] = tuple_length
 
     def forward(self, *args, **kwargs):
-        return self._state["h"]
+        n = self.__dict__["_tuple_length"]
+        return self._state["h"] if n is None else (self._state["h"], *([None] * (n - 1)))
 
     def __getattr__(self, name):
         try:
@@ -150,6 +153,7 @@ class SplitTrunk:
                              f"({'/'.join(_LAYER_LISTS)}, directly or under {'/'.join(_STACK_HOLDERS)}).")
         self.trunk, self.k = trunk, k
         self.stack, self.layers_attr = found
+        self.layer_output_tuple = None  # the length of what a layer returns where it is a tuple (seen by `lower`)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -170,7 +174,7 @@ class SplitTrunk:
 
         handle = self.stack.register_forward_pre_hook(grab, with_kwargs=True)
         for i, layer in enumerate(originals):
-            layers[i] = _Skip(state, layer)
+            layers[i] = _Skip(state, layer, self.layer_output_tuple)
         # An input projection before the layers (OPT-350m's project_in: embedding width → hidden) would reject the
         # hidden-width cached state; its output is discarded anyway, so it steps aside.
         projections = {a: getattr(self.stack, a) for a in _INPUT_PROJECTIONS
@@ -195,13 +199,19 @@ class SplitTrunk:
             state["h"] = args[0] if args else kwargs["hidden_states"]
             raise _Stop
 
+        def seen(module, args, output):
+            self.layer_output_tuple = len(output) if isinstance(output, tuple) else None
+
         handle = self.layers[self.k].register_forward_pre_hook(stop, with_kwargs=True)
+        below = self.layers[self.k - 1].register_forward_hook(seen) if self.k > 0 else None
         try:
             self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         except _Stop:
             pass
         finally:
             handle.remove()
+            if below is not None:
+                below.remove()
         if "h" not in state:
             raise RuntimeError(f"{type(self.trunk).__name__}'s forward never reached layer {self.k}.")
         return state["h"]

@@ -144,7 +144,10 @@ ARCHITECTURES = {
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # short convolutions
     "granite4": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(  # Mamba 2 layers
         layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8, mamba_d_head=16,
-        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, num_local_experts=0)),
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, num_local_experts=0, shared_intermediate_size=64)),
+    "falcon-h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(  # attention and Mamba 2 side by side in each layer
+        head_dim=8, mamba_expand=2, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+        mamba_chunk_size=16)),
 }
 
 
@@ -175,8 +178,11 @@ def tiny_arch_config(arch: str, tokenizer=None, hidden_size: int = 32, num_layer
         cfg["head_dim"] = hidden_size // 4
         if "query_pre_attn_scalar" in extra:
             cfg["query_pre_attn_scalar"] = hidden_size // 4
-    if "mamba_d_head" in extra:  # Mamba's heads span its inner width, expand × hidden; the dense MLP as the others'
+    if "mamba_d_head" in extra:  # Mamba's heads span its inner width, expand × hidden
         cfg["mamba_d_head"] = extra["mamba_expand"] * hidden_size // extra["mamba_n_heads"]
+        if "mamba_d_ssm" in extra:
+            cfg["mamba_d_ssm"] = extra["mamba_expand"] * hidden_size
+    if "shared_intermediate_size" in extra:  # Granite 4's dense MLP, as wide as the other families'
         cfg["shared_intermediate_size"] = 2 * hidden_size
     if "word_embed_proj_dim" in extra:
         cfg["word_embed_proj_dim"] = hidden_size // 2

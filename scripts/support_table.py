@@ -26,7 +26,8 @@ FAMILY = {"llama3": "Llama 3", "qwen2.5": "Qwen2.5", "qwen3": "Qwen3", "qwen3-mo
           "opt": "OPT", "opt-350m": "OPT-350m (project_in/out)", "olmo2": "OLMo 2", "smollm3": "SmolLM3",
           "gpt-oss": "gpt-oss (sinks, MoE)", "llama4": "Llama 4 (text)", "deepseek-v3": "DeepSeek-V3 (latent attention)",
           "qwen3.5": "Qwen3.5 (linear attention hybrid)", "qwen3.5-moe": "Qwen3.5-MoE (hybrid, experts)",
-          "lfm2": "LFM2 (convolution hybrid)", "granite4": "Granite 4 (Mamba hybrid)"}
+          "lfm2": "LFM2 (convolution hybrid)", "granite4": "Granite 4 (Mamba hybrid)",
+          "falcon-h1": "Falcon-H1 (attention ∥ Mamba)"}
 
 # column -> (test function, extra parameter values that select the cell)
 COLUMNS = {

@@ -50,7 +50,7 @@ EXPECTED_TARGETS = {
     # hybrids: attention layers' q/v, the other layers' fused mixer input (linear attention, convolution, Mamba)
     "qwen3.5": ["q_proj", "v_proj", "in_proj_qkv"], "qwen3.5-moe": ["q_proj", "v_proj", "in_proj_qkv"],
     "lfm2": ["q_proj", "v_proj", "in_proj"],
-    "granite4": ["q_proj", "v_proj", "in_proj"],
+    "granite4": ["q_proj", "v_proj", "in_proj"], "falcon-h1": ["q_proj", "v_proj"],  # attention in every layer
 }
 # Cells known not to work yet: (arch, test) -> reason (shown as xfail, and in the support table).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}

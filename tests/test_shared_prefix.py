@@ -106,7 +106,8 @@ def _pass(policy, ids, mask, n_resp, share: bool):
 
 # Hybrid support-table architectures and their layers whose cache is a running state (not keys and values)
 RECURRENT = {"qwen3.5": "linear_attention", "qwen3.5-moe": "linear_attention", "lfm2": "conv",
-             "granite4": "linear_attention"}  # transformers' name for Granite 4's Mamba layers
+             "granite4": "linear_attention",  # transformers' name for Granite 4's Mamba layers
+             "falcon-h1": "hybrid"}  # Falcon-H1: attention and Mamba side by side in every layer
 
 
 def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
