@@ -24,8 +24,9 @@ _FUSED_QKV = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack", "qkv", 
 # DeltaNet; short convolutions: LFM2; state-space layers), preferred in this order.
 _MIXER_INPUT = ("in_proj_qkvz", "in_proj_qkv", "in_proj")
 _ATTENTION = re.compile(r"(?:^|\.)(?:self_attn|self_attention|attention|attn|mixer)(?:\.|$)", re.I)
-_IN_LAYER_STACK = re.compile(r"\.(?:layers|h|blocks|block|layer)\.\d+\.")
-_LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|block|layer)\.\d+)\.")
+_STACK = r"\.(?:layers|h|blocks|block|layer)\.\d+"  # a decoder layer's name: `….layers.3`
+_IN_LAYER_STACK = re.compile(_STACK + r"\.")
+_LAYER = re.compile(rf"^(.*?{_STACK})\.")  # group 1: the layer's own name
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -237,6 +237,10 @@ class PolicyAndValue(nn.Module):
         random tokens whose 5 rows share a head (suffixes of 1–4 tokens, one response cut short), the mean per-token
         KL between the shared and the full pass must be rounding (`sampling_tolerance` of the compute dtype).
         → None when on, else why it stays off. Draws from its own generator: the run's random stream is untouched."""
+        recurrent = recurrent_layers(self.peft.get_base_model())
+        if recurrent:  # decided by the config alone: no batch to build
+            return (f"{type(self.peft.get_base_model()).__name__} has recurrent layers ({', '.join(recurrent)}): their "
+                    f"state would run through the masked columns between the shared head and each row's remainder")
         embedding = self.peft.get_base_model().get_input_embeddings()
         vocab = getattr(embedding, "base_layer", embedding).num_embeddings  # under LoRA on the embedding too
         g = torch.Generator().manual_seed(0)
@@ -246,10 +250,6 @@ class PolicyAndValue(nn.Module):
         rows = [torch.cat([shared, torch.randint(vocab, (k + n_resp,), generator=g)]) for k in suffixes]
         ids, mask = pad_ids([r.tolist() for r in rows], self.pad_id, side="left", device=self.device)
         mask[0, -1] = 0  # a response that ended early
-        recurrent = recurrent_layers(self.peft.get_base_model())
-        if recurrent:
-            return (f"{type(self.peft.get_base_model()).__name__} has recurrent layers ({', '.join(recurrent)}): their "
-                    f"state would run through the masked columns between the shared head and each row's remainder")
         if self._window is not None and ids.shape[1] >= self._window:
             return (f"the model's sliding window ({self._window} tokens) is shorter than any batch worth sharing "
                     f"(sharing is exact only where no window cuts)")
