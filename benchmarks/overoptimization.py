@@ -45,7 +45,7 @@ from overopt.report import (gao_fit, machine_line, markdown_table, plot, report,
 from overopt.runners import Run  # noqa: E402
 from overopt.tasks import quick_task, real_task, rm_dir, train_quick_rms, train_rms  # noqa: E402
 from overopt.variants import (BETA, DATA, DELTAS, HEADLINE, HEADLINE_DELTA, LINEAR, MODEL, RESULTS, RMS,  # noqa: E402
-                              ROOT, SCHEDULE, VARIANTS, schedule, settings)
+                              ROOT, SCHEDULE, VARIANTS, proxies_for, schedule, settings)
 
 # What this module offered before the split into `overopt/`, for callers that import it (monitor_replay, tests).
 __all__ = ["BETA", "DATA", "DELTAS", "HEADLINE", "HEADLINE_DELTA", "LINEAR", "MODEL", "RESULTS", "RMS", "ROOT",
@@ -92,7 +92,9 @@ def main(argv=None):
         args.model_path = str(Path(args.workdir) / "tiny")
         if not (Path(args.model_path) / "config.json").is_file():
             save_tiny_model(args.model_path, tiny_tokenizer(), num_layers=2)
-        train_quick_rms(Path(args.workdir), args.model_path)
+        # the proxies this invocation's runs read (every one for `report` and `rms`): seconds each
+        train_quick_rms(Path(args.workdir), args.model_path,
+                        proxies_for(schedule(args)) if args.stage in ("run", "all") else None)
         args.task = quick_task(args.model_path, args.prompts)
     else:
         args.task = lambda: real_task(args.prompts)

@@ -1,9 +1,11 @@
 """Run by tests/test_data_parallel.py, once as a single process and once under `accelerate launch` with 2 CPU
 processes (recipes/accelerate_configs/cpu_2proc.yaml): PPO or reward training on the same global batch, split
-across the processes. Writes what each rank saw and the trained parameters.
+across the processes. Writes what each rank saw and the trained parameters, into OUT_DIR/<mode>/.
 
-    python tests/ddp_worker.py OUT_DIR {ppo|reward|precision|monitor} GLOBAL_BATCH [BASE_MODEL_DIR (reward)]
+    python tests/ddp_worker.py OUT_DIR MODE[,MODE…] GLOBAL_BATCH [BASE_MODEL_DIR (reward)]
 
+MODE: ppo, reward, monitor or precision, run one after another in this process (a launch and the imports cost
+~10 s a process on 2 cores; the modes share neither data nor state, and each trainer seeds itself).
 `precision` (launched with --mixed_precision bf16): the policy untouched (lr 0) must read KL exactly 0, then the hard
 KL guard (lr 0.1) checked against the independent oracle on each rank's own batch; no parameters are saved.
 """
@@ -24,7 +26,7 @@ from rlhf_ext.ppo.policy import PolicyAndValue
 from rlhf_ext.testing import tiny_tokenizer
 
 torch.set_num_threads(1)
-out, mode, global_batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+OUT, MODES, GLOBAL_BATCH = Path(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
 tok = tiny_tokenizer()
 
 
@@ -33,12 +35,13 @@ def _process_group_at_exit():
     if "RANK" in os.environ:
         import torch.distributed as dist
 
-        (out / f"exit_r{os.environ['RANK']}.json").write_text(json.dumps({"initialized": dist.is_initialized()}))
+        (OUT / f"exit_r{os.environ['RANK']}.json").write_text(json.dumps({"initialized": dist.is_initialized()}))
 
 
 SUBJECTS = "movie book song film food place day night".split()
 
-if mode == "precision":
+
+def precision(out: Path):
     from transformers import TrainerCallback
 
     from rlhf_ext.testing import tiny_causal_lm
@@ -76,11 +79,10 @@ if mode == "precision":
                        "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
                        **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")},
                        "evals": [h for h in tr.state.log_history if "eval_kl" in h]}
-    rank, world = tr.accelerator.process_index, args.world_size
-    (out / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))
-    sys.exit(0)
+    return tr.accelerator.process_index, args.world_size, info, None
 
-if mode == "monitor":
+
+def monitor(out: Path):
     # A detector that sees how many samples it is shown: 8 for the whole batch, 4 for one rank's share. It halts
     # above 6 — so it fires only if the monitor observes the global batch, and then on every rank at once.
     from rlhf_ext.plugins.detectors import Detector
@@ -124,13 +126,13 @@ if mode == "monitor":
             "logged": [{k: h[k] for k in ("objective/scores", "response/length_mean", "monitor/batch_seen")}
                        for h in hist],
             "checkpoints": sorted(p.name for p in (out / "run").glob("checkpoint-*"))}
-    (out / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))
-    sys.exit(0)
+    return rank, world, info, None
 
-if mode == "ppo":
+
+def ppo(out: Path):
     # Greedy responses: the same tokens whichever process (and batch layout) generates them, so one process with
     # the whole batch and two processes with half each can be compared update for update.
-    plain = PolicyAndValue.generation_kwargs
+    plain = PolicyAndValue.generation_kwargs  # restored below: the modes after this one sample
     PolicyAndValue.generation_kwargs = lambda self, *a, **k: {**plain(self, *a, **k), "do_sample": False}
     pos = set(tok.convert_tokens_to_ids("good great nice love happy wonderful excellent fun best".split()))
 
@@ -145,7 +147,7 @@ if mode == "ppo":
                      max_completion_length=6, kl_controller="hard", kl_target=0.005, use_cpu=True, save_strategy="no",
                      disable_tqdm=True, logging_steps=1000, seed=0, monitor=False)
     world = args.world_size
-    args.per_device_train_batch_size = global_batch // world
+    args.per_device_train_batch_size = GLOBAL_BATCH // world
     tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=positive, args=args, train_dataset=data, processing_class=tok,
                     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     first = [p for p, _ in tr._next_prompts()]
@@ -156,7 +158,11 @@ if mode == "ppo":
     info = {"world": world, "first_batch": first, "kl_after": [h["kl/after_update"] for h in hist],
             "backtracks": sum(h["kl/backtracks"] + h["kl/restored"] for h in hist),
             "wrapped": type(tr.train_policy).__name__}
-else:
+    PolicyAndValue.generation_kwargs = plain
+    return rank, world, info, params
+
+
+def reward(out: Path):
     rows = []
     for i in range(64):
         s = SUBJECTS[i % 8]
@@ -167,7 +173,7 @@ else:
                                 report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
                                 normalization_samples=8, logging_steps=100)
     world = args.world_size
-    args.per_device_train_batch_size = global_batch // world
+    args.per_device_train_batch_size = GLOBAL_BATCH // world
     tr = RewardEnsembleTrainer(base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                                peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     seen = []
@@ -183,6 +189,12 @@ else:
     params = {n: p.detach().clone().contiguous() for n, p in ens.named_parameters() if p.requires_grad}
     rank = tr.accelerator.process_index
     info = {"world": world, "pairs": seen, "wrapped": type(tr.model_wrapped).__name__}
+    return rank, world, info, params
 
-save_file(params, str(out / f"params_w{world}_r{rank}.safetensors"))
-(out / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))
+
+for mode in MODES:
+    (OUT / mode).mkdir(parents=True, exist_ok=True)
+    rank, world, info, params = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward}[mode](OUT / mode)
+    if params is not None:
+        save_file(params, str(OUT / mode / f"params_w{world}_r{rank}.safetensors"))
+    (OUT / mode / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))

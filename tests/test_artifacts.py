@@ -144,9 +144,20 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
     assert all(str(venv) in w for w in where), where
     # every subpackage of the source tree is in the wheel (this venv's editable install would otherwise serve a
     # missing one from the repository, and the CLI would work here and nowhere else)
+    # — and the trainers' command-line help, from the same process (each import of the ML stack is ~10 s here)
     subpackages = sorted("rlhf_ext." + p.parent.name for p in (ROOT / "rlhf_ext").glob("*/__init__.py"))
-    found = run(py, "-c", f"import importlib; [print(importlib.import_module(m).__file__) for m in {subpackages!r}]")
+    found, ppo_help, reward_help = run(py, "-c", f"""
+import contextlib, importlib, io
+from rlhf_ext.cli import main
+print(*[importlib.import_module(m).__file__ for m in {subpackages!r}])
+for command in ("ppo", "reward"):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        main([command, "--help"])
+    print(repr(buf.getvalue()))
+""").splitlines()
     assert all(str(venv) in f for f in found.split()), found
+    assert "--kl_target" in ppo_help and "--ensemble_size" in reward_help and "--kl_target" not in reward_help
     assert Path(where[1], "sentiment", "prompts_train.jsonl").is_file() and Path(where[2]).is_file()
     assert "commands:" in run(cli, "--help")
     # `--help` starts fast because it loads no ML library (what it imports, not a timing: that flakes on a busy CI)
@@ -154,8 +165,8 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
                            "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
                            "print(sorted({'torch', 'transformers', 'trl', 'peft'} & set(sys.modules)))")
     assert loaded.strip() == "[]", f"`rlhf-ext --help` imported {loaded.strip()}"
-    assert "kl_controller" in run(cli, "plugins") and "detector" in run(cli, "plugins")
-    assert "--kl_target" in run(cli, "ppo", "--help") and "--ensemble_size" in run(cli, "reward", "--help")
+    plugins = run(cli, "plugins")
+    assert "kl_controller" in plugins and "detector" in plugins
     assert "peak" in run(cli, "plan", "--model", "gpt2", "--batch", "8")  # the plan package and its shipped shapes
 
 

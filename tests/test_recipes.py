@@ -10,7 +10,9 @@ where that one is for GPUs — and every setting of the YAML, except:
   * output and reward-model paths: in a temporary folder; PPO configs take the artifact of the reward config whose
     `output_dir` their `reward_model_path` names (run once per session, shared with that config's own test);
   * `--max_steps 2`, and `--use_cpu true` where a GPU accelerate config was swapped for its CPU twin (transformers
-    refuses bf16 without a GPU unless `use_cpu` is set; accelerate's own `use_cpu` does not reach that check).
+    refuses bf16 without a GPU unless `use_cpu` is set; accelerate's own `use_cpu` does not reach that check);
+  * PPO: the monitor's reference length/EOS measured on 8 prompts (`--monitor_reference_prompts`, default 64: four
+    batches of the 7B recipe's 256-token rollouts before the first iteration, twice the two iterations' sampling).
 Everything else — 4-bit, bf16, LoRA, ensembles, KL control, shapers, batch sizes, lengths — runs as shipped.
 """
 
@@ -182,6 +184,8 @@ class Runs:
         args = ["--output_dir", str(out)]
         if swapped:  # a GPU config's CPU twin: transformers' bf16 check wants use_cpu
             args += ["--use_cpu", "true"]
+        if script.name == "ppo.py":
+            args += ["--monitor_reference_prompts", "8"]
         name = s.get("dataset_name")
         if name and not name.startswith("shipped:") and not (config.parent / name).exists():  # a Hub id
             args += ["--dataset_name", local_dataset(name, self.tmp / "data" / name.replace("/", "__"))]

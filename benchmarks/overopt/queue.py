@@ -13,7 +13,7 @@ from pathlib import Path
 from .loop import LoopRun
 from .runners import Run
 from .tasks import rm_dir
-from .variants import VARIANTS, settings
+from .variants import VARIANTS, proxies_for, settings
 
 
 def claim(workdir: Path, key: str) -> bool:
@@ -78,8 +78,7 @@ def _run_pass(args, keys) -> bool:
         name, seed = key.split(":")
         if _done(workdir, key):
             continue
-        rm = VARIANTS[name]["rm"]
-        need = [r for r in (rm, VARIANTS[name].get("yardstick", "k1")) if r]  # also the proxy axis at evaluation
+        need = sorted(proxies_for([key]))  # also the proxy axis at evaluation
         if not args.quick and not all(rm_ready(rms, r) for r in need):
             rm = next(r for r in need if not rm_ready(rms, r))
             if key not in _WAITING:

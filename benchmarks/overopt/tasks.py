@@ -137,8 +137,10 @@ def train_quick_rm(out: Path, model_path: str, extra: dict, extra_preferences: l
     tr.save_model(str(out))
 
 
-def train_quick_rms(workdir: Path, model_path: str):
-    for name, extra in QUICK_RMS.items():
+def train_quick_rms(workdir: Path, model_path: str, names=None):
+    """The tiny proxies `names` (default: every one) that `workdir` does not hold yet."""
+    for name in QUICK_RMS if names is None else sorted(names):
+        extra = QUICK_RMS[name]
         out = workdir / "rms" / name
         if not (out / "rlhf_ext_reward.json").is_file():
             train_quick_rm(out, model_path, extra)

@@ -145,6 +145,16 @@ def settings(quick: bool, prompts: str = "templates") -> dict:
     return st
 
 
+def proxies_for(keys: list[str]) -> set[str]:
+    """The proxy reward models the runs `keys` ("variant:seed") read: the one they train on and the one their
+    evaluation's proxy axis uses (`yardstick`, default k1)."""
+    names = set()
+    for key in keys:
+        spec = VARIANTS[key.split(":")[0]]
+        names |= {r for r in (spec["rm"], spec.get("yardstick", "k1")) if r}
+    return names
+
+
 def schedule(args) -> list[str]:
     if args.runs:
         return args.runs.split(",")
