@@ -50,8 +50,9 @@ from overopt.variants import (BETA, DATA, DELTAS, HEADLINE, HEADLINE_DELTA, LINE
 # What this module offered before the split into `overopt/`, for callers that import it (monitor_replay, tests).
 __all__ = ["BETA", "DATA", "DELTAS", "HEADLINE", "HEADLINE_DELTA", "LINEAR", "MODEL", "RESULTS", "RMS", "ROOT",
            "SCHEDULE", "VARIANTS", "Run", "claim", "evaluate", "gao_fit", "machine_line", "main", "markdown_table",
-           "plot", "prompt_rows", "quick_task", "real_task", "release", "report", "rm_dir", "rm_ready", "run_queue",
-           "schedule", "settings", "strict_json", "summarize", "train_quick_rms", "train_rms", "versions"]
+           "plot", "prompt_rows", "proxies_for", "quick_task", "real_task", "release", "report", "rm_dir",
+           "rm_ready", "run_queue", "schedule", "settings", "strict_json", "summarize", "train_quick_rms",
+           "train_rms", "versions"]
 
 
 def main(argv=None):

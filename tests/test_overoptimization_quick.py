@@ -67,6 +67,9 @@ def test_quick_mode_with_wide_prompts_evaluates_transfer_at_twice_the_budget(tmp
     assert run["done"] and run["settings"] == st
     # the tiny random model never ends: held-out answers stop at the training budget, transfer ones run past it
     assert run["points"][0]["length"] <= st["max_tokens"] < run["points"][0]["transfer"]["length"] <= st["transfer_tokens"]
+    # the one proxy this run reads (plain PPO on k1, evaluated on k1), not all ten of --quick's
+    assert sorted(p.name for p in (tmp_path / "w" / "rms").iterdir()) == ["k1"]
+    assert bench.proxies_for(["noisy_plain:0", "all_probe:0", "oracle:1"]) == {"gn_k1", "probe", "k1"}
 
 
 def test_committed_results_are_strict_json():
