@@ -297,6 +297,46 @@ def is_quantized(model) -> bool:
     return bool(getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False))
 
 
+def fused_expert_parameters(model) -> list:
+    """`model`'s fused MoE expert tensors: transformers 5 stores an MoE layer's experts as 3-D [E, out, in]
+    parameters of its `…Experts` module (a convolution's 3-D kernel — Mamba's, a linear-attention layer's — is not
+    one); each once, however tied."""
+    seen, out = set(), []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 3 and id(p) not in seen and type(p).__name__ != "Params4bit":
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def unquantized_experts(model) -> tuple[int, int]:
+    """(parameters, bytes) of `model`'s fused MoE expert tensors that are not 4-bit: bitsandbytes' 4-bit loading
+    converts `nn.Linear` modules only (bitsandbytes#1849, open for bitsandbytes 0.50)."""
+    experts = fused_expert_parameters(model)
+    return sum(p.numel() for p in experts), sum(p.numel() * p.element_size() for p in experts)
+
+
+def warn_unquantized_experts(model) -> None:
+    """On a 4-bit model whose MoE experts stayed unquantised, say so once, with their size: the 4-bit memory a user
+    planned for holds the attention and the dense layers only."""
+    if not is_quantized(model):
+        return
+    n, nbytes = unquantized_experts(model)
+    if n:
+        import warnings
+
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in fused_expert_parameters(model)})
+        warnings.warn(
+            f"load_in_4bit quantised this model's linear layers but not its fused MoE experts: {n / 1e9:.2f} B "
+            f"parameters ({nbytes / 2**30:.2f} GiB, {'/'.join(dtypes)}) stay as they are — bitsandbytes' 4-bit loading "
+            f"converts nn.Linear modules only, and transformers 5 stores each MoE layer's experts as one 3-D tensor "
+            f"(bitsandbytes#1849). `rlhf-ext plan --model <config> --load-in-4bit` counts them; plan the GPU for "
+            f"them, or choose a dense model for a 4-bit run on a small GPU.", UserWarning, stacklevel=3)
+
+
 def base_reference(name_or_path) -> str:
     """How an artifact records its base model so it loads from anywhere: the embedded default's name, a Hub id as
     given, or a local path made absolute (a relative path would only work from the directory it was typed in)."""

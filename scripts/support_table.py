@@ -124,7 +124,9 @@ def _cell(result, column: str) -> str:
         state = str(props.get(EXACTNESS_COLUMNS.get(column), ""))
         if state.startswith("off ("):  # "off (<model> has …: <why>)" → "off: <model> has …"
             return "off: " + state.removeprefix("off (").split(":")[0]
-        return "exact (on)" if column in EXACTNESS_COLUMNS else "✓"
+        if column in EXACTNESS_COLUMNS:
+            return "exact (on)"
+        return f"✓ ({props['note']})" if props.get("note") else "✓"
     if column == "check":
         return f"✗ ({outcome}: {detail})" if detail else f"✗ ({outcome})"
     if outcome == "xfail":

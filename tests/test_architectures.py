@@ -9,7 +9,8 @@ transformers' own config classes, no network) through the whole library —
   * the frozen-prefix cache is on and exact (cached logits = full-forward logits) — or off with a reason;
   * with LoRA on every layer, the shared prompt prefix is on and exact (logits, values, log-probs, gradients);
   * the saved policy reloads with plain PEFT to the same logits (1e-5);
-  * 4-bit NF4 (bitsandbytes on the CPU) loads from a saved folder and trains one PPO iteration within δ.
+  * 4-bit NF4 (bitsandbytes on the CPU) loads from a saved folder and trains one PPO iteration within δ; the memory
+    plan's parameter counts equal what that load quantised and left as it was (an MoE's fused experts).
 
 Unsupported models are refused at start-up with a message naming the architecture and the fix.
 `python scripts/support_table.py` runs this file and prints the README's support table from the outcomes (each test
@@ -212,6 +213,7 @@ def _ppo(tmp_path, tok, path, four_bit=False, iterations=2):
         tr = PPOTrainer(model, reward_funcs=positive(tok), args=args, train_dataset=prompt_data(),
                         processing_class=tok, callbacks=[oracle.callback()])
     tr.cache_warning = next((str(w.message) for w in caught if "Frozen-prefix cache" in str(w.message)), None)
+    tr.experts_warning = next((str(w.message) for w in caught if "fused MoE experts" in str(w.message)), None)
     oracle.trainer = tr
     tr.model_name = path
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
@@ -308,9 +310,10 @@ def test_policy_reloads_with_plain_peft(arch, tmp_path_factory, tok, folders, tm
 
 # ---------------------------------------------------------------------------------------------------------- 4-bit
 @pytest.mark.parametrize("arch", ARCHS)
-def test_4bit_ppo(arch, tmp_path, tok, folders):
+def test_4bit_ppo(arch, tmp_path, tok, folders, record_property):
     """NF4 base from a saved folder: the default targets sit on 4-bit layers, one PPO iteration stays within δ
-    (independent oracle) and every LoRA-B on them moves."""
+    (independent oracle) and every LoRA-B on them moves; the memory plan counts what the load quantised (an MoE's
+    fused experts stay full precision: bitsandbytes converts nn.Linear only, and the trainer warns)."""
     import bitsandbytes as bnb
 
     _xfail_known(arch, "4bit")
@@ -323,6 +326,31 @@ def test_4bit_ppo(arch, tmp_path, tok, folders):
     lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
     unmoved = [n for n, p in tr.model.named_parameters() if n in lora_b and torch.equal(before[n], p)]
     assert lora_b and not unmoved, unmoved
+    if _check_plan_counts(arch, folders(arch, hidden), tr):
+        record_property("note", "the linear layers; the fused experts stay full precision, bitsandbytes#1849")
+
+
+def _check_plan_counts(arch, folder, tr):
+    """The memory plan's parameter counts for this architecture's config against what the 4-bit load made of it:
+    `linear` = the weights bitsandbytes quantised (two per packed byte), `total` = every parameter, `experts` = the
+    fused MoE expert tensors it left unquantised — which the start-up warning names. Returns that expert count."""
+    import bitsandbytes as bnb
+
+    from rlhf_ext import plan
+
+    counts = plan.parameter_counts(plan.load_shape(folder))
+    params = {id(p): p for p in tr.policy.peft.get_base_model().parameters()}.values()
+    packed = [p for p in params if isinstance(p, bnb.nn.Params4bit)]
+    quantized = 2 * sum(p.numel() for p in packed)
+    total = quantized + sum(p.numel() for p in params if not isinstance(p, bnb.nn.Params4bit) and not p.requires_grad)
+    owners = {id(p): m for m in tr.policy.peft.get_base_model().modules() for p in m.parameters(recurse=False)}
+    experts = sum(p.numel() for p in params if p.dim() >= 3 and not isinstance(p, bnb.nn.Params4bit)
+                  and type(owners[id(p)]).__name__.endswith("Experts"))  # transformers' fused-experts modules
+    assert counts["linear"] == quantized, (arch, counts, quantized)
+    assert counts["total"] == total, (arch, counts, total)
+    assert counts["experts"] == experts, (arch, counts, experts)
+    assert (tr.experts_warning is not None) == (experts > 0), tr.experts_warning
+    return experts
 
 
 # ---------------------------------------------------------------------------------------------- refused at start-up
@@ -388,6 +416,21 @@ def test_explicit_targets_that_skip_a_hybrids_layers_warn_with_the_fix(tmp_path,
         RewardEnsembleTrainer(tiny_model_for("qwen3.5", tok), args=args, processing_class=tok,
                               train_dataset=Dataset.from_list(preference_rows(4, 0)),
                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+def test_reward_trainer_warns_that_a_4bit_moe_keeps_its_experts(tmp_path, tok, folders):
+    """The reward trainer on a 4-bit MoE says what the 4-bit load left full precision (PPO's warning is checked in
+    test_4bit_ppo); a dense 4-bit model gets no such warning."""
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=1, use_cpu=True, report_to="none",
+                                save_strategy="no")
+    for arch, warned in (("qwen3-moe", True), ("llama3", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            RewardEnsembleTrainer(load_model(folders(arch, FOUR_BIT_HIDDEN), "trunk", load_in_4bit=True), args=args,
+                                  processing_class=tok, train_dataset=Dataset.from_list(preference_rows(4, 0)),
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        found = [str(w.message) for w in caught if "fused MoE experts" in str(w.message)]
+        assert len(found) == int(warned) and (not warned or "bitsandbytes#1849" in found[0]), (arch, found)
 
 
 def test_moe_router_jitter_is_refused_at_start_up_and_switched_off_from_the_config(tmp_path, tok):

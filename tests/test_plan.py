@@ -314,6 +314,43 @@ def test_cli_says_where_a_hybrid_is_approximated(tmp_path, capsys, arch, recurre
         assert n == 4 and len(notes) == 1 and notes[0].startswith(f"note: {n} of the 8 layers are recurrent ({recurrent})")
 
 
+def test_moe_experts_are_counted_and_planned_unquantised(tmp_path, capsys):
+    """An MoE config is counted exactly (a model built on the meta device): the total is the real model's, and under
+    --load-in-4bit the fused experts — which bitsandbytes leaves unquantised (tests/test_architectures.py checks the
+    split against a real 4-bit load for every architecture) — are planned in fp32, with a note saying why. Before,
+    the dense formula read a tiny Qwen3-MoE as a fraction of its parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ext.testing import tiny_arch_config
+
+    cfg = tiny_arch_config("qwen3-moe", num_layers=2, hidden_size=64)
+    cfg.save_pretrained(tmp_path)
+    real = AutoModelForCausalLM.from_config(cfg)
+    experts = sum(p.numel() for n, p in real.named_parameters() if ".experts." in n)
+    n = plan.parameter_counts(plan.load_shape(str(tmp_path)))
+    assert n["total"] == sum(p.numel() for p in real.parameters()) and n["experts"] == experts > 0
+    q = plan.base_weight_bytes(plan.load_shape(str(tmp_path)), "bf16", load_in_4bit=True)
+    assert q["unquantized"] == 4 * (n["total"] - n["linear"]) >= 4 * experts
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--load-in-4bit", "--gpu-memory", "0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert "are fused MoE experts, which bitsandbytes' 4-bit loading does not quantise" in out
+    assert "the base weights alone take" in out
+    assert plan_cli.main(["--model", "Qwen2.5-7B-Instruct", "--batch", "2", "--load-in-4bit"]) == 0
+    assert "MoE" not in capsys.readouterr().out
+
+
+def test_a_config_this_transformers_cannot_build_falls_back_to_the_formula_and_says_so(tmp_path, capsys):
+    from rlhf_ext.testing import tiny_config
+
+    cfg = tiny_config().to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "my_own_llama"}))
+    shape = plan.load_shape(str(tmp_path))
+    assert "param_counts" not in shape and "my_own_llama" in shape["param_counts_error"]
+    assert plan.parameter_counts(shape)["total"] == plan.parameter_counts({**shape, "model_type": "llama"})["total"]
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2"]) == 0
+    assert "note: parameters from the dense-model formula" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ measured
 def _memory_plan_check():
     import importlib.util

@@ -71,8 +71,8 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     if o["load_in_4bit"]:
         wnote = (f"{_fmt_params(p['linear'])} 4-bit ({(w['quantized'] + w['quant_constants']) / GiB:.2f} GiB incl. "
                  f"{w['quant_constants'] / GiB:.2f} quant constants) + {_fmt_params(p['total'] - p['linear'])} fp32 "
-                 f"({w['unquantized'] / GiB:.2f} GiB: embeddings, LM head, norms; upcast by "
-                 f"prepare_model_for_kbit_training)")
+                 f"({w['unquantized'] / GiB:.2f} GiB: embeddings, LM head, norms"
+                 f"{', the MoE experts' if p.get('experts') else ''}; upcast by prepare_model_for_kbit_training)")
     else:
         wnote = f"{_fmt_params(p['total'])} params × {DTYPE_BYTES[o['dtype']]} B ({o['dtype']})"
     n_tr = p["lora_policy"] + p["lora_critic"] + p["value_head"]
@@ -141,6 +141,18 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     elif biggest == "activations" and not o["gradient_checkpointing"]:
         lines.append("note: activations dominate — --gradient-checkpointing, more --minibatches or --lora-top-layers "
                      "shrink them")
+    experts = p.get("experts", 0)
+    if experts and o["load_in_4bit"]:
+        lines.append(f"note: {_fmt_params(experts)} of the {_fmt_params(p['total'])} parameters "
+                     f"are fused MoE experts, which bitsandbytes' 4-bit loading does not quantise under transformers 5 "
+                     f"(bitsandbytes#1849): counted in fp32, as PEFT's prepare_model_for_kbit_training upcasts them "
+                     f"(the trainers warn at start-up too); the activations are modelled as a dense MLP's")
+    elif experts:
+        lines.append(f"note: {_fmt_params(experts)} of the parameters are MoE experts; the activations are modelled as "
+                     f"a dense MLP of the config's intermediate size, an approximation — check the peak with a short run")
+    if shape.get("param_counts_error"):
+        lines.append(f"note: parameters from the dense-model formula — this transformers could not build the config "
+                     f"to count them ({shape['param_counts_error']}); exact for Llama/Mistral/Qwen2/GPT-2 shapes only")
     recurrent = recurrent_layer_types(shape.get("layer_types"))
     if recurrent:
         n = sum(t in recurrent for t in shape["layer_types"])
@@ -155,8 +167,9 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
         fit = "fits" if est["peak"] <= gpu_bytes else "does NOT fit"
         lines.append(f"on {gpu_bytes / GiB:.0f} GiB per GPU: {fit}; largest batch that fits: {best} per process"
                      + (f" (global {best * n_proc})" if n_proc > 1 and best else "")
-                     + (" (not even one minibatch: lower the lengths, use --load-in-4bit / --gradient-checkpointing "
-                        "/ --lora-top-layers, or more minibatches)" if best == 0 else ""))
+                     + ((f" (the base weights alone take {w['total'] / GiB:.2f} GiB)" if w["total"] >= gpu_bytes else
+                         " (not even one minibatch: lower the lengths, use --load-in-4bit / --gradient-checkpointing "
+                         "/ --lora-top-layers, or more minibatches)") if best == 0 else ""))
     return "\n".join(lines)
 
 

@@ -18,6 +18,9 @@ NF4_CONSTANT_BYTES_PER_PARAM = NF4_BYTES_PER_PARAM - 0.5
 SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings")
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "plan_shapes"
+# model types whose parameters `parameter_counts`' closed form describes (checked against the real modules in
+# tests/test_plan.py); any other config is counted exactly on a model built on the meta device (`counted_parameters`)
+FORMULA_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 class PlanError(ValueError):
@@ -68,7 +71,44 @@ def shape_from_config(cfg) -> dict:
     for extra in ("torch_dtype", "dtype"):  # the checkpoint's dtype: what --dtype auto loads
         if cfg.get(extra) is not None:
             shape["torch_dtype"] = str(cfg[extra]).replace("torch.", "")
+    if shape["model_type"] not in FORMULA_MODEL_TYPES and "param_counts" not in cfg:
+        try:
+            shape["param_counts"] = counted_parameters(cfg)
+        except Exception as e:  # noqa: BLE001 — a model type this transformers does not know: the closed form
+            shape["param_counts_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    elif "param_counts" in cfg:
+        shape["param_counts"] = dict(cfg["param_counts"])
     return shape
+
+
+def counted_parameters(cfg: dict) -> dict:
+    """Parameters of the causal LM that the config dict `cfg` describes, counted on a model built on the meta device
+    (no memory, no download), split the way bitsandbytes' 4-bit loading treats them: `linear` = the weights of
+    `nn.Linear` / `Conv1D` modules other than the output embedding (what `load_in_4bit` quantises, transformers'
+    rule); `experts` = the fused expert tensors (`rlhf_ext.models.fused_expert_parameters`), which bitsandbytes 0.50
+    leaves unquantised; `embeddings`; `lm_head` (0 when tied); `other` = everything else (norms, biases, routers,
+    the experts, recurrent layers' convolutions and state parameters)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers.pytorch_utils import Conv1D
+
+    from ..models import fused_expert_parameters
+
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # config.json writes inf as {"__float__": …}
+    config = AutoConfig.for_model(**(decode(cfg) if decode else cfg)).get_text_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out = model.get_output_embeddings()
+    params = dict(model.named_parameters())  # tied parameters once
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    tied = out is None or out.weight is model.get_input_embeddings().weight
+    lm_head = 0 if tied else out.weight.numel()
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and m is not out)
+    total = sum(p.numel() for p in params.values())
+    experts = sum(p.numel() for p in fused_expert_parameters(model))
+    return {"embeddings": embeddings, "lm_head": lm_head, "linear": linear, "experts": experts,
+            "other": total - embeddings - lm_head - linear, "total": total}
 
 
 def load_shape(model: str) -> dict:

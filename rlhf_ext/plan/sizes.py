@@ -24,7 +24,10 @@ def parameter_counts(shape: dict) -> dict:
     embeddings = V·H (+ n_positions·H learned positions for GPT-2); lm_head = V·H unless tied;
     linear (the decoder layers' matrices, what 4-bit quantises) = L·(H·d_q + 2·H·n_kv·d + d_q·H + m·H·I),
     m = 3 for gated MLPs (Llama, Mistral, Qwen2), 2 for GPT-2; other = norms (2·H per layer + H, doubled for
-    LayerNorm's bias) + biases (Qwen2: q, k, v; GPT-2: every linear)."""
+    LayerNorm's bias) + biases (Qwen2: q, k, v; GPT-2: every linear). Shapes of other model types carry an exact
+    count (`shapes.counted_parameters`: MoE experts, latent attention, recurrent layers), used as it is."""
+    if "param_counts" in shape:
+        return dict(shape["param_counts"])
     V, H, I, L, nh, nkv, d, dq = model_dims(shape)
     gpt2 = is_gpt2(shape)
     embeddings = V * H + (gpt2 and (shape.get("max_position_embeddings") or 1024) * H)
@@ -38,7 +41,7 @@ def parameter_counts(shape: dict) -> dict:
     else:
         biases = 0
     other = norms + biases
-    return {"embeddings": embeddings, "lm_head": lm_head, "linear": linear, "other": other,
+    return {"embeddings": embeddings, "lm_head": lm_head, "linear": linear, "experts": 0, "other": other,
             "total": embeddings + lm_head + linear + other}
 
 
@@ -48,7 +51,8 @@ def base_weight_bytes(shape: dict, dtype: str = "bf16", load_in_4bit: bool = Fal
     Without quantisation: every parameter × bytes(dtype).
     4-bit (bitsandbytes NF4, double quantisation): the decoder layers' linear weights take 0.5 B/param packed plus
     quant constants 1/64 + 4/16384 B/param (uint8 absmax per 64-block, fp32 absmax per 256 blocks) ≈ 0.516 B/param.
-    Everything else — embeddings, the LM head (never quantised), norms, biases — is fp32 (4 B/param): PPOTrainer
+    Everything else — embeddings, the LM head (never quantised), norms, biases, and an MoE's fused experts, which
+    bitsandbytes 0.50 does not quantise under transformers 5 (bitsandbytes#1849) — is fp32 (4 B/param): PPOTrainer
     calls PEFT's `prepare_model_for_kbit_training`, which upcasts every non-4-bit bf16/fp16 parameter to fp32.
     → {"quantized": packed bytes, "quant_constants": …, "unquantized": …, "total": …}"""
     n = parameter_counts(shape)

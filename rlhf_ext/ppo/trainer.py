@@ -30,7 +30,7 @@ from ..data import model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer)
+                      keep_4bit_trainable, load_model, load_tokenizer, warn_unquantized_experts)
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
@@ -128,6 +128,7 @@ class PPOTrainer(Trainer):
                 from peft import prepare_model_for_kbit_training
 
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+                warn_unquantized_experts(model)  # an MoE's experts: full precision, fp32 after the call above
             peft_config = resolve_lora_config(peft_config, model, r=16, lora_alpha=32, lora_dropout=0.0)
             peft_config.task_type = "CAUSAL_LM"
             restrict_to_top_layers(peft_config, model, args.lora_top_layers)

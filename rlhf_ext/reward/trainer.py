@@ -32,7 +32,8 @@ from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of)
+                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of,
+                      warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..rl_math import bt_loss, pearson
@@ -234,6 +235,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             source = model
         trunk = trunk_of(source)
         self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
+        warn_unquantized_experts(source)
         if processing_class is None:
             processing_class = load_tokenizer(self.base_model_name)
         ensure_pad_token(processing_class)
