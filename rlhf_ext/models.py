@@ -320,8 +320,8 @@ def unquantized_experts(model) -> tuple[int, int]:
 
 
 def warn_unquantized_experts(model) -> None:
-    """On a 4-bit model whose MoE experts stayed unquantised, say so once, with their size: the 4-bit memory a user
-    planned for holds the attention and the dense layers only."""
+    """On a 4-bit model whose MoE experts stayed unquantised, say so with their size (each trainer, at start-up): the
+    4-bit memory a user planned for covers the attention and the dense layers only."""
     if not is_quantized(model):
         return
     n, nbytes = unquantized_experts(model)
