@@ -157,8 +157,9 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     if recurrent:
         n = sum(t in recurrent for t in shape["layer_types"])
         lines.append(f"note: {n} of the {len(shape['layer_types'])} layers are recurrent ({', '.join(recurrent)}): "
-                     f"the plan counts every layer as an attention layer (its KV cache, parameters, LoRA targets and "
-                     f"activations), an approximation for this hybrid — check the peak with a short run")
+                     f"the plan models every layer as an attention layer (its KV cache, LoRA targets and activations; the "
+                     f"parameters are counted exactly), an approximation for this hybrid — check the peak with a short "
+                     f"run")
     if c["weight_copies"] and not o["load_in_4bit"]:
         lines.append(f"note: bf16 autocast over {o['dtype']} weights keeps {c['weight_copies'] / GiB:.2f} GiB of bf16 "
                      f"weight casts in the training forward on top of the {o['dtype']} weights; --dtype bfloat16 "
