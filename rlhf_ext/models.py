@@ -300,23 +300,17 @@ def is_quantized(model) -> bool:
 def fused_expert_parameters(model) -> list:
     """`model`'s fused MoE expert tensors: transformers 5 stores an MoE layer's experts as 3-D [E, out, in]
     parameters of its `…Experts` module (a convolution's 3-D kernel — Mamba's, a linear-attention layer's — is not
-    one); each once, however tied."""
+    one), which bitsandbytes' 4-bit loading leaves as they are: it converts `nn.Linear` modules only
+    (bitsandbytes#1849, open for bitsandbytes 0.50). Each once, however tied."""
     seen, out = set(), []
     for module in model.modules():
         if isinstance(module, torch.nn.modules.conv._ConvNd):
             continue
         for p in module.parameters(recurse=False):
-            if p.dim() >= 3 and id(p) not in seen and type(p).__name__ != "Params4bit":
+            if p.dim() >= 3 and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
     return out
-
-
-def unquantized_experts(model) -> tuple[int, int]:
-    """(parameters, bytes) of `model`'s fused MoE expert tensors that are not 4-bit: bitsandbytes' 4-bit loading
-    converts `nn.Linear` modules only (bitsandbytes#1849, open for bitsandbytes 0.50)."""
-    experts = fused_expert_parameters(model)
-    return sum(p.numel() for p in experts), sum(p.numel() * p.element_size() for p in experts)
 
 
 def warn_unquantized_experts(model) -> None:
@@ -324,11 +318,12 @@ def warn_unquantized_experts(model) -> None:
     4-bit memory a user planned for covers the attention and the dense layers only."""
     if not is_quantized(model):
         return
-    n, nbytes = unquantized_experts(model)
-    if n:
+    experts = fused_expert_parameters(model)
+    if experts:
         import warnings
 
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in fused_expert_parameters(model)})
+        n, nbytes = sum(p.numel() for p in experts), sum(p.numel() * p.element_size() for p in experts)
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in experts})
         warnings.warn(
             f"load_in_4bit quantised this model's linear layers but not its fused MoE experts: {n / 1e9:.2f} B "
             f"parameters ({nbytes / 2**30:.2f} GiB, {'/'.join(dtypes)}) stay as they are — bitsandbytes' 4-bit loading "
