@@ -5,7 +5,8 @@
 
 The two compute the same distribution in a different order of operations, so they differ by rounding only; this
 measures how much, in the precisions PPOTrainer runs in, beside two kinds of logits processing the start-up check
-must still catch (a repetition penalty of 1.1; sampling at T = 1 while training at T = 0.95). The tolerances in
+must still catch (a repetition penalty of 1.1; sampling at T = 1 while training at T = 0.95), and in fp32 also
+through rlhf_ext's CPU decoding loop with its few-row matmuls forced on (rlhf_ext/ppo/cpu_matmul.py). The tolerances in
 `rlhf_ext/precision.py` (SAMPLING_KL_TOLERANCE) come from this table. Prints one row per setting:
 mean and max per-token KL(generate ‖ training forward), max |Δ log p| (all tokens, and tokens with p > 1e-3),
 max total variation.
@@ -20,6 +21,8 @@ from contextlib import nullcontext
 import torch
 
 from rlhf_ext.models import load_model, load_tokenizer
+from rlhf_ext.ppo import cpu_matmul
+from rlhf_ext.ppo.sampling import decode
 
 
 def measure(model, enc, pad_id, tokens, ctx, extra=None, train_temperature=1.0) -> dict:
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args(argv)
+    # the few-row row measures that order whatever this CPU's calibration chose
+    cpu_matmul.rows_range = lambda: range(1, max(cpu_matmul.CALIBRATION_ROWS) + 1)
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     if tok.pad_token is None:
@@ -64,7 +69,9 @@ def main(argv=None) -> int:
         model = load_model(args.model, **load_kw).eval()
         rows = [(name, {}, 1.0)]
         if name == "fp32":
-            rows += [("fp32, repetition penalty 1.1 in generate", {"repetition_penalty": 1.1}, 1.0),
+            rows += [("fp32, rlhf_ext's CPU decoding loop, few-row matmuls as (W·xᵀ)ᵀ", {"custom_generate": decode},
+                      1.0),
+                     ("fp32, repetition penalty 1.1 in generate", {"repetition_penalty": 1.1}, 1.0),
                      ("fp32, trained at T = 0.95, sampled at T = 1", {}, 0.95)]
         for label, extra, t_train in rows:
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ext.ppo import sampling
+from rlhf_ext.ppo import cpu_matmul, sampling
 from rlhf_ext.ppo.sampling import cpu_decoder, decode, draw
 from rlhf_ext.testing import ARCHITECTURES, tiny_model_for
 
@@ -68,8 +68,10 @@ def _generate(model, ids, mask, eos, custom, seed, **kw):
 def test_decode_is_transformers_loop_token_for_token(arch, tok, monkeypatch):
     """Both loops draw with `draw` (torch.multinomial patched to it): the same prefill, cache, input preparation and
     stopping give the same tokens and the same scores. With EOS set to the second token row 1 drew without one, the
-    same seed makes row 1 finish after two tokens, so the padding of finished rows is covered too."""
+    same seed makes row 1 finish after two tokens, so the padding of finished rows is covered too. Bit for bit, so
+    with decoding's few-row matmuls in torch's own order (tests/test_cpu_matmul.py covers the other order)."""
     monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: draw(probs)[:, None])
+    monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
     model = tiny_model_for(arch, tok, seed=3).eval()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(5, len(tok), (3, 7), generator=g)
@@ -91,6 +93,7 @@ def test_decode_is_transformers_loop_token_for_token(arch, tok, monkeypatch):
 def test_decode_without_a_cache_is_transformers_loop_too(tok, monkeypatch):
     """use_cache=False: every step feeds the whole sequence (`next_sequence_length` None), as transformers does."""
     monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: draw(probs)[:, None])
+    monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
     model = tiny_model_for("llama3", tok, seed=3).eval()
     ids = torch.randint(5, len(tok), (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -10,7 +10,8 @@ ancestral sampling, no streamer) and built on its own helpers for the rest (pref
 Those helpers are private and changed within transformers 5 (`_prefill`'s arguments, `next_sequence_length`), so
 `decode` is offered only where they are the ones it was written against (`cpu_decoder`); elsewhere — and on GPU,
 where multinomial is cheap — generate() runs transformers' own loop. Tested token for token against that loop with
-the same draw (`tests/test_sampling.py`).
+the same draw (`tests/test_sampling.py`). In fp32, the loop's few-row matmuls run in the operand order this CPU
+measured faster (`cpu_matmul.py`; the same product to rounding, `tests/test_cpu_matmul.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import functools
 import inspect
 
 import torch
+
+from .cpu_matmul import few_row_linear
 
 
 def forked_rng(device: torch.device):
@@ -60,23 +63,24 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     pads_finished = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     scores = () if cfg.return_dict_in_generate and cfg.output_scores else None
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=True)
-    while True:
-        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-        z = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
-        del outputs
-        if scores is not None:
-            scores += (z,)
-        tokens = draw(torch.softmax(z, -1))
-        if pads_finished:  # a finished sequence continues with padding
-            tokens = tokens * unfinished + pad * (1 - unfinished)
-        input_ids = torch.cat([input_ids, tokens[:, None]], -1)
-        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
-        if unfinished.max() == 0:
-            break
-        inputs = model.prepare_inputs_for_generation(
-            input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs)
-        outputs = model(**inputs, return_dict=True)
+    with few_row_linear(model):  # a step's few rows in the faster operand order (cpu_matmul)
+        outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=True)
+        while True:
+            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            z = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
+            del outputs
+            if scores is not None:
+                scores += (z,)
+            tokens = draw(torch.softmax(z, -1))
+            if pads_finished:  # a finished sequence continues with padding
+                tokens = tokens * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], -1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if unfinished.max() == 0:
+                break
+            inputs = model.prepare_inputs_for_generation(
+                input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs)
+            outputs = model(**inputs, return_dict=True)
     if cfg.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, cache=model_kwargs.get("cache"))
     return input_ids

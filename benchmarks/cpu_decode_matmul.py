@@ -1,0 +1,95 @@
+"""Decoding's few-row matmuls on this CPU: F.linear (x·Wᵀ) against (W·xᵀ)ᵀ, the order rlhf_ext/ppo/cpu_matmul.py
+uses while decoding where it measures faster.
+
+    python benchmarks/cpu_decode_matmul.py             # the matmuls alone, SmolLM2-135M's weight shapes
+    python benchmarks/cpu_decode_matmul.py --rollout   # + the throughput benchmark's 32-token rollout, both orders
+
+The matmuls: one pass over SmolLM2-135M's 211 weight matrices (30 layers × q, k, v, o, gate, up, down, and the LM
+head: 545 MB in fp32, more than any cache) at M rows, best of 3, fp32, torch's threads as set. "(W·xᵀ)ᵀ" includes
+making the result contiguous, as the model's next operations need it. Then `rows_range()`, the calibration the
+trainer runs once per process. `--rollout`: the throughput benchmark's trainer (ppo_throughput.py, fp32, all-layer
+LoRA), its first batch sampled 32 tokens at a time with the few-row order on and off, alternated `--repeats` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from statistics import median
+
+import torch
+import torch.nn.functional as F
+
+import _common  # noqa: F401  (sets the offline env and flushes denormals)
+from rlhf_ext.ppo import cpu_matmul
+
+# SmolLM2-135M: hidden 576, 9 heads of 64 (3 KV heads), MLP 1536, 30 layers, vocabulary 49152
+LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+SHAPES = LAYER * 30 + [(49152, 576)]
+
+
+def best_of(fn, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_table(rows_list):
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*s, generator=g) for s in SHAPES]
+    flops_per_row = sum(2 * o * i for o, i in SHAPES)
+    print(f"{'rows':>5} | {'F.linear ms':>11} | {'(W·xᵀ)ᵀ ms':>11} | {'GFLOP/s':>15} | speed-up")
+    with torch.no_grad():
+        for m in rows_list:
+            x = {i: torch.randn(m, i, generator=g) for i in (576, 1536)}
+            plain = best_of(lambda: [F.linear(x[w.shape[1]], w) for w in weights])
+            tall = best_of(lambda: [cpu_matmul.tall_linear(x[w.shape[1]], w) for w in weights])
+            rate = f"{flops_per_row * m / plain / 1e9:.1f} / {flops_per_row * m / tall / 1e9:.1f}"
+            print(f"{m:>5} | {plain * 1e3:>11.1f} | {tall * 1e3:>11.1f} | {rate:>15} | {plain / tall:.2f}×",
+                  flush=True)
+
+
+def rollout_ab(repeats: int):
+    from ppo_throughput import trainer_at
+
+    tr = trainer_at("fp32")
+    batch = tr._next_prompts()
+    rows = cpu_matmul.rows_range()
+    times = {"on": [], "off": []}
+    for _ in range(repeats):
+        for key, r in (("on", rows), ("off", range(0))):
+            cpu_matmul.rows_range = lambda r=r: r
+            t0 = time.perf_counter()
+            tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)
+            times[key].append(time.perf_counter() - t0)
+    on, off = times["on"], times["off"]
+    print(f"\n32-token rollout of {len(batch)} prompts (ppo_throughput's trainer, fp32), {repeats} alternated runs:")
+    runs = lambda ts: ", ".join(f"{t:.2f}" for t in ts)  # noqa: E731
+    print(f"  few-row order (rows {rows.start}–{rows.stop - 1}): median {median(on):.2f} s  ({runs(on)})")
+    print(f"  F.linear throughout:        median {median(off):.2f} s  ({runs(off)})")
+    print(f"  speed-up {median(off) / median(on):.2f}×")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,424", help="comma list of row counts")
+    ap.add_argument("--rollout", action="store_true", help="also time the throughput benchmark's rollout")
+    ap.add_argument("--repeats", type=int, default=4)
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    matmul_table([int(r) for r in args.rows.split(",")])
+    t0 = time.perf_counter()
+    rows = cpu_matmul.rows_range()
+    print(f"\nrows_range() = {rows} (calibrated in {time.perf_counter() - t0:.2f} s): decoding steps of "
+          f"{rows.start}–{rows.stop - 1} rows use (W·xᵀ)ᵀ" if rows else "\nrows_range() empty: decoding keeps F.linear")
+    if args.rollout:
+        rollout_ab(args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
