@@ -3,6 +3,8 @@ decoding loop, only where they may (fp32, no gradient, no autocast, few rows, pl
 them still passes the start-up check against the training forward. The speed is measured by
 benchmarks/cpu_decode_matmul.py, not here."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,32 @@ def test_the_start_up_check_measures_sampling_through_it(tmp_path, tok, tiny_pat
     assert s["sampling_vs_training"] <= s["sampling_vs_training_tolerance"] == 1e-5
     assert s["training_vs_reference"] <= 1e-9
     assert bool(calls) == bool(limit)
+
+
+def test_the_calibration_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    """Two processes on one machine use one range (a timing near the threshold could go either way, and one seed must
+    sample alike): the first measures and writes it under the machine's key, the next reads it; a damaged file or
+    another machine's entry only means measuring this one's again, keeping the others'."""
+    monkeypatch.setenv("RLHF_EXT_CACHE", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(cpu_matmul, "calibrate", lambda: measured.append(1) or range(2, 17))
+    path = tmp_path / "cpu_matmul.json"
+
+    def new_process():
+        cpu_matmul.rows_range.cache_clear()
+        return cpu_matmul.rows_range()
+
+    try:
+        assert new_process() == range(2, 17) and len(measured) == 1
+        assert json.loads(path.read_text()) == {cpu_matmul._machine_key(): [2, 17]}
+        assert new_process() == range(2, 17) and len(measured) == 1  # read, not measured
+        path.write_text("{not json")
+        assert new_process() == range(2, 17) and len(measured) == 2
+        path.write_text(json.dumps({"another CPU": [1, 65]}))
+        assert new_process() == range(2, 17) and len(measured) == 3
+        assert json.loads(path.read_text()) == {"another CPU": [1, 65], cpu_matmul._machine_key(): [2, 17]}
+        path.unlink()
+        path.mkdir()  # unwritable: measured, used, not kept
+        assert new_process() == range(2, 17) and len(measured) == 4
+    finally:
+        cpu_matmul.rows_range.cache_clear()

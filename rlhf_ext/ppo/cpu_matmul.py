@@ -5,10 +5,12 @@ with M the batch. On an AMD EPYC Zen 1 with torch's MKL that product ran at 13 G
 weights — slower than M = 1 (5 GFLOP/s, but in a third of the time per row) —, while the same product computed as
 (W·xᵀ)ᵀ took 2.4× less time (1.9× with the result made contiguous), and still 1.3× at M = 64; at training sizes
 (M ≥ 256) the gain is gone once the result is copied contiguous (`python benchmarks/cpu_decode_matmul.py`). Which
-order is faster is a property of the CPU and the BLAS, so it is measured, once per process, the first time a decode
-step would use it (`rows_range`: ~0.5 s), and the other order is used only for the row counts where it measured
-at least 10 % faster — on a CPU where it is not, nothing changes (at one row, a matrix-vector product either way,
-it measured 0.93× there: batch-1 decoding keeps F.linear).
+order is faster is a property of the CPU and the BLAS, so it is measured the first time a decode step would use it
+(`rows_range`: ~0.5 s), and the other order is used only for the row counts where it measured at least 10 % faster
+— on a CPU where it is not, nothing changes (at one row, a matrix-vector product either way, it measured 0.93×
+there: batch-1 decoding keeps F.linear). The result is kept per machine (CPU model, torch version, thread count) in
+`$RLHF_EXT_CACHE/cpu_matmul.json`: a timing near the threshold could come out either way, and two runs of one seed
+on one machine must sample alike, whichever process they run in.
 
 Only decoding uses it (`sampling.decode`, CPU, fp32 weights, no autocast, no gradients): the passes that PPO's
 ratios, the KL penalty and the guard compare — training, θ_old, the reference — keep `F.linear`, so they still
@@ -20,6 +22,8 @@ this very path (`PolicyAndValue._sampled_vs_training`) against the fp32 toleranc
 from __future__ import annotations
 
 import functools
+import json
+import platform
 import time
 from contextlib import contextmanager
 
@@ -56,8 +60,48 @@ def _seconds(fn, reps: int = 5) -> float:
     return best
 
 
+def _machine_key() -> str:
+    """The CPU (name, family and model: a VM may name every EPYC alike), torch and its threads."""
+    cpu = {"model name": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k.strip() in ("model name", "cpu family", "model"):
+                    cpu[k.strip()] = v.strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    return (f"{cpu['model name']} (family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')}) | "
+            f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
+
+
 @functools.cache
 def rows_range() -> range:
+    """`calibrate()`'s range for this machine, measured once and kept in the cache folder (an unreadable or
+    unwritable cache only means measuring again)."""
+    from ..integrity import write_text_atomic
+    from ..models import cache_dir
+
+    path, key = cache_dir() / "cpu_matmul.json", _machine_key()
+    known = {}
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        start, stop = known[key]
+        return range(int(start), int(stop))
+    except (OSError, ValueError, KeyError, TypeError):
+        known = known if isinstance(known, dict) else {}
+    found = calibrate()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({**known, key: [found.start, found.stop]}, indent=1))
+    except OSError:
+        pass
+    return found
+
+
+def calibrate() -> range:
     """The row counts for which (W·xᵀ)ᵀ measured ≥ MIN_SPEEDUP × faster than F.linear on this CPU: from 1 (or 2,
     where one row — batch-1 decoding, a matrix-vector product either way — is not faster) up to the largest of
     CALIBRATION_ROWS before the first that is not; empty = never. Each count is timed over 24 MiB of weights (more
@@ -89,13 +133,13 @@ def few_row_linear(model: torch.nn.Module):
     front of every tensor operation of the step (~3.5 µs × 90 000 per 32-token rollout here)."""
     patched = []
     try:
-        if next(model.parameters()).device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            rows = rows_range()
-            for m in model.modules() if rows else ():
-                if (type(m) is torch.nn.Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
-                        and m.weight.device.type == "cpu"):
-                    m.forward = functools.partial(_forward, m, rows)
-                    patched.append(m)
+        linears = [] if torch.is_autocast_enabled("cpu") else [
+            m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+        rows = rows_range() if linears else range(0)  # measured only where there is something to use it on
+        for m in linears if rows else ():
+            m.forward = functools.partial(_forward, m, rows)
+            patched.append(m)
         yield
     finally:
         for m in patched:
