@@ -5,10 +5,11 @@ uses while decoding where it measures faster.
     python benchmarks/cpu_decode_matmul.py --rollout   # + the throughput benchmark's 32-token rollout, both orders
 
 The matmuls: one pass over SmolLM2-135M's 211 weight matrices (30 layers × q, k, v, o, gate, up, down, and the LM
-head: 545 MB in fp32, more than any cache) at M rows, best of 3, fp32, torch's threads as set. "(W·xᵀ)ᵀ" includes
-making the result contiguous, as the model's next operations need it. Then `rows_range()`, the calibration the
-trainer runs once per process. `--rollout`: the throughput benchmark's trainer (ppo_throughput.py, fp32, all-layer
-LoRA), its first batch sampled 32 tokens at a time with the few-row order on and off, alternated `--repeats` times.
+head: 545 MB in fp32, more than any cache) at M rows, best of 5, fp32, torch's threads as set. "(W·xᵀ)ᵀ" includes
+making the result contiguous, as the model's next operations need it. Then the calibration, run now, beside the
+range this machine keeps (`rows_range()`, what the trainer uses). `--rollout`: the throughput benchmark's trainer
+(ppo_throughput.py, fp32, all-layer LoRA), its first batch sampled 32 tokens at a time with the few-row order on and
+off, alternated `--repeats` times.
 """
 
 from __future__ import annotations
@@ -28,15 +29,6 @@ LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576
 SHAPES = LAYER * 30 + [(49152, 576)]
 
 
-def best_of(fn, reps: int = 3) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def matmul_table(rows_list):
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(*s, generator=g) for s in SHAPES]
@@ -45,8 +37,8 @@ def matmul_table(rows_list):
     with torch.no_grad():
         for m in rows_list:
             x = {i: torch.randn(m, i, generator=g) for i in (576, 1536)}
-            plain = best_of(lambda: [F.linear(x[w.shape[1]], w) for w in weights])
-            tall = best_of(lambda: [cpu_matmul.tall_linear(x[w.shape[1]], w) for w in weights])
+            plain = cpu_matmul.best_seconds(lambda: [F.linear(x[w.shape[1]], w) for w in weights])
+            tall = cpu_matmul.best_seconds(lambda: [cpu_matmul.tall_linear(x[w.shape[1]], w) for w in weights])
             rate = f"{flops_per_row * m / plain / 1e9:.1f} / {flops_per_row * m / tall / 1e9:.1f}"
             print(f"{m:>5} | {plain * 1e3:>11.1f} | {tall * 1e3:>11.1f} | {rate:>15} | {plain / tall:.2f}×",
                   flush=True)
@@ -83,9 +75,9 @@ def main(argv=None):
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     matmul_table([int(r) for r in args.rows.split(",")])
     t0 = time.perf_counter()
-    rows = cpu_matmul.rows_range()
-    print(f"\nrows_range() = {rows} (calibrated in {time.perf_counter() - t0:.2f} s): decoding steps of "
-          f"{rows.start}–{rows.stop - 1} rows use (W·xᵀ)ᵀ" if rows else "\nrows_range() empty: decoding keeps F.linear")
+    now = cpu_matmul.calibrate()
+    print(f"\ncalibrate() now: {now} ({time.perf_counter() - t0:.2f} s); the range this machine keeps (rows_range(), "
+          f"$RLHF_EXT_CACHE/cpu_matmul.json): {cpu_matmul.rows_range()} — an empty range keeps F.linear")
     if args.rollout:
         rollout_ab(args.repeats)
     return 0

@@ -51,7 +51,7 @@ def _forward(module: torch.nn.Linear, rows: range, x: torch.Tensor) -> torch.Ten
     return _LINEAR(x, module.weight, module.bias)
 
 
-def _seconds(fn, reps: int = 5) -> float:
+def best_seconds(fn, reps: int = 5) -> float:
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -111,9 +111,9 @@ def calibrate() -> range:
 
     def faster(rows: int) -> bool:
         x = torch.randn(rows, 576, generator=g)
-        _seconds(lambda: [tall_linear(x, w) for w in weights], reps=1)  # first-use costs out of the timing
-        plain = _seconds(lambda: [_LINEAR(x, w) for w in weights])
-        return plain >= MIN_SPEEDUP * _seconds(lambda: [tall_linear(x, w) for w in weights])
+        best_seconds(lambda: [tall_linear(x, w) for w in weights], reps=1)  # first-use costs out of the timing
+        plain = best_seconds(lambda: [_LINEAR(x, w) for w in weights])
+        return plain >= MIN_SPEEDUP * best_seconds(lambda: [tall_linear(x, w) for w in weights])
 
     limit = 0
     with torch.no_grad():
