@@ -38,3 +38,29 @@ def lora_config(model_args):
     if isinstance(target, str) and target != "all-linear" and target.isidentifier():
         config.target_modules = {target}
     return config
+
+
+def model_loading(model_args, training_args):
+    """TRL's `ModelConfig` loading fields, read as TRL's own scripts read them; returns the 4-bit config or None.
+
+    `dtype`, `model_revision` (unless "main") and `attn_implementation` go into `training_args.model_init_kwargs`,
+    the `from_pretrained` kwargs both trainers load the base with (a YAML's own `model_init_kwargs` are kept, these
+    win). `load_in_4bit` with `bnb_4bit_quant_type`, `use_bnb_nested_quant` and `bnb_4bit_quant_storage` becomes the
+    returned `BitsAndBytesConfig`, its compute dtype the model dtype (TRL's `get_quantization_config`), passed to the
+    trainer as `quantization_config`. `load_in_8bit` is refused rather than ignored."""
+    from rlhf_ext.models import quantization_config
+
+    if model_args.load_in_8bit:
+        raise ValueError(
+            "load_in_8bit: rlhf_ext shares one frozen base between policy, reference, critic and reward members, in "
+            "full precision or in 4-bit (bitsandbytes' 8-bit layers are not supported). Set `load_in_4bit: true` "
+            "(QLoRA) instead, or neither.")
+    init = {"dtype": model_args.dtype} if model_args.dtype is not None else {}  # "auto": the checkpoint's own dtype
+    if model_args.model_revision not in (None, "main"):
+        init["revision"] = model_args.model_revision
+    if model_args.attn_implementation:
+        init["attn_implementation"] = model_args.attn_implementation
+    training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), **init}
+    return quantization_config(model_args.load_in_4bit, model_args.dtype, quant_type=model_args.bnb_4bit_quant_type,
+                               double_quant=model_args.use_bnb_nested_quant,
+                               quant_storage=model_args.bnb_4bit_quant_storage)

@@ -11,7 +11,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config
+from rlhf_ext.recipes import lora_config, model_loading
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -22,8 +22,7 @@ def main(script_args, training_args, model_args, config_file=None):
     evaluation = None  # as TRL's recipes: the test split, sampled on eval_strategy's cadence (eval_* metrics)
     if training_args.eval_strategy != "no":
         evaluation = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
-    if model_args.dtype is not None:  # "auto" too: the checkpoint's own dtype, as TRL loads it
-        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
     if not training_args.reward_model_path:
         raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py) or a "
                          "sequence-classification reward model (Hub id or folder).")
@@ -34,7 +33,7 @@ def main(script_args, training_args, model_args, config_file=None):
         train_dataset=train,
         eval_dataset=evaluation,
         peft_config=lora_config(model_args),
-        load_in_4bit=model_args.load_in_4bit,
+        quantization_config=quantization,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # with push_to_hub, uploaded too

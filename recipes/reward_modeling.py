@@ -2,7 +2,8 @@
 
     accelerate launch recipes/reward_modeling.py --config recipes/configs/reward_smollm2_sentiment.yaml
 
-Any TRL `ModelConfig` field works (`load_in_4bit`, `use_peft`, `lora_r`, `lora_target_modules`, …) as do all
+Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit_quant_type`, `attn_implementation`,
+`model_revision`, `use_peft`, `lora_r`, `lora_target_modules`, …; `load_in_8bit` is refused) as do all
 `RewardEnsembleConfig` fields (`ensemble_size`, `ensemble_mode`, `length_decorrelation_coef`, …).
 `dataset_name` may be a Hub id or a local folder holding `<dataset_config>_<split>.jsonl` files.
 """
@@ -11,7 +12,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config
+from rlhf_ext.recipes import lora_config, model_loading
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -21,15 +22,14 @@ def main(script_args, training_args, model_args, config_file=None):
         test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
     except (FileNotFoundError, ValueError):
         test = None
-    if model_args.dtype is not None:  # "auto" too: the checkpoint's own dtype, as TRL loads it
-        training_args.model_init_kwargs = {**(training_args.model_init_kwargs or {}), "dtype": model_args.dtype}
+    quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
     trainer = RewardEnsembleTrainer(
         model_args.model_name_or_path or "smollm2-135m-instruct",
         args=training_args,
         train_dataset=train,
         eval_dataset=test,
         peft_config=lora_config(model_args),
-        load_in_4bit=model_args.load_in_4bit,
+        quantization_config=quantization,
     )
     trainer.train()
     if test is not None:

@@ -137,18 +137,23 @@ def _dtype(dtype) -> torch.dtype | str:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def quantization_config(load_in_4bit: bool = False, dtype=None, quant_type: str = "nf4", double_quant: bool = True):
-    """bitsandbytes NF4 config: double quantisation on, compute dtype = the model dtype."""
+def quantization_config(load_in_4bit: bool = False, dtype=None, quant_type: str = "nf4", double_quant: bool = True,
+                        quant_storage=None):
+    """bitsandbytes 4-bit config: NF4 with double quantisation unless told otherwise, compute dtype = the model dtype
+    (float32 for "auto" or none), packed weights stored as uint8 unless `quant_storage` names a dtype."""
     if not load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bnb_4bit_quant_type={quant_type!r}: bitsandbytes' 4-bit types are 'nf4' and 'fp4'.")
     compute = _dtype(dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32 if compute == "auto" else compute,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -295,6 +300,19 @@ def assert_trainable_4bit_layout(model, trainer: str) -> None:
 def is_quantized(model) -> bool:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False))
+
+
+def four_bit_layout(model) -> dict | None:
+    """How a 4-bit model was quantised (quant type, double quantisation, compute dtype), for an artifact to load its
+    base the same way again; None in full precision."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    qc = getattr(getattr(hf, "config", None), "quantization_config", None)
+    if not getattr(hf, "is_loaded_in_4bit", False) or qc is None:
+        return None
+    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
+    compute = get("bnb_4bit_compute_dtype", "float32")
+    return {"quant_type": get("bnb_4bit_quant_type", "nf4"), "double_quant": bool(get("bnb_4bit_use_double_quant")),
+            "compute_dtype": str(compute).replace("torch.", "")}
 
 
 def fused_expert_parameters(model) -> list:

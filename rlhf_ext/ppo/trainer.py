@@ -82,6 +82,8 @@ class PPOTrainer(Trainer):
         args: `PPOConfig`.  train_dataset: TRL prompt-only dataset.  processing_class: tokenizer.
         peft_config: LoRA config for the policy (and the separate critic); default LoRA r=16 on PEFT's target modules
             for the architecture (`architectures.py`) when `model` is not already a `PeftModel`.
+        load_in_4bit: load `model` (a name) in 4-bit NF4 with double quantisation; `quantization_config`: a
+            `BitsAndBytesConfig` of your own instead (as the recipes build it from TRL's `ModelConfig`).
         audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
             the proxy reward to spot reward hacking; never used in the loss.
         eval_dataset: prompts (TRL prompt-only format) `evaluate()` samples the policy on — on `eval_strategy`'s
@@ -93,8 +95,8 @@ class PPOTrainer(Trainer):
 
     def __init__(self, model, reward_funcs=None, args: PPOConfig | None = None, train_dataset=None,
                  processing_class=None, peft_config=None, callbacks: list[TrainerCallback] | None = None,
-                 load_in_4bit: bool = False, audit_funcs=None, *, reward_model=None, eval_dataset=None,
-                 ref_model=None, value_model=None, data_collator=None, optimizers=(None, None)):
+                 load_in_4bit: bool = False, audit_funcs=None, *, quantization_config=None, reward_model=None,
+                 eval_dataset=None, ref_model=None, value_model=None, data_collator=None, optimizers=(None, None)):
         from peft import PeftModel
 
         from ..architectures import final_hidden_size, resolve_lora_config
@@ -111,10 +113,14 @@ class PPOTrainer(Trainer):
         # Policy = LoRA adapter on the frozen base; reference = the same base with adapters disabled
         self.model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if isinstance(model, str):
-            if processing_class is None:
-                processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code)
-            model = load_model(model, "causal", load_in_4bit=load_in_4bit, trust_remote_code=args.trust_remote_code,
-                               **(args.model_init_kwargs or {}))
+            init = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:  # a BitsAndBytesConfig of the caller's (the recipes: TRL's fields)
+                init["quantization_config"] = quantization_config
+            if processing_class is None:  # the tokenizer of the same revision as the weights
+                processing_class = load_tokenizer(model, revision=init.get("revision"),
+                                                  trust_remote_code=args.trust_remote_code)
+            model = load_model(model, "causal", load_in_4bit=load_in_4bit and quantization_config is None,
+                               trust_remote_code=args.trust_remote_code, **init)
         if processing_class is None:
             raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
         self.tokenizer = ensure_pad_token(processing_class)
@@ -276,8 +282,8 @@ class PPOTrainer(Trainer):
         sequence-classification model — a Hub id or the folder `trl.RewardTrainer` saved — loaded with
         num_labels=1 and the policy's `model_init_kwargs`, on the policy's device, scored with its own tokenizer."""
         try:
-            model = load_model(name, "seq_cls", num_labels=1, trust_remote_code=args.trust_remote_code,
-                               **(args.model_init_kwargs or {}))
+            init = {k: v for k, v in (args.model_init_kwargs or {}).items() if k != "revision"}  # the policy repo's
+            model = load_model(name, "seq_cls", num_labels=1, trust_remote_code=args.trust_remote_code, **init)
         except (OSError, ValueError) as e:
             raise ValueError(
                 f"Reward {name!r} is neither an rlhf_ext reward-model artifact (no {SPEC_FILE}) nor a "

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..adapters import wrap_with_peft
 from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
-from ..models import base_reference, ensure_pad_token, load_model, load_tokenizer, model_fingerprint, trunk_of
+from ..models import (base_reference, ensure_pad_token, load_model, load_tokenizer, model_fingerprint,
+                      quantization_config, trunk_of)
 from .ensemble import RewardEnsemble
 
 SPEC_FILE = "rlhf_ext_reward.json"
@@ -161,8 +162,12 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         model, owns = base_model, False
         adapters = attach_adapters(model, path, spec, prefix=adapter_prefix)
     else:
+        four_bit = spec.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit
+        layout = spec.get("four_bit") if four_bit else None  # the quantisation it was trained on (NF4 if unrecorded)
+        quantization = {} if not layout else {"quantization_config": quantization_config(
+            True, layout["compute_dtype"], quant_type=layout["quant_type"], double_quant=layout["double_quant"])}
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
-                          load_in_4bit=spec.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit)
+                          load_in_4bit=four_bit and not layout, **quantization)
         first = spec["adapters"][0]
         model = wrap_with_peft(base, lora_config_of(spec, base), adapter_prefix + first)
         adapters, owns = attach_adapters(model, path, spec, prefix=adapter_prefix), True

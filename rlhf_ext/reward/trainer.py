@@ -31,7 +31,7 @@ from ..adapters import check_gradients_reached, first_step_grad_params, set_trai
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
-from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, is_quantized,
+from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of,
                       warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
@@ -107,13 +107,14 @@ def _head_weights(head: nn.Linear):
     return w.detach().float().cpu().reshape(head.out_features, -1), bias
 
 
-def _checkpoint_num_labels(name_or_path: str, trust_remote_code: bool) -> int | None:
+def _checkpoint_num_labels(name_or_path: str, trust_remote_code: bool, revision: str | None = None) -> int | None:
     """num_labels of a sequence-classification checkpoint (by its config's `architectures`); None for any other
     checkpoint or when the config cannot be read here (loading then reports the problem)."""
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code,
+                                         **({"revision": revision} if revision else {}))
     except Exception:  # noqa: BLE001 - not readable as a transformers config: load_model names the problem
         return None
     if any(str(a).endswith("ForSequenceClassification") for a in (getattr(cfg, "architectures", None) or [])):
@@ -216,8 +217,9 @@ class RewardEnsembleTrainer(RewardTrainer):
             if quantization_config is not None:
                 init["quantization_config"] = quantization_config
             if processing_class is None:
-                processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code)
-            labels = _checkpoint_num_labels(model, args.trust_remote_code)
+                processing_class = load_tokenizer(model, revision=init.get("revision"),
+                                                  trust_remote_code=args.trust_remote_code)
+            labels = _checkpoint_num_labels(model, args.trust_remote_code, init.get("revision"))
             if labels not in (None, 1):
                 logger.warning("%s is a sequence-classification checkpoint with num_labels=%d; a reward model has one "
                                "output, so its score head is not used (new heads are trained).", model, labels)
@@ -235,6 +237,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             source = model
         trunk = trunk_of(source)
         self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
+        self.four_bit_layout = four_bit_layout(source)  # recorded, so a separate load quantises the base alike
         warn_unquantized_experts(source)
         if processing_class is None:
             processing_class = load_tokenizer(self.base_model_name)
@@ -616,6 +619,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             "lora_config": getattr(self, "lora_config", None),
             "normalization": self.normalization,
             "load_in_4bit": bool(self.load_in_4bit),
+            "four_bit": self.four_bit_layout,
             "dtype": "float32" if self.load_in_4bit else str(next(trunk.parameters()).dtype).replace("torch.", ""),
             "conversational": self.is_conversational,
             "tags": list(ens.model_tags),

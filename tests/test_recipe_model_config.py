@@ -1,0 +1,144 @@
+"""The recipes read TRL's `ModelConfig` loading fields as TRL's own scripts do: `model_revision`, `attn_implementation`,
+`dtype`, and `load_in_4bit` with `bnb_4bit_quant_type`, `use_bnb_nested_quant`, `bnb_4bit_quant_storage`
+(`recipes.model_loading`); `load_in_8bit` is refused, not ignored. Checked on what was loaded — the 4-bit layers'
+quantisation state, the attention implementation of the config, the revision handed to `from_pretrained` for the
+weights and the tokenizer — through both recipes in this process, the reward artifact's recorded layout, and a separate
+load of that artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from rlhf_ext import PPOConfig, RewardEnsembleConfig
+from rlhf_ext.recipes import model_loading
+
+from .conftest import FOUR_BIT_HIDDEN, preference_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+bnb = pytest.importorskip("bitsandbytes")
+
+# what a user would write in a YAML beside the shipped keys (each differs from what the recipes did before: NF4 with
+# double quantisation, sdpa, no revision)
+LOADING = {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": False,
+           "attn_implementation": "eager", "model_revision": "v1.0"}
+
+
+def parse(config_cls, settings: dict):
+    return TrlParser((ScriptArguments, config_cls, ModelConfig)).parse_dict(settings)
+
+
+def four_bit_states(model) -> list:
+    return [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_model_loading_reads_trl_fields_like_trls_scripts():
+    _, args, model_args = parse(PPOConfig, {"output_dir": "o", "use_cpu": True, "dtype": "bfloat16",
+                                            "model_init_kwargs": {"dtype": "float16", "low_cpu_mem_usage": True},
+                                            **LOADING, "bnb_4bit_quant_storage": "bfloat16"})
+    qc = model_loading(model_args, args)
+    # ModelConfig's fields win over the YAML's own model_init_kwargs, which are kept otherwise
+    assert args.model_init_kwargs == {"dtype": "bfloat16", "low_cpu_mem_usage": True, "revision": "v1.0",
+                                      "attn_implementation": "eager"}
+    assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "fp4" and qc.bnb_4bit_use_double_quant is False
+    assert qc.bnb_4bit_compute_dtype == torch.bfloat16 and qc.bnb_4bit_quant_storage == torch.bfloat16
+    # the defaults: float32, TRL's "main" revision not passed on, no attention override, full precision
+    _, args, model_args = parse(PPOConfig, {"output_dir": "o", "use_cpu": True})
+    assert model_loading(model_args, args) is None and args.model_init_kwargs == {"dtype": "float32"}
+
+
+def test_shipped_4bit_yamls_keep_double_quantisation_as_the_plan_counts_it():
+    for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        if not cfg.get("load_in_4bit"):
+            continue
+        config_cls = PPOConfig if "reward_model_path" in cfg else RewardEnsembleConfig
+        _, args, model_args = parse(config_cls, {**cfg, "use_cpu": True, "bf16": False})
+        qc = model_loading(model_args, args)
+        assert qc.bnb_4bit_quant_type == "nf4" and qc.bnb_4bit_use_double_quant is True, path.name
+        assert qc.bnb_4bit_compute_dtype == getattr(torch, cfg.get("dtype", "float32")), path.name
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "reward_modeling"])
+def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe):
+    import importlib
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    config_cls = PPOConfig if recipe == "ppo" else RewardEnsembleConfig
+    script, args, model_args = parse(config_cls, {"output_dir": str(tmp_path), "use_cpu": True, "load_in_8bit": True,
+                                                  "dataset_name": "shipped:sentiment", "dataset_config": "prompts"
+                                                  if recipe == "ppo" else "preferences",
+                                                  **({"reward_model_path": str(tmp_path)} if recipe == "ppo" else {})})
+    with pytest.raises(ValueError, match=r"load_in_8bit.*not supported.*load_in_4bit: true"):
+        module.main(script, args, model_args)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """(class, path, revision) of every from_pretrained call for weights or a tokenizer."""
+    calls = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModel, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained
+
+        def spy(*a, _original=original, _cls=cls, **kw):
+            calls.append((_cls.__name__, str(a[0]), kw.get("revision")))
+            return _original(*a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    return calls
+
+
+def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
+    """Both recipes, one step each, with fp4 without double quantisation, eager attention and a revision."""
+    import recipes.ppo as ppo_recipe
+    import recipes.reward_modeling as reward_recipe
+    from rlhf_ext import load_reward_model
+    from rlhf_ext.reward.artifact import read_spec
+    from rlhf_ext.testing import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", tok, hidden_size=FOUR_BIT_HIDDEN)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, (n, seed) in {"train": (16, 0), "test": (8, 1)}.items():
+        rows = preference_rows(n, seed)
+        (data / f"preferences_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "prompts_train.jsonl").write_text("".join(json.dumps({"prompt": r["chosen"][:1]}) + "\n"
+                                                      for r in preference_rows(8, 2)))
+    common = {"model_name_or_path": base, "dataset_name": str(data), "use_cpu": True, "max_steps": 1,
+              "save_strategy": "no", "report_to": "none", "use_peft": True, "lora_target_modules": ["q_proj", "v_proj"],
+              "lora_dropout": 0.0, **LOADING}
+
+    reward_out = tmp_path / "rm"
+    rm = reward_recipe.main(*parse(RewardEnsembleConfig, {
+        **common, "output_dir": str(reward_out), "dataset_config": "preferences", "ensemble_size": 2,
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8}))
+    ppo = ppo_recipe.main(*parse(PPOConfig, {
+        **common, "output_dir": str(tmp_path / "ppo"), "dataset_config": "prompts",
+        "reward_model_path": str(reward_out), "per_device_train_batch_size": 4, "max_completion_length": 4,
+        "num_ppo_epochs": 1, "monitor_reference_prompts": 4}))
+
+    for name, model in (("reward", rm.model), ("ppo", ppo.model)):
+        states = four_bit_states(model)
+        assert states and {s.quant_type for s in states} == {"fp4"} and not any(s.nested for s in states), name
+        cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.model.base_model.config
+        assert cfg._attn_implementation == "eager", (name, cfg._attn_implementation)
+    # the revision reached the weights and the tokenizer of the base, in both recipes (a local folder ignores it)
+    base_loads = [(cls, rev) for cls, path, rev in loads if path == base]
+    assert {("AutoTokenizer", "v1.0"), ("AutoModel", "v1.0"), ("AutoModelForCausalLM", "v1.0")} <= set(base_loads)
+    assert all(rev == "v1.0" for _, rev in base_loads), base_loads
+    # the artifact records the layout; PPO hosted its members on its own base; a separate load quantises alike
+    assert read_spec(reward_out)["four_bit"] == {"quant_type": "fp4", "double_quant": False,
+                                                 "compute_dtype": "float32"}
+    from rlhf_ext.reward.ensemble import RewardEnsemble
+
+    hosted = [m for m in ppo.rewards.members if isinstance(m, RewardEnsemble)]
+    assert hosted and not any(m.owns_base for m in hosted)
+    alone = load_reward_model(reward_out)
+    states = four_bit_states(alone.model)
+    assert states and {s.quant_type for s in states} == {"fp4"} and not any(s.nested for s in states)
