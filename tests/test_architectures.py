@@ -433,6 +433,24 @@ def test_reward_trainer_warns_that_a_4bit_moe_keeps_its_experts(tmp_path, tok, f
         assert len(found) == int(warned) and (not warned or "bitsandbytes#1849" in found[0]), (arch, found)
 
 
+def test_ppo_warns_that_a_4bit_moe_keeps_its_experts_when_handed_a_peft_model(tmp_path, tok, folders):
+    """A quantised PeftModel handed to PPOTrainer (its adapter is the policy) gets the warning too, not only a base
+    the trainer loads and prepares itself (test_4bit_ppo); a dense one does not."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
+                     save_strategy="no", disable_tqdm=True)
+    for arch, warned in (("qwen3-moe", True), ("llama3", False)):
+        base = prepare_model_for_kbit_training(load_model(folders(arch, FOUR_BIT_HIDDEN), "causal", load_in_4bit=True),
+                                               use_gradient_checkpointing=False)
+        policy = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            PPOTrainer(policy, reward_funcs=positive(tok), args=args, train_dataset=prompt_data(), processing_class=tok)
+        found = [str(w.message) for w in caught if "fused MoE experts" in str(w.message)]
+        assert len(found) == int(warned) and (not warned or "bitsandbytes#1849" in found[0]), (arch, found)
+
+
 def test_moe_router_jitter_is_refused_at_start_up_and_switched_off_from_the_config(tmp_path, tok):
     """Qwen3-MoE's router is deterministic (it passes above). Mixtral's `router_jitter_noise` multiplies the router
     input by noise in training mode only: PPO's ratios and KL guard would be inexact, so the start-up check refuses it

@@ -134,12 +134,12 @@ class PPOTrainer(Trainer):
                 from peft import prepare_model_for_kbit_training
 
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-                warn_unquantized_experts(model)  # an MoE's experts: full precision, fp32 after the call above
             peft_config = resolve_lora_config(peft_config, model, r=16, lora_alpha=32, lora_dropout=0.0)
             peft_config.task_type = "CAUSAL_LM"
             restrict_to_top_layers(peft_config, model, args.lora_top_layers)
             model = wrap_with_peft(model, peft_config, POLICY)
             self.policy_adapter = POLICY
+        warn_unquantized_experts(model)  # a 4-bit MoE's experts stay full precision (fp32 after kbit preparation)
         if args.gradient_checkpointing:  # the Trainer enables it again with these same kwargs (see below)
             if not args.activation_checkpointing_kwargs:
                 args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": False}
