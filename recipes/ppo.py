@@ -18,10 +18,12 @@ def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
-    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config,
+                       script_args.dataset_streaming)
     evaluation = None  # as TRL's recipes: the test split, sampled on eval_strategy's cadence (eval_* metrics)
     if training_args.eval_strategy != "no":
-        evaluation = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
+        evaluation = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config,
+                                script_args.dataset_streaming)
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
     if not training_args.reward_model_path:
         raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py) or a "

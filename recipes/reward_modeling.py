@@ -17,9 +17,11 @@ from rlhf_ext.recipes import lora_config, model_loading
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
-    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config,
+                       script_args.dataset_streaming)
     try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
-        test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config)
+        test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config,
+                          script_args.dataset_streaming)
     except (FileNotFoundError, ValueError):
         test = None
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts

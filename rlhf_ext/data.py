@@ -34,22 +34,23 @@ def resolve_data_path(name: str, config_file: str | None = None) -> str:
     return str(beside) if beside.exists() else name
 
 
-def load_split(name_or_path: str, split: str, kind: str | None = None):
-    """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`."""
+def load_split(name_or_path: str, split: str, kind: str | None = None, streaming: bool = False):
+    """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`. `streaming` (TRL's
+    `dataset_streaming`): an `IterableDataset`, read as training goes instead of loaded whole first."""
     from datasets import load_dataset
 
     path = Path(name_or_path)
     if path.is_dir():
         for candidate in ([path / f"{kind}_{split}.jsonl"] if kind else []) + [path / f"{split}.jsonl"]:
             if candidate.is_file():
-                return load_dataset("json", data_files=str(candidate), split="train")
+                return load_dataset("json", data_files=str(candidate), split="train", streaming=streaming)
         raise FileNotFoundError(
             f"No '{kind + '_' if kind else ''}{split}.jsonl' in {path}. Name the files <kind>_<split>.jsonl "
             f"(e.g. preferences_train.jsonl) or pass a Hub dataset id."
         )
     if path.suffix in (".jsonl", ".json") and path.is_file():
-        return load_dataset("json", data_files=str(path), split="train")
-    return load_dataset(name_or_path, kind, split=split)
+        return load_dataset("json", data_files=str(path), split="train", streaming=streaming)
+    return load_dataset(name_or_path, kind, split=split, streaming=streaming)
 
 
 def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", device=None):

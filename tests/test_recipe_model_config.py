@@ -94,6 +94,17 @@ def loads(monkeypatch):
     return calls
 
 
+def local_data(folder: Path) -> str:
+    """TRL-format preference pairs (train, test) and prompts (train, test) as `<kind>_<split>.jsonl` files."""
+    folder.mkdir()
+    for split, (n, seed) in {"train": (16, 0), "test": (8, 1)}.items():
+        rows = preference_rows(n, seed)
+        (folder / f"preferences_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / f"prompts_{split}.jsonl").write_text("".join(json.dumps({"prompt": r["chosen"][:1]}) + "\n"
+                                                               for r in preference_rows(n // 2, seed + 2)))
+    return str(folder)
+
+
 def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     """Both recipes, one step each, with fp4 without double quantisation, eager attention and a revision."""
     import recipes.ppo as ppo_recipe
@@ -103,14 +114,8 @@ def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     from rlhf_ext.testing import save_tiny_model
 
     base = save_tiny_model(tmp_path / "base", tok, hidden_size=FOUR_BIT_HIDDEN)
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, (n, seed) in {"train": (16, 0), "test": (8, 1)}.items():
-        rows = preference_rows(n, seed)
-        (data / f"preferences_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "prompts_train.jsonl").write_text("".join(json.dumps({"prompt": r["chosen"][:1]}) + "\n"
-                                                      for r in preference_rows(8, 2)))
-    common = {"model_name_or_path": base, "dataset_name": str(data), "use_cpu": True, "max_steps": 1,
+    data = local_data(tmp_path / "data")
+    common = {"model_name_or_path": base, "dataset_name": data, "use_cpu": True, "max_steps": 1,
               "save_strategy": "no", "report_to": "none", "use_peft": True, "lora_target_modules": ["q_proj", "v_proj"],
               "lora_dropout": 0.0, **LOADING}
 
@@ -142,3 +147,38 @@ def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     alone = load_reward_model(reward_out)
     states = four_bit_states(alone.model)
     assert states and {s.quant_type for s in states} == {"fp4"} and not any(s.nested for s in states)
+
+
+def test_dataset_streaming_reaches_both_trainers(tmp_path, tok, tiny_path, monkeypatch):
+    """`dataset_streaming: true` (TRL's ScriptArguments) loads the splits as `IterableDataset`s, as TRL's scripts do:
+    the reward trainer trains and evaluates on them as they stream; PPO reads its prompts (train and test) from them."""
+    from datasets import IterableDataset
+
+    import recipes.ppo as ppo_recipe
+    import recipes.reward_modeling as reward_recipe
+    from rlhf_ext import PPOTrainer, RewardEnsembleTrainer
+
+    seen = {}
+    for name, cls in (("reward", RewardEnsembleTrainer), ("ppo", PPOTrainer)):
+        original = cls.__init__
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            seen[_name] = (type(kw["train_dataset"]), type(kw["eval_dataset"]))
+            _original(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "__init__", spy)
+    data = local_data(tmp_path / "data")
+    common = {"model_name_or_path": tiny_path, "dataset_name": data, "dataset_streaming": True, "use_cpu": True,
+              "max_steps": 2, "save_strategy": "no", "report_to": "none"}
+    rm = reward_recipe.main(*parse(RewardEnsembleConfig, {**common, "output_dir": str(tmp_path / "rm"),
+                                                          "dataset_config": "preferences", "ensemble_size": 2,
+                                                          "per_device_train_batch_size": 4}))
+    assert rm.state.global_step == 2 and "eval_accuracy" in json.loads((tmp_path / "rm" / "eval_results.json").read_text())
+    ppo = ppo_recipe.main(*parse(PPOConfig, {**common, "output_dir": str(tmp_path / "ppo"), "dataset_config": "prompts",
+                                             "reward_model_path": str(tmp_path / "rm"), "eval_strategy": "steps",
+                                             "eval_steps": 1, "per_device_train_batch_size": 4,
+                                             "max_completion_length": 4, "num_ppo_epochs": 1,
+                                             "monitor_reference_prompts": 4}))
+    assert seen == {"reward": (IterableDataset, IterableDataset), "ppo": (IterableDataset, IterableDataset)}
+    assert ppo.state.global_step == 2 and len(ppo.prompts) == 8
+    assert any("eval_kl" in h for h in ppo.state.log_history)
