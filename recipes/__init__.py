@@ -64,3 +64,10 @@ def model_loading(model_args, training_args):
     return quantization_config(model_args.load_in_4bit, model_args.dtype, quant_type=model_args.bnb_4bit_quant_type,
                                double_quant=model_args.use_bnb_nested_quant,
                                quant_storage=model_args.bnb_4bit_quant_storage)
+
+
+def resume_argument(training_args):
+    """`resume_from_checkpoint` for `train()`, as TRL's scripts pass it on: a checkpoint folder; `true` (any case) for
+    the newest checkpoint in `output_dir`, which the string field would otherwise take for a folder named "true"."""
+    value = training_args.resume_from_checkpoint
+    return True if isinstance(value, str) and value.lower() == "true" else value

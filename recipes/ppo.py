@@ -11,7 +11,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading
+from rlhf_ext.recipes import lora_config, model_loading, resume_argument
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -37,7 +37,7 @@ def main(script_args, training_args, model_args, config_file=None):
         peft_config=lora_config(model_args),
         quantization_config=quantization,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
     trainer.save_model(training_args.output_dir)  # with push_to_hub, uploaded too
     return trainer
 

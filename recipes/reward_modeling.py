@@ -12,7 +12,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading
+from rlhf_ext.recipes import lora_config, model_loading, resume_argument
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -33,7 +33,7 @@ def main(script_args, training_args, model_args, config_file=None):
         peft_config=lora_config(model_args),
         quantization_config=quantization,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
     if test is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

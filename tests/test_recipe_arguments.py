@@ -1,9 +1,10 @@
-"""The recipes read TRL's `ModelConfig` loading fields as TRL's own scripts do: `model_revision`, `attn_implementation`,
-`dtype`, and `load_in_4bit` with `bnb_4bit_quant_type`, `use_bnb_nested_quant`, `bnb_4bit_quant_storage`
-(`recipes.model_loading`); `load_in_8bit` is refused, not ignored. Checked on what was loaded — the 4-bit layers'
-quantisation state, the attention implementation of the config, the revision handed to `from_pretrained` for the
-weights and the tokenizer — through both recipes in this process, the reward artifact's recorded layout, and a separate
-load of that artifact."""
+"""The recipes read TRL's arguments as TRL's own scripts do. `ModelConfig`'s loading fields — `model_revision`,
+`attn_implementation`, `dtype`, and `load_in_4bit` with `bnb_4bit_quant_type`, `use_bnb_nested_quant`,
+`bnb_4bit_quant_storage` (`recipes.model_loading`); `load_in_8bit` is refused, not ignored — checked on what was
+loaded: the 4-bit layers' quantisation state, the config's attention implementation, the revision handed to
+`from_pretrained` for the weights and the tokenizer, the reward artifact's recorded layout and a separate load of it.
+`ScriptArguments.dataset_streaming` and `resume_from_checkpoint` (a folder, or `true` for the newest) reach both
+trainers. Everything runs in this process on tiny models, one or two steps."""
 
 from __future__ import annotations
 
@@ -182,3 +183,45 @@ def test_dataset_streaming_reaches_both_trainers(tmp_path, tok, tiny_path, monke
     assert seen == {"reward": (IterableDataset, IterableDataset), "ppo": (IterableDataset, IterableDataset)}
     assert ppo.state.global_step == 2 and len(ppo.prompts) == 8
     assert any("eval_kl" in h for h in ppo.state.log_history)
+
+
+def test_killed_recipes_resume_from_the_newest_checkpoint(tmp_path, tiny_path, monkeypatch):
+    """`--resume_from_checkpoint true` (or a folder), as TRL's scripts pass it to `train()`: the reward recipe ignored
+    it and trained again from scratch. Each recipe stops after its first checkpoint (a shorter run stands in for the
+    kill; constant learning rate, so the schedule does not depend on the run's length), then runs again to the end:
+    only the steps after the checkpoint run, and the reward model's weights equal an uninterrupted run's exactly."""
+    import recipes.ppo as ppo_recipe
+    import recipes.reward_modeling as reward_recipe
+    from rlhf_ext import PPOTrainer, RewardEnsembleTrainer
+
+    steps = []
+    for cls, method in ((RewardEnsembleTrainer, "training_step"), (PPOTrainer, "_iteration")):
+        original = getattr(cls, method)
+
+        def spy(self, *a, _original=original, **kw):
+            steps.append(type(self).__name__)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(cls, method, spy)
+    data = local_data(tmp_path / "data")
+    reward = {"model_name_or_path": tiny_path, "dataset_name": data, "dataset_config": "preferences", "use_cpu": True,
+              "report_to": "none", "ensemble_size": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+              "lr_scheduler_type": "constant", "save_strategy": "steps", "save_steps": 2}
+    whole = reward_recipe.main(*parse(RewardEnsembleConfig, {**reward, "output_dir": str(tmp_path / "a"),
+                                                             "max_steps": 4}))
+    reward_recipe.main(*parse(RewardEnsembleConfig, {**reward, "output_dir": str(tmp_path / "b"), "max_steps": 2}))
+    steps.clear()
+    resumed = reward_recipe.main(*parse(RewardEnsembleConfig, {**reward, "output_dir": str(tmp_path / "b"),
+                                                               "max_steps": 4, "resume_from_checkpoint": "true"}))
+    assert steps == ["RewardEnsembleTrainer"] * 2 and resumed.state.global_step == 4
+    want, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    ppo = {"model_name_or_path": tiny_path, "dataset_name": data, "dataset_config": "prompts", "use_cpu": True,
+           "report_to": "none", "output_dir": str(tmp_path / "ppo"), "reward_model_path": str(tmp_path / "a"),
+           "per_device_train_batch_size": 4, "max_completion_length": 4, "num_ppo_epochs": 1,
+           "monitor_reference_prompts": 4, "save_strategy": "steps", "save_steps": 1}
+    ppo_recipe.main(*parse(PPOConfig, {**ppo, "max_steps": 1}))
+    steps.clear()
+    trainer = ppo_recipe.main(*parse(PPOConfig, {**ppo, "max_steps": 2, "resume_from_checkpoint": "True"}))
+    assert steps == ["PPOTrainer"] and trainer.iteration == 2
