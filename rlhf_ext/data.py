@@ -112,10 +112,15 @@ def with_extra_preferences(dataset, files):
     return concatenate_datasets([p.cast(parts[0].features) for p in parts])
 
 
-def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None):
+PROGRESS_ROWS = 2000  # a prompt set at least this long is tokenized under a progress bar (seconds of work)
+
+
+def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc: str = "Tokenizing prompts"):
     """TRL prompt-only data (text or conversational) → list of (prompt, token ids), chat template applied as TRL
-    does. `args` supplies max_prompt_length, prompt_overflow and per_device_train_batch_size (a PPOConfig). Bad rows
-    raise or drop."""
+    does. `args` supplies max_prompt_length, prompt_overflow and per_device_train_batch_size (a PPOConfig) and, for
+    the progress bar a large or streamed set gets, disable_tqdm and process_index. Bad rows raise or drop."""
+    from tqdm.auto import tqdm
+
     columns = dataset.column_names
     if "prompt" in columns:
         source = ((i, p, None) for i, p in enumerate(dataset["prompt"]))
@@ -124,8 +129,11 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None):
     else:
         raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
                          f"1.12's PPO took it; it has {columns}.")
+    total = len(dataset) if hasattr(dataset, "__len__") else None  # a streamed set: length unknown
+    quiet = (getattr(args, "disable_tqdm", False) or getattr(args, "process_index", 0) != 0
+             or (total is not None and total < PROGRESS_ROWS))
     rows, too_long = [], []
-    for i, prompt, ids in source:
+    for i, prompt, ids in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
         text = message_text(prompt)
         if not isinstance(text, str):
             raise ValueError(f"Prompt {i} is a {type(prompt).__name__} ({prompt!r:.60}), not text: a prompt is a string "

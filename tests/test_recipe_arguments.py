@@ -225,3 +225,27 @@ def test_killed_recipes_resume_from_the_newest_checkpoint(tmp_path, tiny_path, m
     steps.clear()
     trainer = ppo_recipe.main(*parse(PPOConfig, {**ppo, "max_steps": 2, "resume_from_checkpoint": "True"}))
     assert steps == ["PPOTrainer"] and trainer.iteration == 2
+
+
+def test_a_large_or_streamed_prompt_set_is_tokenized_under_a_progress_bar(tok, capsys):
+    """PPO tokenizes its prompts once at start-up: seconds for tens of thousands (and a streamed set's length is not
+    known), so a set of PROGRESS_ROWS or more, or a stream, shows a bar on the main process; a small set, another
+    process or `disable_tqdm` does not."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from rlhf_ext.data import PROGRESS_ROWS, tokenize_prompts
+
+    def bar(n, streamed=False, **kw):
+        args = SimpleNamespace(max_prompt_length=64, prompt_overflow="error", per_device_train_batch_size=1,
+                               **{"disable_tqdm": False, "process_index": 0, **kw})
+        data = Dataset.from_dict({"prompt": [f"say something good {i % 7}" for i in range(n)]})
+        assert len(tokenize_prompts(data.to_iterable_dataset() if streamed else data, tok, args)) == n
+        return capsys.readouterr().err
+
+    assert f"Tokenizing prompts:   0%|          | 0/{PROGRESS_ROWS}" in bar(PROGRESS_ROWS)
+    assert "Tokenizing prompts: 0prompt" in bar(20, streamed=True)  # no total: a count
+    assert "Tokenizing" not in bar(PROGRESS_ROWS - 1)
+    assert "Tokenizing" not in bar(PROGRESS_ROWS, disable_tqdm=True)
+    assert "Tokenizing" not in bar(PROGRESS_ROWS, process_index=1)

@@ -219,7 +219,7 @@ class PPOTrainer(Trainer):
                 member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
         if eval_dataset is not None:  # checked now, not at the first evaluation hours into the run
-            tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1)
+            tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1, desc="Checking the evaluation prompts")
         self._check_token_ids(model)
         self._fit_positions(model, args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
@@ -678,7 +678,7 @@ class PPOTrainer(Trainer):
     def evaluate_policy(self, dataset, judges=None, batch_size: int | None = None, adapters: bool = True) -> dict:
         """Sample responses for held-out prompts; report judge scores, lengths (tokens, EOS excluded), EOS rate
         and the exact KL(π‖π_ref) per sequence. `adapters=False` evaluates the reference policy itself."""
-        rows = tokenize_prompts(dataset, self.tokenizer, self.args, min_rows=1)
+        rows = tokenize_prompts(dataset, self.tokenizer, self.args, min_rows=1, desc="Tokenizing evaluation prompts")
         bs = batch_size or self.args.per_device_train_batch_size
         judges = judges or {}
         out = {"kl": [], "length": [], "eos": [], "texts": [], "prompts": [], **{k: [] for k in judges}}
