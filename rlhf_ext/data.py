@@ -121,6 +121,8 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
     the progress bar a large or streamed set gets, disable_tqdm and process_index. Bad rows raise or drop."""
     from tqdm.auto import tqdm
 
+    from .progress import bars_off
+
     columns = dataset.column_names
     if "prompt" in columns:
         source = ((i, p, None) for i, p in enumerate(dataset["prompt"]))
@@ -130,8 +132,7 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
         raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
                          f"1.12's PPO took it; it has {columns}.")
     total = len(dataset) if hasattr(dataset, "__len__") else None  # a streamed set: length unknown
-    quiet = (getattr(args, "disable_tqdm", False) or getattr(args, "process_index", 0) != 0
-             or (total is not None and total < PROGRESS_ROWS))
+    quiet = bars_off(args) or (total is not None and total < PROGRESS_ROWS)
     rows, too_long = [], []
     for i, prompt, ids in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
         text = message_text(prompt)

@@ -170,7 +170,9 @@ def load_model(
 ):
     """Load a model for `kind` in {"causal", "trunk", "seq_cls"} from a hub id, folder, .gguf or embedded name.
 
-    `trunk` loads the transformer body without the LM head (the cheapest way to host reward members).
+    `trunk` loads the transformer body without the LM head (the cheapest way to host reward members). A
+    `quantization_config` among the kwargs (a caller's own BitsAndBytesConfig) is used as given; else `load_in_4bit`
+    builds the NF4 one.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -181,12 +183,12 @@ def load_model(
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} is a folder but holds no model (no config.json). Point to the folder that "
                                 f"save_pretrained() wrote.")
+    qc = kwargs.pop("quantization_config", None) or quantization_config(load_in_4bit, dtype)
     init = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
     if revision:
         init["revision"] = revision
     if attn_implementation:
         init["attn_implementation"] = attn_implementation
-    qc = quantization_config(load_in_4bit, dtype)
     if qc is not None:
         init["quantization_config"] = qc
     try:

@@ -119,8 +119,8 @@ class PPOTrainer(Trainer):
             if processing_class is None:  # the tokenizer of the same revision as the weights
                 processing_class = load_tokenizer(model, revision=init.get("revision"),
                                                   trust_remote_code=args.trust_remote_code)
-            model = load_model(model, "causal", load_in_4bit=load_in_4bit and quantization_config is None,
-                               trust_remote_code=args.trust_remote_code, **init)
+            model = load_model(model, "causal", load_in_4bit=load_in_4bit, trust_remote_code=args.trust_remote_code,
+                               **init)
         if processing_class is None:
             raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
         self.tokenizer = ensure_pad_token(processing_class)

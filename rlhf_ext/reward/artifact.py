@@ -167,7 +167,7 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         quantization = {} if not layout else {"quantization_config": quantization_config(
             True, layout["compute_dtype"], quant_type=layout["quant_type"], double_quant=layout["double_quant"])}
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
-                          load_in_4bit=four_bit and not layout, **quantization)
+                          load_in_4bit=four_bit, **quantization)
         first = spec["adapters"][0]
         model = wrap_with_peft(base, lora_config_of(spec, base), adapter_prefix + first)
         adapters, owns = attach_adapters(model, path, spec, prefix=adapter_prefix), True

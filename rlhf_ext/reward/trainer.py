@@ -224,7 +224,7 @@ class RewardEnsembleTrainer(RewardTrainer):
                 logger.warning("%s is a sequence-classification checkpoint with num_labels=%d; a reward model has one "
                                "output, so its score head is not used (new heads are trained).", model, labels)
             source = load_model(model, "seq_cls" if labels == 1 else "trunk",
-                                load_in_4bit=load_in_4bit and quantization_config is None, **init)
+                                load_in_4bit=load_in_4bit, **init)
         else:
             if _is_seq_cls(model) and getattr(model.config, "num_labels", None) != 1:
                 raise ValueError(
