@@ -115,15 +115,19 @@ def with_extra_preferences(dataset, files):
 PROGRESS_ROWS = 2000  # a prompt set at least this long is tokenized under a progress bar (seconds of work)
 
 
-def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc: str = "Tokenizing prompts"):
+def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc: str = "Tokenizing prompts",
+                     limit: int | None = None):
     """TRL prompt-only data (text or conversational) → list of (prompt, token ids), chat template applied as TRL
     does. `args` supplies max_prompt_length, prompt_overflow and per_device_train_batch_size (a PPOConfig) and, for
-    the progress bar a large or streamed set gets, disable_tqdm and process_index. Bad rows raise or drop."""
+    the progress bar a large or streamed set gets, disable_tqdm and process_index. Bad rows raise or drop. `limit`:
+    stop after that many usable prompts (a stream is read no further)."""
     from tqdm.auto import tqdm
 
     from .progress import bars_off
 
     columns = dataset.column_names
+    if columns is None:  # a stream whose features are not declared (a generator's): its first row has them
+        columns = list(next(iter(dataset), {}))
     if "prompt" in columns:
         source = ((i, p, None) for i, p in enumerate(dataset["prompt"]))
     elif "input_ids" in columns:  # TRL 1.12 PPO's format: token ids; the rewards get the decoded text
@@ -131,7 +135,7 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
     else:
         raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
                          f"1.12's PPO took it; it has {columns}.")
-    total = len(dataset) if hasattr(dataset, "__len__") else None  # a streamed set: length unknown
+    total = len(dataset) if hasattr(dataset, "__len__") else limit  # a streamed set: length unknown
     quiet = bars_off(args) or (total is not None and total < PROGRESS_ROWS)
     rows, too_long = [], []
     for i, prompt, ids in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
@@ -151,6 +155,8 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
             if args.prompt_overflow == "truncate":
                 ids = ids[-args.max_prompt_length :]
         rows.append((prompt, list(ids)))
+        if limit is not None and len(rows) == limit:
+            break
     if too_long:
         msg = (f"{len(too_long)} prompt(s) exceed max_prompt_length={args.max_prompt_length} tokens (first: row "
                f"{too_long[0][0]} with {too_long[0][1]} tokens).")

@@ -305,16 +305,20 @@ def is_quantized(model) -> bool:
 
 
 def four_bit_layout(model) -> dict | None:
-    """How a 4-bit model was quantised (quant type, double quantisation, compute dtype), for an artifact to load its
-    base the same way again; None in full precision."""
+    """How a 4-bit model was quantised (quant type, double quantisation, compute and storage dtypes), for an artifact
+    to load its base the same way again; None in full precision."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     qc = getattr(getattr(hf, "config", None), "quantization_config", None)
     if not getattr(hf, "is_loaded_in_4bit", False) or qc is None:
         return None
     get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
-    compute = get("bnb_4bit_compute_dtype", "float32")
+
+    def dtype_name(key, default):
+        return str(get(key, None) or default).replace("torch.", "")
+
     return {"quant_type": get("bnb_4bit_quant_type", "nf4"), "double_quant": bool(get("bnb_4bit_use_double_quant")),
-            "compute_dtype": str(compute).replace("torch.", "")}
+            "compute_dtype": dtype_name("bnb_4bit_compute_dtype", "float32"),
+            "quant_storage": dtype_name("bnb_4bit_quant_storage", "uint8")}
 
 
 def fused_expert_parameters(model) -> list:

@@ -327,3 +327,29 @@ def test_frozen_prefix_cache_is_exact_on_gpt2(tmp_path, tok):
     cached = tr.policy.logits(ids, mask, 4, tr.policy.lower(ids, mask))
     assert torch.allclose(full, cached, atol=1e-5)
     assert math.isfinite(tr.train()[0]["loss/policy"])
+
+def test_an_endless_prompt_stream_is_read_as_far_as_max_steps_needs(tmp_path, tok):
+    """A streamed prompt set (`dataset_streaming`) may not end: PPO reads the max_steps × batch prompts its
+    iterations use, in stream order, and no further (it read the whole stream before: an endless one never started).
+    Without max_steps it is refused before any model loads, as TRL's Trainer refuses an IterableDataset."""
+    from datasets import IterableDataset
+
+    pulled = []
+
+    def endless():
+        i = 0
+        while True:
+            pulled.append(i)
+            yield {"prompt": f"write a short review of film number {i} ."}
+            i += 1
+
+    stream = IterableDataset.from_generator(endless)
+    tr = make(tmp_path, tok, data=stream, max_steps=3, per_device_train_batch_size=4, max_completion_length=4)
+    assert [p for p, _ in tr.prompts] == [f"write a short review of film number {i} ." for i in range(12)]
+    assert len(pulled) <= 13  # the twelve, and at most one the generator had produced before the reader stopped
+    tr.train()
+    assert tr.iteration == 3 and tr.data_epoch == 0  # the three batches are the twelve prompts, each once
+
+    with pytest.raises(ValueError, match=r"streamed.*Set `max_steps` \(PPO iterations\) or `total_episodes`"):
+        PPOTrainer("no/such-model", reward_funcs=good_counter(tok), train_dataset=stream, processing_class=tok,
+                   args=PPOConfig(str(tmp_path / "p2"), use_cpu=True, num_train_epochs=1))

@@ -39,6 +39,11 @@ def four_bit_states(model) -> list:
     return [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
+def four_bit_storage(model) -> set:
+    """The dtypes the packed 4-bit weights are stored in (`bnb_4bit_quant_storage`)."""
+    return {m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
 def test_model_loading_reads_trl_fields_like_trls_scripts():
     _, args, model_args = parse(PPOConfig, {"output_dir": "o", "use_cpu": True, "dtype": "bfloat16",
                                             "model_init_kwargs": {"dtype": "float16", "low_cpu_mem_usage": True},
@@ -107,7 +112,8 @@ def local_data(folder: Path) -> str:
 
 
 def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
-    """Both recipes, one step each, with fp4 without double quantisation, eager attention and a revision."""
+    """Both recipes, one step each, with fp4 without double quantisation stored in bf16, eager attention and a
+    revision."""
     import recipes.ppo as ppo_recipe
     import recipes.reward_modeling as reward_recipe
     from rlhf_ext import load_reward_model
@@ -118,7 +124,7 @@ def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     data = local_data(tmp_path / "data")
     common = {"model_name_or_path": base, "dataset_name": data, "use_cpu": True, "max_steps": 1,
               "save_strategy": "no", "report_to": "none", "use_peft": True, "lora_target_modules": ["q_proj", "v_proj"],
-              "lora_dropout": 0.0, **LOADING}
+              "lora_dropout": 0.0, **LOADING, "bnb_4bit_quant_storage": "bfloat16"}
 
     reward_out = tmp_path / "rm"
     rm = reward_recipe.main(*parse(RewardEnsembleConfig, {
@@ -132,6 +138,7 @@ def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     for name, model in (("reward", rm.model), ("ppo", ppo.model)):
         states = four_bit_states(model)
         assert states and {s.quant_type for s in states} == {"fp4"} and not any(s.nested for s in states), name
+        assert four_bit_storage(model) == {torch.bfloat16}, name
         cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.model.base_model.config
         assert cfg._attn_implementation == "eager", (name, cfg._attn_implementation)
     # the revision reached the weights and the tokenizer of the base, in both recipes (a local folder ignores it)
@@ -140,7 +147,7 @@ def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     assert all(rev == "v1.0" for _, rev in base_loads), base_loads
     # the artifact records the layout; PPO hosted its members on its own base; a separate load quantises alike
     assert read_spec(reward_out)["four_bit"] == {"quant_type": "fp4", "double_quant": False,
-                                                 "compute_dtype": "float32"}
+                                                 "compute_dtype": "float32", "quant_storage": "bfloat16"}
     from rlhf_ext.reward.ensemble import RewardEnsemble
 
     hosted = [m for m in ppo.rewards.members if isinstance(m, RewardEnsemble)]
@@ -148,6 +155,7 @@ def test_recipes_load_what_model_config_asks(tmp_path, tok, loads):
     alone = load_reward_model(reward_out)
     states = four_bit_states(alone.model)
     assert states and {s.quant_type for s in states} == {"fp4"} and not any(s.nested for s in states)
+    assert four_bit_storage(alone.model) == {torch.bfloat16}
 
 
 def test_dataset_streaming_reaches_both_trainers(tmp_path, tok, tiny_path, monkeypatch):

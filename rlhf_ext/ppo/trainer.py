@@ -70,6 +70,18 @@ class _ForwardMemo:
 
 
 # ----------------------------------------------------------------------------------------------- trainer
+def prompts_to_stream(dataset, args: PPOConfig) -> int | None:
+    """A streamed prompt set (an `IterableDataset`, TRL's `dataset_streaming`) has no length and may not end: PPO
+    reads the prompts `max_steps` iterations use and no more. As TRL's Trainer, it needs `max_steps` for one."""
+    if hasattr(dataset, "__len__"):
+        return None
+    if not (args.max_steps and args.max_steps > 0):
+        raise ValueError("train_dataset is streamed (an IterableDataset, `dataset_streaming: true`): it has no length, "
+                         "so num_train_epochs cannot say how many iterations to run. Set `max_steps` (PPO iterations) "
+                         "or `total_episodes`, as TRL's Trainer asks for a streamed dataset.")
+    return args.max_steps * args.per_device_train_batch_size * args.world_size
+
+
 class PPOTrainer(Trainer):
     """PPO for the current HF stack; call shape mirrors TRL's GRPO/RLOO trainers.
 
@@ -107,6 +119,7 @@ class PPOTrainer(Trainer):
             raise TypeError("`args` must be a rlhf_ext.PPOConfig.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
+        streamed_prompts = prompts_to_stream(train_dataset, args)  # refused before a model loads, if it must be
         ensure_writable_dir(args.output_dir)
         torch.manual_seed(args.seed)
 
@@ -217,7 +230,7 @@ class PPOTrainer(Trainer):
         for member in members:  # reward members on the policy's base score in its precision: exact there too
             if isinstance(member, RewardEnsemble) and member.model is model:
                 member.share_prefix = self.policy.share_prefix
-        self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args)
+        self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args, limit=streamed_prompts)
         if eval_dataset is not None:  # checked now, not at the first evaluation hours into the run
             tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1, desc="Checking the evaluation prompts")
         self._check_token_ids(model)

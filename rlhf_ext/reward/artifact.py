@@ -165,7 +165,8 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         four_bit = spec.get("load_in_4bit", False) if load_in_4bit is None else load_in_4bit
         layout = spec.get("four_bit") if four_bit else None  # the quantisation it was trained on (NF4 if unrecorded)
         quantization = {} if not layout else {"quantization_config": quantization_config(
-            True, layout["compute_dtype"], quant_type=layout["quant_type"], double_quant=layout["double_quant"])}
+            True, layout["compute_dtype"], quant_type=layout["quant_type"], double_quant=layout["double_quant"],
+            quant_storage=layout.get("quant_storage"))}  # unrecorded before: uint8, bitsandbytes' default
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
                           load_in_4bit=four_bit, **quantization)
         first = spec["adapters"][0]
