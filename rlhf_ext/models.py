@@ -202,6 +202,23 @@ def load_model(
     return keep_4bit_trainable(model) if qc is not None else model
 
 
+def pretrained_kwargs(args, quantization_config=None) -> dict:
+    """What a trainer hands `from_pretrained` for a model it loads by name: the config's `model_init_kwargs` (where
+    TRL's scripts put `revision`, `dtype`, `attn_implementation` and `trust_remote_code`), the config's
+    `trust_remote_code` unless those name it, and a caller's BitsAndBytesConfig (the recipes build it from TRL's
+    fields). The tokenizer loads with the same `revision` and `trust_remote_code` (`tokenizer_for`)."""
+    init = dict(args.model_init_kwargs or {})
+    init.setdefault("trust_remote_code", args.trust_remote_code)
+    if quantization_config is not None:
+        init["quantization_config"] = quantization_config
+    return init
+
+
+def tokenizer_for(name_or_path: str, init: dict):
+    """The tokenizer of the weights `pretrained_kwargs` loads: same revision, same trust in remote code."""
+    return load_tokenizer(name_or_path, revision=init.get("revision"), trust_remote_code=init["trust_remote_code"])
+
+
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoTokenizer
 

@@ -100,6 +100,35 @@ def loads(monkeypatch):
     return calls
 
 
+def test_model_init_kwargs_as_trls_scripts_fill_them(tmp_path, tiny_path, monkeypatch):
+    """TRL's scripts put `trust_remote_code` into `model_init_kwargs` (beside revision, dtype, attention). Both trainers
+    load a model by name with it — PPO failed with "got multiple values for keyword argument 'trust_remote_code'" —
+    and its weights and tokenizer both follow it, over the config's own `trust_remote_code` (False)."""
+    from datasets import Dataset
+
+    from rlhf_ext import PPOTrainer, RewardEnsembleTrainer
+
+    seen = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModel, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained
+
+        def spy(*a, _original=original, _cls=cls, **kw):
+            seen.append((_cls.__name__, kw.get("trust_remote_code")))
+            return _original(*a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    init = {"trust_remote_code": True, "dtype": "float32", "attn_implementation": "eager"}
+    PPOTrainer(tiny_path, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+               train_dataset=Dataset.from_dict({"prompt": ["say something good", "say something nice"]}),
+               args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True, max_steps=1, per_device_train_batch_size=2,
+                              model_init_kwargs=init))
+    RewardEnsembleTrainer(tiny_path, train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                          args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, ensemble_size=2,
+                                                    report_to="none", model_init_kwargs=init))
+    assert {"AutoTokenizer", "AutoModel", "AutoModelForCausalLM"} <= {cls for cls, _ in seen}
+    assert {trust for _, trust in seen} == {True}, seen
+
+
 def local_data(folder: Path) -> str:
     """TRL-format preference pairs (train, test) and prompts (train, test) as `<kind>_<split>.jsonl` files."""
     folder.mkdir()

@@ -30,7 +30,8 @@ from ..data import model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, warn_unquantized_experts)
+                      keep_4bit_trainable, load_model, load_tokenizer, pretrained_kwargs, tokenizer_for,
+                      warn_unquantized_experts)
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
@@ -126,14 +127,10 @@ class PPOTrainer(Trainer):
         # Policy = LoRA adapter on the frozen base; reference = the same base with adapters disabled
         self.model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if isinstance(model, str):
-            init = dict(args.model_init_kwargs or {})
-            if quantization_config is not None:  # a BitsAndBytesConfig of the caller's (the recipes: TRL's fields)
-                init["quantization_config"] = quantization_config
-            if processing_class is None:  # the tokenizer of the same revision as the weights
-                processing_class = load_tokenizer(model, revision=init.get("revision"),
-                                                  trust_remote_code=args.trust_remote_code)
-            model = load_model(model, "causal", load_in_4bit=load_in_4bit, trust_remote_code=args.trust_remote_code,
-                               **init)
+            init = pretrained_kwargs(args, quantization_config)
+            if processing_class is None:  # the tokenizer of the weights' revision
+                processing_class = tokenizer_for(model, init)
+            model = load_model(model, "causal", load_in_4bit=load_in_4bit, **init)
         if processing_class is None:
             raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
         self.tokenizer = ensure_pad_token(processing_class)

@@ -32,8 +32,8 @@ from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, resolve_model_path, trunk_of,
-                      warn_unquantized_experts)
+                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
+                      resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..rl_math import bt_loss, pearson
@@ -212,14 +212,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         self.base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
         self.load_in_4bit = load_in_4bit or quantization_config is not None
         if isinstance(model, str):
-            init = dict(args.model_init_kwargs or {})
-            init.setdefault("trust_remote_code", args.trust_remote_code)
-            if quantization_config is not None:
-                init["quantization_config"] = quantization_config
-            if processing_class is None:
-                processing_class = load_tokenizer(model, revision=init.get("revision"),
-                                                  trust_remote_code=args.trust_remote_code)
-            labels = _checkpoint_num_labels(model, args.trust_remote_code, init.get("revision"))
+            init = pretrained_kwargs(args, quantization_config)
+            if processing_class is None:  # the tokenizer of the weights' revision
+                processing_class = tokenizer_for(model, init)
+            labels = _checkpoint_num_labels(model, init["trust_remote_code"], init.get("revision"))
             if labels not in (None, 1):
                 logger.warning("%s is a sequence-classification checkpoint with num_labels=%d; a reward model has one "
                                "output, so its score head is not used (new heads are trained).", model, labels)
