@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,7 +135,12 @@ def resolve_model_path(name_or_path: str) -> str:
 def _dtype(dtype) -> torch.dtype | str:
     if dtype in (None, "auto"):
         return "auto" if dtype == "auto" else torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype: use 'bfloat16', 'float16', 'float32' or 'auto' "
+                             f"(the checkpoint's own).")
+        return getattr(torch, dtype)
+    return dtype
 
 
 def quantization_config(load_in_4bit: bool = False, dtype=None, quant_type: str = "nf4", double_quant: bool = True,
@@ -183,6 +189,14 @@ def load_model(
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} is a folder but holds no model (no config.json). Point to the folder that "
                                 f"save_pretrained() wrote.")
+    if "torch_dtype" in kwargs:  # transformers 4's name for dtype, still in many TRL scripts and configs
+        old = kwargs.pop("torch_dtype")
+        if dtype is not None and _dtype(dtype) != _dtype(old):
+            raise ValueError(f"Both dtype={dtype!r} and torch_dtype={old!r} are set; torch_dtype is transformers 4's "
+                             f"name for dtype: keep `dtype` only.")
+        warnings.warn(f"`torch_dtype` is transformers 4's name: read as dtype={old!r}; write `dtype` instead.",
+                      FutureWarning, stacklevel=2)
+        dtype = old
     qc = kwargs.pop("quantization_config", None) or quantization_config(load_in_4bit, dtype)
     init = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
     if revision:

@@ -36,6 +36,21 @@ def test_hub_id_offline_says_why(monkeypatch):
         models.load_model("someone/not-downloaded")
 
 
+def test_a_dtype_that_is_not_one_names_the_choices(tiny_path):
+    with pytest.raises(ValueError, match=r"dtype='bf16' is not a torch dtype: use 'bfloat16', 'float16', 'float32'"):
+        models.load_model(tiny_path, dtype="bf16")
+
+
+def test_torch_dtype_is_read_as_dtype_not_ignored(tiny_path):
+    """transformers 4's `torch_dtype` (TRL scripts and YAMLs still carry it) was passed beside the default
+    dtype=float32, which won: a bf16 load silently ran in fp32. It is read as dtype, with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="`torch_dtype` is transformers 4's name: read as dtype='bfloat16'"):
+        model = models.load_model(tiny_path, torch_dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="Both dtype='float32' and torch_dtype='bfloat16' are set.*keep `dtype`"):
+        models.load_model(tiny_path, dtype="float32", torch_dtype="bfloat16")
+
+
 # -- reward functions --------------------------------------------------------------------------------------------
 def _short(prompts, completions, completion_ids, **kw):
     return [1.0] * (len(completions) - 1)
