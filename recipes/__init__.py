@@ -71,3 +71,22 @@ def resume_argument(training_args):
     the newest checkpoint in `output_dir`, which the string field would otherwise take for a folder named "true"."""
     value = training_args.resume_from_checkpoint
     return True if isinstance(value, str) and value.lower() == "true" else value
+
+
+def refuse_foreign_fields(parser, argv: list[str]) -> None:
+    """GRPO / RLOO / TRL 1.12 PPO fields, in the YAML (`--config`) or on the command line, stop the PPO recipe with
+    what to use instead (`PPOConfig` refuses them the same way in Python); TRL's parser alone would only call them
+    "not used by the HfArgumentParser"."""
+    import yaml
+
+    from rlhf_ext.ppo.config import foreign_field_fixes
+
+    names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
+    config_file = Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
+    if config_file is not None and config_file.is_file():  # a missing one: TRL's parser says so
+        config = yaml.safe_load(config_file.read_text()) or {}
+        names += list(config) if isinstance(config, dict) else []
+    fixes = foreign_field_fixes(names)
+    if fixes:
+        parser.exit(2, f"{parser.prog}: error: PPOConfig has no such field(s): {fixes}. (README: \"Coming from TRL "
+                       f"1.12's PPO\", \"Coming from GRPO / RLOO\".)\n")  # argparse's exit status, without its usage

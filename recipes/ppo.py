@@ -11,7 +11,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading, resume_argument
+from rlhf_ext.recipes import lora_config, model_loading, refuse_foreign_fields, resume_argument
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -46,5 +46,6 @@ if __name__ == "__main__":
     import sys
 
     parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
+    refuse_foreign_fields(parser, sys.argv[1:])
     config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
     main(*parser.parse_args_and_config(), config_file=config_file)

@@ -190,11 +190,11 @@ def test_train_returns_what_trainer_scripts_read(tmp_path, tok):
 
 
 @pytest.mark.parametrize("kw, fix", [
-    ({"beta": 0.04}, r"`beta` → the KL settings: kl_controller='fixed' with init_kl_coef=β"),
-    ({"num_generations": 8}, r"`num_generations` → nothing: PPO samples one response per prompt"),
-    ({"epsilon": 0.2}, r"`epsilon` → clip_range"),
+    ({"beta": 0.04}, r"`beta` \(GRPO / RLOO\) → the KL settings: kl_controller='fixed' with init_kl_coef=β"),
+    ({"num_generations": 8}, r"`num_generations` \(GRPO / RLOO\) → nothing: PPO samples one response per prompt"),
+    ({"epsilon": 0.2}, r"`epsilon` \(GRPO / RLOO\) → clip_range"),
     ({"reward_weights": [1.0, 0.5]}, r"aggregation='weighted'"),
-    ({"vllm_mode": "colocate"}, r"`vllm_mode` → nothing: sampling runs through the policy's own generate\(\)"),
+    ({"vllm_mode": "colocate"}, r"`vllm_mode` \(GRPO / RLOO\) → nothing: sampling runs through the policy's own generate\(\)"),
 ])
 def test_grpo_and_rloo_fields_are_refused_with_the_ppo_name(tmp_path, kw, fix):
     """A script switching from GRPOConfig / RLOOConfig gets what PPOConfig calls it, not a bare TypeError."""

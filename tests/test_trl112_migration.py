@@ -54,7 +54,8 @@ def test_trl112_ppo_script_migrated_by_the_table(folders):
             outputs = tokenizer(element["prompt"], padding=False)
             return {"input_ids": outputs["input_ids"]}
 
-        return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
+                           num_proc=training_args.dataset_num_proc)  # TRL's field: PPOConfig has it too
 
     train_dataset = prepare_dataset(dataset, tokenizer)
     eval_dataset = prepare_dataset(eval_dataset, tokenizer)
@@ -113,3 +114,49 @@ def test_trl112_config_names_conflicting_with_ours_are_refused(tmp_path):
         PPOConfig(str(tmp_path), response_length=10, max_completion_length=20)
     with pytest.raises(ValueError, match="stop_token='<stop>'.*eos_token"):
         PPOConfig(str(tmp_path), stop_token="<stop>")
+
+
+@pytest.mark.parametrize("field, fix", [
+    ("sft_model_path", "the model you pass to PPOTrainer \\(a recipe's model_name_or_path\\)"),
+    ("local_rollout_forward_batch_size", "nothing: the rollout's passes run this process's batch at once; lower "
+                                         "per_device_train_batch_size for memory"),
+    ("num_sample_generations", "eval_dataset with eval_strategy"),
+    ("stop_token_id", "make that token the tokenizer's eos_token"),
+    ("whiten_rewards", "whiten_advantages"),
+    ("ref_adapter_name", "nothing: the reference is the base with every adapter off"),
+    ("ds3_gather_for_generation", "nothing: DeepSpeed is not supported"),
+])
+def test_trl112_fields_without_a_counterpart_are_refused_with_the_replacement(tmp_path, field, fix):
+    """Python's bare "unexpected keyword argument" before; now the field, where it comes from, what to use."""
+    from rlhf_ext import PPOConfig
+
+    with pytest.raises(TypeError, match=f"`{field}` \\(TRL 1.12 PPO\\) → {fix}"):
+        PPOConfig(str(tmp_path), use_cpu=True, **{field: 1})
+
+
+def test_the_ppo_recipe_refuses_them_from_a_yaml_or_the_command_line(tmp_path):
+    """TRL's parser said only "Some specified arguments are not used by the HfArgumentParser"; the recipe names the
+    replacement, for a YAML key and an option alike, and exits 2 (argparse's status) before loading anything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text("model_name_or_path: no/such-model\noutput_dir: out\nwhiten_rewards: true\n")
+    cli = Path(sys.executable).with_name("rlhf-ext")
+    r = subprocess.run([str(cli), "ppo", "--config", str(config), "--beta", "0.1"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "`whiten_rewards` (TRL 1.12 PPO) → whiten_advantages" in r.stderr
+    assert "`beta` (GRPO / RLOO) → the KL settings" in r.stderr
+    assert "usage:" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_every_refused_trl112_field_is_in_the_readme_table():
+    from pathlib import Path
+
+    from rlhf_ext.ppo.config import FROM_TRL112
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Coming from TRL 1.12's PPO")[1].split("###")[0]
+    assert [k for k in FROM_TRL112 if f"`{k}`" not in table] == []

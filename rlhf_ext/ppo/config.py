@@ -89,6 +89,7 @@ class PPOConfig(TrainingArguments):
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "TRL 1.12: subtract this from the score of responses without EOS = our `missing_eos` shaper with that penalty."})
     total_episodes: int | None = field(default=None, metadata={"help": "TRL 1.12: prompts to train on in total; sets `max_steps` = total_episodes / (per_device_train_batch_size × processes)."})
     stop_token: str | None = field(default=None, metadata={"help": "TRL 1.12: 'eos' stops responses at EOS = `stop_on_eos=True` (our default)."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "TRL's field: processes for a script's own `dataset.map` (TRL 1.12's example script tokenizes with it). PPOTrainer tokenizes its prompts itself, once, in this process."})
 
     # overridden TrainingArguments defaults
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
@@ -251,17 +252,42 @@ FROM_GRPO_RLOO = {
     "ref_model_sync_steps": "nothing: the reference is the base with the adapters off",
     "ref_model_mixup_alpha": "nothing: the reference is the base with the adapters off",
 }
+# TRL 1.12 PPOConfig fields with no counterpart here (its renamed ones are accepted above, with a FutureWarning).
+FROM_TRL112 = {
+    "sft_model_path": "the model you pass to PPOTrainer (a recipe's model_name_or_path): point it at your SFT model; "
+                      "the reference is that model's base with the adapters off",
+    "local_rollout_forward_batch_size": "nothing: the rollout's passes run this process's batch at once; lower "
+                                        "per_device_train_batch_size for memory",
+    "num_sample_generations": "eval_dataset with eval_strategy: evaluate() samples the policy on held-out prompts",
+    "stop_token_id": "make that token the tokenizer's eos_token: responses stop at EOS (stop_on_eos=True)",
+    "whiten_rewards": "whiten_advantages (the advantages are whitened over the batch, not the rewards)",
+    "model_adapter_name": "nothing: a PeftModel's active adapter is the policy",
+    "ref_adapter_name": "nothing: the reference is the base with every adapter off",
+    "ds3_gather_for_generation": "nothing: DeepSpeed is not supported (data parallel runs through DDP)",
+}
+
+
+def foreign_field_fixes(names) -> str | None:
+    """For the GRPO / RLOO / TRL 1.12 PPO fields among `names`: what to use instead, one clause each; else None."""
+    fixes = []
+    for k in names:
+        if k in FROM_GRPO_RLOO or k.startswith("vllm_"):
+            fixes.append(f"`{k}` (GRPO / RLOO) → {FROM_GRPO_RLOO.get(k, _NO_VLLM)}")
+        elif k in FROM_TRL112:
+            fixes.append(f"`{k}` (TRL 1.12 PPO) → {FROM_TRL112[k]}")
+    return "; ".join(fixes) or None
+
+
 _dataclass_init = PPOConfig.__init__
 
 
 @functools.wraps(_dataclass_init)
-def _init_refusing_grpo_fields(self, *args, **kwargs):
-    foreign = [k for k in kwargs if k in FROM_GRPO_RLOO or k.startswith("vllm_")]
-    if foreign:
-        fixes = "; ".join(f"`{k}` → {FROM_GRPO_RLOO.get(k, _NO_VLLM)}" for k in foreign)
-        raise TypeError(f"PPOConfig got GRPOConfig / RLOOConfig field(s) it does not have: {fixes}. "
-                        f"(README: \"Coming from GRPO / RLOO\".)")
+def _init_refusing_foreign_fields(self, *args, **kwargs):
+    fixes = foreign_field_fixes(kwargs)
+    if fixes:
+        raise TypeError(f"PPOConfig got field(s) of another trainer's config that it does not have: {fixes}. "
+                        f"(README: \"Coming from TRL 1.12's PPO\", \"Coming from GRPO / RLOO\".)")
     _dataclass_init(self, *args, **kwargs)
 
 
-PPOConfig.__init__ = _init_refusing_grpo_fields
+PPOConfig.__init__ = _init_refusing_foreign_fields
