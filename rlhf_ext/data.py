@@ -112,6 +112,14 @@ def with_extra_preferences(dataset, files):
     return concatenate_datasets([p.cast(parts[0].features) for p in parts])
 
 
+def refuse_dataset_dict(dataset, name: str = "train_dataset") -> None:
+    """`load_dataset(name)` without `split=` returns every split in a DatasetDict; a trainer trains on one."""
+    if isinstance(dataset, dict):
+        split = "train" if "train" in dataset else sorted(dataset)[0]
+        raise TypeError(f"`{name}` is a {type(dataset).__name__} of splits {sorted(dataset)}: pass one split, e.g. "
+                        f"`{name}=dataset[{split!r}]` (or `load_dataset(..., split={split!r})`).")
+
+
 PROGRESS_ROWS = 2000  # a prompt set at least this long is tokenized under a progress bar (seconds of work)
 
 

@@ -379,3 +379,22 @@ def test_plan_refuses_gpu_memory_that_is_not_positive(value, capsys):
 def test_reward_config_refuses_nan_learning_rate(tmp_path):
     with pytest.raises(ValueError, match="learning_rate must be a finite number"):
         RewardEnsembleConfig(str(tmp_path), learning_rate=float("nan"))
+
+
+def test_a_dataset_dict_names_the_split_to_pass(tmp_path, tok, tiny_path):
+    """`load_dataset(name)` without `split=` gives every split: PPO said only that there was no 'prompt' column (the
+    splits' names read as columns), the reward trainer that it was not a Dataset. Both now name the fix."""
+    from datasets import DatasetDict
+
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    prompts = DatasetDict({"test": Dataset.from_dict({"prompt": ["a b"] * 4}),
+                           "train": Dataset.from_dict({"prompt": ["b c"] * 4})})
+    with pytest.raises(TypeError, match=r"`train_dataset` is a DatasetDict of splits \['test', 'train'\]: pass one "
+                                        r"split, e.g. `train_dataset=dataset\['train'\]`"):
+        PPOTrainer("no/such-model", reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                   train_dataset=prompts, args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True))
+    pairs = DatasetDict({"train": Dataset.from_list(preference_rows(8, 0))})
+    with pytest.raises(TypeError, match=r"`train_dataset` is a DatasetDict of splits \['train'\]: pass one split"):
+        RewardEnsembleTrainer(tiny_path, train_dataset=pairs, processing_class=tok,
+                              args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, report_to="none"))

@@ -353,3 +353,16 @@ def test_an_endless_prompt_stream_is_read_as_far_as_max_steps_needs(tmp_path, to
     with pytest.raises(ValueError, match=r"streamed.*Set `max_steps` \(PPO iterations\) or `total_episodes`"):
         PPOTrainer("no/such-model", reward_funcs=good_counter(tok), train_dataset=stream, processing_class=tok,
                    args=PPOConfig(str(tmp_path / "p2"), use_cpu=True, num_train_epochs=1))
+
+
+def test_named_evaluation_sets_are_each_evaluated_as_transformers_trainer_does(tmp_path, tok):
+    """eval_dataset={"a": …, "b": …} (or a DatasetDict): each set is evaluated and logged as eval_<name>_*, as
+    transformers' Trainer does with a dict; before, the dict was read as one dataset whose columns were the names."""
+    sets = {"short": prompts(4), "plain": prompts(6, conversational=False)}
+    tr = make(tmp_path, tok, max_steps=1, per_device_train_batch_size=4, max_completion_length=4, eval_dataset=sets,
+              eval_strategy="steps", eval_steps=1)
+    tr.train()
+    logged = {k for h in tr.state.log_history for k in h}
+    assert {"eval_short_kl", "eval_plain_kl", "eval_short_length", "eval_plain_length"} <= logged, sorted(logged)
+    direct = tr.evaluate(eval_dataset=sets, metric_key_prefix="test")
+    assert {k.split("_")[1] for k in direct} == {"short", "plain"} and all(k.startswith("test_") for k in direct)

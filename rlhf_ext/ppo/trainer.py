@@ -26,7 +26,7 @@ from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
 from ..cpu_memory import keep_freed_memory_for
-from ..data import model_pad_id, tokenize_prompts
+from ..data import model_pad_id, refuse_dataset_dict, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
@@ -120,6 +120,7 @@ class PPOTrainer(Trainer):
             raise TypeError("`args` must be a rlhf_ext.PPOConfig.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
+        refuse_dataset_dict(train_dataset)
         streamed_prompts = prompts_to_stream(train_dataset, args)  # refused before a model loads, if it must be
         ensure_writable_dir(args.output_dir)
         torch.manual_seed(args.seed)
@@ -228,8 +229,11 @@ class PPOTrainer(Trainer):
             if isinstance(member, RewardEnsemble) and member.model is model:
                 member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args, limit=streamed_prompts)
-        if eval_dataset is not None:  # checked now, not at the first evaluation hours into the run
-            tokenize_prompts(eval_dataset, self.tokenizer, args, min_rows=1, desc="Checking the evaluation prompts")
+        # checked now, not at the first evaluation hours into the run; named sets (a dict) each
+        for name, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]):
+            if ds is not None:
+                tokenize_prompts(ds, self.tokenizer, args, min_rows=1,
+                                 desc="Checking the evaluation prompts" + (f" ({name})" if name else ""))
         self._check_token_ids(model)
         self._fit_positions(model, args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
@@ -778,6 +782,9 @@ class PPOTrainer(Trainer):
         if dataset is None:
             raise ValueError("No eval_dataset: pass one to PPOTrainer(eval_dataset=...) or to evaluate() "
                              "(TRL prompt-only format, like train_dataset).")
+        if isinstance(dataset, dict):  # named sets, as transformers' Trainer takes them: eval_<name>_* for each
+            return {k: v for name, ds in dataset.items()
+                    for k, v in self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}").items()}
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         sharded = world > 1 and hasattr(dataset, "shard") and len(dataset) >= world
         part = dataset.shard(num_shards=world, index=rank, contiguous=True) if sharded else dataset
