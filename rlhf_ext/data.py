@@ -112,12 +112,19 @@ def with_extra_preferences(dataset, files):
     return concatenate_datasets([p.cast(parts[0].features) for p in parts])
 
 
-def refuse_dataset_dict(dataset, name: str = "train_dataset") -> None:
-    """`load_dataset(name)` without `split=` returns every split in a DatasetDict; a trainer trains on one."""
+def check_dataset_type(dataset, name: str = "train_dataset") -> None:
+    """A trainer trains on one `datasets` split: a DatasetDict (`load_dataset(name)` without `split=`) or plain rows
+    are refused with the line that makes one."""
+    from datasets import Dataset, IterableDataset
+
     if isinstance(dataset, dict):
         split = "train" if "train" in dataset else sorted(dataset)[0]
         raise TypeError(f"`{name}` is a {type(dataset).__name__} of splits {sorted(dataset)}: pass one split, e.g. "
                         f"`{name}=dataset[{split!r}]` (or `load_dataset(..., split={split!r})`).")
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        raise TypeError(f"`{name}` must be a `datasets.Dataset` or `IterableDataset`, got `{type(dataset).__name__}`. "
+                        f"Make one with `Dataset.from_list(rows)` (a list of dicts) or `Dataset.from_dict(columns)` "
+                        f"(a dict of lists).")
 
 
 PROGRESS_ROWS = 2000  # a prompt set at least this long is tokenized under a progress bar (seconds of work)

@@ -381,7 +381,7 @@ def test_reward_config_refuses_nan_learning_rate(tmp_path):
         RewardEnsembleConfig(str(tmp_path), learning_rate=float("nan"))
 
 
-def test_a_dataset_dict_names_the_split_to_pass(tmp_path, tok, tiny_path):
+def test_a_dataset_dict_or_plain_rows_name_the_fix(tmp_path, tok, tiny_path):
     """`load_dataset(name)` without `split=` gives every split: PPO said only that there was no 'prompt' column (the
     splits' names read as columns), the reward trainer that it was not a Dataset. Both now name the fix."""
     from datasets import DatasetDict
@@ -398,3 +398,10 @@ def test_a_dataset_dict_names_the_split_to_pass(tmp_path, tok, tiny_path):
     with pytest.raises(TypeError, match=r"`train_dataset` is a DatasetDict of splits \['train'\]: pass one split"):
         RewardEnsembleTrainer(tiny_path, train_dataset=pairs, processing_class=tok,
                               args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, report_to="none"))
+    # plain rows: PPO raised AttributeError ('list' object has no attribute 'column_names')
+    with pytest.raises(TypeError, match=r"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got "
+                                        r"`list`. Make one with `Dataset.from_list\(rows\)`"):
+        PPOTrainer("no/such-model", reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                   train_dataset=[{"prompt": "a b"}] * 4, args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True))
+    with pytest.raises(TypeError, match=r"`eval_dataset\['b'\]` must be a `datasets.Dataset`"):
+        make(tmp_path, tok, eval_dataset={"a": prompts["test"], "b": ["a b"]})

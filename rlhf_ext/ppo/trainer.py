@@ -26,7 +26,7 @@ from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
 from ..cpu_memory import keep_freed_memory_for
-from ..data import model_pad_id, refuse_dataset_dict, tokenize_prompts
+from ..data import check_dataset_type, model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
@@ -120,7 +120,7 @@ class PPOTrainer(Trainer):
             raise TypeError("`args` must be a rlhf_ext.PPOConfig.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
-        refuse_dataset_dict(train_dataset)
+        check_dataset_type(train_dataset)
         streamed_prompts = prompts_to_stream(train_dataset, args)  # refused before a model loads, if it must be
         ensure_writable_dir(args.output_dir)
         torch.manual_seed(args.seed)
@@ -232,6 +232,7 @@ class PPOTrainer(Trainer):
         # checked now, not at the first evaluation hours into the run; named sets (a dict) each
         for name, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]):
             if ds is not None:
+                check_dataset_type(ds, "eval_dataset" + (f"[{name!r}]" if name else ""))
                 tokenize_prompts(ds, self.tokenizer, args, min_rows=1,
                                  desc="Checking the evaluation prompts" + (f" ({name})" if name else ""))
         self._check_token_ids(model)

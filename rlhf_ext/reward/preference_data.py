@@ -17,7 +17,7 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from ..data import message_text, refuse_dataset_dict
+from ..data import check_dataset_type, message_text
 
 _TOKENISED = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"})  # TRL's, and its legacy names
 _STREAM_PEEK = 64  # rows of a streaming dataset read at start-up for the length check
@@ -56,9 +56,7 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
     A streaming `IterableDataset` is checked as it is read: its first row at once, every row when it streams by
     (a bad row stops training naming its index), ties dropped with a warning at the first one (they cannot be
     counted in advance)."""
-    refuse_dataset_dict(dataset, name)
-    if not isinstance(dataset, (Dataset, IterableDataset)):
-        raise TypeError(f"`{name}` must be a `Dataset` or `IterableDataset`, got `{type(dataset).__name__}`.")
+    check_dataset_type(dataset, name)
     cols = set(get_dataset_column_names(dataset))
     if any(pair <= cols for pair in _TOKENISED):  # pre-tokenised: TRL renames the legacy columns (FutureWarning)
         return dataset
