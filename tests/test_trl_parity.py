@@ -252,6 +252,20 @@ def test_evaluate_accepts_a_raw_dataset(tmp_path, sc_path):
 
 
 # --------------------------------------------------------------------------------------------------- the loss
+def test_args_as_trl_reward_config(tmp_path, sc_path):
+    """`args=trl.RewardConfig(...)`, as trl.RewardTrainer documents it: ours read it as a RewardEnsembleConfig with
+    those settings and one member (it raised TypeError), and trains as TRL does from the same config."""
+    cfg = RewardConfig(str(tmp_path / "cfg"), **COMMON)
+    ours = RewardEnsembleTrainer(sc_path, args=cfg, train_dataset=data(), processing_class=ptok())
+    theirs = RewardTrainer(sc_path, args=cfg, train_dataset=data(), processing_class=ptok())
+    assert isinstance(ours.args, RewardEnsembleConfig) and ours.args.ensemble_size == 1
+    assert {k: getattr(ours.args, k) for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "seed")} \
+        == {k: getattr(cfg, k) for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "seed")}
+    same_step0([theirs, ours])
+    t, o = trains([theirs, ours])
+    assert o["loss"] == pytest.approx(t["loss"], rel=1e-4) and o["grad_norm"] == pytest.approx(t["grad_norm"], rel=1e-3)
+
+
 def test_margin(tmp_path, sc_path):
     trainers = pair(tmp_path, lambda: seq_cls(sc_path), data(margin=True))
     loss = same_step0(trainers)

@@ -117,7 +117,9 @@ class PPOTrainer(Trainer):
         reward_funcs = from_trl112_arguments(reward_funcs, reward_model, ref_model, value_model, data_collator, optimizers)
         args = args or PPOConfig("ppo-output")
         if not isinstance(args, PPOConfig):
-            raise TypeError("`args` must be a rlhf_ext.PPOConfig.")
+            raise TypeError(f"`args` must be a rlhf_ext.PPOConfig, got {type(args).__name__}: build a PPOConfig with "
+                            f"the same settings (a GRPOConfig's or RLOOConfig's own fields are named in the README, "
+                            f"\"Coming from GRPO / RLOO\").")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
         check_dataset_type(train_dataset)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import RewardConfig
 
@@ -115,6 +115,11 @@ class RewardEnsembleConfig(RewardConfig):
         default=None, metadata={"help": "Older name of `activation_checkpointing`: trade compute for memory (turn "
                                         "it on for 7B models). Off by default."}
     )
+
+    @classmethod
+    def from_reward_config(cls, args: RewardConfig) -> RewardEnsembleConfig:
+        """A `trl.RewardConfig`'s settings, every ensemble field at its default (one member: TRL's reward model)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
 
     def __post_init__(self):
         import math

@@ -22,7 +22,7 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
-from trl import RewardTrainer
+from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
@@ -181,8 +181,11 @@ class RewardEnsembleTrainer(RewardTrainer):
                  load_in_4bit: bool = False, **kwargs):
         if args is None:
             args = RewardEnsembleConfig("reward-ensemble")
+        elif isinstance(args, RewardConfig) and not isinstance(args, RewardEnsembleConfig):
+            args = RewardEnsembleConfig.from_reward_config(args)  # TRL's own config, as trl.RewardTrainer takes it
         elif not isinstance(args, RewardEnsembleConfig):
-            raise TypeError("`args` must be a RewardEnsembleConfig (a subclass of trl.RewardConfig).")
+            raise TypeError(f"`args` must be a RewardEnsembleConfig (or a trl.RewardConfig), got "
+                            f"{type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL preference format: chosen/rejected[/prompt]).")
         ensure_writable_dir(args.output_dir)  # before any training depends on it
