@@ -266,6 +266,16 @@ def test_args_as_trl_reward_config(tmp_path, sc_path):
     assert o["loss"] == pytest.approx(t["loss"], rel=1e-4) and o["grad_norm"] == pytest.approx(t["grad_norm"], rel=1e-3)
 
 
+def test_parameters_in_trls_order():
+    """A positional call means what it means to trl.RewardTrainer: its parameters, in its order, then ours (before,
+    a seventh positional argument — TRL's compute_metrics — became our peft_config)."""
+    import inspect
+
+    theirs = list(inspect.signature(RewardTrainer.__init__).parameters)
+    ours = list(inspect.signature(RewardEnsembleTrainer.__init__).parameters)
+    assert ours[: len(theirs)] == theirs, (theirs, ours)
+
+
 def test_margin(tmp_path, sc_path):
     trainers = pair(tmp_path, lambda: seq_cls(sc_path), data(margin=True))
     loss = same_step0(trainers)

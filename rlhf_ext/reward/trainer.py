@@ -176,9 +176,11 @@ class RewardEnsembleTrainer(RewardTrainer):
 
     _tag_names = ["trl", "reward-trainer", "rlhf_ext"]
 
+    # trl.RewardTrainer's parameters in its order (a positional call means the same here), then ours
     def __init__(self, model, args: RewardEnsembleConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, peft_config=None, quantization_config=None,
-                 load_in_4bit: bool = False, **kwargs):
+                 eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
+                 quantization_config=None, peft_config=None, load_in_4bit: bool = False, **kwargs):
         if args is None:
             args = RewardEnsembleConfig("reward-ensemble")
         elif isinstance(args, RewardConfig) and not isinstance(args, RewardEnsembleConfig):
@@ -341,7 +343,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         try:
             super().__init__(model=ens, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, peft_config=None,
-                             callbacks=[*(kwargs.pop("callbacks", None) or []), check], **kwargs)
+                             compute_metrics=compute_metrics, callbacks=[*(callbacks or []), check],
+                             optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                             preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
         finally:
             args.chat_template_path, args.model_init_kwargs = template, init_kwargs
         close_process_group_at_exit()
