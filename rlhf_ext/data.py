@@ -127,6 +127,16 @@ def check_dataset_type(dataset, name: str = "train_dataset") -> None:
                         f"(a dict of lists).")
 
 
+def held_in_memory(dataset):
+    """A streamed evaluation set, read once into memory: each evaluation reads it whole (as transformers' Trainer reads
+    an eval stream), and under DDP each process takes its share by index. Anything else as it is."""
+    from datasets import Dataset, IterableDataset
+
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    return Dataset.from_list(list(dataset), features=dataset.features)
+
+
 PROGRESS_ROWS = 2000  # a prompt set at least this long is tokenized under a progress bar (seconds of work)
 
 

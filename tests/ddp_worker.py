@@ -71,7 +71,10 @@ def precision(out: Path):
         tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=lambda completion_ids, **kw: [float(len(c)) for c in
                                                                                        completion_ids],
                         args=args, train_dataset=data, processing_class=tok, callbacks=[oracle],
-                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), eval_dataset=data.select(range(10)))
+                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                        # streamed, as `dataset_streaming` gives it: each rank evaluates its share (len() of a stream
+                        # raised TypeError under DDP before the set was held in memory)
+                        eval_dataset=data.select(range(10)).to_iterable_dataset())
         oracle.trainer = tr
         hist = tr.train()
         info[phase] = {"mixed_precision": args.mixed_precision, "compute_dtype": tr.startup["compute_dtype"],

@@ -26,7 +26,7 @@ from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
 from ..cpu_memory import keep_freed_memory_for
-from ..data import check_dataset_type, model_pad_id, tokenize_prompts
+from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
@@ -232,11 +232,15 @@ class PPOTrainer(Trainer):
                 member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args, limit=streamed_prompts)
         # checked now, not at the first evaluation hours into the run; named sets (a dict) each
+        held = {}
         for name, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]):
             if ds is not None:
                 check_dataset_type(ds, "eval_dataset" + (f"[{name!r}]" if name else ""))
-                tokenize_prompts(ds, self.tokenizer, args, min_rows=1,
+                held[name] = held_in_memory(ds)
+                tokenize_prompts(held[name], self.tokenizer, args, min_rows=1,
                                  desc="Checking the evaluation prompts" + (f" ({name})" if name else ""))
+        if held:
+            eval_dataset = held if isinstance(eval_dataset, dict) else held[None]
         self._check_token_ids(model)
         self._fit_positions(model, args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
