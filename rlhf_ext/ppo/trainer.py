@@ -792,6 +792,7 @@ class PPOTrainer(Trainer):
         if isinstance(dataset, dict):  # named sets, as transformers' Trainer takes them: eval_<name>_* for each
             return {k: v for name, ds in dataset.items()
                     for k, v in self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}").items()}
+        dataset = held_in_memory(dataset)  # a stream handed to evaluate() itself: each process indexes its share
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         sharded = world > 1 and hasattr(dataset, "shard") and len(dataset) >= world
         part = dataset.shard(num_shards=world, index=rank, contiguous=True) if sharded else dataset
