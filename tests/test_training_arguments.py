@@ -117,6 +117,7 @@ def test_bad_eval_dataset_is_refused_at_start(tmp_path, tok):
     ({"torch_compile": True}, r"torch_compile is not supported.*Remove torch_compile"),
     ({"torch_compile_backend": "inductor"}, r"torch_compile is not supported"),
     ({"neftune_noise_alpha": 5.0}, r"neftune_noise_alpha=5.0.*Remove neftune_noise_alpha"),
+    ({"label_smoothing_factor": 0.1}, r"label_smoothing_factor=0.1: .*PPO's loss has no labels. Remove it"),
     ({"auto_find_batch_size": True}, r"auto_find_batch_size.*rlhf-ext plan"),
     ({"save_strategy": "best", "metric_for_best_model": "loss"}, r"save_strategy='best'.*save_total_limit"),
     ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, r"load_best_model_at_end"),
@@ -124,6 +125,16 @@ def test_bad_eval_dataset_is_refused_at_start(tmp_path, tok):
 def test_training_arguments_ppo_cannot_honour_are_refused(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         PPOConfig(str(tmp_path / "ppo"), use_cpu=True, **kw)
+
+
+def test_data_seed_sets_the_prompt_order_as_transformers_sampler(tmp_path, tok):
+    """`data_seed` orders the prompts (it was ignored: the order came from `seed`); unset, `seed` does."""
+    def order(**kw):
+        tr = make(tmp_path / str(kw), tok, max_steps=1, **kw)
+        return [p for _ in range(4) for p, _ in tr._next_prompts()]
+
+    assert order(seed=0) == order(seed=0, data_seed=0)
+    assert order(seed=0, data_seed=7) == order(seed=1, data_seed=7) != order(seed=0)
 
 
 def test_save_only_model_warns_and_checkpoints_still_resume(tmp_path, tok):

@@ -176,6 +176,10 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"neftune_noise_alpha={self.neftune_noise_alpha}: NEFTune adds noise to the embeddings "
                              f"of training passes (an SFT technique); in PPO the ratios would compare a noisy training "
                              f"pass with noiseless sampling. Remove neftune_noise_alpha.")
+        if self.label_smoothing_factor:
+            raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor}: it smooths the labels of a "
+                             f"classification or language-modelling loss; PPO's loss has no labels. Remove it (an "
+                             f"entropy bonus is ent_coef).")
         if self.auto_find_batch_size:
             raise ValueError("auto_find_batch_size is not supported by PPOTrainer (an out-of-memory retry would "
                              "redo a rollout with another batch). `rlhf-ext plan` gives the largest batch that fits "

@@ -428,7 +428,8 @@ class PPOTrainer(Trainer):
         B, world, rank = self.args.per_device_train_batch_size, self.accelerator.num_processes, self.accelerator.process_index
         if self.data_pos + B * world > len(self.prompts):
             self.data_epoch, self.data_pos = self.data_epoch + 1, 0
-        g = torch.Generator().manual_seed(self.args.seed + self.data_epoch)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # transformers' data order seed
+        g = torch.Generator().manual_seed(seed + self.data_epoch)
         order = torch.randperm(len(self.prompts), generator=g).tolist()
         start = self.data_pos + rank * B
         batch = [self.prompts[i] for i in order[start : start + B]]
