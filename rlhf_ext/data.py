@@ -138,6 +138,22 @@ def held_in_memory(dataset):
 
 
 PROGRESS_ROWS = 2000  # a prompt set at least this long is tokenized under a progress bar (seconds of work)
+# the prompt itself, in either format; what the trainer produces (TRL's GRPO leaves these out of the reward kwargs too)
+PROMPT_COLUMNS = ("prompt", "input_ids", "completion", "completion_ids")
+# the keywords a reward function is called with besides the dataset's own columns: a column cannot take one's place
+REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+
+
+class PromptRow(tuple):
+    """(prompt, token ids) — unpacked as that pair everywhere — with `columns`, the row's other dataset fields, which
+    reward functions receive as keyword lists, as TRL's GRPO and RLOO pass them (e.g. a reference answer)."""
+
+    columns: dict
+
+    def __new__(cls, prompt, ids, columns: dict | None = None):
+        row = super().__new__(cls, (prompt, ids))
+        row.columns = columns or {}
+        return row
 
 
 def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc: str = "Tokenizing prompts",
@@ -153,17 +169,22 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
     columns = dataset.column_names
     if columns is None:  # a stream whose features are not declared (a generator's): its first row has them
         columns = list(next(iter(dataset), {}))
-    if "prompt" in columns:
-        source = ((i, p, None) for i, p in enumerate(dataset["prompt"]))
-    elif "input_ids" in columns:  # TRL 1.12 PPO's format: token ids; the rewards get the decoded text
-        source = ((i, tokenizer.decode(ids), list(ids)) for i, ids in enumerate(dataset["input_ids"]))
-    else:
+    if "prompt" not in columns and "input_ids" not in columns:
         raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
                          f"1.12's PPO took it; it has {columns}.")
+    extra = [c for c in columns if c not in PROMPT_COLUMNS]
+    clash = sorted(set(extra) & set(REWARD_KEYWORDS))
+    if clash:
+        raise ValueError(f"Dataset column(s) {clash} would take the place of the reward functions' own argument(s) of "
+                         f"that name (they receive every other column as a keyword). Rename the column(s).")
+    if "prompt" in columns:
+        source = ((i, r["prompt"], None, r) for i, r in enumerate(dataset))
+    else:  # TRL 1.12 PPO's format: token ids; the rewards get the decoded text
+        source = ((i, tokenizer.decode(r["input_ids"]), list(r["input_ids"]), r) for i, r in enumerate(dataset))
     total = len(dataset) if hasattr(dataset, "__len__") else limit  # a streamed set: length unknown
     quiet = bars_off(args) or (total is not None and total < PROGRESS_ROWS)
     rows, too_long = [], []
-    for i, prompt, ids in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
+    for i, prompt, ids, row in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
         text = message_text(prompt)
         if not isinstance(text, str):
             raise ValueError(f"Prompt {i} is a {type(prompt).__name__} ({prompt!r:.60}), not text: a prompt is a string "
@@ -179,7 +200,7 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
                 continue
             if args.prompt_overflow == "truncate":
                 ids = ids[-args.max_prompt_length :]
-        rows.append((prompt, list(ids)))
+        rows.append(PromptRow(prompt, list(ids), {c: row[c] for c in extra}))
         if limit is not None and len(rows) == limit:
             break
     if too_long:

@@ -366,3 +366,39 @@ def test_named_evaluation_sets_are_each_evaluated_as_transformers_trainer_does(t
     assert {"eval_short_kl", "eval_plain_kl", "eval_short_length", "eval_plain_length"} <= logged, sorted(logged)
     direct = tr.evaluate(eval_dataset=sets, metric_key_prefix="test")
     assert {k.split("_")[1] for k in direct} == {"short", "plain"} and all(k.startswith("test_") for k in direct)
+
+
+def test_reward_functions_get_dataset_columns_trainer_state_and_log_metric_as_in_trl_grpo(tmp_path, tok):
+    """TRL's GRPO / RLOO call a reward function with the prompts' other dataset columns (a list each, row-aligned),
+    `trainer_state` and `log_metric`; a GRPO reward function such as `accuracy(completions, solution, **kwargs)` failed
+    here with a missing argument. A function without **kwargs still gets only what it names; judges get the columns
+    too, in training and in evaluation."""
+    subjects = [f"subject{i}" for i in range(8)]
+    data = Dataset.from_dict({"prompt": [f"write a short review of the {s} ." for s in subjects], "subject": subjects,
+                              "weight": [float(i) for i in range(8)]})
+    steps, means = [], []
+
+    def grpo_style(completions, subject, weight, trainer_state, log_metric, **kwargs):
+        assert all(s in p for p, s in zip(kwargs["prompts"], subject))  # the columns line up with the prompts
+        steps.append(trainer_state.global_step)
+        means.append(sum(weight) / len(weight))
+        log_metric("custom/mean_weight", means[-1])
+        return weight
+
+    def old_style(prompts, completions, completion_ids):  # no **kwargs: called as before
+        return [0.0] * len(completions)
+
+    def judge(completions, subject, **kwargs):
+        return [float(s[-1]) for s in subject]
+
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=2, max_completion_length=4,
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, report_to="none",
+                     eval_strategy="steps", eval_steps=2)
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=[grpo_style, old_style], audit_funcs=[judge], args=args,
+                    train_dataset=data, eval_dataset=data.select([1, 2]), processing_class=tok,
+                    peft_config=LoraConfig(**LORA))
+    tr.train()
+    assert steps == [0, 1]
+    logged = [h["custom/mean_weight"] for h in tr.state.log_history if "custom/mean_weight" in h]
+    assert logged == pytest.approx(means)
+    assert [h["eval_judge"] for h in tr.state.log_history if "eval_judge" in h] == [pytest.approx(1.5)]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..data import PromptRow
 from ..plugins.detectors import DEFAULT_DETECTORS, Observation
 from ..plugins.shaping import repeated_ngram_fraction
 from ..progress import progress
@@ -220,18 +221,18 @@ class RewardHackingMonitor(TrainerCallback):
             return
         rng = torch.get_rng_state()
         try:
-            batch = [(ro.prompts[i], ro.ids[i, : ro.ids.shape[1] - ro.R][ro.mask[i, : ro.ids.shape[1] - ro.R].bool()].tolist())
-                     for i in picked]
+            batch = [PromptRow(ro.prompts[i], ro.ids[i, : ro.ids.shape[1] - ro.R][ro.mask[i, : ro.ids.shape[1] - ro.R]
+                                                                                  .bool()].tolist(),
+                               {k: v[i] for k, v in ro.columns.items()}) for i in picked]
             ref = tr.policy.generate(batch, tr.tokenizer, tr.args.max_completion_length, tr.args.top_p,
                                      tr.args.stop_on_eos, reference=True)
         finally:
             torch.set_rng_state(rng)
         saved = tr.rewards.state_dict()  # scoring for display must not move running statistics (debias, callables)
         ref_scores, _, ref_raw, _ = tr.rewards.score(ref.prompts, ref.completions, ref.completion_ids,
-                                                     has_eos=ref.has_eos.cpu())
+                                                     has_eos=ref.has_eos.cpu(), **tr.reward_kwargs(ref, log=False))
         tr.rewards.load_state_dict(saved)
-        ref_audit = {k: list(fn(prompts=ref.prompts, completions=ref.completions, completion_ids=ref.completion_ids))
-                     for k, fn in tr.audit_funcs.items()}
+        ref_audit = tr._audit(ref, tr.audit_funcs, log=False)
         rows = torch.tensor(picked)
         logits = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows])
         ref_z = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows],

@@ -77,6 +77,7 @@ class Rollout:
     ref_logits_full: torch.Tensor | None = None
     h_low: torch.Tensor | None = None
     audit: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)  # the prompts' other dataset columns, a list each (reward kwargs)
 
     @property
     def R(self) -> int:
@@ -345,10 +346,12 @@ class PolicyAndValue(nn.Module):
         texts = tokenizer.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, has_eos.tolist())],
                                        skip_special_tokens=True)
         prompts = [p for p, _ in batch]
+        columns = {k: [row.columns[k] for row in batch] for k in getattr(batch[0], "columns", {})}
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
         return Rollout(ids=torch.cat([p_ids, resp], 1), mask=torch.cat([p_mask, resp_mask.long()], 1), resp=resp,
                        resp_mask=resp_mask, has_eos=has_eos, lengths=(n - has_eos.long()).float(), prompts=prompts,
-                       completions=completions, completion_ids=completion_ids, texts=texts, gen_seconds=gen_seconds)
+                       completions=completions, completion_ids=completion_ids, texts=texts, gen_seconds=gen_seconds,
+                       columns=columns)
 
     # -- exact KL -----------------------------------------------------------------------------------------------
     @staticmethod

@@ -39,7 +39,7 @@ from ..progress import progress
 from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
-from ..reward.pipeline import ExternalRewardModel, RewardPipeline
+from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function
 from .checkpoint import newest_complete_checkpoint, read_checkpoint, rotate_checkpoints, write_checkpoint
 from .config import PPOConfig
 from .export import push_policy, save_policy
@@ -274,6 +274,7 @@ class PPOTrainer(Trainer):
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self._metrics_history: list[dict] = []
+        self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._memo, self._reach_checked = _ForwardMemo(), False
         self.eval_dataset = eval_dataset
 
@@ -473,16 +474,29 @@ class PPOTrainer(Trainer):
             assert_trainable_4bit_layout(self.policy.peft, "PPOTrainer")
         with self.policy.precision():  # reward members on the shared base run in the policy's precision too
             scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
-                                                                has_eos=ro.has_eos.cpu())
+                                                                has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
-        ro.audit = {name: list(fn(prompts=ro.prompts, completions=ro.completions, completion_ids=ro.completion_ids))
-                    for name, fn in self.audit_funcs.items()}  # monitoring only: never enters the loss
+        ro.audit = self._audit(ro, self.audit_funcs)  # monitoring only: never enters the loss
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
         ro.ref_logprobs = token_logprobs(ref_logits, ro.resp)
         if self.kl_guard is not None or args.log_kl_after_update:
             ro.ref_logits_full = ref_logits  # exact KL checks need the whole distribution (normalised where used)
         return ro
+
+    def reward_kwargs(self, ro: Rollout, log: bool = True) -> dict:
+        """What Python reward functions and judges get besides prompts, completions and completion ids, as TRL's
+        GRPO / RLOO pass it: the prompts' other dataset columns (a list each), the `TrainerState`, and `log_metric(name,
+        value)`, a scalar averaged over the iteration and logged with its metrics (`log=False`: not offered)."""
+        return {**ro.columns, "trainer_state": self.state, **({"log_metric": self._log_metric} if log else {})}
+
+    def _log_metric(self, name: str, value: float) -> None:
+        self._pending_metrics.setdefault(name, []).append(float(value))
+
+    def _audit(self, ro: Rollout, judges: dict, log: bool = True) -> dict:
+        return {name: list(call_reward_function(fn, prompts=ro.prompts, completions=ro.completions,
+                                                completion_ids=ro.completion_ids, **self.reward_kwargs(ro, log)))
+                for name, fn in judges.items()}
 
     def _advantages(self, ro: Rollout, old_logp, old_values):
         """Per-token reward −β·k1_t, plus the sequence score at the last response token; then GAE. Returns the
@@ -690,6 +704,10 @@ class PPOTrainer(Trainer):
             **{k: float(v) for k, v in stats.items()},
         })
         metrics.update({k: val for k, val in g.items() if k.startswith(("rewards/", "audit/"))})
+        for name in sorted(self._pending_metrics):  # log_metric() calls of the reward functions, this iteration's mean
+            values = self._pending_metrics[name]
+            metrics[name] = self._mean_over_processes(sum(values) / len(values))
+        self._pending_metrics.clear()
         if stats["train/skipped_nonfinite_steps"]:
             warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
                           f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "
@@ -716,8 +734,8 @@ class PPOTrainer(Trainer):
             out["eos"] += g.has_eos.float().tolist()
             out["texts"] += g.texts
             out["prompts"] += g.prompts
-            for k, fn in judges.items():
-                out[k] += list(fn(prompts=g.prompts, completions=g.completions, completion_ids=g.completion_ids))
+            for k, vals in self._audit(g, judges, log=False).items():
+                out[k] += vals
         summary = {f"{k}_mean": sum(v) / len(v) for k, v in out.items() if k not in ("texts", "prompts")}
         if adapters:
             self.heldout = summary  # for the model card

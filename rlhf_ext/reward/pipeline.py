@@ -20,6 +20,27 @@ from ..registry import build
 CALLABLE_NORMALIZATION = ("auto", "running", "none")
 
 
+def call_reward_function(fn, accepted: frozenset | None = None, **kwargs):
+    """fn(**kwargs), keeping only the keywords it takes: all of them when it has `**kwargs` (TRL's reward signature),
+    else the ones it names — so a function written for prompts/completions/completion_ids alone keeps working beside
+    the dataset columns, `trainer_state` and `log_metric` (`accepted`: `accepted_keywords(fn)`, computed once)."""
+    accepted = accepted_keywords(fn) if accepted is None else accepted
+    return fn(**(kwargs if "**" in accepted else {k: v for k, v in kwargs.items() if k in accepted}))
+
+
+def accepted_keywords(fn) -> frozenset:
+    """The keyword names `fn` takes, with "**" among them when it takes any (or its signature cannot be read)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or an extension callable: hand it everything
+        return frozenset({"**"})
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return frozenset({"**"})
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 class CallableMember:
     """A Python reward function with TRL's signature: f(prompts, completions, completion_ids, **kw) → list[float].
 
@@ -31,11 +52,13 @@ class CallableMember:
         if normalize not in ("running", "none"):
             raise ValueError(f"normalize must be 'running' or 'none', got {normalize!r}.")
         self.fn, self.names, self.normalize = fn, [name or getattr(fn, "__name__", "callable")], normalize
+        self.accepted = accepted_keywords(fn)
         self.count, self.running_mean, self.m2 = 0, 0.0, 0.0
 
     def score_completions(self, prompts, completions, completion_ids, **kwargs) -> torch.Tensor:
         """→ [B, 1] raw scores (NaN where the function returned None)."""
-        out = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        out = call_reward_function(self.fn, self.accepted, prompts=prompts, completions=completions,
+                                   completion_ids=completion_ids, **kwargs)
         n = len(completions)
         if isinstance(out, torch.Tensor):
             out = out.detach().flatten().tolist()
@@ -123,7 +146,9 @@ class RewardPipeline:
 
     def score(self, prompts, completions, completion_ids, has_eos=None, **kwargs):
         """Returns (scores [B], valid [B] bool, raw [B, K], normalised [B, K])."""
-        raw = torch.cat([m.score_completions(prompts, completions, completion_ids, **kwargs).float()
+        # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
+        raw = torch.cat([m.score_completions(prompts, completions, completion_ids,
+                                             **(kwargs if isinstance(m, CallableMember) else {})).float()
                          for m in self.members], -1)
         mean = torch.cat([m.mean for m in self.members]).float()
         std = torch.cat([m.std for m in self.members]).float().clamp(min=1e-6)
