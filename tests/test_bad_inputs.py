@@ -405,3 +405,12 @@ def test_a_dataset_dict_or_plain_rows_name_the_fix(tmp_path, tok, tiny_path):
                    train_dataset=[{"prompt": "a b"}] * 4, args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True))
     with pytest.raises(TypeError, match=r"`eval_dataset\['b'\]` must be a `datasets.Dataset`"):
         make(tmp_path, tok, eval_dataset={"a": prompts["test"], "b": ["a b"]})
+
+
+def test_a_column_named_like_a_reward_argument_is_refused(tmp_path, tok):
+    """Reward functions receive every other dataset column as a keyword: a column called `prompts` (or
+    `trainer_state`, …) would collide with the call's own argument deep in the first rollout."""
+    data = Dataset.from_dict({"prompt": ["a b c"] * 4, "prompts": ["x"] * 4})
+    with pytest.raises(ValueError, match=r"column\(s\) \['prompts'\] would take the place of the reward functions' "
+                                         r"own argument.*Rename"):
+        make(tmp_path, tok, data=data, max_steps=1)

@@ -402,3 +402,22 @@ def test_reward_functions_get_dataset_columns_trainer_state_and_log_metric_as_in
     logged = [h["custom/mean_weight"] for h in tr.state.log_history if "custom/mean_weight" in h]
     assert logged == pytest.approx(means)
     assert [h["eval_judge"] for h in tr.state.log_history if "eval_judge" in h] == [pytest.approx(1.5)]
+
+
+def test_an_async_reward_function_is_awaited_even_inside_a_running_event_loop(tmp_path, tok):
+    """TRL's GRPO takes `async def` reward functions (an LLM judge over HTTP); here the coroutine was returned as the
+    "scores" and refused. It runs to completion on a worker thread's loop — also when the caller is inside a running
+    event loop, as in a notebook."""
+    import asyncio
+
+    async def judge(completions, **kwargs):
+        await asyncio.sleep(0)
+        return [float(len(c)) for c in completions]
+
+    async def inside_a_loop():
+        tr = make(tmp_path, tok, reward=[judge], max_steps=1, per_device_train_batch_size=4, max_completion_length=4)
+        tr.train()
+        return tr
+
+    tr = asyncio.run(inside_a_loop())
+    assert tr.iteration == 1 and tr.rollout.raw[:, 0].tolist() == [float(len(t)) for t in tr.rollout.completions]

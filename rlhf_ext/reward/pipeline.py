@@ -9,6 +9,8 @@ valid `reward_funcs` entry for TRL's GRPOTrainer / RLOOTrainer.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import warnings
 
@@ -25,13 +27,24 @@ def call_reward_function(fn, accepted: frozenset | None = None, **kwargs):
     else the ones it names — so a function written for prompts/completions/completion_ids alone keeps working beside
     the dataset columns, `trainer_state` and `log_metric` (`accepted`: `accepted_keywords(fn)`, computed once)."""
     accepted = accepted_keywords(fn) if accepted is None else accepted
-    return fn(**(kwargs if "**" in accepted else {k: v for k, v in kwargs.items() if k in accepted}))
+    out = fn(**(kwargs if "**" in accepted else {k: v for k, v in kwargs.items() if k in accepted}))
+    return _awaited(out) if inspect.isawaitable(out) else out
+
+
+def _awaited(awaitable):
+    """The result of an async reward function (an LLM judge, say; TRL's GRPO takes them too), run to completion on
+    a fresh event loop in a worker thread: that works inside a running loop as well (a notebook's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def wait():
+        return await awaitable
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
 
 
 def accepted_keywords(fn) -> frozenset:
     """The keyword names `fn` takes, with "**" among them when it takes any (or its signature cannot be read)."""
-    import inspect
-
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # a builtin or an extension callable: hand it everything
