@@ -140,7 +140,12 @@ def ppo(out: Path):
     pos = set(tok.convert_tokens_to_ids("good great nice love happy wonderful excellent fun best".split()))
 
     def positive(prompts, completions, completion_ids, **kw):
-        return [10.0 * sum(t in pos for t in ids) / max(1, len(ids)) for ids in completion_ids]
+        scores = [10.0 * sum(t in pos for t in ids) / max(1, len(ids)) for ids in completion_ids]
+        for s in scores:  # log_metric as TRL's GRPO offers it: one mean over every process's values
+            kw["log_metric"]("custom/positive", s)
+        if kw["trainer_state"].is_world_process_zero:  # a name only one rank logs must not hang the others
+            kw["log_metric"]("custom/rank0_only", 1.0)
+        return scores
 
     from rlhf_ext.testing import tiny_causal_lm
 
@@ -160,7 +165,8 @@ def ppo(out: Path):
     rank = tr.accelerator.process_index
     info = {"world": world, "first_batch": first, "kl_after": [h["kl/after_update"] for h in hist],
             "backtracks": sum(h["kl/backtracks"] + h["kl/restored"] for h in hist),
-            "wrapped": type(tr.train_policy).__name__}
+            "wrapped": type(tr.train_policy).__name__,
+            "logged": [[h["custom/positive"], h["custom/rank0_only"]] for h in hist]}
     PolicyAndValue.generation_kwargs = plain
     return rank, world, info, params
 

@@ -74,6 +74,9 @@ def test_two_processes_equal_one_process_with_the_whole_batch(runs, mode):
         assert ia["kl_after"] == ib["kl_after"] and all(k <= 0.005 + 1e-6 for k in ia["kl_after"])
         assert ia["backtracks"] > 0  # the guard acted, identically on both ranks
         assert ia["kl_after"] == pytest.approx(i1["kl_after"], abs=1e-4)
+        # log_metric: the mean over both ranks' values is one process's over the whole batch, on every rank
+        assert ia["logged"] == ib["logged"] and [r for _, r in ia["logged"]] == [1.0] * 3
+        assert [m for m, _ in ia["logged"]] == pytest.approx([m for m, _ in i1["logged"]], abs=1e-6)
     else:
         assert not set(ia["pairs"]) & set(ib["pairs"]) and sorted(ia["pairs"] + ib["pairs"]) == sorted(i1["pairs"])
     moved = max(float(v.abs().max()) for k, v in p1.items() if "lora_B" in k)

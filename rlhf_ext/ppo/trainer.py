@@ -675,6 +675,18 @@ class PPOTrainer(Trainer):
         return {name: float(flat[2 * i] / flat[2 * i + 1]) if flat[2 * i + 1] > 0 else float("nan")
                 for i, name in enumerate(parts)}
 
+    def _logged_by_reward_functions(self) -> dict:
+        """The mean of each value reward functions passed to log_metric() this iteration, over every process — the
+        names gathered first, so a name logged on one rank only cannot leave the others waiting in the reduction."""
+        pending, self._pending_metrics = self._pending_metrics, {}
+        names = set(pending)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = set().union(*gather_object([sorted(pending)]))
+        return self._global_means({n: (torch.tensor(pending.get(n, []), dtype=torch.float64),
+                                       torch.ones(len(pending.get(n, [])))) for n in sorted(names)}) if names else {}
+
     def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
         """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
         m, valid = ro.loss_mask, ro.valid.cpu()
@@ -704,10 +716,7 @@ class PPOTrainer(Trainer):
             **{k: float(v) for k, v in stats.items()},
         })
         metrics.update({k: val for k, val in g.items() if k.startswith(("rewards/", "audit/"))})
-        for name in sorted(self._pending_metrics):  # log_metric() calls of the reward functions, this iteration's mean
-            values = self._pending_metrics[name]
-            metrics[name] = self._mean_over_processes(sum(values) / len(values))
-        self._pending_metrics.clear()
+        metrics.update(self._logged_by_reward_functions())
         if stats["train/skipped_nonfinite_steps"]:
             warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
                           f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "
