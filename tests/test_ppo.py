@@ -421,3 +421,23 @@ def test_an_async_reward_function_is_awaited_even_inside_a_running_event_loop(tm
 
     tr = asyncio.run(inside_a_loop())
     assert tr.iteration == 1 and tr.rollout.raw[:, 0].tolist() == [float(len(t)) for t in tr.rollout.completions]
+
+
+def test_reward_processing_classes_as_grpo_takes_them(tmp_path, tok):
+    """GRPO's `reward_processing_classes` (it was an unexpected keyword): the tokenizer a sequence-classification
+    reward model scores with, one entry per reward function; a count that does not match is refused."""
+    from transformers import LlamaForSequenceClassification
+
+    from rlhf_ext.testing import tiny_config, tiny_tokenizer
+
+    rm = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))
+    own = tiny_tokenizer()
+    own.padding_side = "left"  # distinguishable from the policy's, which the trainer would otherwise fall back to
+    def trainer(classes):
+        return PPOTrainer(tiny_causal_lm(tok), reward_funcs=[rm, good_counter(tok)], reward_processing_classes=classes,
+                          args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True, per_device_train_batch_size=4),
+                          train_dataset=prompts(), processing_class=tok, peft_config=LoraConfig(**LORA))
+
+    assert trainer([own, None]).rewards.members[0].tokenizer is own
+    with pytest.raises(ValueError, match=r"reward_processing_classes has 1 entries for 2 reward function\(s\)"):
+        trainer([own])

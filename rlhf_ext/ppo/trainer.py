@@ -47,7 +47,7 @@ from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
 from .schedule import TrainHistory, due
-from .trl112 import from_trl112_arguments
+from .trl112 import from_trl112_arguments, processing_classes_for
 
 
 class _ForwardMemo:
@@ -100,7 +100,9 @@ class PPOTrainer(Trainer):
         audit_funcs: judges with the `reward_funcs` signature (e.g. a gold reward), logged as `audit/<name>` beside
             the proxy reward to spot reward hacking; never used in the loss.
         eval_dataset: prompts (TRL prompt-only format) `evaluate()` samples the policy on — on `eval_strategy`'s
-            cadence during train(), or when called.
+            cadence during train(), or when called; a dict of named sets is evaluated set by set.
+        reward_processing_classes: GRPO's — one tokenizer (or None) per `reward_funcs` entry, for a
+            sequence-classification reward model (which otherwise loads its own).
         reward_model: TRL 1.12's name (a sequence-classification reward model joins `reward_funcs`); `ref_model`,
             `value_model`, `data_collator` and `optimizers` exist only to say what replaced them (README: "Coming
             from TRL 1.12").
@@ -109,12 +111,15 @@ class PPOTrainer(Trainer):
     def __init__(self, model, reward_funcs=None, args: PPOConfig | None = None, train_dataset=None,
                  processing_class=None, peft_config=None, callbacks: list[TrainerCallback] | None = None,
                  load_in_4bit: bool = False, audit_funcs=None, *, quantization_config=None, reward_model=None,
-                 eval_dataset=None, ref_model=None, value_model=None, data_collator=None, optimizers=(None, None)):
+                 eval_dataset=None, reward_processing_classes=None, ref_model=None, value_model=None,
+                 data_collator=None, optimizers=(None, None)):
         from peft import PeftModel
 
         from ..architectures import final_hidden_size, resolve_lora_config
 
         reward_funcs = from_trl112_arguments(reward_funcs, reward_model, ref_model, value_model, data_collator, optimizers)
+        given = len(reward_funcs) - (reward_model is not None)  # TRL 1.12's reward_model came last, with no tokenizer
+        reward_tokenizers = processing_classes_for(reward_processing_classes, given) + [None] * (len(reward_funcs) - given)
         args = args or PPOConfig("ppo-output")
         if not isinstance(args, PPOConfig):
             raise TypeError(f"`args` must be a rlhf_ext.PPOConfig, got {type(args).__name__}: build a PPOConfig with "
@@ -184,10 +189,10 @@ class PPOTrainer(Trainer):
 
         # Rewards: members → normalise → aggregate → shape
         if args.reward_model_path:
-            reward_funcs = [args.reward_model_path, *reward_funcs]
+            reward_funcs, reward_tokenizers = [args.reward_model_path, *reward_funcs], [None, *reward_tokenizers]
         if not reward_funcs:
             raise ValueError("Pass at least one reward: `reward_funcs=` a reward-model path, model or callable.")
-        members = [self._reward_member(r, model, args) for r in reward_funcs]
+        members = [self._reward_member(r, model, args, t) for r, t in zip(reward_funcs, reward_tokenizers)]
         n_members = sum(len(getattr(m, "names", None) or [0]) for m in members)
         if n_members < 2 and args.aggregation in ("min", "uwo", "median"):
             raise ValueError(f"aggregation={args.aggregation!r} combines several reward members, but there is only "
@@ -279,12 +284,13 @@ class PPOTrainer(Trainer):
         self.eval_dataset = eval_dataset
 
     # -- setup helpers -----------------------------------------------------------------------------------------
-    def _reward_member(self, r, model, args: PPOConfig):
+    def _reward_member(self, r, model, args: PPOConfig, tokenizer=None):
+        """`tokenizer`: the member's entry of `reward_processing_classes`, for a sequence-classification model."""
         from transformers import PreTrainedModel
 
         if isinstance(r, (str, os.PathLike)):
             if not is_reward_artifact(r):
-                return self._sequence_classifier(str(r), args)
+                return self._sequence_classifier(str(r), args, tokenizer)
             spec = read_spec(r)
             if spec["mode"] != "full" and same_base(spec, model, self.model_name):
                 return load_reward_model(r, base_model=model, tokenizer=None, adapter_prefix="rm_")
@@ -294,12 +300,12 @@ class PPOTrainer(Trainer):
             warnings.warn(f"Reward model {r}: {why}; loading it as a separate model (its own copy in memory).")
             return load_reward_model(r)
         if isinstance(r, PreTrainedModel):
-            return ExternalRewardModel(r, self._reward_tokenizer(r))
+            return ExternalRewardModel(r, tokenizer or self._reward_tokenizer(r))
         if isinstance(r, RewardEnsemble) or callable(r) or hasattr(r, "score_completions"):
             return r
         raise TypeError(f"Unsupported reward {type(r).__name__}: use a path, RewardEnsemble, model or callable.")
 
-    def _sequence_classifier(self, name: str, args: PPOConfig):
+    def _sequence_classifier(self, name: str, args: PPOConfig, tokenizer=None):
         """What TRL's online trainers take as a reward string, where it is not an rlhf_ext artifact: a
         sequence-classification model — a Hub id or the folder `trl.RewardTrainer` saved — loaded with
         num_labels=1 and the policy's `model_init_kwargs`, on the policy's device, scored with its own tokenizer."""
@@ -314,7 +320,7 @@ class PPOTrainer(Trainer):
                 f"reward model (what trl.RewardTrainer saves), a model, or a callable.") from e
         if not is_quantized(model):  # a 4-bit model is placed where it was loaded
             model.to(self.policy.device)
-        return ExternalRewardModel(model, self._reward_tokenizer(model), name=Path(name).name or name)
+        return ExternalRewardModel(model, tokenizer or self._reward_tokenizer(model), name=Path(name).name or name)
 
     def _reward_tokenizer(self, r):
         """A reward model's own tokenizer from where it was loaded; else (built in code, or offline) the policy's, as

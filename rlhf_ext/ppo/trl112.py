@@ -1,4 +1,5 @@
-"""Coming from TRL 1.12's PPO (removed from TRL after 1.12): its PPOTrainer arguments, mapped or explained.
+"""Coming from TRL 1.12's PPO (removed from TRL after 1.12): its PPOTrainer arguments, mapped or explained; and
+from GRPO / RLOO, their `reward_processing_classes`.
 
 The README's migration table lists every change a TRL 1.12 script needs; `PPOConfig` accepts TRL 1.12's field names
 (`kl_coef`, `cliprange`, `response_length`, `missing_eos_penalty`, `total_episodes`, …) with a FutureWarning, and
@@ -27,3 +28,16 @@ def from_trl112_arguments(reward_funcs, reward_model, ref_model, value_model, da
     funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple))
                                              else [reward_funcs])
     return funcs + ([reward_model] if reward_model is not None else [])
+
+
+def processing_classes_for(reward_processing_classes, n: int) -> list:
+    """GRPO's `reward_processing_classes`: one tokenizer (or None) per reward function — used for a
+    sequence-classification reward model, which otherwise loads its own —, or one alone for a single function."""
+    if reward_processing_classes is None:
+        return [None] * n
+    given = (list(reward_processing_classes) if isinstance(reward_processing_classes, (list, tuple))
+             else [reward_processing_classes])
+    if len(given) != n:
+        raise ValueError(f"reward_processing_classes has {len(given)} entries for {n} reward function(s): give one per "
+                         f"reward function (None where it has its own tokenizer), as GRPOTrainer takes them.")
+    return given
