@@ -192,7 +192,8 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
         if not text.strip():
             raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
         if ids is None:
-            ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                 **(getattr(args, "chat_template_kwargs", None) or {}))
                    ["input_ids"] if isinstance(prompt, list) else tokenizer(text=prompt)["input_ids"])
         if len(ids) > args.max_prompt_length:
             too_long.append((i, len(ids)))

@@ -221,3 +221,34 @@ def test_every_refused_grpo_field_is_in_the_readme_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("### Coming from GRPO / RLOO")[1].split("###")[0]
     assert [k for k in FROM_GRPO_RLOO if f"`{k}`" not in table] == []
+
+
+def test_chat_template_kwargs_reach_the_prompts_template_and_shuffle_dataset_false_keeps_the_order(tmp_path, tok):
+    """GRPO / RLOO's `chat_template_kwargs` (Qwen3's enable_thinking, say) reach `apply_chat_template` for the
+    prompts; `shuffle_dataset=False` gives the prompts in dataset order. Both were unexpected keywords."""
+    import copy
+
+    thinking = copy.deepcopy(tok)
+    thinking.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                              "{% if enable_thinking is defined and not enable_thinking %}<|endoftext|>{% endif %}")
+    first = {}
+    for name, kw in (("plain", {}), ("no_thinking", {"chat_template_kwargs": {"enable_thinking": False}})):
+        args = PPOConfig(str(tmp_path / name), use_cpu=True, per_device_train_batch_size=4, max_steps=1, **kw)
+        tr = trainer_for(thinking, args)
+        first[name] = tr.prompts[0][1]
+    assert first["no_thinking"] == first["plain"] + thinking.convert_tokens_to_ids(["<|endoftext|>"])
+
+    in_order = trainer_for(tok, PPOConfig(str(tmp_path / "o"), use_cpu=True, per_device_train_batch_size=4,
+                                             max_steps=1, shuffle_dataset=False))
+    assert [p for _ in range(2) for p, _ in in_order._next_prompts()] == [p for p, _ in in_order.prompts[:8]]
+
+
+def trainer_for(tokenizer, args):
+    from peft import LoraConfig
+
+    from rlhf_ext import PPOTrainer
+    from rlhf_ext.testing import tiny_causal_lm
+
+    return PPOTrainer(tiny_causal_lm(tokenizer), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                      args=args, train_dataset=prompts(), processing_class=tokenizer,
+                      peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

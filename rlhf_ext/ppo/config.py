@@ -36,6 +36,8 @@ class PPOConfig(TrainingArguments):
     # rollout
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are handled by `prompt_overflow`."})
     prompt_overflow: str = field(default="error", metadata={"help": "'error' (stop, naming the rows), 'drop' (skip them, with a warning) or 'truncate' (keep the last tokens)."})
+    chat_template_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra arguments for the tokenizer's `apply_chat_template` on conversational prompts, as GRPO / RLOO take them — e.g. {'enable_thinking': False} for Qwen3."})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts every epoch (seeded by `data_seed`, else `seed`); False: in dataset order, as GRPO / RLOO's field."})
     max_completion_length: int = field(default=48, metadata={"help": "Maximum generated tokens per response."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also applied to the log-probs PPO trains on)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling. Below 1 the sampling distribution differs from π; keep 1 for exact PPO."})
@@ -106,7 +108,8 @@ class PPOConfig(TrainingArguments):
         self._apply_trl112_names()
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
-        for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers", "monitor_detectors"):
+        for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers", "monitor_detectors",
+                     "chat_template_kwargs"):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, json.loads(v))
@@ -252,6 +255,15 @@ FROM_GRPO_RLOO = {
     "min_p": _SAMPLES_PI,
     "generation_kwargs": _SAMPLES_PI,
     "use_vllm": _NO_VLLM,
+    "entropy_coef": "ent_coef (the entropy bonus)",
+    "delta": "clip_range (PPO clips symmetrically)",
+    "multi_objective_aggregation": "aggregation ('mean', 'weighted', 'min', 'uwo', …) over the normalised members",
+    "reward_clip_range": "clip the scores in the reward function (members are normalised before aggregation)",
+    "importance_sampling_level": "nothing: PPO's ratios are per token",
+    "cast_lm_head_to_fp32": "nothing: the log-probs are computed in fp32 from the LM head's output",
+    "num_completions_to_print": "nothing: the monitor's report shows samples (monitor=True)",
+    "cache_implementation": _NO_VLLM,
+    "use_transformers_paged": _NO_VLLM,
     "sync_ref_model": "nothing: the reference is the base with the adapters off",
     "ref_model_sync_steps": "nothing: the reference is the base with the adapters off",
     "ref_model_mixup_alpha": "nothing: the reference is the base with the adapters off",

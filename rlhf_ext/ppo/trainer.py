@@ -437,7 +437,8 @@ class PPOTrainer(Trainer):
             self.data_epoch, self.data_pos = self.data_epoch + 1, 0
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # transformers' data order seed
         g = torch.Generator().manual_seed(seed + self.data_epoch)
-        order = torch.randperm(len(self.prompts), generator=g).tolist()
+        order = (torch.randperm(len(self.prompts), generator=g).tolist() if self.args.shuffle_dataset
+                 else list(range(len(self.prompts))))
         start = self.data_pos + rank * B
         batch = [self.prompts[i] for i in order[start : start + B]]
         self.data_pos += B * world
