@@ -414,3 +414,11 @@ def test_a_column_named_like_a_reward_argument_is_refused(tmp_path, tok):
     with pytest.raises(ValueError, match=r"column\(s\) \['prompts'\] would take the place of the reward functions' "
                                          r"own argument.*Rename"):
         make(tmp_path, tok, data=data, max_steps=1)
+
+
+def test_resuming_from_nothing_says_what_to_do(tmp_path, tok):
+    tr = make(tmp_path, tok, max_steps=1)
+    with pytest.raises(ValueError, match=r"No complete checkpoint found in .* Train without resume_from_checkpoint"):
+        tr.train(resume_from_checkpoint=True)
+    with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint='.*no-such': no such folder"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "no-such"))

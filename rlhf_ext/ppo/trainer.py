@@ -774,7 +774,12 @@ class PPOTrainer(Trainer):
             if resume_from_checkpoint is True:
                 resume_from_checkpoint = newest_complete_checkpoint(args.output_dir)
                 if resume_from_checkpoint is None:
-                    raise ValueError(f"No complete checkpoint found in {args.output_dir} to resume from.")
+                    raise ValueError(f"No complete checkpoint found in {args.output_dir} to resume from (a run saves "
+                                     f"them with save_strategy='steps' or 'epoch'). Train without "
+                                     f"resume_from_checkpoint, or pass the checkpoint-N folder to resume from.")
+            elif not Path(resume_from_checkpoint).is_dir():
+                raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass "
+                                        f"a checkpoint-N folder, or True for the newest in output_dir.")
             self._load_checkpoint(resume_from_checkpoint)
         if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
             torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
