@@ -147,13 +147,17 @@ def check_supported(model) -> None:
 
 
 def resolve_lora_config(peft_config, model, **defaults):
-    """The LoRA config a trainer uses: `peft_config` with its `target_modules` filled in when it has none, or a new
-    `LoraConfig(**defaults)` on `default_lora_target_modules(model)`. Refuses unsupported architectures first."""
+    """The LoRA config a trainer uses: a copy of `peft_config` (the caller's object is not changed: it may configure
+    another trainer next) with its `target_modules` filled in when it has none, or a new `LoraConfig(**defaults)` on
+    `default_lora_target_modules(model)`. Refuses unsupported architectures first."""
+    import copy
+
     from peft import LoraConfig
 
     check_supported(model)
     if peft_config is None:
         return LoraConfig(**defaults, target_modules=default_lora_target_modules(model))
+    peft_config = copy.deepcopy(peft_config)
     if getattr(peft_config, "target_modules", "n/a") is None and not getattr(peft_config, "target_parameters", None):
         peft_config.target_modules = default_lora_target_modules(model)
     elif getattr(peft_config, "layers_to_transform", None) is None:

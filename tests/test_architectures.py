@@ -543,3 +543,21 @@ def test_qwen3_5_as_released_loads_as_its_language_model_and_trains(tmp_path, to
     _check_kl(rows, 1)
     lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
     assert lora_b and all(not torch.equal(before[n], p) for n, p in tr.model.named_parameters() if n in lora_b)
+
+
+def test_the_callers_lora_config_is_not_changed(tmp_path, tok):
+    """Both trainers used to write into the LoraConfig they were given (task_type, the resolved target_modules):
+    the same object configuring a second trainer then carried the first one's settings."""
+    from datasets import Dataset
+
+    from .conftest import preference_rows
+
+    user = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0)
+    before = user.to_dict()
+    RewardEnsembleTrainer(tiny_model_for("llama3", tok), peft_config=user, processing_class=tok,
+                          train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                          args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, report_to="none"))
+    PPOTrainer(tiny_model_for("llama3", tok), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+               peft_config=user, processing_class=tok, train_dataset=Dataset.from_dict({"prompt": ["a b c"] * 4}),
+               args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True, per_device_train_batch_size=4))
+    assert user.to_dict() == before
