@@ -191,6 +191,10 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
                              f"or a list of chat messages.")
         if not text.strip():
             raise ValueError(f"Prompt {i} is empty. Remove empty prompts from the dataset.")
+        if ids is None and isinstance(prompt, list) and getattr(tokenizer, "chat_template", "") is None:
+            raise ValueError(f"Prompt {i} is a list of chat messages but the tokenizer has no chat template (a base "
+                             f"model's tokenizer). Set tokenizer.chat_template (or pass a chat model's tokenizer), or "
+                             f"give the prompts as text.")
         if ids is None:
             ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                  **(getattr(args, "chat_template_kwargs", None) or {}))

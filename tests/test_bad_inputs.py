@@ -422,3 +422,22 @@ def test_resuming_from_nothing_says_what_to_do(tmp_path, tok):
         tr.train(resume_from_checkpoint=True)
     with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint='.*no-such': no such folder"):
         tr.train(resume_from_checkpoint=str(tmp_path / "no-such"))
+
+
+def test_chat_messages_with_a_tokenizer_without_a_chat_template_name_the_fix(tmp_path, tok, tiny_path):
+    """A base model's tokenizer has no chat template: both trainers said only transformers' "Cannot use chat template
+    functions…" from deep in tokenisation; now the row, and what to set."""
+    import copy
+
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match=r"Prompt 0 is a list of chat messages but the tokenizer has no chat template.*"
+                                         r"Set tokenizer.chat_template"):
+        PPOTrainer(tiny_path, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], processing_class=bare,
+                   train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]] * 4}),
+                   args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True, per_device_train_batch_size=2))
+    with pytest.raises(ValueError, match=r"conversational .* but the tokenizer has no chat template.*chat_template_path"):
+        RewardEnsembleTrainer(tiny_path, processing_class=bare, train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                              args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, report_to="none"))

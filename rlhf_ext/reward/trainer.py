@@ -246,6 +246,11 @@ class RewardEnsembleTrainer(RewardTrainer):
         self.fingerprint = model_fingerprint(trunk)  # of the base as saved (before a chat template resizes it)
         added = _apply_chat_template_path(trunk, processing_class, args.chat_template_path) \
             if args.chat_template_path is not None else []
+        if (processing_class.chat_template is None and args.pooling != "response"  # that one says so itself, below
+                and is_conversational(next(iter(train_dataset)))):
+            raise ValueError("train_dataset is conversational (lists of chat messages) but the tokenizer has no chat "
+                             "template (a base model's tokenizer). Set chat_template_path (a Jinja file, or a model "
+                             "folder whose template to take), or give the pairs as text.")
         head = score_head_of(source, source.active_adapter if peft_host else None)
         head_init = _head_weights(head) if head is not None else None
         if head_init is not None and getattr(source.config, "pad_token_id", None) == processing_class.eos_token_id:
