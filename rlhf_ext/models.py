@@ -213,6 +213,11 @@ def load_model(
         raise OSError(f"Could not load {name_or_path!r}: it is not a local folder or the embedded default "
                       f"({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). Without network "
                       f"access, pass a local folder.") from e
+    saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
+    if kind == "causal" and saved_as:
+        warnings.warn(f"{name_or_path!r} was saved as a {saved_as[0]} (a reward model?), and is loaded here as a causal "
+                      f"LM: its language-modelling head is not that checkpoint's. If it is your reward model, pass it in "
+                      f"reward_funcs and the SFT model as the policy.", UserWarning, stacklevel=2)
     return keep_4bit_trainable(model) if qc is not None else model
 
 

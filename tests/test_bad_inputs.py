@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -441,3 +442,19 @@ def test_chat_messages_with_a_tokenizer_without_a_chat_template_name_the_fix(tmp
     with pytest.raises(ValueError, match=r"conversational .* but the tokenizer has no chat template.*chat_template_path"):
         RewardEnsembleTrainer(tiny_path, processing_class=bare, train_dataset=Dataset.from_list(preference_rows(8, 0)),
                               args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, report_to="none"))
+
+
+def test_a_reward_model_loaded_as_the_policy_is_named(tmp_path, tok):
+    """A sequence-classification checkpoint (a reward model) passed as the policy loaded silently as a causal LM with
+    a language-modelling head that checkpoint never trained."""
+    from transformers import LlamaForSequenceClassification
+
+    from rlhf_ext.testing import tiny_config
+
+    LlamaForSequenceClassification(tiny_config(tok, num_labels=1)).save_pretrained(tmp_path / "rm")
+    with pytest.warns(UserWarning, match=r"saved as a LlamaForSequenceClassification \(a reward model\?\).*pass it in "
+                                         r"reward_funcs"):
+        models.load_model(str(tmp_path / "rm"), "causal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        models.load_model(str(tmp_path / "rm"), "seq_cls", num_labels=1)  # as a reward model: nothing to say
