@@ -73,18 +73,17 @@ def resume_argument(training_args):
     return True if isinstance(value, str) and value.lower() == "true" else value
 
 
-def refuse_foreign_fields(parser, argv: list[str]) -> None:
-    """GRPO / RLOO / TRL 1.12 PPO fields, in the YAML (`--config`) or on the command line, stop the PPO recipe with
-    what to use instead (`PPOConfig` refuses them the same way in Python); TRL's parser alone would only call them
-    "not used by the HfArgumentParser"."""
+def refuse_foreign_fields(parser, argv: list[str], config_file: str | None) -> None:
+    """GRPO / RLOO / TRL 1.12 PPO fields, in the YAML (`config_file`, the `--config` argument) or on the command line,
+    stop the PPO recipe with what to use instead (`PPOConfig` refuses them the same way in Python); TRL's parser
+    alone would only call them "not used by the HfArgumentParser"."""
     import yaml
 
     from rlhf_ext.ppo.config import foreign_field_fixes
 
     names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
-    config_file = Path(argv[argv.index("--config") + 1]) if "--config" in argv[:-1] else None
-    if config_file is not None and config_file.is_file():  # a missing one: TRL's parser says so
-        config = yaml.safe_load(config_file.read_text()) or {}
+    if config_file is not None and Path(config_file).is_file():  # a missing one: TRL's parser says so
+        config = yaml.safe_load(Path(config_file).read_text()) or {}
         names += list(config) if isinstance(config, dict) else []
     fixes = foreign_field_fixes(names)
     if fixes:

@@ -46,6 +46,6 @@ if __name__ == "__main__":
     import sys
 
     parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
-    refuse_foreign_fields(parser, sys.argv[1:])
     config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
+    refuse_foreign_fields(parser, sys.argv[1:], config_file)
     main(*parser.parse_args_and_config(), config_file=config_file)

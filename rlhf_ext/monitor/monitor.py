@@ -232,7 +232,7 @@ class RewardHackingMonitor(TrainerCallback):
         ref_scores, _, ref_raw, _ = tr.rewards.score(ref.prompts, ref.completions, ref.completion_ids,
                                                      has_eos=ref.has_eos.cpu(), **tr.reward_kwargs(ref, log=False))
         tr.rewards.load_state_dict(saved)
-        ref_audit = tr._audit(ref, tr.audit_funcs, log=False)
+        ref_audit = tr.judge_scores(ref, tr.audit_funcs, log=False)
         rows = torch.tensor(picked)
         logits = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows])
         ref_z = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows],

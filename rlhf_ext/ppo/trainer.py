@@ -483,7 +483,7 @@ class PPOTrainer(Trainer):
             scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
                                                                 has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
-        ro.audit = self._audit(ro, self.audit_funcs)  # monitoring only: never enters the loss
+        ro.audit = self.judge_scores(ro, self.audit_funcs)  # monitoring only: never enters the loss
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
         ro.ref_logprobs = token_logprobs(ref_logits, ro.resp)
@@ -500,7 +500,8 @@ class PPOTrainer(Trainer):
     def _log_metric(self, name: str, value: float) -> None:
         self._pending_metrics.setdefault(name, []).append(float(value))
 
-    def _audit(self, ro: Rollout, judges: dict, log: bool = True) -> dict:
+    def judge_scores(self, ro: Rollout, judges: dict, log: bool = True) -> dict:
+        """{name: scores} of `judges` (audit functions) on a rollout, each called as a reward function is."""
         return {name: list(call_reward_function(fn, prompts=ro.prompts, completions=ro.completions,
                                                 completion_ids=ro.completion_ids, **self.reward_kwargs(ro, log)))
                 for name, fn in judges.items()}
@@ -750,7 +751,7 @@ class PPOTrainer(Trainer):
             out["eos"] += g.has_eos.float().tolist()
             out["texts"] += g.texts
             out["prompts"] += g.prompts
-            for k, vals in self._audit(g, judges, log=False).items():
+            for k, vals in self.judge_scores(g, judges, log=False).items():
                 out[k] += vals
         summary = {f"{k}_mean": sum(v) / len(v) for k, v in out.items() if k not in ("texts", "prompts")}
         if adapters:

@@ -246,8 +246,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         self.fingerprint = model_fingerprint(trunk)  # of the base as saved (before a chat template resizes it)
         added = _apply_chat_template_path(trunk, processing_class, args.chat_template_path) \
             if args.chat_template_path is not None else []
-        if (processing_class.chat_template is None and args.pooling != "response"  # that one says so itself, below
-                and is_conversational(next(iter(train_dataset)))):
+        conversational = is_conversational(next(iter(train_dataset)))
+        # (pooling="response" says so itself, below, with its own fix)
+        if conversational and processing_class.chat_template is None and args.pooling != "response":
             raise ValueError("train_dataset is conversational (lists of chat messages) but the tokenizer has no chat "
                              "template (a base model's tokenizer). Set chat_template_path (a Jinja file, or a model "
                              "folder whose template to take), or give the pairs as text.")
@@ -361,7 +362,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         self._eval_prefix = "eval"
         self._check_4bit_layout = self.quantized  # at the first training step, and after every no-grad pass
         self.normalization: dict | None = None
-        self.is_conversational = is_conversational(next(iter(train_dataset)))
+        self.is_conversational = conversational
 
     # -- model setup -----------------------------------------------------------------------------------------
     def _wrap_peft(self, trunk, peft_config, args):
