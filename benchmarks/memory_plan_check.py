@@ -37,6 +37,9 @@ and caches, not tensors, which grow with every new shape a phase brings — mid-
 116 MiB at its peak against the plan's 84 (phases 15–34 MiB above their plans), and 85.4 with oneDNN capped below
 its bf16 ISA. The workers cap it (ONEDNN_MAX_CPU_ISA=AVX512_CORE, a maximum: nothing changes on a CPU without
 AVX512-BF16), like the mmap threshold, so RSS follows what torch holds; `--native-isa` measures without the cap.
+For the same reason the fp32 runs keep torch's own matmuls (PPOConfig(cpu_matmul_backend="torch")): where the trainer
+sends the frozen base through oneDNN (rlhf_ext/cpu_linear.py), oneDNN keeps ≈ 0.7 MiB of compiled kernel per
+product shape — code, not tensors, which the plan does not count (mid-256 measured 1.38–1.48× its plan with them).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MATMULS = "torch"  # torch's own fp32 matmuls: RSS then follows the tensors the plan counts (docstring)
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 
@@ -266,11 +270,11 @@ def worker(name: str, iterations: int) -> dict:
                 vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     run_case(tiny, precision="fp32" if four_bit else model_precision, device="cpu", iterations=1, batch=2,
              prompt_length=4, completion_length=4, ppo_epochs=2, minibatches=1,
-             gradient_checkpointing=opts.get("gradient_checkpointing", False))
+             gradient_checkpointing=opts.get("gradient_checkpointing", False), cpu_matmul_backend=MATMULS)
     meter = PhaseMeter()
     meter.install()
     res = run_case(shape, precision=model_precision, device="cpu", iterations=iterations, measure="rss",
-                   on_baseline=meter.start, **opts)
+                   on_baseline=meter.start, cpu_matmul_backend=MATMULS, **opts)
     measured_phases = meter.finish()  # the meter resets VmHWM: the whole-run peak is the largest phase's
     plan = estimate(shape, dtype=dtype, bf16=autocast, load_in_4bit=four_bit, device="cpu", **opts)
     return {"name": name, "precision": precision, "measured": max(measured_phases.values()),

@@ -17,7 +17,8 @@ layer); F_layers is the same over the token rows the policy's passes run: with t
 too; its rows (its own tokenization of prompt + completion) are counted as the policy's.
 F_head = 2 · hidden · vocab × B·(R+1) (`logits_to_keep`). The backward of a frozen matmul still computes its
 input gradient (the same FLOPs as its forward): the adapters below need it. Divided by the best rate this CPU
-reaches (measured here: the model's matmul shapes, a 1024³ product, our own passes), that is the least time the work
+reaches (measured here: the model's matmul shapes and a 1024³ product, through torch's product and oneDNN's, and our own
+passes), that is the least time the work
 after sampling can take, whatever the code; generation is measured with the trainer's own `generate`. The script also times our real forward and
 forward + backward, to show how close to that rate they run.
 """
@@ -32,6 +33,7 @@ import torch
 
 import _common  # noqa: F401  (offline env, flush denormals)
 from ppo_throughput import build_ours, parser
+from rlhf_ext.cpu_linear import _onednn_op, onednn_product
 
 
 def timed(fn, repeat: int = 3) -> float:
@@ -45,9 +47,14 @@ def timed(fn, repeat: int = 3) -> float:
     return statistics.median(out)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32) -> float:
-    """GFLOP/s of one [m, k] × [k, n] product in `dtype` on this CPU."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, onednn: bool = False) -> float:
+    """GFLOP/s of one [m, k] × [k, n] product in `dtype` on this CPU: torch's `@`, or oneDNN's linear (what the
+    trainer runs a frozen fp32 base through where this CPU measured it faster, rlhf_ext/cpu_linear.py)."""
+    a = torch.randn(m, k, dtype=dtype)
+    if onednn:
+        w = torch.randn(n, k, dtype=dtype)
+        return 2 * m * k * n / timed(lambda: onednn_product(a, w), repeat=5) / 1e9
+    b = torch.randn(k, n, dtype=dtype)
     return 2 * m * k * n / timed(lambda: a @ b, repeat=5) / 1e9
 
 
@@ -107,8 +114,11 @@ def main():
     f_head = 2 * cfg.hidden_size * cfg.vocab_size * B * (R + 1)
     after = (f_layers + f_head) + f_layers + args.epochs * 2 * (f_layers + f_head)  # reference, reward, epochs
     # the best rate seen anywhere: the model's two largest shapes, a large square product, our own passes
-    peak = max(matmul_rate(B * T, cfg.hidden_size, cfg.intermediate_size, dtype),
-               matmul_rate(B * (R + 1), cfg.hidden_size, cfg.vocab_size, dtype), matmul_rate(1024, 1024, 1024, dtype),
+    kernels = [False, True] if _onednn_op() is not None else [False]
+    peak = max(*(rate for onednn in kernels for rate in (
+                   matmul_rate(B * T, cfg.hidden_size, cfg.intermediate_size, dtype, onednn),
+                   matmul_rate(B * (R + 1), cfg.hidden_size, cfg.vocab_size, dtype, onednn),
+                   matmul_rate(1024, 1024, 1024, dtype, onednn))),
                (f_layers + f_head) / fwd_s / 1e9, 2 * (f_layers + f_head) / fb_s / 1e9)
     floor_after = after / peak / 1e9
     real_after = 2 * fwd_s + args.epochs * fb_s  # reference, reward (≈ a policy forward), epochs
@@ -117,7 +127,7 @@ def main():
           f"tokens ({R} response), {args.epochs} epochs; {S} common prompt tokens run once per policy pass "
           f"({S + B * (T - S)} token rows, the reward member's alike)")
     print(f"generation (the trainer's generate, median of 3)          {gen_s:7.2f} s")
-    print(f"best {args.precision} rate seen (model shapes, 1024³, our passes)      {peak:7.1f} GFLOP/s")
+    print(f"best {args.precision} rate seen (model shapes, 1024³: torch, oneDNN; our passes) {peak:7.1f} GFLOP/s")
     fwd = (f_layers + f_head) / 1e9
     print(f"one forward: {fwd:6.1f} GFLOP in {fwd_s:.2f} s = {fwd / fwd_s:5.1f} GFLOP/s; "
           f"forward + backward: {2 * fwd:6.1f} GFLOP in {fb_s:.2f} s = {2 * fwd / fb_s:5.1f} GFLOP/s")

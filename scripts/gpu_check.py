@@ -299,12 +299,13 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
              iterations: int = 3, ppo_epochs: int = 4, minibatches: int = 1, kl_target: float = 1.0,
              learning_rate: float = 1e-4, lora_r: int = 16, targets=("q", "k", "v", "o"), lora_top_layers: int = 0,
              gradient_checkpointing: bool = False, kl_controller: str = "hard", seed: int = 0,
-             measure: str | None = None, on_baseline=None) -> dict:
+             measure: str | None = None, on_baseline=None, cpu_matmul_backend: str = "auto") -> dict:
     """Build the model, run `iterations` PPO iterations, return timings, memory and KL per iteration.
 
     measure: "cuda" (max_memory_allocated after the model and trainer are built), "rss" (CPU: peak RSS minus the
     RSS before the model is built; the tokenizer and prompts are built first) or None. on_baseline(base_rss): called
-    once that baseline is taken (benchmarks/memory_plan_check.py's per-phase meter)."""
+    once that baseline is taken (benchmarks/memory_plan_check.py's per-phase meter). cpu_matmul_backend: PPOConfig's
+    (CPU only)."""
     import tempfile
 
     import torch
@@ -324,7 +325,7 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
                     logging_steps=10**6, disable_tqdm=True, report_to="none", seed=seed,
                     use_cpu=device == "cpu", bf16=precision == "bf16" or (precision == "4bit" and device != "cpu"),
                     fp16=precision == "fp16", gradient_checkpointing=gradient_checkpointing,
-                    lora_top_layers=lora_top_layers)
+                    lora_top_layers=lora_top_layers, cpu_matmul_backend=cpu_matmul_backend)
     base_rss = None
     if measure == "rss":
         gc.collect()

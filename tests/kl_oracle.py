@@ -4,17 +4,21 @@ Per sequence, without padding, attention masks or position ids: the prompt token
 the sampled response (up to and including its EOS), through the model's own forward in eval mode (no dropout);
 π_ref is the same model under PEFT's `disable_adapter()` on the whole model. log-softmax of logits/T in float64,
 summed over the response states, averaged over sequences. `autocast`: the precision the policy is defined in (a bf16
-run's π is its bf16 forward), applied here with torch's own autocast around the plain forward.
+run's π is its bf16 forward), applied here with torch's own autocast around the plain forward. Every linear computes
+torch's own `F.linear` here, also where the trainer sends the frozen base through oneDNN (rlhf_ext/cpu_linear.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlhf_ext.cpu_linear import is_routed
+
 
 @torch.no_grad()
 def exact_batch_kl(peft_model, rollout, temperature: float, autocast: torch.dtype | None = None) -> float:
     states = [(m, m.training) for m in peft_model.modules()]
+    routed = {m: m.__dict__.pop("forward") for m in peft_model.modules() if is_routed(m)}  # torch's kernel, not ours
     flags = [(p, p.requires_grad) for p in peft_model.parameters()]
     peft_model.eval()
     ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
@@ -39,3 +43,5 @@ def exact_batch_kl(peft_model, rollout, temperature: float, autocast: torch.dtyp
             m.training = t
         for p, f in flags:
             p.requires_grad_(f)
+        for m, forward in routed.items():
+            m.forward = forward

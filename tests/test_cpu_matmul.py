@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
+from rlhf_ext import cpu_linear
 from rlhf_ext.ppo import cpu_matmul, sampling
 from rlhf_ext.ppo.cpu_matmul import few_row_linear, tall_linear
 from rlhf_ext.testing import tiny_model_for
@@ -95,6 +96,7 @@ def test_the_start_up_check_measures_sampling_through_it(tmp_path, tok, tiny_pat
     finds the sampling distribution within the fp32 tolerance of the training forward's either way; at θ₀ the
     training pass and the reference still agree exactly (neither uses them)."""
     monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(1, limit + 1))
+    monkeypatch.setattr(cpu_linear, "onednn_faster", lambda: False)  # oneDNN's routing would take these layers over
     calls = []
     real = cpu_matmul.tall_linear
     monkeypatch.setattr(cpu_matmul, "tall_linear", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -120,13 +122,13 @@ def test_the_calibration_is_measured_once_per_machine_and_kept(tmp_path, monkeyp
 
     try:
         assert new_process() == range(2, 17) and len(measured) == 1
-        assert json.loads(path.read_text()) == {cpu_matmul._machine_key(): [2, 17]}
+        assert json.loads(path.read_text()) == {cpu_matmul.machine_key(): [2, 17]}
         assert new_process() == range(2, 17) and len(measured) == 1  # read, not measured
         path.write_text("{not json")
         assert new_process() == range(2, 17) and len(measured) == 2
         path.write_text(json.dumps({"another CPU": [1, 65]}))
         assert new_process() == range(2, 17) and len(measured) == 3
-        assert json.loads(path.read_text()) == {"another CPU": [1, 65], cpu_matmul._machine_key(): [2, 17]}
+        assert json.loads(path.read_text()) == {"another CPU": [1, 65], cpu_matmul.machine_key(): [2, 17]}
         path.unlink()
         path.mkdir()  # unwritable: measured, used, not kept
         assert new_process() == range(2, 17) and len(measured) == 4

@@ -16,7 +16,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from rlhf_ext import PPOConfig, PPOTrainer
+from rlhf_ext import PPOConfig, PPOTrainer, cpu_linear
 from rlhf_ext.models import load_model
 from rlhf_ext.testing import save_tiny_model, save_tiny_model_for
 
@@ -74,6 +74,9 @@ CASES = {
     "4-bit, all-linear, DoRA, separate critic, T=0.7": ("all-linear", {"use_dora": True}, {}, {"critic": "separate", "temperature": 0.7}, "positive", True),
     "4-bit, attention+lm_head, T=2": (ATTN + ["lm_head"], {}, {}, {"temperature": 2.0}, "positive", True),
     "4-bit, prefix cache, 4 minibatches": (ATTN, {"layers_to_transform": [1]}, {}, {"num_mini_batches": 4}, "positive", True),
+    # the frozen base's fp32 matmuls through oneDNN (rlhf_ext/cpu_linear.py); the oracle computes with torch's kernel
+    "oneDNN matmuls, all-linear": ("all-linear", {}, {}, {"cpu_matmul_backend": "onednn"}, "positive", False),
+    "oneDNN matmuls, prefix cache, separate critic, 4 minibatches": (ATTN, {"layers_to_transform": [1]}, {}, {"cpu_matmul_backend": "onednn", "critic": "separate", "num_mini_batches": 4}, "positive", False),
     # bf16: the policy *is* its bf16 forward; the oracle applies the same autocast to its own unpadded forward
     "bf16 autocast, attention": (ATTN, {}, {}, {"bf16": True}, "positive", False),
     "bf16 weights, prefix cache, separate critic": (ATTN, {"layers_to_transform": [1]}, {}, {"bf16": True, "model_dtype": "bfloat16", "critic": "separate"}, "positive", False),
@@ -127,6 +130,8 @@ def run_case(tmp_path, tok, targets, lora_kw, model_kw, cfg_kw, reward, four_bit
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_kl_at_most_delta_after_every_iteration(tmp_path, tok, case):
+    if CASES[case][3].get("cpu_matmul_backend") == "onednn" and cpu_linear._onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN")
     tr, rows = run_case(tmp_path, tok, *CASES[case])
     assert len(rows) == 3
     atol, rtol = AGREE[bool(tr.args.bf16)]

@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..cpu_linear import check_backend
+
 
 @dataclass
 class PPOConfig(TrainingArguments):
@@ -82,6 +84,7 @@ class PPOConfig(TrainingArguments):
     model_init_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra from_pretrained kwargs when `model` is a string."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub. Off by default."})
     cpu_keep_freed_memory: bool = field(default=True, metadata={"help": "On CPU with glibc: keep freed memory in the process's heap for the next pass instead of handing it back to the kernel and page-faulting it in again (rlhf_ext/cpu_memory.py; the fp32 benchmark's update ran about a fifth faster). Peak RSS does not rise, but RSS stays at its high-water mark until the process ends. MALLOC_* or GLIBC_TUNABLES malloc settings in the environment win. No effect on GPU."})
+    cpu_matmul_backend: str = field(default="auto", metadata={"help": "On CPU with fp32 weights: who computes the frozen base's matmuls (every pass, sampling included; LoRA's and the value head's stay torch's). 'auto': oneDNN where a one-time calibration on this machine measured it at least 1.1× faster than torch's default (MKL, which runs its AVX-512 kernels on Intel CPUs only: on an AMD EPYC Zen 5 the benchmark's PPO iteration took about a third less), else torch's; 'onednn'; 'torch'. The same fp32 products to rounding, and every pass uses the same one, so the KL at θ₀ stays exactly 0 (rlhf_ext/cpu_linear.py). No effect on GPU or with bf16/4-bit weights."})
     cpu_fast_sampling: bool = field(default=True, metadata={"help": "On CPU: generate() runs transformers' decoding loop with each token drawn by inverting the CDF (float64) instead of torch.multinomial, the same distribution (rlhf_ext/ppo/sampling.py; the benchmark's 32-token rollout took 0.17-0.20 s less in bf16 and 0.19-0.20 s less in fp32, the loops alternated), and, with fp32 weights where this CPU measures it faster, each decoding step's few-row matmuls computed as (W·xᵀ)ᵀ (rlhf_ext/ppo/cpu_matmul.py: the same product to fp32 rounding). False: transformers' own loop (the draws of runs made before it, seed for seed). No effect on GPU."})
     # TRL 1.12 PPOConfig names, accepted so a migrated script runs (README: "Coming from TRL 1.12"); each maps to ours
     kl_coef: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `init_kl_coef` (its penalty was fixed: add kl_controller='fixed' to keep that)."})
@@ -127,6 +130,7 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"callable_normalization must be 'auto', 'running' or 'none', got {self.callable_normalization!r}.")
         if self.nonfinite_rewards not in ("drop", "error"):
             raise ValueError(f"nonfinite_rewards must be 'drop' or 'error', got {self.nonfinite_rewards!r}.")
+        check_backend(self.cpu_matmul_backend)
         self._check_ranges()
         self._check_trainer_arguments()
         if self.per_device_train_batch_size % self.num_mini_batches:

@@ -22,17 +22,15 @@ this very path (`PolicyAndValue._sampled_vs_training`) against the fp32 toleranc
 from __future__ import annotations
 
 import functools
-import json
-import platform
-import time
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
+from ..cpu_linear import MIN_SPEEDUP, best_seconds, machine_key, measured_once
+
 _LINEAR = F.linear
 CALIBRATION_ROWS = (8, 16, 32, 64)  # decode batches worth checking; above 64 rows the gain measured small or none
-MIN_SPEEDUP = 1.1
 
 
 def tall_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,54 +49,14 @@ def _forward(module: torch.nn.Linear, rows: range, x: torch.Tensor) -> torch.Ten
     return _LINEAR(x, module.weight, module.bias)
 
 
-def best_seconds(fn, reps: int = 5) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _machine_key() -> str:
-    """The CPU (name, family and model: a VM may name every EPYC alike), torch and its threads."""
-    cpu = {"model name": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k.strip() in ("model name", "cpu family", "model"):
-                    cpu[k.strip()] = v.strip()
-                if not line.strip():
-                    break  # the first processor's block is enough
-    except OSError:
-        pass
-    return (f"{cpu['model name']} (family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')}) | "
-            f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
-
-
 @functools.cache
 def rows_range() -> range:
-    """`calibrate()`'s range for this machine, measured once and kept in the cache folder (an unreadable or
-    unwritable cache only means measuring again)."""
-    from ..integrity import write_text_atomic
-    from ..models import cache_dir
+    """`calibrate()`'s range for this machine, measured once and kept (`cpu_linear.measured_once`)."""
+    def measure():
+        found = calibrate()
+        return [found.start, found.stop]
 
-    path, key = cache_dir() / "cpu_matmul.json", _machine_key()
-    known = {}
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-        start, stop = known[key]
-        return range(int(start), int(stop))
-    except (OSError, ValueError, KeyError, TypeError):
-        known = known if isinstance(known, dict) else {}
-    found = calibrate()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({**known, key: [found.start, found.stop]}, indent=1))
-    except OSError:
-        pass
-    return found
+    return measured_once(machine_key(), measure, lambda v: range(int(v[0]), int(v[1])))
 
 
 def calibrate() -> range:
@@ -128,8 +86,8 @@ def calibrate() -> range:
 def few_row_linear(model: torch.nn.Module):
     """The context a decoding loop runs in. On CPU, where this CPU measured (W·xᵀ)ᵀ faster, every `torch.nn.Linear`
     of `model` with fp32 weights (exactly that class: not bitsandbytes' 4-bit layers; PEFT's LoRA layers are made of
-    them) runs `_forward` until the context ends; one that already has its own `forward` (an accelerate hook) is
-    left alone. An instance attribute for the loop's duration, not a TorchFunctionMode: a mode puts a Python call in
+    them) runs `_forward` until the context ends; one that already has its own `forward` (an accelerate hook, or
+    oneDNN's routing where this CPU runs that faster: `rlhf_ext/cpu_linear.py`) is left alone. An instance attribute for the loop's duration, not a TorchFunctionMode: a mode puts a Python call in
     front of every tensor operation of the step (~3.5 µs × 90 000 per 32-token rollout here)."""
     patched = []
     try:

@@ -25,6 +25,7 @@ from trl.trainer.utils import entropy_from_logits
 from .. import rl_math as F
 from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
+from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
@@ -209,6 +210,11 @@ class PPOTrainer(Trainer):
 
         # Trainable: exactly the policy (+ critic) adapter parameters, decided by PEFT, plus the value head
         self._set_trainable()
+        # On CPU with fp32 weights, the frozen base's matmuls run through the faster kernel this machine measured;
+        # installed before any pass, the start-up checks included, so that every pass computes one function
+        routed = route_frozen_linears([model, *(m.model for m in members if isinstance(getattr(m, "model", None),
+                                                                                      nn.Module))],
+                                      args.cpu_matmul_backend)
         policy_params = adapter_parameters(model, self.policy_adapter)
         self._guard_params = [p for p in policy_params.values() if p.requires_grad]
         self._reach = first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter])
@@ -251,6 +257,7 @@ class PPOTrainer(Trainer):
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
                                                    self.compute_dtype)
         self.startup["shared_prompt_prefix"] = sharing
+        self.startup["cpu_matmul"] = f"oneDNN ({routed} frozen fp32 linears)" if routed else "torch"
         assert_trainable_4bit_layout(model, "PPOTrainer")  # after the check's generate(): 4-bit layers still train
         self._check_startup(args)
         self.kl_guard = self.kl_ctl.guard(self._guard_params, self._guard_params) if self.kl_ctl.enforce else None

@@ -28,6 +28,7 @@ from trl.trainer.utils import global_then_local_main_first
 
 from ..architectures import final_hidden_size
 from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
+from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
@@ -318,6 +319,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         self.member_adapters = adapter_names if ens_mode != "full" else []
         self.heads_only = args.heads_only
         self._set_trainable(ens)
+        # on CPU with fp32 weights, the frozen trunk's matmuls through the faster kernel this machine measured
+        self.cpu_matmul = route_frozen_linears(ens, args.cpu_matmul_backend)
 
         # Per-member bootstrap weights over training pairs (Poisson(1) ≈ resampling with replacement)
         g = torch.Generator().manual_seed(args.seed + 1)

@@ -1,0 +1,207 @@
+"""A frozen base's fp32 matmuls on CPU through oneDNN, where this CPU runs them faster than torch's default BLAS.
+
+torch computes an fp32 `F.linear` on CPU with MKL's sgemm. MKL picks its AVX-512 kernels on Intel CPUs only: on an
+AMD EPYC Zen 5 (AVX-512, torch 2.13) SmolLM2-135M's [424, 576] × [576, 1536] product took 4.5 ms with `F.linear`
+and 2.3 ms through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel torch's own compiler emits for CPU
+linears), its input-gradient product 3.8 against 1.7 ms, an 8-row decoding step's 0.30 against 0.15 ms
+(`python benchmarks/cpu_linear.py`). Both are fp32 products, equal to rounding in the order of a sum.
+
+So, where a calibration measured oneDNN faster on this machine (`onednn_faster`, kept per machine like decoding's
+calibration), every plain `nn.Linear` of the model with fp32 weights on CPU gets a forward that sends a *frozen*
+layer (weight and bias without gradients: the base under LoRA, the reference, a reward member) through oneDNN, its
+backward computing the input gradient only (dX = dY·W, the adapters below need it; a frozen weight needs none).
+A trainable layer (LoRA's A and B, the value head, a fully trained model), a bf16 one, autocast, a GPU: `F.linear`,
+decided at each call, so training an adapter or moving the model changes nothing. Installed once for the trainer's
+life, not per pass: θ_old, the training pass, the reference, the critic, the KL checks, the checkpointed layers'
+recomputation and the start-up checks all compute one function, so the KL at θ₀ is still exactly 0 (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+_LINEAR = F.linear
+BACKENDS = ("auto", "onednn", "torch")
+MIN_SPEEDUP = 1.1  # what a calibration must measure before the other kernel is used: noise is not a reason
+
+
+def _onednn_op():
+    """torch's oneDNN linear (a private op of torch's CPU compiler), or None where this build has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+def onednn_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x·wᵀ + b through oneDNN. x [..., in], w [out, in] (any strides), b [out] → [..., out]."""
+    return _onednn_op()(x, w, b, "none", [], "")
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a product of `rows` rows is computed at: `rows` up to 32, else rounded up to a multiple of
+    2^(⌊log₂ rows⌋ − 4) — 16 sizes per doubling, at most 6.25 % more rows. oneDNN compiles kernels for each new shape
+    and keeps them (about 0.65 MB per product shape, measured): PPO's passes change their row count with every
+    rollout's lengths, and unrounded, a long run's RSS grew by that much for each new length."""
+    if rows <= 32:
+        return rows
+    step = 1 << (rows.bit_length() - 5)
+    return -(-rows // step) * step
+
+
+def _bucketed_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`onednn_product` computed at `row_bucket(rows)` rows, the extra rows zero; each row's result is the same
+    bits either way (oneDNN computes a row of the product from that row alone, at 2 rows and more: tested)."""
+    rows = x.numel() // x.shape[-1]
+    target = row_bucket(rows)
+    if target == rows:
+        return onednn_product(x, w, b)
+    padded = x.new_zeros(target, x.shape[-1])
+    padded[:rows] = x.reshape(rows, x.shape[-1])
+    return onednn_product(padded, w, b)[:rows].view(*x.shape[:-1], w.shape[0])
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b through oneDNN with W and b frozen: the backward returns dX = dY·W (through oneDNN too) and no
+    gradient for W or b."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(w)
+        y = _bucketed_product(x, w, b)
+        # a view of the padded result would forbid the in-place ops models apply to a linear's output (Llama 4's MoE)
+        return y if y._base is None else y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return _bucketed_product(g, w.t()), None, None
+
+
+def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A routed module's forward: oneDNN for a frozen fp32 layer on CPU outside autocast, `F.linear` otherwise."""
+    w, b = module.weight, module.bias
+    if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+            and not w.requires_grad and not (b is not None and b.requires_grad)
+            and not torch.is_autocast_enabled("cpu")):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenLinear.apply(x, w, b)
+        return _bucketed_product(x, w, b)
+    return _LINEAR(x, w, b)
+
+
+def is_routed(module: torch.nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _forward
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"cpu_matmul_backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}.")
+
+
+def route_frozen_linears(models, backend: str = "auto") -> int:
+    """Install the oneDNN forward on every plain `nn.Linear` with fp32 weights on CPU in `models` (one module or
+    several: a policy's base, reward models loaded beside it) when `backend` is "onednn", or "auto" and this CPU
+    measured it faster; "torch": nothing. A module that already has its own `forward` (an accelerate hook) is left
+    alone. Returns how many modules are routed."""
+    check_backend(backend)
+    models = models if isinstance(models, (list, tuple)) else [models]
+    linears = {id(m): m for model in models for m in model.modules() if type(m) is torch.nn.Linear
+               and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu"
+               and ("forward" not in m.__dict__ or is_routed(m))}.values()  # a model listed twice counts once
+    if backend == "torch" or not linears:
+        return 0
+    if backend == "onednn" and _onednn_op() is None:
+        raise ValueError("cpu_matmul_backend='onednn', but this torch build has no oneDNN (torch.backends.mkldnn is "
+                         "not available): use 'auto' or 'torch'.")
+    if backend == "auto" and not onednn_faster():
+        return 0
+    for m in linears:
+        m.forward = functools.partial(_forward, m)
+    return len(linears)
+
+
+# -- calibration: measured once per machine, kept ------------------------------------------------------------------
+def best_seconds(fn, reps: int = 5) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine_key() -> str:
+    """The CPU (name, family and model: a VM may name every EPYC alike), torch and its threads."""
+    cpu = {"model name": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k.strip() in ("model name", "cpu family", "model"):
+                    cpu[k.strip()] = v.strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    return (f"{cpu['model name']} (family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')}) | "
+            f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
+
+
+def measured_once(key: str, measure, decode):
+    """`decode(value)` of this machine's entry `key` in `$RLHF_EXT_CACHE/cpu_matmul.json`, or `measure()`'s value,
+    written there for the next process. A timing near a threshold could come out either way, and two runs of one seed
+    on one machine must compute alike, whichever process they run in. An unreadable or unwritable cache only means
+    measuring again; other entries are kept."""
+    from .integrity import write_text_atomic
+    from .models import cache_dir
+
+    path, known = cache_dir() / "cpu_matmul.json", {}
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        return decode(known[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        known = known if isinstance(known, dict) else {}
+    value = measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({**known, key: value}, indent=1))
+    except OSError:
+        pass
+    return decode(value)
+
+
+def calibrate() -> bool:
+    """Whether oneDNN measured at least MIN_SPEEDUP × faster than torch's fp32 product on this CPU for a training pass's
+    rows (forward and input gradient, 256 rows) and no slower for a decoding step's (8 rows), over 24 MiB of weights
+    (more than a cache holds, as a model's are)."""
+    if _onednn_op() is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1536, 576, generator=g) for _ in range(8)]
+    few, many, grad = (torch.randn(8, 576, generator=g), torch.randn(256, 576, generator=g),
+                       torch.randn(256, 1536, generator=g))
+    pairs = [  # (torch's product, oneDNN's, the speed-up it must reach)
+        (lambda: [_LINEAR(many, w) for w in weights], lambda: [onednn_product(many, w) for w in weights], MIN_SPEEDUP),
+        (lambda: [torch.mm(grad, w) for w in weights], lambda: [onednn_product(grad, w.t()) for w in weights],
+         MIN_SPEEDUP),
+        (lambda: [_LINEAR(few, w) for w in weights], lambda: [onednn_product(few, w) for w in weights], 1.0),
+    ]
+    with torch.no_grad():
+        for theirs, ours, need in pairs:
+            ours()  # first-use costs out of the timing
+            if best_seconds(theirs) < need * best_seconds(ours):
+                return False
+    return True
+
+
+@functools.cache
+def onednn_faster() -> bool:
+    """`calibrate()` for this machine, measured once and kept."""
+    return measured_once(machine_key() + " | onednn linear", calibrate, bool)
