@@ -1,10 +1,12 @@
 """A frozen base's fp32 matmuls on CPU through oneDNN, where this CPU runs them faster than torch's default BLAS.
 
-torch computes an fp32 `F.linear` on CPU with MKL's sgemm. MKL picks its AVX-512 kernels on Intel CPUs only: on an
-AMD EPYC Zen 5 (AVX-512, torch 2.13) SmolLM2-135M's [424, 576] × [576, 1536] product took 4.5 ms with `F.linear`
-and 2.3 ms through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel torch's own compiler emits for CPU
-linears), its input-gradient product 3.8 against 1.7 ms, an 8-row decoding step's 0.30 against 0.15 ms
-(`python benchmarks/cpu_linear.py`). Both are fp32 products, equal to rounding in the order of a sum.
+torch computes an fp32 `F.linear` on CPU with MKL's sgemm, and MKL chooses its kernels by CPU vendor: on an AMD EPYC
+Zen 5 (AVX-512, torch 2.13) `MKL_VERBOSE=1` names only "Intel(R) Architecture processors" where oneDNN reports
+"avx512_core", and SmolLM2-135M's [424, 576] × [576, 1536] product took 4.5 ms with `F.linear` against 2.3 ms through
+oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel torch's own compiler emits for CPU linears), its
+input-gradient product 3.8 against 1.7 ms, an 8-row decoding step's 0.30 against 0.15 ms (`python
+benchmarks/cpu_linear.py`). Both are fp32 products, equal to rounding in the order of a sum. On an Intel CPU MKL's
+own AVX-512 kernels may be as fast: the calibration decides, per machine.
 
 So, where a calibration measured oneDNN faster on this machine (`onednn_faster`, kept per machine like decoding's
 calibration), every plain `nn.Linear` of the model with fp32 weights on CPU gets a forward that sends a *frozen*
