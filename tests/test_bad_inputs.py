@@ -65,9 +65,19 @@ def _words(prompts, completions, completion_ids, **kw):
     return ["good"] * len(completions)
 
 
+def _numeric_text(prompts, completions, completion_ids, **kw):
+    return ["0.5"] * len(completions)  # a judge's raw answer: float() would read it, TRL's torch.tensor would not
+
+
+def _objects(prompts, completions, completion_ids, **kw):
+    return [{"score": 1.0}] * len(completions)
+
+
 @pytest.mark.parametrize("fn,match", [(_short, "'_short' returned 15 scores for 16 completions"),
                                       (_scalar, "'_scalar' returned float .*list of 16 floats"),
-                                      (_words, "'_words' returned a non-number")])
+                                      (_words, "'_words' returned text among its scores \\('good'\\).*float\\(\\)"),
+                                      (_numeric_text, "'_numeric_text' returned text among its scores \\('0.5'\\)"),
+                                      (_objects, "'_objects' returned a non-number")])
 def test_reward_function_returning_the_wrong_thing(tmp_path, tok, fn, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make(tmp_path, tok, reward=fn, max_steps=1).train()

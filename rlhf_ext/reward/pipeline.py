@@ -81,6 +81,11 @@ class CallableMember:
         if len(out) != n:
             raise ValueError(f"Reward function {self.names[0]!r} returned {len(out)} scores for {n} completions; it "
                              f"must return exactly one score per completion.")
+        text = next((v for v in out if isinstance(v, (str, bytes))), None)
+        if text is not None:  # float("0.5") would read it, as TRL (torch.tensor) would not: a judge's raw text, likely
+            raise TypeError(f"Reward function {self.names[0]!r} returned text among its scores ({text!r:.40}); return "
+                            f"numbers — parse a judge's answer with float() in the function — or None for a missing "
+                            f"score.")
         try:
             vals = [math.nan if v is None else float(v) for v in out]
         except (TypeError, ValueError) as e:
