@@ -213,6 +213,23 @@ def test_grpo_and_rloo_fields_are_refused_with_the_ppo_name(tmp_path, kw, fix):
         PPOConfig(str(tmp_path / "ppo"), use_cpu=True, **kw)
 
 
+@pytest.mark.parametrize("trl_config", ["GRPOConfig", "RLOOConfig"])
+def test_every_field_of_trls_online_configs_is_ppos_or_refused_by_name(tmp_path, trl_config):
+    """Read from the installed TRL's own dataclasses, so a field a new TRL adds is caught here: each is a PPOConfig
+    field (same meaning) or refused naming what to use instead — none ends in a bare 'unexpected keyword'."""
+    import dataclasses
+
+    import trl
+
+    from rlhf_ext.ppo.config import foreign_field_fixes
+
+    ours = {f.name for f in dataclasses.fields(PPOConfig)}
+    theirs = {f.name for f in dataclasses.fields(getattr(trl, trl_config)) if f.init} - ours
+    assert [k for k in sorted(theirs) if foreign_field_fixes([k]) is None] == []
+    with pytest.raises(TypeError, match=r"`top_entropy_quantile` \(GRPO / RLOO\) → nothing: every response token"):
+        PPOConfig(str(tmp_path / "ppo"), use_cpu=True, top_entropy_quantile=0.2)
+
+
 def test_every_refused_grpo_field_is_in_the_readme_table():
     from pathlib import Path
 
