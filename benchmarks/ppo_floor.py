@@ -17,10 +17,10 @@ layer); F_layers is the same over the token rows the policy's passes run: with t
 too; its rows (its own tokenization of prompt + completion) are counted as the policy's.
 F_head = 2 · hidden · vocab × B·(R+1) (`logits_to_keep`). The backward of a frozen matmul still computes its
 input gradient (the same FLOPs as its forward): the adapters below need it. Divided by the best rate this CPU
-reaches (measured here: the model's matmul shapes and a 1024³ product, through torch's product and oneDNN's, and our own
-passes), that is the least time the work
-after sampling can take, whatever the code; generation is measured with the trainer's own `generate`. The script also times our real forward and
-forward + backward, to show how close to that rate they run.
+reaches (measured here: the model's matmul shapes and a 1024³ product, through torch's product and oneDNN's, and our
+own passes), that is the least time the work after sampling can take, whatever the code; generation is measured with
+the trainer's own `generate`. The script also times our real forward and forward + backward, to show how close to
+that rate they run.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _LINEAR = F.linear
 BACKENDS = ("auto", "onednn", "torch")
@@ -80,6 +81,7 @@ class _FrozenLinear(torch.autograd.Function):
         return y if y._base is None else y.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         (w,) = ctx.saved_tensors
         return _bucketed_product(g, w.t()), None, None
