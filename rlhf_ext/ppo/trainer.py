@@ -210,11 +210,11 @@ class PPOTrainer(Trainer):
 
         # Trainable: exactly the policy (+ critic) adapter parameters, decided by PEFT, plus the value head
         self._set_trainable()
-        # On CPU with fp32 weights, the frozen base's matmuls run through the faster kernel this machine measured;
-        # installed before any pass, the start-up checks included, so that every pass computes one function
-        routed = route_frozen_linears([model, *(m.model for m in members if isinstance(getattr(m, "model", None),
-                                                                                      nn.Module))],
-                                      args.cpu_matmul_backend)
+        # On CPU with fp32 weights, the frozen base's matmuls (and those of reward models loaded beside it) run through
+        # the faster kernel this machine measured; installed before any pass, the start-up checks included, so that
+        # every pass computes one function
+        scorers = [m.model for m in members if isinstance(getattr(m, "model", None), nn.Module)]
+        routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend if args.device.type == "cpu" else "torch")
         policy_params = adapter_parameters(model, self.policy_adapter)
         self._guard_params = [p for p in policy_params.values() if p.requires_grad]
         self._reach = first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter])
