@@ -49,7 +49,7 @@ def onednn_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
 def row_bucket(rows: int) -> int:
     """The row count a product of `rows` rows is computed at: `rows` up to 32, else rounded up to a multiple of
     2^(⌊log₂ rows⌋ − 4) — 16 sizes per doubling, at most 6.25 % more rows. oneDNN compiles kernels for each new shape
-    and keeps them (about 0.65 MB per product shape, measured): PPO's passes change their row count with every
+    and keeps them (≈ 0.7 MiB per product shape, measured): PPO's passes change their row count with every
     rollout's lengths, and unrounded, a long run's RSS grew by that much for each new length."""
     if rows <= 32:
         return rows
@@ -58,8 +58,8 @@ def row_bucket(rows: int) -> int:
 
 
 def _bucketed_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`onednn_product` computed at `row_bucket(rows)` rows, the extra rows zero; each row's result is the same
-    bits either way (oneDNN computes a row of the product from that row alone, at 2 rows and more: tested)."""
+    """`onednn_product` computed at `row_bucket(rows)` rows, the extra rows zero. Every pass pads a row count alike,
+    so the passes still compute one function (on Zen 5 a row's result measured the same bits at any count ≥ 2)."""
     rows = x.numel() // x.shape[-1]
     target = row_bucket(rows)
     if target == rows:
