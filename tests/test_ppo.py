@@ -404,6 +404,32 @@ def test_reward_functions_get_dataset_columns_trainer_state_and_log_metric_as_in
     assert [h["eval_judge"] for h in tr.state.log_history if "eval_judge" in h] == [pytest.approx(1.5)]
 
 
+def test_log_completions_prints_trls_table_with_log_extra_columns_monitor_or_not(tmp_path, tok, capsys):
+    """`log_completions=True` prints TRL's completions table at every logging step — before, only when the monitor
+    was on — and a reward function's `log_extra(column, values)` (GRPO / RLOO pass it; here a GRPO function calling
+    `kwargs["log_extra"]` raised KeyError) adds a column of per-completion values; the wrong count is refused."""
+    def tagged(completions, **kwargs):
+        kwargs["log_extra"]("verdict", [f"v{len(c)}" for c in completions])
+        return [float(len(c)) for c in completions]
+
+    tr = make(tmp_path, tok, reward=[tagged], max_steps=2, per_device_train_batch_size=4, max_completion_length=4,
+              monitor=False, log_completions=True, logging_steps=1)
+    tr.train()
+    out = capsys.readouterr().out
+    assert out.count("Step 1") == 1 and out.count("Step 2") == 1  # one table per logging step
+    assert "verdict" in out and "reward" in out
+    assert tr.rollout.extra == {"verdict": [f"v{len(c)}" for c in tr.rollout.completions]}
+    assert all(v in out for v in tr.rollout.extra["verdict"])
+
+    def short(completions, log_extra, **kwargs):
+        log_extra("verdict", ["x"])
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"log_extra\('verdict', values\) received 1 values for a batch of 4"):
+        make(tmp_path / "short", tok, reward=[short], max_steps=1, per_device_train_batch_size=4,
+             max_completion_length=4, monitor=False).train()
+
+
 def test_an_async_reward_function_is_awaited_even_inside_a_running_event_loop(tmp_path, tok):
     """TRL's GRPO takes `async def` reward functions (an LLM judge over HTTP); here the coroutine was returned as the
     "scores" and refused. It runs to completion on a worker thread's loop — also when the caller is inside a running

@@ -174,14 +174,9 @@ class RewardHackingMonitor(TrainerCallback):
             order = torch.argsort(ro.scores.cpu(), descending=True)[: self.samples_per_iteration].tolist()
             for i in order:
                 append_jsonl(self.dir / "samples.jsonl", {
-                    "iteration": tr.iteration, "prompt": _prompt_text(ro.prompts[i]), "text": ro.texts[i],
+                    "iteration": tr.iteration, "prompt": prompt_text(ro.prompts[i]), "text": ro.texts[i],
                     "score": float(ro.scores[i]), "length": int(ro.lengths[i]), "eos": bool(ro.has_eos[i]),
                     "audit": {k: float(v[i]) for k, v in ro.audit.items()}})
-        if tr.args.log_completions and args.logging_steps and tr.iteration % int(args.logging_steps) == 0:
-            from trl.trainer.utils import print_prompt_completions_sample
-
-            print_prompt_completions_sample([_prompt_text(p) for p in ro.prompts], ro.texts,
-                                            {"score": ro.scores.cpu().tolist(), **ro.audit}, None, tr.iteration, 4)
 
     def _act(self, d, obs, control):
         tr = self.trainer
@@ -256,7 +251,7 @@ def _side(completion, text, length, eos, kl, score, raw, names, audit) -> dict:
             "audit": {k: float(v) for k, v in audit.items()}}
 
 
-def _prompt_text(p) -> str:
+def prompt_text(p) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in p) if isinstance(p, list) else p
 
 

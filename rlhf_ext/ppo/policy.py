@@ -78,6 +78,7 @@ class Rollout:
     h_low: torch.Tensor | None = None
     audit: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)  # the prompts' other dataset columns, a list each (reward kwargs)
+    extra: dict = field(default_factory=dict)  # what reward functions passed to log_extra(), a list per column
 
     @property
     def R(self) -> int:

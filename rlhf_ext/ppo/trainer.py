@@ -287,6 +287,7 @@ class PPOTrainer(Trainer):
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self._metrics_history: list[dict] = []
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
+        self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
         self._memo, self._reach_checked = _ForwardMemo(), False
         self.eval_dataset = eval_dataset
 
@@ -490,6 +491,7 @@ class PPOTrainer(Trainer):
             scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
                                                                 has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
+        ro.extra = self._take_extra(len(ro.prompts))
         ro.audit = self.judge_scores(ro, self.audit_funcs)  # monitoring only: never enters the loss
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
@@ -500,12 +502,35 @@ class PPOTrainer(Trainer):
 
     def reward_kwargs(self, ro: Rollout, log: bool = True) -> dict:
         """What Python reward functions and judges get besides prompts, completions and completion ids, as TRL's
-        GRPO / RLOO pass it: the prompts' other dataset columns (a list each), the `TrainerState`, and `log_metric(name,
-        value)`, a scalar averaged over the iteration and logged with its metrics (`log=False`: not offered)."""
-        return {**ro.columns, "trainer_state": self.state, **({"log_metric": self._log_metric} if log else {})}
+        GRPO / RLOO pass it: the prompts' other dataset columns (a list each), the `TrainerState`, `log_metric(name,
+        value)`, a scalar averaged over the iteration and logged with its metrics, and `log_extra(column, values)`, one
+        value per completion shown as a column of the `log_completions` table (`log=False`: neither offered)."""
+        logs = {"log_metric": self._log_metric, "log_extra": self._log_extra} if log else {}
+        return {**ro.columns, "trainer_state": self.state, **logs}
 
     def _log_metric(self, name: str, value: float) -> None:
         self._pending_metrics.setdefault(name, []).append(float(value))
+
+    def _log_extra(self, column: str, values) -> None:
+        self._pending_extra.setdefault(str(column), []).extend(values)
+
+    def _take_extra(self, n: int) -> dict:
+        """This rollout's log_extra() columns, each checked to hold one value per completion."""
+        extra, self._pending_extra = self._pending_extra, {}
+        for column, values in extra.items():
+            if len(values) != n:
+                raise ValueError(f"log_extra({column!r}, values) received {len(values)} values for a batch of {n} "
+                                 f"completions: pass one value per completion, once per call of the reward function.")
+        return extra
+
+    def _print_completions(self, ro: Rollout) -> None:
+        """TRL's completions table (log_completions): prompt, completion, reward, each judge, log_extra() columns."""
+        from trl.trainer.utils import print_prompt_completions_sample
+
+        from ..monitor.monitor import prompt_text
+
+        print_prompt_completions_sample([prompt_text(p) for p in ro.prompts], ro.texts, {"reward": ro.scores.cpu().tolist(), **ro.audit}, None,
+                                        self.iteration, 4, extra=ro.extra or None)
 
     def judge_scores(self, ro: Rollout, judges: dict, log: bool = True) -> dict:
         """{name: scores} of `judges` (audit functions) on a rollout, each called as a reward function is."""
@@ -808,6 +833,8 @@ class PPOTrainer(Trainer):
             if due(args.logging_strategy, args.logging_steps, self.iteration, total, epoch_done) or (
                     args.logging_first_step and self.iteration == 1):
                 self.log(metrics)
+                if args.log_completions and self.accelerator.is_main_process:
+                    self._print_completions(self.rollout)
             if due(args.eval_strategy, args.eval_steps, self.iteration, total, epoch_done):
                 self.evaluate()
             if due(args.save_strategy, args.save_steps, self.iteration, total, epoch_done):
