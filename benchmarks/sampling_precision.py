@@ -6,7 +6,8 @@
 The two compute the same distribution in a different order of operations, so they differ by rounding only; this
 measures how much, in the precisions PPOTrainer runs in, beside two kinds of logits processing the start-up check
 must still catch (a repetition penalty of 1.1; sampling at T = 1 while training at T = 0.95), and in fp32 also
-through rlhf_ext's CPU decoding loop with its few-row matmuls forced on (rlhf_ext/ppo/cpu_matmul.py). The tolerances in
+through rlhf_ext's CPU decoding loop with its few-row matmuls forced on (rlhf_ext/ppo/cpu_matmul.py) and with the
+frozen base's matmuls through oneDNN (rlhf_ext/cpu_linear.py), both passes. The tolerances in
 `rlhf_ext/precision.py` (SAMPLING_KL_TOLERANCE) come from this table. Prints one row per setting:
 mean and max per-token KL(generate ‖ training forward), max |Δ log p| (all tokens, and tokens with p > 1e-3),
 max total variation.
@@ -20,9 +21,13 @@ from contextlib import nullcontext
 
 import torch
 
+from rlhf_ext.cpu_linear import route_frozen_linears
 from rlhf_ext.models import load_model, load_tokenizer
 from rlhf_ext.ppo import cpu_matmul
 from rlhf_ext.ppo.sampling import decode
+
+
+ONEDNN = "fp32, the frozen base's matmuls through oneDNN (cpu_linear.py), rlhf_ext's CPU decoding loop"
 
 
 def measure(model, enc, pad_id, tokens, ctx, extra=None, train_temperature=1.0) -> dict:
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
              if tok.chat_template else q for q in questions]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    settings = [("fp32", {}, nullcontext), ("fp32 weights + bf16 autocast", {}, bf16),
+    settings = [("fp32", {}, nullcontext), (ONEDNN, {}, nullcontext), ("fp32 weights + bf16 autocast", {}, bf16),
                 ("bf16 weights", {"dtype": "bfloat16"}, nullcontext),
                 ("4-bit NF4, bf16 compute", {"load_in_4bit": True, "dtype": "bfloat16"}, nullcontext)]
     print("| setting | mean KL / token | max KL / token | max abs dlogp | max abs dlogp (p > 1e-3) | max TV | s |")
@@ -68,6 +73,9 @@ def main(argv=None) -> int:
     for name, load_kw, ctx in settings:
         model = load_model(args.model, **load_kw).eval()
         rows = [(name, {}, 1.0)]
+        if name == ONEDNN:  # frozen, as the trainer's base is: only frozen layers take oneDNN (cpu_linear.py)
+            route_frozen_linears(model.requires_grad_(False), "onednn")
+            rows = [(name, {"custom_generate": decode}, 1.0)]
         if name == "fp32":
             rows += [("fp32, rlhf_ext's CPU decoding loop, few-row matmuls as (W·xᵀ)ᵀ", {"custom_generate": decode},
                       1.0),
