@@ -199,3 +199,22 @@ def test_reward_trainer_through_onednn_trains_as_torchs_kernel_does(tmp_path, to
         torch.testing.assert_close(after_o[n], after_t[n], rtol=1e-4, atol=1e-6)
     lower = _layer0(after_o)
     assert lower and all(not torch.equal(p, before_o[n]) for n, p in lower.items())
+
+
+@needs_onednn
+def test_the_kernel_benchmark_runs_and_prints_every_row():
+    """benchmarks/cpu_linear.py at tiny widths: one row per product and row count, the errors against float64 small."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_linear.py"
+    out = subprocess.run([sys.executable, str(script), "--rows", "8,40", "--hidden", "32", "--kv", "16",
+                          "--intermediate", "64", "--vocab", "128", "--repeat", "1"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    names = ("layer forward", "layer input gradient", "LM head forward")
+    assert [(r.split()[0], next(n for n in reversed(names) if n in r)) for r in rows] == [
+        (count, n) for count in ("8", "40") for n in names]
+    errors = [float(x) for r in rows for x in r.split()[-2:] if "e-" in x]  # torch's and oneDNN's, layer rows
+    assert len(errors) == 8 and max(errors) < 1e-4
