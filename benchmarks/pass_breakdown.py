@@ -9,7 +9,8 @@ For each precision it prints
   * each module type's exclusive time (its own time, its children's subtracted), largest first; `Linear` covers the
     base layers, LoRA's A and B and PEFT's wrapper around them;
   * "matmuls alone": every base `nn.Linear` of the model (the LM head at R + 1 positions a row, as the pass runs it)
-    applied to random inputs of the pass's row count — what the pass would cost if it were nothing but its matmuls.
+    applied to random inputs of the pass's row count through its own forward (oneDNN where the trainer routed it,
+    rlhf_ext/cpu_linear.py) — what the pass would cost if it were nothing but its matmuls.
 A pass whose time is mostly `Linear`, close to "matmuls alone", is bound by this CPU's matmul rate: what is left to
 gain there is in the kernels, not in the code around them.
 """
@@ -77,15 +78,16 @@ def main():
         plain = timed(forward, a.repeat)
         base = pol.peft.get_base_model()
         head = base.get_output_embeddings()
-        weights = [m.weight for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+        linears = [m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+        weights = [m.weight for m in linears]
         head_rows = ro.ids.shape[0] * (ro.R + 1)  # the head runs at `logits_to_keep` = R + 1 positions a row
         inputs = {(w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
 
         @torch.no_grad()
-        def matmuls():
-            for w in weights:
-                x = inputs[w.shape[1], w.dtype]
-                torch.nn.functional.linear(x[:head_rows] if w is head.weight else x, w)
+        def matmuls():  # each module's own forward: the kernel the pass uses (oneDNN where cpu_linear routed it)
+            for m in linears:
+                x = inputs[m.weight.shape[1], m.weight.dtype]
+                m(x[:head_rows] if m is head else x)
 
         alone = timed(matmuls, a.repeat)
         flops = sum(2 * w.numel() * (head_rows if w is head.weight else rows) for w in weights)
