@@ -155,6 +155,16 @@ def test_ppo_through_onednn_starts_exact_and_trains_as_torchs_kernel_does(tmp_pa
         torch.testing.assert_close(onednn_step[n], torch_step[n], rtol=1e-3, atol=1e-6)
 
 
+def test_a_onednn_that_cannot_run_here_calibrates_to_torchs_kernel(monkeypatch):
+    """A build whose oneDNN op exists but fails on this CPU (an unsupported ISA) keeps torch's kernel instead of
+    crashing the trainer's start-up."""
+    def broken(*args):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(cpu_linear, "_onednn_op", lambda: broken)
+    assert cpu_linear.calibrate() is False
+
+
 def test_the_calibration_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     """Its own entry beside decoding's, in the same file; read by the next process, measured again where the file is
     damaged."""
