@@ -34,6 +34,7 @@ BACKENDS = ("auto", "onednn", "torch")
 MIN_SPEEDUP = 1.1  # what a calibration must measure before the other kernel is used: noise is not a reason
 
 
+@functools.cache
 def _onednn_op():
     """torch's oneDNN linear (a private op of torch's CPU compiler), or None where this build has none."""
     if not torch.backends.mkldnn.is_available():
