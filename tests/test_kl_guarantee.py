@@ -75,7 +75,7 @@ CASES = {
     "4-bit, attention+lm_head, T=2": (ATTN + ["lm_head"], {}, {}, {"temperature": 2.0}, "positive", True),
     "4-bit, prefix cache, 4 minibatches": (ATTN, {"layers_to_transform": [1]}, {}, {"num_mini_batches": 4}, "positive", True),
     # the frozen base's fp32 matmuls through oneDNN (rlhf_ext/cpu_linear.py); the oracle computes with torch's kernel
-    "oneDNN matmuls, all-linear": ("all-linear", {}, {}, {"cpu_matmul_backend": "onednn"}, "positive", False),
+    "oneDNN matmuls, all-linear, gradient checkpointing": ("all-linear", {}, {}, {"cpu_matmul_backend": "onednn", "gradient_checkpointing": True}, "positive", False),
     "oneDNN matmuls, prefix cache, separate critic, 4 minibatches": (ATTN, {"layers_to_transform": [1]}, {}, {"cpu_matmul_backend": "onednn", "critic": "separate", "num_mini_batches": 4}, "positive", False),
     # bf16: the policy *is* its bf16 forward; the oracle applies the same autocast to its own unpadded forward
     "bf16 autocast, attention": (ATTN, {}, {}, {"bf16": True}, "positive", False),
