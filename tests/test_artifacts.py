@@ -89,6 +89,7 @@ def test_policy_round_trips_through_the_hub_with_a_model_card(tmp_path, tok, tin
     staged = fake_hub / "someone" / "policy"
     card = (staged / "README.md").read_text()
     assert "δ = 1.0" in card and "Held-out evaluation" in card and "PeftModel.from_pretrained" in card
+    assert f"| compute | float32; CPU matmuls: {tr.startup['cpu_matmul']} |" in card  # which kernels trained it
     assert not (staged / "critic").exists()  # the critic only with critic=True
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():

@@ -82,7 +82,8 @@ def model_card(tr, merged: bool = False) -> str:
             f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
             f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
             f"| reward members | {', '.join(tr.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
-            f"| shapers | `{a.shapers}` |\n| iterations | {tr.iteration} × {a.per_device_train_batch_size} prompts |\n\n"
+            f"| shapers | `{a.shapers}` |\n| iterations | {tr.iteration} × {a.per_device_train_batch_size} prompts |\n"
+            f"| compute | {tr.startup.get('compute_dtype', '?')}; CPU matmuls: {tr.startup.get('cpu_matmul', 'torch')} |\n\n"
             + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
             + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
             + usage + "The value head (and a separate critic adapter, if any) is in `critic/`.\n")
