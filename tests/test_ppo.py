@@ -412,13 +412,18 @@ def test_log_completions_prints_trls_table_with_log_extra_columns_monitor_or_not
         kwargs["log_extra"]("verdict", [f"v{len(c)}" for c in completions])
         return [float(len(c)) for c in completions]
 
+    def judge(completions, log_extra, trainer_state, **kwargs):  # an audit judge logs into its own rollout's table
+        log_extra("judged", [f"at step {trainer_state.global_step}"] * len(completions))
+        return [0.0] * len(completions)
+
     tr = make(tmp_path, tok, reward=[tagged], max_steps=2, per_device_train_batch_size=4, max_completion_length=4,
               monitor=False, log_completions=True, logging_steps=1)
+    tr.audit_funcs = {"judge": judge}
     tr.train()
     out = capsys.readouterr().out
     assert out.count("Step 1") == 1 and out.count("Step 2") == 1  # one table per logging step
-    assert "verdict" in out and "reward" in out
-    assert tr.rollout.extra == {"verdict": [f"v{len(c)}" for c in tr.rollout.completions]}
+    assert "verdict" in out and "reward" in out and "judged" in out
+    assert tr.rollout.extra == {"verdict": [f"v{len(c)}" for c in tr.rollout.completions], "judged": ["at step 1"] * 4}
     assert all(v in out for v in tr.rollout.extra["verdict"])
 
     def short(completions, log_extra, **kwargs):

@@ -491,8 +491,8 @@ class PPOTrainer(Trainer):
             scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
                                                                 has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
-        ro.extra = self._take_extra(len(ro.prompts))
         ro.audit = self.judge_scores(ro, self.audit_funcs)  # monitoring only: never enters the loss
+        ro.extra = self._take_extra(len(ro.prompts))  # after the judges: they may log_extra() too
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
         ref_logits = self.policy.logits(ro.ids, ro.mask, ro.R, ro.h_low, reference=True)
         ro.ref_logprobs = token_logprobs(ref_logits, ro.resp)
@@ -529,8 +529,9 @@ class PPOTrainer(Trainer):
 
         from ..monitor.monitor import prompt_text
 
-        print_prompt_completions_sample([prompt_text(p) for p in ro.prompts], ro.texts, {"reward": ro.scores.cpu().tolist(), **ro.audit}, None,
-                                        self.iteration, 4, extra=ro.extra or None)
+        print_prompt_completions_sample([prompt_text(p) for p in ro.prompts], ro.texts,
+                                        {"reward": ro.scores.cpu().tolist(), **ro.audit}, None, self.iteration, 4,
+                                        extra=ro.extra or None)
 
     def judge_scores(self, ro: Rollout, judges: dict, log: bool = True) -> dict:
         """{name: scores} of `judges` (audit functions) on a rollout, each called as a reward function is."""
