@@ -110,12 +110,15 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"cpu_matmul_backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}.")
 
 
-def route_frozen_linears(models, backend: str = "auto") -> int:
+def route_frozen_linears(models, backend: str = "auto", device: torch.device | None = None) -> int:
     """Install the oneDNN forward on every plain `nn.Linear` with fp32 weights on CPU in `models` (one module or
     several: a policy's base, reward models loaded beside it) when `backend` is "onednn", or "auto" and this CPU
-    measured it faster; "torch": nothing. A module that already has its own `forward` (an accelerate hook) is left
-    alone. Returns how many modules are routed."""
+    measured it faster; "torch", or a `device` to train on that is not the CPU (the model still on CPU before it
+    moves there): nothing, and no calibration. A module that already has its own `forward` (an accelerate hook) is
+    left alone. Returns how many modules are routed."""
     check_backend(backend)
+    if device is not None and torch.device(device).type != "cpu":
+        return 0
     models = models if isinstance(models, (list, tuple)) else [models]
     linears = {id(m): m for model in models for m in model.modules() if type(m) is torch.nn.Linear
                and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu"

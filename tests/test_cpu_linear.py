@@ -115,6 +115,12 @@ def test_which_modules_are_routed(tok, monkeypatch):
     assert route_frozen_linears([model, model], "auto") == len(linears) - 2
     assert [m for m in linears if not is_routed(m)] == [hooked, half] and hooked.forward is hooked_forward
     assert route_frozen_linears(model, "onednn") == len(linears) - 2  # again: the same modules, nothing stacked
+    for m in linears:
+        if is_routed(m):
+            del m.forward
+    assert route_frozen_linears(model, "onednn", torch.device("cuda", 0)) == 0  # training on a GPU: nothing
+    assert not any(is_routed(m) for m in linears)
+    assert route_frozen_linears(model, "onednn", torch.device("cpu")) == len(linears) - 2
     with pytest.raises(ValueError, match="'auto', 'onednn', 'torch'"):
         route_frozen_linears(model, "mkl")
     monkeypatch.setattr(cpu_linear, "_onednn_op", lambda: None)

@@ -214,7 +214,7 @@ class PPOTrainer(Trainer):
         # the faster kernel this machine measured; installed before any pass, the start-up checks included, so that
         # every pass computes one function
         scorers = [m.model for m in members if isinstance(getattr(m, "model", None), nn.Module)]
-        routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend if args.device.type == "cpu" else "torch")
+        routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend, args.device)
         policy_params = adapter_parameters(model, self.policy_adapter)
         self._guard_params = [p for p in policy_params.values() if p.requires_grad]
         self._reach = first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter])

@@ -320,7 +320,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         self.heads_only = args.heads_only
         self._set_trainable(ens)
         # on CPU with fp32 weights, the frozen trunk's matmuls through the faster kernel this machine measured
-        self.cpu_matmul = route_frozen_linears(ens, args.cpu_matmul_backend if args.device.type == "cpu" else "torch")
+        self.cpu_matmul = route_frozen_linears(ens, args.cpu_matmul_backend, args.device)
 
         # Per-member bootstrap weights over training pairs (Poisson(1) ≈ resampling with replacement)
         g = torch.Generator().manual_seed(args.seed + 1)
