@@ -25,7 +25,8 @@ CALLABLE_NORMALIZATION = ("auto", "running", "none")
 def call_reward_function(fn, accepted: frozenset | None = None, **kwargs):
     """fn(**kwargs), keeping only the keywords it takes: all of them when it has `**kwargs` (TRL's reward signature),
     else the ones it names — so a function written for prompts/completions/completion_ids alone keeps working beside
-    the dataset columns, `trainer_state` and `log_metric` (`accepted`: `accepted_keywords(fn)`, computed once)."""
+    the dataset columns, `trainer_state`, `log_metric` and `log_extra` (`accepted`: `accepted_keywords(fn)`, computed
+    once)."""
     accepted = accepted_keywords(fn) if accepted is None else accepted
     out = fn(**(kwargs if "**" in accepted else {k: v for k, v in kwargs.items() if k in accepted}))
     return _awaited(out) if inspect.isawaitable(out) else out
