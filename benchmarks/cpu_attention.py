@@ -3,6 +3,8 @@ math backend, and torch's forward with rlhf_ext's backward (`rlhf_ext/ppo/cpu_at
 
     python benchmarks/cpu_attention.py                      # 8 sequences × 9 heads × 74 tokens × 64, padded mask
     python benchmarks/cpu_attention.py --seqs 16 --tokens 256
+    python benchmarks/cpu_attention.py --kv-heads 3 --query-tokens 50   # SmolLM2's 3 key/value heads; a training
+                                                                         # pass's 50 queries after a shared 24-token prompt
 
 Prints milliseconds per call (median of --repeat after one warm-up) in fp32 and bf16, and each gradient's largest
 error against float64 autograd on the same inputs.
@@ -27,20 +29,26 @@ def main():
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=74)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention); default: --heads")
+    ap.add_argument("--query-tokens", type=int, help="queries per sequence (the last ones); default: --tokens")
     ap.add_argument("--repeat", type=int, default=20)
     a = ap.parse_args()
     B, H, T, D = a.seqs, a.heads, a.tokens, a.head_dim
+    Hk, Tq = a.kv_heads or H, a.query_tokens or T
     g = torch.Generator().manual_seed(0)
-    base = [torch.randn(B, H, T, D, generator=g) for _ in range(4)]
-    mask = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
+    base = [torch.randn(B, h, t, D, generator=g) for h, t in ((H, Tq), (Hk, T), (Hk, T), (H, Tq))]
+    mask = torch.ones(B, 1, Tq, T, dtype=torch.bool).tril(T - Tq)
     mask[0, :, :, :3] = False  # the first sequence left-padded by 3
-    mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)
-    print(f"{B} sequences × {H} heads × {T} tokens × {D}, padded causal mask, {torch.get_num_threads()} threads")
+    if Tq == T:
+        mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)
+    gqa = {"enable_gqa": True} if Hk != H else {}
+    print(f"{B} sequences × {H} heads ({Hk} key/value heads) × {Tq} queries over {T} tokens × {D}, padded causal "
+          f"mask, {torch.get_num_threads()} threads")
     print(f"{'dtype':8s} {'variant':34s} {'forward ms':>10s} {'fwd + bwd ms':>12s} {'max grad err vs fp64':>21s}")
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, go = (x.to(dtype) for x in base)
         ref = [x.double().requires_grad_() for x in (q, k, v)]
-        F.scaled_dot_product_attention(*ref, attn_mask=mask).backward(go.double())
+        F.scaled_dot_product_attention(*ref, attn_mask=mask, **gqa).backward(go.double())
         variants = {"torch (flash on CPU)": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
                     "math backend": lambda: sdpa_kernel([SDPBackend.MATH]),
                     "torch forward, rlhf_ext backward": lambda: cheaper_attention_backward(torch.device("cpu"),
@@ -52,13 +60,13 @@ def main():
 
             def fwd():
                 with ctx(), torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
             def fwd_bwd():
                 for x in leaves:
                     x.grad = None
                 with ctx():
-                    out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+                    out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, **gqa)
                 out.backward(go)
 
             f_ms, fb_ms = timed(fwd, a.repeat) * 1e3, timed(fwd_bwd, a.repeat) * 1e3

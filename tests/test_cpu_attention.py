@@ -94,3 +94,27 @@ def test_ppo_training_passes_take_it_on_cpu_in_16_bit(tmp_path, tok, monkeypatch
     layers = model.config.num_hidden_layers
     assert len(calls) == (layers if setting == "bf16 weights" else 0)
     assert all(torch.isfinite(p.grad).all() for p in tr.trainable_parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_a_backward_split_into_chunks_of_sequences_equals_the_whole_batch_s(monkeypatch, mask_kind):
+    """CHUNK_BYTES bounds the backward's fp32 temporaries by splitting the batch: each chunk computes what the whole
+    batch would have for its sequences, bit for bit (masks of one row or one per sequence, per-head masks)."""
+    B, Tq, Tk = 5, 7, 7 if mask_kind == "causal" else 11
+    q, k, v, kw, go = _inputs(torch.bfloat16, mask_kind, True, B, Tq, Tk)
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16):
+            F.scaled_dot_product_attention(*leaves, **kw).backward(go)
+        return [x.grad for x in leaves]
+
+    whole = grads()
+    # as the models hand them over: [B, T, heads, D] transposed to [B, heads, T, D], not contiguous
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    for a, b in zip(whole, grads()):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(cpu_attention, "CHUNK_BYTES", 1)  # one sequence per chunk
+    for a, b in zip(whole, grads()):
+        assert torch.equal(a, b)
