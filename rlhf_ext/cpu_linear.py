@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+from contextlib import contextmanager
 import platform
 import time
 
@@ -162,26 +163,68 @@ def machine_key() -> str:
             f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
 
 
+def _read_cache(path) -> dict:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+@contextmanager
+def _measuring_alone(path):
+    """An exclusive lock on `path`.lock while this process measures. The processes of a DDP run on one machine start
+    together, each with the same empty cache: with the lock they measure one after another (the first alone on the
+    CPU, its neighbours waiting) and the others read what it wrote, so every rank computes with the same kernels.
+    Where there is no `fcntl` (Windows) or no writable folder: no lock, each process measures."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _cached(path, key: str, decode) -> tuple[bool, object]:
+    """(True, decode(entry)) where the cache holds a readable entry `key`; (False, None) otherwise."""
+    known = _read_cache(path)
+    if key in known:
+        try:
+            return True, decode(known[key])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return False, None
+
+
 def measured_once(key: str, measure, decode):
     """`decode(value)` of this machine's entry `key` in `$RLHF_EXT_CACHE/cpu_matmul.json`, or `measure()`'s value,
     written there for the next process. A timing near a threshold could come out either way, and two runs of one seed
-    on one machine must compute alike, whichever process they run in. An unreadable or unwritable cache only means
-    measuring again; other entries are kept."""
+    on one machine must compute alike, whichever process they run in (DDP's ranks too: `_measuring_alone`). An
+    unreadable or unwritable cache only means measuring again; other entries are kept."""
     from .integrity import write_text_atomic
     from .models import cache_dir
 
-    path, known = cache_dir() / "cpu_matmul.json", {}
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-        return decode(known[key])
-    except (OSError, ValueError, KeyError, TypeError):
-        known = known if isinstance(known, dict) else {}
-    value = measure()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({**known, key: value}, indent=1))
-    except OSError:
-        pass
+    path = cache_dir() / "cpu_matmul.json"
+    found, value = _cached(path, key, decode)
+    if found:
+        return value
+    with _measuring_alone(path):
+        found, value = _cached(path, key, decode)  # another process may have measured while this one waited
+        if found:
+            return value
+        value = measure()
+        try:  # re-read: keep the entries other processes wrote meanwhile
+            write_text_atomic(path, json.dumps({**_read_cache(path), key: value}, indent=1))
+        except OSError:
+            pass
     return decode(value)
 
 

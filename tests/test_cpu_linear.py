@@ -5,6 +5,9 @@ trainers install it where asked (or where the calibration measured it faster), e
 measured by benchmarks/cpu_linear.py, not here."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -234,3 +237,24 @@ def test_the_kernel_benchmark_runs_and_prints_every_row():
         (count, n) for count in ("8", "40") for n in names]
     errors = [float(x) for r in rows for x in r.split()[-2:] if "e-" in x]  # torch's and oneDNN's, layer rows
     assert len(errors) == 8 and max(errors) < 1e-4
+
+
+def test_processes_started_together_measure_once_and_agree(tmp_path):
+    """DDP's ranks on one machine start together with the same empty cache: one process measures (the others wait
+    on its lock, not beside it on the CPU) and every process takes its value. Without the lock each measures and
+    keeps its own — here its process id, so that a disagreement shows."""
+    code = ("import os, sys, time\nfrom rlhf_ext import cpu_linear\n"
+            "def measure():\n"
+            "    with open(sys.argv[1], 'a') as f:\n"
+            "        f.write('m')\n"
+            "    time.sleep(3)\n"
+            "    return os.getpid()\n"
+            "print(cpu_linear.measured_once('machine', measure, int))\n")
+    env = {**os.environ, "RLHF_EXT_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "calls")], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len({out.strip() for out, _ in outs}) == 1
+    assert (tmp_path / "calls").read_text() == "m"
+    assert json.loads((tmp_path / "cpu_matmul.json").read_text()) == {"machine": int(outs[0][0])}
