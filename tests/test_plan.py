@@ -183,7 +183,8 @@ def test_activation_formula_matches_saved_tensors(kind, dtype, autocast):
     saved.pop(logits.untyped_storage().data_ptr())  # z/T, kept for the log-probs' backward: the plan's logits_bytes
     prec = plan.precision_of("float32" if dtype == torch.float32 else "bfloat16", bf16=autocast)
     planned = plan.training_activation_bytes(shape, B, T, targets="q,k,v,o", r=16, a=prec.a, h=prec.h,
-                                             autocast=prec.autocast, trained_layers=2, checkpointing=False)
+                                             autocast=prec.autocast, trained_layers=2, checkpointing=False,
+                                             grouped_kv=True)  # on CPU: k, v at their own heads (cpu_attention.py)
     if prec.weight_copies:
         planned += plan.autocast_weight_copy_bytes(shape, targets="q,k,v,o", trained_layers=2, checkpointing=False)
     assert sum(saved.values()) == pytest.approx(planned, rel=0.08)
@@ -233,7 +234,7 @@ def test_moments_follow_the_trainer_hand_computed():
     common = w + plan.trainable_bytes(n_pol + 65, n_pol)["total"]
     logit = 4 * B * R * V
     act = plan.training_activation_bytes(TINY, B, T, targets="q,k,v,o", r=16, a=4, trained_layers=2,
-                                         checkpointing=False)
+                                         checkpointing=False, grouped_kv=True)  # CPU: k, v unrepeated
     nograd = plan.inference_working_bytes(TINY, B, T, a=4)
     fwd = plan.forward_logits_bytes(B, R, V, 4)
     ph = {k: v["total"] for k, v in est["phases"].items()}

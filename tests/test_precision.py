@@ -104,7 +104,7 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
     to the round trip's, and autograd keeps less."""
     from contextlib import contextmanager
 
-    from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
+    from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward, grouped_kv_attention
     from rlhf_ext.precision import precision_context
 
     tr = trainer(tmp_path, tok, load_model(tiny_path, dtype="bfloat16"), bf16=True)
@@ -128,9 +128,10 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
     skipped = run()
 
     @contextmanager
-    def with_round_trip():  # the policy's context without the skip (the attention backward as the policy's)
+    def with_round_trip():  # the policy's context without the skip (the attention as the policy's)
         with precision_context(tr.policy.device, torch.bfloat16), \
-                cheaper_attention_backward(tr.policy.device, tr.policy.compute_dtype, tr.policy.peft):
+                cheaper_attention_backward(tr.policy.device, tr.policy.compute_dtype, tr.policy.peft), \
+                grouped_kv_attention(tr.policy.device, tr.policy.peft):
             yield
 
     monkeypatch.setattr(tr.policy, "precision", with_round_trip)

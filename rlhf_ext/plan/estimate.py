@@ -65,7 +65,7 @@ class _Run:
     def activations(self, rows: int) -> int:
         return training_activation_bytes(self.shape, rows, self.T, targets=self.targets, r=self.lora_r, a=self.prec.a,
                                          trained_layers=self.L_t, checkpointing=self.checkpointing, critic=self.critic,
-                                         h=self.prec.h, autocast=self.prec.casts)
+                                         h=self.prec.h, autocast=self.prec.casts, grouped_kv=self.device == "cpu")
 
     def weight_copies(self) -> int:
         if not self.prec.weight_copies:
@@ -305,7 +305,7 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
     overhead = overhead_bytes(peak_allocated, device)
     act = {ck: training_activation_bytes(shape, run.b, run.T, targets=run.targets, r=lora_r, a=prec.a,
                                          trained_layers=run.L_t, checkpointing=ck, critic=critic, h=prec.h,
-                                         autocast=prec.casts) for ck in (False, True)}
+                                         autocast=prec.casts, grouped_kv=device == "cpu") for ck in (False, True)}
     components = {
         "base_weights": static["weights"]["total"], "trainable": static["trained"]["total"],
         "reward_members": static["reward_members"], "separate_models": static["separate_models"],

@@ -256,13 +256,14 @@ class ScoringModel:
 
 # ------------------------------------------------------------------------------------------------ activations
 def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_len: int, *, h: int | None = None,
-                                     autocast: bool = False) -> float:
+                                     autocast: bool = False, grouped_kv: bool = False) -> float:
     """Bytes autograd saves per token in one trained decoder layer of the training forward (frozen base, LoRA on
     `targets`, dropout off), measured op by op with `torch.autograd.graph.saved_tensors_hooks`:
 
     Llama-like:  2 RMSNorms keep their fp32 input           2·4·H
                  SDPA keeps q, k, v (repeated to n_h heads:   4·a·d_q + 4·n_h (log-sum-exp, fp32)
-                 padding masks rule out native GQA) and out
+                 padding masks rule out native GQA) and out  (`grouped_kv`, on CPU: k and v at their n_kv heads,
+                                                              2·a·d_q + 2·a·n_kv·d + 4·n_h; ppo/cpu_attention.py)
                  its attention-mask bias, per query row      a·T
                  SiLU-gated MLP: gate, SiLU(gate), up        3·a·I
     GPT-2:       2 LayerNorms keep their input (the residual) 2·h·H
@@ -284,7 +285,8 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
         base = 2 * h * H + 4 * a * H + 4 * nh + a * seq_len + 4 * a * I
         shared_inputs = {"qkv": "ln1", "o": "attn_out", "up": "ln2", "down": "mlp_mid"}
     else:
-        base = 2 * 4 * H + 4 * a * dq + 4 * nh + a * seq_len + 3 * a * I
+        qkvo = 2 * a * dq + 2 * a * (nkv * d if grouped_kv else dq)
+        base = 2 * 4 * H + qkvo + 4 * nh + a * seq_len + 3 * a * I
         shared_inputs = {"q": "ln1", "k": "ln1", "v": "ln1", "o": "attn_out", "gate": "ln2", "up": "ln2",
                          "down": "mlp_mid"}
     if autocast and h != a:
@@ -300,7 +302,7 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
 
 def training_activation_bytes(shape: dict, rows: int, seq_len: int, *, targets, r: int, a: int, trained_layers: int,
                               checkpointing: bool, critic: str = "shared", h: int | None = None,
-                              autocast: bool = False) -> int:
+                              autocast: bool = False, grouped_kv: bool = False) -> int:
     """Saved activations of one training forward over `rows` sequences of T = `seq_len` tokens.
 
     Without checkpointing: rows·T·(L_t · per-layer bytes + 4·H for the final norm).
@@ -308,7 +310,8 @@ def training_activation_bytes(shape: dict, rows: int, seq_len: int, *, targets, 
     token) plus, during the backward, one layer recomputed in full: rows·T·(L_t·h·H + per-layer + 4·H).
     Layers below the lowest adapted one save nothing (no parameter and no input there needs a gradient).
     A separate critic runs its own adapter through the trunk once more: × 2."""
-    per_layer = layer_activation_bytes_per_token(shape, targets, r, a, seq_len, h=h, autocast=autocast)
+    per_layer = layer_activation_bytes_per_token(shape, targets, r, a, seq_len, h=h, autocast=autocast,
+                                                 grouped_kv=grouped_kv and not checkpointing)
     H = shape["hidden_size"]
     h = a if h is None else h
     if checkpointing:

@@ -33,7 +33,7 @@ from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, p
 from ..prefix_cache import positions
 from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, recurrent_layers,
                              shared_forward, shared_length, sliding_window)
-from .cpu_attention import cheaper_attention_backward
+from .cpu_attention import cheaper_attention_backward, grouped_kv_attention
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder, forked_rng
 
@@ -135,10 +135,12 @@ class PolicyAndValue(nn.Module):
         it straight back to bf16 for the matmul — a bit-exact round trip — and that second copy is what the backward
         kept, one more activation per adapted module beside the base layer's (θ_old's forward kept 38 MiB less for
         SmolLM2-135M with q/v adapted on all 30 layers, 8 prompts × 32 tokens). On CPU in 16-bit, attention that needs
-        a gradient keeps torch's forward and gets a cheaper backward (`cpu_attention.py`)."""
+        a gradient keeps torch's forward and gets a cheaper backward, and on CPU grouped-query attention runs without
+        repeated key/value heads (both `cpu_attention.py`)."""
         with precision_context(self.device, self.autocast), \
                 disable_input_dtype_casting(self.peft, active=self.autocast is not None), \
-                cheaper_attention_backward(self.device, self.compute_dtype, self.peft):
+                cheaper_attention_backward(self.device, self.compute_dtype, self.peft), \
+                grouped_kv_attention(self.device, self.peft):
             yield
 
     def _inputs(self, ids, mask):
