@@ -1,10 +1,12 @@
 """Reward-model training step time on CPU, one setting against another: freed memory kept in the heap or handed back
-(RewardEnsembleConfig's `cpu_keep_freed_memory`, rlhf_ext/cpu_memory.py), or the frozen trunk's fp32 matmuls through
-oneDNN or torch's kernel (`cpu_matmul_backend`, rlhf_ext/cpu_linear.py).
+(RewardEnsembleConfig's `cpu_keep_freed_memory`, rlhf_ext/cpu_memory.py), the frozen trunk's fp32 matmuls through
+oneDNN or torch's kernel (`cpu_matmul_backend`, rlhf_ext/cpu_linear.py), or grouped-query attention with the
+key/value heads unrepeated or repeated as transformers does under a mask (rlhf_ext/grouped_kv.py).
 
     python benchmarks/reward_step_time.py                          # fp32 and bf16, each setting in a fresh process
     python benchmarks/reward_step_time.py --precision fp32 --steps 8 --repeat 2
     python benchmarks/reward_step_time.py --compare matmul --precision fp32 --repeat 2
+    python benchmarks/reward_step_time.py --compare grouped_kv --repeat 2
 
 Configuration: SmolLM2-135M-Instruct, the shipped sentiment preference pairs, 8 pairs per step, K=2 heads, LoRA r=16
 on q_proj/v_proj. bf16 = bf16 weights + bf16=True, as for PPO (ppo_throughput.py). Prints the median step time over
@@ -32,6 +34,11 @@ def worker(args) -> dict:
     from rlhf_ext.data import SHIPPED, load_split
 
     bf16 = args.precision == "bf16"
+    if args.grouped_kv == "off":  # transformers' own behaviour: k and v repeated to the query heads under a mask
+        from contextlib import nullcontext
+
+        from rlhf_ext.reward import ensemble
+        ensemble.grouped_kv_attention = lambda *a: nullcontext()
     train = load_split(SHIPPED / "sentiment", "train", "preferences").select(range(8 * args.steps))
     cfg = RewardEnsembleConfig(tempfile.mkdtemp(prefix="rm_step_"), ensemble_size=2, ensemble_mode="heads",
                                per_device_train_batch_size=8, max_steps=args.steps, save_strategy="no",
@@ -43,7 +50,8 @@ def worker(args) -> dict:
     tr = RewardEnsembleTrainer(args.model, args=cfg, train_dataset=train, callbacks=[step_timer(times)],
                                peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     tr.train()
-    return {"precision": args.precision, "keep": args.keep, "matmul": args.matmul, "routed": tr.cpu_matmul,
+    return {"precision": args.precision, "keep": args.keep, "matmul": args.matmul, "grouped_kv": args.grouped_kv,
+            "routed": tr.cpu_matmul,
             "allocator": tr.cpu_memory,
             "step_s": median(times[2:]), "peak_rss_mib": peak_rss_mib()}
 
@@ -54,19 +62,24 @@ def main():
     ap.add_argument("--precision", default="fp32,bf16", help="a comma list of fp32, bf16")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each setting, alternated")
-    ap.add_argument("--compare", choices=["keep", "matmul"], default="keep",
-                    help="keep: freed memory kept / handed back; matmul: the trunk's fp32 matmuls via oneDNN / torch")
+    ap.add_argument("--compare", choices=["keep", "matmul", "grouped_kv"], default="keep",
+                    help="keep: freed memory kept / handed back; matmul: the trunk's fp32 matmuls via oneDNN / torch; "
+                         "grouped_kv: grouped-query attention with k, v unrepeated / repeated")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keep", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     ap.add_argument("--matmul", choices=["auto", "onednn", "torch"], default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--grouped-kv", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("ROW " + json.dumps(worker(args)), flush=True)
         return
     rows = []
-    settings = {"keep": [("--keep", "off"), ("--keep", "on")], "matmul": [("--matmul", "torch"), ("--matmul", "onednn")]}
+    settings = {"keep": [("--keep", "off"), ("--keep", "on")], "matmul": [("--matmul", "torch"), ("--matmul", "onednn")],
+                "grouped_kv": [("--grouped-kv", "off"), ("--grouped-kv", "on")]}
     label = {"off": "freed memory handed back", "on": "freed memory kept", "torch": "torch's matmuls",
              "onednn": "oneDNN's matmuls"}
+    if args.compare == "grouped_kv":
+        label.update(off="k, v repeated", on="k, v unrepeated")
     for precision in args.precision.split(","):
         for _ in range(args.repeat):
             for flag, value in settings[args.compare]:
@@ -77,7 +90,7 @@ def main():
                 r = rows[-1]
                 print(f"{precision:5s} {label[value]:25s} ({r['allocator']}, {r['routed']} linears via oneDNN) "
                       f"step {r['step_s']:6.2f} s   peak RSS {r['peak_rss_mib']:6.0f} MiB", flush=True)
-    key = "keep" if args.compare == "keep" else "matmul"
+    key = args.compare
     (_, base), (_, other) = settings[args.compare]
     for precision in args.precision.split(","):
         b = median([r["step_s"] for r in rows if r["precision"] == precision and r[key] == base])

@@ -4,7 +4,6 @@ float64 autograd over masks (padding, additive, causal, none), grouped-query att
 not under gradient checkpointing."""
 
 import itertools
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -119,83 +118,3 @@ def test_a_backward_split_into_chunks_of_sequences_equals_the_whole_batch_s(monk
     monkeypatch.setattr(cpu_attention, "CHUNK_BYTES", 1)  # one sequence per chunk
     for a, b in zip(whole, grads()):
         assert torch.equal(a, b)
-
-
-class _KeyHeads(torch.overrides.TorchFunctionMode):
-    """Records (query positions, key heads, enable_gqa) of every SDPA call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.calls.append((args[0].shape[2], args[1].shape[1], bool(kwargs.get("enable_gqa"))))
-        return func(*args, **kwargs)
-
-
-def test_grouped_query_models_pass_their_key_heads_unrepeated_on_cpu(tok):
-    """In the context a PPO pass runs in, a padded multi-query pass hands SDPA the 2 key/value heads with
-    enable_gqa instead of 4 repeated copies; logits and gradients are what the repeated copies give; decoding (one
-    query) is left to transformers; leaving the context restores transformers' own test, nested or not."""
-    from transformers.integrations import sdpa_attention
-
-    from rlhf_ext.testing import tiny_model_for
-
-    original = sdpa_attention.use_gqa_in_sdpa
-    model = tiny_model_for("qwen2.5", tok)  # 4 query heads over 2 key/value heads
-    ids = torch.randint(3, tok.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding: a mask reaches the attention
-
-    def run(grouped: bool):
-        model.zero_grad()
-        rec = _KeyHeads()
-        ctx = cpu_attention.grouped_kv_attention(torch.device("cpu"), model) if grouped else nullcontext()
-        with ctx, rec:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            logits[mask.bool()].square().mean().backward()
-        return logits.detach(), [p.grad.clone() for p in model.parameters()], rec.calls
-
-    repeated, grad_r, calls_r = run(False)
-    grouped, grad_g, calls_g = run(True)
-    layers = model.config.num_hidden_layers
-    assert calls_r == [(9, 4, False)] * layers and calls_g == [(9, 2, True)] * layers
-    torch.testing.assert_close(grouped, repeated, rtol=0, atol=1e-6)
-    for a, b in zip(grad_g, grad_r):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert sdpa_attention.use_gqa_in_sdpa is original
-
-    with cpu_attention.grouped_kv_attention(torch.device("cpu"), model):
-        with cpu_attention.grouped_kv_attention(torch.device("cpu"), model):
-            pass
-        assert sdpa_attention.use_gqa_in_sdpa is not original  # the outer context still holds
-        rec = _KeyHeads()
-        with rec, torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
-    assert sdpa_attention.use_gqa_in_sdpa is original
-    # the prefill grouped; decoding as transformers does it: query heads folded into rows ([B, 2, 2·1, d]), no copies
-    assert rec.calls[:layers] == [(9, 2, True)] * layers and rec.calls[layers:] == [(2, 2, False)] * layers
-
-    model.gradient_checkpointing_enable()  # the recomputation runs outside the context: nothing changes then
-    assert isinstance(cpu_attention.grouped_kv_attention(torch.device("cpu"), model), nullcontext)
-    assert isinstance(cpu_attention.grouped_kv_attention(torch.device("cuda"), None), nullcontext)
-
-
-def test_ppo_passes_hand_sdpa_the_key_heads_and_stay_exact(tmp_path, tok):
-    """A grouped-query policy (Qwen2.5's family, tiny): every pass of an iteration — sampling's prefill, reference,
-    θ_old, training — gets the key/value heads unrepeated, and the start-up checks still find the training pass equal
-    to the no-grad one and the reference at θ₀."""
-    from rlhf_ext.testing import save_tiny_model_for
-
-    model = load_model(save_tiny_model_for(tmp_path / "m", "qwen2.5", tok))
-    tr = trainer(tmp_path, tok, model)
-    assert tr.startup["train_vs_eval"] == 0.0 and tr.startup["training_vs_reference"] <= 1e-9
-    rec = _KeyHeads()
-    with rec:
-        tr.create_optimizer_and_scheduler(num_training_steps=1)
-        tr._iteration()
-    assert all(heads == 2 for _, heads, _ in rec.calls)  # no repeated copies in any pass
-    grouped = sum(gqa for _, _, gqa in rec.calls)  # sampling's prefill, reference, θ_old = epoch 1, epoch 2
-    assert grouped >= 4 * model.config.num_hidden_layers

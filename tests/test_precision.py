@@ -104,7 +104,8 @@ def test_lora_inputs_skip_peft_s_fp32_round_trip_under_autocast(tmp_path, tok, t
     to the round trip's, and autograd keeps less."""
     from contextlib import contextmanager
 
-    from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward, grouped_kv_attention
+    from rlhf_ext.grouped_kv import grouped_kv_attention
+    from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
     from rlhf_ext.precision import precision_context
 
     tr = trainer(tmp_path, tok, load_model(tiny_path, dtype="bfloat16"), bf16=True)

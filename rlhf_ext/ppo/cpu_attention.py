@@ -16,20 +16,14 @@ chunked, grouped form took 1.4 ms a layer against 3.2 for one sequence at a time
 
 from __future__ import annotations
 
-import inspect
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..models import activation_checkpointing_on
-
-try:
-    from transformers.integrations import sdpa_attention as _hf_sdpa
-except ImportError:  # pragma: no cover - transformers without its SDPA integration module
-    _hf_sdpa = None
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -117,57 +111,4 @@ def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype,
     if (device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and not (model is not None and activation_checkpointing_on(model))):
         return _AttentionWithCheaperBackward()
-    return nullcontext()
-
-
-# -- grouped-query attention without repeated key/value heads -------------------------------------------------------
-def _hf_gqa_test():
-    """transformers' test for handing SDPA the key/value heads unrepeated (`enable_gqa`), where it has the signature
-    this module wraps; None otherwise (then nothing is changed)."""
-    fn = getattr(_hf_sdpa, "use_gqa_in_sdpa", None)
-    try:
-        return fn if list(inspect.signature(fn).parameters) == ["attention_mask", "key", "value"] else None
-    except (TypeError, ValueError):
-        return None
-
-
-_HF_USE_GQA = _hf_gqa_test()
-_grouped_depth = 0
-
-
-def _use_gqa_on_cpu(attention_mask, key, value) -> bool:
-    """transformers' answer, and yes on CPU for a masked pass over more than one query. transformers says no whenever
-    there is a mask (CUDA's fast kernels cannot take both), and then copies k and v once per query head of their
-    group (`repeat_kv`) and differentiates through the copies. Decoding (one query) is left to transformers, which
-    folds the query heads into rows there: faster than SDPA's grouped kernel on CPU."""
-    if (key.device.type == "cpu" and attention_mask is not None and attention_mask.dim() == 4
-            and attention_mask.shape[-2] > 1 and key.shape[-1] == value.shape[-1]):
-        return True
-    return _HF_USE_GQA(attention_mask, key, value)
-
-
-@contextmanager
-def _grouped_kv():
-    global _grouped_depth
-    if _grouped_depth == 0:
-        _hf_sdpa.use_gqa_in_sdpa = _use_gqa_on_cpu
-    _grouped_depth += 1
-    try:
-        yield
-    finally:
-        _grouped_depth -= 1
-        if _grouped_depth == 0:
-            _hf_sdpa.use_gqa_in_sdpa = _HF_USE_GQA
-
-
-def grouped_kv_attention(device: torch.device, model: torch.nn.Module | None = None):
-    """The context every PPO pass runs in (sampling's prefill included): on CPU, transformers' SDPA attention gets
-    grouped-query models' key/value heads as they are, with `enable_gqa=True`, instead of repeated copies — the same
-    products (SmolLM2-135M's logits bit for bit, fp32 and bf16; `tests/test_cpu_attention.py`), without the copies and
-    their backward (the benchmark trainer's training step: `python benchmarks/ppo_floor.py`, the README). Every pass
-    that PPO compares runs in it, so they still compute one function. Not under gradient checkpointing: the
-    recomputation in the backward runs outside this context and must rebuild what the first forward saved."""
-    if (device.type == "cpu" and _HF_USE_GQA is not None
-            and not (model is not None and activation_checkpointing_on(model))):
-        return _grouped_kv()
     return nullcontext()

@@ -27,13 +27,14 @@ from torch import nn
 from .. import rl_math as F
 from ..adapters import active_adapter, adapters_disabled, eval_mode
 from ..data import pad_ids
+from ..grouped_kv import grouped_kv_attention
 from ..models import activation_checkpointing_on, trunk_of
 from ..plan.sizes import EXACT_KL_STATES
 from ..precision import SAME_PASS_KL_TOLERANCE, compute_dtype, full_precision, precision_context, sampling_tolerance
 from ..prefix_cache import positions
 from ..shared_prefix import (MIN_SAVED_ROWS, MIN_SHARED_TOKENS, cache_argument, prefilled_prompts, recurrent_layers,
                              shared_forward, shared_length, sliding_window)
-from .cpu_attention import cheaper_attention_backward, grouped_kv_attention
+from .cpu_attention import cheaper_attention_backward
 from .logprobs import response_logits, response_logprobs
 from .sampling import cpu_decoder, forked_rng
 
@@ -136,7 +137,7 @@ class PolicyAndValue(nn.Module):
         kept, one more activation per adapted module beside the base layer's (θ_old's forward kept 38 MiB less for
         SmolLM2-135M with q/v adapted on all 30 layers, 8 prompts × 32 tokens). On CPU in 16-bit, attention that needs
         a gradient keeps torch's forward and gets a cheaper backward, and on CPU grouped-query attention runs without
-        repeated key/value heads (both `cpu_attention.py`)."""
+        repeated key/value heads (`cpu_attention.py`, `grouped_kv.py`)."""
         with precision_context(self.device, self.autocast), \
                 disable_input_dtype_casting(self.peft, active=self.autocast is not None), \
                 cheaper_attention_backward(self.device, self.compute_dtype, self.peft), \

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapters import active_adapter, eval_mode
 from ..data import pad_ids
+from ..grouped_kv import grouped_kv_attention
 from ..models import activation_checkpointing_on, trunk_of
 from ..rl_math import last_token_index
 from ..shared_prefix import cache_argument, leading_pads, shared_hidden, shared_length, sliding_window
@@ -212,14 +213,16 @@ class RewardEnsemble(nn.Module):
     def hidden(self, input_ids, attention_mask, n_shared: int | None = None) -> torch.Tensor:
         """Final hidden states of the trunk with the currently active adapter. [B, T] → [B, T, H]. `n_shared`: the
         leading tokens to run once (None: `_n_shared`'s; 0 for a mixed-adapter batch, where PEFT gives each row its
-        adapter and a shared pass has one row)."""
-        if self.prefix_cache is not None:
-            return self.prefix_cache(input_ids, attention_mask)
-        trunk = trunk_of(self.model)
-        n_shared = self._n_shared(input_ids, attention_mask) if n_shared is None else n_shared
-        if n_shared:
-            return shared_hidden(trunk, input_ids, attention_mask, n_shared, cache_argument(trunk))
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        adapter and a shared pass has one row). On CPU grouped-query attention runs without repeated key/value
+        heads (`grouped_kv.py`)."""
+        with grouped_kv_attention(input_ids.device, self.model):
+            if self.prefix_cache is not None:
+                return self.prefix_cache(input_ids, attention_mask)
+            trunk = trunk_of(self.model)
+            n_shared = self._n_shared(input_ids, attention_mask) if n_shared is None else n_shared
+            if n_shared:
+                return shared_hidden(trunk, input_ids, attention_mask, n_shared, cache_argument(trunk))
+            return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def _n_shared(self, input_ids, attention_mask) -> int:
         """How many leading tokens a scoring pass runs once (`share_prefix`, `shared_prefix.py`): the rows'
