@@ -24,8 +24,8 @@ agree within ±20 % for the mid and SmolLM2 sizes; the tiny Llama is dominated b
 Each phase is also measured on its own (`PhaseMeter`: VmHWM read and reset at the trainer's phase boundaries) and
 printed against the plan's phase total, so the phases that are not the peak (the exact-KL check, the reference
 pass, the monitor's review queue, …) are checked too. The prompts all have exactly P tokens, so batches carry no
-padding: SDPA then takes native GQA without a mask, and the training forward saves up to ~9 % less (GQA models)
-than the plan's activations, which assume padded batches (the usual case).
+padding and SDPA takes native GQA without a mask — as, on CPU, every pass now does with one
+(`rlhf_ext/grouped_kv.py`), which the CPU plan counts: k and v at their own heads.
 
 glibc's malloc keeps freed heap memory for reuse and moves its mmap threshold up to 32 MiB, so RSS can sit far
 above the live tensors (1.5–2× here); the workers set MALLOC_MMAP_THRESHOLD_=65536 (tensors ≥ 64 KiB come from and
