@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import functools
 import json
-from contextlib import contextmanager
 import platform
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F

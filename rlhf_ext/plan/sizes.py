@@ -263,7 +263,7 @@ def layer_activation_bytes_per_token(shape: dict, targets, r: int, a: int, seq_l
     Llama-like:  2 RMSNorms keep their fp32 input           2·4·H
                  SDPA keeps q, k, v (repeated to n_h heads:   4·a·d_q + 4·n_h (log-sum-exp, fp32)
                  padding masks rule out native GQA) and out  (`grouped_kv`, on CPU: k and v at their n_kv heads,
-                                                              2·a·d_q + 2·a·n_kv·d + 4·n_h; ppo/cpu_attention.py)
+                                                              2·a·d_q + 2·a·n_kv·d + 4·n_h; grouped_kv.py)
                  its attention-mask bias, per query row      a·T
                  SiLU-gated MLP: gate, SiLU(gate), up        3·a·I
     GPT-2:       2 LayerNorms keep their input (the residual) 2·h·H
