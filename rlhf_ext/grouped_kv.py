@@ -27,9 +27,13 @@ except ImportError:  # pragma: no cover - transformers without its SDPA integrat
 
 
 def _hf_gqa_test():
-    """transformers' test for handing SDPA the key/value heads unrepeated (`enable_gqa`), where it has the signature
-    this module wraps; None otherwise (then nothing is changed)."""
+    """transformers' test for handing SDPA the key/value heads unrepeated (`enable_gqa`, torch ≥ 2.5), where it has
+    the signature this module wraps; None otherwise (then nothing is changed)."""
+    from transformers.utils.import_utils import is_torch_greater_or_equal
+
     fn = getattr(_hf_sdpa, "use_gqa_in_sdpa", None)
+    if not is_torch_greater_or_equal("2.5", accept_dev=True):
+        return None
     try:
         return fn if list(inspect.signature(fn).parameters) == ["attention_mask", "key", "value"] else None
     except (TypeError, ValueError):

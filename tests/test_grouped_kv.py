@@ -118,3 +118,17 @@ def test_reward_trainer_passes_hand_sdpa_the_key_heads_and_train_as_the_repeated
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
     for n in after:
         torch.testing.assert_close(after[n], after_r[n], rtol=1e-4, atol=1e-6)
+
+
+def test_a_transformers_whose_test_changed_is_left_alone(monkeypatch):
+    """Wrapped only where transformers' `use_gqa_in_sdpa` has the signature grouped_kv.py was written against: a
+    different one (a later transformers) means nothing is changed, not a wrong answer."""
+    from transformers.integrations import sdpa_attention
+
+    from rlhf_ext import grouped_kv
+
+    assert grouped_kv._hf_gqa_test() is sdpa_attention.use_gqa_in_sdpa
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", lambda attention_mask, key, value, query=None: False)
+    assert grouped_kv._hf_gqa_test() is None
+    monkeypatch.setattr(grouped_kv, "_HF_USE_GQA", None)
+    assert isinstance(grouped_kv_attention(torch.device("cpu")), nullcontext)
