@@ -228,14 +228,20 @@ def measured_once(key: str, measure, decode):
     return decode(value)
 
 
+def calibration_weights(g: torch.Generator) -> list[torch.Tensor]:
+    """What both CPU matmul calibrations time their products over: eight of SmolLM2-135M's [1536, 576] fp32 MLP
+    weights, 27 MiB — more than a cache holds, as a model's weights are."""
+    return [torch.randn(1536, 576, generator=g) for _ in range(8)]
+
+
 def calibrate() -> bool:
     """Whether oneDNN measured at least MIN_SPEEDUP × faster than torch's fp32 product on this CPU for a training pass's
-    rows (forward and input gradient, 256 rows) and no slower for a decoding step's (8 rows), over 24 MiB of weights
-    (more than a cache holds, as a model's are)."""
+    rows (forward and input gradient, 256 rows) and no slower for a decoding step's (8 rows), over
+    `calibration_weights`."""
     if _onednn_op() is None:
         return False
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(1536, 576, generator=g) for _ in range(8)]
+    weights = calibration_weights(g)
     few, many, grad = (torch.randn(8, 576, generator=g), torch.randn(256, 576, generator=g),
                        torch.randn(256, 1536, generator=g))
     pairs = [  # (torch's product, oneDNN's, the speed-up it must reach)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..cpu_linear import MIN_SPEEDUP, best_seconds, machine_key, measured_once
+from ..cpu_linear import MIN_SPEEDUP, best_seconds, calibration_weights, machine_key, measured_once
 
 _LINEAR = F.linear
 CALIBRATION_ROWS = (8, 16, 32, 64)  # decode batches worth checking; above 64 rows the gain measured small or none
@@ -62,10 +62,9 @@ def rows_range() -> range:
 def calibrate() -> range:
     """The row counts for which (W·xᵀ)ᵀ measured ≥ MIN_SPEEDUP × faster than F.linear on this CPU: from 1 (or 2,
     where one row — batch-1 decoding, a matrix-vector product either way — is not faster) up to the largest of
-    CALIBRATION_ROWS before the first that is not; empty = never. Each count is timed over 24 MiB of weights (more
-    than a cache holds, as a model's are)."""
+    CALIBRATION_ROWS before the first that is not; empty = never. Each count is timed over `calibration_weights`."""
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(1536, 576, generator=g) for _ in range(8)]
+    weights = calibration_weights(g)
 
     def faster(rows: int) -> bool:
         x = torch.randn(rows, 576, generator=g)
@@ -87,8 +86,9 @@ def few_row_linear(model: torch.nn.Module):
     """The context a decoding loop runs in. On CPU, where this CPU measured (W·xᵀ)ᵀ faster, every `torch.nn.Linear`
     of `model` with fp32 weights (exactly that class: not bitsandbytes' 4-bit layers; PEFT's LoRA layers are made of
     them) runs `_forward` until the context ends; one that already has its own `forward` (an accelerate hook, or
-    oneDNN's routing where this CPU runs that faster: `rlhf_ext/cpu_linear.py`) is left alone. An instance attribute for the loop's duration, not a TorchFunctionMode: a mode puts a Python call in
-    front of every tensor operation of the step (~3.5 µs × 90 000 per 32-token rollout here)."""
+    oneDNN's routing where this CPU runs that faster: `rlhf_ext/cpu_linear.py`) is left alone. An instance attribute
+    for the loop's duration, not a TorchFunctionMode: a mode puts a Python call in front of every tensor operation of
+    the step (~3.5 µs × 90 000 per 32-token rollout here)."""
     patched = []
     try:
         linears = [] if torch.is_autocast_enabled("cpu") else [
