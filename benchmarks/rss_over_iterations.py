@@ -14,15 +14,19 @@ from the first iteration to the last and over the second half.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
+from pathlib import Path
 
 import _common  # noqa: F401  (offline env, flush denormals)
 from _common import baseline_prompts
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from gpu_check import rss_bytes  # noqa: E402  (the current RSS, as memory_plan_check.py reads it)
+
 
 def rss_mib() -> float:
-    with open("/proc/self/statm", encoding="utf-8") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+    return rss_bytes("VmRSS") / 2**20
 
 
 def main():
