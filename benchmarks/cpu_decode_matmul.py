@@ -3,6 +3,9 @@ uses while decoding where it measures faster.
 
     python benchmarks/cpu_decode_matmul.py             # the matmuls alone, SmolLM2-135M's weight shapes
     python benchmarks/cpu_decode_matmul.py --rollout   # + the throughput benchmark's 32-token rollout, both orders
+    python benchmarks/cpu_decode_matmul.py --packed --rows 1,8,32,64   # unpacked against prepacked weights,
+                                                                        # fp32 and bf16
+    python benchmarks/cpu_decode_matmul.py --packed --rollout --precision bf16   # + the rollout, packed or not
 
 The matmuls: one pass over SmolLM2-135M's 211 weight matrices (30 layers × q, k, v, o, gate, up, down, and the LM
 head: 545 MB in fp32, more than any cache) at M rows, best of 5, fp32, torch's threads as set. "(W·xᵀ)ᵀ" includes
@@ -10,6 +13,10 @@ making the result contiguous, as the model's next operations need it. Then the c
 range this machine keeps (`rows_range()`, what the trainer uses). `--rollout`: the throughput benchmark's trainer
 (ppo_throughput.py, fp32, all-layer LoRA), its first batch sampled 32 tokens at a time with the few-row order on and
 off, alternated `--repeats` times.
+`--packed`: the same pass over the weights in fp32 and bf16 from F.linear, from oneDNN with the weights as they are
+(`onednn_product`), and from copies packed once by oneDNN (`packed_weight`, what decoding uses where it pays:
+cpu_matmul.py), the time to pack all 211, and this machine's kept `packing_costs`; with `--rollout`, the rollout in
+`--precision` with packing on and off, alternated.
 """
 
 from __future__ import annotations
@@ -65,14 +72,75 @@ def rollout_ab(repeats: int):
     print(f"  speed-up {median(off) / median(on):.2f}×")
 
 
+def packed_table(rows_list):
+    g = torch.Generator().manual_seed(0)
+    flops_per_row = sum(2 * o * i for o, i in SHAPES)
+    for dtype in cpu_matmul.PACKABLE:
+        weights = [torch.randn(*s, generator=g).to(dtype) for s in SHAPES]
+        print(f"\n{str(dtype).removeprefix('torch.')}: {sum(w.nbytes for w in weights) / 2**20:.0f} MiB of weights")
+        print(f"{'rows':>5} | {'pack ms':>7} | {'F.linear ms':>11} | {'oneDNN ms':>9} | {'packed ms':>9} | "
+              f"{'packed GFLOP/s':>14} | packed vs the faster unpacked")
+        with torch.no_grad():
+            for m in rows_list:
+                x = {i: torch.randn(m, i, generator=g).to(dtype) for i in (576, 1536)}
+                t0 = time.perf_counter()
+                packed = [cpu_matmul.packed_weight(w, m) for w in weights]
+                pack = time.perf_counter() - t0
+                plain = cpu_matmul.best_seconds(lambda: [F.linear(x[w.shape[1]], w) for w in weights])
+                onednn = cpu_matmul.best_seconds(
+                    lambda: [cpu_matmul.onednn_product(x[w.shape[1]], w) for w in weights])
+                fast = cpu_matmul.best_seconds(
+                    lambda: [cpu_matmul.onednn_product(x[w.shape[1]], p) for w, p in zip(weights, packed)])
+                print(f"{m:>5} | {pack * 1e3:>7.1f} | {plain * 1e3:>11.2f} | {onednn * 1e3:>9.2f} | "
+                      f"{fast * 1e3:>9.2f} | {flops_per_row * m / fast / 1e9:>14.1f} | "
+                      f"{min(plain, onednn) / fast:.2f}×", flush=True)
+                del packed
+        plain, fast, pack = cpu_matmul.packing_costs(dtype)
+        print(f"kept packing_costs: 8-row products over the calibration weights {plain * 1e3:.2f} ms unpacked, "
+              f"{fast * 1e3:.2f} ms packed, packing {pack * 1e3:.2f} ms: pays after "
+              f"{pack / max(plain - fast, 1e-12):.0f} steps" if plain > fast else "never pays")
+
+
+def rollout_packed_ab(precision: str, repeats: int):
+    from ppo_throughput import trainer_at
+
+    tr = trainer_at(precision)
+    batch = tr._next_prompts()
+    times = {"onednn": [], "off": []}
+    off = lambda dtype, steps, backend: False  # noqa: E731
+    pays = cpu_matmul._packing_pays
+    tr.policy.cpu_matmul_backend = "onednn"  # packing forced on; off below by the decision itself
+    tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)  # first-use costs out of the timing
+    for _ in range(repeats):
+        for key, decide in (("onednn", pays), ("off", off)):
+            cpu_matmul._packing_pays = decide
+            t0 = time.perf_counter()
+            tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)
+            times[key].append(time.perf_counter() - t0)
+    cpu_matmul._packing_pays = pays
+    on, no = times["onednn"], times["off"]
+    runs = lambda ts: ", ".join(f"{t:.2f}" for t in ts)  # noqa: E731
+    print(f"\n32-token rollout of {len(batch)} prompts (ppo_throughput's trainer, {precision}), {repeats} alternated:")
+    print(f"  packed weights (packing included): median {median(on):.3f} s  ({runs(on)})")
+    print(f"  unpacked:                          median {median(no):.3f} s  ({runs(no)})")
+    print(f"  speed-up {median(no) / median(on):.2f}×")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,424", help="comma list of row counts")
     ap.add_argument("--rollout", action="store_true", help="also time the throughput benchmark's rollout")
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--packed", action="store_true", help="unpacked against packed weights (fp32 and bf16)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--packed --rollout's trainer")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.packed:
+        packed_table([int(r) for r in args.rows.split(",")])
+        if args.rollout:
+            rollout_packed_ab(args.precision, args.repeats)
+        return 0
     matmul_table([int(r) for r in args.rows.split(",")])
     t0 = time.perf_counter()
     now = cpu_matmul.calibrate()

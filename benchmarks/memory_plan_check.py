@@ -276,7 +276,8 @@ def worker(name: str, iterations: int) -> dict:
     res = run_case(shape, precision=model_precision, device="cpu", iterations=iterations, measure="rss",
                    on_baseline=meter.start, cpu_matmul_backend=MATMULS, **opts)
     measured_phases = meter.finish()  # the meter resets VmHWM: the whole-run peak is the largest phase's
-    plan = estimate(shape, dtype=dtype, bf16=autocast, load_in_4bit=four_bit, device="cpu", **opts)
+    plan = estimate(shape, dtype=dtype, bf16=autocast, load_in_4bit=four_bit, device="cpu",
+                    cpu_matmul_backend=MATMULS, **opts)
     return {"name": name, "precision": precision, "measured": max(measured_phases.values()),
             "planned": plan["peak_allocated"], "peak_phase": plan["peak_phase"],
             "measured_peak_phase": max(measured_phases, key=measured_phases.get),

@@ -7,7 +7,8 @@ The two compute the same distribution in a different order of operations, so the
 measures how much, in the precisions PPOTrainer runs in, beside two kinds of logits processing the start-up check
 must still catch (a repetition penalty of 1.1; sampling at T = 1 while training at T = 0.95), and in fp32 also
 through rlhf_ext's CPU decoding loop with its few-row matmuls forced on (rlhf_ext/ppo/cpu_matmul.py) and with the
-frozen base's matmuls through oneDNN (rlhf_ext/cpu_linear.py), both passes. The tolerances in
+frozen base's matmuls through oneDNN (rlhf_ext/cpu_linear.py), both passes; in fp32 (oneDNN) and bf16 also with
+decoding from packed weights (cpu_matmul.py, forced on). The tolerances in
 `rlhf_ext/precision.py` (SAMPLING_KL_TOLERANCE) come from this table. Prints one row per setting:
 mean and max per-token KL(generate ‖ training forward), max |Δ log p| (all tokens, and tokens with p > 1e-3),
 max total variation.
@@ -28,6 +29,8 @@ from rlhf_ext.ppo.sampling import decode
 
 
 ONEDNN = "fp32, the frozen base's matmuls through oneDNN (cpu_linear.py), rlhf_ext's CPU decoding loop"
+UNPACKED = {"custom_generate": decode, "cpu_matmul_backend": "torch"}  # rlhf_ext's loop, weights as they are
+PACKED = {"custom_generate": decode, "cpu_matmul_backend": "onednn"}  # rlhf_ext's loop from packed weights
 
 
 def measure(model, enc, pad_id, tokens, ctx, extra=None, train_temperature=1.0) -> dict:
@@ -75,10 +78,12 @@ def main(argv=None) -> int:
         rows = [(name, {}, 1.0)]
         if name == ONEDNN:  # frozen, as the trainer's base is: only frozen layers take oneDNN (cpu_linear.py)
             route_frozen_linears(model.requires_grad_(False), "onednn")
-            rows = [(name, {"custom_generate": decode}, 1.0)]
+            rows = [(name, UNPACKED, 1.0), (f"{ONEDNN} from packed weights (cpu_matmul.py)", PACKED, 1.0)]
+        if name == "bf16 weights":  # frozen: only frozen layers are packed
+            rows += [("bf16 weights, rlhf_ext's CPU decoding loop from packed weights (cpu_matmul.py)", PACKED, 1.0)]
+            model.requires_grad_(False)
         if name == "fp32":
-            rows += [("fp32, rlhf_ext's CPU decoding loop, few-row matmuls as (W·xᵀ)ᵀ", {"custom_generate": decode},
-                      1.0),
+            rows += [("fp32, rlhf_ext's CPU decoding loop, few-row matmuls as (W·xᵀ)ᵀ", UNPACKED, 1.0),
                      ("fp32, repetition penalty 1.1 in generate", {"repetition_penalty": 1.1}, 1.0),
                      ("fp32, trained at T = 0.95, sampled at T = 1", {}, 0.95)]
         for label, extra, t_train in rows:

@@ -3,6 +3,7 @@ decoding loop, only where they may (fp32, no gradient, no autocast, few rows, pl
 them still passes the start-up check against the training forward. The speed is measured by
 benchmarks/cpu_decode_matmul.py, not here."""
 
+import functools
 import json
 
 import pytest
@@ -134,3 +135,153 @@ def test_the_calibration_is_measured_once_per_machine_and_kept(tmp_path, monkeyp
         assert new_process() == range(2, 17) and len(measured) == 4
     finally:
         cpu_matmul.rows_range.cache_clear()
+
+
+# -- prepacked weights ---------------------------------------------------------------------------------------------
+needs_packing = pytest.mark.skipif(cpu_matmul._pack_op() is None, reason="this torch build has no oneDNN packing")
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", cpu_matmul.PACKABLE)
+@pytest.mark.parametrize("rows", [1, 3, 8, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_weight_computes_the_linear(dtype, rows, bias):
+    """The product from the packed copy against float64 from the same (rounded) inputs: each output one dot product
+    rounded once to `dtype` — and against torch's own product in that dtype, to its rounding."""
+    g = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(96, 40, bias=bias).to(dtype).requires_grad_(False)
+    x = torch.randn(rows, 1, 96, generator=g).to(dtype)
+    packed = cpu_matmul.packed_weight(layer.weight, rows)
+    with torch.no_grad():
+        y = cpu_matmul._packed_forward(layer, packed, layer.forward, x)
+    exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    assert y.shape == (rows, 1, 40) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), exact, **TOLERANCE[dtype])
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), **TOLERANCE[dtype])
+
+
+@needs_packing
+def test_outside_its_cases_a_packed_module_runs_its_own_forward():
+    """With gradients, more than PACKED_ROWS rows, or an input of another dtype outside autocast: the forward the
+    module had (here a spy, which then refuses the mixed dtypes as F.linear does). Under CPU autocast to the packed dtype an fp32 input is cast first, as F.linear's is."""
+    layer = torch.nn.Linear(32, 16).to(torch.bfloat16).requires_grad_(False)
+    calls = []
+
+    def plain(x):
+        calls.append(tuple(x.shape))
+        return F.linear(x, layer.weight, layer.bias)
+
+    packed = cpu_matmul.packed_weight(layer.weight, 8)
+    few, many = torch.randn(8, 32).to(torch.bfloat16), torch.randn(cpu_matmul.PACKED_ROWS + 1, 32).to(torch.bfloat16)
+    fwd = functools.partial(cpu_matmul._packed_forward, layer, packed, plain)
+    fwd(few)
+    assert calls == [(8, 32)]  # gradients on
+    with torch.no_grad():
+        fwd(many)
+        with pytest.raises(RuntimeError, match="dtype"):  # what F.linear says of mixed dtypes, as without packing
+            fwd(few.float())
+        assert calls == [(8, 32), (cpu_matmul.PACKED_ROWS + 1, 32), (8, 32)]
+        fwd(few)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fwd(few.float())
+            assert torch.equal(y, F.linear(few.float(), layer.weight, layer.bias))
+        assert len(calls) == 3
+
+
+def _frozen_lora_model(tok, dtype):
+    model = get_peft_model(tiny_model_for("llama3", tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    return model.to(dtype)
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", cpu_matmul.PACKABLE)
+def test_packing_covers_the_frozen_plain_linears_for_the_loop_only(tok, monkeypatch, dtype):
+    """Inside: every frozen plain nn.Linear (the base's layers and LM head, oneDNN-routed ones too) computes from a
+    packed copy; LoRA's trainable A/B and a module with its own forward (an accelerate hook) do not. After — also
+    after an exception — each module has the forward it had: none, or oneDNN's routing."""
+    monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
+    model = _frozen_lora_model(tok, dtype)
+    linears = _linears(model)
+    frozen = [m for m in linears if not m.weight.requires_grad]
+    hooked, routed = frozen[0], frozen[1]
+    hooked.forward = hooked_forward = lambda x: F.linear(x, hooked.weight)
+    routed.forward = routed_forward = functools.partial(cpu_linear._forward, routed)
+    with pytest.raises(RuntimeError, match="stop"), few_row_linear(model, steps=31, rows=2, backend="onednn"):
+        packed = [m for m in linears if getattr(m.__dict__.get("forward"), "func", None) is cpu_matmul._packed_forward]
+        assert packed == [m for m in frozen if m is not hooked] and len(packed) >= 2
+        assert routed.forward.args[2] is routed_forward  # its fallback: the routing it had
+        assert hooked.forward is hooked_forward
+        raise RuntimeError("stop")
+    assert {m: m.__dict__.get("forward") for m in linears} == {
+        m: {hooked: hooked_forward, routed: routed_forward}.get(m) for m in linears}
+
+
+def test_packing_is_chosen_where_it_pays(tok, monkeypatch):
+    """"auto" packs where the calibration measured the packed product ≥ MIN_SPEEDUP × faster and the decode's steps
+    repay the packing; "onednn" always, "torch" never; nothing when the copies would pass 1/PACK_MEMORY_SHARE of the
+    machine's memory."""
+    costs = {torch.float32: (2.0, 1.0, 10.0), torch.bfloat16: (1.05, 1.0, 0.0)}  # fp32 pays after 10 steps; bf16 never
+    monkeypatch.setattr(cpu_matmul, "packing_costs", costs.__getitem__)
+    monkeypatch.setattr(cpu_matmul, "_pack_op", lambda: object())
+    pays = cpu_matmul._packing_pays
+    assert [pays(torch.float32, n, "auto") for n in (0, 9, 10, 500)] == [False, False, True, True]
+    assert not pays(torch.bfloat16, 500, "auto")
+    assert pays(torch.bfloat16, 1, "onednn") and not pays(torch.float32, 500, "torch")
+    model = _frozen_lora_model(tok, torch.float32)
+    frozen = [m for m in _linears(model) if not m.weight.requires_grad]
+    assert cpu_matmul._packed_linears(model, 10, "auto") == frozen
+    assert cpu_matmul._packed_linears(model, 9, "auto") == [] == cpu_matmul._packed_linears(model, 500, "torch")
+    size = sum(m.weight.numel() * 4 for m in frozen)
+    monkeypatch.setattr(cpu_matmul, "memory_bytes", lambda: size * cpu_matmul.PACK_MEMORY_SHARE)
+    assert cpu_matmul._packed_linears(model, 10, "onednn") == frozen
+    monkeypatch.setattr(cpu_matmul, "memory_bytes", lambda: size * cpu_matmul.PACK_MEMORY_SHARE - 1)
+    assert cpu_matmul._packed_linears(model, 10, "onednn") == []
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", cpu_matmul.PACKABLE)
+@pytest.mark.parametrize("arch", ["llama3", "qwen2.5", "phi3", "gpt2"])
+def test_decoding_from_packed_weights_samples_what_unpacked_weights_sample(arch, dtype, tok, monkeypatch):
+    """Both loops are ours and draw alike; with every frozen layer packed ("onednn") the tokens are those of the
+    unpacked loop ("torch") and every step's scores theirs to the dtype's rounding."""
+    monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
+    model = tiny_model_for(arch, tok, seed=3).eval().to(dtype).requires_grad_(False)
+    ids = torch.randint(5, len(tok), (3, 7), generator=torch.Generator().manual_seed(5))
+    used = []
+    real = cpu_matmul.packed_weight
+    monkeypatch.setattr(cpu_matmul, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
+    with torch.no_grad():
+        ours, theirs = (_generate(model, ids, torch.ones_like(ids), None, True, seed=0, cpu_matmul_backend=b)
+                        for b in ("onednn", "torch"))
+    assert used and set(used) == {3}  # packed for the decode's 3 rows, only where asked
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores, strict=True):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+
+
+@needs_packing
+def test_the_packing_calibration_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_EXT_CACHE", str(tmp_path))
+    first = {d: cpu_matmul.packing_costs(d) for d in cpu_matmul.PACKABLE}
+    assert all(len(c) == 3 and all(t > 0 for t in c) for c in first.values())
+    keys = set(json.loads((tmp_path / "cpu_matmul.json").read_text()))
+    assert keys == {f"{cpu_matmul.machine_key()} | packed decode {d}" for d in ("float32", "bfloat16")}
+    monkeypatch.setattr(cpu_matmul, "packed_weight", lambda *a: pytest.fail("measured again"))
+    assert {d: cpu_matmul.packing_costs(d) for d in cpu_matmul.PACKABLE} == first  # read, not measured
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_ppo_decodes_from_packed_weights_unless_told_not_to(tmp_path, tok, tiny_path, monkeypatch, backend):
+    """PPO passes its `cpu_matmul_backend` to the decoding loop: where packing pays, its rollouts and the start-up
+    check sample from packed weights, within the tolerance of the training forward; "torch" packs nothing."""
+    monkeypatch.setattr(cpu_matmul, "_packing_pays", lambda dtype, steps, b: b != "torch")
+    used = []
+    real = cpu_matmul.packed_weight
+    monkeypatch.setattr(cpu_matmul, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
+    tr = trainer(tmp_path, tok, tiny_path, max_steps=1, cpu_matmul_backend=backend)
+    s = tr.startup
+    assert s["sampling_vs_training"] <= s["sampling_vs_training_tolerance"] and s["training_vs_reference"] <= 1e-9
+    used.clear()
+    tr._rollout(tr._next_prompts())
+    assert bool(used) == (backend == "auto" and cpu_matmul._pack_op() is not None)

@@ -240,8 +240,11 @@ def test_moments_follow_the_trainer_hand_computed():
     ph = {k: v["total"] for k, v in est["phases"].items()}
     # generation: nothing of the previous rollout (its reference logits) is alive any more
     assert "reference_logits" not in est["phases"]["generation"]["parts"]
+    # + decoding's packed fp32 copies of the layers' linears (q, k, v, o, gate, up, down) and the LM head, on CPU
+    packed = 4 * (2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 256) + V * 64)
+    assert est["phases"]["generation"]["parts"]["packed_weights"] == packed == est["components"]["packed_weights"]
     assert ph["generation"] == common + plan.kv_cache_bytes(TINY, B, T, 4) + max(
-        plan.inference_working_bytes(TINY, B, P, a=4), 2 * 2 * 32 * T * B * 4 // 2) + 16 * B * V
+        plan.inference_working_bytes(TINY, B, P, a=4), 2 * 2 * 32 * T * B * 4 // 2) + 16 * B * V + packed
     assert ph["reference pass"] == common + max(nograd, fwd, logit)  # z is the tensor the rollout keeps
     # training step: the reference logits (kept) + activations + ONE logits tensor + the backward's gradient
     assert ph["training step"] == common + logit + act + max(fwd, logit + plan.loss_transient_bytes(B, R, V),
@@ -250,6 +253,21 @@ def test_moments_follow_the_trainer_hand_computed():
     # monitor: the rollout's reference logits + 2 rows' logits (policy, reference) + one sequence's KL
     assert ph["monitor"] >= common + logit + 2 * 4 * 2 * R * V + 40 * R * V
     assert "monitor" not in plan.estimate(TINY, batch=B, monitor_max_queue=0)["phases"]
+
+
+def test_decoding_packed_copies_are_counted_on_cpu_in_the_dtypes_it_packs():
+    """On CPU the generation phase holds the packed copies of the frozen linears and LM head in the weights' dtype
+    (bf16: half of fp32's); none on a GPU, on a 4-bit base, for fp16 or with cpu_matmul_backend="torch"; GPT-2's Conv1D layers are not packed, its
+    head is."""
+    packed = lambda shape, **kw: plan.estimate(shape, batch=2, prompt_length=8, completion_length=8, **kw)[  # noqa
+        "components"]["packed_weights"]
+    fp32 = packed(TINY, dtype="fp32", device="cpu")
+    assert fp32 > 0 and packed(TINY, dtype="bf16", device="cpu") * 2 == fp32
+    assert packed(TINY, dtype="fp32") == packed(TINY, dtype="fp16", device="cpu") == 0
+    assert packed(TINY, load_in_4bit=True, device="cpu") == 0
+    assert packed(TINY, dtype="fp32", device="cpu", cpu_matmul_backend="torch") == 0  # decoding packs nothing then
+    gpt2 = plan.load_shape("gpt2")
+    assert packed(gpt2, dtype="fp32", device="cpu") == 4 * gpt2["vocab_size"] * gpt2["hidden_size"]
 
 
 def test_epochs_do_not_add_logits_and_minibatches_free_the_full_batch():

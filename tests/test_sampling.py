@@ -69,9 +69,11 @@ def test_decode_is_transformers_loop_token_for_token(arch, tok, monkeypatch):
     """Both loops draw with `draw` (torch.multinomial patched to it): the same prefill, cache, input preparation and
     stopping give the same tokens and the same scores. With EOS set to the second token row 1 drew without one, the
     same seed makes row 1 finish after two tokens, so the padding of finished rows is covered too. Bit for bit, so
-    with decoding's few-row matmuls in torch's own order (tests/test_cpu_matmul.py covers the other order)."""
+    with decoding's few-row matmuls in torch's own order and unpacked weights (tests/test_cpu_matmul.py covers the
+    others)."""
     monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: draw(probs)[:, None])
     monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
+    monkeypatch.setattr(cpu_matmul, "_packing_pays", lambda *a: False)
     model = tiny_model_for(arch, tok, seed=3).eval()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(5, len(tok), (3, 7), generator=g)
@@ -94,6 +96,7 @@ def test_decode_without_a_cache_is_transformers_loop_too(tok, monkeypatch):
     """use_cache=False: every step feeds the whole sequence (`next_sequence_length` None), as transformers does."""
     monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: draw(probs)[:, None])
     monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
+    monkeypatch.setattr(cpu_matmul, "_packing_pays", lambda *a: False)
     model = tiny_model_for("llama3", tok, seed=3).eval()
     ids = torch.randint(5, len(tok), (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -117,7 +120,8 @@ def test_cpu_decoder_is_offered_on_cpu_only_and_where_transformers_helpers_match
     from transformers.generation.utils import GenerationMixin
 
     model = tiny_model_for("llama3", tok)
-    assert cpu_decoder(model) == {"custom_generate": decode}
+    assert cpu_decoder(model) == {"custom_generate": decode, "cpu_matmul_backend": "auto"}
+    assert cpu_decoder(model, "torch") == {"custom_generate": decode, "cpu_matmul_backend": "torch"}
     with monkeypatch.context() as m:
         m.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
         assert cpu_decoder(model) == {}
@@ -126,7 +130,7 @@ def test_cpu_decoder_is_offered_on_cpu_only_and_where_transformers_helpers_match
         m.setattr(GenerationMixin, "_prefill", lambda self, input_ids, generation_config, model_kwargs: None)
         assert cpu_decoder(model) == {}
         sampling._helpers_match.cache_clear()
-    assert cpu_decoder(model) == {"custom_generate": decode}
+    assert cpu_decoder(model) == {"custom_generate": decode, "cpu_matmul_backend": "auto"}
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -36,7 +36,8 @@ Per process. Under DDP (`accelerate launch`, `--num-processes N`) every process 
 adapters, optimizer state, reward and audit models — for its own batch: the plan is per GPU, the global batch is
 batch × N, and each process adds DDP's gradient buckets (one fp32 copy of the trained parameters).
 
-  generation     weights + trainable state + KV cache + prefill (nothing of the previous rollout is alive)
+  generation     weights + trainable state + KV cache + prefill (nothing of the previous rollout is alive); on CPU
+                 (`device="cpu"`) also decoding's packed copies of the frozen linear weights (ppo/cpu_matmul.py)
   reward scoring weights + … + K reward members scoring min(16, B) texts (× K in adapters mode, one mixed batch),
                  then each separate reward model and each audit model scoring the B texts 16 at a time
   reference pass the reference's logits at the response positions, z/T [B, R, V] in fp32 (kept for the exact KL)
@@ -61,7 +62,7 @@ from .shapes import (GiB, DTYPE_BYTES, DTYPE_NAMES, DTYPE_CHOICES, NF4_BYTES_PER
                      is_gpt2)
 from .sizes import (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK, REWARD_SCORING_BATCH, TARGET_ALIASES, ALL_TARGETS,
                     parameter_counts, base_weight_bytes, normalize_targets, lora_modules, lora_parameter_count,
-                    trainable_bytes, weight_dtype, Precision, precision_of, ScoringModel,
+                    trainable_bytes, weight_dtype, Precision, decode_packed_bytes, precision_of, ScoringModel,
                     layer_activation_bytes_per_token, training_activation_bytes, autocast_weight_copy_bytes,
                     backward_transient_bytes, loss_transient_bytes, inference_working_bytes, kv_cache_bytes,
                     logits_bytes, exact_kl_bytes, forward_logits_bytes, reward_member_bytes, reward_scoring_bytes,

@@ -91,6 +91,8 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
                                               f"{shape['num_key_value_heads']} KV heads, {a} B"
                                               + (f" (keys {est['hidden_bytes']} B)" if est["hidden_bytes"] != a
                                                  and not o["load_in_4bit"] else "")),
+        ("packed weight copies (CPU decoding)", "packed_weights",
+         "the frozen linears and LM head packed by oneDNN while sampling, where that pays (ppo/cpu_matmul.py)"),
         ("activations (training forward)", "activations",
          f"{'with' if o['gradient_checkpointing'] else 'without'} checkpointing; with: "
          f"{est['activations_checkpointing'] / GiB:.2f} GiB, without: "
@@ -106,7 +108,7 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
         ("frozen-prefix cache", "prefix_cache", "hidden state below the adapted layers, [B,P+R,H]"),
     ]
     for label, key, note in rows:
-        if key in ("separate_models", "weight_copies") and not c[key]:
+        if key in ("separate_models", "weight_copies", "packed_weights") and not c[key]:
             continue
         held = at_peak.get(key, 0)
         lines.append(f"{label:46s} {_gib(c[key])} {_gib(held) if held else '       -'}  {note}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .shapes import PlanError, is_gpt2
 from .sizes import (Precision, ScoringModel, autocast_weight_copy_bytes, backward_transient_bytes, base_weight_bytes,
-                    exact_kl_bytes, forward_logits_bytes, inference_working_bytes, kv_cache_bytes, logits_bytes,
+                    decode_packed_bytes, exact_kl_bytes, forward_logits_bytes, inference_working_bytes, kv_cache_bytes, logits_bytes,
                     lora_parameter_count, loss_transient_bytes, normalize_targets, overhead_bytes, parameter_counts,
                     precision_of, reward_member_bytes, reward_scoring_bytes, trainable_bytes, training_activation_bytes,
                     weight_dtype)
@@ -40,6 +40,7 @@ class _Run:
     monitor_max_queue: int
     scorers: list = field(default_factory=list)  # separate reward models, then audit models (ScoringModel)
     device: str = "cuda"
+    packs_for_decoding: bool = True  # PPOConfig.cpu_matmul_backend != "torch" (on CPU)
 
     @property
     def T(self) -> int:
@@ -103,6 +104,10 @@ class _Run:
         return (max(self.nograd(rows, self.P), self.kv_cache(rows) // L) + 16 * rows * self.V
                 + self.head_transient(rows))
 
+    def packed_weights(self) -> int:  # decoding's packed weight copies, on CPU (`decode_packed_bytes`)
+        on = self.device == "cpu" and self.packs_for_decoding
+        return decode_packed_bytes(self.shape, self.prec.weights) if on else 0
+
     def member_scoring(self, rows: int) -> int:  # reward members on the shared base (weights' dtype)
         return reward_scoring_bytes(self.shape, rows, self.T, self.ensemble, self.ensemble_mode, a=self.prec.scoring,
                                     load_in_4bit=self.quantized)
@@ -147,8 +152,9 @@ def _common(static: dict) -> dict:
 
 def _generation(run: _Run, common: dict) -> list[dict]:
     """PolicyAndValue.generate (`self.rollout = None` first: nothing of the previous rollout is alive): the KV cache
-    of B × (P + R) + the generation working set."""
-    return [dict(**common, kv_cache=run.kv_cache(run.B), working_set=run.generation_working_set(run.B))]
+    of B × (P + R) + the generation working set (+ on CPU decoding's packed weight copies)."""
+    return [dict(**common, kv_cache=run.kv_cache(run.B), working_set=run.generation_working_set(run.B),
+                 packed_weights=run.packed_weights())]
 
 
 def _reward_scoring(run: _Run, common: dict) -> list[dict]:
@@ -226,7 +232,8 @@ def _monitor(run: _Run, common: dict) -> list[dict]:
     lq = run.logits(q)
     fwd = run.forward_logits(q)
     scoring = [run.member_scoring(q)] + [m.scoring_bytes(q, run.T) for m in run.scorers]
-    return [dict(rollout, kv_cache=run.kv_cache(q), working_set=run.generation_working_set(q)),
+    return [dict(rollout, kv_cache=run.kv_cache(q), working_set=run.generation_working_set(q),
+                 packed_weights=run.packed_weights()),
             *(dict(rollout, working_set=s) for s in scoring),
             dict(rollout, working_set=max(run.nograd(q, run.T), fwd) + h_q),
             dict(rollout, policy_logits=lq, working_set=fwd + h_q),
@@ -254,14 +261,16 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
              lora_r: int = 16, lora_targets=("q", "k", "v", "o"), lora_top_layers: int = 0,
              gradient_checkpointing: bool = False, critic: str = "shared", ensemble: int = 0,
              ensemble_mode: str = "heads", kl_controller: str = "hard", monitor_max_queue: int = 2,
-             separate_reward_models=(), audit_models=(), num_processes: int = 1, device: str = "cuda") -> dict:
+             separate_reward_models=(), audit_models=(), num_processes: int = 1, device: str = "cuda",
+             cpu_matmul_backend: str = "auto") -> dict:
     """Peak memory of a PPO iteration, per process: bytes per component, per phase, the peak phase and the overhead.
 
     `dtype` has the trainer's semantics (`weight_dtype`: None → float32, "auto" → the config's torch_dtype, or a
     dtype); `bf16` = PPOConfig(bf16=True), autocast around every pass. `separate_reward_models` / `audit_models`:
     'MODEL[@DTYPE]' strings, dicts or ScoringModel (each adds its weights to every phase and its scoring forward to
     the reward-scoring phase and the monitor). `num_processes` > 1: DDP — the same plan per process, + DDP's
-    gradient buckets; the global batch is batch × num_processes.
+    gradient buckets; the global batch is batch × num_processes. `cpu_matmul_backend` (PPOConfig's): on CPU,
+    "torch" means decoding packs no weight copies.
 
     Each phase is the largest of its "moments" — what is alive at one point of PPOTrainer._iteration (or of the
     monitor's review queue after it), read off the code; `monitor_max_queue` = PPOConfig.monitor_max_queue (0: no
@@ -279,6 +288,8 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         raise PlanError(f"batch ({batch}) must be a positive multiple of minibatches ({minibatches}).")
     if num_processes < 1:
         raise PlanError(f"num_processes must be ≥ 1, got {num_processes}.")
+    if cpu_matmul_backend not in ("auto", "onednn", "torch"):
+        raise PlanError(f"cpu_matmul_backend must be 'auto', 'onednn' or 'torch', got {cpu_matmul_backend!r}.")
     prec = precision_of(dtype, load_in_4bit, bf16, shape)
     L = shape["num_hidden_layers"]
     top = lora_top_layers or 0
@@ -291,7 +302,8 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
                checkpointing=gradient_checkpointing, critic=critic, ensemble=ensemble, ensemble_mode=ensemble_mode,
                exact=kl_controller == "hard",
                cache=bool(top) and not is_gpt2(shape),  # frozen-prefix cache: verified off for GPT-2 (positions)
-               monitor_max_queue=monitor_max_queue, scorers=scorers, device=device)
+               monitor_max_queue=monitor_max_queue, scorers=scorers, device=device,
+               packs_for_decoding=cpu_matmul_backend != "torch")
 
     static = _static(run, num_processes)
     common = _common(static)
@@ -310,6 +322,7 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         "base_weights": static["weights"]["total"], "trainable": static["trained"]["total"],
         "reward_members": static["reward_members"], "separate_models": static["separate_models"],
         "activations": run.activations(run.b), "weight_copies": run.weight_copies(), "kv_cache": run.kv_cache(run.B),
+        "packed_weights": run.packed_weights(),
         "reward_scoring": max([run.member_scoring(run.B)] + [m.scoring_bytes(run.B, run.T) for m in scorers]),
         "policy_logits": run.logits(run.B), "reference_logits": run.reference_logits(),
         "exact_kl": run.exact_kl(), "prefix_cache": run.prefix_cache(run.B), "overhead": overhead,
@@ -336,7 +349,7 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
                         monitor_max_queue=monitor_max_queue, separate_reward_models=[m.name for m in scorers
                                                                                      if m.role == "reward"],
                         audit_models=[m.name for m in scorers if m.role == "audit"], num_processes=num_processes,
-                        device=device),
+                        device=device, cpu_matmul_backend=cpu_matmul_backend),
     }
 
 

@@ -66,6 +66,19 @@ def base_weight_bytes(shape: dict, dtype: str = "bf16", load_in_4bit: bool = Fal
             "total": int(packed + constants + rest)}
 
 
+def decode_packed_bytes(shape: dict, weights: str) -> int:
+    """On CPU, decoding's packed copies of the frozen plain linear weights (ppo/cpu_matmul.py), alive while a batch is
+    sampled: the decoder layers' linears (GPT-2's are Conv1D, not packed) and the LM head (V·H, tied or not), in
+    the weights' dtype; 0 for the dtypes it does not pack (fp16) and on a 4-bit base (bitsandbytes' layers are not
+    plain linears). An upper bound: decoding packs only where this CPU measured it paying, within 1/8 of the
+    machine's memory."""
+    if weights not in ("fp32", "bf16"):
+        return 0
+    V, H, *_ = model_dims(shape)
+    linear = 0 if is_gpt2(shape) else parameter_counts(shape)["linear"]
+    return (linear + V * H) * DTYPE_BYTES[weights]
+
+
 def normalize_targets(targets) -> tuple[str, ...]:
     """'q,k,v,o' / ['q_proj', 'v_proj'] / 'all-linear' → canonical short names."""
     if isinstance(targets, str):

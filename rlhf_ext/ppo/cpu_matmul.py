@@ -17,20 +17,37 @@ ratios, the KL penalty and the guard compare — training, θ_old, the reference
 compute one function and the KL at θ₀ is still exactly 0. Sampling then differs from the training forward by fp32
 rounding in the order of a sum, as the KV-cached decode already did; the start-up check measures that gap through
 this very path (`PolicyAndValue._sampled_vs_training`) against the fp32 tolerance (precision.py).
+
+Prepacked weights. oneDNN computes a product from a weight it first rearranges into its blocked layout, and for a
+few-row product that rearranging is most of the work: a decoding step of 8 rows over SmolLM2-135M's [1536, 576] MLP
+weights took 101 µs in bf16 and 142 µs in fp32 (oneDNN) against 51 and 97 µs from a copy rearranged once
+(`torch.ops.mkldnn._reorder_linear_weight`, the packing torch's CPU compiler does), the same bits on this machine
+(`python benchmarks/cpu_decode_matmul.py --packed`). The base is frozen, so `few_row_linear` packs each frozen
+plain `nn.Linear` (weight and bias without gradients, fp32 or bf16) once when decoding starts and drops the copies
+when it ends — when this CPU measured the packed product at least MIN_SPEEDUP × faster and the decode's steps repay
+the packing (`packing_costs`, measured once per machine and dtype), and the copies fit in 1/PACK_MEMORY_SHARE of the
+machine's memory (a fixed share, so one seed samples alike run after run). The benchmark trainer's bf16 rollout of
+8 × 32 tokens: its weights packed in ~45 ms, its generation ~0.17 s shorter. Training passes keep their products:
+a packed copy beside the weights would cost the base's size again for a 6–10 % faster product.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from ..cpu_linear import MIN_SPEEDUP, best_seconds, calibration_weights, machine_key, measured_once
+from ..cpu_linear import (MIN_SPEEDUP, _onednn_op, best_seconds, calibration_weights, check_backend, is_routed,
+                          machine_key, measured_once, onednn_product)
 
 _LINEAR = F.linear
 CALIBRATION_ROWS = (8, 16, 32, 64)  # decode batches worth checking; above 64 rows the gain measured small or none
+PACKED_ROWS = 64  # the packed forward serves products of up to this many rows (decoding steps); more: the plain one
+PACK_MEMORY_SHARE = 8  # the packed copies may take at most 1/8 of the machine's memory
+PACKABLE = (torch.float32, torch.bfloat16)
 
 
 def tall_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,24 +98,122 @@ def calibrate() -> range:
         return range(1 if limit and faster(1) else 2, limit + 1)
 
 
-@contextmanager
-def few_row_linear(model: torch.nn.Module):
-    """The context a decoding loop runs in. On CPU, where this CPU measured (W·xᵀ)ᵀ faster, every `torch.nn.Linear`
-    of `model` with fp32 weights (exactly that class: not bitsandbytes' 4-bit layers; PEFT's LoRA layers are made of
-    them) runs `_forward` until the context ends; one that already has its own `forward` (an accelerate hook, or
-    oneDNN's routing where this CPU runs that faster: `rlhf_ext/cpu_linear.py`) is left alone. An instance attribute
-    for the loop's duration, not a TorchFunctionMode: a mode puts a Python call in front of every tensor operation of
-    the step (~3.5 µs × 90 000 per 32-token rollout here)."""
-    patched = []
+# -- prepacked weights ---------------------------------------------------------------------------------------------
+@functools.cache
+def _pack_op():
+    """torch's oneDNN weight packing for linears (a private op of torch's CPU compiler), or None without oneDNN."""
+    if _onednn_op() is None:
+        return None
+    return getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+
+
+def packed_weight(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w [out, in] rearranged once into oneDNN's layout for products of about `rows` rows (an opaque tensor that only
+    `onednn_product` reads)."""
+    return _pack_op()(w.detach(), rows)
+
+
+def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, plain, x: torch.Tensor) -> torch.Tensor:
+    """A packed module's forward while decoding: the product from the packed copy for a no-gradient product of up to
+    PACKED_ROWS rows in the weight's dtype (autocast's cast to it made here, as `F.linear` would have had it made);
+    `plain` — the forward it had before — otherwise."""
+    if x.numel() // max(1, x.shape[-1]) <= PACKED_ROWS and not torch.is_grad_enabled() and x.device.type == "cpu":
+        if (x.dtype != packed.dtype and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == packed.dtype):
+            x = x.to(packed.dtype)
+        if x.dtype == packed.dtype:
+            return onednn_product(x.contiguous(), packed, module.bias)
+    return plain(x)
+
+
+def packing_costs(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(an 8-row product's seconds over `calibration_weights` in `dtype` the fastest unpacked way — torch's or
+    oneDNN's —, the same from packed copies, packing them), measured once per machine and dtype and kept."""
+    def measure():
+        g = torch.Generator().manual_seed(0)
+        weights = [w.to(dtype) for w in calibration_weights(g)]
+        x = torch.randn(8, 576, generator=g).to(dtype)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            packed = [packed_weight(w, 8) for w in weights]
+            pack = time.perf_counter() - t0
+            onednn_product(x, packed[0])  # first-use costs out of the timing
+            plain = min(best_seconds(lambda: [_LINEAR(x, w) for w in weights]),
+                        best_seconds(lambda: [onednn_product(x, w) for w in weights]))
+            return [plain, best_seconds(lambda: [onednn_product(x, p) for p in packed]), pack]
+
+    key = f"{machine_key()} | packed decode {str(dtype).removeprefix('torch.')}"
+    return tuple(measured_once(key, measure, lambda v: tuple(float(t) for t in v)))
+
+
+def memory_bytes() -> int:
+    """This machine's memory (MemTotal), or 0 where /proc/meminfo cannot be read."""
     try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _packing_pays(dtype: torch.dtype, steps: int, backend: str) -> bool:
+    """Whether a decode of `steps` steps packs its `dtype` weights: "onednn" says yes, "torch" no; "auto" where this
+    CPU measured the packed product ≥ MIN_SPEEDUP × faster and `steps` of that gain repay the packing."""
+    if backend != "auto" or steps < 1:
+        return backend == "onednn" and steps >= 1
+    plain, packed, pack = packing_costs(dtype)
+    return plain >= MIN_SPEEDUP * packed and steps * (plain - packed) >= pack
+
+
+def _packed_linears(model: torch.nn.Module, steps: int, backend: str) -> list[torch.nn.Linear]:
+    """The frozen plain `nn.Linear`s of `model` a decode of `steps` steps packs (module docstring); [] where there is
+    no packing op, the copies would take more than 1/PACK_MEMORY_SHARE of the memory, or packing does not pay."""
+    if backend == "torch" or _pack_op() is None:
+        return []
+    frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in PACKABLE
+              and m.weight.device.type == "cpu" and not m.weight.requires_grad
+              and (m.bias is None or (not m.bias.requires_grad and m.bias.dtype == m.weight.dtype))
+              and ("forward" not in m.__dict__ or is_routed(m))]
+    total = sum(m.weight.numel() * m.weight.element_size() for m in frozen)
+    if not frozen or total > memory_bytes() / PACK_MEMORY_SHARE:
+        return []
+    dtypes = {m.weight.dtype for m in frozen}
+    pays = {d for d in dtypes if _packing_pays(d, steps, backend)}
+    return [m for m in frozen if m.weight.dtype in pays]
+
+
+@contextmanager
+def few_row_linear(model: torch.nn.Module, steps: int = 0, rows: int = 8, backend: str = "auto"):
+    """The context a decoding loop of `steps` steps over `rows` sequences runs in, on CPU. The frozen plain
+    `nn.Linear`s whose packing pays (`_packed_linears`: fp32 or bf16, oneDNN's routing of the base included) compute
+    from copies packed for `rows` rows; of the others, where this CPU measured (W·xᵀ)ᵀ faster, every
+    `torch.nn.Linear` of `model` with fp32 weights (exactly that class: not bitsandbytes' 4-bit layers; PEFT's LoRA
+    layers are made of them) runs `_forward`; a module with its own `forward` (an accelerate hook, or oneDNN's
+    routing: `rlhf_ext/cpu_linear.py`) keeps it. Instance attributes for the loop's duration, restored after, not a
+    TorchFunctionMode: a mode puts a Python call in front of every tensor operation of the step (~3.5 µs × 90 000
+    per 32-token rollout here). `backend`: `PPOConfig.cpu_matmul_backend` ("torch": no packing)."""
+    check_backend(backend)
+    saved = {}  # module → the instance forward it had (None: none)
+    try:
+        with torch.no_grad():
+            for m in _packed_linears(model, steps, backend):
+                plain = m.__dict__.get("forward")
+                saved[m] = plain
+                m.forward = functools.partial(_packed_forward, m, packed_weight(m.weight, max(1, rows)),
+                                              plain or functools.partial(torch.nn.Linear.forward, m))
         linears = [] if torch.is_autocast_enabled("cpu") else [
             m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
             and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
-        rows = rows_range() if linears else range(0)  # measured only where there is something to use it on
-        for m in linears if rows else ():
-            m.forward = functools.partial(_forward, m, rows)
-            patched.append(m)
+        few = rows_range() if linears else range(0)  # measured only where there is something to use it on
+        for m in linears if few else ():
+            saved[m] = None
+            m.forward = functools.partial(_forward, m, few)
         yield
     finally:
-        for m in patched:
-            del m.forward
+        for m, plain in saved.items():
+            if plain is None:
+                del m.forward
+            else:
+                m.forward = plain

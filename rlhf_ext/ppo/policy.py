@@ -107,7 +107,8 @@ class PolicyAndValue(nn.Module):
     """
 
     def __init__(self, peft, value_head: nn.Module, critic: str, temperature: float, exact_training: bool = True,
-                 autocast: torch.dtype | None = None, pad_id: int = 0, cpu_sampling: bool = True):
+                 autocast: torch.dtype | None = None, pad_id: int = 0, cpu_sampling: bool = True,
+                 cpu_matmul_backend: str = "auto"):
         super().__init__()
         self.peft, self.value_head = peft, value_head
         self.critic, self.temperature, self.exact_training = critic, temperature, exact_training
@@ -117,6 +118,7 @@ class PolicyAndValue(nn.Module):
         self.split = None  # SplitTrunk when the frozen-prefix cache is on
         self.share_prefix = False  # run a batch's shared prompt prefix once per pass (verify_shared_prefix)
         self.cpu_sampling = cpu_sampling  # on CPU, draw tokens without torch.multinomial (sampling.py)
+        self.cpu_matmul_backend = cpu_matmul_backend  # on CPU, who computes decoding's products (cpu_matmul.py)
         base = peft.get_base_model()
         self._keep_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._cache_kw, self._window = cache_argument(base), sliding_window(base)
@@ -288,7 +290,7 @@ class PolicyAndValue(nn.Module):
         """Pure ancestral sampling from softmax(z/T): every logits processor a model's generation_config might add
         (top-k 50, repetition penalty, minimum length, …) is switched off, so `generate` samples exactly π. On CPU the
         decoding loop draws tokens without torch.multinomial (`sampling.py`)."""
-        loop = cpu_decoder(self.peft) if self.cpu_sampling else {}
+        loop = cpu_decoder(self.peft, self.cpu_matmul_backend) if self.cpu_sampling else {}
         return dict(**loop, do_sample=True, temperature=self.temperature, top_p=top_p, top_k=0, min_length=0,
                     min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
                     suppress_tokens=None, begin_suppress_tokens=None, typical_p=1.0, epsilon_cutoff=0.0,

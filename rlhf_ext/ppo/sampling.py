@@ -47,10 +47,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus: bool = False,
-           streamer=None, **model_kwargs):
+           streamer=None, cpu_matmul_backend: str = "auto", **model_kwargs):
     """transformers 5's `GenerationMixin._sample` for a decoder-only model sampling ancestrally, with `draw` in
-    place of `torch.multinomial`; anything else (a streamer, synced GPUs, greedy decoding, a compiled forward)
-    runs transformers' own loop."""
+    place of `torch.multinomial` and the steps' matmuls as `cpu_matmul.few_row_linear` computes them
+    (`cpu_matmul_backend`: `PPOConfig.cpu_matmul_backend`); anything else (a streamer, synced GPUs, greedy decoding,
+    a compiled forward) runs transformers' own loop."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
     cfg = generation_config
@@ -63,7 +64,8 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     pads_finished = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     scores = () if cfg.return_dict_in_generate and cfg.output_scores else None
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    with few_row_linear(model):  # a step's few rows in the faster operand order (cpu_matmul)
+    steps = (cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - input_ids.shape[1]) - 1
+    with few_row_linear(model, steps, input_ids.shape[0], cpu_matmul_backend):  # the steps' few-row products
         outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=True)
         while True:
             model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
@@ -101,7 +103,9 @@ def _helpers_match() -> bool:
     return "is_first_iteration" in prefill and "next_sequence_length" in prepare
 
 
-def cpu_decoder(model) -> dict:
-    """{"custom_generate": decode} for `generate` when the model runs on CPU and transformers' helpers are the ones
-    `decode` calls; {} otherwise (transformers' own loop)."""
-    return {"custom_generate": decode} if model.device.type == "cpu" and _helpers_match() else {}
+def cpu_decoder(model, matmul_backend: str = "auto") -> dict:
+    """{"custom_generate": decode, "cpu_matmul_backend": matmul_backend} for `generate` when the model runs on CPU
+    and transformers' helpers are the ones `decode` calls; {} otherwise (transformers' own loop)."""
+    if model.device.type == "cpu" and _helpers_match():
+        return {"custom_generate": decode, "cpu_matmul_backend": matmul_backend}
+    return {}

@@ -185,7 +185,8 @@ class PPOTrainer(Trainer):
         autocast = autocast_dtype(args.mixed_precision)
         self.policy = PolicyAndValue(model, value_head, args.critic, args.temperature,
                                      exact_training=args.disable_dropout, autocast=autocast,
-                                     pad_id=model_pad_id(self.tokenizer, model), cpu_sampling=args.cpu_fast_sampling)
+                                     pad_id=model_pad_id(self.tokenizer, model), cpu_sampling=args.cpu_fast_sampling,
+                                     cpu_matmul_backend=args.cpu_matmul_backend)
         self.compute_dtype = self.policy.compute_dtype  # the dtype its matmuls run in (precision.compute_dtype)
 
         # Rewards: members → normalise → aggregate → shape
