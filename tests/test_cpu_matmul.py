@@ -164,7 +164,8 @@ def test_a_packed_weight_computes_the_linear(dtype, rows, bias):
 @needs_packing
 def test_outside_its_cases_a_packed_module_runs_its_own_forward():
     """With gradients, more than PACKED_ROWS rows, or an input of another dtype outside autocast: the forward the
-    module had (here a spy, which then refuses the mixed dtypes as F.linear does). Under CPU autocast to the packed dtype an fp32 input is cast first, as F.linear's is."""
+    module had (here a spy, which then refuses the mixed dtypes as F.linear does). Under CPU autocast to the packed
+    dtype an fp32 input is cast first, as F.linear's is."""
     layer = torch.nn.Linear(32, 16).to(torch.bfloat16).requires_grad_(False)
     calls = []
 
