@@ -95,10 +95,12 @@ def packed_table(rows_list):
                       f"{fast * 1e3:>9.2f} | {flops_per_row * m / fast / 1e9:>14.1f} | "
                       f"{min(plain, onednn) / fast:.2f}×", flush=True)
                 del packed
-        plain, fast, pack = cpu_matmul.packing_costs(dtype)
-        print(f"kept packing_costs: 8-row products over the calibration weights {plain * 1e3:.2f} ms unpacked, "
-              f"{fast * 1e3:.2f} ms packed, packing {pack * 1e3:.2f} ms: pays after "
-              f"{pack / max(plain - fast, 1e-12):.0f} steps" if plain > fast else "never pays")
+        for m in cpu_matmul.PACKING_ROWS:
+            plain, fast, pack = cpu_matmul.packing_costs(dtype, m)
+            pays = (f"pays after {pack / (plain - fast):.0f} steps" if plain >= cpu_matmul.MIN_SPEEDUP * fast
+                    else f"not {cpu_matmul.MIN_SPEEDUP}× faster: never packed")
+            print(f"kept packing_costs at {m} row(s), over the calibration weights: {plain * 1e3:.2f} ms unpacked, "
+                  f"{fast * 1e3:.2f} ms packed, packing {pack * 1e3:.2f} ms: {pays}")
 
 
 def rollout_packed_ab(precision: str, repeats: int):
@@ -107,7 +109,7 @@ def rollout_packed_ab(precision: str, repeats: int):
     tr = trainer_at(precision)
     batch = tr._next_prompts()
     times = {"onednn": [], "off": []}
-    off = lambda dtype, steps, backend: False  # noqa: E731
+    off = lambda *args: False  # noqa: E731
     pays = cpu_matmul._packing_pays
     tr.policy.cpu_matmul_backend = "onednn"  # packing forced on; off below by the decision itself
     tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)  # first-use costs out of the timing

@@ -219,25 +219,28 @@ def test_packing_covers_the_frozen_plain_linears_for_the_loop_only(tok, monkeypa
 
 
 def test_packing_is_chosen_where_it_pays(tok, monkeypatch):
-    """"auto" packs where the calibration measured the packed product ≥ MIN_SPEEDUP × faster and the decode's steps
-    repay the packing; "onednn" always, "torch" never; nothing when the copies would pass 1/PACK_MEMORY_SHARE of the
+    """"auto" packs where the calibration measured the packed product ≥ MIN_SPEEDUP × faster at the decode's row
+    count and its steps repay the packing; "onednn" always, "torch" never; nothing when the copies would pass 1/PACK_MEMORY_SHARE of the
     machine's memory."""
-    costs = {torch.float32: (2.0, 1.0, 10.0), torch.bfloat16: (1.05, 1.0, 0.0)}  # fp32 pays after 10 steps; bf16 never
-    monkeypatch.setattr(cpu_matmul, "packing_costs", costs.__getitem__)
+    # fp32 pays after 10 steps at 8 rows, never at one (1.0×); bf16 never (1.05× < MIN_SPEEDUP)
+    costs = {(torch.float32, 8): (2.0, 1.0, 10.0), (torch.float32, 1): (1.0, 1.0, 0.0),
+             (torch.bfloat16, 8): (1.05, 1.0, 0.0)}
+    monkeypatch.setattr(cpu_matmul, "packing_costs", lambda dtype, rows: costs[dtype, min(rows, 8)])
     monkeypatch.setattr(cpu_matmul, "_pack_op", lambda: object())
     pays = cpu_matmul._packing_pays
-    assert [pays(torch.float32, n, "auto") for n in (0, 9, 10, 500)] == [False, False, True, True]
-    assert not pays(torch.bfloat16, 500, "auto")
-    assert pays(torch.bfloat16, 1, "onednn") and not pays(torch.float32, 500, "torch")
+    assert [pays(torch.float32, n, 8, "auto") for n in (0, 9, 10, 500)] == [False, False, True, True]
+    assert not pays(torch.float32, 500, 1, "auto") and not pays(torch.bfloat16, 500, 8, "auto")
+    assert pays(torch.bfloat16, 1, 8, "onednn") and not pays(torch.float32, 500, 8, "torch")
     model = _frozen_lora_model(tok, torch.float32)
     frozen = [m for m in _linears(model) if not m.weight.requires_grad]
-    assert cpu_matmul._packed_linears(model, 10, "auto") == frozen
-    assert cpu_matmul._packed_linears(model, 9, "auto") == [] == cpu_matmul._packed_linears(model, 500, "torch")
+    assert cpu_matmul._packed_linears(model, 10, 8, "auto") == frozen
+    assert cpu_matmul._packed_linears(model, 9, 8, "auto") == [] == cpu_matmul._packed_linears(model, 500, 8, "torch")
+    assert cpu_matmul._packed_linears(model, 500, 1, "auto") == []
     size = sum(m.weight.numel() * 4 for m in frozen)
     monkeypatch.setattr(cpu_matmul, "memory_bytes", lambda: size * cpu_matmul.PACK_MEMORY_SHARE)
-    assert cpu_matmul._packed_linears(model, 10, "onednn") == frozen
+    assert cpu_matmul._packed_linears(model, 10, 8, "onednn") == frozen
     monkeypatch.setattr(cpu_matmul, "memory_bytes", lambda: size * cpu_matmul.PACK_MEMORY_SHARE - 1)
-    assert cpu_matmul._packed_linears(model, 10, "onednn") == []
+    assert cpu_matmul._packed_linears(model, 10, 8, "onednn") == []
 
 
 @needs_packing
@@ -264,19 +267,22 @@ def test_decoding_from_packed_weights_samples_what_unpacked_weights_sample(arch,
 @needs_packing
 def test_the_packing_calibration_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_EXT_CACHE", str(tmp_path))
-    first = {d: cpu_matmul.packing_costs(d) for d in cpu_matmul.PACKABLE}
+    first = {(d, m): cpu_matmul.packing_costs(d, m) for d in cpu_matmul.PACKABLE for m in (1, 2, 8, 64)}
     assert all(len(c) == 3 and all(t > 0 for t in c) for c in first.values())
-    keys = set(json.loads((tmp_path / "cpu_matmul.json").read_text()))
-    assert keys == {f"{cpu_matmul.machine_key()} | packed decode {d}" for d in ("float32", "bfloat16")}
+    for d in cpu_matmul.PACKABLE:  # one row measured apart; any batch reads the 8-row costs
+        assert first[d, 2] == first[d, 8] == first[d, 64] != first[d, 1]
+    kept = json.loads((tmp_path / "cpu_matmul.json").read_text())
+    assert set(kept) == {f"{cpu_matmul.machine_key()} | packed decode {d}" for d in ("float32", "bfloat16")}
+    assert all(set(v) == {"1", "8"} for v in kept.values())
     monkeypatch.setattr(cpu_matmul, "packed_weight", lambda *a: pytest.fail("measured again"))
-    assert {d: cpu_matmul.packing_costs(d) for d in cpu_matmul.PACKABLE} == first  # read, not measured
+    assert {(d, m): cpu_matmul.packing_costs(d, m) for d, m in first} == first  # read, not measured
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_ppo_decodes_from_packed_weights_unless_told_not_to(tmp_path, tok, tiny_path, monkeypatch, backend):
     """PPO passes its `cpu_matmul_backend` to the decoding loop: where packing pays, its rollouts and the start-up
     check sample from packed weights, within the tolerance of the training forward; "torch" packs nothing."""
-    monkeypatch.setattr(cpu_matmul, "_packing_pays", lambda dtype, steps, b: b != "torch")
+    monkeypatch.setattr(cpu_matmul, "_packing_pays", lambda dtype, steps, rows, b: b != "torch")
     used = []
     real = cpu_matmul.packed_weight
     monkeypatch.setattr(cpu_matmul, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
@@ -286,3 +292,15 @@ def test_ppo_decodes_from_packed_weights_unless_told_not_to(tmp_path, tok, tiny_
     used.clear()
     tr._rollout(tr._next_prompts())
     assert bool(used) == (backend == "auto" and cpu_matmul._pack_op() is not None)
+
+
+def test_the_memory_share_is_of_the_machine_or_its_container_whichever_is_less(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683792 kB\nMemFree:        1000 kB\n")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    assert cpu_matmul.memory_bytes(str(meminfo), [str(v2), str(tmp_path / "absent")]) == 24683792 * 1024
+    v1.write_text(f"{4 << 30}\n")
+    assert cpu_matmul.memory_bytes(str(meminfo), [str(v2), str(v1)]) == 4 << 30
+    assert cpu_matmul.memory_bytes(str(tmp_path / "none"), [str(v1)]) == 4 << 30
+    assert cpu_matmul.memory_bytes(str(tmp_path / "none"), []) == 0  # nothing readable: nothing is packed

@@ -26,8 +26,9 @@ weights took 101 µs in bf16 and 142 µs in fp32 (oneDNN) against 51 and 97 µs 
 plain `nn.Linear` (weight and bias without gradients, fp32 or bf16) once when decoding starts and drops the copies
 when it ends — when this CPU measured the packed product at least MIN_SPEEDUP × faster and the decode's steps repay
 the packing (`packing_costs`, measured once per machine and dtype), and the copies fit in 1/PACK_MEMORY_SHARE of the
-machine's memory (a fixed share, so one seed samples alike run after run). The benchmark trainer's bf16 rollout of
-8 × 32 tokens: its weights packed in ~45 ms, its generation ~0.17 s shorter. Training passes keep their products:
+memory the process may use (`memory_bytes`: the machine's or its container's, a fixed share so that one seed samples
+alike run after run). The benchmark trainer's bf16 rollout of 8 × 32 tokens: its weights packed in ~45 ms, its
+generation 0.11–0.21 s shorter (`benchmarks/ppo_throughput.py`, README). Training passes keep their products:
 a packed copy beside the weights would cost the base's size again for a 6–10 % faster product.
 """
 
@@ -46,7 +47,7 @@ from ..cpu_linear import (MIN_SPEEDUP, _onednn_op, best_seconds, calibration_wei
 _LINEAR = F.linear
 CALIBRATION_ROWS = (8, 16, 32, 64)  # decode batches worth checking; above 64 rows the gain measured small or none
 PACKED_ROWS = 64  # the packed forward serves products of up to this many rows (decoding steps); more: the plain one
-PACK_MEMORY_SHARE = 8  # the packed copies may take at most 1/8 of the machine's memory
+PACK_MEMORY_SHARE = 8  # the packed copies may take at most 1/8 of the memory (`memory_bytes`)
 PACKABLE = (torch.float32, torch.bfloat16)
 
 
@@ -126,50 +127,70 @@ def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, plain, x: tor
     return plain(x)
 
 
-def packing_costs(dtype: torch.dtype) -> tuple[float, float, float]:
-    """(an 8-row product's seconds over `calibration_weights` in `dtype` the fastest unpacked way — torch's or
-    oneDNN's —, the same from packed copies, packing them), measured once per machine and dtype and kept."""
+PACKING_ROWS = (1, 8)  # the calibration's row counts: one sequence (a matrix-vector product), and a batch
+PACKING_WEIGHTS = 24  # the packing calibration's weights: 81 MiB in fp32, more than an L3 cache (calibration_weights)
+
+
+def packing_costs(dtype: torch.dtype, rows: int = 8) -> tuple[float, float, float]:
+    """(a product of `rows` rows over PACKING_WEIGHTS `calibration_weights` in `dtype` the fastest unpacked way — torch's or oneDNN's
+    —, the same from packed copies, packing them) measured at one row for `rows` = 1 and at 8 for more
+    (PACKING_ROWS), once per machine and dtype, and kept."""
     def measure():
         g = torch.Generator().manual_seed(0)
-        weights = [w.to(dtype) for w in calibration_weights(g)]
-        x = torch.randn(8, 576, generator=g).to(dtype)
+        weights = [w.to(dtype) for w in calibration_weights(g, PACKING_WEIGHTS)]
+        costs = {}
         with torch.no_grad():
-            t0 = time.perf_counter()
-            packed = [packed_weight(w, 8) for w in weights]
-            pack = time.perf_counter() - t0
-            onednn_product(x, packed[0])  # first-use costs out of the timing
-            plain = min(best_seconds(lambda: [_LINEAR(x, w) for w in weights]),
-                        best_seconds(lambda: [onednn_product(x, w) for w in weights]))
-            return [plain, best_seconds(lambda: [onednn_product(x, p) for p in packed]), pack]
+            for m in PACKING_ROWS:
+                x = torch.randn(m, 576, generator=g).to(dtype)
+                t0 = time.perf_counter()
+                packed = [packed_weight(w, m) for w in weights]
+                pack = time.perf_counter() - t0
+                onednn_product(x, packed[0])  # first-use costs out of the timing
+                plain = min(best_seconds(lambda: [_LINEAR(x, w) for w in weights]),
+                            best_seconds(lambda: [onednn_product(x, w) for w in weights]))
+                costs[str(m)] = [plain, best_seconds(lambda: [onednn_product(x, p) for p in packed]), pack]
+        return costs
 
     key = f"{machine_key()} | packed decode {str(dtype).removeprefix('torch.')}"
-    return tuple(measured_once(key, measure, lambda v: tuple(float(t) for t in v)))
+    costs = measured_once(key, measure, lambda v: {int(m): tuple(float(t) for t in c) for m, c in v.items()})
+    return costs[1 if rows <= 1 else 8]
 
 
-def memory_bytes() -> int:
-    """This machine's memory (MemTotal), or 0 where /proc/meminfo cannot be read."""
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def memory_bytes(meminfo: str = "/proc/meminfo", limits=CGROUP_LIMITS) -> int:
+    """The memory this process may use: the machine's (MemTotal), or a container's limit (cgroup v2 or v1) where
+    that is lower; 0 where neither can be read."""
+    found = []
     try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
+        with open(meminfo, encoding="utf-8") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:")]
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    for path in limits:
+        try:
+            with open(path, encoding="utf-8") as f:
+                found.append(int(f.read().strip()))  # "max" (no limit) is not a number: skipped
+        except (OSError, ValueError):
+            pass
+    return min(found, default=0)
 
 
-def _packing_pays(dtype: torch.dtype, steps: int, backend: str) -> bool:
-    """Whether a decode of `steps` steps packs its `dtype` weights: "onednn" says yes, "torch" no; "auto" where this
-    CPU measured the packed product ≥ MIN_SPEEDUP × faster and `steps` of that gain repay the packing."""
+def _packing_pays(dtype: torch.dtype, steps: int, rows: int, backend: str) -> bool:
+    """Whether a decode of `steps` steps over `rows` sequences packs its `dtype` weights: "onednn" says yes, "torch"
+    no; "auto" where this CPU measured the packed product ≥ MIN_SPEEDUP × faster at that row count and `steps` of
+    that gain repay the packing (on an AMD Zen 5 in fp32 it did not at one row: 1.01×)."""
     if backend != "auto" or steps < 1:
         return backend == "onednn" and steps >= 1
-    plain, packed, pack = packing_costs(dtype)
+    plain, packed, pack = packing_costs(dtype, rows)
     return plain >= MIN_SPEEDUP * packed and steps * (plain - packed) >= pack
 
 
-def _packed_linears(model: torch.nn.Module, steps: int, backend: str) -> list[torch.nn.Linear]:
-    """The frozen plain `nn.Linear`s of `model` a decode of `steps` steps packs (module docstring); [] where there is
-    no packing op, the copies would take more than 1/PACK_MEMORY_SHARE of the memory, or packing does not pay."""
+def _packed_linears(model: torch.nn.Module, steps: int, rows: int, backend: str) -> list[torch.nn.Linear]:
+    """The frozen plain `nn.Linear`s of `model` a decode of `steps` steps over `rows` sequences packs (module
+    docstring); [] where there is no packing op, the copies would take more than 1/PACK_MEMORY_SHARE of the memory,
+    or packing does not pay."""
     if backend == "torch" or _pack_op() is None:
         return []
     frozen = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in PACKABLE
@@ -180,7 +201,7 @@ def _packed_linears(model: torch.nn.Module, steps: int, backend: str) -> list[to
     if not frozen or total > memory_bytes() / PACK_MEMORY_SHARE:
         return []
     dtypes = {m.weight.dtype for m in frozen}
-    pays = {d for d in dtypes if _packing_pays(d, steps, backend)}
+    pays = {d for d in dtypes if _packing_pays(d, steps, rows, backend)}
     return [m for m in frozen if m.weight.dtype in pays]
 
 
@@ -198,7 +219,7 @@ def few_row_linear(model: torch.nn.Module, steps: int = 0, rows: int = 8, backen
     saved = {}  # module → the instance forward it had (None: none)
     try:
         with torch.no_grad():
-            for m in _packed_linears(model, steps, backend):
+            for m in _packed_linears(model, steps, rows, backend):
                 plain = m.__dict__.get("forward")
                 saved[m] = plain
                 m.forward = functools.partial(_packed_forward, m, packed_weight(m.weight, max(1, rows)),
