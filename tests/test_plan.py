@@ -257,14 +257,14 @@ def test_moments_follow_the_trainer_hand_computed():
 
 def test_decoding_packed_copies_are_counted_on_cpu_in_the_dtypes_it_packs():
     """On CPU the generation phase holds the packed copies of the frozen linears and LM head in the weights' dtype
-    (bf16: half of fp32's); none on a GPU, on a 4-bit base, for fp16 or with cpu_matmul_backend="torch"; GPT-2's Conv1D layers are not packed, its
-    head is."""
+    (bf16: half of fp32's), the LM head alone on a 4-bit base; none on a GPU, for fp16 or with
+    cpu_matmul_backend="torch"; GPT-2's Conv1D layers are not packed, its head is."""
     packed = lambda shape, **kw: plan.estimate(shape, batch=2, prompt_length=8, completion_length=8, **kw)[  # noqa
         "components"]["packed_weights"]
     fp32 = packed(TINY, dtype="fp32", device="cpu")
     assert fp32 > 0 and packed(TINY, dtype="bf16", device="cpu") * 2 == fp32
     assert packed(TINY, dtype="fp32") == packed(TINY, dtype="fp16", device="cpu") == 0
-    assert packed(TINY, load_in_4bit=True, device="cpu") == 0
+    assert packed(TINY, load_in_4bit=True, device="cpu") == 4 * 1000 * 64  # the (fp32) LM head alone
     assert packed(TINY, dtype="fp32", device="cpu", cpu_matmul_backend="torch") == 0  # decoding packs nothing then
     gpt2 = plan.load_shape("gpt2")
     assert packed(gpt2, dtype="fp32", device="cpu") == 4 * gpt2["vocab_size"] * gpt2["hidden_size"]

@@ -69,12 +69,14 @@ def base_weight_bytes(shape: dict, dtype: str = "bf16", load_in_4bit: bool = Fal
 def decode_packed_bytes(shape: dict, weights: str) -> int:
     """On CPU, decoding's packed copies of the frozen plain linear weights (ppo/cpu_matmul.py), alive while a batch is
     sampled: the decoder layers' linears (GPT-2's are Conv1D, not packed) and the LM head (V·H, tied or not), in
-    the weights' dtype; 0 for the dtypes it does not pack (fp16) and on a 4-bit base (bitsandbytes' layers are not
-    plain linears). An upper bound: decoding packs only where this CPU measured it paying, within 1/8 of the
-    machine's memory."""
+    the weights' dtype; on a 4-bit base the LM head alone, fp32 (bitsandbytes' layers are not plain linears; the
+    head is upcast by `prepare_model_for_kbit_training`); 0 for fp16, which it does not pack. An upper bound:
+    decoding packs only where this CPU measured it paying, within 1/8 of the memory."""
+    V, H, *_ = model_dims(shape)
+    if weights == "nf4":
+        return V * H * 4
     if weights not in ("fp32", "bf16"):
         return 0
-    V, H, *_ = model_dims(shape)
     linear = 0 if is_gpt2(shape) else parameter_counts(shape)["linear"]
     return (linear + V * H) * DTYPE_BYTES[weights]
 
