@@ -152,9 +152,8 @@ def test_a_packed_weight_computes_the_linear(dtype, rows, bias):
     g = torch.Generator().manual_seed(rows)
     layer = torch.nn.Linear(96, 40, bias=bias).to(dtype).requires_grad_(False)
     x = torch.randn(rows, 1, 96, generator=g).to(dtype)
-    packed = cpu_matmul.packed_weight(layer.weight, rows)
     with torch.no_grad():
-        y = cpu_matmul._packed_forward(layer, packed, layer.forward, x)
+        y = cpu_matmul._PackedForward(layer, rows, layer.forward)(x)
     exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     assert y.shape == (rows, 1, 40) and y.dtype == dtype
     torch.testing.assert_close(y.double(), exact, **TOLERANCE[dtype])
@@ -173,17 +172,17 @@ def test_outside_its_cases_a_packed_module_runs_its_own_forward():
         calls.append(tuple(x.shape))
         return F.linear(x, layer.weight, layer.bias)
 
-    packed = cpu_matmul.packed_weight(layer.weight, 8)
     few, many = torch.randn(8, 32).to(torch.bfloat16), torch.randn(cpu_matmul.PACKED_ROWS + 1, 32).to(torch.bfloat16)
-    fwd = functools.partial(cpu_matmul._packed_forward, layer, packed, plain)
+    fwd = cpu_matmul._PackedForward(layer, 8, plain)
     fwd(few)
     assert calls == [(8, 32)]  # gradients on
     with torch.no_grad():
         fwd(many)
         with pytest.raises(RuntimeError, match="dtype"):  # what F.linear says of mixed dtypes, as without packing
             fwd(few.float())
-        assert calls == [(8, 32), (cpu_matmul.PACKED_ROWS + 1, 32), (8, 32)]
+        assert calls == [(8, 32), (cpu_matmul.PACKED_ROWS + 1, 32), (8, 32)] and fwd.packed is None  # not yet used
         fwd(few)
+        assert fwd.packed is not None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = fwd(few.float())
             assert torch.equal(y, F.linear(few.float(), layer.weight, layer.bias))
@@ -199,7 +198,7 @@ def _frozen_lora_model(tok, dtype):
 @pytest.mark.parametrize("dtype", cpu_matmul.PACKABLE)
 def test_packing_covers_the_frozen_plain_linears_for_the_loop_only(tok, monkeypatch, dtype):
     """Inside: every frozen plain nn.Linear (the base's layers and LM head, oneDNN-routed ones too) computes from a
-    packed copy; LoRA's trainable A/B and a module with its own forward (an accelerate hook) do not. After — also
+    copy packed at its first product; LoRA's trainable A/B and a module with its own forward (an accelerate hook) do not. After — also
     after an exception — each module has the forward it had: none, or oneDNN's routing."""
     monkeypatch.setattr(cpu_matmul, "rows_range", lambda: range(0))
     model = _frozen_lora_model(tok, dtype)
@@ -209,10 +208,15 @@ def test_packing_covers_the_frozen_plain_linears_for_the_loop_only(tok, monkeypa
     hooked.forward = hooked_forward = lambda x: F.linear(x, hooked.weight)
     routed.forward = routed_forward = functools.partial(cpu_linear._forward, routed)
     with pytest.raises(RuntimeError, match="stop"), few_row_linear(model, steps=31, rows=2, backend="onednn"):
-        packed = [m for m in linears if getattr(m.__dict__.get("forward"), "func", None) is cpu_matmul._packed_forward]
+        packed = [m for m in linears if isinstance(m.__dict__.get("forward"), cpu_matmul._PackedForward)]
         assert packed == [m for m in frozen if m is not hooked] and len(packed) >= 2
-        assert routed.forward.args[2] is routed_forward  # its fallback: the routing it had
+        assert routed.forward.plain is routed_forward  # its fallback: the routing it had
         assert hooked.forward is hooked_forward
+        # packed at a module's first product, not before: a layer the loop never calls costs nothing
+        assert all(m.forward.packed is None for m in packed)
+        with torch.no_grad():
+            routed(torch.randn(2, routed.in_features, dtype=dtype))
+        assert [m for m in packed if m.forward.packed is not None] == [routed]
         raise RuntimeError("stop")
     assert {m: m.__dict__.get("forward") for m in linears} == {
         m: {hooked: hooked_forward, routed: routed_forward}.get(m) for m in linears}

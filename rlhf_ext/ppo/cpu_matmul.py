@@ -23,8 +23,8 @@ few-row product that rearranging is most of the work: a decoding step of 8 rows 
 weights took 101 µs in bf16 and 142 µs in fp32 (oneDNN) against 51 and 97 µs from a copy rearranged once
 (`torch.ops.mkldnn._reorder_linear_weight`, the packing torch's CPU compiler does), the same bits on this machine
 (`python benchmarks/cpu_decode_matmul.py --packed`). The base is frozen, so `few_row_linear` packs each frozen
-plain `nn.Linear` (weight and bias without gradients, fp32 or bf16) once when decoding starts and drops the copies
-when it ends — when this CPU measured the packed product at least MIN_SPEEDUP × faster and the decode's steps repay
+plain `nn.Linear` (weight and bias without gradients, fp32 or bf16) once, at its first product of the decode, and
+drops the copies when decoding ends — when this CPU measured the packed product at least MIN_SPEEDUP × faster and the decode's steps repay
 the packing (`packing_costs`, measured once per machine and dtype), and the copies fit in 1/PACK_MEMORY_SHARE of the
 memory the process may use (`memory_bytes`: the machine's or its container's, a fixed share so that one seed samples
 alike run after run). The benchmark trainer's bf16 rollout of 8 × 32 tokens: its weights packed in ~45 ms, its
@@ -114,17 +114,25 @@ def packed_weight(w: torch.Tensor, rows: int) -> torch.Tensor:
     return _pack_op()(w.detach(), rows)
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, plain, x: torch.Tensor) -> torch.Tensor:
-    """A packed module's forward while decoding: the product from the packed copy for a no-gradient product of up to
-    PACKED_ROWS rows in the weight's dtype (autocast's cast to it made here, as `F.linear` would have had it made);
-    `plain` — the forward it had before — otherwise."""
-    if x.numel() // max(1, x.shape[-1]) <= PACKED_ROWS and not torch.is_grad_enabled() and x.device.type == "cpu":
-        if (x.dtype != packed.dtype and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == packed.dtype):
-            x = x.to(packed.dtype)
-        if x.dtype == packed.dtype:
-            return onednn_product(x.contiguous(), packed, module.bias)
-    return plain(x)
+class _PackedForward:
+    """A packed module's forward while decoding: a no-gradient product of up to PACKED_ROWS rows in the weight's dtype
+    (autocast's cast to it made here, as `F.linear` would have had it made) from a copy of the weight packed for
+    `rows` rows; `plain` — the forward the module had before — otherwise. The copy is packed at the first product
+    that uses it, so a layer the loop never calls (another adapter's, a reward member's) costs nothing."""
+
+    def __init__(self, module: torch.nn.Linear, rows: int, plain):
+        self.module, self.rows, self.plain, self.packed = module, rows, plain, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.module.weight
+        if x.numel() // max(1, x.shape[-1]) <= PACKED_ROWS and not torch.is_grad_enabled() and x.device.type == "cpu":
+            if x.dtype != w.dtype and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == w.dtype:
+                x = x.to(w.dtype)
+            if x.dtype == w.dtype:
+                if self.packed is None:
+                    self.packed = packed_weight(w, self.rows)
+                return onednn_product(x.contiguous(), self.packed, self.module.bias)
+        return self.plain(x)
 
 
 PACKING_ROWS = (1, 8)  # the calibration's row counts: one sequence (a matrix-vector product), and a batch
@@ -132,9 +140,9 @@ PACKING_WEIGHTS = 24  # the packing calibration's weights: 81 MiB in fp32, more 
 
 
 def packing_costs(dtype: torch.dtype, rows: int = 8) -> tuple[float, float, float]:
-    """(a product of `rows` rows over PACKING_WEIGHTS `calibration_weights` in `dtype` the fastest unpacked way — torch's or oneDNN's
-    —, the same from packed copies, packing them) measured at one row for `rows` = 1 and at 8 for more
-    (PACKING_ROWS), once per machine and dtype, and kept."""
+    """(a product of `rows` rows over PACKING_WEIGHTS `calibration_weights` in `dtype` the fastest unpacked way —
+    torch's or oneDNN's —, the same from packed copies, packing them) measured at one row for `rows` = 1 and at 8
+    for more (PACKING_ROWS), once per machine and dtype, and kept."""
     def measure():
         g = torch.Generator().manual_seed(0)
         weights = [w.to(dtype) for w in calibration_weights(g, PACKING_WEIGHTS)]
@@ -222,8 +230,7 @@ def few_row_linear(model: torch.nn.Module, steps: int = 0, rows: int = 8, backen
             for m in _packed_linears(model, steps, rows, backend):
                 plain = m.__dict__.get("forward")
                 saved[m] = plain
-                m.forward = functools.partial(_packed_forward, m, packed_weight(m.weight, max(1, rows)),
-                                              plain or functools.partial(torch.nn.Linear.forward, m))
+                m.forward = _PackedForward(m, max(1, rows), plain or functools.partial(torch.nn.Linear.forward, m))
         linears = [] if torch.is_autocast_enabled("cpu") else [
             m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
             and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
