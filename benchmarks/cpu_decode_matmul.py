@@ -108,19 +108,16 @@ def rollout_packed_ab(precision: str, repeats: int):
 
     tr = trainer_at(precision)
     batch = tr._next_prompts()
-    times = {"onednn": [], "off": []}
-    off = lambda *args: False  # noqa: E731
-    pays = cpu_matmul._packing_pays
-    tr.policy.cpu_matmul_backend = "onednn"  # packing forced on; off below by the decision itself
+    times = {"onednn": [], "torch": []}  # decoding's backend: packing forced on / off (nothing else changes)
+    tr.policy.cpu_matmul_backend = "onednn"
     tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)  # first-use costs out of the timing
     for _ in range(repeats):
-        for key, decide in (("onednn", pays), ("off", off)):
-            cpu_matmul._packing_pays = decide
+        for backend in times:
+            tr.policy.cpu_matmul_backend = backend
             t0 = time.perf_counter()
             tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)
-            times[key].append(time.perf_counter() - t0)
-    cpu_matmul._packing_pays = pays
-    on, no = times["onednn"], times["off"]
+            times[backend].append(time.perf_counter() - t0)
+    on, no = times["onednn"], times["torch"]
     runs = lambda ts: ", ".join(f"{t:.2f}" for t in ts)  # noqa: E731
     print(f"\n32-token rollout of {len(batch)} prompts (ppo_throughput's trainer, {precision}), {repeats} alternated:")
     print(f"  packed weights (packing included): median {median(on):.3f} s  ({runs(on)})")

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from .shapes import PlanError, is_gpt2
 from .sizes import (Precision, ScoringModel, autocast_weight_copy_bytes, backward_transient_bytes, base_weight_bytes,
-                    decode_packed_bytes, exact_kl_bytes, forward_logits_bytes, inference_working_bytes, kv_cache_bytes, logits_bytes,
-                    lora_parameter_count, loss_transient_bytes, normalize_targets, overhead_bytes, parameter_counts,
-                    precision_of, reward_member_bytes, reward_scoring_bytes, trainable_bytes, training_activation_bytes,
-                    weight_dtype)
+                    decode_packed_bytes, exact_kl_bytes, forward_logits_bytes, inference_working_bytes, kv_cache_bytes,
+                    logits_bytes, lora_parameter_count, loss_transient_bytes, normalize_targets, overhead_bytes,
+                    parameter_counts, precision_of, reward_member_bytes, reward_scoring_bytes, trainable_bytes,
+                    training_activation_bytes, weight_dtype)
 
 
 PHASES = ("generation", "reward scoring", "reference pass", "training step", "exact-KL check", "monitor")

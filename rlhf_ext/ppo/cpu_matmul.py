@@ -161,7 +161,7 @@ def packing_costs(dtype: torch.dtype, rows: int = 8) -> tuple[float, float, floa
 
     key = f"{machine_key()} | packed decode {str(dtype).removeprefix('torch.')}"
     costs = measured_once(key, measure, lambda v: {int(m): tuple(float(t) for t in c) for m, c in v.items()})
-    return costs[1 if rows <= 1 else 8]
+    return costs[PACKING_ROWS[0] if rows <= 1 else PACKING_ROWS[1]]
 
 
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
@@ -226,11 +226,10 @@ def few_row_linear(model: torch.nn.Module, steps: int = 0, rows: int = 8, backen
     check_backend(backend)
     saved = {}  # module → the instance forward it had (None: none)
     try:
-        with torch.no_grad():
-            for m in _packed_linears(model, steps, rows, backend):
-                plain = m.__dict__.get("forward")
-                saved[m] = plain
-                m.forward = _PackedForward(m, max(1, rows), plain or functools.partial(torch.nn.Linear.forward, m))
+        for m in _packed_linears(model, steps, rows, backend):
+            plain = m.__dict__.get("forward")
+            saved[m] = plain
+            m.forward = _PackedForward(m, max(1, rows), plain or functools.partial(torch.nn.Linear.forward, m))
         linears = [] if torch.is_autocast_enabled("cpu") else [
             m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
             and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
