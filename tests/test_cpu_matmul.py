@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from rlhf_ext import cpu_linear
-from rlhf_ext.ppo import cpu_matmul, sampling
+from rlhf_ext.ppo import cpu_decode, cpu_matmul, sampling
 from rlhf_ext.ppo.cpu_matmul import few_row_linear, tall_linear
 from rlhf_ext.testing import tiny_model_for
 
@@ -258,7 +258,8 @@ def test_decoding_from_packed_weights_samples_what_unpacked_weights_sample(arch,
     ids = torch.randint(5, len(tok), (3, 7), generator=torch.Generator().manual_seed(5))
     used = []
     real = cpu_matmul.packed_weight
-    monkeypatch.setattr(cpu_matmul, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
+    for module in (cpu_matmul, cpu_decode):  # the Llama family's lean steps pack their own copies (cpu_decode.py)
+        monkeypatch.setattr(module, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
     with torch.no_grad():
         ours, theirs = (_generate(model, ids, torch.ones_like(ids), None, True, seed=0, cpu_matmul_backend=b)
                         for b in ("onednn", "torch"))
@@ -289,7 +290,8 @@ def test_ppo_decodes_from_packed_weights_unless_told_not_to(tmp_path, tok, tiny_
     monkeypatch.setattr(cpu_matmul, "_packing_pays", lambda dtype, steps, rows, b: b != "torch")
     used = []
     real = cpu_matmul.packed_weight
-    monkeypatch.setattr(cpu_matmul, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
+    for module in (cpu_matmul, cpu_decode):  # the Llama family's lean steps pack their own copies (cpu_decode.py)
+        monkeypatch.setattr(module, "packed_weight", lambda w, rows: used.append(rows) or real(w, rows))
     tr = trainer(tmp_path, tok, tiny_path, max_steps=1, cpu_matmul_backend=backend)
     s = tr.startup
     assert s["sampling_vs_training"] <= s["sampling_vs_training_tolerance"] and s["training_vs_reference"] <= 1e-9

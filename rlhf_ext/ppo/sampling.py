@@ -21,6 +21,7 @@ import inspect
 
 import torch
 
+from .cpu_decode import LeanDecoder
 from .cpu_matmul import few_row_linear
 
 
@@ -65,12 +66,17 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     scores = () if cfg.return_dict_in_generate and cfg.output_scores else None
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     steps = (cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - input_ids.shape[1]) - 1
-    with few_row_linear(model, steps, input_ids.shape[0], cpu_matmul_backend):  # the steps' few-row products
+    lean_dtype = LeanDecoder.fits(model, steps, input_ids.shape[0], cpu_matmul_backend)
+    # the model's steps: their few-row products (packed where that pays); lean steps pack their own copies
+    with few_row_linear(model, steps, input_ids.shape[0], "torch" if lean_dtype else cpu_matmul_backend):
         outputs = model._prefill(input_ids, cfg, model_kwargs, is_first_iteration=True)
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+        lean = lean_dtype and LeanDecoder.start(model, model_kwargs, steps, lean_dtype)  # None: the model's steps
+        logits = outputs.logits[:, -1]
+        del outputs
         while True:
-            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-            z = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
-            del outputs
+            z = logits_processor(input_ids, logits.to(copy=True, dtype=torch.float32))
+            del logits
             if scores is not None:
                 scores += (z,)
             tokens = draw(torch.softmax(z, -1))
@@ -80,9 +86,15 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
             unfinished = unfinished & ~stopping_criteria(input_ids, scores)
             if unfinished.max() == 0:
                 break
+            if lean:
+                logits = lean.step(tokens)
+                continue
             inputs = model.prepare_inputs_for_generation(
                 input_ids, next_sequence_length=1 if model_kwargs["use_cache"] else None, **model_kwargs)
             outputs = model(**inputs, return_dict=True)
+            model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
+            logits = outputs.logits[:, -1]
+            del outputs
     if cfg.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, cache=model_kwargs.get("cache"))
     return input_ids

@@ -1,0 +1,203 @@
+"""Decoding steps on CPU without the model's module stack, for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+After the prompt is prefilled, a decoding step of transformers' forward runs ~6,000 tensor operations (views, casts,
+PEFT's wrapper around every adapted layer, the cache's concatenations) for a few rows each: on a 2-core Zen 5 in
+bf16, ~33 ms a token for 8 sequences of SmolLM2-135M with LoRA on q/v, of which ~11 ms are the products. Here a
+step is the same math in ~25 operations a layer:
+
+  * the linears of a layer that read one input run as one product from one packed copy (`cpu_matmul.
+    packed_weight`): [q | k | v], [gate | up], o, down, and the LM head;
+  * a LoRA adapter on such a linear is folded into that product: y = [x | x·Aᵀ] · [W | s·B]ᵀ, its A product one
+    small matmul, its s·B extra columns of the packed weight (at θ₀, B = 0: nothing added to the base's sum);
+  * keys and values go into buffers allocated once for the whole decode instead of a concatenation per step;
+  * the model's own modules do the rest: its embedding, RMS norms (Qwen3's q/k norms too), rotary embedding and
+    `apply_rotary_pos_emb`, activation, final norm.
+
+Products run in the dtype the model's would (autocast's, else the weights'), from copies made for this decode and
+dropped after it, as `cpu_matmul.few_row_linear` packs them. It is the same function up to rounding, not the same
+bits: the LoRA term is accumulated with the base's in one fp32 sum instead of rounded apart, and products are
+fused. Measured against transformers' own step (`tests/test_cpu_decode.py`): fp32 within 1e-4 in log-probability;
+sampling against the training forward, which PPO's ratios and the KL guard use, is what the start-up check bounds
+(`precision.SAMPLING_KL_TOLERANCE`) through this very path. Any other model, adapter type (DoRA, LoRA variants, a
+4-bit base), attention implementation or cache (a sliding window's) runs transformers' steps.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..cpu_linear import onednn_product
+from .cpu_matmul import PACK_MEMORY_SHARE, PACKABLE, _pack_op, _packing_pays, memory_bytes, packed_weight
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # config.model_type
+_ATTENTION = ("sdpa", "eager")  # the attention implementations a lean step reproduces up to rounding
+
+
+def _adapted(module) -> tuple[torch.nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """(the plain linear a product reads, [(A [r, in], s·B [out, r]) of each active LoRA adapter]) of a linear or
+    PEFT LoRA linear as its forward would run it now; None for anything a fold would not reproduce."""
+    if type(module) is torch.nn.Linear:
+        return module, []
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(module, "lora_A"):
+        return None
+    if module.disable_adapters or module.merged:  # the base alone (merged: the adapter is in its weight)
+        return base, []
+    parts = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        A, B, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if (name in getattr(module, "lora_variant", {}) or type(A) is not torch.nn.Linear
+                or type(B) is not torch.nn.Linear or B.bias is not None
+                or (module.training and not isinstance(drop, torch.nn.Identity))):
+            return None
+        parts.append((A.weight, B.weight.float() * module.scaling[name]))
+    return base, parts
+
+
+class _Product:
+    """Linears that read one input as one product from a packed copy. x [M, in] → their outputs [M, out_i]."""
+
+    def __init__(self, modules, dtype: torch.dtype, rows: int):
+        parts = [_adapted(m) for m in modules]
+        self.splits = [base.weight.shape[0] for base, _ in parts]
+        weight = torch.cat([base.weight.detach() for base, _ in parts]).to(dtype)
+        adapters = [(i, A, sB) for i, (_, ads) in enumerate(parts) for A, sB in ads]
+        self.A = None
+        if adapters:
+            A = torch.cat([A.detach() for _, A, _ in adapters]).to(dtype)  # [Σr, in]
+            self.A = packed_weight(A, rows)  # packed too: unpacked, a few-row product by A took ~60 µs in bf16
+            extra = torch.zeros(weight.shape[0], A.shape[0])
+            starts = [sum(self.splits[:i]) for i in range(len(parts))]
+            col = 0
+            for i, _, sB in adapters:
+                extra[starts[i]:starts[i] + self.splits[i], col:col + sB.shape[1]] = sB.detach()
+                col += sB.shape[1]
+            weight = torch.cat([weight, extra.to(dtype)], 1)
+        biases = [base.bias for base, _ in parts]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.splits)]).to(dtype)
+        self.dtype, self.weight = dtype, packed_weight(weight.contiguous(), rows)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = x.to(self.dtype)
+        if self.A is not None:
+            x = torch.cat([x, onednn_product(x, self.A)], -1)
+        return onednn_product(x, self.weight, self.bias).split(self.splits, -1)
+
+
+def _layers_of(model):
+    """(decoder, layers) where `model` is a causal LM of a supported family built as its library class is, else None."""
+    cfg = getattr(model, "config", None)
+    decoder = getattr(model, "model", None)
+    if (getattr(cfg, "model_type", None) not in SUPPORTED or getattr(cfg, "_attn_implementation", None) not in _ATTENTION
+            or getattr(cfg, "pretraining_tp", 1) != 1 or not hasattr(model, "lm_head")
+            or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))):
+        return None
+    return decoder, list(decoder.layers)
+
+
+def _linears(model, layers) -> list:
+    """The linears a lean step computes: the LM head and each layer's seven."""
+    return [model.lm_head] + [lin for layer in layers for lin in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+
+
+class LeanDecoder:
+    """The decoding steps after a prefill (`fits` decides, `start` takes over). `step(tokens)` → logits [B, V]."""
+
+    def __init__(self, model, decoder, layers, dtype, keys, values, mask, position, rotate):
+        B = mask.shape[0]
+        self.model, self.decoder, self.layers, self.rotate = model, decoder, layers, rotate
+        self.products = [(_Product([a.q_proj, a.k_proj, a.v_proj], dtype, B), _Product([a.o_proj], dtype, B),
+                          _Product([m.gate_proj, m.up_proj], dtype, B), _Product([m.down_proj], dtype, B))
+                         for a, m in ((layer.self_attn, layer.mlp) for layer in layers)]
+        self.head = _Product([model.lm_head], dtype, B)
+        self.keys, self.values = keys, values  # per layer [B, kv heads, P + steps, d], the first P filled
+        self.filled = mask.shape[1] - 1  # the prompt's columns; the mask's last one is the token to come
+        self.mask = torch.ones(B, keys[0].shape[2], dtype=torch.bool)
+        self.mask[:, :self.filled] = mask[:, :-1].bool()
+        self.position = position  # [B] the next token's position id
+
+    @staticmethod
+    def fits(model, steps: int, rows: int, backend: str) -> torch.dtype | None:
+        """Before the prefill: the dtype a lean decode of `steps` steps over `rows` sequences of `model` would compute
+        in (autocast's, else the weights'), or None where it would not run — another family, a linear it would not
+        reproduce, weights it cannot pack, copies that would pass 1/PACK_MEMORY_SHARE of the memory, a decode that
+        packing does not repay (`cpu_matmul._packing_pays`), or `backend` "torch"."""
+        found = _layers_of(model) if backend != "torch" and steps >= 1 and _pack_op() is not None else None
+        rotate = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
+        if found is None or rotate is None:
+            return None
+        parts = [_adapted(m) for m in _linears(model, found[1])]
+        weights = {base.weight.dtype for base, _ in parts if base is not None} if None not in parts else set()
+        if len(weights) != 1 or not weights <= set(PACKABLE) or any(b.weight.device.type != "cpu" for b, _ in parts):
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weights.pop()
+        size = sum(base.weight.numel() for base, _ in parts) * torch.tensor([], dtype=dtype).element_size()
+        if dtype not in PACKABLE or size > memory_bytes() / PACK_MEMORY_SHARE or not _packing_pays(
+                dtype, steps, rows, backend):
+            return None
+        return dtype
+
+    @classmethod
+    def start(cls, model, model_kwargs: dict, steps: int, dtype: torch.dtype) -> "LeanDecoder | None":
+        """After transformers' prefill and its first kwargs update (the cache holds the prompt, the mask has one
+        column more), for a model `fits` accepted: a LeanDecoder computing in `dtype`, whose buffers take the
+        cache's keys and values; None — nothing changed — where the cache is not a plain one per layer (a sliding
+        window's keeps only its last keys)."""
+        decoder, layers = _layers_of(model)
+        cache, mask = model_kwargs.get("cache"), model_kwargs.get("attention_mask")
+        cache_layers = getattr(cache, "layers", [])
+        if mask is None and cache_layers and cache_layers[0].keys is not None:  # transformers drops an all-ones mask
+            keys = cache_layers[0].keys
+            mask = torch.ones(keys.shape[0], keys.shape[2] + 1, dtype=torch.long, device=keys.device)
+        if (mask is None or mask.ndim != 2 or len(cache_layers) != len(layers)
+                or any(type(c).__name__ != "DynamicLayer" or c.keys is None or c.keys.shape[2] != mask.shape[1] - 1
+                       for c in cache_layers)):
+            return None
+        keys, values = [], []
+        for c in cache_layers:
+            k = c.keys.new_empty(*c.keys.shape[:2], mask.shape[1] + steps, c.keys.shape[3])
+            v = c.values.new_empty(k.shape)
+            k[:, :, :c.keys.shape[2]], v[:, :, :c.keys.shape[2]] = c.keys, c.values
+            keys.append(k)
+            values.append(v)
+        position = model_kwargs["position_ids"][:, -1] if model_kwargs.get("position_ids") is not None else (
+            mask.long().sum(1) - 1)
+        model_kwargs["cache"] = None  # the buffers hold its keys and values now
+        rotate = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb")
+        with torch.no_grad():
+            return cls(model, decoder, layers, dtype, keys, values, mask, position, rotate)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits after `tokens` [B] are appended to every sequence: [B, V]."""
+        B, n = tokens.shape[0], self.filled
+        x = self.decoder.embed_tokens(tokens)  # [B, D]
+        cos, sin = self.decoder.rotary_emb(x[:, None], self.position[:, None])
+        mask = self.mask[:, None, None, :n + 1]
+        for layer, (qkv, out, gate_up, down), keys, values in zip(self.layers, self.products, self.keys,
+                                                                 self.values):
+            attn = layer.self_attn
+            H, d = attn.config.num_attention_heads, attn.head_dim
+            kv = attn.config.num_key_value_heads
+            q, k, v = qkv(layer.input_layernorm(x))
+            q, k = q.view(B, H, 1, d), k.view(B, kv, 1, d)
+            if hasattr(attn, "q_norm"):  # Qwen3: an RMS norm per head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self.rotate(q, k, cos, sin)
+            keys[:, :, n], values[:, :, n] = k[:, :, 0], v.view(B, kv, d)
+            # a key/value head's query heads as rows of one attention (transformers' repeat_kv order: kv·g + j)
+            a = F.scaled_dot_product_attention(q.view(B, kv, H // kv, d), keys[:, :, :n + 1], values[:, :, :n + 1],
+                                               attn_mask=mask, scale=attn.scaling)
+            x = x + out(a.reshape(B, H * d))[0]
+            g, u = gate_up(layer.post_attention_layernorm(x))
+            x = x + down(layer.mlp.act_fn(g) * u)[0]
+        self.filled, self.position = n + 1, self.position + 1
+        return self.head(self.decoder.norm(x))[0]
