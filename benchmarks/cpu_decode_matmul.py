@@ -5,7 +5,8 @@ uses while decoding where it measures faster.
     python benchmarks/cpu_decode_matmul.py --rollout   # + the throughput benchmark's 32-token rollout, both orders
     python benchmarks/cpu_decode_matmul.py --packed --rows 1,8,32,64   # unpacked against prepacked weights,
                                                                         # fp32 and bf16
-    python benchmarks/cpu_decode_matmul.py --packed --rollout --precision bf16   # + the rollout, packed or not
+    python benchmarks/cpu_decode_matmul.py --packed --rollout --precision bf16   # + the rollout: lean steps,
+                                                                   # the model's from packed weights, unpacked
 
 The matmuls: one pass over SmolLM2-135M's 211 weight matrices (30 layers × q, k, v, o, gate, up, down, and the LM
 head: 545 MB in fp32, more than any cache) at M rows, best of 5, fp32, torch's threads as set. "(W·xᵀ)ᵀ" includes
@@ -16,7 +17,8 @@ off, alternated `--repeats` times.
 `--packed`: the same pass over the weights in fp32 and bf16 from F.linear, from oneDNN with the weights as they are
 (`onednn_product`), and from copies packed once by oneDNN (`packed_weight`, what decoding uses where it pays:
 cpu_matmul.py), the time to pack all 211, and this machine's kept `packing_costs`; with `--rollout`, the rollout in
-`--precision` with packing on and off, alternated.
+`--precision` three ways, alternated: lean steps (ppo/cpu_decode.py), the model's steps from packed weights, and the
+model's steps from the weights as they are.
 """
 
 from __future__ import annotations
@@ -106,23 +108,32 @@ def packed_table(rows_list):
 def rollout_packed_ab(precision: str, repeats: int):
     from ppo_throughput import trainer_at
 
+    from rlhf_ext.ppo.cpu_decode import LeanDecoder
+
     tr = trainer_at(precision)
     batch = tr._next_prompts()
-    times = {"onednn": [], "torch": []}  # decoding's backend: packing forced on / off (nothing else changes)
-    tr.policy.cpu_matmul_backend = "onednn"
-    tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)  # first-use costs out of the timing
-    for _ in range(repeats):
-        for backend in times:
-            tr.policy.cpu_matmul_backend = backend
-            t0 = time.perf_counter()
-            tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)
-            times[backend].append(time.perf_counter() - t0)
-    on, no = times["onednn"], times["torch"]
+    fits = LeanDecoder.fits
+    variants = {  # decoding's backend, and whether a Llama-family model takes lean steps (cpu_decode.py)
+        "lean steps from packed weights": ("onednn", fits),
+        "the model's steps from packed weights": ("onednn", lambda *a: None),
+        "the model's steps, unpacked": ("torch", fits)}
+    times = {name: [] for name in variants}
+    try:
+        for rep in range(repeats + 1):  # the first round: first-use costs, not timed
+            for name, (backend, lean) in variants.items():
+                tr.policy.cpu_matmul_backend, LeanDecoder.fits = backend, staticmethod(lean)
+                t0 = time.perf_counter()
+                tr.policy.generate(batch, tr.tokenizer, 32, 1.0, False)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        LeanDecoder.fits = staticmethod(fits)
     runs = lambda ts: ", ".join(f"{t:.2f}" for t in ts)  # noqa: E731
-    print(f"\n32-token rollout of {len(batch)} prompts (ppo_throughput's trainer, {precision}), {repeats} alternated:")
-    print(f"  packed weights (packing included): median {median(on):.3f} s  ({runs(on)})")
-    print(f"  unpacked:                          median {median(no):.3f} s  ({runs(no)})")
-    print(f"  speed-up {median(no) / median(on):.2f}×")
+    print(f"\n32-token rollout of {len(batch)} prompts (ppo_throughput's trainer, {precision}), {repeats} alternated "
+          "(packing included):")
+    base = median(times["the model's steps, unpacked"])
+    for name, ts in times.items():
+        print(f"  {name:40s} median {median(ts):.3f} s, {base / median(ts):.2f}× the unpacked  ({runs(ts)})")
 
 
 def main(argv=None):

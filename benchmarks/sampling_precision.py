@@ -8,7 +8,9 @@ measures how much, in the precisions PPOTrainer runs in, beside two kinds of log
 must still catch (a repetition penalty of 1.1; sampling at T = 1 while training at T = 0.95), and in fp32 also
 through rlhf_ext's CPU decoding loop with its few-row matmuls forced on (rlhf_ext/ppo/cpu_matmul.py) and with the
 frozen base's matmuls through oneDNN (rlhf_ext/cpu_linear.py), both passes; in fp32 (oneDNN) and bf16 also with
-decoding from packed weights (cpu_matmul.py, forced on). The tolerances in
+decoding from packed weights (cpu_matmul.py, forced on; for this Llama-family model its lean steps, cpu_decode.py),
+and in fp32 and bf16 with a trained-like LoRA adapter on q/v, the model's steps against lean steps that fold the
+adapter into their products. The tolerances in
 `rlhf_ext/precision.py` (SAMPLING_KL_TOLERANCE) come from this table. Prints one row per setting:
 mean and max per-token KL(generate ‖ training forward), max |Δ log p| (all tokens, and tokens with p > 1e-3),
 max total variation.
@@ -78,20 +80,41 @@ def main(argv=None) -> int:
         rows = [(name, {}, 1.0)]
         if name == ONEDNN:  # frozen, as the trainer's base is: only frozen layers take oneDNN (cpu_linear.py)
             route_frozen_linears(model.requires_grad_(False), "onednn")
-            rows = [(name, UNPACKED, 1.0), (f"{ONEDNN} from packed weights (cpu_matmul.py)", PACKED, 1.0)]
+            rows = [(name, UNPACKED, 1.0), (f"{ONEDNN} from packed weights, lean steps (cpu_decode.py)", PACKED, 1.0)]
         if name == "bf16 weights":  # frozen: only frozen layers are packed
-            rows += [("bf16 weights, rlhf_ext's CPU decoding loop from packed weights (cpu_matmul.py)", PACKED, 1.0)]
+            rows += [("bf16 weights, rlhf_ext's CPU decoding loop from packed weights, lean steps (cpu_decode.py)",
+                      PACKED, 1.0)]
             model.requires_grad_(False)
         if name == "fp32":
             rows += [("fp32, rlhf_ext's CPU decoding loop, few-row matmuls as (W·xᵀ)ᵀ", UNPACKED, 1.0),
                      ("fp32, repetition penalty 1.1 in generate", {"repetition_penalty": 1.1}, 1.0),
                      ("fp32, trained at T = 0.95, sampled at T = 1", {}, 0.95)]
+        if name in ("fp32", "bf16 weights"):  # a policy that has trained: lean steps fold its adapter in
+            model = trained_lora(model)
+            rows += [(f"{name} + a trained LoRA (q/v, r=16), rlhf_ext's CPU decoding loop, the model's steps",
+                      UNPACKED, 1.0),
+                     (f"{name} + a trained LoRA (q/v, r=16), lean steps from packed weights, the adapter folded in "
+                      "(cpu_decode.py)", PACKED, 1.0)]
         for label, extra, t_train in rows:
             t0 = time.perf_counter()
             r = measure(model, enc, tok.pad_token_id, args.tokens, ctx, extra, t_train)
             print(f"| {label} | {r['mean_kl']:.2g} | {r['max_kl']:.2g} | {r['max_dlogp']:.3g} | "
                   f"{r['max_dlogp_p>1e-3']:.3g} | {r['max_tv']:.3g} | {time.perf_counter() - t0:.1f} |", flush=True)
     return 0
+
+
+def trained_lora(model):
+    """`model` with the benchmark trainer's LoRA (r=16, alpha 32, q/v) whose B is not zero (std 0.01: at θ₀ it is,
+    and the fold then adds nothing), frozen, as a rollout sees it."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    return peft.requires_grad_(False).eval()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Those helpers are private and changed within transformers 5 (`_prefill`'s argume
 `decode` is offered only where they are the ones it was written against (`cpu_decoder`); elsewhere — and on GPU,
 where multinomial is cheap — generate() runs transformers' own loop. Tested token for token against that loop with
 the same draw (`tests/test_sampling.py`). In fp32, the loop's few-row matmuls run in the operand order this CPU
-measured faster (`cpu_matmul.py`; the same product to rounding, `tests/test_cpu_matmul.py`).
+measured faster (`cpu_matmul.py`; the same product to rounding, `tests/test_cpu_matmul.py`). For the Llama family,
+where packing pays, the steps after the prefill are `cpu_decode.LeanDecoder`'s: the model's math from packed copies
+with the adapters folded in, without its module stack (the same function to rounding, `tests/test_cpu_decode.py`).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus: bool = False,
            streamer=None, cpu_matmul_backend: str = "auto", **model_kwargs):
     """transformers 5's `GenerationMixin._sample` for a decoder-only model sampling ancestrally, with `draw` in
-    place of `torch.multinomial` and the steps' matmuls as `cpu_matmul.few_row_linear` computes them
-    (`cpu_matmul_backend`: `PPOConfig.cpu_matmul_backend`); anything else (a streamer, synced GPUs, greedy decoding,
-    a compiled forward) runs transformers' own loop."""
+    place of `torch.multinomial` and the steps as `cpu_decode.LeanDecoder` runs them where it `fits`, else the
+    model's with their matmuls as `cpu_matmul.few_row_linear` computes them (`cpu_matmul_backend`:
+    `PPOConfig.cpu_matmul_backend`; "torch" turns both off); anything else (a streamer, synced GPUs, greedy
+    decoding, a compiled forward) runs transformers' own loop."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
     cfg = generation_config
