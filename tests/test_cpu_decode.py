@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from rlhf_ext.ppo import cpu_decode, cpu_matmul
-from rlhf_ext.ppo.cpu_decode import LeanDecoder, _Product
+from rlhf_ext.ppo.cpu_decode import LeanDecoder, _norm, _Product, _rotation
 from rlhf_ext.testing import tiny_model_for
 
 from .test_sampling import _generate
@@ -97,7 +97,8 @@ def test_a_folded_product_is_the_adapters_arithmetic(dtype, tok):
     attn = model.get_base_model().model.layers[0].self_attn
     x = torch.randn(5, attn.q_proj.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        outs = _Product([attn.q_proj, attn.k_proj, attn.v_proj], dtype, rows=5)(x.to(dtype))
+        product = _Product([attn.q_proj, attn.k_proj, attn.v_proj], dtype, rows=5)
+        outs = product(x.to(dtype)).split(product.splits, -1)
     for out, lin in zip(outs, (attn.q_proj, attn.k_proj, attn.v_proj), strict=True):
         base = getattr(lin, "base_layer", lin)
         expected = F.linear(x.double(), base.weight.double(), base.bias.double())
@@ -147,3 +148,32 @@ def test_a_decode_that_packing_does_not_repay_runs_transformers_steps(tok, monke
     assert not _starts(model, tok, backend="auto") and _starts(model, tok, backend="onednn")
     monkeypatch.setattr(cpu_decode, "memory_bytes", lambda: 0)  # the copies would not fit
     assert not _starts(model, tok, backend="onednn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_s_norm_and_rotation_are_the_model_s_or_the_model_s_own_are_used(dtype):
+    """The shorter RMS norm and rotation give the model's bits (Llama's modules, on fresh inputs); a norm or rotation
+    of another form (Gemma's 1 + weight, a rotation that is not rotate_half's) is left to the model's own code."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(1)
+    llama = LlamaRMSNorm(16, eps=1e-5)
+    llama.weight.data = torch.randn(16, generator=g)
+    llama.to(dtype)
+    x = torch.randn(5, 16, generator=g).to(dtype)
+    norm = _norm(llama, dtype)
+    assert norm is not llama and torch.equal(norm(x), llama(x))
+    gemma = GemmaRMSNorm(16).to(dtype)
+    assert _norm(gemma, dtype) is gemma
+
+    q, cos, sin = (torch.randn(4, 6, 8, generator=g).to(dtype) for _ in range(3))
+    cos, sin = cos[:, :1], sin[:, :1]
+    rotate = _rotation(apply_rotary_pos_emb, dtype, 8)
+    expected = apply_rotary_pos_emb(q[:, :, None], q[:, :, None], cos, sin)[0][:, :, 0]
+    assert rotate.__name__ == "ours" and torch.equal(rotate(cos, sin)(q), expected)  # the shorter one, same bits
+    def other(q, k, cos, sin, unsqueeze_dim=1):  # a rotation that is not rotate_half's
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos - q * sin, k
+
+    torch.testing.assert_close(_rotation(other, dtype, 8)(cos, sin)(q), q * cos - q * sin)

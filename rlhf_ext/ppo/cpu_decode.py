@@ -10,8 +10,9 @@ step is the same math in ~25 operations a layer:
   * a LoRA adapter on such a linear is folded into that product: y = [x | x·Aᵀ] · [W | s·B]ᵀ, its A product one
     small matmul, its s·B extra columns of the packed weight (at θ₀, B = 0: nothing added to the base's sum);
   * keys and values go into buffers allocated once for the whole decode instead of a concatenation per step;
-  * the model's own modules do the rest: its embedding, RMS norms (Qwen3's q/k norms too), rotary embedding and
-    `apply_rotary_pos_emb`, activation, final norm.
+  * the rest is the model's own embedding, rotary embedding, activation and Qwen3's q/k norms, and its RMS norms and
+    `apply_rotary_pos_emb` written with fewer operations (`F.rms_norm`; a roll for rotate_half), each used only where
+    it gives the model's bits on a probe input.
 
 Products run in the dtype the model's would (autocast's, else the weights'), from copies made for this decode and
 dropped after it, as `cpu_matmul.few_row_linear` packs them. It is the same function up to rounding, not the same
@@ -83,11 +84,43 @@ class _Product:
             [b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.splits)]).to(dtype)
         self.dtype, self.weight = dtype, packed_weight(weight.contiguous(), rows)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, in] → [M, Σ out_i], the linears' outputs side by side (`splits`)."""
         x = x.to(self.dtype)
         if self.A is not None:
             x = torch.cat([x, onednn_product(x, self.A)], -1)
-        return onednn_product(x, self.weight, self.bias).split(self.splits, -1)
+        return onednn_product(x, self.weight, self.bias)
+
+
+def _norm(module, dtype: torch.dtype):
+    """An RMS norm module's function as `F.rms_norm` computes it (4 operations where the module runs 8): used where
+    it gives the module's output on a probe in `dtype`, else the module."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float) or weight.ndim != 1:
+        return module
+
+    def norm(x):
+        return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+    probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(dtype)
+    return norm if torch.equal(norm(probe), module(probe)) else module
+
+
+def _rotation(rotate, dtype: torch.dtype, d: int):
+    """(cos, sin) → a function rotating [B, heads, d] by them as `rotate` (the model's `apply_rotary_pos_emb`)
+    does: x·cos + rotate_half(x)·sin, with rotate_half(x)·sin computed as roll(x)·(sin with its first half negated)
+    — the same products, so the same bits (checked on a probe; where they differ, the model's function)."""
+    def ours(cos, sin):
+        signed = torch.cat([-sin[..., : d // 2], sin[..., d // 2:]], -1)
+        return lambda x: x * cos + x.roll(d // 2, -1) * signed
+
+    def models(cos, sin):
+        return lambda x: rotate(x[:, :, None], x[:, :, None], cos, sin)[0][:, :, 0]
+
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = (torch.randn(2, 3, d, generator=g).to(dtype) for _ in range(3))
+    same = torch.equal(ours(cos[:, :1], sin[:, :1])(x), models(cos[:, :1], sin[:, :1])(x))
+    return ours if same else models
 
 
 def _layers_of(model):
@@ -118,6 +151,11 @@ class LeanDecoder:
                           _Product([m.gate_proj, m.up_proj], dtype, B), _Product([m.down_proj], dtype, B))
                          for a, m in ((layer.self_attn, layer.mlp) for layer in layers)]
         self.head = _Product([model.lm_head], dtype, B)
+        residual = decoder.embed_tokens.weight.dtype  # the residual stream's dtype, which the norms are given
+        self.norms = [(_norm(layer.input_layernorm, residual), _norm(layer.post_attention_layernorm, residual))
+                      for layer in layers]
+        self.final_norm = _norm(decoder.norm, residual)
+        self.rotation = _rotation(rotate, torch.promote_types(dtype, residual), layers[0].self_attn.head_dim)
         self.keys, self.values = keys, values  # per layer [B, kv heads, P + steps, d], the first P filled
         self.filled = mask.shape[1] - 1  # the prompt's columns; the mask's last one is the token to come
         self.mask = torch.ones(B, keys[0].shape[2], dtype=torch.bool)
@@ -180,24 +218,25 @@ class LeanDecoder:
         """The logits after `tokens` [B] are appended to every sequence: [B, V]."""
         B, n = tokens.shape[0], self.filled
         x = self.decoder.embed_tokens(tokens)  # [B, D]
-        cos, sin = self.decoder.rotary_emb(x[:, None], self.position[:, None])
+        cos, sin = self.decoder.rotary_emb(x[:, None], self.position[:, None])  # [B, 1, d] each
+        rotate = self.rotation(cos, sin)
         mask = self.mask[:, None, None, :n + 1]
-        for layer, (qkv, out, gate_up, down), keys, values in zip(self.layers, self.products, self.keys,
-                                                                 self.values):
+        for layer, (qkv, out, gate_up, down), (norm1, norm2), keys, values in zip(
+                self.layers, self.products, self.norms, self.keys, self.values):
             attn = layer.self_attn
-            H, d = attn.config.num_attention_heads, attn.head_dim
-            kv = attn.config.num_key_value_heads
-            q, k, v = qkv(layer.input_layernorm(x))
-            q, k = q.view(B, H, 1, d), k.view(B, kv, 1, d)
+            H, d, kv = attn.config.num_attention_heads, attn.head_dim, attn.config.num_key_value_heads
+            heads = qkv(norm1(x)).view(B, H + 2 * kv, d)  # q | k | v heads
             if hasattr(attn, "q_norm"):  # Qwen3: an RMS norm per head before the rotation
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self.rotate(q, k, cos, sin)
-            keys[:, :, n], values[:, :, n] = k[:, :, 0], v.view(B, kv, d)
+                q, k = rotate(attn.q_norm(heads[:, :H])), rotate(attn.k_norm(heads[:, H:H + kv]))
+            else:
+                qk = rotate(heads[:, :H + kv])
+                q, k = qk[:, :H], qk[:, H:]
+            keys[:, :, n], values[:, :, n] = k, heads[:, H + kv:]
             # a key/value head's query heads as rows of one attention (transformers' repeat_kv order: kv·g + j)
-            a = F.scaled_dot_product_attention(q.view(B, kv, H // kv, d), keys[:, :, :n + 1], values[:, :, :n + 1],
-                                               attn_mask=mask, scale=attn.scaling)
-            x = x + out(a.reshape(B, H * d))[0]
-            g, u = gate_up(layer.post_attention_layernorm(x))
-            x = x + down(layer.mlp.act_fn(g) * u)[0]
+            a = F.scaled_dot_product_attention(q.reshape(B, kv, H // kv, d), keys[:, :, :n + 1],
+                                               values[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
+            x = x + out(a.reshape(B, H * d))
+            g, u = gate_up(norm2(x)).chunk(2, -1)
+            x = x + down(layer.mlp.act_fn(g) * u)
         self.filled, self.position = n + 1, self.position + 1
-        return self.head(self.decoder.norm(x))[0]
+        return self.head(self.final_norm(x))
