@@ -146,7 +146,7 @@ def test_a_decode_that_packing_does_not_repay_runs_transformers_steps(tok, monke
     monkeypatch.setattr(cpu_matmul, "packing_costs", lambda dtype, rows: (1.0, 1.0, 0.0))  # packing no faster
     model = _adapted_model(tok, "llama3")
     assert not _starts(model, tok, backend="auto") and _starts(model, tok, backend="onednn")
-    monkeypatch.setattr(cpu_decode, "memory_bytes", lambda: 0)  # the copies would not fit
+    monkeypatch.setattr(cpu_matmul, "memory_bytes", lambda: 0)  # the copies would not fit
     assert not _starts(model, tok, backend="onednn")
 
 

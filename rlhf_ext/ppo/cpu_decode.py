@@ -25,13 +25,14 @@ sampling against the training forward, which PPO's ratios and the KL guard use, 
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from ..cpu_linear import onednn_product
-from .cpu_matmul import PACK_MEMORY_SHARE, PACKABLE, _pack_op, _packing_pays, memory_bytes, packed_weight
+from .cpu_matmul import PACKABLE, _pack_op, _packing_pays, packed_weight, within_memory_share
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")  # config.model_type
 _ATTENTION = ("sdpa", "eager")  # the attention implementations a lean step reproduces up to rounding
@@ -92,9 +93,12 @@ class _Product:
         return onednn_product(x, self.weight, self.bias)
 
 
+_NORM_MATCHES: dict[tuple[type, torch.dtype], bool] = {}  # (norm class, dtype) → whether `_norm`'s form is its
+
+
 def _norm(module, dtype: torch.dtype):
     """An RMS norm module's function as `F.rms_norm` computes it (4 operations where the module runs 8): used where
-    it gives the module's output on a probe in `dtype`, else the module."""
+    it gives the module's output on a probe in `dtype` — checked once per norm class and dtype —, else the module."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or not isinstance(eps, float) or weight.ndim != 1:
         return module
@@ -102,14 +106,19 @@ def _norm(module, dtype: torch.dtype):
     def norm(x):
         return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
 
-    probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(dtype)
-    return norm if torch.equal(norm(probe), module(probe)) else module
+    key = (type(module), dtype)
+    if key not in _NORM_MATCHES:
+        probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(dtype)
+        _NORM_MATCHES[key] = torch.equal(norm(probe), module(probe))
+    return norm if _NORM_MATCHES[key] else module
 
 
+@functools.cache
 def _rotation(rotate, dtype: torch.dtype, d: int):
     """(cos, sin) → a function rotating [B, heads, d] by them as `rotate` (the model's `apply_rotary_pos_emb`)
     does: x·cos + rotate_half(x)·sin, with rotate_half(x)·sin computed as roll(x)·(sin with its first half negated)
-    — the same products, so the same bits (checked on a probe; where they differ, the model's function)."""
+    — the same products, so the same bits (checked on a probe once per function, dtype and width; where they
+    differ, the model's function)."""
     def ours(cos, sin):
         signed = torch.cat([-sin[..., : d // 2], sin[..., d // 2:]], -1)
         return lambda x: x * cos + x.roll(d // 2, -1) * signed
@@ -121,6 +130,11 @@ def _rotation(rotate, dtype: torch.dtype, d: int):
     x, cos, sin = (torch.randn(2, 3, d, generator=g).to(dtype) for _ in range(3))
     same = torch.equal(ours(cos[:, :1], sin[:, :1])(x), models(cos[:, :1], sin[:, :1])(x))
     return ours if same else models
+
+
+def _rotary_function(model):
+    """The `apply_rotary_pos_emb` of `model`'s modeling module, or None."""
+    return getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
 
 
 def _layers_of(model):
@@ -144,9 +158,11 @@ def _linears(model, layers) -> list:
 class LeanDecoder:
     """The decoding steps after a prefill (`fits` decides, `start` takes over). `step(tokens)` → logits [B, V]."""
 
-    def __init__(self, model, decoder, layers, dtype, keys, values, mask, position, rotate):
+    def __init__(self, model, decoder, layers, dtype, keys, values, mask, position):
         B = mask.shape[0]
-        self.model, self.decoder, self.layers, self.rotate = model, decoder, layers, rotate
+        self.decoder, self.layers = decoder, layers
+        attn = layers[0].self_attn
+        self.heads = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim  # H, kv, d
         self.products = [(_Product([a.q_proj, a.k_proj, a.v_proj], dtype, B), _Product([a.o_proj], dtype, B),
                           _Product([m.gate_proj, m.up_proj], dtype, B), _Product([m.down_proj], dtype, B))
                          for a, m in ((layer.self_attn, layer.mlp) for layer in layers)]
@@ -155,7 +171,7 @@ class LeanDecoder:
         self.norms = [(_norm(layer.input_layernorm, residual), _norm(layer.post_attention_layernorm, residual))
                       for layer in layers]
         self.final_norm = _norm(decoder.norm, residual)
-        self.rotation = _rotation(rotate, torch.promote_types(dtype, residual), layers[0].self_attn.head_dim)
+        self.rotation = _rotation(_rotary_function(model), torch.promote_types(dtype, residual), attn.head_dim)
         self.keys, self.values = keys, values  # per layer [B, kv heads, P + steps, d], the first P filled
         self.filled = mask.shape[1] - 1  # the prompt's columns; the mask's last one is the token to come
         self.mask = torch.ones(B, keys[0].shape[2], dtype=torch.bool)
@@ -169,16 +185,15 @@ class LeanDecoder:
         reproduce, weights it cannot pack, copies that would pass 1/PACK_MEMORY_SHARE of the memory, a decode that
         packing does not repay (`cpu_matmul._packing_pays`), or `backend` "torch"."""
         found = _layers_of(model) if backend != "torch" and steps >= 1 and _pack_op() is not None else None
-        rotate = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
-        if found is None or rotate is None:
+        if found is None or _rotary_function(model) is None:
             return None
         parts = [_adapted(m) for m in _linears(model, found[1])]
-        weights = {base.weight.dtype for base, _ in parts if base is not None} if None not in parts else set()
+        weights = {base.weight.dtype for base, _ in parts} if None not in parts else set()
         if len(weights) != 1 or not weights <= set(PACKABLE) or any(b.weight.device.type != "cpu" for b, _ in parts):
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weights.pop()
         size = sum(base.weight.numel() for base, _ in parts) * torch.tensor([], dtype=dtype).element_size()
-        if dtype not in PACKABLE or size > memory_bytes() / PACK_MEMORY_SHARE or not _packing_pays(
+        if dtype not in PACKABLE or not within_memory_share(size) or not _packing_pays(
                 dtype, steps, rows, backend):
             return None
         return dtype
@@ -209,14 +224,13 @@ class LeanDecoder:
         position = model_kwargs["position_ids"][:, -1] if model_kwargs.get("position_ids") is not None else (
             mask.long().sum(1) - 1)
         model_kwargs["cache"] = None  # the buffers hold its keys and values now
-        rotate = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb")
         with torch.no_grad():
-            return cls(model, decoder, layers, dtype, keys, values, mask, position, rotate)
+            return cls(model, decoder, layers, dtype, keys, values, mask, position)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The logits after `tokens` [B] are appended to every sequence: [B, V]."""
-        B, n = tokens.shape[0], self.filled
+        (B, n), (H, kv, d) = (tokens.shape[0], self.filled), self.heads
         x = self.decoder.embed_tokens(tokens)  # [B, D]
         cos, sin = self.decoder.rotary_emb(x[:, None], self.position[:, None])  # [B, 1, d] each
         rotate = self.rotation(cos, sin)
@@ -224,7 +238,6 @@ class LeanDecoder:
         for layer, (qkv, out, gate_up, down), (norm1, norm2), keys, values in zip(
                 self.layers, self.products, self.norms, self.keys, self.values):
             attn = layer.self_attn
-            H, d, kv = attn.config.num_attention_heads, attn.head_dim, attn.config.num_key_value_heads
             heads = qkv(norm1(x)).view(B, H + 2 * kv, d)  # q | k | v heads
             if hasattr(attn, "q_norm"):  # Qwen3: an RMS norm per head before the rotation
                 q, k = rotate(attn.q_norm(heads[:, :H])), rotate(attn.k_norm(heads[:, H:H + kv]))

@@ -185,6 +185,11 @@ def memory_bytes(meminfo: str = "/proc/meminfo", limits=CGROUP_LIMITS) -> int:
     return min(found, default=0)
 
 
+def within_memory_share(nbytes: int) -> bool:
+    """Whether packed copies of `nbytes` fit in the 1/PACK_MEMORY_SHARE of the memory they may take."""
+    return nbytes <= memory_bytes() / PACK_MEMORY_SHARE
+
+
 def _packing_pays(dtype: torch.dtype, steps: int, rows: int, backend: str) -> bool:
     """Whether a decode of `steps` steps over `rows` sequences packs its `dtype` weights: "onednn" says yes, "torch"
     no; "auto" where this CPU measured the packed product ≥ MIN_SPEEDUP × faster at that row count and `steps` of
@@ -206,7 +211,7 @@ def _packed_linears(model: torch.nn.Module, steps: int, rows: int, backend: str)
               and (m.bias is None or (not m.bias.requires_grad and m.bias.dtype == m.weight.dtype))
               and ("forward" not in m.__dict__ or is_routed(m))]
     total = sum(m.weight.numel() * m.weight.element_size() for m in frozen)
-    if not frozen or total > memory_bytes() / PACK_MEMORY_SHARE:
+    if not frozen or not within_memory_share(total):
         return []
     dtypes = {m.weight.dtype for m in frozen}
     pays = {d for d in dtypes if _packing_pays(d, steps, rows, backend)}
