@@ -13,6 +13,7 @@ error against float64 autograd on the same inputs.
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import _common  # noqa: F401  (offline env, flush denormals)
 from ppo_floor import timed  # median seconds after a warm-up
-from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
+from rlhf_ext.ppo import cpu_attention
+
+
+@contextmanager
+def fp32_operands():
+    """rlhf_ext's backward with dV, dQ, dK from fp32 copies of their operands (its earlier form)."""
+    cpu_attention.FP32_OPERANDS = True
+    try:
+        yield
+    finally:
+        cpu_attention.FP32_OPERANDS = False
 
 
 def main():
@@ -36,7 +47,8 @@ def main():
     B, H, T, D = a.seqs, a.heads, a.tokens, a.head_dim
     Hk, Tq = a.kv_heads or H, a.query_tokens or T
     g = torch.Generator().manual_seed(0)
-    base = [torch.randn(B, h, t, D, generator=g) for h, t in ((H, Tq), (Hk, T), (Hk, T), (H, Tq))]
+    # q, k, v as the models hand them: [B, tokens, heads, D] transposed to [B, heads, tokens, D] (not contiguous)
+    base = [torch.randn(B, t, h, D, generator=g).transpose(1, 2) for h, t in ((H, Tq), (Hk, T), (Hk, T), (H, Tq))]
     mask = torch.ones(B, 1, Tq, T, dtype=torch.bool).tril(T - Tq)
     mask[0, :, :, :3] = False  # the first sequence left-padded by 3
     if Tq == T:
@@ -44,34 +56,33 @@ def main():
     gqa = {"enable_gqa": True} if Hk != H else {}
     print(f"{B} sequences × {H} heads ({Hk} key/value heads) × {Tq} queries over {T} tokens × {D}, padded causal "
           f"mask, {torch.get_num_threads()} threads")
-    print(f"{'dtype':8s} {'variant':34s} {'forward ms':>10s} {'fwd + bwd ms':>12s} {'max grad err vs fp64':>21s}")
+    print(f"{'dtype':8s} {'variant':40s} {'forward ms':>10s} {'fwd + bwd ms':>12s} {'max grad err vs fp64':>21s}")
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, go = (x.to(dtype) for x in base)
         ref = [x.double().requires_grad_() for x in (q, k, v)]
         F.scaled_dot_product_attention(*ref, attn_mask=mask, **gqa).backward(go.double())
-        variants = {"torch (flash on CPU)": lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]),
-                    "math backend": lambda: sdpa_kernel([SDPBackend.MATH]),
-                    "torch forward, rlhf_ext backward": lambda: cheaper_attention_backward(torch.device("cpu"),
-                                                                                          torch.bfloat16)}
-        for name, ctx in variants.items():
-            if name.startswith("torch forward") and dtype == torch.float32:
+        variants = {"torch (flash on CPU)": (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION]), F.scaled_dot_product_attention),
+                    "math backend": (lambda: sdpa_kernel([SDPBackend.MATH]), F.scaled_dot_product_attention),
+                    "torch fwd, rlhf_ext bwd": (nullcontext, cpu_attention.sdpa),
+                    "torch fwd, rlhf_ext bwd, fp32 operands": (fp32_operands, cpu_attention.sdpa)}
+        for name, (ctx, attention) in variants.items():
+            if "rlhf_ext" in name and dtype == torch.float32:
                 continue  # used in 16-bit only
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
             def fwd():
                 with ctx(), torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+                    attention(q, k, v, attn_mask=mask, **gqa)
 
             def fwd_bwd():
                 for x in leaves:
                     x.grad = None
-                with ctx():
-                    out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, **gqa)
-                out.backward(go)
+                with ctx():  # the backward too: FP32_OPERANDS is read there
+                    attention(*leaves, attn_mask=mask, **gqa).backward(go)
 
             f_ms, fb_ms = timed(fwd, a.repeat) * 1e3, timed(fwd_bwd, a.repeat) * 1e3
             err = max(float((x.grad.double() - r.grad.nan_to_num(0.0)).abs().max()) for x, r in zip(leaves, ref))
-            print(f"{str(dtype).replace('torch.', ''):8s} {name:34s} {f_ms:10.2f} {fb_ms:12.2f} {err:21.2e}")
+            print(f"{str(dtype).replace('torch.', ''):8s} {name:40s} {f_ms:10.2f} {fb_ms:12.2f} {err:21.2e}")
 
 
 if __name__ == "__main__":

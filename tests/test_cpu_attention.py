@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 from rlhf_ext.models import load_model
 from rlhf_ext.ppo import cpu_attention
 from rlhf_ext.ppo.cpu_attention import cheaper_attention_backward
@@ -45,8 +47,7 @@ def test_forward_is_torch_s_and_backward_equals_float64_autograd(dtype, mask_kin
     q, k, v, kw, go = _inputs(dtype, mask_kind, gqa, B, Tq, Tk)
     kw["scale"] = scale
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    with cheaper_attention_backward(torch.device("cpu"), dtype):
-        out = F.scaled_dot_product_attention(*leaves, **kw)
+    out = cpu_attention.sdpa(*leaves, **kw)
     assert torch.equal(out.detach(), F.scaled_dot_product_attention(q, k, v, **kw))  # the forward, bit for bit
     assert out.grad_fn.name().endswith("_AttentionBackward")
     out.backward(go)
@@ -61,19 +62,82 @@ def test_forward_is_torch_s_and_backward_equals_float64_autograd(dtype, mask_kin
 
 def test_only_passes_that_need_a_gradient_take_it():
     q, k, v, kw, _ = _inputs(torch.bfloat16, "padding", False, 2, 5, 5)
-    ctx = cheaper_attention_backward(torch.device("cpu"), torch.bfloat16)
-    with ctx, torch.no_grad():
-        assert F.scaled_dot_product_attention(q.requires_grad_(), k, v, **kw).grad_fn is None
-    with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16):
-        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, **kw)  # dropout: torch's own
+    with torch.no_grad():
+        assert cpu_attention.sdpa(q.requires_grad_(), k, v, **kw).grad_fn is None
+    dropped = cpu_attention.sdpa(q, k, v, dropout_p=0.1, **kw)  # dropout: torch's own
     assert not dropped.grad_fn.name().endswith("_AttentionBackward")
     checkpointed = torch.nn.Sequential(torch.nn.Linear(2, 2))
     checkpointed[0].gradient_checkpointing = True  # as transformers marks a model that recomputes its layers
+    sdpa_before = ALL_ATTENTION_FUNCTIONS["sdpa"]
     for dtype, model in ((torch.float32, None), (torch.bfloat16, checkpointed)):  # fp32, or checkpointing: nothing
-        assert not isinstance(cheaper_attention_backward(torch.device("cpu"), dtype, model),
-                              cpu_attention._AttentionWithCheaperBackward)
-    assert isinstance(cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, torch.nn.Linear(2, 2)),
-                      cpu_attention._AttentionWithCheaperBackward)
+        with cheaper_attention_backward(torch.device("cpu"), dtype, model):
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_before
+    with torch.no_grad(), cheaper_attention_backward(torch.device("cpu"), torch.bfloat16):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_before
+    with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16, torch.nn.Linear(2, 2)):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__ is sdpa_before
+
+
+def test_only_transformers_attention_function_runs_under_the_mode_and_the_mapping_is_restored(monkeypatch):
+    """Inside the context transformers' "sdpa" attention function routes its SDPA call through the cheaper backward,
+    under a TorchFunctionMode that covers that function only (the pass's other operations run without it); nested
+    contexts wrap it once; after the outermost the mapping is as it was — no local override left behind, or the
+    user's own kept."""
+    q, k, v, kw, _ = _inputs(torch.bfloat16, "padding", False, 2, 5, 5)
+    q.requires_grad_()
+    seen = []
+    real = cpu_attention._AttentionWithCheaperBackward.__torch_function__
+    monkeypatch.setattr(cpu_attention._AttentionWithCheaperBackward, "__torch_function__",
+                        lambda self, func, *a, **k: seen.append(func) or real(self, func, *a, **k))
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    assert "sdpa" not in local
+    module = torch.nn.Module()
+    module.is_causal = False
+    ctx = lambda: cheaper_attention_backward(torch.device("cpu"), torch.bfloat16)  # noqa: E731
+    with ctx():
+        routed = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        with ctx():
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is routed  # wrapped once
+        torch.add(q, 1)  # outside the attention function: no mode
+        assert not seen
+        out, _ = routed(module, q, k, v, kw["attn_mask"])  # [B, T, heads, D]: SDPA's output transposed, a copy
+        assert "_AttentionBackward" in _graph_names(out.grad_fn)
+        assert F.scaled_dot_product_attention in seen and torch.add not in seen
+    assert "sdpa" not in local
+    users = lambda *a, **k: None  # noqa: E731
+    local["sdpa"] = users
+    try:
+        with ctx():
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__ is users
+        assert local["sdpa"] is users
+    finally:
+        del local["sdpa"]
+
+
+def _graph_names(fn, depth: int = 6) -> set:
+    """The names of autograd nodes within `depth` steps of `fn`."""
+    if fn is None or depth == 0:
+        return set()
+    return {fn.name()}.union(*(_graph_names(f, depth - 1) for f, _ in fn.next_functions))
+
+
+def test_16_bit_operands_against_fp32_operands(monkeypatch):
+    """dV, dQ, dK from P and dS rounded to bf16 (FlashAttention-2's precision) stay within 2× the error of the same
+    products from fp32 copies, against float64 autograd, over masks and grouped-query attention."""
+    worst = {}
+    for mask_kind, gqa in itertools.product(MASKS, [False, True]):
+        q, k, v, kw, go = _inputs(torch.bfloat16, mask_kind, gqa, 3, 7, 7 if mask_kind == "causal" else 13)
+        ref = [x.double().requires_grad_() for x in (q, k, v)]
+        kw64 = {**kw, **({"attn_mask": kw["attn_mask"].double()} if mask_kind == "additive" else {})}
+        F.scaled_dot_product_attention(*ref, **kw64).backward(go.double())
+        for fp32 in (False, True):
+            monkeypatch.setattr(cpu_attention, "FP32_OPERANDS", fp32)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            cpu_attention.sdpa(*leaves, **kw).backward(go)
+            err = max(float((x.grad.double() - r.grad.nan_to_num(0.0)).abs().max() / r.grad.nan_to_num(0.0).abs().max())
+                      for x, r in zip(leaves, ref))
+            worst[fp32] = max(worst.get(fp32, 0.0), err)
+    assert worst[False] <= 2 * worst[True], worst
 
 
 @pytest.mark.parametrize("setting", ["bf16 weights", "fp32", "bf16 weights + checkpointing"])
@@ -105,8 +169,7 @@ def test_a_backward_split_into_chunks_of_sequences_equals_the_whole_batch_s(monk
 
     def grads():
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        with cheaper_attention_backward(torch.device("cpu"), torch.bfloat16):
-            F.scaled_dot_product_attention(*leaves, **kw).backward(go)
+        cpu_attention.sdpa(*leaves, **kw).backward(go)
         return [x.grad for x in leaves]
 
     whole = grads()

@@ -2,23 +2,29 @@
 
 On CPU in bf16, the backward of torch's flash-attention kernel costs more than the math backend's forward and
 backward together (8 sequences × 9 heads × 74 tokens × 64, forward + backward: 8.9 ms against 3.9; fp32 flash 3.6;
-`benchmarks/cpu_attention.py`), a quarter of a SmolLM2-135M training step. Choosing another backend for the training passes would change the forward,
-and θ_old, the training pass and the reference must compute one function (the KL is exactly 0 at θ₀). So the
-forward stays `F.scaled_dot_product_attention` with the arguments the model gave it, and only the backward is
-replaced: recomputed from q, k, v in fp32, a chunk of sequences at a time (fp32 temporaries ≤ CHUNK_BYTES each),
-the query heads of one key/value head stacked as rows so that grouped-query attention needs no repeated k, v
-(P = softmax(q·kᵀ·s + mask); dV = Pᵀ·dO; dS = P ∘ (dO·Vᵀ − rowsum(dO·Vᵀ ∘ P)); dQ = dS·K·s; dK = dSᵀ·Q·s). It saves
-only q, k, v (flash also keeps its output and log-sum-exp) and is more accurate than the bf16 kernel's
-(tests/test_cpu_attention.py). At the benchmark trainer's shapes (8 × 9 query heads over 3 key heads × 50 queries
-× 74 keys × 64) a layer's forward + backward took 2.64 ms against 3.18 for one sequence at a time with k, v repeated
-(`python benchmarks/cpu_attention.py --kv-heads 3 --query-tokens 50`; dQ the same bits, dK and dV summed over a
-group in another order).
+`benchmarks/cpu_attention.py`), a quarter of a SmolLM2-135M training step. Choosing another backend for the training
+passes would change the forward, and θ_old, the training pass and the reference must compute one function (the KL is
+exactly 0 at θ₀). So the forward stays `F.scaled_dot_product_attention` with the arguments the model gave it, and only
+the backward is replaced: recomputed from q, k, v a chunk of sequences at a time (fp32 temporaries ≤ CHUNK_BYTES
+each), the query heads of one key/value head stacked as rows so that grouped-query attention needs no repeated k, v
+(P = softmax(q·kᵀ·s + mask); dV = Pᵀ·dO; dS = P ∘ (dO·Vᵀ − rowsum(dO·Vᵀ ∘ P)); dQ = dS·K·s; dK = dSᵀ·Q·s). Its
+precision is FlashAttention-2's backward's: the scores, the softmax, dP and dS in fp32, and the three products that
+give dV, dQ and dK from P and dS rounded to the 16-bit dtype (each accumulated in fp32 by the kernel) — a third of
+the time of those products from fp32 copies (`FP32_OPERANDS`, the earlier backward), at a gradient error within 2× of
+theirs (tests/test_cpu_attention.py; `benchmarks/cpu_attention.py` prints both). It saves only q, k, v (flash also
+keeps its output and log-sum-exp).
+
+Routing: inside `cheaper_attention_backward`, transformers' "sdpa" attention function runs under a TorchFunctionMode
+that sends its `F.scaled_dot_product_attention` call to `sdpa` here; the rest of the pass runs without the mode, whose
+Python call in front of every tensor operation cost ~15 ms a bf16 SmolLM2-135M training forward when it covered the
+whole pass.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +32,17 @@ from torch.overrides import TorchFunctionMode
 
 from ..models import activation_checkpointing_on
 
+try:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _HF_ATTENTION
+except ImportError:  # pragma: no cover - transformers without the attention interface
+    _HF_ATTENTION = None
+
 _SDPA = F.scaled_dot_product_attention
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 CHUNK_BYTES = 16 << 20  # one fp32 [sequences, heads, Tq, Tk] temporary of the backward stays under this
+FP32_OPERANDS = False  # True: dV, dQ, dK from fp32 copies of P, dS, dO, Q, K (the earlier backward; benchmarks A/B)
 
 
 def _grouped_mask(mask: torch.Tensor | None, Hk: int, groups: int) -> torch.Tensor | None:
@@ -61,6 +73,7 @@ class _Attention(torch.autograd.Function):
         Hk, Tk = k.shape[1], k.shape[2]
         groups = Hq // Hk  # > 1 with enable_gqa: k, v carry the key/value heads only
         scale = ctx.scale if ctx.scale is not None else 1 / math.sqrt(D)
+        lo = torch.float32 if FP32_OPERANDS else q.dtype  # the operands of the products that give dV, dQ, dK
         # the query heads that share a key/value head are stacked as rows, [b, Hk, groups·Tq, D]: one product per key
         # head instead of repeating k and v, and dK, dV summed over the group by the product itself
         m5 = _grouped_mask(mask, Hk, groups)
@@ -70,39 +83,80 @@ class _Attention(torch.autograd.Function):
         for b0 in range(0, B, step):
             sl = slice(b0, min(B, b0 + step))
             n = sl.stop - sl.start
-            qf = q[sl].float().reshape(n, Hk, groups * Tq, D)  # the models hand q transposed: a copy
-            go = g[sl].float().reshape(n, Hk, groups * Tq, D)
-            kf, vf = k[sl].float(), v[sl].float()
-            s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale).view(n, Hk, groups, Tq, Tk)
+            qs = q[sl].reshape(n, Hk, groups * Tq, D)  # the models hand q transposed: a copy
+            gs = g[sl].reshape(n, Hk, groups * Tq, D)
+            s = torch.matmul(qs.float(), k[sl].float().transpose(-1, -2)).mul_(scale).view(n, Hk, groups, Tq, Tk)
             if m5 is not None:
                 m = m5[sl] if m5.shape[0] > 1 else m5
                 s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
             if causal is not None:
                 s.masked_fill_(~causal, float("-inf"))
             p = torch.softmax(s, -1).nan_to_num_(0.0).view(n, Hk, groups * Tq, Tk)  # a fully masked row: no gradient
-            dv[sl] = torch.matmul(p.transpose(-1, -2), go)                     # dV = Pᵀ·dO
-            dp = torch.matmul(go, vf.transpose(-1, -2))                         # dP = dO·Vᵀ
-            ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)               # dS = P ∘ (dP − rowsum(dP ∘ P))
-            dq[sl] = torch.matmul(ds, kf).mul_(scale).view(n, Hq, Tq, D)         # dQ = dS·K·s
-            dk[sl] = torch.matmul(ds.transpose(-1, -2), qf).mul_(scale)         # dK = dSᵀ·Q·s
+            dp = torch.matmul(gs.float(), v[sl].float().transpose(-1, -2))        # dP = dO·Vᵀ
+            ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p).mul_(scale)    # dS·s = P ∘ (dP − rowsum(dP ∘ P))·s
+            p, ds = p.to(lo), ds.to(lo)
+            dv[sl] = torch.matmul(p.transpose(-1, -2), gs.to(lo))                # dV = Pᵀ·dO
+            dq[sl] = torch.matmul(ds, k[sl].to(lo)).view(n, Hq, Tq, D)           # dQ = dS·K·s
+            dk[sl] = torch.matmul(ds.transpose(-1, -2), qs.to(lo))               # dK = dSᵀ·Q·s
         return dq, dk, dv, None, None, None, None
 
 
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """`F.scaled_dot_product_attention`, with the cheaper backward where the call needs a gradient on CPU without
+    dropout; torch's own function (forward and backward) otherwise."""
+    if (not dropout_p and q.dim() == 4 and q.device.type == "cpu" and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _Attention.apply(q, k, v, attn_mask, bool(is_causal), scale, bool(enable_gqa))
+    return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                 enable_gqa=enable_gqa)
+
+
 class _AttentionWithCheaperBackward(TorchFunctionMode):
-    """Routes `F.scaled_dot_product_attention` calls that need a gradient through `_Attention`; every other call,
-    and every other function, goes through untouched."""
+    """Routes `F.scaled_dot_product_attention` calls through `sdpa`; every other function goes through untouched."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _SDPA and len(args) >= 3:
-            q, k, v = args[:3]
-            kw = {**dict(zip(_SDPA_ARGS, args[3:])), **kwargs}
-            if (set(kw) <= set(_SDPA_ARGS) and not kw.get("dropout_p") and q.dim() == 4 and q.device.type == "cpu"
-                    and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-                mask = kw.get("attn_mask")
-                return _Attention.apply(q, k, v, mask, bool(kw.get("is_causal", False)), kw.get("scale"),
-                                        bool(kw.get("enable_gqa", False)))
+        if func is _SDPA and len(args) >= 3 and set(kwargs) <= set(_SDPA_ARGS):
+            return sdpa(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _in_attention(inner):
+    """transformers' attention function `inner`, run inside the mode: the mode's Python call then sits in front of
+    the few tensor operations of the attention function only, not of every operation of the pass (~3.5 µs each,
+    ~15 ms of a bf16 SmolLM2-135M training forward)."""
+
+    @functools.wraps(inner)
+    def attention(*args, **kwargs):
+        with _AttentionWithCheaperBackward():
+            return inner(*args, **kwargs)
+
+    return attention
+
+
+_routed = {"depth": 0, "saved": None}
+
+
+@contextmanager
+def _transformers_sdpa_routed():
+    """transformers' "sdpa" attention function (what every model with `attn_implementation="sdpa"` looks up in
+    `ALL_ATTENTION_FUNCTIONS` at each forward) replaced by `_in_attention(it)` for the context's duration, then the
+    mapping restored as it was (a local override kept, none left behind). Re-entrant."""
+    local = _HF_ATTENTION._local_mapping
+    if _routed["depth"] == 0:
+        _routed["saved"] = ("sdpa" in local, local.get("sdpa"))
+        local["sdpa"] = _in_attention(_HF_ATTENTION["sdpa"])
+    _routed["depth"] += 1
+    try:
+        yield
+    finally:
+        _routed["depth"] -= 1
+        if _routed["depth"] == 0:
+            had, fn = _routed["saved"]
+            if had:
+                local["sdpa"] = fn
+            else:
+                del local["sdpa"]
 
 
 def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype, model: torch.nn.Module | None = None):
@@ -111,5 +165,7 @@ def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype,
     and must save what the first forward saved. (The module walk for that runs only once the cheap tests pass.)"""
     if (device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and not (model is not None and activation_checkpointing_on(model))):
-        return _AttentionWithCheaperBackward()
+        if isinstance(getattr(_HF_ATTENTION, "_local_mapping", None), dict):
+            return _transformers_sdpa_routed()
+        return _AttentionWithCheaperBackward()  # no attention interface to route: every call of the pass
     return nullcontext()
