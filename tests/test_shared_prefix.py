@@ -377,3 +377,52 @@ def check_reward_scoring_shares_exactly(peft, tok, adapter: str):
     shared, rows_shared = _scored(ens, seqs, share=True)
     assert rows_shared < len(seqs) * max(map(len, seqs))  # the shared path ran
     assert torch.allclose(shared, alone, atol=2e-5), float((shared - alone).abs().max())
+
+
+@pytest.mark.parametrize("arch,critic,dtype", [("llama3", "shared", "float32"), ("qwen3", "separate", "float32"),
+                                               ("llama3", "shared", "bfloat16"), ("gpt2", "shared", "float32")])
+def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, monkeypatch):
+    """Where `packs` (PACKED_MODEL_TYPES, SDPA), the shared head and the rows' remainders run as one sequence
+    (`packed_forward`): the same logits, values, log-probs and gradients as the cached pass (the head as a batch of its
+    own, its keys and values repeated to the rows) — the independent computation, run by switching `packs` off —, a
+    reward member's hidden states too, one pass through the embedding instead of two, and transformers' attention
+    mapping left as it was. Elsewhere (GPT-2) the cached pass runs."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import rlhf_ext.shared_prefix as sp
+    from rlhf_ext.models import trunk_of
+
+    model = load_model(save_tiny_model_for(tmp_path / arch, arch, tok), "causal", dtype=dtype)
+    tr = _trainer(tmp_path, tok, None, model=model, critic=critic, bf16=dtype == "bfloat16")
+    pol = tr.policy
+    assert tr.startup["shared_prompt_prefix"] == "on" and tr.startup["training_vs_reference"] == 0.0
+    assert sp.packs(trunk_of(pol.peft)) == (arch != "gpt2")
+    with torch.no_grad():  # a trained adapter, so that the shared tokens' gradients matter
+        g = torch.Generator().manual_seed(1)
+        for n, p in pol.peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids, mask = _batch(random.Random(1), 5, 20, [1, 3, 2, 4, 1], 4, vocab=len(tok))
+    packed_calls = []
+    real = sp.packed_forward
+    monkeypatch.setattr(sp, "packed_forward", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
+    seen, handle = _token_rows(pol.peft)
+    (lp, vp, pp), gp = _pass(pol, ids, mask, 4, share=True)
+    handle.remove()
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping  # restored
+    if arch == "gpt2":
+        assert not packed_calls
+        return
+    assert len(packed_calls) == (2 if critic == "separate" else 1) and len(seen) == len(packed_calls)
+    monkeypatch.setattr(sp, "packs", lambda model: False)
+    seen, handle = _token_rows(pol.peft)
+    (lc, vc, pc), gc = _pass(pol, ids, mask, 4, share=True)
+    handle.remove()
+    assert len(seen) == 2 * len(packed_calls)  # the cached pass: the head, then the remainders
+    m = mask[:, -4:].bool()
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    for a, b in ((lp, lc), (vp, vc), (pp, pc)):
+        assert torch.allclose(a[m].float(), b[m].float(), atol=tol), float((a[m].float() - b[m].float()).abs().max())
+    for a, b in zip(gp, gc):
+        assert torch.allclose(a.float(), b.float(), atol=tol * (1 + float(b.abs().max()))), float((a - b).abs().max())
+    assert sum(float(b.abs().sum()) > 0 for b in gc) >= len(gc) // 2  # the loss reaches the adapters

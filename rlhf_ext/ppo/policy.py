@@ -185,7 +185,10 @@ class PolicyAndValue(nn.Module):
             logits, logp = response_logprobs(out.logits, ids[:, -n_resp:], self.temperature)
         else:
             logits, logp = response_logits(out.logits, n_resp, self.temperature), None
-        h = captured["h"][:, -n_resp - 1 : -1] if want_hidden else None
+        h = captured["h"] if want_hidden else None
+        if h is not None and h.shape[0] != ids.shape[0]:  # a packed pass: the head read the rows' kept positions as
+            h = h.reshape(ids.shape[0], -1, h.shape[-1])   # one sequence (`shared_prefix.packed_forward`)
+        h = h[:, -n_resp - 1 : -1] if h is not None else None
         return logits, logp, h
 
     def _batch_forward(self, model, ids, mask, n_resp: int, **kw):
