@@ -110,6 +110,17 @@ RECURRENT = {"qwen3.5": "linear_attention", "qwen3.5-moe": "linear_attention", "
              "falcon-h1": "hybrid"}  # Falcon-H1: attention and Mamba side by side in every layer
 
 
+def _trained_adapter_and_batch(policy, tok):
+    """Random LoRA B factors (a trained adapter, so that the shared tokens' gradients matter) and a left-padded batch
+    of 5 rows sharing a 20-token head, 4 response tokens, one response cut short → (ids, mask)."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for n, p in policy.peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return _batch(random.Random(1), 5, 20, [1, 3, 2, 4, 1], 4, vocab=len(tok))
+
+
 def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
     """Run per architecture by `tests/test_architectures.py::test_shared_prompt_prefix_exact` (a support-table
     column)."""
@@ -135,12 +146,7 @@ def check_shared_pass_equals_full_pass(arch, tmp_path, tok, record_property):
         assert forced is None or (forced[m] - full[m]).abs().max() > 1e-4
         return
     assert tr.startup["shared_prompt_prefix"] == "on"
-    with torch.no_grad():  # a trained adapter, so that the shared tokens' gradients matter
-        g = torch.Generator().manual_seed(1)
-        for n, p in pol.peft.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ids, mask = _batch(random.Random(1), 5, 20, [1, 3, 2, 4, 1], 4, vocab=len(tok))
+    ids, mask = _trained_adapter_and_batch(pol, tok)
     (lf, vf, pf), gf = _pass(pol, ids, mask, 4, share=False)
     seen, handle = _token_rows(pol.peft)
     try:
@@ -397,12 +403,7 @@ def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, 
     pol = tr.policy
     assert tr.startup["shared_prompt_prefix"] == "on" and tr.startup["training_vs_reference"] == 0.0
     assert sp.packs(trunk_of(pol.peft)) == (arch != "gpt2")
-    with torch.no_grad():  # a trained adapter, so that the shared tokens' gradients matter
-        g = torch.Generator().manual_seed(1)
-        for n, p in pol.peft.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ids, mask = _batch(random.Random(1), 5, 20, [1, 3, 2, 4, 1], 4, vocab=len(tok))
+    ids, mask = _trained_adapter_and_batch(pol, tok)
     packed_calls = []
     real = sp.packed_forward
     monkeypatch.setattr(sp, "packed_forward", lambda *a, **k: packed_calls.append(1) or real(*a, **k))

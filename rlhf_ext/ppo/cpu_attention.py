@@ -9,10 +9,11 @@ the backward is replaced: recomputed from q, k, v a chunk of sequences at a time
 each), the query heads of one key/value head stacked as rows so that grouped-query attention needs no repeated k, v
 (P = softmax(q·kᵀ·s + mask); dV = Pᵀ·dO; dS = P ∘ (dO·Vᵀ − rowsum(dO·Vᵀ ∘ P)); dQ = dS·K·s; dK = dSᵀ·Q·s). Its
 precision is FlashAttention-2's backward's: the scores, the softmax, dP and dS in fp32, and the three products that
-give dV, dQ and dK from P and dS rounded to the 16-bit dtype (each accumulated in fp32 by the kernel) — a third of
-the time of those products from fp32 copies (`FP32_OPERANDS`, the earlier backward), at a gradient error within 2× of
-theirs (tests/test_cpu_attention.py; `benchmarks/cpu_attention.py` prints both). It saves only q, k, v (flash also
-keeps its output and log-sum-exp).
+give dV, dQ and dK from P and dS rounded to the 16-bit dtype (each accumulated in fp32 by the kernel): at the
+benchmark trainer's shapes (8 sequences × 9 query heads over 3 key/value heads × 50 queries × 74 keys × 64, bf16) the
+backward took 1.05 ms against 1.39 with those products from fp32 copies (`FP32_OPERANDS`, the earlier backward), at
+1.4–1.5× their gradient error against float64 (tests/test_cpu_attention.py bounds it at 2×; `benchmarks/
+cpu_attention.py` prints both). It saves only q, k, v (flash also keeps its output and log-sum-exp).
 
 Routing: inside `cheaper_attention_backward`, transformers' "sdpa" attention function runs under a TorchFunctionMode
 that sends its `F.scaled_dot_product_attention` call to `sdpa` here; the rest of the pass runs without the mode, whose
