@@ -55,7 +55,7 @@ MIN_SAVED_ROWS = 64
 
 # Architectures (config.model_type) whose passes run the shared head and the remainders as one packed sequence
 # (`packed_forward`; tests/test_shared_prefix.py checks each against the cached pass); the others take the cache.
-PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "olmo2", "smollm3"})
 
 
 def worth_sharing(n_rows: int, n_shared: int) -> bool:

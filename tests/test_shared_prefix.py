@@ -386,7 +386,8 @@ def check_reward_scoring_shares_exactly(peft, tok, adapter: str):
 
 
 @pytest.mark.parametrize("arch,critic,dtype", [("llama3", "shared", "float32"), ("qwen3", "separate", "float32"),
-                                               ("llama3", "shared", "bfloat16"), ("gpt2", "shared", "float32")])
+                                               ("llama3", "shared", "bfloat16"), ("phi3", "shared", "float32"),
+                                               ("smollm3", "shared", "float32"), ("gpt2", "shared", "float32")])
 def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, monkeypatch):
     """Where `packs` (PACKED_MODEL_TYPES, SDPA), the shared head and the rows' remainders run as one sequence
     (`packed_forward`): the same logits, values, log-probs and gradients as the cached pass (the head as a batch of its
