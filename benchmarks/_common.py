@@ -102,9 +102,10 @@ def random_reward_artifact(out, model_name: str, tok, layers=None):
     """A reward artifact with a random head (LoRA q/v, optionally on `layers` only): what PPO scores with when only
     its cost matters."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from torch import nn
 
+    from rlhf_ext.adapters import wrap_with_peft
     from rlhf_ext.models import load_model
     from rlhf_ext.reward.artifact import save_reward_artifact
     from rlhf_ext.reward.ensemble import RewardEnsemble
@@ -113,7 +114,7 @@ def random_reward_artifact(out, model_name: str, tok, layers=None):
             "layers_to_transform": layers, "layers_pattern": "layers" if layers else None}
     trunk = load_model(model_name, "trunk")
     torch.manual_seed(0)
-    peft = get_peft_model(trunk, LoraConfig(**lora), adapter_name="reward")
+    peft = wrap_with_peft(trunk, LoraConfig(**lora), "reward")
     heads = nn.ModuleDict({"reward": nn.Linear(trunk.config.hidden_size, 1)})
     spec = {"base_model": model_name, "mode": "heads", "ensemble_size": 1, "members": ["rm"], "adapters": ["reward"],
             "lora_config": lora}

@@ -110,10 +110,11 @@ def scoring_worker(name: str) -> dict:
 
     import torch
     from gpu_check import hf_config, reset_peak_rss, rss_bytes, synthetic_tokenizer
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from torch import nn
     from transformers import AutoModel
 
+    from rlhf_ext.adapters import wrap_with_peft
     from rlhf_ext.plan import reward_scoring_bytes
     from rlhf_ext.reward.ensemble import RewardEnsemble
 
@@ -127,7 +128,7 @@ def scoring_worker(name: str) -> dict:
 
     def build():
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        peft = get_peft_model(AutoModel.from_config(hf_config(shape, tok)), lora, adapter_name="rm0")
+        peft = wrap_with_peft(AutoModel.from_config(hf_config(shape, tok)), lora, "rm0")
         for k in range(1, K):
             peft.add_adapter(f"rm{k}", lora)
         spec = {"mode": "adapters", "adapters": [f"rm{k}" for k in range(K)], "members": [f"m{k}" for k in range(K)]}

@@ -14,10 +14,11 @@ import copy
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from torch import nn
 
 from _common import baseline_prompts, median, peak_rss_mib, unique_params
+from rlhf_ext.adapters import wrap_with_peft
 from rlhf_ext.models import load_model, load_tokenizer
 from rlhf_ext.data import pad_ids
 from rlhf_ext.reward.ensemble import RewardEnsemble, reward_input_ids
@@ -27,7 +28,7 @@ def build(base, mode: str, K: int, hidden: int) -> RewardEnsemble:
     lora = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     adapters = ["reward"] if mode == "heads" else [f"reward_{k}" for k in range(K)]
     torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(**lora), adapter_name=adapters[0])
+    model = wrap_with_peft(base, LoraConfig(**lora), adapters[0])
     for a in adapters[1:]:
         model.add_adapter(a, LoraConfig(**lora))
     for n, p in model.named_parameters():  # random LoRA-B so every member computes something different

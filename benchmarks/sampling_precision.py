@@ -106,9 +106,12 @@ def main(argv=None) -> int:
 def trained_lora(model):
     """`model` with the benchmark trainer's LoRA (r=16, alpha 32, q/v) whose B is not zero (std 0.01: at θ₀ it is,
     and the fold then adds nothing), frozen, as a rollout sees it."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    from rlhf_ext.adapters import wrap_with_peft
+
+    peft = wrap_with_peft(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+                          "default")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in peft.named_parameters():
