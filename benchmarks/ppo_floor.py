@@ -20,7 +20,9 @@ input gradient (the same FLOPs as its forward): the adapters below need it. Divi
 reaches (measured here: the model's matmul shapes and a 1024³ product, through torch's product and oneDNN's, and our
 own passes), that is the least time the work after sampling can take, whatever the code; generation is measured with
 the trainer's own `generate`. The script also times our real forward and forward + backward, to show how close to
-that rate they run.
+that rate they run, and those passes' products alone — every linear call of the pass at its own shape, timed on its
+own, with the backward's products for it — so that what is left of a pass (attention, element-wise work, casts,
+Python) is a measured number too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 
 import torch
 
@@ -70,6 +73,43 @@ def decoder_flops(model, tokens: int, seq_len: int) -> float:
     return 2 * weights * tokens + 4 * seq_len * attn_width * cfg.num_hidden_layers * tokens
 
 
+def linear_calls(model: torch.nn.Module, run) -> Counter:
+    """Every `nn.Linear` product `run()` makes in `model` (LoRA's A and B included), counted by shape:
+    (rows, in, out, compute dtype, input needs a gradient, weight gets one) → calls. The compute dtype is autocast's
+    where it is on, else the weight's; without grad mode neither needs a gradient."""
+    calls = Counter()
+
+    def record(module, args):
+        x = args[0]
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else module.weight.dtype
+        grad = torch.is_grad_enabled()
+        calls[(x.numel() // x.shape[-1], module.in_features, module.out_features, dtype, grad and x.requires_grad,
+               grad and module.weight.requires_grad)] += 1
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def product_seconds(calls: Counter, backward: bool) -> float:
+    """The time of `calls`' products, each shape timed alone in its dtype (median of 5): the forward's x·Wᵀ, and with
+    `backward` also the products autograd runs for them — dY·W where the input needs a gradient, dYᵀ·X where the
+    weight is trained."""
+    total = 0.0
+    for (rows, k, n, dtype, input_grad, weight_grad), count in calls.items():
+        x, w, dy = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(rows, n, dtype=dtype)
+        total += count * timed(lambda: torch.nn.functional.linear(x, w), repeat=5)
+        if backward and input_grad:
+            total += count * timed(lambda: dy @ w, repeat=5)
+        if backward and weight_grad:
+            total += count * timed(lambda: dy.t() @ x, repeat=5)
+    return total
+
+
 def benchmark_args(args: argparse.Namespace) -> argparse.Namespace:
     """ppo_throughput's configuration with this script's options, every other one at that benchmark's default. LoRA on
     all layers: on the top layers only the frozen-prefix cache runs the layers below once per rollout, and the count
@@ -107,6 +147,10 @@ def main():
             p.grad = None
 
     fb_s = timed(forward_backward)
+    # the same passes' products alone, at their own shapes: what is left of a pass is everything else
+    calls = linear_calls(pol.peft, lambda: tr.train_policy(ro.ids, ro.mask, R, None))
+    fwd_products = product_seconds(linear_calls(pol.peft, lambda: pol.logits(ro.ids, ro.mask, R)), backward=False)
+    fb_products = product_seconds(calls, backward=True)
 
     cfg = pol.peft.get_base_model().config
     S = pol._n_shared(ro.ids, ro.mask, R)  # the common head the reference and training passes run once (0: none)
@@ -131,6 +175,9 @@ def main():
     fwd = (f_layers + f_head) / 1e9
     print(f"one forward: {fwd:6.1f} GFLOP in {fwd_s:.2f} s = {fwd / fwd_s:5.1f} GFLOP/s; "
           f"forward + backward: {2 * fwd:6.1f} GFLOP in {fb_s:.2f} s = {2 * fwd / fb_s:5.1f} GFLOP/s")
+    print(f"their products alone ({sum(calls.values())} linear calls a pass, each shape timed on its own): forward "
+          f"{fwd_products:.2f} s, forward + backward {fb_products:.2f} s → the rest (attention, element-wise work, "
+          f"casts, Python) {fwd_s - fwd_products:.2f} s / {fb_s - fb_products:.2f} s")
     print(f"after sampling: {after / 1e9:.0f} GFLOP (reference + reward forwards, {args.epochs} × forward + backward)")
     print(f"  at the best matmul rate (floor)                           {floor_after:7.2f} s  → iteration / generation "
           f"≥ {(gen_s + floor_after) / gen_s:.2f}")

@@ -40,3 +40,31 @@ def test_floor_builds_the_benchmark_trainer_with_every_option_it_reads():
     assert not [name for name in reads if not hasattr(ns, name)]
     assert (ns.prompts, ns.completion_length, ns.epochs, ns.precision, ns.share_prefix, ns.lora_layers) == (
         4, 8, 2, "bf16", "off", "0")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_calls_see_every_product_autograd_runs(grad):
+    """`linear_calls` records each linear product of a pass (LoRA's included) with whether its input and weight need
+    gradients; `product_seconds` times, per call, the forward product and — with the backward — dY·W and dYᵀ·X for
+    those. The FLOPs of exactly those products equal torch's FLOP counter's matrix products (mm, addmm) for the same
+    forward (and backward): nothing missed, nothing counted twice. SDPA attention, which the counter does not see on
+    CPU, leaves every matrix product it counts to the linears (the LM head on the kept positions runs as a bmm)."""
+    floor = benchmark_module("ppo_floor")
+    model = tiny_causal_lm(hidden_size=64, num_layers=3, attn_implementation="sdpa")
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+
+    def run():
+        out = peft(input_ids=ids, logits_to_keep=4).logits
+        if grad:
+            out.float().pow(2).mean().backward()
+
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+        calls = floor.linear_calls(peft, run)
+    counts = counter.get_flop_counts()["Global"]
+    want = sum(n for op, n in counts.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
+    ours = sum(2 * rows * k * n * count * (1 + (grad and x_grad) + (grad and w_grad))
+               for (rows, k, n, _, x_grad, w_grad), count in calls.items())
+    assert ours == want
+    assert any(w_grad for *_, w_grad in calls) == grad  # the adapters' weights are trained in the gradient pass
+    assert sum(calls.values()) == 1 + 3 * (7 + 2 * 2)  # the LM head; per layer 7 linears + A and B on q and v
