@@ -31,6 +31,7 @@ import argparse
 import statistics
 import time
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 
@@ -73,18 +74,20 @@ def decoder_flops(model, tokens: int, seq_len: int) -> float:
     return 2 * weights * tokens + 4 * seq_len * attn_width * cfg.num_hidden_layers * tokens
 
 
-def linear_calls(model: torch.nn.Module, run) -> Counter:
+def linear_calls(model: torch.nn.Module, run) -> tuple[Counter, dict]:
     """Every `nn.Linear` product `run()` makes in `model` (LoRA's A and B included), counted by shape:
-    (rows, in, out, compute dtype, input needs a gradient, weight gets one) → calls. The compute dtype is autocast's
-    where it is on, else the weight's; without grad mode neither needs a gradient."""
-    calls = Counter()
+    (rows, in, out, compute dtype, input needs a gradient, weight gets one) → calls, and → one module that made it.
+    The compute dtype is autocast's where it is on, else the weight's; without grad mode neither needs a gradient."""
+    calls, modules = Counter(), {}
 
     def record(module, args):
         x = args[0]
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else module.weight.dtype
         grad = torch.is_grad_enabled()
-        calls[(x.numel() // x.shape[-1], module.in_features, module.out_features, dtype, grad and x.requires_grad,
-               grad and module.weight.requires_grad)] += 1
+        key = (x.numel() // x.shape[-1], module.in_features, module.out_features, dtype, grad and x.requires_grad,
+               grad and module.weight.requires_grad)
+        calls[key] += 1
+        modules.setdefault(key, module)
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     try:
@@ -92,17 +95,22 @@ def linear_calls(model: torch.nn.Module, run) -> Counter:
     finally:
         for h in hooks:
             h.remove()
-    return calls
+    return calls, modules
 
 
-def product_seconds(calls: Counter, backward: bool) -> float:
-    """The time of `calls`' products, each shape timed alone in its dtype (median of 5): the forward's x·Wᵀ, and with
-    `backward` also the products autograd runs for them — dY·W where the input needs a gradient, dYᵀ·X where the
-    weight is trained."""
+def product_seconds(calls: Counter, modules: dict, backward: bool) -> float:
+    """The time of `calls`' products (`linear_calls`), each shape timed alone in its dtype (median of 5): the forward's x·Wᵀ through
+    the module that made it (so through oneDNN where `cpu_linear` routes the frozen base there), and with `backward`
+    also the products autograd runs for them — dY·W where the input needs a gradient, dYᵀ·X where the weight is
+    trained."""
     total = 0.0
-    for (rows, k, n, dtype, input_grad, weight_grad), count in calls.items():
+    for key, count in calls.items():
+        rows, k, n, dtype, input_grad, weight_grad = key
+        module = modules[key]
         x, w, dy = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(rows, n, dtype=dtype)
-        total += count * timed(lambda: torch.nn.functional.linear(x, w), repeat=5)
+        autocast = torch.autocast("cpu", dtype) if module.weight.dtype != dtype else nullcontext()
+        with torch.no_grad(), autocast:
+            total += count * timed(lambda: module(x), repeat=5)
         if backward and input_grad:
             total += count * timed(lambda: dy @ w, repeat=5)
         if backward and weight_grad:
@@ -148,9 +156,9 @@ def main():
 
     fb_s = timed(forward_backward)
     # the same passes' products alone, at their own shapes: what is left of a pass is everything else
-    calls = linear_calls(pol.peft, lambda: tr.train_policy(ro.ids, ro.mask, R, None))
-    fwd_products = product_seconds(linear_calls(pol.peft, lambda: pol.logits(ro.ids, ro.mask, R)), backward=False)
-    fb_products = product_seconds(calls, backward=True)
+    calls, modules = linear_calls(pol.peft, lambda: tr.train_policy(ro.ids, ro.mask, R, None))
+    fwd_products = product_seconds(*linear_calls(pol.peft, lambda: pol.logits(ro.ids, ro.mask, R)), backward=False)
+    fb_products = product_seconds(calls, modules, backward=True)
 
     cfg = pol.peft.get_base_model().config
     S = pol._n_shared(ro.ids, ro.mask, R)  # the common head the reference and training passes run once (0: none)

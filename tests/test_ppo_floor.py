@@ -60,7 +60,7 @@ def test_linear_calls_see_every_product_autograd_runs(grad):
             out.float().pow(2).mean().backward()
 
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
-        calls = floor.linear_calls(peft, run)
+        calls, modules = floor.linear_calls(peft, run)
     counts = counter.get_flop_counts()["Global"]
     want = sum(n for op, n in counts.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
     ours = sum(2 * rows * k * n * count * (1 + (grad and x_grad) + (grad and w_grad))
@@ -68,3 +68,5 @@ def test_linear_calls_see_every_product_autograd_runs(grad):
     assert ours == want
     assert any(w_grad for *_, w_grad in calls) == grad  # the adapters' weights are trained in the gradient pass
     assert sum(calls.values()) == 1 + 3 * (7 + 2 * 2)  # the LM head; per layer 7 linears + A and B on q and v
+    assert all(isinstance(modules[key], torch.nn.Linear) and modules[key].out_features == key[2] for key in calls)
+    assert floor.product_seconds(calls, modules, backward=grad) > 0  # each shape timed through its module
