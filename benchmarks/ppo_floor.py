@@ -99,10 +99,10 @@ def linear_calls(model: torch.nn.Module, run) -> tuple[Counter, dict]:
 
 
 def product_seconds(calls: Counter, modules: dict, backward: bool) -> float:
-    """The time of `calls`' products (`linear_calls`), each shape timed alone in its dtype (median of 5): the forward's x·Wᵀ through
-    the module that made it (so through oneDNN where `cpu_linear` routes the frozen base there), and with `backward`
-    also the products autograd runs for them — dY·W where the input needs a gradient, dYᵀ·X where the weight is
-    trained."""
+    """The time of `calls`' products (`linear_calls`), each shape timed alone in its dtype (median of 5): the forward's
+    x·Wᵀ through the module that made it (so through oneDNN where `cpu_linear` routes the frozen base there), and with
+    `backward` also the products autograd runs for them — dY·W where the input needs a gradient, dYᵀ·X where the
+    weight is trained."""
     total = 0.0
     for key, count in calls.items():
         rows, k, n, dtype, input_grad, weight_grad = key
