@@ -35,17 +35,12 @@ columns: `shared_hidden` runs the head once the same way and puts its hidden sta
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 
 import torch
 
+from .attention_interface import can_replace_sdpa, sdpa_replaced
 from .layer_types import recurrent_layer_types
 from .prefix_cache import positions
-
-try:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _HF_ATTENTION
-except ImportError:  # pragma: no cover - transformers without the attention interface
-    _HF_ATTENTION = None
 
 # Shared only where it pays: the extra batch-1 pass has a fixed cost (on CPU in bf16, SmolLM2-135M: 0.054 s for 31
 # tokens, of which ~0.038 s is per pass, not per token — ~75 token rows' worth of the full pass), so a batch shares
@@ -142,37 +137,30 @@ def packs(model) -> bool:
     transformers' attention interface to route it through."""
     cfg = model.config.get_text_config()
     return (cfg.model_type in PACKED_MODEL_TYPES and getattr(cfg, "_attn_implementation", None) == "sdpa"
-            and isinstance(getattr(_HF_ATTENTION, "_local_mapping", None), dict))
+            and can_replace_sdpa())
 
 
-@contextmanager
 def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tensor):
-    """For one packed pass: transformers' "sdpa" attention function (what the model looks up at each layer, with
-    whatever wraps it now: `cpu_attention.py`'s routing) called twice per layer — the shared head causally on itself,
-    the rows' remainders [rows, heads, cols, D] on the head's keys and values followed by their own under `rows_mask`
-    — the mask and keys the cached pass's remainders see. The mapping is restored after."""
-    local = _HF_ATTENTION._local_mapping
-    had, saved = "sdpa" in local, local.get("sdpa")
-    inner, L, B, T = _HF_ATTENTION["sdpa"], n_shared, rows, cols
+    """For one packed pass (a context): transformers' "sdpa" attention function (what the model looks up at each
+    layer, with whatever wraps it now: `cpu_attention.py`'s routing) called twice per layer — the shared head causally
+    on itself, the rows' remainders [rows, heads, cols, D] on the head's keys and values followed by their own under
+    `rows_mask` — the mask and keys the cached pass's remainders see. The mapping is restored after."""
+    L, B, T = n_shared, rows, cols
 
     def per_row(x):  # [1, heads, L + B·T, D] → the remainders' [B, heads, T, D]
         return x[0, :, L:].unflatten(1, (B, T)).transpose(0, 1)
 
-    def attention(module, q, k, v, attention_mask, **kwargs):
-        head = inner(module, q[:, :, :L], k[:, :, :L], v[:, :, :L], None, **kwargs)[0]  # [1, L, heads, D]
-        k_rows = torch.cat([k[:, :, :L].expand(B, -1, -1, -1), per_row(k)], 2)
-        v_rows = torch.cat([v[:, :, :L].expand(B, -1, -1, -1), per_row(v)], 2)
-        out = inner(module, per_row(q), k_rows, v_rows, rows_mask, **kwargs)[0]  # [B, T, heads, D]
-        return torch.cat([head, out.reshape(1, B * T, *out.shape[2:])], 1), None
+    def split(inner):
+        def attention(module, q, k, v, attention_mask, **kwargs):
+            head = inner(module, q[:, :, :L], k[:, :, :L], v[:, :, :L], None, **kwargs)[0]  # [1, L, heads, D]
+            k_rows = torch.cat([k[:, :, :L].expand(B, -1, -1, -1), per_row(k)], 2)
+            v_rows = torch.cat([v[:, :, :L].expand(B, -1, -1, -1), per_row(v)], 2)
+            out = inner(module, per_row(q), k_rows, v_rows, rows_mask, **kwargs)[0]  # [B, T, heads, D]
+            return torch.cat([head, out.reshape(1, B * T, *out.shape[2:])], 1), None
 
-    local["sdpa"] = attention
-    try:
-        yield
-    finally:
-        if had:
-            local["sdpa"] = saved
-        else:
-            del local["sdpa"]
+        return attention
+
+    return sdpa_replaced(split)
 
 
 def packed_forward(model, ids, mask, n_shared: int, logits_to_keep: int = 0):

@@ -31,12 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..attention_interface import can_replace_sdpa, sdpa_replaced
 from ..models import activation_checkpointing_on
-
-try:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as _HF_ATTENTION
-except ImportError:  # pragma: no cover - transformers without the attention interface
-    _HF_ATTENTION = None
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -135,29 +131,20 @@ def _in_attention(inner):
     return attention
 
 
-_routed = {"depth": 0, "saved": None}
+_routed = {"depth": 0}
 
 
 @contextmanager
 def _transformers_sdpa_routed():
     """transformers' "sdpa" attention function (what every model with `attn_implementation="sdpa"` looks up in
     `ALL_ATTENTION_FUNCTIONS` at each forward) replaced by `_in_attention(it)` for the context's duration, then the
-    mapping restored as it was (a local override kept, none left behind). Re-entrant."""
-    local = _HF_ATTENTION._local_mapping
-    if _routed["depth"] == 0:
-        _routed["saved"] = ("sdpa" in local, local.get("sdpa"))
-        local["sdpa"] = _in_attention(_HF_ATTENTION["sdpa"])
+    mapping restored as it was (`attention_interface.sdpa_replaced`). Re-entrant: a nested context wraps it once."""
     _routed["depth"] += 1
     try:
-        yield
+        with sdpa_replaced(_in_attention) if _routed["depth"] == 1 else nullcontext():
+            yield
     finally:
         _routed["depth"] -= 1
-        if _routed["depth"] == 0:
-            had, fn = _routed["saved"]
-            if had:
-                local["sdpa"] = fn
-            else:
-                del local["sdpa"]
 
 
 def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype, model: torch.nn.Module | None = None):
@@ -166,7 +153,7 @@ def cheaper_attention_backward(device: torch.device, compute_dtype: torch.dtype,
     and must save what the first forward saved. (The module walk for that runs only once the cheap tests pass.)"""
     if (device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
             and not (model is not None and activation_checkpointing_on(model))):
-        if isinstance(getattr(_HF_ATTENTION, "_local_mapping", None), dict):
+        if can_replace_sdpa():
             return _transformers_sdpa_routed()
         return _AttentionWithCheaperBackward()  # no attention interface to route: every call of the pass
     return nullcontext()
