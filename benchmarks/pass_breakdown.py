@@ -3,6 +3,7 @@ LoRA on all layers), timed per module type, beside the same matmuls run alone.
 
     python benchmarks/pass_breakdown.py                     # fp32 and bf16
     python benchmarks/pass_breakdown.py --precision bf16 --repeat 5
+    python benchmarks/pass_breakdown.py --ops --precision fp32   # a training forward + backward, per tensor operation
 
 For each precision it prints
   * the forward's seconds (median of --repeat) with and without the timing hooks (the hooks' own cost);
@@ -11,6 +12,10 @@ For each precision it prints
   * "matmuls alone": every base `nn.Linear` of the model (the LM head at R + 1 positions a row, as the pass runs it)
     applied to random inputs of the pass's row count through its own forward (oneDNN where the trainer routed it,
     rlhf_ext/cpu_linear.py) — what the pass would cost if it were nothing but its matmuls.
+With `--ops`, one training forward + backward of the same trainer (the update's step) instead, every tensor operation
+timed as it runs (`op_times`: the time inside each ATen operation; what is outside them — Python, autograd's
+bookkeeping — is the pass's time less their sum), grouped into products, attention and the rest, and each product
+shape's rate in the pass beside the same product timed alone, its operands hot in cache.
 A pass whose time is mostly `Linear`, close to "matmuls alone", is bound by this CPU's matmul rate: what is left to
 gain there is in the kernels, not in the code around them.
 """
@@ -19,9 +24,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import _common  # noqa: F401  (sets the offline env and flushes denormals)
 from ppo_floor import timed  # median seconds after a warm-up
@@ -58,14 +64,97 @@ def exclusive_times(model: torch.nn.Module, fn, repeat: int) -> tuple[dict, dict
     return {k: v / repeat for k, v in own.items()}, {k: v // repeat for k, v in calls.items()}, total
 
 
+PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "_linear_pointwise", "linear"}
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "expand", "unsqueeze", "squeeze", "detach",
+         "as_strided", "alias", "permute", "reshape", "split", "split_with_sizes", "chunk", "unbind"}
+
+
+class OpTimer(TorchDispatchMode):
+    """Times every ATen operation run inside it (forward and backward alike): `seconds[name]`, `calls[name]`, and for
+    the 2-D products `products[(m, k, n, dtype)] → [calls, seconds]` (torch.mm's and addmm's operand shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.calls, self.products = Counter(), Counter(), defaultdict(lambda: [0, 0.0])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        dt = time.perf_counter() - t0
+        name = func.overloadpacket.__name__
+        self.seconds[name] += dt
+        self.calls[name] += 1
+        if name in ("mm", "addmm"):
+            a, b = args[-2], args[-1]
+            entry = self.products[(a.shape[0], a.shape[1], b.shape[1], a.dtype)]
+            entry[0] += 1
+            entry[1] += dt
+        return out
+
+
+def category(name: str) -> str:
+    if name in PRODUCTS:
+        return "products"
+    if "attention" in name:
+        return "attention"
+    return "views (no data moved)" if name in VIEWS else "element-wise and the rest"
+
+
+def op_times(fn) -> OpTimer:
+    """Run `fn` once inside an `OpTimer` and return it."""
+    with OpTimer() as timer:
+        fn()
+    return timer
+
+
+def hot_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
+    """GFLOP/s of torch.mm([m, k], [k, n]) alone, its operands hot in cache (median of 7)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return 2 * m * k * n / timed(lambda: torch.mm(a, b), 7) / 1e9
+
+
+def report_ops(tr, ro, repeat: int) -> None:
+    """`--ops`: one training forward + backward of the update (logits, values and log-probs with gradients, the PPO
+    losses' inputs summed), each operation timed."""
+    def step():
+        logits, values, logp = tr.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
+        (logp.sum() + values.sum()).backward()
+        for p in tr.trainable_parameters():
+            p.grad = None
+
+    plain = timed(step, repeat)
+    timer = op_times(step)
+    inside = sum(timer.seconds.values())
+    groups = Counter()
+    for name, s in timer.seconds.items():
+        groups[category(name)] += s
+    print(f"\n  one training forward + backward: {plain * 1e3:.0f} ms; inside tensor operations {inside * 1e3:.0f} ms "
+          f"(timed, {sum(timer.calls.values())} operations)")
+    for group, s in groups.most_common():
+        print(f"    {group:28s} {s * 1e3:8.1f} ms  {s / inside:5.1%}")
+    print("  the largest operations:")
+    for name, s in timer.seconds.most_common(12):
+        print(f"    {name:44s} {s * 1e3:8.1f} ms  {timer.calls[name]:5d} calls")
+    print("  products by shape (m × k × n): in the pass against alone, hot in cache:")
+    for (m, k, n, dtype), (count, s) in sorted(timer.products.items(), key=lambda kv: -kv[1][1])[:10]:
+        flop = 2 * m * k * n * count
+        print(f"    {m:5d} × {k:5d} × {n:6d} {str(dtype)[6:]:9s} {count:4d} calls {s * 1e3:7.1f} ms "
+              f"{flop / s / 1e9:6.0f} GFLOP/s in the pass, {hot_rate(m, k, n, dtype):6.0f} alone")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", default="fp32,bf16")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ops", action="store_true", help="a training forward + backward, per tensor operation")
     a = ap.parse_args()
     for precision in a.precision.split(","):
         tr = trainer_at(precision)
         ro = tr._rollout(tr._next_prompts())
+        if a.ops:
+            print(f"\n{precision}: {ro.ids.shape[0]} × {ro.ids.shape[1]} tokens")
+            report_ops(tr, ro, a.repeat)
+            continue
         pol = tr.policy
         n_shared = pol._n_shared(ro.ids, ro.mask, ro.R)  # 0 where the pass runs full rows
         rows = n_shared + ro.ids.shape[0] * (ro.ids.shape[1] - n_shared)

@@ -70,3 +70,27 @@ def test_linear_calls_see_every_product_autograd_runs(grad):
     assert sum(calls.values()) == 1 + 3 * (7 + 2 * 2)  # the LM head; per layer 7 linears + A and B on q and v
     assert all(isinstance(modules[key], torch.nn.Linear) and modules[key].out_features == key[2] for key in calls)
     assert floor.product_seconds(calls, modules, backward=grad) > 0  # each shape timed through its module
+
+
+def test_op_times_sees_every_product_of_a_forward_and_backward():
+    """pass_breakdown.py --ops times each ATen operation as it runs: a 2-layer MLP's forward + backward makes two forward
+    products, two weight gradients and one input gradient (the first layer's input needs none): 5, whose FLOPs are
+    torch's FLOP counter's."""
+    breakdown = benchmark_module("pass_breakdown")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+    x = torch.randn(5, 16)
+
+    def step():
+        mlp(x).sum().backward()
+
+    timer = breakdown.op_times(step)
+    products = {key: entry[0] for key, entry in timer.products.items()}
+    assert sum(products.values()) == 5
+    with FlopCounterMode(display=False) as counter:
+        step()
+    ours = sum(2 * m * k * n * calls for (m, k, n, _), calls in products.items())
+    assert ours == counter.get_total_flops()
+    assert breakdown.category("mm") == "products" and breakdown.category("view") == "views (no data moved)"
+    assert breakdown.category("_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert timer.seconds["mm"] > 0 and all(s >= 0 for s in timer.seconds.values())
