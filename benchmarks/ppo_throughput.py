@@ -8,6 +8,7 @@
     python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --iters 2 --completion-length 8  # smoke
     python benchmarks/ppo_throughput.py --baseline --baseline-kept-memory   # + TRL with ours' malloc setting
     python benchmarks/ppo_throughput.py --share-prefix on,off --baseline   # ours with and without prefix sharing
+    python benchmarks/ppo_throughput.py --stop-on-eos --completion-length 96   # ours, responses ending at EOS
     python benchmarks/ppo_throughput.py --baseline --precision fp32,bf16 --rounds 3   # alternated 3 times: the
         # spread of the ratio over rounds (the machine's speed drifts between minutes; a ratio is only read within one)
 
@@ -63,7 +64,7 @@ def build_ours(args):
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in baseline_prompts(64)]})
     bf16 = args.precision == "bf16"
     cfg = PPOConfig(tempfile.mkdtemp(prefix="ppo_bench_"), per_device_train_batch_size=args.prompts,
-                    max_completion_length=args.completion_length, stop_on_eos=False, temperature=0.7,
+                    max_completion_length=args.completion_length, stop_on_eos=args.stop_on_eos, temperature=0.7,
                     num_ppo_epochs=args.epochs, num_mini_batches=1, kl_controller=args.kl_controller, kl_target=4.0,
                     max_steps=args.iters, save_strategy="no", use_cpu=True, seed=0, logging_steps=10**6,
                     disable_tqdm=True, critic=args.critic, bf16=bf16, share_prompt_prefix=args.share_prefix == "on",
@@ -227,6 +228,9 @@ def parser() -> argparse.ArgumentParser:
                     help="also run TRL 1.12 PPO with glibc's thresholds raised through the environment as ours raises "
                          "them in-process (rlhf_ext/cpu_memory.py): how much of the ratio that setting alone explains")
     ap.add_argument("--rloo", action="store_true", help="also run TRL 1.16 RLOO, 8 prompts x 2 (this venv; fp32)")
+    ap.add_argument("--stop-on-eos", action="store_true",
+                    help="ours only (not with --baseline): responses end at EOS, as PPOConfig's default, so the passes "
+                         "hold masked columns after the shorter responses")
     ap.add_argument("--other-tree", help="also run `ours` from another checkout of rlhf_ext (e.g. a git worktree of an "
                                          "earlier commit), in the same invocation: before/after ratios")
     ap.add_argument("--rounds", type=int, default=1,
@@ -266,6 +270,9 @@ def main():
         if args.json_out:  # after every run: a long invocation stopped midway keeps what it measured
             write_text_atomic(args.json_out, json.dumps(rows, indent=2))
 
+    if args.stop_on_eos and (args.baseline or args.baseline_kept_memory or args.rloo):
+        raise SystemExit("--stop-on-eos runs ours only: TRL's baselines sample every response to its full length.")
+    eos = ["--stop-on-eos"] if args.stop_on_eos else []
     sharing = [x.strip() for x in args.share_prefix.split(",")]
     if not sharing or set(sharing) - {"on", "off"}:
         raise SystemExit(f"--share-prefix: {args.share_prefix!r}; use on, off or on,off")
@@ -275,7 +282,7 @@ def main():
                 for share in sharing:
                     add(sub([sys.executable, __file__, "--worker", "ours", "--model", args.model, "--kl-controller",
                              args.kl_controller, "--critic", args.critic, "--lora-layers", str(n), "--precision",
-                             precision, "--rm-dir", rm_dirs[n], "--share-prefix", share] + common),
+                             precision, "--rm-dir", rm_dirs[n], "--share-prefix", share] + common + eos),
                         name=f"ours ({layers_label(n)}{'' if share == 'on' else ', no sharing'})", kind="ours",
                         precision=precision, layers=n, tree="this" if share == "on" else "this, no sharing")
             if args.other_tree:
@@ -288,7 +295,7 @@ def main():
                     add(sub([sys.executable, str(other / "benchmarks" / "ppo_throughput.py"), "--worker", "ours",
                              "--model", args.model, "--kl-controller", args.kl_controller, "--critic", args.critic,
                              "--lora-layers", str(n), "--prompts", str(args.prompts), "--epochs", str(args.epochs),
-                             "--iters", str(args.iters)] + extra, env={**os.environ, "PYTHONPATH": str(other)}),
+                             "--iters", str(args.iters)] + extra + eos, env={**os.environ, "PYTHONPATH": str(other)}),
                         name=f"ours@{rev} ({layers_label(n)})", kind="ours", precision=precision, layers=n, tree=rev)
             trl112 = [str(HERE / "trl112_ppo_baseline.py"), "--model", model_dir, "--precision", precision] + common
             if args.baseline:
