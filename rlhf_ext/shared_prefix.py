@@ -140,15 +140,24 @@ def packs(model) -> bool:
             and can_replace_sdpa())
 
 
-def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tensor):
+def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tensor, grid: torch.Tensor | None = None,
+                     live: torch.Tensor | None = None):
     """For one packed pass (a context): transformers' "sdpa" attention function (what the model looks up at each
     layer, with whatever wraps it now: `cpu_attention.py`'s routing) called twice per layer — the shared head causally
     on itself, the rows' remainders [rows, heads, cols, D] on the head's keys and values followed by their own under
-    `rows_mask` — the mask and keys the cached pass's remainders see. The mapping is restored after."""
+    `rows_mask` — the mask and keys the cached pass's remainders see. Where the packed sequence holds only the live
+    columns (`packed_forward`), `grid` [rows·cols] gives each remainder column's position in it and `live` the
+    columns it holds: a masked column reads the sequence's first token (a key no query sees, a query whose output is
+    not read back), so its gradients are zero. The mapping is restored after."""
     L, B, T = n_shared, rows, cols
 
-    def per_row(x):  # [1, heads, L + B·T, D] → the remainders' [B, heads, T, D]
-        return x[0, :, L:].unflatten(1, (B, T)).transpose(0, 1)
+    def per_row(x):  # [1, heads, L + B·T or L + live, D] → the remainders' [B, heads, T, D]
+        x = x[0, :, L:] if grid is None else x[0].index_select(1, grid)
+        return x.unflatten(1, (B, T)).transpose(0, 1)
+
+    def packed(out):  # the remainders' [B, T, heads, D] → the packed sequence's [1, B·T or live, heads, D]
+        out = out.reshape(B * T, *out.shape[2:])
+        return (out if live is None else out.index_select(0, live))[None]
 
     def split(inner):
         def attention(module, q, k, v, attention_mask, **kwargs):
@@ -156,7 +165,7 @@ def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tenso
             k_rows = torch.cat([k[:, :, :L].expand(B, -1, -1, -1), per_row(k)], 2)
             v_rows = torch.cat([v[:, :, :L].expand(B, -1, -1, -1), per_row(v)], 2)
             out = inner(module, per_row(q), k_rows, v_rows, rows_mask, **kwargs)[0]  # [B, T, heads, D]
-            return torch.cat([head, out.reshape(1, B * T, *out.shape[2:])], 1), None
+            return torch.cat([head, packed(out)], 1), None
 
         return attention
 
@@ -165,36 +174,50 @@ def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tenso
 
 def packed_forward(model, ids, mask, n_shared: int, logits_to_keep: int = 0):
     """`model` (a causal LM or its trunk, `packs(model)`) on a batch whose rows share their first `n_shared` tokens,
-    as ONE sequence [1, L + B·T']: the shared head, then each row's remainder (`split_batch`), each token at its full
-    pass position. Every product of the model then runs once over all the batch's token rows, where the cached pass
+    as ONE sequence [1, L + live]: the shared head, then each row's remainder (`split_batch`) without its masked
+    columns (its left pads and shared tokens, and whatever follows an ended response), each token at its full pass
+    position. Every product of the model then runs once over the batch's live token rows, where the cached pass
     runs the head as a batch of its own (a second pass through every layer: ~38 ms of a 250 ms bf16 SmolLM2-135M
-    forward on CPU); attention is split back per row (`_attention_split`), so each query attends to what the cached
-    pass's does. → the model's output with `logits` [B, logits_to_keep or T', V] and `last_hidden_state`
-    [B, T', H] per row, and `head_hidden_state` [1, L, H] (where the model returns hidden states)."""
+    forward on CPU) and every masked column too; attention is split back per row (`_attention_split`), so each query
+    attends to what the cached pass's does. → the model's output with `logits` [B, logits_to_keep or T', V] and
+    `last_hidden_state` [B, T', H] per row — at masked columns the first token's, never what the cached pass computed
+    there; every consumer masks them — and `head_hidden_state` [1, L, H] (where the model returns hidden states)."""
     shared, rest, full_mask, rest_pos = split_batch(ids, mask, n_shared)
     B, T = rest.shape
     L, dev = n_shared, ids.device
-    flat = torch.cat([shared[0], rest.reshape(-1)])[None]
-    pos = torch.cat([torch.arange(L, device=dev), rest_pos.reshape(-1)])[None]
+    live_cols = full_mask[:, L:].reshape(-1).bool()  # [B·T']
+    live = grid = None
+    if not bool(live_cols.all()):  # the sequence holds the live columns; `grid` maps every column to its place
+        live = live_cols.nonzero().squeeze(1)
+        grid = torch.zeros(B * T, dtype=torch.long, device=dev)
+        grid[live] = L + torch.arange(live.numel(), device=dev)
+    keep = slice(None) if live is None else live
+    flat = torch.cat([shared[0], rest.reshape(-1)[keep]])[None]
+    pos = torch.cat([torch.arange(L, device=dev), rest_pos.reshape(-1)[keep]])[None]
     causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     rows_mask = torch.cat([full_mask[:, None, :L].bool().expand(B, T, L), full_mask[:, None, L:].bool() & causal],
                           -1)[:, None]  # [B, 1, T', L + T']
     kw = {}
     if logits_to_keep:  # the head on each row's last positions only
-        kw["logits_to_keep"] = (L + T * torch.arange(B, device=dev)[:, None]
-                                + torch.arange(T - logits_to_keep, T, device=dev)).reshape(-1)
-    with _attention_split(L, B, T, rows_mask):
+        kept = (T * torch.arange(B, device=dev)[:, None] + torch.arange(T - logits_to_keep, T, device=dev)).reshape(-1)
+        kw["logits_to_keep"] = L + kept if grid is None else grid[kept]
+    with _attention_split(L, B, T, rows_mask, grid, live):
         out = model(input_ids=flat, attention_mask=None, position_ids=pos, use_cache=False, **kw)
     if getattr(out, "logits", None) is not None:
         # a view of the head's output: indexing out its batch dimension would give the backward a zero-filled copy
         # of the logits' size (select's gradient: 26 MB a bf16 training pass of the benchmark, 52 MB in fp32)
-        logits = out.logits if logits_to_keep else out.logits[:, L:]
+        logits = out.logits if logits_to_keep else _per_column(out.logits, L, grid)
         out.logits = logits.reshape(B, -1, logits.shape[-1])
     if getattr(out, "last_hidden_state", None) is not None:
         h = out.last_hidden_state
         out.head_hidden_state = h[:, :L]
-        out.last_hidden_state = h[0, L:].reshape(B, T, h.shape[-1])
+        out.last_hidden_state = _per_column(h, L, grid).reshape(B, T, h.shape[-1])
     return out
+
+
+def _per_column(x: torch.Tensor, n_shared: int, grid: torch.Tensor | None) -> torch.Tensor:
+    """The packed sequence's [1, L + n, F] at each remainder column → [B·T', F] (`packed_forward`'s `grid`)."""
+    return x[0, n_shared:] if grid is None else x[0].index_select(0, grid)
 
 
 def shared_forward(model, trunk, ids, mask, n_shared: int, cache_kw: str, **kwargs):

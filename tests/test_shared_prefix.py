@@ -27,7 +27,7 @@ from peft import LoraConfig
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.models import load_model
-from rlhf_ext.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, worth_sharing
+from rlhf_ext.shared_prefix import MIN_SHARED_TOKENS, packs, shared_prefix_length, worth_sharing
 from rlhf_ext.testing import ARCHITECTURES, save_tiny_model, save_tiny_model_for
 
 
@@ -339,10 +339,10 @@ def test_reward_scoring_with_a_shared_head_scores_as_each_text_alone(tok, mode, 
     passes = len(ens.adapters) if mode == "adapters" else 1  # "adapters": one mixed batch of K copies, unshared
     assert rows_full == passes * len(seqs) * max(map(len, seqs))
     assert rows_plain == passes * len(differ) * max(map(len, differ))  # not worth sharing: the plain padded pass
-    # shared: per member, the head once and every row's columns after it
+    # shared: per member, the head once and each row's own tokens after it (the packed pass skips the right pads)
     L = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)  # the common head, counted
-    assert L >= len(header)
-    assert rows_shared == passes * (L + len(seqs) * (max(map(len, seqs)) - L))
+    assert L >= len(header) and packs(ens.model)
+    assert rows_shared == passes * (L + sum(len(s) - L for s in seqs))
     assert torch.allclose(full, alone, atol=1e-5), float((full - alone).abs().max())
     assert torch.allclose(shared, alone, atol=1e-5), float((shared - alone).abs().max())
     assert (alone[:, 0] - alone[:, 0].mean()).abs().max() > 1e-3  # the texts score differently: pooling matters
@@ -390,7 +390,8 @@ def check_reward_scoring_shares_exactly(peft, tok, adapter: str):
                                                ("smollm3", "shared", "float32"), ("gpt2", "shared", "float32")])
 def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, monkeypatch):
     """Where `packs` (PACKED_MODEL_TYPES, SDPA), the shared head and the rows' remainders run as one sequence
-    (`packed_forward`): the same logits, values, log-probs and gradients as the cached pass (the head as a batch of its
+    (`packed_forward`) of their live tokens only (no pads, nothing after a cut-short response): the same logits,
+    values, log-probs and gradients as the cached pass (the head as a batch of its
     own, its keys and values repeated to the rows) — the independent computation, run by switching `packs` off —, a
     reward member's hidden states too, one pass through the embedding instead of two, and transformers' attention
     mapping left as it was. Elsewhere (GPT-2) the cached pass runs."""
@@ -416,6 +417,8 @@ def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, 
         assert not packed_calls
         return
     assert len(packed_calls) == (2 if critic == "separate" else 1) and len(seen) == len(packed_calls)
+    L, B = shared_prefix_length(ids, mask, 4), ids.shape[0]
+    assert 0 < L and seen[0] == L + int(mask.sum()) - B * L  # the head once, then only each row's own tokens
     monkeypatch.setattr(sp, "packs", lambda model: False)
     seen, handle = _token_rows(pol.peft)
     (lc, vc, pc), gc = _pass(pol, ids, mask, 4, share=True)
