@@ -24,7 +24,9 @@ Sampling keeps the cache (`prefilled_prompts`): generate() decodes on it.
 
 Layout. Row b of the batch [B, T] holds p_b left pads, the shared L tokens, its own prompt suffix and the response.
 Its remainder is the column slice [p_min + L, T) — the same slice for every row, so responses stay right-aligned —
-with the columns before p_b + L masked: they hold row b's pads and shared tokens, which the cache already holds.
+with the columns before p_b + L masked: they hold row b's pads and shared tokens, which the cache already holds. A
+packed pass leaves every masked column out of its sequence (those, and the pads after a response that ended early)
+and gathers the live ones back into that grid where attention needs it.
 Position ids are the full pass's. A sliding window counts columns, and the masked columns moved, so sharing is
 used only where the whole batch fits in the window (then no window ever cuts).
 
@@ -39,6 +41,7 @@ import inspect
 import torch
 
 from .attention_interface import can_replace_sdpa, sdpa_replaced
+from .cpu_linear import row_bucket
 from .layer_types import recurrent_layer_types
 from .prefix_cache import positions
 
@@ -188,6 +191,12 @@ def packed_forward(model, ids, mask, n_shared: int, logits_to_keep: int = 0):
     live_cols = full_mask[:, L:].reshape(-1).bool()  # [B·T']
     live = grid = None
     if not bool(live_cols.all()):  # the sequence holds the live columns; `grid` maps every column to its place
+        # ... and as many masked ones as round its length up to `row_bucket`'s sizes: a CPU's oneDNN keeps compiled
+        # kernels for every product shape it meets (cpu_linear.row_bucket), and live counts change with each batch
+        extra = min(row_bucket(L + int(live_cols.sum())), L + B * T) - L - int(live_cols.sum())
+        live_cols = live_cols.clone()
+        live_cols[(~live_cols).nonzero().squeeze(1)[:extra]] = True
+    if not bool(live_cols.all()):
         live = live_cols.nonzero().squeeze(1)
         grid = torch.zeros(B * T, dtype=torch.long, device=dev)
         grid[live] = L + torch.arange(live.numel(), device=dev)

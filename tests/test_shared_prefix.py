@@ -27,7 +27,8 @@ from peft import LoraConfig
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.models import load_model
-from rlhf_ext.shared_prefix import MIN_SHARED_TOKENS, packs, shared_prefix_length, worth_sharing
+from rlhf_ext.cpu_linear import row_bucket
+from rlhf_ext.shared_prefix import MIN_SHARED_TOKENS, leading_pads, packs, shared_prefix_length, worth_sharing
 from rlhf_ext.testing import ARCHITECTURES, save_tiny_model, save_tiny_model_for
 
 
@@ -339,10 +340,12 @@ def test_reward_scoring_with_a_shared_head_scores_as_each_text_alone(tok, mode, 
     passes = len(ens.adapters) if mode == "adapters" else 1  # "adapters": one mixed batch of K copies, unshared
     assert rows_full == passes * len(seqs) * max(map(len, seqs))
     assert rows_plain == passes * len(differ) * max(map(len, differ))  # not worth sharing: the plain padded pass
-    # shared: per member, the head once and each row's own tokens after it (the packed pass skips the right pads)
+    # shared: per member, the head once and each row's own tokens after it (the packed pass skips the right pads, all
+    # but as many as round the row count to row_bucket's sizes)
     L = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)  # the common head, counted
     assert L >= len(header) and packs(ens.model)
-    assert rows_shared == passes * (L + sum(len(s) - L for s in seqs))
+    live, grid = L + sum(len(s) - L for s in seqs), L + len(seqs) * (max(map(len, seqs)) - L)
+    assert live < grid and rows_shared == passes * min(row_bucket(live), grid)
     assert torch.allclose(full, alone, atol=1e-5), float((full - alone).abs().max())
     assert torch.allclose(shared, alone, atol=1e-5), float((shared - alone).abs().max())
     assert (alone[:, 0] - alone[:, 0].mean()).abs().max() > 1e-3  # the texts score differently: pooling matters
@@ -417,8 +420,10 @@ def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, 
         assert not packed_calls
         return
     assert len(packed_calls) == (2 if critic == "separate" else 1) and len(seen) == len(packed_calls)
+    # the head once, then each row's own tokens, as many masked columns more as round the count to row_bucket's sizes
     L, B = shared_prefix_length(ids, mask, 4), ids.shape[0]
-    assert 0 < L and seen[0] == L + int(mask.sum()) - B * L  # the head once, then only each row's own tokens
+    live, grid = L + int(mask.sum()) - B * L, L + B * (ids.shape[1] - int(leading_pads(mask).min()) - L)
+    assert 0 < L and live < grid and seen[0] == min(row_bucket(live), grid)
     monkeypatch.setattr(sp, "packs", lambda model: False)
     seen, handle = _token_rows(pol.peft)
     (lc, vc, pc), gc = _pass(pol, ids, mask, 4, share=True)
