@@ -424,6 +424,7 @@ def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, 
     L, B = shared_prefix_length(ids, mask, 4), ids.shape[0]
     live, grid = L + int(mask.sum()) - B * L, L + B * (ids.shape[1] - int(leading_pads(mask).min()) - L)
     assert 0 < L and live < grid and seen[0] == min(row_bucket(live), grid)
+    real_packs = sp.packs
     monkeypatch.setattr(sp, "packs", lambda model: False)
     seen, handle = _token_rows(pol.peft)
     (lc, vc, pc), gc = _pass(pol, ids, mask, 4, share=True)
@@ -436,3 +437,13 @@ def test_packed_pass_equals_the_cached_pass(arch, critic, dtype, tmp_path, tok, 
     for a, b in zip(gp, gc):
         assert torch.allclose(a.float(), b.float(), atol=tol * (1 + float(b.abs().max()))), float((a - b).abs().max())
     assert sum(float(b.abs().sum()) > 0 for b in gc) >= len(gc) // 2  # the loss reaches the adapters
+    # a batch with few masked columns runs its whole grid: leaving 2 of 50 rows out would not repay the gathers
+    monkeypatch.setattr(sp, "packs", real_packs)
+    ids, mask = _batch(random.Random(2), 5, 20, [2, 2, 2, 2, 1], 4, vocab=len(tok))
+    L = shared_prefix_length(ids, mask, 4)
+    grid = L + 5 * (ids.shape[1] - int(leading_pads(mask).min()) - L)
+    assert grid - (L + int(mask.sum()) - 5 * L) < sp.MIN_LEFT_OUT * grid
+    seen, handle = _token_rows(pol.peft)
+    _pass(pol, ids, mask, 4, share=True)
+    handle.remove()
+    assert seen[0] == grid
