@@ -182,8 +182,9 @@ def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tenso
 
 def packed_forward(model, ids, mask, n_shared: int, logits_to_keep: int = 0):
     """`model` (a causal LM or its trunk, `packs(model)`) on a batch whose rows share their first `n_shared` tokens,
-    as ONE sequence [1, L + live]: the shared head, then each row's remainder (`split_batch`) without its masked
-    columns (its left pads and shared tokens, and whatever follows an ended response), each token at its full pass
+    as ONE sequence [1, L + n]: the shared head, then each row's remainder (`split_batch`) — without its masked
+    columns (its left pads and shared tokens, whatever follows an ended response) where that drops MIN_LEFT_OUT of
+    the rows or more, n then rounded up to `row_bucket`'s sizes with masked ones —, each token at its full pass
     position. Every product of the model then runs once over the batch's live token rows, where the cached pass
     runs the head as a batch of its own (a second pass through every layer: ~38 ms of a 250 ms bf16 SmolLM2-135M
     forward on CPU) and every masked column too; attention is split back per row (`_attention_split`), so each query
