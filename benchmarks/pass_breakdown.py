@@ -30,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import _common  # noqa: F401  (sets the offline env and flushes denormals)
-from ppo_floor import timed  # median seconds after a warm-up
+from ppo_floor import matmul_rate, timed, training_step  # timed: median seconds after a warm-up
 from ppo_throughput import trainer_at
 
 
@@ -71,7 +71,8 @@ VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "expand", 
 
 class OpTimer(TorchDispatchMode):
     """Times every ATen operation run inside it (forward and backward alike): `seconds[name]`, `calls[name]`, and for
-    the 2-D products `products[(m, k, n, dtype)] → [calls, seconds]` (torch.mm's and addmm's operand shapes)."""
+    the 2-D products `products[(m, k, n, dtype, onednn)] → [calls, seconds]` — torch.mm's and addmm's operand shapes,
+    and oneDNN's linear (`cpu_linear`'s frozen fp32 base) as x [m, k] · w [n, k]ᵀ."""
 
     def __init__(self):
         super().__init__()
@@ -84,9 +85,15 @@ class OpTimer(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.seconds[name] += dt
         self.calls[name] += 1
+        key = None
         if name in ("mm", "addmm"):
             a, b = args[-2], args[-1]
-            entry = self.products[(a.shape[0], a.shape[1], b.shape[1], a.dtype)]
+            key = (a.shape[0], a.shape[1], b.shape[1], a.dtype, False)
+        elif name == "_linear_pointwise":
+            x, w = args[0], args[1]
+            key = (x.numel() // x.shape[-1], w.shape[1], w.shape[0], x.dtype, True)
+        if key is not None:
+            entry = self.products[key]
             entry[0] += 1
             entry[1] += dt
         return out
@@ -107,23 +114,10 @@ def op_times(fn) -> OpTimer:
     return timer
 
 
-def hot_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
-    """GFLOP/s of torch.mm([m, k], [k, n]) alone, its operands hot in cache (median of 7)."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    return 2 * m * k * n / timed(lambda: torch.mm(a, b), 7) / 1e9
-
-
 def report_ops(tr, ro, repeat: int) -> None:
-    """`--ops`: one training forward + backward of the update (logits, values and log-probs with gradients, the PPO
-    losses' inputs summed), each operation timed."""
-    def step():
-        logits, values, logp = tr.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
-        (logp.sum() + values.sum()).backward()
-        for p in tr.trainable_parameters():
-            p.grad = None
-
-    plain = timed(step, repeat)
-    timer = op_times(step)
+    """`--ops`: one training forward + backward of the update (`ppo_floor.training_step`), each operation timed."""
+    plain = timed(lambda: training_step(tr, ro), repeat)
+    timer = op_times(lambda: training_step(tr, ro))
     inside = sum(timer.seconds.values())
     groups = Counter()
     for name, s in timer.seconds.items():
@@ -136,10 +130,11 @@ def report_ops(tr, ro, repeat: int) -> None:
     for name, s in timer.seconds.most_common(12):
         print(f"    {name:44s} {s * 1e3:8.1f} ms  {timer.calls[name]:5d} calls")
     print("  products by shape (m × k × n): in the pass against alone, hot in cache:")
-    for (m, k, n, dtype), (count, s) in sorted(timer.products.items(), key=lambda kv: -kv[1][1])[:10]:
+    for (m, k, n, dtype, onednn), (count, s) in sorted(timer.products.items(), key=lambda kv: -kv[1][1])[:10]:
         flop = 2 * m * k * n * count
-        print(f"    {m:5d} × {k:5d} × {n:6d} {str(dtype)[6:]:9s} {count:4d} calls {s * 1e3:7.1f} ms "
-              f"{flop / s / 1e9:6.0f} GFLOP/s in the pass, {hot_rate(m, k, n, dtype):6.0f} alone")
+        print(f"    {m:5d} × {k:5d} × {n:6d} {str(dtype)[6:]:9s}{' oneDNN' if onednn else ''} {count:4d} calls "
+              f"{s * 1e3:7.1f} ms {flop / s / 1e9:6.0f} GFLOP/s in the pass, "
+              f"{matmul_rate(m, k, n, dtype, onednn):6.0f} alone")
 
 
 def main():

@@ -62,6 +62,15 @@ def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, oned
     return 2 * m * k * n / timed(lambda: a @ b, repeat=5) / 1e9
 
 
+def training_step(tr, ro) -> None:
+    """One training forward + backward of `tr`'s update over the rollout `ro` (the log-probs and values, as the PPO
+    loss reads them), its gradients cleared after."""
+    logits, values, logp = tr.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
+    (logp.mean() + values.mean()).backward()
+    for p in tr.trainable_parameters():
+        p.grad = None
+
+
 def decoder_flops(model, tokens: int, seq_len: int) -> float:
     """Forward FLOPs of the decoder layers on `tokens` positions of length-`seq_len` sequences."""
     base = model.get_base_model()
@@ -148,13 +157,7 @@ def main():
     R = ro.R
     fwd_s = timed(lambda: pol.logits(ro.ids, ro.mask, R))
 
-    def forward_backward():
-        logits, values, logp = tr.train_policy(ro.ids, ro.mask, R, None)
-        (logp.mean() + values.mean()).backward()  # the log-probs and values, as the PPO loss reads them
-        for p in tr.trainable_parameters():
-            p.grad = None
-
-    fb_s = timed(forward_backward)
+    fb_s = timed(lambda: training_step(tr, ro))
     # the same passes' products alone, at their own shapes: what is left of a pass is everything else
     calls, modules = linear_calls(pol.peft, lambda: tr.train_policy(ro.ids, ro.mask, R, None))
     fwd_products = product_seconds(*linear_calls(pol.peft, lambda: pol.logits(ro.ids, ro.mask, R)), backward=False)

@@ -89,8 +89,28 @@ def test_op_times_sees_every_product_of_a_forward_and_backward():
     assert sum(products.values()) == 5
     with FlopCounterMode(display=False) as counter:
         step()
-    ours = sum(2 * m * k * n * calls for (m, k, n, _), calls in products.items())
+    ours = sum(2 * m * k * n * calls for (m, k, n, _, _), calls in products.items())
     assert ours == counter.get_total_flops()
     assert breakdown.category("mm") == "products" and breakdown.category("view") == "views (no data moved)"
     assert breakdown.category("_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
     assert timer.seconds["mm"] > 0 and all(s >= 0 for s in timer.seconds.values())
+
+
+def test_op_times_sees_the_frozen_base_routed_through_onednn():
+    """Where `cpu_linear` routes a frozen fp32 layer through oneDNN, its products are `_linear_pointwise` calls, not
+    mm: `OpTimer` records them as x [m, k] · w [n, k]ᵀ — each layer's forward and its input gradient dY·W (rows 5 ≤ 32:
+    no padding), and no weight gradient."""
+    from rlhf_ext.cpu_linear import _onednn_op, route_frozen_linears
+
+    if _onednn_op() is None:
+        pytest.skip("this torch build has no oneDNN")
+    breakdown = benchmark_module("pass_breakdown")
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).requires_grad_(False)
+    assert route_frozen_linears(mlp, "onednn") == 2
+    x = torch.randn(5, 16, requires_grad=True)
+
+    timer = breakdown.op_times(lambda: mlp(x).sum().backward())
+    products = {key: entry[0] for key, entry in timer.products.items()}
+    assert products == {(5, 16, 32, torch.float32, True): 1, (5, 32, 8, torch.float32, True): 1,
+                        (5, 8, 32, torch.float32, True): 1, (5, 32, 16, torch.float32, True): 1}
+    assert breakdown.category("_linear_pointwise") == "products"
