@@ -7,6 +7,9 @@ relative to themselves or as package resources, so they run from any directory.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,19 +76,89 @@ def resume_argument(training_args):
     return True if isinstance(value, str) and value.lower() == "true" else value
 
 
-def refuse_foreign_fields(parser, argv: list[str], config_file: str | None) -> None:
-    """GRPO / RLOO / TRL 1.12 PPO fields, in the YAML (`config_file`, the `--config` argument) or on the command line,
-    stop the PPO recipe with what to use instead (`PPOConfig` refuses them the same way in Python); TRL's parser
-    alone would only call them "not used by the HfArgumentParser"."""
+def parse_arguments(config_cls, argv: list[str] | None = None):
+    """(script_args, training_args, model_args, config_file) as TRL's scripts parse them — `TrlParser((ScriptArguments,
+    config_cls, ModelConfig)).parse_args_and_config()` —, except that a mistake in the configuration stops the recipe
+    with one line naming it and the fix (argparse's exit status, 2, before anything loads) where TrlParser raises a
+    traceback: a `--config` file that is not there (a shipped config's name, e.g. `--config ppo_smollm2_sentiment`,
+    finds it from any directory), not YAML or not a mapping; the other recipe's config (a reward YAML given to the
+    PPO recipe, or the reverse); a GRPO / RLOO / TRL 1.12 PPO field (with its replacement); any other unknown field
+    (with the nearest one); and a value the configs refuse (their own messages name the fix)."""
     import yaml
+    from trl import ModelConfig, ScriptArguments, TrlParser
 
-    from rlhf_ext.ppo.config import foreign_field_fixes
+    parser = TrlParser((ScriptArguments, config_cls, ModelConfig))
+    argv = list(sys.argv[1:] if argv is None else argv)
 
-    names = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
-    if config_file is not None and Path(config_file).is_file():  # a missing one: TRL's parser says so
-        config = yaml.safe_load(Path(config_file).read_text()) or {}
-        names += list(config) if isinstance(config, dict) else []
-    fixes = foreign_field_fixes(names)
-    if fixes:
-        parser.exit(2, f"{parser.prog}: error: PPOConfig has no such field(s): {fixes}. (README: \"Coming from TRL "
-                       f"1.12's PPO\", \"Coming from GRPO / RLOO\".)\n")  # argparse's exit status, without its usage
+    def fail(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message}\n")  # argparse's status, without its usage
+
+    config_file, settings = None, {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 == len(argv):
+            fail("--config needs a YAML file, e.g. --config ppo_smollm2_sentiment (a shipped config) or a path")
+        config_file = argv[i + 1] = _config_file(argv[i + 1], fail)
+        try:
+            settings = yaml.safe_load(Path(config_file).read_text())
+        except yaml.YAMLError as e:
+            fail(f"{config_file} is not valid YAML: {e}")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            fail(f"{config_file} must be a YAML mapping of `field: value` lines (it holds a {type(settings).__name__})")
+    _check_fields(parser, config_cls, [k for k in settings if k != "env"], argv, config_file, fail)
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except (ValueError, TypeError) as e:  # the configs' own checks: each message says what to change
+        fail(str(e))
+    return (*parsed, config_file)
+
+
+def _config_file(name: str, fail) -> str:
+    """`name` if it is a file; else the shipped config of that name when `name` is a bare name; else `fail`."""
+    if Path(name).is_file():
+        return name
+    shipped = config_path(name)
+    if Path(name).name == name and shipped.is_file():
+        return str(shipped)
+    names = ", ".join(sorted(p.stem for p in (HERE / "configs").glob("*.yaml")))
+    fail(f"--config {name}: no such file. Pass a path to a YAML, or a shipped config by name (from any directory): "
+         f"{names}")
+
+
+def _check_fields(parser, config_cls, yaml_names: list[str], argv: list[str], config_file, fail) -> None:
+    """Every field named in the YAML or as a `--option` is one the recipe's dataclasses have; else `fail` with what
+    the name is: another trainer's field (with what to use instead) or a misspelling (with the nearest field)."""
+    from rlhf_ext import PPOConfig, RewardEnsembleConfig
+
+    known = {f.name for cls in parser.dataclass_types for f in dataclasses.fields(cls)}
+    known |= {"no_" + name for name in known} | {"config", "help"}
+    # an option may be abbreviated (argparse's prefix matching): unknown only if it starts no known name
+    options = [a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")]  # --kl-target too
+    options = [o for o in options if o not in known and not any(k.startswith(o) for k in known)]
+    where = {**{k: "the command line" for k in options}, **{k: config_file for k in yaml_names if k not in known}}
+    if not where:
+        return
+    if config_cls is PPOConfig:
+        from rlhf_ext.ppo.config import foreign_field_fixes
+
+        fixes = foreign_field_fixes(where)
+        if fixes:
+            fail(f"PPOConfig has no such field(s): {fixes}. (README: \"Coming from TRL 1.12's PPO\", \"Coming from "
+                 f"GRPO / RLOO\".)")
+    other, command = ((RewardEnsembleConfig, "rlhf-ext reward (recipes/reward_modeling.py)") if config_cls is PPOConfig
+                      else (PPOConfig, "rlhf-ext ppo (recipes/ppo.py)"))
+    theirs = sorted(k for k in where if k in {f.name for f in dataclasses.fields(other)})
+    if theirs and set(theirs) == set(where):
+        subject = f"{config_file} is" if config_file and any(where[k] == config_file for k in theirs) else \
+            "these options are"
+        fail(f"{', '.join(theirs)}: {other.__name__} field(s), not {config_cls.__name__}'s — {subject} for the other "
+             f"recipe: run it with {command}")
+    unknown = [f"`{k}` ({where[k]}{_nearest(k, known)})" for k in sorted(where)]
+    fail(f"{config_cls.__name__} has no such field(s): {'; '.join(unknown)}. `--help` lists every field.")
+
+
+def _nearest(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""

@@ -7,11 +7,9 @@ adapters when both use the same base model), or a sequence-classification reward
 trl.RewardTrainer saved — as TRL's recipes take it. `dataset_name`: Hub id or a folder of `<config>_<split>.jsonl`.
 """
 
-from trl import ModelConfig, ScriptArguments, TrlParser
-
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading, refuse_foreign_fields, resume_argument
+from rlhf_ext.recipes import lora_config, model_loading, parse_arguments, resume_argument
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -43,9 +41,5 @@ def main(script_args, training_args, model_args, config_file=None):
 
 
 if __name__ == "__main__":
-    import sys
-
-    parser = TrlParser((ScriptArguments, PPOConfig, ModelConfig))
-    config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
-    refuse_foreign_fields(parser, sys.argv[1:], config_file)
-    main(*parser.parse_args_and_config(), config_file=config_file)
+    *arguments, config_file = parse_arguments(PPOConfig)
+    main(*arguments, config_file=config_file)

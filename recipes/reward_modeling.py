@@ -8,11 +8,9 @@ Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit
 `dataset_name` may be a Hub id or a local folder holding `<dataset_config>_<split>.jsonl` files.
 """
 
-from trl import ModelConfig, ScriptArguments, TrlParser
-
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading, resume_argument
+from rlhf_ext.recipes import lora_config, model_loading, parse_arguments, resume_argument
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -45,8 +43,5 @@ def main(script_args, training_args, model_args, config_file=None):
 
 
 if __name__ == "__main__":
-    import sys
-
-    parser = TrlParser((ScriptArguments, RewardEnsembleConfig, ModelConfig))
-    config_file = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
-    main(*parser.parse_args_and_config(), config_file=config_file)
+    *arguments, config_file = parse_arguments(RewardEnsembleConfig)
+    main(*arguments, config_file=config_file)

@@ -6,17 +6,20 @@ import json
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 
-from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model, models
+from rlhf_ext import PPOConfig, RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model, models
 from rlhf_ext.integrity import CorruptFileError
 
 from .conftest import preference_rows
 from .test_ppo import make
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -468,3 +471,96 @@ def test_a_reward_model_loaded_as_the_policy_is_named(tmp_path, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         models.load_model(str(tmp_path / "rm"), "seq_cls", num_labels=1)  # as a reward model: nothing to say
+
+
+# -- the recipes' configuration (rlhf-ext ppo|reward --config …) ---------------------------------------------------
+# TrlParser raised a traceback for each of these (FileNotFoundError, "Unknown arguments from config file", "Some
+# specified arguments are not used by the HfArgumentParser", a TrainingArguments ValueError); the recipes now stop
+# with argparse's status 2 and one line that names the mistake and the fix, before anything loads.
+RECIPE_CONFIGS = ROOT_DIR / "recipes" / "configs"
+
+
+def _recipe_error(capsys, config_cls, argv) -> str:
+    from rlhf_ext.recipes import parse_arguments
+
+    with pytest.raises(SystemExit) as stop:
+        parse_arguments(config_cls, argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "usage:" not in err
+    return err
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "reward"])
+def test_recipe_config_file_that_is_not_there_lists_the_shipped_ones(capsys, tmp_path, monkeypatch, recipe):
+    monkeypatch.chdir(tmp_path)
+    cls = PPOConfig if recipe == "ppo" else RewardEnsembleConfig
+    err = _recipe_error(capsys, cls, ["--config", "configs/nope.yaml"])
+    assert "--config configs/nope.yaml: no such file" in err
+    assert all(p.stem in err for p in RECIPE_CONFIGS.glob("*.yaml"))  # what to pass instead
+    assert "--config needs a YAML file" in _recipe_error(capsys, cls, ["--config"])
+
+
+def test_a_shipped_config_runs_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The wheel's users have no recipes/configs/ folder beside them: the name alone finds the shipped file (whose
+    paths are relative to itself), and the fields are the file's, overridden by the command line as in TRL."""
+    import yaml
+
+    from rlhf_ext.recipes import parse_arguments
+
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load((RECIPE_CONFIGS / "ppo_smollm2_sentiment.yaml").read_text())
+    script, args, model_args, config_file = parse_arguments(
+        PPOConfig, ["--config", "ppo_smollm2_sentiment", "--use_cpu", "true", "--num-ppo-epoch", "3"])
+    assert config_file == str(RECIPE_CONFIGS / "ppo_smollm2_sentiment.yaml")
+    assert (args.kl_target, args.kl_controller) == (shipped["kl_target"], shipped["kl_controller"])
+    assert args.num_ppo_epochs == 3 != shipped["num_ppo_epochs"]  # a dashed, abbreviated option still works
+    with pytest.raises(SystemExit):  # a path with a folder is a path: not looked up among the shipped names
+        parse_arguments(PPOConfig, ["--config", "elsewhere/ppo_smollm2_sentiment.yaml"])
+
+
+@pytest.mark.parametrize("path", sorted(RECIPE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_shipped_config_given_to_the_other_recipe_names_the_right_one(capsys, path):
+    wrong, right = ((RewardEnsembleConfig, "rlhf-ext ppo") if path.stem.startswith("ppo")
+                    else (PPOConfig, "rlhf-ext reward"))
+    err = _recipe_error(capsys, wrong, ["--config", str(path), "--use_cpu", "true"])
+    assert f"{path} is for the other recipe: run it with {right}" in err
+
+
+@pytest.mark.parametrize("where", ["yaml", "option"])
+def test_a_misspelled_field_names_the_nearest_one(capsys, tmp_path, where):
+    config = tmp_path / "ppo.yaml"
+    config.write_text("output_dir: out\nuse_cpu: true\n" + ("kl_targt: 3.0\n" if where == "yaml" else ""))
+    argv = ["--config", str(config)] + (["--kl-targt", "3"] if where == "option" else [])
+    err = _recipe_error(capsys, PPOConfig, argv)
+    source = str(config) if where == "yaml" else "the command line"
+    assert f"PPOConfig has no such field(s): `kl_targt` ({source}; did you mean `kl_target`?)" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, says", [("- output_dir: out\n", "must be a YAML mapping of `field: value` lines"),
+                                        ("output_dir: [out\n", "is not valid YAML")])
+def test_a_config_that_is_not_a_mapping_says_so(capsys, tmp_path, text, says):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert says in _recipe_error(capsys, RewardEnsembleConfig, ["--config", str(config)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shipped 7B config's bf16 runs where CUDA does")
+def test_the_7b_config_on_a_machine_without_a_gpu_says_what_to_set(capsys):
+    """As shipped the 7B QLoRA config targets a GPU: here transformers' own refusal (bf16 without one) reaches the
+    user as its message alone."""
+    err = _recipe_error(capsys, RewardEnsembleConfig, ["--config", "reward_7b_qlora"])
+    assert "use_cpu" in err
+
+
+def test_the_reward_recipe_exits_2_through_the_console_script(tmp_path):
+    """The console script's path (runpy) keeps the status and the one line."""
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("rlhf-ext")
+    r = subprocess.run([str(cli), "reward", "--config", "ppo_smollm2_sentiment"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "is for the other recipe: run it with rlhf-ext ppo" in r.stderr and "Traceback" not in r.stderr
