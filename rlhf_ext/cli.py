@@ -52,7 +52,10 @@ def _convert(rest) -> int:
     args = ap.parse_args(rest)
     from .models import DEFAULT_MODEL, resolve_model_path
 
-    print(resolve_model_path(args.model or DEFAULT_MODEL))
+    try:
+        print(resolve_model_path(args.model or DEFAULT_MODEL))
+    except FileNotFoundError as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     return 0
 
 

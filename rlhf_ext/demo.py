@@ -200,8 +200,16 @@ def main(argv=None):
     from .data import SHIPPED
 
     out, data = Path(args.output_dir), Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"
-    t0 = time.time()
     reward_path = out / "reward"
+    needed = [f"prompts_{split}.jsonl" for split in ("train", "test", "transfer")]
+    if not (args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file()):
+        needed += [f"preferences_{split}.jsonl" for split in ("train", "test")]
+    missing = [name for name in needed if not (data / name).is_file()]
+    if missing:
+        ap.error(f"--data-dir {data} lacks {', '.join(missing)} (the demo reads prompts_{{train,test,transfer}}.jsonl "
+                 f"and, to train its reward model, preferences_{{train,test}}.jsonl; the shipped set in that layout: "
+                 f"{SHIPPED / 'sentiment'})")
+    t0 = time.time()
     trunk = "frozen base (heads only)" if args.reward_heads_only else f"LoRA on the top {args.lora_layers} layers"
     print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, {trunk}, {args.reward_pooling} pooling, length "
           f"de-correlation {args.length_decorrelation}) on {data}/preferences_train.jsonl")

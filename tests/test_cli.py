@@ -33,11 +33,16 @@ def run(*args, timeout=180):
     (("review", "--help"), 0, "usage"),
     (("ppo",), 2, "--config"),
     (("reward",), 2, "--config"),
+    # a path that is not there: one line naming it and what to pass (each a traceback before)
+    (("report", "no/such/run"), 2, "no/such/run/monitor/metrics.jsonl does not exist"),
+    (("convert", "no/such/model.gguf"), 2, "GGUF file no/such/model.gguf does not exist"),
+    (("demo", "--data-dir", "no/such/data"), 2, "--data-dir no/such/data lacks prompts_train.jsonl"),
 ], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
 def test_console_script_exit_status(args, status, says):
     r = run(*args)
     assert r.returncode == status, (r.returncode, r.stdout[-1500:], r.stderr[-1500:])
     assert says in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_a_command_that_returns_a_summary_exits_0(monkeypatch):

@@ -175,6 +175,9 @@ def main(argv=None):
     ap.add_argument("output_dir", help="a PPO run's output_dir (holds monitor/)")
     ap.add_argument("--out", help="where to write (default OUTPUT_DIR/report)")
     args = ap.parse_args(argv)
-    path = write_report(args.output_dir, args.out)
+    try:
+        path = write_report(args.output_dir, args.out)
+    except FileNotFoundError as e:  # not a PPO run's folder: the message says what to point to
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(f"report: {path}")
     return 0
