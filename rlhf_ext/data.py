@@ -217,5 +217,9 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
                       if args.prompt_overflow == "drop" else msg + " They were truncated on the left.")
     need = args.per_device_train_batch_size if min_rows is None else min_rows
     if len(rows) < need:
-        raise ValueError(f"Only {len(rows)} usable prompts for a batch of {need}.")
+        dropped = f" ({len(too_long)} dropped as longer than max_prompt_length)" if args.prompt_overflow == "drop" \
+            and too_long else ""
+        fix = ("add prompts or lower per_device_train_batch_size" if min_rows is None else "add prompts")
+        raise ValueError(f"Only {len(rows)} usable prompts{dropped} for a batch of {need}: {fix}"
+                         + (", or raise max_prompt_length" if dropped else "") + ".")
     return rows

@@ -264,6 +264,25 @@ def test_prompt_that_is_not_text_says_so(tmp_path, tok, prompt):
                    processing_class=tok)
 
 
+@pytest.mark.parametrize("overflow", ["error", "drop"])
+def test_fewer_prompts_than_a_batch_says_what_to_change(tmp_path, tok, overflow):
+    """The message said only "Only 4 usable prompts for a batch of 8"; it now says what to change, and how many of
+    them max_prompt_length dropped."""
+    from rlhf_ext import PPOConfig, PPOTrainer
+    from rlhf_ext.testing import tiny_causal_lm
+
+    prompts = ["hello there"] * 4 + (["the movie was " * 20] * 3 if overflow == "drop" else [])
+    with pytest.raises(ValueError) as err:
+        PPOTrainer(tiny_causal_lm(tok), reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                   args=PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=8, max_prompt_length=32,
+                                  prompt_overflow=overflow),
+                   train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+    message = str(err.value)
+    assert "Only 4 usable prompts" in message and "lower per_device_train_batch_size" in message
+    assert ("(3 dropped as longer than max_prompt_length)" in message
+            and "raise max_prompt_length" in message) == (overflow == "drop")
+
+
 def test_uwo_with_one_member_is_refused(tmp_path, tok):
     with pytest.raises(ValueError, match="aggregation='uwo' combines several reward members, but there is only 1"):
         make(tmp_path, tok, max_steps=1, aggregation="uwo")
