@@ -197,7 +197,7 @@ def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
     assert len(hist2) == 8 and resumed.monitor.reference == tr.monitor.reference
 
 
-def test_run_report(tmp_path, tok):
+def test_run_report(tmp_path, tok, capsys):
     from rlhf_ext.cli import main as cli
 
     # an alarm in every iteration, whatever this run's samples do (the guard-activity fraction, ≥ 0, against −1):
@@ -214,8 +214,9 @@ def test_run_report(tmp_path, tok):
         assert (out / f"{name}.png").stat().st_size > 5000
     assert page.count("data:image/png;base64,") == 4 and "Top-reward samples" in page and "kl_backtracking" in page
     assert "<script" not in page.lower()  # sample text is escaped, never markup
-    with pytest.raises(FileNotFoundError, match="monitor/metrics.jsonl does not exist"):
+    with pytest.raises(SystemExit) as stop:  # not a run's folder: one line and argparse's status, no traceback
         cli(["report", str(tmp_path)])
+    assert stop.value.code == 2 and "monitor/metrics.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_resume_keeps_monitor_logs_exact(tmp_path, tok):
