@@ -2,6 +2,7 @@
 
     python benchmarks/rss_over_iterations.py                       # fp32, 30 iterations
     python benchmarks/rss_over_iterations.py --precision bf16 --iters 60
+    python benchmarks/rss_over_iterations.py --precision bf16 --iters 20 --live-columns off   # full packed grids
 
 On CPU oneDNN compiles and keeps a kernel per product shape (≈ 0.7 MiB each), and PPO's passes change their row
 counts with every rollout's lengths: unbounded, RSS would grow with each new length. rlhf_ext rounds the row counts it
@@ -35,7 +36,14 @@ def main():
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--cpu-matmul-backend", default="auto", choices=["auto", "onednn", "torch"])
+    ap.add_argument("--live-columns", default="on", choices=["on", "off"],
+                    help="off: packed passes run every masked column too (rlhf_ext/shared_prefix.py MIN_LEFT_OUT "
+                         "beyond reach), to compare their memory with the default's")
     args = ap.parse_args()
+    if args.live_columns == "off":
+        import rlhf_ext.shared_prefix
+
+        rlhf_ext.shared_prefix.MIN_LEFT_OUT = float("inf")
 
     from datasets import Dataset
     from peft import LoraConfig
