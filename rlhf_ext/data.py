@@ -50,7 +50,17 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
         )
     if path.suffix in (".jsonl", ".json") and path.is_file():
         return load_dataset("json", data_files=str(path), split="train", streaming=streaming)
-    return load_dataset(name_or_path, kind, split=split, streaming=streaming)
+    try:
+        return load_dataset(name_or_path, kind, split=split, streaming=streaming)
+    except (ConnectionError, FileNotFoundError) as e:  # offline / unreachable Hub, or no such dataset anywhere
+        unreachable = isinstance(e, ConnectionError)
+        raise (ConnectionError if unreachable else FileNotFoundError)(
+            f"Could not load the dataset {name_or_path!r}: not a folder or .jsonl file here (relative paths are read "
+            f"from {Path.cwd()}), and the Hub {'could not be reached' if unreachable else 'has no such dataset'} "
+            f"({type(e).__name__}: {e}). Check the name or path; download a Hub dataset once while online (datasets "
+            f"caches it), or save it as a local folder of <kind>_<split>.jsonl files (e.g. "
+            f"{kind or 'preferences'}_{split}.jsonl) and pass that folder; `shipped:sentiment` is the package's own."
+        ) from e
 
 
 def pad_ids(seqs: list[list[int]], pad_id: int, side: str = "right", device=None):

@@ -283,6 +283,20 @@ def test_fewer_prompts_than_a_batch_says_what_to_change(tmp_path, tok, overflow)
             and "raise max_prompt_length" in message) == (overflow == "drop")
 
 
+@pytest.mark.parametrize("name", ["someone/not-downloaded", "data/no-such-folder"])
+def test_a_dataset_that_is_neither_here_nor_reachable_says_what_to_pass(tmp_path, monkeypatch, name):
+    """datasets' own error named only the Hub; the message now says where a relative path was looked for and the
+    three ways out (the name, a download while online, a local folder in the recipes' layout)."""
+    from rlhf_ext.data import load_split
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((ConnectionError, FileNotFoundError)) as err:  # offline (the suite's setting): unreachable
+        load_split(name, "train", "preferences")
+    message = str(err.value)
+    assert f"Could not load the dataset '{name}'" in message and str(tmp_path) in message
+    assert "preferences_train.jsonl" in message and "shipped:sentiment" in message
+
+
 def test_uwo_with_one_member_is_refused(tmp_path, tok):
     with pytest.raises(ValueError, match="aggregation='uwo' combines several reward members, but there is only 1"):
         make(tmp_path, tok, max_steps=1, aggregation="uwo")
