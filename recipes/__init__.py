@@ -132,11 +132,12 @@ def _check_fields(parser, config_cls, yaml_names: list[str], argv: list[str], co
     the name is: another trainer's field (with what to use instead) or a misspelling (with the nearest field)."""
     from rlhf_ext import PPOConfig, RewardEnsembleConfig
 
-    known = {f.name for cls in parser.dataclass_types for f in dataclasses.fields(cls)}
-    known |= {"no_" + name for name in known} | {"config", "help"}
-    # an option may be abbreviated (argparse's prefix matching): unknown only if it starts no known name
+    known = {action.dest for action in parser._actions}  # what a YAML key sets (TrlParser matches dests)
+    flags = {s.lstrip("-").replace("-", "_") for action in parser._actions for s in action.option_strings}
+    flags |= {"config"}
+    # an option may be abbreviated (argparse's prefix matching): unknown only if it starts no option's name
     options = [a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")]  # --kl-target too
-    options = [o for o in options if o not in known and not any(k.startswith(o) for k in known)]
+    options = [o for o in options if not any(f.startswith(o) for f in flags)]
     where = {**{k: "the command line" for k in options}, **{k: config_file for k in yaml_names if k not in known}}
     if not where:
         return
