@@ -3,6 +3,7 @@ the same base recognised however it is named, and a wheel whose CLI works outsid
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -147,7 +148,7 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
     # missing one from the repository, and the CLI would work here and nowhere else)
     # — and the trainers' command-line help, from the same process (each import of the ML stack is ~10 s here)
     subpackages = sorted("rlhf_ext." + p.parent.name for p in (ROOT / "rlhf_ext").glob("*/__init__.py"))
-    found, ppo_help, reward_help = run(py, "-c", f"""
+    found, ppo_help, reward_help, by_name = run(py, "-c", f"""
 import contextlib, importlib, io
 from rlhf_ext.cli import main
 print(*[importlib.import_module(m).__file__ for m in {subpackages!r}])
@@ -156,9 +157,17 @@ for command in ("ppo", "reward"):
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
         main([command, "--help"])
     print(repr(buf.getvalue()))
+err = io.StringIO()  # a shipped config by name, from a folder without recipes/: found, read, its mistake named
+with contextlib.redirect_stderr(err):
+    try:
+        main(["ppo", "--config", "ppo_smollm2_sentiment", "--kl_targt", "1"])
+    except SystemExit as stop:
+        print(repr((stop.code, err.getvalue())))
 """).splitlines()
     assert all(str(venv) in f for f in found.split()), found
     assert "--kl_target" in ppo_help and "--ensemble_size" in reward_help and "--kl_target" not in reward_help
+    assert ast.literal_eval(by_name) == (2, "ppo.py: error: PPOConfig has no such field(s): `kl_targt` (the command line; did you "
+                                "mean `kl_target`?). `--help` lists every field.\n")
     assert Path(where[1], "sentiment", "prompts_train.jsonl").is_file() and Path(where[2]).is_file()
     assert "commands:" in run(cli, "--help")
     # `--help` starts fast because it loads no ML library (what it imports, not a timing: that flakes on a busy CI)
