@@ -201,8 +201,9 @@ def main(argv=None):
 
     out, data = Path(args.output_dir), Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"
     reward_path = out / "reward"
+    reuse = args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file()
     needed = [f"prompts_{split}.jsonl" for split in ("train", "test", "transfer")]
-    if not (args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file()):
+    if not reuse:  # the reward model is trained here: its pairs too
         needed += [f"preferences_{split}.jsonl" for split in ("train", "test")]
     missing = [name for name in needed if not (data / name).is_file()]
     if missing:
@@ -213,7 +214,7 @@ def main(argv=None):
     trunk = "frozen base (heads only)" if args.reward_heads_only else f"LoRA on the top {args.lora_layers} layers"
     print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, {trunk}, {args.reward_pooling} pooling, length "
           f"de-correlation {args.length_decorrelation}) on {data}/preferences_train.jsonl")
-    if args.reuse_reward and (reward_path / "rlhf_ext_reward.json").is_file():
+    if reuse:
         # its held-out metrics: the demo's own record, or the reward recipe's (an artifact trained by the recipe)
         saved = [f for f in (out / "reward_metrics.json", reward_path / "eval_results.json") if f.is_file()]
         rm = json.loads(saved[0].read_text()) if saved else {}

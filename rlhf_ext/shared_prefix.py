@@ -160,8 +160,7 @@ def _attention_split(n_shared: int, rows: int, cols: int, rows_mask: torch.Tenso
     L, B, T = n_shared, rows, cols
 
     def per_row(x):  # [1, heads, L + B·T or L + live, D] → the remainders' [B, heads, T, D]
-        x = x[0, :, L:] if grid is None else x[0].index_select(1, grid)
-        return x.unflatten(1, (B, T)).transpose(0, 1)
+        return _per_column(x[0], L, grid, dim=1).unflatten(1, (B, T)).transpose(0, 1)
 
     def packed(out):  # the remainders' [B, T, heads, D] → the packed sequence's [1, B·T or live, heads, D]
         out = out.reshape(B * T, *out.shape[2:])
@@ -222,18 +221,19 @@ def packed_forward(model, ids, mask, n_shared: int, logits_to_keep: int = 0):
     if getattr(out, "logits", None) is not None:
         # a view of the head's output: indexing out its batch dimension would give the backward a zero-filled copy
         # of the logits' size (select's gradient: 26 MB a bf16 training pass of the benchmark, 52 MB in fp32)
-        logits = out.logits if logits_to_keep else _per_column(out.logits, L, grid)
+        logits = out.logits if logits_to_keep else _per_column(out.logits[0], L, grid)
         out.logits = logits.reshape(B, -1, logits.shape[-1])
     if getattr(out, "last_hidden_state", None) is not None:
         h = out.last_hidden_state
         out.head_hidden_state = h[:, :L]
-        out.last_hidden_state = _per_column(h, L, grid).reshape(B, T, h.shape[-1])
+        out.last_hidden_state = _per_column(h[0], L, grid).reshape(B, T, h.shape[-1])
     return out
 
 
-def _per_column(x: torch.Tensor, n_shared: int, grid: torch.Tensor | None) -> torch.Tensor:
-    """The packed sequence's [1, L + n, F] at each remainder column → [B·T', F] (`packed_forward`'s `grid`)."""
-    return x[0, n_shared:] if grid is None else x[0].index_select(0, grid)
+def _per_column(x: torch.Tensor, n_shared: int, grid: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    """The packed sequence's L + n positions along `dim` of `x` → each remainder column's, B·T' of them
+    (`packed_forward`'s `grid`; without it, the remainders are the sequence after the head, a view)."""
+    return x.narrow(dim, n_shared, x.shape[dim] - n_shared) if grid is None else x.index_select(dim, grid)
 
 
 def shared_forward(model, trunk, ids, mask, n_shared: int, cache_kw: str, **kwargs):
