@@ -163,3 +163,74 @@ def _check_fields(parser, config_cls, yaml_names: list[str], argv: list[str], co
 def _nearest(name: str, known: set[str]) -> str:
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
     return f"; did you mean `{close[0]}`?" if close else ""
+
+
+class RecipeInputError(Exception):
+    """An input the recipe cannot use — a dataset or a reward model that is not there —, found before training
+    starts. `run` ends the recipe with this message and exit status 2 (a configuration's own mistakes stop earlier,
+    in `parse_arguments`)."""
+
+
+def run(main, config_cls, argv: list[str] | None = None):
+    """A recipe's `__main__`: `parse_arguments`, then `main(script_args, training_args, model_args, config_file=…)`;
+    a `RecipeInputError` becomes one line on stderr and exit status 2 instead of a traceback."""
+    *arguments, config_file = parse_arguments(config_cls, argv)
+    try:
+        return main(*arguments, config_file=config_file)
+    except RecipeInputError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def dataset_split(script_args, split: str):
+    """`rlhf_ext.data.load_split` for the recipe's dataset; a dataset that is neither here nor reachable on the Hub
+    is a `RecipeInputError` (its message says where relative paths are read from and the ways out)."""
+    from rlhf_ext.data import load_split
+
+    try:
+        return load_split(script_args.dataset_name, split, script_args.dataset_config, script_args.dataset_streaming)
+    except (FileNotFoundError, ConnectionError) as e:
+        raise RecipeInputError(str(e)) from e
+
+
+def check_reward_model_path(path: str | None) -> None:
+    """Refuse, before anything loads, a `reward_model_path` that cannot work: unset; the `output_dir` of a shipped
+    reward config that has not run yet — the first run's usual mistake, named with the command that writes it —; a
+    local path that does not exist (one no Hub id could be); a folder that holds no model. A name shaped like a Hub
+    id is left to the Hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from rlhf_ext.reward.artifact import SPEC_FILE
+
+    if not path:
+        raise RecipeInputError("Set reward_model_path to a reward-model artifact (the output_dir of `rlhf-ext "
+                               "reward`) or a sequence-classification reward model (Hub id or folder).")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not any((local / f).is_file() for f in (SPEC_FILE, "config.json")):  # what PPOTrainer can load
+            raise RecipeInputError(
+                f"reward_model_path {path!r} is a folder but holds no reward model (no {SPEC_FILE} or config.json). "
+                f"Pass the output_dir of `rlhf-ext reward`, or the folder trl.RewardTrainer / save_pretrained() "
+                f"wrote.")
+        return
+    if local.exists():
+        return
+    import yaml
+
+    wanted = Path(path).as_posix().rstrip("/").removeprefix("./")
+    configs = {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((HERE / "configs").glob("*.yaml"))}
+    writers = [name for name, c in configs.items()  # a reward config: the one kind without a reward_model_path
+               if "reward_model_path" not in c and str(c.get("output_dir", "")).rstrip("/") == wanted]
+    if writers:
+        raise RecipeInputError(
+            f"reward_model_path {path!r} is not here (relative paths are read from {Path.cwd()}): it is what "
+            f"`rlhf-ext reward --config {writers[0]}` writes. Train the reward model first, from this directory, or "
+            f"set --reward_model_path to a reward model you have.")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise RecipeInputError(
+            f"reward_model_path {path!r}: no such folder (relative paths are read from {Path.cwd()}, then beside the "
+            f"config), and not a Hub id. Pass the output_dir of `rlhf-ext reward`, a folder trl.RewardTrainer saved, "
+            f"or a Hub id (namespace/name).") from None

@@ -8,24 +8,20 @@ trl.RewardTrainer saved — as TRL's recipes take it. `dataset_name`: Hub id or 
 """
 
 from rlhf_ext import PPOConfig, PPOTrainer
-from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading, parse_arguments, resume_argument
+from rlhf_ext.data import resolve_data_path
+from rlhf_ext.recipes import check_reward_model_path, dataset_split, lora_config, model_loading, resume_argument, run
 
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
-    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config,
-                       script_args.dataset_streaming)
+    check_reward_model_path(training_args.reward_model_path)  # before anything loads: the first run's usual mistake
+    train = dataset_split(script_args, script_args.dataset_train_split)
     evaluation = None  # as TRL's recipes: the test split, sampled on eval_strategy's cadence (eval_* metrics)
     if training_args.eval_strategy != "no":
-        evaluation = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config,
-                                script_args.dataset_streaming)
+        evaluation = dataset_split(script_args, script_args.dataset_test_split)
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
-    if not training_args.reward_model_path:
-        raise ValueError("Set `reward_model_path` to a reward-model artifact (see recipes/reward_modeling.py) or a "
-                         "sequence-classification reward model (Hub id or folder).")
     trainer = PPOTrainer(
         model=model_args.model_name_or_path or "smollm2-135m-instruct",
         reward_funcs=[],
@@ -41,5 +37,4 @@ def main(script_args, training_args, model_args, config_file=None):
 
 
 if __name__ == "__main__":
-    *arguments, config_file = parse_arguments(PPOConfig)
-    main(*arguments, config_file=config_file)
+    run(main, PPOConfig)

@@ -9,18 +9,16 @@ Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit
 """
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
-from rlhf_ext.data import load_split, resolve_data_path
-from rlhf_ext.recipes import lora_config, model_loading, parse_arguments, resume_argument
+from rlhf_ext.data import resolve_data_path
+from rlhf_ext.recipes import RecipeInputError, dataset_split, lora_config, model_loading, resume_argument, run
 
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
-    train = load_split(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config,
-                       script_args.dataset_streaming)
+    train = dataset_split(script_args, script_args.dataset_train_split)
     try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
-        test = load_split(script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config,
-                          script_args.dataset_streaming)
-    except (FileNotFoundError, ValueError):
+        test = dataset_split(script_args, script_args.dataset_test_split)
+    except (RecipeInputError, ValueError):
         test = None
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
     trainer = RewardEnsembleTrainer(
@@ -43,5 +41,4 @@ def main(script_args, training_args, model_args, config_file=None):
 
 
 if __name__ == "__main__":
-    *arguments, config_file = parse_arguments(RewardEnsembleConfig)
-    main(*arguments, config_file=config_file)
+    run(main, RewardEnsembleConfig)

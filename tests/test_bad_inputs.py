@@ -597,3 +597,77 @@ def test_the_reward_recipe_exits_2_through_the_console_script(tmp_path):
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "is for the other recipe: run it with rlhf-ext ppo" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- the recipes' inputs: a reward model or dataset that is not there ------------------------------------------------
+# A first run of `rlhf-ext ppo --config ppo_smollm2_sentiment` before the reward recipe loaded the policy, waited on
+# the Hub for `outputs/reward-smollm2-sentiment` (53 s offline) and ended in a traceback; a dataset path that does not
+# exist ended in huggingface_hub's HFValidationError. Now: one line, status 2, before any model loads.
+def _input_error(capsys, recipe: str, argv) -> str:
+    import importlib
+
+    from rlhf_ext.recipes import run
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    cls = PPOConfig if recipe == "ppo" else RewardEnsembleConfig
+    with pytest.raises(SystemExit) as stop:
+        run(module.main, cls, argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("path", sorted(RECIPE_CONFIGS.glob("ppo_*.yaml")), ids=lambda p: p.stem)
+def test_a_ppo_config_run_before_its_reward_model_names_the_command_that_writes_it(capsys, tmp_path, monkeypatch,
+                                                                                  path):
+    import re
+
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # a fresh directory: the reward recipe has not run here
+    err = _input_error(capsys, "ppo", ["--config", path.stem, "--use_cpu", "true", "--bf16", "false"])
+    named = re.search(r"it is what `rlhf-ext reward --config (\w+)` writes", err)
+    assert named, err
+    reward_config = yaml.safe_load((RECIPE_CONFIGS / f"{named[1]}.yaml").read_text())
+    assert reward_config["output_dir"] == yaml.safe_load(path.read_text())["reward_model_path"]
+
+
+@pytest.mark.parametrize("reward, says", [
+    ("./nothing/here", "no such folder (relative paths are read from"),
+    ("a/b/c", "and not a Hub id"),
+    (".", "is a folder but holds no reward model (no rlhf_ext_reward.json or config.json)"),
+    ("", "Set reward_model_path to a reward-model artifact"),
+])
+def test_a_reward_model_path_that_cannot_load_is_refused_before_the_policy_loads(capsys, tmp_path, monkeypatch,
+                                                                                  reward, says):
+    import recipes.ppo as ppo_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ppo_recipe, "PPOTrainer", lambda *a, **k: pytest.fail("the policy loaded"))
+    err = _input_error(capsys, "ppo", ["--config", "ppo_smollm2_sentiment", "--use_cpu", "true",
+                                       "--reward_model_path", reward])
+    assert says in err
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "reward_modeling"])
+def test_a_dataset_path_that_is_not_there_is_one_line(capsys, tmp_path, monkeypatch, recipe):
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")  # the reward check passes; the dataset is what fails
+    monkeypatch.chdir(tmp_path)
+    config = "ppo_smollm2_sentiment" if recipe == "ppo" else "reward_smollm2_sentiment"
+    err = _input_error(capsys, recipe, ["--config", config, "--use_cpu", "true", "--dataset_name", "./nodata"]
+                       + (["--reward_model_path", "rm"] if recipe == "ppo" else []))
+    assert f"No dataset at './nodata': no such folder or .jsonl file (relative paths are read from {tmp_path})" in err
+
+
+def test_the_first_ppo_run_without_a_reward_model_exits_2_through_the_console_script(tmp_path):
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("rlhf-ext")
+    r = subprocess.run([str(cli), "ppo", "--config", "ppo_smollm2_sentiment", "--max_steps", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Train the reward model first" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -77,10 +77,13 @@ def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe):
 
     module = importlib.import_module(f"recipes.{recipe}")
     config_cls = PPOConfig if recipe == "ppo" else RewardEnsembleConfig
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")  # a reward folder the recipe's first check accepts
     script, args, model_args = parse(config_cls, {"output_dir": str(tmp_path), "use_cpu": True, "load_in_8bit": True,
                                                   "dataset_name": "shipped:sentiment", "dataset_config": "prompts"
                                                   if recipe == "ppo" else "preferences",
-                                                  **({"reward_model_path": str(tmp_path)} if recipe == "ppo" else {})})
+                                                  **({"reward_model_path": str(tmp_path / "rm")} if recipe == "ppo"
+                                                     else {})})
     with pytest.raises(ValueError, match=r"load_in_8bit.*not supported.*load_in_4bit: true"):
         module.main(script, args, model_args)
 
