@@ -198,9 +198,7 @@ def check_reward_model_path(path: str | None) -> None:
     reward config that has not run yet — the first run's usual mistake, named with the command that writes it —; a
     local path that does not exist (one no Hub id could be); a folder that holds no model. A name shaped like a Hub
     id is left to the Hub."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
+    from rlhf_ext.models import is_hub_id
     from rlhf_ext.reward.artifact import SPEC_FILE
 
     if not path:
@@ -227,10 +225,17 @@ def check_reward_model_path(path: str | None) -> None:
             f"reward_model_path {path!r} is not here (relative paths are read from {Path.cwd()}): it is what "
             f"`rlhf-ext reward --config {writers[0]}` writes. Train the reward model first, from this directory, or "
             f"set --reward_model_path to a reward model you have.")
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
+    if not is_hub_id(path):
         raise RecipeInputError(
             f"reward_model_path {path!r}: no such folder (relative paths are read from {Path.cwd()}, then beside the "
             f"config), and not a Hub id. Pass the output_dir of `rlhf-ext reward`, a folder trl.RewardTrainer saved, "
-            f"or a Hub id (namespace/name).") from None
+            f"or a Hub id (namespace/name).")
+
+
+def check_model_name(name: str | None) -> None:
+    """Refuse, before anything loads, a `model_name_or_path` that can name no model (`models.missing_model`)."""
+    from rlhf_ext.models import missing_model
+
+    missing = missing_model(name) if name else None
+    if missing:
+        raise RecipeInputError(f"model_name_or_path: {missing}")

@@ -10,11 +10,13 @@ Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.data import resolve_data_path
-from rlhf_ext.recipes import RecipeInputError, dataset_split, lora_config, model_loading, resume_argument, run
+from rlhf_ext.recipes import (RecipeInputError, check_model_name, dataset_split, lora_config, model_loading,
+                              resume_argument, run)
 
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
+    check_model_name(model_args.model_name_or_path)  # a path that is not there: named before anything loads
     train = dataset_split(script_args, script_args.dataset_train_split)
     try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
         test = dataset_split(script_args, script_args.dataset_test_split)

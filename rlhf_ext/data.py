@@ -50,16 +50,13 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
         )
     if path.suffix in (".jsonl", ".json") and path.is_file():
         return load_dataset("json", data_files=str(path), split="train", streaming=streaming)
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from .models import is_hub_id
 
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:  # './data', 'a/b/c': a path, and no Hub id could be it
+    if not is_hub_id(name_or_path):  # './data', 'a/b/c': a path, and no Hub id could be it
         raise FileNotFoundError(
             f"No dataset at {name_or_path!r}: no such folder or .jsonl file (relative paths are read from "
             f"{Path.cwd()}), and not a Hub id. Check the path, or pass a Hub id (namespace/name) or `shipped:sentiment`"
-            f" (the package's own).") from None
+            f" (the package's own).")
     try:
         return load_dataset(name_or_path, kind, split=split, streaming=streaming)
     except (ConnectionError, FileNotFoundError) as e:  # offline / unreachable Hub, or no such dataset anywhere

@@ -7,11 +7,11 @@ from pathlib import Path
 
 
 def looks_like_repo_id(name: str) -> bool:
-    from .models import _HUB_ID
+    """An `org/name` Hub id that is not also a local path."""
+    from .models import is_hub_id
 
     s = str(name)
-    return not Path(s).expanduser().exists() and "/" in s and s.count("/") == 1 and bool(_HUB_ID.match(s)) \
-        and not s.startswith((".", "/", "~"))
+    return not Path(s).expanduser().exists() and "/" in s and is_hub_id(s)
 
 
 def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str | None = None,

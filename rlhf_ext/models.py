@@ -117,19 +117,35 @@ def resolve_model_path(name_or_path: str) -> str:
     if str(name_or_path).endswith(".gguf"):
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+            raise FileNotFoundError(missing_model(path) or f"GGUF file {path} is not a file.")
         return str(convert_gguf(path, cache_dir() / "models" / path.stem))
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path)
-    name = str(name_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.match(name):
-        raise FileNotFoundError(
-            f"No model at {name!r}: not an existing folder, not a Hub id of the form 'org/name', and not the "
-            f"embedded default ({', '.join(EMBEDDED_MODELS)}). Check the path (relative paths are resolved from "
-            f"the current directory, {os.getcwd()})."
-        )
+    missing = missing_model(name_or_path)
+    if missing:
+        raise FileNotFoundError(missing)
     return str(name_or_path)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` could be a Hub repository id (`name` or `org/name`); a path with a folder could not."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and bool(_HUB_ID.match(name))
+
+
+def missing_model(name_or_path) -> str | None:
+    """Why `name_or_path` can name no model — not an existing path, the embedded default, a `.gguf` file or a Hub
+    id —, or None. Reads no weights and asks no server: the recipes call it before anything loads."""
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED_MODELS or Path(name).expanduser().exists():
+        return None
+    if name.endswith(".gguf"):
+        return f"GGUF file {name} does not exist."
+    if is_hub_id(name):
+        return None
+    return (f"No model at {name!r}: not an existing folder, not a Hub id of the form 'org/name', and not the "
+            f"embedded default ({', '.join(EMBEDDED_MODELS)}). Check the path (relative paths are resolved from "
+            f"the current directory, {os.getcwd()}).")
 
 
 def _dtype(dtype) -> torch.dtype | str:

@@ -671,3 +671,16 @@ def test_the_first_ppo_run_without_a_reward_model_exits_2_through_the_console_sc
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Train the reward model first" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "reward_modeling"])
+@pytest.mark.parametrize("model, says", [("./no/model", "No model at './no/model': not an existing folder"),
+                                         ("missing.gguf", "GGUF file missing.gguf does not exist")])
+def test_a_model_path_that_is_not_there_is_one_line(capsys, tmp_path, monkeypatch, recipe, model, says):
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    config = "ppo_smollm2_sentiment" if recipe == "ppo" else "reward_smollm2_sentiment"
+    err = _input_error(capsys, recipe, ["--config", config, "--use_cpu", "true", "--model_name_or_path", model]
+                       + (["--reward_model_path", "rm"] if recipe == "ppo" else []))
+    assert f"model_name_or_path: {says}" in err
