@@ -8,6 +8,7 @@ the adapter's own `adapter_layer_names` are the only reliable list.
 
 from __future__ import annotations
 
+import types
 import warnings
 from contextlib import contextmanager
 
@@ -140,19 +141,36 @@ def zero_dropout(model: nn.Module) -> nn.Module:
     attribute named like a dropout rate (Llama's `attention_dropout`, OPT's `dropout`, …) and config field is set to
     0. Training passes then compute exactly what eval-mode passes compute (checked at start-up by the PPO trainer),
     while staying in train mode so gradient checkpointing, which transformers gates on `training`, still works —
-    and recomputes the same function in the backward pass."""
+    and recomputes the same function in the backward pass.
+
+    A router with jitter (Mixtral's `jitter_noise`, Phi-3.5-MoE's `router_jitter_noise`, whose router also draws its
+    experts by Gumbel sampling in training) is held in eval mode instead: its rate can be more than noise (Phi-3.5-MoE
+    thresholds with it in eval too), but eval mode is what every other pass computes. Gradients still flow."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         for name, value in list(vars(m).items()):
             if "dropout" in name.lower() and isinstance(value, float) and value > 0:
                 setattr(m, name, 0.0)
+            if "jitter" in name.lower() and isinstance(value, float) and value > 0:
+                _hold_in_eval(m)
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "to_dict"):
             for name, value in cfg.to_dict().items():
                 if "dropout" in name.lower() and isinstance(value, float) and value > 0:
                     setattr(cfg, name, 0.0)
     return model
+
+
+def _eval_only(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def _hold_in_eval(module: nn.Module) -> None:
+    """`module` and its children in eval mode, whatever `model.train()` later asks (a method bound to the module:
+    a deep copy keeps it, bound to the copy)."""
+    module.train = types.MethodType(_eval_only, module)
+    module.train()
 
 
 def first_step_grad_params(model, adapters) -> dict[str, nn.Parameter]:

@@ -234,7 +234,46 @@ def load_model(
         warnings.warn(f"{name_or_path!r} was saved as a {saved_as[0]} (a reward model?), and is loaded here as a causal "
                       f"LM: its language-modelling head is not that checkpoint's. If it is your reward model, pass it in "
                       f"reward_funcs and the SFT model as the policy.", UserWarning, stacklevel=2)
+    if qc is not None and getattr(qc, "load_in_4bit", False):
+        quantize_linear_subclasses(model, qc)
     return keep_4bit_trainable(model) if qc is not None else model
+
+
+# nn.Linear subclasses whose forward is nn.Linear's own (x·Wᵀ + b), which transformers' 4-bit loading leaves full
+# precision: it converts modules whose type *is* nn.Linear. Falcon's every projection is a FalconLinear. (Routers that
+# subclass nn.Linear — Llama 4's, Phi-3.5-MoE's — compute more than a product, and are not listed.)
+PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
+def quantize_linear_subclasses(model, qc) -> int:
+    """Quantise, after a 4-bit load, the `PLAIN_LINEAR_SUBCLASSES` layers it left full precision, as it quantises an
+    nn.Linear (same quant type, double quantisation, compute and storage dtypes; `llm_int8_skip_modules` and the
+    model's own exceptions kept full precision). Returns how many layers it converted. Loading holds those layers at
+    full precision until here: on a GPU, the load's peak is theirs at the loading dtype."""
+    import bitsandbytes as bnb
+
+    skip = set(qc.llm_int8_skip_modules or []) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    storage = qc.bnb_4bit_quant_storage
+    storage = getattr(torch, storage) if isinstance(storage, str) else storage
+    converted = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child).__name__ not in PLAIN_LINEAR_SUBCLASSES or any(s in full.split(".") for s in skip):
+                continue
+            device = child.weight.device
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=qc.bnb_4bit_compute_dtype,
+                                      compress_statistics=qc.bnb_4bit_use_double_quant,
+                                      quant_type=qc.bnb_4bit_quant_type, quant_storage=storage, device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
+                                             quant_type=qc.bnb_4bit_quant_type,
+                                             compress_statistics=qc.bnb_4bit_use_double_quant, quant_storage=storage)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(device))  # the move quantises (bitsandbytes: on CPU as on a GPU)
+            converted += 1
+    return converted
 
 
 def pretrained_kwargs(args, quantization_config=None) -> dict:

@@ -148,6 +148,25 @@ ARCHITECTURES = {
     "falcon-h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(  # attention and Mamba 2 side by side in each layer
         head_dim=8, mamba_expand=2, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
         mamba_chunk_size=16)),
+    # more families, each through the same matrix
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict()),  # Phi-1/2: partial rotary, parallel attention and MLP, fc1/fc2
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict()),  # partial rotary, LayerNorm
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict()),  # Falcon-7B's layout: multi-query, fused q/k/v
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(rotary_dim=4)),  # rotary on part of each head, interleaved
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict()),  # ALiBi: no position embedding, a bias per head
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
+    # Command R: parallel attention and MLP, LayerNorm, logits scaled by `logit_scale` — 1 here, as OPT-350m's
+    # init_std: at the released 0.0625 a tiny random model's logits are ~1e-3 and one PPO iteration hardly moves them
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=1.0)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict()),  # embedding, residual and logit multipliers
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict()),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=8)),  # partial rotary, post-norms
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict()),  # LayerNorm without parameters
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

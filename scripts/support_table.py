@@ -27,7 +27,10 @@ FAMILY = {"llama3": "Llama 3", "qwen2.5": "Qwen2.5", "qwen3": "Qwen3", "qwen3-mo
           "gpt-oss": "gpt-oss (sinks, MoE)", "llama4": "Llama 4 (text)", "deepseek-v3": "DeepSeek-V3 (latent attention)",
           "qwen3.5": "Qwen3.5 (linear attention hybrid)", "qwen3.5-moe": "Qwen3.5-MoE (hybrid, experts)",
           "lfm2": "LFM2 (convolution hybrid)", "granite4": "Granite 4 (Mamba hybrid)",
-          "falcon-h1": "Falcon-H1 (attention ∥ Mamba)"}
+          "falcon-h1": "Falcon-H1 (attention ∥ Mamba)", "mixtral": "Mixtral (MoE)", "phi": "Phi-1 / Phi-2",
+          "stablelm": "StableLM", "falcon": "Falcon (multi-query)", "gptj": "GPT-J", "bloom": "BLOOM (ALiBi)",
+          "gemma": "Gemma", "cohere": "Command R (Cohere)", "granite": "Granite 3", "qwen2-moe": "Qwen2-MoE",
+          "olmoe": "OLMoE", "starcoder2": "StarCoder2", "glm4": "GLM-4", "olmo": "OLMo", "phimoe": "Phi-3.5-MoE"}
 
 # column -> (test function, extra parameter values that select the cell)
 COLUMNS = {
@@ -47,10 +50,11 @@ CHECKS = {
     "test_multimodal_gemma3_adapts_the_language_model_only":
         "Gemma 3 4B+ as `Gemma3ForConditionalGeneration` (vision tower + language model): the default LoRA sits on "
         "the language model only (the tower's `q_proj`/`v_proj` would get no gradient from text), and PPO trains.",
-    "test_moe_router_jitter_is_refused_at_start_up_and_switched_off_from_the_config":
-        "MoE router noise (Mixtral's `router_jitter_noise`) is refused by PPO's train-vs-eval start-up check; "
-        "`load_model(path, router_jitter_noise=0.0)` switches it off and PPO runs. Qwen3-MoE's router is "
-        "deterministic and needs nothing.",
+    "test_moe_router_jitter_is_held_in_eval_mode":
+        "A MoE router with jitter (Mixtral's `router_jitter_noise`; Phi-3.5-MoE's, whose router also samples its "
+        "experts in training) is held in eval mode, so a training pass computes what θ_old's and the guard's passes "
+        "do, and the adapters train (the start-up check used to refuse Mixtral's, asking to edit the config). "
+        "Qwen3-MoE's router is deterministic and needs nothing.",
     "test_encoder_decoder_is_refused_at_start_up":
         "An encoder-decoder model (T5) is refused at start-up, naming the architecture; use a decoder-only model.",
     "test_no_default_targets_is_refused_naming_the_architecture":

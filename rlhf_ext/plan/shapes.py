@@ -85,14 +85,14 @@ def counted_parameters(cfg: dict) -> dict:
     """Parameters of the causal LM that the config dict `cfg` describes, counted on a model built on the meta device
     (no memory, no download), split the way bitsandbytes' 4-bit loading treats them: `linear` = the weights of
     `nn.Linear` / `Conv1D` modules other than the output embedding (what `load_in_4bit` quantises, transformers'
-    rule); `experts` = the fused expert tensors (`rlhf_ext.models.fused_expert_parameters`), which bitsandbytes 0.50
+    rule, and Falcon's linears, which `models.load_model` quantises after it); `experts` = the fused expert tensors (`rlhf_ext.models.fused_expert_parameters`), which bitsandbytes 0.50
     leaves unquantised; `embeddings`; `lm_head` (0 when tied); `other` = everything else (norms, biases, routers,
     the experts, recurrent layers' convolutions and state parameters)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
     from transformers.pytorch_utils import Conv1D
 
-    from ..models import fused_expert_parameters
+    from ..models import PLAIN_LINEAR_SUBCLASSES, fused_expert_parameters
 
     decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # config.json writes inf as {"__float__": …}
     config = AutoConfig.for_model(**(decode(cfg) if decode else cfg)).get_text_config()
@@ -103,8 +103,8 @@ def counted_parameters(cfg: dict) -> dict:
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     tied = out is None or out.weight is model.get_input_embeddings().weight
     lm_head = 0 if tied else out.weight.numel()
-    linear = sum(m.weight.numel() for m in model.modules()
-                 if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and m is not out)
+    linear = sum(m.weight.numel() for m in model.modules() if m is not out and (
+        type(m) is torch.nn.Linear or isinstance(m, Conv1D) or type(m).__name__ in PLAIN_LINEAR_SUBCLASSES))
     total = sum(p.numel() for p in params.values())
     experts = sum(p.numel() for p in fused_expert_parameters(model))
     return {"embeddings": embeddings, "lm_head": lm_head, "linear": linear, "experts": experts,
