@@ -38,6 +38,7 @@ COLUMNS = {
     "reward K=2 adapters (+ prefix cache)": ("test_reward_ensemble_trains", {"mode": "adapters"}),
     "PPO, hard KL ≤ δ (oracle)": ("test_ppo_hard_kl", {}),
     "PPO in bf16, KL ≤ δ (oracle)": ("test_ppo_bf16_hard_kl", {}),
+    "gradient checkpointing (= plain run)": ("test_ppo_gradient_checkpointing_matches_plain_training", {}),
     "frozen-prefix cache": ("test_prefix_cache_exact", {}),
     "shared prompt prefix": ("test_shared_prompt_prefix_exact", {}),
     "PEFT reload (logits 1e-5)": ("test_policy_reloads_with_plain_peft", {}),

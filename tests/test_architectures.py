@@ -7,6 +7,7 @@ transformers' own config classes, no network) through the whole library —
   * PPO, default LoRA on the top layer, runs 2 iterations under the hard KL controller: the exact KL of each
     iteration's batch by the independent oracle (kl_oracle.py) is ≤ δ, and the policy did move — in fp32 and in bf16
     (bf16 weights, `bf16=True`);
+  * with gradient checkpointing (LoRA on every layer) PPO ends where the same run without it ends;
   * the frozen-prefix cache is on and exact (cached logits = full-forward logits) — or off with a reason;
   * with LoRA on every layer, the shared prompt prefix is on and exact (logits, values, log-probs, gradients);
   * the saved policy reloads with plain PEFT to the same logits (1e-5);
@@ -280,6 +281,34 @@ def test_ppo_bf16_hard_kl(arch, tmp_path, tok, folders):
     _check_kl(rows, 2, bf16=True)
     moved = [n for n, p in tr.model.named_parameters() if n in before and "lora_B" in n and not torch.equal(before[n], p)]
     assert moved and all(".1." in n for n in moved)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ppo_gradient_checkpointing_matches_plain_training(arch, tmp_path, tok, folders):
+    """`gradient_checkpointing=True` (as the 7B recipes set it), LoRA on every layer: one PPO iteration ends at the
+    parameters the same run reaches without checkpointing, and layer 0's adapter — whose gradient crosses every
+    checkpointed layer — trained."""
+    _xfail_known(arch, "checkpointing")
+
+    def run(checkpointing):
+        args = PPOConfig(str(tmp_path / f"ppo-{checkpointing}"), per_device_train_batch_size=4, max_steps=1,
+                         learning_rate=0.05, num_ppo_epochs=2, max_completion_length=6, kl_controller="fixed",
+                         use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=10**6, seed=0,
+                         monitor=False, gradient_checkpointing=checkpointing,
+                         share_prompt_prefix=False)  # the plain run takes the full pass, as checkpointing does
+        tr = PPOTrainer(load_model(folders(arch), "causal"), reward_funcs=positive(tok), args=args,
+                        train_dataset=prompt_data(), processing_class=tok)
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+        tr.train()
+        return before, {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+
+    before, after = run(True)
+    _, plain = run(False)
+    assert after.keys() == plain.keys()
+    for n in after:
+        assert torch.allclose(after[n], plain[n], atol=1e-5), (n, float((after[n] - plain[n]).abs().max()))
+    first = [n for n in after if "lora_B" in n and _layer_index(n.split("base_model.model.", 1)[-1]) == 0]
+    assert first and all(not torch.equal(after[n], before[n]) for n in first), first
 
 
 @pytest.mark.parametrize("arch", ARCHS)
