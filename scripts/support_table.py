@@ -57,6 +57,10 @@ CHECKS = {
         "experts in training) is held in eval mode, so a training pass computes what θ_old's and the guard's passes "
         "do, and the adapters train (the start-up check used to refuse Mixtral's, asking to edit the config). "
         "Qwen3-MoE's router is deterministic and needs nothing.",
+    "test_custom_code_runs_only_with_trust_remote_code":
+        "A checkpoint with its own modelling code (`auto_map`) is refused by both trainers unless "
+        "`trust_remote_code=True`, naming that option, and its code does not run; with it, PPO and the reward "
+        "trainer train on the checkpoint's own class.",
     "test_encoder_decoder_is_refused_at_start_up":
         "An encoder-decoder model (T5) is refused at start-up, naming the architecture; use a decoder-only model.",
     "test_no_default_targets_is_refused_naming_the_architecture":

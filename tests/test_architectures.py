@@ -407,6 +407,53 @@ def _check_plan_counts(arch, folder, tr):
 
 
 # ---------------------------------------------------------------------------------------------- refused at start-up
+def test_custom_code_runs_only_with_trust_remote_code(tmp_path, tok):
+    """A checkpoint with its own modelling code (`auto_map`, as InternLM / Baichuan-style repos ship): both trainers
+    refuse it by default with transformers' message naming `trust_remote_code=True`, and its code never runs (a marker
+    file it would write stays absent); with `trust_remote_code=True` it loads as its own class, and PPO and the reward
+    trainer train on it (default LoRA targets by the fallback: PEFT does not know the type)."""
+    import json
+
+    from rlhf_ext.testing import save_tiny_model
+
+    folder = tmp_path / "custom"
+    save_tiny_model(folder, tok)
+    marker = tmp_path / "custom_code_ran"
+    (folder / "modeling_custom.py").write_text(
+        "from pathlib import Path\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        f"Path({str(marker)!r}).touch()\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="custom_llama", architectures=["CustomForCausalLM"],
+               auto_map={k: f"modeling_custom.{v}" for k, v in (("AutoConfig", "CustomConfig"),
+                                                                 ("AutoModel", "CustomForCausalLM"),
+                                                                 ("AutoModelForCausalLM", "CustomForCausalLM"))})
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    def ppo(trust):
+        args = PPOConfig(str(tmp_path / f"ppo-{trust}"), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
+                         max_completion_length=4, num_ppo_epochs=1, save_strategy="no", disable_tqdm=True,
+                         monitor=False, trust_remote_code=trust)
+        return PPOTrainer(str(folder), reward_funcs=positive(tok), args=args, train_dataset=prompt_data())
+
+    def reward(trust):
+        args = RewardEnsembleConfig(str(tmp_path / f"rm-{trust}"), ensemble_size=2, max_steps=1, use_cpu=True,
+                                    per_device_train_batch_size=8, report_to="none", save_strategy="no",
+                                    disable_tqdm=True, normalization_samples=8, trust_remote_code=trust)
+        return RewardEnsembleTrainer(str(folder), args=args, train_dataset=Dataset.from_list(preference_rows(16, 0)))
+
+    for build in (ppo, reward):
+        with pytest.raises(ValueError, match=r"(?s)contains custom code.*trust_remote_code=True"):
+            build(False)
+    assert not marker.exists()
+    tr = ppo(True)
+    assert marker.exists() and type(tr.policy.peft.get_base_model()).__name__ == "CustomForCausalLM"
+    assert math.isfinite(tr.train()[0]["loss/policy"])
+    assert reward(True).train().training_loss > 0
+
+
 def test_encoder_decoder_is_refused_at_start_up(tmp_path, tok):
     from transformers import T5Config, T5ForConditionalGeneration
 
