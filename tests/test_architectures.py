@@ -13,7 +13,8 @@ transformers' own config classes, no network) through the whole library —
   * with LoRA on every layer, the shared prompt prefix is on and exact (logits, values, log-probs, gradients);
   * the saved policy reloads with plain PEFT to the same logits (1e-5);
   * 4-bit NF4 (bitsandbytes on the CPU) loads from a saved folder and trains one PPO iteration within δ; the memory
-    plan's parameter counts equal what that load quantised and left as it was (an MoE's fused experts).
+    plan's parameter counts equal what that load quantised and left as it was (an MoE's fused experts); and with
+    the 7B QLoRA recipes' settings together (bf16 compute, `bf16=True`, gradient checkpointing).
 
 Unsupported models are refused at start-up with a message naming the architecture and the fix.
 `python scripts/support_table.py` runs this file and prints the README's support table from the outcomes (each test
@@ -231,12 +232,12 @@ class _Oracle:
         return OracleCheck()
 
 
-def _ppo(tmp_path, tok, path, four_bit=False, iterations=2, bf16=False):
+def _ppo(tmp_path, tok, path, four_bit=False, iterations=2, bf16=False, checkpointing=False):
     oracle = _Oracle()
     args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=iterations, learning_rate=0.1,
                      num_ppo_epochs=4, max_completion_length=6, kl_controller="hard", kl_target=DELTA,
                      init_kl_coef=0.0, use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=10**6,
-                     seed=0, lora_top_layers=1, monitor=False, bf16=bf16)
+                     seed=0, lora_top_layers=1, monitor=False, bf16=bf16, gradient_checkpointing=checkpointing)
     model = load_model(path, "causal", load_in_4bit=four_bit, dtype="bfloat16" if bf16 else None)
     # peft_config=None: the trainer's default LoRA (r=16) on the architecture's default targets, top layer only
     with warnings.catch_warnings(record=True) as caught:
@@ -405,6 +406,26 @@ def test_4bit_ppo(arch, tmp_path, tok, folders, record_property):
     assert lora_b and not unmoved, unmoved
     if _check_plan_counts(arch, folders(arch, hidden), tr):
         record_property("note", "the linear layers; the fused experts stay full precision, bitsandbytes#1849")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_qlora_as_the_7b_recipes_set_it(arch, tmp_path, tok, folders):
+    """The 7B QLoRA recipes' settings together — NF4 base with bf16 compute, `bf16=True`, gradient checkpointing —:
+    PPO starts, one iteration stays within δ by the independent oracle under bf16 autocast, and the adapter on the
+    4-bit layers moves."""
+    import bitsandbytes as bnb
+
+    _xfail_known(arch, "qlora")
+    hidden = 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN
+    tr, rows, before = _ppo(tmp_path, tok, folders(arch, hidden), four_bit=True, iterations=1, bf16=True,
+                            checkpointing=True)
+    adapted = [m for n, m in tr.policy.peft.named_modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
+    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) and m.base_layer.compute_dtype == torch.bfloat16
+                           for m in adapted)
+    assert tr.policy.autocast and activation_checkpointing_on(tr.policy.peft.get_base_model())
+    _check_kl(rows, 1, bf16=True)
+    lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
+    assert lora_b and not [n for n, p in tr.model.named_parameters() if n in lora_b and torch.equal(before[n], p)]
 
 
 def _check_plan_counts(arch, folder, tr):
