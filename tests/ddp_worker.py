@@ -4,7 +4,7 @@ across the processes. Writes what each rank saw and the trained parameters, into
 
     python tests/ddp_worker.py OUT_DIR MODE[,MODE…] GLOBAL_BATCH [BASE_MODEL_DIR (reward)]
 
-MODE: ppo, reward, monitor or precision, run one after another in this process (a launch and the imports cost
+MODE: ppo, reward, monitor, precision, or ppo_gc / reward_gc (gradient checkpointing on), run one after another in this process (a launch and the imports cost
 ~10 s a process on 2 cores; the modes share neither data nor state, and each trainer seeds itself).
 `precision` (launched with --mixed_precision bf16): the policy untouched (lr 0) must read KL exactly 0, then the hard
 KL guard (lr 0.1) checked against the independent oracle on each rank's own batch; no parameters are saved.
@@ -22,6 +22,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer
+from rlhf_ext.models import activation_checkpointing_on
 from rlhf_ext.ppo.policy import PolicyAndValue
 from rlhf_ext.testing import tiny_tokenizer
 
@@ -132,7 +133,7 @@ def monitor(out: Path):
     return rank, world, info, None
 
 
-def ppo(out: Path):
+def ppo(out: Path, checkpointing: bool = False):
     # Greedy responses: the same tokens whichever process (and batch layout) generates them, so one process with
     # the whole batch and two processes with half each can be compared update for update.
     plain = PolicyAndValue.generation_kwargs  # restored below: the modes after this one sample
@@ -153,7 +154,8 @@ def ppo(out: Path):
                               for s in SUBJECTS]})  # 32 distinct prompts of one token length: no padding differences
     args = PPOConfig(str(out / "run"), per_device_train_batch_size=1, max_steps=3, learning_rate=3e-2,
                      max_completion_length=6, kl_controller="hard", kl_target=0.005, use_cpu=True, save_strategy="no",
-                     disable_tqdm=True, logging_steps=1000, seed=0, monitor=False)
+                     disable_tqdm=True, logging_steps=1000, seed=0, monitor=False,
+                     gradient_checkpointing=checkpointing)
     world = args.world_size
     args.per_device_train_batch_size = GLOBAL_BATCH // world
     tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=positive, args=args, train_dataset=data, processing_class=tok,
@@ -166,12 +168,13 @@ def ppo(out: Path):
     info = {"world": world, "first_batch": first, "kl_after": [h["kl/after_update"] for h in hist],
             "backtracks": sum(h["kl/backtracks"] + h["kl/restored"] for h in hist),
             "wrapped": type(tr.train_policy).__name__,
+            "checkpointing": activation_checkpointing_on(tr.policy.peft.get_base_model()),
             "logged": [[h["custom/positive"], h["custom/rank0_only"]] for h in hist]}
     PolicyAndValue.generation_kwargs = plain
     return rank, world, info, params
 
 
-def reward(out: Path):
+def reward(out: Path, checkpointing: bool = False):
     rows = []
     for i in range(64):
         s = SUBJECTS[i % 8]
@@ -180,7 +183,7 @@ def reward(out: Path):
     base = sys.argv[4]  # written once by the test: two ranks saving the same folder would race
     args = RewardEnsembleConfig(str(out / "rm"), per_device_train_batch_size=1, max_steps=6, learning_rate=1e-2,
                                 report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                                normalization_samples=8, logging_steps=100)
+                                normalization_samples=8, logging_steps=100, gradient_checkpointing=checkpointing)
     world = args.world_size
     args.per_device_train_batch_size = GLOBAL_BATCH // world
     tr = RewardEnsembleTrainer(base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -197,13 +200,16 @@ def reward(out: Path):
     ens = tr.accelerator.unwrap_model(tr.model)
     params = {n: p.detach().clone().contiguous() for n, p in ens.named_parameters() if p.requires_grad}
     rank = tr.accelerator.process_index
-    info = {"world": world, "pairs": seen, "wrapped": type(tr.model_wrapped).__name__}
+    info = {"world": world, "pairs": seen, "wrapped": type(tr.model_wrapped).__name__,
+            "checkpointing": ens.is_activation_checkpointing}
     return rank, world, info, params
 
 
 for mode in MODES:
     (OUT / mode).mkdir(parents=True, exist_ok=True)
-    rank, world, info, params = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward}[mode](OUT / mode)
+    run = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward,  # *_gc: with checkpointing
+           "ppo_gc": lambda out: ppo(out, True), "reward_gc": lambda out: reward(out, True)}[mode]
+    rank, world, info, params = run(OUT / mode)
     if params is not None:
         save_file(params, str(OUT / mode / f"params_w{world}_r{rank}.safetensors"))
     (OUT / mode / f"info_w{world}_r{rank}.json").write_text(json.dumps(info))

@@ -45,7 +45,7 @@ def runs(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp("ddp")
     base = save_tiny_model(out / "base", tok)  # written once here: two ranks saving the same folder would race
     _launch(out / "w1", ["reward", "ppo"], base, world=1)
-    _launch(out / "w2", ["reward", "ppo", "monitor"], base, world=2)
+    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc"], base, world=2)
     return out
 
 
@@ -81,6 +81,19 @@ def test_two_processes_equal_one_process_with_the_whole_batch(runs, mode):
         assert not set(ia["pairs"]) & set(ib["pairs"]) and sorted(ia["pairs"] + ib["pairs"]) == sorted(i1["pairs"])
     moved = max(float(v.abs().max()) for k, v in p1.items() if "lora_B" in k)
     assert moved > 1e-3
+    _close(pa, p1, 1e-4 * max(1.0, moved))
+
+
+@pytest.mark.parametrize("mode", ["ppo", "reward"])
+def test_gradient_checkpointing_under_ddp_equals_one_process(runs, mode):
+    """The 7B recipes' `gradient_checkpointing: true` under the 2-process launch (multi_gpu.yaml's path, gloo here):
+    each trainer ends where one process without checkpointing ends with the whole batch, the same on both ranks."""
+    (i1, p1), = _run(runs, mode, world=1)
+    (ia, pa), (ib, pb) = _run(runs, f"{mode}_gc", world=2)
+    assert ia["wrapped"] == "DistributedDataParallel" and ia["checkpointing"] and ib["checkpointing"]
+    assert not i1["checkpointing"]
+    _close(pa, pb, 0.0)
+    moved = max(float(v.abs().max()) for k, v in p1.items() if "lora_B" in k)
     _close(pa, p1, 1e-4 * max(1.0, moved))
 
 
