@@ -232,10 +232,24 @@ def check_reward_model_path(path: str | None) -> None:
             f"or a Hub id (namespace/name).")
 
 
-def check_model_name(name: str | None) -> None:
-    """Refuse, before anything loads, a `model_name_or_path` that can name no model (`models.missing_model`)."""
+def check_model_name(name: str | None, trust_remote_code: bool = False) -> None:
+    """Refuse, before anything loads, a `model_name_or_path` that can name no model (`models.missing_model`), or a
+    local checkpoint that ships its own modelling code (`auto_map`) while `trust_remote_code` is off."""
+    import json
+
     from rlhf_ext.models import missing_model
 
     missing = missing_model(name) if name else None
     if missing:
         raise RecipeInputError(f"model_name_or_path: {missing}")
+    config = Path(name).expanduser() / "config.json" if name else None
+    if config is not None and config.is_file() and not trust_remote_code:
+        try:
+            auto_map = json.loads(config.read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            auto_map = None
+        if auto_map:
+            raise RecipeInputError(
+                f"model_name_or_path {name!r} ships its own modelling code (auto_map in config.json: "
+                f"{', '.join(sorted(set(str(v) for v in auto_map.values())))}), which runs only with "
+                f"--trust_remote_code true. Read that code first; it runs with your permissions.")

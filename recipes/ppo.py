@@ -18,7 +18,7 @@ def main(script_args, training_args, model_args, config_file=None):
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
     check_reward_model_path(training_args.reward_model_path)  # before anything loads: the first run's usual mistake
-    check_model_name(model_args.model_name_or_path)  # a path that is not there: named before anything loads
+    check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)  # named before anything loads
     train = dataset_split(script_args, script_args.dataset_train_split)
     evaluation = None  # as TRL's recipes: the test split, sampled on eval_strategy's cadence (eval_* metrics)
     if training_args.eval_strategy != "no":

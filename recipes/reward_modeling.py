@@ -16,7 +16,7 @@ from rlhf_ext.recipes import (RecipeInputError, check_model_name, dataset_split,
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
-    check_model_name(model_args.model_name_or_path)  # a path that is not there: named before anything loads
+    check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)  # named before anything loads
     train = dataset_split(script_args, script_args.dataset_train_split)
     try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
         test = dataset_split(script_args, script_args.dataset_test_split)

@@ -684,3 +684,23 @@ def test_a_model_path_that_is_not_there_is_one_line(capsys, tmp_path, monkeypatc
     err = _input_error(capsys, recipe, ["--config", config, "--use_cpu", "true", "--model_name_or_path", model]
                        + (["--reward_model_path", "rm"] if recipe == "ppo" else []))
     assert f"model_name_or_path: {says}" in err
+
+
+def test_a_checkpoint_with_its_own_code_needs_trust_remote_code_in_the_recipes(capsys, tmp_path, monkeypatch):
+    """transformers refuses it too, as a traceback from deep in the trainer; the recipe says it in one line first."""
+    import json
+
+    from rlhf_ext.recipes import RecipeInputError, check_model_name
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {
+        "AutoConfig": "modeling_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    monkeypatch.chdir(tmp_path)
+    err = _input_error(capsys, "reward_modeling", ["--config", "reward_smollm2_sentiment", "--use_cpu", "true",
+                                                   "--model_name_or_path", "custom"])
+    assert "ships its own modelling code (auto_map in config.json: modeling_custom.CustomConfig, " in err
+    assert "--trust_remote_code true" in err
+    check_model_name("custom", trust_remote_code=True)  # trusted: nothing to say
+    with pytest.raises(RecipeInputError):
+        check_model_name("custom")
