@@ -266,7 +266,7 @@ def quantize_linear_subclasses(model, qc) -> int:
                                       compute_dtype=qc.bnb_4bit_compute_dtype,
                                       compress_statistics=qc.bnb_4bit_use_double_quant,
                                       quant_type=qc.bnb_4bit_quant_type, quant_storage=storage, device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
                                              quant_type=qc.bnb_4bit_quant_type,
                                              compress_statistics=qc.bnb_4bit_use_double_quant, quant_storage=storage)
             if child.bias is not None:

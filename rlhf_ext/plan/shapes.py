@@ -85,9 +85,10 @@ def counted_parameters(cfg: dict) -> dict:
     """Parameters of the causal LM that the config dict `cfg` describes, counted on a model built on the meta device
     (no memory, no download), split the way bitsandbytes' 4-bit loading treats them: `linear` = the weights of
     `nn.Linear` / `Conv1D` modules other than the output embedding (what `load_in_4bit` quantises, transformers'
-    rule, and Falcon's linears, which `models.load_model` quantises after it); `experts` = the fused expert tensors (`rlhf_ext.models.fused_expert_parameters`), which bitsandbytes 0.50
-    leaves unquantised; `embeddings`; `lm_head` (0 when tied); `other` = everything else (norms, biases, routers,
-    the experts, recurrent layers' convolutions and state parameters)."""
+    rule, and Falcon's linears, which `models.load_model` quantises after it); `experts` = the fused expert tensors
+    (`rlhf_ext.models.fused_expert_parameters`), which bitsandbytes 0.50 leaves unquantised; `embeddings`; `lm_head`
+    (0 when tied); `other` = everything else (norms, biases, routers, the experts, recurrent layers' convolutions and
+    state parameters)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
     from transformers.pytorch_utils import Conv1D
