@@ -2,9 +2,10 @@
 processes (recipes/accelerate_configs/cpu_2proc.yaml): PPO or reward training on the same global batch, split
 across the processes. Writes what each rank saw and the trained parameters, into OUT_DIR/<mode>/.
 
-    python tests/ddp_worker.py OUT_DIR MODE[,MODE…] GLOBAL_BATCH [BASE_MODEL_DIR (reward)]
+    python tests/ddp_worker.py OUT_DIR MODE[,MODE…] GLOBAL_BATCH [BASE_MODEL_DIR (reward)] [4-BIT BASE DIR (ppo_4bit)]
 
-MODE: ppo, reward, monitor, precision, or ppo_gc / reward_gc (gradient checkpointing on), run one after another in this process (a launch and the imports cost
+MODE: ppo, reward, monitor, precision, ppo_gc / reward_gc (gradient checkpointing on) or ppo_4bit (an NF4 base), run
+one after another in this process (a launch and the imports cost
 ~10 s a process on 2 cores; the modes share neither data nor state, and each trainer seeds itself).
 `precision` (launched with --mixed_precision bf16): the policy untouched (lr 0) must read KL exactly 0, then the hard
 KL guard (lr 0.1) checked against the independent oracle on each rank's own batch; no parameters are saved.
@@ -133,7 +134,7 @@ def monitor(out: Path):
     return rank, world, info, None
 
 
-def ppo(out: Path, checkpointing: bool = False):
+def ppo(out: Path, checkpointing: bool = False, four_bit: bool = False):
     # Greedy responses: the same tokens whichever process (and batch layout) generates them, so one process with
     # the whole batch and two processes with half each can be compared update for update.
     plain = PolicyAndValue.generation_kwargs  # restored below: the modes after this one sample
@@ -158,7 +159,13 @@ def ppo(out: Path, checkpointing: bool = False):
                      gradient_checkpointing=checkpointing)
     world = args.world_size
     args.per_device_train_batch_size = GLOBAL_BATCH // world
-    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=positive, args=args, train_dataset=data, processing_class=tok,
+    if four_bit:  # an NF4 base from a saved folder, each rank quantising its own copy (64 wide: bitsandbytes' block)
+        from rlhf_ext.models import load_model
+
+        model = load_model(sys.argv[5], "causal", load_in_4bit=True)
+    else:
+        model = tiny_causal_lm(tok)
+    tr = PPOTrainer(model, reward_funcs=positive, args=args, train_dataset=data, processing_class=tok,
                     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     first = [p for p, _ in tr._next_prompts()]
     tr.data_pos = 0
@@ -208,7 +215,8 @@ def reward(out: Path, checkpointing: bool = False):
 for mode in MODES:
     (OUT / mode).mkdir(parents=True, exist_ok=True)
     run = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward,  # *_gc: with checkpointing
-           "ppo_gc": lambda out: ppo(out, True), "reward_gc": lambda out: reward(out, True)}[mode]
+           "ppo_gc": lambda out: ppo(out, True), "reward_gc": lambda out: reward(out, True),
+           "ppo_4bit": lambda out: ppo(out, four_bit=True)}[mode]
     rank, world, info, params = run(OUT / mode)
     if params is not None:
         save_file(params, str(OUT / mode / f"params_w{world}_r{rank}.safetensors"))

@@ -44,8 +44,9 @@ def runs(tmp_path_factory, tok):
 
     out = tmp_path_factory.mktemp("ddp")
     base = save_tiny_model(out / "base", tok)  # written once here: two ranks saving the same folder would race
-    _launch(out / "w1", ["reward", "ppo"], base, world=1)
-    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc"], base, world=2)
+    wide = save_tiny_model(out / "base64", tok, hidden_size=64)  # the 4-bit runs' (bitsandbytes' CPU block)
+    _launch(out / "w1", ["reward", "ppo", "ppo_4bit"], base, wide, world=1)
+    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit"], base, wide, world=2)
     return out
 
 
@@ -94,6 +95,21 @@ def test_gradient_checkpointing_under_ddp_equals_one_process(runs, mode):
     assert not i1["checkpointing"]
     _close(pa, pb, 0.0)
     moved = max(float(v.abs().max()) for k, v in p1.items() if "lora_B" in k)
+    _close(pa, p1, 1e-4 * max(1.0, moved))
+
+
+def test_a_4bit_base_under_ddp_equals_one_process(runs):
+    """QLoRA under the 2-process launch (each rank quantises and holds its own NF4 base; only the adapters are in
+    DDP): disjoint halves of the batch, the same adapters on both ranks, KL ≤ δ, and one 4-bit process's result with
+    the whole batch."""
+    (i1, p1), = _run(runs, "ppo_4bit", world=1)
+    (ia, pa), (ib, pb) = _run(runs, "ppo_4bit", world=2)
+    assert ia["wrapped"] == "DistributedDataParallel"
+    assert sorted(ia["first_batch"] + ib["first_batch"]) == sorted(i1["first_batch"])
+    assert ia["kl_after"] == ib["kl_after"] and all(k <= 0.005 + 1e-6 for k in ia["kl_after"])
+    _close(pa, pb, 0.0)
+    moved = max(float(v.abs().max()) for k, v in p1.items() if "lora_B" in k)
+    assert moved > 1e-3
     _close(pa, p1, 1e-4 * max(1.0, moved))
 
 
