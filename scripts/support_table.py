@@ -44,7 +44,8 @@ COLUMNS = {
     "shared prompt prefix": ("test_shared_prompt_prefix_exact", {}),
     "PEFT reload (logits 1e-5)": ("test_policy_reloads_with_plain_peft", {}),
     "4-bit NF4 (CPU)": ("test_4bit_ppo", {}),
-    "QLoRA as the 7B recipes (4-bit, bf16, checkpointing)": ("test_qlora_as_the_7b_recipes_set_it", {}),
+    "reward, QLoRA as the 7B recipe (4-bit, bf16, checkpointing)": ("test_reward_qlora_as_the_7b_recipe_sets_it", {}),
+    "PPO, QLoRA as the 7B recipe (4-bit, bf16, checkpointing)": ("test_qlora_as_the_7b_recipes_set_it", {}),
 }
 # a pass means "on, and exact" — or, where the test recorded "off (reason)", off for that reason, which it checked
 EXACTNESS_COLUMNS = {"frozen-prefix cache": "prefix_cache", "shared prompt prefix": "shared_prefix"}

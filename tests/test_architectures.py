@@ -212,6 +212,34 @@ def test_reward_gradient_checkpointing_matches_plain_training(arch, tmp_path, to
     assert len(first) >= 2 and all(not torch.equal(after[n], before[n]) for n in first), first
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reward_qlora_as_the_7b_recipe_sets_it(arch, tmp_path, tok, folders):
+    """The 7B reward recipe's settings together — NF4 base with bf16 compute, `bf16=True`, gradient checkpointing —,
+    K=2 adapters: the loss is finite and every LoRA-B and head moves."""
+    import bitsandbytes as bnb
+
+    _xfail_known(arch, "reward_qlora")
+    hidden = 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", max_steps=1,
+                                per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
+                                save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
+                                normalization_samples=8, bf16=True, gradient_checkpointing=True, seed=0)
+    tr = RewardEnsembleTrainer(load_model(folders(arch, hidden), "causal", load_in_4bit=True, dtype="bfloat16"),
+                               args=args, train_dataset=Dataset.from_list(preference_rows(16, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    adapted = [m for m in tr.model.modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
+    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) and m.base_layer.compute_dtype == torch.bfloat16
+                           for m in adapted)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    tr.train()
+    assert tr.model.is_activation_checkpointing
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(v) for v in losses)
+    after = dict(tr.model.named_parameters())
+    unmoved = [n for n in before if ("lora_B" in n or n.startswith("heads.")) and torch.equal(before[n], after[n])]
+    assert not unmoved, unmoved
+
+
 # ------------------------------------------------------------------------------------------------------------ PPO
 class _Oracle:
     def __init__(self):
