@@ -199,14 +199,14 @@ def check_reward_model_path(path: str | None) -> None:
     local path that does not exist (one no Hub id could be); a folder that holds no model. A name shaped like a Hub
     id is left to the Hub."""
     from rlhf_ext.models import is_hub_id
-    from rlhf_ext.reward.artifact import SPEC_FILE
+    from rlhf_ext.reward.artifact import SPEC_FILE, is_reward_artifact
 
     if not path:
         raise RecipeInputError("Set reward_model_path to a reward-model artifact (the output_dir of `rlhf-ext "
                                "reward`) or a sequence-classification reward model (Hub id or folder).")
     local = Path(path).expanduser()
     if local.is_dir():
-        if not any((local / f).is_file() for f in (SPEC_FILE, "config.json")):  # what PPOTrainer can load
+        if not (is_reward_artifact(local) or (local / "config.json").is_file()):  # what PPOTrainer can load
             raise RecipeInputError(
                 f"reward_model_path {path!r} is a folder but holds no reward model (no {SPEC_FILE} or config.json). "
                 f"Pass the output_dir of `rlhf-ext reward`, or the folder trl.RewardTrainer / save_pretrained() "

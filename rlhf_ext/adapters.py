@@ -149,11 +149,12 @@ def zero_dropout(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-        for name, value in list(vars(m).items()):
-            if "dropout" in name.lower() and isinstance(value, float) and value > 0:
+        rates = [(name, value) for name, value in vars(m).items() if isinstance(value, float) and value > 0]
+        for name, _ in rates:
+            if "dropout" in name.lower():
                 setattr(m, name, 0.0)
-            if "jitter" in name.lower() and isinstance(value, float) and value > 0:
-                _hold_in_eval(m)
+        if any("jitter" in name.lower() for name, _ in rates):
+            _hold_in_eval(m)
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "to_dict"):
             for name, value in cfg.to_dict().items():

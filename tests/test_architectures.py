@@ -143,6 +143,17 @@ def _layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _four_bit_folder(arch, folders):
+    """The saved tiny model a 4-bit test loads: every quantised linear ≥ 64 inputs (bitsandbytes' CPU block;
+    OPT-350m's project_in reads hidden / 2)."""
+    return folders(arch, 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN)
+
+
+def _adapted_base_layers(model) -> list:
+    """The base layer of every LoRA-adapted module of `model`."""
+    return [m.base_layer for m in model.modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
+
+
 # ------------------------------------------------------------------------------------------------ reward models
 def _reward_trainer(tmp_path, tok, arch, mode, top, **config):
     args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode=mode, max_steps=2,
@@ -219,17 +230,16 @@ def test_reward_qlora_as_the_7b_recipe_sets_it(arch, tmp_path, tok, folders):
     import bitsandbytes as bnb
 
     _xfail_known(arch, "reward_qlora")
-    hidden = 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN
     args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", max_steps=1,
                                 per_device_train_batch_size=8, learning_rate=1e-2, report_to="none",
                                 save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1,
                                 normalization_samples=8, bf16=True, gradient_checkpointing=True, seed=0)
-    tr = RewardEnsembleTrainer(load_model(folders(arch, hidden), "causal", load_in_4bit=True, dtype="bfloat16"),
+    tr = RewardEnsembleTrainer(load_model(_four_bit_folder(arch, folders), "causal", load_in_4bit=True,
+                                          dtype="bfloat16"),
                                args=args, train_dataset=Dataset.from_list(preference_rows(16, 0)),
                                processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
-    adapted = [m for m in tr.model.modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
-    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) and m.base_layer.compute_dtype == torch.bfloat16
-                           for m in adapted)
+    bases = _adapted_base_layers(tr.model)
+    assert bases and all(isinstance(b, bnb.nn.Linear4bit) and b.compute_dtype == torch.bfloat16 for b in bases)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
     tr.train()
     assert tr.model.is_activation_checkpointing
@@ -423,16 +433,14 @@ def test_4bit_ppo(arch, tmp_path, tok, folders, record_property):
     import bitsandbytes as bnb
 
     _xfail_known(arch, "4bit")
-    # every quantised linear ≥ 64 inputs (bitsandbytes' CPU block; OPT-350m's project_in reads hidden / 2)
-    hidden = 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN
-    tr, rows, before = _ppo(tmp_path, tok, folders(arch, hidden), four_bit=True, iterations=1)
-    adapted = [m for n, m in tr.policy.peft.named_modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
-    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in adapted)
+    tr, rows, before = _ppo(tmp_path, tok, _four_bit_folder(arch, folders), four_bit=True, iterations=1)
+    bases = _adapted_base_layers(tr.policy.peft)
+    assert bases and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)
     _check_kl(rows, 1)
     lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
     unmoved = [n for n, p in tr.model.named_parameters() if n in lora_b and torch.equal(before[n], p)]
     assert lora_b and not unmoved, unmoved
-    if _check_plan_counts(arch, folders(arch, hidden), tr):
+    if _check_plan_counts(arch, _four_bit_folder(arch, folders), tr):
         record_property("note", "the linear layers; the fused experts stay full precision, bitsandbytes#1849")
 
 
@@ -444,12 +452,10 @@ def test_qlora_as_the_7b_recipes_set_it(arch, tmp_path, tok, folders):
     import bitsandbytes as bnb
 
     _xfail_known(arch, "qlora")
-    hidden = 2 * FOUR_BIT_HIDDEN if arch == "opt-350m" else FOUR_BIT_HIDDEN
-    tr, rows, before = _ppo(tmp_path, tok, folders(arch, hidden), four_bit=True, iterations=1, bf16=True,
+    tr, rows, before = _ppo(tmp_path, tok, _four_bit_folder(arch, folders), four_bit=True, iterations=1, bf16=True,
                             checkpointing=True)
-    adapted = [m for n, m in tr.policy.peft.named_modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
-    assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) and m.base_layer.compute_dtype == torch.bfloat16
-                           for m in adapted)
+    bases = _adapted_base_layers(tr.policy.peft)
+    assert bases and all(isinstance(b, bnb.nn.Linear4bit) and b.compute_dtype == torch.bfloat16 for b in bases)
     assert tr.policy.autocast and activation_checkpointing_on(tr.policy.peft.get_base_model())
     _check_kl(rows, 1, bf16=True)
     lora_b = [n for n in before if "lora_B" in n and ".policy" in n]
