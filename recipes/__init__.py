@@ -53,11 +53,7 @@ def model_loading(model_args, training_args):
     trainer as `quantization_config`. `load_in_8bit` is refused rather than ignored."""
     from rlhf_ext.models import quantization_config
 
-    if model_args.load_in_8bit:
-        raise ValueError(
-            "load_in_8bit: rlhf_ext shares one frozen base between policy, reference, critic and reward members, in "
-            "full precision or in 4-bit (bitsandbytes' 8-bit layers are not supported). Set `load_in_4bit: true` "
-            "(QLoRA) instead, or neither.")
+    _refuse_8bit(model_args)
     init = {"dtype": model_args.dtype} if model_args.dtype is not None else {}  # "auto": the checkpoint's own dtype
     if model_args.model_revision not in (None, "main"):
         init["revision"] = model_args.model_revision
@@ -67,6 +63,14 @@ def model_loading(model_args, training_args):
     return quantization_config(model_args.load_in_4bit, model_args.dtype, quant_type=model_args.bnb_4bit_quant_type,
                                double_quant=model_args.use_bnb_nested_quant,
                                quant_storage=model_args.bnb_4bit_quant_storage)
+
+
+def _refuse_8bit(model_args) -> None:
+    if model_args.load_in_8bit:
+        raise ValueError(
+            "load_in_8bit: rlhf_ext shares one frozen base between policy, reference, critic and reward members, in "
+            "full precision or in 4-bit (bitsandbytes' 8-bit layers are not supported). Set `load_in_4bit: true` "
+            "(QLoRA) instead, or neither.")
 
 
 def resume_argument(training_args):
@@ -88,6 +92,12 @@ def parse_arguments(config_cls, argv: list[str] | None = None):
     from trl import ModelConfig, ScriptArguments, TrlParser
 
     parser = TrlParser((ScriptArguments, config_cls, ModelConfig))
+    parser.epilog = ("--config FILE: the settings as YAML (`field: value` lines; the options above override them). "
+                     "A shipped config by name works from any directory: "
+                     + ", ".join(sorted(p.stem for p in (HERE / "configs").glob("*.yaml"))) + ".")
+    for action in parser._actions:  # an optional bool (`bf16`, `gradient_checkpointing`) as a bare flag too, as a bool
+        if action.nargs is None and getattr(action.type, "__name__", "") == "string_to_bool":
+            action.nargs, action.const = "?", True
     argv = list(sys.argv[1:] if argv is None else argv)
 
     def fail(message: str):
@@ -110,6 +120,7 @@ def parse_arguments(config_cls, argv: list[str] | None = None):
     _check_fields(parser, config_cls, [k for k in settings if k != "env"], argv, config_file, fail)
     try:
         parsed = parser.parse_args_and_config(argv)
+        _refuse_8bit(parsed[2])
     except (ValueError, TypeError) as e:  # the configs' own checks: each message says what to change
         fail(str(e))
     return (*parsed, config_file)

@@ -192,6 +192,10 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue PPO from the newest complete checkpoint in "
                     "OUTPUT_DIR/ppo (a killed demo picks up where it stopped; a finished one is evaluated again) and "
                     "reuse the reward model if it is there; same options as the run that wrote it")
+    for action in ap._actions:  # every default in --help (the README's output paths follow --output-dir's)
+        if action.option_strings and not any(action.default is x for x in (None, False, argparse.SUPPRESS)) \
+                and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
     args = ap.parse_args(argv)
     args.reuse_reward = args.reuse_reward or args.resume
     for flag in ("eval_prompts", "eval_samples", "iterations", "batch_size"):

@@ -42,3 +42,89 @@ def download(repo_id: str, revision: str | None = None, token: str | None = None
     except Exception as e:  # noqa: BLE001 — offline, missing repo, auth: say which and how
         raise OSError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
                       f"network access, pass the local folder the artifact was saved to.") from e
+
+
+# What `Trainer.push_to_hub(**kwargs)` passes on to the model card (transformers' `create_model_card` and TRL's):
+# the card's metadata, nothing else.
+CARD_FIELDS = ("model_name", "tags", "dataset_name", "dataset", "dataset_tags", "license", "language",
+               "finetuned_from")
+
+
+def card_metadata(kwargs: dict, caller: str) -> dict:
+    """The model-card fields of `push_to_hub(**kwargs)`, validated: an unknown keyword is a TypeError naming the
+    ones that are used (transformers' `create_model_card` refuses them too; silently dropping one would upload a
+    card without what the user asked for)."""
+    unknown = sorted(set(kwargs) - set(CARD_FIELDS))
+    if unknown:
+        raise TypeError(f"{caller}.push_to_hub() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                        f"the model-card fields it takes are {', '.join(CARD_FIELDS)}.")
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _as_list(v) -> list[str]:
+    return [v] if isinstance(v, str) else list(v)
+
+
+def with_card_metadata(card: str, meta: dict) -> str:
+    """`card` (YAML front matter, then a `# title`) with `meta` merged in: extra tags after the card's own,
+    `datasets`, `license`, `language`, `base_model` (finetuned_from) and `model_name` as the title."""
+    if not meta:
+        return card
+    head, sep, body = card.removeprefix("---\n").partition("\n---\n")
+    if not sep:
+        head, body = "", card
+    lines = head.splitlines()
+    fields = {line.split(":", 1)[0]: i for i, line in enumerate(lines) if ":" in line}
+
+    def put(key, value):
+        if key in fields:
+            lines[fields[key]] = f"{key}: {value}"
+        else:
+            fields[key] = len(lines)
+            lines.append(f"{key}: {value}")
+
+    extra = [*_as_list(meta.get("tags", [])), *_as_list(meta.get("dataset_tags", []))]
+    if extra:
+        own = [t.strip() for t in lines[fields["tags"]].split(":", 1)[1].strip(" []").split(",")
+               if t.strip()] if "tags" in fields else []
+        put("tags", f"[{', '.join(dict.fromkeys(own + extra))}]")
+    datasets = [*_as_list(meta.get("dataset_name", [])), *_as_list(meta.get("dataset", []))]
+    if datasets:
+        put("datasets", f"[{', '.join(dict.fromkeys(datasets))}]")
+    for key in ("license", "language"):
+        if key in meta:
+            put(key, meta[key] if isinstance(meta[key], str) else f"[{', '.join(meta[key])}]")
+    if "finetuned_from" in meta:
+        put("base_model", meta["finetuned_from"])
+    if "model_name" in meta:
+        body_lines = body.splitlines()
+        at = next((i for i, line in enumerate(body_lines) if line.startswith("# ")), None)
+        if at is None:
+            body_lines[:0] = [f"# {meta['model_name']}", ""]
+        else:
+            body_lines[at] = f"# {meta['model_name']}"
+        body = "\n".join(body_lines) + ("\n" if body.endswith("\n") else "")
+    return "---\n" + "\n".join(lines) + "\n---\n" + body
+
+
+def push_checkpoint(args, path, repo_id: str, push_model, label: str) -> None:
+    """A checkpoint reaching the Hub, as transformers' `hub_strategy` says: "every_save" (the default) uploads the
+    model as it is at this checkpoint (`push_model(commit_message=...)`, the trainer's own `push_to_hub`);
+    "checkpoint" also uploads the checkpoint folder as `last-checkpoint/` (resume from it), "all_checkpoints" every
+    checkpoint folder under its own name; "end" nothing (the final `save_model` / `push_to_hub` does). A failed upload
+    is a warning, never the end of a long run: the checkpoint is on disk."""
+    import warnings
+
+    strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+    if strategy == "end":
+        return
+    message = f"Training in progress, {label}"
+    try:
+        push_model(commit_message=message)
+        if strategy in ("checkpoint", "all_checkpoints"):
+            push_folder(path, repo_id, private=args.hub_private_repo, token=args.hub_token,
+                        commit_message=message + " (checkpoint)",
+                        path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(path).name)
+    except Exception as e:  # noqa: BLE001 — any network or Hub error
+        warnings.warn(f"Uploading {label} to the Hub failed ({type(e).__name__}: {e}); training goes on, and {path} "
+                      f"holds the checkpoint.", UserWarning, stacklevel=3)

@@ -77,6 +77,51 @@ def test_reward_ensemble_round_trips_through_the_hub(tmp_path, tiny_path, tok, f
         load_reward_model("someone/missing")
 
 
+def test_reward_push_to_hub_in_the_config_uploads_as_trainer_does(tmp_path, tiny_path, tok, fake_hub, monkeypatch):
+    """`push_to_hub=True`: at each checkpoint the artifact goes up (before: transformers' file names were copied —
+    no heads, no adapters, a pickled training_args.bin and TRL's generic card: a repo that did not load), and
+    `save_model()` uploads as `Trainer.save_model` does. Each checkpoint carries the normalisation of its own
+    weights (before: the first checkpoint's, for every later one). `push_to_hub(tags=..., dataset_name=...)` puts
+    them in the card; a keyword it does not take is refused."""
+    import json
+
+    import huggingface_hub
+
+    commits, real = [], huggingface_hub.HfApi.upload_folder
+
+    def counting(self, repo_id, folder_path, **kw):
+        commits.append(kw.get("commit_message"))
+        return real(self, repo_id, folder_path, **kw)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", counting)
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", max_steps=2,
+                                per_device_train_batch_size=8, report_to="none", save_strategy="steps", save_steps=1,
+                                use_cpu=True, disable_tqdm=True, normalization_samples=16, learning_rate=0.05,
+                                push_to_hub=True, hub_model_id="someone/rm-live")
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(32, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    tr.train()
+    assert commits == ["Training in progress, step 1", "Training in progress, step 2"]
+    staged = fake_hub / "someone" / "rm-live"
+    assert {"rlhf_ext_reward.json", "heads.safetensors", "manifest.json"} <= {p.name for p in staged.iterdir()}
+    assert not list(staged.rglob("*.bin")) and "library_name: rlhf_ext" in (staged / "README.md").read_text()
+    norm = [json.loads((tmp_path / "rm" / f"checkpoint-{i}" / "rlhf_ext_reward.json").read_text())["normalization"]
+            for i in (1, 2)]
+    assert norm[0]["mean"] != norm[1]["mean"]
+    assert norm[1]["mean"] == pytest.approx(tr.normalization["mean"], abs=1e-6)  # recomputed after train(): same weights
+    rows = Dataset.from_list(preference_rows(4, 7))
+    want = load_reward_model(tmp_path / "rm" / "checkpoint-2").score_texts(rows["prompt"], rows["chosen"])
+    assert torch.allclose(load_reward_model("someone/rm-live").score_texts(rows["prompt"], rows["chosen"]), want)
+    tr.save_model(str(tmp_path / "final"))
+    assert commits[-1] == "Model save"
+    tr.push_to_hub(repo_id="someone/rm-card", tags=["extra-tag"], dataset_name="me/prefs", license="apache-2.0")
+    front = (fake_hub / "someone" / "rm-card" / "README.md").read_text().split("---")[1]
+    assert "extra-tag" in front and "reward-model" in front and "datasets: [me/prefs]" in front
+    assert "license: apache-2.0" in front
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'datset_name'.*dataset_name"):
+        tr.push_to_hub(datset_name="me/prefs")
+
+
 def test_policy_round_trips_through_the_hub_with_a_model_card(tmp_path, tok, tiny_path, fake_hub):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -102,6 +147,13 @@ def test_policy_round_trips_through_the_hub_with_a_model_card(tmp_path, tok, tin
     assert torch.allclose(want, got, atol=1e-5) and torch.allclose(want, got2, atol=1e-5)
     tr.push_to_hub(repo_id="someone/policy-critic", critic=True)
     assert (fake_hub / "someone" / "policy-critic" / "critic" / "value_head.safetensors").is_file()
+    # the model card's keywords, as Trainer.push_to_hub takes them (they were dropped silently)
+    tr.push_to_hub(repo_id="someone/policy-card", tags=["my-tag"], dataset_name="me/prompts", model_name="My policy")
+    card = (fake_hub / "someone" / "policy-card" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "my-tag" in front and "ppo" in front and "datasets: [me/prompts]" in front and "\n# My policy\n" in card
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'tag'"):
+        tr.push_to_hub(repo_id="someone/policy-card", tag="x")
 
 
 def test_ppo_recognises_the_reward_models_base_however_named(tmp_path, tiny_path, tok, monkeypatch):

@@ -28,7 +28,8 @@ def run(*args, timeout=180):
     (("plugins",), 0, "kl_controller"),
     (("plan", "--model", "gpt2", "--batch", "8"), 0, "GiB"),
     (("convert", "--help"), 0, "usage: rlhf-ext convert"),
-    (("demo", "--help"), 0, "--iterations"),
+    (("demo", "--help"), 0, "default: outputs/demo"),  # every default shown (the README's paths follow it)
+    (("ppo", "--help"), 0, "--config FILE"),  # read outside argparse: the epilog says what it takes
     (("report", "--help"), 0, "output_dir"),
     (("review", "--help"), 0, "usage"),
     (("ppo",), 2, "--config"),

@@ -86,6 +86,34 @@ def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe):
                                                      else {})})
     with pytest.raises(ValueError, match=r"load_in_8bit.*not supported.*load_in_4bit: true"):
         module.main(script, args, model_args)
+    # from the command line: one line and argparse's status 2, before anything loads (was a traceback, status 1)
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("rlhf-ext")
+    name = "ppo" if recipe == "ppo" else "reward"
+    r = subprocess.run([str(cli), name, "--config", f"{name}_smollm2_sentiment", "--load_in_8bit", "true",
+                        "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{recipe}.py: error: load_in_8bit: " in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config_cls", [PPOConfig, RewardEnsembleConfig])
+def test_optional_bools_work_as_bare_flags_and_help_names_config(config_cls, capsys):
+    """`--gradient_checkpointing` alone (TRL's RewardConfig takes it so; ours, an optional bool, wanted a value) and
+    `--bf16` alone mean true; `--bf16 false` still false. `--help` says what `--config` takes (it is read outside
+    argparse, so it was missing)."""
+    from rlhf_ext.recipes import parse_arguments
+
+    _, args, _, _ = parse_arguments(config_cls, ["--output_dir", "o", "--use_cpu", "--gradient_checkpointing",
+                                                 "--bf16", "--max_steps", "1"])
+    assert args.gradient_checkpointing is True and args.bf16 is True and args.max_steps == 1
+    _, args, _, _ = parse_arguments(config_cls, ["--output_dir", "o", "--use_cpu", "--bf16", "false"])
+    assert args.bf16 is False
+    with pytest.raises(SystemExit):
+        parse_arguments(config_cls, ["--help"])
+    assert "--config FILE" in capsys.readouterr().out
 
 
 @pytest.fixture

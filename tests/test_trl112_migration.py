@@ -125,6 +125,8 @@ def test_trl112_config_names_conflicting_with_ours_are_refused(tmp_path):
     ("whiten_rewards", "whiten_advantages"),
     ("ref_adapter_name", "nothing: the reference is the base with every adapter off"),
     ("ds3_gather_for_generation", "nothing: DeepSpeed is not supported"),
+    ("local_mini_batch_size", "delete it: TRL computed it from the others"),  # in a config saved by a TRL 1.12 run
+    ("world_size", "delete it: TRL computed it from the others"),
 ])
 def test_trl112_fields_without_a_counterpart_are_refused_with_the_replacement(tmp_path, field, fix):
     """Python's bare "unexpected keyword argument" before; now the field, where it comes from, what to use."""
@@ -132,6 +134,33 @@ def test_trl112_fields_without_a_counterpart_are_refused_with_the_replacement(tm
 
     with pytest.raises(TypeError, match=f"`{field}` \\(TRL 1.12 PPO\\) → {fix}"):
         PPOConfig(str(tmp_path), use_cpu=True, **{field: 1})
+
+
+def test_a_trl112_config_is_told_what_its_settings_mean_here(tmp_path):
+    """A config written with TRL 1.12's names runs, but some of its settings mean something else here: one warning
+    names each that applies, with the setting that keeps TRL 1.12's behaviour (before: none, and a migrated script
+    sampled and stepped differently). Following the batch note gives TRL 1.12's sizes, computed as TRL did."""
+    from rlhf_ext import PPOConfig
+
+    with pytest.warns(UserWarning, match="TRL 1.12 PPO names") as caught:
+        cfg = PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_mini_batches=2,
+                        total_episodes=8, kl_estimator="k3")
+    text = str(caught[0].message)
+    for says in ("set per_device_train_batch_size=4", "the reward penalty −β·KL is always k1", "temperature=0.7",
+                 "TRL 1.12: 53", "stop_on_eos=False"):
+        assert says in text, says
+    b, n, episodes = 2, 2, 8  # TRL 1.12: rollout = b × n prompts, minibatch = b, iterations = episodes / rollout
+    ours = PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=b * n, num_mini_batches=n,
+                     total_episodes=episodes, temperature=0.7)
+    assert (ours.max_steps, ours.per_device_train_batch_size // n) == (episodes // (b * n), b)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing left to say: TRL 1.12's behaviour, spelled out
+        PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=4, total_episodes=8, temperature=0.7,
+                  response_length=53, stop_token="eos")
+        PPOConfig(str(tmp_path), use_cpu=True, num_mini_batches=2, kl_estimator="k3")  # not a TRL 1.12 config
+    assert cfg.max_steps == 4
 
 
 def test_the_ppo_recipe_refuses_them_from_a_yaml_or_the_command_line(tmp_path):

@@ -62,7 +62,7 @@ def make(which, tmp_path, model, train, eval_dataset=None, tok=None, **kw):
     """One trainer of the pair; `model` is a path or a zero-argument factory (each trainer gets a fresh model)."""
     args = {**COMMON, **kw}
     model = model if isinstance(model, str) else model()
-    extra = {k: args.pop(k) for k in ("compute_metrics", "peft_config") if k in args}
+    extra = {k: args.pop(k) for k in ("compute_metrics", "peft_config", "optimizers") if k in args}
     if which == "trl":
         cfg = RewardConfig(str(tmp_path / "trl"), **args)
         return RewardTrainer(model, args=cfg, train_dataset=train, eval_dataset=eval_dataset,
@@ -178,6 +178,64 @@ def test_peft_model(tmp_path, sc_path):
     for which in TRAINERS:  # a PeftModel together with a peft_config: refused by both
         with pytest.raises(ValueError, match="PeftModel.*peft_config"):
             make(which, tmp_path, factory(which), data(), peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_peft_config_types(tmp_path, sc_path):
+    """A peft_config that is not a PeftConfig: TRL's TypeError in both. Another PEFT method than LoRA: TRL trains it;
+    ours refuses it by name (members are saved and rebuilt as LoRA: a LoHa ensemble trained, then loaded back with
+    other scores)."""
+    from peft import IA3Config, LoHaConfig
+
+    for which in TRAINERS:
+        with pytest.raises(TypeError, match="must be a `peft.PeftConfig` instance"):
+            make(which, tmp_path, sc_path, data(), peft_config={"r": 4, "target_modules": ["q_proj"]})
+    for cfg in (LoHaConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"]),
+                IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])):
+        with pytest.raises(ValueError, match=f"peft_config is a {type(cfg).__name__}.*Pass a `peft.LoraConfig`"):
+            make("ours", tmp_path, sc_path, data(), peft_config=cfg)
+
+
+def test_optimizers_built_on_the_model(tmp_path, sc_path):
+    """`optimizers=(SGD(model.parameters()), None)`, the usual Trainer call: the same steps as TRL — the model's own
+    score head trains (ours kept a copy outside the optimizer: the head never moved). Where the trainer makes heads
+    the optimizer cannot hold (K = 2), refused with the fix, not trained without them."""
+    models, before = {}, {}
+
+    def build(which):
+        models[which] = seq_cls(sc_path)
+        before[which] = {n: p.detach().clone() for n, p in models[which].named_parameters()}
+        return models[which]
+
+    trainers = []
+    for w in TRAINERS:
+        model = build(w)
+        trainers.append(make(w, tmp_path, lambda: model, data(), max_steps=2,
+                             optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None)))
+    for tr in trainers:
+        tr.train()
+    losses = [[h["loss"] for h in tr.state.log_history if "loss" in h] for tr in trainers]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for w in TRAINERS:
+        assert not torch.equal(before[w]["score.weight"], models[w].score.weight.detach()), w
+    assert torch.allclose(models["trl"].score.weight, models["ours"].score.weight, atol=1e-6)
+    model = seq_cls(sc_path)
+    with pytest.raises(ValueError, match=r"does not hold 1 parameter.*heads\..*optimizer_cls_and_kwargs"):
+        RewardEnsembleTrainer(model, args=RewardEnsembleConfig(str(tmp_path / "k2"), ensemble_size=2, **COMMON),
+                              train_dataset=data(), processing_class=ptok(),
+                              optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None))
+
+
+def test_deprecated_pad_token_field(tmp_path, sc_path):
+    """TRL's deprecated `RewardConfig(pad_token=...)`: the batches pad with it in both (ours padded with the
+    tokenizer's old pad token: its collator was built before TRL set the new one)."""
+    trainers = pair(tmp_path, sc_path, data(), pad_token="[UNK]")  # neither EOS nor the tokenizer's pad
+    pads = []
+    for tr in trainers:
+        batch = tr.data_collator(rows(tr, 8))
+        pads.append(set(batch["input_ids"][batch["attention_mask"] == 0].tolist()))
+    want = trainers[0].processing_class.convert_tokens_to_ids("[UNK]")
+    assert pads[0] == pads[1] == {want}
+    same_step0(trainers)
 
 
 # ------------------------------------------------------------------------------------------------------- data

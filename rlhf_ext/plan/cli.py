@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--critic", default="shared", choices=["shared", "separate"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--lora-targets", default="q,k,v,o", help="comma list of q,k,v,o,gate,up,down,lm_head")
+    ap.add_argument("--lora-targets", default="q,k,v,o",
+                    help="comma list of q,k,v,o,gate,up,down,lm_head (default: q,k,v,o, the 7B recipes' targets; "
+                         "PPOTrainer without target_modules takes PEFT's default for the architecture, q,v on Llama)")
     ap.add_argument("--lora-top-layers", type=int, default=0, help="LoRA on the top N layers only (0: all)")
     ap.add_argument("--kl-controller", default="hard", help="hard keeps the reference logits and measures the "
                     "exact KL; other controllers do neither")

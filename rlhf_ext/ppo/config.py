@@ -165,12 +165,42 @@ class PPOConfig(TrainingArguments):
             if shapers is None:
                 raise ValueError("Set `missing_eos_penalty` or a `shapers` JSON string, not both (use a list).")
             self.shapers = [*shapers, {"name": "missing_eos", "penalty": float(self.missing_eos_penalty)}]
+        self._warn_trl112_meanings()
         if self.total_episodes is not None:
             if self.max_steps and self.max_steps > 0:
                 raise ValueError("Set `total_episodes` (TRL 1.12) or `max_steps` (iterations), not both.")
             # WORLD_SIZE: set by accelerate/torchrun; TrainingArguments' world_size is not ready before its post_init
             per_iteration = self.per_device_train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", 1)))
             self.max_steps = max(1, self.total_episodes // max(1, per_iteration))
+
+    def _warn_trl112_meanings(self):
+        """A config written for TRL 1.12 (it uses TRL 1.12's names) runs here, but these settings mean something
+        else: one warning listing the ones that apply, each with the setting that keeps TRL 1.12's behaviour."""
+        import warnings
+
+        if all(getattr(self, k) is None for k in TRL112_NAMES):
+            return
+        notes = []
+        if self.num_mini_batches > 1:
+            notes.append(f"per_device_train_batch_size is the prompts of one rollout (split into num_mini_batches="
+                         f"{self.num_mini_batches} minibatches); TRL 1.12's was one minibatch, its rollout "
+                         f"per_device_train_batch_size × num_mini_batches: for TRL 1.12's sizes set "
+                         f"per_device_train_batch_size={self.per_device_train_batch_size * self.num_mini_batches}")
+        if self.kl_estimator != "k1":
+            notes.append(f"kl_estimator={self.kl_estimator!r} sets the logged KL and what the controller sees; the "
+                         f"reward penalty −β·KL is always k1 here (TRL 1.12 put {self.kl_estimator} in the reward)")
+        defaults = type(self).__dataclass_fields__
+        if self.temperature == defaults["temperature"].default:
+            notes.append("temperature defaults to 1.0 here (TRL 1.12: 0.7): set temperature=0.7 to sample as before")
+        if self.response_length is None and self.max_completion_length == defaults["max_completion_length"].default:
+            notes.append(f"max_completion_length (TRL 1.12's response_length) defaults to "
+                         f"{self.max_completion_length} here (TRL 1.12: 53)")
+        if self.stop_token is None and self.stop_on_eos:
+            notes.append("responses stop at EOS (TRL 1.12 generated to the full length unless stop_token='eos'): "
+                         "stop_on_eos=False samples as before")
+        if notes:
+            warnings.warn("This config uses TRL 1.12 PPO names; what differs from TRL 1.12: " + "; ".join(notes) +
+                          ". (README: \"Coming from TRL 1.12's PPO\".)", UserWarning, stacklevel=4)
 
     def _check_trainer_arguments(self):
         """transformers' TrainingArguments that PPOTrainer cannot honour are refused, not ignored: a user who asks
@@ -306,7 +336,18 @@ FROM_TRL112 = {
     "model_adapter_name": "nothing: a PeftModel's active adapter is the policy",
     "ref_adapter_name": "nothing: the reference is the base with every adapter off",
     "ds3_gather_for_generation": "nothing: DeepSpeed is not supported (data parallel runs through DDP)",
+    # sizes TRL 1.12's PPOTrainer computed into its config at start-up; a config saved from a run carries them
+    **dict.fromkeys(("world_size", "num_total_batches", "micro_batch_size", "local_batch_size", "batch_size",
+                     "local_mini_batch_size", "mini_batch_size"),
+                    "delete it: TRL computed it from the others; here per_device_train_batch_size is the prompts "
+                    "of one rollout per process, num_mini_batches splits them, max_steps (or total_episodes) counts "
+                    "the iterations"),
 }
+
+# What a TRL 1.12 config means differently here, said once when it uses TRL 1.12's names (README: "Coming from TRL
+# 1.12's PPO"); each entry: (applies to this config?, the note).
+TRL112_NAMES = ("kl_coef", "cliprange", "cliprange_value", "response_length", "total_episodes", "missing_eos_penalty",
+                "stop_token")
 
 
 def foreign_field_fixes(names) -> str | None:

@@ -12,11 +12,13 @@ from ..models import base_reference, loadable_reference
 from .policy import CRITIC
 
 
-def save_policy(tr, out, merge: bool = False) -> None:
+def save_policy(tr, out, merge: bool = False, card: dict | None = None) -> None:
     """Save the policy where `PeftModel.from_pretrained(base, out)` finds it: a standard PEFT adapter at `out` (or,
     with `merge=True`, merged full weights), the tokenizer and a model card. The value head (and the critic adapter)
-    go to `out/critic/`, out of the way of loaders."""
+    go to `out/critic/`, out of the way of loaders. `card`: extra model-card metadata (`hub.with_card_metadata`)."""
     from peft import get_peft_model_state_dict
+
+    from ..hub import with_card_metadata
 
     peft = tr.policy.peft
     with atomic_folder(out) as tmp:
@@ -41,11 +43,11 @@ def save_policy(tr, out, merge: bool = False) -> None:
         if tr.args.critic == "separate":
             peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
         tr.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(tr, merged=merge))
+        (tmp / "README.md").write_text(with_card_metadata(model_card(tr, merged=merge), card or {}))
 
 
 def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=None,
-                commit_message: str | None = None, merge: bool = False) -> str:
+                commit_message: str | None = None, merge: bool = False, card: dict | None = None) -> str:
     """Upload what `save_policy` writes to `repo_id` (`merge=True`: the merged weights); `critic=True` also uploads
     `critic/` (value head, critic adapter)."""
     import shutil
@@ -55,7 +57,7 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "policy"
-        save_policy(tr, folder, merge=merge)
+        save_policy(tr, folder, merge=merge, card=card)
         if not critic:
             shutil.rmtree(folder / "critic")
         return push_folder(folder, repo_id, private=tr.args.hub_private_repo, token=token or tr.args.hub_token,

@@ -753,6 +753,8 @@ class PPOTrainer(Trainer):
             "val/explained_variance": 1 - var_res / var_r if var_r > 0 else float("nan"),  # 1 − Var[R−V]/Var[R]
             "val/mean": g["v"], "response/length_mean": g["length"], "response/eos_rate": g["eos"],
             "rewards/dropped_nonfinite": dropped,
+            "learning_rate": self.lr_scheduler.get_last_lr()[0],  # Trainer's key
+            "episode": (self.iteration + 1) * len(valid) * self.accelerator.num_processes,  # prompts so far (TRL 1.12)
             "time/iteration_s": seconds, "time/generate_s": ro.gen_seconds,
             "time/tokens_per_s": float(ro.resp_mask.sum()) * self.accelerator.num_processes / seconds,
             **{k: float(v) for k, v in stats.items()},
@@ -843,7 +845,7 @@ class PPOTrainer(Trainer):
                 if self.accelerator.is_main_process:  # adapters are identical on every process
                     path = self.save_checkpoint()
                     rotate_checkpoints(args.output_dir, self.iteration, args.save_total_limit)
-                    if args.push_to_hub and args.hub_strategy != "end":
+                    if args.push_to_hub:
                         self._push_checkpoint(path)
                 self.accelerator.wait_for_everyone()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
@@ -905,31 +907,22 @@ class PPOTrainer(Trainer):
             self.push_to_hub(commit_message="Model save", merge=merge)
 
     def _push_checkpoint(self, path: str):
-        """`push_to_hub` with hub_strategy every_save (the default), checkpoint or all_checkpoints: the policy as it is
-        at this checkpoint; as transformers does, "checkpoint" also uploads the checkpoint folder as
-        `last-checkpoint/` (resume from it) and "all_checkpoints" every checkpoint folder under its own name. A failed
-        upload is a warning, never the end of a long run: the checkpoint is on disk."""
-        from ..hub import push_folder
+        """`push_to_hub` with a hub_strategy other than "end": the policy as it is at this checkpoint, and with
+        "checkpoint" / "all_checkpoints" the checkpoint folder too (`hub.push_checkpoint`)."""
+        from ..hub import push_checkpoint
 
-        strategy = str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
-        message = f"Training in progress, iteration {self.iteration}"
-        try:
-            self.push_to_hub(commit_message=message)
-            if strategy in ("checkpoint", "all_checkpoints"):
-                push_folder(path, self._hub_repo_id(), private=self.args.hub_private_repo, token=self.args.hub_token,
-                            commit_message=message + " (checkpoint)",
-                            path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(path).name)
-        except Exception as e:  # any network or Hub error
-            warnings.warn(f"Uploading iteration {self.iteration} to the Hub failed ({type(e).__name__}: {e}); "
-                          f"training goes on, and {path} holds the checkpoint.", UserWarning, stacklevel=2)
+        push_checkpoint(self.args, path, self._hub_repo_id(), self.push_to_hub, f"iteration {self.iteration}")
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
                     revision: str | None = None, repo_id: str | None = None, critic: bool = False, merge: bool = False,
                     **kwargs) -> str:
         """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
-        merged weights; `critic=True` adds `critic/`."""
+        merged weights; `critic=True` adds `critic/`. Other keywords are the model card's, as in `Trainer`
+        (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
+        from ..hub import card_metadata
+
         return push_policy(self, repo_id or self._hub_repo_id(), critic=critic, token=token, revision=revision,
-                           commit_message=commit_message, merge=merge)
+                           commit_message=commit_message, merge=merge, card=card_metadata(kwargs, "PPOTrainer"))
 
     def _hub_repo_id(self) -> str:
         return self.args.hub_model_id or Path(self.args.output_dir).name

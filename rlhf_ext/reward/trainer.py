@@ -31,6 +31,7 @@ from ..adapters import check_gradients_reached, first_step_grad_params, set_trai
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
+from ..hub import with_card_metadata
 from ..integrity import ensure_writable_dir
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
@@ -153,6 +154,36 @@ class _GradientReachCheck(TrainerCallback):
             check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
 
 
+def _check_peft_config(peft_config) -> None:
+    """As trl.RewardTrainer: a `peft.PeftConfig` or nothing. Members are LoRA adapters (saved as LoRA weights and
+    rebuilt from LoRA settings on load), so another PEFT method is refused here, not trained and saved wrongly."""
+    if peft_config is None:
+        return
+    from peft import LoraConfig, PeftConfig
+
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"`peft_config` must be a `peft.PeftConfig` instance (e.g. `peft.LoraConfig`), got "
+                        f"{type(peft_config).__name__}. Build it with `peft.LoraConfig(**your_dict)`.")
+    if not isinstance(peft_config, LoraConfig):
+        raise ValueError(f"peft_config is a {type(peft_config).__name__}; RewardEnsembleTrainer trains LoRA adapters "
+                         f"(each member is saved as LoRA weights and rebuilt from LoRA settings when loaded). Pass a "
+                         f"`peft.LoraConfig`, or no peft_config to train the whole model.")
+
+
+def _check_user_optimizer(optimizer, ens) -> None:
+    """`optimizers=(opt, sched)` built before the trainer cannot hold the score heads the trainer creates: refuse it
+    when a trainable parameter is missing from it (trained silently without them before), naming the fix."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in ens.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"The optimizer passed in `optimizers` does not hold {len(missing)} parameter(s) the trainer trains "
+            f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}): the ensemble's score heads are created by "
+            f"RewardEnsembleTrainer, after your optimizer. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, "
+            f"{{'lr': ...}})` instead (built over the trainer's parameters), or build the optimizer after the trainer "
+            f"over `trainer.model.parameters()` and set `trainer.optimizer`.")
+
+
 def _lora_config_dict(peft_config) -> dict:
     """The LoRA fields an artifact records (what `artifact.lora_config_of` rebuilds on a bare trunk)."""
     cfg = {k: v for k, v in peft_config.to_dict().items()
@@ -201,6 +232,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             eval_dataset = validate_preference_dataset(eval_dataset, "eval_dataset")
         K, mode = args.ensemble_size, args.ensemble_mode
         peft_host = _is_peft_model(model)
+        _check_peft_config(peft_config)
         if peft_host and peft_config is not None:
             raise ValueError(
                 "You passed a `PeftModel` instance together with a `peft_config` to the trainer (as in TRL, this is "
@@ -243,6 +275,12 @@ class RewardEnsembleTrainer(RewardTrainer):
         warn_unquantized_experts(source)
         if processing_class is None:
             processing_class = load_tokenizer(self.base_model_name)
+        if getattr(args, "pad_token", None) is not None:  # TRL's deprecated field: set before our collator pads
+            if args.pad_token not in processing_class.get_vocab():
+                raise ValueError(f"The specified `pad_token` ({args.pad_token!r}) is not in the vocabulary of the "
+                                 f"tokenizer. Use a token it has, or set `tokenizer.pad_token` and pass the tokenizer "
+                                 f"as `processing_class` (TRL deprecates this field).")
+            processing_class.pad_token = args.pad_token
         ensure_pad_token(processing_class)
         self.fingerprint = model_fingerprint(trunk)  # of the base as saved (before a chat template resizes it)
         added = _apply_chat_template_path(trunk, processing_class, args.chat_template_path) \
@@ -293,6 +331,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         device = next(trunk.parameters()).device
         heads = nn.ModuleDict()
         for k, a in enumerate(adapter_names):
+            if K == 1 and head is not None and head_init is not None and not peft_host \
+                    and head.weight.dtype == torch.float32 and head.weight.device == device:
+                heads[a] = head  # the model's own score module: an optimizer built on model.parameters() trains it
+                continue
             torch.manual_seed(args.seed + 2000 + k)  # each member its own head init
             outputs = K if ens_mode != "adapters" else 1
             heads[a] = nn.Linear(hidden, outputs, bias=head_init is not None and head_init[1] is not None, device=device)
@@ -340,6 +382,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             data_collator = EnsemblePreferenceCollator(pad_token_id=processing_class.pad_token_id,
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
         check = _GradientReachCheck(self._reach_params(ens), self.quantized)
+        if optimizers[0] is not None:
+            _check_user_optimizer(optimizers[0], ens)
         if args.gradient_checkpointing and args.ddp_find_unused_parameters is None:
             # What transformers does for its own models (ours is not a PreTrainedModel): DDP's unused-parameter
             # search breaks (reentrant) checkpointing, and every member's parameters take part in every step.
@@ -366,6 +410,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         self._check_4bit_layout = self.quantized  # at the first training step, and after every no-grad pass
         self.normalization: dict | None = None
         self.is_conversational = conversational
+        self._card: dict | None = None  # push_to_hub's model-card keywords, while it saves
 
     # -- model setup -----------------------------------------------------------------------------------------
     def _wrap_peft(self, trunk, peft_config, args):
@@ -537,6 +582,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         if self._check_4bit_layout:  # the first step, and the first after each eval/no-grad pass
             assert_trainable_4bit_layout(self.accelerator.unwrap_model(self.model), "RewardEnsembleTrainer")
             self._check_4bit_layout = False
+        self.normalization = None  # the weights move: each checkpoint normalises with its own (was the first's)
         return super().training_step(*args, **kwargs)
 
     def _after_no_grad_pass(self):
@@ -651,23 +697,45 @@ class RewardEnsembleTrainer(RewardTrainer):
         out = Path(output_dir or self.args.output_dir)
         spec = self.artifact_spec()
         save_reward_artifact(out, self.accelerator.unwrap_model(self.model), spec, self.processing_class,
-                             card=_reward_card(spec, self.state.log_history))
+                             card=with_card_metadata(_reward_card(spec, self.state.log_history), self._card or {}))
         (out / "training_args.json").write_text(self.args.to_json_string())
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's upload at a checkpoint copies transformers' file names (config.json, model.safetensors), none of
+        which an ensemble artifact has: upload the artifact itself, and the checkpoint folder as hub_strategy says."""
+        from ..hub import push_checkpoint
+
+        if self.is_world_process_zero():
+            label = (f"step {self.state.global_step}" if self.args.save_strategy == "steps"
+                     else f"epoch {int(self.state.epoch or 0)}")
+            push_checkpoint(self.args, checkpoint_folder, self._hub_repo_id(), self.push_to_hub, label)
 
     def push_to_hub(self, commit_message: str | None = "Upload reward ensemble with rlhf_ext", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, repo_id: str | None = None, **kwargs) -> str:
         """Upload the artifact (what `save_model` writes) to `repo_id` (default: `args.hub_model_id`);
-        `load_reward_model(repo_id)` loads it back."""
+        `load_reward_model(repo_id)` loads it back. Other keywords are the model card's, as in `Trainer`
+        (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
         import tempfile
 
-        from ..hub import push_folder
+        from ..hub import card_metadata, push_folder
 
-        repo_id = repo_id or self.args.hub_model_id or Path(self.args.output_dir).name
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_model(str(Path(tmp) / "artifact"))
-            return push_folder(Path(tmp) / "artifact", repo_id, private=self.args.hub_private_repo,
-                               token=token or self.args.hub_token, revision=revision,
-                               commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
+        card, self._card = self._card, card_metadata(kwargs, "RewardEnsembleTrainer")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save_model(str(Path(tmp) / "artifact"), _internal_call=True)  # every process: in step
+                if not self.is_world_process_zero():
+                    return ""
+                return push_folder(Path(tmp) / "artifact", repo_id or self._hub_repo_id(),
+                                   private=self.args.hub_private_repo, token=token or self.args.hub_token,
+                                   revision=revision,
+                                   commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
+        finally:
+            self._card = card
+
+    def _hub_repo_id(self) -> str:
+        return self.args.hub_model_id or Path(self.args.output_dir).name
 
     def _init_from(self, path) -> None:
         """`init_reward_model`: start from a saved reward model's adapters and heads, refused (naming the
