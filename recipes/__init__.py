@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
+import typing
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -75,9 +78,12 @@ def _refuse_8bit(model_args) -> None:
 
 def resume_argument(training_args):
     """`resume_from_checkpoint` for `train()`, as TRL's scripts pass it on: a checkpoint folder; `true` (any case) for
-    the newest checkpoint in `output_dir`, which the string field would otherwise take for a folder named "true"."""
+    the newest checkpoint in `output_dir`, which the string field would otherwise take for a folder named "true";
+    `false` for none."""
     value = training_args.resume_from_checkpoint
-    return True if isinstance(value, str) and value.lower() == "true" else value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
 
 
 def parse_arguments(config_cls, argv: list[str] | None = None):
@@ -87,7 +93,8 @@ def parse_arguments(config_cls, argv: list[str] | None = None):
     traceback: a `--config` file that is not there (a shipped config's name, e.g. `--config ppo_smollm2_sentiment`,
     finds it from any directory), not YAML or not a mapping; the other recipe's config (a reward YAML given to the
     PPO recipe, or the reverse); a GRPO / RLOO / TRL 1.12 PPO field (with its replacement); any other unknown field
-    (with the nearest one); and a value the configs refuse (their own messages name the fix)."""
+    (with the nearest one); a key given twice; a YAML value of the wrong type for its field, where TrlParser passes
+    it on unchecked (`_typed_settings`); and a value the configs refuse (their own messages name the fix)."""
     import yaml
     from trl import ModelConfig, ScriptArguments, TrlParser
 
@@ -110,20 +117,193 @@ def parse_arguments(config_cls, argv: list[str] | None = None):
             fail("--config needs a YAML file, e.g. --config ppo_smollm2_sentiment (a shipped config) or a path")
         config_file = argv[i + 1] = _config_file(argv[i + 1], fail)
         try:
-            settings = yaml.safe_load(Path(config_file).read_text())
+            settings = yaml.load(Path(config_file).read_text(), Loader=_unique_keys_loader())
+        except _DuplicateKey as e:
+            fail(f"{config_file}: {e}")
         except yaml.YAMLError as e:
-            fail(f"{config_file} is not valid YAML: {e}")
+            fail(f"{config_file} is not valid YAML: {' '.join(str(e).split())}")
         if settings is None:
             settings = {}
         if not isinstance(settings, dict):
             fail(f"{config_file} must be a YAML mapping of `field: value` lines (it holds a {type(settings).__name__})")
     _check_fields(parser, config_cls, [k for k in settings if k != "env"], argv, config_file, fail)
+    if config_file is not None:  # what TrlParser does with --config, on the file read (and checked) once, here
+        env = settings.pop("env", {})
+        if not isinstance(env, dict):
+            fail(f"{config_file}: `env` must be a mapping of environment variables (NAME: value lines)")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        parser.set_defaults_with_config(**_typed_settings(settings, parser.dataclass_types, config_file, fail))
+        i = argv.index("--config")
+        argv = argv[:i] + argv[i + 2:]
     try:
         parsed = parser.parse_args_and_config(argv)
         _refuse_8bit(parsed[2])
     except (ValueError, TypeError) as e:  # the configs' own checks: each message says what to change
-        fail(str(e))
+        fail(_json_option(parser, argv, e) or str(e))
     return (*parsed, config_file)
+
+
+def _json_option(parser, argv, error) -> str | None:
+    """For PPOConfig's JSON error on a command-line value ("Expecting value: line 1 column 1"), which names no field:
+    the option that holds the text (the YAML's were checked before)."""
+    import json
+
+    if not isinstance(error, json.JSONDecodeError):
+        return None
+    hints = {k: v for cls in parser.dataclass_types for k, v in typing.get_type_hints(cls).items()}
+    for name, value in vars(parser.parse_known_args(argv)[0]).items():
+        if isinstance(value, str) and name in hints and _json_kind(hints[name]) and name not in _JSON_FILE_FIELDS:
+            try:
+                json.loads(value)
+            except ValueError:
+                example = "'{\"lam\": 1.0}'" if _json_kind(hints[name]) is dict else "'[\"missing_eos\"]'"
+                return f"--{name} {value!r} is not JSON ({error}); give it as JSON text, e.g. --{name} {example}"
+    return None
+
+
+def _json_kind(hint):
+    """dict or list for a field that takes a mapping or list either as such or as JSON text (`aggregation_kwargs`,
+    `shapers`: PPOConfig parses a string there), unlike a list of names that also takes one name (`report_to`)."""
+    import types
+
+    union = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    origins = {typing.get_origin(k) or k for k in union}
+    if str not in origins:
+        return None
+    if dict in origins:
+        return dict
+    lists = [typing.get_args(k) for k in union if typing.get_origin(k) is list]
+    return list if any(args in ((typing.Any,), ()) for args in lists) else None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently, so
+        `max_steps: 1` above a forgotten `max_steps: 50` trained for 50."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(f"`{key}` is set twice (lines {seen[key]} and {line}); YAML would keep the "
+                                        f"last one silently. Keep one of them.")
+                seen.setdefault(key, line)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+# transformers reads a string in these as the path of a JSON file; in the other mapping fields, as JSON
+_JSON_FILE_FIELDS = {"accelerator_config", "deepspeed", "fsdp_config"}
+
+
+def _typed_settings(settings: dict, dataclass_types, config_file: str, fail) -> dict:
+    """The YAML's values checked against their fields' types, as argparse checks the command line's: TrlParser makes
+    them argparse defaults, which argparse converts only when they are strings, so `learning_rate: true` trained at
+    1.0, `num_ppo_epochs: 1.5` failed deep in training and `shapers: linear` stopped with a JSON error naming no
+    field. Returned as the command line would give them: a whole float as an int (`max_steps: 1.0e3`), one string
+    as a one-element list (`lora_target_modules: c_attn`, as `--lora_target_modules c_attn`)."""
+    hints, defaults = {}, {}
+    for cls in dataclass_types:
+        hints.update(typing.get_type_hints(cls))
+        defaults.update({f.name: f.default for f in dataclasses.fields(cls)})
+    return {name: _typed(name, value, hints[name], defaults.get(name), config_file, fail) if name in hints else value
+            for name, value in settings.items()}
+
+
+def _typed(name: str, value, hint, default, config_file: str, fail):
+    import enum
+    import json
+    import types
+
+    import yaml
+
+    union = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [k for k in union if k is not type(None)]
+    origins = {typing.get_origin(k) or k for k in kinds}
+    choices = {k for k in origins if k is typing.Literal or (isinstance(k, type) and issubclass(k, enum.Enum))}
+    shown = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).removesuffix("\n...\n").strip()
+    json_kind = _json_kind(hint)
+
+    def refuse(why: str):
+        fail(f"{config_file}: `{name}: {shown}` is {why}")
+
+    def expected() -> str:
+        if json_kind:
+            return f"a {'mapping' if json_kind is dict else 'list'} (YAML, or the same as a JSON string)"
+        return _expected(kinds)
+
+    if value is None:
+        if type(None) in union or default is None:
+            return None
+        refuse(f"null; {name} takes {expected()}. Give a value or leave the line out (default: {default!r}).")
+    if typing.Any in kinds or not origins <= {bool, int, float, str, list, dict} | choices:
+        return value  # a type this check does not know (accelerate's ParallelismConfig): the field's own check
+    if json_kind:
+        if isinstance(value, json_kind):
+            return value
+        if not isinstance(value, str) or name in _JSON_FILE_FIELDS and not value.lstrip().startswith("{"):
+            if isinstance(value, str):
+                return value  # a JSON file's path
+            refuse(f"{_kind_of(value)}; {name} takes {expected()}.")
+        try:
+            parsed = json.loads(value)
+        except ValueError as e:
+            example = "{lam: 1.0}" if json_kind is dict else "[{name: linear, alpha: 0.02}, missing_eos]"
+            refuse(f"text that is not JSON ({e}); {name} takes {expected()}, e.g. {name}: {example}.")
+        if not isinstance(parsed, json_kind):
+            refuse(f"JSON for {_kind_of(parsed)}; {name} takes {expected()}.")
+        return value
+    if isinstance(value, bool) and choices:
+        refuse(f"a boolean; {name} takes {expected()}. YAML reads a bare no / yes / off / on as a boolean: quote it "
+               f"({name}: \"{'yes' if value else 'no'}\").")
+    if isinstance(value, str):  # argparse converts it as it converts the command line's (or says why not)
+        return [value] if list in origins and str not in origins else value
+    if str in origins and not isinstance(value, (list, dict)):
+        return value  # transformers reads some text fields' other values itself (`fsdp: true`)
+    if isinstance(value, bool):
+        if bool in origins:
+            return value
+        refuse(f"a boolean; {name} takes {expected()} (true is not 1 here).")
+    if isinstance(value, (int, float)) and bool not in origins:
+        if float in origins or int in origins and float(value).is_integer():
+            return value if float in origins else int(value)
+        if int in origins:
+            refuse(f"a number with a fraction; {name} takes {expected()}.")
+    if isinstance(value, list) and list in origins or isinstance(value, dict) and dict in origins:
+        return value
+    refuse(f"{_kind_of(value)}; {name} takes {'one value: ' if isinstance(value, (list, dict)) else ''}{expected()}.")
+
+
+def _kind_of(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list",
+            dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _expected(kinds) -> str:
+    import enum
+
+    words = []
+    for k in kinds:
+        origin = typing.get_origin(k) or k
+        if origin is typing.Literal:
+            words.append("one of " + ", ".join(map(str, typing.get_args(k))))
+        elif isinstance(origin, type) and issubclass(origin, enum.Enum):
+            words.append("one of " + ", ".join(str(m.value) for m in origin))
+        else:
+            words.append({bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list",
+                          dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin))))
+    return " or ".join(dict.fromkeys(words))
 
 
 def _config_file(name: str, fail) -> str:
@@ -184,24 +364,157 @@ class RecipeInputError(Exception):
 
 def run(main, config_cls, argv: list[str] | None = None):
     """A recipe's `__main__`: `parse_arguments`, then `main(script_args, training_args, model_args, config_file=…)`;
-    a `RecipeInputError` becomes one line on stderr and exit status 2 instead of a traceback."""
+    a `RecipeInputError` becomes one line on stderr and exit status 2 instead of a traceback; Ctrl-C, status 130 (a
+    training run has saved the iteration it finished and said how to resume: `ppo/interrupt.py`)."""
     *arguments, config_file = parse_arguments(config_cls, argv)
     try:
         return main(*arguments, config_file=config_file)
     except RecipeInputError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
-def dataset_split(script_args, split: str):
-    """`rlhf_ext.data.load_split` for the recipe's dataset; a dataset that is neither here nor reachable on the Hub
-    is a `RecipeInputError` (its message says where relative paths are read from and the ways out)."""
-    from rlhf_ext.data import load_split
+@contextmanager
+def setup_phase():
+    """Around building the trainer and `train()`: until training begins (the trainers' `on_train_begin`, after a
+    checkpoint is resumed and before the first step), a ValueError, TypeError, FileNotFoundError, CorruptFileError
+    or a KeyError from `datasets` is the input's — the data, a setting only the trainer can judge, the checkpoint —
+    and becomes a `RecipeInputError` (`run`: one line, exit status 2). From the first step on, an error is a bug and
+    keeps its traceback. Yields the watch: `trainer = setup.watch(Trainer(...))`."""
+    from transformers import TrainerCallback
+
+    from rlhf_ext.integrity import CorruptFileError
+
+    class Watch(TrainerCallback):
+        began = False
+
+        def watch(self, trainer):
+            trainer.callback_handler.callbacks.insert(0, self)  # before the monitor, whose start samples the policy
+            return trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = True
+
+    setup = Watch()
+    try:
+        yield setup
+    except (ValueError, TypeError, FileNotFoundError, CorruptFileError, KeyError) as e:
+        if setup.began or isinstance(e, KeyError) and not _raised_in_datasets(e):
+            raise
+        # a KeyError's str() is the repr of its message
+        raise RecipeInputError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+
+
+def _raised_in_datasets(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] == "datasets":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def dataset_split(script_args, split: str, optional: bool = False):
+    """`rlhf_ext.data.load_split` for the recipe's dataset; a dataset that is neither here nor reachable on the Hub,
+    or a local file that is not JSON lines, is a `RecipeInputError` (its message says where relative paths are read
+    from and the ways out, or which line is bad). `optional`: None where the split is not there (a broken file
+    still stops the recipe)."""
+    from rlhf_ext.data import DataFileError, load_split
 
     try:
         return load_split(script_args.dataset_name, split, script_args.dataset_config, script_args.dataset_streaming)
-    except (FileNotFoundError, ConnectionError) as e:
+    except DataFileError as e:
         raise RecipeInputError(str(e)) from e
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        # not there: no such file, the Hub out of reach, or a Hub dataset without that split (ValueError); a local
+        # file's ValueError (pyarrow's, a column of two types) is a broken file
+        there = isinstance(e, ValueError) and Path(script_args.dataset_name).exists()
+        if optional and not there:
+            return None
+        raise RecipeInputError(str(e)) from e
+
+
+def warn_preference_pairs(dataset) -> None:
+    """PPO given preference pairs (TRL's chosen/rejected format, e.g. `dataset_config: preferences`) trains on their
+    prompts alone: said once, since it runs, but is rarely what was meant."""
+    import warnings
+
+    pairs = [c for c in ("chosen", "rejected") if c in (dataset.column_names or [])]
+    if pairs:
+        warnings.warn(f"The PPO dataset holds preference pairs ({', '.join(pairs)} columns): PPO uses only their "
+                      f"prompts (rewards come from reward_model_path), not the {' / '.join(pairs)} responses. Pass "
+                      f"prompt-only data (e.g. dataset_config: prompts); the pairs are for `rlhf-ext reward`.",
+                      UserWarning, stacklevel=2)
+
+
+def check_plugins(training_args) -> None:
+    """Build, before anything loads, every plugin a PPO config names — KL controller and estimator, aggregation,
+    shapers, detectors: small objects, no model —, so an unknown name (the registry's message lists the valid ones),
+    a misspelled keyword or a value a plugin refuses stops the recipe with the field named, not after the weights
+    load."""
+    from rlhf_ext.monitor.monitor import build_detectors
+    from rlhf_ext.plugins.kl import build_controller
+    from rlhf_ext.plugins.shaping import build_shapers
+    from rlhf_ext.registry import build
+
+    a = training_args
+    builds = {
+        "kl_controller": lambda: build_controller(a.kl_controller, a.init_kl_coef, a.kl_target,
+                                                  **(a.kl_controller_kwargs or {})),
+        "kl_estimator": lambda: build("kl_estimator", a.kl_estimator),
+        "aggregation": lambda: build("aggregation", a.aggregation, **(a.aggregation_kwargs or {})),
+        "shapers": lambda: build_shapers(a.shapers),
+        "monitor_detectors": lambda: build_detectors(a.monitor_detectors) if a.monitor else None,
+    }
+    for field, build_it in builds.items():
+        try:
+            build_it()
+        except KeyError as e:  # a {…} entry without its "name"
+            raise RecipeInputError(f"{field}: an entry has no {e}: give each as a name or a mapping with `name: …` "
+                                   f"(e.g. {{name: linear, alpha: 0.02}}); `rlhf-ext plugins` lists the names.") from e
+        except (ValueError, TypeError) as e:
+            raise RecipeInputError(f"{field}: {e}") from e
+
+
+def check_resume(training_args) -> None:
+    """Refuse, before anything loads, a `resume_from_checkpoint` with nothing to resume: a folder that is not there,
+    or `true` where `output_dir` holds no checkpoint-N folder. (A checkpoint that is there but damaged is found when
+    it loads, inside `setup_phase`.)"""
+    value = resume_argument(training_args)
+    if not value:
+        return
+    output_dir = Path(training_args.output_dir)
+    found = sorted((p.name for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda name: int(name[11:]))
+    there = (f"{output_dir} holds {', '.join(found[-3:])}: pass one of those, or true for the newest" if found else
+             f"{output_dir} holds no checkpoint-N folder (a run writes them with save_strategy 'steps' or 'epoch'): "
+             f"train without resume_from_checkpoint, or set output_dir to the earlier run's")
+    if value is True and not found:
+        raise RecipeInputError(f"resume_from_checkpoint true: nothing to resume; {there}.")
+    if value is not True and not Path(value).expanduser().is_dir():
+        raise RecipeInputError(f"resume_from_checkpoint {value!r}: no such folder (relative paths are read from "
+                               f"{Path.cwd()}); {there}.")
+
+
+def check_extra_preferences(files) -> None:
+    """Each `extra_preferences` file, before anything loads: there, and JSON lines with at least one row (the
+    trainer reads them only after the model has loaded)."""
+    from rlhf_ext.data import DataFileError, jsonl_rows
+
+    for f in files or []:
+        if not Path(f).is_file():
+            raise RecipeInputError(f"extra_preferences: no file {f} (relative paths are read from {Path.cwd()}). "
+                                   f"Decisions from the review page are in OUTPUT_DIR/review/preferences.jsonl "
+                                   f"(written after the first decision).")
+        try:
+            rows = jsonl_rows(f)
+        except DataFileError as e:
+            raise RecipeInputError(f"extra_preferences: {e}") from e
+        if not rows:
+            raise RecipeInputError(f"extra_preferences: {f} holds no preference pairs yet (the file is empty).")
 
 
 def check_reward_model_path(path: str | None) -> None:
@@ -222,6 +535,13 @@ def check_reward_model_path(path: str | None) -> None:
                 f"reward_model_path {path!r} is a folder but holds no reward model (no {SPEC_FILE} or config.json). "
                 f"Pass the output_dir of `rlhf-ext reward`, or the folder trl.RewardTrainer / save_pretrained() "
                 f"wrote.")
+        saved_as = non_reward_architecture(local)
+        if saved_as:
+            raise RecipeInputError(
+                f"reward_model_path {path!r} holds a {saved_as} (its config.json's `architectures`), not a reward "
+                f"model: loaded for scoring, its score head would be random and PPO would chase noise. Train a reward "
+                f"model on it first (`rlhf-ext reward`, then pass that output_dir), or pass a sequence-classification "
+                f"reward checkpoint (what trl.RewardTrainer saves).")
         return
     if local.exists():
         return
@@ -241,6 +561,26 @@ def check_reward_model_path(path: str | None) -> None:
             f"reward_model_path {path!r}: no such folder (relative paths are read from {Path.cwd()}, then beside the "
             f"config), and not a Hub id. Pass the output_dir of `rlhf-ext reward`, a folder trl.RewardTrainer saved, "
             f"or a Hub id (namespace/name).")
+
+
+def non_reward_architecture(path) -> str | None:
+    """The architecture a local checkpoint folder was saved as, when that is not a reward model: its config.json
+    names `architectures` and none is a *ForSequenceClassification (a causal LM such as LlamaForCausalLM, a bare
+    trunk). None for an rlhf_ext reward artifact, a sequence-classification checkpoint, or a folder whose config says
+    nothing either way (no config.json, unreadable, no `architectures`): loading decides those. Read from the
+    config alone, before any weights load."""
+    import json
+
+    from rlhf_ext.models import non_reward_architecture as saved_as_non_reward
+    from rlhf_ext.reward.artifact import is_reward_artifact
+
+    path = Path(path).expanduser()
+    if is_reward_artifact(path):
+        return None
+    try:
+        return saved_as_non_reward(json.loads((path / "config.json").read_text()).get("architectures"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_model_name(name: str | None, trust_remote_code: bool = False) -> None:

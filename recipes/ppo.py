@@ -9,31 +9,36 @@ trl.RewardTrainer saved — as TRL's recipes take it. `dataset_name`: Hub id or 
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import resolve_data_path
-from rlhf_ext.recipes import (check_model_name, check_reward_model_path, dataset_split, lora_config, model_loading,
-                              resume_argument, run)
+from rlhf_ext.recipes import (check_model_name, check_plugins, check_resume, check_reward_model_path, dataset_split,
+                              lora_config, model_loading, resume_argument, run, setup_phase, warn_preference_pairs)
 
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
-    check_reward_model_path(training_args.reward_model_path)  # before anything loads: the first run's usual mistake
-    check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)  # named before anything loads
+    # before anything loads, each a one-line error: the first run's usual mistakes, then the other named inputs
+    check_reward_model_path(training_args.reward_model_path)
+    check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)
+    check_plugins(training_args)
+    check_resume(training_args)
     train = dataset_split(script_args, script_args.dataset_train_split)
+    warn_preference_pairs(train)
     evaluation = None  # as TRL's recipes: the test split, sampled on eval_strategy's cadence (eval_* metrics)
     if training_args.eval_strategy != "no":
         evaluation = dataset_split(script_args, script_args.dataset_test_split)
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
-    trainer = PPOTrainer(
-        model=model_args.model_name_or_path or "smollm2-135m-instruct",
-        reward_funcs=[],
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        peft_config=lora_config(model_args),
-        quantization_config=quantization,
-    )
-    trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
+    with setup_phase() as setup:  # until the first step, what fails is the input's: one line, exit status 2
+        trainer = setup.watch(PPOTrainer(
+            model=model_args.model_name_or_path or "smollm2-135m-instruct",
+            reward_funcs=[],
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            peft_config=lora_config(model_args),
+            quantization_config=quantization,
+        ))
+        trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
     trainer.save_model(training_args.output_dir)  # with push_to_hub, uploaded too
     return trainer
 

@@ -10,28 +10,30 @@ Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.data import resolve_data_path
-from rlhf_ext.recipes import (RecipeInputError, check_model_name, dataset_split, lora_config, model_loading,
-                              resume_argument, run)
+from rlhf_ext.recipes import (check_extra_preferences, check_model_name, check_resume, dataset_split, lora_config,
+                              model_loading, resume_argument, run, setup_phase)
 
 
 def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
-    check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)  # named before anything loads
+    # before anything loads, each a one-line error
+    check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)
+    check_extra_preferences(training_args.extra_preferences)
+    check_resume(training_args)
     train = dataset_split(script_args, script_args.dataset_train_split)
-    try:  # held-out pairs: accuracy, calibration, reward-length correlation after training
-        test = dataset_split(script_args, script_args.dataset_test_split)
-    except (RecipeInputError, ValueError):
-        test = None
+    # held-out pairs, where the dataset has them: accuracy, calibration, reward-length correlation after training
+    test = dataset_split(script_args, script_args.dataset_test_split, optional=True)
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
-    trainer = RewardEnsembleTrainer(
-        model_args.model_name_or_path or "smollm2-135m-instruct",
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=test,
-        peft_config=lora_config(model_args),
-        quantization_config=quantization,
-    )
-    trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
+    with setup_phase() as setup:  # until the first step, what fails is the input's: one line, exit status 2
+        trainer = setup.watch(RewardEnsembleTrainer(
+            model_args.model_name_or_path or "smollm2-135m-instruct",
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=test,
+            peft_config=lora_config(model_args),
+            quantization_config=quantization,
+        ))
+        trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
     if test is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

@@ -3,6 +3,7 @@ token-id lists, and the text of a plain or conversational field."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -34,22 +35,67 @@ def resolve_data_path(name: str, config_file: str | None = None) -> str:
     return str(beside) if beside.exists() else name
 
 
+class DataFileError(ValueError):
+    """A local JSON-lines file that cannot be read as rows: the message names the file, the line and the fix."""
+
+
+def jsonl_rows(path) -> int:
+    """The rows of a JSON-lines file, each line checked as `datasets` will read it: UTF-8 (a leading BOM allowed),
+    one JSON object per line, blank lines skipped. A bad line is a `DataFileError` naming the file and line number —
+    `datasets` reports them as "Expected object or value at position 18", a bare StopIteration (an empty file) or a
+    UnicodeDecodeError only when a later step reads the text. One pass, one line in memory at a time."""
+    rows = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as Windows editors write it
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFileError(
+                    f"{path} line {number}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line; "
+                    f"a Latin-1 or Windows-1252 file?). Save the file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))  # the error's column, not the next line's start
+            except json.JSONDecodeError as e:  # its own "line 1 column …" counts within the line
+                raise DataFileError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}). Each line "
+                                    f"must hold one JSON object, e.g. {{\"prompt\": \"...\"}}.") from None
+            if not isinstance(row, dict):
+                kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(row), "a number or null")
+                raise DataFileError(f"{path} line {number}: {kind}, not a JSON object. Each line must hold one JSON "
+                                    f"object of columns, e.g. {{\"prompt\": \"...\"}}.")
+            rows += 1
+    return rows
+
+
+def _load_jsonl(path: Path, streaming: bool):
+    from datasets import load_dataset
+
+    if path.suffix == ".jsonl" and not jsonl_rows(path):
+        raise DataFileError(f"{path} holds no rows (it is empty or blank). Add rows, one JSON object per line, or "
+                            f"point dataset_name at another dataset.")
+    return load_dataset("json", data_files=str(path), split="train", streaming=streaming)
+
+
 def load_split(name_or_path: str, split: str, kind: str | None = None, streaming: bool = False):
-    """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`. `streaming` (TRL's
-    `dataset_streaming`): an `IterableDataset`, read as training goes instead of loaded whole first."""
+    """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`; a `.jsonl` file is
+    checked line by line first (`jsonl_rows`: a bad line or an empty file is a `DataFileError` naming it). `streaming`
+    (TRL's `dataset_streaming`): an `IterableDataset`, read as training goes instead of loaded whole first."""
     from datasets import load_dataset
 
     path = Path(name_or_path)
     if path.is_dir():
         for candidate in ([path / f"{kind}_{split}.jsonl"] if kind else []) + [path / f"{split}.jsonl"]:
             if candidate.is_file():
-                return load_dataset("json", data_files=str(candidate), split="train", streaming=streaming)
+                return _load_jsonl(candidate, streaming)
         raise FileNotFoundError(
             f"No '{kind + '_' if kind else ''}{split}.jsonl' in {path}. Name the files <kind>_<split>.jsonl "
             f"(e.g. preferences_train.jsonl) or pass a Hub dataset id."
         )
     if path.suffix in (".jsonl", ".json") and path.is_file():
-        return load_dataset("json", data_files=str(path), split="train", streaming=streaming)
+        return _load_jsonl(path, streaming)
     from .models import is_hub_id
 
     if not is_hub_id(name_or_path):  # './data', 'a/b/c': a path, and no Hub id could be it
@@ -111,7 +157,7 @@ def with_extra_preferences(dataset, files):
         if not Path(f).is_file():
             raise FileNotFoundError(f"extra_preferences: no file {f}. Decisions from the review page are in "
                                     f"OUTPUT_DIR/review/preferences.jsonl (written after the first decision).")
-        if not Path(f).read_text().strip():  # `datasets` cannot even open an empty JSON file
+        if not jsonl_rows(f):  # `datasets` cannot even open an empty JSON file
             raise ValueError(f"extra_preferences: {f} holds no preference pairs yet.")
         extra = load_dataset("json", data_files=str(f), split="train")
         if len(extra) == 0:

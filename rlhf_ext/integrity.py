@@ -69,6 +69,31 @@ def verify_manifest(folder, fix: str, required: tuple[str, ...] = ()) -> bool:
     return True
 
 
+def checkpoint_number(p: Path) -> int:
+    return int(p.name.split("-")[-1])
+
+
+def numbered_checkpoints(output_dir) -> list[Path]:
+    """The `checkpoint-N` folders in `output_dir`, newest (highest N) first."""
+    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                  key=checkpoint_number, reverse=True)
+
+
+def newest_verified_checkpoint(output_dir, required: tuple[str, ...]) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` whose manifest verifies with its `required` files (what resuming
+    reads): a checkpoint damaged or cut short by a crash is skipped with a warning, not resumed into an error."""
+    import warnings
+
+    for p in numbered_checkpoints(output_dir):
+        try:
+            if verify_manifest(p, "", required=required):
+                return str(p)
+            warnings.warn(f"{p} has no manifest (written by an older rlhf_ext, or incomplete): skipped.")
+        except CorruptFileError as e:
+            warnings.warn(f"Skipping damaged checkpoint {p}: {e}")
+    return None
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write to a private temporary file, fsync, rename: readers see the old file or the new one."""
     path = Path(path)

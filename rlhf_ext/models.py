@@ -239,6 +239,14 @@ def load_model(
     return keep_4bit_trainable(model) if qc is not None else model
 
 
+def non_reward_architecture(architectures) -> str | None:
+    """The architecture a checkpoint was saved as (its config's `architectures`), when that is not a reward model:
+    none of them is a *ForSequenceClassification (a causal LM, a bare trunk). None when it is one, or says nothing."""
+    if not isinstance(architectures, (list, tuple)) or not architectures:
+        return None
+    return None if any(str(a).endswith("ForSequenceClassification") for a in architectures) else str(architectures[0])
+
+
 # nn.Linear subclasses whose forward is nn.Linear's own (x·Wᵀ + b), which transformers' 4-bit loading leaves full
 # precision: it converts modules whose type *is* nn.Linear. Falcon's every projection is a FalconLinear. (Routers that
 # subclass nn.Linear — Llama 4's, Phi-3.5-MoE's — compute more than a product, and are not listed.)

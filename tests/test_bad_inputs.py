@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
-from rlhf_ext import PPOConfig, RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model, models
+from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model, models
 from rlhf_ext.integrity import CorruptFileError
 
 from .conftest import preference_rows
@@ -243,6 +243,7 @@ def test_artifact_loads_from_another_directory(artifact, tmp_path, monkeypatch):
     ({"vf_coef": -1.0}, "vf_coef must be a finite number ≥ 0"),
     ({"gradient_accumulation_steps": 4}, "does not accumulate.*num_mini_batches"),
     ({"bf16": False, "fp16": False, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"kl_target": float("inf")}, "kl_target .* must be a finite number > 0"),  # passed, then failed in the guard
 ], ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
 def test_ppo_config_refuses_numbers_that_cannot_train(tmp_path, kw, says):
     from rlhf_ext import PPOConfig
@@ -469,6 +470,75 @@ def test_resuming_from_nothing_says_what_to_do(tmp_path, tok):
         tr.train(resume_from_checkpoint=True)
     with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint='.*no-such': no such folder"):
         tr.train(resume_from_checkpoint=str(tmp_path / "no-such"))
+
+
+def test_a_new_run_in_an_earlier_runs_output_dir_is_refused_unless_overwritten(tmp_path, tok):
+    """A second run into a used output_dir appended to the first one's monitor log and left its checkpoints, which
+    a later `resume_from_checkpoint=True` then continued: refused, naming the three ways out; overwrite_output_dir
+    replaces the earlier run (its checkpoints and monitor log); resuming is unchanged."""
+    out = _two_checkpoints(tmp_path, tok)
+    assert (out / "monitor" / "metrics.jsonl").is_file()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-1, checkpoint-2, monitor/metrics.jsonl\)"
+                                         r".*resume_from_checkpoint=True.*another output_dir.*overwrite_output_dir"):
+        make(tmp_path, tok, max_steps=1, kl_controller="hard", kl_target=1.0).train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # nothing touched
+    resumed = make(tmp_path, tok, max_steps=3, kl_controller="hard", kl_target=1.0)
+    assert len(resumed.train(resume_from_checkpoint=True)) == 3
+    fresh = make(tmp_path, tok, max_steps=1, kl_controller="hard", kl_target=1.0, overwrite_output_dir=True,
+                 save_strategy="steps", save_steps=1)
+    fresh.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    logged = [json.loads(line)["iteration"] for line in (out / "monitor" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1]  # the new run's only, not appended to the earlier one's
+
+
+def test_ppo_output_dir_that_holds_the_reward_model_is_refused(tmp_path, tok, artifact):
+    """PPO with output_dir = the reward model's folder wrote the policy's files and manifest over it (after which a
+    damaged reward model loaded silently)."""
+    before = {p.name: p.read_bytes() for p in artifact.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="holds a reward model .*Give PPO its own output_dir"):
+        PPOTrainer(str(tmp_path / "no-model-needed"), reward_funcs=[str(artifact)],
+                   args=PPOConfig(str(artifact), use_cpu=True), train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}))
+    assert {p.name: p.read_bytes() for p in artifact.iterdir() if p.is_file()} == before
+
+
+def test_a_causal_lm_given_as_the_reward_model_is_refused(tmp_path, tok, tiny_path):
+    """A causal LM folder in reward_funcs loaded as a sequence classifier with a random score head, and PPO trained
+    against it (only transformers' load report said `score.weight MISSING`)."""
+    with pytest.raises(ValueError, match=r"saved as a LlamaForCausalLM, not a reward model.*score head would be "
+                                         r"random.*rlhf-ext reward"):
+        make(tmp_path, tok, reward=[tiny_path], max_steps=1)
+
+
+def test_reward_normalization_samples_that_cannot_normalise(tmp_path):
+    """0 trained the whole run, then failed with a message about max_length and saved nothing; 1 gave a std from two
+    scores (normalised rewards of −24)."""
+    with pytest.raises(ValueError, match="normalization_samples must be an integer ≥ 1, got 0"):
+        RewardEnsembleConfig(str(tmp_path), use_cpu=True, normalization_samples=0)
+    with pytest.warns(UserWarning, match="normalization_samples=1: .* from 2 scores"):
+        RewardEnsembleConfig(str(tmp_path), use_cpu=True, normalization_samples=1)
+
+
+def test_reward_resume_skips_a_damaged_checkpoint_and_names_a_missing_folder(tmp_path, tiny_path, tok):
+    """`resume_from_checkpoint=True` took the newest checkpoint even when damaged (CorruptFileError; PPO skips it);
+    a folder that is not there was called "not an rlhf_ext reward-model artifact"."""
+    def trainer(steps):
+        args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=steps, report_to="none", save_strategy="steps",
+                                    save_steps=1, use_cpu=True, disable_tqdm=True, per_device_train_batch_size=8,
+                                    normalization_samples=8, logging_steps=1)
+        return RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(32, 0)),
+                                     processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+
+    trainer(2).train()
+    _truncate(tmp_path / "rm" / "checkpoint-2" / "heads.safetensors")
+    tr = trainer(3)
+    loaded, load = [], tr._load_from_checkpoint
+    tr._load_from_checkpoint = lambda path, *a, **k: (loaded.append(Path(path).name), load(path, *a, **k))[1]
+    with pytest.warns(UserWarning, match="Skipping damaged checkpoint .*checkpoint-2"):
+        tr.train(resume_from_checkpoint=True)
+    assert loaded == ["checkpoint-1"] and tr.state.global_step == 3
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint='.*checkpoint-9': no such folder"):
+        trainer(3).train(resume_from_checkpoint=str(tmp_path / "rm" / "checkpoint-9"))
 
 
 def test_chat_messages_with_a_tokenizer_without_a_chat_template_name_the_fix(tmp_path, tok, tiny_path):

@@ -4,6 +4,7 @@ pairs to review; halt stops with a checkpoint that resumes."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -251,3 +252,56 @@ def test_progress_bars_show_on_the_main_process_only_and_obey_disable_tqdm():
     assert progress(trainer(True, True), range(3)).disable
     assert progress(trainer(False, False), range(3)).disable  # N processes would draw N bars over each other
     assert list(progress(trainer(True, False), range(3))) == [0, 1, 2]
+
+
+def _monitor_dir(tmp_path, **files):
+    """A run's monitor/ folder by hand: two iterations, one alarm, one sample; `files` replaces a file's text."""
+    mon = tmp_path / "run" / "monitor"
+    mon.mkdir(parents=True)
+    sample = {"iteration": 1, "prompt": "user: hi", "text": "hello there", "score": 0.5, "length": 2, "eos": True,
+              "audit": {}}
+    text = {"run.json": json.dumps({"kl_controller": "hard", "kl_target": 2.0}),
+            "metrics.jsonl": "".join(json.dumps({"iteration": i, "objective/scores": 0.1 * i, "objective/kl": 0.2})
+                                     + "\n" for i in (1, 2)),
+            "alarms.jsonl": json.dumps({"iteration": 2, "detector": "length_drift", "value": 1.6, "threshold": 1.5,
+                                        "action": "queue"}) + "\n",
+            "samples.jsonl": json.dumps(sample) + "\n"}
+    for name, content in {**text, **files}.items():
+        (mon / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return mon.parent
+
+
+_SAMPLE = '{"iteration": 1, "prompt": "p", "score": 0.5, "length": 2, "eos": true}\n'
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"run.json": '{"kl_controller": "hard",\n'}, r"monitor/run\.json: not valid JSON"),
+    ({"metrics.jsonl": b'{"iteration": 1}\n{"iteration": 2, "note": "caf\xe9"}\n{"iteration": 3}\n'},
+     r"monitor/metrics\.jsonl: line 2 is not UTF-8 text"),
+    ({"metrics.jsonl": '{"iteration": 1}\n{"iteration": 2,\n{"iteration": 3}\n'},
+     r"monitor/metrics\.jsonl: line 2 is not valid JSON"),
+    ({"metrics.jsonl": '{"iteration": 1}\n{"objective/kl": 0.1}\n'}, r'metrics\.jsonl: line 2 has no "iteration"'),
+    ({"samples.jsonl": _SAMPLE}, r'monitor/samples\.jsonl: line 1 has no "text"'),
+    ({"alarms.jsonl": '{"iteration": 2, "detector": "length_drift", "value": 1.6, "action": "queue"}\n'},
+     r'monitor/alarms\.jsonl: line 1 has no "threshold"'),
+    ({"metrics.jsonl": ""}, r"monitor/metrics\.jsonl holds no iteration yet"),
+])
+def test_report_on_damaged_monitor_files_exits_2_naming_file_and_line(tmp_path, capsys, files, message):
+    from rlhf_ext.cli import main as cli
+
+    run = _monitor_dir(tmp_path, **files)
+    with pytest.raises(SystemExit) as stop:
+        cli(["report", str(run)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and re.search(message, err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (run / "report").exists()  # no empty or partial report
+
+
+def test_report_skips_a_torn_last_line(tmp_path):
+    """A trainer killed (or still writing) mid-line: the report is written from the complete lines."""
+    from rlhf_ext.monitor.report import load_run, write_report
+
+    run = _monitor_dir(tmp_path, **{"metrics.jsonl": '{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3, "obj'})
+    assert [m["iteration"] for m in load_run(run)["metrics"]] == [1, 2]
+    assert "hello there" in write_report(run).read_text()

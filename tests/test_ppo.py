@@ -84,8 +84,8 @@ def test_logged_entropy_is_the_policys_and_the_bonus_trains_only_when_asked(tmp_
 
     # one step from the same start with and without the bonus: only the bonus's gradient tells them apart
     moved = {}
-    for c in (0.0, ent_coef):
-        t = make(tmp_path / f"c{c}", tok, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, ent_coef=c)
+    for i, c in enumerate((0.0, ent_coef)):
+        t = make(tmp_path / f"run{i}", tok, max_steps=1, num_ppo_epochs=1, learning_rate=1e-2, ent_coef=c)
         start = _lora_params(t)
         t.train()
         moved[c] = {n: p - start[n] for n, p in _lora_params(t).items()}
@@ -100,7 +100,7 @@ def test_hard_kl_holds_where_fixed_breaks(tmp_path, tok):
                  log_kl_after_update=True)
     kls = [h["kl/after_update"] for h in fixed.train()]
     assert max(kls) > delta, kls  # the learning rate is large enough to break the bound
-    hard = make(tmp_path, tok, max_steps=8, learning_rate=5e-2, kl_controller="hard", kl_target=delta)
+    hard = make(tmp_path / "hard", tok, max_steps=8, learning_rate=5e-2, kl_controller="hard", kl_target=delta)
     hist = hard.train()
     assert all(h["kl/after_update"] <= delta + 1e-6 for h in hist), [h["kl/after_update"] for h in hist]
     assert sum(h["kl/backtracks"] + h["kl/restored"] for h in hist) > 0
@@ -165,6 +165,38 @@ def test_resume_with_other_trajectory_settings_warns_naming_each(tmp_path, tok):
         warnings.filterwarnings("error", message="Resuming from")
         hist = make(tmp_path, tok, max_steps=3, per_device_train_batch_size=4).train(resume_from_checkpoint=ckpt)
     assert len(hist) == 3
+
+
+@pytest.mark.parametrize("signum, raised", [("SIGINT", KeyboardInterrupt), ("SIGTERM", SystemExit)])
+def test_a_signal_mid_iteration_saves_that_iteration_and_resumes_from_it(tmp_path, tok, capsys, signum, raised):
+    """Ctrl-C or `kill` while iteration 2 samples: it finishes, checkpoint-2 is written (save_strategy='no': nothing
+    would have been saved before — the run was lost), the run stops with what the signal means (SIGTERM: status 143)
+    and says how to resume; the resumed run goes on from iteration 2 and logs as the uninterrupted one did."""
+    import os
+    import signal
+
+    reward, calls = good_counter(tok), []
+
+    def interrupted_at_2(prompts, completions, completion_ids, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the second iteration's scoring: mid-iteration
+            os.kill(os.getpid(), getattr(signal, signum))
+        return reward(prompts, completions, completion_ids, **kw)
+
+    tr = make(tmp_path, tok, reward=interrupted_at_2, max_steps=4)
+    with pytest.raises(raised) as stop:
+        tr.train()
+    if raised is SystemExit:
+        assert stop.value.code == 128 + signal.SIGTERM
+    assert tr.iteration == 2 and sorted(p.name for p in (tmp_path / "ppo").glob("checkpoint-*")) == ["checkpoint-2"]
+    err = capsys.readouterr().err
+    assert f"{signum}: stopping after this iteration" in err and "Stopped after iteration 2: checkpoint-2" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = make(tmp_path, tok, reward=reward, max_steps=4)
+    hist = resumed.train(resume_from_checkpoint=True)
+    assert "Resuming from" in capsys.readouterr().err and resumed.iteration == 4 and len(hist) == 4
+    whole = make(tmp_path / "whole", tok, reward=reward, max_steps=4).train()
+    assert [h["loss/policy"] for h in hist] == pytest.approx([h["loss/policy"] for h in whole], rel=1e-5)
 
 
 def test_checkpoint_is_complete_and_atomic(tmp_path, tok):
@@ -279,7 +311,7 @@ def test_nan_rewards_dropped_or_stopped(tmp_path, tok):
     hist = make(tmp_path, tok, reward=flaky, max_steps=1).train()
     assert hist[0]["rewards/dropped_nonfinite"] == 4 and math.isfinite(hist[0]["loss/policy"])
     with pytest.raises(ValueError, match="non-finite"):
-        make(tmp_path, tok, reward=flaky, max_steps=1, nonfinite_rewards="error").train()
+        make(tmp_path / "error", tok, reward=flaky, max_steps=1, nonfinite_rewards="error").train()
 
 
 def test_text_prompts_and_separate_critic(tmp_path, tok):

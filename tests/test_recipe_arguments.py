@@ -295,6 +295,48 @@ def test_killed_recipes_resume_from_the_newest_checkpoint(tmp_path, tiny_path, m
     assert steps == ["PPOTrainer"] and trainer.iteration == 2
 
 
+def test_ctrl_c_stops_the_ppo_recipe_after_the_iteration_with_its_checkpoint(tmp_path, tiny_path):
+    """Ctrl-C during `rlhf-ext ppo` (save_strategy 'no': nothing would have been saved): the console script finishes
+    the iteration under way, writes it as a checkpoint, says how to resume and exits 130 — one line, no traceback
+    (a 25-frame KeyboardInterrupt traceback and every iteration lost before) — and the run resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import recipes.reward_modeling as reward_recipe
+
+    data = local_data(tmp_path / "data")
+    reward_recipe.main(*parse(RewardEnsembleConfig, {
+        "model_name_or_path": tiny_path, "dataset_name": data, "dataset_config": "preferences", "use_cpu": True,
+        "report_to": "none", "output_dir": str(tmp_path / "rm"), "per_device_train_batch_size": 4, "max_steps": 1}))
+    out = tmp_path / "ppo"
+    cmd = [str(Path(sys.executable).with_name("rlhf-ext")), "ppo", "--model_name_or_path", tiny_path,
+           "--dataset_name", data, "--dataset_config", "prompts", "--use_cpu", "true", "--report_to", "none",
+           "--output_dir", str(out), "--reward_model_path", str(tmp_path / "rm"), "--per_device_train_batch_size",
+           "4", "--max_completion_length", "4", "--num_ppo_epochs", "1", "--monitor_reference_prompts", "4",
+           "--save_strategy", "no", "--max_steps", "200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    metrics, deadline = out / "monitor" / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no iteration finished in time"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    done = [p.name for p in out.glob("checkpoint-*")]
+    assert len(done) == 1 and f"Stopped after iteration {done[0].split('-')[1]}: {done[0]} is saved" in err
+    n = int(done[0].split("-")[1])
+    resumed = subprocess.run(cmd[:-1] + [str(n + 1), "--resume_from_checkpoint", "true"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path, timeout=240)
+    assert resumed.returncode == 0 and f"Resuming from {out / done[0]} (iteration {n} of {n + 1})" in resumed.stderr
+    iterations = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+    assert iterations == list(range(1, n + 2))  # the interrupted run's iterations, then the one after: none twice
+
+
 def test_a_large_or_streamed_prompt_set_is_tokenized_under_a_progress_bar(tok, capsys):
     """PPO tokenizes its prompts once at start-up: seconds for tens of thousands (and a streamed set's length is not
     known), so a set of PROGRESS_ROWS or more, or a stream, shows a bar on the main process; a small set, another

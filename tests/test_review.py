@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 import pytest
 from datasets import Dataset
 
+from rlhf_ext.integrity import CorruptFileError
 from rlhf_ext.monitor.queue import ReviewQueue
 from rlhf_ext.monitor.review import MAX_BODY, main, serve
 
@@ -236,6 +238,170 @@ def test_page_and_static_files(served):
             assert res.status == 200 and res.read()
     js = (urllib.request.urlopen(url + "review.js", timeout=10)).read().decode()
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js  # samples only ever go in as textContent
+
+
+# -- damaged files: refused with the file and line, never skipped (a skipped line was a dropped decision)
+
+
+def test_damaged_queue_line_loses_no_decided_preference(tmp_path):
+    """preferences.jsonl is rewritten from what is read: a damaged middle line used to be skipped, and the next
+    decision rewrote the file without that pair's preference."""
+    q = ReviewQueue(tmp_path)
+    for i in range(3):
+        q.add(make_pair(f"p{i}", f"flagged {i}", f"reference {i}"))
+    q.decide("p0", "reference")
+    q.decide("p1", "reference")
+    lines = q.queue_path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"id": "p1"', '"id": "p1')  # one quote lost in a hand edit
+    q.queue_path.write_text("".join(lines))
+    decided = q.decisions_path.read_bytes()
+    for act in (lambda: q.decide("p2", "flagged"), lambda: q.undo("p0"), q.progress, q.pending, q.export_preferences):
+        with pytest.raises(CorruptFileError, match=r"queue\.jsonl: line 2 is not valid JSON at column \d+"):
+            act()
+    assert [r["source"]["queue_id"] for r in read_lines(q.preferences_path)] == ["p0", "p1"]
+    assert q.decisions_path.read_bytes() == decided  # the refused click was not logged either
+    lines[1] = lines[1].replace('"id": "p1', '"id": "p1"')  # repaired: everything is there
+    q.queue_path.write_text("".join(lines))
+    q.decide("p2", "flagged")
+    assert [r["source"]["queue_id"] for r in read_lines(q.preferences_path)] == ["p0", "p1", "p2"]
+
+
+def test_damaged_decision_line_is_refused_not_skipped(tmp_path):
+    q = ReviewQueue(tmp_path)
+    for i in range(3):
+        q.add(make_pair(f"p{i}", "a", "b"))
+    q.decide("p0", "flagged")
+    q.decide("p1", "reference")
+    q.decide("p2", "skip")
+    lines = q.decisions_path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    q.decisions_path.write_text("".join(lines))
+    with pytest.raises(CorruptFileError, match=r"decisions\.jsonl: line 2 is not valid JSON"):
+        q.progress()  # was {"total": 3, "decided": 2, "pending": 1}: p1's decision silently gone
+    with pytest.raises(CorruptFileError, match=r"decisions\.jsonl: line 2 is not valid JSON"):
+        q.undo("p2")
+    assert q.decisions_path.read_text() == "".join(lines)
+
+
+def test_torn_line_stays_skipped_after_the_next_append_ends_it(tmp_path):
+    """A killed writer's half line, ended by the next append, is still skipped (and kept in the file); a complete
+    record that only lost its newline (an editor) is still read."""
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("p0", "a", "b"))
+    torn = json.dumps(make_pair("p1", "c", "d"))[:40]
+    with open(q.queue_path, "a") as f:
+        f.write(torn)
+    q.add(make_pair("p2", "e", "f"))
+    q.decide("p2", "flagged")
+    with open(q.decisions_path, "a") as f:
+        f.write('{"id": "p0", "decis')
+    q.decide("p0", "reference")
+    assert [r["id"] for r in q.records()] == ["p0", "p2"] and torn in q.queue_path.read_text()
+    assert q.progress() == {"total": 2, "decided": 2, "pending": 0, "preferences": 2}
+    q.queue_path.write_text(q.queue_path.read_text() + json.dumps(make_pair("p3", "g", "h")))  # no newline
+    q.add(make_pair("p4", "i", "j"))
+    assert [r["id"] for r in q.records()] == ["p0", "p2", "p3", "p4"]
+
+
+def _write_queue(tmp_path, second: bytes) -> ReviewQueue:
+    q = ReviewQueue(tmp_path)
+    q.dir.mkdir(parents=True)
+    q.queue_path.write_bytes((json.dumps(make_pair("p0", "a", "b")) + "\n").encode() + second + b"\n"
+                             + (json.dumps(make_pair("p2", "e", "f")) + "\n").encode())
+    return q
+
+
+def _without(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+@pytest.mark.parametrize("second,message", [
+    (b'{"id": "p1", "prompt": ', 'line 2 is not valid JSON at column 24: Expecting value'),
+    (b'{"id": "p1", "prompt": "caf\xe9"}', "line 2 is not UTF-8 text"),
+    (json.dumps(_without(make_pair("p1", "c", "d"), "id")).encode(), 'line 2 has no "id"'),
+    (json.dumps({**make_pair("p1", "c", "d"), "id": 7}).encode(), 'line 2 has "id": 7, which should be a string'),
+    (b"[1, 2, 3]", r"line 2 is \[1, 2, 3\], not a JSON object"),
+    (json.dumps({**make_pair("p1", "c", "d"), "flagged": {"text": "c"}}).encode(),
+     'line 2 has no "flagged.completion"'),
+    (json.dumps(make_pair("p0", "c", "d")).encode(), "lines 1 and 2 have the same id 'p0'"),
+])
+def test_bad_queue_line_is_a_one_line_error_naming_file_and_line(tmp_path, capsys, second, message):
+    q = _write_queue(tmp_path, second)
+    with pytest.raises(CorruptFileError, match=r"queue\.jsonl: " + message):
+        q.records()
+    with pytest.raises(CorruptFileError, match=message):
+        serve(tmp_path)
+    assert main([str(tmp_path), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(q.queue_path) in err and "Traceback" not in err
+    assert re.search(message, err)
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"decision": "flagged", "time": "t"}, 'line 1 has no "id"'),
+    ({"id": "p0", "decision": "maybe"}, "line 1 has \"decision\": 'maybe', which should be one of flagged"),
+    ("[]", r"line 1 is \[\], not a JSON object"),
+])
+def test_bad_decision_line_is_a_one_line_error(tmp_path, capsys, line, message):
+    q = _write_queue(tmp_path, json.dumps(make_pair("p1", "c", "d")).encode())
+    q.decisions_path.write_text((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    with pytest.raises(CorruptFileError, match=r"decisions\.jsonl: " + message):
+        q.decide("p1", "flagged")
+    assert main([str(tmp_path), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err) and "Traceback" not in err
+
+
+def test_proxy_margin_order_names_the_pair_without_a_score(tmp_path, capsys):
+    q = _write_queue(tmp_path, json.dumps({**make_pair("p1", "c", "d"), "flagged": {"completion": "c"}}).encode())
+    assert [r["id"] for r in q.pending()] == ["p0", "p1", "p2"]  # the queue's order needs no score
+    message = r'queue\.jsonl: line 2: its "flagged" has no "score" \(the proxy_margin order sorts by it\)'
+    with pytest.raises(CorruptFileError, match=message):
+        q.pending("proxy_margin")
+    with pytest.raises(CorruptFileError, match=message):  # refused before a port is opened, not HTTP 500 in the page
+        serve(tmp_path, order="proxy_margin")
+    assert main([str(tmp_path), "--no-browser", "--order", "proxy_margin"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "eighty"])
+def test_cli_port_out_of_range_is_a_usage_error(tmp_path, capsys, port):
+    ReviewQueue(tmp_path).add(make_pair("p0", "a", "b"))
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--no-browser", f"--port={port}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --port" in err and "0 to 65535" in err and "Traceback" not in err
+
+
+def test_file_damaged_while_the_page_is_open(served):
+    """The page shows which line to repair (not "Internal error"), and a click is refused before it is logged."""
+    q, url = served
+    assert call(url, "/api/decide", {"id": "p0", "decision": "flagged"})[0] == 200
+    with open(q.queue_path, "a") as f:
+        f.write("[]\n")
+    code, answer = call(url, "/api/state")
+    assert code == 500 and answer["error"].startswith(f"{q.queue_path}: line 4 is [], not a JSON object")
+    code, answer = call(url, "/api/decide", {"id": "p1", "decision": "flagged"})
+    assert code == 500 and "line 4" in answer["error"]
+    assert [e["id"] for e in read_lines(q.decisions_path)] == ["p0"]
+    assert [r["source"]["queue_id"] for r in read_lines(q.preferences_path)] == ["p0"]
+
+
+def test_add_gives_a_repeated_id_a_new_one(tmp_path):
+    """A resumed run repeats the iterations after its checkpoint and may queue the same ids again; the reader
+    refuses an id used twice, so the writer never writes one."""
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("it3-length_drift-0", "a", "b"))
+    q.add(make_pair("it3-length_drift-0", "c", "d"))
+    q.add(make_pair("it3-length_drift-0", "e", "f"))
+    assert [r["id"] for r in q.records()] == ["it3-length_drift-0", "it3-length_drift-0~2", "it3-length_drift-0~3"]
+    with pytest.raises(ValueError, match='A review record has no "reference.completion"'):
+        q.add({**make_pair("p9", "a", "b"), "reference": {"text": "b"}})
+    with open(q.queue_path, "a") as f:
+        f.write("not json\n")
+    with pytest.warns(UserWarning, match=r"line 4 is not valid JSON.*queued after it all the same"):
+        q.add(make_pair("p5", "g", "h"))  # a training run goes on; the page names the line to repair
+    assert q.queue_path.read_text().splitlines()[-1].startswith('{"created"')
 
 
 def test_cli_without_queue_says_how_it_gets_filled(tmp_path, capsys):

@@ -27,16 +27,18 @@ def test_save_strategy_epoch_checkpoints_after_each_pass_over_the_prompts(tmp_pa
 
 
 def test_save_total_limit_keeps_the_newest_and_never_another_runs(tmp_path, tok):
-    """save_total_limit=2 keeps the two newest of this run (it used to keep every one); a higher-numbered folder
-    left by another run in the same output_dir is not this run's to delete."""
-    other = tmp_path / "ppo" / "checkpoint-9"
+    """save_total_limit=2 keeps the two newest of this run (it used to keep every one); a folder left by another
+    run in the same output_dir is not this run's to delete: a new run there is refused before it writes anything
+    (`test_rotate_checkpoints`: rotation never touches a higher-numbered folder either)."""
+    other = tmp_path / "other" / "ppo" / "checkpoint-9"
     other.mkdir(parents=True)
     (other / "notes.txt").write_text("another run")
+    with pytest.raises(ValueError, match="holds an earlier run \\(checkpoint-9\\)"):
+        make(tmp_path / "other", tok, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2).train()
+    assert (other / "notes.txt").read_text() == "another run" and _checkpoints(tmp_path / "other") == [9]
     make(tmp_path, tok, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=2).train()
-    assert _checkpoints(tmp_path) == [3, 4, 9]
-    assert (other / "notes.txt").read_text() == "another run"
-    with pytest.warns(UserWarning, match="checkpoint-9"):
-        assert newest_complete_checkpoint(tmp_path / "ppo").endswith("checkpoint-4")  # what is kept still resumes
+    assert _checkpoints(tmp_path) == [3, 4]
+    assert newest_complete_checkpoint(tmp_path / "ppo").endswith("checkpoint-4")  # what is kept still resumes
 
 
 @pytest.mark.parametrize("existing, newest, limit, kept", [

@@ -120,7 +120,9 @@ class RewardHackingMonitor(TrainerCallback):
                    "audits": list(self.trainer.audit_funcs), "reference": self.reference,
                    "detectors": [{"name": d.name, "threshold": d.threshold, "action": d.action,
                                   "direction": d.direction} for d in self.detectors]}
-            (self.dir / "run.json").write_text(json.dumps(run, indent=1))
+            from ..integrity import write_text_atomic
+
+            write_text_atomic(self.dir / "run.json", json.dumps(run, indent=1))  # a crash mid-write leaves no torn file
 
     def _truncate_logs(self, iteration: int):
         """A resumed run repeats the iterations after its checkpoint: drop what the killed run logged for them."""

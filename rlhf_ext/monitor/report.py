@@ -11,9 +11,28 @@ import html
 import json
 from pathlib import Path
 
-from .queue import read_jsonl
+from ..integrity import CorruptFileError, read_json
+from .queue import ReviewQueue, check_fields, read_jsonl
 
 PANELS = ("rewards", "kl", "length", "disagreement")
+NUMBER = (int, float)
+# What the report reads of each line the monitor writes (monitor/monitor.py); anything else in a line is optional
+METRIC = {"iteration": int}
+ALARM = {"iteration": int, "detector": str, "value": NUMBER, "threshold": NUMBER, "action": str}
+SAMPLE = {"iteration": int, "prompt": str, "text": str, "score": NUMBER, "length": int, "eos": bool}
+
+
+def _sample(s: dict) -> str | None:
+    problem = check_fields(s, SAMPLE)
+    audit = s.get("audit", {})
+    if not problem and not (isinstance(audit, dict) and all(isinstance(v, NUMBER) and not isinstance(v, bool)
+                                                             for v in audit.values())):
+        problem = f'has "audit": {json.dumps(audit)[:40]}, which should be an object of numbers'
+    return problem
+
+
+class EmptyRunError(ValueError):
+    """The monitor's files are there but hold no iteration yet: nothing to plot."""
 
 
 def load_run(output_dir) -> dict:
@@ -21,11 +40,21 @@ def load_run(output_dir) -> dict:
     if not (mon / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"{mon / 'metrics.jsonl'} does not exist: the report reads what the PPO trainer's "
                                 f"monitor writes (PPOConfig(monitor=True), the default). Point to a PPO output_dir.")
-    run = json.loads((mon / "run.json").read_text()) if (mon / "run.json").is_file() else {}
-    return {"run": run, "metrics": _dedupe(read_jsonl(mon / "metrics.jsonl")),
-            "alarms": _dedupe(read_jsonl(mon / "alarms.jsonl"), key=lambda a: (a["iteration"], a["detector"])),
-            "samples": _dedupe(read_jsonl(mon / "samples.jsonl"), key=lambda s: (s["iteration"], s["text"])),
-            "queue": read_jsonl(Path(output_dir) / "review" / "queue.jsonl")}
+    run = {}
+    if (mon / "run.json").is_file():
+        fix = "Repair it, or delete it for a report without the run's settings (a resumed run writes it again)."
+        run = read_json(mon / "run.json", fix)
+        if not isinstance(run, dict):
+            raise CorruptFileError(mon / "run.json", "is not a JSON object", fix)
+    metrics = _dedupe(read_jsonl(mon / "metrics.jsonl", lambda m: check_fields(m, METRIC)))
+    if not metrics:
+        raise EmptyRunError(f"{mon / 'metrics.jsonl'} holds no iteration yet: the run stopped (or is still) before "
+                            f"its first PPO iteration ended. Write the report once an iteration has finished.")
+    return {"run": run, "metrics": metrics,
+            "alarms": _dedupe(read_jsonl(mon / "alarms.jsonl", lambda a: check_fields(a, ALARM)),
+                              key=lambda a: (a["iteration"], a["detector"])),
+            "samples": _dedupe(read_jsonl(mon / "samples.jsonl", _sample), key=lambda s: (s["iteration"], s["text"])),
+            "queue": ReviewQueue(output_dir).records()}
 
 
 def _series(metrics, key):
@@ -177,7 +206,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         path = write_report(args.output_dir, args.out)
-    except FileNotFoundError as e:  # not a PPO run's folder: the message says what to point to
+    except (FileNotFoundError, CorruptFileError, EmptyRunError) as e:  # each message names the file and the fix
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(f"report: {path}")
     return 0

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from ..integrity import CorruptFileError
 from .queue import DECISIONS, ORDERS, ReviewQueue, check_order
 
 STATIC = Path(__file__).parent / "static"
@@ -61,12 +62,14 @@ class ReviewServer(ThreadingHTTPServer):
     daemon_threads = True  # a browser's open connection must not keep Ctrl-C from exiting
 
     def __init__(self, output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue"):
-        self.order = check_order(order)  # before binding: a bad order must not leave a port open
-        super().__init__(("127.0.0.1", port), Handler)
+        self.order = check_order(order)  # before binding: a bad order or a damaged queue must not leave a port open
         self.queue = ReviewQueue(output_dir)
+        self.queue.pending(self.order)  # reads and checks every file the page needs (CorruptFileError)
+        super().__init__(("127.0.0.1", port), Handler)
         self.reviewer = reviewer
         # decide/undo each append and then rewrite preferences.jsonl via one shared temporary file: one at a time
         self.lock = threading.Lock()
+        self.reported = None  # the last damaged-file error printed to the terminal
         self.port = self.server_address[1]
         self.allowed_hosts = {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
         if self.port == 80:  # browsers leave the default port out of Host
@@ -132,6 +135,11 @@ class Handler(BaseHTTPRequestHandler):
             route()
         except ApiError as e:
             self._json({"error": str(e)}, e.status)
+        except CorruptFileError as e:  # a file damaged while the page is open: say which line, in the page and here
+            if str(e) != self.server.reported:  # once, not at every poll of the page
+                self.server.reported = str(e)
+                self.log_error("%s", e)
+            self._json({"error": str(e)}, HTTPStatus.INTERNAL_SERVER_ERROR)
         except Exception as e:  # one bad request must not take the page down; say what happened
             self.log_error("%s %s failed: %r", self.command, self.path, e)
             self._json({"error": f"Internal error: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
@@ -219,11 +227,21 @@ def serve(output_dir, port: int = 0, reviewer: str | None = None, order: str = "
     return server, server.url
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535; 0: any free port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range: a port is 0 to 65535 (0: any free port)")
+    return port
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf-ext review", description=__doc__.split("\n\n")[0],
                                  epilog="Files: OUTPUT_DIR/review/{queue,decisions,preferences}.jsonl")
     ap.add_argument("output_dir", help="the PPO run's output_dir (its review/queue.jsonl is read)")
-    ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
+    ap.add_argument("--port", type=_port, default=0, help="port on 127.0.0.1 (default 0: any free port)")
     ap.add_argument("--no-browser", action="store_true", help="print the URL only, do not open a browser")
     ap.add_argument("--reviewer", default=None, help="name recorded with each decision")
     ap.add_argument("--order", choices=ORDERS, default="queue",
@@ -234,7 +252,7 @@ def main(argv=None) -> int:
     try:
         queue = check_queue(args.output_dir)
         server = ReviewServer(args.output_dir, args.port, args.reviewer, args.order)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CorruptFileError) as e:
         print(e, file=sys.stderr)
         return 2
     except OSError as e:
@@ -262,7 +280,11 @@ def main(argv=None) -> int:
         pass
     finally:
         server.server_close()
-    p = queue.progress()
+    try:
+        p = queue.progress()
+    except CorruptFileError as e:  # damaged while the page was open; every decision made is in decisions.jsonl
+        print(f"\nStopped. {e}", file=sys.stderr)
+        return 2
     print(f"\nStopped. {p['decided']} of {p['total']} pairs reviewed; {p['preferences']} preference pairs in "
           f"{queue.preferences_path}")
     return 0

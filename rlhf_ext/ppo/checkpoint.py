@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
+from ..integrity import (CorruptFileError, atomic_folder, checkpoint_number, load_safetensors,
+                         newest_verified_checkpoint, numbered_checkpoints, read_json, save_tensors, verify_manifest)
 
 CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
 # What shapes the trajectory: resumed with other values, a run continues, but not as the run that wrote the checkpoint
@@ -97,14 +98,6 @@ def read_checkpoint(tr, path) -> None:
     tr.state.global_step = tr.iteration
 
 
-def _number(p: Path) -> int:
-    return int(p.name.split("-")[-1])
-
-
-def _numbered_checkpoints(output_dir) -> list[Path]:
-    """The `checkpoint-N` folders in `output_dir`, newest (highest N) first."""
-    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                  key=_number, reverse=True)
 
 
 def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
@@ -113,23 +106,38 @@ def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
     belongs to another run in the same output_dir and is never touched. Returns the removed paths."""
     if not limit or limit < 1:
         return []
-    older = [p for p in _numbered_checkpoints(output_dir) if _number(p) < newest]
+    older = [p for p in numbered_checkpoints(output_dir) if checkpoint_number(p) < newest]
     removed = older[limit - 1:]
     for p in removed:
         shutil.rmtree(p)
     return [str(p) for p in removed]
 
 
+def earlier_run(output_dir) -> list[str]:
+    """What an earlier run left in `output_dir` that a new run there would mix with: its checkpoints (a later
+    `resume_from_checkpoint=True` would continue *that* run) and its monitor log (the new iterations would be
+    appended to it). Empty when there is none."""
+    out = Path(output_dir)
+    found = [p.name for p in reversed(numbered_checkpoints(out))]
+    metrics = out / "monitor" / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append("monitor/metrics.jsonl")
+    return found
+
+
+def clear_earlier_run(output_dir) -> None:
+    """`overwrite_output_dir=True`: remove an earlier run's checkpoints and monitor logs (the review queue and the
+    people's decisions in it are kept: they are labels, not the run's state)."""
+    out = Path(output_dir)
+    for p in numbered_checkpoints(out):
+        shutil.rmtree(p)
+    for name in ("metrics.jsonl", "alarms.jsonl", "samples.jsonl", "run.json"):
+        (out / "monitor" / name).unlink(missing_ok=True)
+
+
 def newest_complete_checkpoint(output_dir) -> str | None:
-    """The newest `checkpoint-N` whose manifest verifies; damaged ones are skipped with a warning."""
-    for p in _numbered_checkpoints(output_dir):
-        try:
-            if verify_manifest(p, "", required=CHECKPOINT_FILES):
-                return str(p)
-            warnings.warn(f"{p} has no manifest (written by an older rlhf_ext, or incomplete): skipped.")
-        except CorruptFileError as e:
-            warnings.warn(f"Skipping damaged checkpoint {p}: {e}")
-    return None
+    """The newest PPO `checkpoint-N` whose manifest verifies; damaged ones are skipped with a warning."""
+    return newest_verified_checkpoint(output_dir, CHECKPOINT_FILES)
 
 
 def _jsonable(x):

@@ -75,6 +75,7 @@ class PPOConfig(TrainingArguments):
     callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions: 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward model for the recipes: an rlhf_ext artifact (members on the shared base) or a sequence-classification model id / folder (as TRL's reward_funcs strings)."})
     # monitoring
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that holds an earlier one (checkpoint-N folders, a monitor log), removing them; without it that is refused (the runs would mix), unless resuming."})
     monitor: bool = field(default=True, metadata={"help": "Run the reward-hacking monitor after every iteration (monitor/* metrics, OUTPUT_DIR/monitor/, review queue)."})
     monitor_detectors: list[Any] | str | None = field(default=None, metadata={"help": "Detectors: names or {'name', 'threshold', 'action': log|queue|halt} dicts; None = every built-in with its default threshold and action (`rlhf-ext plugins`)."})
     monitor_max_queue: int = field(default=2, metadata={"help": "Pairs sent to the review queue per firing of a 'queue' detector."})
@@ -105,6 +106,7 @@ class PPOConfig(TrainingArguments):
 
     def __post_init__(self):
         import json
+        import math
 
         import torch
 
@@ -116,8 +118,9 @@ class PPOConfig(TrainingArguments):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, json.loads(v))
-        if self.kl_target is not None and not self.kl_target > 0:
-            raise ValueError(f"kl_target (δ) must be > 0 nats, got {self.kl_target}. It bounds KL(π‖π_ref); use e.g. 4.0.")
+        if self.kl_target is not None and not (self.kl_target > 0 and math.isfinite(self.kl_target)):
+            raise ValueError(f"kl_target (δ) must be a finite number > 0 nats, got {self.kl_target}. It bounds "
+                             f"KL(π‖π_ref); use e.g. 4.0 (no bound: kl_controller='fixed' or 'adaptive').")
         if self.kl_controller != "fixed" and self.kl_target is None:
             raise ValueError(f"kl_controller={self.kl_controller!r} needs kl_target (δ > 0).")
         if self.critic not in ("shared", "separate"):

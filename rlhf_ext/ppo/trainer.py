@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from collections import Counter
@@ -31,8 +32,8 @@ from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_pr
 from ..distributed import close_process_group_at_exit
 from ..integrity import ensure_writable_dir
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, pretrained_kwargs, tokenizer_for,
-                      warn_unquantized_experts)
+                      keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
+                      tokenizer_for, warn_unquantized_experts)
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
@@ -41,9 +42,11 @@ from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function
-from .checkpoint import newest_complete_checkpoint, read_checkpoint, rotate_checkpoints, write_checkpoint
+from .checkpoint import (clear_earlier_run, earlier_run, newest_complete_checkpoint, read_checkpoint,
+                         rotate_checkpoints, write_checkpoint)
 from .config import PPOConfig
 from .export import push_policy, save_policy
+from .interrupt import StopAfterIteration
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
@@ -130,6 +133,9 @@ class PPOTrainer(Trainer):
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
         check_dataset_type(train_dataset)
         streamed_prompts = prompts_to_stream(train_dataset, args)  # refused before a model loads, if it must be
+        if is_reward_artifact(args.output_dir):  # the policy's files and manifest would replace the reward model's
+            raise ValueError(f"output_dir {args.output_dir} holds a reward model (its {SPEC_FILE}): PPO would write "
+                             f"the policy over it and its manifest. Give PPO its own output_dir.")
         ensure_writable_dir(args.output_dir)
         torch.manual_seed(args.seed)
 
@@ -327,6 +333,12 @@ class PPOTrainer(Trainer):
                 f"sequence-classification model transformers can load ({e}). Pass the output_dir of "
                 f"RewardEnsembleTrainer / recipes/reward_modeling.py, the folder or Hub id of a sequence-classification "
                 f"reward model (what trl.RewardTrainer saves), a model, or a callable.") from e
+        saved_as = non_reward_architecture(getattr(model.config, "architectures", None))
+        if saved_as:
+            raise ValueError(
+                f"Reward {name!r} was saved as a {saved_as}, not a reward model: loaded for scoring, its score head "
+                f"would be random (PPO would chase noise). Train a reward model on it first (`rlhf-ext reward`, or "
+                f"RewardEnsembleTrainer) and pass that output_dir, or a sequence-classification reward checkpoint.")
         if not is_quantized(model):  # a 4-bit model is placed where it was loaded
             model.to(self.policy.device)
         return ExternalRewardModel(model, tokenizer or self._reward_tokenizer(model), name=Path(name).name or name)
@@ -818,40 +830,76 @@ class PPOTrainer(Trainer):
                 raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass "
                                         f"a checkpoint-N folder, or True for the newest in output_dir.")
             self._load_checkpoint(resume_from_checkpoint)
+            if self.accelerator.is_main_process:
+                print(f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of {total}).",
+                      file=sys.stderr, flush=True)
+        elif self.iteration == 0:
+            self._start_clean(args)
         if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
             torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start, first = time.perf_counter(), self.iteration
         if args.eval_on_start and self.iteration == 0:
             self.evaluate()
-        while self.iteration < total and not self.control.should_training_stop:
-            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            metrics = self._iteration()
-            self.iteration += 1
-            self.state.global_step = self.iteration
-            self.state.epoch = self.data_epoch + self.data_pos / max(1, len(self.prompts))
-            self._metrics_history.append(metrics)
-            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            # logging, evaluation, checkpoint: each on its TrainingArguments cadence, in transformers' order
-            epoch_done = self._epoch_done()
-            if due(args.logging_strategy, args.logging_steps, self.iteration, total, epoch_done) or (
-                    args.logging_first_step and self.iteration == 1):
-                self.log(metrics)
-                if args.log_completions and self.accelerator.is_main_process:
-                    self._print_completions(self.rollout)
-            if due(args.eval_strategy, args.eval_steps, self.iteration, total, epoch_done):
-                self.evaluate()
-            if due(args.save_strategy, args.save_steps, self.iteration, total, epoch_done):
-                if self.accelerator.is_main_process:  # adapters are identical on every process
-                    path = self.save_checkpoint()
-                    rotate_checkpoints(args.output_dir, self.iteration, args.save_total_limit)
-                    if args.push_to_hub:
-                        self._push_checkpoint(path)
-                self.accelerator.wait_for_everyone()
+        with StopAfterIteration(announce=self.accelerator.is_main_process) as stop:
+            while self.iteration < total and not self.control.should_training_stop:
+                self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+                metrics = self._iteration()
+                self.iteration += 1
+                self.state.global_step = self.iteration
+                self.state.epoch = self.data_epoch + self.data_pos / max(1, len(self.prompts))
+                self._metrics_history.append(metrics)
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                # logging, evaluation, checkpoint: each on its TrainingArguments cadence, in transformers' order
+                epoch_done = self._epoch_done()
+                if due(args.logging_strategy, args.logging_steps, self.iteration, total, epoch_done) or (
+                        args.logging_first_step and self.iteration == 1):
+                    self.log(metrics)
+                    if args.log_completions and self.accelerator.is_main_process:
+                        self._print_completions(self.rollout)
+                if due(args.eval_strategy, args.eval_steps, self.iteration, total, epoch_done):
+                    self.evaluate()
+                saved = due(args.save_strategy, args.save_steps, self.iteration, total, epoch_done)
+                if saved:
+                    self._save_and_rotate(push=args.push_to_hub)
+                if stop.requested(self._sum_over_processes):  # Ctrl-C / SIGTERM: this iteration is kept
+                    if not saved:
+                        self._save_and_rotate(push=False)
+                    if self.accelerator.is_main_process:
+                        print(f"Stopped after iteration {self.iteration}: checkpoint-{self.iteration} is saved in "
+                              f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
+                              f"--resume_from_checkpoint true).", file=sys.stderr, flush=True)
+                    raise stop.exception()
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.perf_counter() - start,
                             (self.iteration - first) * args.per_device_train_batch_size * self.accelerator.num_processes,
                             self.iteration - first, self.state.epoch)
+
+    def _save_and_rotate(self, push: bool) -> None:
+        if self.accelerator.is_main_process:  # adapters are identical on every process
+            path = self.save_checkpoint()
+            rotate_checkpoints(self.args.output_dir, self.iteration, self.args.save_total_limit)
+            if push:
+                self._push_checkpoint(path)
+        self.accelerator.wait_for_everyone()
+
+    def _sum_over_processes(self, x: float) -> float:
+        return float(self._global_sum(torch.tensor(x, dtype=torch.float64, device=self.args.device)))
+
+    def _start_clean(self, args) -> None:
+        """A new run (not resumed) in an output_dir an earlier run used would append to its monitor log and leave its
+        checkpoints for a later resume to continue: refused, naming the ways out, unless overwrite_output_dir."""
+        found = earlier_run(args.output_dir)
+        if not found:
+            return
+        if not args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {args.output_dir} holds an earlier run ({', '.join(found[-4:])}): a new run there would "
+                f"mix with it. Resume it (resume_from_checkpoint=True; recipes: --resume_from_checkpoint true), use "
+                f"another output_dir, or set overwrite_output_dir=True to replace it.")
+        if self.accelerator.is_main_process:
+            clear_earlier_run(args.output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _epoch_done(self) -> bool:
         """The iteration just run took the last full batch of a pass over the prompts (the next one starts a new

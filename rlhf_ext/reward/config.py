@@ -173,4 +173,13 @@ class RewardEnsembleConfig(RewardConfig):
                     f"recipes/reward_modeling.py run, or leave init_reward_model unset to train from scratch.")
         if self.length_decorrelation_coef < 0:
             raise ValueError(f"length_decorrelation_coef must be ≥ 0, got {self.length_decorrelation_coef}.")
+        if not isinstance(self.normalization_samples, int) or self.normalization_samples < 1:
+            raise ValueError(f"normalization_samples must be an integer ≥ 1, got {self.normalization_samples!r}: the "
+                             f"pairs scored after training for each member's mean/std (512 by default).")
+        if self.normalization_samples < 32:
+            import warnings
+
+            warnings.warn(f"normalization_samples={self.normalization_samples}: each member's mean/std come from "
+                          f"{2 * self.normalization_samples} scores, so normalised rewards are noisy (a std from 2 "
+                          f"scores can blow them up to tens); use ≥ 32 (512 by default).", stacklevel=3)
         super().__post_init__()

@@ -32,7 +32,7 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..hub import with_card_metadata
-from ..integrity import ensure_writable_dir
+from ..integrity import ensure_writable_dir, newest_verified_checkpoint
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
@@ -152,6 +152,10 @@ class _GradientReachCheck(TrainerCallback):
         if not self.done:
             self.done = True
             check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
+
+
+# what resuming reads from a checkpoint-N folder: the artifact (its manifest lists the rest) and Trainer's state
+RESUME_FILES = ("heads.safetensors", "trainer_state.json")
 
 
 def _check_peft_config(peft_config) -> None:
@@ -659,6 +663,15 @@ class RewardEnsembleTrainer(RewardTrainer):
         return self.normalization
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # as PPOTrainer: the newest checkpoint that verifies, damaged ones skipped
+            resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir, RESUME_FILES)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in {self.args.output_dir} to resume from (a run saves "
+                                 f"them with save_strategy='steps' or 'epoch'). Train without resume_from_checkpoint, "
+                                 f"or pass the checkpoint-N folder to resume from.")
+        elif resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass a "
+                                    f"checkpoint-N folder, or True for the newest in output_dir.")
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
             self._init_from(self.args.init_reward_model)
         out = super().train(resume_from_checkpoint, *args, **kwargs)
