@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 
 COMMANDS = {
@@ -38,6 +39,11 @@ def _recipe(name: str, rest) -> int:
 
 
 def _plugins(rest) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf-ext plugins", description="List every plugin point and the names "
+                                 "registered under it (built-ins, and third-party ones once requested by name: entry-"
+                                 "point group rlhf_ext.plugins, names <point>.<name>). A config chooses them by name, "
+                                 "e.g. kl_controller: hard, aggregation: uwo, shapers: [linear].")
+    ap.parse_args(rest)
     from .registry import POINTS, available
 
     for point in POINTS:
@@ -50,12 +56,22 @@ def _convert(rest) -> int:
     ap.add_argument("model", nargs="?", default=None, help="a .gguf file or the embedded default's name "
                     "(default: smollm2-135m-instruct); prints the converted safetensors folder")
     args = ap.parse_args(rest)
-    from .models import DEFAULT_MODEL, resolve_model_path
+    from .models import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model_path
 
+    model = args.model or DEFAULT_MODEL
+    # resolve_model_path passes folders, Hub ids and other files through unchanged: printed back, they read as
+    # converted when nothing was
+    if model.lower() not in EMBEDDED_MODELS and not model.endswith(".gguf"):
+        ap.error(f"{model} is not a .gguf file or an embedded model: convert turns a GGUF file (or "
+                 f"{', '.join(EMBEDDED_MODELS)}) into a safetensors folder. A folder or Hub id needs no conversion: "
+                 f"pass it to the trainers as it is.")
     try:
-        print(resolve_model_path(args.model or DEFAULT_MODEL))
+        print(resolve_model_path(model))
     except FileNotFoundError as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
+    except (ValueError, struct.error) as e:  # transformers' GGUF reader: wrong magic bytes, or a file cut short
+        ap.exit(2, f"{ap.prog}: error: {model} could not be read as a GGUF model ({e}); pass a "
+                   f"complete .gguf file as llama.cpp writes it, or {DEFAULT_MODEL}.\n")
     return 0
 
 

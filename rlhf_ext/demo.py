@@ -28,15 +28,12 @@ def lora():
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
-def train_reward(out: Path, data: Path, args) -> dict:
+def reward_config(out: Path, args):
     import torch
 
-    from .data import load_split
-
     from .reward.config import RewardEnsembleConfig
-    from .reward.trainer import RewardEnsembleTrainer
 
-    cfg = RewardEnsembleConfig(
+    return RewardEnsembleConfig(
         str(out), ensemble_size=args.ensemble_size, ensemble_mode="heads", num_train_epochs=args.reward_epochs,
         heads_only=args.reward_heads_only, pooling=args.reward_pooling, weight_decay=0.1 if args.reward_heads_only else 0.0,
         # LoRA on the top layers + the frozen-prefix cache: epochs after the first run only those layers (heads only:
@@ -47,6 +44,14 @@ def train_reward(out: Path, data: Path, args) -> dict:
         eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=args.seed,
         normalization_samples=128,
     )
+
+
+def train_reward(out: Path, data: Path, args, cfg=None) -> dict:
+    from .data import load_split
+
+    from .reward.trainer import RewardEnsembleTrainer
+
+    cfg = reward_config(out, args) if cfg is None else cfg
     trainer = RewardEnsembleTrainer(
         MODEL, args=cfg, train_dataset=load_split(str(data), "train", "preferences"),
         eval_dataset=load_split(str(data), "test", "preferences"),
@@ -58,17 +63,12 @@ def train_reward(out: Path, data: Path, args) -> dict:
     return metrics
 
 
-def run_ppo(out: Path, data: Path, reward_path: Path, args):
+def ppo_config(out: Path, args):
     import torch
 
-    from .data import load_split
-    from .sentiment import distinct_n, gold_judge, repetition_judge, sentiment_judge, vader_judge
-
     from .ppo.config import PPOConfig
-    from .ppo.trainer import PPOTrainer
 
-    vader = vader_judge()
-    cfg = PPOConfig(
+    return PPOConfig(
         str(out), kl_controller="hard", kl_target=args.kl_target, init_kl_coef=args.beta, aggregation="uwo",
         aggregation_kwargs={"lam": 1.0}, shapers=[{"name": "linear", "alpha": args.length_alpha, "free_tokens": 24},
                                                   {"name": "missing_eos", "penalty": args.eos_penalty}]
@@ -77,7 +77,22 @@ def run_ppo(out: Path, data: Path, reward_path: Path, args):
         learning_rate=args.learning_rate, value_head_init=args.value_head_init, max_steps=args.iterations,
         save_steps=max(1, args.iterations // 2),
         use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=1, lora_top_layers=args.lora_layers,
+        # a demo run that does not resume trains from the beginning (resume_point says so): it replaces the earlier
+        # run's checkpoints and monitor log instead of being refused after stage 1 (the review decisions are kept)
+        overwrite_output_dir=True,
     )
+
+
+def run_ppo(out: Path, data: Path, reward_path: Path, args, cfg=None):
+    import torch
+
+    from .data import load_split
+    from .sentiment import distinct_n, gold_judge, repetition_judge, sentiment_judge, vader_judge
+
+    from .ppo.trainer import PPOTrainer
+
+    vader = vader_judge()
+    cfg = ppo_config(out, args) if cfg is None else cfg
     trainer = PPOTrainer(
         MODEL, reward_funcs=[str(reward_path)], args=cfg, train_dataset=load_split(str(data), "train", "prompts"),
         peft_config=lora(),
@@ -118,8 +133,8 @@ def resume_point(ppo_dir: Path, resume: bool) -> str | None:
               f"PPO starts from the beginning")
         return found
     if found:
-        print(f"      {ppo_dir} holds {Path(found).name} from an earlier run: training again from the beginning "
-              f"(--resume would continue from it)")
+        print(f"      {ppo_dir} holds {Path(found).name} from an earlier run: training again from the beginning, "
+              f"replacing it (--resume would continue from it)")
     return None
 
 
@@ -154,6 +169,30 @@ def plot(history, before, after, kl_target, path: Path):
     ax[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def check_options(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse (exit 2, naming the flag) a value that would fail or train nonsense in a later stage: stage 2's
+    settings fail only after stage 1 has trained for minutes."""
+    import math
+
+    for flag in ("eval_prompts", "eval_samples", "iterations", "batch_size", "ensemble_size"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    if args.lora_layers < 0:
+        ap.error(f"--lora-layers must be ≥ 0 (0 = every layer), got {args.lora_layers}")
+    if not 0 <= args.seed < 2**32:  # transformers' set_seed refuses others, inside the first trainer
+        ap.error(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    # a rate of 0 trains nothing; a KL bound of 0 allows no change; epochs scale the reward model's steps
+    for flag in ("kl_target", "learning_rate", "reward_lr", "reward_epochs"):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and v > 0):
+            ap.error(f"--{flag.replace('_', '-')} must be a finite number > 0, got {v}")
+    # coefficients of a penalty (0 = off): a negative one rewards what it should charge
+    for flag in ("beta", "length_alpha", "eos_penalty", "novelty_alpha", "length_decorrelation"):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and v >= 0):
+            ap.error(f"--{flag.replace('_', '-')} must be a finite number ≥ 0 (0 = off), got {v}")
 
 
 def main(argv=None):
@@ -198,9 +237,7 @@ def main(argv=None):
             action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
     args = ap.parse_args(argv)
     args.reuse_reward = args.reuse_reward or args.resume
-    for flag in ("eval_prompts", "eval_samples", "iterations", "batch_size"):
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    check_options(ap, args)
     from .data import SHIPPED
 
     out, data = Path(args.output_dir), Path(args.data_dir) if args.data_dir else SHIPPED / "sentiment"
@@ -214,6 +251,11 @@ def main(argv=None):
         ap.error(f"--data-dir {data} lacks {', '.join(missing)} (the demo reads prompts_{{train,test,transfer}}.jsonl "
                  f"and, to train its reward model, preferences_{{train,test}}.jsonl; the shipped set in that layout: "
                  f"{SHIPPED / 'sentiment'})")
+    try:  # every rule of the two stages' configs, before stage 1 spends minutes on the reward ensemble
+        ppo_cfg = ppo_config(out / "ppo", args)
+        reward_cfg = None if reuse else reward_config(reward_path, args)
+    except (ValueError, TypeError) as e:
+        ap.error(str(e))
     t0 = time.time()
     trunk = "frozen base (heads only)" if args.reward_heads_only else f"LoRA on the top {args.lora_layers} layers"
     print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, {trunk}, {args.reward_pooling} pooling, length "
@@ -223,12 +265,12 @@ def main(argv=None):
         saved = [f for f in (out / "reward_metrics.json", reward_path / "eval_results.json") if f.is_file()]
         rm = json.loads(saved[0].read_text()) if saved else {}
     else:
-        rm = train_reward(reward_path, data, args)
+        rm = train_reward(reward_path, data, args, cfg=reward_cfg)
         (out / "reward_metrics.json").write_text(json.dumps(rm, indent=2))
     t1 = time.time()
     print(f"[2/2] PPO: hard KL (δ={args.kl_target}), linear length penalty, uwo aggregation, "
           f"{args.iterations} iterations of {args.batch_size} prompts")
-    trainer, history, before, after, resumed = run_ppo(out / "ppo", data, reward_path, args)
+    trainer, history, before, after, resumed = run_ppo(out / "ppo", data, reward_path, args, cfg=ppo_cfg)
     t2 = time.time()
     plot(history, before, after, args.kl_target, out / "demo.png")
     kl_after = [h.get("kl/after_update", float("nan")) for h in history]

@@ -99,7 +99,7 @@ def test_nonfinite_rewards_warn_once_with_counts_and_stop_when_nothing_is_left(t
         return [math.nan] * len(completions)
 
     with pytest.raises(ValueError, match="Every sample of the batch .* non-finite"):
-        make(tmp_path, tok, reward=all_nan, max_steps=1).train()
+        make(tmp_path / "all_nan", tok, reward=all_nan, max_steps=1).train()
 
 
 # -- data and sizes --------------------------------------------------------------------------------------------

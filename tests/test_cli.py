@@ -15,6 +15,7 @@ import rlhf_ext
 from rlhf_ext import cli
 
 SCRIPT = Path(sys.executable).with_name("rlhf-ext")
+HERE = Path(__file__).resolve()  # an existing file that is neither a model config nor a GGUF
 
 
 def run(*args, timeout=180):
@@ -38,12 +39,34 @@ def run(*args, timeout=180):
     (("report", "no/such/run"), 2, "no/such/run/monitor/metrics.jsonl does not exist"),
     (("convert", "no/such/model.gguf"), 2, "GGUF file no/such/model.gguf does not exist"),
     (("demo", "--data-dir", "no/such/data"), 2, "--data-dir no/such/data lacks prompts_train.jsonl"),
+    # accepted before (exit 0, or a traceback after minutes of training): refused at once, naming the flag
+    (("plugins", "--help"), 0, "usage: rlhf-ext plugins"),
+    (("plugins", "--nonsense", "extra"), 2, "unrecognized arguments: --nonsense extra"),
+    (("plan", "--model", "gpt2", "--ensemble", "-3"), 2, "--ensemble must be ≥ 0"),
+    (("plan", "--model", "gpt2", "--kl-controller", "hardd"), 2, "Unknown kl_controller 'hardd'"),
+    (("plan", "--model", str(HERE)), 2, "is a .py file, not a model config: pass the model's folder"),
+    (("demo", "--kl-target", "-1"), 2, "--kl-target must be a finite number > 0"),
+    (("demo", "--ensemble-size", "0"), 2, "--ensemble-size must be ≥ 1"),
+    (("convert", str(HERE)), 2, "is not a .gguf file or an embedded model"),
+    (("convert", str(HERE.parent)), 2, "is not a .gguf file or an embedded model"),
 ], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
 def test_console_script_exit_status(args, status, says):
     r = run(*args)
     assert r.returncode == status, (r.returncode, r.stdout[-1500:], r.stderr[-1500:])
     assert says in r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_convert_refuses_a_file_that_is_not_gguf_in_one_line(tmp_path, monkeypatch):
+    """A .gguf name on another file raised transformers' ValueError (a traceback, exit 1); cut short, struct.error."""
+    monkeypatch.setenv("RLHF_EXT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "fake.gguf").write_text("hi\n")
+    (tmp_path / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05")
+    for name in ("fake.gguf", "short.gguf"):
+        r = run("convert", str(tmp_path / name))
+        assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr and f"{name} could not be read as a GGUF model" in r.stderr
+    assert not (tmp_path / "cache" / "models" / "fake").exists()  # nothing half-converted left behind
 
 
 def test_a_command_that_returns_a_summary_exits_0(monkeypatch):

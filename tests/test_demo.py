@@ -69,6 +69,51 @@ def test_demo_refuses_counts_below_one_before_any_work(flag, capsys, tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--kl-target", "-1", "--kl-target must be a finite number > 0"),
+    ("--kl-target", "nan", "--kl-target must be a finite number > 0"),
+    ("--learning-rate", "-1", "--learning-rate must be a finite number > 0"),
+    ("--reward-lr", "0", "--reward-lr must be a finite number > 0"),
+    ("--reward-epochs", "0", "--reward-epochs must be a finite number > 0"),
+    ("--ensemble-size", "0", "--ensemble-size must be ≥ 1"),
+    ("--beta", "-0.5", "--beta must be a finite number ≥ 0"),
+    ("--length-alpha", "-1", "--length-alpha must be a finite number ≥ 0"),
+    ("--eos-penalty", "inf", "--eos-penalty must be a finite number ≥ 0"),
+    ("--novelty-alpha", "-1", "--novelty-alpha must be a finite number ≥ 0"),
+    ("--length-decorrelation", "-0.2", "--length-decorrelation must be a finite number ≥ 0"),
+    ("--lora-layers", "-1", "--lora-layers must be ≥ 0"),
+    ("--seed", "-1", "--seed must be in [0, 2**32 - 1]"),
+])
+def test_demo_refuses_a_stage_2_value_before_stage_1_trains(flag, value, says, capsys, tmp_path):
+    """--kl-target -1, --learning-rate -1 and --ensemble-size 0 failed with a traceback only after the reward
+    ensemble had trained (minutes on the real model)."""
+    from rlhf_ext.demo import main
+
+    with pytest.raises(SystemExit) as e:
+        main([flag, value, "--output-dir", str(tmp_path / "demo")])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_checks_both_configs_before_stage_1(capsys, tmp_path, monkeypatch):
+    """A rule of PPOConfig that the demo's own checks do not repeat still stops the demo before the reward ensemble
+    trains: both stages' configs are built first."""
+    from rlhf_ext import demo
+    from rlhf_ext.ppo.config import PPOConfig
+
+    def stage_1(*a, **k):
+        raise AssertionError("stage 1 started")
+
+    def new_rule(self):
+        raise ValueError("a PPOConfig rule the demo does not repeat")
+
+    monkeypatch.setattr(demo, "train_reward", stage_1)
+    monkeypatch.setattr(PPOConfig, "_check_ranges", new_rule)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--output-dir", str(tmp_path / "demo")])
+    assert e.value.code == 2 and "a PPOConfig rule the demo does not repeat" in capsys.readouterr().err
+
+
 def test_distinct_change_is_the_corpus_difference_with_a_paired_bootstrap_error():
     from rlhf_ext.demo import change_lines, distinct_change
     from rlhf_ext.sentiment import distinct_n

@@ -68,6 +68,54 @@ def test_unknown_model_lists_shipped_shapes(capsys, monkeypatch):
     assert "Mistral-7B-Instruct-v0.3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--ensemble", "-3"], "--ensemble must be ≥ 0"),
+    (["--lora-r", "-8"], "--lora-r must be > 0"),
+    (["--lora-r", "0"], "--lora-r must be > 0"),
+    (["--monitor-max-queue", "-4"], "--monitor-max-queue must be ≥ 0"),
+    (["--lora-top-layers", "-5"], "--lora-top-layers must be ≥ 0"),
+    (["--gpu-memory", "inf"], "--gpu-memory must be a finite number"),
+    (["--kl-controller", "hardd"], "Unknown kl_controller 'hardd'. Valid names: adaptive, fixed, hard, lagrangian"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_refuses_impossible_options_with_a_usage_error(args, says, capsys):
+    """Each was planned before (exit 0): -3 reward members, -0.4 M trained parameters, an unregistered controller
+    planned as a non-hard one, 65536 prompts "fitting" in inf GiB."""
+    with pytest.raises(SystemExit) as e:
+        plan_cli.main(["--model", "gpt2", "--batch", "8", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err, err
+
+
+def test_cli_takes_every_registered_kl_controller(capsys):
+    from rlhf_ext.registry import available
+
+    assert set(plan_cli.BUILTIN_KL_CONTROLLERS) == set(available("kl_controller"))  # the fast path stays in step
+    for name in available("kl_controller"):
+        assert plan_cli.main(["--model", "gpt2", "--batch", "8", "--kl-controller", name]) == 0
+        assert f"KL controller {name}" in capsys.readouterr().out
+
+
+def test_estimate_refuses_a_rank_or_count_below_its_floor():
+    s = plan.load_shape("gpt2")
+    for bad in (dict(lora_r=0), dict(ensemble=-1), dict(monitor_max_queue=-1)):
+        with pytest.raises(plan.PlanError, match="must be ≥"):
+            plan.estimate(s, batch=8, **bad)
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("model.safetensors", b"\xe0\x00\x01", "is a .safetensors file, not a model config: pass the model's folder"),
+    ("model.gguf", b"GGUF\x03", "is a .gguf file, not a model config"),
+    ("config.json", b"\xe0\x00\x01", "is not valid JSON"),
+    ("config.json", b"[1, 2]", "holds a JSON list, not a model config"),
+])
+def test_cli_names_what_to_pass_for_a_file_that_is_not_a_config(name, content, says, tmp_path, capsys):
+    """A weights file gave a UnicodeDecodeError traceback (exit 1)."""
+    (tmp_path / name).write_bytes(content)
+    assert plan_cli.main(["--model", str(tmp_path / name), "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
 # ------------------------------------------------------------------------------------------------ weights
 @pytest.mark.parametrize("shape", [
     TINY,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..layer_types import recurrent_layer_types
@@ -176,6 +177,25 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     return "\n".join(lines)
 
 
+# the built-in controllers (rlhf_ext/plugins/kl.py): checked without importing the plugins, which import torch — the
+# plan starts without it; any other name is asked of the registry (tests/test_plan.py keeps the two in step)
+BUILTIN_KL_CONTROLLERS = ("adaptive", "fixed", "hard", "lagrangian")
+
+
+def kl_controller_problem(name: str) -> str | None:
+    """None when `name` is a KL controller PPOConfig(kl_controller=name) accepts, else what is wrong and the names
+    that work. A name PPO would refuse at start-up is refused here too, rather than planned as a non-hard one."""
+    if name in BUILTIN_KL_CONTROLLERS:
+        return None
+    from ..registry import get
+
+    try:
+        get("kl_controller", name)
+    except ValueError as e:
+        return f"--kl-controller: {e}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rlhf-ext plan", description="GPU memory plan for a PPO run, per process (per "
                                  "GPU) under DDP (reads the model's config only).",
@@ -209,13 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "states the global batch and adds DDP's gradient buckets")
     ap.add_argument("--critic", default="shared", choices=["shared", "separate"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (≥ 1)")
     ap.add_argument("--lora-targets", default="q,k,v,o",
                     help="comma list of q,k,v,o,gate,up,down,lm_head (default: q,k,v,o, the 7B recipes' targets; "
                          "PPOTrainer without target_modules takes PEFT's default for the architecture, q,v on Llama)")
     ap.add_argument("--lora-top-layers", type=int, default=0, help="LoRA on the top N layers only (0: all)")
-    ap.add_argument("--kl-controller", default="hard", help="hard keeps the reference logits and measures the "
-                    "exact KL; other controllers do neither")
+    ap.add_argument("--kl-controller", default="hard", help="a registered KL controller (`rlhf-ext plugins`): hard "
+                    "keeps the reference logits and measures the exact KL; the others (adaptive, fixed, lagrangian) do "
+                    "neither")
     ap.add_argument("--monitor-max-queue", type=int, default=2, help="PPOConfig.monitor_max_queue: prompts the "
                     "reward-hacking monitor samples and measures for its review queue (0: monitor off)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
@@ -226,10 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("gpu_memory", "batch", "prompt_length", "completion_length", "minibatches", "ppo_epochs"):
+    for name in ("gpu_memory", "batch", "prompt_length", "completion_length", "minibatches", "ppo_epochs", "lora_r"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0, got {value}.")
+    if not math.isfinite(args.gpu_memory):  # inf GiB "fits" every batch up to the search's limit
+        ap.error(f"--gpu-memory must be a finite number of GiB per GPU, got {args.gpu_memory}.")
+    for name, zero in (("ensemble", "Python reward functions only"), ("monitor_max_queue", "monitor off"),
+                       ("lora_top_layers", "every layer")):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be ≥ 0 (0: {zero}), got {getattr(args, name)}.")
+    problem = kl_controller_problem(args.kl_controller)
+    if problem:
+        ap.error(problem)
     try:
         shape = load_shape(args.model)
         options = dict(prompt_length=args.prompt_length, completion_length=args.completion_length,

@@ -288,6 +288,10 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         raise PlanError(f"batch ({batch}) must be a positive multiple of minibatches ({minibatches}).")
     if num_processes < 1:
         raise PlanError(f"num_processes must be ≥ 1, got {num_processes}.")
+    if lora_r < 1:  # a negative rank gives negative parameter counts, a plan that reads as valid
+        raise PlanError(f"lora_r must be ≥ 1, got {lora_r}.")
+    if ensemble < 0 or monitor_max_queue < 0:
+        raise PlanError(f"ensemble and monitor_max_queue must be ≥ 0, got {ensemble} and {monitor_max_queue}.")
     if cpu_matmul_backend not in ("auto", "onednn", "torch"):
         raise PlanError(f"cpu_matmul_backend must be 'auto', 'onednn' or 'torch', got {cpu_matmul_backend!r}.")
     prec = precision_of(dtype, load_in_4bit, bf16, shape)

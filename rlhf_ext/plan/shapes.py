@@ -127,10 +127,17 @@ def load_shape(model: str) -> dict:
             raise PlanError(f"{path} is a folder without config.json.")
         path = path / "config.json"
     if path.is_file():
+        if path.suffix.lower() != ".json":  # weights (.safetensors, .bin, .gguf) or a tokenizer: not a config to read
+            kind = f"a {path.suffix} file" if path.suffix else "a file"
+            raise PlanError(f"{path} is {kind}, not a model config: pass the model's folder "
+                            f"(the one holding config.json), its config.json, a Hub id, or a shipped shape.")
         try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path} is not valid JSON ({e}).") from None
+        if not isinstance(cfg, dict):
+            raise PlanError(f"{path} holds a JSON {type(cfg).__name__}, not a model config (an object of "
+                            f"architecture fields such as hidden_size).")
         return {**shape_from_config(cfg), "name": cfg.get("_name_or_path") or path.parent.name, "source": str(path)}
     names = ", ".join(shipped)
     if str(model).startswith((".", "/", "~")) or str(model).endswith(".json"):
