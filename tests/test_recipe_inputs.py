@@ -290,9 +290,9 @@ def test_a_utf8_bom_and_blank_lines_are_still_accepted(tmp_path):
 
 # -- checked before the model loads ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, says", [
-    ({"aggregation": "meann"}, "aggregation: Unknown aggregation 'meann'. Valid names: mean, median, min, uwo"),
-    ({"kl_controller": "hardd"}, "kl_controller: Unknown kl_controller 'hardd'. Valid names: adaptive, fixed, hard"),
-    ({"kl_estimator": "k4"}, "kl_estimator: Unknown kl_estimator 'k4'. Valid names: k1, k2, k3"),
+    ({"aggregation": "meann"}, "aggregation: Unknown aggregation 'meann'. Valid names: "),  # + what other tests registered
+    ({"kl_controller": "hardd"}, "kl_controller: Unknown kl_controller 'hardd'. Valid names: "),
+    ({"kl_estimator": "k4"}, "kl_estimator: Unknown kl_estimator 'k4'. Valid names: "),
     ({"shapers": ["lenght"]}, "shapers: Unknown shaper 'lenght'. Valid names: "),
     ({"monitor_detectors": ["lenght_drift"]}, "monitor_detectors: Unknown detector 'lenght_drift'. Valid names: "),
     ({"aggregation": "uwo", "aggregation_kwargs": {"lamda": 1.0}},
@@ -307,6 +307,10 @@ def test_plugin_names_and_keywords_are_checked_before_the_model_loads(capsys, tm
                                                                       no_model_loads, fields, says):
     line = recipe_error(capsys, "ppo", ["--config", config(tmp_path, "ppo", tiny_path, data, **fields)])
     assert f"ppo.py: error: {says}" in line or f"error: {says}" in line, line
+    if "Unknown" in says:  # the built-in names are listed (other tests in this process may have added their own)
+        builtin = {"aggregation": "mean, median, min", "kl_controller": "adaptive, fixed, hard",
+                   "kl_estimator": "k1, k2, k3"}.get(says.split(":")[0])
+        assert builtin is None or all(name in line for name in builtin.split(", ")), line
 
 
 @pytest.mark.parametrize("recipe", ["ppo", "reward"])
