@@ -285,9 +285,13 @@ def _typed(name: str, value, hint, default, config_file: str, fail):
     refuse(f"{_kind_of(value)}; {name} takes {'one value: ' if isinstance(value, (list, dict)) else ''}{expected()}.")
 
 
+# a value's type in words, as expected (`_expected`) and as found (`_kind_of`: a YAML true is "a boolean")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list",
+               dict: "a mapping"}
+
+
 def _kind_of(value) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "text", list: "a list",
-            dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+    return "a boolean" if isinstance(value, bool) else _TYPE_WORDS.get(type(value), f"a {type(value).__name__}")
 
 
 def _expected(kinds) -> str:
@@ -301,8 +305,7 @@ def _expected(kinds) -> str:
         elif isinstance(origin, type) and issubclass(origin, enum.Enum):
             words.append("one of " + ", ".join(str(m.value) for m in origin))
         else:
-            words.append({bool: "true or false", int: "an integer", float: "a number", str: "text", list: "a list",
-                          dict: "a mapping"}.get(origin, getattr(origin, "__name__", str(origin))))
+            words.append(_TYPE_WORDS.get(origin, getattr(origin, "__name__", str(origin))))
     return " or ".join(dict.fromkeys(words))
 
 
@@ -486,9 +489,10 @@ def check_resume(training_args) -> None:
     value = resume_argument(training_args)
     if not value:
         return
+    from rlhf_ext.integrity import numbered_checkpoints
+
     output_dir = Path(training_args.output_dir)
-    found = sorted((p.name for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda name: int(name[11:]))
+    found = [p.name for p in reversed(numbered_checkpoints(output_dir))]  # oldest first
     there = (f"{output_dir} holds {', '.join(found[-3:])}: pass one of those, or true for the newest" if found else
              f"{output_dir} holds no checkpoint-N folder (a run writes them with save_strategy 'steps' or 'epoch'): "
              f"train without resume_from_checkpoint, or set output_dir to the earlier run's")
@@ -569,36 +573,35 @@ def non_reward_architecture(path) -> str | None:
     trunk). None for an rlhf_ext reward artifact, a sequence-classification checkpoint, or a folder whose config says
     nothing either way (no config.json, unreadable, no `architectures`): loading decides those. Read from the
     config alone, before any weights load."""
-    import json
-
     from rlhf_ext.models import non_reward_architecture as saved_as_non_reward
     from rlhf_ext.reward.artifact import is_reward_artifact
 
     path = Path(path).expanduser()
-    if is_reward_artifact(path):
-        return None
+    return None if is_reward_artifact(path) else saved_as_non_reward(_saved_config(path).get("architectures"))
+
+
+def _saved_config(folder) -> dict:
+    """A local checkpoint folder's config.json as a dict; {} where there is none or it cannot be read (loading
+    reports those)."""
+    import json
+
     try:
-        return saved_as_non_reward(json.loads((path / "config.json").read_text()).get("architectures"))
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def check_model_name(name: str | None, trust_remote_code: bool = False) -> None:
     """Refuse, before anything loads, a `model_name_or_path` that can name no model (`models.missing_model`), or a
     local checkpoint that ships its own modelling code (`auto_map`) while `trust_remote_code` is off."""
-    import json
-
     from rlhf_ext.models import missing_model
 
     missing = missing_model(name) if name else None
     if missing:
         raise RecipeInputError(f"model_name_or_path: {missing}")
-    config = Path(name).expanduser() / "config.json" if name else None
-    if config is not None and config.is_file() and not trust_remote_code:
-        try:
-            auto_map = json.loads(config.read_text()).get("auto_map")
-        except (OSError, ValueError, AttributeError):
-            auto_map = None
+    if name and not trust_remote_code:
+        auto_map = _saved_config(name).get("auto_map")
         if auto_map:
             raise RecipeInputError(
                 f"model_name_or_path {name!r} ships its own modelling code (auto_map in config.json: "

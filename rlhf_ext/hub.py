@@ -44,6 +44,11 @@ def download(repo_id: str, revision: str | None = None, token: str | None = None
                       f"network access, pass the local folder the artifact was saved to.") from e
 
 
+def default_repo_id(args) -> str:
+    """Where `push_to_hub` uploads without a `repo_id`: `hub_model_id`, else the output_dir's name (as transformers)."""
+    return args.hub_model_id or Path(args.output_dir).name
+
+
 # What `Trainer.push_to_hub(**kwargs)` passes on to the model card (transformers' `create_model_card` and TRL's):
 # the card's metadata, nothing else.
 CARD_FIELDS = ("model_name", "tags", "dataset_name", "dataset", "dataset_tags", "license", "language",

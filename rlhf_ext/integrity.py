@@ -94,6 +94,23 @@ def newest_verified_checkpoint(output_dir, required: tuple[str, ...]) -> str | N
     return None
 
 
+def resume_folder(resume_from_checkpoint, output_dir, required: tuple[str, ...]) -> str:
+    """What `train(resume_from_checkpoint=…)` resumes from: True — the newest checkpoint in `output_dir` that
+    verifies (`newest_verified_checkpoint`), or a ValueError when there is none; a folder — itself, or a
+    FileNotFoundError when it is not there."""
+    if resume_from_checkpoint is True:
+        found = newest_verified_checkpoint(output_dir, required)
+        if found is None:
+            raise ValueError(f"No complete checkpoint found in {output_dir} to resume from (a run saves them with "
+                             f"save_strategy='steps' or 'epoch'). Train without resume_from_checkpoint, or pass the "
+                             f"checkpoint-N folder to resume from.")
+        return found
+    if not Path(resume_from_checkpoint).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass a "
+                                f"checkpoint-N folder, or True for the newest in output_dir.")
+    return str(resume_from_checkpoint)
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write to a private temporary file, fsync, rename: readers see the old file or the new one."""
     path = Path(path)

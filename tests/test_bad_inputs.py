@@ -178,7 +178,9 @@ def test_killed_save_leaves_the_previous_checkpoint_usable(tmp_path, tok, monkey
     with pytest.raises(KeyboardInterrupt):
         tr.save_checkpoint()
     assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-3.tmp").exists()
-    assert T.newest_complete_checkpoint(out).endswith("checkpoint-2")
+    from rlhf_ext.ppo.checkpoint import newest_complete_checkpoint
+
+    assert newest_complete_checkpoint(out).endswith("checkpoint-2")
 
 
 # -- reward artifacts -------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ from ..progress import progress
 from ..registry import build
 from .queue import ReviewQueue, append_jsonl
 
+# the per-iteration logs in OUTPUT_DIR/monitor/ (a resumed run truncates them to its checkpoint; a run that replaces
+# an earlier one, ppo/checkpoint.py's clear_earlier_run, removes them with run.json)
+LOGS = ("metrics.jsonl", "alarms.jsonl", "samples.jsonl")
+
 
 def build_detectors(specs) -> list:
     """From config: names or {"name": ..., "threshold": ..., "action": ...} dicts; None → every built-in."""
@@ -129,7 +133,7 @@ class RewardHackingMonitor(TrainerCallback):
         from ..integrity import write_text_atomic
         from .queue import read_jsonl
 
-        for name in ("metrics.jsonl", "alarms.jsonl", "samples.jsonl"):
+        for name in LOGS:
             path = self.dir / name
             if path.is_file():
                 keep = [r for r in read_jsonl(path) if r.get("iteration", 0) <= iteration]

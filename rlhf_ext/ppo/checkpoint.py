@@ -98,8 +98,6 @@ def read_checkpoint(tr, path) -> None:
     tr.state.global_step = tr.iteration
 
 
-
-
 def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
     """`save_total_limit`: after `checkpoint-{newest}` is written, delete the oldest checkpoints so that at most
     `limit` remain — only those numbered below `newest` (what this run passed through): a higher-numbered folder
@@ -131,7 +129,9 @@ def clear_earlier_run(output_dir) -> None:
     out = Path(output_dir)
     for p in numbered_checkpoints(out):
         shutil.rmtree(p)
-    for name in ("metrics.jsonl", "alarms.jsonl", "samples.jsonl", "run.json"):
+    from ..monitor.monitor import LOGS
+
+    for name in (*LOGS, "run.json"):
         (out / "monitor" / name).unlink(missing_ok=True)
 
 

@@ -347,8 +347,7 @@ FROM_TRL112 = {
                     "the iterations"),
 }
 
-# What a TRL 1.12 config means differently here, said once when it uses TRL 1.12's names (README: "Coming from TRL
-# 1.12's PPO"); each entry: (applies to this config?, the note).
+# The fields only a TRL 1.12 config sets: one of them set, `_warn_trl112_meanings` says what means something else here
 TRL112_NAMES = ("kl_coef", "cliprange", "cliprange_value", "response_length", "total_episodes", "missing_eos_penalty",
                 "stop_token")
 

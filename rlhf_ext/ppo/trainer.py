@@ -30,7 +30,8 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
-from ..integrity import ensure_writable_dir
+from ..hub import card_metadata, default_repo_id, push_checkpoint
+from ..integrity import ensure_writable_dir, resume_folder
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
                       tokenizer_for, warn_unquantized_experts)
@@ -42,8 +43,8 @@ from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function
-from .checkpoint import (clear_earlier_run, earlier_run, newest_complete_checkpoint, read_checkpoint,
-                         rotate_checkpoints, write_checkpoint)
+from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, read_checkpoint, rotate_checkpoints,
+                         write_checkpoint)
 from .config import PPOConfig
 from .export import push_policy, save_policy
 from .interrupt import StopAfterIteration
@@ -820,15 +821,7 @@ class PPOTrainer(Trainer):
         self.state.max_steps, self.state.global_step = total, 0
         self.state.logging_steps, self.state.save_steps = args.logging_steps, args.save_steps
         if resume_from_checkpoint:
-            if resume_from_checkpoint is True:
-                resume_from_checkpoint = newest_complete_checkpoint(args.output_dir)
-                if resume_from_checkpoint is None:
-                    raise ValueError(f"No complete checkpoint found in {args.output_dir} to resume from (a run saves "
-                                     f"them with save_strategy='steps' or 'epoch'). Train without "
-                                     f"resume_from_checkpoint, or pass the checkpoint-N folder to resume from.")
-            elif not Path(resume_from_checkpoint).is_dir():
-                raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass "
-                                        f"a checkpoint-N folder, or True for the newest in output_dir.")
+            resume_from_checkpoint = resume_folder(resume_from_checkpoint, args.output_dir, CHECKPOINT_FILES)
             self._load_checkpoint(resume_from_checkpoint)
             if self.accelerator.is_main_process:
                 print(f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of {total}).",
@@ -957,9 +950,7 @@ class PPOTrainer(Trainer):
     def _push_checkpoint(self, path: str):
         """`push_to_hub` with a hub_strategy other than "end": the policy as it is at this checkpoint, and with
         "checkpoint" / "all_checkpoints" the checkpoint folder too (`hub.push_checkpoint`)."""
-        from ..hub import push_checkpoint
-
-        push_checkpoint(self.args, path, self._hub_repo_id(), self.push_to_hub, f"iteration {self.iteration}")
+        push_checkpoint(self.args, path, default_repo_id(self.args), self.push_to_hub, f"iteration {self.iteration}")
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
                     revision: str | None = None, repo_id: str | None = None, critic: bool = False, merge: bool = False,
@@ -967,13 +958,9 @@ class PPOTrainer(Trainer):
         """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
         merged weights; `critic=True` adds `critic/`. Other keywords are the model card's, as in `Trainer`
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
-        from ..hub import card_metadata
-
-        return push_policy(self, repo_id or self._hub_repo_id(), critic=critic, token=token, revision=revision,
-                           commit_message=commit_message, merge=merge, card=card_metadata(kwargs, "PPOTrainer"))
-
-    def _hub_repo_id(self) -> str:
-        return self.args.hub_model_id or Path(self.args.output_dir).name
+        return push_policy(self, repo_id or default_repo_id(self.args), critic=critic, token=token,
+                           revision=revision, commit_message=commit_message, merge=merge,
+                           card=card_metadata(kwargs, "PPOTrainer"))
 
 
 def _critic_config(model, policy_cfg):

@@ -31,8 +31,8 @@ from ..adapters import check_gradients_reached, first_step_grad_params, set_trai
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
-from ..hub import with_card_metadata
-from ..integrity import ensure_writable_dir, newest_verified_checkpoint
+from ..hub import card_metadata, default_repo_id, push_checkpoint, push_folder, with_card_metadata
+from ..integrity import ensure_writable_dir, resume_folder
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
@@ -414,7 +414,6 @@ class RewardEnsembleTrainer(RewardTrainer):
         self._check_4bit_layout = self.quantized  # at the first training step, and after every no-grad pass
         self.normalization: dict | None = None
         self.is_conversational = conversational
-        self._card: dict | None = None  # push_to_hub's model-card keywords, while it saves
 
     # -- model setup -----------------------------------------------------------------------------------------
     def _wrap_peft(self, trunk, peft_config, args):
@@ -663,15 +662,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         return self.normalization
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is True:  # as PPOTrainer: the newest checkpoint that verifies, damaged ones skipped
-            resume_from_checkpoint = newest_verified_checkpoint(self.args.output_dir, RESUME_FILES)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No complete checkpoint found in {self.args.output_dir} to resume from (a run saves "
-                                 f"them with save_strategy='steps' or 'epoch'). Train without resume_from_checkpoint, "
-                                 f"or pass the checkpoint-N folder to resume from.")
-        elif resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass a "
-                                    f"checkpoint-N folder, or True for the newest in output_dir.")
+        if resume_from_checkpoint:  # as PPOTrainer: True is the newest checkpoint that verifies, damaged ones skipped
+            resume_from_checkpoint = resume_folder(resume_from_checkpoint, self.args.output_dir, RESUME_FILES)
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
             self._init_from(self.args.init_reward_model)
         out = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -703,27 +695,28 @@ class RewardEnsembleTrainer(RewardTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Write the artifact (adapters + heads + normalisation + tokenizer + card + manifest). No pickles: the
         training arguments go to training_args.json."""
+        self._write_artifact(Path(output_dir or self.args.output_dir))
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
+    def _write_artifact(self, out: Path, card: dict | None = None) -> None:
+        """`save_model`'s files at `out`, the card with `card`'s metadata (`hub.with_card_metadata`)."""
         if self.normalization is None:  # on every process: preparing the reference set synchronises them
             self.compute_normalization()  # (a mid-training checkpoint under DDP deadlocked when only rank 0 did)
         if not self.args.should_save:
             return
-        out = Path(output_dir or self.args.output_dir)
         spec = self.artifact_spec()
         save_reward_artifact(out, self.accelerator.unwrap_model(self.model), spec, self.processing_class,
-                             card=with_card_metadata(_reward_card(spec, self.state.log_history), self._card or {}))
+                             card=with_card_metadata(_reward_card(spec, self.state.log_history), card or {}))
         (out / "training_args.json").write_text(self.args.to_json_string())
-        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
-            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer's upload at a checkpoint copies transformers' file names (config.json, model.safetensors), none of
         which an ensemble artifact has: upload the artifact itself, and the checkpoint folder as hub_strategy says."""
-        from ..hub import push_checkpoint
-
         if self.is_world_process_zero():
             label = (f"step {self.state.global_step}" if self.args.save_strategy == "steps"
                      else f"epoch {int(self.state.epoch or 0)}")
-            push_checkpoint(self.args, checkpoint_folder, self._hub_repo_id(), self.push_to_hub, label)
+            push_checkpoint(self.args, checkpoint_folder, default_repo_id(self.args), self.push_to_hub, label)
 
     def push_to_hub(self, commit_message: str | None = "Upload reward ensemble with rlhf_ext", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, repo_id: str | None = None, **kwargs) -> str:
@@ -732,23 +725,14 @@ class RewardEnsembleTrainer(RewardTrainer):
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
         import tempfile
 
-        from ..hub import card_metadata, push_folder
-
-        card, self._card = self._card, card_metadata(kwargs, "RewardEnsembleTrainer")
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                self.save_model(str(Path(tmp) / "artifact"), _internal_call=True)  # every process: in step
-                if not self.is_world_process_zero():
-                    return ""
-                return push_folder(Path(tmp) / "artifact", repo_id or self._hub_repo_id(),
-                                   private=self.args.hub_private_repo, token=token or self.args.hub_token,
-                                   revision=revision,
-                                   commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
-        finally:
-            self._card = card
-
-    def _hub_repo_id(self) -> str:
-        return self.args.hub_model_id or Path(self.args.output_dir).name
+        card = card_metadata(kwargs, "RewardEnsembleTrainer")
+        with tempfile.TemporaryDirectory() as tmp:
+            self._write_artifact(Path(tmp) / "artifact", card)  # every process: the normalisation is in step
+            if not self.is_world_process_zero():
+                return ""
+            return push_folder(Path(tmp) / "artifact", repo_id or default_repo_id(self.args),
+                               private=self.args.hub_private_repo, token=token or self.args.hub_token,
+                               revision=revision, commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
 
     def _init_from(self, path) -> None:
         """`init_reward_model`: start from a saved reward model's adapters and heads, refused (naming the
