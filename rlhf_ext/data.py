@@ -142,17 +142,44 @@ def message_text(value) -> str:
 
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "margin")
+BASE = "the training set"  # how errors name `dataset` (a Dataset, not a file) beside the files
+
+
+def _pair_kind(part) -> str:
+    """"conversational" (lists of chat messages) or "text", from the first row's chosen response."""
+    return "conversational" if isinstance(part[0]["chosen"], list) else "text"
+
+
+def _as_implicit(part, name: str):
+    """An explicit-prompt part (prompt + chosen/rejected completions) in TRL's implicit-prompt format, where chosen
+    and rejected hold the whole exchange: the prompt put in front of each response — text joined as it is, chat
+    messages as one list — exactly as TRL's reward trainer joins them itself before tokenising."""
+    row = part[0]
+    if isinstance(row["prompt"], list) != isinstance(row["chosen"], list):
+        prompt = "conversational" if isinstance(row["prompt"], list) else "text"
+        raise ValueError(f"extra_preferences: {name} has a {prompt} prompt but {_pair_kind(part)} responses, so its "
+                         f"prompts cannot be joined to them to match the implicit-prompt format (no 'prompt' column) "
+                         f"of the rest. Give its prompts and responses the same format.")
+    return part.map(lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
+                    remove_columns=["prompt"], keep_in_memory=name != BASE,  # a file's few rows; the base may be large
+                    desc=f"extra_preferences: prompts into the responses of {name}")
 
 
 def with_extra_preferences(dataset, files):
     """`dataset` plus the rows of each JSONL file in `files` (TRL preference format), on their shared columns
     (prompt/chosen/rejected[/margin]); extra columns such as provenance are dropped. A missing or empty file is an
-    error naming it."""
+    error naming it.
+
+    TRL has two preference formats: explicit prompt (a 'prompt' column; chosen/rejected hold the responses, as the
+    review page's preferences.jsonl) and implicit prompt (no 'prompt' column; chosen/rejected hold the whole exchange,
+    as Anthropic/hh-rlhf). When the parts differ, the explicit ones are converted (`_as_implicit`): dropping their
+    prompt column would train on bare responses. Text and conversational parts cannot be mixed: an error names
+    which is which."""
     from datasets import concatenate_datasets, load_dataset
 
     if not files:
         return dataset
-    parts = [dataset]
+    parts = [(BASE, dataset)]
     for f in files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"extra_preferences: no file {f}. Decisions from the review page are in "
@@ -162,16 +189,22 @@ def with_extra_preferences(dataset, files):
         extra = load_dataset("json", data_files=str(f), split="train")
         if len(extra) == 0:
             raise ValueError(f"extra_preferences: {f} holds no preference pairs yet.")
-        parts.append(extra)
-    cols = [c for c in PREFERENCE_COLUMNS if all(c in p.column_names for p in parts)]
-    missing = {"chosen", "rejected"} - set(cols)
-    if missing:
-        raise ValueError(f"extra_preferences: every file needs {sorted(missing)} columns (TRL preference format).")
-    parts = [p.select_columns(cols) for p in parts]
-    if "prompt" in cols:  # conversational and text prompts cannot be mixed in one dataset
-        kinds = {type(p[0]["prompt"]).__name__ for p in parts}
-        if len(kinds) > 1:
-            raise ValueError(f"extra_preferences mixes text and conversational prompts ({sorted(kinds)}).")
+        parts.append((str(f), extra))
+    for name, p in parts:
+        missing = {"chosen", "rejected"} - set(p.column_names)
+        if missing:
+            raise ValueError(f"extra_preferences: {name} has no {sorted(missing)} column(s) (it has "
+                             f"{sorted(p.column_names)}); TRL's preference format needs 'chosen' and 'rejected'.")
+    kinds = {name: _pair_kind(p) for name, p in parts}
+    if len(set(kinds.values())) > 1:
+        which = "; ".join(f"{name} is {kind}" for name, kind in kinds.items())
+        raise ValueError(f"extra_preferences mixes text and conversational (chat-message) preference pairs: {which}. "
+                         f"One reward model trains on one format: convert the text rows to chat messages, or write "
+                         f"the conversational ones out as text (e.g. with the tokenizer's chat template).")
+    if not all("prompt" in p.column_names for _, p in parts):  # some implicit: every part in the implicit format
+        parts = [(name, _as_implicit(p, name) if "prompt" in p.column_names else p) for name, p in parts]
+    cols = [c for c in PREFERENCE_COLUMNS if all(c in p.column_names for _, p in parts)]
+    parts = [p.select_columns(cols) for _, p in parts]
     return concatenate_datasets([p.cast(parts[0].features) for p in parts])
 
 

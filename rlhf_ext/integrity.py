@@ -111,6 +111,95 @@ def resume_folder(resume_from_checkpoint, output_dir, required: tuple[str, ...])
     return str(resume_from_checkpoint)
 
 
+SUPERSEDED = "superseded-"
+
+
+def supersede_later_checkpoints(output_dir, resumed_from) -> list[Path]:
+    """Call when a run resumes from an explicit `resumed_from` folder, before it writes a checkpoint (main process
+    only under DDP). When `resumed_from` is a `checkpoint-N` folder of `output_dir`, every `checkpoint-M` there with
+    M > N belongs to the timeline the user went back from: each is renamed `superseded-checkpoint-M` (never deleted;
+    `.2`, `.3`, … appended when an earlier abandoned timeline took the name), with a warning naming them, so that a
+    later `resume_from_checkpoint=True` continues the new timeline instead of the abandoned one.
+
+    The new name does not start with `checkpoint-`: `numbered_checkpoints` (resume=True, rotation, an earlier run's
+    detection) and transformers' own `checkpoint-*` globs (its end-of-training save_total_limit=1 clean-up would
+    delete a `checkpoint-M.superseded`) never see it. A folder outside `output_dir`, or not named `checkpoint-N`,
+    supersedes nothing. Returns the new paths, oldest first."""
+    import warnings
+
+    start, out = Path(resumed_from).resolve(), Path(output_dir).resolve()
+    if start.parent != out or not start.name.startswith("checkpoint-") or not start.name.split("-")[-1].isdigit():
+        return []
+    later = [p for p in reversed(numbered_checkpoints(out)) if checkpoint_number(p) > checkpoint_number(start)]
+    moved = []
+    for p in later:
+        dest = out / f"{SUPERSEDED}{p.name}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = out / f"{SUPERSEDED}{p.name}.{n}"
+        os.replace(p, dest)
+        moved.append(dest)
+    if moved:
+        warnings.warn(f"Resuming from {start.name} in {out}: {', '.join(p.name for p in later)} came after it in the "
+                      f"timeline you went back from, so a later resume_from_checkpoint=True would have continued "
+                      f"that one. Renamed (kept, never deleted): {', '.join(p.name for p in moved)}. Rename one back "
+                      f"to checkpoint-M to return to that timeline.", UserWarning, stacklevel=2)
+    return moved
+
+
+def check_new_run(output_dir, found: list[str], overwrite_output_dir: bool) -> bool:
+    """A new run (not resumed) in an `output_dir` where an earlier run left `found` (its checkpoints, oldest first,
+    and whatever else the trainer would mix) would mix with it, and a later `resume_from_checkpoint=True` would
+    continue the earlier run: a ValueError naming the three ways out, unless `overwrite_output_dir`. Returns True when
+    the caller is to remove the earlier run (`remove_checkpoints` and its own files) before training."""
+    if not found:
+        return False
+    if not overwrite_output_dir:
+        raise ValueError(
+            f"output_dir {output_dir} holds an earlier run ({', '.join(found[-4:])}): a new run there would "
+            f"mix with it. Resume it (resume_from_checkpoint=True; recipes: --resume_from_checkpoint true), use "
+            f"another output_dir, or set overwrite_output_dir=True to replace it.")
+    return True
+
+
+def earlier_checkpoints(output_dir) -> list[str]:
+    """The names of the `checkpoint-N` folders in `output_dir`, oldest first (what `check_new_run` lists)."""
+    return [p.name for p in reversed(numbered_checkpoints(output_dir))]
+
+
+def remove_checkpoints(output_dir) -> list[str]:
+    """`overwrite_output_dir=True`: remove the `checkpoint-N` folders of an earlier run (superseded ones, which no
+    resume reads, are kept). Returns their names."""
+    removed = []
+    for p in numbered_checkpoints(output_dir):
+        shutil.rmtree(p)
+        removed.append(p.name)
+    return removed
+
+
+def remove_oldest_checkpoints(output_dir, newest: int, limit: int | None, keep=None) -> list[str]:
+    """`save_total_limit`, as transformers applies it: after `checkpoint-{newest}` is written, delete the oldest
+    checkpoints until at most `limit` remain — never `newest` itself nor `keep` (the best model's checkpoint; with
+    it `limit` may be exceeded by one, as in transformers). Only folders numbered below `newest` are candidates (a
+    higher-numbered one belongs to another run), and only `checkpoint-N` ones (transformers' rotation also matched
+    `checkpoint-N.tmp` and superseded folders). Returns the removed paths."""
+    if not limit or limit < 1:
+        return []
+    ours = [p for p in reversed(numbered_checkpoints(output_dir)) if checkpoint_number(p) <= newest]  # oldest first
+    protected = {str(Path(output_dir).resolve() / f"checkpoint-{newest}")}
+    if keep is not None and Path(keep).is_dir():
+        protected.add(str(Path(keep).resolve()))
+    allowed, removed = max(limit, len(protected)), []
+    for p in ours:
+        if len(ours) - len(removed) <= allowed:
+            break
+        if str(p.resolve()) not in protected:
+            shutil.rmtree(p)
+            removed.append(str(p))
+    return removed
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write to a private temporary file, fsync, rename: readers see the old file or the new one."""
     path = Path(path)
@@ -129,6 +218,19 @@ def atomic_folder(final, manifest_extra: dict | None = None):
     A new `final` appears by one rename (all or nothing). An existing `final` (e.g. an output_dir that also holds
     checkpoints) keeps its other contents: its old manifest is removed first, the new files replace the old ones,
     and the new manifest lands last — a crash in between leaves a folder whose manifest check fails by name."""
+    tmp = start_atomic_folder(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finish_atomic_folder(tmp, final, manifest_extra)
+
+
+def start_atomic_folder(final) -> Path:
+    """`atomic_folder` in two calls, for a folder several processes write into (a checkpoint under DDP: one process
+    starts it, every process writes its files, one finishes it): the empty temporary folder `<final>.tmp` (what a
+    killed earlier attempt left there is removed first)."""
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"Cannot save to {final}: it is a file, and a save writes a folder there. Choose "
@@ -136,8 +238,14 @@ def atomic_folder(final, manifest_extra: dict | None = None):
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_atomic_folder(tmp, final, manifest_extra: dict | None = None) -> None:
+    """The second half of `atomic_folder`: the manifest of everything in `tmp`, then `tmp` moved into place as
+    `final` (merged into an existing `final`, the manifest last)."""
+    tmp, final = Path(tmp), Path(final)
     try:
-        yield tmp
         _default_permissions(tmp)  # safetensors (ours and save_pretrained's) writes 0600: the folder gets one mode
         write_manifest(tmp, manifest_extra)
     except BaseException:

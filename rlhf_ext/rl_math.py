@@ -30,14 +30,19 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum=None) -> torch
 
     `reduce_sum` (e.g. an all-reduce over processes) turns the local sums into global ones, so data-parallel
     processes whiten with the statistics of the whole batch."""
-    mask = mask.to(x.dtype)
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    m = mask.to(torch.float64)
+    xd = x.double()
+    # Two passes in float64: E[x²] − E[x]² cancels to noise when |mean| ≫ std (a judge scoring 1000 ± 0.1).
+    first = torch.stack([(xd * m).sum(), m.sum()])
     if reduce_sum is not None:
-        stats = reduce_sum(stats)
-    n = stats[2].clamp(min=1)
-    mean = stats[0] / n
-    var = (stats[1] / n - mean**2).clamp(min=0) * (n / (n - 1) if n > 1 else 1.0)
-    return (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8) * mask
+        first = reduce_sum(first)
+    n = first[1].clamp(min=1)
+    mean = first[0] / n
+    sq = ((xd - mean) ** 2 * m).sum()
+    if reduce_sum is not None:
+        sq = reduce_sum(sq.reshape(1))[0]
+    var = sq / n * (n / (n - 1) if n > 1 else 1.0)
+    return ((xd - mean) * torch.rsqrt(var + 1e-8) * m).to(x.dtype)
 
 
 def full_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -86,7 +91,9 @@ def value_loss(values, old_values, returns, mask, clip_eps: float):
     vf1, vf2 = (values - returns) ** 2, (v_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
     with torch.no_grad():
-        clipfrac = masked_mean((vf2 > vf1).float(), mask)
+        # |V − V_old| > ε too: in fp32 V_old + (V − V_old) is not always V, and rounding alone would count as a clip.
+        clipped = (vf2 > vf1) & ((values - old_values).abs() > clip_eps)
+        clipfrac = masked_mean(clipped.float(), mask)
     return loss, clipfrac
 
 

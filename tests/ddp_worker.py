@@ -4,7 +4,8 @@ across the processes. Writes what each rank saw and the trained parameters, into
 
     python tests/ddp_worker.py OUT_DIR MODE[,MODE…] GLOBAL_BATCH [BASE_MODEL_DIR (reward)] [4-BIT BASE DIR (ppo_4bit)]
 
-MODE: ppo, reward, monitor, precision, ppo_gc / reward_gc (gradient checkpointing on) or ppo_4bit (an NF4 base), run
+MODE: ppo, reward, monitor, precision, ppo_gc / reward_gc (gradient checkpointing on), ppo_4bit (an NF4 base) or
+ppo_resume (a run stopped and resumed against the same run straight), run
 one after another in this process (a launch and the imports cost
 ~10 s a process on 2 cores; the modes share neither data nor state, and each trainer seeds itself).
 `precision` (launched with --mixed_precision bf16): the policy untouched (lr 0) must read KL exactly 0, then the hard
@@ -181,6 +182,51 @@ def ppo(out: Path, checkpointing: bool = False, four_bit: bool = False):
     return rank, world, info, params
 
 
+def ppo_resume(out: Path):
+    """Sampled PPO (each process draws from its own random stream), 4 iterations straight, and the same run stopped
+    after iteration 2 (its checkpoint saved) then resumed in a fresh trainer for the last 2: the resumed run must end
+    where the straight one does, on every rank."""
+    from transformers import TrainerCallback
+
+    from rlhf_ext.testing import tiny_causal_lm
+
+    pos = set(tok.convert_tokens_to_ids("good great nice love happy wonderful excellent fun best".split()))
+
+    def positive(completion_ids, **kw):
+        return [10.0 * sum(t in pos for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+    class StopAt(TrainerCallback):  # a run stopped after iteration 2, as a SIGTERM or a killed job would leave it
+        def __init__(self, at):
+            self.at = at
+
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = self.at is not None and state.global_step >= self.at
+
+    data = Dataset.from_dict({"prompt": [f"write a {a} review of the {s} ." for a in ("short", "long", "good", "bad")
+                              for s in SUBJECTS]})
+
+    def run(folder, stop_at=None, resume=None):
+        args = PPOConfig(str(out / folder), per_device_train_batch_size=4, max_steps=4, learning_rate=3e-2,
+                         max_completion_length=6, kl_controller="lagrangian", kl_target=0.5, use_cpu=True,
+                         save_strategy="steps", save_steps=2, disable_tqdm=True, logging_steps=1000, seed=0,
+                         monitor=False, shapers=[{"name": "debias"}])
+        tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=positive, args=args, train_dataset=data, processing_class=tok,
+                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), callbacks=[StopAt(stop_at)])
+        return tr, tr.train(resume_from_checkpoint=resume)
+
+    whole, hist = run("whole")
+    run("half", stop_at=2)
+    rank = whole.accelerator.process_index
+    torch.manual_seed(123 + rank)  # another process state before the resume: the checkpoint must restore each rank's
+    resumed, hist_resumed = run("half", resume=True)
+    keys = ("loss/policy", "objective/scores", "objective/beta")
+    info = {"whole": [[h[k] for k in keys] for h in hist], "resumed": [[h[k] for k in keys] for h in hist_resumed],
+            "resumed_iterations": resumed.iteration}
+    params = {f"{name}.{n}": p.detach().clone().contiguous() for name, tr in (("whole", whole), ("resumed", resumed))
+              for n, p in tr.policy.named_parameters() if p.requires_grad}
+    return rank, whole.args.world_size, info, params
+
+
 def reward(out: Path, checkpointing: bool = False):
     rows = []
     for i in range(64):
@@ -216,7 +262,7 @@ for mode in MODES:
     (OUT / mode).mkdir(parents=True, exist_ok=True)
     run = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward,  # *_gc: with checkpointing
            "ppo_gc": lambda out: ppo(out, True), "reward_gc": lambda out: reward(out, True),
-           "ppo_4bit": lambda out: ppo(out, four_bit=True)}[mode]
+           "ppo_4bit": lambda out: ppo(out, four_bit=True), "ppo_resume": ppo_resume}[mode]
     rank, world, info, params = run(OUT / mode)
     if params is not None:
         save_file(params, str(OUT / mode / f"params_w{world}_r{rank}.safetensors"))

@@ -46,7 +46,8 @@ def runs(tmp_path_factory, tok):
     base = save_tiny_model(out / "base", tok)  # written once here: two ranks saving the same folder would race
     wide = save_tiny_model(out / "base64", tok, hidden_size=64)  # the 4-bit runs' (bitsandbytes' CPU block)
     _launch(out / "w1", ["reward", "ppo", "ppo_4bit"], base, wide, world=1)
-    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit"], base, wide, world=2)
+    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit", "ppo_resume"], base, wide,
+            world=2)
     return out
 
 
@@ -159,6 +160,54 @@ def test_monitor_decides_once_for_all_ranks(runs):
         la, lb = a["local"][it], b["local"][it]
         assert logged["objective/scores"] == pytest.approx((la["scores"] + lb["scores"]) / (la["n"] + lb["n"]))
         assert logged["response/length_mean"] == pytest.approx((la["length"] + lb["length"]) / 2)
+
+
+def test_a_two_process_run_resumes_exactly(runs):
+    """Stopped after iteration 2 and resumed (a fresh trainer, another process state), a 2-process run ends where the
+    same run straight through ends, loss for loss and parameter for parameter, on both ranks: the checkpoint holds
+    each process's own random stream. (Before, rank 1's stream was never saved and both were reseeded after the
+    load: from iteration 3 on the samples, and so the losses, differed.)"""
+    ranks = _run(runs, "ppo_resume", world=2)
+    for info, params in ranks:
+        assert info["resumed_iterations"] == 4 and len(info["resumed"]) == 4
+        assert info["resumed"] == info["whole"]  # sampled responses, scores, β: bit for bit
+        whole = {k.removeprefix("whole."): v for k, v in params.items() if k.startswith("whole.")}
+        resumed = {k.removeprefix("resumed."): v for k, v in params.items() if k.startswith("resumed.")}
+        _close(resumed, whole, 0.0)
+    assert ranks[0][0]["whole"] == ranks[1][0]["whole"]  # what is logged is the global batch's
+
+
+def test_resuming_with_another_number_of_processes_reseeds_and_says_so(runs, tok):
+    """The 2-process checkpoint resumed by one process: its two random streams cannot be dealt out to one, so the
+    process is reseeded (deterministically: seed + 1000·rank + iteration), and the warning says so beside the
+    changed process count."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from rlhf_ext import PPOConfig, PPOTrainer
+    from rlhf_ext.testing import tiny_causal_lm
+
+    ckpt = runs / "w2" / "ppo_resume" / "half" / "checkpoint-2"
+    data = Dataset.from_dict({"prompt": [f"write a short review of the {s} ." for s in "movie book song film".split()]})
+
+    def resumed(seed_before):
+        args = PPOConfig(str(runs / "w1" / "resumed_from_w2"), per_device_train_batch_size=4, max_steps=3,
+                         learning_rate=3e-2, max_completion_length=6, kl_controller="lagrangian", kl_target=0.5,
+                         use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0, monitor=False,
+                         shapers=[{"name": "debias"}])
+        tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=lambda completion_ids, **kw: [0.0] * len(completion_ids),
+                        args=args, train_dataset=data, processing_class=tok,
+                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(seed_before)
+        with pytest.warns(UserWarning) as caught:
+            tr.train(resume_from_checkpoint=str(ckpt))
+        return tr, " ".join(str(w.message) for w in caught)
+
+    (a, said), (b, _) = resumed(1), resumed(2)
+    assert "num_processes: 2 in the checkpoint, 1 now" in said
+    assert "holds the random streams of 2 process(es) and this run has 1" in said and "reseeded" in said
+    assert a.rollout.texts == b.rollout.texts  # deterministic: the state before the resume does not matter
 
 
 def test_two_process_runs_exit_cleanly():

@@ -84,7 +84,7 @@ def test_detectors_on_hand_made_observations():
     drift = build("detector", "length_drift")
     assert [drift.update(_obs([47, 48], [False, False], reference=ref48))[1] for _ in range(3)] == [False, False, True]
     r = build("detector", "repetition", smoothing=0.0)
-    loop = _obs([8], [True])
+    loop = _obs([24], [False])
     loop.ids = [[5, 6, 7, 8] * 6]
     assert r.update(loop)[1]
     # relative to the reference: a task whose reference answers repeat as much (lists, code) does not alarm
@@ -183,7 +183,8 @@ def test_mitigated_run_stays_quiet(tmp_path, tok):
 
 def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
     kw = dict(reward=longer_is_better, max_steps=8, learning_rate=5e-2, max_completion_length=12,
-              monitor_detectors=[{"name": "length_drift", "threshold": 1.3, "action": "halt"}])
+              monitor_detectors=[{"name": "length_drift", "threshold": 1.3, "action": "halt"},
+                                 {"name": "repetition", "action": "log"}])
     tr = make(tmp_path, tok, model=eos_prone_model(tok), **kw)
     with pytest.warns(UserWarning, match="monitor halted training.*length_drift.*resume_from_checkpoint=True"):
         hist = tr.train()
@@ -192,6 +193,10 @@ def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
     assert (ckpt / "manifest.json").is_file()
     state = json.loads((ckpt / "ppo_state.json").read_text())
     assert state["monitor"]["detectors"]["length_drift"]["value"] > 1.3
+    # the detectors after the halting one saw the iteration before the checkpoint was written: it resumes exactly
+    later = {d.name: d.state_dict() for d in tr.monitor.detectors}
+    assert state["monitor"]["detectors"]["repetition"]["seen"] == later["repetition"]["seen"] == len(hist)
+    assert "monitor/repetition" in state["metrics"][-1]
     kw["monitor_detectors"] = [{"name": "length_drift", "threshold": 1.3, "action": "log"}]  # the user's decision
     resumed = make(tmp_path, tok, model=eos_prone_model(tok), **kw)
     hist2 = resumed.train(resume_from_checkpoint=True)

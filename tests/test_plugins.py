@@ -168,3 +168,33 @@ def test_entry_point_plugins_load_only_when_named(monkeypatch):
         get("aggregation", "other_name")
     assert loaded == []
     assert build("aggregation", "from_ep")(torch.tensor([[1.0, 2.0]])).item() == 3.0 and loaded == [1]
+
+
+def test_repetition_counts_content_not_the_final_eos():
+    """Shaper lengths count content tokens; so does the repetition penalty and its detector: "a b a b" is charged
+    alike ended or cut off (the extra n-gram holding the EOS used to dilute the ended answer's fraction)."""
+    eos, body = 99, [1, 2, 1, 2]
+    both = ResponseInfo.from_ids([body + [eos], body], eos)
+    out = build("shaper", "repetition", alpha=1.0, n=2)(torch.zeros(2), both)
+    assert out.tolist() == pytest.approx([-1 / 3, -1 / 3])  # 2-grams (1,2) (2,1) (1,2): one of three repeats
+    from rlhf_ext.plugins.detectors import Observation
+
+    det = build("detector", "repetition", n=2, smoothing=0.0)
+    obs = Observation(0, both.lengths, both.has_eos, ["", ""], both.ids, torch.zeros(2), torch.zeros(2, 1),
+                      torch.ones(2, dtype=torch.bool), {}, {})
+    assert det.update(obs)[0] == pytest.approx(1 / 3)
+
+
+def test_kl_controller_callback_ignores_a_nan_kl():
+    """A NaN KL fed to a controller leaves β (and the Lagrangian's integral) NaN for the rest of the run."""
+    from types import SimpleNamespace
+
+    from rlhf_ext import KLControllerCallback
+
+    trainer = SimpleNamespace(beta=0.1)
+    cb = KLControllerCallback(build_controller("lagrangian", 0.1, 0.05, lr=1.0), trainer)
+    for kl in (0.0, float("nan"), 0.0):
+        cb.on_log(None, SimpleNamespace(log_history=[]), None, logs={"kl": kl})
+    replay = build_controller("lagrangian", 0.1, 0.05, lr=1.0)
+    replay.update(0.0), replay.update(0.0)
+    assert trainer.beta == pytest.approx(max(replay.beta, 1e-6)) and math.isfinite(cb.controller.integral)

@@ -167,6 +167,22 @@ def test_resume_with_other_trajectory_settings_warns_naming_each(tmp_path, tok):
     assert len(hist) == 3
 
 
+def test_an_ignored_signal_stays_ignored():
+    """A job started with Ctrl-C ignored (`nohup`, `cmd &` in a script) is not made interruptible by training."""
+    import signal
+
+    from rlhf_ext.ppo.interrupt import StopAfterIteration
+
+    found = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopAfterIteration(announce=False) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, found)
+
+
 @pytest.mark.parametrize("signum, raised", [("SIGINT", KeyboardInterrupt), ("SIGTERM", SystemExit)])
 def test_a_signal_mid_iteration_saves_that_iteration_and_resumes_from_it(tmp_path, tok, capsys, signum, raised):
     """Ctrl-C or `kill` while iteration 2 samples: it finishes, checkpoint-2 is written (save_strategy='no': nothing
@@ -184,15 +200,21 @@ def test_a_signal_mid_iteration_saves_that_iteration_and_resumes_from_it(tmp_pat
         return reward(prompts, completions, completion_ids, **kw)
 
     tr = make(tmp_path, tok, reward=interrupted_at_2, max_steps=4)
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN in a background job
-    with pytest.raises(raised) as stop:
-        tr.train()
+    # an interactive shell's handlers: in a background job SIGINT is ignored, and training leaves it so
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(raised) as stop:
+            tr.train()
+    finally:
+        after = {s: signal.getsignal(s) for s in before}
+        signal.signal(signal.SIGINT, found)
     if raised is SystemExit:
         assert stop.value.code == 128 + signal.SIGTERM
     assert tr.iteration == 2 and sorted(p.name for p in (tmp_path / "ppo").glob("checkpoint-*")) == ["checkpoint-2"]
     err = capsys.readouterr().err
     assert f"{signum}: stopping after this iteration" in err and "Stopped after iteration 2: checkpoint-2" in err
-    assert {s: signal.getsignal(s) for s in before} == before  # the handlers it found are back
+    assert after == before  # the handlers it found are back
     resumed = make(tmp_path, tok, reward=reward, max_steps=4)
     hist = resumed.train(resume_from_checkpoint=True)
     assert "Resuming from" in capsys.readouterr().err and resumed.iteration == 4 and len(hist) == 4
@@ -311,6 +333,7 @@ def test_nan_rewards_dropped_or_stopped(tmp_path, tok):
 
     hist = make(tmp_path, tok, reward=flaky, max_steps=1).train()
     assert hist[0]["rewards/dropped_nonfinite"] == 4 and math.isfinite(hist[0]["loss/policy"])
+    assert hist[0]["rewards/flaky_raw"] == 1.0  # the mean over the kept samples (a dropped NaN · 0 is still NaN)
     with pytest.raises(ValueError, match="non-finite"):
         make(tmp_path / "error", tok, reward=flaky, max_steps=1, nonfinite_rewards="error").train()
 
@@ -515,3 +538,25 @@ def test_reward_processing_classes_as_grpo_takes_them(tmp_path, tok):
     assert trainer([own, None]).rewards.members[0].tokenizer is own
     with pytest.raises(ValueError, match=r"reward_processing_classes has 1 entries for 2 reward function\(s\)"):
         trainer([own])
+
+
+def test_missing_eos_without_stopping_charges_only_answers_without_one(tmp_path, tok):
+    """stop_on_eos=False (TRL 1.12 without `stop_token`) generates to the full length; `missing_eos_penalty` then
+    charges, as TRL 1.12 did, the responses with no EOS anywhere — not every response."""
+    seen = []
+
+    def zero(prompts, completions, completion_ids, **kw):
+        seen.append([tok.eos_token_id in ids for ids in completion_ids])
+        return [0.0] * len(prompts)
+
+    model = tiny_causal_lm(tok)
+    with torch.no_grad():  # the EOS row (pad = EOS: initialised to 0) along the mean hidden state: some answers hold one
+        h = model.model(**tok(["write a short review of the movie ."], return_tensors="pt")).last_hidden_state[0]
+        model.get_input_embeddings().weight[tok.eos_token_id] = 0.15 * h.mean(0) / h.mean(0).norm() * h.norm(dim=-1).mean()
+    hist = make(tmp_path, tok, reward=zero, model=model, max_steps=1, stop_on_eos=False, max_completion_length=12,
+                missing_eos_penalty=1.0).train()
+    with_eos = torch.tensor(seen[0], dtype=torch.float64)
+    assert 0 < with_eos.mean() < 1  # both kinds in the batch, or the check below could not tell the rules apart
+    assert hist[0]["response/eos_rate"] == pytest.approx(float(with_eos.mean()))
+    assert hist[0]["objective/scores"] == pytest.approx(-float((1 - with_eos).mean()))
+    assert hist[0]["response/length_mean"] == 12  # nothing stops: every response runs to the full length

@@ -395,11 +395,19 @@ def test_add_gives_a_repeated_id_a_new_one(tmp_path):
     q.add(make_pair("it3-length_drift-0", "c", "d"))
     q.add(make_pair("it3-length_drift-0", "e", "f"))
     assert [r["id"] for r in q.records()] == ["it3-length_drift-0", "it3-length_drift-0~2", "it3-length_drift-0~3"]
+    # an exact resume samples the very same pair again: queued once, or the reviewer judges it twice and
+    # preferences.jsonl counts it double
+    q.add(make_pair("it3-length_drift-0", "c", "d"))
+    q.add({**make_pair("it3-length_drift-0", "a", "b"), "audit": {"gold": float("nan")}})  # differs: audit added
+    assert [r["id"] for r in q.records()] == ["it3-length_drift-0", "it3-length_drift-0~2", "it3-length_drift-0~3",
+                                              "it3-length_drift-0~4"]
+    q.add({**make_pair("it3-length_drift-0", "a", "b"), "audit": {"gold": float("nan")}})  # the same, NaN as null
+    assert len(q.records()) == 4
     with pytest.raises(ValueError, match='A review record has no "reference.completion"'):
         q.add({**make_pair("p9", "a", "b"), "reference": {"text": "b"}})
     with open(q.queue_path, "a") as f:
         f.write("not json\n")
-    with pytest.warns(UserWarning, match=r"line 4 is not valid JSON.*queued after it all the same"):
+    with pytest.warns(UserWarning, match=r"line 5 is not valid JSON.*queued after it all the same"):
         q.add(make_pair("p5", "g", "h"))  # a training run goes on; the page names the line to repair
     assert q.queue_path.read_text().splitlines()[-1].startswith('{"created"')
 
@@ -480,3 +488,22 @@ def test_reviewed_preferences_teach_the_reward_model(tmp_path, tiny_path, tok):
     assert without["reviewed"] <= 0.25, "trained on the original data alone, the reward model should favour the praise"
     assert with_review["reviewed"] >= 0.9
     assert with_review["original"] >= 0.9 and without["original"] >= 0.9  # the original task is kept
+
+
+def test_a_restarted_server_repairs_preferences_left_stale_by_a_kill(tmp_path):
+    """Killed between recording the last decision (decisions.jsonl, fsync'd) and rewriting preferences.jsonl: with
+    nothing left pending no later click rewrites it, so the server rewrites it when it starts."""
+    q = ReviewQueue(tmp_path)
+    for i in range(2):
+        q.add(make_pair(f"p{i}", f"flagged {i}", f"reference {i}"))
+    q.decide("p0", "flagged")
+    stale = q.preferences_path.read_text()
+    q.decide("p1", "reference")
+    q.preferences_path.write_text(stale)  # what the kill left: p1's decision recorded, its row not written
+    server, _ = serve(tmp_path)
+    try:
+        rows = read_lines(q.preferences_path)
+        assert [r["source"]["queue_id"] for r in rows] == ["p0", "p1"]
+        assert rows[1]["source"]["decision"] == "reference"
+    finally:
+        server.shutdown(), server.server_close()

@@ -156,3 +156,157 @@ def test_review_page_end_to_end(tmp_path, browser):
         page.close()
         server.shutdown()
         server.server_close()
+
+
+NO_POLL = "window.setInterval = () => 0;"  # the page refreshes only on its own clicks: what it shows is what it knew
+
+
+@pytest.fixture
+def review_page(tmp_path, browser):
+    """(queue, page opener, server url): a server on tmp_path's queue; `open_page(poll=True)` opens the page."""
+    started, pages = [], []
+
+    def open_page(poll=True):
+        if not started:
+            started.append(serve(tmp_path)[0])
+        page = browser.new_page()
+        if not poll:
+            page.add_init_script(NO_POLL)
+        page.goto(started[0].url)
+        pages.append(page)
+        return page
+
+    yield ReviewQueue(tmp_path), open_page
+    for page in pages:
+        page.close()
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+def _shows(page, pid):
+    page.wait_for_selector(f'#pair[data-id="{pid}"]', state="visible", timeout=10_000)
+
+
+def _queue_and_page(review_page, n):
+    q, open_page = review_page
+    for i in range(n):
+        q.add(make_pair(f"p{i}", f"flagged {i}", f"reference {i}"))
+    page = open_page(poll=False)
+    _shows(page, "p0")
+    return q, page
+
+
+def test_undo_takes_back_this_pages_decision(review_page):
+    """Undo sends the id the page shows ("Last: p0"), not "the latest decision", which another tab's may be by now;
+    one undone meanwhile is refused (409) with the reason on screen."""
+    from .test_review import call
+
+    q, page = _queue_and_page(review_page, 3)
+    page.click("#btn-skip")
+    page.wait_for_function("() => document.querySelector('#last').textContent.includes('p0')")
+    assert call(page.url, "/api/decide", {"id": "p1", "decision": "both_bad"})[0] == 200  # another tab
+    with page.expect_response(lambda r: "/api/undo" in r.url) as undo:
+        page.click("#btn-undo")
+    assert undo.value.status == 200
+    assert [(e["id"], e["decision"]) for e in read_lines(q.decisions_path)] == [
+        ("p0", "skip"), ("p1", "both_bad"), ("p0", "undo")]
+    _shows(page, "p0")
+
+    # the page now offers p1's decision (the latest in effect); another tab undoes it first
+    page.wait_for_function("() => document.querySelector('#last').textContent.includes('p1')")
+    assert call(page.url, "/api/undo", {"id": "p1"})[0] == 200
+    with page.expect_response(lambda r: "/api/undo" in r.url) as undo:
+        page.click("#btn-undo")
+    assert undo.value.status == 409
+    page.wait_for_function("() => document.querySelector('#last').textContent === ''")  # refreshed: nothing to undo
+    assert page.is_visible("#error") and "'p1' has no decision to undo" in page.text_content("#error")
+    assert [e["decision"] for e in read_lines(q.decisions_path)] == ["skip", "both_bad", "undo", "undo"]
+
+
+def test_a_refused_click_says_why_until_the_next_click(review_page):
+    """A pair decided in another tab while on screen: the click is refused (409) and the page refreshes at once to
+    show the next pair — without erasing the reason, which stays until the next click."""
+    from .test_review import call
+
+    q, page = _queue_and_page(review_page, 3)
+    assert call(page.url, "/api/decide", {"id": "p0", "decision": "flagged"})[0] == 200  # another tab
+    with page.expect_response(lambda r: "/api/state" in r.url):  # the refresh that follows the refusal
+        page.click("#btn-left")
+    _shows(page, "p1")
+    page.wait_for_timeout(300)  # time for a refresh to (wrongly) clear it
+    assert page.is_visible("#error") and "'p0' is already decided" in page.text_content("#error")
+    page.keyboard.press("s")
+    _shows(page, "p2")
+    assert not page.is_visible("#error")
+    assert [(e["id"], e["decision"]) for e in read_lines(q.decisions_path)] == [("p0", "flagged"), ("p1", "skip")]
+
+
+def test_nan_in_a_pair_is_shown_as_a_dash_and_bad_replies_are_named(review_page):
+    """A pair with NaN in it (as an older queue writer left it) is shown, its score as "–"; a reply that is not JSON
+    is reported as that, not as a server out of reach."""
+    q, open_page = review_page
+    bad = make_pair("nan", "long long long", "short")
+    bad["flagged"]["audit"] = {"gold": float("nan")}
+    bad["reference"]["audit"] = {"gold": float("nan")}
+    q.dir.mkdir(parents=True)
+    q.queue_path.write_text(json.dumps(bad) + "\n")
+    assert "NaN" in q.queue_path.read_text()
+    page = open_page()
+    _shows(page, "nan")
+    assert "audit gold–" in page.text_content("#left .scores") and not page.is_visible("#error")
+
+    page.route("**/api/state*", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                           body='{"counts": NaN}'))
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # refresh now
+    page.wait_for_selector("#error", state="visible")
+    message = page.text_content("#error")
+    assert "sent invalid JSON (HTTP 200 for /api/state" in message and "Cannot reach" not in message
+    page.unroute("**/api/state*")
+    page.route("**/api/state*", lambda route: route.abort())
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    page.wait_for_function("() => document.querySelector('#error').textContent.startsWith('Cannot reach the review')")
+
+
+def test_empty_queue_says_what_there_is_to_train_on(review_page):
+    """Nothing queued: no claim of a preferences file, no retrain command; all decided without a pick: no command
+    either (the file has no rows); with picks: the count, the file and the command."""
+    q, open_page = review_page
+    q.dir.mkdir(parents=True)
+    q.queue_path.write_text("")
+    page = open_page()
+    page.wait_for_selector("#empty", state="visible")
+    assert page.text_content("#empty-title") == "Nothing queued yet"
+    assert "preferences.jsonl" not in page.text_content("#empty-message") and not page.is_visible("#empty-train")
+
+    q.add(make_pair("p0", "a", "b"))
+    _shows(page, "p0")  # by polling
+    page.keyboard.press("b")
+    page.wait_for_selector("#empty", state="visible")
+    assert page.text_content("#empty-title") == "All reviewed"
+    assert "no preference pairs yet" in page.text_content("#empty-message") and not page.is_visible("#empty-train")
+
+    page.keyboard.press("u")
+    _shows(page, "p0")
+    page.keyboard.press("1")
+    page.wait_for_selector("#empty-train", state="visible")
+    assert page.text_content("#empty-message") == f"Queue empty — 1 preference pairs written to {q.preferences_path}"
+    assert page.text_content("#empty-train code") == f"rlhf-ext reward --extra_preferences {q.preferences_path}"
+
+
+def test_keyboard_focus_stays_on_the_button_used(review_page):
+    """Buttons are disabled while a decision is sent, which drops the focus; it comes back to the button used, so
+    Enter decides the next pair too. When the pair view goes (the last pair decided), Undo takes it."""
+    q, open_page = review_page
+    for i in range(2):
+        q.add(make_pair(f"p{i}", f"flagged {i}", f"reference {i}"))
+    page = open_page()
+    _shows(page, "p0")
+    page.focus("#btn-skip")
+    page.keyboard.press("Enter")
+    _shows(page, "p1")
+    page.wait_for_function("() => document.activeElement.id === 'btn-skip'")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#empty", state="visible")
+    page.wait_for_function("() => document.activeElement.id === 'btn-undo'")
+    assert [(e["id"], e["decision"]) for e in read_lines(q.decisions_path)] == [("p0", "skip"), ("p1", "skip")]

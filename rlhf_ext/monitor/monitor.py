@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from ..data import PromptRow
 from ..plugins.detectors import DEFAULT_DETECTORS, Observation
-from ..plugins.shaping import repeated_ngram_fraction
+from ..plugins.shaping import content_ids, repeated_ngram_fraction
 from ..progress import progress
 from ..registry import build
 from .queue import ReviewQueue, append_jsonl
@@ -55,7 +55,8 @@ def reference_statistics(lengths: list, eos: list, ids: list, cap: int, ngram_si
     (length, length_sd), (eos_rate, _) = mean_sd(lengths), mean_sd(eos)
     ref = {"length": length, "length_sd": length_sd, "eos": eos_rate, "n": len(lengths), "cap": cap}
     for k in sorted(set(ngram_sizes) | {4}):
-        ref[f"repetition_{k}"], ref[f"repetition_{k}_sd"] = mean_sd([repeated_ngram_fraction(x, k) for x in ids])
+        ref[f"repetition_{k}"], ref[f"repetition_{k}_sd"] = mean_sd([repeated_ngram_fraction(x, k)
+                                                                     for x in content_ids(ids, lengths)])
     return ref
 
 
@@ -168,6 +169,7 @@ class RewardHackingMonitor(TrainerCallback):
         tr, ro = self.trainer, self.trainer.rollout
         metrics = tr._metrics_history[-1]
         obs, local = self._observe(metrics)
+        halting = None
         for d in self.detectors:
             value, fired = d.update(obs)
             if value is not None:
@@ -175,6 +177,7 @@ class RewardHackingMonitor(TrainerCallback):
             metrics[f"monitor/{d.name}_alarm"] = int(fired)
             if fired:
                 self._act(d, local, control)
+                halting = halting or (d if d.action == "halt" else None)
         if self.writes:
             append_jsonl(self.dir / "metrics.jsonl", {"iteration": tr.iteration, **_plain(metrics)})
             order = torch.argsort(ro.scores.cpu(), descending=True)[: self.samples_per_iteration].tolist()
@@ -183,6 +186,8 @@ class RewardHackingMonitor(TrainerCallback):
                     "iteration": tr.iteration, "prompt": prompt_text(ro.prompts[i]), "text": ro.texts[i],
                     "score": float(ro.scores[i]), "length": int(ro.lengths[i]), "eos": bool(ro.has_eos[i]),
                     "audit": {k: float(v[i]) for k, v in ro.audit.items()}})
+        if halting is not None and not control.should_training_stop:  # every process decides this together
+            self._halt(halting, control)  # after every detector has seen the iteration: the checkpoint holds them all
 
     def _act(self, d, obs, control):
         tr = self.trainer
@@ -193,18 +198,20 @@ class RewardHackingMonitor(TrainerCallback):
         if d.action == "queue" and tr.iteration - self.last_queued.get(d.name, -10**9) >= self.cooldown:
             self.last_queued[d.name] = tr.iteration
             self._queue(d, obs)
-        elif d.action == "halt" and not control.should_training_stop:  # every process decides this together
-            path = tr.save_checkpoint() if self.writes else None  # the adapters are identical on every process
-            tr.accelerator.wait_for_everyone()  # nobody leaves before the checkpoint is on disk
-            control.should_training_stop = True
-            self.halted_by = d.name
-            warnings.warn(
-                f"Reward-hacking monitor halted training at iteration {tr.iteration}: {d.describe()}. Checkpoint: "
-                f"{path}. Look at the samples (rlhf-ext report {tr.args.output_dir}; rlhf-ext review "
-                f"{tr.args.output_dir}), change what lets the policy exploit the reward (a length penalty, a larger "
-                f"β or smaller δ, a retrained reward model), then resume with "
-                f"trainer.train(resume_from_checkpoint=True) — recipes: --resume_from_checkpoint true. To silence "
-                f"this detector set its action to 'log' in monitor_detectors.", stacklevel=2)
+
+    def _halt(self, d, control):
+        tr = self.trainer
+        path = tr.save_checkpoint() if self.writes else None  # the adapters are identical on every process
+        tr.accelerator.wait_for_everyone()  # nobody leaves before the checkpoint is on disk
+        control.should_training_stop = True
+        self.halted_by = d.name
+        warnings.warn(
+            f"Reward-hacking monitor halted training at iteration {tr.iteration}: {d.describe()}. Checkpoint: "
+            f"{path}. Look at the samples (rlhf-ext report {tr.args.output_dir}; rlhf-ext review "
+            f"{tr.args.output_dir}), change what lets the policy exploit the reward (a length penalty, a larger "
+            f"β or smaller δ, a retrained reward model), then resume with "
+            f"trainer.train(resume_from_checkpoint=True) — recipes: --resume_from_checkpoint true. To silence "
+            f"this detector set its action to 'log' in monitor_detectors.", stacklevel=2)
 
     @torch.no_grad()
     def _queue(self, d, obs):

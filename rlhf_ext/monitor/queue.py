@@ -28,7 +28,9 @@ is rewritten from what they read, so a line skipped silently would silently drop
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -54,17 +56,65 @@ def check_order(order: str) -> str:
 
 
 def proxy_margin(record: dict) -> float:
-    """How much the reward prefers the flagged response: score(flagged) − score(reference)."""
-    return record["flagged"]["score"] - record["reference"]["score"]
+    """How much the reward prefers the flagged response: score(flagged) − score(reference); NaN when a score is
+    unknown (null: the writer's NaN, a reward that diverged for that sample)."""
+    flagged, reference = record["flagged"]["score"], record["reference"]["score"]
+    return math.nan if flagged is None or reference is None else flagged - reference
+
+
+def _margin_rank(margin: float) -> tuple:
+    """Sort key, widest margin first; an unknown (non-finite) margin last. NaN compares false with everything, so
+    sorting by it directly is no order at all: pairs around it would land anywhere."""
+    return (0, -margin) if math.isfinite(margin) else (1, 0.0)
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+# A UTF-16 surrogate on its own: half a character (a JSON "\\ud83d" escape, text cut inside an emoji). Python strings
+# can hold one; UTF-8 cannot, so writing it fails (UnicodeEncodeError) and a browser shows it as garbage.
+SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how one (or half of a valid pair) looks inside a JSON line
+
+
+def plain_json(value, where: str = "", found: list | None = None):
+    """`value` as standard JSON and UTF-8 can hold it: NaN and ±Infinity (not JSON: a browser refuses the whole
+    reply that holds one) become null, each lone surrogate becomes U+FFFD. `found` collects (where, what) of each
+    change, `where` a dotted path such as "flagged.audit.gold"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found.append((where, repr(value)))
+        return None
+    if isinstance(value, str):
+        if SURROGATE.search(value):
+            if found is not None:
+                found.append((where, "a lone UTF-16 surrogate"))
+            return SURROGATE.sub("\ufffd", value)
+        return value
+    if isinstance(value, dict):
+        return {plain_json(k): plain_json(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where `value` holds a lone UTF-16 surrogate (a dotted path, "" for the value itself), or None."""
+    if isinstance(value, str):
+        return where if SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        hit = lone_surrogate(v, (f"{where}.{k}" if where else str(k)) if isinstance(value, dict) else f"{where}[{k}]")
+        if hit is not None:
+            return hit
+    return None
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    # a lone surrogate would make encode() raise and lose the whole record (or stop a training run): U+FFFD instead
+    line = (SURROGATE.sub("\ufffd", json.dumps(record, ensure_ascii=False)) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
@@ -111,11 +161,24 @@ def read_jsonl_lines(path: Path, check=None, fix: str = REPAIR) -> list[tuple[in
         if not isinstance(record, dict):
             problem = f"is {json.dumps(record, ensure_ascii=False)[:40]}, not a JSON object"
         else:
-            problem = check(record) if check else None
+            problem = _surrogate_problem(raw, record) or (check(record) if check else None)
         if problem:
             raise CorruptFileError(path, f"line {n} {problem}", fix)
         out.append((n, record))
     return out
+
+
+def _surrogate_problem(raw: bytes, record: dict) -> str | None:
+    """A lone surrogate escaped in a line (another tool's ensure_ascii writer) reads fine, but every page, reply or
+    file that holds it fails to encode later: refused here, naming the field. The escape test keeps this off the
+    lines that have none (nearly all)."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return None
+    where = lone_surrogate(record)
+    if where is None:  # only valid pairs (an emoji written as two escapes)
+        return None
+    return (f'has a lone UTF-16 surrogate in "{where}": half of a character, which UTF-8 cannot hold (text cut '
+            f'inside an emoji?). Replace that escape (\\ud800-\\udfff) with the whole character or with \\ufffd')
 
 
 def read_jsonl(path: Path, check=None, fix: str = REPAIR) -> list[dict]:
@@ -159,6 +222,11 @@ def check_decision(record: dict) -> str | None:
     return problem
 
 
+def _content(record: dict) -> dict:
+    """A queued pair without what differs between two writes of the same pair (when it was written, its id)."""
+    return {k: v for k, v in record.items() if k not in ("created", "id")}
+
+
 class ReviewQueue:
     """`OUTPUT_DIR/review/`: add flagged pairs (trainer), decide and undo (review page), export preferences."""
 
@@ -170,18 +238,31 @@ class ReviewQueue:
 
     # -- trainer side
     def add(self, record: dict) -> None:
+        """Append a pair. NaN and ±Infinity (an audit that could not grade a sample, a diverged reward) are written
+        as null — the page shows "–" — and a lone surrogate as U+FFFD, with a warning: neither is standard JSON in
+        UTF-8, and one would blank the review page or stop the training run that queues it."""
+        found = []
+        record = plain_json(record, found=found)
+        broken = [where for where, what in found if "surrogate" in what]
+        if broken:
+            warnings.warn(f"Review pair {record.get('id')!r}: {', '.join(broken)} held a lone UTF-16 surrogate (half "
+                          f"of a character, which UTF-8 cannot hold); it is queued with U+FFFD in its place.")
         problem = check_pair(record)
         if problem:
             raise ValueError(f"A review record {problem}.")
         try:
-            taken = {r["id"] for r in self.records()}
+            taken = {r["id"]: r for r in self.records()}
         except CorruptFileError as e:  # hours of training must not stop over a line only the review page reads
             warnings.warn(f"{e} (This pair is queued after it all the same; the review page refuses the queue "
                           f"until that line is repaired.)")
-            taken = set()
-        # a resumed run repeats the iterations after its checkpoint, and its monitor may queue the same ids again
+            taken = {}
+        # a resumed run repeats the iterations after its checkpoint, and its monitor queues the same ids again: the
+        # same pair (an exact resume samples it again) is queued once — twice, a reviewer would judge it twice and
+        # preferences.jsonl count it double; a different pair under a taken id gets a new one
         pid, k = record["id"], 1
         while pid in taken:
+            if _content(taken[pid]) == _content(record):
+                return
             k += 1
             pid = f"{record['id']}~{k}"
         append_jsonl(self.queue_path, {"created": now(), **record, "id": pid})
@@ -231,11 +312,13 @@ class ReviewQueue:
         if order == "proxy_margin":
             for n, r in rows:
                 for side in ("flagged", "reference"):
+                    if r[side].get("score", 0) is None:  # unknown (written for NaN): the pair sorts last
+                        continue
                     problem = check_fields(r[side], {"score": (int, float)})
                     if problem:
                         raise CorruptFileError(self.queue_path, f'line {n}: its "{side}" {problem} (the proxy_margin '
                                                f'order sorts by it)', "Repair that line, or review in queue order.")
-            rows.sort(key=lambda row: proxy_margin(row[1]), reverse=True)
+            rows.sort(key=lambda row: _margin_rank(proxy_margin(row[1])))  # stable: ties keep the queue's order
         return [r for _, r in rows]
 
     def decide(self, pair_id: str, decision: str, reviewer: str | None = None) -> None:

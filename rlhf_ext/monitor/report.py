@@ -9,6 +9,7 @@ import argparse
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
 from ..integrity import CorruptFileError, read_json
@@ -167,7 +168,7 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
     alarm_rows = "".join(f"<tr><td>{a['iteration']}</td><td>{esc(a['detector'])}</td><td>{a['value']:.3g}</td>"
                          f"<td>{'>' if a.get('direction', 'above') == 'above' else '<'} {a['threshold']:.3g}</td>"
                          f"<td>{esc(a['action'])}</td></tr>" for a in data["alarms"])
-    samples = sorted(data["samples"], key=lambda s: s["score"], reverse=True)[:top]
+    samples = sorted(data["samples"], key=_top_first)[:top]
     sample_rows = "".join(
         f"<tr><td>{s['iteration']}</td><td>{s['score']:.3f}</td><td>"
         + esc(", ".join(f"{k} {v:.2f}" for k, v in s.get("audit", {}).items())) + f"</td><td>{s['length']}</td>"
@@ -193,6 +194,13 @@ vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:32
 <p>Review flagged pairs: <code>rlhf-ext review {esc(str(output_dir))}</code></p></body></html>"""
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _top_first(sample: dict) -> tuple:
+    """Sort key: the highest score first, NaN last. NaN compares false with everything, so sorting by the bare score
+    is no order at all and the top sample can be cut from the table."""
+    score = sample["score"]
+    return (1, 0.0) if math.isnan(score) else (0, -score)
 
 
 def _fmt(v) -> str:

@@ -35,12 +35,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..integrity import CorruptFileError
-from .queue import DECISIONS, ORDERS, ReviewQueue, check_order
+from .queue import DECISIONS, ORDERS, ReviewQueue, check_order, plain_json
 
 STATIC = Path(__file__).parent / "static"
 FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/review.js": ("review.js", "text/javascript; charset=utf-8"),
          "/review.css": ("review.css", "text/css; charset=utf-8")}
 MAX_BODY = 64 * 1024
+# Seconds a connection may sit silent: a request whose body is shorter than its Content-Length would otherwise hold
+# its thread forever. Browsers reconnect when an idle keep-alive connection is closed.
+SOCKET_TIMEOUT = 15
 PENDING_SHOWN = 3  # the page shows one pair; a few more let it say what comes next without another request
 # No inline scripts or styles and nothing from elsewhere: even if a sample slipped into the DOM as markup, it
 # could not run.
@@ -65,6 +68,8 @@ class ReviewServer(ThreadingHTTPServer):
         self.order = check_order(order)  # before binding: a bad order or a damaged queue must not leave a port open
         self.queue = ReviewQueue(output_dir)
         self.queue.pending(self.order)  # reads and checks every file the page needs (CorruptFileError)
+        if self.queue.decisions_path.is_file():  # a server killed between recording a decision and rewriting
+            self.queue.export_preferences()  # preferences.jsonl left it stale, and no later click might repair it
         super().__init__(("127.0.0.1", port), Handler)
         self.reviewer = reviewer
         # decide/undo each append and then rewrite preferences.jsonl via one shared temporary file: one at a time
@@ -78,6 +83,12 @@ class ReviewServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    def handle_error(self, request, client_address):
+        # a browser that closed its tab or connection mid-reply is routine: no traceback in the reviewer's terminal
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def state(self, prefer: str | None = None) -> dict:
         q = self.queue
@@ -114,7 +125,8 @@ class ReviewServer(ThreadingHTTPServer):
                     raise ApiError(HTTPStatus.CONFLICT, "Nothing to undo.")
                 pair_id = last["id"]
             elif pair_id not in decided:
-                raise ApiError(HTTPStatus.CONFLICT, f"Pair {pair_id!r} has no decision to undo.")
+                raise ApiError(HTTPStatus.CONFLICT, f"Pair {pair_id!r} has no decision to undo (undone already, in "
+                                                    f"another tab?).")
             self.queue.undo(pair_id)
         return {**self.state(prefer=pair_id), "undone": pair_id}
 
@@ -122,8 +134,12 @@ class ReviewServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     server_version = "rlhf-ext-review"
+    timeout = SOCKET_TIMEOUT
 
     def do_GET(self):
+        self._handle(self._get)
+
+    def do_HEAD(self):  # what a GET would answer, without the body (`_send`)
         self._handle(self._get)
 
     def do_POST(self):
@@ -133,6 +149,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._check_host()
             route()
+        except (ConnectionError, TimeoutError):  # the client left (or went silent) mid-request: nobody to answer
+            self.close_connection = True
         except ApiError as e:
             self._json({"error": str(e)}, e.status)
         except CorruptFileError as e:  # a file damaged while the page is open: say which line, in the page and here
@@ -181,15 +199,31 @@ class Handler(BaseHTTPRequestHandler):
         if not 0 <= length <= MAX_BODY:
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is limited to {MAX_BODY} bytes.")
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True  # the rest of the body may still come: the stream is out of step
+            raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"The request body did not arrive: Content-Length says {length} "
+                                                       f"bytes; send that many.") from None
+        if len(raw) < length:  # the client closed its side early
+            self.close_connection = True
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"The request body ended after {len(raw)} of the {length} bytes its "
+                                                   f"Content-Length announced.")
+        try:
+            body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"The request body is not valid JSON: {e}") from None
+        except RecursionError:  # nested deeper than the parser's stack: no request of this API looks like that
+            raise ApiError(HTTPStatus.BAD_REQUEST, "The request body is nested too deeply: send a flat JSON object "
+                                                   'such as {"id": ..., "decision": ...}.') from None
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
         return body
 
     def _json(self, obj, status=HTTPStatus.OK):
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+        # NaN/Infinity (a queue written before they became null) would make the browser's JSON.parse refuse the
+        # whole reply, and a lone surrogate the encoding fail: null and U+FFFD. Encoded in full before anything is sent.
+        data = json.dumps(plain_json(obj), ensure_ascii=False, allow_nan=False).encode()
+        self._send(status, data, "application/json; charset=utf-8")
 
     def _send(self, status, data: bytes, ctype: str):
         self.send_response(status)
@@ -207,6 +241,8 @@ class Handler(BaseHTTPRequestHandler):
         pass  # the page polls every few seconds; a line per request would bury the URL and real errors
 
     def log_error(self, format, *args):
+        if format.startswith("Request timed out"):  # an idle browser connection closed after SOCKET_TIMEOUT: routine
+            return
         sys.stderr.write("review: " + (format % args) + "\n")
 
 

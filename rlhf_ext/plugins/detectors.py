@@ -20,13 +20,14 @@ measured by `benchmarks/detector_rates.py` (README, "False alarms and detection 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from ..registry import register
 from ..rl_math import pearson
-from .shaping import repeated_ngram_fraction
+from .shaping import content_ids, repeated_ngram_fraction
 
 ACTIONS = ("log", "queue", "halt")
 
@@ -177,7 +178,7 @@ class RepetitionDetector(Detector):
         self.n = n
 
     def _frac(self, obs):
-        return [repeated_ngram_fraction(x, self.n) for x in obs.ids]
+        return [repeated_ngram_fraction(x, self.n) for x in content_ids(obs.ids, obs.lengths)]
 
     def statistic(self, obs):
         f = self._frac(obs)
@@ -252,7 +253,8 @@ class ProxyVsAudit(Detector):
     (3.0 standard errors) once the drop is also at least `min_effect` of the audit's per-sample standard deviation
     (a large batch makes tiny drops "significant"). A correlation of a few batch means, blind to effect size, alarmed
     in 82–93 % of simulated 30-iteration runs without hacking (benchmarks/detector_rates.py). Suspicious samples: high
-    proxy, low audit. Needs `audit_funcs`."""
+    proxy, low audit. Needs `audit_funcs`. A score the audit could not give (None, NaN) is left out and counted
+    (`dropped`, one warning): a single NaN in the sums would silence the detector for the rest of the run."""
 
     def __init__(self, threshold: float = 3.0, action: str = "queue", window: int = 4, audit: str | None = None,
                  min_effect: float = 0.2, **kw):
@@ -262,15 +264,34 @@ class ProxyVsAudit(Detector):
             raise ValueError(f"proxy_vs_audit's window must be ≥ 1 iteration, got {window}.")
         self.window, self.audit, self.min_effect = window, audit, min_effect
         self.batches: list = []  # per iteration: [proxy mean, audit Σx, audit Σx², audit count]
+        self.dropped = 0  # audit scores left out of the sums: None, NaN or ±inf (the audit could not grade a sample)
 
     def _audit_name(self, obs):
         return self.audit or next(iter(obs.audit), None)
+
+    def _finite_audit(self, obs, name) -> torch.Tensor:
+        """The audit's scores that are numbers. A single NaN in the sums would make the baseline NaN for the rest of
+        the run (it is kept, and checkpointed) and every later statistic NaN, which `update` ignores: the detector
+        would go silent. So they are left out, counted, and the first is reported."""
+        a = _audit_tensor(obs.audit[name])
+        finite = torch.isfinite(a)
+        bad = int((~finite).sum())
+        if bad:
+            if not self.dropped:
+                warnings.warn(f"Audit {name!r} returned no number (None, NaN or ±inf) for {bad} of {a.numel()} "
+                              f"samples at iteration {obs.iteration}; proxy_vs_audit leaves such scores out (it counts "
+                              f"them in its state as 'dropped'). Return a number for every sample to have them "
+                              f"judged.", stacklevel=2)
+            self.dropped += bad
+        return a[finite]
 
     def statistic(self, obs):
         name = self._audit_name(obs)
         if name is None or not obs.valid.any():
             return None
-        a = torch.tensor(obs.audit[name], dtype=torch.float64)
+        a = self._finite_audit(obs, name)
+        if not a.numel():  # nothing graded this iteration: it says nothing about the audit
+            return None
         self.batches.append([float(obs.scores[obs.valid].mean()), float(a.sum()), float(a.pow(2).sum()), a.numel()])
         # keep the baseline and the recent window only
         self.batches = self.batches[: self.window] + self.batches[self.window :][-self.window :]
@@ -288,15 +309,24 @@ class ProxyVsAudit(Detector):
 
     def suspicious(self, obs, n):
         name = self._audit_name(obs)
-        gap = obs.scores - torch.tensor(obs.audit[name], dtype=obs.scores.dtype)
+        gap = obs.scores - _audit_tensor(obs.audit[name]).to(obs.scores.dtype)
+        # an ungraded sample shows nothing about the audit: last, not first (argsort ranks NaN highest)
+        gap = torch.where(torch.isnan(gap), torch.full_like(gap, -math.inf), gap)
         return torch.argsort(gap, descending=True)[:n].tolist()
 
     def state_dict(self):
-        return {**super().state_dict(), "batches": self.batches}
+        return {**super().state_dict(), "batches": self.batches, "dropped": self.dropped}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.batches = state.get("batches", [])
+        # a checkpoint from before non-finite scores were left out may hold NaN sums: those batches are dropped
+        self.batches = [b for b in state.get("batches", []) if all(math.isfinite(x) for x in b)]
+        self.dropped = state.get("dropped", 0)
+
+
+def _audit_tensor(scores) -> torch.Tensor:
+    """An audit's per-sample scores as float64, None (TRL's "not applicable") as NaN."""
+    return torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float64)
 
 
 def _pool(batches) -> dict:

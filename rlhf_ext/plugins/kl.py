@@ -14,6 +14,7 @@ Controllers see one KL number per PPO iteration (the batch mean of the per-seque
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -63,24 +64,48 @@ class KLController:
         self.beta = float(init_beta)
         self.target = target
 
+    # What `update` changes: saved with a checkpoint and restored on resume. Everything else — `target`, gains,
+    # horizon — is configuration: a resumed run keeps the values it was configured with (as its hard-KL guard, built
+    # from them, does). None, for a plugin that does not say: every number it holds but `target`.
+    state_keys: tuple[str, ...] | None = None
+
     def update(self, kl: float, n_steps: int = 1) -> float:
         return self.beta
 
+    def _state_keys(self, candidates) -> list[str]:
+        if self.state_keys is not None:
+            return list(self.state_keys)
+        return [k for k in candidates if k not in ("target", "controller")]
+
     def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, type(None)))}
+        numbers = [k for k, v in vars(self).items() if isinstance(v, (int, float, type(None)))]
+        return {"controller": self.name, **{k: getattr(self, k) for k in self._state_keys(numbers)}}
 
     def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+        """Restore what `update` changed. A state saved by another kind of controller (its "controller" name; older
+        checkpoints have none) means something else — an adaptive β is not a Lagrange multiplier — so it is not
+        loaded: this controller starts from its configured β, with a warning."""
+        saved = state.get("controller", self.name)
+        if saved != self.name:
+            warnings.warn(f"The KL controller state saved by a {saved!r} controller was not loaded into this "
+                          f"{self.name!r} one (kl_controller changed): β starts at init_kl_coef ({self.beta:g}). "
+                          f"Resume with kl_controller={saved!r} to continue its β.", UserWarning, stacklevel=2)
+            return
+        vars(self).update({k: state[k] for k in self._state_keys(state) if k in state})
 
 
 @register("kl_controller", "fixed")
 class FixedKL(KLController):
     """β constant."""
 
+    state_keys = ()  # β is init_kl_coef: configuration
+
 
 @register("kl_controller", "adaptive")
 class AdaptiveKL(KLController):
     """Ziegler et al. (2019): e = clip(KL/target − 1, ±0.2); β ← β·(1 + e·n_steps/horizon)."""
+
+    state_keys = ("beta",)
 
     def __init__(self, init_beta: float = 0.05, target: float = 6.0, horizon: int = 10000):
         super().__init__(init_beta, target)
@@ -103,6 +128,8 @@ class LagrangianKL(KLController):
     [0, β_max] (anti-windup): a burst of KL far above δ saturates β at β_max, and β starts falling on the first
     iteration back under δ instead of first unwinding an integral that grew far past β_max.
     """
+
+    state_keys = ("beta", "integral", "prev_error")
 
     def __init__(self, init_beta=0.05, target=4.0, lr=0.02, kp=0.0, kd=0.0, beta_max=10.0):
         super().__init__(init_beta, target)

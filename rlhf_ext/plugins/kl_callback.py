@@ -5,6 +5,8 @@ Its own module so that the controllers in `kl.py` (and `rlhf-ext plugins`) do no
 
 from __future__ import annotations
 
+import math
+
 from transformers import TrainerCallback
 
 from .kl import KLController
@@ -22,6 +24,8 @@ class KLControllerCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "kl" not in logs or self.trainer is None:
+            return
+        if not math.isfinite(float(logs["kl"])):  # a NaN fed to a controller would leave β NaN for good
             return
         beta = max(self.controller.update(float(logs["kl"]), n_steps=1), self.min_beta)
         self.trainer.beta = beta

@@ -30,6 +30,17 @@ class ResponseInfo:
         lengths = [len(x) - int(e) for x, e in zip(ids, has_eos)]
         return cls(torch.tensor(lengths, dtype=torch.float), torch.tensor(has_eos), ids)
 
+    @property
+    def content(self) -> list:
+        return content_ids(self.ids, self.lengths)
+
+
+def content_ids(ids: list, lengths) -> list:
+    """Each response's tokens without its final EOS — what the reader sees, so an answer that ends properly and one
+    cut off are charged alike. ids: B lists; lengths: [B] content lengths (tensor or numbers)."""
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths
+    return [x[: int(L)] for x, L in zip(ids, lengths)]
+
 
 class Shaper:
     name = "base"
@@ -151,7 +162,7 @@ def repeated_ngram_fraction(ids: list, n: int = 3) -> float:
 
 @register("shaper", "repetition")
 class Repetition(Shaper):
-    """r − α·(repeated n-gram fraction)."""
+    """r − α·(repeated n-gram fraction of the content: the final EOS left out)."""
 
     def __init__(self, alpha: float = 1.0, n: int = 3):
         _charges("repetition", alpha=alpha)
@@ -160,7 +171,7 @@ class Repetition(Shaper):
         self.alpha, self.n = alpha, n
 
     def __call__(self, scores, info):
-        frac = torch.tensor([repeated_ngram_fraction(x, self.n) for x in info.ids], dtype=scores.dtype)
+        frac = torch.tensor([repeated_ngram_fraction(x, self.n) for x in info.content], dtype=scores.dtype)
         return scores - self.alpha * frac
 
 
@@ -192,8 +203,7 @@ class BatchNovelty(Shaper):
         self.alpha, self.n = alpha, n
 
     def __call__(self, scores, info):
-        content = [x[: int(L)] for x, L in zip(info.ids, info.lengths.tolist())]
-        shared = torch.tensor(shared_ngram_fractions(content, self.n), dtype=scores.dtype)
+        shared = torch.tensor(shared_ngram_fractions(info.content, self.n), dtype=scores.dtype)
         return scores - self.alpha * shared
 
 

@@ -13,30 +13,140 @@ from pathlib import Path
 import torch
 
 from ..integrity import (CorruptFileError, atomic_folder, checkpoint_number, load_safetensors,
-                         newest_verified_checkpoint, numbered_checkpoints, read_json, save_tensors, verify_manifest)
+                         earlier_checkpoints, newest_verified_checkpoint, numbered_checkpoints, read_json,
+                         remove_checkpoints, remove_oldest_checkpoints, save_tensors, verify_manifest)
+from ..models import model_fingerprint
 
 CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
 # What shapes the trajectory: resumed with other values, a run continues, but not as the run that wrote the checkpoint
 # (warned on resume, as transformers' Trainer warns for its batch size; a changed default must not pass unnoticed)
 TRAJECTORY_SETTINGS = ("per_device_train_batch_size", "num_ppo_epochs", "num_mini_batches", "max_completion_length",
-                       "learning_rate", "kl_controller", "kl_target")
+                       "learning_rate", "kl_controller", "kl_target", "seed", "data_seed")
+# What to do about a changed setting where "pass the checkpoint's value" is not the whole answer
+_CHANGED_HINT = {"base_model_fingerprint": "the adapters were trained on another base model: load the checkpoint's "
+                                           "for a continuation of that run"}
 
 
 def _trajectory_settings(tr) -> dict:
-    return {k: getattr(tr.args, k) for k in TRAJECTORY_SETTINGS} | {"num_processes": tr.accelerator.num_processes}
+    return {k: getattr(tr.args, k) for k in TRAJECTORY_SETTINGS} | {
+        "num_processes": tr.accelerator.num_processes,
+        # the weights, however the model was named or loaded (models.model_fingerprint): another base warns by name
+        "base_model_fingerprint": model_fingerprint(tr.policy.peft)}
+
+
+def _changed(key: str, was, now) -> str:
+    hint = _CHANGED_HINT.get(key)
+    return f"{key}: {was!r} in the checkpoint, {now!r} now" + (f" ({hint})" if hint else "")
 
 
 def _warn_if_settings_changed(path, saved: dict | None, now: dict) -> None:
-    changed = [f"{k}: {saved[k]!r} in the checkpoint, {v!r} now" for k, v in now.items()
-               if saved and k in saved and saved[k] != v]
+    changed = [_changed(k, saved[k], v) for k, v in now.items() if saved and k in saved and saved[k] != v]
     if changed:
         warnings.warn(f"Resuming from {path} with other settings than the run that wrote it ({'; '.join(changed)}). "
                       "Training continues with the new values, so it is not that run continued; pass the "
                       "checkpoint's values for an exact continuation.", UserWarning, stacklevel=3)
 
 
+# ------------------------------------------------------------------- what each process holds of its own (DDP)
+def process_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random streams: torch's CPU generator, and its GPU's where the policy runs on one."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def process_state(tr) -> dict:
+    """What differs from process to process under DDP: its random streams (each samples its own responses) and its
+    reward pipeline's running statistics (each scores its own share of the batch: debias's slope, a callable's
+    running mean)."""
+    return {"rng": process_rng_state(tr.policy.device), "rewards": tr.rewards.state_dict()}
+
+
+def gather_process_states(tr) -> list[dict]:
+    """`process_state` of every process, rank by rank. Only the main process writes checkpoints, so under DDP this is
+    a collective — every process calls it at the same point (the training loop: after each iteration and before each
+    save) — that hands the main process all of them."""
+    own = process_state(tr)
+    if tr.accelerator.num_processes == 1:
+        return [own]
+    import torch.distributed as dist
+
+    states = [None] * tr.accelerator.num_processes
+    dist.all_gather_object(states, own)
+    return states
+
+
+def _states_to_save(tr) -> list[dict]:
+    # Under DDP: the training loop's latest gather (a checkpoint written on the main process alone, as the monitor's
+    # halt writes it, cannot gather). One process: its state as it is now.
+    gathered = getattr(tr, "_process_states", None)
+    if tr.accelerator.num_processes > 1 and gathered:
+        return gathered
+    return [process_state(tr)]
+
+
+def _rng_key(key: str, rank: int) -> str:
+    return key if rank == 0 else f"{key}.rank{rank}"  # rank 0's under the names checkpoints always used
+
+
+def _restore_rng(tr, path: Path, saved: dict, written_by: int) -> None:
+    """Each process takes its own saved streams back. A checkpoint with another number of streams than this run has
+    processes (another launch, or written before every process's stream was saved) cannot be dealt out one per
+    process: each is reseeded from the seed, its rank and the iteration, deterministically, and a warning says so."""
+    world, rank = tr.accelerator.num_processes, tr.accelerator.process_index
+    streams = sum(1 for k in saved if k == "torch_rng" or k.startswith("torch_rng.rank"))
+    if streams == world and _rng_key("torch_rng", rank) in saved:
+        torch.set_rng_state(saved[_rng_key("torch_rng", rank)])
+        cuda = saved.get(_rng_key("cuda_rng", rank))
+        if cuda is not None and tr.policy.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, tr.policy.device)
+        return
+    tr._seed_process_rng()
+    if tr.accelerator.is_main_process:
+        why = (f"resume with {written_by} process(es) to continue it exactly" if written_by != world else
+               "it was written before checkpoints held every process's random stream")
+        warnings.warn(f"{path} holds the random streams of {streams} process(es) and this run has {world}: each "
+                      f"process's stream is reseeded (seed + 1000·rank + iteration), so sampling goes on "
+                      f"deterministically but not as the run that wrote it would have sampled ({why}).", UserWarning,
+                      stacklevel=3)
+
+
+def _own_rewards_state(tr, state: dict) -> dict:
+    """This process's reward-pipeline state: its own where the checkpoint has one per process of this run's, else the
+    main process's (another number of processes, or a checkpoint from one process or from before they were kept)."""
+    by_process = state.get("rewards_by_process")
+    if by_process and len(by_process) == tr.accelerator.num_processes:
+        return by_process[tr.accelerator.process_index]
+    return state["rewards"]
+
+
+# --------------------------------------------------------------------------------------------------- optimizer
+def _follow_configured_lr(tr) -> None:
+    """The optimizer and scheduler states carry the learning rate of the run that saved them. A resume with another
+    `learning_rate` (which the settings check warns about) trains with the new one at the schedule's saved position:
+    every group's base rate becomes the configured one and its current rate that base times the schedule's factor."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    lr, sched, groups = tr.args.learning_rate, tr.lr_scheduler, tr.optimizer.param_groups
+    bases = list(getattr(sched, "base_lrs", None) or [g.get("initial_lr", g["lr"]) for g in groups])
+    if all(b == lr for b in bases):
+        return  # untouched: a resume with the same settings stays bit-exact
+    if isinstance(sched, LambdaLR):  # transformers' schedules: the factor is known at every step
+        now = [lr * factor(sched.last_epoch) for factor in sched.lr_lambdas]
+    else:  # any other: the saved rate scaled as its base is
+        now = [g["lr"] * lr / b if b else lr for g, b in zip(groups, bases)]
+    for g, rate in zip(groups, now):
+        g["lr"], g["initial_lr"] = rate, lr
+    if hasattr(sched, "base_lrs"):
+        sched.base_lrs = [lr] * len(groups)
+    if hasattr(sched, "_last_lr"):
+        sched._last_lr = list(now)
+
+
 def write_checkpoint(tr, final) -> str:
-    """Everything a run needs to continue exactly, in one atomic, checksummed folder."""
+    """Everything a run needs to continue exactly, in one atomic, checksummed folder (under DDP every process's random
+    streams and reward statistics with it: `gather_process_states`)."""
     with atomic_folder(final) as tmp:
         tr.policy.peft.save_pretrained(tmp / "adapters", selected_adapters=tr.trained_adapters,
                                          safe_serialization=True)
@@ -45,12 +155,16 @@ def write_checkpoint(tr, final) -> str:
                      tmp / "anchor.safetensors")
         torch.save({"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        save_tensors({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        per_process = _states_to_save(tr)
+        save_tensors({_rng_key(key, rank): t for rank, own in enumerate(per_process) for key, t in own["rng"].items()},
+                     tmp / "rng.safetensors")
         state = {"iteration": tr.iteration, "data_epoch": tr.data_epoch, "data_pos": tr.data_pos,
                  "version": tr.version, "kl_controller": tr.kl_ctl.state_dict(),
-                 "rewards": tr.rewards.state_dict(), "python_rng": _jsonable(random.getstate()),
+                 "rewards": per_process[0]["rewards"], "python_rng": _jsonable(random.getstate()),
                  "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history,
                  "settings": _trajectory_settings(tr)}
+        if len(per_process) > 1:  # "rewards" stays the main process's: what checkpoints always held
+            state["rewards_by_process"] = [own["rewards"] for own in per_process]
         (tmp / "ppo_state.json").write_text(json.dumps(state))
     return str(final)
 
@@ -67,6 +181,9 @@ def read_checkpoint(tr, path) -> None:
         f"adapters/{a if a != 'default' else ''}/adapter_model.safetensors".replace("//", "/")
         for a in tr.trained_adapters)
     verify_manifest(path, fix, required=required)
+    # this run's settings before anything is loaded: an adapter file can carry base weights too (PEFT saves a
+    # targeted embedding or tied LM head whole), which would make another base model look like the checkpoint's
+    now = _trajectory_settings(tr)
     for a in tr.trained_adapters:
         sub = path / "adapters" / (a if a != "default" else "")
         set_peft_model_state_dict(tr.policy.peft, load_safetensors(sub / "adapter_model.safetensors", fix),
@@ -83,16 +200,20 @@ def read_checkpoint(tr, path) -> None:
         raise CorruptFileError(path / "optimizer.pt", f"unreadable ({e})", fix) from None
     tr.optimizer.load_state_dict(opt["optimizer"])
     tr.lr_scheduler.load_state_dict(opt["scheduler"])
-    torch.set_rng_state(load_safetensors(path / "rng.safetensors", fix)["torch_rng"])
+    _follow_configured_lr(tr)
+    rng = load_safetensors(path / "rng.safetensors", fix)
     state = read_json(path / "ppo_state.json", fix)
-    _warn_if_settings_changed(path, state.get("settings"), _trajectory_settings(tr))
+    settings = state.get("settings") or {}
+    _warn_if_settings_changed(path, settings, now)
     tr.iteration, tr.data_epoch, tr.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
     tr.version = state.get("version", 0)
-    tr.kl_ctl.load_state_dict(state["kl_controller"])
-    tr.rewards.load_state_dict(state["rewards"])
+    # which controller saved it: recorded with its state since; before, only in the settings
+    tr.kl_ctl.load_state_dict({"controller": settings.get("kl_controller", tr.kl_ctl.name), **state["kl_controller"]})
+    tr.rewards.load_state_dict(_own_rewards_state(tr, state))
     if tr.monitor is not None and state.get("monitor"):
         tr.monitor.load_state_dict(state["monitor"])
     random.setstate(_untuple(state["python_rng"]))
+    _restore_rng(tr, path, rng, settings.get("num_processes", tr.accelerator.num_processes))  # after the iteration
     tr._metrics_history = state["metrics"]
     tr._reach_checked = True  # checked in the run that wrote the checkpoint
     tr.state.global_step = tr.iteration
@@ -102,13 +223,7 @@ def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
     """`save_total_limit`: after `checkpoint-{newest}` is written, delete the oldest checkpoints so that at most
     `limit` remain — only those numbered below `newest` (what this run passed through): a higher-numbered folder
     belongs to another run in the same output_dir and is never touched. Returns the removed paths."""
-    if not limit or limit < 1:
-        return []
-    older = [p for p in numbered_checkpoints(output_dir) if checkpoint_number(p) < newest]
-    removed = older[limit - 1:]
-    for p in removed:
-        shutil.rmtree(p)
-    return [str(p) for p in removed]
+    return remove_oldest_checkpoints(output_dir, newest, limit)
 
 
 def earlier_run(output_dir) -> list[str]:
@@ -116,7 +231,7 @@ def earlier_run(output_dir) -> list[str]:
     `resume_from_checkpoint=True` would continue *that* run) and its monitor log (the new iterations would be
     appended to it). Empty when there is none."""
     out = Path(output_dir)
-    found = [p.name for p in reversed(numbered_checkpoints(out))]
+    found = earlier_checkpoints(out)
     metrics = out / "monitor" / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         found.append("monitor/metrics.jsonl")
@@ -127,8 +242,7 @@ def clear_earlier_run(output_dir) -> None:
     """`overwrite_output_dir=True`: remove an earlier run's checkpoints and monitor logs (the review queue and the
     people's decisions in it are kept: they are labels, not the run's state)."""
     out = Path(output_dir)
-    for p in numbered_checkpoints(out):
-        shutil.rmtree(p)
+    remove_checkpoints(out)
     from ..monitor.monitor import LOGS
 
     for name in (*LOGS, "run.json"):

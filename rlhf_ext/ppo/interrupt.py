@@ -28,6 +28,8 @@ class StopAfterIteration:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set from the main thread
             for s in self.SIGNALS:
+                if signal.getsignal(s) is signal.SIG_IGN:  # ignored on purpose (a `nohup` or `&` job): stay so
+                    continue
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 

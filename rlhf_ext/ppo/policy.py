@@ -49,7 +49,8 @@ class Rollout:
     resp:             [B, R]    response tokens (pad after the first EOS)
     resp_mask:        [B, R]    1 on response tokens up to and including the first EOS
     loss_mask:        [B, R]    resp_mask of samples whose reward is valid (dropped rewards never reach the loss)
-    has_eos, valid:   [B]       bool
+    has_eos, valid:   [B]       bool; has_eos: the response stopped at its EOS — or, with stop_on_eos=False (nothing
+                                stops), holds one anywhere: TRL 1.12's rule for missing_eos_penalty
     lengths:          [B]       response tokens excluding a final EOS
     scores:           [B]       shaped, aggregated reward (0 where invalid)
     raw, norm:        [B, K]    member rewards before / after normalisation
@@ -348,17 +349,18 @@ class PolicyAndValue(nn.Module):
         is_eos = resp == tokenizer.eos_token_id if stop_on_eos else torch.zeros_like(resp, dtype=torch.bool)
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(resp[:, 0], resp.shape[1]))
         resp_mask = (torch.arange(resp.shape[1], device=device)[None] <= first[:, None]).float()
-        has_eos = is_eos.any(1)
+        stopped = is_eos.any(1)
+        has_eos = stopped if stop_on_eos else (resp == tokenizer.eos_token_id).any(1)
         resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, self.pad_id))
         n = resp_mask.sum(1).long()
         completion_ids = [resp[i, : int(n[i])].tolist() for i in range(len(batch))]
-        texts = tokenizer.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, has_eos.tolist())],
+        texts = tokenizer.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, stopped.tolist())],
                                        skip_special_tokens=True)
         prompts = [p for p, _ in batch]
         columns = {k: [row.columns[k] for row in batch] for k in getattr(batch[0], "columns", {})}
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
         return Rollout(ids=torch.cat([p_ids, resp], 1), mask=torch.cat([p_mask, resp_mask.long()], 1), resp=resp,
-                       resp_mask=resp_mask, has_eos=has_eos, lengths=(n - has_eos.long()).float(), prompts=prompts,
+                       resp_mask=resp_mask, has_eos=has_eos, lengths=(n - stopped.long()).float(), prompts=prompts,
                        completions=completions, completion_ids=completion_ids, texts=texts, gen_seconds=gen_seconds,
                        columns=columns)
 

@@ -31,7 +31,7 @@ from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
 from ..distributed import close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint
-from ..integrity import ensure_writable_dir, resume_folder
+from ..integrity import check_new_run, ensure_writable_dir, resume_folder, supersede_later_checkpoints
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
                       tokenizer_for, warn_unquantized_experts)
@@ -43,8 +43,8 @@ from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function
-from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, read_checkpoint, rotate_checkpoints,
-                         write_checkpoint)
+from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states, read_checkpoint,
+                         rotate_checkpoints, write_checkpoint)
 from .config import PPOConfig
 from .export import push_policy, save_policy
 from .interrupt import StopAfterIteration
@@ -719,7 +719,8 @@ class PPOTrainer(Trainer):
         valid_rows = (m.sum(1) > 0).float()
         kl_seq = self._mean_over_processes(float((kl_t.sum(1) * valid_rows).sum() / valid_rows.sum().clamp(min=1)))
         beta_used = self.kl_ctl.beta
-        self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
+        if math.isfinite(kl_seq):  # a NaN would leave β (and an integral) NaN for the rest of the run
+            self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
         return self._iteration_metrics(ro, acc, stats, kl_seq, beta_used, old_values, returns, time.perf_counter() - t0)
 
     def _global_means(self, parts: dict) -> dict:
@@ -753,7 +754,8 @@ class PPOTrainer(Trainer):
         parts = {"scores": (ro.scores.double().cpu() * vf, vf), "v": (v, m), "r": (r, m), "r2": (r ** 2, m),
                  "res": (r - v, m), "res2": ((r - v) ** 2, m), "length": (ro.lengths.double().cpu(), ones),
                  "eos": (ro.has_eos.double().cpu(), ones),
-                 **{f"rewards/{name}_raw": (raw[:, j] * vf, vf) for j, name in enumerate(self.rewards.member_names)},
+                 **{f"rewards/{name}_raw": (torch.where(valid, raw[:, j], 0.0), vf)  # a dropped NaN · 0 is still NaN
+                    for j, name in enumerate(self.rewards.member_names)},
                  **{f"audit/{name}": (torch.tensor(vals, dtype=torch.float64), torch.ones(len(vals)))
                     for name, vals in ro.audit.items()}}
         if K > 1:
@@ -820,16 +822,22 @@ class PPOTrainer(Trainer):
         self.create_optimizer_and_scheduler(num_training_steps=total * args.num_ppo_epochs * args.num_mini_batches)
         self.state.max_steps, self.state.global_step = total, 0
         self.state.logging_steps, self.state.save_steps = args.logging_steps, args.save_steps
+        self._process_states = None  # what each process holds of its own, gathered under DDP (gather_process_states)
         if resume_from_checkpoint:
             resume_from_checkpoint = resume_folder(resume_from_checkpoint, args.output_dir, CHECKPOINT_FILES)
-            self._load_checkpoint(resume_from_checkpoint)
+            self._load_checkpoint(resume_from_checkpoint)  # each process's own random streams too (or reseeds them)
+            if self.accelerator.is_main_process:  # a later resume=True continues this timeline, not the one left
+                supersede_later_checkpoints(args.output_dir, resume_from_checkpoint)
+            self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 print(f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of {total}).",
                       file=sys.stderr, flush=True)
         elif self.iteration == 0:
             self._start_clean(args)
-        if self.accelerator.num_processes > 1:  # same init everywhere (seeded above), different samples per process
-            torch.manual_seed(args.seed + 1000 * self.accelerator.process_index + self.iteration)
+            if self.accelerator.num_processes > 1:  # same init everywhere (seeded in __init__), then own samples
+                self._seed_process_rng()
+        # (a resumed run, or one continued in this process, keeps the streams it has: reseeding them would make it
+        # sample otherwise than the run it continues)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         start, first = time.perf_counter(), self.iteration
         if args.eval_on_start and self.iteration == 0:
@@ -838,6 +846,8 @@ class PPOTrainer(Trainer):
             while self.iteration < total and not self.control.should_training_stop:
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 metrics = self._iteration()
+                if self.accelerator.num_processes > 1:  # before the callbacks: the monitor's halt saves on rank 0 alone
+                    self._process_states = gather_process_states(self)
                 self.iteration += 1
                 self.state.global_step = self.iteration
                 self.state.epoch = self.data_epoch + self.data_pos / max(1, len(self.prompts))
@@ -869,6 +879,8 @@ class PPOTrainer(Trainer):
                             self.iteration - first, self.state.epoch)
 
     def _save_and_rotate(self, push: bool) -> None:
+        if self.accelerator.num_processes > 1:  # every process is here: its own state as it is now
+            self._process_states = gather_process_states(self)
         if self.accelerator.is_main_process:  # adapters are identical on every process
             path = self.save_checkpoint()
             rotate_checkpoints(self.args.output_dir, self.iteration, self.args.save_total_limit)
@@ -876,20 +888,20 @@ class PPOTrainer(Trainer):
                 self._push_checkpoint(path)
         self.accelerator.wait_for_everyone()
 
+    def _seed_process_rng(self) -> None:
+        """A random stream per process, reproducible from the seed, the rank and the iteration: for a new run under
+        DDP (same initialisation everywhere, different samples per process), and for a resume whose checkpoint cannot
+        give each process its own saved stream back (`checkpoint._restore_rng`)."""
+        torch.manual_seed(self.args.seed + 1000 * self.accelerator.process_index + self.iteration)
+
     def _sum_over_processes(self, x: float) -> float:
         return float(self._global_sum(torch.tensor(x, dtype=torch.float64, device=self.args.device)))
 
     def _start_clean(self, args) -> None:
         """A new run (not resumed) in an output_dir an earlier run used would append to its monitor log and leave its
         checkpoints for a later resume to continue: refused, naming the ways out, unless overwrite_output_dir."""
-        found = earlier_run(args.output_dir)
-        if not found:
+        if not check_new_run(args.output_dir, earlier_run(args.output_dir), args.overwrite_output_dir):
             return
-        if not args.overwrite_output_dir:
-            raise ValueError(
-                f"output_dir {args.output_dir} holds an earlier run ({', '.join(found[-4:])}): a new run there would "
-                f"mix with it. Resume it (resume_from_checkpoint=True; recipes: --resume_from_checkpoint true), use "
-                f"another output_dir, or set overwrite_output_dir=True to replace it.")
         if self.accelerator.is_main_process:
             clear_earlier_run(args.output_dir)
         self.accelerator.wait_for_everyone()

@@ -40,6 +40,10 @@ class RewardEnsembleConfig(RewardConfig):
             pairs reviewed during that run instead of trained again from scratch.
         normalization_samples (`int`, defaults to `512`): pairs scored at the end of training to record each
             member's mean/std (BT rewards are shift-invariant; the PPO ensemble normalises with these).
+        overwrite_output_dir (`bool`, defaults to `False`): start a new run in an `output_dir` that holds an earlier
+            run's `checkpoint-N` folders, removing them first. Without it that is refused (the runs would mix, and a
+            later `resume_from_checkpoint=True` would continue the earlier one), unless resuming. transformers 5's
+            `TrainingArguments` no longer has this field; PPOConfig has the same one.
 
     > Defaults that differ from TRL's `RewardConfig`:
     > - `bf16`: `None` → on only where CUDA supports bf16 (TRL turns it on unconditionally, which on CPU
@@ -116,6 +120,11 @@ class RewardEnsembleConfig(RewardConfig):
     )
     normalization_samples: int = field(
         default=512, metadata={"help": "Pairs scored after training to record per-member mean/std."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds an earlier run (checkpoint-N folders), removing "
+                  "them; without it that is refused (the runs would mix), unless resuming."},
     )
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision. None = on only where CUDA supports bf16."}

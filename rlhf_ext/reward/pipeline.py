@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import math
 import warnings
+from collections import Counter
 
 import torch
 
@@ -208,17 +209,77 @@ class RewardPipeline:
         scores, valid, _, _ = self.score(prompts, completions, completion_ids, **kwargs)
         return [float(s) if v else None for s, v in zip(scores, valid)]
 
+    def _stateful(self) -> dict[str, dict]:
+        """What carries state between batches, keyed by name ("debias", a callable's name; "linear#2" for the second
+        of a name): members with a running normalisation, shapers with a state (debias's slope)."""
+        return {"members": _by_name([m for m in self.members if isinstance(m, CallableMember)
+                                     and m.normalize == "running"], lambda m: m.names[0]),
+                "shapers": _by_name([s for s in self.shapers if s.state_dict()], lambda s: s.name)}
+
     def state_dict(self):
-        return {"shapers": [s.state_dict() for s in self.shapers],
-                "members": [m.state_dict() if hasattr(m, "state_dict") and isinstance(m, CallableMember) else None
-                            for m in self.members]}
+        return {kind: {key: part.state_dict() for key, part in parts.items()}
+                for kind, parts in self._stateful().items()}
 
     def load_state_dict(self, state):
-        for s, st in zip(self.shapers, state.get("shapers", [])):
-            s.load_state_dict(st)
-        for m, st in zip(self.members, state.get("members", [])):
-            if st is not None:
-                m.load_state_dict(st)
+        """Restore by name, so that a resume with members or shapers added, removed or reordered gives each its own
+        state (by position, a debias shaper's slope landed in whatever shaper came first). What cannot be matched is
+        named in one warning: state in `state` that nothing here takes, and parts here that `state` has none for."""
+        lost, fresh = [], []
+        for kind, parts in self._stateful().items():
+            saved = _keyed_state(state.get(kind), parts, self.members if kind == "members" else self.shapers)
+            for key, part in parts.items():
+                if key in saved:
+                    part.load_state_dict(saved[key])
+                else:
+                    fresh.append(f"{kind[:-1]} {key!r}")
+            lost += [f"{kind[:-1]} {key!r}" for key, st in saved.items()
+                     if key not in parts and not _carries_nothing(st)]
+        if lost or fresh:
+            warnings.warn(
+                "Reward pipeline state restored by name; "
+                + "; ".join(filter(None, [
+                    lost and f"not restored (not in this pipeline): {', '.join(lost)}",
+                    fresh and f"starting from scratch (none saved under that name): {', '.join(fresh)}"]))
+                + ". Expected when reward members or shapers were changed on purpose; if one was only renamed, give it "
+                  "its earlier name to keep its running statistics.", UserWarning, stacklevel=2)
+
+
+def _by_name(parts: list, name_of) -> dict:
+    """{name: part}, a repeated name numbered from its second occurrence ("linear", "linear#2")."""
+    out, seen = {}, Counter()
+    for part in parts:
+        name = name_of(part)
+        seen[name] += 1
+        out[name if seen[name] == 1 else f"{name}#{seen[name]}"] = part
+    return out
+
+
+def _keyed_state(saved, parts: dict, everything: list) -> dict:
+    """A saved member/shaper state as {name: state}. Checkpoints written before states were keyed by name hold a
+    list, one entry per member (None for those without state) or per shaper, in the order of the pipeline that
+    saved it (`everything`: this pipeline's, in its order). An entry is matched by position only when that pipeline
+    had as many as this one and the state has the keys of the stateful part at its position; the rest keep a
+    positional name, to be reported as not restored where they carry something."""
+    if saved is None:
+        return {}
+    if isinstance(saved, dict):
+        return saved
+    ours, out = {id(p): key for key, p in parts.items()}, {}
+    for i, st in enumerate(saved):
+        if st is None:  # a member without state
+            continue
+        part = everything[i] if len(saved) == len(everything) else None
+        if id(part) in ours and set(st) == set(part.state_dict()):
+            out[ours[id(part)]] = st
+        else:
+            out[f"#{i + 1} of {len(saved)} in an older checkpoint"] = st
+    return out
+
+
+def _carries_nothing(state) -> bool:
+    """A state as a part starts with (debias before its first slope, a callable before its first score): losing it
+    loses nothing."""
+    return not state or all(v in (None, 0) for v in state.values())
 
 
 class ExternalRewardModel:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
+import sys
 import warnings
 from collections import defaultdict
 from itertools import islice
@@ -22,6 +24,8 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, TrainOutput
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.utils import global_then_local_main_first
@@ -32,7 +36,9 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint, push_folder, with_card_metadata
-from ..integrity import ensure_writable_dir, resume_folder
+from ..integrity import (check_new_run, earlier_checkpoints, ensure_writable_dir, finish_atomic_folder, read_json,
+                         remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
+                         supersede_later_checkpoints, verify_manifest)
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
@@ -154,8 +160,12 @@ class _GradientReachCheck(TrainerCallback):
             check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
 
 
-# what resuming reads from a checkpoint-N folder: the artifact (its manifest lists the rest) and Trainer's state
-RESUME_FILES = ("heads.safetensors", "trainer_state.json")
+# what resuming reads from a checkpoint-N folder: the artifact and Trainer's state (the manifest lists the rest:
+# optimizer, scheduler, RNG states)
+TRAINER_STATE = "trainer_state.json"
+RESUME_FILES = ("heads.safetensors", TRAINER_STATE)
+RESUME_FIX = ("Resume from an earlier checkpoint-N folder of the same output_dir, or pass resume_from_checkpoint=True "
+              "to take the newest complete one.")
 
 
 def _check_peft_config(peft_config) -> None:
@@ -662,13 +672,125 @@ class RewardEnsembleTrainer(RewardTrainer):
         return self.normalization
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint:  # as PPOTrainer: True is the newest checkpoint that verifies, damaged ones skipped
-            resume_from_checkpoint = resume_folder(resume_from_checkpoint, self.args.output_dir, RESUME_FILES)
+        if resume_from_checkpoint:
+            resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
+            if self._finished(resume_from_checkpoint):
+                return self._load_finished_run(resume_from_checkpoint)
+        else:
+            self._start_clean()
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
             self._init_from(self.args.init_reward_model)
         out = super().train(resume_from_checkpoint, *args, **kwargs)
         self.compute_normalization()
         return out
+
+    # -- checkpoints and resuming ------------------------------------------------------------------------------
+    def _resume_point(self, resume_from_checkpoint) -> str:
+        """The checkpoint to resume from, verified against its manifest before anything is read (transformers
+        itself reads a torn trainer_state.json into a bare JSONDecodeError): True — the newest complete one in
+        output_dir, damaged ones skipped with a warning naming the file (as PPOTrainer); a folder — itself, refused
+        naming the damaged file. Going back to an older checkpoint-N of output_dir renames the later ones, so that a
+        later resume=True continues this timeline (`supersede_later_checkpoints`)."""
+        explicit = resume_from_checkpoint is not True
+        path = resume_folder(resume_from_checkpoint, self.args.output_dir, RESUME_FILES)
+        if explicit:
+            verify_manifest(path, RESUME_FIX, required=RESUME_FILES)
+            if self.args.should_save:
+                supersede_later_checkpoints(self.args.output_dir, path)
+            self.accelerator.wait_for_everyone()
+        return path
+
+    def _start_clean(self) -> None:
+        """A new run (not resumed) in an output_dir holding an earlier run's checkpoints would overwrite some of them
+        and leave the higher-numbered ones for a later resume=True to continue: refused, naming the ways out, unless
+        overwrite_output_dir (which removes them). trl.RewardTrainer accepts it silently; PPOTrainer refuses alike."""
+        out = self.args.output_dir
+        if check_new_run(out, earlier_checkpoints(out), self.args.overwrite_output_dir):
+            if self.args.should_save:
+                remove_checkpoints(out)
+            self.accelerator.wait_for_everyone()
+
+    def _total_steps(self) -> int:
+        """The optimizer steps this run trains in all, as transformers counts them: max_steps, else the epochs'
+        (a stream has no length: it needs max_steps)."""
+        if self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        batches = len(self.get_train_dataloader())
+        per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+        return math.ceil(self.args.num_train_epochs * per_epoch)
+
+    def _finished(self, checkpoint) -> bool:
+        """The checkpoint is at (or past) the end of this run: transformers would train one step past max_steps."""
+        return read_json(Path(checkpoint) / TRAINER_STATE, RESUME_FIX).get("global_step", 0) >= self._total_steps()
+
+    def _load_finished_run(self, checkpoint) -> TrainOutput:
+        """Resuming a run that has finished: its weights and state are loaded and nothing is trained (transformers
+        trains one more step and changes the weights); PPOTrainer does the same."""
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+        if self.is_world_process_zero():
+            print(f"Nothing to train: {checkpoint} is at step {self.state.global_step} and this run trains "
+                  f"{self._total_steps()} steps (max_steps, or num_train_epochs), so it has finished. Its weights are "
+                  f"loaded; set a higher max_steps (or num_train_epochs) to train further.", file=sys.stderr,
+                  flush=True)
+        self.compute_normalization()
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+        return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), {})
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint (the artifact, optimizer, scheduler, scaler, RNG states, trainer_state.json) as
+        one atomic folder whose manifest covers every file: transformers writes its files into checkpoint-N in
+        place, so a kill left a torn trainer_state.json or optimizer.pt that resuming read into a bare
+        JSONDecodeError. Every process writes its files into `checkpoint-N.tmp`; the main one adds the manifest and
+        renames it. Best-model tracking, the Hub upload and save_total_limit are transformers'."""
+        if self.args.hub_model_id is None:  # trl.RewardTrainer's card in output_dir, as its _save_checkpoint writes
+            self.create_model_card(model_name=Path(self.args.output_dir).name)
+        else:
+            self.create_model_card(model_name=self.args.hub_model_id.split("/")[-1])
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        final = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.args.should_save:
+            start_atomic_folder(final)
+        self.accelerator.wait_for_everyone()  # the folder is there before any process writes into it
+        self.save_model(str(tmp), _internal_call=True)
+        self._note_best_checkpoint(run_dir)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(tmp))
+            self._save_scaler(str(tmp))
+            self._save_rng_state(str(tmp))  # every process its own under DDP
+        if self.args.should_save:
+            self._save_trainer_state(tmp / TRAINER_STATE)
+        self.accelerator.wait_for_everyone()  # every process's files are in before the manifest
+        if self.args.should_save:
+            finish_atomic_folder(tmp, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+        if self.args.should_save:
+            remove_oldest_checkpoints(run_dir, self.state.global_step, self.args.save_total_limit,
+                                      keep=self.state.best_model_checkpoint)
+
+    def _note_best_checkpoint(self, run_dir) -> None:
+        """transformers' best-model bookkeeping: the best step's checkpoint folder, once it exists — this one's
+        exists only after the rename, so it is named by its step."""
+        best = self.state.best_global_step
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best:
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
+            if best == self.state.global_step or os.path.exists(folder):
+                self.state.best_model_checkpoint = folder
+
+    def _save_trainer_state(self, path: Path) -> None:
+        """trainer_state.json, with the stateful callbacks' and TrainerControl's state, as transformers saves it."""
+        for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+            name, state = cb.__class__.__name__, cb.state()
+            if isinstance(self.state.stateful_callbacks[name], list):
+                self.state.stateful_callbacks[name].append(state)
+            else:
+                self.state.stateful_callbacks[name] = state
+        self.state.save_to_json(str(path))
 
     def artifact_spec(self) -> dict:
         ens = self.accelerator.unwrap_model(self.model)

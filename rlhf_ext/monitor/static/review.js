@@ -16,6 +16,9 @@ let current = null; // the pair on screen
 let lastDecision = null;
 let busy = false;
 let generation = 0; // bumped by every click, so a poll that started before it cannot paint stale state
+// What the last click was refused for (e.g. another tab decided that pair first): shown until the next click, so the
+// poll that follows at once to show what is pending now cannot erase it before it is read.
+let actionError = "";
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,14 +29,27 @@ function el(tag, className, text) {
   return node;
 }
 
+// Errors name what went wrong: the server out of reach, a reply that is not JSON, or the server's own message.
 async function api(path, body) {
   const init = body === undefined ? { cache: "no-store" } : {
     method: "POST", cache: "no-store",
     headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
-  const res = await fetch(path, init);
+  let res, text;
+  try {
+    res = await fetch(path, init);
+    text = await res.text();
+  } catch (e) {
+    throw new Error(`Cannot reach the review server (${e.message}). Decisions so far are saved.`);
+  }
   let data;
-  try { data = await res.json(); } catch { data = { error: `HTTP ${res.status}` }; }
+  try {
+    data = JSON.parse(text);
+  } catch (e) { // the server answered, so "cannot reach" would send the reviewer looking in the wrong place
+    const where = `HTTP ${res.status} for ${path.split("?")[0]}`;
+    throw new Error(`The review server sent invalid JSON (${where}: ${e.message}). Its terminal may say why; ` +
+      "decisions so far are saved.");
+  }
   if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
   return data;
 }
@@ -121,12 +137,24 @@ function render(state) {
   document.body.dataset.view = next ? "pair" : "empty";
   if (!next) {
     current = null;
-    $("empty-message").textContent =
-      `Queue empty — ${c.preferences} preference pairs written to ${state.preferences_path}`;
-    $("empty-path").textContent = state.preferences_path;
+    renderEmpty(c, state.preferences_path);
   } else if (!current || current.id !== next.id) {
     renderPair(next); // a poll that finds the same pair leaves it alone (sides, open details, scroll)
   }
+}
+
+// No pair to show: nothing queued yet, or all reviewed. The retrain command only where there is a file to train on:
+// preferences.jsonl exists once a pair is decided, and holds rows only for the pairs where a response was picked.
+function renderEmpty(c, path) {
+  $("empty-title").textContent = c.total ? "All reviewed" : "Nothing queued yet";
+  $("empty-message").textContent = !c.total
+    ? "The monitor has not queued a pair for review in this run yet."
+    : c.preferences
+      ? `Queue empty — ${c.preferences} preference pairs written to ${path}`
+      : "Queue empty — no preference pairs yet: no pair was decided with a better response (both bad and skip " +
+        "give none).";
+  $("empty-path").textContent = path;
+  $("empty-train").hidden = !c.preferences;
 }
 
 function showError(message) {
@@ -141,10 +169,10 @@ async function refresh() {
     const state = await api(`/api/state${prefer}`);
     if (gen === generation && !busy) {
       render(state);
-      showError("");
+      showError(actionError);
     }
   } catch (e) {
-    showError(`Cannot reach the review server (${e.message}). Decisions so far are saved.`);
+    showError(e.message);
   }
 }
 
@@ -154,12 +182,23 @@ function setBusy(on) {
   for (const b of document.querySelectorAll("button")) b.disabled = on || (b.id === "btn-undo" && !lastDecision);
 }
 
+// The button that had the focus when an action started: disabling it while busy drops the focus to <body>, and a
+// keyboard or screen-reader user would lose their place after every decision.
+function focusBack(button) {
+  if (!(button instanceof HTMLButtonElement)) return; // a keyboard shortcut: the focus was never on a button
+  // the same button if it is still there; else (the last pair decided, nothing left to undo) the nearest equivalent
+  const usable = (b) => !b.disabled && b.offsetParent !== null;
+  const target = [button, $("btn-undo"), $("btn-left")].find(usable);
+  if (target) target.focus();
+}
+
 async function act(action) {
   if (busy) return;
   let request;
   if (action === "undo") {
     if (!lastDecision) return;
-    request = ["/api/undo", {}];
+    // by id: "the latest decision" may be another tab's by now, and this page offered to undo the one it shows
+    request = ["/api/undo", { id: lastDecision.id }];
   } else {
     if (!current) return;
     const [left, right] = sidesFor(current.id);
@@ -167,6 +206,8 @@ async function act(action) {
     request = ["/api/decide", { id: current.id, decision }];
   }
   generation += 1;
+  actionError = "";
+  const focused = document.activeElement;
   setBusy(true);
   try {
     const state = await api(...request);
@@ -176,9 +217,11 @@ async function act(action) {
     showError("");
   } catch (e) {
     setBusy(false);
-    showError(e.message);
-    refresh(); // e.g. another tab decided this pair already: show what is pending now
+    actionError = e.message;
+    showError(actionError);
+    refresh(); // e.g. another tab decided this pair already: show what is pending now (the message stays)
   }
+  focusBack(focused);
 }
 
 document.addEventListener("keydown", (e) => {

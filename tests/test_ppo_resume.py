@@ -1,0 +1,230 @@
+"""Resuming PPO with other settings than the checkpoint's: what the resume warning promises ("training continues with
+the new values") must be what happens, and the state the checkpoint holds goes back where it belongs — the learning
+rate and the KL target as configured now, a controller's β only into a controller of its kind, the reward pipeline's
+running statistics by name. (The 2-process resume: tests/test_data_parallel.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from rlhf_ext import RewardPipeline
+from rlhf_ext.testing import tiny_causal_lm
+
+from .test_ppo import _params, make
+
+# The run every resume below starts from: 4 iterations straight, checkpoint-2 kept. A linear schedule (the rate
+# moves every step) and weight decay (two parameter groups), under the hard KL controller (its guard is built from
+# kl_target at start-up)
+RUN = dict(max_steps=4, learning_rate=1e-2, lr_scheduler_type="linear", weight_decay=0.1, kl_controller="hard",
+           kl_target=0.5, init_kl_coef=0.05, shapers=[{"name": "debias"}], per_device_train_batch_size=8,
+           max_completion_length=24)  # long enough for some responses to end early: debias needs lengths that vary
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tok):
+    out = tmp_path_factory.mktemp("straight")
+    tr = make(out, tok, save_strategy="steps", save_steps=2, **RUN)
+    hist = tr.train()
+    return out / "ppo" / "checkpoint-2", hist, _params(tr)
+
+
+def _resume(tmp_path, tok, ckpt, callbacks=None, **changes):
+    """The straight run's checkpoint-2 resumed with `changes`, in another output_dir; (trainer, history, warnings)."""
+    tr = make(tmp_path, tok, callbacks=callbacks, **{**RUN, **changes})
+    for c in callbacks or []:
+        c.trainer = tr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = tr.train(resume_from_checkpoint=str(ckpt))
+    return tr, hist, [str(w.message) for w in caught]
+
+
+class Rates(TrainerCallback):
+    """The optimizer's rates and the schedule's step when training begins (just after the load) and after each
+    iteration."""
+
+    def __init__(self):
+        self.trainer, self.seen = None, []
+
+    def _look(self):
+        opt, sched = self.trainer.optimizer, self.trainer.lr_scheduler
+        self.seen.append((sched.last_epoch, [g["lr"] for g in opt.param_groups], sched.get_last_lr()))
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._look()
+
+    def on_step_end(self, args, state, control, **kw):
+        self._look()
+
+
+def _resume_warning(said: list[str]) -> str:
+    return next((m for m in said if m.startswith("Resuming from")), "")
+
+
+def test_the_same_settings_continue_the_run_exactly(straight, tmp_path, tok):
+    ckpt, hist, params = straight
+    torch.manual_seed(123)  # another process state: the checkpoint restores what sampling depends on
+    tr, resumed, said = _resume(tmp_path, tok, ckpt)
+    assert not _resume_warning(said) and not [m for m in said if "Reward pipeline" in m or "KL controller" in m]
+    assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist]  # bit for bit
+    assert [h["learning_rate"] for h in resumed] == [h["learning_rate"] for h in hist]
+    now = _params(tr)
+    assert all(torch.equal(now[k], params[k]) for k in params)
+
+
+def test_a_new_learning_rate_and_kl_target_are_the_ones_trained_with(straight, tmp_path, tok):
+    """The warning says training continues with the new values: the optimizer steps with the new learning rate at
+    the schedule's saved position (before, the checkpoint's optimizer and scheduler put the old rate back), and the
+    KL controller and the hard-KL guard both hold the new target (before, the controller took the checkpoint's back
+    while the guard, built at start-up, had the new one)."""
+    ckpt, hist, _ = straight
+    rates = Rates()
+    tr, resumed, said = _resume(tmp_path, tok, ckpt, callbacks=[rates], learning_rate=3e-2, kl_target=4.0)
+    assert "learning_rate: 0.01 in the checkpoint, 0.03 now; kl_target: 0.5 in the checkpoint, 4.0 now" in \
+        _resume_warning(said)
+    # where the schedule stood at the checkpoint, at 3x the rate; then every step at 3e-2 x the schedule's factor
+    # (how many steps an iteration takes depends on the guard, so the straight run's later rates do not compare)
+    step, groups, last = rates.seen[0]
+    assert groups == last == pytest.approx([3 * hist[1]["learning_rate"]] * 2, rel=1e-12) and 0 < groups[0] < 3e-2
+    factor = tr.lr_scheduler.lr_lambdas[0]
+    for step, groups, last in rates.seen:
+        assert groups == last == pytest.approx([3e-2 * factor(step)] * 2, rel=1e-12), step
+    assert [h["learning_rate"] for h in resumed[2:]] == [last[0] for _, _, last in rates.seen[1:]]
+    assert tr.lr_scheduler.base_lrs == [3e-2, 3e-2]
+    assert tr.kl_ctl.target == tr.kl_guard.delta == 4.0
+    # the controller's own state (β, its integral) is the checkpoint's: iteration 3 used the straight run's β
+    assert resumed[2]["objective/beta"] == hist[2]["objective/beta"]
+
+
+def test_a_changed_kl_controller_does_not_load_anothers_state(straight, tmp_path, tok):
+    """A hard (Lagrangian) controller's multiplier is not an adaptive controller's β: resumed with
+    kl_controller='adaptive', β starts at init_kl_coef, said in a warning."""
+    ckpt, hist, _ = straight
+    assert hist[2]["objective/beta"] != RUN["init_kl_coef"]  # the checkpoint's β had moved
+    tr, resumed, said = _resume(tmp_path, tok, ckpt, kl_controller="adaptive")
+    assert "kl_controller: 'hard' in the checkpoint, 'adaptive' now" in _resume_warning(said)
+    assert any("saved by a 'hard' controller was not loaded into this 'adaptive' one" in m for m in said)
+    assert resumed[2]["objective/beta"] == RUN["init_kl_coef"]
+    assert tr.kl_ctl.target == RUN["kl_target"] and not hasattr(tr.kl_ctl, "integral")
+
+
+def test_another_seed_or_base_model_is_named_by_the_resume_warning(straight, tmp_path, tok):
+    ckpt, _, _ = straight
+    _, _, said = _resume(tmp_path / "seed", tok, ckpt, seed=7, data_seed=3)
+    assert "seed: 0 in the checkpoint, 7 now; data_seed: None in the checkpoint, 3 now" in _resume_warning(said)
+    _, _, said = _resume(tmp_path / "model", tok, ckpt, model=tiny_causal_lm(tok, seed=1))
+    warning = _resume_warning(said)
+    assert "base_model_fingerprint: " in warning and "trained on another base model" in warning
+    assert "seed" not in warning
+
+
+def test_changed_reward_shapers_and_functions_take_their_state_by_name(straight, tmp_path, tok):
+    """Resumed with a length shaper put before debias (by position, debias's slope went into it and debias started
+    over), and with another reward function (the documented retrain-and-resume flow): debias gets its own state back
+    and the run goes on; nothing of the pipeline's is lost, so nothing is warned about."""
+    ckpt, _, _ = straight
+    saved = json.loads((ckpt / "ppo_state.json").read_text())["rewards"]
+    assert saved["shapers"]["debias"]["slope"] is not None
+
+    def other_reward(completion_ids, **kw):
+        return [float(len(c)) for c in completion_ids]
+
+    restored = {}
+
+    class Peek(TrainerCallback):  # the pipeline's state right after the load, before iteration 3 moves it
+        def on_train_begin(self, args, state, control, **kw):
+            restored["debias"] = tr.rewards.shapers[1].state_dict()
+
+    tr = make(tmp_path, tok, reward=other_reward, callbacks=[Peek()],
+              **{**RUN, "shapers": [{"name": "linear"}, {"name": "debias"}]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = tr.train(resume_from_checkpoint=str(ckpt))
+    assert restored["debias"] == saved["shapers"]["debias"]
+    assert not [w for w in caught if "Reward pipeline" in str(w.message)]
+    assert len(hist) == 4 and all(math.isfinite(h["loss/policy"]) for h in hist)
+
+
+# ------------------------------------------------------------------------------------- RewardPipeline state by name
+def _lengths(completion_ids, **kw):
+    return [float(len(c)) for c in completion_ids]
+
+
+def _parity(completion_ids, **kw):
+    return [float(len(c) % 2) for c in completion_ids]
+
+
+def _first(completion_ids, **kw):
+    return [float(c[0]) for c in completion_ids]
+
+
+def _scored(members, shapers):
+    """A pipeline that has scored two batches: its running normalisation and debias slope have moved."""
+    p = RewardPipeline(members, shapers=[{"name": s} for s in shapers])
+    for n in (3, 5):
+        ids = [[7] * (1 + (i * n) % 6) for i in range(8)]
+        p.score(None, ["x"] * len(ids), ids)
+    return p
+
+
+def _by_name(p):
+    return {m.names[0]: m.state_dict() for m in p.members}, {s.name: s.state_dict() for s in p.shapers}
+
+
+def test_pipeline_state_goes_to_the_member_or_shaper_of_its_name():
+    """Members reordered and a shaper added in front: each takes its own state (by position, the debias state went
+    into the linear shaper and the members' statistics were swapped). Through JSON, as a checkpoint stores it."""
+    old = _scored([_lengths, _parity], ["debias"])
+    new = RewardPipeline([_parity, _lengths], shapers=[{"name": "linear"}, {"name": "debias"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything matched: nothing to say
+        new.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    (old_members, old_shapers), (members, shapers) = _by_name(old), _by_name(new)
+    assert members == old_members and old_members["_lengths"] != old_members["_parity"]
+    assert shapers["debias"] == old_shapers["debias"] and shapers["debias"]["slope"] is not None
+
+
+def test_pipeline_state_without_a_match_is_named():
+    old = _scored([_lengths, _parity], ["debias"])
+    new = RewardPipeline([_lengths, _first])  # _parity and debias gone, _first new
+    with pytest.warns(UserWarning, match=r"not restored \(not in this pipeline\): member '_parity', shaper 'debias'; "
+                                         r"starting from scratch \(none saved under that name\): member '_first'"):
+        new.load_state_dict(old.state_dict())
+    assert new.members[0].state_dict() == old.members[0].state_dict()
+    assert new.members[1].count == 0
+
+
+def test_pipeline_loads_an_older_checkpoints_lists():
+    """Checkpoints written before states were keyed by name hold lists in pipeline order: taken by position when the
+    pipeline has as many members / shapers, and a state only where its keys fit the part at its position."""
+    old = _scored([_lengths, _parity], ["debias"])
+    lists = {"shapers": [s.state_dict() for s in old.shapers], "members": [m.state_dict() for m in old.members]}
+    same = RewardPipeline([_lengths, _parity], shapers=[{"name": "debias"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(lists)
+    assert _by_name(same) == _by_name(old)
+    other = RewardPipeline([_lengths, _parity], shapers=[{"name": "linear"}])  # same count, the state does not fit
+    with pytest.warns(UserWarning, match=r"not restored .*shaper '#1 of 1 in an older checkpoint'"):
+        other.load_state_dict(lists)
+
+
+def test_resuming_an_older_checkpoint_supersedes_the_later_ones(tmp_path, tok):
+    """Going back to checkpoint-2 of a 4-iteration run: the old timeline's checkpoint-3 and -4 are renamed (kept), so
+    a later resume_from_checkpoint=True continues the new timeline, not the one left behind."""
+    small = dict(max_completion_length=6, per_device_train_batch_size=8, save_strategy="steps", save_steps=1)
+    make(tmp_path, tok, max_steps=4, **small).train()
+    out = tmp_path / "ppo"
+    with pytest.warns(UserWarning, match="superseded-checkpoint-3.*superseded-checkpoint-4|superseded"):
+        make(tmp_path, tok, max_steps=3, **small).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3", "superseded-checkpoint-3", "superseded-checkpoint-4"]
+    again = make(tmp_path, tok, max_steps=3, **small)
+    again.train(resume_from_checkpoint=True)  # the new timeline's checkpoint-3: finished, nothing to train
+    assert again.iteration == 3
