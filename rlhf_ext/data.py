@@ -203,6 +203,9 @@ def with_extra_preferences(dataset, files):
                          f"the conversational ones out as text (e.g. with the tokenizer's chat template).")
     if not all("prompt" in p.column_names for _, p in parts):  # some implicit: every part in the implicit format
         parts = [(name, _as_implicit(p, name) if "prompt" in p.column_names else p) for name, p in parts]
+    if any("margin" in p.column_names for _, p in parts):  # TRL's "no margin" is 0; dropping the column for all
+        parts = [(name, p if "margin" in p.column_names  # (the review page writes none) lost every pair's margin
+                  else p.add_column("margin", [0.0] * len(p))) for name, p in parts]
     cols = [c for c in PREFERENCE_COLUMNS if all(c in p.column_names for _, p in parts)]
     parts = [p.select_columns(cols) for _, p in parts]
     return concatenate_datasets([p.cast(parts[0].features) for p in parts])

@@ -11,7 +11,6 @@ from datasets import Dataset
 
 from rlhf_ext import PPOConfig
 from rlhf_ext.ppo.checkpoint import newest_complete_checkpoint, rotate_checkpoints
-from rlhf_ext.ppo.schedule import due
 
 from .test_ppo import make, prompts
 
@@ -21,9 +20,10 @@ def _checkpoints(tmp_path):
 
 
 def test_save_strategy_epoch_checkpoints_after_each_pass_over_the_prompts(tmp_path, tok):
-    """32 prompts, 16 per iteration: a pass ends every 2 iterations. It used to write no checkpoint at all."""
+    """32 prompts, 16 per iteration: a pass ends every 2 iterations, and the run's end closes the last, partial one
+    (as transformers' Trainer: on_epoch_end after max_steps). It used to write no checkpoint at all."""
     make(tmp_path, tok, max_steps=5, save_strategy="epoch").train()
-    assert _checkpoints(tmp_path) == [2, 4]
+    assert _checkpoints(tmp_path) == [2, 4, 5]
 
 
 def test_save_total_limit_keeps_the_newest_and_never_another_runs(tmp_path, tok):
@@ -56,18 +56,6 @@ def test_rotate_checkpoints(tmp_path, existing, newest, limit, kept):
     left = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*") if p.name[11:].isdigit())
     assert left == kept and len(removed) == len(existing) - len(kept)
     assert (tmp_path / "checkpoint-final").is_dir()
-
-
-@pytest.mark.parametrize("strategy, every, total, expect", [
-    ("steps", 2, 6, [2, 4, 6]),
-    ("steps", 0.5, 6, [3, 6]),  # below 1: a fraction of the run, as transformers reads it
-    ("steps", 0.25, 6, [2, 4, 6]),  # ceil(1.5) = 2
-    ("no", 1, 6, []),
-    ("epoch", 1, 6, [3, 6]),  # the epoch ends after iterations 3 and 6 below
-])
-def test_due(strategy, every, total, expect):
-    epoch_ends = {3, 6}
-    assert [i for i in range(1, total + 1) if due(strategy, every, i, total, i in epoch_ends)] == expect
 
 
 def _train_metrics(tr):

@@ -224,8 +224,16 @@ def apply_shapers(shapers, scores: torch.Tensor, info: ResponseInfo) -> torch.Te
     return scores
 
 
-def as_reward_func(shaper: Shaper, tokenizer=None):
-    """Wrap an additive shaper as a TRL reward function: returns only its penalty term for each completion."""
+def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None):
+    """Wrap an additive shaper as a TRL reward function: returns only its penalty term for each completion.
+
+    name: its `__name__`, which TRL keys its metrics and completions column by (default `shaper_<shaper name>`:
+    give two penalties from one shaper distinct names, or TRL averages their metrics together). Beside a
+    `RewardPipeline` whose members can return None, put the shaper in the pipeline's `shapers=` instead: TRL trains
+    on a sample any reward function scores, so this penalty would be trained on where the pipeline dropped it.
+    """
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be a non-empty string (TRL logs rewards/<name>/mean), got {name!r}.")
     if not shaper.additive:
         raise ValueError(
             f"Shaper {shaper.name!r} depends on the reward itself; wrap your reward in `RewardPipeline(..., "
@@ -239,5 +247,5 @@ def as_reward_func(shaper: Shaper, tokenizer=None):
         info = ResponseInfo.from_ids(completion_ids, eos)
         return shaper(torch.zeros(len(completion_ids)), info).tolist()
 
-    reward_func.__name__ = f"shaper_{shaper.name}"
+    reward_func.__name__ = name or f"shaper_{shaper.name}"
     return reward_func

@@ -16,6 +16,7 @@ from ..integrity import (CorruptFileError, atomic_folder, checkpoint_number, loa
                          earlier_checkpoints, newest_verified_checkpoint, numbered_checkpoints, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, save_tensors, verify_manifest)
 from ..models import model_fingerprint
+from ..trainer_state import TRAINER_STATE, restore_trainer_state, save_trainer_state
 
 CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "anchor.safetensors")
 # What shapes the trajectory: resumed with other values, a run continues, but not as the run that wrote the checkpoint
@@ -166,6 +167,7 @@ def write_checkpoint(tr, final) -> str:
         if len(per_process) > 1:  # "rewards" stays the main process's: what checkpoints always held
             state["rewards_by_process"] = [own["rewards"] for own in per_process]
         (tmp / "ppo_state.json").write_text(json.dumps(state))
+        save_trainer_state(tr, tmp / TRAINER_STATE)  # log history, best metric, EarlyStoppingCallback's counter …
     return str(final)
 
 
@@ -216,6 +218,8 @@ def read_checkpoint(tr, path) -> None:
     _restore_rng(tr, path, rng, settings.get("num_processes", tr.accelerator.num_processes))  # after the iteration
     tr._metrics_history = state["metrics"]
     tr._reach_checked = True  # checked in the run that wrote the checkpoint
+    if (path / TRAINER_STATE).is_file():  # checkpoints before it had none: their log history starts afresh
+        restore_trainer_state(tr, path / TRAINER_STATE)
     tr.state.global_step = tr.iteration
 
 

@@ -1,21 +1,7 @@
-"""When train() logs, evaluates and saves — transformers' TrainingArguments cadences, read per PPO iteration — and
-what it returns: the iterations' metrics with `TrainOutput`'s fields beside them."""
+"""What train() returns: the iterations' metrics with `TrainOutput`'s fields beside them. (When it logs, evaluates and
+saves is transformers' own DefaultFlowCallback's decision, one PPO iteration as the step: `PPOTrainer.train`.)"""
 
 from __future__ import annotations
-
-import math
-
-
-def due(strategy, every, iteration: int, total: int, epoch_done: bool) -> bool:
-    """Whether a TrainingArguments cadence (logging / eval / save strategy and its `*_steps`) falls on this
-    iteration: 'steps' every `every` iterations (below 1: that fraction of `total`, as transformers reads it),
-    'epoch' when a pass over the prompts has just ended, 'no' never."""
-    if strategy == "epoch":
-        return epoch_done
-    if strategy != "steps" or not every:
-        return False
-    every = math.ceil(total * every) if every < 1 else int(every)
-    return iteration % every == 0
 
 
 class TrainHistory(list):

@@ -51,7 +51,7 @@ from .interrupt import StopAfterIteration
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
-from .schedule import TrainHistory, due
+from .schedule import TrainHistory
 from .trl112 import from_trl112_arguments, processing_classes_for
 
 
@@ -821,7 +821,9 @@ class PPOTrainer(Trainer):
         total = self._total_iterations()
         self.create_optimizer_and_scheduler(num_training_steps=total * args.num_ppo_epochs * args.num_mini_batches)
         self.state.max_steps, self.state.global_step = total, 0
-        self.state.logging_steps, self.state.save_steps = args.logging_steps, args.save_steps
+        self.state.compute_steps(args, total)  # logging/eval/save steps as absolute counts (a fraction of total)
+        self.state.num_train_epochs = math.ceil(total / self._iterations_per_epoch())
+        self.state.train_batch_size = args.per_device_train_batch_size  # prompts per process per iteration
         self._process_states = None  # what each process holds of its own, gathered under DDP (gather_process_states)
         if resume_from_checkpoint:
             resume_from_checkpoint = resume_folder(resume_from_checkpoint, args.output_dir, CHECKPOINT_FILES)
@@ -843,28 +845,28 @@ class PPOTrainer(Trainer):
         if args.eval_on_start and self.iteration == 0:
             self.evaluate()
         with StopAfterIteration(announce=self.accelerator.is_main_process) as stop:
+            in_epoch = False
             while self.iteration < total and not self.control.should_training_stop:
+                if not in_epoch:
+                    self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+                    in_epoch = True
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 metrics = self._iteration()
                 if self.accelerator.num_processes > 1:  # before the callbacks: the monitor's halt saves on rank 0 alone
                     self._process_states = gather_process_states(self)
                 self.iteration += 1
                 self.state.global_step = self.iteration
-                self.state.epoch = self.data_epoch + self.data_pos / max(1, len(self.prompts))
-                self._metrics_history.append(metrics)
-                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                # logging, evaluation, checkpoint: each on its TrainingArguments cadence, in transformers' order
                 epoch_done = self._epoch_done()
-                if due(args.logging_strategy, args.logging_steps, self.iteration, total, epoch_done) or (
-                        args.logging_first_step and self.iteration == 1):
-                    self.log(metrics)
-                    if args.log_completions and self.accelerator.is_main_process:
-                        self._print_completions(self.rollout)
-                if due(args.eval_strategy, args.eval_steps, self.iteration, total, epoch_done):
-                    self.evaluate()
-                saved = due(args.save_strategy, args.save_steps, self.iteration, total, epoch_done)
-                if saved:
-                    self._save_and_rotate(push=args.push_to_hub)
+                self.state.epoch = self._epoch_position()
+                self._metrics_history.append(metrics)
+                # DefaultFlowCallback turns the TrainingArguments cadences into control flags (and stops at
+                # max_steps); any other callback may set them too: they decide, in transformers' order
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                saved = self._maybe_log_evaluate_save(metrics)
+                if epoch_done or self.control.should_training_stop:  # a pass over the prompts ended, or the run
+                    self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+                    saved = self._maybe_log_evaluate_save(metrics) or saved
+                    in_epoch = False
                 if stop.requested(self._sum_over_processes):  # Ctrl-C / SIGTERM: this iteration is kept
                     if not saved:
                         self._save_and_rotate(push=False)
@@ -873,10 +875,38 @@ class PPOTrainer(Trainer):
                               f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
                               f"--resume_from_checkpoint true).", file=sys.stderr, flush=True)
                     raise stop.exception()
+        history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.perf_counter() - start,
+                               (self.iteration - first) * args.per_device_train_batch_size
+                               * self.accelerator.num_processes, self.iteration - first, self.state.epoch)
+        if self.iteration > first:  # Trainer's closing log (runtime, samples/s, loss), to log_history and reporters
+            self.log(dict(history.metrics))
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        return TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.perf_counter() - start,
-                            (self.iteration - first) * args.per_device_train_batch_size * self.accelerator.num_processes,
-                            self.iteration - first, self.state.epoch)
+        return history
+
+    def _maybe_log_evaluate_save(self, metrics: dict) -> bool:
+        """Log, evaluate, save — each where a callback asked for it (`control.should_*`; on_log / on_evaluate /
+        on_save clear them), in that order, as transformers' Trainer; returns whether a checkpoint was written."""
+        args = self.args
+        if self.control.should_log:
+            self.log(metrics)
+            if args.log_completions and self.accelerator.is_main_process:
+                self._print_completions(self.rollout)
+        if self.control.should_evaluate:
+            self._determine_best_metric(self.evaluate(), None)  # state.best_metric: EarlyStoppingCallback reads it
+        if not self.control.should_save:
+            return False
+        self._save_and_rotate(push=args.push_to_hub)
+        self.control.should_save = False  # (on_save cleared it unless a callback set it again there)
+        return True
+
+    def _iterations_per_epoch(self) -> int:
+        """PPO iterations in one pass over the prompts (the remainder short of a global batch is dropped)."""
+        return max(1, len(self.prompts) // (self.args.per_device_train_batch_size * self.accelerator.num_processes))
+
+    def _epoch_position(self) -> float:
+        """state.epoch as transformers counts it: whole at the end of each pass (the dropped remainder not counted)."""
+        per_pass = self._iterations_per_epoch() * self.args.per_device_train_batch_size * self.accelerator.num_processes
+        return self.data_epoch + min(self.data_pos, per_pass) / per_pass
 
     def _save_and_rotate(self, push: bool) -> None:
         if self.accelerator.num_processes > 1:  # every process is here: its own state as it is now

@@ -16,7 +16,9 @@ import warnings
 from collections import Counter
 
 import torch
+from transformers import TrainerCallback
 
+from ..plugins.kl_callback import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
 from ..plugins.shaping import ResponseInfo, apply_shapers, build_shapers
 from ..registry import build
 
@@ -141,10 +143,18 @@ class RewardPipeline:
     member.
     callable_normalization: "auto" (running mean/std for Python callables when there is more than one member
     column, raw scores when a callable is the only reward), "running" or "none".
+    name: its `__name__`, which TRL's GRPOTrainer / RLOOTrainer key its metrics and completions column by (default
+    `rlhf_ext_<aggregation>`: give two pipelines in one trainer distinct names, or their metrics are averaged
+    together).
+
+    As a TRL `reward_funcs` entry it returns None for a dropped sample, and logs through TRL's `log_metric`
+    `rewards/dropped_nonfinite` (samples dropped in the batch), `rewards/<member>_raw` (each member's raw mean over the
+    samples kept) and, with more than one member column, `rewards/ensemble_std` (the members' disagreement). Its
+    running statistics survive a TRL resume with `callbacks=[pipeline.callback()]`.
     """
 
     def __init__(self, members, aggregation="mean", aggregation_kwargs=None, shapers=None, nonfinite="drop",
-                 eos_token_id: int | None = None, callable_normalization: str = "auto"):
+                 eos_token_id: int | None = None, callable_normalization: str = "auto", name: str | None = None):
         if nonfinite not in ("drop", "error"):
             raise ValueError(f"nonfinite must be 'drop' or 'error', got {nonfinite!r}.")
         if callable_normalization not in CALLABLE_NORMALIZATION:
@@ -162,10 +172,14 @@ class RewardPipeline:
         self.nonfinite, self.eos_token_id = nonfinite, eos_token_id
         self.member_names = [n for m in self.members for n in m.names]
         self.dropped_total, self._warned = 0, False
-        self.__name__ = f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
+        self.__name__ = _checked_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
 
     def score(self, prompts, completions, completion_ids, has_eos=None, **kwargs):
         """Returns (scores [B], valid [B] bool, raw [B, K], normalised [B, K])."""
+        return self._score(prompts, completions, completion_ids, has_eos, kwargs, _DROPPED_BY_PPO)
+
+    def _score(self, prompts, completions, completion_ids, has_eos, kwargs, fate):
+        """`score`, with `fate`: what becomes of a dropped sample where the caller uses the result (for the warning)."""
         # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
         raw = torch.cat([m.score_completions(prompts, completions, completion_ids,
                                              **(kwargs if isinstance(m, CallableMember) else {})).float()
@@ -175,7 +189,7 @@ class RewardPipeline:
         norm = (raw - mean) / std
         valid = torch.isfinite(norm).all(-1)
         if not valid.all():
-            self._handle_nonfinite(norm, valid)
+            self._handle_nonfinite(norm, valid, fate)
         safe = torch.where(valid.unsqueeze(-1), norm, torch.zeros_like(norm))
         agg = self.aggregator(safe)
         info = ResponseInfo.from_ids(completion_ids, self.eos_token_id)
@@ -184,7 +198,9 @@ class RewardPipeline:
         scores = apply_shapers(self.shapers, agg, info)
         return torch.where(valid, scores, torch.zeros_like(scores)), valid, raw, norm
 
-    def _handle_nonfinite(self, norm, valid):
+    def _handle_nonfinite(self, norm, valid, fate=None):
+        """`fate`: a str, or a function giving it, saying what the caller does with the dropped samples (PPOTrainer's
+        by default); the warning must not promise a drop that the caller does not make."""
         bad = [n for n, ok in zip(self.member_names, torch.isfinite(norm).all(0)) if not ok]
         n_bad, B = int((~valid).sum()), len(valid)
         if self.nonfinite == "error":
@@ -200,14 +216,40 @@ class RewardPipeline:
         self.dropped_total += n_bad
         if not self._warned:
             self._warned = True
-            warnings.warn(f"Reward member(s) {bad} returned non-finite rewards for {n_bad} of {B} samples; they are "
-                          f"dropped from the loss (nonfinite_rewards='drop') and counted in rewards/dropped_nonfinite. "
-                          f"This warning is shown once.", stacklevel=3)
+            fate = fate or _DROPPED_BY_PPO
+            warnings.warn(f"Reward member(s) {bad} returned non-finite rewards for {n_bad} of {B} samples; "
+                          f"{fate() if callable(fate) else fate} This warning is shown once.", stacklevel=4)
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs):
-        """TRL `reward_funcs` signature. Dropped samples come back as None (TRL treats them as missing)."""
-        scores, valid, _, _ = self.score(prompts, completions, completion_ids, **kwargs)
+        """TRL `reward_funcs` signature. Dropped samples come back as None: TRL leaves a completion out only when
+        every reward function returns None for it (see `_fate_in_trainer`). With TRL's `log_metric`, logs the
+        pipeline's metrics (see the class docstring)."""
+        has_eos, log_metric = kwargs.pop("has_eos", None), kwargs.get("log_metric")
+        trainer = getattr(log_metric, "__self__", None)  # TRL passes its bound `_log_metric`
+        scores, valid, raw, norm = self._score(prompts, completions, completion_ids, has_eos, kwargs,
+                                               lambda: _fate_in_trainer(trainer))
+        # PPOTrainer logs these names itself for its own pipeline: one nested in it as a member must not overwrite them
+        if callable(log_metric) and not isinstance(getattr(trainer, "rewards", None), RewardPipeline):
+            self._log_metrics(log_metric, valid, raw, norm)
         return [float(s) if v else None for s, v in zip(scores, valid)]
+
+    def _log_metrics(self, log_metric, valid, raw, norm) -> None:
+        """PPOTrainer's reward metrics, through TRL's `log_metric` (which averages them over the logging window and
+        the processes): samples dropped in this batch, each member's raw mean over the samples kept (a dropped
+        sample's NaN would make it NaN), the members' disagreement on the samples kept."""
+        log_metric("rewards/dropped_nonfinite", float((~valid).sum()))
+        if not valid.any():
+            return
+        for j, name in enumerate(self.member_names):
+            log_metric(f"rewards/{name}_raw", float(raw[valid, j].mean()))
+        if norm.shape[1] > 1:
+            log_metric("rewards/ensemble_std", float(norm[valid].std(-1).mean()))
+
+    def callback(self) -> "RewardPipelineStateCallback":
+        """A callback for TRL's GRPOTrainer / RLOOTrainer (any transformers Trainer) that saves this pipeline's running
+        statistics with each checkpoint and restores them on `resume_from_checkpoint`:
+        `GRPOTrainer(..., reward_funcs=[pipeline], callbacks=[pipeline.callback()])`."""
+        return RewardPipelineStateCallback(self)
 
     def _stateful(self) -> dict[str, dict]:
         """What carries state between batches, keyed by name ("debias", a callable's name; "linear#2" for the second
@@ -280,6 +322,69 @@ def _carries_nothing(state) -> bool:
     """A state as a part starts with (debias before its first slope, a callable before its first score): losing it
     loses nothing."""
     return not state or all(v in (None, 0) for v in state.values())
+
+
+_DROPPED_BY_PPO = "they are dropped from the loss (nonfinite_rewards='drop') and counted in rewards/dropped_nonfinite."
+_SHAPERS_INSIDE = ("When members can return None, put shapers inside the pipeline "
+                   "(`RewardPipeline(..., shapers=[...])`) rather than beside it (`as_reward_func`), so that nothing "
+                   "scores a dropped sample.")
+
+
+def _fate_in_trainer(trainer) -> str:
+    """What becomes of a sample the pipeline returns None for, called as a reward function by `trainer` (the owner
+    of the `log_metric` it was passed; None when unknown). TRL's GRPO / RLOO nansum the reward functions' rows, so
+    only a row that is None everywhere is left out (advantage 0, outside its group's baseline)."""
+    if isinstance(getattr(trainer, "rewards", None), RewardPipeline):  # a member of PPOTrainer's own pipeline
+        return _DROPPED_BY_PPO
+    names = getattr(trainer, "reward_func_names", None)
+    if names is None:
+        return ("they come back as None (nonfinite_rewards='drop'). TRL's GRPOTrainer / RLOOTrainer leave a "
+                "completion out only when every reward function returns None for it: beside another reward "
+                f"function it is trained on with the others' rewards. {_SHAPERS_INSIDE}")
+    if len(names) == 1:
+        return ("they come back as None, and TRL leaves a completion that every reward function returned None for "
+                "out of training (advantage 0): dropped, and counted in rewards/dropped_nonfinite.")
+    return (f"they come back as None, but {type(trainer).__name__} has other reward functions beside this pipeline "
+            f"(its reward functions: {names}): TRL sums their rewards and trains on these samples anyway, this "
+            f"pipeline's share counted as 0 — they are NOT dropped. {_SHAPERS_INSIDE}")
+
+
+def _checked_name(name):
+    """A reward function's name: TRL keys its metrics and completions column by it."""
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be a non-empty string (TRL logs rewards/<name>/mean), got {name!r}.")
+    return name
+
+
+class RewardPipelineStateCallback(TrainerCallback):
+    """Saves a `RewardPipeline`'s state (callables' running mean/std, shapers' state such as debias's slope) with
+    each checkpoint of a transformers / TRL Trainer, and restores it on `resume_from_checkpoint`, so a resumed
+    GRPO / RLOO run normalises as the uninterrupted one would. Get it from `pipeline.callback()`.
+
+    It lives in trainer_state.json under the pipeline's name (`name=`: two pipelines need distinct names). Under
+    DDP each process scores its own share; the main process's statistics are saved and every process resumes from
+    them (PPOTrainer keeps one state per process)."""
+
+    def __init__(self, pipeline: RewardPipeline):
+        self.pipeline = pipeline
+        self.key = f"rlhf_ext.RewardPipeline/{pipeline.__name__}"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        claim_checkpoint_key(state, self.key, f"Two reward pipelines named {self.pipeline.__name__!r} save their state "
+                                              f"with the checkpoint, the second over the first: give them distinct "
+                                              f"names, RewardPipeline(..., name=...).")
+        saved = saved_with_checkpoint(state, self.key)
+        if saved is not None:
+            self.pipeline.load_state_dict(saved)
+        elif state.global_step > 0 and any(self.pipeline._stateful().values()):
+            warnings.warn(f"Resuming at step {state.global_step} from a checkpoint without the state of reward "
+                          f"pipeline {self.pipeline.__name__!r} (saved without its callback, or under another name): "
+                          f"its running statistics go on from what this process holds.", UserWarning, stacklevel=2)
+        save_with_checkpoint(state, self.key, self.pipeline.state_dict())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # before the step's checkpoint is written (transformers saves after on_step_end and the log)
+        save_with_checkpoint(state, self.key, self.pipeline.state_dict())
 
 
 class ExternalRewardModel:

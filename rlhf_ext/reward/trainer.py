@@ -24,7 +24,7 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, TrainOutput
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational
@@ -45,6 +45,7 @@ from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_t
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..rl_math import bt_loss, pearson
+from ..trainer_state import TRAINER_STATE, save_trainer_state
 from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
 from .ensemble import RewardEnsemble
@@ -162,7 +163,6 @@ class _GradientReachCheck(TrainerCallback):
 
 # what resuming reads from a checkpoint-N folder: the artifact and Trainer's state (the manifest lists the rest:
 # optimizer, scheduler, RNG states)
-TRAINER_STATE = "trainer_state.json"
 RESUME_FILES = ("heads.safetensors", TRAINER_STATE)
 RESUME_FIX = ("Resume from an earlier checkpoint-N folder of the same output_dir, or pass resume_from_checkpoint=True "
               "to take the newest complete one.")
@@ -547,6 +547,31 @@ class RewardEnsembleTrainer(RewardTrainer):
             return hashed_bootstrap_weights(ids, K, self.args.seed + 1).to(like)
         return torch.ones_like(like)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """transformers prefetches an optimizer step's micro-batches here; with bootstrap weights, each member's
+        total weight over all of them and every process is what its weighted mean divides by (`_weight_norm`)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_weights = None
+        K = getattr(self.args, "ensemble_size", 1)
+        if self.model.training and getattr(self.args, "bootstrap", False) and K > 1:
+            total = sum(self._member_weights(b, torch.ones(len(b["pair_id"]), K)).sum(0)
+                        for b in batches if "pair_id" in b)
+            if torch.is_tensor(total):
+                self._step_weights = self.accelerator.reduce(total.to(device), reduction="sum").cpu()
+        return batches, num_items
+
+    def _weight_norm(self, w: torch.Tensor):
+        """(divisor [K], scale) of the weighted BT mean. With bootstrap weights, each member's weighted mean is taken
+        over the whole optimizer step — every micro-batch of gradient accumulation, every process — as one batch of
+        that size would take it: per micro-batch, a member with one weighted pair in a chunk gave it half the step's
+        weight, so the result depended on how the step was split. The scale undoes transformers' division by the
+        accumulation steps and DDP's mean over processes. Without weights: TRL's per-batch mean."""
+        totals = getattr(self, "_step_weights", None)
+        if totals is None or not self.model.training or w.shape[1] != len(totals):
+            return w.sum(0).clamp(min=1e-6), 1.0
+        scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+        return totals.to(w).clamp(min=1e-6), scale
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).float()  # [2B, K]
@@ -554,13 +579,13 @@ class RewardEnsembleTrainer(RewardTrainer):
         margin = inputs.get("margin")
         per_pair = bt_loss(r_chosen, r_rejected, None if margin is None else margin.unsqueeze(-1))  # [B, K]
         w = self._member_weights(inputs, per_pair)
-        norm = w.sum(0).clamp(min=1e-6)
-        loss = ((per_pair * w).sum(0) / norm).mean()  # mean over members of BT loss
+        norm, scale = self._weight_norm(w)
+        loss = ((per_pair * w).sum(0) / norm).mean() * scale  # mean over members of BT loss
         if self.args.center_rewards_coefficient is not None:
             # TRL's term (Eisenstein et al. 2023, eq. 2): the pair's summed reward → 0. It centres rewards without
             # pulling chosen and rejected together (Σ r² per response would also shrink the margin).
             centre = (r_chosen + r_rejected) ** 2
-            loss = loss + self.args.center_rewards_coefficient * ((centre * w).sum(0) / norm).mean()
+            loss = loss + self.args.center_rewards_coefficient * ((centre * w).sum(0) / norm).mean() * scale
         lengths = inputs["response_length"].to(rewards)
         corr = torch.stack([pearson(rewards[:, k], lengths) for k in range(rewards.shape[1])])
         if self.args.length_decorrelation_coef > 0:
@@ -584,10 +609,12 @@ class RewardEnsembleTrainer(RewardTrainer):
             if rewards.shape[1] > 1:
                 m["ensemble_std"].append(gather(rewards.detach().std(-1).mean()).mean().item())
             if mode == "eval":  # whole-set metrics (ECE, Pearson) are computed in `log`
-                b = self._eval_buffer
+                # gathered as [B, …] halves: gather_for_metrics drops the last batch's duplicated padding in *pairs*,
+                # so a [2B, …] tensor lost rows (13 pairs in batches of 4 kept 25 of 26 responses)
+                b, (l_chosen, l_rejected) = self._eval_buffer, lengths.chunk(2)
                 b["delta"].append(gather(delta).cpu())
-                b["rewards"].append(gather(rewards.detach()).cpu())
-                b["lengths"].append(gather(lengths).cpu())
+                b["rewards"].append(torch.cat([gather(r_chosen.detach()), gather(r_rejected.detach())]).cpu())
+                b["lengths"].append(torch.cat([gather(l_chosen), gather(l_rejected)]).cpu())
         # as a model output, so `compute_metrics` gets the rewards [2N, K] as predictions (TRL: [2N, 1])
         return (loss, SequenceClassifierOutput(logits=rewards)) if return_outputs else loss
 
@@ -605,7 +632,22 @@ class RewardEnsembleTrainer(RewardTrainer):
             assert_trainable_4bit_layout(self.accelerator.unwrap_model(self.model), "RewardEnsembleTrainer")
             self._check_4bit_layout = True
 
+    def _fresh_eval_metrics(self) -> None:
+        """predict() runs the eval forward (compute_loss appends to the eval metrics) but never logs, which is what
+        empties them: the next evaluate() averaged in predict()'s batches — of another dataset."""
+        self._eval_buffer.clear()
+        self._metrics["eval"].clear()
+
+    def predict(self, *args, **kwargs):
+        self._fresh_eval_metrics()
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._fresh_eval_metrics()
+            self._after_no_grad_pass()
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._fresh_eval_metrics()
         prefix, self._eval_prefix = self._eval_prefix, metric_key_prefix  # a dict of eval sets: eval_<name>_*
         try:
             out = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -762,7 +804,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             self._save_scaler(str(tmp))
             self._save_rng_state(str(tmp))  # every process its own under DDP
         if self.args.should_save:
-            self._save_trainer_state(tmp / TRAINER_STATE)
+            save_trainer_state(self, tmp / TRAINER_STATE)
         self.accelerator.wait_for_everyone()  # every process's files are in before the manifest
         if self.args.should_save:
             finish_atomic_folder(tmp, final)
@@ -773,6 +815,18 @@ class RewardEnsembleTrainer(RewardTrainer):
             remove_oldest_checkpoints(run_dir, self.state.global_step, self.args.save_total_limit,
                                       keep=self.state.best_model_checkpoint)
 
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: the best checkpoint is an rlhf_ext artifact (adapters + heads), which transformers'
+        loader looks for as model.safetensors / adapter_model.* and, not finding, skips with a log line — training
+        ended on the last weights. Every process loads it."""
+        best = self.state.best_model_checkpoint
+        if not best or not Path(best).is_dir():
+            warnings.warn(f"load_best_model_at_end: the best checkpoint {best} is not there (save_total_limit "
+                          f"removed it?); the model keeps the last step's weights.", stacklevel=2)
+            return
+        logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
+        self._load_from_checkpoint(best)
+
     def _note_best_checkpoint(self, run_dir) -> None:
         """transformers' best-model bookkeeping: the best step's checkpoint folder, once it exists — this one's
         exists only after the rename, so it is named by its step."""
@@ -781,16 +835,6 @@ class RewardEnsembleTrainer(RewardTrainer):
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
             if best == self.state.global_step or os.path.exists(folder):
                 self.state.best_model_checkpoint = folder
-
-    def _save_trainer_state(self, path: Path) -> None:
-        """trainer_state.json, with the stateful callbacks' and TrainerControl's state, as transformers saves it."""
-        for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-            name, state = cb.__class__.__name__, cb.state()
-            if isinstance(self.state.stateful_callbacks[name], list):
-                self.state.stateful_callbacks[name].append(state)
-            else:
-                self.state.stateful_callbacks[name] = state
-        self.state.save_to_json(str(path))
 
     def artifact_spec(self) -> dict:
         ens = self.accelerator.unwrap_model(self.model)
@@ -861,15 +905,23 @@ class RewardEnsembleTrainer(RewardTrainer):
         difference) unless its base, members and LoRA settings are this trainer's."""
         from .artifact import read_spec
 
-        spec, mine = read_spec(Path(path)), json.loads(json.dumps(self.artifact_spec(), default=str))
-        for key in ("mode", "members", "adapters", "lora_config", "base_fingerprint"):
-            if spec.get(key) != mine.get(key):
-                raise ValueError(
-                    f"init_reward_model: {path} has {key} = {spec.get(key)!r}, this trainer {mine.get(key)!r}. Start "
-                    f"from a reward model trained with the same base model, ensemble_size/ensemble_mode and LoRA "
-                    f"settings, or leave init_reward_model unset to train from scratch.")
+        key, theirs, ours = self._spec_difference(read_spec(Path(path)))
+        if key:
+            raise ValueError(
+                f"init_reward_model: {path} has {key} = {theirs!r}, this trainer {ours!r}. Start from a reward model "
+                f"trained with the same base model, ensemble_size/ensemble_mode and LoRA settings, or leave "
+                f"init_reward_model unset to train from scratch.")
         self._load_from_checkpoint(str(path))
         self.normalization = None  # recomputed after training, on the new weights
+
+    def _spec_difference(self, spec: dict):
+        """The first of what shapes the weights (mode, members, adapters, LoRA settings, base) where a saved `spec`
+        differs from this trainer's: (key, theirs, ours), or (None, None, None)."""
+        mine = json.loads(json.dumps(self.artifact_spec(), default=str))
+        for key in ("mode", "members", "adapters", "lora_config", "base_fingerprint"):
+            if spec.get(key) != mine.get(key):
+                return key, spec.get(key), mine.get(key)
+        return None, None, None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Trainer's resume, for our artifact-shaped checkpoints (adapters + heads, verified by the manifest)."""
@@ -881,6 +933,11 @@ class RewardEnsembleTrainer(RewardTrainer):
         ens, path = self.accelerator.unwrap_model(self.model), Path(resume_from_checkpoint)
         spec = read_spec(path)
         verify_manifest(path, "Resume from an earlier checkpoint-N folder.", required=("heads.safetensors",))
+        key, theirs, ours = self._spec_difference(spec)
+        if key:  # torch would say "size mismatch" or "Missing key(s)", naming neither the folder nor the setting
+            raise ValueError(f"{path} was saved with {key} = {theirs!r}; this trainer has {ours!r}. Resume with the "
+                             f"settings it was trained with (ensemble_size, ensemble_mode, LoRA settings, base model), "
+                             f"or start a new run in another output_dir.")
         heads = load_safetensors(path / "heads.safetensors", _REBUILD + ".")
         for a, head in ens.heads.items():
             head.load_state_dict({k[len(a) + 1 :]: v for k, v in heads.items() if k.startswith(a + ".")})
