@@ -255,6 +255,16 @@ class PromptRow(tuple):
         return row
 
 
+def _prompt_text(tokenizer, ids) -> str:
+    """A token-id prompt as the text the reward functions and reward models get: decoded without its leading BOS,
+    which tokenizing the text again (`reward_input_ids`, as TRL's reward trainer tokenizes) adds back — kept, the
+    reward model saw two."""
+    ids = list(ids)
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return tokenizer.decode(ids)
+
+
 def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc: str = "Tokenizing prompts",
                      limit: int | None = None):
     """TRL prompt-only data (text or conversational) → list of (prompt, token ids), chat template applied as TRL
@@ -279,7 +289,7 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
     if "prompt" in columns:
         source = ((i, r["prompt"], None, r) for i, r in enumerate(dataset))
     else:  # TRL 1.12 PPO's format: token ids; the rewards get the decoded text
-        source = ((i, tokenizer.decode(r["input_ids"]), list(r["input_ids"]), r) for i, r in enumerate(dataset))
+        source = ((i, _prompt_text(tokenizer, r["input_ids"]), list(r["input_ids"]), r) for i, r in enumerate(dataset))
     total = len(dataset) if hasattr(dataset, "__len__") else limit  # a streamed set: length unknown
     quiet = bars_off(args) or (total is not None and total < PROGRESS_ROWS)
     rows, too_long = [], []

@@ -70,3 +70,14 @@ def close_process_group_at_exit() -> None:
     if not _registered and dist.is_available() and dist.is_initialized():
         atexit.register(_close)
         _registered = True
+
+
+def as_main_process_sees_it(accelerator, read):
+    """`read()` evaluated on the main process and handed to every process. For what decides whether a process goes
+    on to a collective (an earlier run found in output_dir): each process reading the folder itself could see it
+    before or after the main one cleared it — or another node's disk — and skip a barrier the others wait in."""
+    if accelerator.num_processes == 1:
+        return read()
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([read() if accelerator.is_main_process else None])[0]

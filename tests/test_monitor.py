@@ -181,6 +181,26 @@ def test_mitigated_run_stays_quiet(tmp_path, tok):
     assert not any(h["monitor/length_drift_alarm"] for h in hist), [h["monitor/length_drift"] for h in hist]
 
 
+def test_a_halt_at_a_save_step_saves_once_with_every_process_alike(tmp_path, tok):
+    """Under DDP the checkpoint save is a collective (each process's state gathered, a barrier): the halt used to save
+    on the main process inside the monitor, clearing should_save there only, so the other processes entered one more
+    save than the main one and the run hung. Now the halt only sets the flags (the same everywhere) and the loop saves;
+    a process that does not write (rank > 0) takes exactly the main process's path."""
+    kw = dict(reward=longer_is_better, max_steps=8, learning_rate=5e-2, max_completion_length=12, save_strategy="steps",
+              save_steps=1, monitor_detectors=[{"name": "length_drift", "threshold": 1.3, "action": "halt"}])
+    paths = []
+    for writes in (True, False):
+        tr = make(tmp_path / str(writes), tok, model=eos_prone_model(tok), **kw)
+        if not writes:  # what a process other than the main one sees
+            tr.monitor.__class__ = type("OtherRank", (type(tr.monitor),), {"writes": property(lambda self: False)})
+        calls, save = [], tr._save_and_rotate
+        tr._save_and_rotate = lambda push, save=save, tr=tr, calls=calls: (calls.append(tr.iteration), save(push))[1]
+        with pytest.warns(UserWarning, match="monitor halted training"):
+            tr.train()
+        paths.append(calls)
+    assert paths[0] == paths[1] == list(range(1, len(paths[0]) + 1))  # each iteration saved once, the halt's too
+
+
 def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
     kw = dict(reward=longer_is_better, max_steps=8, learning_rate=5e-2, max_completion_length=12,
               monitor_detectors=[{"name": "length_drift", "threshold": 1.3, "action": "halt"},

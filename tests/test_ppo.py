@@ -560,3 +560,24 @@ def test_missing_eos_without_stopping_charges_only_answers_without_one(tmp_path,
     assert hist[0]["response/eos_rate"] == pytest.approx(float(with_eos.mean()))
     assert hist[0]["objective/scores"] == pytest.approx(-float((1 - with_eos).mean()))
     assert hist[0]["response/length_mean"] == 12  # nothing stops: every response runs to the full length
+
+
+def test_responses_stop_at_any_of_the_models_eos_ids(tmp_path, tok):
+    """Llama 3 Instruct / Gemma 2 it: the tokenizer's EOS is not the token that ends an assistant turn, which the
+    model's generation_config lists beside it. Sampling used to stop at the tokenizer's EOS only, running every answer
+    past its turn end to the length cap."""
+    turn_end = tok.convert_tokens_to_ids("<|endoftext|>")
+    model = tiny_causal_lm(tok)
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    with torch.no_grad():  # make the turn end likely, so that answers reach it well before the cap
+        h = model.model(**tok(["write a short review of the movie ."], return_tensors="pt")).last_hidden_state[0]
+        model.get_input_embeddings().weight[turn_end] = 0.15 * h.mean(0) / h.mean(0).norm() * h.norm(dim=-1).mean()
+    tr = make(tmp_path, tok, model=model, max_steps=1, max_completion_length=16)
+    ro = tr.policy.generate(tr.prompts[:16], tok, 16)
+    stop = {tok.eos_token_id, turn_end}
+    ended_at_turn_end = 0
+    for ids, ended, length in zip(ro.completion_ids, ro.has_eos.tolist(), ro.lengths.tolist()):
+        assert not stop & set(ids[:-1])  # nothing sampled after a stop id is part of the response
+        assert ended == (bool(ids) and ids[-1] in stop) and length == len(ids) - ended
+        ended_at_turn_end += bool(ids) and ids[-1] == turn_end
+    assert ended_at_turn_end > 0  # the case the tokenizer's EOS alone missed

@@ -18,14 +18,17 @@ from .conftest import preference_rows
 from .test_reward_resume import _trainer, _weights
 
 
-def test_bootstrap_weighted_loss_does_not_depend_on_how_a_step_is_split(tmp_path, tiny_path, tok):
+@pytest.mark.parametrize("evaluating", [False, True], ids=["plain", "evaluated-between-steps"])
+def test_bootstrap_weighted_loss_does_not_depend_on_how_a_step_is_split(tmp_path, tiny_path, tok, evaluating):
     """K=2 with bootstrap: the same 8 pairs per optimizer step as one batch or as two micro-batches of 4 give the same
-    training (each member's weighted mean over the whole step): they were 0.11 apart."""
+    training (each member's weighted mean over the whole step): they were 0.11 apart. Also after an evaluation, which
+    leaves the model in eval mode when the next step's batches are fetched."""
     runs = {}
+    ev = dict(eval_rows=8, eval_strategy="steps", eval_steps=1) if evaluating else {}
     for name, kw in {"one": dict(per_device_train_batch_size=8),
                      "accumulated": dict(per_device_train_batch_size=4, gradient_accumulation_steps=2)}.items():
         tr = _trainer(tmp_path / name, tiny_path, tok, rows=16, ensemble_size=2, bootstrap=True, save_strategy="no",
-                      max_steps=2, **kw)
+                      max_steps=3, **ev, **kw)
         tr.train()
         runs[name] = _weights(tr)
     one, acc = runs["one"], runs["accumulated"]
@@ -88,6 +91,11 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path, tiny_path, t
         name, param = key.split(".", 1)
         assert torch.equal(heads[name].state_dict()[param], value), key
     assert tr.evaluate()["eval_loss"] == pytest.approx(evals[best], rel=1e-5)
+    again = _trainer(tmp_path, tiny_path, tok, rows=32, eval_rows=8, max_steps=4, learning_rate=5e-2,
+                     eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                     greater_is_better=True)
+    again.train(resume_from_checkpoint=True)  # finished: nothing trains, and it ends on the best weights as the run did
+    assert again.evaluate()["eval_loss"] == pytest.approx(evals[best], rel=1e-5)
 
 
 def test_extra_preferences_keep_the_training_sets_margins(tmp_path, tiny_path, tok):

@@ -274,7 +274,7 @@ def test_streaming_train_and_eval(tmp_path, tiny_path, tok):
     assert abs(w.mean().item() - 1) < 0.15 and (w == 0).any() and (w >= 2).any() and not torch.equal(w[:, 0], w[:, 1])
     seen = []
     orig = tr._member_weights
-    tr._member_weights = lambda inputs, like: seen.append(orig(inputs, like)) or seen[-1]
+    tr._member_weights = lambda inputs, like, **kw: seen.append(orig(inputs, like, **kw)) or seen[-1]
     tr.train()
     assert any((s != 1).any() for s in seen)  # the bootstrap applied
     assert tr.normalization["n"] == 16 and "eval_accuracy_ensemble" in tr.evaluate()

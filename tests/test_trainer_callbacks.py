@@ -105,3 +105,13 @@ def test_epoch_is_whole_at_the_end_of_each_pass(tmp_path, tok):
     out = tr.train()
     assert [h["epoch"] for h in tr.state.log_history if "objective/kl" in h] == [1.0, 2.0]
     assert out.metrics["epoch"] == 2.0 and tr.state.log_history[-1]["train_runtime"] == out.metrics["train_runtime"]
+
+
+def test_an_iteration_is_logged_once(tmp_path, tok):
+    """logging_first_step and an epoch of one iteration both ask to log iteration 1 (after on_step_end and again after
+    on_epoch_end): Trainer logs a step once."""
+    tr = make(tmp_path, tok, data=prompts(4), per_device_train_batch_size=4, max_completion_length=6, max_steps=2,
+              logging_first_step=True, logging_strategy="epoch")
+    tr.train()
+    steps = [h["step"] for h in tr.state.log_history if "objective/kl" in h]
+    assert steps == [1, 2]

@@ -121,7 +121,7 @@ def test_trl112_config_names_conflicting_with_ours_are_refused(tmp_path):
     ("local_rollout_forward_batch_size", "nothing: the rollout's passes run this process's batch at once; lower "
                                          "per_device_train_batch_size for memory"),
     ("num_sample_generations", "eval_dataset with eval_strategy"),
-    ("stop_token_id", "make that token the tokenizer's eos_token"),
+    ("stop_token_id", "add that id to the model's generation_config.eos_token_id"),
     ("whiten_rewards", "whiten_advantages"),
     ("ref_adapter_name", "nothing: the reference is the base with every adapter off"),
     ("ds3_gather_for_generation", "nothing: DeepSpeed is not supported"),

@@ -186,8 +186,8 @@ class RewardHackingMonitor(TrainerCallback):
                     "iteration": tr.iteration, "prompt": prompt_text(ro.prompts[i]), "text": ro.texts[i],
                     "score": float(ro.scores[i]), "length": int(ro.lengths[i]), "eos": bool(ro.has_eos[i]),
                     "audit": {k: float(v[i]) for k, v in ro.audit.items()}})
-        if halting is not None and not control.should_training_stop:  # every process decides this together
-            self._halt(halting, control)  # after every detector has seen the iteration: the checkpoint holds them all
+        if halting is not None:  # every process decides this together (the same gathered batch)
+            self._halt(halting, control)  # the loop saves after this callback: every detector has seen the iteration
 
     def _act(self, d, obs, control):
         tr = self.trainer
@@ -200,11 +200,12 @@ class RewardHackingMonitor(TrainerCallback):
             self._queue(d, obs)
 
     def _halt(self, d, control):
+        """Stop after this iteration with a checkpoint of it: the flags, on every process alike (every detector saw
+        the same gathered batch); the train loop then writes the checkpoint with every process taking part."""
         tr = self.trainer
-        path = tr.save_checkpoint() if self.writes else None  # the adapters are identical on every process
-        tr.accelerator.wait_for_everyone()  # nobody leaves before the checkpoint is on disk
-        control.should_training_stop = True
+        control.should_training_stop = control.should_save = True
         self.halted_by = d.name
+        path = Path(tr.args.output_dir) / f"checkpoint-{tr.iteration}"
         warnings.warn(
             f"Reward-hacking monitor halted training at iteration {tr.iteration}: {d.describe()}. Checkpoint: "
             f"{path}. Look at the samples (rlhf-ext report {tr.args.output_dir}; rlhf-ext review "

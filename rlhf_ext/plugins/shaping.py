@@ -24,9 +24,12 @@ class ResponseInfo:
     ids: list
 
     @classmethod
-    def from_ids(cls, ids: list, eos_token_id: int | None = None):
+    def from_ids(cls, ids: list, eos_token_id: int | list | None = None):
+        """`eos_token_id`: the stop id, or several (a chat model's turn end beside its tokenizer's EOS)."""
         ids = [list(map(int, x)) for x in ids]
-        has_eos = [eos_token_id is not None and len(x) > 0 and x[-1] == eos_token_id for x in ids]
+        stop = set() if eos_token_id is None else set(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) \
+            else {eos_token_id}
+        has_eos = [len(x) > 0 and x[-1] in stop for x in ids]
         lengths = [len(x) - int(e) for x, e in zip(ids, has_eos)]
         return cls(torch.tensor(lengths, dtype=torch.float), torch.tensor(has_eos), ids)
 

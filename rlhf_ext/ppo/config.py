@@ -161,8 +161,9 @@ class PPOConfig(TrainingArguments):
             setattr(self, new, value)
             warnings.warn(f"`{old}` is TRL 1.12's name; rlhf_ext calls it `{new}`.", FutureWarning, stacklevel=3)
         if self.stop_token not in (None, "eos"):
-            raise ValueError(f"stop_token={self.stop_token!r}: rlhf_ext stops responses at the tokenizer's EOS "
-                             f"(stop_on_eos=True); to stop at another token, set it as the tokenizer's eos_token.")
+            raise ValueError(f"stop_token={self.stop_token!r}: rlhf_ext stops responses at the tokenizer's EOS and at "
+                             f"every id of the model's generation_config.eos_token_id (stop_on_eos=True); to stop at "
+                             f"another token, add its id there.")
         if self.missing_eos_penalty is not None:
             shapers = self.shapers if isinstance(self.shapers, list) else ([] if self.shapers is None else None)
             if shapers is None:
@@ -334,7 +335,7 @@ FROM_TRL112 = {
     "local_rollout_forward_batch_size": "nothing: the rollout's passes run this process's batch at once; lower "
                                         "per_device_train_batch_size for memory",
     "num_sample_generations": "eval_dataset with eval_strategy: evaluate() samples the policy on held-out prompts",
-    "stop_token_id": "make that token the tokenizer's eos_token: responses stop at EOS (stop_on_eos=True)",
+    "stop_token_id": "add that id to the model's generation_config.eos_token_id: responses stop at any of them (stop_on_eos=True)",
     "whiten_rewards": "whiten_advantages (the advantages are whitened over the batch, not the rewards)",
     "model_adapter_name": "nothing: a PeftModel's active adapter is the policy",
     "ref_adapter_name": "nothing: the reference is the base with every adapter off",

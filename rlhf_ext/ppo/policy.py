@@ -41,6 +41,17 @@ from .sampling import cpu_decoder, forked_rng
 POLICY, CRITIC = "policy", "critic"
 
 
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The ids a response stops at: the tokenizer's EOS and every id of the model's `generation_config.eos_token_id`.
+    Llama 3 Instruct and Gemma 2 it end an assistant turn with `<|eot_id|>` / `<end_of_turn>`, which their tokenizer's
+    eos_token is not: stopping at the tokenizer's EOS alone ran every answer to the length cap, past the turn's end
+    (TRL's GRPOTrainer merges the two alike)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured]
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
 @dataclass
 class Rollout:
     """One batch of sampled responses and what PPO needs about them. B sequences, P prompt + R response positions.
@@ -299,7 +310,7 @@ class PolicyAndValue(nn.Module):
                     min_new_tokens=None, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None,
                     suppress_tokens=None, begin_suppress_tokens=None, typical_p=1.0, epsilon_cutoff=0.0,
                     eta_cutoff=0.0, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                    eos_token_id=tokenizer.eos_token_id if stop_on_eos else None)
+                    eos_token_id=stop_token_ids(tokenizer, self.peft) if stop_on_eos else None)
 
     def _sample(self, p_ids, p_mask, generation_kwargs: dict):
         """`generate` on left-padded prompts [B, P] → (its output, the width of the input it was given: the sampled
@@ -346,11 +357,12 @@ class PolicyAndValue(nn.Module):
         if resp.shape[1] == 0:
             resp = torch.full((len(batch), 1), self.pad_id, dtype=torch.long, device=device)
         # Response mask from the first EOS (inclusive), never from pad ids: pad == EOS for SmolLM2
-        is_eos = resp == tokenizer.eos_token_id if stop_on_eos else torch.zeros_like(resp, dtype=torch.bool)
+        stop = torch.tensor(stop_token_ids(tokenizer, self.peft), dtype=resp.dtype, device=resp.device)
+        is_eos = torch.isin(resp, stop) if stop_on_eos else torch.zeros_like(resp, dtype=torch.bool)
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(resp[:, 0], resp.shape[1]))
         resp_mask = (torch.arange(resp.shape[1], device=device)[None] <= first[:, None]).float()
         stopped = is_eos.any(1)
-        has_eos = stopped if stop_on_eos else (resp == tokenizer.eos_token_id).any(1)
+        has_eos = stopped if stop_on_eos else torch.isin(resp, stop).any(1)
         resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, self.pad_id))
         n = resp_mask.sum(1).long()
         completion_ids = [resp[i, : int(n[i])].tolist() for i in range(len(batch))]

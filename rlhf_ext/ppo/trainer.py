@@ -29,7 +29,7 @@ from ..adapters import (adapter_parameters, check_gradients_reached, first_step_
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
-from ..distributed import close_process_group_at_exit
+from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint
 from ..integrity import check_new_run, ensure_writable_dir, resume_folder, supersede_later_checkpoints
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
@@ -49,7 +49,7 @@ from .config import PPOConfig
 from .export import push_policy, save_policy
 from .interrupt import StopAfterIteration
 from .logprobs import token_logprobs
-from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
+from .policy import CRITIC, POLICY, PolicyAndValue, Rollout, stop_token_ids
 from .sampling import forked_rng
 from .schedule import TrainHistory
 from .trl112 import from_trl112_arguments, processing_classes_for
@@ -208,8 +208,9 @@ class PPOTrainer(Trainer):
                              f"{n_members}: it would silently be the plain reward. Use aggregation='mean', or give "
                              f"more members (a reward artifact trained with ensemble_size ≥ 2, or several reward_funcs).")
         self.rewards = RewardPipeline(members, args.aggregation, args.aggregation_kwargs, args.shapers,
-                                      args.nonfinite_rewards, eos_token_id=self.tokenizer.eos_token_id,
+                                      args.nonfinite_rewards, eos_token_id=stop_token_ids(self.tokenizer, model),
                                       callable_normalization=args.callable_normalization)
+        self.rewards.chat_template_kwargs = args.chat_template_kwargs  # the prompts' rendering, for reward models too
         self.kl_ctl = build_controller(args.kl_controller, args.init_kl_coef, args.kl_target,
                                        **(args.kl_controller_kwargs or {}))
         self.kl_estimator = build("kl_estimator", args.kl_estimator)
@@ -845,7 +846,7 @@ class PPOTrainer(Trainer):
         if args.eval_on_start and self.iteration == 0:
             self.evaluate()
         with StopAfterIteration(announce=self.accelerator.is_main_process) as stop:
-            in_epoch = False
+            in_epoch, self._last_logged = False, self.iteration
             while self.iteration < total and not self.control.should_training_stop:
                 if not in_epoch:
                     self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
@@ -887,7 +888,8 @@ class PPOTrainer(Trainer):
         """Log, evaluate, save — each where a callback asked for it (`control.should_*`; on_log / on_evaluate /
         on_save clear them), in that order, as transformers' Trainer; returns whether a checkpoint was written."""
         args = self.args
-        if self.control.should_log:
+        if self.control.should_log and self.iteration > self._last_logged:  # once per iteration, as Trainer
+            self._last_logged = self.iteration
             self.log(metrics)
             if args.log_completions and self.accelerator.is_main_process:
                 self._print_completions(self.rollout)
@@ -917,6 +919,9 @@ class PPOTrainer(Trainer):
             if push:
                 self._push_checkpoint(path)
         self.accelerator.wait_for_everyone()
+        # on every process: a callback that sets flags in on_save must see the same thing everywhere, or the ranks
+        # would take different branches (and collectives) in the loop
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def _seed_process_rng(self) -> None:
         """A random stream per process, reproducible from the seed, the rank and the iteration: for a new run under
@@ -930,11 +935,10 @@ class PPOTrainer(Trainer):
     def _start_clean(self, args) -> None:
         """A new run (not resumed) in an output_dir an earlier run used would append to its monitor log and leave its
         checkpoints for a later resume to continue: refused, naming the ways out, unless overwrite_output_dir."""
-        if not check_new_run(args.output_dir, earlier_run(args.output_dir), args.overwrite_output_dir):
-            return
-        if self.accelerator.is_main_process:
+        found = as_main_process_sees_it(self.accelerator, lambda: earlier_run(args.output_dir))
+        if check_new_run(args.output_dir, found, args.overwrite_output_dir) and self.accelerator.is_main_process:
             clear_earlier_run(args.output_dir)
-        self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # on every rank: all of them took the same decision
 
     def _epoch_done(self) -> bool:
         """The iteration just run took the last full batch of a pass over the prompts (the next one starts a new
@@ -974,9 +978,9 @@ class PPOTrainer(Trainer):
 
     # -- checkpoints (checkpoint.py) and the policy leaving the trainer (export.py) -----------------------------------
     def save_checkpoint(self, output_dir: str | None = None) -> str:
-        path = write_checkpoint(self, Path(output_dir or Path(self.args.output_dir) / f"checkpoint-{self.iteration}"))
-        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-        return path
+        """This iteration's checkpoint folder (call on the main process; train() saves through `_save_and_rotate`,
+        which every process enters)."""
+        return write_checkpoint(self, Path(output_dir or Path(self.args.output_dir) / f"checkpoint-{self.iteration}"))
 
     def _load_checkpoint(self, path):
         read_checkpoint(self, path)

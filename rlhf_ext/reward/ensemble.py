@@ -12,6 +12,7 @@ of the policy's base: no second copy of the model. The artifact format lives in 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -111,11 +112,14 @@ def _replay_with_adapter_state(checkpoint_func, layer: nn.Module, reentrant: boo
     return checkpointed
 
 
-def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
-    """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS)."""
+def reward_input_ids(tokenizer, prompt, completion, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS).
+    `chat_template_kwargs`: the template's extra arguments the policy's prompts were rendered with (as GRPO passes
+    them when it renders text for a reward model), e.g. {"enable_thinking": False}."""
     if isinstance(completion, list):  # conversational
         messages = (prompt or []) + completion
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             **(chat_template_kwargs or {}))["input_ids"]
     text = (prompt or "") + completion
     if not text.endswith(tokenizer.eos_token):
         text += tokenizer.eos_token
@@ -238,7 +242,18 @@ class RewardEnsemble(nn.Module):
         return self.heads[adapter](self._pool(h, input_ids, attention_mask))
 
     def _pool(self, hidden, input_ids, attention_mask) -> torch.Tensor:
-        mask = response_mask(input_ids, attention_mask, self.header) if self.header else attention_mask
+        mask = attention_mask
+        if self.header:
+            mask = response_mask(input_ids, attention_mask, self.header)
+            # a row whose assistant header was not found keeps every token (its header's last token merged with the
+            # answer's first, e.g. "Assistant: " + "good" → "Ġgood"): say so once, or "response" pooling is silently
+            # "mean" over the prompt too
+            if not getattr(self, "_warned_header", False) and bool((mask.sum(-1) == attention_mask.sum(-1)).any()):
+                self._warned_header = True
+                warnings.warn(f"pooling='response': the assistant header {self.header} was not found in some rows, "
+                              f"which are pooled over all their tokens, prompt included. The chat template's header "
+                              f"likely merges with the answer's first token when tokenized; use pooling='last' or "
+                              f"'mean', or a template whose header ends in a special token or newline.", stacklevel=2)
         return self.pool(hidden, mask).float()
 
     def forward(self, input_ids, attention_mask, **unused) -> torch.Tensor:
@@ -264,14 +279,38 @@ class RewardEnsemble(nn.Module):
     def score_completions(self, prompts, completions, completion_ids=None, batch_size: int = 16, **kwargs):
         """Member interface of `RewardPipeline` (TRL's reward_funcs arguments) → raw rewards [B, K] on the CPU."""
         prompts = prompts if prompts is not None else [None] * len(completions)
-        return self.score_sequences([reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)],
-                                    batch_size)
+        self._check_format(completions)
+        template = kwargs.get("chat_template_kwargs")
+        return self.score_sequences([reward_input_ids(self.tokenizer, p, c, template)
+                                     for p, c in zip(prompts, completions)], batch_size)
+
+    def _check_format(self, completions) -> None:
+        """Once: completions of the other format than the pairs this model trained on (the artifact records it) — a
+        model trained on chat-templated text scoring plain text, or the reverse, scores a format it never saw."""
+        trained = self.spec.get("conversational")
+        if trained is None or not completions or getattr(self, "_warned_format", False):
+            return
+        given = isinstance(completions[0], list)
+        if given != trained:
+            self._warned_format = True
+            kinds = {True: "conversational (chat messages, rendered with the chat template)", False: "plain text"}
+            warnings.warn(f"This reward model was trained on {kinds[trained]} pairs but is scoring {kinds[given]} "
+                          f"completions: it sees a format it never trained on. Give the prompts in the format of its "
+                          f"training data (conversational prompts make conversational completions).", stacklevel=3)
 
     def score_sequences(self, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
         """Raw rewards [B, K] (CPU) of token-id lists, in forwards of at most `batch_size` rows: in "adapters" mode
         each text is one row per member, so batch_size // K texts go through at a time (a 7B base with K=4 would
         otherwise run 64-row batches)."""
         if self.max_length:
+            cut = sum(len(s) > self.max_length for s in seqs)
+            if cut and not getattr(self, "_warned_cut", False):  # once: PPO scores every batch
+                self._warned_cut = True
+                warnings.warn(f"{cut} of {len(seqs)} sequences to score are longer than the reward model's max_length "
+                              f"({self.max_length}, what it trained on): each is scored on its last {self.max_length} "
+                              f"tokens (its prompt's start, chat template and system turn cut). Shorten the prompts or "
+                              f"max_completion_length, or train the reward model with a larger max_length.",
+                              stacklevel=2)
             seqs = [s[-self.max_length :] for s in seqs]
         device = next(self.heads.parameters()).device
         if self.spec["mode"] == "adapters":

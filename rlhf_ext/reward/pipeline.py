@@ -170,6 +170,9 @@ class RewardPipeline:
                            if isinstance(aggregation, str) else aggregation)
         self.shapers = build_shapers(shapers) if shapers and not hasattr(shapers[0], "additive") else list(shapers or [])
         self.nonfinite, self.eos_token_id = nonfinite, eos_token_id
+        # the chat template's extra arguments the policy's prompts were rendered with (PPOConfig.chat_template_kwargs):
+        # reward models render prompt + completion with them too
+        self.chat_template_kwargs = None
         self.member_names = [n for m in self.members for n in m.names]
         self.dropped_total, self._warned = 0, False
         self.__name__ = _checked_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
@@ -182,7 +185,8 @@ class RewardPipeline:
         """`score`, with `fate`: what becomes of a dropped sample where the caller uses the result (for the warning)."""
         # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
         raw = torch.cat([m.score_completions(prompts, completions, completion_ids,
-                                             **(kwargs if isinstance(m, CallableMember) else {})).float()
+                                             **(kwargs if isinstance(m, CallableMember)
+                                                else {"chat_template_kwargs": self.chat_template_kwargs})).float()
                          for m in self.members], -1)
         mean = torch.cat([m.mean for m in self.members]).float()
         std = torch.cat([m.std for m in self.members]).float().clamp(min=1e-6)
@@ -418,7 +422,8 @@ class ExternalRewardModel:
         from .ensemble import reward_input_ids
 
         prompts = prompts if prompts is not None else [None] * len(completions)
-        seqs = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        template = kwargs.get("chat_template_kwargs")
+        seqs = [reward_input_ids(self.tokenizer, p, c, template) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(seqs), self.batch_size):

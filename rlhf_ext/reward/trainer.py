@@ -34,7 +34,7 @@ from ..architectures import final_hidden_size
 from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
-from ..distributed import close_process_group_at_exit
+from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint, push_folder, with_card_metadata
 from ..integrity import (check_new_run, earlier_checkpoints, ensure_writable_dir, finish_atomic_folder, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
@@ -535,10 +535,12 @@ class RewardEnsembleTrainer(RewardTrainer):
             self._signature_columns = [*self._signature_columns, "pair_id"]
 
     # -- loss ------------------------------------------------------------------------------------------------
-    def _member_weights(self, inputs, like: torch.Tensor) -> torch.Tensor:
-        """Bootstrap weights [B, K] of the batch's pairs (training only; ones otherwise)."""
+    def _member_weights(self, inputs, like: torch.Tensor, training: bool | None = None) -> torch.Tensor:
+        """Bootstrap weights [B, K] of the batch's pairs (training only; ones otherwise). `training`: whether the
+        batch is a training one (default: the model's mode, which is eval right after an evaluation)."""
         K = like.shape[1]
-        if not self.model.training or "pair_id" not in inputs:
+        training = self.model.training if training is None else training
+        if not training or "pair_id" not in inputs:
             return torch.ones_like(like)
         ids = inputs["pair_id"].cpu()
         if self.bootstrap_weights is not None:
@@ -553,8 +555,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._step_weights = None
         K = getattr(self.args, "ensemble_size", 1)
-        if self.model.training and getattr(self.args, "bootstrap", False) and K > 1:
-            total = sum(self._member_weights(b, torch.ones(len(b["pair_id"]), K)).sum(0)
+        if getattr(self.args, "bootstrap", False) and K > 1:  # only the training loop prefetches batches here (the
+            # model may still be in eval mode after an evaluation: training_step switches it back later)
+            total = sum(self._member_weights(b, torch.ones(len(b["pair_id"]), K), training=True).sum(0)
                         for b in batches if "pair_id" in b)
             if torch.is_tensor(total):
                 self._step_weights = self.accelerator.reduce(total.to(device), reduction="sum").cpu()
@@ -747,16 +750,19 @@ class RewardEnsembleTrainer(RewardTrainer):
         and leave the higher-numbered ones for a later resume=True to continue: refused, naming the ways out, unless
         overwrite_output_dir (which removes them). trl.RewardTrainer accepts it silently; PPOTrainer refuses alike."""
         out = self.args.output_dir
-        if check_new_run(out, earlier_checkpoints(out), self.args.overwrite_output_dir):
-            if self.args.should_save:
-                remove_checkpoints(out)
-            self.accelerator.wait_for_everyone()
+        found = as_main_process_sees_it(self.accelerator, lambda: earlier_checkpoints(out))
+        if check_new_run(out, found, self.args.overwrite_output_dir) and self.args.should_save:  # same on every rank
+            remove_checkpoints(out)
+        self.accelerator.wait_for_everyone()
 
     def _total_steps(self) -> int:
         """The optimizer steps this run trains in all, as transformers counts them: max_steps, else the epochs'
         (a stream has no length: it needs max_steps)."""
         if self.args.max_steps > 0:
             return int(self.args.max_steps)
+        if isinstance(self.train_dataset, IterableDataset):
+            raise ValueError("A streaming train_dataset has no length, so num_train_epochs cannot say when the run "
+                             "ends: set max_steps (as transformers' Trainer requires for a stream).")
         batches = len(self.get_train_dataloader())
         per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
         return math.ceil(self.args.num_train_epochs * per_epoch)
@@ -775,6 +781,8 @@ class RewardEnsembleTrainer(RewardTrainer):
                   f"{self._total_steps()} steps (max_steps, or num_train_epochs), so it has finished. Its weights are "
                   f"loaded; set a higher max_steps (or num_train_epochs) to train further.", file=sys.stderr,
                   flush=True)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint:  # what the finished run ended on
+            self._load_best_model()
         self.compute_normalization()
         losses = [h["loss"] for h in self.state.log_history if "loss" in h]
         return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), {})
