@@ -84,7 +84,10 @@ def precision(out: Path):
                        "sharing": tr.startup["shared_prompt_prefix"],
                        "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
                        **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")},
-                       "evals": [h for h in tr.state.log_history if "eval_kl" in h]}
+                       "evals": [h for h in tr.state.log_history if "eval_kl" in h],
+                       # fewer prompts than processes: each samples the whole set on its own stream; the metrics
+                       # (which EarlyStoppingCallback reads on every rank) must still be one number everywhere
+                       "one_prompt": tr.evaluate(data.select(range(1)))}
     return tr.accelerator.process_index, args.world_size, info, None
 
 

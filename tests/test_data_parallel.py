@@ -138,6 +138,7 @@ def test_bf16_under_ddp_is_one_precision(tmp_path):
     for phase in ("still", "guarded"):
         evals = [r[phase]["evals"] for r in ranks]
         assert [e["step"] for e in evals[0]] == [0, 1, 2] and evals[0] == evals[1], evals
+        assert ranks[0][phase]["one_prompt"] == ranks[1][phase]["one_prompt"]
     assert all(e["eval_kl"] == 0.0 for e in ranks[0]["still"]["evals"])
     assert ranks[0]["guarded"]["evals"][-1]["eval_kl"] > 0
     for it, logged in enumerate(a["kl/after_update"]):

@@ -967,7 +967,8 @@ class PPOTrainer(Trainer):
             summary = self.evaluate_policy(part, judges=self.audit_funcs,
                                            batch_size=self.args.per_device_eval_batch_size)
         metrics = {f"{metric_key_prefix}_{k.removesuffix('_mean')}": v for k, v in summary.items() if k != "samples"}
-        if sharded:  # sums and counts over the processes: the mean of every sample, the same number on every rank
+        if world > 1:  # sums and counts over the processes: the mean of every sample, the same number on every rank
+            # (unsharded — fewer prompts than processes — each sampled the whole set on its own stream: their mean)
             keys, n = sorted(metrics), float(len(summary["samples"]["kl"]))
             t = torch.tensor([n] + [metrics[k] * n for k in keys], dtype=torch.float64, device=self.args.device)
             t = self.accelerator.reduce(t, reduction="sum")
