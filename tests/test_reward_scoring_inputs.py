@@ -101,3 +101,18 @@ def test_response_pooling_says_when_a_row_has_no_assistant_header():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RewardEnsemble._pool(model, hidden, ids, mask)  # once
+
+
+def test_an_artifact_without_a_recorded_base_says_to_pass_it(tmp_path, tok):
+    """Trained from a model instance with no name or path: loading it alone was a bare TypeError (None as a path)."""
+    from rlhf_ext.reward.artifact import load_reward_model
+    from rlhf_ext.testing import tiny_causal_lm
+
+    args = RewardEnsembleConfig(str(tmp_path), max_steps=1, use_cpu=True, report_to="none", save_strategy="no",
+                                disable_tqdm=True, normalization_samples=8, per_device_train_batch_size=8)
+    tr = RewardEnsembleTrainer(tiny_causal_lm(tok), args=args, train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    tr.train()
+    tr.save_model()
+    with pytest.raises(ValueError, match="does not record where its base model comes from.*base_model=get_peft_model"):
+        load_reward_model(str(tmp_path))

@@ -167,6 +167,11 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         quantization = {} if not layout else {"quantization_config": quantization_config(
             True, layout["compute_dtype"], quant_type=layout["quant_type"], double_quant=layout["double_quant"],
             quant_storage=layout.get("quant_storage"))}  # unrecorded before: uint8, bitsandbytes' default
+        if not spec.get("base_model"):  # trained from a model instance with no name or path to record
+            raise ValueError(f"{path} does not record where its base model comes from (it was trained from a model "
+                             f"instance without a name_or_path). Pass that base as a peft.PeftModel: "
+                             f"load_reward_model(path, base_model=get_peft_model(base, LoraConfig(...))), or train "
+                             f"from a model name or folder, which the artifact then records.")
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
                           load_in_4bit=four_bit, **quantization)
         first = spec["adapters"][0]
