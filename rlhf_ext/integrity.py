@@ -235,10 +235,16 @@ def start_atomic_folder(final) -> Path:
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"Cannot save to {final}: it is a file, and a save writes a folder there. Choose "
                                  f"another path (or remove the file).")
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = atomic_tmp(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def atomic_tmp(final) -> Path:
+    """Where `start_atomic_folder` builds `final` (every process of a multi-process save writes there)."""
+    final = Path(final)
+    return final.with_name(final.name + ".tmp")
 
 
 def finish_atomic_folder(tmp, final, manifest_extra: dict | None = None) -> None:

@@ -5,49 +5,13 @@ Its own module so that the controllers in `kl.py` (and `rlhf-ext plugins`) do no
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
 from transformers import TrainerCallback
 
+from ..trainer_state import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
 from .kl import KLController
-
-
-# ------------------------------------------------------------------------------------- state in TRL checkpoints
-# transformers writes `state.stateful_callbacks` into every checkpoint's trainer_state.json and reads it back on a
-# resume, before `on_train_begin`. Its own restore (`ExportableState`, opt-in) rebuilds a callback from saved
-# constructor arguments, which cannot hold a controller, a pipeline or a trainer; so our callbacks keep their state
-# there under keys that are no class name (that restore skips them, logging that it ignores them) and restore it
-# themselves in on_train_begin.
-def save_with_checkpoint(state, key: str, value: dict) -> None:
-    """Keep `value` in `state.stateful_callbacks[key]`, so the next checkpoint's trainer_state.json holds it."""
-    store = getattr(state, "stateful_callbacks", None)
-    if store is None:  # a callback driven by hand with a bare state: nothing is checkpointed
-        return
-    store[key] = json.loads(json.dumps(value, default=_plain))  # fails now, naming the value, not at the save
-
-
-def saved_with_checkpoint(state, key: str) -> dict | None:
-    """What `save_with_checkpoint` kept under `key` in the checkpoint this run resumed from (None if nothing)."""
-    return (getattr(state, "stateful_callbacks", None) or {}).get(key)
-
-
-def claim_checkpoint_key(state, key: str, clash: str) -> None:
-    """Refuse a second callback keeping its state under `key` in this run (`clash`: what is wrong, how to fix it):
-    each would restore the other's state, and the checkpoint would hold only the last one written."""
-    claimed = vars(state).setdefault("_rlhf_ext_claimed_keys", set())  # an attribute, not a field: never saved
-    if key in claimed:
-        raise ValueError(clash)
-    claimed.add(key)
-
-
-def _plain(value):
-    """JSON for the numbers a state may hold as tensors or NumPy scalars; anything else is refused by name."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"A state saved with TRL checkpoints must be JSON (numbers, strings, lists, dicts); it holds a "
-                    f"{type(value).__name__}. Return plain numbers from the part's state_dict().")
 
 
 # ------------------------------------------------------------------------------------------------ the callback

@@ -227,6 +227,13 @@ def apply_shapers(shapers, scores: torch.Tensor, info: ResponseInfo) -> torch.Te
     return scores
 
 
+def reward_func_name(name):
+    """A reward function's given name (None: its default), checked: TRL keys its metrics and completions column by it."""
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be a non-empty string (TRL logs rewards/<name>/mean), got {name!r}.")
+    return name
+
+
 def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None):
     """Wrap an additive shaper as a TRL reward function: returns only its penalty term for each completion.
 
@@ -235,8 +242,7 @@ def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None):
     `RewardPipeline` whose members can return None, put the shaper in the pipeline's `shapers=` instead: TRL trains
     on a sample any reward function scores, so this penalty would be trained on where the pipeline dropped it.
     """
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise ValueError(f"name must be a non-empty string (TRL logs rewards/<name>/mean), got {name!r}.")
+    reward_func_name(name)
     if not shaper.additive:
         raise ValueError(
             f"Shaper {shaper.name!r} depends on the reward itself; wrap your reward in `RewardPipeline(..., "

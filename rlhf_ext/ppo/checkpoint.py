@@ -66,8 +66,8 @@ def process_state(tr) -> dict:
 
 def gather_process_states(tr) -> list[dict]:
     """`process_state` of every process, rank by rank. Only the main process writes checkpoints, so under DDP this is
-    a collective — every process calls it at the same point (the training loop: after each iteration and before each
-    save) — that hands the main process all of them."""
+    a collective — every process calls it at the same point (before each save) — that hands the main process all of
+    them."""
     own = process_state(tr)
     if tr.accelerator.num_processes == 1:
         return [own]
@@ -79,12 +79,9 @@ def gather_process_states(tr) -> list[dict]:
 
 
 def _states_to_save(tr) -> list[dict]:
-    # Under DDP: the training loop's latest gather (a checkpoint written on the main process alone, as the monitor's
-    # halt writes it, cannot gather). One process: its state as it is now.
-    gathered = getattr(tr, "_process_states", None)
-    if tr.accelerator.num_processes > 1 and gathered:
-        return gathered
-    return [process_state(tr)]
+    # Under DDP: what `_save_and_rotate` gathered from every process just before. One process (or save_checkpoint()
+    # called on the main process alone): its own state as it is now.
+    return getattr(tr, "_process_states", None) or [process_state(tr)]
 
 
 def _rng_key(key: str, rank: int) -> str:

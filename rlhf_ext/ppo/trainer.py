@@ -825,7 +825,6 @@ class PPOTrainer(Trainer):
         self.state.compute_steps(args, total)  # logging/eval/save steps as absolute counts (a fraction of total)
         self.state.num_train_epochs = math.ceil(total / self._iterations_per_epoch())
         self.state.train_batch_size = args.per_device_train_batch_size  # prompts per process per iteration
-        self._process_states = None  # what each process holds of its own, gathered under DDP (gather_process_states)
         if resume_from_checkpoint:
             resume_from_checkpoint = resume_folder(resume_from_checkpoint, args.output_dir, CHECKPOINT_FILES)
             self._load_checkpoint(resume_from_checkpoint)  # each process's own random streams too (or reseeds them)
@@ -853,8 +852,6 @@ class PPOTrainer(Trainer):
                     in_epoch = True
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 metrics = self._iteration()
-                if self.accelerator.num_processes > 1:  # before the callbacks: the monitor's halt saves on rank 0 alone
-                    self._process_states = gather_process_states(self)
                 self.iteration += 1
                 self.state.global_step = self.iteration
                 epoch_done = self._epoch_done()
@@ -911,13 +908,16 @@ class PPOTrainer(Trainer):
         return self.data_epoch + min(self.data_pos, per_pass) / per_pass
 
     def _save_and_rotate(self, push: bool) -> None:
-        if self.accelerator.num_processes > 1:  # every process is here: its own state as it is now
+        """Every process enters: under DDP each one's own state (random streams, reward statistics) is gathered for
+        the checkpoint the main process writes (the adapters are identical on every process)."""
+        if self.accelerator.num_processes > 1:
             self._process_states = gather_process_states(self)
-        if self.accelerator.is_main_process:  # adapters are identical on every process
+        if self.accelerator.is_main_process:
             path = self.save_checkpoint()
             rotate_checkpoints(self.args.output_dir, self.iteration, self.args.save_total_limit)
             if push:
                 self._push_checkpoint(path)
+        self._process_states = None  # for this checkpoint only
         self.accelerator.wait_for_everyone()
         # on every process: a callback that sets flags in on_save must see the same thing everywhere, or the ranks
         # would take different branches (and collectives) in the loop

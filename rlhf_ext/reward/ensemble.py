@@ -112,6 +112,14 @@ def _replay_with_adapter_state(checkpoint_func, layer: nn.Module, reentrant: boo
     return checkpointed
 
 
+def _warn_once(owner, kind: str, message: str, stacklevel: int = 3) -> None:
+    """`message` the first time `owner` meets a `kind` of problem: PPO scores every batch, and one warning says it."""
+    seen = vars(owner).setdefault("_warned_once", set())
+    if kind not in seen:
+        seen.add(kind)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+
 def reward_input_ids(tokenizer, prompt, completion, chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS).
     `chat_template_kwargs`: the template's extra arguments the policy's prompts were rendered with (as GRPO passes
@@ -248,12 +256,11 @@ class RewardEnsemble(nn.Module):
             # a row whose assistant header was not found keeps every token (its header's last token merged with the
             # answer's first, e.g. "Assistant: " + "good" → "Ġgood"): say so once, or "response" pooling is silently
             # "mean" over the prompt too
-            if not getattr(self, "_warned_header", False) and bool((mask.sum(-1) == attention_mask.sum(-1)).any()):
-                self._warned_header = True
-                warnings.warn(f"pooling='response': the assistant header {self.header} was not found in some rows, "
-                              f"which are pooled over all their tokens, prompt included. The chat template's header "
-                              f"likely merges with the answer's first token when tokenized; use pooling='last' or "
-                              f"'mean', or a template whose header ends in a special token or newline.", stacklevel=2)
+            if bool((mask.sum(-1) == attention_mask.sum(-1)).any()):
+                _warn_once(self, "header", f"pooling='response': the assistant header {self.header} was not found in "
+                           f"some rows, which are pooled over all their tokens, prompt included. The chat template's "
+                           f"header likely merges with the answer's first token when tokenized; use pooling='last' "
+                           f"or 'mean', or a template whose header ends in a special token or newline.")
         return self.pool(hidden, mask).float()
 
     def forward(self, input_ids, attention_mask, **unused) -> torch.Tensor:
@@ -288,15 +295,15 @@ class RewardEnsemble(nn.Module):
         """Once: completions of the other format than the pairs this model trained on (the artifact records it) — a
         model trained on chat-templated text scoring plain text, or the reverse, scores a format it never saw."""
         trained = self.spec.get("conversational")
-        if trained is None or not completions or getattr(self, "_warned_format", False):
+        if trained is None or not completions:
             return
         given = isinstance(completions[0], list)
         if given != trained:
-            self._warned_format = True
             kinds = {True: "conversational (chat messages, rendered with the chat template)", False: "plain text"}
-            warnings.warn(f"This reward model was trained on {kinds[trained]} pairs but is scoring {kinds[given]} "
-                          f"completions: it sees a format it never trained on. Give the prompts in the format of its "
-                          f"training data (conversational prompts make conversational completions).", stacklevel=3)
+            _warn_once(self, "format", f"This reward model was trained on {kinds[trained]} pairs but is scoring "
+                       f"{kinds[given]} completions: it sees a format it never trained on. Give the prompts in the "
+                       f"format of its training data (conversational prompts make conversational completions).",
+                       stacklevel=4)
 
     def score_sequences(self, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
         """Raw rewards [B, K] (CPU) of token-id lists, in forwards of at most `batch_size` rows: in "adapters" mode
@@ -304,13 +311,11 @@ class RewardEnsemble(nn.Module):
         otherwise run 64-row batches)."""
         if self.max_length:
             cut = sum(len(s) > self.max_length for s in seqs)
-            if cut and not getattr(self, "_warned_cut", False):  # once: PPO scores every batch
-                self._warned_cut = True
-                warnings.warn(f"{cut} of {len(seqs)} sequences to score are longer than the reward model's max_length "
-                              f"({self.max_length}, what it trained on): each is scored on its last {self.max_length} "
-                              f"tokens (its prompt's start, chat template and system turn cut). Shorten the prompts or "
-                              f"max_completion_length, or train the reward model with a larger max_length.",
-                              stacklevel=2)
+            if cut:
+                _warn_once(self, "cut", f"{cut} of {len(seqs)} sequences to score are longer than the reward model's "
+                           f"max_length ({self.max_length}, what it trained on): each is scored on its last "
+                           f"{self.max_length} tokens (its prompt's start, chat template and system turn cut). Shorten "
+                           f"the prompts or max_completion_length, or train the reward model with a larger max_length.")
             seqs = [s[-self.max_length :] for s in seqs]
         device = next(self.heads.parameters()).device
         if self.spec["mode"] == "adapters":

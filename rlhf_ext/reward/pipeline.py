@@ -18,9 +18,9 @@ from collections import Counter
 import torch
 from transformers import TrainerCallback
 
-from ..plugins.kl_callback import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
-from ..plugins.shaping import ResponseInfo, apply_shapers, build_shapers
+from ..plugins.shaping import ResponseInfo, apply_shapers, build_shapers, reward_func_name
 from ..registry import build
+from ..trainer_state import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
 
 CALLABLE_NORMALIZATION = ("auto", "running", "none")
 
@@ -175,7 +175,7 @@ class RewardPipeline:
         self.chat_template_kwargs = None
         self.member_names = [n for m in self.members for n in m.names]
         self.dropped_total, self._warned = 0, False
-        self.__name__ = _checked_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
+        self.__name__ = reward_func_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
 
     def score(self, prompts, completions, completion_ids, has_eos=None, **kwargs):
         """Returns (scores [B], valid [B] bool, raw [B, K], normalised [B, K])."""
@@ -351,13 +351,6 @@ def _fate_in_trainer(trainer) -> str:
     return (f"they come back as None, but {type(trainer).__name__} has other reward functions beside this pipeline "
             f"(its reward functions: {names}): TRL sums their rewards and trains on these samples anyway, this "
             f"pipeline's share counted as 0 — they are NOT dropped. {_SHAPERS_INSIDE}")
-
-
-def _checked_name(name):
-    """A reward function's name: TRL keys its metrics and completions column by it."""
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise ValueError(f"name must be a non-empty string (TRL logs rewards/<name>/mean), got {name!r}.")
-    return name
 
 
 class RewardPipelineStateCallback(TrainerCallback):

@@ -36,7 +36,7 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint, push_folder, with_card_metadata
-from ..integrity import (check_new_run, earlier_checkpoints, ensure_writable_dir, finish_atomic_folder, read_json,
+from ..integrity import (atomic_tmp, check_new_run, earlier_checkpoints, ensure_writable_dir, finish_atomic_folder, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
                          supersede_later_checkpoints, verify_manifest)
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
@@ -801,7 +801,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
         final = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = atomic_tmp(final)
         if self.args.should_save:
             start_atomic_folder(final)
         self.accelerator.wait_for_everyone()  # the folder is there before any process writes into it
