@@ -29,7 +29,7 @@ def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str
     except Exception as e:  # noqa: BLE001 — offline, auth, permissions: say which, and that nothing was lost
         raise OSError(f"Could not upload {folder} to the Hugging Face Hub as {repo_id!r} ({type(e).__name__}: {e}). "
                       f"Nothing local was changed or lost; check the network and your token "
-                      f"(`huggingface-cli login` or HF_TOKEN), then push again.") from e
+                      f"(`hf auth login` or HF_TOKEN), then push again.") from e
     return str(getattr(info, "commit_url", info))
 
 
@@ -42,6 +42,18 @@ def download(repo_id: str, revision: str | None = None, token: str | None = None
     except Exception as e:  # noqa: BLE001 — offline, missing repo, auth: say which and how
         raise OSError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
                       f"network access, pass the local folder the artifact was saved to.") from e
+
+
+def reach_repo_or_explain(create_repo, args, caller: str) -> None:
+    """`push_to_hub=True`: transformers' Trainer creates the repo when the trainer is built (`init_hf_repo`); offline
+    or without a token that fails with the HTTP client's bare error. Say what failed and the ways on."""
+    try:
+        create_repo()
+    except Exception as e:  # noqa: BLE001 — offline, auth, permissions: say which
+        raise OSError(f"push_to_hub=True: {caller} could not create or reach the Hub repository "
+                      f"{default_repo_id(args)!r} ({type(e).__name__}: {e}). Nothing has trained yet. Check the network "
+                      f"and your token (`hf auth login` or HF_TOKEN), or set push_to_hub=False and upload after "
+                      f"training with trainer.push_to_hub().") from e
 
 
 def default_repo_id(args) -> str:

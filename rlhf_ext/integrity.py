@@ -148,18 +148,21 @@ def supersede_later_checkpoints(output_dir, resumed_from) -> list[Path]:
     return moved
 
 
-def check_new_run(output_dir, found: list[str], overwrite_output_dir: bool) -> bool:
+def check_new_run(output_dir, found: list[str], overwrite_output_dir: bool, configured_resume=None) -> bool:
     """A new run (not resumed) in an `output_dir` where an earlier run left `found` (its checkpoints, oldest first,
     and whatever else the trainer would mix) would mix with it, and a later `resume_from_checkpoint=True` would
     continue the earlier run: a ValueError naming the three ways out, unless `overwrite_output_dir`. Returns True when
-    the caller is to remove the earlier run (`remove_checkpoints` and its own files) before training."""
+    the caller is to remove the earlier run (`remove_checkpoints` and its own files) before training.
+    `configured_resume`: the config's `resume_from_checkpoint`, which train() does not read (as in Trainer)."""
     if not found:
         return False
     if not overwrite_output_dir:
+        unread = (f" (resume_from_checkpoint={configured_resume!r} in the config is not read by train(), as in "
+                  f"transformers' Trainer: pass it to train(resume_from_checkpoint=...))" if configured_resume else "")
         raise ValueError(
             f"output_dir {output_dir} holds an earlier run ({', '.join(found[-4:])}): a new run there would "
-            f"mix with it. Resume it (resume_from_checkpoint=True; recipes: --resume_from_checkpoint true), use "
-            f"another output_dir, or set overwrite_output_dir=True to replace it.")
+            f"mix with it. Resume it (train(resume_from_checkpoint=True); recipes: --resume_from_checkpoint "
+            f"true){unread}, use another output_dir, or set overwrite_output_dir=True to replace it.")
     return True
 
 

@@ -59,8 +59,8 @@ def test_learning_rate_and_episode_are_logged_as_trainer_and_trl_did(tmp_path, t
     here each is checked against the schedule and the batch computed independently."""
     hist = make(tmp_path, tok, max_steps=3, per_device_train_batch_size=4, num_ppo_epochs=2, learning_rate=1e-2,
                 lr_scheduler_type="linear").train()
-    steps = 3 * 2  # iterations × epochs × minibatches: linear decay to 0 over them, read after each iteration's steps
-    assert [h["learning_rate"] for h in hist] == pytest.approx([1e-2 * (1 - 2 * (i + 1) / steps) for i in range(3)])
+    # linear decay to 0 over the 3 iterations (the schedule counts iterations, as TRL 1.12's), read after each one
+    assert [h["learning_rate"] for h in hist] == pytest.approx([1e-2 * (1 - (i + 1) / 3) for i in range(3)])
     assert [h["episode"] for h in hist] == [4, 8, 12]
 
 

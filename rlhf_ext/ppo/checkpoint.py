@@ -142,6 +142,21 @@ def _follow_configured_lr(tr) -> None:
         sched._last_lr = list(now)
 
 
+def _schedule_in_iterations(tr, iterations: int) -> None:
+    """A checkpoint from before the schedule counted iterations (it stepped once per optimizer step, planned over
+    iterations × epochs × minibatches): continue at the position of `iterations` in today's schedule."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    sched = tr.lr_scheduler
+    if not isinstance(sched, LambdaLR):
+        return
+    sched.last_epoch = iterations
+    rates = [base * factor(iterations) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, rate in zip(tr.optimizer.param_groups, rates):
+        group["lr"] = rate
+    sched._last_lr = rates
+
+
 def write_checkpoint(tr, final) -> str:
     """Everything a run needs to continue exactly, in one atomic, checksummed folder (under DDP every process's random
     streams and reward statistics with it: `gather_process_states`)."""
@@ -160,7 +175,7 @@ def write_checkpoint(tr, final) -> str:
                  "version": tr.version, "kl_controller": tr.kl_ctl.state_dict(),
                  "rewards": per_process[0]["rewards"], "python_rng": _jsonable(random.getstate()),
                  "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history,
-                 "settings": _trajectory_settings(tr)}
+                 "settings": _trajectory_settings(tr), "lr_schedule_unit": "iteration"}
         if len(per_process) > 1:  # "rewards" stays the main process's: what checkpoints always held
             state["rewards_by_process"] = [own["rewards"] for own in per_process]
         (tmp / "ppo_state.json").write_text(json.dumps(state))
@@ -199,9 +214,11 @@ def read_checkpoint(tr, path) -> None:
         raise CorruptFileError(path / "optimizer.pt", f"unreadable ({e})", fix) from None
     tr.optimizer.load_state_dict(opt["optimizer"])
     tr.lr_scheduler.load_state_dict(opt["scheduler"])
-    _follow_configured_lr(tr)
     rng = load_safetensors(path / "rng.safetensors", fix)
     state = read_json(path / "ppo_state.json", fix)
+    if state.get("lr_schedule_unit") != "iteration":
+        _schedule_in_iterations(tr, state["iteration"])
+    _follow_configured_lr(tr)
     settings = state.get("settings") or {}
     _warn_if_settings_changed(path, settings, now)
     tr.iteration, tr.data_epoch, tr.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
@@ -220,11 +237,12 @@ def read_checkpoint(tr, path) -> None:
     tr.state.global_step = tr.iteration
 
 
-def rotate_checkpoints(output_dir, newest: int, limit: int | None) -> list[str]:
+def rotate_checkpoints(output_dir, newest: int, limit: int | None, keep: str | None = None) -> list[str]:
     """`save_total_limit`: after `checkpoint-{newest}` is written, delete the oldest checkpoints so that at most
     `limit` remain — only those numbered below `newest` (what this run passed through): a higher-numbered folder
-    belongs to another run in the same output_dir and is never touched. Returns the removed paths."""
-    return remove_oldest_checkpoints(output_dir, newest, limit)
+    belongs to another run in the same output_dir and is never touched; nor is `keep` (the best checkpoint, as in
+    transformers). Returns the removed paths."""
+    return remove_oldest_checkpoints(output_dir, newest, limit, keep=keep)
 
 
 def earlier_run(output_dir) -> list[str]:

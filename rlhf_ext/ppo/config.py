@@ -8,6 +8,12 @@ from transformers import TrainingArguments
 
 from ..cpu_linear import check_backend
 
+# transformers' TrainingArguments that change nothing in PPOTrainer, with their defaults: set otherwise, a warning
+# (a user who sets one would believe it ran). Those it cannot honour and a user relies on are refused instead.
+_NO_EFFECT = {"dataloader_num_workers": 0, "dataloader_persistent_workers": False, "dataloader_prefetch_factor": None,
+              "eval_accumulation_steps": None, "prediction_loss_only": False, "batch_eval_metrics": False,
+              "save_on_each_node": False}
+
 
 @dataclass
 class PPOConfig(TrainingArguments):
@@ -229,12 +235,28 @@ class PPOConfig(TrainingArguments):
             raise ValueError("save_strategy='best' / load_best_model_at_end: PPOTrainer has no evaluation loss to "
                              "pick a best checkpoint by (higher reward is what reward hacking looks like). Use "
                              "save_strategy='steps' or 'epoch', with save_total_limit to keep the newest N.")
-        if self.save_only_model:
-            import warnings
+        if self.metric_for_best_model in ("loss", "eval_loss"):
+            raise ValueError(
+                f"metric_for_best_model={self.metric_for_best_model!r} (transformers' default for "
+                f"lr_scheduler_type={str(getattr(self.lr_scheduler_type, 'value', self.lr_scheduler_type))!r}): "
+                f"PPOTrainer's evaluation has no loss. Set metric_for_best_model to one of its eval metrics — 'kl', "
+                f"'length', 'eos' or an audit judge's name — and greater_is_better to match.")
+        if self.use_liger_kernel:
+            raise ValueError("use_liger_kernel=True: PPOTrainer computes its log-probs from the full logits in its own "
+                             "passes (sampling, θ_old, the reference and the training pass must compute one "
+                             "function), so Liger's fused kernels would not be used. Remove use_liger_kernel.")
+        import warnings
 
+        if self.save_only_model:
             warnings.warn("save_only_model=True: PPO checkpoints still hold the optimizer, scheduler, KL controller "
                           "and RNG state (small with LoRA), so that a run resumes exactly; save_model() writes the "
                           "policy alone. Drop save_only_model to silence this.", UserWarning, stacklevel=3)
+        inert = [f"{k}={getattr(self, k)!r}" for k, default in _NO_EFFECT.items() if getattr(self, k) != default]
+        if inert:
+            warnings.warn(f"{', '.join(inert)}: no effect in PPOTrainer, which has no DataLoader (each iteration draws "
+                          f"its prompts itself, a whole global batch, the remainder of a pass left for the next "
+                          f"shuffle), no prediction loop (evaluate() samples the policy) and saves on the main "
+                          f"process only. Remove them to silence this.", UserWarning, stacklevel=3)
 
     def _check_ranges(self):
         """Numbers that would train silently wrong (or crash deep inside) are refused here, with the fix."""

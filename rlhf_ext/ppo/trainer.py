@@ -19,8 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.optimization import GreedyLR
 from trl.trainer.utils import entropy_from_logits
 
 from .. import rl_math as F
@@ -30,8 +32,9 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
-from ..hub import card_metadata, default_repo_id, push_checkpoint
-from ..integrity import check_new_run, ensure_writable_dir, resume_folder, supersede_later_checkpoints
+from ..hub import card_metadata, default_repo_id, push_checkpoint, reach_repo_or_explain, with_card_metadata
+from ..integrity import (check_new_run, ensure_writable_dir, resume_folder, supersede_later_checkpoints,
+                         write_text_atomic)
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
                       tokenizer_for, warn_unquantized_experts)
@@ -46,13 +49,16 @@ from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_f
 from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states, read_checkpoint,
                          rotate_checkpoints, write_checkpoint)
 from .config import PPOConfig
-from .export import push_policy, save_policy
+from .export import model_card, push_policy, save_policy
 from .interrupt import StopAfterIteration
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout, stop_token_ids
 from .sampling import forked_rng
 from .schedule import TrainHistory
 from .trl112 import from_trl112_arguments, processing_classes_for
+
+# schedules that step on an evaluation metric, after evaluate() (transformers' Trainer steps them there too)
+_METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
 
 
 class _ForwardMemo:
@@ -298,6 +304,7 @@ class PPOTrainer(Trainer):
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
         self._memo, self._reach_checked = _ForwardMemo(), False
+        self._card = {}  # model-card metadata given to create_model_card(), kept by save_model() / push_to_hub()
         self.eval_dataset = eval_dataset
 
     # -- setup helpers -----------------------------------------------------------------------------------------
@@ -638,22 +645,32 @@ class PPOTrainer(Trainer):
         return F.masked_mean(entropy_from_logits(logits, chunk_size=16), mask)
 
     # -- one optimizer step, never letting NaN reach the adapters ---------------------------------------------------
-    def _step(self, loss, stats) -> bool:
+    def _step(self, loss, stats) -> float:
+        """Returns the gradient's norm before clipping (Trainer's `grad_norm`). The learning-rate schedule is stepped
+        once per iteration, not here (`_iteration`)."""
         self.accelerator.backward(loss)  # under DDP the gradients arrive averaged over processes
         params = self.trainable_parameters()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm or float("inf"))
+        clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # ≤ 0 / None: no clipping, as in Trainer
         if not (torch.isfinite(loss) and torch.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
             stats["train/skipped_nonfinite_steps"] += 1
-            return False
+            return float(norm)
         if not self._reach_checked:
             self._reach_checked = True
             check_gradients_reached(self._reach, "PPOTrainer", self.quantized)
         self.optimizer.step()
-        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return True
+        return float(norm)
+
+    def _step_schedule(self) -> None:
+        """The learning-rate schedule advances once per iteration, as TRL 1.12's PPO stepped it, and is planned in
+        iterations (`warmup_steps` counts iterations, like every other cadence): the guard may end an iteration's
+        epochs early, and a schedule in optimizer steps would then not reach its end at max_steps. ReduceLROnPlateau
+        and GreedyLR step on the evaluation metric instead (`_maybe_log_evaluate_save`), as in Trainer."""
+        if not isinstance(self.lr_scheduler, _METRIC_SCHEDULERS):
+            self.lr_scheduler.step()
 
     # -- one PPO iteration ------------------------------------------------------------------------------------
     def _iteration(self):
@@ -665,6 +682,9 @@ class PPOTrainer(Trainer):
         ro = self.rollout = self._rollout(self._next_prompts())
         B, m = ro.ids.shape[0], ro.loss_mask
         stats["time/rollout_s"] = time.perf_counter() - t0  # sampling, scoring, reference
+        if args.include_num_input_tokens_seen != "no":  # Trainer's count (logged with every log): each rollout once
+            n = ro.mask.sum() if args.include_num_input_tokens_seen == "non_padding" else ro.ids.numel()
+            self.state.num_input_tokens_seen += int(self._sum_over_processes(float(n)))
 
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
         out = self._full_forward(ro)
@@ -693,14 +713,14 @@ class PPOTrainer(Trainer):
                 loss = pg_loss + args.vf_coef * vf_loss  # PPO objective (CleanRL form): L_clip + c₁·L_V − c₂·H[π]
                 if entropy is not None:
                     loss = loss - args.ent_coef * entropy
-                self._step(loss * self._token_share(mi), stats)
+                grad_norm = self._step(loss * self._token_share(mi), stats)
                 if entropy is None:
                     with torch.no_grad():
                         entropy = self._entropy(logits, mi)
                 for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
-                               ("policy/entropy", entropy)):
-                    acc.setdefault(k, []).append(float(val.detach()))
+                               ("policy/entropy", entropy), ("grad_norm", grad_norm)):
+                    acc.setdefault(k, []).append(float(val.detach()) if torch.is_tensor(val) else val)
                 del logits, values, logp, loss  # [B, R, V] each: free before the next forward
             if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
                 kl = self._measure_after_epoch(ro, last_epoch=epoch == args.num_ppo_epochs - 1)
@@ -712,6 +732,7 @@ class PPOTrainer(Trainer):
                     break
                 stats["kl/after_update"] = kl_before = kl  # the next epoch starts from these parameters
         self._memo.clear()
+        self._step_schedule()
         if self.kl_guard is None and args.log_kl_after_update:
             stats["kl/after_update"] = self._measure(ro)
         stats["time/update_s"] = time.perf_counter() - t0 - stats["time/rollout_s"]  # θ_old, epochs, guard
@@ -769,7 +790,7 @@ class PPOTrainer(Trainer):
             "val/explained_variance": 1 - var_res / var_r if var_r > 0 else float("nan"),  # 1 − Var[R−V]/Var[R]
             "val/mean": g["v"], "response/length_mean": g["length"], "response/eos_rate": g["eos"],
             "rewards/dropped_nonfinite": dropped,
-            "learning_rate": self.lr_scheduler.get_last_lr()[0],  # Trainer's key
+            "learning_rate": self._get_learning_rate(),  # Trainer's key: the rate the next iteration trains with
             "episode": (self.iteration + 1) * len(valid) * self.accelerator.num_processes,  # prompts so far (TRL 1.12)
             "time/iteration_s": seconds, "time/generate_s": ro.gen_seconds,
             "time/tokens_per_s": float(ro.resp_mask.sum()) * self.accelerator.num_processes / seconds,
@@ -820,7 +841,7 @@ class PPOTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         args = self.args
         total = self._total_iterations()
-        self.create_optimizer_and_scheduler(num_training_steps=total * args.num_ppo_epochs * args.num_mini_batches)
+        self.create_optimizer_and_scheduler(num_training_steps=total)  # in iterations: `_step_schedule`
         self.state.max_steps, self.state.global_step = total, 0
         self.state.compute_steps(args, total)  # logging/eval/save steps as absolute counts (a fraction of total)
         self.state.num_train_epochs = math.ceil(total / self._iterations_per_epoch())
@@ -841,7 +862,8 @@ class PPOTrainer(Trainer):
         # (a resumed run, or one continued in this process, keeps the streams it has: reseeding them would make it
         # sample otherwise than the run it continues)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        start, first = time.perf_counter(), self.iteration
+        start, first = time.time(), self.iteration
+        self._initial_num_input_tokens_seen = self.state.num_input_tokens_seen  # this session's tokens/s (Trainer)
         if args.eval_on_start and self.iteration == 0:
             self.evaluate()
         with StopAfterIteration(announce=self.accelerator.is_main_process) as stop:
@@ -853,6 +875,8 @@ class PPOTrainer(Trainer):
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 metrics = self._iteration()
                 self.iteration += 1
+                if args.torch_empty_cache_steps and self.iteration % args.torch_empty_cache_steps == 0:
+                    clear_device_cache()  # as Trainer: the accelerator's cached blocks back to the device
                 self.state.global_step = self.iteration
                 epoch_done = self._epoch_done()
                 self.state.epoch = self._epoch_position()
@@ -873,11 +897,11 @@ class PPOTrainer(Trainer):
                               f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
                               f"--resume_from_checkpoint true).", file=sys.stderr, flush=True)
                     raise stop.exception()
-        history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.perf_counter() - start,
+        history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.time() - start,
                                (self.iteration - first) * args.per_device_train_batch_size
                                * self.accelerator.num_processes, self.iteration - first, self.state.epoch)
         if self.iteration > first:  # Trainer's closing log (runtime, samples/s, loss), to log_history and reporters
-            self.log(dict(history.metrics))
+            self.log(dict(history.metrics), start_time=start)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return history
 
@@ -891,7 +915,11 @@ class PPOTrainer(Trainer):
             if args.log_completions and self.accelerator.is_main_process:
                 self._print_completions(self.rollout)
         if self.control.should_evaluate:
-            self._determine_best_metric(self.evaluate(), None)  # state.best_metric: EarlyStoppingCallback reads it
+            scores = self.evaluate()
+            self._determine_best_metric(scores, None)  # state.best_metric: EarlyStoppingCallback reads it
+            if isinstance(self.lr_scheduler, _METRIC_SCHEDULERS):  # (their metric is checked by the line above)
+                name = args.metric_for_best_model
+                self.lr_scheduler.step(scores[name if name.startswith("eval_") else f"eval_{name}"])
         if not self.control.should_save:
             return False
         self._save_and_rotate(push=args.push_to_hub)
@@ -912,9 +940,11 @@ class PPOTrainer(Trainer):
         the checkpoint the main process writes (the adapters are identical on every process)."""
         if self.accelerator.num_processes > 1:
             self._process_states = gather_process_states(self)
+        self._record_best_checkpoint()
         if self.accelerator.is_main_process:
             path = self.save_checkpoint()
-            rotate_checkpoints(self.args.output_dir, self.iteration, self.args.save_total_limit)
+            rotate_checkpoints(self.args.output_dir, self.iteration, self.args.save_total_limit,
+                               keep=self.state.best_model_checkpoint)
             if push:
                 self._push_checkpoint(path)
         self._process_states = None  # for this checkpoint only
@@ -922,6 +952,17 @@ class PPOTrainer(Trainer):
         # on every process: a callback that sets flags in on_save must see the same thing everywhere, or the ranks
         # would take different branches (and collectives) in the loop
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _record_best_checkpoint(self) -> None:
+        """`state.best_model_checkpoint`, as Trainer records it before a checkpoint's state is written: the checkpoint
+        of the step that gave `state.best_metric` — the one being written, or an earlier one still on disk — which
+        `save_total_limit` then never removes."""
+        step = self.state.best_global_step
+        if not (self.args.metric_for_best_model and step):
+            return
+        best = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if step == self.iteration or best.is_dir():
+            self.state.best_model_checkpoint = str(best)
 
     def _seed_process_rng(self) -> None:
         """A random stream per process, reproducible from the seed, the rank and the iteration: for a new run under
@@ -936,7 +977,7 @@ class PPOTrainer(Trainer):
         """A new run (not resumed) in an output_dir an earlier run used would append to its monitor log and leave its
         checkpoints for a later resume to continue: refused, naming the ways out, unless overwrite_output_dir."""
         found = as_main_process_sees_it(self.accelerator, lambda: earlier_run(args.output_dir))
-        if check_new_run(args.output_dir, found, args.overwrite_output_dir) and self.accelerator.is_main_process:
+        if check_new_run(args.output_dir, found, args.overwrite_output_dir, args.resume_from_checkpoint) and self.accelerator.is_main_process:
             clear_earlier_run(args.output_dir)
         self.accelerator.wait_for_everyone()  # on every rank: all of them took the same decision
 
@@ -990,7 +1031,7 @@ class PPOTrainer(Trainer):
         """A standard PEFT adapter at `output_dir` (`merge=True`: merged weights) + tokenizer + model card; the value
         head and critic adapter in `output_dir/critic/`. With `push_to_hub`, uploaded too, as `Trainer.save_model`
         does (the adapter, or with `merge` the merged weights)."""
-        save_policy(self, Path(output_dir or self.args.output_dir), merge=merge)
+        save_policy(self, Path(output_dir or self.args.output_dir), merge=merge, card=self._card)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", merge=merge)
 
@@ -1007,7 +1048,27 @@ class PPOTrainer(Trainer):
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
         return push_policy(self, repo_id or default_repo_id(self.args), critic=critic, token=token,
                            revision=revision, commit_message=commit_message, merge=merge,
-                           card=card_metadata(kwargs, "PPOTrainer"))
+                           card={**self._card, **card_metadata(kwargs, "PPOTrainer")})
+
+    def create_model_card(self, tasks=None, dataset_args=None, **kwargs) -> None:
+        """The policy's model card (what save_model() writes) at output_dir/README.md, with `kwargs` — Trainer's and
+        TRL's card fields: `model_name`, `tags`, `dataset_name`, `dataset`, `dataset_tags`, `license`, `language`,
+        `finetuned_from` — in its metadata, which later save_model() / push_to_hub() calls keep."""
+        self._card = {**self._card, **card_metadata(kwargs, "PPOTrainer")}
+        if self.is_world_process_zero():
+            out = Path(self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "README.md", with_card_metadata(model_card(self), self._card))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        reach_repo_or_explain(lambda: super(PPOTrainer, self).init_hf_repo(token, private), self.args, "PPOTrainer")
+
+    def get_train_dataloader(self):
+        raise NotImplementedError(
+            "PPOTrainer has no training DataLoader: each iteration draws its prompts itself (per_device_train_batch_size "
+            "of them per process, reshuffled each pass over the prompts with data_seed) and samples their responses. "
+            "The tokenized prompts are trainer.prompts; the last iteration's batch, responses and rewards are "
+            "trainer.rollout.")
 
 
 def _critic_config(model, policy_cfg):

@@ -35,7 +35,8 @@ from ..adapters import check_gradients_reached, first_step_grad_params, set_trai
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
-from ..hub import card_metadata, default_repo_id, push_checkpoint, push_folder, with_card_metadata
+from ..hub import (card_metadata, default_repo_id, push_checkpoint, push_folder, reach_repo_or_explain,
+                   with_card_metadata)
 from ..integrity import (atomic_tmp, check_new_run, earlier_checkpoints, ensure_writable_dir, finish_atomic_folder, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
                          supersede_later_checkpoints, verify_manifest)
@@ -751,7 +752,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         overwrite_output_dir (which removes them). trl.RewardTrainer accepts it silently; PPOTrainer refuses alike."""
         out = self.args.output_dir
         found = as_main_process_sees_it(self.accelerator, lambda: earlier_checkpoints(out))
-        if check_new_run(out, found, self.args.overwrite_output_dir) and self.args.should_save:  # same on every rank
+        if check_new_run(out, found, self.args.overwrite_output_dir, self.args.resume_from_checkpoint) and self.args.should_save:  # same on every rank
             remove_checkpoints(out)
         self.accelerator.wait_for_everyone()
 
@@ -891,6 +892,10 @@ class RewardEnsembleTrainer(RewardTrainer):
             label = (f"step {self.state.global_step}" if self.args.save_strategy == "steps"
                      else f"epoch {int(self.state.epoch or 0)}")
             push_checkpoint(self.args, checkpoint_folder, default_repo_id(self.args), self.push_to_hub, label)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        reach_repo_or_explain(lambda: super(RewardEnsembleTrainer, self).init_hf_repo(token, private), self.args,
+                              "RewardEnsembleTrainer")
 
     def push_to_hub(self, commit_message: str | None = "Upload reward ensemble with rlhf_ext", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, repo_id: str | None = None, **kwargs) -> str:
