@@ -192,7 +192,11 @@ def first_step_grad_params(model, adapters) -> dict[str, nn.Parameter]:
 
 def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quantized: bool = False) -> None:
     """Raise if some adapter matrix got no gradient at the first optimizer step (training would silently do
-    nothing there). Call between backward and optimizer.step."""
+    nothing there). Call between backward and optimizer.step.
+
+    Biases are left out: a score head's bias cancels in Bradley–Terry's r_chosen − r_rejected, so its gradient is
+    exactly 0 with the graph intact, and a detached graph shows in the weights anyway."""
+    params = {n: p for n, p in params.items() if not _is_bias(n, p)}
     dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
     if not dead:
         return
@@ -205,6 +209,10 @@ def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quant
         f"step, so they would never train: {', '.join(dead[:6])}{' …' if len(dead) > 6 else ''}. Likely cause: "
         f"{cause}. If these modules are deliberately outside the loss, drop them from the LoRA target_modules."
     )
+
+
+def _is_bias(name: str, param: nn.Parameter) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias" and param.dim() == 1
 
 
 @torch.no_grad()

@@ -8,9 +8,11 @@ header is reported by name instead of loading silently or failing deep inside sa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,59 +209,102 @@ def write_text_atomic(path, text: str) -> None:
     """Write to a private temporary file, fsync, rename: readers see the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{id(text):x}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk must not also keep the half file that filled it
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# write_text_atomic's temporary file: `<name>.<pid>.<hex>.tmp`
+_TEXT_TMP = re.compile(r"^.+\.(\d+)\.[0-9a-f]+\.tmp$")
+
+
+def sweep_temp_files(folder) -> list[Path]:
+    """Remove what writers killed inside `write_text_atomic` left in `folder` (their temporary files; a live
+    writer's, named by its pid, is kept). Returns the removed paths."""
+    removed = []
+    for p in Path(folder).glob("*.tmp"):
+        m = _TEXT_TMP.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (another user's counts: it may be writing)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: there, and not ours
+        return True
+    return True
 
 
 @contextmanager
-def atomic_folder(final, manifest_extra: dict | None = None):
+def atomic_folder(final, manifest_extra: dict | None = None, fix: str | None = None):
     """Yield a temporary folder; on success write its manifest and move it into place.
 
     A new `final` appears by one rename (all or nothing). An existing `final` (e.g. an output_dir that also holds
     checkpoints) keeps its other contents: its old manifest is removed first, the new files replace the old ones,
-    and the new manifest lands last — a crash in between leaves a folder whose manifest check fails by name."""
-    tmp = start_atomic_folder(final)
-    try:
+    and the new manifest lands last — a crash in between leaves a folder whose manifest check fails by name.
+
+    The temporary folder is this process's own (`<final>.<pid>.tmp`): two writers of one path never delete each
+    other's. Whatever stops the writes removes it; a failed write (a full disk) is one OSError naming `final`
+    (`writing_folder`), followed by `fix` (default: `final` is as it was; free space and save again)."""
+    tmp = start_atomic_folder(final, private=True)
+    with writing_folder(tmp, final, fix):
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finish_atomic_folder(tmp, final, manifest_extra)
+    finish_atomic_folder(tmp, final, manifest_extra, fix)
 
 
-def start_atomic_folder(final) -> Path:
+def start_atomic_folder(final, private: bool = False) -> Path:
     """`atomic_folder` in two calls, for a folder several processes write into (a checkpoint under DDP: one process
-    starts it, every process writes its files, one finishes it): the empty temporary folder `<final>.tmp` (what a
-    killed earlier attempt left there is removed first)."""
+    starts it, every process writes its files, one finishes it): the empty temporary folder `atomic_tmp(final,
+    private)` (what a killed earlier attempt left there is removed first). Wrap the writes in `writing_folder`."""
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"Cannot save to {final}: it is a file, and a save writes a folder there. Choose "
                                  f"another path (or remove the file).")
-    tmp = atomic_tmp(final)
+    tmp = atomic_tmp(final, private)
     shutil.rmtree(tmp, ignore_errors=True)
+    if private:
+        _remove_dead_writers(final)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def atomic_tmp(final) -> Path:
-    """Where `start_atomic_folder` builds `final` (every process of a multi-process save writes there)."""
+def atomic_tmp(final, private: bool = False) -> Path:
+    """Where `start_atomic_folder` builds `final`: `<final>.tmp`, shared by every process of a multi-process save
+    (they all write there), or with `private` `<final>.<pid>.tmp`, this process's alone."""
     final = Path(final)
-    return final.with_name(final.name + ".tmp")
+    return final.with_name(f"{final.name}.{os.getpid()}.tmp" if private else f"{final.name}.tmp")
 
 
-def finish_atomic_folder(tmp, final, manifest_extra: dict | None = None) -> None:
+def _remove_dead_writers(final) -> None:
+    """The private temporary folders of `final` that killed processes left (a live writer's is kept)."""
+    final = Path(final)
+    for p in final.parent.iterdir() if final.parent.is_dir() else ():
+        pid = p.name[len(final.name) + 1:-len(".tmp")] if p.name.startswith(final.name + ".") else ""
+        if p.name.endswith(".tmp") and pid.isdigit() and p.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def finish_atomic_folder(tmp, final, manifest_extra: dict | None = None, fix: str | None = None) -> None:
     """The second half of `atomic_folder`: the manifest of everything in `tmp`, then `tmp` moved into place as
     `final` (merged into an existing `final`, the manifest last)."""
     tmp, final = Path(tmp), Path(final)
-    try:
+    with writing_folder(tmp, final, fix):
         _default_permissions(tmp)  # safetensors (ours and save_pretrained's) writes 0600: the folder gets one mode
         write_manifest(tmp, manifest_extra)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not final.exists():
         os.replace(tmp, final)
         return
@@ -273,6 +318,176 @@ def finish_atomic_folder(tmp, final, manifest_extra: dict | None = None) -> None
         os.replace(item, dest)
     os.replace(tmp / MANIFEST, final / MANIFEST)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def writing_folder(tmp, final, fix: str | None = None):
+    """Around the writes that fill `tmp`, the temporary folder of `final`. Whatever stops them, `tmp` is removed (on
+    a full disk, the half copy that filled it must not stay). A failed write is raised as one OSError (errno kept;
+    ENOSPC for a full disk) naming `final` and the cause, then `fix` — what is intact and how to go on; a "{remedy}"
+    in it becomes "Free space on that disk" (or, for another failure, "Fix what the error names"). Libraries report
+    a full disk in their own words — torch.save "basic_ios::clear: iostream error" or "unexpected pos 64 vs 0" (a
+    RuntimeError), safetensors a SafetensorError, PEFT a bare OSError — none saying which save failed or that the
+    earlier ones are intact. Anything else (a bug, Ctrl-C) is raised as it is."""
+    tmp, final = Path(tmp), Path(final)
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, SaveFailedError):  # a nested save (an artifact inside a checkpoint) said it: ours names ours
+            failure = None if e.folder == final else (e.errno, e.cause)
+        else:
+            failure = _write_failure(e, tmp if tmp.exists() else final.parent)  # before the removal frees the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise
+        raise SaveFailedError(final, *failure, fix) from e
+
+
+class SaveFailedError(OSError):
+    """A folder could not be written (`writing_folder`): the message names it, the cause and what to do."""
+
+    def __init__(self, folder: Path, code: int, cause: str, fix: str | None = None):
+        self.folder, self.cause = folder, cause
+        fix = fix or f"{folder} is as it was (the half-written copy was removed). {{remedy}}, then save again."
+        remedy = "Free space on that disk" if code == errno.ENOSPC else "Fix what the error names"
+        super().__init__(code, f"Could not write {folder}: {cause}. {fix.replace('{remedy}', remedy)}")
+
+
+# How libraries word a failed write that is not an OSError (torch.save's C++ stream, safetensors' Rust I/O)
+_WRITE_FAILED = re.compile(r"iostream error|unexpected pos|inline_container|PytorchStreamWriter|os error \d+|"
+                           r"I/O error|IoError|No space left|Disk quota|Input/output error|file write failed", re.I)
+# Less free space than this where a write failed: the disk is (as good as) full, whatever the library said
+_FULL_DISK_BYTES = 16 << 20
+
+
+def _write_failure(e: BaseException, where: Path) -> tuple[int, str] | None:
+    """(errno, cause) when `e`, raised while files were written at `where`, is a failed write; None for anything
+    else (a bug in what writes, a KeyboardInterrupt), which its caller raises as it is."""
+    if not isinstance(e, Exception):
+        return None
+    text = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return errno.ENOSPC, text if "No space left" in text else f"No space left on device ({text})"
+    if not (isinstance(e, OSError) or _WRITE_FAILED.search(str(e))):
+        return None
+    free = _free_bytes(where)
+    if free is not None and free < _FULL_DISK_BYTES:
+        return errno.ENOSPC, f"No space left on device ({free} bytes free there; the write failed with {text})"
+    return getattr(e, "errno", None) or errno.EIO, text
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def checkpoint_fix(final) -> str:
+    """`writing_folder`'s `fix` for a `checkpoint-N` folder: the checkpoint resuming reads is intact, and how to
+    resume from it."""
+    final = Path(final)
+    earlier = [p.name for p in numbered_checkpoints(final.parent) if p.name != final.name]
+    if not earlier:
+        return (f"Nothing of {final.name} was kept, and there is no earlier checkpoint to resume from: {{remedy}} "
+                f"(or use an output_dir on a larger disk), then start the run again.")
+    return (f"The previous checkpoint, {earlier[0]}, is intact (nothing of {final.name} was kept). {{remedy}} (or "
+            f"lower save_total_limit, or use an output_dir on a larger disk), then resume from it with "
+            f"train(resume_from_checkpoint=True) (recipes: --resume_from_checkpoint true).")
+
+
+RUN_LOCK = ".rlhf_ext.lock"
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another training run (a live process) holds the lock of the output_dir."""
+
+
+@contextmanager
+def output_dir_lock(output_dir, accelerator=None):
+    """One training run at a time in `output_dir`: two would write into each other's `checkpoint-N.tmp`, rotate each
+    other's checkpoints and mix their monitor logs — each passes the earlier-run check before the other has written
+    anything. For the body, the main process holds `fcntl.flock` on `output_dir/.rlhf_ext.lock` (with its pid in it,
+    for the other run's message; the file is removed on the way out). The OS drops a flock with its process however
+    it ends, so a run killed with kill -9 leaves no stale lock. Under DDP (`accelerator`) only the main process
+    locks and every rank gets its verdict (`as_main_process_sees_it`): all raise OutputDirInUseError together."""
+    from .distributed import as_main_process_sees_it
+
+    held = []
+
+    def take() -> str | None:
+        try:
+            held.append(_take_run_lock(Path(output_dir)))
+        except OutputDirInUseError as e:
+            return str(e)
+        return None
+
+    problem = take() if accelerator is None else as_main_process_sees_it(accelerator, take)
+    try:
+        if problem:
+            raise OutputDirInUseError(problem)
+        yield
+    finally:
+        for fd in held:
+            _release_run_lock(Path(output_dir), fd)
+
+
+def _take_run_lock(output_dir: Path) -> int | None:
+    """The locked file descriptor of `output_dir/RUN_LOCK`; OutputDirInUseError when a live process holds it; None
+    where there is no flock (Windows, some network filesystems: a warning, and the run goes on unguarded)."""
+    import warnings
+
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = output_dir / RUN_LOCK
+    output_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputDirInUseError(_in_use_message(output_dir, holder)) from None
+        except OSError as e:
+            os.close(fd)
+            warnings.warn(f"Cannot lock {path} ({e.strerror or e}): nothing stops a second run from starting in "
+                          f"{output_dir} meanwhile; start one run per output_dir.", stacklevel=4)
+            return None
+        # the run before us removes the file as it lets go: a lock on a removed file would keep nobody out
+        try:
+            st, own = os.stat(path), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:  # a full disk: the lock holds all the same, only another run's message lacks the pid
+        pass
+    return fd
+
+
+def _in_use_message(output_dir: Path, holder: str) -> str:
+    who = f"pid {holder}" + (", this process" if holder == str(os.getpid()) else "") if holder.isdigit() else ""
+    return (f"output_dir {output_dir} is in use by another training run{f' ({who})' if who else ''}, which holds "
+            f"{output_dir / RUN_LOCK}. Two runs in one output_dir would write into each other's checkpoints and "
+            f"monitor logs: use another output_dir, or wait for that run to end (its lock goes with its process, "
+            f"however it ends).")
+
+
+def _release_run_lock(output_dir: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    try:  # removed while still held: a run that opened it meanwhile finds it gone and opens a fresh one
+        (output_dir / RUN_LOCK).unlink(missing_ok=True)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def read_json(path, fix: str) -> dict:

@@ -307,7 +307,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     path = resolve_model_path(name_or_path)
     extra = {"revision": revision} if revision else {}
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra, **kwargs)
     except OSError as e:
         if Path(path).exists():
             raise
@@ -315,6 +315,23 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
                       f"default ({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). Without "
                       f"network access, pass a local folder (set HF_HUB_OFFLINE=1 to fail at once instead of "
                       f"retrying).") from e
+    _check_not_empty(tokenizer, name_or_path)
+    return tokenizer
+
+
+def _check_not_empty(tokenizer, name_or_path) -> None:
+    """transformers 5 returns an empty tokenizer (no vocabulary: every text encodes to no ids) for a folder without
+    tokenizer files — a model saved with `model.save_pretrained()` alone — where transformers 4 raised. Training or
+    scoring with it would see no text at all, silently."""
+    encode = getattr(tokenizer, "encode", None)  # a processor (images, audio) is not checked here
+    if encode is None or encode("hello world .", add_special_tokens=False):
+        return
+    raise ValueError(
+        f"The tokenizer loaded from {name_or_path!r} is empty ({len(tokenizer)} token(s); it encodes text to no ids): "
+        f"the folder has no tokenizer files (a model saved with model.save_pretrained() alone), and transformers 5 "
+        f"then loads an empty tokenizer instead of raising. Save the model's tokenizer into the folder "
+        f"(tokenizer.save_pretrained(folder)), or pass the tokenizer yourself: processing_class=..., or for a reward "
+        f"model PPOTrainer(..., reward_processing_classes=[its_tokenizer]) / ExternalRewardModel(model, its_tokenizer).")
 
 
 def ensure_pad_token(tokenizer):

@@ -228,3 +228,52 @@ def test_resuming_an_older_checkpoint_supersedes_the_later_ones(tmp_path, tok):
     again = make(tmp_path, tok, max_steps=3, **small)
     again.train(resume_from_checkpoint=True)  # the new timeline's checkpoint-3: finished, nothing to train
     assert again.iteration == 3
+
+
+def test_a_checkpoint_whose_schedule_counted_optimizer_steps_resumes_at_its_iteration(straight, tmp_path, tok):
+    """Checkpoints from before the schedule counted iterations hold the scheduler at iterations × epochs ×
+    minibatches steps: resumed, the schedule continues at the checkpoint's iteration, as the straight run did."""
+    import shutil
+
+    from rlhf_ext.integrity import write_manifest
+
+    ckpt, hist, _ = straight
+    old = tmp_path / "old-checkpoint-2"
+    shutil.copytree(ckpt, old)
+    state = json.loads((old / "ppo_state.json").read_text())
+    del state["lr_schedule_unit"]
+    (old / "ppo_state.json").write_text(json.dumps(state))
+    opt = torch.load(old / "optimizer.pt", weights_only=True)
+    opt["scheduler"]["last_epoch"] = 2 * 4  # 2 iterations × 4 epochs × 1 minibatch, as that code stepped it
+    opt["scheduler"]["_last_lr"] = [1e-2 * (1 - 8 / 16)] * 2
+    torch.save(opt, old / "optimizer.pt")
+    (old / "manifest.json").unlink()
+    write_manifest(old)
+    tr, resumed, _ = _resume(tmp_path, tok, old)
+    assert [h["learning_rate"] for h in resumed] == pytest.approx([h["learning_rate"] for h in hist], rel=1e-12)
+
+
+def test_a_finished_checkpoint_trains_nothing_and_keeps_the_later_ones(tmp_path, tok, capsys):
+    """Resumed with a run length the checkpoint has already reached: it says so, trains nothing, and leaves the
+    later checkpoints as they are (they were renamed `superseded-…` although nothing replaced them)."""
+    small = dict(max_completion_length=6, per_device_train_batch_size=8, save_strategy="steps", save_steps=1)
+    make(tmp_path, tok, max_steps=4, **small).train()
+    out = tmp_path / "ppo"
+    tr = make(tmp_path, tok, max_steps=2, **small)
+    tr.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert tr.iteration == 3
+    assert "Nothing to train: " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
+def test_another_train_dataset_is_named_by_the_resume_warning(straight, tmp_path, tok):
+    from .test_ppo import prompts
+
+    ckpt, _, _ = straight
+    _, _, said = _resume(tmp_path, tok, ckpt, data=prompts(16))
+    warning = _resume_warning(said)
+    assert "prompts: '32 prompts, sha256 " in warning and "'16 prompts, sha256 " in warning
+    assert "another train_dataset" in warning
+    _, _, said = _resume(tmp_path / "same", tok, ckpt)
+    assert not _resume_warning(said)

@@ -119,6 +119,11 @@ class RewardHackingMonitor(TrainerCallback):
             self._truncate_logs(self.resumed_at)
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
+            # the temporary files of writers killed mid-rewrite (a live one's, a review server's, is kept)
+            from ..integrity import sweep_temp_files
+
+            sweep_temp_files(self.dir)
+            self.queue.sweep()
             a = self.trainer.args
             run = {"kl_controller": a.kl_controller, "kl_target": a.kl_target, "init_kl_coef": a.init_kl_coef,
                    "aggregation": a.aggregation, "shapers": a.shapers, "members": self.trainer.rewards.member_names,

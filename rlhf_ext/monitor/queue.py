@@ -19,14 +19,16 @@ preferences.jsonl (rewritten atomically after every decision): TRL's preference 
 response was picked — `{"prompt", "chosen", "rejected", "source": {...provenance...}}` — ready for
 `rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl`.
 
-Every append is one `write` of a whole line followed by fsync: a killed trainer or server loses at most the line it
-was writing. Readers skip that torn line — unterminated at the end of the file, or ended later by the next append
-with the `TORN` mark — and refuse every other line they cannot read, naming the file and the line: preferences.jsonl
-is rewritten from what they read, so a line skipped silently would silently drop a person's decision.
+Every append writes a whole line followed by fsync — or, when a write fails (a full disk), cuts the file back to
+what it held and raises naming it: a killed trainer or server loses at most the line it was writing. Readers skip
+that torn line — unterminated at the end of the file, or ended later by the next append with the `TORN` mark — and
+refuse every other line they cannot read, naming the file and the line: preferences.jsonl is rewritten from what
+they read, so a line skipped silently would silently drop a person's decision.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -35,7 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..integrity import CorruptFileError, write_text_atomic
+from ..integrity import CorruptFileError, sweep_temp_files, write_text_atomic
 
 DECISIONS = ("flagged", "reference", "both_bad", "skip")
 # Ends a line a killed writer left unterminated, when the next append has to start a new line after it: without the
@@ -123,10 +125,41 @@ def append_jsonl(path: Path, record: dict) -> None:
             # A complete record whose newline is missing (saved by an editor) is kept as it is.
             tail = os.pread(fd, size, 0).rsplit(b"\n", 1)[-1]
             line = (b"\n" if _parse(tail) is not None else TORN + b"\n") + line
-        os.write(fd, line)
-        os.fsync(fd)
+        _write_line(fd, line, path, size)
     finally:
         os.close(fd)
+
+
+def _write_line(fd: int, line: bytes, path: Path, size: int) -> None:
+    """All of `line`, then fsync. On a full disk the kernel takes part of a write without an error (a short write)
+    and refuses the rest: the record would be cut and lost with no error at all. A failure cuts the file back to
+    its `size` before the append (no torn line of ours) and raises an OSError naming the file."""
+    done = 0
+    try:
+        while done < len(line):
+            n = os.write(fd, line[done:])
+            if n <= 0:  # nothing taken and no error: no progress to wait for
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
+        os.fsync(fd)
+    except OSError as e:
+        state = (f"The file was cut back to the {size} bytes it held before (the record is not in it)"
+                 if _cut_back(fd, size, done) else "Another writer appended after the part written (readers skip it as "
+                                                   "a torn line)")
+        raise OSError(e.errno, f"Could not append a record to {path}: {e.strerror or e}. {state}; free space on that "
+                               f"disk (or fix what the error names), then run again.") from e
+
+
+def _cut_back(fd: int, size: int, written: int) -> bool:
+    """Undo a partial append, unless another writer has appended after it (cutting would take theirs too; its
+    append ended our part with the `TORN` mark). Returns whether the file is back to `size`."""
+    try:
+        if os.fstat(fd).st_size == size + written:
+            os.ftruncate(fd, size)
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def _parse(raw: bytes):
@@ -339,6 +372,17 @@ class ReviewQueue:
     def export_preferences(self) -> Path:
         """Rewrite preferences.jsonl from the queue and the effective decisions (atomic). Both are read whole or
         not at all (CorruptFileError): a row dropped from a partial read would be a decision lost."""
+        rows = self.preference_rows()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.preferences_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return self.preferences_path
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary files of writers killed inside `write_text_atomic` (a server killed mid-export)."""
+        return sweep_temp_files(self.dir) if self.dir.is_dir() else []
+
+    def preference_rows(self) -> list[dict]:
+        """The rows of preferences.jsonl as the queue and the effective decisions make them."""
         by_id = {r["id"]: r for r in self.records()}
         rows = []
         for pid, ev in self.decisions().items():
@@ -350,6 +394,41 @@ class ReviewQueue:
                          "source": {"queue_id": pid, "iteration": rec.get("iteration"), "decision": ev["decision"],
                                     "detectors": rec.get("detectors", []), "time": ev.get("time"),
                                     "reviewer": ev.get("reviewer")}})
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.preferences_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        return self.preferences_path
+        return rows
+
+
+def _pairs_of(rows: list[dict]) -> list[str]:
+    """What a reward model trains on from preference rows (their provenance aside)."""
+    return [json.dumps([r.get("prompt"), r.get("chosen"), r.get("rejected")], sort_keys=True) for r in rows]
+
+
+def preferences_as_decided(path) -> bool:
+    """Call before training on `path` (`extra_preferences`). A `review/preferences.jsonl` (decisions.jsonl beside
+    it) must hold the pairs decisions.jsonl makes: a review server killed between recording a click and rewriting
+    preferences.jsonl left it stale — an undone pair still in it, a decided one missing — and only a restart of the
+    server repaired it. Stale (not written after the last decision), it is rewritten from the decisions with a
+    warning; written after them yet different (edited by hand), it is kept, with a warning. Any other file is read
+    as it is. Returns whether it was rewritten."""
+    path = Path(path)
+    review = path.parent
+    if path.name != "preferences.jsonl" or review.name != "review" or not (review / "decisions.jsonl").is_file():
+        return False
+    q = ReviewQueue(review.parent)
+    try:
+        rows = q.preference_rows()
+        held = read_jsonl(path) if path.is_file() else None
+    except CorruptFileError as e:
+        warnings.warn(f"{path} could not be checked against {q.decisions_path} ({e}); it is read as it is.")
+        return False
+    if _pairs_of(held or []) == _pairs_of(rows):  # (no file and no pair picked yet: the loader says so)
+        return False
+    if held is not None and path.stat().st_mtime_ns > q.decisions_path.stat().st_mtime_ns:
+        warnings.warn(f"{path} holds other pairs than {q.decisions_path} makes ({len(held)} rows, the decisions "
+                      f"{len(rows)}) and is newer than it (edited by hand?): it is read as it is. Delete it to have it "
+                      f"rebuilt from the decisions.")
+        return False
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    was = "missing" if held is None else f"older than the last decision in {q.decisions_path}"
+    warnings.warn(f"{path} was {was} (a review server stopped between recording a decision and rewriting it): "
+                  f"rewritten from the decisions ({len(held or [])} → {len(rows)} pairs) before training on it.")
+    return True

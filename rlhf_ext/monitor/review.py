@@ -68,6 +68,7 @@ class ReviewServer(ThreadingHTTPServer):
         self.order = check_order(order)  # before binding: a bad order or a damaged queue must not leave a port open
         self.queue = ReviewQueue(output_dir)
         self.queue.pending(self.order)  # reads and checks every file the page needs (CorruptFileError)
+        self.queue.sweep()  # temporary files of a server killed mid-export
         if self.queue.decisions_path.is_file():  # a server killed between recording a decision and rewriting
             self.queue.export_preferences()  # preferences.jsonl left it stale, and no later click might repair it
         super().__init__(("127.0.0.1", port), Handler)

@@ -53,13 +53,18 @@ class Median(Aggregator):
 
 @register("aggregation", "weighted")
 class Weighted(Aggregator):
+    """Σ_i w_i·r_i / Σ_i |w_i|: a weighted mean of the normalised members, one weight per member column (an artifact
+    of K members contributes K columns). A negative weight lowers the score as that member's reward rises (TRL's
+    `reward_weights` allow them). TRL sums instead (Σ_i w_i·r_i): for its numbers, the scores here are those
+    divided by Σ|w_i| — with a KL penalty, β acts Σ|w_i| times as strongly."""
+
     def __init__(self, weights: list[float]):
         self.weights = torch.tensor(weights, dtype=torch.float)
-        if (self.weights < 0).any() or self.weights.sum() <= 0:
-            raise ValueError(f"weighted aggregation needs non-negative weights with a positive sum, got {weights}.")
+        if not torch.isfinite(self.weights).all() or self.weights.abs().sum() <= 0:
+            raise ValueError(f"weighted aggregation needs finite weights, not all zero, got {weights}.")
 
     def __call__(self, r):
         if r.shape[-1] != len(self.weights):
             raise ValueError(f"weighted aggregation has {len(self.weights)} weights for {r.shape[-1]} members.")
         w = self.weights.to(r)
-        return (r * w).sum(-1) / w.sum()
+        return (r * w).sum(-1) / w.abs().sum()

@@ -4,15 +4,17 @@ run resumes exactly where it stopped. `resume_from_checkpoint=True` takes the ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 import warnings
+from array import array
 from pathlib import Path
 
 import torch
 
-from ..integrity import (CorruptFileError, atomic_folder, checkpoint_number, load_safetensors,
+from ..integrity import (CorruptFileError, atomic_folder, checkpoint_fix, checkpoint_number, load_safetensors,
                          earlier_checkpoints, newest_verified_checkpoint, numbered_checkpoints, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, save_tensors, verify_manifest)
 from ..models import model_fingerprint
@@ -25,14 +27,25 @@ TRAJECTORY_SETTINGS = ("per_device_train_batch_size", "num_ppo_epochs", "num_min
                        "learning_rate", "kl_controller", "kl_target", "seed", "data_seed")
 # What to do about a changed setting where "pass the checkpoint's value" is not the whole answer
 _CHANGED_HINT = {"base_model_fingerprint": "the adapters were trained on another base model: load the checkpoint's "
-                                           "for a continuation of that run"}
+                                           "for a continuation of that run",
+                 "prompts": "another train_dataset: the saved position in the prompt order now points into other "
+                            "prompts"}
 
 
 def _trajectory_settings(tr) -> dict:
     return {k: getattr(tr.args, k) for k in TRAJECTORY_SETTINGS} | {
         "num_processes": tr.accelerator.num_processes,
         # the weights, however the model was named or loaded (models.model_fingerprint): another base warns by name
-        "base_model_fingerprint": model_fingerprint(tr.policy.peft)}
+        "base_model_fingerprint": model_fingerprint(tr.policy.peft),
+        "prompts": prompts_fingerprint(tr.prompts)}
+
+
+def prompts_fingerprint(prompts) -> str:
+    """How many prompts and a digest of their token ids: the data a checkpoint's `data_pos` indexes into."""
+    h = hashlib.sha256()
+    for _, ids in prompts:
+        h.update(array("q", [len(ids), *ids]).tobytes())
+    return f"{len(prompts)} prompts, sha256 {h.hexdigest()[:12]}"
 
 
 def _changed(key: str, was, now) -> str:
@@ -159,8 +172,10 @@ def _schedule_in_iterations(tr, iterations: int) -> None:
 
 def write_checkpoint(tr, final) -> str:
     """Everything a run needs to continue exactly, in one atomic, checksummed folder (under DDP every process's random
-    streams and reward statistics with it: `gather_process_states`)."""
-    with atomic_folder(final) as tmp:
+    streams and reward statistics with it: `gather_process_states`). A failed write (a full disk) is one OSError
+    naming the checkpoint and the cause, saying the previous checkpoint is intact and how to resume
+    (`integrity.writing_folder`); nothing of this one is left."""
+    with atomic_folder(final, fix=checkpoint_fix(final)) as tmp:
         tr.policy.peft.save_pretrained(tmp / "adapters", selected_adapters=tr.trained_adapters,
                                          safe_serialization=True)
         save_tensors(tr.policy.value_head.state_dict(), tmp / "value_head.safetensors")

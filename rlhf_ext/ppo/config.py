@@ -36,9 +36,10 @@ class PPOConfig(TrainingArguments):
     >
     > TrainingArguments are honoured as transformers' Trainer reads them — logging / eval / save strategy and steps
     > (per iteration; `"epoch"` = a pass over the prompts), `save_total_limit`, `eval_on_start`, `optim`,
-    > `weight_decay` (matrices only), the scheduler and warmup — or refused with the fix: `fp16`,
+    > `weight_decay` (matrices only), the scheduler and warmup (in iterations: the schedule steps once per
+    > iteration, as TRL 1.12's), `metric_for_best_model` — or refused with the fix: `fp16`,
     > `gradient_accumulation_steps` > 1, `torch_compile`, `neftune_noise_alpha`, `auto_find_batch_size`,
-    > `save_strategy="best"`, `load_best_model_at_end`.
+    > `save_strategy="best"`, `load_best_model_at_end`, `use_liger_kernel`.
     """
 
     # rollout
@@ -78,7 +79,7 @@ class PPOConfig(TrainingArguments):
     aggregation_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "e.g. {'lam': 1.0} for uwo, {'weights': [...]} for weighted."})
     shapers: list[Any] | str | None = field(default=None, metadata={"help": "Reward shapers, e.g. [{'name': 'linear', 'alpha': 0.02, 'free_tokens': 24}, 'missing_eos']."})
     nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf/None (counted in rewards/dropped_nonfinite, warned once; an error if a whole batch is dropped) or 'error'."})
-    callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions: 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
+    callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions and reward models of unknown scale (a sequence classifier, ExternalRewardModel without mean/std): 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward model for the recipes: an rlhf_ext artifact (members on the shared base) or a sequence-classification model id / folder (as TRL's reward_funcs strings)."})
     # monitoring
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that holds an earlier one (checkpoint-N folders, a monitor log), removing them; without it that is refused (the runs would mix), unless resuming."})
@@ -150,6 +151,17 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"monitor_reference_prompts must be >= 1, got {self.monitor_reference_prompts}; "
                              f"it is how many prompts the reference policy's length and EOS rate are measured on.")
         super().__post_init__()
+        self._check_best_metric()
+
+    def _check_best_metric(self):
+        """After TrainingArguments' own checks, which fill in metric_for_best_model="loss" for the plateau and greedy
+        schedules: PPO's evaluation has no loss (its metrics: `PPOTrainer.evaluate`)."""
+        if self.metric_for_best_model in ("loss", "eval_loss"):
+            raise ValueError(
+                f"metric_for_best_model={self.metric_for_best_model!r} (transformers' default for "
+                f"lr_scheduler_type='reduce_lr_on_plateau' and 'greedy'): PPOTrainer's evaluation has no loss. Set "
+                f"metric_for_best_model to one of its eval metrics — 'kl', 'length', 'eos' or an audit judge's name "
+                f"— and greater_is_better to match.")
 
     def _apply_trl112_names(self):
         """Map TRL 1.12 PPOConfig names onto ours (a FutureWarning names the new one); conflicting values are refused."""
@@ -235,12 +247,6 @@ class PPOConfig(TrainingArguments):
             raise ValueError("save_strategy='best' / load_best_model_at_end: PPOTrainer has no evaluation loss to "
                              "pick a best checkpoint by (higher reward is what reward hacking looks like). Use "
                              "save_strategy='steps' or 'epoch', with save_total_limit to keep the newest N.")
-        if self.metric_for_best_model in ("loss", "eval_loss"):
-            raise ValueError(
-                f"metric_for_best_model={self.metric_for_best_model!r} (transformers' default for "
-                f"lr_scheduler_type={str(getattr(self.lr_scheduler_type, 'value', self.lr_scheduler_type))!r}): "
-                f"PPOTrainer's evaluation has no loss. Set metric_for_best_model to one of its eval metrics — 'kl', "
-                f"'length', 'eos' or an audit judge's name — and greater_is_better to match.")
         if self.use_liger_kernel:
             raise ValueError("use_liger_kernel=True: PPOTrainer computes its log-probs from the full logits in its own "
                              "passes (sampling, θ_old, the reference and the training pass must compute one "

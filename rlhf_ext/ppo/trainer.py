@@ -221,7 +221,7 @@ class PPOTrainer(Trainer):
                                        **(args.kl_controller_kwargs or {}))
         self.kl_estimator = build("kl_estimator", args.kl_estimator)
         # Audit judges (e.g. a gold reward) are logged next to the proxy to spot hacking; they never train.
-        self.audit_funcs = {getattr(f, "__name__", f"audit_{i}"): f for i, f in enumerate(audit_funcs or [])}
+        self.audit_funcs = dict(self._judge(j, i, model, args) for i, j in enumerate(audit_funcs or []))
 
         # Trainable: exactly the policy (+ critic) adapter parameters, decided by PEFT, plus the value head
         self._set_trainable()
@@ -257,6 +257,7 @@ class PPOTrainer(Trainer):
             if isinstance(member, RewardEnsemble) and member.model is model:
                 member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args, limit=streamed_prompts)
+        self._check_reward_templates([*members, *self.audit_funcs.values()])
         # checked now, not at the first evaluation hours into the run; named sets (a dict) each
         held = {}
         for name, ds in (eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]):
@@ -317,7 +318,8 @@ class PPOTrainer(Trainer):
                 return self._sequence_classifier(str(r), args, tokenizer)
             spec = read_spec(r)
             if spec["mode"] != "full" and same_base(spec, model, self.model_name):
-                return load_reward_model(r, base_model=model, tokenizer=None, adapter_prefix="rm_")
+                return load_reward_model(r, base_model=model, tokenizer=None,
+                                         adapter_prefix=_free_adapter_prefix(model, spec["adapters"]))
             why = ("it was trained in full mode (its own trunk, no adapters to attach)" if spec["mode"] == "full" else
                    f"it was trained on {spec.get('base_model')!r}, a different base from this policy's "
                    f"({self.model_name!r})")
@@ -333,6 +335,7 @@ class PPOTrainer(Trainer):
         """What TRL's online trainers take as a reward string, where it is not an rlhf_ext artifact: a
         sequence-classification model — a Hub id or the folder `trl.RewardTrainer` saved — loaded with
         num_labels=1 and the policy's `model_init_kwargs`, on the policy's device, scored with its own tokenizer."""
+        _refuse_multi_label(name, args.trust_remote_code)
         try:
             init = {k: v for k, v in (args.model_init_kwargs or {}).items() if k != "revision"}  # the policy repo's
             model = load_model(name, "seq_cls", num_labels=1, trust_remote_code=args.trust_remote_code, **init)
@@ -352,13 +355,46 @@ class PPOTrainer(Trainer):
             model.to(self.policy.device)
         return ExternalRewardModel(model, tokenizer or self._reward_tokenizer(model), name=Path(name).name or name)
 
+    def _judge(self, j, i: int, model, args: PPOConfig) -> tuple[str, object]:
+        """(name, judge) of an `audit_funcs` entry: a function as it is; a reward-model path, model or artifact loaded
+        as a reward member is (scored on its raw scale). Named by the function, the folder, or `name=`."""
+        if callable(j) and not isinstance(j, nn.Module) and not hasattr(j, "score_completions"):
+            return getattr(j, "__name__", f"audit_{i}"), j
+        member = self._reward_member(j, model, args)
+        names = getattr(member, "names", [])
+        if isinstance(j, (str, os.PathLike)):
+            return Path(j).name or f"audit_{i}", member
+        return (names[0] if len(names) == 1 and names[0] != "external" else f"audit_{i}"), member
+
+    def _check_reward_templates(self, scorers) -> None:
+        """Conversational prompts reach a reward model with its own tokenizer as prompt + completion rendered by that
+        tokenizer's chat template: one without a template is refused now, not at the first rollout."""
+        if not self.prompts or not isinstance(self.prompts[0][0], list):
+            return
+        for m in scorers:
+            if isinstance(m, ExternalRewardModel) and not getattr(m.tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"Reward model {m.names[0]!r}: the prompts are conversational, and its tokenizer has no chat "
+                    f"template to render prompt + completion with. Pass reward_processing_classes=[...] with the "
+                    f"tokenizer it was trained with (one with a chat_template), or give text prompts.")
+
     def _reward_tokenizer(self, r):
         """A reward model's own tokenizer from where it was loaded; else (built in code, or offline) the policy's, as
-        TRL 1.12 used it, when it fits the model's vocabulary."""
+        TRL 1.12 used it, when it fits the model's vocabulary (said: the same size is not the same vocabulary). A
+        folder whose tokenizer cannot be loaded (saved without one) is an error: the policy's ids would be read as
+        another vocabulary's, silently."""
+        source = r.config._name_or_path
         try:
-            return load_tokenizer(r.config._name_or_path)
+            return load_tokenizer(source)
         except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+            if source and Path(source).is_dir():
+                raise ValueError(f"Reward model {source!r}: its tokenizer could not be loaded ({e}). Pass "
+                                 f"reward_processing_classes=[its tokenizer], in the order of reward_funcs.") from e
             if len(self.tokenizer) <= r.get_input_embeddings().weight.shape[0] + 1:  # +1: a [PAD] added unresized
+                warnings.warn(f"Reward model {type(r).__name__} ({source or 'built in code'}) has no tokenizer of its "
+                              f"own to load; it is scored with the policy's, whose vocabulary fits its embeddings. "
+                              f"Pass reward_processing_classes=[its tokenizer] if it was trained with another.",
+                              UserWarning, stacklevel=4)
                 return self.tokenizer
             raise ValueError(f"Could not load the tokenizer of reward model {r.config._name_or_path!r} ({e}), and the "
                              f"policy's tokenizer does not fit its vocabulary. Pass "
@@ -556,10 +592,19 @@ class PPOTrainer(Trainer):
                                         extra=ro.extra or None)
 
     def judge_scores(self, ro: Rollout, judges: dict, log: bool = True) -> dict:
-        """{name: scores} of `judges` (audit functions) on a rollout, each called as a reward function is."""
-        return {name: list(call_reward_function(fn, prompts=ro.prompts, completions=ro.completions,
-                                                completion_ids=ro.completion_ids, **self.reward_kwargs(ro, log)))
-                for name, fn in judges.items()}
+        """{name: scores} of `judges` (audit functions) on a rollout: a function called as a reward function is (None:
+        not graded, NaN), a reward model's raw score (the mean of an ensemble's members)."""
+        out = {}
+        for name, fn in judges.items():
+            if hasattr(fn, "score_completions"):
+                raw = fn.score_completions(ro.prompts, ro.completions, ro.completion_ids,
+                                           chat_template_kwargs=self.args.chat_template_kwargs)
+                out[name] = raw.float().mean(-1).tolist()
+            else:
+                vals = call_reward_function(fn, prompts=ro.prompts, completions=ro.completions,
+                                            completion_ids=ro.completion_ids, **self.reward_kwargs(ro, log))
+                out[name] = [float("nan") if v is None else float(v) for v in vals]
+        return out
 
     def _advantages(self, ro: Rollout, old_logp, old_values):
         """Per-token reward −β·k1_t, plus the sequence score at the last response token; then GAE. Returns the
@@ -778,8 +823,7 @@ class PPOTrainer(Trainer):
                  "eos": (ro.has_eos.double().cpu(), ones),
                  **{f"rewards/{name}_raw": (torch.where(valid, raw[:, j], 0.0), vf)  # a dropped NaN · 0 is still NaN
                     for j, name in enumerate(self.rewards.member_names)},
-                 **{f"audit/{name}": (torch.tensor(vals, dtype=torch.float64), torch.ones(len(vals)))
-                    for name, vals in ro.audit.items()}}
+                 **{f"audit/{name}": _graded(vals) for name, vals in ro.audit.items()}}
         if K > 1:
             parts["rewards/ensemble_std"] = (ro.norm[valid].std(-1).double().sum(), vf)
         g = self._global_means(parts)
@@ -826,7 +870,8 @@ class PPOTrainer(Trainer):
             out["prompts"] += g.prompts
             for k, vals in self.judge_scores(g, judges, log=False).items():
                 out[k] += vals
-        summary = {f"{k}_mean": sum(v) / len(v) for k, v in out.items() if k not in ("texts", "prompts")}
+        summary = {f"{k}_mean": float(torch.tensor(v, dtype=torch.float64).nanmean())  # a judge's None: ungraded
+                   for k, v in out.items() if k not in ("texts", "prompts")}
         if adapters:
             self.heldout = summary  # for the model card
         return {**summary, "samples": out}
@@ -839,6 +884,13 @@ class PPOTrainer(Trainer):
         return max(1, int(math.ceil(self.args.num_train_epochs * per_epoch)))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        # one run at a time in output_dir (two wrote into each other's checkpoint-N.tmp): a second one is refused
+        from ..integrity import output_dir_lock
+
+        with output_dir_lock(self.args.output_dir, self.accelerator):
+            return self._train_in_output_dir(resume_from_checkpoint, **kwargs)
+
+    def _train_in_output_dir(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         args = self.args
         total = self._total_iterations()
         self.create_optimizer_and_scheduler(num_training_steps=total)  # in iterations: `_step_schedule`
@@ -849,12 +901,15 @@ class PPOTrainer(Trainer):
         if resume_from_checkpoint:
             resume_from_checkpoint = resume_folder(resume_from_checkpoint, args.output_dir, CHECKPOINT_FILES)
             self._load_checkpoint(resume_from_checkpoint)  # each process's own random streams too (or reseeds them)
-            if self.accelerator.is_main_process:  # a later resume=True continues this timeline, not the one left
+            finished = self.iteration >= total
+            if self.accelerator.is_main_process and not finished:  # a later resume=True continues this timeline
                 supersede_later_checkpoints(args.output_dir, resume_from_checkpoint)
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
-                print(f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of {total}).",
-                      file=sys.stderr, flush=True)
+                print(f"Nothing to train: {resume_from_checkpoint} is at iteration {self.iteration}, and this run is "
+                      f"{total} iterations long (max_steps / num_train_epochs); raise it to continue the run."
+                      if finished else f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of "
+                      f"{total}).", file=sys.stderr, flush=True)
         elif self.iteration == 0:
             self._start_clean(args)
             if self.accelerator.num_processes > 1:  # same init everywhere (seeded in __init__), then own samples
@@ -1069,6 +1124,42 @@ class PPOTrainer(Trainer):
             "of them per process, reshuffled each pass over the prompts with data_seed) and samples their responses. "
             "The tokenized prompts are trainer.prompts; the last iteration's batch, responses and rewards are "
             "trainer.rollout.")
+
+
+def _refuse_multi_label(name: str, trust_remote_code: bool) -> None:
+    """A reward string is loaded with one output; a classifier saved with several (a sentiment model's NEGATIVE /
+    POSITIVE) would fail in transformers with a size mismatch that names neither the reward nor the fix."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # not readable here: load_model says why
+    classifier = any(a.endswith("ForSequenceClassification") for a in (getattr(cfg, "architectures", None) or []))
+    if classifier and cfg.num_labels > 1:
+        labels = ", ".join(f"{i}: {n}" for i, n in sorted(cfg.id2label.items()))
+        raise ValueError(f"Reward {name!r} is a classifier with {cfg.num_labels} outputs ({labels}); a reward string "
+                         f"is loaded with one. Load it yourself and pass rlhf_ext.reward.pipeline.ExternalRewardModel("
+                         f"model, tokenizer, label=<the output that is the reward, e.g. its name>) in reward_funcs.")
+
+
+def _graded(vals) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, weights) of a judge's scores for `_global_means`: the mean over the samples it graded (a None / NaN
+    is an ungraded sample, not a zero)."""
+    v = torch.tensor(vals, dtype=torch.float64)
+    ok = torch.isfinite(v)
+    return torch.where(ok, v, 0.0), ok.double()
+
+
+def _free_adapter_prefix(model, adapters) -> str:
+    """"rm_", "rm2_", …: the first prefix under which none of a reward artifact's adapters would land on an adapter
+    already on the base — two reward models trained on the policy's base both name theirs "reward", and the second
+    would overwrite the first's weights."""
+    taken = set(getattr(model, "peft_config", {}))
+    k = 1
+    while any(f"rm{'' if k == 1 else k}_{a}" in taken for a in adapters):
+        k += 1
+    return f"rm{'' if k == 1 else k}_"
 
 
 def _critic_config(model, policy_cfg):

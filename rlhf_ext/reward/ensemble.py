@@ -120,18 +120,45 @@ def _warn_once(owner, kind: str, message: str, stacklevel: int = 3) -> None:
         warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
 
-def reward_input_ids(tokenizer, prompt, completion, chat_template_kwargs: dict | None = None) -> list[int]:
+def reward_input_ids(tokenizer, prompt, completion, chat_template_kwargs: dict | None = None,
+                     add_eos: bool = True) -> list[int]:
     """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS).
     `chat_template_kwargs`: the template's extra arguments the policy's prompts were rendered with (as GRPO passes
-    them when it renders text for a reward model), e.g. {"enable_thinking": False}."""
+    them when it renders text for a reward model), e.g. {"enable_thinking": False}. `add_eos=False`: plain text as
+    the tokenizer encodes it, nothing appended (an encoder classifier's, see `closes_with_own_token`); a tokenizer
+    without an EOS (BERT's WordPiece) never gets one appended."""
     if isinstance(completion, list):  # conversational
         messages = (prompt or []) + completion
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                              **(chat_template_kwargs or {}))["input_ids"]
     text = (prompt or "") + completion
-    if not text.endswith(tokenizer.eos_token):
-        text += tokenizer.eos_token
+    eos = tokenizer.eos_token
+    if add_eos and eos is not None and not text.endswith(eos):
+        text += eos
     return tokenizer(text=text)["input_ids"]
+
+
+def closes_with_own_token(tokenizer) -> bool:
+    """Whether the tokenizer ends every text it encodes with a special token of its own (BERT's / DeBERTa's [SEP],
+    RoBERTa's </s>): a classifier trained on its encodings never saw a textual EOS after it ([SEP] [SEP])."""
+    probe = "hello"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return (len(with_special) > len(plain) and with_special[-1] in set(tokenizer.all_special_ids)
+            and with_special[len(with_special) - len(plain):] != plain)
+
+
+def leading_special_count(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before a text ([CLS], <s>, a BOS): kept when a text is cut from the
+    left (an encoder classifier pools its [CLS])."""
+    probe = "hello"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    for n in range(len(with_special) - len(plain) + 1):  # where the text starts ([UNK] is special too: look it up)
+        if with_special[n : n + len(plain)] == plain:
+            return n if all(i in special for i in with_special[:n]) else 0
+    return 0
 
 
 class RewardEnsemble(nn.Module):

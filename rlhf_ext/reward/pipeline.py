@@ -1,8 +1,9 @@
 """The reward pipeline: members → per-member normalisation → aggregation → shapers.
 
 Bradley–Terry rewards are shift-invariant, so each reward-model member is normalised with statistics recorded on
-a reference set at training time; Python callables have no such record, so by default they are normalised with a
-running mean/std whenever they are mixed with other members (see `callable_normalization`). Only after that do
+a reference set at training time; Python callables and outside reward models (`ExternalRewardModel` without a given
+mean/std) have no such record, so by default they are normalised with a running mean/std whenever they are mixed
+with other members (see `callable_normalization`). Only after that do
 `min`, `uwo` and the ensemble variance mean anything. `RewardPipeline` is used by our PPO trainer and is also a
 valid `reward_funcs` entry for TRL's GRPOTrainer / RLOOTrainer.
 """
@@ -58,19 +59,48 @@ def accepted_keywords(fn) -> frozenset:
     return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-class CallableMember:
-    """A Python reward function with TRL's signature: f(prompts, completions, completion_ids, **kw) → list[float].
+class RunningNormalization:
+    """A member whose scale is not known in advance: with `normalize="running"` its scores are centred and scaled by
+    the mean/std of every finite score it has returned so far (Welford; saved with the trainer's checkpoint);
+    `"none"` passes them through."""
 
-    `normalize="running"` centres and scales its scores with the mean/std of every finite score it has returned so
-    far (Welford; saved with the trainer's checkpoint); `"none"` passes them through.
-    """
+    normalize = "none"
+    count, running_mean, m2 = 0, 0.0, 0.0
+
+    def _observe(self, r: torch.Tensor) -> None:
+        if self.normalize == "running":
+            for v in r[torch.isfinite(r)].tolist():  # Welford: exact running mean and variance
+                self.count += 1
+                d = v - self.running_mean
+                self.running_mean += d / self.count
+                self.m2 += d * (v - self.running_mean)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor([self.running_mean if self.normalize == "running" else 0.0])
+
+    @property
+    def std(self) -> torch.Tensor:
+        if self.normalize != "running" or self.count < 2:
+            return torch.tensor([1.0])
+        return torch.tensor([max(math.sqrt(self.m2 / (self.count - 1)), 1e-6)])
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.running_mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.running_mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+class CallableMember(RunningNormalization):
+    """A Python reward function with TRL's signature: f(prompts, completions, completion_ids, **kw) → list[float],
+    normalised as `RunningNormalization` says."""
 
     def __init__(self, fn, name: str | None = None, normalize: str = "none"):
         if normalize not in ("running", "none"):
             raise ValueError(f"normalize must be 'running' or 'none', got {normalize!r}.")
         self.fn, self.names, self.normalize = fn, [name or getattr(fn, "__name__", "callable")], normalize
         self.accepted = accepted_keywords(fn)
-        self.count, self.running_mean, self.m2 = 0, 0.0, 0.0
 
     def score_completions(self, prompts, completions, completion_ids, **kwargs) -> torch.Tensor:
         """→ [B, 1] raw scores (NaN where the function returned None)."""
@@ -96,36 +126,18 @@ class CallableMember:
             raise TypeError(f"Reward function {self.names[0]!r} returned a non-number among its scores ({e}); "
                             f"return floats, or None for a missing score.") from None
         r = torch.tensor(vals, dtype=torch.float).unsqueeze(-1)
-        if self.normalize == "running":
-            for v in r[torch.isfinite(r)].tolist():  # Welford: exact running mean and variance
-                self.count += 1
-                d = v - self.running_mean
-                self.running_mean += d / self.count
-                self.m2 += d * (v - self.running_mean)
+        self._observe(r)
         return r
 
     __call__ = score_completions
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return torch.tensor([self.running_mean if self.normalize == "running" else 0.0])
-
-    @property
-    def std(self) -> torch.Tensor:
-        if self.normalize != "running" or self.count < 2:
-            return torch.tensor([1.0])
-        return torch.tensor([max(math.sqrt(self.m2 / (self.count - 1)), 1e-6)])
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.running_mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count, self.running_mean, self.m2 = state["count"], state["mean"], state["m2"]
-
 
 def as_member(obj, normalize: str = "none"):
-    """Wrap a reward source as a member: a RewardEnsemble / external model (has `score_completions`) or a callable."""
+    """Wrap a reward source as a member: a RewardEnsemble / external model (has `score_completions`) or a callable.
+    `normalize` applies to the members whose scale is unknown: callables, and external models without mean/std."""
     if hasattr(obj, "score_completions"):
+        if isinstance(obj, ExternalRewardModel) and obj.fixed is None:
+            obj.normalize = normalize
         return obj
     if callable(obj):
         return CallableMember(obj, normalize=normalize)
@@ -173,7 +185,14 @@ class RewardPipeline:
         # the chat template's extra arguments the policy's prompts were rendered with (PPOConfig.chat_template_kwargs):
         # reward models render prompt + completion with them too
         self.chat_template_kwargs = None
-        self.member_names = [n for m in self.members for n in m.names]
+        # a repeated name (two artifacts' "member_0") numbered from its second occurrence: each member keeps its own
+        # metric (`rewards/<name>_raw`) instead of one overwriting the other's
+        self.member_names = list(_by_name([n for m in self.members for n in m.names], lambda n: n))
+        weights = getattr(self.aggregator, "weights", None)
+        if weights is not None and len(weights) != len(self.member_names):
+            raise ValueError(f"aggregation weights: {len(weights)} given for {len(self.member_names)} member columns "
+                             f"({', '.join(self.member_names)}). Give one weight per column, in that order: a reward "
+                             f"model trained with ensemble_size K contributes K columns.")
         self.dropped_total, self._warned = 0, False
         self.__name__ = reward_func_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
 
@@ -258,7 +277,7 @@ class RewardPipeline:
     def _stateful(self) -> dict[str, dict]:
         """What carries state between batches, keyed by name ("debias", a callable's name; "linear#2" for the second
         of a name): members with a running normalisation, shapers with a state (debias's slope)."""
-        return {"members": _by_name([m for m in self.members if isinstance(m, CallableMember)
+        return {"members": _by_name([m for m in self.members if isinstance(m, RunningNormalization)
                                      and m.normalize == "running"], lambda m: m.names[0]),
                 "shapers": _by_name([s for s in self.shapers if s.state_dict()], lambda s: s.name)}
 
@@ -384,44 +403,161 @@ class RewardPipelineStateCallback(TrainerCallback):
         save_with_checkpoint(state, self.key, self.pipeline.state_dict())
 
 
-class ExternalRewardModel:
+class ExternalRewardModel(RunningNormalization):
     """A full reward model with its own tokenizer (e.g. a Hub `AutoModelForSequenceClassification`).
 
     Completions are decoded text, re-rendered in this model's format and re-tokenised (its vocabulary may differ
-    from the policy's).
+    from the policy's): chat messages with its chat template; text as its tokenizer encodes it — an encoder's
+    (BERT, RoBERTa, DeBERTa: it closes every text with its own [SEP] / </s>) gets `tokenizer(prompt + completion)`,
+    a causal classifier's gets the EOS appended, as trl.RewardTrainer trains it. A text longer than the model's
+    positions (its tokenizer's `model_max_length`, its position table) is cut from the left, its leading special
+    tokens ([CLS], <s>) kept: the completion's end is scored.
+
+    `label`: for a classifier with more than one output (a sentiment model's NEGATIVE / POSITIVE), the output that is
+    the reward — its index or its `config.id2label` name (e.g. `label="POSITIVE"`); required there.
+    `mean`, `std`: its scores' scale where it is known (they are normalised with it). Without them it is normalised
+    as the pipeline's Python callables are (`callable_normalization`: a running mean/std when it is mixed with other
+    members), so that `min` / `uwo` / `weighted` compare it with the rest like with like.
     """
 
-    def __init__(self, model, tokenizer, name: str = "external", mean: float = 0.0, std: float = 1.0,
-                 batch_size: int = 16):
+    def __init__(self, model, tokenizer, name: str = "external", mean: float | None = None, std: float | None = None,
+                 batch_size: int = 16, label: int | str | None = None):
         from ..models import ensure_pad_token
 
         from ..data import model_pad_id
+        from .ensemble import closes_with_own_token, leading_special_count
 
+        rows = model.get_input_embeddings().weight.shape[0]
+        _check_own_tokenizer(tokenizer, rows, name)
         self.model, self.tokenizer = model.eval(), ensure_pad_token(tokenizer)
         self.names, self.batch_size = [name], batch_size
-        self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
+        # its scale, when known (`mean` / `std`); else normalised as the pipeline's callables are (`as_member`)
+        self.fixed = None if mean is None and std is None else (0.0 if mean is None else mean, 1.0 if std is None else std)
+        cfg = getattr(model, "config", None)
+        self.column = _label_column(cfg, label, name)
+        # an encoder's tokenizer closes the text itself: an EOS appended as text would make it [SEP] [SEP]
+        self.add_eos = not closes_with_own_token(self.tokenizer)
+        self.lead, self.max_length = leading_special_count(self.tokenizer), _position_limit(model, self.tokenizer)
         # Sequence-classification models pool at the last token that is not `config.pad_token_id`, so padding must
         # carry that id; a tokenizer pad outside the embedding (`[PAD]` added without resizing) must never be used.
-        cfg = getattr(model, "config", None)
-        rows = model.get_input_embeddings().weight.shape[0]
         own = getattr(cfg, "pad_token_id", None)
         self.pad_id = own if own is not None and 0 <= own < rows else model_pad_id(self.tokenizer, model)
         if cfg is not None and own is None:
             cfg.pad_token_id = self.pad_id  # transformers' pooling refuses batches without one
 
-    @torch.no_grad()
-    def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
-        from ..data import pad_ids
+    def input_ids(self, prompts, completions, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+        """The token ids each prompt + completion is scored on (before a cut to the model's positions)."""
         from .ensemble import reward_input_ids
 
         prompts = prompts if prompts is not None else [None] * len(completions)
-        template = kwargs.get("chat_template_kwargs")
-        seqs = [reward_input_ids(self.tokenizer, p, c, template) for p, c in zip(prompts, completions)]
+        return [reward_input_ids(self.tokenizer, p, c, chat_template_kwargs, add_eos=self.add_eos)
+                for p, c in zip(prompts, completions)]
+
+    def _fit(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Each sequence within the model's positions, cut from the left past its leading special tokens (as
+        `RewardEnsemble.score_sequences` cuts to its max_length); said once."""
+        from .ensemble import _warn_once
+
+        L = self.max_length
+        cut = 0 if L is None else sum(len(s) > L for s in seqs)
+        if not cut:
+            return seqs
+        _warn_once(self, "cut", f"{cut} of {len(seqs)} texts to score are longer than the reward model's {L} positions "
+                   f"(its tokenizer's model_max_length, its position table): each is scored on its last {L} tokens "
+                   f"(its leading special tokens kept; the prompt's start cut). Shorten the prompts or "
+                   f"max_completion_length to score whole texts.", stacklevel=5)
+        lead = min(self.lead, L - 1)
+        return [s if len(s) <= L else s[:lead] + s[len(s) - (L - lead):] for s in seqs]
+
+    @torch.no_grad()
+    def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
+        from ..data import pad_ids
+
+        seqs = self._fit(self.input_ids(prompts, completions, kwargs.get("chat_template_kwargs")))
         device = next(self.model.parameters()).device
-        out = []
+        out, col = [], self.column
         for i in range(0, len(seqs), self.batch_size):
             ids, mask = pad_ids(seqs[i : i + self.batch_size], self.pad_id, device=device)
-            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, :1].float().cpu())
-        return torch.cat(out)
+            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, col : col + 1].float().cpu())
+        r = torch.cat(out)
+        self._observe(r)
+        return r
 
     __call__ = score_completions
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor([self.fixed[0]]) if self.fixed else super().mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.tensor([self.fixed[1]]) if self.fixed else super().std
+
+
+_PROBE_TEXT = "the reward model reads this answer"
+
+
+def _check_own_tokenizer(tokenizer, rows: int, name: str) -> None:
+    """Refuse a tokenizer that cannot be the model's: one that encodes text to nothing, or whose vocabulary is far
+    smaller than the embedding table. transformers 5 loads an empty tokenizer from a folder without tokenizer files
+    (a model saved with `model.save_pretrained()` alone) instead of raising: every text would score the same."""
+    size = len(tokenizer)
+    ids = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if ids and 2 * size >= rows:  # embeddings are padded (to multiples of 64/128), never to twice the vocabulary
+        return
+    why = "it encodes text to no tokens at all" if not ids else \
+        f"it has {size} tokens while the model's embedding has {rows} rows"
+    raise ValueError(
+        f"The tokenizer given to reward model {name!r} is not this model's tokenizer: {why}. A folder saved with "
+        f"model.save_pretrained() alone has no tokenizer files, and transformers 5 then loads an empty tokenizer. "
+        f"Save the model's tokenizer into its folder (tokenizer.save_pretrained(folder)), or pass it: "
+        f"PPOTrainer(..., reward_processing_classes=[its_tokenizer]) (one entry per reward_funcs entry, None for the "
+        f"others), or ExternalRewardModel(model, its_tokenizer).")
+
+
+def _label_column(config, label, name: str) -> int:
+    """The logits column that is the reward: 0 for a one-output model; `label` (an index or an id2label name, exact
+    or case-insensitive) for a classifier with more, where the first column is often the NEGATIVE label."""
+    n = int(getattr(config, "num_labels", 1) or 1)
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    labels = [id2label.get(i, f"LABEL_{i}") for i in range(n)]
+    if label is None:
+        if n == 1:
+            return 0
+        raise ValueError(
+            f"Reward model {name!r} is a classifier with {n} labels ({', '.join(labels)}), so which output is the "
+            f"reward is not known (the first is often the negative one). Pass ExternalRewardModel(model, tokenizer, "
+            f"label=...), the label's index or name, e.g. label={labels[-1]!r}.")
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label < n:
+            raise ValueError(f"label {label} is out of range: reward model {name!r} has {n} labels ({', '.join(labels)}); "
+                             f"pass an index from 0 to {n - 1} or a label's name.")
+        return label
+    if not isinstance(label, str):
+        raise TypeError(f"label must be an output index (int) or a label name (str), got {type(label).__name__}.")
+    found = [i for i, s in enumerate(labels) if s == label] or \
+        [i for i, s in enumerate(labels) if s.lower() == label.lower()]
+    if len(found) != 1:
+        raise ValueError(f"label {label!r} is not one of reward model {name!r}'s labels ({', '.join(labels)}); pass "
+                         f"one of them or its index.")
+    return found[0]
+
+
+def _position_limit(model, tokenizer) -> int | None:
+    """The longest input the model takes: its tokenizer's `model_max_length` (unless unset: transformers' huge
+    sentinel) and its position table, less the offset RoBERTa-style embeddings start their positions at (after the
+    padding index: 514 rows hold 512 positions). None when neither is known."""
+    from torch import nn
+
+    limits = []
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < 10**9:
+        limits.append(own)
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        offset = next((m.padding_idx + 1 for n, m in model.named_modules() if n.endswith("position_embeddings")
+                       and isinstance(m, nn.Embedding) and m.padding_idx is not None), 0)
+        limits.append(positions - offset)
+    return min(limits) if limits else None

@@ -37,9 +37,10 @@ from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import (card_metadata, default_repo_id, push_checkpoint, push_folder, reach_repo_or_explain,
                    with_card_metadata)
-from ..integrity import (atomic_tmp, check_new_run, earlier_checkpoints, ensure_writable_dir, finish_atomic_folder, read_json,
-                         remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
-                         supersede_later_checkpoints, verify_manifest)
+from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
+                         finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
+                         resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
+                         writing_folder)
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
@@ -104,6 +105,60 @@ def score_head_of(model, adapter: str | None = None) -> nn.Linear | None:
             head = head.modules_to_save[adapter] if adapter in head.modules_to_save else head.original_module
         return head if isinstance(head, nn.Linear) else None
     return None
+
+
+def _head_scores_last_token(model, head: nn.Linear, tokenizer) -> bool:
+    """Whether the checkpoint scores a text with `head` on the trunk's final hidden state at its last token — what a
+    RewardEnsemble head computes (causal classifiers: Llama's / GPT-2's `score`). An encoder's (BERT, DistilBERT,
+    DeBERTa) reads its [CLS] position through a pooler first: its head kept on the last token would score features
+    it never saw. Checked on one short probe text, in eval mode; a model the probe cannot run keeps its head."""
+    from ..adapters import eval_mode
+
+    pad = getattr(model.config, "pad_token_id", None)
+    ids = tokenizer("the answer is good and clear")["input_ids"]
+    while len(ids) > 1 and ids[-1] == pad:  # pad == EOS: transformers pools the last token that is not padding
+        ids = ids[:-1]
+    trunk, seen = trunk_of(model), {}
+
+    def keep(module, args, out):  # returns None: the output goes on unchanged
+        seen.setdefault("hidden", out[0])
+
+    hook = trunk.register_forward_hook(keep)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            x = torch.tensor([ids], device=next(trunk.parameters()).device)
+            theirs = model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
+            ours = head(seen["hidden"][:, -1].to(head.weight.dtype)).float()
+    except Exception as e:  # noqa: BLE001 - an unusual model: keep what was done before this check
+        logger.warning("Could not check where the checkpoint's score head reads (%s); it is kept.", e)
+        return True
+    finally:
+        hook.remove()
+    return bool(((ours - theirs).abs() <= 1e-3 + 2e-2 * theirs.abs()).all())
+
+
+def _eval_sets(eval_dataset) -> list:
+    if eval_dataset is None:
+        return []
+    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+
+
+def _check_eos_for_text_pairs(datasets, tokenizer, args) -> None:
+    """TRL appends the tokenizer's EOS to every text pair before tokenising (`add_eos`); a tokenizer without one
+    (BERT's / DistilBERT's WordPiece) fails there with a bare TypeError. Refused here, with the fix."""
+    from .preference_data import _TOKENISED
+
+    if tokenizer.eos_token is not None or getattr(args, "eos_token", None) is not None:
+        return
+    for dataset in datasets:
+        first = next(iter(dataset))
+        if is_conversational(first) or any(cols <= set(first) for cols in _TOKENISED):
+            continue
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}) has no eos_token, and text pairs get the EOS appended before "
+            f"they are tokenised (as trl.RewardTrainer does). For an encoder tokenizer that closes texts with "
+            f"[SEP], set `tokenizer.eos_token = tokenizer.sep_token` (or RewardEnsembleConfig(eos_token=...)) and pass "
+            f"it as processing_class, or give the pairs pre-tokenised (chosen_ids / rejected_ids columns).")
 
 
 def _head_weights(head: nn.Linear):
@@ -216,8 +271,9 @@ class RewardEnsembleTrainer(RewardTrainer):
     eval_dataset=..., processing_class=..., peft_config=..., compute_metrics=...)`. `model` may be a hub id, a local
     folder, a `.gguf` file, the embedded default name, an instantiated transformers model (its trunk is used), or a
     `peft.PeftModel` (its LoRA adapter is the member: only the adapter and the score heads train). A
-    sequence-classification checkpoint with `num_labels=1` (a trained reward model) keeps its score head: it is the
-    head of K=1, and the K heads of an ensemble start from it. Datasets may be `datasets.Dataset` or streaming
+    sequence-classification checkpoint with `num_labels=1` (a trained reward model) keeps its score head where that
+    head scores the last token (a causal classifier's; an encoder's pooled [CLS] head is not used, with a warning):
+    it is the head of K=1, and the K heads of an ensemble start from it. Datasets may be `datasets.Dataset` or streaming
     `IterableDataset` (then `max_steps` is required, as in TRL).
     """
 
@@ -306,7 +362,16 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise ValueError("train_dataset is conversational (lists of chat messages) but the tokenizer has no chat "
                              "template (a base model's tokenizer). Set chat_template_path (a Jinja file, or a model "
                              "folder whose template to take), or give the pairs as text.")
+        _check_eos_for_text_pairs([train_dataset, *_eval_sets(eval_dataset)], processing_class, args)
         head = score_head_of(source, source.active_adapter if peft_host else None)
+        if head is not None and not _head_scores_last_token(source, head, processing_class):
+            warnings.warn(
+                f"The {type(source).__name__} checkpoint's score head does not score the last token's final hidden "
+                f"state (an encoder classifier reads its [CLS] position through a pooler), and RewardEnsembleTrainer's "
+                f"heads read the last attended token: the checkpoint's head is not used, new heads are trained "
+                f"(its scores are not continued from). To continue its own scoring, train it with trl.RewardTrainer.",
+                stacklevel=2)
+            head = None
         head_init = _head_weights(head) if head is not None else None
         if head_init is not None and getattr(source.config, "pad_token_id", None) == processing_class.eos_token_id:
             warnings.warn(
@@ -718,6 +783,11 @@ class RewardEnsembleTrainer(RewardTrainer):
         return self.normalization
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # one run at a time in output_dir (two wrote into each other's checkpoint-N.tmp): a second one is refused
+        with output_dir_lock(self.args.output_dir, self.accelerator):
+            return self._train_in_output_dir(resume_from_checkpoint, *args, **kwargs)
+
+    def _train_in_output_dir(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint:
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
             if self._finished(resume_from_checkpoint):
@@ -802,21 +872,24 @@ class RewardEnsembleTrainer(RewardTrainer):
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
         final = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        tmp = atomic_tmp(final)
-        if self.args.should_save:
-            start_atomic_folder(final)
-        self.accelerator.wait_for_everyone()  # the folder is there before any process writes into it
-        self.save_model(str(tmp), _internal_call=True)
-        self._note_best_checkpoint(run_dir)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(tmp))
-            self._save_scaler(str(tmp))
-            self._save_rng_state(str(tmp))  # every process its own under DDP
-        if self.args.should_save:
-            save_trainer_state(self, tmp / TRAINER_STATE)
-        self.accelerator.wait_for_everyone()  # every process's files are in before the manifest
-        if self.args.should_save:
-            finish_atomic_folder(tmp, final)
+        tmp, fix = atomic_tmp(final), checkpoint_fix(final)
+        # a failed write (a full disk) removes checkpoint-N.tmp and is one OSError naming the checkpoint, the cause
+        # and the intact previous checkpoint; before, torch's "unexpected pos 64 vs 0" left the half folder behind
+        with writing_folder(tmp, final, fix):
+            if self.args.should_save:
+                start_atomic_folder(final)
+            self.accelerator.wait_for_everyone()  # the folder is there before any process writes into it
+            self.save_model(str(tmp), _internal_call=True)
+            self._note_best_checkpoint(run_dir)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(tmp))
+                self._save_scaler(str(tmp))
+                self._save_rng_state(str(tmp))  # every process its own under DDP
+            if self.args.should_save:
+                save_trainer_state(self, tmp / TRAINER_STATE)
+            self.accelerator.wait_for_everyone()  # every process's files are in before the manifest
+            if self.args.should_save:
+                finish_atomic_folder(tmp, final, fix=fix)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))

@@ -1,0 +1,178 @@
+"""Reward sources a user brings to PPOTrainer together: two rlhf_ext reward models on the policy's base each keep
+their own adapter, weights are checked against the member columns, audit judges may be reward models and may leave
+samples ungraded, and a reward model that cannot render conversational prompts is refused at construction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import LlamaForSequenceClassification
+
+from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
+from rlhf_ext.registry import build
+from rlhf_ext.reward.pipeline import ExternalRewardModel
+from rlhf_ext.models import load_model
+from rlhf_ext.testing import tiny_causal_lm, tiny_config, tiny_tokenizer
+
+from .conftest import preference_rows
+from .test_ppo import good_counter, make, prompts
+
+
+def _artifact(tmp_path, tiny_path, tok, name: str, seed: int) -> str:
+    out = str(tmp_path / name)
+    args = RewardEnsembleConfig(out, max_steps=3, per_device_train_batch_size=8, report_to="none", save_strategy="no",
+                                use_cpu=True, disable_tqdm=True, normalization_samples=16, seed=seed,
+                                learning_rate=5e-2)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(32, seed)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    tr.train()
+    tr.save_model(out)
+    return out
+
+
+def test_two_reward_models_on_the_policys_base_keep_their_own_adapters(tmp_path, tiny_path, tok):
+    """Both artifacts name their adapter "reward" and their member "member_0": the second used to overwrite the
+    first's adapter weights on the shared base (member A then scored with B's adapter, silently) and their metrics
+    were one key."""
+    a, b = _artifact(tmp_path, tiny_path, tok, "rm_a", 0), _artifact(tmp_path, tiny_path, tok, "rm_b", 1)
+    tr = make(tmp_path, tok, reward=[a, b], model=load_model(tiny_path, "causal"), max_steps=1)
+    tr.model_name = tiny_path
+    assert {"rm_reward", "rm2_reward"} <= set(tr.policy.peft.peft_config)
+    rows = preference_rows(4, 9)
+    P, C = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    for member, path in zip(tr.rewards.members, (a, b)):  # each hosted member scores as its artifact alone
+        alone = load_reward_model(path)
+        assert torch.allclose(member.score_texts(P, C), alone.score_texts(P, C), atol=1e-5)
+    hist = tr.train()
+    assert tr.rewards.member_names == ["member_0", "member_0#2"]
+    assert {"rewards/member_0_raw", "rewards/member_0#2_raw"} <= set(hist[0])
+
+
+def test_weights_are_one_per_member_column_and_may_be_negative(tmp_path, tok):
+    def first(completions, **kw):
+        return [1.0] * len(completions)
+
+    def second(completions, **kw):
+        return [2.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"2 given for 3 member columns \(first, second, positive_words\)"):
+        make(tmp_path, tok, reward=[first, second, good_counter(tok)], aggregation="weighted",
+             aggregation_kwargs={"weights": [1.0, 1.0]})
+    r = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    w = [2.0, -1.0, 0.5]
+    expected = [sum(wi * ri for wi, ri in zip(w, row)) / sum(abs(x) for x in w) for row in r.tolist()]
+    assert build("aggregation", "weighted", weights=w)(r).tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="not all zero"):
+        build("aggregation", "weighted", weights=[0.0, 0.0])
+
+
+def _classifier_folder(tmp_path, with_template: bool) -> str:
+    tok = tiny_tokenizer()
+    if not with_template:
+        tok.chat_template = None
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))
+    out = tmp_path / ("cls_template" if with_template else "cls_plain")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_a_reward_model_that_cannot_render_conversational_prompts_is_refused_at_construction(tmp_path, tok):
+    """It failed at the first rollout with transformers' generic chat-template error, naming neither the reward nor
+    the way out."""
+    plain = _classifier_folder(tmp_path, with_template=False)
+    with pytest.raises(ValueError, match=r"Reward model 'cls_plain': the prompts are conversational.*"
+                                         r"reward_processing_classes"):
+        make(tmp_path, tok, reward=[plain], data=prompts(8, conversational=True), per_device_train_batch_size=8)
+    make(tmp_path / "text", tok, reward=[plain], data=prompts(8, conversational=False), max_steps=1,
+         per_device_train_batch_size=8).train()
+
+
+def test_audit_judges_may_be_reward_models_and_may_leave_samples_ungraded(tmp_path, tok):
+    """An audit judge given as a classifier folder was called like a function (TypeError: 'str' object is not
+    callable), a judge's None crashed the metrics; now the folder is loaded as a reward member and named after it,
+    and `audit/<judge>` is the mean over the graded samples only."""
+    folder = _classifier_folder(tmp_path, with_template=True)
+
+    def half_graded(completions, **kw):
+        return [None if i % 2 else float(len(c)) for i, c in enumerate(completions)]
+
+    gold = ExternalRewardModel(LlamaForSequenceClassification(tiny_config(tok, num_labels=1)), tok, name="gold")
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=1, max_completion_length=8,
+                     kl_controller="fixed", use_cpu=True, save_strategy="no", disable_tqdm=True, report_to="none")
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(8),
+                    processing_class=tok, audit_funcs=[folder, half_graded, gold])
+    assert list(tr.audit_funcs) == ["cls_template", "half_graded", "gold"]
+    hist = tr.train()
+    ro = tr.rollout
+    graded = [float(len(c)) for i, c in enumerate(ro.completions) if i % 2 == 0]
+    assert hist[0]["audit/half_graded"] == pytest.approx(sum(graded) / len(graded))
+    # the classifier's own forward on what it was trained on, independently
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cls, cls_tok = AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    scores = []
+    for p, c in zip(ro.prompts, ro.completions):
+        text = cls_tok.apply_chat_template(p + c, tokenize=False)
+        ids = cls_tok(text, add_special_tokens=False, return_tensors="pt")
+        scores.append(float(cls(**ids).logits[0, 0]))
+    assert hist[0]["audit/cls_template"] == pytest.approx(sum(scores) / len(scores), rel=1e-4)
+    assert math.isfinite(hist[0]["audit/gold"])
+
+
+def test_an_outside_classifier_is_normalised_like_a_callable_when_mixed(tmp_path, tok):
+    """An outside classifier has no recorded scale: mixed with other members it was passed through raw (std 3.9
+    beside members of std 1, so `min` picked it most of the time). Now a running mean/std, as for a callable — checked
+    against the scores it returned — saved by name with the pipeline's state; a given mean/std is used as given."""
+    folder = _classifier_folder(tmp_path, with_template=True)
+    tr = make(tmp_path, tok, reward=[folder, good_counter(tok)], max_steps=2, per_device_train_batch_size=8)
+    cls = tr.rewards.members[0]
+    seen = []
+    original = cls.score_completions
+
+    def recording(*a, **k):
+        r = original(*a, **k)
+        seen.extend(r[:, 0].tolist())
+        return r
+
+    cls.score_completions = recording
+    tr.train()
+    assert cls.normalize == "running" and cls.count == len(seen) == 16
+    assert float(cls.mean) == pytest.approx(sum(seen) / 16, rel=1e-6)
+    assert float(cls.std) == pytest.approx(float(torch.tensor(seen, dtype=torch.float64).std()), rel=1e-5)
+    assert "cls_template" in tr.rewards.state_dict()["members"]
+    model = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))
+    given = ExternalRewardModel(model, tok, name="given", mean=1.5, std=2.0)
+    alone = ExternalRewardModel(model, tok, name="alone")
+    from rlhf_ext import RewardPipeline
+
+    RewardPipeline([given, alone, good_counter(tok)])
+    assert (float(given.mean), float(given.std), given.normalize) == (1.5, 2.0, "none")
+    assert alone.normalize == "running"
+
+
+def test_a_classifier_with_several_outputs_as_a_reward_string_says_how_to_pick_one(tmp_path, tok):
+    """transformers' size-mismatch RuntimeError named neither the reward nor the fix."""
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_config(tok, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                                        label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+    model.save_pretrained(tmp_path / "sentiment")
+    tok.save_pretrained(tmp_path / "sentiment")
+    with pytest.raises(ValueError, match=r"2 outputs \(0: NEGATIVE, 1: POSITIVE\).*ExternalRewardModel\(model, "
+                                         r"tokenizer, label="):
+        make(tmp_path, tok, reward=[str(tmp_path / "sentiment")])
+
+
+def test_a_reward_folder_without_its_tokenizer_is_refused_not_read_with_the_policys(tmp_path, tok):
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(tiny_config(tok, num_labels=1)).save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(ValueError, match=r"(?s)its tokenizer could not be loaded.*reward_processing_classes"):
+        make(tmp_path, tok, reward=[str(tmp_path / "no_tokenizer")])
+    built = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))  # in code: the policy's, said
+    with pytest.warns(UserWarning, match="scored with the policy's"):
+        make(tmp_path / "built", tok, reward=[built])
