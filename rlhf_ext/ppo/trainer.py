@@ -33,8 +33,8 @@ from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint, reach_repo_or_explain, with_card_metadata
-from ..integrity import (check_new_run, ensure_writable_dir, resume_folder, supersede_later_checkpoints,
-                         write_text_atomic)
+from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
+                         supersede_later_checkpoints, write_text_atomic)
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
                       tokenizer_for, warn_unquantized_experts)
@@ -885,8 +885,6 @@ class PPOTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         # one run at a time in output_dir (two wrote into each other's checkpoint-N.tmp): a second one is refused
-        from ..integrity import output_dir_lock
-
         with output_dir_lock(self.args.output_dir, self.accelerator):
             return self._train_in_output_dir(resume_from_checkpoint, **kwargs)
 
