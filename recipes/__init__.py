@@ -507,8 +507,10 @@ def check_extra_preferences(files) -> None:
     """Each `extra_preferences` file, before anything loads: there, and JSON lines with at least one row (the
     trainer reads them only after the model has loaded)."""
     from rlhf_ext.data import DataFileError, jsonl_rows
+    from rlhf_ext.monitor.queue import preferences_as_decided
 
     for f in files or []:
+        preferences_as_decided(f)  # a review folder's file that a killed server left stale or missing: rebuilt
         if not Path(f).is_file():
             raise RecipeInputError(f"extra_preferences: no file {f} (relative paths are read from {Path.cwd()}). "
                                    f"Decisions from the review page are in OUTPUT_DIR/review/preferences.jsonl "

@@ -377,6 +377,18 @@ def test_preferences_jsonl_never_written_is_built_from_the_decisions(tmp_path):
         assert len(add_extra_preferences(base, [str(q.preferences_path)])) == len(base) + 1
 
 
+def test_the_recipes_check_rebuilds_a_missing_preferences_file_before_refusing_it(tmp_path):
+    """`rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl` refused the file as missing before
+    the trainer could rebuild it from decisions.jsonl."""
+    from recipes import check_extra_preferences
+
+    q = _reviewed(tmp_path)
+    q.preferences_path.unlink()
+    with pytest.warns(UserWarning, match="rewritten from the decisions"):
+        check_extra_preferences([str(q.preferences_path)])
+    assert [r["source"]["queue_id"] for r in read_jsonl(q.preferences_path)] == ["p1"]
+
+
 def test_a_hand_edited_preferences_file_newer_than_the_decisions_is_kept(tmp_path):
     from rlhf_ext.reward.preference_data import add_extra_preferences
 
