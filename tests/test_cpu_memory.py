@@ -58,10 +58,11 @@ def _run(mode: str, **env) -> dict:
 def test_freed_tensors_are_reused_without_page_faults():
     off, on = _run("off"), _run("on")
     assert on["status"] == "set"
-    # glibc's defaults fault most of those pages in again on every pass (56 % or 100 % in 16 runs); kept, at most 9 %
-    # (0 in most runs: which block lands where varies from run to run)
-    assert off["faults"] > 0.4 * off["pages"], off
+    # glibc's defaults fault many of those pages in again on every pass (35 %, 56 % or 100 % of them in 17 runs on three
+    # hosts: with transparent huge pages one fault maps 2 MiB, so the share depends on the kernel's setting); kept,
+    # at most 9 % (0 in most runs: which block lands where varies from run to run)
     assert on["faults"] < 0.25 * on["pages"], on
+    assert on["faults"] < 0.5 * off["faults"], (off, on)
 
 
 @glibc
