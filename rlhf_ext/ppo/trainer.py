@@ -3,7 +3,8 @@
 One iteration (`_iteration`), top to bottom:
   rollout: sample (policy.py) → rewards (members → normalise → aggregate → shape) → reference log-probs
   → old log-probs and values (θ_old) → per-token KL penalty + GAE → epochs × minibatches of clipped policy +
-  value loss → KL guard (hard mode, plugins/kl.py) → β update → metrics.
+  value loss → KL guard (hard mode, plugins/kl.py) → learning-rate schedule (once per iteration) → β update →
+  metrics.
 The math is in `rl_math.py`, the model passes in `policy.py` (all in one precision context: `precision.py`), the
 controllers and the guard in `plugins/kl.py`; TRL 1.12 argument names in `trl112.py`.
 """
