@@ -203,7 +203,8 @@ def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quant
     cause = ("a 4-bit base whose layers have no backward kernel (bitsandbytes' CPU inference layout: "
              "rlhf_ext.models.keep_4bit_trainable(model) keeps the trainable layout)" if quantized else
              "a detached graph (gradient checkpointing with use_reentrant=True and no input gradients, or a custom "
-             "forward under torch.no_grad)")
+             "forward under torch.no_grad), or a loss that is exactly zero there (PPO advantages whitened over a "
+             "single response token)")
     raise RuntimeError(
         f"{trainer}: {len(dead)} of {len(params)} adapter matrices received no gradient at the first optimizer "
         f"step, so they would never train: {', '.join(dead[:6])}{' …' if len(dead) > 6 else ''}. Likely cause: "

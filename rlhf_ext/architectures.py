@@ -157,6 +157,7 @@ def resolve_lora_config(peft_config, model, **defaults):
     check_supported(model)
     if peft_config is None:
         return LoraConfig(**defaults, target_modules=default_lora_target_modules(model))
+    refuse_unsupported_peft(peft_config)
     peft_config = copy.deepcopy(peft_config)
     if getattr(peft_config, "target_modules", "n/a") is None and not getattr(peft_config, "target_parameters", None):
         peft_config.target_modules = default_lora_target_modules(model)
@@ -165,6 +166,24 @@ def resolve_lora_config(peft_config, model, **defaults):
         if hint:
             warnings.warn(hint, UserWarning, stacklevel=3)
     return peft_config
+
+
+def refuse_unsupported_peft(peft_config) -> None:
+    """PEFT configs a trainer here cannot train as their method intends, refused with the way on. AdaLoRA (a
+    LoraConfig subclass) allocates its ranks through `update_and_allocate()` calls between steps that nothing here
+    makes, and its zero-initialised singular values leave A and B without gradient at the first step. A LoRA `bias`
+    other than "none" would train the base's biases, which the frozen reference shares: they stay frozen (said)."""
+    from peft import AdaLoraConfig
+
+    if isinstance(peft_config, AdaLoraConfig):
+        raise ValueError("AdaLoraConfig is not supported: its rank allocation needs update_and_allocate() calls "
+                         "between optimizer steps, which rlhf_ext's trainers do not make. Use a LoraConfig (e.g. "
+                         f"r={peft_config.init_r}, the rank AdaLoRA starts from).")
+    if getattr(peft_config, "bias", "none") != "none":
+        warnings.warn(f"peft_config.bias={peft_config.bias!r}: the base model's biases stay frozen here — they are "
+                      f"shared with the reference (adapters off), which must stay the base. Set bias='none' to "
+                      f"silence this; for trainable biases on adapted layers, use lora_bias=True.", UserWarning,
+                      stacklevel=4)
 
 
 def unadapted_layers_hint(model, target_modules) -> str | None:

@@ -75,6 +75,11 @@ def frozen_prefix_split(peft_model, adapters, warn_unlayered: bool = False, whol
 
 def restrict_to_top_layers(peft_config, model, n: int | None):
     """Put LoRA on the last `n` decoder layers only (None/0: leave the config alone); returns the config."""
+    if not hasattr(peft_config, "layers_to_transform"):  # IA³ and others: no per-layer selection
+        if n:
+            raise ValueError(f"lora_top_layers={n}: {type(peft_config).__name__} has no layers_to_transform to put "
+                             f"adapters on the top layers only. Use a LoraConfig, or lora_top_layers=0.")
+        return peft_config
     if n:
         total = model.config.get_text_config().num_hidden_layers
         if not 0 < n <= total:

@@ -45,7 +45,7 @@ from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
-from ..reward.ensemble import RewardEnsemble
+from ..reward.ensemble import RewardEnsemble, _warn_once
 from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function
 from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states, read_checkpoint,
                          rotate_checkpoints, write_checkpoint)
@@ -421,9 +421,12 @@ class PPOTrainer(Trainer):
                 f"model.resize_token_embeddings(len(tokenizer)) before passing the model, or stop adding the token. "
                 f"(A pad token added without resizing is fine: padding never reaches the embedding.)")
 
+    def _position_limit(self) -> int | None:
+        return getattr(self.policy.peft.get_base_model().config.get_text_config(), "max_position_embeddings", None)
+
     def _fit_positions(self, model, args):
         """Prompt + completion must fit the model's positions: clip the completion length, or refuse."""
-        limit = getattr(model.get_base_model().config.get_text_config(), "max_position_embeddings", None)
+        limit = self._position_limit()
         longest = max(len(ids) for _, ids in self.prompts)
         if not limit or longest + args.max_completion_length <= limit:
             return
@@ -441,15 +444,17 @@ class PPOTrainer(Trainer):
                 "The policy adapter's forward is not finite at initialisation (NaN/inf logits). With DoRA this happens "
                 "on a weight with an all-zero row — e.g. a tied LM head whose padding embedding is zero — because DoRA "
                 "divides by the row norms. Drop the LM head from target_modules, or use plain LoRA (use_dora=False).")
-        if s["init_vs_reference"] > 1e-4:
+        starts_elsewhere = s["init_vs_reference"] > 1e-4
+        if starts_elsewhere:
             msg = (f"The policy adapter does not start at the reference: max |logit(π_θ0) − logit(π_ref)| = "
                    f"{s['init_vs_reference']:.3g}. The reference is the base with adapters disabled, so either the "
                    f"adapter was already trained (merge it into the base with merge_and_unload() and pass the merged "
-                   f"model) or its initialisation rewrites the base (PiSSA/OLoRA/LoftQ init_lora_weights; use "
-                   f"init_lora_weights=True).")
+                   f"model) or its initialisation is not the identity (init_lora_weights=False / 'gaussian' with a "
+                   f"non-zero B, PiSSA/OLoRA/LoftQ rewriting the base; use init_lora_weights=True).")
             if self.kl_ctl.enforce:
                 raise ValueError(msg + " The hard KL constraint needs π_θ0 = π_ref.")
-            warnings.warn(msg)
+            warnings.warn(msg + f" With kl_controller={self.kl_ctl.name!r} the KL penalty is measured from the base, "
+                                f"and starts above 0.")
         if args.disable_dropout and not s["train_vs_eval"] <= 1e-5:
             raise ValueError(
                 f"With dropout disabled, the model still computes different logits in training mode than in eval mode "
@@ -457,7 +462,8 @@ class PPOTrainer(Trainer):
                 f"dropout it does not recognise, router noise in a mixture of experts, …). PPO's ratios and the KL "
                 f"guard would be inexact. Switch it off in the model's config, or set disable_dropout=False (training "
                 f"passes keep it; the KL guard still measures in eval mode).")
-        if not s["training_vs_reference"] <= s["training_vs_reference_tolerance"]:
+        # (a policy that starts elsewhere, warned above, differs from the reference by design: nothing to compare)
+        if not starts_elsewhere and not s["training_vs_reference"] <= s["training_vs_reference_tolerance"]:
             raise ValueError(
                 f"At initialisation the training pass and the reference disagree: KL(π_θ0‖π_ref) = "
                 f"{s['training_vs_reference']:.3g} nats per sequence (allowed {s['training_vs_reference_tolerance']:g}) "
@@ -477,7 +483,14 @@ class PPOTrainer(Trainer):
                 f"if it is clean, please report the architecture ({type(self.policy.peft.get_base_model()).__name__}).")
         if args.top_p < 1.0:
             warnings.warn(f"top_p={args.top_p} < 1: responses are sampled from a truncated distribution, not π; PPO "
-                          f"ratios and KL refer to the untruncated π. Use top_p=1 for exact PPO.")
+                          f"ratios, the KL penalty and the hard-KL bound refer to the untruncated π (the nucleus "
+                          f"samplers of π and π_ref may differ by more), and the start-up check that sampling matches "
+                          f"the training pass is skipped. Use top_p=1 for exact PPO.")
+        if args.whiten_advantages and args.per_device_train_batch_size * args.max_completion_length == 1 \
+                and args.world_size == 1:
+            warnings.warn("whiten_advantages=True over a batch of one response token: the whitened advantage is "
+                          "exactly 0, so the policy gets no gradient. Set whiten_advantages=False, or sample more "
+                          "tokens per iteration (per_device_train_batch_size, max_completion_length).")
 
     def trainable_parameters(self):
         return [p for p in self.policy.peft.parameters() if p.requires_grad] + list(self.policy.value_head.parameters())
@@ -860,8 +873,8 @@ class PPOTrainer(Trainer):
         batches = progress(self, range(0, len(rows), bs), unit="batch", leave=False,
                            desc="Evaluating " + ("the policy" if adapters else "the reference"))
         for i in batches:
-            g = self.policy.generate(rows[i : i + bs], self.tokenizer, self.args.max_completion_length, self.args.top_p,
-                                     self.args.stop_on_eos, reference=not adapters)
+            g = self.policy.generate(rows[i : i + bs], self.tokenizer, self._eval_room(rows[i : i + bs]),
+                                     self.args.top_p, self.args.stop_on_eos, reference=not adapters)
             h_low = self.policy.lower(g.ids, g.mask)
             ref = self.policy.logits(g.ids, g.mask, g.R, h_low, reference=True)
             out["kl"] += self.policy.sequence_kl(self.policy.logits(g.ids, g.mask, g.R, h_low), ref, g.resp_mask).tolist()
@@ -876,6 +889,22 @@ class PPOTrainer(Trainer):
         if adapters:
             self.heldout = summary  # for the model card
         return {**summary, "samples": out}
+
+    def _eval_room(self, rows) -> int:
+        """max_completion_length for a batch of held-out prompts, within the model's positions: start-up fitted it to
+        the training prompts, and a longer held-out prompt would index past a learned position table (an IndexError)
+        or past what a rotary model was trained on. Cut for that batch, said once; refused if a prompt fills them."""
+        limit, n = self._position_limit(), self.args.max_completion_length
+        longest = max(len(ids) for _, ids in rows)
+        if not limit or longest + n <= limit:
+            return n
+        if longest >= limit:
+            raise ValueError(f"An evaluation prompt has {longest} tokens but the model has only {limit} positions. "
+                             f"Lower max_prompt_length with prompt_overflow='truncate' (or 'drop').")
+        _warn_once(self, "eval_room", f"Evaluation prompts of up to {longest} tokens leave {limit - longest} of the "
+                   f"model's {limit} positions: their responses are cut at {limit - longest} tokens "
+                   f"(max_completion_length {n}). This warning is shown once.", stacklevel=4)
+        return limit - longest
 
     # -- training loop -----------------------------------------------------------------------------------------
     def _total_iterations(self) -> int:
