@@ -32,6 +32,9 @@ SPEC_FILE = "rlhf_ext_reward.json"
 FORMAT_VERSION = 2
 _REBUILD = ("Rebuild the artifact: rerun the reward recipe (recipes/reward_modeling.py) or "
             "RewardEnsembleTrainer.save_model(output_dir)")
+# LoRA inits that leave the base weights as they are (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA rewrite them): the saved
+# weights replace such an init, so an adapter is always rebuilt with the default one
+BASE_KEEPING_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
 def trunk_key_prefix(peft_model) -> str:
@@ -56,14 +59,22 @@ def save_reward_artifact(out_dir, ens: RewardEnsemble, spec: dict, tokenizer, ca
             prefix = trunk_key_prefix(ens.model)
             for a in ens.adapters:
                 sd = get_peft_model_state_dict(ens.model, adapter_name=a)
-                save_tensors({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and "lora_" in k},
-                             tmp / "adapters" / f"{a}.safetensors")
+                keep = ens.model.peft_config[a].modules_to_save or ()
+                own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and _adapter_key(k, keep)}
+                save_tensors(own, tmp / "adapters" / f"{a}.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card:
             (tmp / "README.md").write_text(card)
         (tmp / SPEC_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **spec}, indent=2))
     return out
+
+
+def _adapter_key(key: str, modules_to_save) -> bool:
+    """A key of an adapter's own state: LoRA weights, or its trained copy of a `modules_to_save` module (PEFT's state
+    dict names that as the module itself) — never a base bias (PEFT adds those for bias != "none")."""
+    module = key.rsplit(".", 1)[0]
+    return "lora_" in key or any(module == m or module.endswith("." + m) for m in modules_to_save)
 
 
 def is_reward_artifact(path) -> bool:
@@ -97,6 +108,14 @@ def lora_config_of(spec: dict, model):
     cfg = dict(spec["lora_config"])
     if cfg.get("layers_to_transform") is not None and not cfg.get("layers_pattern"):
         cfg["layers_pattern"] = layer_list_name(model)
+    init = cfg.get("init_lora_weights", True)
+    if init not in BASE_KEEPING_INITS:  # trained on a rewritten base: re-running the init would rewrite this one
+        raise ValueError(f"This reward artifact was trained with init_lora_weights={init!r}, which rewrites the base "
+                         f"weights it starts from: its adapter on the unmodified base does not score as the trained "
+                         f"model did, and rebuilding it would rewrite the base it is loaded onto (shared with the PPO "
+                         f"policy). Nothing was changed. Please retrain it with the default init (leave "
+                         f"init_lora_weights out); rlhf_ext now refuses such inits when training starts.")
+    cfg["init_lora_weights"] = True  # the saved weights replace the init; a base-editing one never runs
     return LoraConfig(**cfg)
 
 
@@ -111,8 +130,14 @@ def attach_adapters(peft_model, path, spec, prefix: str = "") -> list[str]:
         if host_name not in peft_model.peft_config:
             peft_model.add_adapter(host_name, lora_config_of(spec, peft_model))
         state = load_safetensors(Path(path) / "adapters" / f"{a}.safetensors", _REBUILD + ".")
-        res = set_peft_model_state_dict(peft_model, {key_prefix + k: v for k, v in state.items()}, adapter_name=host_name)
-        unexpected = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
+        try:
+            res = set_peft_model_state_dict(peft_model, {key_prefix + k: v for k, v in state.items()},
+                                            adapter_name=host_name)
+        except RuntimeError as e:  # shapes differ: an artifact written before its rank_pattern etc. were recorded
+            raise ValueError(f"Reward adapter {a!r} of {path} does not match the LoRA config its artifact records "
+                             f"({spec.get('lora_config')}): {str(e).splitlines()[-1].strip()}. Its trainer did not "
+                             f"record every LoRA setting (an earlier rlhf_ext). {_REBUILD}.") from e
+        unexpected = list(getattr(res, "unexpected_keys", []))
         if unexpected:
             raise ValueError(f"Reward adapter {a!r} of {path} does not fit this base model (unexpected keys "
                              f"{unexpected[:3]}…): it was trained on {spec.get('base_model')!r}.")

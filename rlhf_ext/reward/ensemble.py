@@ -296,13 +296,19 @@ class RewardEnsemble(nn.Module):
             return self._member(self.adapters[0], input_ids, attention_mask)
         # PEFT mixes adapters in one batch in eval only; a shared head runs once per member, not once per mixed batch
         n_shared = self._n_shared(input_ids, attention_mask)
-        if self.model.training or self.prefix_cache is not None or n_shared:
+        if self.model.training or self.prefix_cache is not None or n_shared or self._dora():
             return torch.cat([self._member(a, input_ids, attention_mask, n_shared) for a in self.adapters], -1)
         K, B = len(self.adapters), input_ids.shape[0]
         ids, mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)
         with self.model._enable_peft_forward_hooks(adapter_names=[a for a in self.adapters for _ in range(B)]):
             pooled = self._pool(self.hidden(ids, mask, n_shared=0), ids, mask)
         return torch.cat([self.heads[a](pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)], -1)
+
+    def _dora(self) -> bool:
+        """Does a member use DoRA? PEFT mixes DoRA adapters in no batch ("Cannot pass adapter_names when DoRA is
+        enabled"): those members score one pass each."""
+        configs = getattr(self.model, "peft_config", {})
+        return any(getattr(configs.get(a), "use_dora", False) for a in self.adapters)
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

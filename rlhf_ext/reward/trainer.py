@@ -238,6 +238,7 @@ def _check_peft_config(peft_config) -> None:
         raise ValueError(f"peft_config is a {type(peft_config).__name__}; RewardEnsembleTrainer trains LoRA adapters "
                          f"(each member is saved as LoRA weights and rebuilt from LoRA settings when loaded). Pass a "
                          f"`peft.LoraConfig`, or no peft_config to train the whole model.")
+    _check_lora_settings(peft_config)
 
 
 def _check_user_optimizer(optimizer, ens) -> None:
@@ -254,14 +255,56 @@ def _check_user_optimizer(optimizer, ens) -> None:
             f"over `trainer.model.parameters()` and set `trainer.optimizer`.")
 
 
+# What an artifact records of a LoRA config: every field `artifact.lora_config_of` needs to rebuild the trained
+# adapter's shapes and forward (the saved weights then replace its init)
+_RECORDED_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
+                         "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern")
+# recorded only when set, so a plain LoRA run records what it did before (and resumes its earlier checkpoints)
+_RECORDED_WHEN_SET = ("exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
+                      "target_parameters")
+# fields that shape nothing an artifact holds: bookkeeping, and settings read only by an init refused anyway
+_NOT_REBUILT = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "runtime_config",
+                "auto_mapping", "peft_version", "loftq_config", "eva_config", "corda_config", "megatron_core",
+                "qalora_group_size")
+
+
+def _check_lora_settings(cfg) -> None:
+    """Refuse, before training, a LoRA setting the artifact cannot rebuild: the saved model would load as another
+    model (scoring differently, or not loading), which nothing would say until after the run."""
+    from peft import AdaLoraConfig
+
+    from ..architectures import refuse_unsupported_peft
+    from .artifact import BASE_KEEPING_INITS
+
+    if isinstance(cfg, AdaLoraConfig):
+        refuse_unsupported_peft(cfg)  # raises, with the LoraConfig to use instead
+    init = cfg.init_lora_weights
+    if init not in BASE_KEEPING_INITS:
+        raise ValueError(
+            f"peft_config has init_lora_weights={init!r}, which starts the adapter from the base weights and "
+            f"rewrites those weights (the base keeps what the adapter took). The saved adapter on the unmodified base "
+            f"— the one a reward model is loaded onto, or shares with the PPO policy — would not score as the trained "
+            f"model did, and rebuilding it with that init would rewrite the shared base. Train with the default init "
+            f"(leave init_lora_weights out, or set it to True).")
+    defaults, mine = type(cfg)().to_dict(), cfg.to_dict()
+    odd = [k for k, v in mine.items()
+           if k not in _RECORDED_LORA_FIELDS + _RECORDED_WHEN_SET + _NOT_REBUILT and v != defaults.get(k)]
+    if odd:
+        raise ValueError(
+            f"peft_config sets {', '.join(f'{k}={mine[k]!r}' for k in odd)}, which a reward-model artifact does not "
+            f"record: the saved model would load as a different one. Leave {'it' if len(odd) == 1 else 'them'} at "
+            f"LoraConfig's default to train a reward model.")
+
+
 def _lora_config_dict(peft_config) -> dict:
-    """The LoRA fields an artifact records (what `artifact.lora_config_of` rebuilds on a bare trunk)."""
-    cfg = {k: v for k, v in peft_config.to_dict().items()
-           if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
-                    "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern")}
-    if isinstance(cfg.get("target_modules"), set):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
-    return cfg
+    """The LoRA fields an artifact records (what `artifact.lora_config_of` rebuilds on a bare trunk or a host)."""
+    d = peft_config.to_dict()
+    cfg = {k: d.get(k) for k in _RECORDED_LORA_FIELDS if k in d}
+    cfg.update({k: d[k] for k in _RECORDED_WHEN_SET if d.get(k)})
+    # the base's biases stay frozen whatever `bias` says (architectures.refuse_unsupported_peft says so): recorded
+    # as such, so attaching the artifact to a host does not make the host's biases trainable
+    cfg["bias"] = "none"
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
 
 
 class RewardEnsembleTrainer(RewardTrainer):
@@ -527,6 +570,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise ValueError(f"lora_top_layers={args.lora_top_layers} places the LoRA layers the trainer creates from "
                              f"`peft_config`; the PeftModel you passed already has its adapter {name!r}. Leave "
                              f"lora_top_layers at 0, or pass the base model with peft_config=LoraConfig(...).")
+        _check_lora_settings(cfg)
         self.lora_config = _lora_config_dict(cfg)
         names = [name]
         K = args.ensemble_size
