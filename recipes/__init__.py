@@ -389,7 +389,7 @@ def setup_phase():
     keeps its traceback. Yields the watch: `trainer = setup.watch(Trainer(...))`."""
     from transformers import TrainerCallback
 
-    from rlhf_ext.integrity import CorruptFileError
+    from rlhf_ext.integrity import CorruptFileError, OutputDirInUseError
 
     class Watch(TrainerCallback):
         began = False
@@ -404,7 +404,7 @@ def setup_phase():
     setup = Watch()
     try:
         yield setup
-    except (ValueError, TypeError, FileNotFoundError, CorruptFileError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, CorruptFileError, KeyError, OutputDirInUseError) as e:
         if setup.began or isinstance(e, KeyError) and not _raised_in_datasets(e):
             raise
         # a KeyError's str() is the repr of its message

@@ -11,7 +11,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 
 TRAINER_STATE = "trainer_state.json"
 RESTORED = ("log_history", "epoch", "best_metric", "best_global_step", "best_model_checkpoint", "stateful_callbacks",
-            "total_flos")
+            "total_flos", "num_input_tokens_seen")
 
 
 def save_trainer_state(trainer, path) -> None:

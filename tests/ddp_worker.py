@@ -185,6 +185,36 @@ def ppo(out: Path, checkpointing: bool = False, four_bit: bool = False):
     return rank, world, info, params
 
 
+def ungraded(out: Path):
+    """Rank 0's whole share goes ungraded: the reward function returns None for every sample there (a judge that
+    timed out), and so does an audit judge at evaluation, which grades rank 1's samples 10. The global batch still
+    has samples to train on, and the audit's mean is over the graded ones."""
+    from rlhf_ext.testing import tiny_causal_lm
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+
+    def reward(completion_ids, **kw):
+        return [None if rank0 else float(len(c)) for c in completion_ids]
+
+    def judge(completions, **kw):
+        return [None if rank0 else 10.0 for _ in completions]
+
+    data = Dataset.from_dict({"prompt": [f"write a {a} review of the {s} ." for a in ("short", "long") for s in SUBJECTS]})
+    args = PPOConfig(str(out / "run"), per_device_train_batch_size=4, max_steps=2, learning_rate=3e-2,
+                     max_completion_length=6, kl_controller="fixed", use_cpu=True, save_strategy="no",
+                     disable_tqdm=True, logging_steps=1000, seed=0, monitor=False)
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                    peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), audit_funcs=[judge])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped samples' warning
+        hist = tr.train()
+    info = {"dropped": [h["rewards/dropped_nonfinite"] for h in hist], "eval": tr.evaluate(data.select(range(8)))}
+    params = {n: p.detach().clone().contiguous() for n, p in tr.policy.peft.named_parameters() if p.requires_grad}
+    return tr.accelerator.process_index, args.world_size, info, params
+
+
 def ppo_resume(out: Path):
     """Sampled PPO (each process draws from its own random stream), 4 iterations straight, and the same run stopped
     after iteration 2 (its checkpoint saved) then resumed in a fresh trainer for the last 2: the resumed run must end
@@ -265,7 +295,7 @@ for mode in MODES:
     (OUT / mode).mkdir(parents=True, exist_ok=True)
     run = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward,  # *_gc: with checkpointing
            "ppo_gc": lambda out: ppo(out, True), "reward_gc": lambda out: reward(out, True),
-           "ppo_4bit": lambda out: ppo(out, four_bit=True), "ppo_resume": ppo_resume}[mode]
+           "ppo_4bit": lambda out: ppo(out, four_bit=True), "ppo_resume": ppo_resume, "ungraded": ungraded}[mode]
     rank, world, info, params = run(OUT / mode)
     if params is not None:
         save_file(params, str(OUT / mode / f"params_w{world}_r{rank}.safetensors"))

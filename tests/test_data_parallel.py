@@ -46,8 +46,8 @@ def runs(tmp_path_factory, tok):
     base = save_tiny_model(out / "base", tok)  # written once here: two ranks saving the same folder would race
     wide = save_tiny_model(out / "base64", tok, hidden_size=64)  # the 4-bit runs' (bitsandbytes' CPU block)
     _launch(out / "w1", ["reward", "ppo", "ppo_4bit"], base, wide, world=1)
-    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit", "ppo_resume"], base, wide,
-            world=2)
+    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit", "ppo_resume", "ungraded"], base,
+            wide, world=2)
     return out
 
 
@@ -161,6 +161,18 @@ def test_monitor_decides_once_for_all_ranks(runs):
         la, lb = a["local"][it], b["local"][it]
         assert logged["objective/scores"] == pytest.approx((la["scores"] + lb["scores"]) / (la["n"] + lb["n"]))
         assert logged["response/length_mean"] == pytest.approx((la["length"] + lb["length"]) / 2)
+
+
+def test_a_process_whose_whole_share_goes_ungraded_does_not_stop_the_run(runs):
+    """Every reward on rank 0 is None: that process raised "every sample of the batch got a non-finite reward" on
+    its own share and the other died in gloo, where one process with the same global batch trains on. At
+    evaluation, rank 0 grades nothing and rank 1 grades 10: the audit's mean is 10 on both ranks (it was NaN)."""
+    ranks = _run(runs, "ungraded", world=2)
+    (ia, pa), (ib, pb) = ranks
+    assert ia["dropped"] == ib["dropped"] == [4, 4]
+    assert ia["eval"]["eval_judge"] == ib["eval"]["eval_judge"] == 10.0
+    assert ia["eval"] == ib["eval"]
+    _close(pa, pb, 0.0)
 
 
 def test_a_two_process_run_resumes_exactly(runs):

@@ -481,3 +481,14 @@ def test_an_error_in_a_real_training_step_keeps_its_traceback(tmp_path, tiny_pat
     module, config_cls = module_and_class(recipe)
     with pytest.raises(ValueError, match="a bug in a training step"):
         run(module.main, config_cls, ["--config", str(config(tmp_path, recipe, tiny_path, data, **fields))])
+
+
+def test_an_output_dir_another_run_holds_is_one_line(tmp_path, tiny_path, data):
+    """The lock's refusal (another training run in output_dir) was a full traceback per process: a RuntimeError the
+    recipes did not turn into their one-line error."""
+    from rlhf_ext.integrity import output_dir_lock
+
+    path = config(tmp_path, "reward", tiny_path, data)
+    with output_dir_lock(tmp_path / "out-reward"):  # this test process is "the other run"
+        line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "reward_modeling.py")
+    assert "another" in line.lower() and str(__import__("os").getpid()) in line

@@ -206,3 +206,15 @@ def test_push_to_hub_without_network_says_so_at_construction(tmp_path, tok, tiny
     with pytest.raises(OSError, match=r"push_to_hub=True: \w+ could not create or reach the Hub repository "
                                       r"'me/\w+' \(ConnectionError.*Nothing has trained yet.*push_to_hub=False"):
         build()
+
+
+def test_num_input_tokens_seen_continues_after_a_resume(tmp_path, tok):
+    """As Trainer: the count is restored with the checkpoint (a resumed run started again from 0)."""
+    kw = dict(include_num_input_tokens_seen="all", logging_steps=1, save_strategy="steps", save_steps=2)
+    straight = make(tmp_path / "a", tok, max_steps=4, **kw)
+    straight.train()
+    make(tmp_path / "b", tok, max_steps=2, **kw).train()
+    resumed = make(tmp_path / "b", tok, max_steps=4, **kw)
+    resumed.train(resume_from_checkpoint=True)
+    seen = lambda tr: [h["num_input_tokens_seen"] for h in tr.state.log_history if "objective/kl" in h]  # noqa: E731
+    assert seen(resumed) == seen(straight) and seen(straight)[-1] > seen(straight)[1] > 0

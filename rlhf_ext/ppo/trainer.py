@@ -299,6 +299,8 @@ class PPOTrainer(Trainer):
             # forward runs under its own adapter, its backward after the policy's is active again.
             replay_with_adapter_state(model, bool(args.activation_checkpointing_kwargs.get("use_reentrant", True)))
         self.train_policy = self._prepare_data_parallel()
+        # under DDP a process whose whole share is dropped trains with a zero loss; the global batch decides
+        self.rewards.batch_is_a_share = self.accelerator.num_processes > 1
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
@@ -563,6 +565,10 @@ class PPOTrainer(Trainer):
             scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
                                                                 has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
+        if self.rewards.batch_is_a_share and self._sum_over_processes(float(valid.sum())) == 0:
+            raise ValueError(f"Every sample of the global batch ({len(valid)} per process) got a non-finite reward from "
+                             f"the reward functions: nothing is left to train on. Check the reward function (it "
+                             f"returns NaN/inf/None for everything).")
         ro.audit = self.judge_scores(ro, self.audit_funcs)  # monitoring only: never enters the loss
         ro.extra = self._take_extra(len(ro.prompts))  # after the judges: they may log_extra() too
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
@@ -1091,12 +1097,15 @@ class PPOTrainer(Trainer):
             summary = self.evaluate_policy(part, judges=self.audit_funcs,
                                            batch_size=self.args.per_device_eval_batch_size)
         metrics = {f"{metric_key_prefix}_{k.removesuffix('_mean')}": v for k, v in summary.items() if k != "samples"}
-        if world > 1:  # sums and counts over the processes: the mean of every sample, the same number on every rank
+        if world > 1:  # sums and counts over the processes: the mean of every graded sample, the same on every rank
             # (unsharded — fewer prompts than processes — each sampled the whole set on its own stream: their mean)
-            keys, n = sorted(metrics), float(len(summary["samples"]["kl"]))
-            t = torch.tensor([n] + [metrics[k] * n for k in keys], dtype=torch.float64, device=self.args.device)
-            t = self.accelerator.reduce(t, reduction="sum")
-            metrics = {k: float(t[i + 1] / t[0]) for i, k in enumerate(keys)}
+            keys = [k.removesuffix("_mean") for k in summary if k != "samples"]
+            vals = [torch.tensor(summary["samples"][k], dtype=torch.float64) for k in keys]
+            sums = [torch.where(v.isfinite(), v, 0.0).sum() for v in vals]  # a judge's None: ungraded, not a zero
+            counts = [v.isfinite().sum().double() for v in vals]
+            t = self.accelerator.reduce(torch.stack(sums + counts).to(self.args.device), reduction="sum").cpu()
+            metrics = {f"{metric_key_prefix}_{k}": float(t[i] / t[len(keys) + i]) if t[len(keys) + i] > 0
+                       else float("nan") for i, k in enumerate(keys)}
         self.log(dict(metrics))  # a copy: log() adds the epoch to what it is given
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics

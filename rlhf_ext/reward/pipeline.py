@@ -194,6 +194,9 @@ class RewardPipeline:
                              f"({', '.join(self.member_names)}). Give one weight per column, in that order: a reward "
                              f"model trained with ensemble_size K contributes K columns.")
         self.dropped_total, self._warned = 0, False
+        # a batch that is one process's share of the trainer's (PPOTrainer under DDP): a share with every sample
+        # dropped is not the end of the run, the trainer decides on the whole batch
+        self.batch_is_a_share = False
         self.__name__ = reward_func_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
 
     def score(self, prompts, completions, completion_ids, has_eos=None, **kwargs):
@@ -231,7 +234,7 @@ class RewardPipeline:
                 f"Reward member(s) {bad} returned non-finite rewards (NaN/inf/None) for {n_bad} of {B} sample(s). "
                 f"Fix the reward function, or set `nonfinite_rewards: drop` to drop such samples and count them."
             )
-        if n_bad == B:
+        if n_bad == B and not self.batch_is_a_share:
             raise ValueError(
                 f"Every sample of the batch ({B}) got a non-finite reward from {bad}: nothing is left to train on. "
                 f"Check the reward function (it returns NaN/inf/None for everything)."
