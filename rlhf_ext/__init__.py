@@ -18,7 +18,7 @@ _EXPORTS = {
     "PPOConfig": "ppo.config", "PPOTrainer": "ppo.trainer",
     "RewardEnsembleConfig": "reward.config", "RewardEnsembleTrainer": "reward.trainer",
     "RewardEnsemble": "reward.ensemble", "load_reward_model": "reward.artifact", "RewardPipeline": "reward.pipeline",
-    "RewardPipelineStateCallback": "reward.pipeline",
+    "RewardPipelineStateCallback": "reward.pipeline", "ExternalRewardModel": "reward.pipeline",
     "KLControllerCallback": "plugins.kl_callback", "build_controller": "plugins.kl",
     "load_model": "models", "load_tokenizer": "models", "resolve_model_path": "models",
     "register": "registry", "get": "registry", "build": "registry", "available": "registry",

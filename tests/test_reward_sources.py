@@ -12,9 +12,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import LlamaForSequenceClassification
 
-from rlhf_ext import PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
+from rlhf_ext import (ExternalRewardModel, PPOConfig, PPOTrainer, RewardEnsembleConfig, RewardEnsembleTrainer,
+                      load_reward_model)
 from rlhf_ext.registry import build
-from rlhf_ext.reward.pipeline import ExternalRewardModel
 from rlhf_ext.models import load_model
 from rlhf_ext.testing import tiny_causal_lm, tiny_config, tiny_tokenizer
 

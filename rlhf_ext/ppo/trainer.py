@@ -401,7 +401,7 @@ class PPOTrainer(Trainer):
                 return self.tokenizer
             raise ValueError(f"Could not load the tokenizer of reward model {r.config._name_or_path!r} ({e}), and the "
                              f"policy's tokenizer does not fit its vocabulary. Pass "
-                             f"rlhf_ext.reward.pipeline.ExternalRewardModel(model, its_tokenizer) instead.") from e
+                             f"rlhf_ext.ExternalRewardModel(model, its_tokenizer) instead.") from e
 
     def _set_trainable(self):
         set_trainable(self.policy.peft, self.trained_adapters)
@@ -1176,7 +1176,7 @@ def _refuse_multi_label(name: str, trust_remote_code: bool) -> None:
     if classifier and cfg.num_labels > 1:
         labels = ", ".join(f"{i}: {n}" for i, n in sorted(cfg.id2label.items()))
         raise ValueError(f"Reward {name!r} is a classifier with {cfg.num_labels} outputs ({labels}); a reward string "
-                         f"is loaded with one. Load it yourself and pass rlhf_ext.reward.pipeline.ExternalRewardModel("
+                         f"is loaded with one. Load it yourself and pass rlhf_ext.ExternalRewardModel("
                          f"model, tokenizer, label=<the output that is the reward, e.g. its name>) in reward_funcs.")
 
 
