@@ -369,10 +369,11 @@ class ReviewQueue:
         append_jsonl(self.decisions_path, {"id": pair_id, "decision": "undo", "time": now(), "reviewer": None})
         self.export_preferences()
 
-    def export_preferences(self) -> Path:
-        """Rewrite preferences.jsonl from the queue and the effective decisions (atomic). Both are read whole or
-        not at all (CorruptFileError): a row dropped from a partial read would be a decision lost."""
-        rows = self.preference_rows()
+    def export_preferences(self, rows: list[dict] | None = None) -> Path:
+        """Rewrite preferences.jsonl from the queue and the effective decisions (atomic), or from their `rows`
+        already read (`preference_rows`). Both are read whole or not at all (CorruptFileError): a row dropped from a
+        partial read would be a decision lost."""
+        rows = self.preference_rows() if rows is None else rows
         self.dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.preferences_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return self.preferences_path
@@ -427,7 +428,7 @@ def preferences_as_decided(path) -> bool:
                       f"{len(rows)}) and is newer than it (edited by hand?): it is read as it is. Delete it to have it "
                       f"rebuilt from the decisions.")
         return False
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    q.export_preferences(rows)  # `path` is the queue's preferences_path (checked above)
     was = "missing" if held is None else f"older than the last decision in {q.decisions_path}"
     warnings.warn(f"{path} was {was} (a review server stopped between recording a decision and rewriting it): "
                   f"rewritten from the decisions ({len(held or [])} → {len(rows)} pairs) before training on it.")

@@ -270,7 +270,7 @@ class PPOTrainer(Trainer):
         if held:
             eval_dataset = held if isinstance(eval_dataset, dict) else held[None]
         self._check_token_ids(model)
-        self._fit_positions(model, args)
+        self._fit_positions(args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
                                                    self.compute_dtype)
         self.startup["shared_prompt_prefix"] = sharing
@@ -426,18 +426,25 @@ class PPOTrainer(Trainer):
     def _position_limit(self) -> int | None:
         return getattr(self.policy.peft.get_base_model().config.get_text_config(), "max_position_embeddings", None)
 
-    def _fit_positions(self, model, args):
-        """Prompt + completion must fit the model's positions: clip the completion length, or refuse."""
+    def _completion_room(self, rows, what: str) -> int | None:
+        """How many tokens the model's positions leave after the longest prompt of `rows` (None: no limit known);
+        refused, naming `what`, when a prompt fills them."""
         limit = self._position_limit()
-        longest = max(len(ids) for _, ids in self.prompts)
-        if not limit or longest + args.max_completion_length <= limit:
-            return
-        if longest >= limit:
-            raise ValueError(f"A prompt has {longest} tokens but the model has only {limit} positions. Lower "
+        longest = max(len(ids) for _, ids in rows)
+        if limit and longest >= limit:
+            raise ValueError(f"{what} has {longest} tokens but the model has only {limit} positions. Lower "
                              f"`max_prompt_length` with prompt_overflow='truncate' (or 'drop').")
-        warnings.warn(f"max_completion_length={args.max_completion_length} + the longest prompt ({longest} tokens) "
-                      f"exceeds the model's {limit} positions: max_completion_length clipped to {limit - longest}.")
-        args.max_completion_length = limit - longest
+        return limit - longest if limit else None
+
+    def _fit_positions(self, args):
+        """Prompt + completion must fit the model's positions: clip the completion length, or refuse."""
+        room = self._completion_room(self.prompts, "A prompt")
+        if room is None or args.max_completion_length <= room:
+            return
+        warnings.warn(f"max_completion_length={args.max_completion_length} + the longest prompt "
+                      f"({self._position_limit() - room} tokens) exceeds the model's {self._position_limit()} "
+                      f"positions: max_completion_length clipped to {room}.")
+        args.max_completion_length = room
 
     def _check_startup(self, args):
         s = self.startup
@@ -900,17 +907,14 @@ class PPOTrainer(Trainer):
         """max_completion_length for a batch of held-out prompts, within the model's positions: start-up fitted it to
         the training prompts, and a longer held-out prompt would index past a learned position table (an IndexError)
         or past what a rotary model was trained on. Cut for that batch, said once; refused if a prompt fills them."""
-        limit, n = self._position_limit(), self.args.max_completion_length
-        longest = max(len(ids) for _, ids in rows)
-        if not limit or longest + n <= limit:
+        room, n = self._completion_room(rows, "An evaluation prompt"), self.args.max_completion_length
+        if room is None or n <= room:
             return n
-        if longest >= limit:
-            raise ValueError(f"An evaluation prompt has {longest} tokens but the model has only {limit} positions. "
-                             f"Lower max_prompt_length with prompt_overflow='truncate' (or 'drop').")
-        _warn_once(self, "eval_room", f"Evaluation prompts of up to {longest} tokens leave {limit - longest} of the "
-                   f"model's {limit} positions: their responses are cut at {limit - longest} tokens "
-                   f"(max_completion_length {n}). This warning is shown once.", stacklevel=4)
-        return limit - longest
+        limit = self._position_limit()
+        _warn_once(self, "eval_room", f"Evaluation prompts of up to {limit - room} tokens leave {room} of the model's "
+                   f"{limit} positions: their responses are cut at {room} tokens (max_completion_length {n}). This "
+                   f"warning is shown once.", stacklevel=4)
+        return room
 
     # -- training loop -----------------------------------------------------------------------------------------
     def _total_iterations(self) -> int:
@@ -1066,7 +1070,8 @@ class PPOTrainer(Trainer):
         """A new run (not resumed) in an output_dir an earlier run used would append to its monitor log and leave its
         checkpoints for a later resume to continue: refused, naming the ways out, unless overwrite_output_dir."""
         found = as_main_process_sees_it(self.accelerator, lambda: earlier_run(args.output_dir))
-        if check_new_run(args.output_dir, found, args.overwrite_output_dir, args.resume_from_checkpoint) and self.accelerator.is_main_process:
+        clear = check_new_run(args.output_dir, found, args.overwrite_output_dir, args.resume_from_checkpoint)
+        if clear and self.accelerator.is_main_process:
             clear_earlier_run(args.output_dir)
         self.accelerator.wait_for_everyone()  # on every rank: all of them took the same decision
 
