@@ -179,8 +179,11 @@ def with_extra_preferences(dataset, files):
 
     if not files:
         return dataset
+    from .monitor.queue import preferences_as_decided
+
     parts = [(BASE, dataset)]
     for f in files:
+        preferences_as_decided(f)  # a review folder's preferences.jsonl a killed server left stale or missing: rebuilt
         if not Path(f).is_file():
             raise FileNotFoundError(f"extra_preferences: no file {f}. Decisions from the review page are in "
                                     f"OUTPUT_DIR/review/preferences.jsonl (written after the first decision).")

@@ -377,6 +377,19 @@ def test_preferences_jsonl_never_written_is_built_from_the_decisions(tmp_path):
         assert len(add_extra_preferences(base, [str(q.preferences_path)])) == len(base) + 1
 
 
+def test_a_script_calling_with_extra_preferences_itself_gets_the_decided_pairs(tmp_path):
+    """README's retrain step as a script writes it (`rlhf_ext.data.with_extra_preferences(train, [file])`): it
+    trained on the stale file — the undone pair p0 in, nothing said."""
+    from rlhf_ext.data import with_extra_preferences
+
+    q = _reviewed(tmp_path)
+    base = Dataset.from_list(preference_rows(4, 0, conversational=False))
+    with pytest.warns(UserWarning, match="rewritten from the decisions"):
+        combined = with_extra_preferences(base, [str(q.preferences_path)])
+    extra = combined.select(range(len(base), len(combined))).to_list()
+    assert [(r["chosen"], r["rejected"]) for r in extra] == [("short 1", "long answer 1")]
+
+
 def test_the_recipes_check_rebuilds_a_missing_preferences_file_before_refusing_it(tmp_path):
     """`rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl` refused the file as missing before
     the trainer could rebuild it from decisions.jsonl."""

@@ -10,7 +10,6 @@ import math
 import warnings
 from dataclasses import dataclass
 from itertools import accumulate, islice
-from pathlib import Path
 
 import torch
 from datasets import Dataset, IterableDataset
@@ -114,20 +113,13 @@ def add_extra_preferences(train_dataset, files, weight: int = 1):
     """`RewardEnsembleConfig.extra_preferences` applied to the training set, each extra row `weight` times (a missing
     or empty file is an error naming it). A training set that already ends with exactly those rows (a script that
     called `rlhf_ext.data.with_extra_preferences` itself, as the recipe once did) is used as it is, with a warning.
-    A review folder's preferences.jsonl is first made to agree with its decisions.jsonl (`preferences_as_decided`)."""
+    A review folder's preferences.jsonl is first made to agree with its decisions.jsonl (in `with_extra_preferences`)."""
     from ..data import with_extra_preferences
 
     if isinstance(train_dataset, IterableDataset):
         raise ValueError("extra_preferences needs a sized train_dataset (a datasets.Dataset): a streaming "
                          "IterableDataset cannot be concatenated with the preference files. Load the stream into a "
                          "Dataset, or add the files' rows to the stream yourself and leave extra_preferences unset.")
-    from ..monitor.queue import preferences_as_decided
-
-    for f in files:
-        preferences_as_decided(f)  # a review folder's preferences.jsonl left stale by a killed server: rebuilt
-    for f in files:  # an empty file: `datasets` fails inside its JSON reader (StopIteration) before data.py can say so
-        if Path(f).is_file() and not Path(f).read_text(encoding="utf-8").strip():
-            raise ValueError(f"extra_preferences: {f} holds no preference pairs yet (the file is empty).")
     combined = with_extra_preferences(train_dataset, files)
     n = len(combined) - len(train_dataset)
     if 0 < n <= len(train_dataset):
