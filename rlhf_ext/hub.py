@@ -14,18 +14,32 @@ def looks_like_repo_id(name: str) -> bool:
     return not Path(s).expanduser().exists() and "/" in s and is_hub_id(s)
 
 
+def card_hub_id(name) -> str | None:
+    """`name` as a model card's `base_model` / `datasets` entry may hold it: a Hub id, or None for a local path or
+    the embedded default's short name (the Hub refuses a commit whose card names what is not a repository)."""
+    from .models import EMBEDDED_MODELS, is_hub_id
+
+    s = str(name) if name else ""
+    if not s or s.lower() in EMBEDDED_MODELS or Path(s).expanduser().exists() or not is_hub_id(s):
+        return None
+    return s
+
+
 def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 revision: str | None = None, commit_message: str = "Upload with rlhf_ext",
-                path_in_repo: str | None = None) -> str:
+                path_in_repo: str | None = None, delete_patterns: list[str] | None = None) -> str:
     """Create `repo_id` if needed and upload every file of `folder` in one commit (under `path_in_repo`, else at the
-    root). Returns the commit URL."""
+    root), deleting the repo's files that match `delete_patterns` in the same commit. Returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:  # transformers' hub_revision: the branch is made from main the first time
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                 revision=revision, repo_type="model", path_in_repo=path_in_repo)
+                                 revision=revision, repo_type="model", path_in_repo=path_in_repo,
+                                 delete_patterns=delete_patterns)
     except Exception as e:  # noqa: BLE001 — offline, auth, permissions: say which, and that nothing was lost
         raise OSError(f"Could not upload {folder} to the Hugging Face Hub as {repo_id!r} ({type(e).__name__}: {e}). "
                       f"Nothing local was changed or lost; check the network and your token "
@@ -100,18 +114,21 @@ def with_card_metadata(card: str, meta: dict) -> str:
             fields[key] = len(lines)
             lines.append(f"{key}: {value}")
 
-    extra = [*_as_list(meta.get("tags", [])), *_as_list(meta.get("dataset_tags", []))]
+    extra = _as_list(meta.get("tags", []))
     if extra:
         own = [t.strip() for t in lines[fields["tags"]].split(":", 1)[1].strip(" []").split(",")
                if t.strip()] if "tags" in fields else []
         put("tags", f"[{', '.join(dict.fromkeys(own + extra))}]")
-    datasets = [*_as_list(meta.get("dataset_name", [])), *_as_list(meta.get("dataset", []))]
+    # transformers' create_model_card puts dataset_tags in `datasets`; a local folder is no dataset id (the Hub
+    # refuses the card)
+    datasets = [d for d in (*_as_list(meta.get("dataset_name", [])), *_as_list(meta.get("dataset", [])),
+                            *_as_list(meta.get("dataset_tags", []))) if card_hub_id(d)]
     if datasets:
         put("datasets", f"[{', '.join(dict.fromkeys(datasets))}]")
     for key in ("license", "language"):
         if key in meta:
             put(key, meta[key] if isinstance(meta[key], str) else f"[{', '.join(meta[key])}]")
-    if "finetuned_from" in meta:
+    if card_hub_id(meta.get("finetuned_from")):
         put("base_model", meta["finetuned_from"])
     if "model_name" in meta:
         body_lines = body.splitlines()
@@ -140,7 +157,7 @@ def push_checkpoint(args, path, repo_id: str, push_model, label: str) -> None:
         push_model(commit_message=message)
         if strategy in ("checkpoint", "all_checkpoints"):
             push_folder(path, repo_id, private=args.hub_private_repo, token=args.hub_token,
-                        commit_message=message + " (checkpoint)",
+                        revision=getattr(args, "hub_revision", None), commit_message=message + " (checkpoint)",
                         path_in_repo="last-checkpoint" if strategy == "checkpoint" else Path(path).name)
     except Exception as e:  # noqa: BLE001 — any network or Hub error
         warnings.warn(f"Uploading {label} to the Hub failed ({type(e).__name__}: {e}); training goes on, and {path} "

@@ -35,8 +35,23 @@ def fake_hub(monkeypatch, tmp_path):
         (store / repo_id).mkdir(parents=True, exist_ok=True)
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(self, repo_id, folder_path, path_in_repo=None, **kw):
-        shutil.copytree(folder_path, store / repo_id / (path_in_repo or ""), dirs_exist_ok=True)
+    def create_branch(self, repo_id, branch, exist_ok=False, **kw):  # a branch: a copy of main at `repo_id@branch`
+        if not (store / f"{repo_id}@{branch}").exists():
+            shutil.copytree(store / repo_id, store / f"{repo_id}@{branch}")
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, revision=None, delete_patterns=None, **kw):
+        """As the Hub: files are added or replaced, never removed, except those matching `delete_patterns` (relative
+        to `path_in_repo`); an unknown revision is refused."""
+        import fnmatch
+
+        repo = store / (f"{repo_id}@{revision}" if revision and revision != "main" else repo_id)
+        if not repo.is_dir():
+            raise ValueError(f"Invalid rev id: {revision}")
+        into = repo / (path_in_repo or "")
+        for old in [p for p in into.rglob("*") if p.is_file()] if into.is_dir() else []:
+            if any(fnmatch.fnmatch(str(old.relative_to(into)), pat) for pat in delete_patterns or []):
+                old.unlink()
+        shutil.copytree(folder_path, into, dirs_exist_ok=True)
         return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
     def snapshot_download(repo_id, **kw):
@@ -45,6 +60,7 @@ def fake_hub(monkeypatch, tmp_path):
         return str(store / repo_id)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     return store
@@ -341,3 +357,100 @@ def test_hub_strategy_checkpoint_uploads_checkpoints_to_resume_from(tmp_path, to
     hist = resumed.train(resume_from_checkpoint=str(pushed))
     assert resumed.iteration == 3 and len(hist) == 3
     assert [h["loss/policy"] for h in hist[:2]] == [h["loss/policy"] for h in first]  # 1-2 came from the upload
+
+
+def _logits(folder_or_model, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder_or_model)) if isinstance(folder_or_model, (str, Path)) \
+        else folder_or_model
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits[:, :-1]
+
+
+def test_a_merged_save_over_an_adapter_loads_the_trained_policy_not_lora_twice(tmp_path, tok, tiny_path, fake_hub):
+    """Checkpoint uploads put the adapter in the repo; save_model(merge=True) then added the merged weights beside
+    it, and transformers loaded that folder as the merged model with the adapter applied again (LoRA counted twice:
+    logits 0.16 off). The same locally, saving both kinds into one folder. Each save now removes the other kind."""
+    tr = make(tmp_path, tok, model=load_model(tiny_path, "causal"), max_steps=2, push_to_hub=True,
+              hub_model_id="someone/both", save_strategy="steps", save_steps=1, learning_rate=0.05)
+    tr.model_name = tiny_path
+    tr.train()
+    staged = fake_hub / "someone" / "both"
+    assert (staged / "adapter_model.safetensors").is_file()  # what the checkpoints uploaded
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = tr.policy.logits(ids, torch.ones_like(ids), 4) * tr.args.temperature
+    assert (want - _logits(tiny_path, ids)).abs().max() > 1e-2  # LoRA moved the policy: counted twice would show
+    tr.save_model(str(tmp_path / "out"))
+    tr.save_model(str(tmp_path / "out"), merge=True)  # the repo and a local folder, both after an adapter save
+    for folder in (staged, tmp_path / "out"):
+        assert not (folder / "adapter_config.json").exists() and (folder / "model.safetensors").is_file()
+        assert torch.allclose(_logits(folder, ids), want, atol=1e-4), folder
+    tr.save_model(str(tmp_path / "out"))  # and back: an adapter save over a merged one
+    for folder in (staged, tmp_path / "out"):
+        assert not (folder / "model.safetensors").exists() and not (folder / "config.json").exists()
+        assert torch.allclose(_logits(folder, ids), want, atol=1e-4), folder
+
+
+def test_hub_revision_is_where_every_upload_goes(tmp_path, tiny_path, tok, fake_hub):
+    """transformers' `hub_revision`: Trainer pushes the model, its checkpoints and save_model() to that branch. PPO
+    ignored it (everything on main); the reward trainer sent only save_model() there, its checkpoints and
+    push_to_hub() to main — one run split over two branches."""
+    tr = make(tmp_path / "ppo", tok, max_steps=1, push_to_hub=True, hub_model_id="someone/p", hub_revision="dev",
+              hub_strategy="checkpoint", save_strategy="steps", save_steps=1)
+    tr.train()
+    tr.push_to_hub()
+    assert sorted(p.name for p in (fake_hub / "someone" / "p").iterdir()) == []  # main untouched
+    dev = fake_hub / "someone" / "p@dev"
+    assert (dev / "adapter_model.safetensors").is_file() and (dev / "last-checkpoint" / "ppo_state.json").is_file()
+
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, ensemble_mode="adapters", max_steps=2,
+                                per_device_train_batch_size=8, report_to="none", save_strategy="steps", save_steps=1,
+                                use_cpu=True, disable_tqdm=True, normalization_samples=16, push_to_hub=True,
+                                hub_model_id="someone/r", hub_revision="dev", hub_strategy="checkpoint")
+    rm = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(16, 0)),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rm.train()
+    rm.push_to_hub()
+    assert sorted(p.name for p in (fake_hub / "someone" / "r").iterdir()) == []
+    assert (fake_hub / "someone" / "r@dev" / "last-checkpoint").is_dir()
+    assert load_reward_model(str(fake_hub / "someone" / "r@dev")).score_texts(["a"], ["b"]).shape == (1, 2)
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_model_cards_name_hub_ids_only(tmp_path, tiny_path, tok, monkeypatch):
+    """The Hub refuses a commit whose card's `base_model` or `datasets` is not a repository: the cards held a local
+    folder's path, the embedded default's short name, 'unknown' / 'None' for a model passed as an object, and the
+    recipe's resolved data folder; `dataset_tags` went to `tags` (transformers puts it in `datasets`)."""
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    tr = make(tmp_path / "a", tok, max_steps=1)  # a model object: no name
+    tr.create_model_card(dataset_tags="stanfordnlp/imdb", dataset_name=str(tmp_path), finetuned_from=str(tmp_path))
+    front = _front_matter((tmp_path / "a" / "ppo" / "README.md").read_text())
+    assert "base_model" not in front and front["datasets"] == ["stanfordnlp/imdb"]
+    assert "stanfordnlp/imdb" not in front["tags"]
+    tr.model_name = tiny_path  # a local folder
+    tr.save_model(str(tmp_path / "local"))
+    assert "base_model" not in _front_matter((tmp_path / "local" / "README.md").read_text())
+    tr.create_model_card(finetuned_from="someone/base")  # a Hub id given by the user is kept
+    assert _front_matter((tmp_path / "a" / "ppo" / "README.md").read_text())["base_model"] == "someone/base"
+
+    monkeypatch.setenv("RLHF_EXT_TINY_MODELS", "1")
+    monkeypatch.setenv("RLHF_EXT_CACHE", str(tmp_path / "cache"))
+    emb = PPOTrainer("smollm2-135m-instruct", reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                     args=PPOConfig(str(tmp_path / "emb"), per_device_train_batch_size=4, max_steps=1,
+                                    max_completion_length=4, use_cpu=True, save_strategy="no", monitor=False),
+                     train_dataset=Dataset.from_dict({"prompt": ["hello there ."] * 4}))
+    emb.save_model(str(tmp_path / "emb_policy"))
+    card = _front_matter((tmp_path / "emb_policy" / "README.md").read_text())
+    assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    rm = _reward(tmp_path, tiny_path, tok)  # a local folder
+    rm.save_model(str(tmp_path / "rm_out"))
+    assert "base_model" not in _front_matter((tmp_path / "rm_out" / "README.md").read_text())

@@ -8,8 +8,15 @@ from pathlib import Path
 from torch import nn
 
 from ..integrity import atomic_folder, save_tensors
+from ..hub import card_hub_id
 from ..models import base_reference, loadable_reference
 from .policy import CRITIC
+
+# What makes a folder load one way or the other: transformers loads a folder holding both as the merged weights with
+# the adapter applied again on top (LoRA counted twice). A save of one kind removes the other kind's files.
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+MERGED_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                "model.safetensors.index.json"]
 
 
 def save_policy(tr, out, merge: bool = False, card: dict | None = None) -> None:
@@ -44,6 +51,9 @@ def save_policy(tr, out, merge: bool = False, card: dict | None = None) -> None:
             peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
         tr.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(with_card_metadata(model_card(tr, merged=merge), card or {}))
+    for pattern in ADAPTER_FILES if merge else MERGED_FILES:  # an earlier save of the other kind into `out`
+        for stale in Path(out).glob(pattern):
+            stale.unlink()
 
 
 def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=None,
@@ -61,12 +71,14 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
         if not critic:
             shutil.rmtree(folder / "critic")
         return push_folder(folder, repo_id, private=tr.args.hub_private_repo, token=token or tr.args.hub_token,
-                           revision=revision, commit_message=commit_message or "Upload PPO policy with rlhf_ext")
+                           revision=revision, commit_message=commit_message or "Upload PPO policy with rlhf_ext",
+                           delete_patterns=ADAPTER_FILES if merge else MERGED_FILES)
 
 
 def model_card(tr, merged: bool = False) -> str:
     a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
     base = base_reference(tr.model_name) if tr.model_name else "unknown"
+    hub_base = card_hub_id(loadable_reference(tr.model_name)) if tr.model_name else None
     final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
                                   "response/eos_rate") if k in last}
     final.update({k: v for k, v in last.items() if k.startswith("audit/")})
@@ -79,7 +91,8 @@ def model_card(tr, merged: bool = False) -> str:
               "rlhf_ext's embedded models\n"
               f"base = load_model(\"{base}\", \"causal\")\n"
               f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"))
-    return (f"---\nlibrary_name: {'transformers' if merged else 'peft'}\nbase_model: {base}\n"
+    return (f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n"
+            + (f"base_model: {hub_base}\n" if hub_base else "") +  # a Hub id or nothing: the Hub refuses paths
             f"tags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
             f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
             f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"

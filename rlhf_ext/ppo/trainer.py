@@ -1144,7 +1144,7 @@ class PPOTrainer(Trainer):
         merged weights; `critic=True` adds `critic/`. Other keywords are the model card's, as in `Trainer`
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
         return push_policy(self, repo_id or default_repo_id(self.args), critic=critic, token=token,
-                           revision=revision, commit_message=commit_message, merge=merge,
+                           revision=revision or self.args.hub_revision, commit_message=commit_message, merge=merge,
                            card={**self._card, **card_metadata(kwargs, "PPOTrainer")})
 
     def create_model_card(self, tasks=None, dataset_args=None, **kwargs) -> None:

@@ -35,14 +35,16 @@ from ..adapters import check_gradients_reached, first_step_grad_params, set_trai
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
-from ..hub import (card_metadata, default_repo_id, push_checkpoint, push_folder, reach_repo_or_explain,
+from ..hub import (card_hub_id, card_metadata, default_repo_id, push_checkpoint, push_folder,
+                   reach_repo_or_explain,
                    with_card_metadata)
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
                          finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
                          resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
                          writing_folder)
 from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint, pretrained_kwargs,
+                      keep_4bit_trainable, load_model, load_tokenizer, loadable_reference, model_fingerprint,
+                      pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
@@ -989,7 +991,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         training arguments go to training_args.json."""
         self._write_artifact(Path(output_dir or self.args.output_dir))
         if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
-            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+            self.push_to_hub(commit_message="Model save")
 
     def _write_artifact(self, out: Path, card: dict | None = None) -> None:
         """`save_model`'s files at `out`, the card with `card`'s metadata (`hub.with_card_metadata`)."""
@@ -1028,7 +1030,8 @@ class RewardEnsembleTrainer(RewardTrainer):
                 return ""
             return push_folder(Path(tmp) / "artifact", repo_id or default_repo_id(self.args),
                                private=self.args.hub_private_repo, token=token or self.args.hub_token,
-                               revision=revision, commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
+                               revision=revision or self.args.hub_revision,  # as Trainer.push_to_hub
+                               commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
 
     def _init_from(self, path) -> None:
         """`init_reward_model`: start from a saved reward model's adapters and heads, refused (naming the
@@ -1086,7 +1089,8 @@ def _reward_card(spec: dict, history: list[dict]) -> str:
     evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evals.items()) if isinstance(v, (int, float)))
     tags = list(dict.fromkeys(["rlhf_ext", "reward-model", "trl", *spec.get("tags", [])]))  # + the trainers' tags
-    return (f"---\nlibrary_name: rlhf_ext\nbase_model: {spec.get('base_model_display') or spec.get('base_model')}\n"
+    base = card_hub_id(loadable_reference(spec["base_model"])) if spec.get("base_model") else None
+    return (f"---\nlibrary_name: rlhf_ext\n" + (f"base_model: {base}\n" if base else "") +  # Hub ids only
             f"tags: [{', '.join(tags)}]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
             f"K = {spec['ensemble_size']} members, mode `{spec['mode']}`, pooling `{spec.get('pooling', 'last')}`, "
             f"length de-correlation {spec['training']['length_decorrelation_coef']}.\n\n"
