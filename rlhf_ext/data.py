@@ -4,6 +4,7 @@ token-id lists, and the text of a plain or conversational field."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -134,6 +135,47 @@ def model_pad_id(tokenizer, model) -> int:
         if candidate is not None and 0 <= candidate < rows:
             return int(candidate)
     return 0
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The ids a response stops at: the tokenizer's EOS and every id of the model's `generation_config.eos_token_id`.
+    Llama 3 Instruct and Gemma 2 it end an assistant turn with `<|eot_id|>` / `<end_of_turn>`, which their tokenizer's
+    eos_token is not: stopping at the tokenizer's EOS alone ran every answer to the length cap, past the turn's end
+    (TRL's GRPOTrainer merges the two alike). `model`: the model, or its folder / Hub id (its generation_config.json
+    read, as TRL's trainers take a policy by name)."""
+    ids = [] if getattr(tokenizer, "eos_token_id", None) is None else [tokenizer.eos_token_id]
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import GenerationConfig
+
+        try:
+            model = type("Named", (), {"generation_config": GenerationConfig.from_pretrained(model)})
+        except OSError:  # none saved: the tokenizer's EOS alone, as transformers generates then
+            model = None
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured]
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def leading_special_count(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before a text ([CLS], <s>, a BOS): kept when a text is cut from the
+    left (`cut_from_left`; an encoder classifier pools its [CLS], a decoder never saw a text without its BOS)."""
+    probe = "hello"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    for n in range(len(with_special) - len(plain) + 1):  # where the text starts ([UNK] is special too: look it up)
+        if with_special[n : n + len(plain)] == plain:
+            return n if all(i in special for i in with_special[:n]) else 0
+    return 0
+
+
+def cut_from_left(ids: list[int], limit: int, lead: int = 0) -> list[int]:
+    """`ids` within `limit` tokens, cut from the left past its first `lead` (`leading_special_count`: the BOS or
+    [CLS] stays first; at most limit - 1 of them)."""
+    if len(ids) <= limit:
+        return ids
+    lead = min(lead, limit - 1)
+    return ids[:lead] + ids[len(ids) - (limit - lead):]
 
 
 def message_text(value) -> str:
@@ -295,7 +337,7 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
         source = ((i, _prompt_text(tokenizer, r["input_ids"]), list(r["input_ids"]), r) for i, r in enumerate(dataset))
     total = len(dataset) if hasattr(dataset, "__len__") else limit  # a streamed set: length unknown
     quiet = bars_off(args) or (total is not None and total < PROGRESS_ROWS)
-    rows, too_long = [], []
+    rows, too_long, lead = [], [], None
     for i, prompt, ids, row in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
         text = message_text(prompt)
         if not isinstance(text, str):
@@ -315,8 +357,10 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
             too_long.append((i, len(ids)))
             if args.prompt_overflow == "drop":
                 continue
-            if args.prompt_overflow == "truncate":
-                ids = ids[-args.max_prompt_length :]
+            if args.prompt_overflow == "truncate":  # the prompt's start cut, its BOS kept
+                if lead is None:
+                    lead = leading_special_count(tokenizer)
+                ids = cut_from_left(list(ids), args.max_prompt_length, lead)
         rows.append(PromptRow(prompt, list(ids), {c: row[c] for c in extra}))
         if limit is not None and len(rows) == limit:
             break

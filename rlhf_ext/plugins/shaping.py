@@ -6,6 +6,7 @@ ids. Additive shapers also work alone as TRL `reward_funcs` (see `as_reward_func
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -234,14 +235,33 @@ def reward_func_name(name):
     return name
 
 
-def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None):
+def _warn_if_other_stop(completion_ids, stop: list[int], tokenizer, warned: list) -> None:
+    """Said once: completions end with a special token other than the stop ids — a chat model's turn end, most
+    likely, which `as_reward_func(..., model=policy)` would count as the end."""
+    special = set(tokenizer.all_special_ids) - set(stop)
+    ends = {int(c[-1]) for c in completion_ids if len(c)} & special
+    if ends:
+        warned.append(True)
+        names = ", ".join(sorted(tokenizer.convert_ids_to_tokens(sorted(ends))))
+        warnings.warn(f"Completions end with {names}, a special token that is not the tokenizer's EOS "
+                      f"({tokenizer.eos_token!r}): this reward function counts it as content and the answer as "
+                      f"unfinished. If the model stops there (its generation_config.eos_token_id), pass the policy: "
+                      f"as_reward_func(shaper, tokenizer, model=model).", stacklevel=3)
+
+
+def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None, model=None):
     """Wrap an additive shaper as a TRL reward function: returns only its penalty term for each completion.
 
     name: its `__name__`, which TRL keys its metrics and completions column by (default `shaper_<shaper name>`:
     give two penalties from one shaper distinct names, or TRL averages their metrics together). Beside a
     `RewardPipeline` whose members can return None, put the shaper in the pipeline's `shapers=` instead: TRL trains
     on a sample any reward function scores, so this penalty would be trained on where the pipeline dropped it.
+    model: the policy (or anything with its `generation_config`): a completion ends at the tokenizer's EOS or at any
+    id of `generation_config.eos_token_id` — chat models stop at a turn end (`<|eot_id|>`, `<end_of_turn>`,
+    `<|im_end|>`) that is not their tokenizer's EOS, as TRL's trainers do. Without it, only the tokenizer's EOS.
     """
+    from ..data import stop_token_ids
+
     reward_func_name(name)
     if not shaper.additive:
         raise ValueError(
@@ -252,9 +272,12 @@ def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None):
     def reward_func(prompts=None, completions=None, completion_ids=None, **kwargs):
         if completion_ids is None:
             raise ValueError("This reward function needs `completion_ids` (TRL passes them to reward functions).")
-        eos = getattr(tokenizer, "eos_token_id", None)
-        info = ResponseInfo.from_ids(completion_ids, eos)
+        info = ResponseInfo.from_ids(completion_ids, stop)
+        if model is None and tokenizer is not None and not warned:
+            _warn_if_other_stop(completion_ids, stop, tokenizer, warned)
         return shaper(torch.zeros(len(completion_ids)), info).tolist()
+
+    stop, warned = stop_token_ids(tokenizer, model), []
 
     reward_func.__name__ = name or f"shaper_{shaper.name}"
     return reward_func

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import rl_math as F
 from ..adapters import active_adapter, adapters_disabled, eval_mode
-from ..data import pad_ids
+from ..data import pad_ids, stop_token_ids
 from ..grouped_kv import grouped_kv_attention
 from ..models import activation_checkpointing_on, trunk_of
 from ..plan.sizes import EXACT_KL_STATES
@@ -41,15 +41,21 @@ from .sampling import cpu_decoder, forked_rng
 POLICY, CRITIC = "policy", "critic"
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    """The ids a response stops at: the tokenizer's EOS and every id of the model's `generation_config.eos_token_id`.
-    Llama 3 Instruct and Gemma 2 it end an assistant turn with `<|eot_id|>` / `<end_of_turn>`, which their tokenizer's
-    eos_token is not: stopping at the tokenizer's EOS alone ran every answer to the length cap, past the turn's end
-    (TRL's GRPOTrainer merges the two alike)."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured]
-    return list(dict.fromkeys(int(i) for i in ids))
+def completion_texts(tokenizer, prompt_ids: list[list[int]], prompts: list, completion_ids: list[list[int]]):
+    """Each completion as text, decoded after its prompt's last token where the prompt is text: SentencePiece
+    tokenizers (Llama 2, Mistral, Gemma) drop a sequence's leading space when decoding, so `'▁s', '▁this'` decoded
+    alone is 's this' and `prompt + completion` — what reward models and functions read — fused two words. A chat
+    prompt's completion is the assistant message's content, decoded alone (chat templates strip or add its space)."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    rows = [i for i, p in enumerate(prompts) if not isinstance(p, list) and prompt_ids[i] and completion_ids[i]]
+    if not rows:
+        return texts
+    heads = tokenizer.batch_decode([prompt_ids[i][-1:] for i in rows], skip_special_tokens=True)
+    fulls = tokenizer.batch_decode([prompt_ids[i][-1:] + completion_ids[i] for i in rows], skip_special_tokens=True)
+    for i, head, full in zip(rows, heads, fulls):
+        if full.startswith(head):  # (a byte split between the two tokens decodes differently: kept as it was)
+            texts[i] = full[len(head):]
+    return texts
 
 
 @dataclass
@@ -366,9 +372,9 @@ class PolicyAndValue(nn.Module):
         resp = torch.where(resp_mask.bool(), resp, torch.full_like(resp, self.pad_id))
         n = resp_mask.sum(1).long()
         completion_ids = [resp[i, : int(n[i])].tolist() for i in range(len(batch))]
-        texts = tokenizer.batch_decode([c[:-1] if h else c for c, h in zip(completion_ids, stopped.tolist())],
-                                       skip_special_tokens=True)
         prompts = [p for p, _ in batch]
+        texts = completion_texts(tokenizer, [ids for _, ids in batch], prompts,
+                                 [c[:-1] if h else c for c, h in zip(completion_ids, stopped.tolist())])
         columns = {k: [row.columns[k] for row in batch] for k in getattr(batch[0], "columns", {})}
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
         return Rollout(ids=torch.cat([p_ids, resp], 1), mask=torch.cat([p_mask, resp_mask.long()], 1), resp=resp,

@@ -31,7 +31,7 @@ from ..adapters import (adapter_parameters, check_gradients_reached, first_step_
                         wrap_with_peft, zero_dropout)
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
-from ..data import check_dataset_type, held_in_memory, model_pad_id, tokenize_prompts
+from ..data import check_dataset_type, held_in_memory, model_pad_id, stop_token_ids, tokenize_prompts
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint, reach_repo_or_explain, with_card_metadata
 from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
@@ -53,7 +53,7 @@ from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
 from .interrupt import StopAfterIteration
 from .logprobs import token_logprobs
-from .policy import CRITIC, POLICY, PolicyAndValue, Rollout, stop_token_ids
+from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
 from .schedule import TrainHistory
 from .trl112 import from_trl112_arguments, processing_classes_for

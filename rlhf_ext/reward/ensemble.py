@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import active_adapter, eval_mode
-from ..data import pad_ids
+from ..data import cut_from_left, leading_special_count, model_pad_id, pad_ids
 from ..grouped_kv import grouped_kv_attention
 from ..models import activation_checkpointing_on, trunk_of
 from ..rl_math import last_token_index
@@ -148,19 +148,6 @@ def closes_with_own_token(tokenizer) -> bool:
             and with_special[len(with_special) - len(plain):] != plain)
 
 
-def leading_special_count(tokenizer) -> int:
-    """How many special tokens the tokenizer puts before a text ([CLS], <s>, a BOS): kept when a text is cut from the
-    left (an encoder classifier pools its [CLS])."""
-    probe = "hello"
-    with_special = tokenizer(probe)["input_ids"]
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    for n in range(len(with_special) - len(plain) + 1):  # where the text starts ([UNK] is special too: look it up)
-        if with_special[n : n + len(plain)] == plain:
-            return n if all(i in special for i in with_special[:n]) else 0
-    return 0
-
-
 class RewardEnsemble(nn.Module):
     """K reward members hosted on one base: `forward(input_ids, attention_mask)` → raw rewards [B, K].
 
@@ -186,6 +173,9 @@ class RewardEnsemble(nn.Module):
         self.register_buffer("mean", torch.tensor(norm.get("mean", [0.0] * K), dtype=torch.float), persistent=False)
         self.register_buffer("std", torch.tensor(norm.get("std", [1.0] * K), dtype=torch.float), persistent=False)
         self.max_length = spec.get("max_length")
+        # padding is found by the attention mask, so any id the embedding has will do: a `[PAD]` added to the
+        # tokenizer without resizing the model (TRL's PPO examples) must not reach it
+        self.pad_id = model_pad_id(tokenizer, model) if tokenizer is not None else 0
         self.pool = POOLING[spec.get("pooling", "last")]
         self.header = assistant_header_ids(tokenizer) if spec.get("pooling") == "response" else []
         if spec.get("pooling") == "response" and not self.header:
@@ -347,15 +337,16 @@ class RewardEnsemble(nn.Module):
             if cut:
                 _warn_once(self, "cut", f"{cut} of {len(seqs)} sequences to score are longer than the reward model's "
                            f"max_length ({self.max_length}, what it trained on): each is scored on its last "
-                           f"{self.max_length} tokens (its prompt's start, chat template and system turn cut). Shorten "
+                           f"{self.max_length} tokens (its BOS kept; its prompt's start, chat template and system turn cut). Shorten "
                            f"the prompts or max_completion_length, or train the reward model with a larger max_length.")
-            seqs = [s[-self.max_length :] for s in seqs]
+            lead = leading_special_count(self.tokenizer)
+            seqs = [cut_from_left(s, self.max_length, lead) for s in seqs]
         device = next(self.heads.parameters()).device
         if self.spec["mode"] == "adapters":
             batch_size = max(1, batch_size // len(self.adapters))
         out = []
         for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_ids(seqs[i : i + batch_size], self.tokenizer.pad_token_id, device=device)
+            ids, mask = pad_ids(seqs[i : i + batch_size], self.pad_id, device=device)
             out.append(self.score_ids(ids, mask))
         return torch.cat(out).cpu()
 

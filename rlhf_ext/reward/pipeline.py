@@ -166,7 +166,7 @@ class RewardPipeline:
     """
 
     def __init__(self, members, aggregation="mean", aggregation_kwargs=None, shapers=None, nonfinite="drop",
-                 eos_token_id: int | None = None, callable_normalization: str = "auto", name: str | None = None):
+                 eos_token_id: int | list[int] | None = None, callable_normalization: str = "auto", name: str | None = None):
         if nonfinite not in ("drop", "error"):
             raise ValueError(f"nonfinite must be 'drop' or 'error', got {nonfinite!r}.")
         if callable_normalization not in CALLABLE_NORMALIZATION:
@@ -427,8 +427,8 @@ class ExternalRewardModel(RunningNormalization):
                  batch_size: int = 16, label: int | str | None = None):
         from ..models import ensure_pad_token
 
-        from ..data import model_pad_id
-        from .ensemble import closes_with_own_token, leading_special_count
+        from ..data import leading_special_count, model_pad_id
+        from .ensemble import closes_with_own_token
 
         rows = model.get_input_embeddings().weight.shape[0]
         _check_own_tokenizer(tokenizer, rows, name)
@@ -459,6 +459,7 @@ class ExternalRewardModel(RunningNormalization):
     def _fit(self, seqs: list[list[int]]) -> list[list[int]]:
         """Each sequence within the model's positions, cut from the left past its leading special tokens (as
         `RewardEnsemble.score_sequences` cuts to its max_length); said once."""
+        from ..data import cut_from_left
         from .ensemble import _warn_once
 
         L = self.max_length
@@ -469,8 +470,7 @@ class ExternalRewardModel(RunningNormalization):
                    f"(its tokenizer's model_max_length, its position table): each is scored on its last {L} tokens "
                    f"(its leading special tokens kept; the prompt's start cut). Shorten the prompts or "
                    f"max_completion_length to score whole texts.", stacklevel=5)
-        lead = min(self.lead, L - 1)
-        return [s if len(s) <= L else s[:lead] + s[len(s) - (L - lead):] for s in seqs]
+        return [cut_from_left(s, L, self.lead) for s in seqs]
 
     @torch.no_grad()
     def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:

@@ -504,7 +504,7 @@ class RewardEnsembleTrainer(RewardTrainer):
                 self.bootstrap_weights = torch.ones(K, len(train_dataset))
 
         if data_collator is None:
-            data_collator = EnsemblePreferenceCollator(pad_token_id=processing_class.pad_token_id,
+            data_collator = EnsemblePreferenceCollator(pad_token_id=ens.pad_id,  # an unresized [PAD] never embedded
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
         check = _GradientReachCheck(self._reach_params(ens), self.quantized)
         if optimizers[0] is not None:
