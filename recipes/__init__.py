@@ -267,6 +267,16 @@ def _typed(name: str, value, hint, default, config_file: str, fail):
     if isinstance(value, bool) and choices:
         refuse(f"a boolean; {name} takes {expected()}. YAML reads a bare no / yes / off / on as a boolean: quote it "
                f"({name}: \"{'yes' if value else 'no'}\").")
+    if isinstance(value, str) and origins and origins <= {int, float}:  # YAML reads 1e3 (no dot) as text
+        try:
+            number = float(value)
+        except ValueError:
+            refuse(f"text; {name} takes {expected()}.")
+        if float in origins:
+            return value  # argparse converts it
+        if not number.is_integer():
+            refuse(f"a number with a fraction; {name} takes {expected()}.")
+        return int(number)
     if isinstance(value, str):  # argparse converts it as it converts the command line's (or says why not)
         return [value] if list in origins and str not in origins else value
     if str in origins and not isinstance(value, (list, dict)):
@@ -451,6 +461,31 @@ def warn_preference_pairs(dataset) -> None:
                       f"prompts (rewards come from reward_model_path), not the {' / '.join(pairs)} responses. Pass "
                       f"prompt-only data (e.g. dataset_config: prompts); the pairs are for `rlhf-ext reward`.",
                       UserWarning, stacklevel=2)
+
+
+def data_path(script_args, config_file) -> str:
+    """`dataset_name`, required, resolved as `rlhf_ext.data.resolve_data_path` does (relative to the YAML)."""
+    from rlhf_ext.data import resolve_data_path
+
+    if not script_args.dataset_name:
+        raise RecipeInputError("Set dataset_name: a Hub dataset id, a folder of <config>_<split>.jsonl files (relative "
+                               "to the YAML), or shipped:sentiment (the embedded task) — in the YAML or as "
+                               "--dataset_name.")
+    return resolve_data_path(script_args.dataset_name, config_file)
+
+
+def check_report_to(training_args) -> None:
+    """`report_to`'s trackers can be built: transformers refuses a missing one only when the trainer is built,
+    after the model has loaded, with a traceback."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    names = [n for n in training_args.report_to or [] if n != "none"]
+    try:
+        for callback in get_reporting_integration_callbacks(names):
+            callback()
+    except (RuntimeError, ImportError, ValueError) as e:
+        raise RecipeInputError(f"report_to {names}: {e} Install it, or set report_to to another tracker or "
+                               f"none.") from e
 
 
 def check_plugins(training_args) -> None:

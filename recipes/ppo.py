@@ -9,18 +9,20 @@ trl.RewardTrainer saved — as TRL's recipes take it. `dataset_name`: Hub id or 
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import resolve_data_path
-from rlhf_ext.recipes import (check_model_name, check_plugins, check_resume, check_reward_model_path, dataset_split,
-                              lora_config, model_loading, resume_argument, run, setup_phase, warn_preference_pairs)
+from rlhf_ext.recipes import (check_model_name, check_plugins, check_report_to, check_resume, check_reward_model_path,
+                              data_path, dataset_split, lora_config, model_loading, resume_argument, run, setup_phase,
+                              warn_preference_pairs)
 
 
 def main(script_args, training_args, model_args, config_file=None):
-    script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
+    script_args.dataset_name = data_path(script_args, config_file)
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
     # before anything loads, each a one-line error: the first run's usual mistakes, then the other named inputs
     check_reward_model_path(training_args.reward_model_path)
     check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)
     check_plugins(training_args)
+    check_report_to(training_args)
     check_resume(training_args)
     train = dataset_split(script_args, script_args.dataset_train_split)
     warn_preference_pairs(train)

@@ -9,16 +9,16 @@ Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit
 """
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
-from rlhf_ext.data import resolve_data_path
-from rlhf_ext.recipes import (check_extra_preferences, check_model_name, check_resume, dataset_split, lora_config,
-                              model_loading, resume_argument, run, setup_phase)
+from rlhf_ext.recipes import (check_extra_preferences, check_model_name, check_report_to, check_resume, data_path,
+                              dataset_split, lora_config, model_loading, resume_argument, run, setup_phase)
 
 
 def main(script_args, training_args, model_args, config_file=None):
-    script_args.dataset_name = resolve_data_path(script_args.dataset_name, config_file)
+    script_args.dataset_name = data_path(script_args, config_file)
     # before anything loads, each a one-line error
     check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)
     check_extra_preferences(training_args.extra_preferences)
+    check_report_to(training_args)
     check_resume(training_args)
     train = dataset_split(script_args, script_args.dataset_train_split)
     # held-out pairs, where the dataset has them: accuracy, calibration, reward-length correlation after training

@@ -222,6 +222,56 @@ def test_a_signal_mid_iteration_saves_that_iteration_and_resumes_from_it(tmp_pat
     assert [h["loss/policy"] for h in hist] == pytest.approx([h["loss/policy"] for h in whole], rel=1e-5)
 
 
+def test_a_launchers_sigterm_after_ctrl_c_still_saves(tmp_path, tok, capsys):
+    """Ctrl-C in the terminal reaches `accelerate launch` and its process alike; the launcher then passes a SIGTERM
+    on, which counted as a second Ctrl-C: the run stopped at once, without the checkpoint it had announced. A second
+    SIGTERM is the same stop request; only a second Ctrl-C stops at once."""
+    import os
+    import signal
+
+    reward, calls = good_counter(tok), []
+
+    def interrupted_at_2(prompts, completions, completion_ids, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's, passed on
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reward(prompts, completions, completion_ids, **kw)
+
+    tr = make(tmp_path, tok, reward=interrupted_at_2, max_steps=4)
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.train()
+    finally:
+        signal.signal(signal.SIGINT, found)
+    assert tr.iteration == 2 and sorted(p.name for p in (tmp_path / "ppo").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("parent, says", [
+    (["python", "/venv/bin/accelerate", "launch", "recipes/ppo.py"], "accelerate launch kills its processes 5 s"),
+    (["python", "-m", "torch.distributed.run", "--nproc_per_node", "2"], "torchrun kills its processes"),
+    (["bash"], None)])
+def test_the_announcement_says_what_a_launcher_above_will_do(monkeypatch, parent, says):
+    """Under a launcher the promise 'stopping after this iteration' held only if the iteration ended within the
+    launcher's grace period: the announcement says so and how to signal the training processes alone."""
+    import psutil
+
+    from rlhf_ext.ppo.interrupt import launcher_note
+
+    class Me:
+        def parent(self):
+            return type("Parent", (), {"cmdline": lambda self: parent})()
+
+    monkeypatch.setattr(psutil, "Process", Me)
+    note = launcher_note()
+    if says is None:
+        assert note == ""
+    else:
+        assert says in note and "pkill -TERM -f recipes/ppo.py" in note
+
+
 def test_checkpoint_is_complete_and_atomic(tmp_path, tok):
     tr = make(tmp_path, tok, max_steps=2, save_strategy="steps", save_steps=1, critic="separate")
     tr.train()

@@ -179,6 +179,10 @@ def test_a_yaml_value_of_the_wrong_type_exits_2_through_the_console_script(tmp_p
     ("use_cpu: 1", "`use_cpu: 1` is an integer; use_cpu takes true or false"),
     ("eval_strategy: no", "`eval_strategy: false` is a boolean; eval_strategy takes one of no, steps, epoch"),
     ("max_steps:", "`max_steps: null` is null; max_steps takes an integer"),
+    # text where a number goes: argparse printed its whole usage and named --max_steps, an option never typed
+    ("max_steps: fast", "`max_steps: fast` is text; max_steps takes an integer"),
+    ("num_ppo_epochs: 2.5e0", "`num_ppo_epochs: 2.5e0` is a number with a fraction; num_ppo_epochs takes an integer"),
+    ("learning_rate: fast", "`learning_rate: fast` is text; learning_rate takes a number"),
 ])
 def test_a_yaml_value_of_the_wrong_type_names_field_file_value_and_type(capsys, tmp_path, text, says):
     path = tmp_path / "c.yaml"
@@ -206,12 +210,13 @@ def test_yaml_values_the_command_line_would_accept_still_parse(tmp_path):
     c_attn`), `resume_from_checkpoint: true` as true. The JSON fields take YAML or JSON text."""
     path = tmp_path / "c.yaml"
     path.write_text("output_dir: out\nuse_cpu: 'true'\nlearning_rate: 1e-3\nmax_steps: 2.0\nseed: '3'\n"
-                    "lora_target_modules: c_attn\nresume_from_checkpoint: true\nkl_target: 5\n"
+                    "lora_target_modules: c_attn\nresume_from_checkpoint: true\nkl_target: 5\nnum_ppo_epochs: 3e0\n"
                     "aggregation_kwargs: '{\"lam\": 2.0}'\nshapers: [{name: linear, alpha: 0.1}, missing_eos]\n"
                     "eval_strategy: 'no'\n")
     script, args, model_args, config_file = parse_arguments(PPOConfig, ["--config", str(path)])
     assert (args.use_cpu, args.learning_rate, args.seed, args.kl_target) == (True, 1e-3, 3, 5)
     assert args.max_steps == 2 and type(args.max_steps) is int
+    assert args.num_ppo_epochs == 3 and type(args.num_ppo_epochs) is int  # `3e0`: text to YAML 1.1 (no dot)
     assert model_args.lora_target_modules == "c_attn"  # TRL's ModelConfig: a one-element list is its element
     assert args.resume_from_checkpoint is True and args.aggregation_kwargs == {"lam": 2.0}
     assert args.shapers == [{"name": "linear", "alpha": 0.1}, "missing_eos"] and config_file == str(path)
@@ -311,6 +316,21 @@ def test_plugin_names_and_keywords_are_checked_before_the_model_loads(capsys, tm
         builtin = {"aggregation": "mean, median, min", "kl_controller": "adaptive, fixed, hard",
                    "kl_estimator": "k1, k2, k3"}.get(says.split(":")[0])
         assert builtin is None or all(name in line for name in builtin.split(", ")), line
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "reward"])
+def test_a_config_without_dataset_name_or_with_a_tracker_not_installed_is_one_line(capsys, tmp_path, tiny_path, data,
+                                                                                  no_model_loads, recipe):
+    """No dataset_name: a traceback (`'NoneType' object has no attribute 'startswith'`). report_to a tracker that is
+    not installed: transformers' RuntimeError as a traceback, after the model had loaded."""
+    path = config(tmp_path, recipe, tiny_path, data)
+    settings = yaml.safe_load(path.read_text())
+    del settings["dataset_name"]
+    path.write_text(yaml.safe_dump(settings))
+    line = recipe_error(capsys, recipe, ["--config", path])
+    assert "Set dataset_name: a Hub dataset id, a folder of <config>_<split>.jsonl files" in line
+    line = recipe_error(capsys, recipe, ["--config", config(tmp_path, recipe, tiny_path, data, report_to=["wandb"])])
+    assert "report_to ['wandb']:" in line and "Install it, or set report_to to another tracker or none" in line
 
 
 @pytest.mark.parametrize("recipe", ["ppo", "reward"])
