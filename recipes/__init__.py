@@ -378,7 +378,7 @@ class RecipeInputError(Exception):
 def run(main, config_cls, argv: list[str] | None = None):
     """A recipe's `__main__`: `parse_arguments`, then `main(script_args, training_args, model_args, config_file=…)`;
     a `RecipeInputError` becomes one line on stderr and exit status 2 instead of a traceback; Ctrl-C, status 130 (a
-    training run has saved the iteration it finished and said how to resume: `ppo/interrupt.py`)."""
+    training run has saved the iteration or step it finished and said how to resume: `rlhf_ext/interrupt.py`)."""
     *arguments, config_file = parse_arguments(config_cls, argv)
     try:
         return main(*arguments, config_file=config_file)

@@ -4,8 +4,8 @@ across the processes. Writes what each rank saw and the trained parameters, into
 
     python tests/ddp_worker.py OUT_DIR MODE[,MODE…] GLOBAL_BATCH [BASE_MODEL_DIR (reward)] [4-BIT BASE DIR (ppo_4bit)]
 
-MODE: ppo, reward, monitor, precision, ppo_gc / reward_gc (gradient checkpointing on), ppo_4bit (an NF4 base) or
-ppo_resume (a run stopped and resumed against the same run straight), run
+MODE: ppo, reward, monitor, precision, ppo_gc / reward_gc (gradient checkpointing on), ppo_4bit (an NF4 base),
+ppo_resume (a run stopped and resumed against the same run straight) or reward_signal (one rank signalled), run
 one after another in this process (a launch and the imports cost
 ~10 s a process on 2 cores; the modes share neither data nor state, and each trainer seeds itself).
 `precision` (launched with --mixed_precision bf16): the policy untouched (lr 0) must read KL exactly 0, then the hard
@@ -291,11 +291,43 @@ def reward(out: Path, checkpointing: bool = False):
     return rank, world, info, params
 
 
+def reward_signal(out: Path):
+    """SIGTERM to rank 1 alone during step 2 (save_strategy 'no'): both ranks end step 2, save checkpoint-2 and stop."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    rows = [{"prompt": f"write a short review of the {s} . ", "chosen": f"the {s} was good .",
+             "rejected": f"the {s} was bad and boring ."} for s in SUBJECTS * 4]
+    args = RewardEnsembleConfig(str(out / "rm"), per_device_train_batch_size=2, max_steps=5, learning_rate=1e-2,
+                                report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                                normalization_samples=8, logging_steps=100)
+    tr = RewardEnsembleTrainer(sys.argv[4], args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    class SignalRank1(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1 and tr.accelerator.process_index == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    tr.add_callback(SignalRank1())
+    try:
+        tr.train()
+        raised = None
+    except (SystemExit, KeyboardInterrupt) as e:
+        raised = type(e).__name__
+    tr.accelerator.wait_for_everyone()
+    info = {"raised": raised, "step": tr.state.global_step,
+            "checkpoints": sorted(p.name for p in (out / "rm").glob("checkpoint-*"))}
+    return tr.accelerator.process_index, args.world_size, info, None
+
+
 for mode in MODES:
     (OUT / mode).mkdir(parents=True, exist_ok=True)
     run = {"precision": precision, "monitor": monitor, "ppo": ppo, "reward": reward,  # *_gc: with checkpointing
            "ppo_gc": lambda out: ppo(out, True), "reward_gc": lambda out: reward(out, True),
-           "ppo_4bit": lambda out: ppo(out, four_bit=True), "ppo_resume": ppo_resume, "ungraded": ungraded}[mode]
+           "ppo_4bit": lambda out: ppo(out, four_bit=True), "ppo_resume": ppo_resume, "ungraded": ungraded,
+           "reward_signal": reward_signal}[mode]
     rank, world, info, params = run(OUT / mode)
     if params is not None:
         save_file(params, str(OUT / mode / f"params_w{world}_r{rank}.safetensors"))

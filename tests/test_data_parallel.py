@@ -46,7 +46,8 @@ def runs(tmp_path_factory, tok):
     base = save_tiny_model(out / "base", tok)  # written once here: two ranks saving the same folder would race
     wide = save_tiny_model(out / "base64", tok, hidden_size=64)  # the 4-bit runs' (bitsandbytes' CPU block)
     _launch(out / "w1", ["reward", "ppo", "ppo_4bit"], base, wide, world=1)
-    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit", "ppo_resume", "ungraded"], base,
+    _launch(out / "w2", ["reward", "ppo", "monitor", "reward_gc", "ppo_gc", "ppo_4bit", "ppo_resume", "ungraded",
+                                 "reward_signal"], base,
             wide, world=2)
     return out
 
@@ -173,6 +174,15 @@ def test_a_process_whose_whole_share_goes_ungraded_does_not_stop_the_run(runs):
     assert ia["eval"]["eval_judge"] == ib["eval"]["eval_judge"] == 10.0
     assert ia["eval"] == ib["eval"]
     _close(pa, pb, 0.0)
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_reward_step(runs):
+    """SIGTERM to rank 1 alone during step 2: the processes agree on the step to stop after (one reduction per step),
+    checkpoint-2 is saved, and both stop — the signalled one as SIGTERM means, the other as an interrupted run. A
+    rank stopping alone would leave its peer waiting in gloo."""
+    a, b = _ranks(runs / "w2", "reward_signal", 2)
+    assert (a["step"], b["step"]) == (2, 2) and a["checkpoints"] == b["checkpoints"] == ["checkpoint-2"]
+    assert (a["raised"], b["raised"]) == ("KeyboardInterrupt", "SystemExit")
 
 
 def test_a_two_process_run_resumes_exactly(runs):

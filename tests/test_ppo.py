@@ -171,7 +171,7 @@ def test_an_ignored_signal_stays_ignored():
     """A job started with Ctrl-C ignored (`nohup`, `cmd &` in a script) is not made interruptible by training."""
     import signal
 
-    from rlhf_ext.ppo.interrupt import StopAfterIteration
+    from rlhf_ext.interrupt import StopAfterIteration
 
     found = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -258,7 +258,7 @@ def test_the_announcement_says_what_a_launcher_above_will_do(monkeypatch, parent
     launcher's grace period: the announcement says so and how to signal the training processes alone."""
     import psutil
 
-    from rlhf_ext.ppo.interrupt import launcher_note
+    from rlhf_ext.interrupt import launcher_note
 
     class Me:
         def parent(self):

@@ -313,3 +313,41 @@ def test_checkpoints_and_resuming_under_ddp(tmp_path, tiny_path):
         listed = json.loads((run / folder / "manifest.json").read_text())["files"]
         assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "trainer_state.json"} <= set(listed)
     assert r.stderr.count("came after it") == 1  # renamed by the main process alone
+
+
+@pytest.mark.parametrize("signum, raised", [("SIGINT", KeyboardInterrupt), ("SIGTERM", SystemExit)])
+def test_a_signal_mid_step_saves_that_step_and_resumes_to_the_same_weights(tmp_path, tiny_path, tok, capsys, signum,
+                                                                           raised):
+    """Ctrl-C or `kill` during reward training (save_strategy 'no'): the process died at once and every step since
+    the last checkpoint — here all of them — was lost (SIGTERM: status -15, nothing said). Now the step under way
+    ends, is saved as checkpoint-2, the run stops as the signal means and says how to resume; resumed, it ends at the
+    uninterrupted run's weights exactly."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class SignalDuringStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), getattr(signal, signum))
+
+    tr = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=4, save_strategy="no")
+    tr.add_callback(SignalDuringStep2())
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(raised) as stop:
+            tr.train()
+    finally:
+        signal.signal(signal.SIGINT, found)
+    if raised is SystemExit:
+        assert stop.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2"]
+    err = capsys.readouterr().err
+    assert f"{signum}: stopping after this step" in err and "Stopped after step 2: checkpoint-2" in err
+    resumed = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=4, save_strategy="no")
+    steps = _spy_steps(resumed)
+    resumed.train(resume_from_checkpoint=True)
+    whole = _trainer(tmp_path / "whole", tiny_path, tok, max_steps=4, save_strategy="no")
+    whole.train()
+    assert len(steps) == 2 and _same(_weights(resumed), _weights(whole))

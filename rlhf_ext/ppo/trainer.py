@@ -51,7 +51,7 @@ from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gathe
                          rotate_checkpoints, write_checkpoint)
 from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
-from .interrupt import StopAfterIteration
+from ..interrupt import StopAfterIteration
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng

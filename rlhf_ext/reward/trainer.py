@@ -38,6 +38,7 @@ from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import (card_hub_id, card_metadata, default_repo_id, push_checkpoint, push_folder,
                    reach_repo_or_explain,
                    with_card_metadata)
+from ..interrupt import StopAfterIteration
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
                          finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
                          resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
@@ -217,6 +218,23 @@ class _GradientReachCheck(TrainerCallback):
         if not self.done:
             self.done = True
             check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
+
+
+class _StopOnSignal(TrainerCallback):
+    """Ctrl-C / SIGTERM (`interrupt.StopAfterIteration`): at the end of the optimizer step under way, a checkpoint
+    (whatever save_strategy says) and the end of training — every process at the same step under DDP."""
+
+    def __init__(self, trainer, stop):
+        self.trainer, self.stop, self.stopped = trainer, stop, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        acc = self.trainer.accelerator
+        total = None
+        if acc.num_processes > 1:  # one tiny reduction per step: every process stops at the same one
+            def total(flag: float) -> float:
+                return float(acc.reduce(torch.tensor([flag], device=acc.device), "sum").item())
+        if self.stop.requested(total):
+            self.stopped = control.should_save = control.should_training_stop = True
 
 
 # what resuming reads from a checkpoint-N folder: the artifact and Trainer's state (the manifest lists the rest:
@@ -842,7 +860,20 @@ class RewardEnsembleTrainer(RewardTrainer):
             self._start_clean()
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
             self._init_from(self.args.init_reward_model)
-        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        with StopAfterIteration(announce=self.is_world_process_zero(), unit="step") as stop:
+            watch = _StopOnSignal(self, stop)
+            self.add_callback(watch)
+            try:
+                out = super().train(resume_from_checkpoint, *args, **kwargs)
+            finally:
+                self.remove_callback(watch)
+        if watch.stopped:  # the step's checkpoint is written: say where, and end as the signal means
+            if self.is_world_process_zero():
+                step = self.state.global_step
+                print(f"Stopped after step {step}: checkpoint-{step} is saved in {self.args.output_dir}. Resume with "
+                      f"resume_from_checkpoint=True (recipes: --resume_from_checkpoint true).", file=sys.stderr,
+                      flush=True)
+            raise stop.exception()
         self.compute_normalization()
         return out
 

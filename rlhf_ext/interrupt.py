@@ -1,4 +1,5 @@
-"""Ctrl-C or `kill` (SIGTERM) during PPO training: finish the iteration under way, save a checkpoint, stop.
+"""Ctrl-C or `kill` (SIGTERM) during training: finish the PPO iteration (or the reward model's optimizer step) under
+way, save a checkpoint, stop.
 
 Without it a signal landed anywhere — mid-sampling, mid-step — and everything after the last scheduled checkpoint was
 lost (on a 7B run, `save_steps` iterations of tens of minutes each). A second Ctrl-C stops at once, as before; a
@@ -23,9 +24,9 @@ class StopAfterIteration:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True):
+    def __init__(self, announce: bool = True, unit: str = "iteration"):
         self.signum: int | None = None
-        self.announce = announce
+        self.announce, self.unit = announce, unit
         self._previous = {}
 
     def __enter__(self):
@@ -50,7 +51,7 @@ class StopAfterIteration:
             return  # a SIGTERM after the first signal (a launcher passing it on): already stopping
         self.signum = signum
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "
+            print(f"\n{signal.Signals(signum).name}: stopping after this {self.unit} and saving a checkpoint "
                   f"(Ctrl-C again to stop at once, without one).{launcher_note()}", file=sys.stderr, flush=True)
 
     def requested(self, sum_over_processes=None) -> bool:
@@ -79,6 +80,6 @@ def launcher_note() -> str:
         grace = "torchrun kills its processes --shutdown_timeout seconds (30) after it is itself signalled"
     else:
         return ""
-    return (f" Note: {grace}; an iteration that takes longer is lost, and a resumed run starts from the last "
+    return (f" Note: {grace}; work under way for longer is lost, and a resumed run starts from the last "
             f"checkpoint. To let it finish and save, signal the training processes alone, not the launcher: "
             f"`pkill -TERM -f recipes/ppo.py` (or the script's name).")
