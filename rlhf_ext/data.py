@@ -60,9 +60,10 @@ def jsonl_rows(path) -> int:
                 continue
             try:
                 row = json.loads(line.rstrip("\r\n"))  # the error's column, not the next line's start
-            except json.JSONDecodeError as e:  # its own "line 1 column …" counts within the line
-                raise DataFileError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno}). Each line "
-                                    f"must hold one JSON object, e.g. {{\"prompt\": \"...\"}}.") from None
+            except ValueError as e:  # JSONDecodeError's own "line 1 column …" counts within the line
+                where = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise DataFileError(f"{path} line {number}: not valid JSON ({where}). Each line must hold one JSON "
+                                    f"object, e.g. {{\"prompt\": \"...\"}}.") from None
             if not isinstance(row, dict):
                 kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(row), "a number or null")
                 raise DataFileError(f"{path} line {number}: {kind}, not a JSON object. Each line must hold one JSON "

@@ -497,7 +497,7 @@ def read_json(path, fix: str) -> dict:
         raise CorruptFileError(path, "missing", fix)
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
         raise CorruptFileError(path, f"not valid JSON ({e})", fix) from None
 
 

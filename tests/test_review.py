@@ -195,6 +195,13 @@ def test_api_rejects_bad_decisions_with_json(served, body, status):
 def test_api_rejects_bad_requests(served):
     q, url = served
     assert call(url, "/api/decide", raw=b"{not json")[0] == 400
+    # valid JSON Python refuses to read (an integer of 5000 digits): was 500 "Internal error"
+    code, answer = call(url, "/api/decide", raw=b'{"id": ' + b"1" * 5000 + b', "decision": "flagged"}')
+    assert code == 400 and answer["error"].startswith("The request body is not valid JSON")
+    for length in ("-1", "1_0", "ten"):  # int() read "1_0" as 10; -1 was "limited to 65536 bytes"
+        code, answer = call(url, "/api/decide", raw=b'{"id": "p0", "decision": "skip"}',
+                            headers={"Content-Length": length})
+        assert code == 411 and "a whole number of bytes" in answer["error"], (length, answer)
     assert call(url, "/api/decide", raw=b"x" * (MAX_BODY + 1))[0] == 413
     code, answer = call(url, "/api/decide", raw=b'{"id": "p0", "decision": "skip"}', headers={"Content-Type": "text/plain"})
     assert code == 415 and "application/json" in answer["error"]
@@ -324,6 +331,8 @@ def _without(record, key):
     (json.dumps({**make_pair("p1", "c", "d"), "flagged": {"text": "c"}}).encode(),
      'line 2 has no "flagged.completion"'),
     (json.dumps(make_pair("p0", "c", "d")).encode(), "lines 1 and 2 have the same id 'p0'"),
+    # JSON Python will not read (a plain ValueError, not JSONDecodeError): a traceback, exit 1
+    (b'{"id": "p1", "n": ' + b"7" * 4301 + b"}", r"line 2 is not readable JSON \(Exceeds the limit"),
 ])
 def test_bad_queue_line_is_a_one_line_error_naming_file_and_line(tmp_path, capsys, second, message):
     q = _write_queue(tmp_path, second)

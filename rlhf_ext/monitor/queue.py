@@ -166,7 +166,7 @@ def _parse(raw: bytes):
     """The JSON value of one line, or None when it is not UTF-8 JSON."""
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not UTF-8, not JSON, or an integer of more than 4300 digits (a plain ValueError)
         return None
 
 
@@ -185,11 +185,12 @@ def read_jsonl_lines(path: Path, check=None, fix: str = REPAIR) -> list[tuple[in
             continue
         try:
             record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, or an integer Python refuses to read
             if n == len(lines):  # no newline after it: torn, or still being written
                 continue
             what = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
-                    else f"not valid JSON at column {e.colno}: {e.msg}")
+                    else f"not valid JSON at column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
+                    else f"not readable JSON ({e})")
             raise CorruptFileError(path, f"line {n} is {what}", fix) from None
         if not isinstance(record, dict):
             problem = f"is {json.dumps(record, ensure_ascii=False)[:40]}, not a JSON object"

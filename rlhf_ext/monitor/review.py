@@ -193,11 +193,12 @@ class Handler(BaseHTTPRequestHandler):
         # JSON only: a cross-site form post cannot send this type without a CORS preflight, which we never grant
         if self.headers.get_content_type() != "application/json":
             raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the request body as application/json.")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "A Content-Length header is required.") from None
-        if not 0 <= length <= MAX_BODY:
+        given = self.headers.get("Content-Length", "").strip()
+        if not given.isascii() or not given.isdigit():  # int() would take "-1", "1_0", " 10"
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "A Content-Length header (a whole number of bytes) is "
+                                                       "required.")
+        length = int(given)
+        if length > MAX_BODY:
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body is limited to {MAX_BODY} bytes.")
         try:
             raw = self.rfile.read(length)
@@ -211,7 +212,7 @@ class Handler(BaseHTTPRequestHandler):
                                                    f"Content-Length announced.")
         try:
             body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
             raise ApiError(HTTPStatus.BAD_REQUEST, f"The request body is not valid JSON: {e}") from None
         except RecursionError:  # nested deeper than the parser's stack: no request of this API looks like that
             raise ApiError(HTTPStatus.BAD_REQUEST, "The request body is nested too deeply: send a flat JSON object "

@@ -133,7 +133,7 @@ def load_shape(model: str) -> dict:
                             f"(the one holding config.json), its config.json, a Hub id, or a shipped shape.")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
             raise PlanError(f"{path} is not valid JSON ({e}).") from None
         if not isinstance(cfg, dict):
             raise PlanError(f"{path} holds a JSON {type(cfg).__name__}, not a model config (an object of "

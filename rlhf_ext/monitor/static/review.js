@@ -68,6 +68,35 @@ function asText(value) {
   return value == null ? "" : JSON.stringify(value);
 }
 
+// Characters that print nothing (zero-width spaces, Unicode tag characters, bidi overrides, soft hyphens): a policy
+// optimised against a reward model can hide text there that the model reads and the reviewer would not see. Each
+// run of them is shown as a marker naming how many and which; the ZWJ of emoji sequences is left alone.
+const INVISIBLE = /(?:(?!\u200d)[\p{Cf}\u115f\u1160\u3164\uffa0])+/gu;
+
+function hex(ch) {
+  return "U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+}
+
+// `text` into `node` as text nodes, invisible runs as marked spans (textContent only: never parsed as HTML).
+// Returns how many invisible characters there were.
+function setText(node, text) {
+  node.replaceChildren();
+  let last = 0, hidden = 0;
+  for (const m of text.matchAll(INVISIBLE)) {
+    node.append(text.slice(last, m.index));
+    const chars = [...m[0]];
+    hidden += chars.length;
+    const names = [...new Set(chars.map(hex))];
+    const mark = el("span", "invisible", `⟨${chars.length} invisible: ${names.slice(0, 3).join(" ")}` +
+      `${names.length > 3 ? " …" : ""}⟩`);
+    mark.title = "Characters that print nothing; the reward model reads them.";
+    node.append(mark);
+    last = m.index + m[0].length;
+  }
+  node.append(text.slice(last));
+  return hidden;
+}
+
 function fmt(v) {
   if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(3);
   if (v == null) return "–";
@@ -77,24 +106,30 @@ function fmt(v) {
 function renderPrompt(prompt) {
   const box = $("prompt");
   box.replaceChildren();
+  const content = (value) => {
+    const node = el("div", "content");
+    setText(node, asText(value));
+    return node;
+  };
   if (!Array.isArray(prompt)) {
-    box.append(el("div", "content", asText(prompt)));
+    box.append(content(prompt));
     return;
   }
   for (const m of prompt) {
     const msg = el("div", "message");
-    msg.append(el("span", "role", m && m.role ? m.role : "?"), el("div", "content", asText(m && m.content)));
+    msg.append(el("span", "role", m && m.role ? m.role : "?"), content(m && m.content));
     box.append(msg);
   }
 }
 
 function renderResponse(article, side, resp) {
   article.dataset.side = side; // for tests and debugging only: nothing visible says which side is flagged
-  article.querySelector(".text").textContent = typeof resp.text === "string" ? resp.text : asText(resp.completion);
+  const hidden = setText(article.querySelector(".text"),
+    typeof resp.text === "string" ? resp.text : asText(resp.completion));
   const length = resp.length == null ? "? tokens" : `${resp.length} tokens`;
   const ending = resp.eos === true ? "ended (EOS)" : resp.eos === false ? "cut off (no EOS)" : "end unknown";
   const facts = article.querySelector(".facts");
-  facts.textContent = `${length} · ${ending}`;
+  facts.textContent = `${length} · ${ending}` + (hidden ? ` · ${hidden} invisible characters` : "");
   facts.classList.toggle("cut", resp.eos === false);
 
   const rows = [["shaped score", resp.score], ["KL to reference", resp.kl]];
