@@ -29,7 +29,7 @@ def good_counter(tok):
     return positive_words
 
 
-def make(tmp_path, tok, reward=None, data=None, model=None, callbacks=None, eval_dataset=None, **kw):
+def make(tmp_path, tok, reward=None, data=None, model=None, callbacks=None, eval_dataset=None, audit_funcs=None, **kw):
     base = dict(per_device_train_batch_size=16, max_steps=4, learning_rate=3e-2, max_completion_length=8,
                 kl_controller="fixed", init_kl_coef=0.01, use_cpu=True, save_strategy="no", disable_tqdm=True,
                 logging_steps=1000, seed=0)
@@ -37,7 +37,7 @@ def make(tmp_path, tok, reward=None, data=None, model=None, callbacks=None, eval
     args = PPOConfig(str(tmp_path / "ppo"), **base)
     return PPOTrainer(model or tiny_causal_lm(tok), reward_funcs=reward or good_counter(tok), args=args,
                       train_dataset=data or prompts(), processing_class=tok, peft_config=LoraConfig(**LORA), callbacks=callbacks,
-                      eval_dataset=eval_dataset)
+                      eval_dataset=eval_dataset, audit_funcs=audit_funcs)
 
 
 def test_ppo_raises_reward(tmp_path, tok):

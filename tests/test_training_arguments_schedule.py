@@ -127,8 +127,7 @@ def test_the_best_checkpoint_is_recorded_and_survives_save_total_limit(tmp_path,
 
     tr = make(tmp_path, tok, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
               save_total_limit=1, metric_for_best_model="judge", greater_is_better=True, eval_dataset=prompts(4),
-              per_device_train_batch_size=8)
-    tr.audit_funcs = {"judge": judge}
+              per_device_train_batch_size=8, audit_funcs=[judge])
     tr.train()
     assert tr.state.best_global_step == 1
     assert tr.state.best_model_checkpoint == str(tmp_path / "ppo" / "checkpoint-1")
@@ -218,3 +217,33 @@ def test_num_input_tokens_seen_continues_after_a_resume(tmp_path, tok):
     resumed.train(resume_from_checkpoint=True)
     seen = lambda tr: [h["num_input_tokens_seen"] for h in tr.state.log_history if "objective/kl" in h]  # noqa: E731
     assert seen(resumed) == seen(straight) and seen(straight)[-1] > seen(straight)[1] > 0
+
+
+def test_a_best_metric_evaluation_never_logs_is_refused_when_the_trainer_is_built(tmp_path, tok):
+    """`metric_for_best_model="reward"` (PPO's evaluation logs kl, length, eos and the audit judges): transformers'
+    KeyError at the first evaluation, after eval_steps iterations — and before that iteration's checkpoint, so they
+    were lost. Named evaluation sets prefix their metrics, as Trainer does."""
+    with pytest.raises(ValueError, match=r"metric_for_best_model='reward' is not a metric PPOTrainer's evaluation "
+                                         r"logs; it logs kl, length, eos \(as eval_<name>\)"):
+        make(tmp_path, tok, eval_strategy="steps", eval_steps=2, metric_for_best_model="reward",
+             eval_dataset=prompts(4))
+
+    def judge(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    for name in ("judge", "eval_kl", "a_judge"):  # an audit judge, the eval_ prefix, a named set's metric
+        make(tmp_path, tok, eval_strategy="steps", metric_for_best_model=name, audit_funcs=[judge],
+             eval_dataset={"a": prompts(4)} if name.startswith("a_") else prompts(4))
+    with pytest.raises(ValueError, match="it logs a_kl, a_length, a_eos, a_judge"):
+        make(tmp_path, tok, eval_strategy="steps", metric_for_best_model="judge", audit_funcs=[judge],
+             eval_dataset={"a": prompts(4)})
+
+
+def test_evaluating_the_reference_reads_kl_zero(tmp_path, tok):
+    """`evaluate_policy(adapters=False)` samples the reference and reported 21.8 nats of KL after one iteration: the
+    KL line compared the trained policy's logits with the reference's on the reference's samples."""
+    tr = make(tmp_path, tok, max_steps=1, learning_rate=0.1)
+    tr.train()
+    data = prompts(4)
+    assert tr.evaluate_policy(data, adapters=True)["kl_mean"] > 0.01  # the policy moved
+    assert tr.evaluate_policy(data, adapters=False)["kl_mean"] == 0.0

@@ -269,6 +269,7 @@ class PPOTrainer(Trainer):
                                  desc="Checking the evaluation prompts" + (f" ({name})" if name else ""))
         if held:
             eval_dataset = held if isinstance(eval_dataset, dict) else held[None]
+        self._check_best_metric_names(args, held)
         self._check_token_ids(model)
         self._fit_positions(args)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
@@ -876,6 +877,19 @@ class PPOTrainer(Trainer):
         return metrics
 
     @torch.no_grad()
+    def _check_best_metric_names(self, args, held: dict) -> None:
+        """`metric_for_best_model` names a metric evaluate() logs: a typo failed in transformers at the first
+        evaluation, after `eval_steps` iterations, before that iteration's checkpoint was written."""
+        name = args.metric_for_best_model
+        if not name or not held:
+            return
+        metrics = ["kl", "length", "eos", *self.audit_funcs]
+        known = [m if key is None else f"{key}_{m}" for key in held for m in metrics]
+        if name.removeprefix("eval_") not in known:
+            raise ValueError(f"metric_for_best_model={name!r} is not a metric PPOTrainer's evaluation logs; it logs "
+                             f"{', '.join(known)} (as eval_<name>). Set metric_for_best_model to one of them and "
+                             f"greater_is_better to match (an audit judge's name is its key in audit_funcs).")
+
     def evaluate_policy(self, dataset, judges=None, batch_size: int | None = None, adapters: bool = True) -> dict:
         """Sample responses for held-out prompts; report judge scores, lengths (tokens, EOS excluded), EOS rate
         and the exact KL(π‖π_ref) per sequence. `adapters=False` evaluates the reference policy itself."""
@@ -890,7 +904,8 @@ class PPOTrainer(Trainer):
                                      self.args.top_p, self.args.stop_on_eos, reference=not adapters)
             h_low = self.policy.lower(g.ids, g.mask)
             ref = self.policy.logits(g.ids, g.mask, g.R, h_low, reference=True)
-            out["kl"] += self.policy.sequence_kl(self.policy.logits(g.ids, g.mask, g.R, h_low), ref, g.resp_mask).tolist()
+            evaluated = self.policy.logits(g.ids, g.mask, g.R, h_low) if adapters else ref  # the reference: KL 0
+            out["kl"] += self.policy.sequence_kl(evaluated, ref, g.resp_mask).tolist()
             out["length"] += g.lengths.tolist()
             out["eos"] += g.has_eos.float().tolist()
             out["texts"] += g.texts
