@@ -116,6 +116,36 @@ def test_cli_names_what_to_pass_for_a_file_that_is_not_a_config(name, content, s
     assert says in err and "Traceback" not in err, err
 
 
+LLAMA_FIELDS = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("hidden_size", "abc"), ("hidden_size", [32]),
+                                          ("hidden_size", -32), ("hidden_size", 0), ("num_key_value_heads", 0),
+                                          ("num_hidden_layers", 1.5), ("vocab_size", True)])
+def test_a_config_size_that_is_no_whole_positive_number_is_named(field, value, tmp_path, capsys):
+    """0 heads: ZeroDivisionError; "abc" / [32]: ValueError / TypeError tracebacks; -32, 0 or 0 KV heads: a plan of a
+    model that cannot exist ("fits; largest batch 21644")."""
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_FIELDS, field: value}))
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"The config's {field} is {value!r}; it must be a whole number ≥ 1" in err and "Traceback" not in err, err
+
+
+def test_the_plan_keeps_within_the_models_positions_as_the_trainer_does(tmp_path, capsys):
+    """PPOTrainer refuses a prompt that fills the model's positions and clips the completion to what is left; the
+    plan said "fits" for both (gpt2 with 2000-token prompts: largest batch 10)."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_FIELDS))
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--prompt-length", "300"]) == 2
+    assert "--prompt-length 300 leaves no room in the model's 256 positions" in capsys.readouterr().err
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--prompt-length", "240",
+                          "--completion-length", "48", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "PPOTrainer clips max_completion_length to 16" in out.err
+    assert json.loads(out.out)["options"]["completion_length"] == 16
+
+
 # ------------------------------------------------------------------------------------------------ weights
 @pytest.mark.parametrize("shape", [
     TINY,
@@ -372,7 +402,7 @@ def test_cli_says_where_a_hybrid_is_approximated(tmp_path, capsys, arch, recurre
 
     cfg = tiny_arch_config(arch, num_layers=8)
     cfg.save_pretrained(tmp_path)
-    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2"]) == 0
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--prompt-length", "64"]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "recurrent" in line]
     if recurrent is None:
         assert notes == []
@@ -398,7 +428,7 @@ def test_moe_experts_are_counted_and_planned_unquantised(tmp_path, capsys):
     assert n["total"] == sum(p.numel() for p in real.parameters()) and n["experts"] == experts > 0
     q = plan.base_weight_bytes(plan.load_shape(str(tmp_path)), "bf16", load_in_4bit=True)
     assert q["unquantized"] == 4 * (n["total"] - n["linear"]) >= 4 * experts
-    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--load-in-4bit", "--gpu-memory", "0.0001"]) == 0
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--prompt-length", "64", "--load-in-4bit", "--gpu-memory", "0.0001"]) == 0
     out = capsys.readouterr().out
     assert "are fused MoE experts, which bitsandbytes' 4-bit loading does not quantise" in out
     assert "the base weights alone take" in out
@@ -414,7 +444,7 @@ def test_a_config_this_transformers_cannot_build_falls_back_to_the_formula_and_s
     shape = plan.load_shape(str(tmp_path))
     assert "param_counts" not in shape and "my_own_llama" in shape["param_counts_error"]
     assert plan.parameter_counts(shape)["total"] == plan.parameter_counts({**shape, "model_type": "llama"})["total"]
-    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2"]) == 0
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "2", "--prompt-length", "64"]) == 0
     assert "note: parameters from the dense-model formula" in capsys.readouterr().out
 
 

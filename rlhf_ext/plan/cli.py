@@ -244,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _within_positions(shape: dict, prompt: int, completion: int) -> int:
+    """The completion length the trainer will sample within the model's positions (it clips max_completion_length,
+    with a warning, and refuses a prompt that fills them): said here too, so the plan is of the run that happens."""
+    limit = shape.get("max_position_embeddings")
+    if not limit:
+        return completion
+    if prompt >= limit:
+        raise PlanError(f"--prompt-length {prompt} leaves no room in the model's {limit} positions "
+                        f"(max_position_embeddings); PPOTrainer refuses such prompts. Plan a shorter prompt "
+                        f"(max_prompt_length with prompt_overflow='truncate').")
+    if prompt + completion > limit:
+        print(f"rlhf-ext plan: note: {prompt} prompt + {completion} completion tokens exceed the model's {limit} "
+              f"positions; PPOTrainer clips max_completion_length to {limit - prompt}, and this plan does too.",
+              file=sys.stderr)
+        return limit - prompt
+    return completion
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -262,6 +280,7 @@ def main(argv=None) -> int:
         ap.error(problem)
     try:
         shape = load_shape(args.model)
+        args.completion_length = _within_positions(shape, args.prompt_length, args.completion_length)
         options = dict(prompt_length=args.prompt_length, completion_length=args.completion_length,
                        minibatches=args.minibatches, ppo_epochs=args.ppo_epochs, dtype=args.dtype, bf16=args.bf16,
                        load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_targets=args.lora_targets,

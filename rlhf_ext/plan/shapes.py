@@ -54,16 +54,25 @@ def shape_from_config(cfg) -> dict:
     if None in (hidden, heads, layers, vocab):
         raise PlanError(f"The config lacks architecture fields (hidden_size / num_attention_heads / "
                         f"num_hidden_layers / vocab_size): found keys {sorted(cfg)[:20]}…")
+    def count(name, value) -> int:  # a config's size field: a whole number > 0 (0 heads divided by zero)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            raise PlanError(f"The config's {name} is {value!r}; it must be a whole number ≥ 1. Check the "
+                            f"config.json (or pass the model's Hub id).")
+        return int(value)
+
+    hidden = count("hidden_size", hidden)
+    heads = count("num_attention_heads", heads)
+    positions = first("max_position_embeddings", "n_positions")
     shape = {
         "model_type": cfg.get("model_type", "llama"),
-        "vocab_size": int(vocab),
-        "hidden_size": int(hidden),
-        "intermediate_size": int(first("intermediate_size", "n_inner", default=4 * hidden)),
-        "num_hidden_layers": int(layers),
-        "num_attention_heads": int(heads),
-        "num_key_value_heads": int(first("num_key_value_heads", default=heads)),
+        "vocab_size": count("vocab_size", vocab),
+        "hidden_size": hidden,
+        "intermediate_size": count("intermediate_size", first("intermediate_size", "n_inner", default=4 * hidden)),
+        "num_hidden_layers": count("num_hidden_layers", layers),
+        "num_attention_heads": heads,
+        "num_key_value_heads": count("num_key_value_heads", first("num_key_value_heads", default=heads)),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True)),
-        "max_position_embeddings": first("max_position_embeddings", "n_positions"),
+        "max_position_embeddings": None if positions is None else count("max_position_embeddings", positions),
     }
     for extra in ("head_dim", "name", "hub_id", "source", "attention_bias", "layer_types"):
         if cfg.get(extra) is not None:
