@@ -6,8 +6,9 @@ lost (on a 7B run, `save_steps` iterations of tens of minutes each). A second Ct
 SIGTERM after a Ctrl-C does not (`accelerate launch` forwards one to its process a second after the terminal's
 Ctrl-C reached both). Launchers give their processes only a grace period after they are signalled themselves —
 `accelerate launch` 5 s, torchrun `--shutdown_timeout` (30 s) — then kill them: the announcement says so, and how
-to signal the training processes alone so that the iteration can finish. Under data parallelism every process gets the signal at its own moment; they agree on the iteration to stop after
-through one small reduction per iteration (`requested`), so all of them save and stop together.
+to signal the training processes alone so that the iteration can finish. Under data parallelism every process gets
+the signal at its own moment; they agree on the iteration (or step) to stop after through one small reduction each
+(`requested`), so all of them save and stop together.
 """
 
 from __future__ import annotations

@@ -337,8 +337,9 @@ class RewardEnsemble(nn.Module):
             if cut:
                 _warn_once(self, "cut", f"{cut} of {len(seqs)} sequences to score are longer than the reward model's "
                            f"max_length ({self.max_length}, what it trained on): each is scored on its last "
-                           f"{self.max_length} tokens (its BOS kept; its prompt's start, chat template and system turn cut). Shorten "
-                           f"the prompts or max_completion_length, or train the reward model with a larger max_length.")
+                           f"{self.max_length} tokens (its BOS kept; its prompt's start, chat template and system turn "
+                           f"cut). Shorten the prompts or max_completion_length, or train the reward model with a "
+                           f"larger max_length.")
             lead = leading_special_count(self.tokenizer)
             seqs = [cut_from_left(s, self.max_length, lead) for s in seqs]
         device = next(self.heads.parameters()).device
