@@ -116,3 +116,81 @@ def test_resuming_with_other_ensemble_settings_names_the_setting(tmp_path, tiny_
     again = _trainer(tmp_path, tiny_path, tok, rows=16, ensemble_size=3, max_steps=2)
     with pytest.raises(ValueError, match=r"checkpoint-1 was saved with members = .*Resume with the settings"):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def _pearson(x, y):
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+SHARED_OPENING = [  # responses that open alike: their common words are the response's, not the prompt's
+    ("the movie was good and fun and the music was great .", "the movie was bad ."),
+    ("a nice story .", "a bad plot and awful actors ."),
+    ("the book was wonderful .", "the book was boring and sad and too long ."),
+    ("i love this song .", "i hate it ."),
+    ("it was fine and the actor was good .", "it was poor ."),
+    ("great .", "the worst film ."),
+    ("the food was excellent .", "the food was awful and cold ."),
+]
+
+
+def test_response_lengths_and_eval_length_corr_are_the_responses_own(tmp_path, tiny_path, tok):
+    """The response length the length de-correlation and `length_corr` read was the tokens after the prefix chosen
+    and rejected share — which took a response's opening words shared with its rival for prompt: 'the movie was good
+    and fun …' (14 tokens) counted 8. And `eval_length_corr` was a mean of per-batch correlations (a one-pair batch
+    counted as 0), where the README says over every pair of the set. Both against independent counts here."""
+    from peft import LoraConfig
+
+    from rlhf_ext import RewardEnsembleTrainer
+
+    from .test_reward_resume import _args
+
+    rows = [{"prompt": f"write a short review of the {w} . ", "chosen": c, "rejected": r}
+            for w, (c, r) in zip(["movie", "book", "song", "film"] * 2, SHARED_OPENING)]
+    tr = RewardEnsembleTrainer(tiny_path, args=_args(tmp_path, ensemble_size=2, save_strategy="no",
+                                                     per_device_eval_batch_size=3),
+                               train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    eos = tok.eos_token
+    want = [len(tok(text=row[side] + eos)["input_ids"]) for side in ("chosen", "rejected") for row in rows]
+    batch = tr.data_collator([tr.eval_dataset[i] for i in range(len(rows))])
+    assert batch["response_length"].tolist() == want
+    metrics = tr.evaluate()
+    model = tr.accelerator.unwrap_model(tr.model).eval()
+    with torch.no_grad():  # each response alone, no padding: [2N, K]
+        ids = [torch.tensor([tok(text=row["prompt"] + row[side] + eos)["input_ids"]])
+               for side in ("chosen", "rejected") for row in rows]
+        scores = torch.cat([model(input_ids=x, attention_mask=torch.ones_like(x)) for x in ids]).double()
+    corr = sum(_pearson(scores[:, k], want) for k in range(2)) / 2
+    assert metrics["eval_length_corr"] == pytest.approx(corr, abs=1e-5)
+    assert metrics["eval_length_pearson"] == pytest.approx(_pearson(scores.mean(-1), want), abs=1e-5)
+
+
+def test_a_pair_id_column_of_the_users_is_not_taken_for_row_numbers(tmp_path, tiny_path, tok):
+    """A dataset with its own `pair_id` (ids 1000…, which TRL never reads) crashed the first step: the ids indexed the
+    bootstrap table. Trains as without the column."""
+    from peft import LoraConfig
+
+    from rlhf_ext import RewardEnsembleTrainer
+
+    from .test_reward_resume import _args
+
+    rows = [{**row, "pair_id": 1000 + i} for i, row in enumerate(preference_rows(16, 0))]
+    with_ids = RewardEnsembleTrainer(tiny_path, args=_args(tmp_path / "b", ensemble_size=2, max_steps=2,
+                                                           save_strategy="no"),
+                                     train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                     peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    with_ids.train()
+    plain = RewardEnsembleTrainer(tiny_path, args=_args(tmp_path / "c", ensemble_size=2, max_steps=2,
+                                                        save_strategy="no"),
+                                  train_dataset=Dataset.from_list(preference_rows(16, 0)), processing_class=tok,
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    plain.train()
+    a, b = _weights(with_ids), _weights(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_length_decorrelation_at_batch_size_one_says_it_does_nothing(tmp_path, tiny_path, tok):
+    with pytest.warns(UserWarning, match=r"over one pair's two responses it is ±1 or 0, with no gradient"):
+        _trainer(tmp_path, tiny_path, tok, per_device_train_batch_size=1, length_decorrelation_coef=0.3)

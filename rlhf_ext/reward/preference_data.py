@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -187,6 +188,40 @@ def hashed_bootstrap_weights(pair_ids: torch.Tensor, members: int, seed: int) ->
     return torch.tensor(out, dtype=torch.float).reshape(len(out), members)
 
 
+def _prompt_length(example, tokenizer) -> int:
+    """Tokens of the pair's prompt as TRL renders it before the response: an explicit `prompt`, or an implicit
+    chat's messages before the last (chosen and rejected share them); -1 for an implicit text pair, whose prompt
+    ends nobody knows where (the shared prefix stands in for it)."""
+    prompt = example.get("prompt")
+    if prompt is None and isinstance(example["chosen"], list):
+        shared = 0
+        while (shared < min(len(example["chosen"]), len(example["rejected"])) - 1
+               and example["chosen"][shared] == example["rejected"][shared]):
+            shared += 1
+        prompt = example["chosen"][:shared]
+    if prompt is None:
+        return -1
+    if isinstance(prompt, list):
+        if not prompt:
+            return 0
+        tools = example.get("tools")
+        kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+                  **(example.get("chat_template_kwargs") or {})}
+        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                 **kwargs)["input_ids"])
+    return len(tokenizer(text=prompt)["input_ids"])
+
+
+def with_prompt_length(dataset, tokenizer):
+    """`dataset` with a `prompt_length` column (`_prompt_length`), for the response lengths the length de-correlation
+    and `length_corr` read. Pre-tokenised pairs (chosen_ids / rejected_ids) are returned as they are."""
+    columns = get_dataset_column_names(dataset) or []
+    if tokenizer is None or "chosen" not in columns or "prompt_length" in columns:
+        return dataset
+    kwargs = {"desc": "Measuring the prompts"} if isinstance(dataset, Dataset) else {}
+    return dataset.map(lambda e: {"prompt_length": _prompt_length(e, tokenizer)}, **kwargs)
+
+
 @dataclass
 class EnsemblePreferenceCollator(DataCollatorForPreference):
     """TRL's preference collator + the pair index (for bootstrap weights) and response lengths."""
@@ -195,13 +230,16 @@ class EnsemblePreferenceCollator(DataCollatorForPreference):
         out = super().torch_call(examples)
         if "pair_id" in examples[0]:
             out["pair_id"] = torch.tensor([e["pair_id"] for e in examples])
-        # response length = tokens after the prefix chosen and rejected share (their prompt)
+        # response length = tokens after the prompt: its measured length (`with_prompt_length`), within the prefix
+        # chosen and rejected share — that alone also took the responses' common opening words for prompt
         lens = []
         for e in examples:
             c, r = e["chosen_ids"], e["rejected_ids"]
             n = 0
             while n < min(len(c), len(r)) and c[n] == r[n]:
                 n += 1
+            if e.get("prompt_length", -1) >= 0:
+                n = min(n, e["prompt_length"])
             lens.append((len(c) - n, len(r) - n))
         out["response_length"] = torch.tensor([a for a, _ in lens] + [b for _, b in lens], dtype=torch.float)
         return out

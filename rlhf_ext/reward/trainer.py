@@ -55,7 +55,7 @@ from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
 from .ensemble import RewardEnsemble
 from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, hashed_bootstrap_weights,
-                              validate_preference_dataset)
+                              validate_preference_dataset, with_prompt_length)
 
 logger = logging.getLogger(__name__)
 
@@ -509,18 +509,26 @@ class RewardEnsembleTrainer(RewardTrainer):
 
         # Per-member bootstrap weights over training pairs (Poisson(1) ≈ resampling with replacement)
         g = torch.Generator().manual_seed(args.seed + 1)
+        # `pair_id` is each pair's row (it indexes the bootstrap table): a column of that name in the user's data —
+        # which TRL never reads — is replaced, not taken as row numbers (ids 1000… crashed the first step)
         if isinstance(train_dataset, IterableDataset):
-            if "pair_id" not in get_dataset_column_names(train_dataset):
-                train_dataset = train_dataset.map(lambda row, i: {"pair_id": i}, with_indices=True)
+            train_dataset = train_dataset.map(lambda row, i: {"pair_id": i}, with_indices=True)
             self.bootstrap_weights = None  # no length: drawn per pair from a hash of its id (hashed_bootstrap_weights)
         else:
-            if "pair_id" not in train_dataset.column_names:
-                train_dataset = train_dataset.add_column("pair_id", list(range(len(train_dataset))))
+            if "pair_id" in train_dataset.column_names:
+                train_dataset = train_dataset.remove_columns("pair_id")
+            train_dataset = train_dataset.add_column("pair_id", list(range(len(train_dataset))))
             if K > 1 and args.bootstrap:
                 self.bootstrap_weights = torch.poisson(torch.ones(K, len(train_dataset)), generator=g)
             else:
                 self.bootstrap_weights = torch.ones(K, len(train_dataset))
 
+        if args.length_decorrelation_coef > 0 and args.per_device_train_batch_size < 2:
+            warnings.warn(f"length_decorrelation_coef={args.length_decorrelation_coef} with per_device_train_batch_size="
+                          f"{args.per_device_train_batch_size}: the term is the correlation of rewards with lengths "
+                          f"within each micro-batch, and over one pair's two responses it is ±1 or 0, with no "
+                          f"gradient — it only adds to the loss. Use batches of several pairs (it is computed per "
+                          f"micro-batch and per process, not over the accumulated step).", stacklevel=2)
         if data_collator is None:
             data_collator = EnsemblePreferenceCollator(pad_token_id=ens.pad_id,  # an unresized [PAD] never embedded
                                                        pad_to_multiple_of=args.pad_to_multiple_of)
@@ -645,6 +653,7 @@ class RewardEnsembleTrainer(RewardTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's preparation (tokenise, rename legacy columns), then its `max_length` filter with counts: no pair
         left is an error naming the shortest pair; most pairs dropped is a warning (TRL drops them silently)."""
+        dataset = with_prompt_length(dataset, processing_class)
         if args.max_length is None or dataset_name == "reference":
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         unfiltered = copy.copy(args)
@@ -659,10 +668,10 @@ class RewardEnsembleTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         # TRL keeps only chosen_ids/rejected_ids/margin; without pair_id the bootstrap weights would never apply
-        # (every member would see the same data).
+        # (every member would see the same data); prompt_length: where the responses start (`with_prompt_length`)
         super()._set_signature_columns_if_needed()
-        if "pair_id" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "pair_id"]
+        self._signature_columns = [*self._signature_columns,
+                                   *[c for c in ("pair_id", "prompt_length") if c not in self._signature_columns]]
 
     # -- loss ------------------------------------------------------------------------------------------------
     def _member_weights(self, inputs, like: torch.Tensor, training: bool | None = None) -> torch.Tensor:
@@ -738,7 +747,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             m["max_reward"].append(everything.max().item())
             m["accuracy"].append(gather((delta.mean(-1) > 0).float().mean()).mean().item())
             m["margin"].append(gather(delta.mean()).mean().item())
-            m["length_corr"].append(gather(corr.detach().mean()).mean().item())
+            if mode == "train":  # in eval, over the whole set (`_eval_summary`), not a mean of batches
+                m["length_corr"].append(gather(corr.detach().mean()).mean().item())
             if rewards.shape[1] > 1:
                 m["ensemble_std"].append(gather(rewards.detach().std(-1).mean()).mean().item())
             if mode == "eval":  # whole-set metrics (ECE, Pearson) are computed in `log`
@@ -800,7 +810,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         delta, rewards, lengths = b["delta"], b["rewards"], b["lengths"]  # [N, K], [2N, K], [2N]
         out = {"accuracy_ensemble": (delta.mean(-1) > 0).float().mean().item(),
                "ece": _expected_calibration_error(torch.sigmoid(delta.mean(-1))),
-               "length_pearson": pearson(rewards.mean(-1), lengths).item()}
+               "length_pearson": pearson(rewards.mean(-1), lengths).item(),  # of the members' mean reward
+               # the members' mean |…| as the training term reads it, over every pair of the set
+               "length_corr": torch.stack([pearson(rewards[:, k], lengths) for k in range(rewards.shape[1])])
+               .mean().item()}
         for k in range(delta.shape[1]):
             out[f"accuracy_member_{k}"] = (delta[:, k] > 0).float().mean().item()
         if delta.shape[1] > 1:
