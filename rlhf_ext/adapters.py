@@ -190,16 +190,25 @@ def first_step_grad_params(model, adapters) -> dict[str, nn.Parameter]:
     return out
 
 
-def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quantized: bool = False) -> None:
+REACH_TRIES = 8  # optimizer steps an all-zero gradient may be a zero signal before it is taken for a broken graph
+
+
+def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quantized: bool = False,
+                            final: bool = True) -> bool:
     """Raise if some adapter matrix got no gradient at the first optimizer step (training would silently do
-    nothing there). Call between backward and optimizer.step.
+    nothing there). Call between backward and optimizer.step. Returns whether it decided: with `final=False`, a
+    step where the matrices not reached all have a gradient of exact zeros (the graph intact, the signal zero: a
+    first batch nobody earned a reward on, with a zero-initialised value head every advantage and return is 0) is
+    left undecided — check again at the next step (`REACH_TRIES`). No gradient at all (None) is decided at once.
 
     Biases are left out: a score head's bias cancels in Bradley–Terry's r_chosen − r_rejected, so its gradient is
     exactly 0 with the graph intact, and a detached graph shows in the weights anyway."""
     params = {n: p for n, p in params.items() if not _is_bias(n, p)}
     dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
     if not dead:
-        return
+        return True
+    if not final and all(params[n].grad is not None for n in dead):
+        return False
     cause = ("a 4-bit base whose layers have no backward kernel (bitsandbytes' CPU inference layout: "
              "rlhf_ext.models.keep_4bit_trainable(model) keeps the trainable layout)" if quantized else
              "a detached graph (gradient checkpointing with use_reentrant=True and no input gradients, or a custom "

@@ -287,3 +287,24 @@ def test_zero_initialised_value_head_starts_as_no_baseline_and_learns(tmp_path, 
     assert first["val/mean"] != 0.0 and first["val/explained_variance"] != 0.0  # the default: a random head
     with pytest.raises(ValueError, match="value_head_init must be 'normal' or 'zeros'"):
         PPOConfig(str(tmp_path / "bad"), use_cpu=True, value_head_init="zero")
+
+
+def test_a_first_batch_nobody_earned_a_reward_on_is_a_zero_step_not_a_broken_graph(tmp_path, tok):
+    """A sparse 0/1 reward no sample earns in the first rollout, with value_head_init='zeros' (the README's and the
+    demo's setting): at θ₀ every advantage and return is exactly 0, so the first step's gradients are exact zeros —
+    and the reach check stopped the run ('7 of 7 adapter matrices received no gradient … would never train'). The
+    check now waits for a step with a signal; a graph cut for real is still refused at once (the test above)."""
+    from .test_ppo import make
+
+    calls = []
+
+    def sparse(prompts, completions, completion_ids, **kw):
+        calls.append(1)
+        return [0.0 if len(calls) == 1 else 1.0 + (i % 2) for i in range(len(completions))]
+
+    tr = make(tmp_path, tok, reward=sparse, max_steps=2, value_head_init="zeros", num_ppo_epochs=1)
+    before = _lora_factors(tr, "lora_B")
+    hist = tr.train()
+    assert len(hist) == 2 and hist[0]["loss/policy"] == 0.0
+    after = _lora_factors(tr, "lora_B")
+    assert all(float(after[n].abs().max()) > 0 for n in before)  # the second iteration's signal trained them

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from datasets import Dataset
 
 from rlhf_ext import KLControllerCallback, RewardPipeline, build, build_controller
@@ -96,7 +97,7 @@ def test_ppo_reward_string_that_is_neither_says_what_to_pass(tmp_path, tok):
 
 
 # --------------------------------------------------------------- our callbacks and pipeline inside GRPO / RLOO
-def _grpo(tmp_path, tok, reward_funcs, model=None, callbacks=None, **overrides):
+def _grpo(tmp_path, tok, reward_funcs, model=None, callbacks=None, eval_dataset=None, **overrides):
     """A tiny GRPOTrainer (LoRA, so the reference is the base with the adapter off); `overrides` go to GRPOConfig."""
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -107,7 +108,7 @@ def _grpo(tmp_path, tok, reward_funcs, model=None, callbacks=None, **overrides):
     kw.update(overrides)
     return GRPOTrainer(model=model or tiny_causal_lm(tok), reward_funcs=reward_funcs,
                        args=GRPOConfig(str(tmp_path), **kw), train_dataset=_prompts(), processing_class=tok,
-                       callbacks=callbacks,
+                       callbacks=callbacks, eval_dataset=eval_dataset,
                        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 
 
@@ -275,3 +276,85 @@ def test_reward_functions_take_a_name_so_two_of_a_kind_log_apart(tmp_path, tok):
     assert _grpo(tmp_path, tok, funcs).reward_func_names == ["distinct", "rlhf_ext_mean", "short", "shaper_linear"]
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         RewardPipeline([_distinct], name="")
+
+
+def test_evaluation_leaves_the_pipelines_state_as_training_left_it(tmp_path, tok, tiny_path):
+    """GRPO with evaluation every 2 steps: the evaluation's completions went into the running statistics (32 seen
+    after 4 steps of 16 training completions) after checkpoint-2 had saved 8 — so a resumed run normalised otherwise
+    than the run it continued. Evaluation now scores with the statistics training left, and changes nothing."""
+
+    def run(resume=None):
+        pipeline = RewardPipeline([_distinct, _first_token])
+        trainer = _grpo(tmp_path, tok, [pipeline], model=tiny_path, max_steps=4, save_strategy="steps", save_steps=2,
+                        learning_rate=5e-2, callbacks=[pipeline.callback()], eval_strategy="steps", eval_steps=2,
+                        per_device_eval_batch_size=4, eval_dataset=_prompts())
+        trainer.train(resume_from_checkpoint=resume)
+        return pipeline.state_dict()["members"], {h["step"]: h["rewards/rlhf_ext_mean/mean"]
+                                                  for h in trainer.state.log_history
+                                                  if "rewards/rlhf_ext_mean/mean" in h and "loss" in h}
+
+    (full, rewards), (resumed, again) = run(), run(str(tmp_path / "checkpoint-2"))
+    assert full["_distinct"]["count"] == resumed["_distinct"]["count"] == 16  # training's completions only
+    for name in full:
+        assert resumed[name] == pytest.approx(full[name])
+    assert [again[k] for k in (3, 4)] == pytest.approx([rewards[k] for k in (3, 4)])  # were -0.157 / -0.583
+
+
+def test_a_batch_every_member_drops_is_left_to_trl(tmp_path, tok):
+    """A judge returning None for a whole batch: TRL trains on the other reward function's scores (or leaves the
+    samples out); inside a pipeline it raised 'Every sample of the batch got a non-finite reward'."""
+    steps = []
+
+    def judge(completion_ids, trainer_state=None, **kw):
+        steps.append(trainer_state.global_step)
+        return [None] * len(completion_ids) if trainer_state.global_step == 1 else [1.0] * len(completion_ids)
+
+    penalty = as_reward_func(build("shaper", "linear", alpha=0.05, free_tokens=2), tok)
+    trainer = _grpo(tmp_path, tok, [RewardPipeline([judge]), penalty], max_steps=3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.train()
+    assert trainer.state.global_step == 3 and 1 in steps
+
+
+def test_under_trl_the_pipeline_takes_the_trainers_stop_ids_and_chat_template_arguments(tmp_path, tok):
+    """Without eos_token_id, shapers inside the pipeline counted no completion as ended (missing_eos charged every
+    one) where as_reward_func uses the tokenizer's EOS; and reward models rendered without GRPOConfig's
+    chat_template_kwargs. Under TRL the pipeline takes both from the trainer; outside one, it says so once."""
+    eos = tok.eos_token_id
+    ids = [[5, 6, eos], [5, 6, 7]]
+    inside = RewardPipeline([lambda completion_ids, **kw: [0.0] * len(completion_ids)], shapers=["missing_eos"])
+    with pytest.warns(UserWarning, match=r"shapers but no eos_token_id.*stop_token_ids"):
+        assert inside(completions=["a", "b"], completion_ids=ids) == [-1.0, -1.0]
+    seen = {}
+
+    class Member:  # a reward model: gets the chat template's arguments, not the trainer's keywords
+        names = ["rm"]
+        mean, std = torch.zeros(1), torch.ones(1)
+
+        def score_completions(self, prompts, completions, completion_ids, chat_template_kwargs=None):
+            seen["kwargs"] = chat_template_kwargs
+            return torch.zeros(len(completion_ids), 1)
+
+    pipeline = RewardPipeline([Member()], shapers=["missing_eos"])
+    trainer = _grpo(tmp_path, tok, [pipeline], max_steps=1, chat_template_kwargs={"enable_thinking": False})
+    scores = pipeline(completions=["a", "b"], completion_ids=ids, log_metric=trainer._log_metric)  # as TRL calls it
+    assert scores == [0.0, -1.0]  # as as_reward_func(missing_eos, tok) charges them
+    assert seen["kwargs"] == {"enable_thinking": False}
+
+
+def test_kl_controller_beta_reaches_the_loggers(tmp_path, tok):
+    """Added after the trainer was built (as it must be), the callback ran after report_to's loggers and the console,
+    which had already sent the logs on: `kl_controller/beta` reached only state.log_history."""
+    from transformers import TrainerCallback
+
+    received = []
+
+    class Logger(TrainerCallback):  # stands for report_to's integrations, registered when the trainer is built
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            received.append(dict(logs or {}))
+
+    trainer = _grpo(tmp_path, tok, [_distinct], callbacks=[Logger()], max_steps=2)
+    trainer.add_callback(KLControllerCallback(build_controller("adaptive", 0.1, 1.0, horizon=10), trainer))
+    trainer.train()
+    betas = [r["kl_controller/beta"] for r in received if "kl" in r]
+    assert len(betas) == 2 and betas[-1] == pytest.approx(trainer.beta)

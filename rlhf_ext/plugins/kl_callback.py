@@ -48,6 +48,11 @@ class KLControllerCallback(TrainerCallback):
         self._restore(state)
         self._completions_per_step = completions_per_optimizer_step(args)
         self._last_step = state.global_step
+        # first in line for `on_log`: added after the trainer was built, it came after the loggers (report_to, the
+        # console), which had already sent `logs` on without kl_controller/beta. A slice assignment: the handler is
+        # iterating this very list, and the callbacks after this one still come next
+        callbacks = self.trainer.callback_handler.callbacks
+        callbacks[:] = [self, *(c for c in callbacks if c is not self)]
         # else the steps before the first log would use args.beta, and a resumed run the configured β
         self.trainer.beta = max(self.controller.beta, self.min_beta)
         save_with_checkpoint(state, self.STATE_KEY, self.controller.state_dict())
@@ -77,7 +82,7 @@ class KLControllerCallback(TrainerCallback):
                              f"PPOConfig.")
         if args.beta == 0:
             raise ValueError(
-                f"The config's beta is 0 (GRPOConfig's default): TRL then builds no reference model and never computes "
+                f"The config's beta is 0: TRL then builds no reference model and never computes "
                 f"the KL, so the controller would never run. Set `beta` > 0 in the config (e.g. the controller's "
                 f"initial β, {self.controller.beta:g}); the callback replaces it with the controller's β at train "
                 f"start.")

@@ -27,7 +27,7 @@ from transformers.optimization import GreedyLR
 from trl.trainer.utils import entropy_from_logits
 
 from .. import rl_math as F
-from ..adapters import (adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
+from ..adapters import (REACH_TRIES, adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
@@ -308,7 +308,7 @@ class PPOTrainer(Trainer):
         self._metrics_history: list[dict] = []
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
-        self._memo, self._reach_checked = _ForwardMemo(), False
+        self._memo, self._reach_checked, self._reach_tries = _ForwardMemo(), False, 0
         self._card = {}  # model-card metadata given to create_model_card(), kept by save_model() / push_to_hub()
         self.eval_dataset = eval_dataset
 
@@ -730,8 +730,9 @@ class PPOTrainer(Trainer):
             stats["train/skipped_nonfinite_steps"] += 1
             return float(norm)
         if not self._reach_checked:
-            self._reach_checked = True
-            check_gradients_reached(self._reach, "PPOTrainer", self.quantized)
+            self._reach_tries += 1
+            self._reach_checked = check_gradients_reached(self._reach, "PPOTrainer", self.quantized,
+                                                          final=self._reach_tries >= REACH_TRIES)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1

@@ -193,7 +193,7 @@ class RewardPipeline:
             raise ValueError(f"aggregation weights: {len(weights)} given for {len(self.member_names)} member columns "
                              f"({', '.join(self.member_names)}). Give one weight per column, in that order: a reward "
                              f"model trained with ensemble_size K contributes K columns.")
-        self.dropped_total, self._warned = 0, False
+        self.dropped_total, self._warned, self._warned_eos = 0, False, False
         # a batch that is one process's share of the trainer's (PPOTrainer under DDP): a share with every sample
         # dropped is not the end of the run, the trainer decides on the whole batch
         self.batch_is_a_share = False
@@ -203,8 +203,9 @@ class RewardPipeline:
         """Returns (scores [B], valid [B] bool, raw [B, K], normalised [B, K])."""
         return self._score(prompts, completions, completion_ids, has_eos, kwargs, _DROPPED_BY_PPO)
 
-    def _score(self, prompts, completions, completion_ids, has_eos, kwargs, fate):
-        """`score`, with `fate`: what becomes of a dropped sample where the caller uses the result (for the warning)."""
+    def _score(self, prompts, completions, completion_ids, has_eos, kwargs, fate, whole_batch_may_drop=False):
+        """`score`, with `fate`: what becomes of a dropped sample where the caller uses the result (for the warning);
+        `whole_batch_may_drop`: every sample dropped is the caller's to handle (TRL leaves them out)."""
         # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
         raw = torch.cat([m.score_completions(prompts, completions, completion_ids,
                                              **(kwargs if isinstance(m, CallableMember)
@@ -215,16 +216,21 @@ class RewardPipeline:
         norm = (raw - mean) / std
         valid = torch.isfinite(norm).all(-1)
         if not valid.all():
-            self._handle_nonfinite(norm, valid, fate)
+            self._handle_nonfinite(norm, valid, fate, whole_batch_may_drop)
         safe = torch.where(valid.unsqueeze(-1), norm, torch.zeros_like(norm))
         agg = self.aggregator(safe)
+        if self.eos_token_id is None and self.shapers and has_eos is None and not self._warned_eos:
+            self._warned_eos = True
+            warnings.warn("RewardPipeline has shapers but no eos_token_id, so no completion counts as ended: "
+                          "missing_eos charges every one and the length shapers count a final EOS as content. Pass "
+                          "eos_token_id=rlhf_ext.data.stop_token_ids(tokenizer, model).", UserWarning, stacklevel=4)
         info = ResponseInfo.from_ids(completion_ids, self.eos_token_id)
         if has_eos is not None:
             info.has_eos = torch.as_tensor(has_eos, dtype=torch.bool)
         scores = apply_shapers(self.shapers, agg, info)
         return torch.where(valid, scores, torch.zeros_like(scores)), valid, raw, norm
 
-    def _handle_nonfinite(self, norm, valid, fate=None):
+    def _handle_nonfinite(self, norm, valid, fate=None, whole_batch_may_drop=False):
         """`fate`: a str, or a function giving it, saying what the caller does with the dropped samples (PPOTrainer's
         by default); the warning must not promise a drop that the caller does not make."""
         bad = [n for n, ok in zip(self.member_names, torch.isfinite(norm).all(0)) if not ok]
@@ -234,7 +240,7 @@ class RewardPipeline:
                 f"Reward member(s) {bad} returned non-finite rewards (NaN/inf/None) for {n_bad} of {B} sample(s). "
                 f"Fix the reward function, or set `nonfinite_rewards: drop` to drop such samples and count them."
             )
-        if n_bad == B and not self.batch_is_a_share:
+        if n_bad == B and not (self.batch_is_a_share or whole_batch_may_drop):
             raise ValueError(
                 f"Every sample of the batch ({B}) got a non-finite reward from {bad}: nothing is left to train on. "
                 f"Check the reward function (it returns NaN/inf/None for everything)."
@@ -252,12 +258,39 @@ class RewardPipeline:
         pipeline's metrics (see the class docstring)."""
         has_eos, log_metric = kwargs.pop("has_eos", None), kwargs.get("log_metric")
         trainer = getattr(log_metric, "__self__", None)  # TRL passes its bound `_log_metric`
-        scores, valid, raw, norm = self._score(prompts, completions, completion_ids, has_eos, kwargs,
-                                               lambda: _fate_in_trainer(trainer))
-        # PPOTrainer logs these names itself for its own pipeline: one nested in it as a member must not overwrite them
-        if callable(log_metric) and not isinstance(getattr(trainer, "rewards", None), RewardPipeline):
+        # PPOTrainer sets what it needs on its own pipeline; one nested in it as a member must not overwrite its metrics
+        in_ppo = isinstance(getattr(trainer, "rewards", None), RewardPipeline)
+        in_trl = trainer is not None and not in_ppo
+        if in_trl:
+            self._follow_trainer(trainer)
+        # an evaluation batch (TRL's own test: the model in eval mode) must leave the running statistics and the
+        # shapers' state as training left them — a resumed run would otherwise normalise otherwise
+        training = not in_trl or getattr(getattr(trainer, "model", None), "training", True)
+        before = None if training else self.state_dict()
+        try:
+            scores, valid, raw, norm = self._score(prompts, completions, completion_ids, has_eos, kwargs,
+                                                   lambda: _fate_in_trainer(trainer), whole_batch_may_drop=True)
+        finally:
+            if before is not None:
+                self._set_state(before)
+        if callable(log_metric) and not in_ppo:
             self._log_metrics(log_metric, valid, raw, norm)
         return [float(s) if v else None for s, v in zip(scores, valid)]
+
+    def _follow_trainer(self, trainer) -> None:
+        """Under TRL's GRPOTrainer / RLOOTrainer, what the trainer knows and the pipeline was not given: where its
+        completions stop (the tokenizer's EOS and the model's generation_config ids) and the chat template's
+        arguments the prompts were rendered with (reward models render prompt + completion with them too)."""
+        if self.eos_token_id is None:
+            from ..data import stop_token_ids
+
+            tokenizer = getattr(trainer, "processing_class", None)
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's
+            self.eos_token_id = stop_token_ids(tokenizer, getattr(trainer, "model", None)) or None
+        if self.chat_template_kwargs is None:
+            kwargs = getattr(trainer, "chat_template_kwargs", None) or getattr(getattr(trainer, "args", None),
+                                                                               "chat_template_kwargs", None)
+            self.chat_template_kwargs = dict(kwargs) if kwargs else None
 
     def _log_metrics(self, log_metric, valid, raw, norm) -> None:
         """PPOTrainer's reward metrics, through TRL's `log_metric` (which averages them over the logging window and
@@ -287,6 +320,13 @@ class RewardPipeline:
     def state_dict(self):
         return {kind: {key: part.state_dict() for key, part in parts.items()}
                 for kind, parts in self._stateful().items()}
+
+    def _set_state(self, state) -> None:
+        """Put back a `state_dict()` of this very pipeline (same parts)."""
+        for kind, parts in self._stateful().items():
+            for key, part in parts.items():
+                if key in state.get(kind, {}):
+                    part.load_state_dict(state[kind][key])
 
     def load_state_dict(self, state):
         """Restore by name, so that a resume with members or shapers added, removed or reordered gives each its own

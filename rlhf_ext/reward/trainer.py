@@ -31,7 +31,7 @@ from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..architectures import final_hidden_size
-from ..adapters import check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
+from ..adapters import REACH_TRIES, check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit
@@ -212,12 +212,13 @@ class _GradientReachCheck(TrainerCallback):
     """At the first optimizer step: every member's LoRA-B matrix and head got gradient, or stop with the cause."""
 
     def __init__(self, params, quantized):
-        self.params, self.quantized, self.done = params, quantized, False
+        self.params, self.quantized, self.done, self.tries = params, quantized, False, 0
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if not self.done:
-            self.done = True
-            check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized)
+        if not self.done:  # an all-zero gradient (a member's bootstrap weights all 0 in a batch) is looked at again
+            self.tries += 1
+            self.done = check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized,
+                                                final=self.tries >= REACH_TRIES)
 
 
 class _StopOnSignal(TrainerCallback):
