@@ -96,14 +96,19 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
             f"No '{kind + '_' if kind else ''}{split}.jsonl' in {path}. Name the files <kind>_<split>.jsonl "
             f"(e.g. preferences_train.jsonl) or pass a Hub dataset id."
         )
-    if path.suffix in (".jsonl", ".json") and path.is_file():
-        return _load_jsonl(path, streaming)
+    if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        if split != "train":  # one file is one split (as `datasets` has it): never the training rows again
+            raise FileNotFoundError(f"{path} is one file, the 'train' split only: there is no {split!r} split in it. "
+                                    f"Put the splits in a folder as <kind>_<split>.jsonl (e.g. prompts_test.jsonl).")
+        if path.suffix in (".jsonl", ".json"):
+            return _load_jsonl(path, streaming)
+        return load_dataset(path.suffix[1:], data_files=str(path), split="train", streaming=streaming)
     from .models import is_hub_id
 
-    if not is_hub_id(name_or_path):  # './data', 'a/b/c': a path, and no Hub id could be it
+    if not is_hub_id(name_or_path) or path.suffix in (".jsonl", ".json", ".parquet", ".csv"):  # a path, not an id
         raise FileNotFoundError(
-            f"No dataset at {name_or_path!r}: no such folder or .jsonl file (relative paths are read from "
-            f"{Path.cwd()}), and not a Hub id. Check the path, or pass a Hub id (namespace/name) or `shipped:sentiment`"
+            f"No dataset at {name_or_path!r}: no such folder or .jsonl / .json / .parquet / .csv file (relative paths "
+            f"are read from {Path.cwd()}), and not a Hub id. Check the path, or pass a Hub id (namespace/name) or `shipped:sentiment`"
             f" (the package's own).")
     try:
         return load_dataset(name_or_path, kind, split=split, streaming=streaming)

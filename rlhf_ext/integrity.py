@@ -502,10 +502,18 @@ def read_json(path, fix: str) -> dict:
 
 
 def save_tensors(tensors: dict, path) -> None:
-    """safetensors.torch.save_file of detached, contiguous CPU copies (what save_file insists on)."""
+    """safetensors.torch.save_file of detached, contiguous CPU copies (what save_file insists on). Tensors that share
+    memory — a tied embedding and LM head, both in an adapter's state after `resize_token_embeddings` — are saved as
+    separate copies (save_file refuses shared ones; PEFT's save_pretrained copies them alike)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        shared = v.untyped_storage().data_ptr() in seen
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v.clone() if shared else v
+    save_file(out, str(path))
 
 
 def _default_permissions(folder) -> None:

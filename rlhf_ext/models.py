@@ -417,6 +417,25 @@ def assert_trainable_4bit_layout(model, trainer: str) -> None:
             f"rlhf_ext.models.keep_4bit_trainable(model) after loading, or report this with your bitsandbytes version.")
 
 
+def check_model_object(model, trainer: str, **loading) -> None:
+    """A model given as an object to a trainer: weights it can train (not on the meta device), and the loading
+    settings that apply only to a name or folder (`loading`: name → value, e.g. load_in_4bit) said to be ignored —
+    they were, silently (TRL's GRPOTrainer warns about model_init_kwargs alike)."""
+    import warnings
+
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(f"{trainer}: the model's weights are on the meta device (built under init_empty_weights or "
+                         f"loaded with device_map='meta'), so there is nothing to train or score. Load the weights "
+                         f"(from_pretrained(path) without a meta device map), or pass the model's name or folder.")
+    ignored = [name for name, value in loading.items() if value]
+    if ignored:
+        warnings.warn(f"{trainer}: `model` is a model object, so {', '.join(ignored)} — settings for loading a model "
+                      f"by name or folder — are ignored; it trains as given "
+                      f"({'4-bit' if is_quantized(model) else str(next(model.parameters()).dtype).replace('torch.', '')}"
+                      f"). Load it with them yourself (from_pretrained(..., quantization_config=...)) or pass its "
+                      f"name or folder.", UserWarning, stacklevel=3)
+
+
 def is_quantized(model) -> bool:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False))

@@ -730,7 +730,7 @@ def test_a_dataset_path_that_is_not_there_is_one_line(capsys, tmp_path, monkeypa
     config = "ppo_smollm2_sentiment" if recipe == "ppo" else "reward_smollm2_sentiment"
     err = _input_error(capsys, recipe, ["--config", config, "--use_cpu", "true", "--dataset_name", "./nodata"]
                        + (["--reward_model_path", "rm"] if recipe == "ppo" else []))
-    assert f"No dataset at './nodata': no such folder or .jsonl file (relative paths are read from {tmp_path})" in err
+    assert f"No dataset at './nodata': no such folder or .jsonl / .json / .parquet / .csv file (relative paths are read from {tmp_path})" in err
 
 
 def test_the_first_ppo_run_without_a_reward_model_exits_2_through_the_console_script(tmp_path):

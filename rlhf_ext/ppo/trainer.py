@@ -36,7 +36,8 @@ from ..distributed import as_main_process_sees_it, close_process_group_at_exit
 from ..hub import card_metadata, default_repo_id, push_checkpoint, reach_repo_or_explain, with_card_metadata
 from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
                          supersede_later_checkpoints, write_text_atomic)
-from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, ensure_pad_token, is_quantized,
+from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, check_model_object, ensure_pad_token,
+                      is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
                       tokenizer_for, warn_unquantized_experts)
 from ..plugins.kl import build_controller
@@ -154,6 +155,9 @@ class PPOTrainer(Trainer):
             if processing_class is None:  # the tokenizer of the weights' revision
                 processing_class = tokenizer_for(model, init)
             model = load_model(model, "causal", load_in_4bit=load_in_4bit, **init)
+        else:
+            check_model_object(model, "PPOTrainer", load_in_4bit=load_in_4bit, quantization_config=quantization_config,
+                               model_init_kwargs=args.model_init_kwargs)
         if processing_class is None:
             raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
         self.tokenizer = ensure_pad_token(processing_class)

@@ -199,6 +199,16 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
                              f"from a model name or folder, which the artifact then records.")
         base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
                           load_in_4bit=four_bit, **quantization)
+        if spec.get("base_fingerprint") and spec["base_fingerprint"] != model_fingerprint(base):
+            # trained on a model object changed in memory (an SFT adapter merged, embeddings resized): the recorded
+            # name loads other weights, and the heads would score them silently wrong
+            raise ValueError(f"{path} was trained on weights that differ from those at its recorded base model "
+                             f"{spec['base_model']!r} (fingerprint {spec['base_fingerprint']} against "
+                             f"{model_fingerprint(base)}): the model given to the trainer was changed in memory — an "
+                             f"adapter merged, embeddings resized — or the folder changed since. Save the model it "
+                             f"trained on (model.save_pretrained(dir), tokenizer too) and pass it: "
+                             f"load_reward_model(path, base_model=get_peft_model(AutoModel.from_pretrained(dir), "
+                             f"LoraConfig(...))), or retrain from the saved folder.")
         first = spec["adapters"][0]
         model = wrap_with_peft(base, lora_config_of(spec, base), adapter_prefix + first)
         adapters, owns = attach_adapters(model, path, spec, prefix=adapter_prefix), True

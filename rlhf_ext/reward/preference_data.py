@@ -214,9 +214,10 @@ def _prompt_length(example, tokenizer) -> int:
 
 def with_prompt_length(dataset, tokenizer):
     """`dataset` with a `prompt_length` column (`_prompt_length`), for the response lengths the length de-correlation
-    and `length_corr` read. Pre-tokenised pairs (chosen_ids / rejected_ids) are returned as they are."""
+    and `length_corr` read; a column of that name in the user's data is replaced (it is not this count). Pre-tokenised
+    pairs (chosen_ids / rejected_ids) are returned as they are."""
     columns = get_dataset_column_names(dataset) or []
-    if tokenizer is None or "chosen" not in columns or "prompt_length" in columns:
+    if tokenizer is None or "chosen" not in columns:
         return dataset
     kwargs = {"desc": "Measuring the prompts"} if isinstance(dataset, Dataset) else {}
     return dataset.map(lambda e: {"prompt_length": _prompt_length(e, tokenizer)}, **kwargs)

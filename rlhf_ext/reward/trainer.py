@@ -43,7 +43,8 @@ from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_chec
                          finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
                          resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
                          writing_folder)
-from ..models import (assert_trainable_4bit_layout, base_reference, ensure_pad_token, four_bit_layout, is_quantized,
+from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token, four_bit_layout,
+                      is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, loadable_reference, model_fingerprint,
                       pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
@@ -401,14 +402,22 @@ class RewardEnsembleTrainer(RewardTrainer):
                     "to output a single scalar reward per sequence (as in trl.RewardTrainer). Instantiate it with "
                     "`num_labels=1`, or pass the causal LM (or its folder): RewardEnsembleTrainer builds its own heads."
                 )
+            # (model_init_kwargs: TRL's RewardTrainer warns itself)
+            check_model_object(model, "RewardEnsembleTrainer", load_in_4bit=load_in_4bit,
+                               quantization_config=quantization_config)
             if is_quantized(model):
                 keep_4bit_trainable(model)  # bitsandbytes' CPU inference layout has no backward
             source = model
         trunk = trunk_of(source)
         self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
+        if not isinstance(model, str):  # what the artifact records: how it trained, not a flag an object ignored
+            self.load_in_4bit = self.quantized
         self.four_bit_layout = four_bit_layout(source)  # recorded, so a separate load quantises the base alike
         warn_unquantized_experts(source)
         if processing_class is None:
+            if not self.base_model_name:  # a model built in code: "" would read whatever tokenizer is in the cwd
+                raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model "
+                                 "without a name or folder (its config's _name_or_path is empty).")
             processing_class = load_tokenizer(self.base_model_name)
         if getattr(args, "pad_token", None) is not None:  # TRL's deprecated field: set before our collator pads
             if args.pad_token not in processing_class.get_vocab():
