@@ -444,6 +444,28 @@ def test_frozen_prefix_cache_is_exact_on_gpt2(tmp_path, tok):
     assert torch.allclose(full, cached, atol=1e-5)
     assert math.isfinite(tr.train()[0]["loss/policy"])
 
+def test_a_streamed_run_extended_by_max_steps_uses_each_prompt_once_in_stream_order(tmp_path, tok):
+    """Raise max_steps and resume, as the 'Nothing to train' message suggests: a stream is read further, and the
+    prompts were shuffled over the longer list — the saved position pointed into another order, so prompts of the
+    first run came again and others never (0, 6, 8–11 twice; 12, 13, 17, 19, 20, 22 never). A stream is read in its
+    own order now, so the resumed run goes on where the first stopped."""
+    from datasets import Dataset
+
+    seen = []
+
+    def record(prompts, completions, completion_ids, **kw):
+        seen.extend(int(p.split()[-2]) for p in prompts)
+        return [0.0] * len(prompts)
+
+    stream = Dataset.from_dict({"prompt": [f"write a review of film {i} ." for i in range(100)]}).to_iterable_dataset()
+    make(tmp_path, tok, reward=record, data=stream, max_steps=3, per_device_train_batch_size=4,
+         max_completion_length=4, save_strategy="steps", save_steps=3).train()
+    with pytest.warns(UserWarning):  # the prompt set read so far differs (longer): said
+        make(tmp_path, tok, reward=record, data=stream, max_steps=6, per_device_train_batch_size=4,
+             max_completion_length=4, save_strategy="steps", save_steps=3).train(resume_from_checkpoint=True)
+    assert seen == list(range(24))
+
+
 def test_an_endless_prompt_stream_is_read_as_far_as_max_steps_needs(tmp_path, tok):
     """A streamed prompt set (`dataset_streaming`) may not end: PPO reads the max_steps × batch prompts its
     iterations use, in stream order, and no further (it read the whole stream before: an endless one never started).

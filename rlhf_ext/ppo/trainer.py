@@ -262,6 +262,7 @@ class PPOTrainer(Trainer):
             if isinstance(member, RewardEnsemble) and member.model is model:
                 member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args, limit=streamed_prompts)
+        self.streamed = streamed_prompts is not None
         self._check_reward_templates([*members, *self.audit_funcs.values()])
         # checked now, not at the first evaluation hours into the run; named sets (a dict) each
         held = {}
@@ -531,8 +532,10 @@ class PPOTrainer(Trainer):
             self.data_epoch, self.data_pos = self.data_epoch + 1, 0
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed  # transformers' data order seed
         g = torch.Generator().manual_seed(seed + self.data_epoch)
-        order = (torch.randperm(len(self.prompts), generator=g).tolist() if self.args.shuffle_dataset
-                 else list(range(len(self.prompts))))
+        # a stream is read in its own order (shuffle it with IterableDataset.shuffle): a permutation of the prompts
+        # read so far would reorder when a resumed run reads further (max_steps raised), repeating some, skipping others
+        order = (torch.randperm(len(self.prompts), generator=g).tolist()
+                 if self.args.shuffle_dataset and not self.streamed else list(range(len(self.prompts))))
         start = self.data_pos + rank * B
         batch = [self.prompts[i] for i in order[start : start + B]]
         self.data_pos += B * world
