@@ -274,9 +274,7 @@ def _typed(name: str, value, hint, default, config_file: str, fail):
             refuse(f"text; {name} takes {expected()}.")
         if float in origins:
             return value  # argparse converts it
-        if not number.is_integer():
-            refuse(f"a number with a fraction; {name} takes {expected()}.")
-        return int(number)
+        value = number  # an integer field: judged as the number it spells, below
     if isinstance(value, str):  # argparse converts it as it converts the command line's (or says why not)
         return [value] if list in origins and str not in origins else value
     if str in origins and not isinstance(value, (list, dict)):

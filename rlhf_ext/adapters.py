@@ -221,6 +221,21 @@ def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quant
     )
 
 
+class GradientReachCheck:
+    """`check_gradients_reached` for one trainer, called at each optimizer step until it has decided (a step of
+    all-zero gradients leaves it undecided, `REACH_TRIES` times at most)."""
+
+    def __init__(self, params: dict[str, nn.Parameter], trainer: str, quantized: bool = False):
+        self.params, self.trainer, self.quantized = params, trainer, quantized
+        self.done, self.tries = False, 0
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.tries += 1
+            self.done = check_gradients_reached(self.params, self.trainer, self.quantized,
+                                                final=self.tries >= REACH_TRIES)
+
+
 def _is_bias(name: str, param: nn.Parameter) -> bool:
     return name.rsplit(".", 1)[-1] == "bias" and param.dim() == 1
 

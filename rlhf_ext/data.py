@@ -81,6 +81,9 @@ def _load_jsonl(path: Path, streaming: bool):
     return load_dataset("json", data_files=str(path), split="train", streaming=streaming)
 
 
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # one file `load_split` reads as the train split
+
+
 def load_split(name_or_path: str, split: str, kind: str | None = None, streaming: bool = False):
     """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`; a `.jsonl` file is
     checked line by line first (`jsonl_rows`: a bad line or an empty file is a `DataFileError` naming it). `streaming`
@@ -96,7 +99,7 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
             f"No '{kind + '_' if kind else ''}{split}.jsonl' in {path}. Name the files <kind>_<split>.jsonl "
             f"(e.g. preferences_train.jsonl) or pass a Hub dataset id."
         )
-    if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
+    if path.is_file() and path.suffix in DATA_FILE_SUFFIXES:
         if split != "train":  # one file is one split (as `datasets` has it): never the training rows again
             raise FileNotFoundError(f"{path} is one file, the 'train' split only: there is no {split!r} split in it. "
                                     f"Put the splits in a folder as <kind>_<split>.jsonl (e.g. prompts_test.jsonl).")
@@ -105,7 +108,7 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
         return load_dataset(path.suffix[1:], data_files=str(path), split="train", streaming=streaming)
     from .models import is_hub_id
 
-    if not is_hub_id(name_or_path) or path.suffix in (".jsonl", ".json", ".parquet", ".csv"):  # a path, not an id
+    if not is_hub_id(name_or_path) or path.suffix in DATA_FILE_SUFFIXES:  # a path, not an id
         raise FileNotFoundError(
             f"No dataset at {name_or_path!r}: no such folder or .jsonl / .json / .parquet / .csv file (relative paths "
             f"are read from {Path.cwd()}), and not a Hub id. Check the path, or pass a Hub id (namespace/name) or `shipped:sentiment`"
@@ -150,14 +153,15 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     (TRL's GRPOTrainer merges the two alike). `model`: the model, or its folder / Hub id (its generation_config.json
     read, as TRL's trainers take a policy by name)."""
     ids = [] if getattr(tokenizer, "eos_token_id", None) is None else [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
     if isinstance(model, (str, os.PathLike)):
         from transformers import GenerationConfig
 
         try:
-            model = type("Named", (), {"generation_config": GenerationConfig.from_pretrained(model)})
+            generation = GenerationConfig.from_pretrained(model)
         except OSError:  # none saved: the tokenizer's EOS alone, as transformers generates then
-            model = None
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            generation = None
+    configured = getattr(generation, "eos_token_id", None)
     ids += configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured]
     return list(dict.fromkeys(int(i) for i in ids))
 

@@ -20,6 +20,7 @@ import atexit
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 _registered = False
@@ -81,3 +82,10 @@ def as_main_process_sees_it(accelerator, read):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([read() if accelerator.is_main_process else None])[0]
+
+
+def sum_over_processes(accelerator, x: float) -> float:
+    """`x` summed over every process: one small all-reduce (`x` itself in one process). Every process must call it."""
+    if accelerator.num_processes == 1:
+        return x
+    return float(accelerator.reduce(torch.tensor([x], dtype=torch.float64, device=accelerator.device), "sum").item())

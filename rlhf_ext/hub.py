@@ -25,6 +25,14 @@ def card_hub_id(name) -> str | None:
     return s
 
 
+def card_base_model(name_or_path) -> str | None:
+    """A card's `base_model` for the model trained from `name_or_path`: its Hub id (the embedded default's too), or
+    None for a local folder or a model given without a name."""
+    from .models import loadable_reference
+
+    return card_hub_id(loadable_reference(name_or_path)) if name_or_path else None
+
+
 def push_folder(folder, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 revision: str | None = None, commit_message: str = "Upload with rlhf_ext",
                 path_in_repo: str | None = None, delete_patterns: list[str] | None = None) -> str:

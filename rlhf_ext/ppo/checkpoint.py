@@ -246,7 +246,7 @@ def read_checkpoint(tr, path) -> None:
     random.setstate(_untuple(state["python_rng"]))
     _restore_rng(tr, path, rng, settings.get("num_processes", tr.accelerator.num_processes))  # after the iteration
     tr._metrics_history = state["metrics"]
-    tr._reach_checked = True  # checked in the run that wrote the checkpoint
+    tr._reach_check.done = True  # checked in the run that wrote the checkpoint
     if (path / TRAINER_STATE).is_file():  # checkpoints before it had none: their log history starts afresh
         restore_trainer_state(tr, path / TRAINER_STATE)
     tr.state.global_step = tr.iteration

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..integrity import atomic_folder, save_tensors
-from ..hub import card_hub_id
+from ..hub import card_base_model
 from ..models import base_reference, loadable_reference
 from .policy import CRITIC
 
@@ -78,7 +78,7 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
 def model_card(tr, merged: bool = False) -> str:
     a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
     base = base_reference(tr.model_name) if tr.model_name else "unknown"
-    hub_base = card_hub_id(loadable_reference(tr.model_name)) if tr.model_name else None
+    hub_base = card_base_model(tr.model_name)
     final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
                                   "response/eos_rate") if k in last}
     final.update({k: v for k, v in last.items() if k.startswith("audit/")})

@@ -27,12 +27,12 @@ from transformers.optimization import GreedyLR
 from trl.trainer.utils import entropy_from_logits
 
 from .. import rl_math as F
-from ..adapters import (REACH_TRIES, adapter_parameters, check_gradients_reached, first_step_grad_params, set_trainable,
+from ..adapters import (GradientReachCheck, adapter_parameters, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, stop_token_ids, tokenize_prompts
-from ..distributed import as_main_process_sees_it, close_process_group_at_exit
+from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
 from ..hub import card_metadata, default_repo_id, push_checkpoint, reach_repo_or_explain, with_card_metadata
 from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
                          supersede_later_checkpoints, write_text_atomic)
@@ -94,6 +94,9 @@ def prompts_to_stream(dataset, args: PPOConfig) -> int | None:
                          "so num_train_epochs cannot say how many iterations to run. Set `max_steps` (PPO iterations) "
                          "or `total_episodes`, as TRL's Trainer asks for a streamed dataset.")
     return args.max_steps * args.per_device_train_batch_size * args.world_size
+
+
+EVAL_METRICS = ("kl", "length", "eos")  # what evaluate_policy / evaluate report besides the audit judges
 
 
 class PPOTrainer(Trainer):
@@ -237,7 +240,9 @@ class PPOTrainer(Trainer):
         routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend, args.device)
         policy_params = adapter_parameters(model, self.policy_adapter)
         self._guard_params = [p for p in policy_params.values() if p.requires_grad]
-        self._reach = first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter])
+        self._reach_check = GradientReachCheck(
+            first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter]),
+            "PPOTrainer", self.quantized)
 
         # Frozen-prefix cache: layers below every trained adapter run once per rollout, not once per pass
         if args.cache_frozen_layers:
@@ -313,7 +318,7 @@ class PPOTrainer(Trainer):
         self._metrics_history: list[dict] = []
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
-        self._memo, self._reach_checked, self._reach_tries = _ForwardMemo(), False, 0
+        self._memo = _ForwardMemo()
         self._card = {}  # model-card metadata given to create_model_card(), kept by save_model() / push_to_hub()
         self.eval_dataset = eval_dataset
 
@@ -736,10 +741,7 @@ class PPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
             stats["train/skipped_nonfinite_steps"] += 1
             return float(norm)
-        if not self._reach_checked:
-            self._reach_tries += 1
-            self._reach_checked = check_gradients_reached(self._reach, "PPOTrainer", self.quantized,
-                                                          final=self._reach_tries >= REACH_TRIES)
+        self._reach_check()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
@@ -891,7 +893,7 @@ class PPOTrainer(Trainer):
         name = args.metric_for_best_model
         if not name or not held:
             return
-        metrics = ["kl", "length", "eos", *self.audit_funcs]
+        metrics = [*EVAL_METRICS, *self.audit_funcs]
         known = [m if key is None else f"{key}_{m}" for key in held for m in metrics]
         if name.removeprefix("eval_") not in known:
             raise ValueError(f"metric_for_best_model={name!r} is not a metric PPOTrainer's evaluation logs; it logs "
@@ -904,7 +906,7 @@ class PPOTrainer(Trainer):
         rows = tokenize_prompts(dataset, self.tokenizer, self.args, min_rows=1, desc="Tokenizing evaluation prompts")
         bs = batch_size or self.args.per_device_train_batch_size
         judges = judges or {}
-        out = {"kl": [], "length": [], "eos": [], "texts": [], "prompts": [], **{k: [] for k in judges}}
+        out = {**{k: [] for k in EVAL_METRICS}, "texts": [], "prompts": [], **{k: [] for k in judges}}
         batches = progress(self, range(0, len(rows), bs), unit="batch", leave=False,
                            desc="Evaluating " + ("the policy" if adapters else "the reference"))
         for i in batches:
@@ -1087,7 +1089,7 @@ class PPOTrainer(Trainer):
         torch.manual_seed(self.args.seed + 1000 * self.accelerator.process_index + self.iteration)
 
     def _sum_over_processes(self, x: float) -> float:
-        return float(self._global_sum(torch.tensor(x, dtype=torch.float64, device=self.args.device)))
+        return sum_over_processes(self.accelerator, x)
 
     def _start_clean(self, args) -> None:
         """A new run (not resumed) in an output_dir an earlier run used would append to its monitor log and leave its

@@ -176,6 +176,7 @@ class RewardEnsemble(nn.Module):
         # padding is found by the attention mask, so any id the embedding has will do: a `[PAD]` added to the
         # tokenizer without resizing the model (TRL's PPO examples) must not reach it
         self.pad_id = model_pad_id(tokenizer, model) if tokenizer is not None else 0
+        self.lead = leading_special_count(tokenizer) if tokenizer is not None else 0  # kept by a cut from the left
         self.pool = POOLING[spec.get("pooling", "last")]
         self.header = assistant_header_ids(tokenizer) if spec.get("pooling") == "response" else []
         if spec.get("pooling") == "response" and not self.header:
@@ -340,8 +341,7 @@ class RewardEnsemble(nn.Module):
                            f"{self.max_length} tokens (its BOS kept; its prompt's start, chat template and system turn "
                            f"cut). Shorten the prompts or max_completion_length, or train the reward model with a "
                            f"larger max_length.")
-            lead = leading_special_count(self.tokenizer)
-            seqs = [cut_from_left(s, self.max_length, lead) for s in seqs]
+            seqs = [cut_from_left(s, self.max_length, self.lead) for s in seqs]
         device = next(self.heads.parameters()).device
         if self.spec["mode"] == "adapters":
             batch_size = max(1, batch_size // len(self.adapters))

@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -31,11 +32,11 @@ from trl.data_utils import get_dataset_column_names, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..architectures import final_hidden_size
-from ..adapters import REACH_TRIES, check_gradients_reached, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
+from ..adapters import GradientReachCheck, first_step_grad_params, set_trainable, wrap_with_peft, zero_dropout
 from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
-from ..distributed import as_main_process_sees_it, close_process_group_at_exit
-from ..hub import (card_hub_id, card_metadata, default_repo_id, push_checkpoint, push_folder,
+from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
+from ..hub import (card_base_model, card_metadata, default_repo_id, push_checkpoint, push_folder,
                    reach_repo_or_explain,
                    with_card_metadata)
 from ..interrupt import StopAfterIteration
@@ -45,7 +46,7 @@ from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_chec
                          writing_folder)
 from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token, four_bit_layout,
                       is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, loadable_reference, model_fingerprint,
+                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
                       pretrained_kwargs,
                       resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
@@ -210,16 +211,14 @@ def _apply_chat_template_path(trunk, tokenizer, path: str) -> list[int]:
 
 
 class _GradientReachCheck(TrainerCallback):
-    """At the first optimizer step: every member's LoRA-B matrix and head got gradient, or stop with the cause."""
+    """At the first optimizer step: every member's LoRA-B matrix and head got gradient, or stop with the cause (an
+    all-zero gradient — a member's bootstrap weights all 0 in a batch — is looked at again: `GradientReachCheck`)."""
 
     def __init__(self, params, quantized):
-        self.params, self.quantized, self.done, self.tries = params, quantized, False, 0
+        self.check = GradientReachCheck(params, "RewardEnsembleTrainer", quantized)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if not self.done:  # an all-zero gradient (a member's bootstrap weights all 0 in a batch) is looked at again
-            self.tries += 1
-            self.done = check_gradients_reached(self.params, "RewardEnsembleTrainer", self.quantized,
-                                                final=self.tries >= REACH_TRIES)
+        self.check()
 
 
 class _StopOnSignal(TrainerCallback):
@@ -230,12 +229,8 @@ class _StopOnSignal(TrainerCallback):
         self.trainer, self.stop, self.stopped = trainer, stop, False
 
     def on_step_end(self, args, state, control, **kwargs):
-        acc = self.trainer.accelerator
-        total = None
-        if acc.num_processes > 1:  # one tiny reduction per step: every process stops at the same one
-            def total(flag: float) -> float:
-                return float(acc.reduce(torch.tensor([flag], device=acc.device), "sum").item())
-        if self.stop.requested(total):
+        # one tiny reduction per step under DDP: every process stops at the same one
+        if self.stop.requested(partial(sum_over_processes, self.trainer.accelerator)):
             self.stopped = control.should_save = control.should_training_stop = True
 
 
@@ -384,7 +379,6 @@ class RewardEnsembleTrainer(RewardTrainer):
         # The model: a trunk (the transformer body, no LM head), and the trained score head when it has one
         torch.manual_seed(args.seed)
         self.base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
-        self.load_in_4bit = load_in_4bit or quantization_config is not None
         if isinstance(model, str):
             init = pretrained_kwargs(args, quantization_config)
             if processing_class is None:  # the tokenizer of the weights' revision
@@ -410,8 +404,6 @@ class RewardEnsembleTrainer(RewardTrainer):
             source = model
         trunk = trunk_of(source)
         self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
-        if not isinstance(model, str):  # what the artifact records: how it trained, not a flag an object ignored
-            self.load_in_4bit = self.quantized
         self.four_bit_layout = four_bit_layout(source)  # recorded, so a separate load quantises the base alike
         warn_unquantized_experts(source)
         if processing_class is None:
@@ -1029,9 +1021,9 @@ class RewardEnsembleTrainer(RewardTrainer):
             "ensemble_size": self.args.ensemble_size,
             "lora_config": getattr(self, "lora_config", None),
             "normalization": self.normalization,
-            "load_in_4bit": bool(self.load_in_4bit),
+            "load_in_4bit": self.quantized,  # how it trained (a flag given with a model object is ignored)
             "four_bit": self.four_bit_layout,
-            "dtype": "float32" if self.load_in_4bit else str(next(trunk.parameters()).dtype).replace("torch.", ""),
+            "dtype": "float32" if self.quantized else str(next(trunk.parameters()).dtype).replace("torch.", ""),
             "conversational": self.is_conversational,
             "tags": list(ens.model_tags),
             "training": {"length_decorrelation_coef": self.args.length_decorrelation_coef,
@@ -1143,7 +1135,7 @@ def _reward_card(spec: dict, history: list[dict]) -> str:
     evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evals.items()) if isinstance(v, (int, float)))
     tags = list(dict.fromkeys(["rlhf_ext", "reward-model", "trl", *spec.get("tags", [])]))  # + the trainers' tags
-    base = card_hub_id(loadable_reference(spec["base_model"])) if spec.get("base_model") else None
+    base = card_base_model(spec.get("base_model"))
     return (f"---\nlibrary_name: rlhf_ext\n" + (f"base_model: {base}\n" if base else "") +  # Hub ids only
             f"tags: [{', '.join(tags)}]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
             f"K = {spec['ensemble_size']} members, mode `{spec['mode']}`, pooling `{spec.get('pooling', 'last')}`, "
