@@ -412,7 +412,7 @@ def setup_phase():
     setup = Watch()
     try:
         yield setup
-    except (ValueError, TypeError, FileNotFoundError, CorruptFileError, KeyError, OutputDirInUseError) as e:
+    except (ValueError, TypeError, OSError, CorruptFileError, KeyError, OutputDirInUseError) as e:
         if setup.began or isinstance(e, KeyError) and not _raised_in_datasets(e):
             raise
         # a KeyError's str() is the repr of its message

@@ -3,6 +3,7 @@ token-id lists, and the text of a plain or conversational field."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -188,9 +189,27 @@ def cut_from_left(ids: list[int], limit: int, lead: int = 0) -> list[int]:
     return ids[:lead] + ids[len(ids) - (limit - lead):]
 
 
+def content_text(content) -> str:
+    """A message's `content` as text: a string, None (an assistant turn that only calls tools), or a list of parts
+    (`[{"type": "text", "text": ...}, {"type": "image"}]`, as newer chat templates and VLM datasets write it)."""
+    if isinstance(content, list):
+        return " ".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
+def chat_tools(value):
+    """A row's `tools` column as the chat template takes it: TRL's datasets hold it as a JSON string or a list."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def message_text(value) -> str:
-    """The text of a plain string or of a list of chat messages (for emptiness checks)."""
-    return " ".join(m.get("content") or "" for m in value) if isinstance(value, list) else value
+    """The text of a plain string or of a list of chat messages (for emptiness checks): each message's content
+    (`content_text`), and an assistant turn's tool calls (their function names), which are its response."""
+    if not isinstance(value, list):
+        return value
+    return " ".join(content_text(m.get("content")) + " ".join(
+        str((c.get("function") or c).get("name") or "") for c in (m.get("tool_calls") or []) if isinstance(c, dict))
+        for m in value)
 
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "margin")
@@ -320,6 +339,21 @@ def _prompt_text(tokenizer, ids) -> str:
     return tokenizer.decode(ids)
 
 
+def drop_early_turns(messages: list, render, limit: int) -> tuple[list, list[int]]:
+    """A conversation within `limit` tokens by dropping its earliest turns: the leading system message(s) kept and the
+    rest starting at a user turn (templates that require alternation refuse anything else). `render`: messages → the
+    prompt's token ids. Returns (messages, ids): the longest that fits, else the shortest such (its last user turn on),
+    which the caller cuts further."""
+    head = list(itertools.takewhile(lambda m: m.get("role") == "system", messages))
+    rest = messages[len(head):]
+    kept, ids = messages, render(messages)
+    for j in [j for j, m in enumerate(rest) if j and m.get("role") == "user"]:
+        kept, ids = head + rest[j:], render(head + rest[j:])
+        if len(ids) <= limit:
+            break
+    return kept, ids
+
+
 def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc: str = "Tokenizing prompts",
                      limit: int | None = None):
     """TRL prompt-only data (text or conversational) → list of (prompt, token ids), chat template applied as TRL
@@ -347,7 +381,7 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
         source = ((i, _prompt_text(tokenizer, r["input_ids"]), list(r["input_ids"]), r) for i, r in enumerate(dataset))
     total = len(dataset) if hasattr(dataset, "__len__") else limit  # a streamed set: length unknown
     quiet = bars_off(args) or (total is not None and total < PROGRESS_ROWS)
-    rows, too_long, lead = [], [], None
+    rows, too_long, cut, lead = [], [], [], None
     for i, prompt, ids, row in tqdm(source, total=total, desc=desc, unit="prompt", disable=quiet, leave=False):
         text = message_text(prompt)
         if not isinstance(text, str):
@@ -359,18 +393,29 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
             raise ValueError(f"Prompt {i} is a list of chat messages but the tokenizer has no chat template (a base "
                              f"model's tokenizer). Set tokenizer.chat_template (or pass a chat model's tokenizer), or "
                              f"give the prompts as text.")
-        if ids is None:
-            ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                 **(getattr(args, "chat_template_kwargs", None) or {}))
-                   ["input_ids"] if isinstance(prompt, list) else tokenizer(text=prompt)["input_ids"])
+        render = None
+        if ids is None and isinstance(prompt, list):
+            # a row's `tools` rendered as TRL's reward trainer renders them (and the reward models here do)
+            tools = {"tools": chat_tools(row["tools"])} if row.get("tools") is not None else {}
+            render = lambda messages: tokenizer.apply_chat_template(  # noqa: E731
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, **tools,
+                **(getattr(args, "chat_template_kwargs", None) or {}))["input_ids"]
+            ids = render(prompt)
+        elif ids is None:
+            ids = tokenizer(text=prompt)["input_ids"]
         if len(ids) > args.max_prompt_length:
             too_long.append((i, len(ids)))
             if args.prompt_overflow == "drop":
                 continue
-            if args.prompt_overflow == "truncate":  # the prompt's start cut, its BOS kept
+            if args.prompt_overflow == "truncate" and render is not None:
+                # a conversation loses whole early turns, its system message kept: the prompt the reward models
+                # judge against is then the one the policy saw (a token cut would leave them the whole history)
+                prompt, ids = drop_early_turns(prompt, render, args.max_prompt_length)
+            if args.prompt_overflow == "truncate" and len(ids) > args.max_prompt_length:  # its start cut, BOS kept
                 if lead is None:
                     lead = leading_special_count(tokenizer)
                 ids = cut_from_left(list(ids), args.max_prompt_length, lead)
+                cut.append(i)
         rows.append(PromptRow(prompt, list(ids), {c: row[c] for c in extra}))
         if limit is not None and len(rows) == limit:
             break
@@ -379,8 +424,13 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
                f"{too_long[0][0]} with {too_long[0][1]} tokens).")
         if args.prompt_overflow == "error":
             raise ValueError(msg + " Raise `max_prompt_length`, or set `prompt_overflow` to 'drop' or 'truncate'.")
+        turns = len(too_long) - len(cut)
         warnings.warn(msg + f" prompt_overflow={args.prompt_overflow!r}: they were {args.prompt_overflow}ped."
-                      if args.prompt_overflow == "drop" else msg + " They were truncated on the left.")
+                      if args.prompt_overflow == "drop" else msg + " They were truncated: "
+                      + "; ".join(filter(None, [
+                          turns and f"{turns} conversation(s) by their earliest turns (the system message kept)",
+                          cut and f"{len(cut)} to their last tokens (for these the reward models still judge the "
+                                  f"whole prompt)"])) + ".")
     need = args.per_device_train_batch_size if min_rows is None else min_rows
     if len(rows) < need:
         dropped = f" ({len(too_long)} dropped as longer than max_prompt_length)" if args.prompt_overflow == "drop" \

@@ -66,11 +66,41 @@ def download(repo_id: str, revision: str | None = None, token: str | None = None
                       f"network access, pass the local folder the artifact was saved to.") from e
 
 
+def hub_reward_artifact(name) -> Path | None:
+    """The local snapshot of a Hub repo holding an rlhf_ext reward artifact (what `RewardEnsembleTrainer.push_to_hub`
+    uploads; from the cache when offline); None for a local path, or a repo without the artifact's spec file."""
+    from huggingface_hub import hf_hub_download
+
+    from .reward.artifact import SPEC_FILE
+
+    if not looks_like_repo_id(str(name)):
+        return None
+    try:
+        hf_hub_download(str(name), SPEC_FILE)
+    except Exception:  # noqa: BLE001 — no such file or repo, or neither cached nor reachable: not an artifact here
+        return None
+    return download(str(name))
+
+
+def repo_id_for_push(args, repo_id: str | None, commit_message, caller: str) -> str:
+    """Where `push_to_hub` uploads: `repo_id`, else `hub_model_id`, else the output_dir's name (as transformers). Its
+    first argument is the commit message, as in transformers' Trainer: `push_to_hub("you/rm")` would upload to that
+    default with "you/rm" as the message — refused, naming the keyword."""
+    if repo_id is None and isinstance(commit_message, str) and looks_like_repo_id(commit_message) \
+            and " " not in commit_message:
+        raise ValueError(f"{caller}.push_to_hub({commit_message!r}): the first argument is the commit message (as in "
+                         f"transformers' Trainer), so this would upload to {default_repo_id(args)!r}. Pass the repo "
+                         f"by name: push_to_hub(repo_id={commit_message!r}), or set hub_model_id.")
+    return repo_id or default_repo_id(args)
+
+
 def reach_repo_or_explain(create_repo, args, caller: str) -> None:
     """`push_to_hub=True`: transformers' Trainer creates the repo when the trainer is built (`init_hf_repo`); offline
     or without a token that fails with the HTTP client's bare error. Say what failed and the ways on."""
     try:
         create_repo()
+    except (TypeError, AttributeError):  # a bug or a version mismatch, not the network: as it is
+        raise
     except Exception as e:  # noqa: BLE001 — offline, auth, permissions: say which
         raise OSError(f"push_to_hub=True: {caller} could not create or reach the Hub repository "
                       f"{default_repo_id(args)!r} ({type(e).__name__}: {e}). Nothing has trained yet. Check the network "
@@ -80,7 +110,7 @@ def reach_repo_or_explain(create_repo, args, caller: str) -> None:
 
 def default_repo_id(args) -> str:
     """Where `push_to_hub` uploads without a `repo_id`: `hub_model_id`, else the output_dir's name (as transformers)."""
-    return args.hub_model_id or Path(args.output_dir).name
+    return args.hub_model_id or Path(args.output_dir).absolute().name  # "." names the folder, as transformers'
 
 
 # What `Trainer.push_to_hub(**kwargs)` passes on to the model card (transformers' `create_model_card` and TRL's):

@@ -8,6 +8,7 @@ package and is converted once to safetensors in a cache folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -203,8 +204,7 @@ def load_model(
         raise ValueError(f"Unknown model kind {kind!r}; use one of {sorted(classes)}.")
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is a folder but holds no model (no config.json). Point to the folder that "
-                                f"save_pretrained() wrote.")
+        raise FileNotFoundError(f"{path} is a folder but holds no model (no config.json). {_what_folder(Path(path))}")
     if "torch_dtype" in kwargs:  # transformers 4's name for dtype, still in many TRL scripts and configs
         old = kwargs.pop("torch_dtype")
         if dtype is not None and _dtype(dtype) != _dtype(old):
@@ -227,8 +227,8 @@ def load_model(
         if Path(path).exists():
             raise
         raise OSError(f"Could not load {name_or_path!r}: it is not a local folder or the embedded default "
-                      f"({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). Without network "
-                      f"access, pass a local folder.") from e
+                      f"({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). "
+                      f"{_offline_hint(name_or_path, revision)}") from e
     saved_as = [a for a in (getattr(model.config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
     if kind == "causal" and saved_as:
         warnings.warn(f"{name_or_path!r} was saved as a {saved_as[0]} (a reward model?), and is loaded here as a causal "
@@ -305,6 +305,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
+    if (Path(path) / "ppo_state.json").is_file():  # transformers would ask for sentencepiece
+        raise FileNotFoundError(f"{path} holds no model or tokenizer. {_what_folder(Path(path))}")
     extra = {"revision": revision} if revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra, **kwargs)
@@ -312,11 +314,41 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         if Path(path).exists():
             raise
         raise OSError(f"Could not load the tokenizer of {name_or_path!r}: it is not a local folder or the embedded "
-                      f"default ({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). Without "
-                      f"network access, pass a local folder (set HF_HUB_OFFLINE=1 to fail at once instead of "
-                      f"retrying).") from e
+                      f"default ({', '.join(EMBEDDED_MODELS)}), and loading it as a Hub id failed ({e}). "
+                      f"{_offline_hint(name_or_path, revision)}") from e
     _check_not_empty(tokenizer, name_or_path)
     return tokenizer
+
+
+def _what_folder(path: Path) -> str:
+    """The fix for a folder that is not a whole model: a LoRA adapter (a saved policy, TRL's SFT output) needs its
+    base; a PPO checkpoint is resumed, not loaded."""
+    if (path / "adapter_config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        return (f"It is a PEFT adapter (on {base or 'a base model it does not name'}): merge it into its base and pass "
+                f"the merged folder (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) — "
+                f"PPO starts the policy and the reference from that model — or pass the loaded PeftModel itself.")
+    if (path / "ppo_state.json").is_file():
+        return (f"It is a PPO checkpoint: continue its run with resume_from_checkpoint={str(path)!r} (recipes: "
+                f"--resume_from_checkpoint), or load the policy it holds with PeftModel.from_pretrained(base, "
+                f"{str(path / 'adapters')!r}).")
+    return "Point to the folder that save_pretrained() wrote."
+
+
+def _offline_hint(name, revision=None) -> str:
+    """What to do when a Hub id did not load: offline (HF_HUB_OFFLINE), the cache lacks it at that revision."""
+    from huggingface_hub import constants
+
+    at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
+    if constants.HF_HUB_OFFLINE:
+        return (f"HF_HUB_OFFLINE is set and the Hugging Face cache ({constants.HF_HUB_CACHE}) does not hold "
+                f"{name!r}{at}: download it where there is network access (`hf download {name}{flag}`) into this "
+                f"cache (HF_HOME / HF_HUB_CACHE), or pass a local folder.")
+    return ("Without network access, pass a local folder, or set HF_HUB_OFFLINE=1 to read the Hugging Face cache at "
+            "once instead of retrying.")
 
 
 def _check_not_empty(tokenizer, name_or_path) -> None:
@@ -532,4 +564,15 @@ def loadable_reference(name_or_path) -> str:
     if key in EMBEDDED_HUB_IDS:
         return EMBEDDED_HUB_IDS[key]
     path = Path(resolve_model_path(name)).expanduser()
-    return str(path.resolve()) if path.exists() else name
+    if not path.exists():
+        return name
+    return cache_snapshot_hub_id(path.resolve()) or str(path.resolve())
+
+
+def cache_snapshot_hub_id(path: Path) -> str | None:
+    """`org/name` for a folder of the Hugging Face cache (`…/models--org--name/snapshots/<commit>`, what
+    `snapshot_download` returns): the Hub id loads on another machine, this machine's path does not."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return None

@@ -197,8 +197,9 @@ def test_wheel_installs_and_its_cli_works_from_another_directory(tmp_path):
     site = next((venv / "lib").glob("python*/site-packages"))
     deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
     (site / "deps.pth").write_text(deps + "\n")  # dependencies only; the editable rlhf_ext's .pth is not read here
+    # --force-reinstall: an older pip sees the editable install through deps.pth and skips the wheel
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                    "-q", str(wheel)], check=True, capture_output=True)
+                    "--force-reinstall", "-q", str(wheel)], check=True, capture_output=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

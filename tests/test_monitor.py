@@ -216,7 +216,7 @@ def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):
     # the detectors after the halting one saw the iteration before the checkpoint was written: it resumes exactly
     later = {d.name: d.state_dict() for d in tr.monitor.detectors}
     assert state["monitor"]["detectors"]["repetition"]["seen"] == later["repetition"]["seen"] == len(hist)
-    assert "monitor/repetition" in state["metrics"][-1]
+    assert state["metrics_unlogged"][-1][0] == len(hist) and "monitor/repetition" in state["metrics_unlogged"][-1][1]
     kw["monitor_detectors"] = [{"name": "length_drift", "threshold": 1.3, "action": "log"}]  # the user's decision
     resumed = make(tmp_path, tok, model=eos_prone_model(tok), **kw)
     hist2 = resumed.train(resume_from_checkpoint=True)

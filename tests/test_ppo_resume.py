@@ -277,3 +277,85 @@ def test_another_train_dataset_is_named_by_the_resume_warning(straight, tmp_path
     assert "another train_dataset" in warning
     _, _, said = _resume(tmp_path / "same", tok, ckpt)
     assert not _resume_warning(said)
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_a_checkpoint_holds_each_iteration_once_and_a_resume_returns_the_whole_history(tmp_path, tok, logging_steps):
+    """ppo_state.json held every iteration's metrics beside trainer_state.json's log history: each checkpoint grew by
+    twice the run's history (53 MB at 20k iterations), the disk by its square without save_total_limit. Now the log
+    history holds what was logged and ppo_state.json only the iterations it does not."""
+    run = dict(max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
+               logging_steps=logging_steps)
+    hist = make(tmp_path / "straight", tok, **run).train()
+    for it in (2, 4):
+        ckpt = tmp_path / "straight" / "ppo" / f"checkpoint-{it}"
+        state = json.loads((ckpt / "ppo_state.json").read_text())
+        logged = [e["step"] for e in json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+                  if "loss/policy" in e]
+        unlogged = [i for i, _ in state["metrics_unlogged"]]
+        assert "metrics" not in state and sorted(logged + unlogged) == list(range(1, it + 1))
+        assert logged == list(range(logging_steps, it + 1, logging_steps))
+    resumed = make(tmp_path / "resumed", tok, **run).train(
+        resume_from_checkpoint=str(tmp_path / "straight" / "ppo" / "checkpoint-2"))
+    assert resumed[:2] == hist[:2]  # the iterations before the resume, as the checkpoint holds them
+    assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist] and len(resumed) == 4
+    assert resumed.training_loss == pytest.approx(hist.training_loss)
+
+
+def _resumed_pair(tmp_path, tok, straight_kw, checkpoint, resumed_kw=None, **kw):
+    straight = make(tmp_path / "straight", tok, **{**kw, **straight_kw})
+    hist = straight.train()
+    resumed = make(tmp_path / "resumed", tok, **{**kw, **(resumed_kw or straight_kw)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "ppo" / checkpoint))
+    return (straight, hist), (resumed, again), [str(w.message) for w in caught]
+
+
+def test_a_plateau_schedule_keeps_its_reductions_across_a_resume(tmp_path, tok):
+    """ReduceLROnPlateau has no base rates: the resume took its reduced rate for the configured one and put the
+    configured rate back, undoing every reduction (transformers' Trainer keeps them)."""
+    from .test_ppo import prompts
+
+    run = dict(max_steps=4, per_device_train_batch_size=8, save_strategy="steps", save_steps=1, eval_strategy="steps",
+               eval_steps=1, metric_for_best_model="kl", greater_is_better=False, logging_steps=1,
+               lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"patience": 0, "factor": 0.5})
+    (straight, hist), (resumed, again), _ = _resumed_pair(tmp_path, tok, {}, "checkpoint-2", eval_dataset=prompts(),
+                                                          **run)
+    rates = [h["learning_rate"] for h in hist]
+    assert rates[2] < rates[0]  # the schedule reduced the rate before the checkpoint (a test that can fail)
+    assert [h["learning_rate"] for h in again] == rates
+    assert all(torch.equal(a, b) for a, b in zip(_params(straight).values(), _params(resumed).values()))
+
+
+def test_numpy_draws_continue_across_a_resume(tmp_path, tok):
+    """A reward function drawing from NumPy's global stream (transformers' Trainer checkpoints it) drew the
+    pre-checkpoint numbers again after a resume."""
+    import numpy as np
+
+    draws = []
+
+    def noisy(prompts, completions, completion_ids, **kw):
+        noise = np.random.normal(size=len(completion_ids))
+        draws.append(round(float(noise[0]), 12))
+        return [float(len(ids)) / 8 + 0.1 * e for ids, e in zip(completion_ids, noise)]
+
+    run = dict(max_steps=4, per_device_train_batch_size=8, save_strategy="steps", save_steps=2)
+    (straight, _), (resumed, _), _ = _resumed_pair(tmp_path, tok, {}, "checkpoint-2", reward=noisy, **run)
+    assert draws[4:] == draws[2:4] and draws[2:4] != draws[:2]
+    assert all(torch.equal(a, b) for a, b in zip(_params(straight).values(), _params(resumed).values()))
+
+
+def test_a_stream_resumed_with_a_larger_max_steps_is_not_called_another_dataset(tmp_path, tok):
+    """A streamed set is read as far as max_steps needs, so the prompts' fingerprint changed with max_steps and the
+    documented way to go on warned "another train_dataset"."""
+    from .test_ppo import prompts
+
+    run = dict(per_device_train_batch_size=8, save_strategy="steps", save_steps=2, lr_scheduler_type="constant")
+    data = lambda: prompts().to_iterable_dataset()  # noqa: E731
+    (straight, _), (resumed, _), said = _resumed_pair(tmp_path, tok, dict(max_steps=2, data=data()), "checkpoint-2",
+                                                      dict(max_steps=4, data=data()), **run)
+    assert not [m for m in said if m.startswith("Resuming from")], said
+    whole = make(tmp_path / "whole", tok, max_steps=4, data=data(), **run)
+    whole.train()
+    assert all(torch.equal(a, b) for a, b in zip(_params(whole).values(), _params(resumed).values()))

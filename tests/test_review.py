@@ -516,3 +516,24 @@ def test_a_restarted_server_repairs_preferences_left_stale_by_a_kill(tmp_path):
         assert rows[1]["source"]["decision"] == "reference"
     finally:
         server.shutdown(), server.server_close()
+
+
+def test_adding_to_a_long_queue_reads_it_once_and_still_queues_each_pair_once(tmp_path, monkeypatch):
+    """`add` read and checked the whole queue for every pair (a second per add at 8000 pairs): the ids are now kept
+    while the file is as this queue's own adds left it — read again when anything else wrote to it, or on resume."""
+    q = ReviewQueue(tmp_path)
+    reads = []
+    real = ReviewQueue.records
+    monkeypatch.setattr(ReviewQueue, "records", lambda self: reads.append(1) or real(self))
+    for i in range(40):
+        q.add(make_pair(f"p{i}", f"great {i}", f"fine {i}"))
+    assert len(reads) == 1
+    q.add(make_pair("p3", "great 3", "fine 3"))  # an id taken, the same pair (a resume samples it again): kept once
+    q.add(make_pair("p4", "other text", "fine 4"))  # an id taken by another pair: a new id
+    with open(q.queue_path, "a") as f:  # another writer (a hand repair) appends: read again before the next add
+        f.write(json.dumps({"created": 0, **make_pair("p50", "x", "y")}) + "\n")
+    q.add(make_pair("p50", "x", "y"))
+    resumed = ReviewQueue(tmp_path)  # a resumed run's queue reads what is there
+    resumed.add(make_pair("p7", "great 7", "fine 7"))
+    ids = [r["id"] for r in real(q)]
+    assert ids == [f"p{i}" for i in range(40)] + ["p4~2", "p50"]

@@ -188,7 +188,7 @@ def test_report_top_samples_put_a_nan_score_last(tmp_path):
         {"iteration": 1 if k < 14 else 2, "prompt": "p", "text": f"scored {s}", "score": s, "length": 3, "eos": True,
          "audit": {}}) + "\n" for k, s in enumerate(scores)))
     page = write_report(tmp_path, top=14).read_text().split("Top-reward")[1]
-    shown = re.findall(r"<td>scored ([^<]*)</td>", page)
+    shown = re.findall(r"<td class=t>scored ([^<]*)</td>", page)
     assert shown == ["100.0"] + [f"{float(i)}" for i in range(12, -1, -1)]  # the NaN row is the one cut
 
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..data import PromptRow
+from ..data import PromptRow, message_text
+from ..ppo.sampling import forked_rng
 from ..plugins.detectors import DEFAULT_DETECTORS, Observation
 from ..plugins.shaping import content_ids, repeated_ngram_fraction
 from ..progress import progress
-from ..registry import build
+from ..registry import build, numbered
 from .queue import ReviewQueue, append_jsonl
 
 # the per-iteration logs in OUTPUT_DIR/monitor/ (a resumed run truncates them to its checkpoint; a run that replaces
@@ -63,6 +64,8 @@ def reference_statistics(lengths: list, eos: list, ids: list, cap: int, ngram_si
 class RewardHackingMonitor(TrainerCallback):
     def __init__(self, trainer, detectors, max_queue: int = 2, cooldown: int = 5, samples_per_iteration: int = 3):
         self.trainer, self.detectors = trainer, detectors
+        for key, d in numbered(detectors, lambda d: d.name).items():  # a second "repetition" is "repetition#2": its
+            d.key = key                                                # own metric, alarms and checkpointed state
         self.max_queue, self.cooldown, self.samples_per_iteration = max_queue, cooldown, samples_per_iteration
         self.dir = Path(trainer.args.output_dir) / "monitor"
         self.queue = ReviewQueue(trainer.args.output_dir)
@@ -73,14 +76,14 @@ class RewardHackingMonitor(TrainerCallback):
     # -- state (saved in PPO checkpoints) -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"reference": self.reference, "last_queued": self.last_queued,
-                "detectors": {d.name: d.state_dict() for d in self.detectors}}
+                "detectors": {d.key: d.state_dict() for d in self.detectors}}
 
     def load_state_dict(self, state: dict) -> None:
         self.resumed_at = self.trainer.iteration  # set by the trainer before this is called
         self.reference, self.last_queued = state.get("reference", {}), state.get("last_queued", {})
         for d in self.detectors:
-            if d.name in state.get("detectors", {}):
-                d.load_state_dict(state["detectors"][d.name])
+            if d.key in state.get("detectors", {}):
+                d.load_state_dict(state["detectors"][d.key])
 
     @property
     def writes(self) -> bool:
@@ -96,10 +99,9 @@ class RewardHackingMonitor(TrainerCallback):
         n = min(tr.args.monitor_reference_prompts, len(tr.prompts))
         pick = random.Random(tr.args.seed + 7919).sample(range(len(tr.prompts)), n)
         step = tr.args.per_device_train_batch_size
-        rng = torch.get_rng_state()  # sampling here must not change the training run's random stream
-        torch.manual_seed(tr.args.seed + 7919)
         lengths, eos, ids = [], [], []
-        try:
+        with forked_rng(tr.policy.device):  # sampling here must not change the run's random streams (a GPU's too)
+            torch.manual_seed(tr.args.seed + 7919)
             for i in progress(tr, range(0, n, step), desc="Monitor: the reference policy's length and EOS rate",
                               unit="batch", leave=False):
                 g = tr.policy.generate([tr.prompts[j] for j in pick[i : i + step]], tr.tokenizer,
@@ -107,8 +109,6 @@ class RewardHackingMonitor(TrainerCallback):
                 lengths += g.lengths.float().tolist()
                 eos += g.has_eos.float().tolist()
                 ids += g.completion_ids
-        finally:
-            torch.set_rng_state(rng)
         self.reference = reference_statistics(lengths, eos, ids, int(tr.args.max_completion_length),
                                               {getattr(d, "n", 4) for d in self.detectors if d.name == "repetition"})
 
@@ -128,7 +128,7 @@ class RewardHackingMonitor(TrainerCallback):
             run = {"kl_controller": a.kl_controller, "kl_target": a.kl_target, "init_kl_coef": a.init_kl_coef,
                    "aggregation": a.aggregation, "shapers": a.shapers, "members": self.trainer.rewards.member_names,
                    "audits": list(self.trainer.audit_funcs), "reference": self.reference,
-                   "detectors": [{"name": d.name, "threshold": d.threshold, "action": d.action,
+                   "detectors": [{"name": d.key, "threshold": d.threshold, "action": d.action,
                                   "direction": d.direction} for d in self.detectors]}
             from ..integrity import write_text_atomic
 
@@ -178,8 +178,8 @@ class RewardHackingMonitor(TrainerCallback):
         for d in self.detectors:
             value, fired = d.update(obs)
             if value is not None:
-                metrics[f"monitor/{d.name}"] = value
-            metrics[f"monitor/{d.name}_alarm"] = int(fired)
+                metrics[f"monitor/{d.key}"] = value
+            metrics[f"monitor/{d.key}_alarm"] = int(fired)
             if fired:
                 self._act(d, local, control)
                 halting = halting or (d if d.action == "halt" else None)
@@ -196,12 +196,12 @@ class RewardHackingMonitor(TrainerCallback):
 
     def _act(self, d, obs, control):
         tr = self.trainer
-        record = {"iteration": tr.iteration, "detector": d.name, "value": d.value, "threshold": d.limit,
+        record = {"iteration": tr.iteration, "detector": d.key, "value": d.value, "threshold": d.limit,
                   "direction": d.direction, "action": d.action}
         if self.writes:
             append_jsonl(self.dir / "alarms.jsonl", record)
-        if d.action == "queue" and tr.iteration - self.last_queued.get(d.name, -10**9) >= self.cooldown:
-            self.last_queued[d.name] = tr.iteration
+        if d.action == "queue" and tr.iteration - self.last_queued.get(d.key, -10**9) >= self.cooldown:
+            self.last_queued[d.key] = tr.iteration
             self._queue(d, obs)
 
     def _halt(self, d, control):
@@ -209,7 +209,7 @@ class RewardHackingMonitor(TrainerCallback):
         the same gathered batch); the train loop then writes the checkpoint with every process taking part."""
         tr = self.trainer
         control.should_training_stop = control.should_save = True
-        self.halted_by = d.name
+        self.halted_by = d.key
         path = Path(tr.args.output_dir) / f"checkpoint-{tr.iteration}"
         warnings.warn(
             f"Reward-hacking monitor halted training at iteration {tr.iteration}: {d.describe()}. Checkpoint: "
@@ -233,15 +233,12 @@ class RewardHackingMonitor(TrainerCallback):
                 break
         if not picked or not self.writes:
             return
-        rng = torch.get_rng_state()
-        try:
+        with forked_rng(tr.policy.device):
             batch = [PromptRow(ro.prompts[i], ro.ids[i, : ro.ids.shape[1] - ro.R][ro.mask[i, : ro.ids.shape[1] - ro.R]
                                                                                   .bool()].tolist(),
                                {k: v[i] for k, v in ro.columns.items()}) for i in picked]
             ref = tr.policy.generate(batch, tr.tokenizer, tr.args.max_completion_length, tr.args.top_p,
                                      tr.args.stop_on_eos, reference=True)
-        finally:
-            torch.set_rng_state(rng)
         saved = tr.rewards.state_dict()  # scoring for display must not move running statistics (debias, callables)
         ref_scores, _, ref_raw, _ = tr.rewards.score(ref.prompts, ref.completions, ref.completion_ids,
                                                      has_eos=ref.has_eos.cpu(), **tr.reward_kwargs(ref, log=False))
@@ -255,7 +252,7 @@ class RewardHackingMonitor(TrainerCallback):
         names = tr.rewards.member_names
         for j, i in enumerate(picked):
             self.queue.add({
-                "id": f"it{tr.iteration}-{d.name}-{j}", "iteration": tr.iteration, "detectors": [d.name],
+                "id": f"it{tr.iteration}-{d.key}-{j}", "iteration": tr.iteration, "detectors": [d.key],
                 "prompt": ro.prompts[i],
                 "flagged": _side(ro.completions[i], ro.texts[i], ro.lengths[i], ro.has_eos[i], kls[j], ro.scores[i],
                                  ro.raw[i], names, {k: v[i] for k, v in ro.audit.items()}),
@@ -271,7 +268,7 @@ def _side(completion, text, length, eos, kl, score, raw, names, audit) -> dict:
 
 
 def prompt_text(p) -> str:
-    return "\n".join(f"{m['role']}: {m['content']}" for m in p) if isinstance(p, list) else p
+    return "\n".join(f"{m['role']}: {message_text([m])}" for m in p) if isinstance(p, list) else p
 
 
 def _plain(metrics: dict) -> dict:

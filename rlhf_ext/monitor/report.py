@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import json
 import math
+import re
+import sys
+import unicodedata
 from pathlib import Path
 
 from ..integrity import CorruptFileError, read_json
@@ -21,6 +25,27 @@ NUMBER = (int, float)
 METRIC = {"iteration": int}
 ALARM = {"iteration": int, "detector": str, "value": NUMBER, "threshold": NUMBER, "action": str}
 SAMPLE = {"iteration": int, "prompt": str, "text": str, "score": NUMBER, "length": int, "eos": bool}
+
+
+@functools.cache
+def _invisible() -> re.Pattern:
+    """The review page's INVISIBLE (static/review.js): characters that print nothing (Unicode's Cf, and the Hangul
+    fillers), where a policy can hide text the reward model reads; the ZWJ of emoji sequences is left alone. Python's
+    `re` has no \\p{Cf}: the class is built once, when a report is written."""
+    cf = "".join(re.escape(chr(c)) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf")
+    return re.compile(f"(?:(?!\u200d)[{cf}\u115f\u1160\u3164\uffa0])+")
+
+
+def _text(s: str) -> str:
+    """`s` as escaped HTML, each run of invisible characters as a marker naming them (as the review page shows)."""
+    out, pos = [], 0
+    for m in _invisible().finditer(s):
+        names = list(dict.fromkeys(f"U+{ord(c):04X}" for c in m[0]))
+        out += [html.escape(s[pos:m.start()]),
+                f'<span class=inv title="Characters that print nothing; the reward model reads them.">⟨{len(m[0])} '
+                f'invisible: {" ".join(names[:3])}{" …" if len(names) > 3 else ""}⟩</span>']
+        pos = m.end()
+    return "".join(out) + html.escape(s[pos:])
 
 
 def _sample(s: dict) -> str | None:
@@ -54,13 +79,21 @@ def load_run(output_dir) -> dict:
     return {"run": run, "metrics": metrics,
             "alarms": _dedupe(read_jsonl(mon / "alarms.jsonl", lambda a: check_fields(a, ALARM)),
                               key=lambda a: (a["iteration"], a["detector"])),
-            "samples": _dedupe(read_jsonl(mon / "samples.jsonl", _sample), key=lambda s: (s["iteration"], s["text"])),
+            # one row per prompt: a collapsed policy's one answer to several prompts is several samples
+            "samples": _dedupe(read_jsonl(mon / "samples.jsonl", _sample),
+                               key=lambda s: (s["iteration"], s["prompt"], s["text"])),
             "queue": ReviewQueue(output_dir).records()}
 
 
 def _series(metrics, key):
     pts = [(m["iteration"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot(ax, xs, ys, **kw):
+    """A series; dotted points on a short one, where a line of one point (a 1-iteration run, a value between NaNs)
+    draws nothing."""
+    return ax.plot(xs, ys, **({"marker": ".", "ms": 5} if len(xs) <= 50 else {}), **kw)
 
 
 def _dedupe(rows: list[dict], key=lambda r: r.get("iteration")) -> list[dict]:
@@ -93,6 +126,7 @@ def make_plots(data, out: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     m, alarms, run = data["metrics"], data["alarms"], data["run"]
     paths = {}
@@ -102,6 +136,10 @@ def make_plots(data, out: Path) -> dict[str, Path]:
         draw(ax)
         _alarm_marks(ax, alarms)
         ax.set_xlabel("iteration")
+        lo, hi = ax.get_xlim()
+        if hi - lo < 2:  # one iteration: whole-number ticks need a range around it
+            ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
@@ -111,15 +149,15 @@ def make_plots(data, out: Path) -> dict[str, Path]:
         plt.close(fig)
 
     def rewards(ax):
-        ax.plot(*_series(m, "objective/scores"), label="proxy (shaped, aggregated)")
+        _plot(ax, *_series(m, "objective/scores"), label="proxy (shaped, aggregated)")
         for k in sorted({k for r in m for k in r if k.startswith("audit/")}):
-            ax.plot(*_series(m, k), label=k)
+            _plot(ax, *_series(m, k), label=k)
         ax.set_title("proxy reward vs audit (train rollouts); dashed: first alarm per detector")
 
     def kl(ax):
-        ax.plot(*_series(m, "objective/kl"), label="rollout KL (estimator)")
+        _plot(ax, *_series(m, "objective/kl"), label="rollout KL (estimator)")
         if any("kl/after_update" in r for r in m):
-            ax.plot(*_series(m, "kl/after_update"), label="exact KL after update")
+            _plot(ax, *_series(m, "kl/after_update"), label="exact KL after update")
         if run.get("kl_target") and run.get("kl_controller") != "fixed":
             ax.axhline(run["kl_target"], color="k", ls="--", lw=1, label=f"δ = {run['kl_target']}")
         xs, bt = _series(m, "kl/backtracks")
@@ -127,27 +165,27 @@ def make_plots(data, out: Path) -> dict[str, Path]:
             if b:
                 ax.axvline(x, color="orange", alpha=0.3, lw=2)
         ax2 = ax.twinx()
-        ax2.plot(*_series(m, "objective/beta"), color="gray", ls=":", label="β")
+        _plot(ax2, *_series(m, "objective/beta"), color="gray", ls=":", label="β")
         ax2.set_ylabel("β", color="gray")
         ax.set_ylabel("nats / sequence")
         ax.set_title("KL(π‖π_ref) vs δ; β dotted; orange: guard backtracked")
 
     def length(ax):
-        ax.plot(*_series(m, "response/length_mean"), label="mean length (tokens)")
-        ref = run.get("reference", {}).get("length")
+        _plot(ax, *_series(m, "response/length_mean"), label="mean length (tokens)")
+        ref = (run.get("reference") or {}).get("length")
         if ref:
             ax.axhline(ref, color="k", ls="--", lw=1, label="reference policy")
         ax2 = ax.twinx()
-        ax2.plot(*_series(m, "response/eos_rate"), color="green", ls=":", label="EOS rate")
+        _plot(ax2, *_series(m, "response/eos_rate"), color="green", ls=":", label="EOS rate")
         ax2.set_ylim(0, 1.05)
         ax2.set_ylabel("EOS rate", color="green")
         ax.set_title("response length and EOS rate")
 
     def disagreement(ax):
         if any("rewards/ensemble_std" in r for r in m):
-            ax.plot(*_series(m, "rewards/ensemble_std"), label="ensemble std (normalised members)")
+            _plot(ax, *_series(m, "rewards/ensemble_std"), label="ensemble std (normalised members)")
         for k in sorted({k for r in m for k in r if k.startswith("monitor/") and not k.endswith("_alarm")}):
-            ax.plot(*_series(m, k), lw=1, label=k.split("/", 1)[1])
+            _plot(ax, *_series(m, k), lw=1, label=k.split("/", 1)[1])
         ax.set_title("ensemble disagreement and detector statistics")
 
     for name, fn in zip(PANELS, (rewards, kl, length, disagreement)):
@@ -172,7 +210,7 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
     sample_rows = "".join(
         f"<tr><td>{s['iteration']}</td><td>{s['score']:.3f}</td><td>"
         + esc(", ".join(f"{k} {v:.2f}" for k, v in s.get("audit", {}).items())) + f"</td><td>{s['length']}</td>"
-        f"<td>{'yes' if s['eos'] else 'no'}</td><td class=p>{esc(s['prompt'][-200:])}</td><td>{esc(s['text'])}</td></tr>"
+        f"<td>{'yes' if s['eos'] else 'no'}</td><td class=p>{_text(s['prompt'][-200:])}</td><td class=t>{_text(s['text'])}</td></tr>"
         for s in samples)
     summary = {"iterations": len(m), "kl_controller": run.get("kl_controller"), "δ": run.get("kl_target"),
                "aggregation": run.get("aggregation"), "shapers": run.get("shapers"), "members": run.get("members"),
@@ -183,7 +221,8 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>rlhf_ext run report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px;max-width:1500px}}figure{{display:inline-block;margin:4px}}
 figure{{width:48%;min-width:600px}}img{{width:100%}}table{{border-collapse:collapse;margin:8px 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:320px}}</style></head><body>
+vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:320px}}
+td.p,td.t{{white-space:pre-wrap;overflow-wrap:anywhere}}td.t{{min-width:320px}}.inv{{background:#fff1e6;color:#a3471a}}</style></head><body>
 <h1>rlhf_ext run report</h1><p>{esc(str(output_dir))}</p>
 <table>{summary_rows}</table>{imgs}
 <h2>Monitor alarms ({len(data['alarms'])})</h2><table><tr><th>iteration</th><th>detector</th><th>value</th>

@@ -15,8 +15,8 @@ class Aggregator:
     name = "base"
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        """r: [B, K] normalised member rewards → [B]."""
-        raise NotImplementedError
+        """r: [B, K] normalised member rewards → [B] (a float tensor; checked by the reward pipeline)."""
+        raise NotImplementedError(f"The aggregation {self.name!r} must implement __call__(r [B, K]) -> [B].")
 
 
 @register("aggregation", "mean")

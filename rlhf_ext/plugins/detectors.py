@@ -71,7 +71,7 @@ class Detector:
         self.weight2 = 0.0  # Σ wᵢ² of the moving average's weights: its variance is weight2 × one batch's
 
     def statistic(self, obs: Observation) -> float | None:
-        raise NotImplementedError
+        raise NotImplementedError(f"The detector {self.name!r} must implement statistic(obs) -> float | None.")
 
     def effective_threshold(self, obs: Observation) -> float:
         """The threshold this iteration is judged against (default: the configured one)."""
@@ -107,7 +107,7 @@ class Detector:
         return self.value, bool(fired and self.seen >= self.warmup and self._beyond_noise(obs))
 
     def describe(self) -> str:
-        return f"{self.name} = {self.value:.3g} {'>' if self.direction == 'above' else '<'} {self.limit:.3g}"
+        return f"{getattr(self, 'key', self.name)} = {self.value:.3g} {'>' if self.direction == 'above' else '<'} {self.limit:.3g}"
 
     def state_dict(self) -> dict:
         return {"value": self.value, "seen": self.seen, "weight2": self.weight2}

@@ -26,8 +26,9 @@ class KLEstimator:
     name = "base"
 
     def __call__(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-        """Per-token KL estimate. logp, ref_logp: [B, T] log-probs of the sampled tokens → [B, T]."""
-        raise NotImplementedError
+        """Per-token KL estimate. logp, ref_logp: [B, T] log-probs of the sampled tokens → [B, T] (a float tensor of
+        their shape; the trainer checks it and hands the estimator copies)."""
+        raise NotImplementedError(f"The kl_estimator {self.name!r} must implement __call__(logp, ref_logp) -> [B, T].")
 
 
 @register("kl_estimator", "k1")
@@ -66,7 +67,8 @@ class KLController:
 
     # What `update` changes: saved with a checkpoint and restored on resume. Everything else — `target`, gains,
     # horizon — is configuration: a resumed run keeps the values it was configured with (as its hard-KL guard, built
-    # from them, does). None, for a plugin that does not say: every number it holds but `target`.
+    # from them, does). None, for a plugin that does not say: every number it holds but `target` (a resume warns where
+    # one of them differs from the configured value).
     state_keys: tuple[str, ...] | None = None
 
     def update(self, kl: float, n_steps: int = 1) -> float:
@@ -91,7 +93,16 @@ class KLController:
                           f"{self.name!r} one (kl_controller changed): β starts at init_kl_coef ({self.beta:g}). "
                           f"Resume with kl_controller={saved!r} to continue its β.", UserWarning, stacklevel=2)
             return
-        vars(self).update({k: state[k] for k in self._state_keys(state) if k in state})
+        restored = {k: state[k] for k in self._state_keys(state) if k in state}
+        if self.state_keys is None:  # a plugin that does not say what its state is: a changed setting came back too
+            differ = [f"{k}={v!r} (configured {getattr(self, k, None)!r})" for k, v in restored.items()
+                      if k != "beta" and v != getattr(self, k, None)]
+            if differ:
+                warnings.warn(f"The {self.name!r} KL controller declares no state_keys, so every number it held was "
+                              f"restored from the checkpoint: {', '.join(differ)}. If one of these is configuration "
+                              f"(kl_controller_kwargs), declare the state on the class — state_keys = (\"beta\", ...) "
+                              f"— and the configured value is kept.", UserWarning, stacklevel=2)
+        vars(self).update(restored)
 
 
 @register("kl_controller", "fixed")

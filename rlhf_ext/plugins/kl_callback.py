@@ -11,6 +11,7 @@ import warnings
 from transformers import TrainerCallback
 
 from ..trainer_state import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
+from .contract import checked_beta
 from .kl import KLController
 
 
@@ -62,7 +63,8 @@ class KLControllerCallback(TrainerCallback):
         # TRL logs None for a window whose KL values were all NaN; a NaN fed to a controller would leave β NaN for good
         if self.trainer is None or kl is None or not math.isfinite(float(kl)):
             return
-        beta = max(self.controller.update(float(kl), n_steps=self._completions_since_update(state)), self.min_beta)
+        self.controller.update(float(kl), n_steps=self._completions_since_update(state))
+        beta = max(checked_beta(self.controller), self.min_beta)
         self.trainer.beta = beta
         logs["kl_controller/beta"] = beta
         if state.log_history:  # Trainer appended a copy of `logs` before calling us

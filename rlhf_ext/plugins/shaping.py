@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import build, register
+from .contract import checked_output
 
 
 @dataclass
@@ -51,7 +52,14 @@ class Shaper:
     additive = True  # penalty independent of the score → usable alone as a TRL reward function
 
     def __call__(self, scores: torch.Tensor, info: ResponseInfo) -> torch.Tensor:
-        raise NotImplementedError
+        """scores [B] → shaped scores [B] (a float tensor; checked by the reward pipeline)."""
+        raise NotImplementedError(f"The shaper {self.name!r} must implement __call__(scores [B], info) -> [B].")
+
+    # A shaper that carries something between batches (debias's slope) overrides both: its state_dict() is saved with
+    # each checkpoint (JSON: numbers, strings, lists, dicts) and handed back to load_state_dict() on resume.
+    @property
+    def stateful(self) -> bool:
+        return type(self).state_dict is not Shaper.state_dict
 
     def state_dict(self) -> dict:
         return {}
@@ -222,12 +230,6 @@ def build_shapers(specs) -> list[Shaper]:
     return out
 
 
-def apply_shapers(shapers, scores: torch.Tensor, info: ResponseInfo) -> torch.Tensor:
-    for s in shapers:
-        scores = s(scores, info)
-    return scores
-
-
 def reward_func_name(name):
     """A reward function's given name (None: its default), checked: TRL keys its metrics and completions column by it."""
     if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -275,7 +277,8 @@ def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None, mode
         info = ResponseInfo.from_ids(completion_ids, stop)
         if model is None and tokenizer is not None and not warned:
             _warn_if_other_stop(completion_ids, stop, tokenizer, warned)
-        return shaper(torch.zeros(len(completion_ids)), info).tolist()
+        zero = torch.zeros(len(completion_ids))
+        return checked_output(shaper(zero, info), zero, "shaper", shaper.name, "one score per completion").tolist()
 
     stop, warned = stop_token_ids(tokenizer, model), []
 

@@ -12,6 +12,7 @@ import warnings
 from array import array
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..integrity import (CorruptFileError, atomic_folder, checkpoint_fix, checkpoint_number, load_safetensors,
@@ -40,6 +41,17 @@ def _trajectory_settings(tr) -> dict:
         "prompts": prompts_fingerprint(tr.prompts)}
 
 
+def _stream_read_further(tr, saved: dict, now: dict) -> dict:
+    """A streamed prompt set is read as far as `max_steps` needs: resumed with a larger max_steps (the way to go on),
+    this run holds more prompts than the checkpoint's run read. Where the checkpoint's prompts are this run's first
+    ones, they are the same prompts and compare as such."""
+    was = saved.get("prompts")
+    if not (tr.streamed and isinstance(was, str) and was != now["prompts"]):
+        return now
+    n = int(was.split(" ", 1)[0])
+    return {**now, "prompts": was} if n < len(tr.prompts) and prompts_fingerprint(tr.prompts[:n]) == was else now
+
+
 def prompts_fingerprint(prompts) -> str:
     """How many prompts and a digest of their token ids: the data a checkpoint's `data_pos` indexes into."""
     h = hashlib.sha256()
@@ -63,8 +75,12 @@ def _warn_if_settings_changed(path, saved: dict | None, now: dict) -> None:
 
 # ------------------------------------------------------------------- what each process holds of its own (DDP)
 def process_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's random streams: torch's CPU generator, and its GPU's where the policy runs on one."""
-    state = {"torch_rng": torch.get_rng_state()}
+    """This process's random streams: torch's CPU generator, its GPU's where the policy runs on one, and NumPy's
+    global one (transformers' Trainer saves it too: reward functions and judges draw from it)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch_rng": torch.get_rng_state(),
+             "numpy_rng": torch.tensor([pos, has_gauss, *keys.tolist()], dtype=torch.int64),
+             "numpy_gauss": torch.tensor([gauss], dtype=torch.float64)}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
@@ -109,6 +125,11 @@ def _restore_rng(tr, path: Path, saved: dict, written_by: int) -> None:
     streams = sum(1 for k in saved if k == "torch_rng" or k.startswith("torch_rng.rank"))
     if streams == world and _rng_key("torch_rng", rank) in saved:
         torch.set_rng_state(saved[_rng_key("torch_rng", rank)])
+        numpy = saved.get(_rng_key("numpy_rng", rank))
+        if numpy is not None:  # checkpoints before it held none
+            pos, has_gauss, *keys = numpy.tolist()
+            np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss,
+                                 float(saved[_rng_key("numpy_gauss", rank)])))
         cuda = saved.get(_rng_key("cuda_rng", rank))
         if cuda is not None and tr.policy.device.type == "cuda":
             torch.cuda.set_rng_state(cuda, tr.policy.device)
@@ -133,14 +154,18 @@ def _own_rewards_state(tr, state: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
-def _follow_configured_lr(tr) -> None:
-    """The optimizer and scheduler states carry the learning rate of the run that saved them. A resume with another
-    `learning_rate` (which the settings check warns about) trains with the new one at the schedule's saved position:
-    every group's base rate becomes the configured one and its current rate that base times the schedule's factor."""
+def _follow_configured_lr(tr, saved_lr: float | None) -> None:
+    """The optimizer and scheduler states carry the learning rate of the run that saved them (`saved_lr`, configured
+    then). A resume with another `learning_rate` (which the settings check warns about) trains with the new one at the
+    schedule's saved position: every group's base rate becomes the configured one and its current rate that base
+    times the schedule's factor."""
     from torch.optim.lr_scheduler import LambdaLR
 
     lr, sched, groups = tr.args.learning_rate, tr.lr_scheduler, tr.optimizer.param_groups
-    bases = list(getattr(sched, "base_lrs", None) or [g.get("initial_lr", g["lr"]) for g in groups])
+    # the checkpoint's configured rate where it recorded one: a scheduler without base rates (ReduceLROnPlateau,
+    # GreedyLR) offered its reduced current rate as the base, and the resume undid every reduction
+    bases = ([saved_lr] * len(groups) if saved_lr is not None else
+             list(getattr(sched, "base_lrs", None) or [g.get("initial_lr", g["lr"]) for g in groups]))
     if all(b == lr for b in bases):
         return  # untouched: a resume with the same settings stays bit-exact
     if isinstance(sched, LambdaLR):  # transformers' schedules: the factor is known at every step
@@ -189,7 +214,7 @@ def write_checkpoint(tr, final) -> str:
         state = {"iteration": tr.iteration, "data_epoch": tr.data_epoch, "data_pos": tr.data_pos,
                  "version": tr.version, "kl_controller": tr.kl_ctl.state_dict(),
                  "rewards": per_process[0]["rewards"], "python_rng": _jsonable(random.getstate()),
-                 "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics": tr._metrics_history,
+                 "monitor": tr.monitor.state_dict() if tr.monitor else None, "metrics_unlogged": _unlogged(tr),
                  "settings": _trajectory_settings(tr), "lr_schedule_unit": "iteration"}
         if len(per_process) > 1:  # "rewards" stays the main process's: what checkpoints always held
             state["rewards_by_process"] = [own["rewards"] for own in per_process]
@@ -233,9 +258,9 @@ def read_checkpoint(tr, path) -> None:
     state = read_json(path / "ppo_state.json", fix)
     if state.get("lr_schedule_unit") != "iteration":
         _schedule_in_iterations(tr, state["iteration"])
-    _follow_configured_lr(tr)
     settings = state.get("settings") or {}
-    _warn_if_settings_changed(path, settings, now)
+    _follow_configured_lr(tr, settings.get("learning_rate"))
+    _warn_if_settings_changed(path, settings, _stream_read_further(tr, settings, now))
     tr.iteration, tr.data_epoch, tr.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
     tr.version = state.get("version", 0)
     # which controller saved it: recorded with its state since; before, only in the settings
@@ -245,11 +270,26 @@ def read_checkpoint(tr, path) -> None:
         tr.monitor.load_state_dict(state["monitor"])
     random.setstate(_untuple(state["python_rng"]))
     _restore_rng(tr, path, rng, settings.get("num_processes", tr.accelerator.num_processes))  # after the iteration
-    tr._metrics_history = state["metrics"]
     tr._reach_check.done = True  # checked in the run that wrote the checkpoint
     if (path / TRAINER_STATE).is_file():  # checkpoints before it had none: their log history starts afresh
         restore_trainer_state(tr, path / TRAINER_STATE)
+    tr._metrics_history = state["metrics"] if "metrics" in state else _whole_history(tr, state["metrics_unlogged"])
     tr.state.global_step = tr.iteration
+
+
+def _unlogged(tr) -> list:
+    """[[iteration, metrics], …] of the iterations the log history does not hold (logging_steps > 1): with it, every
+    iteration's metrics once per checkpoint — both in full, a long run's checkpoints grew by twice its history."""
+    logged = {e.get("step") for e in tr.state.log_history if "loss/policy" in e}
+    return [[i, m] for i, m in enumerate(tr._metrics_history, 1) if i not in logged]
+
+
+def _whole_history(tr, unlogged: list) -> list[dict]:
+    """Every iteration's metrics in order, from the restored log history and the checkpoint's `_unlogged` rest."""
+    by_iteration = {e["step"]: {k: v for k, v in e.items() if k != "step"} for e in tr.state.log_history
+                    if "loss/policy" in e and "step" in e}
+    by_iteration.update({i: m for i, m in unlogged})
+    return [by_iteration[i] for i in sorted(by_iteration) if i <= tr.iteration]
 
 
 def rotate_checkpoints(output_dir, newest: int, limit: int | None, keep: str | None = None) -> list[str]:

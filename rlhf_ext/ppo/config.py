@@ -44,7 +44,7 @@ class PPOConfig(TrainingArguments):
 
     # rollout
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are handled by `prompt_overflow`."})
-    prompt_overflow: str = field(default="error", metadata={"help": "'error' (stop, naming the rows), 'drop' (skip them, with a warning) or 'truncate' (keep the last tokens)."})
+    prompt_overflow: str = field(default="error", metadata={"help": "'error' (stop, naming the rows), 'drop' (skip them, with a warning) or 'truncate' (a conversation loses its earliest turns, its system message kept; what still does not fit, and a text prompt, keeps its last tokens)."})
     chat_template_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "Extra arguments for the tokenizer's `apply_chat_template` on conversational prompts, as GRPO / RLOO take them — e.g. {'enable_thinking': False} for Qwen3."})
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts every epoch (seeded by `data_seed`, else `seed`); False: in dataset order, as GRPO / RLOO's field. A streamed dataset is read in its own order (shuffle it with `IterableDataset.shuffle`)."})
     max_completion_length: int = field(default=48, metadata={"help": "Maximum generated tokens per response."})

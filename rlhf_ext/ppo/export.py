@@ -77,8 +77,10 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
 
 def model_card(tr, merged: bool = False) -> str:
     a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
-    base = base_reference(tr.model_name) if tr.model_name else "unknown"
-    hub_base = card_base_model(tr.model_name)
+    ref, hub_base = base_reference(tr.model_name) if tr.model_name else None, card_base_model(tr.model_name)
+    # a card is shared: it names a Hub id or the embedded default, never this machine's (private) folder
+    named = hub_base or (ref if ref and not Path(ref).is_absolute() else None)
+    base = f"`{named}`" if named else (f"a local folder (`{Path(ref).name}`)" if ref else "unknown")
     final = {k: last[k] for k in ("objective/scores", "objective/kl", "kl/after_update", "response/length_mean",
                                   "response/eos_rate") if k in last}
     final.update({k: v for k, v in last.items() if k.startswith("audit/")})
@@ -89,12 +91,12 @@ def model_card(tr, merged: bool = False) -> str:
              if merged else
              ("```python\nfrom peft import PeftModel\nfrom rlhf_ext.models import load_model  # hub ids, folders, "
               "rlhf_ext's embedded models\n"
-              f"base = load_model(\"{base}\", \"causal\")\n"
+              f"base = load_model(\"{named or '<the base model: folder or Hub id>'}\", \"causal\")\n"
               f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"))
     return (f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n"
             + (f"base_model: {hub_base}\n" if hub_base else "") +  # a Hub id or nothing: the Hub refuses paths
             f"tags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
-            f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | `{base}` |\n"
+            f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | {base} |\n"
             f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
             f"| reward members | {', '.join(tr.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
             f"| shapers | `{a.shapers}` |\n| iterations | {tr.iteration} × {a.per_device_train_batch_size} prompts |\n"

@@ -33,13 +33,15 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..data import check_dataset_type, held_in_memory, model_pad_id, stop_token_ids, tokenize_prompts
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
-from ..hub import card_metadata, default_repo_id, push_checkpoint, reach_repo_or_explain, with_card_metadata
+from ..hub import (card_metadata, default_repo_id, hub_reward_artifact, push_checkpoint, reach_repo_or_explain,
+                   repo_id_for_push, with_card_metadata)
 from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
                          supersede_later_checkpoints, write_text_atomic)
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, check_model_object, ensure_pad_token,
                       is_quantized,
                       keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
                       tokenizer_for, warn_unquantized_experts)
+from ..plugins.contract import checked_beta, checked_output
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
@@ -47,7 +49,7 @@ from ..progress import progress
 from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble, _warn_once
-from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function
+from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function, rendering_kwargs
 from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states, read_checkpoint,
                          rotate_checkpoints, write_checkpoint)
 from .config import PPOConfig
@@ -316,6 +318,7 @@ class PPOTrainer(Trainer):
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self._metrics_history: list[dict] = []
+        self._warned_kl_nonfinite = False
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
         self._memo = _ForwardMemo()
@@ -328,6 +331,7 @@ class PPOTrainer(Trainer):
         from transformers import PreTrainedModel
 
         if isinstance(r, (str, os.PathLike)):
+            r = hub_reward_artifact(r) or r  # a Hub repo the reward trainer pushed: its snapshot, hosted alike
             if not is_reward_artifact(r):
                 return self._sequence_classifier(str(r), args, tokenizer)
             spec = read_spec(r)
@@ -638,7 +642,7 @@ class PPOTrainer(Trainer):
         for name, fn in judges.items():
             if hasattr(fn, "score_completions"):
                 raw = fn.score_completions(ro.prompts, ro.completions, ro.completion_ids,
-                                           chat_template_kwargs=self.args.chat_template_kwargs)
+                                           **rendering_kwargs(self.args.chat_template_kwargs, ro.columns))
                 out[name] = raw.float().mean(-1).tolist()
             else:
                 vals = call_reward_function(fn, prompts=ro.prompts, completions=ro.completions,
@@ -652,7 +656,9 @@ class PPOTrainer(Trainer):
         only k1 has the gradient of the KL (plugins/kl.py)."""
         m = ro.loss_mask
         k1_t = (old_logp - ro.ref_logprobs) * m  # [B, R]
-        kl_t = self.kl_estimator(old_logp, ro.ref_logprobs) * m  # [B, R]
+        # copies: an estimator editing its input in place would change θ_old's log-probs, which the ratio reads next
+        kl_t = checked_output(self.kl_estimator(old_logp.clone(), ro.ref_logprobs.clone()), old_logp, "kl_estimator",
+                              self.kl_estimator.name, "one KL estimate per token, like its inputs") * m  # [B, R]
         rewards = -self.kl_ctl.beta * k1_t
         last = (ro.resp_mask.sum(1) - 1).clamp(min=0).long()
         rewards[torch.arange(len(last)), last] += ro.scores * ro.valid.to(m)
@@ -826,6 +832,13 @@ class PPOTrainer(Trainer):
         beta_used = self.kl_ctl.beta
         if math.isfinite(kl_seq):  # a NaN would leave β (and an integral) NaN for the rest of the run
             self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
+            checked_beta(self.kl_ctl)
+        elif not self._warned_kl_nonfinite:
+            self._warned_kl_nonfinite = True
+            warnings.warn(f"Iteration {self.iteration + 1}: the KL estimate is {kl_seq} (kl_estimator "
+                          f"{self.kl_estimator.name!r}), so the KL controller was not updated and β stays "
+                          f"{self.kl_ctl.beta:g}; it is skipped the same way while it stays non-finite. This warning "
+                          f"is shown once.", UserWarning, stacklevel=2)
         return self._iteration_metrics(ro, acc, stats, kl_seq, beta_used, old_values, returns, time.perf_counter() - t0)
 
     def _global_means(self, parts: dict) -> dict:
@@ -1168,7 +1181,8 @@ class PPOTrainer(Trainer):
         """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
         merged weights; `critic=True` adds `critic/`. Other keywords are the model card's, as in `Trainer`
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
-        return push_policy(self, repo_id or default_repo_id(self.args), critic=critic, token=token,
+        return push_policy(self, repo_id_for_push(self.args, repo_id, commit_message, "PPOTrainer"), critic=critic,
+                           token=token,
                            revision=revision or self.args.hub_revision, commit_message=commit_message, merge=merge,
                            card={**self._card, **card_metadata(kwargs, "PPOTrainer")})
 

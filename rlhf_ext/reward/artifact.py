@@ -197,8 +197,8 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
                              f"instance without a name_or_path). Pass that base as a peft.PeftModel: "
                              f"load_reward_model(path, base_model=get_peft_model(base, LoraConfig(...))), or train "
                              f"from a model name or folder, which the artifact then records.")
-        base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"),
-                          load_in_4bit=four_bit, **quantization)
+        base = load_model(spec["base_model"], "trunk", dtype=dtype or spec.get("dtype"), load_in_4bit=four_bit,
+                          revision=spec.get("base_revision"), **quantization)
         if spec.get("base_fingerprint") and spec["base_fingerprint"] != model_fingerprint(base):
             # trained on a model object changed in memory (an SFT adapter merged, embeddings resized): the recorded
             # name loads other weights, and the heads would score them silently wrong

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import active_adapter, eval_mode
-from ..data import cut_from_left, leading_special_count, model_pad_id, pad_ids
+from ..data import chat_tools, cut_from_left, leading_special_count, model_pad_id, pad_ids
 from ..grouped_kv import grouped_kv_attention
 from ..models import activation_checkpointing_on, trunk_of
 from ..rl_math import last_token_index
@@ -121,15 +121,17 @@ def _warn_once(owner, kind: str, message: str, stacklevel: int = 3) -> None:
 
 
 def reward_input_ids(tokenizer, prompt, completion, chat_template_kwargs: dict | None = None,
-                     add_eos: bool = True) -> list[int]:
+                     add_eos: bool = True, tools=None) -> list[int]:
     """Token ids in exactly the format TRL's RewardTrainer trains on (chat template, or text + EOS).
     `chat_template_kwargs`: the template's extra arguments the policy's prompts were rendered with (as GRPO passes
     them when it renders text for a reward model), e.g. {"enable_thinking": False}. `add_eos=False`: plain text as
     the tokenizer encodes it, nothing appended (an encoder classifier's, see `closes_with_own_token`); a tokenizer
-    without an EOS (BERT's WordPiece) never gets one appended."""
+    without an EOS (BERT's WordPiece) never gets one appended. `tools`: the row's `tools` column (TRL's reward
+    trainer renders it into the template)."""
     if isinstance(completion, list):  # conversational
         messages = (prompt or []) + completion
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+        extra = {"tools": chat_tools(tools)} if tools is not None else {}
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **extra,
                                              **(chat_template_kwargs or {}))["input_ids"]
     text = (prompt or "") + completion
     eos = tokenizer.eos_token
@@ -311,9 +313,9 @@ class RewardEnsemble(nn.Module):
         """Member interface of `RewardPipeline` (TRL's reward_funcs arguments) → raw rewards [B, K] on the CPU."""
         prompts = prompts if prompts is not None else [None] * len(completions)
         self._check_format(completions)
-        template = kwargs.get("chat_template_kwargs")
-        return self.score_sequences([reward_input_ids(self.tokenizer, p, c, template)
-                                     for p, c in zip(prompts, completions)], batch_size)
+        template, tools = kwargs.get("chat_template_kwargs"), kwargs.get("tools") or [None] * len(completions)
+        return self.score_sequences([reward_input_ids(self.tokenizer, p, c, template, tools=t)
+                                     for p, c, t in zip(prompts, completions, tools)], batch_size)
 
     def _check_format(self, completions) -> None:
         """Once: completions of the other format than the pairs this model trained on (the artifact records it) — a

@@ -14,16 +14,23 @@ import asyncio
 import inspect
 import math
 import warnings
-from collections import Counter
 
 import torch
 from transformers import TrainerCallback
 
-from ..plugins.shaping import ResponseInfo, apply_shapers, build_shapers, reward_func_name
-from ..registry import build
+from ..plugins.contract import checked_output
+from ..plugins.shaping import ResponseInfo, build_shapers, reward_func_name
+from ..registry import build, numbered
 from ..trainer_state import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
 
 CALLABLE_NORMALIZATION = ("auto", "running", "none")
+
+
+def rendering_kwargs(chat_template_kwargs, columns: dict) -> dict:
+    """What a reward model's `score_completions` renders prompt + completion with: the chat template's extra
+    arguments, and the rows' `tools` where the data has that column (TRL's reward trainer renders it)."""
+    tools = columns.get("tools")
+    return {"chat_template_kwargs": chat_template_kwargs, **({"tools": tools} if tools is not None else {})}
 
 
 def call_reward_function(fn, accepted: frozenset | None = None, **kwargs):
@@ -187,7 +194,7 @@ class RewardPipeline:
         self.chat_template_kwargs = None
         # a repeated name (two artifacts' "member_0") numbered from its second occurrence: each member keeps its own
         # metric (`rewards/<name>_raw`) instead of one overwriting the other's
-        self.member_names = list(_by_name([n for m in self.members for n in m.names], lambda n: n))
+        self.member_names = list(numbered([n for m in self.members for n in m.names], lambda n: n))
         weights = getattr(self.aggregator, "weights", None)
         if weights is not None and len(weights) != len(self.member_names):
             raise ValueError(f"aggregation weights: {len(weights)} given for {len(self.member_names)} member columns "
@@ -209,16 +216,18 @@ class RewardPipeline:
         # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
         raw = torch.cat([m.score_completions(prompts, completions, completion_ids,
                                              **(kwargs if isinstance(m, CallableMember)
-                                                else {"chat_template_kwargs": self.chat_template_kwargs})).float()
+                                                else rendering_kwargs(self.chat_template_kwargs, kwargs))).float()
                          for m in self.members], -1)
         mean = torch.cat([m.mean for m in self.members]).float()
         std = torch.cat([m.std for m in self.members]).float().clamp(min=1e-6)
         norm = (raw - mean) / std
         valid = torch.isfinite(norm).all(-1)
         if not valid.all():
-            self._handle_nonfinite(norm, valid, fate, whole_batch_may_drop)
+            bad = [n for n, ok in zip(self.member_names, torch.isfinite(norm).all(0)) if not ok]
+            self._handle_nonfinite(~valid, valid, f"Reward member(s) {bad} returned non-finite rewards",
+                                   "Fix the reward function", fate, whole_batch_may_drop)
         safe = torch.where(valid.unsqueeze(-1), norm, torch.zeros_like(norm))
-        agg = self.aggregator(safe)
+        scores, valid = self._plugin_step(self.aggregator, "aggregation", safe, valid, fate, whole_batch_may_drop)
         if self.eos_token_id is None and self.shapers and has_eos is None and not self._warned_eos:
             self._warned_eos = True
             warnings.warn("RewardPipeline has shapers but no eos_token_id, so no completion counts as ended: "
@@ -227,30 +236,41 @@ class RewardPipeline:
         info = ResponseInfo.from_ids(completion_ids, self.eos_token_id)
         if has_eos is not None:
             info.has_eos = torch.as_tensor(has_eos, dtype=torch.bool)
-        scores = apply_shapers(self.shapers, agg, info)
-        return torch.where(valid, scores, torch.zeros_like(scores)), valid, raw, norm
+        for shaper in self.shapers:
+            scores, valid = self._plugin_step(shaper, "shaper", scores, valid, fate, whole_batch_may_drop, info)
+        return scores, valid, raw, norm
 
-    def _handle_nonfinite(self, norm, valid, fate=None, whole_batch_may_drop=False):
-        """`fate`: a str, or a function giving it, saying what the caller does with the dropped samples (PPOTrainer's
-        by default); the warning must not promise a drop that the caller does not make."""
-        bad = [n for n, ok in zip(self.member_names, torch.isfinite(norm).all(0)) if not ok]
-        n_bad, B = int((~valid).sum()), len(valid)
+    def _plugin_step(self, plugin, point, x, valid, fate, whole_batch_may_drop, *more):
+        """The aggregation (x = normalised members [B, K]) or a shaper (x = scores [B]): its output checked (one float
+        per sample), and a sample it makes non-finite dropped like a member's NaN (`nonfinite_rewards`) — one NaN
+        would otherwise make every PPO step of the batch NaN. Dropped samples go on as 0."""
+        name = getattr(plugin, "name", type(plugin).__name__)
+        out = checked_output(plugin(x, *more), valid.float(), point, name, "one score per sample")
+        ok = torch.isfinite(out)
+        if not (ok | ~valid).all():
+            self._handle_nonfinite(valid & ~ok, valid & ok, f"The {point} {name!r} returned non-finite "
+                                   f"scores", f"Fix the {point}", fate, whole_batch_may_drop)
+            valid = valid & ok
+        return torch.where(valid, out, torch.zeros_like(out)), valid
+
+    def _handle_nonfinite(self, dropped, valid, what, fix, fate=None, whole_batch_may_drop=False):
+        """`dropped`: the samples `what` makes non-finite (newly); `valid`: those left. `fate`: a str, or a function
+        giving it, saying what the caller does with the dropped samples (PPOTrainer's by default); the warning must
+        not promise a drop that the caller does not make."""
+        n_bad, B = int(dropped.sum()), len(valid)
         if self.nonfinite == "error":
-            raise ValueError(
-                f"Reward member(s) {bad} returned non-finite rewards (NaN/inf/None) for {n_bad} of {B} sample(s). "
-                f"Fix the reward function, or set `nonfinite_rewards: drop` to drop such samples and count them."
-            )
-        if n_bad == B and not (self.batch_is_a_share or whole_batch_may_drop):
-            raise ValueError(
-                f"Every sample of the batch ({B}) got a non-finite reward from {bad}: nothing is left to train on. "
-                f"Check the reward function (it returns NaN/inf/None for everything)."
-            )
+            raise ValueError(f"{what} (NaN, inf or None) for {n_bad} of {B} sample(s). {fix}, or set "
+                             f"`nonfinite_rewards: drop` to drop "
+                             f"such samples and count them.")
+        if not valid.any() and not (self.batch_is_a_share or whole_batch_may_drop):
+            raise ValueError(f"Every sample of the batch ({B}) got a non-finite reward ({what} for {n_bad}): nothing "
+                             f"is left to train on. {fix} (it returns NaN/inf/None for everything).")
         self.dropped_total += n_bad
         if not self._warned:
             self._warned = True
             fate = fate or _DROPPED_BY_PPO
-            warnings.warn(f"Reward member(s) {bad} returned non-finite rewards for {n_bad} of {B} samples; "
-                          f"{fate() if callable(fate) else fate} This warning is shown once.", stacklevel=4)
+            warnings.warn(f"{what} for {n_bad} of {B} samples; {fate() if callable(fate) else fate} This warning is "
+                          f"shown once.", stacklevel=4)
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs):
         """TRL `reward_funcs` signature. Dropped samples come back as None: TRL leaves a completion out only when
@@ -313,9 +333,9 @@ class RewardPipeline:
     def _stateful(self) -> dict[str, dict]:
         """What carries state between batches, keyed by name ("debias", a callable's name; "linear#2" for the second
         of a name): members with a running normalisation, shapers with a state (debias's slope)."""
-        return {"members": _by_name([m for m in self.members if isinstance(m, RunningNormalization)
+        return {"members": numbered([m for m in self.members if isinstance(m, RunningNormalization)
                                      and m.normalize == "running"], lambda m: m.names[0]),
-                "shapers": _by_name([s for s in self.shapers if s.state_dict()], lambda s: s.name)}
+                "shapers": numbered([s for s in self.shapers if s.stateful], lambda s: s.name)}
 
     def state_dict(self):
         return {kind: {key: part.state_dict() for key, part in parts.items()}
@@ -350,16 +370,6 @@ class RewardPipeline:
                     fresh and f"starting from scratch (none saved under that name): {', '.join(fresh)}"]))
                 + ". Expected when reward members or shapers were changed on purpose; if one was only renamed, give it "
                   "its earlier name to keep its running statistics.", UserWarning, stacklevel=2)
-
-
-def _by_name(parts: list, name_of) -> dict:
-    """{name: part}, a repeated name numbered from its second occurrence ("linear", "linear#2")."""
-    out, seen = {}, Counter()
-    for part in parts:
-        name = name_of(part)
-        seen[name] += 1
-        out[name if seen[name] == 1 else f"{name}#{seen[name]}"] = part
-    return out
 
 
 def _keyed_state(saved, parts: dict, everything: list) -> dict:
@@ -488,13 +498,13 @@ class ExternalRewardModel(RunningNormalization):
         if cfg is not None and own is None:
             cfg.pad_token_id = self.pad_id  # transformers' pooling refuses batches without one
 
-    def input_ids(self, prompts, completions, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    def input_ids(self, prompts, completions, chat_template_kwargs: dict | None = None, tools=None) -> list[list[int]]:
         """The token ids each prompt + completion is scored on (before a cut to the model's positions)."""
         from .ensemble import reward_input_ids
 
         prompts = prompts if prompts is not None else [None] * len(completions)
-        return [reward_input_ids(self.tokenizer, p, c, chat_template_kwargs, add_eos=self.add_eos)
-                for p, c in zip(prompts, completions)]
+        return [reward_input_ids(self.tokenizer, p, c, chat_template_kwargs, add_eos=self.add_eos, tools=t)
+                for p, c, t in zip(prompts, completions, tools or [None] * len(completions))]
 
     def _fit(self, seqs: list[list[int]]) -> list[list[int]]:
         """Each sequence within the model's positions, cut from the left past its leading special tokens (as
@@ -516,7 +526,7 @@ class ExternalRewardModel(RunningNormalization):
     def score_completions(self, prompts, completions, completion_ids=None, **kwargs) -> torch.Tensor:
         from ..data import pad_ids
 
-        seqs = self._fit(self.input_ids(prompts, completions, kwargs.get("chat_template_kwargs")))
+        seqs = self._fit(self.input_ids(prompts, completions, kwargs.get("chat_template_kwargs"), kwargs.get("tools")))
         device = next(self.model.parameters()).device
         out, col = [], self.column
         for i in range(0, len(seqs), self.batch_size):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from ..data import check_dataset_type, message_text
+from ..data import chat_tools, check_dataset_type, message_text
 
 _TOKENISED = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"})  # TRL's, and its legacy names
 _STREAM_PEEK = 64  # rows of a streaming dataset read at start-up for the length check
@@ -42,6 +41,12 @@ def _check_row(row: dict, i: int, name: str) -> None:
     for col in ("prompt", "chosen", "rejected"):
         if col in row:
             _check_text(row[col], name, i, col)
+    forms = {col: {type(m.get("content")).__name__ for m in row[col] if m.get("content") is not None}
+             for col in ("prompt", "chosen", "rejected") if isinstance(row.get(col), list)}
+    if {"str", "list"} <= set().union(*forms.values()):
+        raise ValueError(f"{name} row {i}: its messages mix text content and lists of content parts ("
+                         f"{', '.join(f'{c}: {sorted(f)}' for c, f in forms.items())}). Give every message's content "
+                         f"in one form: TRL joins prompt and response into one column, which cannot hold both.")
     if "margin" in row:
         m = row["margin"]
         if m is None or isinstance(m, (str, bytes)) or not math.isfinite(float(m)):
@@ -84,6 +89,27 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
         keep = sorted(set(range(len(dataset))) - set(ties))
         dataset = dataset.select(keep)
     return dataset
+
+
+def drop_token_ties(dataset, name: str):
+    """Pairs whose chosen and rejected token ids are the same — they differ only in what the chat template does not
+    render (a message's `reasoning_content` or `name`, text a template strips) — carry no preference either: dropped
+    with a count, as identical text is (a stream: as it streams)."""
+    if isinstance(dataset, IterableDataset):
+        return dataset.filter(lambda e: e["chosen_ids"] != e["rejected_ids"])
+    ties, seen = [], 0
+    for batch in dataset.select_columns(["chosen_ids", "rejected_ids"]).iter(batch_size=1024):
+        ties += [seen + i for i, (c, r) in enumerate(zip(batch["chosen_ids"], batch["rejected_ids"])) if c == r]
+        seen += len(batch["chosen_ids"])
+    if not ties:
+        return dataset
+    if len(ties) == len(dataset):
+        raise ValueError(f"Every pair of {name} tokenizes to the same chosen and rejected ids (they differ only in "
+                         f"what the chat template does not render): there is no preference to learn.")
+    warnings.warn(f"{name}: dropped {len(ties)} pair(s) whose chosen and rejected responses tokenize alike (first: row "
+                  f"{ties[0]}; they differ only in what the chat template does not render, such as a "
+                  f"reasoning_content or a message name); they carry no preference.", stacklevel=3)
+    return dataset.select(sorted(set(range(len(dataset))) - set(ties)))
 
 
 def _validate_streaming(dataset: IterableDataset, name: str) -> IterableDataset:
@@ -205,7 +231,7 @@ def _prompt_length(example, tokenizer) -> int:
         if not prompt:
             return 0
         tools = example.get("tools")
-        kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
+        kwargs = {"tools": chat_tools(tools),
                   **(example.get("chat_template_kwargs") or {})}
         return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                  **kwargs)["input_ids"])

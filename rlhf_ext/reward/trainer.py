@@ -37,8 +37,7 @@ from ..cpu_linear import route_frozen_linears
 from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
 from ..hub import (card_base_model, card_metadata, default_repo_id, push_checkpoint, push_folder,
-                   reach_repo_or_explain,
-                   with_card_metadata)
+                   reach_repo_or_explain, repo_id_for_push, with_card_metadata)
 from ..interrupt import StopAfterIteration
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
                          finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
@@ -56,8 +55,8 @@ from ..trainer_state import TRAINER_STATE, save_trainer_state
 from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
 from .ensemble import RewardEnsemble
-from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, hashed_bootstrap_weights,
-                              validate_preference_dataset, with_prompt_length)
+from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, drop_token_ties,
+                              hashed_bootstrap_weights, validate_preference_dataset, with_prompt_length)
 
 logger = logging.getLogger(__name__)
 
@@ -379,8 +378,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         # The model: a trunk (the transformer body, no LM head), and the trained score head when it has one
         torch.manual_seed(args.seed)
         self.base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
+        self.base_revision = None
         if isinstance(model, str):
             init = pretrained_kwargs(args, quantization_config)
+            self.base_revision = init.get("revision")  # recorded: a separate load takes the same weights
             if processing_class is None:  # the tokenizer of the weights' revision
                 processing_class = tokenizer_for(model, init)
             labels = _checkpoint_num_labels(model, init["trust_remote_code"], init.get("revision"))
@@ -656,13 +657,16 @@ class RewardEnsembleTrainer(RewardTrainer):
         """TRL's preparation (tokenise, rename legacy columns), then its `max_length` filter with counts: no pair
         left is an error naming the shortest pair; most pairs dropped is a warning (TRL drops them silently)."""
         dataset = with_prompt_length(dataset, processing_class)
-        if args.max_length is None or dataset_name == "reference":
+        if dataset_name == "reference":
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         unfiltered = copy.copy(args)
         unfiltered.max_length = None
         dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
-        limit = args.max_length
         label = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
+        dataset = drop_token_ties(dataset, label)
+        if args.max_length is None:
+            return dataset
+        limit = args.max_length
         check_lengths(dataset, limit, label)
         kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
         with global_then_local_main_first():
@@ -1018,6 +1022,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             "base_model": base_reference(self.base_model_name) if self.base_model_name else None,
             "base_model_display": self.base_model_name,
             "base_fingerprint": self.fingerprint,
+            "base_revision": self.base_revision,
             "ensemble_size": self.args.ensemble_size,
             "lora_config": getattr(self, "lora_config", None),
             "normalization": self.normalization,
@@ -1069,12 +1074,13 @@ class RewardEnsembleTrainer(RewardTrainer):
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
         import tempfile
 
+        repo_id = repo_id_for_push(self.args, repo_id, commit_message, "RewardEnsembleTrainer")
         card = card_metadata(kwargs, "RewardEnsembleTrainer")
         with tempfile.TemporaryDirectory() as tmp:
             self._write_artifact(Path(tmp) / "artifact", card)  # every process: the normalisation is in step
             if not self.is_world_process_zero():
                 return ""
-            return push_folder(Path(tmp) / "artifact", repo_id or default_repo_id(self.args),
+            return push_folder(Path(tmp) / "artifact", repo_id,
                                private=self.args.hub_private_repo, token=token or self.args.hub_token,
                                revision=revision or self.args.hub_revision,  # as Trainer.push_to_hub
                                commit_message=commit_message or "Upload reward ensemble with rlhf_ext")
