@@ -55,3 +55,20 @@ def test_a_one_iteration_run_draws_its_points_and_a_null_reference_is_read(tmp_p
                       run={"kl_controller": "hard", "kl_target": 2.0, "reference": None}))
     single = [marker for n, marker in drawn if n == 1]
     assert single and all(marker for marker in single)
+
+
+def test_alarms_are_summarised_per_detector_and_a_fixed_beta_shows_no_bound(tmp_path):
+    """A detector firing at every iteration made one row each (1,552 rows, a 39,000-px page, for a long run); the
+    summary showed δ under a fixed β, which bounds nothing."""
+    run = _run(tmp_path, [{"prompt": "p", "text": "t"}], run={"kl_controller": "fixed", "kl_target": 4.0})
+    fired = [{"iteration": i, "detector": "length_drift", "value": 1.0 + i / 10, "threshold": 1.5, "action": "log"}
+             for i in range(5, 300)]
+    fired += [{"iteration": 7, "detector": "eos_collapse", "value": 0.2, "threshold": 0.5, "action": "log",
+               "direction": "below"}, {"iteration": 9, "detector": "eos_collapse", "value": 0.1, "threshold": 0.5,
+                                       "action": "log", "direction": "below"}]
+    (run / "monitor" / "alarms.jsonl").write_text("".join(json.dumps(a) + "\n" for a in fired))
+    page = write_report(run).read_text()
+    assert "<tr><td>length_drift</td><td>295</td><td>5</td><td>299</td><td>30.9</td></tr>" in page
+    assert "<tr><td>eos_collapse</td><td>2</td><td>7</td><td>9</td><td>0.1</td></tr>" in page
+    assert "<details><summary>every firing (297)</summary>" in page
+    assert "<th>δ</th><td>none (a fixed β)</td>" in page

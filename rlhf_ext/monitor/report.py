@@ -206,13 +206,22 @@ def write_report(output_dir, out_dir=None, top: int = 12) -> Path:
     alarm_rows = "".join(f"<tr><td>{a['iteration']}</td><td>{esc(a['detector'])}</td><td>{a['value']:.3g}</td>"
                          f"<td>{'>' if a.get('direction', 'above') == 'above' else '<'} {a['threshold']:.3g}</td>"
                          f"<td>{esc(a['action'])}</td></tr>" for a in data["alarms"])
+    by_detector = {}
+    for a in data["alarms"]:
+        by_detector.setdefault(a["detector"], []).append(a)
+    # one line per detector (a detector that keeps firing makes hundreds of rows); every firing below it, folded
+    alarm_summary = "".join(
+        f"<tr><td>{esc(name)}</td><td>{len(fired)}</td><td>{fired[0]['iteration']}</td><td>{fired[-1]['iteration']}</td>"
+        f"<td>{esc(_fmt(_furthest(fired)))}</td></tr>" for name, fired in by_detector.items())
     samples = sorted(data["samples"], key=_top_first)[:top]
     sample_rows = "".join(
         f"<tr><td>{s['iteration']}</td><td>{s['score']:.3f}</td><td>"
         + esc(", ".join(f"{k} {v:.2f}" for k, v in s.get("audit", {}).items())) + f"</td><td>{s['length']}</td>"
         f"<td>{'yes' if s['eos'] else 'no'}</td><td class=p>{_text(s['prompt'][-200:])}</td><td class=t>{_text(s['text'])}</td></tr>"
         for s in samples)
-    summary = {"iterations": len(m), "kl_controller": run.get("kl_controller"), "δ": run.get("kl_target"),
+    fixed = run.get("kl_controller") == "fixed"  # a fixed β bounds nothing: its δ is not a bound of this run
+    summary = {"iterations": len(m), "kl_controller": run.get("kl_controller"),
+               "δ": "none (a fixed β)" if fixed else run.get("kl_target"),
                "aggregation": run.get("aggregation"), "shapers": run.get("shapers"), "members": run.get("members"),
                "last proxy": last.get("objective/scores"), "last KL": last.get("objective/kl"),
                "last length": last.get("response/length_mean"), "alarms": len(data["alarms"]),
@@ -225,14 +234,25 @@ vertical-align:top;text-align:left;font-size:13px}}td.p{{color:#555;max-width:32
 td.p,td.t{{white-space:pre-wrap;overflow-wrap:anywhere}}td.t{{min-width:320px}}.inv{{background:#fff1e6;color:#a3471a}}</style></head><body>
 <h1>rlhf_ext run report</h1><p>{esc(str(output_dir))}</p>
 <table>{summary_rows}</table>{imgs}
-<h2>Monitor alarms ({len(data['alarms'])})</h2><table><tr><th>iteration</th><th>detector</th><th>value</th>
-<th>threshold</th><th>action</th></tr>{alarm_rows}</table>
+<h2>Monitor alarms ({len(data['alarms'])})</h2><table><tr><th>detector</th><th>firings</th><th>first</th><th>last</th>
+<th>furthest value</th></tr>{alarm_summary}</table>
+<details><summary>every firing ({len(data['alarms'])})</summary><table><tr><th>iteration</th><th>detector</th>
+<th>value</th><th>threshold</th><th>action</th></tr>{alarm_rows}</table></details>
 <h2>Top-reward samples</h2><p>The highest proxy rewards of the run: reward hacking shows up here first.</p>
 <table><tr><th>iteration</th><th>proxy</th><th>audit</th><th>tokens</th><th>ended</th><th>prompt</th><th>response</th></tr>
 {sample_rows}</table>
 <p>Review flagged pairs: <code>rlhf-ext review {esc(str(output_dir))}</code></p></body></html>"""
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _furthest(fired: list[dict]) -> float:
+    """The value furthest past its threshold among a detector's firings (the largest, or the smallest for one that
+    fires below its threshold)."""
+    values = [a["value"] for a in fired if isinstance(a["value"], (int, float)) and math.isfinite(a["value"])]
+    if not values:
+        return float("nan")
+    return min(values) if fired[0].get("direction", "above") == "below" else max(values)
 
 
 def _top_first(sample: dict) -> tuple:
