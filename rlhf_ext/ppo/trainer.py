@@ -590,9 +590,9 @@ class PPOTrainer(Trainer):
                                                                 has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
         if self.rewards.batch_is_a_share and self._sum_over_processes(float(valid.sum())) == 0:
-            raise ValueError(f"Every sample of the global batch ({len(valid)} per process) got a non-finite reward from "
-                             f"the reward functions: nothing is left to train on. Check the reward function (it "
-                             f"returns NaN/inf/None for everything).")
+            what, fix = self.rewards.last_nonfinite  # every process dropped its whole share: each knows which part
+            raise ValueError(f"Every sample of the global batch ({len(valid)} per process) got a non-finite reward "
+                             f"({what}): nothing is left to train on. {fix} (it returns NaN/inf/None for everything).")
         ro.audit = self.judge_scores(ro, self.audit_funcs)  # monitoring only: never enters the loss
         ro.extra = self._take_extra(len(ro.prompts))  # after the judges: they may log_extra() too
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks

@@ -201,6 +201,8 @@ class RewardPipeline:
                              f"({', '.join(self.member_names)}). Give one weight per column, in that order: a reward "
                              f"model trained with ensemble_size K contributes K columns.")
         self.dropped_total, self._warned, self._warned_eos = 0, False, False
+        # what made samples non-finite last, and its fix: the trainer's error when a whole global batch is dropped
+        self.last_nonfinite = ("the reward functions returned non-finite rewards", "Check the reward function")
         # a batch that is one process's share of the trainer's (PPOTrainer under DDP): a share with every sample
         # dropped is not the end of the run, the trainer decides on the whole batch
         self.batch_is_a_share = False
@@ -258,6 +260,7 @@ class RewardPipeline:
         giving it, saying what the caller does with the dropped samples (PPOTrainer's by default); the warning must
         not promise a drop that the caller does not make."""
         n_bad, B = int(dropped.sum()), len(valid)
+        self.last_nonfinite = (what, fix)
         if self.nonfinite == "error":
             raise ValueError(f"{what} (NaN, inf or None) for {n_bad} of {B} sample(s). {fix}, or set "
                              f"`nonfinite_rewards: drop` to drop "
