@@ -197,9 +197,14 @@ def content_text(content) -> str:
     return content or ""
 
 
-def chat_tools(value):
-    """A row's `tools` column as the chat template takes it: TRL's datasets hold it as a JSON string or a list."""
-    return json.loads(value) if isinstance(value, str) else value
+def chat_ids(tokenizer, messages: list, *, tools=None, template_kwargs: dict | None = None,
+             generation_prompt: bool = False) -> list[int]:
+    """`messages` rendered by the tokenizer's chat template as TRL's reward trainer renders them: with the row's
+    `tools` column (a JSON string or a list, as TRL's datasets hold it) and the template's extra arguments
+    (`chat_template_kwargs`) — one rule for the policy's prompts, the reward models' inputs and the prompt lengths."""
+    extra = {"tools": json.loads(tools) if isinstance(tools, str) else tools} if tools is not None else {}
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                         return_dict=True, **extra, **(template_kwargs or {}))["input_ids"]
 
 
 def message_text(value) -> str:
@@ -395,11 +400,9 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
                              f"give the prompts as text.")
         render = None
         if ids is None and isinstance(prompt, list):
-            # a row's `tools` rendered as TRL's reward trainer renders them (and the reward models here do)
-            tools = {"tools": chat_tools(row["tools"])} if row.get("tools") is not None else {}
-            render = lambda messages: tokenizer.apply_chat_template(  # noqa: E731
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, **tools,
-                **(getattr(args, "chat_template_kwargs", None) or {}))["input_ids"]
+            render = lambda messages: chat_ids(  # noqa: E731
+                tokenizer, messages, tools=row.get("tools"), template_kwargs=getattr(args, "chat_template_kwargs", None),
+                generation_prompt=True)
             ids = render(prompt)
         elif ids is None:
             ids = tokenizer(text=prompt)["input_ids"]

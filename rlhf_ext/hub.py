@@ -86,8 +86,7 @@ def repo_id_for_push(args, repo_id: str | None, commit_message, caller: str) -> 
     """Where `push_to_hub` uploads: `repo_id`, else `hub_model_id`, else the output_dir's name (as transformers). Its
     first argument is the commit message, as in transformers' Trainer: `push_to_hub("you/rm")` would upload to that
     default with "you/rm" as the message — refused, naming the keyword."""
-    if repo_id is None and isinstance(commit_message, str) and looks_like_repo_id(commit_message) \
-            and " " not in commit_message:
+    if repo_id is None and isinstance(commit_message, str) and looks_like_repo_id(commit_message):
         raise ValueError(f"{caller}.push_to_hub({commit_message!r}): the first argument is the commit message (as in "
                          f"transformers' Trainer), so this would upload to {default_repo_id(args)!r}. Pass the repo "
                          f"by name: push_to_hub(repo_id={commit_message!r}), or set hub_model_id.")

@@ -299,20 +299,20 @@ class ReviewQueue:
         else:
             try:
                 taken = {r["id"]: r for r in self.records()}
+                ids = set(taken)
             except CorruptFileError as e:  # hours of training must not stop over a line only the review page reads
                 warnings.warn(f"{e} (This pair is queued after it all the same; the review page refuses the queue "
                               f"until that line is repaired.)")
-                taken = None
+                taken, ids = {}, None  # read again at the next add: the ids of a damaged file are not all known
             # a resumed run repeats the iterations after its checkpoint, and its monitor queues the same ids again:
             # the same pair (an exact resume samples it again) is queued once — twice, a reviewer would judge it
             # twice and preferences.jsonl count it double; a different pair under a taken id gets a new one
             pid, k = record["id"], 1
-            while pid in (taken or {}):
+            while pid in taken:
                 if _content(taken[pid]) == _content(record):
                     return
                 k += 1
                 pid = f"{record['id']}~{k}"
-            ids = None if taken is None else set(taken)
         append_jsonl(self.queue_path, {"created": now(), **record, "id": pid})
         if ids is not None:
             ids.add(pid)

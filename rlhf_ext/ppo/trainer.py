@@ -38,9 +38,8 @@ from ..hub import (card_metadata, default_repo_id, hub_reward_artifact, push_che
 from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
                          supersede_later_checkpoints, write_text_atomic)
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, check_model_object, ensure_pad_token,
-                      is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture, pretrained_kwargs,
-                      tokenizer_for, warn_unquantized_experts)
+                      is_quantized, keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture,
+                      pretrained_kwargs, tokenizer_for, warn_unquantized_experts)
 from ..plugins.contract import checked_beta, checked_output
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype

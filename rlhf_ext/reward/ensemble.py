@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import active_adapter, eval_mode
-from ..data import chat_tools, cut_from_left, leading_special_count, model_pad_id, pad_ids
+from ..data import chat_ids, cut_from_left, leading_special_count, model_pad_id, pad_ids
 from ..grouped_kv import grouped_kv_attention
 from ..models import activation_checkpointing_on, trunk_of
 from ..rl_math import last_token_index
@@ -43,8 +43,7 @@ def assistant_header_ids(tokenizer) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         return []
     turn = [{"role": "user", "content": "x"}]
-    without, with_ = (tokenizer.apply_chat_template(turn, tokenize=True, add_generation_prompt=g, return_dict=True)
-                      ["input_ids"] for g in (False, True))
+    without, with_ = (chat_ids(tokenizer, turn, generation_prompt=g) for g in (False, True))
     return list(with_[len(without):]) if with_[: len(without)] == without else []
 
 
@@ -129,10 +128,7 @@ def reward_input_ids(tokenizer, prompt, completion, chat_template_kwargs: dict |
     without an EOS (BERT's WordPiece) never gets one appended. `tools`: the row's `tools` column (TRL's reward
     trainer renders it into the template)."""
     if isinstance(completion, list):  # conversational
-        messages = (prompt or []) + completion
-        extra = {"tools": chat_tools(tools)} if tools is not None else {}
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **extra,
-                                             **(chat_template_kwargs or {}))["input_ids"]
+        return chat_ids(tokenizer, (prompt or []) + completion, tools=tools, template_kwargs=chat_template_kwargs)
     text = (prompt or "") + completion
     eos = tokenizer.eos_token
     if add_eos and eos is not None and not text.endswith(eos):

@@ -16,7 +16,7 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from ..data import chat_tools, check_dataset_type, message_text
+from ..data import chat_ids, check_dataset_type, message_text
 
 _TOKENISED = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_input_ids"})  # TRL's, and its legacy names
 _STREAM_PEEK = 64  # rows of a streaming dataset read at start-up for the length check
@@ -81,14 +81,19 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
         _check_row(row, i, name)
         if row["chosen"] == row["rejected"]:
             ties.append(i)
-    if ties:
-        if len(ties) == len(dataset):
-            raise ValueError(f"Every pair of {name} has chosen == rejected: there is no preference to learn.")
-        warnings.warn(f"{name}: dropped {len(ties)} pair(s) whose chosen and rejected responses are identical (first: "
-                      f"row {ties[0]}); they carry no preference.", stacklevel=3)
-        keep = sorted(set(range(len(dataset))) - set(ties))
-        dataset = dataset.select(keep)
-    return dataset
+    return _drop_ties(dataset, ties, name, "has chosen == rejected", "are identical")
+
+
+def _drop_ties(dataset, ties: list[int], name: str, every: str, alike: str, why: str = ""):
+    """`dataset` without the pairs `ties` (rows whose chosen and rejected carry no preference: the loss is log 2
+    whatever the model does), with a count; all of them is an error."""
+    if not ties:
+        return dataset
+    if len(ties) == len(dataset):
+        raise ValueError(f"Every pair of {name} {every}: there is no preference to learn.")
+    warnings.warn(f"{name}: dropped {len(ties)} pair(s) whose chosen and rejected responses {alike} (first: row "
+                  f"{ties[0]}{why}); they carry no preference.", stacklevel=4)
+    return dataset.select(sorted(set(range(len(dataset))) - set(ties)))
 
 
 def drop_token_ties(dataset, name: str):
@@ -101,15 +106,9 @@ def drop_token_ties(dataset, name: str):
     for batch in dataset.select_columns(["chosen_ids", "rejected_ids"]).iter(batch_size=1024):
         ties += [seen + i for i, (c, r) in enumerate(zip(batch["chosen_ids"], batch["rejected_ids"])) if c == r]
         seen += len(batch["chosen_ids"])
-    if not ties:
-        return dataset
-    if len(ties) == len(dataset):
-        raise ValueError(f"Every pair of {name} tokenizes to the same chosen and rejected ids (they differ only in "
-                         f"what the chat template does not render): there is no preference to learn.")
-    warnings.warn(f"{name}: dropped {len(ties)} pair(s) whose chosen and rejected responses tokenize alike (first: row "
-                  f"{ties[0]}; they differ only in what the chat template does not render, such as a "
-                  f"reasoning_content or a message name); they carry no preference.", stacklevel=3)
-    return dataset.select(sorted(set(range(len(dataset))) - set(ties)))
+    return _drop_ties(dataset, ties, name, "tokenizes to the same chosen and rejected ids (they differ only in what "
+                      "the chat template does not render)", "tokenize alike", "; they differ only in what the chat "
+                      "template does not render, such as a reasoning_content or a message name")
 
 
 def _validate_streaming(dataset: IterableDataset, name: str) -> IterableDataset:
@@ -230,11 +229,8 @@ def _prompt_length(example, tokenizer) -> int:
     if isinstance(prompt, list):
         if not prompt:
             return 0
-        tools = example.get("tools")
-        kwargs = {"tools": chat_tools(tools),
-                  **(example.get("chat_template_kwargs") or {})}
-        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                 **kwargs)["input_ids"])
+        return len(chat_ids(tokenizer, prompt, tools=example.get("tools"),
+                            template_kwargs=example.get("chat_template_kwargs"), generation_prompt=True))
     return len(tokenizer(text=prompt)["input_ids"])
 
 

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, TrainOutput
 from trl import RewardConfig, RewardTrainer
-from trl.data_utils import get_dataset_column_names, is_conversational
+from trl.data_utils import is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..architectures import final_hidden_size
@@ -43,11 +43,9 @@ from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_chec
                          finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
                          resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
                          writing_folder)
-from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token, four_bit_layout,
-                      is_quantized,
-                      keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
-                      pretrained_kwargs,
-                      resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
+from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token,
+                      four_bit_layout, is_quantized, keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
+                      pretrained_kwargs, resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..rl_math import bt_loss, pearson
