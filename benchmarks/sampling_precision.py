@@ -2,6 +2,7 @@
 
     python benchmarks/sampling_precision.py                  # SmolLM2-135M-Instruct, 4 prompts x 32 tokens
     python benchmarks/sampling_precision.py --model ./my-model --tokens 64
+    python benchmarks/sampling_precision.py --only fp16      # the fp16 rows only (GPUs before Ampere)
 
 The two compute the same distribution in a different order of operations, so they differ by rounding only; this
 measures how much, in the precisions PPOTrainer runs in, beside two kinds of logits processing the start-up check
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--only", default=None, help="run only the settings whose name contains this (e.g. fp16)")
     args = ap.parse_args(argv)
     # the few-row row measures that order whatever this CPU's calibration chose
     cpu_matmul.rows_range = lambda: range(1, max(cpu_matmul.CALIBRATION_ROWS) + 1)
@@ -70,9 +72,14 @@ def main(argv=None) -> int:
              if tok.chat_template else q for q in questions]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    fp16 = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
     settings = [("fp32", {}, nullcontext), (ONEDNN, {}, nullcontext), ("fp32 weights + bf16 autocast", {}, bf16),
                 ("bf16 weights", {"dtype": "bfloat16"}, nullcontext),
-                ("4-bit NF4, bf16 compute", {"load_in_4bit": True, "dtype": "bfloat16"}, nullcontext)]
+                ("4-bit NF4, bf16 compute", {"load_in_4bit": True, "dtype": "bfloat16"}, nullcontext),
+                # GPUs before Ampere (T4, V100): fp16 in place of bf16
+                ("fp32 weights + fp16 autocast", {}, fp16), ("fp16 weights", {"dtype": "float16"}, nullcontext),
+                ("4-bit NF4, fp16 compute", {"load_in_4bit": True, "dtype": "float16"}, nullcontext)]
+    settings = [s for s in settings if args.only is None or args.only in s[0]]
     print("| setting | mean KL / token | max KL / token | max abs dlogp | max abs dlogp (p > 1e-3) | max TV | s |")
     print("|---|---|---|---|---|---|---|")
     for name, load_kw, ctx in settings:
@@ -89,6 +96,8 @@ def main(argv=None) -> int:
             rows += [("fp32, rlhf_ext's CPU decoding loop, few-row matmuls as (W·xᵀ)ᵀ", UNPACKED, 1.0),
                      ("fp32, repetition penalty 1.1 in generate", {"repetition_penalty": 1.1}, 1.0),
                      ("fp32, trained at T = 0.95, sampled at T = 1", {}, 0.95)]
+        if name == "fp32 weights + fp16 autocast":  # fp16's rounding is small enough to show this mismatch
+            rows += [("fp32 weights + fp16 autocast, trained at T = 0.95, sampled at T = 1", {}, 0.95)]
         if name in ("fp32", "bf16 weights"):  # a policy that has trained: lean steps fold its adapter in
             model = trained_lora(model)
             rows += [(f"{name} + a trained LoRA (q/v, r=16), rlhf_ext's CPU decoding loop, the model's steps",

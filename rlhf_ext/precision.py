@@ -9,7 +9,8 @@ KL measurements. They must all run in the same precision context, or a policy th
 What cannot be made equal is incremental decoding against a full forward: the same math in a different order of
 operations, so in bf16 they differ by rounding. Measured on SmolLM2-135M-Instruct (4 prompts × 32 sampled tokens,
 `python benchmarks/sampling_precision.py`): mean per-token KL(generate ‖ training forward) 1e-11 in fp32,
-1.1e-3 under bf16 autocast, 1.7e-3 with bf16 weights, 1.8e-3 on a 4-bit base with bf16 compute; a repetition
+1.1e-3 under bf16 autocast, 1.7e-3 with bf16 weights, 1.8e-3 on a 4-bit base with bf16 compute, 1.5e-5–3.5e-5 in
+fp16 (autocast, weights, 4-bit compute: three more bits of mantissa than bf16); a repetition
 penalty of 1.1 (the kind of logits processing the start-up check exists to catch) reads 0.15. The tolerance is
 therefore a property of the compute dtype (`SAMPLING_KL_TOLERANCE`), not one fp32 threshold for everyone.
 
@@ -27,7 +28,8 @@ import torch
 SAMPLING_KL_TOLERANCE = {
     torch.float32: 1e-5,  # measured 1e-11: anything above is logits processing, not rounding
     torch.bfloat16: 1e-2,  # measured 1.1e-3–1.8e-3 (SmolLM2); 8 bits of mantissa
-    torch.float16: 2.5e-3,  # 11 bits of mantissa: a quarter of bf16's
+    torch.float16: 1e-3,  # measured 1.5e-5–3.5e-5 (fp16 autocast, fp16 weights, 4-bit with fp16 compute); a 5 %
+    # temperature mismatch (0.006) is caught here, where bf16's rounding hides it
 }
 # KL(training forward at θ₀ ‖ reference), nats per sequence: the same computation, so zero up to summation order.
 SAME_PASS_KL_TOLERANCE = 1e-6
@@ -39,12 +41,28 @@ def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
         return None
     if mixed_precision == "bf16":
         return torch.bfloat16
-    if mixed_precision == "fp16":
-        raise ValueError(
-            "PPOTrainer does not support fp16 mixed precision: fp16 training needs a loss scaler around every "
-            "optimizer step, and the KL guard edits parameters between steps. Use bf16=True (any GPU since Ampere, "
-            "and CPUs with AVX512-BF16) or full fp32 (bf16=False, fp16=False).")
-    raise ValueError(f"Unknown mixed_precision {mixed_precision!r}; expected 'no' or 'bf16'.")
+    if mixed_precision == "fp16":  # GPUs before Ampere (T4, V100, RTX 20xx): with a loss scaler (`loss_scaler`)
+        return torch.float16
+    raise ValueError(f"Unknown mixed_precision {mixed_precision!r}; expected 'no', 'bf16' or 'fp16'.")
+
+
+def loss_scaler(accelerator, dtype: torch.dtype | None):
+    """The gradient scaler of every optimizer step where the passes compute in fp16 (`dtype`: `compute_dtype`). fp16's smallest normal number is 6e-5, and a LoRA
+    adapter's gradients pass through fp16 activations' gradients far below it — unscaled they flush to zero. accelerate
+    makes a scaler on CUDA and none on CPU; the PPO trainer scales explicitly, with this one, everywhere (and takes it
+    from accelerate, so that `accelerator.backward` does not scale a second time). bf16 has fp32's exponent range and
+    needs none."""
+    if dtype != torch.float16:
+        return None
+    scaler = accelerator.scaler or torch.amp.GradScaler(accelerator.device.type)
+    accelerator.scaler = None
+    return scaler
+
+
+def is_bf16_gpu() -> bool:
+    """A CUDA GPU that computes in bf16 natively (Ampere and later). torch's `is_bf16_supported()` also answers True
+    on a T4 or V100, which only emulate it — slowly: `bf16=None` must not pick it there."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def compute_dtype(model, autocast: torch.dtype | None) -> torch.dtype:

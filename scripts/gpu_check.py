@@ -81,11 +81,12 @@ DEPENDENCIES = {
     "bitsandbytes": ("bitsandbytes==0.50.2", "the 4-bit cases only", False),
 }
 # GPU cases: (name, shipped shape, batch, prompt tokens, completion tokens, variants). A variant is a precision —
-# fp32, bf16 (bf16 weights + bf16 autocast on every pass), 4bit (NF4, bf16 compute + autocast) — with "-gc" for
+# fp32, bf16 (bf16 weights + bf16 autocast on every pass), fp16 (the same in fp16, with the loss scaler: a T4's or
+# V100's 16-bit mode), 4bit (NF4, bf16 compute + autocast) — with "-gc" for
 # gradient checkpointing. "7B-recipe" is recipes/configs/ppo_7b_qlora.yaml's shape: 4-bit, bf16, checkpointing,
 # 16 prompts × (512 + 256) tokens, 4 minibatches; last, so the time budget protects the cases before it.
 GPU_CASES = [
-    ("gpt2", "gpt2", 32, 64, 128, ("bf16", "bf16-gc")),
+    ("gpt2", "gpt2", 32, 64, 128, ("bf16", "bf16-gc", "fp16")),
     ("1.7B", "SmolLM2-1.7B-Instruct", 16, 64, 128, ("bf16", "4bit")),
     ("7B", "Qwen2.5-7B-Instruct", 8, 64, 128, ("bf16", "4bit", "4bit-gc")),
     ("7B-recipe", "Qwen2.5-7B-Instruct", 16, 512, 256, ("4bit-gc",)),
@@ -367,7 +368,8 @@ def plan_for(shape: dict, precision: str, device: str, **kw) -> dict:
     from rlhf_ext.plan import estimate
 
     dtype = precision if precision in ("fp32", "bf16", "fp16") else ("fp32" if device == "cpu" else "bf16")
-    autocast = precision == "bf16" or (precision == "4bit" and device != "cpu")  # as run_case sets PPOConfig.bf16
+    # as run_case sets PPOConfig.bf16 / fp16: fp16 autocast keeps what bf16's keeps (two bytes an activation)
+    autocast = precision in ("bf16", "fp16") or (precision == "4bit" and device != "cpu")
     return estimate(shape, dtype=dtype, bf16=autocast, load_in_4bit=precision == "4bit",
                     device="cpu" if device == "cpu" else "cuda", **kw)
 

@@ -57,7 +57,8 @@ def precision(out: Path):
         def on_step_end(self, args, state, control, **kw):
             tr = self.trainer
             self.exact.append(exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature,
-                                             autocast=torch.bfloat16 if tr.args.mixed_precision == "bf16" else None))
+                                             autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                                                 tr.args.mixed_precision)))
 
     # one header for every prompt (as a system prompt would be): the passes after sampling share it (26 tokens,
     # 4 prompts per rank: 78 rows saved per pass)
@@ -81,6 +82,9 @@ def precision(out: Path):
         oracle.trainer = tr
         hist = tr.train()
         info[phase] = {"mixed_precision": args.mixed_precision, "compute_dtype": tr.startup["compute_dtype"],
+                       "loss_scale": [h.get("train/loss_scale") for h in hist],
+                       "lora_B": float(sum(p.detach().abs().sum() for n, p in tr.policy.peft.named_parameters()
+                                           if "lora_B" in n)),
                        "sharing": tr.startup["shared_prompt_prefix"],
                        "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
                        **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")},

@@ -311,7 +311,7 @@ def ppo_run(arch, tmp_path_factory, tok, folders):
 def _check_kl(rows, iterations, bf16=False):
     from .test_kl_guarantee import AGREE  # the oracle's unpadded forward against the trainer's batch: by precision
 
-    atol, rtol = AGREE[bf16]
+    atol, rtol = AGREE[torch.bfloat16 if bf16 else None]
     assert len(rows) == iterations
     for it, (exact, logged) in enumerate(rows, 1):
         assert exact <= DELTA + atol, f"iteration {it}: exact KL {exact:.6g} > δ {DELTA}"

@@ -115,17 +115,21 @@ def test_a_4bit_base_under_ddp_equals_one_process(runs):
     _close(pa, p1, 1e-4 * max(1.0, moved))
 
 
-def test_bf16_under_ddp_is_one_precision(tmp_path):
-    """`mixed_precision: bf16` from the launcher (as recipes/accelerate_configs/multi_gpu.yaml sets it), 2 processes:
-    every pass runs in bf16, so with the policy untouched every KL reads exactly 0 (before: objective/kl 3.4e-4, the
-    training forward alone under autocast), and the hard KL bound holds against the independent oracle (in bf16)
-    on the union of both ranks' batches; evaluation gives one number for both ranks. The prompts share a 26-token
-    header, so every pass after sampling runs it once (the shared prompt prefix) on each rank."""
-    _launch(tmp_path, ["precision"], world=2, port=2, launch_flags=("--mixed_precision", "bf16"))
+@pytest.mark.parametrize("mixed_precision, dtype, port", [("bf16", "bfloat16", 2), ("fp16", "float16", 3)])
+def test_16_bit_under_ddp_is_one_precision(tmp_path, mixed_precision, dtype, port):
+    """`mixed_precision: bf16` from the launcher (as recipes/accelerate_configs/multi_gpu.yaml sets it; fp16 on GPUs
+    before Ampere), 2 processes: every pass runs in that dtype, so with the policy untouched every KL reads exactly 0
+    (before: objective/kl 3.4e-4, the training forward alone under autocast), and the hard KL bound holds against the
+    independent oracle (in the same dtype) on the union of both ranks' batches; evaluation gives one number for both
+    ranks. The prompts share a 26-token header, so every pass after sampling runs it once (the shared prompt prefix)
+    on each rank. Under fp16 both ranks keep one loss scale (an overflow skips the step on both) and end with the
+    same adapters."""
+    _launch(tmp_path, ["precision"], world=2, port=port, launch_flags=("--mixed_precision", mixed_precision))
     ranks = _ranks(tmp_path, "precision", 2)
     for info in ranks:
         still, guarded = info["still"], info["guarded"]
-        assert still["mixed_precision"] == "bf16" and still["compute_dtype"] == "bfloat16"
+        assert still["mixed_precision"] == mixed_precision and still["compute_dtype"] == dtype
+        assert (guarded["loss_scale"][-1] is not None) == (mixed_precision == "fp16")
         assert still["sharing"] == guarded["sharing"] == "on"
         assert still["startup_kl"] <= 1e-9
         assert all(k == 0.0 for k in still["objective/kl"])
@@ -146,6 +150,7 @@ def test_bf16_under_ddp_is_one_precision(tmp_path):
         exact = (a["exact"][it] + b["exact"][it]) / 2  # the guard bounds the mean over the global batch
         assert exact <= 0.1 + 1e-4 and abs(exact - logged) <= 1e-4 + 1e-3 * exact, (it, exact, logged)
     assert max(a["kl/after_update"]) > 0.02  # the policy did move
+    assert a["loss_scale"] == b["loss_scale"] and a["lora_B"] == b["lora_B"] > 0
 
 
 def test_monitor_decides_once_for_all_ranks(runs):

@@ -81,13 +81,20 @@ CASES = {
     "bf16 autocast, attention": (ATTN, {}, {}, {"bf16": True}, "positive", False),
     "bf16 weights, prefix cache, separate critic": (ATTN, {"layers_to_transform": [1]}, {}, {"bf16": True, "model_dtype": "bfloat16", "critic": "separate"}, "positive", False),
     "bf16, 4-bit base (the 7B QLoRA recipe's settings), all-linear": ("all-linear", {}, {}, {"bf16": True, "model_dtype": "bfloat16", "gradient_checkpointing": True}, "positive", True),
+    # fp16 (GPUs before Ampere): the same, with the loss scaled for every backward
+    "fp16 autocast, attention": (ATTN, {}, {}, {"fp16": True}, "positive", False),
+    "fp16, 4-bit base (the QLoRA recipe on a T4), all-linear": ("all-linear", {}, {}, {"fp16": True, "model_dtype": "float16", "gradient_checkpointing": True}, "positive", True),
     # a hybrid: Gated DeltaNet linear attention (chunked in the training pass, recurrent while sampling) + attention;
     # learning rate 1.0, since at 0.1–0.3 its KL stays inside δ by itself and the guard would not be exercised
     "bf16 weights, Qwen3.5 hybrid, its default targets": (HYBRID_TARGETS, {}, {"arch": "qwen3.5"}, {"bf16": True, "model_dtype": "bfloat16", "learning_rate": 1.0}, "positive", False),
 }
 # The oracle's forward is unpadded and one sequence at a time; the trainer's is a padded batch. In fp32 the two agree
-# to float rounding; in bf16 the matmuls' blocking differs with the batch shape, so they agree to bf16 rounding.
-AGREE = {False: (1e-6, 1e-5), True: (1e-4, 1e-3)}  # (absolute nats, relative)
+# to float rounding; in 16 bits the matmuls' blocking differs with the batch shape, so they agree to that rounding.
+AGREE = {None: (1e-6, 1e-5), torch.bfloat16: (1e-4, 1e-3), torch.float16: (1e-4, 1e-3)}  # (absolute nats, relative)
+
+
+def autocast_of(args) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
 
 
 class OracleCheck(TrainerCallback):
@@ -98,8 +105,7 @@ class OracleCheck(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         tr = self.trainer
-        exact = exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature,
-                               autocast=torch.bfloat16 if tr.args.bf16 else None)
+        exact = exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature, autocast=autocast_of(tr.args))
         self.rows.append((exact, tr._metrics_history[-1]))
 
 
@@ -134,7 +140,7 @@ def test_kl_at_most_delta_after_every_iteration(tmp_path, tok, case):
         pytest.skip("this torch build has no oneDNN")
     tr, rows = run_case(tmp_path, tok, *CASES[case])
     assert len(rows) == 3
-    atol, rtol = AGREE[bool(tr.args.bf16)]
+    atol, rtol = AGREE[autocast_of(tr.args)]
     for it, (exact, logged) in enumerate(rows, 1):
         assert exact <= DELTA + atol, f"iteration {it}: exact KL {exact:.6g} > δ {DELTA}"
         assert logged["kl/after_update"] <= DELTA + 1e-9, (it, logged["kl/after_update"])

@@ -76,6 +76,7 @@ def test_unknown_model_lists_shipped_shapes(capsys, monkeypatch):
     (["--lora-top-layers", "-5"], "--lora-top-layers must be ≥ 0"),
     (["--gpu-memory", "inf"], "--gpu-memory must be a finite number"),
     (["--kl-controller", "hardd"], "Unknown kl_controller 'hardd'. Valid names: adaptive, fixed, hard, lagrangian"),
+    (["--bf16", "--fp16"], "argument --fp16: not allowed with argument --bf16"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_cli_refuses_impossible_options_with_a_usage_error(args, says, capsys):
     """Each was planned before (exit 0): -3 reward members, -0.4 M trained parameters, an unregistered controller
@@ -84,6 +85,17 @@ def test_cli_refuses_impossible_options_with_a_usage_error(args, says, capsys):
         plan_cli.main(["--model", "gpt2", "--batch", "8", *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err, err
+
+
+def test_fp16_is_planned_as_bf16_and_says_so(capsys):
+    """PPOConfig(fp16=True) (a T4 or V100) keeps what bf16 autocast keeps: two bytes per activation and weight cast."""
+    runs = {}
+    for flag in ("--bf16", "--fp16"):
+        assert plan_cli.main(["--model", "gpt2", "--batch", "8", flag, "--json"]) == 0
+        runs[flag] = json.loads(capsys.readouterr().out)
+    assert runs["--fp16"]["peak"] == runs["--bf16"]["peak"] and runs["--fp16"]["options"]["fp16"] is True
+    assert plan_cli.main(["--model", "gpt2", "--batch", "8", "--fp16"]) == 0
+    assert "fp16 autocast (planned as bf16: the same bytes)" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_cli_takes_every_registered_kl_controller(capsys):

@@ -1,7 +1,10 @@
 """One precision for every PPO pass (rlhf_ext/precision.py), in one process and under DDP; what the start-up check
-accepts in each precision; pad tokens outside the vocabulary (TRL's PPO examples add `[PAD]` without resizing)."""
+accepts in each precision; fp16's loss scaling; pad tokens outside the vocabulary (TRL's PPO examples add `[PAD]` without resizing)."""
 
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import pytest
 import torch
@@ -52,13 +55,13 @@ class DtypeSpy:
             self.seen.setdefault(self.phase, set()).add(out.dtype)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_every_pass_runs_in_one_precision(tmp_path, tok, tiny_path, bf16):
+@pytest.mark.parametrize("flag, dtype", [(None, torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_every_pass_runs_in_one_precision(tmp_path, tok, tiny_path, flag, dtype):
     """`bf16=True` means bf16 in one process too: sampling, reference, θ_old, training and KL passes all compute in
-    bf16 (and all in fp32 without it). Before, the flag did nothing in one process."""
-    tr = trainer(tmp_path, tok, load_model(tiny_path), bf16=bf16)
+    bf16 (and all in fp32 without it; all in fp16 with `fp16=True`). Before, the flag did nothing in one process."""
+    tr = trainer(tmp_path, tok, load_model(tiny_path), bf16=flag == "bf16", fp16=flag == "fp16")
     spy = DtypeSpy(tr.policy.peft)
-    want = {torch.bfloat16 if bf16 else torch.float32}
+    want = {dtype}
     passes = {
         "generate": lambda: tr.policy.generate(tr.prompts[:2], tok, 4),
         "training": lambda: tr.train_policy(*_batch(tr), 3),
@@ -72,7 +75,8 @@ def test_every_pass_runs_in_one_precision(tmp_path, tok, tiny_path, bf16):
     assert {k: v for k, v in spy.seen.items()} == {k: want for k in passes}
     logits, values, logp = tr.policy(*_batch(tr), 3)
     assert logits.dtype == values.dtype == logp.dtype == torch.float32  # log-softmax and the value head stay fp32
-    assert tr.startup["compute_dtype"] == ("bfloat16" if bf16 else "float32")
+    assert tr.startup["compute_dtype"] == str(dtype).replace("torch.", "")
+    assert (tr.grad_scaler is not None) == (flag == "fp16")  # only fp16's range needs the loss scaled
 
 
 def test_the_lm_head_gets_a_contiguous_input(tmp_path, tok, tiny_path):
@@ -154,6 +158,11 @@ SETTINGS = {  # name: (load kwargs, config kwargs, hidden)
     "bf16 weights": ({"dtype": "bfloat16"}, {}, 32),
     "4-bit, bf16 compute + autocast + checkpointing (ppo_7b_qlora.yaml)": (
         {"load_in_4bit": True, "dtype": "bfloat16"}, {"bf16": True, "gradient_checkpointing": True}, FOUR_BIT_HIDDEN),
+    "fp16 autocast": ({}, {"fp16": True}, 32),
+    "fp16 weights": ({"dtype": "float16"}, {}, 32),
+    # the QLoRA recipe on a GPU before Ampere (T4, V100): fp16 in place of bf16
+    "4-bit, fp16 compute + autocast + checkpointing": (
+        {"load_in_4bit": True, "dtype": "float16"}, {"fp16": True, "gradient_checkpointing": True}, FOUR_BIT_HIDDEN),
 }
 
 
@@ -175,49 +184,136 @@ def test_kl_is_zero_while_the_policy_has_not_moved(tmp_path, tok, name):
         assert 0.0 <= h["kl/after_update"] <= 1e-9
 
 
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("autocast", [None, "bf16", "fp16"])
 def test_start_up_still_refuses_logits_processing(tmp_path, tok, monkeypatch, autocast):
-    """The bf16 tolerance is rounding-sized: on a model with peaked logits (init 0.3, like a trained LM; a random
+    """The 16-bit tolerances are rounding-sized: on a model with peaked logits (init 0.3, like a trained LM; a random
     tiny model is near-uniform and hides any processor) plain sampling is accepted and a repetition penalty inside
-    generate() is refused, in fp32 and in bf16, the message saying what it measured against what."""
+    generate() is refused, in fp32, bf16 and fp16, the message saying what it measured against what."""
     path = save_tiny_model(tmp_path / "peaked", tok, initializer_range=0.3)
-    ok = trainer(tmp_path, tok, load_model(path), bf16=autocast)
+    flags = {"bf16": autocast == "bf16", "fp16": autocast == "fp16"}
+    ok = trainer(tmp_path, tok, load_model(path), **flags)
     assert ok.startup["sampling_vs_training"] <= ok.startup["sampling_vs_training_tolerance"]
     plain = PolicyAndValue.generation_kwargs
     monkeypatch.setattr(PolicyAndValue, "generation_kwargs",
                         lambda self, *a, **k: {**plain(self, *a, **k), "repetition_penalty": 3.0})
     with pytest.raises(ValueError, match=r"generate\(\) samples from a different distribution.*KL\(sampling‖training\)"):
-        trainer(tmp_path, tok, load_model(path), bf16=autocast)
+        trainer(tmp_path, tok, load_model(path), **flags)
 
 
-def test_fp16_is_refused_with_the_fix(tmp_path):
-    from rlhf_ext.precision import autocast_dtype
-
-    with pytest.raises(ValueError, match="fp16.*bf16=True"):
-        autocast_dtype("fp16")
-
-
-def test_pad_token_outside_the_vocabulary(tmp_path, tiny_path):
-    """TRL 1.12's PPO examples add `[PAD]` with add_special_tokens and never resize: padded positions must never reach
-    the embedding (before: IndexError at start-up). Ragged prompts make sure padding is used."""
-    tok = tiny_tokenizer()
-    tok.add_special_tokens({"pad_token": "[PAD]"})
-    model = load_model(tiny_path)
-    rows = model.get_input_embeddings().weight.shape[0]
-    assert tok.pad_token_id == rows  # one past the embedding
-    tr = trainer(tmp_path, tok, model, kl_controller="hard", kl_target=0.5, learning_rate=0.05)
-    assert tr.policy.pad_id < rows
-    assert len({len(ids) for _, ids in tr.prompts}) > 1
-    hist = tr.train()
-    assert all(h["kl/after_update"] <= 0.5 for h in hist)
-    assert any(float(p.abs().max()) > 0 for n, p in tr.policy.peft.named_parameters() if "lora_B" in n)
+def _adapter_grads(tr, loss_of, scaler="keep"):
+    """The gradients `_step` hands the optimizer for the loss `loss_of(logp, values)` (optimizer.step captured and
+    not taken), with the trainer's loss scaler or, `scaler=None`, without one."""
+    tr.create_optimizer()
+    if scaler != "keep":
+        tr.grad_scaler = scaler
+    seen = {}
+    tr.optimizer.step = lambda *a, **k: seen.update(
+        {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None})
+    _, values, logp = tr.train_policy(*_batch(tr), 3)
+    tr._step(loss_of(logp, values), Counter())
+    return seen
 
 
-def test_prompt_token_outside_the_vocabulary_names_the_fix(tmp_path, tiny_path):
-    tok = tiny_tokenizer()
-    tok.add_tokens(["zebra"])
-    data = Dataset.from_dict({"prompt": ["write about the zebra ."] * 8})
-    with pytest.raises(ValueError, match=r"token id \d+.*resize_token_embeddings"):
-        PPOTrainer(load_model(tiny_path), reward_funcs=length_reward,
-                   args=PPOConfig(str(tmp_path / "o"), per_device_train_batch_size=8, use_cpu=True, monitor=False),
-                   train_dataset=data, processing_class=tok)
+def _relative_error(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys() and got
+    diff = sum(float((got[k] - want[k]).double().norm() ** 2) for k in want) ** 0.5
+    return diff / sum(float(want[k].double().norm() ** 2) for k in want) ** 0.5
+
+
+def test_fp16_scales_the_loss_so_that_small_gradients_survive(tmp_path, tok, tiny_path):
+    """fp16's smallest normal number is 6e-5; the adapters' gradients reach them through fp16 activations' gradients,
+    which for a small loss (here 1e-8 × (Σ log π + Σ V)) fall below it and flush to zero. The step scales the loss for the
+    backward and unscales before clipping: the gradients equal those of the same loss computed in fp32 — no
+    autocast, no scaler: the independent computation — to fp16's rounding, where the same backward without the
+    scaler loses them."""
+    small = lambda logp, values: 1e-8 * (logp.sum() + values.sum())  # noqa: E731
+    want = _adapter_grads(trainer(tmp_path / "fp32", tok, load_model(tiny_path)), small)
+    tr = trainer(tmp_path / "fp16", tok, load_model(tiny_path), fp16=True)
+    scaled = _adapter_grads(tr, small)
+    unscaled = _adapter_grads(trainer(tmp_path / "plain", tok, load_model(tiny_path), fp16=True), small, scaler=None)
+    assert any("lora_B" in k for k in want) and any("value_head" in k for k in want)
+    assert _relative_error(scaled, want) < 0.02, _relative_error(scaled, want)
+    assert _relative_error(unscaled, want) > 0.5, _relative_error(unscaled, want)
+
+
+def test_an_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, tok, tiny_path):
+    """A scale whose scaled gradients overflow fp16: the step is skipped (counted, the adapters, value head and
+    optimizer state untouched) and the scale halved, as torch's GradScaler does; a non-finite loss is skipped as in
+    fp32, without lowering the scale; at a scale fp16 holds the step is taken."""
+    tr = trainer(tmp_path, tok, load_model(tiny_path), fp16=True)
+    tr.create_optimizer()
+    tr.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
+    trained = {n: p for n, p in tr.policy.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    stats = Counter()
+
+    def step(scale_loss=1.0):
+        _, values, logp = tr.train_policy(*_batch(tr), 3)
+        return tr._step((logp.mean() + values.mean()) * scale_loss, stats)
+
+    assert step() is None
+    assert stats == {"train/fp16_overflow_steps": 1} and tr.grad_scaler.get_scale() == 2.0 ** 59
+    assert all(torch.equal(p, before[n]) for n, p in trained.items()) and not tr.optimizer.state and tr.version == 0
+    assert all(p.grad is None for p in trained.values())
+    assert not math.isfinite(step(float("inf")))
+    assert stats["train/skipped_nonfinite_steps"] == 1 and tr.grad_scaler.get_scale() == 2.0 ** 59
+    tr.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert math.isfinite(step()) and tr.version == 1 and tr.grad_scaler.get_scale() == 1024.0
+    moved = [n for n, p in trained.items() if not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in moved) and any("value_head" in n for n in moved)
+
+
+def test_fp16_parameters_in_training_are_refused_with_the_fix(tmp_path, tok, tiny_path):
+    """A PeftModel made with fp16 adapters (autocast_adapter_dtype=False on fp16 weights): a loss scaler cannot unscale
+    fp16 gradients, and Adam's small updates vanish in fp16 weights — refused at start-up, saying how."""
+    from peft import get_peft_model
+
+    peft = get_peft_model(load_model(tiny_path, dtype="float16"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                          autocast_adapter_dtype=False)
+    with pytest.raises(ValueError, match=r"fp16.*8 of them are fp16 \(base_model.*lora_A.*autocast_adapter_dtype=True.*float32"):
+        PPOTrainer(peft, reward_funcs=length_reward, train_dataset=prompts(), processing_class=tok,
+                   args=PPOConfig(str(tmp_path / "o"), per_device_train_batch_size=8, use_cpu=True, monitor=False,
+                                  fp16=True))
+
+
+def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, tok):
+    """The loss scale is part of the run's state: the first steps overflow at the initial scale, so a resume that
+    started again from it would skip other steps than the run it continues. The checkpoint holds the scale; the
+    resumed run equals the straight one bit for bit."""
+    from .test_ppo import _params, make
+
+    big = lambda completion_ids, **kw: [100.0 * len(c) for c in completion_ids]  # noqa: E731 — a large value loss
+    straight = make(tmp_path / "a", tok, big, max_steps=4, fp16=True, save_strategy="steps", save_steps=2)
+    hist = straight.train()
+    assert hist[0]["train/fp16_overflow_steps"] >= 1 and hist[1]["train/loss_scale"] < 2.0 ** 16
+    resumed = make(tmp_path / "b", tok, big, max_steps=4, fp16=True)
+    torch.manual_seed(123)  # another process state: the checkpoint restores what sampling depends on
+    rest = resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "ppo" / "checkpoint-2"))
+    for key in ("train/loss_scale", "train/fp16_overflow_steps", "loss/policy"):
+        assert [h[key] for h in rest[-2:]] == [h[key] for h in hist[-2:]], key
+    want, got = _params(straight), _params(resumed)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_bf16_is_not_chosen_for_a_gpu_that_only_emulates_it(monkeypatch):
+    """`bf16=None` turns bf16 on where the GPU computes in it. torch's `is_bf16_supported()` also answers True on a
+    T4 or V100 (compute capability 7.x), which emulates bf16 slowly: there both configs stay in fp32 (fp16=True is the
+    16-bit choice). On an Ampere GPU bf16 is chosen."""
+    import rlhf_ext.precision as precision
+    from rlhf_ext import RewardEnsembleConfig
+
+    props = {"major": 7}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), props)())
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True, raising=False)
+    assert torch.cuda.is_bf16_supported()  # what the configs asked before
+    assert precision.is_bf16_gpu() is False
+    props["major"] = 8
+    assert precision.is_bf16_gpu() is True
+    monkeypatch.undo()  # the configs themselves on this CPU, answering as each GPU would
+    for gpu_computes_bf16 in (False, True):
+        monkeypatch.setattr(precision, "is_bf16_gpu", lambda: gpu_computes_bf16)
+        assert PPOConfig("o", use_cpu=True).bf16 is gpu_computes_bf16
+        assert RewardEnsembleConfig("o", use_cpu=True).bf16 is gpu_computes_bf16
+        assert PPOConfig("o", use_cpu=True, fp16=True).bf16 is False

@@ -49,7 +49,8 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     n_proc = est["num_processes"]
     lines = [
         f"rlhf-ext plan — {est['model']} ({shape.get('model_type')}, {_fmt_params(p['total'])} params), {prec}"
-        f"{', bf16 autocast' if o['bf16'] else ''}, {o['device']}",
+        f"{(', fp16 autocast (planned as bf16: the same bytes)' if o.get('fp16') else ', bf16 autocast') if o['bf16'] else ''}"
+        f", {o['device']}",
         f"  weights: {_dtype_note(o)}",
         f"  compute: {pr['describe']}",
         f"  batch {o['batch']} prompts × ({o['prompt_length']} prompt + {o['completion_length']} completion) tokens, "
@@ -208,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the dtype the base is loaded in, as the trainer's model_init_kwargs['dtype'] / a recipe's "
                     "`dtype:`: omitted = float32 (what the trainer loads without one), auto = the checkpoint's "
                     "torch_dtype; on a 4-bit base, the compute dtype")
-    ap.add_argument("--bf16", action="store_true", help="PPOConfig(bf16=True) / accelerate mixed_precision bf16: "
-                    "every pass under bf16 autocast (bf16 activations even over fp32 weights)")
+    sixteen = ap.add_mutually_exclusive_group()
+    sixteen.add_argument("--bf16", action="store_true", help="PPOConfig(bf16=True) / accelerate mixed_precision "
+                         "bf16: every pass under bf16 autocast (bf16 activations even over fp32 weights)")
+    sixteen.add_argument("--fp16", action="store_true", help="PPOConfig(fp16=True) (GPUs before Ampere: T4, V100): "
+                         "planned as --bf16, the same two bytes per activation and weight cast")
     ap.add_argument("--batch", type=int, default=None, help="prompts per iteration per process (omit: the largest "
                     "that fits)")
     ap.add_argument("--prompt-length", type=int, default=256, help="longest prompt, tokens")
@@ -282,7 +286,8 @@ def main(argv=None) -> int:
         shape = load_shape(args.model)
         args.completion_length = _within_positions(shape, args.prompt_length, args.completion_length)
         options = dict(prompt_length=args.prompt_length, completion_length=args.completion_length,
-                       minibatches=args.minibatches, ppo_epochs=args.ppo_epochs, dtype=args.dtype, bf16=args.bf16,
+                       minibatches=args.minibatches, ppo_epochs=args.ppo_epochs, dtype=args.dtype,
+                       bf16=args.bf16 or args.fp16,
                        load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_targets=args.lora_targets,
                        lora_top_layers=args.lora_top_layers, gradient_checkpointing=args.gradient_checkpointing,
                        critic=args.critic, ensemble=args.ensemble, ensemble_mode=args.ensemble_mode,
@@ -297,6 +302,8 @@ def main(argv=None) -> int:
     except PlanError as e:
         print(f"rlhf-ext plan: {e}", file=sys.stderr)
         return 2
+    if args.fp16:  # fp16 autocast holds what bf16 autocast holds; the loss scaler's state is two numbers
+        est["options"]["fp16"] = True
     if args.json:
         print(json.dumps({**est, "shape": shape, "gpu_memory_gib": args.gpu_memory, "largest_batch": best,
                           "fits": None if not gpu else est["peak"] <= gpu}, indent=2))

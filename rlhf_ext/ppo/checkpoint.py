@@ -1,13 +1,13 @@
 """PPO checkpoints: atomic, checksummed and complete — policy and critic adapters, value head, the KL guard's
-anchor, optimizer and scheduler, controller, reward-pipeline and monitor state, RNG and data position — so a killed
-run resumes exactly where it stopped. `resume_from_checkpoint=True` takes the newest checkpoint that verifies."""
+anchor, optimizer and scheduler (and fp16's loss scale), controller, reward-pipeline and monitor state, RNG and data
+position — so a killed run resumes exactly where it stopped. `resume_from_checkpoint=True` takes the newest checkpoint
+that verifies."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import shutil
 import warnings
 from array import array
 from pathlib import Path
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..integrity import (CorruptFileError, atomic_folder, checkpoint_fix, checkpoint_number, load_safetensors,
-                         earlier_checkpoints, newest_verified_checkpoint, numbered_checkpoints, read_json,
-                         remove_checkpoints, remove_oldest_checkpoints, save_tensors, verify_manifest)
+from ..integrity import (CorruptFileError, atomic_folder, checkpoint_fix, earlier_checkpoints, load_safetensors,
+                         newest_verified_checkpoint, read_json, remove_checkpoints, remove_oldest_checkpoints,
+                         save_tensors, verify_manifest)
 from ..models import model_fingerprint
 from ..trainer_state import TRAINER_STATE, restore_trainer_state, save_trainer_state
 
@@ -206,7 +206,8 @@ def write_checkpoint(tr, final) -> str:
         save_tensors(tr.policy.value_head.state_dict(), tmp / "value_head.safetensors")
         save_tensors({str(i): a for i, a in enumerate(tr.kl_guard.anchor)} if tr.kl_guard is not None else {},
                      tmp / "anchor.safetensors")
-        torch.save({"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict()},
+        torch.save({"optimizer": tr.optimizer.state_dict(), "scheduler": tr.lr_scheduler.state_dict(),
+                    **({"grad_scaler": tr.grad_scaler.state_dict()} if tr.grad_scaler is not None else {})},
                    tmp / "optimizer.pt")
         per_process = _states_to_save(tr)
         save_tensors({_rng_key(key, rank): t for rank, own in enumerate(per_process) for key, t in own["rng"].items()},
@@ -254,6 +255,8 @@ def read_checkpoint(tr, path) -> None:
         raise CorruptFileError(path / "optimizer.pt", f"unreadable ({e})", fix) from None
     tr.optimizer.load_state_dict(opt["optimizer"])
     tr.lr_scheduler.load_state_dict(opt["scheduler"])
+    if tr.grad_scaler is not None and "grad_scaler" in opt:  # fp16: the scale the run had reached
+        tr.grad_scaler.load_state_dict(opt["grad_scaler"])
     rng = load_safetensors(path / "rng.safetensors", fix)
     state = read_json(path / "ppo_state.json", fix)
     if state.get("lr_schedule_unit") != "iteration":

@@ -27,8 +27,9 @@ class PPOConfig(TrainingArguments):
     > - `learning_rate`: `1e-4` (LoRA adapters; TRL PPO's 3e-6 was for full fine-tuning).
     > - `kl_controller`: `"hard"` with `kl_target=4.0` nats/sequence; TRL only had a fixed/adaptive penalty.
     > - `stop_on_eos`: `True` (TRL 1.12 PPO generated to the full length unless `stop_token` was set).
-    > - `bf16`: `None` → on only where CUDA supports bf16; when on, *every* pass (sampling, reference, θ_old,
-    >   training, KL) runs under one bf16 autocast, in one process and under DDP. fp16 is refused (use bf16).
+    > - `bf16`: `None` → on only on a GPU that computes in bf16 (Ampere and later); when on, *every* pass (sampling,
+    >   reference, θ_old, training, KL) runs under one bf16 autocast, in one process and under DDP. `fp16=True` (GPUs
+    >   before Ampere: T4, V100) does the same in fp16, with a loss scaler on every optimizer step.
     > - `gradient_checkpointing`: `False`. `gradient_accumulation_steps` > 1 is refused (raise `num_mini_batches`).
     > - Default LoRA (no `peft_config`): r=16 on PEFT's own target modules for the architecture (q/v projections for
     >   Llama-family models, `c_attn` for GPT-2, `query_key_value` for GPT-NeoX, …; rlhf_ext/architectures.py).
@@ -37,7 +38,7 @@ class PPOConfig(TrainingArguments):
     > TrainingArguments are honoured as transformers' Trainer reads them — logging / eval / save strategy and steps
     > (per iteration; `"epoch"` = a pass over the prompts), `save_total_limit`, `eval_on_start`, `optim`,
     > `weight_decay` (matrices only), the scheduler and warmup (in iterations: the schedule steps once per
-    > iteration, as TRL 1.12's), `metric_for_best_model` — or refused with the fix: `fp16`,
+    > iteration, as TRL 1.12's), `metric_for_best_model`, `fp16` — or refused with the fix:
     > `gradient_accumulation_steps` > 1, `torch_compile`, `neftune_noise_alpha`, `auto_find_batch_size`,
     > `save_strategy="best"`, `load_best_model_at_end`, `use_liger_kernel`.
     """
@@ -108,18 +109,18 @@ class PPOConfig(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N iterations."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N iterations."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = only where CUDA supports it."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = on only on a GPU that computes in bf16 (Ampere and later; a T4 or V100 only emulates it: fp16=True there)."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "trackio, tensorboard, wandb, …"})
 
     def __post_init__(self):
         import json
         import math
 
-        import torch
+        from ..precision import is_bf16_gpu
 
         self._apply_trl112_names()
         if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+            self.bf16 = is_bf16_gpu() and not self.fp16
         for name in ("kl_controller_kwargs", "aggregation_kwargs", "model_init_kwargs", "shapers", "monitor_detectors",
                      "chat_template_kwargs"):
             v = getattr(self, name)

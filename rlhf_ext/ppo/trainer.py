@@ -42,7 +42,7 @@ from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout,
                       pretrained_kwargs, tokenizer_for, warn_unquantized_experts)
 from ..plugins.contract import checked_beta, checked_output
 from ..plugins.kl import build_controller
-from ..precision import autocast_dtype
+from ..precision import autocast_dtype, loss_scaler
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..registry import build
@@ -311,6 +311,9 @@ class PPOTrainer(Trainer):
             # forward runs under its own adapter, its backward after the policy's is active again.
             replay_with_adapter_state(model, bool(args.activation_checkpointing_kwargs.get("use_reentrant", True)))
         self.train_policy = self._prepare_data_parallel()
+        # fp16 autocast, fp16 weights or a 4-bit base computing in fp16: gradients pass through fp16 activations
+        self.grad_scaler = loss_scaler(self.accelerator, self.compute_dtype)
+        self._check_fp16_parameters()
         # under DDP a process whose whole share is dropped trains with a zero loss; the global batch decides
         self.rewards.batch_is_a_share = self.accelerator.num_processes > 1
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
@@ -517,6 +520,19 @@ class PPOTrainer(Trainer):
 
     def trainable_parameters(self):
         return [p for p in self.policy.peft.parameters() if p.requires_grad] + list(self.policy.value_head.parameters())
+
+    def _check_fp16_parameters(self) -> None:
+        """Under fp16 the trained parameters stay fp32 (autocast computes in fp16): a loss scaler cannot unscale
+        fp16 gradients, and Adam's updates of a few 1e-5 vanish below fp16's resolution of a weight."""
+        if self.grad_scaler is None:
+            return
+        half = [n for n, p in self.policy.peft.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise ValueError(
+                f"Training in fp16 (fp16=True, fp16 weights or a 4-bit base computing in fp16) keeps the trained "
+                f"parameters in fp32, but {len(half)} of them are fp16 ({half[0]}{', …' if len(half) > 1 else ''}). "
+                f"Let PEFT keep the adapters in fp32 (its default, autocast_adapter_dtype=True, when the PeftModel is "
+                f"made) or load the model in float32 with fp16=True.")
 
     def create_optimizer(self, model=None):
         """`optim` with its settings, and `weight_decay` as transformers' Trainer applies it: on matrices (LoRA
@@ -735,19 +751,32 @@ class PPOTrainer(Trainer):
         return F.masked_mean(entropy_from_logits(logits, chunk_size=16), mask)
 
     # -- one optimizer step, never letting NaN reach the adapters ---------------------------------------------------
-    def _step(self, loss, stats) -> float:
-        """Returns the gradient's norm before clipping (Trainer's `grad_norm`). The learning-rate schedule is stepped
-        once per iteration, not here (`_iteration`)."""
-        self.accelerator.backward(loss)  # under DDP the gradients arrive averaged over processes
+    def _step(self, loss, stats) -> float | None:
+        """Returns the gradient's norm before clipping (Trainer's `grad_norm`; None after an fp16 overflow). The learning-rate schedule is stepped
+        once per iteration, not here (`_iteration`). Under fp16 the loss is scaled for the backward and the gradients
+        unscaled before clipping; a step whose scaled gradients overflowed is skipped and the scale halved (torch's
+        GradScaler, as Trainer and TRL 1.12's PPO under accelerate)."""
+        scaler = self.grad_scaler
+        self.accelerator.backward(loss if scaler is None else scaler.scale(loss))  # DDP: gradients arrive averaged
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # the true gradients; an inf or NaN among the scaled ones is recorded
         params = self.trainable_parameters()
         clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)  # ≤ 0 / None: no clipping, as in Trainer
         if not (torch.isfinite(loss) and torch.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
+            if scaler is not None and torch.isfinite(loss):  # fp16's range overflowed: retry at half the scale
+                scaler.update()
+                stats["train/fp16_overflow_steps"] += 1
+                return None
+            if scaler is not None:  # the loss itself was non-finite: no reason to lower the scale
+                scaler.update(scaler.get_scale())
             stats["train/skipped_nonfinite_steps"] += 1
             return float(norm)
         self._reach_check()
         self.optimizer.step()
+        if scaler is not None:
+            scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         return float(norm)
@@ -758,7 +787,10 @@ class PPOTrainer(Trainer):
         epochs early, and a schedule in optimizer steps would then not reach its end at max_steps. ReduceLROnPlateau
         and GreedyLR step on the evaluation metric instead (`_maybe_log_evaluate_save`), as in Trainer."""
         if not isinstance(self.lr_scheduler, _METRIC_SCHEDULERS):
-            self.lr_scheduler.step()
+            with warnings.catch_warnings():  # on schedule even when every step so far was skipped (fp16 overflow,
+                # a non-finite loss): torch's "lr_scheduler.step() before optimizer.step()" warning is no news then
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.lr_scheduler.step()
 
     # -- one PPO iteration ------------------------------------------------------------------------------------
     def _iteration(self):
@@ -808,7 +840,8 @@ class PPOTrainer(Trainer):
                 for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
                                ("policy/entropy", entropy), ("grad_norm", grad_norm)):
-                    acc.setdefault(k, []).append(float(val.detach()) if torch.is_tensor(val) else val)
+                    if val is not None:  # an fp16 step that overflowed has no gradient norm to report
+                        acc.setdefault(k, []).append(float(val.detach()) if torch.is_tensor(val) else val)
                 del logits, values, logp, loss  # [B, R, V] each: free before the next forward
             if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
                 kl = self._measure_after_epoch(ro, last_epoch=epoch == args.num_ppo_epochs - 1)
@@ -892,6 +925,9 @@ class PPOTrainer(Trainer):
         })
         metrics.update({k: val for k, val in g.items() if k.startswith(("rewards/", "audit/"))})
         metrics.update(self._logged_by_reward_functions())
+        if self.grad_scaler is not None:  # fp16: the scale the next step starts from, and the steps it skipped
+            metrics["train/loss_scale"] = float(self.grad_scaler.get_scale())
+            metrics["train/fp16_overflow_steps"] = float(stats["train/fp16_overflow_steps"])
         if stats["train/skipped_nonfinite_steps"]:
             warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
                           f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "

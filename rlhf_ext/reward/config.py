@@ -127,7 +127,7 @@ class RewardEnsembleConfig(RewardConfig):
                   "them; without it that is refused (the runs would mix), unless resuming."},
     )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision. None = on only where CUDA supports bf16."}
+        default=None, metadata={"help": "bf16 mixed precision. None = on only on a GPU that computes in bf16 (Ampere and later; a T4 or V100 only emulates it: fp16=True there)."}
     )
     # transformers 5 renamed it `activation_checkpointing` (None = off); TRL's RewardConfig turns the old name on,
     # which would also print transformers' deprecation warning on every config a user builds without asking for it
@@ -148,9 +148,9 @@ class RewardEnsembleConfig(RewardConfig):
             raise ValueError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}.")
         check_backend(self.cpu_matmul_backend)
         if self.bf16 is None:
-            import torch
+            from ..precision import is_bf16_gpu
 
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+            self.bf16 = is_bf16_gpu() and not self.fp16
         if not isinstance(self.ensemble_size, int) or self.ensemble_size < 1:
             raise ValueError(f"ensemble_size must be an integer ≥ 1, got {self.ensemble_size!r}. Use 1 for a plain reward model.")
         if self.ensemble_mode not in ("heads", "adapters"):

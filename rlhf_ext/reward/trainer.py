@@ -1140,7 +1140,7 @@ def _reward_card(spec: dict, history: list[dict]) -> str:
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evals.items()) if isinstance(v, (int, float)))
     tags = list(dict.fromkeys(["rlhf_ext", "reward-model", "trl", *spec.get("tags", [])]))  # + the trainers' tags
     base = card_base_model(spec.get("base_model"))
-    return (f"---\nlibrary_name: rlhf_ext\n" + (f"base_model: {base}\n" if base else "") +  # Hub ids only
+    return ("---\nlibrary_name: rlhf_ext\n" + (f"base_model: {base}\n" if base else "") +  # Hub ids only
             f"tags: [{', '.join(tags)}]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
             f"K = {spec['ensemble_size']} members, mode `{spec['mode']}`, pooling `{spec.get('pooling', 'last')}`, "
             f"length de-correlation {spec['training']['length_decorrelation_coef']}.\n\n"
