@@ -477,11 +477,16 @@ def check_report_to(training_args) -> None:
     after the model has loaded, with a traceback."""
     from transformers.integrations import get_reporting_integration_callbacks
 
+    if any("," in n for n in training_args.report_to or []):  # `--report_to a,b`: the list a YAML list gives
+        training_args.report_to = [x.strip() for n in training_args.report_to for x in n.split(",") if x.strip()]
     names = [n for n in training_args.report_to or [] if n != "none"]
     try:
         for callback in get_reporting_integration_callbacks(names):
             callback()
-    except (RuntimeError, ImportError, ValueError) as e:
+    except ValueError as e:  # a name transformers has no integration for
+        raise RecipeInputError(f"report_to {names}: {e} Give the names as listed (several: a YAML list, or "
+                               f"--report_to tensorboard,trackio).") from e
+    except (RuntimeError, ImportError) as e:
         raise RecipeInputError(f"report_to {names}: {e} Install it, or set report_to to another tracker or "
                                f"none.") from e
 

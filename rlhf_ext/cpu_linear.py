@@ -94,7 +94,9 @@ def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w, b = module.weight, module.bias
     if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
             and not w.requires_grad and not (b is not None and b.requires_grad)
-            and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        # (under torch.compile: F.linear, which the compiler lowers itself — inductor cannot lower the oneDNN op from
+        # an eager-mode call, and a routed model the user compiles after training failed)
         if torch.is_grad_enabled() and x.requires_grad:
             return _FrozenLinear.apply(x, w, b)
         return _bucketed_product(x, w, b)

@@ -82,7 +82,7 @@ def precision(out: Path):
         oracle.trainer = tr
         hist = tr.train()
         info[phase] = {"mixed_precision": args.mixed_precision, "compute_dtype": tr.startup["compute_dtype"],
-                       "loss_scale": [h.get("train/loss_scale") for h in hist],
+                       "loss_scale": [h.get("optim/loss_scale") for h in hist],
                        "lora_B": float(sum(p.detach().abs().sum() for n, p in tr.policy.peft.named_parameters()
                                            if "lora_B" in n)),
                        "sharing": tr.startup["shared_prompt_prefix"],

@@ -258,3 +258,21 @@ def test_processes_started_together_measure_once_and_agree(tmp_path):
     assert len({out.strip() for out, _ in outs}) == 1
     assert (tmp_path / "calls").read_text() == "m"
     assert json.loads((tmp_path / "cpu_matmul.json").read_text()) == {"machine": int(outs[0][0])}
+
+
+def test_a_routed_model_compiles_after_training(tok):
+    """A model PPO routed keeps its routed forwards after train() (installed for the trainer's life): a user who then
+    compiled it got inductor's LoweringException on mkldnn._linear_pointwise. Under torch.compile the routed forward
+    is F.linear, which the compiler lowers itself."""
+    from rlhf_ext.cpu_linear import route_frozen_linears
+    from rlhf_ext.testing import tiny_causal_lm
+
+    model, plain = tiny_causal_lm(tok).requires_grad_(False), tiny_causal_lm(tok).requires_grad_(False)
+    assert route_frozen_linears(model, "onednn") > 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    try:
+        with torch.no_grad():
+            out = torch.compile(model)(input_ids=ids).logits
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, plain(input_ids=ids).logits)

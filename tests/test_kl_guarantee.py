@@ -148,7 +148,7 @@ def test_kl_at_most_delta_after_every_iteration(tmp_path, tok, case):
     for p in tr.trainable_parameters():
         assert torch.isfinite(p).all()
     if case.startswith("rewards of 3e38"):  # every step's loss is non-finite: skipped, nothing touched
-        assert all(r["train/skipped_nonfinite_steps"] > 0 for _, r in rows) and all(e == 0 for e, _ in rows)
+        assert all(r["optim/skipped_nonfinite_steps"] > 0 for _, r in rows) and all(e == 0 for e, _ in rows)
     elif CASES[case][4] != "constant":  # the policy moved, and the guard had to act to keep it inside δ
         assert max(e for e, _ in rows) > 0.2 * DELTA
         assert sum(r["kl/backtracks"] + r["kl/restored"] + r["kl/shrunk"] for _, r in rows) > 0

@@ -154,7 +154,7 @@ def test_a_shaper_nan_in_ppo_leaves_the_other_samples_to_train_on(tmp_path, tok)
     with pytest.warns(UserWarning, match="shaper 'contract_nan_first' returned non-finite scores for 1 of 8"):
         hist = tr.train()
     for h in hist:  # the first sample of each batch dropped and counted, the other 7 trained on with a finite loss
-        assert h["rewards/dropped_nonfinite"] == 1 and h["train/skipped_nonfinite_steps"] == 0
+        assert h["rewards/dropped_nonfinite"] == 1 and h["optim/skipped_nonfinite_steps"] == 0
         assert math.isfinite(h["loss/policy"]) and math.isfinite(h["objective/scores"])
 
 

@@ -252,11 +252,11 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, tok, tin
         return tr._step((logp.mean() + values.mean()) * scale_loss, stats)
 
     assert step() is None
-    assert stats == {"train/fp16_overflow_steps": 1} and tr.grad_scaler.get_scale() == 2.0 ** 59
+    assert stats == {"optim/fp16_overflow_steps": 1} and tr.grad_scaler.get_scale() == 2.0 ** 59
     assert all(torch.equal(p, before[n]) for n, p in trained.items()) and not tr.optimizer.state and tr.version == 0
     assert all(p.grad is None for p in trained.values())
     assert not math.isfinite(step(float("inf")))
-    assert stats["train/skipped_nonfinite_steps"] == 1 and tr.grad_scaler.get_scale() == 2.0 ** 59
+    assert stats["optim/skipped_nonfinite_steps"] == 1 and tr.grad_scaler.get_scale() == 2.0 ** 59
     tr.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert math.isfinite(step()) and tr.version == 1 and tr.grad_scaler.get_scale() == 1024.0
     moved = [n for n, p in trained.items() if not torch.equal(p, before[n])]
@@ -285,11 +285,11 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path, tok):
     big = lambda completion_ids, **kw: [100.0 * len(c) for c in completion_ids]  # noqa: E731 — a large value loss
     straight = make(tmp_path / "a", tok, big, max_steps=4, fp16=True, save_strategy="steps", save_steps=2)
     hist = straight.train()
-    assert hist[0]["train/fp16_overflow_steps"] >= 1 and hist[1]["train/loss_scale"] < 2.0 ** 16
+    assert hist[0]["optim/fp16_overflow_steps"] >= 1 and hist[1]["optim/loss_scale"] < 2.0 ** 16
     resumed = make(tmp_path / "b", tok, big, max_steps=4, fp16=True)
     torch.manual_seed(123)  # another process state: the checkpoint restores what sampling depends on
     rest = resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "ppo" / "checkpoint-2"))
-    for key in ("train/loss_scale", "train/fp16_overflow_steps", "loss/policy"):
+    for key in ("optim/loss_scale", "optim/fp16_overflow_steps", "loss/policy"):
         assert [h[key] for h in rest[-2:]] == [h[key] for h in hist[-2:]], key
     want, got = _params(straight), _params(resumed)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -317,3 +317,57 @@ def test_bf16_is_not_chosen_for_a_gpu_that_only_emulates_it(monkeypatch):
         assert PPOConfig("o", use_cpu=True).bf16 is gpu_computes_bf16
         assert RewardEnsembleConfig("o", use_cpu=True).bf16 is gpu_computes_bf16
         assert PPOConfig("o", use_cpu=True, fp16=True).bf16 is False
+
+
+def test_reward_functions_are_called_outside_the_policys_autocast(tmp_path, tok, tiny_path):
+    """A Python reward function is called as TRL's GRPOTrainer calls it, outside any autocast: a bf16 run gave an
+    fp32 judge inside it bf16 results (2e-3 off the same call outside, where audit functions are called). Reward
+    *models* still score in the policy's precision — a member on the shared base computes in its dtype — in the
+    rollout and when the monitor scores the reference's samples alike."""
+    from .test_reward_trainer import _seq_cls
+
+    seen = []
+
+    def judge(completion_ids, **kw):
+        x = torch.ones(2, 2)
+        seen.append((torch.is_autocast_enabled("cpu"), (x @ x).dtype))
+        return [float(len(c)) for c in completion_ids]
+
+    rm = _seq_cls(tok)
+    spy = DtypeSpy(rm)
+    spy.phase = "scoring"
+    tr = PPOTrainer(load_model(tiny_path), reward_funcs=[judge, rm], train_dataset=prompts(),
+                    processing_class=tok, reward_processing_classes=[None, tok],
+                    peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                    args=PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=1,
+                                   max_completion_length=4, use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                   logging_steps=10**6, monitor=False, bf16=True))
+    tr.train()
+    assert seen and set(seen) == {(False, torch.float32)}
+    assert spy.seen == {"scoring": {torch.bfloat16}}
+
+
+def test_pad_token_outside_the_vocabulary(tmp_path, tiny_path):
+    """TRL 1.12's PPO examples add `[PAD]` with add_special_tokens and never resize: padded positions must never reach
+    the embedding (before: IndexError at start-up). Ragged prompts make sure padding is used."""
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    model = load_model(tiny_path)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert tok.pad_token_id == rows  # one past the embedding
+    tr = trainer(tmp_path, tok, model, kl_controller="hard", kl_target=0.5, learning_rate=0.05)
+    assert tr.policy.pad_id < rows
+    assert len({len(ids) for _, ids in tr.prompts}) > 1
+    hist = tr.train()
+    assert all(h["kl/after_update"] <= 0.5 for h in hist)
+    assert any(float(p.abs().max()) > 0 for n, p in tr.policy.peft.named_parameters() if "lora_B" in n)
+
+
+def test_prompt_token_outside_the_vocabulary_names_the_fix(tmp_path, tiny_path):
+    tok = tiny_tokenizer()
+    tok.add_tokens(["zebra"])
+    data = Dataset.from_dict({"prompt": ["write about the zebra ."] * 8})
+    with pytest.raises(ValueError, match=r"token id \d+.*resize_token_embeddings"):
+        PPOTrainer(load_model(tiny_path), reward_funcs=length_reward,
+                   args=PPOConfig(str(tmp_path / "o"), per_device_train_batch_size=8, use_cpu=True, monitor=False),
+                   train_dataset=data, processing_class=tok)

@@ -226,6 +226,7 @@ class PPOTrainer(Trainer):
                                       args.nonfinite_rewards, eos_token_id=stop_token_ids(self.tokenizer, model),
                                       callable_normalization=args.callable_normalization)
         self.rewards.chat_template_kwargs = args.chat_template_kwargs  # the prompts' rendering, for reward models too
+        self.rewards.model_precision = self.policy.precision  # reward models on the shared base compute in its dtype
         self.kl_ctl = build_controller(args.kl_controller, args.init_kl_coef, args.kl_target,
                                        **(args.kl_controller_kwargs or {}))
         self.kl_estimator = build("kl_estimator", args.kl_estimator)
@@ -600,9 +601,8 @@ class PPOTrainer(Trainer):
         ro = self.policy.generate(batch, self.tokenizer, args.max_completion_length, args.top_p, args.stop_on_eos)
         if self.quantized and self.iteration == 0:
             assert_trainable_4bit_layout(self.policy.peft, "PPOTrainer")
-        with self.policy.precision():  # reward members on the shared base run in the policy's precision too
-            scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
-                                                                has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
+        scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
+                                                            has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
         if self.rewards.batch_is_a_share and self._sum_over_processes(float(valid.sum())) == 0:
             what, fix = self.rewards.last_nonfinite  # every process dropped its whole share: each knows which part
@@ -767,11 +767,11 @@ class PPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
             if scaler is not None and torch.isfinite(loss):  # fp16's range overflowed: retry at half the scale
                 scaler.update()
-                stats["train/fp16_overflow_steps"] += 1
+                stats["optim/fp16_overflow_steps"] += 1
                 return None
             if scaler is not None:  # the loss itself was non-finite: no reason to lower the scale
                 scaler.update(scaler.get_scale())
-            stats["train/skipped_nonfinite_steps"] += 1
+            stats["optim/skipped_nonfinite_steps"] += 1
             return float(norm)
         self._reach_check()
         self.optimizer.step()
@@ -897,7 +897,7 @@ class PPOTrainer(Trainer):
         """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
         m, valid = ro.loss_mask, ro.valid.cpu()
         metrics = {k: self._mean_over_processes(sum(v) / len(v)) for k, v in acc.items()}
-        for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "train/skipped_nonfinite_steps"):
+        for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "optim/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
         v, r, vf, ones = old_values.double() * m, returns.double() * m, valid.double(), torch.ones(len(valid))
         raw, K = ro.raw.double().cpu(), ro.norm.shape[1]
@@ -926,10 +926,10 @@ class PPOTrainer(Trainer):
         metrics.update({k: val for k, val in g.items() if k.startswith(("rewards/", "audit/"))})
         metrics.update(self._logged_by_reward_functions())
         if self.grad_scaler is not None:  # fp16: the scale the next step starts from, and the steps it skipped
-            metrics["train/loss_scale"] = float(self.grad_scaler.get_scale())
-            metrics["train/fp16_overflow_steps"] = float(stats["train/fp16_overflow_steps"])
-        if stats["train/skipped_nonfinite_steps"]:
-            warnings.warn(f"Iteration {self.iteration}: {stats['train/skipped_nonfinite_steps']} optimizer step(s) "
+            metrics["optim/loss_scale"] = float(self.grad_scaler.get_scale())
+            metrics["optim/fp16_overflow_steps"] = float(stats["optim/fp16_overflow_steps"])
+        if stats["optim/skipped_nonfinite_steps"]:
+            warnings.warn(f"Iteration {self.iteration}: {stats['optim/skipped_nonfinite_steps']} optimizer step(s) "
                           f"skipped because the loss or the gradients were NaN/inf (rewards of magnitude "
                           f"{float(ro.scores.abs().max()):.3g}); the adapters were not touched.")
         return metrics

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import math
 import warnings
+from contextlib import nullcontext
 
 import torch
 from transformers import TrainerCallback
@@ -206,7 +207,17 @@ class RewardPipeline:
         # a batch that is one process's share of the trainer's (PPOTrainer under DDP): a share with every sample
         # dropped is not the end of the run, the trainer decides on the whole batch
         self.batch_is_a_share = False
+        # the context reward *models* score in (PPOTrainer: the policy's precision, which a member on its base shares);
+        # Python functions are called outside it, as TRL's GRPOTrainer calls them
+        self.model_precision = nullcontext
         self.__name__ = reward_func_name(name) or f"rlhf_ext_{getattr(self.aggregator, 'name', 'agg')}"
+
+    def _member_scores(self, m, prompts, completions, completion_ids, kwargs) -> torch.Tensor:
+        if isinstance(m, CallableMember):
+            return m.score_completions(prompts, completions, completion_ids, **kwargs).float()
+        with self.model_precision():
+            return m.score_completions(prompts, completions, completion_ids,
+                                       **rendering_kwargs(self.chat_template_kwargs, kwargs)).float()
 
     def score(self, prompts, completions, completion_ids, has_eos=None, **kwargs):
         """Returns (scores [B], valid [B] bool, raw [B, K], normalised [B, K])."""
@@ -216,10 +227,8 @@ class RewardPipeline:
         """`score`, with `fate`: what becomes of a dropped sample where the caller uses the result (for the warning);
         `whole_batch_may_drop`: every sample dropped is the caller's to handle (TRL leaves them out)."""
         # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
-        raw = torch.cat([m.score_completions(prompts, completions, completion_ids,
-                                             **(kwargs if isinstance(m, CallableMember)
-                                                else rendering_kwargs(self.chat_template_kwargs, kwargs))).float()
-                         for m in self.members], -1)
+        raw = torch.cat([self._member_scores(m, prompts, completions, completion_ids, kwargs) for m in self.members],
+                        -1)
         mean = torch.cat([m.mean for m in self.members]).float()
         std = torch.cat([m.std for m in self.members]).float().clamp(min=1e-6)
         norm = (raw - mean) / std
