@@ -22,7 +22,8 @@ def main(script_args, training_args, model_args, config_file=None):
     check_resume(training_args)
     train = dataset_split(script_args, script_args.dataset_train_split)
     # held-out pairs, where the dataset has them: accuracy, calibration, reward-length correlation after training
-    test = dataset_split(script_args, script_args.dataset_test_split, optional=True)
+    # (required when eval_strategy asks for evaluations: transformers' "you didn't pass an eval_dataset" named no split)
+    test = dataset_split(script_args, script_args.dataset_test_split, optional=training_args.eval_strategy == "no")
     quantization = model_loading(model_args, training_args)  # dtype, revision, attention, 4-bit: as TRL's scripts
     with setup_phase() as setup:  # until the first step, what fails is the input's: one line, exit status 2
         trainer = setup.watch(RewardEnsembleTrainer(

@@ -85,6 +85,67 @@ def _load_jsonl(path: Path, streaming: bool):
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # one file `load_split` reads as the train split
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _data_suffix(path: Path) -> str | None:
+    """The data format of a file name (`.jsonl`, `.json`, `.parquet`, `.csv`), also under a compression suffix
+    (`rows.jsonl.gz`, which `datasets` reads as it is); None for anything else."""
+    suffixes = path.suffixes[-2:]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes and suffixes[-1] in DATA_FILE_SUFFIXES else None
+
+
+def _checked_file(path: Path, suffix: str, streaming: bool):
+    """A .json / .csv / .parquet file (or a compressed .jsonl) through `datasets`, its failures a `DataFileError`
+    naming the file (`datasets` raised DatasetGenerationError or a bare StopIteration, a traceback), no rows one too,
+    and chat messages a CSV can only hold as their Python text refused (they trained as that text)."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    builder = {".jsonl": "json"}.get(suffix, suffix[1:])
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
+        first = next(iter(dataset), None)
+    except (DatasetGenerationError, StopIteration, ValueError) as e:
+        cause = e.__cause__ or e.__context__ or e
+        why = " ".join(str(cause).split()) or "it holds no rows"
+        raise DataFileError(f"{path} could not be read as {suffix[1:].upper()} ({type(cause).__name__}: {why}). "
+                            f"Fix the file, or write it as JSON lines, one object per line.") from None
+    if first is None:
+        raise DataFileError(f"{path} holds no rows. Add rows, or point dataset_name at another dataset.")
+    if suffix == ".json" and (streaming or len(dataset) == 1) and first and all(
+            isinstance(v, list) and not (v and isinstance(v[0], dict)) for v in first.values()):
+        raise DataFileError(f"{path} is one JSON object of columns ({', '.join(first)}), which `datasets` reads as a "
+                            f"single row. Write it as a JSON array of rows ([{{\"prompt\": ...}}, ...]) or as JSON "
+                            f"lines.")
+    if suffix == ".csv":
+        for column, value in first.items():
+            if isinstance(value, str) and value.lstrip().startswith(("[{'role'", '[{"role"', "[{'content'",
+                                                                      '[{"content"')):
+                raise DataFileError(f"{path}: column {column!r} holds chat messages written out as text ({value:.40}"
+                                    f"...): a CSV cannot hold lists, and they would train as that text. Save the "
+                                    f"data as JSON lines or parquet (Dataset.to_json / to_parquet).")
+    return dataset
+
+
+def _from_disk(path: Path, split: str):
+    """A `Dataset.save_to_disk` folder (the 'train' split only, as one file is) or a `DatasetDict.save_to_disk` one."""
+    from datasets import DatasetDict, load_from_disk
+
+    saved = load_from_disk(str(path))
+    if isinstance(saved, DatasetDict):
+        if split not in saved:
+            raise FileNotFoundError(f"{path} (a DatasetDict.save_to_disk folder) has no {split!r} split; it has "
+                                    f"{sorted(saved)}. Set dataset_train_split / dataset_test_split to one of them.")
+        return saved[split]
+    if split != "train":
+        raise FileNotFoundError(f"{path} is one saved Dataset, the 'train' split only: there is no {split!r} split in "
+                                f"it. Save a DatasetDict of splits instead.")
+    return saved
+
+
 def load_split(name_or_path: str, split: str, kind: str | None = None, streaming: bool = False):
     """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`; a `.jsonl` file is
     checked line by line first (`jsonl_rows`: a bad line or an empty file is a `DataFileError` naming it). `streaming`
@@ -96,20 +157,25 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
         for candidate in ([path / f"{kind}_{split}.jsonl"] if kind else []) + [path / f"{split}.jsonl"]:
             if candidate.is_file():
                 return _load_jsonl(candidate, streaming)
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # save_to_disk
+            return _from_disk(path, split)
+        if any(path.glob(f"**/{split}[-.]*")) or any(path.glob(f"**/{split}/*")):  # a Hub download's layout
+            return load_dataset(str(path), split=split, streaming=streaming)  # data/train-00000-of-00001.parquet
         raise FileNotFoundError(
             f"No '{kind + '_' if kind else ''}{split}.jsonl' in {path}. Name the files <kind>_<split>.jsonl "
             f"(e.g. preferences_train.jsonl) or pass a Hub dataset id."
         )
-    if path.is_file() and path.suffix in DATA_FILE_SUFFIXES:
+    suffix = _data_suffix(path)
+    if path.is_file() and suffix:
         if split != "train":  # one file is one split (as `datasets` has it): never the training rows again
             raise FileNotFoundError(f"{path} is one file, the 'train' split only: there is no {split!r} split in it. "
                                     f"Put the splits in a folder as <kind>_<split>.jsonl (e.g. prompts_test.jsonl).")
-        if path.suffix in (".jsonl", ".json"):
+        if path.suffix == ".jsonl":
             return _load_jsonl(path, streaming)
-        return load_dataset(path.suffix[1:], data_files=str(path), split="train", streaming=streaming)
+        return _checked_file(path, suffix, streaming)
     from .models import is_hub_id
 
-    if not is_hub_id(name_or_path) or path.suffix in DATA_FILE_SUFFIXES:  # a path, not an id
+    if not is_hub_id(name_or_path) or _data_suffix(path):  # a path, not an id
         raise FileNotFoundError(
             f"No dataset at {name_or_path!r}: no such folder or .jsonl / .json / .parquet / .csv file (relative paths "
             f"are read from {Path.cwd()}), and not a Hub id. Check the path, or pass a Hub id (namespace/name) or `shipped:sentiment`"
@@ -212,6 +278,8 @@ def message_text(value) -> str:
     (`content_text`), and an assistant turn's tool calls (their function names), which are its response."""
     if not isinstance(value, list):
         return value
+    if not all(isinstance(m, dict) for m in value):  # a list of strings: not a conversation
+        return None
     return " ".join(content_text(m.get("content")) + " ".join(
         str((c.get("function") or c).get("name") or "") for c in (m.get("tool_calls") or []) if isinstance(c, dict))
         for m in value)

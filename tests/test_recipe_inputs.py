@@ -512,3 +512,82 @@ def test_an_output_dir_another_run_holds_is_one_line(tmp_path, tiny_path, data):
     with output_dir_lock(tmp_path / "out-reward"):  # this test process is "the other run"
         line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "reward_modeling.py")
     assert "another" in line.lower() and str(__import__("os").getpid()) in line
+
+
+# -- the data files users bring: compressed, a Hub download's folder, save_to_disk, broken JSON / CSV ---------------
+TEXT_PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+
+
+def test_compressed_files_and_saved_or_downloaded_folders_load_their_splits(tmp_path):
+    """`datasets` reads each of these; they were refused ("no such file", "No 'train.jsonl'"): a .jsonl.gz, a folder as
+    `hf download --repo-type dataset` lays it out (data/train-…parquet, data/test-…), and save_to_disk folders of a
+    Dataset and a DatasetDict — a split a folder lacks is named with the ones it has."""
+    import gzip
+
+    from datasets import DatasetDict
+
+    rows = [r["chosen"] for r in TEXT_PAIRS]
+    gz = tmp_path / "pairs.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in TEXT_PAIRS).encode()))
+    assert load_split(str(gz), "train")["chosen"] == rows
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    Dataset.from_list(TEXT_PAIRS[:4]).to_parquet(hub / "train-00000-of-00001.parquet")
+    Dataset.from_list(TEXT_PAIRS[4:]).to_parquet(hub / "test-00000-of-00001.parquet")
+    assert load_split(str(hub.parent), "train")["chosen"] == rows[:4]
+    assert load_split(str(hub.parent), "test")["chosen"] == rows[4:]
+    Dataset.from_list(TEXT_PAIRS).save_to_disk(tmp_path / "one")
+    assert load_split(str(tmp_path / "one"), "train")["chosen"] == rows
+    with pytest.raises(FileNotFoundError, match="one saved Dataset, the 'train' split only"):
+        load_split(str(tmp_path / "one"), "test")
+    DatasetDict(train=Dataset.from_list(TEXT_PAIRS[:4]), validation=Dataset.from_list(TEXT_PAIRS[4:])).save_to_disk(
+        tmp_path / "dict")
+    assert load_split(str(tmp_path / "dict"), "validation")["chosen"] == rows[4:]
+    with pytest.raises(FileNotFoundError, match=r"no 'test' split; it has \['train', 'validation'\]"):
+        load_split(str(tmp_path / "dict"), "test")
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("bad.json", '[{"prompt": "a"},]', "could not be read as JSON"),
+    ("empty.json", "", "could not be read as JSON"),
+    ("ragged.csv", 'prompt\n"a"\n"b","c","d"\n', "could not be read as CSV"),
+    ("empty.csv", "", "could not be read as CSV"),
+    ("columns.json", '{"prompt": ["a", "b"], "chosen": ["c", "d"]}', "one JSON object of columns"),
+    ("chat.csv", "prompt\n\"[{'role': 'user', 'content': 'hi'}]\"\n", "a CSV cannot hold lists"),
+], ids=["bad.json", "empty.json", "ragged.csv", "empty.csv", "columns.json", "chat.csv"])
+def test_a_json_or_csv_file_that_cannot_be_trained_on_names_the_file(tmp_path, name, content, says):
+    """Tracebacks before (DatasetGenerationError, a bare StopIteration), a JSON object of columns read as one row and
+    named as a bad row, and chat messages in a CSV trained as their Python text."""
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(DataFileError, match=says) as e:
+        load_split(str(f), "train")
+    assert str(f) in str(e.value)
+
+
+def test_preference_rows_mixing_text_and_chat_messages_are_named(tmp_path):
+    """One column both text and chat messages: TRL's own preprocessing failed with an AttributeError traceback."""
+    from rlhf_ext.reward.preference_data import validate_preference_dataset
+
+    rows = [dict(r) for r in TEXT_PAIRS]
+    rows[3]["prompt"] = [{"role": "user", "content": "q3"}]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 3: 'prompt' is a list of chat messages, but row 0's is text"):
+        validate_preference_dataset(load_split(str(f), "train"))
+
+
+def test_a_prompt_that_is_a_list_of_strings_is_named(tmp_path, tok):
+    from rlhf_ext.data import tokenize_prompts
+
+    with pytest.raises(ValueError, match=r"Prompt 0 is a list \(\['a'\]\), not text"):  # AttributeError before
+        tokenize_prompts(Dataset.from_dict({"prompt": [["a"], ["b", "c"]]}), tok, 64)
+
+
+def test_the_reward_recipe_asked_to_evaluate_needs_its_test_split(capsys, tmp_path, tiny_path, data, no_model_loads):
+    """eval_strategy set and no test split: transformers' "you didn't pass an eval_dataset" came after the model loaded,
+    naming neither the split nor the file it was looked for in."""
+    path = config(tmp_path, "reward", tiny_path, data, dataset_name=str(data / "preferences_train.jsonl"),
+                  eval_strategy="steps", eval_steps=1)
+    assert "is one file, the 'train' split only: there is no 'test' split" in recipe_error(capsys, "reward",
+                                                                                         ["--config", path])

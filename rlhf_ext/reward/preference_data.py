@@ -76,9 +76,16 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
         return _validate_streaming(dataset, name)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
-    ties = []
+    ties, kinds = [], {}
     for i, row in enumerate(dataset):
         _check_row(row, i, name)
+        for col in ("prompt", "chosen", "rejected"):  # one format per column: TRL's own steps fail on a mix
+            if col in row:
+                kind = "a list of chat messages" if isinstance(row[col], list) else "text"
+                first = kinds.setdefault(col, (kind, i))
+                if first[0] != kind:
+                    raise ValueError(f"{name} row {i}: '{col}' is {kind}, but row {first[1]}'s is {first[0]}. Give "
+                                     f"every row the same format (all text, or all chat messages).")
         if row["chosen"] == row["rejected"]:
             ties.append(i)
     return _drop_ties(dataset, ties, name, "has chosen == rejected", "are identical")
