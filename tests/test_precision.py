@@ -371,3 +371,26 @@ def test_prompt_token_outside_the_vocabulary_names_the_fix(tmp_path, tiny_path):
         PPOTrainer(load_model(tiny_path), reward_funcs=length_reward,
                    args=PPOConfig(str(tmp_path / "o"), per_device_train_batch_size=8, use_cpu=True, monitor=False),
                    train_dataset=data, processing_class=tok)
+
+
+def test_the_reward_trainer_says_fp16_on_cpu_trains_in_fp32(tmp_path, tok, tiny_path):
+    """transformers' Trainer (so trl.RewardTrainer too) runs no fp16 autocast and no loss scaler on CPU: fp16=True
+    trains in fp32 there without a word, while PPOTrainer's fp16 does run in fp16 on CPU. The reward trainer says so;
+    with bf16 (which accelerate does autocast on CPU) it says nothing."""
+    import warnings
+
+    from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
+
+    from .conftest import preference_rows
+
+    def build(**flags):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            RewardEnsembleTrainer(tiny_path, train_dataset=Dataset.from_list(preference_rows(16, 0)),
+                                  processing_class=tok,
+                                  args=RewardEnsembleConfig(str(tmp_path / "rm"), use_cpu=True, max_steps=1,
+                                                            normalization_samples=8, report_to="none", **flags))
+        return [str(w.message) for w in caught if "fp16=True on CPU" in str(w.message)]
+
+    assert len(build(fp16=True, bf16=False)) == 1 and "trains in fp32" in build(fp16=True, bf16=False)[0]
+    assert build(bf16=True) == []

@@ -554,6 +554,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         finally:
             args.chat_template_path, args.model_init_kwargs = template, init_kwargs
         close_process_group_at_exit()
+        if args.fp16 and self.accelerator.device.type == "cpu" and self.accelerator.scaler is None:
+            warnings.warn("fp16=True on CPU: accelerate runs neither an fp16 autocast nor a loss scaler there, so the "
+                          "reward model trains in fp32 (as trl.RewardTrainer does on CPU). bf16=True does autocast "
+                          "on CPU; fp16 is for GPUs before Ampere.", stacklevel=2)
         # on CPU, each step would otherwise page-fault its activations in again (cpu_memory.py)
         self.cpu_memory = keep_freed_memory_for(args)
         self.prefix_cache = self._build_prefix_cache(ens) if args.cache_frozen_layers else None
