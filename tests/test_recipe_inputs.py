@@ -569,11 +569,12 @@ def test_preference_rows_mixing_text_and_chat_messages_are_named(tmp_path):
     """One column both text and chat messages: TRL's own preprocessing failed with an AttributeError traceback."""
     from rlhf_ext.reward.preference_data import validate_preference_dataset
 
-    rows = [dict(r) for r in TEXT_PAIRS]
-    rows[3]["prompt"] = [{"role": "user", "content": "q3"}]
+    rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in TEXT_PAIRS]
+    rows[3] = {c: [{"role": "user", "content": "q3"}, {"role": "assistant", "content": rows[3][c]}]
+               for c in ("chosen", "rejected")}
     f = tmp_path / "mixed.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"row 3: 'prompt' is a list of chat messages, but row 0's is text"):
+    with pytest.raises(ValueError, match=r"row 3: 'chosen' is a list of chat messages, but row 0's is text"):
         validate_preference_dataset(load_split(str(f), "train"))
 
 
@@ -591,3 +592,27 @@ def test_the_reward_recipe_asked_to_evaluate_needs_its_test_split(capsys, tmp_pa
                   eval_strategy="steps", eval_steps=1)
     assert "is one file, the 'train' split only: there is no 'test' split" in recipe_error(capsys, "reward",
                                                                                          ["--config", path])
+
+
+def test_a_text_prompt_with_whole_conversations_as_responses_says_to_drop_the_prompt():
+    """HuggingFaceH4/ultrafeedback_binarized's shape: `prompt` text, `chosen`/`rejected` whole conversations. TRL's
+    tokenisation failed on it with a bare AttributeError (`'list' object has no attribute 'endswith'`)."""
+    from rlhf_ext.reward.preference_data import validate_preference_dataset
+
+    turn = lambda reply: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]  # noqa: E731
+    rows = Dataset.from_list([{"prompt": "hi", "chosen": turn("hello"), "rejected": turn("go away")}])
+    with pytest.raises(ValueError, match=r"row 0: 'prompt' is text but 'chosen' is a list of chat messages.*"
+                                         r"remove_columns\('prompt'\)"):
+        validate_preference_dataset(rows)
+
+
+def test_measuring_the_prompts_takes_dataset_num_proc(tok):
+    """The prompts' token counts (the length de-correlation reads them) over `dataset_num_proc` processes, as TRL
+    spreads its own maps: the same counts as one process."""
+    from rlhf_ext.reward.preference_data import with_prompt_length
+
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "word " * (i + 1)}],
+                               "chosen": [{"role": "assistant", "content": "a"}],
+                               "rejected": [{"role": "assistant", "content": "b"}]} for i in range(8)])
+    one = with_prompt_length(rows, tok)["prompt_length"]
+    assert with_prompt_length(rows, tok, num_proc=2)["prompt_length"] == one and len(set(one)) == 8

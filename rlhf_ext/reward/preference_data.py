@@ -47,6 +47,13 @@ def _check_row(row: dict, i: int, name: str) -> None:
         raise ValueError(f"{name} row {i}: its messages mix text content and lists of content parts ("
                          f"{', '.join(f'{c}: {sorted(f)}' for c, f in forms.items())}). Give every message's content "
                          f"in one form: TRL joins prompt and response into one column, which cannot hold both.")
+    prompt = row.get("prompt")
+    if prompt is not None and isinstance(prompt, list) != isinstance(row["chosen"], list):
+        kinds = ["a list of chat messages" if isinstance(row[c], list) else "text" for c in ("prompt", "chosen")]
+        raise ValueError(f"{name} row {i}: 'prompt' is {kinds[0]} but 'chosen' is {kinds[1]}: TRL joins the prompt "
+                         f"to each response, which needs one format. If chosen/rejected already hold the whole "
+                         f"conversation (as in HuggingFaceH4/ultrafeedback_binarized), drop the prompt column: "
+                         f"`dataset.remove_columns('prompt')`.")
     if "margin" in row:
         m = row["margin"]
         if m is None or isinstance(m, (str, bytes)) or not math.isfinite(float(m)):
@@ -241,14 +248,16 @@ def _prompt_length(example, tokenizer) -> int:
     return len(tokenizer(text=prompt)["input_ids"])
 
 
-def with_prompt_length(dataset, tokenizer):
+def with_prompt_length(dataset, tokenizer, num_proc: int | None = None):
     """`dataset` with a `prompt_length` column (`_prompt_length`), for the response lengths the length de-correlation
     and `length_corr` read; a column of that name in the user's data is replaced (it is not this count). Pre-tokenised
     pairs (chosen_ids / rejected_ids) are returned as they are."""
     columns = get_dataset_column_names(dataset) or []
     if tokenizer is None or "chosen" not in columns:
         return dataset
-    kwargs = {"desc": "Measuring the prompts"} if isinstance(dataset, Dataset) else {}
+    # a Dataset's chat prompts are rendered by the template row by row (as TRL's own tokenisation): over
+    # `dataset_num_proc` processes, as TRL spreads its own maps
+    kwargs = {"desc": "Measuring the prompts", "num_proc": num_proc} if isinstance(dataset, Dataset) else {}
     return dataset.map(lambda e: {"prompt_length": _prompt_length(e, tokenizer)}, **kwargs)
 
 

@@ -658,7 +658,7 @@ class RewardEnsembleTrainer(RewardTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's preparation (tokenise, rename legacy columns), then its `max_length` filter with counts: no pair
         left is an error naming the shortest pair; most pairs dropped is a warning (TRL drops them silently)."""
-        dataset = with_prompt_length(dataset, processing_class)
+        dataset = with_prompt_length(dataset, processing_class, args.dataset_num_proc)
         if dataset_name == "reference":
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         unfiltered = copy.copy(args)
