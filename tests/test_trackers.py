@@ -18,10 +18,10 @@ LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 
 
 def ppo(out, tok, max_steps, report_to, **kw):
+    kw = dict(eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=1) | kw
     args = PPOConfig(str(out), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=3e-2,
                      max_completion_length=8, kl_controller="fixed", init_kl_coef=0.01, use_cpu=True,
-                     disable_tqdm=True, logging_steps=1, seed=0, report_to=report_to, eval_strategy="steps",
-                     eval_steps=2, save_strategy="steps", save_steps=1, per_device_eval_batch_size=4,
+                     disable_tqdm=True, logging_steps=1, seed=0, report_to=report_to, per_device_eval_batch_size=4,
                      shapers=[{"name": "linear", "alpha": 0.02, "free_tokens": 4}, "missing_eos"],
                      monitor_detectors=["length_drift", {"name": "repetition", "action": "log"}], **kw)
     return PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(16),
@@ -117,3 +117,17 @@ def test_the_recipes_take_a_comma_list_and_name_an_unknown_tracker():
     with pytest.raises(RecipeInputError, match=r"nosuch.*Give the names as listed") as e:
         check_report_to(SimpleNamespace(report_to=["tensorboard,nosuch"]))
     assert "Install it" not in str(e.value)
+
+
+def test_the_policy_card_links_the_run_it_was_logged_to(tmp_path, tok, monkeypatch):
+    """As trl's cards do: the Trackio Space (or Weights & Biases / Comet run) the training logged to; none offline."""
+    import trl.trainer.utils as trl_utils
+
+    tr = ppo(tmp_path / "ppo", tok, 1, "none", save_strategy="no", eval_strategy="no")
+    tr.train()
+    tr.save_model(str(tmp_path / "plain"))
+    assert "Logged to" not in (tmp_path / "plain" / "README.md").read_text()
+    url = "https://huggingface.co/spaces/someone/trackio"
+    monkeypatch.setattr(trl_utils, "get_trackio_space_url", lambda: url)
+    tr.save_model(str(tmp_path / "tracked"))
+    assert f"Logged to Trackio: {url}" in (tmp_path / "tracked" / "README.md").read_text()

@@ -103,7 +103,26 @@ def model_card(tr, merged: bool = False) -> str:
             f"| compute | {tr.startup.get('compute_dtype', '?')}; CPU matmuls: {tr.startup.get('cpu_matmul', 'torch')} |\n\n"
             + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
             + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
-            + usage + "The value head (and a separate critic adapter, if any) is in `critic/`.\n")
+            + usage + "The value head (and a separate critic adapter, if any) is in `critic/`.\n"
+            + "".join(f"\nLogged to {name}: {url}\n" for name, url in tracker_links()))
+
+
+def tracker_links() -> list[tuple[str, str]]:
+    """The runs this training is being logged to, as trl's cards link them (Weights & Biases, Trackio, Comet): a
+    tracker that is not installed or has no run now gives nothing."""
+    from transformers import is_wandb_available
+    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+    links = []
+    if is_wandb_available():
+        import wandb
+
+        if wandb.run is not None and getattr(wandb.run, "url", None):
+            links.append(("Weights & Biases", wandb.run.url))
+    for name, url in (("Trackio", get_trackio_space_url()), ("Comet", get_comet_experiment_url())):
+        if url:
+            links.append((name, url))
+    return links
 
 
 def _untie_output_embeddings(hf):
