@@ -477,8 +477,8 @@ def check_report_to(training_args) -> None:
     after the model has loaded, with a traceback."""
     from transformers.integrations import get_reporting_integration_callbacks
 
-    if any("," in n for n in training_args.report_to or []):  # `--report_to a,b`: the list a YAML list gives
-        training_args.report_to = [x.strip() for n in training_args.report_to for x in n.split(",") if x.strip()]
+    if any("," in n for n in training_args.report_to or [] if isinstance(n, str)):  # `--report_to a,b`: a list
+        training_args.report_to = [x.strip() for n in training_args.report_to for x in str(n).split(",") if x.strip()]
     names = [n for n in training_args.report_to or [] if n != "none"]
     try:
         for callback in get_reporting_integration_callbacks(names):

@@ -115,8 +115,7 @@ def _checked_file(path: Path, suffix: str, streaming: bool):
                             f"Fix the file, or write it as JSON lines, one object per line.") from None
     if first is None:
         raise DataFileError(f"{path} holds no rows. Add rows, or point dataset_name at another dataset.")
-    if suffix == ".json" and (streaming or len(dataset) == 1) and first and all(
-            isinstance(v, list) and not (v and isinstance(v[0], dict)) for v in first.values()):
+    if suffix == ".json" and _columns_object(path, dataset, first, streaming):
         raise DataFileError(f"{path} is one JSON object of columns ({', '.join(first)}), which `datasets` reads as a "
                             f"single row. Write it as a JSON array of rows ([{{\"prompt\": ...}}, ...]) or as JSON "
                             f"lines.")
@@ -128,6 +127,21 @@ def _checked_file(path: Path, suffix: str, streaming: bool):
                                     f"...): a CSV cannot hold lists, and they would train as that text. Save the "
                                     f"data as JSON lines or parquet (Dataset.to_json / to_parquet).")
     return dataset
+
+
+def _columns_object(path: Path, dataset, first: dict, streaming: bool) -> bool:
+    """A .json file that is one object of equally long lists (columns), which `datasets` reads as one row — not an
+    array of rows whose values are lists (pre-tokenised `input_ids`, `chosen_ids`), nor a genuine one-row file."""
+    if path.suffix != ".json":  # compressed: not peeked at
+        return False
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"{"):
+        return False
+    rows = len(list(itertools.islice(iter(dataset), 2))) if streaming else len(dataset)
+    lengths = {len(v) if isinstance(v, list) else -1 for v in first.values()}
+    return rows == 1 and len(lengths) == 1 and lengths.pop() >= 2 and not any(
+        v and isinstance(v[0], dict) for v in first.values())
 
 
 def _from_disk(path: Path, split: str):
@@ -146,6 +160,15 @@ def _from_disk(path: Path, split: str):
     return saved
 
 
+def _downloaded(path: Path, kind: str | None, split: str, streaming: bool):
+    """A folder as `hf download --repo-type dataset` leaves it; `kind` (the recipes' `dataset_config`) names its
+    config where its README declares configs, as it does for a Hub id."""
+    from datasets import get_dataset_config_names, load_dataset
+
+    name = kind if kind and kind in get_dataset_config_names(str(path)) else None
+    return load_dataset(str(path), name, split=split, streaming=streaming)
+
+
 def load_split(name_or_path: str, split: str, kind: str | None = None, streaming: bool = False):
     """Load one split. A folder is searched for `<kind>_<split>.jsonl`, then `<split>.jsonl`; a `.jsonl` file is
     checked line by line first (`jsonl_rows`: a bad line or an empty file is a `DataFileError` naming it). `streaming`
@@ -160,7 +183,7 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # save_to_disk
             return _from_disk(path, split)
         if any(path.glob(f"**/{split}[-.]*")) or any(path.glob(f"**/{split}/*")):  # a Hub download's layout
-            return load_dataset(str(path), split=split, streaming=streaming)  # data/train-00000-of-00001.parquet
+            return _downloaded(path, kind, split, streaming)  # data/train-00000-of-00001.parquet
         raise FileNotFoundError(
             f"No '{kind + '_' if kind else ''}{split}.jsonl' in {path}. Name the files <kind>_<split>.jsonl "
             f"(e.g. preferences_train.jsonl) or pass a Hub dataset id."

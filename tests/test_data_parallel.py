@@ -122,8 +122,8 @@ def test_16_bit_under_ddp_is_one_precision(tmp_path, mixed_precision, dtype, por
     (before: objective/kl 3.4e-4, the training forward alone under autocast), and the hard KL bound holds against the
     independent oracle (in the same dtype) on the union of both ranks' batches; evaluation gives one number for both
     ranks. The prompts share a 26-token header, so every pass after sampling runs it once (the shared prompt prefix)
-    on each rank. Under fp16 both ranks keep one loss scale (an overflow skips the step on both) and end with the
-    same adapters."""
+    on each rank. Under fp16 both ranks keep one loss scale and end with the same adapters (one rank's non-finite
+    loss and an overflow: the test after the next)."""
     _launch(tmp_path, ["precision"], world=2, port=port, launch_flags=("--mixed_precision", mixed_precision))
     ranks = _ranks(tmp_path, "precision", 2)
     for info in ranks:
@@ -250,3 +250,57 @@ def test_two_process_runs_exit_cleanly():
     assert r.returncode == 0, r.stderr[-2000:]
     codes = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(codes) == 8 and all(c == [0, 0] for c in codes), codes
+
+
+def _fp16_ranks(rank: int, port: int, out: str) -> None:
+    """One rank of the test below: PPOTrainer._step itself on a DDP-wrapped layer under fp16 autocast."""
+    import types
+    from collections import Counter
+
+    import torch
+    import torch.distributed as dist
+
+    from rlhf_ext.ppo.trainer import PPOTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    ddp = torch.nn.parallel.DistributedDataParallel(layer)
+    reduce = lambda t, reduction="sum": (dist.all_reduce(t), t)[1]  # noqa: E731
+    tr = types.SimpleNamespace(grad_scaler=torch.amp.GradScaler("cpu"), version=0, _global_sum=reduce,
+                               optimizer=torch.optim.SGD(layer.parameters(), lr=0.1), _reach_check=lambda: None,
+                               accelerator=types.SimpleNamespace(backward=lambda loss: loss.backward(),
+                                                                 num_processes=2, reduce=reduce),
+                               trainable_parameters=lambda: list(layer.parameters()),
+                               args=types.SimpleNamespace(max_grad_norm=1.0, device="cpu"))
+    stats, seen = Counter(), []
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = ddp(torch.ones(2, 4)).float().mean()
+        if step == 0 and rank == 0:
+            loss = loss * float("inf")  # this rank's forward overflowed; the other's loss is finite
+        norm = PPOTrainer._step(tr, loss, stats)
+        seen.append([None if norm is None else round(norm, 6), tr.grad_scaler.get_scale()])
+    seen.append(dict(stats))
+    seen.append(layer.weight.detach().tolist())
+    Path(out, f"r{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_fp16_ranks_keep_one_loss_scale_when_one_ranks_loss_is_not_finite(tmp_path):
+    """A non-finite loss on one rank reaches the other only as NaN gradients (all-reduced in the backward): the first
+    kept its scale (a non-finite loss), the second halved it (an overflow) — their scales, and from then on their
+    adapters, drifted apart without an error. Both now decide on the global loss: the same steps skipped, one scale,
+    the same weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fp16_ranks, args=(port, str(tmp_path)), nprocs=2)
+    a, b = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    assert a == b
+    assert a[-2]["optim/skipped_nonfinite_steps"] == 1 and a[0][1] == 2.0 ** 16  # a non-finite loss keeps the scale

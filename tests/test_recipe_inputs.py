@@ -565,6 +565,29 @@ def test_a_json_or_csv_file_that_cannot_be_trained_on_names_the_file(tmp_path, n
     assert str(f) in str(e.value)
 
 
+def test_json_rows_of_token_ids_and_a_downloaded_folders_configs_load(tmp_path):
+    """Rows whose values are lists — pre-tokenised `input_ids`, `chosen_ids` — are rows, streamed or not (the
+    one-object-of-columns check took them for columns); a downloaded folder whose README declares configs is read
+    with the recipe's `dataset_config`, as a Hub id is."""
+    rows = tmp_path / "ids.json"
+    rows.write_text(json.dumps([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]))
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"chosen_ids": [1, 2], "rejected_ids": [3, 4]}]))
+    for streaming in (False, True):
+        assert [r["input_ids"] for r in load_split(str(rows), "train", streaming=streaming)] == [[1, 2, 3], [4, 5]]
+        assert [r["chosen_ids"] for r in load_split(str(one), "train", streaming=streaming)] == [[1, 2]]
+    hub = tmp_path / "hub"
+    for config, text in (("prompts", "p"), ("preferences", "q")):
+        (hub / config).mkdir(parents=True)
+        Dataset.from_list([{"prompt": f"{text}{i}"} for i in range(3)]).to_parquet(
+            hub / config / "train-00000-of-00001.parquet")
+    (hub / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n"
+        for c in ("prompts", "preferences")) + "---\n")
+    assert load_split(str(hub), "train", "preferences")["prompt"] == ["q0", "q1", "q2"]
+    assert load_split(str(hub), "train", "prompts")["prompt"] == ["p0", "p1", "p2"]
+
+
 def test_preference_rows_mixing_text_and_chat_messages_are_named(tmp_path):
     """One column both text and chat messages: TRL's own preprocessing failed with an AttributeError traceback."""
     from rlhf_ext.reward.preference_data import validate_preference_dataset

@@ -117,6 +117,8 @@ def test_the_recipes_take_a_comma_list_and_name_an_unknown_tracker():
     with pytest.raises(RecipeInputError, match=r"nosuch.*Give the names as listed") as e:
         check_report_to(SimpleNamespace(report_to=["tensorboard,nosuch"]))
     assert "Install it" not in str(e.value)
+    with pytest.raises(RecipeInputError, match="report_to"):  # `report_to: null` in a YAML: named, as before
+        check_report_to(SimpleNamespace(report_to=[None]))
 
 
 def test_the_policy_card_links_the_run_it_was_logged_to(tmp_path, tok, monkeypatch):

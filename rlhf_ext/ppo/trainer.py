@@ -763,9 +763,13 @@ class PPOTrainer(Trainer):
         params = self.trainable_parameters()
         clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)  # ≤ 0 / None: no clipping, as in Trainer
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        loss_finite = bool(torch.isfinite(loss))
+        if scaler is not None and self.accelerator.num_processes > 1:  # one decision on every rank: a rank's own
+            # non-finite loss reaches the others only as NaN gradients, and their loss scales must not drift apart
+            loss_finite = bool(self._global_sum(torch.tensor(float(not loss_finite), device=self.args.device)) == 0)
+        if not (loss_finite and torch.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
-            if scaler is not None and torch.isfinite(loss):  # fp16's range overflowed: retry at half the scale
+            if scaler is not None and loss_finite:  # fp16's range overflowed: retry at half the scale
                 scaler.update()
                 stats["optim/fp16_overflow_steps"] += 1
                 return None
