@@ -47,10 +47,11 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     rewards = (f"{o['ensemble']} reward member(s), {o['ensemble_mode']} mode" if o["ensemble"]
                else "Python reward functions only")
     n_proc = est["num_processes"]
+    autocast = "" if not o["bf16"] else (", fp16 autocast (planned as bf16: the same bytes)" if o.get("fp16")
+                                         else ", bf16 autocast")
     lines = [
         f"rlhf-ext plan — {est['model']} ({shape.get('model_type')}, {_fmt_params(p['total'])} params), {prec}"
-        f"{(', fp16 autocast (planned as bf16: the same bytes)' if o.get('fp16') else ', bf16 autocast') if o['bf16'] else ''}"
-        f", {o['device']}",
+        f"{autocast}, {o['device']}",
         f"  weights: {_dtype_note(o)}",
         f"  compute: {pr['describe']}",
         f"  batch {o['batch']} prompts × ({o['prompt_length']} prompt + {o['completion_length']} completion) tokens, "

@@ -752,8 +752,8 @@ class PPOTrainer(Trainer):
 
     # -- one optimizer step, never letting NaN reach the adapters ---------------------------------------------------
     def _step(self, loss, stats) -> float | None:
-        """Returns the gradient's norm before clipping (Trainer's `grad_norm`; None after an fp16 overflow). The learning-rate schedule is stepped
-        once per iteration, not here (`_iteration`). Under fp16 the loss is scaled for the backward and the gradients
+        """Returns the gradient's norm before clipping (Trainer's `grad_norm`; None after an fp16 overflow). The
+        learning-rate schedule is stepped once per iteration, not here (`_iteration`). Under fp16 the loss is scaled for the backward and the gradients
         unscaled before clipping; a step whose scaled gradients overflowed is skipped and the scale halved (torch's
         GradScaler, as Trainer and TRL 1.12's PPO under accelerate)."""
         scaler = self.grad_scaler
