@@ -2,7 +2,6 @@
 one measured peak on CPU."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
