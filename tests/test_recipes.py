@@ -262,6 +262,24 @@ def test_recipe_runs_as_shipped(runs, config):
         pytest.fail(f"{config.name}: no check for recipe {script.name}")
 
 
+def test_the_7b_ppo_recipe_runs_on_a_t4_with_the_overrides_its_header_gives(runs):
+    """recipes/configs/ppo_7b_qlora.yaml's header (and the README's Precision section) tell a GPU before Ampere to add
+    `--dtype float16 --bf16 false --fp16 true --per_device_train_batch_size 12`: the 4-bit base then computes in fp16
+    and every pass runs under fp16 autocast with the loss scaler. Those overrides, as given, run the recipe."""
+    config = RECIPES / "configs" / "ppo_7b_qlora.yaml"
+    header = config.read_text()
+    overrides = ["--dtype", "float16", "--bf16", "false", "--fp16", "true", "--per_device_train_batch_size", "12"]
+    assert " ".join(overrides) in " ".join(line.lstrip("# ") for line in header.splitlines())
+    rm_config = reward_config_for(config)
+    rm = runs.reward(rm_config)
+    base = runs.base_for([rm_config, config])
+    out = runs.tmp / "out" / "t4"
+    r = runs.run(config, ["--model_name_or_path", base, "--reward_model_path", str(rm.output_dir), *overrides,
+                          "--output_dir", str(out)])
+    assert (out / "adapter_model.safetensors").is_file(), r.stdout[-3000:]
+    assert "'optim/loss_scale'" in r.stdout, r.stdout[-3000:]  # a scaler: the passes computed in fp16
+
+
 def test_ppo_recipe_evaluates_and_rotates_checkpoints(runs):
     """TrainingArguments given on the command line reach the PPO run: `--eval_strategy steps` samples the dataset's
     test split each iteration (eval_* metrics, as TRL's recipes pass `dataset_test_split`), `--save_total_limit 1`
