@@ -198,7 +198,7 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
         return _checked_file(path, suffix, streaming)
     from .models import is_hub_id
 
-    if not is_hub_id(name_or_path) or _data_suffix(path):  # a path, not an id
+    if not is_hub_id(name_or_path) or suffix:  # a path, not an id
         raise FileNotFoundError(
             f"No dataset at {name_or_path!r}: no such folder or .jsonl / .json / .parquet / .csv file (relative paths "
             f"are read from {Path.cwd()}), and not a Hub id. Check the path, or pass a Hub id (namespace/name) or `shipped:sentiment`"

@@ -47,8 +47,9 @@ def autocast_dtype(mixed_precision: str | None) -> torch.dtype | None:
 
 
 def loss_scaler(accelerator, dtype: torch.dtype | None):
-    """The gradient scaler of every optimizer step where the passes compute in fp16 (`dtype`: `compute_dtype`). fp16's smallest normal number is 6e-5, and a LoRA
-    adapter's gradients pass through fp16 activations' gradients far below it — unscaled they flush to zero. accelerate
+    """The gradient scaler of every optimizer step where the passes compute in fp16 (`dtype`: `compute_dtype`).
+    fp16's smallest normal number is 6e-5, and a LoRA adapter's gradients pass through fp16 activations' gradients far
+    below it — unscaled they flush to zero. accelerate
     makes a scaler on CUDA and none on CPU; the PPO trainer scales explicitly, with this one, everywhere (and takes it
     from accelerate, so that `accelerator.backward` does not scale a second time). bf16 has fp32's exponent range and
     needs none."""

@@ -48,16 +48,20 @@ def _check_row(row: dict, i: int, name: str) -> None:
                          f"{', '.join(f'{c}: {sorted(f)}' for c, f in forms.items())}). Give every message's content "
                          f"in one form: TRL joins prompt and response into one column, which cannot hold both.")
     prompt = row.get("prompt")
-    if prompt is not None and isinstance(prompt, list) != isinstance(row["chosen"], list):
-        kinds = ["a list of chat messages" if isinstance(row[c], list) else "text" for c in ("prompt", "chosen")]
-        raise ValueError(f"{name} row {i}: 'prompt' is {kinds[0]} but 'chosen' is {kinds[1]}: TRL joins the prompt "
-                         f"to each response, which needs one format. If chosen/rejected already hold the whole "
-                         f"conversation (as in HuggingFaceH4/ultrafeedback_binarized), drop the prompt column: "
-                         f"`dataset.remove_columns('prompt')`.")
+    if prompt is not None and _form(prompt) != _form(row["chosen"]):
+        raise ValueError(f"{name} row {i}: 'prompt' is {_form(prompt)} but 'chosen' is {_form(row['chosen'])}: TRL "
+                         f"joins the prompt to each response, which needs one format. If chosen/rejected already hold "
+                         f"the whole conversation (as in HuggingFaceH4/ultrafeedback_binarized), drop the prompt "
+                         f"column: `dataset.remove_columns('prompt')`.")
     if "margin" in row:
         m = row["margin"]
         if m is None or isinstance(m, (str, bytes)) or not math.isfinite(float(m)):
             raise ValueError(f"{name} row {i}: margin {m!r} is not a finite number. Fix or drop the row.")
+
+
+def _form(value) -> str:
+    """A preference column's format, as the errors name it."""
+    return "a list of chat messages" if isinstance(value, list) else "text"
 
 
 def validate_preference_dataset(dataset, name: str = "train_dataset"):
@@ -88,7 +92,7 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
         _check_row(row, i, name)
         for col in ("prompt", "chosen", "rejected"):  # one format per column: TRL's own steps fail on a mix
             if col in row:
-                kind = "a list of chat messages" if isinstance(row[col], list) else "text"
+                kind = _form(row[col])
                 first = kinds.setdefault(col, (kind, i))
                 if first[0] != kind:
                     raise ValueError(f"{name} row {i}: '{col}' is {kind}, but row {first[1]}'s is {first[0]}. Give "
