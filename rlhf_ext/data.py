@@ -463,6 +463,8 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
     columns = dataset.column_names
     if columns is None:  # a stream whose features are not declared (a generator's): its first row has them
         columns = list(next(iter(dataset), {}))
+    if not columns:  # an empty stream (held in memory: an evaluation set), which declared no columns either
+        raise ValueError("The prompt dataset is empty (the stream yields no rows): add prompts.")
     if "prompt" not in columns and "input_ids" not in columns:
         raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
                          f"1.12's PPO took it; it has {columns}.")
@@ -525,11 +527,16 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
                           turns and f"{turns} conversation(s) by their earliest turns (the system message kept)",
                           cut and f"{len(cut)} to their last tokens (for these the reward models still judge the "
                                   f"whole prompt)"])) + ".")
-    need = args.per_device_train_batch_size if min_rows is None else min_rows
+    # a training set fills one global batch: each process draws its own per_device_train_batch_size of it
+    world = max(1, int(getattr(args, "world_size", 1) or 1)) if min_rows is None else 1
+    need = args.per_device_train_batch_size * world if min_rows is None else min_rows
     if len(rows) < need:
         dropped = f" ({len(too_long)} dropped as longer than max_prompt_length)" if args.prompt_overflow == "drop" \
             and too_long else ""
-        fix = ("add prompts or lower per_device_train_batch_size" if min_rows is None else "add prompts")
-        raise ValueError(f"Only {len(rows)} usable prompts{dropped} for a batch of {need}: {fix}"
+        fix = ("add prompts or lower per_device_train_batch_size" + (" or run fewer processes" if world > 1 else "")
+               if min_rows is None else "add prompts")
+        batch = (f"a global batch of {need} (per_device_train_batch_size={args.per_device_train_batch_size} × "
+                 f"{world} processes)" if world > 1 else f"a batch of {need}")
+        raise ValueError(f"Only {len(rows)} usable prompts{dropped} for {batch}: {fix}"
                          + (", or raise max_prompt_length" if dropped else "") + ".")
     return rows

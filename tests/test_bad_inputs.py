@@ -286,6 +286,24 @@ def test_fewer_prompts_than_a_batch_says_what_to_change(tmp_path, tok, overflow)
             and "raise max_prompt_length" in message) == (overflow == "drop")
 
 
+def test_under_ddp_the_prompts_must_fill_one_global_batch(tok):
+    """Each process draws its per_device_train_batch_size slice of one global batch: with 6 prompts, a batch of 4 and
+    2 processes (accelerate launch, 2 CPU processes), rank 1 trained on 2 prompts per iteration while `episode` said
+    8, and with 4 prompts it got none and failed in numpy at the first rollout. Refused when the trainer is built."""
+    from types import SimpleNamespace
+
+    from rlhf_ext.data import tokenize_prompts
+
+    args = SimpleNamespace(per_device_train_batch_size=4, world_size=2, max_prompt_length=64, prompt_overflow="error",
+                           chat_template_kwargs=None, disable_tqdm=True, process_index=0)
+    data = Dataset.from_dict({"prompt": ["hello there"] * 6})
+    with pytest.raises(ValueError, match=r"Only 6 usable prompts for a global batch of 8 \(per_device_train_batch_size"
+                                         r"=4 × 2 processes\): add prompts .* or run fewer processes"):
+        tokenize_prompts(data, tok, args)
+    assert len(tokenize_prompts(Dataset.from_dict({"prompt": ["hello there"] * 8}), tok, args)) == 8
+    assert len(tokenize_prompts(data, tok, args, min_rows=1)) == 6  # evaluation sets: one prompt is enough
+
+
 @pytest.mark.parametrize("name", ["someone/not-downloaded", "data/no-such-folder"])
 def test_a_dataset_that_is_neither_here_nor_reachable_says_what_to_pass(tmp_path, monkeypatch, name):
     """datasets' own error named only the Hub; the message now says where a relative path was looked for and the
@@ -455,6 +473,45 @@ def test_a_dataset_dict_or_plain_rows_name_the_fix(tmp_path, tok, tiny_path):
                    train_dataset=[{"prompt": "a b"}] * 4, args=PPOConfig(str(tmp_path / "ppo"), use_cpu=True))
     with pytest.raises(TypeError, match=r"`eval_dataset\['b'\]` must be a `datasets.Dataset`"):
         make(tmp_path, tok, eval_dataset={"a": prompts["test"], "b": ["a b"]})
+
+
+def _generated(rows):
+    from datasets import IterableDataset
+
+    def gen():
+        yield from rows
+
+    return IterableDataset.from_generator(gen)  # no declared features: the columns are the first row's
+
+
+def test_an_empty_or_all_tie_stream_says_so(tmp_path, tok, tiny_path):
+    """A generator's stream that yields nothing (or, for pairs, nothing but ties, which are dropped) ended in a bare
+    StopIteration from TRL's column lookup or the trainer's first-row peek (trl.RewardTrainer: the same bare
+    StopIteration); PPO said the stream had no 'prompt' column ("it has []")."""
+    with pytest.raises(ValueError, match=r"^train_dataset is empty \(the stream yields no rows\)"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=_generated([]), processing_class=tok)
+    with pytest.raises(ValueError, match=r"^eval_dataset\['a'\] is empty"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                              eval_dataset={"a": _generated([])}, processing_class=tok)
+    ties = [{**r, "rejected": r["chosen"]} for r in preference_rows(8, 0)]
+    with pytest.warns(UserWarning, match="dropping pairs"), \
+            pytest.raises(ValueError, match="Every pair of train_dataset has chosen == rejected"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=_generated(ties), processing_class=tok)
+    with pytest.raises(ValueError, match=r"The prompt dataset is empty \(the stream yields no rows\)"):
+        make(tmp_path, tok, data=_generated([]), max_steps=1)
+    with pytest.raises(ValueError, match=r"The prompt dataset is empty"):
+        make(tmp_path, tok, max_steps=1, eval_dataset=_generated([]))
+
+
+def test_an_older_trl_tokenised_format_names_the_rename(tmp_path, tok, tiny_path):
+    """input_ids_chosen / input_ids_rejected (an older TRL RewardTrainer's columns; trl 1.16: KeyError 'chosen')."""
+    old = Dataset.from_list([{"input_ids_chosen": [1, 2], "attention_mask_chosen": [1, 1], "input_ids_rejected": [1, 3],
+                              "attention_mask_rejected": [1, 1]}] * 8)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen', 'rejected'\].*older TRL version's "
+                                         r"tokenised format: rename them"):
+        RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=old, processing_class=tok)
+    renamed = old.rename_columns({"input_ids_chosen": "chosen_ids", "input_ids_rejected": "rejected_ids"})
+    RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=renamed, processing_class=tok).train()
 
 
 def test_a_column_named_like_a_reward_argument_is_refused(tmp_path, tok):

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -491,6 +492,32 @@ def test_an_endless_prompt_stream_is_read_as_far_as_max_steps_needs(tmp_path, to
     with pytest.raises(ValueError, match=r"streamed.*Set `max_steps` \(PPO iterations\) or `total_episodes`"):
         PPOTrainer("no/such-model", reward_funcs=good_counter(tok), train_dataset=stream, processing_class=tok,
                    args=PPOConfig(str(tmp_path / "p2"), use_cpu=True, num_train_epochs=1))
+
+
+def test_a_stream_shorter_than_max_steps_needs_is_said_with_the_prompts_it_leaves_out(tmp_path, tok):
+    """A stream of 10 prompts for 4 iterations of 4: read again from its start, as Trainer restarts a stream; prompts 8
+    and 9 (short of a whole batch at the end of each pass) never reach a rollout, which is now said."""
+    from datasets import IterableDataset
+
+    seen = []
+
+    def record(prompts, completions, completion_ids, **kw):
+        seen.extend(int(p.split()[-2]) for p in prompts)
+        return [0.0] * len(prompts)
+
+    rows = [{"prompt": f"write a review of film {i} ."} for i in range(10)]
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    with pytest.warns(UserWarning, match=r"streamed 10 usable prompts, fewer than the 16 that max_steps=4 iterations "
+                                         r"of 4 use: it is read again from its start, in the same order, and its last "
+                                         r"2 prompt\(s\) are never used"):
+        tr = make(tmp_path, tok, reward=record, data=stream, max_steps=4, per_device_train_batch_size=4,
+                  max_completion_length=4)
+    tr.train()
+    assert seen == [*range(8), *range(8)]
+    with warnings.catch_warnings():  # a stream as long as the run needs: nothing to say
+        warnings.filterwarnings("error", message="train_dataset streamed")
+        make(tmp_path / "b", tok, data=IterableDataset.from_generator(lambda: iter(rows)), max_steps=2,
+             per_device_train_batch_size=4, max_completion_length=4)
 
 
 def test_named_evaluation_sets_are_each_evaluated_as_transformers_trainer_does(tmp_path, tok):

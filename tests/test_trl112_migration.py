@@ -139,20 +139,30 @@ def test_trl112_fields_without_a_counterpart_are_refused_with_the_replacement(tm
 def test_a_trl112_config_is_told_what_its_settings_mean_here(tmp_path):
     """A config written with TRL 1.12's names runs, but some of its settings mean something else here: one warning
     names each that applies, with the setting that keeps TRL 1.12's behaviour (before: none, and a migrated script
-    sampled and stepped differently). Following the batch note gives TRL 1.12's sizes, computed as TRL did."""
+    sampled and stepped differently). Batch sizes need no note: TRL 1.12 (trl==1.12.0, run on a tiny model with
+    per_device_train_batch_size=4, num_mini_batches=2) sampled 4 prompts per iteration and took 2 optimizer steps per
+    epoch, as the same numbers do here; its rollout was per_device_train_batch_size × gradient_accumulation_steps,
+    which the refusal of gradient_accumulation_steps > 1 names, and its iterations ⌈total_episodes / rollout⌉."""
+    import math
+
     from rlhf_ext import PPOConfig
 
     with pytest.warns(UserWarning, match="TRL 1.12 PPO names") as caught:
         cfg = PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_mini_batches=2,
                         total_episodes=8, kl_estimator="k3")
     text = str(caught[0].message)
-    for says in ("set per_device_train_batch_size=4", "the reward penalty −β·KL is always k1", "temperature=0.7",
-                 "TRL 1.12: 53", "stop_on_eos=False"):
+    for says in ("the reward penalty −β·KL is always k1", "temperature=0.7", "TRL 1.12: 53", "stop_on_eos=False"):
         assert says in text, says
-    b, n, episodes = 2, 2, 8  # TRL 1.12: rollout = b × n prompts, minibatch = b, iterations = episodes / rollout
-    ours = PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=b * n, num_mini_batches=n,
+    assert "per_device_train_batch_size" not in text  # the same meaning as TRL 1.12's (a wrong note said b × n)
+    b, g, n, episodes = 2, 3, 2, 10  # TRL 1.12: rollout b × g per process, n minibatches, ⌈episodes / rollout⌉
+    with pytest.raises(ValueError, match=f"set per_device_train_batch_size={b * g} and keep num_mini_batches"):
+        PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=b, gradient_accumulation_steps=g,
+                  num_mini_batches=n, total_episodes=episodes, temperature=0.7)
+    ours = PPOConfig(str(tmp_path), use_cpu=True, per_device_train_batch_size=b * g, num_mini_batches=n,
                      total_episodes=episodes, temperature=0.7)
-    assert (ours.max_steps, ours.per_device_train_batch_size // n) == (episodes // (b * n), b)
+    assert ours.max_steps == math.ceil(episodes / (b * g)) == 2  # rounded up: 12 prompts, never fewer than 10
+    with pytest.raises(ValueError, match="total_episodes=0"):
+        PPOConfig(str(tmp_path), use_cpu=True, total_episodes=0)
     import warnings
 
     with warnings.catch_warnings():

@@ -101,7 +101,7 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float | None = field(default=None, metadata={"help": "TRL 1.12 name for `clip_range_value`."})
     response_length: int | None = field(default=None, metadata={"help": "TRL 1.12 name for `max_completion_length`."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "TRL 1.12: subtract this from the score of responses without EOS = our `missing_eos` shaper with that penalty."})
-    total_episodes: int | None = field(default=None, metadata={"help": "TRL 1.12: prompts to train on in total; sets `max_steps` = total_episodes / (per_device_train_batch_size × processes)."})
+    total_episodes: int | None = field(default=None, metadata={"help": "TRL 1.12: prompts to train on in total; sets `max_steps` = ⌈total_episodes / (per_device_train_batch_size × processes)⌉ (rounded up, as TRL 1.12: at least that many prompts)."})
     stop_token: str | None = field(default=None, metadata={"help": "TRL 1.12: 'eos' stops responses at EOS = `stop_on_eos=True` (our default)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "TRL's field: processes for a script's own `dataset.map` (TRL 1.12's example script tokenizes with it). PPOTrainer tokenizes its prompts itself, once, in this process."})
 
@@ -192,9 +192,13 @@ class PPOConfig(TrainingArguments):
         if self.total_episodes is not None:
             if self.max_steps and self.max_steps > 0:
                 raise ValueError("Set `total_episodes` (TRL 1.12) or `max_steps` (iterations), not both.")
+            if self.total_episodes < 1:
+                raise ValueError(f"total_episodes={self.total_episodes}: it is the number of prompts to train on, "
+                                 f"≥ 1 (or leave it unset and give max_steps / num_train_epochs).")
             # WORLD_SIZE: set by accelerate/torchrun; TrainingArguments' world_size is not ready before its post_init
             per_iteration = self.per_device_train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", 1)))
-            self.max_steps = max(1, self.total_episodes // max(1, per_iteration))
+            # rounded up, as TRL 1.12 (num_total_batches = ceil(total_episodes / batch_size)): never fewer prompts
+            self.max_steps = -(-self.total_episodes // max(1, per_iteration))
 
     def _warn_trl112_meanings(self):
         """A config written for TRL 1.12 (it uses TRL 1.12's names) runs here, but these settings mean something
@@ -203,12 +207,10 @@ class PPOConfig(TrainingArguments):
 
         if all(getattr(self, k) is None for k in TRL112_NAMES):
             return
+        # (batch sizes need no note: with gradient_accumulation_steps=1, per_device_train_batch_size and
+        # num_mini_batches mean what TRL 1.12's did — a rollout of that many prompts per process, split into that
+        # many minibatches —; gradient_accumulation_steps > 1 is refused, naming TRL 1.12's rollout size)
         notes = []
-        if self.num_mini_batches > 1:
-            notes.append(f"per_device_train_batch_size is the prompts of one rollout (split into num_mini_batches="
-                         f"{self.num_mini_batches} minibatches); TRL 1.12's was one minibatch, its rollout "
-                         f"per_device_train_batch_size × num_mini_batches: for TRL 1.12's sizes set "
-                         f"per_device_train_batch_size={self.per_device_train_batch_size * self.num_mini_batches}")
         if self.kl_estimator != "k1":
             notes.append(f"kl_estimator={self.kl_estimator!r} sets the logged KL and what the controller sees; the "
                          f"reward penalty −β·KL is always k1 here (TRL 1.12 put {self.kl_estimator} in the reward)")
@@ -293,8 +295,12 @@ class PPOConfig(TrainingArguments):
         need(self.top_p > 0 and self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
         need(self.gradient_accumulation_steps == 1,
              f"gradient_accumulation_steps={self.gradient_accumulation_steps}: PPOTrainer takes one optimizer step per "
-             f"minibatch and does not accumulate. For smaller training forwards, raise num_mini_batches (more, smaller "
-             f"steps per epoch) or lower per_device_train_batch_size.")
+             f"minibatch and does not accumulate; per_device_train_batch_size is the prompts of one rollout per "
+             f"process. For the rollout TRL 1.12's PPO sampled (per_device_train_batch_size × "
+             f"gradient_accumulation_steps), set per_device_train_batch_size="
+             f"{self.per_device_train_batch_size * self.gradient_accumulation_steps} and keep num_mini_batches. For "
+             f"smaller training forwards, raise num_mini_batches (more, smaller steps per epoch) or lower "
+             f"per_device_train_batch_size.")
 
 
 # GRPOConfig / RLOOConfig fields a script switching trainers carries over, and what PPOConfig calls or does instead.

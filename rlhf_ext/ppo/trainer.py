@@ -270,6 +270,14 @@ class PPOTrainer(Trainer):
                 member.share_prefix = self.policy.share_prefix
         self.prompts = tokenize_prompts(train_dataset, self.tokenizer, args, limit=streamed_prompts)
         self.streamed = streamed_prompts is not None
+        if self.streamed and len(self.prompts) < streamed_prompts:  # a short stream: passed over again, as Trainer
+            per_batch = args.per_device_train_batch_size * args.world_size
+            tail = len(self.prompts) % per_batch
+            unused = (f", and its last {tail} prompt(s) are never used (an iteration takes a whole batch; load the "
+                      f"prompts as a Dataset, reshuffled every pass, to use them all)") if tail else ""
+            warnings.warn(f"train_dataset streamed {len(self.prompts)} usable prompts, fewer than the {streamed_prompts} "
+                          f"that max_steps={args.max_steps} iterations of {per_batch} use: it is read again from its "
+                          f"start, in the same order{unused}.", stacklevel=2)
         self._check_reward_templates([*members, *self.audit_funcs.values()])
         # checked now, not at the first evaluation hours into the run; named sets (a dict) each
         held = {}

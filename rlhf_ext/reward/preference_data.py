@@ -73,6 +73,8 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
     (a bad row stops training naming its index), ties dropped with a warning at the first one (they cannot be
     counted in advance)."""
     check_dataset_type(dataset, name)
+    if dataset.column_names is None and next(iter(dataset), None) is None:  # a generator's stream: no declared
+        raise ValueError(f"{name} is empty (the stream yields no rows).")  # features (TRL: a bare StopIteration)
     cols = set(get_dataset_column_names(dataset))
     if any(pair <= cols for pair in _TOKENISED):  # pre-tokenised: TRL renames the legacy columns (FutureWarning)
         return dataset
@@ -81,7 +83,11 @@ def validate_preference_dataset(dataset, name: str = "train_dataset"):
         raise ValueError(
             f"{name} is missing column(s) {sorted(missing)}; it has {sorted(cols)}. Reward modelling needs TRL's "
             f"preference format: 'chosen' and 'rejected' (and optionally 'prompt', 'margin'), or pre-tokenised "
-            f"'chosen_ids' and 'rejected_ids'."
+            f"'chosen_ids' and 'rejected_ids'." + (
+                " Its input_ids_chosen / input_ids_rejected columns are an older TRL version's tokenised format: "
+                "rename them, `dataset.rename_columns({'input_ids_chosen': 'chosen_ids', 'input_ids_rejected': "
+                "'rejected_ids'})` (the attention masks are not needed)."
+                if {"input_ids_chosen", "input_ids_rejected"} <= cols else "")
         )
     if isinstance(dataset, IterableDataset):
         return _validate_streaming(dataset, name)
@@ -150,7 +156,12 @@ def _validate_streaming(dataset: IterableDataset, name: str) -> IterableDataset:
                           f"advance.", stacklevel=2)
         return False
 
-    return dataset.map(check, with_indices=True).filter(not_a_tie, with_indices=True)
+    checked = dataset.map(check, with_indices=True).filter(not_a_tie, with_indices=True)
+    # a first pair that is a tie: read on to the first that is not (the trainer reads it next; a stream of nothing but
+    # ties ended there in a bare StopIteration)
+    if first["chosen"] == first["rejected"] and next(iter(checked), None) is None:
+        raise ValueError(f"Every pair of {name} has chosen == rejected: there is no preference to learn.")
+    return checked
 
 
 def add_extra_preferences(train_dataset, files, weight: int = 1):

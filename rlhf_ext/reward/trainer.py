@@ -670,7 +670,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             return dataset
         limit = args.max_length
         check_lengths(dataset, limit, label)
-        kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Filtering {dataset_name} >{limit} tokens"} \
+            if isinstance(dataset, Dataset) else {}  # TRL's bar, named as TRL names it
         with global_then_local_main_first():
             return dataset.filter(lambda e: len(e["chosen_ids"]) <= limit and len(e["rejected_ids"]) <= limit, **kwargs)
 
