@@ -849,11 +849,14 @@ class PPOTrainer(Trainer):
                 if entropy is None:
                     with torch.no_grad():
                         entropy = self._entropy(logits, mi)
+                n_tok = float(mi.sum())  # token means weigh by their tokens: under DDP a step's loss is the token
+                # mean over every process's rows (`_token_share`), and so is what is logged of it (`_step_means`)
                 for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
                                ("policy/entropy", entropy), ("grad_norm", grad_norm)):
                     if val is not None:  # an fp16 step that overflowed has no gradient norm to report
-                        acc.setdefault(k, []).append(float(val.detach()) if torch.is_tensor(val) else val)
+                        v = float(val.detach()) if torch.is_tensor(val) else val
+                        acc.setdefault(k, []).append((v, 1.0) if k == "grad_norm" else (v * n_tok, n_tok))
                 del logits, values, logp, loss  # [B, R, V] each: free before the next forward
             if self.kl_guard is not None:  # 5. the guard: KL ≤ δ on this batch, or backtrack
                 kl = self._measure_after_epoch(ro, last_epoch=epoch == args.num_ppo_epochs - 1)
@@ -871,8 +874,10 @@ class PPOTrainer(Trainer):
         stats["time/update_s"] = time.perf_counter() - t0 - stats["time/rollout_s"]  # θ_old, epochs, guard
 
         # 6. the KL controller sees the rollout's sequence KL (estimator on sampled tokens, mean over sequences)
-        valid_rows = (m.sum(1) > 0).float()
-        kl_seq = self._mean_over_processes(float((kl_t.sum(1) * valid_rows).sum() / valid_rows.sum().clamp(min=1)))
+        # (a global mean over the sequences kept: under DDP the processes may have dropped different numbers of them)
+        valid_rows = (m.sum(1) > 0).double()
+        kl_sum, kept = self._global_sum(torch.stack([(kl_t.double().sum(1) * valid_rows).sum(), valid_rows.sum()]))
+        kl_seq = float(kl_sum / kept.clamp(min=1))
         beta_used = self.kl_ctl.beta
         if math.isfinite(kl_seq):  # a NaN would leave β (and an integral) NaN for the rest of the run
             self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
@@ -893,6 +898,24 @@ class PPOTrainer(Trainer):
         return {name: float(flat[2 * i] / flat[2 * i + 1]) if flat[2 * i + 1] > 0 else float("nan")
                 for i, name in enumerate(parts)}
 
+    def _step_means(self, acc: dict) -> dict:
+        """{name: [(Σ value, weight) per optimizer step]} → {name: mean over the steps of each step's global mean}:
+        a step's token means (losses, clip fractions, approx. KL, entropy) over the tokens of every process's rows —
+        the loss that step's gradient is of — not the mean of the processes' own means; one reduction for them all.
+        Every process takes the same steps (the guard's and fp16's decisions are global)."""
+        if not acc:
+            return {}
+        names = sorted(acc)
+        flat = torch.tensor([x for k in names for pair in acc[k] for x in pair], dtype=torch.float64)
+        flat = self._global_sum(flat.to(self.args.device)).cpu()
+        out, i = {}, 0
+        for k in names:
+            pairs = flat[i : i + 2 * len(acc[k])].view(-1, 2)
+            i += 2 * len(acc[k])
+            kept = pairs[pairs[:, 1] > 0]  # a step whose minibatch kept no token (every reward dropped) has no mean
+            out[k] = float((kept[:, 0] / kept[:, 1]).mean()) if len(kept) else float("nan")
+        return out
+
     def _logged_by_reward_functions(self) -> dict:
         """The mean of each value reward functions passed to log_metric() this iteration, over every process — the
         names gathered first, so a name logged on one rank only cannot leave the others waiting in the reduction."""
@@ -908,7 +931,7 @@ class PPOTrainer(Trainer):
     def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
         """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
         m, valid = ro.loss_mask, ro.valid.cpu()
-        metrics = {k: self._mean_over_processes(sum(v) / len(v)) for k, v in acc.items()}
+        metrics = self._step_means(acc)
         for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "optim/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
         v, r, vf, ones = old_values.double() * m, returns.double() * m, valid.double(), torch.ones(len(valid))
@@ -916,6 +939,7 @@ class PPOTrainer(Trainer):
         parts = {"scores": (ro.scores.double().cpu() * vf, vf), "v": (v, m), "r": (r, m), "r2": (r ** 2, m),
                  "res": (r - v, m), "res2": ((r - v) ** 2, m), "length": (ro.lengths.double().cpu(), ones),
                  "eos": (ro.has_eos.double().cpu(), ones),
+                 "tokens": (ro.resp_mask.double().sum().cpu(), torch.ones(1)),  # × processes: every response token
                  **{f"rewards/{name}_raw": (torch.where(valid, raw[:, j], 0.0), vf)  # a dropped NaN · 0 is still NaN
                     for j, name in enumerate(self.rewards.member_names)},
                  **{f"audit/{name}": _graded(vals) for name, vals in ro.audit.items()}}
@@ -932,7 +956,7 @@ class PPOTrainer(Trainer):
             "learning_rate": self._get_learning_rate(),  # Trainer's key: the rate the next iteration trains with
             "episode": (self.iteration + 1) * len(valid) * self.accelerator.num_processes,  # prompts so far (TRL 1.12)
             "time/iteration_s": seconds, "time/generate_s": ro.gen_seconds,
-            "time/tokens_per_s": float(ro.resp_mask.sum()) * self.accelerator.num_processes / seconds,
+            "time/tokens_per_s": g["tokens"] * self.accelerator.num_processes / seconds,
             **{k: float(v) for k, v in stats.items()},
         })
         metrics.update({k: val for k, val in g.items() if k.startswith(("rewards/", "audit/"))})
