@@ -194,17 +194,20 @@ REACH_TRIES = 8  # optimizer steps an all-zero gradient may be a zero signal bef
 
 
 def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quantized: bool = False,
-                            final: bool = True) -> bool:
+                            final: bool = True, reached: frozenset = frozenset(), steps: int = 1) -> bool:
     """Raise if some adapter matrix got no gradient at the first optimizer step (training would silently do
     nothing there). Call between backward and optimizer.step. Returns whether it decided: with `final=False`, a
     step where the matrices not reached all have a gradient of exact zeros (the graph intact, the signal zero: a
     first batch nobody earned a reward on, with a zero-initialised value head every advantage and return is 0) is
     left undecided — check again at the next step (`REACH_TRIES`). No gradient at all (None) is decided at once.
 
+    `reached`: matrices that had a non-zero gradient at an earlier step (`GradientReachCheck`), `steps`: the steps
+    looked at so far (for the message).
+
     Biases are left out: a score head's bias cancels in Bradley–Terry's r_chosen − r_rejected, so its gradient is
     exactly 0 with the graph intact, and a detached graph shows in the weights anyway."""
     params = {n: p for n, p in params.items() if not _is_bias(n, p)}
-    dead = [n for n, p in params.items() if p.grad is None or not torch.any(p.grad != 0)]
+    dead = [n for n, p in params.items() if n not in reached and (p.grad is None or not torch.any(p.grad != 0))]
     if not dead:
         return True
     if not final and all(params[n].grad is not None for n in dead):
@@ -215,25 +218,38 @@ def check_gradients_reached(params: dict[str, nn.Parameter], trainer: str, quant
              "forward under torch.no_grad), or a loss that is exactly zero there (PPO advantages whitened over a "
              "single response token)")
     raise RuntimeError(
-        f"{trainer}: {len(dead)} of {len(params)} adapter matrices received no gradient at the first optimizer "
-        f"step, so they would never train: {', '.join(dead[:6])}{' …' if len(dead) > 6 else ''}. Likely cause: "
+        f"{trainer}: {len(dead)} of {len(params)} adapter matrices received no gradient "
+        f"{'at the first optimizer step' if steps <= 1 else f'in the first {steps} optimizer steps'}, so they would "
+        f"never train: {', '.join(dead[:6])}{' …' if len(dead) > 6 else ''}. Likely cause: "
         f"{cause}. If these modules are deliberately outside the loss, drop them from the LoRA target_modules."
     )
 
 
 class GradientReachCheck:
     """`check_gradients_reached` for one trainer, called at each optimizer step until it has decided (a step of
-    all-zero gradients leaves it undecided, `REACH_TRIES` times at most)."""
+    all-zero gradients leaves it undecided, `REACH_TRIES` times at most). A matrix counts as reached once it has had a
+    non-zero gradient at any of these steps: one whose gradient is zero at a later step (PPO's value clip saturated,
+    its advantages whitened to 0) is not a detached graph.
+
+    `signal=False` says the step's whole gradient was exactly zero — value head and every trained parameter: a batch
+    with no learning signal (nobody earned a reward and a zero-initialised critic already predicts that, or every
+    sample dropped). Such a step tells nothing about the graph and is not counted, unless a matrix got no gradient
+    at all (None), which is decided at once."""
 
     def __init__(self, params: dict[str, nn.Parameter], trainer: str, quantized: bool = False):
         self.params, self.trainer, self.quantized = params, trainer, quantized
-        self.done, self.tries = False, 0
+        self.done, self.tries, self.reached = False, 0, set()
 
-    def __call__(self) -> None:
-        if not self.done:
-            self.tries += 1
-            self.done = check_gradients_reached(self.params, self.trainer, self.quantized,
-                                                final=self.tries >= REACH_TRIES)
+    def __call__(self, signal: bool = True) -> None:
+        if self.done:
+            return
+        self.reached |= {n for n, p in self.params.items() if p.grad is not None and bool(torch.any(p.grad != 0))}
+        if not signal and all(p.grad is not None for p in self.params.values()):
+            return
+        self.tries += 1
+        self.done = check_gradients_reached(self.params, self.trainer, self.quantized,
+                                            final=self.tries >= REACH_TRIES, reached=frozenset(self.reached),
+                                            steps=self.tries)
 
 
 def _is_bias(name: str, param: nn.Parameter) -> bool:

@@ -76,7 +76,12 @@ def _objects(prompts, completions, completion_ids, **kw):
     return [{"score": 1.0}] * len(completions)
 
 
+def _mapping(prompts, completions, completion_ids, **kw):
+    return {i: 1.0 for i in range(len(completions))}  # read as a list, its keys 0, 1, 2, … were the rewards
+
+
 @pytest.mark.parametrize("fn,match", [(_short, "'_short' returned 15 scores for 16 completions"),
+                                      (_mapping, "'_mapping' returned a dict; it must return a list of 16 floats"),
                                       (_scalar, "'_scalar' returned float .*list of 16 floats"),
                                       (_words, "'_words' returned text among its scores \\('good'\\).*float\\(\\)"),
                                       (_numeric_text, "'_numeric_text' returned text among its scores \\('0.5'\\)"),
@@ -84,6 +89,20 @@ def _objects(prompts, completions, completion_ids, **kw):
 def test_reward_function_returning_the_wrong_thing(tmp_path, tok, fn, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make(tmp_path, tok, reward=fn, max_steps=1).train()
+
+
+def test_a_numpy_column_of_scores_reads_as_a_tensor_column_and_a_huge_int_is_named():
+    """A model's predict() gives a [B, 1] array: a [B, 1] tensor was read, the same array refused as "a non-number
+    (only 0-dimensional arrays …)"; an int past float's range raised a bare OverflowError naming no function."""
+    import numpy as np
+
+    from rlhf_ext.reward.pipeline import CallableMember
+
+    col = CallableMember(lambda completions, **kw: np.arange(len(completions), dtype=np.float32)[:, None], name="col")
+    assert col(None, ["a", "b", "c"], [[1]] * 3).flatten().tolist() == [0.0, 1.0, 2.0]
+    huge = CallableMember(lambda completions, **kw: [10 ** 400] * len(completions), name="huge")
+    with pytest.raises(TypeError, match="'huge' returned a non-number among its scores"):
+        huge(None, ["a"], [[1]])
 
 
 def test_nonfinite_rewards_warn_once_with_counts_and_stop_when_nothing_is_left(tmp_path, tok):
@@ -100,6 +119,36 @@ def test_nonfinite_rewards_warn_once_with_counts_and_stop_when_nothing_is_left(t
 
     with pytest.raises(ValueError, match="Every sample of the batch .* non-finite"):
         make(tmp_path / "all_nan", tok, reward=all_nan, max_steps=1).train()
+
+
+def test_a_small_batch_dropped_whole_trains_on_nothing_and_only_a_run_of_drops_stops(tmp_path, tok):
+    """One prompt per iteration (or a few) and a judge that sometimes returns None: sooner or later a whole batch is
+    None. That used to stop the run ("Every sample of the batch (1) got a non-finite reward … it returns NaN/inf/None
+    for everything"); TRL's GRPO leaves such a completion out and goes on. The batch now trains on nothing (no KL
+    controller update either) and the run stops only after 16 samples in a row are dropped."""
+    from .test_ppo import prompts
+
+    calls = {"n": 0}
+
+    def sometimes_none(completions, **kw):
+        calls["n"] += 1
+        return [None if calls["n"] in (2, 3) else 1.0 + calls["n"] for _ in completions]
+
+    with pytest.warns(UserWarning, match=r"Every sample of this batch \(1\) was dropped .* trains on nothing"):
+        hist = make(tmp_path, tok, reward=sometimes_none, max_steps=4, per_device_train_batch_size=1, data=prompts(4),
+                    kl_controller="lagrangian", kl_target=0.1).train()
+    assert [h["rewards/dropped_nonfinite"] for h in hist] == [0, 1, 1, 0]
+    assert hist[1]["grad_norm"] == 0 and math.isnan(hist[1]["objective/kl"])
+    assert hist[0]["objective/beta"] != hist[1]["objective/beta"]  # the controller moves β after a batch it sees
+    assert hist[1]["objective/beta"] == hist[2]["objective/beta"] == hist[3]["objective/beta"]  # not fed a KL of 0
+
+    def all_nan(prompts, completions, completion_ids, **kw):
+        return [math.nan] * len(completions)
+
+    tr = make(tmp_path / "nan", tok, reward=all_nan, max_steps=40, per_device_train_batch_size=4, data=prompts(8))
+    with pytest.raises(ValueError, match=r"Every sample of the batch \(4\) and the 12 before it got a non-finite"):
+        tr.train()
+    assert tr.iteration == 3
 
 
 # -- data and sizes --------------------------------------------------------------------------------------------

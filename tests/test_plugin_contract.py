@@ -313,8 +313,9 @@ def test_a_controller_that_does_not_subclass_the_base_is_refused_with_the_fix():
 
 def test_a_whole_global_batch_dropped_by_a_shaper_names_the_shaper(tmp_path, tok):
     """Under DDP the trainer decides on the global batch, and its error blamed "the reward function" when a shaper
-    had made every sample NaN (one process named the shaper)."""
-    tr = make(tmp_path, tok, max_steps=1, per_device_train_batch_size=4,
+    had made every sample NaN (one process named the shaper). (A batch of 16: a smaller one dropped whole trains on
+    nothing, and the run stops after 16 samples dropped in a row.)"""
+    tr = make(tmp_path, tok, max_steps=1, per_device_train_batch_size=16,
               shapers=[{"name": "contract_nan_long", "limit": -1}])
     tr.rewards.batch_is_a_share = True  # as under DDP: the pipeline leaves the whole-batch check to the trainer
     with pytest.warns(UserWarning), pytest.raises(

@@ -64,6 +64,54 @@ def test_gradient_reach_check_names_dead_modules(tmp_path, tok):
         tr.train()
 
 
+def test_batches_without_any_learning_signal_are_not_taken_for_a_detached_graph(tmp_path, tok):
+    """A sparse reward nobody earns at first (0 for every completion) with value_head_init="zeros": advantages, returns
+    and values are all exactly 0, so is every gradient. Those steps used to count towards the reach check's 8 tries:
+    two such iterations (one with num_mini_batches=2) stopped the run with "7 of 7 adapter matrices received no
+    gradient at the first optimizer step … a detached graph". Such steps are not counted; the run trains on once a
+    reward appears."""
+    calls = {"n": 0}
+
+    def sparse(completions, **kw):
+        calls["n"] += 1
+        return [0.0] * len(completions) if calls["n"] <= 2 else [float(i % 2) for i in range(len(completions))]
+
+    tr = make(tmp_path, tok, reward=sparse, value_head_init="zeros", num_mini_batches=2, max_steps=4,
+              per_device_train_batch_size=8)
+    before = _lora_factors(tr, "lora_B")
+    hist = tr.train()
+    assert [h["grad_norm"] for h in hist[:2]] == [0.0, 0.0] and hist[-1]["grad_norm"] > 0
+    after = _lora_factors(tr, "lora_B")
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_matrix_reached_once_is_not_dead_when_its_gradient_is_zero_later():
+    """The check lists the matrices that never had a gradient, not those whose gradient happened to be 0 at its last
+    try (PPO's value clip saturated in a later epoch); with a gradient missing throughout it still stops, saying how
+    many steps it looked at."""
+    from rlhf_ext.adapters import REACH_TRIES, GradientReachCheck
+
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    check = GradientReachCheck({"x.lora_B.policy.weight": a, "y.lora_B.policy.weight": b}, "PPOTrainer")
+    a.grad, b.grad = torch.ones(2, 2), torch.zeros(2, 2)
+    check()
+    a.grad = torch.zeros(2, 2)
+    for _ in range(REACH_TRIES * 2):
+        check(signal=False)  # a step whose whole gradient is 0: not counted
+    assert check.tries == 1 and not check.done
+    b.grad = torch.ones(2, 2)
+    check()
+    assert check.done
+    c = torch.nn.Parameter(torch.zeros(2, 2))
+    check = GradientReachCheck({"x.lora_B.policy.weight": a, "z.lora_B.policy.weight": c}, "PPOTrainer")
+    a.grad, c.grad = torch.ones(2, 2), torch.zeros(2, 2)
+    with pytest.raises(RuntimeError, match=rf"1 of 2 adapter matrices received no gradient in the first {REACH_TRIES} "
+                                           r"optimizer steps.*: z\.lora_B"):
+        for _ in range(REACH_TRIES):
+            check()
+            a.grad = torch.zeros(2, 2)
+
+
 def test_logprobs_match_sampling_with_logit_softcapping(tmp_path, tok):
     """Gemma-2 soft-caps its logits inside the model's forward; computing log-probs from the LM head directly used
     to differ from what generate() sampled by up to 14 nats. Now the start-up check measures the gap, and an

@@ -176,3 +176,52 @@ def test_a_reward_folder_without_its_tokenizer_is_refused_not_read_with_the_poli
     built = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))  # in code: the policy's, said
     with pytest.warns(UserWarning, match="scored with the policy's"):
         make(tmp_path / "built", tok, reward=[built])
+
+
+def test_none_from_one_reward_function_means_not_applicable_as_in_trl():
+    """TRL's reward_funcs contract: a function returns None where its reward does not apply (multi-task training: a
+    math verifier on a coding prompt), and the sample is scored by the other functions; only a sample no function
+    scored is left out. Here a None from any member dropped the sample, so two verifiers each None outside their own
+    task dropped every sample ("Every sample of the batch got a non-finite reward … it returns NaN/inf/None for
+    everything"). NaN / inf stay broken scores that drop the sample."""
+    from rlhf_ext.reward.pipeline import RewardPipeline
+
+    a_vals = [None, None, 1.0, 2.0, None, math.nan, 3.0]
+    b_vals = [4.0, 5.0, None, None, None, 6.0, 7.0]
+
+    def a(completions, **kw):
+        return a_vals
+
+    def b(completions, **kw):
+        return b_vals
+
+    ids = [[1]] * len(a_vals)
+    p = RewardPipeline([a, b], "weighted", {"weights": [2.0, 1.0]}, callable_normalization="none")
+    with pytest.warns(UserWarning, match=r"\['a', 'b'\] returned non-finite rewards for 2 of 7"):
+        scores, valid, raw, _ = p.score(None, ["x"] * 7, ids)
+    assert valid.tolist() == [True, True, True, True, False, False, True]
+    assert scores.tolist() == pytest.approx([4.0, 5.0, 1.0, 2.0, 0.0, 0.0, (2 * 3.0 + 7.0) / 3])
+    zero = RewardPipeline([a, b], "weighted", {"weights": [0.0, 1.0]}, callable_normalization="none")
+    with pytest.warns(UserWarning):
+        assert zero.score(None, ["x"] * 7, ids)[0].tolist()[2:4] == [0.0, 0.0]  # TRL: nansum of 0 · r
+    mean = RewardPipeline([a, b], "mean", callable_normalization="none")
+    with pytest.warns(UserWarning):
+        assert mean.score(None, ["x"] * 7, ids)[0].tolist() == pytest.approx([4.0, 5.0, 1.0, 2.0, 0.0, 0.0, 5.0])
+
+
+def test_multi_task_reward_functions_train_each_task_on_its_own_reward(tmp_path, tok):
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the {s} ."}]
+                                         for s in "movie book song film food place day night".split() * 4],
+                              "task": ["math", "code"] * 16})
+    words = good_counter(tok)
+
+    def math_reward(prompts, completions, completion_ids, task, **kw):
+        return [r if t == "math" else None for r, t in zip(words(prompts, completions, completion_ids), task)]
+
+    def code_reward(completions, completion_ids, task, **kw):
+        return [float(len(ids)) if t == "code" else None for ids, t in zip(completion_ids, task)]
+
+    hist = make(tmp_path, tok, reward=[math_reward, code_reward], data=data, max_steps=2,
+                per_device_train_batch_size=8, monitor=True).train()
+    assert all(h["rewards/dropped_nonfinite"] == 0 and math.isfinite(h["loss/policy"]) for h in hist)
+    assert all(math.isfinite(h["rewards/math_reward_raw"]) and h["rewards/code_reward_raw"] >= 1 for h in hist)

@@ -1,6 +1,7 @@
 """Our ensembles, shapers and KL controllers inside TRL's own GRPOTrainer / RLOOTrainer."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -240,30 +241,44 @@ def test_dropped_warning_called_outside_a_trainer():
         assert pipeline(completions=["a"] * 4, completion_ids=[[1, 2]] * 4)[:2] == [None, None]
 
 
+def _judge_nan(completion_ids, **kw):  # a judge whose parser failed on the first two completions of every four
+    return [math.nan if i % 4 < 2 else float(len(set(ids))) for i, ids in enumerate(completion_ids)]
+
+
 def test_pipeline_logs_its_metrics_through_trl(tmp_path, tok):
-    """TRL passes log_metric; the pipeline used to log none of PPOTrainer's reward metrics through it."""
+    """TRL passes log_metric; the pipeline used to log none of PPOTrainer's reward metrics through it. (A member's
+    NaN drops the sample; its None — not applicable — leaves the sample to the other members: both below.)"""
     calls = {}
 
     def log_metric(name, value):
         calls.setdefault(name, []).append(value)
 
-    pipeline = RewardPipeline([_judge, _first_token])
     ids = [[1, 2, 3], [4, 4], [5, 6, 6], [7]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped
+        out = RewardPipeline([_judge, _first_token], callable_normalization="none")(
+            completions=["x"] * 4, completion_ids=ids, log_metric=log_metric)
+    assert out == [1.0, 4.0, (2 + 0) / 2, (1 + 2) / 2]  # the first two scored by _first_token alone
+    assert calls["rewards/dropped_nonfinite"] == [0.0] and calls["rewards/_judge_raw"] == [pytest.approx(1.5)]
+    assert calls["rewards/_first_token_raw"] == [pytest.approx((1 + 4 + 0 + 2) / 4)]
+    calls.clear()
+
+    pipeline = RewardPipeline([_judge_nan, _first_token])
     with pytest.warns(UserWarning, match="non-finite"):
         out = pipeline(completions=["x"] * 4, completion_ids=ids, log_metric=log_metric)
     assert out[:2] == [None, None] and None not in out[2:]
     assert calls["rewards/dropped_nonfinite"] == [2.0]
-    assert calls["rewards/_judge_raw"] == [pytest.approx((2 + 1) / 2)]  # the kept samples only: no NaN
+    assert calls["rewards/_judge_nan_raw"] == [pytest.approx((2 + 1) / 2)]  # the kept samples only: no NaN
     assert calls["rewards/_first_token_raw"] == [pytest.approx((5 % 5 + 7 % 5) / 2)]
     assert "rewards/ensemble_std" in calls and math.isfinite(calls["rewards/ensemble_std"][0])
 
-    trainer = _grpo(tmp_path, tok, [RewardPipeline([_judge, _first_token])], max_steps=1)
+    trainer = _grpo(tmp_path, tok, [RewardPipeline([_judge_nan, _first_token])], max_steps=1)
     with pytest.warns(UserWarning, match="non-finite.*TRL leaves a completion that every reward function returned "
                                          "None for out of training"):  # alone in TRL: truly dropped
         trainer.train()
     logged = trainer.state.log_history[0]
     assert logged["rewards/dropped_nonfinite"] == 2.0  # the first 2 of the step's 4 completions
-    assert all(math.isfinite(logged[k]) for k in ("rewards/_judge_raw", "rewards/_first_token_raw",
+    assert all(math.isfinite(logged[k]) for k in ("rewards/_judge_nan_raw", "rewards/_first_token_raw",
                                                   "rewards/ensemble_std"))
 
 

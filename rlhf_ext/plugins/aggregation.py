@@ -15,7 +15,9 @@ class Aggregator:
     name = "base"
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        """r: [B, K] normalised member rewards → [B] (a float tensor; checked by the reward pipeline)."""
+        """r: [B, K] normalised member rewards → [B] (a float tensor; checked by the reward pipeline). Rows a Python
+        reward function marked not applicable (None, TRL's contract) come in a call of their own with that member's
+        column left out: K is the members that scored them (`weights`, if the plugin has them, cut to match)."""
         raise NotImplementedError(f"The aggregation {self.name!r} must implement __call__(r [B, K]) -> [B].")
 
 

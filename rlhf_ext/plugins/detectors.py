@@ -205,10 +205,15 @@ class EnsembleDisagreement(Detector):
         self.baseline_iterations, self.baseline, self.base_sum, self.base_n = baseline_iterations, None, 0.0, 0
         self._sd = None  # spread of the per-sample stds in the last batch: the noise of their mean
 
+    @staticmethod
+    def _scored_by_all(obs):
+        """The samples every member scored (a Python function's None — not applicable — leaves one out)."""
+        return obs.valid & torch.isfinite(obs.norm).all(-1)
+
     def _std(self, obs):
-        if obs.norm.shape[1] < 2 or not obs.valid.any():
+        if obs.norm.shape[1] < 2 or not self._scored_by_all(obs).any():
             return None
-        return obs.norm[obs.valid].std(-1)
+        return obs.norm[self._scored_by_all(obs)].std(-1)
 
     def statistic(self, obs):
         s = self._std(obs)
@@ -226,14 +231,14 @@ class EnsembleDisagreement(Detector):
         if sd is None or self.base_n < self.baseline_iterations:
             return None
         b = max(self.baseline, 1e-6)
-        batch = int(obs.valid.sum())
+        batch = int(self._scored_by_all(obs).sum())
         return 1.0, sd / b / math.sqrt(batch), sd / b / math.sqrt(batch * self.base_n)
 
     def suspicious(self, obs, n):
         s = self._std(obs)
         if s is None:
             return super().suspicious(obs, n)
-        idx = torch.nonzero(obs.valid).flatten()
+        idx = torch.nonzero(self._scored_by_all(obs)).flatten()
         return idx[torch.argsort(s, descending=True)[:n]].tolist()
 
     def state_dict(self):

@@ -79,7 +79,7 @@ class PPOConfig(TrainingArguments):
     aggregation: str = field(default="mean", metadata={"help": "Ensemble aggregation plugin: mean, min, uwo, median, weighted."})
     aggregation_kwargs: dict[str, Any] | str | None = field(default=None, metadata={"help": "e.g. {'lam': 1.0} for uwo, {'weights': [...]} for weighted."})
     shapers: list[Any] | str | None = field(default=None, metadata={"help": "Reward shapers, e.g. [{'name': 'linear', 'alpha': 0.02, 'free_tokens': 24}, 'missing_eos']."})
-    nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf/None (counted in rewards/dropped_nonfinite, warned once; an error if a whole batch is dropped) or 'error'."})
+    nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf, or None from every reward function (a function's None beside others' scores is 'not applicable', as in TRL: the others score the sample), counted in rewards/dropped_nonfinite, warned once; a batch dropped whole trains on nothing, an error after 16 samples dropped in a row; or 'error'."})
     callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions and reward models of unknown scale (a sequence classifier, ExternalRewardModel without mean/std): 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward model for the recipes: an rlhf_ext artifact (members on the shared base) or a sequence-classification model id / folder (as TRL's reward_funcs strings)."})
     # monitoring

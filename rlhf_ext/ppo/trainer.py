@@ -48,7 +48,8 @@ from ..progress import progress
 from ..registry import build
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble, _warn_once
-from ..reward.pipeline import ExternalRewardModel, RewardPipeline, call_reward_function, rendering_kwargs
+from ..reward.pipeline import (MIN_DROPPED_IN_A_ROW, ExternalRewardModel, RewardPipeline, call_reward_function,
+                               rendering_kwargs)
 from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states, read_checkpoint,
                          rotate_checkpoints, write_checkpoint)
 from .config import PPOConfig
@@ -330,6 +331,7 @@ class PPOTrainer(Trainer):
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self._metrics_history: list[dict] = []
         self._warned_kl_nonfinite = False
+        self._dropped_in_a_row = 0  # global samples dropped since the last one kept (DDP's whole-batch rule)
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
         self._memo = _ForwardMemo()
@@ -612,10 +614,15 @@ class PPOTrainer(Trainer):
         scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
                                                             has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
-        if self.rewards.batch_is_a_share and self._sum_over_processes(float(valid.sum())) == 0:
-            what, fix = self.rewards.last_nonfinite  # every process dropped its whole share: each knows which part
-            raise ValueError(f"Every sample of the global batch ({len(valid)} per process) got a non-finite reward "
-                             f"({what}): nothing is left to train on. {fix} (it returns NaN/inf/None for everything).")
+        if self.rewards.batch_is_a_share:  # the whole-batch rule (pipeline.MIN_DROPPED_IN_A_ROW) on the global batch
+            n = len(valid) * self.accelerator.num_processes
+            kept = self._sum_over_processes(float(valid.sum()))
+            self._dropped_in_a_row = 0 if kept else self._dropped_in_a_row + n
+            if not kept and self._dropped_in_a_row >= MIN_DROPPED_IN_A_ROW:
+                what, fix = self.rewards.last_nonfinite  # every process dropped its whole share: each knows which part
+                raise ValueError(f"Every sample of the global batch ({len(valid)} per process) got a non-finite reward "
+                                 f"({what}), {self._dropped_in_a_row} samples in a row: nothing is left to train on. "
+                                 f"{fix} (it returns NaN/inf/None for everything).")
         ro.audit = self.judge_scores(ro, self.audit_funcs)  # monitoring only: never enters the loss
         ro.extra = self._take_extra(len(ro.prompts))  # after the judges: they may log_extra() too
         ro.h_low = self.policy.lower(ro.ids, ro.mask)  # shared by the reference, every epoch, critic and KL checks
@@ -785,7 +792,7 @@ class PPOTrainer(Trainer):
                 scaler.update(scaler.get_scale())
             stats["optim/skipped_nonfinite_steps"] += 1
             return float(norm)
-        self._reach_check()
+        self._reach_check(signal=bool(norm > 0))  # a step whose whole gradient is 0 says nothing about the graph
         self.optimizer.step()
         if scaler is not None:
             scaler.update()
@@ -879,7 +886,9 @@ class PPOTrainer(Trainer):
         kl_sum, kept = self._global_sum(torch.stack([(kl_t.double().sum(1) * valid_rows).sum(), valid_rows.sum()]))
         kl_seq = float(kl_sum / kept.clamp(min=1))
         beta_used = self.kl_ctl.beta
-        if math.isfinite(kl_seq):  # a NaN would leave β (and an integral) NaN for the rest of the run
+        if kept == 0:
+            kl_seq = float("nan")  # every sample dropped: none measured (a controller fed 0 would lower β)
+        elif math.isfinite(kl_seq):  # a NaN would leave β (and an integral) NaN for the rest of the run
             self.kl_ctl.update(kl_seq, n_steps=B * self.accelerator.num_processes)
             checked_beta(self.kl_ctl)
         elif not self._warned_kl_nonfinite:
@@ -940,11 +949,14 @@ class PPOTrainer(Trainer):
                  "res": (r - v, m), "res2": ((r - v) ** 2, m), "length": (ro.lengths.double().cpu(), ones),
                  "eos": (ro.has_eos.double().cpu(), ones),
                  "tokens": (ro.resp_mask.double().sum().cpu(), torch.ones(1)),  # × processes: every response token
-                 **{f"rewards/{name}_raw": (torch.where(valid, raw[:, j], 0.0), vf)  # a dropped NaN · 0 is still NaN
+                 **{f"rewards/{name}_raw": _graded(torch.where(valid, raw[:, j], torch.nan).tolist())  # dropped, None: no score
                     for j, name in enumerate(self.rewards.member_names)},
                  **{f"audit/{name}": _graded(vals) for name, vals in ro.audit.items()}}
-        if K > 1:
-            parts["rewards/ensemble_std"] = (ro.norm[valid].std(-1).double().sum(), vf)
+        if K > 1:  # over the samples every member scored
+            norm = ro.norm.cpu().double()
+            full = valid & torch.isfinite(norm).all(-1)
+            std = norm[full].std(-1).sum() if full.any() else torch.zeros((), dtype=torch.float64)  # (std of none warns)
+            parts["rewards/ensemble_std"] = (std, full.double())
         g = self._global_means(parts)
         dropped = int(self._global_sum(torch.tensor(float((~valid).sum()), device=self.args.device)))
         var_r, var_res = g["r2"] - g["r"] ** 2, g["res2"] - g["res"] ** 2  # E[x²] − E[x]² over the global batch

@@ -11,9 +11,11 @@ valid `reward_funcs` entry for TRL's GRPOTrainer / RLOOTrainer.
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import math
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +27,10 @@ from ..registry import build, numbered
 from ..trainer_state import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
 
 CALLABLE_NORMALIZATION = ("auto", "running", "none")
+# A whole batch dropped stops the run only once this many samples in a row were dropped (and always when the batch
+# alone is that large): a reward function that fails for everything, not one unlucky small batch — with 1 to 4
+# prompts per iteration and a judge that sometimes returns None, a whole batch of None comes sooner or later.
+MIN_DROPPED_IN_A_ROW = 16
 
 
 def rendering_kwargs(chat_template_kwargs, columns: dict) -> dict:
@@ -117,6 +123,11 @@ class CallableMember(RunningNormalization):
         n = len(completions)
         if isinstance(out, torch.Tensor):
             out = out.detach().flatten().tolist()
+        elif getattr(out, "ndim", 0) > 1 and hasattr(out, "reshape"):  # a numpy column [B, 1], as a tensor's
+            out = out.reshape(-1).tolist()
+        if isinstance(out, Mapping):  # iterating it would read its keys as the scores (TRL's list() does)
+            raise TypeError(f"Reward function {self.names[0]!r} returned a {type(out).__name__}; it must return a list "
+                            f"of {n} floats in the order of the completions (None marks a missing score).")
         if not hasattr(out, "__len__") or isinstance(out, (str, bytes)):
             raise TypeError(f"Reward function {self.names[0]!r} returned {type(out).__name__} {out!r:.60}; it must "
                             f"return a list of {n} floats (one per completion; None marks a missing score).")
@@ -130,14 +141,30 @@ class CallableMember(RunningNormalization):
                             f"score.")
         try:
             vals = [math.nan if v is None else float(v) for v in out]
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise TypeError(f"Reward function {self.names[0]!r} returned a non-number among its scores ({e}); "
                             f"return floats, or None for a missing score.") from None
         r = torch.tensor(vals, dtype=torch.float).unsqueeze(-1)
+        self.last_none = torch.tensor([v is None for v in out], dtype=torch.bool).unsqueeze(-1)  # "not applicable"
         self._observe(r)
         return r
 
     __call__ = score_completions
+
+
+def _over_members(aggregator, cols: torch.Tensor):
+    """The aggregation over the members `cols` ([K] bool) only, for samples the others did not score (a Python
+    function's None): a weighted one with their weights (a sample only zero-weighted members scored gets 0, as TRL's
+    nansum gives it); any other is handed those columns."""
+    weights = getattr(aggregator, "weights", None)
+    if not isinstance(weights, torch.Tensor) or len(weights) != len(cols):
+        return aggregator
+    w = weights[cols]
+    if not w.abs().sum() > 0:
+        return lambda r: torch.zeros(r.shape[0])
+    sub = copy.copy(aggregator)
+    sub.weights = w
+    return sub
 
 
 def as_member(obj, normalize: str = "none"):
@@ -158,9 +185,12 @@ def as_member(obj, normalize: str = "none"):
 class RewardPipeline:
     """members → per-member normalisation → aggregation → shapers.
 
-    nonfinite: "drop" marks samples with a NaN/inf/None member reward invalid (they never reach the loss; a warning
-    with counts on the first occurrence, an error if a whole batch is dropped); "error" stops at once, naming the
-    member.
+    A Python function's None is "not applicable" (TRL's reward_funcs contract): the sample is scored by the members
+    that did score it (the aggregation over those; `weighted` with their weights). A sample no member scored, or one
+    with a NaN / inf member reward, is non-finite.
+    nonfinite: "drop" marks non-finite samples invalid (they never reach the loss; a warning with counts on the
+    first occurrence; a whole batch dropped trains on nothing, an error once `MIN_DROPPED_IN_A_ROW` samples in a row
+    — or a whole batch of at least that many — are dropped); "error" stops at once, naming the member.
     callable_normalization: "auto" (running mean/std for Python callables when there is more than one member
     column, raw scores when a callable is the only reward), "running" or "none".
     name: its `__name__`, which TRL's GRPOTrainer / RLOOTrainer key its metrics and completions column by (default
@@ -201,7 +231,8 @@ class RewardPipeline:
             raise ValueError(f"aggregation weights: {len(weights)} given for {len(self.member_names)} member columns "
                              f"({', '.join(self.member_names)}). Give one weight per column, in that order: a reward "
                              f"model trained with ensemble_size K contributes K columns.")
-        self.dropped_total, self._warned, self._warned_eos = 0, False, False
+        self.dropped_total, self._warned, self._warned_eos, self._warned_whole = 0, False, False, False
+        self.dropped_in_a_row = 0  # samples dropped since the last one kept (the whole-batch rule)
         # what made samples non-finite last, and its fix: the trainer's error when a whole global batch is dropped
         self.last_nonfinite = ("the reward functions returned non-finite rewards", "Check the reward function")
         # a batch that is one process's share of the trainer's (PPOTrainer under DDP): a share with every sample
@@ -227,18 +258,25 @@ class RewardPipeline:
         """`score`, with `fate`: what becomes of a dropped sample where the caller uses the result (for the warning);
         `whole_batch_may_drop`: every sample dropped is the caller's to handle (TRL leaves them out)."""
         # keywords (dataset columns, trainer_state, log_metric) go to Python functions; reward models score text
-        raw = torch.cat([self._member_scores(m, prompts, completions, completion_ids, kwargs) for m in self.members],
-                        -1)
+        parts = [self._member_scores(m, prompts, completions, completion_ids, kwargs) for m in self.members]
+        raw = torch.cat(parts, -1)
+        # None from a Python function is "not applicable" (TRL's reward_funcs contract): with other members the sample
+        # is scored by those that did score it; NaN / inf is a broken score and drops the sample
+        absent = torch.cat([m.last_none if isinstance(m, CallableMember) and m.last_none.shape == x.shape
+                            else torch.zeros_like(x, dtype=torch.bool) for m, x in zip(self.members, parts)], -1)
         mean = torch.cat([m.mean for m in self.members]).float()
         std = torch.cat([m.std for m in self.members]).float().clamp(min=1e-6)
         norm = (raw - mean) / std
-        valid = torch.isfinite(norm).all(-1)
+        finite = torch.isfinite(norm)
+        valid = (finite | absent).all(-1) & finite.any(-1)
         if not valid.all():
-            bad = [n for n, ok in zip(self.member_names, torch.isfinite(norm).all(0)) if not ok]
+            bad = [n for n, ok in zip(self.member_names, (finite | valid.unsqueeze(-1)).all(0)) if not ok]
             self._handle_nonfinite(~valid, valid, f"Reward member(s) {bad} returned non-finite rewards",
                                    "Fix the reward function", fate, whole_batch_may_drop)
-        safe = torch.where(valid.unsqueeze(-1), norm, torch.zeros_like(norm))
-        scores, valid = self._plugin_step(self.aggregator, "aggregation", safe, valid, fate, whole_batch_may_drop)
+        present = finite & valid.unsqueeze(-1)
+        safe = torch.where(present, norm, torch.zeros_like(norm))
+        scores, valid = self._plugin_step(self.aggregator, "aggregation", safe, valid, fate, whole_batch_may_drop,
+                                          present=present)
         if self.eos_token_id is None and self.shapers and has_eos is None and not self._warned_eos:
             self._warned_eos = True
             warnings.warn("RewardPipeline has shapers but no eos_token_id, so no completion counts as ended: "
@@ -249,14 +287,29 @@ class RewardPipeline:
             info.has_eos = torch.as_tensor(has_eos, dtype=torch.bool)
         for shaper in self.shapers:
             scores, valid = self._plugin_step(shaper, "shaper", scores, valid, fate, whole_batch_may_drop, info)
+        self.dropped_in_a_row = 0 if valid.any() else self.dropped_in_a_row + len(valid)
+        if not valid.any() and not (self.batch_is_a_share or whole_batch_may_drop) and not self._warned_whole:
+            self._warned_whole = True
+            warnings.warn(f"Every sample of this batch ({len(valid)}) was dropped (non-finite rewards): it trains on "
+                          f"nothing. The run stops once {MIN_DROPPED_IN_A_ROW} samples in a row are dropped. This "
+                          f"warning is shown once; rewards/dropped_nonfinite counts them.", stacklevel=4)
         return scores, valid, raw, norm
 
-    def _plugin_step(self, plugin, point, x, valid, fate, whole_batch_may_drop, *more):
+    def _plugin_step(self, plugin, point, x, valid, fate, whole_batch_may_drop, *more, present=None):
         """The aggregation (x = normalised members [B, K]) or a shaper (x = scores [B]): its output checked (one float
         per sample), and a sample it makes non-finite dropped like a member's NaN (`nonfinite_rewards`) — one NaN
-        would otherwise make every PPO step of the batch NaN. Dropped samples go on as 0."""
+        would otherwise make every PPO step of the batch NaN. Dropped samples go on as 0. `present` [B, K]: the
+        members that scored each sample (a Python function's None: not applicable), which the aggregation sees."""
         name = getattr(plugin, "name", type(plugin).__name__)
-        out = checked_output(plugin(x, *more), valid.float(), point, name, "one score per sample")
+        if present is None or present[valid].all():
+            out = checked_output(plugin(x, *more), valid.float(), point, name, "one score per sample")
+        else:  # some samples scored by some members only: aggregated over those, one pattern of members at a time
+            out = torch.zeros(len(x))
+            for cols in torch.unique(present[valid], dim=0):
+                rows = valid & (present == cols).all(-1)
+                agg = plugin if cols.all() else _over_members(plugin, cols)
+                out[rows] = checked_output(agg(x[rows][:, cols]), valid[rows].float(), point, name,
+                                           "one score per sample")
         ok = torch.isfinite(out)
         if not (ok | ~valid).all():
             self._handle_nonfinite(valid & ~ok, valid & ok, f"The {point} {name!r} returned non-finite "
@@ -274,9 +327,11 @@ class RewardPipeline:
             raise ValueError(f"{what} (NaN, inf or None) for {n_bad} of {B} sample(s). {fix}, or set "
                              f"`nonfinite_rewards: drop` to drop "
                              f"such samples and count them.")
-        if not valid.any() and not (self.batch_is_a_share or whole_batch_may_drop):
-            raise ValueError(f"Every sample of the batch ({B}) got a non-finite reward ({what} for {n_bad}): nothing "
-                             f"is left to train on. {fix} (it returns NaN/inf/None for everything).")
+        in_a_row = self.dropped_in_a_row + B  # with this batch's
+        if not valid.any() and not (self.batch_is_a_share or whole_batch_may_drop) and in_a_row >= MIN_DROPPED_IN_A_ROW:
+            before = f" and the {in_a_row - B} before it" if in_a_row > B else ""
+            raise ValueError(f"Every sample of the batch ({B}){before} got a non-finite reward ({what} for {n_bad}): "
+                             f"nothing is left to train on. {fix} (it returns NaN/inf/None for everything).")
         self.dropped_total += n_bad
         if not self._warned:
             self._warned = True
@@ -332,9 +387,12 @@ class RewardPipeline:
         if not valid.any():
             return
         for j, name in enumerate(self.member_names):
-            log_metric(f"rewards/{name}_raw", float(raw[valid, j].mean()))
-        if norm.shape[1] > 1:
-            log_metric("rewards/ensemble_std", float(norm[valid].std(-1).mean()))
+            scored = valid & torch.isfinite(raw[:, j])  # a member's None (not applicable) is no score
+            if scored.any():
+                log_metric(f"rewards/{name}_raw", float(raw[scored, j].mean()))
+        full = valid & torch.isfinite(norm).all(-1)
+        if norm.shape[1] > 1 and full.any():
+            log_metric("rewards/ensemble_std", float(norm[full].std(-1).mean()))
 
     def callback(self) -> "RewardPipelineStateCallback":
         """A callback for TRL's GRPOTrainer / RLOOTrainer (any transformers Trainer) that saves this pipeline's running
