@@ -41,3 +41,89 @@ def test_logged_token_means_and_kl_are_over_the_global_batch(tmp_path):
     last0, last1 = ranks[0][-1], ranks[1][-1]
     old_kl = (sum(last0["kl"]) / 5 + sum(last1["kl"]) / 8) / 2
     assert abs(old_kl - last0["logged"]["objective/kl"]) > 1e-4
+
+
+# -- the reward trainer ------------------------------------------------------------------------------------------
+REWARD_WORKER = '''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
+from rlhf_ext.rl_math import pearson
+from tests.conftest import preference_rows
+from tests.test_trl_parity import ptok
+
+out, path = sys.argv[1], sys.argv[2]
+common = dict(max_steps=2, per_device_train_batch_size=3, gradient_accumulation_steps=2, logging_steps=1,
+              per_device_eval_batch_size=4, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+              disable_tqdm=True, seed=0, gradient_checkpointing=False, learning_rate=1e-3,
+              center_rewards_coefficient=0.01)
+train, evals = Dataset.from_list(preference_rows(24, 0)), Dataset.from_list(preference_rows(13, 1))
+result = {}
+for name in ("trl", "ours", "heads2"):
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if name == "trl":
+        tr = RewardTrainer(model, args=RewardConfig(out + "/" + name, **common), train_dataset=train,
+                           eval_dataset=evals, processing_class=ptok())
+    else:
+        K = 1 if name == "ours" else 2
+        cfg = RewardEnsembleConfig(out + "/" + name, ensemble_size=K, normalization_samples=4, **common)
+        tr = RewardEnsembleTrainer(model, args=cfg, train_dataset=train, eval_dataset=evals, processing_class=ptok(),
+                                   peft_config=LoraConfig(r=4, target_modules=["q_proj"]) if K > 1 else None)
+    tr.train()
+    ev = tr.evaluate()
+    whole = {}
+    if name == "heads2":  # the whole set in one batch, on one process: every pair once
+        ens = tr.accelerator.unwrap_model(tr.model).eval()
+        batch = tr.data_collator([tr.eval_dataset[i] for i in range(len(tr.eval_dataset))])
+        with torch.no_grad():
+            r = ens(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+        d = r[:13] - r[13:]
+        whole = {"eval_accuracy_ensemble": (d.mean(-1) > 0).float().mean().item(),
+                 "eval_accuracy_member_1": (d[:, 1] > 0).float().mean().item(),
+                 "eval_ensemble_disagreement": r.std(-1).mean().item(),
+                 "eval_length_pearson": pearson(r.mean(-1), batch["response_length"]).item()}
+    drop = lambda h: {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}
+    result[name] = {"history": [drop(h) for h in tr.state.log_history], "evaluate": drop(ev), "whole": whole}
+json.dump(result, open(f"{out}/rank{tr.accelerator.process_index}.json", "w"))
+'''
+
+
+def test_reward_trainer_metrics_are_trls_and_global_under_ddp(tmp_path):
+    """Two processes, an eval set (13 pairs, batches of 4) that does not divide over them: every logged key is the
+    same on both ranks and, with one member, the same as trl.RewardTrainer's (total_flos included: ours logged 0);
+    the whole-set keys of an ensemble count every eval pair once (accelerate fills the last batches with pairs from
+    the start of the set)."""
+    from tests.test_trl_parity import ptok
+
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from rlhf_ext.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(tiny_config(ptok(), num_labels=1))
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "rm")
+    (tmp_path / "worker.py").write_text(REWARD_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "recipes/accelerate_configs/cpu_2proc.yaml"),
+           "--main_process_port", "29692", str(tmp_path / "worker.py"), str(tmp_path), str(tmp_path / "rm")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1]
+    theirs, ours, ens = (ranks[0][n] for n in ("trl", "ours", "heads2"))
+    assert len(theirs["history"]) == len(ours["history"]) == 4  # 2 steps, the run's summary, the evaluate()
+    for t, o in [*zip(theirs["history"], ours["history"]), (theirs["evaluate"], ours["evaluate"])]:
+        assert set(t) <= set(o)
+        for key, value in t.items():
+            assert o[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert theirs["history"][2]["total_flos"] > 0
+    for key, value in ens["whole"].items():
+        assert ens["evaluate"][key] == pytest.approx(value, abs=1e-5), key

@@ -342,6 +342,18 @@ def test_margin(tmp_path, sc_path):
     trains(trainers)
 
 
+def test_total_flos(tmp_path, sc_path):
+    """Trainer's `total_flos` (the run's last log entry, trainer_state.json): 6 × input tokens × the model's
+    non-embedding parameters, as for TRL's model. Ours logged 0 (RewardEnsemble had no `num_parameters`)."""
+    trainers = pair(tmp_path, lambda: seq_cls(sc_path), data(), max_steps=2)
+    for tr in trainers:
+        tr.train()
+    theirs, ours = (tr.state.log_history[-1]["total_flos"] for tr in trainers)
+    assert theirs > 0 and ours == pytest.approx(theirs, rel=1e-9)
+    ens = trainers[1].model
+    assert ens.num_parameters(exclude_embeddings=True) == trainers[0].model.num_parameters(exclude_embeddings=True)
+
+
 def test_center_rewards_coefficient(tmp_path, sc_path):
     trainers = pair(tmp_path, lambda: seq_cls(sc_path), data(), center_rewards_coefficient=0.3)
     loss = same_step0(trainers)

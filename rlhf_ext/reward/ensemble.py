@@ -237,6 +237,18 @@ class RewardEnsemble(nn.Module):
 
     is_gradient_checkpointing = is_activation_checkpointing
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """`PreTrainedModel.num_parameters` of the trunk (its LoRA layers included, 4-bit weights counted as
+        transformers counts them) plus the score heads. Trainer's `floating_point_ops` reads it for the logged
+        `total_flos` (6 × input tokens × non-embedding parameters, as for trl.RewardTrainer's model); without it
+        every run logged `total_flos` 0."""
+        trunk = trunk_of(self.model)
+        if hasattr(trunk, "num_parameters"):
+            n = trunk.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        else:  # a trunk that is not a transformers model
+            n = sum(p.numel() for p in trunk.parameters() if p.requires_grad or not only_trainable)
+        return n + sum(p.numel() for p in self.heads.parameters() if p.requires_grad or not only_trainable)
+
     # -- the scoring path ---------------------------------------------------------------------------------------
     def hidden(self, input_ids, attention_mask, n_shared: int | None = None) -> torch.Tensor:
         """Final hidden states of the trunk with the currently active adapter. [B, T] → [B, T, H]. `n_shared`: the
