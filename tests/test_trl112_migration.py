@@ -122,7 +122,7 @@ def test_trl112_config_names_conflicting_with_ours_are_refused(tmp_path):
                                          "per_device_train_batch_size for memory"),
     ("num_sample_generations", "eval_dataset with eval_strategy"),
     ("stop_token_id", "add that id to the model's generation_config.eos_token_id"),
-    ("whiten_rewards", "whiten_advantages"),
+    ("whiten_rewards", "callable_normalization='running' to put the rewards on one scale"),
     ("ref_adapter_name", "nothing: the reference is the base with every adapter off"),
     ("ds3_gather_for_generation", "nothing: DeepSpeed is not supported"),
     ("local_mini_batch_size", "delete it: TRL computed it from the others"),  # in a config saved by a TRL 1.12 run
@@ -186,7 +186,7 @@ def test_the_ppo_recipe_refuses_them_from_a_yaml_or_the_command_line(tmp_path):
     r = subprocess.run([str(cli), "ppo", "--config", str(config), "--beta", "0.1"], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "`whiten_rewards` (TRL 1.12 PPO) → whiten_advantages" in r.stderr
+    assert "`whiten_rewards` (TRL 1.12 PPO) → callable_normalization='running'" in r.stderr
     assert "`beta` (GRPO / RLOO) → the KL settings" in r.stderr
     assert "usage:" not in r.stderr and not (tmp_path / "out").exists()
 
