@@ -243,9 +243,11 @@ class GradientReachCheck:
     def __call__(self, signal: bool = True) -> None:
         if self.done:
             return
-        self.reached |= {n for n, p in self.params.items() if p.grad is not None and bool(torch.any(p.grad != 0))}
         if not signal and all(p.grad is not None for p in self.params.values()):
-            return
+            return  # (every gradient is 0: nothing reached either)
+        grads = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
+        nonzero = torch.stack([g.ne(0).any() for _, g in grads]).tolist() if grads else []  # one device sync
+        self.reached |= {n for (n, _), hit in zip(grads, nonzero) if hit}
         self.tries += 1
         self.done = check_gradients_reached(self.params, self.trainer, self.quantized,
                                             final=self.tries >= REACH_TRIES, reached=frozenset(self.reached),

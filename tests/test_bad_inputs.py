@@ -134,11 +134,25 @@ def test_a_small_batch_dropped_whole_trains_on_nothing_and_only_a_run_of_drops_s
         calls["n"] += 1
         return [None if calls["n"] in (2, 3) else 1.0 + calls["n"] for _ in completions]
 
+    tr = make(tmp_path, tok, reward=sometimes_none, max_steps=4, per_device_train_batch_size=1, data=prompts(4),
+              kl_controller="lagrangian", kl_target=0.1)
+    seen = []
+    step = tr._iteration
+
+    def iteration():  # the trainable parameters as each iteration starts (and after the last)
+        seen.append({n: p.detach().clone() for n, p in tr.policy.named_parameters() if p.requires_grad})
+        return step()
+
+    tr._iteration = iteration
     with pytest.warns(UserWarning, match=r"Every sample of this batch \(1\) was dropped .* trains on nothing"):
-        hist = make(tmp_path, tok, reward=sometimes_none, max_steps=4, per_device_train_batch_size=1, data=prompts(4),
-                    kl_controller="lagrangian", kl_target=0.1).train()
+        hist = tr.train()
+    seen.append({n: p.detach().clone() for n, p in tr.policy.named_parameters() if p.requires_grad})
+    moved = [any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(seen, seen[1:])]
+    assert moved == [True, False, False, True]  # no optimizer step: Adam's momentum alone moved them before
     assert [h["rewards/dropped_nonfinite"] for h in hist] == [0, 1, 1, 0]
-    assert hist[1]["grad_norm"] == 0 and math.isnan(hist[1]["objective/kl"])
+    assert math.isnan(hist[1]["grad_norm"]) and math.isnan(hist[1]["loss/policy"]) and math.isnan(hist[1]["objective/kl"])
+    losses = [h["loss/policy"] + tr.args.vf_coef * h["loss/value"] for h in (hist[0], hist[3])]
+    assert hist.training_loss == pytest.approx(sum(losses) / 2)  # Trainer's logging_nan_inf_filter: not NaN
     assert hist[0]["objective/beta"] != hist[1]["objective/beta"]  # the controller moves β after a batch it sees
     assert hist[1]["objective/beta"] == hist[2]["objective/beta"] == hist[3]["objective/beta"]  # not fed a KL of 0
 

@@ -260,6 +260,7 @@ def _fp16_ranks(rank: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from rlhf_ext.adapters import GradientReachCheck  # (no adapter matrices: decided at the first step)
     from rlhf_ext.ppo.trainer import PPOTrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -269,7 +270,7 @@ def _fp16_ranks(rank: int, port: int, out: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(layer)
     reduce = lambda t, reduction="sum": (dist.all_reduce(t), t)[1]  # noqa: E731
     tr = types.SimpleNamespace(grad_scaler=torch.amp.GradScaler("cpu"), version=0, _global_sum=reduce,
-                               optimizer=torch.optim.SGD(layer.parameters(), lr=0.1), _reach_check=lambda: None,
+                               optimizer=torch.optim.SGD(layer.parameters(), lr=0.1), _reach_check=GradientReachCheck({}, "t"),
                                accelerator=types.SimpleNamespace(backward=lambda loss: loss.backward(),
                                                                  num_processes=2, reduce=reduce),
                                trainable_parameters=lambda: list(layer.parameters()),

@@ -200,13 +200,50 @@ def test_none_from_one_reward_function_means_not_applicable_as_in_trl():
     with pytest.warns(UserWarning, match=r"\['a', 'b'\] returned non-finite rewards for 2 of 7"):
         scores, valid, raw, _ = p.score(None, ["x"] * 7, ids)
     assert valid.tolist() == [True, True, True, True, False, False, True]
-    assert scores.tolist() == pytest.approx([4.0, 5.0, 1.0, 2.0, 0.0, 0.0, (2 * 3.0 + 7.0) / 3])
+    # TRL's nansum(w · r) over the functions that scored, on the scale of a full row (÷ Σ|w| = 3): a weight means the
+    # same on every sample
+    trl = [sum(w * v for w, v in zip((2.0, 1.0), (x, y)) if v is not None) for x, y in zip(a_vals, b_vals)]
+    assert scores.tolist() == pytest.approx([t / 3 for t in trl[:4]] + [0.0, 0.0, trl[6] / 3])
     zero = RewardPipeline([a, b], "weighted", {"weights": [0.0, 1.0]}, callable_normalization="none")
     with pytest.warns(UserWarning):
         assert zero.score(None, ["x"] * 7, ids)[0].tolist()[2:4] == [0.0, 0.0]  # TRL: nansum of 0 · r
     mean = RewardPipeline([a, b], "mean", callable_normalization="none")
     with pytest.warns(UserWarning):
-        assert mean.score(None, ["x"] * 7, ids)[0].tolist() == pytest.approx([4.0, 5.0, 1.0, 2.0, 0.0, 0.0, 5.0])
+        assert mean.score(None, ["x"] * 7, ids)[0].tolist() == pytest.approx([2.0, 2.5, 0.5, 1.0, 0.0, 0.0, 5.0])
+
+
+def test_a_plugin_written_for_k_columns_is_not_handed_fewer():
+    """An aggregation plugin that indexes its K columns (r[:, 1]) failed with a bare IndexError mid-run the first time
+    a function returned None, and one keeping its weights in a list broadcast them over the one column left (a
+    silently wrong score); without `missing_members = True` such samples are dropped, saying how to opt in."""
+    from rlhf_ext.plugins.aggregation import Aggregator
+    from rlhf_ext.reward.pipeline import RewardPipeline
+
+    class Diff(Aggregator):
+        name = "diff"
+
+        def __call__(self, r):
+            return r[:, 0] - 0.5 * r[:, 1]
+
+    def a(completions, **kw):
+        return [1.0, None, 3.0]
+
+    def b(completions, **kw):
+        return [1.0, 2.0, 2.0]
+
+    p = RewardPipeline([a, b], Diff(), callable_normalization="none")
+    with pytest.warns(UserWarning, match=r"'diff' takes every member's column \(set `missing_members = True`.*for 1 of 3"):
+        scores, valid, _, _ = p.score(None, ["x"] * 3, [[1]] * 3)
+    assert valid.tolist() == [True, False, True] and scores.tolist() == [0.5, 0.0, 2.0]
+
+    class Last(Aggregator):  # opted in: handed the columns of the members that scored
+        name, missing_members = "last", True
+
+        def __call__(self, r):
+            return r[:, -1]
+
+    assert RewardPipeline([a, b], Last(), callable_normalization="none").score(None, ["x"] * 3, [[1]] * 3)[0].tolist() \
+        == [1.0, 2.0, 2.0]
 
 
 def test_multi_task_reward_functions_train_each_task_on_its_own_reward(tmp_path, tok):

@@ -258,7 +258,7 @@ def test_pipeline_logs_its_metrics_through_trl(tmp_path, tok):
         warnings.simplefilter("error")  # nothing dropped
         out = RewardPipeline([_judge, _first_token], callable_normalization="none")(
             completions=["x"] * 4, completion_ids=ids, log_metric=log_metric)
-    assert out == [1.0, 4.0, (2 + 0) / 2, (1 + 2) / 2]  # the first two scored by _first_token alone
+    assert out == [1.0 / 2, 4.0 / 2, (2 + 0) / 2, (1 + 2) / 2]  # the first two by _first_token alone: TRL's nansum / K
     assert calls["rewards/dropped_nonfinite"] == [0.0] and calls["rewards/_judge_raw"] == [pytest.approx(1.5)]
     assert calls["rewards/_first_token_raw"] == [pytest.approx((1 + 4 + 0 + 2) / 4)]
     calls.clear()

@@ -13,11 +13,13 @@ from ..registry import register
 
 class Aggregator:
     name = "base"
+    # rows a Python reward function marked not applicable (None, TRL's contract): with True they come in a call of
+    # their own without that member's column (r: [B, k], k < K); with False (a plugin written for K columns) they are
+    # dropped, with a warning. `mean` and `weighted` take TRL's nansum instead (reward/pipeline.py: _over_members)
+    missing_members = False
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        """r: [B, K] normalised member rewards → [B] (a float tensor; checked by the reward pipeline). Rows a Python
-        reward function marked not applicable (None, TRL's contract) come in a call of their own with that member's
-        column left out: K is the members that scored them (`weights`, if the plugin has them, cut to match)."""
+        """r: [B, K] normalised member rewards → [B] (a float tensor; checked by the reward pipeline)."""
         raise NotImplementedError(f"The aggregation {self.name!r} must implement __call__(r [B, K]) -> [B].")
 
 
@@ -30,6 +32,7 @@ class Mean(Aggregator):
 @register("aggregation", "min")
 class WorstCase(Aggregator):
     """WCO (Coste et al. 2023): min_i r_i."""
+    missing_members = True
 
     def __call__(self, r):
         return r.min(-1).values
@@ -38,6 +41,7 @@ class WorstCase(Aggregator):
 @register("aggregation", "uwo")
 class UncertaintyWeighted(Aggregator):
     """UWO (Coste et al. 2023): mean_i r_i − λ·var_i r_i."""
+    missing_members = True
 
     def __init__(self, lam: float = 1.0):
         self.lam = lam
@@ -49,6 +53,7 @@ class UncertaintyWeighted(Aggregator):
 
 @register("aggregation", "median")
 class Median(Aggregator):
+    missing_members = True
     def __call__(self, r):
         return r.median(-1).values if r.shape[-1] % 2 else r.sort(-1).values[..., r.shape[-1] // 2 - 1 : r.shape[-1] // 2 + 1].mean(-1)
 

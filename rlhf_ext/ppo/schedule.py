@@ -3,6 +3,8 @@ saves is transformers' own DefaultFlowCallback's decision, one PPO iteration as 
 
 from __future__ import annotations
 
+import math
+
 
 class TrainHistory(list):
     """What `PPOTrainer.train()` returns: every iteration's metrics, in order (a list), with the fields of
@@ -12,9 +14,11 @@ class TrainHistory(list):
     (`trainer.log_metrics("train", trainer.train().metrics)`) runs unchanged."""
 
     def __init__(self, history: list[dict], global_step: int, vf_coef: float, seconds: float, prompts: int,
-                 iterations: int, epoch: float | None):
+                 iterations: int, epoch: float | None, nan_inf_filter: bool = True):
         super().__init__(history)
         losses = [h["loss/policy"] + vf_coef * h["loss/value"] for h in history if "loss/policy" in h]
+        if nan_inf_filter:  # Trainer's logging_nan_inf_filter (default True): a NaN/inf loss is left out of the mean
+            losses = [x for x in losses if math.isfinite(x)]  # (an iteration that took no step: every sample dropped)
         self.global_step = global_step
         self.training_loss = sum(losses) / len(losses) if losses else float("nan")
         self.metrics = {"train_runtime": round(seconds, 4),

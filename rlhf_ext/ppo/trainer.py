@@ -614,9 +614,11 @@ class PPOTrainer(Trainer):
         scores, valid, ro.raw, ro.norm = self.rewards.score(ro.prompts, ro.completions, ro.completion_ids,
                                                             has_eos=ro.has_eos.cpu(), **self.reward_kwargs(ro))
         ro.scores, ro.valid = scores.to(ro.ids.device), valid.to(ro.ids.device)
+        # samples kept over every process: none kept, the update is skipped on every rank (`_iteration`)
+        ro.kept = self._sum_over_processes(float(valid.sum()))
         if self.rewards.batch_is_a_share:  # the whole-batch rule (pipeline.MIN_DROPPED_IN_A_ROW) on the global batch
             n = len(valid) * self.accelerator.num_processes
-            kept = self._sum_over_processes(float(valid.sum()))
+            kept = ro.kept
             self._dropped_in_a_row = 0 if kept else self._dropped_in_a_row + n
             if not kept and self._dropped_in_a_row >= MIN_DROPPED_IN_A_ROW:
                 what, fix = self.rewards.last_nonfinite  # every process dropped its whole share: each knows which part
@@ -706,11 +708,12 @@ class PPOTrainer(Trainer):
         one_forward = self.args.num_mini_batches == 1 and self.args.disable_dropout
         return one_forward and not (between_epochs and self.accelerator.num_processes > 1)
 
-    def _full_forward(self, ro: Rollout, between_epochs: bool = False):
+    def _full_forward(self, ro: Rollout, between_epochs: bool = False, keep: bool = True):
         """(logits, values, logp) of the whole batch at the current parameters, kept for the next training step when
         `_reusable`; otherwise in eval mode without gradients (with dropout on in training, θ_old is still the policy
-        itself, not one dropout draw)."""
-        if self._reusable(between_epochs):
+        itself, not one dropout draw). `keep=False`: no training step follows (under DDP a forward with gradients must
+        be followed by its backward)."""
+        if keep and self._reusable(between_epochs):
             out = self.train_policy(ro.ids, ro.mask, ro.R, ro.h_low)
             self._memo.put(self.version, out)
             return out
@@ -777,12 +780,12 @@ class PPOTrainer(Trainer):
             scaler.unscale_(self.optimizer)  # the true gradients; an inf or NaN among the scaled ones is recorded
         params = self.trainable_parameters()
         clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # ≤ 0 / None: no clipping, as in Trainer
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))  # ≤ 0 / None: no clipping, as in Trainer
         loss_finite = bool(torch.isfinite(loss))
         if scaler is not None and self.accelerator.num_processes > 1:  # one decision on every rank: a rank's own
             # non-finite loss reaches the others only as NaN gradients, and their loss scales must not drift apart
             loss_finite = bool(self._global_sum(torch.tensor(float(not loss_finite), device=self.args.device)) == 0)
-        if not (loss_finite and torch.isfinite(norm)):
+        if not (loss_finite and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skipped: a non-finite loss or gradient
             if scaler is not None and loss_finite:  # fp16's range overflowed: retry at half the scale
                 scaler.update()
@@ -791,14 +794,15 @@ class PPOTrainer(Trainer):
             if scaler is not None:  # the loss itself was non-finite: no reason to lower the scale
                 scaler.update(scaler.get_scale())
             stats["optim/skipped_nonfinite_steps"] += 1
-            return float(norm)
-        self._reach_check(signal=bool(norm > 0))  # a step whose whole gradient is 0 says nothing about the graph
+            return norm
+        if not self._reach_check.done:
+            self._reach_check(signal=norm > 0)  # a step whose whole gradient is 0 says nothing about the graph
         self.optimizer.step()
         if scaler is not None:
             scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return float(norm)
+        return norm
 
     def _step_schedule(self) -> None:
         """The learning-rate schedule advances once per iteration, as TRL 1.12's PPO stepped it, and is planned in
@@ -825,8 +829,11 @@ class PPOTrainer(Trainer):
             n = ro.mask.sum() if args.include_num_input_tokens_seen == "non_padding" else ro.ids.numel()
             self.state.num_input_tokens_seen += int(self._sum_over_processes(float(n)))
 
+        # a batch whose every sample was dropped (on every process) has nothing to train on: no optimizer step, which
+        # with a zero gradient would still move the adapters by Adam's momentum, and no forward/backward passes
+        train = ro.kept > 0
         # 2. θ_old: log-probs and values (with one minibatch this forward is epoch 1's, kept in the memo)
-        out = self._full_forward(ro)
+        out = self._full_forward(ro, keep=train)
         old_values, old_logp = out[1].detach(), out[2].detach()
         if self.kl_guard is not None:
             stats["kl/before_update"] = self._measure(ro, out[0])
@@ -837,7 +844,8 @@ class PPOTrainer(Trainer):
 
         # 4. epochs × minibatches, each epoch guarded
         kl_before = stats.get("kl/before_update")  # KL at the parameters each epoch starts from (guard's search)
-        for epoch in range(args.num_ppo_epochs):
+        row_tokens = m.sum(1).cpu()  # each row's kept tokens, read once: a step's count without a device sync
+        for epoch in range(args.num_ppo_epochs if train else 0):
             before = self.kl_guard.snapshot() if self.kl_guard is not None else None
             minibatches = [None] if args.num_mini_batches == 1 else torch.randperm(B).split(B // args.num_mini_batches)
             for idx in minibatches:
@@ -856,8 +864,9 @@ class PPOTrainer(Trainer):
                 if entropy is None:
                     with torch.no_grad():
                         entropy = self._entropy(logits, mi)
-                n_tok = float(mi.sum())  # token means weigh by their tokens: under DDP a step's loss is the token
-                # mean over every process's rows (`_token_share`), and so is what is logged of it (`_step_means`)
+                # token means weigh by their tokens: under DDP a step's loss is the token mean over every process's
+                # rows (`_token_share`), and so is what is logged of it (`_step_means`)
+                n_tok = float(row_tokens.sum() if idx is None else row_tokens[idx].sum())
                 for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
                                ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
                                ("policy/entropy", entropy), ("grad_norm", grad_norm)):
@@ -875,6 +884,8 @@ class PPOTrainer(Trainer):
                     break
                 stats["kl/after_update"] = kl_before = kl  # the next epoch starts from these parameters
         self._memo.clear()
+        if not train and "kl/before_update" in stats:  # nothing trained: the parameters the guard measured
+            stats["kl/after_update"] = stats["kl/before_update"]
         self._step_schedule()
         if self.kl_guard is None and args.log_kl_after_update:
             stats["kl/after_update"] = self._measure(ro)
@@ -941,6 +952,10 @@ class PPOTrainer(Trainer):
         """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
         m, valid = ro.loss_mask, ro.valid.cpu()
         metrics = self._step_means(acc)
+        for k in ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "val/clipfrac", "policy/entropy",
+                  "grad_norm"):
+            if not acc and k not in metrics:  # no step taken (every sample dropped): the same keys, with no value
+                metrics[k] = float("nan")
         for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "optim/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
         v, r, vf, ones = old_values.double() * m, returns.double() * m, valid.double(), torch.ones(len(valid))
@@ -1113,7 +1128,8 @@ class PPOTrainer(Trainer):
                     raise stop.exception()
         history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.time() - start,
                                (self.iteration - first) * args.per_device_train_batch_size
-                               * self.accelerator.num_processes, self.iteration - first, self.state.epoch)
+                               * self.accelerator.num_processes, self.iteration - first, self.state.epoch,
+                               args.logging_nan_inf_filter)
         if self.iteration > first:  # Trainer's closing log (runtime, samples/s, loss), to log_history and reporters
             self.log(dict(history.metrics), start_time=start)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)

@@ -11,7 +11,6 @@ valid `reward_funcs` entry for TRL's GRPOTrainer / RLOOTrainer.
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
 import math
 import warnings
@@ -153,18 +152,21 @@ class CallableMember(RunningNormalization):
 
 
 def _over_members(aggregator, cols: torch.Tensor):
-    """The aggregation over the members `cols` ([K] bool) only, for samples the others did not score (a Python
-    function's None): a weighted one with their weights (a sample only zero-weighted members scored gets 0, as TRL's
-    nansum gives it); any other is handed those columns."""
-    weights = getattr(aggregator, "weights", None)
-    if not isinstance(weights, torch.Tensor) or len(weights) != len(cols):
-        return aggregator
-    w = weights[cols]
-    if not w.abs().sum() > 0:
-        return lambda r: torch.zeros(r.shape[0])
-    sub = copy.copy(aggregator)
-    sub.weights = w
-    return sub
+    """The aggregation for samples only the members `cols` ([K] bool) scored (a Python function's None: not
+    applicable), or None where the aggregation cannot take fewer columns. `mean` and `weighted` are TRL's nansum on
+    the scale of a sample every member scored (Σ over the members that scored wᵢrᵢ / Σ over all |wᵢ|; mean: wᵢ = 1):
+    a member's weight means the same on every sample, and a sample only zero-weighted members scored gets 0. `min`,
+    `uwo`, `median` and a plugin with `missing_members = True` are handed those columns; any other plugin, written for
+    K columns, gets None (its samples are dropped, said by the pipeline)."""
+    from ..plugins.aggregation import Mean, Weighted
+
+    if isinstance(aggregator, Weighted):
+        w, total = aggregator.weights[cols], aggregator.weights.abs().sum()
+        return lambda r: (r * w.to(r)).sum(-1) / total.to(r)
+    if isinstance(aggregator, Mean):
+        k = len(cols)
+        return lambda r: r.sum(-1) / k
+    return aggregator if getattr(aggregator, "missing_members", False) else None
 
 
 def as_member(obj, normalize: str = "none"):
@@ -305,11 +307,22 @@ class RewardPipeline:
             out = checked_output(plugin(x, *more), valid.float(), point, name, "one score per sample")
         else:  # some samples scored by some members only: aggregated over those, one pattern of members at a time
             out = torch.zeros(len(x))
+            refused = torch.zeros_like(valid)
             for cols in torch.unique(present[valid], dim=0):
                 rows = valid & (present == cols).all(-1)
                 agg = plugin if cols.all() else _over_members(plugin, cols)
+                if agg is None:
+                    refused |= rows
+                    continue
                 out[rows] = checked_output(agg(x[rows][:, cols]), valid[rows].float(), point, name,
                                            "one score per sample")
+            if refused.any():
+                self._handle_nonfinite(refused, valid & ~refused, f"The {point} {name!r} takes every member's column "
+                                       f"(set `missing_members = True` on {type(plugin).__name__} to be handed [B, k] "
+                                       f"columns of the members that scored instead), and a member returned None (not "
+                                       f"applicable)", "Score every sample in the reward functions", fate,
+                                       whole_batch_may_drop)
+                valid = valid & ~refused
         ok = torch.isfinite(out)
         if not (ok | ~valid).all():
             self._handle_nonfinite(valid & ~ok, valid & ok, f"The {point} {name!r} returned non-finite "
