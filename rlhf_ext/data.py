@@ -464,7 +464,8 @@ def tokenize_prompts(dataset, tokenizer, args, min_rows: int | None = None, desc
     if columns is None:  # a stream whose features are not declared (a generator's): its first row has them
         columns = list(next(iter(dataset), {}))
     if not columns:  # an empty stream (held in memory: an evaluation set), which declared no columns either
-        raise ValueError("The prompt dataset is empty (the stream yields no rows): add prompts.")
+        what = "train_dataset" if min_rows is None else "The evaluation set"
+        raise ValueError(f"{what} is empty (the stream yields no rows): add prompts.")
     if "prompt" not in columns and "input_ids" not in columns:
         raise ValueError(f"The PPO dataset needs a 'prompt' column (TRL prompt-only format), or 'input_ids' as TRL "
                          f"1.12's PPO took it; it has {columns}.")

@@ -560,9 +560,9 @@ def test_an_empty_or_all_tie_stream_says_so(tmp_path, tok, tiny_path):
     with pytest.warns(UserWarning, match="dropping pairs"), \
             pytest.raises(ValueError, match="Every pair of train_dataset has chosen == rejected"):
         RewardEnsembleTrainer(tiny_path, args=_rm_args(tmp_path), train_dataset=_generated(ties), processing_class=tok)
-    with pytest.raises(ValueError, match=r"The prompt dataset is empty \(the stream yields no rows\)"):
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(the stream yields no rows\)"):
         make(tmp_path, tok, data=_generated([]), max_steps=1)
-    with pytest.raises(ValueError, match=r"The prompt dataset is empty"):
+    with pytest.raises(ValueError, match=r"The evaluation set is empty"):
         make(tmp_path, tok, max_steps=1, eval_dataset=_generated([]))
 
 

@@ -371,8 +371,8 @@ FROM_TRL112 = {
                                         "per_device_train_batch_size for memory",
     "num_sample_generations": "eval_dataset with eval_strategy: evaluate() samples the policy on held-out prompts",
     "stop_token_id": "add that id to the model's generation_config.eos_token_id: responses stop at any of them (stop_on_eos=True)",
-    "whiten_rewards": "callable_normalization='running' to put the rewards on one scale (TRL 1.12 divided the batch's "
-                      "per-token rewards by their std; the advantages, whitened there always, are here too: "
+    "whiten_rewards": "callable_normalization='running' to put the rewards on one scale (TRL 1.12 whitened the batch's "
+                      "per-token rewards, their mean kept; the advantages, whitened there always, are here too: "
                       "whiten_advantages), or delete it (TRL 1.12's default, False)",
     "model_adapter_name": "nothing: a PeftModel's active adapter is the policy",
     "ref_adapter_name": "nothing: the reference is the base with every adapter off",
