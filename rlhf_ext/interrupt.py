@@ -5,10 +5,15 @@ Without it a signal landed anywhere — mid-sampling, mid-step — and everythin
 lost (on a 7B run, `save_steps` iterations of tens of minutes each). A second Ctrl-C stops at once, as before; a
 SIGTERM after a Ctrl-C does not (`accelerate launch` forwards one to its process a second after the terminal's
 Ctrl-C reached both). Launchers give their processes only a grace period after they are signalled themselves —
-`accelerate launch` 5 s, torchrun `--shutdown_timeout` (30 s) — then kill them: the announcement says so, and how
-to signal the training processes alone so that the iteration can finish. Under data parallelism every process gets
-the signal at its own moment; they agree on the iteration (or step) to stop after through one small reduction each
-(`requested`), so all of them save and stop together.
+`accelerate launch` 5 s for one process (for several it runs torchrun's agent), torchrun `--shutdown_timeout` (30 s)
+— then kill them: the announcement says so, and how to signal the training processes alone so that the iteration can
+finish. Under data parallelism every process gets the signal at its own moment; they agree on the iteration (or step)
+to stop after through one small reduction each (`requested`), so all of them save and stop together.
+
+The launcher also sends SIGTERM when one of its processes failed (an exception on one rank): that is no request to
+stop after the iteration — no checkpoint can be saved without the failed process — and it is not taken as one: the
+process says why it stops and stops at once (`launcher_is_stopping_the_job`), as it would without the handler. Before,
+it announced a checkpoint it could not write and went on computing until its next collective failed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+
+
+_TERM = float(2 ** 20)  # a SIGTERM's weight in `requested`'s sum: above any count of processes signalled
 
 
 class StopAfterIteration:
@@ -27,6 +35,7 @@ class StopAfterIteration:
 
     def __init__(self, announce: bool = True, unit: str = "iteration"):
         self.signum: int | None = None
+        self.agreed: int | None = None  # the signal the processes stop on (`requested`)
         self.announce, self.unit = announce, unit
         self._previous = {}
 
@@ -45,6 +54,16 @@ class StopAfterIteration:
         return False
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGTERM and self.signum is None and launcher_is_stopping_the_job():
+            # not a request to stop: the launcher ends the job because another of its processes ended (an error
+            # there). No checkpoint can be saved without that process, and this one would go on computing until its
+            # next collective fails, or the launcher kills it: stop now, as a process without this handler would.
+            self.__exit__()
+            print("\nSIGTERM from the launcher: another process of this job has ended (its error is above), so "
+                  "this one stops now, without a checkpoint. Resume from the last checkpoint saved with "
+                  "resume_from_checkpoint=True (recipes: --resume_from_checkpoint true).", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(128 + signum)
         if self.signum is not None:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now, as an unhandled one would
                 self.__exit__()
@@ -56,14 +75,43 @@ class StopAfterIteration:
                   f"(Ctrl-C again to stop at once, without one).{launcher_note()}", file=sys.stderr, flush=True)
 
     def requested(self, sum_over_processes=None) -> bool:
-        """Whether any process was signalled (`sum_over_processes`: float → its sum over every process)."""
-        flag = float(self.signum is not None)
-        return (sum_over_processes(flag) if sum_over_processes is not None else flag) > 0
+        """Whether any process was signalled (`sum_over_processes`: float → its sum over every process). Each
+        process adds 1 when signalled and _TERM more for a SIGTERM, so every process also learns whether any was
+        sent a SIGTERM (`exception`)."""
+        code = 0.0 if self.signum is None else 1.0 + (_TERM if self.signum == signal.SIGTERM else 0.0)
+        total = sum_over_processes(code) if sum_over_processes is not None else code
+        if total > 0:
+            self.agreed = signal.SIGTERM if total >= _TERM else signal.SIGINT
+        return total > 0
 
     def exception(self) -> BaseException:
-        if self.signum == signal.SIGTERM:
+        """What to raise: this process's own signal, or the one another process got — a process stopped because
+        another was sent SIGTERM ends as SIGTERM (143), not as a Ctrl-C (which the launcher's summary reported as
+        "Signal 2 (SIGINT) received" for a process nobody signalled)."""
+        if (self.signum if self.signum is not None else self.agreed) == signal.SIGTERM:
             return SystemExit(128 + signal.SIGTERM)
         return KeyboardInterrupt()
+
+
+def launcher_is_stopping_the_job() -> bool:
+    """Whether a SIGTERM now is torchrun's (or `accelerate launch`'s multi-process) agent ending the job after one of
+    its processes exited: fewer of its worker processes are alive than it started (LOCAL_WORLD_SIZE). A user's
+    `kill -TERM` of a training process, or the launcher passing on its own SIGTERM, finds them all alive. False
+    where it cannot be told (no elastic agent above, no psutil); a failed process on another node is not seen."""
+    import os
+
+    expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if expected < 2 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    try:
+        import psutil
+
+        me = psutil.Process()
+        workers = [c for c in me.parent().children() if c.status() != psutil.STATUS_ZOMBIE
+                   and c.environ().get("TORCHELASTIC_RUN_ID") == os.environ["TORCHELASTIC_RUN_ID"]]
+    except Exception:  # noqa: BLE001 — no psutil, no parent, no permission: cannot tell, keep the graceful stop
+        return False
+    return 0 < len(workers) < expected
 
 
 def launcher_note() -> str:
@@ -75,7 +123,14 @@ def launcher_note() -> str:
         parent = " ".join(psutil.Process().parent().cmdline())
     except Exception:  # noqa: BLE001 — no psutil, no parent, no permission: nothing to add
         return ""
-    if "accelerate" in parent and "launch" in parent:
+    import os
+
+    if "accelerate" in parent and "launch" in parent and "TORCHELASTIC_RUN_ID" in os.environ:
+        # several processes: accelerate runs torchrun's agent in its own process, with torchrun's grace period
+        grace = (f"accelerate launch (torchrun's agent, for several processes) kills its processes "
+                 f"{os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', '30')} s after it is itself signalled (Ctrl-C, "
+                 f"or a kill of it)")
+    elif "accelerate" in parent and "launch" in parent:
         grace = "accelerate launch kills its processes 5 s after it is itself signalled (Ctrl-C, or a kill of it)"
     elif "torchrun" in parent or "torch.distributed.run" in parent or "elastic" in parent:
         grace = "torchrun kills its processes --shutdown_timeout seconds (30) after it is itself signalled"

@@ -273,6 +273,63 @@ def test_the_announcement_says_what_a_launcher_above_will_do(monkeypatch, parent
         assert says in note and "pkill -TERM -f recipes/ppo.py" in note
 
 
+_SIGNALLED_WORKER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("interrupt", sys.argv[1])
+interrupt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(interrupt)  # by path: the rlhf_ext package would load transformers (seconds)
+with interrupt.StopAfterIteration() as stop:
+    print("ready", flush=True)
+    while not stop.requested():  # an iteration's work
+        time.sleep(0.02)
+    print("stopped after the iteration", flush=True)
+    raise stop.exception()
+"""
+
+
+@pytest.mark.parametrize("peer_failed", [True, False])
+def test_the_launchers_sigterm_after_another_process_failed_stops_at_once(tmp_path, peer_failed):
+    """torchrun's agent (accelerate launch's, for several processes) SIGTERMs every process when one of them fails.
+    That is no request to finish the iteration and save — without the failed process no collective, so no checkpoint,
+    can complete: it was announced as one ("stopping after this iteration and saving a checkpoint … signal the
+    training processes alone") and the process went on computing until its next collective failed or the agent
+    killed it 30 s later. It now says why and stops at once (143). With every process of the launch alive (a user's
+    `kill -TERM` of one process, or the launcher passing its own SIGTERM on) the iteration still finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from rlhf_ext import interrupt
+
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": uuid.uuid4().hex, "LOCAL_WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-c", _SIGNALLED_WORKER, interrupt.__file__]
+    worker = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peer = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.exit(1) if sys.argv[1] == '1' else "
+                             "time.sleep(60)", str(int(peer_failed))], env=env)
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        if peer_failed:
+            assert peer.wait(timeout=30) == 1  # reaped, as the agent reaps it before it signals the others
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    finally:
+        for p in (worker, peer):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert worker.returncode == 128 + signal.SIGTERM and time.monotonic() - t0 < 10
+    if peer_failed:
+        assert "another process of this job has ended" in err and "stops now, without a checkpoint" in err
+        assert "stopped after the iteration" not in out and "stopping after this iteration" not in err
+    else:
+        assert "stopping after this iteration" in err and "stopped after the iteration" in out
+        assert "another process" not in err
+
+
 def test_checkpoint_is_complete_and_atomic(tmp_path, tok):
     tr = make(tmp_path, tok, max_steps=2, save_strategy="steps", save_steps=1, critic="separate")
     tr.train()
