@@ -316,11 +316,13 @@ def test_ctrl_c_stops_the_ppo_recipe_after_the_iteration_with_its_checkpoint(tmp
            "--dataset_name", data, "--dataset_config", "prompts", "--use_cpu", "true", "--report_to", "none",
            "--output_dir", str(out), "--reward_model_path", str(tmp_path / "rm"), "--per_device_train_batch_size",
            "4", "--max_completion_length", "4", "--num_ppo_epochs", "1", "--monitor_reference_prompts", "4",
-           "--save_strategy", "no", "--max_steps", "100000"]  # more than a loaded machine finishes before the
-    # signal (200 iterations took 6 s: a test process starved of the CPU for that long saw the run end, exit 0)
+           "--save_strategy", "no", "--max_steps", "100000"]  # not over before the signal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C's default, as a terminal gives it: a suite run as a background job (`cmd &` in a script) hands its
+    # children SIGINT ignored, which training keeps (as a `nohup` job) — the run then never saw the Ctrl-C
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-                            cwd=tmp_path, start_new_session=True)
+                            cwd=tmp_path, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics, deadline = out / "monitor" / "metrics.jsonl", time.monotonic() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and proc.poll() is None:
         assert time.monotonic() < deadline, "no iteration finished in time"
