@@ -262,3 +262,24 @@ def test_multi_task_reward_functions_train_each_task_on_its_own_reward(tmp_path,
                 per_device_train_batch_size=8, monitor=True).train()
     assert all(h["rewards/dropped_nonfinite"] == 0 and math.isfinite(h["loss/policy"]) for h in hist)
     assert all(math.isfinite(h["rewards/math_reward_raw"]) and h["rewards/code_reward_raw"] >= 1 for h in hist)
+
+
+def test_a_dropped_sample_names_the_member_with_the_broken_score_not_the_not_applicable_one():
+    """A sample where `a` said None (not applicable) and `b` returned NaN is dropped for b's NaN: the warning named
+    both; a sample every member left None names them all."""
+    from rlhf_ext.reward.pipeline import RewardPipeline
+
+    def a(completions, **kw):
+        return [None, 1.0, None]
+
+    def b(completions, **kw):
+        return [math.nan, 2.0, 3.0]
+
+    with pytest.warns(UserWarning, match=r"Reward member\(s\) \['b'\] returned non-finite rewards"):
+        RewardPipeline([a, b], callable_normalization="none").score(None, ["x"] * 3, [[1]] * 3)
+
+    def c(completions, **kw):
+        return [None, 1.0, 2.0]
+
+    with pytest.warns(UserWarning, match=r"Reward member\(s\) \['a', 'c'\] returned non-finite rewards"):
+        RewardPipeline([a, c], callable_normalization="none").score(None, ["x"] * 3, [[1]] * 3)

@@ -272,7 +272,10 @@ class RewardPipeline:
         finite = torch.isfinite(norm)
         valid = (finite | absent).all(-1) & finite.any(-1)
         if not valid.all():
-            bad = [n for n, ok in zip(self.member_names, (finite | valid.unsqueeze(-1)).all(0)) if not ok]
+            # on the dropped samples: a NaN / inf, or a None where every member said None (one beside another's
+            # score or NaN is "not applicable", not the cause)
+            blamed = ~valid.unsqueeze(-1) & ~finite & (~absent | absent.all(-1, keepdim=True))
+            bad = [n for n, hit in zip(self.member_names, blamed.any(0)) if hit]
             self._handle_nonfinite(~valid, valid, f"Reward member(s) {bad} returned non-finite rewards",
                                    "Fix the reward function", fate, whole_batch_may_drop)
         present = finite & valid.unsqueeze(-1)
