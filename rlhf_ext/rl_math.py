@@ -111,6 +111,12 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tens
     return -F.logsigmoid(diff)
 
 
+def scored_by_every_member(valid: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """valid [B] bool, norm [B, K] member rewards → [B] bool: the kept samples every member scored (a Python reward
+    function's None, "not applicable", is a NaN column there) — the ones an ensemble spread is taken over."""
+    return valid & torch.isfinite(norm).all(-1)
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Differentiable Pearson correlation of two 1-D tensors (0 when either is constant)."""
     x, y = x - x.mean(), y - y.mean()

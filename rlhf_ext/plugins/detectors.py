@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..registry import register
-from ..rl_math import pearson
+from ..rl_math import pearson, scored_by_every_member
 from .shaping import content_ids, repeated_ngram_fraction
 
 ACTIONS = ("log", "queue", "halt")
@@ -205,15 +205,11 @@ class EnsembleDisagreement(Detector):
         self.baseline_iterations, self.baseline, self.base_sum, self.base_n = baseline_iterations, None, 0.0, 0
         self._sd = None  # spread of the per-sample stds in the last batch: the noise of their mean
 
-    @staticmethod
-    def _scored_by_all(obs):
-        """The samples every member scored (a Python function's None — not applicable — leaves one out)."""
-        return obs.valid & torch.isfinite(obs.norm).all(-1)
-
     def _std(self, obs):
-        if obs.norm.shape[1] < 2 or not self._scored_by_all(obs).any():
+        full = scored_by_every_member(obs.valid, obs.norm)
+        if obs.norm.shape[1] < 2 or not full.any():
             return None
-        return obs.norm[self._scored_by_all(obs)].std(-1)
+        return obs.norm[full].std(-1)
 
     def statistic(self, obs):
         s = self._std(obs)
@@ -231,14 +227,14 @@ class EnsembleDisagreement(Detector):
         if sd is None or self.base_n < self.baseline_iterations:
             return None
         b = max(self.baseline, 1e-6)
-        batch = int(self._scored_by_all(obs).sum())
+        batch = int(scored_by_every_member(obs.valid, obs.norm).sum())
         return 1.0, sd / b / math.sqrt(batch), sd / b / math.sqrt(batch * self.base_n)
 
     def suspicious(self, obs, n):
         s = self._std(obs)
         if s is None:
             return super().suspicious(obs, n)
-        idx = torch.nonzero(self._scored_by_all(obs)).flatten()
+        idx = torch.nonzero(scored_by_every_member(obs.valid, obs.norm)).flatten()
         return idx[torch.argsort(s, descending=True)[:n]].tolist()
 
     def state_dict(self):

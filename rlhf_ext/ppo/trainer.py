@@ -98,6 +98,8 @@ def prompts_to_stream(dataset, args: PPOConfig) -> int | None:
     return args.max_steps * args.per_device_train_batch_size * args.world_size
 
 
+STEP_METRICS = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "val/clipfrac", "policy/entropy",
+                "grad_norm")  # what each optimizer step records (`_step_means` averages them over the iteration)
 EVAL_METRICS = ("kl", "length", "eos")  # what evaluate_policy / evaluate report besides the audit judges
 
 
@@ -867,9 +869,8 @@ class PPOTrainer(Trainer):
                 # token means weigh by their tokens: under DDP a step's loss is the token mean over every process's
                 # rows (`_token_share`), and so is what is logged of it (`_step_means`)
                 n_tok = float(row_tokens.sum() if idx is None else row_tokens[idx].sum())
-                for k, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("policy/clipfrac", clipfrac),
-                               ("policy/approx_kl", approx_kl), ("val/clipfrac", vf_clipfrac),
-                               ("policy/entropy", entropy), ("grad_norm", grad_norm)):
+                for k, val in zip(STEP_METRICS, (pg_loss, vf_loss, clipfrac, approx_kl, vf_clipfrac, entropy,
+                                                 grad_norm)):
                     if val is not None:  # an fp16 step that overflowed has no gradient norm to report
                         v = float(val.detach()) if torch.is_tensor(val) else val
                         acc.setdefault(k, []).append((v, 1.0) if k == "grad_norm" else (v * n_tok, n_tok))
@@ -923,8 +924,6 @@ class PPOTrainer(Trainer):
         a step's token means (losses, clip fractions, approx. KL, entropy) over the tokens of every process's rows —
         the loss that step's gradient is of — not the mean of the processes' own means; one reduction for them all.
         Every process takes the same steps (the guard's and fp16's decisions are global)."""
-        if not acc:
-            return {}
         names = sorted(acc)
         flat = torch.tensor([x for k in names for pair in acc[k] for x in pair], dtype=torch.float64)
         flat = self._global_sum(flat.to(self.args.device)).cpu()
@@ -951,11 +950,8 @@ class PPOTrainer(Trainer):
     def _iteration_metrics(self, ro, acc, stats, kl_seq, beta_used, old_values, returns, seconds) -> dict:
         """The iteration's metrics, as means over the whole batch (every process's share), not one rank's."""
         m, valid = ro.loss_mask, ro.valid.cpu()
-        metrics = self._step_means(acc)
-        for k in ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "val/clipfrac", "policy/entropy",
-                  "grad_norm"):
-            if not acc and k not in metrics:  # no step taken (every sample dropped): the same keys, with no value
-                metrics[k] = float("nan")
+        # no step taken (every sample dropped): the same keys, with no value
+        metrics = self._step_means(acc) if acc else dict.fromkeys(STEP_METRICS, float("nan"))
         for k in ("kl/backtracks", "kl/restored", "kl/shrunk", "optim/skipped_nonfinite_steps"):
             stats.setdefault(k, 0)
         v, r, vf, ones = old_values.double() * m, returns.double() * m, valid.double(), torch.ones(len(valid))
@@ -969,7 +965,7 @@ class PPOTrainer(Trainer):
                  **{f"audit/{name}": _graded(vals) for name, vals in ro.audit.items()}}
         if K > 1:  # over the samples every member scored
             norm = ro.norm.cpu().double()
-            full = valid & torch.isfinite(norm).all(-1)
+            full = F.scored_by_every_member(valid, norm)
             std = norm[full].std(-1).sum() if full.any() else torch.zeros((), dtype=torch.float64)  # (std of none warns)
             parts["rewards/ensemble_std"] = (std, full.double())
         g = self._global_means(parts)

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from ..plugins.contract import checked_output
 from ..plugins.shaping import ResponseInfo, build_shapers, reward_func_name
 from ..registry import build, numbered
+from ..rl_math import scored_by_every_member
 from ..trainer_state import claim_checkpoint_key, save_with_checkpoint, saved_with_checkpoint
 
 CALLABLE_NORMALIZATION = ("auto", "running", "none")
@@ -406,7 +407,7 @@ class RewardPipeline:
             scored = valid & torch.isfinite(raw[:, j])  # a member's None (not applicable) is no score
             if scored.any():
                 log_metric(f"rewards/{name}_raw", float(raw[scored, j].mean()))
-        full = valid & torch.isfinite(norm).all(-1)
+        full = scored_by_every_member(valid, norm)
         if norm.shape[1] > 1 and full.any():
             log_metric("rewards/ensemble_std", float(norm[full].std(-1).mean()))
 
