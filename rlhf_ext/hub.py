@@ -133,6 +133,16 @@ def _as_list(v) -> list[str]:
     return [v] if isinstance(v, str) else list(v)
 
 
+def yaml_value(value) -> str:
+    """`value` (a string or a list of strings) as one line of YAML, quoted where YAML would read it otherwise: a tag
+    such as `trackio:https://…` (TRL's), `yes`, `1.0` or `#x` written bare broke the front matter or changed type."""
+    import yaml
+
+    value = str(value) if isinstance(value, str) else [str(v) for v in value]
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
 def with_card_metadata(card: str, meta: dict) -> str:
     """`card` (YAML front matter, then a `# title`) with `meta` merged in: extra tags after the card's own,
     `datasets`, `license`, `language`, `base_model` (finetuned_from) and `model_name` as the title."""
@@ -141,8 +151,10 @@ def with_card_metadata(card: str, meta: dict) -> str:
     head, sep, body = card.removeprefix("---\n").partition("\n---\n")
     if not sep:
         head, body = "", card
+    import yaml
+
     lines = head.splitlines()
-    fields = {line.split(":", 1)[0]: i for i, line in enumerate(lines) if ":" in line}
+    fields = {line.split(":", 1)[0]: i for i, line in enumerate(lines) if ":" in line and not line.startswith(" ")}
 
     def put(key, value):
         if key in fields:
@@ -153,20 +165,19 @@ def with_card_metadata(card: str, meta: dict) -> str:
 
     extra = _as_list(meta.get("tags", []))
     if extra:
-        own = [t.strip() for t in lines[fields["tags"]].split(":", 1)[1].strip(" []").split(",")
-               if t.strip()] if "tags" in fields else []
-        put("tags", f"[{', '.join(dict.fromkeys(own + extra))}]")
+        own = [str(t) for t in (yaml.safe_load(head) or {}).get("tags") or []]
+        put("tags", yaml_value(list(dict.fromkeys(own + [str(t) for t in extra]))))
     # transformers' create_model_card puts dataset_tags in `datasets`; a local folder is no dataset id (the Hub
     # refuses the card)
     datasets = [d for d in (*_as_list(meta.get("dataset_name", [])), *_as_list(meta.get("dataset", [])),
                             *_as_list(meta.get("dataset_tags", []))) if card_hub_id(d)]
     if datasets:
-        put("datasets", f"[{', '.join(dict.fromkeys(datasets))}]")
+        put("datasets", yaml_value(list(dict.fromkeys(datasets))))
     for key in ("license", "language"):
         if key in meta:
-            put(key, meta[key] if isinstance(meta[key], str) else f"[{', '.join(meta[key])}]")
+            put(key, yaml_value(meta[key]))
     if card_hub_id(meta.get("finetuned_from")):
-        put("base_model", meta["finetuned_from"])
+        put("base_model", yaml_value(meta["finetuned_from"]))
     if "model_name" in meta:
         body_lines = body.splitlines()
         at = next((i for i, line in enumerate(body_lines) if line.startswith("# ")), None)

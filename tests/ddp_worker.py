@@ -89,6 +89,7 @@ def precision(out: Path):
                        "startup_kl": tr.startup["training_vs_reference"], "exact": oracle.exact,
                        **{k: [h[k] for h in hist] for k in ("objective/kl", "kl/before_update", "kl/after_update")},
                        "evals": [h for h in tr.state.log_history if "eval_kl" in h],
+                       "heldout": dict(tr.heldout),  # the model card's held-out numbers: every process's prompts
                        # fewer prompts than processes: each samples the whole set on its own stream; the metrics
                        # (which EarlyStoppingCallback reads on every rank) must still be one number everywhere
                        "one_prompt": tr.evaluate(data.select(range(1)))}

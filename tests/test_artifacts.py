@@ -4,6 +4,7 @@ the same base recognised however it is named, and a wheel whose CLI works outsid
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -12,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from peft import LoraConfig
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer, load_reward_model
+from rlhf_ext.hub import with_card_metadata
 from rlhf_ext.models import load_model
 
 from .conftest import preference_rows
-from .test_ppo import make
+from .test_ppo import make, prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -455,3 +458,71 @@ def test_model_cards_name_hub_ids_only(tmp_path, tiny_path, tok, monkeypatch):
     rm = _reward(tmp_path, tiny_path, tok)  # a local folder
     rm.save_model(str(tmp_path / "rm_out"))
     assert "base_model" not in _front_matter((tmp_path / "rm_out" / "README.md").read_text())
+
+
+# What the model cards state, checked against what ran: the pushed policy card named a `critic/` folder the upload
+# leaves out; a `fixed` controller's card gave a δ it never reads; a 4-bit base went unmentioned; held-out numbers
+# did not say which iteration they measured; the reward card's snippet scored plain text with a chat-trained model;
+# TRL's card in a reward run's output_dir loaded the artifact with `pipeline()`; and card metadata was written as
+# bare YAML, so a tag such as TRL's `trackio:<url>` broke the front matter.
+
+def _front(card: str) -> dict:
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_card_metadata_is_quoted_yaml():
+    card = "---\nlibrary_name: rlhf_ext\ntags: [rlhf_ext, reward-model]\n---\n\n# T\n"
+    tags = ["trackio:https://huggingface.co/spaces/u/t?project=p", "yes", "1.0", "#x", "a: b"]
+    front = _front(with_card_metadata(card, {"tags": tags, "license": "apache-2.0", "language": ["en", "fr"],
+                                             "dataset_name": "me/prompts"}))
+    assert front["tags"] == ["rlhf_ext", "reward-model", *tags]
+    assert front["license"] == "apache-2.0" and front["language"] == ["en", "fr"] and front["datasets"] == ["me/prompts"]
+
+
+def test_policy_card_says_what_the_upload_holds(tmp_path, tok, fake_hub):
+    tr = make(tmp_path, tok, max_steps=2, kl_controller="fixed", hub_model_id="someone/policy")
+    tr.train()
+    tr.evaluate_policy(prompts(4))
+    tr.save_model(str(tmp_path / "policy"))
+    saved = (tmp_path / "policy" / "README.md").read_text()
+    assert "is in `critic/`" in saved and (tmp_path / "policy" / "critic").is_dir()
+    assert "| KL controller | `fixed` (β = 0.01) |" in saved and "δ" not in saved
+    assert "Held-out evaluation (`evaluate_policy`, iteration 2)" in saved
+    tr.push_to_hub()
+    staged = fake_hub / "someone" / "policy"
+    assert not (staged / "critic").exists() and "is in `critic/`" not in (staged / "README.md").read_text()
+
+
+def test_reward_cards_snippet_and_output_dir_card(tmp_path, tiny_path, tok):
+    args = RewardEnsembleConfig(str(tmp_path / "rm"), ensemble_size=2, max_steps=1, per_device_train_batch_size=8,
+                                report_to="none", save_strategy="steps", save_steps=1, eval_strategy="steps",
+                                eval_steps=1, use_cpu=True, disable_tqdm=True, normalization_samples=8)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                               eval_dataset=Dataset.from_list(preference_rows(8, 1)), processing_class=tok,
+                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    tr.train()
+    in_output_dir = (tmp_path / "rm" / "README.md").read_text()  # written at the checkpoint
+    assert "library_name: rlhf_ext" in in_output_dir and "pipeline(" not in in_output_dir
+    tr.save_model(str(tmp_path / "art"))
+    card = (tmp_path / "art" / "README.md").read_text()
+    assert '"role": "user"' in card  # it trained on chat messages: the snippet gives them
+    assert "eval_accuracy" in card and "eval_runtime" not in card and "Evaluation (step 1)" in card
+    training = json.loads((tmp_path / "art" / "rlhf_ext_reward.json").read_text())["training"]
+    assert (training["epochs"], training["steps"]) == (tr.state.epoch, 1)  # what ran, not num_train_epochs' 3
+
+
+def test_only_the_main_process_saves_and_uploads_the_policy(tmp_path, tok, fake_hub, monkeypatch):
+    # Under DDP the recipe calls save_model on every rank, as transformers' scripts do: only the main process may
+    # write (two ranks renaming the same folder raced) or upload (one commit, not one per rank).
+    tr = make(tmp_path, tok, max_steps=1, hub_model_id="someone/policy")
+    tr.train()
+    with monkeypatch.context() as m:  # a second rank
+        m.setattr(type(tr.args), "should_save", property(lambda self: False))
+        m.setattr(tr, "is_world_process_zero", lambda: False)
+        tr.save_model(str(tmp_path / "policy"))
+        assert tr.push_to_hub() == ""
+    assert not (tmp_path / "policy").exists() and not (fake_hub / "someone" / "policy").exists()
+    tr.save_model(str(tmp_path / "policy"))  # the main process: both happen
+    tr.push_to_hub()
+    assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
+    assert (fake_hub / "someone" / "policy" / "adapter_model.safetensors").is_file()

@@ -144,6 +144,8 @@ def test_16_bit_under_ddp_is_one_precision(tmp_path, mixed_precision, dtype, por
         evals = [r[phase]["evals"] for r in ranks]
         assert [e["step"] for e in evals[0]] == [0, 1, 2] and evals[0] == evals[1], evals
         assert ranks[0][phase]["one_prompt"] == ranks[1][phase]["one_prompt"]
+        # the card's held-out table is the logged (global) mean, not this rank's half of the prompts
+        assert [r[phase]["heldout"]["kl_mean"] for r in ranks] == [evals[0][-1]["eval_kl"]] * 2
     assert all(e["eval_kl"] == 0.0 for e in ranks[0]["still"]["evals"])
     assert ranks[0]["guarded"]["evals"][-1]["eval_kl"] > 0
     for it, logged in enumerate(a["kl/after_update"]):

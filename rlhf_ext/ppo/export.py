@@ -19,10 +19,11 @@ MERGED_FILES = ["config.json", "generation_config.json", "model.safetensors", "m
                 "model.safetensors.index.json"]
 
 
-def save_policy(tr, out, merge: bool = False, card: dict | None = None) -> None:
+def save_policy(tr, out, merge: bool = False, card: dict | None = None, critic: bool = True) -> None:
     """Save the policy where `PeftModel.from_pretrained(base, out)` finds it: a standard PEFT adapter at `out` (or,
     with `merge=True`, merged full weights), the tokenizer and a model card. The value head (and the critic adapter)
-    go to `out/critic/`, out of the way of loaders. `card`: extra model-card metadata (`hub.with_card_metadata`)."""
+    go to `out/critic/`, out of the way of loaders. `card`: extra model-card metadata (`hub.with_card_metadata`);
+    `critic=False`: the card is for a copy without `critic/` (what push_to_hub uploads by default)."""
     from peft import get_peft_model_state_dict
 
     from ..hub import with_card_metadata
@@ -50,7 +51,7 @@ def save_policy(tr, out, merge: bool = False, card: dict | None = None) -> None:
         if tr.args.critic == "separate":
             peft.save_pretrained(tmp / "critic", selected_adapters=[CRITIC], safe_serialization=True)
         tr.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(with_card_metadata(model_card(tr, merged=merge), card or {}))
+        (tmp / "README.md").write_text(with_card_metadata(model_card(tr, merged=merge, critic=critic), card or {}))
     for pattern in ADAPTER_FILES if merge else MERGED_FILES:  # an earlier save of the other kind into `out`
         for stale in Path(out).glob(pattern):
             stale.unlink()
@@ -67,7 +68,7 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "policy"
-        save_policy(tr, folder, merge=merge, card=card)
+        save_policy(tr, folder, merge=merge, card=card, critic=critic)
         if not critic:
             shutil.rmtree(folder / "critic")
         return push_folder(folder, repo_id, private=tr.args.hub_private_repo, token=token or tr.args.hub_token,
@@ -75,7 +76,9 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
                            delete_patterns=ADAPTER_FILES if merge else MERGED_FILES)
 
 
-def model_card(tr, merged: bool = False) -> str:
+def model_card(tr, merged: bool = False, critic: bool = True) -> str:
+    from ..hub import yaml_value
+
     a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
     ref, hub_base = base_reference(tr.model_name) if tr.model_name else None, card_base_model(tr.model_name)
     # a card is shared: it names a Hub id or the embedded default, never this machine's (private) folder
@@ -86,6 +89,12 @@ def model_card(tr, merged: bool = False) -> str:
     final.update({k: v for k, v in last.items() if k.startswith("audit/")})
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in final.items())
     heldout = "\n".join(f"| {k} | {v:.4g} |" for k, v in (tr.heldout or {}).items())
+    heldout_at = getattr(tr, "heldout_iteration", None)
+    kl = (f"`fixed` (β = {a.init_kl_coef})" if a.kl_controller == "fixed" else
+          f"`{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef})")
+    q = getattr(tr.policy.peft.get_base_model().config, "quantization_config", None)
+    q = q.get("bnb_4bit_quant_type") if isinstance(q, dict) else getattr(q, "bnb_4bit_quant_type", None)
+    base_precision = f"; trained on a 4-bit base ({q or 'bitsandbytes'})" if tr.quantized else ""
     usage = (("```python\nfrom transformers import AutoModelForCausalLM\n\n"
               "policy = AutoModelForCausalLM.from_pretrained(\"<this folder or repo id>\")  # LoRA merged in\n```\n\n")
              if merged else
@@ -94,16 +103,20 @@ def model_card(tr, merged: bool = False) -> str:
               f"base = load_model(\"{named or '<the base model: folder or Hub id>'}\", \"causal\")\n"
               f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"))
     return (f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n"
-            + (f"base_model: {hub_base}\n" if hub_base else "") +  # a Hub id or nothing: the Hub refuses paths
+            + (f"base_model: {yaml_value(hub_base)}\n" if hub_base else "") +  # a Hub id or nothing: the Hub refuses paths
             f"tags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
             f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | {base} |\n"
-            f"| KL controller | `{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef}) |\n"
+            f"| KL controller | {kl} |\n"
             f"| reward members | {', '.join(tr.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
             f"| shapers | `{a.shapers}` |\n| iterations | {tr.iteration} × {a.per_device_train_batch_size} prompts |\n"
-            f"| compute | {tr.startup.get('compute_dtype', '?')}; CPU matmuls: {tr.startup.get('cpu_matmul', 'torch')} |\n\n"
+            f"| compute | {tr.startup.get('compute_dtype', '?')}; CPU matmuls: {tr.startup.get('cpu_matmul', 'torch')}"
+            f"{base_precision} |\n\n"
             + (f"Last iteration (train rollouts):\n\n| metric | value |\n|---|---|\n{metrics}\n\n" if metrics else "")
-            + (f"Held-out evaluation (`evaluate_policy`):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
-            + usage + "The value head (and a separate critic adapter, if any) is in `critic/`.\n"
+            + ("Held-out evaluation (`evaluate_policy`"
+               + (f", iteration {heldout_at}" if heldout_at is not None else "")
+               + f"):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
+            + usage + ("The value head (and a separate critic adapter, if any) is in `critic/`.\n" if critic else
+                       "The value head is not included (push_to_hub(critic=True) uploads it in `critic/`).\n")
             + "".join(f"\nLogged to {name}: {url}\n" for name, url in tracker_links()))
 
 

@@ -331,6 +331,7 @@ class PPOTrainer(Trainer):
         self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
+        self.heldout_iteration: int | None = None  # the iteration it evaluated
         self._metrics_history: list[dict] = []
         self._warned_kl_nonfinite = False
         self._dropped_in_a_row = 0  # global samples dropped since the last one kept (DDP's whole-batch rule)
@@ -1033,6 +1034,7 @@ class PPOTrainer(Trainer):
                    for k, v in out.items() if k not in ("texts", "prompts")}
         if adapters:
             self.heldout = summary  # for the model card
+            self.heldout_iteration = self.iteration
         return {**summary, "samples": out}
 
     def _eval_room(self, rows) -> int:
@@ -1244,6 +1246,8 @@ class PPOTrainer(Trainer):
             t = self.accelerator.reduce(torch.stack(sums + counts).to(self.args.device), reduction="sum").cpu()
             metrics = {f"{metric_key_prefix}_{k}": float(t[i] / t[len(keys) + i]) if t[len(keys) + i] > 0
                        else float("nan") for i, k in enumerate(keys)}
+            # the card's held-out numbers are every process's prompts, as logged (not this process's share)
+            self.heldout = {f"{k}_mean": metrics[f"{metric_key_prefix}_{k}"] for k in keys}
         self.log(dict(metrics))  # a copy: log() adds the epoch to what it is given
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
@@ -1261,7 +1265,8 @@ class PPOTrainer(Trainer):
         """A standard PEFT adapter at `output_dir` (`merge=True`: merged weights) + tokenizer + model card; the value
         head and critic adapter in `output_dir/critic/`. With `push_to_hub`, uploaded too, as `Trainer.save_model`
         does (the adapter, or with `merge` the merged weights)."""
-        save_policy(self, Path(output_dir or self.args.output_dir), merge=merge, card=self._card)
+        if self.args.should_save:  # the main process writes, as Trainer.save_model (every rank wrote: a rename race)
+            save_policy(self, Path(output_dir or self.args.output_dir), merge=merge, card=self._card)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", merge=merge)
 
@@ -1276,7 +1281,10 @@ class PPOTrainer(Trainer):
         """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
         merged weights; `critic=True` adds `critic/`. Other keywords are the model card's, as in `Trainer`
         (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
-        return push_policy(self, repo_id_for_push(self.args, repo_id, commit_message, "PPOTrainer"), critic=critic,
+        repo_id = repo_id_for_push(self.args, repo_id, commit_message, "PPOTrainer")
+        if not self.is_world_process_zero():  # one upload, as Trainer.push_to_hub (every rank uploaded its own commit)
+            return ""
+        return push_policy(self, repo_id, critic=critic,
                            token=token,
                            revision=revision or self.args.hub_revision, commit_message=commit_message, merge=merge,
                            card={**self._card, **card_metadata(kwargs, "PPOTrainer")})

@@ -1036,7 +1036,9 @@ class RewardEnsembleTrainer(RewardTrainer):
             "tags": list(ens.model_tags),
             "training": {"length_decorrelation_coef": self.args.length_decorrelation_coef,
                          "bootstrap": self.args.bootstrap, "seed": self.args.seed,
-                         "epochs": self.args.num_train_epochs, "learning_rate": self.args.learning_rate,
+                         # what trained (max_steps overrides num_train_epochs, as in transformers)
+                         "epochs": self.state.epoch if self.state.global_step else self.args.num_train_epochs,
+                         "steps": self.state.global_step, "learning_rate": self.args.learning_rate,
                          "head_init": self.head_init},
         }
 
@@ -1046,6 +1048,19 @@ class RewardEnsembleTrainer(RewardTrainer):
         self._write_artifact(Path(output_dir or self.args.output_dir))
         if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
             self.push_to_hub(commit_message="Model save")
+
+    def create_model_card(self, model_name: str | None = None, dataset_name=None, tags=None, **kwargs) -> None:
+        """The reward model's card (what save_model() writes) at output_dir/README.md. trl.RewardTrainer's own card
+        says `library_name: transformers` and loads the repo with `pipeline(...)`, which an ensemble artifact (no
+        config.json) does not load."""
+        if not self.is_world_process_zero():
+            return
+        meta = card_metadata({"model_name": model_name, "dataset_name": dataset_name, "tags": tags, **kwargs},
+                             "RewardEnsembleTrainer")
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "README.md").write_text(with_card_metadata(_reward_card(self.artifact_spec(), self.state.log_history),
+                                                          meta))
 
     def _write_artifact(self, out: Path, card: dict | None = None) -> None:
         """`save_model`'s files at `out`, the card with `card`'s metadata (`hub.with_card_metadata`)."""
@@ -1141,14 +1156,24 @@ class RewardEnsembleTrainer(RewardTrainer):
 
 
 def _reward_card(spec: dict, history: list[dict]) -> str:
-    evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_")}
+    from ..hub import yaml_value
+
+    # transformers' card leaves the speed figures out of its results (parse_log_history): they describe the machine
+    speed = ("_runtime", "_samples_per_second", "_steps_per_second", "_num_tokens")
+    evals = {k: v for h in history for k, v in h.items() if k.startswith("eval_") and not k.endswith(speed)}
+    step = max((h.get("step", 0) for h in history if any(k.startswith("eval_") for k in h)), default=None)
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(evals.items()) if isinstance(v, (int, float)))
     tags = list(dict.fromkeys(["rlhf_ext", "reward-model", "trl", *spec.get("tags", [])]))  # + the trainers' tags
     base = card_base_model(spec.get("base_model"))
-    return ("---\nlibrary_name: rlhf_ext\n" + (f"base_model: {base}\n" if base else "") +  # Hub ids only
-            f"tags: [{', '.join(tags)}]\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
+    usage = ('prompts = [[{"role": "user", "content": "Write a short review."}]]  # chat messages, as it trained\n'
+             'completions = [[{"role": "assistant", "content": "It was great."}]]\n'
+             if spec.get("conversational") else
+             'prompts, completions = ["Write a short review. "], ["It was great."]  # plain text, as it trained\n')
+    return ("---\nlibrary_name: rlhf_ext\n" + (f"base_model: {yaml_value(base)}\n" if base else "") +  # Hub ids only
+            f"tags: {yaml_value(tags)}\n---\n\n# Reward ensemble trained with rlhf_ext\n\n"
             f"K = {spec['ensemble_size']} members, mode `{spec['mode']}`, pooling `{spec.get('pooling', 'last')}`, "
             f"length de-correlation {spec['training']['length_decorrelation_coef']}.\n\n"
-            f"```python\nfrom rlhf_ext import load_reward_model\nrm = load_reward_model(\"<this folder or repo id>\")\n"
-            f"scores = rm.score_texts(prompts, completions, normalize=True)  # [N, K]\n```\n\n"
-            + (f"| metric | value |\n|---|---|\n{metrics}\n" if metrics else ""))
+            "```python\nfrom rlhf_ext import load_reward_model\nrm = load_reward_model(\"<this folder or repo id>\")\n"
+            + usage +
+            "scores = rm.score_texts(prompts, completions, normalize=True)  # [N, K]\n```\n\n"
+            + (f"Evaluation (step {step}):\n\n| metric | value |\n|---|---|\n{metrics}\n" if metrics else ""))
