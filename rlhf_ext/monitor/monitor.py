@@ -174,15 +174,18 @@ class RewardHackingMonitor(TrainerCallback):
         tr, ro = self.trainer, self.trainer.rollout
         metrics = tr._metrics_history[-1]
         obs, local = self._observe(metrics)
-        halting = None
+        halting, queueing = None, []
         for d in self.detectors:
             value, fired = d.update(obs)
             if value is not None:
                 metrics[f"monitor/{d.key}"] = value
             metrics[f"monitor/{d.key}_alarm"] = int(fired)
             if fired:
-                self._act(d, local, control)
+                if self._act(d, local, control):
+                    queueing.append(d)
                 halting = halting or (d if d.action == "halt" else None)
+        if queueing:  # after every detector: a sample two of them picked is queued once, naming both
+            self._queue(queueing, local)
         if self.writes:
             append_jsonl(self.dir / "metrics.jsonl", {"iteration": tr.iteration, **_plain(metrics)})
             order = torch.argsort(ro.scores.cpu(), descending=True)[: self.samples_per_iteration].tolist()
@@ -202,7 +205,8 @@ class RewardHackingMonitor(TrainerCallback):
             append_jsonl(self.dir / "alarms.jsonl", record)
         if d.action == "queue" and tr.iteration - self.last_queued.get(d.key, -10**9) >= self.cooldown:
             self.last_queued[d.key] = tr.iteration
-            self._queue(d, obs)
+            return True
+        return False
 
     def _halt(self, d, control):
         """Stop after this iteration with a checkpoint of it: the flags, on every process alike (every detector saw
@@ -220,17 +224,24 @@ class RewardHackingMonitor(TrainerCallback):
             f"this detector set its action to 'log' in monitor_detectors.", stacklevel=2)
 
     @torch.no_grad()
-    def _queue(self, d, obs):
-        """The detector's most suspicious samples, each beside a reference-policy sample for the same prompt."""
+    def _queue(self, detectors, obs):
+        """Each detector's most suspicious samples, each beside a reference-policy sample for the same prompt. A
+        sample several detectors picked in this iteration is one pair naming them all: queued once per detector, a
+        reviewer judged it twice and preferences.jsonl held it twice (or both ways)."""
         tr, ro = self.trainer, self.trainer.rollout
-        picked, seen = [], set()
-        for i in d.suspicious(obs, 4 * self.max_queue):
-            key = json.dumps(ro.prompts[i], sort_keys=True, default=str)
-            if bool(ro.valid[i]) and key not in seen:
-                picked.append(i)
-                seen.add(key)
-            if len(picked) == self.max_queue:
-                break
+        by_sample = {}  # sample index -> [(detector key, its rank among that detector's picks)]
+        for d in detectors:
+            mine, seen = [], set()
+            for i in d.suspicious(obs, 4 * self.max_queue):
+                key = json.dumps(ro.prompts[i], sort_keys=True, default=str)
+                if bool(ro.valid[i]) and key not in seen:
+                    mine.append(i)
+                    seen.add(key)
+                if len(mine) == self.max_queue:
+                    break
+            for rank, i in enumerate(mine):
+                by_sample.setdefault(i, []).append((d.key, rank))
+        picked = list(by_sample)
         if not picked or not self.writes:
             return
         with forked_rng(tr.policy.device):
@@ -252,7 +263,8 @@ class RewardHackingMonitor(TrainerCallback):
         names = tr.rewards.member_names
         for j, i in enumerate(picked):
             self.queue.add({
-                "id": f"it{tr.iteration}-{d.key}-{j}", "iteration": tr.iteration, "detectors": [d.key],
+                "id": "it{}-{}-{}".format(tr.iteration, *by_sample[i][0]), "iteration": tr.iteration,
+                "detectors": [key for key, _ in by_sample[i]],
                 "prompt": ro.prompts[i],
                 "flagged": _side(ro.completions[i], ro.texts[i], ro.lengths[i], ro.has_eos[i], kls[j], ro.scores[i],
                                  ro.raw[i], names, {k: v[i] for k, v in ro.audit.items()}),

@@ -35,6 +35,7 @@ import os
 import re
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..integrity import CorruptFileError, sweep_temp_files, write_text_atomic
@@ -271,6 +272,24 @@ class ReviewQueue:
         self.preferences_path = self.dir / "preferences.jsonl"
         self._known = None  # (the queue file's size and mtime, its ids) as this queue's last add left them
 
+    @contextmanager
+    def locked(self):
+        """Hold `review/.lock` (flock) while a decision is checked, appended and exported: two review servers on one
+        folder (two reviewers, each with their --reviewer name) otherwise both record a pair each saw pending, the
+        later silently replacing the earlier. Without flock (Windows): no lock."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        with open(self.dir / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def _stamp(self):
         try:
             st = self.queue_path.stat()
@@ -307,12 +326,20 @@ class ReviewQueue:
             # a resumed run repeats the iterations after its checkpoint, and its monitor queues the same ids again:
             # the same pair (an exact resume samples it again) is queued once — twice, a reviewer would judge it
             # twice and preferences.jsonl count it double; a different pair under a taken id gets a new one
+            # an id decisions.jsonl names but the queue no longer holds (its line deleted by hand, the queue cleared
+            # for a new round) is taken too: a new pair under it would inherit that decision, made on other text
+            try:
+                gone = {ev["id"] for ev in read_jsonl(self.decisions_path, check_decision)} - set(taken)
+            except CorruptFileError:
+                gone = set()  # the review page refuses that log until it is repaired
             pid, k = record["id"], 1
-            while pid in taken:
-                if _content(taken[pid]) == _content(record):
+            while pid in taken or pid in gone:
+                if pid in taken and _content(taken[pid]) == _content(record):
                     return
                 k += 1
                 pid = f"{record['id']}~{k}"
+            if ids is not None:
+                ids |= gone
         append_jsonl(self.queue_path, {"created": now(), **record, "id": pid})
         if ids is not None:
             ids.add(pid)
@@ -409,11 +436,23 @@ class ReviewQueue:
             if rec is None or ev["decision"] not in ("flagged", "reference"):
                 continue
             win, lose = ("flagged", "reference") if ev["decision"] == "flagged" else ("reference", "flagged")
-            rows.append({"prompt": rec["prompt"], "chosen": rec[win]["completion"], "rejected": rec[lose]["completion"],
+            rows.append({"prompt": rec["prompt"], "chosen": _in_prompt_form(rec["prompt"], rec[win]["completion"]),
+                         "rejected": _in_prompt_form(rec["prompt"], rec[lose]["completion"]),
                          "source": {"queue_id": pid, "iteration": rec.get("iteration"), "decision": ev["decision"],
                                     "detectors": rec.get("detectors", []), "time": ev.get("time"),
                                     "reviewer": ev.get("reviewer")}})
         return rows
+
+
+def _in_prompt_form(prompt, completion):
+    """`completion` with its messages' content in the form the prompt's have: the policy writes the response as text
+    content, and a dataset whose prompts hold lists of parts ([{"type": "text", "text": ...}]) trains on rows whose
+    messages all use parts (TRL joins prompt and response into one column, which cannot hold both forms)."""
+    parts = isinstance(prompt, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in prompt)
+    if not parts or not isinstance(completion, list):
+        return completion
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m, dict)
+            and isinstance(m.get("content"), str) else m for m in completion]
 
 
 def _pairs_of(rows: list[dict]) -> list[str]:

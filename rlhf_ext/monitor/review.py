@@ -105,7 +105,7 @@ class ReviewServer(ThreadingHTTPServer):
             raise ApiError(HTTPStatus.BAD_REQUEST, 'decide needs "id": the pair\'s id (a string).')
         if decision not in DECISIONS:
             raise ApiError(HTTPStatus.BAD_REQUEST, f'"decision" must be one of {", ".join(DECISIONS)}; got {decision!r}.')
-        with self.lock:
+        with self.lock, self.queue.locked():  # this server's threads, and other servers on the folder
             if pair_id not in {r["id"] for r in self.queue.records()}:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"No pair {pair_id!r} in the queue.")
             # a second tab (or a double click) must not silently overwrite a decision: undo first
@@ -118,7 +118,7 @@ class ReviewServer(ThreadingHTTPServer):
         pair_id = body.get("id")
         if pair_id is not None and not isinstance(pair_id, str):
             raise ApiError(HTTPStatus.BAD_REQUEST, '"id" must be a string (or left out to undo the last decision).')
-        with self.lock:
+        with self.lock, self.queue.locked():  # this server's threads, and other servers on the folder
             decided = self.queue.decisions()
             if pair_id is None:
                 last = self.queue.last_decision()

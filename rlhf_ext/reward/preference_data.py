@@ -33,7 +33,10 @@ def _check_text(value, name: str, i: int, col: str) -> None:
         raise ValueError(f"{name} row {i}: '{col}' is a {type(value).__name__} ({shown}), not text. TRL's preference "
                          f"format needs a string, or a list of chat messages ({{'role': ..., 'content': ...}}); convert "
                          f"the column or drop the row.")
-    if col != "prompt" and not text.strip():
+    # a blank *rejected* response is a real preference (an empty or whitespace answer is worse), as a review of the
+    # monitor's pairs records it when the policy or the reference stops at once; TRL trains on it. A blank chosen
+    # one is far more often a broken column.
+    if col == "chosen" and not text.strip():
         raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
 
 

@@ -62,9 +62,14 @@ function sidesFor(id) {
   return sidesById.get(id);
 }
 
+// A message's content as a list of parts ([{"type": "text", "text": ...}, {"type": "image"}], as newer chat templates
+// and VLM datasets write it): the text parts, any other part as its type in brackets.
+const isParts = (v) => Array.isArray(v) && v.every((p) => p && typeof p === "object" && "type" in p && !("role" in p));
+
 function asText(value) {
   if (typeof value === "string") return value;
-  if (Array.isArray(value)) return value.map((m) => (m && typeof m === "object" ? m.content ?? "" : String(m))).join("\n\n");
+  if (isParts(value)) return value.map((p) => (p.type === "text" ? String(p.text ?? "") : `[${p.type}]`)).join(" ");
+  if (Array.isArray(value)) return value.map((m) => (m && typeof m === "object" ? asText(m.content) : String(m))).join("\n\n");
   return value == null ? "" : JSON.stringify(value);
 }
 

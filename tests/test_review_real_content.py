@@ -1,0 +1,93 @@
+"""The review step with what real runs and real reviewers produce: an empty response, prompts whose content is a
+list of parts, two review servers (two reviewers) on one folder, a queue cleared by hand while its decisions stay,
+and two detectors picking the same sample in one iteration."""
+
+import json
+import threading
+
+from datasets import Dataset
+
+from rlhf_ext.data import with_extra_preferences
+from rlhf_ext.monitor.queue import ReviewQueue
+from rlhf_ext.monitor.review import ReviewServer
+from rlhf_ext.reward.preference_data import validate_preference_dataset
+
+from .test_review import make_pair
+
+
+def test_a_reviewed_pair_against_an_empty_response_trains():
+    """The reference (or the policy) stopped at once: "anything beats an empty answer" is a preference to learn, and
+    one such row stopped the whole retrain ("'rejected' is empty")."""
+    rows = [{"prompt": "p ", "chosen": "a real answer", "rejected": r} for r in ("", " \n", "bad")]
+    assert len(validate_preference_dataset(Dataset.from_list(rows))) == 3
+
+
+def test_content_parts_prompts_are_exported_in_their_form(tmp_path):
+    parts = lambda t: [{"type": "text", "text": t}]  # noqa: E731
+    q = ReviewQueue(tmp_path)
+    pair = make_pair("p0", "great great", "fine")  # the policy writes its response as text content
+    pair["prompt"] = [{"role": "user", "content": parts("Review the movie Arrival.")}]
+    q.add(pair)
+    q.decide("p0", "reference")
+    (row,) = q.preference_rows()
+    assert row["chosen"] == [{"role": "assistant", "content": parts("fine")}]
+    base = Dataset.from_list([{"prompt": [{"role": "user", "content": parts(f"q{i}")}],
+                               "chosen": [{"role": "assistant", "content": parts("good")}],
+                               "rejected": [{"role": "assistant", "content": parts("bad")}]} for i in range(2)])
+    assert len(validate_preference_dataset(with_extra_preferences(base, [q.export_preferences()]))) == 3
+
+
+def test_two_review_servers_on_one_folder_never_both_decide_a_pair(tmp_path):
+    """Two reviewers (each a server with its --reviewer name) see the same pending pair: one decision is kept,
+    the other answered 409, never both recorded with the later silently replacing the earlier."""
+    q = ReviewQueue(tmp_path)
+    for i in range(40):
+        q.add(make_pair(f"p{i}", f"great {i}", f"fine {i}"))
+    servers = [ReviewServer(tmp_path, reviewer=name) for name in ("ann", "bob")]  # two locks, as two processes
+    accepted = {"ann": 0, "bob": 0}
+
+    def review(server, decision):
+        for i in range(40):
+            try:
+                server.decide({"id": f"p{i}", "decision": decision})
+                accepted[server.reviewer] += 1
+            except Exception as e:  # ApiError 409: the other reviewer was first
+                assert getattr(e, "status", None) == 409, e
+
+    threads = [threading.Thread(target=review, args=(s, d)) for s, d in zip(servers, ("flagged", "reference"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in servers:
+        s.server_close()
+    events = [json.loads(x) for x in q.decisions_path.read_text().splitlines()]
+    assert sorted(e["id"] for e in events) == sorted(f"p{i}" for i in range(40))
+    assert sum(accepted.values()) == 40
+
+
+def test_a_decision_is_not_inherited_by_a_new_pair_under_its_id(tmp_path):
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("it12-length_drift-0", "great great great great", "a fine film ."))
+    q.decide("it12-length_drift-0", "flagged")
+    q.queue_path.write_text("")  # the queue cleared by hand for a new round; decisions.jsonl kept
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("it12-length_drift-0", "terrible spam spam spam", "a thoughtful answer ."))
+    assert [r["id"] for r in q.pending()] == ["it12-length_drift-0~2"] and q.preference_rows() == []
+
+
+def test_a_sample_two_detectors_pick_in_one_iteration_is_queued_once(tmp_path, tok):
+    """length_drift and length_correlation (both: the longest samples) fire together: the same pair was queued under
+    two ids, judged twice, and held twice (or both ways) in preferences.jsonl."""
+    from .test_monitor import eos_prone_model, longer_is_better
+    from .test_ppo import make
+
+    tr = make(tmp_path, tok, model=eos_prone_model(tok), reward=longer_is_better, max_steps=3, learning_rate=5e-2,
+              max_completion_length=12, monitor_reference_prompts=16, monitor_cooldown=1,
+              monitor_detectors=[{"name": "length_correlation", "threshold": 0.0, "action": "queue", "z": 0, "warmup": 1},
+                                 {"name": "length_drift", "threshold": 0.01, "action": "queue", "z": 0, "warmup": 1}])
+    tr.train()
+    records = ReviewQueue(tmp_path / "ppo").records()
+    pairs = [json.dumps([r["prompt"], r["flagged"]["completion"], r["reference"]["completion"]]) for r in records]
+    assert len(pairs) == len(set(pairs))
+    assert any(r["detectors"] == ["length_correlation", "length_drift"] for r in records)
