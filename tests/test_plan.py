@@ -619,3 +619,101 @@ def test_separate_reward_and_audit_models_add_their_weights_and_scoring(capsys):
     assert "audit model: SmolLM2-135M-Instruct (nf4" in out and "every rollout" in out
     assert "separate reward / audit models (weights)" in out
     assert plan_cli.main(["--model", "gpt2", "--audit-model", "no-such-org/no-such-model@bfloat16"]) == 2
+
+
+def test_a_composite_config_as_the_hub_writes_it(tmp_path):
+    """Gemma 3 4B+'s config.json: a text_config of differences from its class's defaults (no vocab_size, heads, …) and
+    the dtype at the top level. The plan reads it as transformers does and counts the class load_model loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {"model_type": "gemma3", "torch_dtype": "bfloat16", "mm_tokens_per_image": 4,
+           "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2},
+           "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = plan.load_shape(str(tmp_path))
+    assert plan.weight_dtype("auto", shape) == "bf16"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert plan.parameter_counts(shape)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_reward_artifact_as_a_separate_reward_model(tmp_path):
+    spec = {"format_version": 2, "mode": "heads", "base_model": "Qwen/Qwen2.5-7B-Instruct", "dtype": "bfloat16",
+            "load_in_4bit": False}
+    (tmp_path / "rlhf_ext_reward.json").write_text(json.dumps(spec))
+    m = plan.ScoringModel.parse(str(tmp_path))
+    assert m.dtype == "bf16" and m.shape["hidden_size"] == 3584
+    (tmp_path / "rlhf_ext_reward.json").write_text(json.dumps({**spec, "load_in_4bit": True}))
+    assert plan.ScoringModel.parse(str(tmp_path)).dtype == "nf4"
+    assert plan.ScoringModel.parse(f"{tmp_path}@float32").dtype == "fp32"
+    with pytest.raises(plan.PlanError, match="reward-model artifact"):
+        plan.load_shape(str(tmp_path))
+
+
+def test_lora_targets_by_their_module_names():
+    assert plan.normalize_targets("query_key_value") == ("q", "k", "v")
+    assert plan.normalize_targets("qkv_proj,o_proj,gate_up_proj,down_proj") == ("q", "k", "v", "o", "gate", "up",
+                                                                                 "down")
+    assert plan.normalize_targets("c_proj") == ("o", "down")
+
+
+@pytest.mark.parametrize("text, gib", [("24", 24), ("24 GiB", 24), ("23028MiB", 23028 / 1024), ("24GB", 24e9 / 2**30)])
+def test_gpu_memory_with_units(text, gib):
+    assert plan_cli.gpu_memory(text) == pytest.approx(gib)
+
+
+def _header(path: Path) -> str:
+    return " ".join(line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "recipes" / "configs").glob(
+    "*.yaml") if "Planned peak" in _header(p)))
+def test_a_recipe_headers_plan_reproduces(config, capsys):
+    """A recipe's header states a planned peak (and largest batch) beside the `rlhf-ext plan` command that gives it:
+    the command, run as written, prints those numbers — and the pre-Ampere variant the header names, on a T4's
+    15360 MiB, too."""
+    import re
+    import shlex
+
+    header = _header(Path(__file__).parents[1] / "recipes" / "configs" / config)
+    claim = re.search(r"Planned peak ([\d.]+) GiB(?:, largest batch (\d+))? \(`rlhf-ext plan ([^`]+)`\)", header)
+    argv = shlex.split(claim.group(3))
+
+    def run(argv):
+        assert plan_cli.main(argv) == 0
+        out = capsys.readouterr().out
+        return (re.search(r"peak: ([\d.]+) GiB", out).group(1),
+                re.search(r"largest batch that fits: (\d+)", out).group(1))
+
+    peak, best = run(argv)
+    assert f"{float(peak):.1f}" == claim.group(1) and (claim.group(2) is None or best == claim.group(2))
+    t4 = re.search(r"\(the plan with `([^`]+)`, a T4's total: ([\d.]+) GiB", header)
+    if t4:
+        swap = {"--dtype": None, "--batch": None}  # the variant's own values replace the command's
+        extra = shlex.split(t4.group(1))
+        for flag in swap:
+            if flag in extra and flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
+        peak, best = run([a for a in argv if a != "--bf16"] + extra)
+        batch = extra[extra.index("--batch") + 1]
+        assert f"{float(peak):.1f}" == t4.group(2) and best == batch  # fits a T4 at the batch the header gives
+
+
+def test_an_eager_only_architecture_is_noted(tmp_path, capsys):
+    """Gemma 2 runs eager attention only (transformers refuses SDPA for it), which keeps every trained layer's
+    [rows, heads, T, T] attention weights: the SDPA-shaped plan says it does not count them."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=256)
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):  # the fact the note rests on
+        AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    cfg.save_pretrained(tmp_path)
+    assert plan_cli.main(["--model", str(tmp_path), "--batch", "16", "--minibatches", "2", "--prompt-length", "1024",
+                          "--completion-length", "1024"]) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if "eager attention" in line)
+    assert "≈ 0.75 GiB per layer" in note  # 8 rows × 4 heads × 2048² × (4 + 2 bytes)

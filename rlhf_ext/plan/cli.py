@@ -155,6 +155,15 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
     elif experts:
         lines.append(f"note: {_fmt_params(experts)} of the parameters are MoE experts; the activations are modelled as "
                      f"a dense MLP of the config's intermediate size, an approximation — check the peak with a short run")
+    if shape.get("model_type") in EAGER_ONLY_MODEL_TYPES:
+        T = o["prompt_length"] + o["completion_length"]
+        probs = shape["num_attention_heads"] * T * T * 6 * (o["batch"] // o["minibatches"])
+        lines.append(f"note: {shape['model_type']} runs eager attention (transformers has no SDPA for it): every "
+                     f"trained layer's forward also keeps its [rows, heads, T, T] attention weights (fp32 softmax + "
+                     f"its cast, ≈ {probs / GiB:.2f} GiB per layer here) and the logits' softcap a copy of the "
+                     f"logits, which this plan (SDPA-shaped) does not count"
+                     + ("" if o["gradient_checkpointing"] else " — --gradient-checkpointing keeps one layer's")
+                     + "; check the peak with a short run")
     if shape.get("param_counts_error"):
         lines.append(f"note: parameters from the dense-model formula — this transformers could not build the config "
                      f"to count them ({shape['param_counts_error']}); exact for Llama/Mistral/Qwen2/GPT-2 shapes only")
@@ -171,12 +180,16 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
                      f"(bf16 weights) avoids both")
     if gpu_bytes:
         fit = "fits" if est["peak"] <= gpu_bytes else "does NOT fit"
-        lines.append(f"on {gpu_bytes / GiB:.0f} GiB per GPU: {fit}; largest batch that fits: {best} per process"
+        lines.append(f"on {gpu_bytes / GiB:.3g} GiB per GPU: {fit}; largest batch that fits: {best} per process"
                      + (f" (global {best * n_proc})" if n_proc > 1 and best else "")
                      + ((f" (the base weights alone take {w['total'] / GiB:.2f} GiB)" if w["total"] >= gpu_bytes else
                          " (not even one minibatch: lower the lengths, use --load-in-4bit / --gradient-checkpointing "
                          "/ --lora-top-layers, or more minibatches)") if best == 0 else ""))
     return "\n".join(lines)
+
+
+# model types transformers runs with eager attention only (no SDPA: Gemma 2's attention-logit softcap)
+EAGER_ONLY_MODEL_TYPES = ("gemma2",)
 
 
 # the built-in controllers (rlhf_ext/plugins/kl.py): checked without importing the plugins, which import torch — the
@@ -198,13 +211,35 @@ def kl_controller_problem(name: str) -> str | None:
     return None
 
 
+_UNITS = {"": 1.0, "gib": 1.0, "g": 1.0, "mib": 1 / 1024, "m": 1 / 1024, "gb": 1e9 / GiB, "mb": 1e6 / GiB,
+          "tib": 1024.0, "tb": 1e12 / GiB}
+
+
+def gpu_memory(text: str) -> float:
+    """--gpu-memory: GiB, or a number with a unit — 24GB (10⁹ bytes), 24 GiB, 23028MiB (what nvidia-smi prints)."""
+    import re
+
+    try:  # a plain number (nan, inf, -5 included): main() says what is wrong with it
+        return float(text)
+    except ValueError:
+        pass
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = (m.group(2) if m else "").lower()
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size: write GiB (24), or a number with a unit: "
+                                         f"24GiB, 24GB, 23028MiB (nvidia-smi's total)")
+    return float(m.group(1)) * _UNITS[unit]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rlhf-ext plan", description="GPU memory plan for a PPO run, per process (per "
                                  "GPU) under DDP (reads the model's config only).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="Hub id, local folder, path to config.json, or a shipped shape: "
                     + ", ".join(shipped_shapes()))
-    ap.add_argument("--gpu-memory", type=float, default=24.0, help="GPU memory in GiB (per GPU)")
+    ap.add_argument("--gpu-memory", type=gpu_memory, default=24.0, help="GPU memory per GPU, in GiB or with a unit "
+                    "(24GB, 23028MiB): the total nvidia-smi reports — a '24 GB' A10G or L4 has 23028 MiB = 22.5 GiB, a "
+                    "'16 GB' T4 15360 MiB = 15 GiB")
     ap.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (bitsandbytes)")
     ap.add_argument("--dtype", default=None, choices=list(DTYPE_CHOICES),
                     help="the dtype the base is loaded in, as the trainer's model_init_kwargs['dtype'] / a recipe's "
@@ -274,7 +309,7 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and not value > 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0, got {value}.")
-    if not math.isfinite(args.gpu_memory):  # inf GiB "fits" every batch up to the search's limit
+    if not math.isfinite(args.gpu_memory * GiB):  # inf GiB "fits" every batch up to the search's limit
         ap.error(f"--gpu-memory must be a finite number of GiB per GPU, got {args.gpu_memory}.")
     for name, zero in (("ensemble", "Python reward functions only"), ("monitor_max_queue", "monitor off"),
                        ("lora_top_layers", "every layer")):

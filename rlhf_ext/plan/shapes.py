@@ -36,6 +36,9 @@ def shipped_shapes() -> dict[str, dict]:
 def shape_from_config(cfg) -> dict:
     """The architecture fields the plan needs, from a config.json dict or a transformers config (GPT-2 names —
     n_embd, n_layer, n_head, n_inner, n_positions — included; multimodal configs via their text config)."""
+    # the whole config: what AutoModelForCausalLM builds from it (a multimodal model's vision tower included, as
+    # `load_model` loads it) is what `counted_parameters` counts; its dtype is what `--dtype auto` loads
+    top = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     if hasattr(cfg, "to_dict"):
@@ -43,6 +46,7 @@ def shape_from_config(cfg) -> dict:
     cfg = dict(cfg)
     if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    composite = cfg.get("model_type") != top.get("model_type")
 
     def first(*names, default=None):
         return next((cfg[n] for n in names if cfg.get(n) is not None), default)
@@ -77,12 +81,13 @@ def shape_from_config(cfg) -> dict:
     for extra in ("head_dim", "name", "hub_id", "source", "attention_bias", "layer_types"):
         if cfg.get(extra) is not None:
             shape[extra] = cfg[extra]
-    for extra in ("torch_dtype", "dtype"):  # the checkpoint's dtype: what --dtype auto loads
-        if cfg.get(extra) is not None:
-            shape["torch_dtype"] = str(cfg[extra]).replace("torch.", "")
-    if shape["model_type"] not in FORMULA_MODEL_TYPES and "param_counts" not in cfg:
+    for source in (top, cfg):  # the checkpoint's dtype, what --dtype auto loads: a composite config records it at
+        for extra in ("torch_dtype", "dtype"):  # its top level (Gemma 3 4B+), not in its text_config
+            if source.get(extra) is not None:
+                shape["torch_dtype"] = str(source[extra]).replace("torch.", "")
+    if (composite or shape["model_type"] not in FORMULA_MODEL_TYPES) and "param_counts" not in cfg:
         try:
-            shape["param_counts"] = counted_parameters(cfg)
+            shape["param_counts"] = counted_parameters(top if composite else cfg)
         except Exception as e:  # noqa: BLE001 — a model type this transformers does not know: the closed form
             shape["param_counts_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     elif "param_counts" in cfg:
@@ -105,9 +110,12 @@ def counted_parameters(cfg: dict) -> dict:
     from ..models import PLAIN_LINEAR_SUBCLASSES, fused_expert_parameters
 
     decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # config.json writes inf as {"__float__": …}
-    config = AutoConfig.for_model(**(decode(cfg) if decode else cfg)).get_text_config()
+    config = AutoConfig.for_model(**(decode(cfg) if decode else cfg))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        try:  # the class `load_model` loads (Gemma 3 4B+: Gemma3ForConditionalGeneration, its vision tower included)
+            model = AutoModelForCausalLM.from_config(config)
+        except Exception:  # noqa: BLE001 — a composite config no causal-LM class takes: its language model
+            model = AutoModelForCausalLM.from_config(config.get_text_config())
     out = model.get_output_embeddings()
     params = dict(model.named_parameters())  # tied parameters once
     embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
@@ -133,6 +141,10 @@ def load_shape(model: str) -> dict:
         return shape_from_config(shipped[by_key[key]])
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "rlhf_ext_reward.json").is_file():
+                raise PlanError(f"{path} is a reward-model artifact, not a policy: plan it with "
+                                f"--separate-reward-model {path} (a second model), or, trained on the policy's own base, "
+                                f"--ensemble K --ensemble-mode heads|adapters (members on the shared base).")
             raise PlanError(f"{path} is a folder without config.json.")
         path = path / "config.json"
     if path.is_file():
@@ -147,7 +159,8 @@ def load_shape(model: str) -> dict:
         if not isinstance(cfg, dict):
             raise PlanError(f"{path} holds a JSON {type(cfg).__name__}, not a model config (an object of "
                             f"architecture fields such as hidden_size).")
-        return {**shape_from_config(cfg), "name": cfg.get("_name_or_path") or path.parent.name, "source": str(path)}
+        return {**shape_from_config(_with_defaults(cfg)), "name": cfg.get("_name_or_path") or path.parent.name,
+                "source": str(path)}
     names = ", ".join(shipped)
     if str(model).startswith((".", "/", "~")) or str(model).endswith(".json"):
         raise PlanError(f"No model config at {model!r}. Pass a folder with config.json, a config.json, a Hub id, or "
@@ -161,6 +174,22 @@ def load_shape(model: str) -> dict:
                         f"{str(e).splitlines()[0][:160]}). Offline, pass a local folder / config.json, or one of the "
                         f"shipped shapes: {names}.") from None
     return {**shape_from_config(cfg), "name": model, "source": f"AutoConfig.from_pretrained({model!r})"}
+
+
+def _with_defaults(cfg: dict):
+    """A config.json as transformers reads it, when it needs its class's defaults: transformers writes a nested
+    text_config as its differences from that class's defaults (Gemma 3 4B+: no vocab_size, num_attention_heads, …).
+    The plain dict where transformers is not needed or cannot read it (a model type it does not know)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict) or "num_attention_heads" in text and "vocab_size" in text:
+        return cfg
+    try:
+        from transformers import AutoConfig, PretrainedConfig
+
+        decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+        return AutoConfig.for_model(**(decode(cfg) if decode else cfg))
+    except Exception:  # noqa: BLE001 — shape_from_config names what is missing
+        return cfg
 
 
 def model_dims(shape: dict) -> tuple[int, int, int, int, int, int, int, int]:

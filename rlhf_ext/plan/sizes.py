@@ -13,7 +13,14 @@ ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation: reserved ≈ 1.1 × a
 REWARD_SCORING_BATCH = 16  # RewardEnsemble.score_completions(batch_size=16), ExternalRewardModel(batch_size=16)
 EXACT_KL_STATES = 16  # response states per float64 block of the exact KL (PolicyAndValue.sequence_kl reads it)
 TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-                  "down_proj": "down", "c_attn": "qkv", "c_fc": "up", "c_proj": "o"}
+                  "down_proj": "down", "c_attn": "qkv", "c_fc": "up",
+                  # PEFT matches a name's suffix: GPT-2's c_proj is attn.c_proj and mlp.c_proj
+                  "c_proj": "o+down",
+                  # fused projections as other families name them (PEFT's defaults: query_key_value for GPT-NeoX,
+                  # qkv_proj for Phi-3, W_pack for Baichuan), counted as their parts
+                  "query_key_value": "qkv", "qkv_proj": "qkv", "W_pack": "qkv", "Wqkv": "qkv",
+                  "gate_up_proj": "gate+up", "dense": "o", "dense_h_to_4h": "up", "dense_4h_to_h": "down",
+                  "fc1": "up", "fc2": "down"}
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 
 
@@ -92,6 +99,8 @@ def normalize_targets(targets) -> tuple[str, ...]:
             out += ["q", "k", "v", "o", "gate", "up", "down"]
         elif t == "qkv":
             out += ["q", "k", "v"]
+        elif "+" in t:
+            out += t.split("+")
         elif t in ALL_TARGETS:
             out.append(t)
         else:
@@ -221,6 +230,30 @@ def precision_of(dtype=None, load_in_4bit: bool = False, bf16: bool = False, sha
     return Precision(w, bool(bf16), 2 if bf16 else h, h)
 
 
+def _reward_artifact(model: str):
+    """(shape, dtype) of the second model a reward artifact folder loads (`load_reward_model` without a shared
+    base): "full" mode its trunk/, else its recorded base model; the dtype it records ("nf4" for a 4-bit base,
+    None when none). None when `model` is not an artifact folder."""
+    import json
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    spec_file = path / "rlhf_ext_reward.json"
+    if not spec_file.is_file():
+        return None
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise PlanError(f"{spec_file} is not valid JSON ({e}).") from None
+    if spec.get("mode") == "full":
+        shape = load_shape(str(path / "trunk"))
+    elif spec.get("base_model"):
+        shape = load_shape(spec["base_model"])
+    else:
+        raise PlanError(f"{path} does not record its base model: pass that base as MODEL[@DTYPE].")
+    return shape, ("nf4" if spec.get("load_in_4bit") else spec.get("dtype"))
+
+
 @dataclass
 class ScoringModel:
     """A model that scores every rollout besides the policy's base: a reward model loaded as a separate model (a
@@ -245,7 +278,13 @@ class ScoringModel:
             name = spec.get("name") or spec.get("model") or shape.get("name", shape.get("model_type"))
         else:
             model, _, dtype = str(spec).partition("@")
-            shape, name, dtype = load_shape(model), model, dtype or "fp32"
+            artifact = _reward_artifact(model)
+            if artifact is not None:  # a reward artifact: the trunk it loads, in the dtype / 4-bit it records
+                shape, recorded = artifact
+                dtype = dtype or recorded
+            else:
+                shape = load_shape(model)
+            name, dtype = model, dtype or "fp32"
         dtype = "nf4" if str(dtype).lower() in ("nf4", "4bit", "4-bit") else weight_dtype(dtype, shape)
         return cls(name=name, shape=shape, dtype=dtype, role=role)
 
