@@ -551,3 +551,18 @@ def test_normalization_reads_the_first_eval_pairs_within_max_length_tokenized_on
         assert again["mean"] == pytest.approx(alone.mean(0).tolist(), abs=1e-5)
     finally:
         RewardTrainer._prepare_dataset = original
+
+
+def test_reviewed_pairs_that_max_length_drops_are_counted(tmp_path, tiny_path, tok):
+    """TRL drops pairs over max_length without a word; a pair a reviewer labelled (here counted 3 times) is named
+    when it goes, and the rows that trained carry no trace of the mark."""
+    extra = tmp_path / "preferences.jsonl"
+    rows = preference_rows(3, 9, conversational=False)
+    rows[1]["chosen"] = "word " * 80  # far past max_length
+    extra.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = Dataset.from_list(preference_rows(16, 0, conversational=False))
+    args = _quick(tmp_path, extra_preferences=[str(extra)], extra_preferences_weight=3, max_length=48)
+    with pytest.warns(UserWarning, match=r"max_length=48 drops 1 of the 3 reviewed pair\(s\) from extra_preferences"):
+        tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=data, processing_class=tok)
+    assert len(tr.train_dataset) == 16 + 2 * 3 and "_rlhf_ext_extra_preference" not in tr.train_dataset.column_names
+    tr.train()  # the collator never sees the mark

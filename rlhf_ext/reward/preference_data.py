@@ -192,7 +192,30 @@ def add_extra_preferences(train_dataset, files, weight: int = 1):
 
         extra = combined.select(range(len(train_dataset), len(combined)))
         combined = concatenate_datasets([combined] + [extra] * (weight - 1))
-    return combined
+    # which rows are reviewed pairs, for the max_length filter's count (`count_reviewed_dropped`); removed there
+    return combined.add_column(EXTRA_MARK, [False] * len(train_dataset) + [True] * (len(combined) - len(train_dataset)))
+
+
+EXTRA_MARK = "_rlhf_ext_extra_preference"
+
+
+def count_reviewed_dropped(dataset, limit: int | None, weight: int):
+    """`dataset` without the extra-preference mark, and a warning when `max_length=limit` drops reviewed pairs: TRL
+    drops over-long rows silently, and a pair a person labelled (counted `weight` times) is the costliest row to lose
+    without a word."""
+    if not isinstance(dataset, Dataset) or EXTRA_MARK not in dataset.column_names:
+        return dataset
+    if limit is not None:
+        marked = dataset.select_columns([EXTRA_MARK, "chosen_ids", "rejected_ids"]).filter(lambda e: e[EXTRA_MARK])
+        lengths, _ = _pair_lengths(marked)
+        dropped = sum(n > limit for n in lengths)
+        if dropped:
+            warnings.warn(
+                f"max_length={limit} drops {dropped // weight} of the {len(lengths) // weight} reviewed pair(s) from "
+                f"extra_preferences (longer than {limit} tokens, prompt and chat template included; the longest is "
+                f"{max(lengths)}): their labels are not trained on. Raise max_length to at least {max(lengths)} to "
+                f"keep them.", stacklevel=4)
+    return dataset.remove_columns(EXTRA_MARK)
 
 
 def _pair_lengths(dataset) -> tuple[list[int], bool]:

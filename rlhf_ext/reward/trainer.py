@@ -53,8 +53,8 @@ from ..trainer_state import TRAINER_STATE, save_trainer_state
 from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
 from .ensemble import RewardEnsemble
-from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, drop_token_ties,
-                              hashed_bootstrap_weights, validate_preference_dataset, with_prompt_length)
+from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, count_reviewed_dropped,
+                              drop_token_ties, hashed_bootstrap_weights, validate_preference_dataset, with_prompt_length)
 
 logger = logging.getLogger(__name__)
 
@@ -666,6 +666,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
         label = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
         dataset = drop_token_ties(dataset, label)
+        dataset = count_reviewed_dropped(dataset, args.max_length, args.extra_preferences_weight)
         if args.max_length is None:
             return dataset
         limit = args.max_length
