@@ -143,6 +143,21 @@ def yaml_value(value) -> str:
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
+def framework_versions() -> str:
+    """The card's "Framework versions" section, as TRL's cards give it (rlhf_ext and PEFT added): what a reader needs
+    to load the artifact as it was saved."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    rows = []
+    for name, dist in (("rlhf_ext", "rlhf_ext"), ("TRL", "trl"), ("Transformers", "transformers"), ("PEFT", "peft"),
+                       ("Pytorch", "torch"), ("Datasets", "datasets"), ("Tokenizers", "tokenizers")):
+        try:
+            rows.append(f"- {name}: {version(dist)}")
+        except PackageNotFoundError:  # rlhf_ext run from a checkout that was never installed
+            continue
+    return "\n### Framework versions\n\n" + "\n".join(rows) + "\n"
+
+
 def with_card_metadata(card: str, meta: dict) -> str:
     """`card` (YAML front matter, then a `# title`) with `meta` merged in: extra tags after the card's own,
     `datasets`, `license`, `language`, `base_model` (finetuned_from) and `model_name` as the title."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from datasets import Dataset
 from peft import LoraConfig
@@ -488,6 +489,12 @@ def test_policy_card_says_what_the_upload_holds(tmp_path, tok, fake_hub):
     assert "is in `critic/`" in saved and (tmp_path / "policy" / "critic").is_dir()
     assert "| KL controller | `fixed` (β = 0.01) |" in saved and "δ" not in saved
     assert "Held-out evaluation (`evaluate_policy`, iteration 2)" in saved
+    import peft
+    import trl
+
+    # TRL's cards give the versions the artifact was saved with; PEFT's the pipeline a policy serves
+    assert f"- TRL: {trl.__version__}\n" in saved and f"- PEFT: {peft.__version__}\n" in saved
+    assert _front(saved)["pipeline_tag"] == "text-generation"
     tr.push_to_hub()
     staged = fake_hub / "someone" / "policy"
     assert not (staged / "critic").exists() and "is in `critic/`" not in (staged / "README.md").read_text()
@@ -506,6 +513,7 @@ def test_reward_cards_snippet_and_output_dir_card(tmp_path, tiny_path, tok):
     tr.save_model(str(tmp_path / "art"))
     card = (tmp_path / "art" / "README.md").read_text()
     assert '"role": "user"' in card  # it trained on chat messages: the snippet gives them
+    assert f"- Transformers: {transformers.__version__}\n" in card
     assert "eval_accuracy" in card and "eval_runtime" not in card and "Evaluation (step 1)" in card
     training = json.loads((tmp_path / "art" / "rlhf_ext_reward.json").read_text())["training"]
     assert (training["epochs"], training["steps"]) == (tr.state.epoch, 1)  # what ran, not num_train_epochs' 3

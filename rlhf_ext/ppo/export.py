@@ -77,7 +77,7 @@ def push_policy(tr, repo_id: str, critic: bool = False, token=None, revision=Non
 
 
 def model_card(tr, merged: bool = False, critic: bool = True) -> str:
-    from ..hub import yaml_value
+    from ..hub import framework_versions, yaml_value
 
     a, last = tr.args, (tr._metrics_history[-1] if tr._metrics_history else {})
     ref, hub_base = base_reference(tr.model_name) if tr.model_name else None, card_base_model(tr.model_name)
@@ -104,7 +104,7 @@ def model_card(tr, merged: bool = False, critic: bool = True) -> str:
               f"policy = PeftModel.from_pretrained(base, \"<this folder or repo id>\")\n```\n\n"))
     return (f"---\nlibrary_name: {'transformers' if merged else 'peft'}\n"
             + (f"base_model: {yaml_value(hub_base)}\n" if hub_base else "") +  # a Hub id or nothing: the Hub refuses paths
-            f"tags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
+            "pipeline_tag: text-generation\ntags: [rlhf_ext, ppo, trl, rlhf, lora]\n---\n\n"
             f"# PPO policy trained with rlhf_ext\n\n| setting | value |\n|---|---|\n| base model | {base} |\n"
             f"| KL controller | {kl} |\n"
             f"| reward members | {', '.join(tr.rewards.member_names)} |\n| aggregation | `{a.aggregation}` |\n"
@@ -117,7 +117,7 @@ def model_card(tr, merged: bool = False, critic: bool = True) -> str:
                + f"):\n\n| metric | value |\n|---|---|\n{heldout}\n\n" if heldout else "")
             + usage + ("The value head (and a separate critic adapter, if any) is in `critic/`.\n" if critic else
                        "The value head is not included (push_to_hub(critic=True) uploads it in `critic/`).\n")
-            + "".join(f"\nLogged to {name}: {url}\n" for name, url in tracker_links()))
+            + "".join(f"\nLogged to {name}: {url}\n" for name, url in tracker_links()) + framework_versions())
 
 
 def tracker_links() -> list[tuple[str, str]]:

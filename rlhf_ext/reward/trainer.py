@@ -1157,7 +1157,7 @@ class RewardEnsembleTrainer(RewardTrainer):
 
 
 def _reward_card(spec: dict, history: list[dict]) -> str:
-    from ..hub import yaml_value
+    from ..hub import framework_versions, yaml_value
 
     # transformers' card leaves the speed figures out of its results (parse_log_history): they describe the machine
     speed = ("_runtime", "_samples_per_second", "_steps_per_second", "_num_tokens")
@@ -1177,4 +1177,5 @@ def _reward_card(spec: dict, history: list[dict]) -> str:
             "```python\nfrom rlhf_ext import load_reward_model\nrm = load_reward_model(\"<this folder or repo id>\")\n"
             + usage +
             "scores = rm.score_texts(prompts, completions, normalize=True)  # [N, K]\n```\n\n"
-            + (f"Evaluation (step {step}):\n\n| metric | value |\n|---|---|\n{metrics}\n" if metrics else ""))
+            + (f"Evaluation (step {step}):\n\n| metric | value |\n|---|---|\n{metrics}\n" if metrics else "")
+            + framework_versions())
