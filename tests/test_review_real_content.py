@@ -5,11 +5,12 @@ and two detectors picking the same sample in one iteration."""
 import json
 import threading
 
+import pytest
 from datasets import Dataset
 
 from rlhf_ext.data import with_extra_preferences
-from rlhf_ext.monitor.queue import ReviewQueue
-from rlhf_ext.monitor.review import ReviewServer
+from rlhf_ext.monitor.queue import ReviewQueue, read_jsonl
+from rlhf_ext.monitor.review import ApiError, ReviewServer
 from rlhf_ext.reward.preference_data import validate_preference_dataset
 
 from .test_review import make_pair
@@ -91,3 +92,21 @@ def test_a_sample_two_detectors_pick_in_one_iteration_is_queued_once(tmp_path, t
     pairs = [json.dumps([r["prompt"], r["flagged"]["completion"], r["reference"]["completion"]]) for r in records]
     assert len(pairs) == len(set(pairs))
     assert any(r["detectors"] == ["length_correlation", "length_drift"] for r in records)
+
+
+def test_a_reviewers_undo_takes_back_their_own_last_decision(tmp_path):
+    """Two reviewers on one folder: ann's Undo (no id) took back bob's later click, and the undo was logged with no
+    reviewer; each page's "Last:" line showed the other's decision."""
+    q = ReviewQueue(tmp_path)
+    for i in range(3):
+        q.add(make_pair(f"p{i}", f"great {i}", f"fine {i}"))
+    ann, bob = (ReviewServer(tmp_path, reviewer=name) for name in ("ann", "bob"))
+    ann.decide({"id": "p0", "decision": "flagged"})
+    bob.decide({"id": "p1", "decision": "reference"})
+    assert ann.state()["last"]["id"] == "p0" and bob.state()["last"]["id"] == "p1"
+    assert ann.undo({})["undone"] == "p0"
+    assert set(q.decisions()) == {"p1"}
+    assert read_jsonl(q.decisions_path)[-1]["reviewer"] == "ann"
+    with pytest.raises(ApiError, match="Nothing to undo by ann") as e:
+        ann.undo({})
+    assert e.value.status == 409

@@ -371,9 +371,11 @@ class ReviewQueue:
                 state[ev["id"]] = ev
         return state
 
-    def last_decision(self) -> dict | None:
-        """The most recent decision still in effect (what "undo" without an id takes back), or None."""
-        return next(reversed(self.decisions().values()), None)
+    def last_decision(self, reviewer: str | None = None) -> dict | None:
+        """The most recent decision still in effect (what "undo" without an id takes back) — `reviewer`'s own when
+        named (two reviewers on one folder: one's undo must not take back the other's click) — or None."""
+        return next((ev for ev in reversed(self.decisions().values())
+                     if reviewer is None or ev.get("reviewer") == reviewer), None)
 
     def progress(self) -> dict:
         """Counts for the review page: pairs in the queue, decided (skip included), pending, preference rows."""
@@ -408,10 +410,10 @@ class ReviewQueue:
         append_jsonl(self.decisions_path, {"id": pair_id, "decision": decision, "time": now(), "reviewer": reviewer})
         self.export_preferences()
 
-    def undo(self, pair_id: str) -> None:
+    def undo(self, pair_id: str, reviewer: str | None = None) -> None:
         self.records()  # damaged files are refused before the log grows
         self.decisions()
-        append_jsonl(self.decisions_path, {"id": pair_id, "decision": "undo", "time": now(), "reviewer": None})
+        append_jsonl(self.decisions_path, {"id": pair_id, "decision": "undo", "time": now(), "reviewer": reviewer})
         self.export_preferences()
 
     def export_preferences(self, rows: list[dict] | None = None) -> Path:

@@ -96,7 +96,7 @@ class ReviewServer(ThreadingHTTPServer):
         pending = q.pending(self.order)
         # the pair on screen (or the one just undone) stays first, whatever else was decided meanwhile
         pending.sort(key=lambda r: r["id"] != prefer)
-        return {"pending": pending[:PENDING_SHOWN], "counts": q.progress(), "last": q.last_decision(),
+        return {"pending": pending[:PENDING_SHOWN], "counts": q.progress(), "last": q.last_decision(self.reviewer),
                 "preferences_path": str(q.preferences_path), "reviewer": self.reviewer, "order": self.order}
 
     def decide(self, body: dict) -> dict:
@@ -121,14 +121,15 @@ class ReviewServer(ThreadingHTTPServer):
         with self.lock, self.queue.locked():  # this server's threads, and other servers on the folder
             decided = self.queue.decisions()
             if pair_id is None:
-                last = self.queue.last_decision()
+                last = self.queue.last_decision(self.reviewer)  # this reviewer's, not another server's
                 if last is None:
-                    raise ApiError(HTTPStatus.CONFLICT, "Nothing to undo.")
+                    raise ApiError(HTTPStatus.CONFLICT, "Nothing to undo" + (f" by {self.reviewer}." if self.reviewer
+                                                                            else "."))
                 pair_id = last["id"]
             elif pair_id not in decided:
                 raise ApiError(HTTPStatus.CONFLICT, f"Pair {pair_id!r} has no decision to undo (undone already, in "
                                                     f"another tab?).")
-            self.queue.undo(pair_id)
+            self.queue.undo(pair_id, reviewer=self.reviewer)
         return {**self.state(prefer=pair_id), "undone": pair_id}
 
 
