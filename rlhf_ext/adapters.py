@@ -236,12 +236,29 @@ class GradientReachCheck:
     sample dropped). Such a step tells nothing about the graph and is not counted, unless a matrix got no gradient
     at all (None), which is decided at once."""
 
-    def __init__(self, params: dict[str, nn.Parameter], trainer: str, quantized: bool = False):
+    def __init__(self, params: dict[str, nn.Parameter], trainer: str, quantized: bool = False,
+                 gated: dict[str, nn.Parameter] | None = None):
         self.params, self.trainer, self.quantized = params, trainer, quantized
-        self.done, self.tries, self.reached = False, 0, set()
+        self.tries, self.reached, self._done = 0, set(), False
+        # `gated`: matrices whose gradient comes through one path that may carry none with the graph intact (a
+        # separate critic's adapter, through the value head: its weight 0, or every value token clipped); checked
+        # on their own, only at the steps the caller says that path carried a signal (`gated_signal`)
+        self.gated = GradientReachCheck(gated, trainer, quantized) if gated else None
 
-    def __call__(self, signal: bool = True) -> None:
-        if self.done:
+    @property
+    def done(self) -> bool:
+        return self._done and (self.gated is None or self.gated.done)
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        self._done = value
+        if self.gated is not None:
+            self.gated.done = value
+
+    def __call__(self, signal: bool = True, gated_signal: bool = True) -> None:
+        if self.gated is not None and gated_signal and not self.gated.done:
+            self.gated(signal)
+        if self._done:
             return
         if not signal and all(p.grad is not None for p in self.params.values()):
             return  # (every gradient is 0: nothing reached either)
@@ -249,9 +266,9 @@ class GradientReachCheck:
         nonzero = torch.stack([g.ne(0).any() for _, g in grads]).tolist() if grads else []  # one device sync
         self.reached |= {n for (n, _), hit in zip(grads, nonzero) if hit}
         self.tries += 1
-        self.done = check_gradients_reached(self.params, self.trainer, self.quantized,
-                                            final=self.tries >= REACH_TRIES, reached=frozenset(self.reached),
-                                            steps=self.tries)
+        self._done = check_gradients_reached(self.params, self.trainer, self.quantized,
+                                             final=self.tries >= REACH_TRIES, reached=frozenset(self.reached),
+                                             steps=self.tries)
 
 
 def _is_bias(name: str, param: nn.Parameter) -> bool:

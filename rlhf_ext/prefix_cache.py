@@ -84,7 +84,12 @@ def restrict_to_top_layers(peft_config, model, n: int | None):
         total = model.config.get_text_config().num_hidden_layers
         if not 0 < n <= total:
             raise ValueError(f"lora_top_layers={n} but the model has {total} layers; use 1…{total} (or 0 for all).")
-        peft_config.layers_to_transform = list(range(total - n, total))
+        top = list(range(total - n, total))
+        given = peft_config.layers_to_transform
+        if given is not None and sorted([given] if isinstance(given, int) else given) != top:
+            raise ValueError(f"lora_top_layers={n} (LoRA on layers {top}) and the LoRA config's layers_to_transform="
+                             f"{given} disagree; keep one of them.")
+        peft_config.layers_to_transform = top
     if peft_config.layers_to_transform is not None and not peft_config.layers_pattern:
         # Without a pattern PEFT needs a dot before the layer list ("model.layers.3."), so the adapter would not
         # load onto a bare trunk ("layers.3.") — the reward artifact's standalone path.

@@ -172,6 +172,11 @@ class PPOTrainer(Trainer):
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 raise ValueError("`model` is already a PeftModel; drop `peft_config` or pass the base model.")
+            if args.lora_top_layers:  # its adapter's layers are set already: the option would silently do nothing
+                raise ValueError(f"lora_top_layers={args.lora_top_layers} places the LoRA adapter PPOTrainer creates, "
+                                 f"but `model` is already a PeftModel with its own adapter. Pass the base model (with "
+                                 f"peft_config, or none for the default LoRA), or make the PeftModel with "
+                                 f"LoraConfig(layers_to_transform=[...]) and drop lora_top_layers.")
             self.policy_adapter = model.active_adapter  # the user's adapter is the policy
         else:
             if is_quantized(model):
@@ -245,9 +250,12 @@ class PPOTrainer(Trainer):
         routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend, args.device)
         policy_params = adapter_parameters(model, self.policy_adapter)
         self._guard_params = [p for p in policy_params.values() if p.requires_grad]
-        self._reach_check = GradientReachCheck(
-            first_step_grad_params(model, self.trained_adapters if args.vf_coef > 0 else [self.policy_adapter]),
-            "PPOTrainer", self.quantized)
+        # a separate critic's adapter gets its gradient through the value head alone: none while the head's weight
+        # is 0 (value_head_init="zeros", the first step) or the value clip holds every token, so it is checked on the
+        # steps whose value loss reaches the head (`_step`)
+        critic = [CRITIC] if args.critic == "separate" and args.vf_coef > 0 else []
+        self._reach_check = GradientReachCheck(first_step_grad_params(model, [self.policy_adapter]), "PPOTrainer",
+                                               self.quantized, gated=first_step_grad_params(model, critic))
 
         # Frozen-prefix cache: layers below every trained adapter run once per rollout, not once per pass
         if args.cache_frozen_layers:
@@ -798,8 +806,12 @@ class PPOTrainer(Trainer):
                 scaler.update(scaler.get_scale())
             stats["optim/skipped_nonfinite_steps"] += 1
             return norm
-        if not self._reach_check.done:
-            self._reach_check(signal=norm > 0)  # a step whose whole gradient is 0 says nothing about the graph
+        if not self._reach_check.done:  # a step whose whole gradient is 0 says nothing about the graph
+            value_signal = True
+            if self._reach_check.gated is not None:  # the separate critic's: did the value loss reach the head?
+                head = self.policy.value_head.weight
+                value_signal = head.grad is not None and bool(head.detach().any()) and bool(head.grad.any())
+            self._reach_check(signal=norm > 0, gated_signal=value_signal)
         self.optimizer.step()
         if scaler is not None:
             scaler.update()
