@@ -114,7 +114,7 @@ def check_backend(backend: str) -> None:
 
 
 def route_frozen_linears(models, backend: str = "auto", device: torch.device | None = None) -> int:
-    """Install the oneDNN forward on every plain `nn.Linear` with fp32 weights on CPU in `models` (one module or
+    """Install the oneDNN forward on every frozen plain `nn.Linear` with fp32 weights on CPU in `models` (one module or
     several: a policy's base, reward models loaded beside it) when `backend` is "onednn", or "auto" and this CPU
     measured it faster; "torch", or a `device` to train on that is not the CPU (the model still on CPU before it
     moves there): nothing, and no calibration. A module that already has its own `forward` (an accelerate hook) is
@@ -123,8 +123,10 @@ def route_frozen_linears(models, backend: str = "auto", device: torch.device | N
     if device is not None and torch.device(device).type != "cpu":
         return 0
     models = models if isinstance(models, (list, tuple)) else [models]
+    # frozen ones only: a trained layer (a LoRA factor, a full-mode trunk) always takes F.linear (`_forward`), and
+    # counting it made the model card's "N frozen fp32 linears" wrong
     linears = {id(m): m for model in models for m in model.modules() if type(m) is torch.nn.Linear
-               and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu"
+               and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu" and not m.weight.requires_grad
                and ("forward" not in m.__dict__ or is_routed(m))}.values()  # a model listed twice counts once
     if backend == "torch" or not linears:
         return 0

@@ -102,11 +102,14 @@ def test_each_call_decides_trainable_bf16_autocast_and_no_grad():
 
 
 def test_which_modules_are_routed(tok, monkeypatch):
-    """Plain fp32 nn.Linear modules on CPU (base layers, LoRA's A/B, listed twice: counted once); not a module with its
-    own forward (an accelerate hook), not a bf16 one. 'auto' follows the calibration, 'torch' routes nothing, an
-    unknown name and 'onednn' without oneDNN are refused naming the choices."""
+    """Frozen plain fp32 nn.Linear modules on CPU (the base's layers; a model listed twice counted once); not LoRA's
+    A/B (trained: F.linear always), not a module with its own forward (an accelerate hook), not a bf16 one. 'auto'
+    follows the calibration, 'torch' routes nothing, an unknown name and 'onednn' without oneDNN are refused naming
+    the choices."""
     model = get_peft_model(tiny_model_for("llama3", tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    trained = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+    assert trained and linears
     hooked, half = linears[0], linears[1]
     hooked.forward = hooked_forward = lambda x: F.linear(x, hooked.weight)
     half.to(torch.bfloat16)
@@ -117,6 +120,7 @@ def test_which_modules_are_routed(tok, monkeypatch):
     monkeypatch.setattr(cpu_linear, "_onednn_op", lambda: object())
     assert route_frozen_linears([model, model], "auto") == len(linears) - 2
     assert [m for m in linears if not is_routed(m)] == [hooked, half] and hooked.forward is hooked_forward
+    assert not any(is_routed(m) for m in trained)
     assert route_frozen_linears(model, "onednn") == len(linears) - 2  # again: the same modules, nothing stacked
     for m in linears:
         if is_routed(m):
@@ -149,8 +153,11 @@ def test_ppo_through_onednn_starts_exact_and_trains_as_torchs_kernel_does(tmp_pa
         tr = trainer(tmp_path / backend, tok, tiny_path, max_steps=1, cpu_matmul_backend=backend,
                      learning_rate=1e-2, num_ppo_epochs=1)
         base = [m for m in tr.policy.peft.get_base_model().modules() if type(m) is torch.nn.Linear]
-        assert all(is_routed(m) for m in base) == (backend == "onednn")
-        assert tr.startup["cpu_matmul"].startswith("oneDNN" if backend == "onednn" else "torch")
+        frozen = [m for m in base if not m.weight.requires_grad]
+        assert all(is_routed(m) for m in frozen) == (backend == "onednn") and frozen
+        assert not any(is_routed(m) for m in base if m.weight.requires_grad)  # LoRA factors: F.linear always
+        assert tr.startup["cpu_matmul"] == (f"oneDNN ({len(frozen)} frozen fp32 linears)" if backend == "onednn"
+                                            else "torch")  # what the model card states
         assert tr.startup["training_vs_reference"] == 0.0
         assert tr.startup["sampling_vs_training"] <= tr.startup["sampling_vs_training_tolerance"]
         before = {n: p.detach().clone() for n, p in tr.policy.named_parameters() if p.requires_grad}
@@ -276,3 +283,12 @@ def test_a_routed_model_compiles_after_training(tok):
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(out, plain(input_ids=ids).logits)
+
+
+@needs_onednn
+def test_under_autocast_nothing_is_routed_and_the_card_says_torch(tmp_path, tok, tiny_path):
+    """bf16=True: every pass runs F.linear in bf16 (the oneDNN forward is for fp32 outside autocast), so the card's
+    "CPU matmuls" line must not claim oneDNN layers that never run."""
+    tr = trainer(tmp_path, tok, tiny_path, max_steps=1, cpu_matmul_backend="onednn", bf16=True)
+    assert tr.startup["cpu_matmul"] == "torch"
+    assert not any(is_routed(m) for m in tr.policy.peft.modules())

@@ -247,7 +247,8 @@ class PPOTrainer(Trainer):
         # the faster kernel this machine measured; installed before any pass, the start-up checks included, so that
         # every pass computes one function
         scorers = [m.model for m in members if isinstance(getattr(m, "model", None), nn.Module)]
-        routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend, args.device)
+        # (under autocast every pass takes F.linear in the autocast dtype: nothing to route, and the card says "torch")
+        routed = route_frozen_linears([model, *scorers], args.cpu_matmul_backend, args.device) if autocast is None else 0
         policy_params = adapter_parameters(model, self.policy_adapter)
         self._guard_params = [p for p in policy_params.values() if p.requires_grad]
         # a separate critic's adapter gets its gradient through the value head alone: none while the head's weight
