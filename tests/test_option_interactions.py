@@ -61,3 +61,21 @@ def test_lora_top_layers_is_refused_where_it_would_do_nothing_or_be_overridden(t
     tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=reward, args=args, train_dataset=DATA, processing_class=tok,
                     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
     assert tr.policy.split is not None  # the same layers both ways: accepted, the frozen-prefix cache on
+
+
+def test_a_length_shaper_whose_budget_is_past_the_completion_cap_is_named(tmp_path, tok):
+    """overlong's default max_length=48 (cache 16) beside max_completion_length=8 charged nothing, ever, without a
+    word; so did linear with free_tokens past the cap. One that can charge says nothing."""
+    import warnings
+
+    from .test_ppo import make
+
+    with pytest.warns(UserWarning, match=r"'overlong' shaper can never charge.*max_length - cache_length = 32.*"
+                                         r"set max_length=8"):
+        make(tmp_path / "a", tok, shapers=["overlong"])
+    with pytest.warns(UserWarning, match=r"'linear' shaper can never charge.*free_tokens=8"):
+        make(tmp_path / "b", tok, shapers=[{"name": "linear", "free_tokens": 8}])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*shaper can never charge")
+        make(tmp_path / "c", tok, shapers=[{"name": "overlong", "max_length": 8, "cache_length": 4},
+                                           {"name": "linear", "free_tokens": 7}, "target"])

@@ -55,6 +55,11 @@ class Shaper:
         """scores [B] → shaped scores [B] (a float tensor; checked by the reward pipeline)."""
         raise NotImplementedError(f"The shaper {self.name!r} must implement __call__(scores [B], info) -> [B].")
 
+    def idle_within(self, max_completion_length: int) -> str | None:
+        """Why this shaper can never charge a response of at most `max_completion_length` tokens (None: it can).
+        The trainer warns at start-up: a length budget past the completion cap is a shaper silently switched off."""
+        return None
+
     # A shaper that carries something between batches (debias's slope) overrides both: its state_dict() is saved with
     # each checkpoint (JSON: numbers, strings, lists, dicts) and handed back to load_state_dict() on resume.
     @property
@@ -89,6 +94,11 @@ class LinearLength(Shaper):
     def __call__(self, scores, info):
         return scores - self.alpha * (info.lengths - self.free_tokens).clamp(min=0)
 
+    def idle_within(self, max_completion_length):
+        if self.alpha > 0 and self.free_tokens >= max_completion_length:
+            return f"free_tokens={self.free_tokens} is at least max_completion_length={max_completion_length}"
+        return None
+
 
 @register("shaper", "target")
 class TargetLength(Shaper):
@@ -117,6 +127,14 @@ class Overlong(Shaper):
         penalty = torch.where(L <= soft, torch.zeros_like(L), (soft - L) / self.cache_length)
         penalty = torch.where(L > self.max_length, torch.full_like(L, -1.0), penalty)
         return scores + self.coef * penalty
+
+    def idle_within(self, max_completion_length):
+        soft = self.max_length - self.cache_length
+        if self.coef > 0 and soft >= max_completion_length:
+            return (f"it charges past max_length - cache_length = {soft} tokens, and max_completion_length="
+                    f"{max_completion_length} (DAPO's max_length is the completion cap: set max_length="
+                    f"{max_completion_length})")
+        return None
 
 
 @register("shaper", "debias")

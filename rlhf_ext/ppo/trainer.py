@@ -304,6 +304,10 @@ class PPOTrainer(Trainer):
         self._check_best_metric_names(args, held)
         self._check_token_ids(model)
         self._fit_positions(args)
+        for shaper in self.rewards.shapers:
+            idle = shaper.idle_within(args.max_completion_length)
+            if idle:
+                warnings.warn(f"The {shaper.name!r} shaper can never charge a response here: {idle}.", stacklevel=2)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
                                                    self.compute_dtype)
         self.startup["shared_prompt_prefix"] = sharing
