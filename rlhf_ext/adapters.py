@@ -100,6 +100,11 @@ def active_adapter(model, name: str):
     prev = model.active_adapter
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.base_model.set_adapter(name)
+    # at once, not only on leaving: inside, the activated adapter must stay as frozen as it was (heads_only's LoRA):
+    # unfrozen, the forward built a graph through the frozen trunk that the backward then walked for nothing, and a
+    # layer under non-reentrant activation checkpointing, recomputed after leaving, saved other tensors (CheckpointError)
+    for p, f in flags:
+        p.requires_grad_(f)
     try:
         yield
     finally:

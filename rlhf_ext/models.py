@@ -236,7 +236,9 @@ def load_model(
                       f"reward_funcs and the SFT model as the policy.", UserWarning, stacklevel=2)
     if qc is not None and getattr(qc, "load_in_4bit", False):
         quantize_linear_subclasses(model, qc)
-    return keep_4bit_trainable(model) if qc is not None else model
+    # a pre-quantised checkpoint (its config.json carries the quantization_config: a reward artifact's 4-bit trunk)
+    # too: in bitsandbytes' CPU inference layout it would score differently from the model that trained
+    return keep_4bit_trainable(model) if qc is not None or is_quantized(model) else model
 
 
 def non_reward_architecture(architectures) -> str | None:

@@ -566,3 +566,51 @@ def test_reviewed_pairs_that_max_length_drops_are_counted(tmp_path, tiny_path, t
         tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=data, processing_class=tok)
     assert len(tr.train_dataset) == 16 + 2 * 3 and "_rlhf_ext_extra_preference" not in tr.train_dataset.column_names
     tr.train()  # the collator never sees the mark
+
+
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_heads_only_with_lora_keeps_the_trunk_out_of_the_graph(tmp_path, tiny_path, tok, pref_data, reentrant):
+    """heads_only with a LoRA config (the shipped sentiment recipe's setting): the member's forward ran with its adapter
+    unfrozen (PEFT's set_adapter), so each step back-propagated through the frozen trunk for nothing, and under
+    non-reentrant activation checkpointing (the default one) the first step failed with torch's CheckpointError."""
+    from rlhf_ext.adapters import active_adapter
+
+    args = make_args(tmp_path, max_steps=2, per_device_train_batch_size=8, heads_only=True, ensemble_size=2,
+                     gradient_checkpointing=True, lora_top_layers=1, cache_frozen_layers=True,
+                     gradient_checkpointing_kwargs=None if reentrant is None else {"use_reentrant": reentrant})
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=pref_data[0], processing_class=tok,
+                               peft_config=LoraConfig(**LORA))
+    with active_adapter(tr.model.model, tr.model.adapters[0]):
+        assert not [n for n, p in tr.model.model.named_parameters() if p.requires_grad]
+    heads = {n: p.detach().clone() for n, p in tr.model.heads.named_parameters()}
+    tr.train()
+    assert all(not torch.equal(p, heads[n]) for n, p in tr.model.heads.named_parameters())
+    assert all(torch.all(p == 0) for n, p in tr.model.model.named_parameters() if "lora_B" in n)
+
+
+def test_a_quantized_trunk_without_lora_is_refused_unless_heads_only(tmp_path, tiny4_path, tok, pref_data):
+    """A 4-bit base without peft_config: the whole trunk would train (transformers' Trainer refuses a purely quantised
+    model; here torch failed with 'only Tensors of floating point dtype can require gradients'). heads_only trains the
+    heads on it, and its artifact (the 4-bit trunk saved whole) reloads to the scores it trained to."""
+    from rlhf_ext.models import load_model
+
+    with pytest.raises(ValueError, match="peft_config=LoraConfig.*heads_only=True"):
+        RewardEnsembleTrainer(tiny4_path, args=make_args(tmp_path, max_steps=1), train_dataset=pref_data[0],
+                              processing_class=tok, load_in_4bit=True)
+    with pytest.raises(ValueError, match="peft_config=LoraConfig.*heads_only=True"):  # a 4-bit model object alike
+        RewardEnsembleTrainer(load_model(tiny4_path, "trunk", load_in_4bit=True), args=make_args(tmp_path, max_steps=1),
+                              train_dataset=pref_data[0], processing_class=tok)
+    tr = RewardEnsembleTrainer(tiny4_path, args=make_args(tmp_path, max_steps=2, heads_only=True), load_in_4bit=True,
+                               train_dataset=pref_data[0], processing_class=tok)
+    tr.train()
+    tr.save_model(str(tmp_path / "art"))
+    rows = pref_data[1].select(range(6))
+    trained = tr.model.score_texts(rows["prompt"], rows["chosen"])
+    again = load_reward_model(str(tmp_path / "art")).score_texts(rows["prompt"], rows["chosen"])
+    assert torch.allclose(again, trained, atol=1e-6), (again - trained).abs().max()
+
+
+def test_lora_top_layers_without_lora_is_refused(tmp_path, tiny_path, tok, pref_data):
+    with pytest.raises(ValueError, match="lora_top_layers=1 .*no peft_config: the whole trunk would train"):
+        RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, lora_top_layers=1, cache_frozen_layers=True),
+                              train_dataset=pref_data[0], processing_class=tok)

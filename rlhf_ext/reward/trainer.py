@@ -321,6 +321,14 @@ def _lora_config_dict(peft_config) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
 
 
+_QUANTIZED_WHOLE_TRUNK = (
+    "The base model is quantised (load_in_4bit / a BitsAndBytesConfig) and there is no peft_config, so the whole trunk "
+    "would train, and quantised weights cannot (transformers' Trainer refuses a purely quantised model alike; here it "
+    "failed in torch: 'only Tensors of floating point dtype can require gradients'). Pass `peft_config=LoraConfig(...)` "
+    "(QLoRA; recipes: `use_peft: true`), or `heads_only=True` to train the score heads on the frozen quantised base, "
+    "or load the model without quantisation.")
+
+
 class RewardEnsembleTrainer(RewardTrainer):
     """`trl.RewardTrainer` that trains K Bradley–Terry members in one run and saves one loadable artifact.
 
@@ -373,6 +381,15 @@ class RewardEnsembleTrainer(RewardTrainer):
                 "`peft_config=LoraConfig(...)` (recipes: `use_peft: true`), or use ensemble_mode='heads'."
             )
 
+        no_lora = peft_config is None and not peft_host
+        if no_lora and args.lora_top_layers:
+            raise ValueError(
+                f"lora_top_layers={args.lora_top_layers} puts the LoRA layers of `peft_config` on the top layers only, "
+                f"and there is no peft_config: the whole trunk would train, every layer. Pass "
+                f"`peft_config=LoraConfig(...)` (recipes: `use_peft: true`), or leave lora_top_layers at 0.")
+        if no_lora and not args.heads_only and (load_in_4bit or getattr(quantization_config, "load_in_4bit", False)):
+            raise ValueError(_QUANTIZED_WHOLE_TRUNK)
+
         # The model: a trunk (the transformer body, no LM head), and the trained score head when it has one
         torch.manual_seed(args.seed)
         self.base_model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None)
@@ -403,6 +420,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             source = model
         trunk = trunk_of(source)
         self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
+        if self.quantized and no_lora and not args.heads_only:  # a quantised model object (the flag was checked above)
+            raise ValueError(_QUANTIZED_WHOLE_TRUNK)
         self.four_bit_layout = four_bit_layout(source)  # recorded, so a separate load quantises the base alike
         warn_unquantized_experts(source)
         if processing_class is None:
