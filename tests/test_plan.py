@@ -717,3 +717,15 @@ def test_an_eager_only_architecture_is_noted(tmp_path, capsys):
                           "--completion-length", "1024"]) == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if "eager attention" in line)
     assert "≈ 0.75 GiB per layer" in note  # 8 rows × 4 heads × 2048² × (4 + 2 bytes)
+
+
+def test_a_composite_configs_top_level_dtype_wins(tmp_path):
+    """transformers loads a composite model in its top level's dtype (`dtype="auto"`), whatever its text_config
+    records (transformers 4 wrote sub-configs' own torch_dtype)."""
+    cfg = {"model_type": "gemma3", "torch_dtype": "bfloat16", "mm_tokens_per_image": 4,
+           "text_config": {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2, "torch_dtype": "float32"},
+           "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert plan.weight_dtype("auto", plan.load_shape(str(tmp_path))) == "bf16"

@@ -110,3 +110,20 @@ def test_a_reviewers_undo_takes_back_their_own_last_decision(tmp_path):
     with pytest.raises(ApiError, match="Nothing to undo by ann") as e:
         ann.undo({})
     assert e.value.status == 409
+
+
+def test_a_reviewer_preferring_the_empty_response_does_not_stop_the_retrain(tmp_path):
+    """The flagged response is spam and the reference stopped at once: "nothing beats this" is a decision the page
+    records, and its exported row (a blank chosen) stopped the whole retrain ("'chosen' is empty")."""
+    from rlhf_ext.reward.preference_data import add_extra_preferences
+
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("p0", "BUY NOW spam spam spam", ""))
+    q.decide("p0", "reference")
+    base = Dataset.from_list([{"prompt": [{"role": "user", "content": f"q{i}"}],
+                               "chosen": [{"role": "assistant", "content": "good"}],
+                               "rejected": [{"role": "assistant", "content": "bad"}]} for i in range(2)])
+    assert len(validate_preference_dataset(add_extra_preferences(base, [q.export_preferences()]))) == 3
+    blank = base.map(lambda r: {"chosen": [{"role": "assistant", "content": " "}]})  # the user's own data: refused
+    with pytest.raises(ValueError, match="'chosen' is empty"):
+        validate_preference_dataset(blank)

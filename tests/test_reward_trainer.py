@@ -614,3 +614,6 @@ def test_lora_top_layers_without_lora_is_refused(tmp_path, tiny_path, tok, pref_
     with pytest.raises(ValueError, match="lora_top_layers=1 .*no peft_config: the whole trunk would train"):
         RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, lora_top_layers=1, cache_frozen_layers=True),
                               train_dataset=pref_data[0], processing_class=tok)
+    with pytest.raises(ValueError, match="lora_top_layers=1 .*heads_only trains no trunk layer"):
+        RewardEnsembleTrainer(tiny_path, args=make_args(tmp_path, lora_top_layers=1, heads_only=True),
+                              train_dataset=pref_data[0], processing_class=tok)

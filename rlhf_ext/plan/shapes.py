@@ -81,8 +81,10 @@ def shape_from_config(cfg) -> dict:
     for extra in ("head_dim", "name", "hub_id", "source", "attention_bias", "layer_types"):
         if cfg.get(extra) is not None:
             shape[extra] = cfg[extra]
-    for source in (top, cfg):  # the checkpoint's dtype, what --dtype auto loads: a composite config records it at
-        for extra in ("torch_dtype", "dtype"):  # its top level (Gemma 3 4B+), not in its text_config
+    # the checkpoint's dtype, what --dtype auto loads: transformers takes the top level's for the whole model (a
+    # composite config's text_config may record another, e.g. float32 as transformers 4 wrote sub-configs)
+    for source in (cfg, top):  # (top last: it wins)
+        for extra in ("torch_dtype", "dtype"):
             if source.get(extra) is not None:
                 shape["torch_dtype"] = str(source[extra]).replace("torch.", "")
     if (composite or shape["model_type"] not in FORMULA_MODEL_TYPES) and "param_counts" not in cfg:

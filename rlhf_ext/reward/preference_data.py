@@ -22,7 +22,7 @@ _TOKENISED = ({"chosen_ids", "rejected_ids"}, {"chosen_input_ids", "rejected_inp
 _STREAM_PEEK = 64  # rows of a streaming dataset read at start-up for the length check
 
 
-def _check_text(value, name: str, i: int, col: str) -> None:
+def _check_text(value, name: str, i: int, col: str, reviewed: bool = False) -> None:
     """A preference field must be text or a list of chat messages; chosen/rejected must not be blank."""
     if isinstance(value, str):
         text = value
@@ -35,15 +35,16 @@ def _check_text(value, name: str, i: int, col: str) -> None:
                          f"the column or drop the row.")
     # a blank *rejected* response is a real preference (an empty or whitespace answer is worse), as a review of the
     # monitor's pairs records it when the policy or the reference stops at once; TRL trains on it. A blank chosen
-    # one is far more often a broken column.
-    if col == "chosen" and not text.strip():
+    # one is far more often a broken column — except in a pair a person decided (extra_preferences: "an empty answer
+    # beats this one" is a decision the review page records, and one such row stopped the whole retrain).
+    if col == "chosen" and not reviewed and not text.strip():
         raise ValueError(f"{name} row {i}: '{col}' is empty. Remove the row or fill in the response.")
 
 
 def _check_row(row: dict, i: int, name: str) -> None:
     for col in ("prompt", "chosen", "rejected"):
         if col in row:
-            _check_text(row[col], name, i, col)
+            _check_text(row[col], name, i, col, reviewed=bool(row.get(EXTRA_MARK)))
     forms = {col: {type(m.get("content")).__name__ for m in row[col] if m.get("content") is not None}
              for col in ("prompt", "chosen", "rejected") if isinstance(row.get(col), list)}
     if {"str", "list"} <= set().union(*forms.values()):

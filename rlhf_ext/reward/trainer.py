@@ -385,8 +385,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         if no_lora and args.lora_top_layers:
             raise ValueError(
                 f"lora_top_layers={args.lora_top_layers} puts the LoRA layers of `peft_config` on the top layers only, "
-                f"and there is no peft_config: the whole trunk would train, every layer. Pass "
-                f"`peft_config=LoraConfig(...)` (recipes: `use_peft: true`), or leave lora_top_layers at 0.")
+                f"and there is no peft_config: "
+                + ("heads_only trains no trunk layer, so it would do nothing. " if args.heads_only else
+                   "the whole trunk would train, every layer. ")
+                + "Pass `peft_config=LoraConfig(...)` (recipes: `use_peft: true`), or leave lora_top_layers at 0.")
         if no_lora and not args.heads_only and (load_in_4bit or getattr(quantization_config, "load_in_4bit", False)):
             raise ValueError(_QUANTIZED_WHOLE_TRUNK)
 
