@@ -25,7 +25,7 @@ folder (shared/wheels/, which travels with the working tree):
 
     # on a machine with network, once; match the GPU machine's Python (the script prints the exact command
     # for its own Python and platform when something is missing):
-    pip download --no-deps -d shared/wheels --only-binary=:all: --python-version 3.11 \\
+    pip download --no-deps -d shared/wheels --only-binary=:all: --python-version 3.12 \\
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \\
         trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 'dill>=0.3.0,<0.4.2' 'multiprocess<0.70.20' xxhash
     # + 'pyarrow>=24' pandas fsspec psutil jinja2 if that machine lacks them (pyarrow ≈ 40 MB and bitsandbytes
@@ -335,7 +335,9 @@ def run_case(shape: dict, *, precision: str, device: str, batch: int, prompt_len
         if on_baseline is not None:
             on_baseline(base_rss)
     t_build = time.perf_counter()
-    model = random_model(shape, tok, precision, device, seed)
+    # gpt2 is built on the CPU, as from_pretrained loads a model by name: the trainer moves it (and the value head
+    # with it) to the GPU, the path a user's script takes; the larger ones are built in place
+    model = random_model(shape, tok, precision, "cpu" if shape.get("model_type") == "gpt2" else device, seed)
     trainer = PPOTrainer(model, reward_funcs=sevens, args=cfg, train_dataset=data, processing_class=tok,
                          peft_config=LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                                 target_modules=lora_targets(shape, targets)))
@@ -456,6 +458,8 @@ def main(argv=None) -> int:
                     help="default 1e-4 (GPU), 3e-2 (CPU: engage the guard)")
     ap.add_argument("--only", default=None, help="comma list of case names (e.g. gpt2,7B) or precisions (bf16,4bit)")
     ap.add_argument("--budget-s", type=float, default=420, help="start no new case after this many seconds")
+    ap.add_argument("--deadline-s", type=float, default=540, help="no worker runs past this many seconds (inside "
+                    "the run tool's 600 s command limit)")
     ap.add_argument("--install-wheels", default=None, help="pip install --no-deps FOLDER/*.whl first")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="each case in a fresh subprocess (default: on GPU; off with --cpu, where the tiny cases run "
@@ -515,7 +519,8 @@ def main(argv=None) -> int:
                 continue
             print(f"== {case}: {shape_name}, batch {batch}, {P}+{R} tokens", flush=True)
             if args.isolate:  # a fresh process per case: its peak memory is its own, an OOM or a crash stays there
-                row = run_isolated(case, args, flags, opts, timeout=left + 180)
+                row = run_isolated(case, args, flags, opts,
+                                   timeout=max(1.0, min(left + 180, args.deadline_s - (time.perf_counter() - t0))))
             else:
                 row = run_one(case, args)
             if row["status"] != "ok":

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from rlhf_ext.testing import tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -92,3 +95,48 @@ def test_synthetic_tokenizer_decodes_every_id():
     text = tok.decode(list(range(4, 5000)))
     assert text.split()[-1] == "w4999"
     assert len(tok(text=" ".join(gc.prompts(1, 17, 5000)))["input_ids"]) == 17
+
+
+# What only a GPU run reaches, checked on this CPU with the meta device standing in for the GPU (found by reading the
+# CUDA-only paths: no GPU has been lent yet)
+
+def test_a_model_loaded_on_the_cpu_moves_to_the_training_device_before_the_value_head_is_built(tok, monkeypatch):
+    """On a GPU, a model loaded by name sits on the CPU; Trainer.__init__ moved only the PeftModel, so the value head
+    (built on the model's device, and what PolicyAndValue.device reads) and every rollout stayed on the CPU. The move
+    now happens first — except for a bnb-quantised model (bitsandbytes placed it) or one a device_map spread.
+    ("meta" stands in for the GPU: this CPU has none.)"""
+    from types import SimpleNamespace
+
+    from rlhf_ext.ppo import trainer as ppo_trainer
+
+    args = SimpleNamespace(device=torch.device("meta"), place_model_on_device=True)
+    model = tiny_causal_lm(tok)
+    assert ppo_trainer.place_on_training_device(model, args)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert not ppo_trainer.place_on_training_device(model, args)  # already there
+    spread = tiny_causal_lm(tok)
+    spread.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert not ppo_trainer.place_on_training_device(spread, args)
+    monkeypatch.setattr(ppo_trainer, "is_quantized", lambda m: True)
+    assert not ppo_trainer.place_on_training_device(tiny_causal_lm(tok), args)
+
+
+def test_metrics_over_parts_on_two_devices_reduce_together():
+    """The iteration's metric parts live on the accelerator (values, returns, masks) and on the CPU (scores, lengths):
+    one torch.stack of both raised "Expected all tensors to be on the same device" at the end of every GPU iteration.
+    ("meta" stands in for the GPU.)"""
+    from types import SimpleNamespace
+
+    from rlhf_ext.ppo.trainer import PPOTrainer
+
+    seen = []
+
+    def global_sum(t):  # the all-reduce: one tensor, on the training device
+        seen.append(t.device.type)
+        return torch.tensor([6.0, 3.0, 2.0, 4.0], dtype=torch.float64)
+
+    fake = SimpleNamespace(args=SimpleNamespace(device=torch.device("meta")), _global_sum=global_sum)
+    parts = {"value": (torch.ones(3, device="meta"), torch.ones(3, device="meta")),
+             "score": (torch.tensor([1.0, 1.0]), torch.ones(4))}
+    assert PPOTrainer._global_means(fake, parts) == {"value": 2.0, "score": 0.5}
+    assert seen == ["meta"]

@@ -188,6 +188,7 @@ class PPOTrainer(Trainer):
             restrict_to_top_layers(peft_config, model, args.lora_top_layers)
             model = wrap_with_peft(model, peft_config, POLICY)
             self.policy_adapter = POLICY
+        place_on_training_device(model, args)
         warn_unquantized_experts(model)  # a 4-bit MoE's experts stay full precision (fp32 after kbit preparation)
         if args.gradient_checkpointing:  # the Trainer enables it again with these same kwargs (see below)
             if not args.activation_checkpointing_kwargs:
@@ -932,8 +933,11 @@ class PPOTrainer(Trainer):
     def _global_means(self, parts: dict) -> dict:
         """{name: (values, weights)} → {name: Σ values / Σ weights over every process}, in one reduction: global
         means, not rank 0's."""
-        flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).sum() for pair in parts.values() for x in pair])
-        flat = self._global_sum(flat.to(self.args.device)).cpu()
+        # the parts live on the accelerator (values, returns, masks) or on the CPU (scores, lengths): one device
+        # before the stack (torch.stack refuses a mix, CPU scalars included)
+        flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).sum().to(self.args.device)
+                            for pair in parts.values() for x in pair])
+        flat = self._global_sum(flat).cpu()
         return {name: float(flat[2 * i] / flat[2 * i + 1]) if flat[2 * i + 1] > 0 else float("nan")
                 for i, name in enumerate(parts)}
 
@@ -1350,6 +1354,20 @@ def _graded(vals) -> tuple[torch.Tensor, torch.Tensor]:
     v = torch.tensor(vals, dtype=torch.float64)
     ok = torch.isfinite(v)
     return torch.where(ok, v, 0.0), ok.double()
+
+
+def place_on_training_device(model, args) -> bool:
+    """Move `model` to `args.device` now, as Trainer.__init__ would later (not a bnb-quantised model, which bitsandbytes
+    placed, nor one a device_map spread over several GPUs): the value head is built on the model's device, the
+    start-up checks run there and reward models are placed beside it — a model loaded by name sits on the CPU, and
+    Trainer's move of the PeftModel alone left the value head (and so every rollout) on the CPU. Whether it moved."""
+    spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1  # device_map="auto" on GPUs
+    if is_quantized(model) or spread or getattr(args, "place_model_on_device", True) is False:
+        return False
+    if next(model.parameters()).device == torch.device(args.device):
+        return False
+    model.to(args.device)
+    return True
 
 
 def _free_adapter_prefix(model, adapters) -> str:
