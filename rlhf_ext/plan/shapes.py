@@ -106,13 +106,12 @@ def counted_parameters(cfg: dict) -> dict:
     (0 when tied); `other` = everything else (norms, biases, routers, the experts, recurrent layers' convolutions and
     state parameters)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     from ..models import PLAIN_LINEAR_SUBCLASSES, fused_expert_parameters
 
-    decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # config.json writes inf as {"__float__": …}
-    config = AutoConfig.for_model(**(decode(cfg) if decode else cfg))
+    config = _transformers_config(cfg)
     with torch.device("meta"):
         try:  # the class `load_model` loads (Gemma 3 4B+: Gemma3ForConditionalGeneration, its vision tower included)
             model = AutoModelForCausalLM.from_config(config)
@@ -186,12 +185,17 @@ def _with_defaults(cfg: dict):
     if not isinstance(text, dict) or "num_attention_heads" in text and "vocab_size" in text:
         return cfg
     try:
-        from transformers import AutoConfig, PretrainedConfig
-
-        decode = getattr(PretrainedConfig, "_decode_special_floats", None)
-        return AutoConfig.for_model(**(decode(cfg) if decode else cfg))
+        return _transformers_config(cfg)
     except Exception:  # noqa: BLE001 — shape_from_config names what is missing
         return cfg
+
+
+def _transformers_config(cfg: dict):
+    """The transformers config of a config.json dict, its class's defaults filled in."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)  # config.json writes inf as {"__float__": …}
+    return AutoConfig.for_model(**(decode(cfg) if decode else cfg))
 
 
 def model_dims(shape: dict) -> tuple[int, int, int, int, int, int, int, int]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..integrity import atomic_folder, save_tensors
 from ..hub import card_base_model
-from ..models import base_reference, loadable_reference
+from ..models import base_reference, four_bit_layout, loadable_reference
 from .policy import CRITIC
 
 # What makes a folder load one way or the other: transformers loads a folder holding both as the merged weights with
@@ -92,9 +92,9 @@ def model_card(tr, merged: bool = False, critic: bool = True) -> str:
     heldout_at = getattr(tr, "heldout_iteration", None)
     kl = (f"`fixed` (β = {a.init_kl_coef})" if a.kl_controller == "fixed" else
           f"`{a.kl_controller}` (δ = {a.kl_target}, initial β = {a.init_kl_coef})")
-    q = getattr(tr.policy.peft.get_base_model().config, "quantization_config", None)
-    q = q.get("bnb_4bit_quant_type") if isinstance(q, dict) else getattr(q, "bnb_4bit_quant_type", None)
-    base_precision = f"; trained on a 4-bit base ({q or 'bitsandbytes'})" if tr.quantized else ""
+    layout = four_bit_layout(tr.policy.peft)  # the quant type, as a reward artifact records it
+    base_precision = f"; trained on a 4-bit base ({layout['quant_type'] if layout else 'bitsandbytes'})" \
+        if tr.quantized else ""
     usage = (("```python\nfrom transformers import AutoModelForCausalLM\n\n"
               "policy = AutoModelForCausalLM.from_pretrained(\"<this folder or repo id>\")  # LoRA merged in\n```\n\n")
              if merged else

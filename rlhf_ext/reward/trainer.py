@@ -1081,8 +1081,11 @@ class RewardEnsembleTrainer(RewardTrainer):
                              "RewardEnsembleTrainer")
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "README.md").write_text(with_card_metadata(_reward_card(self.artifact_spec(), self.state.log_history),
-                                                          meta))
+        (out / "README.md").write_text(self._card(self.artifact_spec(), meta))
+
+    def _card(self, spec: dict, meta: dict | None) -> str:
+        """The artifact's model card: `_reward_card` with `meta`'s metadata (`hub.with_card_metadata`)."""
+        return with_card_metadata(_reward_card(spec, self.state.log_history), meta or {})
 
     def _write_artifact(self, out: Path, card: dict | None = None) -> None:
         """`save_model`'s files at `out`, the card with `card`'s metadata (`hub.with_card_metadata`)."""
@@ -1092,7 +1095,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             return
         spec = self.artifact_spec()
         save_reward_artifact(out, self.accelerator.unwrap_model(self.model), spec, self.processing_class,
-                             card=with_card_metadata(_reward_card(spec, self.state.log_history), card or {}))
+                             card=self._card(spec, card))
         (out / "training_args.json").write_text(self.args.to_json_string())
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
