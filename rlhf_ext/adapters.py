@@ -117,15 +117,32 @@ def active_adapter(model, name: str):
 def adapters_disabled(model):
     """π_ref: every adapter off, on the whole model (embeddings and LM head included), requires_grad untouched.
 
-    Not PEFT's bare `disable_adapter()`: leaving it re-runs `set_adapter(active)`, which freezes every inactive
-    adapter — the critic and each reward member would silently stop training after the first reference pass."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    Each PEFT layer's own switch (`_disable_adapters`, what its `enable_adapters` sets, without the requires_grad
+    changes that come with it) and the model's (`_adapters_disabled`), each put back as it was on leaving. Not PEFT's
+    `disable_adapter()`: leaving it re-runs `set_adapter(active)`, which freezes every inactive adapter — the critic
+    and each reward member would silently stop training after the first reference pass —, and entering it reads
+    every layer's status (`get_model_status`), 15 ms a reference pass at 135M parameters."""
+    config = model.peft_config[model.active_adapter]
+    if config.is_prompt_learning or config.is_adaption_prompt:  # no per-layer switch: PEFT swaps the forward
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            with model.disable_adapter():
+                yield
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+        return
+    layers = [(m, m._disable_adapters) for _, m in _tuner_modules(model)]
+    was = model._adapters_disabled
+    for m, _ in layers:
+        m._disable_adapters = True
+    model._adapters_disabled = True
     try:
-        with model.disable_adapter():
-            yield
+        yield
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
+        for m, d in layers:
+            m._disable_adapters = d
+        model._adapters_disabled = was
 
 
 @contextmanager

@@ -98,3 +98,44 @@ def pref_data():
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+
+def _freeze_survivors():
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_finish(session):
+    """Hand the objects that live the whole session — the modules collection imported (torch, transformers, peft,
+    trl), the test functions and their parameters — to the permanent generation (gc.freeze): every
+    Trainer.train() calls gc.collect() (accelerate's free_memory), which otherwise walks those ~500k objects
+    each time (0.2 s here; a third of tests/test_architectures.py's time)."""
+    _freeze_survivors()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Again after each test file, once its module fixtures are gone: what it imported (a model's modeling code)
+    stays for the session; its garbage is collected first, so nothing is frozen that could be freed."""
+    yield
+    if nextitem is None or nextitem.module is not item.module:
+        _freeze_survivors()
+
+
+def rlhf_ext_in_this_process(argv, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """`rlhf-ext <argv>` run from `cwd` as the console script runs it (`rlhf_ext.cli.main`, whose status it exits
+    with), but in this process: (status, stderr). For refusals that come before training, where a new process would
+    only add the ~7 s of importing torch, transformers and PEFT again; tests/test_cli.py and the tests named
+    `…through_the_console_script` run the installed script itself."""
+    from rlhf_ext.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as stop:  # argparse's errors, as the console script would have exited
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return status, capsys.readouterr().err

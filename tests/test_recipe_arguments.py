@@ -20,7 +20,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 from rlhf_ext import PPOConfig, RewardEnsembleConfig
 from rlhf_ext.recipes import model_loading
 
-from .conftest import FOUR_BIT_HIDDEN, preference_rows
+from .conftest import FOUR_BIT_HIDDEN, preference_rows, rlhf_ext_in_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 bnb = pytest.importorskip("bitsandbytes")
@@ -72,7 +72,7 @@ def test_shipped_4bit_yamls_keep_double_quantisation_as_the_plan_counts_it():
 
 
 @pytest.mark.parametrize("recipe", ["ppo", "reward_modeling"])
-def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe):
+def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe, monkeypatch, capsys):
     import importlib
 
     module = importlib.import_module(f"recipes.{recipe}")
@@ -87,16 +87,11 @@ def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe):
     with pytest.raises(ValueError, match=r"load_in_8bit.*not supported.*load_in_4bit: true"):
         module.main(script, args, model_args)
     # from the command line: one line and argparse's status 2, before anything loads (was a traceback, status 1)
-    import subprocess
-    import sys
-
-    cli = Path(sys.executable).with_name("rlhf-ext")
     name = "ppo" if recipe == "ppo" else "reward"
-    r = subprocess.run([str(cli), name, "--config", f"{name}_smollm2_sentiment", "--load_in_8bit", "true",
-                        "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert f"{recipe}.py: error: load_in_8bit: " in r.stderr and not (tmp_path / "out").exists()
+    status, err = rlhf_ext_in_this_process([name, "--config", f"{name}_smollm2_sentiment", "--load_in_8bit", "true",
+                                            "--output_dir", tmp_path / "out"], tmp_path, monkeypatch, capsys)
+    assert status == 2 and "Traceback" not in err, err[-2000:]
+    assert f"{recipe}.py: error: load_in_8bit: " in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("config_cls", [PPOConfig, RewardEnsembleConfig])

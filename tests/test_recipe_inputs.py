@@ -28,7 +28,7 @@ from rlhf_ext.data import DataFileError, jsonl_rows, load_split
 from rlhf_ext.integrity import CorruptFileError
 from rlhf_ext.recipes import RecipeInputError, non_reward_architecture, parse_arguments, run, setup_phase
 
-from .conftest import preference_rows
+from .conftest import preference_rows, rlhf_ext_in_this_process
 
 CLI = Path(sys.executable).with_name("rlhf-ext")
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,38 +118,43 @@ def cli(argv, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def assert_one_line_exit_2(r: subprocess.CompletedProcess, script: str) -> str:
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [line for line in r.stderr.splitlines() if line.startswith(f"{script}: error: ")]
-    assert len(lines) == 1, r.stderr[-3000:]
+def assert_one_line_exit_2(r, script: str) -> str:
+    """`r`: the console script's CompletedProcess, or (status, stderr) from `rlhf_ext_in_this_process`."""
+    status, stderr = (r.returncode, r.stderr) if isinstance(r, subprocess.CompletedProcess) else r
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{script}: error: ")]
+    assert len(lines) == 1, stderr[-3000:]
     return lines[0]
 
 
-# -- through the console script ----------------------------------------------------------------------------------
-def test_an_unknown_plugin_name_stops_ppo_before_the_model_loads(tmp_path, tiny_path, data):
+# -- through `rlhf-ext`: its main in this process; the last test here runs the installed script itself ------------
+def test_an_unknown_plugin_name_stops_ppo_before_the_model_loads(tmp_path, tiny_path, data, monkeypatch, capsys):
     """`aggregation: meann` was a traceback (exit 1) after the policy, reference and reward model had loaded."""
     path = config(tmp_path, "ppo", tiny_path, data, aggregation="meann")
-    line = assert_one_line_exit_2(cli(["ppo", "--config", path], tmp_path), "ppo.py")
+    line = assert_one_line_exit_2(rlhf_ext_in_this_process(["ppo", "--config", path], tmp_path, monkeypatch, capsys),
+                                  "ppo.py")
     assert "aggregation: Unknown aggregation 'meann'. Valid names: mean, median, min, uwo, weighted" in line
     assert not (tmp_path / "out-ppo").exists()
 
 
-def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_path, data):
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_path, data, monkeypatch, capsys):
     """Was `ValueError: Expected object or value at position 18` from inside `datasets`, no file, no line."""
     folder = tmp_path / "bad"
     folder.mkdir()
     good = [json.dumps({"prompt": r["prompt"]}) for r in preference_rows(6, 0)]
     (folder / "prompts_train.jsonl").write_text("\n".join(good[:4] + ['{"prompt": "oops", '] + good[4:]) + "\n")
     path = config(tmp_path, "ppo", tiny_path, data, dataset_name=str(folder))
-    line = assert_one_line_exit_2(cli(["ppo", "--config", path], tmp_path), "ppo.py")
+    line = assert_one_line_exit_2(rlhf_ext_in_this_process(["ppo", "--config", path], tmp_path, monkeypatch, capsys),
+                                  "ppo.py")
     assert f"{folder / 'prompts_train.jsonl'} line 5: not valid JSON" in line
 
 
-def test_prompt_only_data_given_to_the_reward_recipe_is_one_line(tmp_path, tiny_path, data):
+def test_prompt_only_data_given_to_the_reward_recipe_is_one_line(tmp_path, tiny_path, data, monkeypatch, capsys):
     """The trainer finds this while it is built (after the model loads): one line, exit 2, no traceback."""
     path = config(tmp_path, "reward", tiny_path, data, dataset_config="prompts")
-    line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "reward_modeling.py")
+    line = assert_one_line_exit_2(rlhf_ext_in_this_process(["reward", "--config", path], tmp_path, monkeypatch,
+                                                           capsys), "reward_modeling.py")
     assert "train_dataset is missing column(s) ['chosen', 'rejected']; it has ['prompt']" in line
 
 

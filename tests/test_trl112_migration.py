@@ -173,22 +173,18 @@ def test_a_trl112_config_is_told_what_its_settings_mean_here(tmp_path):
     assert cfg.max_steps == 4
 
 
-def test_the_ppo_recipe_refuses_them_from_a_yaml_or_the_command_line(tmp_path):
+def test_the_ppo_recipe_refuses_them_from_a_yaml_or_the_command_line(tmp_path, monkeypatch, capsys):
     """TRL's parser said only "Some specified arguments are not used by the HfArgumentParser"; the recipe names the
     replacement, for a YAML key and an option alike, and exits 2 (argparse's status) before loading anything."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import rlhf_ext_in_this_process
 
     config = tmp_path / "ppo.yaml"
     config.write_text("model_name_or_path: no/such-model\noutput_dir: out\nwhiten_rewards: true\n")
-    cli = Path(sys.executable).with_name("rlhf-ext")
-    r = subprocess.run([str(cli), "ppo", "--config", str(config), "--beta", "0.1"], capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "`whiten_rewards` (TRL 1.12 PPO) → callable_normalization='running'" in r.stderr
-    assert "`beta` (GRPO / RLOO) → the KL settings" in r.stderr
-    assert "usage:" not in r.stderr and not (tmp_path / "out").exists()
+    status, err = rlhf_ext_in_this_process(["ppo", "--config", config, "--beta", "0.1"], tmp_path, monkeypatch, capsys)
+    assert status == 2, err[-2000:]
+    assert "`whiten_rewards` (TRL 1.12 PPO) → callable_normalization='running'" in err
+    assert "`beta` (GRPO / RLOO) → the KL settings" in err
+    assert "usage:" not in err and not (tmp_path / "out").exists()
 
 
 def test_every_refused_trl112_field_is_in_the_readme_table():
