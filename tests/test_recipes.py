@@ -177,11 +177,11 @@ class Runs:
         layers = max([2] + [x.get("lora_top_layers", 0) + 2 for x in s])  # keep lora_top_layers as shipped
         return self.model(names.pop(), layers, any(x.get("load_in_4bit") for x in s))
 
-    def run(self, config: Path, extra: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-        script, acc, swapped = launch_of(config)
+    def arguments(self, config: Path, extra: list[str]) -> list[str]:
+        """The recipe's command line after `--config`: what this file replaces (see the top), then `extra`."""
+        script, _, swapped = launch_of(config)
         s = settings(config)
-        out = self.tmp / "out" / config.stem
-        args = ["--output_dir", str(out)]
+        args = ["--output_dir", str(self.tmp / "out" / config.stem)]
         if swapped:  # a GPU config's CPU twin: transformers' bf16 check wants use_cpu
             args += ["--use_cpu", "true"]
         if script.name == "ppo.py":
@@ -189,12 +189,17 @@ class Runs:
         name = s.get("dataset_name")
         if name and not name.startswith("shipped:") and not (config.parent / name).exists():  # a Hub id
             args += ["--dataset_name", local_dataset(name, self.tmp / "data" / name.replace("/", "__"))]
+        return [*args, *extra, *OVERRIDES]
+
+    def run(self, config: Path, extra: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+        script, acc, _ = launch_of(config)
+        out = self.tmp / "out" / config.stem
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
         cmd = [str(ACCELERATE), "launch", "--config_file", str(acc), str(script), "--config", str(config),
-               *args, *extra, *OVERRIDES]
+               *self.arguments(config, extra)]
         r = subprocess.run(cmd, cwd=self.tmp, env=env, capture_output=True, text=True, timeout=timeout)
-        r.output_dir = out
+        r.output_dir = out if "--output_dir" not in extra else Path(extra[extra.index("--output_dir") + 1])
         assert r.returncode == 0, f"{config.name} exited {r.returncode}:\n{' '.join(cmd)}\n{r.stderr[-6000:]}"
         return r
 
@@ -280,19 +285,27 @@ def test_the_7b_ppo_recipe_runs_on_a_t4_with_the_overrides_its_header_gives(runs
     assert "'optim/loss_scale'" in r.stdout, r.stdout[-3000:]  # a scaler: the passes computed in fp16
 
 
-def test_ppo_recipe_evaluates_and_rotates_checkpoints(runs):
+def test_ppo_recipe_evaluates_and_rotates_checkpoints(runs, monkeypatch, capsys):
     """TrainingArguments given on the command line reach the PPO run: `--eval_strategy steps` samples the dataset's
     test split each iteration (eval_* metrics, as TRL's recipes pass `dataset_test_split`), `--save_total_limit 1`
     keeps only the newest checkpoint. (A smaller batch and shorter completions than shipped: what is tested here is
-    the command line reaching the run, and the shipped settings run in test_recipe_runs_as_shipped.)"""
+    the command line reaching the run, and the shipped settings run in test_recipe_runs_as_shipped. The recipe's own
+    `__main__` path, `recipes.run`, in this process: the launcher is what the test above covers.)"""
+    import recipes.ppo as ppo_recipe
+    from recipes import run
+    from rlhf_ext import PPOConfig
+
     config = RECIPES / "configs" / "ppo_smollm2_sentiment.yaml"
     rm_config = reward_config_for(config)
     rm = runs.reward(rm_config)
     base = runs.base_for([rm_config, config])
-    r = runs.run(config, ["--model_name_or_path", base, "--reward_model_path", str(rm.output_dir),
-                          "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps",
-                          "--save_steps", "1", "--save_total_limit", "1", "--per_device_train_batch_size", "8",
-                          "--max_completion_length", "16", "--output_dir", str(runs.tmp / "out" / "eval")])
-    evals = [line for line in r.stdout.splitlines() if "'eval_kl'" in line]
-    assert len(evals) == 2, r.stdout[-3000:]
+    monkeypatch.chdir(runs.tmp)
+    capsys.readouterr()
+    run(ppo_recipe.main, PPOConfig, ["--config", str(config), *runs.arguments(config, [
+        "--model_name_or_path", base, "--reward_model_path", str(rm.output_dir),
+        "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+        "--save_total_limit", "1", "--per_device_train_batch_size", "8", "--max_completion_length", "16",
+        "--output_dir", str(runs.tmp / "out" / "eval")])])
+    evals = [line for line in capsys.readouterr().out.splitlines() if "'eval_kl'" in line]
+    assert len(evals) == 2, evals
     assert sorted(p.name for p in (runs.tmp / "out" / "eval").glob("checkpoint-*")) == ["checkpoint-2"]
