@@ -200,12 +200,12 @@ def test_a_loop_killed_in_a_round_finishes_that_round_on_resume(tmp_path, monkey
             raise KeyboardInterrupt  # what a kill leaves: round 2's decisions on disk, no rm_round2, no record of it
         return real_rm(*a, **k)
 
-    def call(url, body=None):
+    def call(url, body=None, token=""):
         if body is not None:
             decides.append(body["id"])
             if killed == "mid-review" and len(decides) == 6:  # round 2's second label: one of its four given
                 raise KeyboardInterrupt
-        return real_call(url, body)
+        return real_call(url, body, token)
 
     work, out = tmp_path / "w", tmp_path / "loop.json"
     argv = ["--quick", "--runs", "plain_loop:0", "--workdir", str(work), "--out", str(out)]

@@ -72,3 +72,16 @@ def test_alarms_are_summarised_per_detector_and_a_fixed_beta_shows_no_bound(tmp_
     assert "<tr><td>eos_collapse</td><td>2</td><td>7</td><td>9</td><td>0.1</td></tr>" in page
     assert "<details><summary>every firing (297)</summary>" in page
     assert "<th>δ</th><td>none (a fixed β)</td>" in page
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib reads text between two `$` as mathtext: a detector or audit function named `p$\\notacommand$` made
+    the legend raise, and no report was written at all."""
+    name = "p$\\notacommand$"
+    run = _run(tmp_path, [{"prompt": "p", "text": "t"}], metrics=[
+        {"iteration": i, "objective/scores": 0.1 * i, f"audit/{name}": 0.1 * i, f"monitor/{name}": 1.0}
+        for i in (1, 2)])
+    (run / "monitor" / "alarms.jsonl").write_text(json.dumps({"iteration": 2, "detector": name, "value": 2.0,
+                                                              "threshold": 1.0, "action": "log"}) + "\n")
+    page = write_report(run).read_text()
+    assert "notacommand" in page  # the alarm table names it

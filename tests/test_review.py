@@ -106,16 +106,22 @@ def served(tmp_path):
     q = ReviewQueue(tmp_path)
     for i in range(3):
         q.add(make_pair(f"p{i}", f"flagged {i}", f"reference {i}"))
-    server, url = serve(tmp_path, reviewer="bob")
+    server, url = serve(tmp_path, reviewer="bob", token=TOKEN)
     yield q, url
     server.shutdown()
     server.server_close()
 
 
+TOKEN = "test-token"  # the review token the tests' servers use (`serve(..., token=TOKEN)`); `call` sends it
+
+
 def call(url, path, body=None, headers=None, raw=None):
-    """(status, JSON body) of a GET (body None) or a JSON POST."""
+    """(status, JSON body) of a GET (body None) or a JSON POST, with the review token: TOKEN, or the one in `url`'s
+    #token= (the page URL `rlhf-ext review` prints)."""
+    url, _, fragment = url.partition("#")
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    hdrs = {"X-Review-Token": fragment.removeprefix("token=") if fragment else TOKEN,
+            **({"Content-Type": "application/json"} if data is not None else {})}
     hdrs.update(headers or {})
     req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=hdrs, method="POST" if data is not None else "GET")
     try:
@@ -166,7 +172,7 @@ def test_proxy_margin_order_shows_the_most_confidently_preferred_flagged_answer_
         q.add(pair)
     assert [r["id"] for r in q.pending()] == ["a", "b", "c", "d", "e"]
     assert [r["id"] for r in q.pending("proxy_margin")] == ["b", "d", "a", "e", "c"]
-    server, url = serve(tmp_path, reviewer="bob", order="proxy_margin")
+    server, url = serve(tmp_path, reviewer="bob", order="proxy_margin", token=TOKEN)
     try:
         status, state = call(url, "/api/state")
         assert state["order"] == "proxy_margin" and [p["id"] for p in state["pending"]] == ["b", "d", "a"]
@@ -231,6 +237,34 @@ def test_foreign_origin_post_is_rejected(served):
         assert code == 403 and origin in answer["error"]
     assert not q.decisions_path.exists()
     assert call(url, "/api/decide", {"id": "p0", "decision": "skip"}, headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
+
+
+def test_api_needs_the_token(tmp_path):
+    """Any user of the machine can connect to 127.0.0.1: without the server's token (a random one unless given) the
+    API neither shows the queue nor records or undoes a decision; the page itself carries no secret."""
+    q = ReviewQueue(tmp_path)
+    q.add(make_pair("p0", "a", "b"))
+    server, url = serve(tmp_path)
+    try:
+        assert len(server.token) >= 32 and server.page_url == f"{url}#token={server.token}"
+        for token in (None, "", "wrong", TOKEN):
+            headers = {} if token is None else {"X-Review-Token": token}
+            for path, body in (("/api/state", None), ("/api/decide", {"id": "p0", "decision": "flagged"}),
+                               ("/api/undo", {})):
+                req = urllib.request.Request(url.rstrip("/") + path, headers={**headers, "Content-Type": "application/json"},
+                                             data=None if body is None else json.dumps(body).encode())
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(req, timeout=10)
+                assert e.value.code == 403 and "token" in json.loads(e.value.read())["error"]
+        assert not q.decisions_path.exists()
+        with urllib.request.urlopen(url, timeout=10) as res:
+            assert res.status == 200 and server.token not in res.read().decode()
+        ok = urllib.request.Request(url + "api/state", headers={"X-Review-Token": server.token})
+        with urllib.request.urlopen(ok, timeout=10) as res:
+            assert json.loads(res.read())["counts"]["pending"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_page_and_static_files(served):

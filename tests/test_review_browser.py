@@ -14,7 +14,7 @@ import pytest
 from rlhf_ext.monitor.queue import ReviewQueue
 from rlhf_ext.monitor.review import serve
 
-from .test_review import make_pair, read_lines
+from .test_review import TOKEN, make_pair, read_lines
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -61,7 +61,7 @@ def sample_queue(output_dir) -> ReviewQueue:
 def test_review_page_end_to_end(tmp_path, browser):
     q = sample_queue(tmp_path)
     recs = {r["id"]: r for r in q.records()}
-    server, url = serve(tmp_path, reviewer="e2e")
+    server, url = serve(tmp_path, reviewer="e2e", token=TOKEN)
     page = browser.new_page(viewport={"width": 1280, "height": 680})
     problems = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -70,7 +70,7 @@ def test_review_page_end_to_end(tmp_path, browser):
     # Alternate the shuffle so both left/right mappings are exercised; the test still reads the order from the DOM.
     page.add_init_script("(() => { let i = 0; Math.random = () => (i++ % 2 ? 0.75 : 0.25); })()")
     try:
-        page.goto(url)
+        page.goto(server.page_url)
         sides = {}
 
         def show(pid):
@@ -168,11 +168,11 @@ def review_page(tmp_path, browser):
 
     def open_page(poll=True):
         if not started:
-            started.append(serve(tmp_path)[0])
+            started.append(serve(tmp_path, token=TOKEN)[0])
         page = browser.new_page()
         if not poll:
             page.add_init_script(NO_POLL)
-        page.goto(started[0].url)
+        page.goto(started[0].page_url)
         pages.append(page)
         return page
 

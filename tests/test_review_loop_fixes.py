@@ -23,7 +23,7 @@ from rlhf_ext.monitor.review import serve
 from rlhf_ext.plugins.detectors import Observation
 from rlhf_ext.registry import build
 
-from .test_review import call, make_pair, read_lines
+from .test_review import TOKEN, call, make_pair, read_lines
 
 
 def strict_json(text):
@@ -39,7 +39,7 @@ def server_of():
     started = []
 
     def start(output_dir, **kw):
-        server, url = serve(output_dir, **kw)
+        server, url = serve(output_dir, **{"token": TOKEN, **kw})
         started.append(server)
         return server, url
 
@@ -130,7 +130,8 @@ def test_nan_in_a_queued_pair_is_written_and_served_as_null(tmp_path, server_of)
         f.write(json.dumps({**bad, "id": "old"}) + "\n")
     assert "NaN" in q.queue_path.read_text().splitlines()[1]
     server, url = server_of(tmp_path)
-    with urllib.request.urlopen(url + "api/state", timeout=10) as res:
+    req = urllib.request.Request(url + "api/state", headers={"X-Review-Token": TOKEN})
+    with urllib.request.urlopen(req, timeout=10) as res:
         state = strict_json(res.read().decode())
     assert [p["id"] for p in state["pending"]] == ["nan", "old"]
     assert [p["flagged"]["audit"]["gold"] for p in state["pending"]] == [None, None]
@@ -265,7 +266,8 @@ def _raw(port, request: bytes, timeout=5.0, close_write=False) -> bytes:
 
 def _post(port, body: bytes, length=None) -> bytes:
     return (b"POST /api/decide HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\nConnection: close"
-            b"\r\nContent-Length: %d\r\n\r\n" % (port, len(body) if length is None else length) + body)
+            b"\r\nX-Review-Token: %s\r\nContent-Length: %d\r\n\r\n"
+            % (port, TOKEN.encode(), len(body) if length is None else length) + body)
 
 
 def test_http_edges(tmp_path, server_of, monkeypatch, capsys):
@@ -285,7 +287,8 @@ def test_http_edges(tmp_path, server_of, monkeypatch, capsys):
     answer = _raw(port, _post(port, b"{}", length=100), close_write=True)  # the client gave up: its side is closed
     assert answer.startswith(b"HTTP/1.0 400") and b"ended after 2 of the 100 bytes" in answer
     # HEAD: the GET's status and headers, no body
-    head = _raw(port, b"HEAD /api/state HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % port)
+    head = _raw(port, b"HEAD /api/state HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Review-Token: %s\r\nConnection: close\r\n\r\n"
+                % (port, TOKEN.encode()))
     status, _, body = head.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.0 200") and b"application/json" in status and body == b""
     # an idle keep-alive connection closed by the timeout stays out of the terminal

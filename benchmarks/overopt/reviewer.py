@@ -71,10 +71,11 @@ class SimulatedReviewer:
         server, url = serve(self.output_dir, reviewer=f"simulated (error {self.error:g}, {self.order})", order=self.order)
         done = 0
         try:
-            state = _call(url + "api/state")
+            state = _call(url + "api/state", token=server.token)
             while done < budget and state["pending"]:
                 rec = state["pending"][0]
-                state = _call(url + "api/decide", {"id": rec["id"], "decision": self._decision(rec)})  # → next state
+                state = _call(url + "api/decide", {"id": rec["id"], "decision": self._decision(rec)},
+                              token=server.token)  # → next state
                 done += 1
         finally:
             server.shutdown()
@@ -82,10 +83,10 @@ class SimulatedReviewer:
         return done
 
 
-def _call(url: str, body: dict | None = None) -> dict:
-    """GET (body None) or POST JSON, as the review page does; → the JSON answer."""
+def _call(url: str, body: dict | None = None, token: str = "") -> dict:
+    """GET (body None) or POST JSON with the server's token, as the review page does; → the JSON answer."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                 headers={} if body is None else {"Content-Type": "application/json"})
+    headers = {"X-Review-Token": token, **({} if body is None else {"Content-Type": "application/json"})}
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST", headers=headers)
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())

@@ -104,6 +104,12 @@ def _dedupe(rows: list[dict], key=lambda r: r.get("iteration")) -> list[dict]:
     return sorted(out.values(), key=lambda r: (r.get("iteration", 0)))
 
 
+def _label(name: str) -> str:
+    """A name from the run's files as a legend label, verbatim: matplotlib reads text between two `$` as mathtext,
+    and `$\\foo$` in a detector or audit name made savefig raise (no report at all)."""
+    return name.replace("$", r"\$")
+
+
 def _alarm_marks(ax, alarms):
     """Each detector's first firing as a labelled vertical line; later firings as ticks along the top."""
     import matplotlib.pyplot as plt
@@ -112,7 +118,7 @@ def _alarm_marks(ax, alarms):
     for i, name in enumerate(sorted({a["detector"] for a in alarms})):
         its = sorted({a["iteration"] for a in alarms if a["detector"] == name})
         c = colors(i % 9)
-        ax.axvline(its[0], color=c, ls="--", lw=1.2, alpha=0.8, label=f"alarm: {name} (first at {its[0]})")
+        ax.axvline(its[0], color=c, ls="--", lw=1.2, alpha=0.8, label=_label(f"alarm: {name} (first at {its[0]})"))
         ax.plot(its, [1.0 - 0.03 * i] * len(its), "v", color=c, ms=4, transform=ax.get_xaxis_transform(),
                 clip_on=False)
 
@@ -151,7 +157,7 @@ def make_plots(data, out: Path) -> dict[str, Path]:
     def rewards(ax):
         _plot(ax, *_series(m, "objective/scores"), label="proxy (shaped, aggregated)")
         for k in sorted({k for r in m for k in r if k.startswith("audit/")}):
-            _plot(ax, *_series(m, k), label=k)
+            _plot(ax, *_series(m, k), label=_label(k))
         ax.set_title("proxy reward vs audit (train rollouts); dashed: first alarm per detector")
 
     def kl(ax):
@@ -185,7 +191,7 @@ def make_plots(data, out: Path) -> dict[str, Path]:
         if any("rewards/ensemble_std" in r for r in m):
             _plot(ax, *_series(m, "rewards/ensemble_std"), label="ensemble std (normalised members)")
         for k in sorted({k for r in m for k in r if k.startswith("monitor/") and not k.endswith("_alarm")}):
-            _plot(ax, *_series(m, k), lw=1, label=k.split("/", 1)[1])
+            _plot(ax, *_series(m, k), lw=1, label=_label(k.split("/", 1)[1]))
         ax.set_title("ensemble disagreement and detector statistics")
 
     for name, fn in zip(PANELS, (rewards, kl, length, disagreement)):

@@ -18,15 +18,21 @@ HTTP API (JSON): `GET /api/state[?prefer=ID]` the next pending pairs, counts and
 `POST /api/decide {"id", "decision"}` with decision in flagged/reference/both_bad/skip; `POST /api/undo {"id"?}`.
 
 The server is the standard library's, bound to 127.0.0.1 only. The page holds model output and the API writes
-files, so it also refuses requests for a foreign Host (DNS rebinding) and POSTs from a foreign Origin (CSRF).
+files, so it also refuses requests for a foreign Host (DNS rebinding) and POSTs from a foreign Origin (CSRF). Every
+other user of the machine can reach 127.0.0.1 too: the API answers only requests that carry the server's random
+token (header `X-Review-Token`), which the page reads from the `#token=` of the URL the server prints and opens.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
+import os
+import secrets
 import signal
 import sys
+import tempfile
 import threading
 import webbrowser
 from http import HTTPStatus
@@ -64,7 +70,8 @@ class ReviewServer(ThreadingHTTPServer):
 
     daemon_threads = True  # a browser's open connection must not keep Ctrl-C from exiting
 
-    def __init__(self, output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue"):
+    def __init__(self, output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue",
+                 token: str | None = None):
         self.order = check_order(order)  # before binding: a bad order or a damaged queue must not leave a port open
         self.queue = ReviewQueue(output_dir)
         self.queue.pending(self.order)  # reads and checks every file the page needs (CorruptFileError)
@@ -73,6 +80,8 @@ class ReviewServer(ThreadingHTTPServer):
             self.queue.export_preferences()  # preferences.jsonl left it stale, and no later click might repair it
         super().__init__(("127.0.0.1", port), Handler)
         self.reviewer = reviewer
+        # what the API asks of every request: any local user can connect to 127.0.0.1, only the reviewer has this
+        self.token = token or secrets.token_urlsafe(24)
         # decide/undo each append and then rewrite preferences.jsonl via one shared temporary file: one at a time
         self.lock = threading.Lock()
         self.reported = None  # the last damaged-file error printed to the terminal
@@ -84,6 +93,11 @@ class ReviewServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def page_url(self) -> str:
+        """The URL to open: the page reads the token from its fragment (never sent to the server, nor in its logs)."""
+        return f"{self.url}#token={self.token}"
 
     def handle_error(self, request, client_address):
         # a browser that closed its tab or connection mid-reply is routine: no traceback in the reviewer's terminal
@@ -168,9 +182,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Host", "").lower() not in self.server.allowed_hosts:
             raise ApiError(HTTPStatus.FORBIDDEN, "Unexpected Host header: open the page at " + self.server.url)
 
+    def _check_token(self):
+        given = self.headers.get("X-Review-Token", "")
+        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
+            raise ApiError(HTTPStatus.FORBIDDEN, "Missing or wrong review token: open the page at the URL `rlhf-ext "
+                                                 "review` printed (the one ending in #token=...).")
+
     def _get(self):
         url = urlsplit(self.path)
         if url.path == "/api/state":
+            self._check_token()
             prefer = parse_qs(url.query).get("prefer", [None])[0]
             return self._json(self.server.state(prefer))
         if url.path == "/favicon.ico":  # keeps the browser console free of a 404
@@ -188,6 +209,7 @@ class Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if origin is not None and origin != "http://" + self.headers["Host"].lower():
             raise ApiError(HTTPStatus.FORBIDDEN, f"Requests from {origin} are not allowed.")
+        self._check_token()
         self._json(routes[path](self._read_json()))
 
     def _read_json(self) -> dict:
@@ -256,11 +278,13 @@ def check_queue(output_dir) -> ReviewQueue:
     return q
 
 
-def serve(output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue"):
+def serve(output_dir, port: int = 0, reviewer: str | None = None, order: str = "queue", token: str | None = None):
     """Start the review server in a background thread; returns `(server, url)`. Stop it with `server.shutdown()`
-    and `server.server_close()`. Port 0 picks a free port; `order`: which pending pair comes first (`ORDERS`)."""
+    and `server.server_close()`. Port 0 picks a free port; `order`: which pending pair comes first (`ORDERS`).
+    The API wants `server.token` in an `X-Review-Token` header (`token`: that string, else a random one); a browser
+    opens `server.page_url`."""
     check_queue(output_dir)
-    server = ReviewServer(output_dir, port, reviewer, order)
+    server = ReviewServer(output_dir, port, reviewer, order, token)
     # a short poll interval: shutdown() waits for the loop to notice, and tests start and stop many servers
     threading.Thread(target=server.serve_forever, args=(0.1,), name="rlhf-ext-review", daemon=True).start()
     return server, server.url
@@ -274,6 +298,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is out of range: a port is 0 to 65535 (0: any free port)")
     return port
+
+
+def _open_browser(url: str) -> Path:
+    """Open `url` through a file only this user can read that redirects to it: a URL on the browser's command line
+    (webbrowser.open) is visible to every user of the machine in `ps`, and this one carries the token."""
+    fd, path = tempfile.mkstemp(prefix="rlhf-ext-review-", suffix=".html")  # mode 0600
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={url}">'
+                f'<a href="{url}">Open the review page</a>')
+    webbrowser.open(Path(path).as_uri())
+    return Path(path)  # removed when the server stops (the browser has read it by then)
 
 
 def main(argv=None) -> int:
@@ -300,10 +335,11 @@ def main(argv=None) -> int:
     p = queue.progress()
     first = "" if args.order == "queue" else f", {args.order} first"
     print(f"Reviewing {queue.queue_path}: {p['pending']} of {p['total']} pairs pending{first}.", flush=True)
-    print(f"Review page: {server.url}   (Ctrl-C to stop; every decision is saved as you click)", flush=True)
+    print(f"Review page: {server.page_url}   (Ctrl-C to stop; every decision is saved as you click)", flush=True)
+    opener = None
     if not args.no_browser:
         try:
-            webbrowser.open(server.url)
+            opener = _open_browser(server.page_url)
         except Exception:  # no browser on this machine: the printed URL is enough
             pass
     def stop(signum, frame):
@@ -319,6 +355,8 @@ def main(argv=None) -> int:
         pass
     finally:
         server.server_close()
+        if opener is not None:
+            opener.unlink(missing_ok=True)
     try:
         p = queue.progress()
     except CorruptFileError as e:  # damaged while the page was open; every decision made is in decisions.jsonl

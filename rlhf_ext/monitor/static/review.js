@@ -22,6 +22,17 @@ let actionError = "";
 
 const $ = (id) => document.getElementById(id);
 
+// The server's token (any local user can reach 127.0.0.1; only the reviewer has it): from the #token= of the URL the
+// server printed, kept for this tab (a reload) and taken out of the address bar.
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem("rlhf-ext-review-token", given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return given || sessionStorage.getItem("rlhf-ext-review-token") || "";
+})();
+
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -31,9 +42,9 @@ function el(tag, className, text) {
 
 // Errors name what went wrong: the server out of reach, a reply that is not JSON, or the server's own message.
 async function api(path, body) {
-  const init = body === undefined ? { cache: "no-store" } : {
+  const init = body === undefined ? { cache: "no-store", headers: { "X-Review-Token": TOKEN } } : {
     method: "POST", cache: "no-store",
-    headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json", "X-Review-Token": TOKEN }, body: JSON.stringify(body),
   };
   let res, text;
   try {
