@@ -122,6 +122,10 @@ class AdaptiveKL(KLController):
         super().__init__(init_beta, target)
         if target is None:
             raise ValueError("The adaptive KL controller needs `kl_target`.")
+        if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
+            # 0 divided by zero at the end of the first iteration; a negative one raised β while KL was below target
+            raise ValueError(f"The adaptive KL controller's horizon must be a finite number > 0 (samples over which β "
+                             f"may change by ±20 %; Ziegler et al. used 10000), got {horizon!r}.")
         self.horizon = horizon
 
     def update(self, kl, n_steps=1):
@@ -146,6 +150,14 @@ class LagrangianKL(KLController):
         super().__init__(init_beta, target)
         if target is None:
             raise ValueError("The lagrangian KL controller needs `kl_target` (δ).")
+        for name, v in (("lr", lr), ("kp", kp), ("kd", kd), ("beta_max", beta_max)):
+            # a negative gain moves β the wrong way (up while KL is under δ); NaN silently made β 0 for good
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"The {self.name} KL controller's {name} must be a finite number ≥ 0, got {v!r}.")
+        if init_beta > beta_max:  # the first update clamps β (and the integral) to beta_max: init_kl_coef ignored
+            raise ValueError(f"init_kl_coef (the initial β, {init_beta:g}) is above the {self.name} controller's "
+                             f"beta_max ({beta_max:g}): β would be cut to {beta_max:g} after the first iteration. Raise "
+                             f"it with kl_controller_kwargs={{'beta_max': {init_beta:g}}}, or lower init_kl_coef.")
         self.lr, self.kp, self.kd, self.beta_max = lr, kp, kd, beta_max
         self.integral, self.prev_error = float(init_beta), 0.0
 
@@ -165,11 +177,19 @@ class HardKL(LagrangianKL):
     enforce = True
 
     def __init__(self, init_beta=0.05, target=4.0, lr=0.02, kp=0.0, kd=0.0, beta_max=10.0,
-                 backtrack_factor=0.5, max_backtracks=6, max_shrinks=12):
+                 backtrack_factor=None, max_backtracks=6, max_shrinks=12):
         super().__init__(init_beta, target, lr, kp, kd, beta_max)
-        if not 0 < backtrack_factor < 1:
-            raise ValueError(f"backtrack_factor must lie in (0, 1), got {backtrack_factor}.")
-        self.backtrack_factor, self.max_backtracks, self.max_shrinks = backtrack_factor, max_backtracks, max_shrinks
+        if backtrack_factor is not None:  # the guard bisects (KLGuard._bisect); a fixed factor is no longer used
+            if not 0 < backtrack_factor < 1:
+                raise ValueError(f"backtrack_factor must lie in (0, 1), got {backtrack_factor}.")
+            warnings.warn(f"backtrack_factor={backtrack_factor} has no effect: the hard-KL guard searches the step by "
+                          f"bisection until KL lands in [0.9 δ, δ] (max_backtracks measurements at most). Remove it "
+                          f"from kl_controller_kwargs.", UserWarning, stacklevel=3)
+        for name, v in (("max_backtracks", max_backtracks), ("max_shrinks", max_shrinks)):
+            if not (isinstance(v, int) and v >= 0):
+                raise ValueError(f"{name} must be an integer ≥ 0 (KL measurements the guard may spend), got {v!r}.")
+        self.backtrack_factor = 0.5 if backtrack_factor is None else backtrack_factor
+        self.max_backtracks, self.max_shrinks = max_backtracks, max_shrinks
 
     def guard(self, params, anchor) -> "KLGuard":
         return KLGuard(self.target, params, anchor, self.backtrack_factor, self.max_backtracks, self.max_shrinks)

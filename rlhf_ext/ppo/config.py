@@ -146,11 +146,20 @@ class PPOConfig(TrainingArguments):
         self._check_trainer_arguments()
         if self.per_device_train_batch_size % self.num_mini_batches:
             raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by num_mini_batches ({self.num_mini_batches}).")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):  # NaN passed `<= 0`; inf samples uniformly
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}.")
         if self.monitor_reference_prompts < 1:
             raise ValueError(f"monitor_reference_prompts must be >= 1, got {self.monitor_reference_prompts}; "
                              f"it is how many prompts the reference policy's length and EOS rate are measured on.")
+        for name in ("monitor_max_queue", "monitor_cooldown"):  # a negative queue size sliced to nearly every sample
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (monitor_max_queue=0 queues nothing).")
+        if self.kl_controller == "fixed" and self.kl_target not in (None, type(self).__dataclass_fields__["kl_target"].default):
+            import warnings
+
+            warnings.warn(f"kl_target={self.kl_target} has no effect with kl_controller='fixed' (β stays init_kl_coef="
+                          f"{self.init_kl_coef}; nothing bounds or targets the KL). For KL ≤ δ use kl_controller='hard'; "
+                          f"for a β that follows the target, 'adaptive' or 'lagrangian'.", UserWarning, stacklevel=3)
         super().__post_init__()
         self._check_best_metric()
 

@@ -431,6 +431,8 @@ class PolicyAndValue(nn.Module):
         context is inside; accelerate's autocast, when on, wraps this very forward with the same dtype)."""
         batch = [(None, ids) for ids in prompts_ids[:2]]
         ids, mask = pad_ids([b for _, b in batch], self.pad_id, side="left", device=self.device)
+        if ids.shape[1] < 2:  # one-token prompts (a word, no BOS): no state to compare; any real token continues them
+            ids, mask = torch.cat([ids, ids], 1), torch.cat([mask, mask], 1)
         n = ids.shape[1] - 1
         pol = self.logits(ids, mask, n)
         ref = self.logits(ids, mask, n, reference=True)
