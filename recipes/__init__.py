@@ -373,19 +373,67 @@ class RecipeInputError(Exception):
     in `parse_arguments`)."""
 
 
+def quiet_bars_off_main_process() -> None:
+    """Under `accelerate launch` with several processes (torch.distributed.run sets RANK), the libraries' progress
+    bars — transformers' "Loading weights", datasets' maps — are drawn by the main process only, as rlhf_ext's own
+    (`rlhf_ext/progress.py`): one per process drew over each other. Warnings and errors are left as they are."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run(main, config_cls, argv: list[str] | None = None):
     """A recipe's `__main__`: `parse_arguments`, then `main(script_args, training_args, model_args, config_file=…)`;
     a `RecipeInputError` becomes one line on stderr and exit status 2 instead of a traceback; Ctrl-C, status 130 (a
     training run has saved the iteration or step it finished and said how to resume: `rlhf_ext/interrupt.py`)."""
     *arguments, config_file = parse_arguments(config_cls, argv)
+    quiet_bars_off_main_process()
     try:
         return main(*arguments, config_file=config_file)
     except RecipeInputError as e:
         print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)  # a line of its own under a live bar
         raise SystemExit(130) from None
+
+
+def announce_saved(trainer, kind: str) -> None:
+    """The recipe's last lines (main process only, as TRL's scripts print "Model saved to …"): where the artifact
+    is and the command that uses it next; for PPO, the run's report and any flagged pairs awaiting review."""
+    if not trainer.is_world_process_zero():
+        return
+    args = trainer.args
+    out = args.output_dir
+    if kind == "reward":
+        lines = [f"Reward model saved to {out} (adapters, heads, normalisation, manifest).",
+                 f"Next, PPO with it as reward_model_path: rlhf-ext ppo --config PPO_CONFIG --reward_model_path "
+                 f"{out}"]
+    else:
+        lines = [f"Policy saved to {out} (a PEFT adapter: PeftModel.from_pretrained(base, {out!r}); value head in "
+                 f"{Path(out) / 'critic'}).",
+                 f"Curves, alarms and top samples: rlhf-ext report {out}"]
+        monitor = getattr(trainer, "monitor", None)
+        if monitor is not None and monitor.halted_by:
+            lines.insert(0, f"Stopped early: the reward-hacking monitor's {monitor.halted_by} detector halted "
+                            f"training at iteration {trainer.iteration} of {trainer.state.max_steps} (its warning "
+                            f"above says how to resume).")
+        if monitor is not None:
+            try:
+                pending = monitor.queue.progress()["pending"] if monitor.queue.queue_path.is_file() else 0
+            except Exception:  # a damaged queue is the review command's to name, not the end of a finished run
+                pending = 0
+            if pending:
+                lines.append(f"{pending} flagged pair(s) await review: rlhf-ext review {out}")
+    if args.push_to_hub:
+        lines.append(f"Pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}")
+    print("\n".join(lines), flush=True)
 
 
 @contextmanager

@@ -9,9 +9,9 @@ trl.RewardTrainer saved — as TRL's recipes take it. `dataset_name`: Hub id or 
 
 from rlhf_ext import PPOConfig, PPOTrainer
 from rlhf_ext.data import resolve_data_path
-from rlhf_ext.recipes import (check_model_name, check_plugins, check_report_to, check_resume, check_reward_model_path,
-                              data_path, dataset_split, lora_config, model_loading, resume_argument, run, setup_phase,
-                              warn_preference_pairs)
+from rlhf_ext.recipes import (announce_saved, check_model_name, check_plugins, check_report_to, check_resume,
+                              check_reward_model_path, data_path, dataset_split, lora_config, model_loading,
+                              resume_argument, run, setup_phase, warn_preference_pairs)
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -42,6 +42,7 @@ def main(script_args, training_args, model_args, config_file=None):
         ))
         trainer.train(resume_from_checkpoint=resume_argument(training_args))  # a folder, or true: the newest
     trainer.save_model(training_args.output_dir)  # with push_to_hub, uploaded too
+    announce_saved(trainer, "ppo")
     return trainer
 
 

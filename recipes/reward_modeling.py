@@ -9,8 +9,8 @@ Any TRL `ModelConfig` field works as in TRL's scripts (`load_in_4bit`, `bnb_4bit
 """
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
-from rlhf_ext.recipes import (check_extra_preferences, check_model_name, check_report_to, check_resume, data_path,
-                              dataset_split, lora_config, model_loading, resume_argument, run, setup_phase)
+from rlhf_ext.recipes import (announce_saved, check_extra_preferences, check_model_name, check_report_to, check_resume,
+                              data_path, dataset_split, lora_config, model_loading, resume_argument, run, setup_phase)
 
 
 def main(script_args, training_args, model_args, config_file=None):
@@ -42,6 +42,7 @@ def main(script_args, training_args, model_args, config_file=None):
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    announce_saved(trainer, "reward")
     return trainer
 
 

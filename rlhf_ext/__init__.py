@@ -14,6 +14,18 @@ __version__ = "0.2.0"
 # missing. rlhf_ext never uses that layout (it has no backward; see models.keep_4bit_trainable): noise, silenced.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+
+class _BitsandbytesKernelTrustFilter(logging.Filter):
+    """Under HF_HUB_OFFLINE=1 the `kernels` package warns, at that same import, that it skips the publisher trust
+    check of bitsandbytes' optional CPU kernel (`kernels-community/quantization-bitsandbytes`): the same unused
+    kernel, nothing a user can act on. Only that repository's message is dropped; any other kernel's is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community/quantization-bitsandbytes" not in str(record.msg)
+
+
+logging.getLogger("kernels._internals.hf_hub").addFilter(_BitsandbytesKernelTrustFilter())
+
 _EXPORTS = {
     "PPOConfig": "ppo.config", "PPOTrainer": "ppo.trainer",
     "RewardEnsembleConfig": "reward.config", "RewardEnsembleTrainer": "reward.trainer",

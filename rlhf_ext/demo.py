@@ -305,7 +305,12 @@ def main(argv=None):
           f"max over training iterations {max(kl_after):.3f}")
     print_benchmark_reference()
     print(f"time: {summary['minutes']['total']:.1f} min   plot: {out / 'demo.png'}   summary: {out / 'summary.json'}")
-    print(f"run report: {report}   review flagged samples: rlhf-ext review {out / 'ppo'}")
+    from .monitor.queue import ReviewQueue
+
+    queue = ReviewQueue(out / "ppo")  # named only where the monitor queued something: else the command has nothing
+    pending = queue.progress()["pending"] if queue.queue_path.is_file() else 0
+    print(f"run report: {report}   " + (f"{pending} flagged pair(s) to review: rlhf-ext review {out / 'ppo'}"
+                                        if pending else "no sample flagged for review"))
     return summary
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -195,10 +196,36 @@ def test_a_halt_at_a_save_step_saves_once_with_every_process_alike(tmp_path, tok
             tr.monitor.__class__ = type("OtherRank", (type(tr.monitor),), {"writes": property(lambda self: False)})
         calls, save = [], tr._save_and_rotate
         tr._save_and_rotate = lambda push, save=save, tr=tr, calls=calls: (calls.append(tr.iteration), save(push))[1]
-        with pytest.warns(UserWarning, match="monitor halted training"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             tr.train()
+        # the main process says it, once: every process repeated the warning under DDP
+        assert sum("monitor halted training" in str(w.message) for w in caught) == int(writes)
         paths.append(calls)
     assert paths[0] == paths[1] == list(range(1, len(paths[0]) + 1))  # each iteration saved once, the halt's too
+
+
+def test_a_detector_s_first_firing_is_said_once_on_the_console_by_the_main_process(tmp_path, tok, capsys):
+    """The alarm flag sits among the iteration's fifty logged numbers, and a "queue" firing sent samples to review
+    with nothing on the console: the first firing of each detector is one line naming the review command; later
+    firings are not repeated there (alarms.jsonl has them all), and a process other than the main one says nothing."""
+    kw = dict(reward=longer_is_better, max_steps=8, learning_rate=5e-2, max_completion_length=12,
+              monitor_detectors=[{"name": "length_drift", "threshold": 1.3, "action": "queue"}])
+    for writes in (True, False):
+        tr = make(tmp_path / str(writes), tok, model=eos_prone_model(tok), **kw)
+        if not writes:
+            tr.monitor.__class__ = type("OtherRank", (type(tr.monitor),), {"writes": property(lambda self: False)})
+        hist = tr.train()
+        err = capsys.readouterr().err
+        assert sum(h["monitor/length_drift_alarm"] for h in hist) >= 2  # fired more than once …
+        said = [line for line in err.splitlines() if line.startswith("Reward-hacking monitor: length_drift")]
+        if not writes:
+            assert said == [], err
+            continue
+        assert len(said) == 1, err  # … and said once
+        out = tmp_path / str(writes) / "ppo"
+        assert f"rlhf-ext review {out}" in said[0] and "later firings of length_drift are logged" in said[0].lower()
+        assert ReviewQueue(out).progress()["pending"] > 0  # what the line points at is there
 
 
 def test_halt_saves_a_checkpoint_that_resumes(tmp_path, tok):

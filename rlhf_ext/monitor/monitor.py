@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class RewardHackingMonitor(TrainerCallback):
         self.reference: dict = {}
         self.last_queued: dict[str, int] = {}
         self.halted_by: str | None = None
+        self.announced: set[str] = set()  # detectors whose first firing this process has printed
 
     # -- state (saved in PPO checkpoints) -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -184,6 +186,7 @@ class RewardHackingMonitor(TrainerCallback):
                 if self._act(d, local, control):
                     queueing.append(d)
                 halting = halting or (d if d.action == "halt" else None)
+                self._announce(d)
         if queueing:  # after every detector: a sample two of them picked is queued once, naming both
             self._queue(queueing, local)
         if self.writes:
@@ -208,13 +211,32 @@ class RewardHackingMonitor(TrainerCallback):
             return True
         return False
 
+    def _announce(self, d):
+        """A detector's first firing in this run, one line on the console (main process): the alarm flag sits among
+        some fifty numbers of the iteration's log, and a queued sample waits for review where nothing said so. Later
+        firings go to alarms.jsonl and the logged metrics only. A halt says more in its own warning."""
+        if not self.writes or d.action == "halt" or d.key in self.announced:
+            return
+        self.announced.add(d.key)
+        out = self.trainer.args.output_dir
+        then = (f"its most suspicious samples go to {Path(out) / 'review' / 'queue.jsonl'}; review them with "
+                f"`rlhf-ext review {out}`" if d.action == "queue" else f"logged in {self.dir / 'alarms.jsonl'}")
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"Reward-hacking monitor: {d.describe()} at iteration {self.trainer.iteration} — {then}. Later "
+                   f"firings of {d.key} are logged, not printed (rlhf-ext report {out} shows them all).",
+                   file=sys.stderr)
+
     def _halt(self, d, control):
         """Stop after this iteration with a checkpoint of it: the flags, on every process alike (every detector saw
-        the same gathered batch); the train loop then writes the checkpoint with every process taking part."""
+        the same gathered batch); the train loop then writes the checkpoint with every process taking part. The
+        warning is the main process's alone (one per process repeated it under DDP)."""
         tr = self.trainer
         control.should_training_stop = control.should_save = True
         self.halted_by = d.key
         path = Path(tr.args.output_dir) / f"checkpoint-{tr.iteration}"
+        if not self.writes:
+            return
         warnings.warn(
             f"Reward-hacking monitor halted training at iteration {tr.iteration}: {d.describe()}. Checkpoint: "
             f"{path}. Look at the samples (rlhf-ext report {tr.args.output_dir}; rlhf-ext review "

@@ -57,6 +57,25 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 NO_QUEUE = ("No review queue at {path}.\nThe queue is filled by a PPO run with the monitor on: it appends flagged "
             "samples to OUTPUT_DIR/review/queue.jsonl. Pass that run's OUTPUT_DIR.")
+# the run was there, its monitor on, and nothing was queued: nothing is missing, nothing needs fixing
+NOTHING_QUEUED = ("Nothing to review in {output_dir}: its monitor flagged no sample for review (no detector whose "
+                  "action is 'queue' fired{alarms}). Pairs appear in {path} when one does.")
+
+
+def no_queue_message(output_dir) -> str:
+    """Why `output_dir` has no review queue: a PPO run whose monitor queued nothing (it says so, and names the
+    alarms it logged), or a folder that is no such run."""
+    q = ReviewQueue(output_dir)
+    monitor = Path(output_dir) / "monitor"
+    if not (monitor / "run.json").is_file():
+        return NO_QUEUE.format(path=q.queue_path)
+    try:
+        rows = [json.loads(line) for line in (monitor / "alarms.jsonl").read_text().splitlines() if line.strip()]
+        fired = sorted({f"{r['detector']} ({r['action']})" for r in rows})
+    except (OSError, ValueError, KeyError, TypeError):  # none logged, or a damaged log: the report names that
+        fired = []
+    alarms = f"; alarms it logged: {', '.join(fired)}" if fired else ""
+    return NOTHING_QUEUED.format(output_dir=output_dir, alarms=alarms, path=q.queue_path)
 
 
 class ApiError(Exception):
@@ -274,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
 def check_queue(output_dir) -> ReviewQueue:
     q = ReviewQueue(output_dir)
     if not q.queue_path.is_file():
-        raise FileNotFoundError(NO_QUEUE.format(path=q.queue_path))
+        raise FileNotFoundError(no_queue_message(output_dir))
     return q
 
 
@@ -364,6 +383,9 @@ def main(argv=None) -> int:
         return 2
     print(f"\nStopped. {p['decided']} of {p['total']} pairs reviewed; {p['preferences']} preference pairs in "
           f"{queue.preferences_path}")
+    if p["preferences"]:
+        print(f"Next, train the reward model with them: rlhf-ext reward --config REWARD_CONFIG --extra_preferences "
+              f"{queue.preferences_path} (README: \"Reward hacking: monitor → review → retrain → resume\")")
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.optimization import GreedyLR
 from trl.trainer.utils import entropy_from_logits
@@ -1140,10 +1141,10 @@ class PPOTrainer(Trainer):
                 if stop.requested(self._sum_over_processes):  # Ctrl-C / SIGTERM: this iteration is kept
                     if not saved:
                         self._save_and_rotate(push=False)
-                    if self.accelerator.is_main_process:
-                        print(f"Stopped after iteration {self.iteration}: checkpoint-{self.iteration} is saved in "
-                              f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
-                              f"--resume_from_checkpoint true).", file=sys.stderr, flush=True)
+                    if self.accelerator.is_main_process:  # tqdm.write: on a line of its own, not after the bar
+                        tqdm.write(f"Stopped after iteration {self.iteration}: checkpoint-{self.iteration} is saved in "
+                                   f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
+                                   f"--resume_from_checkpoint true).", file=sys.stderr)
                     raise stop.exception()
         history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.time() - start,
                                (self.iteration - first) * args.per_device_train_batch_size

@@ -557,6 +557,10 @@ class RewardEnsembleTrainer(RewardTrainer):
         check = _GradientReachCheck(self._reach_params(ens), self.quantized)
         if optimizers[0] is not None:
             _check_user_optimizer(optimizers[0], ens)
+        if args.dataloader_pin_memory and not torch.accelerator.is_available():
+            # transformers' default (True) where there is no accelerator: torch warns at each dataloader that it pins
+            # nothing. Pinning only speeds copies to an accelerator, so turning it off here changes nothing else
+            args.dataloader_pin_memory = False
         if args.gradient_checkpointing and args.ddp_find_unused_parameters is None:
             # What transformers does for its own models (ours is not a PreTrainedModel): DDP's unused-parameter
             # search breaks (reentrant) checkpointing, and every member's parameters take part in every step.
@@ -679,7 +683,9 @@ class RewardEnsembleTrainer(RewardTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's preparation (tokenise, rename legacy columns), then its `max_length` filter with counts: no pair
         left is an error naming the shortest pair; most pairs dropped is a warning (TRL drops them silently)."""
-        dataset = with_prompt_length(dataset, processing_class, args.dataset_num_proc)
+        # as TRL's own maps: the main process computes, the others read its cached result (one bar, not one each)
+        with global_then_local_main_first():
+            dataset = with_prompt_length(dataset, processing_class, args.dataset_num_proc)
         if dataset_name == "reference":
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         unfiltered = copy.copy(args)
