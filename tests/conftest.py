@@ -130,9 +130,12 @@ def rlhf_ext_in_this_process(argv, cwd, monkeypatch, capsys) -> tuple[int, str]:
     with), but in this process: (status, stderr). For refusals that come before training, where a new process would
     only add the ~7 s of importing torch, transformers and PEFT again; tests/test_cli.py and the tests named
     `…through_the_console_script` run the installed script itself."""
+    import sys
+
     from rlhf_ext.cli import main
 
     monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the recipe commands set sys.argv: put back after the test
     capsys.readouterr()
     try:
         status = main([str(a) for a in argv])

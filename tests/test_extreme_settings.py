@@ -63,6 +63,10 @@ def test_controller_settings_at_their_edges_that_work():
     lag = build_controller("lagrangian", 0.0, 4.0, beta_max=0.0)
     assert lag.update(10.0) == 0.0
     assert build_controller("adaptive", 100.0, 4.0).beta == 100.0  # the adaptive controller has no cap
+    uncapped = build_controller("hard", 0.05, 4.0, beta_max=float("inf"))  # inf: no cap, as before
+    assert uncapped.update(1e6) > 10.0 and math.isfinite(uncapped.beta)
+    with pytest.raises(ValueError, match="beta_max must be a finite number ≥ 0 \\(or inf: no cap\\)"):
+        build_controller("hard", 0.05, 4.0, beta_max=float("nan"))
 
 
 def test_backtrack_factor_is_said_to_have_no_effect():

@@ -571,3 +571,26 @@ def test_adding_to_a_long_queue_reads_it_once_and_still_queues_each_pair_once(tm
     resumed.add(make_pair("p7", "great 7", "fine 7"))
     ids = [r["id"] for r in real(q)]
     assert ids == [f"p{i}" for i in range(40)] + ["p4~2", "p50"]
+
+
+def test_the_browser_is_opened_through_a_private_redirect_file_in_the_review_folder(tmp_path, monkeypatch):
+    """The token stays off the browser's command line (`ps`); the file is this user's only, beside the queue (a snap
+    browser cannot read /tmp), and gone if opening fails."""
+    import stat
+
+    import rlhf_ext.monitor.review as review
+
+    opened = []
+    monkeypatch.setattr(review.webbrowser, "open", lambda uri: opened.append(uri) or True)
+    url = "http://127.0.0.1:1234/#token=abc_DEF-123"
+    path = review._open_browser(url, tmp_path)
+    assert opened == [path.as_uri()] and path.parent == tmp_path and "token" not in opened[0]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and f'content="0;url={url}"' in path.read_text()
+
+    def fails(uri):
+        raise RuntimeError("no browser")
+
+    monkeypatch.setattr(review.webbrowser, "open", fails)
+    with pytest.raises(RuntimeError):
+        review._open_browser(url, tmp_path)
+    assert sorted(tmp_path.iterdir()) == [path]

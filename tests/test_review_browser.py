@@ -334,3 +334,21 @@ def test_invisible_characters_are_shown_and_a_long_prompt_leaves_the_buttons_on_
     assert "invisible" not in page.text_content(f"{other} .facts")
     box = page.locator("#btn-left").bounding_box()
     assert box["y"] + box["height"] <= 800, box  # the buttons in view without scrolling
+
+
+def test_a_new_token_pasted_into_the_open_tab_is_used_without_a_reload(review_page):
+    """A fragment-only change does not reload the page (a restarted server's URL pasted into this tab, or a mistyped
+    token corrected): the page reads the token again instead of staying refused until a manual reload."""
+    q, open_page = review_page
+    q.add(make_pair("p0", "flagged 0", "reference 0"))
+    page = open_page(poll=False)
+    _shows(page, "p0")
+    base = page.url
+    assert "#" not in base  # the token is taken out of the address bar
+    page.goto(base + "#token=wrong")
+    page.reload()  # the wrong token is now this tab's
+    page.wait_for_selector("#error:not([hidden])", timeout=10_000)
+    assert "token" in page.locator("#error").inner_text()
+    page.goto(base + "#token=" + TOKEN)  # same document: no reload
+    page.wait_for_selector("#error", state="hidden", timeout=10_000)
+    assert page.url == base

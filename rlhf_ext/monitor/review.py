@@ -319,15 +319,22 @@ def _port(text: str) -> int:
     return port
 
 
-def _open_browser(url: str) -> Path:
+def _open_browser(url: str, folder) -> Path:
     """Open `url` through a file only this user can read that redirects to it: a URL on the browser's command line
-    (webbrowser.open) is visible to every user of the machine in `ps`, and this one carries the token."""
-    fd, path = tempfile.mkstemp(prefix="rlhf-ext-review-", suffix=".html")  # mode 0600
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={url}">'
-                f'<a href="{url}">Open the review page</a>')
-    webbrowser.open(Path(path).as_uri())
-    return Path(path)  # removed when the server stops (the browser has read it by then)
+    (webbrowser.open) is visible to every user of the machine in `ps`, and this one carries the token. The file goes
+    in `folder` (the run's review/ folder), not /tmp: a snap-packaged browser (Ubuntu's Firefox and Chromium) has a
+    private /tmp and would show "file not found"."""
+    fd, path = tempfile.mkstemp(prefix="open-review-page-", suffix=".html", dir=folder)  # mode 0600
+    path = Path(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={url}">'
+                    f'<a href="{url}">Open the review page</a>')
+        webbrowser.open(path.as_uri())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path  # removed when the server stops (the browser has read it by then)
 
 
 def main(argv=None) -> int:
@@ -358,7 +365,8 @@ def main(argv=None) -> int:
     opener = None
     if not args.no_browser:
         try:
-            opener = _open_browser(server.page_url)
+            opener = _open_browser(server.page_url, queue.queue_path.parent)
+            print("(If the browser shows no review page, open the URL above: the page needs its #token=.)", flush=True)
         except Exception:  # no browser on this machine: the printed URL is enough
             pass
     def stop(signum, frame):

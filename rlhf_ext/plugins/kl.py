@@ -152,8 +152,9 @@ class LagrangianKL(KLController):
             raise ValueError("The lagrangian KL controller needs `kl_target` (δ).")
         for name, v in (("lr", lr), ("kp", kp), ("kd", kd), ("beta_max", beta_max)):
             # a negative gain moves β the wrong way (up while KL is under δ); NaN silently made β 0 for good
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"The {self.name} KL controller's {name} must be a finite number ≥ 0, got {v!r}.")
+            if not (isinstance(v, (int, float)) and (math.isfinite(v) or name == "beta_max" and v > 0) and v >= 0):
+                raise ValueError(f"The {self.name} KL controller's {name} must be a finite number ≥ 0"
+                                 f"{' (or inf: no cap)' if name == 'beta_max' else ''}, got {v!r}.")
         if init_beta > beta_max:  # the first update clamps β (and the integral) to beta_max: init_kl_coef ignored
             raise ValueError(f"init_kl_coef (the initial β, {init_beta:g}) is above the {self.name} controller's "
                              f"beta_max ({beta_max:g}): β would be cut to {beta_max:g} after the first iteration. Raise "

@@ -23,15 +23,23 @@ let actionError = "";
 const $ = (id) => document.getElementById(id);
 
 // The server's token (any local user can reach 127.0.0.1; only the reviewer has it): from the #token= of the URL the
-// server printed, kept for this tab (a reload) and taken out of the address bar.
-const TOKEN = (() => {
+// server printed, kept for this tab (a reload) and taken out of the address bar. Read again when only the fragment
+// changes (the new URL of a restarted server pasted into this tab: browsers do not reload the page for that).
+const TOKEN_KEY = "rlhf-ext-review-token";
+let TOKEN = "";
+
+function readToken() {
   const given = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (given) {
-    sessionStorage.setItem("rlhf-ext-review-token", given);
-    history.replaceState(null, "", location.pathname + location.search);
-  }
-  return given || sessionStorage.getItem("rlhf-ext-review-token") || "";
-})();
+  let kept = null;
+  try { // sessionStorage throws where the browser blocks site storage: the token then lasts until a reload
+    if (given) sessionStorage.setItem(TOKEN_KEY, given);
+    kept = sessionStorage.getItem(TOKEN_KEY);
+  } catch (e) { /* keep what this page already has */ }
+  if (given) history.replaceState(null, "", location.pathname + location.search);
+  TOKEN = given || kept || TOKEN;
+}
+readToken();
+window.addEventListener("hashchange", () => { readToken(); refresh(); });
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
