@@ -426,7 +426,7 @@ def announce_saved(trainer, kind: str) -> None:
                             f"above says how to resume).")
         if monitor is not None:
             try:
-                pending = monitor.queue.progress()["pending"] if monitor.queue.queue_path.is_file() else 0
+                pending = monitor.queue.pending_count()
             except Exception:  # a damaged queue is the review command's to name, not the end of a finished run
                 pending = 0
             if pending:

@@ -307,8 +307,7 @@ def main(argv=None):
     print(f"time: {summary['minutes']['total']:.1f} min   plot: {out / 'demo.png'}   summary: {out / 'summary.json'}")
     from .monitor.queue import ReviewQueue
 
-    queue = ReviewQueue(out / "ppo")  # named only where the monitor queued something: else the command has nothing
-    pending = queue.progress()["pending"] if queue.queue_path.is_file() else 0
+    pending = ReviewQueue(out / "ppo").pending_count()  # named only where the monitor queued something
     print(f"run report: {report}   " + (f"{pending} flagged pair(s) to review: rlhf-ext review {out / 'ppo'}"
                                         if pending else "no sample flagged for review"))
     return summary

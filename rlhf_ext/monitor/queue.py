@@ -384,6 +384,10 @@ class ReviewQueue:
         picked = sum(ev["decision"] in ("flagged", "reference") for ev in decided.values())
         return {"total": len(ids), "decided": len(decided), "pending": len(ids) - len(decided), "preferences": picked}
 
+    def pending_count(self) -> int:
+        """Pairs awaiting a decision; 0 where the monitor queued nothing (no queue file)."""
+        return self.progress()["pending"] if self.queue_path.is_file() else 0
+
     def pending(self, order: str = "queue") -> list[dict]:
         """The undecided pairs, in review order (`ORDERS`); ties keep the queue's order."""
         check_order(order)

@@ -152,7 +152,7 @@ class LagrangianKL(KLController):
             raise ValueError("The lagrangian KL controller needs `kl_target` (δ).")
         for name, v in (("lr", lr), ("kp", kp), ("kd", kd), ("beta_max", beta_max)):
             # a negative gain moves β the wrong way (up while KL is under δ); NaN silently made β 0 for good
-            if not (isinstance(v, (int, float)) and (math.isfinite(v) or name == "beta_max" and v > 0) and v >= 0):
+            if not (isinstance(v, (int, float)) and v >= 0 and (math.isfinite(v) or name == "beta_max")):
                 raise ValueError(f"The {self.name} KL controller's {name} must be a finite number ≥ 0"
                                  f"{' (or inf: no cap)' if name == 'beta_max' else ''}, got {v!r}.")
         if init_beta > beta_max:  # the first update clamps β (and the integral) to beta_max: init_kl_coef ignored
