@@ -16,6 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PROGRAM: str | None = None  # how the user started the recipe, for its messages: `rlhf-ext ppo` sets it (cli.py)
+
+
+def program() -> str:
+    """The name a recipe's usage line and errors begin with: `rlhf-ext ppo` when run through the console script,
+    else the script's file name (`ppo.py`), as argparse names it."""
+    return PROGRAM or Path(sys.argv[0]).name
 
 
 def recipe_path(name: str) -> Path:
@@ -98,7 +105,7 @@ def parse_arguments(config_cls, argv: list[str] | None = None):
     import yaml
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    parser = TrlParser((ScriptArguments, config_cls, ModelConfig))
+    parser = TrlParser((ScriptArguments, config_cls, ModelConfig), prog=program())
     parser.epilog = ("--config FILE: the settings as YAML (`field: value` lines; the options above override them). "
                      "A shipped config by name works from any directory: "
                      + ", ".join(sorted(p.stem for p in (HERE / "configs").glob("*.yaml"))) + ".")
@@ -395,12 +402,12 @@ def run(main, config_cls, argv: list[str] | None = None):
     try:
         return main(*arguments, config_file=config_file)
     except RecipeInputError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{program()}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         from tqdm.auto import tqdm
 
-        tqdm.write(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)  # a line of its own under a live bar
+        tqdm.write(f"{program()}: interrupted", file=sys.stderr)  # a line of its own under a live bar
         raise SystemExit(130) from None
 
 

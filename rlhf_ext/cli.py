@@ -27,14 +27,19 @@ def _recipe(name: str, rest) -> int:
 
     from .recipes import recipe_path
 
-    script = recipe_path(name)
+    from . import recipes
+
+    script, command = recipe_path(name), f"rlhf-ext {name.split('_')[0]}"
     if not rest:  # every option could come from the command line, but nobody means to run with none of them
-        print(f"usage: rlhf-ext {name.split('_')[0]} --config FILE.yaml [--option value ...]\n"
+        print(f"usage: {command} --config FILE.yaml [--option value ...]\n"
               f"The recipe needs a configuration: a YAML such as the ones in recipes/configs/ (see "
-              f"`rlhf-ext {name.split('_')[0]} --help` for every option).", file=sys.stderr)
+              f"`{command} --help` for every option).", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    sys.argv, recipes.PROGRAM = [str(script), *rest], command  # its usage line and errors name the command typed
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        recipes.PROGRAM = None
     return 0
 
 

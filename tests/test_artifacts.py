@@ -239,7 +239,7 @@ with contextlib.redirect_stderr(err):
 """).splitlines()
     assert all(str(venv) in f for f in found.split()), found
     assert "--kl_target" in ppo_help and "--ensemble_size" in reward_help and "--kl_target" not in reward_help
-    assert ast.literal_eval(by_name) == (2, "ppo.py: error: PPOConfig has no such field(s): `kl_targt` (the command line; did you "
+    assert ast.literal_eval(by_name) == (2, "rlhf-ext ppo: error: PPOConfig has no such field(s): `kl_targt` (the command line; did you "
                                 "mean `kl_target`?). `--help` lists every field.\n")
     assert Path(where[1], "sentiment", "prompts_train.jsonl").is_file() and Path(where[2]).is_file()
     assert "commands:" in run(cli, "--help")

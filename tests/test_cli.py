@@ -114,3 +114,24 @@ def test_a_reader_that_stops_early_is_not_a_failure():
     proc.stdout.close()  # long before the plan is printed (the import alone takes longer)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+
+
+def test_the_recipes_name_the_command_the_user_typed(tmp_path, monkeypatch, capsys):
+    """`rlhf-ext ppo --bogus 1` said `ppo.py: error: …` and its usage `usage: ppo.py …`: a file the user never
+    named. Through the console script they say `rlhf-ext ppo`; the script run itself (`accelerate launch
+    recipes/ppo.py`) still says `ppo.py`, as argparse names a script."""
+    from rlhf_ext import recipes
+
+    from .conftest import rlhf_ext_in_this_process
+
+    for command in ("ppo", "reward"):
+        status, err = rlhf_ext_in_this_process([command, "--bogus", "1"], tmp_path, monkeypatch, capsys)
+        assert status == 2 and err.startswith(f"rlhf-ext {command}: error: ") and "has no such field" in err, err
+        assert recipes.PROGRAM is None  # put back: a recipe run later in this process names itself again
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert capsys.readouterr().out.startswith(f"usage: rlhf-ext {command} [-h]")
+    monkeypatch.setattr(sys, "argv", [str(Path(recipes.__file__).with_name("ppo.py")), "--bogus", "1"])
+    with pytest.raises(SystemExit) as stop:
+        recipes.parse_arguments(rlhf_ext.PPOConfig)
+    assert stop.value.code == 2 and capsys.readouterr().err.startswith("ppo.py: error: ")

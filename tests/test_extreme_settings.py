@@ -88,3 +88,13 @@ def test_one_token_prompts_train_within_the_bound(tmp_path, tok):
     exact = exact_batch_kl(tr.policy.peft, tr.rollout, tr.args.temperature)
     assert exact <= 0.2 + 1e-6 and abs(hist[-1]["kl/after_update"] - exact) < 1e-6
     assert all(math.isfinite(h["loss/policy"]) for h in hist)
+
+
+@pytest.mark.parametrize("epochs", [0, -1, float("nan")])
+def test_no_epochs_and_no_max_steps_is_refused(tmp_path, epochs):
+    """num_train_epochs=0 with max_steps unset ran one iteration (`max(1, …)`), which nobody asked for; it is the
+    one setting that trains nothing, so it is refused with the two settings that do. max_steps still wins over it."""
+    with pytest.raises(ValueError, match=r"trains no iteration: set num_train_epochs > 0 .* or max_steps ≥ 1"):
+        PPOConfig(str(tmp_path), use_cpu=True, num_train_epochs=epochs)
+    assert PPOConfig(str(tmp_path), use_cpu=True, num_train_epochs=epochs, max_steps=2).max_steps == 2
+    assert PPOConfig(str(tmp_path), use_cpu=True, num_train_epochs=epochs, total_episodes=8).max_steps >= 1

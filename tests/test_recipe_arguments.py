@@ -91,7 +91,7 @@ def test_load_in_8bit_is_refused_with_the_fix(tmp_path, recipe, monkeypatch, cap
     status, err = rlhf_ext_in_this_process([name, "--config", f"{name}_smollm2_sentiment", "--load_in_8bit", "true",
                                             "--output_dir", tmp_path / "out"], tmp_path, monkeypatch, capsys)
     assert status == 2 and "Traceback" not in err, err[-2000:]
-    assert f"{recipe}.py: error: load_in_8bit: " in err and not (tmp_path / "out").exists()
+    assert f"rlhf-ext {name}: error: load_in_8bit: " in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("config_cls", [PPOConfig, RewardEnsembleConfig])

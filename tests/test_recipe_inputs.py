@@ -133,7 +133,7 @@ def test_an_unknown_plugin_name_stops_ppo_before_the_model_loads(tmp_path, tiny_
     """`aggregation: meann` was a traceback (exit 1) after the policy, reference and reward model had loaded."""
     path = config(tmp_path, "ppo", tiny_path, data, aggregation="meann")
     line = assert_one_line_exit_2(rlhf_ext_in_this_process(["ppo", "--config", path], tmp_path, monkeypatch, capsys),
-                                  "ppo.py")
+                                  "rlhf-ext ppo")
     assert "aggregation: Unknown aggregation 'meann'. Valid names: " in line
     listed = line.split("Valid names: ")[1].split(". ")[0].split(", ")  # and any other test's plugin in this process
     assert {"mean", "median", "min", "uwo", "weighted"} <= set(listed), line
@@ -148,7 +148,7 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_path, d
     (folder / "prompts_train.jsonl").write_text("\n".join(good[:4] + ['{"prompt": "oops", '] + good[4:]) + "\n")
     path = config(tmp_path, "ppo", tiny_path, data, dataset_name=str(folder))
     line = assert_one_line_exit_2(rlhf_ext_in_this_process(["ppo", "--config", path], tmp_path, monkeypatch, capsys),
-                                  "ppo.py")
+                                  "rlhf-ext ppo")
     assert f"{folder / 'prompts_train.jsonl'} line 5: not valid JSON" in line
 
 
@@ -156,13 +156,13 @@ def test_prompt_only_data_given_to_the_reward_recipe_is_one_line(tmp_path, tiny_
     """The trainer finds this while it is built (after the model loads): one line, exit 2, no traceback."""
     path = config(tmp_path, "reward", tiny_path, data, dataset_config="prompts")
     line = assert_one_line_exit_2(rlhf_ext_in_this_process(["reward", "--config", path], tmp_path, monkeypatch,
-                                                           capsys), "reward_modeling.py")
+                                                           capsys), "rlhf-ext reward")
     assert "train_dataset is missing column(s) ['chosen', 'rejected']; it has ['prompt']" in line
 
 
 def test_a_yaml_value_of_the_wrong_type_exits_2_through_the_console_script(tmp_path, tiny_path, data):
     path = config(tmp_path, "reward", tiny_path, data, per_device_train_batch_size=8.5)
-    line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "reward_modeling.py")
+    line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "rlhf-ext reward")
     assert (f"{path}: `per_device_train_batch_size: 8.5` is a number with a fraction; per_device_train_batch_size "
             f"takes an integer") in line
 
@@ -517,7 +517,7 @@ def test_an_output_dir_another_run_holds_is_one_line(tmp_path, tiny_path, data):
 
     path = config(tmp_path, "reward", tiny_path, data)
     with output_dir_lock(tmp_path / "out-reward"):  # this test process is "the other run"
-        line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "reward_modeling.py")
+        line = assert_one_line_exit_2(cli(["reward", "--config", path], tmp_path), "rlhf-ext reward")
     assert "another" in line.lower() and str(__import__("os").getpid()) in line
 
 

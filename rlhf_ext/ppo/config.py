@@ -208,6 +208,10 @@ class PPOConfig(TrainingArguments):
             per_iteration = self.per_device_train_batch_size * max(1, int(os.environ.get("WORLD_SIZE", 1)))
             # rounded up, as TRL 1.12 (num_total_batches = ceil(total_episodes / batch_size)): never fewer prompts
             self.max_steps = -(-self.total_episodes // max(1, per_iteration))
+        if not (self.max_steps and self.max_steps > 0) and not self.num_train_epochs > 0:  # NaN too
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} with max_steps unset trains no iteration: set "
+                             f"num_train_epochs > 0 (passes over the prompts; fractions allowed) or max_steps ≥ 1 (PPO "
+                             f"iterations). To measure the policy without training it, call trainer.evaluate().")
 
     def _warn_trl112_meanings(self):
         """A config written for TRL 1.12 (it uses TRL 1.12's names) runs here, but these settings mean something
