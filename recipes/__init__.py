@@ -616,11 +616,11 @@ def check_extra_preferences(files) -> None:
             raise RecipeInputError(f"extra_preferences: {f} holds no preference pairs yet (the file is empty).")
 
 
-def check_reward_model_path(path: str | None) -> None:
+def check_reward_model_path(path: str | None, field: str = "reward_model_path") -> None:
     """Refuse, before anything loads, a `reward_model_path` that cannot work: unset; the `output_dir` of a shipped
     reward config that has not run yet — the first run's usual mistake, named with the command that writes it —; a
     local path that does not exist (one no Hub id could be); a folder that holds no model. A name shaped like a Hub
-    id is left to the Hub."""
+    id is left to the Hub. `field`: the setting that named it (an entry of `audit_model_paths` is checked the same way)."""
     from rlhf_ext.models import is_hub_id
     from rlhf_ext.reward.artifact import SPEC_FILE, is_reward_artifact
 
@@ -631,13 +631,13 @@ def check_reward_model_path(path: str | None) -> None:
     if local.is_dir():
         if not (is_reward_artifact(local) or (local / "config.json").is_file()):  # what PPOTrainer can load
             raise RecipeInputError(
-                f"reward_model_path {path!r} is a folder but holds no reward model (no {SPEC_FILE} or config.json). "
+                f"{field} {path!r} is a folder but holds no reward model (no {SPEC_FILE} or config.json). "
                 f"Pass the output_dir of `rlhf-ext reward`, or the folder trl.RewardTrainer / save_pretrained() "
                 f"wrote.")
         saved_as = non_reward_architecture(local)
         if saved_as:
             raise RecipeInputError(
-                f"reward_model_path {path!r} holds a {saved_as} (its config.json's `architectures`), not a reward "
+                f"{field} {path!r} holds a {saved_as} (its config.json's `architectures`), not a reward "
                 f"model: loaded for scoring, its score head would be random and PPO would chase noise. Train a reward "
                 f"model on it first (`rlhf-ext reward`, then pass that output_dir), or pass a sequence-classification "
                 f"reward checkpoint (what trl.RewardTrainer saves).")
@@ -652,12 +652,12 @@ def check_reward_model_path(path: str | None) -> None:
                if "reward_model_path" not in c and str(c.get("output_dir", "")).rstrip("/") == wanted]
     if writers:
         raise RecipeInputError(
-            f"reward_model_path {path!r} is not here (relative paths are read from {Path.cwd()}): it is what "
+            f"{field} {path!r} is not here (relative paths are read from {Path.cwd()}): it is what "
             f"`rlhf-ext reward --config {writers[0]}` writes. Train the reward model first, from this directory, or "
-            f"set --reward_model_path to a reward model you have.")
+            f"set --{field} to a reward model you have.")
     if not is_hub_id(path):
         raise RecipeInputError(
-            f"reward_model_path {path!r}: no such folder (relative paths are read from {Path.cwd()}, then beside the "
+            f"{field} {path!r}: no such folder (relative paths are read from {Path.cwd()}, then beside the "
             f"config), and not a Hub id. Pass the output_dir of `rlhf-ext reward`, a folder trl.RewardTrainer saved, "
             f"or a Hub id (namespace/name).")
 

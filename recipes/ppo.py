@@ -18,8 +18,12 @@ def main(script_args, training_args, model_args, config_file=None):
     script_args.dataset_name = data_path(script_args, config_file)
     if training_args.reward_model_path:
         training_args.reward_model_path = resolve_data_path(training_args.reward_model_path, config_file)
+    audits = training_args.audit_model_paths = [resolve_data_path(p, config_file)
+                                                for p in training_args.audit_model_paths or []] or None
     # before anything loads, each a one-line error: the first run's usual mistakes, then the other named inputs
     check_reward_model_path(training_args.reward_model_path)
+    for path in audits or []:  # judges beside the proxy: logged as audit/<name>, watched by proxy_vs_audit
+        check_reward_model_path(path, "audit_model_paths")
     check_model_name(model_args.model_name_or_path, training_args.trust_remote_code)
     check_plugins(training_args)
     check_report_to(training_args)

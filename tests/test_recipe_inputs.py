@@ -646,3 +646,14 @@ def test_measuring_the_prompts_takes_dataset_num_proc(tok):
                                "rejected": [{"role": "assistant", "content": "b"}]} for i in range(8)])
     one = with_prompt_length(rows, tok)["prompt_length"]
     assert with_prompt_length(rows, tok, num_proc=2)["prompt_length"] == one and len(set(one)) == 8
+
+
+def test_audit_model_paths_are_checked_like_reward_model_path(capsys, tmp_path, tiny_path, data, no_model_loads):
+    """An audit judge's path is read beside the config as reward_model_path is, and a wrong one is named by its
+    setting before the policy loads."""
+    line = recipe_error(capsys, "ppo", ["--config", config(tmp_path, "ppo", tiny_path, data,
+                                                           audit_model_paths=["./no_such_judge"])])
+    assert "error: audit_model_paths './no_such_judge': no such folder" in line, line
+    (tmp_path / "judge").mkdir()  # beside the config: found there, then refused for holding no model
+    line = recipe_error(capsys, "ppo", ["--config", config(tmp_path, "ppo", tiny_path, data, audit_model_paths="judge")])
+    assert f"error: audit_model_paths '{tmp_path / 'judge'}' is a folder but holds no reward model" in line, line

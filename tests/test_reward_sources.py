@@ -283,3 +283,25 @@ def test_a_dropped_sample_names_the_member_with_the_broken_score_not_the_not_app
 
     with pytest.warns(UserWarning, match=r"Reward member\(s\) \['a', 'c'\] returned non-finite rewards"):
         RewardPipeline([a, c], callable_normalization="none").score(None, ["x"] * 3, [[1]] * 3)
+
+
+def test_audit_model_paths_in_the_config_are_judges_and_repeated_names_keep_their_own_metric(tmp_path, tok):
+    """The recipes could not pass an audit judge at all (audit_funcs is Python only), so proxy_vs_audit never had
+    one to watch: `audit_model_paths` (a YAML list, or one path) adds reward models as judges. Two judges of one name
+    (two lambdas; two folders called `cls_template`) were one dict key: the first was dropped without a word."""
+    folder = _classifier_folder(tmp_path, with_template=True)
+    twin = tmp_path / "other" / "cls_template"
+    __import__("shutil").copytree(folder, twin)
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=1, max_completion_length=8,
+                     kl_controller="fixed", use_cpu=True, save_strategy="no", disable_tqdm=True, report_to="none",
+                     audit_model_paths=[folder, str(twin)])
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(8),
+                    processing_class=tok, audit_funcs=[lambda completions, **kw: [1.0] * len(completions),
+                                                       lambda completions, **kw: [2.0] * len(completions)])
+    assert list(tr.audit_funcs) == ["cls_template", "cls_template#2", "<lambda>", "<lambda>#2"]
+    hist = tr.train()
+    assert (hist[0]["audit/<lambda>"], hist[0]["audit/<lambda>#2"]) == (1.0, 2.0)
+    assert hist[0]["audit/cls_template"] == pytest.approx(hist[0]["audit/cls_template#2"], rel=1e-5)  # same weights
+    assert PPOConfig(str(tmp_path / "one"), use_cpu=True, audit_model_paths=folder).audit_model_paths == [folder]
+    with pytest.raises(ValueError, match=r"audit_model_paths takes reward-model paths or Hub ids .*PPOTrainer\(audit_funcs"):
+        PPOConfig(str(tmp_path / "bad"), use_cpu=True, audit_model_paths=[len])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,7 @@ class PPOConfig(TrainingArguments):
     shapers: list[Any] | str | None = field(default=None, metadata={"help": "Reward shapers, e.g. [{'name': 'linear', 'alpha': 0.02, 'free_tokens': 24}, 'missing_eos']."})
     nonfinite_rewards: str = field(default="drop", metadata={"help": "'drop' samples whose reward is NaN/inf, or None from every reward function (a function's None beside others' scores is 'not applicable', as in TRL: the others score the sample), counted in rewards/dropped_nonfinite, warned once; a batch dropped whole trains on nothing, an error after 16 samples dropped in a row; or 'error'."})
     callable_normalization: str = field(default="auto", metadata={"help": "Python reward functions and reward models of unknown scale (a sequence classifier, ExternalRewardModel without mean/std): 'auto' (running mean/std when mixed with other members, raw when alone), 'running' or 'none'."})
+    audit_model_paths: list[str] | None = field(default=None, metadata={"help": "Audit judges, as `audit_funcs` takes them in Python: reward models (rlhf_ext artifacts, sequence-classification model ids or folders — one trained on other data, a larger one) scored on every rollout beside the proxy, logged as `audit/<folder name>` and watched by the proxy_vs_audit detector; never trained on."})
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward model for the recipes: an rlhf_ext artifact (members on the shared base) or a sequence-classification model id / folder (as TRL's reward_funcs strings)."})
     # monitoring
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that holds an earlier one (checkpoint-N folders, a monitor log), removing them; without it that is refused (the runs would mix), unless resuming."})
@@ -126,6 +128,12 @@ class PPOConfig(TrainingArguments):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, json.loads(v))
+        if isinstance(self.audit_model_paths, (str, os.PathLike)):  # one path, as a YAML string
+            self.audit_model_paths = [self.audit_model_paths]
+        if self.audit_model_paths is not None and not all(isinstance(p, (str, os.PathLike)) and str(p)
+                                                          for p in self.audit_model_paths):
+            raise ValueError(f"audit_model_paths takes reward-model paths or Hub ids (a list of strings), got "
+                             f"{self.audit_model_paths!r}. Audit functions go to PPOTrainer(audit_funcs=[...]).")
         if self.kl_target is not None and not (self.kl_target > 0 and math.isfinite(self.kl_target)):
             raise ValueError(f"kl_target (δ) must be a finite number > 0 nats, got {self.kl_target}. It bounds "
                              f"KL(π‖π_ref); use e.g. 4.0 (no bound: kl_controller='fixed' or 'adaptive').")
@@ -175,7 +183,6 @@ class PPOConfig(TrainingArguments):
 
     def _apply_trl112_names(self):
         """Map TRL 1.12 PPOConfig names onto ours (a FutureWarning names the new one); conflicting values are refused."""
-        import os
         import warnings
 
         for old, new in (("kl_coef", "init_kl_coef"), ("cliprange", "clip_range"),

@@ -46,7 +46,7 @@ from ..plugins.kl import build_controller
 from ..precision import autocast_dtype, loss_scaler
 from ..prefix_cache import frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
-from ..registry import build
+from ..registry import build, numbered
 from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, read_spec, same_base
 from ..reward.ensemble import RewardEnsemble, _warn_once
 from ..reward.pipeline import (MIN_DROPPED_IN_A_ROW, ExternalRewardModel, RewardPipeline, call_reward_function,
@@ -241,7 +241,10 @@ class PPOTrainer(Trainer):
                                        **(args.kl_controller_kwargs or {}))
         self.kl_estimator = build("kl_estimator", args.kl_estimator)
         # Audit judges (e.g. a gold reward) are logged next to the proxy to spot hacking; they never train.
-        self.audit_funcs = dict(self._judge(j, i, model, args) for i, j in enumerate(audit_funcs or []))
+        # Two of one name (two lambdas, two folders called `rm`) keep their own metrics: "rm", "rm#2".
+        judges = [self._judge(j, i, model, args)
+                  for i, j in enumerate([*(args.audit_model_paths or []), *(audit_funcs or [])])]
+        self.audit_funcs = {name: judge for name, (_, judge) in numbered(judges, lambda nj: nj[0]).items()}
 
         # Trainable: exactly the policy (+ critic) adapter parameters, decided by PEFT, plus the value head
         self._set_trainable()
