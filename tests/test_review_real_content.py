@@ -127,3 +127,42 @@ def test_a_reviewer_preferring_the_empty_response_does_not_stop_the_retrain(tmp_
     blank = base.map(lambda r: {"chosen": [{"role": "assistant", "content": " "}]})  # the user's own data: refused
     with pytest.raises(ValueError, match="'chosen' is empty"):
         validate_preference_dataset(blank)
+
+
+def test_two_reviewers_on_one_folder_are_shown_different_pairs(tmp_path, monkeypatch):
+    """Both servers showed the queue's first pair; the slower reviewer read it for nothing and their click was
+    answered 409. Each now skips the pairs the other has on screen; a screen closed or gone stale holds nothing;
+    where both showed one pair, the one that showed it first keeps it."""
+    import time as clock
+
+    from rlhf_ext.monitor import screens
+
+    q = ReviewQueue(tmp_path)
+    for i in range(6):
+        q.add(make_pair(f"p{i}", f"great {i}", f"fine {i}"))
+    ann, bob = (ReviewServer(tmp_path, reviewer=name) for name in ("ann", "bob"))
+    first = lambda server, prefer=None: server.state(prefer)["pending"][0]["id"]  # noqa: E731
+    assert (first(ann), first(bob)) == ("p0", "p1")
+    assert first(ann, "p0") == "p0" and first(bob, "p1") == "p1"  # each page's polls keep its own pair
+    assert bob.decide({"id": "p1", "decision": "flagged"})["pending"][0]["id"] == "p2"  # not ann's p0
+    assert ann.decide({"id": "p0", "decision": "reference"})["pending"][0]["id"] == "p3"  # not bob's p2
+    state = ann.state("p3")  # bob's pair last (the page is sent the first few), still pending
+    assert [r["id"] for r in state["pending"]] == ["p3", "p4", "p5"] and state["counts"]["pending"] == 4
+    # bob's tab closed without stopping his server: after STALE_S his pair is free again
+    now = clock.time()
+    monkeypatch.setattr(screens.time, "time", lambda: now + screens.STALE_S + 1)
+    assert [r["id"] for r in ann.state("p3")["pending"]] == ["p3", "p2", "p4"]
+    monkeypatch.undo()
+    # both showed p4 (two pages asked at once): the later one moves on at its next poll, the earlier keeps it
+    ann.screens.showing, bob.screens.showing = None, None
+    ann.screens.show("p4", now - 5)
+    bob.screens.show("p4", now)
+    assert (first(bob, "p4"), first(ann, "p4")) == ("p2", "p4")
+    bob.server_close()  # its screen goes with it: ann may be shown p2 now
+    assert not list((tmp_path / "review" / "screens").glob(f"{bob.screens.server}*"))
+    ann.decide({"id": "p4", "decision": "skip"})
+    assert first(ann, "p3") == "p3" and first(ann, "p2") == "p2"
+    ann.server_close()
+    one = ReviewServer(tmp_path)  # one reviewer: the queue's order, as before
+    assert [r["id"] for r in one.state()["pending"]] == ["p2", "p3", "p5"]
+    one.server_close()

@@ -12,7 +12,8 @@ Workflow:
 3. `rlhf-ext reward --extra_preferences OUTPUT_DIR/review/preferences.jsonl` trains the next reward model on them.
 
 Pending pairs come in queue order, or with `--order proxy_margin` the pairs where the reward prefers the flagged
-response by the widest margin first (`queue.ORDERS`).
+response by the widest margin first (`queue.ORDERS`). Two reviewers on one folder (two servers) are shown different
+pairs: each skips the pairs the other has on screen (`screens.py`).
 
 HTTP API (JSON): `GET /api/state[?prefer=ID]` the next pending pairs, counts and the last decision;
 `POST /api/decide {"id", "decision"}` with decision in flagged/reference/both_bad/skip; `POST /api/undo {"id"?}`.
@@ -42,6 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..integrity import CorruptFileError
 from .queue import DECISIONS, ORDERS, ReviewQueue, check_order, plain_json
+from .screens import Screens
 
 STATIC = Path(__file__).parent / "static"
 FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/review.js": ("review.js", "text/javascript; charset=utf-8"),
@@ -99,6 +101,7 @@ class ReviewServer(ThreadingHTTPServer):
             self.queue.export_preferences()  # preferences.jsonl left it stale, and no later click might repair it
         super().__init__(("127.0.0.1", port), Handler)
         self.reviewer = reviewer
+        self.screens = Screens(self.queue.dir, reviewer)  # two servers on one folder show different pairs
         # what the API asks of every request: any local user can connect to 127.0.0.1, only the reviewer has this
         self.token = token or secrets.token_urlsafe(24)
         # decide/undo each append and then rewrite preferences.jsonl via one shared temporary file: one at a time
@@ -118,6 +121,11 @@ class ReviewServer(ThreadingHTTPServer):
         """The URL to open: the page reads the token from its fragment (never sent to the server, nor in its logs)."""
         return f"{self.url}#token={self.token}"
 
+    def server_close(self):
+        if hasattr(self, "screens"):  # not when binding the port failed, inside __init__
+            self.screens.close()
+        super().server_close()
+
     def handle_error(self, request, client_address):
         # a browser that closed its tab or connection mid-reply is routine: no traceback in the reviewer's terminal
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
@@ -126,9 +134,9 @@ class ReviewServer(ThreadingHTTPServer):
 
     def state(self, prefer: str | None = None) -> dict:
         q = self.queue
-        pending = q.pending(self.order)
-        # the pair on screen (or the one just undone) stays first, whatever else was decided meanwhile
-        pending.sort(key=lambda r: r["id"] != prefer)
+        # the pair on screen (or the one just undone) stays first, whatever else was decided meanwhile, unless another
+        # reviewer's server showed it first: pairs other servers on this folder have on screen go last
+        pending = self.screens.arrange(q.pending(self.order), prefer)
         return {"pending": pending[:PENDING_SHOWN], "counts": q.progress(), "last": q.last_decision(self.reviewer),
                 "preferences_path": str(q.preferences_path), "reviewer": self.reviewer, "order": self.order}
 
