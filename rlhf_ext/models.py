@@ -214,6 +214,13 @@ def load_model(
                       FutureWarning, stacklevel=2)
         dtype = old
     qc = kwargs.pop("quantization_config", None) or quantization_config(load_in_4bit, dtype)
+    stored = stored_quantization(path, revision)
+    if is_8bit_layout(stored):
+        raise ValueError(f"{name_or_path!r} is a bitsandbytes 8-bit checkpoint (its config.json's quantization_config "
+                         f"has load_in_8bit): {EIGHT_BIT_UNSUPPORTED}")
+    if qc is not None and is_4bit_layout(stored):  # pre-quantised: it loads as stored whatever is asked (transformers)
+        warn_prequantized_differences(name_or_path, qc, stored)
+        qc = None  # nothing to ask: transformers would only repeat, vaguely, that the stored layout wins
     init = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
     if revision:
         init["revision"] = revision
@@ -234,11 +241,72 @@ def load_model(
         warnings.warn(f"{name_or_path!r} was saved as a {saved_as[0]} (a reward model?), and is loaded here as a causal "
                       f"LM: its language-modelling head is not that checkpoint's. If it is your reward model, pass it in "
                       f"reward_funcs and the SFT model as the policy.", UserWarning, stacklevel=2)
-    if qc is not None and getattr(qc, "load_in_4bit", False):
-        quantize_linear_subclasses(model, qc)
+    if getattr(model, "is_loaded_in_8bit", False):  # a layout the config read above did not show (an uncached Hub id)
+        raise ValueError(f"{name_or_path!r} loaded as a bitsandbytes 8-bit model: {EIGHT_BIT_UNSUPPORTED}")
+    if getattr(model, "is_loaded_in_4bit", False):
+        # the layout the load used: the caller's, or a pre-quantised checkpoint's own (which transformers 5 applies to
+        # nn.Linear only: a checkpoint it quantised and saved holds its FalconLinear layers full precision)
+        quantize_linear_subclasses(model, getattr(model.config, "quantization_config", None) or qc)
     # a pre-quantised checkpoint (its config.json carries the quantization_config: a reward artifact's 4-bit trunk)
     # too: in bitsandbytes' CPU inference layout it would score differently from the model that trained
     return keep_4bit_trainable(model) if qc is not None or is_quantized(model) else model
+
+
+EIGHT_BIT_UNSUPPORTED = (
+    "rlhf_ext shares one frozen base between policy, reference, critic and reward members, in full precision or in "
+    "4-bit (bitsandbytes' 8-bit layers are not supported: their training-mode forward differs from their eval one, "
+    "so PPO's ratios and KL would be inexact). Use the model's full-precision checkpoint (with load_in_4bit=True / "
+    "`load_in_4bit: true` for QLoRA) or a 4-bit one.")
+_LAYOUT_FIELDS = (("bnb_4bit_quant_type", "quant type", "nf4"), ("bnb_4bit_use_double_quant", "double quantisation", False),
+                  ("bnb_4bit_compute_dtype", "compute dtype", "float32"),
+                  ("bnb_4bit_quant_storage", "storage dtype", "uint8"))
+
+
+def stored_quantization(path, revision=None) -> dict | None:
+    """The `quantization_config` a checkpoint was saved with — a pre-quantised checkpoint, such as a "…-bnb-4bit"
+    repo —, read from its config.json: a local folder's, or a Hub repo's already in the cache (never a download).
+    None when it has none, or when its config is not at hand (the load then goes as transformers decides)."""
+    from transformers import PretrainedConfig
+
+    try:
+        cfg, _ = PretrainedConfig.get_config_dict(str(path), local_files_only=True,
+                                                   **({"revision": revision} if revision else {}))
+    except Exception:  # noqa: BLE001 — not cached, no config, custom code: nothing known before the load
+        return None
+    qc = cfg.get("quantization_config")
+    return qc if isinstance(qc, dict) else None
+
+
+def is_4bit_layout(qc) -> bool:
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(
+        qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
+
+
+def is_8bit_layout(qc) -> bool:
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(
+        qc.get("load_in_8bit") or qc.get("_load_in_8bit"))
+
+
+def warn_prequantized_differences(name, asked, stored: dict) -> None:
+    """4-bit settings asked for (`load_in_4bit`, the model dtype as compute dtype, a BitsAndBytesConfig) that differ
+    from those a pre-quantised checkpoint was saved with, named one by one: the checkpoint loads as stored
+    (transformers' rule; its own warning names no setting), so they would be silently ignored."""
+    def norm(value, default):
+        return str(default if value is None else value).replace("torch.", "")
+
+    if getattr(asked, "load_in_8bit", False):
+        diffs = ["8-bit asked, the checkpoint is 4-bit"]
+    else:
+        diffs = [f"{label} {norm(getattr(asked, key, None), default)!r} asked, {norm(stored.get(key), default)!r} stored"
+                 for key, label, default in _LAYOUT_FIELDS
+                 if norm(getattr(asked, key, None), default) != norm(stored.get(key), default)]
+    if diffs:
+        warnings.warn(
+            f"{name!r} is already quantised to 4-bit (its config.json's quantization_config), and loads as it was "
+            f"saved: {'; '.join(diffs)} — the stored setting{'s are' if len(diffs) > 1 else ' is'} used (as "
+            f"transformers does; the compute dtype asked is the model dtype, `dtype`). To train with other 4-bit "
+            f"settings, quantise the model's full-precision checkpoint instead (load_in_4bit with its original).",
+            UserWarning, stacklevel=3)
 
 
 def non_reward_architecture(architectures) -> str | None:
@@ -457,6 +525,8 @@ def check_model_object(model, trainer: str, **loading) -> None:
     they were, silently (TRL's GRPOTrainer warns about model_init_kwargs alike)."""
     import warnings
 
+    if is_8bit(model):
+        raise ValueError(f"{trainer}: the model is loaded in bitsandbytes 8-bit. {EIGHT_BIT_UNSUPPORTED}")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError(f"{trainer}: the model's weights are on the meta device (built under init_empty_weights or "
                          f"loaded with device_map='meta'), so there is nothing to train or score. Load the weights "
@@ -473,6 +543,11 @@ def check_model_object(model, trainer: str, **loading) -> None:
 def is_quantized(model) -> bool:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(hf, "is_loaded_in_4bit", False) or getattr(hf, "is_loaded_in_8bit", False))
+
+
+def is_8bit(model) -> bool:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(hf, "is_loaded_in_8bit", False))
 
 
 def four_bit_layout(model) -> dict | None:

@@ -41,7 +41,9 @@ def _dtype_note(o: dict) -> str:
 def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | None) -> str:
     o, c, w, p = est["options"], est["components"], est["weights"], est["params"]
     a, pr = est["activation_bytes"], est["precision"]
-    prec = f"4-bit NF4 (compute {o['dtype']})" if o["load_in_4bit"] else f"{o['dtype']} weights"
+    pre = shape.get("prequantized")
+    prec = (f"4-bit {pre['quant_type'].upper()} as saved (pre-quantised checkpoint, compute {pre['compute_dtype']})"
+            if pre else f"4-bit NF4 (compute {o['dtype']})" if o["load_in_4bit"] else f"{o['dtype']} weights")
     layers = (f"top {o['lora_top_layers']} layers" if o["lora_top_layers"]
               else f"all {shape['num_hidden_layers']} layers")
     rewards = (f"{o['ensemble']} reward member(s), {o['ensemble_mode']} mode" if o["ensemble"]
@@ -53,6 +55,9 @@ def format_plan(shape: dict, est: dict, gpu_bytes: float | None, best: int | Non
         f"rlhf-ext plan — {est['model']} ({shape.get('model_type')}, {_fmt_params(p['total'])} params), {prec}"
         f"{autocast}, {o['device']}",
         f"  weights: {_dtype_note(o)}",
+        *([f"  pre-quantised: config.json's quantization_config (bitsandbytes {pre['quant_type']}"
+           f"{', double quantisation' if pre['double_quant'] else ''}, compute {pre['compute_dtype']}): the trainers "
+           f"load it in 4-bit whatever load_in_4bit says, and so does this plan"] if pre else []),
         f"  compute: {pr['describe']}",
         f"  batch {o['batch']} prompts × ({o['prompt_length']} prompt + {o['completion_length']} completion) tokens, "
         f"{o['minibatches']} minibatch(es), {o['ppo_epochs']} PPO epochs, LoRA r={o['lora_r']} on "

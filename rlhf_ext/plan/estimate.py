@@ -294,6 +294,8 @@ def estimate(shape: dict, *, batch: int = 8, prompt_length: int = 256, completio
         raise PlanError(f"ensemble and monitor_max_queue must be ≥ 0, got {ensemble} and {monitor_max_queue}.")
     if cpu_matmul_backend not in ("auto", "onednn", "torch"):
         raise PlanError(f"cpu_matmul_backend must be 'auto', 'onednn' or 'torch', got {cpu_matmul_backend!r}.")
+    # a pre-quantised checkpoint (config.json's quantization_config) loads in 4-bit whatever load_in_4bit says
+    load_in_4bit = bool(load_in_4bit or shape.get("prequantized"))
     prec = precision_of(dtype, load_in_4bit, bf16, shape)
     L = shape["num_hidden_layers"]
     top = lora_top_layers or 0

@@ -87,6 +87,9 @@ def shape_from_config(cfg) -> dict:
         for extra in ("torch_dtype", "dtype"):
             if source.get(extra) is not None:
                 shape["torch_dtype"] = str(source[extra]).replace("torch.", "")
+    prequantized = prequantized_layout(top.get("quantization_config"))
+    if prequantized:
+        shape["prequantized"] = prequantized
     if (composite or shape["model_type"] not in FORMULA_MODEL_TYPES) and "param_counts" not in cfg:
         try:
             shape["param_counts"] = counted_parameters(top if composite else cfg)
@@ -95,6 +98,20 @@ def shape_from_config(cfg) -> dict:
     elif "param_counts" in cfg:
         shape["param_counts"] = dict(cfg["param_counts"])
     return shape
+
+
+def prequantized_layout(qc) -> dict | None:
+    """The 4-bit layout of a checkpoint saved already quantised by bitsandbytes (a "…-bnb-4bit" repo: config.json's
+    `quantization_config`), which the trainers load in 4-bit whatever `load_in_4bit` says: quant type, double
+    quantisation, compute dtype. None for a full-precision checkpoint (or another quantisation method)."""
+    if hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not (
+            qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        return None
+    return {"quant_type": qc.get("bnb_4bit_quant_type") or "nf4",
+            "double_quant": bool(qc.get("bnb_4bit_use_double_quant")),
+            "compute_dtype": str(qc.get("bnb_4bit_compute_dtype") or "float32").replace("torch.", "")}
 
 
 def counted_parameters(cfg: dict) -> dict:

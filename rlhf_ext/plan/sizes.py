@@ -67,7 +67,9 @@ def base_weight_bytes(shape: dict, dtype: str = "bf16", load_in_4bit: bool = Fal
         total = n["total"] * DTYPE_BYTES[dtype]
         return {"quantized": 0, "quant_constants": 0, "unquantized": total, "total": total}
     packed = n["linear"] * 0.5
-    constants = n["linear"] * NF4_CONSTANT_BYTES_PER_PARAM
+    # a pre-quantised checkpoint saved without double quantisation keeps one fp32 absmax per 64-weight block
+    single = not (shape.get("prequantized") or {}).get("double_quant", True)
+    constants = n["linear"] * (4 / 64 if single else NF4_CONSTANT_BYTES_PER_PARAM)
     rest = (n["total"] - n["linear"]) * 4
     return {"quantized": int(packed), "quant_constants": int(constants), "unquantized": rest,
             "total": int(packed + constants + rest)}
@@ -285,7 +287,8 @@ class ScoringModel:
             else:
                 shape = load_shape(model)
             name, dtype = model, dtype or "fp32"
-        dtype = "nf4" if str(dtype).lower() in ("nf4", "4bit", "4-bit") else weight_dtype(dtype, shape)
+        four_bit = str(dtype).lower() in ("nf4", "4bit", "4-bit") or shape.get("prequantized")  # loads 4-bit as saved
+        dtype = "nf4" if four_bit else weight_dtype(dtype, shape)
         return cls(name=name, shape=shape, dtype=dtype, role=role)
 
     @property
