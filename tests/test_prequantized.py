@@ -213,3 +213,25 @@ def test_a_prequantized_falcon_is_4bit_without_the_flag(tmp_path, tok):
     assert not [n for n, m in model.named_modules() if type(m).__name__ == "FalconLinear"]
     states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(states) == 8 and {s.quant_type for s in states} == {"nf4"} and all(s.nested for s in states)
+
+
+def test_a_reward_model_hosted_at_another_precision_than_it_trained_is_said(tmp_path, tok, folders):
+    """Members trained on a 4-bit trunk were hosted on the same checkpoint loaded in full precision without a word
+    (the base's fingerprint is the weights', whatever their precision): on this tiny model the scores moved by up to
+    0.95 against a standard deviation of 1.55. Hosting is kept (a second copy of the base would cost its memory);
+    the mismatch is said, with the setting that removes it."""
+    rm_args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=1, per_device_train_batch_size=8, report_to="none",
+                                   save_strategy="no", use_cpu=True, disable_tqdm=True, normalization_samples=8)
+    rm = RewardEnsembleTrainer(folders["fp32"], args=rm_args, train_dataset=Dataset.from_list(preference_rows(8, 0)),
+                               peft_config=LoraConfig(r=4, lora_dropout=0.0), load_in_4bit=True)
+    rm.train()
+    rm.save_model(str(tmp_path / "rm"))
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, use_cpu=True, monitor=False,
+                     save_strategy="no", disable_tqdm=True, reward_model_path=str(tmp_path / "rm"))
+    said = r"trained on a 4-bit copy of this base and is hosted on the policy's full-precision one.*load_in_4bit=True"
+    with pytest.warns(UserWarning, match=said):
+        PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=_prompts())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=_prompts(), load_in_4bit=True)
+    assert tr.quantized and not [w for w in caught if "copy of this base" in str(w.message)]

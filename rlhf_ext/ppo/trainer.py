@@ -370,6 +370,14 @@ class PPOTrainer(Trainer):
                 return self._sequence_classifier(str(r), args, tokenizer)
             spec = read_spec(r)
             if spec["mode"] != "full" and same_base(spec, model, self.model_name):
+                if bool(spec.get("load_in_4bit")) != is_quantized(model):  # the same weights, another function
+                    trained, here = (("4-bit", "full-precision") if spec.get("load_in_4bit")
+                                     else ("full-precision", "4-bit"))
+                    warnings.warn(f"Reward model {r} was trained on a {trained} copy of this base and is hosted on "
+                                  f"the policy's {here} one: its members score through other rounding than they "
+                                  f"trained with (and were normalised with), so its rewards shift somewhat. Load the "
+                                  f"policy as the reward model trained (load_in_4bit={bool(spec.get('load_in_4bit'))})"
+                                  f", or retrain the reward model so.", UserWarning, stacklevel=3)
                 return load_reward_model(r, base_model=model, tokenizer=None,
                                          adapter_prefix=_free_adapter_prefix(model, spec["adapters"]))
             why = ("it was trained in full mode (its own trunk, no adapters to attach)" if spec["mode"] == "full" else
