@@ -57,7 +57,7 @@ def preference_rows(n, seed, conversational=True, margin=False):
 # `make test` hands whole files to the workers (--dist loadfile) in collection order (--no-loadscope-reorder; xdist's
 # default order, most tests first, starts the few-test files that take minutes last). Longest first, the many short
 # files then even out the end (the usual longest-processing-time rule); README's Quick start has the timings.
-LONG_FILES = ("test_recipes", "test_data_parallel", "test_overoptimization_quick", "test_plan", "test_readme",
+LONG_FILES = ("test_recipes", "test_data_parallel", "test_deepspeed_cpu", "test_overoptimization_quick", "test_plan", "test_readme",
               "test_artifacts", "test_gpu_check", "test_demo")
 
 

@@ -275,7 +275,14 @@ class RewardEnsemble(nn.Module):
         ctx = nullcontext() if self.spec["mode"] == "full" else active_adapter(self.model, adapter)
         with ctx:
             h = self.hidden(input_ids, attention_mask, n_shared)
-        return self.heads[adapter](self._pool(h, input_ids, attention_mask))
+        return self._score(self.heads[adapter], self._pool(h, input_ids, attention_mask))
+
+    @staticmethod
+    def _score(head: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on the pooled features (fp32, `_pool`). The heads are fp32 too, except where the trainer's engine
+        cast the whole model to its training dtype (DeepSpeed's bf16/fp16, which runs no autocast): then the features
+        go in at the heads' dtype."""
+        return head(pooled if pooled.dtype == head.weight.dtype else pooled.to(head.weight.dtype))
 
     def _pool(self, hidden, input_ids, attention_mask) -> torch.Tensor:
         mask = attention_mask
@@ -303,7 +310,8 @@ class RewardEnsemble(nn.Module):
         ids, mask = input_ids.repeat(K, 1), attention_mask.repeat(K, 1)
         with self.model._enable_peft_forward_hooks(adapter_names=[a for a in self.adapters for _ in range(B)]):
             pooled = self._pool(self.hidden(ids, mask, n_shared=0), ids, mask)
-        return torch.cat([self.heads[a](pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)], -1)
+        return torch.cat([self._score(self.heads[a], pooled[k * B : (k + 1) * B]) for k, a in enumerate(self.adapters)],
+                         -1)
 
     def _dora(self) -> bool:
         """Does a member use DoRA? PEFT mixes DoRA adapters in no batch ("Cannot pass adapter_names when DoRA is

@@ -207,15 +207,53 @@ def _apply_chat_template_path(trunk, tokenizer, path: str) -> list[int]:
     return added
 
 
+class _SeenGradient:
+    """Stands in for a parameter in `GradientReachCheck` under DeepSpeed: `grad` is whether a non-zero gradient
+    reached it in the step's backward passes (None: none reached it), as a hook on the parameter saw it."""
+
+    def __init__(self, param):
+        self.dim, self.grad = param.dim, None
+
+
 class _GradientReachCheck(TrainerCallback):
     """At the first optimizer step: every member's LoRA-B matrix and head got gradient, or stop with the cause (an
-    all-zero gradient — a member's bootstrap weights all 0 in a batch — is looked at again: `GradientReachCheck`)."""
+    all-zero gradient — a member's bootstrap weights all 0 in a batch — is looked at again: `GradientReachCheck`).
+
+    Under DeepSpeed the parameters' `.grad` is gone by the time `on_pre_optimizer_step` runs: accelerate's
+    `backward` has already run the engine's step (and its zero_grad), and ZeRO-1/2 move each gradient into their
+    partitioned buffers as it is computed. There, hooks on the parameters record what the backward passes gave them
+    (`deepspeed = True`, set by the trainer once it knows; removed once the check has decided)."""
 
     def __init__(self, params, quantized):
+        self.params, self.quantized, self.deepspeed, self._hooks = params, quantized, False, None
         self.check = GradientReachCheck(params, "RewardEnsembleTrainer", quantized)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.deepspeed and not self.check.done and self._hooks is None:
+            seen = {n: _SeenGradient(p) for n, p in self.params.items()}
+            self.check = GradientReachCheck(seen, "RewardEnsembleTrainer", self.quantized)
+
+            def record(s, g):
+                hit = g.detach().ne(0).any()
+                s.grad = hit if s.grad is None else s.grad | hit
+
+            self._hooks = [p.register_hook(partial(record, seen[n]))
+                           for n, p in self.params.items() if p.requires_grad]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.check()
+        if self._hooks is not None:
+            for s in self.check.params.values():
+                s.grad = None  # the next step's backward passes start afresh, as zero_grad leaves `.grad`
+            if self.check.done:
+                for h in self._hooks:
+                    h.remove()
+                self._hooks = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for h in self._hooks or ():
+            h.remove()
+        self._hooks = None
 
 
 class _StopOnSignal(TrainerCallback):
@@ -439,6 +477,9 @@ class RewardEnsembleTrainer(RewardTrainer):
             processing_class.pad_token = args.pad_token
         ensure_pad_token(processing_class)
         self.fingerprint = model_fingerprint(trunk)  # of the base as saved (before a chat template resizes it)
+        # the dtype the base loads in for scoring, as loaded here: DeepSpeed's bf16 casts the whole model before the
+        # first step (its fp32 copies are the optimizer's), which DDP's autocast does not
+        self.trunk_dtype = str(next(trunk.parameters()).dtype).replace("torch.", "")
         added = _apply_chat_template_path(trunk, processing_class, args.chat_template_path) \
             if args.chat_template_path is not None else []
         conversational = is_conversational(next(iter(train_dataset)))
@@ -579,6 +620,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         finally:
             args.chat_template_path, args.model_init_kwargs = template, init_kwargs
         close_process_group_at_exit()
+        check.deepspeed = self.is_deepspeed_enabled  # the gradients are DeepSpeed's by the optimizer-step callback
         if args.fp16 and self.accelerator.device.type == "cpu" and self.accelerator.scaler is None:
             warnings.warn("fp16=True on CPU: accelerate runs neither an fp16 autocast nor a loss scaler there, so the "
                           "reward model trains in fp32 (as trl.RewardTrainer does on CPU). bf16=True does autocast "
@@ -1047,7 +1089,6 @@ class RewardEnsembleTrainer(RewardTrainer):
 
     def artifact_spec(self) -> dict:
         ens = self.accelerator.unwrap_model(self.model)
-        trunk = trunk_of(ens.model)
         return {
             **ens.spec,
             "base_model": base_reference(self.base_model_name) if self.base_model_name else None,
@@ -1059,7 +1100,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             "normalization": self.normalization,
             "load_in_4bit": self.quantized,  # how it trained (a flag given with a model object is ignored)
             "four_bit": self.four_bit_layout,
-            "dtype": "float32" if self.quantized else str(next(trunk.parameters()).dtype).replace("torch.", ""),
+            "dtype": "float32" if self.quantized else self.trunk_dtype,
             "conversational": self.is_conversational,
             "tags": list(ens.model_tags),
             "training": {"length_decorrelation_coef": self.args.length_decorrelation_coef,
