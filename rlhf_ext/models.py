@@ -189,13 +189,15 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    allow_8bit: bool = False,
     **kwargs,
 ):
     """Load a model for `kind` in {"causal", "trunk", "seq_cls"} from a hub id, folder, .gguf or embedded name.
 
     `trunk` loads the transformer body without the LM head (the cheapest way to host reward members). A
     `quantization_config` among the kwargs (a caller's own BitsAndBytesConfig) is used as given; else `load_in_4bit`
-    builds the NF4 one.
+    builds the NF4 one. A bitsandbytes 8-bit checkpoint is refused unless `allow_8bit` (a separate reward model that
+    only scores, in eval mode, where 8-bit layers compute as they were meant to).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -213,13 +215,16 @@ def load_model(
         warnings.warn(f"`torch_dtype` is transformers 4's name: read as dtype={old!r}; write `dtype` instead.",
                       FutureWarning, stacklevel=2)
         dtype = old
-    qc = kwargs.pop("quantization_config", None) or quantization_config(load_in_4bit, dtype)
+    given = kwargs.pop("quantization_config", None)
+    qc = given or quantization_config(load_in_4bit, dtype)
     stored = stored_quantization(path, revision)
-    if is_8bit_layout(stored):
+    if is_8bit_layout(stored) and not allow_8bit:
         raise ValueError(f"{name_or_path!r} is a bitsandbytes 8-bit checkpoint (its config.json's quantization_config "
                          f"has load_in_8bit): {EIGHT_BIT_UNSUPPORTED}")
     if qc is not None and is_4bit_layout(stored):  # pre-quantised: it loads as stored whatever is asked (transformers)
-        warn_prequantized_differences(name_or_path, qc, stored)
+        # load_in_4bit with no dtype (or "auto") names no compute dtype: float32 there is a default, not a request
+        warn_prequantized_differences(name_or_path, qc, stored,
+                                      compute_asked=given is not None or dtype not in (None, "auto"))
         qc = None  # nothing to ask: transformers would only repeat, vaguely, that the stored layout wins
     init = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs)
     if revision:
@@ -241,7 +246,7 @@ def load_model(
         warnings.warn(f"{name_or_path!r} was saved as a {saved_as[0]} (a reward model?), and is loaded here as a causal "
                       f"LM: its language-modelling head is not that checkpoint's. If it is your reward model, pass it in "
                       f"reward_funcs and the SFT model as the policy.", UserWarning, stacklevel=2)
-    if getattr(model, "is_loaded_in_8bit", False):  # a layout the config read above did not show (an uncached Hub id)
+    if getattr(model, "is_loaded_in_8bit", False) and not allow_8bit:  # a layout the config did not show (uncached)
         raise ValueError(f"{name_or_path!r} loaded as a bitsandbytes 8-bit model: {EIGHT_BIT_UNSUPPORTED}")
     if getattr(model, "is_loaded_in_4bit", False):
         # the layout the load used: the caller's, or a pre-quantised checkpoint's own (which transformers 5 applies to
@@ -287,7 +292,7 @@ def is_8bit_layout(qc) -> bool:
         qc.get("load_in_8bit") or qc.get("_load_in_8bit"))
 
 
-def warn_prequantized_differences(name, asked, stored: dict) -> None:
+def warn_prequantized_differences(name, asked, stored: dict, compute_asked: bool = True) -> None:
     """4-bit settings asked for (`load_in_4bit`, the model dtype as compute dtype, a BitsAndBytesConfig) that differ
     from those a pre-quantised checkpoint was saved with, named one by one: the checkpoint loads as stored
     (transformers' rule; its own warning names no setting), so they would be silently ignored."""
@@ -299,13 +304,16 @@ def warn_prequantized_differences(name, asked, stored: dict) -> None:
     else:
         diffs = [f"{label} {norm(getattr(asked, key, None), default)!r} asked, {norm(stored.get(key), default)!r} stored"
                  for key, label, default in _LAYOUT_FIELDS
-                 if norm(getattr(asked, key, None), default) != norm(stored.get(key), default)]
+                 if (compute_asked or key != "bnb_4bit_compute_dtype")
+                 and norm(getattr(asked, key, None), default) != norm(stored.get(key), default)]
     if diffs:
         warnings.warn(
             f"{name!r} is already quantised to 4-bit (its config.json's quantization_config), and loads as it was "
             f"saved: {'; '.join(diffs)} — the stored setting{'s are' if len(diffs) > 1 else ' is'} used (as "
-            f"transformers does; the compute dtype asked is the model dtype, `dtype`). To train with other 4-bit "
-            f"settings, quantise the model's full-precision checkpoint instead (load_in_4bit with its original).",
+            f"transformers does; the compute dtype asked is the model dtype, `dtype`). The checkpoint needs no "
+            f"load_in_4bit nor bnb_4bit_* settings: leave them out to load it as saved without this warning; to train "
+            f"with other 4-bit settings, quantise the model's full-precision checkpoint instead (load_in_4bit with its "
+            f"original).",
             UserWarning, stacklevel=3)
 
 

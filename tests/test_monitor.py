@@ -357,3 +357,18 @@ def test_report_skips_a_torn_last_line(tmp_path):
     run = _monitor_dir(tmp_path, **{"metrics.jsonl": '{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3, "obj'})
     assert [m["iteration"] for m in load_run(run)["metrics"]] == [1, 2]
     assert "hello there" in write_report(run).read_text()
+
+
+def test_proxy_vs_audit_restarts_its_baseline_when_a_resumed_run_watches_another_judge():
+    """The baseline is one judge's per-sample sums; a resumed run whose first judge is another (an
+    `audit_model_paths` entry added in front of audit_funcs, or the YAML's judge replaced) compared that judge's
+    scores with it: a judge on another scale read as the audit collapsing, and the alarm fired on a flat run."""
+    saved = build("detector", "proxy_vs_audit", window=2)
+    for _ in range(2):
+        saved.update(_obs([1] * 4, [True] * 4, scores=[0.0] * 4, audit={"gold": [1.0, 3.0] * 2}))
+    resumed = build("detector", "proxy_vs_audit", window=2)
+    resumed.load_state_dict(saved.state_dict())
+    with pytest.warns(UserWarning, match="baseline is judge 'gold''s and this run's first judge is 'rm'"):
+        values = [resumed.update(_obs([1] * 4, [True] * 4, scores=[0.1] * 4, audit={"rm": [-1.0, 1.0] * 2}))[0]
+                  for _ in range(4)]
+    assert values == [0.0] * 4 and resumed.watching == "rm"

@@ -180,6 +180,44 @@ def test_settings_that_differ_from_a_prequantized_checkpoint_are_named(folders):
     assert not _quantization_warnings(caught) and not [w for w in caught if "already quantised" in str(w.message)]
 
 
+def test_load_in_4bit_without_a_dtype_asks_no_compute_dtype(tmp_path, tok, folders):
+    """A "-bnb-4bit" repo usually computes in bf16. load_in_4bit=True with no dtype (or dtype="auto", "the
+    checkpoint's own") was warned as "compute dtype 'float32' asked": a default, not a request, which only setting a
+    dtype for the other weights silenced. A dtype named is still compared, and the warning says how to load as saved."""
+    from rlhf_ext.models import load_model
+
+    bf16 = _saved_quantized(folders["fp32"], tmp_path / "bf16-compute", tok, bnb_4bit_compute_dtype=torch.bfloat16)
+    for dtype in (None, "auto"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_model(bf16, "causal", load_in_4bit=True, dtype=dtype)
+        assert not [w for w in caught if "already quantised" in str(w.message)], dtype
+    with pytest.warns(UserWarning, match=r"compute dtype 'float16' asked, 'bfloat16' stored.*needs no load_in_4bit"):
+        load_model(bf16, "causal", load_in_4bit=True, dtype="float16")
+
+
+def test_an_8bit_reward_model_that_only_scores_is_still_a_judge(tmp_path, tok):
+    """The 8-bit refusal is about layers that train or host members; a separate sequence-classification reward model
+    only scores, in eval mode, as TRL's online trainers load it. It scored before the refusal came in, and was then
+    refused as 'neither an rlhf_ext artifact nor a sequence-classification model transformers can load'."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, LlamaForSequenceClassification
+
+    from rlhf_ext.testing import tiny_causal_lm, tiny_config
+
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(tiny_config(tok, num_labels=1, hidden_size=FOUR_BIT_HIDDEN)).save_pretrained(
+        tmp_path / "fp")
+    AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "fp", quantization_config=BitsAndBytesConfig(load_in_8bit=True)).save_pretrained(tmp_path / "judge8")
+    tok.save_pretrained(tmp_path / "judge8")
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, max_completion_length=6,
+                     kl_controller="fixed", use_cpu=True, save_strategy="no", disable_tqdm=True, monitor=False,
+                     audit_model_paths=[str(tmp_path / "judge8")])
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=[_positive(tok)], args=args,
+                    train_dataset=Dataset.from_dict({"prompt": ["write a short review"] * 4}), processing_class=tok)
+    assert isinstance(tr.train()[0]["audit/judge8"], float)
+
+
 def test_an_8bit_checkpoint_is_refused_as_load_in_8bit_is(tmp_path, tok, folders):
     """PPO failed at start-up with a message about dropout it could not switch off (bitsandbytes' 8-bit layers compute
     differently in training mode), and the reward trainer trained on it, recording `load_in_4bit: true`."""
@@ -235,3 +273,16 @@ def test_a_reward_model_hosted_at_another_precision_than_it_trained_is_said(tmp_
         warnings.simplefilter("always")
         tr = PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=_prompts(), load_in_4bit=True)
     assert tr.quantized and not [w for w in caught if "copy of this base" in str(w.message)]
+    # the reverse on a pre-quantised policy, which loads in 4-bit whatever load_in_4bit says: the fix is the
+    # full-precision checkpoint, not load_in_4bit=False (which the user has already)
+    full = RewardEnsembleTrainer(folders["fp32"], args=RewardEnsembleConfig(
+        str(tmp_path / "rm-full"), max_steps=1, per_device_train_batch_size=8, report_to="none", save_strategy="no",
+        use_cpu=True, disable_tqdm=True, normalization_samples=8),
+        train_dataset=Dataset.from_list(preference_rows(8, 0)), peft_config=LoraConfig(r=4, lora_dropout=0.0))
+    full.train()
+    full.save_model(str(tmp_path / "rm-full"))
+    args.reward_model_path = str(tmp_path / "rm-full")
+    with pytest.warns(UserWarning, match=r"full-precision copy of this base and is hosted on the policy's 4-bit one.*"
+                                         rf"from '{folders['fp32']}' without load_in_4bit") as caught:
+        PPOTrainer(folders["nf4"], reward_funcs=[], args=args, train_dataset=_prompts())
+    assert not [w for w in caught if "load_in_4bit=False" in str(w.message)]

@@ -166,3 +166,24 @@ def test_two_reviewers_on_one_folder_are_shown_different_pairs(tmp_path, monkeyp
     one = ReviewServer(tmp_path)  # one reviewer: the queue's order, as before
     assert [r["id"] for r in one.state()["pending"]] == ["p2", "p3", "p5"]
     one.server_close()
+
+
+def test_a_screen_that_went_stale_does_not_take_its_pair_back_from_the_reviewer_reading_it(tmp_path, monkeypatch):
+    """Ann's tab hidden for a minute holds nothing (STALE_S), so Bob is shown her pair; when her tab came back, her
+    lapsed screen kept its old `since` and won, and Bob's next poll moved him off the pair he was reading."""
+    from rlhf_ext.monitor import screens
+
+    q = ReviewQueue(tmp_path)
+    for i in range(4):
+        q.add(make_pair(f"p{i}", f"great {i}", f"fine {i}"))
+    clock = [1000.0]
+    monkeypatch.setattr(screens.time, "time", lambda: clock[0])
+    ann, bob = (ReviewServer(tmp_path, reviewer=name) for name in ("ann", "bob"))
+    first = lambda server, prefer=None: server.state(prefer)["pending"][0]["id"]  # noqa: E731
+    assert (first(ann), first(bob)) == ("p0", "p1")
+    clock[0] += screens.STALE_S * 2  # ann's page stops asking
+    assert bob.decide({"id": "p1", "decision": "skip"})["pending"][0]["id"] == "p0"  # ann's screen holds nothing
+    clock[0] += 5
+    assert first(ann, "p0") == "p2" and first(bob, "p0") == "p0"  # bob keeps the pair he is reading
+    ann.server_close()
+    bob.server_close()

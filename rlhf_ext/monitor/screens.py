@@ -54,6 +54,10 @@ class Screens:
         """`pending` reordered for this screen — the pairs other screens hold last, then `prefer` (the pair this
         page shows, or has just undone) first, else the queue's order — and its first pair recorded as shown."""
         now = time.time()
+        if self.showing is not None and now - self.written > STALE_S:
+            # this page stopped asking (a hidden tab) for longer than others wait: its claim lapsed and another
+            # reviewer may be reading the pair now; back, it is a new screen, not the first one to show it
+            self.showing = None
         held = self.others(now)
         mine = (self.showing[1], self.server) if self.showing else None
 

@@ -265,6 +265,7 @@ class ProxyVsAudit(Detector):
             raise ValueError(f"proxy_vs_audit's window must be ≥ 1 iteration, got {window}.")
         self.window, self.audit, self.min_effect = window, audit, min_effect
         self.batches: list = []  # per iteration: [proxy mean, audit Σx, audit Σx², audit count]
+        self.watching: str | None = None  # the judge `batches` hold scores of (a resumed run may have other judges)
         self.dropped = 0  # audit scores left out of the sums: None, NaN or ±inf (the audit could not grade a sample)
 
     def _audit_name(self, obs):
@@ -290,6 +291,14 @@ class ProxyVsAudit(Detector):
         name = self._audit_name(obs)
         if name is None or not obs.valid.any():
             return None
+        if self.watching is not None and name != self.watching and self.batches:
+            # resumed with another first judge (audit_model_paths changed, or put before audit_funcs): its scores
+            # are on another scale than the baseline's, which would read as a drop or a rise: start a new baseline
+            warnings.warn(f"proxy_vs_audit: the checkpoint's baseline is judge {self.watching!r}'s and this run's "
+                          f"first judge is {name!r}; the baseline starts again ({self.window} iterations).",
+                          stacklevel=2)
+            self.batches = []
+        self.watching = name
         a = self._finite_audit(obs, name)
         if not a.numel():  # nothing graded this iteration: it says nothing about the audit
             return None
@@ -316,13 +325,14 @@ class ProxyVsAudit(Detector):
         return torch.argsort(gap, descending=True)[:n].tolist()
 
     def state_dict(self):
-        return {**super().state_dict(), "batches": self.batches, "dropped": self.dropped}
+        return {**super().state_dict(), "batches": self.batches, "dropped": self.dropped, "watching": self.watching}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         # a checkpoint from before non-finite scores were left out may hold NaN sums: those batches are dropped
         self.batches = [b for b in state.get("batches", []) if all(math.isfinite(x) for x in b)]
         self.dropped = state.get("dropped", 0)
+        self.watching = state.get("watching")  # None in older checkpoints: taken as this run's first judge
 
 
 def _audit_tensor(scores) -> torch.Tensor:

@@ -373,11 +373,16 @@ class PPOTrainer(Trainer):
                 if bool(spec.get("load_in_4bit")) != is_quantized(model):  # the same weights, another function
                     trained, here = (("4-bit", "full-precision") if spec.get("load_in_4bit")
                                      else ("full-precision", "4-bit"))
+                    # a pre-quantised policy checkpoint loads in 4-bit whatever load_in_4bit says: name the
+                    # full-precision checkpoint the reward model trained on instead
+                    fix = ("load_in_4bit=True" if spec.get("load_in_4bit") else
+                           f"in full precision: from {spec.get('base_model') or 'the full-precision checkpoint'!r} "
+                           f"without load_in_4bit (a pre-quantised checkpoint loads in 4-bit whatever it says)")
                     warnings.warn(f"Reward model {r} was trained on a {trained} copy of this base and is hosted on "
                                   f"the policy's {here} one: its members score through other rounding than they "
                                   f"trained with (and were normalised with), so its rewards shift somewhat. Load the "
-                                  f"policy as the reward model trained (load_in_4bit={bool(spec.get('load_in_4bit'))})"
-                                  f", or retrain the reward model so.", UserWarning, stacklevel=3)
+                                  f"policy as the reward model trained ({fix}), or retrain the reward model on "
+                                  f"the policy's base as loaded here.", UserWarning, stacklevel=3)
                 return load_reward_model(r, base_model=model, tokenizer=None,
                                          adapter_prefix=_free_adapter_prefix(model, spec["adapters"]))
             why = ("it was trained in full mode (its own trunk, no adapters to attach)" if spec["mode"] == "full" else
@@ -398,7 +403,9 @@ class PPOTrainer(Trainer):
         _refuse_multi_label(name, args.trust_remote_code)
         try:
             init = {k: v for k, v in (args.model_init_kwargs or {}).items() if k != "revision"}  # the policy repo's
-            model = load_model(name, "seq_cls", num_labels=1, trust_remote_code=args.trust_remote_code, **init)
+            # scoring only (eval mode): an 8-bit reward model works as TRL's online trainers load it
+            model = load_model(name, "seq_cls", num_labels=1, trust_remote_code=args.trust_remote_code,
+                               allow_8bit=True, **init)
         except (OSError, ValueError) as e:
             raise ValueError(
                 f"Reward {name!r} is neither an rlhf_ext reward-model artifact (no {SPEC_FILE}) nor a "
