@@ -292,6 +292,72 @@ def test_resume_keeps_monitor_logs_exact(tmp_path, tok):
     assert its == [1, 2, 3, 4, 5]
 
 
+def _monitor_logs(folder, iterations: int) -> dict:
+    """The three monitor logs of a run of `iterations` iterations, as the monitor writes them (about 2 kB of
+    metrics.jsonl per iteration, as a real run's ~60 metrics), alarms.jsonl ending in a torn line."""
+    from rlhf_ext.monitor.queue import TORN
+
+    row = {f"metric/{k}": 0.123456789 * k for k in range(60)}
+    logs = {"metrics.jsonl": [json.dumps({"iteration": i, **row}) for i in range(1, iterations + 1)],
+            "samples.jsonl": [json.dumps({"iteration": i, "text": "the movie was good ." * 8})
+                              for i in range(1, iterations + 1) for _ in range(3)],
+            "alarms.jsonl": [json.dumps({"iteration": i, "detector": "length_drift"}) for i in range(1, iterations, 7)]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, lines in logs.items():
+        (folder / name).write_text("\n".join(lines) + "\n")
+    with open(folder / "alarms.jsonl", "ab") as f:  # a writer killed mid-line, then ended by the next append
+        f.write(b'{"iteration": 5, "detec' + TORN + b"\n" + lines[-1].encode() + b"\n" + b'{"iteration": 99')
+    return logs
+
+
+def test_resume_cuts_a_long_runs_monitor_logs_back_one_line_at_a_time(tmp_path):
+    """A resumed run cuts the monitor's logs back to its checkpoint. A long run's logs are large (metrics.jsonl
+    1.6 kB per iteration: 160 MB at 100k iterations): they were read whole into Python dicts and written back, a
+    transient of several times their size at every resume (35 MB at 4000 iterations, ~0.9 GB at 100k), and rewritten
+    even when nothing followed the checkpoint. Now one line is held at a time and a log with nothing to remove is
+    left as it is."""
+    import tracemalloc
+
+    from rlhf_ext.integrity import CorruptFileError
+    from rlhf_ext.monitor.monitor import RewardHackingMonitor
+
+    mon = object.__new__(RewardHackingMonitor)  # _truncate_logs reads nothing else of the monitor
+    mon.dir = tmp_path / "monitor"
+    logs = _monitor_logs(mon.dir, 3000)
+    metrics = mon.dir / "metrics.jsonl"
+    size, inode = metrics.stat().st_size, metrics.stat().st_ino
+    assert size > 4_000_000
+
+    tracemalloc.start()
+    try:
+        mon._truncate_logs(3000)  # resumed from the newest checkpoint: nothing was logged after it
+        untouched_peak = tracemalloc.get_traced_memory()[1]
+        same_file = metrics.stat().st_ino == inode  # left in place, not rewritten
+        tracemalloc.reset_peak()
+        mon._truncate_logs(2500)  # killed 500 iterations after its last checkpoint
+        cut_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert same_file
+    assert untouched_peak < size / 20 and cut_peak < size / 20, (untouched_peak, cut_peak, size)
+    for name, lines in logs.items():  # the lines up to the checkpoint, byte for byte; torn lines gone
+        kept = [x for x in lines if json.loads(x)["iteration"] <= 2500]
+        assert (mon.dir / name).read_text() == "".join(x + "\n" for x in kept), name
+
+    # untouched: the same file (not a rewritten copy) when nothing follows the checkpoint
+    before = {name: (mon.dir / name).stat().st_ino for name in logs}
+    mon._truncate_logs(2500)
+    assert {name: (mon.dir / name).stat().st_ino for name in logs} == before
+
+    # a damaged line inside a log is still refused by name, the file as it was
+    text = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(text[:10]) + "{not json\n" + "".join(text[10:]))
+    damaged = metrics.read_bytes()
+    with pytest.raises(CorruptFileError, match=r"metrics.jsonl: line 11 is not valid JSON"):
+        mon._truncate_logs(100)
+    assert metrics.read_bytes() == damaged and not list(mon.dir.glob("*.tmp"))
+
+
 def test_progress_bars_show_on_the_main_process_only_and_obey_disable_tqdm():
     from types import SimpleNamespace
 

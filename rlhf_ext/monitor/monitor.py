@@ -137,15 +137,12 @@ class RewardHackingMonitor(TrainerCallback):
             write_text_atomic(self.dir / "run.json", json.dumps(run, indent=1))  # a crash mid-write leaves no torn file
 
     def _truncate_logs(self, iteration: int):
-        """A resumed run repeats the iterations after its checkpoint: drop what the killed run logged for them."""
-        from ..integrity import write_text_atomic
-        from .queue import read_jsonl
+        """A resumed run repeats the iterations after its checkpoint: drop what the killed run logged for them (a line at
+        a time: a long run's logs are hundreds of MB; left as they are when nothing follows the checkpoint)."""
+        from .queue import keep_jsonl_records
 
         for name in LOGS:
-            path = self.dir / name
-            if path.is_file():
-                keep = [r for r in read_jsonl(path) if r.get("iteration", 0) <= iteration]
-                write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+            keep_jsonl_records(self.dir / name, lambda r: r.get("iteration", 0) <= iteration)
 
     # -- every iteration --------------------------------------------------------------------------------------
     def _observe(self, metrics) -> tuple[Observation, Observation]:

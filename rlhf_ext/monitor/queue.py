@@ -182,25 +182,78 @@ def read_jsonl_lines(path: Path, check=None, fix: str = REPAIR) -> list[tuple[in
     lines = path.read_bytes().split(b"\n")
     out = []
     for n, raw in enumerate(lines, 1):
-        if not raw.strip() or raw.rstrip().endswith(TORN):
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, or an integer Python refuses to read
-            if n == len(lines):  # no newline after it: torn, or still being written
-                continue
-            what = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
-                    else f"not valid JSON at column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
-                    else f"not readable JSON ({e})")
-            raise CorruptFileError(path, f"line {n} is {what}", fix) from None
-        if not isinstance(record, dict):
-            problem = f"is {json.dumps(record, ensure_ascii=False)[:40]}, not a JSON object"
-        else:
-            problem = _surrogate_problem(raw, record) or (check(record) if check else None)
-        if problem:
-            raise CorruptFileError(path, f"line {n} {problem}", fix)
-        out.append((n, record))
+        record = _line_record(path, n, raw, n == len(lines), check, fix)
+        if record is not None:
+            out.append((n, record))
     return out
+
+
+def _line_record(path: Path, n: int, raw: bytes, last: bool, check=None, fix: str = REPAIR) -> dict | None:
+    """The record of line `n` (`raw`, without its newline; `last`: no newline follows it) as `read_jsonl_lines` reads
+    it: None for a line readers skip (blank, torn), CorruptFileError for any other line that is not a JSON object or
+    that `check` finds fault with."""
+    if not raw.strip() or raw.rstrip().endswith(TORN):
+        return None
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, or an integer Python refuses to read
+        if last:  # no newline after it: torn, or still being written
+            return None
+        what = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
+                else f"not valid JSON at column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
+                else f"not readable JSON ({e})")
+        raise CorruptFileError(path, f"line {n} is {what}", fix) from None
+    if not isinstance(record, dict):
+        problem = f"is {json.dumps(record, ensure_ascii=False)[:40]}, not a JSON object"
+    else:
+        problem = _surrogate_problem(raw, record) or (check(record) if check else None)
+    if problem:
+        raise CorruptFileError(path, f"line {n} {problem}", fix)
+    return record
+
+
+def keep_jsonl_records(path: Path, keep, fix: str = REPAIR) -> int:
+    """Leave in a JSON Lines file only the records `keep(record)` accepts, reading one line at a time: a long run's
+    monitor logs hold hundreds of MB, which read whole into Python objects took several times their size. Kept lines
+    are copied byte for byte; the lines readers skip (blank, torn) go too. A file with nothing to remove is left as
+    it is; otherwise it is replaced atomically (a temporary file in its folder, which `sweep_temp_files` removes if
+    the writer is killed; fsync; rename). A damaged line raises CorruptFileError as `read_jsonl_lines` does, the file
+    untouched. Returns the number of records removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns():x}.tmp")  # write_text_atomic's pattern
+    out, start, removed = None, 0, 0
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                ended = line.endswith(b"\n")
+                raw = line[:-1] if ended else line
+                record = _line_record(path, n, raw, not ended, fix=fix)
+                kept = record is not None and keep(record)
+                if out is None and not (kept and ended):  # the first change: what precedes it is copied as it is
+                    out = open(tmp, "wb")
+                    with open(path, "rb") as src:
+                        while start > 0:
+                            block = src.read(min(start, 1 << 16))
+                            out.write(block)
+                            start -= len(block)
+                if out is None:
+                    start += len(line)
+                elif kept:
+                    out.write(raw + b"\n")
+                removed += record is not None and not kept
+        if out is None:
+            return 0
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        os.replace(tmp, path)
+        return removed
+    finally:
+        if out is not None and not out.closed:
+            out.close()
+        tmp.unlink(missing_ok=True)
 
 
 def _surrogate_problem(raw: bytes, record: dict) -> str | None:
