@@ -151,7 +151,14 @@ def best_seconds(fn, reps: int = 5) -> float:
 
 
 def machine_key() -> str:
-    """The CPU (name, family and model: a VM may name every EPYC alike), torch and its threads."""
+    """The CPU (name, family and model: a VM may name every EPYC alike), torch and its threads (read at each call:
+    a process may change them between runs, `kept_per_machine`)."""
+    return (f"{_cpu_name()} | torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | "
+            f"{torch.get_num_threads()} threads")
+
+
+@functools.cache
+def _cpu_name() -> str:
     cpu = {"model name": platform.processor() or platform.machine()}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -163,8 +170,23 @@ def machine_key() -> str:
                     break  # the first processor's block is enough
     except OSError:
         pass
-    return (f"{cpu['model name']} (family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')}) | "
-            f"torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads")
+    return f"{cpu['model name']} (family {cpu.get('cpu family', '?')} model {cpu.get('model', '?')})"
+
+
+def kept_per_machine(measure_for):
+    """`measure_for(machine_key())`, remembered in this process per key. Not `functools.cache` on a function without
+    arguments: that kept the first thread count's answer for the whole process, so a sweep that changed
+    `torch.set_num_threads` between runs computed its later runs with kernels chosen for the first (other rounding
+    than the same run in a new process, and the model card said so). `.cache_clear()` forgets every key."""
+    kept = functools.cache(measure_for)
+
+    def value():
+        return kept(machine_key())
+
+    value.__name__, value.__qualname__ = measure_for.__name__, measure_for.__qualname__
+    value.__doc__ = measure_for.__doc__
+    value.cache_clear = kept.cache_clear
+    return value
 
 
 def _read_cache(path) -> dict:
@@ -267,7 +289,8 @@ def calibrate() -> bool:
     return True
 
 
-@functools.cache
-def onednn_faster() -> bool:
-    """`calibrate()` for this machine, measured once and kept."""
-    return measured_once(machine_key() + " | onednn linear", calibrate, bool)
+@kept_per_machine
+def onednn_faster(key: str) -> bool:
+    """`calibrate()` for this machine (`machine_key`, its thread count included), measured once and kept; called
+    without arguments."""
+    return measured_once(key + " | onednn linear", calibrate, bool)

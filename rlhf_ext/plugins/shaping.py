@@ -295,7 +295,7 @@ def as_reward_func(shaper: Shaper, tokenizer=None, name: str | None = None, mode
         info = ResponseInfo.from_ids(completion_ids, stop)
         if model is None and tokenizer is not None and not warned:
             _warn_if_other_stop(completion_ids, stop, tokenizer, warned)
-        zero = torch.zeros(len(completion_ids))
+        zero = torch.zeros(len(completion_ids), dtype=torch.float)
         return checked_output(shaper(zero, info), zero, "shaper", shaper.name, "one score per completion").tolist()
 
     stop, warned = stop_token_ids(tokenizer, model), []

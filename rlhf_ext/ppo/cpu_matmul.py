@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cpu_linear import (MIN_SPEEDUP, _onednn_op, best_seconds, calibration_weights, check_backend, is_routed,
-                          machine_key, measured_once, onednn_product)
+                          kept_per_machine, machine_key, measured_once, onednn_product)
 
 _LINEAR = F.linear
 CALIBRATION_ROWS = (8, 16, 32, 64)  # decode batches worth checking; above 64 rows the gain measured small or none
@@ -67,14 +67,15 @@ def _forward(module: torch.nn.Linear, rows: range, x: torch.Tensor) -> torch.Ten
     return _LINEAR(x, module.weight, module.bias)
 
 
-@functools.cache
-def rows_range() -> range:
-    """`calibrate()`'s range for this machine, measured once and kept (`cpu_linear.measured_once`)."""
+@kept_per_machine
+def rows_range(key: str) -> range:
+    """`calibrate()`'s range for this machine (`machine_key`, its thread count included), measured once and kept
+    (`cpu_linear.measured_once`); called without arguments."""
     def measure():
         found = calibrate()
         return [found.start, found.stop]
 
-    return measured_once(machine_key(), measure, lambda v: range(int(v[0]), int(v[1])))
+    return measured_once(key, measure, lambda v: range(int(v[0]), int(v[1])))
 
 
 def calibrate() -> range:

@@ -205,7 +205,8 @@ class PPOTrainer(Trainer):
             model.add_adapter(CRITIC, _critic_config(model, model.peft_config[self.policy_adapter]))
         if args.disable_dropout:  # after every adapter exists: LoRA's own dropout modules included
             zero_dropout(model)
-        value_head = nn.Linear(hidden, 1)
+        # fp32 as the passes feed it, whatever torch's default dtype (a user's bfloat16 one failed at the first pass)
+        value_head = nn.Linear(hidden, 1, dtype=torch.float32)
         if args.value_head_init == "zeros":  # V ≡ 0 at first: no baseline rather than a random one
             nn.init.zeros_(value_head.weight)
         else:
@@ -616,7 +617,8 @@ class PPOTrainer(Trainer):
         """Every process must take the same KL decisions, or their adapters drift apart."""
         if self.accelerator.num_processes == 1:
             return x
-        return float(self.accelerator.reduce(torch.tensor(x, device=self.args.device), reduction="mean"))
+        return float(self.accelerator.reduce(torch.tensor(x, dtype=torch.float64, device=self.args.device),
+                                            reduction="mean"))
 
     def _prepare_data_parallel(self):
         """The trainable part (policy and critic adapters, value head) through `accelerator.prepare`: DDP averages

@@ -218,7 +218,9 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
         if f"{a}.weight" not in heads_state:
             raise CorruptFileError(path / "heads.safetensors", f"has no head for member adapter {a!r}", _REBUILD + ".")
         w = heads_state[f"{a}.weight"]
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=f"{a}.bias" in heads_state)
+        # in fp32 as trained, whatever torch's default dtype is (a user's set_default_dtype(bfloat16) rounded every
+        # score); transformers' from_pretrained likewise ignores it
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=f"{a}.bias" in heads_state, dtype=torch.float32)
         with torch.no_grad():
             lin.weight.copy_(w)
             if lin.bias is not None:

@@ -106,8 +106,10 @@ class RewardEnsembleConfig(RewardConfig):
         metadata={"help": "On CPU with glibc: keep freed memory in the process's heap for the next step instead of "
                   "handing it back to the kernel and page-faulting it in again (rlhf_ext/cpu_memory.py; fp32 steps "
                   "of SmolLM2-135M took 0.92× the time, bf16 ones about the same: benchmarks/reward_step_time.py). "
-                  "RSS stays at its high-water mark until the process ends. MALLOC_* or GLIBC_TUNABLES malloc settings "
-                  "in the environment win. No effect on GPU."},
+                  "RSS stays at its high-water mark until the process ends. A setting of the process, not of the "
+                  "trainer: once a trainer set it, it stays for the rest of the process (later trainers with False, "
+                  "your own code); set False on every trainer of a sweep or notebook that must hand memory back. "
+                  "MALLOC_* or GLIBC_TUNABLES malloc settings in the environment win. No effect on GPU."},
     )
     cpu_matmul_backend: str = field(
         default="auto",

@@ -91,13 +91,13 @@ class RunningNormalization:
 
     @property
     def mean(self) -> torch.Tensor:
-        return torch.tensor([self.running_mean if self.normalize == "running" else 0.0])
+        return torch.tensor([self.running_mean if self.normalize == "running" else 0.0], dtype=torch.float)
 
     @property
     def std(self) -> torch.Tensor:
         if self.normalize != "running" or self.count < 2:
-            return torch.tensor([1.0])
-        return torch.tensor([max(math.sqrt(self.m2 / (self.count - 1)), 1e-6)])
+            return torch.tensor([1.0], dtype=torch.float)
+        return torch.tensor([max(math.sqrt(self.m2 / (self.count - 1)), 1e-6)], dtype=torch.float)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.running_mean, "m2": self.m2}
@@ -310,7 +310,7 @@ class RewardPipeline:
         if present is None or present[valid].all():
             out = checked_output(plugin(x, *more), valid.float(), point, name, "one score per sample")
         else:  # some samples scored by some members only: aggregated over those, one pattern of members at a time
-            out = torch.zeros(len(x))
+            out = torch.zeros(len(x), dtype=torch.float)
             refused = torch.zeros_like(valid)
             for cols in torch.unique(present[valid], dim=0):
                 rows = valid & (present == cols).all(-1)
@@ -627,11 +627,11 @@ class ExternalRewardModel(RunningNormalization):
 
     @property
     def mean(self) -> torch.Tensor:
-        return torch.tensor([self.fixed[0]]) if self.fixed else super().mean
+        return torch.tensor([self.fixed[0]], dtype=torch.float) if self.fixed else super().mean
 
     @property
     def std(self) -> torch.Tensor:
-        return torch.tensor([self.fixed[1]]) if self.fixed else super().std
+        return torch.tensor([self.fixed[1]], dtype=torch.float) if self.fixed else super().std
 
 
 _PROBE_TEXT = "the reward model reads this answer"

@@ -543,7 +543,9 @@ class RewardEnsembleTrainer(RewardTrainer):
                 continue
             torch.manual_seed(args.seed + 2000 + k)  # each member its own head init
             outputs = K if ens_mode != "adapters" else 1
-            heads[a] = nn.Linear(hidden, outputs, bias=head_init is not None and head_init[1] is not None, device=device)
+            # fp32 whatever torch's default dtype: a user's set_default_dtype(bfloat16) trained bf16 heads silently
+            heads[a] = nn.Linear(hidden, outputs, bias=head_init is not None and head_init[1] is not None,
+                                 device=device, dtype=torch.float32)
             nn.init.normal_(heads[a].weight, 0.0, std)
             if head_init is not None:
                 w, b = (t.to(device) if t is not None else None for t in head_init)
