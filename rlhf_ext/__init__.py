@@ -7,6 +7,7 @@ pipeline), `plugins/` (KL controllers and guard, estimators, aggregations, shape
 """
 
 import logging
+import os
 
 __version__ = "0.2.0"
 
@@ -25,6 +26,20 @@ class _BitsandbytesKernelTrustFilter(logging.Filter):
 
 
 logging.getLogger("kernels._internals.hf_hub").addFilter(_BitsandbytesKernelTrustFilter())
+
+
+class _DeepSpeedCpuFallbackFilter(logging.Filter):
+    """With deepspeed installed (`make install` adds it for deepspeed_zero2.yaml), accelerate imports it whenever a
+    trainer unwraps its model, and DeepSpeed then logs on every CPU run "Setting accelerator to CPU. If you have GPU or
+    other accelerator, we were unable to detect it": a false alarm where DeepSpeed does not run. Dropped there; kept in
+    a DeepSpeed run (accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED), where it can matter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return ("Setting accelerator to CPU" not in str(record.msg)
+                or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"))
+
+
+logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuFallbackFilter())
 
 _EXPORTS = {
     "PPOConfig": "ppo.config", "PPOTrainer": "ppo.trainer",

@@ -1,5 +1,5 @@
 """The reward recipe under DeepSpeed ZeRO-2 (recipes/accelerate_configs/deepspeed_zero2.yaml) on CPU: 2 processes,
-gloo (DeepSpeed picks its CPU accelerator where it finds no GPU; ZeRO-2 needs none of its compiled ops). What a user
+gloo (DeepSpeed picks its CPU accelerator where it finds no GPU; its first launch compiles its shared-memory collective). What a user
 expects of ZeRO-2: the same training as data parallel (cpu_2proc.yaml's DDP) to float rounding — with bootstrap
 weights, K adapters and gradient checkpointing on, as reward_7b_qlora.yaml trains — a saved artifact our loader
 loads, and a resume from a checkpoint that ends where the uninterrupted run ends. Skipped where deepspeed is not
@@ -154,3 +154,67 @@ def test_the_shipped_config_runs_in_bf16(runs):
     assert json.loads((out / "rlhf_ext_reward.json").read_text())["dtype"] == "float32"  # the base as loaded
     s, ref = _scores(out, data), _scores(tmp / "zero2", data)
     assert float((s - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+def test_checkpoints_leave_the_frozen_base_out(runs):
+    """As transformers' DeepSpeed checkpoint of a PeftModel (`exclude_frozen_parameters`): the module state holds what
+    trains (adapters, heads), not the frozen base again in every checkpoint-N."""
+    tmp, _, _, _ = runs
+    state = torch.load(tmp / "zero2" / "checkpoint-3" / "global_step3" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]
+    assert state and all("lora_" in k or k.startswith("heads.") for k in state), sorted(state)[:4]
+
+
+def test_a_4bit_base_resumes(tmp_path, tok):
+    """reward_7b_qlora's layout (4-bit base) under ZeRO-2, resumed from a checkpoint: DeepSpeed loaded the module
+    state strictly, and a 4-bit base's quantisation state (absmax, quant_map…) was refused as unexpected keys."""
+    from rlhf_ext.testing import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", tok, num_layers=2, hidden_size=64)  # NF4: ≥ 64 inputs per layer
+    data = _data(tmp_path / "data")
+    zero2 = tmp_path / "zero2.yaml"
+    zero2.write_text((RECIPES / "accelerate_configs" / "deepspeed_zero2.yaml").read_text()
+                     .replace("mixed_precision: bf16", 'mixed_precision: "no"'))
+    steps = ["--max_steps", "4", "--save_steps", "2", "--load_in_4bit", "true"]
+    full = _launch(zero2, tmp_path / "full", base, data, *steps)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "full" / "checkpoint-2"), str(resumed)], check=True)
+    assert _launch(zero2, resumed, base, data, *steps, "--resume_from_checkpoint", "true") == \
+        pytest.approx(full[2:], abs=1e-6)
+
+
+def test_no_cpu_accelerator_warning_outside_deepspeed(monkeypatch):
+    """accelerate imports deepspeed wherever it is installed (every trainer's unwrap_model), and DeepSpeed logged
+    "Setting accelerator to CPU. If you have GPU …, we were unable to detect it" in every CPU run — PPO included. Kept
+    where DeepSpeed runs (accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED)."""
+    import logging
+
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_DEEPSPEED"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
+    code = ("import rlhf_ext, torch; from accelerate import Accelerator; "
+            "Accelerator(cpu=True).unwrap_model(torch.nn.Linear(1, 1)); import sys; assert 'deepspeed' in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Setting accelerator to CPU" not in r.stdout + r.stderr, r.stdout + r.stderr
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, "real_accelerator.py", 213, "Setting accelerator to CPU. "
+                               "If you have GPU or other accelerator, we were unable to detect it.", None, None)
+    shown = lambda: all(f.filter(record) for f in logging.getLogger("DeepSpeed").filters)  # noqa: E731
+    assert not shown()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert shown()
+
+
+def test_a_resume_with_other_settings_names_them(runs, tmp_path):
+    """DeepSpeed resumes from its own files, past our checkpoint check: a resume with another ensemble_size failed on
+    "The ZeRO checkpoint parameter-alignment layout does not match …", naming a setting the user never set."""
+    tmp, _, base, data = runs
+    subprocess.run(["cp", "-r", str(tmp / "zero2" / "checkpoint-3"), str(tmp_path)], check=True)
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(tmp / "zero2.yaml"), "--main_process_port", str(_free_port()),
+           str(RECIPES / "reward_modeling.py"), "--config", str(RECIPES / "configs" / "reward_smollm2_sentiment.yaml"),
+           "--model_name_or_path", base, "--dataset_name", data, "--output_dir", str(tmp_path), *SETTINGS,
+           "--ensemble_size", "3", "--resume_from_checkpoint", "true"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "was saved with members" in r.stderr, r.stderr[-3000:]

@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -241,14 +242,16 @@ class _GradientReachCheck(TrainerCallback):
                            for n, p in self.params.items() if p.requires_grad]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.check()
+        try:
+            self.check()
+        except BaseException:  # the run stops here: no hook left on the user's model
+            self.on_train_end(args, state, control)
+            raise
         if self._hooks is not None:
             for s in self.check.params.values():
                 s.grad = None  # the next step's backward passes start afresh, as zero_grad leaves `.grad`
             if self.check.done:
-                for h in self._hooks:
-                    h.remove()
-                self._hooks = None
+                self.on_train_end(args, state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
         for h in self._hooks or ():
@@ -950,6 +953,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
             if self._finished(resume_from_checkpoint):
                 return self._load_finished_run(resume_from_checkpoint)
+            if self.is_deepspeed_enabled:  # DeepSpeed loads its own checkpoint, not through _load_from_checkpoint:
+                self._checked_spec(Path(resume_from_checkpoint))  # its error named a ZeRO alignment setting instead
         else:
             self._start_clean()
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
@@ -958,7 +963,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             watch = _StopOnSignal(self, stop)
             self.add_callback(watch)
             try:
-                out = super().train(resume_from_checkpoint, *args, **kwargs)
+                with self._deepspeed_resumes_non_strict():
+                    out = super().train(resume_from_checkpoint, *args, **kwargs)
             finally:
                 self.remove_callback(watch)
         if watch.stopped:  # the step's checkpoint is written: say where, and end as the signal means
@@ -1028,6 +1034,46 @@ class RewardEnsembleTrainer(RewardTrainer):
         self.compute_normalization()
         losses = [h["loss"] for h in self.state.log_history if "loss" in h]
         return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), {})
+
+    def _deepspeed_frozen_base(self) -> bool:
+        """DeepSpeed trains a model with frozen parameters (LoRA members or heads only on a frozen base)."""
+        return self.is_deepspeed_enabled and any(not p.requires_grad for p in self.model.parameters())
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """Under DeepSpeed with a frozen base, its checkpoint leaves the base out, as transformers leaves it out for a
+        PeftModel (`exclude_frozen_parameters`): it tells a PeftModel by its class, and ours is a RewardEnsemble, so
+        every checkpoint-N held the whole base again (a 7B base: GBs per checkpoint, where DDP's hold the adapters)."""
+        if not self._deepspeed_frozen_base():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        engine = self.model_wrapped
+        engine.save_checkpoint = partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+        try:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint  # the class's method again
+
+    @contextmanager
+    def _deepspeed_resumes_non_strict(self):
+        """Under DeepSpeed with a frozen base, a resume loads the checkpoint's module state non-strictly, as
+        transformers does for a PeftModel: the base is left out of it (`_save_optimizer_and_scheduler`), and a 4-bit
+        base's quantisation state (absmax, quant_map…), which a checkpoint from before held, is refused by a strict
+        load ("Unexpected key(s)": every QLoRA run under ZeRO-2 failed to resume). The trained weights come back
+        from DeepSpeed's fp32 optimizer partitions either way."""
+        if not self._deepspeed_frozen_base():
+            yield
+            return
+        import transformers.trainer as hf_trainer
+
+        load = hf_trainer.deepspeed_load_checkpoint
+
+        def non_strict(engine, checkpoint_path, load_module_strict=True):
+            return load(engine, checkpoint_path, load_module_strict=False)
+
+        hf_trainer.deepspeed_load_checkpoint = non_strict
+        try:
+            yield
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = load
 
     def _save_checkpoint(self, model, trial) -> None:
         """transformers' checkpoint (the artifact, optimizer, scheduler, scaler, RNG states, trainer_state.json) as
@@ -1200,14 +1246,12 @@ class RewardEnsembleTrainer(RewardTrainer):
                 return key, spec.get(key), mine.get(key)
         return None, None, None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Trainer's resume, for our artifact-shaped checkpoints (adapters + heads, verified by the manifest)."""
-        from peft import set_peft_model_state_dict
+    def _checked_spec(self, path: Path) -> dict:
+        """The checkpoint's spec, verified by its manifest and refused (naming the setting) where what shapes the
+        weights differs from this trainer's."""
+        from ..integrity import verify_manifest
+        from .artifact import read_spec
 
-        from ..integrity import load_safetensors, verify_manifest
-        from .artifact import _REBUILD, read_spec, trunk_key_prefix
-
-        ens, path = self.accelerator.unwrap_model(self.model), Path(resume_from_checkpoint)
         spec = read_spec(path)
         verify_manifest(path, "Resume from an earlier checkpoint-N folder.", required=("heads.safetensors",))
         key, theirs, ours = self._spec_difference(spec)
@@ -1215,6 +1259,17 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise ValueError(f"{path} was saved with {key} = {theirs!r}; this trainer has {ours!r}. Resume with the "
                              f"settings it was trained with (ensemble_size, ensemble_mode, LoRA settings, base model), "
                              f"or start a new run in another output_dir.")
+        return spec
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Trainer's resume, for our artifact-shaped checkpoints (adapters + heads, verified by the manifest)."""
+        from peft import set_peft_model_state_dict
+
+        from ..integrity import load_safetensors
+        from .artifact import _REBUILD, trunk_key_prefix
+
+        ens, path = self.accelerator.unwrap_model(self.model), Path(resume_from_checkpoint)
+        spec = self._checked_spec(path)
         heads = load_safetensors(path / "heads.safetensors", _REBUILD + ".")
         for a, head in ens.heads.items():
             head.load_state_dict({k[len(a) + 1 :]: v for k, v in heads.items() if k.startswith(a + ".")})
