@@ -25,11 +25,9 @@ COMMANDS = {
 def _recipe(name: str, rest) -> int:
     import runpy
 
-    from .recipes import recipe_path
-
     from . import recipes
 
-    script, command = recipe_path(name), f"rlhf-ext {name.split('_')[0]}"
+    script, command = recipes.recipe_path(name), f"rlhf-ext {name.split('_')[0]}"
     if not rest:  # every option could come from the command line, but nobody means to run with none of them
         print(f"usage: {command} --config FILE.yaml [--option value ...]\n"
               f"The recipe needs a configuration: a YAML such as the ones in recipes/configs/ (see "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -205,10 +206,21 @@ def remove_oldest_checkpoints(output_dir, newest: int, limit: int | None, keep=N
     return removed
 
 
+# the temporary files of write_text_atomic and queue.keep_jsonl_records: `<name>.<pid>.<hex>.tmp`
+_TEXT_TMP = re.compile(r"^.+\.(\d+)\.[0-9a-f]+\.tmp$")
+_TEMP_SERIAL = itertools.count()  # next() is atomic under the GIL: two threads never get one name
+
+
+def temp_file_for(path: Path) -> Path:
+    """A private temporary file beside `path` to write and then rename onto it, named by this process's pid, which
+    `sweep_temp_files` reads to remove it once the writer is gone (`_TEXT_TMP`), and a serial of this process."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{next(_TEMP_SERIAL):x}.tmp")
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write to a private temporary file, fsync, rename: readers see the old file or the new one."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{id(text):x}.tmp")
+    tmp = temp_file_for(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -218,10 +230,6 @@ def write_text_atomic(path, text: str) -> None:
     except BaseException:  # a full disk must not also keep the half file that filled it
         tmp.unlink(missing_ok=True)
         raise
-
-
-# write_text_atomic's temporary file: `<name>.<pid>.<hex>.tmp`
-_TEXT_TMP = re.compile(r"^.+\.(\d+)\.[0-9a-f]+\.tmp$")
 
 
 def sweep_temp_files(folder) -> list[Path]:

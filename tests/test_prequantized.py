@@ -22,6 +22,7 @@ from rlhf_ext.testing import save_tiny_model_for
 
 from .conftest import FOUR_BIT_HIDDEN, preference_rows
 from .kl_oracle import exact_batch_kl
+from .test_architectures import positive, prompt_data
 
 bnb = pytest.importorskip("bitsandbytes")
 DELTA = 0.02
@@ -45,17 +46,6 @@ def folders(tmp_path_factory, tok):
     src = save_tiny_model_for(root / "fp32", "llama3", tok, hidden_size=FOUR_BIT_HIDDEN)
     return {"fp32": src, "nf4": _saved_quantized(src, root / "nf4", tok),
             "nf4-single": _saved_quantized(src, root / "nf4-single", tok, bnb_4bit_use_double_quant=False)}
-
-
-def _positive(tok):
-    pos = set(tok.convert_tokens_to_ids("good great nice love happy wonderful excellent fun best".split()))
-    return lambda prompts, completions, completion_ids, **kw: [10.0 * sum(t in pos for t in ids) / max(1, len(ids))
-                                                               for ids in completion_ids]
-
-
-def _prompts(n=8):
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"write a short review of the {s} ."}]
-                                         for s in ("movie book song film food place day night".split() * n)[:n]]})
 
 
 def _quantization_warnings(caught):
@@ -100,7 +90,7 @@ def test_both_trainers_train_on_a_prequantized_folder_and_what_they_save_reloads
                      num_ppo_epochs=4, max_completion_length=6, kl_controller="hard", kl_target=DELTA,
                      init_kl_coef=0.0, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, monitor=False,
                      reward_model_path=str(tmp_path / "rm"))
-    tr = PPOTrainer(folder, reward_funcs=[_positive(tok)], args=args, train_dataset=_prompts(), callbacks=[Oracle()])
+    tr = PPOTrainer(folder, reward_funcs=[positive(tok)], args=args, train_dataset=prompt_data(), callbacks=[Oracle()])
     assert tr.quantized and [m for m in tr.rewards.members if isinstance(m, RewardEnsemble) and not m.owns_base]
     bases = [m.base_layer for m in tr.policy.peft.modules() if hasattr(m, "lora_B") and hasattr(m, "base_layer")]
     assert bases and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)
@@ -213,7 +203,7 @@ def test_an_8bit_reward_model_that_only_scores_is_still_a_judge(tmp_path, tok):
     args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, max_completion_length=6,
                      kl_controller="fixed", use_cpu=True, save_strategy="no", disable_tqdm=True, monitor=False,
                      audit_model_paths=[str(tmp_path / "judge8")])
-    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=[_positive(tok)], args=args,
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=[positive(tok)], args=args,
                     train_dataset=Dataset.from_dict({"prompt": ["write a short review"] * 4}), processing_class=tok)
     assert isinstance(tr.train()[0]["audit/judge8"], float)
 
@@ -229,9 +219,9 @@ def test_an_8bit_checkpoint_is_refused_as_load_in_8bit_is(tmp_path, tok, folders
     ppo_args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, use_cpu=True,
                          save_strategy="no", disable_tqdm=True, monitor=False)
     with pytest.raises(ValueError, match=r"bitsandbytes 8-bit checkpoint .*8-bit layers are not supported"):
-        PPOTrainer(str(tmp_path / "int8"), reward_funcs=[_positive(tok)], args=ppo_args, train_dataset=_prompts())
+        PPOTrainer(str(tmp_path / "int8"), reward_funcs=[positive(tok)], args=ppo_args, train_dataset=prompt_data())
     with pytest.raises(ValueError, match=r"PPOTrainer: the model is loaded in bitsandbytes 8-bit"):
-        PPOTrainer(eight, reward_funcs=[_positive(tok)], args=ppo_args, train_dataset=_prompts(), processing_class=tok)
+        PPOTrainer(eight, reward_funcs=[positive(tok)], args=ppo_args, train_dataset=prompt_data(), processing_class=tok)
     rm_args = RewardEnsembleConfig(str(tmp_path / "rm"), max_steps=1, report_to="none", use_cpu=True,
                                    save_strategy="no", disable_tqdm=True)
     with pytest.raises(ValueError, match=r"bitsandbytes 8-bit checkpoint"):
@@ -268,10 +258,10 @@ def test_a_reward_model_hosted_at_another_precision_than_it_trained_is_said(tmp_
                      save_strategy="no", disable_tqdm=True, reward_model_path=str(tmp_path / "rm"))
     said = r"trained on a 4-bit copy of this base and is hosted on the policy's full-precision one.*load_in_4bit=True"
     with pytest.warns(UserWarning, match=said):
-        PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=_prompts())
+        PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=prompt_data())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tr = PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=_prompts(), load_in_4bit=True)
+        tr = PPOTrainer(folders["fp32"], reward_funcs=[], args=args, train_dataset=prompt_data(), load_in_4bit=True)
     assert tr.quantized and not [w for w in caught if "copy of this base" in str(w.message)]
     # the reverse on a pre-quantised policy, which loads in 4-bit whatever load_in_4bit says: the fix is the
     # full-precision checkpoint, not load_in_4bit=False (which the user has already)
@@ -284,5 +274,5 @@ def test_a_reward_model_hosted_at_another_precision_than_it_trained_is_said(tmp_
     args.reward_model_path = str(tmp_path / "rm-full")
     with pytest.warns(UserWarning, match=r"full-precision copy of this base and is hosted on the policy's 4-bit one.*"
                                          rf"from '{folders['fp32']}' without load_in_4bit") as caught:
-        PPOTrainer(folders["nf4"], reward_funcs=[], args=args, train_dataset=_prompts())
+        PPOTrainer(folders["nf4"], reward_funcs=[], args=args, train_dataset=prompt_data())
     assert not [w for w in caught if "load_in_4bit=False" in str(w.message)]

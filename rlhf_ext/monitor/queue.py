@@ -38,7 +38,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..integrity import CorruptFileError, sweep_temp_files, write_text_atomic
+from ..integrity import CorruptFileError, sweep_temp_files, temp_file_for, write_text_atomic
 
 DECISIONS = ("flagged", "reference", "both_bad", "skip")
 # Ends a line a killed writer left unterminated, when the next append has to start a new line after it: without the
@@ -222,7 +222,7 @@ def keep_jsonl_records(path: Path, keep, fix: str = REPAIR) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns():x}.tmp")  # write_text_atomic's pattern
+    tmp = temp_file_for(path)
     out, start, removed = None, 0, 0
     try:
         with open(path, "rb") as f:

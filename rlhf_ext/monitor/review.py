@@ -42,7 +42,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from ..integrity import CorruptFileError
-from .queue import DECISIONS, ORDERS, ReviewQueue, check_order, plain_json
+from .queue import DECISIONS, ORDERS, ReviewQueue, check_order, plain_json, read_jsonl
 from .screens import Screens
 
 STATIC = Path(__file__).parent / "static"
@@ -72,9 +72,8 @@ def no_queue_message(output_dir) -> str:
     if not (monitor / "run.json").is_file():
         return NO_QUEUE.format(path=q.queue_path)
     try:
-        rows = [json.loads(line) for line in (monitor / "alarms.jsonl").read_text().splitlines() if line.strip()]
-        fired = sorted({f"{r['detector']} ({r['action']})" for r in rows})
-    except (OSError, ValueError, KeyError, TypeError):  # none logged, or a damaged log: the report names that
+        fired = sorted({f"{r['detector']} ({r['action']})" for r in read_jsonl(monitor / "alarms.jsonl")})
+    except (OSError, CorruptFileError, KeyError):  # a damaged log: `rlhf-ext report` names that
         fired = []
     alarms = f"; alarms it logged: {', '.join(fired)}" if fired else ""
     return NOTHING_QUEUED.format(output_dir=output_dir, alarms=alarms, path=q.queue_path)
