@@ -351,3 +351,25 @@ def test_a_signal_mid_step_saves_that_step_and_resumes_to_the_same_weights(tmp_p
     whole = _trainer(tmp_path / "whole", tiny_path, tok, max_steps=4, save_strategy="no")
     whole.train()
     assert len(steps) == 2 and _same(_weights(resumed), _weights(whole))
+
+
+# -- 5. a resume with another number of pairs per optimizer step ----------------------------------------------------
+def test_a_resume_with_another_global_batch_is_refused_naming_the_settings_that_keep_it(two_steps, tmp_path, tiny_path,
+                                                                                        tok):
+    """transformers skips `global_step` batches of the resumed run's size: checkpoint-1 of 8 pairs a step resumed
+    with 4 (half the per-device batch, or twice the processes for the same per-device batch under DDP: the
+    2-process case was measured through the recipes) trained pairs 4-7 again, silently. Refused, naming the
+    settings that keep 8 pairs a step; the same 8 pairs a step reached otherwise (accumulation) resumes, as does
+    ignore_data_skip=True, which asks for no skip."""
+    out = _copy(two_steps, tmp_path)
+    with pytest.raises(ValueError, match=r"trained 8 pairs per optimizer step .* this run takes 4 .* trained again.*"
+                                         r"per_device_train_batch_size=8"):
+        _trainer(out, tiny_path, tok, per_device_train_batch_size=4).train(
+            resume_from_checkpoint=str(out / "checkpoint-1"))
+    tr = _trainer(out, tiny_path, tok, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    steps = _spy_steps(tr)
+    tr.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert tr.state.global_step == 2 and len(steps) == 2  # one optimizer step of two micro-batches
+    out = _copy(two_steps, tmp_path / "again")
+    _trainer(out, tiny_path, tok, per_device_train_batch_size=4, ignore_data_skip=True).train(
+        resume_from_checkpoint=str(out / "checkpoint-1"))

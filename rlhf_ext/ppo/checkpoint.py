@@ -263,7 +263,8 @@ def read_checkpoint(tr, path) -> None:
         _schedule_in_iterations(tr, state["iteration"])
     settings = state.get("settings") or {}
     _follow_configured_lr(tr, settings.get("learning_rate"))
-    _warn_if_settings_changed(path, settings, _stream_read_further(tr, settings, now))
+    if tr.accelerator.is_main_process:  # one warning, not one per process
+        _warn_if_settings_changed(path, settings, _stream_read_further(tr, settings, now))
     tr.iteration, tr.data_epoch, tr.data_pos = state["iteration"], state["data_epoch"], state["data_pos"]
     tr.version = state.get("version", 0)
     # which controller saved it: recorded with its state since; before, only in the settings

@@ -953,6 +953,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
             if self._finished(resume_from_checkpoint):
                 return self._load_finished_run(resume_from_checkpoint)
+            self._check_resume_batch(Path(resume_from_checkpoint))
             if self.is_deepspeed_enabled:  # DeepSpeed loads its own checkpoint, not through _load_from_checkpoint:
                 self._checked_spec(Path(resume_from_checkpoint))  # its error named a ZeRO alignment setting instead
         else:
@@ -992,6 +993,40 @@ class RewardEnsembleTrainer(RewardTrainer):
                 supersede_later_checkpoints(self.args.output_dir, path)
             self.accelerator.wait_for_everyone()
         return path
+
+    def _check_resume_batch(self, path: Path) -> None:
+        """transformers fast-forwards a resumed run by `global_step` batches of *this* run's size
+        (`Trainer._init_training_state`); a checkpoint written with another number of pairs per optimizer step
+        (another process count, per-device batch or accumulation) would resume elsewhere in the epoch's order —
+        repeating pairs already trained, or skipping some — without a word: refused, naming the settings that keep
+        the position. Same pairs per step with another process count: the position is right, the random streams
+        (one per process) cannot be dealt out: a warning, as PPOTrainer's."""
+        args = self.args
+        streams = len(list(path.glob("rng_state_*.pth"))) or int((path / "rng_state.pth").is_file())
+        saved_args = path / "training_args.json"
+        if not streams or not saved_args.is_file() or args.ignore_data_skip:
+            return  # save_only_model (no RNG files): nothing says how it was launched; ignore_data_skip: no skip
+        saved = read_json(saved_args, RESUME_FIX)
+        was = (streams, int(saved.get("per_device_train_batch_size", args.per_device_train_batch_size)),
+               int(saved.get("gradient_accumulation_steps", args.gradient_accumulation_steps)))
+        now = (args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+        then_pairs, now_pairs = math.prod(was), math.prod(now)
+        if then_pairs != now_pairs:
+            step = read_json(path / TRAINER_STATE, RESUME_FIX).get("global_step", 0)
+            keep = [f"per_device_train_batch_size={then_pairs // (now[0] * now[2])}"] if then_pairs % (now[0] * now[2]) == 0 else []
+            raise ValueError(
+                f"{path} trained {then_pairs} pairs per optimizer step ({was[0]} process(es) x "
+                f"per_device_train_batch_size {was[1]} x gradient_accumulation_steps {was[2]}); this run takes "
+                f"{now_pairs} ({now[0]} x {now[1]} x {now[2]}). Resuming skips {step} steps of this run's size, "
+                f"{step * now_pairs} pairs where {step * then_pairs} were trained, so pairs would be "
+                f"{'trained again' if now_pairs < then_pairs else 'skipped'}. Keep {then_pairs} pairs per step ("
+                + " or ".join(keep + [f"launch {was[0]} process(es) with the checkpoint's settings"]) +
+                "), or set ignore_data_skip=True to start the epoch's order from its beginning.")
+        if was[0] != now[0] and self.is_world_process_zero():
+            warnings.warn(f"{path} holds the random streams of {was[0]} process(es) and this run has {now[0]}: the "
+                          f"data position is kept ({now_pairs} pairs per step, as before), the random streams are not "
+                          f"restored (resume with {was[0]} process(es) to continue it exactly).", UserWarning,
+                          stacklevel=3)
 
     def _start_clean(self) -> None:
         """A new run (not resumed) in an output_dir holding an earlier run's checkpoints would overwrite some of them
