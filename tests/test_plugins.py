@@ -70,6 +70,20 @@ def test_debias_removes_length_slope():
     assert torch.allclose(out, torch.full_like(out, out.mean()), atol=1e-5)
 
 
+def test_debias_slope_leaves_out_samples_whose_reward_was_dropped():
+    """A dropped sample reaches the shapers with score 0: in debias's regression it made a length-independent reward
+    look length-dependent (the two longest dropped: slope −0.11, so the kept answers were paid +0.11 per token)."""
+    from rlhf_ext.reward.pipeline import RewardPipeline
+
+    ids = [[5] * n + [0] for n in (2, 4, 6, 8, 10, 12)]
+    pipe = RewardPipeline([lambda prompts, completions, completion_ids, **kw: [1.0] * 4 + [None] * 2],
+                          shapers=[{"name": "debias", "momentum": 0.0}], eos_token_id=0, callable_normalization="none")
+    with pytest.warns(UserWarning, match="non-finite"):
+        scores, valid, _, _ = pipe.score([""] * 6, [""] * 6, ids)
+    assert valid.tolist() == [True] * 4 + [False] * 2
+    assert pipe.shapers[0].slope == 0.0 and torch.equal(scores[valid], torch.ones(4))
+
+
 def test_repetition_penalty_catches_loops():
     loop = [1, 2, 3, 4] * 6
     assert repeated_ngram_fraction(loop, 3) > 0.8 and repeated_ngram_fraction(list(range(20)), 3) == 0.0

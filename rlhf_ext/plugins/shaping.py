@@ -19,11 +19,13 @@ from .contract import checked_output
 class ResponseInfo:
     """What shapers may look at. lengths: [B] response tokens *excluding* a final EOS (the content the reader sees;
     an answer that ends properly is not charged for its stop token); has_eos: [B] bool; ids: B lists of token ids
-    (EOS included when present)."""
+    (EOS included when present); valid: [B] bool or None, the samples whose reward was kept (a dropped one's score
+    reaches a shaper as 0: batch statistics must leave it out)."""
 
     lengths: torch.Tensor
     has_eos: torch.Tensor
     ids: list
+    valid: torch.Tensor | None = None
 
     @classmethod
     def from_ids(cls, ids: list, eos_token_id: int | list | None = None):
@@ -151,11 +153,13 @@ class LengthDebias(Shaper):
 
     def __call__(self, scores, info):
         L = info.lengths.to(scores.dtype)
-        if L.numel() > 1 and L.var() > 0:
-            b = ((scores - scores.mean()) * (L - L.mean())).mean() / L.var(unbiased=False)
+        keep = torch.ones_like(L, dtype=torch.bool) if info.valid is None else info.valid.to(torch.bool)
+        r, Lk = scores[keep], L[keep]  # the regression over the samples whose reward was kept
+        if Lk.numel() > 1 and Lk.var() > 0:
+            b = ((r - r.mean()) * (Lk - Lk.mean())).mean() / Lk.var(unbiased=False)
             m = self.momentum if self.slope is not None else 0.0
             self.slope = float(m * (self.slope or 0.0) + (1 - m) * b)
-            self.mean_length = float(m * (self.mean_length or 0.0) + (1 - m) * L.mean())
+            self.mean_length = float(m * (self.mean_length or 0.0) + (1 - m) * Lk.mean())
         if self.slope is None:
             return scores
         return scores - self.slope * (L - self.mean_length)

@@ -292,6 +292,7 @@ class RewardPipeline:
         if has_eos is not None:
             info.has_eos = torch.as_tensor(has_eos, dtype=torch.bool)
         for shaper in self.shapers:
+            info.valid = valid
             scores, valid = self._plugin_step(shaper, "shaper", scores, valid, fate, whole_batch_may_drop, info)
         self.dropped_in_a_row = 0 if valid.any() else self.dropped_in_a_row + len(valid)
         if not valid.any() and not (self.batch_is_a_share or whole_batch_may_drop) and not self._warned_whole:
