@@ -359,3 +359,90 @@ def test_a_stream_resumed_with_a_larger_max_steps_is_not_called_another_dataset(
     whole = make(tmp_path / "whole", tok, max_steps=4, data=data(), **run)
     whole.train()
     assert all(torch.equal(a, b) for a, b in zip(_params(whole).values(), _params(resumed).values()))
+
+
+
+# -- an exception mid-run: the iterations that finished are saved, the failed one undone ------------------------------
+class _Raises(TrainerCallback):
+    """on_step_end raises once, after iteration `at` (a user's callback, an evaluation, a log that fails)."""
+
+    def __init__(self, at: int):
+        self.at, self.done = at, False
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at and not self.done:
+            self.done = True
+            raise OSError("the tracker's disk is full")
+
+
+def _once_in_iteration(box: dict, at: int, call, error: Exception):
+    """`call` that raises `error` once, in iteration `at` + 1 (while `box["tr"].iteration == at`)."""
+    def failing(*a, **kw):
+        if box["tr"].iteration == at and not box.get("failed"):
+            box["failed"] = True
+            raise error
+        return call(*a, **kw)
+
+    return failing
+
+
+def _notes(e) -> str:
+    return " ".join(getattr(e.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("where", ["reward server", "theta_old pass"])
+def test_a_failed_iteration_is_undone_and_the_finished_ones_saved(straight, tmp_path, tok, where):
+    """A reward server that does not answer in iteration 3 (scoring), or an out-of-memory error in its θ_old pass
+    (after sampling, scoring and the debias shaper's update), with save_strategy "no": every iteration was lost.
+    The two that finished are saved as checkpoint-2 — the failed one undone: its samples, data position and reward
+    statistics —, the exception says so, and the resumed run ends where the run that never failed ends, bit for
+    bit."""
+    from .test_ppo import good_counter
+
+    ckpt, hist, params = straight
+    box = {}
+    if where == "reward server":
+        positive_words = _once_in_iteration(box, 2, good_counter(tok), ConnectionError("the reward server is down"))
+        positive_words.__name__ = "positive_words"  # the straight run's reward, by name (its statistics' key)
+        tr = box["tr"] = make(tmp_path, tok, reward=positive_words, **RUN)
+        error = ConnectionError
+    else:
+        tr = box["tr"] = make(tmp_path, tok, **RUN)
+        tr._full_forward = _once_in_iteration(box, 2, tr._full_forward, torch.OutOfMemoryError("out of memory"))
+        error = torch.OutOfMemoryError
+    with pytest.raises(error) as e:
+        tr.train()
+    saved = tmp_path / "ppo" / "checkpoint-2"
+    assert saved.is_dir() and f"{saved} holds the 2 iteration(s) that finished (the failed one is undone" in _notes(e)
+    assert not (tmp_path / "ppo" / "checkpoint-3").exists()
+    tr, resumed, said = _resume(tmp_path / "again", tok, saved)
+    assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist]  # the run that never failed
+    now = _params(tr)
+    assert all(torch.equal(now[k], params[k]) for k in params)
+
+
+def test_a_failure_after_the_iterations_update_names_the_newest_checkpoint(tmp_path, tok):
+    """Once the adapters have taken a step the iteration cannot be undone: nothing is saved, and the exception names
+    the newest checkpoint there is (here: none)."""
+    box = {}
+    tr = box["tr"] = make(tmp_path, tok, **RUN)
+    tr._step_schedule = _once_in_iteration(box, 2, tr._step_schedule, RuntimeError("a scheduler bug"))
+    with pytest.raises(RuntimeError) as e:
+        tr.train()
+    assert "failed after the adapters had taken a step" in _notes(e) and "no checkpoint was saved" in _notes(e)
+    assert not list((tmp_path / "ppo").glob("checkpoint-*"))
+
+
+def test_a_failure_after_an_iteration_keeps_it(straight, tmp_path, tok):
+    """A callback that raises after iteration 3 (on_step_end): checkpoint-3 holds it, and the resumed run finishes
+    as the straight run does."""
+    ckpt, hist, params = straight
+    tr = make(tmp_path, tok, callbacks=[_Raises(3)], **RUN)
+    with pytest.raises(OSError) as e:
+        tr.train()
+    saved = tmp_path / "ppo" / "checkpoint-3"
+    assert saved.is_dir() and f"{saved} holds the 3 iteration(s) that finished (this error came after it)" in _notes(e)
+    tr, resumed, said = _resume(tmp_path / "again", tok, saved)
+    assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist]
+    now = _params(tr)
+    assert all(torch.equal(now[k], params[k]) for k in params)

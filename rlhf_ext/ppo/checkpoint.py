@@ -5,6 +5,7 @@ that verifies."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -107,6 +108,34 @@ def gather_process_states(tr) -> list[dict]:
     return states
 
 
+# ------------------------------------------------------------- an iteration that fails before it trains (one process)
+def undo_point(tr) -> dict:
+    """What an iteration changes before its first optimizer step, as it stands at the iteration's start: the random
+    streams (sampling), the position in the prompts, the reward pipeline's statistics (scoring), the token count,
+    the scheduler, controller and fp16 loss scale (an iteration whose every sample was dropped steps the schedule
+    without training). The monitor observes after the iteration (its `on_step_end`). Small: no tensor of the model.
+    `undo_iteration` puts it back, so that an iteration failing before it trains — a reward server down, a prompt
+    the tokenizer refuses — leaves the run as the iterations that finished left it, to be saved
+    (`PPOTrainer._save_after_failure`) and resumed as if the failure had never happened."""
+    return copy.deepcopy({"rng": process_rng_state(tr.policy.device), "python_rng": random.getstate(),
+                          "data": (tr.data_epoch, tr.data_pos, tr.version), "rewards": tr.rewards.state_dict(),
+                          "tokens": tr.state.num_input_tokens_seen, "scheduler": tr.lr_scheduler.state_dict(),
+                          "kl_controller": tr.kl_ctl.state_dict(),
+                          "scaler": tr.grad_scaler.state_dict() if tr.grad_scaler is not None else None})
+
+
+def undo_iteration(tr, point: dict) -> None:
+    _set_process_rng(tr, point["rng"])
+    random.setstate(point["python_rng"])
+    tr.data_epoch, tr.data_pos, tr.version = point["data"]
+    tr.rewards._set_state(point["rewards"])
+    tr.state.num_input_tokens_seen = point["tokens"]
+    tr.lr_scheduler.load_state_dict(point["scheduler"])
+    tr.kl_ctl.load_state_dict(point["kl_controller"])
+    if point["scaler"] is not None:
+        tr.grad_scaler.load_state_dict(point["scaler"])
+
+
 def _states_to_save(tr) -> list[dict]:
     # Under DDP: what `_save_and_rotate` gathered from every process just before. One process (or save_checkpoint()
     # called on the main process alone): its own state as it is now.
@@ -117,6 +146,19 @@ def _rng_key(key: str, rank: int) -> str:
     return key if rank == 0 else f"{key}.rank{rank}"  # rank 0's under the names checkpoints always used
 
 
+def _set_process_rng(tr, saved: dict, rank: int = 0) -> None:
+    """Put back `process_rng_state`'s streams (rank `rank`'s, under the names a checkpoint keeps them by)."""
+    torch.set_rng_state(saved[_rng_key("torch_rng", rank)])
+    numpy = saved.get(_rng_key("numpy_rng", rank))
+    if numpy is not None:  # checkpoints before it held none
+        pos, has_gauss, *keys = numpy.tolist()
+        np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss,
+                             float(saved[_rng_key("numpy_gauss", rank)])))
+    cuda = saved.get(_rng_key("cuda_rng", rank))
+    if cuda is not None and tr.policy.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, tr.policy.device)
+
+
 def _restore_rng(tr, path: Path, saved: dict, written_by: int) -> None:
     """Each process takes its own saved streams back. A checkpoint with another number of streams than this run has
     processes (another launch, or written before every process's stream was saved) cannot be dealt out one per
@@ -124,15 +166,7 @@ def _restore_rng(tr, path: Path, saved: dict, written_by: int) -> None:
     world, rank = tr.accelerator.num_processes, tr.accelerator.process_index
     streams = sum(1 for k in saved if k == "torch_rng" or k.startswith("torch_rng.rank"))
     if streams == world and _rng_key("torch_rng", rank) in saved:
-        torch.set_rng_state(saved[_rng_key("torch_rng", rank)])
-        numpy = saved.get(_rng_key("numpy_rng", rank))
-        if numpy is not None:  # checkpoints before it held none
-            pos, has_gauss, *keys = numpy.tolist()
-            np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss,
-                                 float(saved[_rng_key("numpy_gauss", rank)])))
-        cuda = saved.get(_rng_key("cuda_rng", rank))
-        if cuda is not None and tr.policy.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda, tr.policy.device)
+        _set_process_rng(tr, saved, rank)
         return
     tr._seed_process_rng()
     if tr.accelerator.is_main_process:

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -51,8 +52,9 @@ from ..reward.artifact import SPEC_FILE, is_reward_artifact, load_reward_model, 
 from ..reward.ensemble import RewardEnsemble, _warn_once
 from ..reward.pipeline import (MIN_DROPPED_IN_A_ROW, ExternalRewardModel, RewardPipeline, call_reward_function,
                                rendering_kwargs)
-from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states, read_checkpoint,
-                         rotate_checkpoints, write_checkpoint)
+from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states,
+                         newest_complete_checkpoint, read_checkpoint, rotate_checkpoints, undo_iteration, undo_point,
+                         write_checkpoint)
 from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
 from ..interrupt import StopAfterIteration
@@ -353,6 +355,7 @@ class PPOTrainer(Trainer):
         self.heldout_iteration: int | None = None  # the iteration it evaluated
         self._metrics_history: list[dict] = []
         self._warned_kl_nonfinite = False
+        self._params_moved = False  # an optimizer step taken in the iteration under way (`_save_after_failure`)
         self._dropped_in_a_row = 0  # global samples dropped since the last one kept (DDP's whole-batch rule)
         self._pending_metrics: dict[str, list[float]] = {}  # what reward functions log_metric() this iteration
         self._pending_extra: dict[str, list] = {}  # and log_extra(), per completion of this rollout
@@ -839,6 +842,7 @@ class PPOTrainer(Trainer):
                 head = self.policy.value_head.weight
                 value_signal = head.grad is not None and bool(head.detach().any()) and bool(head.grad.any())
             self._reach_check(signal=norm > 0, gated_signal=value_signal)
+        self._params_moved = True  # from here on this iteration cannot be undone (`_save_after_failure`)
         self.optimizer.step()
         if scaler is not None:
             scaler.update()
@@ -1142,7 +1146,13 @@ class PPOTrainer(Trainer):
                     self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
                     in_epoch = True
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-                metrics = self._iteration()
+                undo = undo_point(self) if self.accelerator.num_processes == 1 else None
+                self._params_moved = False
+                try:
+                    metrics = self._iteration()
+                except Exception as e:  # the iterations that finished are saved (`_save_after_failure`)
+                    self._save_after_failure(e, undo, finished=False)
+                    raise
                 self.iteration += 1
                 if args.torch_empty_cache_steps and self.iteration % args.torch_empty_cache_steps == 0:
                     clear_device_cache()  # as Trainer: the accelerator's cached blocks back to the device
@@ -1150,14 +1160,18 @@ class PPOTrainer(Trainer):
                 epoch_done = self._epoch_done()
                 self.state.epoch = self._epoch_position()
                 self._metrics_history.append(metrics)
-                # DefaultFlowCallback turns the TrainingArguments cadences into control flags (and stops at
-                # max_steps); any other callback may set them too: they decide, in transformers' order
-                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                saved = self._maybe_log_evaluate_save(metrics)
-                if epoch_done or self.control.should_training_stop:  # a pass over the prompts ended, or the run
-                    self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-                    saved = self._maybe_log_evaluate_save(metrics) or saved
-                    in_epoch = False
+                try:  # the iteration finished: a callback, an evaluation or a log that fails does not lose it
+                    # DefaultFlowCallback turns the TrainingArguments cadences into control flags (and stops at
+                    # max_steps); any other callback may set them too: they decide, in transformers' order
+                    self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                    saved = self._maybe_log_evaluate_save(metrics)
+                    if epoch_done or self.control.should_training_stop:  # a pass over the prompts ended, or the run
+                        self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+                        saved = self._maybe_log_evaluate_save(metrics) or saved
+                        in_epoch = False
+                except Exception as e:
+                    self._save_after_failure(e, undo, finished=True)
+                    raise
                 if stop.requested(self._sum_over_processes):  # Ctrl-C / SIGTERM: this iteration is kept
                     if not saved:
                         self._save_and_rotate(push=False)
@@ -1174,6 +1188,41 @@ class PPOTrainer(Trainer):
             self.log(dict(history.metrics), start_time=start)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return history
+
+    def _save_after_failure(self, error: Exception, undo: dict | None, finished: bool) -> None:
+        """An exception in an iteration, or in what follows one (a callback, an evaluation, a log), would lose every
+        iteration since the last scheduled checkpoint — `save_steps` of them, hours on a 7B run — for a reward server
+        that was down once. In one process the iterations that finished are saved as `checkpoint-N` before the
+        exception goes on, and the exception says so. An iteration that failed before its first optimizer step is
+        undone first (`checkpoint.undo_iteration`: its samples, data position, reward statistics), so the resumed run
+        is the run that never failed; one that failed after it cannot be undone, and the newest checkpoint is named.
+        `finished`: the failure came after the iteration (its work is kept). Under data parallelism the other
+        processes wait in a collective for the one that failed: nothing can be saved (the launcher stops them)."""
+        saving = any(f.f_code is PPOTrainer._save_and_rotate.__code__ for f, _ in traceback.walk_tb(error.__traceback__))
+        if undo is None or saving:  # several processes; the save itself failed
+            return
+        args, how = self.args, "Resume with resume_from_checkpoint=True (recipes: --resume_from_checkpoint true)."
+        if not finished:
+            if self._params_moved:
+                newest = newest_complete_checkpoint(args.output_dir)
+                error.add_note(f"rlhf_ext: iteration {self.iteration + 1} failed after the adapters had taken a step, "
+                               f"so it cannot be undone and nothing was saved; "
+                               + (f"the newest checkpoint is {newest}. {how}" if newest else
+                                  "no checkpoint was saved before it."))
+                return
+            undo_iteration(self, undo)
+        if self.iteration == 0:
+            return  # nothing finished
+        done = Path(args.output_dir) / f"checkpoint-{self.iteration}"
+        if not done.is_dir():
+            try:
+                self._save_and_rotate(push=False)
+            except Exception as save_error:  # a full disk, say: the first error is what the user must see
+                error.add_note(f"rlhf_ext: saving checkpoint-{self.iteration} after it failed too: {save_error!r}")
+                return
+        what = ("this error came after it" if finished else
+                "the failed one is undone: a resumed run repeats it")
+        error.add_note(f"rlhf_ext: {done} holds the {self.iteration} iteration(s) that finished ({what}). {how}")
 
     def _maybe_log_evaluate_save(self, metrics: dict) -> bool:
         """Log, evaluate, save — each where a callback asked for it (`control.should_*`; on_log / on_evaluate /
