@@ -1,7 +1,8 @@
 # Two commands for a fresh machine:
 #   make demo   reward ensemble -> PPO (hard KL, length penalty, uwo) on the embedded SmolLM2 sentiment task
 #   make test   the test suite (tiny models built in code, no network)
-# Both create .venv and install what they need (CPU torch pinned: a bare `torch` would pull a CUDA build).
+# Both create .venv and install what they need (torch pinned: a bare `torch` would pull a CUDA build; TORCH= picks
+# the wheel, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU build).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ WORKERS ?= 2
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	# deepspeed_zero2.yaml is tested (tests/test_deepspeed_cpu.py). DeepSpeed's setup imports torch: built against the
 	# pinned one (an isolated build env would pull a CUDA torch), with no op compiled ahead (on CPU, its first launch

@@ -212,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="plain,all", help="delays: comma-separated variants to replay")
     ap.add_argument("--json", help="write the numbers here as well")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be ≥ 1, got {args.runs}")
     if args.what in ("null", "hacked"):
         onset = None if args.what == "null" else 5
         now = simulate(args.runs, onset=onset)
@@ -225,6 +227,9 @@ def main(argv=None):
         payload = {"command": cmd, "now": now, "other": other}
     else:
         payload = delays(Path(args.results), args.variants.split(","))
+        if not payload:
+            ap.error(f"--variants {args.variants}: no such run in {args.results} (run benchmarks/overoptimization.py "
+                     f"first, or name variants it ran)")
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=1, allow_nan=False))
     return 0

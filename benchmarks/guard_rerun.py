@@ -45,6 +45,9 @@ def main(argv=None):
                 continue
             b, a = summary(before[(variant, new["seed"])]), summary(new)
             rows.append({"variant": variant, "seed": new["seed"], "before": b, "after": a})
+    if not rows:
+        ap.error(f"no finished rerun of {args.variants} in {Path(args.workdir) / 'runs'} that {args.results} also "
+                 f"holds: run `python benchmarks/overoptimization.py run --runs <variant:seed,…>` first")
     print("| run | proxy at it. 0 (stored / rerun) | final gold before → after | final held-out KL | rollout KL "
           "after the guard, mean share of δ |\n|---|---|---|---|---|")
     for r in rows:

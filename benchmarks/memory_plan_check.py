@@ -312,6 +312,10 @@ def main():
         Path(args.json_out).write_text(json.dumps(worker(args.worker, args.iterations)))
         return 0
     names = args.only.split(",") if args.only else [*CONFIGS, *SCORING]
+    unknown = [n for n in names if n not in CONFIGS and n not in SCORING]
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join([*CONFIGS, *SCORING])}")
+    failed = []
     env = worker_env(args.default_malloc, args.native_isa)
     rows = []
     for name in names:
@@ -320,6 +324,7 @@ def main():
                             "--json-out", out], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{name}: worker failed\n{r.stderr[-3000:]}", flush=True)
+            failed.append(name)
             continue
         row = json.loads(Path(out).read_text())
         rows.append(row)
@@ -352,7 +357,9 @@ def main():
         print(f"{row['name']:20s} " + " ".join(f"{c:>20s}" for c in cells))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
-    return 0 if ok else 1
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", flush=True)
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":

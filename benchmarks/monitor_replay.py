@@ -88,7 +88,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     workdir = Path(args.workdir or ROOT / "outputs" / ("overopt_wide" if args.prompts == "wide" else "overopt"))
     for key in args.runs.split(","):
-        name, seed = key.split(":")
+        name, _, seed = key.partition(":")
+        if not (workdir / "runs" / f"{name}__s{seed}.json").is_file():
+            ap.error(f"--runs {key}: no run {workdir / 'runs' / f'{name}__s{seed}.json'} (keys are variant:seed of runs "
+                     f"benchmarks/overoptimization.py finished there)")
         record = json.loads((workdir / "runs" / f"{name}__s{seed}.json").read_text())
         logged = json.loads((workdir / "runs" / f"{name}__s{seed}" / "monitor" / "run.json").read_text())["reference"]
         logged_alarms = {d: sorted({a["iteration"] for a in record.get("alarms", []) if a["detector"] == d})

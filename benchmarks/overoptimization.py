@@ -78,6 +78,10 @@ def main(argv=None):
     ap.add_argument("--wait", action="store_true", help="keep polling until every scheduled run is done (runs wait "
                                                          "for their reward models to be trained)")
     args = ap.parse_args(argv)
+    bad = [k for k in filter(None, args.runs.split(","))
+           if k.count(":") != 1 or k.split(":")[0] not in VARIANTS or not k.split(":")[1].isdigit()]
+    if bad:
+        ap.error(f"--runs: {', '.join(bad)}; each key is variant:seed, variant one of {', '.join(VARIANTS)}")
     wide = args.prompts == "wide"
     args.workdir = args.workdir or str(ROOT / "outputs" / ("overopt_wide" if wide else "overopt"))
     args.out = args.out or str(RESULTS / f"overoptimization{'_wide' if wide else ''}.json")

@@ -118,16 +118,33 @@ def reward_artifact(model: str, top: int) -> str:
 
 
 def ensure_baseline_venv() -> Path:
-    py = BASELINE_VENV / "bin" / "python"
-    if not py.exists():
-        print(f"creating {BASELINE_VENV} with trl==1.12.0 (one time)…", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(BASELINE_VENV)], check=True)
-        pip = [str(py), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + ["torch==2.13.0"], check=True)
-        import transformers
+    """TRL 1.12's venv, built once. Complete only once `.complete` is written after every install: a build that
+    failed or was killed midway is rebuilt on the next run instead of being used without its packages."""
+    import shutil
 
-        subprocess.run(pip + ["trl==1.12.0", f"transformers=={transformers.__version__}", "peft", "accelerate",
-                              "datasets"], check=True)
+    py, done = BASELINE_VENV / "bin" / "python", BASELINE_VENV / ".complete"
+    if not done.is_file() and py.exists() and subprocess.run(  # one built before the marker existed
+            [str(py), "-c", "import torch, trl, peft, datasets; assert trl.__version__ == '1.12.0'"],
+            capture_output=True).returncode == 0:
+        done.touch()
+    if done.is_file():
+        return py
+    if BASELINE_VENV.exists():
+        print(f"{BASELINE_VENV} is incomplete (an earlier build failed or was stopped): rebuilding it", flush=True)
+        shutil.rmtree(BASELINE_VENV)
+    print(f"creating {BASELINE_VENV} with trl==1.12.0 (one time; needs PyPI)…", flush=True)
+    import transformers
+
+    steps = [[sys.executable, "-m", "venv", str(BASELINE_VENV)],
+             [str(py), "-m", "pip", "install", "-q", "torch==2.13.0"],
+             [str(py), "-m", "pip", "install", "-q", "trl==1.12.0", f"transformers=={transformers.__version__}",
+              "peft", "accelerate", "datasets"]]
+    for cmd in steps:
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"--baseline: building TRL 1.12's venv failed at `{' '.join(cmd)}` (output above). Fix "
+                             f"that (network, pip configuration) and rerun: the half-built {BASELINE_VENV} is "
+                             f"replaced on the next run.")
+    done.touch()
     return py
 
 
@@ -255,13 +272,25 @@ def main():
         raise SystemExit(f"--precision: unknown {bad}; use a comma list of {', '.join(PRECISIONS)}")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be ≥ 1, got {args.rounds}")
+    if args.iters < 2:  # every row is a median over iterations 2..N (the first one warms up)
+        raise SystemExit(f"--iters must be ≥ 2 (the medians are over iterations 2..N), got {args.iters}")
+    try:
+        layer_counts = [int(x) for x in str(args.lora_layers).split(",")]
+    except ValueError:
+        raise SystemExit(f"--lora-layers: {args.lora_layers!r}; use a comma list of integers (0 = all layers)")
+    if args.rloo and (args.prompts, args.completion_length, args.epochs) != (16, 32, 1):
+        print("note: --rloo runs TRL 1.16 RLOO at its fixed 8 prompts x 2 x 32 tokens, one update per rollout; its "
+              "ratio is a matched budget only with --prompts 16 --completion-length 32 --epochs 1", flush=True)
+    if args.json_out:
+        Path(args.json_out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    if args.baseline or args.baseline_kept_memory:
+        ensure_baseline_venv()  # before any measurement: a failed build must not come after minutes of ours
     from rlhf_ext.integrity import write_text_atomic
     from rlhf_ext.models import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
     common = ["--prompts", str(args.prompts), "--epochs", str(args.epochs), "--iters", str(args.iters),
               "--completion-length", str(args.completion_length)]
-    layer_counts = [int(x) for x in str(args.lora_layers).split(",")]
     rows: list[dict] = []
     rm_dirs = {n: reward_artifact(args.model, n) for n in layer_counts}
 

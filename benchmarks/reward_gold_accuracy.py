@@ -26,7 +26,7 @@ from rlhf_ext.rl_math import pearson
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", help="a reward-model artifact folder (recipes/reward_modeling.py output_dir)")
-    ap.add_argument("--data-dir", default="data/sentiment")
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent / "data" / "sentiment"))
     args = ap.parse_args(argv)
     rows = [json.loads(line) for line in (Path(args.data_dir) / "preferences_test.jsonl").open()]
     if not rows or "gold_chosen" not in rows[0]:

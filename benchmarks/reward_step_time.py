@@ -73,6 +73,8 @@ def main():
     if args.worker:
         print("ROW " + json.dumps(worker(args)), flush=True)
         return
+    if args.steps < 3:  # the step time is the median of steps 3..N (the first two warm up)
+        ap.error(f"--steps must be ≥ 3 (the step time is the median of steps 3..N), got {args.steps}")
     rows = []
     settings = {"keep": [("--keep", "off"), ("--keep", "on")], "matmul": [("--matmul", "torch"), ("--matmul", "onednn")],
                 "grouped_kv": [("--grouped-kv", "off"), ("--grouped-kv", "on")]}
@@ -85,7 +87,11 @@ def main():
             for flag, value in settings[args.compare]:
                 cmd = [sys.executable, __file__, "--worker", flag, value, "--precision", precision, "--model",
                        args.model, "--steps", str(args.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    sys.stderr.write(res.stderr[-3000:])
+                    raise SystemExit(f"worker failed ({precision}, {flag} {value}): its error is above")
+                out = res.stdout
                 rows.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("ROW "))[4:]))
                 r = rows[-1]
                 print(f"{precision:5s} {label[value]:25s} ({r['allocator']}, {r['routed']} linears via oneDNN) "

@@ -80,6 +80,8 @@ def main(argv=None) -> int:
                 ("fp32 weights + fp16 autocast", {}, fp16), ("fp16 weights", {"dtype": "float16"}, nullcontext),
                 ("4-bit NF4, fp16 compute", {"load_in_4bit": True, "dtype": "float16"}, nullcontext)]
     settings = [s for s in settings if args.only is None or args.only in s[0]]
+    if not settings:
+        ap.error(f"--only {args.only!r} matches no setting")
     print("| setting | mean KL / token | max KL / token | max abs dlogp | max abs dlogp (p > 1e-3) | max TV | s |")
     print("|---|---|---|---|---|---|---|")
     for name, load_kw, ctx in settings:

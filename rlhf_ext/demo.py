@@ -181,6 +181,9 @@ def check_options(ap: argparse.ArgumentParser, args) -> None:
             ap.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
     if args.lora_layers < 0:
         ap.error(f"--lora-layers must be ≥ 0 (0 = every layer), got {args.lora_layers}")
+    if args.ensemble_size < 2:  # PPO combines the members with uwo, which PPOTrainer refuses for one member
+        ap.error(f"--ensemble-size must be ≥ 2: the demo's PPO aggregates its reward members with uwo, got "
+                 f"{args.ensemble_size}")
     if not 0 <= args.seed < 2**32:  # transformers' set_seed refuses others, inside the first trainer
         ap.error(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     # a rate of 0 trains nothing; a KL bound of 0 allows no change; epochs scale the reward model's steps
@@ -256,6 +259,13 @@ def main(argv=None):
         reward_cfg = None if reuse else reward_config(reward_path, args)
     except (ValueError, TypeError) as e:
         ap.error(str(e))
+    from transformers import AutoConfig
+
+    from .models import resolve_model_path
+
+    n_layers = AutoConfig.from_pretrained(resolve_model_path(MODEL)).num_hidden_layers
+    if args.lora_layers > n_layers:  # PPOTrainer would refuse it, but only after stage 1
+        ap.error(f"--lora-layers {args.lora_layers}: the model has {n_layers} layers; use 1…{n_layers} (0 = all)")
     t0 = time.time()
     trunk = "frozen base (heads only)" if args.reward_heads_only else f"LoRA on the top {args.lora_layers} layers"
     print(f"[1/2] reward ensemble (K={args.ensemble_size} heads, {trunk}, {args.reward_pooling} pooling, length "

@@ -446,6 +446,15 @@ def run_isolated(case: str, args, flags: list[str], opts: dict, timeout: float) 
         row_file.unlink(missing_ok=True)
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Temporary file + rename, so a run killed at its deadline leaves the last complete JSON, never a torn one (no
+    rlhf_ext import: the parent runs before the dependency check lets it import trl)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -493,6 +502,12 @@ def main(argv=None) -> int:
         return 4
     have_bnb = "bitsandbytes" in deps["versions"]
     only = set(args.only.split(",")) if args.only else None
+    if only:
+        known = {x for name, _, _, _, _, variants in (CPU_CASES if args.cpu else GPU_CASES) for v in variants
+                 for x in (name, v, split_variant(v)[0], f"{name}-{v}")}
+        if only - known:
+            ap.error(f"--only: {', '.join(sorted(only - known))} names no {'CPU' if args.cpu else 'GPU'} case; "
+                     f"choose from {', '.join(sorted(known))}")
     # the parent never touches the GPU (no CUDA context of its own next to the workers'); they report the device
     result = {"status": "ok", "mode": device, "device": platform.processor() or "cpu", "versions": deps["versions"],
               "python": platform.python_version(), "delta": args.delta, "learning_rate": args.learning_rate,
@@ -528,9 +543,9 @@ def main(argv=None) -> int:
             if "device" in row:
                 result["device"], result["gpu_memory_gib"] = row.pop("device"), row.pop("gpu_memory_gib")
             result["cases"].append(row)
-            Path(args.out).write_text(json.dumps(result, indent=2))  # partial results survive a kill
+            write_text_atomic(args.out, json.dumps(result, indent=2))  # partial results survive a kill
     result["wall_s"] = time.perf_counter() - t0
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_text_atomic(args.out, json.dumps(result, indent=2))
 
     print(f"\n{'case':14s} {'tok/s':>8s} {'s/iter':>7s} {'gen %':>6s} {'peak GiB':>9s} {'plan GiB':>9s} {'ratio':>6s} "
           f"{'KL≤δ':>5s}  status")

@@ -76,6 +76,7 @@ def test_demo_refuses_counts_below_one_before_any_work(flag, capsys, tmp_path):
     ("--reward-lr", "0", "--reward-lr must be a finite number > 0"),
     ("--reward-epochs", "0", "--reward-epochs must be a finite number > 0"),
     ("--ensemble-size", "0", "--ensemble-size must be ≥ 1"),
+    ("--ensemble-size", "1", "--ensemble-size must be ≥ 2"),
     ("--beta", "-0.5", "--beta must be a finite number ≥ 0"),
     ("--length-alpha", "-1", "--length-alpha must be a finite number ≥ 0"),
     ("--eos-penalty", "inf", "--eos-penalty must be a finite number ≥ 0"),
@@ -93,6 +94,17 @@ def test_demo_refuses_a_stage_2_value_before_stage_1_trains(flag, value, says, c
         main([flag, value, "--output-dir", str(tmp_path / "demo")])
     assert e.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_more_lora_layers_than_the_model_has_before_stage_1(capsys, tmp_path, tiny_path, monkeypatch):
+    """PPOTrainer refuses lora_top_layers above the model's depth, but only after the reward ensemble trained."""
+    from rlhf_ext import demo
+
+    monkeypatch.setattr(demo, "MODEL", tiny_path)
+    monkeypatch.setattr(demo, "train_reward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("stage 1 ran")))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--lora-layers", "3", "--output-dir", str(tmp_path / "demo")])
+    assert e.value.code == 2 and "--lora-layers 3: the model has 2 layers" in capsys.readouterr().err
 
 
 def test_demo_checks_both_configs_before_stage_1(capsys, tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ import platform
 import sys
 from pathlib import Path
 
+from rlhf_ext.integrity import write_text_atomic
+
 from .variants import HEADLINE, VARIANTS, settings
 
 
@@ -227,7 +229,7 @@ def report(args):
                "versions": versions(), "machine": machine_line(), "settings": settings(args.quick, args.prompts),
                "gold": "rlhf_ext.sentiment.gold_score: mean per-sentence VADER compound − 1·[no EOS] − "
                        "repeated-4-gram fraction", "summary": rows, "runs": records}
-    out.write_text(strict_json(payload))
+    write_text_atomic(out, strict_json(payload))  # a committed results file: never torn
     table = markdown_table(rows)
     if any(r.get("loop") for r in records):
         table += "\n\nThe human loop:\n\n" + loop_table(rows)
