@@ -21,6 +21,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import traceback
 
 
 _TERM = float(2 ** 20)  # a SIGTERM's weight in `requested`'s sum: above any count of processes signalled
@@ -139,3 +140,22 @@ def launcher_note() -> str:
     return (f" Note: {grace}; work under way for longer is lost, and a resumed run starts from the last "
             f"checkpoint. To let it finish and save, signal the training processes alone, not the launcher: "
             f"`pkill -TERM -f recipes/ppo.py` (or the script's name).")
+
+
+# -- an exception instead of a signal: what finished is saved first (both trainers' `_save_after_failure`) ----------
+RESUME_HOW = "Resume with resume_from_checkpoint=True (recipes: --resume_from_checkpoint true)."
+
+
+def raised_inside(error: BaseException, function) -> bool:
+    """Whether `function` (a plain function or method) is on `error`'s traceback: a failure inside a save is not
+    answered with another save."""
+    return any(f.f_code is function.__code__ for f, _ in traceback.walk_tb(error.__traceback__))
+
+
+def note_saved(error: BaseException, folder, count: int, unit: str, after: str) -> None:
+    error.add_note(f"rlhf_ext: {folder} holds the {count} {unit}(s) that finished ({after}). {RESUME_HOW}")
+
+
+def note_not_saved(error: BaseException, why: str, newest: str | None) -> None:
+    error.add_note(f"rlhf_ext: {why}, so nothing was saved; " + (f"the newest checkpoint is {newest}. {RESUME_HOW}"
+                                                                 if newest else "no checkpoint was saved before it."))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from rlhf_ext import RewardEnsembleConfig, RewardEnsembleTrainer
 from rlhf_ext.integrity import (CorruptFileError, check_new_run, numbered_checkpoints, remove_oldest_checkpoints,
@@ -373,3 +374,68 @@ def test_a_resume_with_another_global_batch_is_refused_naming_the_settings_that_
     out = _copy(two_steps, tmp_path / "again")
     _trainer(out, tiny_path, tok, per_device_train_batch_size=4, ignore_data_skip=True).train(
         resume_from_checkpoint=str(out / "checkpoint-1"))
+
+
+# -- 6. an exception mid-run: the optimizer steps that finished are saved -----------------------------------------------
+class _FailOnce(TrainerCallback):
+    """Raises once at `event` when `global_step == at`."""
+
+    def __init__(self, event: str, at: int, error: Exception):
+        self.at, self.error, self.done = at, error, False
+        setattr(self, event, self._maybe)
+
+    def _maybe(self, args, state, control, **kwargs):
+        if state.global_step == self.at and not self.done:
+            self.done = True
+            raise self.error
+
+
+def _notes(e) -> str:
+    return " ".join(getattr(e.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("where", ["in step 3", "after step 3"])
+def test_a_failure_saves_the_finished_steps_and_the_resumed_run_ends_as_the_whole_one(tmp_path, tiny_path, tok,
+                                                                                       where):
+    """Out of memory in the second micro-batch of step 3 (the first one's gradient already accumulated), or an
+    evaluation failing after step 3 (its on_step_end here), with save_strategy "no": transformers saved nothing on
+    its way out, and every step was lost. The steps that finished are saved — the failed step dropped —, the
+    exception names the folder, and the resumed run ends with the weights of the run that never failed."""
+    run = dict(max_steps=4, save_strategy="no", per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    tr = _trainer(tmp_path / "cut", tiny_path, tok, **run)
+    if where == "in step 3":
+        calls, loss = [], tr.compute_loss
+
+        def compute_loss(*a, **k):
+            calls.append(tr.state.global_step)
+            if calls.count(2) == 2:
+                raise torch.OutOfMemoryError("out of memory")
+            return loss(*a, **k)
+
+        tr.compute_loss, error, saved, after = compute_loss, torch.OutOfMemoryError, 2, "the failed step is dropped"
+    else:
+        tr.add_callback(_FailOnce("on_step_end", 3, RuntimeError("the evaluation server is down")))
+        error, saved, after = RuntimeError, 3, "this error came after it"
+    with pytest.raises(error) as e:
+        tr.train()
+    folder = tmp_path / "cut" / f"checkpoint-{saved}"
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == [folder.name]
+    assert f"{folder} holds the {saved} optimizer step(s) that finished ({after}" in _notes(e)
+    resumed = _trainer(tmp_path / "cut", tiny_path, tok, **run)
+    steps = _spy_steps(resumed)
+    resumed.train(resume_from_checkpoint=True)
+    whole = _trainer(tmp_path / "whole", tiny_path, tok, **run)
+    whole.train()
+    assert len(steps) == 2 * (4 - saved) and _same(_weights(resumed), _weights(whole))
+
+
+def test_a_failure_inside_the_optimizer_step_saves_nothing_and_names_the_newest_checkpoint(tmp_path, tiny_path, tok):
+    """After optimizer.step() the weights have moved and the step is not counted yet: no consistent checkpoint can
+    be written; the exception names the newest one there is."""
+    tr = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=4, save_steps=1)
+    tr.add_callback(_FailOnce("on_optimizer_step", 2, RuntimeError("a callback bug")))
+    with pytest.raises(RuntimeError) as e:
+        tr.train()
+    assert "optimizer step 3 failed while the weights were being updated" in _notes(e)
+    assert f"the newest checkpoint is {tmp_path / 'cut' / 'checkpoint-2'}" in _notes(e)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

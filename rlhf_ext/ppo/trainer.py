@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -57,7 +56,7 @@ from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gathe
                          write_checkpoint)
 from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
-from ..interrupt import StopAfterIteration
+from ..interrupt import StopAfterIteration, note_not_saved, note_saved, raised_inside
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
@@ -1198,31 +1197,25 @@ class PPOTrainer(Trainer):
         is the run that never failed; one that failed after it cannot be undone, and the newest checkpoint is named.
         `finished`: the failure came after the iteration (its work is kept). Under data parallelism the other
         processes wait in a collective for the one that failed: nothing can be saved (the launcher stops them)."""
-        saving = any(f.f_code is PPOTrainer._save_and_rotate.__code__ for f, _ in traceback.walk_tb(error.__traceback__))
-        if undo is None or saving:  # several processes; the save itself failed
+        if undo is None or raised_inside(error, PPOTrainer._save_and_rotate):  # several processes; the save failed
             return
-        args, how = self.args, "Resume with resume_from_checkpoint=True (recipes: --resume_from_checkpoint true)."
         if not finished:
             if self._params_moved:
-                newest = newest_complete_checkpoint(args.output_dir)
-                error.add_note(f"rlhf_ext: iteration {self.iteration + 1} failed after the adapters had taken a step, "
-                               f"so it cannot be undone and nothing was saved; "
-                               + (f"the newest checkpoint is {newest}. {how}" if newest else
-                                  "no checkpoint was saved before it."))
+                note_not_saved(error, f"iteration {self.iteration + 1} failed after the adapters had taken a step (it "
+                                      f"cannot be undone)", newest_complete_checkpoint(self.args.output_dir))
                 return
             undo_iteration(self, undo)
         if self.iteration == 0:
             return  # nothing finished
-        done = Path(args.output_dir) / f"checkpoint-{self.iteration}"
+        done = Path(self.args.output_dir) / f"checkpoint-{self.iteration}"
         if not done.is_dir():
             try:
                 self._save_and_rotate(push=False)
             except Exception as save_error:  # a full disk, say: the first error is what the user must see
                 error.add_note(f"rlhf_ext: saving checkpoint-{self.iteration} after it failed too: {save_error!r}")
                 return
-        what = ("this error came after it" if finished else
-                "the failed one is undone: a resumed run repeats it")
-        error.add_note(f"rlhf_ext: {done} holds the {self.iteration} iteration(s) that finished ({what}). {how}")
+        note_saved(error, done, self.iteration, "iteration",
+                   "this error came after it" if finished else "the failed one is undone: a resumed run repeats it")
 
     def _maybe_log_evaluate_save(self, metrics: dict) -> bool:
         """Log, evaluate, save — each where a callback asked for it (`control.should_*`; on_log / on_evaluate /

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import warnings
 from collections import defaultdict
@@ -21,6 +22,7 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
@@ -39,10 +41,10 @@ from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
 from ..hub import (card_base_model, card_metadata, default_repo_id, push_checkpoint, push_folder,
                    reach_repo_or_explain, repo_id_for_push, with_card_metadata)
-from ..interrupt import StopAfterIteration
+from ..interrupt import StopAfterIteration, note_not_saved, note_saved, raised_inside
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
-                         finish_atomic_folder, output_dir_lock, read_json, remove_checkpoints, remove_oldest_checkpoints,
-                         resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
+                         finish_atomic_folder, newest_verified_checkpoint, output_dir_lock, read_json, remove_checkpoints,
+                         remove_oldest_checkpoints, resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
                          writing_folder)
 from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token,
                       four_bit_layout, is_quantized, keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
@@ -270,6 +272,34 @@ class _StopOnSignal(TrainerCallback):
         # one tiny reduction per step under DDP: every process stops at the same one
         if self.stop.requested(partial(sum_over_processes, self.trainer.accelerator)):
             self.stopped = control.should_save = control.should_training_stop = True
+
+
+class _KeepFinishedSteps(TrainerCallback):
+    """What `RewardEnsembleTrainer._save_after_failure` needs: the random streams as the last optimizer step that
+    finished left them, whether an exception came inside a step (its micro-batches) and inside its optimizer step
+    (the weights moved, the step not yet counted)."""
+
+    def __init__(self):
+        self.rng, self.in_step, self.stepping = None, False, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.in_step = True
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.stepping = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.in_step = self.stepping = False
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+    def restore_rng(self) -> None:
+        python, numpy, cpu, cuda = self.rng
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 # what resuming reads from a checkpoint-N folder: the artifact and Trainer's state (the manifest lists the rest:
@@ -961,13 +991,18 @@ class RewardEnsembleTrainer(RewardTrainer):
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
             self._init_from(self.args.init_reward_model)
         with StopAfterIteration(announce=self.is_world_process_zero(), unit="step") as stop:
-            watch = _StopOnSignal(self, stop)
+            watch, finished = _StopOnSignal(self, stop), _KeepFinishedSteps()
             self.add_callback(watch)
+            self.callback_handler.callbacks.insert(0, finished)  # first: it has seen a step end before any other
             try:
                 with self._deepspeed_resumes_non_strict():
                     out = super().train(resume_from_checkpoint, *args, **kwargs)
+            except Exception as e:  # the optimizer steps that finished are saved (`_save_after_failure`)
+                self._save_after_failure(e, finished)
+                raise
             finally:
                 self.remove_callback(watch)
+                self.remove_callback(finished)
         if watch.stopped:  # the step's checkpoint is written: say where, and end as the signal means
             if self.is_world_process_zero():
                 step = self.state.global_step
@@ -977,6 +1012,33 @@ class RewardEnsembleTrainer(RewardTrainer):
             raise stop.exception()
         self.compute_normalization()
         return out
+
+    def _save_after_failure(self, error: Exception, finished: _KeepFinishedSteps) -> None:
+        """An exception during training — a batch the collator refuses, out of memory, an evaluation or a callback
+        that fails — lost every optimizer step since the last scheduled checkpoint (transformers saves nothing on
+        its way out). In one process the steps that finished are saved as `checkpoint-N` first, with the random
+        streams as step N left them (the failed step's micro-batches are dropped: a resumed run is the run that never
+        failed), and the exception says so. Not for an exception inside an optimizer step (the weights moved, the
+        step is not counted), nor under data parallelism or DeepSpeed: the other processes wait in a collective for
+        the one that failed (the launcher stops them)."""
+        if (self.args.world_size > 1 or self.is_deepspeed_enabled or finished.rng is None
+                or raised_inside(error, RewardEnsembleTrainer._save_checkpoint)):
+            return  # several processes; no step finished in this run; the save itself failed
+        if finished.stepping:
+            note_not_saved(error, f"optimizer step {self.state.global_step + 1} failed while the weights were being "
+                                  f"updated", newest_verified_checkpoint(self.args.output_dir, RESUME_FILES))
+            return
+        done = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if not done.is_dir():
+            finished.restore_rng()
+            try:
+                self._save_checkpoint(self.model, trial=None)
+            except Exception as save_error:  # a full disk, say: the first error is what the user must see
+                error.add_note(f"rlhf_ext: saving {done.name} after it failed too: {save_error!r}")
+                return
+        note_saved(error, done, self.state.global_step, "optimizer step",
+                   "the failed step is dropped: a resumed run repeats it" if finished.in_step else
+                   "this error came after it")
 
     # -- checkpoints and resuming ------------------------------------------------------------------------------
     def _resume_point(self, resume_from_checkpoint) -> str:
