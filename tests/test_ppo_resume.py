@@ -392,29 +392,30 @@ def _notes(e) -> str:
 
 @pytest.mark.parametrize("where", ["reward server", "theta_old pass"])
 def test_a_failed_iteration_is_undone_and_the_finished_ones_saved(straight, tmp_path, tok, where):
-    """A reward server that does not answer in iteration 3 (scoring), or an out-of-memory error in its θ_old pass
+    """A reward server that does not answer in iteration 4 (scoring), or an out-of-memory error in its θ_old pass
     (after sampling, scoring and the debias shaper's update), with save_strategy "no": every iteration was lost.
-    The two that finished are saved as checkpoint-2 — the failed one undone: its samples, data position and reward
-    statistics —, the exception says so, and the resumed run ends where the run that never failed ends, bit for
+    The three that finished are saved as checkpoint-3 — the failed one undone: its samples, data position and
+    reward statistics (iteration 4: its responses vary in length, so the debias shaper's slope moves; every response
+    of iteration 3 is 24 tokens long, and the slope stays) —, the exception says so, and the resumed run ends where the run that never failed ends, bit for
     bit."""
     from .test_ppo import good_counter
 
     ckpt, hist, params = straight
     box = {}
     if where == "reward server":
-        positive_words = _once_in_iteration(box, 2, good_counter(tok), ConnectionError("the reward server is down"))
+        positive_words = _once_in_iteration(box, 3, good_counter(tok), ConnectionError("the reward server is down"))
         positive_words.__name__ = "positive_words"  # the straight run's reward, by name (its statistics' key)
         tr = box["tr"] = make(tmp_path, tok, reward=positive_words, **RUN)
         error = ConnectionError
     else:
         tr = box["tr"] = make(tmp_path, tok, **RUN)
-        tr._full_forward = _once_in_iteration(box, 2, tr._full_forward, torch.OutOfMemoryError("out of memory"))
+        tr._full_forward = _once_in_iteration(box, 3, tr._full_forward, torch.OutOfMemoryError("out of memory"))
         error = torch.OutOfMemoryError
     with pytest.raises(error) as e:
         tr.train()
-    saved = tmp_path / "ppo" / "checkpoint-2"
-    assert saved.is_dir() and f"{saved} holds the 2 iteration(s) that finished (the failed one is undone" in _notes(e)
-    assert not (tmp_path / "ppo" / "checkpoint-3").exists()
+    saved = tmp_path / "ppo" / "checkpoint-3"
+    assert saved.is_dir() and f"{saved} holds the 3 iteration(s) that finished (the failed one is undone" in _notes(e)
+    assert not (tmp_path / "ppo" / "checkpoint-4").exists()
     tr, resumed, said = _resume(tmp_path / "again", tok, saved)
     assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist]  # the run that never failed
     now = _params(tr)
@@ -446,3 +447,109 @@ def test_a_failure_after_an_iteration_keeps_it(straight, tmp_path, tok):
     assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist]
     now = _params(tr)
     assert all(torch.equal(now[k], params[k]) for k in params)
+
+
+@pytest.mark.parametrize("where", ["backward", "audit"])
+def test_a_failed_iteration_retried_on_the_same_trainer_is_the_run_that_never_failed(straight, tmp_path, tok, where):
+    """The note's advice taken on the same trainer (a notebook): an error after iteration 3's backward (an OOM in
+    it) left the gradients in .grad, and one in an audit judge left the reward function's log_extra() values
+    pending — the retry added both to its own (its first step trained on two gradients; log_extra refused 16 values
+    for 8 completions)."""
+    from .test_ppo import good_counter
+
+    base, box = good_counter(tok), {}
+
+    def positive_words(prompts, completions, completion_ids, log_extra=None, **kw):
+        out = base(prompts, completions, completion_ids)
+        log_extra("positive", out)
+        return out
+
+    def judge(prompts, completions, completion_ids, **kw):
+        if box["tr"].iteration == 2 and where == "audit" and not box.get("failed"):
+            box["failed"] = True
+            raise ConnectionError("the judge's server is down")
+        return [0.0] * len(prompts)
+
+    ckpt, hist, params = straight
+    tr = box["tr"] = make(tmp_path, tok, reward=positive_words, audit_funcs=[judge], **RUN)
+    backward = tr.accelerator.backward
+
+    def failing(*a, **kw):
+        backward(*a, **kw)
+        if tr.iteration == 2 and where == "backward" and not box.get("failed"):
+            box["failed"] = True
+            raise torch.OutOfMemoryError("out of memory")
+
+    tr.accelerator.backward = failing
+    with pytest.raises((torch.OutOfMemoryError, ConnectionError)):
+        tr.train()
+    resumed = tr.train(resume_from_checkpoint=True)
+    assert [h["loss/policy"] for h in resumed] == [h["loss/policy"] for h in hist]
+    now = _params(tr)
+    assert all(torch.equal(now[k], params[k]) for k in params)
+
+
+def test_the_kl_guard_moving_the_adapters_is_not_undone(tmp_path, tok):
+    """Every step of iteration 3 skipped (a non-finite loss), then the hard-KL guard, finding the batch above δ,
+    shrinks the adapters towards the anchor — with no optimizer step taken. An error after that (here in the guard's
+    own measurement) cannot be undone: checkpoint-2 would have held iteration 3's shrunk adapters."""
+    box = {}
+    tr = box["tr"] = make(tmp_path, tok, **{**RUN, "kl_target": 0.2})
+    step = tr._step
+    tr._step = lambda loss, stats: step(loss * float("nan") if tr.iteration == 2 else loss, stats)
+    enforce, moved = tr.kl_guard.enforce, []
+
+    def failing(before, kl, measure, *a, **kw):
+        if tr.iteration != 2:
+            return enforce(before, kl, measure, *a, **kw)
+
+        def measure_once():  # the bisection's first measurement: the adapters have moved, then an OOM
+            moved.append(any(not torch.equal(p, b) for p, b in zip(tr.kl_guard.params, before)))
+            raise torch.OutOfMemoryError("out of memory")
+
+        return enforce(before, kl, measure_once, *a, **kw)
+
+    tr.kl_guard.enforce = failing
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        tr.train()
+    assert moved == [True]  # the guard ran in iteration 3 and had moved the adapters
+    assert "cannot be undone" in _notes(e) and not list((tmp_path / "ppo").glob("checkpoint-*"))
+
+
+def test_a_reward_member_failing_in_the_monitors_review_scoring_leaves_the_statistics(tmp_path, tok):
+    """The monitor scores a reference answer beside each queued sample, its running statistics put back after; a
+    reward server that fails there (after iteration 3, on_step_end) left the member scored before it moved by
+    those answers, and checkpoint-3 — saved after the failure — kept them (count 26 where the run had seen 24)."""
+    from .test_ppo import good_counter
+
+    local, box = good_counter(tok), {}
+
+    def server(prompts, completions, completion_ids, **kw):
+        if box.get("tr") is not None and "log_metric" not in kw and box["tr"].iteration == 3 and not box.get("failed"):
+            box["failed"] = True  # the monitor's scoring (log=False): the training scoring passes log_metric
+            raise ConnectionError("the reward server is down")
+        return [float(len(c) % 3) for c in completion_ids]
+
+    run = {**RUN, "monitor_detectors": [{"name": "length_correlation", "threshold": -2.0, "action": "queue", "z": 0}],
+           "monitor_cooldown": 1}  # a review pair queued after every iteration
+    make(tmp_path / "straight", tok, reward=[local, server], save_strategy="steps", save_steps=3, **run).train()
+    expected = json.loads((tmp_path / "straight" / "ppo" / "checkpoint-3" / "ppo_state.json").read_text())["rewards"]
+    tr = box["tr"] = make(tmp_path / "failing", tok, reward=[local, server], **run)
+    with pytest.raises(ConnectionError):
+        tr.train()
+    saved = json.loads((tmp_path / "failing" / "ppo" / "checkpoint-3" / "ppo_state.json").read_text())
+    assert saved["rewards"] == expected
+
+
+def test_a_failure_in_the_runs_closing_callbacks_keeps_every_iteration(tmp_path, tok):
+    """on_train_end (a tracker closing its run) that raises after the last iteration: with save_strategy "no" the
+    whole run was lost."""
+    class ClosingFails(TrainerCallback):
+        def on_train_end(self, args, state, control, **kw):
+            raise OSError("the tracker's server is down")
+
+    tr = make(tmp_path, tok, callbacks=[ClosingFails()], **RUN)
+    with pytest.raises(OSError) as e:
+        tr.train()
+    saved = tmp_path / "ppo" / "checkpoint-4"
+    assert saved.is_dir() and f"{saved} holds the 4 iteration(s) that finished" in _notes(e)

@@ -376,6 +376,43 @@ def test_a_resume_with_another_global_batch_is_refused_naming_the_settings_that_
         resume_from_checkpoint=str(out / "checkpoint-1"))
 
 
+def test_a_refused_resume_changes_nothing_in_output_dir(two_steps, tmp_path, tiny_path, tok):
+    """An explicit resume from checkpoint-1 with another number of pairs per step is refused — before checkpoint-2 is
+    renamed superseded-checkpoint-2 (it was, so the corrected resume=True continued checkpoint-1)."""
+    out = _copy(two_steps, tmp_path)
+    with pytest.raises(ValueError, match="pairs per optimizer step"):
+        _trainer(out, tiny_path, tok, per_device_train_batch_size=4).train(
+            resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert sorted(p.name for p in numbered_checkpoints(out)) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(out.glob("superseded-*"))
+
+
+def test_auto_find_batch_size_is_checked_by_the_batch_that_trained(tmp_path, tiny_path, tok):
+    """auto_find_batch_size shrank 8 to 7 after an out-of-memory error: training_args.json still says 8, transformers
+    records 7 (trainer_state.json's train_batch_size) and, with auto_find_batch_size on, resumes by 7 whatever the
+    configured size. Resumed with 8 and it off: 8 pairs skipped where 7 trained — refused, naming 7; with it on and
+    16 configured: resumes (it was refused)."""
+    out = tmp_path / "run"
+    tr = _trainer(out, tiny_path, tok, max_steps=3, auto_find_batch_size=True)
+    step, calls = tr.training_step, []
+
+    def out_of_memory(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory.")
+        return step(*a, **k)
+
+    tr.training_step = out_of_memory
+    tr.train()
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["train_batch_size"] == 7
+    with pytest.raises(ValueError, match=r"trained 7 pairs .*\(per_device_train_batch_size=7"):
+        _trainer(out, tiny_path, tok, max_steps=3).train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    again = _trainer(out, tiny_path, tok, max_steps=3, per_device_train_batch_size=16, auto_find_batch_size=True)
+    steps = _spy_steps(again)
+    again.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert len(steps) == 2
+
+
 # -- 6. an exception mid-run: the optimizer steps that finished are saved -----------------------------------------------
 class _FailOnce(TrainerCallback):
     """Raises once at `event` when `global_step == at`."""

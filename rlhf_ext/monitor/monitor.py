@@ -270,9 +270,11 @@ class RewardHackingMonitor(TrainerCallback):
             ref = tr.policy.generate(batch, tr.tokenizer, tr.args.max_completion_length, tr.args.top_p,
                                      tr.args.stop_on_eos, reference=True)
         saved = tr.rewards.state_dict()  # scoring for display must not move running statistics (debias, callables)
-        ref_scores, _, ref_raw, _ = tr.rewards.score(ref.prompts, ref.completions, ref.completion_ids,
-                                                     has_eos=ref.has_eos.cpu(), **tr.reward_kwargs(ref, log=False))
-        tr.rewards.load_state_dict(saved)
+        try:  # nor a member that fails after another scored: the trainer saves a checkpoint after the failure
+            ref_scores, _, ref_raw, _ = tr.rewards.score(ref.prompts, ref.completions, ref.completion_ids,
+                                                         has_eos=ref.has_eos.cpu(), **tr.reward_kwargs(ref, log=False))
+        finally:
+            tr.rewards.load_state_dict(saved)
         ref_audit = tr.judge_scores(ref, tr.audit_funcs, log=False)
         rows = torch.tensor(picked)
         logits = tr.policy.logits(ro.ids[rows], ro.mask[rows], ro.R, None if ro.h_low is None else ro.h_low[rows])

@@ -134,6 +134,13 @@ def undo_iteration(tr, point: dict) -> None:
     tr.kl_ctl.load_state_dict(point["kl_controller"])
     if point["scaler"] is not None:
         tr.grad_scaler.load_state_dict(point["scaler"])
+    # what the failed iteration left in this process: gradients of a backward that reached no optimizer step, values
+    # reward functions passed to log_metric / log_extra, the kept θ_old forward and the rollout (an OOM's memory) —
+    # a retry in this process (train() again, or resume_from_checkpoint on this trainer) would add them to its own
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr._pending_metrics, tr._pending_extra = {}, {}
+    tr._memo.clear()
+    tr.rollout = None
 
 
 def _states_to_save(tr) -> list[dict]:

@@ -922,6 +922,7 @@ class PPOTrainer(Trainer):
                 kl = self._measure_after_epoch(ro, last_epoch=epoch == args.num_ppo_epochs - 1)
                 if not self.kl_guard.feasible(kl):
                     self._memo.clear()
+                    self._params_moved = True  # the guard edits the adapters in place, even when every step was skipped
                     kl = self.kl_guard.enforce(before, kl, lambda: self._measure(ro), stats, kl_before=kl_before)
                     self.version += 1
                     stats["kl/after_update"] = kl
@@ -1179,13 +1180,17 @@ class PPOTrainer(Trainer):
                                    f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
                                    f"--resume_from_checkpoint true).", file=sys.stderr)
                     raise stop.exception()
-        history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.time() - start,
-                               (self.iteration - first) * args.per_device_train_batch_size
-                               * self.accelerator.num_processes, self.iteration - first, self.state.epoch,
-                               args.logging_nan_inf_filter)
-        if self.iteration > first:  # Trainer's closing log (runtime, samples/s, loss), to log_history and reporters
-            self.log(dict(history.metrics), start_time=start)
-        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        try:  # the run's closing log and callbacks: one that fails does not lose the iterations
+            history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.time() - start,
+                                   (self.iteration - first) * args.per_device_train_batch_size
+                                   * self.accelerator.num_processes, self.iteration - first, self.state.epoch,
+                                   args.logging_nan_inf_filter)
+            if self.iteration > first:  # Trainer's closing log (runtime, samples/s, loss), to log_history, reporters
+                self.log(dict(history.metrics), start_time=start)
+            self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        except Exception as e:
+            self._save_after_failure(e, {} if self.accelerator.num_processes == 1 else None, finished=True)
+            raise
         return history
 
     def _save_after_failure(self, error: Exception, undo: dict | None, finished: bool) -> None:

@@ -983,7 +983,6 @@ class RewardEnsembleTrainer(RewardTrainer):
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
             if self._finished(resume_from_checkpoint):
                 return self._load_finished_run(resume_from_checkpoint)
-            self._check_resume_batch(Path(resume_from_checkpoint))
             if self.is_deepspeed_enabled:  # DeepSpeed loads its own checkpoint, not through _load_from_checkpoint:
                 self._checked_spec(Path(resume_from_checkpoint))  # its error named a ZeRO alignment setting instead
         else:
@@ -1051,6 +1050,9 @@ class RewardEnsembleTrainer(RewardTrainer):
         path = resume_folder(resume_from_checkpoint, self.args.output_dir, RESUME_FILES)
         if explicit:
             verify_manifest(path, RESUME_FIX, required=RESUME_FILES)
+        if not self._finished(path):  # refused before anything in output_dir changes (the later ones superseded)
+            self._check_resume_batch(Path(path))
+        if explicit:
             if self.args.should_save:
                 supersede_later_checkpoints(self.args.output_dir, path)
             self.accelerator.wait_for_everyone()
@@ -1068,13 +1070,17 @@ class RewardEnsembleTrainer(RewardTrainer):
         saved_args = path / "training_args.json"
         if not streams or not saved_args.is_file() or args.ignore_data_skip:
             return  # save_only_model (no RNG files): nothing says how it was launched; ignore_data_skip: no skip
-        saved = read_json(saved_args, RESUME_FIX)
-        was = (streams, int(saved.get("per_device_train_batch_size", args.per_device_train_batch_size)),
-               int(saved.get("gradient_accumulation_steps", args.gradient_accumulation_steps)))
-        now = (args.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+        saved, state = read_json(saved_args, RESUME_FIX), read_json(path / TRAINER_STATE, RESUME_FIX)
+        # the batch that trained, as transformers records it (auto_find_batch_size shrinks it below the configured
+        # per_device_train_batch_size; × n_gpu under DataParallel), and the one this run skips by: the checkpoint's
+        # when auto_find_batch_size is on (`Trainer.train` restores it), else the configured one
+        trained = state.get("train_batch_size") or saved.get("per_device_train_batch_size", args.train_batch_size)
+        was = (streams, int(trained), int(saved.get("gradient_accumulation_steps", args.gradient_accumulation_steps)))
+        batch = int(trained) if args.auto_find_batch_size and state.get("train_batch_size") else args.train_batch_size
+        now = (args.world_size, batch, args.gradient_accumulation_steps)
         then_pairs, now_pairs = math.prod(was), math.prod(now)
         if then_pairs != now_pairs:
-            step = read_json(path / TRAINER_STATE, RESUME_FIX).get("global_step", 0)
+            step = state.get("global_step", 0)
             keep = [f"per_device_train_batch_size={then_pairs // (now[0] * now[2])}"] if then_pairs % (now[0] * now[2]) == 0 else []
             raise ValueError(
                 f"{path} trained {then_pairs} pairs per optimizer step ({was[0]} process(es) x "
@@ -1083,7 +1089,8 @@ class RewardEnsembleTrainer(RewardTrainer):
                 f"{step * now_pairs} pairs where {step * then_pairs} were trained, so pairs would be "
                 f"{'trained again' if now_pairs < then_pairs else 'skipped'}. Keep {then_pairs} pairs per step ("
                 + " or ".join(keep + [f"launch {was[0]} process(es) with the checkpoint's settings"]) +
-                "), or set ignore_data_skip=True to start the epoch's order from its beginning.")
+                "), or set ignore_data_skip=True to skip nothing: the resumed epoch's pairs are then taken from its "
+                "beginning, some trained again.")
         if was[0] != now[0] and self.is_world_process_zero():
             warnings.warn(f"{path} holds the random streams of {was[0]} process(es) and this run has {now[0]}: the "
                           f"data position is kept ({now_pairs} pairs per step, as before), the random streams are not "
