@@ -88,6 +88,9 @@ def newest_verified_checkpoint(output_dir, required: tuple[str, ...]) -> str | N
     import warnings
 
     for p in numbered_checkpoints(output_dir):
+        if not (p / MANIFEST).is_file():  # before its required files: an older version's folder is not "damaged"
+            warnings.warn(f"{p} has no manifest (written by an older rlhf_ext, or incomplete): skipped.")
+            continue
         try:
             if verify_manifest(p, "", required=required):
                 return str(p)

@@ -553,3 +553,17 @@ def test_a_failure_in_the_runs_closing_callbacks_keeps_every_iteration(tmp_path,
         tr.train()
     saved = tmp_path / "ppo" / "checkpoint-4"
     assert saved.is_dir() and f"{saved} holds the 4 iteration(s) that finished" in _notes(e)
+
+
+def test_a_checkpoint_of_rlhf_ext_0_1_is_refused_naming_what_to_do(straight, tmp_path, tok):
+    """0.1 wrote no manifest and no KL anchor: its checkpoints were called damaged ("anchor.safetensors: missing"),
+    and the fixes offered went round in a circle (resume=True: "no complete checkpoint"; a new run: "resume it")."""
+    import shutil
+
+    ckpt = straight[0]
+    old = tmp_path / "checkpoint-2"
+    shutil.copytree(ckpt, old)
+    (old / "manifest.json").unlink()
+    (old / "anchor.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"written by rlhf_ext 0\.1 .* Start a new run .* policy adapter is in"):
+        make(tmp_path / "new", tok, **RUN).train(resume_from_checkpoint=str(old))

@@ -476,3 +476,14 @@ def test_a_failure_inside_the_optimizer_step_saves_nothing_and_names_the_newest_
     assert "optimizer step 3 failed while the weights were being updated" in _notes(e)
     assert f"the newest checkpoint is {tmp_path / 'cut' / 'checkpoint-2'}" in _notes(e)
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_reward_checkpoint_of_rlhf_ext_0_1_is_refused_naming_init_reward_model(two_steps, tmp_path, tiny_path, tok):
+    """A format-1 spec (0.1 recorded no base fingerprint) was refused for "base_fingerprint = None", a setting no
+    user can match; 0.1's training is not continued step for step, so its weights are the way on."""
+    out = _copy(two_steps, tmp_path)
+    spec = out / "checkpoint-1" / "rlhf_ext_reward.json"
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "format_version": 1}))
+    (out / "checkpoint-1" / "manifest.json").unlink()  # 0.1 wrote none
+    with pytest.raises(ValueError, match=r"written by rlhf_ext 0\.1 .* init_reward_model="):
+        _trainer(out, tiny_path, tok).train(resume_from_checkpoint=str(out / "checkpoint-1"))

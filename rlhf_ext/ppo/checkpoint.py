@@ -26,7 +26,7 @@ CHECKPOINT_FILES = ("ppo_state.json", "value_head.safetensors", "optimizer.pt", 
 # What shapes the trajectory: resumed with other values, a run continues, but not as the run that wrote the checkpoint
 # (warned on resume, as transformers' Trainer warns for its batch size; a changed default must not pass unnoticed)
 TRAJECTORY_SETTINGS = ("per_device_train_batch_size", "num_ppo_epochs", "num_mini_batches", "max_completion_length",
-                       "learning_rate", "kl_controller", "kl_target", "seed", "data_seed")
+                       "learning_rate", "kl_controller", "kl_target", "seed", "data_seed", "cpu_fast_sampling")
 # What to do about a changed setting where "pass the checkpoint's value" is not the whole answer
 _CHANGED_HINT = {"base_model_fingerprint": "the adapters were trained on another base model: load the checkpoint's "
                                            "for a continuation of that run",
@@ -273,6 +273,12 @@ def read_checkpoint(tr, path) -> None:
     path = Path(path)
     fix = ("Resume from an earlier checkpoint-N folder of the same output_dir, or pass "
            "resume_from_checkpoint=True to take the newest complete one.")
+    if not (path / "manifest.json").is_file() and not (path / "anchor.safetensors").is_file() \
+            and (path / "ppo_state.json").is_file():
+        raise ValueError(f"{path} was written by rlhf_ext 0.1 (no manifest.json, no anchor.safetensors), whose PPO "
+                         f"checkpoints this version cannot resume. Start a new run (another output_dir, or "
+                         f"overwrite_output_dir=True); its policy adapter is in {path / 'adapters'} "
+                         f"(peft.PeftModel.from_pretrained(base, folder, subfolder=ADAPTER_NAME)).")
     required = CHECKPOINT_FILES + tuple(
         f"adapters/{a if a != 'default' else ''}/adapter_model.safetensors".replace("//", "/")
         for a in tr.trained_adapters)
@@ -302,6 +308,13 @@ def read_checkpoint(tr, path) -> None:
     state = read_json(path / "ppo_state.json", fix)
     if state.get("lr_schedule_unit") != "iteration":
         _schedule_in_iterations(tr, state["iteration"])
+        if tr.accelerator.is_main_process:
+            warnings.warn(f"{path} was written by an earlier rlhf_ext: its run stepped the learning-rate schedule "
+                          f"once per optimizer step and, on CPU, drew tokens with torch.multinomial. It continues at "
+                          f"iteration {state['iteration']} of today's per-iteration schedule"
+                          + (" and sampler (cpu_fast_sampling=False draws as that run did)"
+                             if tr.args.cpu_fast_sampling and tr.policy.device.type == "cpu" else "")
+                          + ": not as that run would have continued.", UserWarning, stacklevel=3)
     settings = state.get("settings") or {}
     _follow_configured_lr(tr, settings.get("learning_rate"))
     if tr.accelerator.is_main_process:  # one warning, not one per process

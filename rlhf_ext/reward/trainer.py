@@ -1338,16 +1338,27 @@ class RewardEnsembleTrainer(RewardTrainer):
                 f"init_reward_model: {path} has {key} = {theirs!r}, this trainer {ours!r}. Start from a reward model "
                 f"trained with the same base model, ensemble_size/ensemble_mode and LoRA settings, or leave "
                 f"init_reward_model unset to train from scratch.")
-        self._load_from_checkpoint(str(path))
+        self._initialising = True  # weights only: an earlier format's artifact is fine here
+        try:
+            self._load_from_checkpoint(str(path))
+        finally:
+            self._initialising = False
         self.normalization = None  # recomputed after training, on the new weights
 
     def _spec_difference(self, spec: dict):
         """The first of what shapes the weights (mode, members, adapters, LoRA settings, base) where a saved `spec`
         differs from this trainer's: (key, theirs, ours), or (None, None, None)."""
         mine = json.loads(json.dumps(self.artifact_spec(), default=str))
-        for key in ("mode", "members", "adapters", "lora_config", "base_fingerprint"):
+        for key in ("mode", "members", "adapters", "lora_config"):
             if spec.get(key) != mine.get(key):
                 return key, spec.get(key), mine.get(key)
+        if spec.get("base_fingerprint") is None:  # written before the fingerprint was recorded (format 1): compare
+            from .artifact import same_base      # the base by its recorded reference, as load_reward_model does
+            model = self.accelerator.unwrap_model(self.model).model
+            if not same_base(spec, model, mine.get("base_model")):
+                return "base_model", spec.get("base_model"), mine.get("base_model")
+        elif spec["base_fingerprint"] != mine.get("base_fingerprint"):
+            return "base_fingerprint", spec["base_fingerprint"], mine.get("base_fingerprint")
         return None, None, None
 
     def _checked_spec(self, path: Path) -> dict:
@@ -1357,6 +1368,11 @@ class RewardEnsembleTrainer(RewardTrainer):
         from .artifact import read_spec
 
         spec = read_spec(path)
+        if spec.get("format_version", 0) < 2 and not getattr(self, "_initialising", False):
+            raise ValueError(f"{path} was written by rlhf_ext 0.1 (format {spec.get('format_version', 0)}), whose "
+                             f"training this version does not continue step for step. Start from its weights "
+                             f"instead: init_reward_model={str(path)!r} (a new run, in another output_dir or with "
+                             f"overwrite_output_dir=True; the optimizer starts afresh).")
         verify_manifest(path, "Resume from an earlier checkpoint-N folder.", required=("heads.safetensors",))
         key, theirs, ours = self._spec_difference(spec)
         if key:  # torch would say "size mismatch" or "Missing key(s)", naming neither the folder nor the setting
