@@ -478,6 +478,83 @@ def test_a_failure_inside_the_optimizer_step_saves_nothing_and_names_the_newest_
     assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
+def test_a_failure_after_an_evaluation_resumes_bit_for_bit(tmp_path, tiny_path, tok):
+    """An evaluation draws from torch's random stream (its DataLoader's seed) after on_step_end, and transformers'
+    own checkpoint is written after it: the streams saved after a failure in the next step were the ones from before
+    the evaluation, so with dropout the resumed run drifted from the run that never failed."""
+    run = dict(max_steps=5, save_strategy="no", per_device_train_batch_size=4, eval_strategy="steps", eval_steps=1,
+               disable_dropout=False)
+    peft = LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1)
+
+    def build(out):
+        return RewardEnsembleTrainer(tiny_path, args=_args(out, **run), processing_class=tok, peft_config=peft,
+                                     train_dataset=Dataset.from_list(preference_rows(32, 0)),
+                                     eval_dataset=Dataset.from_list(preference_rows(8, 1)))
+
+    tr, loss = build(tmp_path / "cut"), None
+    loss = tr.compute_loss
+
+    def compute_loss(model, inputs, *a, **k):
+        if tr.model.training and tr.state.global_step == 3:
+            raise torch.OutOfMemoryError("out of memory")
+        return loss(model, inputs, *a, **k)
+
+    tr.compute_loss = compute_loss
+    with pytest.raises(torch.OutOfMemoryError):
+        tr.train()
+    resumed = build(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=True)
+    whole = build(tmp_path / "whole")
+    whole.train()
+    assert _same(_weights(resumed), _weights(whole))
+
+
+def test_a_failure_in_the_closing_normalisation_saves_the_run(tmp_path, tiny_path, tok, monkeypatch):
+    """compute_normalization runs after super().train(), outside the save-on-failure: out of memory there lost the
+    whole run (save_strategy "no"). Now checkpoint-N is saved and a resume loads it and trains nothing."""
+    tr = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=3, save_strategy="no")
+    compute, calls = tr.compute_normalization, []
+
+    def once(*a, **k):  # the checkpoint's own normalisation (the artifact's) passes: the memory was freed
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("out of memory")
+        return compute(*a, **k)
+
+    monkeypatch.setattr(tr, "compute_normalization", once)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        tr.train()
+    assert f"{tmp_path / 'cut' / 'checkpoint-3'} holds the 3 optimizer step(s)" in _notes(e)
+    resumed = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=3, save_strategy="no")
+    steps = _spy_steps(resumed)
+    resumed.train(resume_from_checkpoint=True)
+    assert steps == [] and resumed.normalization is not None
+
+
+def test_a_failing_on_pre_optimizer_step_callback_saves_the_finished_steps(tmp_path, tiny_path, tok):
+    """on_pre_optimizer_step comes before optimizer.step(): the weights have not moved, so the finished steps are
+    saved (they were refused as "failed while the weights were being updated")."""
+    tr = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=4, save_strategy="no")
+    tr.add_callback(_FailOnce("on_pre_optimizer_step", 2, RuntimeError("a gradient check")))
+    with pytest.raises(RuntimeError) as e:
+        tr.train()
+    assert "checkpoint-2 holds the 2 optimizer step(s) that finished (the failed step is dropped" in _notes(e)
+
+
+def test_no_step_is_saved_with_the_best_models_weights(tmp_path, tiny_path, tok):
+    """load_best_model_at_end with save_strategy "best": the last step has no checkpoint, and on_train_end comes after
+    the best model is loaded; saving then wrote checkpoint-N with the best step's weights beside step N's optimizer,
+    scheduler and trainer state."""
+    tr = _trainer(tmp_path / "cut", tiny_path, tok, eval_rows=8, max_steps=5, per_device_train_batch_size=4,
+                  eval_strategy="steps", eval_steps=2, save_strategy="best", load_best_model_at_end=True,
+                  metric_for_best_model="eval_loss", greater_is_better=True)
+    tr.add_callback(_FailOnce("on_train_end", 5, RuntimeError("a tracker upload")))
+    with pytest.raises(RuntimeError) as e:
+        tr.train()
+    assert "model holds the best checkpoint's weights" in _notes(e)
+    assert not (tmp_path / "cut" / "checkpoint-5").exists()
+
+
 def test_a_reward_checkpoint_of_rlhf_ext_0_1_is_refused_naming_init_reward_model(two_steps, tmp_path, tiny_path, tok):
     """A format-1 spec (0.1 recorded no base fingerprint) was refused for "base_fingerprint = None", a setting no
     user can match; 0.1's training is not continued step for step, so its weights are the way on."""

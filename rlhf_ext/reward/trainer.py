@@ -9,12 +9,14 @@ weights, plus an optional length de-correlation penalty.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
 import os
 import random
 import sys
+import traceback
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.trainer_callback import TrainerState
+from transformers.trainer_callback import CallbackHandler, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, TrainOutput
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import is_conversational
@@ -280,7 +282,16 @@ class _KeepFinishedSteps(TrainerCallback):
     (the weights moved, the step not yet counted)."""
 
     def __init__(self):
-        self.rng, self.in_step, self.stepping = None, False, False
+        self.rng, self.in_step, self.stepping, self.best_loaded = None, False, False, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # auto_find_batch_size runs the inner loop again after an out-of-memory error, from step 0: what the failed
+        # attempt left (its last step's random streams, a step under way) is not this attempt's
+        self.rng, self.in_step, self.stepping, self.best_loaded = None, False, False, False
+
+    def capture(self) -> None:
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.in_step = True
@@ -290,8 +301,7 @@ class _KeepFinishedSteps(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.in_step = self.stepping = False
-        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                    torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        self.capture()
 
     def restore_rng(self) -> None:
         python, numpy, cpu, cuda = self.rng
@@ -993,6 +1003,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             watch, finished = _StopOnSignal(self, stop), _KeepFinishedSteps()
             self.add_callback(watch)
             self.callback_handler.callbacks.insert(0, finished)  # first: it has seen a step end before any other
+            self._finished_steps = finished  # `_maybe_log_save_evaluate`, `_load_best_model`
             try:
                 with self._deepspeed_resumes_non_strict():
                     out = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -1002,6 +1013,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             finally:
                 self.remove_callback(watch)
                 self.remove_callback(finished)
+                self._finished_steps = None
         if watch.stopped:  # the step's checkpoint is written: say where, and end as the signal means
             if self.is_world_process_zero():
                 step = self.state.global_step
@@ -1009,8 +1021,19 @@ class RewardEnsembleTrainer(RewardTrainer):
                       f"resume_from_checkpoint=True (recipes: --resume_from_checkpoint true).", file=sys.stderr,
                       flush=True)
             raise stop.exception()
-        self.compute_normalization()
+        try:
+            self.compute_normalization()
+        except Exception as e:  # out of memory in the reference pass: the trained steps are saved as well
+            self._save_after_failure(e, finished)
+            raise
         return out
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        if (finished := getattr(self, "_finished_steps", None)) is not None:
+            # an evaluation draws from the random streams (its DataLoader's seed), and transformers' own checkpoint
+            # is written after it: a checkpoint saved after a failure in the next step holds the streams from here
+            finished.capture()
 
     def _save_after_failure(self, error: Exception, finished: _KeepFinishedSteps) -> None:
         """An exception during training — a batch the collator refuses, out of memory, an evaluation or a callback
@@ -1023,13 +1046,26 @@ class RewardEnsembleTrainer(RewardTrainer):
         if (self.args.world_size > 1 or self.is_deepspeed_enabled or finished.rng is None
                 or raised_inside(error, RewardEnsembleTrainer._save_checkpoint)):
             return  # several processes; no step finished in this run; the save itself failed
-        if finished.stepping:
+        done = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if finished.best_loaded and not done.is_dir():  # load_best_model_at_end: step N's weights are gone
+            note_not_saved(error, f"training had finished and the model holds the best checkpoint's weights "
+                                  f"({self.state.best_model_checkpoint}), not step {self.state.global_step}'s",
+                           newest_verified_checkpoint(self.args.output_dir, RESUME_FILES))
+            return
+        # a callback's on_pre_optimizer_step comes before optimizer.step(): the weights have not moved
+        if finished.stepping and not raised_inside(error, CallbackHandler.on_pre_optimizer_step):
             note_not_saved(error, f"optimizer step {self.state.global_step + 1} failed while the weights were being "
                                   f"updated", newest_verified_checkpoint(self.args.output_dir, RESUME_FILES))
             return
-        done = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if not done.is_dir():
             finished.restore_rng()
+            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+                # the failed step's activations are still referenced by its frames on the traceback: freed first,
+                # else the save's own normalisation pass runs out of memory again and nothing is saved
+                traceback.clear_frames(error.__traceback__)
+                gc.collect()
+                if torch.cuda.is_initialized():
+                    torch.cuda.empty_cache()
             try:
                 self._save_checkpoint(self.model, trial=None)
             except Exception as save_error:  # a full disk, say: the first error is what the user must see
@@ -1227,6 +1263,8 @@ class RewardEnsembleTrainer(RewardTrainer):
             warnings.warn(f"load_best_model_at_end: the best checkpoint {best} is not there (save_total_limit "
                           f"removed it?); the model keeps the last step's weights.", stacklevel=2)
             return
+        if (finished := getattr(self, "_finished_steps", None)) is not None:
+            finished.best_loaded = True  # a save after a failure would label its weights as the last step's
         logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
         self._load_from_checkpoint(best)
 
