@@ -396,8 +396,8 @@ def test_a_failed_iteration_is_undone_and_the_finished_ones_saved(straight, tmp_
     (after sampling, scoring and the debias shaper's update), with save_strategy "no": every iteration was lost.
     The three that finished are saved as checkpoint-3 — the failed one undone: its samples, data position and
     reward statistics (iteration 4: its responses vary in length, so the debias shaper's slope moves; every response
-    of iteration 3 is 24 tokens long, and the slope stays) —, the exception says so, and the resumed run ends where the run that never failed ends, bit for
-    bit."""
+    of iteration 3 is 24 tokens long, and the slope stays) —, the exception says so, and the resumed run ends where
+    the run that never failed ends, bit for bit."""
     from .test_ppo import good_counter
 
     ckpt, hist, params = straight

@@ -45,9 +45,9 @@ from ..hub import (card_base_model, card_metadata, default_repo_id, push_checkpo
                    reach_repo_or_explain, repo_id_for_push, with_card_metadata)
 from ..interrupt import StopAfterIteration, note_not_saved, note_saved, raised_inside
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
-                         finish_atomic_folder, newest_verified_checkpoint, output_dir_lock, read_json, remove_checkpoints,
-                         remove_oldest_checkpoints, resume_folder, start_atomic_folder, supersede_later_checkpoints, verify_manifest,
-                         writing_folder)
+                         finish_atomic_folder, newest_verified_checkpoint, output_dir_lock, read_json,
+                         remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
+                         supersede_later_checkpoints, verify_manifest, writing_folder)
 from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token,
                       four_bit_layout, is_quantized, keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
                       pretrained_kwargs, resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
@@ -1029,11 +1029,12 @@ class RewardEnsembleTrainer(RewardTrainer):
         return out
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
-        super()._maybe_log_save_evaluate(*args, **kwargs)
+        out = super()._maybe_log_save_evaluate(*args, **kwargs)
         if (finished := getattr(self, "_finished_steps", None)) is not None:
             # an evaluation draws from the random streams (its DataLoader's seed), and transformers' own checkpoint
             # is written after it: a checkpoint saved after a failure in the next step holds the streams from here
             finished.capture()
+        return out
 
     def _save_after_failure(self, error: Exception, finished: _KeepFinishedSteps) -> None:
         """An exception during training — a batch the collator refuses, out of memory, an evaluation or a callback
@@ -1117,7 +1118,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         then_pairs, now_pairs = math.prod(was), math.prod(now)
         if then_pairs != now_pairs:
             step = state.get("global_step", 0)
-            keep = [f"per_device_train_batch_size={then_pairs // (now[0] * now[2])}"] if then_pairs % (now[0] * now[2]) == 0 else []
+            per_batch = now[0] * now[2]  # processes x accumulation: pairs per step / this = the per-device batch
+            keep = [f"per_device_train_batch_size={then_pairs // per_batch}"] if then_pairs % per_batch == 0 else []
             raise ValueError(
                 f"{path} trained {then_pairs} pairs per optimizer step ({was[0]} process(es) x "
                 f"per_device_train_batch_size {was[1]} x gradient_accumulation_steps {was[2]}); this run takes "
