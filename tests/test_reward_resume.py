@@ -564,3 +564,4 @@ def test_a_reward_checkpoint_of_rlhf_ext_0_1_is_refused_naming_init_reward_model
     (out / "checkpoint-1" / "manifest.json").unlink()  # 0.1 wrote none
     with pytest.raises(ValueError, match=r"written by rlhf_ext 0\.1 .* init_reward_model="):
         _trainer(out, tiny_path, tok).train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert (out / "checkpoint-2").is_dir()  # refused before the later checkpoints were superseded

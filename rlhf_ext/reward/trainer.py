@@ -993,8 +993,6 @@ class RewardEnsembleTrainer(RewardTrainer):
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
             if self._finished(resume_from_checkpoint):
                 return self._load_finished_run(resume_from_checkpoint)
-            if self.is_deepspeed_enabled:  # DeepSpeed loads its own checkpoint, not through _load_from_checkpoint:
-                self._checked_spec(Path(resume_from_checkpoint))  # its error named a ZeRO alignment setting instead
         else:
             self._start_clean()
         if self.args.init_reward_model and not resume_from_checkpoint:  # a resumed run has its own, later weights
@@ -1087,7 +1085,11 @@ class RewardEnsembleTrainer(RewardTrainer):
         path = resume_folder(resume_from_checkpoint, self.args.output_dir, RESUME_FILES)
         if explicit:
             verify_manifest(path, RESUME_FIX, required=RESUME_FILES)
-        if not self._finished(path):  # refused before anything in output_dir changes (the later ones superseded)
+        # refused before anything in output_dir changes (the later ones superseded): other settings, an earlier
+        # version's checkpoint (DeepSpeed loads its own files, past _load_from_checkpoint's check: its error named a
+        # ZeRO alignment setting instead), another number of pairs per step
+        self._checked_spec(Path(path))
+        if not self._finished(path):
             self._check_resume_batch(Path(path))
         if explicit:
             if self.args.should_save:
