@@ -20,6 +20,7 @@ from rlhf_ext.integrity import (CorruptFileError, check_new_run, numbered_checkp
                                 supersede_later_checkpoints)
 
 from .conftest import preference_rows
+from .test_ppo_resume import _notes
 
 
 def _args(out, **kw):
@@ -425,10 +426,6 @@ class _FailOnce(TrainerCallback):
         if state.global_step == self.at and not self.done:
             self.done = True
             raise self.error
-
-
-def _notes(e) -> str:
-    return " ".join(getattr(e.value, "__notes__", []))
 
 
 @pytest.mark.parametrize("where", ["in step 3", "after step 3"])

@@ -56,7 +56,7 @@ from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gathe
                          write_checkpoint)
 from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
-from ..interrupt import StopAfterIteration, note_not_saved, note_saved, raised_inside
+from ..interrupt import RESUME_HOW, StopAfterIteration, note_not_saved, note_saved, raised_inside
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
@@ -1170,15 +1170,14 @@ class PPOTrainer(Trainer):
                         saved = self._maybe_log_evaluate_save(metrics) or saved
                         in_epoch = False
                 except Exception as e:
-                    self._save_after_failure(e, undo, finished=True)
+                    self._save_after_failure(e, None, finished=True)
                     raise
                 if stop.requested(self._sum_over_processes):  # Ctrl-C / SIGTERM: this iteration is kept
                     if not saved:
                         self._save_and_rotate(push=False)
                     if self.accelerator.is_main_process:  # tqdm.write: on a line of its own, not after the bar
                         tqdm.write(f"Stopped after iteration {self.iteration}: checkpoint-{self.iteration} is saved in "
-                                   f"{args.output_dir}. Resume with resume_from_checkpoint=True (recipes: "
-                                   f"--resume_from_checkpoint true).", file=sys.stderr)
+                                   f"{args.output_dir}. {RESUME_HOW}", file=sys.stderr)
                     raise stop.exception()
         try:  # the run's closing log and callbacks: one that fails does not lose the iterations
             history = TrainHistory(self._metrics_history, self.iteration, args.vf_coef, time.time() - start,
@@ -1189,7 +1188,7 @@ class PPOTrainer(Trainer):
                 self.log(dict(history.metrics), start_time=start)
             self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         except Exception as e:
-            self._save_after_failure(e, {} if self.accelerator.num_processes == 1 else None, finished=True)
+            self._save_after_failure(e, None, finished=True)
             raise
         return history
 
@@ -1200,9 +1199,10 @@ class PPOTrainer(Trainer):
         exception goes on, and the exception says so. An iteration that failed before its first optimizer step is
         undone first (`checkpoint.undo_iteration`: its samples, data position, reward statistics), so the resumed run
         is the run that never failed; one that failed after it cannot be undone, and the newest checkpoint is named.
-        `finished`: the failure came after the iteration (its work is kept). Under data parallelism the other
-        processes wait in a collective for the one that failed: nothing can be saved (the launcher stops them)."""
-        if undo is None or raised_inside(error, PPOTrainer._save_and_rotate):  # several processes; the save failed
+        `finished`: the failure came after the iteration (its work is kept); else `undo` is `undo_point` at the
+        iteration's start. Under data parallelism the other processes wait in a collective for the one that failed:
+        nothing can be saved (the launcher stops them)."""
+        if self.accelerator.num_processes > 1 or raised_inside(error, PPOTrainer._save_and_rotate):  # the save failed
             return
         if not finished:
             if self._params_moved:

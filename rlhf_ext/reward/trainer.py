@@ -43,7 +43,7 @@ from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
 from ..hub import (card_base_model, card_metadata, default_repo_id, push_checkpoint, push_folder,
                    reach_repo_or_explain, repo_id_for_push, with_card_metadata)
-from ..interrupt import StopAfterIteration, note_not_saved, note_saved, raised_inside
+from ..interrupt import RESUME_HOW, StopAfterIteration, note_not_saved, note_saved, raised_inside
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
                          finish_atomic_folder, newest_verified_checkpoint, output_dir_lock, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
@@ -1015,9 +1015,8 @@ class RewardEnsembleTrainer(RewardTrainer):
         if watch.stopped:  # the step's checkpoint is written: say where, and end as the signal means
             if self.is_world_process_zero():
                 step = self.state.global_step
-                print(f"Stopped after step {step}: checkpoint-{step} is saved in {self.args.output_dir}. Resume with "
-                      f"resume_from_checkpoint=True (recipes: --resume_from_checkpoint true).", file=sys.stderr,
-                      flush=True)
+                print(f"Stopped after step {step}: checkpoint-{step} is saved in {self.args.output_dir}. {RESUME_HOW}",
+                      file=sys.stderr, flush=True)
             raise stop.exception()
         try:
             self.compute_normalization()
@@ -1088,7 +1087,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         # refused before anything in output_dir changes (the later ones superseded): other settings, an earlier
         # version's checkpoint (DeepSpeed loads its own files, past _load_from_checkpoint's check: its error named a
         # ZeRO alignment setting instead), another number of pairs per step
-        self._checked_spec(Path(path))
+        self._checked_spec(Path(path), verified=True)  # (verified just above, or by resume_folder's pick)
         if not self._finished(path):
             self._check_resume_batch(Path(path))
         if explicit:
@@ -1403,9 +1402,9 @@ class RewardEnsembleTrainer(RewardTrainer):
             return "base_fingerprint", spec["base_fingerprint"], mine.get("base_fingerprint")
         return None, None, None
 
-    def _checked_spec(self, path: Path) -> dict:
-        """The checkpoint's spec, verified by its manifest and refused (naming the setting) where what shapes the
-        weights differs from this trainer's."""
+    def _checked_spec(self, path: Path, verified: bool = False) -> dict:
+        """The checkpoint's spec, verified by its manifest (unless the caller just did: `verified`) and refused
+        (naming the setting) where what shapes the weights differs from this trainer's."""
         from ..integrity import verify_manifest
         from .artifact import read_spec
 
@@ -1415,7 +1414,8 @@ class RewardEnsembleTrainer(RewardTrainer):
                              f"training this version does not continue step for step. Start from its weights "
                              f"instead: init_reward_model={str(path)!r} (a new run, in another output_dir or with "
                              f"overwrite_output_dir=True; the optimizer starts afresh).")
-        verify_manifest(path, "Resume from an earlier checkpoint-N folder.", required=("heads.safetensors",))
+        if not verified:
+            verify_manifest(path, "Resume from an earlier checkpoint-N folder.", required=("heads.safetensors",))
         key, theirs, ours = self._spec_difference(spec)
         if key:  # torch would say "size mismatch" or "Missing key(s)", naming neither the folder nor the setting
             raise ValueError(f"{path} was saved with {key} = {theirs!r}; this trainer has {ours!r}. Resume with the "
