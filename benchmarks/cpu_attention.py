@@ -46,6 +46,15 @@ def main():
     a = ap.parse_args()
     B, H, T, D = a.seqs, a.heads, a.tokens, a.head_dim
     Hk, Tq = a.kv_heads or H, a.query_tokens or T
+    for name, value in (("--seqs", B), ("--heads", H), ("--tokens", T), ("--head-dim", D), ("--kv-heads", Hk),
+                        ("--query-tokens", Tq), ("--repeat", a.repeat)):
+        if value < 1:
+            ap.error(f"{name} must be at least 1 (got {value})")
+    if H % Hk:
+        ap.error(f"--heads {H} is not a multiple of --kv-heads {Hk}: each key/value head serves a whole group of "
+                 f"query heads (SmolLM2-135M: --heads 9 --kv-heads 3)")
+    if Tq > T:
+        ap.error(f"--query-tokens {Tq} exceeds --tokens {T}: the queries are the last of the sequence's tokens")
     g = torch.Generator().manual_seed(0)
     # q, k, v as the models hand them: [B, tokens, heads, D] transposed to [B, heads, tokens, D] (not contiguous)
     base = [torch.randn(B, t, h, D, generator=g).transpose(1, 2) for h, t in ((H, Tq), (Hk, T), (Hk, T), (H, Tq))]

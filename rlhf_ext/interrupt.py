@@ -18,10 +18,15 @@ it announced a checkpoint it could not write and went on computing until its nex
 
 from __future__ import annotations
 
+import gc
+import random
 import signal
 import sys
 import threading
 import traceback
+
+import numpy as np
+import torch
 
 
 _TERM = float(2 ** 20)  # a SIGTERM's weight in `requested`'s sum: above any count of processes signalled
@@ -154,6 +159,34 @@ def raised_inside(error: BaseException, function) -> bool:
 
 def note_saved(error: BaseException, folder, count: int, unit: str, after: str) -> None:
     error.add_note(f"rlhf_ext: {folder} holds the {count} {unit}(s) that finished ({after}). {RESUME_HOW}")
+
+
+def random_streams() -> tuple:
+    """Python's, NumPy's and torch's global random streams (every GPU's where CUDA is in use), to be put back by
+    `set_random_streams` after a failed step drew from them: a resumed run then samples as the run that never
+    failed."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def set_random_streams(streams: tuple) -> None:
+    python, numpy, cpu, cuda = streams
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def free_failed_step(error: BaseException) -> None:
+    """After an out-of-memory error the failed step's activations are still referenced by its frames on the
+    traceback: freed before the save after the failure, else the save (and whatever the user does next in this
+    process) meets the same full memory."""
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def note_not_saved(error: BaseException, why: str, newest: str | None) -> None:

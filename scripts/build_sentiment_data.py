@@ -184,13 +184,14 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if (args.card_only or args.open_prompts_only) and not (out / "meta.json").is_file():
+        option = "--card-only re-renders the card of" if args.card_only else "--open-prompts-only adds to"
+        parser.error(f"{option} an existing build, but {out / 'meta.json'} is missing; run the full build first "
+                     f"(without {'--card-only' if args.card_only else '--open-prompts-only'}), or pass its --out.")
     if args.card_only:
         write_card(out, read_meta(out))
         return
     if args.open_prompts_only:
-        if not (out / "meta.json").is_file():
-            parser.error(f"--open-prompts-only adds to an existing build, but {out / 'meta.json'} is missing; "
-                         f"run the full build first (without --open-prompts-only).")
         add_open_prompts(out, args, argv)
         return
     if args.pairs_per_prompt > math.comb(args.samples_per_prompt, 2):

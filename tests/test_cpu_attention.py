@@ -4,6 +4,9 @@ float64 autograd over masks (padding, additive, causal, none), grouped-query att
 not under gradient checkpointing."""
 
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +184,13 @@ def test_a_backward_split_into_chunks_of_sequences_equals_the_whole_batch_s(monk
     monkeypatch.setattr(cpu_attention, "CHUNK_BYTES", 1)  # one sequence per chunk
     for a, b in zip(whole, grads()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("argv, says", [(["--heads", "9", "--kv-heads", "2"], "not a multiple of --kv-heads 2"),
+                                        (["--query-tokens", "80"], "--query-tokens 80 exceeds --tokens 74"),
+                                        (["--repeat", "0"], "--repeat must be at least 1")])
+def test_the_benchmark_refuses_shapes_it_cannot_build(argv, says):
+    """Query heads not a whole multiple of the key/value heads ended in a RuntimeError from deep in torch."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_attention.py"
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr

@@ -567,3 +567,27 @@ def test_a_checkpoint_of_rlhf_ext_0_1_is_refused_naming_what_to_do(straight, tmp
     (old / "anchor.safetensors").unlink()
     with pytest.raises(ValueError, match=r"written by rlhf_ext 0\.1 .* Start a new run .* policy adapter is in"):
         make(tmp_path / "new", tok, **RUN).train(resume_from_checkpoint=str(old))
+
+
+def test_an_out_of_memory_error_frees_the_failed_iterations_tensors(tmp_path, tok):
+    """After an OOM the failed iteration's tensors stay referenced by its frames on the exception's traceback —
+    on a GPU the memory the save after the failure, and the user's next step in the process, need. They are freed
+    (as the reward trainer does) before checkpoint-N is written."""
+    import weakref
+
+    from .test_ppo import good_counter
+
+    local, held, box = good_counter(tok), [], {}
+
+    def server(prompts, completions, completion_ids, **kw):
+        activations = torch.ones(256, 256)  # what a failed forward holds in its frame
+        if box["tr"].iteration == 2:
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [0.0] * len(completion_ids)
+
+    tr = box["tr"] = make(tmp_path, tok, reward=[local, server], **RUN)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        tr.train()
+    assert "checkpoint-2 holds the 2 iteration(s) that finished" in _notes(e)
+    assert held and held[0]() is None  # the frame's tensor was freed, the exception still in hand

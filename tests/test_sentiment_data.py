@@ -39,10 +39,12 @@ def test_open_prompts_are_reproducible_and_disjoint_from_everything_held_out():
     assert all(any(s in p for s in test_subj) and not any(s in p for s in train_subj) for p in test)
 
 
-def test_open_prompts_only_refuses_a_missing_build_and_clashing_text(tmp_path, monkeypatch):
+def test_open_prompts_only_refuses_a_missing_build_and_clashing_text(tmp_path, monkeypatch, capsys):
     b = _builder()
-    with pytest.raises(SystemExit):
-        b.main(["--out", str(tmp_path), "--open-prompts-only"])  # no meta.json: the full build must come first
+    for option in ("--open-prompts-only", "--card-only"):  # no meta.json: the full build must come first
+        with pytest.raises(SystemExit) as e:  # (--card-only ended in a FileNotFoundError traceback)
+            b.main(["--out", str(tmp_path), option])
+        assert e.value.code == 2 and f"{tmp_path / 'meta.json'} is missing" in capsys.readouterr().err
     (tmp_path / "meta.json").write_text("{}")
     clash = b.build_open_prompts(0, 512, 128, 0.2)[0][5]
     (tmp_path / "prompts_transfer.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": clash}]}))

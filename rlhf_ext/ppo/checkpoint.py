@@ -19,6 +19,7 @@ import torch
 from ..integrity import (CorruptFileError, atomic_folder, checkpoint_fix, earlier_checkpoints, load_safetensors,
                          newest_verified_checkpoint, read_json, remove_checkpoints, remove_oldest_checkpoints,
                          save_tensors, verify_manifest)
+from ..interrupt import random_streams, set_random_streams
 from ..models import model_fingerprint
 from ..trainer_state import TRAINER_STATE, restore_trainer_state, save_trainer_state
 
@@ -117,7 +118,7 @@ def undo_point(tr) -> dict:
     `undo_iteration` puts it back, so that an iteration failing before it trains — a reward server down, a prompt
     the tokenizer refuses — leaves the run as the iterations that finished left it, to be saved
     (`PPOTrainer._save_after_failure`) and resumed as if the failure had never happened."""
-    return copy.deepcopy({"rng": process_rng_state(tr.policy.device), "python_rng": random.getstate(),
+    return copy.deepcopy({"rng": random_streams(),
                           "data": (tr.data_epoch, tr.data_pos, tr.version), "rewards": tr.rewards.state_dict(),
                           "tokens": tr.state.num_input_tokens_seen, "scheduler": tr.lr_scheduler.state_dict(),
                           "kl_controller": tr.kl_ctl.state_dict(),
@@ -125,8 +126,7 @@ def undo_point(tr) -> dict:
 
 
 def undo_iteration(tr, point: dict) -> None:
-    _set_process_rng(tr, point["rng"])
-    random.setstate(point["python_rng"])
+    set_random_streams(point["rng"])
     tr.data_epoch, tr.data_pos, tr.version = point["data"]
     tr.rewards._set_state(point["rewards"])
     tr.state.num_input_tokens_seen = point["tokens"]

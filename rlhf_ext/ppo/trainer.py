@@ -56,7 +56,7 @@ from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gathe
                          write_checkpoint)
 from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
-from ..interrupt import RESUME_HOW, StopAfterIteration, note_not_saved, note_saved, raised_inside
+from ..interrupt import RESUME_HOW, StopAfterIteration, free_failed_step, note_not_saved, note_saved, raised_inside
 from .logprobs import token_logprobs
 from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
@@ -1209,9 +1209,10 @@ class PPOTrainer(Trainer):
                 note_not_saved(error, f"iteration {self.iteration + 1} failed after the adapters had taken a step (it "
                                       f"cannot be undone)", newest_complete_checkpoint(self.args.output_dir))
                 return
-            undo_iteration(self, undo)
+            undo_iteration(self, undo)  # (drops the kept forward and the rollout)
         if self.iteration == 0:
             return  # nothing finished
+        free_failed_step(error)
         done = Path(self.args.output_dir) / f"checkpoint-{self.iteration}"
         if not done.is_dir():
             try:

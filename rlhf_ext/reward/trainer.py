@@ -9,14 +9,11 @@ weights, plus an optional length de-correlation penalty.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import math
 import os
-import random
 import sys
-import traceback
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -24,7 +21,6 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
@@ -43,7 +39,8 @@ from ..cpu_memory import keep_freed_memory_for
 from ..distributed import as_main_process_sees_it, close_process_group_at_exit, sum_over_processes
 from ..hub import (card_base_model, card_metadata, default_repo_id, push_checkpoint, push_folder,
                    reach_repo_or_explain, repo_id_for_push, with_card_metadata)
-from ..interrupt import RESUME_HOW, StopAfterIteration, note_not_saved, note_saved, raised_inside
+from ..interrupt import (RESUME_HOW, StopAfterIteration, free_failed_step, note_not_saved, note_saved, raised_inside,
+                         random_streams, set_random_streams)
 from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_checkpoints, ensure_writable_dir,
                          finish_atomic_folder, newest_verified_checkpoint, output_dir_lock, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
@@ -290,8 +287,7 @@ class _KeepFinishedSteps(TrainerCallback):
         self.rng, self.in_step, self.stepping, self.best_loaded = None, False, False, False
 
     def capture(self) -> None:
-        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                    torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        self.rng = random_streams()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.in_step = True
@@ -304,12 +300,7 @@ class _KeepFinishedSteps(TrainerCallback):
         self.capture()
 
     def restore_rng(self) -> None:
-        python, numpy, cpu, cuda = self.rng
-        random.setstate(python)
-        np.random.set_state(numpy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_random_streams(self.rng)
 
 
 # what resuming reads from a checkpoint-N folder: the artifact and Trainer's state (the manifest lists the rest:
@@ -1057,13 +1048,7 @@ class RewardEnsembleTrainer(RewardTrainer):
             return
         if not done.is_dir():
             finished.restore_rng()
-            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
-                # the failed step's activations are still referenced by its frames on the traceback: freed first,
-                # else the save's own normalisation pass runs out of memory again and nothing is saved
-                traceback.clear_frames(error.__traceback__)
-                gc.collect()
-                if torch.cuda.is_initialized():
-                    torch.cuda.empty_cache()
+            free_failed_step(error)  # the save's own normalisation pass would run out of memory again
             try:
                 self._save_checkpoint(self.model, trial=None)
             except Exception as save_error:  # a full disk, say: the first error is what the user must see
