@@ -118,13 +118,13 @@ CARD_FIELDS = ("model_name", "tags", "dataset_name", "dataset", "dataset_tags", 
                "finetuned_from")
 
 
-def card_metadata(kwargs: dict, caller: str) -> dict:
+def card_metadata(kwargs: dict, caller: str, method: str = "push_to_hub") -> dict:
     """The model-card fields of `push_to_hub(**kwargs)`, validated: an unknown keyword is a TypeError naming the
     ones that are used (transformers' `create_model_card` refuses them too; silently dropping one would upload a
     card without what the user asked for)."""
     unknown = sorted(set(kwargs) - set(CARD_FIELDS))
     if unknown:
-        raise TypeError(f"{caller}.push_to_hub() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+        raise TypeError(f"{caller}.{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                         f"the model-card fields it takes are {', '.join(CARD_FIELDS)}.")
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -448,6 +448,24 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
+def position_limit(model, tokenizer=None) -> int | None:
+    """The longest input the model takes: its tokenizer's `model_max_length` (unless unset: transformers' huge
+    sentinel) and its position table, less the offset RoBERTa-style embeddings start their positions at (after the
+    padding index: 514 rows hold 512 positions). None when neither is known."""
+    limits = []
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < 10**9:
+        limits.append(own)
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        offset = next((m.padding_idx + 1 for n, m in model.named_modules() if n.endswith("position_embeddings")
+                       and isinstance(m, torch.nn.Embedding) and m.padding_idx is not None), 0)
+        limits.append(positions - offset)
+    return min(limits) if limits else None
+
+
 def trunk_of(model):
     """The transformer body (e.g. LlamaModel) of a causal/seq-cls/trunk model, seen through a PEFT wrapper."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -189,11 +189,76 @@ def test_prompt_plus_completion_past_the_model_positions(tmp_path, tok):
     longest = max(len(ids) for _, ids in tr.prompts)
     assert tr.args.max_completion_length == 24 - longest
     tr.train()
+    # the clip is that trainer's: a config reused for another trainer (a notebook, a sweep) keeps what was set
+    # (it was written into the user's PPOConfig, so a model with room to spare sampled the clipped length silently)
+    from .test_ppo import LORA, good_counter, prompts
+
+    args = PPOConfig(str(tmp_path / "reused"), max_completion_length=32, max_steps=1, use_cpu=True, disable_tqdm=True)
+    with pytest.warns(UserWarning, match="clipped"):
+        clipped = PPOTrainer(tiny_causal_lm(tok, max_position_embeddings=24), reward_funcs=good_counter(tok),
+                             args=args, train_dataset=prompts(), processing_class=tok, peft_config=LoraConfig(**LORA))
+    roomy = PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(),
+                       processing_class=tok, peft_config=LoraConfig(**LORA))
+    assert clipped.args.max_completion_length == 24 - longest and args.max_completion_length == 32
+    assert roomy.args.max_completion_length == 32
     long = Dataset.from_dict({"prompt": ["the " * 30] * 20})
     with pytest.raises(ValueError, match="only 24 positions.*max_prompt_length"):
         make(tmp_path, tok, model=tiny_causal_lm(tok, max_position_embeddings=24), data=long, max_prompt_length=64,
              per_device_train_batch_size=4)
 
+
+
+def test_first_prompts_that_leave_fewer_than_eight_positions_start_up(tmp_path, tok):
+    """The start-up check sampled a fixed 8 tokens after the first two prompts: a prompt of 60 tokens with
+    max_completion_length=4 fits GPT-2's 64 positions, yet PPOTrainer() died in that check with an IndexError."""
+    from rlhf_ext.testing import tiny_model_for
+
+    data = Dataset.from_dict({"prompt": [" ".join(["the", "movie", "was"] * 20)] * 8})
+    tr = make(tmp_path, tok, model=tiny_model_for("gpt2", tok, n_positions=64), data=data, max_steps=1,
+              max_completion_length=4, per_device_train_batch_size=4, stop_on_eos=False, monitor=False)
+    assert {len(ids) for _, ids in tr.prompts} == {60} and tr.args.max_completion_length == 4
+    assert tr.train()[0]["response/length_mean"] == 4
+
+
+def _gpt2_pairs(n_words):
+    return [{"prompt": [{"role": "user", "content": "write a review of the movie ."}],
+             "chosen": [{"role": "assistant", "content": " ".join(["great", "fun"] * n_words)}],
+             "rejected": [{"role": "assistant", "content": "bad ."}]} for _ in range(8)]
+
+
+@pytest.mark.parametrize("max_length", [None, 1024])
+def test_reward_pairs_past_the_model_positions_are_refused_with_the_fix(tmp_path, tok, max_length):
+    """max_length=None (or TRL's default 1024) on a model with fewer positions let the pairs through to the first
+    training step, where GPT-2's position table was indexed past its end (IndexError; a device assert on CUDA)."""
+    from rlhf_ext.testing import save_tiny_model_for
+
+    path = save_tiny_model_for(tmp_path / "gpt2", "gpt2", tok, n_positions=64)
+    data = Dataset.from_list(_gpt2_pairs(4) + _gpt2_pairs(40))
+    with pytest.raises(ValueError, match=f"8 of the 16 pairs of train_dataset are longer than the model's 64 positions "
+                                         f".*max_length={max_length} keeps them.*Set max_length=64"):
+        RewardEnsembleTrainer(path, args=_rm_args(tmp_path, max_length=max_length), train_dataset=data,
+                              processing_class=tok)
+    tr = RewardEnsembleTrainer(path, args=_rm_args(tmp_path, max_length=64), train_dataset=data, processing_class=tok)
+    assert len(tr.train_dataset) == 8
+    tr.train()
+
+
+def test_reward_model_trained_without_max_length_scores_within_its_positions(tmp_path, tok):
+    """A reward model trained with max_length=None on short pairs scored a longer text (PPO's prompt + response, a
+    truncated prompt's whole text) past its base's position table: an IndexError in the middle of a PPO run."""
+    from rlhf_ext.reward.artifact import load_reward_model
+    from rlhf_ext.testing import save_tiny_model_for
+
+    path = save_tiny_model_for(tmp_path / "gpt2", "gpt2", tok, n_positions=64)
+    tr = RewardEnsembleTrainer(path, args=_rm_args(tmp_path, max_length=None), train_dataset=Dataset.from_list(
+        _gpt2_pairs(2)), processing_class=tok)
+    tr.train()
+    tr.save_model()
+    rm = load_reward_model(str(tmp_path / "rm"))
+    prompt = [{"role": "user", "content": "write a short review of the movie . " * 10}]
+    with pytest.warns(UserWarning, match="longer than the reward model's 64 positions .*max_length=None.*last 64"):
+        r = rm.score_completions([prompt], [[{"role": "assistant", "content": "good ."}]])
+    assert torch.isfinite(r).all()
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
 def _two_checkpoints(tmp_path, tok):

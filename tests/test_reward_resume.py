@@ -562,3 +562,15 @@ def test_a_reward_checkpoint_of_rlhf_ext_0_1_is_refused_naming_init_reward_model
     with pytest.raises(ValueError, match=r"written by rlhf_ext 0\.1 .* init_reward_model="):
         _trainer(out, tiny_path, tok).train(resume_from_checkpoint=str(out / "checkpoint-1"))
     assert (out / "checkpoint-2").is_dir()  # refused before the later checkpoints were superseded
+
+
+def test_a_resumed_run_failing_before_its_first_step_names_the_checkpoint_that_stands(tmp_path, tiny_path, tok):
+    """A resume whose first step fails again (the same out-of-memory, a reward server still down) ended with no
+    note at all, where a failure one step later named the checkpoint to resume from."""
+    _trainer(tmp_path / "cut", tiny_path, tok, max_steps=2, save_strategy="steps", save_steps=2).train()
+    resumed = _trainer(tmp_path / "cut", tiny_path, tok, max_steps=4, save_strategy="no")
+    resumed.add_callback(_FailOnce("on_step_begin", 2, RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError) as e:
+        resumed.train(resume_from_checkpoint=True)
+    assert f"{tmp_path / 'cut' / 'checkpoint-2'} holds the 2 optimizer step(s) that finished (this run failed " \
+           f"before it finished a step of its own)" in _notes(e)

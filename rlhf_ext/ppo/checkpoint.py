@@ -221,9 +221,11 @@ def _follow_configured_lr(tr, saved_lr: float | None) -> None:
         sched._last_lr = list(now)
 
 
-def _schedule_in_iterations(tr, iterations: int) -> None:
-    """A checkpoint from before the schedule counted iterations (it stepped once per optimizer step, planned over
-    iterations × epochs × minibatches): continue at the position of `iterations` in today's schedule."""
+def place_schedule_at(tr, iterations: int) -> None:
+    """Put a LambdaLR schedule (transformers' named ones) at the position of `iterations`, and the optimizer's rate
+    with it: a run continued or resumed with another length (the optimizer's state holds the shorter run's last
+    rate, 0 at the end of a linear decay), or a checkpoint from before the schedule counted iterations (it stepped
+    once per optimizer step, planned over iterations × epochs × minibatches). The same float as stepping there."""
     from torch.optim.lr_scheduler import LambdaLR
 
     sched = tr.lr_scheduler
@@ -307,7 +309,7 @@ def read_checkpoint(tr, path) -> None:
     rng = load_safetensors(path / "rng.safetensors", fix)
     state = read_json(path / "ppo_state.json", fix)
     if state.get("lr_schedule_unit") != "iteration":
-        _schedule_in_iterations(tr, state["iteration"])
+        place_schedule_at(tr, state["iteration"])
         if tr.accelerator.is_main_process:
             warnings.warn(f"{path} was written by an earlier rlhf_ext: its run stepped the learning-rate schedule "
                           f"once per optimizer step and, on CPU, drew tokens with torch.multinomial. It continues at "

@@ -419,7 +419,7 @@ class PolicyAndValue(nn.Module):
 
     @torch.no_grad()
     def start_up_checks(self, tokenizer, prompts_ids: list[list[int]], top_p: float,
-                        compute_dtype: torch.dtype = torch.float32) -> dict:
+                        compute_dtype: torch.dtype = torch.float32, position_limit: int | None = None) -> dict:
         """What the guarantees rest on, measured on two real prompts, in the precision training will use:
           init_vs_reference     max |logit| gap, policy at θ₀ against the reference (adapters off);
           train_vs_eval         max |logit| gap, the training pass against the eval-mode pass;
@@ -428,7 +428,9 @@ class PolicyAndValue(nn.Module):
           sampling_vs_training  mean per-token KL(what `generate` sampled from ‖ the training pass): rounding only
                                 (KV-cache decoding vs a full forward), bounded by `sampling_tolerance(dtype)`.
         The training pass is this module's forward: under DDP the wrapper adds nothing to it (the precision
-        context is inside; accelerate's autocast, when on, wraps this very forward with the same dtype)."""
+        context is inside; accelerate's autocast, when on, wraps this very forward with the same dtype).
+        `position_limit`: the model's positions; the sampled tokens stay within them (a learned position table, GPT-2's,
+        is indexed past its end otherwise)."""
         batch = [(None, ids) for ids in prompts_ids[:2]]
         ids, mask = pad_ids([b for _, b in batch], self.pad_id, side="left", device=self.device)
         if ids.shape[1] < 2:  # one-token prompts (a word, no BOS): no state to compare; any real token continues them
@@ -444,8 +446,9 @@ class PolicyAndValue(nn.Module):
         kl = self.sequence_kl(trained, ref, m.float())
         out["training_vs_reference"] = float(kl.abs().max())
         out["training_vs_reference_tolerance"] = SAME_PASS_KL_TOLERANCE
-        if top_p >= 1.0 and torch.isfinite(pol[m]).all():
-            kl, gap, masked = self._sampled_vs_training(ids, mask, tokenizer, 8)
+        n_new = 8 if position_limit is None else min(8, position_limit - ids.shape[1])
+        if top_p >= 1.0 and torch.isfinite(pol[m]).all() and n_new >= 1:
+            kl, gap, masked = self._sampled_vs_training(ids, mask, tokenizer, n_new)
             out["sampling_vs_training"], out["sampling_vs_training_max_dlogp"] = kl, gap
             out["sampling_vs_training_tolerance"] = sampling_tolerance(compute_dtype)
             out["sampling_masked_tokens"] = masked

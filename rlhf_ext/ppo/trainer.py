@@ -11,6 +11,7 @@ controllers and the guard in `plugins/kl.py`; TRL 1.12 argument names in `trl112
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.optimization import GreedyLR
@@ -40,7 +42,7 @@ from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, re
                          supersede_later_checkpoints, write_text_atomic)
 from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, check_model_object, ensure_pad_token,
                       is_quantized, keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture,
-                      pretrained_kwargs, tokenizer_for, warn_unquantized_experts)
+                      position_limit, pretrained_kwargs, tokenizer_for, warn_unquantized_experts)
 from ..plugins.contract import checked_beta, checked_output
 from ..plugins.kl import build_controller
 from ..precision import autocast_dtype, loss_scaler
@@ -52,8 +54,8 @@ from ..reward.ensemble import RewardEnsemble, _warn_once
 from ..reward.pipeline import (MIN_DROPPED_IN_A_ROW, ExternalRewardModel, RewardPipeline, call_reward_function,
                                rendering_kwargs)
 from .checkpoint import (CHECKPOINT_FILES, clear_earlier_run, earlier_run, gather_process_states,
-                         newest_complete_checkpoint, read_checkpoint, rotate_checkpoints, undo_iteration, undo_point,
-                         write_checkpoint)
+                         newest_complete_checkpoint, place_schedule_at, read_checkpoint, rotate_checkpoints,
+                         undo_iteration, undo_point, write_checkpoint)
 from .config import PPOConfig
 from .export import model_card, push_policy, save_policy
 from ..interrupt import RESUME_HOW, StopAfterIteration, free_failed_step, note_not_saved, note_saved, raised_inside
@@ -62,6 +64,20 @@ from .policy import CRITIC, POLICY, PolicyAndValue, Rollout
 from .sampling import forked_rng
 from .schedule import TrainHistory
 from .trl112 import from_trl112_arguments, processing_classes_for
+
+_NO_EVAL_LOOP = (
+    "PPOTrainer.{what}: PPO has no prediction loop over a labelled dataset (its eval_dataset holds prompts, which "
+    "have no loss to compute). evaluate() samples the policy on the evaluation prompts and reports eval_kl, "
+    "eval_length, eval_eos and each audit judge; evaluate_policy(dataset) also returns the sampled texts "
+    "(['samples']['texts']); trainer.model is the trained policy (a PeftModel) for generate() or a pipeline.")
+_NO_SUPERVISED_STEP = (
+    "PPOTrainer.{what}: PPO's loss is not a function of a batch of inputs: each iteration samples responses, scores "
+    "them and takes the clipped policy + value steps itself (PPOTrainer._iteration). Call train(); the last "
+    "iteration's batch, responses and rewards are trainer.rollout, its losses in trainer.state.log_history.")
+_NO_HP_SEARCH = (
+    "PPOTrainer does not support hyperparameter_search (transformers' search re-creates the model with model_init "
+    "for each trial; PPOTrainer takes a model, not a model_init). Build one PPOTrainer per setting, each with its "
+    "own output_dir, and compare their evaluate() metrics.")
 
 # schedules that step on an evaluation metric, after evaluate() (transformers' Trainer steps them there too)
 _METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
@@ -147,6 +163,9 @@ class PPOTrainer(Trainer):
             raise TypeError(f"`args` must be a rlhf_ext.PPOConfig, got {type(args).__name__}: build a PPOConfig with "
                             f"the same settings (a GRPOConfig's or RLOOConfig's own fields are named in the README, "
                             f"\"Coming from GRPO / RLOO\").")
+        # what this trainer fits to its model (a completion length clipped to the positions, checkpointing's kwargs)
+        # stays its own: one config reused for another trainer (a notebook, a sweep) starts from what the user set
+        args = copy.copy(args)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
         check_dataset_type(train_dataset)
@@ -316,7 +335,7 @@ class PPOTrainer(Trainer):
             if idle:
                 warnings.warn(f"The {shaper.name!r} shaper can never charge a response here: {idle}.", stacklevel=2)
         self.startup = self.policy.start_up_checks(self.tokenizer, [ids for _, ids in self.prompts[:2]], args.top_p,
-                                                   self.compute_dtype)
+                                                   self.compute_dtype, self._position_limit())
         self.startup["shared_prompt_prefix"] = sharing
         self.startup["cpu_matmul"] = f"oneDNN ({routed} frozen fp32 linears)" if routed else "torch"
         assert_trainable_4bit_layout(model, "PPOTrainer")  # after the check's generate(): 4-bit layers still train
@@ -491,7 +510,7 @@ class PPOTrainer(Trainer):
                 f"(A pad token added without resizing is fine: padding never reaches the embedding.)")
 
     def _position_limit(self) -> int | None:
-        return getattr(self.policy.peft.get_base_model().config.get_text_config(), "max_position_embeddings", None)
+        return position_limit(self.policy.peft.get_base_model())
 
     def _completion_room(self, rows, what: str) -> int | None:
         """How many tokens the model's positions leave after the longest prompt of `rows` (None: no limit known);
@@ -1103,16 +1122,29 @@ class PPOTrainer(Trainer):
         per_epoch = len(self.prompts) // (self.args.per_device_train_batch_size * self.accelerator.num_processes)
         return max(1, int(math.ceil(self.args.num_train_epochs * per_epoch)))
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """Run PPO iterations up to `max_steps` / `num_train_epochs`. Called again on the same trainer it continues
+        from the iteration reached (raise `max_steps` to train further); `resume_from_checkpoint` as in `Trainer`.
+        `trial` (hyperparameter search) is not supported; `ignore_keys_for_eval` has nothing to ignore (evaluate()
+        reports its own metrics), as Trainer takes it."""
+        if trial is not None:
+            raise NotImplementedError(_NO_HP_SEARCH)
         # one run at a time in output_dir (two wrote into each other's checkpoint-N.tmp): a second one is refused
         with output_dir_lock(self.args.output_dir, self.accelerator):
-            return self._train_in_output_dir(resume_from_checkpoint, **kwargs)
+            return self._train_in_output_dir(resume_from_checkpoint)
 
-    def _train_in_output_dir(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+    def _train_in_output_dir(self, resume_from_checkpoint: str | bool | None = None):
         args = self.args
         total = self._total_iterations()
+        if self._created_lr_scheduler and isinstance(self.lr_scheduler, LambdaLR) \
+                and getattr(self, "_schedule_length", total) != total:
+            # a run continued on this trainer with another length (max_steps raised): transformers' Trainer builds
+            # its schedule again at every train(); the one planned for the earlier length is at its end (a linear
+            # decay's 0: every further iteration would train at learning rate 0). Placed at `self.iteration` below.
+            self.lr_scheduler, self._created_lr_scheduler = None, False
         self.create_optimizer_and_scheduler(num_training_steps=total)  # in iterations: `_step_schedule`
-        self.state.max_steps, self.state.global_step = total, 0
+        self._schedule_length = total
+        self.state.max_steps, self.state.global_step = total, self.iteration  # a continued run goes on from there
         self.state.compute_steps(args, total)  # logging/eval/save steps as absolute counts (a fraction of total)
         self.state.num_train_epochs = math.ceil(total / self._iterations_per_epoch())
         self.state.train_batch_size = args.per_device_train_batch_size  # prompts per process per iteration
@@ -1124,14 +1156,20 @@ class PPOTrainer(Trainer):
                 supersede_later_checkpoints(args.output_dir, resume_from_checkpoint)
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
-                print(f"Nothing to train: {resume_from_checkpoint} is at iteration {self.iteration}, and this run is "
-                      f"{total} iterations long (max_steps / num_train_epochs); raise it to continue the run."
-                      if finished else f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of "
-                      f"{total}).", file=sys.stderr, flush=True)
+                print(self._nothing_to_train(resume_from_checkpoint, total) if finished else
+                      f"Resuming from {resume_from_checkpoint} (iteration {self.iteration} of {total}).",
+                      file=sys.stderr, flush=True)
         elif self.iteration == 0:
             self._start_clean(args)
             if self.accelerator.num_processes > 1:  # same init everywhere (seeded in __init__), then own samples
                 self._seed_process_rng()
+        elif self.iteration >= total and self.accelerator.is_main_process:  # train() again on a finished trainer
+            print(self._nothing_to_train("this trainer", total), file=sys.stderr, flush=True)
+        if self.iteration:  # a resumed or continued run trains its next iteration at the schedule's position, not at
+            # the rate the optimizer's state was left with (the end of a shorter run's schedule: 0 for a linear decay)
+            place_schedule_at(self, self.iteration)
+        for attr in ("model", "optimizer", "lr_scheduler"):  # what callbacks are given, as Trainer's loop does
+            setattr(self.callback_handler, attr, getattr(self, attr))
         # (a resumed run, or one continued in this process, keeps the streams it has: reseeding them would make it
         # sample otherwise than the run it continues)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
@@ -1243,6 +1281,10 @@ class PPOTrainer(Trainer):
         self._save_and_rotate(push=args.push_to_hub)
         self.control.should_save = False  # (on_save cleared it unless a callback set it again there)
         return True
+
+    def _nothing_to_train(self, where, total: int) -> str:
+        return (f"Nothing to train: {where} is at iteration {self.iteration}, and this run is {total} iterations long "
+                f"(max_steps / num_train_epochs); raise it to continue the run.")
 
     def _iterations_per_epoch(self) -> int:
         """PPO iterations in one pass over the prompts (the remainder short of a global batch is dropped)."""
@@ -1383,7 +1425,7 @@ class PPOTrainer(Trainer):
         """The policy's model card (what save_model() writes) at output_dir/README.md, with `kwargs` — Trainer's and
         TRL's card fields: `model_name`, `tags`, `dataset_name`, `dataset`, `dataset_tags`, `license`, `language`,
         `finetuned_from` — in its metadata, which later save_model() / push_to_hub() calls keep."""
-        self._card = {**self._card, **card_metadata(kwargs, "PPOTrainer")}
+        self._card = {**self._card, **card_metadata(kwargs, "PPOTrainer", "create_model_card")}
         if self.is_world_process_zero():
             out = Path(self.args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -1391,6 +1433,25 @@ class PPOTrainer(Trainer):
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         reach_repo_or_explain(lambda: super(PPOTrainer, self).init_hf_repo(token, private), self.args, "PPOTrainer")
+
+    # -- transformers' supervised-training entry points, which PPO has no use for: each says what to use instead ----
+    def get_eval_dataloader(self, eval_dataset=None):
+        raise NotImplementedError(_NO_EVAL_LOOP.format(what="get_eval_dataloader()"))
+
+    def get_test_dataloader(self, test_dataset):
+        raise NotImplementedError(_NO_EVAL_LOOP.format(what="get_test_dataloader()"))
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        raise NotImplementedError(_NO_EVAL_LOOP.format(what="predict()"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise NotImplementedError(_NO_SUPERVISED_STEP.format(what="compute_loss()"))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        raise NotImplementedError(_NO_SUPERVISED_STEP.format(what="training_step()"))
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise NotImplementedError(_NO_HP_SEARCH)
 
     def get_train_dataloader(self):
         raise NotImplementedError(

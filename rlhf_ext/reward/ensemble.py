@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters import active_adapter, eval_mode
 from ..data import chat_ids, cut_from_left, leading_special_count, model_pad_id, pad_ids
 from ..grouped_kv import grouped_kv_attention
-from ..models import activation_checkpointing_on, trunk_of
+from ..models import activation_checkpointing_on, position_limit, trunk_of
 from ..rl_math import last_token_index
 from ..shared_prefix import cache_argument, leading_pads, shared_hidden, shared_length, sliding_window
 
@@ -171,6 +171,9 @@ class RewardEnsemble(nn.Module):
         self.register_buffer("mean", torch.tensor(norm.get("mean", [0.0] * K), dtype=torch.float), persistent=False)
         self.register_buffer("std", torch.tensor(norm.get("std", [1.0] * K), dtype=torch.float), persistent=False)
         self.max_length = spec.get("max_length")
+        # the base's own positions: a model trained with max_length=None (or above them) on short pairs still cannot
+        # score a longer text (a learned position table, GPT-2's or RoBERTa's, is indexed past its end)
+        self.positions = position_limit(trunk_of(model))
         # padding is found by the attention mask, so any id the embedding has will do: a `[PAD]` added to the
         # tokenizer without resizing the model (TRL's PPO examples) must not reach it
         self.pad_id = model_pad_id(tokenizer, model) if tokenizer is not None else 0
@@ -351,15 +354,19 @@ class RewardEnsemble(nn.Module):
         """Raw rewards [B, K] (CPU) of token-id lists, in forwards of at most `batch_size` rows: in "adapters" mode
         each text is one row per member, so batch_size // K texts go through at a time (a 7B base with K=4 would
         otherwise run 64-row batches)."""
-        if self.max_length:
-            cut = sum(len(s) > self.max_length for s in seqs)
+        limits = [n for n in (self.max_length, self.positions) if n]
+        if limits:
+            limit = min(limits)
+            cut = sum(len(s) > limit for s in seqs)
             if cut:
+                why, fix = (f"max_length ({limit}, what it trained on)", "or train the reward model with a larger "
+                            "max_length") if limit == self.max_length else (
+                            f"{limit} positions (its base's position table; it trained with max_length="
+                            f"{self.max_length})", "or use a base with more positions")
                 _warn_once(self, "cut", f"{cut} of {len(seqs)} sequences to score are longer than the reward model's "
-                           f"max_length ({self.max_length}, what it trained on): each is scored on its last "
-                           f"{self.max_length} tokens (its BOS kept; its prompt's start, chat template and system turn "
-                           f"cut). Shorten the prompts or max_completion_length, or train the reward model with a "
-                           f"larger max_length.")
-            seqs = [cut_from_left(s, self.max_length, self.lead) for s in seqs]
+                           f"{why}: each is scored on its last {limit} tokens (its BOS kept; its prompt's start, chat "
+                           f"template and system turn cut). Shorten the prompts or max_completion_length, {fix}.")
+            seqs = [cut_from_left(s, limit, self.lead) for s in seqs]
         device = next(self.heads.parameters()).device
         if self.spec["mode"] == "adapters":
             batch_size = max(1, batch_size // len(self.adapters))

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 import torch
 from transformers import TrainerCallback
 
+from ..models import position_limit
 from ..plugins.contract import checked_output
 from ..plugins.shaping import ResponseInfo, build_shapers, reward_func_name
 from ..registry import build, numbered
@@ -578,7 +579,7 @@ class ExternalRewardModel(RunningNormalization):
         self.column = _label_column(cfg, label, name)
         # an encoder's tokenizer closes the text itself: an EOS appended as text would make it [SEP] [SEP]
         self.add_eos = not closes_with_own_token(self.tokenizer)
-        self.lead, self.max_length = leading_special_count(self.tokenizer), _position_limit(model, self.tokenizer)
+        self.lead, self.max_length = leading_special_count(self.tokenizer), position_limit(model, self.tokenizer)
         # Sequence-classification models pool at the last token that is not `config.pad_token_id`, so padding must
         # carry that id; a tokenizer pad outside the embedding (`[PAD]` added without resizing) must never be used.
         own = getattr(cfg, "pad_token_id", None)
@@ -682,23 +683,3 @@ def _label_column(config, label, name: str) -> int:
         raise ValueError(f"label {label!r} is not one of reward model {name!r}'s labels ({', '.join(labels)}); pass "
                          f"one of them or its index.")
     return found[0]
-
-
-def _position_limit(model, tokenizer) -> int | None:
-    """The longest input the model takes: its tokenizer's `model_max_length` (unless unset: transformers' huge
-    sentinel) and its position table, less the offset RoBERTa-style embeddings start their positions at (after the
-    padding index: 514 rows hold 512 positions). None when neither is known."""
-    from torch import nn
-
-    limits = []
-    own = getattr(tokenizer, "model_max_length", None)
-    if isinstance(own, int) and 0 < own < 10**9:
-        limits.append(own)
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    positions = getattr(cfg, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        offset = next((m.padding_idx + 1 for n, m in model.named_modules() if n.endswith("position_embeddings")
-                       and isinstance(m, nn.Embedding) and m.padding_idx is not None), 0)
-        limits.append(positions - offset)
-    return min(limits) if limits else None

@@ -253,6 +253,27 @@ def check_lengths(dataset, limit: int, name: str) -> None:
             stacklevel=4)
 
 
+def check_positions(dataset, positions: int | None, limit: int | None, name: str) -> None:
+    """Pairs longer than the model's `positions` that `max_length=limit` does not filter are refused, with the fix:
+    a learned position table (GPT-2's, RoBERTa's) would be indexed past its end at the first batch that holds one
+    (an IndexError on CPU, a device-side assert on CUDA), and a rotary model would read positions it never trained
+    on. TRL's RewardTrainer does not check."""
+    if not positions or (limit is not None and limit <= positions):
+        return
+    lengths, complete = _pair_lengths(dataset)
+    over = sum(n > positions for n in lengths)
+    if not over:
+        return
+    which = f"{len(lengths)} pairs" if complete else \
+        f"first {len(lengths)} pairs (a streaming dataset: only those were read)"
+    raise ValueError(
+        f"{over} of the {which} of {name} are longer than the model's {positions} positions (the longest is "
+        f"{max(lengths)} tokens, prompt and chat template included), and max_length={limit} keeps them: the model "
+        f"cannot read them (a learned position table is indexed past its end; a rotary model reads positions it "
+        f"never trained on). Set max_length={positions} (longer pairs are then dropped, as max_length drops them), "
+        f"or shorten the pairs.")
+
+
 _POISSON1_CDF = list(accumulate(math.exp(-1) / math.factorial(n) for n in range(24)))
 
 

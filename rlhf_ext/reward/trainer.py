@@ -47,7 +47,8 @@ from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_chec
                          supersede_later_checkpoints, verify_manifest, writing_folder)
 from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token,
                       four_bit_layout, is_quantized, keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
-                      pretrained_kwargs, resolve_model_path, tokenizer_for, trunk_of, warn_unquantized_experts)
+                      position_limit, pretrained_kwargs, resolve_model_path, tokenizer_for, trunk_of,
+                      warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
 from ..progress import progress
 from ..rl_math import bt_loss, pearson
@@ -55,8 +56,9 @@ from ..trainer_state import TRAINER_STATE, save_trainer_state
 from .artifact import save_reward_artifact
 from .config import RewardEnsembleConfig
 from .ensemble import RewardEnsemble
-from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, count_reviewed_dropped,
-                              drop_token_ties, hashed_bootstrap_weights, validate_preference_dataset, with_prompt_length)
+from .preference_data import (EnsemblePreferenceCollator, add_extra_preferences, check_lengths, check_positions,
+                              count_reviewed_dropped, drop_token_ties, hashed_bootstrap_weights,
+                              validate_preference_dataset, with_prompt_length)
 
 logger = logging.getLogger(__name__)
 
@@ -601,6 +603,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         config.num_labels = 1
         ens = RewardEnsemble(body, processing_class, spec, heads, config=config)
         self.member_adapters = adapter_names if ens_mode != "full" else []
+        self._positions = position_limit(trunk)  # longer pairs are refused (`_prepare_dataset`)
         self.heads_only = args.heads_only
         self._set_trainable(ens)
         # on CPU with fp32 weights, the frozen trunk's matmuls through the faster kernel this machine measured
@@ -765,13 +768,16 @@ class RewardEnsembleTrainer(RewardTrainer):
         with global_then_local_main_first():
             dataset = with_prompt_length(dataset, processing_class, args.dataset_num_proc)
         if dataset_name == "reference":
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            check_positions(dataset, getattr(self, "_positions", None), args.max_length, "the reference set")
+            return dataset
         unfiltered = copy.copy(args)
         unfiltered.max_length = None
         dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
         label = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
         dataset = drop_token_ties(dataset, label)
         dataset = count_reviewed_dropped(dataset, args.max_length, args.extra_preferences_weight)
+        check_positions(dataset, getattr(self, "_positions", None), args.max_length, label)
         if args.max_length is None:
             return dataset
         limit = args.max_length
@@ -1032,10 +1038,15 @@ class RewardEnsembleTrainer(RewardTrainer):
         failed), and the exception says so. Not for an exception inside an optimizer step (the weights moved, the
         step is not counted), nor under data parallelism or DeepSpeed: the other processes wait in a collective for
         the one that failed (the launcher stops them)."""
-        if (self.args.world_size > 1 or self.is_deepspeed_enabled or finished.rng is None
+        if (self.args.world_size > 1 or self.is_deepspeed_enabled
                 or raised_inside(error, RewardEnsembleTrainer._save_checkpoint)):
-            return  # several processes; no step finished in this run; the save itself failed
+            return  # several processes; the save itself failed
         done = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if finished.rng is None:  # no step finished in this run
+            if self.state.global_step and done.is_dir():  # a resumed run: what it resumed from stands
+                note_saved(error, done, self.state.global_step, "optimizer step",
+                           "this run failed before it finished a step of its own")
+            return
         if finished.best_loaded and not done.is_dir():  # load_best_model_at_end: step N's weights are gone
             note_not_saved(error, f"training had finished and the model holds the best checkpoint's weights "
                                   f"({self.state.best_model_checkpoint}), not step {self.state.global_step}'s",
@@ -1303,7 +1314,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         if not self.is_world_process_zero():
             return
         meta = card_metadata({"model_name": model_name, "dataset_name": dataset_name, "tags": tags, **kwargs},
-                             "RewardEnsembleTrainer")
+                             "RewardEnsembleTrainer", "create_model_card")
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "README.md").write_text(self._card(self.artifact_spec(), meta))
