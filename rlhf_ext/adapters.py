@@ -295,14 +295,3 @@ class GradientReachCheck:
 
 def _is_bias(name: str, param: nn.Parameter) -> bool:
     return name.rsplit(".", 1)[-1] == "bias" and param.dim() == 1
-
-
-@torch.no_grad()
-def max_logit_gap_to_reference(model, input_ids, attention_mask) -> float:
-    """max |logits with the active adapter − logits with adapters disabled| on a batch, in eval mode."""
-    with eval_mode(model):
-        a = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        with adapters_disabled(model):
-            b = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    m = attention_mask.bool()
-    return float((a[m] - b[m]).abs().max())

@@ -14,6 +14,10 @@ The launcher also sends SIGTERM when one of its processes failed (an exception o
 stop after the iteration — no checkpoint can be saved without the failed process — and it is not taken as one: the
 process says why it stops and stops at once (`launcher_is_stopping_the_job`), as it would without the handler. Before,
 it announced a checkpoint it could not write and went on computing until its next collective failed.
+
+The second half is for an exception instead of a signal (both trainers' `_save_after_failure`): the notes added to
+the error (`note_saved`, `note_not_saved`), the random streams a failed step is rolled back to (`random_streams`,
+`set_random_streams`) and freeing an out-of-memory error's frames before that save (`free_failed_step`).
 """
 
 from __future__ import annotations

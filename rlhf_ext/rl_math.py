@@ -18,13 +18,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
-    return var * n / (n - 1) if unbiased and n > 1 else var
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum=None) -> torch.Tensor:
     """(x − mean)/std over masked positions (unbiased variance); padding comes back as 0. x, mask: [B, T].
 
@@ -95,12 +88,6 @@ def value_loss(values, old_values, returns, mask, clip_eps: float):
         clipped = (vf2 > vf1) & ((values - old_values).abs() > clip_eps)
         clipfrac = masked_mean(clipped.float(), mask)
     return loss, clipfrac
-
-
-def explained_variance(values, returns, mask) -> float:
-    """1 − Var[R − V]/Var[R] over masked positions (1 = perfect critic, ≤ 0 = useless)."""
-    var_r = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:

@@ -211,3 +211,21 @@ def test_7b_recipes_turn_checkpointing_on_under_its_current_name(recipe, recwarn
     args = parser.parse_dict({**cfg, "use_cpu": True, "bf16": False})[1]
     assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # what the trainers read
     assert not [w for w in recwarn if "gradient_checkpointing` is deprecated" in str(w.message)]
+
+
+def test_ppo_takes_every_n_layers_as_trainer_does(tmp_path, tok, tiny4_path):
+    """`every_n_layers` (and `offload`) in the checkpointing kwargs are `activation_checkpointing_enable`'s own
+    arguments, which Trainer.train pops before the rest goes to torch.utils.checkpoint; PPOTrainer enables
+    checkpointing itself and handed them to torch, which passed them on to the layers: every layer was checkpointed."""
+    from rlhf_ext import PPOConfig, PPOTrainer
+
+    from .test_ppo import good_counter, prompts
+
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=8, max_steps=1, max_completion_length=4,
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, monitor=False, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": 2})
+    tr = PPOTrainer(tiny4_path, reward_funcs=good_counter(tok), args=args, train_dataset=prompts(),
+                    processing_class=tok, peft_config=LoraConfig(**LORA))
+    layers = tr.policy.peft.get_base_model().model.layers
+    assert [m.gradient_checkpointing for m in layers] == [i % 2 == 0 for i in range(len(layers))]
+    assert args.gradient_checkpointing_kwargs["every_n_layers"] == 2  # the user's config is left as given

@@ -24,7 +24,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
-from .. import rl_math as F
+from .. import rl_math as rlm
 from ..adapters import active_adapter, adapters_disabled, eval_mode
 from ..data import pad_ids, stop_token_ids
 from ..grouped_kv import grouped_kv_attention
@@ -66,6 +66,7 @@ class Rollout:
     resp:             [B, R]    response tokens (pad after the first EOS)
     resp_mask:        [B, R]    1 on response tokens up to and including the first EOS
     loss_mask:        [B, R]    resp_mask of samples whose reward is valid (dropped rewards never reach the loss)
+    kept:             float     samples with a valid reward over every process (PPOTrainer._rollout; 0: no update)
     has_eos, valid:   [B]       bool; has_eos: the response stopped at its EOS — or, with stop_on_eos=False (nothing
                                 stops), holds one anywhere: TRL 1.12's rule for missing_eos_penalty
     lengths:          [B]       response tokens excluding a final EOS
@@ -95,6 +96,7 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None
     ref_logits_full: torch.Tensor | None = None
     h_low: torch.Tensor | None = None
+    kept: float = 0.0
     audit: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)  # the prompts' other dataset columns, a list each (reward kwargs)
     extra: dict = field(default_factory=dict)  # what reward functions passed to log_extra(), a list per column
@@ -289,7 +291,7 @@ class PolicyAndValue(nn.Module):
         except Exception as e:  # an architecture whose cache cannot be repeated or attended across
             self.share_prefix = False
             return f"{type(self.peft.get_base_model()).__name__} cannot run it ({type(e).__name__}: {e})"
-        kl = F.full_kl(full_pass, shared_pass)[mask[:, -n_resp:].bool()].mean()
+        kl = rlm.full_kl(full_pass, shared_pass)[mask[:, -n_resp:].bool()].mean()
         if not kl <= sampling_tolerance(self.compute_dtype):
             return (f"{type(self.peft.get_base_model()).__name__} gives another distribution with it (mean per-token "
                     f"KL {float(kl):.3g} against the full pass)")
@@ -399,7 +401,7 @@ class PolicyAndValue(nn.Module):
         for b in range(B):
             for r in range(0, R, EXACT_KL_STATES):
                 rows = slice(r, r + EXACT_KL_STATES)
-                kl[rows] = F.full_kl(logits[b, rows].double().log_softmax(-1),
+                kl[rows] = rlm.full_kl(logits[b, rows].double().log_softmax(-1),
                                      ref_logits[b, rows].double().log_softmax(-1))
             out[b] = (kl * resp_mask[b].double()).sum()
         return out

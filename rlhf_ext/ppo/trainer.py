@@ -6,6 +6,7 @@ One iteration (`_iteration`), top to bottom:
   value loss → KL guard (hard mode, plugins/kl.py) → learning-rate schedule (once per iteration) → β update →
   metrics.
 The math is in `rl_math.py`, the model passes in `policy.py` (all in one precision context: `precision.py`), the
+log-probs and their hand-written backward in `logprobs.py`, the rewards in `reward/pipeline.py`, the estimators,
 controllers and the guard in `plugins/kl.py`; TRL 1.12 argument names in `trl112.py`.
 """
 
@@ -29,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.optimization import GreedyLR
 from trl.trainer.utils import entropy_from_logits
 
-from .. import rl_math as F
+from .. import rl_math as rlm
 from ..adapters import (GradientReachCheck, adapter_parameters, first_step_grad_params, set_trainable,
                         wrap_with_peft, zero_dropout)
 from ..cpu_linear import route_frozen_linears
@@ -211,10 +212,15 @@ class PPOTrainer(Trainer):
             self.policy_adapter = POLICY
         place_on_training_device(model, args)
         warn_unquantized_experts(model)  # a 4-bit MoE's experts stay full precision (fp32 after kbit preparation)
-        if args.gradient_checkpointing:  # the Trainer enables it again with these same kwargs (see below)
+        if args.gradient_checkpointing:  # enabled here: Trainer does it in its own train(), which PPO replaces
             if not args.activation_checkpointing_kwargs:
                 args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+            # as Trainer.train: `every_n_layers` and `offload` are activation_checkpointing_enable's own arguments; the
+            # rest goes to torch.utils.checkpoint (which hands a keyword it does not know to the layer: ignored there)
+            ckpt_kwargs = dict(args.activation_checkpointing_kwargs)
+            every_n_layers, offload = ckpt_kwargs.pop("every_n_layers", 1), ckpt_kwargs.pop("offload", False)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs,
+                                                  every_n_layers=every_n_layers, offload=offload)
             model.enable_input_require_grads()
         self.quantized = is_quantized(model)
 
@@ -367,7 +373,8 @@ class PPOTrainer(Trainer):
         self._check_fp16_parameters()
         # under DDP a process whose whole share is dropped trains with a zero loss; the global batch decides
         self.rewards.batch_is_a_share = self.accelerator.num_processes > 1
-        self.iteration, self.data_epoch, self.data_pos, self.version = 0, 0, 0, 0
+        self.iteration, self.data_epoch, self.data_pos = 0, 0, 0
+        self.version = 0  # +1 whenever the trained parameters change (optimizer step, guard): keys `_memo`
         self.rollout: Rollout | None = None  # the last rollout (monitors, tests)
         self.heldout: dict | None = None  # the last evaluate_policy summary (model card)
         self.heldout_iteration: int | None = None  # the iteration it evaluated
@@ -753,9 +760,9 @@ class PPOTrainer(Trainer):
         rewards = -self.kl_ctl.beta * k1_t
         last = (ro.resp_mask.sum(1) - 1).clamp(min=0).long()
         rewards[torch.arange(len(last)), last] += ro.scores * ro.valid.to(m)
-        adv, returns = F.gae(rewards * m, old_values, m, self.args.gamma, self.args.lam)
+        adv, returns = rlm.gae(rewards * m, old_values, m, self.args.gamma, self.args.lam)
         if self.args.whiten_advantages:
-            adv = F.masked_whiten(adv, m, reduce_sum=self._global_sum)  # whole-batch statistics under DDP
+            adv = rlm.masked_whiten(adv, m, reduce_sum=self._global_sum)  # whole-batch statistics under DDP
         return kl_t, adv, returns
 
     # -- passes: one full-batch forward serves two steps where they need the same one --------------------------------
@@ -825,7 +832,7 @@ class PPOTrainer(Trainer):
         """Masked mean entropy of the policy over the response tokens. logits [B, R, V], mask [B, R] → scalar.
         Worked through 16 rows of [B·R, V] at a time: its fp32 temporaries (log-softmax, p, p·log p) stay a few MiB
         instead of 3 × 128 rows × V (75 MiB for a 49k vocabulary), which on CPU set the peak RSS."""
-        return F.masked_mean(entropy_from_logits(logits, chunk_size=16), mask)
+        return rlm.masked_mean(entropy_from_logits(logits, chunk_size=16), mask)
 
     # -- one optimizer step, never letting NaN reach the adapters ---------------------------------------------------
     def _step(self, loss, stats) -> float | None:
@@ -916,8 +923,8 @@ class PPOTrainer(Trainer):
                 logits, values, logp = self._train_forward(ro, idx)
                 sel = slice(None) if idx is None else idx
                 mi = m[sel]
-                pg_loss, clipfrac, approx_kl = F.policy_loss(logp, old_logp[sel], adv[sel], mi, args.clip_range)
-                vf_loss, vf_clipfrac = F.value_loss(values, old_values[sel], returns[sel], mi, args.clip_range_value)
+                pg_loss, clipfrac, approx_kl = rlm.policy_loss(logp, old_logp[sel], adv[sel], mi, args.clip_range)
+                vf_loss, vf_clipfrac = rlm.value_loss(values, old_values[sel], returns[sel], mi, args.clip_range_value)
                 # with ent_coef = 0 the entropy is only a statistic, measured after the backward has freed the
                 # activations (measured before it, its temporaries set the CPU peak)
                 entropy = self._entropy(logits, mi) if args.ent_coef else None
@@ -1031,7 +1038,7 @@ class PPOTrainer(Trainer):
                  **{f"audit/{name}": _graded(vals) for name, vals in ro.audit.items()}}
         if K > 1:  # over the samples every member scored
             norm = ro.norm.cpu().double()
-            full = F.scored_by_every_member(valid, norm)
+            full = rlm.scored_by_every_member(valid, norm)
             std = norm[full].std(-1).sum() if full.any() else torch.zeros((), dtype=torch.float64)  # (std of none warns)
             parts["rewards/ensemble_std"] = (std, full.double())
         g = self._global_means(parts)
@@ -1059,7 +1066,6 @@ class PPOTrainer(Trainer):
                           f"{float(ro.scores.abs().max()):.3g}); the adapters were not touched.")
         return metrics
 
-    @torch.no_grad()
     def _check_best_metric_names(self, args, held: dict) -> None:
         """`metric_for_best_model` names a metric evaluate() logs: a typo failed in transformers at the first
         evaluation, after `eval_steps` iterations, before that iteration's checkpoint was written."""
@@ -1412,7 +1418,8 @@ class PPOTrainer(Trainer):
                     **kwargs) -> str:
         """Upload what `save_model` writes to `repo_id` (default `args.hub_model_id`): the adapter, or with `merge` the
         merged weights; `critic=True` adds `critic/`. Other keywords are the model card's, as in `Trainer`
-        (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
+        (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`). The upload always completes
+        before it returns (`blocking=False` is taken, as Trainer's signature has it, and changes nothing)."""
         repo_id = repo_id_for_push(self.args, repo_id, commit_message, "PPOTrainer")
         if not self.is_world_process_zero():  # one upload, as Trainer.push_to_hub (every rank uploaded its own commit)
             return ""
@@ -1513,8 +1520,6 @@ def _free_adapter_prefix(model, adapters) -> str:
 
 def _critic_config(model, policy_cfg):
     """The policy's LoRA config without the LM head: the critic reads hidden states, never logits."""
-    import copy
-
     cfg = copy.deepcopy(policy_cfg)
     base = model.get_base_model()
     head = base.get_output_embeddings()

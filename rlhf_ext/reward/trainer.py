@@ -1350,7 +1350,8 @@ class RewardEnsembleTrainer(RewardTrainer):
                     token: str | None = None, revision: str | None = None, repo_id: str | None = None, **kwargs) -> str:
         """Upload the artifact (what `save_model` writes) to `repo_id` (default: `args.hub_model_id`);
         `load_reward_model(repo_id)` loads it back. Other keywords are the model card's, as in `Trainer`
-        (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`)."""
+        (`tags`, `dataset_name`, `license`, `language`, `model_name`, `finetuned_from`). The upload always completes
+        before it returns (`blocking=False` is taken, as Trainer's signature has it, and changes nothing)."""
         import tempfile
 
         repo_id = repo_id_for_push(self.args, repo_id, commit_message, "RewardEnsembleTrainer")
