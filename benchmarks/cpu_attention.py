@@ -45,7 +45,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     a = ap.parse_args()
     B, H, T, D = a.seqs, a.heads, a.tokens, a.head_dim
-    Hk, Tq = a.kv_heads or H, a.query_tokens or T
+    Hk = H if a.kv_heads is None else a.kv_heads
+    Tq = T if a.query_tokens is None else a.query_tokens
     for name, value in (("--seqs", B), ("--heads", H), ("--tokens", T), ("--head-dim", D), ("--kv-heads", Hk),
                         ("--query-tokens", Tq), ("--repeat", a.repeat)):
         if value < 1:

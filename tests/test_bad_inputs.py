@@ -189,18 +189,19 @@ def test_prompt_plus_completion_past_the_model_positions(tmp_path, tok):
     longest = max(len(ids) for _, ids in tr.prompts)
     assert tr.args.max_completion_length == 24 - longest
     tr.train()
-    # the clip is that trainer's: a config reused for another trainer (a notebook, a sweep) keeps what was set
-    # (it was written into the user's PPOConfig, so a model with room to spare sampled the clipped length silently)
+    # the clip is written into the PPOConfig the user holds (trainer.args is args, as in transformers): a config
+    # reused for a model with room to spare (a notebook, a sweep) sampled the clipped length silently; it says so
     from .test_ppo import LORA, good_counter, prompts
 
     args = PPOConfig(str(tmp_path / "reused"), max_completion_length=32, max_steps=1, use_cpu=True, disable_tqdm=True)
-    with pytest.warns(UserWarning, match="clipped"):
+    with pytest.warns(UserWarning, match="clipped to .* \\(in this PPOConfig\\)"):
         clipped = PPOTrainer(tiny_causal_lm(tok, max_position_embeddings=24), reward_funcs=good_counter(tok),
                              args=args, train_dataset=prompts(), processing_class=tok, peft_config=LoraConfig(**LORA))
-    roomy = PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(),
-                       processing_class=tok, peft_config=LoraConfig(**LORA))
-    assert clipped.args.max_completion_length == 24 - longest and args.max_completion_length == 32
-    assert roomy.args.max_completion_length == 32
+    assert clipped.args is args and args.max_completion_length == 24 - longest
+    with pytest.warns(UserWarning, match=f"max_completion_length={24 - longest} is an earlier PPOTrainer's clip of 32 "
+                                         f"to its model's positions; this model has room for 32"):
+        PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(),
+                   processing_class=tok, peft_config=LoraConfig(**LORA))
     long = Dataset.from_dict({"prompt": ["the " * 30] * 20})
     with pytest.raises(ValueError, match="only 24 positions.*max_prompt_length"):
         make(tmp_path, tok, model=tiny_causal_lm(tok, max_position_embeddings=24), data=long, max_prompt_length=64,
@@ -241,6 +242,33 @@ def test_reward_pairs_past_the_model_positions_are_refused_with_the_fix(tmp_path
     tr = RewardEnsembleTrainer(path, args=_rm_args(tmp_path, max_length=64), train_dataset=data, processing_class=tok)
     assert len(tr.train_dataset) == 8
     tr.train()
+
+
+def test_reward_pairs_that_max_length_drops_are_not_refused_for_the_positions(tmp_path, tok):
+    """max_length=80 on 64 positions drops every pair the model cannot read (93 tokens): the positions check refused
+    them anyway, saying max_length kept them."""
+    from rlhf_ext.testing import save_tiny_model_for
+
+    path = save_tiny_model_for(tmp_path / "gpt2", "gpt2", tok, n_positions=64)
+    data = Dataset.from_list(_gpt2_pairs(4) + _gpt2_pairs(40))
+    tr = RewardEnsembleTrainer(path, args=_rm_args(tmp_path, max_length=80), train_dataset=data, processing_class=tok)
+    assert len(tr.train_dataset) == 8
+    tr.train()
+
+
+def test_streamed_reward_pairs_past_the_positions_after_the_first_rows_are_refused_with_the_fix(tmp_path, tok):
+    """A stream is checked on its first 64 pairs at start-up; a longer pair after them reached the model, an
+    IndexError from GPT-2's position table in the middle of training. It is refused where it is read, with the fix."""
+    from rlhf_ext.testing import save_tiny_model_for
+
+    path = save_tiny_model_for(tmp_path / "gpt2", "gpt2", tok, n_positions=64)
+    stream = Dataset.from_list(_gpt2_pairs(4) * 8 + _gpt2_pairs(40)).to_iterable_dataset()
+    tr = RewardEnsembleTrainer(path, args=_rm_args(tmp_path, max_length=None, max_steps=10), train_dataset=stream,
+                               processing_class=tok)
+    with pytest.raises(ValueError, match=r"A pair of train_dataset read after the first 64 .* is 93 tokens long.*"
+                                         r"longer than the model's 64 positions, and max_length=None keeps it.*"
+                                         r"Set max_length=64"):
+        tr.train()
 
 
 def test_reward_model_trained_without_max_length_scores_within_its_positions(tmp_path, tok):

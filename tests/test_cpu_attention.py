@@ -188,7 +188,8 @@ def test_a_backward_split_into_chunks_of_sequences_equals_the_whole_batch_s(monk
 
 @pytest.mark.parametrize("argv, says", [(["--heads", "9", "--kv-heads", "2"], "not a multiple of --kv-heads 2"),
                                         (["--query-tokens", "80"], "--query-tokens 80 exceeds --tokens 74"),
-                                        (["--repeat", "0"], "--repeat must be at least 1")])
+                                        (["--repeat", "0"], "--repeat must be at least 1"),
+                                        (["--kv-heads", "0"], "--kv-heads must be at least 1")])
 def test_the_benchmark_refuses_shapes_it_cannot_build(argv, says):
     """Query heads not a whole multiple of the key/value heads ended in a RuntimeError from deep in torch."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_attention.py"

@@ -591,3 +591,24 @@ def test_an_out_of_memory_error_frees_the_failed_iterations_tensors(tmp_path, to
         tr.train()
     assert "checkpoint-2 holds the 2 iteration(s) that finished" in _notes(e)
     assert held and held[0]() is None  # the frame's tensor was freed, the exception still in hand
+
+
+def test_an_out_of_memory_error_in_the_first_iteration_frees_its_tensors_too(tmp_path, tok):
+    """The most common out-of-memory error is the first iteration's (a batch size tried): nothing is saved, and its
+    tensors stayed referenced by the traceback's frames, held for the user's next try in the same process (a
+    notebook keeps the traceback)."""
+    import weakref
+
+    from .test_ppo import good_counter
+
+    local, held, box = good_counter(tok), [], {}
+
+    def server(prompts, completions, completion_ids, **kw):
+        activations = torch.ones(256, 256)  # what a failed forward holds in its frame
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    tr = box["tr"] = make(tmp_path, tok, reward=[local, server], **RUN)
+    with pytest.raises(torch.OutOfMemoryError) as e:  # the exception in hand, as a notebook holds it
+        tr.train()
+    assert tr.iteration == 0 and held and held[0]() is None and e.value.__traceback__ is not None

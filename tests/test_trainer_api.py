@@ -89,3 +89,24 @@ def test_create_model_card_names_itself_when_refusing_a_keyword(tmp_path, tok):
     tr = make(tmp_path, tok, max_steps=1, **SMALL)
     with pytest.raises(TypeError, match=r"PPOTrainer\.create_model_card\(\) got unexpected keyword argument.*'tag'"):
         tr.create_model_card(tag="x")
+
+
+def test_the_trainer_reads_the_config_it_was_given_as_trainer_does(tmp_path, tok):
+    """`trainer.args is args`, as in transformers: max_steps raised on the config in hand (the notebook idiom)
+    continues the run."""
+    from peft import LoraConfig
+
+    from rlhf_ext import PPOConfig, PPOTrainer
+    from rlhf_ext.testing import tiny_causal_lm
+
+    from .test_ppo import LORA, good_counter
+
+    args = PPOConfig(str(tmp_path / "ppo"), per_device_train_batch_size=4, max_steps=1, max_completion_length=6,
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1000)
+    tr = PPOTrainer(tiny_causal_lm(tok), reward_funcs=good_counter(tok), args=args, train_dataset=prompts(8),
+                    processing_class=tok, peft_config=LoraConfig(**LORA))
+    assert tr.args is args
+    tr.train()
+    args.max_steps = 2
+    tr.train()
+    assert tr.iteration == 2

@@ -164,9 +164,6 @@ class PPOTrainer(Trainer):
             raise TypeError(f"`args` must be a rlhf_ext.PPOConfig, got {type(args).__name__}: build a PPOConfig with "
                             f"the same settings (a GRPOConfig's or RLOOConfig's own fields are named in the README, "
                             f"\"Coming from GRPO / RLOO\").")
-        # what this trainer fits to its model (a completion length clipped to the positions, checkpointing's kwargs)
-        # stays its own: one config reused for another trainer (a notebook, a sweep) starts from what the user set
-        args = copy.copy(args)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required (TRL prompt-only format: a 'prompt' column).")
         check_dataset_type(train_dataset)
@@ -532,11 +529,20 @@ class PPOTrainer(Trainer):
     def _fit_positions(self, args):
         """Prompt + completion must fit the model's positions: clip the completion length, or refuse."""
         room = self._completion_room(self.prompts, "A prompt")
+        # `args` is the PPOConfig the user holds (`trainer.args is args`, as in Trainer): a clip stays in it, so a
+        # config reused for another trainer (a notebook, a sweep) carries the clip, and says so where it costs
+        requested, clipped = getattr(args, "_clipped_completion_length", (None, None))
+        if clipped is not None and args.max_completion_length == clipped and (room is None or room > clipped):
+            warnings.warn(f"This PPOConfig's max_completion_length={clipped} is an earlier PPOTrainer's clip of "
+                          f"{requested} to its model's positions; this model has room for "
+                          f"{requested if room is None else min(requested, room)}. Set max_completion_length again "
+                          f"(or build a new PPOConfig) to sample longer responses.")
         if room is None or args.max_completion_length <= room:
             return
         warnings.warn(f"max_completion_length={args.max_completion_length} + the longest prompt "
                       f"({self._position_limit() - room} tokens) exceeds the model's {self._position_limit()} "
-                      f"positions: max_completion_length clipped to {room}.")
+                      f"positions: max_completion_length clipped to {room} (in this PPOConfig).")
+        args._clipped_completion_length = (args.max_completion_length, room)
         args.max_completion_length = room
 
     def _check_startup(self, args):
@@ -1248,6 +1254,7 @@ class PPOTrainer(Trainer):
         nothing can be saved (the launcher stops them)."""
         if self.accelerator.num_processes > 1 or raised_inside(error, PPOTrainer._save_and_rotate):  # the save failed
             return
+        free_failed_step(error)  # whether or not anything is saved: the user's next step needs the memory too
         if not finished:
             if self._params_moved:
                 note_not_saved(error, f"iteration {self.iteration + 1} failed after the adapters had taken a step (it "
@@ -1256,7 +1263,6 @@ class PPOTrainer(Trainer):
             undo_iteration(self, undo)  # (drops the kept forward and the rollout)
         if self.iteration == 0:
             return  # nothing finished
-        free_failed_step(error)
         done = Path(self.args.output_dir) / f"checkpoint-{self.iteration}"
         if not done.is_dir():
             try:

@@ -253,25 +253,45 @@ def check_lengths(dataset, limit: int, name: str) -> None:
             stacklevel=4)
 
 
-def check_positions(dataset, positions: int | None, limit: int | None, name: str) -> None:
+def check_positions(dataset, positions: int | None, limit: int | None, name: str):
     """Pairs longer than the model's `positions` that `max_length=limit` does not filter are refused, with the fix:
     a learned position table (GPT-2's, RoBERTa's) would be indexed past its end at the first batch that holds one
     (an IndexError on CPU, a device-side assert on CUDA), and a rotary model would read positions it never trained
-    on. TRL's RewardTrainer does not check."""
+    on. TRL's RewardTrainer does not check. Pairs longer than `limit` are not counted: max_length drops them.
+    Returns the dataset: a stream, of which only the first rows are read here, refuses a later such pair where it is
+    read (the same error, not an IndexError at the step that holds it)."""
     if not positions or (limit is not None and limit <= positions):
-        return
+        return dataset
+
+    def unreadable(n: int) -> bool:  # past the positions, and kept by max_length
+        return n > positions and (limit is None or n <= limit)
+
     lengths, complete = _pair_lengths(dataset)
-    over = sum(n > positions for n in lengths)
-    if not over:
-        return
-    which = f"{len(lengths)} pairs" if complete else \
-        f"first {len(lengths)} pairs (a streaming dataset: only those were read)"
-    raise ValueError(
-        f"{over} of the {which} of {name} are longer than the model's {positions} positions (the longest is "
-        f"{max(lengths)} tokens, prompt and chat template included), and max_length={limit} keeps them: the model "
-        f"cannot read them (a learned position table is indexed past its end; a rotary model reads positions it "
-        f"never trained on). Set max_length={positions} (longer pairs are then dropped, as max_length drops them), "
-        f"or shorten the pairs.")
+    over = [n for n in lengths if unreadable(n)]
+    if over:
+        which = f"{len(lengths)} pairs" if complete else \
+            f"first {len(lengths)} pairs (a streaming dataset: only those were read)"
+        raise ValueError(f"{len(over)} of the {which} of {name} are longer than the model's {positions} positions "
+                         f"(the longest is {max(over)} tokens, prompt and chat template included), and "
+                         + _positions_fix(positions, limit, "them"))
+    if complete:
+        return dataset
+
+    def check(row):
+        n = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        if unreadable(n):
+            raise ValueError(f"A pair of {name} read after the first {len(lengths)} (a streaming dataset: those were "
+                             f"checked at start-up) is {n} tokens long, prompt and chat template included, longer "
+                             f"than the model's {positions} positions, and " + _positions_fix(positions, limit, "it"))
+        return row
+
+    return dataset.map(check, features=dataset.features)  # (its columns stay known: a map would drop them)
+
+
+def _positions_fix(positions: int, limit: int | None, them: str) -> str:
+    return (f"max_length={limit} keeps {them}: the model cannot read {them} (a learned position table is indexed "
+            f"past its end; a rotary model reads positions it never trained on). Set max_length={positions} (longer "
+            f"pairs are then dropped, as max_length drops them), or shorten the pairs.")
 
 
 _POISSON1_CDF = list(accumulate(math.exp(-1) / math.factorial(n) for n in range(24)))

@@ -769,15 +769,14 @@ class RewardEnsembleTrainer(RewardTrainer):
             dataset = with_prompt_length(dataset, processing_class, args.dataset_num_proc)
         if dataset_name == "reference":
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            check_positions(dataset, getattr(self, "_positions", None), args.max_length, "the reference set")
-            return dataset
+            return check_positions(dataset, getattr(self, "_positions", None), args.max_length, "the reference set")
         unfiltered = copy.copy(args)
         unfiltered.max_length = None
         dataset = super()._prepare_dataset(dataset, processing_class, unfiltered, dataset_name)
         label = {"train": "train_dataset", "eval": "eval_dataset"}.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
         dataset = drop_token_ties(dataset, label)
         dataset = count_reviewed_dropped(dataset, args.max_length, args.extra_preferences_weight)
-        check_positions(dataset, getattr(self, "_positions", None), args.max_length, label)
+        dataset = check_positions(dataset, getattr(self, "_positions", None), args.max_length, label)
         if args.max_length is None:
             return dataset
         limit = args.max_length
@@ -1041,6 +1040,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         if (self.args.world_size > 1 or self.is_deepspeed_enabled
                 or raised_inside(error, RewardEnsembleTrainer._save_checkpoint)):
             return  # several processes; the save itself failed
+        free_failed_step(error)  # whether or not anything is saved: the save's normalisation pass, the user's next step
         done = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if finished.rng is None:  # no step finished in this run
             if self.state.global_step and done.is_dir():  # a resumed run: what it resumed from stands
@@ -1059,7 +1059,6 @@ class RewardEnsembleTrainer(RewardTrainer):
             return
         if not done.is_dir():
             finished.restore_rng()
-            free_failed_step(error)  # the save's own normalisation pass would run out of memory again
             try:
                 self._save_checkpoint(self.model, trial=None)
             except Exception as save_error:  # a full disk, say: the first error is what the user must see
