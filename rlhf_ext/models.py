@@ -209,6 +209,11 @@ def load_model(
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} is a folder but holds no model (no config.json). {_what_folder(Path(path))}")
+    if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file() and not _has_model_weights(Path(path)):
+        # an SFT adapter saved with its base's config.json beside it (alignment-handbook's run_sft.py does): transformers
+        # then reports only that no model.safetensors is there
+        raise FileNotFoundError(f"{path} holds no model weights, only a PEFT adapter (and a config.json). "
+                                f"{_what_folder(Path(path))}")
     if "torch_dtype" in kwargs:  # transformers 4's name for dtype, still in many TRL scripts and configs
         old = kwargs.pop("torch_dtype")
         if dtype is not None and _dtype(dtype) != _dtype(old):
@@ -395,6 +400,13 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return tokenizer
 
 
+def _has_model_weights(path: Path) -> bool:
+    """Whether a folder holds a model's own weight files (a PEFT adapter's `adapter_model.*` are not)."""
+    return any(f.name != "training_args.bin" and not f.name.startswith("adapter_model")
+               for pattern in ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth", "*.h5", "*.msgpack")
+               for f in path.glob(pattern))
+
+
 def _what_folder(path: Path) -> str:
     """The fix for a folder that is not a whole model: a LoRA adapter (a saved policy, TRL's SFT output) needs its
     base; a PPO checkpoint is resumed, not loaded."""
@@ -404,8 +416,10 @@ def _what_folder(path: Path) -> str:
         except (OSError, ValueError):
             base = None
         return (f"It is a PEFT adapter (on {base or 'a base model it does not name'}): merge it into its base and pass "
-                f"the merged folder (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) — "
-                f"PPO starts the policy and the reference from that model — or pass the loaded PeftModel itself.")
+                f"the merged folder (merged = PeftModel.from_pretrained(base, folder).merge_and_unload(); "
+                f"merged.save_pretrained(out); tokenizer.save_pretrained(out)) — PPO starts the policy and the "
+                f"reference from that model — or pass the loaded PeftModel itself (the reward trainer trains its "
+                f"adapter on; to PPO its reference is then the base without it, which kl_controller='hard' refuses).")
     if (path / "ppo_state.json").is_file():
         return (f"It is a PPO checkpoint: continue its run with resume_from_checkpoint={str(path)!r} (recipes: "
                 f"--resume_from_checkpoint), or load the policy it holds with PeftModel.from_pretrained(base, "
@@ -554,6 +568,7 @@ def check_model_object(model, trainer: str, **loading) -> None:
         raise ValueError(f"{trainer}: the model's weights are on the meta device (built under init_empty_weights or "
                          f"loaded with device_map='meta'), so there is nothing to train or score. Load the weights "
                          f"(from_pretrained(path) without a meta device map), or pass the model's name or folder.")
+    refuse_loaded_adapters(model, trainer)
     ignored = [name for name, value in loading.items() if value]
     if ignored:
         warnings.warn(f"{trainer}: `model` is a model object, so {', '.join(ignored)} — settings for loading a model "
@@ -561,6 +576,124 @@ def check_model_object(model, trainer: str, **loading) -> None:
                       f"({'4-bit' if is_quantized(model) else str(next(model.parameters()).dtype).replace('torch.', '')}"
                       f"). Load it with them yourself (from_pretrained(..., quantization_config=...)) or pass its "
                       f"name or folder.", UserWarning, stacklevel=3)
+
+
+def refuse_loaded_adapters(model, trainer: str) -> None:
+    """A model object that is not a `peft.PeftModel` but carries PEFT adapters: transformers loads an SFT adapter that
+    way (`from_pretrained(<adapter folder>)`, which loads its base and the adapter, or `model.load_adapter(...)`).
+    Wrapped in the trainer's own PeftModel, those adapters stay in the layers but inactive: the policy and PPO's
+    reference (or the reward members) silently started from the base without them. Refused, naming the fix."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel):
+        return
+    tuned = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not tuned and not getattr(model, "_hf_peft_config_loaded", False):
+        return
+    configs = getattr(model, "peft_config", None) or {}
+    names = ", ".join(repr(n) for n in configs) or "unnamed"
+    bases = {getattr(c, "base_model_name_or_path", None) for c in configs.values()} - {None}
+    base = next(iter(bases)) if len(bases) == 1 else "<its base model>"
+    merge = (f"merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
+             f"\"<adapter folder>\").merge_and_unload(); merged.save_pretrained(dir); tokenizer.save_pretrained(dir)")
+    if trainer == "PPOTrainer":
+        fix = (f"Merge it into its base, save that model and pass its folder: {merge}; then model=dir (PPO's "
+               f"reference is then your SFT model, as in TRL).")
+    else:
+        fix = (f"Load it with PEFT instead, to train the adapter on as member 0: PeftModel.from_pretrained(base, "
+               f"\"<adapter folder>\", is_trainable=True); or merge it into its base, save that model and pass its "
+               f"folder: {merge}.")
+    raise ValueError(f"{trainer}: `model` carries PEFT adapter(s) loaded through transformers ({names}, in "
+                     f"{len(tuned)} layers — from_pretrained of an adapter folder, or model.load_adapter()), not as a "
+                     f"peft.PeftModel. {trainer} would wrap it in its own PeftModel, where they stay inactive: training "
+                     f"would silently start from the base without them. {fix}")
+
+
+
+def _checkpoint_folder(name_or_path) -> Path | None:
+    """The local folder `from_pretrained(name_or_path)` read: the folder itself, the embedded default's converted
+    folder, or a Hub id's snapshot already in the Hugging Face cache (never a download); None when none is at hand."""
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name.lower() in EMBEDDED_MODELS:
+        path = cache_dir() / "models" / name.lower()
+        return path if path.is_dir() else None
+    if not is_hub_id(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 — not cached, offline: nothing to compare with
+        return None
+
+
+@torch.no_grad()
+def changed_from_checkpoint(model, name_or_path, limit: int = 3) -> list[str] | None:
+    """Up to `limit` names of `model`'s weights whose first row differs from the checkpoint `name_or_path` names (the
+    config's `_name_or_path`: what a saved adapter and a reward artifact record as the base): an adapter merged in
+    memory (`merge_and_unload()`) keeps that name, and the embedding-only `model_fingerprint` cannot tell. Compares
+    one row per tensor (read lazily from the safetensors files), a 4-bit weight by quantising that row as its layer was
+    (same dtype, block size and type: the codes are equal for the checkpoint's own weights). [] when every compared
+    tensor matches; None when nothing could be compared (no local safetensors, other tensor names or shapes)."""
+    from safetensors import safe_open
+
+    folder = _checkpoint_folder(name_or_path)
+    files = sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("adapter_model")) if folder else []
+    if not files:
+        return None
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = {n.replace(".base_layer.", "."): p for n, p in hf.named_parameters()}  # under a LoRA layer: the base's
+    prefix = getattr(hf, "base_model_prefix", "") or ""
+    compared, changed = 0, []
+    for file in files:
+        with safe_open(str(file), framework="pt") as st:
+            for key in st.keys():
+                p = params.get(key, params.get(f"{prefix}.{key}", params.get(key.removeprefix(f"{prefix}."))))
+                if p is None or p.ndim == 0 or p.numel() == 0:
+                    continue
+                stored = st.get_slice(key)
+                shape, state = tuple(stored.get_shape()), getattr(p, "quant_state", None)
+                if not shape or shape[0] == 0:
+                    continue
+                if state is not None and len(shape) == 2 and tuple(state.shape) in (shape, shape[::-1]) \
+                        and state.shape[1] % state.blocksize == 0 and not getattr(state, "packing_format_for_cpu", False):
+                    import bitsandbytes as bnb  # a 4-bit weight quantised from this checkpoint's full-precision one
+
+                    # its first row; a GPT-2 Conv1D's weight is stored transposed ([in, out]) and quantised as a Linear's
+                    rows = ([stored[0:1]] if tuple(state.shape) == shape else []) + \
+                           ([stored[:, 0:1].T.contiguous()] if tuple(state.shape) == shape[::-1] else [])
+                    flat = p.data.reshape(-1)
+                    same = False
+                    for row in rows:
+                        codes, _ = bnb.functional.quantize_4bit(row.to(p.device, state.dtype), blocksize=state.blocksize,
+                                                                quant_type=state.quant_type, quant_storage=p.data.dtype)
+                        same = same or torch.equal(flat[: codes.numel()], codes.reshape(-1))
+                elif state is None and shape == tuple(p.shape) and p.is_floating_point():
+                    mine, row = p[0:1].detach().cpu(), stored[0:1]
+                    # as loaded (the load's dtype), or loaded in half precision and upcast since (QLoRA's
+                    # prepare_model_for_kbit_training casts norms and embeddings to float32)
+                    same = any(torch.equal(mine, row.to(via).to(p.dtype))
+                               for via in (p.dtype, torch.bfloat16, torch.float16) if row.is_floating_point())
+                else:
+                    continue
+                compared += 1
+                if not same and len(changed) < limit:
+                    changed.append(key)
+    return changed if compared else None
+
+
+def changed_in_memory_hint(trainer: str, name, changed: list[str], records: str) -> str:
+    """What a trainer says of a model object whose weights differ from the checkpoint its name points to."""
+    return (f"{trainer}: `model`'s weights differ from those saved at {name!r}, the model it names as its base "
+            f"(its {', '.join(changed)}{', …' if len(changed) >= 3 else ''}) — an adapter merged in memory "
+            f"(merge_and_unload()) or weights edited. {records} Save this model first — model.save_pretrained(dir); "
+            f"tokenizer.save_pretrained(dir) — and pass dir.")
 
 
 def is_quantized(model) -> bool:

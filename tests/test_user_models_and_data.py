@@ -139,3 +139,102 @@ def test_a_prompt_length_column_of_the_users_is_replaced(tmp_path, tiny_path, to
     eos = tok.eos_token
     want = [len(tok(text=r[side] + eos)["input_ids"]) for side in ("chosen", "rejected") for r in rows]
     assert batch["response_length"].tolist() == want
+
+
+def _sft_adapter(tmp_path, tiny_path, tok):
+    """An SFT LoRA adapter folder as TRL's SFTTrainer saves one: adapter_config.json (naming its base folder), the
+    trained adapter weights (a non-zero B) and the tokenizer."""
+    folder = tmp_path / "sft"
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), LoraConfig(**LORA, init_lora_weights=False))
+    sft.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_an_sft_adapter_loaded_through_transformers_is_refused_not_silently_dropped(tmp_path, tiny_path, tok):
+    """transformers loads an adapter folder onto its base (`from_pretrained(<adapter folder>)`, `load_adapter`) as
+    LoRA layers in a plain model. Both trainers wrapped that model in their own PeftModel, where the SFT adapter stayed
+    inactive: PPO's policy and reference both started from the base, the reward members trained on the base — only
+    PEFT's "multiple adapters … know what you are doing" was said."""
+    folder = _sft_adapter(tmp_path, tiny_path, tok)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)  # the base, with the adapter on it
+    with pytest.raises(ValueError, match=r"PPOTrainer: `model` carries PEFT adapter\(s\) loaded through transformers "
+                                         r".*silently start from the base.*merge_and_unload\(\).*model=dir"):
+        make(tmp_path / "ppo", tok, model=loaded)
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    base.load_adapter(str(folder))
+    with pytest.raises(ValueError, match=r"RewardEnsembleTrainer: `model` carries PEFT adapter.*"
+                                         r"PeftModel\.from_pretrained\(base, \"<adapter folder>\", is_trainable=True\)"):
+        RewardEnsembleTrainer(base, args=_reward_args(tmp_path / "rm"), processing_class=tok,
+                              train_dataset=Dataset.from_list(preference_rows(16, 0)), peft_config=LoraConfig(**LORA))
+
+
+def test_an_sft_adapter_folder_with_its_bases_config_json_is_named_as_an_adapter(tmp_path, tiny_path, tok):
+    """alignment-handbook's SFT script saves the base's config.json beside the adapter: the folder passed every check
+    and transformers said only "no file named model.safetensors"."""
+    from rlhf_ext.models import load_model
+
+    folder = _sft_adapter(tmp_path, tiny_path, tok)
+    AutoModelForCausalLM.from_pretrained(tiny_path).config.save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match=r"holds no model weights, only a PEFT adapter.*It is a PEFT adapter "
+                                                r".*merge_and_unload\(\); merged\.save_pretrained\(out\); "
+                                                r"tokenizer\.save_pretrained\(out\)"):
+        load_model(str(folder), "causal")
+
+
+def test_an_sft_adapter_merged_in_memory_is_said_to_differ_from_the_base_it_is_named_after(tmp_path, tiny_path,
+                                                                                            tiny4_path, tok):
+    """`merge_and_unload()` keeps the base's `_name_or_path`, and the embedding-only fingerprint matches the base: the
+    saved policy's adapter_config.json and card named the pretrained folder as its base (reloaded there, its logits
+    were off by 0.5), and a reward artifact recorded it and reloaded it silently. Said when the trainer starts, in
+    full precision and on a 4-bit base (QLoRA: the merge requantises), and never for the checkpoint's own weights."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    from rlhf_ext.models import changed_from_checkpoint, load_model
+
+    folder = _sft_adapter(tmp_path, tiny_path, tok)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), folder).merge_and_unload()
+    assert merged.config._name_or_path == tiny_path
+    said = r"`model`'s weights differ from those saved at .*merge_and_unload\(\).*{}.*model\.save_pretrained\(dir\)"
+    with pytest.warns(UserWarning, match="PPOTrainer: " + said.format("The saved policy")):
+        make(tmp_path / "ppo", tok, model=merged, max_steps=1)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path), folder).merge_and_unload()
+    with pytest.warns(UserWarning, match="RewardEnsembleTrainer: " + said.format(r"load_reward_model\(path\)")):
+        RewardEnsembleTrainer(merged, args=_reward_args(tmp_path / "rm"), processing_class=tok,
+                              train_dataset=Dataset.from_list(preference_rows(16, 0)), peft_config=LoraConfig(**LORA))
+    for dtype in (torch.float32, torch.bfloat16):  # the checkpoint's own weights, in any precision: nothing to say
+        assert changed_from_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=dtype), tiny_path) == []
+    folder4 = _sft_adapter(tmp_path / "four", tiny4_path, tok)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    assert changed_from_checkpoint(load_model(tiny4_path, "causal", load_in_4bit=True), tiny4_path) == []
+    qlora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny4_path, quantization_config=nf4), folder4)
+    assert changed_from_checkpoint(qlora, tiny4_path) == []  # the adapter unmerged: the base is the checkpoint's
+    assert changed_from_checkpoint(qlora.merge_and_unload(), tiny4_path)
+    assert changed_from_checkpoint(merged, "someorg/not-in-the-cache") is None  # nothing at hand to compare with
+
+
+def test_a_reward_model_trained_on_the_pretrained_base_is_not_hosted_on_a_merged_sft_policy(tmp_path, tiny_path, tok):
+    """The SFT adapter merged and saved (the usual SFT → PPO path), a reward artifact trained on the pretrained base:
+    the embedding fingerprints match, so PPO hosted the reward members on the SFT policy's base — its scores off by
+    twice their spread across responses, silently. Now the policy's weights are compared with the artifact's base."""
+    from peft import PeftModel
+
+    from rlhf_ext import load_reward_model
+
+    sft = tmp_path / "sft-merged"
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path),
+                                       _sft_adapter(tmp_path, tiny_path, tok)).merge_and_unload()
+    merged.save_pretrained(sft)
+    tok.save_pretrained(sft)
+    rm = RewardEnsembleTrainer(tiny_path, args=_reward_args(tmp_path / "rm"), processing_class=tok,
+                               train_dataset=Dataset.from_list(preference_rows(16, 0)), peft_config=LoraConfig(**LORA))
+    rm.train()
+    rm.save_model()
+    with pytest.warns(UserWarning, match=r"it was trained on .*a different base from this policy's"):
+        tr = make(tmp_path / "ppo", tok, model=str(sft), reward=[str(tmp_path / "rm")], max_steps=1)
+    hosted, alone = tr.rewards.members[0], load_reward_model(str(tmp_path / "rm"))
+    assert hosted.model is not tr.policy.peft
+    rows = Dataset.from_list(preference_rows(8, 5))
+    assert torch.equal(hosted.score_texts(rows["prompt"], rows["chosen"]), alone.score_texts(rows["prompt"], rows["chosen"]))

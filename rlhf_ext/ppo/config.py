@@ -385,8 +385,9 @@ FROM_GRPO_RLOO = {
 }
 # TRL 1.12 PPOConfig fields with no counterpart here (its renamed ones are accepted above, with a FutureWarning).
 FROM_TRL112 = {
-    "sft_model_path": "the model you pass to PPOTrainer (a recipe's model_name_or_path): point it at your SFT model; "
-                      "the reference is that model's base with the adapters off",
+    "sft_model_path": "the model you pass to PPOTrainer (a recipe's model_name_or_path): point it at your SFT model "
+                      "(an SFT LoRA adapter merged into its base and saved: merge_and_unload(), save_pretrained(dir)); "
+                      "the reference is that model, with the policy's new adapter off",
     "local_rollout_forward_batch_size": "nothing: the rollout's passes run this process's batch at once; lower "
                                         "per_device_train_batch_size for memory",
     "num_sample_generations": "eval_dataset with eval_strategy: evaluate() samples the policy on held-out prompts",
@@ -395,7 +396,9 @@ FROM_TRL112 = {
                       "per-token rewards, their mean kept; the advantages, whitened there always, are here too: "
                       "whiten_advantages), or delete it (TRL 1.12's default, False)",
     "model_adapter_name": "nothing: a PeftModel's active adapter is the policy",
-    "ref_adapter_name": "nothing: the reference is the base with every adapter off",
+    "ref_adapter_name": "nothing: the reference is the base with every adapter off — an SFT LoRA adapter (TRL's DPO "
+                        "loaded it twice, as model_adapter_name and ref_adapter_name): merge it into its base, save "
+                        "that model and pass its folder; the reference is then your SFT model",
     "ds3_gather_for_generation": "nothing: DeepSpeed is not supported (data parallel runs through DDP)",
     # sizes TRL 1.12's PPOTrainer computed into its config at start-up; a config saved from a run carries them
     **dict.fromkeys(("world_size", "num_total_batches", "micro_batch_size", "local_batch_size", "batch_size",

@@ -41,8 +41,9 @@ from ..hub import (card_metadata, default_repo_id, hub_reward_artifact, push_che
                    repo_id_for_push, with_card_metadata)
 from ..integrity import (check_new_run, ensure_writable_dir, output_dir_lock, resume_folder,
                          supersede_later_checkpoints, write_text_atomic)
-from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, check_model_object, ensure_pad_token,
-                      is_quantized, keep_4bit_trainable, load_model, load_tokenizer, non_reward_architecture,
+from ..models import (activation_checkpointing_on, assert_trainable_4bit_layout, changed_from_checkpoint,
+                      changed_in_memory_hint, check_model_object, ensure_pad_token, is_quantized, keep_4bit_trainable,
+                      load_model, load_tokenizer, non_reward_architecture,
                       position_limit, pretrained_kwargs, tokenizer_for, warn_unquantized_experts)
 from ..plugins.contract import checked_beta, checked_output
 from ..plugins.kl import build_controller
@@ -176,6 +177,7 @@ class PPOTrainer(Trainer):
 
         # Policy = LoRA adapter on the frozen base; reference = the same base with adapters disabled
         self.model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        given_object = not isinstance(model, str)
         if isinstance(model, str):
             init = pretrained_kwargs(args, quantization_config)
             if processing_class is None:  # the tokenizer of the weights' revision
@@ -188,6 +190,13 @@ class PPOTrainer(Trainer):
             raise ValueError("Pass `processing_class` (the tokenizer) when `model` is an instantiated model.")
         self.tokenizer = ensure_pad_token(processing_class)
         keep_4bit_trainable(model)  # bitsandbytes' CPU inference layout has no backward
+        if given_object:  # an SFT adapter merged in memory keeps its base's name, which the saved policy would record
+            changed = changed_from_checkpoint(model, self.model_name)
+            if changed:
+                warnings.warn(changed_in_memory_hint(
+                    "PPOTrainer", self.model_name, changed,
+                    "The saved policy (its adapter_config.json's base_model_name_or_path, its model card) would name "
+                    "that folder as the base it loads on, where it computes another policy."), UserWarning, stacklevel=2)
         if isinstance(model, PeftModel):
             if peft_config is not None:
                 raise ValueError("`model` is already a PeftModel; drop `peft_config` or pass the base model.")
@@ -556,9 +565,12 @@ class PPOTrainer(Trainer):
         if starts_elsewhere:
             msg = (f"The policy adapter does not start at the reference: max |logit(π_θ0) − logit(π_ref)| = "
                    f"{s['init_vs_reference']:.3g}. The reference is the base with adapters disabled, so either the "
-                   f"adapter was already trained (merge it into the base with merge_and_unload() and pass the merged "
-                   f"model) or its initialisation is not the identity (init_lora_weights=False / 'gaussian' with a "
-                   f"non-zero B, PiSSA/OLoRA/LoftQ rewriting the base; use init_lora_weights=True).")
+                   f"adapter was already trained (merge it into the base and save that model, then pass its folder: "
+                   f"merged = model.merge_and_unload(); merged.save_pretrained(dir); tokenizer.save_pretrained(dir); "
+                   f"model=dir — a merged model passed in memory keeps its base's name, which the saved policy would "
+                   f"then record as the base it loads on) or its initialisation is not the identity "
+                   f"(init_lora_weights=False / 'gaussian' with a non-zero B, PiSSA/OLoRA/LoftQ rewriting the base; use "
+                   f"init_lora_weights=True).")
             if self.kl_ctl.enforce:
                 raise ValueError(msg + " The hard KL constraint needs π_θ0 = π_ref.")
             warnings.warn(msg + f" With kl_controller={self.kl_ctl.name!r} the KL penalty is measured from the base, "

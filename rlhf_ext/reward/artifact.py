@@ -24,8 +24,8 @@ from torch import nn
 
 from ..adapters import wrap_with_peft
 from ..integrity import CorruptFileError, atomic_folder, load_safetensors, read_json, save_tensors, verify_manifest
-from ..models import (base_reference, ensure_pad_token, load_model, load_tokenizer, model_fingerprint,
-                      quantization_config, trunk_of)
+from ..models import (base_reference, changed_from_checkpoint, ensure_pad_token, load_model, load_tokenizer,
+                      model_fingerprint, quantization_config, trunk_of)
 from .ensemble import RewardEnsemble
 
 SPEC_FILE = "rlhf_ext_reward.json"
@@ -233,9 +233,12 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
 
 def same_base(spec: dict, model, name: str | None) -> bool:
     """Does the artifact's base model equal `model` (loaded from `name`)? By fingerprint of the weights when the
-    artifact recorded one, else by canonical reference (embedded name, Hub id or absolute path)."""
+    artifact recorded one — and, as that reads the embeddings only, which an SFT adapter merged into the policy's
+    base leaves alone, by `model`'s other weights against the recorded base's checkpoint when it is at hand —, else
+    by canonical reference (embedded name, Hub id or absolute path)."""
     if spec.get("base_fingerprint"):
-        return spec["base_fingerprint"] == model_fingerprint(model)
+        return spec["base_fingerprint"] == model_fingerprint(model) and \
+            not changed_from_checkpoint(model, spec.get("base_model"))
     refs = {base_reference(r) for r in (spec.get("base_model"), spec.get("base_model_display")) if r}
     mine = {base_reference(r) for r in (name, getattr(getattr(model, "config", None), "_name_or_path", None)) if r}
     return bool(refs & mine)

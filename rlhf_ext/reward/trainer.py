@@ -45,8 +45,9 @@ from ..integrity import (atomic_tmp, check_new_run, checkpoint_fix, earlier_chec
                          finish_atomic_folder, newest_verified_checkpoint, output_dir_lock, read_json,
                          remove_checkpoints, remove_oldest_checkpoints, resume_folder, start_atomic_folder,
                          supersede_later_checkpoints, verify_manifest, writing_folder)
-from ..models import (assert_trainable_4bit_layout, base_reference, check_model_object, ensure_pad_token,
-                      four_bit_layout, is_quantized, keep_4bit_trainable, load_model, load_tokenizer, model_fingerprint,
+from ..models import (assert_trainable_4bit_layout, base_reference, changed_from_checkpoint, changed_in_memory_hint,
+                      check_model_object, ensure_pad_token, four_bit_layout, is_quantized, keep_4bit_trainable,
+                      load_model, load_tokenizer, model_fingerprint,
                       position_limit, pretrained_kwargs, resolve_model_path, tokenizer_for, trunk_of,
                       warn_unquantized_experts)
 from ..prefix_cache import PrefixCache, frozen_prefix_split, restrict_to_top_layers
@@ -493,6 +494,12 @@ class RewardEnsembleTrainer(RewardTrainer):
                                quantization_config=quantization_config)
             if is_quantized(model):
                 keep_4bit_trainable(model)  # bitsandbytes' CPU inference layout has no backward
+            changed = changed_from_checkpoint(model, self.base_model_name)
+            if changed:  # an SFT adapter merged in memory: the embedding fingerprint the artifact records cannot tell
+                warnings.warn(changed_in_memory_hint(
+                    "RewardEnsembleTrainer", self.base_model_name, changed,
+                    "The reward artifact records that folder as its base: load_reward_model(path) would reload those "
+                    "weights, not these, and score otherwise than the model that trained."), UserWarning, stacklevel=2)
             source = model
         trunk = trunk_of(source)
         self.quantized = is_quantized(source)  # of the model as loaded/given: its inner trunk carries no 4-bit flag
