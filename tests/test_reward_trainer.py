@@ -35,6 +35,25 @@ def test_loss_equals_bradley_terry(tmp_path, tiny_path, tok, pref_data):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_compute_loss_called_directly_after_training_is_its_batchs_weighted_mean(tmp_path, tiny_path, tok):
+    """K > 1 with bootstrap: the last training step's per-member weight totals divided a compute_loss called directly
+    after train() (or a training_step), not that batch's own (0.248 where the batch's weighted BT mean is 0.298)."""
+    args = make_args(tmp_path, ensemble_size=2, bootstrap=True, max_steps=2, per_device_train_batch_size=4,
+                     length_decorrelation_coef=0.0, normalization_samples=8)
+    tr = RewardEnsembleTrainer(tiny_path, args=args, train_dataset=Dataset.from_list(preference_rows(16, 0)),
+                               processing_class=tok)
+    tr.train()
+    batch = tr.data_collator([tr.train_dataset[i] for i in (8, 9, 10, 11)])
+    tr.model.train()  # a training-mode call: bootstrap weights apply
+    with torch.no_grad():
+        loss = tr.compute_loss(tr.model, dict(batch))
+        r = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+    w = tr.bootstrap_weights[:, batch["pair_id"]].T
+    per_pair = -torch.nn.functional.logsigmoid(r[:4] - r[4:])
+    expected = ((per_pair * w).sum(0) / w.sum(0).clamp(min=1e-6)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("conversational", [True, False])
 def test_training_lifts_heldout_accuracy(tmp_path, tiny_path, tok, conversational):
     train = Dataset.from_list(preference_rows(256, 0, conversational))

@@ -324,6 +324,22 @@ def test_args_as_trl_reward_config(tmp_path, sc_path):
     assert o["loss"] == pytest.approx(t["loss"], rel=1e-4) and o["grad_norm"] == pytest.approx(t["grad_norm"], rel=1e-3)
 
 
+def test_a_trl_reward_config_is_the_trainers_args(tmp_path, sc_path):
+    """`trainer.args is args` with a trl.RewardConfig too, as in TRL: ours read a copy, so raising `max_steps` on the
+    config and resuming trained nothing ("Nothing to train: … this run trains 2 steps") where TRL trains on to 4."""
+    out = {}
+    for which, cls in (("trl", RewardTrainer), ("ours", RewardEnsembleTrainer)):
+        cfg = RewardConfig(str(tmp_path / which), **{**COMMON, "max_steps": 2, "per_device_train_batch_size": 4,
+                                                     "save_strategy": "steps", "save_steps": 1})
+        tr = cls(sc_path, args=cfg, train_dataset=data(), processing_class=ptok())
+        assert tr.args is cfg
+        tr.train()
+        cfg.max_steps = 4
+        tr.train(resume_from_checkpoint=True)
+        out[which] = [(h["step"], h["learning_rate"], round(h["loss"], 4)) for h in tr.state.log_history if "loss" in h]
+    assert out["ours"] == out["trl"] and out["ours"][-1][0] == 4
+
+
 def test_parameters_in_trls_order():
     """A positional call means what it means to trl.RewardTrainer: its parameters, in its order, then ours (before,
     a seventh positional argument — TRL's compute_metrics — became our peft_config)."""

@@ -143,6 +143,23 @@ class RewardEnsembleConfig(RewardConfig):
         """A `trl.RewardConfig`'s settings, every ensemble field at its default (one member: TRL's reward model)."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(args) if f.init})
 
+    @classmethod
+    def adopt(cls, args: RewardConfig) -> RewardEnsembleConfig:
+        """`args` itself, read as a RewardEnsembleConfig: a plain `trl.RewardConfig` gets every ensemble field at its
+        default (one member: TRL's reward model) and this class, so that `trainer.args is args`, as in
+        transformers — a setting changed on it later (a higher max_steps before `train()` again) reaches the trainer.
+        A subclass of RewardConfig of your own is copied instead (`from_reward_config`): its class is kept."""
+        if type(args) is not RewardConfig:
+            return cls.from_reward_config(args)
+        from dataclasses import MISSING
+
+        theirs = {f.name for f in fields(args)}
+        for f in fields(cls):
+            if f.init and f.name not in theirs:
+                setattr(args, f.name, f.default_factory() if f.default is MISSING else f.default)
+        args.__class__ = cls  # the defaults above pass every check of __post_init__
+        return args
+
     def __post_init__(self):
         import math
 

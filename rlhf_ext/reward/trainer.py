@@ -427,7 +427,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         if args is None:
             args = RewardEnsembleConfig("reward-ensemble")
         elif isinstance(args, RewardConfig) and not isinstance(args, RewardEnsembleConfig):
-            args = RewardEnsembleConfig.from_reward_config(args)  # TRL's own config, as trl.RewardTrainer takes it
+            args = RewardEnsembleConfig.adopt(args)  # TRL's own config, as trl.RewardTrainer takes it (kept: args is args)
         elif not isinstance(args, RewardEnsembleConfig):
             raise TypeError(f"`args` must be a RewardEnsembleConfig (or a trl.RewardConfig), got "
                             f"{type(args).__name__}.")
@@ -835,7 +835,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         that size would take it: per micro-batch, a member with one weighted pair in a chunk gave it half the step's
         weight, so the result depended on how the step was split. The scale undoes transformers' division by the
         accumulation steps and DDP's mean over processes. Without weights: TRL's per-batch mean."""
-        totals = getattr(self, "_step_weights", None)
+        totals = getattr(self, "_step_weights", None) if getattr(self, "_in_training_step", False) else None
         if totals is None or not self.model.training or w.shape[1] != len(totals):
             return w.sum(0).clamp(min=1e-6), 1.0
         scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
@@ -893,7 +893,13 @@ class RewardEnsembleTrainer(RewardTrainer):
             assert_trainable_4bit_layout(self.accelerator.unwrap_model(self.model), "RewardEnsembleTrainer")
             self._check_4bit_layout = False
         self.normalization = None  # the weights move: each checkpoint normalises with its own (was the first's)
-        return super().training_step(*args, **kwargs)
+        # the step's bootstrap totals (`get_batch_samples`) divide only the loss of the step's own micro-batches: a
+        # compute_loss called directly (after train(), from a callback) takes its batch's mean, as without bootstrap
+        self._in_training_step = True
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._in_training_step = False
 
     def _after_no_grad_pass(self):
         """A 4-bit layer repacked into bitsandbytes' CPU inference layout (no backward) by an eval forward is refused
@@ -1015,6 +1021,7 @@ class RewardEnsembleTrainer(RewardTrainer):
                 self.remove_callback(watch)
                 self.remove_callback(finished)
                 self._finished_steps = None
+                self._step_weights = None  # the last step's bootstrap totals (`_weight_norm`)
         if watch.stopped:  # the step's checkpoint is written: say where, and end as the signal means
             if self.is_world_process_zero():
                 step = self.state.global_step
@@ -1029,6 +1036,7 @@ class RewardEnsembleTrainer(RewardTrainer):
         return out
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
+        self._step_weights = None  # the step is over: a training_step called directly later is not one of its batches
         out = super()._maybe_log_save_evaluate(*args, **kwargs)
         if (finished := getattr(self, "_finished_steps", None)) is not None:
             # an evaluation draws from the random streams (its DataLoader's seed), and transformers' own checkpoint
