@@ -28,7 +28,11 @@ def wrap_with_peft(model, config, adapter_name: str):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, config, adapter_name=adapter_name)
+        wrapped = get_peft_model(model, config, adapter_name=adapter_name)
+    # PEFT injects the LoRA layers into `model` in place: a later trainer handed the same object (a sweep, reward
+    # model then PPO on one loaded base) finds them there, inactive under its own adapter (`refuse_loaded_adapters`)
+    model._rlhf_ext_injected = True
+    return wrapped
 
 
 def _tuner_modules(model):

@@ -591,6 +591,9 @@ def refuse_loaded_adapters(model, trainer: str) -> None:
     tuned = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
     if not tuned and not getattr(model, "_hf_peft_config_loaded", False):
         return
+    if not getattr(model, "_hf_peft_config_loaded", False) and \
+            any(getattr(m, "_rlhf_ext_injected", False) for m in model.modules()):
+        return  # an earlier rlhf_ext trainer's adapters, injected in place: inactive under this trainer's own
     configs = getattr(model, "peft_config", None) or {}
     names = ", ".join(repr(n) for n in configs) or "unnamed"
     bases = {getattr(c, "base_model_name_or_path", None) for c in configs.values()} - {None}
@@ -605,8 +608,9 @@ def refuse_loaded_adapters(model, trainer: str) -> None:
                f"\"<adapter folder>\", is_trainable=True); or merge it into its base, save that model and pass its "
                f"folder: {merge}.")
     raise ValueError(f"{trainer}: `model` carries PEFT adapter(s) loaded through transformers ({names}, in "
-                     f"{len(tuned)} layers — from_pretrained of an adapter folder, or model.load_adapter()), not as a "
-                     f"peft.PeftModel. {trainer} would wrap it in its own PeftModel, where they stay inactive: training "
+                     f"{len(tuned)} layers — from_pretrained of an adapter folder, model.load_adapter(), or a "
+                     f"PeftModel's get_base_model()), not as a peft.PeftModel. {trainer} would wrap it in its own "
+                     f"PeftModel, where they stay inactive: training "
                      f"would silently start from the base without them. {fix}")
 
 
@@ -652,39 +656,48 @@ def changed_from_checkpoint(model, name_or_path, limit: int = 3) -> list[str] | 
     prefix = getattr(hf, "base_model_prefix", "") or ""
     compared, changed = 0, []
     for file in files:
-        with safe_open(str(file), framework="pt") as st:
-            for key in st.keys():
-                p = params.get(key, params.get(f"{prefix}.{key}", params.get(key.removeprefix(f"{prefix}."))))
-                if p is None or p.ndim == 0 or p.numel() == 0:
-                    continue
-                stored = st.get_slice(key)
-                shape, state = tuple(stored.get_shape()), getattr(p, "quant_state", None)
-                if not shape or shape[0] == 0:
-                    continue
-                if state is not None and len(shape) == 2 and tuple(state.shape) in (shape, shape[::-1]) \
-                        and state.shape[1] % state.blocksize == 0 and not getattr(state, "packing_format_for_cpu", False):
-                    import bitsandbytes as bnb  # a 4-bit weight quantised from this checkpoint's full-precision one
+        # a git-lfs pointer, a torn or unreadable file (or a layout this reading does not know) is skipped: the check
+        # only warns, and must never stop a trainer that from_pretrained loaded fine
+        try:
+            with safe_open(str(file), framework="pt") as st:
+                for key in st.keys():
+                    p = params.get(key, params.get(f"{prefix}.{key}", params.get(key.removeprefix(f"{prefix}."))))
+                    if p is None or p.ndim == 0 or p.numel() == 0:
+                        continue
+                    stored = st.get_slice(key)
+                    shape, state = tuple(stored.get_shape()), getattr(p, "quant_state", None)
+                    if not shape or shape[0] == 0:
+                        continue
+                    if state is not None and len(shape) == 2 and tuple(state.shape) in (shape, shape[::-1]) \
+                            and state.shape[1] % state.blocksize == 0 \
+                            and not getattr(state, "packing_format_for_cpu", False):
+                        import bitsandbytes as bnb  # a 4-bit weight quantised from this checkpoint's own
 
-                    # its first row; a GPT-2 Conv1D's weight is stored transposed ([in, out]) and quantised as a Linear's
-                    rows = ([stored[0:1]] if tuple(state.shape) == shape else []) + \
-                           ([stored[:, 0:1].T.contiguous()] if tuple(state.shape) == shape[::-1] else [])
-                    flat = p.data.reshape(-1)
-                    same = False
-                    for row in rows:
-                        codes, _ = bnb.functional.quantize_4bit(row.to(p.device, state.dtype), blocksize=state.blocksize,
-                                                                quant_type=state.quant_type, quant_storage=p.data.dtype)
-                        same = same or torch.equal(flat[: codes.numel()], codes.reshape(-1))
-                elif state is None and shape == tuple(p.shape) and p.is_floating_point():
-                    mine, row = p[0:1].detach().cpu(), stored[0:1]
-                    # as loaded (the load's dtype), or loaded in half precision and upcast since (QLoRA's
-                    # prepare_model_for_kbit_training casts norms and embeddings to float32)
-                    same = any(torch.equal(mine, row.to(via).to(p.dtype))
-                               for via in (p.dtype, torch.bfloat16, torch.float16) if row.is_floating_point())
-                else:
-                    continue
-                compared += 1
-                if not same and len(changed) < limit:
-                    changed.append(key)
+                        # its first row; a GPT-2 Conv1D's weight is stored transposed ([in, out]) and quantised as a
+                        # Linear's
+                        rows = ([stored[0:1]] if tuple(state.shape) == shape else []) + \
+                               ([stored[:, 0:1].T.contiguous()] if tuple(state.shape) == shape[::-1] else [])
+                        flat = p.data.reshape(-1)
+                        same = False
+                        for row in rows:
+                            codes, _ = bnb.functional.quantize_4bit(row.to(p.device, state.dtype),
+                                                                    blocksize=state.blocksize,
+                                                                    quant_type=state.quant_type,
+                                                                    quant_storage=p.data.dtype)
+                            same = same or torch.equal(flat[: codes.numel()], codes.reshape(-1))
+                    elif state is None and shape == tuple(p.shape) and p.is_floating_point():
+                        mine, row = p[0:1].detach().cpu(), stored[0:1]
+                        # as loaded (the load's dtype), or loaded in half precision and upcast since (QLoRA's
+                        # prepare_model_for_kbit_training casts norms and embeddings to float32)
+                        same = any(torch.equal(mine, row.to(via).to(p.dtype))
+                                   for via in (p.dtype, torch.bfloat16, torch.float16) if row.is_floating_point())
+                    else:
+                        continue
+                    compared += 1
+                    if not same and len(changed) < limit:
+                        changed.append(key)
+        except Exception:  # noqa: BLE001
+            continue
     return changed if compared else None
 
 

@@ -238,3 +238,35 @@ def test_a_reward_model_trained_on_the_pretrained_base_is_not_hosted_on_a_merged
     assert hosted.model is not tr.policy.peft
     rows = Dataset.from_list(preference_rows(8, 5))
     assert torch.equal(hosted.score_texts(rows["prompt"], rows["chosen"]), alone.score_texts(rows["prompt"], rows["chosen"]))
+
+
+def test_a_base_object_reused_after_an_earlier_trainer_is_not_refused_as_a_loaded_adapter(tmp_path, tiny_path, tok):
+    """PEFT injects a trainer's LoRA layers into the model object in place: the same loaded base handed to the reward
+    trainer and then to PPO was refused as an SFT adapter "loaded through
+    transformers", told to merge it — the reward adapter — into the policy. Those adapters stay inactive under the next
+    trainer's own (the policy starts at the base, which the hard KL start-up check confirms)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    rm = RewardEnsembleTrainer(base, args=_reward_args(tmp_path / "rm", learning_rate=1e-1),
+                               processing_class=tok, train_dataset=Dataset.from_list(preference_rows(32, 0)),
+                               peft_config=LoraConfig(**LORA))
+    rm.train()
+    make(tmp_path / "ppo", tok, model=base, max_steps=1, kl_controller="hard", kl_target=0.1)
+    layer = next(m for m in base.modules() if isinstance(m, LoraLayer))
+    assert layer.active_adapters == ["policy"]
+
+
+def test_a_stray_unreadable_safetensors_file_beside_the_checkpoint_does_not_stop_a_trainer(tmp_path, tok):
+    """`changed_from_checkpoint` opened every *.safetensors of the model's folder: a git-lfs pointer left by a partial
+    clone (Mistral's consolidated.safetensors) raised SafetensorError from PPOTrainer's start, where from_pretrained
+    had loaded the model fine. Such a file is skipped; the model's own files are still compared."""
+    from rlhf_ext.models import changed_from_checkpoint
+    from rlhf_ext.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "m", tok)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    (tmp_path / "m" / "consolidated.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                                              "oid sha256:0\nsize 1\n")
+    assert changed_from_checkpoint(model, path) == []
+    make(tmp_path / "ppo", tok, model=model, max_steps=1)
