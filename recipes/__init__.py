@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import shlex
 import sys
 import typing
 from contextlib import contextmanager
@@ -418,14 +419,15 @@ def announce_saved(trainer, kind: str) -> None:
         return
     args = trainer.args
     out = args.output_dir
+    arg = shlex.quote(str(out))  # the commands below copy into a shell as printed (a space or é in the folder)
     if kind == "reward":
         lines = [f"Reward model saved to {out} (adapters, heads, normalisation, manifest).",
                  f"Next, PPO with it as reward_model_path: rlhf-ext ppo --config PPO_CONFIG --reward_model_path "
-                 f"{out}"]
+                 f"{arg}"]
     else:
         lines = [f"Policy saved to {out} (a PEFT adapter: PeftModel.from_pretrained(base, {out!r}); value head in "
                  f"{Path(out) / 'critic'}).",
-                 f"Curves, alarms and top samples: rlhf-ext report {out}"]
+                 f"Curves, alarms and top samples: rlhf-ext report {arg}"]
         monitor = getattr(trainer, "monitor", None)
         if monitor is not None and monitor.halted_by:
             lines.insert(0, f"Stopped early: the reward-hacking monitor's {monitor.halted_by} detector halted "
@@ -437,7 +439,7 @@ def announce_saved(trainer, kind: str) -> None:
             except Exception:  # a damaged queue is the review command's to name, not the end of a finished run
                 pending = 0
             if pending:
-                lines.append(f"{pending} flagged pair(s) await review: rlhf-ext review {out}")
+                lines.append(f"{pending} flagged pair(s) await review: rlhf-ext review {arg}")
     if args.push_to_hub:
         lines.append(f"Pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}")
     print("\n".join(lines), flush=True)

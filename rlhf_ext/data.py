@@ -31,7 +31,9 @@ def resolve_data_path(name: str, config_file: str | None = None) -> str:
     directory or, failing that, to the config file's folder, or a Hub id (returned unchanged)."""
     if name.startswith("shipped:"):
         return str(SHIPPED / name.split(":", 1)[1])
-    if Path(name).exists() or config_file is None:
+    if Path(name).expanduser().exists():  # `~/data`: as model_name_or_path and output_dir take it
+        return str(Path(name).expanduser())
+    if config_file is None:
         return name
     beside = Path(config_file).resolve().parent / name
     return str(beside) if beside.exists() else name
@@ -175,7 +177,7 @@ def load_split(name_or_path: str, split: str, kind: str | None = None, streaming
     (TRL's `dataset_streaming`): an `IterableDataset`, read as training goes instead of loaded whole first."""
     from datasets import load_dataset
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         for candidate in ([path / f"{kind}_{split}.jsonl"] if kind else []) + [path / f"{split}.jsonl"]:
             if candidate.is_file():

@@ -111,10 +111,12 @@ def resume_folder(resume_from_checkpoint, output_dir, required: tuple[str, ...])
                              f"save_strategy='steps' or 'epoch'). Train without resume_from_checkpoint, or pass the "
                              f"checkpoint-N folder to resume from.")
         return found
-    if not Path(resume_from_checkpoint).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder. Pass a "
-                                f"checkpoint-N folder, or True for the newest in output_dir.")
-    return str(resume_from_checkpoint)
+    folder = Path(resume_from_checkpoint).expanduser()  # `~` as output_dir takes it (TrainingArguments expands it)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={str(resume_from_checkpoint)!r}: no such folder (relative "
+                                f"paths are read from {Path.cwd()}). Pass a checkpoint-N folder, or True for the "
+                                f"newest in output_dir.")
+    return str(folder)
 
 
 SUPERSEDED = "superseded-"

@@ -97,3 +97,18 @@ def test_importing_rlhf_ext_offline_says_nothing_of_bitsandbytes_unused_kernel(t
                        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
                             "HOME": str(tmp_path)})
     assert r.returncode == 0 and "kernels-community" not in r.stderr, r.stderr
+
+
+def test_the_printed_next_commands_run_as_copied_for_a_folder_with_a_space(tmp_path, capsys):
+    """A run folder with a space or é: the printed `rlhf-ext report …` / `--reward_model_path …` split into two
+    arguments when pasted into a shell."""
+    import shlex
+
+    rm, ppo = tmp_path / "my runs" / "rm é", tmp_path / "my runs" / "ppo"
+    announce_saved(_trainer(rm), "reward")
+    line = next(x for x in capsys.readouterr().out.splitlines() if "--reward_model_path" in x)
+    assert shlex.split(line.split(": ", 1)[1])[-1] == str(rm)
+    announce_saved(_trainer(ppo, monitor=SimpleNamespace(halted_by=None, queue=_queue_one_pair(ppo))), "ppo")
+    out = capsys.readouterr().out.splitlines()
+    assert shlex.split(next(x for x in out if "rlhf-ext report" in x).split(": ", 1)[1]) == ["rlhf-ext", "report", str(ppo)]
+    assert shlex.split(next(x for x in out if "rlhf-ext review" in x).split(": ", 1)[1]) == ["rlhf-ext", "review", str(ppo)]

@@ -31,6 +31,7 @@ import hmac
 import json
 import os
 import secrets
+import shlex
 import signal
 import sys
 import tempfile
@@ -400,7 +401,7 @@ def main(argv=None) -> int:
           f"{queue.preferences_path}")
     if p["preferences"]:
         print(f"Next, train the reward model with them: rlhf-ext reward --config REWARD_CONFIG --extra_preferences "
-              f"{queue.preferences_path} (README: \"Reward hacking: monitor → review → retrain → resume\")")
+              f"{shlex.quote(str(queue.preferences_path))} (README: \"Reward hacking: monitor → review → retrain → resume\")")
     return 0
 
 

@@ -401,6 +401,8 @@ class PPOTrainer(Trainer):
 
         if isinstance(r, (str, os.PathLike)):
             r = hub_reward_artifact(r) or r  # a Hub repo the reward trainer pushed: its snapshot, hosted alike
+            if Path(r).expanduser().exists():  # `~/rm`: as load_model and the recipes' checks take a path
+                r = str(Path(r).expanduser())
             if not is_reward_artifact(r):
                 return self._sequence_classifier(str(r), args, tokenizer)
             spec = read_spec(r)

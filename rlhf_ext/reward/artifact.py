@@ -79,12 +79,16 @@ def _adapter_key(key: str, modules_to_save) -> bool:
 
 def is_reward_artifact(path) -> bool:
     """`path` is a folder written by `RewardEnsembleTrainer.save_model` (it holds the spec file)."""
-    return (Path(path) / SPEC_FILE).is_file()
+    return (Path(path).expanduser() / SPEC_FILE).is_file()
 
 
 def read_spec(path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
     f = path / SPEC_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"No reward model at {str(path)!r}: no such folder (relative paths are read from "
+                                f"{Path.cwd()}), and not a Hub id. Pass the output_dir of `recipes/reward_modeling.py` "
+                                f"or `RewardEnsembleTrainer`, or the Hub repo it was pushed to.")
     if not is_reward_artifact(path):
         raise FileNotFoundError(
             f"{path} is not an rlhf_ext reward-model artifact ({SPEC_FILE} missing). Train one with "
@@ -162,7 +166,7 @@ def load_reward_model(path, base_model=None, *, tokenizer=None, dtype=None, load
 
     if looks_like_repo_id(str(path)) and not Path(path).exists():
         path = download(str(path))  # "user/repo" on the Hub: the same artifact folder
-    path = Path(path)
+    path = Path(path).expanduser()  # `~/rm` as the recipes' reward_model_path check and load_model take it
     spec = read_spec(path)
     if not verify_manifest(path, _REBUILD + ".", required=("heads.safetensors",)):
         import warnings
