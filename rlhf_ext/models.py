@@ -86,12 +86,19 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+def _embedded_folder(key: str) -> Path:
+    """Where the embedded default `key` is (or will be) as a safetensors folder: its conversion, or its tiny stand-in
+    under `RLHF_EXT_TINY_MODELS=1`."""
+    tiny = os.environ.get("RLHF_EXT_TINY_MODELS") == "1"
+    return cache_dir() / "models" / (f"tiny-{key}" if tiny else key)
+
+
 def _tiny_stand_in(key: str) -> Path:
     """`RLHF_EXT_TINY_MODELS=1`: the embedded default resolves to a tiny random model of the same architecture and
     chat format (rlhf_ext.testing), so documentation snippets and smoke runs execute in seconds. Never on by default."""
     from .testing import save_tiny_model
 
-    out = cache_dir() / "models" / f"tiny-{key}"
+    out = _embedded_folder(key)
     if not (out / "config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
@@ -116,7 +123,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_tiny_stand_in(key))
     if key in EMBEDDED_MODELS:
         package, filename = EMBEDDED_MODELS[key]
-        return str(convert_gguf(_package_file(package, filename), cache_dir() / "models" / key))
+        return str(convert_gguf(_package_file(package, filename), _embedded_folder(key)))
     if str(name_or_path).endswith(".gguf"):
         path = Path(name_or_path)
         if not path.is_file():
@@ -624,8 +631,8 @@ def _checkpoint_folder(name_or_path) -> Path | None:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if name.lower() in EMBEDDED_MODELS:
-        path = cache_dir() / "models" / name.lower()
+    if name.lower() in EMBEDDED_MODELS:  # as `resolve_model_path` maps it, without converting
+        path = _embedded_folder(name.lower())
         return path if path.is_dir() else None
     if not is_hub_id(name):
         return None

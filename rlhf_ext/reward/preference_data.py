@@ -230,8 +230,15 @@ def _pair_lengths(dataset) -> tuple[list[int], bool]:
             out.extend(pc.max_element_wise(pc.list_value_length(batch["chosen_ids"]),
                                            pc.list_value_length(batch["rejected_ids"])).to_pylist())
         return out, True
-    rows = list(islice(iter(dataset), _STREAM_PEEK))
-    return [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in rows], False
+    return [_pair_length(row) for row in islice(iter(dataset), _STREAM_PEEK)], False
+
+
+def _pair_length(row) -> int:
+    return max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+def _which(n: int, complete: bool) -> str:
+    return f"{n} pairs" if complete else f"first {n} pairs (a streaming dataset: only those were read)"
 
 
 def check_lengths(dataset, limit: int, name: str) -> None:
@@ -240,7 +247,7 @@ def check_lengths(dataset, limit: int, name: str) -> None:
     n, dropped = len(lengths), sum(length > limit for length in lengths)
     if not n or not dropped:
         return
-    which = f"{n} pairs" if complete else f"first {n} pairs (a streaming dataset: only those were read)"
+    which = _which(n, complete)
     if dropped == n:
         raise ValueError(
             f"max_length={limit} drops all {which} of {name}: the shortest pair is {min(lengths)} tokens (the longer of "
@@ -269,16 +276,14 @@ def check_positions(dataset, positions: int | None, limit: int | None, name: str
     lengths, complete = _pair_lengths(dataset)
     over = [n for n in lengths if unreadable(n)]
     if over:
-        which = f"{len(lengths)} pairs" if complete else \
-            f"first {len(lengths)} pairs (a streaming dataset: only those were read)"
-        raise ValueError(f"{len(over)} of the {which} of {name} are longer than the model's {positions} positions "
+        raise ValueError(f"{len(over)} of the {_which(len(lengths), complete)} of {name} are longer than the model's {positions} positions "
                          f"(the longest is {max(over)} tokens, prompt and chat template included), and "
                          + _positions_fix(positions, limit, "them"))
     if complete:
         return dataset
 
     def check(row):
-        n = max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        n = _pair_length(row)
         if unreadable(n):
             raise ValueError(f"A pair of {name} read after the first {len(lengths)} (a streaming dataset: those were "
                              f"checked at start-up) is {n} tokens long, prompt and chat template included, longer "
